@@ -1,0 +1,69 @@
+"""The contract a mesh replica calls, shaped after tt-metal's Galaxy generator for vLLM:
+allocate the paged KV cache once, prefill one user's tokens into its pages from a start position,
+decode every slot one step on fixed-shape page tables.
+
+A backend either returns logits (the host samples them) or samples itself ("device sampling"):
+when `sampling` is passed, prefill/decode return token ids instead of logits. Which parameters a
+backend can sample on its own is declared in `Capabilities.device_sampling`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from scheduler.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    num_slots: int  # decode batch (32 on a Galaxy; slot s lives on mesh column s // 8)
+    block_size: int  # tokens per KV block (64 on a Galaxy)
+    num_blocks: int  # KV blocks the allocated cache holds
+    max_seq_len: int  # longest sequence (prompt + output)
+    prefix_align: int  # prefix-cache hits are rounded down to this many tokens
+    vocab_size: int
+    eos_token_ids: tuple[int, ...] = ()
+    # SamplingParams fields the backend applies itself; any other non-default field needs host logits.
+    device_sampling: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_seq_len // self.block_size)
+
+
+class Backend(ABC):
+    """One mesh's model. Not thread-safe: the mesh replica drives it from one thread."""
+
+    caps: Capabilities
+
+    @abstractmethod
+    def prefill(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                sampling: SamplingParams | None = None) -> torch.Tensor:
+        """Compute positions [start, len(token_ids)) into the blocks; the KV of [0, start) is
+        already in them. Returns logits [vocab] of the last position, or (with `sampling`) a 0-d
+        token id tensor."""
+
+    @abstractmethod
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+               active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
+        """One step for all slots. tokens/positions: int64 [num_slots]; page_table: int32
+        [num_slots, max_blocks_per_seq]; active: bool [num_slots] (inactive rows are padding and
+        must not write the cache). Returns logits [num_slots, vocab], or (with `sampling`) token ids
+        [num_slots]."""
+
+    def can_sample(self, params: SamplingParams) -> bool:
+        """True when the backend can sample `params` by itself (no host logits needed)."""
+        defaults = SamplingParams()
+        needed = {name for name in SamplingParams.model_fields
+                  if name in _SAMPLING_FIELDS and getattr(params, name) != getattr(defaults, name)}
+        return needed <= self.caps.device_sampling
+
+    def close(self) -> None:
+        """Release the device (close the mesh)."""
+
+
+# Fields that change how a token is drawn (the rest are stop/budget rules the runner applies).
+_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "seed", "presence_penalty",
+                              "frequency_penalty", "repetition_penalty", "logprobs"})

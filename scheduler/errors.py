@@ -1,0 +1,9 @@
+"""Typed refusals the HTTP layer maps to status codes (400 / 429)."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt cannot fit: longer than max_seq_len or than the whole KV pool (HTTP 400)."""
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is at its request or token limit (HTTP 429)."""

@@ -1,0 +1,85 @@
+"""The messages between the router (scheduler) and a mesh replica (runner).
+
+Plain picklable data: they cross a Ray boundary once per round (work) and once per step (results).
+One work = optional prefill chunks, then optional K decode steps over every live slot.
+The mesh answers a work with one StepResult for its prefill part (if any) and one per decode step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from scheduler.sampling import SamplingParams, TokenLogprobs
+
+NO_TOKEN = -1  # a slot that produced nothing this step (idle, retired, or mid-prefill)
+
+
+@dataclass
+class PrefillChunk:
+    """Compute positions [start, len(token_ids)) of one sequence into its blocks.
+
+    token_ids holds the whole sequence up to the chunk's end (prompt, plus output so far when a
+    preempted sequence is recomputed), so the mesh has the history that penalties need.
+    On the final chunk (`params` set) the mesh samples the next token and the slot goes live:
+    it then decodes it until the router stops including it or it retires by itself.
+    """
+
+    request_id: str
+    slot: int
+    token_ids: list[int]
+    start: int
+    block_ids: list[int]
+    params: SamplingParams | None = None  # set on the final chunk only
+    num_prompt_tokens: int = 0  # where the prompt ends in token_ids (the rest is recomputed output)
+    stop_token_ids: tuple[int, ...] = ()  # EOS ids (unless ignore_eos) + params.stop_token_ids
+
+    @property
+    def is_final(self) -> bool:
+        return self.params is not None
+
+
+@dataclass
+class DecodeRound:
+    """K decode steps for `slots`. page_table rows are fixed width, padded with 0 past a slot's blocks;
+    the router has already reserved the blocks the next K tokens of every listed slot need."""
+
+    num_steps: int
+    slots: list[int]
+    page_table: np.ndarray  # int32 [num_slots, max_blocks_per_seq]
+
+
+@dataclass
+class MeshWork:
+    work_id: int
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    decode: DecodeRound | None = None
+    release: list[int] = field(default_factory=list)  # slots the router freed (cancel, preempt): drop them first
+
+    @property
+    def num_messages(self) -> int:
+        return (1 if self.prefills else 0) + (self.decode.num_steps if self.decode else 0)
+
+
+@dataclass
+class StepResult:
+    """One step's outcome for all slots of a mesh (never one message per token)."""
+
+    work_id: int
+    tokens: list[int]  # per slot, NO_TOKEN where nothing was produced
+    finished: dict[int, str] = field(default_factory=dict)  # slot -> "stop" | "length": retired by the mesh
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # slot -> logprobs, when asked
+    last: bool = False  # the final message of this work
+
+
+@dataclass
+class TokenEvent:
+    """What a request gained since its last event: router -> ingress, coalesced per request."""
+
+    request_id: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token when asked
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"; None while running
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None
