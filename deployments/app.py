@@ -1,0 +1,49 @@
+"""Builds the Serve application graph: Ingress -> Router -> mesh-0 .. mesh-N-1.
+
+Each mesh is its own single-replica deployment, so the router's handle to `mesh-i` always reaches the
+replica holding that mesh's KV cache (Serve handles otherwise pick a replica for you). Galaxies are not
+autoscaled; the ingress is stateless and scales by `ingress_replicas`.
+"""
+import os
+from pathlib import Path
+
+from ray.serve import Application
+
+from deployments.config import AppConfig
+from deployments.ingress import Ingress
+from deployments.mesh_replica import MeshReplica
+from deployments.router import RouterDeployment
+
+
+def resolve_model_dir(config: AppConfig) -> Path:
+    """'smollm2' fetches the embedded default once; empty falls back to $HF_MODEL / $LLAMA_DIR."""
+    model = config.model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
+    if model == "smollm2":
+        from model.embedded import ensure_smollm2
+        return ensure_smollm2()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model: {model!r} is not a directory (nor 'smollm2'); set `model` in "
+                         "serve_config.yaml, or HF_MODEL / LLAMA_DIR")
+    return path
+
+
+def build(args: AppConfig) -> Application:
+    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
+    model_dir = str(resolve_model_dir(config))
+    mesh_options = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}
+    meshes = [MeshReplica.options(name=f"mesh-{i}", num_replicas=1, ray_actor_options=mesh_options)
+              .bind(config.model_dump(), model_dir) for i in range(config.num_meshes)]
+    router = RouterDeployment.options(num_replicas=1).bind(meshes, {
+        "prefill_chunk": config.prefill_chunk,
+        "max_prefill_tokens": config.max_prefill_tokens or config.prefill_chunk,
+        "decode_steps": config.decode_steps,
+        "pipeline_depth": config.pipeline_depth,
+        "max_waiting_requests": config.max_waiting_requests,
+        "max_waiting_tokens": config.max_waiting_tokens,
+        "stream_interval_ms": config.stream_interval_ms,
+        "max_seq_len": config.max_seq_len,
+    })
+    return Ingress.options(num_replicas=config.ingress_replicas,
+                           ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
+        router, model_dir, config.model_dump())

@@ -1,0 +1,65 @@
+"""The application's configuration: one validated model, so a wrong key or value fails at deploy time
+with a message naming it (Serve validates `args` of serve_config.yaml against it)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TTConfig(BaseModel):
+    """Mesh-open settings for tt_galaxy; the defaults are the seed's (galaxy_perf.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dispatch_core_axis: Literal["row", "col"] = "col"
+    fabric_config: Literal["DISABLED", "FABRIC_1D", "FABRIC_1D_RING", "FABRIC_2D"] = "FABRIC_1D_RING"
+    worker_l1_size: int = Field(1344544, gt=0)
+    trace_region_size: int = Field(95693824, gt=0)
+    sample_on_device_mode: Literal["all", "decode_only"] | None = "all"
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # what is served
+    model: str = Field("smollm2", description="'smollm2' (the embedded default), a Hugging Face folder, or a "
+                                              "Meta folder (consolidated.*.pth + params.json + tokenizer.model). "
+                                              "Empty: $HF_MODEL or $LLAMA_DIR, as in the Galaxy demo.")
+    served_model_name: str | None = None
+    backend: Literal["torch", "simulated", "tt_galaxy"] = "torch"
+    # meshes (one Serve replica each)
+    num_meshes: int = Field(1, ge=1)
+    mesh_resources: dict[str, float] = Field(default_factory=dict, description='{"galaxy": 1} on Galaxy hosts')
+    mesh_num_cpus: float = Field(1.0, ge=0)
+    num_slots: int = Field(32, ge=1)
+    block_size: int = Field(64, ge=1)
+    num_blocks: int | None = Field(None, ge=1, description="KV blocks per mesh; None: the backend's default")
+    max_seq_len: int | None = Field(None, ge=2)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    time_scale: float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy")
+    mesh_shape: tuple[int, int] = (8, 4)
+    num_layers: int | None = Field(None, ge=1, description="tt_galaxy: fewer layers, for bring-up")
+    override_tt_config: TTConfig = Field(default_factory=TTConfig)
+    # router
+    prefill_chunk: int = Field(4096, ge=128)
+    max_prefill_tokens: int | None = Field(None, ge=128, description="prefill between two decode rounds; "
+                                                                     "None: one chunk")
+    decode_steps: int = Field(8, ge=1, le=128)
+    pipeline_depth: int = Field(2, ge=1, le=4)
+    max_waiting_requests: int = Field(1024, ge=1)
+    max_waiting_tokens: int = Field(4 * 131072, ge=1)
+    stream_interval_ms: float = Field(10.0, ge=0)
+    # ingress
+    ingress_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.2, ge=0)
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+
+    @model_validator(mode="after")
+    def _chunk_aligned(self):
+        if self.prefill_chunk % 128:
+            raise ValueError("prefill_chunk must be a multiple of 128 (the Galaxy model's prefill alignment)")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").split("/")[-1]

@@ -1,0 +1,132 @@
+"""Executes the router's work on one backend: the mesh side of the data path.
+
+It keeps each live slot's sampling state (params, history, last token, budget) so the router can plan the
+next round before this one ends, and retires a slot by itself on a stop id or an exhausted budget so a
+finished user burns no steps while the router catches up. It holds no scheduling policy.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from model.backend import Backend
+from scheduler.sampling import SamplingParams, sample_batch
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
+
+
+@dataclass
+class SlotState:
+    request_id: str
+    params: SamplingParams
+    token_ids: list[int]  # prompt + output so far (penalties read it; its length gives the position)
+    num_prompt_tokens: int
+    stop_ids: frozenset[int]
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def finish_reason(self, token: int) -> str | None:
+        if token in self.stop_ids and self.num_generated >= self.params.min_tokens:
+            return "stop"
+        if self.num_generated >= self.params.max_tokens:
+            return "length"
+        return None
+
+
+class MeshRunner:
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.caps = backend.caps
+        self.slots: dict[int, SlotState] = {}
+
+    def execute(self, work: MeshWork) -> Iterator[StepResult]:
+        """Yields work.num_messages results: the prefill part (if any), then one per decode step."""
+        for slot in work.release:
+            self.slots.pop(slot, None)
+        remaining = work.num_messages
+        if work.prefills:
+            remaining -= 1
+            yield self._prefill(work.work_id, work.prefills, last=remaining == 0)
+        if work.decode:
+            yield from self._decode(work.work_id, work.decode)
+
+    def _prefill(self, work_id: int, chunks: list[PrefillChunk], last: bool) -> StepResult:
+        result = StepResult(work_id, [NO_TOKEN] * self.caps.num_slots, last=last)
+        for chunk in chunks:
+            self.slots.pop(chunk.slot, None)
+            params = chunk.params
+            on_device = params is not None and self.backend.can_sample(params)
+            out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
+                                       sampling=params if on_device else None)
+            if params is None:
+                continue
+            state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
+                              frozenset(chunk.stop_token_ids))
+            if on_device:
+                token = int(out)
+            else:
+                tokens, logprobs = self._host_sample(out[None], [state])
+                token = tokens[0]
+                if logprobs[0] is not None:
+                    result.logprobs[chunk.slot] = logprobs[0]
+            self._advance(chunk.slot, state, token, result)
+        return result
+
+    def _decode(self, work_id: int, round_: DecodeRound) -> Iterator[StepResult]:
+        n = self.caps.num_slots
+        page_table = torch.from_numpy(round_.page_table)
+        listed = [s for s in round_.slots if s in self.slots]
+        for step in range(round_.num_steps):
+            result = StepResult(work_id, [NO_TOKEN] * n, last=step == round_.num_steps - 1)
+            live = [s for s in listed if s in self.slots]
+            if live:
+                self._decode_step(live, page_table, result)
+            yield result
+
+    def _decode_step(self, live: list[int], page_table: torch.Tensor, result: StepResult) -> None:
+        n = self.caps.num_slots
+        tokens = torch.zeros(n, dtype=torch.long)
+        positions = torch.zeros(n, dtype=torch.long)
+        active = torch.zeros(n, dtype=torch.bool)
+        states = [self.slots[s] for s in live]
+        idx = torch.tensor(live)
+        tokens[idx] = torch.tensor([st.token_ids[-1] for st in states])
+        positions[idx] = torch.tensor([len(st.token_ids) - 1 for st in states])
+        active[idx] = True
+        if all(self.backend.can_sample(st.params) for st in states):
+            sampling: list[SamplingParams | None] = [None] * n
+            for s, st in zip(live, states):
+                sampling[s] = st.params
+            sampled = self.backend.decode(tokens, positions, page_table, active, sampling=sampling)[idx].tolist()
+            logprobs = [None] * len(live)
+        else:
+            logits = self.backend.decode(tokens, positions, page_table, active)
+            sampled, logprobs = self._host_sample(logits[idx], states)
+        for s, st, token, lp in zip(live, states, sampled, logprobs):
+            if lp is not None:
+                result.logprobs[s] = lp
+            self._advance(s, st, token, result)
+
+    def _host_sample(self, logits: torch.Tensor, states: list[SlotState]):
+        """Sample on the host; before min_tokens, stop ids are masked so they cannot end the answer."""
+        for row, st in enumerate(states):
+            if st.num_generated < st.params.min_tokens and st.stop_ids:
+                logits[row, list(st.stop_ids)] = float("-inf")
+        return sample_batch(logits, [st.params for st in states], [len(st.token_ids) for st in states],
+                            prompts=[st.token_ids[:st.num_prompt_tokens] for st in states]
+                            if any(st.params.needs_penalties for st in states) else None,
+                            outputs=[st.token_ids[st.num_prompt_tokens:] for st in states]
+                            if any(st.params.needs_penalties for st in states) else None)
+
+    def _advance(self, slot: int, state: SlotState, token: int, result: StepResult) -> None:
+        state.token_ids.append(token)
+        result.tokens[slot] = token
+        reason = state.finish_reason(token)
+        if reason:
+            result.finished[slot] = reason
+            self.slots.pop(slot, None)
+        else:
+            self.slots[slot] = state
