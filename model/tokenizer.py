@@ -1,0 +1,219 @@
+"""Llama 3 tokenizers in both on-disk formats behind one class, and detokenization for streaming.
+
+Meta's checkpoints ship `tokenizer.model`: tiktoken BPE ranks only; the special tokens and the split regex
+live in Meta's code and are reproduced here. Hugging Face folders ship `tokenizer.json` (and the model's chat
+template in tokenizer_config.json). Serving must treat both alike: the same ids for the same text, the same
+chat prompt and the same stop ids, which `tokenizer_match_report` checks on Meta's real files.
+
+Special-token text inside the input ("<|eot_id|>") always becomes the special id, as Hugging Face
+tokenizers do; rendered chat templates rely on it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# From Meta's llama3 reference tokenizer: how text is split before BPE, and the 256 special tokens after the ranks.
+LLAMA3_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+LLAMA3_NUM_SPECIAL = 256
+LLAMA3_NAMED_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                        "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                        "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+# End-of-turn markers that stop generation besides eos (<|eom_id|>: end of a tool-calling message).
+TURN_END_TOKENS = ("<|eot_id|>", "<|eom_id|>")
+
+ChatMessage = Mapping[str, str]
+
+
+def llama3_special_tokens() -> list[str]:
+    """Meta's order (their ids follow the BPE ranks): the named tokens, then reserved 2..247."""
+    reserved = [f"<|reserved_special_token_{i}|>"
+                for i in range(2, LLAMA3_NUM_SPECIAL - len(LLAMA3_NAMED_SPECIAL) + 2)]
+    return [*LLAMA3_NAMED_SPECIAL, *reserved]
+
+
+class Tokenizer:
+    """encode/decode, chat prompt, BOS and stop ids for one model; build with `load_tokenizer`."""
+
+    def __init__(self, *, tiktoken_encoding: tiktoken.Encoding | None = None,
+                 hf_tokenizer: PreTrainedTokenizerBase | None = None, extra_stop_ids: Sequence[int] = ()):
+        assert (tiktoken_encoding is None) != (hf_tokenizer is None), "exactly one format"
+        self._tiktoken = tiktoken_encoding
+        self._hf = hf_tokenizer
+        if tiktoken_encoding is not None:
+            self.special_ids: dict[str, int] = {t: tiktoken_encoding.encode_single_token(t)
+                                                for t in tiktoken_encoding.special_tokens_set}
+            self.vocab_size = tiktoken_encoding.n_vocab
+            self.bos_id: int | None = self.special_ids["<|begin_of_text|>"]
+            eos_id = self.special_ids["<|end_of_text|>"]
+            self.chat_template: str | None = None  # Meta's format has none: Llama 3's header format applies
+        else:
+            backend = hf_tokenizer.backend_tokenizer
+            self.special_ids = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+            self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+            # BOS is whatever the tokenizer's own post-processor prepends: Llama 3 adds one, SmolLM2 none.
+            prepended = backend.encode("", add_special_tokens=True).ids
+            self.bos_id = prepended[0] if prepended[:1] == [hf_tokenizer.bos_token_id] else None
+            eos_id = hf_tokenizer.eos_token_id
+            self.chat_template = hf_tokenizer.chat_template
+        turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
+        self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
+        self._special_id_set = frozenset(self.special_ids.values())
+
+    @classmethod
+    def from_tiktoken_file(cls, path: str | Path) -> Tokenizer:
+        ranks = load_tiktoken_bpe(str(path))
+        specials = {token: len(ranks) + i for i, token in enumerate(llama3_special_tokens())}
+        encoding = tiktoken.Encoding(name=Path(path).name, pat_str=LLAMA3_SPLIT_PATTERN,
+                                     mergeable_ranks=ranks, special_tokens=specials)
+        return cls(tiktoken_encoding=encoding)
+
+    @classmethod
+    def from_hf_dir(cls, model_dir: str | Path) -> Tokenizer:
+        from transformers import AutoTokenizer  # heavy import: only the HF format pays for it
+
+        model_dir = Path(model_dir)
+        generation_config = model_dir / "generation_config.json"
+        extra_stop_ids: list[int] = []
+        if generation_config.is_file():  # e.g. Llama 3.3 lists [128001, 128008, 128009] here
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            extra_stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(hf_tokenizer=AutoTokenizer.from_pretrained(model_dir), extra_stop_ids=extra_stop_ids)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; `add_bos` prepends the model's BOS if it uses one."""
+        if self._tiktoken is not None:
+            ids = self._tiktoken.encode(text, allowed_special="all")
+        else:
+            ids = self._hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
+        """Text of `ids`; bytes that do not form whole UTF-8 characters come out as U+FFFD."""
+        if self._tiktoken is not None:
+            if skip_special:
+                ids = [i for i in ids if i not in self._special_id_set]
+            return self._tiktoken.decode(list(ids))
+        return self._hf.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+        """The prompt text: the model's own chat template when it has one, Llama 3's header format otherwise."""
+        if self.chat_template is not None:
+            return self._hf.apply_chat_template([dict(m) for m in messages], tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+        if "<|start_header_id|>" not in self.special_ids:
+            raise ValueError("tokenizer has no chat template and no Llama 3 header tokens")
+        # Meta's ChatFormat: BOS, then per message a role header and the stripped content closed by <|eot_id|>.
+        parts = ["<|begin_of_text|>"]
+        parts += [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                  for m in messages]
+        if add_generation_prompt:
+            parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return "".join(parts)
+
+    def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for a chat; the template writes any BOS itself, so none is added."""
+        return self.encode(self.render_chat(messages, add_generation_prompt))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A model folder (tokenizer.json preferred, else Meta's tokenizer.model) or either file itself."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return Tokenizer.from_hf_dir(path)
+        if (path / "tokenizer.model").is_file():
+            return Tokenizer.from_tiktoken_file(path / "tokenizer.model")
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+    if path.name == "tokenizer.json":
+        return Tokenizer.from_hf_dir(path.parent)
+    return Tokenizer.from_tiktoken_file(path)
+
+
+class IncrementalDetokenizer:
+    """Text deltas of a growing token stream that never split a UTF-8 character across deltas.
+
+    Byte-level BPE tokens can end mid-character (an emoji is often 2-4 tokens). Each step decodes only a
+    small window: the tokens of the last emitted delta (context, so tokenizers that drop a leading space at
+    the start of a decode stay right) plus the tokens not yet emitted, and holds them back while the decoded
+    tail is U+FFFD. The work per step is therefore bounded by the window, not the whole output. (Bytes that
+    never form a character stay held until later text completes or `flush`.)
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self._window = list(prompt_ids[-4:])  # a little prompt context for the first delta
+        self._read = len(self._window)  # window[:_read] is already emitted (or prompt)
+
+    def step(self, new_ids: Sequence[int]) -> str:
+        """Append tokens; return the text they complete ("" while a character is still partial)."""
+        self._window.extend(new_ids)
+        return self._emit(hold_partial=True)
+
+    def flush(self) -> str:
+        """At the end of a stream, whatever was held back (U+FFFD for a character the model never finished)."""
+        return self._emit(hold_partial=False)
+
+    def _emit(self, hold_partial: bool) -> str:
+        emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
+        text = self.tokenizer.decode(self._window, self.skip_special)
+        if len(text) <= len(emitted) or (hold_partial and text.endswith("\ufffd")):
+            return ""
+        self._window = self._window[self._read:]  # what is emitted now is the next step's context
+        self._read = len(self._window)
+        return text[len(emitted):]
+
+
+# Code, emoji (multi-codepoint ZWJ sequences too), CJK, numbers, odd whitespace and contractions.
+MIXED_TEXT = (
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # O(2^n)\n\n"
+    "Prices: 3.14159, 1,000,000 and 12345678901234567890; dates 2024-09-30T14:57:00Z.\n"
+    "Emoji 👩‍💻🚀🇯🇵 😀😃, accents café naïve Ångström, CJK 你好，世界！ 東京タワー 한국어.\n"
+    "  tabs\tand\r\nnewlines \n\n\n  trailing   spaces   I'm we'LL they've <b>html</b> {\"json\": [1, 2]}"
+)
+
+
+def tokenizer_match_report() -> dict:
+    """Meta's tokenizer.model and HF's tokenizer.json for Llama 3: identical ids, special tokens, stop ids and
+    chat prompt ids, and exact decode round trips. `match` is the bar; the rest says where it failed.
+
+    The files come from the Llama 3.2 Vision release, whose tokenizer.json adds one vision token
+    (<|image|> = 128256) after Meta's 256 text special tokens; it is reported, not counted as a mismatch.
+    """
+    from model.embedded import ensure_llama3_tokenizer
+
+    files = ensure_llama3_tokenizer()
+    meta = Tokenizer.from_tiktoken_file(files / "tokenizer.model")
+    hf = Tokenizer.from_hf_dir(files)
+    meta_ids, hf_ids = meta.encode(MIXED_TEXT, add_bos=True), hf.encode(MIXED_TEXT, add_bos=True)
+    mismatch = next((i for i, (a, b) in enumerate(zip(meta_ids, hf_ids)) if a != b),
+                    None if len(meta_ids) == len(hf_ids) else min(len(meta_ids), len(hf_ids)))
+    chat = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": MIXED_TEXT}]
+    checks = {
+        "ids_match": mismatch is None,
+        "meta_roundtrip": meta.decode(meta_ids, skip_special=True) == MIXED_TEXT,
+        "hf_roundtrip": hf.decode(hf_ids, skip_special=True) == MIXED_TEXT,
+        "special_tokens_match": all(hf.special_ids.get(t) == i for t, i in meta.special_ids.items()),
+        "stop_ids_match": meta.stop_ids == hf.stop_ids,
+        "chat_ids_match": meta.encode_chat(chat) == hf.encode_chat(chat),
+    }
+    hf_only = {t: i for t, i in hf.special_ids.items() if t not in meta.special_ids}
+    return {"match": all(checks.values()), **checks, "num_ids": len(meta_ids), "first_mismatch": mismatch,
+            "text_chars": len(MIXED_TEXT), "vocab_size": {"tokenizer.model": meta.vocab_size,
+                                                          "tokenizer.json": hf.vocab_size},
+            "hf_only_special_tokens": hf_only, "stop_ids": sorted(meta.stop_ids), "source": str(files)}

@@ -1,0 +1,214 @@
+"""Tokenizers on real files: Meta's Llama 3 tokenizer.model and tokenizer.json (from PyPI, cached) and SmolLM2's."""
+import json
+import shutil
+
+import jinja2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from model.embedded import ensure_llama3_tokenizer, ensure_smollm2
+from model.tokenizer import (MIXED_TEXT, IncrementalDetokenizer, Tokenizer, load_tokenizer,
+                             tokenizer_match_report)
+
+# Meta's published template for Llama 3 Instruct (tokenizer_config.json of Meta-Llama-3-8B-Instruct).
+LLAMA3_HF_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+CHAT = [{"role": "system", "content": "You are terse. "}, {"role": "user", "content": "  Hi 👋, 2+2?\n"},
+        {"role": "assistant", "content": "4"}, {"role": "user", "content": "日本語で?"}]
+
+
+# Letters, digits, punctuation, whitespace, CJK and emoji: the scripts where byte-level BPE splits characters.
+def mixed_text(**char_limits):
+    return st.text(st.one_of(st.characters(codec="utf-8", exclude_characters="\ufffd", **char_limits),
+                             st.sampled_from("\n\t\r  \ufe0f\u200d"),
+                             st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
+                             st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF)), max_size=60)
+
+
+# SmolLM2's vocabulary has no token for a few control bytes and for the lead bytes of planes 4 and up.
+smollm2_safe_text = mixed_text(max_codepoint=0x3FFFF, exclude_categories=("Cc", "Cs"))
+
+
+@pytest.fixture(scope="module")
+def llama3_dir():
+    return ensure_llama3_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def meta(llama3_dir):
+    return Tokenizer.from_tiktoken_file(llama3_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def hf(llama3_dir):
+    return Tokenizer.from_hf_dir(llama3_dir)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_tokenizer(ensure_smollm2())
+
+
+@pytest.fixture(scope="module")
+def tokenizers(meta, hf, smol):
+    return {"meta": meta, "hf": hf, "smol": smol}
+
+
+@pytest.fixture
+def llama3_dir_with(tmp_path, llama3_dir):
+    """A copy of the Llama 3 HF files with extra entries merged into tokenizer_config / generation_config."""
+    def make(config_extra=None, generation_config=None):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(llama3_dir / name, tmp_path / name)
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **(config_extra or {})}))
+        if generation_config is not None:
+            (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+        return tmp_path
+    return make
+
+
+def test_tokenizer_match_report(llama3_dir):
+    report = tokenizer_match_report()
+    assert report["match"], report
+    assert report["num_ids"] > 100 and report["first_mismatch"] is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(mixed_text())
+def test_meta_and_hf_formats_give_same_ids_and_round_trip(meta, hf, text):
+    ids = meta.encode(text)
+    assert hf.encode(text) == ids
+    assert meta.decode(ids) == text and hf.decode(ids) == text
+
+
+def test_special_tokens_are_single_ids_in_both_formats(meta, hf):
+    assert meta.bos_id == hf.bos_id == meta.special_ids["<|begin_of_text|>"] == 128000  # Meta's published ids
+    assert meta.special_ids["<|eot_id|>"] == 128009
+    assert len(meta.special_ids) == 256 and meta.vocab_size == 128256
+    text = "a<|start_header_id|>b<|eot_id|>"
+    for tok in (meta, hf):
+        ids = tok.encode(text)
+        assert ids[1] == tok.special_ids["<|start_header_id|>"] and ids[-1] == tok.special_ids["<|eot_id|>"]
+        assert tok.decode(ids) == text
+        assert tok.decode(ids, skip_special=True) == "ab"
+
+
+def test_bos_follows_the_models_own_tokenizer(meta, hf, smol, llama3_dir):
+    text = "Hello world"
+    assert meta.encode(text, add_bos=True) == [meta.bos_id, *meta.encode(text)]
+    for tok, folder in ((hf, llama3_dir), (smol, ensure_smollm2())):
+        assert tok.encode(text, add_bos=True) == AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+    assert smol.bos_id is None  # SmolLM2's tokenizer prepends nothing; its template starts with <|im_start|>
+
+
+def test_stop_ids(meta, hf, smol, llama3_dir_with):
+    turn_ends = {meta.special_ids[t] for t in ("<|end_of_text|>", "<|eot_id|>", "<|eom_id|>")}
+    assert meta.stop_ids == hf.stop_ids == turn_ends
+    assert smol.stop_ids == {smol.special_ids["<|im_end|>"]}
+    pad_id = meta.special_ids["<|finetune_right_pad_id|>"]
+    with_generation_config = Tokenizer.from_hf_dir(llama3_dir_with(generation_config={"eos_token_id": [pad_id]}))
+    assert with_generation_config.stop_ids == turn_ends | {pad_id}
+
+
+def test_header_format_equals_metas_hf_template(meta, hf, llama3_dir_with):
+    templated = Tokenizer.from_hf_dir(llama3_dir_with({"chat_template": LLAMA3_HF_TEMPLATE}))
+    assert templated.chat_template == LLAMA3_HF_TEMPLATE
+    for add_generation_prompt in (True, False):
+        expected = templated.render_chat(CHAT, add_generation_prompt)
+        assert meta.render_chat(CHAT, add_generation_prompt) == expected
+        assert hf.render_chat(CHAT, add_generation_prompt) == expected
+    ids = meta.encode_chat(CHAT)
+    assert ids == hf.encode_chat(CHAT) == templated.encode_chat(CHAT)
+    assert ids[0] == meta.bos_id and ids.count(meta.bos_id) == 1
+    assert ids.count(meta.special_ids["<|eot_id|>"]) == len(CHAT)
+
+
+def test_model_template_is_used_when_present(smol):
+    template = json.loads((ensure_smollm2() / "tokenizer_config.json").read_text())["chat_template"]
+    expected = jinja2.Template(template).render(messages=CHAT, add_generation_prompt=True)
+    assert smol.render_chat(CHAT) == expected
+    assert smol.encode_chat(CHAT) == smol.encode(expected)
+    assert "<|start_header_id|>" not in expected
+
+
+def test_load_tokenizer_picks_the_format(llama3_dir, tmp_path, hf):
+    assert "<|image|>" in load_tokenizer(llama3_dir).special_ids  # tokenizer.json preferred (vision release)
+    shutil.copy(llama3_dir / "tokenizer.model", tmp_path / "tokenizer.model")
+    for path in (tmp_path, tmp_path / "tokenizer.model"):
+        tok = load_tokenizer(path)
+        assert "<|image|>" not in tok.special_ids and tok.chat_template is None
+        assert tok.encode(MIXED_TEXT) == hf.encode(MIXED_TEXT)
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "empty")
+
+
+def stream(tok, ids, chunk_sizes, **kwargs):
+    detok = IncrementalDetokenizer(tok, **kwargs)
+    deltas, i = [], 0
+    for size in chunk_sizes:
+        deltas.append(detok.step(ids[i:i + size]))
+        i += size
+    deltas.append(detok.step(ids[i:]))
+    deltas.append(detok.flush())
+    return deltas
+
+
+@pytest.mark.parametrize("name", ["meta", "hf", "smol"])
+@settings(max_examples=60, deadline=None)
+@given(text=smollm2_safe_text, chunk_sizes=st.lists(st.integers(1, 3), max_size=40))
+def test_incremental_detokenization_equals_full_decode(tokenizers, name, text, chunk_sizes):
+    tok = tokenizers[name]
+    ids = tok.encode(text)
+    deltas = stream(tok, ids, chunk_sizes)
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.parametrize("name", ["meta", "hf", "smol"])
+def test_detokenizer_holds_back_split_characters(tokenizers, name):
+    tok = tokenizers[name]
+    ids = tok.encode("東京🚀👩‍💻")
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens really end mid-character
+    deltas = stream(tok, ids, [1] * len(ids))
+    assert "".join(deltas) == "東京🚀👩‍💻" and not any("\ufffd" in d for d in deltas)
+    # A stream cut mid-character holds the partial bytes until flush, which gives them as U+FFFD.
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tok)
+    held = "".join(detok.step([i]) for i in ids[:cut])
+    assert "\ufffd" not in held and held + detok.flush() == tok.decode(ids[:cut])
+
+
+def test_detokenizer_skips_special_tokens_and_uses_prompt_context(meta):
+    prompt = meta.encode_chat([{"role": "user", "content": "hi"}])
+    answer = meta.encode("Hello there 👋") + [meta.special_ids["<|eot_id|>"]]
+    deltas = stream(meta, answer, [1] * len(answer), prompt_ids=prompt)
+    assert "".join(deltas) == "Hello there 👋"
+    assert "".join(stream(meta, answer, [], skip_special=False)) == "Hello there 👋<|eot_id|>"
+
+
+class DecodeSpy:
+    """Forwards decode and records how many ids each call had to decode."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids, skip_special=False):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids, skip_special)
+
+
+def test_detokenizer_work_per_step_does_not_grow_with_output(meta):
+    ids = meta.encode("多言語のテキスト 🚀 and English words, numbers 12345. " * 40)
+    spy = DecodeSpy(meta)
+    detok = IncrementalDetokenizer(spy)
+    text = "".join(detok.step([i]) for i in ids) + detok.flush()
+    assert text == meta.decode(ids) and len(ids) > 500
+    assert max(spy.sizes) <= 8
