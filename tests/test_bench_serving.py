@@ -1,0 +1,192 @@
+"""bench.serving and bench.client end to end against a plain OpenAI-compatible server started here.
+
+The fake streams "tok0 tok1 ..." two tokens per chunk (so token counts must come from usage, not chunks),
+stops at a fake EOS after 5 tokens unless ignore_eos, reports usage only when asked, and records how many
+requests it had in flight. Model "no-usage" never reports usage; model "broken" answers HTTP 500.
+"""
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from bench import client, serving
+
+EOS_AFTER = 5
+TOKENS_PER_CHUNK = 2
+
+
+def fake_openai_app() -> FastAPI:
+    app = FastAPI()
+    app.state.in_flight = 0
+    app.state.max_in_flight = 0
+    app.state.bodies = []
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake-model", "object": "model"}]}
+
+    async def stream(body: dict, chat: bool):
+        app.state.bodies.append(body)
+        if body["model"] == "broken":
+            return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+        if chat:
+            prompt_tokens = len(body["messages"][0]["content"].split())
+        else:
+            prompt = body["prompt"]
+            prompt_tokens = len(prompt) if isinstance(prompt, list) else len(prompt.split())
+        n = body["max_tokens"] if body.get("ignore_eos") else min(body["max_tokens"], EOS_AFTER)
+        usage = body.get("stream_options", {}).get("include_usage") and body["model"] != "no-usage"
+
+        def chunk(text: str | None, usage_: dict | None = None) -> str:
+            if usage_:
+                payload = {"choices": [], "usage": usage_}
+            elif chat:
+                payload = {"choices": [{"index": 0, "delta": {"content": text} if text else {"role": "assistant"}}]}
+            else:
+                payload = {"choices": [{"index": 0, "text": text}]}
+            return f"data: {json.dumps(payload)}\n\n"
+
+        async def events():
+            app.state.in_flight += 1
+            app.state.max_in_flight = max(app.state.max_in_flight, app.state.in_flight)
+            try:
+                if chat:
+                    yield chunk(None)
+                for first in range(0, n, TOKENS_PER_CHUNK):
+                    await asyncio.sleep(0.002)
+                    yield chunk("".join(f"tok{i} " for i in range(first, min(n, first + TOKENS_PER_CHUNK))))
+                if usage:
+                    yield chunk(None, {"prompt_tokens": prompt_tokens, "completion_tokens": n})
+                yield "data: [DONE]\n\n"
+            finally:
+                app.state.in_flight -= 1
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await stream(await request.json(), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await stream(await request.json(), chat=True)
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def fake_server():
+    app = fake_openai_app()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "fake OpenAI server did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def check_distribution(dist):
+    assert set(dist) == {"mean", "p50", "p90", "p99"}
+    assert 0 < dist["p50"] <= dist["p90"] <= dist["p99"]
+    assert dist["mean"] > 0
+
+
+def test_random_prompts_report_every_metric(fake_server, tmp_path):
+    url, state = fake_server
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    serving.main([
+        "--url", url + "/v1", "--num-prompts", "8", "--random-input-len", "16", "--random-output-len", "12",
+        "--warmup", "1", "--goodput", "ttft:60000", "tpot:60000", "e2el:60000",
+        "--json", str(out), "--chart", str(png),
+    ])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["failed"]) == (8, 0)
+    assert report["output_tokens"] == 8 * 12  # ignore_eos held the length past the fake EOS, counted from usage
+    assert report["input_tokens"] == 8 * 16
+    assert report["usage_reported"] == 8
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        check_distribution(report[metric])
+    assert report["ttft_ms"]["mean"] < report["e2el_ms"]["mean"]
+    assert report["request_throughput"] == pytest.approx(8 / report["duration_s"])
+    assert report["output_throughput"] == pytest.approx(96 / report["duration_s"])
+    assert report["total_token_throughput"] == pytest.approx((96 + 128) / report["duration_s"])
+    assert report["goodput"] == pytest.approx(report["request_throughput"])  # every request met loose SLOs
+    timeline = report["output_throughput_timeline"]
+    assert sum(timeline["tokens_per_s"]) * timeline["bin_s"] == pytest.approx(96)
+    assert len(report["requests"]) == 8 and all(r["error"] is None for r in report["requests"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    warm, timed = state.bodies[-9], state.bodies[-8:]
+    assert warm["prompt"] not in [b["prompt"] for b in timed]  # warm-up cannot seed a prefix cache
+    assert all(b["ignore_eos"] and b["stream_options"] == {"include_usage": True} for b in timed)
+
+
+def test_prompt_file_on_chat_at_a_rate_with_capped_concurrency(fake_server, tmp_path, capsys):
+    url, state = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "one two three"}, {"prompt": "four five"}, {"prompt": "six"}]))
+    state.max_in_flight = 0
+    serving.main([
+        "--url", url, "--endpoint", "chat", "--prompt-json-path", str(prompts), "--num-prompts", "6",
+        "--request-rate", "500", "--max-concurrency", "2", "--max-tokens", "8", "--warmup", "0",
+        "--goodput", "ttft:0.001", "--json", "-",
+    ])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)  # the table went to stderr, so stdout is pure JSON
+    assert report["completed"] == 6
+    assert report["output_tokens"] == 6 * EOS_AFTER  # no ignore_eos for file prompts: the fake EOS ended them
+    assert report["input_tokens"] == 2 * (3 + 2 + 1)
+    assert report["goodput"] == 0.0  # nobody answers within a microsecond
+    assert report["config"]["request_rate"] == 500
+    assert state.max_in_flight <= 2
+    sent = sorted(b["messages"][0]["content"] for b in state.bodies[-6:])
+    assert sent == sorted(["one two three", "four five", "six"] * 2)
+
+
+def test_token_counts_fall_back_to_chunks_without_usage(fake_server, tmp_path):
+    url, state = fake_server
+    out = tmp_path / "out.json"
+    serving.main([
+        "--url", url, "--model", "no-usage", "--num-prompts", "4", "--random-prompt", "tokens",
+        "--random-input-len", "20", "--random-output-len", "9", "--warmup", "0", "--json", str(out),
+    ])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["usage_reported"] == 0
+    assert report["output_tokens"] == 4 * 5  # 9 tokens in chunks of 2: 5 chunks each
+    assert report["input_tokens"] == 4 * 20  # the benchmark's own count of the token ids it sent
+    assert all(len(b["prompt"]) == 20 and all(isinstance(t, int) for t in b["prompt"]) for b in state.bodies[-4:])
+    assert report["goodput"] is None
+
+
+def test_failing_server_stops_at_warm_up(fake_server):
+    url, _ = fake_server
+    with pytest.raises(SystemExit, match="every warm-up request failed; first error: HTTP 500"):
+        serving.main(["--url", url, "--model", "broken", "--num-prompts", "2", "--warmup", "1"])
+
+
+def test_client_cycles_prompts_to_fill_the_batch(fake_server, tmp_path, capsys):
+    url, _ = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "first question"}, {"prompt": "second question"}]))
+    out = tmp_path / "client.json"
+    summary = client.main([
+        "--num-concurrent", "4", "--prompt-json-path", str(prompts), "--url", url, "--max-tokens", "3",
+        "--json", str(out),
+    ])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert printed.count("tok0 tok1 tok2") == 4
+    assert "4/4 requests" in printed
+    answers = json.loads(out.read_text())["requests"]
+    assert [a["text"] for a in answers] == ["tok0 tok1 tok2 "] * 4
+    assert all(a["ttft_ms"] > 0 and a["decode_tokens_per_s"] > 0 and a["output_tokens"] == 3 for a in answers)
+    assert summary["failed"] == 0 and summary["output_tokens"] == 12
