@@ -62,4 +62,6 @@ class AppConfig(BaseModel):
 
     @property
     def name(self) -> str:
-        return self.served_model_name or self.model.rstrip("/").split("/")[-1]
+        if self.served_model_name:
+            return self.served_model_name
+        return "SmolLM2-135M-Instruct" if self.model == "smollm2" else self.model.rstrip("/").split("/")[-1]

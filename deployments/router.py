@@ -55,7 +55,8 @@ def merge(events: list[TokenEvent]) -> TokenEvent:
     return TokenEvent(first.request_id, [t for e in events for t in e.token_ids],
                       [lp for e in events for lp in e.logprobs], last.finish_reason,
                       first.num_prompt_tokens or last.num_prompt_tokens,
-                      first.num_cached_tokens or last.num_cached_tokens, last.error)
+                      first.num_cached_tokens or last.num_cached_tokens, last.error,
+                      queue_time_s=first.queue_time_s)
 
 
 class Router:

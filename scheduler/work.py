@@ -83,3 +83,4 @@ class TokenEvent:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
+    queue_time_s: float | None = None  # first event only: router arrival -> first prefill chunk scheduled

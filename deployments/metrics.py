@@ -1,0 +1,113 @@
+"""Prometheus metrics of one ingress replica.
+
+Latencies are measured here, where the client's clock is: from a request's arrival at the ingress to
+the token events the router streams back. Events are coalesced (several tokens each), so the
+inter-token latency spreads an event's gap evenly over its tokens. Queue time is the router's own
+measure (arrival at the router to its first prefill chunk), carried on the first event.
+Per-mesh state (slots, KV blocks, prefix cache, preemptions) is read from the router at scrape time,
+so every ingress replica reports the same, current, values for it.
+"""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from scheduler.work import TokenEvent
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0)
+_TOKEN_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                      0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival at the ingress to the first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("meshserve_inter_token_latency_seconds",
+                                     "Gap between consecutive output tokens.", buckets=_TOKEN_GAP_BUCKETS, registry=r)
+        self.e2e = Histogram("meshserve_e2e_request_latency_seconds", "Arrival at the ingress to the last token.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("meshserve_request_queue_time_seconds",
+                               "Arrival at the router to the first scheduled prefill chunk.",
+                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
+        self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", registry=r)
+        self.requests = Counter("meshserve_requests", "Finished requests.", ["finish_reason"], registry=r)
+        self._meshes: list[dict] = []
+        r.register(self)
+
+    def start(self, num_prompt_tokens: int, arrival: float) -> RequestTimer:
+        return RequestTimer(self, num_prompt_tokens, arrival)
+
+    def render(self, router_stats: dict) -> bytes:
+        """The exposition text, with the per-mesh families taken from `router_stats`."""
+        self._meshes = router_stats["meshes"]
+        return generate_latest(self.registry)
+
+    def collect(self):
+        """The per-mesh families (prometheus_client calls this during generate_latest)."""
+        def family(kind, name, doc):
+            return kind(name, doc, labels=["mesh"])
+
+        running = family(GaugeMetricFamily, "meshserve_num_requests_running", "Requests holding a decode slot.")
+        waiting = family(GaugeMetricFamily, "meshserve_num_requests_waiting", "Requests queued for a slot.")
+        used = family(GaugeMetricFamily, "meshserve_kv_blocks_used", "KV blocks held by requests.")
+        total = family(GaugeMetricFamily, "meshserve_kv_blocks_total", "KV blocks of the mesh.")
+        usage = family(GaugeMetricFamily, "meshserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
+        queried = family(CounterMetricFamily, "meshserve_prefix_cache_queries_tokens",
+                         "Prompt tokens looked up in the prefix cache.")
+        hits = family(CounterMetricFamily, "meshserve_prefix_cache_hits_tokens",
+                      "Prompt tokens found in the prefix cache.")
+        hit_rate = family(GaugeMetricFamily, "meshserve_prefix_cache_hit_rate",
+                          "Prefix cache hits / queries, in tokens, since start.")
+        preempted = family(CounterMetricFamily, "meshserve_num_preemptions", "Sequences preempted for KV blocks.")
+        for m in self._meshes:
+            label = [m["name"]]
+            running.add_metric(label, m["running"])
+            waiting.add_metric(label, m["waiting"])
+            used.add_metric(label, m["blocks_used"])
+            total.add_metric(label, m["blocks_total"])
+            usage.add_metric(label, m["blocks_used"] / max(m["blocks_total"], 1))
+            queried.add_metric(label, m["prefix_query_tokens"])
+            hits.add_metric(label, m["prefix_hit_tokens"])
+            hit_rate.add_metric(label, m["prefix_hit_tokens"] / max(m["prefix_query_tokens"], 1))
+            preempted.add_metric(label, m["preemptions"])
+        yield from (running, waiting, used, total, usage, queried, hits, hit_rate, preempted)
+
+
+class RequestTimer:
+    """The latency marks of one router request, fed with its token events as they arrive."""
+
+    def __init__(self, metrics: Metrics, num_prompt_tokens: int, arrival: float) -> None:
+        self.metrics = metrics
+        self.num_prompt_tokens = num_prompt_tokens
+        self.arrival = arrival  # time.perf_counter() at the ingress
+        self.last_token: float | None = None
+
+    def on_event(self, event: TokenEvent) -> None:
+        now = time.perf_counter()
+        m = self.metrics
+        if event.queue_time_s is not None:
+            m.queue.observe(event.queue_time_s)
+        n = len(event.token_ids)
+        if n == 0:
+            return
+        if self.last_token is None:
+            m.ttft.observe(now - self.arrival)
+        else:
+            gap = (now - self.last_token) / n
+            for _ in range(n):
+                m.inter_token.observe(gap)
+        self.last_token = now
+        m.generation_tokens.inc(n)
+
+    def finish(self, finish_reason: str) -> None:
+        m = self.metrics
+        m.e2e.observe(time.perf_counter() - self.arrival)
+        m.prompt_tokens.inc(self.num_prompt_tokens)
+        m.requests.labels(finish_reason).inc()

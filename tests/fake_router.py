@@ -1,0 +1,49 @@
+"""A RouterClient double for ingress tests: a scripted answer, one token per event, and a record of calls."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from scheduler.sampling import SamplingParams, TokenLogprobs
+from scheduler.work import TokenEvent
+
+
+@dataclass
+class FakeRouter:
+    answer: list[int]  # every request gets these tokens (cut at a stop id or max_tokens)
+    ready: bool = True
+    refuse: Exception | None = None  # raised when a generate stream is first iterated
+    pause_after: int | None = None  # block after this many tokens until `resume` is set
+    queue_time_s: float = 0.002
+    requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
+    cancelled: list[tuple[str, str]] = field(default_factory=list)
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       salt: str | None) -> AsyncIterator[TokenEvent]:
+        self.requests[request_id] = (prompt_ids, params, salt)
+        if self.refuse is not None:
+            raise self.refuse
+        for i, token in enumerate(self.answer[:params.max_tokens]):
+            if i == self.pause_after:
+                await self.resume.wait()
+            finish = ("stop" if token in params.stop_token_ids and i + 1 >= params.min_tokens
+                      else "length" if i + 1 == params.max_tokens else None)
+            alternatives = [(token, -0.25), *((t, -3.0) for t in range(1, params.logprobs or 0))]
+            logprobs = [] if params.logprobs is None else [
+                TokenLogprobs(token, -0.25, alternatives[:params.logprobs])]
+            yield TokenEvent(request_id, [token], logprobs, finish, num_prompt_tokens=len(prompt_ids),
+                             num_cached_tokens=3 if i == 0 else 0,
+                             queue_time_s=self.queue_time_s if i == 0 else None)
+            await asyncio.sleep(0)
+            if finish:
+                return
+
+    async def cancel(self, request_id: str, reason: str = "abort") -> None:
+        self.cancelled.append((request_id, reason))
+
+    async def stats(self) -> dict:
+        mesh = {"running": 1, "waiting": 2, "blocks_used": 30, "blocks_total": 120, "prefix_query_tokens": 400,
+                "prefix_hit_tokens": 100, "preemptions": 5}
+        return {"ready": self.ready, "meshes": [{"name": "mesh-0", **mesh}, {"name": "mesh-1", **mesh}]}

@@ -1,0 +1,411 @@
+"""The OpenAI ingress without Ray: a fake router behind it, SmolLM2's real tokenizer in front of it."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+from ray.exceptions import RayTaskError
+from starlette.requests import ClientDisconnect
+
+from deployments.ingress import StopStrings, build_app
+from model.embedded import ensure_smollm2
+from model.tokenizer import load_tokenizer
+from scheduler.errors import PromptTooLong, QueueFull
+from tests.fake_router import FakeRouter
+
+MODEL = "smollm2"
+MAX_LEN = 256
+ANSWER = "Hello world, the answer is 42. Emoji 🚀 done."
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": MODEL, "prompt": "Once upon a time"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ensure_smollm2())
+
+
+@pytest.fixture
+def eos(tokenizer) -> int:
+    (eos,) = tokenizer.stop_ids
+    return eos
+
+
+@pytest.fixture
+def router(tokenizer, eos) -> FakeRouter:
+    return FakeRouter(tokenizer.encode(ANSWER) + [eos])
+
+
+def make_client(router, tokenizer, api_keys=None) -> TestClient:
+    return TestClient(build_app(router, tokenizer, MODEL, MAX_LEN, api_keys), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(router, tokenizer) -> TestClient:
+    return make_client(router, tokenizer)
+
+
+def sse(response) -> list:
+    """The data payloads of an SSE body; the last must be [DONE]."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def assert_error(response, status: int, param: str | None = None):
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param and param in error["message"]
+    return error
+
+
+# ---- answers ------------------------------------------------------------------------------------
+
+def test_chat_answer_with_usage(client, router, tokenizer):
+    body = client.post("/v1/chat/completions", json=CHAT).json()
+    prompt_ids = tokenizer.encode_chat(CHAT["messages"])
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert body["usage"]["completion_tokens"] == len(router.answer)
+    assert body["usage"]["total_tokens"] == len(prompt_ids) + len(router.answer)
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 3
+    (sent_prompt, params, _), = router.requests.values()
+    assert sent_prompt == prompt_ids
+    assert params.max_tokens == MAX_LEN - len(prompt_ids)  # unset max_tokens: the rest of the context
+    assert set(tokenizer.stop_ids) <= set(params.stop_token_ids)
+    assert router.cancelled == []  # finished by itself: nothing to cancel
+
+
+def test_completion_max_tokens_is_length(client, router, tokenizer):
+    body = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 4}).json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == tokenizer.decode(router.answer[:4])
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 4
+
+
+def test_sampling_fields_reach_the_router(client, router):
+    client.post("/v1/chat/completions", json={
+        **CHAT, "temperature": 0.5, "top_p": 0.9, "top_k": -1, "seed": 7, "presence_penalty": 0.5,
+        "frequency_penalty": -0.5, "repetition_penalty": 1.2, "min_tokens": 2, "max_completion_tokens": 9,
+        "stop_token_ids": [5], "ignore_eos": True, "cache_salt": "tenant-a"})
+    (_, params, salt), = router.requests.values()
+    assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 0, 7)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert (params.min_tokens, params.max_tokens, params.ignore_eos) == (2, 9, True)
+    assert params.stop_token_ids == (5,)  # ignore_eos: the tokenizer's stop ids are not added
+    assert salt == "tenant-a"
+
+
+def test_chat_stream_format_and_usage(client, router):
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = sse(r)
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = [c["choices"][0] for c in chunks[:-1]]
+    assert "".join(ch["delta"]["content"] or "" for ch in content) == ANSWER
+    assert [ch["finish_reason"] for ch in content if ch["finish_reason"]] == ["stop"]
+    assert content[-1]["finish_reason"] == "stop"
+    usage_chunk = chunks[-1]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == len(router.answer)
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert all("\ufffd" not in (ch["delta"]["content"] or "") for ch in content)  # the emoji arrives whole
+
+
+def test_completion_stream_without_usage(client, router, tokenizer):
+    chunks = sse(client.post("/v1/completions", json={**COMPLETION, "stream": True, "max_tokens": 5}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == tokenizer.decode(router.answer[:5])
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["usage"] is None for c in chunks)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_spanning_tokens(client, router, tokenizer, stream):
+    stop = "answer is 4"
+    assert all(stop not in tokenizer.decode([t]) for t in router.answer)  # it really spans several tokens
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream, "stop": ["nowhere", stop]})
+    if stream:
+        choices = [c["choices"][0] for c in sse(r)]
+        text = "".join(ch["delta"]["content"] or "" for ch in choices)
+        finish = choices[-1]["finish_reason"]
+    else:
+        text, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    assert text == ANSWER[:ANSWER.index(stop)]
+    assert finish == "stop"
+    (rid,) = router.requests
+    assert router.cancelled == [(rid, "stop")]
+
+
+def test_n_choices_are_independent_requests(client, router):
+    body = client.post("/v1/completions", json={**COMPLETION, "n": 3, "seed": 10, "max_tokens": 3}).json()
+    assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2]
+    assert len({c["text"] for c in body["choices"]}) == 1  # the fake answers alike; the seeds differ below
+    assert sorted(p.seed for _, p, _ in router.requests.values()) == [10, 11, 12]
+    assert len(router.requests) == 3
+    assert body["usage"]["completion_tokens"] == 9
+
+
+def test_n_choices_stream(client):
+    chunks = sse(client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True}))
+    for i in range(2):
+        choices = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(ch["delta"]["content"] or "" for ch in choices) == ANSWER
+        assert choices[-1]["finish_reason"] == "stop"
+
+
+def test_chat_logprobs(client, router, tokenizer):
+    body = client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2}).json()
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [tokenizer.decode([t]) for t in router.answer]
+    assert all(c["logprob"] == -0.25 and len(c["top_logprobs"]) == 2 for c in content)
+    assert content[0]["bytes"] == list(content[0]["token"].encode())
+    assert router.requests.popitem()[1][1].logprobs == 2
+
+
+def test_completion_logprobs_offsets(client, router, tokenizer):
+    body = client.post("/v1/completions", json={**COMPLETION, "logprobs": 1, "max_tokens": 3}).json()
+    lp = body["choices"][0]["logprobs"]
+    tokens = [tokenizer.decode([t]) for t in router.answer[:3]]
+    assert lp["tokens"] == tokens and lp["token_logprobs"] == [-0.25] * 3
+    assert lp["text_offset"] == [0, len(tokens[0]), len(tokens[0]) + len(tokens[1])]
+    assert all(len(top) == 1 for top in lp["top_logprobs"])
+
+
+def test_models(client):
+    body = client.get("/v1/models").json()
+    assert [m["id"] for m in body["data"]] == [MODEL]
+    assert body["data"][0]["max_model_len"] == MAX_LEN
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("patch, param", [
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": -1}, "temperature"),
+    ({"stream": "yes"}, "stream"),
+    ({"max_tokens": "10"}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_completion_tokens": -3}, "max_completion_tokens"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"n": 0}, "n"),
+    ({"seed": -1}, "seed"),
+    ({"presence_penalty": 3}, "presence_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"stop": ["ok", 3]}, "stop"),
+    ({"stop": ""}, "stop"),
+    ({"stream_options": {"include_usage": "no"}}, "stream_options.include_usage"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages.0.content"),
+])
+def test_bad_chat_fields_are_400_naming_the_field(client, router, patch, param):
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, **patch}), 400)
+    assert error["param"] is not None and error["param"].startswith(param) and param in error["message"]
+    assert router.requests == {}
+
+
+@pytest.mark.parametrize("patch, param", [
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": [10**9]}, "prompt"),  # not a token id of this vocabulary
+    ({"logprobs": 30}, "logprobs"),
+    ({"logprobs": True}, "logprobs"),
+])
+def test_bad_completion_fields_are_400(client, patch, param):
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, **patch}), 400)
+    assert error["param"].startswith(param)
+
+
+def test_min_tokens_above_max_tokens_is_400(client):
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "min_tokens": 9, "max_tokens": 3}), 400)
+    assert "min_tokens" in error["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b'"text"'])
+def test_malformed_body_is_400(client, raw):
+    assert_error(client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 400)
+
+
+def test_prompt_longer_than_context_is_400(client, router):
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": "word " * MAX_LEN}), 400,
+                         param="prompt")
+    assert error["code"] == "context_length_exceeded"
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": MAX_LEN}), 400,
+                         param="max_tokens")
+    assert router.requests == {}
+
+
+def test_unknown_model_is_404(client):
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404, param="model")
+    assert error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_queue_full_is_429(client, router, stream):
+    router.refuse = QueueFull("waiting queue is full")
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": stream}), 429)
+
+
+@pytest.mark.parametrize("refusal, status", [
+    (QueueFull("full"), 429),
+    (PromptTooLong("the prompt needs more KV blocks than the mesh has"), 400),
+])
+def test_refusals_wrapped_by_ray_are_mapped(client, router, refusal, status):
+    router.refuse = RayTaskError("generate", "Traceback (most recent call last): ...", refusal)
+    assert_error(client.post("/v1/completions", json=COMPLETION), status)
+
+
+def test_not_ready_is_503(client, router):
+    router.ready = False
+    assert_error(client.get("/health"), 503)
+    assert_error(client.post("/v1/chat/completions", json=CHAT), 503)
+    router.ready = True
+    assert client.get("/health").status_code == 200
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_internal_error_is_a_generic_500(client, router):
+    router.refuse = RuntimeError("secret internals")
+    error = assert_error(client.post("/v1/chat/completions", json=CHAT), 500)
+    assert "secret" not in error["message"]
+
+
+def test_unknown_route_is_json_404(client):
+    assert_error(client.get("/v1/nothing"), 404)
+
+
+def test_api_keys(router, tokenizer):
+    client = make_client(router, tokenizer, api_keys=["k1", "k2"])
+    assert_error(client.post("/v1/chat/completions", json=CHAT), 401)
+    assert_error(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
+    assert client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k2"}).status_code == 200
+    assert client.get("/health").status_code == 200  # probes need no key
+
+
+# ---- disconnects --------------------------------------------------------------------------------
+
+async def _call_asgi(app, body: dict, spec_version: str, on_body) -> None:
+    """Drive the app as an ASGI server would; `on_body(chunk)` reacts to each body message sent."""
+    raw = json.dumps(body).encode()
+    disconnected = asyncio.Event()
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            on_body(message["body"], disconnected)
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
+             "server": ("test", 80), "client": ("test", 1234), "root_path": ""}
+    await app(scope, receive, send)
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_disconnect_mid_stream_cancels(router, tokenizer, spec_version):
+    router.pause_after = 3  # the answer stalls after 3 tokens; the client leaves during the stall
+    app = build_app(router, tokenizer, MODEL, MAX_LEN)
+
+    def on_body(chunk: bytes, disconnected: asyncio.Event):
+        if b'"content":"Hello"' in chunk or b"world" in chunk:
+            disconnected.set()  # 2.3: the server reports http.disconnect
+            if spec_version == "2.4":
+                raise OSError("connection reset")  # 2.4: sending to a gone client fails
+
+    async def run():
+        try:
+            await asyncio.wait_for(_call_asgi(app, {**CHAT, "stream": True}, spec_version, on_body), timeout=30)
+        except ClientDisconnect:  # how Starlette reports the failed send to the server
+            pass
+        (rid,) = router.requests
+        assert router.cancelled == [(rid, "abort")]  # by the time the app returns, not at some later GC
+
+    asyncio.run(run())
+
+
+def test_cancelled_non_streaming_request_cancels(router, tokenizer):
+    """Serve cancels the handler when its HTTP client goes away; the router request must go with it."""
+    router.pause_after = 2
+    app = build_app(router, tokenizer, MODEL, MAX_LEN)
+
+    async def run():
+        task = asyncio.create_task(_call_asgi(app, CHAT, "2.4", lambda *_: None))
+        while not router.requests:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    (rid,) = router.requests
+    assert router.cancelled == [(rid, "abort")]
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+def test_metrics_exposition(client, router, tokenizer):
+    client.post("/v1/chat/completions", json=CHAT)
+    client.post("/v1/completions", json={**COMPLETION, "max_tokens": 4})
+    r = client.get("/metrics")
+    assert r.status_code == 200
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    prompt = len(tokenizer.encode_chat(CHAT["messages"])) + len(tokenizer.encode(COMPLETION["prompt"], add_bos=True))
+    assert value("meshserve_prompt_tokens_total") == prompt
+    assert value("meshserve_generation_tokens_total") == len(router.answer) + 4
+    assert value("meshserve_requests_total", finish_reason="stop") == 1
+    assert value("meshserve_requests_total", finish_reason="length") == 1
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        assert value(f"meshserve_{histogram}_count") == 2
+    assert value("meshserve_inter_token_latency_seconds_count") == len(router.answer) - 1 + 3
+    for mesh in ("mesh-0", "mesh-1"):
+        assert value("meshserve_num_requests_running", mesh=mesh) == 1
+        assert value("meshserve_num_requests_waiting", mesh=mesh) == 2
+        assert value("meshserve_kv_blocks_used", mesh=mesh) == 30
+        assert value("meshserve_kv_cache_usage_ratio", mesh=mesh) == 0.25
+        assert value("meshserve_prefix_cache_hit_rate", mesh=mesh) == 0.25
+        assert value("meshserve_prefix_cache_hits_tokens_total", mesh=mesh) == 100
+        assert value("meshserve_num_preemptions_total", mesh=mesh) == 5
+
+
+# ---- stop strings -------------------------------------------------------------------------------
+
+@given(text=st.text(alphabet="abc ", max_size=40), stop=st.text(alphabet="abc", min_size=1, max_size=4),
+       cuts=st.lists(st.integers(0, 40), max_size=8))
+def test_stop_strings_stream_exactly_the_text_before_the_first_stop(text, stop, cuts):
+    pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)])]
+    stops = StopStrings((stop,))
+    sent, stopped = "", False
+    for i, piece in enumerate(pieces):
+        out, stopped = stops.feed(piece, final=i == len(pieces) - 1)
+        sent += out
+        if stopped:
+            break
+    expected = text[:text.index(stop)] if stop in text else text
+    assert sent == expected and stopped == (stop in text)
