@@ -57,7 +57,7 @@ class Backend(ABC):
         """True when the backend can sample `params` by itself (no host logits needed)."""
         defaults = SamplingParams()
         needed = {name for name in SamplingParams.model_fields
-                  if name in _SAMPLING_FIELDS and getattr(params, name) != getattr(defaults, name)}
+                  if name in SAMPLING_FIELDS and getattr(params, name) != getattr(defaults, name)}
         return needed <= self.caps.device_sampling
 
     def close(self) -> None:
@@ -65,5 +65,5 @@ class Backend(ABC):
 
 
 # Fields that change how a token is drawn (the rest are stop/budget rules the runner applies).
-_SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "seed", "presence_penalty",
+SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "seed", "presence_penalty",
                               "frequency_penalty", "repetition_penalty", "logprobs"})

@@ -1,0 +1,209 @@
+"""The simulated Galaxy: the real backend's contract and KV accounting, with compute replaced by sleeping
+for the published time (galaxy_perf.json), so capacity and scale-out work runs without the hardware.
+
+Tokens are a pure function of the sequence so far, read back through the page table: the fake KV cache
+holds the token id written at each position, and the next token is a hash of the last `WINDOW` tokens (and
+the position) gathered through the blocks the caller names. Recompute or migration into other blocks gives
+identical tokens; a wrong page table gives different ones, so paging bugs show up as wrong outputs.
+The parameters never change the token: it is what any sampler would pick from a one-hot distribution.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+
+import numpy as np
+import torch
+
+from model.backend import SAMPLING_FIELDS, Backend, Capabilities
+from model.tt_galaxy import BLOCK_SIZE, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN
+from scheduler.sampling import SamplingParams
+
+
+WINDOW = 8  # tokens the next token depends on
+_MIXERS = np.random.default_rng(0x6A1A).integers(1, 2**63, size=WINDOW + 1, dtype=np.uint64) | np.uint64(1)
+_BACK = np.arange(WINDOW - 1, -1, -1)  # window offsets, oldest first
+_LOGIT_FLOOR = -1e4  # far enough below the chosen token that no temperature or penalty can flip it
+_MAX_CATCH_UP_S = 0.010  # oversleep repaid on the next call, so a loaded host keeps the published rate
+
+
+@dataclass(frozen=True)
+class GalaxyTiming:
+    """Published prefill and decode times, interpolated log-log between rows (prefill and attention cost
+    grow as powers of length between the measured points), clamped outside them.
+
+    TTFT is per user (the Galaxy prefills one user at a time). A decode step is 1 / tokens_per_s_per_user
+    at the longest context among the live slots: decode always runs all 32 slots in one fixed-shape trace and
+    each user's attention proceeds in parallel, so the longest user sets the pace. That is how the batch-1
+    long-context rows (32k-128k) are used: as the step time of any batch whose longest user is that long.
+    """
+
+    lengths: tuple[int, ...]
+    ttft_s: tuple[float, ...]
+    step_s: tuple[float, ...]
+
+    @classmethod
+    def published(cls) -> GalaxyTiming:
+        rows = published_figures()["by_input_length"]
+        return cls(tuple(r["input_tokens"] for r in rows), tuple(r["ttft_ms"] / 1000 for r in rows),
+                   tuple(1 / r["decode_tokens_per_s_per_user"] for r in rows))
+
+    def ttft(self, num_tokens: int) -> float:
+        return _loglog(num_tokens, self.lengths, self.ttft_s)
+
+    def prefill_seconds(self, start: int, end: int) -> float:
+        """Computing positions [start, end) after a cached prefix: the extra cost over the prefix,
+        never less than a fresh prefill of that many tokens."""
+        if start == 0:
+            return self.ttft(end)
+        return max(self.ttft(end) - self.ttft(start), self.ttft(end - start))
+
+    def decode_step_seconds(self, context: int) -> float:
+        return _loglog(context, self.lengths, self.step_s)
+
+
+def _loglog(x: float, xs: tuple[int, ...], ys: tuple[float, ...]) -> float:
+    return math.exp(np.interp(math.log(max(x, 1)), np.log(xs), np.log(ys)))
+
+
+def published_figures() -> dict:
+    return json.loads(files("model").joinpath("galaxy_perf.json").read_text())
+
+
+class SimulatedBackend(Backend):
+    """`time_scale` multiplies every sleep (0.1 runs ten times faster than the Galaxy). `device_seconds`
+    totals the simulated device time. `eos_rate` makes that fraction of tokens an EOS (default: never).
+
+    It samples every field itself except `logprobs`: a request for logprobs takes the logits path, which
+    returns one-hot-like logits [*, vocab] (the chosen token at 0, the rest at -1e4; ~16 MB per decode step
+    at the Llama 3 vocab, a few ms), so host sampling picks the same token whatever its parameters.
+    """
+
+    def __init__(self, *, time_scale: float = 1.0, num_slots: int = NUM_SLOTS, block_size: int = BLOCK_SIZE,
+                 num_blocks: int | None = None, max_seq_len: int | None = None, vocab_size: int = LLAMA3_VOCAB,
+                 eos_token_ids: tuple[int, ...] = LLAMA3_EOS, eos_rate: float = 0.0,
+                 timing: GalaxyTiming | None = None):
+        """None sizes like the Galaxy: 128k tokens, and a pool for one such user plus a block per slot."""
+        if time_scale <= 0:
+            raise ValueError("time_scale must be positive")
+        max_seq_len = max_seq_len or MAX_SEQ_LEN
+        num_blocks = num_blocks or -(-(max_seq_len + block_size * num_slots) // block_size)
+        self.caps = Capabilities(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
+                                 max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,
+                                 eos_token_ids=tuple(eos_token_ids),
+                                 device_sampling=SAMPLING_FIELDS - {"logprobs"})
+        self.time_scale = time_scale
+        self.timing = timing or GalaxyTiming.published()
+        self.eos_rate = eos_rate
+        self.device_seconds = 0.0
+        self.kv = np.full((num_blocks, block_size), -1, dtype=np.int32)  # token id written at each position
+        self._ordinary_ids = np.setdiff1d(np.arange(vocab_size), eos_token_ids)
+        self._late = 0.0
+
+    def prefill(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                sampling: SamplingParams | None = None) -> torch.Tensor:
+        entered = time.perf_counter()
+        bs, end = self.caps.block_size, len(token_ids)
+        if not 0 <= start < end <= min(len(block_ids) * bs, self.caps.max_seq_len):
+            raise ValueError(f"cannot prefill [{start}, {end}) into {len(block_ids)} blocks")
+        table = np.asarray(block_ids, dtype=np.int64)[None]
+        positions = np.arange(start, end)
+        self.kv[table[0, positions // bs], positions % bs] = token_ids[start:]
+        token = self._next_tokens(table, np.array([end - 1]))
+        self._occupy(entered, self.timing.prefill_seconds(start, end))
+        return torch.tensor(int(token[0])) if sampling is not None else self._one_hot(token)[0]
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+               active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
+        entered = time.perf_counter()
+        bs = self.caps.block_size
+        rows = np.flatnonzero(active.numpy())
+        pos = positions.numpy()[rows]
+        table = page_table.numpy()[rows]
+        self.kv[table[np.arange(rows.size), pos // bs], pos % bs] = tokens.numpy()[rows]
+        next_tokens = np.zeros(self.caps.num_slots, dtype=np.int64)
+        next_tokens[rows] = self._next_tokens(table, pos)
+        self._occupy(entered, self.timing.decode_step_seconds(int(pos.max(initial=0)) + 1))
+        return torch.from_numpy(next_tokens) if sampling is not None else self._one_hot(next_tokens)
+
+    def _next_tokens(self, table: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """Hash of the tokens at positions last-WINDOW+1 .. last of each row, read through its page table."""
+        window = last[:, None] - _BACK
+        readable = window >= 0
+        window = np.maximum(window, 0)
+        bs = self.caps.block_size
+        seen = self.kv[table[np.arange(len(table))[:, None], window // bs], window % bs]
+        seen = np.where(readable, seen, -1).astype(np.uint64)
+        h = (seen * _MIXERS[:WINDOW]).sum(axis=1, dtype=np.uint64) + last.astype(np.uint64) * _MIXERS[WINDOW]
+        h = _splitmix(h)
+        tokens = self._ordinary_ids[h % np.uint64(len(self._ordinary_ids))]
+        if self.eos_rate and self.caps.eos_token_ids:
+            uniform = (h >> np.uint64(11)).astype(np.float64) / 2.0**53
+            tokens = np.where(uniform < self.eos_rate, self.caps.eos_token_ids[0], tokens)
+        return tokens
+
+    def _one_hot(self, tokens: np.ndarray) -> torch.Tensor:
+        logits = torch.full((len(tokens), self.caps.vocab_size), _LOGIT_FLOOR)
+        logits[torch.arange(len(tokens)), torch.from_numpy(tokens)] = 0.0
+        return logits
+
+    def _occupy(self, entered: float, seconds: float) -> None:
+        """Hold the caller until `seconds` (scaled) after it entered, sleeping rather than spinning."""
+        scaled = seconds * self.time_scale
+        self.device_seconds += scaled
+        deadline = entered + scaled - self._late
+        now = time.perf_counter()
+        if deadline > now:
+            time.sleep(deadline - now)
+            now = time.perf_counter()
+        self._late = min(max(now - deadline, 0.0), _MAX_CATCH_UP_S)
+
+
+def _splitmix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads every input bit over the output."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def calibration_max_rel_err(reps: int = 2, decode_steps: int = 8, max_call_s: float = 0.7) -> float:
+    """Worst relative error between measured wall time and the published TTFT and tokens/s/user rows.
+
+    Each row runs on a fresh backend: `reps` prefills of input_tokens, then `decode_steps` steps with
+    `batch` live slots at that context. Calls are timed with the real clock. Decode steps (at most 91 ms)
+    and prefills up to `max_call_s` run at time_scale 1; longer prefills (32k-128k: 9.5-102 s) run at
+    time_scale max_call_s / ttft and the measured time is divided by that scale.
+    """
+    rows = published_figures()["by_input_length"]
+    worst = 0.0
+    greedy = SamplingParams(temperature=0.0)
+    for row in rows:
+        n, batch = row["input_tokens"], row["batch"]
+        ttft = row["ttft_ms"] / 1000
+        blocks_per_seq = -(-(n + decode_steps) // BLOCK_SIZE)
+        backend = SimulatedBackend(time_scale=min(1.0, max_call_s / ttft), num_blocks=batch * blocks_per_seq)
+        prompt = list(range(n))
+        began = time.perf_counter()
+        for _ in range(reps):
+            backend.prefill(prompt, 0, list(range(blocks_per_seq)), 0, greedy)
+        measured_ttft = (time.perf_counter() - began) / reps / backend.time_scale
+
+        backend.time_scale = 1.0
+        table = torch.arange(NUM_SLOTS * blocks_per_seq, dtype=torch.int32).reshape(NUM_SLOTS, -1)
+        table[batch:] = 0
+        active = torch.arange(NUM_SLOTS) < batch
+        tokens = torch.zeros(NUM_SLOTS, dtype=torch.long)
+        sampling = [greedy] * NUM_SLOTS
+        began = time.perf_counter()
+        for step in range(decode_steps):
+            tokens = backend.decode(tokens, torch.full((NUM_SLOTS,), n + step), table, active, sampling)
+        measured_step = (time.perf_counter() - began) / decode_steps
+
+        published_step = 1 / row["decode_tokens_per_s_per_user"]
+        worst = max(worst, abs(measured_ttft - ttft) / ttft, abs(measured_step - published_step) / published_step)
+    return worst

@@ -1,0 +1,191 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.simulated import GalaxyTiming, SimulatedBackend, published_figures
+from model.tt_galaxy import LLAMA3_EOS
+from scheduler.sampling import SamplingParams, sample_batch
+
+GREEDY = SamplingParams(temperature=0.0)
+FAST = 1e-6  # time_scale that makes every sleep negligible
+ROWS = published_figures()["by_input_length"]
+
+
+@pytest.fixture
+def timing():
+    return GalaxyTiming.published()
+
+
+def generate(backend, prompt, block_ids, slot, steps, sampling=GREEDY):
+    """Prefill then decode `steps` tokens in `slot` alone; returns the generated tokens."""
+    caps = backend.caps
+    out = [int(backend.prefill(prompt, 0, block_ids, slot, sampling))]
+    table = torch.zeros(caps.num_slots, caps.max_blocks_per_seq, dtype=torch.int32)
+    table[slot, :len(block_ids)] = torch.tensor(block_ids)
+    active = torch.zeros(caps.num_slots, dtype=torch.bool)
+    active[slot] = True
+    for i in range(steps):
+        tokens = torch.zeros(caps.num_slots, dtype=torch.long)
+        tokens[slot] = out[-1]
+        positions = torch.zeros(caps.num_slots, dtype=torch.long)
+        positions[slot] = len(prompt) + i
+        out.append(int(backend.decode(tokens, positions, table, active, [sampling] * caps.num_slots)[slot]))
+    return out
+
+
+# --- timing: pure functions of the published rows ---------------------------------------------------
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: str(r["input_tokens"]))
+def test_timing_reproduces_every_published_row(timing, row):
+    assert timing.ttft(row["input_tokens"]) == pytest.approx(row["ttft_ms"] / 1000)
+    assert timing.decode_step_seconds(row["input_tokens"]) == pytest.approx(1 / row["decode_tokens_per_s_per_user"])
+
+
+def test_timing_interpolates_log_log_between_rows_and_clamps_outside(timing):
+    for a, b in zip(ROWS, ROWS[1:]):
+        mid = math.sqrt(a["input_tokens"] * b["input_tokens"])
+        assert timing.ttft(mid) == pytest.approx(math.sqrt(a["ttft_ms"] * b["ttft_ms"]) / 1000)
+        assert a["ttft_ms"] / 1000 < timing.ttft(mid) < b["ttft_ms"] / 1000
+        assert timing.decode_step_seconds(a["input_tokens"]) < timing.decode_step_seconds(mid)
+    assert timing.ttft(1) == timing.ttft(128)
+    assert timing.decode_step_seconds(1) == timing.decode_step_seconds(128)
+
+
+def test_prefill_after_a_prefix_costs_the_extra_but_at_least_a_fresh_prefill(timing):
+    assert timing.prefill_seconds(0, 4096) == timing.ttft(4096)
+    assert timing.prefill_seconds(65536, 131072) == pytest.approx(timing.ttft(131072) - timing.ttft(65536))
+    assert timing.prefill_seconds(4096, 4096 + 128) == timing.ttft(128)
+
+
+def test_time_scale_multiplies_every_sleep(timing):
+    backend = SimulatedBackend(time_scale=0.001)
+    prompt = list(range(1000))
+    generate(backend, prompt, list(range(16)), slot=3, steps=2)
+    expected = timing.ttft(1000) + timing.decode_step_seconds(1001) + timing.decode_step_seconds(1002)
+    assert backend.device_seconds == pytest.approx(expected * 0.001)
+
+
+def test_decode_step_time_follows_the_longest_live_context(timing):
+    backend = SimulatedBackend(time_scale=FAST)
+    caps = backend.caps
+    table = torch.arange(caps.num_slots * 64, dtype=torch.int32).reshape(caps.num_slots, 64)
+    table = torch.nn.functional.pad(table, (0, caps.max_blocks_per_seq - 64))
+    positions = torch.full((caps.num_slots,), 100)
+    positions[5] = 4000
+    active = torch.ones(caps.num_slots, dtype=torch.bool)
+    backend.decode(torch.zeros(caps.num_slots, dtype=torch.long), positions, table, active, [GREEDY] * 32)
+    assert backend.device_seconds == pytest.approx(timing.decode_step_seconds(4001) * FAST)
+
+
+# --- tokens: a pure function of the sequence, read through the page table ---------------------------
+
+def test_capabilities_match_the_galaxy():
+    caps = SimulatedBackend().caps
+    assert (caps.num_slots, caps.block_size, caps.num_blocks, caps.max_seq_len, caps.prefix_align) == \
+        (32, 64, 2080, 131072, 128)  # 2080 = ceil((131072 + 64 * 32) / 64)
+    assert SimulatedBackend(num_blocks=100).caps.num_blocks == 100
+    small = SimulatedBackend(num_slots=4, block_size=16, max_seq_len=1024).caps
+    assert (small.num_slots, small.block_size, small.num_blocks, small.max_seq_len) == (4, 16, 68, 1024)
+
+
+@pytest.mark.parametrize("block_size", [64, 16])
+def test_tokens_identical_through_different_blocks_and_slots(block_size):
+    prompt = [7, 1, 9] * 70  # 210 tokens; decode crosses into another block
+    needed = -(-(210 + 60) // block_size)
+    shuffled = np.random.default_rng(1).permutation(60)[:needed].tolist()
+    first = generate(SimulatedBackend(time_scale=FAST, block_size=block_size), prompt, list(range(needed)),
+                     slot=0, steps=60)
+    other = generate(SimulatedBackend(time_scale=FAST, block_size=block_size), prompt, shuffled, slot=17, steps=60)
+    assert first == other
+    assert len(set(first)) > 50  # not a constant or short cycle
+
+
+def test_recompute_after_preemption_continues_identically():
+    prompt = list(range(300, 500))
+    backend = SimulatedBackend(time_scale=FAST)
+    out = generate(backend, prompt, [0, 1, 2, 3], slot=0, steps=40)
+    # Recompute prompt + the first 20 outputs elsewhere (new blocks, another slot), then continue.
+    again = generate(backend, prompt + out[:20], [10, 11, 12, 13], slot=9, steps=20)
+    assert again == out[20:]
+
+
+def test_prefix_continuation_equals_a_full_prefill():
+    prompt = list(range(1000, 1300))
+    backend = SimulatedBackend(time_scale=FAST)
+    full = int(backend.prefill(prompt, 0, [0, 1, 2, 3, 4], 0, GREEDY))
+    backend.prefill(prompt[:256], 0, [5, 6, 7, 8], 1, None)  # an earlier chunk / cached prefix
+    continued = int(backend.prefill(prompt, 256, [5, 6, 7, 8, 9], 1, GREEDY))
+    assert continued == full
+
+
+def test_wrong_page_table_gives_different_tokens():
+    prompt = list(range(130))
+    backend = SimulatedBackend(time_scale=FAST)
+    backend.prefill(prompt, 0, [4, 5, 6], 0, GREEDY)
+    backend.prefill([x + 1 for x in prompt], 0, [7, 8, 9], 1, GREEDY)
+    caps = backend.caps
+    tokens = torch.full((caps.num_slots,), 5, dtype=torch.long)
+    positions = torch.full((caps.num_slots,), 130)
+    active = torch.zeros(caps.num_slots, dtype=torch.bool)
+    active[0] = True
+    right = torch.zeros(caps.num_slots, caps.max_blocks_per_seq, dtype=torch.int32)
+    right[0, :3] = torch.tensor([4, 5, 6])
+    wrong = right.clone()
+    wrong[0, 1] = 8  # a middle block of another sequence, still inside the read window
+    kv_before = backend.kv.copy()
+    expected = int(backend.decode(tokens, positions, right, active, [GREEDY] * 32)[0])
+    backend.kv[:] = kv_before
+    assert int(backend.decode(tokens, positions, wrong, active, [GREEDY] * 32)[0]) != expected
+
+
+def test_decode_writes_only_active_rows_at_their_positions():
+    backend = SimulatedBackend(time_scale=FAST, num_blocks=8)
+    caps = backend.caps
+    table = torch.zeros(caps.num_slots, caps.max_blocks_per_seq, dtype=torch.int32)
+    table[2, :2] = torch.tensor([5, 3])
+    active = torch.zeros(caps.num_slots, dtype=torch.bool)
+    active[2] = True
+    tokens = torch.arange(caps.num_slots, dtype=torch.long) + 100
+    positions = torch.full((caps.num_slots,), 70)
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    written = np.argwhere(backend.kv != -1)
+    assert written.tolist() == [[3, 6]] and backend.kv[3, 6] == 102
+
+
+def test_prefill_refuses_too_few_blocks():
+    with pytest.raises(ValueError):
+        SimulatedBackend(time_scale=FAST).prefill(list(range(200)), 0, [0, 1, 2], 0, GREEDY)
+
+
+def test_logits_path_agrees_with_device_sampling_whatever_the_params():
+    prompt = list(range(50))
+    sampled = generate(SimulatedBackend(time_scale=FAST), prompt, [0], slot=0, steps=1)
+    backend = SimulatedBackend(time_scale=FAST)
+    logits = backend.prefill(prompt, 0, [0], 0, None)
+    assert logits.shape == (backend.caps.vocab_size,) and int(logits.argmax()) == sampled[0]
+    hot = SamplingParams(temperature=100.0, top_p=0.5, seed=3, repetition_penalty=10.0, logprobs=2)
+    tokens, logprobs = sample_batch(logits[None], [hot], [50], [prompt], [[sampled[0]] * 100])
+    assert tokens == [sampled[0]] and logprobs[0].token_id == sampled[0]
+
+
+def test_logprobs_need_host_logits_everything_else_samples_on_device():
+    backend = SimulatedBackend()
+    assert backend.can_sample(SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1,
+                                             presence_penalty=1.0, repetition_penalty=1.2))
+    assert not backend.can_sample(SamplingParams(logprobs=1))
+
+
+def test_no_eos_unless_configured():
+    prompt = list(range(20))
+    plain = generate(SimulatedBackend(time_scale=FAST), prompt, [0, 1], slot=0, steps=100)
+    assert not set(plain) & set(LLAMA3_EOS)
+    always = generate(SimulatedBackend(time_scale=FAST, eos_rate=1.0), prompt, [0, 1], slot=0, steps=3)
+    assert set(always) == {LLAMA3_EOS[0]}
+
+
+def test_small_vocab_stays_in_range_and_avoids_its_eos():
+    backend = SimulatedBackend(time_scale=FAST, vocab_size=50, eos_token_ids=(0, 2))
+    out = generate(backend, list(range(10)), [0, 1], slot=0, steps=100)
+    assert set(out) <= set(range(50)) - {0, 2} and len(set(out)) > 30

@@ -1,0 +1,54 @@
+"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/model_config.py: TtModelArgs' constructor, the
+weights environment it reads, and the attributes the backend and generator use (Llama-3.3-70B values)."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SDPA_CHUNK_ALIGN = 128
+
+
+@dataclass
+class LlamaOptimizations:
+    bfp4_mlp: bool
+
+    @classmethod
+    def accuracy(cls, model_name):
+        return cls(bfp4_mlp="70B" in model_name)
+
+    @classmethod
+    def performance(cls, model_name):
+        return cls(bfp4_mlp=True)
+
+
+class TtModelArgs:
+    def __init__(self, mesh_device, instruct=False, dummy_weights=False, max_batch_size=1, max_seq_len=1024 * 128,
+                 optimizations=LlamaOptimizations.accuracy, cache_hf=True):
+        self.num_devices = mesh_device.get_num_devices() if mesh_device else 0
+        if self.num_devices != 32:
+            raise ValueError(f"Unsupported number of devices: {self.num_devices}. "
+                             "Only 32 devices (Galaxy) are supported.")
+        llama_dir, hf_model = os.getenv("LLAMA_DIR"), os.getenv("HF_MODEL")
+        assert not (llama_dir and hf_model), "Only one of LLAMA_DIR or HF_MODEL should be set"
+        assert llama_dir or hf_model, "Please set HF_MODEL (or LLAMA_DIR)"
+        self.CKPT_DIR = llama_dir or hf_model
+        self.mesh_device = mesh_device
+        self.instruct = instruct
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.model_name = Path(self.CKPT_DIR).name
+        self.optimizations = optimizations(self.model_name) if callable(optimizations) else optimizations
+        self.cluster_shape = list(mesh_device.shape)
+        self.n_layers = 80
+        self.n_heads = 64
+        self.n_kv_heads = 8
+        self.head_dim = 128
+        self.dim = 8192
+        self.vocab_size = 128256
+        self.padded_vocab_size = 128 * 1024
+        self.model_cache_path = Path(os.getenv("TT_CACHE_PATH", "model_cache")) / "TG"
+
+    def load_state_dict(self):
+        return {}
+
+    def weight_cache_path(self, dtype):
+        return self.model_cache_path / f"tensor_cache_{dtype.name.lower()}"
