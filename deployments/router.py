@@ -148,7 +148,8 @@ class Router:
                 if work is None:
                     break
                 mesh.rounds += work.decode is not None
-                inflight.append(asyncio.create_task(self._consume(mesh, work)))
+                stream = mesh.execute(work)  # sent now, so the mesh has it queued when the previous ends
+                inflight.append(asyncio.create_task(self._consume(mesh, stream, inflight[-1] if inflight else None)))
             mesh.wake.clear()
             if not inflight:
                 await mesh.wake.wait()
@@ -162,8 +163,10 @@ class Router:
                     self._fail(mesh, error)
                     return
 
-    async def _consume(self, mesh: Mesh, work: MeshWork) -> None:
-        async for step in mesh.execute(work):
+    async def _consume(self, mesh: Mesh, stream: AsyncIterator[StepResult], previous: asyncio.Task | None) -> None:
+        if previous is not None:  # results are taken in work order, whichever stream delivers first
+            await asyncio.wait([previous])
+        async for step in stream:
             t0 = time.thread_time()
             events = mesh.scheduler.process(step)
             mesh.plan_cpu_s += time.thread_time() - t0
