@@ -18,9 +18,12 @@ model: $(STAMP)
 test: $(STAMP) model
 	$(BIN)/python -m pytest -q tests
 
-serve: $(STAMP)
-	@echo "meshserve: serving is not built yet (it lands with the Ray Serve application issue)." >&2
-	@exit 1
+serve: $(STAMP) model
+	@echo "meshserve: starting Ray Serve with serve_config.yaml; when it says ready, the OpenAI endpoint is"
+	@echo "  http://localhost:8000/v1   e.g.:"
+	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
+	$(BIN)/serve run serve_config.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -376,7 +376,8 @@ class OpenAIServer:
             while d is not None:
                 generated[d.index], cached = d.num_generated, d.num_cached or cached
                 if d.text or d.finish_reason or d.logprobs:
-                    yield chunk([choice(d)])
+                    yield chunk([choice(d)], self._usage(len(prep.prompt_ids), sum(generated), cached)
+                                if req.continuous_usage else None)
                 d = await anext(stream, None)
             if req.include_usage:
                 yield chunk([], self._usage(len(prep.prompt_ids), sum(generated), cached))

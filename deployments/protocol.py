@@ -21,6 +21,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (benchmarks count tokens with it)
 
 
 class _GenerationRequest(_Request):
@@ -61,6 +62,10 @@ class _GenerationRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
     @property
     def requested_max_tokens(self) -> int | None:

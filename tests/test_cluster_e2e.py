@@ -9,12 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import ray
 import yaml
-from ray.cluster_utils import Cluster
 
 from deployments.config import AppConfig
-from tests.serve_harness import free_port, router_stats, serve_app, wait_healthy
+from bench.local_serve import fake_galaxy_cluster, free_port, router_stats, serve_app, wait_healthy
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +22,7 @@ SIM = dict(model="smollm2", backend="simulated", time_scale=0.05, num_meshes=2, 
 
 @pytest.fixture(scope="module")
 def two_galaxies():
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1, resources={"galaxy": 1})
-    cluster.wait_for_nodes()
+    cluster = fake_galaxy_cluster(2)
     try:
         with serve_app(AppConfig(**SIM), cluster_address=cluster.address) as url:
             yield url

@@ -1,4 +1,4 @@
-"""Start a real Serve app on a local Ray instance for end-to-end tests (CPU only, fractional CPUs)."""
+"""Start a real Serve app on a local Ray instance (or a cluster of fake nodes) for tests and benchmarks."""
 from __future__ import annotations
 
 import contextlib
@@ -48,6 +48,16 @@ def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None 
         ray.shutdown()
 
 
-def router_stats(base_url: str) -> dict:
+def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1):
+    """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do."""
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    for _ in range(num_galaxies):
+        cluster.add_node(num_cpus=cpus_per_node, resources={"galaxy": 1})
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def router_stats(base_url: str = "") -> dict:
     """The router's live stats, through the app's handle (the same numbers /metrics exports)."""
     return serve.get_deployment_handle("RouterDeployment", app_name="meshserve").stats.remote().result()

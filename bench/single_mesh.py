@@ -1,0 +1,113 @@
+"""One simulated Galaxy behind the whole Serve stack: does HTTP deliver what the mesh makes?
+
+    python -m bench.single_mesh [--time-scale 1.0] [--clients 32] [--json]
+
+1. Saturation: `--clients` concurrent streaming requests (128 prompt tokens, 128 output tokens,
+   ignore_eos). The mesh's ceiling is clients / decode step time. Galaxy prefill runs one user at a time
+   (~60 ms each), so the whole run includes 32 prefills no decode can overlap; the figure compared with
+   the ceiling is therefore the delivered rate while every stream is decoding (from the last stream's
+   first token to the first stream's end), counted exactly from the per-chunk usage
+   (`stream_options.continuous_usage_stats`). The whole-run rate is printed beside it.
+2. Idle TTFT: requests one at a time; median time to first token against the simulated prefill time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import httpx
+
+from bench.local_serve import serve_app
+from deployments.config import AppConfig
+from model.simulated import GalaxyTiming
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+async def stream(http: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> list[tuple[float, int]]:
+    """(arrival time, completion tokens so far) for every chunk."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    marks = [(time.perf_counter(), 0)]
+    async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                usage = json.loads(line[6:]).get("usage")
+                if usage and usage["completion_tokens"] > marks[-1][1]:
+                    marks.append((time.perf_counter(), usage["completion_tokens"]))
+    return marks
+
+
+def tokens_until(marks: list[tuple[float, int]], t: float) -> int:
+    return max((n for when, n in marks if when <= t), default=0)
+
+
+async def saturation(url: str, clients: int, prompt_len: int, output_len: int, time_scale: float) -> dict:
+    prompts = [[1000 + 97 * c + i for i in range(prompt_len)] for c in range(clients)]  # no shared prefix
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+        t0 = time.perf_counter()
+        runs = await asyncio.gather(*[stream(http, url, p, output_len) for p in prompts])
+        wall = time.perf_counter() - t0
+    start = max(m[1][0] for m in runs)  # every stream has its first token
+    end = min(m[-1][0] for m in runs)  # no stream has finished yet
+    window_tokens = sum(tokens_until(m, end) - tokens_until(m, start) for m in runs)
+    step_s = GalaxyTiming.published().decode_step_seconds(prompt_len + output_len) * time_scale
+    capacity = clients / step_s
+    steady = window_tokens / (end - start)
+    total = sum(m[-1][1] for m in runs)
+    return {"clients": clients, "window_s": end - start, "window_tokens": window_tokens,
+            "delivered_tokens_per_s": steady, "mesh_capacity_tokens_per_s": capacity,
+            "efficiency": steady / capacity, "whole_run_tokens_per_s": total / wall, "whole_run_s": wall}
+
+
+async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float) -> dict:
+    ttfts = []
+    async with httpx.AsyncClient(timeout=600) as http:
+        for i in range(requests):
+            marks = await stream(http, url, [2000 + 13 * i + j for j in range(prompt_len)], 4)
+            ttfts.append(marks[1][0] - marks[0][0])
+    prefill = GalaxyTiming.published().ttft(prompt_len) * time_scale
+    median = statistics.median(ttfts)
+    return {"requests": requests, "median_ttft_ms": median * 1e3, "simulated_prefill_ms": prefill * 1e3,
+            "overhead_ms": (median - prefill) * 1e3, "p90_ttft_ms": sorted(ttfts)[int(0.9 * len(ttfts))] * 1e3}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--ttft-requests", type=int, default=20)
+    p.add_argument("--decode-steps", type=int, default=8)
+    p.add_argument("--stream-interval-ms", type=float, default=10.0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, mesh_num_cpus=0.5,
+                       decode_steps=args.decode_steps, stream_interval_ms=args.stream_interval_ms,
+                       max_seq_len=131072)
+    with serve_app(config) as url:
+        asyncio.run(idle_ttft(url, 3, args.prompt_tokens, args.time_scale))  # warm-up
+        report = {"config": {"time_scale": args.time_scale, "decode_steps": args.decode_steps,
+                             "stream_interval_ms": args.stream_interval_ms},
+                  "saturation": asyncio.run(saturation(url, args.clients, args.prompt_tokens, args.output_tokens,
+                                                       args.time_scale)),
+                  "idle_ttft": asyncio.run(idle_ttft(url, args.ttft_requests, args.prompt_tokens, args.time_scale))}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        s, t = report["saturation"], report["idle_ttft"]
+        print(f"saturation: {s['delivered_tokens_per_s']:.0f} tok/s delivered while all {s['clients']} decode, "
+              f"mesh capacity {s['mesh_capacity_tokens_per_s']:.0f} tok/s, efficiency {s['efficiency']:.3f} "
+              f"(whole run incl. prefills: {s['whole_run_tokens_per_s']:.0f} tok/s)")
+        print(f"idle TTFT: median {t['median_ttft_ms']:.1f} ms vs simulated prefill {t['simulated_prefill_ms']:.1f} ms "
+              f"(overhead {t['overhead_ms']:.1f} ms)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

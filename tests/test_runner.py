@@ -1,0 +1,109 @@
+"""MeshRunner: the mesh side of the work protocol, on a tiny deterministic logits backend."""
+import numpy as np
+import torch
+
+from model.backend import Backend, Capabilities
+from model.runner import MeshRunner
+from scheduler.sampling import SamplingParams
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk
+
+VOCAB = 50
+
+
+def next_token(last: int, position: int) -> int:
+    return (last * 7 + position) % VOCAB
+
+
+class CountingBackend(Backend):
+    """Logits put all mass on next_token(last token, its position); `device` toggles self-sampling."""
+
+    def __init__(self, device_sampling=frozenset()):
+        self.caps = Capabilities(num_slots=4, block_size=4, num_blocks=64, max_seq_len=64, prefix_align=4,
+                                 vocab_size=VOCAB, eos_token_ids=(0,), device_sampling=device_sampling)
+        self.calls = []
+
+    def _logits(self, token: int, position: int) -> torch.Tensor:
+        row = torch.full((VOCAB,), -10.0)
+        row[next_token(token, position)] = 10.0
+        return row
+
+    def prefill(self, token_ids, start, block_ids, slot, sampling=None):
+        self.calls.append(("prefill", slot, start, len(token_ids)))
+        row = self._logits(token_ids[-1], len(token_ids) - 1)
+        return row.argmax() if sampling is not None else row
+
+    def decode(self, tokens, positions, page_table, active, sampling=None):
+        self.calls.append(("decode", active.nonzero().flatten().tolist()))
+        logits = torch.stack([self._logits(int(t), int(p)) for t, p in zip(tokens, positions)])
+        return logits.argmax(-1) if sampling is not None else logits
+
+
+def greedy(**kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, **kw)
+
+
+def expected_tokens(prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(next_token(seq[-1], len(seq) - 1))
+    return seq[len(prompt):]
+
+
+def decode_round(slots, steps=3):
+    return DecodeRound(steps, slots, np.zeros((4, 16), dtype=np.int32))
+
+
+def run(runner, work):
+    results = list(runner.execute(work))
+    assert len(results) == work.num_messages
+    assert [r.last for r in results] == [False] * (len(results) - 1) + [True]
+    return results
+
+
+def test_prefill_then_decode_matches_reference_and_retires_on_budget():
+    runner = MeshRunner(CountingBackend())
+    prompt = [3, 4, 5]
+    work = MeshWork(0, [PrefillChunk("a", 1, prompt, 0, [0], greedy(max_tokens=3), len(prompt))],
+                    decode_round([1], steps=4))
+    results = run(runner, work)
+    got = [r.tokens[1] for r in results if r.tokens[1] != NO_TOKEN]
+    assert got == expected_tokens(prompt, 3)
+    assert results[2].finished == {1: "length"}
+    assert 1 not in runner.slots  # retired by itself: the 4th step decodes nobody
+    assert runner.backend.calls[-1][0] == "decode" and len(runner.backend.calls) == 3
+
+
+def test_non_final_chunk_produces_no_token():
+    runner = MeshRunner(CountingBackend())
+    results = run(runner, MeshWork(0, [PrefillChunk("a", 0, [1, 2, 3, 4], 0, [0])]))
+    assert results[0].tokens == [NO_TOKEN] * 4 and 0 not in runner.slots
+
+
+def test_stop_id_retires_but_not_before_min_tokens():
+    prompt = [5]
+    first = expected_tokens(prompt, 1)[0]
+    runner = MeshRunner(CountingBackend())
+    stop_now = PrefillChunk("a", 0, prompt, 0, [0], greedy(), 1, stop_token_ids=(first,))
+    assert run(runner, MeshWork(0, [stop_now]))[0].finished == {0: "stop"}
+    runner = MeshRunner(CountingBackend())
+    held = PrefillChunk("b", 0, prompt, 0, [0], greedy(min_tokens=2, max_tokens=4), 1, stop_token_ids=(first,))
+    result = run(runner, MeshWork(0, [held]))[0]
+    assert result.finished == {} and result.tokens[0] != first
+
+
+def test_release_drops_slot_and_device_sampling_path():
+    backend = CountingBackend(device_sampling=frozenset({"temperature"}))
+    runner = MeshRunner(backend)
+    run(runner, MeshWork(0, [PrefillChunk("a", 2, [9, 9], 0, [0], greedy(), 2),
+                             PrefillChunk("b", 3, [1], 0, [1], greedy(), 1)]))
+    results = run(runner, MeshWork(1, decode=decode_round([2, 3], steps=1), release=[2]))
+    assert results[0].tokens[2] == NO_TOKEN and results[0].tokens[3] == expected_tokens([1], 2)[1]
+    assert backend.calls[-1] == ("decode", [3])
+
+
+def test_logprobs_reported_on_host_path():
+    runner = MeshRunner(CountingBackend())
+    chunk = PrefillChunk("a", 0, [2], 0, [0], greedy(logprobs=2), 1)
+    result = run(runner, MeshWork(0, [chunk]))[0]
+    lp = result.logprobs[0]
+    assert lp.token_id == result.tokens[0] and len(lp.top) == 2 and lp.top[0][0] == lp.token_id
