@@ -23,6 +23,7 @@ class SlotState:
     token_ids: list[int]  # prompt + output so far (penalties read it; its length gives the position)
     num_prompt_tokens: int
     stop_ids: frozenset[int]
+    on_device: bool  # the backend samples these params itself (decided once, not per step)
 
     @property
     def num_generated(self) -> int:
@@ -64,7 +65,7 @@ class MeshRunner:
             if params is None:
                 continue
             state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
-                              frozenset(chunk.stop_token_ids))
+                              frozenset(chunk.stop_token_ids), on_device)
             if on_device:
                 token = int(out)
             else:
@@ -96,7 +97,7 @@ class MeshRunner:
         tokens[idx] = torch.tensor([st.token_ids[-1] for st in states])
         positions[idx] = torch.tensor([len(st.token_ids) - 1 for st in states])
         active[idx] = True
-        if all(self.backend.can_sample(st.params) for st in states):
+        if all(st.on_device for st in states):
             sampling: list[SamplingParams | None] = [None] * n
             for s, st in zip(live, states):
                 sampling[s] = st.params

@@ -1,0 +1,396 @@
+"""`python -m bench.demo`: tt-metal's Llama-3.3-70B Galaxy text demo (models/demos/llama3_70b_galaxy/demo/
+text_demo.py), run through meshserve's engine core in this process: MeshScheduler plans, MeshRunner executes
+on the backend (torch, simulated or tt_galaxy), the scheduler takes the results in. No Ray, no HTTP.
+
+The presets and options are the demo's. Each batch submits every user at once and runs until all finish;
+repeat batches rotate the prompts among the users and salt the prefix cache per batch, as the demo zeroes its
+KV cache between batches. Figures per batch, with the demo's definitions:
+
+- prefill time: batch start (every prompt already tokenized) -> the last user's first token. The Galaxy demo
+  prints this as TTFT: its batch-32 prefill is one batched call, so every user gets the first token then.
+- TTFT (avg): prefill time / users, the average prefill time per user ("Average prefill time for each user":
+  tt_transformers' demo divides by the batch). meshserve prefills one user per backend call, like the
+  published per-user TTFT the simulated backend is calibrated on, so this is the figure to compare.
+- decode tokens/s/user: (tokens - 1) / time over each user's decode steps after the first (the demo drops its
+  first iteration, which includes the trace compile), averaged over users; tokens/s = that x users.
+
+Times are wall-clock, including the scheduler and runner: any gap to the backend's own speed is the stack's
+overhead. On the simulated backend they are divided by --time-scale, i.e. reported in Galaxy time, which
+magnifies the stack's own overhead by 1 / time_scale: measure at time_scale 1 (the default).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tqdm import tqdm  # noqa: E402
+
+from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_prompt_file  # noqa: E402
+from model.backend import Backend  # noqa: E402
+from model.runner import MeshRunner  # noqa: E402
+from model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from scheduler.blocks import BlockPool, blocks_for  # noqa: E402
+from scheduler.sampling import SamplingParams  # noqa: E402
+from scheduler.scheduler import MeshScheduler  # noqa: E402
+from scheduler.sequence import Sequence  # noqa: E402
+
+# At batch 32 the demo cuts each user's context to these many characters (user i: [i % 4]) instead of the
+# file's max_length, so 32 users fit its per-user page table (2,048 blocks / 32 = 4,096 tokens each).
+DEMO_BATCH32_CONTEXT_CHARS = (534, 1008, 4444, 13332)
+GALAXY_SLOTS = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The demo's parameters (its pytest parametrization), defaults as in all its performance presets."""
+
+    input_prompts: Path
+    batch_size: int
+    instruct: bool = True
+    repeat_batches: int = 1
+    max_seq_len: int = 128 * 1024
+    max_generated_tokens: int = 128
+    block_size: int = 64  # page_params
+    max_blocks: int = 2048
+    temperature: float = 0.0  # sampling_params; the demo's device sampler always uses top_k 32
+    top_p: float = 0.08
+    top_k: int = 32
+    seed: int | None = None
+    stop_at_eos: bool = False
+    published_input_tokens: int | None = None  # the galaxy_perf.json row this preset reproduces
+
+
+PRESETS = {
+    "performance-batch-32": Settings(SAMPLES_DIR / "batch32.json", 32, published_input_tokens=128),
+    "performance-long-4k-b1": Settings(SAMPLES_DIR / "long_4k.json", 1),
+    "performance-long-8k-b1": Settings(SAMPLES_DIR / "long_8k.json", 1, temperature=1.0, top_p=0.04),
+    "performance-long-16k-b32": Settings(SAMPLES_DIR / "long_16k.json", 32),
+    "performance-long-32k-b1": Settings(SAMPLES_DIR / "long_32k.json", 1, published_input_tokens=32768),
+    "performance-long-64k-b1": Settings(SAMPLES_DIR / "long_64k.json", 1, published_input_tokens=65536),
+    "performance-long-128k-b1": Settings(SAMPLES_DIR / "long_128k.json", 1, published_input_tokens=131072),
+}
+
+
+@dataclass
+class UserResult:
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None
+    output: str | None = None  # with --print-outputs
+
+
+@dataclass
+class BatchResult:
+    batch: int
+    prefill_s: float
+    ttft_ms: float
+    decode_tokens_per_s_per_user: float | None  # None when no user decoded 3+ tokens
+    decode_tokens_per_s: float | None
+    users: list[UserResult]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=PRESETS, default="performance-batch-32")
+    p.add_argument("--backend", choices=("torch", "simulated", "tt_galaxy"), default="simulated")
+    p.add_argument("--model", help="model folder (HF or Meta); default: embedded SmolLM2 for torch, Llama 3's "
+                                   "tokenizer for simulated, $HF_MODEL or $LLAMA_DIR for tt_galaxy")
+    demo = p.add_argument_group("demo parameters (default: the preset's)")
+    demo.add_argument("--input-prompts", type=Path, help="prompt file (JSON list of prompt/context/max_length)")
+    demo.add_argument("--instruct", action=argparse.BooleanOptionalAction, default=None,
+                      help="chat template and context in a code block (instruct weights)")
+    demo.add_argument("--repeat-batches", type=int)
+    demo.add_argument("--max-seq-len", type=int)
+    demo.add_argument("--batch-size", type=int)
+    demo.add_argument("--max-generated-tokens", type=int)
+    demo.add_argument("--block-size", type=int, help="page_params: tokens per KV block")
+    demo.add_argument("--max-blocks", type=int, help="page_params: KV blocks in the pool (torch without it: "
+                                                     "the backend sizes its own cache)")
+    demo.add_argument("--temperature", type=float)
+    demo.add_argument("--top-p", type=float)
+    demo.add_argument("--top-k", type=int)
+    demo.add_argument("--seed", type=int)
+    demo.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--num-layers", type=int, help="tt_galaxy only: a truncated model for bring-up")
+    p.add_argument("--print-outputs", action="store_true", help="print each user's prompt and answer")
+    p.add_argument("--time-scale", type=float, default=1.0, help="simulated only: 0.1 runs 10x faster")
+    p.add_argument("--decode-steps", type=int, default=8, help="decode steps per scheduler round")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    args = p.parse_args(argv)
+    if args.num_layers is not None and args.backend != "tt_galaxy":
+        p.error("--num-layers is supported by the tt_galaxy backend only")
+    if args.time_scale <= 0 or args.decode_steps < 1:
+        p.error("--time-scale must be positive and --decode-steps at least 1")
+    return args
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """The preset with the options given on the command line applied."""
+    preset = PRESETS[args.preset]
+    names = {f.name for f in dataclasses.fields(Settings)} - {"published_input_tokens"}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if args.max_blocks is None and args.backend == "torch":
+        given["max_blocks"] = None  # the Galaxy's pool in fp32 70B-layout blocks would not fit a CPU box
+    if args.input_prompts is not None:
+        given["published_input_tokens"] = None
+    settings = dataclasses.replace(preset, **given)
+    if settings.batch_size < 1 or settings.repeat_batches < 1 or settings.max_generated_tokens < 1:
+        raise SystemExit("--batch-size, --repeat-batches and --max-generated-tokens must be at least 1")
+    return settings
+
+
+def demo_prompts(settings: Settings) -> list[str]:
+    """The prompt list the batches rotate through (the demo's load_inputs): the file's prompts, and at
+    batch 32 one per user with contexts cut to DEMO_BATCH32_CONTEXT_CHARS."""
+    path = settings.input_prompts
+    joined = load_prompts(path, settings.instruct)
+    entries = read_prompt_file(path)
+    if settings.batch_size != 32 or all(e.context is None or e.max_length is None for e in entries):
+        return joined
+    contexts = load_prompts(path, instruct=False)  # an entry with a context: that context, cut to max_length
+    prompts = []
+    for user in range(32):
+        i = user % len(entries)
+        if entries[i].context is None or entries[i].max_length is None:
+            prompts.append(joined[i])
+            continue
+        context = contexts[i][:DEMO_BATCH32_CONTEXT_CHARS[user % 4]]
+        # Joined as bench.prompts joins (the demo's markdown block), with the shorter context.
+        prompts.append(f"```{context}```\n\n{entries[i].prompt}" if settings.instruct else context)
+    return prompts
+
+
+def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend, Tokenizer]:
+    """Import only the backend in use: ttnn exists only on Galaxy hosts, torch models are heavy."""
+    if args.backend == "torch":
+        from model.embedded import ensure_smollm2
+        from model.torch_llama import TorchBackend
+
+        model_dir = args.model or ensure_smollm2()
+        backend = TorchBackend(model_dir, num_slots=settings.batch_size, block_size=settings.block_size,
+                               num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len)
+        return backend, load_tokenizer(model_dir)
+    if settings.batch_size > GALAXY_SLOTS:
+        raise SystemExit(f"a Galaxy decodes at most {GALAXY_SLOTS} users; --batch-size {settings.batch_size}")
+    if args.backend == "simulated":
+        from model.embedded import ensure_llama3_tokenizer
+        from model.simulated import SimulatedBackend
+
+        tokenizer = load_tokenizer(args.model or ensure_llama3_tokenizer())
+        backend = SimulatedBackend(time_scale=args.time_scale, block_size=settings.block_size,
+                                   num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len,
+                                   vocab_size=tokenizer.vocab_size, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))
+        return backend, tokenizer
+    from model.tt_galaxy import TTGalaxyBackend
+
+    model_dir = args.model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR")
+    if not model_dir:
+        raise SystemExit("tt_galaxy needs the Llama folder: --model DIR, or $HF_MODEL / $LLAMA_DIR as for the demo")
+    tokenizer = load_tokenizer(model_dir)
+    backend = TTGalaxyBackend(model_dir, block_size=settings.block_size, num_blocks=settings.max_blocks,
+                              max_seq_len=settings.max_seq_len, num_layers=args.num_layers)
+    return backend, tokenizer
+
+
+def tokenize(tokenizer: Tokenizer, prompts: list[str], instruct: bool) -> list[list[int]]:
+    if instruct:
+        return [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    return [tokenizer.encode(p, add_bos=True) for p in prompts]
+
+
+def check_fits(batches: list[list[list[int]]], settings: Settings, backend: Backend) -> None:
+    """Like the demo's asserts: every user fits max_seq_len, and a whole batch fits the KV pool at once
+    (otherwise the scheduler would run it in waves and the figures would not be the demo's)."""
+    caps = backend.caps
+    for batch in batches:
+        longest = max(len(ids) for ids in batch)
+        if longest + settings.max_generated_tokens > caps.max_seq_len:
+            raise SystemExit(f"a prompt of {longest} tokens + {settings.max_generated_tokens} generated exceeds "
+                             f"max_seq_len {caps.max_seq_len}")
+        needed = sum(blocks_for(len(ids) + settings.max_generated_tokens, caps.block_size) for ids in batch)
+        if needed > caps.num_blocks:
+            raise SystemExit(f"the batch needs {needed} KV blocks of {caps.block_size} tokens, the pool has "
+                             f"{caps.num_blocks}: raise --max-blocks or lower --batch-size")
+
+
+def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[int]], params: SamplingParams,
+              batch: int, progress: tqdm) -> tuple[float, list[Sequence]]:
+    """Submit every user, then schedule -> execute -> process until all finish. Returns the batch start
+    (time.monotonic, the clock of the sequences' timestamps) and the finished sequences.
+
+    One thread, one work at a time: a mesh thread that overlaps the scheduler with the backend (the router's
+    pipelining) measured slower here, as both threads then contend for the GIL on every step."""
+    salt = f"batch-{batch}"  # a batch never reuses the previous one's KV, as the demo zeroes its cache
+    start = time.monotonic()
+    sequences = [scheduler.submit(f"{salt}-user-{user}", ids, params, salt=salt) for user, ids in enumerate(prompts)]
+    while scheduler.requests:
+        work = scheduler.schedule()
+        if work is None:
+            raise RuntimeError(f"the scheduler stalled with {len(scheduler.requests)} unfinished requests")
+        for result in runner.execute(work):
+            progress.update(sum(len(event.token_ids) for event in scheduler.process(result)))
+    return start, sequences
+
+
+def batch_result(batch: int, start: float, sequences: list[Sequence], time_scale: float,
+                 tokenizer: Tokenizer | None) -> BatchResult:
+    """The demo's figures from the sequences' token timestamps; durations divided by time_scale."""
+    prefill_s = (max(seq.first_token_time for seq in sequences) - start) / time_scale
+    rates = [(len(seq.token_times) - 2) / (seq.token_times[-1] - seq.token_times[1]) * time_scale
+             for seq in sequences if len(seq.token_times) >= 3]
+    per_user = sum(rates) / len(rates) if rates else None
+    users = [UserResult(seq.num_prompt_tokens, len(seq.output_ids), seq.finish_reason,
+                        tokenizer.decode(seq.output_ids, skip_special=True) if tokenizer else None)
+             for seq in sequences]
+    return BatchResult(batch, prefill_s, prefill_s / len(sequences) * 1000, per_user,
+                       per_user * len(sequences) if per_user is not None else None, users)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the demo; returns the report (what --json prints)."""
+    settings = resolve(args)
+    try:
+        prompts = demo_prompts(settings)
+    except PromptFileError as e:
+        raise SystemExit(str(e)) from None
+    backend, tokenizer = open_backend(args, settings)
+    try:
+        token_ids = tokenize(tokenizer, prompts, settings.instruct)
+        # The demo's rotation: batch b gives user u the prompt (u + b) mod the number of prompts.
+        batches = [[token_ids[(user + b) % len(token_ids)] for user in range(settings.batch_size)]
+                   for b in range(settings.repeat_batches)]
+        check_fits(batches, settings, backend)
+        caps = backend.caps
+        # The demo prefills every user, each prompt in one call, before the first decode step.
+        whole_prompt = blocks_for(caps.max_seq_len, caps.prefix_align) * caps.prefix_align
+        scheduler = MeshScheduler(BlockPool(caps.num_blocks, caps.block_size), num_slots=caps.num_slots,
+                                  max_seq_len=caps.max_seq_len, prefill_chunk=whole_prompt,
+                                  max_prefill_tokens=whole_prompt * caps.num_slots, decode_steps=args.decode_steps,
+                                  prefix_align=caps.prefix_align, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))
+        runner = MeshRunner(backend)
+        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                                seed=settings.seed, max_tokens=settings.max_generated_tokens,
+                                ignore_eos=not settings.stop_at_eos)
+        time_scale = args.time_scale if args.backend == "simulated" else 1.0
+        results = []
+        device_s = getattr(backend, "device_seconds", None)  # the simulated mesh's busy time (scaled)
+        began = time.monotonic()
+        total = settings.repeat_batches * settings.batch_size * settings.max_generated_tokens
+        with tqdm(total=total, unit="tok", desc=args.preset, file=sys.stderr, leave=False) as progress:
+            for b, batch in enumerate(batches):
+                start, sequences = run_batch(scheduler, runner, batch, params, b, progress)
+                results.append(batch_result(b, start, sequences, time_scale,
+                                            tokenizer if args.print_outputs else None))
+        wall_s = (time.monotonic() - began) / time_scale
+        device_busy = (backend.device_seconds - device_s) / time_scale / wall_s if device_s is not None else None
+    finally:
+        backend.close()
+    return report(args, settings, results, wall_s, device_busy, prompts if args.print_outputs else None)
+
+
+def published_rows(settings: Settings) -> dict[str, dict]:
+    """The galaxy_perf.json figures this run reproduces, if its preset has them and the batch is theirs."""
+    if settings.published_input_tokens is None:
+        return {}
+    from model.simulated import published_figures
+
+    figures = published_figures()
+    rows = {f"by_input_length[{r['input_tokens']}]": r for r in figures["by_input_length"]
+            if r["input_tokens"] == settings.published_input_tokens and r["batch"] == settings.batch_size}
+    if settings.published_input_tokens == 128 and settings.batch_size == 32:
+        rows["headline_batch32_input128"] = figures["headline_batch32_input128"]
+    return {name: {"ttft_ms": r["ttft_ms"], "decode_tokens_per_s_per_user": r["decode_tokens_per_s_per_user"]}
+            for name, r in rows.items()}
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def report(args: argparse.Namespace, settings: Settings, results: list[BatchResult], wall_s: float,
+           device_busy: float | None, prompts: list[str] | None) -> dict:
+    ttft_ms = _mean([r.ttft_ms for r in results])
+    per_user = _mean([r.decode_tokens_per_s_per_user for r in results])
+    out = {
+        "preset": args.preset,
+        "backend": args.backend,
+        "time_scale": args.time_scale if args.backend == "simulated" else None,
+        "decode_steps": args.decode_steps,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()},
+        "batches": [dataclasses.asdict(r) for r in results],
+        "ttft_ms": ttft_ms,
+        "decode_tokens_per_s_per_user": per_user,
+        "decode_tokens_per_s": _mean([r.decode_tokens_per_s for r in results]),
+        "output_tokens": sum(u.output_tokens for r in results for u in r.users),
+        "wall_s": wall_s,
+        "device_busy": device_busy,  # simulated: share of the run the mesh computed; the rest is the stack's
+        "published": {},
+    }
+    for name, row in published_rows(settings).items():
+        out["published"][name] = {
+            **row,
+            "ttft_rel_diff": ttft_ms / row["ttft_ms"] - 1 if ttft_ms is not None else None,
+            "tokens_per_s_per_user_rel_diff":
+                per_user / row["decode_tokens_per_s_per_user"] - 1 if per_user is not None else None,
+        }
+    if prompts is not None:
+        out["prompts"] = prompts
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def format_report(rep: dict) -> str:
+    s = rep["settings"]
+    scale = f", time_scale {rep['time_scale']} (times in Galaxy time)" if rep["time_scale"] not in (None, 1.0) else ""
+    lines = [f"{rep['preset']} on {rep['backend']}{scale}: {s['batch_size']} user(s) x {s['repeat_batches']} "
+             f"batch(es), {s['max_generated_tokens']} tokens each, {rep['decode_steps']} decode steps per round"]
+    for b in rep["batches"]:
+        prompt_tokens = [u["prompt_tokens"] for u in b["users"]]
+        lines.append(f"batch {b['batch']}: prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens | "
+                     f"prefill {b['prefill_s'] * 1000:.1f} ms | TTFT (avg) {b['ttft_ms']:.2f} ms | "
+                     f"decode {_fmt(b['decode_tokens_per_s_per_user'], '.2f')} t/s/u, "
+                     f"{_fmt(b['decode_tokens_per_s'], '.1f')} t/s | "
+                     f"{sum(u['output_tokens'] for u in b['users'])} tokens")
+        if "prompts" in rep:
+            for user, u in enumerate(b["users"]):
+                prompt = rep["prompts"][(user + b["batch"]) % len(rep["prompts"])]
+                if len(prompt) > 200:
+                    prompt = prompt[:100] + "\n<long prompt not printed in full>\n" + prompt[-100:]
+                lines.append(f"==BATCH {b['batch']} USER {user} - PROMPT\n{prompt}\n"
+                             f"==BATCH {b['batch']} USER {user} - OUTPUT\n{u['output'].strip()}")
+    per_user = rep["decode_tokens_per_s_per_user"]
+    lines += ["=== Performance metrics ===",
+              f"Average Time to First Token (TTFT): {rep['ttft_ms']:.2f} ms",
+              f"Average speed: {_fmt(per_user and 1000 / per_user, '.2f')} ms @ {_fmt(per_user, '.2f')} tok/s/user "
+              f"({_fmt(rep['decode_tokens_per_s'], '.2f')} tok/s throughput)",
+              f"Total: {rep['output_tokens']} tokens in {rep['wall_s']:.2f} s"]
+    if rep["device_busy"] is not None:
+        lines.append(f"Simulated mesh busy {rep['device_busy']:.1%} of the run; the rest is the stack's overhead")
+    for name, row in rep["published"].items():
+        lines.append(f"Published ({name}): TTFT {row['ttft_ms']} ms ({_fmt(row['ttft_rel_diff'], '+.1%')}), "
+                     f"{row['decode_tokens_per_s_per_user']} tok/s/user "
+                     f"({_fmt(row['tokens_per_s_per_user_rel_diff'], '+.1%')})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rep = run(args)
+    print(json.dumps(rep) if args.json else format_report(rep))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""bench.demo: the Galaxy demo's presets and options, run through the engine core on the simulated and torch
+backends (tiny runs; figures are printed, never asserted)."""
+import json
+import shutil
+
+import pytest
+
+from bench import demo
+
+
+def run_json(capsys, *argv: str) -> dict:
+    demo.main([*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    """Three questions of clearly different lengths, so rotation between batches shows in prompt_tokens."""
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps([{"prompt": "Hi."}, {"prompt": "Name three birds that nest on sea cliffs."},
+                                {"prompt": "Describe, in a few sentences, how a lighthouse lamp is kept "
+                                           "burning through a long winter night at sea."}]))
+    return path
+
+
+def test_presets_mirror_the_galaxy_demo():
+    for name, preset in demo.PRESETS.items():
+        settings = demo.resolve(demo.parse_args(["--preset", name]))
+        assert settings == preset and settings.input_prompts.is_file()
+        assert (settings.max_generated_tokens, settings.repeat_batches, settings.block_size, settings.max_blocks,
+                settings.instruct, settings.stop_at_eos) == (128, 1, 64, 2048, True, False)
+        assert settings.batch_size == (32 if name.endswith(("batch-32", "b32")) else 1)
+        sampling = (settings.temperature, settings.top_p)
+        assert sampling == ((1.0, 0.04) if name == "performance-long-8k-b1" else (0.0, 0.08))
+
+
+def test_command_line_options_override_the_preset(prompt_file):
+    args = demo.parse_args(["--preset", "performance-long-8k-b1", "--batch-size", "4", "--no-instruct",
+                            "--temperature", "0.5", "--max-blocks", "100", "--stop-at-eos",
+                            "--input-prompts", str(prompt_file)])
+    settings = demo.resolve(args)
+    assert (settings.batch_size, settings.instruct, settings.temperature, settings.max_blocks,
+            settings.stop_at_eos, settings.input_prompts) == (4, False, 0.5, 100, True, prompt_file)
+    assert settings.top_p == 0.04  # not given: the preset's
+    assert settings.published_input_tokens is None  # other prompts: the published row no longer applies
+
+
+def test_torch_sizes_its_own_cache_unless_told_and_num_layers_needs_tt_galaxy():
+    assert demo.resolve(demo.parse_args(["--backend", "torch"])).max_blocks is None
+    assert demo.resolve(demo.parse_args(["--backend", "torch", "--max-blocks", "9"])).max_blocks == 9
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--backend", "simulated", "--num-layers", "1"])
+
+
+def test_batch_32_cuts_each_users_context_like_the_demo(tmp_path):
+    (tmp_path / "book.txt").write_text("x" * 20_000)
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps([{"prompt": "Q?", "context": "book.txt", "max_length": 15_000}]))
+    settings = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
+    contexts = [len(p) - len("``````\n\nQ?") for p in demo.demo_prompts(settings)]
+    assert contexts == [534, 1008, 4444, 13332] * 8
+    single = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "1"]))
+    assert [len(p) for p in demo.demo_prompts(single)] == [15_000 + len("``````\n\nQ?")]
+
+
+def test_simulated_run_reports_every_batch_and_rotates_prompts(capsys, prompt_file):
+    rep = run_json(capsys, "--backend", "simulated", "--time-scale", "0.001", "--input-prompts", str(prompt_file),
+                   "--batch-size", "3", "--repeat-batches", "2", "--max-generated-tokens", "5", "--print-outputs")
+    assert [b["batch"] for b in rep["batches"]] == [0, 1]
+    for b in rep["batches"]:
+        assert [(u["output_tokens"], u["finish_reason"]) for u in b["users"]] == [(5, "length")] * 3
+        assert b["prefill_s"] > 0 and b["ttft_ms"] > 0 and b["decode_tokens_per_s_per_user"] > 0
+    first, second = rep["batches"]
+    # Batch 1 gives user u the prompt of user u + 1; the simulated tokens depend only on the sequence.
+    rotated = first["users"][1:] + first["users"][:1]
+    pairs = [(u["prompt_tokens"], u["output"]) for u in second["users"]]
+    assert pairs == [(u["prompt_tokens"], u["output"]) for u in rotated]
+    assert len(set(u["prompt_tokens"] for u in first["users"])) == 3
+    assert rep["output_tokens"] == 30 and rep["published"] == {} and rep["device_busy"] is not None
+
+
+def test_batch_32_preset_compares_with_the_published_rows(capsys):
+    rep = run_json(capsys, "--backend", "simulated", "--time-scale", "0.001", "--max-generated-tokens", "3")
+    (batch,) = rep["batches"]
+    assert len(batch["users"]) == 32 and rep["output_tokens"] == 32 * 3
+    assert set(rep["published"]) == {"by_input_length[128]", "headline_batch32_input128"}
+    for row in rep["published"].values():
+        assert row["ttft_rel_diff"] == pytest.approx(rep["ttft_ms"] / row["ttft_ms"] - 1)
+
+
+def test_text_report_has_the_demos_lines(capsys, prompt_file):
+    demo.main(["--backend", "simulated", "--time-scale", "0.001", "--input-prompts", str(prompt_file),
+               "--batch-size", "2", "--max-generated-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "batch 0: prompts" in out and "TTFT (avg)" in out
+    assert "Average Time to First Token (TTFT):" in out and "tok/s/user" in out and "Total: 8 tokens" in out
+
+
+def test_a_batch_larger_than_the_kv_pool_is_refused(prompt_file):
+    with pytest.raises(SystemExit, match="KV blocks"):
+        demo.main(["--backend", "simulated", "--time-scale", "0.001", "--input-prompts", str(prompt_file),
+                   "--batch-size", "3", "--max-blocks", "2"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Llama with SmolLM2's tokenizer (its vocabulary size), as a Hugging Face folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.embedded import ensure_smollm2
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_smollm2() / name, path / name)
+    return path
+
+
+def test_torch_backend_runs_the_demo(capsys, prompt_file, tiny_model):
+    rep = run_json(capsys, "--backend", "torch", "--model", str(tiny_model), "--input-prompts", str(prompt_file),
+                   "--batch-size", "2", "--max-generated-tokens", "4", "--max-blocks", "16",
+                   "--temperature", "0.8", "--seed", "7")
+    (batch,) = rep["batches"]
+    assert [u["output_tokens"] for u in batch["users"]] == [4, 4]
+    assert rep["time_scale"] is None and rep["device_busy"] is None and rep["settings"]["seed"] == 7
