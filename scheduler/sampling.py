@@ -8,9 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5  # temperatures below sample greedily
 
 
 class SamplingParams(BaseModel):
@@ -42,15 +43,18 @@ class SamplingParams(BaseModel):
     def _ids_as_tuple(cls, v):
         return () if v is None else tuple(v)
 
-    @model_validator(mode="after")
-    def _min_le_max(self):
-        if self.min_tokens > self.max_tokens:
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_le_max(cls, v, info: ValidationInfo):
+        # a field validator, so the error is located at min_tokens (the API names the bad parameter)
+        if v > info.data.get("max_tokens", v):
             raise ValueError("min_tokens must not exceed max_tokens")
-        return self
+        return v
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Such temperatures are argmax in effect, and far smaller ones overflow logits / temperature to NaN.
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
@@ -76,12 +80,12 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, ou
     """vLLM semantics: repetition over prompt + output, presence/frequency over output only."""
     logits = logits.clone()
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
         if seen.numel():
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if output_ids and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+        ids, counts = torch.tensor(output_ids, dtype=torch.long, device=logits.device).unique(return_counts=True)
         logits[ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
     return logits
 
@@ -110,7 +114,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
         scaled = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
         probs = scaled.softmax(-1)
         gen = _seeded_generator(params.seed, position) if params.seed is not None else None
-        noise = torch.empty_like(probs).exponential_(1.0, generator=gen)
+        # Noise is drawn on the CPU whatever the logits' device: the same (seed, position) gives the same
+        # token on every backend, so a sequence migrated to another mesh continues identically.
+        noise = torch.empty(probs.shape).exponential_(1.0, generator=gen).to(probs.device)
         token = int(torch.argmax(probs / noise))  # Gumbel-style race: an exact draw from probs
     lp = None
     if params.logprobs is not None:

@@ -1,0 +1,355 @@
+"""One mesh's continuous-batching scheduler: which request sits in which decode slot, which KV blocks
+hold its tokens, and what the mesh runs next.
+
+The router keeps up to `max_inflight` works on the mesh, so planning runs ahead of the results. Each
+sequence therefore carries two lengths: `token_ids` (confirmed by the mesh) and `num_planned` (an upper
+bound once every handed-out work is answered; exact unless the mesh retires the slot early). Blocks are
+reserved for the planned length before a decode round goes out, and each in-flight work remembers which
+(sequence, epoch) it planned per slot, so results for a slot that was cancelled or preempted meanwhile are
+dropped rather than credited to whoever sits there now.
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
+from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.sampling import SamplingParams
+from scheduler.sequence import Sequence, Status
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult, TokenEvent
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """A handed-out work as it was planned; its results are read against this."""
+
+    work_id: int
+    prefills: list[tuple[Sequence, int, int, bool]]  # (sequence, epoch, chunk end, final)
+    decode: list[tuple[int, Sequence, int]]  # (slot, sequence, epoch)
+    messages_left: int
+    prefill_pending: bool
+
+
+class MeshScheduler:
+    def __init__(self, pool: BlockPool, *, num_slots: int = 32, max_seq_len: int = 131072,
+                 prefill_chunk: int = 4096, max_prefill_tokens: int = 4096, decode_steps: int = 8,
+                 prefix_align: int | None = None, watermark_blocks: int = 0,
+                 max_waiting_requests: int | None = None, max_waiting_tokens: int | None = None,
+                 eos_token_ids: tuple[int, ...] = (), max_inflight: int = 2):
+        """prefix_align: prefix hits and prefill chunk boundaries are multiples of it (128 tokens on the
+        Galaxy model; default one block). max_prefill_tokens bounds the prefill in one work, i.e. how long
+        the running users wait between two decode rounds. watermark_blocks: admission leaves this many
+        blocks for the running sequences to grow into."""
+        align = prefix_align or pool.block_size
+        if align % pool.block_size or prefill_chunk % align or prefill_chunk <= 0:
+            raise ValueError(f"prefix_align ({align}) must be a multiple of block_size ({pool.block_size}) "
+                             f"and prefill_chunk ({prefill_chunk}) a positive multiple of prefix_align")
+        if max_prefill_tokens < align or decode_steps < 1 or max_inflight < 1:
+            raise ValueError("max_prefill_tokens must be >= prefix_align, decode_steps and max_inflight >= 1")
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.max_prefill_tokens = max_prefill_tokens
+        self.decode_steps = decode_steps
+        self.prefix_align = align
+        self.watermark_blocks = watermark_blocks
+        self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_tokens = max_waiting_tokens
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.max_inflight = max_inflight
+        # A sequence must fit the pool on its own, or it would preempt itself forever.
+        self.max_tokens_per_seq = min(max_seq_len, pool.num_blocks * pool.block_size)
+
+        self.requests: dict[str, Sequence] = {}  # every unfinished request
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[str, Sequence] = {}  # in admission order: the newest is preempted first
+        self.free_slots = list(range(num_slots))  # a heap: lowest slot first
+        self.page_table = np.zeros((num_slots, blocks_for(max_seq_len, pool.block_size)), dtype=np.int32)
+        self.inflight: deque[_InFlight] = deque()
+        self.pending_release: list[int] = []
+        self.next_work_id = 0
+        self.waiting_tokens = 0
+        self.num_preemptions = 0
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # ---- requests in -----------------------------------------------------------------------------
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               salt: str | None = None) -> Sequence:
+        """Queue a request. Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429)."""
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already queued or running")
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_tokens_per_seq:
+            limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
+            raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
+                                f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
+        if self.max_waiting_requests is not None and len(self.waiting) >= self.max_waiting_requests:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (limit {self.max_waiting_requests})")
+        if self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens:
+            raise QueueFull(f"{self.waiting_tokens} prompt tokens are waiting (limit {self.max_waiting_tokens})")
+        budget = self.max_tokens_per_seq - n
+        if params.max_tokens > budget:
+            params = params.model_copy(update={"max_tokens": budget, "min_tokens": min(params.min_tokens, budget)})
+        stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
+        seq = Sequence(request_id, list(prompt_ids), n, params, tuple(dict.fromkeys(stop_ids)), salt,
+                       num_planned=n, arrival_time=time.monotonic())
+        self.requests[request_id] = seq
+        self.waiting.append(seq)
+        self.waiting_tokens += n
+        return seq
+
+    def cancel(self, request_id: str, reason: str = "abort") -> TokenEvent | None:
+        """End a request in any state, freeing all it holds. Returns its final event (None if unknown)."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        if seq.status is Status.RUNNING:
+            self.pending_release.append(seq.slot)
+            self._release(seq)
+        else:
+            self.waiting.remove(seq)
+            self.waiting_tokens -= len(seq.token_ids)
+        self._mark_finished(seq, reason)
+        event = TokenEvent(request_id, [], finish_reason=reason)
+        if len(seq.token_ids) == seq.num_prompt_tokens:
+            self._fill_first_event(seq, event)
+        return event
+
+    def cached_prefix_tokens(self, prompt_ids: list[int], salt: str | None = None) -> int:
+        """How many prompt tokens this mesh would serve from its prefix cache right now."""
+        hashes: list[bytes] = []
+        extend_block_hashes(hashes, prompt_ids, self.block_size, salt)
+        return len(self.pool.lookup(hashes, len(prompt_ids), self.prefix_align)) * self.block_size
+
+    # ---- planning --------------------------------------------------------------------------------
+    def schedule(self) -> MeshWork | None:
+        """The next work for the mesh, or None when there is nothing to do or max_inflight works are
+        unanswered. Order: reserve the running users' lookahead (preempting if blocks run out), admit
+        from the queue, cut prefill chunks within the budget, then one decode round over live slots."""
+        if len(self.inflight) >= self.max_inflight:
+            return None
+        preemptions = self.num_preemptions
+        decode = self._reserve_lookahead()
+        if self.num_preemptions == preemptions:  # do not admit into the room a preemption just made
+            self._admit()
+        chunks, planned_chunks = self._plan_prefills()
+        for seq, _, _, final in planned_chunks:
+            if final and seq.num_planned < seq.max_tokens_total:  # may join this work's decode round
+                target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
+                if self._reserve(seq, target - 1):
+                    decode.append((seq, target))
+        if not chunks and not decode:
+            return None
+        entries = []
+        for seq, target in decode:
+            seq.num_planned = target
+            entries.append((seq.slot, seq, seq.epoch))
+        round_ = None
+        if entries:
+            round_ = DecodeRound(self.decode_steps, sorted(slot for slot, _, _ in entries), self.page_table.copy())
+        work = MeshWork(self.next_work_id, chunks, round_, self.pending_release)
+        self.next_work_id += 1
+        self.pending_release = []
+        self.inflight.append(_InFlight(work.work_id, planned_chunks, entries, work.num_messages, bool(chunks)))
+        return work
+
+    def _reserve_lookahead(self) -> list[tuple[Sequence, int]]:
+        """Blocks for the next decode_steps tokens of every live sequence, oldest first; when the pool
+        runs dry, the newest running sequence is preempted (possibly the one asking)."""
+        decode = []
+        for seq in list(self.running.values()):
+            if seq.status is not Status.RUNNING or not seq.live or seq.num_planned >= seq.max_tokens_total:
+                continue
+            target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
+            # The last sampled token's KV is written by the step after it, hence target - 1.
+            while not self._reserve(seq, target - 1):
+                if self._preempt_newest() is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                decode.append((seq, target))
+        return decode
+
+    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow seq's block table to hold num_tokens tokens of KV, if the pool can."""
+        table = seq.block_table
+        missing = blocks_for(num_tokens, self.block_size) - len(table)
+        if missing <= 0:
+            return True
+        if missing > self.pool.num_available:
+            return False
+        blocks = self.pool.allocate(missing)
+        self.page_table[seq.slot, len(table):len(table) + missing] = blocks
+        table += blocks
+        return True
+
+    def _admit(self) -> None:
+        """FCFS: the head of the queue enters a free slot once the pool holds the uncached part of its
+        tokens plus the watermark; nobody overtakes a head that does not fit."""
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            n = len(seq.token_ids)
+            extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
+            hit = self.pool.lookup(seq.block_hashes, n, self.prefix_align)
+            watermark = self.watermark_blocks if self.running else 0
+            if self.pool.blocks_needed(hit, n) + watermark > self.pool.num_available:
+                return
+            self.waiting.popleft()
+            self.waiting_tokens -= n
+            self.pool.share(hit)  # before allocating, so the allocation cannot evict the hit
+            seq.block_table = hit + self.pool.allocate(blocks_for(n, self.block_size) - len(hit))
+            seq.slot = heapq.heappop(self.free_slots)
+            self.page_table[seq.slot, :len(seq.block_table)] = seq.block_table
+            seq.status = Status.RUNNING
+            seq.epoch += 1
+            seq.num_cached_blocks = len(hit)
+            seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
+            seq.num_planned = n
+            self.running[seq.request_id] = seq
+            self.prefix_query_tokens += n
+            self.prefix_hit_tokens += seq.num_computed
+            if seq.epoch == 1:
+                seq.num_cached_tokens = seq.num_computed
+
+    def _plan_prefills(self) -> tuple[list[PrefillChunk], list[tuple[Sequence, int, int, bool]]]:
+        """Chunks of the uncomputed prefixes, oldest admission first, at most max_prefill_tokens in all.
+        Chunk boundaries stay multiples of prefix_align, except where a sequence ends."""
+        chunks: list[PrefillChunk] = []
+        planned: list[tuple[Sequence, int, int, bool]] = []
+        budget = self.max_prefill_tokens
+        for seq in self.running.values():
+            n = len(seq.token_ids)
+            while not seq.live:
+                start = seq.num_prefill_planned
+                room = min(self.prefill_chunk, budget)
+                end = n if n - start <= room else start + room // self.prefix_align * self.prefix_align
+                if end == start:
+                    return chunks, planned
+                final = end == n
+                chunks.append(PrefillChunk(
+                    seq.request_id, seq.slot, seq.token_ids[:end], start,
+                    seq.block_table[:blocks_for(end, self.block_size)],
+                    params=seq.params if final else None, num_prompt_tokens=seq.num_prompt_tokens,
+                    stop_token_ids=seq.stop_token_ids if final else ()))
+                planned.append((seq, seq.epoch, end, final))
+                budget -= end - start
+                seq.num_prefill_planned = end
+                if seq.scheduled_time is None:
+                    seq.scheduled_time = time.monotonic()
+                if final:
+                    seq.live = True
+                    seq.num_planned = n + 1
+        return chunks, planned
+
+    # ---- results in ------------------------------------------------------------------------------
+    def process(self, result: StepResult) -> list[TokenEvent]:
+        """Take in one message of the oldest unanswered work (they arrive in order)."""
+        if not self.inflight or self.inflight[0].work_id != result.work_id:
+            expected = self.inflight[0].work_id if self.inflight else None
+            raise ValueError(f"result for work {result.work_id}, expected work {expected}")
+        plan = self.inflight[0]
+        now = time.monotonic()
+        events: list[TokenEvent] = []
+        if plan.prefill_pending:
+            plan.prefill_pending = False
+            for seq, epoch, end, final in plan.prefills:
+                if seq.epoch == epoch and seq.status is Status.RUNNING:
+                    seq.num_computed = end
+                    self._cache_full_blocks(seq)
+                    if final:
+                        self._take_token(seq, seq.slot, result, now, events)
+        else:
+            for slot, seq, epoch in plan.decode:
+                if seq.epoch == epoch and seq.status is Status.RUNNING:
+                    self._take_token(seq, slot, result, now, events)
+        plan.messages_left -= 1
+        if plan.messages_left == 0:
+            self.inflight.popleft()
+        return events
+
+    def _take_token(self, seq: Sequence, slot: int, result: StepResult, now: float,
+                    events: list[TokenEvent]) -> None:
+        token = result.tokens[slot]
+        reason = result.finished.get(slot) if result.finished else None
+        if token == NO_TOKEN and reason is None:
+            return
+        event = TokenEvent(seq.request_id, [])
+        if token != NO_TOKEN:
+            seq.token_ids.append(token)
+            seq.token_times.append(now)
+            seq.num_computed = len(seq.token_ids) - 1
+            if seq.num_computed % self.block_size == 0:
+                self._cache_full_blocks(seq)
+            event.token_ids.append(token)
+            if result.logprobs and slot in result.logprobs:
+                event.logprobs.append(result.logprobs[slot])
+            if len(seq.token_ids) == seq.num_prompt_tokens + 1:
+                seq.first_token_time = now
+                self._fill_first_event(seq, event)
+        if reason is not None:  # the mesh retired the slot by itself: nothing to release there
+            self._release(seq)
+            self._mark_finished(seq, reason)
+            event.finish_reason = reason
+        events.append(event)
+
+    def _cache_full_blocks(self, seq: Sequence) -> None:
+        """Offer the blocks the mesh has now filled to the prefix cache."""
+        full = seq.num_computed // self.block_size
+        if full > seq.num_cached_blocks:
+            extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
+            for i in range(seq.num_cached_blocks, full):
+                self.pool.cache(seq.block_table[i], seq.block_hashes[i])
+            seq.num_cached_blocks = full
+
+    @staticmethod
+    def _fill_first_event(seq: Sequence, event: TokenEvent) -> None:
+        event.num_prompt_tokens = seq.num_prompt_tokens
+        event.num_cached_tokens = seq.num_cached_tokens
+        if seq.scheduled_time is not None:
+            event.queue_time_s = seq.scheduled_time - seq.arrival_time
+
+    # ---- giving back -----------------------------------------------------------------------------
+    def _release(self, seq: Sequence) -> None:
+        """Free seq's slot and blocks (the blocks keep their hashes, so a recompute may hit them)."""
+        del self.running[seq.request_id]
+        self.pool.free(seq.block_table)
+        self.page_table[seq.slot, :len(seq.block_table)] = 0
+        heapq.heappush(self.free_slots, seq.slot)
+        seq.block_table = []
+        seq.slot = -1
+        seq.live = False
+        seq.num_computed = seq.num_prefill_planned = seq.num_cached_blocks = 0
+        seq.num_planned = len(seq.token_ids)
+
+    def _preempt_newest(self) -> Sequence:
+        seq = next(reversed(self.running.values()))
+        self.pending_release.append(seq.slot)
+        self._release(seq)
+        seq.status = Status.PREEMPTED
+        self.waiting.appendleft(seq)  # preempted newest first, so the oldest ends up at the head
+        self.waiting_tokens += len(seq.token_ids)
+        self.num_preemptions += 1
+        return seq
+
+    def _mark_finished(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        del self.requests[seq.request_id]
+
+    def stats(self) -> dict:
+        """Plain numbers for metrics. blocks_used + blocks_cached + blocks_free == blocks_total."""
+        pool = self.pool
+        return {"running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free_slots),
+                "queued_tokens": self.waiting_tokens, "inflight_works": len(self.inflight),
+                "blocks_used": pool.num_used, "blocks_cached": pool.num_cached, "blocks_free": pool.num_free,
+                "blocks_total": pool.num_blocks, "prefix_query_tokens": self.prefix_query_tokens,
+                "prefix_hit_tokens": self.prefix_hit_tokens, "preemptions": self.num_preemptions}

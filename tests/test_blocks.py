@@ -1,0 +1,149 @@
+import pytest
+
+from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
+
+BS = 4
+
+
+def hashes_of(tokens, salt=None, block_size=BS):
+    out: list[bytes] = []
+    extend_block_hashes(out, tokens, block_size, salt)
+    return out
+
+
+def cached_pool(tokens, num_blocks=16, salt=None):
+    """A pool whose first blocks hold `tokens` (full blocks only), cached and owned once."""
+    pool = BlockPool(num_blocks, BS)
+    hashes = hashes_of(tokens, salt)
+    blocks = pool.allocate(len(hashes))
+    for block, block_hash in zip(blocks, hashes):
+        pool.cache(block, block_hash)
+    return pool, blocks
+
+
+def test_blocks_for_rounds_up():
+    assert [blocks_for(n, 4) for n in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_allocate_and_free_track_counts():
+    pool = BlockPool(8, BS)
+    a = pool.allocate(3)
+    b = pool.allocate(5)
+    assert sorted(a + b) == list(range(8))
+    assert (pool.num_used, pool.num_free, pool.num_cached, pool.num_available) == (8, 0, 0, 0)
+    with pytest.raises(MemoryError):
+        pool.allocate(1)
+    pool.free(a)
+    assert (pool.num_used, pool.num_free) == (5, 3)
+    assert all(pool.ref_counts[x] == 0 for x in a) and all(pool.ref_counts[x] == 1 for x in b)
+
+
+def test_shared_block_is_free_only_after_its_last_owner():
+    pool, blocks = cached_pool(list(range(8)))
+    pool.share(blocks)
+    assert [pool.ref_counts[b] for b in blocks] == [2, 2]
+    pool.free(blocks)
+    assert pool.num_used == 2
+    pool.free(blocks)
+    assert pool.num_used == 0 and pool.num_cached == 2
+
+
+def test_extend_block_hashes_is_incremental_and_chained():
+    tokens = list(range(13))
+    grown: list[bytes] = []
+    for n in range(len(tokens) + 1):
+        extend_block_hashes(grown, tokens[:n], BS)
+    assert grown == hashes_of(tokens) and len(grown) == 3
+    # the same block content after a different parent gets a different digest
+    other = hashes_of([99] + tokens[1:])
+    assert other[1] != grown[1] and other[2] != grown[2]
+    assert hashes_of(tokens, salt="tenant-a")[0] != grown[0] != hashes_of(tokens, salt="tenant-b")[0]
+
+
+def test_lookup_finds_longest_cached_run():
+    tokens = list(range(16))
+    pool, blocks = cached_pool(tokens[:12])
+    query = tokens[:12] + [50, 51, 52, 53, 54]
+    assert pool.lookup(hashes_of(query), len(query), BS) == blocks
+    diverging = tokens[:4] + [77] + tokens[5:12] + [1]
+    assert pool.lookup(hashes_of(diverging), len(diverging), BS) == blocks[:1]
+
+
+def test_lookup_leaves_the_last_token_to_compute():
+    tokens = list(range(12))
+    pool, blocks = cached_pool(tokens)
+    assert pool.lookup(hashes_of(tokens), 12, BS) == blocks[:2]  # 12 tokens cached, 8 may be reused
+    assert pool.lookup(hashes_of(tokens + [5]), 13, BS) == blocks
+
+
+def test_lookup_rounds_down_to_alignment():
+    tokens = list(range(24))
+    pool, blocks = cached_pool(tokens)
+    query = tokens[:12] + [9] * 8
+    assert pool.lookup(hashes_of(query), len(query), 2 * BS) == blocks[:2]  # 12 cached, 8 aligned
+    assert pool.lookup(hashes_of(tokens + [1]), 25, 2 * BS) == blocks[:6]
+    with pytest.raises(ValueError):
+        pool.lookup(hashes_of(tokens), 24, BS + 1)
+
+
+def test_salt_separates_tenants():
+    tokens = list(range(9))
+    pool, blocks = cached_pool(tokens[:8], salt="a")
+    assert pool.lookup(hashes_of(tokens, "a"), 9, BS) == blocks
+    assert pool.lookup(hashes_of(tokens, "b"), 9, BS) == []
+    assert pool.lookup(hashes_of(tokens), 9, BS) == []
+
+
+def test_freed_blocks_stay_cached_until_evicted():
+    tokens = list(range(9))
+    pool, blocks = cached_pool(tokens[:8], num_blocks=4)
+    pool.free(blocks)
+    assert pool.lookup(hashes_of(tokens), 9, BS) == blocks
+    pool.allocate(2)  # takes the two never-hashed blocks first
+    assert pool.lookup(hashes_of(tokens), 9, BS) == blocks
+    pool.allocate(1)  # now a cached block must go
+    assert pool.num_cached == 1
+
+
+def test_eviction_is_lru_and_takes_a_sequence_tail_first():
+    pool = BlockPool(6, BS)
+    old, new = pool.allocate(3), pool.allocate(3)
+    for i, block in enumerate(old + new):
+        pool.cache(block, bytes([i]) * 16)
+    pool.free(old)
+    pool.free(new)
+    evicted = pool.allocate(6)
+    assert evicted == [old[2], old[1], old[0], new[2], new[1], new[0]]
+    assert pool.num_cached == 0 and all(pool.block_hash[b] is None for b in evicted)
+
+
+def test_reviving_a_cached_block_takes_it_out_of_the_middle_of_the_lru():
+    pool = BlockPool(3, BS)
+    blocks = pool.allocate(3)
+    for i, block in enumerate(blocks):
+        pool.cache(block, bytes([i]) * 16)
+    pool.free(blocks)
+    pool.share([blocks[1]])
+    assert pool.ref_counts[blocks[1]] == 1 and pool.num_cached == 2
+    assert sorted(pool.allocate(2)) == sorted([blocks[0], blocks[2]])
+    assert pool.block_hash[blocks[1]] == bytes([1]) * 16  # still cached while in use
+
+
+def test_same_content_in_a_second_block_stays_anonymous():
+    tokens = list(range(4))
+    pool, (first,) = cached_pool(tokens)
+    (second,) = pool.allocate(1)
+    pool.cache(second, hashes_of(tokens)[0])
+    assert pool.block_hash[second] is None
+    pool.free([second])
+    assert pool.num_free == 15 and pool.num_cached == 0  # an anonymous block is plainly free
+    assert pool.lookup(hashes_of(tokens + [1]), 5, BS) == [first]
+
+
+def test_blocks_needed_counts_revived_hits():
+    tokens = list(range(9))
+    pool, blocks = cached_pool(tokens[:8])
+    assert pool.blocks_needed(blocks, 9) == 1  # hits in use cost nothing
+    pool.free(blocks)
+    assert pool.blocks_needed(blocks, 9) == 3  # unowned hits leave the available set
+    assert pool.blocks_needed([], 9) == 3

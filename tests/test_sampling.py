@@ -1,0 +1,130 @@
+import math
+from collections import Counter
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from scheduler.sampling import SamplingParams, apply_penalties, sample_batch, sample_row
+
+LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.0])
+
+
+def draws(params_kw, seeds=range(2000), position=0, logits=LOGITS):
+    return Counter(sample_row(logits, SamplingParams(seed=s, **params_kw), position)[0] for s in seeds)
+
+
+def test_greedy_is_argmax_and_ignores_seed():
+    assert sample_row(LOGITS, SamplingParams(temperature=0.0), 0) == (1, None)
+    assert sample_row(LOGITS, SamplingParams(temperature=0.0, seed=3, top_k=2), 9)[0] == 1
+
+
+def test_vanishing_temperature_is_greedy_not_nan():
+    params = SamplingParams(temperature=1e-40, seed=0)
+    assert params.greedy
+    assert {sample_row(LOGITS * 50, params, p)[0] for p in range(20)} == {1}
+
+
+def test_sampling_follows_the_softmax():
+    counts = draws({"temperature": 1.0}, seeds=range(4000))
+    probs = LOGITS.softmax(-1).tolist()
+    for token, p in enumerate(probs):
+        assert abs(counts[token] / 4000 - p) < 0.03, (token, counts[token], p)
+
+
+def test_temperature_sharpens_and_flattens():
+    cold, hot = draws({"temperature": 0.3}), draws({"temperature": 3.0})
+    assert cold[1] > hot[1] and cold[3] < hot[3]
+
+
+def test_top_k_keeps_only_the_k_best():
+    assert set(draws({"top_k": 2})) == {1, 2}
+    assert set(draws({"top_k": 1, "temperature": 5.0})) == {1}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = sorted(LOGITS.softmax(-1).tolist(), reverse=True)  # tokens 1, 2, 5, 0, 4, 3
+    assert set(draws({"top_p": probs[0] * 0.99})) == {1}
+    assert set(draws({"top_p": probs[0] + probs[1] * 0.5})) == {1, 2}
+    assert set(draws({"top_p": probs[0] + probs[1] + 0.01})) == {1, 2, 5}
+
+
+def test_top_k_and_top_p_combine():
+    assert set(draws({"top_k": 3, "top_p": 0.99})) <= {1, 2, 5}
+
+
+def test_seed_and_position_fix_the_draw():
+    params = SamplingParams(seed=1234, temperature=2.0)
+    first = [sample_row(LOGITS, params, pos)[0] for pos in range(64)]
+    assert first == [sample_row(LOGITS, params, pos)[0] for pos in range(64)]
+    assert len(set(first)) > 1  # positions draw independently
+    other_seed = [sample_row(LOGITS, SamplingParams(seed=99, temperature=2.0), pos)[0] for pos in range(64)]
+    assert other_seed != first
+
+
+def test_seeded_row_does_not_depend_on_its_batch():
+    seeded = SamplingParams(seed=7, temperature=1.5)
+    alone = [sample_batch(LOGITS[None], [seeded], [pos])[0][0] for pos in range(32)]
+    batch = torch.stack([LOGITS.flip(0), LOGITS, LOGITS * 2])
+    together = [sample_batch(batch, [SamplingParams(temperature=1.0), seeded, SamplingParams(temperature=0.0)],
+                             [pos + 5, pos, 3])[0][1] for pos in range(32)]
+    assert alone == together
+
+
+def test_batch_applies_each_rows_parameters():
+    batch = torch.stack([LOGITS, LOGITS.flip(0), LOGITS])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0, logprobs=1)]
+    tokens, logprobs = sample_batch(batch, params, [0, 0, 0])
+    assert tokens == [1, 4, 1]
+    assert logprobs[0] is None and logprobs[2].token_id == 1
+
+
+def test_repetition_penalty_covers_prompt_and_output():
+    params = SamplingParams(repetition_penalty=2.0)
+    out = apply_penalties(LOGITS, params, prompt_ids=[1], output_ids=[3, 3])
+    assert out.tolist() == [1.0, 1.5, 2.5, -2.0, 0.0, 2.0]
+    assert LOGITS[1] == 3.0  # the input is left alone
+
+
+def test_presence_and_frequency_penalties_cover_output_only():
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    out = apply_penalties(LOGITS, params, prompt_ids=[0], output_ids=[2, 2, 4])
+    assert out.tolist() == pytest.approx([1.0, 3.0, 2.5 - 0.5 - 0.5, -1.0, 0.0 - 0.5 - 0.25, 2.0])
+
+
+def test_penalties_change_the_greedy_choice():
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
+    assert sample_row(LOGITS, params, 0, prompt_ids=[1], output_ids=[])[0] == 2
+    tokens, _ = sample_batch(LOGITS[None], [params], [0], prompts=[[1]], outputs=[[]])
+    assert tokens == [2]
+
+
+def test_logprobs_report_the_token_and_the_top_n():
+    token, lp = sample_row(LOGITS, SamplingParams(temperature=1.0, seed=3, logprobs=3), 0)
+    logp = LOGITS.log_softmax(-1)
+    assert lp.token_id == token and lp.logprob == pytest.approx(float(logp[token]))
+    assert [t for t, _ in lp.top] == [1, 2, 5]
+    assert [v for _, v in lp.top] == pytest.approx([float(logp[t]) for t in (1, 2, 5)])
+    assert math.isclose(sum(math.exp(v) for v in logp.tolist()), 1.0, rel_tol=1e-5)
+    assert sample_row(LOGITS, SamplingParams(logprobs=0), 0)[1].top == []
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", 101), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+    ("seed", -1), ("max_tokens", 0), ("min_tokens", -1), ("presence_penalty", 2.5),
+    ("frequency_penalty", -3), ("repetition_penalty", 0.0), ("logprobs", 21), ("min_tokens", 300),
+    ("best_of", 2),
+])
+def test_invalid_values_name_their_field(field, value):
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(**{field: value})
+    assert [err["loc"] for err in info.value.errors()] == [(field,)]
+
+
+def test_stop_fields_normalise():
+    params = SamplingParams(stop="END", stop_token_ids=[5, 6])
+    assert params.stop == ("END",) and params.stop_token_ids == (5, 6)
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == ()
+    with pytest.raises(ValidationError):
+        params.temperature = 0.5  # frozen: shared between the router and the mesh

@@ -1,0 +1,384 @@
+import pickle
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+from scheduler.blocks import BlockPool
+from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.sampling import SamplingParams
+from scheduler.scheduler import MeshScheduler
+from scheduler.sequence import Status
+from scheduler.work import NO_TOKEN, StepResult
+from tests.fake_mesh import FakeMesh, reference_output
+
+BS = 4
+EOS = 15
+
+
+def make(num_blocks=64, **kw):
+    kw = {"num_slots": 4, "max_seq_len": 64, "prefill_chunk": 8, "max_prefill_tokens": 8, "decode_steps": 3,
+          "eos_token_ids": (EOS,), **kw}
+    sched = MeshScheduler(BlockPool(num_blocks, BS), **kw)
+    return sched, FakeMesh(sched.num_slots, num_blocks, BS)
+
+
+def params(max_tokens=10, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def run(sched, mesh, work, events):
+    """Run a planned work on the mesh and take all its results in."""
+    for result in mesh.execute(work):
+        for event in sched.process(result):
+            events[event.request_id].append(event)
+
+
+def step(sched, mesh, events):
+    """Plan one work and run it. Returns the work (None when idle)."""
+    work = sched.schedule()
+    if work is not None:
+        run(sched, mesh, work, events)
+    return work
+
+
+def drain(sched, mesh, events=None, max_works=500):
+    events = defaultdict(list) if events is None else events
+    for _ in range(max_works):
+        if step(sched, mesh, events) is None and not sched.inflight:
+            break
+    return events
+
+
+def output_of(events):
+    return [t for e in events for t in e.token_ids]
+
+
+def expected(prompt, p, eos=(EOS,)):
+    return reference_output(prompt, p, (() if p.ignore_eos else eos) + p.stop_token_ids)
+
+
+def test_submit_validates_and_clamps():
+    sched, _ = make(max_seq_len=32, max_waiting_requests=2, max_waiting_tokens=20)
+    with pytest.raises(PromptTooLong, match="max_seq_len"):
+        sched.submit("long", [1] * 32, params())
+    with pytest.raises(ValueError, match="empty"):
+        sched.submit("empty", [], params())
+    seq = sched.submit("a", [1] * 10, params(max_tokens=1000, min_tokens=500))
+    assert (seq.params.max_tokens, seq.params.min_tokens) == (22, 22)
+    assert seq.stop_token_ids == (EOS,)
+    with pytest.raises(ValueError, match="already"):
+        sched.submit("a", [1], params())
+    with pytest.raises(QueueFull, match="tokens"):
+        sched.submit("b", [1] * 11, params())
+    sched.submit("b", [1] * 2, params(ignore_eos=True, stop_token_ids=[3, 3, 4]))
+    assert sched.requests["b"].stop_token_ids == (3, 4)
+    with pytest.raises(QueueFull, match="requests"):
+        sched.submit("c", [1], params())
+
+
+def test_prompt_larger_than_the_pool_is_refused():
+    sched, _ = make(num_blocks=4, max_seq_len=64)
+    with pytest.raises(PromptTooLong, match="KV pool"):
+        sched.submit("a", [1] * 16, params())
+    assert sched.submit("b", [1] * 15, params(max_tokens=100)).params.max_tokens == 1
+
+
+def test_single_request_matches_the_model_and_frees_everything():
+    sched, mesh = make()
+    prompt = [1, 2, 3, 4, 5, 6]
+    p = params(max_tokens=12)
+    sched.submit("a", prompt, p)
+    events = drain(sched, mesh)["a"]
+    tokens, reason = expected(prompt, p)
+    assert output_of(events) == tokens and events[-1].finish_reason == reason
+    assert (events[0].num_prompt_tokens, events[0].num_cached_tokens) == (6, 0)
+    assert events[0].queue_time_s is not None and events[0].queue_time_s >= 0
+    assert all(e.num_prompt_tokens == 0 for e in events[1:])
+    assert all(e.finish_reason is None for e in events[:-1])
+    assert sched.pool.num_used == 0 and not sched.running and not sched.requests
+    assert len(sched.free_slots) == 4 and not sched.page_table.any()
+
+
+def test_sequence_records_timestamps():
+    sched, mesh = make()
+    seq = sched.submit("a", [1, 2, 3], params(max_tokens=5, ignore_eos=True))
+    drain(sched, mesh)
+    assert seq.status is Status.FINISHED and seq.finish_reason == "length"
+    assert seq.arrival_time <= seq.scheduled_time <= seq.first_token_time == seq.token_times[0]
+    assert len(seq.token_times) == len(seq.output_ids) == 5 and seq.token_times == sorted(seq.token_times)
+
+
+def test_long_prompt_is_chunked_without_holding_back_running_users():
+    sched, mesh = make(prefill_chunk=8, max_prefill_tokens=12, prefix_align=2 * BS, decode_steps=2)
+    sched.submit("short", [1, 2, 3], params(max_tokens=40, ignore_eos=True))
+    events = defaultdict(list)
+    step(sched, mesh, events)  # the short prompt is live now
+    long_prompt = list(range(1, 15)) * 3  # 42 tokens
+    long_seq = sched.submit("long", long_prompt, params(max_tokens=3, ignore_eos=True))
+    chunks = []
+    while not long_seq.output_ids:
+        work = step(sched, mesh, events)
+        assert work.decode is not None and sched.requests["short"].slot in work.decode.slots
+        assert sum(len(c.token_ids) - c.start for c in work.prefills) <= 12
+        chunks += work.prefills
+    assert [(c.start, len(c.token_ids)) for c in chunks] == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40),
+                                                             (40, 42)]
+    assert all(c.token_ids == long_prompt[:len(c.token_ids)] for c in chunks)
+    assert all(not c.is_final and c.stop_token_ids == () for c in chunks[:-1])
+    final = chunks[-1]
+    assert final.is_final and final.params.max_tokens == 3 and final.num_prompt_tokens == 42
+    assert len(final.block_ids) == 11
+    drain(sched, mesh, events)
+    assert output_of(events["long"]) == expected(long_prompt, final.params)[0]
+
+
+def test_final_chunk_can_join_the_same_works_decode_round():
+    sched, mesh = make(decode_steps=4)
+    sched.submit("a", [1, 2, 3], params(max_tokens=20, ignore_eos=True))
+    work = sched.schedule()
+    assert work.prefills[0].is_final and work.decode.slots == [work.prefills[0].slot]
+    assert work.num_messages == 5
+    seq = sched.requests["a"]
+    assert seq.num_planned == 3 + 1 + 4 and len(seq.block_table) * BS >= seq.num_planned - 1
+
+
+def test_stop_token_ids_include_eos_unless_ignored():
+    sched, mesh = make()
+    sched.submit("a", [1], params(stop_token_ids=[7]))
+    sched.submit("b", [2], params(stop_token_ids=[7], ignore_eos=True))
+    finals = {c.request_id: c for c in sched.schedule().prefills}
+    assert finals["a"].stop_token_ids == (EOS, 7) and finals["b"].stop_token_ids == (7,)
+
+
+def test_page_table_rows_follow_block_tables_and_rounds_get_a_copy():
+    sched, mesh = make(decode_steps=4)
+    for i in range(3):
+        sched.submit(f"r{i}", [i + 1] * (5 + 3 * i), params(max_tokens=30, ignore_eos=True))
+    events = defaultdict(list)
+    rounds = []
+    for _ in range(6):
+        work = step(sched, mesh, events)
+        rounds.append((work.decode.page_table, sched.page_table.copy()))
+        for seq in sched.running.values():
+            row = sched.page_table[seq.slot]
+            assert row[:len(seq.block_table)].tolist() == seq.block_table and not row[len(seq.block_table):].any()
+            assert len(seq.block_table) * BS >= seq.num_planned - 1
+    assert all(np.array_equal(sent, at_plan) for sent, at_plan in rounds)
+    assert rounds[0][0] is not sched.page_table and not np.array_equal(rounds[0][0], sched.page_table)
+
+
+def test_identical_prefix_shares_blocks_and_salt_or_difference_does_not():
+    sched, mesh = make(decode_steps=2)
+    prompt = list(range(1, 14))
+    sched.submit("a", prompt, params(max_tokens=20, ignore_eos=True))
+    events = defaultdict(list)
+    step(sched, mesh, events)
+    step(sched, mesh, events)  # a's prompt blocks are computed and cached
+    sched.submit("same", prompt + [9], params(max_tokens=2, ignore_eos=True))
+    sched.submit("salted", prompt + [9], params(max_tokens=2, ignore_eos=True), salt="t2")
+    sched.submit("other", [2] + prompt[1:] + [9], params(max_tokens=2, ignore_eos=True))
+    work = sched.schedule()
+    a, same, salted, other = (sched.requests[r] for r in ("a", "same", "salted", "other"))
+    assert same.num_computed == 12 and same.block_table[:3] == a.block_table[:3]
+    assert all(sched.pool.ref_counts[b] == 2 for b in a.block_table[:3])
+    assert salted.num_computed == 0 and other.num_computed == 0
+    assert not set(salted.block_table) & set(a.block_table) and not set(other.block_table) & set(a.block_table)
+    run(sched, mesh, work, events)
+    drain(sched, mesh, events)
+    assert events["same"][0].num_cached_tokens == 12 and events["salted"][0].num_cached_tokens == 0
+    for rid, p in (("same", prompt + [9]), ("salted", prompt + [9]), ("other", [2] + prompt[1:] + [9])):
+        assert output_of(events[rid]) == expected(p, params(max_tokens=2, ignore_eos=True))[0]
+    stats = sched.stats()
+    assert stats["prefix_hit_tokens"] == 12 and stats["prefix_query_tokens"] == 13 + 3 * 14
+
+
+def test_finished_request_leaves_its_prefix_for_the_next_turn():
+    sched, mesh = make(prefix_align=2 * BS)
+    first = list(range(1, 12))
+    sched.submit("t1", first, params(max_tokens=8, ignore_eos=True))
+    events = drain(sched, mesh)
+    history = first + output_of(events["t1"])  # 19 tokens: 16 of them in full blocks
+    assert sched.pool.num_used == 0 and sched.pool.num_cached == 4
+    sched.submit("t2", history + [3, 4], params(max_tokens=4, ignore_eos=True))
+    drain(sched, mesh, events)
+    assert events["t2"][0].num_cached_tokens == 16
+    assert output_of(events["t2"]) == expected(history + [3, 4], params(max_tokens=4, ignore_eos=True))[0]
+
+
+def test_out_of_blocks_preempts_the_newest_and_output_is_unchanged():
+    # 16 blocks of 4 tokens: two sequences growing to 48 tokens each cannot both fit
+    sched, mesh = make(num_blocks=16, num_slots=2, decode_steps=4)
+    p = params(max_tokens=40, ignore_eos=True)
+    sched.submit("old", [1] * 8, p)
+    sched.submit("new", [2] * 8, p)
+    events = defaultdict(list)
+    released = []
+    for _ in range(200):
+        work = step(sched, mesh, events)
+        if work is None:
+            break
+        released += work.release
+    assert sched.num_preemptions >= 1 and sched.stats()["preemptions"] == sched.num_preemptions
+    assert released  # the mesh was told to drop the preempted slot
+    for rid, prompt in (("old", [1] * 8), ("new", [2] * 8)):
+        assert output_of(events[rid]) == expected(prompt, p)[0]
+        assert sum(e.num_prompt_tokens for e in events[rid]) == 8  # one first event only
+    assert sched.pool.num_used == 0
+
+
+def test_preempted_sequence_returns_to_the_head_of_the_queue():
+    sched, mesh = make(num_blocks=16, num_slots=3, decode_steps=4)
+    p = params(max_tokens=40, ignore_eos=True)
+    for rid in ("a", "b"):
+        sched.submit(rid, [1] * 20, p)
+    events = defaultdict(list)
+    while not sched.num_preemptions:
+        step(sched, mesh, events)
+    sched.submit("c", [3] * 4, p)
+    assert [s.request_id for s in sched.waiting] == ["b", "c"]
+    assert sched.requests["b"].status is Status.PREEMPTED
+    assert sched.stats()["queued_tokens"] == len(sched.requests["b"].token_ids) + 4
+
+
+def test_cancel_in_every_state_frees_everything():
+    sched, mesh = make(num_slots=1, prefill_chunk=8, max_prefill_tokens=8)
+    assert sched.cancel("nobody") is None
+    sched.submit("waiting", [1, 2], params())
+    sched.submit("prefilling", list(range(1, 30)), params())
+    sched.submit("queued", [3], params())
+    assert sched.cancel("waiting").finish_reason == "abort"
+    work = sched.schedule()
+    assert [c.request_id for c in work.prefills] == ["prefilling"]
+    event = sched.cancel("prefilling", reason="stop")
+    assert (event.finish_reason, event.num_prompt_tokens) == ("stop", 29)
+    events = defaultdict(list)
+    for result in mesh.execute(work):
+        assert sched.process(result) == []
+    work = sched.schedule()
+    assert work.release == [0] and work.prefills[0].request_id == "queued"
+    assert sched.cancel("queued").finish_reason == "abort"
+    for result in mesh.execute(work):
+        assert sched.process(result) == []
+    assert sched.schedule() is None and sched.pending_release == [0]
+    assert not sched.requests and sched.pool.num_used == 0 and sched.free_slots == [0]
+
+
+def test_tokens_planned_before_a_cancel_are_dropped():
+    sched, mesh = make(decode_steps=4)
+    sched.submit("a", [1, 2, 3], params(max_tokens=30, ignore_eos=True))
+    events = defaultdict(list)
+    step(sched, mesh, events)
+    work = sched.schedule()
+    sched.cancel("a")
+    sched.submit("b", [4, 5], params(max_tokens=30, ignore_eos=True))
+    work_b = sched.schedule()  # b takes the slot a had, while a's round is still unanswered
+    assert work_b.release == work.decode.slots and work_b.prefills[0].slot == work.decode.slots[0]
+    got = [sched.process(r) for r in mesh.execute(work)]
+    assert got == [[]] * 4
+    run(sched, mesh, work_b, events)
+    assert output_of(events["b"]) == expected([4, 5], params(max_tokens=30, ignore_eos=True))[0][:5]
+
+
+def test_pipelining_is_bounded_and_results_must_come_in_order():
+    sched, mesh = make(max_inflight=2)
+    sched.submit("a", [1, 2, 3], params(max_tokens=30, ignore_eos=True))
+    w1, w2 = sched.schedule(), sched.schedule()
+    assert sched.schedule() is None
+    seq = sched.requests["a"]
+    assert seq.num_planned == 3 + 1 + 2 * 3 and len(seq.block_table) * BS >= seq.num_planned - 1
+    r1, r2 = mesh.execute(w1), mesh.execute(w2)
+    with pytest.raises(ValueError, match="expected work"):
+        sched.process(r2[0])
+    for result in r1:
+        sched.process(result)
+    assert sched.schedule() is not None
+
+
+def test_slot_retired_by_the_mesh_mid_round_is_freed_and_reused():
+    sched, mesh = make(num_slots=1, decode_steps=8)
+    sched.submit("a", [1, 2, 3], params(max_tokens=3, ignore_eos=True))
+    sched.submit("b", [4, 5, 6], params(max_tokens=2, ignore_eos=True))
+    events = defaultdict(list)
+    work = sched.schedule()
+    results = mesh.execute(work)
+    assert [r.tokens[0] != NO_TOKEN for r in results] == [True, True, True] + [False] * 6
+    assert results[2].finished == {0: "length"}
+    for result in results:
+        for event in sched.process(result):
+            events[event.request_id].append(event)
+    assert events["a"][-1].finish_reason == "length" and len(output_of(events["a"])) == 3
+    assert sched.free_slots == [0]
+    assert step(sched, mesh, events).release == []  # the mesh retired it itself
+    drain(sched, mesh, events)
+    assert output_of(events["b"]) == expected([4, 5, 6], params(max_tokens=2, ignore_eos=True))[0]
+
+
+def test_logprobs_are_passed_through():
+    sched, mesh = make()
+    sched.submit("a", [1, 2], params(max_tokens=4, ignore_eos=True, logprobs=2))
+    events = drain(sched, mesh)["a"]
+    assert [lp.token_id for e in events for lp in e.logprobs] == output_of(events)
+
+
+def test_messages_are_plain_picklable_data():
+    sched, mesh = make()
+    sched.submit("a", [1, 2, 3], params(max_tokens=4, logprobs=1))
+    work = sched.schedule()
+    again = pickle.loads(pickle.dumps(work))
+    assert again.prefills[0].token_ids == [1, 2, 3] and np.array_equal(again.decode.page_table, work.decode.page_table)
+    results = mesh.execute(work)
+    events = sched.process(pickle.loads(pickle.dumps(results[0])))
+    assert pickle.loads(pickle.dumps(events))[0].token_ids == events[0].token_ids
+    assert isinstance(sched.stats(), dict) and pickle.loads(pickle.dumps(sched.stats())) == sched.stats()
+
+
+def test_stats_balance():
+    sched, mesh = make(num_blocks=32)
+    sched.submit("a", list(range(1, 11)), params(max_tokens=6, ignore_eos=True))
+    sched.submit("b", [1], params())
+    sched.schedule()
+    s = sched.stats()
+    assert (s["running"], s["waiting"], s["free_slots"], s["queued_tokens"]) == (2, 0, 2, 0)
+    assert s["blocks_used"] + s["blocks_cached"] + s["blocks_free"] == s["blocks_total"] == 32
+    assert s["blocks_used"] == sum(len(q.block_table) for q in sched.running.values())
+
+
+def test_result_for_an_unknown_work_is_refused():
+    sched, _ = make()
+    with pytest.raises(ValueError):
+        sched.process(StepResult(7, [NO_TOKEN] * 4))
+
+
+def test_constructor_checks_alignment():
+    with pytest.raises(ValueError):
+        MeshScheduler(BlockPool(16, 4), prefix_align=6, prefill_chunk=12)
+    with pytest.raises(ValueError):
+        MeshScheduler(BlockPool(16, 4), prefix_align=8, prefill_chunk=12)
+    with pytest.raises(ValueError):
+        MeshScheduler(BlockPool(16, 4), prefix_align=8, prefill_chunk=16, max_prefill_tokens=4)
+
+
+def test_results_planned_for_an_earlier_placement_are_dropped():
+    # three works in flight and a pool for one growing sequence: b is preempted and placed again while
+    # a work planned for its first placement is still unanswered
+    sched, mesh = make(num_blocks=8, num_slots=2, decode_steps=4, max_inflight=3, max_seq_len=32)
+    p = params(max_tokens=20, ignore_eos=True)
+    sched.submit("a", [1] * 6, p)
+    b = sched.submit("b", [2] * 6, p)
+    events, pending, stale_seen = defaultdict(list), [], False
+    for _ in range(300):
+        work = sched.schedule()
+        if work is not None:
+            pending.append(mesh.execute(work))
+            stale_seen |= any(seq is b and epoch < b.epoch and b.status is Status.RUNNING
+                              for planned in sched.inflight for _, seq, epoch in planned.decode)
+        elif pending:
+            for result in pending.pop(0):
+                for event in sched.process(result):
+                    events[event.request_id].append(event)
+        else:
+            break
+    assert stale_seen and b.epoch >= 2
+    for rid, prompt in (("a", [1] * 6), ("b", [2] * 6)):
+        assert output_of(events[rid]) == expected(prompt, p)[0]

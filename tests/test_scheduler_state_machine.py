@@ -1,0 +1,201 @@
+"""Random interleavings of submit, schedule, results (pipelined), cancel, on small pools under pressure.
+
+The fake mesh computes each token from what its KV cache holds, so every finished answer is compared
+with the same request run alone: chunking, prefix sharing, pipelining and preemption must not change it.
+"""
+import random
+from collections import Counter, deque
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
+from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.sampling import SamplingParams
+from scheduler.scheduler import MeshScheduler
+from scheduler.sequence import Status
+from tests.fake_mesh import VOCAB, FakeMesh, reference_output
+
+EOS = VOCAB - 1
+MAX_SEQ_LEN = 40
+_rng = random.Random(7)
+PREFIXES = [[_rng.randrange(VOCAB) for _ in range(28)] for _ in range(3)]  # shared system prompts
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(block_size=st.sampled_from([2, 4]), align_blocks=st.sampled_from([1, 2]),
+                num_slots=st.integers(1, 4), extra_blocks=st.integers(0, 12), chunk_aligns=st.integers(1, 3),
+                budget_aligns=st.integers(1, 4), decode_steps=st.integers(1, 4), max_inflight=st.integers(1, 3),
+                watermark=st.integers(0, 2), queue_limit=st.sampled_from([None, 3]))
+    def setup(self, block_size, align_blocks, num_slots, extra_blocks, chunk_aligns, budget_aligns,
+              decode_steps, max_inflight, watermark, queue_limit):
+        align = block_size * align_blocks
+        num_blocks = blocks_for(MAX_SEQ_LEN, block_size) + extra_blocks
+        self.sched = MeshScheduler(
+            BlockPool(num_blocks, block_size), num_slots=num_slots, max_seq_len=MAX_SEQ_LEN,
+            prefill_chunk=align * chunk_aligns, max_prefill_tokens=align * budget_aligns,
+            decode_steps=decode_steps, prefix_align=align, watermark_blocks=watermark,
+            max_waiting_requests=queue_limit, eos_token_ids=(EOS,), max_inflight=max_inflight)
+        self.mesh = FakeMesh(num_slots, num_blocks, block_size)
+        self.pending = deque()  # results the mesh has produced and the router has not taken in yet
+        self.expected: dict[str, tuple[list[int], str]] = {}
+        self.outputs: dict[str, list[int]] = {}
+        self.finished: dict[str, str] = {}
+        self.submitted = 0
+
+    # ---- rules -----------------------------------------------------------------------------------
+    @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
+          tail=st.lists(st.integers(0, VOCAB - 1), max_size=14), max_tokens=st.integers(1, 24),
+          min_tokens=st.integers(0, 3), stop=st.lists(st.integers(0, VOCAB - 2), max_size=2),
+          ignore_eos=st.booleans(), salt=st.sampled_from([None, "tenant"]))
+    def submit(self, prefix, prefix_len, tail, max_tokens, min_tokens, stop, ignore_eos, salt):
+        prompt = PREFIXES[prefix][:prefix_len] + tail
+        rid = f"r{self.submitted}"
+        self.submitted += 1
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
+                                stop_token_ids=stop, ignore_eos=ignore_eos)
+        limit = self.sched.max_waiting_requests
+        queue_full = limit is not None and len(self.sched.waiting) >= limit
+        try:
+            seq = self.sched.submit(rid, prompt, params, salt)
+        except PromptTooLong:
+            assert len(prompt) >= MAX_SEQ_LEN
+            return
+        except QueueFull:
+            assert queue_full and len(prompt) < MAX_SEQ_LEN
+            return
+        except ValueError:
+            assert not prompt
+            return
+        assert prompt and len(prompt) < MAX_SEQ_LEN and not queue_full
+        assert len(prompt) + seq.params.max_tokens <= MAX_SEQ_LEN
+        self.expected[rid] = reference_output(prompt, seq.params, seq.stop_token_ids)
+        self.outputs[rid] = []
+
+    @rule()
+    def schedule(self):
+        epochs = {rid: seq.epoch for rid, seq in self.sched.running.items()}
+        work = self.sched.schedule()
+        self._check_admissions(epochs)
+        if work is None:
+            assert len(self.sched.inflight) >= self.sched.max_inflight or all(
+                s.live for s in self.sched.running.values()), "a prefill was left unplanned"
+            return
+        self.pending.extend(self.mesh.execute(work))
+
+    @precondition(lambda self: self.pending)
+    @rule(n=st.integers(1, 8))
+    def take_results(self, n):
+        for _ in range(min(n, len(self.pending))):
+            for event in self.sched.process(self.pending.popleft()):
+                self._take(event)
+
+    @precondition(lambda self: self.sched.requests)
+    @rule(data=st.data(), reason=st.sampled_from(["abort", "stop"]))
+    def cancel(self, data, reason):
+        rid = data.draw(st.sampled_from(sorted(self.sched.requests)))
+        event = self.sched.cancel(rid, reason)
+        assert event.finish_reason == reason and not event.token_ids
+        self._take(event, cancelled=True)
+
+    def teardown(self):
+        """Run everything to its end: nothing may hang, and every block must come back."""
+        if not hasattr(self, "sched"):
+            return
+        for _ in range(5000):
+            if self.pending:
+                self.take_results(len(self.pending))
+            elif not self.sched.requests:
+                break
+            else:
+                self.schedule()
+        sched, pool = self.sched, self.sched.pool
+        assert not sched.requests and not sched.running and not sched.waiting, "requests were left hanging"
+        assert set(self.finished) == set(self.expected)
+        assert pool.num_used == 0 and pool.num_free + pool.num_cached == pool.num_blocks
+        assert all(count == 0 for count in pool.ref_counts)
+        assert sorted(sched.free_slots) == list(range(sched.num_slots)) and not sched.page_table.any()
+        assert set(self.mesh.slots) <= set(sched.pending_release), "the mesh still decodes a freed slot"
+
+    # ---- checks ----------------------------------------------------------------------------------
+    def _take(self, event, cancelled=False):
+        rid = event.request_id
+        assert rid not in self.finished, f"{rid} got an event after it finished"
+        out = self.outputs[rid]
+        out += event.token_ids
+        tokens, reason = self.expected[rid]
+        assert out == tokens[:len(out)], f"{rid}: {out} is not a prefix of the answer {tokens}"
+        if event.finish_reason is not None:
+            self.finished[rid] = event.finish_reason
+            if not cancelled:
+                assert (out, event.finish_reason) == (tokens, reason)
+
+    def _check_admissions(self, epochs_before):
+        """Identical prefixes share blocks: a sequence admitted now reuses every cached block that a
+        running sequence holds for the same leading tokens (same salt), up to the alignment and the cap."""
+        sched, pool, bs = self.sched, self.sched.pool, self.sched.block_size
+        for rid, seq in sched.running.items():
+            if epochs_before.get(rid) == seq.epoch:
+                continue
+            n = len(seq.token_ids)
+            for other in sched.running.values():
+                if other is seq or other.salt != seq.salt:
+                    continue
+                m = 0
+                while (m < len(other.block_table) and pool.block_hash[other.block_table[m]] is not None
+                       and (m + 1) * bs <= n and other.token_ids[:(m + 1) * bs] == seq.token_ids[:(m + 1) * bs]):
+                    m += 1
+                reusable = min(m * bs, n - 1) // sched.prefix_align * sched.prefix_align
+                assert seq.num_computed >= reusable
+                assert seq.block_table[:reusable // bs] == other.block_table[:reusable // bs]
+
+    @invariant()
+    def blocks_have_exactly_their_owners(self):
+        sched, pool, bs = self.sched, self.sched.pool, self.sched.block_size
+        owners = Counter()
+        holders: dict[int, list[tuple[int, object]]] = {}
+        for seq in sched.running.values():
+            table = seq.block_table
+            assert seq.status is Status.RUNNING and len(set(table)) == len(table)
+            owners.update(table)
+            for index, block in enumerate(table):
+                holders.setdefault(block, []).append((index, seq))
+            # covers the planned length plus lookahead (the newest token's KV comes one step later)
+            assert len(table) * bs >= (seq.num_planned - 1 if seq.live else len(seq.token_ids))
+            row = sched.page_table[seq.slot]
+            assert row[:len(table)].tolist() == table and not row[len(table):].any()
+            truth: list[bytes] = []
+            extend_block_hashes(truth, seq.token_ids, bs, seq.salt)
+            for index in range(seq.num_cached_blocks):
+                assert pool.block_hash[table[index]] in (None, truth[index]), "a cached block's name lies"
+        assert all(pool.ref_counts[b] == owners[b] for b in range(pool.num_blocks)), "ref count != owners"
+        assert pool.num_used == len(owners) and pool.num_free + pool.num_cached + pool.num_used == pool.num_blocks
+        for block, shared in holders.items():
+            if len(shared) < 2:
+                continue
+            index, first = shared[0]
+            end = (index + 1) * bs
+            assert pool.block_hash[block] is not None, "an uncached block has two owners"
+            for other_index, other in shared[1:]:
+                assert other_index == index and other.salt == first.salt, "a block shared across positions"
+                assert other.token_ids[:end] == first.token_ids[:end], "a block shared by different prefixes"
+                assert min(first.num_computed, other.num_computed) >= end
+
+    @invariant()
+    def slots_and_queue_are_consistent(self):
+        sched = self.sched
+        slots = [seq.slot for seq in sched.running.values()]
+        assert sorted(slots + sched.free_slots) == list(range(sched.num_slots))
+        for slot in sched.free_slots:
+            assert not sched.page_table[slot].any()
+        for seq in sched.waiting:
+            assert seq.status in (Status.WAITING, Status.PREEMPTED) and not seq.block_table and seq.slot == -1
+        assert set(sched.requests) == set(sched.running) | {seq.request_id for seq in sched.waiting}
+        assert sched.waiting_tokens == sum(len(seq.token_ids) for seq in sched.waiting)
+        assert len(sched.inflight) <= sched.max_inflight
+
+
+TestScheduler = SchedulerMachine.TestCase
+TestScheduler.settings = settings(max_examples=500, deadline=None, stateful_step_count=40,
+                                  suppress_health_check=[HealthCheck.too_slow])
