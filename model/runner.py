@@ -89,23 +89,20 @@ class MeshRunner:
 
     def _decode_step(self, live: list[int], page_table: torch.Tensor, result: StepResult) -> None:
         n = self.caps.num_slots
-        tokens = torch.zeros(n, dtype=torch.long)
-        positions = torch.zeros(n, dtype=torch.long)
-        active = torch.zeros(n, dtype=torch.bool)
         states = [self.slots[s] for s in live]
-        idx = torch.tensor(live)
-        tokens[idx] = torch.tensor([st.token_ids[-1] for st in states])
-        positions[idx] = torch.tensor([len(st.token_ids) - 1 for st in states])
-        active[idx] = True
+        tokens, positions, active = [0] * n, [0] * n, [False] * n
+        for s, st in zip(live, states):
+            tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1, True
+        args = (torch.tensor(tokens), torch.tensor(positions), page_table, torch.tensor(active))
         if all(st.on_device for st in states):
             sampling: list[SamplingParams | None] = [None] * n
             for s, st in zip(live, states):
                 sampling[s] = st.params
-            sampled = self.backend.decode(tokens, positions, page_table, active, sampling=sampling)[idx].tolist()
+            every_slot = self.backend.decode(*args, sampling=sampling).tolist()
+            sampled = [every_slot[s] for s in live]
             logprobs = [None] * len(live)
         else:
-            logits = self.backend.decode(tokens, positions, page_table, active)
-            sampled, logprobs = self._host_sample(logits[idx], states)
+            sampled, logprobs = self._host_sample(self.backend.decode(*args)[live], states)
         for s, st, token, lp in zip(live, states, sampled, logprobs):
             if lp is not None:
                 result.logprobs[s] = lp
