@@ -7,6 +7,7 @@ is the small Serve deployment that builds it inside a replica around a handle to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -281,6 +282,11 @@ class OpenAIServer:
     async def deltas(self, prep: Prepared, n: int, salt: str | None) -> AsyncIterator[ChoiceDelta]:
         """The n choices (n independent router requests) merged in arrival order. A seeded request
         gives choice i the seed + i, so the choices differ and each is reproducible."""
+        if n == 1:  # the common case: no merging task and queue per token event
+            async with contextlib.aclosing(self.choice(0, f"{prep.id}-0", prep, prep.params, salt)) as only:
+                async for delta in only:
+                    yield delta
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int) -> None:

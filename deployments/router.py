@@ -9,6 +9,7 @@ per request: the first token goes out at once, later ones at most every `stream_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -214,8 +215,9 @@ class RouterDeployment:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        salt: str | None = None) -> AsyncIterator[TokenEvent]:
         router = await self._ready()
-        async for event in router.generate(request_id, prompt_ids, params, salt):
-            yield event
+        async with contextlib.aclosing(router.generate(request_id, prompt_ids, params, salt)) as events:
+            async for event in events:  # closing this stream closes the request's: its slot is freed at once
+                yield event
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
         (await self._ready()).cancel(request_id, reason)
