@@ -28,10 +28,12 @@ HUNG_AFTER_S = 300.0  # a single step running longer than this marks the replica
 def build_backend(config: AppConfig, model_dir) -> Backend:
     """Import only the backend in use: ttnn exists only on Galaxy hosts, torch models are heavy."""
     if config.backend == "torch":
+        import torch
+
         from model.torch_llama import TorchBackend
-        return TorchBackend.from_dir(model_dir, num_slots=config.num_slots, block_size=config.block_size,
-                                     num_blocks=config.num_blocks, max_seq_len=config.max_seq_len,
-                                     dtype=config.dtype)
+        return TorchBackend(model_dir, num_slots=config.num_slots, block_size=config.block_size,
+                            num_blocks=config.num_blocks, max_seq_len=config.max_seq_len,
+                            dtype=getattr(torch, config.dtype))
     if config.backend == "simulated":
         from model.simulated import SimulatedBackend
         from model.tokenizer import load_tokenizer

@@ -78,7 +78,7 @@ def test_greedy_over_http_equals_direct_torch_backend(client):
     model_dir = ensure_smollm2()
     tok = load_tokenizer(model_dir)
     prompt_ids = tok.encode_chat(chat("Write one sentence about the sea."))
-    backend = TorchBackend.from_dir(model_dir, num_slots=1, block_size=64, num_blocks=8, max_seq_len=512)
+    backend = TorchBackend(model_dir, num_slots=1, block_size=64, num_blocks=8, max_seq_len=512)
     blocks = list(range(8))
     ids = list(prompt_ids)
     ids.append(int(backend.prefill(ids, 0, blocks, 0).argmax()))
