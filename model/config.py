@@ -1,0 +1,109 @@
+"""Llama model shape from Meta's `params.json` or a Hugging Face `config.json`.
+
+Both describe the same architecture with different names; Meta also leaves the FFN width and the
+Llama 3 rope scaling constants implicit, so they are derived here the way Meta's reference code does.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 ("llama3" rope type) frequency scaling for long context."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 131072
+    tie_word_embeddings: bool = False
+    head_dim: int = 0  # 0: dim // n_heads
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+
+    @classmethod
+    def from_meta(cls, params: dict) -> LlamaConfig:
+        """Meta params.json. `use_scaled_rope` turns on Llama 3.1+ scaling with Meta's fixed constants
+        (only the factor is ever given, as `rope_scaling_factor`), and those models run 128k context."""
+        scaled = bool(params.get("use_scaled_rope"))
+        return cls(
+            dim=params["dim"],
+            n_layers=params["n_layers"],
+            n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            vocab_size=params["vocab_size"],
+            ffn_dim=meta_ffn_dim(params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 500000.0),
+            rope_scaling=RopeScaling(factor=params.get("rope_scaling_factor", 8.0)) if scaled else None,
+            max_position_embeddings=131072 if scaled else 8192,
+        )
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> LlamaConfig:
+        """HF config.json. transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in
+        `rope_parameters`."""
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope type {rope_type!r}")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+                                  high_freq_factor=rope["high_freq_factor"],
+                                  original_max_position_embeddings=rope["original_max_position_embeddings"])
+        eos = cfg.get("eos_token_id")
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            vocab_size=cfg["vocab_size"],
+            ffn_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            head_dim=cfg.get("head_dim") or 0,
+            eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> LlamaConfig:
+        """A checkpoint folder: Meta (params.json) or HF (config.json), as model/weights.py decides."""
+        path = Path(path)
+        if (path / "params.json").exists():
+            return cls.from_meta(json.loads((path / "params.json").read_text()))
+        if (path / "config.json").exists():
+            return cls.from_hf(json.loads((path / "config.json").read_text()))
+        raise FileNotFoundError(f"{path} has neither config.json nor params.json")
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU width as Meta computes it: 2/3 of 4*dim, scaled, rounded up to `multiple_of`."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * -(-hidden // multiple_of)

@@ -1,0 +1,160 @@
+"""The torch backend's paged-cache behaviour on a tiny random model: chunked prefill, decode, batching."""
+import pytest
+import torch
+
+from model.config import LlamaConfig
+from model.torch_llama import TorchBackend, rope_inv_freq
+from model.verify import SHORT_CONTEXT_ROPE, save_tiny_hf_model
+from scheduler.sampling import SamplingParams
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_hf_model(path, SHORT_CONTEXT_ROPE)
+    return path
+
+
+def make_backend(model_dir, **kwargs) -> TorchBackend:
+    kwargs = {"num_slots": 4, "block_size": BLOCK, "num_blocks": 32, "max_seq_len": 256, "dtype": torch.float32,
+              "device": "cpu", **kwargs}
+    return TorchBackend(model_dir, **kwargs)
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_llama3_rope_matches_transformers(model_dir):
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(model_dir))
+    ours = rope_inv_freq(LlamaConfig.from_dir(model_dir))
+    torch.testing.assert_close(ours, expected)
+    unscaled = 1.0 / 10000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    assert (ours == unscaled).any() and (ours == unscaled / 4).any() and (ours != unscaled).any()
+
+
+def test_chunked_prefill_equals_one_shot(model_dir):
+    backend = make_backend(model_dir)
+    tokens = prompt(70)
+    whole = backend.prompt_logits(tokens, 0, [5, 1, 9, 3, 7])
+    pieces = [backend.prompt_logits(tokens[:end], start, [20, 11, 30, 2, 17])
+              for start, end in ((0, 13), (13, 40), (40, 70))]  # starts inside blocks
+    torch.testing.assert_close(torch.cat(pieces), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backend.prefill(tokens, 69, [20, 11, 30, 2, 17], slot=0), whole[-1],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_decode_continues_a_prefill(model_dir):
+    backend = make_backend(model_dir)
+    tokens, blocks = prompt(50, seed=1), [8, 3, 12, 0]
+    expected = backend.prompt_logits(tokens, 0, [20, 21, 22, 23])
+    backend.prefill(tokens[:45], 0, blocks, slot=2)
+    page_table = torch.zeros(4, backend.caps.max_blocks_per_seq, dtype=torch.int32)
+    page_table[2, :4] = torch.tensor(blocks)
+    active = torch.tensor([False, False, True, False])
+    for pos in range(45, 50):
+        ids = torch.zeros(4, dtype=torch.long)
+        ids[2] = tokens[pos]
+        logits = backend.decode(ids, torch.full((4,), pos), page_table, active)
+        torch.testing.assert_close(logits[2], expected[pos], rtol=1e-5, atol=1e-5)
+
+
+def test_batched_decode_rows_are_independent(model_dir):
+    """Rows of different lengths in one step give what each gives alone."""
+    backend = make_backend(model_dir)
+    lengths, page_table = (20, 47, 33), torch.zeros(4, backend.caps.max_blocks_per_seq, dtype=torch.int32)
+    for slot, n in enumerate(lengths):
+        page_table[slot, :4] = torch.arange(4) * 4 + slot  # interleaved blocks
+        backend.prefill(prompt(n, seed=slot), 0, page_table[slot, :4].tolist(), slot)
+    ids, positions = torch.tensor([1, 2, 3, 0]), torch.tensor([*lengths, 0])
+    batch_active = torch.tensor([True, True, True, False])
+    cache = backend.kv_cache.clone()
+    together = backend.decode(ids, positions, page_table, batch_active)
+    for slot in range(3):
+        backend.kv_cache.copy_(cache)
+        alone = backend.decode(ids, positions, page_table, torch.arange(4) == slot)
+        torch.testing.assert_close(together[slot], alone[slot], rtol=1e-5, atol=1e-5)
+
+
+def test_inactive_rows_leave_the_cache_alone(model_dir):
+    backend = make_backend(model_dir)
+    page_table = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [5, 6, 0, 0], [7, 8, 0, 0]], dtype=torch.int32)
+    page_table = torch.nn.functional.pad(page_table, (0, backend.caps.max_blocks_per_seq - 4))
+    before = backend.kv_cache.clone()
+    backend.decode(torch.tensor([4, 5, 6, 7]), torch.tensor([3, 20, 5, 17]), page_table,
+                   torch.tensor([False, True, False, False]))
+    changed = (backend.kv_cache != before).flatten(3).any(-1).any(0).any(0)  # per block
+    assert changed.nonzero().flatten().tolist() == [4]  # position 20 of slot 1 is in its second block
+
+
+def test_no_active_rows_is_a_no_op(model_dir):
+    backend = make_backend(model_dir)
+    before = backend.kv_cache.clone()
+    logits = backend.decode(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long),
+                            torch.zeros(4, backend.caps.max_blocks_per_seq, dtype=torch.int32),
+                            torch.zeros(4, dtype=torch.bool))
+    assert logits.shape == (4, 256) and torch.equal(backend.kv_cache, before)
+
+
+def test_bf16_tracks_fp32(model_dir):
+    tokens = prompt(40, seed=5)
+    fp32 = make_backend(model_dir).prompt_logits(tokens, 0, [0, 1, 2])
+    bf16 = make_backend(model_dir, dtype=torch.bfloat16).prompt_logits(tokens, 0, [0, 1, 2])
+    assert bf16.dtype == torch.float32
+    assert torch.corrcoef(torch.stack([fp32.flatten(), bf16.flatten()]))[0, 1] > 0.99
+
+
+def test_capabilities_and_default_pool(model_dir):
+    cfg = LlamaConfig.from_dir(model_dir)
+    block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * BLOCK * cfg.head_dim * 4
+    roomy = make_backend(model_dir, num_blocks=None, kv_cache_gb=1.0)
+    assert roomy.caps.num_blocks == 4 * (256 // BLOCK)  # every slot at max_seq_len fits
+    tight = make_backend(model_dir, num_blocks=None, kv_cache_gb=10 * block_bytes / 2**30)
+    assert tight.caps.num_blocks == 10 and tight.kv_cache.shape[2] == 10
+    assert roomy.caps.device_sampling == frozenset() and roomy.caps.eos_token_ids == (2,)
+    assert not roomy.can_sample(SamplingParams(temperature=0))
+
+
+def test_host_sampling_only(model_dir):
+    backend = make_backend(model_dir)
+    with pytest.raises(ValueError, match="host"):
+        backend.prefill(prompt(4), 0, [0], 0, sampling=SamplingParams())
+
+
+def test_bad_prefill_arguments(model_dir):
+    backend = make_backend(model_dir)
+    with pytest.raises(ValueError, match="blocks"):
+        backend.prefill(prompt(40), 0, [0, 1], 0)
+    with pytest.raises(ValueError, match="start"):
+        backend.prefill(prompt(4), 4, [0], 0)
+
+
+def test_tied_checkpoint_shares_the_embedding(tmp_path):
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+    config = HFConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    backend = make_backend(tmp_path, num_slots=1, num_blocks=2)
+    assert backend.model.lm_head.weight is backend.model.embed.weight
+    with torch.no_grad():
+        expected = hf(torch.tensor([[1, 2, 3]])).logits[0]
+    torch.testing.assert_close(backend.prompt_logits([1, 2, 3], 0, [1]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_incomplete_checkpoint_is_refused(model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(model_dir / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    with pytest.raises(ValueError, match="lacks 1"):
+        make_backend(tmp_path)
