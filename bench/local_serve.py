@@ -38,7 +38,7 @@ def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None 
         ray.init(address=cluster_address, log_to_driver=False)
     port = free_port()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build(config), name="meshserve", route_prefix="/")
         base_url = f"http://127.0.0.1:{port}"
         wait_healthy(base_url)

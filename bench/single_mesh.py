@@ -3,11 +3,11 @@
     python -m bench.single_mesh [--time-scale 1.0] [--clients 32] [--json]
 
 1. Saturation: `--clients` concurrent streaming requests (128 prompt tokens, 128 output tokens,
-   ignore_eos). The mesh's ceiling is clients / decode step time. Galaxy prefill runs one user at a time
-   (~60 ms each), so the whole run includes 32 prefills no decode can overlap; the figure compared with
-   the ceiling is therefore the delivered rate while every stream is decoding (from the last stream's
-   first token to the first stream's end), counted exactly from the per-chunk usage
-   (`stream_options.continuous_usage_stats`). The whole-run rate is printed beside it.
+   ignore_eos). The mesh's ceiling is clients / decode step time (at the contexts the window covers).
+   Galaxy prefill runs one user at a time (~60 ms each), so the whole run includes 32 prefills no decode
+   can overlap; the figure compared with the ceiling is therefore the delivered rate while every stream
+   is decoding (bench/saturation.py: from the last stream's first token to the first stream's end). The
+   whole-run rate is printed beside it.
 2. Idle TTFT: requests one at a time; median time to first token against the simulated prefill time.
 """
 from __future__ import annotations
@@ -16,59 +16,32 @@ import argparse
 import asyncio
 import json
 import statistics
-import time
 
 import httpx
 
 from bench.local_serve import serve_app
+from bench.saturation import capacity_tokens_per_s, distinct_prompts, drive, steady_window, stream
 from deployments.config import AppConfig
 from model.simulated import GalaxyTiming
 
 MODEL = "SmolLM2-135M-Instruct"
 
 
-async def stream(http: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int) -> list[tuple[float, int]]:
-    """(arrival time, completion tokens so far) for every chunk."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    marks = [(time.perf_counter(), 0)]
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if line.startswith("data: {"):
-                usage = json.loads(line[6:]).get("usage")
-                if usage and usage["completion_tokens"] > marks[-1][1]:
-                    marks.append((time.perf_counter(), usage["completion_tokens"]))
-    return marks
-
-
-def tokens_until(marks: list[tuple[float, int]], t: float) -> int:
-    return max((n for when, n in marks if when <= t), default=0)
-
-
 async def saturation(url: str, clients: int, prompt_len: int, output_len: int, time_scale: float) -> dict:
-    prompts = [[1000 + 97 * c + i for i in range(prompt_len)] for c in range(clients)]  # no shared prefix
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
-        t0 = time.perf_counter()
-        runs = await asyncio.gather(*[stream(http, url, p, output_len) for p in prompts])
-        wall = time.perf_counter() - t0
-    start = max(m[1][0] for m in runs)  # every stream has its first token
-    end = min(m[-1][0] for m in runs)  # no stream has finished yet
-    window_tokens = sum(tokens_until(m, end) - tokens_until(m, start) for m in runs)
-    step_s = GalaxyTiming.published().decode_step_seconds(prompt_len + output_len) * time_scale
-    capacity = clients / step_s
-    steady = window_tokens / (end - start)
+    runs, wall = await drive(url, MODEL, distinct_prompts(clients, prompt_len), output_len)
+    window = steady_window(runs)
+    capacity = capacity_tokens_per_s(clients, prompt_len, window, time_scale)
     total = sum(m[-1][1] for m in runs)
-    return {"clients": clients, "window_s": end - start, "window_tokens": window_tokens,
-            "delivered_tokens_per_s": steady, "mesh_capacity_tokens_per_s": capacity,
-            "efficiency": steady / capacity, "whole_run_tokens_per_s": total / wall, "whole_run_s": wall}
+    return {"clients": clients, "window_s": window.seconds, "window_tokens": window.tokens,
+            "delivered_tokens_per_s": window.tokens_per_s, "mesh_capacity_tokens_per_s": capacity,
+            "efficiency": window.tokens_per_s / capacity, "whole_run_tokens_per_s": total / wall, "whole_run_s": wall}
 
 
 async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float) -> dict:
     ttfts = []
     async with httpx.AsyncClient(timeout=600) as http:
         for i in range(requests):
-            marks = await stream(http, url, [2000 + 13 * i + j for j in range(prompt_len)], 4)
+            marks = await stream(http, url, MODEL, [2000 + 13 * i + j for j in range(prompt_len)], 4)
             ttfts.append(marks[1][0] - marks[0][0])
     prefill = GalaxyTiming.published().ttft(prompt_len) * time_scale
     median = statistics.median(ttfts)

@@ -44,36 +44,33 @@ class MeshRunner:
         self.slots: dict[int, SlotState] = {}
 
     def execute(self, work: MeshWork) -> Iterator[StepResult]:
-        """Yields work.num_messages results: the prefill part (if any), then one per decode step."""
+        """Yields work.num_messages results: one per prefill chunk, then one per decode step."""
         for slot in work.release:
             self.slots.pop(slot, None)
-        remaining = work.num_messages
-        if work.prefills:
-            remaining -= 1
-            yield self._prefill(work.work_id, work.prefills, last=remaining == 0)
+        for i, chunk in enumerate(work.prefills):
+            yield self._prefill(work.work_id, chunk, last=work.decode is None and i == len(work.prefills) - 1)
         if work.decode:
             yield from self._decode(work.work_id, work.decode)
 
-    def _prefill(self, work_id: int, chunks: list[PrefillChunk], last: bool) -> StepResult:
+    def _prefill(self, work_id: int, chunk: PrefillChunk, last: bool) -> StepResult:
         result = StepResult(work_id, [NO_TOKEN] * self.caps.num_slots, last=last)
-        for chunk in chunks:
-            self.slots.pop(chunk.slot, None)
-            params = chunk.params
-            on_device = params is not None and self.backend.can_sample(params)
-            out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
-                                       sampling=params if on_device else None)
-            if params is None:
-                continue
-            state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
-                              frozenset(chunk.stop_token_ids), on_device)
-            if on_device:
-                token = int(out)
-            else:
-                tokens, logprobs = self._host_sample(out[None], [state])
-                token = tokens[0]
-                if logprobs[0] is not None:
-                    result.logprobs[chunk.slot] = logprobs[0]
-            self._advance(chunk.slot, state, token, result)
+        self.slots.pop(chunk.slot, None)
+        params = chunk.params
+        on_device = params is not None and self.backend.can_sample(params)
+        out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
+                                   sampling=params if on_device else None)
+        if params is None:
+            return result
+        state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
+                          frozenset(chunk.stop_token_ids), on_device)
+        if on_device:
+            token = int(out)
+        else:
+            tokens, logprobs = self._host_sample(out[None], [state])
+            token = tokens[0]
+            if logprobs[0] is not None:
+                result.logprobs[chunk.slot] = logprobs[0]
+        self._advance(chunk.slot, state, token, result)
         return result
 
     def _decode(self, work_id: int, round_: DecodeRound) -> Iterator[StepResult]:

@@ -32,7 +32,7 @@ class _InFlight:
     prefills: list[tuple[Sequence, int, int, bool]]  # (sequence, epoch, chunk end, final)
     decode: list[tuple[int, Sequence, int]]  # (slot, sequence, epoch)
     messages_left: int
-    prefill_pending: bool
+    next_prefill: int = 0  # index into prefills of the next result: one message per chunk
 
 
 class MeshScheduler:
@@ -160,7 +160,7 @@ class MeshScheduler:
         work = MeshWork(self.next_work_id, chunks, round_, self.pending_release)
         self.next_work_id += 1
         self.pending_release = []
-        self.inflight.append(_InFlight(work.work_id, planned_chunks, entries, work.num_messages, bool(chunks)))
+        self.inflight.append(_InFlight(work.work_id, planned_chunks, entries, work.num_messages))
         return work
 
     def _reserve_lookahead(self) -> list[tuple[Sequence, int]]:
@@ -259,14 +259,14 @@ class MeshScheduler:
         plan = self.inflight[0]
         now = time.monotonic()
         events: list[TokenEvent] = []
-        if plan.prefill_pending:
-            plan.prefill_pending = False
-            for seq, epoch, end, final in plan.prefills:
-                if seq.epoch == epoch and seq.status is Status.RUNNING:
-                    seq.num_computed = end
-                    self._cache_full_blocks(seq)
-                    if final:
-                        self._take_token(seq, seq.slot, result, now, events)
+        if plan.next_prefill < len(plan.prefills):
+            seq, epoch, end, final = plan.prefills[plan.next_prefill]
+            plan.next_prefill += 1
+            if seq.epoch == epoch and seq.status is Status.RUNNING:
+                seq.num_computed = end
+                self._cache_full_blocks(seq)
+                if final:
+                    self._take_token(seq, seq.slot, result, now, events)
         else:
             for slot, seq, epoch in plan.decode:
                 if seq.epoch == epoch and seq.status is Status.RUNNING:

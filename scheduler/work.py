@@ -2,7 +2,8 @@
 
 Plain picklable data: they cross a Ray boundary once per round (work) and once per step (results).
 One work = optional prefill chunks, then optional K decode steps over every live slot.
-The mesh answers a work with one StepResult for its prefill part (if any) and one per decode step.
+The mesh answers a work with one StepResult per prefill chunk (so each user's first token leaves as soon as
+its own prefill ends) and one per decode step.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class MeshWork:
 
     @property
     def num_messages(self) -> int:
-        return (1 if self.prefills else 0) + (self.decode.num_steps if self.decode else 0)
+        return len(self.prefills) + (self.decode.num_steps if self.decode else 0)
 
 
 @dataclass

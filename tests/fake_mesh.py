@@ -68,15 +68,14 @@ class FakeMesh:
         for slot in work.release:
             self.slots.pop(slot, None)
         results = []
-        if work.prefills:
+        for chunk in work.prefills:  # one result per chunk
             result = StepResult(work.work_id, [NO_TOKEN] * self.num_slots)
-            for chunk in work.prefills:
-                self.slots.pop(chunk.slot, None)
-                for pos in range(chunk.start, len(chunk.token_ids)):
-                    self._write(chunk.block_ids, pos, chunk.token_ids[pos])
-                if chunk.is_final:
-                    state = _Slot(list(chunk.token_ids), chunk.num_prompt_tokens, chunk.params, chunk.stop_token_ids)
-                    self._sample(chunk.slot, state, chunk.block_ids, result)
+            self.slots.pop(chunk.slot, None)
+            for pos in range(chunk.start, len(chunk.token_ids)):
+                self._write(chunk.block_ids, pos, chunk.token_ids[pos])
+            if chunk.is_final:
+                state = _Slot(list(chunk.token_ids), chunk.num_prompt_tokens, chunk.params, chunk.stop_token_ids)
+                self._sample(chunk.slot, state, chunk.block_ids, result)
             results.append(result)
         if work.decode:
             listed = work.decode.slots

@@ -1,0 +1,71 @@
+"""The saturation measurement's arithmetic on known inputs (no cluster; tests/test_cluster_e2e.py runs one)."""
+import math
+
+import pytest
+
+from bench.saturation import (SteadyWindow, capacity_tokens_per_s, distinct_prompts, steady_window, tokens_until,
+                              ttfts)
+from bench.scaleout import router_cpu_us_per_round
+
+# Two streams sent at t=0: (arrival time, completion tokens so far).
+EARLY = [(0.0, 0), (1.0, 1), (2.0, 3), (3.0, 5), (4.0, 6)]
+LATE = [(0.0, 0), (1.5, 1), (2.5, 2), (3.5, 4), (5.0, 6)]
+
+
+class LinearTiming:
+    """A decode step takes 1e-4 s per token of context."""
+
+    @staticmethod
+    def decode_step_seconds(context: int) -> float:
+        return 1e-4 * context
+
+
+TIMING = LinearTiming()
+
+
+def test_tokens_until_counts_what_arrived_by_then():
+    assert [tokens_until(EARLY, t) for t in (0.5, 1.0, 2.9, 9.0)] == [0, 1, 3, 6]
+
+
+def test_steady_window_runs_from_last_first_token_to_first_end():
+    w = steady_window([EARLY, LATE])
+    assert (w.start, w.end) == (1.5, 4.0)
+    assert w.tokens == (6 - 1) + (4 - 1)  # EARLY: 1 -> 6 tokens; LATE: 1 -> 4 tokens
+    assert w.tokens_per_s == pytest.approx(8 / 2.5)
+    assert (w.first_context_tokens, w.last_context_tokens) == (1, 6)  # the longest stream at each edge
+
+
+def test_no_steady_window_when_a_stream_ends_before_another_starts():
+    with pytest.raises(ValueError, match="no steady window"):
+        steady_window([[(0.0, 0), (1.0, 1), (2.0, 2)], [(0.0, 0), (3.0, 1), (4.0, 2)]])
+
+
+def test_ttfts_are_first_token_minus_send():
+    assert ttfts([EARLY, LATE]) == [1.0, 1.5]
+
+
+def test_capacity_averages_the_step_time_over_the_contexts_the_window_covers():
+    w = SteadyWindow(start=1.0, end=2.0, tokens=200, first_context_tokens=0, last_context_tokens=100)
+    mean_step = 1e-4 * sum(range(100, 200)) / 100  # contexts prompt + 0 .. prompt + 99
+    got = capacity_tokens_per_s(32, 100, w, time_scale=2.0, timing=TIMING)
+    assert got == pytest.approx(32 / (mean_step * 2.0))
+    slower = capacity_tokens_per_s(32, 500, w, time_scale=2.0, timing=TIMING)  # longer prompts: slower steps
+    assert slower < got
+
+
+def test_capacity_of_a_window_without_new_tokens_uses_its_one_context():
+    w = SteadyWindow(start=1.0, end=2.0, tokens=0, first_context_tokens=5, last_context_tokens=5)
+    assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING) == pytest.approx(64 / (1e-4 * 200))
+
+
+def test_router_cpu_per_round_sums_every_mesh_over_the_run():
+    before = {"meshes": [{"rounds": 10, "plan_cpu_s": 1.0}, {"rounds": 0, "plan_cpu_s": 0.0}]}
+    after = {"meshes": [{"rounds": 110, "plan_cpu_s": 1.05}, {"rounds": 50, "plan_cpu_s": 0.025}]}
+    assert router_cpu_us_per_round(before, after) == pytest.approx(0.075 / 150 * 1e6)
+    assert math.isnan(router_cpu_us_per_round(before, before))
+
+
+def test_distinct_prompts_share_no_first_token():
+    prompts = distinct_prompts(256, 128)
+    assert all(len(p) == 128 for p in prompts)
+    assert len({p[0] for p in prompts}) == 256
