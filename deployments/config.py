@@ -48,7 +48,9 @@ class AppConfig(BaseModel):
     pipeline_depth: int = Field(2, ge=1, le=4)
     max_waiting_requests: int = Field(1024, ge=1)
     max_waiting_tokens: int = Field(4 * 131072, ge=1)
-    stream_interval_ms: float = Field(10.0, ge=0)
+    stream_interval_ms: float = Field(10.0, ge=0, description="least time between two chunks of a stream")
+    max_stream_chunks_per_s: float = Field(500.0, gt=0, description="chunks/s of all streams together; "
+                                                                   "more streams coalesce more tokens per chunk")
     # ingress
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.2, ge=0)

@@ -4,7 +4,9 @@ One MeshScheduler per mesh replica. A request goes to the mesh holding its longe
 router owns every block table, so it knows exactly), then to the least loaded. Each mesh has a loop that
 keeps up to `pipeline_depth` works in flight, so the next round is already queued on the mesh when the
 current one ends, and consumes the mesh's per-step results as they stream in. Token events are coalesced
-per request: the first token goes out at once, later ones at most every `stream_interval_ms`.
+per request: the first token goes out at once, later ones at most every `stream_interval_ms`, and less
+often when many streams run, so that all of them together send at most `max_stream_chunks_per_s` chunks
+(every chunk costs CPU in the router, the ingress and the HTTP proxy, whatever tokens it carries).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class RouterConfig:
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 4 * 131072
     stream_interval_ms: float = 10.0
+    max_stream_chunks_per_s: float = 500.0  # all streams together; beyond it, each stream coalesces more
     max_seq_len: int | None = None  # None: the backend's
 
 
@@ -100,11 +103,12 @@ class Router:
         self.placement[request_id] = mesh
         mesh.wake.set()
         finished = False
-        interval = self.config.stream_interval_ms / 1000
+        min_interval = self.config.stream_interval_ms / 1000
         try:
             while not finished:
                 events = [await queue.get()]
-                if events[0].token_ids and interval > 0 and events[0].num_prompt_tokens == 0:
+                interval = max(min_interval, len(self.queues) / self.config.max_stream_chunks_per_s)
+                if events[0].token_ids and events[0].num_prompt_tokens == 0:
                     await asyncio.sleep(interval)  # not the first token: let a few more arrive
                 while not queue.empty():
                     events.append(queue.get_nowait())
