@@ -62,11 +62,10 @@ def block_alloc_free_ns(sizes=(SMALL_POOL, LARGE_POOL), batch: int = 1024, round
 def _mesh_results(work: MeshWork, num_slots: int, token: int) -> list[StepResult]:
     """What a mesh would answer: the first token of final chunks, then a token per live slot per step."""
     results = []
-    if work.prefills:
+    for chunk in work.prefills:  # one result per chunk
         tokens = [NO_TOKEN] * num_slots
-        for chunk in work.prefills:
-            if chunk.is_final:
-                tokens[chunk.slot] = token
+        if chunk.is_final:
+            tokens[chunk.slot] = token
         results.append(StepResult(work.work_id, tokens))
     if work.decode:
         tokens = [NO_TOKEN] * num_slots

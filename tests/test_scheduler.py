@@ -382,3 +382,10 @@ def test_results_planned_for_an_earlier_placement_are_dropped():
     assert stale_seen and b.epoch >= 2
     for rid, prompt in (("a", [1] * 6), ("b", [2] * 6)):
         assert output_of(events[rid]) == expected(prompt, p)[0]
+
+
+def test_bench_drives_the_work_protocol_end_to_end():
+    """scheduler.bench speaks the same message protocol as a mesh; a drift there breaks the benchmark."""
+    from scheduler.bench import decode_step_us
+    runs = decode_step_us(num_slots=4, long_users=1, long_prompt=3000, short_prompt=100, rounds=3, repeats=1)
+    assert len(runs) == 1 and runs[0] > 0
