@@ -164,3 +164,19 @@ def test_client_disconnect_mid_stream_frees_slot_and_blocks(base_url):
         assert router_stats(base_url)["meshes"][0]["running"] == 1
     mesh = wait_idle(base_url)
     assert mesh["free_slots"] == CONFIG.num_slots
+
+
+def test_serving_benchmark_runs_unchanged_against_meshserve(base_url, tmp_path):
+    """The same bench.serving that runs against a plain OpenAI server (test_bench_serving) runs here."""
+    from bench import serving
+    out = tmp_path / "out.json"
+    serving.main(["--url", base_url + "/v1", "--num-prompts", "6", "--random-input-len", "24",
+                  "--random-output-len", "8", "--max-concurrency", "3", "--warmup", "1",
+                  "--goodput", "ttft:60000", "tpot:60000", "e2el:60000", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert (report["completed"], report["failed"]) == (6, 0)
+    assert report["output_tokens"] == 6 * 8 and report["usage_reported"] == 6
+    for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        assert 0 < report[metric]["p50"] <= report[metric]["p99"]
+    for key in ("request_throughput", "output_throughput", "total_token_throughput", "goodput"):
+        assert report[key] > 0
