@@ -83,8 +83,14 @@ class Attention(nn.Module):
         rows = kv_cache.view(2, -1, D)
         rows.index_copy_(1, step.write_rows, torch.stack([k, v.view(B, T, KV, D)]).view(2, -1, D))
         keys, values = rows.index_select(1, step.read_rows).view(2, B, KV, -1, D)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(B, T, H * D))
+        if T == 1:
+            # Decode: a kv head's query heads become its query rows (the mask broadcasts over them).
+            # On CPU this is ~1.3x (fp32) to ~4x (bf16) faster than SDPA's enable_gqa for one-token queries.
+            out = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), keys, values, attn_mask=step.mask)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask,
+                                                 enable_gqa=True).transpose(1, 2)
+        return self.wo(out.reshape(B, T, H * D))
 
 
 class MLP(nn.Module):
