@@ -51,7 +51,8 @@ def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None 
 def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1):
     """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do."""
     from ray.cluster_utils import Cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    # A port of its own for the dashboard (the state API goes through it): another Ray on this box may hold 8265.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_port": free_port()})
     for _ in range(num_galaxies):
         cluster.add_node(num_cpus=cpus_per_node, resources={"galaxy": 1})
     cluster.wait_for_nodes()
