@@ -83,7 +83,7 @@ class Router:
 
     # ---- requests -------------------------------------------------------------------------------
     def place(self, prompt_ids: list[int], salt: str | None) -> Mesh:
-        """Longest cached prefix first, then most free slots, then most free blocks, then shortest queue."""
+        """Longest cached prefix first, then the most slots left once its queue is seated, then free blocks."""
         live = [m for m in self.meshes if m.failed is None]
         if not live:
             raise RuntimeError("no mesh is available")
@@ -91,7 +91,7 @@ class Router:
         def key(m: Mesh):
             s = m.scheduler.stats()
             return (m.scheduler.cached_prefix_tokens(prompt_ids, salt),
-                    s["free_slots"], s["blocks_free"] + s["blocks_cached"], -s["waiting"])
+                    s["free_slots"] - s["waiting"], s["blocks_free"] + s["blocks_cached"])
         return max(live, key=key)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,

@@ -102,3 +102,20 @@ def test_failed_mesh_fails_its_requests_and_health():
         with pytest.raises(RuntimeError, match="no mesh"):
             await collect(router, "y", [3] * 20)
     asyncio.run(main())
+
+
+def test_a_burst_is_split_evenly_across_meshes():
+    """Queued requests count as load: a mesh that already admitted some must not get the whole rest."""
+    async def main():
+        router = make_router(num_meshes=2)
+        streams = [router.generate(f"r{i}", [i + 1] * 40, GREEDY) for i in range(8)]
+        first = await anext(streams[0])  # mesh of r0 admits it (slot taken) before the others arrive
+        assert first.token_ids
+        rest = [asyncio.create_task(anext(s)) for s in streams[1:]]
+        await asyncio.sleep(0)
+        placed = [router.placement[f"r{i}"].name for i in range(8)]
+        assert sorted(placed.count(name) for name in ("mesh-0", "mesh-1")) == [4, 4], placed
+        await asyncio.gather(*rest)
+        for s in streams:
+            await s.aclose()
+    asyncio.run(main())
