@@ -54,7 +54,10 @@ class Backend(ABC):
         [num_slots]."""
 
     def can_sample(self, params: SamplingParams) -> bool:
-        """True when the backend can sample `params` by itself (no host logits needed)."""
+        """True when the backend can sample `params` by itself (no host logits needed). A backend that
+        declares no device sampling never samples, not even with default parameters."""
+        if not self.caps.device_sampling:
+            return False
         defaults = SamplingParams()
         needed = {name for name in SamplingParams.model_fields
                   if name in SAMPLING_FIELDS and getattr(params, name) != getattr(defaults, name)}

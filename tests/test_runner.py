@@ -107,3 +107,20 @@ def test_logprobs_reported_on_host_path():
     result = run(runner, MeshWork(0, [chunk]))[0]
     lp = result.logprobs[0]
     assert lp.token_id == result.tokens[0] and len(lp.top) == 2 and lp.top[0][0] == lp.token_id
+
+
+def test_backend_without_device_sampling_always_gets_logits_even_for_default_params():
+    """Default params (temperature 1.0) need nothing special, yet a logits-only backend must not sample."""
+    class LogitsOnly(CountingBackend):
+        def prefill(self, token_ids, start, block_ids, slot, sampling=None):
+            assert sampling is None
+            return super().prefill(token_ids, start, block_ids, slot)
+
+        def decode(self, tokens, positions, page_table, active, sampling=None):
+            assert sampling is None
+            return super().decode(tokens, positions, page_table, active)
+
+    runner = MeshRunner(LogitsOnly())
+    results = run(runner, MeshWork(0, [PrefillChunk("a", 0, [4], 0, [0], SamplingParams(max_tokens=3), 1)],
+                                   decode_round([0], steps=2)))
+    assert all(r.tokens[0] != NO_TOKEN for r in results)

@@ -180,3 +180,9 @@ def test_serving_benchmark_runs_unchanged_against_meshserve(base_url, tmp_path):
         assert 0 < report[metric]["p50"] <= report[metric]["p99"]
     for key in ("request_throughput", "output_throughput", "total_token_throughput", "goodput"):
         assert report[key] > 0
+
+
+def test_default_sampling_parameters_are_served(client):
+    """No temperature given means OpenAI's default (1.0), sampled on the host for the torch backend."""
+    out = client.chat.completions.create(model=MODEL, messages=chat("Say hello."), max_tokens=8)
+    assert out.choices[0].message.content and out.usage.completion_tokens > 0
