@@ -6,16 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class TTConfig(BaseModel):
-    """Mesh-open settings for tt_galaxy; the defaults are the seed's (galaxy_perf.json)."""
-
-    model_config = ConfigDict(extra="forbid")
-    dispatch_core_axis: Literal["row", "col"] = "col"
-    fabric_config: Literal["DISABLED", "FABRIC_1D", "FABRIC_1D_RING", "FABRIC_2D"] = "FABRIC_1D_RING"
-    worker_l1_size: int = Field(1344544, gt=0)
-    trace_region_size: int = Field(95693824, gt=0)
-    sample_on_device_mode: Literal["all", "decode_only"] | None = "all"
+from model.tt_galaxy import TTMeshConfig
 
 
 class AppConfig(BaseModel):
@@ -39,7 +30,7 @@ class AppConfig(BaseModel):
     time_scale: float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy")
     mesh_shape: tuple[int, int] = (8, 4)
     num_layers: int | None = Field(None, ge=1, description="tt_galaxy: fewer layers, for bring-up")
-    override_tt_config: TTConfig = Field(default_factory=TTConfig)
+    override_tt_config: TTMeshConfig = Field(default_factory=TTMeshConfig)  # the seed's mesh-open defaults
     # router
     prefill_chunk: int = Field(4096, ge=128)
     max_prefill_tokens: int | None = Field(None, ge=128, description="prefill between two decode rounds; "

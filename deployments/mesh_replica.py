@@ -46,7 +46,7 @@ def build_backend(config: AppConfig, model_dir) -> Backend:
     return TTGalaxyBackend(model_dir, mesh_shape=config.mesh_shape, num_slots=config.num_slots,
                            block_size=config.block_size, num_blocks=config.num_blocks,
                            max_seq_len=config.max_seq_len, num_layers=config.num_layers,
-                           tt_config=config.override_tt_config.model_dump())
+                           tt_config=config.override_tt_config)
 
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
