@@ -3,17 +3,24 @@
 It keeps each live slot's sampling state (params, history, last token, budget) so the router can plan the
 next round before this one ends, and retires a slot by itself on a stop id or an exhausted budget so a
 finished user burns no steps while the router catches up. It holds no scheduling policy.
+
+Host-side work for one slot (masking, penalties, sampling) that raises retires that slot alone with
+finish_reason "error"; the other slots and the mesh go on. Nothing here writes in place into a tensor a
+backend returned: backends may hand out inference-mode tensors, or views of their own buffers.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from model.backend import Backend
-from scheduler.sampling import SamplingParams, sample_batch
+from scheduler.sampling import SamplingParams, TokenLogprobs, sample_batch
 from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
+
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -24,6 +31,7 @@ class SlotState:
     num_prompt_tokens: int
     stop_ids: frozenset[int]
     on_device: bool  # the backend samples these params itself (decided once, not per step)
+    banned_early: list[int]  # stop ids inside the vocabulary: masked until min_tokens are generated
 
     @property
     def num_generated(self) -> int:
@@ -43,6 +51,10 @@ class MeshRunner:
         self.caps = backend.caps
         self.slots: dict[int, SlotState] = {}
 
+    def reset(self) -> None:
+        """Forget every slot (a new router, or a router that re-joined this mesh, starts from scratch)."""
+        self.slots.clear()
+
     def execute(self, work: MeshWork) -> Iterator[StepResult]:
         """Yields work.num_messages results: one per prefill chunk, then one per decode step."""
         for slot in work.release:
@@ -61,16 +73,15 @@ class MeshRunner:
                                    sampling=params if on_device else None)
         if params is None:
             return result
+        vocab = self.caps.vocab_size
         state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
-                          frozenset(chunk.stop_token_ids), on_device)
+                          frozenset(chunk.stop_token_ids), on_device,
+                          sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
         if on_device:
-            token = int(out)
+            self._advance(chunk.slot, state, int(out), None, result)
         else:
             tokens, logprobs = self._host_sample(out[None], [state])
-            token = tokens[0]
-            if logprobs[0] is not None:
-                result.logprobs[chunk.slot] = logprobs[0]
-        self._advance(chunk.slot, state, token, result)
+            self._advance(chunk.slot, state, tokens[0], logprobs[0], result)
         return result
 
     def _decode(self, work_id: int, round_: DecodeRound) -> Iterator[StepResult]:
@@ -96,29 +107,56 @@ class MeshRunner:
             for s, st in zip(live, states):
                 sampling[s] = st.params
             every_slot = self.backend.decode(*args, sampling=sampling).tolist()
-            sampled = [every_slot[s] for s in live]
-            logprobs = [None] * len(live)
+            sampled: list[int | None] = [every_slot[s] for s in live]
+            logprobs: list[TokenLogprobs | None] = [None] * len(live)
         else:
             sampled, logprobs = self._host_sample(self.backend.decode(*args)[live], states)
         for s, st, token, lp in zip(live, states, sampled, logprobs):
-            if lp is not None:
-                result.logprobs[s] = lp
-            self._advance(s, st, token, result)
+            self._advance(s, st, token, lp, result)
 
-    def _host_sample(self, logits: torch.Tensor, states: list[SlotState]):
-        """Sample on the host; before min_tokens, stop ids are masked so they cannot end the answer."""
-        for row, st in enumerate(states):
-            if st.num_generated < st.params.min_tokens and st.stop_ids:
-                logits[row, list(st.stop_ids)] = float("-inf")
+    def _host_sample(self, logits: torch.Tensor, states: list[SlotState]
+                     ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
+        """Sample rows [len(states), vocab] on the host; before min_tokens, stop ids are masked so they
+        cannot end the answer. A row whose sampling raises gets None (its slot is retired with "error")."""
+        early = [(row, st.banned_early) for row, st in enumerate(states)
+                 if st.banned_early and st.num_generated < st.params.min_tokens]
+        if early:
+            mask = torch.zeros(logits.shape, dtype=torch.bool)
+            for row, ids in early:
+                mask[row, ids] = True
+            logits = logits.masked_fill(mask, float("-inf"))  # a new tensor: the backend's stays as it was
+        try:
+            return self._sample(logits, states)
+        except Exception:  # find the rows at fault; the others are sampled again, one by one
+            tokens: list[int | None] = []
+            logprobs: list[TokenLogprobs | None] = []
+            for row, st in enumerate(states):
+                try:
+                    (token,), (lp,) = self._sample(logits[row:row + 1], [st])
+                except Exception:
+                    log.exception("sampling failed for request %s; its slot is retired", st.request_id)
+                    token, lp = None, None
+                tokens.append(token)
+                logprobs.append(lp)
+            return tokens, logprobs
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, states: list[SlotState]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        penalties = any(st.params.needs_penalties for st in states)
         return sample_batch(logits, [st.params for st in states], [len(st.token_ids) for st in states],
-                            prompts=[st.token_ids[:st.num_prompt_tokens] for st in states]
-                            if any(st.params.needs_penalties for st in states) else None,
-                            outputs=[st.token_ids[st.num_prompt_tokens:] for st in states]
-                            if any(st.params.needs_penalties for st in states) else None)
+                            prompts=[st.token_ids[:st.num_prompt_tokens] for st in states] if penalties else None,
+                            outputs=[st.token_ids[st.num_prompt_tokens:] for st in states] if penalties else None)
 
-    def _advance(self, slot: int, state: SlotState, token: int, result: StepResult) -> None:
+    def _advance(self, slot: int, state: SlotState, token: int | None, logprobs: TokenLogprobs | None,
+                 result: StepResult) -> None:
+        if token is None:  # this slot's host work failed: retire it alone
+            result.finished[slot] = "error"
+            self.slots.pop(slot, None)
+            return
         state.token_ids.append(token)
         result.tokens[slot] = token
+        if logprobs is not None:
+            result.logprobs[slot] = logprobs
         reason = state.finish_reason(token)
         if reason:
             result.finished[slot] = reason

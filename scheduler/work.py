@@ -68,7 +68,7 @@ class StepResult:
 
     work_id: int
     tokens: list[int]  # per slot, NO_TOKEN where nothing was produced
-    finished: dict[int, str] = field(default_factory=dict)  # slot -> "stop" | "length": retired by the mesh
+    finished: dict[int, str] = field(default_factory=dict)  # slot -> "stop" | "length" | "error": retired by the mesh
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # slot -> logprobs, when asked
     last: bool = False  # the final message of this work
 

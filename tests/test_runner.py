@@ -124,3 +124,56 @@ def test_backend_without_device_sampling_always_gets_logits_even_for_default_par
     results = run(runner, MeshWork(0, [PrefillChunk("a", 0, [4], 0, [0], SamplingParams(max_tokens=3), 1)],
                                    decode_round([0], steps=2)))
     assert all(r.tokens[0] != NO_TOKEN for r in results)
+
+
+class InferenceModeBackend(CountingBackend):
+    """Returns inference-mode tensors, as the torch backend does: writing into them in place raises."""
+
+    def prefill(self, *args, **kw):
+        with torch.inference_mode():
+            return super().prefill(*args, **kw)
+
+    def decode(self, *args, **kw):
+        with torch.inference_mode():
+            return super().decode(*args, **kw)
+
+
+def test_min_tokens_masks_stop_ids_without_writing_into_the_backends_tensor():
+    prompt = [5]
+    first = expected_tokens(prompt, 1)[0]
+    runner = MeshRunner(InferenceModeBackend())
+    params = greedy(min_tokens=1, max_tokens=4)
+    chunk = PrefillChunk("a", 0, prompt, 0, [0], params, 1, stop_token_ids=(first, 10**9, -1))  # ids out of vocab too
+    results = run(runner, MeshWork(0, [chunk], decode_round([0], steps=3)))
+    tokens = [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN]
+    assert tokens[0] != first and all(not r.finished or r.finished[0] in ("stop", "length") for r in results)
+
+
+def test_a_slot_whose_sampling_raises_is_retired_alone(monkeypatch):
+    import scheduler.sampling as sampling
+    real = sampling.sample_row
+
+    def flaky(logits, params, position, *a, **kw):
+        if params.seed == 13:  # the poisoned request
+            raise RuntimeError("host sampling broke")
+        return real(logits, params, position, *a, **kw)
+
+    monkeypatch.setattr(sampling, "sample_row", flaky)
+    runner = MeshRunner(InferenceModeBackend())
+    ok, bad = SamplingParams(temperature=0.5, seed=1, max_tokens=10), SamplingParams(temperature=0.5, seed=13, max_tokens=5)
+    results = run(runner, MeshWork(0, [PrefillChunk("ok", 0, [2], 0, [0], ok, 1),
+                                       PrefillChunk("bad", 1, [3], 0, [1], greedy(max_tokens=5), 1)],
+                                   decode_round([0, 1], steps=2)))
+    assert results[1].tokens[1] != NO_TOKEN  # greedy "bad" is fine so far
+    runner.slots[1].params = bad  # now its sampling raises on every step
+    results = run(runner, MeshWork(1, decode=decode_round([0, 1], steps=2)))
+    assert results[0].finished == {1: "error"} and results[0].tokens[1] == NO_TOKEN
+    assert all(r.tokens[0] != NO_TOKEN for r in results) and 1 not in runner.slots and 0 in runner.slots
+
+
+def test_reset_forgets_every_slot():
+    runner = MeshRunner(CountingBackend())
+    run(runner, MeshWork(0, [PrefillChunk("a", 0, [2], 0, [0], greedy(), 1)]))
+    assert runner.slots
+    runner.reset()
+    assert runner.slots == {}
