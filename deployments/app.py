@@ -44,6 +44,9 @@ def build(args: AppConfig) -> Application:
         "stream_interval_ms": config.stream_interval_ms,
         "max_stream_chunks_per_s": config.max_stream_chunks_per_s,
         "max_seq_len": config.max_seq_len,
+        "step_deadline_factor": config.step_deadline_factor,
+        "min_step_deadline_s": config.min_step_deadline_s,
+        "no_mesh_wait_s": config.no_mesh_wait_s,
     })
     return Ingress.options(num_replicas=config.ingress_replicas,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(

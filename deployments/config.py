@@ -42,6 +42,11 @@ class AppConfig(BaseModel):
     stream_interval_ms: float = Field(10.0, ge=0, description="least time between two chunks of a stream")
     max_stream_chunks_per_s: float = Field(500.0, gt=0, description="chunks/s of all streams together; "
                                                                    "more streams coalesce more tokens per chunk")
+    # failure handling (see DESIGN.md, "Failure")
+    step_deadline_factor: float = Field(20.0, gt=0, description="a work silent for min_step_deadline_s + this x "
+                                                                "its expected time marks its mesh down")
+    min_step_deadline_s: float = Field(30.0, gt=0)
+    no_mesh_wait_s: float = Field(30.0, ge=0, description="with no live mesh, requests wait this long, then 503")
     # ingress
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.2, ge=0)

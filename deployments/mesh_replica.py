@@ -3,13 +3,18 @@ the router's work in order, streaming one StepResult per step for all slots.
 
 Works run on one worker thread, strictly in work-id order: the router pipelines (sends work n+1 before
 n ends) and may reuse blocks freed in n for n+1, which is only safe if n has finished writing them.
+
+Each replica start draws an incarnation id. The router's `reset()` (at its own start, and whenever it
+brings this mesh back after a failure) drops every slot and restarts work ids at 0, after the work on the
+worker thread ends; works planned for an older incarnation or before the reset are refused at once, and
+none waits for its turn longer than a deadline, so a replica never hangs on a work id that will not come.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +27,10 @@ from scheduler.work import MeshWork, StepResult
 
 log = logging.getLogger("ray.serve")
 
-HUNG_AFTER_S = 300.0  # a single step running longer than this marks the replica unhealthy
+
+
+class StaleWork(RuntimeError):
+    """A work planned for another incarnation of this replica, or before its last reset."""
 
 
 def build_backend(config: AppConfig, model_dir) -> Backend:
@@ -53,25 +61,54 @@ def build_backend(config: AppConfig, model_dir) -> Backend:
 class MeshReplica:
     def __init__(self, config: dict, model_dir: str):
         # Serve marks the replica ready only once this returns: a loading mesh takes no traffic.
-        self.runner = MeshRunner(build_backend(AppConfig(**config), model_dir))
+        app = AppConfig(**config)
+        self.runner = MeshRunner(build_backend(app, model_dir))
+        self.caps = self.runner.caps
+        self.incarnation = uuid.uuid4().hex
+        self.min_deadline_s = app.min_step_deadline_s
+        self.deadline_factor = app.step_deadline_factor
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh")
         self.turn = asyncio.Condition()
         self.next_work_id = 0
-        self.step_started: float | None = None
+        self.generation = 0  # +1 at each reset: works of an older generation are refused
+        self.running: tuple[float, float] | None = None  # (start of the current step, its deadline in s)
         self.error: BaseException | None = None
+        self.closed = False
 
     def capabilities(self) -> Capabilities:
-        return self.runner.caps
+        return self.caps
 
-    async def execute(self, work: MeshWork) -> AsyncIterator[StepResult]:
+    async def reset(self) -> tuple[str, Capabilities]:
+        """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
+        Works still waiting for their turn are refused. Returns (incarnation id, capabilities)."""
         async with self.turn:
-            if work.work_id < self.next_work_id:  # a restarted router starts counting again
-                self.next_work_id = work.work_id
-                self.runner.slots.clear()
-            await self.turn.wait_for(lambda: work.work_id == self.next_work_id)
+            self.generation += 1
+            self.next_work_id = 0
+            self.turn.notify_all()
+            done = self.worker.submit(self.runner.reset)  # queued behind any running work
+        await asyncio.wrap_future(done)
+        return self.incarnation, self.caps
+
+    async def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
+        """Run one work once every lower work id has run; stream one StepResult per message, in order.
+        Raises StaleWork for a work planned for another incarnation or generation, or whose turn does not
+        come within the deadline (its predecessor never arrived)."""
+        if incarnation != self.incarnation:
+            raise StaleWork(f"work {work.work_id} was planned for incarnation {incarnation}, "
+                            f"this replica is {self.incarnation}")
+        deadline = self._deadline(work)
+        async with self.turn:
+            generation = self.generation
+            try:
+                await asyncio.wait_for(self.turn.wait_for(
+                    lambda: self.generation != generation or work.work_id == self.next_work_id), deadline)
+            except asyncio.TimeoutError:
+                raise StaleWork(f"work {work.work_id} waited {deadline:.0f} s for work {self.next_work_id}") from None
+            if self.generation != generation:
+                raise StaleWork(f"work {work.work_id} was planned before a reset")
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
-        done = self.worker.submit(self._run, work, loop, results)
+        done = self.worker.submit(self._run, work, deadline, loop, results)
         try:
             for _ in range(work.num_messages):
                 item = await results.get()
@@ -81,30 +118,44 @@ class MeshReplica:
         finally:
             await asyncio.wrap_future(done)
             async with self.turn:
-                self.next_work_id = work.work_id + 1
-                self.turn.notify_all()
+                if self.generation == generation:
+                    self.next_work_id = work.work_id + 1
+                    self.turn.notify_all()
 
-    def _run(self, work: MeshWork, loop: asyncio.AbstractEventLoop, results: asyncio.Queue) -> None:
+    def _deadline(self, work: MeshWork) -> float:
+        tokens = sum(len(c.token_ids) - c.start for c in work.prefills)
+        expected = self.caps.expected_seconds(tokens, work.decode.num_steps if work.decode else 0)
+        return self.min_deadline_s + self.deadline_factor * expected
+
+    def _run(self, work: MeshWork, deadline: float, loop: asyncio.AbstractEventLoop, results: asyncio.Queue) -> None:
         try:
-            self.step_started = time.monotonic()
+            self.running = (time.monotonic(), deadline)
             for result in self.runner.execute(work):
                 loop.call_soon_threadsafe(results.put_nowait, result)
-                self.step_started = time.monotonic()
-        except BaseException as e:  # surfaced to the router, which fails this mesh's requests
+                self.running = (time.monotonic(), deadline)
+        except BaseException as e:  # a device error: the router moves this mesh's requests, Serve restarts us
             log.exception("mesh work %d failed", work.work_id)
             self.error = e
             loop.call_soon_threadsafe(results.put_nowait, e)
         finally:
-            self.step_started = None
+            self.running = None
 
     def check_health(self) -> None:
+        """Unhealthy after a device error or a step past its deadline: Serve then restarts the replica."""
         if self.error is not None:
             raise RuntimeError(f"backend failed: {self.error!r}")
-        started = self.step_started
-        if started is not None and time.monotonic() - started > HUNG_AFTER_S:
-            raise RuntimeError(f"backend hung: one step has run for {time.monotonic() - started:.0f} s")
+        running = self.running
+        if running is not None and time.monotonic() - running[0] > running[1]:
+            raise RuntimeError(f"backend hung: one step has run for {time.monotonic() - running[0]:.0f} s")
 
-    def __del__(self):
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            runner.backend.close()
+    def shutdown(self) -> None:
+        """Close the device once (idempotent); the worker thread is not waited for if it is stuck."""
+        if self.closed:
+            return
+        self.closed = True
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        self.runner.backend.close()
+
+    def __del__(self):  # Serve's replica-shutdown hook
+        if hasattr(self, "closed"):
+            self.shutdown()

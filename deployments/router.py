@@ -1,12 +1,21 @@
-"""The router: the one place that owns scheduling state for every mesh.
+"""The router: the one place that owns scheduling state for every mesh, and so the one that can lose none.
 
-One MeshScheduler per mesh replica. A request goes to the mesh holding its longest cached prefix (the
-router owns every block table, so it knows exactly), then to the least loaded. Each mesh has a loop that
-keeps up to `pipeline_depth` works in flight, so the next round is already queued on the mesh when the
-current one ends, and consumes the mesh's per-step results as they stream in. Token events are coalesced
-per request: the first token goes out at once, later ones at most every `stream_interval_ms`, and less
-often when many streams run, so that all of them together send at most `max_stream_chunks_per_s` chunks
-(every chunk costs CPU in the router, the ingress and the HTTP proxy, whatever tokens it carries).
+One MeshScheduler per live mesh replica. A request goes to the mesh holding its longest cached prefix (the
+router owns every block table, so it knows exactly), then to the least loaded. Each live mesh has a loop
+that keeps up to `pipeline_depth` works in flight, so the next round is already queued on the mesh when
+the current one ends, and consumes the mesh's per-step results as they stream in.
+
+Failure (DESIGN.md, "Failure"): a work stream that raises, ends early, or sends nothing past a deadline
+derived from the backend's expected step time marks its mesh down. Every request that was on it, running
+or queued, is re-placed on a live mesh with the tokens it has so far and recomputed there, the path a
+preempted sequence takes; its client stream goes on with no gap in the tokens. With no live mesh, requests
+wait up to `no_mesh_wait_s`, then fail with NoMeshAvailable (HTTP 503). A down mesh is probed with
+`reset()`; the answer carries the replica's incarnation id, and the mesh rejoins with a fresh scheduler
+and work ids from 0 (a replica Serve restarted, or the same one once its stuck work ended).
+
+Token events are coalesced per request: the first token goes out at once, later ones at most every
+`stream_interval_ms`, and less often when many streams run, so that all of them together send at most
+`max_stream_chunks_per_s` chunks (every chunk costs CPU in the router, the ingress and the HTTP proxy).
 """
 from __future__ import annotations
 
@@ -14,20 +23,36 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ray import serve
 
+from model.backend import Capabilities
 from scheduler.blocks import BlockPool
+from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
 from scheduler.work import MeshWork, StepResult, TokenEvent
 
 log = logging.getLogger("ray.serve")
 
-ExecuteFn = Callable[[MeshWork], AsyncIterator[StepResult]]
+
+class MeshClient(Protocol):
+    """How the router reaches one mesh replica."""
+
+    def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
+        """Send the work now; its results stream back in order. Raises if the replica is not `incarnation`."""
+
+    async def reset(self) -> tuple[str, Capabilities]:
+        """Drop every slot and restart work ids at 0 (after any work still running). Returns the
+        replica's incarnation id (new at each replica start) and its capabilities."""
+
+
+class MeshFailed(RuntimeError):
+    """A mesh stopped answering its work correctly: every request on it moves elsewhere."""
 
 
 @dataclass
@@ -41,17 +66,47 @@ class RouterConfig:
     stream_interval_ms: float = 10.0
     max_stream_chunks_per_s: float = 500.0  # all streams together; beyond it, each stream coalesces more
     max_seq_len: int | None = None  # None: the backend's
+    # failure handling
+    step_deadline_factor: float = 20.0  # a message later than min + factor x the work's expected time: hung
+    min_step_deadline_s: float = 30.0
+    probe_interval_s: float = 1.0  # a down mesh is asked to reset this often
+    probe_timeout_s: float = 30.0
+    heartbeat_s: float = 5.0  # an idle mesh is checked this often (a replica restarted while idle rejoins)
+    no_mesh_wait_s: float = 30.0  # a request waits this long for a live mesh, then 503
+    cancel_memory_s: float = 60.0  # a cancel for an unknown request is remembered this long
 
 
 @dataclass
 class Mesh:
     name: str
-    execute: ExecuteFn
-    scheduler: MeshScheduler
+    client: MeshClient
+    scheduler: MeshScheduler | None = None  # None while down
+    caps: Capabilities | None = None
+    incarnation: str | None = None
+    down_reason: str | None = "starting"
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rounds: int = 0
     plan_cpu_s: float = 0.0  # router CPU spent planning and taking results in (for the scale-out report)
-    failed: str | None = None
+    failovers: int = 0
+    requests_migrated: int = 0
+
+    @property
+    def up(self) -> bool:
+        return self.scheduler is not None
+
+
+@dataclass
+class _Request:
+    """What the router must keep to re-place a request anywhere: the scheduler's sequence holds the rest."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    salt: str | None
+    arrival_time: float
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent, or an exception to raise
+    mesh: Mesh | None = None  # None: waiting for a live mesh
+    held_output: list[int] = field(default_factory=list)  # tokens so far, while waiting for a live mesh
+    held_since: float | None = None
 
 
 def merge(events: list[TokenEvent]) -> TokenEvent:
@@ -64,14 +119,16 @@ def merge(events: list[TokenEvent]) -> TokenEvent:
 
 
 class Router:
-    def __init__(self, meshes: list[tuple[str, ExecuteFn, "Capabilities"]], config: RouterConfig):
+    def __init__(self, meshes: list[tuple[str, MeshClient]], config: RouterConfig):
         self.config = config
-        self.meshes = [Mesh(name, execute, self._scheduler_for(caps)) for name, execute, caps in meshes]
-        self.queues: dict[str, asyncio.Queue[TokenEvent]] = {}
-        self.placement: dict[str, Mesh] = {}
-        self.tasks = [asyncio.create_task(self._run(m)) for m in self.meshes]
+        self.meshes = [Mesh(name, client) for name, client in meshes]
+        self.requests: dict[str, _Request] = {}
+        self.cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that came before (or after) their request
+        self.mesh_up = asyncio.Event()
+        self.tasks = [asyncio.create_task(self._supervise(m)) for m in self.meshes]
+        self.tasks.append(asyncio.create_task(self._expire_held()))
 
-    def _scheduler_for(self, caps) -> MeshScheduler:
+    def _scheduler_for(self, caps: Capabilities) -> MeshScheduler:
         c = self.config
         max_seq_len = min(c.max_seq_len or caps.max_seq_len, caps.max_seq_len)
         return MeshScheduler(
@@ -82,11 +139,12 @@ class Router:
             eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth)
 
     # ---- requests -------------------------------------------------------------------------------
-    def place(self, prompt_ids: list[int], salt: str | None) -> Mesh:
-        """Longest cached prefix first, then the most slots left once its queue is seated, then free blocks."""
-        live = [m for m in self.meshes if m.failed is None]
+    def place(self, prompt_ids: list[int], salt: str | None) -> Mesh | None:
+        """Longest cached prefix first, then the most slots left once its queue is seated, then free
+        blocks. None when no mesh is live."""
+        live = [m for m in self.meshes if m.up]
         if not live:
-            raise RuntimeError("no mesh is available")
+            return None
 
         def key(m: Mesh):
             s = m.scheduler.stats()
@@ -95,98 +153,308 @@ class Router:
         return max(live, key=key)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None = None) -> AsyncIterator[TokenEvent]:
+                       salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
+        """Run one request; yields TokenEvents until one carries a finish_reason.
+
+        `output_ids` continues a request whose first tokens were already delivered (the ingress resubmits
+        its streams this way when the router restarted); only the tokens after them are yielded.
+        Events are coalesced: the first token at once, later ones at most every stream_interval_ms (more
+        when many streams run). A mesh failure does not end the stream: the request moves to another mesh
+        and its events go on. Raises PromptTooLong / QueueFull when refused, NoMeshAvailable when no mesh
+        came up within no_mesh_wait_s. Closing the generator early cancels the request (slot and blocks
+        are freed at once). A request cancelled before it arrived ends at once with finish_reason "abort".
+        """
+        if self._forget_cancel(request_id):
+            yield TokenEvent(request_id, [], finish_reason="abort")
+            return
+        if request_id in self.requests:
+            raise ValueError(f"request {request_id!r} is already running")
+        if len(output_ids) >= params.max_tokens:  # every token was delivered; only the finish was lost
+            yield TokenEvent(request_id, [], finish_reason="length")
+            return
+        req = _Request(list(prompt_ids), params, salt, time.monotonic())
         mesh = self.place(prompt_ids, salt)
-        mesh.scheduler.submit(request_id, prompt_ids, params, salt)  # raises PromptTooLong / QueueFull
-        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self.queues[request_id] = queue
-        self.placement[request_id] = mesh
-        mesh.wake.set()
+        if mesh is not None:  # refusals (too long, queue full) raise here, before anything is held
+            mesh.scheduler.submit(request_id, req.prompt_ids, params, salt, list(output_ids),
+                                  arrival_time=req.arrival_time)
+            req.mesh = mesh
+            mesh.wake.set()
+        else:
+            self._hold(request_id, req, list(output_ids))
+        self.requests[request_id] = req
         finished = False
         min_interval = self.config.stream_interval_ms / 1000
+        error: BaseException | None = None  # queued after events: raised once they are out
         try:
             while not finished:
-                events = [await queue.get()]
-                interval = max(min_interval, len(self.queues) / self.config.max_stream_chunks_per_s)
-                if events[0].token_ids and events[0].num_prompt_tokens == 0:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                events = [item]
+                interval = max(min_interval, len(self.requests) / self.config.max_stream_chunks_per_s)
+                if item.token_ids and item.num_prompt_tokens == 0:
                     await asyncio.sleep(interval)  # not the first token: let a few more arrive
-                while not queue.empty():
-                    events.append(queue.get_nowait())
+                while not req.queue.empty():
+                    item = req.queue.get_nowait()
+                    if isinstance(item, BaseException):
+                        error = item
+                        break
+                    events.append(item)
                 event = merge(events)
-                finished = event.finish_reason is not None
+                finished = event.finish_reason is not None or error is not None
                 yield event
+                if error is not None:
+                    raise error
         finally:
-            self.queues.pop(request_id, None)
-            self.placement.pop(request_id, None)
+            self.requests.pop(request_id, None)
             if not finished:  # the client went away: free its slot and blocks now
-                mesh.scheduler.cancel(request_id, "abort")
-                mesh.wake.set()
+                self._end(request_id, req, "abort")
 
     def cancel(self, request_id: str, reason: str = "abort") -> None:
-        mesh = self.placement.get(request_id)
-        if mesh is None:
+        """End a request now. One the router does not know (yet) is remembered for cancel_memory_s, so a
+        cancel that overtakes its generate still ends it."""
+        req = self.requests.get(request_id)
+        if req is None:
+            self._remember_cancel(request_id)
             return
+        event = self._end(request_id, req, reason)
+        req.queue.put_nowait(event or TokenEvent(request_id, [], finish_reason=reason))
+
+    def _end(self, request_id: str, req: _Request, reason: str) -> TokenEvent | None:
+        mesh, req.mesh, req.held_since = req.mesh, None, None
+        if mesh is None or not mesh.up:
+            return None
         event = mesh.scheduler.cancel(request_id, reason)
-        if event is not None:
-            self._deliver([event])
+        mesh.wake.set()
+        return event
+
+    def _remember_cancel(self, request_id: str) -> None:
+        now = time.monotonic()
+        self.cancelled[request_id] = now
+        while self.cancelled:
+            oldest, at = next(iter(self.cancelled.items()))
+            if now - at <= self.config.cancel_memory_s and len(self.cancelled) <= 100_000:
+                break
+            del self.cancelled[oldest]
+
+    def _forget_cancel(self, request_id: str) -> bool:
+        at = self.cancelled.pop(request_id, None)
+        return at is not None and time.monotonic() - at <= self.config.cancel_memory_s
+
+    def _hold(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
+        """No live mesh: keep the request (with its tokens so far) until one comes up."""
+        req.mesh, req.held_output, req.held_since = None, output_ids, time.monotonic()
+
+    def _place_held(self) -> None:
+        for rid, req in list(self.requests.items()):
+            if req.mesh is None and req.held_since is not None:
+                self._replace(rid, req, req.held_output)
+
+    def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
+        """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
+        mesh = self.place(req.prompt_ids + output_ids, req.salt)
+        if mesh is None:
+            self._hold(request_id, req, output_ids)
+            return
+        try:
+            mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, output_ids, migrated=True,
+                                  arrival_time=req.arrival_time)
+        except (PromptTooLong, QueueFull, ValueError) as exc:  # e.g. a mesh with a shorter max_seq_len
+            req.mesh, req.held_since = None, None
+            req.queue.put_nowait(exc)
+            return
+        req.mesh, req.held_since = mesh, None
         mesh.wake.set()
 
-    def stats(self) -> dict:
-        return {"ready": all(m.failed is None for m in self.meshes),
-                "meshes": [{"name": m.name, "failed": m.failed, "rounds": m.rounds,
-                            "plan_cpu_s": m.plan_cpu_s, **m.scheduler.stats()} for m in self.meshes]}
-
-    # ---- mesh loops -----------------------------------------------------------------------------
-    def _deliver(self, events: list[TokenEvent]) -> None:
-        for event in events:
-            queue = self.queues.get(event.request_id)
-            if queue is not None:
-                queue.put_nowait(event)
-
-    async def _run(self, mesh: Mesh) -> None:
-        inflight: deque[asyncio.Task] = deque()
+    async def _expire_held(self) -> None:
+        """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After)."""
         while True:
-            while len(inflight) < self.config.pipeline_depth:
-                t0 = time.thread_time()
-                work = mesh.scheduler.schedule()
-                mesh.plan_cpu_s += time.thread_time() - t0
-                if work is None:
-                    break
-                mesh.rounds += work.decode is not None
-                stream = mesh.execute(work)  # sent now, so the mesh has it queued when the previous ends
-                inflight.append(asyncio.create_task(self._consume(mesh, stream, inflight[-1] if inflight else None)))
-            mesh.wake.clear()
-            if not inflight:
-                await mesh.wake.wait()
-                continue
-            waker = asyncio.create_task(mesh.wake.wait())
-            await asyncio.wait([inflight[0], waker], return_when=asyncio.FIRST_COMPLETED)
-            waker.cancel()
-            while inflight and inflight[0].done():
-                error = inflight.popleft().exception()
-                if error is not None:
-                    self._fail(mesh, error)
-                    return
+            await asyncio.sleep(min(1.0, self.config.no_mesh_wait_s / 4))
+            now = time.monotonic()
+            for rid, req in list(self.requests.items()):
+                if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
+                    req.held_since = None
+                    req.queue.put_nowait(NoMeshAvailable(
+                        f"no mesh has been available for {self.config.no_mesh_wait_s:.0f} s"))
 
-    async def _consume(self, mesh: Mesh, stream: AsyncIterator[StepResult], previous: asyncio.Task | None) -> None:
-        if previous is not None:  # results are taken in work order, whichever stream delivers first
-            await asyncio.wait([previous])
-        async for step in stream:
-            t0 = time.thread_time()
-            events = mesh.scheduler.process(step)
-            mesh.plan_cpu_s += time.thread_time() - t0
-            self._deliver(events)
-            if step.finished:
-                mesh.wake.set()  # freed slots: more work may fit now
+    def stats(self) -> dict:
+        """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers."""
+        meshes = []
+        for m in self.meshes:
+            sched = m.scheduler.stats() if m.up else _down_stats(m.caps)
+            meshes.append({"name": m.name, "up": m.up, "failed": m.down_reason, "incarnation": m.incarnation,
+                           "failovers": m.failovers, "requests_migrated": m.requests_migrated,
+                           "rounds": m.rounds, "plan_cpu_s": m.plan_cpu_s, **sched})
+        return {"ready": any(m.up for m in self.meshes),
+                "held": sum(r.held_since is not None for r in self.requests.values()), "meshes": meshes}
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    # ---- mesh lifecycle -------------------------------------------------------------------------
+    async def _supervise(self, mesh: Mesh) -> None:
+        """Bring the mesh up (reset), run it until it fails, move its requests, and start over."""
+        while True:
+            try:
+                mesh.incarnation, mesh.caps = await asyncio.wait_for(mesh.client.reset(),
+                                                                     self.config.probe_timeout_s)
+            except Exception as exc:  # still restarting, or stuck in a work: try again later
+                log.debug("mesh %s not back yet: %r", mesh.name, exc)
+                await asyncio.sleep(self.config.probe_interval_s)
+                continue
+            mesh.scheduler = self._scheduler_for(mesh.caps)
+            mesh.down_reason = None
+            log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
+            self.mesh_up.set()
+            self._place_held()
+            try:
+                await self._run(mesh)
+            except Exception as exc:
+                self._fail(mesh, exc)
+            await asyncio.sleep(self.config.probe_interval_s)
 
     def _fail(self, mesh: Mesh, error: BaseException) -> None:
-        log.error("mesh %s failed: %r", mesh.name, error)
-        mesh.failed = repr(error)
-        for rid, placed in list(self.placement.items()):
-            if placed is mesh:
-                event = mesh.scheduler.cancel(rid, "error") or TokenEvent(rid, [], finish_reason="error")
-                event.error = f"mesh {mesh.name} failed"
-                self._deliver([event])
+        """Mark the mesh down and re-place every request it had, with its tokens so far."""
+        log.error("mesh %s failed: %r; moving its requests", mesh.name, error)
+        sched, mesh.scheduler, mesh.incarnation = mesh.scheduler, None, None
+        mesh.down_reason = repr(error)
+        mesh.failovers += 1
+        if not any(m.up for m in self.meshes):
+            self.mesh_up.clear()
+        for seq in sched.drain():
+            req = self.requests.get(seq.request_id)
+            if req is None or req.mesh is not mesh:
+                continue
+            mesh.requests_migrated += 1
+            self._replace(seq.request_id, req, seq.output_ids)
+
+    async def _run(self, mesh: Mesh) -> None:
+        """Keep up to pipeline_depth works on the mesh. Returns never; raises MeshFailed (or the stream's
+        error) when the mesh fails."""
+        sched = mesh.scheduler
+        inflight: deque[asyncio.Task] = deque()
+        try:
+            while True:
+                while len(inflight) < self.config.pipeline_depth:
+                    t0 = time.thread_time()
+                    work = sched.schedule()
+                    mesh.plan_cpu_s += time.thread_time() - t0
+                    if work is None:
+                        break
+                    mesh.rounds += work.decode is not None
+                    deadline = self._deadline(mesh.caps, work)
+                    stream = mesh.client.execute(work, mesh.incarnation)  # sent now: queued on the mesh
+                    inflight.append(asyncio.create_task(self._consume(
+                        mesh, sched, work, stream, deadline, inflight[-1] if inflight else None)))
+                mesh.wake.clear()
+                if not inflight:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(mesh.wake.wait(), self.config.heartbeat_s)
+                    if not mesh.wake.is_set():
+                        await self._heartbeat(mesh)
+                    continue
+                waker = asyncio.create_task(mesh.wake.wait())
+                await asyncio.wait([inflight[0], waker], return_when=asyncio.FIRST_COMPLETED)
+                waker.cancel()
+                while inflight and inflight[0].done():
+                    inflight.popleft().result()  # re-raises the stream's failure
+        finally:
+            for task in inflight:
+                task.cancel()
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+    async def _heartbeat(self, mesh: Mesh) -> None:
+        """An idle mesh sends no results, so nothing else would notice its replica was replaced: an empty
+        work checks that the incarnation we plan for is still the one running."""
+        sched = mesh.scheduler
+        work = MeshWork(sched.next_work_id)
+        sched.next_work_id += 1
+
+        async def answered() -> None:
+            async for _ in mesh.client.execute(work, mesh.incarnation):
+                pass
+        try:
+            await asyncio.wait_for(answered(), self.config.min_step_deadline_s)
+        except asyncio.TimeoutError:
+            raise MeshFailed(f"an empty work went unanswered for {self.config.min_step_deadline_s:.0f} s") from None
+
+    def _deadline(self, caps: Capabilities, work: MeshWork) -> float:
+        tokens = sum(len(c.token_ids) - c.start for c in work.prefills)
+        expected = caps.expected_seconds(tokens, work.decode.num_steps if work.decode else 0)
+        return self.config.min_step_deadline_s + self.config.step_deadline_factor * expected
+
+    async def _consume(self, mesh: Mesh, sched: MeshScheduler, work: MeshWork, stream: AsyncIterator[StepResult],
+                       deadline_s: float, previous: asyncio.Task | None) -> None:
+        """Take one work's results in, after the previous work's (they are answered in work order)."""
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+                if previous.cancelled() or previous.exception() is not None:
+                    return  # the mesh failed already; _run is tearing down
+            received = 0
+            while True:
+                try:
+                    step = await asyncio.wait_for(anext(stream), deadline_s)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise MeshFailed(f"work {work.work_id} sent nothing for {deadline_s:.1f} s") from None
+                received += 1
+                t0 = time.thread_time()
+                events = sched.process(step)
+                mesh.plan_cpu_s += time.thread_time() - t0
+                self._deliver(events)
+                if step.finished:
+                    mesh.wake.set()  # freed slots: more work may fit now
+            if received != work.num_messages:
+                raise MeshFailed(f"work {work.work_id} ended after {received} of {work.num_messages} results")
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            req = self.requests.get(event.request_id)
+            if req is not None:
+                if event.finish_reason is not None:
+                    req.mesh = None
+                req.queue.put_nowait(event)
+
+
+def _down_stats(caps: Capabilities | None) -> dict:
+    """A down mesh's numbers: nothing running, nothing held."""
+    total = caps.num_blocks if caps else 0
+    return {"running": 0, "waiting": 0, "free_slots": 0, "queued_tokens": 0, "inflight_works": 0,
+            "blocks_used": 0, "blocks_cached": 0, "blocks_free": total, "blocks_total": total,
+            "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0}
+
+
+class ServeMeshClient:
+    """MeshClient over a Serve handle to one single-replica `mesh-i` deployment."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._streaming = handle.options(stream=True)
+
+    def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
+        return self._results(self._streaming.execute.remote(work, incarnation))  # sent before iterated
+
+    @staticmethod
+    async def _results(response) -> AsyncIterator[StepResult]:
+        finished = False
+        try:
+            async for step in response:
+                yield step
+            finished = True
+        finally:
+            if not finished:  # the router gave up on this work: stop the replica's side too
+                response.cancel()
+
+    async def reset(self) -> tuple[str, Capabilities]:
+        return await self._handle.reset.remote()
 
 
 @serve.deployment(max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0.2})
@@ -195,36 +463,24 @@ class RouterDeployment:
     `mesh-0..N-1`, so a handle to one of them reaches exactly that mesh and its KV cache."""
 
     def __init__(self, mesh_handles: list, config: dict):
-        self._handles = mesh_handles
+        self._clients = [ServeMeshClient(h) for h in mesh_handles]
         self._config = RouterConfig(**config)
         self._router: Router | None = None
-        self._lock = asyncio.Lock()
 
-    async def _ready(self) -> Router:
-        async with self._lock:
-            if self._router is None:
-                caps = await asyncio.gather(*[h.capabilities.remote() for h in self._handles])
-                meshes = [(f"mesh-{i}", self._executor(h), c) for i, (h, c) in enumerate(zip(self._handles, caps))]
-                self._router = Router(meshes, self._config)
+    def _ready(self) -> Router:
+        if self._router is None:  # built in the replica's event loop: it starts the mesh tasks
+            self._router = Router([(f"mesh-{i}", c) for i, c in enumerate(self._clients)], self._config)
         return self._router
 
-    @staticmethod
-    def _executor(handle) -> ExecuteFn:
-        streaming = handle.options(stream=True)
-
-        def execute(work: MeshWork) -> AsyncIterator[StepResult]:
-            return streaming.execute.remote(work)
-        return execute
-
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None = None) -> AsyncIterator[TokenEvent]:
-        router = await self._ready()
-        async with contextlib.aclosing(router.generate(request_id, prompt_ids, params, salt)) as events:
+                       salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
+        async with contextlib.aclosing(self._ready().generate(request_id, prompt_ids, params, salt,
+                                                              output_ids)) as events:
             async for event in events:  # closing this stream closes the request's: its slot is freed at once
                 yield event
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
-        (await self._ready()).cancel(request_id, reason)
+        self._ready().cancel(request_id, reason)
 
     async def stats(self) -> dict:
-        return (await self._ready()).stats()
+        return self._ready().stats()

@@ -27,6 +27,13 @@ class Capabilities:
     eos_token_ids: tuple[int, ...] = ()
     # SamplingParams fields the backend applies itself; any other non-default field needs host logits.
     device_sampling: frozenset[str] = field(default_factory=frozenset)
+    # Expected worst-case times, from which the router and the replica derive when a work has hung:
+    decode_step_s: float = 1.0  # one decode step of all slots, at the longest context
+    prefill_token_s: float = 0.01  # one prefill token, at the longest context
+
+    def expected_seconds(self, num_prefill_tokens: int, num_decode_steps: int) -> float:
+        """How long a work of that size should take at worst (seconds)."""
+        return num_prefill_tokens * self.prefill_token_s + num_decode_steps * self.decode_step_s
 
     @property
     def max_blocks_per_seq(self) -> int:

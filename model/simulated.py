@@ -98,12 +98,15 @@ class SimulatedBackend(Backend):
             raise ValueError("time_scale must be positive")
         max_seq_len = max_seq_len or MAX_SEQ_LEN
         num_blocks = num_blocks or -(-(max_seq_len + block_size * num_slots) // block_size)
+        timing = timing or GalaxyTiming.published()
         self.caps = Capabilities(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
                                  max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,
                                  eos_token_ids=tuple(eos_token_ids),
-                                 device_sampling=SAMPLING_FIELDS - {"logprobs"})
+                                 device_sampling=SAMPLING_FIELDS - {"logprobs"},
+                                 decode_step_s=timing.decode_step_seconds(max_seq_len) * time_scale,
+                                 prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale)
         self.time_scale = time_scale
-        self.timing = timing or GalaxyTiming.published()
+        self.timing = timing
         self.eos_rate = eos_rate
         self.device_seconds = 0.0
         self.kv = np.full((num_blocks, block_size), -1, dtype=np.int32)  # token id written at each position

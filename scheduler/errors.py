@@ -1,4 +1,4 @@
-"""Typed refusals the HTTP layer maps to status codes (400 / 429)."""
+"""Typed refusals the HTTP layer maps to status codes (400 / 429 / 503)."""
 
 
 class PromptTooLong(ValueError):
@@ -7,3 +7,7 @@ class PromptTooLong(ValueError):
 
 class QueueFull(RuntimeError):
     """The waiting queue is at its request or token limit (HTTP 429)."""
+
+
+class NoMeshAvailable(RuntimeError):
+    """No mesh came up within the router's wait (HTTP 503 with Retry-After)."""

@@ -36,6 +36,10 @@ class _InFlight:
 
 
 class MeshScheduler:
+    """The scheduling state of one mesh (the router keeps one per mesh replica): plan works with
+    `schedule()`, take the mesh's answers in with `process()`, end requests with `cancel()`. When the mesh
+    fails, `drain()` hands every unfinished request back so the router can re-place it elsewhere."""
+
     def __init__(self, pool: BlockPool, *, num_slots: int = 32, max_seq_len: int = 131072,
                  prefill_chunk: int = 4096, max_prefill_tokens: int = 4096, decode_steps: int = 8,
                  prefix_align: int | None = None, watermark_blocks: int = 0,
@@ -82,8 +86,12 @@ class MeshScheduler:
 
     # ---- requests in -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               salt: str | None = None) -> Sequence:
-        """Queue a request. Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429)."""
+               salt: str | None = None, output_ids: list[int] = (), *, migrated: bool = False,
+               arrival_time: float | None = None) -> Sequence:
+        """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
+        failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
+        `migrated` skips the queue limits (the request was admitted once already).
+        Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429)."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
         n = len(prompt_ids)
@@ -93,19 +101,23 @@ class MeshScheduler:
             limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
                                 f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
-        if self.max_waiting_requests is not None and len(self.waiting) >= self.max_waiting_requests:
+        if not migrated and self.max_waiting_requests is not None and len(self.waiting) >= self.max_waiting_requests:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (limit {self.max_waiting_requests})")
-        if self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens:
+        if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens:
             raise QueueFull(f"{self.waiting_tokens} prompt tokens are waiting (limit {self.max_waiting_tokens})")
         budget = self.max_tokens_per_seq - n
         if params.max_tokens > budget:
             params = params.model_copy(update={"max_tokens": budget, "min_tokens": min(params.min_tokens, budget)})
+        if len(output_ids) >= params.max_tokens:
+            raise ValueError(f"request {request_id!r} already has its {params.max_tokens} tokens")
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
-        seq = Sequence(request_id, list(prompt_ids), n, params, tuple(dict.fromkeys(stop_ids)), salt,
-                       num_planned=n, arrival_time=time.monotonic())
+        token_ids = [*prompt_ids, *output_ids]
+        seq = Sequence(request_id, token_ids, n, params, tuple(dict.fromkeys(stop_ids)), salt,
+                       num_planned=len(token_ids),
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self.requests[request_id] = seq
         self.waiting.append(seq)
-        self.waiting_tokens += n
+        self.waiting_tokens += len(token_ids)
         return seq
 
     def cancel(self, request_id: str, reason: str = "abort") -> TokenEvent | None:
@@ -124,6 +136,16 @@ class MeshScheduler:
         if len(seq.token_ids) == seq.num_prompt_tokens:
             self._fill_first_event(seq, event)
         return event
+
+    def drain(self) -> list[Sequence]:
+        """Take every unfinished request out (the mesh failed), oldest arrival first, freeing all it held.
+        Their `token_ids` are what the mesh confirmed: prompt + output so far, to be recomputed elsewhere."""
+        seqs = sorted(self.requests.values(), key=lambda s: s.arrival_time)
+        for seq in seqs:
+            self.cancel(seq.request_id, "abort")
+        self.inflight.clear()
+        self.pending_release = []
+        return seqs
 
     def cached_prefix_tokens(self, prompt_ids: list[int], salt: str | None = None) -> int:
         """How many prompt tokens this mesh would serve from its prefix cache right now."""
@@ -299,6 +321,8 @@ class MeshScheduler:
             self._release(seq)
             self._mark_finished(seq, reason)
             event.finish_reason = reason
+            if reason == "error":
+                event.error = "sampling this request's next token failed on the mesh host"
         events.append(event)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:

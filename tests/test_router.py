@@ -1,42 +1,37 @@
-"""The router's loop without Ray: in-process meshes (MeshRunner on the simulated backend)."""
+"""The router's loop without Ray: in-process meshes (MeshRunner on the simulated backend), including meshes
+that raise, hang, vanish and come back."""
 import asyncio
 
 import pytest
 
 from deployments.router import Router, RouterConfig
-from model.runner import MeshRunner
 from model.simulated import SimulatedBackend
+from scheduler.errors import NoMeshAvailable
 from scheduler.sampling import SamplingParams
-from scheduler.work import MeshWork
+from tests.local_mesh import LocalMesh
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+FAST = dict(prefill_chunk=256, max_prefill_tokens=256, stream_interval_ms=0, probe_interval_s=0.02,
+            probe_timeout_s=0.5, heartbeat_s=0.2, min_step_deadline_s=0.5, step_deadline_factor=5)
 
 
-def local_mesh(backend):
-    """An execute function like the Serve mesh replica's: work runs off the event loop, in order."""
-    runner = MeshRunner(backend)
-    lock = asyncio.Lock()
-
-    async def execute(work: MeshWork):
-        async with lock:
-            steps = runner.execute(work)
-            while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                yield step
-    return execute, runner.caps
+def backend():
+    return SimulatedBackend(num_blocks=256, time_scale=0.01, vocab_size=1000)
 
 
-def make_router(num_meshes=2, fail_mesh=None, **config) -> Router:
-    meshes = []
-    for i in range(num_meshes):
-        execute, caps = local_mesh(SimulatedBackend(num_blocks=256, time_scale=0.01, vocab_size=1000))
-        if i == fail_mesh:
-            async def execute(work, _inner=execute):
-                async for _ in _inner(work):
-                    raise RuntimeError("device lost")
-                    yield  # pragma: no cover
-        meshes.append((f"mesh-{i}", execute, caps))
-    return Router(meshes, RouterConfig(**{"prefill_chunk": 256, "max_prefill_tokens": 256,
-                                          "stream_interval_ms": 0, **config}))
+async def make_router(num_meshes=2, **config) -> tuple[Router, list[LocalMesh]]:
+    meshes = [LocalMesh(backend) for _ in range(num_meshes)]
+    router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**{**FAST, **config}))
+    await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+    return router, meshes
+
+
+async def until(condition, timeout_s=10.0):
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
 
 
 async def collect(router, rid, prompt, params=GREEDY):
@@ -47,23 +42,36 @@ async def collect(router, rid, prompt, params=GREEDY):
     return tokens, reason
 
 
+PROMPTS = [[i + 1] * (50 + 30 * i) for i in range(10)]
+LONG = SamplingParams(temperature=0.0, max_tokens=60)
+
+
+async def solo_outputs(prompts, params):
+    router, _ = await make_router(num_meshes=1)
+    out = [await collect(router, f"s{i}", p, params) for i, p in enumerate(prompts)]
+    await router.close()
+    return out
+
+
+def idle(router) -> bool:
+    return all(m["blocks_used"] == 0 and m["running"] == 0 and m["waiting"] == 0 for m in router.stats()["meshes"])
+
+
 def test_concurrent_requests_equal_their_solo_runs():
     async def main():
-        prompts = [[i + 1] * (50 + 30 * i) for i in range(10)]
-        solo = make_router(num_meshes=1)
-        alone = [await collect(solo, f"s{i}", p) for i, p in enumerate(prompts)]
-        router = make_router(num_meshes=2)
-        together = await asyncio.gather(*[collect(router, f"r{i}", p) for i, p in enumerate(prompts)])
+        alone = await solo_outputs(PROMPTS, GREEDY)
+        router, _ = await make_router(num_meshes=2)
+        together = await asyncio.gather(*[collect(router, f"r{i}", p) for i, p in enumerate(PROMPTS)])
         assert together == alone and all(reason == "length" for _, reason in together)
-        stats = router.stats()
-        assert all(m["rounds"] > 0 for m in stats["meshes"])  # both meshes served
-        assert all(m["blocks_used"] == 0 and m["running"] == 0 for m in stats["meshes"])
+        assert all(m["rounds"] > 0 for m in router.stats()["meshes"])  # both meshes served
+        assert idle(router)
+        await router.close()
     asyncio.run(main())
 
 
 def test_shared_prefix_goes_to_the_mesh_that_caches_it():
     async def main():
-        router = make_router(num_meshes=2)
+        router, _ = await make_router(num_meshes=2)
         prefix = list(range(1, 600))
         await collect(router, "a", prefix + [7, 7])
         before = [m["prefix_hit_tokens"] for m in router.stats()["meshes"]]
@@ -71,12 +79,13 @@ def test_shared_prefix_goes_to_the_mesh_that_caches_it():
         after = [m["prefix_hit_tokens"] for m in router.stats()["meshes"]]
         gained = [a - b for a, b in zip(after, before)]
         assert sorted(gained) == [0, 512]  # 599 shared tokens, rounded down to the 128 alignment
+        await router.close()
     asyncio.run(main())
 
 
 def test_closing_a_stream_frees_everything():
     async def main():
-        router = make_router(num_meshes=1)
+        router, _ = await make_router(num_meshes=1)
         stream = router.generate("x", [5] * 100, SamplingParams(temperature=0.0, max_tokens=500))
         got = 0
         async for event in stream:
@@ -84,38 +93,116 @@ def test_closing_a_stream_frees_everything():
             if got >= 3:
                 break
         await stream.aclose()
-        for _ in range(100):
-            mesh = router.stats()["meshes"][0]
-            if mesh["running"] == 0 and mesh["blocks_used"] == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert mesh["running"] == 0 and mesh["blocks_used"] == 0
+        await until(lambda: idle(router))
+        await router.close()
     asyncio.run(main())
 
 
-def test_failed_mesh_fails_its_requests_and_health():
+@pytest.mark.parametrize("fault", ["raise", "hang", "vanish"])
+def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
+    """Mid-stream, mesh-0 raises / stops answering / dies: every request finishes on mesh-1 with exactly
+    the tokens of its unfaulted run, and mesh-0 serves again once it is back."""
     async def main():
-        router = make_router(num_meshes=1, fail_mesh=0)
-        tokens, reason = await collect(router, "x", [3] * 20)
-        assert reason == "error"
-        assert router.stats()["ready"] is False
-        with pytest.raises(RuntimeError, match="no mesh"):
-            await collect(router, "y", [3] * 20)
+        alone = await solo_outputs(PROMPTS, LONG)
+        router, (m0, _) = await make_router(num_meshes=2)
+        m0.inject(fault, after=12)  # prefills done, decoding
+        assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
+        mesh0 = router.stats()["meshes"][0]
+        assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] == 5
+        if fault == "vanish":
+            assert not mesh0["up"] and router.stats()["ready"]
+            old = m0.incarnation
+            m0.restart()
+            await until(lambda: router.stats()["meshes"][0]["incarnation"] == m0.incarnation != old)
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        assert idle(router)
+        works = m0.works
+        again = await asyncio.gather(*[collect(router, f"again{i}", p, LONG) for i, p in enumerate(PROMPTS)])
+        assert again == alone and m0.works > works  # mesh-0 is placed on again
+        assert idle(router)
+        await router.close()
+    asyncio.run(main())
+
+
+def test_with_no_live_mesh_requests_wait_for_one_to_come_back():
+    async def main():
+        alone = await solo_outputs(PROMPTS[:4], LONG)
+        router, (m0,) = await make_router(num_meshes=1)
+        m0.inject("vanish", after=8)
+        tasks = [asyncio.create_task(collect(router, f"r{i}", p, LONG)) for i, p in enumerate(PROMPTS[:4])]
+        await until(lambda: not router.stats()["ready"])
+        late = asyncio.create_task(collect(router, "late", PROMPTS[0], LONG))  # arrives with no mesh up
+        await asyncio.sleep(0.2)
+        assert router.stats()["held"] == 5
+        m0.restart()
+        assert await asyncio.gather(*tasks) == alone
+        assert await late == alone[0]
+        await router.close()
+    asyncio.run(main())
+
+
+def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
+    async def main():
+        router, (m0,) = await make_router(num_meshes=1, no_mesh_wait_s=0.3)
+        m0.vanish()
+        task = asyncio.create_task(collect(router, "x", [3] * 40, LONG))
+        await asyncio.sleep(0.05)
+        with pytest.raises(NoMeshAvailable):
+            await task
+        assert router.stats()["held"] == 0
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_replica_restarted_while_idle_rejoins_as_its_new_incarnation():
+    async def main():
+        router, (m0,) = await make_router(num_meshes=1)
+        first = await collect(router, "a", PROMPTS[1], GREEDY)
+        old = m0.incarnation
+        m0.restart()  # between requests: no work in flight sees it
+        await until(lambda: router.stats()["meshes"][0]["incarnation"] == m0.incarnation != old)
+        assert await collect(router, "b", PROMPTS[1], GREEDY) == first
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_cancel_that_overtakes_its_request_is_not_lost():
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        router.cancel("early")
+        tokens, reason = await collect(router, "early", [4] * 30, LONG)
+        assert tokens == [] and reason == "abort"
+        assert idle(router)
+        assert await collect(router, "other", [4] * 30, GREEDY) != ([], "abort")
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_continuation_yields_only_the_tokens_after_those_delivered():
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        whole, _ = await collect(router, "a", PROMPTS[2], LONG)
+        rest = []
+        async for event in router.generate("b", PROMPTS[2], LONG, None, whole[:17]):
+            rest += event.token_ids
+        assert rest == whole[17:]
+        await router.close()
     asyncio.run(main())
 
 
 def test_a_burst_is_split_evenly_across_meshes():
     """Queued requests count as load: a mesh that already admitted some must not get the whole rest."""
     async def main():
-        router = make_router(num_meshes=2)
+        router, _ = await make_router(num_meshes=2)
         streams = [router.generate(f"r{i}", [i + 1] * 40, GREEDY) for i in range(8)]
         first = await anext(streams[0])  # mesh of r0 admits it (slot taken) before the others arrive
         assert first.token_ids
         rest = [asyncio.create_task(anext(s)) for s in streams[1:]]
         await asyncio.sleep(0)
-        placed = [router.placement[f"r{i}"].name for i in range(8)]
+        placed = [router.requests[f"r{i}"].mesh.name for i in range(8)]
         assert sorted(placed.count(name) for name in ("mesh-0", "mesh-1")) == [4, 4], placed
         await asyncio.gather(*rest)
         for s in streams:
             await s.aclose()
+        await router.close()
     asyncio.run(main())

@@ -1,0 +1,73 @@
+"""An in-process MeshClient, like the Serve mesh replica (works run off the event loop, one at a time, in
+order), with faults to inject: a mesh that raises, hangs, vanishes, and comes back as a new incarnation."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+
+from model.backend import Backend
+from model.runner import MeshRunner
+from scheduler.work import MeshWork
+
+
+class Gone(ConnectionError):
+    """What calling a dead replica raises."""
+
+
+class LocalMesh:
+    def __init__(self, make_backend: Callable[[], Backend]):
+        self.make_backend = make_backend
+        self.alive = True
+        self.fault: str | None = None  # one-shot "raise" | "hang" | "vanish", after `fault_after` more results
+        self.fault_after = 0
+        self.unhang = asyncio.Event()
+        self.works = 0
+        self.resets = 0
+        self.restart()
+
+    # ---- faults ------------------------------------------------------------------------------------
+    def restart(self) -> None:
+        """A fresh replica: a new incarnation with an empty KV cache (what Serve's restart gives)."""
+        self.runner = MeshRunner(self.make_backend())
+        self.incarnation = uuid.uuid4().hex
+        self.alive = True
+        self.lock = asyncio.Lock()
+
+    def vanish(self) -> None:
+        self.alive = False
+
+    def inject(self, fault: str, after: int) -> None:
+        self.fault, self.fault_after = fault, after
+
+    # ---- MeshClient --------------------------------------------------------------------------------
+    async def reset(self):
+        if not self.alive:
+            raise Gone("the replica is gone")
+        async with self.lock:
+            self.runner.reset()
+        self.resets += 1
+        return self.incarnation, self.runner.caps
+
+    async def execute(self, work: MeshWork, incarnation: str):
+        if not self.alive:
+            raise Gone("the replica is gone")
+        if incarnation != self.incarnation:
+            raise RuntimeError("work for another incarnation")
+        async with self.lock:
+            self.works += 1
+            steps = self.runner.execute(work)
+            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+                if self.fault is not None:
+                    self.fault_after -= 1
+                    if self.fault_after < 0:
+                        fault, self.fault = self.fault, None
+                        if fault == "raise":
+                            raise RuntimeError("device lost")
+                        if fault == "vanish":
+                            self.vanish()
+                        else:
+                            await self.unhang.wait()
+                if not self.alive:
+                    raise Gone("the replica died mid-work")
+                yield step
