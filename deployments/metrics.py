@@ -66,8 +66,16 @@ class Metrics:
         hit_rate = family(GaugeMetricFamily, "meshserve_prefix_cache_hit_rate",
                           "Prefix cache hits / queries, in tokens, since start.")
         preempted = family(CounterMetricFamily, "meshserve_num_preemptions", "Sequences preempted for KV blocks.")
+        up = family(GaugeMetricFamily, "meshserve_mesh_up", "1 while the mesh is live, 0 while it is down.")
+        failovers = family(CounterMetricFamily, "meshserve_mesh_failovers",
+                           "Times the mesh failed and its requests were moved.")
+        migrated = family(CounterMetricFamily, "meshserve_requests_migrated",
+                          "Requests moved off the mesh when it failed.")
         for m in self._meshes:
             label = [m["name"]]
+            up.add_metric(label, int(m.get("up", True)))
+            failovers.add_metric(label, m.get("failovers", 0))
+            migrated.add_metric(label, m.get("requests_migrated", 0))
             running.add_metric(label, m["running"])
             waiting.add_metric(label, m["waiting"])
             used.add_metric(label, m["blocks_used"])
@@ -77,7 +85,7 @@ class Metrics:
             hits.add_metric(label, m["prefix_hit_tokens"])
             hit_rate.add_metric(label, m["prefix_hit_tokens"] / max(m["prefix_query_tokens"], 1))
             preempted.add_metric(label, m["preemptions"])
-        yield from (running, waiting, used, total, usage, queried, hits, hit_rate, preempted)
+        yield from (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, failovers, migrated)
 
 
 class RequestTimer:

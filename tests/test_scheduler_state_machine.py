@@ -1,7 +1,9 @@
-"""Random interleavings of submit, schedule, results (pipelined), cancel, on small pools under pressure.
+"""Random interleavings of submit, schedule, results (pipelined), cancel and mesh failure, on small pools
+under pressure.
 
 The fake mesh computes each token from what its KV cache holds, so every finished answer is compared
-with the same request run alone: chunking, prefix sharing, pipelining and preemption must not change it.
+with the same request run alone: chunking, prefix sharing, pipelining, preemption and migration to a fresh
+mesh after a failure (its KV and unread results lost) must not change it.
 """
 import random
 from collections import Counter, deque
@@ -32,12 +34,15 @@ class SchedulerMachine(RuleBasedStateMachine):
               decode_steps, max_inflight, watermark, queue_limit):
         align = block_size * align_blocks
         num_blocks = blocks_for(MAX_SEQ_LEN, block_size) + extra_blocks
-        self.sched = MeshScheduler(
-            BlockPool(num_blocks, block_size), num_slots=num_slots, max_seq_len=MAX_SEQ_LEN,
-            prefill_chunk=align * chunk_aligns, max_prefill_tokens=align * budget_aligns,
-            decode_steps=decode_steps, prefix_align=align, watermark_blocks=watermark,
-            max_waiting_requests=queue_limit, eos_token_ids=(EOS,), max_inflight=max_inflight)
-        self.mesh = FakeMesh(num_slots, num_blocks, block_size)
+        def make_mesh() -> tuple[MeshScheduler, FakeMesh]:
+            sched = MeshScheduler(
+                BlockPool(num_blocks, block_size), num_slots=num_slots, max_seq_len=MAX_SEQ_LEN,
+                prefill_chunk=align * chunk_aligns, max_prefill_tokens=align * budget_aligns,
+                decode_steps=decode_steps, prefix_align=align, watermark_blocks=watermark,
+                max_waiting_requests=queue_limit, eos_token_ids=(EOS,), max_inflight=max_inflight)
+            return sched, FakeMesh(num_slots, num_blocks, block_size)
+        self.make_mesh = make_mesh
+        self.sched, self.mesh = make_mesh()
         self.pending = deque()  # results the mesh has produced and the router has not taken in yet
         self.expected: dict[str, tuple[list[int], str]] = {}
         self.outputs: dict[str, list[int]] = {}
@@ -98,6 +103,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         event = self.sched.cancel(rid, reason)
         assert event.finish_reason == reason and not event.token_ids
         self._take(event, cancelled=True)
+
+    @precondition(lambda self: self.sched.requests)
+    @rule()
+    def fail_mesh(self):
+        """The mesh dies: its unread results are lost, every request moves to a fresh mesh with the tokens
+        it has so far (as the router does), and the dead mesh's scheduler gives every block back."""
+        old = self.sched
+        seqs = old.drain()
+        assert not old.requests and not old.running and not old.waiting and not old.inflight
+        assert old.pool.num_used == 0 and all(count == 0 for count in old.pool.ref_counts), "a block leaked"
+        self.pending.clear()
+        self.sched, self.mesh = self.make_mesh()
+        for seq in seqs:
+            assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
+            self.sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True)
 
     def teardown(self):
         """Run everything to its end: nothing may hang, and every block must come back."""
