@@ -1,0 +1,56 @@
+"""The mesh replica's ordering and incarnation rules, without Ray (the class under Serve's decorator)."""
+import asyncio
+
+import pytest
+
+import deployments.mesh_replica as mesh_replica
+from model.simulated import SimulatedBackend
+from scheduler.sampling import SamplingParams
+from scheduler.work import MeshWork, PrefillChunk
+
+Replica = mesh_replica.MeshReplica.func_or_class
+
+
+@pytest.fixture
+def replica(monkeypatch):
+    monkeypatch.setattr(mesh_replica, "build_backend",
+                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=1.0, vocab_size=1000))
+    made = Replica({"backend": "simulated", "min_step_deadline_s": 0.5, "step_deadline_factor": 2}, "unused")
+    yield made
+    made.shutdown()
+
+
+def prefill(work_id: int, slot: int = 0) -> MeshWork:
+    params = SamplingParams(temperature=0.0, max_tokens=50)
+    return MeshWork(work_id, [PrefillChunk(f"r{work_id}", slot, [7] * 300, 0, [slot * 5 + i for i in range(5)],
+                                           params, 300)])
+
+
+async def drain(replica, work, incarnation=None):
+    return [r async for r in replica.execute(work, incarnation or replica.incarnation)]
+
+
+def test_work_for_another_incarnation_is_refused(replica):
+    with pytest.raises(mesh_replica.StaleWork, match="incarnation"):
+        asyncio.run(drain(replica, prefill(0), "someone-else"))
+
+
+def test_a_work_whose_predecessor_never_comes_is_refused_after_its_deadline(replica):
+    with pytest.raises(mesh_replica.StaleWork, match="waited"):
+        asyncio.run(drain(replica, prefill(3)))
+
+
+def test_reset_waits_for_the_running_work_then_refuses_the_queued_ones(replica):
+    async def main():
+        incarnation, caps = await replica.reset()
+        assert incarnation == replica.incarnation and caps.num_slots == 32
+        running = asyncio.create_task(drain(replica, prefill(0, slot=0)))
+        queued = asyncio.create_task(drain(replica, prefill(1, slot=1)))
+        await asyncio.sleep(0.01)  # work 0 is on the worker thread, work 1 waits for its turn
+        await replica.reset()
+        assert len(await running) == 1  # it ran to its end before the reset went through
+        assert replica.runner.slots == {}  # ... and the reset came after it: no slot survives
+        with pytest.raises(mesh_replica.StaleWork, match="reset"):
+            await queued
+        assert len(await drain(replica, prefill(0, slot=2))) == 1  # work ids start again at 0
+    asyncio.run(main())
