@@ -31,7 +31,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   DeltaMessage, ErrorInfo, ErrorResponse, ModelCard, ModelList,
                                   PromptTokensDetails, TopLogprob, Usage)
 from model.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
-from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
 
@@ -40,7 +40,7 @@ log = logging.getLogger("ray.serve")
 
 class RouterClient(Protocol):
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 salt: str | None) -> AsyncIterator[TokenEvent]: ...
+                 salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]: ...
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None: ...
 
@@ -51,13 +51,24 @@ class APIError(Exception):
     """An answer to the client in OpenAI's error shape."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status)
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status,
+                            headers=self.headers)
+
+
+RETRY_AFTER_S = 5  # what a 503 asks the client to wait
+# Waits before each resubmission of a request whose router failed (Serve restarts it meanwhile, ~seconds).
+ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -75,6 +86,8 @@ def as_api_error(exc: BaseException, prompt_field: str) -> APIError | None:
         return APIError(429, f"The server is at capacity: {cause}", "rate_limit_error", code="queue_full")
     if isinstance(cause, PromptTooLong):
         return APIError(400, str(cause), param=prompt_field, code="context_length_exceeded")
+    if isinstance(cause, NoMeshAvailable):
+        return unavailable(f"No model replica is available: {cause}; retry.")
     return None
 
 
@@ -88,6 +101,20 @@ def _validation_error(errors: list[dict], skip_body: bool) -> APIError:
         return APIError(400, f"The body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
     name = ".".join(loc) or None
     return APIError(400, f"{name}: {err['msg']}" if name else err["msg"], param=name)
+
+
+def _check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Token ids index the embedding and the logits on the mesh, where one outside the vocabulary would
+    fail every request on it: refuse it here."""
+    if not all(0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"{param}: token ids must lie in [0, {vocab_size})", param=param)
+
+
+def _check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
+    """The rules that need the model's vocabulary (the protocol checks the rest)."""
+    _check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
+    if req.top_k > vocab_size:  # a device top-k larger than the logits fails the whole batch
+        raise APIError(400, f"top_k: must be -1, 0 or in [1, {vocab_size}]", param="top_k")
 
 
 class StopStrings:
@@ -189,22 +216,16 @@ class OpenAIServer:
         self.model = served_model_name
         self.max_model_len = max_model_len
         self.metrics = Metrics()
-        self.ready = False  # cached once the router says so; rechecked on every /health
+        self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
 
     # ---- readiness ------------------------------------------------------------------------------
     async def stats(self) -> dict:
+        """The router's stats; 503 while the router cannot be reached (it is starting or restarting)."""
         try:
-            stats = await self.router.stats()
-        except Exception as exc:  # the router is down or still starting: not ready
+            return await self.router.stats()
+        except Exception as exc:
             log.warning("router stats failed: %r", unwrap(exc))
-            self.ready = False
-            raise APIError(503, "The model is not ready yet.", "service_unavailable") from None
-        self.ready = bool(stats["ready"])
-        return stats
-
-    async def require_ready(self) -> None:
-        if not self.ready and not (await self.stats())["ready"]:
-            raise APIError(503, "The model is not ready yet.", "service_unavailable")
+            raise unavailable("The model is not ready yet.") from None
 
     # ---- requests -> router ---------------------------------------------------------------------
     def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str) -> Prepared:
@@ -212,6 +233,8 @@ class OpenAIServer:
             raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.model}`.",
                            param="model", code="model_not_found")
         arrival = time.perf_counter()
+        vocab_size = self.tokenizer.vocab_size
+        _check_vocab_bounds(req, vocab_size)
         if isinstance(req, ChatCompletionRequest):
             prompt_field = "messages"
             try:
@@ -224,60 +247,84 @@ class OpenAIServer:
                 prompt_ids = self.tokenizer.encode(req.prompt, add_bos=True)
             else:
                 prompt_ids = req.prompt
-                if not all(0 <= t < self.tokenizer.vocab_size for t in prompt_ids):
-                    raise APIError(400, f"prompt: token ids must lie in [0, {self.tokenizer.vocab_size})",
-                                   param="prompt")
+                _check_token_ids(prompt_ids, vocab_size, "prompt")
         n, limit = len(prompt_ids), self.max_model_len
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
                                 f"leaving no room for an answer.", param=prompt_field, code="context_length_exceeded")
-        max_tokens = req.requested_max_tokens
+        max_tokens, param = req.requested_max_tokens, req.max_tokens_param
         if max_tokens is None:
             max_tokens = limit - n
         elif n + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n} and "
-                                f"max_tokens asks for {max_tokens} more.", param="max_tokens",
-                           code="context_length_exceeded")
+                                f"{param} asks for {max_tokens} more.", param=param, code="context_length_exceeded")
+        if req.min_tokens > max_tokens:  # also when max_tokens is not given but the room left in the context
+            room = (f"{param} ({max_tokens})" if req.requested_max_tokens is not None
+                    else f"the {max_tokens} tokens the prompt leaves in the context")
+            raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds {room}.", param="min_tokens")
         try:
             params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
-        except ValidationError as exc:  # a rule across fields, e.g. min_tokens > max_tokens
+        except ValidationError as exc:  # a rule the checks above missed: still the client's 400, never a 500
             raise _validation_error(exc.errors(), skip_body=False) from None
         return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival)
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None) -> AsyncIterator[ChoiceDelta]:
-        """One router request, as text. Cancels it in the router unless it finished."""
+        """One router request, as text. Cancels it in the router unless it finished.
+
+        When the router fails mid-request (its replica died), the request is resubmitted, to the router
+        Serve restarts, as a continuation: the same prompt and params with the tokens received so far. The
+        client sees a pause, then the rest; greedy and seeded output is unchanged (the sampler is keyed on
+        (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
         prompt_ids = prep.prompt_ids
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         stops = StopStrings(params.stop)
-        generated = cached = 0
+        output: list[int] = []
+        cached = 0
         reason: str | None = None
+        rid, attempt = request_id, 0
         try:
-            async for event in self.router.generate(request_id, prompt_ids, params, salt):
-                timer.on_event(event)
-                if event.error is not None:
-                    raise APIError(503, "The model failed while answering; retry.", "service_unavailable")
-                generated += len(event.token_ids)
-                cached = event.num_cached_tokens or cached
-                offset = stops.emitted
-                final = event.finish_reason is not None
-                new_text = detokenizer.step(event.token_ids) + (detokenizer.flush() if final else "")
-                text, stopped = stops.feed(new_text, final, check=generated >= params.min_tokens)
-                if stopped:
-                    reason = "stop"
-                    await asyncio.shield(self.router.cancel(request_id, "stop"))
-                else:
-                    reason = event.finish_reason
-                if reason is not None:
-                    timer.finish(reason)
-                yield ChoiceDelta(index, text, offset, event.logprobs, reason, generated, cached)
-                if reason is not None:
-                    return
+            while True:
+                try:
+                    async for event in self.router.generate(rid, prompt_ids, params, salt, list(output)):
+                        timer.on_event(event)
+                        if event.finish_reason == "error":
+                            raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
+                        output += event.token_ids
+                        cached = event.num_cached_tokens or cached
+                        offset = stops.emitted
+                        final = event.finish_reason is not None
+                        new_text = detokenizer.step(event.token_ids) + (detokenizer.flush() if final else "")
+                        text, stopped = stops.feed(new_text, final, check=len(output) >= params.min_tokens)
+                        if stopped:
+                            reason = "stop"
+                            await asyncio.shield(self.router.cancel(rid, "stop"))
+                        else:
+                            reason = event.finish_reason
+                        if reason is not None:
+                            timer.finish(reason)
+                        yield ChoiceDelta(index, text, offset, event.logprobs, reason, len(output), cached)
+                        if reason is not None:
+                            return
+                    raise RuntimeError("the router's stream ended before the request finished")
+                except Exception as exc:
+                    if isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None:
+                        raise
+                    if attempt == len(self.retry_backoff_s):
+                        raise unavailable("The router is unavailable; retry.") from exc
+                    log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
+                                len(output))
+                    with contextlib.suppress(Exception):  # in case it still runs there
+                        await asyncio.shield(self.router.cancel(rid, "abort"))
+                    await asyncio.sleep(self.retry_backoff_s[attempt])
+                    attempt += 1
+                    rid = f"{request_id}-retry{attempt}"
         finally:
-            if reason is None:  # the client went away, or the router failed: free the slot now
+            if reason is None:  # the client went away, or the request failed: free the slot now
                 timer.finish("abort")
-                await asyncio.shield(self.router.cancel(request_id, "abort"))
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.router.cancel(rid, "abort"))
 
     async def deltas(self, prep: Prepared, n: int, salt: str | None) -> AsyncIterator[ChoiceDelta]:
         """The n choices (n independent router requests) merged in arrival order. A seeded request
@@ -441,12 +488,10 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
-        await server.require_ready()
         return await server.complete(req, server.prepare(req, "chatcmpl"), req.cache_salt)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest):
-        await server.require_ready()
         return await server.complete(req, server.prepare(req, "cmpl"), req.cache_salt)
 
     @v1.get("/models")
@@ -458,7 +503,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     @app.get("/health")
     async def health():
         if not (await server.stats())["ready"]:
-            raise APIError(503, "The model is not ready yet.", "service_unavailable")
+            raise unavailable("No mesh is live.")
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -493,8 +538,8 @@ class RouterHandle:
         self._streaming = handle.options(stream=True)
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 salt: str | None) -> AsyncIterator[TokenEvent]:
-        return self._streaming.generate.remote(request_id, prompt_ids, params, salt)
+                 salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
+        return self._streaming.generate.remote(request_id, prompt_ids, params, salt, output_ids)
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
         await self._handle.cancel.remote(request_id, reason)

@@ -13,6 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from scheduler.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 16  # choices per request; each one is a separate router request
+# Bounds on what a request carries to the router and the mesh, so no request can cost them unbounded memory
+# or time. Stop strings are matched in the ingress, but each one makes every token's check longer and holds
+# back that many characters of the stream; OpenAI allows 4, vLLM any number: 16 covers templated agents.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256  # the mesh checks every sampled token against them
+MAX_SALT_CHARS = 256  # kept with the request in the router and hashed into its prefix blocks
+
+
+def _check_unicode(text: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800"), which Python keeps but UTF-8 cannot encode: the
+    tokenizer and the prefix hash would raise on them far from the request."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+    return text
 
 
 class _Request(BaseModel):
@@ -36,7 +53,7 @@ class _GenerationRequest(_Request):
     top_k: int = Field(-1, ge=-1, description="-1 or 0 disables top-k")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # the ingress checks the range
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -44,13 +61,19 @@ class _GenerationRequest(_Request):
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_N)
     user: str | None = None
-    cache_salt: str | None = None  # vLLM's: requests reuse cached prefixes only with the same salt
+    # vLLM's: requests reuse cached prefixes only with the same salt (a bounded str also refuses lone surrogates)
+    cache_salt: str | None = Field(None, max_length=MAX_SALT_CHARS)
 
     @field_validator("stop")
     @classmethod
-    def _no_empty_stop(cls, v):
-        if v is not None and "" in ([v] if isinstance(v, str) else v):
-            raise ValueError("stop strings must not be empty")
+    def _bounded_stop(cls, v):
+        stops = [] if v is None else [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        for stop in stops:
+            if not 0 < len(stop) <= MAX_STOP_CHARS:
+                raise ValueError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters")
+            _check_unicode(stop)
         return v
 
     @property
@@ -70,6 +93,11 @@ class _GenerationRequest(_Request):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The field `requested_max_tokens` came from, for errors about it."""
+        return "max_tokens"
 
     @property
     def num_logprobs(self) -> int | None:
@@ -93,11 +121,21 @@ class TextPart(_Request):
     type: Literal["text"]
     text: str
 
+    @field_validator("text")
+    @classmethod
+    def _unicode_text(cls, v):
+        return _check_unicode(v)
+
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _unicode_content(cls, v):
+        return _check_unicode(v) if isinstance(v, str) else v
 
     @property
     def text(self) -> str:
@@ -124,6 +162,10 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.max_completion_tokens or self.max_tokens
 
     @property
+    def max_tokens_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
+
+    @property
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -131,6 +173,11 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     prompt: str | list[int] = Field(min_length=1)  # one prompt: text or token ids
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _unicode_prompt(cls, v):  # token ids are checked against the vocabulary by the ingress
+        return _check_unicode(v) if isinstance(v, str) else v
 
     @property
     def num_logprobs(self) -> int | None:

@@ -43,6 +43,14 @@ class SamplingParams(BaseModel):
     def _ids_as_tuple(cls, v):
         return () if v is None else tuple(v)
 
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _ids_not_negative(cls, v):
+        # a negative id would index the logits from the end; the ingress also checks the vocabulary's end
+        if any(t < 0 for t in v):
+            raise ValueError("stop_token_ids must not be negative")
+        return v
+
     @field_validator("min_tokens")
     @classmethod
     def _min_le_max(cls, v, info: ValidationInfo):

@@ -1,4 +1,5 @@
-"""A RouterClient double for ingress tests: a scripted answer, one token per event, and a record of calls."""
+"""A RouterClient double for ingress tests: a scripted answer, one token per event, and a record of calls;
+it can refuse, pause, or die mid-stream (a router replica that crashed)."""
 from __future__ import annotations
 
 import asyncio
@@ -15,17 +16,30 @@ class FakeRouter:
     ready: bool = True
     refuse: Exception | None = None  # raised when a generate stream is first iterated
     pause_after: int | None = None  # block after this many tokens until `resume` is set
+    die_after: list[int] = field(default_factory=list)  # each entry: one stream dies after that many tokens
+    fail_with_error_after: int | None = None  # the mesh retires the request with "error" after this many tokens
     queue_time_s: float = 0.002
     requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
+    continued: dict[str, list[int]] = field(default_factory=dict)  # request id -> output_ids it came with
     resume: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None) -> AsyncIterator[TokenEvent]:
+                       salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
         self.requests[request_id] = (prompt_ids, params, salt)
+        self.continued[request_id] = list(output_ids)
         if self.refuse is not None:
             raise self.refuse
+        die_at = self.die_after.pop(0) if self.die_after else None
         for i, token in enumerate(self.answer[:params.max_tokens]):
+            if i < len(output_ids):
+                assert token == output_ids[i], "a continuation must carry the tokens already sent"
+                continue
+            if i == die_at:
+                raise RuntimeError("the router died")
+            if i == self.fail_with_error_after:
+                yield TokenEvent(request_id, [], finish_reason="error", error="sampling failed")
+                return
             if i == self.pause_after:
                 await self.resume.wait()
             finish = ("stop" if token in params.stop_token_ids and i + 1 >= params.min_tokens

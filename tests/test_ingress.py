@@ -13,9 +13,11 @@ from ray.exceptions import RayTaskError
 from starlette.requests import ClientDisconnect
 
 from deployments.ingress import StopStrings, build_app
+from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from model.embedded import ensure_smollm2
 from model.tokenizer import load_tokenizer
-from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
+from scheduler.sampling import MAX_LOGPROBS
 from tests.fake_router import FakeRouter
 
 MODEL = "smollm2"
@@ -42,7 +44,9 @@ def router(tokenizer, eos) -> FakeRouter:
 
 
 def make_client(router, tokenizer, api_keys=None) -> TestClient:
-    return TestClient(build_app(router, tokenizer, MODEL, MAX_LEN, api_keys), raise_server_exceptions=False)
+    app = build_app(router, tokenizer, MODEL, MAX_LEN, api_keys)
+    app.state.server.retry_backoff_s = (0.0, 0.0)  # a failing router is retried twice, at once
+    return TestClient(app, raise_server_exceptions=False)
 
 
 @pytest.fixture
@@ -236,6 +240,123 @@ def test_min_tokens_above_max_tokens_is_400(client):
     assert "min_tokens" in error["message"]
 
 
+def post(client, path: str, body: dict):
+    """POST with Python's own JSON encoder, which writes what httpx's refuses (NaN, lone surrogates)."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+ENDPOINTS = [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)]
+# Request-scoped values the mesh must never see: each is a 400 naming exactly its field, on both endpoints.
+OUT_OF_BOUNDS = [
+    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": [10**9]}, "stop_token_ids"),  # not a token id of this vocabulary
+    ({"stop_token_ids": [0] * (MAX_STOP_TOKEN_IDS + 1)}, "stop_token_ids"),
+    ({"stop": ["s"] * (MAX_STOP_STRINGS + 1)}, "stop"),
+    ({"stop": "x" * (MAX_STOP_CHARS + 1)}, "stop"),
+    ({"stop": ["ok", "x" * (MAX_STOP_CHARS + 1)]}, "stop"),
+    ({"stop": "\ud800"}, "stop"),  # a lone surrogate: valid JSON, not encodable text
+    ({"top_k": 10**9}, "top_k"),
+    ({"max_tokens": 10**12}, "max_tokens"),
+    ({"max_tokens": 10**30}, "max_tokens"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    ({"min_tokens": 10**12}, "min_tokens"),  # no max_tokens: bounded by the room left in the context
+    ({"n": MAX_N + 1}, "n"),
+    ({"seed": 2**63}, "seed"),
+    ({"temperature": 101}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_p": float("inf")}, "top_p"),
+    ({"presence_penalty": -2.5}, "presence_penalty"),
+    ({"frequency_penalty": 3}, "frequency_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+    ({"repetition_penalty": 11}, "repetition_penalty"),
+    ({"cache_salt": "s" * (MAX_SALT_CHARS + 1)}, "cache_salt"),
+    ({"cache_salt": "\ud800"}, "cache_salt"),
+]
+CHAT_OUT_OF_BOUNDS = [
+    ({"max_completion_tokens": 10**12}, "max_completion_tokens"),
+    ({"logprobs": True, "top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+]
+COMPLETION_OUT_OF_BOUNDS = [
+    ({"prompt": [-1]}, "prompt"),
+    ({"prompt": [1, 10**9]}, "prompt"),
+    ({"prompt": "once \ud800"}, "prompt"),
+    ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+@pytest.mark.parametrize("patch, param", OUT_OF_BOUNDS)
+def test_out_of_bounds_values_are_400_before_the_router(client, router, path, base, patch, param):
+    assert_error(post(client, path, {**base, **patch}), 400, param=param)
+    assert router.requests == {}
+
+
+@pytest.mark.parametrize("path, base, patch, param",
+                         [("/v1/chat/completions", CHAT, *case) for case in CHAT_OUT_OF_BOUNDS]
+                         + [("/v1/completions", COMPLETION, *case) for case in COMPLETION_OUT_OF_BOUNDS])
+def test_out_of_bounds_endpoint_fields_are_400_before_the_router(client, router, path, base, patch, param):
+    assert_error(post(client, path, {**base, **patch}), 400, param=param)
+    assert router.requests == {}
+
+
+def test_lone_surrogate_in_a_text_part_is_400(client, router):
+    parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "\udfff"}]
+    body = {**CHAT, "messages": [{"role": "user", "content": parts}]}
+    error = assert_error(post(client, "/v1/chat/completions", body), 400)
+    assert error["param"].startswith("messages.0.content")  # a union: pydantic names its branch after the field
+    assert router.requests == {}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_vocabulary_bounds_are_400(client, router, tokenizer, stream):
+    vocab = tokenizer.vocab_size
+    for patch, param in [({"top_k": vocab + 1}, "top_k"), ({"stop_token_ids": [vocab]}, "stop_token_ids")]:
+        error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": stream, **patch}), 400,
+                             param=param)
+        assert str(vocab) in error["message"]
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": [vocab]}), 400, param="prompt")
+    assert router.requests == {}
+
+
+def test_min_tokens_is_bounded_by_the_context_when_max_tokens_is_unset(client, router, tokenizer):
+    room = MAX_LEN - len(tokenizer.encode_chat(CHAT["messages"]))
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "min_tokens": room + 1}), 400,
+                         param="min_tokens")
+    assert str(room) in error["message"]
+    assert router.requests == {}
+    router.answer = router.answer[:1] * room  # no stop id: the answer runs to the end of the context
+    assert client.post("/v1/chat/completions", json={**CHAT, "min_tokens": room}).status_code == 200
+    (_, params, _), = router.requests.values()
+    assert params.min_tokens == params.max_tokens == room
+
+
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+def test_min_tokens_within_max_tokens_is_accepted(client, router, path, base):
+    r = client.post(path, json={**base, "min_tokens": 1, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] == "length" and r.json()["usage"]["completion_tokens"] == 4
+    (_, params, _), = router.requests.values()
+    assert (params.min_tokens, params.max_tokens) == (1, 4)
+
+
+def test_values_at_their_bounds_are_accepted(client, router, tokenizer):
+    vocab = tokenizer.vocab_size
+    stops = [f"{i:02d}" + "~" * (MAX_STOP_CHARS - 2) for i in range(MAX_STOP_STRINGS)]
+    stop_ids = [vocab - 1 - i for i in range(MAX_STOP_TOKEN_IDS)]
+    r = client.post("/v1/chat/completions", json={
+        **CHAT, "top_k": vocab, "stop": stops, "stop_token_ids": stop_ids, "n": MAX_N, "seed": 2**63 - 1,
+        "logprobs": True, "top_logprobs": MAX_LOGPROBS, "cache_salt": "s" * MAX_SALT_CHARS, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert len(router.requests) == MAX_N
+    params = next(iter(router.requests.values()))[1]
+    assert (params.top_k, params.stop, params.logprobs) == (vocab, tuple(stops), MAX_LOGPROBS)
+    assert params.stop_token_ids[:MAX_STOP_TOKEN_IDS] == tuple(stop_ids)
+    assert client.post("/v1/completions", json={**COMPLETION, "prompt": [0, vocab - 1], "top_k": 0,
+                                                "stop_token_ids": [0]}).status_code == 200
+
+
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b'"text"'])
 def test_malformed_body_is_400(client, raw):
     assert_error(client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 400)
@@ -270,19 +391,46 @@ def test_refusals_wrapped_by_ray_are_mapped(client, router, refusal, status):
     assert_error(client.post("/v1/completions", json=COMPLETION), status)
 
 
-def test_not_ready_is_503(client, router):
+def test_no_live_mesh_is_503_with_retry_after(client, router):
     router.ready = False
-    assert_error(client.get("/health"), 503)
-    assert_error(client.post("/v1/chat/completions", json=CHAT), 503)
-    router.ready = True
+    response = client.get("/health")
+    assert_error(response, 503)
+    assert response.headers["retry-after"]
+    router.refuse = NoMeshAvailable("no mesh has been available for 30 s")  # the router waited, then gave up
+    response = client.post("/v1/chat/completions", json=CHAT)
+    assert_error(response, 503)["type"] == "service_unavailable"
+    assert response.headers["retry-after"]
+    router.ready, router.refuse = True, None
     assert client.get("/health").status_code == 200
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
-def test_internal_error_is_a_generic_500(client, router):
+def test_a_router_that_keeps_failing_is_a_503_without_internals(client, router):
     router.refuse = RuntimeError("secret internals")
-    error = assert_error(client.post("/v1/chat/completions", json=CHAT), 500)
+    error = assert_error(client.post("/v1/chat/completions", json=CHAT), 503)
     assert "secret" not in error["message"]
+    assert len(router.requests) == 3  # the first try and two resubmissions
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_router_that_dies_mid_stream_is_resubmitted_as_a_continuation(client, router, tokenizer, stream):
+    router.die_after = [3, 5]  # the first stream dies before token 3, its resubmission before token 5
+    body = {**COMPLETION, "max_tokens": 12, "stream": stream}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    text = ("".join(c["choices"][0]["text"] for c in sse(response) if c.get("choices")) if stream
+            else response.json()["choices"][0]["text"])
+    assert text == tokenizer.decode(router.answer[:12])  # no token lost or repeated
+    assert [len(ids) for ids in router.continued.values()] == [0, 3, 5]
+    assert {rid.rsplit("-", 1)[-1] for rid in router.continued} >= {"retry1", "retry2"}
+
+
+def test_a_request_the_mesh_failed_is_a_500_for_it_alone(client, router):
+    router.fail_with_error_after = 2
+    error = assert_error(client.post("/v1/completions", json=COMPLETION), 500)
+    assert "failed on this request" in error["message"]
+    router.fail_with_error_after = None
+    assert client.post("/v1/completions", json=COMPLETION).status_code == 200
 
 
 def test_unknown_route_is_json_404(client):

@@ -186,3 +186,23 @@ def test_default_sampling_parameters_are_served(client):
     """No temperature given means OpenAI's default (1.0), sampled on the host for the torch backend."""
     out = client.chat.completions.create(model=MODEL, messages=chat("Say hello."), max_tokens=8)
     assert out.choices[0].message.content and out.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("extra", [
+    {"min_tokens": 1},  # masked stop ids on the prefill logits once crashed the torch mesh for good
+    {"min_tokens": 2, "stop_token_ids": [1000000000]},
+    {"min_tokens": 2, "stop_token_ids": [-1]},
+    {"min_tokens": 3, "stop_token_ids": [2], "presence_penalty": 1.5, "logprobs": 2},
+])
+def test_no_request_can_take_the_mesh_down(base_url, extra):
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, **extra}
+    r = httpx.post(f"{base_url}/v1/completions", json=body, timeout=60)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 400:
+        assert r.json()["error"]["param"] == "stop_token_ids"
+    else:
+        assert r.json()["usage"]["completion_tokens"] >= extra["min_tokens"]
+    ordinary = httpx.post(f"{base_url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4},
+                          timeout=60)
+    assert ordinary.status_code == 200, ordinary.text
+    assert httpx.get(f"{base_url}/health").status_code == 200
