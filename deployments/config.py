@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.tt_galaxy import TTMeshConfig
+from model.galaxy import TTMeshConfig
 
 
 class AppConfig(BaseModel):

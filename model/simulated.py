@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model.backend import SAMPLING_FIELDS, Backend, Capabilities
-from model.tt_galaxy import BLOCK_SIZE, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN
+from model.galaxy import BLOCK_SIZE, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN
 from scheduler.sampling import SamplingParams
 
 

@@ -13,46 +13,21 @@ the padded positions' KV there (vLLM keeps block 0 as its null block). Caller bl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from model.backend import Backend, Capabilities
+from model.galaxy import (BLOCK_SIZE, DEVICE_SAMPLING, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN,  # noqa: F401
+                          NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig)
 from scheduler.sampling import SamplingParams, sample_row
 
-NUM_SLOTS = 32  # tt-metal's sampler and decode trace are fixed at 32 users; slot s lives on mesh column s // 8
-BLOCK_SIZE = 64
-MAX_SEQ_LEN = 131_072
-PREFIX_ALIGN = 128  # SDPA_CHUNK_ALIGN in model_config.py: cached prefixes are cut down to a multiple of it
 DEFAULT_NUM_BLOCKS = -(-(MAX_SEQ_LEN + BLOCK_SIZE * NUM_SLOTS) // BLOCK_SIZE)  # the tt vLLM worker's sizing: 2080
-LLAMA3_VOCAB = 128_256
-LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
-# What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
-DEVICE_SAMPLING = frozenset({"temperature", "top_k", "top_p", "seed"})
 
 _GREEDY = SamplingParams(temperature=0.0)  # for rows without a request
 _TT_EXTRA_HINT = ("the TT Galaxy backend needs ttnn: pip install 'meshserve[tt]' "
                  "(ttnn wheels exist only for Python 3.10 and 3.12)")
-
-
-@dataclass(frozen=True)
-class TTMeshConfig:
-    """How the mesh is opened and sampled; the defaults are the seed's (galaxy_perf.json,
-    mesh_open_defaults_from_seed). `line_rs` / `line_ag` set LINE_RS / LINE_AG for tt-metal's CCLs
-    (read when its llama_ccl module is imported); None leaves the environment as it is."""
-
-    mesh_shape: tuple[int, int] = (8, 4)
-    dispatch_core_axis: Literal["row", "col"] = "col"
-    fabric_config: Literal["DISABLED", "FABRIC_1D", "FABRIC_1D_RING", "FABRIC_2D"] = "FABRIC_1D_RING"
-    worker_l1_size: int = 1_344_544
-    trace_region_size: int = 95_693_824
-    # "all": prefill and decode sample on the device; "decode_only": prefill returns logits and the first
-    # token is sampled here; None: the device never samples. Device top-k is at most 32 (0 means 32).
-    sample_on_device_mode: Literal["all", "decode_only"] | None = "all"
-    line_rs: bool | None = None
-    line_ag: bool | None = None
 
 
 class TTGalaxyBackend(Backend):

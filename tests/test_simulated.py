@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.simulated import DEMO_MEAN_GENERATED, GalaxyTiming, SimulatedBackend, published_figures
-from model.tt_galaxy import LLAMA3_EOS
+from model.galaxy import LLAMA3_EOS
 from scheduler.sampling import SamplingParams, sample_batch
 
 GREEDY = SamplingParams(temperature=0.0)
