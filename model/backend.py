@@ -20,11 +20,14 @@ from scheduler.sampling import SamplingParams
 class Capabilities:
     num_slots: int  # decode batch (32 on a Galaxy; slot s lives on mesh column s // 8)
     block_size: int  # tokens per KV block (64 on a Galaxy)
-    num_blocks: int  # KV blocks the allocated cache holds
+    num_blocks: int  # KV blocks per KV group: block ids 0..num_blocks-1 name a different memory in each group
     max_seq_len: int  # longest sequence (prompt + output)
     prefix_align: int  # prefix-cache hits are rounded down to this many tokens
     vocab_size: int
     eos_token_ids: tuple[int, ...] = ()
+    # Independent KV caches: slot s writes and reads only group s // (num_slots // kv_groups). A Galaxy has
+    # one per mesh column (4); a block id or a cached prefix is only meaningful inside its group.
+    kv_groups: int = 1
     # SamplingParams fields the backend applies itself; any other non-default field needs host logits.
     device_sampling: frozenset[str] = field(default_factory=frozenset)
     # Expected worst-case times, from which the router and the replica derive when a work has hung:
@@ -34,6 +37,14 @@ class Capabilities:
     def expected_seconds(self, num_prefill_tokens: int, num_decode_steps: int) -> float:
         """How long a work of that size should take at worst (seconds)."""
         return num_prefill_tokens * self.prefill_token_s + num_decode_steps * self.decode_step_s
+
+    def __post_init__(self):
+        if self.kv_groups < 1 or self.num_slots % self.kv_groups:
+            raise ValueError(f"{self.num_slots} slots cannot be split evenly over {self.kv_groups} KV groups")
+
+    @property
+    def slots_per_group(self) -> int:
+        return self.num_slots // self.kv_groups
 
     @property
     def max_blocks_per_seq(self) -> int:
