@@ -37,7 +37,7 @@ from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_promp
 from model.backend import Backend  # noqa: E402
 from model.runner import MeshRunner  # noqa: E402
 from model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from scheduler.blocks import BlockPool, blocks_for  # noqa: E402
+from scheduler.blocks import blocks_for  # noqa: E402
 from scheduler.sampling import SamplingParams  # noqa: E402
 from scheduler.scheduler import MeshScheduler  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
@@ -208,7 +208,7 @@ def tokenize(tokenizer: Tokenizer, prompts: list[str], instruct: bool) -> list[l
 
 
 def check_fits(batches: list[list[list[int]]], settings: Settings, backend: Backend) -> None:
-    """Like the demo's asserts: every user fits max_seq_len, and a whole batch fits the KV pool at once
+    """Like the demo's asserts: every user fits max_seq_len, and a whole batch fits the KV groups at once
     (otherwise the scheduler would run it in waves and the figures would not be the demo's)."""
     caps = backend.caps
     for batch in batches:
@@ -216,10 +216,12 @@ def check_fits(batches: list[list[list[int]]], settings: Settings, backend: Back
         if longest + settings.max_generated_tokens > caps.max_seq_len:
             raise SystemExit(f"a prompt of {longest} tokens + {settings.max_generated_tokens} generated exceeds "
                              f"max_seq_len {caps.max_seq_len}")
-        needed = sum(blocks_for(len(ids) + settings.max_generated_tokens, caps.block_size) for ids in batch)
+        # Admission fills the emptiest KV group first: user u lands in group u mod kv_groups.
+        needed = max(sum(blocks_for(len(ids) + settings.max_generated_tokens, caps.block_size)
+                         for ids in batch[g::caps.kv_groups]) for g in range(caps.kv_groups))
         if needed > caps.num_blocks:
-            raise SystemExit(f"the batch needs {needed} KV blocks of {caps.block_size} tokens, the pool has "
-                             f"{caps.num_blocks}: raise --max-blocks or lower --batch-size")
+            raise SystemExit(f"a KV group needs {needed} blocks of {caps.block_size} tokens for this batch, each "
+                             f"has {caps.num_blocks}: raise --max-blocks or lower --batch-size")
 
 
 def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[int]], params: SamplingParams,
@@ -272,7 +274,8 @@ def run(args: argparse.Namespace) -> dict:
         caps = backend.caps
         # The demo prefills every user, each prompt in one call, before the first decode step.
         whole_prompt = blocks_for(caps.max_seq_len, caps.prefix_align) * caps.prefix_align
-        scheduler = MeshScheduler(BlockPool(caps.num_blocks, caps.block_size), num_slots=caps.num_slots,
+        scheduler = MeshScheduler(num_blocks=caps.num_blocks, block_size=caps.block_size, kv_groups=caps.kv_groups,
+                                  num_slots=caps.num_slots,
                                   max_seq_len=caps.max_seq_len, prefill_chunk=whole_prompt,
                                   max_prefill_tokens=whole_prompt * caps.num_slots, decode_steps=args.decode_steps,
                                   prefix_align=caps.prefix_align, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))

@@ -24,7 +24,9 @@ class AppConfig(BaseModel):
     mesh_num_cpus: float = Field(1.0, ge=0)
     num_slots: int = Field(32, ge=1)
     block_size: int = Field(64, ge=1)
-    num_blocks: int | None = Field(None, ge=1, description="KV blocks per mesh; None: the backend's default")
+    num_blocks: int | None = Field(None, ge=1, description="KV blocks per KV group; None: the backend's default")
+    kv_groups: int | None = Field(None, ge=1, description="simulated backend: independent KV caches per mesh "
+                                                          "(None: 4, one per Galaxy mesh column)")
     max_seq_len: int | None = Field(None, ge=2)
     dtype: Literal["float32", "bfloat16"] = "float32"
     time_scale: float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy")

@@ -48,6 +48,7 @@ def build_backend(config: AppConfig, model_dir) -> Backend:
         tok = load_tokenizer(model_dir)
         return SimulatedBackend(num_slots=config.num_slots, block_size=config.block_size,
                                 num_blocks=config.num_blocks, max_seq_len=config.max_seq_len,
+                                **({"kv_groups": config.kv_groups} if config.kv_groups else {}),
                                 vocab_size=tok.vocab_size, eos_token_ids=tuple(tok.stop_ids),
                                 time_scale=config.time_scale)
     from model.tt_galaxy import TTGalaxyBackend

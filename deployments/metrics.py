@@ -4,8 +4,8 @@ Latencies are measured here, where the client's clock is: from a request's arriv
 the token events the router streams back. Events are coalesced (several tokens each), so the
 inter-token latency spreads an event's gap evenly over its tokens. Queue time is the router's own
 measure (arrival at the router to its first prefill chunk), carried on the first event.
-Per-mesh state (slots, KV blocks, prefix cache, preemptions) is read from the router at scrape time,
-so every ingress replica reports the same, current, values for it.
+Per-mesh state (slots, KV blocks per mesh and per KV group, prefix cache, preemptions, up/down) is read
+from the router at scrape time, so every ingress replica reports the same, current, values for it.
 """
 from __future__ import annotations
 
@@ -71,8 +71,21 @@ class Metrics:
                            "Times the mesh failed and its requests were moved.")
         migrated = family(CounterMetricFamily, "meshserve_requests_migrated",
                           "Requests moved off the mesh when it failed.")
+        groups = family(GaugeMetricFamily, "meshserve_kv_groups", "Independent KV caches of the mesh (mesh columns).")
+        group_used = GaugeMetricFamily("meshserve_kv_group_blocks_used", "KV blocks held by requests, per KV group.",
+                                       labels=["mesh", "group"])
+        group_total = GaugeMetricFamily("meshserve_kv_group_blocks_total", "KV blocks of one KV group.",
+                                        labels=["mesh", "group"])
+        group_running = GaugeMetricFamily("meshserve_kv_group_num_requests_running",
+                                          "Requests holding a decode slot of the KV group.", labels=["mesh", "group"])
         for m in self._meshes:
             label = [m["name"]]
+            groups.add_metric(label, m.get("kv_groups", 1))
+            for g in m.get("groups", ()):
+                group_label = [m["name"], str(g["group"])]
+                group_used.add_metric(group_label, g["blocks_used"])
+                group_total.add_metric(group_label, g["blocks_total"])
+                group_running.add_metric(group_label, g["running"])
             up.add_metric(label, int(m.get("up", True)))
             failovers.add_metric(label, m.get("failovers", 0))
             migrated.add_metric(label, m.get("requests_migrated", 0))
@@ -85,7 +98,8 @@ class Metrics:
             hits.add_metric(label, m["prefix_hit_tokens"])
             hit_rate.add_metric(label, m["prefix_hit_tokens"] / max(m["prefix_query_tokens"], 1))
             preempted.add_metric(label, m["preemptions"])
-        yield from (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, failovers, migrated)
+        yield from (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, failovers, migrated,
+                    groups, group_used, group_total, group_running)
 
 
 class RequestTimer:

@@ -31,7 +31,7 @@ from typing import Protocol
 from ray import serve
 
 from model.backend import Capabilities
-from scheduler.blocks import BlockPool
+from scheduler.blocks import extend_block_hashes
 from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
@@ -132,25 +132,26 @@ class Router:
         c = self.config
         max_seq_len = min(c.max_seq_len or caps.max_seq_len, caps.max_seq_len)
         return MeshScheduler(
-            num_slots=caps.num_slots, pool=BlockPool(caps.num_blocks, caps.block_size),
+            num_slots=caps.num_slots, num_blocks=caps.num_blocks, block_size=caps.block_size,
+            kv_groups=caps.kv_groups,
             max_seq_len=max_seq_len, prefill_chunk=c.prefill_chunk, max_prefill_tokens=c.max_prefill_tokens,
             decode_steps=c.decode_steps, prefix_align=caps.prefix_align,
             max_waiting_requests=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
             eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth)
 
     # ---- requests -------------------------------------------------------------------------------
-    def place(self, prompt_ids: list[int], salt: str | None) -> Mesh | None:
-        """Longest cached prefix first, then the most slots left once its queue is seated, then free
-        blocks. None when no mesh is live."""
+    def place(self, token_ids: list[int], salt: str | None) -> tuple[Mesh, list[bytes]] | None:
+        """The (mesh, KV group) that caches the longest prefix, then the mesh with most slots left once its
+        queue is seated, then the group with most free slots and blocks. Returns the mesh and the digests
+        of the full blocks of token_ids (hashed once per request: the mesh's scheduler reuses them), or
+        None when no mesh is live."""
         live = [m for m in self.meshes if m.up]
         if not live:
             return None
-
-        def key(m: Mesh):
-            s = m.scheduler.stats()
-            return (m.scheduler.cached_prefix_tokens(prompt_ids, salt),
-                    s["free_slots"] - s["waiting"], s["blocks_free"] + s["blocks_cached"])
-        return max(live, key=key)
+        hashes: list[bytes] = []
+        extend_block_hashes(hashes, token_ids, live[0].caps.block_size, salt)  # one block size for all meshes
+        mesh = max(live, key=lambda m: m.scheduler.placement_key(hashes, len(token_ids)))
+        return mesh, hashes
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
@@ -173,10 +174,12 @@ class Router:
             yield TokenEvent(request_id, [], finish_reason="length")
             return
         req = _Request(list(prompt_ids), params, salt, time.monotonic())
-        mesh = self.place(prompt_ids, salt)
-        if mesh is not None:  # refusals (too long, queue full) raise here, before anything is held
+        token_ids = [*prompt_ids, *output_ids]
+        placed = self.place(token_ids, salt)
+        if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
+            mesh, hashes = placed
             mesh.scheduler.submit(request_id, req.prompt_ids, params, salt, list(output_ids),
-                                  arrival_time=req.arrival_time)
+                                  arrival_time=req.arrival_time, block_hashes=hashes)
             req.mesh = mesh
             mesh.wake.set()
         else:
@@ -253,13 +256,14 @@ class Router:
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
-        mesh = self.place(req.prompt_ids + output_ids, req.salt)
-        if mesh is None:
+        placed = self.place(req.prompt_ids + output_ids, req.salt)
+        if placed is None:
             self._hold(request_id, req, output_ids)
             return
+        mesh, hashes = placed
         try:
             mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, output_ids, migrated=True,
-                                  arrival_time=req.arrival_time)
+                                  arrival_time=req.arrival_time, block_hashes=hashes)
         except (PromptTooLong, QueueFull, ValueError) as exc:  # e.g. a mesh with a shorter max_seq_len
             req.mesh, req.held_since = None, None
             req.queue.put_nowait(exc)
@@ -426,10 +430,11 @@ class Router:
 
 def _down_stats(caps: Capabilities | None) -> dict:
     """A down mesh's numbers: nothing running, nothing held."""
+    groups = caps.kv_groups if caps else 0
     total = caps.num_blocks if caps else 0
     return {"running": 0, "waiting": 0, "free_slots": 0, "queued_tokens": 0, "inflight_works": 0,
-            "blocks_used": 0, "blocks_cached": 0, "blocks_free": total, "blocks_total": total,
-            "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0}
+            "blocks_used": 0, "blocks_cached": 0, "blocks_free": 0, "blocks_total": groups * total,
+            "kv_groups": groups, "groups": [], "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0}
 
 
 class ServeMeshClient:

@@ -2,9 +2,12 @@
 for the published time (galaxy_perf.json), so capacity and scale-out work runs without the hardware.
 
 Tokens are a pure function of the sequence so far, read back through the page table: the fake KV cache
-holds the token id written at each position, and the next token is a hash of the last `WINDOW` tokens (and
-the position) gathered through the blocks the caller names. Recompute or migration into other blocks gives
-identical tokens; a wrong page table gives different ones, so paging bugs show up as wrong outputs.
+holds the token id written at each position, and the next token is a hash of the last `WINDOW` tokens, of
+tokens at exponentially spaced distances back (16, 32, ... 65536, so a wrong block anywhere in a long prefix
+shows), and of the position, all gathered through the blocks the caller names. Recompute or migration into other blocks gives
+identical tokens; a wrong page table gives different ones, so paging bugs show up as wrong outputs. Like a
+Galaxy, it keeps one KV cache per group (mesh column): slot s reads and writes only group s // (slots per
+group), so a block id reused from another group's slot reads memory that group never wrote (wrong tokens).
 The parameters never change the token: it is what any sampler would pick from a one-hot distribution.
 """
 from __future__ import annotations
@@ -19,14 +22,14 @@ import numpy as np
 import torch
 
 from model.backend import SAMPLING_FIELDS, Backend, Capabilities
-from model.galaxy import BLOCK_SIZE, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN
+from model.galaxy import BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN
 from scheduler.sampling import SamplingParams
 
 
-WINDOW = 8  # tokens the next token depends on
+WINDOW = 8  # the last tokens the next token depends on
 DEMO_MEAN_GENERATED = 64  # the demo's decode rates average 128 generated tokens: mean context is input + 64
-_MIXERS = np.random.default_rng(0x6A1A).integers(1, 2**63, size=WINDOW + 1, dtype=np.uint64) | np.uint64(1)
-_BACK = np.arange(WINDOW - 1, -1, -1)  # window offsets, oldest first
+_BACK = np.concatenate([2 ** np.arange(16, 3, -1), np.arange(WINDOW - 1, -1, -1)])  # distances back, oldest first
+_MIXERS = np.random.default_rng(0x6A1A).integers(1, 2**63, size=len(_BACK) + 1, dtype=np.uint64) | np.uint64(1)
 _LOGIT_FLOOR = -1e4  # far enough below the chosen token that no temperature or penalty can flip it
 _MAX_CATCH_UP_S = 0.010  # oversleep repaid on the next call, so a loaded host keeps the published rate
 
@@ -90,18 +93,21 @@ class SimulatedBackend(Backend):
     """
 
     def __init__(self, *, time_scale: float = 1.0, num_slots: int = NUM_SLOTS, block_size: int = BLOCK_SIZE,
-                 num_blocks: int | None = None, max_seq_len: int | None = None, vocab_size: int = LLAMA3_VOCAB,
-                 eos_token_ids: tuple[int, ...] = LLAMA3_EOS, eos_rate: float = 0.0,
+                 num_blocks: int | None = None, kv_groups: int = KV_GROUPS, max_seq_len: int | None = None,
+                 vocab_size: int = LLAMA3_VOCAB, eos_token_ids: tuple[int, ...] = LLAMA3_EOS, eos_rate: float = 0.0,
                  timing: GalaxyTiming | None = None):
-        """None sizes like the Galaxy: 128k tokens, and a pool for one such user plus a block per slot."""
+        """num_blocks is per KV group. None sizes like the Galaxy: 128k tokens, and per group a pool for one
+        such user plus a block for each other slot of the group (2,056 blocks)."""
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
         max_seq_len = max_seq_len or MAX_SEQ_LEN
-        num_blocks = num_blocks or -(-(max_seq_len + block_size * num_slots) // block_size)
+        if kv_groups < 1 or num_slots % kv_groups:
+            raise ValueError(f"{num_slots} slots cannot be split evenly over {kv_groups} KV groups")
+        num_blocks = num_blocks or -(-(max_seq_len + block_size * (num_slots // kv_groups)) // block_size)
         timing = timing or GalaxyTiming.published()
         self.caps = Capabilities(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
                                  max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,
-                                 eos_token_ids=tuple(eos_token_ids),
+                                 eos_token_ids=tuple(eos_token_ids), kv_groups=kv_groups,
                                  device_sampling=SAMPLING_FIELDS - {"logprobs"},
                                  decode_step_s=timing.decode_step_seconds(max_seq_len) * time_scale,
                                  prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale)
@@ -109,7 +115,9 @@ class SimulatedBackend(Backend):
         self.timing = timing
         self.eos_rate = eos_rate
         self.device_seconds = 0.0
-        self.kv = np.full((num_blocks, block_size), -1, dtype=np.int32)  # token id written at each position
+        # The token id written at each position, per KV group: [kv_groups, num_blocks, block_size].
+        self.kv = np.full((kv_groups, num_blocks, block_size), -1, dtype=np.int32)
+        self._group_of_slot = np.arange(num_slots) // (num_slots // kv_groups)
         self._ordinary_ids = np.setdiff1d(np.arange(vocab_size), eos_token_ids)
         self._late = 0.0
 
@@ -121,8 +129,9 @@ class SimulatedBackend(Backend):
             raise ValueError(f"cannot prefill [{start}, {end}) into {len(block_ids)} blocks")
         table = np.asarray(block_ids, dtype=np.int64)[None]
         positions = np.arange(start, end)
-        self.kv[table[0, positions // bs], positions % bs] = token_ids[start:]
-        token = self._next_tokens(table, np.array([end - 1]))
+        group = self._group_of_slot[slot]
+        self.kv[group, table[0, positions // bs], positions % bs] = token_ids[start:]
+        token = self._next_tokens(table, np.array([end - 1]), np.array([group]))
         self._occupy(entered, self.timing.prefill_seconds(start, end))
         return torch.tensor(int(token[0])) if sampling is not None else self._one_hot(token)[0]
 
@@ -133,21 +142,23 @@ class SimulatedBackend(Backend):
         rows = np.flatnonzero(active.numpy())
         pos = positions.numpy()[rows]
         table = page_table.numpy()[rows]
-        self.kv[table[np.arange(rows.size), pos // bs], pos % bs] = tokens.numpy()[rows]
+        groups = self._group_of_slot[rows]
+        self.kv[groups, table[np.arange(rows.size), pos // bs], pos % bs] = tokens.numpy()[rows]
         next_tokens = np.zeros(self.caps.num_slots, dtype=np.int64)
-        next_tokens[rows] = self._next_tokens(table, pos)
+        next_tokens[rows] = self._next_tokens(table, pos, groups)
         self._occupy(entered, self.timing.decode_step_seconds(int(pos.max(initial=0)) + 1))
         return torch.from_numpy(next_tokens) if sampling is not None else self._one_hot(next_tokens)
 
-    def _next_tokens(self, table: np.ndarray, last: np.ndarray) -> np.ndarray:
-        """Hash of the tokens at positions last-WINDOW+1 .. last of each row, read through its page table."""
+    def _next_tokens(self, table: np.ndarray, last: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        """Hash of the tokens at `last - _BACK` of each row (-1 before position 0), read through its page
+        table from its KV group's cache."""
         window = last[:, None] - _BACK
         readable = window >= 0
         window = np.maximum(window, 0)
         bs = self.caps.block_size
-        seen = self.kv[table[np.arange(len(table))[:, None], window // bs], window % bs]
+        seen = self.kv[groups[:, None], table[np.arange(len(table))[:, None], window // bs], window % bs]
         seen = np.where(readable, seen, -1).astype(np.uint64)
-        h = (seen * _MIXERS[:WINDOW]).sum(axis=1, dtype=np.uint64) + last.astype(np.uint64) * _MIXERS[WINDOW]
+        h = (seen * _MIXERS[:-1]).sum(axis=1, dtype=np.uint64) + last.astype(np.uint64) * _MIXERS[-1]
         h = _splitmix(h)
         tokens = self._ordinary_ids[h % np.uint64(len(self._ordinary_ids))]
         if self.eos_rate and self.caps.eos_token_ids:

@@ -5,7 +5,8 @@
   best of several interleaved runs;
 - decode_step_us: the scheduler's share of one decode step (planning + taking the results in) with 32 busy
   slots, four of them 126k-token sequences, two works in flight as the router keeps them;
-- prefix_lookup_us_128k: hashing a 131,072-token prompt and finding its cached prefix.
+- prefix_lookup_us_128k: hashing a 131,072-token prompt and finding its cached prefix in the 4 KV groups
+  of a Galaxy mesh (what placing it costs the router).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from scheduler.work import NO_TOKEN, MeshWork, StepResult
 
 BLOCK_SIZE = 64
 SMALL_POOL, LARGE_POOL = 2080, 1_048_576
+GALAXY_KV_GROUPS, BLOCKS_PER_GROUP = 4, 2056  # model/galaxy.py (the core imports nothing from model/)
 
 
 def _half_used_pool(num_blocks: int) -> BlockPool:
@@ -79,7 +81,8 @@ def _mesh_results(work: MeshWork, num_slots: int, token: int) -> list[StepResult
 def decode_step_us(num_slots: int = 32, long_users: int = 4, long_prompt: int = 126_000,
                    short_prompt: int = 1_000, rounds: int = 100, repeats: int = 3) -> list[float]:
     """The mean per decode step of each of `repeats` runs of `rounds` rounds, all slots busy."""
-    sched = MeshScheduler(BlockPool(16_384, BLOCK_SIZE), num_slots=num_slots, prefix_align=128)
+    sched = MeshScheduler(num_blocks=4096, block_size=BLOCK_SIZE, kv_groups=GALAXY_KV_GROUPS, num_slots=num_slots,
+                          prefix_align=128)
     params = SamplingParams(temperature=0.0, max_tokens=100_000, ignore_eos=True)
     rng = random.Random(0)
     for i in range(num_slots):
@@ -110,12 +113,15 @@ def decode_step_us(num_slots: int = 32, long_users: int = 4, long_prompt: int = 
 
 
 def prefix_lookup_us_128k(num_tokens: int = 131_072, repeats: int = 10) -> list[float]:
-    """Each of `repeats` lookups of a fully cached prompt, hashing included."""
-    pool = BlockPool(SMALL_POOL, BLOCK_SIZE)
+    """Each of `repeats` placements of a fully cached prompt, as the router does them: hashing it once,
+    then looking it up in every KV group of a Galaxy mesh (cached in the last group)."""
+    sched = MeshScheduler(num_blocks=BLOCKS_PER_GROUP, block_size=BLOCK_SIZE, kv_groups=GALAXY_KV_GROUPS,
+                          prefix_align=128)
     rng = random.Random(0)
     prompt = [rng.randrange(128_000) for _ in range(num_tokens)]
     hashes: list[bytes] = []
     extend_block_hashes(hashes, prompt, BLOCK_SIZE)
+    pool = sched.kv.groups[-1].pool
     for block, block_hash in zip(pool.allocate(len(hashes)), hashes):
         pool.cache(block, block_hash)
     runs = []
@@ -123,9 +129,9 @@ def prefix_lookup_us_128k(num_tokens: int = 131_072, repeats: int = 10) -> list[
         t0 = time.perf_counter_ns()
         hashes = []
         extend_block_hashes(hashes, prompt, BLOCK_SIZE)
-        hit = pool.lookup(hashes, num_tokens, 128)
+        hit_tokens = sched.placement_key(hashes, num_tokens)[0]
         runs.append((time.perf_counter_ns() - t0) / 1000)
-        assert len(hit) * BLOCK_SIZE == num_tokens - 128, "the cached prompt was not found"
+        assert hit_tokens == num_tokens - 128, "the cached prompt was not found"
     return runs
 
 

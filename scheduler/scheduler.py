@@ -10,15 +10,13 @@ dropped rather than credited to whoever sits there now.
 """
 from __future__ import annotations
 
-import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
 
-import numpy as np
-
-from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
+from scheduler.blocks import blocks_for, extend_block_hashes
 from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.kv_cache import KVCache, KVGroup
 from scheduler.sampling import SamplingParams
 from scheduler.sequence import Sequence, Status
 from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult, TokenEvent
@@ -38,25 +36,28 @@ class _InFlight:
 class MeshScheduler:
     """The scheduling state of one mesh (the router keeps one per mesh replica): plan works with
     `schedule()`, take the mesh's answers in with `process()`, end requests with `cancel()`. When the mesh
-    fails, `drain()` hands every unfinished request back so the router can re-place it elsewhere."""
+    fails, `drain()` hands every unfinished request back so the router can re-place it elsewhere.
+    The mesh's KV memory is `kv_groups` independent pools (kv_cache.py); a sequence lives in one."""
 
-    def __init__(self, pool: BlockPool, *, num_slots: int = 32, max_seq_len: int = 131072,
+    def __init__(self, *, num_blocks: int, block_size: int, kv_groups: int = 1, num_slots: int = 32,
+                 max_seq_len: int = 131072,
                  prefill_chunk: int = 4096, max_prefill_tokens: int = 4096, decode_steps: int = 8,
                  prefix_align: int | None = None, watermark_blocks: int = 0,
                  max_waiting_requests: int | None = None, max_waiting_tokens: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), max_inflight: int = 2):
-        """prefix_align: prefix hits and prefill chunk boundaries are multiples of it (128 tokens on the
-        Galaxy model; default one block). max_prefill_tokens bounds the prefill in one work, i.e. how long
+        """num_blocks: KV blocks per group. prefix_align: prefix hits and prefill chunk boundaries are
+        multiples of it (128 tokens on the Galaxy model; default one block). max_prefill_tokens bounds the prefill in one work, i.e. how long
         the running users wait between two decode rounds. watermark_blocks: admission leaves this many
         blocks for the running sequences to grow into."""
-        align = prefix_align or pool.block_size
-        if align % pool.block_size or prefill_chunk % align or prefill_chunk <= 0:
-            raise ValueError(f"prefix_align ({align}) must be a multiple of block_size ({pool.block_size}) "
+        align = prefix_align or block_size
+        if align % block_size or prefill_chunk % align or prefill_chunk <= 0:
+            raise ValueError(f"prefix_align ({align}) must be a multiple of block_size ({block_size}) "
                              f"and prefill_chunk ({prefill_chunk}) a positive multiple of prefix_align")
         if max_prefill_tokens < align or decode_steps < 1 or max_inflight < 1:
             raise ValueError("max_prefill_tokens must be >= prefix_align, decode_steps and max_inflight >= 1")
-        self.pool = pool
-        self.block_size = pool.block_size
+        self.kv = KVCache(num_groups=kv_groups, num_blocks=num_blocks, block_size=block_size,
+                          num_slots=num_slots, max_seq_len=max_seq_len)
+        self.block_size = block_size
         self.num_slots = num_slots
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
@@ -68,14 +69,12 @@ class MeshScheduler:
         self.max_waiting_tokens = max_waiting_tokens
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_inflight = max_inflight
-        # A sequence must fit the pool on its own, or it would preempt itself forever.
-        self.max_tokens_per_seq = min(max_seq_len, pool.num_blocks * pool.block_size)
+        # A sequence must fit its group's pool on its own, or it would preempt itself forever.
+        self.max_tokens_per_seq = min(max_seq_len, num_blocks * block_size)
 
         self.requests: dict[str, Sequence] = {}  # every unfinished request
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}  # in admission order: the newest is preempted first
-        self.free_slots = list(range(num_slots))  # a heap: lowest slot first
-        self.page_table = np.zeros((num_slots, blocks_for(max_seq_len, pool.block_size)), dtype=np.int32)
         self.inflight: deque[_InFlight] = deque()
         self.pending_release: list[int] = []
         self.next_work_id = 0
@@ -87,10 +86,11 @@ class MeshScheduler:
     # ---- requests in -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                salt: str | None = None, output_ids: list[int] = (), *, migrated: bool = False,
-               arrival_time: float | None = None) -> Sequence:
+               arrival_time: float | None = None, block_hashes: list[bytes] | None = None) -> Sequence:
         """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
         failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
-        `migrated` skips the queue limits (the request was admitted once already).
+        `migrated` skips the queue limits (the request was admitted once already). `block_hashes`: the
+        digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429)."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
@@ -113,7 +113,7 @@ class MeshScheduler:
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
         token_ids = [*prompt_ids, *output_ids]
         seq = Sequence(request_id, token_ids, n, params, tuple(dict.fromkeys(stop_ids)), salt,
-                       num_planned=len(token_ids),
+                       num_planned=len(token_ids), block_hashes=list(block_hashes or ()),
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self.requests[request_id] = seq
         self.waiting.append(seq)
@@ -147,11 +147,14 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
-    def cached_prefix_tokens(self, prompt_ids: list[int], salt: str | None = None) -> int:
-        """How many prompt tokens this mesh would serve from its prefix cache right now."""
-        hashes: list[bytes] = []
-        extend_block_hashes(hashes, prompt_ids, self.block_size, salt)
-        return len(self.pool.lookup(hashes, len(prompt_ids), self.prefix_align)) * self.block_size
+    def placement_key(self, block_hashes: list[bytes], num_tokens: int) -> tuple[int, int, int, int]:
+        """How well a request of num_tokens tokens whose full blocks hash to block_hashes fits this mesh,
+        by its best KV group: (prompt tokens that group's prefix cache holds, slots the mesh has left once
+        its queue is seated, free slots in that group, blocks available in that group). Larger is better."""
+        free_after_queue = self.kv.num_free_slots - len(self.waiting)
+        best = max((len(g.pool.lookup(block_hashes, num_tokens, self.prefix_align)), len(g.free_slots),
+                    g.pool.num_available) for g in self.kv.groups)
+        return best[0] * self.block_size, free_after_queue, best[1], best[2]
 
     # ---- planning --------------------------------------------------------------------------------
     def schedule(self) -> MeshWork | None:
@@ -178,7 +181,7 @@ class MeshScheduler:
             entries.append((seq.slot, seq, seq.epoch))
         round_ = None
         if entries:
-            round_ = DecodeRound(self.decode_steps, sorted(slot for slot, _, _ in entries), self.page_table.copy())
+            round_ = DecodeRound(self.decode_steps, sorted(slot for slot, _, _ in entries), self.kv.page_table.copy())
         work = MeshWork(self.next_work_id, chunks, round_, self.pending_release)
         self.next_work_id += 1
         self.pending_release = []
@@ -186,8 +189,8 @@ class MeshScheduler:
         return work
 
     def _reserve_lookahead(self) -> list[tuple[Sequence, int]]:
-        """Blocks for the next decode_steps tokens of every live sequence, oldest first; when the pool
-        runs dry, the newest running sequence is preempted (possibly the one asking)."""
+        """Blocks for the next decode_steps tokens of every live sequence, oldest first; when its group's
+        pool runs dry, the newest running sequence of that group is preempted (possibly the one asking)."""
         decode = []
         for seq in list(self.running.values()):
             if seq.status is not Status.RUNNING or not seq.live or seq.num_planned >= seq.max_tokens_total:
@@ -195,42 +198,31 @@ class MeshScheduler:
             target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
             # The last sampled token's KV is written by the step after it, hence target - 1.
             while not self._reserve(seq, target - 1):
-                if self._preempt_newest() is seq:
+                if self._preempt_newest(self.kv.group_of(seq.slot)) is seq:
                     break
             if seq.status is Status.RUNNING:
                 decode.append((seq, target))
         return decode
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow seq's block table to hold num_tokens tokens of KV, if the pool can."""
-        table = seq.block_table
-        missing = blocks_for(num_tokens, self.block_size) - len(table)
-        if missing <= 0:
-            return True
-        if missing > self.pool.num_available:
-            return False
-        blocks = self.pool.allocate(missing)
-        self.page_table[seq.slot, len(table):len(table) + missing] = blocks
-        table += blocks
-        return True
+        """Grow seq's block table to hold num_tokens tokens of KV, if its group's pool can."""
+        return self.kv.grow(seq.slot, seq.block_table, num_tokens)
 
     def _admit(self) -> None:
-        """FCFS: the head of the queue enters a free slot once the pool holds the uncached part of its
-        tokens plus the watermark; nobody overtakes a head that does not fit."""
-        while self.waiting and self.free_slots:
+        """FCFS: the head of the queue enters a free slot of the KV group that caches most of its prefix
+        (then the emptiest), once that group's pool holds the uncached part of its tokens plus the
+        watermark; nobody overtakes a head that fits no group."""
+        while self.waiting and self.kv.num_free_slots:
             seq = self.waiting[0]
             n = len(seq.token_ids)
             extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
-            hit = self.pool.lookup(seq.block_hashes, n, self.prefix_align)
-            watermark = self.watermark_blocks if self.running else 0
-            if self.pool.blocks_needed(hit, n) + watermark > self.pool.num_available:
+            choice = self._choose_group(seq.block_hashes, n)
+            if choice is None:
                 return
+            group, hit = choice
             self.waiting.popleft()
             self.waiting_tokens -= n
-            self.pool.share(hit)  # before allocating, so the allocation cannot evict the hit
-            seq.block_table = hit + self.pool.allocate(blocks_for(n, self.block_size) - len(hit))
-            seq.slot = heapq.heappop(self.free_slots)
-            self.page_table[seq.slot, :len(seq.block_table)] = seq.block_table
+            seq.slot, seq.block_table = self.kv.seat(group, hit, n)
             seq.status = Status.RUNNING
             seq.epoch += 1
             seq.num_cached_blocks = len(hit)
@@ -241,6 +233,23 @@ class MeshScheduler:
             self.prefix_hit_tokens += seq.num_computed
             if seq.epoch == 1:
                 seq.num_cached_tokens = seq.num_computed
+
+    def _choose_group(self, block_hashes: list[bytes], n: int) -> tuple[KVGroup, list[int]] | None:
+        """The group with a free slot and room whose prefix cache holds most of the sequence, then the one
+        with most free slots, then most available blocks; with its prefix hit. None if none has room."""
+        best, best_key = None, None
+        for group in self.kv.groups:
+            if not group.free_slots:
+                continue
+            pool = group.pool
+            hit = pool.lookup(block_hashes, n, self.prefix_align)
+            watermark = self.watermark_blocks if group.num_running else 0
+            if pool.blocks_needed(hit, n) + watermark > pool.num_available:
+                continue
+            key = (len(hit), len(group.free_slots), pool.num_available)
+            if best_key is None or key > best_key:
+                best, best_key = (group, hit), key
+        return best
 
     def _plan_prefills(self) -> tuple[list[PrefillChunk], list[tuple[Sequence, int, int, bool]]]:
         """Chunks of the uncomputed prefixes, oldest admission first, at most max_prefill_tokens in all.
@@ -330,8 +339,9 @@ class MeshScheduler:
         full = seq.num_computed // self.block_size
         if full > seq.num_cached_blocks:
             extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
+            pool = self.kv.group_of(seq.slot).pool
             for i in range(seq.num_cached_blocks, full):
-                self.pool.cache(seq.block_table[i], seq.block_hashes[i])
+                pool.cache(seq.block_table[i], seq.block_hashes[i])
             seq.num_cached_blocks = full
 
     @staticmethod
@@ -345,17 +355,16 @@ class MeshScheduler:
     def _release(self, seq: Sequence) -> None:
         """Free seq's slot and blocks (the blocks keep their hashes, so a recompute may hit them)."""
         del self.running[seq.request_id]
-        self.pool.free(seq.block_table)
-        self.page_table[seq.slot, :len(seq.block_table)] = 0
-        heapq.heappush(self.free_slots, seq.slot)
+        self.kv.release(seq.slot, seq.block_table)
         seq.block_table = []
         seq.slot = -1
         seq.live = False
         seq.num_computed = seq.num_prefill_planned = seq.num_cached_blocks = 0
         seq.num_planned = len(seq.token_ids)
 
-    def _preempt_newest(self) -> Sequence:
-        seq = next(reversed(self.running.values()))
+    def _preempt_newest(self, group: KVGroup) -> Sequence:
+        """Send the newest running sequence of `group` back to the queue (its blocks are that pool's)."""
+        seq = next(s for s in reversed(self.running.values()) if self.kv.group_of(s.slot) is group)
         self.pending_release.append(seq.slot)
         self._release(seq)
         seq.status = Status.PREEMPTED
@@ -370,10 +379,9 @@ class MeshScheduler:
         del self.requests[seq.request_id]
 
     def stats(self) -> dict:
-        """Plain numbers for metrics. blocks_used + blocks_cached + blocks_free == blocks_total."""
-        pool = self.pool
-        return {"running": len(self.running), "waiting": len(self.waiting), "free_slots": len(self.free_slots),
-                "queued_tokens": self.waiting_tokens, "inflight_works": len(self.inflight),
-                "blocks_used": pool.num_used, "blocks_cached": pool.num_cached, "blocks_free": pool.num_free,
-                "blocks_total": pool.num_blocks, "prefix_query_tokens": self.prefix_query_tokens,
-                "prefix_hit_tokens": self.prefix_hit_tokens, "preemptions": self.num_preemptions}
+        """Plain numbers for metrics, totals over the KV groups and per group (`groups`).
+        blocks_used + blocks_cached + blocks_free == blocks_total."""
+        return {"running": len(self.running), "waiting": len(self.waiting), "queued_tokens": self.waiting_tokens,
+                "inflight_works": len(self.inflight), **self.kv.stats(),
+                "prefix_query_tokens": self.prefix_query_tokens, "prefix_hit_tokens": self.prefix_hit_tokens,
+                "preemptions": self.num_preemptions}

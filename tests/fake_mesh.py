@@ -4,7 +4,9 @@ It behaves like a real mesh: per-slot state (history, params, budget) kept acros
 first, a slot retired by itself on a stop id or an exhausted budget. Its "KV cache" stores token ids at the
 positions the page tables and block ids point to, and every next token is computed from what it reads
 back from that cache, not from its own history. So a block that was shared wrongly, overwritten or
-mis-addressed shows up as a wrong token, and it also checks the read-back directly.
+mis-addressed shows up as a wrong token, and it also checks the read-back directly. Like a Galaxy, it keeps
+one cache per KV group: slot s reads and writes only its group's blocks, so a block id used from another
+group's slot reads memory that group never wrote.
 """
 from __future__ import annotations
 
@@ -56,10 +58,12 @@ class KVCorruption(AssertionError):
 
 
 class FakeMesh:
-    def __init__(self, num_slots: int, num_blocks: int, block_size: int):
+    def __init__(self, num_slots: int, num_blocks: int, block_size: int, kv_groups: int = 1):
+        """num_blocks: per KV group."""
         self.num_slots = num_slots
         self.block_size = block_size
-        self.kv = np.full((num_blocks, block_size), -1, dtype=np.int64)
+        self.slots_per_group = num_slots // kv_groups
+        self.kv = np.full((kv_groups, num_blocks, block_size), -1, dtype=np.int64)
         self.slots: dict[int, _Slot] = {}
         self.works: list[MeshWork] = []  # everything executed, in order
 
@@ -72,7 +76,7 @@ class FakeMesh:
             result = StepResult(work.work_id, [NO_TOKEN] * self.num_slots)
             self.slots.pop(chunk.slot, None)
             for pos in range(chunk.start, len(chunk.token_ids)):
-                self._write(chunk.block_ids, pos, chunk.token_ids[pos])
+                self._write(chunk.slot, chunk.block_ids, pos, chunk.token_ids[pos])
             if chunk.is_final:
                 state = _Slot(list(chunk.token_ids), chunk.num_prompt_tokens, chunk.params, chunk.stop_token_ids)
                 self._sample(chunk.slot, state, chunk.block_ids, result)
@@ -86,21 +90,21 @@ class FakeMesh:
                     if state is None:
                         continue
                     row = work.decode.page_table[slot]
-                    self._write(row, len(state.token_ids) - 1, state.token_ids[-1])
+                    self._write(slot, row, len(state.token_ids) - 1, state.token_ids[-1])
                     self._sample(slot, state, row, result)
                 results.append(result)
         results[-1].last = True
         return results
 
-    def _write(self, block_ids, pos: int, token: int) -> None:
-        self.kv[block_ids[pos // self.block_size], pos % self.block_size] = token
+    def _write(self, slot: int, block_ids, pos: int, token: int) -> None:
+        self.kv[slot // self.slots_per_group, block_ids[pos // self.block_size], pos % self.block_size] = token
 
-    def _read(self, block_ids, num_tokens: int) -> list[int]:
+    def _read(self, slot: int, block_ids, num_tokens: int) -> list[int]:
         used = np.asarray(block_ids[:-(-num_tokens // self.block_size)], dtype=np.int64)
-        return self.kv[used].reshape(-1)[:num_tokens].tolist()
+        return self.kv[slot // self.slots_per_group, used].reshape(-1)[:num_tokens].tolist()
 
     def _sample(self, slot: int, state: _Slot, block_ids, result: StepResult) -> None:
-        history = self._read(block_ids, len(state.token_ids))
+        history = self._read(slot, block_ids, len(state.token_ids))
         if history != state.token_ids:
             raise KVCorruption(f"slot {slot}: KV holds {history}, the sequence is {state.token_ids}")
         token = next_token(history)

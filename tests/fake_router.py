@@ -58,6 +58,8 @@ class FakeRouter:
         self.cancelled.append((request_id, reason))
 
     async def stats(self) -> dict:
+        groups = [{"group": g, "running": g, "free_slots": 1, "blocks_used": 15, "blocks_cached": 0,
+                   "blocks_free": 45, "blocks_total": 60} for g in range(2)]
         mesh = {"running": 1, "waiting": 2, "blocks_used": 30, "blocks_total": 120, "prefix_query_tokens": 400,
-                "prefix_hit_tokens": 100, "preemptions": 5}
+                "prefix_hit_tokens": 100, "preemptions": 5, "up": True, "kv_groups": 2, "groups": groups}
         return {"ready": self.ready, "meshes": [{"name": "mesh-0", **mesh}, {"name": "mesh-1", **mesh}]}

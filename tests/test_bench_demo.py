@@ -97,7 +97,7 @@ def test_text_report_has_the_demos_lines(capsys, prompt_file):
 
 
 def test_a_batch_larger_than_the_kv_pool_is_refused(prompt_file):
-    with pytest.raises(SystemExit, match="KV blocks"):
+    with pytest.raises(SystemExit, match="a KV group needs"):
         demo.main(["--backend", "simulated", "--time-scale", "0.001", "--input-prompts", str(prompt_file),
                    "--batch-size", "3", "--max-blocks", "2"])
 

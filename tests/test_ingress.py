@@ -540,6 +540,11 @@ def test_metrics_exposition(client, router, tokenizer):
         assert value("meshserve_prefix_cache_hit_rate", mesh=mesh) == 0.25
         assert value("meshserve_prefix_cache_hits_tokens_total", mesh=mesh) == 100
         assert value("meshserve_num_preemptions_total", mesh=mesh) == 5
+        assert value("meshserve_kv_groups", mesh=mesh) == 2
+        assert value("meshserve_mesh_up", mesh=mesh) == 1
+        for group in ("0", "1"):
+            assert value("meshserve_kv_group_blocks_used", mesh=mesh, group=group) == 15
+            assert value("meshserve_kv_group_blocks_total", mesh=mesh, group=group) == 60
 
 
 # ---- stop strings -------------------------------------------------------------------------------

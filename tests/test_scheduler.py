@@ -4,7 +4,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from scheduler.blocks import BlockPool
+from scheduler.blocks import extend_block_hashes
 from scheduler.errors import PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
@@ -19,7 +19,7 @@ EOS = 15
 def make(num_blocks=64, **kw):
     kw = {"num_slots": 4, "max_seq_len": 64, "prefill_chunk": 8, "max_prefill_tokens": 8, "decode_steps": 3,
           "eos_token_ids": (EOS,), **kw}
-    sched = MeshScheduler(BlockPool(num_blocks, BS), **kw)
+    sched = MeshScheduler(num_blocks=num_blocks, block_size=BS, **kw)
     return sched, FakeMesh(sched.num_slots, num_blocks, BS)
 
 
@@ -96,8 +96,8 @@ def test_single_request_matches_the_model_and_frees_everything():
     assert events[0].queue_time_s is not None and events[0].queue_time_s >= 0
     assert all(e.num_prompt_tokens == 0 for e in events[1:])
     assert all(e.finish_reason is None for e in events[:-1])
-    assert sched.pool.num_used == 0 and not sched.running and not sched.requests
-    assert len(sched.free_slots) == 4 and not sched.page_table.any()
+    assert sched.kv.groups[0].pool.num_used == 0 and not sched.running and not sched.requests
+    assert len(sched.kv.groups[0].free_slots) == 4 and not sched.kv.page_table.any()
 
 
 def test_sequence_records_timestamps():
@@ -159,13 +159,13 @@ def test_page_table_rows_follow_block_tables_and_rounds_get_a_copy():
     rounds = []
     for _ in range(6):
         work = step(sched, mesh, events)
-        rounds.append((work.decode.page_table, sched.page_table.copy()))
+        rounds.append((work.decode.page_table, sched.kv.page_table.copy()))
         for seq in sched.running.values():
-            row = sched.page_table[seq.slot]
+            row = sched.kv.page_table[seq.slot]
             assert row[:len(seq.block_table)].tolist() == seq.block_table and not row[len(seq.block_table):].any()
             assert len(seq.block_table) * BS >= seq.num_planned - 1
     assert all(np.array_equal(sent, at_plan) for sent, at_plan in rounds)
-    assert rounds[0][0] is not sched.page_table and not np.array_equal(rounds[0][0], sched.page_table)
+    assert rounds[0][0] is not sched.kv.page_table and not np.array_equal(rounds[0][0], sched.kv.page_table)
 
 
 def test_identical_prefix_shares_blocks_and_salt_or_difference_does_not():
@@ -181,7 +181,7 @@ def test_identical_prefix_shares_blocks_and_salt_or_difference_does_not():
     work = sched.schedule()
     a, same, salted, other = (sched.requests[r] for r in ("a", "same", "salted", "other"))
     assert same.num_computed == 12 and same.block_table[:3] == a.block_table[:3]
-    assert all(sched.pool.ref_counts[b] == 2 for b in a.block_table[:3])
+    assert all(sched.kv.groups[0].pool.ref_counts[b] == 2 for b in a.block_table[:3])
     assert salted.num_computed == 0 and other.num_computed == 0
     assert not set(salted.block_table) & set(a.block_table) and not set(other.block_table) & set(a.block_table)
     run(sched, mesh, work, events)
@@ -199,7 +199,7 @@ def test_finished_request_leaves_its_prefix_for_the_next_turn():
     sched.submit("t1", first, params(max_tokens=8, ignore_eos=True))
     events = drain(sched, mesh)
     history = first + output_of(events["t1"])  # 19 tokens: 16 of them in full blocks
-    assert sched.pool.num_used == 0 and sched.pool.num_cached == 4
+    assert sched.kv.groups[0].pool.num_used == 0 and sched.kv.groups[0].pool.num_cached == 4
     sched.submit("t2", history + [3, 4], params(max_tokens=4, ignore_eos=True))
     drain(sched, mesh, events)
     assert events["t2"][0].num_cached_tokens == 16
@@ -224,7 +224,7 @@ def test_out_of_blocks_preempts_the_newest_and_output_is_unchanged():
     for rid, prompt in (("old", [1] * 8), ("new", [2] * 8)):
         assert output_of(events[rid]) == expected(prompt, p)[0]
         assert sum(e.num_prompt_tokens for e in events[rid]) == 8  # one first event only
-    assert sched.pool.num_used == 0
+    assert sched.kv.groups[0].pool.num_used == 0
 
 
 def test_preempted_sequence_returns_to_the_head_of_the_queue():
@@ -261,7 +261,7 @@ def test_cancel_in_every_state_frees_everything():
     for result in mesh.execute(work):
         assert sched.process(result) == []
     assert sched.schedule() is None and sched.pending_release == [0]
-    assert not sched.requests and sched.pool.num_used == 0 and sched.free_slots == [0]
+    assert not sched.requests and sched.kv.groups[0].pool.num_used == 0 and sched.kv.groups[0].free_slots == [0]
 
 
 def test_tokens_planned_before_a_cancel_are_dropped():
@@ -308,7 +308,7 @@ def test_slot_retired_by_the_mesh_mid_round_is_freed_and_reused():
         for event in sched.process(result):
             events[event.request_id].append(event)
     assert events["a"][-1].finish_reason == "length" and len(output_of(events["a"])) == 3
-    assert sched.free_slots == [0]
+    assert sched.kv.groups[0].free_slots == [0]
     assert step(sched, mesh, events).release == []  # the mesh retired it itself
     drain(sched, mesh, events)
     assert output_of(events["b"]) == expected([4, 5, 6], params(max_tokens=2, ignore_eos=True))[0]
@@ -352,11 +352,11 @@ def test_result_for_an_unknown_work_is_refused():
 
 def test_constructor_checks_alignment():
     with pytest.raises(ValueError):
-        MeshScheduler(BlockPool(16, 4), prefix_align=6, prefill_chunk=12)
+        MeshScheduler(num_blocks=16, block_size=4, prefix_align=6, prefill_chunk=12)
     with pytest.raises(ValueError):
-        MeshScheduler(BlockPool(16, 4), prefix_align=8, prefill_chunk=12)
+        MeshScheduler(num_blocks=16, block_size=4, prefix_align=8, prefill_chunk=12)
     with pytest.raises(ValueError):
-        MeshScheduler(BlockPool(16, 4), prefix_align=8, prefill_chunk=16, max_prefill_tokens=4)
+        MeshScheduler(num_blocks=16, block_size=4, prefix_align=8, prefill_chunk=16, max_prefill_tokens=4)
 
 
 def test_results_planned_for_an_earlier_placement_are_dropped():
@@ -389,3 +389,65 @@ def test_bench_drives_the_work_protocol_end_to_end():
     from scheduler.bench import decode_step_us
     runs = decode_step_us(num_slots=4, long_users=1, long_prompt=3000, short_prompt=100, rounds=3, repeats=1)
     assert len(runs) == 1 and runs[0] > 0
+
+
+def _two_users_sharing_a_prefix(kv_groups: int):
+    """Two slots on a mesh with two KV groups (one slot each); B arrives while A holds slot 0 (group 0)."""
+    sched = MeshScheduler(num_blocks=32, block_size=BS, kv_groups=kv_groups, num_slots=2, max_seq_len=64,
+                          prefill_chunk=8, max_prefill_tokens=16, decode_steps=2, eos_token_ids=(EOS,))
+    mesh = FakeMesh(2, 32, BS, kv_groups=2)
+    prefix = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+    a, b = prefix + [7], prefix + [9, 9]
+    events = defaultdict(list)
+    sched.submit("a", a, params(max_tokens=20, ignore_eos=True))
+    for _ in range(4):
+        step(sched, mesh, events)
+    sched.submit("b", b, params(max_tokens=6, ignore_eos=True))
+    drain(sched, mesh, events)
+    return sched, events, {"a": reference_output(a, params(max_tokens=20, ignore_eos=True), ()),
+                           "b": reference_output(b, params(max_tokens=6, ignore_eos=True), ())}
+
+
+def test_a_single_pool_on_a_mesh_with_kv_groups_reads_another_columns_memory():
+    """The old placement: one pool for every slot shares A's cached blocks with B in the other group."""
+    from tests.fake_mesh import KVCorruption
+    with pytest.raises(KVCorruption):
+        _two_users_sharing_a_prefix(kv_groups=1)
+
+
+def test_kv_groups_keep_each_prefix_hit_inside_the_group_that_wrote_it():
+    sched, events, expected = _two_users_sharing_a_prefix(kv_groups=2)
+    for rid, (tokens, reason) in expected.items():
+        assert [t for e in events[rid] for t in e.token_ids] == tokens
+    stats = sched.stats()
+    assert stats["kv_groups"] == 2 and [g["blocks_used"] for g in stats["groups"]] == [0, 0]
+    assert stats["blocks_total"] == 64
+
+
+def test_admission_picks_the_kv_group_that_caches_the_prefix_else_the_emptiest():
+    sched = MeshScheduler(num_blocks=32, block_size=BS, kv_groups=4, num_slots=8, max_seq_len=64, prefill_chunk=8,
+                          max_prefill_tokens=64, decode_steps=2, eos_token_ids=(EOS,))
+    mesh = FakeMesh(8, 32, BS, kv_groups=4)
+    events = defaultdict(list)
+    prefix = list(range(1, 13))
+    sched.submit("x", [9] * 6, params(max_tokens=30, ignore_eos=True))  # takes group 0 (ties: lowest)
+    step(sched, mesh, events)
+    assert sched.kv.group_of(sched.running["x"].slot).index == 0
+    sched.submit("a", prefix + [1], params(max_tokens=2, ignore_eos=True))
+    work = sched.schedule()
+    assert sched.kv.group_of(sched.running["a"].slot).index == 1  # the emptiest group
+    run(sched, mesh, work, events)
+    while "a" in sched.requests:
+        step(sched, mesh, events)
+    sched.submit("b", prefix + [2, 2], params(max_tokens=2, ignore_eos=True))
+    assert sched.placement_key(_hashes(prefix + [2, 2]), 14)[0] == 12  # what the router ranks meshes by
+    work = sched.schedule()
+    b = sched.running["b"]
+    assert sched.kv.group_of(b.slot).index == 1 and b.num_cached_tokens == 12  # the hit beats emptiness
+    run(sched, mesh, work, events)
+
+
+def _hashes(token_ids):
+    hashes = []
+    extend_block_hashes(hashes, token_ids, BS)
+    return hashes

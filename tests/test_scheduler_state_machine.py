@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
+from scheduler.blocks import blocks_for, extend_block_hashes
 from scheduler.errors import PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
@@ -27,20 +27,22 @@ PREFIXES = [[_rng.randrange(VOCAB) for _ in range(28)] for _ in range(3)]  # sha
 
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([2, 4]), align_blocks=st.sampled_from([1, 2]),
-                num_slots=st.integers(1, 4), extra_blocks=st.integers(0, 12), chunk_aligns=st.integers(1, 3),
+                kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 3), extra_blocks=st.integers(0, 12), chunk_aligns=st.integers(1, 3),
                 budget_aligns=st.integers(1, 4), decode_steps=st.integers(1, 4), max_inflight=st.integers(1, 3),
                 watermark=st.integers(0, 2), queue_limit=st.sampled_from([None, 3]))
-    def setup(self, block_size, align_blocks, num_slots, extra_blocks, chunk_aligns, budget_aligns,
+    def setup(self, block_size, align_blocks, kv_groups, slots_per_group, extra_blocks, chunk_aligns, budget_aligns,
               decode_steps, max_inflight, watermark, queue_limit):
         align = block_size * align_blocks
+        num_slots = kv_groups * slots_per_group
         num_blocks = blocks_for(MAX_SEQ_LEN, block_size) + extra_blocks
         def make_mesh() -> tuple[MeshScheduler, FakeMesh]:
             sched = MeshScheduler(
-                BlockPool(num_blocks, block_size), num_slots=num_slots, max_seq_len=MAX_SEQ_LEN,
+                num_blocks=num_blocks, block_size=block_size, kv_groups=kv_groups, num_slots=num_slots,
+                max_seq_len=MAX_SEQ_LEN,
                 prefill_chunk=align * chunk_aligns, max_prefill_tokens=align * budget_aligns,
                 decode_steps=decode_steps, prefix_align=align, watermark_blocks=watermark,
                 max_waiting_requests=queue_limit, eos_token_ids=(EOS,), max_inflight=max_inflight)
-            return sched, FakeMesh(num_slots, num_blocks, block_size)
+            return sched, FakeMesh(num_slots, num_blocks, block_size, kv_groups)
         self.make_mesh = make_mesh
         self.sched, self.mesh = make_mesh()
         self.pending = deque()  # results the mesh has produced and the router has not taken in yet
@@ -112,7 +114,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         old = self.sched
         seqs = old.drain()
         assert not old.requests and not old.running and not old.waiting and not old.inflight
-        assert old.pool.num_used == 0 and all(count == 0 for count in old.pool.ref_counts), "a block leaked"
+        for group in old.kv.groups:
+            assert group.pool.num_used == 0 and not any(group.pool.ref_counts), "a block leaked"
         self.pending.clear()
         self.sched, self.mesh = self.make_mesh()
         for seq in seqs:
@@ -130,12 +133,15 @@ class SchedulerMachine(RuleBasedStateMachine):
                 break
             else:
                 self.schedule()
-        sched, pool = self.sched, self.sched.pool
+        sched = self.sched
         assert not sched.requests and not sched.running and not sched.waiting, "requests were left hanging"
         assert set(self.finished) == set(self.expected)
-        assert pool.num_used == 0 and pool.num_free + pool.num_cached == pool.num_blocks
-        assert all(count == 0 for count in pool.ref_counts)
-        assert sorted(sched.free_slots) == list(range(sched.num_slots)) and not sched.page_table.any()
+        for group in sched.kv.groups:
+            pool = group.pool
+            assert pool.num_used == 0 and pool.num_free + pool.num_cached == pool.num_blocks
+            assert all(count == 0 for count in pool.ref_counts)
+        free = sorted(slot for group in sched.kv.groups for slot in group.free_slots)
+        assert free == list(range(sched.num_slots)) and not sched.kv.page_table.any()
         assert set(self.mesh.slots) <= set(sched.pending_release), "the mesh still decodes a freed slot"
 
     # ---- checks ----------------------------------------------------------------------------------
@@ -153,14 +159,17 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _check_admissions(self, epochs_before):
         """Identical prefixes share blocks: a sequence admitted now reuses every cached block that a
-        running sequence holds for the same leading tokens (same salt), up to the alignment and the cap."""
-        sched, pool, bs = self.sched, self.sched.pool, self.sched.block_size
+        running sequence of its KV group holds for the same leading tokens (same salt), up to the alignment
+        and the cap; a block is never shared across groups (each group's ids name its own memory)."""
+        sched, bs = self.sched, self.sched.block_size
         for rid, seq in sched.running.items():
             if epochs_before.get(rid) == seq.epoch:
                 continue
             n = len(seq.token_ids)
+            group = sched.kv.group_of(seq.slot)
+            pool = group.pool
             for other in sched.running.values():
-                if other is seq or other.salt != seq.salt:
+                if other is seq or other.salt != seq.salt or sched.kv.group_of(other.slot) is not group:
                     continue
                 m = 0
                 while (m < len(other.block_table) and pool.block_hash[other.block_table[m]] is not None
@@ -172,10 +181,16 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def blocks_have_exactly_their_owners(self):
-        sched, pool, bs = self.sched, self.sched.pool, self.sched.block_size
+        for group in self.sched.kv.groups:
+            self._check_group_blocks(group)
+
+    def _check_group_blocks(self, group):
+        sched, pool, bs = self.sched, group.pool, self.sched.block_size
         owners = Counter()
         holders: dict[int, list[tuple[int, object]]] = {}
         for seq in sched.running.values():
+            if sched.kv.group_of(seq.slot) is not group:
+                continue
             table = seq.block_table
             assert seq.status is Status.RUNNING and len(set(table)) == len(table)
             owners.update(table)
@@ -183,7 +198,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 holders.setdefault(block, []).append((index, seq))
             # covers the planned length plus lookahead (the newest token's KV comes one step later)
             assert len(table) * bs >= (seq.num_planned - 1 if seq.live else len(seq.token_ids))
-            row = sched.page_table[seq.slot]
+            row = sched.kv.page_table[seq.slot]
             assert row[:len(table)].tolist() == table and not row[len(table):].any()
             truth: list[bytes] = []
             extend_block_hashes(truth, seq.token_ids, bs, seq.salt)
@@ -206,9 +221,12 @@ class SchedulerMachine(RuleBasedStateMachine):
     def slots_and_queue_are_consistent(self):
         sched = self.sched
         slots = [seq.slot for seq in sched.running.values()]
-        assert sorted(slots + sched.free_slots) == list(range(sched.num_slots))
-        for slot in sched.free_slots:
-            assert not sched.page_table[slot].any()
+        for group in sched.kv.groups:  # each group's free slots are its own
+            assert all(sched.kv.group_of(slot) is group for slot in group.free_slots)
+        free = [slot for group in sched.kv.groups for slot in group.free_slots]
+        assert sorted(slots + free) == list(range(sched.num_slots))
+        for slot in free:
+            assert not sched.kv.page_table[slot].any()
         for seq in sched.waiting:
             assert seq.status in (Status.WAITING, Status.PREEMPTED) and not seq.block_table and seq.slot == -1
         assert set(sched.requests) == set(sched.running) | {seq.request_id for seq in sched.waiting}

@@ -84,11 +84,11 @@ def test_decode_step_time_follows_the_longest_live_context(timing):
 
 def test_capabilities_match_the_galaxy():
     caps = SimulatedBackend().caps
-    assert (caps.num_slots, caps.block_size, caps.num_blocks, caps.max_seq_len, caps.prefix_align) == \
-        (32, 64, 2080, 131072, 128)  # 2080 = ceil((131072 + 64 * 32) / 64)
+    assert (caps.num_slots, caps.block_size, caps.num_blocks, caps.max_seq_len, caps.prefix_align, caps.kv_groups) == \
+        (32, 64, 2056, 131072, 128, 4)  # per mesh column: 2056 = ceil((131072 + 64 * 8) / 64)
     assert SimulatedBackend(num_blocks=100).caps.num_blocks == 100
     small = SimulatedBackend(num_slots=4, block_size=16, max_seq_len=1024).caps
-    assert (small.num_slots, small.block_size, small.num_blocks, small.max_seq_len) == (4, 16, 68, 1024)
+    assert (small.num_slots, small.block_size, small.num_blocks, small.max_seq_len) == (4, 16, 65, 1024)  # 1024/16 + 1
 
 
 @pytest.mark.parametrize("block_size", [64, 16])
@@ -152,7 +152,21 @@ def test_decode_writes_only_active_rows_at_their_positions():
     positions = torch.full((caps.num_slots,), 70)
     backend.decode(tokens, positions, table, active, [GREEDY] * 32)
     written = np.argwhere(backend.kv != -1)
-    assert written.tolist() == [[3, 6]] and backend.kv[3, 6] == 102
+    assert written.tolist() == [[0, 3, 6]] and backend.kv[0, 3, 6] == 102  # slot 2 is in KV group 0
+    active[2], active[10] = False, True
+    table[10, :2] = torch.tensor([5, 3])
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    assert np.argwhere(backend.kv != -1).tolist() == [[0, 3, 6], [1, 3, 6]]  # slot 10 writes group 1's block 3
+
+
+def test_a_prefix_reused_from_another_kv_group_gives_wrong_tokens():
+    """A Galaxy's column keeps its own KV: blocks slot 0 wrote are not there for slot 9 (column 1)."""
+    backend = SimulatedBackend(time_scale=FAST)
+    prompt = list(range(1000, 1300))
+    blocks = list(range(5))
+    whole = int(backend.prefill(prompt, 0, blocks, 0, GREEDY))  # slot 0, group 0: all 300 positions
+    assert int(backend.prefill(prompt, 256, blocks, 1, GREEDY)) == whole  # group 0 again: a true prefix hit
+    assert int(backend.prefill(prompt, 256, blocks, 9, GREEDY)) != whole  # group 1 never wrote [0, 256)
 
 
 def test_prefill_refuses_too_few_blocks():
