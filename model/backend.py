@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from scheduler.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the router imports Capabilities, and must not pay for torch
+    import torch
 
 
 @dataclass(frozen=True)

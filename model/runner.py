@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from model.backend import Backend
-from scheduler.sampling import SamplingParams, TokenLogprobs, sample_batch
+from model.sampler import sample_batch
+from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
 
 log = logging.getLogger("ray.serve")

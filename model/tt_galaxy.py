@@ -21,7 +21,8 @@ import torch
 from model.backend import Backend, Capabilities
 from model.galaxy import (BLOCK_SIZE, DEVICE_SAMPLING, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN,  # noqa: F401
                           NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig)
-from scheduler.sampling import SamplingParams, sample_row
+from model.sampler import sample_row
+from scheduler.sampling import SamplingParams
 
 DEFAULT_NUM_BLOCKS = -(-(MAX_SEQ_LEN + BLOCK_SIZE * NUM_SLOTS) // BLOCK_SIZE)  # the tt vLLM worker's sizing: 2080
 

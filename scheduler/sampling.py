@@ -1,13 +1,12 @@
-"""Sampling parameters (validated at the boundary) and the host-side batch sampler.
+"""Sampling parameters, validated at the boundary, and the logprobs a token comes back with.
 
-The sampler is reproducible per token: a seeded row draws its noise from a generator keyed on
-(seed, position), so a sequence recomputed after preemption or migration samples the same tokens.
+Plain data: the router, the ingress and the engine core import this without torch. The sampler that applies
+them on the host is model/sampler.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_LOGPROBS = 20
@@ -76,79 +75,3 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
-
-
-def _seeded_generator(seed: int, position: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + position) % (2**63))
-    return g
-
-
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
-    """vLLM semantics: repetition over prompt + output, presence/frequency over output only."""
-    logits = logits.clone()
-    if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    if output_ids and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(output_ids, dtype=torch.long, device=logits.device).unique(return_counts=True)
-        logits[ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
-    return logits
-
-
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
-
-
-def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
-               prompt_ids=(), output_ids=()) -> tuple[int, TokenLogprobs | None]:
-    """Sample one token from one row of logits [vocab]. `position` is the new token's position."""
-    logits = logits.float()
-    if params.needs_penalties:
-        logits = apply_penalties(logits, params, prompt_ids, output_ids)
-    if params.greedy:
-        token = int(torch.argmax(logits))
-    else:
-        scaled = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-        probs = scaled.softmax(-1)
-        gen = _seeded_generator(params.seed, position) if params.seed is not None else None
-        # Noise is drawn on the CPU whatever the logits' device: the same (seed, position) gives the same
-        # token on every backend, so a sequence migrated to another mesh continues identically.
-        noise = torch.empty(probs.shape).exponential_(1.0, generator=gen).to(probs.device)
-        token = int(torch.argmax(probs / noise))  # Gumbel-style race: an exact draw from probs
-    lp = None
-    if params.logprobs is not None:
-        logp = logits.log_softmax(-1)
-        top = torch.topk(logp, params.logprobs) if params.logprobs else None
-        lp = TokenLogprobs(token, float(logp[token]),
-                           [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
-    return token, lp
-
-
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                 prompts=None, outputs=None) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Sample each row with its own parameters. Greedy rows without extras take one batched argmax."""
-    tokens: list[int] = [0] * len(params)
-    logprobs: list[TokenLogprobs | None] = [None] * len(params)
-    simple = [i for i, p in enumerate(params) if p.greedy and not p.needs_penalties and p.logprobs is None]
-    if simple:
-        tokens_simple = torch.argmax(logits[simple], dim=-1).tolist()
-        for i, t in zip(simple, tokens_simple):
-            tokens[i] = t
-    simple_set = set(simple)
-    for i, p in enumerate(params):
-        if i in simple_set:
-            continue
-        tokens[i], logprobs[i] = sample_row(logits[i], p, positions[i],
-                                            prompts[i] if prompts else (), outputs[i] if outputs else ())
-    return tokens, logprobs

@@ -150,7 +150,7 @@ def test_min_tokens_masks_stop_ids_without_writing_into_the_backends_tensor():
 
 
 def test_a_slot_whose_sampling_raises_is_retired_alone(monkeypatch):
-    import scheduler.sampling as sampling
+    import model.sampler as sampling
     real = sampling.sample_row
 
     def flaky(logits, params, position, *a, **kw):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from scheduler.sampling import SamplingParams, apply_penalties, sample_batch, sample_row
+from model.sampler import apply_penalties, sample_batch, sample_row
+from scheduler.sampling import SamplingParams
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.0])
 

@@ -6,7 +6,8 @@ import torch
 
 from model.simulated import DEMO_MEAN_GENERATED, GalaxyTiming, SimulatedBackend, published_figures
 from model.galaxy import LLAMA3_EOS
-from scheduler.sampling import SamplingParams, sample_batch
+from model.sampler import sample_batch
+from scheduler.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 FAST = 1e-6  # time_scale that makes every sleep negligible

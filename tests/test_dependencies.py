@@ -1,0 +1,16 @@
+"""Dependencies flow one way (DESIGN.md): the engine core, the router and the ingress never load torch."""
+import subprocess
+import sys
+
+
+def test_core_router_and_ingress_import_no_torch():
+    code = ("import scheduler.scheduler, deployments.router, deployments.ingress; import sys; "
+            "print(sorted(m for m in ('torch', 'model.torch_llama', 'model.tt_galaxy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_engine_core_imports_neither_model_nor_ray():
+    code = "import scheduler.scheduler, scheduler.bench; import sys; print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('model', 'ray', 'deployments')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
