@@ -210,11 +210,11 @@ class EventStream(StreamingResponse):
 class OpenAIServer:
     """The endpoints' logic over one router client; `build_app` routes HTTP to it."""
 
-    def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str, max_model_len: int):
+    def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str):
         self.router = router
         self.tokenizer = tokenizer
         self.model = served_model_name
-        self.max_model_len = max_model_len
+        self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
         self.metrics = Metrics()
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
 
@@ -226,6 +226,15 @@ class OpenAIServer:
         except Exception as exc:
             log.warning("router stats failed: %r", unwrap(exc))
             raise unavailable("The model is not ready yet.") from None
+
+    async def model_len(self) -> int:
+        """The longest prompt + answer the meshes take (their capabilities and KV pools, as the router
+        reports them); 503 until a mesh has come up once."""
+        if self.max_model_len is None:
+            self.max_model_len = (await self.stats()).get("max_model_len")
+            if self.max_model_len is None:
+                raise unavailable("The model is not ready yet.")
+        return self.max_model_len
 
     # ---- requests -> router ---------------------------------------------------------------------
     def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str) -> Prepared:
@@ -472,9 +481,9 @@ class OpenAIServer:
         return out
 
 
-def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str, max_model_len: int,
+def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
               api_keys: list[str] | None = None) -> FastAPI:
-    server = OpenAIServer(router, tokenizer, served_model_name, max_model_len)
+    server = OpenAIServer(router, tokenizer, served_model_name)
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server
 
@@ -488,15 +497,17 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
+        await server.model_len()
         return await server.complete(req, server.prepare(req, "chatcmpl"), req.cache_salt)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest):
+        await server.model_len()
         return await server.complete(req, server.prepare(req, "cmpl"), req.cache_salt)
 
     @v1.get("/models")
     async def models():
-        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=max_model_len)]).model_dump()
+        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=await server.model_len())]).model_dump()
 
     app.include_router(v1)
 
@@ -553,10 +564,8 @@ class RouterHandle:
 class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""
 
-    def __init__(self, router_handle, model_dir: str, served_model_name: str, max_model_len: int,
-                 api_keys: list[str] | None = None):
-        self._app = build_app(RouterHandle(router_handle), load_tokenizer(model_dir), served_model_name,
-                              max_model_len, api_keys)
+    def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None):
+        self._app = build_app(RouterHandle(router_handle), load_tokenizer(model_dir), served_model_name, api_keys)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

@@ -130,7 +130,7 @@ class Router:
 
     def _scheduler_for(self, caps: Capabilities) -> MeshScheduler:
         c = self.config
-        max_seq_len = min(c.max_seq_len or caps.max_seq_len, caps.max_seq_len)
+        max_seq_len = min(c.max_seq_len or caps.max_seq_len, caps.max_seq_len)  # the scheduler adds the pool's cap
         return MeshScheduler(
             num_slots=caps.num_slots, num_blocks=caps.num_blocks, block_size=caps.block_size,
             kv_groups=caps.kv_groups,
@@ -290,8 +290,13 @@ class Router:
             meshes.append({"name": m.name, "up": m.up, "failed": m.down_reason, "incarnation": m.incarnation,
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, "plan_cpu_s": m.plan_cpu_s, **sched})
-        return {"ready": any(m.up for m in self.meshes),
+        limits = [self._max_model_len(m.caps) for m in self.meshes if m.caps is not None]
+        return {"ready": any(m.up for m in self.meshes), "max_model_len": min(limits) if limits else None,
                 "held": sum(r.held_since is not None for r in self.requests.values()), "meshes": meshes}
+
+    def _max_model_len(self, caps: Capabilities) -> int:
+        """The longest sequence a mesh takes: its max_seq_len (capped by the config), and what one KV group holds."""
+        return min(self.config.max_seq_len or caps.max_seq_len, caps.max_seq_len, caps.num_blocks * caps.block_size)
 
     async def close(self) -> None:
         for task in self.tasks:

@@ -14,6 +14,7 @@ from scheduler.work import TokenEvent
 class FakeRouter:
     answer: list[int]  # every request gets these tokens (cut at a stop id or max_tokens)
     ready: bool = True
+    max_model_len: int | None = 2048  # what the meshes take (None: no mesh has come up yet)
     refuse: Exception | None = None  # raised when a generate stream is first iterated
     pause_after: int | None = None  # block after this many tokens until `resume` is set
     die_after: list[int] = field(default_factory=list)  # each entry: one stream dies after that many tokens
@@ -62,4 +63,5 @@ class FakeRouter:
                    "blocks_free": 45, "blocks_total": 60} for g in range(2)]
         mesh = {"running": 1, "waiting": 2, "blocks_used": 30, "blocks_total": 120, "prefix_query_tokens": 400,
                 "prefix_hit_tokens": 100, "preemptions": 5, "up": True, "kv_groups": 2, "groups": groups}
-        return {"ready": self.ready, "meshes": [{"name": "mesh-0", **mesh}, {"name": "mesh-1", **mesh}]}
+        return {"ready": self.ready, "max_model_len": self.max_model_len,
+                "meshes": [{"name": "mesh-0", **mesh}, {"name": "mesh-1", **mesh}]}

@@ -40,11 +40,11 @@ def eos(tokenizer) -> int:
 
 @pytest.fixture
 def router(tokenizer, eos) -> FakeRouter:
-    return FakeRouter(tokenizer.encode(ANSWER) + [eos])
+    return FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=MAX_LEN)
 
 
 def make_client(router, tokenizer, api_keys=None) -> TestClient:
-    app = build_app(router, tokenizer, MODEL, MAX_LEN, api_keys)
+    app = build_app(router, tokenizer, MODEL, api_keys)
     app.state.server.retry_backoff_s = (0.0, 0.0)  # a failing router is retried twice, at once
     return TestClient(app, raise_server_exceptions=False)
 
@@ -473,7 +473,7 @@ async def _call_asgi(app, body: dict, spec_version: str, on_body) -> None:
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
 def test_disconnect_mid_stream_cancels(router, tokenizer, spec_version):
     router.pause_after = 3  # the answer stalls after 3 tokens; the client leaves during the stall
-    app = build_app(router, tokenizer, MODEL, MAX_LEN)
+    app = build_app(router, tokenizer, MODEL)
 
     def on_body(chunk: bytes, disconnected: asyncio.Event):
         if b'"content":"Hello"' in chunk or b"world" in chunk:
@@ -495,7 +495,7 @@ def test_disconnect_mid_stream_cancels(router, tokenizer, spec_version):
 def test_cancelled_non_streaming_request_cancels(router, tokenizer):
     """Serve cancels the handler when its HTTP client goes away; the router request must go with it."""
     router.pause_after = 2
-    app = build_app(router, tokenizer, MODEL, MAX_LEN)
+    app = build_app(router, tokenizer, MODEL)
 
     async def run():
         task = asyncio.create_task(_call_asgi(app, CHAT, "2.4", lambda *_: None))
@@ -562,3 +562,13 @@ def test_stop_strings_stream_exactly_the_text_before_the_first_stop(text, stop, 
             break
     expected = text[:text.index(stop)] if stop in text else text
     assert sent == expected and stopped == (stop in text)
+
+
+def test_max_model_len_comes_from_the_meshes_and_is_503_until_one_is_up(router, tokenizer):
+    router.max_model_len = None  # no mesh has come up yet
+    client = make_client(router, tokenizer)
+    assert_error(client.post("/v1/completions", json=COMPLETION), 503)
+    assert_error(client.get("/v1/models"), 503)
+    router.max_model_len = 100
+    assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 100
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "max_tokens": 100}), 400, "max_tokens")

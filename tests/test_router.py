@@ -64,6 +64,7 @@ def test_concurrent_requests_equal_their_solo_runs():
         together = await asyncio.gather(*[collect(router, f"r{i}", p) for i, p in enumerate(PROMPTS)])
         assert together == alone and all(reason == "length" for _, reason in together)
         assert all(m["rounds"] > 0 for m in router.stats()["meshes"])  # both meshes served
+        assert router.stats()["max_model_len"] == 256 * 64  # what one KV group's pool holds (< max_seq_len)
         assert idle(router)
         await router.close()
     asyncio.run(main())
