@@ -32,6 +32,7 @@ class Capabilities:
     kv_groups: int = 1
     # SamplingParams fields the backend applies itself; any other non-default field needs host logits.
     device_sampling: frozenset[str] = field(default_factory=frozenset)
+    max_device_top_k: int | None = None  # the device sampler's largest top_k (32 on a Galaxy); None: no limit
     # Expected worst-case times, from which the router and the replica derive when a work has hung:
     decode_step_s: float = 1.0  # one decode step of all slots, at the longest context
     prefill_token_s: float = 0.01  # one prefill token, at the longest context
@@ -73,10 +74,25 @@ class Backend(ABC):
         must not write the cache). Returns logits [num_slots, vocab], or (with `sampling`) token ids
         [num_slots]."""
 
+    def decode_mixed(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+                     active: torch.Tensor, sampling: list[SamplingParams | None], host_rows: list[int]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One step where the rows with `sampling[s]` set are sampled on the device and the active rows in
+        `host_rows` need logits for the host. Returns (token ids [num_slots] or None, logits
+        [len(host_rows), vocab]). This default, for a backend that yields either tokens or logits per step
+        (tt-metal's generator does), returns logits of every row [num_slots, vocab] and None: the runner
+        then samples every row on the host, exactly."""
+        return None, self.decode(tokens, positions, page_table, active)
+
     def can_sample(self, params: SamplingParams) -> bool:
-        """True when the backend can sample `params` by itself (no host logits needed). A backend that
-        declares no device sampling never samples, not even with default parameters."""
+        """True when the backend can sample `params` exactly by itself (no host logits needed): every
+        non-default field is one it declares, and top_k is within its limit. A backend that declares no
+        device sampling never samples, not even with default parameters. (min_tokens is the runner's:
+        it masks stop ids on the host until they are generated.)"""
         if not self.caps.device_sampling:
+            return False
+        limit = self.caps.max_device_top_k
+        if limit is not None and params.top_k > limit:
             return False
         defaults = SamplingParams()
         needed = {name for name in SamplingParams.model_fields

@@ -31,12 +31,18 @@ class SlotState:
     token_ids: list[int]  # prompt + output so far (penalties read it; its length gives the position)
     num_prompt_tokens: int
     stop_ids: frozenset[int]
-    on_device: bool  # the backend samples these params itself (decided once, not per step)
+    on_device: bool  # the backend can sample these params exactly (decided once, not per step)
     banned_early: list[int]  # stop ids inside the vocabulary: masked until min_tokens are generated
 
     @property
     def num_generated(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def sample_on_device(self) -> bool:
+        """This step's token can come from the device sampler: its params allow it, and no stop id has
+        to be masked any more (the device sampler cannot mask, so min_tokens is the host's until met)."""
+        return self.on_device and not (self.banned_early and self.num_generated < self.params.min_tokens)
 
     def finish_reason(self, token: int) -> str | None:
         if token in self.stop_ids and self.num_generated >= self.params.min_tokens:
@@ -69,15 +75,16 @@ class MeshRunner:
         result = StepResult(work_id, [NO_TOKEN] * self.caps.num_slots, last=last)
         self.slots.pop(chunk.slot, None)
         params = chunk.params
-        on_device = params is not None and self.backend.can_sample(params)
-        out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
-                                   sampling=params if on_device else None)
-        if params is None:
+        if params is None:  # not the final chunk: no token yet
+            self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot)
             return result
         vocab = self.caps.vocab_size
         state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
-                          frozenset(chunk.stop_token_ids), on_device,
+                          frozenset(chunk.stop_token_ids), self.backend.can_sample(params),
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
+        on_device = state.sample_on_device
+        out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
+                                   sampling=params if on_device else None)
         if on_device:
             self._advance(chunk.slot, state, int(out), None, result)
         else:
@@ -103,15 +110,30 @@ class MeshRunner:
         for s, st in zip(live, states):
             tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1, True
         args = (torch.tensor(tokens), torch.tensor(positions), page_table, torch.tensor(active))
-        if all(st.on_device for st in states):
-            sampling: list[SamplingParams | None] = [None] * n
-            for s, st in zip(live, states):
+        device = [st.sample_on_device for st in states]
+        sampling: list[SamplingParams | None] = [None] * n
+        for s, st, on_device in zip(live, states, device):
+            if on_device:
                 sampling[s] = st.params
+        sampled: list[int | None]
+        logprobs: list[TokenLogprobs | None]
+        if all(device):
             every_slot = self.backend.decode(*args, sampling=sampling).tolist()
-            sampled: list[int | None] = [every_slot[s] for s in live]
-            logprobs: list[TokenLogprobs | None] = [None] * len(live)
-        else:
+            sampled, logprobs = [every_slot[s] for s in live], [None] * len(live)
+        elif not any(device):
             sampled, logprobs = self._host_sample(self.backend.decode(*args)[live], states)
+        else:  # some slots need host logits (penalties, logprobs, min_tokens...): the others stay on the device
+            host = [i for i, on_device in enumerate(device) if not on_device]
+            device_tokens, logits = self.backend.decode_mixed(*args, sampling=sampling,
+                                                              host_rows=[live[i] for i in host])
+            if device_tokens is None:  # this backend gave logits for every row: all are sampled here
+                sampled, logprobs = self._host_sample(logits[live], states)
+            else:
+                every_slot = device_tokens.tolist()
+                sampled, logprobs = [every_slot[s] for s in live], [None] * len(live)
+                host_tokens, host_logprobs = self._host_sample(logits, [states[i] for i in host])
+                for i, token, lp in zip(host, host_tokens, host_logprobs):
+                    sampled[i], logprobs[i] = token, lp
         for s, st, token, lp in zip(live, states, sampled, logprobs):
             self._advance(s, st, token, lp, result)
 

@@ -137,6 +137,19 @@ class SimulatedBackend(Backend):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
+        next_tokens = self._step(tokens, positions, page_table, active)
+        return torch.from_numpy(next_tokens) if sampling is not None else self._one_hot(next_tokens)
+
+    def decode_mixed(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+                     active: torch.Tensor, sampling: list[SamplingParams | None], host_rows: list[int]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampled tokens for every row and one-hot logits for `host_rows`, from one step."""
+        next_tokens = self._step(tokens, positions, page_table, active)
+        return torch.from_numpy(next_tokens), self._one_hot(next_tokens[host_rows])
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+              active: torch.Tensor) -> np.ndarray:
+        """Write the active rows' tokens at their positions; the next token of every row [num_slots]."""
         entered = time.perf_counter()
         bs = self.caps.block_size
         rows = np.flatnonzero(active.numpy())
@@ -147,7 +160,7 @@ class SimulatedBackend(Backend):
         next_tokens = np.zeros(self.caps.num_slots, dtype=np.int64)
         next_tokens[rows] = self._next_tokens(table, pos, groups)
         self._occupy(entered, self.timing.decode_step_seconds(int(pos.max(initial=0)) + 1))
-        return torch.from_numpy(next_tokens) if sampling is not None else self._one_hot(next_tokens)
+        return next_tokens
 
     def _next_tokens(self, table: np.ndarray, last: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """Hash of the tokens at `last - _BACK` of each row (-1 before position 0), read through its page

@@ -177,3 +177,59 @@ def test_reset_forgets_every_slot():
     assert runner.slots
     runner.reset()
     assert runner.slots == {}
+
+
+class MixedBackend(CountingBackend):
+    """Device-samples temperature/top_k rows (top_k up to 2) and gives host rows their logits in the same step."""
+
+    def __init__(self):
+        super().__init__(device_sampling=frozenset({"temperature", "top_k"}))
+        self.caps = Capabilities(**{**self.caps.__dict__, "max_device_top_k": 2})
+        self.sampled_on_device: list[list[int]] = []  # per step: the rows the device sampled
+
+    def prefill(self, token_ids, start, block_ids, slot, sampling=None):
+        self.sampled_on_device.append([slot] if sampling is not None else [])
+        return super().prefill(token_ids, start, block_ids, slot, sampling)
+
+    def decode(self, tokens, positions, page_table, active, sampling=None):
+        self.sampled_on_device.append([s for s, p in enumerate(sampling or ()) if p is not None])
+        return super().decode(tokens, positions, page_table, active, sampling)
+
+    def decode_mixed(self, tokens, positions, page_table, active, sampling, host_rows):
+        self.sampled_on_device.append([s for s, p in enumerate(sampling) if p is not None])
+        logits = CountingBackend.decode(self, tokens, positions, page_table, active)
+        return logits.argmax(-1), logits[host_rows]
+
+
+def test_a_request_the_device_cannot_sample_takes_host_logits_for_its_own_slot_only():
+    backend = MixedBackend()
+    runner = MeshRunner(backend)
+    chunks = [PrefillChunk("plain", 0, [3], 0, [0], greedy(max_tokens=4), 1),
+              PrefillChunk("logprobs", 1, [4], 0, [1], greedy(max_tokens=4, logprobs=1), 1),
+              PrefillChunk("wide_top_k", 2, [5], 0, [2], SamplingParams(temperature=0.0, top_k=50, max_tokens=4), 1)]
+    results = run(runner, MeshWork(0, chunks, decode_round([0, 1, 2], steps=3)))
+    assert backend.sampled_on_device == [[0], [], [], [0], [0], [0]]  # 3 prefills, then 3 mixed decode steps
+    for slot, prompt in ((0, [3]), (1, [4]), (2, [5])):
+        assert [r.tokens[slot] for r in results if r.tokens[slot] != NO_TOKEN] == expected_tokens(prompt, 4)
+    assert all(1 in r.logprobs for r in results[1:2] + results[3:])
+
+
+def test_min_tokens_is_sampled_on_the_host_until_met_then_on_the_device():
+    backend = MixedBackend()
+    runner = MeshRunner(backend)
+    first = expected_tokens([7], 1)[0]
+    chunk = PrefillChunk("a", 0, [7], 0, [0], greedy(min_tokens=3, max_tokens=5), 1, stop_token_ids=(first, 0))
+    results = run(runner, MeshWork(0, [chunk], decode_round([0], steps=4)))
+    # the prefill and two decode steps mask stop ids on the host (0, 1, 2 tokens < min_tokens 3), then the device
+    assert backend.sampled_on_device == [[], [], [], [0], [0]]
+    assert results[0].tokens[0] != first
+
+
+def test_a_backend_that_yields_tokens_or_logits_falls_back_to_host_for_the_whole_step():
+    backend = CountingBackend(device_sampling=frozenset({"temperature"}))
+    runner = MeshRunner(backend)
+    chunks = [PrefillChunk("plain", 0, [3], 0, [0], greedy(max_tokens=3), 1),
+              PrefillChunk("logprobs", 1, [4], 0, [1], greedy(max_tokens=3, logprobs=0), 1)]
+    results = run(runner, MeshWork(0, chunks, decode_round([0, 1], steps=2)))
+    assert [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN] == expected_tokens([3], 3)
+    assert [r.tokens[1] for r in results if r.tokens[1] != NO_TOKEN] == expected_tokens([4], 3)
