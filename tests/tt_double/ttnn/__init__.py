@@ -1,18 +1,35 @@
-"""Test double of the part of `ttnn` the TT Galaxy backend uses. It computes nothing; it records calls.
+"""Test double of the part of `ttnn` the TT Galaxy backend (and the generator double) uses. It computes
+nothing; it records calls, and records as `errors` what real ttnn would fail on in a finaliser or at close
+(so a wrong close order shows even where the real error would be swallowed by `__del__`).
 
 Signatures follow ttnn's Python API as tt-metal and the tt vLLM worker call it:
-- open_mesh_device / close_mesh_device / MeshShape / DispatchCoreConfig(axis=) / DispatchCoreAxis:
-  ttnn/ttnn/distributed/distributed.py, and vllm/v1/worker/tt_worker.py (open_mesh_device, close_mesh_device)
-- set_fabric_config / FabricConfig: tt-metal conftest.py set_fabric, tt_worker.py get_fabric_config
-- as_tensor / ReplicateTensorToMesh / TILE_LAYOUT / DRAM_MEMORY_CONFIG / bfloat8_b:
-  ttnn/ttnn/operations/core.py, used as in llama3_70b_galaxy/tt/generator_vllm.py allocate_vllm_kv_cache
+- open_mesh_device / close_mesh_device / MeshShape / DispatchCoreConfig(axis=) / DispatchCoreAxis, and the
+  close order submeshes -> mesh -> fabric: tenstorrent/vllm vllm/worker/tt_worker.py @987d7bd2
+  (open_mesh_device, close_mesh_device, set_fabric, reset_fabric)
+- set_fabric_config / FabricConfig: same file, get_fabric_config / set_fabric
+- MeshDevice.create_submeshes: models/tt_transformers/tt/generator.py create_submeshes (tt-metal)
+- as_tensor / ReplicateTensorToMesh / TILE_LAYOUT / DRAM_MEMORY_CONFIG / bfloat8_b: ttnn/ttnn/operations/core.py,
+  as used by tt-metal models/demos/llama3_70b_galaxy/tt/generator_vllm.py @0be6ffc8 allocate_vllm_kv_cache
+- begin/end_trace_capture, release_trace, deallocate: as called by the Galaxy generator.py @00b0fa3f
 """
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
+
+import torch
 
 calls: list[tuple[str, dict]] = []  # (function name, its arguments), in call order
+errors: list[str] = []  # misuse real ttnn would fail on (tests assert it stays empty)
+_open_meshes: list[MeshDevice] = []
+_trace_ids = itertools.count(1)
+
+
+def reset() -> None:
+    calls.clear()
+    errors.clear()
+    _open_meshes.clear()
 
 
 class FabricConfig(enum.Enum):
@@ -77,12 +94,20 @@ class MeshDevice:
     def __init__(self, shape: MeshShape):
         self.shape = shape
         self.is_open = True
+        self._submeshes: list[MeshDevice] = []
 
     def get_num_devices(self) -> int:
         return self.shape[0] * self.shape[1]
 
+    def create_submeshes(self, submesh_shape: MeshShape) -> list[MeshDevice]:
+        count = self.get_num_devices() // (submesh_shape[0] * submesh_shape[1])
+        subs = [MeshDevice(submesh_shape) for _ in range(count)]
+        self._submeshes += subs
+        _open_meshes.extend(subs)
+        return subs
+
     def get_submeshes(self) -> list[MeshDevice]:
-        return []
+        return list(self._submeshes)
 
 
 class ReplicateTensorToMesh:
@@ -97,9 +122,15 @@ class Tensor:
     layout: Layout
     memory_config: MemoryConfig
     device: MeshDevice | None
+    is_allocated: bool = True
+    # Double-only: a replicated KV tensor has its own memory on every chip, and only a mesh column's users
+    # touch that column's copy; the generator double keeps the token id each column's copy holds here.
+    columns: torch.Tensor | None = field(default=None, repr=False)
 
 
 def set_fabric_config(fabric_config: FabricConfig, reliability_mode=None) -> None:
+    if fabric_config == FabricConfig.DISABLED and _open_meshes:
+        errors.append("fabric disabled while a mesh is open")
     calls.append(("set_fabric_config", {"fabric_config": fabric_config, "reliability_mode": reliability_mode}))
 
 
@@ -113,12 +144,17 @@ def open_mesh_device(mesh_shape: MeshShape, l1_small_size: int = DEFAULT_L1_SMAL
                                        "num_command_queues": num_command_queues,
                                        "dispatch_core_config": dispatch_core_config,
                                        "worker_l1_size": worker_l1_size}))
-    return MeshDevice(mesh_shape)
+    mesh = MeshDevice(mesh_shape)
+    _open_meshes.append(mesh)
+    return mesh
 
 
 def close_mesh_device(mesh_device: MeshDevice) -> None:
     assert mesh_device.is_open, "mesh closed twice"
+    if any(sub.is_open for sub in mesh_device._submeshes):
+        errors.append("mesh closed before its submeshes")
     mesh_device.is_open = False
+    _open_meshes.remove(mesh_device)
     calls.append(("close_mesh_device", {"mesh_device": mesh_device}))
 
 
@@ -129,3 +165,26 @@ def as_tensor(tensor, dtype: DataType | None = None, *, layout: Layout = ROW_MAJ
                                 "memory_config": memory_config, "mesh_mapper": mesh_mapper,
                                 "cache_file_name": cache_file_name}))
     return Tensor(tuple(tensor.shape), dtype, layout, memory_config, device)
+
+
+def deallocate(tensor: Tensor, force: bool = True) -> None:
+    if tensor.device is not None and not tensor.device.is_open:
+        errors.append("tensor deallocated after its mesh closed")
+    tensor.is_allocated = False
+    calls.append(("deallocate", {"tensor": tensor}))
+
+
+def begin_trace_capture(mesh_device: MeshDevice, cq_id: int = 0) -> int:
+    trace_id = next(_trace_ids)
+    calls.append(("begin_trace_capture", {"trace_id": trace_id}))
+    return trace_id
+
+
+def end_trace_capture(mesh_device: MeshDevice, trace_id: int, cq_id: int = 0) -> None:
+    calls.append(("end_trace_capture", {"trace_id": trace_id}))
+
+
+def release_trace(mesh_device: MeshDevice, trace_id: int) -> None:
+    if not mesh_device.is_open:
+        errors.append("trace released after its mesh closed")
+    calls.append(("release_trace", {"trace_id": trace_id}))
