@@ -12,7 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import RayTaskError
 from starlette.requests import ClientDisconnect
 
-from deployments.ingress import StopStrings, build_app
+from deployments.ingress import build_app
+from deployments.streaming import StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from model.embedded import ensure_smollm2
 from model.tokenizer import load_tokenizer

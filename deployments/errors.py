@@ -1,0 +1,65 @@
+"""OpenAI-shaped errors: every refusal the ingress makes, and the mapping of the router's refusals to them.
+
+A client sees `{"error": {message, type, param, code}}` with the right 4xx/5xx and `param` naming the
+field at fault, never a stack trace.
+"""
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from deployments.protocol import ErrorInfo, ErrorResponse
+from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
+
+RETRY_AFTER_S = 5  # what a 503 asks the client to wait
+
+
+class APIError(Exception):
+    """An answer to the client in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.info = ErrorInfo(message=message, type=type, param=param, code=code)
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status,
+                            headers=self.headers)
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception: Ray delivers one raised in another replica as a RayTaskError whose
+    `cause` is the original, so the same mapping works in tests (no Ray) and under Serve."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def as_api_error(exc: BaseException, prompt_field: str) -> APIError | None:
+    """The client's answer for a refusal from the router; None for a failure that is not the client's."""
+    cause = unwrap(exc)
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(cause, QueueFull):
+        return APIError(429, f"The server is at capacity: {cause}", "rate_limit_error", code="queue_full")
+    if isinstance(cause, PromptTooLong):
+        return APIError(400, str(cause), param=prompt_field, code="context_length_exceeded")
+    if isinstance(cause, NoMeshAvailable):
+        return unavailable(f"No model replica is available: {cause}; retry.")
+    return None
+
+
+def validation_error(errors: list[dict], skip_body: bool) -> APIError:
+    """400 naming the first offending field, as `param` and in the message."""
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    if skip_body and loc[:1] == ["body"]:
+        loc = loc[1:]
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"The body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
+    name = ".".join(loc) or None
+    return APIError(400, f"{name}: {err['msg']}" if name else err["msg"], param=name)

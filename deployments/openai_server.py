@@ -1,0 +1,345 @@
+"""The OpenAI endpoints' logic over one router client: a request validated and tokenized into token ids,
+the router's token events turned back into text, choices, logprobs and usage (whole or as SSE).
+
+It knows nothing of routes or Serve (`deployments/ingress.py` does), so it runs in tests without Ray.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
+from deployments.metrics import Metrics
+from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
+                                  ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob,
+                                  CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                  DeltaMessage, ErrorResponse, PromptTokensDetails, TopLogprob, Usage)
+from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, StopStrings
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from scheduler.sampling import SamplingParams, TokenLogprobs
+from scheduler.work import TokenEvent
+
+log = logging.getLogger("ray.serve")
+
+# Waits before each resubmission of a request whose router failed (Serve restarts it meanwhile, ~seconds).
+ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class RouterClient(Protocol):
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]: ...
+
+    async def cancel(self, request_id: str, reason: str = "abort") -> None: ...
+
+    async def stats(self) -> dict: ...
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Token ids index the embedding and the logits on the mesh, where one outside the vocabulary would
+    fail every request on it: refuse it here."""
+    if not all(0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"{param}: token ids must lie in [0, {vocab_size})", param=param)
+
+
+def check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
+    """The rules that need the model's vocabulary (the protocol checks the rest)."""
+    check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
+    if req.top_k > vocab_size:  # a device top-k larger than the logits fails the whole batch
+        raise APIError(400, f"top_k: must be -1, 0 or in [1, {vocab_size}]", param="top_k")
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the router."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt_field: str
+    arrival: float  # perf_counter() when the request reached the ingress
+
+
+_CHOICES_DONE = object()
+
+
+class OpenAIServer:
+    """The endpoints' logic over one router client; `build_app` routes HTTP to it."""
+
+    def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str):
+        self.router = router
+        self.tokenizer = tokenizer
+        self.model = served_model_name
+        self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
+        self.metrics = Metrics()
+        self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
+
+    # ---- readiness ------------------------------------------------------------------------------
+    async def stats(self) -> dict:
+        """The router's stats; 503 while the router cannot be reached (it is starting or restarting)."""
+        try:
+            return await self.router.stats()
+        except Exception as exc:
+            log.warning("router stats failed: %r", unwrap(exc))
+            raise unavailable("The model is not ready yet.") from None
+
+    async def model_len(self) -> int:
+        """The longest prompt + answer the meshes take (their capabilities and KV pools, as the router
+        reports them); 503 until a mesh has come up once."""
+        if self.max_model_len is None:
+            self.max_model_len = (await self.stats()).get("max_model_len")
+            if self.max_model_len is None:
+                raise unavailable("The model is not ready yet.")
+        return self.max_model_len
+
+    # ---- requests -> router ---------------------------------------------------------------------
+    def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str) -> Prepared:
+        if req.model is not None and req.model != self.model:
+            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.model}`.",
+                           param="model", code="model_not_found")
+        arrival = time.perf_counter()
+        vocab_size = self.tokenizer.vocab_size
+        check_vocab_bounds(req, vocab_size)
+        if isinstance(req, ChatCompletionRequest):
+            prompt_field = "messages"
+            try:
+                prompt_ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text} for m in req.messages])
+            except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
+                raise APIError(400, f"messages: {exc}", param="messages") from None
+        else:
+            prompt_field = "prompt"
+            if isinstance(req.prompt, str):
+                prompt_ids = self.tokenizer.encode(req.prompt, add_bos=True)
+            else:
+                prompt_ids = req.prompt
+                check_token_ids(prompt_ids, vocab_size, "prompt")
+        n, limit = len(prompt_ids), self.max_model_len
+        if n >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
+                                f"leaving no room for an answer.", param=prompt_field, code="context_length_exceeded")
+        max_tokens, param = req.requested_max_tokens, req.max_tokens_param
+        if max_tokens is None:
+            max_tokens = limit - n
+        elif n + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n} and "
+                                f"{param} asks for {max_tokens} more.", param=param, code="context_length_exceeded")
+        if req.min_tokens > max_tokens:  # also when max_tokens is not given but the room left in the context
+            room = (f"{param} ({max_tokens})" if req.requested_max_tokens is not None
+                    else f"the {max_tokens} tokens the prompt leaves in the context")
+            raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds {room}.", param="min_tokens")
+        try:
+            params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
+        except ValidationError as exc:  # a rule the checks above missed: still the client's 400, never a 500
+            raise validation_error(exc.errors(), skip_body=False) from None
+        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival)
+
+    async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
+                     salt: str | None) -> AsyncIterator[ChoiceDelta]:
+        """One router request, as text. Cancels it in the router unless it finished.
+
+        When the router fails mid-request (its replica died), the request is resubmitted, to the router
+        Serve restarts, as a continuation: the same prompt and params with the tokens received so far. The
+        client sees a pause, then the rest; greedy and seeded output is unchanged (the sampler is keyed on
+        (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
+        prompt_ids = prep.prompt_ids
+        timer = self.metrics.start(len(prompt_ids), prep.arrival)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        stops = StopStrings(params.stop)
+        output: list[int] = []
+        cached = 0
+        reason: str | None = None
+        rid, attempt = request_id, 0
+        try:
+            while True:
+                try:
+                    async for event in self.router.generate(rid, prompt_ids, params, salt, list(output)):
+                        timer.on_event(event)
+                        if event.finish_reason == "error":
+                            raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
+                        output += event.token_ids
+                        cached = event.num_cached_tokens or cached
+                        offset = stops.emitted
+                        final = event.finish_reason is not None
+                        new_text = detokenizer.step(event.token_ids) + (detokenizer.flush() if final else "")
+                        text, stopped = stops.feed(new_text, final, check=len(output) >= params.min_tokens)
+                        if stopped:
+                            reason = "stop"
+                            await asyncio.shield(self.router.cancel(rid, "stop"))
+                        else:
+                            reason = event.finish_reason
+                        if reason is not None:
+                            timer.finish(reason)
+                        yield ChoiceDelta(index, text, offset, event.logprobs, reason, len(output), cached)
+                        if reason is not None:
+                            return
+                    raise RuntimeError("the router's stream ended before the request finished")
+                except Exception as exc:
+                    if isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None:
+                        raise
+                    if attempt == len(self.retry_backoff_s):
+                        raise unavailable("The router is unavailable; retry.") from exc
+                    log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
+                                len(output))
+                    with contextlib.suppress(Exception):  # in case it still runs there
+                        await asyncio.shield(self.router.cancel(rid, "abort"))
+                    await asyncio.sleep(self.retry_backoff_s[attempt])
+                    attempt += 1
+                    rid = f"{request_id}-retry{attempt}"
+        finally:
+            if reason is None:  # the client went away, or the request failed: free the slot now
+                timer.finish("abort")
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.router.cancel(rid, "abort"))
+
+    async def deltas(self, prep: Prepared, n: int, salt: str | None) -> AsyncIterator[ChoiceDelta]:
+        """The n choices (n independent router requests) merged in arrival order. A seeded request
+        gives choice i the seed + i, so the choices differ and each is reproducible."""
+        if n == 1:  # the common case: no merging task and queue per token event
+            async with contextlib.aclosing(self.choice(0, f"{prep.id}-0", prep, prep.params, salt)) as only:
+                async for delta in only:
+                    yield delta
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            params = prep.params
+            if i and params.seed is not None:
+                params = params.model_copy(update={"seed": (params.seed + i) % 2**63})
+            try:
+                async for delta in self.choice(i, f"{prep.id}-{i}", prep, params, salt):
+                    queue.put_nowait(delta)
+            except Exception as exc:
+                queue.put_nowait(exc)
+            finally:
+                queue.put_nowait(_CHOICES_DONE)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        try:
+            running = n
+            while running:
+                item = await queue.get()
+                if item is _CHOICES_DONE:
+                    running -= 1
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- router -> responses --------------------------------------------------------------------
+    async def complete(self, req: ChatCompletionRequest | CompletionRequest, prep: Prepared,
+                       salt: str | None) -> Response:
+        chat = isinstance(req, ChatCompletionRequest)
+        stream = self.deltas(prep, req.n, salt)
+        if req.stream:
+            first = await self._first(stream, prep)
+            return EventStream(self._sse(req, prep, first, stream), source=stream)
+        totals = [ChoiceTotal() for _ in range(req.n)]
+        try:
+            async for d in stream:
+                totals[d.index].add(d)
+        except Exception as exc:
+            raise as_api_error(exc, prep.prompt_field) or exc
+        usage = self._usage(len(prep.prompt_ids), sum(t.num_generated for t in totals), totals[0].num_cached)
+        if chat:
+            choices = [ChatChoice(index=i, message=AssistantMessage(content=t.text), finish_reason=t.finish_reason,
+                                  logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None)
+                       for i, t in enumerate(totals)]
+            return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
+                                                       usage=usage).model_dump())
+        choices = [CompletionChoice(index=i, text=t.text, finish_reason=t.finish_reason,
+                                    logprobs=self._completion_logprobs(t.logprobs, 0)
+                                    if req.logprobs is not None else None)
+                   for i, t in enumerate(totals)]
+        return JSONResponse(CompletionResponse(id=prep.id, model=self.model, choices=choices,
+                                               usage=usage).model_dump())
+
+    async def _first(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> ChoiceDelta:
+        """Wait for the first delta before sending headers, so a refusal is still a proper status code."""
+        try:
+            return await anext(stream)
+        except Exception as exc:
+            raise as_api_error(exc, prep.prompt_field) or exc
+
+    async def _sse(self, req, prep: Prepared, first: ChoiceDelta,
+                   stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
+        chat = isinstance(req, ChatCompletionRequest)
+        created = int(time.time())
+        generated = [0] * req.n
+        cached = 0
+
+        def event(chunk) -> str:
+            return f"data: {chunk.model_dump_json()}\n\n"
+
+        def chunk(choices, usage: Usage | None = None):
+            cls = ChatCompletionChunk if chat else CompletionResponse
+            return event(cls(id=prep.id, created=created, model=self.model, choices=choices, usage=usage))
+
+        def choice(d: ChoiceDelta):
+            if chat:
+                return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), finish_reason=d.finish_reason,
+                                       logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None)
+            return CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
+                                    logprobs=self._completion_logprobs(d.logprobs, d.text_offset)
+                                    if req.logprobs is not None else None)
+
+        try:
+            if chat:
+                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                             for i in range(req.n)])
+            d = first
+            while d is not None:
+                generated[d.index], cached = d.num_generated, d.num_cached or cached
+                if d.text or d.finish_reason or d.logprobs:
+                    yield chunk([choice(d)], self._usage(len(prep.prompt_ids), sum(generated), cached)
+                                if req.continuous_usage else None)
+                d = await anext(stream, None)
+            if req.include_usage:
+                yield chunk([], self._usage(len(prep.prompt_ids), sum(generated), cached))
+        except Exception as exc:
+            error = as_api_error(exc, prep.prompt_field)
+            if error is None:
+                log.exception("stream %s failed", prep.id)
+                error = APIError(500, "Internal server error.", "internal_error")
+            yield event(ErrorResponse(error=error.info))
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _usage(prompt: int, completion: int, cached: int) -> Usage:
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _top(self, token_id: int, logprob: float) -> TopLogprob:
+        text = self._token(token_id)
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+    def _chat_logprobs(self, lps: list[TokenLogprobs]) -> ChatLogprobs:
+        return ChatLogprobs(content=[
+            ChatTokenLogprob(**self._top(lp.token_id, lp.logprob).model_dump(),
+                             top_logprobs=[self._top(t, p) for t, p in lp.top])
+            for lp in lps])
+
+    def _completion_logprobs(self, lps: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for lp in lps:
+            token = self._token(lp.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._token(t): p for t, p in lp.top})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out

@@ -1,0 +1,85 @@
+"""Streaming helpers: stop strings over streamed text, per-choice deltas, and the SSE response."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi.responses import StreamingResponse
+
+from scheduler.sampling import TokenLogprobs
+
+
+class StopStrings:
+    """Finds stop strings in streamed text. Until the answer ends, the last (longest stop - 1)
+    characters are held back: they might be the start of a stop string that the next token completes."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.hold = max(map(len, stops), default=1) - 1
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, delta: str, final: bool, check: bool = True) -> tuple[str, bool]:
+        """Text that is safe to send now, and whether a stop string ended the answer (the text before
+        it is all that remains). `check` is False while min_tokens are not yet generated."""
+        search_from = max(0, len(self.text) - self.hold)
+        self.text += delta
+        if check and self.stops:
+            hits = [i for s in self.stops if (i := self.text.find(s, search_from)) != -1]
+            if hits:
+                self.text = self.text[:min(hits)]
+                return self._take(len(self.text)), True
+        return self._take(len(self.text) if final else len(self.text) - self.hold), False
+
+    def _take(self, end: int) -> str:
+        end = max(end, self.emitted)
+        out, self.emitted = self.text[self.emitted:end], end
+        return out
+
+
+@dataclass
+class ChoiceDelta:
+    """What one choice gained: text ready for the client, with the logprobs of its new tokens."""
+
+    index: int
+    text: str
+    text_offset: int  # characters of this choice sent before `text`
+    logprobs: list[TokenLogprobs]
+    finish_reason: str | None
+    num_generated: int  # tokens so far
+    num_cached: int  # prompt tokens the prefix cache served
+
+
+@dataclass
+class ChoiceTotal:
+    """A whole choice, for a non-streaming answer."""
+
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_generated: int = 0
+    num_cached: int = 0
+
+    def add(self, d: ChoiceDelta) -> None:
+        self.text += d.text
+        self.logprobs += d.logprobs
+        self.finish_reason = d.finish_reason
+        self.num_generated = d.num_generated
+        self.num_cached = d.num_cached
+
+
+class EventStream(StreamingResponse):
+    """SSE that closes its source however the response ends. Starlette leaves the body iterator open
+    when the client goes away; closing the source at once cancels the router requests behind it."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], source):
+        super().__init__(content)
+        self.source = source
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.source.aclose()
