@@ -1,8 +1,10 @@
 """Facts of Llama-3.3-70B on a Galaxy (8x4 Wormhole mesh) that more than the TT backend needs: the simulator
 sizes itself by them and the app config validates against them. Imports neither ttnn nor torch.
 
-Sources: tt-metal models/demos/llama3_70b_galaxy/tt (model_config.py, generator.py, llama_attention.py) and
-tt-inference-server's Llama-3.3-70B Galaxy model spec; DESIGN.md "KV groups".
+Sources: tt-metal models/demos/llama3_70b_galaxy/tt (model_config.py, generator.py @00b0fa3f, llama_model.py
+prepare_prefill_inputs_host), tenstorrent/vllm vllm/worker/tt_worker.py @987d7bd2 (get_num_available_blocks_tt,
+override_tt_config keys), tt-inference-server workflows/model_specs/prod/llm.yaml @cb954e42 (the Llama-3.3-70B
+GALAXY spec); DESIGN.md "KV groups".
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ KV_GROUPS = 4  # one per mesh column: slot s lives on column s // 8, and its KV 
 BLOCK_SIZE = 64
 MAX_SEQ_LEN = 131_072
 PREFIX_ALIGN = 128  # SDPA_CHUNK_ALIGN in model_config.py: cached prefixes are cut down to a multiple of it
-# Per KV group: one 128k user plus a block for each other slot of the column (tt-inference-server: ~2,056/rank).
+# Per KV group: one 128k user plus a block for each slot of the column. tt_worker.py sizes each data-parallel
+# rank (one per column, max_num_seqs 8) as ceil((131072 + 64 * 8) / 64).
 BLOCKS_PER_GROUP = -(-(MAX_SEQ_LEN + BLOCK_SIZE * (NUM_SLOTS // KV_GROUPS)) // BLOCK_SIZE)  # 2056
 LLAMA3_VOCAB = 128_256
 LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
@@ -25,17 +28,23 @@ DEVICE_SAMPLING = frozenset({"temperature", "top_k", "top_p", "seed"})
 
 @dataclass(frozen=True)
 class TTMeshConfig:
-    """How the mesh is opened and sampled; the defaults are the seed's (galaxy_perf.json,
-    mesh_open_defaults_from_seed). `line_rs` / `line_ag` set LINE_RS / LINE_AG for tt-metal's CCLs
-    (read when its llama_ccl module is imported); None leaves the environment as it is."""
+    """How the mesh is opened, sampled and warmed up. The defaults, and the names, are tt-inference-server's
+    `override_tt_config` for Llama-3.3-70B on GALAXY (prod/llm.yaml @cb954e42, tt-metal e867533, vLLM 8f36910):
+    the trace region holds the prefill traces of every length up to 128k, the prefix-cached ones, the decode
+    and the sampling traces. The mesh shape is not here: it is AppConfig.mesh_shape, one knob.
 
-    mesh_shape: tuple[int, int] = MESH_SHAPE
+    `enable_model_warmup` (tt_worker.py's key of that name) compiles and captures every prefill length, decode
+    and sampling variant at load, before the replica takes traffic; off only for bring-up.
+    `line_rs` / `line_ag` set LINE_RS / LINE_AG for tt-metal's CCLs (read when its llama_ccl module is
+    imported); None leaves the environment as it is."""
+
     dispatch_core_axis: Literal["row", "col"] = "col"
     fabric_config: Literal["DISABLED", "FABRIC_1D", "FABRIC_1D_RING", "FABRIC_2D"] = "FABRIC_1D_RING"
     worker_l1_size: int = 1_344_544
-    trace_region_size: int = 95_693_824
+    trace_region_size: int = 215_000_000
     # "all": prefill and decode sample on the device; "decode_only": prefill returns logits and the first
     # token is sampled here; None: the device never samples. Device top-k is at most 32 (0 means 32).
     sample_on_device_mode: Literal["all", "decode_only"] | None = "all"
+    enable_model_warmup: bool = True
     line_rs: bool | None = None
     line_ag: bool | None = None

@@ -1,86 +1,102 @@
-"""The TT Galaxy backend: tt-metal's Llama-3.3-70B Galaxy model (the generator tt-metal's vLLM integration
-drives) on an 8x4 Wormhole mesh that this process opens.
+"""The TT Galaxy backend: tt-metal's Llama-3.3-70B Galaxy model (the generator tenstorrent/vllm drives) on an
+8x4 Wormhole mesh that this process opens.
 
-Written against tt-metal's models/demos/llama3_70b_galaxy/tt/generator.py (`Generator.prefill_forward_text`
-with `start_pos` prefix caching, `Generator.decode_forward`), model_config.py (`TtModelArgs`), llama_model.py
-(`TtTransformer`) and generator_vllm.py (model build and KV cache allocation), and against the tt vLLM
-worker's mesh open/close. `ttnn` and the checkout's `models` package are imported only when a backend is
-built: ttnn installs only on Python 3.10 and 3.12 and computes nothing without chips.
+Targets the versions tt-inference-server pins for Llama-3.3-70B on GALAXY (workflows/model_specs/prod/llm.yaml
+@cb954e42: tt-metal e867533, tenstorrent/vllm 8f36910). The index could not resolve those short hashes, so the
+interface is read from the nearest versions it holds, each cited where used:
+- tt-metal models/demos/llama3_70b_galaxy/tt/generator.py @00b0fa3f: `prefill_forward_text` (`start_pos`
+  prefix caching), `decode_forward` (`decode_forward_text` before the rename), the lazy built-in prefill
+  warm-up on the first prefill, the finaliser that releases the traces;
+- its generator_vllm.py @0be6ffc8: the model build (TtModelArgs -> TtTransformer(use_paged_kv_cache=True)) and
+  `LlamaForCausalLM.allocate_kv_cache`, the checkout's own KV allocator;
+- llama_model.py @2c4674af `prepare_prefill_inputs_host` / `prepare_decode_inputs_host`: a user's KV lives on
+  its mesh column only (slot s on column s // 8), so the mesh is four KV caches (`kv_groups`);
+- tenstorrent/vllm vllm/worker/tt_worker.py @987d7bd2 (mesh open/close, fabric), vllm/v1/worker/
+  tt_model_runner.py @db78fb6c (per-rank page tables, warm-up at start), models/common/warmup/
+  warmup_utils.py @9f669429 in tt-metal (the decode warm-up's sampling variants).
+`ttnn` and the checkout's `models` package are imported only when a backend is built: ttnn installs only on
+Python 3.10 and 3.12 and computes nothing without chips.
 
-Device block 0 is never handed to the caller: tt-metal pads prefill page tables with block 0 and writes
-the padded positions' KV there (vLLM keeps block 0 as its null block). Caller block b is device block b + 1.
+Device block 0 is never handed to the caller: tt-metal pads prefill page tables with block 0 and writes the
+padded positions' KV there (vLLM keeps block 0 as its null block, in each data-parallel rank's pool). Caller
+block b of a group is device block b + 1 of that group's column: each column's chips hold their own copy of
+the cache, so block ids mean a different memory in each group and page-table rows need no translation.
 """
 from __future__ import annotations
 
+import gc
+import logging
 import os
-from dataclasses import replace
+import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from model.backend import Backend, Capabilities
-from model.galaxy import (BLOCK_SIZE, DEVICE_SAMPLING, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN,  # noqa: F401
-                          NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig)
+from model.galaxy import (BLOCK_SIZE, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
+                          MAX_SEQ_LEN, MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig)
 from model.sampler import sample_row
 from scheduler.sampling import SamplingParams
 
-DEFAULT_NUM_BLOCKS = -(-(MAX_SEQ_LEN + BLOCK_SIZE * NUM_SLOTS) // BLOCK_SIZE)  # the tt vLLM worker's sizing: 2080
+log = logging.getLogger(__name__)
 
 _GREEDY = SamplingParams(temperature=0.0)  # for rows without a request
+# A non-greedy row: the device runs another sampling program for it than for an all-argmax batch
+# (warmup_utils.py warms temperature 1.0, top-k 10, top-p 0.9 likewise).
+_SAMPLED = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
 _TT_EXTRA_HINT = ("the TT Galaxy backend needs ttnn: pip install 'meshserve[tt]' "
                  "(ttnn wheels exist only for Python 3.10 and 3.12)")
 
 
 class TTGalaxyBackend(Backend):
-    def __init__(self, model_dir: str | os.PathLike | None = None, *, mesh_shape: tuple[int, int] | None = None,
+    def __init__(self, model_dir: str | os.PathLike | None = None, *, mesh_shape: tuple[int, int] = MESH_SHAPE,
                  num_slots: int = NUM_SLOTS, block_size: int = BLOCK_SIZE, num_blocks: int | None = None,
                  max_seq_len: int | None = None, num_layers: int | None = None,
                  tt_config: TTMeshConfig | dict | None = None):
         """`model_dir` (a Hugging Face or Meta folder) is exported as HF_MODEL or LLAMA_DIR, where
-        tt-metal's TtModelArgs looks; without it those variables must already be set.
-        `num_layers` below 80 builds a truncated model for bring-up."""
+        tt-metal's TtModelArgs looks; without it those variables must already be set. `num_blocks` is per
+        KV group (mesh column). `num_layers` below 80 builds a truncated model for bring-up.
+        Returns once the model is warmed up (unless the config turns that off): a replica is ready only
+        when no request will compile."""
         if num_slots != NUM_SLOTS:
             raise ValueError(f"the Galaxy model decodes exactly {NUM_SLOTS} slots, not {num_slots}")
         if PREFIX_ALIGN % block_size:
             raise ValueError(f"block_size must divide the prefix alignment {PREFIX_ALIGN}")
-        config = TTMeshConfig(**tt_config) if isinstance(tt_config, dict) else tt_config or TTMeshConfig()
-        if mesh_shape is not None:
-            config = replace(config, mesh_shape=tuple(mesh_shape))
-        self.config = config
+        self.config = config = TTMeshConfig(**tt_config) if isinstance(tt_config, dict) else tt_config or TTMeshConfig()
         max_seq_len = max_seq_len or MAX_SEQ_LEN
-        num_blocks = num_blocks or -(-(max_seq_len + block_size * NUM_SLOTS) // block_size)
+        slots_per_group = NUM_SLOTS // KV_GROUPS
+        num_blocks = num_blocks or -(-(max_seq_len + block_size * slots_per_group) // block_size)
         _export_weights_dir(model_dir)
         _export_line_env(config)
 
         self.ttnn = _import_ttnn()
-        self.mesh = _open_mesh(self.ttnn, config)
+        self.generator = self.kv_cache = None
+        self.mesh = _open_mesh(self.ttnn, config, mesh_shape)
         try:
             self.generator, args = _build_generator(self.ttnn, self.mesh, max_seq_len, num_layers)
-            self.kv_cache = _allocate_kv_cache(self.ttnn, self.mesh, args, num_blocks + 1, block_size)
-        except BaseException:
+            self.kv_cache, self.kv_cache_api = _allocate_kv_cache(self.ttnn, self.generator, self.mesh, args,
+                                                                  num_blocks + 1, block_size)
+            self.caps = Capabilities(num_slots=NUM_SLOTS, block_size=block_size, num_blocks=num_blocks,
+                                     max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
+                                     eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
+                                     device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset())
+            self._decode_forward = (getattr(self.generator, "decode_forward", None)
+                                    or self.generator.decode_forward_text)  # its name before tt-metal renamed it
+            if config.enable_model_warmup:
+                self.warmup()
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)  # its frames hold the generator: let close() release it
             self.close()
             raise
-        self.caps = Capabilities(num_slots=NUM_SLOTS, block_size=block_size, num_blocks=num_blocks,
-                                 max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
-                                 eos_token_ids=LLAMA3_EOS,
-                                 device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset())
-        self._decode_forward = (getattr(self.generator, "decode_forward", None)
-                                or self.generator.decode_forward_text)  # its name before tt-metal renamed it
 
     def prefill(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
                 sampling: SamplingParams | None = None) -> torch.Tensor:
         on_device = sampling is not None and self.config.sample_on_device_mode == "all"
-        out = self.generator.prefill_forward_text(
-            torch.tensor([token_ids], dtype=torch.long),
-            page_table=torch.tensor([block_ids], dtype=torch.int32) + 1,
-            kv_cache=self.kv_cache,
-            prompt_lens=[len(token_ids)],
-            enable_trace=True,
-            sampling_params=_tt_sampling([sampling]) if on_device else None,  # request order: moved to `slot`
-            empty_slots=[slot],
-            # tt-metal asserts block-aligned starts; rounding down only rewrites identical KV
-            start_pos=[start - start % PREFIX_ALIGN],
-        )
+        out = self._prefill(token_ids, start, torch.tensor([block_ids], dtype=torch.int32) + 1, slot,
+                            sampling if on_device else None)
         if on_device:
             return out[0].to(torch.long)
         logits = out[0, -1].float()
@@ -90,27 +106,94 @@ class TTGalaxyBackend(Backend):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
+        # position -1: the slot is skipped, its cache untouched
+        out = self._decode(tokens, torch.where(active, positions, -1), page_table + 1,
+                           None if sampling is None else [p or _GREEDY for p in sampling])
+        return out.to(torch.long) if sampling is not None else out[:, -1].float()
+
+    def _prefill(self, token_ids: list[int], start: int, device_row: torch.Tensor, slot: int,
+                 sampling: SamplingParams | None):
+        """One user's prefill on device block ids (serving and warm-up take this same call). Returns tokens
+        [1] or logits [1, 1, vocab]."""
+        out = self.generator.prefill_forward_text(
+            torch.tensor([token_ids], dtype=torch.long),
+            page_table=device_row,
+            kv_cache=self.kv_cache,
+            prompt_lens=[len(token_ids)],
+            enable_trace=True,
+            sampling_params=None if sampling is None else _tt_sampling([sampling]),  # request order: moved to `slot`
+            empty_slots=[slot],
+            # tt-metal asserts block-aligned starts; rounding down only rewrites identical KV
+            start_pos=[start - start % PREFIX_ALIGN],
+        )
+        return out[0] if isinstance(out, tuple) else out  # @00b0fa3f adds device log-probs when it has them
+
+    def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, device_table: torch.Tensor,
+                sampling: list[SamplingParams] | None):
+        """One step of all 32 slots on device block ids; returns tokens [32] or logits [32, 1, vocab]."""
         out = self._decode_forward(
             tokens,
-            torch.where(active, positions, -1),  # position -1: the slot is skipped, its cache untouched
-            page_table=page_table + 1,
+            positions,
+            page_table=device_table,
             kv_cache=self.kv_cache,
             enable_trace=True,
             read_from_device=True,
-            sampling_params=None if sampling is None else _tt_sampling([p or _GREEDY for p in sampling]),
+            sampling_params=None if sampling is None else _tt_sampling(sampling),
             reset_inputs=True,  # the host owns tokens and positions (slots join, leave and move between steps)
         )
-        out = out[0] if isinstance(out, tuple) else out  # newer generators also return log-probs
-        return out.to(torch.long) if sampling is not None else out[:, -1].float()
+        return out[0] if isinstance(out, tuple) else out  # newer generators also return log-probs
+
+    def warmup(self) -> None:
+        """Compile and capture, before any request, every program serving will run: each prefill length
+        bucket from scratch and after a cached prefix, each output and sampling variant, decode with each.
+        The first request would otherwise compile for minutes, and a compile after a trace is captured can
+        corrupt the traces. What tenstorrent/vllm does at start (tt_model_runner.py warmup_model), through
+        this backend's own calls; all of it writes only device block 0, which no caller owns."""
+        plan = self._warmup_plan()
+        began = time.perf_counter()
+        log.info("TT warm-up: %d runs (%s KV allocator)", len(plan), self.kv_cache_api)
+        for _, run in tqdm(plan, desc="TT warm-up", unit="run"):
+            run()
+        log.info("TT warm-up done in %.1f s", time.perf_counter() - began)
+
+    def _warmup_plan(self) -> list[tuple[str, Callable[[], object]]]:
+        caps, mode = self.caps, self.config.sample_on_device_mode
+        prefill_outputs = [None] + ([_GREEDY, _SAMPLED] if mode == "all" else [])
+        decode_outputs = [None] + ([_GREEDY, _SAMPLED] if mode else [])
+
+        def prefill(new: int, start: int, sampling: SamplingParams | None):
+            blocks = -(-(start + new) // caps.block_size)
+            return lambda: self._prefill([0] * (start + new), start, torch.zeros(1, blocks, dtype=torch.int32),
+                                         0, sampling)
+
+        def decode(sampling: SamplingParams | None):
+            zeros = torch.zeros(NUM_SLOTS, dtype=torch.long)
+            table = torch.zeros(NUM_SLOTS, caps.max_blocks_per_seq, dtype=torch.int32)
+            return lambda: self._decode(zeros, zeros, table, None if sampling is None else [sampling] * NUM_SLOTS)
+
+        # Buckets are the generator's padded prefill lengths (get_padded_prefill_len); a cached prefix is
+        # PREFIX_ALIGN tokens, as the generator's own prefix-caching warm-up uses (generator.py @00b0fa3f).
+        buckets = [128] + [2**i for i in range(10, caps.max_seq_len.bit_length()) if 2**i <= caps.max_seq_len]
+        plan = [(f"prefill {n}", prefill(n, 0, None)) for n in buckets]
+        plan += [(f"prefill {n} after a cached prefix", prefill(n, PREFIX_ALIGN, None)) for n in buckets]
+        plan += [(f"prefill sampling {s}", prefill(128, 0, s)) for s in prefill_outputs[1:]]
+        plan += [(f"decode sampling {s}", decode(s)) for s in decode_outputs]
+        return plan
 
     def can_sample(self, params: SamplingParams) -> bool:
         return self.config.sample_on_device_mode is not None and super().can_sample(params)
 
     def close(self) -> None:
-        """Release the traces and CCL buffers (the generator's finaliser), then the mesh and the fabric."""
+        """Model, then KV cache, then submeshes, mesh and fabric, as tt_worker.py's close does: dropping the
+        generator runs its finaliser (traces released, CCL closed) while the mesh is still open."""
         if getattr(self, "mesh", None) is None:
             return
         self.generator = self._decode_forward = None
+        gc.collect()  # a generator caught in a reference cycle is finalised now, not after the mesh closes
+        for layer in (self.kv_cache or [[]])[0]:
+            for tensor in layer:
+                self.ttnn.deallocate(tensor)
+        self.kv_cache = None
         for submesh in self.mesh.get_submeshes():
             self.ttnn.close_mesh_device(submesh)
         self.ttnn.close_mesh_device(self.mesh)
@@ -152,20 +235,22 @@ def _export_line_env(config: TTMeshConfig) -> None:
             os.environ[name] = "1" if value else "0"
 
 
-def _open_mesh(ttnn, config: TTMeshConfig):
-    """As the tt vLLM worker does: fabric first, then the mesh with the dispatch axis and L1/trace sizes."""
+def _open_mesh(ttnn, config: TTMeshConfig, mesh_shape: tuple[int, int]):
+    """As tt_worker.py's open_mesh_device: fabric first, then the mesh with the dispatch axis and the
+    trace-region and worker-L1 sizes."""
     if config.fabric_config != "DISABLED":
         ttnn.set_fabric_config(getattr(ttnn.FabricConfig, config.fabric_config))
     axis = ttnn.DispatchCoreAxis.COL if config.dispatch_core_axis == "col" else ttnn.DispatchCoreAxis.ROW
-    return ttnn.open_mesh_device(ttnn.MeshShape(*config.mesh_shape),
+    return ttnn.open_mesh_device(ttnn.MeshShape(*mesh_shape),
                                  dispatch_core_config=ttnn.DispatchCoreConfig(axis=axis),
                                  trace_region_size=config.trace_region_size,
-                                 worker_l1_size=config.worker_l1_size,
-                                 num_command_queues=1)
+                                 worker_l1_size=config.worker_l1_size)
 
 
 def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
-    """TtModelArgs -> state dict -> TtTransformer (paged KV supplied by us) -> Generator, as generator_vllm.py."""
+    """TtModelArgs -> state dict -> TtTransformer (paged KV supplied by us) -> generator, as generator_vllm.py's
+    initialize_vllm_text_transformer. The generator is its LlamaForCausalLM where that module imports (it
+    brings the checkout's KV allocator); some versions import vLLM there, and then the plain Generator."""
     try:
         from models.demos.llama3_70b_galaxy.tt.generator import Generator
         from models.demos.llama3_70b_galaxy.tt.llama_model import TtTransformer
@@ -173,6 +258,10 @@ def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
     except ImportError as e:
         raise ImportError("the TT Galaxy backend builds tt-metal's Llama Galaxy model: put your tt-metal "
                           "checkout on PYTHONPATH (models/demos/llama3_70b_galaxy)") from e
+    try:
+        from models.demos.llama3_70b_galaxy.tt.generator_vllm import LlamaForCausalLM as Generator  # noqa: F811
+    except ImportError as e:
+        log.info("tt-metal's generator_vllm does not import here (%s): the backend allocates the KV cache", e)
     args = TtModelArgs(mesh, instruct=True, max_batch_size=NUM_SLOTS, optimizations=LlamaOptimizations.performance,
                        max_seq_len=max_seq_len)
     if num_layers is not None:
@@ -183,13 +272,17 @@ def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
     return Generator(model, args, mesh), args
 
 
-def _allocate_kv_cache(ttnn, mesh, args, num_blocks: int, block_size: int) -> list:
-    """[[k, v] per layer] for the one mesh, bfp8 in DRAM, replicated: each chip holds one KV head (the 8 heads
-    over the 8 mesh rows) and only its column's users write to it."""
+def _allocate_kv_cache(ttnn, generator, mesh, args, num_blocks: int, block_size: int) -> tuple[list, str]:
+    """[[k, v] per layer] for the one mesh, in tenstorrent/vllm's shape (blocks, kv heads per chip, block, head
+    dim): each chip holds one KV head (8 heads over the 8 mesh rows), and each column's chips their own copy.
+    Allocated by the checkout's allocate_kv_cache where it has one (what vLLM's model runner calls), else by
+    the same tensors built here. Returns the cache and which allocator made it."""
     shape = (num_blocks, args.n_kv_heads // args.cluster_shape[0], block_size, args.head_dim)
+    if hasattr(generator, "allocate_kv_cache"):
+        return generator.allocate_kv_cache(shape, torch.bfloat16, args.n_layers), "checkout"
     empty = torch.zeros(shape, dtype=torch.bfloat16)
     return [[[ttnn.as_tensor(empty, device=mesh, mesh_mapper=ttnn.ReplicateTensorToMesh(mesh),
                              layout=ttnn.TILE_LAYOUT, memory_config=ttnn.DRAM_MEMORY_CONFIG, dtype=ttnn.bfloat8_b,
                              cache_file_name=args.model_cache_path / f"empty_{kv}cache_paged_attention{shape}")
               for kv in "kv"]
-             for _ in range(args.n_layers)]]
+             for _ in range(args.n_layers)]], "backend"

@@ -5,13 +5,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from model.simulated import published_figures
 from model.tt_galaxy import TTGalaxyBackend, TTMeshConfig
 from scheduler.sampling import SamplingParams
 
 DOUBLE = Path(__file__).parent / "tt_double"
 GREEDY = SamplingParams(temperature=0.0)
+VOCAB = 128256
+GENERATOR_VLLM = "models.demos.llama3_70b_galaxy.tt.generator_vllm"
+# tt-inference-server workflows/model_specs/prod/llm.yaml @cb954e42, Llama-3.3-70B on GALAXY
+SPEC_OVERRIDE_TT_CONFIG = {"dispatch_core_axis": "col", "sample_on_device_mode": "all",
+                           "fabric_config": "FABRIC_1D_RING", "worker_l1_size": 1344544,
+                           "trace_region_size": 215000000}
+BUCKETS = [128, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
 
 def _forget_double():
@@ -35,8 +42,9 @@ def hf_dir(tmp_path, monkeypatch):
 @pytest.fixture
 def ttnn(hf_dir):
     import ttnn
-    ttnn.calls.clear()
-    return ttnn
+    ttnn.reset()
+    yield ttnn
+    assert ttnn.errors == []
 
 
 @pytest.fixture
@@ -46,8 +54,12 @@ def backend(ttnn, hf_dir):
     b.close()
 
 
+def gen_calls(backend, name):
+    return [kwargs for n, kwargs in backend.generator.calls if n == name]
+
+
 def last_call(backend, name):
-    return [kwargs for n, kwargs in backend.generator.calls if n == name][-1]
+    return gen_calls(backend, name)[-1]
 
 
 def decode_inputs(active_slots, positions):
@@ -58,28 +70,43 @@ def decode_inputs(active_slots, positions):
     return torch.arange(32, dtype=torch.long) * 10, pos, active
 
 
+def empty_table(backend):
+    return torch.zeros(32, backend.caps.max_blocks_per_seq, dtype=torch.int32)
+
+
+def expected_next(tokens):
+    """The double's model: the sum of the token ids its KV cache holds for the sequence, mod the vocabulary."""
+    return sum(tokens) % VOCAB
+
+
 # --- opening, building, closing ----------------------------------------------------------------------
 
-def test_config_defaults_are_the_seeds():
-    seed = published_figures()["mesh_open_defaults_from_seed"]
+def test_config_defaults_are_the_tt_inference_server_spec():
     config = TTMeshConfig()
-    assert config.mesh_shape == (8, 4)
-    assert {k: getattr(config, k) for k in seed} == seed
+    assert {k: getattr(config, k) for k in SPEC_OVERRIDE_TT_CONFIG} == SPEC_OVERRIDE_TT_CONFIG
+    assert config.enable_model_warmup and not hasattr(config, "mesh_shape")
 
 
-def test_mesh_opens_with_fabric_first_and_the_seed_settings(backend, ttnn):
+def test_mesh_shape_is_one_knob_not_a_tt_config_key():
+    from deployments.config import AppConfig
+    with pytest.raises(TypeError):
+        TTMeshConfig(mesh_shape=(8, 4))
+    with pytest.raises(ValidationError, match="mesh_shape"):
+        AppConfig(override_tt_config={"mesh_shape": [8, 4]})
+
+
+def test_mesh_opens_with_fabric_first_and_the_spec_settings(backend, ttnn):
     names = [name for name, _ in ttnn.calls]
     assert names.index("set_fabric_config") < names.index("open_mesh_device")
     assert ttnn.calls[names.index("set_fabric_config")][1]["fabric_config"] == ttnn.FabricConfig.FABRIC_1D_RING
     opened = ttnn.calls[names.index("open_mesh_device")][1]
     assert opened["mesh_shape"] == (8, 4)
     assert opened["dispatch_core_config"].axis == ttnn.DispatchCoreAxis.COL
-    assert (opened["trace_region_size"], opened["worker_l1_size"], opened["num_command_queues"]) == \
-        (95693824, 1344544, 1)
+    assert (opened["trace_region_size"], opened["worker_l1_size"]) == (215000000, 1344544)
 
 
 def test_mesh_settings_come_from_the_config(ttnn, hf_dir):
-    b = TTGalaxyBackend(hf_dir, mesh_shape=(4, 8), tt_config={"dispatch_core_axis": "row",
+    b = TTGalaxyBackend(hf_dir, mesh_shape=(4, 8), tt_config={"dispatch_core_axis": "row", "enable_model_warmup": False,
                                                             "fabric_config": "DISABLED", "trace_region_size": 7})
     opened = dict(ttnn.calls)["open_mesh_device"]
     assert opened["mesh_shape"] == (4, 8) and opened["trace_region_size"] == 7
@@ -90,24 +117,49 @@ def test_mesh_settings_come_from_the_config(ttnn, hf_dir):
 
 
 def test_model_is_built_as_generator_vllm_builds_it(backend, ttnn):
+    from models.demos.llama3_70b_galaxy.tt.generator_vllm import LlamaForCausalLM
+    assert isinstance(backend.generator, LlamaForCausalLM)
     args = backend.generator.model_args
     assert (args.max_batch_size, args.max_seq_len, args.instruct, args.optimizations.bfp4_mlp) == \
         (32, 131072, True, True)
     built = backend.generator.model.built_with
     assert built["use_paged_kv_cache"] and built["mode"] == "prefill" and built["dtype"] == ttnn.bfloat8_b
     assert built["enable_prefetcher_performance_mode"] and built["paged_attention_config"] is None
+
+
+def test_caps_declare_a_kv_group_per_mesh_column_of_2056_blocks(backend):
     caps = backend.caps
-    assert (caps.num_slots, caps.block_size, caps.num_blocks, caps.max_seq_len, caps.prefix_align,
-            caps.vocab_size) == (32, 64, 2080, 131072, 128, 128256)
+    assert (caps.num_slots, caps.kv_groups, caps.slots_per_group, caps.num_blocks) == (32, 4, 8, 2056)
+    assert (caps.block_size, caps.max_seq_len, caps.prefix_align, caps.vocab_size) == (64, 131072, 128, 128256)
 
 
-def test_kv_cache_has_one_spare_block_per_layer_k_and_v(backend, ttnn):
+def test_kv_cache_comes_from_the_checkouts_allocator(backend, ttnn):
+    assert backend.kv_cache_api == "checkout"
+    [asked] = [kw for name, kw in ttnn.calls if name == "allocate_vllm_kv_cache"]
+    assert asked == {"kv_cache_shape": (2057, 1, 64, 128), "dtype": torch.bfloat16, "num_layers": 80}
     allocs = [kw for name, kw in ttnn.calls if name == "as_tensor"]
     assert len(allocs) == 80 * 2 and len(backend.kv_cache) == 1 and len(backend.kv_cache[0]) == 80
-    assert {kw["shape"] for kw in allocs} == {(2081, 1, 64, 128)}  # 2080 usable + device block 0
+    assert {kw["shape"] for kw in allocs} == {(2057, 1, 64, 128)}  # 2056 per group + device block 0
     assert {(kw["dtype"], kw["layout"], kw["memory_config"]) for kw in allocs} == \
         {(ttnn.bfloat8_b, ttnn.TILE_LAYOUT, ttnn.DRAM_MEMORY_CONFIG)}
     assert all(isinstance(kw["mesh_mapper"], ttnn.ReplicateTensorToMesh) for kw in allocs)
+
+
+def test_without_generator_vllm_the_backend_allocates_the_same_cache(ttnn, hf_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, GENERATOR_VLLM, None)  # e.g. a version that imports vllm, not installed
+    b = TTGalaxyBackend(hf_dir)
+    from models.demos.llama3_70b_galaxy.tt.generator import Generator
+    assert type(b.generator) is Generator and b.kv_cache_api == "backend"
+    assert "allocate_vllm_kv_cache" not in dict(ttnn.calls)
+    allocs = [kw for name, kw in ttnn.calls if name == "as_tensor"]
+    assert len(allocs) == 160 and {kw["shape"] for kw in allocs} == {(2057, 1, 64, 128)}
+    assert {(kw["dtype"], kw["layout"], kw["memory_config"]) for kw in allocs} == \
+        {(ttnn.bfloat8_b, ttnn.TILE_LAYOUT, ttnn.DRAM_MEMORY_CONFIG)}
+    assert {kw["cache_file_name"].name for kw in allocs} == \
+        {f"empty_{kv}cache_paged_attention(2057, 1, 64, 128)" for kv in "kv"}
+    token = b.prefill(list(range(10)), 0, [0], slot=0, sampling=GREEDY)  # and it serves
+    assert int(token) == expected_next(range(10))
+    b.close()
 
 
 def test_num_layers_and_sizes_are_configurable(ttnn, hf_dir):
@@ -117,11 +169,27 @@ def test_num_layers_and_sizes_are_configurable(ttnn, hf_dir):
     b.close()
 
 
-def test_close_releases_generator_then_mesh_then_fabric(backend, ttnn):
+def test_default_blocks_follow_max_seq_len_per_group(ttnn, hf_dir):
+    b = TTGalaxyBackend(hf_dir, max_seq_len=4096, tt_config={"enable_model_warmup": False})
+    assert b.caps.num_blocks == (4096 + 64 * 8) // 64  # one such user plus a block per slot of the column
+    b.close()
+
+
+def test_close_releases_model_then_kv_cache_then_submeshes_mesh_fabric(backend, ttnn):
+    mesh = backend.mesh
+    [submesh] = mesh.create_submeshes(ttnn.MeshShape(8, 4))
+    kv = [t for layer in backend.kv_cache[0] for t in layer]
     backend.close()
     names = [name for name, _ in ttnn.calls]
-    assert names[-3:] == ["tt_ccl.close", "close_mesh_device", "set_fabric_config"]
-    assert ttnn.calls[-1][1]["fabric_config"] == ttnn.FabricConfig.DISABLED
+    model_done = names.index("tt_ccl.close")
+    assert "release_trace" in names and max(i for i, n in enumerate(names) if n == "release_trace") < model_done
+    freed = [i for i, n in enumerate(names) if n == "deallocate"]
+    assert len(freed) == 160 and model_done < min(freed) and not any(t.is_allocated for t in kv)
+    closed = [(i, kw["mesh_device"]) for i, (n, kw) in enumerate(ttnn.calls) if n == "close_mesh_device"]
+    assert [m for _, m in closed] == [submesh, mesh]
+    assert max(freed) < closed[0][0] < closed[1][0] < len(names) - 1
+    assert ttnn.calls[-1] == ("set_fabric_config", {"fabric_config": ttnn.FabricConfig.DISABLED,
+                                                    "reliability_mode": None})
     backend.close()  # a second close does nothing (the double refuses closing a mesh twice)
 
 
@@ -133,12 +201,22 @@ def test_a_failed_build_closes_the_mesh(ttnn, hf_dir, monkeypatch):
     assert [name for name, _ in ttnn.calls][-2:] == ["close_mesh_device", "set_fabric_config"]
 
 
+def test_a_failed_warmup_releases_everything(ttnn, hf_dir, monkeypatch):
+    from models.demos.llama3_70b_galaxy.tt.generator import Generator
+    monkeypatch.setattr(Generator, "decode_forward", lambda self, *a, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        TTGalaxyBackend(hf_dir)
+    names = [name for name, _ in ttnn.calls]
+    assert names.index("tt_ccl.close") < names.index("deallocate")
+    assert names[-2:] == ["close_mesh_device", "set_fabric_config"]
+
+
 def test_weights_folder_is_exported_where_tt_metal_reads_it(ttnn, hf_dir, tmp_path_factory):
-    TTGalaxyBackend(hf_dir).close()
+    TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False}).close()
     assert os.environ["HF_MODEL"] == str(hf_dir) and "LLAMA_DIR" not in os.environ
     meta = tmp_path_factory.mktemp("meta")
     (meta / "params.json").write_text("{}")
-    TTGalaxyBackend(meta).close()  # the double, like tt-metal, refuses HF_MODEL and LLAMA_DIR together
+    TTGalaxyBackend(meta, tt_config={"enable_model_warmup": False}).close()  # tt-metal refuses both variables
     assert os.environ["LLAMA_DIR"] == str(meta) and "HF_MODEL" not in os.environ
 
 
@@ -148,7 +226,7 @@ def test_no_weights_is_a_clear_error(ttnn):
 
 
 def test_line_rs_and_line_ag_reach_tt_metal_ccl(ttnn, hf_dir):
-    TTGalaxyBackend(hf_dir, tt_config={"line_rs": True, "line_ag": False}).close()
+    TTGalaxyBackend(hf_dir, tt_config={"line_rs": True, "line_ag": False, "enable_model_warmup": False}).close()
     from models.demos.llama3_70b_galaxy.tt import llama_ccl
     assert (llama_ccl.LINE_RS, llama_ccl.LINE_AG) == (True, False)
 
@@ -172,6 +250,65 @@ def test_only_32_slots(ttnn, hf_dir):
         TTGalaxyBackend(hf_dir, num_slots=8)
 
 
+# --- warm-up -----------------------------------------------------------------------------------------
+
+def test_warmup_at_load_covers_every_bucket_prefix_and_sampling_variant(backend):
+    prefills = gen_calls(backend, "prefill_forward_text")
+    uncached = [c for c in prefills if c["start_pos"] == [0] and c["sampling_params"] is None]
+    assert [c["prompt_lens"][0] for c in uncached] == BUCKETS
+    cached = [c for c in prefills if c["start_pos"] == [128]]
+    assert [c["prompt_lens"][0] - 128 for c in cached] == BUCKETS
+    sampled = [c["sampling_params"] for c in prefills if c["sampling_params"] is not None]
+    assert [(p.temperature, p.top_k, p.top_p) for p in sampled] == [([0.0], [0], [1.0]), ([1.0], [10], [0.9])]
+    decodes = gen_calls(backend, "decode_forward")
+    assert [None if c["sampling_params"] is None else c["sampling_params"].temperature[0] for c in decodes] == \
+        [None, 0.0, 1.0]
+    assert all(c["enable_trace"] for c in prefills + decodes)
+    # Warm-up writes only device block 0, which no caller owns.
+    assert {b for c in prefills for _, row in c["written_blocks"] for b in row} == {0}
+    assert {blk for c in decodes for _, blk, _ in c["written"].values()} == {0}
+    # The generator's own lazy prefill warm-up ran once, inside the first prefill.
+    assert len(gen_calls(backend, "prefill_warmup")) == 1
+
+
+def test_after_warmup_serving_compiles_nothing(backend):
+    n = len(backend.generator.calls)
+    for length in (5, 700, 3000, 40000):
+        backend.prefill(list(range(length)), 0, list(range(-(-length // 64))), slot=1)
+    prompt = list(range(1000, 1600))
+    for sampling in (GREEDY, SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=3), None):
+        backend.prefill(prompt, 256, list(range(10)), slot=2, sampling=sampling)
+    tokens, positions, active = decode_inputs([1, 2], [40000, 600])
+    table = empty_table(backend)
+    for sampling in (None, [GREEDY] * 32, [SamplingParams(temperature=0.5)] + [None] * 31):
+        backend.decode(tokens, positions, table, active, sampling)
+    assert [c["compiled"] for _, c in backend.generator.calls[n:]] == [[]] * 10
+
+
+def test_without_warmup_the_first_requests_compile(ttnn, hf_dir):
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    assert b.generator.calls == []
+    tokens, positions, active = decode_inputs([0], [3])
+    b.decode(tokens, positions, empty_table(b), active, [GREEDY] * 32)
+    assert last_call(b, "decode_forward")["compiled"] == [("decode", "tokens"), ("sampling", "greedy")]
+    b.close()
+
+
+def test_warmup_shows_a_progress_bar(ttnn, hf_dir, capfd):
+    TTGalaxyBackend(hf_dir, max_seq_len=4096).close()
+    err = capfd.readouterr().err
+    assert "TT warm-up" in err and "100%" in err and "13/13" in err  # 4 buckets x 2 + 2 prefill + 3 decode
+
+
+@pytest.mark.parametrize("mode, prefill_sampling, decode_sampling", [
+    ("all", 2, 2), ("decode_only", 0, 2), (None, 0, 0)])
+def test_warmup_variants_follow_sample_on_device_mode(ttnn, hf_dir, mode, prefill_sampling, decode_sampling):
+    b = TTGalaxyBackend(hf_dir, max_seq_len=4096, tt_config={"sample_on_device_mode": mode})
+    assert sum(c["sampling_params"] is not None for c in gen_calls(b, "prefill_forward_text")) == prefill_sampling
+    assert sum(c["sampling_params"] is not None for c in gen_calls(b, "decode_forward")) == decode_sampling
+    b.close()
+
+
 # --- prefill -----------------------------------------------------------------------------------------
 
 def test_prefill_maps_tokens_blocks_slot_and_trace(backend):
@@ -182,14 +319,14 @@ def test_prefill_maps_tokens_blocks_slot_and_trace(backend):
     assert call["page_table"].tolist() == [[8, 4, 10, 2, 6]] and call["page_table"].dtype == torch.int32
     assert (call["prompt_lens"], call["empty_slots"], call["start_pos"], call["enable_trace"]) == \
         ([300], [5], [0], True)
-    assert token.dim() == 0 and token.dtype == torch.long and int(token) == 1300  # the double: last + 1
+    assert token.dim() == 0 and token.dtype == torch.long and int(token) == expected_next(prompt)
 
 
 def test_prefill_padding_writes_only_the_spare_device_block(backend):
     backend.prefill(list(range(300)), 0, [0, 1, 2, 3, 4], slot=0, sampling=GREEDY)
-    written = last_call(backend, "prefill_forward_text")["written_blocks"][0]
+    column, written = last_call(backend, "prefill_forward_text")["written_blocks"][0]
     # 300 tokens pad to 1024 = 16 blocks: the caller's 5 (shifted by one) and 11 of padding in block 0
-    assert written == [1, 2, 3, 4, 5] + [0] * 11
+    assert (column, written) == (0, [1, 2, 3, 4, 5] + [0] * 11)
 
 
 @pytest.mark.parametrize("start, expected", [(0, 0), (128, 128), (200, 128), (256, 256), (320, 256)])
@@ -211,13 +348,21 @@ def test_prefill_puts_the_requests_sampling_params_on_its_slot(backend):
 def test_prefill_without_sampling_returns_last_position_logits(backend):
     logits = backend.prefill(list(range(10)), 0, [0], slot=0)
     assert last_call(backend, "prefill_forward_text")["sampling_params"] is None
-    assert logits.shape == (128256,) and logits.dtype == torch.float32 and int(logits.argmax()) == 10
+    assert logits.shape == (128256,) and logits.dtype == torch.float32
+    assert int(logits.argmax()) == expected_next(range(10))
+
+
+def test_prefill_takes_tokens_with_log_probs_too(backend, monkeypatch):
+    plain = backend.generator.prefill_forward_text
+    monkeypatch.setattr(backend.generator, "prefill_forward_text", lambda *a, **kw: (plain(*a, **kw), "log-probs"))
+    token = backend.prefill(list(range(10)), 0, [0], slot=0, sampling=GREEDY)
+    assert token.dim() == 0 and int(token) == expected_next(range(10))
 
 
 def test_decode_only_mode_samples_the_first_token_on_the_host(ttnn, hf_dir):
-    b = TTGalaxyBackend(hf_dir, tt_config={"sample_on_device_mode": "decode_only"})
+    b = TTGalaxyBackend(hf_dir, tt_config={"sample_on_device_mode": "decode_only", "enable_model_warmup": False})
     token = b.prefill(list(range(10)), 0, [0], slot=0, sampling=GREEDY)
-    assert last_call(b, "prefill_forward_text")["sampling_params"] is None and int(token) == 10
+    assert last_call(b, "prefill_forward_text")["sampling_params"] is None and int(token) == expected_next(range(10))
     b.close()
 
 
@@ -225,7 +370,7 @@ def test_decode_only_mode_samples_the_first_token_on_the_host(ttnn, hf_dir):
 
 def test_decode_maps_fixed_page_table_positions_and_inactive_slots(backend):
     tokens, positions, active = decode_inputs([0, 5, 31], [70, 128, 4000])
-    table = torch.zeros(32, backend.caps.max_blocks_per_seq, dtype=torch.int32)
+    table = empty_table(backend)
     table[0, :2], table[5, :3], table[31, :63] = torch.tensor([4, 6]), torch.tensor([9, 8, 7]), torch.arange(63)
     out = backend.decode(tokens, positions, table, active, [GREEDY] * 32)
     call = last_call(backend, "decode_forward")
@@ -233,19 +378,19 @@ def test_decode_maps_fixed_page_table_positions_and_inactive_slots(backend):
     assert torch.equal(call["page_table"], table + 1)
     assert call["start_pos"].tolist() == [70 if s == 0 else 128 if s == 5 else 4000 if s == 31 else -1
                                           for s in range(32)]
-    assert call["written"] == {0: (7, 6), 5: (8, 0), 31: (63, 32)}  # device block = caller block + 1
+    # (mesh column, device block = caller block + 1, offset)
+    assert call["written"] == {0: (0, 7, 6), 5: (0, 8, 0), 31: (3, 63, 32)}
     assert (call["enable_trace"], call["read_from_device"], call["reset_inputs"]) == (True, True, True)
     assert out.shape == (32,) and out.dtype == torch.long
-    assert out[[0, 5, 31]].tolist() == [1, 51, 311]  # the double: fed token + 1
+    assert out[[0, 5, 31]].tolist() == [0, 50, 310]  # nothing else written in those blocks: the fed token
 
 
 def test_decode_sampling_params_per_slot_and_greedy_padding(backend):
     tokens, positions, active = decode_inputs([3, 4], [10, 10])
-    table = torch.zeros(32, backend.caps.max_blocks_per_seq, dtype=torch.int32)
     sampling = [None] * 32
     sampling[3] = SamplingParams(temperature=0.8, top_k=0, top_p=0.95, seed=7)
     sampling[4] = GREEDY
-    backend.decode(tokens, positions, table, active, sampling)
+    backend.decode(tokens, positions, empty_table(backend), active, sampling)
     call = last_call(backend, "decode_forward")
     slots = call["slot_params"]
     assert (slots[3]["temperature"], slots[3]["top_k"], slots[3]["top_p"], slots[3]["seed"]) == (0.8, 32, 0.95, 7)
@@ -255,21 +400,76 @@ def test_decode_sampling_params_per_slot_and_greedy_padding(backend):
 
 def test_decode_without_sampling_returns_logits(backend):
     tokens, positions, active = decode_inputs([1], [5])
-    table = torch.zeros(32, backend.caps.max_blocks_per_seq, dtype=torch.int32)
-    logits = backend.decode(tokens, positions, table, active)
+    logits = backend.decode(tokens, positions, empty_table(backend), active)
     assert last_call(backend, "decode_forward")["sampling_params"] is None
-    assert logits.shape == (32, 128256) and logits.dtype == torch.float32 and int(logits[1].argmax()) == 11
+    assert logits.shape == (32, 128256) and logits.dtype == torch.float32 and int(logits[1].argmax()) == 10
+
+
+def test_decode_continues_a_prefilled_sequence(backend):
+    prompt = list(range(500, 700))
+    first = int(backend.prefill(prompt, 0, [4, 5, 6, 7], slot=12, sampling=GREEDY))
+    tokens, positions, active = decode_inputs([12], [200])
+    tokens[12] = first
+    table = empty_table(backend)
+    table[12, :4] = torch.tensor([4, 5, 6, 7])
+    out = backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    assert int(out[12]) == expected_next(prompt + [first])
 
 
 def test_older_generators_decode_through_decode_forward_text(ttnn, hf_dir, monkeypatch):
     from models.demos.llama3_70b_galaxy.tt.generator import Generator
+    monkeypatch.setitem(sys.modules, GENERATOR_VLLM, None)
     monkeypatch.setattr(Generator, "decode_forward_text", Generator.decode_forward, raising=False)
     monkeypatch.delattr(Generator, "decode_forward")
-    b = TTGalaxyBackend(hf_dir)
+    b = TTGalaxyBackend(hf_dir, max_seq_len=4096)
     tokens, positions, active = decode_inputs([0], [3])
-    table = torch.zeros(32, b.caps.max_blocks_per_seq, dtype=torch.int32)
-    assert int(b.decode(tokens, positions, table, active, [GREEDY] * 32)[0]) == 1
+    assert int(b.decode(tokens, positions, empty_table(b), active, [GREEDY] * 32)[0]) == 0
     b.close()
+
+
+# --- KV groups: one KV cache per mesh column ---------------------------------------------------------
+
+PROMPT = list(range(2000, 2300))  # 300 tokens: 5 blocks, the first 2 (128 tokens) a reusable prefix
+
+
+def test_a_prefix_reused_within_its_column_gives_the_right_token(backend):
+    backend.prefill(PROMPT, 0, [10, 11, 12, 13, 14], slot=0, sampling=GREEDY)
+    token = backend.prefill(PROMPT, 128, [10, 11, 30, 31, 32], slot=5, sampling=GREEDY)  # slot 5: column 0
+    assert last_call(backend, "prefill_forward_text")["written_blocks"][0][0] == 0
+    assert int(token) == expected_next(PROMPT)
+
+
+def test_a_prefix_reused_from_another_column_gives_a_wrong_token(backend):
+    """What a single block pool for all 32 slots does on a Galaxy: slot 9 lives on column 1, whose chips
+    never held what slot 0 wrote into blocks 10 and 11."""
+    backend.prefill(PROMPT, 0, [10, 11, 12, 13, 14], slot=0, sampling=GREEDY)
+    token = backend.prefill(PROMPT, 128, [10, 11, 30, 31, 32], slot=9, sampling=GREEDY)
+    assert last_call(backend, "prefill_forward_text")["written_blocks"][0][0] == 1
+    assert int(token) != expected_next(PROMPT)
+    assert int(token) == expected_next(PROMPT[128:])  # column 1 read back only what slot 9 wrote
+
+
+def test_each_column_has_its_own_blocks_under_the_same_ids(backend):
+    """Per-group pools hand out the same block ids in every column: they never collide."""
+    prompts = {slot: list(range(100 * slot, 100 * slot + 150)) for slot in (0, 8, 16, 24)}  # one per column
+    for slot, prompt in prompts.items():
+        backend.prefill(prompt, 0, [1, 2, 3], slot=slot, sampling=GREEDY)
+    tokens, positions, active = decode_inputs(list(prompts), [150] * 4)
+    table = empty_table(backend)
+    table[list(prompts), :3] = torch.tensor([1, 2, 3], dtype=torch.int32)
+    out = backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    for slot, prompt in prompts.items():
+        assert int(out[slot]) == expected_next(prompt + [int(tokens[slot])])
+
+
+def test_decode_reads_only_its_columns_blocks(backend):
+    backend.prefill(PROMPT, 0, [20, 21, 22, 23, 24], slot=1, sampling=GREEDY)  # column 0
+    tokens, positions, active = decode_inputs([2, 10], [300, 300])  # slot 2: column 0, slot 10: column 1
+    table = empty_table(backend)
+    table[[2, 10], :5] = torch.tensor([20, 21, 22, 23, 24], dtype=torch.int32)
+    tokens[[2, 10]] = 7
+    out = backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    assert int(out[2]) == expected_next(PROMPT + [7]) and int(out[10]) == expected_next([7])
 
 
 # --- what runs on the device ----------------------------------------------------------------------------
@@ -283,6 +483,6 @@ def test_device_samples_temperature_top_k_top_p_seed_not_penalties_or_logprobs(b
 
 
 def test_no_device_sampling_mode_sends_everything_to_the_host(ttnn, hf_dir):
-    b = TTGalaxyBackend(hf_dir, tt_config={"sample_on_device_mode": None})
+    b = TTGalaxyBackend(hf_dir, tt_config={"sample_on_device_mode": None, "enable_model_warmup": False})
     assert not b.can_sample(GREEDY) and b.caps.device_sampling == frozenset()
     b.close()

@@ -1,21 +1,38 @@
-"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/generator.py (as read at commit 00b0fa3f): the
+"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/generator.py, as read at commit 00b0fa3f57bf8c13 (the
+newest version the index holds; tt-inference-server pins e867533, which the index could not resolve): the
 Generator constructor, prefill_forward_text and decode_forward with the real signatures, the input checks,
-page-table padding and sampling-parameter placement the real one applies, and the shapes and dtypes it
-returns. There is no model: the next token is the last input token + 1 (logits: one-hot at it).
+page-table padding, sampling-parameter placement, the lazy built-in prefill warm-up and the finaliser.
 
-Each call is appended to `calls` with what the real generator would do with it: the device blocks it
-writes KV into and the sampling parameters each of the 32 slots ends up with.
+There is no model, but there is a KV cache, kept per mesh column as on the Galaxy: a user's KV lives only on
+its column's 8 chips (slot s on column s // 8: prepare_prefill_inputs_host in llama_model.py pads the other
+columns' page-table rows with -1, decode shards page table and positions over the 4 columns). The fake
+cache holds the token id written at each position of each column's copy, and the next token is the sum of
+the token ids read back through the row's page table, from that column's copy, modulo the vocabulary. So a
+block read from the wrong column, or a wrong page table, gives a wrong token.
+
+Each call is appended to `calls` with what the real generator would do with it: where it writes, the
+sampling parameters each of the 32 slots ends up with, and the programs it `compiled` (new shapes: minutes
+on a Galaxy, and a compile after trace capture can corrupt the traces, so a warmed-up server compiles none).
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import fields, replace
 
 import torch
 
+import ttnn
 from models.common.sampling import SamplingParams, format_sampling_params
 from models.demos.llama3_70b_galaxy.tt.model_config import SDPA_CHUNK_ALIGN
 
 MAX_BATCH = 32
+COLUMNS = 4  # prepare_prefill_inputs_host: `devices = 4`; user u lives on column u // 8
+USERS_PER_COLUMN = MAX_BATCH // COLUMNS
+
+
+def get_prefill_warmup_sequence_lengths(max_seq_len: int) -> list[int]:
+    """generator.py: 128, then powers of two from 1024 up to max_seq_len."""
+    return [128] + [2**i for i in range(10, max_seq_len.bit_length()) if 2**i <= max_seq_len]
 
 
 def get_padded_prefill_len(seq_len: int) -> int:
@@ -41,17 +58,60 @@ def _per_slot(params: SamplingParams) -> list[dict]:
     return [{f.name: getattr(params, f.name)[slot] for f in fields(params)} for slot in range(MAX_BATCH)]
 
 
+def _sampling_kind(params: SamplingParams) -> str:
+    """The sampling module runs a different program when every row is greedy (argmax) than otherwise."""
+    return "greedy" if all(t == 0 for t in params.temperature) else "sampled"
+
+
+def _column_store(kv_cache) -> torch.Tensor:
+    """What each column's copy of the cache holds: token ids [columns, blocks, block_size] (0: never written)."""
+    k = kv_cache[0][0]
+    if k.columns is None:
+        k.columns = torch.zeros((COLUMNS, k.shape[0], k.shape[2]), dtype=torch.long)
+    return k.columns
+
+
 class Generator:
     def __init__(self, model, model_args, mesh_device, tokenizer=None, formatter=None):
         self.model = model[0] if isinstance(model, list) else model
         self.model_args = model_args[0] if isinstance(model_args, list) else model_args
         self.mesh_device = mesh_device
+        self.already_warmed_up_prefill = False
+        self.trace_id_prefill = defaultdict(lambda: None)
+        self.trace_ids_decode = defaultdict(lambda: None)
         self.calls: list[tuple[str, dict]] = []
+        self.compiled: set[tuple] = set()
+
+    def _compile(self, *keys: tuple) -> list[tuple]:
+        new = [key for key in keys if key not in self.compiled]
+        self.compiled.update(new)
+        return new
+
+    def _trace(self, traces: dict, key) -> None:
+        if traces[key] is None:
+            traces[key] = ttnn.begin_trace_capture(self.mesh_device, cq_id=0)
+            ttnn.end_trace_capture(self.mesh_device, traces[key], cq_id=0)
+
+    def prefill_warmup(self, tokens, page_table=None, kv_cache=None, prompt_lens=None, enable_trace=True,
+                       sampling_params=None, empty_slots=None, tt_out_logits_all_users=None):
+        """The real one runs, on the first prefill, every warm-up length at batch 1 and 32 (32 below 4096),
+        the sampling variants once, then one prefix-cached (128 tokens) trace per length."""
+        self.already_warmed_up_prefill = True
+        lengths = get_prefill_warmup_sequence_lengths(self.model.args.max_seq_len)
+        keys = [("prefill", n, False, b) for n in lengths for b in (1, 32) if b == 1 or n < 4096]
+        keys += [("prefill", n, True, 1) for n in lengths]
+        keys += [("prefill_out", "logits"), ("prefill_out", "tokens"), ("sampling", "greedy"), ("sampling", "sampled")]
+        for key in keys:
+            if enable_trace and key[0] == "prefill":
+                self._trace(self.trace_id_prefill, key)
+        self.calls.append(("prefill_warmup", {"lengths": lengths, "compiled": self._compile(*keys)}))
 
     def prefill_forward_text(self, tokens: torch.Tensor, page_table=None, kv_cache=None, prompt_lens=None,
                              enable_trace=True, sampling_params=None, empty_slots=None, tt_out_logits_all_users=None,
                              prompt_tokens: torch.Tensor | None = None, output_tokens: torch.Tensor | None = None,
                              start_pos: list[int] | None = None):
+        if not self.already_warmed_up_prefill:
+            self.prefill_warmup(tokens, page_table, kv_cache, prompt_lens, enable_trace, None, empty_slots, None)
         kv_cache = kv_cache[0]
         batch, _ = tokens.shape
         assert tokens.dtype == torch.long
@@ -60,27 +120,43 @@ class Generator:
         prompt_lens = list(prompt_lens) if prompt_lens is not None else [tokens.shape[1]] * batch
         empty_slots = list(range(batch)) if empty_slots is None else list(empty_slots)
         block_size, device_blocks = get_block_size(kv_cache), kv_cache[0][0].shape[0]
+        store = _column_store(kv_cache)
         if start_pos is not None:
             assert all(start_pos[i] % block_size == 0 for i in range(batch)), "start_pos must be aligned to block_size"
-        next_tokens, written = [], []
+        next_tokens, written, compiled = [], [], []
         for i in range(batch):
             cached = (int(start_pos[i]) if start_pos is not None else 0) // SDPA_CHUNK_ALIGN * SDPA_CHUNK_ALIGN
             padded_len = get_padded_prefill_len(prompt_lens[i] - cached)
             # _get_prefill_user_page_table: cut or zero-pad the row to the padded length's blocks
-            row = page_table[i, :num_blocks_in_seq(cached + padded_len, block_size)]
-            row = torch.cat([row, torch.zeros(num_blocks_in_seq(cached + padded_len, block_size) - len(row),
-                                              dtype=torch.int32)])
+            blocks = num_blocks_in_seq(cached + padded_len, block_size)
+            row = page_table[i, :blocks]
+            row = torch.cat([row, torch.zeros(blocks - len(row), dtype=torch.int32)]).long()
             assert 0 <= int(row.min()) and int(row.max()) < device_blocks, "block id outside the KV cache"
-            written.append(row[cached // block_size:].tolist())
-            next_tokens.append(int(tokens[i, prompt_lens[i] - 1]) + 1)
+            column = empty_slots[i] // USERS_PER_COLUMN
+            # Positions [cached, cached + padded_len) are computed and written; padding writes token 0.
+            pos = torch.arange(cached, cached + padded_len)
+            values = torch.zeros(padded_len, dtype=torch.long)
+            values[:prompt_lens[i] - cached] = tokens[i, cached:prompt_lens[i]]
+            store[column, row[pos // block_size], pos % block_size] = values
+            seen = torch.arange(prompt_lens[i])
+            next_tokens.append(int(store[column, row[seen // block_size], seen % block_size].sum())
+                               % self.model.vocab_size)
+            written.append((column, row[cached // block_size:].tolist()))
+            key = ("prefill", padded_len, cached > 0, 1)  # _easy_trace_prefill's f"{len}_{batch}_{sp0|sp1}"
+            if enable_trace:
+                self._trace(self.trace_id_prefill, key)
+            compiled += self._compile(key)
         placed = None
         if sampling_params is not None:
             formatted = format_sampling_params(sampling_params, MAX_BATCH)
             placed = _per_slot(_scatter_to_slots(formatted, empty_slots))
+            compiled += self._compile(("prefill_out", "tokens"), ("sampling", _sampling_kind(formatted)))
+        else:
+            compiled += self._compile(("prefill_out", "logits"))
         self.calls.append(("prefill_forward_text", {
             "tokens": tokens, "page_table": page_table, "prompt_lens": prompt_lens, "enable_trace": enable_trace,
             "empty_slots": empty_slots, "start_pos": start_pos, "sampling_params": sampling_params,
-            "written_blocks": written, "slot_params": placed}))
+            "written_blocks": written, "slot_params": placed, "compiled": compiled}))
         if sampling_params is None:
             logits = torch.zeros(batch, 1, self.model.vocab_size)
             logits[torch.arange(batch), 0, torch.tensor(next_tokens)] = 1.0
@@ -98,27 +174,45 @@ class Generator:
         assert isinstance(page_table, torch.Tensor) and page_table.dtype == torch.int32
         assert page_table.shape[0] == MAX_BATCH
         block_size, device_blocks = get_block_size(kv_cache), kv_cache[0][0].shape[0]
-        written = {}
+        store = _column_store(kv_cache)
+        written, next_tokens = {}, torch.zeros(MAX_BATCH, dtype=torch.long)
         for slot in range(MAX_BATCH):
             pos = int(start_pos[slot])
-            if pos >= 0:  # paged_update_cache skips users at position -1
-                block = int(page_table[slot, pos // block_size])
-                assert 0 <= block < device_blocks, "block id outside the KV cache"
-                written[slot] = (block, pos % block_size)
-        placed = None if sampling_params is None else _per_slot(format_sampling_params(sampling_params, MAX_BATCH))
+            if pos < 0:  # paged_update_cache skips users at position -1
+                continue
+            column = slot // USERS_PER_COLUMN
+            row = page_table[slot].long()
+            block = int(row[pos // block_size])
+            assert 0 <= block < device_blocks, "block id outside the KV cache"
+            store[column, block, pos % block_size] = int(tokens[slot, 0])
+            seen = torch.arange(pos + 1)
+            next_tokens[slot] = int(store[column, row[seen // block_size], seen % block_size].sum()) \
+                % self.model.vocab_size
+            written[slot] = (column, block, pos % block_size)
+        return_logits = sampling_params is None
+        if enable_trace:
+            self._trace(self.trace_ids_decode, return_logits)
+        keys = [("decode", "logits" if return_logits else "tokens")]
+        placed = None
+        if sampling_params is not None:
+            formatted = format_sampling_params(sampling_params, MAX_BATCH)
+            placed = _per_slot(formatted)
+            keys.append(("sampling", _sampling_kind(formatted)))
         self.calls.append(("decode_forward", {
             "tokens": tokens, "start_pos": start_pos, "page_table": page_table, "enable_trace": enable_trace,
             "read_from_device": read_from_device, "reset_inputs": reset_inputs, "sampling_params": sampling_params,
-            "written": written, "slot_params": placed}))
-        next_tokens = tokens[:, 0] + 1
-        if sampling_params is None:  # process_decode_output_host: logits [32, 1, vocab]
+            "written": written, "slot_params": placed, "compiled": self._compile(*keys)}))
+        if return_logits:  # process_decode_output_host: logits [32, 1, vocab]
             logits = torch.zeros(MAX_BATCH, 1, self.model.vocab_size)
             logits[torch.arange(MAX_BATCH), 0, next_tokens] = 1.0
             return logits, torch.ones(MAX_BATCH, 1)
         return next_tokens.to(torch.int32), torch.ones(MAX_BATCH)  # (tokens [32], log-probs [32])
 
     def __del__(self):
-        """The real finaliser releases the traces and closes the model's CCL."""
+        """The real finaliser releases every captured trace, then closes the model's CCL."""
+        for trace_id in [*self.trace_id_prefill.values(), *self.trace_ids_decode.values()]:
+            if trace_id is not None:
+                ttnn.release_trace(self.mesh_device, trace_id)
         self.model.tt_ccl.close()
 
 

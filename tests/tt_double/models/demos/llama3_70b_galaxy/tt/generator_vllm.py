@@ -1,0 +1,40 @@
+"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/generator_vllm.py @0be6ffc8792d6416: LlamaForCausalLM,
+the Generator subclass tenstorrent/vllm's model runner drives, whose allocate_kv_cache(kv_cache_shape, dtype,
+num_layers) is how the checkout allocates the paged KV cache the way its model reads it (allocate_vllm_kv_cache:
+one [k, v] pair per layer, bfloat8_b, tile layout, DRAM, replicated over the mesh).
+
+The real module imports `vllm.envs` in some versions; without vLLM installed its import then fails, and the
+backend falls back to allocating the same tensors itself.
+"""
+from pathlib import Path
+
+import torch
+
+import ttnn
+from models.demos.llama3_70b_galaxy.tt.generator import Generator
+
+
+def allocate_vllm_kv_cache(kv_cache_shape, dtype, num_layers, model, tt_cache_path):
+    ttnn.calls.append(("allocate_vllm_kv_cache", {"kv_cache_shape": tuple(kv_cache_shape), "dtype": dtype,
+                                                  "num_layers": num_layers}))
+    cache_kv = torch.zeros(kv_cache_shape, dtype=dtype)
+    mesh = model.mesh_device
+    return [[[ttnn.as_tensor(cache_kv, device=mesh, mesh_mapper=ttnn.ReplicateTensorToMesh(mesh),
+                             layout=ttnn.TILE_LAYOUT, memory_config=ttnn.DRAM_MEMORY_CONFIG, dtype=ttnn.bfloat8_b,
+                             cache_file_name=Path(tt_cache_path) / f"empty_{kv}cache_paged_attention{kv_cache_shape}")
+              for kv in "kv"]
+             for _ in range(num_layers)]]
+
+
+class LlamaForCausalLM(Generator):
+    model_capabilities = {"supports_prefix_caching": False}
+
+    @property
+    def cache_path(self):
+        return self.model_args.model_cache_path
+
+    def prefill_forward(self, *args, **kwargs):
+        return super().prefill_forward_text(*args, **kwargs)
+
+    def allocate_kv_cache(self, *args, **kwargs):
+        return allocate_vllm_kv_cache(*args, **kwargs, model=self.model, tt_cache_path=self.cache_path)
