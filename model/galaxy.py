@@ -24,6 +24,7 @@ LLAMA3_VOCAB = 128_256
 LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 # What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
 DEVICE_SAMPLING = frozenset({"temperature", "top_k", "top_p", "seed"})
+DEVICE_MAX_TOP_K = 32  # tt-metal's on-device sampler keeps the top 32 (models/common/sampling); larger: host
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from model.backend import Backend, Capabilities
-from model.galaxy import (BLOCK_SIZE, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
+from model.galaxy import (BLOCK_SIZE, DEVICE_MAX_TOP_K, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
                           MAX_SEQ_LEN, MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig)
 from model.sampler import sample_row
 from scheduler.sampling import SamplingParams
@@ -82,7 +82,8 @@ class TTGalaxyBackend(Backend):
             self.caps = Capabilities(num_slots=NUM_SLOTS, block_size=block_size, num_blocks=num_blocks,
                                      max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
-                                     device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset())
+                                     device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
+                                     max_device_top_k=DEVICE_MAX_TOP_K)
             self._decode_forward = (getattr(self.generator, "decode_forward", None)
                                     or self.generator.decode_forward_text)  # its name before tt-metal renamed it
             if config.enable_model_warmup:

@@ -133,6 +133,14 @@ def test_caps_declare_a_kv_group_per_mesh_column_of_2056_blocks(backend):
     assert (caps.block_size, caps.max_seq_len, caps.prefix_align, caps.vocab_size) == (64, 131072, 128, 128256)
 
 
+def test_what_the_device_cannot_sample_exactly_goes_to_the_host(backend):
+    """tt-metal's sampler keeps the top 32 and applies no penalties, logprobs or min_tokens masks."""
+    assert backend.can_sample(SamplingParams(temperature=0.7, top_k=32, top_p=0.9, seed=1))
+    assert not backend.can_sample(SamplingParams(temperature=0.7, top_k=33))
+    assert not backend.can_sample(SamplingParams(presence_penalty=0.5))
+    assert not backend.can_sample(SamplingParams(logprobs=1))
+
+
 def test_kv_cache_comes_from_the_checkouts_allocator(backend, ttnn):
     assert backend.kv_cache_api == "checkout"
     [asked] = [kw for name, kw in ttnn.calls if name == "allocate_vllm_kv_cache"]
