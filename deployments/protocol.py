@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from scheduler.sampling import MAX_LOGPROBS, SamplingParams
+from scheduler.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_N = 16  # choices per request; each one is a separate router request
 # Bounds on what a request carries to the router and the mesh, so no request can cost them unbounded memory
@@ -56,7 +56,7 @@ class _GenerationRequest(_Request):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # the ingress checks the range
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_N)

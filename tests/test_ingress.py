@@ -208,6 +208,7 @@ def test_models(client):
     ({"seed": -1}, "seed"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"repetition_penalty": 1e-40}, "repetition_penalty"),  # logits / 1e-40 overflow to inf: NaN logprobs
     ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stop": ["ok", 3]}, "stop"),
