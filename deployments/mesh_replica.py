@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from ray import serve
 
@@ -27,6 +28,13 @@ from scheduler.work import MeshWork, StepResult
 
 log = logging.getLogger("ray.serve")
 
+
+
+def grammar_tokenizer(model_dir: str, vocab_size: int):
+    """llguidance's view of the served model's tokenizer over its logits, for constrained requests."""
+    from model.grammar import ll_tokenizer
+    from model.tokenizer import load_tokenizer
+    return ll_tokenizer(load_tokenizer(model_dir), vocab_size)
 
 
 class StaleWork(RuntimeError):
@@ -63,7 +71,8 @@ class MeshReplica:
     def __init__(self, config: dict, model_dir: str):
         # Serve marks the replica ready only once this returns: a loading mesh takes no traffic.
         app = AppConfig(**config)
-        self.runner = MeshRunner(build_backend(app, model_dir))
+        backend = build_backend(app, model_dir)
+        self.runner = MeshRunner(backend, grammar_tokenizer=partial(grammar_tokenizer, model_dir, backend.caps.vocab_size))
         self.caps = self.runner.caps
         self.incarnation = uuid.uuid4().hex
         self.min_deadline_s = app.min_step_deadline_s

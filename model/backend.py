@@ -105,4 +105,4 @@ class Backend(ABC):
 
 # Fields that change how a token is drawn (the rest are stop/budget rules the runner applies).
 SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "seed", "presence_penalty",
-                              "frequency_penalty", "repetition_penalty", "logprobs"})
+                              "frequency_penalty", "repetition_penalty", "logprobs", "logit_bias", "grammar"})

@@ -11,12 +11,13 @@ backend returned: backends may hand out inference-mode tensors, or views of thei
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from model.backend import Backend
+from model.grammar import GrammarState
 from model.sampler import sample_batch
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
@@ -33,6 +34,7 @@ class SlotState:
     stop_ids: frozenset[int]
     on_device: bool  # the backend can sample these params exactly (decided once, not per step)
     banned_early: list[int]  # stop ids inside the vocabulary: masked until min_tokens are generated
+    grammar: GrammarState | None = None  # the constraint the answer must match, advanced token by token
 
     @property
     def num_generated(self) -> int:
@@ -53,10 +55,14 @@ class SlotState:
 
 
 class MeshRunner:
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, grammar_tokenizer: Callable[[], object] | None = None):
+        """`grammar_tokenizer` builds llguidance's view of the model's tokenizer (model/grammar.py), once, when
+        the first constrained request arrives; without it such a request is retired with "error"."""
         self.backend = backend
         self.caps = backend.caps
         self.slots: dict[int, SlotState] = {}
+        self._grammar_tokenizer_factory = grammar_tokenizer
+        self._grammar_tokenizer = None
 
     def reset(self) -> None:
         """Forget every slot (a new router, or a router that re-joined this mesh, starts from scratch)."""
@@ -82,6 +88,14 @@ class MeshRunner:
         state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
                           frozenset(chunk.stop_token_ids), self.backend.can_sample(params),
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
+        if params.grammar is not None:
+            try:  # resumes after the tokens a recomputed answer already has
+                state.grammar = GrammarState(self._ll_tokenizer(), params.grammar,
+                                             chunk.token_ids[chunk.num_prompt_tokens:])
+            except Exception:
+                log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
+                self._advance(chunk.slot, state, None, None, result)
+                return result
         on_device = state.sample_on_device
         out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
                                    sampling=params if on_device else None)
@@ -137,17 +151,24 @@ class MeshRunner:
         for s, st, token, lp in zip(live, states, sampled, logprobs):
             self._advance(s, st, token, lp, result)
 
+    def _ll_tokenizer(self):
+        if self._grammar_tokenizer is None:
+            if self._grammar_tokenizer_factory is None:
+                raise RuntimeError("this mesh was built without a tokenizer for grammars")
+            self._grammar_tokenizer = self._grammar_tokenizer_factory()
+        return self._grammar_tokenizer
+
     def _host_sample(self, logits: torch.Tensor, states: list[SlotState]
                      ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
-        """Sample rows [len(states), vocab] on the host; before min_tokens, stop ids are masked so they
-        cannot end the answer. A row whose sampling raises gets None (its slot is retired with "error")."""
-        early = [(row, st.banned_early) for row, st in enumerate(states)
-                 if st.banned_early and st.num_generated < st.params.min_tokens]
-        if early:
-            mask = torch.zeros(logits.shape, dtype=torch.bool)
-            for row, ids in early:
-                mask[row, ids] = True
-            logits = logits.masked_fill(mask, float("-inf"))  # a new tensor: the backend's stays as it was
+        """Sample rows [len(states), vocab] on the host. Per row: logit_bias is added; before min_tokens,
+        stop ids are masked so they cannot end the answer; a grammar masks every token it forbids. A row
+        whose sampling raises gets None (its slot is retired with "error")."""
+        adjusted = [(row, st) for row, st in enumerate(states) if st.params.logit_bias or st.grammar is not None
+                    or (st.banned_early and st.num_generated < st.params.min_tokens)]
+        if adjusted:
+            logits = logits.float().clone()  # ours to change: the backend's tensor stays as it was
+            for row, st in adjusted:
+                self._adjust(logits[row], st)
         try:
             return self._sample(logits, states)
         except Exception:  # find the rows at fault; the others are sampled again, one by one
@@ -164,6 +185,18 @@ class MeshRunner:
             return tokens, logprobs
 
     @staticmethod
+    def _adjust(row: torch.Tensor, st: SlotState) -> None:
+        """Bias and mask one row of logits [vocab] in place."""
+        vocab = row.shape[0]
+        if st.params.logit_bias:
+            ids = [t for t in st.params.logit_bias if t < vocab]
+            row[ids] += torch.tensor([st.params.logit_bias[t] for t in ids])
+        if st.banned_early and st.num_generated < st.params.min_tokens:
+            row[st.banned_early] = float("-inf")
+        if st.grammar is not None:
+            row.masked_fill_(torch.from_numpy(st.grammar.disallowed()[:vocab]), float("-inf"))
+
+    @staticmethod
     def _sample(logits: torch.Tensor, states: list[SlotState]) -> tuple[list[int], list[TokenLogprobs | None]]:
         penalties = any(st.params.needs_penalties for st in states)
         return sample_batch(logits, [st.params for st in states], [len(st.token_ids) for st in states],
@@ -176,11 +209,21 @@ class MeshRunner:
             result.finished[slot] = "error"
             self.slots.pop(slot, None)
             return
+        if state.grammar is not None:
+            try:
+                state.grammar.accept(token)
+            except ValueError:
+                log.exception("request %s left its grammar; its slot is retired", state.request_id)
+                result.finished[slot] = "error"
+                self.slots.pop(slot, None)
+                return
         state.token_ids.append(token)
         result.tokens[slot] = token
         if logprobs is not None:
             result.logprobs[slot] = logprobs
         reason = state.finish_reason(token)
+        if reason is None and state.grammar is not None and state.grammar.matcher.is_stopped():
+            reason = "stop"  # the grammar admits nothing more (e.g. a stop id it must end with is ignored)
         if reason:
             result.finished[slot] = reason
             self.slots.pop(slot, None)

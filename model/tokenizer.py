@@ -74,6 +74,16 @@ class Tokenizer:
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
         self._special_id_set = frozenset(self.special_ids.values())
 
+    @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding | None:
+        """The Meta-format encoding (None for a Hugging Face tokenizer); grammar engines build on it."""
+        return self._tiktoken
+
+    @property
+    def hf_tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The Hugging Face tokenizer (None for Meta's format); grammar engines build on it."""
+        return self._hf
+
     @classmethod
     def from_tiktoken_file(cls, path: str | Path) -> Tokenizer:
         ranks = load_tiktoken_bpe(str(path))

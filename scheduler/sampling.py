@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 MAX_LOGPROBS = 20
 GREEDY_TEMPERATURE = 1e-5  # temperatures below sample greedily
 MIN_REPETITION_PENALTY = 0.01  # logits / 1e-38 overflow float32: the distribution turns to NaN
+MAX_LOGIT_BIAS_ENTRIES = 1024  # each one is an entry per sampled token in the host sampler
+MAX_GRAMMAR_CHARS = 1_000_000  # a compiled grammar crosses the router and the mesh with the request
 
 
 class SamplingParams(BaseModel):
@@ -30,6 +32,10 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Added to the token's logit before sampling (OpenAI's logit_bias: -100 bans, +100 forces).
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    # Constrained decoding: an llguidance grammar (model/grammar.py) the answer must match; None: free text.
+    grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -49,6 +55,13 @@ class SamplingParams(BaseModel):
         # a negative id would index the logits from the end; the ingress also checks the vocabulary's end
         if any(t < 0 for t in v):
             raise ValueError("stop_token_ids must not be negative")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_bounds(cls, v):
+        if any(t < 0 for t in v) or any(not -100.0 <= b <= 100.0 for b in v.values()):
+            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
         return v
 
     @field_validator("min_tokens")

@@ -233,3 +233,51 @@ def test_a_backend_that_yields_tokens_or_logits_falls_back_to_host_for_the_whole
     results = run(runner, MeshWork(0, chunks, decode_round([0, 1], steps=2)))
     assert [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN] == expected_tokens([3], 3)
     assert [r.tokens[1] for r in results if r.tokens[1] != NO_TOKEN] == expected_tokens([4], 3)
+
+
+def test_a_grammar_constrains_its_own_slot_and_survives_a_recompute():
+    """Simulated logits (one-hot on an arbitrary token) under a JSON schema: the answer is valid JSON of the
+    schema, an unconstrained neighbour is untouched, and a recompute from a partial answer ends the same."""
+    import json
+
+    from model.embedded import ensure_smollm2
+    from model.grammar import json_schema_grammar, ll_tokenizer
+    from model.simulated import SimulatedBackend
+    from model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_smollm2())
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+              "additionalProperties": False}
+    grammar_params = SamplingParams(temperature=0.0, max_tokens=40, grammar=json_schema_grammar(schema))
+    free_params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    stop = tuple(sorted(tok.stop_ids))
+
+    def run_to_end(prompt_and_output, num_prompt):
+        backend = SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024,
+                                   vocab_size=tok.vocab_size, eos_token_ids=stop)
+        runner = MeshRunner(backend, grammar_tokenizer=lambda: ll_tokenizer(tok, tok.vocab_size))
+        chunks = [PrefillChunk("json", 0, prompt_and_output, 0, [0, 1, 2, 3], grammar_params, num_prompt, stop),
+                  PrefillChunk("free", 1, [7] * 10, 0, [4], free_params, 10, stop)]
+        table = np.zeros((2, 16), dtype=np.int32)
+        table[0, :4], table[1, :1] = [0, 1, 2, 3], [4]
+        results = list(runner.execute(MeshWork(0, chunks, DecodeRound(40, [0, 1], table))))
+        outputs = {s: [r.tokens[s] for r in results if r.tokens[s] != NO_TOKEN] for s in (0, 1)}
+        return outputs, {s: next(r.finished[s] for r in results if s in r.finished) for s in (0, 1)}
+
+    prompt = tok.encode("Give me JSON:")
+    outputs, finished = run_to_end(prompt, len(prompt))
+    answer = outputs[0]
+    assert finished == {0: "stop", 1: "length"}  # the grammar ends the answer once the object closes
+    assert set(json.loads(tok.decode([t for t in answer if t not in tok.stop_ids]))) == {"answer"}
+    resumed, _ = run_to_end(prompt + answer[:3], len(prompt))  # migrated after 3 tokens
+    assert resumed[0] == answer[3:]
+
+
+def test_logit_bias_forces_and_bans_on_the_host_path():
+    runner = MeshRunner(CountingBackend())
+    natural = expected_tokens([3], 1)[0]
+    forced = SamplingParams(temperature=0.0, max_tokens=1, logit_bias={11: 100.0})
+    banned = SamplingParams(temperature=0.0, max_tokens=1, logit_bias={natural: -100.0})
+    result = run(runner, MeshWork(0, [PrefillChunk("f", 0, [3], 0, [0], forced, 1),
+                                      PrefillChunk("b", 1, [3], 0, [1], banned, 1)]))
+    assert result[0].tokens[0] == 11 and result[1].tokens[1] not in (natural, NO_TOKEN)

@@ -1,0 +1,90 @@
+"""Constrained decoding: a grammar per request, compiled at the ingress, matched per slot on the mesh host.
+
+The engine is llguidance (guidance-ai/llguidance, one of vLLM's structured-output backends). Chosen over
+xgrammar because it needs nothing beside itself (xgrammar 0.2 pulls torch and triton), validates a grammar
+against a tokenizer without a model, and takes every form the API offers: JSON schema, regex and Lark (vLLM's
+`grammar` extra; `choice` becomes a regex). A grammar travels as llguidance's JSON text in
+SamplingParams.grammar, so the router and the mesh see plain strings; the mesh rebuilds the matcher from it
+and from the tokens generated so far, so recompute and migration resume the same constraint.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+import llguidance
+import numpy as np
+from llguidance import LLMatcher
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+
+def json_schema_grammar(schema: dict | bool) -> str:
+    """The grammar of JSON text valid against `schema` (`True`: any JSON object, OpenAI's json_object)."""
+    if schema is True:
+        schema = {"type": "object"}
+    return LLMatcher.grammar_from_json_schema(schema)
+
+
+def regex_grammar(pattern: str) -> str:
+    return LLMatcher.grammar_from_regex(pattern)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    """Exactly one of `choices` (vLLM's guided choice)."""
+    return LLMatcher.grammar_from_regex("|".join(f"(?:{re.escape(c)})" for c in choices))
+
+
+def lark_grammar(lark: str) -> str:
+    return LLMatcher.grammar_from_lark(lark)
+
+
+def any_of_grammars(grammars: list[str]) -> str:
+    """Either of several JSON-schema grammars (e.g. one tool call among several tools)."""
+    schemas = [json.loads(g)["grammars"][0]["json_schema"] for g in grammars]
+    return json_schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+
+
+def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguidance.LLTokenizer:
+    """llguidance's view of the model's tokenizer, over `vocab_size` logits (None: the tokenizer's own
+    vocabulary). About 1 s to build for a 128k vocabulary: build it once."""
+    eos = sorted(tokenizer.stop_ids)
+    if tokenizer.tiktoken_encoding is not None:
+        from llguidance.tiktoken import lltokenizer_from_encoding
+        return lltokenizer_from_encoding(tokenizer.tiktoken_encoding, n_vocab=vocab_size, eos_token=eos)
+    from llguidance.hf import from_tokenizer
+    return from_tokenizer(tokenizer.hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
+
+
+def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None:
+    """Why `grammar` cannot constrain this model (an invalid schema, regex or Lark text), or None."""
+    try:
+        error = LLMatcher.validate_grammar(grammar, tokenizer)
+    except Exception as exc:  # malformed grammar JSON
+        return str(exc)
+    return error or None
+
+
+class GrammarState:
+    """One slot's matcher: which tokens may come next, and the tokens taken so far."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, generated: list[int]):
+        """`generated`: the tokens this answer already has (a recompute resumes the constraint after them).
+        Raises ValueError when the grammar is invalid or the tokens do not match it."""
+        self.matcher = LLMatcher(tokenizer, grammar)  # its default parser limits bound each mask's work
+        self.vocab_size = tokenizer.vocab_size
+        if self.matcher.is_error():
+            raise ValueError(self.matcher.get_error())
+        for token in generated:
+            self.accept(token)
+
+    def disallowed(self) -> np.ndarray:
+        """bool [vocab_size]: the tokens the grammar forbids next (only stop ids once it is complete)."""
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        return np.unpackbits(bits, bitorder="little")[:self.vocab_size] == 0
+
+    def accept(self, token: int) -> None:
+        """Advance past `token`. Raises ValueError if the grammar does not allow it."""
+        if not self.matcher.consume_token(token):
+            raise ValueError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
