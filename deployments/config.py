@@ -32,7 +32,7 @@ class AppConfig(BaseModel):
     time_scale: float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy")
     mesh_shape: tuple[int, int] = (8, 4)
     num_layers: int | None = Field(None, ge=1, description="tt_galaxy: fewer layers, for bring-up")
-    override_tt_config: TTMeshConfig = Field(default_factory=TTMeshConfig)  # the seed's mesh-open defaults
+    override_tt_config: TTMeshConfig = Field(default_factory=TTMeshConfig)  # tt-inference-server's Galaxy spec
     # router
     prefill_chunk: int = Field(4096, ge=128)
     max_prefill_tokens: int | None = Field(None, ge=128, description="prefill between two decode rounds; "
