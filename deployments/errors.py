@@ -53,11 +53,21 @@ def as_api_error(exc: BaseException, prompt_field: str) -> APIError | None:
     return None
 
 
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
+
+
+def _is_union_branch(part: object) -> bool:
+    """Pydantic names the branch of a union in an error's location ("str", "list[TextPart]",
+    "function-after[...]"); the client's `param` is the path of fields and indexes only."""
+    return isinstance(part, str) and (part in _TYPE_LABELS or "[" in part)
+
+
 def validation_error(errors: list[dict], skip_body: bool) -> APIError:
-    """400 naming the first offending field, as `param` and in the message."""
+    """400 naming the first offending field, as `param` and in the message (without FastAPI's "body" or
+    "query" in front when `skip_body`)."""
     err = errors[0]
-    loc = [str(p) for p in err.get("loc", ())]
-    if skip_body and loc[:1] == ["body"]:
+    loc = [str(p) for p in err.get("loc", ()) if not _is_union_branch(p)]
+    if skip_body and loc[:1] in (["body"], ["query"]):
         loc = loc[1:]
     if err.get("type") == "json_invalid":
         return APIError(400, f"The body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")

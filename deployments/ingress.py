@@ -10,22 +10,27 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
+from deployments import tokenization
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import OpenAIServer, RouterClient
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from deployments.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
+                                  ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from model.tokenizer import Tokenizer, load_tokenizer
 from scheduler.sampling import SamplingParams
 from scheduler.work import TokenEvent
 
 log = logging.getLogger("ray.serve")
+M = TypeVar("M", bound=BaseModel)
 
 
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
@@ -44,19 +49,40 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest):
-        await server.model_len()
-        return await server.complete(req, server.prepare(req, "chatcmpl"), req.cache_salt)
+        return await server.complete(req, await server.prepare(req, "chatcmpl"), req.cache_salt)
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest):
-        await server.model_len()
-        return await server.complete(req, server.prepare(req, "cmpl"), req.cache_salt)
+        return await server.complete(req, await server.prepare(req, "cmpl"), req.cache_salt)
 
     @v1.get("/models")
     async def models():
         return ModelList(data=[ModelCard(id=served_model_name, max_model_len=await server.model_len())]).model_dump()
 
     app.include_router(v1)
+    # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
+    tok = APIRouter(dependencies=v1.dependencies)
+
+    @tok.post("/tokenize")
+    async def tokenize_post(req: TokenizeRequest) -> TokenizeResponse:
+        return await tokenization.tokenize(server, req)
+
+    @tok.get("/tokenize")
+    async def tokenize_get(prompt: str, add_special_tokens: bool | None = None, return_token_strs: bool = False,
+                           model: str | None = None) -> TokenizeResponse:
+        req = _validated(TokenizeRequest, prompt=prompt, add_special_tokens=add_special_tokens,
+                         return_token_strs=return_token_strs, model=model)
+        return await tokenization.tokenize(server, req)
+
+    @tok.post("/detokenize")
+    async def detokenize_post(req: DetokenizeRequest) -> DetokenizeResponse:
+        return await tokenization.detokenize(server, req)
+
+    @tok.get("/detokenize")
+    async def detokenize_get(tokens: Annotated[list[int], Query()], model: str | None = None) -> DetokenizeResponse:
+        return await tokenization.detokenize(server, _validated(DetokenizeRequest, tokens=tokens, model=model))
+
+    app.include_router(tok)
 
     @app.get("/health")
     async def health():
@@ -86,6 +112,14 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return APIError(500, "Internal server error.", "internal_error").response()
 
     return app
+
+
+def _validated(cls: type[M], **fields) -> M:
+    """A request model from query parameters, with the body's rules and errors."""
+    try:
+        return cls.model_validate(fields)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(), skip_body=False) from None
 
 
 class RouterHandle:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
 from deployments.metrics import Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                  ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob,
+                                  ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, ErrorResponse, PromptTokensDetails, TopLogprob, Usage)
 from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, StopStrings
@@ -66,6 +66,7 @@ class Prepared:
     params: SamplingParams
     prompt_field: str
     arrival: float  # perf_counter() when the request reached the ingress
+    echo: str = ""  # completions' `echo`: the prompt's text, which comes first in each choice
 
 
 _CHOICES_DONE = object()
@@ -100,28 +101,37 @@ class OpenAIServer:
                 raise unavailable("The model is not ready yet.")
         return self.max_model_len
 
-    # ---- requests -> router ---------------------------------------------------------------------
-    def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str) -> Prepared:
-        if req.model is not None and req.model != self.model:
-            raise APIError(404, f"The model `{req.model}` does not exist; this server serves `{self.model}`.",
+    # ---- requests -> token ids -----------------------------------------------------------------
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`.",
                            param="model", code="model_not_found")
-        arrival = time.perf_counter()
-        vocab_size = self.tokenizer.vocab_size
-        check_vocab_bounds(req, vocab_size)
+
+    def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        """A chat's prompt ids, by the model's template."""
+        try:
+            return self.tokenizer.encode_chat([{"role": m.role, "content": m.text} for m in messages],
+                                              add_generation_prompt)
+        except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
+            raise APIError(400, f"messages: {exc}", param="messages") from None
+
+    async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[list[int], str]:
+        """The prompt's token ids, and the field it came from."""
         if isinstance(req, ChatCompletionRequest):
-            prompt_field = "messages"
-            try:
-                prompt_ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text} for m in req.messages])
-            except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
-                raise APIError(400, f"messages: {exc}", param="messages") from None
-        else:
-            prompt_field = "prompt"
-            if isinstance(req.prompt, str):
-                prompt_ids = self.tokenizer.encode(req.prompt, add_bos=True)
-            else:
-                prompt_ids = req.prompt
-                check_token_ids(prompt_ids, vocab_size, "prompt")
-        n, limit = len(prompt_ids), self.max_model_len
+            return self.encode_messages(req.messages), "messages"
+        if isinstance(req.prompt, str):
+            return self.tokenizer.encode(req.prompt, add_bos=True), "prompt"
+        check_token_ids(req.prompt, self.tokenizer.vocab_size, "prompt")
+        return req.prompt, "prompt"
+
+    # ---- requests -> router ---------------------------------------------------------------------
+    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str) -> Prepared:
+        self.check_model(req.model)
+        arrival = time.perf_counter()
+        limit = await self.model_len()
+        check_vocab_bounds(req, self.tokenizer.vocab_size)
+        prompt_ids, prompt_field = await self.prompt_ids(req)
+        n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
                                 f"leaving no room for an answer.", param=prompt_field, code="context_length_exceeded")
@@ -139,7 +149,10 @@ class OpenAIServer:
             params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
         except ValidationError as exc:  # a rule the checks above missed: still the client's 400, never a 500
             raise validation_error(exc.errors(), skip_body=False) from None
-        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival)
+        echo = ""
+        if isinstance(req, CompletionRequest) and req.echo:
+            echo = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prompt_ids)
+        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival, echo)
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None) -> AsyncIterator[ChoiceDelta]:
@@ -258,7 +271,7 @@ class OpenAIServer:
                        for i, t in enumerate(totals)]
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                        usage=usage).model_dump())
-        choices = [CompletionChoice(index=i, text=t.text, finish_reason=t.finish_reason,
+        choices = [CompletionChoice(index=i, text=prep.echo + t.text, finish_reason=t.finish_reason,
                                     logprobs=self._completion_logprobs(t.logprobs, 0)
                                     if req.logprobs is not None else None)
                    for i, t in enumerate(totals)]
@@ -278,6 +291,7 @@ class OpenAIServer:
         created = int(time.time())
         generated = [0] * req.n
         cached = 0
+        echo = [prep.echo] * req.n  # sent with each choice's first chunk
 
         def event(chunk) -> str:
             return f"data: {chunk.model_dump_json()}\n\n"
@@ -290,7 +304,8 @@ class OpenAIServer:
             if chat:
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), finish_reason=d.finish_reason,
                                        logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None)
-            return CompletionChoice(index=d.index, text=d.text, finish_reason=d.finish_reason,
+            text, echo[d.index] = echo[d.index] + d.text, ""
+            return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason,
                                     logprobs=self._completion_logprobs(d.logprobs, d.text_offset)
                                     if req.logprobs is not None else None)
 
@@ -301,7 +316,7 @@ class OpenAIServer:
             d = first
             while d is not None:
                 generated[d.index], cached = d.num_generated, d.num_cached or cached
-                if d.text or d.finish_reason or d.logprobs:
+                if d.text or d.finish_reason or d.logprobs or echo[d.index]:
                     yield chunk([choice(d)], self._usage(len(prep.prompt_ids), sum(generated), cached)
                                 if req.continuous_usage else None)
                 d = await anext(stream, None)

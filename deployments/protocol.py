@@ -1,14 +1,18 @@
 """The OpenAI wire format the ingress speaks (the subset vLLM's server accepts for text models).
 
 Requests are strict: a wrong JSON type is a 400 naming the field, never a silent coercion ("10" is not
-an int, "yes" is not a bool). Unknown fields are ignored, as OpenAI clients send vendor extras.
+an int, "yes" is not a bool). An explicit `null` means the field's default (many SDKs send nulls). Unknown
+fields are ignored, as OpenAI clients send vendor extras; a known OpenAI field this server does not
+implement is refused naming it, never silently ignored.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from scheduler.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
 
@@ -32,8 +36,37 @@ def _check_unicode(text: str) -> str:
     return text
 
 
+Text = Annotated[str, AfterValidator(_check_unicode)]
+
+
+def _refuse_unsupported(value: Any) -> Any:
+    raise PydanticCustomError("unsupported", "this server does not support this field")
+
+
+# A known OpenAI field the server does not implement: any value but null is a 400 naming it.
+Unsupported = Annotated[JsonValue, AfterValidator(_refuse_unsupported)]
+
+
+def _nullable_schema(schema: dict[str, Any], _cls: type) -> None:
+    """The OpenAPI schema says what the validator does: every optional field also takes null."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema.get("properties", {}).items():
+        if name in required or prop.get("type") == "null" or {"type": "null"} in prop.get("anyOf", ()):
+            continue
+        meta = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **meta}
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_nullable_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """`"temperature": null` means the default temperature, as OpenAI's API and SDKs treat it."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Request):
@@ -44,7 +77,7 @@ class StreamOptions(_Request):
 class _GenerationRequest(_Request):
     """Fields /v1/chat/completions and /v1/completions share."""
 
-    model: str | None = None  # None: the served model
+    model: Text | None = None  # None: the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -60,9 +93,9 @@ class _GenerationRequest(_Request):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     n: int = Field(1, ge=1, le=MAX_N)
-    user: str | None = None
-    # vLLM's: requests reuse cached prefixes only with the same salt (a bounded str also refuses lone surrogates)
-    cache_salt: str | None = Field(None, max_length=MAX_SALT_CHARS)
+    user: Text | None = None  # accepted; the end user's id is not used
+    # vLLM's: requests reuse cached prefixes only with the same salt (with API keys, within one key's tenant)
+    cache_salt: Text | None = Field(None, max_length=MAX_SALT_CHARS)
 
     @field_validator("stop")
     @classmethod
@@ -119,23 +152,13 @@ class _GenerationRequest(_Request):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
-
-    @field_validator("text")
-    @classmethod
-    def _unicode_text(cls, v):
-        return _check_unicode(v)
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _unicode_content(cls, v):
-        return _check_unicode(v) if isinstance(v, str) else v
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     @property
     def text(self) -> str:
@@ -149,6 +172,13 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    service_tier: Literal["auto", "default"] | None = None  # one tier here; "flex", "priority" etc. are refused
+    modalities: list[Literal["text"]] | None = None  # text out only
+    audio: Unsupported | None = None
+    prediction: Unsupported | None = None
+    web_search_options: Unsupported | None = None
+    functions: Unsupported | None = None  # legacy function calling: tools replaced it
+    function_call: Unsupported | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -171,17 +201,47 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[int] = Field(min_length=1)  # one prompt: text or token ids
+    prompt: Text | list[int] = Field(min_length=1)  # one prompt: text or token ids (the ingress checks the ids)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False  # the prompt's text comes first in each choice
+    suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
+    best_of: Literal[1] | None = None  # server-side ranking of several samples is not implemented
 
-    @field_validator("prompt")
+    @field_validator("echo")
     @classmethod
-    def _unicode_prompt(cls, v):  # token ids are checked against the vocabulary by the ingress
-        return _check_unicode(v) if isinstance(v, str) else v
+    def _echo_without_logprobs(cls, v, info: ValidationInfo):
+        if v and info.data.get("logprobs") is not None:
+            raise ValueError("echo with logprobs is not supported (the prompt's logprobs are not computed)")
+        return v
 
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize, both forms in one: a `prompt` (TokenizeCompletionRequest) or `messages`
+    (TokenizeChatRequest, rendered with the chat template exactly as /v1/chat/completions renders them)."""
+
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
+    add_generation_prompt: bool = True  # chat form only
+    continue_final_message: Literal[False] = False  # vLLM's assistant prefill: not implemented
+    add_special_tokens: bool | None = None  # None: BOS for a prompt (vLLM's True), none beyond the template for a chat
+    return_token_strs: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _prompt_or_messages(cls, v, info: ValidationInfo):
+        if (v is None) == ("prompt" not in info.data or info.data["prompt"] is None):
+            raise ValueError("give exactly one of `prompt` and `messages`")
+        return v
+
+
+class DetokenizeRequest(_Request):
+    model: Text | None = None
+    tokens: list[int]  # the ingress checks them against the vocabulary and the model's length
 
 
 # ---- responses ------------------------------------------------------------------------------------
@@ -296,6 +356,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorInfo(BaseModel):

@@ -1,0 +1,71 @@
+"""What the ingress tests share: SmolLM2's real tokenizer, a FakeRouter answering ANSWER, the app without Ray,
+and checks for OpenAI's error JSON and SSE. Test modules import the fixtures they use from here."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from deployments.ingress import build_app
+from model.embedded import ensure_smollm2
+from model.tokenizer import load_tokenizer
+from tests.fake_router import FakeRouter
+
+MODEL = "smollm2"
+MAX_LEN = 256
+ANSWER = "Hello world, the answer is 42. Emoji 🚀 done."
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": MODEL, "prompt": "Once upon a time"}
+ENDPOINTS = [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ensure_smollm2())
+
+
+@pytest.fixture
+def eos(tokenizer) -> int:
+    (eos,) = tokenizer.stop_ids
+    return eos
+
+
+@pytest.fixture
+def router(tokenizer, eos) -> FakeRouter:
+    return FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=MAX_LEN)
+
+
+def make_client(router, tokenizer, api_keys=None, **options) -> TestClient:
+    app = build_app(router, tokenizer, MODEL, api_keys, **options)
+    app.state.server.retry_backoff_s = (0.0, 0.0)  # a failing router is retried twice, at once
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(router, tokenizer) -> TestClient:
+    return make_client(router, tokenizer)
+
+
+def sse(response) -> list:
+    """The data payloads of an SSE body; the last must be [DONE]."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def assert_error(response, status: int, param: str | None = None) -> dict:
+    """OpenAI's error JSON with this status; `param` names the field, in the message too."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param and param in error["message"], error
+    return error
+
+
+def post(client, path: str, body: dict):
+    """POST with Python's own JSON encoder, which writes what httpx's refuses (NaN, lone surrogates)."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})

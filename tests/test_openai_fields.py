@@ -1,0 +1,102 @@
+"""Request fields as OpenAI SDKs send them: null means the default, `echo`, `user`, and the known OpenAI
+fields this server does not implement (a 400 naming each, never silently ignored)."""
+from __future__ import annotations
+
+import pytest
+
+from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, assert_error, client, eos, post,  # noqa: F401
+                                   router, sse, tokenizer)
+
+# Every optional request field, sent as null: each must mean that field's default.
+SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
+                "ignore_eos", "n", "user", "cache_salt"]
+CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
+              "prediction", "web_search_options", "functions", "function_call"]
+COMPLETION_NULLS = ["logprobs", "echo", "suffix", "best_of"]
+
+
+@pytest.mark.parametrize("path, base, fields", [("/v1/chat/completions", CHAT, SHARED_NULLS + CHAT_NULLS),
+                                                ("/v1/completions", COMPLETION, SHARED_NULLS + COMPLETION_NULLS)])
+def test_null_means_the_default(client, router, path, base, fields):
+    plain = client.post(path, json=base)
+    nulls = client.post(path, json={**base, **dict.fromkeys(fields)})
+    assert nulls.status_code == 200, nulls.text
+    assert nulls.json()["choices"] == plain.json()["choices"]
+    (_, params_plain, salt_plain), (_, params_nulls, salt_nulls) = router.requests.values()
+    assert params_nulls == params_plain and salt_nulls == salt_plain
+
+
+def test_null_inside_nested_objects_means_the_default(client, router):
+    r = client.post("/v1/chat/completions", json={
+        **CHAT, "stream": True, "stream_options": {"include_usage": None, "continuous_usage_stats": None},
+        "messages": [{"role": "user", "content": "hi", "name": None}]})
+    chunks = sse(r)
+    assert all(c["usage"] is None for c in chunks)
+
+
+@pytest.mark.parametrize("path, base, field", [("/v1/chat/completions", CHAT, "messages"),
+                                               ("/v1/completions", COMPLETION, "prompt")])
+def test_a_required_field_sent_as_null_is_400(client, path, base, field):
+    assert_error(client.post(path, json={**base, field: None}), 400, param=field)
+
+
+@pytest.mark.parametrize("path, base, patch, param", [
+    ("/v1/chat/completions", CHAT, {"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ("/v1/chat/completions", CHAT, {"modalities": ["text", "audio"]}, "modalities.1"),
+    ("/v1/chat/completions", CHAT, {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ("/v1/chat/completions", CHAT, {"web_search_options": {}}, "web_search_options"),
+    ("/v1/chat/completions", CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("/v1/chat/completions", CHAT, {"function_call": "auto"}, "function_call"),
+    ("/v1/chat/completions", CHAT, {"service_tier": "flex"}, "service_tier"),
+    ("/v1/completions", COMPLETION, {"suffix": "the end"}, "suffix"),
+    ("/v1/completions", COMPLETION, {"best_of": 3}, "best_of"),
+    ("/v1/completions", COMPLETION, {"echo": True, "logprobs": 1}, "echo"),
+])
+def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, router, path, base, patch, param):
+    assert_error(client.post(path, json={**base, **patch}), 400, param=param)
+    assert router.requests == {}
+
+
+@pytest.mark.parametrize("patch", [
+    {"service_tier": "auto"}, {"service_tier": "default"}, {"modalities": ["text"]}, {"user": "user-1234"},
+    {"some_vendor_extra": {"x": 1}}, {"metadata": {"k": "v"}}, {"store": False},
+])
+def test_harmless_and_unknown_fields_are_accepted(client, patch):
+    r = client.post("/v1/chat/completions", json={**CHAT, **patch})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+@pytest.mark.parametrize("field", ["model", "user"])
+def test_a_lone_surrogate_in_any_text_field_is_400(client, router, path, base, field):
+    assert_error(post(client, path, {**base, field: "x\ud800"}), 400, param=field)
+    assert router.requests == {}
+
+
+# ---- echo ---------------------------------------------------------------------------------------
+
+def test_echo_puts_the_prompt_first(client, tokenizer):
+    body = client.post("/v1/completions", json={**COMPLETION, "echo": True, "n": 2, "max_tokens": 4}).json()
+    answer = tokenizer.decode(tokenizer.encode(ANSWER)[:4])
+    assert [c["text"] for c in body["choices"]] == [COMPLETION["prompt"] + answer] * 2
+    assert body["usage"]["completion_tokens"] == 8  # the echoed prompt is not generated
+
+
+def test_echo_of_a_token_prompt_is_its_text(client, tokenizer):
+    ids = tokenizer.encode("Token prompt")
+    body = client.post("/v1/completions", json={**COMPLETION, "prompt": ids, "echo": True, "max_tokens": 2}).json()
+    assert body["choices"][0]["text"].startswith("Token prompt")
+
+
+def test_echo_streams_the_prompt_in_each_choices_first_chunk(client):
+    chunks = sse(client.post("/v1/completions", json={**COMPLETION, "echo": True, "stream": True, "n": 2}))
+    for i in range(2):
+        texts = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i]
+        assert texts[0].startswith(COMPLETION["prompt"])
+        assert "".join(texts) == COMPLETION["prompt"] + ANSWER
+
+
+def test_no_echo_by_default(client):
+    assert client.post("/v1/completions", json=COMPLETION).json()["choices"][0]["text"] == ANSWER

@@ -1,0 +1,80 @@
+"""vLLM's /tokenize and /detokenize: the same ids the generation endpoints send to the router."""
+from __future__ import annotations
+
+import pytest
+
+from model.embedded import ensure_llama3_tokenizer
+from model.tokenizer import Tokenizer
+from tests.ingress_support import (CHAT, MAX_LEN, MODEL, assert_error, client, eos, make_client,  # noqa: F401
+                                   router, tokenizer)
+
+TEXT = "Hello <|im_end|> world 🚀"
+
+
+def test_tokenize_a_prompt_as_completions_does(client, router, tokenizer):
+    body = client.post("/tokenize", json={"model": MODEL, "prompt": TEXT}).json()
+    ids = tokenizer.encode(TEXT, add_bos=True)
+    assert body == {"count": len(ids), "max_model_len": MAX_LEN, "tokens": ids, "token_strs": None}
+    client.post("/v1/completions", json={"prompt": TEXT, "max_tokens": 1})
+    (sent, _, _), = router.requests.values()
+    assert sent == ids
+
+
+def test_tokenize_messages_as_chat_completions_does(client, router, tokenizer):
+    body = client.post("/tokenize", json={"messages": CHAT["messages"]}).json()
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1})
+    (sent, _, _), = router.requests.values()
+    assert body["tokens"] == sent and body["count"] == len(sent)
+    without = client.post("/tokenize", json={"messages": CHAT["messages"], "add_generation_prompt": False}).json()
+    assert without["tokens"] == tokenizer.encode_chat(CHAT["messages"], add_generation_prompt=False)
+    assert without["count"] < body["count"]
+
+
+def test_token_strs(client, tokenizer):
+    body = client.post("/tokenize", json={"prompt": TEXT, "return_token_strs": True}).json()
+    assert body["token_strs"] == [tokenizer.decode([t]) for t in body["tokens"]]
+
+
+def test_add_special_tokens_adds_bos(router):
+    llama3 = Tokenizer.from_tiktoken_file(ensure_llama3_tokenizer() / "tokenizer.model")
+    client = make_client(router, llama3)
+    bos = llama3.bos_id
+    assert client.post("/tokenize", json={"prompt": "hi"}).json()["tokens"][0] == bos
+    assert bos not in client.post("/tokenize", json={"prompt": "hi", "add_special_tokens": False}).json()["tokens"]
+    chat = client.post("/tokenize", json={"messages": CHAT["messages"]}).json()["tokens"]
+    assert chat.count(bos) == 1  # the template's own
+    assert client.post("/tokenize", json={"messages": CHAT["messages"],
+                                          "add_special_tokens": True}).json()["tokens"][:2] == [bos, bos]
+
+
+def test_tokenize_by_get(client, tokenizer):
+    body = client.get("/tokenize", params={"prompt": TEXT, "return_token_strs": "true"}).json()
+    assert body["tokens"] == tokenizer.encode(TEXT, add_bos=True) and len(body["token_strs"]) == body["count"]
+
+
+def test_detokenize(client, tokenizer):
+    ids = tokenizer.encode(TEXT)
+    assert client.post("/detokenize", json={"model": MODEL, "tokens": ids}).json() == {"prompt": TEXT}
+    assert client.get("/detokenize", params={"tokens": ids}).json() == {"prompt": TEXT}
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {}, 400, "messages"),
+    ("/tokenize", {"prompt": "a", "messages": CHAT["messages"]}, 400, "messages"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"messages": []}, 400, "messages"),
+    ("/tokenize", {"messages": CHAT["messages"], "continue_final_message": True}, 400, "continue_final_message"),
+    ("/tokenize", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
+    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1] * (MAX_LEN + 1)}, 400, "tokens"),
+    ("/detokenize", {"tokens": "1 2"}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1], "model": "gpt-9"}, 404, "model"),
+])
+def test_bad_tokenizer_requests(client, path, body, status, param):
+    assert_error(client.post(path, json=body), status, param=param)
+
+
+def test_bad_query_is_400_naming_the_parameter(client):
+    assert_error(client.get("/detokenize", params={"tokens": "x"}), 400, param="tokens.0")
+    assert_error(client.get("/tokenize"), 400, param="prompt")
