@@ -23,7 +23,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, ErrorResponse, PromptTokensDetails, TopLogprob, Usage)
-from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, StopStrings
+from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, StopStrings, TokenOffsets
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -81,6 +81,7 @@ class OpenAIServer:
         self.model = served_model_name
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
         self.metrics = Metrics()
+        self.special_ids = frozenset(tokenizer.special_ids.values())
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
 
     # ---- readiness ------------------------------------------------------------------------------
@@ -167,6 +168,7 @@ class OpenAIServer:
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         stops = StopStrings(params.stop)
         output: list[int] = []
+        offsets = TokenOffsets(self.tokenizer, self.special_ids) if params.logprobs is not None else None
         cached = 0
         reason: str | None = None
         rid, attempt = request_id, 0
@@ -179,9 +181,9 @@ class OpenAIServer:
                             raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         output += event.token_ids
                         cached = event.num_cached_tokens or cached
-                        offset = stops.emitted
                         final = event.finish_reason is not None
                         new_text = detokenizer.step(event.token_ids) + (detokenizer.flush() if final else "")
+                        starts = offsets.add(event.token_ids) if offsets is not None else []
                         text, stopped = stops.feed(new_text, final, check=len(output) >= params.min_tokens)
                         if stopped:
                             reason = "stop"
@@ -190,7 +192,7 @@ class OpenAIServer:
                             reason = event.finish_reason
                         if reason is not None:
                             timer.finish(reason)
-                        yield ChoiceDelta(index, text, offset, event.logprobs, reason, len(output), cached)
+                        yield ChoiceDelta(index, text, event.logprobs, starts, reason, len(output), cached)
                         if reason is not None:
                             return
                     raise RuntimeError("the router's stream ended before the request finished")
@@ -272,7 +274,7 @@ class OpenAIServer:
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                        usage=usage).model_dump())
         choices = [CompletionChoice(index=i, text=prep.echo + t.text, finish_reason=t.finish_reason,
-                                    logprobs=self._completion_logprobs(t.logprobs, 0)
+                                    logprobs=self._completion_logprobs(t.logprobs, t.token_offsets)
                                     if req.logprobs is not None else None)
                    for i, t in enumerate(totals)]
         return JSONResponse(CompletionResponse(id=prep.id, model=self.model, choices=choices,
@@ -306,7 +308,7 @@ class OpenAIServer:
                                        logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
             return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason,
-                                    logprobs=self._completion_logprobs(d.logprobs, d.text_offset)
+                                    logprobs=self._completion_logprobs(d.logprobs, d.token_offsets)
                                     if req.logprobs is not None else None)
 
         try:
@@ -339,8 +341,9 @@ class OpenAIServer:
         return self.tokenizer.decode([token_id])
 
     def _top(self, token_id: int, logprob: float) -> TopLogprob:
-        text = self._token(token_id)
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+        """`bytes` are the token's own, so they spell the text even where `token` is U+FFFD (part of an emoji)."""
+        return TopLogprob(token=self._token(token_id), logprob=logprob,
+                          bytes=list(self.tokenizer.token_bytes(token_id)))
 
     def _chat_logprobs(self, lps: list[TokenLogprobs]) -> ChatLogprobs:
         return ChatLogprobs(content=[
@@ -348,13 +351,8 @@ class OpenAIServer:
                              top_logprobs=[self._top(t, p) for t, p in lp.top])
             for lp in lps])
 
-    def _completion_logprobs(self, lps: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
-        out = CompletionLogprobs()
-        for lp in lps:
-            token = self._token(lp.token_id)
-            out.tokens.append(token)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self._token(t): p for t, p in lp.top})
-            out.text_offset.append(offset)
-            offset += len(token)
-        return out
+    def _completion_logprobs(self, lps: list[TokenLogprobs], offsets: list[int]) -> CompletionLogprobs:
+        return CompletionLogprobs(tokens=[self._token(lp.token_id) for lp in lps],
+                                  token_logprobs=[lp.logprob for lp in lps],
+                                  top_logprobs=[{self._token(t): p for t, p in lp.top} for lp in lps],
+                                  text_offset=offsets)

@@ -1,11 +1,13 @@
 """Streaming helpers: stop strings over streamed text, per-choice deltas, and the SSE response."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import codecs
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
+from model.tokenizer import Tokenizer
 from scheduler.sampling import TokenLogprobs
 
 
@@ -37,14 +39,35 @@ class StopStrings:
         return out
 
 
+class TokenOffsets:
+    """Where each token's text starts in a choice's whole text: the characters that the bytes of the tokens
+    before it complete. Counted from the tokens' own bytes, not from the text sent, so the offsets stay right
+    while a stop string holds text back; the tokens of one emoji all start where it does. Special tokens
+    add no text (the answer's text skips them)."""
+
+    def __init__(self, tokenizer: Tokenizer, special_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.special_ids = special_ids
+        self.chars = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, token_ids: Sequence[int]) -> list[int]:
+        offsets = []
+        for token_id in token_ids:
+            offsets.append(self.chars)
+            if token_id not in self.special_ids:
+                self.chars += len(self._utf8.decode(self.tokenizer.token_bytes(token_id)))
+        return offsets
+
+
 @dataclass
 class ChoiceDelta:
     """What one choice gained: text ready for the client, with the logprobs of its new tokens."""
 
     index: int
     text: str
-    text_offset: int  # characters of this choice sent before `text`
     logprobs: list[TokenLogprobs]
+    token_offsets: list[int]  # with logprobs: where each new token's text starts in the choice's whole text
     finish_reason: str | None
     num_generated: int  # tokens so far
     num_cached: int  # prompt tokens the prefix cache served
@@ -56,6 +79,7 @@ class ChoiceTotal:
 
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    token_offsets: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_generated: int = 0
     num_cached: int = 0
@@ -63,6 +87,7 @@ class ChoiceTotal:
     def add(self, d: ChoiceDelta) -> None:
         self.text += d.text
         self.logprobs += d.logprobs
+        self.token_offsets += d.token_offsets
         self.finish_reason = d.finish_reason
         self.num_generated = d.num_generated
         self.num_cached = d.num_cached

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
+from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -37,6 +38,18 @@ LLAMA3_NAMED_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_spec
 TURN_END_TOKENS = ("<|eot_id|>", "<|eom_id|>")
 
 ChatMessage = Mapping[str, str]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2's, used by Llama 3 and SmolLM2) stores each byte as a printable character:
+    printable Latin-1 bytes as themselves, the other bytes as U+0100 onwards. Char -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_OF_CHAR = _byte_level_alphabet()
 
 
 def llama3_special_tokens() -> list[str]:
@@ -70,6 +83,9 @@ class Tokenizer:
             self.bos_id = prepended[0] if prepended[:1] == [hf_tokenizer.bos_token_id] else None
             eos_id = hf_tokenizer.eos_token_id
             self.chat_template = hf_tokenizer.chat_template
+            added = backend.get_added_tokens_decoder()
+            self._added_bytes = {i: t.content.encode() for i, t in added.items()}
+            self._byte_level = isinstance(backend.decoder, ByteLevelDecoder)
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
         self._special_id_set = frozenset(self.special_ids.values())
@@ -111,6 +127,22 @@ class Tokenizer:
         else:
             ids = self._hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's own bytes, which need not be whole UTF-8 characters (an emoji is often 2-4 tokens), where
+        decoding it alone gives U+FFFD. Logprobs report these, so a client can join them into the exact text."""
+        if self._tiktoken is not None:
+            return self._tiktoken.decode_single_token_bytes(token_id)
+        if token_id in self._added_bytes:  # added and special tokens are stored as their text
+            return self._added_bytes[token_id]
+        token = self._hf.backend_tokenizer.id_to_token(token_id)
+        if token is None:
+            raise ValueError(f"token id {token_id} is not in the vocabulary")
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in token):
+            return bytes(_BYTE_OF_CHAR[c] for c in token)
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
+            return bytes([int(token[3:5], 16)])
+        return token.replace("\u2581", " ").encode()  # SentencePiece marks a space with U+2581
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of `ids`; bytes that do not form whole UTF-8 characters come out as U+FFFD."""

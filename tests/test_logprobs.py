@@ -1,0 +1,46 @@
+"""Logprobs as OpenAI defines them: each token's own `bytes` (they spell the text even where a token is part
+of an emoji) and completions' `text_offset` into the whole text, also while a stop string holds text back."""
+from __future__ import annotations
+
+import pytest
+
+from tests.ingress_support import ANSWER, CHAT, COMPLETION, client, eos, router, sse, tokenizer  # noqa: F401
+
+
+def starts(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token's text starts: the characters that the tokens before it complete."""
+    return [len(tokenizer.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_logprob_bytes_spell_the_answer(client, router, tokenizer, stream):
+    r = client.post("/v1/chat/completions", json={**CHAT, "logprobs": True, "top_logprobs": 2, "stream": stream})
+    if stream:
+        content = [e for c in sse(r) for ch in c["choices"] if ch["logprobs"] for e in ch["logprobs"]["content"]]
+    else:
+        content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [e["bytes"] for e in content] == [list(tokenizer.token_bytes(t)) for t in router.answer]
+    assert b"".join(bytes(e["bytes"]) for e in content[:-1]) == ANSWER.encode()  # the last is the stop token
+    partial = [e for e in content if e["token"] == "\ufffd"]
+    assert partial and all(e["bytes"] != list("\ufffd".encode()) for e in partial)  # the emoji's pieces
+    assert all(top["bytes"] == list(tokenizer.token_bytes(t)) for e in content
+               for top, t in zip(e["top_logprobs"], [0, 1]) if top["token"] == tokenizer.decode([t]))
+
+
+def test_completion_text_offsets(client, router, tokenizer):
+    body = client.post("/v1/completions", json={**COMPLETION, "logprobs": 0}).json()
+    assert body["choices"][0]["logprobs"]["text_offset"] == starts(tokenizer, router.answer)
+
+
+@pytest.mark.parametrize("stop", ["never appears, but long", "done"])
+def test_streamed_text_offsets_count_text_held_back_by_a_stop_string(client, router, tokenizer, stop):
+    chunks = sse(client.post("/v1/completions", json={**COMPLETION, "logprobs": 0, "stream": True, "stop": [stop]}))
+    lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    offsets = [o for lp in lps for o in lp["text_offset"]]
+    assert offsets == starts(tokenizer, router.answer)[:len(offsets)]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    assert text == ANSWER.split(stop)[0]
+    # each token's text sits at its offset in the text sent
+    for token, offset in zip((t for lp in lps for t in lp["tokens"]), offsets):
+        if "\ufffd" not in token and offset + len(token) <= len(text):
+            assert text[offset:offset + len(token)] == token
