@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.galaxy import TTMeshConfig
 
+DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping can double it
+
 
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -53,6 +55,7 @@ class AppConfig(BaseModel):
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.2, ge=0)
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
 
     @model_validator(mode="after")
     def _chunk_aligned(self):

@@ -8,7 +8,6 @@ logic is in `deployments/openai_server.py`, streaming helpers in `streaming.py`,
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from typing import Annotated, TypeVar
 
@@ -21,6 +20,9 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from deployments import tokenization
+from deployments.auth import ApiKeys
+from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
+from deployments.config import DEFAULT_MAX_REQUEST_BYTES
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import OpenAIServer, RouterClient
 from deployments.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
@@ -34,16 +36,15 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
-              api_keys: list[str] | None = None) -> FastAPI:
+              api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     server = OpenAIServer(router, tokenizer, served_model_name)
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    keys = ApiKeys(api_keys or [])
 
     async def check_api_key(request: Request) -> None:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if not (scheme.lower() == "bearer" and any(secrets.compare_digest(key, k) for k in api_keys)):
-            raise APIError(401, "Missing or wrong API key (send `Authorization: Bearer <key>`).",
-                           "authentication_error", code="invalid_api_key")
+        request.state.api_key = keys.check(request.headers.get("authorization", ""))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)] if api_keys else [])
 
@@ -102,6 +103,10 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     async def invalid_request(_: Request, exc: RequestValidationError):
         return validation_error(exc.errors(), skip_body=True).response()
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_: Request, exc: BodyTooLarge):
+        return too_large(max_request_bytes).response()
+
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
         return APIError(exc.status_code, str(exc.detail), "invalid_request_error").response()
@@ -145,8 +150,10 @@ class RouterHandle:
 class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""
 
-    def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None):
-        self._app = build_app(RouterHandle(router_handle), load_tokenizer(model_dir), served_model_name, api_keys)
+    def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self._app = build_app(RouterHandle(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
+                              max_request_bytes)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

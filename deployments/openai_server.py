@@ -10,9 +10,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
@@ -32,6 +33,14 @@ log = logging.getLogger("ray.serve")
 
 # Waits before each resubmission of a request whose router failed (Serve restarts it meanwhile, ~seconds).
 ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+# A prompt with more characters than this per token of the context cannot fit, and is refused before it is
+# tokenized (~1 s per MB). Generous: English averages ~4 characters per token, code and runs of whitespace
+# more, and no text that fits the context averages 32.
+MAX_CHARS_PER_TOKEN = 32
+# Tokenizing and chat templating run here, off the event loop, so a 2 MB prompt does not stall every other
+# stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
+_TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
+T = TypeVar("T")
 
 
 class RouterClient(Protocol):
@@ -48,6 +57,13 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     fail every request on it: refuse it here."""
     if not all(0 <= t < vocab_size for t in ids):
         raise APIError(400, f"{param}: token ids must lie in [0, {vocab_size})", param=param)
+
+
+def check_prompt_chars(chars: int, limit: int, param: str) -> None:
+    if chars > limit * MAX_CHARS_PER_TOKEN:
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; the {param} has {chars} "
+                            f"characters, more than that many tokens can hold.", param=param,
+                       code="context_length_exceeded")
 
 
 def check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
@@ -103,6 +119,11 @@ class OpenAIServer:
         return self.max_model_len
 
     # ---- requests -> token ids -----------------------------------------------------------------
+    @staticmethod
+    async def off_loop(fn: Callable[..., T], *args) -> T:
+        """CPU-heavy work (tokenizing, templating, decoding a long list) on the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, fn, *args)
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`.",
@@ -116,14 +137,16 @@ class OpenAIServer:
         except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
             raise APIError(400, f"messages: {exc}", param="messages") from None
 
-    async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest) -> tuple[list[int], str]:
-        """The prompt's token ids, and the field it came from."""
+    async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest, limit: int) -> tuple[list[int], str]:
+        """The prompt's token ids, and the field it came from. Text far too long for `limit` tokens is
+        refused without tokenizing it."""
         if isinstance(req, ChatCompletionRequest):
-            return self.encode_messages(req.messages), "messages"
+            check_prompt_chars(sum(len(m.text) for m in req.messages), limit, "messages")
+            return await self.off_loop(self.encode_messages, req.messages), "messages"
         if isinstance(req.prompt, str):
-            return self.tokenizer.encode(req.prompt, add_bos=True), "prompt"
-        check_token_ids(req.prompt, self.tokenizer.vocab_size, "prompt")
-        return req.prompt, "prompt"
+            check_prompt_chars(len(req.prompt), limit, "prompt")
+            return await self.off_loop(self.tokenizer.encode, req.prompt, True), "prompt"
+        return req.prompt, "prompt"  # token ids: the length is checked first, then the vocabulary
 
     # ---- requests -> router ---------------------------------------------------------------------
     async def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str) -> Prepared:
@@ -131,11 +154,13 @@ class OpenAIServer:
         arrival = time.perf_counter()
         limit = await self.model_len()
         check_vocab_bounds(req, self.tokenizer.vocab_size)
-        prompt_ids, prompt_field = await self.prompt_ids(req)
+        prompt_ids, prompt_field = await self.prompt_ids(req, limit)
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
                                 f"leaving no room for an answer.", param=prompt_field, code="context_length_exceeded")
+        if isinstance(req, CompletionRequest) and not isinstance(req.prompt, str):
+            check_token_ids(prompt_ids, self.tokenizer.vocab_size, "prompt")
         max_tokens, param = req.requested_max_tokens, req.max_tokens_param
         if max_tokens is None:
             max_tokens = limit - n

@@ -3,7 +3,7 @@ endpoints use them, so a client can count and inspect tokens without generating.
 from __future__ import annotations
 
 from deployments.errors import APIError
-from deployments.openai_server import OpenAIServer, check_token_ids
+from deployments.openai_server import OpenAIServer, check_prompt_chars, check_token_ids
 from deployments.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 
@@ -11,6 +11,15 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> TokenizeRespon
     """The prompt's ids as /v1/completions (a `prompt`) or /v1/chat/completions (`messages`) makes them."""
     server.check_model(req.model)
     limit = await server.model_len()
+    if req.messages is not None:
+        check_prompt_chars(sum(len(m.text) for m in req.messages), limit, "messages")
+    else:
+        check_prompt_chars(len(req.prompt), limit, "prompt")
+    ids, strs = await server.off_loop(_tokenize, server, req)
+    return TokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs)
+
+
+def _tokenize(server: OpenAIServer, req: TokenizeRequest) -> tuple[list[int], list[str] | None]:
     tokenizer = server.tokenizer
     if req.messages is not None:
         ids = server.encode_messages(req.messages, req.add_generation_prompt)
@@ -18,8 +27,7 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> TokenizeRespon
             ids = [tokenizer.bos_id, *ids]
     else:
         ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
-    strs = [tokenizer.decode([t]) for t in ids] if req.return_token_strs else None
-    return TokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs)
+    return ids, [tokenizer.decode([t]) for t in ids] if req.return_token_strs else None
 
 
 async def detokenize(server: OpenAIServer, req: DetokenizeRequest) -> DetokenizeResponse:
@@ -28,4 +36,4 @@ async def detokenize(server: OpenAIServer, req: DetokenizeRequest) -> Detokenize
     if len(req.tokens) > limit:  # no sequence the model takes is longer; bounds the decoding work
         raise APIError(400, f"tokens: at most {limit} (the model's maximum context length)", param="tokens")
     check_token_ids(req.tokens, server.tokenizer.vocab_size, "tokens")
-    return DetokenizeResponse(prompt=server.tokenizer.decode(req.tokens))
+    return DetokenizeResponse(prompt=await server.off_loop(server.tokenizer.decode, req.tokens))

@@ -5,14 +5,18 @@ live in Meta's code and are reproduced here. Hugging Face folders ship `tokenize
 template in tokenizer_config.json). Serving must treat both alike: the same ids for the same text, the same
 chat prompt and the same stop ids, which `tokenizer_match_report` checks on Meta's real files.
 
-Special-token text inside the input ("<|eot_id|>") always becomes the special id, as Hugging Face
-tokenizers do; rendered chat templates rely on it.
+Special-token text inside the input ("<|eot_id|>") becomes the special id in `encode`, as Hugging Face
+tokenizers do; rendered chat templates rely on it. `encode_chat` makes only the template's own special
+tokens special: inside a message the same text stays text, so a user cannot forge a turn.
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+import re
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,6 +93,8 @@ class Tokenizer:
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
         self._special_id_set = frozenset(self.special_ids.values())
+        alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
+        self._special_text = re.compile(f"({alternatives or '(?!)'})")  # (?!): a tokenizer with none
 
     @property
     def tiktoken_encoding(self) -> tiktoken.Encoding | None:
@@ -168,8 +174,71 @@ class Tokenizer:
         return "".join(parts)
 
     def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for a chat; the template writes any BOS itself, so none is added."""
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        """Prompt ids for a chat; the template writes any BOS itself, so none is added. Special-token text
+        inside a message's content stays text (see `encode_template`)."""
+        return self.encode_template(messages, lambda msgs: self.render_chat(msgs, add_generation_prompt))
+
+    def encode_template(self, messages: Sequence[ChatMessage],
+                        render: Callable[[Sequence[ChatMessage]], str]) -> list[int]:
+        """Ids of `render(messages)` in which only the template's own special tokens are special.
+
+        A message whose content holds special-token text ("<|im_end|>") is rendered with an unguessable
+        marker in its place, which shows where the template put that content (trimmed or not); the content
+        is then encoded as plain text there. A template whose output depends on the content in other ways
+        is refused for such messages, as a ValueError."""
+        rendered = render(messages)
+        slots = [i for i, m in enumerate(messages)
+                 if isinstance(m.get("content"), str) and self._special_text.search(m["content"])]
+        if not slots:
+            return self.encode(rendered)
+        return self._encode_slots_as_text(messages, slots, render, rendered)
+
+    def _encode_slots_as_text(self, messages: Sequence[ChatMessage], slots: Sequence[int],
+                              render: Callable[[Sequence[ChatMessage]], str], rendered: str) -> list[int]:
+        nonce, pad = secrets.token_hex(8), "\u2003"  # an em space: whitespace a trimming template strips
+        marked = [{**m, "content": f"{pad}\ue000{nonce}:{i}\ue001{pad}"} if i in slots else m
+                  for i, m in enumerate(messages)]
+        pieces: list[tuple[str, bool]] = []  # (text, is a message's content)
+        template, at = render(marked), 0
+        for mark in re.finditer(f"({pad}?)\ue000{nonce}:(\\d+)\ue001({pad}?)", template):
+            content = messages[int(mark[2])]["content"]
+            content = content if mark[1] else content.lstrip()
+            content = content if mark[3] else content.rstrip()
+            pieces += [(template[at:mark.start()], False), (content, True)]
+            at = mark.end()
+        pieces.append((template[at:], False))
+        if "".join(text for text, _ in pieces) != rendered:
+            raise ValueError("a message holds special-token text, which this model's chat template cannot "
+                             "keep as text")
+        ids: list[int] = []
+        text: list[str] = []  # plain text since the last special token
+        for piece, is_content in pieces:
+            parts = [piece] if is_content else self._special_text.split(piece)  # odd indexes: special tokens
+            for j, part in enumerate(parts):
+                if j % 2:
+                    ids += self._encode_plain("".join(text)) + [self.special_ids[part]]
+                    text = []
+                else:
+                    text.append(part)
+        return ids + self._encode_plain("".join(text))
+
+    def _encode_plain(self, text: str) -> list[int]:
+        """Ids of `text` with special-token text encoded as ordinary text."""
+        if not text:
+            return []
+        if self._tiktoken is not None:
+            return self._tiktoken.encode(text, allowed_special=set(), disallowed_special=())
+        return self._hf_plain.encode(text, add_special_tokens=False).ids
+
+    @cached_property
+    def _hf_plain(self):
+        """A copy of the HF tokenizer that does not match special-token text (a flag on the tokenizer, so a
+        copy: the shared one is used by other threads)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        plain = HFTokenizer.from_str(self._hf.backend_tokenizer.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

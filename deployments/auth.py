@@ -1,0 +1,33 @@
+"""API keys: who may call, compared so that neither timing nor odd bytes in the header give anything away."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from deployments.errors import APIError
+
+
+def _unauthorized() -> APIError:
+    return APIError(401, "Missing or wrong API key (send `Authorization: Bearer <key>`).", "authentication_error",
+                    code="invalid_api_key")
+
+
+class ApiKeys:
+    """The configured bearer keys. A request's key is hashed and its fixed-length digest compared with every
+    key's in constant time, so the comparison leaks neither a key's length nor where it differs, and any
+    bytes a client sends (non-ASCII too) are just a wrong key: a 401, never a 500."""
+
+    def __init__(self, keys: list[str]):
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def check(self, authorization: str) -> bytes:
+        """The request's key, as the bytes the client sent; 401 unless it is one of the keys."""
+        scheme, _, key = authorization.partition(" ")
+        raw = key.encode("latin-1")  # Starlette decodes header bytes as Latin-1: this gives them back exactly
+        digest = hashlib.sha256(raw).digest()
+        match = False
+        for known in self._digests:  # every key, whichever matches
+            match |= hmac.compare_digest(digest, known)
+        if scheme.lower() != "bearer" or not match:
+            raise _unauthorized()
+        return raw

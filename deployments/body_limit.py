@@ -1,0 +1,50 @@
+"""A bound on request bodies: a client cannot make the ingress buffer and parse an unbounded body.
+
+413 in OpenAI's error JSON, by the Content-Length header before anything is read, or while the body is
+read when it comes chunked (or lies about its length).
+"""
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from deployments.errors import APIError
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server accepts ({limit} bytes).",
+                    code="request_too_large")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while reading the body; FastAPI passes an HTTPException through to the app's handlers."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, too_large(limit).info.message)
+
+
+class BodyLimit:
+    """ASGI middleware: at most `max_bytes` of request body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await too_large(self.max_bytes).response()(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
