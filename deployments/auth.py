@@ -1,4 +1,5 @@
-"""API keys: who may call, compared so that neither timing nor odd bytes in the header give anything away."""
+"""API keys: who may call (compared so that neither timing nor odd bytes in the header give anything away),
+and tenants: each key its own prefix cache."""
 from __future__ import annotations
 
 import hashlib
@@ -31,3 +32,12 @@ class ApiKeys:
         if scheme.lower() != "bearer" or not match:
             raise _unauthorized()
         return raw
+
+
+def tenant_salt(key: bytes, cache_salt: str | None) -> str:
+    """The prefix-cache salt of a request made with `key`: a keyed hash (HMAC-SHA256) of the client's own
+    `cache_salt` under the key. Requests share cached KV blocks only with the same key and cache_salt, so a
+    tenant's `cached_tokens` reveal only its own prefixes; the router never sees the key, and every ingress
+    replica derives the same salt."""
+    message = b"meshserve prefix cache\0" + (b"\1" + cache_salt.encode() if cache_salt is not None else b"\0")
+    return hmac.new(key, message, hashlib.sha256).hexdigest()

@@ -56,6 +56,7 @@ class AppConfig(BaseModel):
     ingress_num_cpus: float = Field(0.2, ge=0)
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
+    metrics_open: bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
 
     @model_validator(mode="after")
     def _chunk_aligned(self):

@@ -20,7 +20,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from deployments import tokenization
-from deployments.auth import ApiKeys
+from deployments.auth import ApiKeys, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES
 from deployments.errors import APIError, unavailable, validation_error
@@ -36,7 +36,10 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
-              api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+              metrics_open: bool = False) -> FastAPI:
+    """The OpenAI app over `router`. With `api_keys`, every route but /health needs one of them (/metrics too,
+    unless `metrics_open`), and each key is a tenant with its own prefix cache."""
     server = OpenAIServer(router, tokenizer, served_model_name)
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server
@@ -46,15 +49,20 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     async def check_api_key(request: Request) -> None:
         request.state.api_key = keys.check(request.headers.get("authorization", ""))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)] if api_keys else [])
+    keyed = [Depends(check_api_key)] if api_keys else []
+
+    def salt(request: Request, cache_salt: str | None) -> str | None:
+        return tenant_salt(request.state.api_key, cache_salt) if api_keys else cache_salt
+
+    v1 = APIRouter(prefix="/v1", dependencies=keyed)
 
     @v1.post("/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await server.complete(req, await server.prepare(req, "chatcmpl"), req.cache_salt)
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        return await server.complete(req, await server.prepare(req, "chatcmpl"), salt(request, req.cache_salt))
 
     @v1.post("/completions")
-    async def completions(req: CompletionRequest):
-        return await server.complete(req, await server.prepare(req, "cmpl"), req.cache_salt)
+    async def completions(req: CompletionRequest, request: Request):
+        return await server.complete(req, await server.prepare(req, "cmpl"), salt(request, req.cache_salt))
 
     @v1.get("/models")
     async def models():
@@ -62,7 +70,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     app.include_router(v1)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
-    tok = APIRouter(dependencies=v1.dependencies)
+    tok = APIRouter(dependencies=keyed)
 
     @tok.post("/tokenize")
     async def tokenize_post(req: TokenizeRequest) -> TokenizeResponse:
@@ -91,7 +99,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
             raise unavailable("No mesh is live.")
         return Response(status_code=200)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[] if metrics_open else keyed)
     async def metrics():
         return Response(server.metrics.render(await server.stats()), media_type=CONTENT_TYPE_LATEST)
 
@@ -151,9 +159,9 @@ class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""
 
     def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_open: bool = False):
         self._app = build_app(RouterHandle(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
-                              max_request_bytes)
+                              max_request_bytes, metrics_open)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

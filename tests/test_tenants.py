@@ -1,0 +1,94 @@
+"""Tenants: with API keys, each key has its own prefix cache (the salt is a keyed hash of the key and the
+client's cache_salt), so cached_tokens reveal only a tenant's own prefixes; /metrics needs a key too."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from deployments.config import AppConfig
+from tests.fake_router import FakeRouter
+from tests.ingress_support import CHAT, assert_error, client, eos, make_client, router, tokenizer  # noqa: F401
+
+KEYS = ["sk-tenant-a", "sk-tenant-b"]
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+class SaltedCacheRouter(FakeRouter):
+    """A router whose prefix cache is keyed on the salt, as the real one is: a prompt is cached once a
+    request with the same salt has run it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cached: set[tuple[str | None, tuple[int, ...]]] = set()
+
+    async def generate(self, request_id, prompt_ids, params, salt, output_ids=()):
+        key = (salt, tuple(prompt_ids))
+        hit = len(prompt_ids) - 1 if key in self.cached else 0
+        self.cached.add(key)
+        async for event in super().generate(request_id, prompt_ids, params, salt, output_ids):
+            yield dataclasses.replace(event, num_cached_tokens=hit if event.num_cached_tokens else 0)
+
+
+def cached_tokens(client, key: str, cache_salt: str | None = None) -> int:
+    body = {**CHAT, "max_tokens": 2, **({"cache_salt": cache_salt} if cache_salt else {})}
+    r = client.post("/v1/chat/completions", json=body, headers=auth(key))
+    assert r.status_code == 200, r.text
+    return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_a_tenant_sees_only_its_own_cache_hits(tokenizer, eos):
+    client = make_client(SaltedCacheRouter(tokenizer.encode("Hi there") + [eos]), tokenizer, api_keys=KEYS)
+    assert cached_tokens(client, KEYS[0]) == 0
+    assert cached_tokens(client, KEYS[1]) == 0  # the same prompt, cached for A only: B sees no hit
+    assert cached_tokens(client, KEYS[0]) > 0
+    assert cached_tokens(client, KEYS[0], cache_salt="project-x") == 0  # a client salt splits a tenant further
+    assert cached_tokens(client, KEYS[1], cache_salt="project-x") == 0  # and never joins two tenants
+
+
+def test_the_salt_is_a_keyed_hash_the_same_on_every_replica(router, tokenizer):
+    replicas = [make_client(router, tokenizer, api_keys=KEYS) for _ in range(2)]
+    for client in replicas:
+        for key in KEYS:
+            for cache_salt in (None, "s"):
+                body = {**CHAT, **({"cache_salt": cache_salt} if cache_salt else {})}
+                assert client.post("/v1/chat/completions", json=body, headers=auth(key)).status_code == 200
+    salts = [salt for _, _, salt in router.requests.values()]
+    assert salts[:4] == salts[4:]  # both replicas derive the same salts
+    assert len(set(salts[:4])) == 4  # per key, and per client salt within a key
+    assert all(len(s) == 64 and "tenant" not in s and s != "s" for s in salts)  # neither key nor salt shows
+
+
+def test_without_keys_the_client_salt_is_passed_as_is(client, router):
+    client.post("/v1/chat/completions", json={**CHAT, "cache_salt": "mine"})
+    client.post("/v1/chat/completions", json=CHAT)
+    assert [salt for _, _, salt in router.requests.values()] == ["mine", None]
+
+
+@pytest.mark.parametrize("metrics_open", [False, True])
+def test_metrics_need_a_key_unless_configured_open(router, tokenizer, metrics_open):
+    client = make_client(router, tokenizer, api_keys=KEYS, metrics_open=metrics_open)
+    if metrics_open:
+        assert client.get("/metrics").status_code == 200
+    else:
+        assert_error(client.get("/metrics"), 401)
+        assert_error(client.get("/metrics", headers=auth("sk-wrong")), 401)
+    assert client.get("/metrics", headers=auth(KEYS[1])).status_code == 200
+    assert client.get("/health").status_code == 200  # probes need no key
+
+
+def test_every_other_route_needs_a_key(router, tokenizer):
+    client = make_client(router, tokenizer, api_keys=KEYS)
+    for method, path, body in [("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None),
+                               ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1]}),
+                               ("GET", "/tokenize?prompt=hi", None), ("GET", "/detokenize?tokens=1", None)]:
+        assert_error(client.request(method, path, json=body), 401)
+        assert client.request(method, path, json=body, headers=auth(KEYS[0])).status_code == 200, path
+    assert router.requests and all(salt is not None for _, _, salt in router.requests.values())
+
+
+def test_metrics_are_behind_keys_by_default():
+    assert AppConfig().metrics_open is False and AppConfig(metrics_open=True).metrics_open
