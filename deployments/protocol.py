@@ -14,7 +14,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, V
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from scheduler.sampling import MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
+from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_N = 16  # choices per request; each one is a separate router request
 # Bounds on what a request carries to the router and the mesh, so no request can cost them unbounded memory
@@ -24,6 +24,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256  # the mesh checks every sampled token against them
 MAX_SALT_CHARS = 256  # kept with the request in the router and hashed into its prefix blocks
+MAX_TOOLS = 128  # OpenAI's limit on `tools`
+MAX_CHOICES = 256  # vLLM's guided `choice` strings
 
 
 def _check_unicode(text: str) -> str:
@@ -96,6 +98,15 @@ class _GenerationRequest(_Request):
     user: Text | None = None  # accepted; the end user's id is not used
     # vLLM's: requests reuse cached prefixes only with the same salt (with API keys, within one key's tenant)
     cache_salt: Text | None = Field(None, max_length=MAX_SALT_CHARS)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)  # token id -> [-100, 100]
+    # Structured outputs (deployments/structured.py compiles them into one grammar): OpenAI's response_format,
+    # vLLM's structured_outputs, and vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonValue | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    guided_grammar: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -150,6 +161,73 @@ class _GenerationRequest(_Request):
             logprobs=self.num_logprobs)
 
 
+class JsonSchemaFormat(_Request):
+    name: Text = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: Text | None = None
+    schema_: dict[str, JsonValue] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _only_with_its_type(cls, v, info: ValidationInfo):
+        if v is not None and info.data.get("type") != "json_schema":
+            raise ValueError("json_schema is only for type json_schema")
+        return v
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise PydanticCustomError("missing", "type json_schema needs a `json_schema` object")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one constraint."""
+
+    json_: JsonValue | None = Field(None, alias="json")  # a JSON schema (object, or its text)
+    regex: Text | None = None
+    choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
+    grammar: Text | None = None  # Lark syntax (llguidance's; vLLM's EBNF grammars are close to it)
+    json_object: bool | None = None
+
+
+class FunctionDefinition(_Request):
+    name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Text | None = None
+    parameters: dict[str, JsonValue] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(_Request):
+    name: Text
+    arguments: Text  # JSON text of the arguments
+
+
+class ToolCall(_Request):
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class TextPart(_Request):
     type: Literal["text"]
     text: Text
@@ -159,6 +237,8 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: Text | None = None  # a tool turn: the call it answers
 
     @property
     def text(self) -> str:
@@ -179,6 +259,9 @@ class ChatCompletionRequest(_GenerationRequest):
     web_search_options: Unsupported | None = None
     functions: Unsupported | None = None  # legacy function calling: tools replaced it
     function_call: Unsupported | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
 
     @field_validator("top_logprobs")
     @classmethod
@@ -278,16 +361,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
 
 
 def _now() -> int:
     return int(time.time())
 
 
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]  # {"name": ..., "arguments": JSON text}
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -306,9 +396,17 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: dict[str, str]  # the first delta of a call: name and arguments; later ones: more arguments
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

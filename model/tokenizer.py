@@ -42,6 +42,7 @@ LLAMA3_NAMED_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_spec
 TURN_END_TOKENS = ("<|eot_id|>", "<|eom_id|>")
 
 ChatMessage = Mapping[str, str]
+_LLAMA3_ROLES = {"tool": "ipython"}  # Llama 3 names the turn that carries a tool's output `ipython`
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -158,25 +159,35 @@ class Tokenizer:
             return self._tiktoken.decode(list(ids))
         return self._hf.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
-    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
-        """The prompt text: the model's own chat template when it has one, Llama 3's header format otherwise."""
+    @property
+    def template_takes_tools(self) -> bool:
+        """The model's chat template renders `tools` itself (Llama 3.1+'s does; SmolLM2's and Meta's format
+        do not: the caller then describes the tools in a message of its own)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
+        """The prompt text: the model's own chat template when it has one, Llama 3's header format otherwise.
+        `tools` (OpenAI's function definitions) go to a template that takes them."""
         if self.chat_template is not None:
             return self._hf.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                add_generation_prompt=add_generation_prompt)
+                                                add_generation_prompt=add_generation_prompt,
+                                                tools=tools if self.template_takes_tools else None)
         if "<|start_header_id|>" not in self.special_ids:
             raise ValueError("tokenizer has no chat template and no Llama 3 header tokens")
         # Meta's ChatFormat: BOS, then per message a role header and the stripped content closed by <|eot_id|>.
         parts = ["<|begin_of_text|>"]
-        parts += [f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
-                  for m in messages]
+        parts += [f"<|start_header_id|>{_LLAMA3_ROLES.get(m['role'], m['role'])}<|end_header_id|>\n\n"
+                  f"{m['content'].strip()}<|eot_id|>" for m in messages]
         if add_generation_prompt:
             parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(parts)
 
-    def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """Prompt ids for a chat; the template writes any BOS itself, so none is added. Special-token text
         inside a message's content stays text (see `encode_template`)."""
-        return self.encode_template(messages, lambda msgs: self.render_chat(msgs, add_generation_prompt))
+        return self.encode_template(messages, lambda msgs: self.render_chat(msgs, add_generation_prompt, tools))
 
     def encode_template(self, messages: Sequence[ChatMessage],
                         render: Callable[[Sequence[ChatMessage]], str]) -> list[int]:

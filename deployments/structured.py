@@ -1,0 +1,119 @@
+"""Structured outputs and forced tool calls, compiled at the ingress into the one grammar a request carries.
+
+Sources, at most one per request: OpenAI's `response_format` (json_object, json_schema), vLLM's
+`structured_outputs` (json, regex, choice, grammar, json_object) and its older `guided_*` fields, and
+`tool_choice` "required" or a named function (the answer is then a Llama 3 JSON call to one of the tools).
+Each is checked against the served tokenizer here, so an invalid schema, regex or grammar is a 400 naming
+its field, never a failure on the mesh.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+from deployments.errors import APIError
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
+from model.grammar import (any_of_grammars, choice_grammar, grammar_error, json_schema_grammar, lark_grammar,
+                           regex_grammar)
+
+ToolMode = Literal["none", "auto", "forced"]
+
+
+@dataclass
+class Constraint:
+    grammar: str | None  # llguidance grammar text; None: free text
+    tool_mode: ToolMode  # auto: an answer may be calls; forced: it is calls; none: never
+    tools: list[Tool]
+
+
+def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer) -> Constraint:
+    """The request's constraint, validated against `ll_tokenizer` (llguidance's view of the served model).
+    Raises APIError 400 naming the field for a contradictory or invalid one."""
+    tools, tool_mode = _tools(req)
+    sources = _grammar_sources(req)
+    if tool_mode == "forced":
+        sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice)))
+    if len(sources) > 1:
+        raise APIError(400, f"{sources[1][0]}: only one output constraint per request (also given: {sources[0][0]})",
+                       param=sources[1][0])
+    if not sources:
+        return Constraint(None, tool_mode, tools)
+    param, build = sources[0]
+    try:
+        grammar = build()
+    except Exception as exc:  # e.g. a schema llguidance cannot even translate
+        raise APIError(400, f"{param}: {exc}", param=param) from None
+    error = grammar_error(grammar, ll_tokenizer)
+    if error:
+        raise APIError(400, f"{param}: {error.splitlines()[0]}", param=param)
+    return Constraint(grammar, tool_mode, tools)
+
+
+def _tools(req) -> tuple[list[Tool], ToolMode]:
+    if not isinstance(req, ChatCompletionRequest):
+        return [], "none"
+    tools, choice = req.tools or [], req.tool_choice
+    if choice is None:
+        return tools, "auto" if tools else "none"
+    if choice == "none":
+        return tools, "none"
+    if not tools:
+        raise APIError(400, f"tool_choice: {choice if isinstance(choice, str) else 'a named function'} needs `tools`",
+                       param="tool_choice")
+    if choice == "auto":
+        return tools, "auto"
+    if choice != "required" and choice.function.name not in {t.function.name for t in tools}:
+        raise APIError(400, f"tool_choice: no tool is named {choice.function.name!r}", param="tool_choice")
+    return tools, "forced"
+
+
+def _tool_call_grammar(tools: list[Tool], choice):
+    chosen = tools if choice == "required" else [t for t in tools if t.function.name == choice.function.name]
+
+    def build() -> str:
+        return any_of_grammars([json_schema_grammar({
+            "type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+            "properties": {"name": {"const": t.function.name},
+                           "parameters": t.function.parameters or {"type": "object", "properties": {}}}})
+            for t in chosen])
+    return build
+
+
+def _grammar_sources(req) -> list[tuple[str, object]]:
+    """(param, builder) for every grammar-making field the request sets."""
+    sources: list[tuple[str, object]] = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        sources.append(("response_format", lambda: json_schema_grammar(True)))
+    elif fmt is not None and fmt.type == "json_schema":
+        schema = fmt.json_schema.schema_
+        sources.append(("response_format.json_schema.schema",
+                        lambda: json_schema_grammar(True if schema is None else schema)))
+    so = req.structured_outputs
+    if so is not None:
+        given = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                                   ("grammar", so.grammar), ("json_object", so.json_object or None))
+                 if value is not None]
+        if len(given) != 1:
+            raise APIError(400, "structured_outputs: give exactly one of json, regex, choice, grammar, json_object",
+                           param="structured_outputs")
+        name, value = given[0]
+        sources.append((f"structured_outputs.{name}", _builder(name, value)))
+    for name in ("json", "regex", "choice", "grammar"):
+        value = getattr(req, f"guided_{name}")
+        if value is not None:
+            sources.append((f"guided_{name}", _builder(name, value)))
+    return sources
+
+
+def _builder(kind: str, value):
+    if kind == "json":
+        return lambda: json_schema_grammar(json.loads(value) if isinstance(value, str) else value)
+    if kind == "json_object":
+        return lambda: json_schema_grammar(True)
+    if kind == "regex":
+        return lambda: regex_grammar(value)
+    if kind == "choice":
+        return lambda: choice_grammar(value)
+    return lambda: lark_grammar(value)

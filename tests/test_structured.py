@@ -1,0 +1,114 @@
+"""Structured outputs and tool calls at the ingress: request fields -> one validated grammar; answers -> calls."""
+import json
+
+import pytest
+
+from deployments.errors import APIError
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
+from deployments.structured import constraint_for
+from deployments.tool_calls import parse_tool_calls, render_messages
+from model.embedded import ensure_smollm2
+from model.grammar import GrammarState, ll_tokenizer
+from model.tokenizer import load_tokenizer
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ensure_smollm2())
+
+
+@pytest.fixture(scope="module")
+def llt(tok):
+    return ll_tokenizer(tok, tok.vocab_size)
+
+
+def chat(**kw):
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def accepts(llt, tok, grammar, text) -> bool:
+    """Whether the grammar admits `text` (tokenized as the model would)."""
+    state = GrammarState(llt, grammar, [])
+    try:
+        for token in tok.encode(text):
+            state.accept(token)
+    except ValueError:
+        return False
+    return state.matcher.is_accepting()
+
+
+@pytest.mark.parametrize("fields, good, bad", [
+    ({"response_format": {"type": "json_object"}}, '{"a": [1, 2]}', "plain text"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+        "additionalProperties": False}}}}, '{"n": 3}', '{"n": "three"}'),
+    ({"structured_outputs": {"regex": "[0-9]{3}-[a-z]+"}}, "123-abc", "12-abc"),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, "no", "maybe"),
+    ({"guided_choice": ["red", "green"]}, "green", "blue"),
+    ({"guided_json": {"type": "array", "items": {"type": "boolean"}}}, "[true, false]", "[1]"),
+    ({"structured_outputs": {"grammar": 'start: "a" ("b")*'}}, "abbb", "ba"),
+    ({"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     '{"name": "get_weather", "parameters": {"city": "Oslo"}}', '{"name": "get_time", "parameters": {}}'),
+    ({"tools": [WEATHER, TIME], "tool_choice": "required"},
+     '{"name": "get_time", "parameters": {}}', "It is noon."),
+])
+def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt, fields, good, bad):
+    constraint = constraint_for(chat(**fields), llt)
+    assert accepts(llt, tok, constraint.grammar, good)
+    assert not accepts(llt, tok, constraint.grammar, bad)
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "bogus"}}}},
+     "response_format.json_schema.schema"),
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"grammar": "start: ("}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+])
+def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, fields, param):
+    with pytest.raises(APIError) as caught:
+        constraint_for(chat(**fields), llt)
+    assert caught.value.status == 400 and caught.value.info.param == param
+
+
+def test_tool_modes(llt):
+    assert constraint_for(chat(), llt).tool_mode == "none"
+    auto = constraint_for(chat(tools=[WEATHER]), llt)
+    assert (auto.tool_mode, auto.grammar) == ("auto", None)
+    assert constraint_for(chat(tools=[WEATHER], tool_choice="none"), llt).tool_mode == "none"
+    assert constraint_for(CompletionRequest.model_validate({"prompt": "x", "guided_regex": "a"}), llt).grammar
+
+
+def test_llama3_json_calls_are_parsed_and_anything_else_is_content():
+    tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
+    (call,) = parse_tool_calls(' {"name": "get_weather", "parameters": {"city": "Oslo"}}', tools)
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
+    two = parse_tool_calls('<|python_tag|>{"name": "get_time", "arguments": {}}; '
+                           '{"name": "get_weather", "parameters": {"city": "Rome", "days": 2}}', tools)
+    assert [c.name for c in two] == ["get_time", "get_weather"]
+    assert parse_tool_calls("The weather is fine.", tools) is None
+    assert parse_tool_calls('{"name": "unknown_tool", "parameters": {}}', tools) is None
+    assert parse_tool_calls('{"name": "get_time", "parameters": {}} and then text', tools) is None
+
+
+def test_tools_and_tool_history_reach_a_template_that_cannot_render_them(tok):
+    messages = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}).messages
+    rendered = render_messages(messages, [Tool.model_validate(WEATHER)], tok.template_takes_tools)
+    assert not tok.template_takes_tools and rendered[0]["role"] == "system" and "get_weather" in rendered[0]["content"]
+    assert json.loads(rendered[2]["content"]) == {"name": "get_weather", "parameters": {"city": "Oslo"}}
+    assert rendered[3] == {"role": "tool", "content": "sunny"}
+    assert "sunny" in tok.render_chat(rendered)
