@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from fastapi.responses import JSONResponse, Response
@@ -23,8 +23,11 @@ from deployments.metrics import Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                  DeltaMessage, ErrorResponse, PromptTokensDetails, TopLogprob, Usage)
+                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, ResponseToolCall,
+                                  Tool, TopLogprob, Usage)
 from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, StopStrings, TokenOffsets
+from deployments.structured import Constraint, ToolMode, constraint_for
+from deployments.tool_calls import ParsedCall, ToolCallStream, call_id, parse_tool_calls, render_messages, tool_definitions
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -73,6 +76,17 @@ def check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_siz
         raise APIError(400, f"top_k: must be -1, 0 or in [1, {vocab_size}]", param="top_k")
 
 
+def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token id text -> bias) as ids, each in the vocabulary, each bias in [-100, 100]."""
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size or not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: keys must be token ids in [0, {vocab_size}) and biases in "
+                                f"[-100, 100]; got {key!r}: {value}", param="logit_bias")
+        bias[int(key)] = value
+    return bias
+
+
 @dataclass
 class Prepared:
     """A validated request, ready for the router."""
@@ -83,6 +97,8 @@ class Prepared:
     prompt_field: str
     arrival: float  # perf_counter() when the request reached the ingress
     echo: str = ""  # completions' `echo`: the prompt's text, which comes first in each choice
+    tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
+    tools: list[Tool] = field(default_factory=list)
 
 
 _CHOICES_DONE = object()
@@ -99,6 +115,14 @@ class OpenAIServer:
         self.metrics = Metrics()
         self.special_ids = frozenset(tokenizer.special_ids.values())
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
+        self._grammar_tokenizer = None
+
+    def grammar_tokenizer(self):
+        """llguidance's view of the served tokenizer, built at the first constrained request (~1 s)."""
+        if self._grammar_tokenizer is None:
+            from model.grammar import ll_tokenizer
+            self._grammar_tokenizer = ll_tokenizer(self.tokenizer)
+        return self._grammar_tokenizer
 
     # ---- readiness ------------------------------------------------------------------------------
     async def stats(self) -> dict:
@@ -129,20 +153,24 @@ class OpenAIServer:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`.",
                            param="model", code="model_not_found")
 
-    def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """A chat's prompt ids, by the model's template."""
+    def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                        tools: list[Tool] | None = None) -> list[int]:
+        """A chat's prompt ids, by the model's template, with `tools` offered to the model."""
+        takes_tools = self.tokenizer.template_takes_tools
         try:
-            return self.tokenizer.encode_chat([{"role": m.role, "content": m.text} for m in messages],
-                                              add_generation_prompt)
+            return self.tokenizer.encode_chat(render_messages(messages, tools, takes_tools), add_generation_prompt,
+                                              tool_definitions(tools) if tools and takes_tools else None)
         except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
             raise APIError(400, f"messages: {exc}", param="messages") from None
 
-    async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest, limit: int) -> tuple[list[int], str]:
+    async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest, limit: int,
+                         constraint: Constraint) -> tuple[list[int], str]:
         """The prompt's token ids, and the field it came from. Text far too long for `limit` tokens is
         refused without tokenizing it."""
         if isinstance(req, ChatCompletionRequest):
             check_prompt_chars(sum(len(m.text) for m in req.messages), limit, "messages")
-            return await self.off_loop(self.encode_messages, req.messages), "messages"
+            tools = constraint.tools if constraint.tool_mode != "none" else None
+            return await self.off_loop(self.encode_messages, req.messages, True, tools), "messages"
         if isinstance(req.prompt, str):
             check_prompt_chars(len(req.prompt), limit, "prompt")
             return await self.off_loop(self.tokenizer.encode, req.prompt, True), "prompt"
@@ -154,7 +182,9 @@ class OpenAIServer:
         arrival = time.perf_counter()
         limit = await self.model_len()
         check_vocab_bounds(req, self.tokenizer.vocab_size)
-        prompt_ids, prompt_field = await self.prompt_ids(req, limit)
+        bias = logit_bias(req, self.tokenizer.vocab_size)
+        constraint = await self.off_loop(constraint_for, req, self.grammar_tokenizer)
+        prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
@@ -173,12 +203,15 @@ class OpenAIServer:
             raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds {room}.", param="min_tokens")
         try:
             params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
+            if bias or constraint.grammar is not None:
+                params = params.model_copy(update={"logit_bias": bias, "grammar": constraint.grammar})
         except ValidationError as exc:  # a rule the checks above missed: still the client's 400, never a 500
             raise validation_error(exc.errors(), skip_body=False) from None
         echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prompt_ids)
-        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival, echo)
+        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival, echo,
+                        constraint.tool_mode, constraint.tools)
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None) -> AsyncIterator[ChoiceDelta]:
@@ -293,9 +326,14 @@ class OpenAIServer:
             raise as_api_error(exc, prep.prompt_field) or exc
         usage = self._usage(len(prep.prompt_ids), sum(t.num_generated for t in totals), totals[0].num_cached)
         if chat:
-            choices = [ChatChoice(index=i, message=AssistantMessage(content=t.text), finish_reason=t.finish_reason,
-                                  logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None)
-                       for i, t in enumerate(totals)]
+            choices = []
+            for i, t in enumerate(totals):
+                calls = parse_tool_calls(t.text, prep.tools) if prep.tool_mode != "none" else None
+                message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
+                           else AssistantMessage(content=t.text))
+                choices.append(ChatChoice(index=i, message=message,
+                                          finish_reason="tool_calls" if calls else t.finish_reason,
+                                          logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                        usage=usage).model_dump())
         choices = [CompletionChoice(index=i, text=prep.echo + t.text, finish_reason=t.finish_reason,
@@ -319,6 +357,8 @@ class OpenAIServer:
         generated = [0] * req.n
         cached = 0
         echo = [prep.echo] * req.n  # sent with each choice's first chunk
+        tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced") for _ in range(req.n)]
+                        if chat and prep.tool_mode != "none" else None)
 
         def event(chunk) -> str:
             return f"data: {chunk.model_dump_json()}\n\n"
@@ -329,7 +369,15 @@ class OpenAIServer:
 
         def choice(d: ChoiceDelta):
             if chat:
-                return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), finish_reason=d.finish_reason,
+                content, reason, calls = d.text, d.finish_reason, None
+                if tool_streams is not None:
+                    content, parsed = tool_streams[d.index].feed(d.text, d.finish_reason is not None)
+                    if parsed:
+                        calls = [DeltaToolCall(index=k, **_tool_call(c).model_dump()) for k, c in enumerate(parsed)]
+                        reason = "tool_calls"
+                return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
+                                                                         tool_calls=calls),
+                                       finish_reason=reason,
                                        logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
             return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason,
@@ -381,3 +429,7 @@ class OpenAIServer:
                                   token_logprobs=[lp.logprob for lp in lps],
                                   top_logprobs=[{self._token(t): p for t, p in lp.top} for lp in lps],
                                   text_offset=offsets)
+
+
+def _tool_call(call: ParsedCall) -> ResponseToolCall:
+    return ResponseToolCall(id=call_id(), function={"name": call.name, "arguments": call.arguments})

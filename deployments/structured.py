@@ -9,6 +9,7 @@ its field, never a failure on the mesh.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,9 +28,10 @@ class Constraint:
     tools: list[Tool]
 
 
-def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer) -> Constraint:
-    """The request's constraint, validated against `ll_tokenizer` (llguidance's view of the served model).
-    Raises APIError 400 naming the field for a contradictory or invalid one."""
+def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer: Callable[[], object]) -> Constraint:
+    """The request's constraint, validated against `ll_tokenizer()` (llguidance's view of the served model,
+    asked for only when the request has a constraint). Raises APIError 400 naming the field for a
+    contradictory or invalid one."""
     tools, tool_mode = _tools(req)
     sources = _grammar_sources(req)
     if tool_mode == "forced":
@@ -44,7 +46,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer)
         grammar = build()
     except Exception as exc:  # e.g. a schema llguidance cannot even translate
         raise APIError(400, f"{param}: {exc}", param=param) from None
-    error = grammar_error(grammar, ll_tokenizer)
+    error = grammar_error(grammar, ll_tokenizer())
     if error:
         raise APIError(400, f"{param}: {error.splitlines()[0]}", param=param)
     return Constraint(grammar, tool_mode, tools)

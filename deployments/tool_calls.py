@@ -94,3 +94,29 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
 
 def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+class ToolCallStream:
+    """Streams one choice's text as content or as tool calls. `forced`: the whole answer is calls, sent
+    when it ends. `auto`: text is held back while it may still be a call (nothing but a JSON object so far),
+    and sent as content as soon as it cannot be; at the end, held text that parses as calls becomes calls."""
+
+    def __init__(self, tools: list[Tool], forced: bool):
+        self.tools = tools
+        self.holding = True
+        self.forced = forced
+        self.held = ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[ParsedCall] | None]:
+        """(content to send now, the calls once the answer has ended as calls)."""
+        if not self.holding:
+            return text, None
+        self.held += text
+        head = self.held.lstrip()
+        if not self.forced and head and not head.startswith(("{", PYTHON_TAG)):
+            self.holding = False
+            return self.held, None
+        if not final:
+            return "", None
+        calls = parse_tool_calls(self.held, self.tools)
+        return ("", calls) if calls else (self.held, None)

@@ -574,3 +574,60 @@ def test_max_model_len_comes_from_the_meshes_and_is_503_until_one_is_up(router, 
     router.max_model_len = 100
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 100
     assert_error(client.post("/v1/completions", json={**COMPLETION, "max_tokens": 100}), 400, "max_tokens")
+
+
+# ---- tool calls, structured outputs, logit_bias ---------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL_TEXT = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+
+
+@pytest.mark.parametrize("tool_choice", [None, "required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(client, router, tokenizer, eos, tool_choice):
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": tool_choice}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    (call,) = choice["message"]["tool_calls"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+    (_, params, _), = list(router.requests.values())[-1:]
+    assert (params.grammar is not None) == (tool_choice is not None)  # forced calls are constrained
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    deltas = [c["choices"][0] for c in chunks if c["choices"]]
+    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []]
+    assert [tc["function"]["name"] for tc in calls] == ["get_weather"] and deltas[-1]["finish_reason"] == "tool_calls"
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == ""
+
+
+def test_with_tools_a_plain_answer_stays_content(client, router):
+    r = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL], "stream": True})
+    deltas = [c["choices"][0] for c in sse(r) if c["choices"]]
+    assert "".join(d["delta"].get("content") or "" for d in deltas) == ANSWER
+    assert deltas[-1]["finish_reason"] == "stop"
+
+
+def test_structured_outputs_and_logit_bias_reach_the_sampler(client, router):
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+            "logit_bias": {"42": 100, "7": -100}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    (_, params, _), = list(router.requests.values())
+    assert params.grammar and "json_schema" in params.grammar and params.logit_bias == {42: 100.0, 7: -100.0}
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"logit_bias": {"99999999": 5}}, "logit_bias"),
+    ({"logit_bias": {"abc": 5}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "bogus"}}}},
+     "response_format.json_schema.schema"),
+    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
+])
+def test_bad_constraints_are_400s_naming_the_field(client, router, extra, param):
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param)
+    assert not router.requests

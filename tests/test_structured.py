@@ -58,7 +58,7 @@ def accepts(llt, tok, grammar, text) -> bool:
      '{"name": "get_time", "parameters": {}}', "It is noon."),
 ])
 def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt, fields, good, bad):
-    constraint = constraint_for(chat(**fields), llt)
+    constraint = constraint_for(chat(**fields), lambda: llt)
     assert accepts(llt, tok, constraint.grammar, good)
     assert not accepts(llt, tok, constraint.grammar, bad)
 
@@ -77,16 +77,16 @@ def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt,
 ])
 def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, fields, param):
     with pytest.raises(APIError) as caught:
-        constraint_for(chat(**fields), llt)
+        constraint_for(chat(**fields), lambda: llt)
     assert caught.value.status == 400 and caught.value.info.param == param
 
 
 def test_tool_modes(llt):
-    assert constraint_for(chat(), llt).tool_mode == "none"
-    auto = constraint_for(chat(tools=[WEATHER]), llt)
+    assert constraint_for(chat(), lambda: llt).tool_mode == "none"
+    auto = constraint_for(chat(tools=[WEATHER]), lambda: llt)
     assert (auto.tool_mode, auto.grammar) == ("auto", None)
-    assert constraint_for(chat(tools=[WEATHER], tool_choice="none"), llt).tool_mode == "none"
-    assert constraint_for(CompletionRequest.model_validate({"prompt": "x", "guided_regex": "a"}), llt).grammar
+    assert constraint_for(chat(tools=[WEATHER], tool_choice="none"), lambda: llt).tool_mode == "none"
+    assert constraint_for(CompletionRequest.model_validate({"prompt": "x", "guided_regex": "a"}), lambda: llt).grammar
 
 
 def test_llama3_json_calls_are_parsed_and_anything_else_is_content():
