@@ -206,3 +206,40 @@ def test_no_request_can_take_the_mesh_down(base_url, extra):
                           timeout=60)
     assert ordinary.status_code == 200, ordinary.text
     assert httpx.get(f"{base_url}/health").status_code == 200
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_a_forced_named_tool_call_is_valid_streamed_and_not(client):
+    import jsonschema
+    kwargs = dict(model=MODEL, messages=chat("What is the weather in Paris?"), tools=[WEATHER], max_tokens=80,
+                  tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0)
+    out = client.chat.completions.create(**kwargs).choices[0]
+    (call,) = out.message.tool_calls
+    assert out.finish_reason == "tool_calls" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    streamed = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
+    assert [tc.function.name for tc in streamed] == ["get_weather"]
+    assert json.loads(streamed[0].function.arguments) == json.loads(call.function.arguments)
+
+
+def test_json_schema_answers_validate(client):
+    import jsonschema
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                               "likes": {"type": "array", "items": {"type": "string", "maxLength": 20},
+                                                         "maxItems": 3}},
+              "required": ["name", "age", "likes"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    topics = ["a pirate", "a chef", "a cat", "an astronaut", "a farmer", "a poet", "a robot", "a king",
+              "a child", "a doctor"]
+    for topic in topics:
+        out = client.chat.completions.create(model=MODEL, messages=chat(f"Describe {topic} as JSON."),
+                                             response_format=fmt, max_tokens=120, temperature=0.7, seed=1)
+        jsonschema.validate(json.loads(out.choices[0].message.content), schema)
