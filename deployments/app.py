@@ -42,7 +42,6 @@ def build(args: AppConfig) -> Application:
         "max_waiting_requests": config.max_waiting_requests,
         "max_waiting_tokens": config.max_waiting_tokens,
         "stream_interval_ms": config.stream_interval_ms,
-        "max_stream_chunks_per_s": config.max_stream_chunks_per_s,
         "max_seq_len": config.max_seq_len,
         "step_deadline_factor": config.step_deadline_factor,
         "min_step_deadline_s": config.min_step_deadline_s,

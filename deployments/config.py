@@ -43,9 +43,8 @@ class AppConfig(BaseModel):
     pipeline_depth: int = Field(2, ge=1, le=4)
     max_waiting_requests: int = Field(1024, ge=1)
     max_waiting_tokens: int = Field(4 * 131072, ge=1)
-    stream_interval_ms: float = Field(10.0, ge=0, description="least time between two chunks of a stream")
-    max_stream_chunks_per_s: float = Field(500.0, gt=0, description="chunks/s of all streams together; "
-                                                                   "more streams coalesce more tokens per chunk")
+    stream_interval_ms: float = Field(10.0, ge=0, description="the router sends each ingress replica at most one "
+                                                              "message per interval, holding every request's new tokens")
     # failure handling (see DESIGN.md, "Failure")
     step_deadline_factor: float = Field(20.0, gt=0, description="a work silent for min_step_deadline_s + this x "
                                                                 "its expected time marks its mesh down")

@@ -8,7 +8,6 @@ logic is in `deployments/openai_server.py`, streaming helpers in `streaming.py`,
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -27,9 +26,8 @@ from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import OpenAIServer, RouterClient
 from deployments.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                                   ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from deployments.router_client import RouterStream
 from model.tokenizer import Tokenizer, load_tokenizer
-from scheduler.sampling import SamplingParams
-from scheduler.work import TokenEvent
 
 log = logging.getLogger("ray.serve")
 M = TypeVar("M", bound=BaseModel)
@@ -135,24 +133,6 @@ def _validated(cls: type[M], **fields) -> M:
         raise validation_error(exc.errors(), skip_body=False) from None
 
 
-class RouterHandle:
-    """RouterClient over a Serve handle to the router deployment."""
-
-    def __init__(self, handle):
-        self._handle = handle
-        self._streaming = handle.options(stream=True)
-
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
-        return self._streaming.generate.remote(request_id, prompt_ids, params, salt, output_ids)
-
-    async def cancel(self, request_id: str, reason: str = "abort") -> None:
-        await self._handle.cancel.remote(request_id, reason)
-
-    async def stats(self) -> dict:
-        return await self._handle.stats.remote()
-
-
 @serve.deployment(max_ongoing_requests=1024)
 @serve.ingress()
 class Ingress:
@@ -160,7 +140,7 @@ class Ingress:
 
     def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_open: bool = False):
-        self._app = build_app(RouterHandle(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
+        self._app = build_app(RouterStream(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
                               max_request_bytes, metrics_open)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -13,9 +13,10 @@ wait up to `no_mesh_wait_s`, then fail with NoMeshAvailable (HTTP 503). A down m
 `reset()`; the answer carries the replica's incarnation id, and the mesh rejoins with a fresh scheduler
 and work ids from 0 (a replica Serve restarted, or the same one once its stuck work ended).
 
-Token events are coalesced per request: the first token goes out at once, later ones at most every
-`stream_interval_ms`, and less often when many streams run, so that all of them together send at most
-`max_stream_chunks_per_s` chunks (every chunk costs CPU in the router, the ingress and the HTTP proxy).
+Token events leave on one long-lived stream per ingress replica (`events`), one message per flush for all
+of its requests (DESIGN.md "Data path at scale"): the router's cost is per step and per flush, not per
+token or per request; requests arrive and leave by unary calls (`submit`, `cancel`). Every request's tokens
+reach its ingress at most `stream_interval_ms` after the mesh made them, however many streams run.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from scheduler.blocks import extend_block_hashes
 from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from scheduler.work import MeshWork, StepResult, TokenEvent
+from scheduler.work import MeshWork, RequestFailed, StepResult, TokenEvent
 
 log = logging.getLogger("ray.serve")
 
@@ -63,8 +64,7 @@ class RouterConfig:
     pipeline_depth: int = 2
     max_waiting_requests: int = 1024
     max_waiting_tokens: int = 4 * 131072
-    stream_interval_ms: float = 10.0
-    max_stream_chunks_per_s: float = 500.0  # all streams together; beyond it, each stream coalesces more
+    stream_interval_ms: float = 10.0  # a consumer's stream sends at most one message per interval
     max_seq_len: int | None = None  # None: the backend's
     # failure handling
     step_deadline_factor: float = 20.0  # a message later than min + factor x the work's expected time: hung
@@ -103,19 +103,37 @@ class _Request:
     params: SamplingParams
     salt: str | None
     arrival_time: float
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # TokenEvent, or an exception to raise
+    sink: _Sink  # where its events go
     mesh: Mesh | None = None  # None: waiting for a live mesh
     held_output: list[int] = field(default_factory=list)  # tokens so far, while waiting for a live mesh
     held_since: float | None = None
 
 
-def merge(events: list[TokenEvent]) -> TokenEvent:
-    first, last = events[0], events[-1]
-    return TokenEvent(first.request_id, [t for e in events for t in e.token_ids],
-                      [lp for e in events for lp in e.logprobs], last.finish_reason,
-                      first.num_prompt_tokens or last.num_prompt_tokens,
-                      first.num_cached_tokens or last.num_cached_tokens, last.error,
-                      queue_time_s=first.queue_time_s)
+class _Sink:
+    """One consumer's event stream (an ingress replica's, or an in-process generate's): events wait here
+    until the next flush, one message for all the requests it carries. A quiet stream flushes at once (the
+    first token is not held back); a busy one at most every interval, however many requests it carries."""
+
+    def __init__(self) -> None:
+        self.items: list[TokenEvent | RequestFailed] = []
+        self.ready = asyncio.Event()
+        self.last_flush = 0.0
+        self.request_ids: set[str] = set()
+
+    def put(self, item: TokenEvent | RequestFailed) -> None:
+        self.items.append(item)
+        self.ready.set()
+
+    async def batches(self, interval_s: float) -> AsyncIterator[list[TokenEvent | RequestFailed]]:
+        while True:
+            await self.ready.wait()
+            delay = self.last_flush + interval_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # more events join this message meanwhile
+            batch, self.items = self.items, []
+            self.ready.clear()
+            self.last_flush = time.monotonic()
+            yield batch
 
 
 class Router:
@@ -123,6 +141,7 @@ class Router:
         self.config = config
         self.meshes = [Mesh(name, client) for name, client in meshes]
         self.requests: dict[str, _Request] = {}
+        self.sinks: dict[str, _Sink] = {}  # consumer id (an ingress replica) -> its stream
         self.cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that came before (or after) their request
         self.mesh_up = asyncio.Event()
         self.tasks = [asyncio.create_task(self._supervise(m)) for m in self.meshes]
@@ -153,29 +172,26 @@ class Router:
         mesh = max(live, key=lambda m: m.scheduler.placement_key(hashes, len(token_ids)))
         return mesh, hashes
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
-        """Run one request; yields TokenEvents until one carries a finish_reason.
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
+               output_ids: list[int], consumer: str) -> None:
+        """Accept a request; its events go to `consumer`'s stream (see `events`).
 
         `output_ids` continues a request whose first tokens were already delivered (the ingress resubmits
-        its streams this way when the router restarted); only the tokens after them are yielded.
-        Events are coalesced: the first token at once, later ones at most every stream_interval_ms (more
-        when many streams run). A mesh failure does not end the stream: the request moves to another mesh
-        and its events go on. Raises PromptTooLong / QueueFull when refused, NoMeshAvailable when no mesh
-        came up within no_mesh_wait_s. Closing the generator early cancels the request (slot and blocks
-        are freed at once). A request cancelled before it arrived ends at once with finish_reason "abort".
-        """
+        its streams this way when the router restarted); only the tokens after them come. A mesh failure does
+        not end a request: it moves to another mesh and its events go on. Raises PromptTooLong / QueueFull
+        when refused now; a later refusal (no mesh came back within no_mesh_wait_s: NoMeshAvailable) comes
+        on the stream as a RequestFailed. A request cancelled before it arrived ends at once ("abort")."""
+        sink = self.sinks.setdefault(consumer, _Sink())
         if self._forget_cancel(request_id):
-            yield TokenEvent(request_id, [], finish_reason="abort")
+            sink.put(TokenEvent(request_id, [], finish_reason="abort"))
             return
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already running")
         if len(output_ids) >= params.max_tokens:  # every token was delivered; only the finish was lost
-            yield TokenEvent(request_id, [], finish_reason="length")
+            sink.put(TokenEvent(request_id, [], finish_reason="length"))
             return
-        req = _Request(list(prompt_ids), params, salt, time.monotonic())
-        token_ids = [*prompt_ids, *output_ids]
-        placed = self.place(token_ids, salt)
+        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink)
+        placed = self.place([*prompt_ids, *output_ids], salt)
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
             mesh, hashes = placed
             mesh.scheduler.submit(request_id, req.prompt_ids, params, salt, list(output_ids),
@@ -185,44 +201,51 @@ class Router:
         else:
             self._hold(request_id, req, list(output_ids))
         self.requests[request_id] = req
-        finished = False
-        min_interval = self.config.stream_interval_ms / 1000
-        error: BaseException | None = None  # queued after events: raised once they are out
+        sink.request_ids.add(request_id)
+
+    async def events(self, consumer: str) -> AsyncIterator[list[TokenEvent | RequestFailed]]:
+        """The consumer's stream: one list per flush (every stream_interval_ms at most) holding the new
+        events of all its requests, a TokenEvent per request with tokens since its last one. When the stream
+        closes (its ingress went away), every request still on it is cancelled."""
+        sink = self.sinks.setdefault(consumer, _Sink())
         try:
-            while not finished:
-                item = await req.queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                events = [item]
-                interval = max(min_interval, len(self.requests) / self.config.max_stream_chunks_per_s)
-                if item.token_ids and item.num_prompt_tokens == 0:
-                    await asyncio.sleep(interval)  # not the first token: let a few more arrive
-                while not req.queue.empty():
-                    item = req.queue.get_nowait()
-                    if isinstance(item, BaseException):
-                        error = item
-                        break
-                    events.append(item)
-                event = merge(events)
-                finished = event.finish_reason is not None or error is not None
-                yield event
-                if error is not None:
-                    raise error
+            async for batch in sink.batches(self.config.stream_interval_ms / 1000):
+                yield batch
         finally:
-            self.requests.pop(request_id, None)
-            if not finished:  # the client went away: free its slot and blocks now
-                self._end(request_id, req, "abort")
+            for request_id in list(sink.request_ids):
+                self.cancel(request_id, "abort")
+            self.sinks.pop(consumer, None)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                       salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
+        """One request in this process (tests, benchmarks): its events until one carries a finish_reason.
+        Raises what `submit` raises, and a RequestFailed's error. Closing it early cancels the request."""
+        consumer = f"local-{request_id}"
+        self.submit(request_id, prompt_ids, params, salt, list(output_ids), consumer)
+        async with contextlib.aclosing(self.events(consumer)) as batches:
+            async for batch in batches:
+                for item in batch:
+                    if isinstance(item, RequestFailed):
+                        raise item.error
+                    yield item
+                    if item.finish_reason is not None:
+                        return
 
     def cancel(self, request_id: str, reason: str = "abort") -> None:
         """End a request now. One the router does not know (yet) is remembered for cancel_memory_s, so a
-        cancel that overtakes its generate still ends it."""
+        cancel that overtakes its submit still ends it."""
         req = self.requests.get(request_id)
         if req is None:
             self._remember_cancel(request_id)
             return
         event = self._end(request_id, req, reason)
-        req.queue.put_nowait(event or TokenEvent(request_id, [], finish_reason=reason))
+        self._finish(request_id, event or TokenEvent(request_id, [], finish_reason=reason))
+
+    def _finish(self, request_id: str, item: TokenEvent | RequestFailed) -> None:
+        """The request's last item: it leaves the router."""
+        req = self.requests.pop(request_id)
+        req.sink.request_ids.discard(request_id)
+        req.sink.put(item)
 
     def _end(self, request_id: str, req: _Request, reason: str) -> TokenEvent | None:
         mesh, req.mesh, req.held_since = req.mesh, None, None
@@ -266,7 +289,7 @@ class Router:
                                   arrival_time=req.arrival_time, block_hashes=hashes)
         except (PromptTooLong, QueueFull, ValueError) as exc:  # e.g. a mesh with a shorter max_seq_len
             req.mesh, req.held_since = None, None
-            req.queue.put_nowait(exc)
+            self._finish(request_id, RequestFailed(request_id, exc))
             return
         req.mesh, req.held_since = mesh, None
         mesh.wake.set()
@@ -279,8 +302,8 @@ class Router:
             for rid, req in list(self.requests.items()):
                 if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
                     req.held_since = None
-                    req.queue.put_nowait(NoMeshAvailable(
-                        f"no mesh has been available for {self.config.no_mesh_wait_s:.0f} s"))
+                    self._finish(rid, RequestFailed(rid, NoMeshAvailable(
+                        f"no mesh has been available for {self.config.no_mesh_wait_s:.0f} s")))
 
     def stats(self) -> dict:
         """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers."""
@@ -427,10 +450,13 @@ class Router:
     def _deliver(self, events: list[TokenEvent]) -> None:
         for event in events:
             req = self.requests.get(event.request_id)
-            if req is not None:
-                if event.finish_reason is not None:
-                    req.mesh = None
-                req.queue.put_nowait(event)
+            if req is None:
+                continue
+            if event.finish_reason is not None:
+                req.mesh = None
+                self._finish(event.request_id, event)
+            else:
+                req.sink.put(event)
 
 
 def _down_stats(caps: Capabilities | None) -> dict:
@@ -482,12 +508,15 @@ class RouterDeployment:
             self._router = Router([(f"mesh-{i}", c) for i, c in enumerate(self._clients)], self._config)
         return self._router
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
-        async with contextlib.aclosing(self._ready().generate(request_id, prompt_ids, params, salt,
-                                                              output_ids)) as events:
-            async for event in events:  # closing this stream closes the request's: its slot is freed at once
-                yield event
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
+                     output_ids: list[int], consumer: str) -> None:
+        self._ready().submit(request_id, prompt_ids, params, salt, output_ids, consumer)
+
+    async def events(self, consumer: str) -> AsyncIterator[list[TokenEvent | RequestFailed]]:
+        """The ingress replica `consumer`'s stream; closing it cancels its requests."""
+        async with contextlib.aclosing(self._ready().events(consumer)) as batches:
+            async for batch in batches:
+                yield batch
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
         self._ready().cancel(request_id, reason)

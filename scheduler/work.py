@@ -85,3 +85,12 @@ class TokenEvent:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
     queue_time_s: float | None = None  # first event only: router arrival -> first prefill chunk scheduled
+
+
+@dataclass
+class RequestFailed:
+    """A request the router accepted and then had to refuse (router -> ingress, beside its TokenEvents): no
+    mesh came back in time (NoMeshAvailable), or the mesh it moved to cannot take it (PromptTooLong)."""
+
+    request_id: str
+    error: BaseException

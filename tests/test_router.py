@@ -1,6 +1,7 @@
 """The router's loop without Ray: in-process meshes (MeshRunner on the simulated backend), including meshes
 that raise, hang, vanish and come back."""
 import asyncio
+import contextlib
 
 import pytest
 
@@ -205,5 +206,44 @@ def test_a_burst_is_split_evenly_across_meshes():
         await asyncio.gather(*rest)
         for s in streams:
             await s.aclose()
+        await router.close()
+    asyncio.run(main())
+
+
+def test_one_stream_carries_every_request_of_its_consumer():
+    """The router sends an ingress one message per flush for all its requests, not one per request."""
+    async def main():
+        alone = await solo_outputs(PROMPTS[:6], LONG)
+        router, _ = await make_router(num_meshes=2, stream_interval_ms=20)
+        for i, p in enumerate(PROMPTS[:6]):
+            router.submit(f"r{i}", p, LONG, None, [], "ingress-a")
+        outputs = {f"r{i}": [] for i in range(6)}
+        finished, batches, shared = set(), 0, 0
+        async with contextlib.aclosing(router.events("ingress-a")) as stream:
+            async for batch in stream:
+                batches += 1
+                shared += len({e.request_id for e in batch}) > 1
+                for event in batch:
+                    outputs[event.request_id] += event.token_ids
+                    if event.finish_reason:
+                        finished.add(event.request_id)
+                if len(finished) == 6:
+                    break
+        assert [(outputs[f"r{i}"], "length") for i in range(6)] == alone
+        assert shared > 0 and batches < sum(len(t) for t, _ in alone) / 4  # tokens ride together
+        assert idle(router)
+        await router.close()
+    asyncio.run(main())
+
+
+def test_closing_a_consumers_stream_cancels_its_requests():
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        for i in range(3):
+            router.submit(f"r{i}", PROMPTS[i], SamplingParams(temperature=0.0, max_tokens=500), None, [], "gone")
+        stream = router.events("gone")
+        await anext(stream)
+        await stream.aclose()  # the ingress replica went away
+        await until(lambda: idle(router) and not router.requests)
         await router.close()
     asyncio.run(main())
