@@ -3,6 +3,14 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Serve's throughput mode and the HAProxy ingress (DESIGN.md "Data path at scale"); Serve reads them when Ray
+# starts. `make serve MESHSERVE_PLAIN_PROXY=1` (or the variable in the environment) serves through Serve's
+# plain Python proxy instead.
+ifeq ($(filter-out 0,$(MESHSERVE_PLAIN_PROXY)),)
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+else
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=0 RAY_SERVE_ENABLE_HA_PROXY=0
+endif
 
 .PHONY: test serve model clean
 
@@ -23,7 +31,7 @@ serve: $(STAMP) model
 	@echo "  http://localhost:8000/v1   e.g.:"
 	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
-	$(BIN)/serve run serve_config.yaml
+	$(SERVE_ENV) $(BIN)/serve run serve_config.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

