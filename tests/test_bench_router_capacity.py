@@ -1,0 +1,58 @@
+"""bench.router_capacity: the router in-process with simulated meshes (in processes and in threads), on tiny
+runs; its figures are printed, never asserted, only their shape and sanity."""
+import asyncio
+import json
+
+import pytest
+
+from bench import router_capacity as rc
+
+TINY = dict(seconds=0.6, warmup_s=0.3, prompt_tokens=16, max_tokens=12, extra_per_mesh=1, time_scale=0.2,
+            max_seq_len=4096)
+
+
+@pytest.mark.parametrize("mode", ["processes", "threads"])
+def test_a_tiny_run_keeps_the_meshes_working_and_accounts_for_their_time(mode):
+    r = asyncio.run(rc.measure(2, mesh_mode=mode, **TINY))
+    assert r["meshes"] == 2 and r["mesh_mode"] == mode and len(r["per_mesh"]) == 2
+    assert r["tokens"] > 0 and r["errors"] == []
+    assert r["router_cpu_us_per_token"] > 0 and 0 < r["loop_busy"] < 2
+    for m in r["per_mesh"]:
+        assert 0 < m["busy"] <= 1.1 and 0 <= m["starved"] <= 1.1 and m["overrun"] >= 0
+        assert m["busy"] + m["starved"] + m["overrun"] == pytest.approx(1.0, abs=0.15)  # up to a step at each edge
+    assert r["busy_min"] <= r["busy_mean"] and isinstance(r["kept_busy"], bool)
+
+
+def test_requests_that_end_are_replaced_so_the_router_always_holds_the_same_number():
+    async def run():
+        meshes = [rc.ThreadMesh("mesh-0", 0.05, max_seq_len=4096)]
+        router = rc.Router([("mesh-0", meshes[0])], rc.RouterConfig())
+        while not router.meshes[0].up:
+            await asyncio.sleep(0.01)
+        consumers = rc.Consumers(router, 5, prompt_tokens=8, max_tokens=4, serialize=True)
+        await asyncio.sleep(1.0)
+        held = len(router.requests)
+        await consumers.close()
+        await router.close()
+        meshes[0].close()
+        return consumers, held
+    consumers, held = asyncio.run(run())
+    assert consumers.requests_done >= 5 and consumers.errors == []
+    assert held <= 5 and consumers.tokens >= 4 * consumers.requests_done
+
+
+def test_largest_kept_busy_stops_at_the_first_miss():
+    runs = [{"meshes": n, "kept_busy": ok} for n, ok in [(4, True), (1, True), (2, True), (8, False), (16, True)]]
+    assert rc.largest_kept_busy(runs) == 4
+    assert rc.largest_kept_busy([{"meshes": 1, "kept_busy": False}]) == 0
+    assert rc.largest_kept_busy([{"meshes": 1, "kept_fed": True}, {"meshes": 2, "kept_fed": True}], "kept_fed") == 2
+
+
+def test_command_line_prints_one_json_object(capsys):
+    report = rc.main(["--meshes", "1", "--seconds", "0.5", "--warmup-s", "0.3", "--max-tokens", "16",
+                      "--time-scale", "0.2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["largest_kept_busy"] == report["largest_kept_busy"] in (0, 1)
+    assert out["largest_kept_fed"] in (0, 1)
+    assert [r["meshes"] for r in out["runs"]] == [1]
+    assert out["config"]["mesh_mode"] == "processes" and out["runs"][0]["limit"]
