@@ -27,7 +27,8 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   Tool, TopLogprob, Usage)
 from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, StopStrings, TokenOffsets
 from deployments.structured import Constraint, ToolMode, constraint_for
-from deployments.tool_calls import ParsedCall, ToolCallStream, call_id, parse_tool_calls, render_messages, tool_definitions
+from deployments.tool_calls import (ParsedCall, ToolCallStream, call_id, cut_call, parse_tool_calls, render_messages,
+                                   tool_definitions)
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -40,6 +41,7 @@ ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # tokenized (~1 s per MB). Generous: English averages ~4 characters per token, code and runs of whitespace
 # more, and no text that fits the context averages 32.
 MAX_CHARS_PER_TOKEN = 32
+MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least, in every chat template
 # Tokenizing and chat templating run here, off the event loop, so a 2 MB prompt does not stall every other
 # stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
@@ -69,6 +71,16 @@ def check_prompt_chars(chars: int, limit: int, param: str) -> None:
                        code="context_length_exceeded")
 
 
+def chat_chars(req: ChatCompletionRequest) -> int:
+    """What a chat puts into the template, in characters: every message's text and tool calls, the tools'
+    definitions, and a template's few tokens per message (MIN_TOKENS_PER_MESSAGE), so that a huge tool list or
+    100k empty messages are refused before templating (which holds the GIL, stalling every stream)."""
+    per_message = MIN_TOKENS_PER_MESSAGE * MAX_CHARS_PER_TOKEN
+    chars = sum(len(m.text) + per_message + sum(len(c.function.arguments) for c in m.tool_calls or ())
+                for m in req.messages)
+    return chars + sum(len(t.function.model_dump_json()) for t in req.tools or ())
+
+
 def check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
     """The rules that need the model's vocabulary (the protocol checks the rest)."""
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
@@ -80,7 +92,7 @@ def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) 
     """OpenAI's logit_bias (token id text -> bias) as ids, each in the vocabulary, each bias in [-100, 100]."""
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= vocab_size or not -100 <= value <= 100:
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size or not -100 <= value <= 100:
             raise APIError(400, f"logit_bias: keys must be token ids in [0, {vocab_size}) and biases in "
                                 f"[-100, 100]; got {key!r}: {value}", param="logit_bias")
         bias[int(key)] = value
@@ -168,7 +180,7 @@ class OpenAIServer:
         """The prompt's token ids, and the field it came from. Text far too long for `limit` tokens is
         refused without tokenizing it."""
         if isinstance(req, ChatCompletionRequest):
-            check_prompt_chars(sum(len(m.text) for m in req.messages), limit, "messages")
+            check_prompt_chars(chat_chars(req), limit, "messages")
             tools = constraint.tools if constraint.tool_mode != "none" else None
             return await self.off_loop(self.encode_messages, req.messages, True, tools), "messages"
         if isinstance(req.prompt, str):
@@ -329,10 +341,12 @@ class OpenAIServer:
             choices = []
             for i, t in enumerate(totals):
                 calls = parse_tool_calls(t.text, prep.tools) if prep.tool_mode != "none" else None
+                if not calls and prep.tool_mode == "forced":  # cut off by max_tokens: still a (partial) call
+                    calls = [cut_call(t.text, prep.tools)]
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
-                choices.append(ChatChoice(index=i, message=message,
-                                          finish_reason="tool_calls" if calls else t.finish_reason,
+                reason = "tool_calls" if calls and t.finish_reason == "stop" else t.finish_reason
+                choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                        usage=usage).model_dump())
@@ -374,7 +388,7 @@ class OpenAIServer:
                     content, parsed = tool_streams[d.index].feed(d.text, d.finish_reason is not None)
                     if parsed:
                         calls = [DeltaToolCall(index=k, **_tool_call(c).model_dump()) for k, c in enumerate(parsed)]
-                        reason = "tool_calls"
+                        reason = "tool_calls" if reason == "stop" else reason
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
                                        finish_reason=reason,

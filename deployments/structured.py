@@ -77,7 +77,8 @@ def _tool_call_grammar(tools: list[Tool], choice):
         return any_of_grammars([json_schema_grammar({
             "type": "object", "additionalProperties": False, "required": ["name", "parameters"],
             "properties": {"name": {"const": t.function.name},
-                           "parameters": t.function.parameters or {"type": "object", "properties": {}}}})
+                           "parameters": closed(t.function.parameters) if t.function.strict
+                           else t.function.parameters or {"type": "object", "properties": {}}}})
             for t in chosen])
     return build
 
@@ -90,6 +91,8 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
         sources.append(("response_format", lambda: json_schema_grammar(True)))
     elif fmt is not None and fmt.type == "json_schema":
         schema = fmt.json_schema.schema_
+        if schema is not None and fmt.json_schema.strict:
+            schema = closed(schema)
         sources.append(("response_format.json_schema.schema",
                         lambda: json_schema_grammar(True if schema is None else schema)))
     so = req.structured_outputs
@@ -107,6 +110,22 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
         if value is not None:
             sources.append((f"guided_{name}", _builder(name, value)))
     return sources
+
+
+def closed(schema: dict | None) -> dict:
+    """A strict schema as OpenAI reads it: no object takes properties it does not list (OpenAI requires
+    `additionalProperties: false` on each; here one left out means false, not JSON Schema's true)."""
+    if not isinstance(schema, dict):
+        return {"type": "object", "properties": {}, "additionalProperties": False} if schema is None else schema
+    out = {k: closed(v) if isinstance(v, dict) else [closed(x) if isinstance(x, dict) else x for x in v]
+           if isinstance(v, list) and k in ("anyOf", "oneOf", "allOf", "prefixItems") else v
+           for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in schema[key].items()}
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def _builder(kind: str, value):

@@ -10,6 +10,7 @@ JSON, so the model sees its own convention.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -92,6 +93,14 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
     return calls or None
 
 
+def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
+    """A forced call the answer could not finish (max_tokens): its name, and its arguments as far as they go
+    (vLLM's llama3_json does likewise), so a client reading tool_calls[0] finds what there is."""
+    name = re.search(r'"name"\s*:\s*"([^"]*)"', text)
+    arguments = re.search(r'"(?:parameters|arguments)"\s*:\s*', text)
+    return ParsedCall(name[1] if name else tools[0].function.name, text[arguments.end():] if arguments else "")
+
+
 def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
@@ -119,4 +128,6 @@ class ToolCallStream:
         if not final:
             return "", None
         calls = parse_tool_calls(self.held, self.tools)
+        if not calls and self.forced:
+            calls = [cut_call(self.held, self.tools)]
         return ("", calls) if calls else (self.held, None)

@@ -9,6 +9,8 @@ import torch
 
 from scheduler.sampling import SamplingParams, TokenLogprobs
 
+MIN_LOGPROB = -9999.0
+
 
 def _seeded_generator(seed: int, position: int) -> torch.Generator:
     g = torch.Generator()
@@ -60,7 +62,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
         token = int(torch.argmax(probs / noise))  # Gumbel-style race: an exact draw from probs
     lp = None
     if params.logprobs is not None:
-        logp = logits.log_softmax(-1)
+        # A token a grammar or a -100 bias rules out has logprob -inf, which JSON cannot carry: vLLM's floor.
+        logp = logits.log_softmax(-1).clamp(min=MIN_LOGPROB)
         top = torch.topk(logp, params.logprobs) if params.logprobs else None
         lp = TokenLogprobs(token, float(logp[token]),
                            [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))

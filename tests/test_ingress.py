@@ -621,6 +621,7 @@ def test_structured_outputs_and_logit_bias_reach_the_sampler(client, router):
 @pytest.mark.parametrize("extra, param", [
     ({"logit_bias": {"99999999": 5}}, "logit_bias"),
     ({"logit_bias": {"abc": 5}}, "logit_bias"),
+    ({"logit_bias": {"²": 5}}, "logit_bias"),  # str.isdigit() takes it; int() does not
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "bogus"}}}},

@@ -129,3 +129,12 @@ def test_stop_fields_normalise():
     assert SamplingParams(stop=None, stop_token_ids=None).stop == ()
     with pytest.raises(ValidationError):
         params.temperature = 0.5  # frozen: shared between the router and the mesh
+
+
+def test_logprobs_of_tokens_a_grammar_rules_out_are_finite():
+    """A masked token's logprob is -inf, which JSON cannot carry (a 500 once): it is floored as vLLM does."""
+    masked = LOGITS.clone()
+    masked[1:] = float("-inf")
+    token, lp = sample_row(masked, SamplingParams(temperature=0.0, logprobs=3), 0)
+    assert token == 0 and lp.logprob == 0.0
+    assert all(-10_000 < value <= 0 for _, value in lp.top)

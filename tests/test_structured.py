@@ -112,3 +112,29 @@ def test_tools_and_tool_history_reach_a_template_that_cannot_render_them(tok):
     assert json.loads(rendered[2]["content"]) == {"name": "get_weather", "parameters": {"city": "Oslo"}}
     assert rendered[3] == {"role": "tool", "content": "sunny"}
     assert "sunny" in tok.render_chat(rendered)
+
+
+def test_a_strict_schema_takes_no_property_it_does_not_list(tok, llt):
+    person = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "pet": {"type": "object", "properties": {"kind": {"type": "string"}}}}}
+    strict = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "p", "schema": person, "strict": True}}), lambda: llt).grammar
+    loose = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "p", "schema": person}}), lambda: llt).grammar
+    extra = '{"name": "a", "pet": {"kind": "cat", "age": 3}}'
+    assert accepts(llt, tok, loose, extra) and not accepts(llt, tok, strict, extra)
+    assert accepts(llt, tok, strict, '{"name": "a", "pet": {"kind": "cat"}}')
+    tool = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    forced = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
+    assert not accepts(llt, tok, forced, '{"name": "get_weather", "parameters": {"city": "Oslo", "x": 1}}')
+
+
+def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
+    from deployments.tool_calls import ToolCallStream, cut_call
+    tools = [Tool.model_validate(WEATHER)]
+    call = cut_call('{"name": "get_weather", "parameters": {"city": "Os', tools)
+    assert (call.name, call.arguments) == ("get_weather", '{"city": "Os')
+    stream = ToolCallStream(tools, forced=True)
+    assert stream.feed('{"name": "get_weather", "param', final=False) == ("", None)
+    content, calls = stream.feed('eters": {"ci', final=True)
+    assert content == "" and calls[0].name == "get_weather"
