@@ -632,3 +632,12 @@ def test_structured_outputs_and_logit_bias_reach_the_sampler(client, router):
 def test_bad_constraints_are_400s_naming_the_field(client, router, extra, param):
     assert_error(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400, param)
     assert not router.requests
+
+
+def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, router):
+    """100k empty messages, or huge tool definitions, cannot fit: refused without running the template."""
+    many = {**CHAT, "messages": [{"role": "user", "content": ""}] * 100_000}
+    assert_error(client.post("/v1/chat/completions", json=many), 400, "messages")
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "x" * 60_000}} for i in range(5)]
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "messages")
+    assert not router.requests
