@@ -5,7 +5,6 @@ import asyncio
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,62 +14,11 @@ from starlette.requests import ClientDisconnect
 from deployments.ingress import build_app
 from deployments.streaming import StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from model.embedded import ensure_smollm2
-from model.tokenizer import load_tokenizer
 from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import MAX_LOGPROBS
-from tests.fake_router import FakeRouter
+from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
+                                   make_client, router, sse, tokenizer)
 
-MODEL = "smollm2"
-MAX_LEN = 256
-ANSWER = "Hello world, the answer is 42. Emoji 🚀 done."
-CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
-COMPLETION = {"model": MODEL, "prompt": "Once upon a time"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(ensure_smollm2())
-
-
-@pytest.fixture
-def eos(tokenizer) -> int:
-    (eos,) = tokenizer.stop_ids
-    return eos
-
-
-@pytest.fixture
-def router(tokenizer, eos) -> FakeRouter:
-    return FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=MAX_LEN)
-
-
-def make_client(router, tokenizer, api_keys=None) -> TestClient:
-    app = build_app(router, tokenizer, MODEL, api_keys)
-    app.state.server.retry_backoff_s = (0.0, 0.0)  # a failing router is retried twice, at once
-    return TestClient(app, raise_server_exceptions=False)
-
-
-@pytest.fixture
-def client(router, tokenizer) -> TestClient:
-    return make_client(router, tokenizer)
-
-
-def sse(response) -> list:
-    """The data payloads of an SSE body; the last must be [DONE]."""
-    assert response.headers["content-type"].startswith("text/event-stream")
-    payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line]
-    assert payloads[-1] == "[DONE]"
-    return [json.loads(p) for p in payloads[:-1]]
-
-
-def assert_error(response, status: int, param: str | None = None):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert "Traceback" not in error["message"]
-    if param is not None:
-        assert error["param"] == param and param in error["message"]
-    return error
 
 
 # ---- answers ------------------------------------------------------------------------------------
