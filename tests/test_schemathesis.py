@@ -42,7 +42,7 @@ def report():
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 def test_no_server_error_and_openai_errors(case):
     response = case.call()
     RUNS.append((f"{case.method} {case.path}", response.status_code))
