@@ -26,7 +26,7 @@ from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import OpenAIServer, RouterClient
 from deployments.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
                                   ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
-from deployments.router_client import RouterStream
+from deployments.router_client import RouterLink
 from model.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -140,7 +140,7 @@ class Ingress:
 
     def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_open: bool = False):
-        self._app = build_app(RouterStream(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
+        self._app = build_app(RouterLink(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
                               max_request_bytes, metrics_open)
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -8,6 +8,10 @@ Each replica start draws an incarnation id. The router's `reset()` (at its own s
 brings this mesh back after a failure) drops every slot and restarts work ids at 0, after the work on the
 worker thread ends; works planned for an older incarnation or before the reset are refused at once, and
 none waits for its turn longer than a deadline, so a replica never hangs on a work id that will not come.
+
+Works and their results travel on a direct link (deployments/link.py) whose address the router asks for
+(`link_address`): one message per step through a Serve stream cost the router more than the step's tokens
+(DESIGN.md, "Data path at scale"). Serve carries the control calls (reset, health).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from functools import partial
 from ray import serve
 
 from deployments.config import AppConfig
+from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from model.backend import Backend, Capabilities
 from model.runner import MeshRunner
 from scheduler.work import MeshWork, StepResult
@@ -84,6 +89,7 @@ class MeshReplica:
         self.running: tuple[float, float] | None = None  # (start of the current step, its deadline in s)
         self.error: BaseException | None = None
         self.closed = False
+        self.link_server = LinkServer(self._serve_link)
 
     def capabilities(self) -> Capabilities:
         return self.caps
@@ -131,6 +137,40 @@ class MeshReplica:
                 if self.generation == generation:
                     self.next_work_id = work.work_id + 1
                     self.turn.notify_all()
+
+    async def link_address(self) -> LinkAddress:
+        """Where the router sends works (started on first call, in the replica's event loop)."""
+        return await self.link_server.start(node_ip())
+
+    async def _serve_link(self, link: Link) -> None:
+        """Frames in: (MeshWork, incarnation). Frames out, per work in order: (work_id, StepResult) per
+        message, then (work_id, None) at its end, or (work_id, exception) if it fails. When the router
+        closes the link (it gave up on this mesh), works still waiting for their turn are dropped."""
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                work, incarnation = await link.recv()
+                task = asyncio.create_task(self._send_results(link, work, incarnation))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _send_results(self, link: Link, work: MeshWork, incarnation: str) -> None:
+        try:
+            async for result in self.execute(work, incarnation):
+                link.send((work.work_id, result))
+            link.send((work.work_id, None))
+        except ConnectionError:
+            return
+        except Exception as exc:
+            try:
+                link.send((work.work_id, exc))
+            except ConnectionError:
+                return
+            except Exception:  # an exception that does not pickle
+                link.send((work.work_id, RuntimeError(repr(exc))))
 
     def _deadline(self, work: MeshWork) -> float:
         tokens = sum(len(c.token_ids) - c.start for c in work.prefills)

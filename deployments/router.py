@@ -15,7 +15,8 @@ and work ids from 0 (a replica Serve restarted, or the same one once its stuck w
 
 Token events leave on one long-lived stream per ingress replica (`events`), one message per flush for all
 of its requests (DESIGN.md "Data path at scale"): the router's cost is per step and per flush, not per
-token or per request; requests arrive and leave by unary calls (`submit`, `cancel`). Every request's tokens
+token or per request. Under Serve, works, results, requests and events travel on direct links
+(deployments/link.py), not Serve calls. Every request's tokens
 reach its ingress at most `stream_interval_ms` after the mesh made them, however many streams run.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ from typing import Protocol
 
 from ray import serve
 
+from deployments.link import Link, LinkAddress, LinkServer, node_ip
+from deployments.mesh_client import LinkMeshClient
 from model.backend import Capabilities
 from scheduler.blocks import extend_block_hashes
 from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
@@ -230,6 +234,10 @@ class Router:
                     yield item
                     if item.finish_reason is not None:
                         return
+
+    def refuse(self, request_id: str, consumer: str, error: BaseException) -> None:
+        """Tell `consumer` that a request it submitted was refused (what submit raised), on its stream."""
+        self.sinks.setdefault(consumer, _Sink()).put(RequestFailed(request_id, error))
 
     def cancel(self, request_id: str, reason: str = "abort") -> None:
         """End a request now. One the router does not know (yet) is remembered for cancel_memory_s, so a
@@ -468,58 +476,56 @@ def _down_stats(caps: Capabilities | None) -> dict:
             "kv_groups": groups, "groups": [], "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0}
 
 
-class ServeMeshClient:
-    """MeshClient over a Serve handle to one single-replica `mesh-i` deployment."""
-
-    def __init__(self, handle):
-        self._handle = handle
-        self._streaming = handle.options(stream=True)
-
-    def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
-        return self._results(self._streaming.execute.remote(work, incarnation))  # sent before iterated
-
-    @staticmethod
-    async def _results(response) -> AsyncIterator[StepResult]:
-        finished = False
-        try:
-            async for step in response:
-                yield step
-            finished = True
-        finally:
-            if not finished:  # the router gave up on this work: stop the replica's side too
-                response.cancel()
-
-    async def reset(self) -> tuple[str, Capabilities]:
-        return await self._handle.reset.remote()
-
-
 @serve.deployment(max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0.2})
 class RouterDeployment:
     """Serve wrapper: one replica (it owns all scheduling state); meshes are single-replica deployments
-    `mesh-0..N-1`, so a handle to one of them reaches exactly that mesh and its KV cache."""
+    `mesh-0..N-1`, so a handle to one of them reaches exactly that mesh and its KV cache.
+
+    Each ingress replica holds one link to it (deployments/link.py; address from `link_address`): frames
+    in are ("submit", request_id, prompt_ids, params, salt, output_ids) and ("cancel", request_id, reason);
+    frames out are the event batches of `Router.events` for that link. A refused submit comes back as a
+    RequestFailed on the same link. A link that closes cancels every request it carried."""
 
     def __init__(self, mesh_handles: list, config: dict):
-        self._clients = [ServeMeshClient(h) for h in mesh_handles]
+        self._clients = [LinkMeshClient(h) for h in mesh_handles]
         self._config = RouterConfig(**config)
         self._router: Router | None = None
+        self._link_server = LinkServer(self._serve_consumer)
 
     def _ready(self) -> Router:
         if self._router is None:  # built in the replica's event loop: it starts the mesh tasks
             self._router = Router([(f"mesh-{i}", c) for i, c in enumerate(self._clients)], self._config)
         return self._router
 
-    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
-                     output_ids: list[int], consumer: str) -> None:
-        self._ready().submit(request_id, prompt_ids, params, salt, output_ids, consumer)
+    async def link_address(self) -> LinkAddress:
+        self._ready()
+        return await self._link_server.start(node_ip())
 
-    async def events(self, consumer: str) -> AsyncIterator[list[TokenEvent | RequestFailed]]:
-        """The ingress replica `consumer`'s stream; closing it cancels its requests."""
-        async with contextlib.aclosing(self._ready().events(consumer)) as batches:
-            async for batch in batches:
-                yield batch
+    async def _serve_consumer(self, link: Link) -> None:
+        router, consumer = self._ready(), f"link-{uuid.uuid4().hex}"
 
-    async def cancel(self, request_id: str, reason: str = "abort") -> None:
-        self._ready().cancel(request_id, reason)
+        async def send_events() -> None:
+            async with contextlib.aclosing(router.events(consumer)) as batches:
+                async for batch in batches:
+                    link.send(batch)
+                    if link.backlogged:
+                        await link.drain()
+        sender = asyncio.create_task(send_events())
+        try:
+            while True:
+                message = await link.recv()
+                if message[0] == "submit":
+                    _, request_id, prompt_ids, params, salt, output_ids = message
+                    try:
+                        router.submit(request_id, prompt_ids, params, salt, output_ids, consumer)
+                    except Exception as exc:  # refused now (too long, queue full): the ingress raises it
+                        router.refuse(request_id, consumer, exc)
+                else:
+                    _, request_id, reason = message
+                    router.cancel(request_id, reason)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
 
     async def stats(self) -> dict:
         return self._ready().stats()

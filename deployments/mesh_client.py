@@ -1,0 +1,90 @@
+"""The router's side of one mesh replica: control calls through Serve, works and results on a direct link.
+
+One link per mesh incarnation, opened at `reset` (the router's probe, which every (re)join goes through) and
+closed when the router gives up on a work (the mesh is being failed over) or the replica goes away, which
+every open work then sees as a ConnectionError: the router's failure path, at once rather than at a deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from deployments.link import Link, connect
+from model.backend import Capabilities
+from scheduler.work import MeshWork, StepResult
+
+
+class LinkMeshClient:
+    """MeshClient (deployments/router.py) over a Serve handle to one single-replica `mesh-i` deployment."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self._link: Link | None = None
+        self._reader: asyncio.Task | None = None
+        self._works: dict[int, asyncio.Queue] = {}
+
+    async def reset(self) -> tuple[str, Capabilities]:
+        incarnation, caps = await self._handle.reset.remote()
+        address = await self._handle.link_address.remote()
+        self._close(ConnectionError("the mesh was reset"))
+        self._link = await connect(address)
+        self._reader = asyncio.create_task(self._read(self._link))
+        return incarnation, caps
+
+    def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._works[work.work_id] = queue
+        try:
+            if self._link is None:
+                raise ConnectionError("no link to the mesh")
+            self._link.send((work, incarnation))  # sent now: queued on the mesh before the results are awaited
+        except ConnectionError as exc:
+            queue.put_nowait(exc)
+        return self._results(work.work_id, queue)
+
+    async def _results(self, work_id: int, queue: asyncio.Queue) -> AsyncIterator[StepResult]:
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    finished = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if self._works.get(work_id) is queue:  # still on the current link
+                del self._works[work_id]
+                if not finished:  # the router gave up on this work: the mesh is failing over
+                    self._close(ConnectionError("the router dropped the link"))
+
+    async def _read(self, link: Link) -> None:
+        error: BaseException = ConnectionError("the mesh closed its link")
+        try:
+            while True:
+                work_id, item = await link.recv()
+                queue = self._works.get(work_id)
+                if queue is not None:
+                    queue.put_nowait(item)
+        except Exception as exc:
+            error = exc if isinstance(exc, ConnectionError) else ConnectionError(f"mesh link broke: {exc!r}")
+        finally:
+            if link is self._link:
+                self._close(error)
+
+    def _close(self, error: BaseException) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        for queue in self._works.values():
+            queue.put_nowait(error)
+        self._works.clear()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close(ConnectionError("closed"))
