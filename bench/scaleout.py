@@ -33,16 +33,9 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from bench.local_serve import fake_galaxy_cluster, router_stats, serve_app
+from bench.local_serve import fake_galaxy_cluster, serve_app
 from bench.saturation import capacity_tokens_per_s, distinct_prompts, drive, steady_window, ttfts
 from deployments.config import AppConfig
-
-
-def router_cpu_us_per_round(before: dict, after: dict) -> float:
-    """Router CPU per decode round over the run, all meshes together, from two router_stats() snapshots."""
-    rounds = sum(a["rounds"] - b["rounds"] for a, b in zip(after["meshes"], before["meshes"]))
-    cpu_s = sum(a["plan_cpu_s"] - b["plan_cpu_s"] for a, b in zip(after["meshes"], before["meshes"]))
-    return cpu_s / rounds * 1e6 if rounds else float("nan")
 
 
 def measure(config: AppConfig, prompt_tokens: int, output_tokens: int) -> dict:
@@ -52,11 +45,9 @@ def measure(config: AppConfig, prompt_tokens: int, output_tokens: int) -> dict:
     try:
         with serve_app(config, cluster_address=cluster.address) as url:
             asyncio.run(drive(url, config.name, distinct_prompts(2 * n, prompt_tokens, first_id=30000), 4))  # warm-up
-            before = router_stats()
             with tqdm(total=clients * output_tokens, unit="tok", desc=f"{n} mesh(es)", file=sys.stderr) as bar:
                 runs, wall = asyncio.run(drive(url, config.name, distinct_prompts(clients, prompt_tokens),
                                                output_tokens, bar.update))
-            after = router_stats()
             load = os.getloadavg()[0]
     finally:
         cluster.shutdown()
@@ -69,7 +60,6 @@ def measure(config: AppConfig, prompt_tokens: int, output_tokens: int) -> dict:
             "ttft_p50_ms": float(ttft_ms[0]), "ttft_p99_ms": float(ttft_ms[1]),
             "ttft_p50_galaxy_ms": float(ttft_ms[0]) / config.time_scale,
             "ttft_p99_galaxy_ms": float(ttft_ms[1]) / config.time_scale,
-            "router_cpu_us_per_round": router_cpu_us_per_round(before, after),
             "galaxy_equivalent_tokens_per_s": window.tokens_per_s * config.time_scale,
             "window_s": window.seconds, "window_tokens": window.tokens, "whole_run_s": wall,
             "chunks_per_s": sum(len(m) - 1 for m in runs) / wall, "load_avg_1min": load}
@@ -81,7 +71,7 @@ COLUMNS = [  # (header, result key, format, multiplier)
     ("efficiency", "efficiency", ".3f", 1),
     ("TTFT p50 s", "ttft_p50_ms", ".1f", 1e-3), ("TTFT p99 s", "ttft_p99_ms", ".1f", 1e-3),
     ("p50 Galaxy ms", "ttft_p50_galaxy_ms", ".0f", 1), ("p99 Galaxy ms", "ttft_p99_galaxy_ms", ".0f", 1),
-    ("router us/round", "router_cpu_us_per_round", ".0f", 1), ("chunks/s", "chunks_per_s", ".0f", 1),
+    ("chunks/s", "chunks_per_s", ".0f", 1),
     ("load", "load_avg_1min", ".1f", 1),
 ]
 

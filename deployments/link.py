@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 _LEN = struct.Struct(">I")
 SECRET_BYTES = 16
-HIGH_WATER = 1 << 20  # bytes buffered for a slow peer before send() callers are told to drain
 
 
 @dataclass(frozen=True)
@@ -50,12 +49,9 @@ class Link:
         self._writer.write(_LEN.pack(len(data)) + data)
 
     @property
-    def backlogged(self) -> bool:
-        """More than HIGH_WATER bytes wait for the peer: await drain() before sending more."""
-        return self._writer.transport.get_write_buffer_size() > HIGH_WATER
-
-    async def drain(self) -> None:
-        await self._writer.drain()
+    def backlog_bytes(self) -> int:
+        """Bytes sent but not yet taken by the peer's socket."""
+        return self._writer.transport.get_write_buffer_size()
 
     async def recv(self):
         try:
@@ -106,20 +102,21 @@ class LinkServer:
         link = Link(reader, writer)
         try:
             secret = await asyncio.wait_for(reader.readexactly(SECRET_BYTES), 10.0)
-            if not hmac.compare_digest(secret, self.address.secret):
+            if self.address is None or not hmac.compare_digest(secret, self.address.secret):
                 return
             _no_delay(writer)
             await self._handler(link)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.CancelledError):
+            pass  # the peer left, or this server closed: the connection's end, nothing to report
         finally:
             self._tasks.discard(task)
             link.close()
 
     def close(self) -> None:
-        """Stop listening and end every open link's handler."""
+        """Stop listening and end every open link's handler; a later start() listens anew."""
         if self._server is not None:
             self._server.close()
+        self._server, self.address = None, None
         for task in list(self._tasks):
             task.cancel()
 

@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,9 +40,11 @@ from scheduler.blocks import extend_block_hashes
 from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from scheduler.work import MeshWork, RequestFailed, StepResult, TokenEvent
+from scheduler.work import MeshWork, RequestFailed, StepResult, TokenEvent, pack_events
 
 log = logging.getLogger("ray.serve")
+
+MAX_CONSUMER_BACKLOG = 256 << 20  # bytes of events an ingress has not read: past it, it is taken for gone
 
 
 class MeshClient(Protocol):
@@ -90,7 +92,6 @@ class Mesh:
     down_reason: str | None = "starting"
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rounds: int = 0
-    plan_cpu_s: float = 0.0  # router CPU spent planning and taking results in (for the scale-out report)
     failovers: int = 0
     requests_migrated: int = 0
 
@@ -114,30 +115,53 @@ class _Request:
 
 
 class _Sink:
-    """One consumer's event stream (an ingress replica's, or an in-process generate's): events wait here
-    until the next flush, one message for all the requests it carries. A quiet stream flushes at once (the
-    first token is not held back); a busy one at most every interval, however many requests it carries."""
+    """One consumer's event stream (an ingress replica's link, or an in-process generate's queue): events
+    wait here until the next flush, one message for all the requests it carries, one TokenEvent per request
+    (merged). A quiet stream flushes at once (the first token is not held back); a busy one at most every
+    interval, however many requests it carries. The flush is a timer callback on the loop, not a task: a
+    mesh step's events leave in the same wake-up that brought them, when the interval allows."""
 
-    def __init__(self) -> None:
-        self.items: list[TokenEvent | RequestFailed] = []
-        self.ready = asyncio.Event()
-        self.last_flush = 0.0
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.events: dict[str, TokenEvent] = {}  # request id -> its events since the last flush, merged
+        self.failed: list[RequestFailed] = []  # last of a request's items: sent after its tokens
         self.request_ids: set[str] = set()
+        self.send: Callable[[list[TokenEvent | RequestFailed]], None] | None = None  # None: held until attached
+        self._last_flush = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
 
     def put(self, item: TokenEvent | RequestFailed) -> None:
-        self.items.append(item)
-        self.ready.set()
+        if isinstance(item, RequestFailed):
+            self.failed.append(item)
+        elif (pending := self.events.get(item.request_id)) is not None:
+            pending.merge(item)
+        else:
+            self.events[item.request_id] = item
+        self._schedule()
 
-    async def batches(self, interval_s: float) -> AsyncIterator[list[TokenEvent | RequestFailed]]:
-        while True:
-            await self.ready.wait()
-            delay = self.last_flush + interval_s - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)  # more events join this message meanwhile
-            batch, self.items = self.items, []
-            self.ready.clear()
-            self.last_flush = time.monotonic()
-            yield batch
+    def attach(self, send: Callable[[list[TokenEvent | RequestFailed]], None]) -> None:
+        self.send = send
+        if self.events or self.failed:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is None and self.send is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(max(loop.time(), self._last_flush + self.interval_s), self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        batch: list[TokenEvent | RequestFailed] = [*self.events.values(), *self.failed]
+        self.events, self.failed = {}, []
+        self._last_flush = asyncio.get_running_loop().time()
+        if batch and self.send is not None:
+            self.send(batch)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.send = None
 
 
 class Router:
@@ -185,7 +209,7 @@ class Router:
         not end a request: it moves to another mesh and its events go on. Raises PromptTooLong / QueueFull
         when refused now; a later refusal (no mesh came back within no_mesh_wait_s: NoMeshAvailable) comes
         on the stream as a RequestFailed. A request cancelled before it arrived ends at once ("abort")."""
-        sink = self.sinks.setdefault(consumer, _Sink())
+        sink = self._sink(consumer)
         if self._forget_cancel(request_id):
             sink.put(TokenEvent(request_id, [], finish_reason="abort"))
             return
@@ -207,18 +231,36 @@ class Router:
         self.requests[request_id] = req
         sink.request_ids.add(request_id)
 
+    def attach(self, consumer: str, send: Callable[[list[TokenEvent | RequestFailed]], None]) -> None:
+        """Send `consumer`'s events to `send`: one list per flush (every stream_interval_ms at most) holding
+        the new events of all its requests, one TokenEvent per request with its tokens since the last one.
+        Called on the loop; it must not block (a link queues the frame)."""
+        self._sink(consumer).attach(send)
+
+    def detach(self, consumer: str) -> None:
+        """The consumer went away (its ingress replica, or link): every request it still has is cancelled."""
+        sink = self.sinks.pop(consumer, None)
+        if sink is None:
+            return
+        sink.close()
+        for request_id in list(sink.request_ids):
+            self.cancel(request_id, "abort")
+
     async def events(self, consumer: str) -> AsyncIterator[list[TokenEvent | RequestFailed]]:
-        """The consumer's stream: one list per flush (every stream_interval_ms at most) holding the new
-        events of all its requests, a TokenEvent per request with tokens since its last one. When the stream
-        closes (its ingress went away), every request still on it is cancelled."""
-        sink = self.sinks.setdefault(consumer, _Sink())
+        """`attach` as an async iterator (in-process consumers); closing it detaches the consumer."""
+        batches: asyncio.Queue = asyncio.Queue()
+        self.attach(consumer, batches.put_nowait)
         try:
-            async for batch in sink.batches(self.config.stream_interval_ms / 1000):
-                yield batch
+            while True:
+                yield await batches.get()
         finally:
-            for request_id in list(sink.request_ids):
-                self.cancel(request_id, "abort")
-            self.sinks.pop(consumer, None)
+            self.detach(consumer)
+
+    def _sink(self, consumer: str) -> _Sink:
+        sink = self.sinks.get(consumer)
+        if sink is None:
+            sink = self.sinks[consumer] = _Sink(self.config.stream_interval_ms / 1000)
+        return sink
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
@@ -237,7 +279,7 @@ class Router:
 
     def refuse(self, request_id: str, consumer: str, error: BaseException) -> None:
         """Tell `consumer` that a request it submitted was refused (what submit raised), on its stream."""
-        self.sinks.setdefault(consumer, _Sink()).put(RequestFailed(request_id, error))
+        self._sink(consumer).put(RequestFailed(request_id, error))
 
     def cancel(self, request_id: str, reason: str = "abort") -> None:
         """End a request now. One the router does not know (yet) is remembered for cancel_memory_s, so a
@@ -320,7 +362,7 @@ class Router:
             sched = m.scheduler.stats() if m.up else _down_stats(m.caps)
             meshes.append({"name": m.name, "up": m.up, "failed": m.down_reason, "incarnation": m.incarnation,
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
-                           "rounds": m.rounds, "plan_cpu_s": m.plan_cpu_s, **sched})
+                           "rounds": m.rounds, **sched})
         limits = [self._max_model_len(m.caps) for m in self.meshes if m.caps is not None]
         return {"ready": any(m.up for m in self.meshes), "max_model_len": min(limits) if limits else None,
                 "held": sum(r.held_since is not None for r in self.requests.values()), "meshes": meshes}
@@ -379,9 +421,7 @@ class Router:
         try:
             while True:
                 while len(inflight) < self.config.pipeline_depth:
-                    t0 = time.thread_time()
                     work = sched.schedule()
-                    mesh.plan_cpu_s += time.thread_time() - t0
                     if work is None:
                         break
                     mesh.rounds += work.decode is not None
@@ -436,17 +476,15 @@ class Router:
                     return  # the mesh failed already; _run is tearing down
             received = 0
             while True:
-                try:
-                    step = await asyncio.wait_for(anext(stream), deadline_s)
+                try:  # asyncio.timeout, not wait_for: no task per message
+                    async with asyncio.timeout(deadline_s):
+                        step = await anext(stream)
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise MeshFailed(f"work {work.work_id} sent nothing for {deadline_s:.1f} s") from None
                 received += 1
-                t0 = time.thread_time()
-                events = sched.process(step)
-                mesh.plan_cpu_s += time.thread_time() - t0
-                self._deliver(events)
+                self._deliver(sched.process(step))
                 if step.finished:
                     mesh.wake.set()  # freed slots: more work may fit now
             if received != work.num_messages:
@@ -504,13 +542,14 @@ class RouterDeployment:
     async def _serve_consumer(self, link: Link) -> None:
         router, consumer = self._ready(), f"link-{uuid.uuid4().hex}"
 
-        async def send_events() -> None:
-            async with contextlib.aclosing(router.events(consumer)) as batches:
-                async for batch in batches:
-                    link.send(batch)
-                    if link.backlogged:
-                        await link.drain()
-        sender = asyncio.create_task(send_events())
+        def send(batch: list[TokenEvent | RequestFailed]) -> None:
+            if link.closed:
+                return
+            link.send(pack_events(batch))
+            if link.backlog_bytes > MAX_CONSUMER_BACKLOG:  # the ingress stopped reading: drop it (its requests end)
+                log.error("ingress link %s is %d bytes behind; closing it", consumer, link.backlog_bytes)
+                link.close()
+        router.attach(consumer, send)
         try:
             while True:
                 message = await link.recv()
@@ -524,8 +563,7 @@ class RouterDeployment:
                     _, request_id, reason = message
                     router.cancel(request_id, reason)
         finally:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
+            router.detach(consumer)
 
     async def stats(self) -> dict:
         return self._ready().stats()

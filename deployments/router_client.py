@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from deployments.link import Link, connect
 from scheduler.sampling import SamplingParams
-from scheduler.work import RequestFailed, TokenEvent
+from scheduler.work import RequestFailed, TokenEvent, unpack_events
 
 log = logging.getLogger("ray.serve")
 
@@ -79,7 +79,7 @@ class RouterLink:
                 self._link = await connect(await self._handle.link_address.remote())
                 self._connected.set()
                 while True:
-                    for item in await self._link.recv():
+                    for item in unpack_events(await self._link.recv()):
                         queue = self._queues.get(item.request_id)
                         if queue is not None:
                             queue.put_nowait(item)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.backend import Backend
@@ -61,6 +62,8 @@ class MeshRunner:
         self.backend = backend
         self.caps = backend.caps
         self.slots: dict[int, SlotState] = {}
+        self._page_table = torch.zeros(self.caps.num_slots, self.caps.max_blocks_per_seq, dtype=torch.int32)
+        self._page_width = 0  # columns of _page_table that may be non-zero
         self._grammar_tokenizer_factory = grammar_tokenizer
         self._grammar_tokenizer = None
 
@@ -108,7 +111,7 @@ class MeshRunner:
 
     def _decode(self, work_id: int, round_: DecodeRound) -> Iterator[StepResult]:
         n = self.caps.num_slots
-        page_table = torch.from_numpy(round_.page_table)
+        page_table = self._full_width(round_.page_table)
         listed = [s for s in round_.slots if s in self.slots]
         for step in range(round_.num_steps):
             result = StepResult(work_id, [NO_TOKEN] * n, last=step == round_.num_steps - 1)
@@ -116,6 +119,15 @@ class MeshRunner:
             if live:
                 self._decode_step(live, page_table, result)
             yield result
+
+    def _full_width(self, rows: np.ndarray) -> torch.Tensor:
+        """The round's page table [num_slots, width] as the backend's [num_slots, max_blocks_per_seq]."""
+        width = rows.shape[1]
+        self._page_table[:, :width] = torch.from_numpy(rows)
+        if width < self._page_width:
+            self._page_table[:, width:self._page_width] = 0
+        self._page_width = width
+        return self._page_table
 
     def _decode_step(self, live: list[int], page_table: torch.Tensor, result: StepResult) -> None:
         n = self.caps.num_slots

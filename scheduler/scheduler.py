@@ -181,7 +181,9 @@ class MeshScheduler:
             entries.append((seq.slot, seq, seq.epoch))
         round_ = None
         if entries:
-            round_ = DecodeRound(self.decode_steps, sorted(slot for slot, _, _ in entries), self.kv.page_table.copy())
+            width = max(len(seq.block_table) for _, seq, _ in entries)  # the widest listed row: not max_seq_len's
+            round_ = DecodeRound(self.decode_steps, sorted(slot for slot, _, _ in entries),
+                                 self.kv.page_table[:, :width].copy())
         work = MeshWork(self.next_work_id, chunks, round_, self.pending_release)
         self.next_work_id += 1
         self.pending_release = []

@@ -42,12 +42,14 @@ class PrefillChunk:
 
 @dataclass
 class DecodeRound:
-    """K decode steps for `slots`. page_table rows are fixed width, padded with 0 past a slot's blocks;
-    the router has already reserved the blocks the next K tokens of every listed slot need."""
+    """K decode steps for `slots`. page_table rows are padded with 0 past a slot's blocks, and only as wide
+    as the longest listed slot's block table (a full-width table for 128k tokens is 256 KiB to pickle per
+    work; the mesh pads it back to its backend's width); the router has already reserved the blocks the
+    next K tokens of every listed slot need. Rows of slots not listed are not to be read."""
 
     num_steps: int
     slots: list[int]
-    page_table: np.ndarray  # int32 [num_slots, max_blocks_per_seq]
+    page_table: np.ndarray  # int32 [num_slots, width], width <= max_blocks_per_seq
 
 
 @dataclass
@@ -86,6 +88,21 @@ class TokenEvent:
     error: str | None = None
     queue_time_s: float | None = None  # first event only: router arrival -> first prefill chunk scheduled
 
+    def merge(self, later: TokenEvent) -> None:
+        """Append a later event of the same request (coalescing until the next flush)."""
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        self.finish_reason, self.error = later.finish_reason, later.error
+        if not self.num_prompt_tokens:  # the first event's fields come with whichever event is first
+            self.num_prompt_tokens, self.num_cached_tokens = later.num_prompt_tokens, later.num_cached_tokens
+            self.queue_time_s = later.queue_time_s
+
+    @property
+    def plain(self) -> bool:
+        """Only tokens: what nearly every event of a stream is."""
+        return not (self.logprobs or self.finish_reason or self.num_prompt_tokens or self.error
+                    or self.queue_time_s is not None)
+
 
 @dataclass
 class RequestFailed:
@@ -94,3 +111,14 @@ class RequestFailed:
 
     request_id: str
     error: BaseException
+
+
+def pack_events(batch: list[TokenEvent | RequestFailed]) -> list:
+    """A batch for the wire: a plain event as (request_id, token_ids), the rest as they are. Pickling 32
+    TokenEvent objects costs ~20 us and unpickling ~24 us; 32 tuples ~2 and ~4 (measured on the 2-core box)."""
+    return [(item.request_id, item.token_ids) if type(item) is TokenEvent and item.plain else item for item in batch]
+
+
+def unpack_events(packed: list) -> list[TokenEvent | RequestFailed]:
+    """The inverse of pack_events."""
+    return [TokenEvent(*item) if type(item) is tuple else item for item in packed]

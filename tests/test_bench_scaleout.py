@@ -1,11 +1,9 @@
 """The saturation measurement's arithmetic on known inputs (no cluster; tests/test_cluster_e2e.py runs one)."""
-import math
 
 import pytest
 
 from bench.saturation import (SteadyWindow, capacity_tokens_per_s, distinct_prompts, steady_window, tokens_until,
                               ttfts)
-from bench.scaleout import router_cpu_us_per_round
 
 # Two streams sent at t=0: (arrival time, completion tokens so far).
 EARLY = [(0.0, 0), (1.0, 1), (2.0, 3), (3.0, 5), (4.0, 6)]
@@ -56,13 +54,6 @@ def test_capacity_averages_the_step_time_over_the_contexts_the_window_covers():
 def test_capacity_of_a_window_without_new_tokens_uses_its_one_context():
     w = SteadyWindow(start=1.0, end=2.0, tokens=0, first_context_tokens=5, last_context_tokens=5)
     assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING) == pytest.approx(64 / (1e-4 * 200))
-
-
-def test_router_cpu_per_round_sums_every_mesh_over_the_run():
-    before = {"meshes": [{"rounds": 10, "plan_cpu_s": 1.0}, {"rounds": 0, "plan_cpu_s": 0.0}]}
-    after = {"meshes": [{"rounds": 110, "plan_cpu_s": 1.05}, {"rounds": 50, "plan_cpu_s": 0.025}]}
-    assert router_cpu_us_per_round(before, after) == pytest.approx(0.075 / 150 * 1e6)
-    assert math.isnan(router_cpu_us_per_round(before, before))
 
 
 def test_distinct_prompts_share_no_first_token():

@@ -2,6 +2,7 @@
 that raise, hang, vanish and come back."""
 import asyncio
 import contextlib
+import pickle
 
 import pytest
 
@@ -9,6 +10,7 @@ from deployments.router import Router, RouterConfig
 from model.simulated import SimulatedBackend
 from scheduler.errors import NoMeshAvailable
 from scheduler.sampling import SamplingParams
+from scheduler.work import pack_events, unpack_events
 from tests.local_mesh import LocalMesh
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
@@ -223,7 +225,10 @@ def test_one_stream_carries_every_request_of_its_consumer():
             async for batch in stream:
                 batches += 1
                 shared += len({e.request_id for e in batch}) > 1
-                for event in batch:
+                assert len({e.request_id for e in batch}) == len(batch)  # one event per request per flush
+                wire = unpack_events(pickle.loads(pickle.dumps(pack_events(batch))))  # as the link sends it
+                assert [vars(e) for e in wire] == [vars(e) for e in batch]
+                for event in wire:
                     outputs[event.request_id] += event.token_ids
                     if event.finish_reason:
                         finished.add(event.request_id)

@@ -281,3 +281,22 @@ def test_logit_bias_forces_and_bans_on_the_host_path():
     result = run(runner, MeshWork(0, [PrefillChunk("f", 0, [3], 0, [0], forced, 1),
                                       PrefillChunk("b", 1, [3], 0, [1], banned, 1)]))
     assert result[0].tokens[0] == 11 and result[1].tokens[1] not in (natural, NO_TOKEN)
+
+
+def test_a_narrow_page_table_reaches_the_backend_at_its_full_width_padded_with_zeros():
+    class TableBackend(CountingBackend):
+        def decode(self, tokens, positions, page_table, active, sampling=None):
+            self.tables.append(page_table.clone())
+            return super().decode(tokens, positions, page_table, active, sampling)
+    backend = TableBackend()
+    backend.tables = []
+    runner = MeshRunner(backend)
+    run(runner, MeshWork(0, [PrefillChunk("a", 0, [1, 2], 0, [5], greedy(max_tokens=9), 2)]))
+    wide = np.arange(1, 4 * 6 + 1, dtype=np.int32).reshape(4, 6)
+    run(runner, MeshWork(1, decode=DecodeRound(1, [0], wide)))
+    narrow = np.full((4, 2), 9, dtype=np.int32)
+    run(runner, MeshWork(2, decode=DecodeRound(1, [0], narrow)))
+    first, second = backend.tables
+    assert first.shape == second.shape == (4, backend.caps.max_blocks_per_seq)
+    assert first[:, :6].tolist() == wide.tolist() and not first[:, 6:].any()
+    assert second[:, :2].tolist() == narrow.tolist() and not second[:, 2:].any()  # nothing left of the wide one

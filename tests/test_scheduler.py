@@ -164,8 +164,12 @@ def test_page_table_rows_follow_block_tables_and_rounds_get_a_copy():
             row = sched.kv.page_table[seq.slot]
             assert row[:len(seq.block_table)].tolist() == seq.block_table and not row[len(seq.block_table):].any()
             assert len(seq.block_table) * BS >= seq.num_planned - 1
-    assert all(np.array_equal(sent, at_plan) for sent, at_plan in rounds)
-    assert rounds[0][0] is not sched.kv.page_table and not np.array_equal(rounds[0][0], sched.kv.page_table)
+            assert work.decode.page_table.shape[1] >= len(seq.block_table)  # every listed row whole
+        # only as wide as the longest listed block table, not max_seq_len's
+        assert work.decode.page_table.shape[1] == max(len(s.block_table) for s in sched.running.values())
+    assert all(np.array_equal(sent, at_plan[:, :sent.shape[1]]) and not at_plan[:, sent.shape[1]:].any()
+               for sent, at_plan in rounds)
+    assert rounds[0][0] is not sched.kv.page_table and not np.array_equal(rounds[0][0], rounds[-1][1][:, :rounds[0][0].shape[1]])
 
 
 def test_identical_prefix_shares_blocks_and_salt_or_difference_does_not():

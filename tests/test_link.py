@@ -1,0 +1,102 @@
+"""Direct links (deployments/link.py) and the mesh client over them, without Ray: a MeshReplica (the class
+under Serve's decorator) behind a fake Serve handle."""
+import asyncio
+
+import pytest
+
+import deployments.mesh_replica as mesh_replica
+from deployments.link import Link, LinkAddress, LinkServer, connect
+from deployments.mesh_client import LinkMeshClient
+from model.simulated import SimulatedBackend
+from scheduler.sampling import SamplingParams
+from scheduler.work import MeshWork, PrefillChunk, StepResult
+
+
+async def echo_server() -> tuple[LinkServer, LinkAddress]:
+    async def echo(link: Link) -> None:
+        while True:
+            link.send(await link.recv())
+    server = LinkServer(echo)
+    return server, await server.start("127.0.0.1")
+
+
+def test_frames_come_back_whole_and_in_order():
+    async def main():
+        server, address = await echo_server()
+        link = await connect(address)
+        sent = [("submit", "r0", list(range(5000)), None), StepResult(3, [1, 2, -1]), b"x" * 300_000, ()]
+        for obj in sent:
+            link.send(obj)
+        assert [await link.recv() for _ in sent] == sent
+        link.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_connection_without_the_secret_is_dropped_before_any_frame_is_read():
+    async def main():
+        server, address = await echo_server()
+        link = await connect(LinkAddress(address.host, address.port, b"\0" * 16))
+        link.send("hello")
+        with pytest.raises(ConnectionError):
+            await link.recv()
+        server.close()
+    asyncio.run(main())
+
+
+class Remote:
+    """`handle.method.remote(...)` awaitable, as a Serve handle's call is."""
+
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class FakeHandle:
+    def __init__(self, replica):
+        self.reset = Remote(replica.reset)
+        self.link_address = Remote(replica.link_address)
+
+
+@pytest.fixture
+def replica(monkeypatch):
+    monkeypatch.setattr(mesh_replica, "build_backend",
+                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.2, vocab_size=1000))
+    made = mesh_replica.MeshReplica.func_or_class({"backend": "simulated"}, "unused")
+    yield made
+    made.shutdown()
+
+
+def prefill(work_id: int, slot: int) -> MeshWork:
+    return MeshWork(work_id, [PrefillChunk(f"r{work_id}", slot, [7] * 100, 0, [slot * 4 + i for i in range(2)],
+                                           SamplingParams(temperature=0.0, max_tokens=5), 100)])
+
+
+def test_works_pipelined_on_the_link_answer_in_order(replica):
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, caps = await client.reset()
+        assert incarnation == replica.incarnation and caps.num_slots == 32
+        streams = [client.execute(prefill(i, slot=i), incarnation) for i in range(3)]  # all sent before any result
+        for i, stream in enumerate(streams):
+            (result,) = [r async for r in stream]
+            assert result.work_id == i and result.tokens[i] >= 0
+        with pytest.raises(mesh_replica.StaleWork):  # the replica's refusal crosses the link as itself
+            [r async for r in client.execute(prefill(3, slot=3), "another-incarnation")]
+        client.close()
+    asyncio.run(main())
+
+
+def test_a_link_that_breaks_fails_every_open_work_at_once(replica):
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await client.reset()
+        streams = [client.execute(prefill(i, slot=i), incarnation) for i in range(2)]
+        replica.link_server.close()  # the replica's process went away
+        for stream in streams:
+            with pytest.raises(ConnectionError):
+                [r async for r in stream]
+        with pytest.raises(ConnectionError):  # nothing more goes to a dead link: the router fails the mesh
+            [r async for r in client.execute(prefill(2, slot=2), incarnation)]
+        await client.reset()  # the router's probe reconnects; work ids start again at 0
+        assert len([r async for r in client.execute(prefill(0, slot=5), incarnation)]) == 1
+    asyncio.run(main())
