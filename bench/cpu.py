@@ -1,6 +1,7 @@
 """CPU time per delivered token, by process role, for one simulated Galaxy served through the whole stack.
 
-    python -m bench.cpu [--streams 32] [--output-tokens 256] [--time-scale 2.0] [--plain-proxy] [--json]
+    python -m bench.cpu [--streams 32] [--output-tokens 256] [--time-scale 1.0] [--stream-interval-ms 10]
+                        [--plain-proxy] [--json]
 
 Starts the app (bench.local_serve.serve_app: Serve in throughput mode with the HAProxy ingress, or the plain
 Python proxy with --plain-proxy / MESHSERVE_PLAIN_PROXY=1) with one simulated mesh, warms it up, then runs
@@ -21,7 +22,15 @@ actor it runs:
 Each role's CPU seconds over the load divided by the completion tokens the clients received gives CPU
 microseconds per delivered token; `proxy+ingress+router` is their sum (DESIGN.md, "Data path at scale":
 budget router <= 10, ingress <= 50, the three <= 100). /proc counts in clock ticks (10 ms), so every process
-figure is good to +/- one tick; `resolution_us_per_token` is one tick spread over the run's tokens. Nothing
+figure is good to +/- one tick; `resolution_us_per_token` is one tick spread over the run's tokens.
+
+Every process also costs CPU while idle (Ray's and Serve's loops; ~8-10 ms per second per replica on this
+box), and on this VM a process woken from sleep pays ~150-250 us of CPU per wake-up before it does anything
+(measured: a bare asyncio socket reader at 50 messages/s). A lone mesh leaves the router asleep between two
+steps, so its per-token figure is mostly wake-ups; with many meshes steps arrive together (bench.router_capacity).
+So the app's idle CPU is measured first (`idle_cpu_per_s`, over 5 s) and `marginal_us_per_token` is each
+role's CPU above it. The default time_scale 1.0 runs the mesh at a real-time Galaxy's speed, the rate the
+budget is set for. Nothing
 here is compared with wall time: on a shared box, wall time says how long the run took, not what it cost.
 """
 from __future__ import annotations
@@ -34,6 +43,7 @@ import os
 import re
 import resource
 import sys
+import time
 from dataclasses import dataclass
 
 from bench.local_serve import plain_proxy_requested, serve_app
@@ -138,21 +148,37 @@ def cpu_report(before: dict[int, Proc], after: dict[int, Proc], tokens: int, cli
             "processes": [p for p in processes if p["cpu_s"] > 0 or p["role"] != "ray"], "gone": gone}
 
 
+def idle_cpu_per_s(before: dict[int, Proc], after: dict[int, Proc], seconds: float) -> dict[str, float]:
+    """CPU seconds per wall second, by role, of a served app taking no requests: what each process costs
+    whatever the load (Ray's and Serve's own loops and timers)."""
+    cpu = cpu_report(before, after, 1)["cpu_s"]
+    return {role: round(cpu[role] / seconds, 4) for role in (*ROLES, "ray")}
+
+
 def measure(streams: int, output_tokens: int, prompt_tokens: int, time_scale: float,
-            plain_proxy: bool | None = None, warmup_streams: int = 4) -> dict:
+            plain_proxy: bool | None = None, warmup_streams: int = 4, stream_interval_ms: float = 10.0,
+            idle_s: float = 5.0) -> dict:
     config = AppConfig(model="smollm2", backend="simulated", time_scale=time_scale, mesh_num_cpus=0.5,
-                       max_seq_len=131072)
+                       max_seq_len=131072, stream_interval_ms=stream_interval_ms)
     plain = plain_proxy_requested(plain_proxy)
     with serve_app(config, plain_proxy=plain) as url:
         asyncio.run(drive(url, config.name, distinct_prompts(warmup_streams, prompt_tokens, first_id=30000), 8))
+        idle_before, t0 = snapshot(), time.monotonic()
+        time.sleep(idle_s)
+        idle = idle_cpu_per_s(idle_before, snapshot(), time.monotonic() - t0)
         before, client_before = snapshot(), self_cpu_s()
         runs, wall = asyncio.run(drive(url, config.name, distinct_prompts(streams, prompt_tokens), output_tokens))
         after, client_cpu = snapshot(), self_cpu_s() - client_before
     tokens = sum(m[-1][1] for m in runs)
     report = cpu_report(before, after, tokens, client_cpu)
+    # Above idle: what the tokens themselves cost, the fixed cost of each process left out.
+    marginal = {role: round((report["cpu_s"][role] - idle[role] * wall) / tokens * 1e6, 1) for role in ROLES}
     return {"config": {"proxy": "plain" if plain else "haproxy+throughput", "streams": streams,
-                       "output_tokens": output_tokens, "prompt_tokens": prompt_tokens, "time_scale": time_scale},
-            "wall_s": round(wall, 2), **report}
+                       "output_tokens": output_tokens, "prompt_tokens": prompt_tokens, "time_scale": time_scale,
+                       "stream_interval_ms": stream_interval_ms},
+            "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 1), "idle_cpu_per_s": idle,
+            "marginal_us_per_token": marginal,
+            "marginal_proxy_ingress_router_us_per_token": round(sum(marginal[r] for r in SUMMED), 1), **report}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -160,13 +186,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--streams", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--time-scale", type=float, default=2.0, help="simulated mesh speed (2.0: half a Galaxy's)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="simulated mesh slowdown (1.0: a real-time Galaxy)")
+    p.add_argument("--stream-interval-ms", type=float, default=10.0, help="the router's flush interval per ingress")
+    p.add_argument("--idle-s", type=float, default=5.0, help="seconds the idle app is measured for, before the load")
     p.add_argument("--plain-proxy", action="store_true", default=None,
                    help="Serve's plain Python proxy instead of throughput mode + HAProxy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints its shutdown notices there: keep --json clean
-        report = measure(args.streams, args.output_tokens, args.prompt_tokens, args.time_scale, args.plain_proxy)
+        report = measure(args.streams, args.output_tokens, args.prompt_tokens, args.time_scale, args.plain_proxy,
+                         stream_interval_ms=args.stream_interval_ms, idle_s=args.idle_s)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -177,6 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
               + f"  | proxy+ingress+router {report['proxy_ingress_router_us_per_token']:.1f}"
               + f"  (+/- {report['resolution_us_per_token']:.1f} per process)")
         print("not summed:  " + "  ".join(f"{r} {us[r]:.1f}" for r in EXTRA_ROLES))
+        m = report["marginal_us_per_token"]
+        print(f"above idle ({report['tokens_per_s']:.0f} tok/s delivered):  " + "  ".join(f"{r} {m[r]:.1f}" for r in ROLES)
+              + f"  | proxy+ingress+router {report['marginal_proxy_ingress_router_us_per_token']:.1f}")
+        print("idle CPU per second:  " + "  ".join(f"{r} {v * 1e3:.1f} ms" for r, v in report["idle_cpu_per_s"].items()))
         if report["gone"]:
             print(f"processes that ended during the run (their CPU is not counted): {report['gone']}")
     return report

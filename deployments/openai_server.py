@@ -25,7 +25,8 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, ResponseToolCall,
                                   Tool, TopLogprob, Usage)
-from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, StopStrings, TokenOffsets
+from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceTotal, ChunkTemplate, EventStream, StopStrings,
+                                   TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for
 from deployments.tool_calls import (ParsedCall, ToolCallStream, call_id, cut_call, parse_tool_calls, render_messages,
                                    tool_definitions)
@@ -398,6 +399,18 @@ class OpenAIServer:
                                     logprobs=self._completion_logprobs(d.logprobs, d.token_offsets)
                                     if req.logprobs is not None else None)
 
+        # Most chunks carry text alone: they come from a template per choice (see ChunkTemplate).
+        templated = tool_streams is None and not (req.logprobs if chat else req.logprobs is not None)
+        templates: dict[int, ChunkTemplate] = {}
+
+        def text_chunk(d: ChoiceDelta) -> str:
+            template = templates.get(d.index)
+            if template is None:
+                template = templates[d.index] = ChunkTemplate(chunk([choice(
+                    ChoiceDelta(d.index, TEXT_SLOT, [], [], None, 0, 0))]))
+            usage = (len(prep.prompt_ids), sum(generated), cached) if req.continuous_usage else None
+            return template.render(d.text, usage)
+
         try:
             if chat:
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -405,7 +418,9 @@ class OpenAIServer:
             d = first
             while d is not None:
                 generated[d.index], cached = d.num_generated, d.num_cached or cached
-                if d.text or d.finish_reason or d.logprobs or echo[d.index]:
+                if templated and d.text and d.finish_reason is None and not echo[d.index]:
+                    yield text_chunk(d)
+                elif d.text or d.finish_reason or d.logprobs or echo[d.index]:
                     yield chunk([choice(d)], self._usage(len(prep.prompt_ids), sum(generated), cached)
                                 if req.continuous_usage else None)
                 d = await anext(stream, None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -108,3 +109,29 @@ class EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.source.aclose()
+
+
+TEXT_SLOT = "\u2063meshserve-text\u2063"  # stands for the text in a template chunk (never a model's output)
+_NULL_USAGE_END = ',"usage":null}\n\n'
+
+
+class ChunkTemplate:
+    """The SSE event of a text-only chunk of one choice, made once from a chunk the response models rendered
+    with TEXT_SLOT as its text and no usage; `render` fills in the text (and usage so far). Building and
+    serializing the pydantic models costs ~5.5 us per chunk, this ~1 us (2-core box), and every streamed
+    token is a chunk. tests/test_chunk_template.py checks it against the models for any text and numbers."""
+
+    def __init__(self, sample: str):
+        head, tail = sample.split(json.dumps(TEXT_SLOT, ensure_ascii=False), 1)
+        if not tail.endswith(_NULL_USAGE_END):
+            raise ValueError("a template chunk ends with its usage, null")
+        self.head, self.tail = head, tail[:-len(_NULL_USAGE_END)]
+
+    def render(self, text: str, usage: tuple[int, int, int] | None = None) -> str:
+        """usage: (prompt tokens, completion tokens, cached prompt tokens), or None for `"usage":null`."""
+        if usage is None:
+            return f"{self.head}{json.dumps(text, ensure_ascii=False)}{self.tail}{_NULL_USAGE_END}"
+        prompt, completion, cached = usage
+        return (f'{self.head}{json.dumps(text, ensure_ascii=False)}{self.tail},"usage":{{"prompt_tokens":{prompt},'
+                f'"completion_tokens":{completion},"total_tokens":{prompt + completion},'
+                f'"prompt_tokens_details":{{"cached_tokens":{cached}}}}}}}\n\n')

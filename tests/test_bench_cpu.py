@@ -61,9 +61,18 @@ def test_report_divides_each_role_by_the_tokens():
     assert r["resolution_us_per_token"] == pytest.approx(tick / 1000 * 1e6, abs=0.01)
 
 
+def test_idle_cpu_is_per_wall_second_by_role():
+    tick = cpu.TICK_S
+    before = {1: cpu.Proc(1, "router", "r", 10), 2: cpu.Proc(2, "mesh", "m", 0)}
+    after = {1: cpu.Proc(1, "router", "r", 30), 2: cpu.Proc(2, "mesh", "m", 5)}
+    idle = cpu.idle_cpu_per_s(before, after, seconds=2.0)
+    assert idle["router"] == pytest.approx(20 * tick / 2, abs=1e-4) and idle["mesh"] == pytest.approx(5 * tick / 2, abs=1e-4)
+    assert idle["proxy"] == 0 and idle["ingress"] == 0
+
+
 @pytest.mark.slow
 def test_a_tiny_run_through_serve_reports_every_role(capsys):
-    report = cpu.main(["--streams", "2", "--output-tokens", "8", "--time-scale", "0.5", "--json"])
+    report = cpu.main(["--streams", "2", "--output-tokens", "8", "--time-scale", "0.5", "--idle-s", "1", "--json"])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(report))
     assert report["tokens"] == 2 * 8 and report["config"]["proxy"] == "haproxy+throughput"
     assert set(report["us_per_token"]) == {"proxy", "ingress", "router", "mesh", "ray", "client"}
@@ -71,5 +80,7 @@ def test_a_tiny_run_through_serve_reports_every_role(capsys):
     assert {"proxy", "ingress", "router", "mesh"} <= roles
     assert any("haproxy" in p["title"] for p in report["processes"])
     assert all(v >= 0 for v in report["us_per_token"].values())
+    assert set(report["idle_cpu_per_s"]) == {"proxy", "ingress", "router", "mesh", "ray"}
+    assert set(report["marginal_us_per_token"]) == {"proxy", "ingress", "router", "mesh"}
     assert report["proxy_ingress_router_us_per_token"] == pytest.approx(
         sum(report["us_per_token"][r] for r in cpu.SUMMED), abs=0.2)
