@@ -52,6 +52,14 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     return Constraint(grammar, tool_mode, tools)
 
 
+def unconstrained(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    """No grammar to build or validate (constraint_for is then instant): no structured output, no tools."""
+    fmt = req.response_format
+    return ((fmt is None or fmt.type not in ("json_object", "json_schema")) and req.structured_outputs is None
+            and all(getattr(req, f"guided_{name}") is None for name in ("json", "regex", "choice", "grammar"))
+            and not (isinstance(req, ChatCompletionRequest) and req.tools))
+
+
 def _tools(req) -> tuple[list[Tool], ToolMode]:
     if not isinstance(req, ChatCompletionRequest):
         return [], "none"

@@ -11,7 +11,7 @@ import pytest
 
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, AppConfig
 from deployments.ingress import build_app
-from deployments.openai_server import MAX_CHARS_PER_TOKEN
+from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
                                    make_client, router, tokenizer)
 
@@ -104,11 +104,12 @@ def test_tokenizing_runs_off_the_event_loop(router, tokenizer):
     """While one request's tokenization takes a second, another request on the same replica is answered."""
     spy = SpyTokenizer(tokenizer, delay_s=1.0)
     app = build_app(router, spy, MODEL)
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "-" * (INLINE_CHARS + 1)}], "max_tokens": 2}  # ~33 tokens
 
     async def run():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            slow = asyncio.create_task(client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 2}))
+            slow = asyncio.create_task(client.post("/v1/chat/completions", json=long_chat))
             await asyncio.sleep(0.2)  # the slow request is tokenizing now
             start = time.perf_counter()
             models = await client.get("/v1/models")
@@ -119,6 +120,14 @@ def test_tokenizing_runs_off_the_event_loop(router, tokenizer):
     status, fast_s, _ = asyncio.run(run())
     assert status == 200 and fast_s < 0.5, fast_s
     assert spy.threads and all(name.startswith("meshserve-tokenize") for name in spy.threads)
+
+
+def test_a_short_prompt_is_tokenized_on_the_loop(router, tokenizer):
+    """A thread hop costs more TTFT than tokenizing a few hundred characters."""
+    spy = SpyTokenizer(tokenizer)
+    client = make_client(router, spy)
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "Hello there", "max_tokens": 2}).status_code == 200
+    assert spy.threads and not any(name.startswith("meshserve-tokenize") for name in spy.threads)
 
 
 # ---- bytes that are not text --------------------------------------------------------------------
