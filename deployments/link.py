@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import pickle
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+log = logging.getLogger("ray.serve")
 
 _LEN = struct.Struct(">I")
 SECRET_BYTES = 16
@@ -64,6 +67,10 @@ class Link:
     def close(self) -> None:
         self._writer.close()
 
+    def abort(self) -> None:
+        """Close now, dropping what the peer has not taken (close() would wait for it to drain)."""
+        self._writer.transport.abort()
+
     @property
     def closed(self) -> bool:
         return self._writer.is_closing()
@@ -86,15 +93,18 @@ class LinkServer:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self.address: LinkAddress | None = None
+        self._starting = asyncio.Lock()
 
     async def start(self, host: str) -> LinkAddress:
-        """Listen on `host` (the node's IP: the peer may be on another node) once; returns the address."""
-        if self.address is None:
-            secret = os.urandom(SECRET_BYTES)
-            self._server = await asyncio.start_server(self._accept, host, 0)
-            port = self._server.sockets[0].getsockname()[1]
-            self.address = LinkAddress(host, port, secret)
-        return self.address
+        """Listen on `host` (the node's IP: the peer may be on another node) once; returns the address.
+        Concurrent callers (several ingress replicas starting) all get the one address."""
+        async with self._starting:
+            if self.address is None:
+                secret = os.urandom(SECRET_BYTES)
+                self._server = await asyncio.start_server(self._accept, host, 0)
+                port = self._server.sockets[0].getsockname()[1]
+                self.address = LinkAddress(host, port, secret)
+            return self.address
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -108,6 +118,8 @@ class LinkServer:
             await self._handler(link)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.CancelledError):
             pass  # the peer left, or this server closed: the connection's end, nothing to report
+        except Exception:  # a frame the handler cannot take: this connection ends, the server goes on
+            log.exception("link from %s dropped", writer.get_extra_info("peername"))
         finally:
             self._tasks.discard(task)
             link.close()
@@ -122,10 +134,17 @@ class LinkServer:
 
 
 def _no_delay(writer: asyncio.StreamWriter) -> None:
-    """Small frames leave at once (no Nagle delay): a token waits for nothing but its flush."""
+    """Small frames leave at once (no Nagle delay): a token waits for nothing but its flush. A peer whose
+    node died or was cut off sends no FIN: keepalive probes (after 5 s idle, every 2 s, 3 of them) and a
+    15 s limit on unacknowledged data end the link instead of the kernel's ~15 minute retransmission."""
     sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 15000)):
+        if hasattr(socket, option):  # Linux names; other systems keep their defaults
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
 def node_ip() -> str:

@@ -25,9 +25,9 @@ class LinkMeshClient:
         self._works: dict[int, asyncio.Queue] = {}
 
     async def reset(self) -> tuple[str, Capabilities]:
+        self._close(ConnectionError("the mesh was reset"))  # first: no frame of the old link runs after the reset
         incarnation, caps = await self._handle.reset.remote()
         address = await self._handle.link_address.remote()
-        self._close(ConnectionError("the mesh was reset"))
         self._link = await connect(address)
         self._reader = asyncio.create_task(self._read(self._link))
         return incarnation, caps

@@ -16,6 +16,7 @@ Works and their results travel on a direct link (deployments/link.py) whose addr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -159,8 +160,9 @@ class MeshReplica:
 
     async def _send_results(self, link: Link, work: MeshWork, incarnation: str) -> None:
         try:
-            async for result in self.execute(work, incarnation):
-                link.send((work.work_id, result))
+            async with contextlib.aclosing(self.execute(work, incarnation)) as results:  # its cleanup runs now
+                async for result in results:
+                    link.send((work.work_id, result))
             link.send((work.work_id, None))
         except ConnectionError:
             return

@@ -256,22 +256,37 @@ class OpenAIServer:
                 try:
                     async for event in self.router.generate(rid, prompt_ids, params, salt, list(output)):
                         timer.on_event(event)
-                        if event.finish_reason == "error":
-                            raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
-                        output += event.token_ids
                         cached = event.num_cached_tokens or cached
-                        final = event.finish_reason is not None
-                        new_text = detokenizer.step(event.token_ids) + (detokenizer.flush() if final else "")
-                        starts = offsets.add(event.token_ids) if offsets is not None else []
-                        text, stopped = stops.feed(new_text, final, check=len(output) >= params.min_tokens)
+                        failed = event.finish_reason == "error"
+                        final = event.finish_reason is not None and not failed
+                        # An event may carry several tokens (merged until the router's flush): min_tokens and
+                        # stop strings are checked token by token, and nothing after a stop is kept.
+                        ids, texts, starts, stopped = event.token_ids, [], [], False
+                        taken = 0
+                        while taken < len(ids) and not stopped:
+                            token, taken = ids[taken], taken + 1
+                            output.append(token)
+                            last = final and taken == len(ids)
+                            piece = detokenizer.step([token]) + (detokenizer.flush() if last else "")
+                            if offsets is not None:
+                                starts += offsets.add([token])
+                            text, stopped = stops.feed(piece, last, check=len(output) >= params.min_tokens)
+                            texts.append(text)
+                        if not ids and final:  # the finish alone: what was held back goes out
+                            text, stopped = stops.feed(detokenizer.flush(), True, check=len(output) >= params.min_tokens)
+                            texts.append(text)
                         if stopped:
                             reason = "stop"
                             await asyncio.shield(self.router.cancel(rid, "stop"))
                         else:
-                            reason = event.finish_reason
+                            reason = None if failed else event.finish_reason
                         if reason is not None:
                             timer.finish(reason)
-                        yield ChoiceDelta(index, text, event.logprobs, starts, reason, len(output), cached)
+                        if not failed or texts:
+                            yield ChoiceDelta(index, "".join(texts), event.logprobs[:taken], starts, reason,
+                                              len(output), cached)
+                        if failed and not stopped:
+                            raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         if reason is not None:
                             return
                     raise RuntimeError("the router's stream ended before the request finished")

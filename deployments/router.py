@@ -267,7 +267,11 @@ class Router:
         """One request in this process (tests, benchmarks): its events until one carries a finish_reason.
         Raises what `submit` raises, and a RequestFailed's error. Closing it early cancels the request."""
         consumer = f"local-{request_id}"
-        self.submit(request_id, prompt_ids, params, salt, list(output_ids), consumer)
+        try:
+            self.submit(request_id, prompt_ids, params, salt, list(output_ids), consumer)
+        except Exception:
+            self.detach(consumer)
+            raise
         async with contextlib.aclosing(self.events(consumer)) as batches:
             async for batch in batches:
                 for item in batch:
@@ -547,8 +551,8 @@ class RouterDeployment:
                 return
             link.send(pack_events(batch))
             if link.backlog_bytes > MAX_CONSUMER_BACKLOG:  # the ingress stopped reading: drop it (its requests end)
-                log.error("ingress link %s is %d bytes behind; closing it", consumer, link.backlog_bytes)
-                link.close()
+                log.error("ingress link %s is %d bytes behind; dropping it", consumer, link.backlog_bytes)
+                link.abort()
         router.attach(consumer, send)
         try:
             while True:

@@ -1,4 +1,5 @@
-"""A RouterClient double for ingress tests: a scripted answer, one token per event, and a record of calls;
+"""A RouterClient double for ingress tests: a scripted answer, one token per event (or `merge` of them), and a
+record of calls;
 it can refuse, pause, or die mid-stream (a router replica that crashed)."""
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class FakeRouter:
     die_after: list[int] = field(default_factory=list)  # each entry: one stream dies after that many tokens
     fail_with_error_after: int | None = None  # the mesh retires the request with "error" after this many tokens
     queue_time_s: float = 0.002
+    merge: int = 1  # tokens per event: the router merges a request's events until its next flush
     requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
     continued: dict[str, list[int]] = field(default_factory=dict)  # request id -> output_ids it came with
@@ -27,6 +29,20 @@ class FakeRouter:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
+        pending: TokenEvent | None = None
+        async for event in self._events(request_id, prompt_ids, params, salt, output_ids):
+            if pending is None:
+                pending = event
+            else:
+                pending.merge(event)
+            if len(pending.token_ids) >= self.merge or pending.finish_reason is not None:
+                yield pending
+                pending = None
+        if pending is not None:
+            yield pending
+
+    async def _events(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
         self.requests[request_id] = (prompt_ids, params, salt)
         self.continued[request_id] = list(output_ids)
         if self.refuse is not None:

@@ -589,3 +589,38 @@ def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, rou
     tools = [{"type": "function", "function": {"name": f"f{i}", "description": "x" * 60_000}} for i in range(5)]
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "messages")
     assert not router.requests
+
+
+MERGED_CASES = [
+    ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12}),
+    ("/v1/completions", {"prompt": "Once upon a time", "stop": [" fox", "jumps"], "max_tokens": 30}),
+    ("/v1/completions", {"prompt": "Once upon a time", "stop": [" "], "min_tokens": 5, "max_tokens": 30}),
+    ("/v1/completions", {"prompt": "Once upon a time", "stop": [" "], "logprobs": 2, "max_tokens": 30}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["o"], "min_tokens": 3,
+                              "logprobs": True, "top_logprobs": 1, "max_tokens": 30}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2, "seed": 1, "max_tokens": 9}),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body", MERGED_CASES)
+def test_events_merged_by_the_router_give_the_same_answer_as_one_token_events(router, tokenizer, path, body, stream):
+    """Stop strings, min_tokens, logprobs and usage are per token, however many tokens an event carries."""
+    def answer(merge: int):
+        router.merge = merge
+        response = make_client(router, tokenizer).post(path, json={"model": MODEL, **body, "stream": stream,
+                                                               **({"stream_options": {"include_usage": True}} if stream else {})})
+        assert response.status_code == 200, response.text
+        if not stream:
+            out = response.json()
+            return out["choices"], out["usage"]
+        chunks = sse(response)
+        text = {}
+        for c in chunks:
+            for ch in c["choices"]:
+                piece = ch.get("text") if "text" in ch else (ch["delta"].get("content") or "")
+                text[ch["index"]] = text.get(ch["index"], "") + piece
+                if ch.get("finish_reason"):
+                    text[(ch["index"], "reason")] = ch["finish_reason"]
+        return sorted(text.items(), key=str), chunks[-1]["usage"]
+    assert answer(4) == answer(1)

@@ -1,6 +1,7 @@
 """Direct links (deployments/link.py) and the mesh client over them, without Ray: a MeshReplica (the class
 under Serve's decorator) behind a fake Serve handle."""
 import asyncio
+import pickle
 
 import pytest
 
@@ -9,7 +10,7 @@ from deployments.link import Link, LinkAddress, LinkServer, connect
 from deployments.mesh_client import LinkMeshClient
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
-from scheduler.work import MeshWork, PrefillChunk, StepResult
+from scheduler.work import MeshWork, PrefillChunk, RequestFailed, StepResult, TokenEvent, pack_events, unpack_events
 
 
 async def echo_server() -> tuple[LinkServer, LinkAddress]:
@@ -100,3 +101,22 @@ def test_a_link_that_breaks_fails_every_open_work_at_once(replica):
         await client.reset()  # the router's probe reconnects; work ids start again at 0
         assert len([r async for r in client.execute(prefill(0, slot=5), incarnation)]) == 1
     asyncio.run(main())
+
+
+def test_listeners_started_at_once_share_one_address_and_secret():
+    async def main():
+        server = LinkServer(lambda link: asyncio.sleep(0))
+        first, second = await asyncio.gather(server.start("127.0.0.1"), server.start("127.0.0.1"))
+        assert first == second
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_refusal_whose_error_does_not_pickle_still_reaches_the_ingress():
+    class Unpicklable(Exception):
+        def __reduce__(self):
+            raise TypeError("no")
+    batch = [TokenEvent("a", [5]), RequestFailed("b", Unpicklable("boom")), RequestFailed("c", ValueError("x"))]
+    a, b, c = unpack_events(pickle.loads(pickle.dumps(pack_events(batch))))
+    assert a.token_ids == [5] and isinstance(b.error, RuntimeError) and "boom" in str(b.error)
+    assert isinstance(c.error, ValueError) and str(c.error) == "x"
