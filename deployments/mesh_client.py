@@ -7,7 +7,6 @@ every open work then sees as a ConnectionError: the router's failure path, at on
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from deployments.link import Link, connect
@@ -86,5 +85,4 @@ class LinkMeshClient:
         self._works.clear()
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._close(ConnectionError("closed"))
+        self._close(ConnectionError("closed"))

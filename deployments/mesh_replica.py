@@ -30,7 +30,7 @@ from deployments.config import AppConfig
 from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from model.backend import Backend, Capabilities
 from model.runner import MeshRunner
-from scheduler.work import MeshWork, StepResult
+from scheduler.work import MeshWork, StepResult, portable_error
 
 log = logging.getLogger("ray.serve")
 
@@ -167,12 +167,8 @@ class MeshReplica:
         except ConnectionError:
             return
         except Exception as exc:
-            try:
-                link.send((work.work_id, exc))
-            except ConnectionError:
-                return
-            except Exception:  # an exception that does not pickle
-                link.send((work.work_id, RuntimeError(repr(exc))))
+            with contextlib.suppress(ConnectionError):
+                link.send((work.work_id, portable_error(exc)))
 
     def _deadline(self, work: MeshWork) -> float:
         tokens = sum(len(c.token_ids) - c.start for c in work.prefills)

@@ -25,12 +25,12 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, ResponseToolCall,
                                   Tool, TopLogprob, Usage)
-from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceTotal, ChunkTemplate, EventStream, StopStrings,
+from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (ParsedCall, ToolCallStream, call_id, cut_call, parse_tool_calls, render_messages,
                                    tool_definitions)
-from model.tokenizer import IncrementalDetokenizer, Tokenizer
+from model.tokenizer import Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
 
@@ -187,9 +187,10 @@ class OpenAIServer:
         """The prompt's token ids, and the field it came from. Text far too long for `limit` tokens is
         refused without tokenizing it."""
         if isinstance(req, ChatCompletionRequest):
-            check_prompt_chars(chat_chars(req), limit, "messages")
+            chars = chat_chars(req)
+            check_prompt_chars(chars, limit, "messages")
             tools = constraint.tools if constraint.tool_mode != "none" else None
-            chars = chat_chars(req) if tools is None else INLINE_CHARS + 1  # a tool list: always off the loop
+            chars = chars if tools is None else INLINE_CHARS + 1  # a tool list: always off the loop
             return await self.sized(chars, self.encode_messages, req.messages, True, tools), "messages"
         if isinstance(req.prompt, str):
             check_prompt_chars(len(req.prompt), limit, "prompt")
@@ -244,37 +245,20 @@ class OpenAIServer:
         (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
         prompt_ids = prep.prompt_ids
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
-        stops = StopStrings(params.stop)
-        output: list[int] = []
         offsets = TokenOffsets(self.tokenizer, self.special_ids) if params.logprobs is not None else None
+        answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets)
         cached = 0
         reason: str | None = None
         rid, attempt = request_id, 0
         try:
             while True:
                 try:
-                    async for event in self.router.generate(rid, prompt_ids, params, salt, list(output)):
+                    async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output)):
                         timer.on_event(event)
                         cached = event.num_cached_tokens or cached
                         failed = event.finish_reason == "error"
-                        final = event.finish_reason is not None and not failed
-                        # An event may carry several tokens (merged until the router's flush): min_tokens and
-                        # stop strings are checked token by token, and nothing after a stop is kept.
-                        ids, texts, starts, stopped = event.token_ids, [], [], False
-                        taken = 0
-                        while taken < len(ids) and not stopped:
-                            token, taken = ids[taken], taken + 1
-                            output.append(token)
-                            last = final and taken == len(ids)
-                            piece = detokenizer.step([token]) + (detokenizer.flush() if last else "")
-                            if offsets is not None:
-                                starts += offsets.add([token])
-                            text, stopped = stops.feed(piece, last, check=len(output) >= params.min_tokens)
-                            texts.append(text)
-                        if not ids and final:  # the finish alone: what was held back goes out
-                            text, stopped = stops.feed(detokenizer.flush(), True, check=len(output) >= params.min_tokens)
-                            texts.append(text)
+                        text, starts, taken, stopped = answer.feed(event.token_ids, event.finish_reason is not None
+                                                                   and not failed)
                         if stopped:
                             reason = "stop"
                             await asyncio.shield(self.router.cancel(rid, "stop"))
@@ -282,9 +266,9 @@ class OpenAIServer:
                             reason = None if failed else event.finish_reason
                         if reason is not None:
                             timer.finish(reason)
-                        if not failed or texts:
-                            yield ChoiceDelta(index, "".join(texts), event.logprobs[:taken], starts, reason,
-                                              len(output), cached)
+                        if not failed or text:
+                            yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
+                                              cached)
                         if failed and not stopped:
                             raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         if reason is not None:
@@ -296,7 +280,7 @@ class OpenAIServer:
                     if attempt == len(self.retry_backoff_s):
                         raise unavailable("The router is unavailable; retry.") from exc
                     log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
-                                len(output))
+                                len(answer.output))
                     with contextlib.suppress(Exception):  # in case it still runs there
                         await asyncio.shield(self.router.cancel(rid, "abort"))
                     await asyncio.sleep(self.retry_backoff_s[attempt])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from fastapi.responses import StreamingResponse
 
-from model.tokenizer import Tokenizer
+from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.sampling import TokenLogprobs
 
 
@@ -59,6 +59,45 @@ class TokenOffsets:
             if token_id not in self.special_ids:
                 self.chars += len(self._utf8.decode(self.tokenizer.token_bytes(token_id)))
         return offsets
+
+
+class ChoiceText:
+    """One choice's tokens as text for the client: detokenized, stop strings found once min_tokens are
+    generated, token by token even when an event carries several (the router merges a request's tokens until
+    its next flush); nothing after a stop is kept. `output` holds the tokens taken so far."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], min_tokens: int,
+                 offsets: TokenOffsets | None):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self.stops = StopStrings(stop)
+        self.min_tokens = min_tokens
+        self.offsets = offsets
+        self.output: list[int] = []
+
+    def feed(self, token_ids: list[int], final: bool) -> tuple[str, list[int], int, bool]:
+        """Take an event's tokens (`final`: the answer ends with them). Returns the text safe to send, where
+        each taken token's text starts (with offsets), how many tokens were taken, and whether a stop
+        string ended the answer (the tokens after the one that completed it are dropped)."""
+        texts: list[str] = []
+        starts: list[int] = []
+        stopped = False
+        taken = 0
+        for token in token_ids:
+            taken += 1
+            self.output.append(token)
+            if self.offsets is not None:
+                starts += self.offsets.add([token])
+            text, stopped = self.stops.feed(self.detokenizer.step([token]), False, self._check())
+            texts.append(text)
+            if stopped:
+                break
+        if final and not stopped:  # what the detokenizer and the stop search held back goes out
+            text, stopped = self.stops.feed(self.detokenizer.flush(), True, self._check())
+            texts.append(text)
+        return "".join(texts), starts, taken, stopped
+
+    def _check(self) -> bool:
+        return len(self.output) >= self.min_tokens
 
 
 @dataclass

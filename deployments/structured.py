@@ -53,11 +53,9 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
 
 
 def unconstrained(req: ChatCompletionRequest | CompletionRequest) -> bool:
-    """No grammar to build or validate (constraint_for is then instant): no structured output, no tools."""
-    fmt = req.response_format
-    return ((fmt is None or fmt.type not in ("json_object", "json_schema")) and req.structured_outputs is None
-            and all(getattr(req, f"guided_{name}") is None for name in ("json", "regex", "choice", "grammar"))
-            and not (isinstance(req, ChatCompletionRequest) and req.tools))
+    """No grammar to build or validate (constraint_for is then instant): no structured output, no tools.
+    Raises APIError 400 for a malformed structured_outputs, as constraint_for does."""
+    return not _grammar_sources(req) and not (isinstance(req, ChatCompletionRequest) and req.tools)
 
 
 def _tools(req) -> tuple[list[Tool], ToolMode]:
@@ -98,11 +96,9 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
     if fmt is not None and fmt.type == "json_object":
         sources.append(("response_format", lambda: json_schema_grammar(True)))
     elif fmt is not None and fmt.type == "json_schema":
-        schema = fmt.json_schema.schema_
-        if schema is not None and fmt.json_schema.strict:
-            schema = closed(schema)
-        sources.append(("response_format.json_schema.schema",
-                        lambda: json_schema_grammar(True if schema is None else schema)))
+        schema, strict = fmt.json_schema.schema_, fmt.json_schema.strict
+        sources.append(("response_format.json_schema.schema",  # built (closed when strict) only when asked for
+                        lambda: json_schema_grammar(True if schema is None else closed(schema) if strict else schema)))
     so = req.structured_outputs
     if so is not None:
         given = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),

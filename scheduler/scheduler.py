@@ -301,23 +301,9 @@ class MeshScheduler:
                 if final:
                     self._take_token(seq, seq.slot, result, now, events)
         else:
-            tokens, bs = result.tokens, self.block_size
-            plain = not result.finished and not result.logprobs
             for slot, seq, epoch in plan.decode:
-                if seq.epoch != epoch or seq.status is not Status.RUNNING:
-                    continue
-                token = tokens[slot]
-                ids = seq.token_ids
-                if not plain or token == NO_TOKEN or len(ids) == seq.num_prompt_tokens:
+                if seq.epoch == epoch and seq.status is Status.RUNNING:
                     self._take_token(seq, slot, result, now, events)
-                    continue
-                # nearly every token: the same as _take_token, without its branches
-                ids.append(token)
-                seq.token_times.append(now)
-                seq.num_computed = len(ids) - 1
-                if seq.num_computed % bs == 0:
-                    self._cache_full_blocks(seq)
-                events.append(TokenEvent(seq.request_id, [token]))
         plan.messages_left -= 1
         if plan.messages_left == 0:
             self.inflight.popleft()
