@@ -47,9 +47,12 @@ class RouterLink:
         try:
             try:
                 await asyncio.wait_for(self._connected.wait(), CONNECT_WAIT_S)
+                link = self._link
+                if link is None:
+                    raise ConnectionError("the link closed")
                 self._queues[request_id] = queue  # on this link: its break fails the request
-                self._link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids)))
-            except (asyncio.TimeoutError, ConnectionError, AttributeError) as exc:
+                link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids)))
+            except (asyncio.TimeoutError, ConnectionError) as exc:
                 raise RouterLost(f"the router cannot be reached: {exc!r}") from None
             while True:
                 item = await queue.get()
