@@ -30,7 +30,7 @@ test: $(STAMP) model
 	$(BIN)/python -m pytest -q tests
 
 serve: $(STAMP) model
-	@echo "meshserve: starting Ray Serve with serve_config.yaml; when it says ready, the OpenAI endpoint is"
+	@echo "meshserve: starting Ray Serve with serve_config.yaml; once http://localhost:8000/health answers 200, the OpenAI endpoint is"
 	@echo "  http://localhost:8000/v1   e.g.:"
 	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
