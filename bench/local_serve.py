@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -25,7 +26,28 @@ from deployments.app import build
 from deployments.config import AppConfig
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
+    """A TCP port free now, drawn between Ray's worker ports (10002-19999 by default) and the kernel's
+    ephemeral range (32768+ on Linux, /proc/sys/net/ipv4/ip_local_port_range). A port from bind(0) is an
+    ephemeral one, and Ray's own processes take random ports from that range while they start; one did take
+    HAProxy's metrics port between the pick and HAProxy's bind once (CI, "Address already in use")."""
+    ephemeral_low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(1000):
+        port = random.randint(20000, max(20000, ephemeral_low - 1))
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

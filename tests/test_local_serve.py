@@ -1,0 +1,17 @@
+"""bench.local_serve's port picking: Ray's own processes take random ports from the kernel's ephemeral range
+while they start, so a port handed to HAProxy or Serve must come from outside it (and outside Ray's worker
+ports), or a Ray process may bind it first (seen once in CI)."""
+import socket
+from pathlib import Path
+
+from bench.local_serve import free_port
+
+
+def test_free_ports_are_distinct_bindable_and_outside_ray_and_ephemeral_ranges():
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    for port in ports:
+        assert 20000 <= port < ephemeral_low
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", port))
