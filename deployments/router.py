@@ -164,6 +164,46 @@ class _Sink:
         self.send = None
 
 
+class _Silence:
+    """Cancels the current task once `heard()` has not been called for `seconds`. One timer for a whole
+    work, moved on only when it fires: an `asyncio.timeout` per message costs the router ~60 us of CPU per
+    mesh step under uvloop (timer armed and cancelled each time; measured on the 2-core box), a third of
+    its CPU per step at one mesh. After the CancelledError, `expired()` says whether this cancelled it."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._last = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def __enter__(self) -> _Silence:
+        self._timer = self._loop.call_at(self._last + self.seconds, self._check)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+    def heard(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self.seconds
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+        else:
+            self._expired = True
+            self._task.cancel()
+
+    def expired(self) -> bool:
+        """True (once the task's cancellation is taken back) when the silence cancelled the task and nothing
+        else asked for it to be cancelled."""
+        if not self._expired:
+            return False
+        return self._task.uncancel() == 0
+
+
 class Router:
     def __init__(self, meshes: list[tuple[str, MeshClient]], config: RouterConfig):
         self.config = config
@@ -479,18 +519,18 @@ class Router:
                 if previous.cancelled() or previous.exception() is not None:
                     return  # the mesh failed already; _run is tearing down
             received = 0
-            while True:
-                try:  # asyncio.timeout, not wait_for: no task per message
-                    async with asyncio.timeout(deadline_s):
-                        step = await anext(stream)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise MeshFailed(f"work {work.work_id} sent nothing for {deadline_s:.1f} s") from None
-                received += 1
-                self._deliver(sched.process(step))
-                if step.finished:
-                    mesh.wake.set()  # freed slots: more work may fit now
+            with _Silence(deadline_s) as silence:
+                try:
+                    async for step in stream:
+                        silence.heard()
+                        received += 1
+                        self._deliver(sched.process(step))
+                        if step.finished:
+                            mesh.wake.set()  # freed slots: more work may fit now
+                except asyncio.CancelledError:
+                    if silence.expired():
+                        raise MeshFailed(f"work {work.work_id} sent nothing for {deadline_s:.1f} s") from None
+                    raise
             if received != work.num_messages:
                 raise MeshFailed(f"work {work.work_id} ended after {received} of {work.num_messages} results")
         finally:

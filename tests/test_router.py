@@ -252,3 +252,31 @@ def test_closing_a_consumers_stream_cancels_its_requests():
         await until(lambda: idle(router) and not router.requests)
         await router.close()
     asyncio.run(main())
+
+
+def test_silence_cancels_only_a_task_that_heard_nothing_for_its_whole_window():
+    """The per-work deadline: messages keep it alive however long the work runs; a gap longer than the
+    window cancels the task (expired() True); a cancel from outside stays a plain cancel."""
+    from deployments.router import _Silence
+
+    async def talker(gaps):
+        with _Silence(0.15) as silence:
+            try:
+                for gap in gaps:
+                    await asyncio.sleep(gap)
+                    silence.heard()
+                return "done"
+            except asyncio.CancelledError:
+                if silence.expired():
+                    return "silent"
+                raise
+
+    async def main():
+        assert await talker([0.1] * 6) == "done"  # 0.6 s in all, never 0.15 s quiet
+        assert await talker([0.05, 0.5]) == "silent"
+        task = asyncio.create_task(talker([0.5]))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(main())
