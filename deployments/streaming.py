@@ -62,9 +62,9 @@ class TokenOffsets:
 
 
 class ChoiceText:
-    """One choice's tokens as text for the client: detokenized, stop strings found once min_tokens are
-    generated, token by token even when an event carries several (the router merges a request's tokens until
-    its next flush); nothing after a stop is kept. `output` holds the tokens taken so far."""
+    """One choice's tokens as text for the client: detokenized, stop strings found once more than min_tokens
+    are generated, token by token even when an event carries several (the router merges a request's tokens
+    until its next flush); nothing after a stop is kept. `output` holds the tokens taken so far."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], min_tokens: int,
                  offsets: TokenOffsets | None):
@@ -97,7 +97,9 @@ class ChoiceText:
         return "".join(texts), starts, taken, stopped
 
     def _check(self) -> bool:
-        return len(self.output) >= self.min_tokens
+        """Stop strings count from the token after the first min_tokens, as stop ids do (the runner masks
+        them until then) and as vLLM does (v1 detokenizer: `len(output_token_ids) > min_tokens`)."""
+        return len(self.output) > self.min_tokens
 
 
 @dataclass

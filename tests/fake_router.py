@@ -60,7 +60,7 @@ class FakeRouter:
             if i == self.pause_after:
                 await self.resume.wait()
             # Like a real router, every stream ends with a finish: at the end of the script ("length") at the latest.
-            finish = ("stop" if token in params.stop_token_ids and i + 1 >= params.min_tokens
+            finish = ("stop" if token in params.stop_token_ids and i >= params.min_tokens  # as the runner masks
                       else "length" if i + 1 == min(params.max_tokens, len(self.answer)) else None)
             alternatives = [(token, -0.25), *((t, -3.0) for t in range(1, params.logprobs or 0))]
             logprobs = [] if params.logprobs is None else [

@@ -624,3 +624,22 @@ def test_events_merged_by_the_router_give_the_same_answer_as_one_token_events(ro
                     text[(ch["index"], "reason")] = ch["finish_reason"]
         return sorted(text.items(), key=str), chunks[-1]["usage"]
     assert answer(4) == answer(1)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_counts_only_after_min_tokens(client, router, tokenizer, stream):
+    """min_tokens tokens come first whatever they hold; a stop string completed by token min_tokens + 1
+    ends the answer (vLLM's rule, and the one stop ids follow)."""
+    words = [tokenizer.encode(w) for w in ["a", " b", " c", " d", " e", " f"]]
+    assert all(len(w) == 1 for w in words)
+    router.answer = [w[0] for w in words]
+
+    def text(min_tokens: int) -> str:
+        r = client.post("/v1/completions", json={**COMPLETION, "stream": stream, "stop": [" c", " e"],
+                                                 "min_tokens": min_tokens, "max_tokens": 6})
+        if stream:
+            return "".join(c["choices"][0]["text"] for c in sse(r))
+        return r.json()["choices"][0]["text"]
+    assert text(0) == "a b"
+    assert text(2) == "a b"  # " c" is the third token: past min_tokens
+    assert text(3) == "a b c d"  # " c" is the third token: within min_tokens, so " e" stops it
