@@ -56,11 +56,11 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        return await server.complete(req, await server.prepare(req, "chatcmpl"), salt(request, req.cache_salt))
+        return await server.complete(req, [await server.prepare(req, "chatcmpl")], salt(request, req.cache_salt))
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await server.complete(req, await server.prepare(req, "cmpl"), salt(request, req.cache_salt))
+        return await server.complete(req, await server.prepare_all(req, "cmpl"), salt(request, req.cache_salt))
 
     @v1.get("/models")
     async def models():

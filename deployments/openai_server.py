@@ -235,6 +235,13 @@ class OpenAIServer:
         return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival, echo,
                         constraint.tool_mode, constraint.tools)
 
+    async def prepare_all(self, req: CompletionRequest, prefix: str) -> list[Prepared]:
+        """One Prepared per prompt of a completion's batch (one for a single prompt), each checked and
+        sized on its own, as if it came alone."""
+        if len(prompts := req.prompts) == 1:
+            return [await self.prepare(req, prefix)]
+        return [await self.prepare(req.model_copy(update={"prompt": p}), prefix) for p in prompts]
+
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None) -> AsyncIterator[ChoiceDelta]:
         """One router request, as text. Cancels it in the router unless it finished.
@@ -292,31 +299,33 @@ class OpenAIServer:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.router.cancel(rid, "abort"))
 
-    async def deltas(self, prep: Prepared, n: int, salt: str | None) -> AsyncIterator[ChoiceDelta]:
-        """The n choices (n independent router requests) merged in arrival order. A seeded request
-        gives choice i the seed + i, so the choices differ and each is reproducible."""
-        if n == 1:  # the common case: no merging task and queue per token event
+    async def deltas(self, preps: list[Prepared], n: int, salt: str | None) -> AsyncIterator[ChoiceDelta]:
+        """The n choices of each prompt (independent router requests) merged in arrival order; choice i of
+        prompt p has index p * n + i. A seeded request gives choice i the seed + i, so the choices differ
+        and each is reproducible."""
+        if len(preps) == n == 1:  # the common case: no merging task and queue per token event
+            prep = preps[0]
             async with contextlib.aclosing(self.choice(0, f"{prep.id}-0", prep, prep.params, salt)) as only:
                 async for delta in only:
                     yield delta
             return
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(i: int) -> None:
+        async def pump(prep: Prepared, index: int, i: int) -> None:
             params = prep.params
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**63})
             try:
-                async for delta in self.choice(i, f"{prep.id}-{i}", prep, params, salt):
+                async for delta in self.choice(index, f"{prep.id}-{i}", prep, params, salt):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
             finally:
                 queue.put_nowait(_CHOICES_DONE)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(n)]
+        tasks = [asyncio.create_task(pump(prep, p * n + i, i)) for p, prep in enumerate(preps) for i in range(n)]
         try:
-            running = n
+            running = len(tasks)
             while running:
                 item = await queue.get()
                 if item is _CHOICES_DONE:
@@ -331,20 +340,23 @@ class OpenAIServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- router -> responses --------------------------------------------------------------------
-    async def complete(self, req: ChatCompletionRequest | CompletionRequest, prep: Prepared,
+    async def complete(self, req: ChatCompletionRequest | CompletionRequest, preps: list[Prepared],
                        salt: str | None) -> Response:
+        """The answer to a request of one prompt, or (completions) a batch: `preps` holds one per prompt."""
         chat = isinstance(req, ChatCompletionRequest)
-        stream = self.deltas(prep, req.n, salt)
+        prep = preps[0]  # the response's id, and the field errors name
+        stream = self.deltas(preps, req.n, salt)
         if req.stream:
             first = await self._first(stream, prep)
-            return EventStream(self._sse(req, prep, first, stream), source=stream)
-        totals = [ChoiceTotal() for _ in range(req.n)]
+            return EventStream(self._sse(req, preps, first, stream), source=stream)
+        totals = [ChoiceTotal() for _ in range(len(preps) * req.n)]
         try:
             async for d in stream:
                 totals[d.index].add(d)
         except Exception as exc:
             raise as_api_error(exc, prep.prompt_field) or exc
-        usage = self._usage(len(prep.prompt_ids), sum(t.num_generated for t in totals), totals[0].num_cached)
+        usage = self._usage(sum(len(p.prompt_ids) for p in preps), sum(t.num_generated for t in totals),
+                            sum(totals[p * req.n].num_cached for p in range(len(preps))))
         if chat:
             choices = []
             for i, t in enumerate(totals):
@@ -358,7 +370,7 @@ class OpenAIServer:
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                        usage=usage).model_dump())
-        choices = [CompletionChoice(index=i, text=prep.echo + t.text, finish_reason=t.finish_reason,
+        choices = [CompletionChoice(index=i, text=preps[i // req.n].echo + t.text, finish_reason=t.finish_reason,
                                     logprobs=self._completion_logprobs(t.logprobs, t.token_offsets)
                                     if req.logprobs is not None else None)
                    for i, t in enumerate(totals)]
@@ -372,13 +384,15 @@ class OpenAIServer:
         except Exception as exc:
             raise as_api_error(exc, prep.prompt_field) or exc
 
-    async def _sse(self, req, prep: Prepared, first: ChoiceDelta,
+    async def _sse(self, req, preps: list[Prepared], first: ChoiceDelta,
                    stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
         chat = isinstance(req, ChatCompletionRequest)
+        prep = preps[0]
         created = int(time.time())
-        generated = [0] * req.n
-        cached = 0
-        echo = [prep.echo] * req.n  # sent with each choice's first chunk
+        generated = [0] * (len(preps) * req.n)
+        prompt_tokens = sum(len(p.prompt_ids) for p in preps)
+        cached = [0] * len(preps)  # per prompt
+        echo = [p.echo for p in preps for _ in range(req.n)]  # sent with each choice's first chunk
         tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced") for _ in range(req.n)]
                         if chat and prep.tool_mode != "none" else None)
 
@@ -415,7 +429,7 @@ class OpenAIServer:
             if template is None:
                 template = templates[d.index] = ChunkTemplate(chunk([choice(
                     ChoiceDelta(d.index, TEXT_SLOT, [], [], None, 0, 0))]))
-            usage = (len(prep.prompt_ids), sum(generated), cached) if req.continuous_usage else None
+            usage = (prompt_tokens, sum(generated), sum(cached)) if req.continuous_usage else None
             return template.render(d.text, usage)
 
         try:
@@ -424,15 +438,17 @@ class OpenAIServer:
                              for i in range(req.n)])
             d = first
             while d is not None:
-                generated[d.index], cached = d.num_generated, d.num_cached or cached
+                generated[d.index] = d.num_generated
+                if d.num_cached and d.index % req.n == 0:  # a prompt's cache hit, counted once
+                    cached[d.index // req.n] = d.num_cached
                 if templated and d.text and d.finish_reason is None and not echo[d.index]:
                     yield text_chunk(d)
                 elif d.text or d.finish_reason or d.logprobs or echo[d.index]:
-                    yield chunk([choice(d)], self._usage(len(prep.prompt_ids), sum(generated), cached)
+                    yield chunk([choice(d)], self._usage(prompt_tokens, sum(generated), sum(cached))
                                 if req.continuous_usage else None)
                 d = await anext(stream, None)
             if req.include_usage:
-                yield chunk([], self._usage(len(prep.prompt_ids), sum(generated), cached))
+                yield chunk([], self._usage(prompt_tokens, sum(generated), sum(cached)))
         except Exception as exc:
             error = as_api_error(exc, prep.prompt_field)
             if error is None:

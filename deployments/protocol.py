@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
 
 MAX_N = 16  # choices per request; each one is a separate router request
+MAX_BATCH_CHOICES = 256  # a batch of completion prompts: prompts x n router requests at most
 # Bounds on what a request carries to the router and the mesh, so no request can cost them unbounded memory
 # or time. Stop strings are matched in the ingress, but each one makes every token's check longer and holds
 # back that many characters of the stream; OpenAI allows 4, vLLM any number: 16 covers templated agents.
@@ -284,11 +285,31 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Text | list[int] = Field(min_length=1)  # one prompt: text or token ids (the ingress checks the ids)
+    # One prompt (text or token ids), or a batch of them (a list of texts or of token-id lists), as OpenAI's and
+    # vLLM's /v1/completions take; the ingress checks the ids. A batch's choices are numbered prompt by prompt.
+    prompt: Text | list[int] | list[Text] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
     best_of: Literal[1] | None = None  # server-side ranking of several samples is not implemented
+
+    @field_validator("prompt")
+    @classmethod
+    def _bounded_batch(cls, v, info: ValidationInfo):
+        if isinstance(v, list) and v and not isinstance(v[0], int):
+            if len(v) * info.data.get("n", 1) > MAX_BATCH_CHOICES:
+                raise ValueError(f"a batch of prompts may ask for at most {MAX_BATCH_CHOICES} choices "
+                                 f"(prompts x n)")
+            if any(len(p) == 0 for p in v):
+                raise ValueError("every prompt of a batch must be non-empty")
+        return v
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: one item for a single prompt."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
     @field_validator("echo")
     @classmethod

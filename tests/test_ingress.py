@@ -643,3 +643,52 @@ def test_a_stop_string_counts_only_after_min_tokens(client, router, tokenizer, s
     assert text(0) == "a b"
     assert text(2) == "a b"  # " c" is the third token: past min_tokens
     assert text(3) == "a b c d"  # " c" is the third token: within min_tokens, so " e" stops it
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_answers_each_prompt_with_its_own_choices(client, router, tokenizer, stream):
+    """`prompt` as a list of texts or of token-id lists (OpenAI's and vLLM's batch form): n choices per
+    prompt, choice i of prompt p at index p * n + i, each with its own prompt's echo; usage sums the batch."""
+    prompts = ["Once upon", "a time there was"]
+    ids = [tokenizer.encode(p) for p in prompts]
+    body = {"model": MODEL, "prompt": prompts, "n": 2, "max_tokens": 3, "echo": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    three = tokenizer.decode(router.answer[:3])
+    if stream:
+        chunks = sse(r)
+        texts: dict[int, str] = {}
+        for c in chunks:
+            for ch in c["choices"]:
+                texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+        usage = chunks[-1]["usage"]
+    else:
+        texts = {c["index"]: c["text"] for c in r.json()["choices"]}
+        usage = r.json()["usage"]
+    assert texts == {0: prompts[0] + three, 1: prompts[0] + three, 2: prompts[1] + three, 3: prompts[1] + three}
+    assert sorted(map(tuple, (p for p, _, _ in router.requests.values()))) == sorted([tuple(ids[0])] * 2 + [tuple(ids[1])] * 2)
+    assert usage["prompt_tokens"] == len(ids[0]) + len(ids[1]) and usage["completion_tokens"] == 12
+
+
+def test_a_batch_of_token_id_prompts_reaches_the_router_as_given(client, router):
+    r = client.post("/v1/completions", json={**COMPLETION, "prompt": [[5, 6, 7], [8]], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+    assert sorted(p for p, _, _ in router.requests.values()) == [[5, 6, 7], [8]]
+    assert r.json()["usage"]["prompt_tokens"] == 4
+
+
+@pytest.mark.parametrize("prompt", [[], [""], [[]], ["a", [1, 2]], [["a"]], ["a"] * 129, [[1, 2], [10**9]]])
+def test_a_bad_batch_of_prompts_is_400_naming_prompt(client, router, prompt):
+    body = {**COMPLETION, "prompt": prompt, "max_tokens": 2, "n": 2}
+    assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
+    assert not router.requests
+
+
+def test_one_prompt_of_a_batch_too_long_for_the_context_refuses_the_batch(client, router):
+    body = {**COMPLETION, "prompt": [[1, 2], [1] * MAX_LEN], "max_tokens": 2}
+    error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
+    assert error["code"] == "context_length_exceeded"
+    assert not router.requests
