@@ -8,6 +8,7 @@ logic is in `deployments/openai_server.py`, streaming helpers in `streaming.py`,
 from __future__ import annotations
 
 import logging
+import time
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -53,6 +54,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return tenant_salt(request.state.api_key, cache_salt) if api_keys else cache_salt
 
     v1 = APIRouter(prefix="/v1", dependencies=keyed)
+    created = int(time.time())  # the served model's `created`: when this server started, the same on every call
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
@@ -64,7 +66,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.get("/models")
     async def models():
-        return ModelList(data=[ModelCard(id=served_model_name, max_model_len=await server.model_len())]).model_dump()
+        return ModelList(data=[ModelCard(id=served_model_name, created=created,
+                                         max_model_len=await server.model_len())]).model_dump()
 
     app.include_router(v1)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query

@@ -135,10 +135,14 @@ def test_completion_logprobs_offsets(client, router, tokenizer):
     assert all(len(top) == 1 for top in lp["top_logprobs"])
 
 
-def test_models(client):
+def test_models(client, monkeypatch):
     body = client.get("/v1/models").json()
     assert [m["id"] for m in body["data"]] == [MODEL]
     assert body["data"][0]["max_model_len"] == MAX_LEN
+    import time
+    later = time.time() + 5
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert client.get("/v1/models").json()["data"][0]["created"] == body["data"][0]["created"]  # the model's, fixed
 
 
 # ---- errors -------------------------------------------------------------------------------------
