@@ -238,7 +238,7 @@ class OpenAIServer:
     async def prepare_all(self, req: CompletionRequest, prefix: str) -> list[Prepared]:
         """One Prepared per prompt of a completion's batch (one for a single prompt), each checked and
         sized on its own, as if it came alone."""
-        if len(prompts := req.prompts) == 1:
+        if (prompts := req.prompts) == [req.prompt]:  # a single prompt, not a batch of one
             return [await self.prepare(req, prefix)]
         return [await self.prepare(req.model_copy(update={"prompt": p}), prefix) for p in prompts]
 

@@ -676,6 +676,17 @@ def test_a_batch_of_prompts_answers_each_prompt_with_its_own_choices(client, rou
     assert usage["prompt_tokens"] == len(ids[0]) + len(ids[1]) and usage["completion_tokens"] == 12
 
 
+@pytest.mark.parametrize("batch", [["Once upon a time"], [[5, 6, 7]]])
+def test_a_batch_of_one_prompt_is_that_prompt(client, router, tokenizer, batch):
+    r = client.post("/v1/completions", json={**COMPLETION, "prompt": batch, "max_tokens": 2, "echo": True})
+    assert r.status_code == 200, r.text
+    (prompt,) = batch
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    assert [p for p, _, _ in router.requests.values()] == [ids]
+    text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
+    assert r.json()["choices"][0]["text"] == text + tokenizer.decode(router.answer[:2])
+
+
 def test_a_batch_of_token_id_prompts_reaches_the_router_as_given(client, router):
     r = client.post("/v1/completions", json={**COMPLETION, "prompt": [[5, 6, 7], [8]], "max_tokens": 2})
     assert r.status_code == 200, r.text
