@@ -191,7 +191,8 @@ class OpenAIServer:
             check_prompt_chars(chars, limit, "messages")
             tools = constraint.tools if constraint.tool_mode != "none" else None
             chars = chars if tools is None else INLINE_CHARS + 1  # a tool list: always off the loop
-            return await self.sized(chars, self.encode_messages, req.messages, True, tools), "messages"
+            return (await self.sized(chars, self.encode_messages, req.messages, req.add_generation_prompt, tools),
+                    "messages")
         if isinstance(req.prompt, str):
             check_prompt_chars(len(req.prompt), limit, "prompt")
             return await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, True), "prompt"
@@ -253,7 +254,8 @@ class OpenAIServer:
         prompt_ids = prep.prompt_ids
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
         offsets = TokenOffsets(self.tokenizer, self.special_ids) if params.logprobs is not None else None
-        answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets)
+        answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets,
+                            params.include_stop_str_in_output)
         cached = 0
         reason: str | None = None
         rid, attempt = request_id, 0
@@ -477,9 +479,13 @@ class OpenAIServer:
             for lp in lps])
 
     def _completion_logprobs(self, lps: list[TokenLogprobs], offsets: list[int]) -> CompletionLogprobs:
+        """Each position's `top_logprobs` holds the chosen token too, whether or not it is among the most
+        likely (OpenAI's legacy completions: "the logprobs most likely tokens, as well the chosen tokens";
+        vLLM does the same)."""
         return CompletionLogprobs(tokens=[self._token(lp.token_id) for lp in lps],
                                   token_logprobs=[lp.logprob for lp in lps],
-                                  top_logprobs=[{self._token(t): p for t, p in lp.top} for lp in lps],
+                                  top_logprobs=[{self._token(lp.token_id): lp.logprob,
+                                                 **{self._token(t): p for t, p in lp.top}} for lp in lps],
                                   text_offset=offsets)
 
 

@@ -89,6 +89,7 @@ class _GenerationRequest(_Request):
     top_k: int = Field(-1, ge=-1, description="-1 or 0 disables top-k")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False  # vLLM's
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # the ingress checks the range
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -119,6 +120,13 @@ class _GenerationRequest(_Request):
             if not 0 < len(stop) <= MAX_STOP_CHARS:
                 raise ValueError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters")
             _check_unicode(stop)
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _options_need_stream(cls, v, info: ValidationInfo):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options can only be given with stream: true")
         return v
 
     @property
@@ -156,6 +164,7 @@ class _GenerationRequest(_Request):
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), seed=self.seed,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop_strings,
+            include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
@@ -263,6 +272,8 @@ class ChatCompletionRequest(_GenerationRequest):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True
+    add_generation_prompt: bool = True  # vLLM's: false renders the messages without the assistant's header
+    continue_final_message: Literal[False] = False  # vLLM's assistant prefill: not implemented
 
     @field_validator("top_logprobs")
     @classmethod

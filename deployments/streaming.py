@@ -16,21 +16,24 @@ class StopStrings:
     """Finds stop strings in streamed text. Until the answer ends, the last (longest stop - 1)
     characters are held back: they might be the start of a stop string that the next token completes."""
 
-    def __init__(self, stops: tuple[str, ...]):
+    def __init__(self, stops: tuple[str, ...], include_stop: bool = False):
         self.stops = stops
+        self.include_stop = include_stop
         self.hold = max(map(len, stops), default=1) - 1
         self.text = ""
         self.emitted = 0
 
     def feed(self, delta: str, final: bool, check: bool = True) -> tuple[str, bool]:
         """Text that is safe to send now, and whether a stop string ended the answer (the text before
-        it is all that remains). `check` is False while min_tokens are not yet generated."""
+        it is all that remains, or up to its end with include_stop). `check` is False while min_tokens are
+        not yet generated."""
         search_from = max(0, len(self.text) - self.hold)
         self.text += delta
         if check and self.stops:
-            hits = [i for s in self.stops if (i := self.text.find(s, search_from)) != -1]
+            hits = [(i, len(s)) for s in self.stops if (i := self.text.find(s, search_from)) != -1]
             if hits:
-                self.text = self.text[:min(hits)]
+                start, length = min(hits)
+                self.text = self.text[:start + length if self.include_stop else start]
                 return self._take(len(self.text)), True
         return self._take(len(self.text) if final else len(self.text) - self.hold), False
 
@@ -67,9 +70,9 @@ class ChoiceText:
     until its next flush); nothing after a stop is kept. `output` holds the tokens taken so far."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], min_tokens: int,
-                 offsets: TokenOffsets | None):
+                 offsets: TokenOffsets | None, include_stop: bool = False):
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
-        self.stops = StopStrings(stop)
+        self.stops = StopStrings(stop, include_stop)
         self.min_tokens = min_tokens
         self.offsets = offsets
         self.output: list[int] = []

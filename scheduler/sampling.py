@@ -26,6 +26,7 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(256, ge=1)
     min_tokens: int = Field(0, ge=0)
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the answer stays in its text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)

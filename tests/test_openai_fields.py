@@ -10,9 +10,10 @@ from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, assert_e
 # Every optional request field, sent as null: each must mean that field's default.
 SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
-                "ignore_eos", "n", "user", "cache_salt"]
+                "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output"]
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
-              "prediction", "web_search_options", "functions", "function_call"]
+              "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
+              "continue_final_message"]
 COMPLETION_NULLS = ["logprobs", "echo", "suffix", "best_of"]
 
 
@@ -52,6 +53,9 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/completions", COMPLETION, {"suffix": "the end"}, "suffix"),
     ("/v1/completions", COMPLETION, {"best_of": 3}, "best_of"),
     ("/v1/completions", COMPLETION, {"echo": True, "logprobs": 1}, "echo"),
+    ("/v1/chat/completions", CHAT, {"continue_final_message": True}, "continue_final_message"),
+    ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", COMPLETION, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
 ])
 def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, router, path, base, patch, param):
     assert_error(client.post(path, json={**base, **patch}), 400, param=param)
@@ -100,3 +104,31 @@ def test_echo_streams_the_prompt_in_each_choices_first_chunk(client):
 
 def test_no_echo_by_default(client):
     assert client.post("/v1/completions", json=COMPLETION).json()["choices"][0]["text"] == ANSWER
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("include", [False, True])
+def test_include_stop_str_in_output_keeps_the_stop_string(client, stream, include):
+    stop = "answer is"
+    body = {**COMPLETION, "stop": [stop], "include_stop_str_in_output": include, "stream": stream}
+    r = client.post("/v1/completions", json=body)
+    text = ("".join(c["choices"][0]["text"] for c in sse(r)) if stream else r.json()["choices"][0]["text"])
+    end = ANSWER.index(stop) + (len(stop) if include else 0)
+    assert text == ANSWER[:end]
+
+
+def test_add_generation_prompt_false_leaves_out_the_assistant_header(client, router, tokenizer):
+    messages = [{"role": "user", "content": "hi"}]
+    for add in (True, False):
+        assert client.post("/v1/chat/completions", json={**CHAT, "add_generation_prompt": add}).status_code == 200
+    (with_header, _, _), (without, _, _) = router.requests.values()
+    assert with_header == tokenizer.encode_chat(messages, True) and without == tokenizer.encode_chat(messages, False)
+    assert with_header != without
+
+
+def test_completion_top_logprobs_hold_the_chosen_token_even_when_it_is_not_among_the_likeliest(client, tokenizer):
+    from scheduler.sampling import TokenLogprobs
+    server = client.app.state.server
+    chosen, likely = tokenizer.encode(" cat")[0], tokenizer.encode(" dog")[0]
+    lp = server._completion_logprobs([TokenLogprobs(chosen, -7.0, [(likely, -0.1)])], [0])
+    assert lp.top_logprobs == [{" cat": -7.0, " dog": -0.1}]
