@@ -12,6 +12,7 @@ proxy instead.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -124,6 +125,21 @@ def wait_healthy(base_url: str, timeout_s: float = 300) -> None:
     raise TimeoutError(f"{base_url} never became healthy")
 
 
+def init_local_ray(num_cpus: int, attempts: int = 2) -> None:
+    """ray.init of a fresh local instance, tried again once: Ray gives its raylet 30 s to register with the
+    GCS, and on this loaded 2-core box a start once never got that far (CI: "The current node timed out
+    during startup", no raylet log at all), which failed a whole test module."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts:
+                raise
+            logging.getLogger(__name__).warning("local Ray did not start; starting it again", exc_info=True)
+
+
 @contextlib.contextmanager
 def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None = None,
               plain_proxy: bool | None = None):
@@ -134,7 +150,7 @@ def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None 
     fake_galaxy_cluster)."""
     if cluster_address is None:
         with ray_environment(plain_proxy):
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            init_local_ray(num_cpus)
     else:
         ray.init(address=cluster_address, log_to_driver=False)
     port = free_port()

@@ -15,3 +15,22 @@ def test_free_ports_are_distinct_bindable_and_outside_ray_and_ephemeral_ranges()
         assert 20000 <= port < ephemeral_low
         with socket.socket() as s:
             s.bind(("0.0.0.0", port))
+
+
+def test_a_local_ray_that_fails_to_start_is_started_once_more(monkeypatch):
+    import bench.local_serve as local_serve
+    calls = []
+
+    def init(**kwargs):
+        calls.append("init")
+        if calls.count("init") == 1:
+            raise Exception("The current node timed out during startup.")
+    monkeypatch.setattr(local_serve.ray, "init", init)
+    monkeypatch.setattr(local_serve.ray, "shutdown", lambda: calls.append("shutdown"))
+    local_serve.init_local_ray(num_cpus=1)
+    assert calls == ["init", "shutdown", "init"]
+    calls.clear()
+    monkeypatch.setattr(local_serve.ray, "init", lambda **kw: (_ for _ in ()).throw(RuntimeError("down")))
+    import pytest
+    with pytest.raises(RuntimeError):
+        local_serve.init_local_ray(num_cpus=1)
