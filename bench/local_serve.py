@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import socket
 import time
 from pathlib import Path
@@ -31,15 +32,13 @@ _HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
-    """A TCP port free now, drawn between Ray's worker ports (10002-19999 by default) and the kernel's
-    ephemeral range (32768+ on Linux, /proc/sys/net/ipv4/ip_local_port_range). A port from bind(0) is an
-    ephemeral one, and Ray's own processes take random ports from that range while they start; one did take
-    HAProxy's metrics port between the pick and HAProxy's bind once (CI, "Address already in use")."""
-    ephemeral_low = 32768
-    with contextlib.suppress(OSError, ValueError):
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(1000):
-        port = random.randint(20000, max(20000, ephemeral_low - 1))
+    """A TCP port free now, outside both Ray's worker ports (10002-19999 by default) and the kernel's
+    ephemeral range (/proc/sys/net/ipv4/ip_local_port_range; 32768-60999 on Linux): a port from bind(0) is
+    an ephemeral one, and Ray's own processes take random ports from that range while they start; one did
+    take HAProxy's metrics port between the pick and HAProxy's bind once (CI, "Address already in use")."""
+    span = _quiet_ports()
+    for _ in range(1000 if span else 0):
+        port = random.randint(*span)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:
@@ -52,6 +51,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _quiet_ports() -> tuple[int, int] | None:
+    """Ports between Ray's worker ports and the kernel's ephemeral range; on a box whose ephemeral range
+    starts too low, above that range (the kernel's bind(0) never lands there, Ray's random picks can)."""
+    low, high = 32768, 60999
+    with contextlib.suppress(OSError, ValueError):
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    for span in ((20000, low - 1), (max(high + 1, 20000), 65535)):
+        if span[1] - span[0] >= 1000:
+            return span
+    return None
 
 
 PLAIN_PROXY_ENV = "MESHSERVE_PLAIN_PROXY"
@@ -130,14 +141,28 @@ def init_local_ray(num_cpus: int, attempts: int = 2) -> None:
     GCS, and on this loaded 2-core box a start once never got that far (CI: "The current node timed out
     during startup", no raylet log at all), which failed a whole test module."""
     for attempt in range(1, attempts + 1):
+        before = _children()
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
         except Exception:
-            ray.shutdown()
+            ray.shutdown()  # reaches nothing when Node() itself failed: its processes are stopped below
+            for pid in _children() - before:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             if attempt == attempts:
                 raise
             logging.getLogger(__name__).warning("local Ray did not start; starting it again", exc_info=True)
+
+
+def _children() -> set[int]:
+    """This process's child pids (the GCS, raylet and monitors a ray.init starts are its children)."""
+    me, pids = os.getpid(), set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
+                pids.add(int(stat.parent.name))
+    return pids
 
 
 @contextlib.contextmanager

@@ -199,14 +199,22 @@ class OpenAIServer:
         return req.prompt, "prompt"  # token ids: the length is checked first, then the vocabulary
 
     # ---- requests -> router ---------------------------------------------------------------------
-    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str) -> Prepared:
+    async def constraint(self, req: ChatCompletionRequest | CompletionRequest) -> Constraint:
+        """The request's tools and structured-output grammar, compiled off the loop when there is any."""
+        if unconstrained(req):  # nothing to compile
+            return constraint_for(req, self.grammar_tokenizer)
+        return await self.off_loop(constraint_for, req, self.grammar_tokenizer)
+
+    async def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str,
+                      constraint: Constraint | None = None) -> Prepared:
+        """`constraint`: already compiled for this request (a batch's prompts share one)."""
         self.check_model(req.model)
         arrival = time.perf_counter()
         limit = await self.model_len()
         check_vocab_bounds(req, self.tokenizer.vocab_size)
         bias = logit_bias(req, self.tokenizer.vocab_size)
-        constraint = (constraint_for(req, self.grammar_tokenizer) if unconstrained(req)  # nothing to compile
-                      else await self.off_loop(constraint_for, req, self.grammar_tokenizer))
+        if constraint is None:
+            constraint = await self.constraint(req)
         prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
         n = len(prompt_ids)
         if n >= limit:
@@ -241,7 +249,8 @@ class OpenAIServer:
         sized on its own, as if it came alone."""
         if (prompts := req.prompts) == [req.prompt]:  # a single prompt, not a batch of one
             return [await self.prepare(req, prefix)]
-        return [await self.prepare(req.model_copy(update={"prompt": p}), prefix) for p in prompts]
+        constraint = await self.constraint(req)  # the grammar does not depend on the prompt: compiled once
+        return [await self.prepare(req.model_copy(update={"prompt": p}), prefix, constraint) for p in prompts]
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None) -> AsyncIterator[ChoiceDelta]:

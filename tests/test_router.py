@@ -260,7 +260,7 @@ def test_silence_cancels_only_a_task_that_heard_nothing_for_its_whole_window():
     from deployments.router import _Silence
 
     async def talker(gaps):
-        with _Silence(0.15) as silence:
+        with _Silence(0.5) as silence:
             try:
                 for gap in gaps:
                     await asyncio.sleep(gap)
@@ -272,9 +272,9 @@ def test_silence_cancels_only_a_task_that_heard_nothing_for_its_whole_window():
                 raise
 
     async def main():
-        assert await talker([0.1] * 6) == "done"  # 0.6 s in all, never 0.15 s quiet
-        assert await talker([0.05, 0.5]) == "silent"
-        task = asyncio.create_task(talker([0.5]))
+        assert await talker([0.1] * 8) == "done"  # 0.8 s in all, never 0.5 s quiet
+        assert await talker([0.05, 1.5]) == "silent"
+        task = asyncio.create_task(talker([1.5]))
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
