@@ -304,6 +304,21 @@ class CompletionRequest(_GenerationRequest):
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
     best_of: Literal[1] | None = None  # server-side ranking of several samples is not implemented
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, v):
+        """One message for every wrong shape (a union's own error names only its first branch, "a valid string")."""
+        def ids(x) -> bool:
+            return isinstance(x, list) and all(type(t) is int for t in x)
+        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+            for text in v:  # here, or the union's error would again be its first branch's
+                _check_unicode(text)
+            return v
+        if isinstance(v, str) or ids(v) or (isinstance(v, list) and all(ids(p) for p in v)):
+            return v
+        raise ValueError("must be a string, a list of token ids, or a batch: a list of strings or a list of "
+                         "token-id lists")
+
     @field_validator("prompt")
     @classmethod
     def _bounded_batch(cls, v, info: ValidationInfo):

@@ -707,3 +707,11 @@ def test_one_prompt_of_a_batch_too_long_for_the_context_refuses_the_batch(client
     error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
     assert error["code"] == "context_length_exceeded"
     assert not router.requests
+
+
+@pytest.mark.parametrize("prompt", [["a", [1]], [[1, 2], "hi"], [1, "a"], [["a"]], 5, [1.5], [True], {"a": 1},
+                                    ["ok", "x\ud800"]])
+def test_a_prompt_of_the_wrong_shape_gets_a_message_that_says_what_it_may_be(client, router, prompt):
+    error = assert_error(post(client, "/v1/completions", {**COMPLETION, "prompt": prompt}), 400, param="prompt")
+    assert "Input should be a valid string" not in error["message"]
+    assert not router.requests
