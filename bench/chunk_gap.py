@@ -54,18 +54,18 @@ def measure(meshes: int, streams: int, output_tokens: int, prompt_tokens: int, t
     whole = np.asarray(chunk_gaps(runs)) * 1e3
     step_ms = GalaxyTiming.published().decode_step_seconds(prompt_tokens + window.last_context_tokens) * time_scale * 1e3
     bar_ms = SLACK_S * 1e3 + step_ms
-    p99 = float(np.percentile(steady, 99))
     return {"config": {"meshes": meshes, "streams": streams, "output_tokens": output_tokens,
                        "prompt_tokens": prompt_tokens, "time_scale": time_scale},
             "wall_s": round(wall, 2), "steady_window_s": round(window.seconds, 2),
             "steady_tokens_per_s": round(window.tokens_per_s, 1),
             "decode_step_ms": round(step_ms, 1), "bar_ms": round(bar_ms, 1),
-            "gap_ms_steady": {"p50": round(float(np.percentile(steady, 50)), 1), "p99": round(p99, 1),
-                              "max": round(float(steady.max()), 1), "count": int(steady.size)},
-            "gap_ms_whole_run": {"p50": round(float(np.percentile(whole, 50)), 1),
-                                 "p99": round(float(np.percentile(whole, 99)), 1),
-                                 "max": round(float(whole.max()), 1), "count": int(whole.size)},
-            "met": p99 <= bar_ms}
+            "gap_ms_steady": _summary(steady), "gap_ms_whole_run": _summary(whole),
+            "met": float(np.percentile(steady, 99)) <= bar_ms}
+
+
+def _summary(gaps_ms: np.ndarray) -> dict:
+    return {"p50": round(float(np.percentile(gaps_ms, 50)), 1), "p99": round(float(np.percentile(gaps_ms, 99)), 1),
+            "max": round(float(gaps_ms.max()), 1), "count": int(gaps_ms.size)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from bench.local_serve import plain_proxy_requested, serve_app
+from bench.local_serve import plain_proxy_requested, proc_stats, read_proc, serve_app
 from bench.saturation import distinct_prompts, drive
 from deployments.config import AppConfig
 
@@ -76,20 +76,6 @@ def role_of(title: str) -> str:
     return "ray"
 
 
-def parse_stat(text: str) -> tuple[int, int]:
-    """(ppid, utime + stime in ticks) from /proc/<pid>/stat; the command name may hold spaces and ')'."""
-    fields = text[text.rindex(")") + 2:].split()
-    return int(fields[1]), int(fields[11]) + int(fields[12])
-
-
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode(errors="replace")
-    except OSError:  # the process is gone
-        return None
-
-
 @dataclass(frozen=True)
 class Proc:
     pid: int
@@ -101,10 +87,7 @@ class Proc:
 def snapshot(root: int | None = None) -> dict[int, Proc]:
     """Every descendant of `root` (default: this process) with its role and CPU ticks so far."""
     root = os.getpid() if root is None else root
-    stats: dict[int, tuple[int, int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (text := _read(f"/proc/{entry}/stat")) is not None:
-            stats[int(entry)] = parse_stat(text)
+    stats = proc_stats()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
@@ -112,7 +95,7 @@ def snapshot(root: int | None = None) -> dict[int, Proc]:
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
-        cmdline = _read(f"/proc/{pid}/cmdline")
+        cmdline = read_proc(f"/proc/{pid}/cmdline")
         if cmdline is None:
             continue
         title = " ".join(cmdline.replace("\0", " ").split())

@@ -157,12 +157,32 @@ def init_local_ray(num_cpus: int, attempts: int = 2) -> None:
 
 def _children() -> set[int]:
     """This process's child pids (the GCS, raylet and monitors a ray.init starts are its children)."""
-    me, pids = os.getpid(), set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
-                pids.add(int(stat.parent.name))
-    return pids
+    me = os.getpid()
+    return {pid for pid, (ppid, _) in proc_stats().items() if ppid == me}
+
+
+def proc_stats() -> dict[int, tuple[int, int]]:
+    """pid -> (ppid, CPU ticks so far) of every process on the box."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (text := read_proc(f"/proc/{entry}/stat")) is not None:
+            stats[int(entry)] = parse_stat(text)
+    return stats
+
+
+def parse_stat(text: str) -> tuple[int, int]:
+    """(ppid, utime + stime in ticks) from /proc/<pid>/stat; the command name may hold spaces and ')'."""
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[11]) + int(fields[12])
+
+
+def read_proc(path: str) -> str | None:
+    """A /proc file's text, or None once the process is gone."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

@@ -190,9 +190,10 @@ class OpenAIServer:
             chars = chat_chars(req)
             check_prompt_chars(chars, limit, "messages")
             tools = constraint.tools if constraint.tool_mode != "none" else None
-            chars = chars if tools is None else INLINE_CHARS + 1  # a tool list: always off the loop
-            return (await self.sized(chars, self.encode_messages, req.messages, req.add_generation_prompt, tools),
-                    "messages")
+            args = (self.encode_messages, req.messages, req.add_generation_prompt, tools)
+            # a tool list is always templated off the loop
+            ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args))
+            return ids, "messages"
         if isinstance(req.prompt, str):
             check_prompt_chars(len(req.prompt), limit, "prompt")
             return await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, True), "prompt"

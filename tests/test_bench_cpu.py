@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from bench import cpu
+from bench.local_serve import parse_stat
 
 
 @pytest.mark.parametrize("title, role", [
@@ -29,9 +30,9 @@ def test_roles_come_from_ray_process_titles(title, role):
 
 def test_stat_parsing_survives_a_command_name_with_spaces_and_parens():
     text = "4242 (ray::a) b (c)) S 4000 4242 4242 0 -1 4194560 1 0 0 0 1234 567 8 9 20 0 3 0 100 0 0"
-    assert cpu.parse_stat(text) == (4000, 1234 + 567)
+    assert parse_stat(text) == (4000, 1234 + 567)
     with open(f"/proc/{os.getpid()}/stat") as f:
-        ppid, ticks = cpu.parse_stat(f.read())
+        ppid, ticks = parse_stat(f.read())
     assert ppid == os.getppid() and ticks >= 0
 
 
