@@ -225,30 +225,35 @@ def check_fits(batches: list[list[list[int]]], settings: Settings, backend: Back
 
 
 def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[int]], params: SamplingParams,
-              batch: int, progress: tqdm) -> tuple[float, list[Sequence]]:
+              batch: int, progress: tqdm) -> tuple[float, list[Sequence], dict[str, list[float]]]:
     """Submit every user, then schedule -> execute -> process until all finish. Returns the batch start
-    (time.monotonic, the clock of the sequences' timestamps) and the finished sequences.
+    (time.monotonic, the clock of the sequences' timestamps), the finished sequences, and per user the
+    time each of its tokens came (the router keeps no per-token times: the demo keeps its own).
 
     One thread, one work at a time: a mesh thread that overlaps the scheduler with the backend (the router's
     pipelining) measured slower here, as both threads then contend for the GIL on every step."""
     salt = f"batch-{batch}"  # a batch never reuses the previous one's KV, as the demo zeroes its cache
     start = time.monotonic()
     sequences = [scheduler.submit(f"{salt}-user-{user}", ids, params, salt=salt) for user, ids in enumerate(prompts)]
+    token_times: dict[str, list[float]] = {seq.request_id: [] for seq in sequences}
     while scheduler.requests:
         work = scheduler.schedule()
         if work is None:
             raise RuntimeError(f"the scheduler stalled with {len(scheduler.requests)} unfinished requests")
         for result in runner.execute(work):
-            progress.update(sum(len(event.token_ids) for event in scheduler.process(result)))
-    return start, sequences
+            now = time.monotonic()
+            for event in scheduler.process(result):
+                token_times[event.request_id] += [now] * len(event.token_ids)
+                progress.update(len(event.token_ids))
+    return start, sequences, token_times
 
 
-def batch_result(batch: int, start: float, sequences: list[Sequence], time_scale: float,
-                 tokenizer: Tokenizer | None) -> BatchResult:
-    """The demo's figures from the sequences' token timestamps; durations divided by time_scale."""
+def batch_result(batch: int, start: float, sequences: list[Sequence], token_times: dict[str, list[float]],
+                 time_scale: float, tokenizer: Tokenizer | None) -> BatchResult:
+    """The demo's figures from the users' token times; durations divided by time_scale."""
     prefill_s = (max(seq.first_token_time for seq in sequences) - start) / time_scale
-    rates = [(len(seq.token_times) - 2) / (seq.token_times[-1] - seq.token_times[1]) * time_scale
-             for seq in sequences if len(seq.token_times) >= 3]
+    times = [token_times[seq.request_id] for seq in sequences]
+    rates = [(len(t) - 2) / (t[-1] - t[1]) * time_scale for t in times if len(t) >= 3]
     per_user = sum(rates) / len(rates) if rates else None
     users = [UserResult(seq.num_prompt_tokens, len(seq.output_ids), seq.finish_reason,
                         tokenizer.decode(seq.output_ids, skip_special=True) if tokenizer else None)
@@ -290,8 +295,8 @@ def run(args: argparse.Namespace) -> dict:
         total = settings.repeat_batches * settings.batch_size * settings.max_generated_tokens
         with tqdm(total=total, unit="tok", desc=args.preset, file=sys.stderr, leave=False) as progress:
             for b, batch in enumerate(batches):
-                start, sequences = run_batch(scheduler, runner, batch, params, b, progress)
-                results.append(batch_result(b, start, sequences, time_scale,
+                start, sequences, token_times = run_batch(scheduler, runner, batch, params, b, progress)
+                results.append(batch_result(b, start, sequences, token_times, time_scale,
                                             tokenizer if args.print_outputs else None))
         wall_s = (time.monotonic() - began) / time_scale
         device_busy = (backend.device_seconds - device_s) / time_scale / wall_s if device_s is not None else None

@@ -62,16 +62,19 @@ class LinkMeshClient:
     async def _read(self, link: Link) -> None:
         error: BaseException = ConnectionError("the mesh closed its link")
         try:
-            while True:
-                work_id, item = await link.recv()
-                queue = self._works.get(work_id)
-                if queue is not None:
-                    queue.put_nowait(item)
+            await link.dispatch(self._dispatch)
         except Exception as exc:
             error = exc if isinstance(exc, ConnectionError) else ConnectionError(f"mesh link broke: {exc!r}")
         finally:
             if link is self._link:
                 self._close(error)
+
+    def _dispatch(self, frame: tuple[int, StepResult | BaseException | None]) -> None:
+        """In the link's read callback: a result to the queue of its work."""
+        work_id, item = frame
+        queue = self._works.get(work_id)
+        if queue is not None:
+            queue.put_nowait(item)
 
     def _close(self, error: BaseException) -> None:
         link, self._link = self._link, None

@@ -40,7 +40,7 @@ from scheduler.blocks import extend_block_hashes
 from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from scheduler.work import MeshWork, RequestFailed, StepResult, TokenEvent, pack_events
+from scheduler.work import MeshWork, RequestFailed, StepEvents, StepResult, TokenEvent, pack_events, unpack_events
 
 log = logging.getLogger("ray.serve")
 
@@ -116,32 +116,50 @@ class _Request:
 
 class _Sink:
     """One consumer's event stream (an ingress replica's link, or an in-process generate's queue): events
-    wait here until the next flush, one message for all the requests it carries, one TokenEvent per request
-    (merged). A quiet stream flushes at once (the first token is not held back); a busy one at most every
-    interval, however many requests it carries. The flush is a timer callback on the loop, not a task: a
-    mesh step's events leave in the same wake-up that brought them, when the interval allows."""
+    wait here until the next flush, one message for all the requests it carries, one entry per request. A
+    quiet stream flushes at once (the first token is not held back); a busy one at most every interval,
+    however many requests it carries. The flush is a timer callback on the loop, not a task: a mesh step's
+    events leave in the same wake-up that brought them, when the interval allows.
+
+    A request's entry is the list of its plain tokens since the last flush (an append per token, and the
+    list is what the wire carries: pack_events), or a TokenEvent once something else came (first token,
+    logprobs, finish), which takes the tokens before it."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self.events: dict[str, TokenEvent] = {}  # request id -> its events since the last flush, merged
+        self.pending: dict[str, list[int] | TokenEvent] = {}  # request id -> its tokens or event since the last flush
         self.failed: list[RequestFailed] = []  # last of a request's items: sent after its tokens
         self.request_ids: set[str] = set()
-        self.send: Callable[[list[TokenEvent | RequestFailed]], None] | None = None  # None: held until attached
+        self.send: Callable[[list], None] | None = None  # None: held until attached
         self._last_flush = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
+
+    def put_token(self, request_id: str, token: int) -> None:
+        """A plain decode token: what nearly every token is."""
+        pending = self.pending.get(request_id)
+        if pending is None:
+            self.pending[request_id] = [token]
+            self._schedule()
+        elif type(pending) is list:
+            pending.append(token)
+        else:
+            pending.token_ids.append(token)
 
     def put(self, item: TokenEvent | RequestFailed) -> None:
         if isinstance(item, RequestFailed):
             self.failed.append(item)
-        elif (pending := self.events.get(item.request_id)) is not None:
-            pending.merge(item)
+        elif (pending := self.pending.get(item.request_id)) is None:
+            self.pending[item.request_id] = item
+        elif type(pending) is list:
+            item.token_ids[:0] = pending  # the plain tokens came first
+            self.pending[item.request_id] = item
         else:
-            self.events[item.request_id] = item
+            pending.merge(item)
         self._schedule()
 
-    def attach(self, send: Callable[[list[TokenEvent | RequestFailed]], None]) -> None:
+    def attach(self, send: Callable[[list], None]) -> None:
         self.send = send
-        if self.events or self.failed:
+        if self.pending or self.failed:
             self._schedule()
 
     def _schedule(self) -> None:
@@ -151,11 +169,11 @@ class _Sink:
 
     def _flush(self) -> None:
         self._timer = None
-        batch: list[TokenEvent | RequestFailed] = [*self.events.values(), *self.failed]
-        self.events, self.failed = {}, []
+        pending, failed = self.pending, self.failed
+        self.pending, self.failed = {}, []
         self._last_flush = asyncio.get_running_loop().time()
-        if batch and self.send is not None:
-            self.send(batch)
+        if (pending or failed) and self.send is not None:
+            self.send(pack_events([(rid, p) if type(p) is list else p for rid, p in pending.items()] + failed))
 
     def close(self) -> None:
         if self._timer is not None:
@@ -271,9 +289,10 @@ class Router:
         self.requests[request_id] = req
         sink.request_ids.add(request_id)
 
-    def attach(self, consumer: str, send: Callable[[list[TokenEvent | RequestFailed]], None]) -> None:
+    def attach(self, consumer: str, send: Callable[[list], None]) -> None:
         """Send `consumer`'s events to `send`: one list per flush (every stream_interval_ms at most) holding
-        the new events of all its requests, one TokenEvent per request with its tokens since the last one.
+        the new events of all its requests, one per request with its tokens since the last one, packed as
+        the wire carries them (scheduler.work.pack_events; unpack_events makes them TokenEvents again).
         Called on the loop; it must not block (a link queues the frame)."""
         self._sink(consumer).attach(send)
 
@@ -287,12 +306,13 @@ class Router:
             self.cancel(request_id, "abort")
 
     async def events(self, consumer: str) -> AsyncIterator[list[TokenEvent | RequestFailed]]:
-        """`attach` as an async iterator (in-process consumers); closing it detaches the consumer."""
+        """`attach` as an async iterator of unpacked batches (in-process consumers); closing it detaches the
+        consumer."""
         batches: asyncio.Queue = asyncio.Queue()
         self.attach(consumer, batches.put_nowait)
         try:
             while True:
-                yield await batches.get()
+                yield unpack_events(await batches.get())
         finally:
             self.detach(consumer)
 
@@ -537,9 +557,14 @@ class Router:
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
-    def _deliver(self, events: list[TokenEvent]) -> None:
-        for event in events:
-            req = self.requests.get(event.request_id)
+    def _deliver(self, out: StepEvents) -> None:
+        requests = self.requests
+        for request_id, token in out.tokens:
+            req = requests.get(request_id)
+            if req is not None:
+                req.sink.put_token(request_id, token)
+        for event in out.events:
+            req = requests.get(event.request_id)
             if req is None:
                 continue
             if event.finish_reason is not None:
@@ -586,26 +611,27 @@ class RouterDeployment:
     async def _serve_consumer(self, link: Link) -> None:
         router, consumer = self._ready(), f"link-{uuid.uuid4().hex}"
 
-        def send(batch: list[TokenEvent | RequestFailed]) -> None:
+        def send(batch: list) -> None:
             if link.closed:
                 return
-            link.send(pack_events(batch))
+            link.send(batch)
             if link.backlog_bytes > MAX_CONSUMER_BACKLOG:  # the ingress stopped reading: drop it (its requests end)
                 log.error("ingress link %s is %d bytes behind; dropping it", consumer, link.backlog_bytes)
                 link.abort()
+
+        def take(message: tuple) -> None:
+            if message[0] == "submit":
+                _, request_id, prompt_ids, params, salt, output_ids = message
+                try:
+                    router.submit(request_id, prompt_ids, params, salt, output_ids, consumer)
+                except Exception as exc:  # refused now (too long, queue full): the ingress raises it
+                    router.refuse(request_id, consumer, exc)
+            else:
+                _, request_id, reason = message
+                router.cancel(request_id, reason)
         router.attach(consumer, send)
         try:
-            while True:
-                message = await link.recv()
-                if message[0] == "submit":
-                    _, request_id, prompt_ids, params, salt, output_ids = message
-                    try:
-                        router.submit(request_id, prompt_ids, params, salt, output_ids, consumer)
-                    except Exception as exc:  # refused now (too long, queue full): the ingress raises it
-                        router.refuse(request_id, consumer, exc)
-                else:
-                    _, request_id, reason = message
-                    router.cancel(request_id, reason)
+            await link.dispatch(take)
         finally:
             router.detach(consumer)
 

@@ -81,11 +81,7 @@ class RouterLink:
             try:
                 self._link = await connect(await self._handle.link_address.remote())
                 self._connected.set()
-                while True:
-                    for item in unpack_events(await self._link.recv()):
-                        queue = self._queues.get(item.request_id)
-                        if queue is not None:
-                            queue.put_nowait(item)
+                await self._link.dispatch(self._fan_out)
             except Exception as exc:
                 error = RouterLost(f"the router's link broke: {exc!r}")
             self._connected.clear()
@@ -96,3 +92,10 @@ class RouterLink:
                 for queue in self._queues.values():
                     queue.put_nowait(error)
             await asyncio.sleep(RECONNECT_S)
+
+    def _fan_out(self, batch: list) -> None:
+        """In the link's read callback: each event of a batch to its request's queue."""
+        for item in unpack_events(batch):
+            queue = self._queues.get(item.request_id)
+            if queue is not None:
+                queue.put_nowait(item)

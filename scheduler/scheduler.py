@@ -19,7 +19,7 @@ from scheduler.errors import PromptTooLong, QueueFull
 from scheduler.kv_cache import KVCache, KVGroup
 from scheduler.sampling import SamplingParams
 from scheduler.sequence import Sequence, Status
-from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult, TokenEvent
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepEvents, StepResult, TokenEvent
 
 
 @dataclass(slots=True)
@@ -284,14 +284,15 @@ class MeshScheduler:
         return chunks, planned
 
     # ---- results in ------------------------------------------------------------------------------
-    def process(self, result: StepResult) -> list[TokenEvent]:
-        """Take in one message of the oldest unanswered work (they arrive in order)."""
+    def process(self, result: StepResult) -> StepEvents:
+        """Take in one message of the oldest unanswered work (they arrive in order). Raises ValueError for a
+        message of another work."""
         if not self.inflight or self.inflight[0].work_id != result.work_id:
             expected = self.inflight[0].work_id if self.inflight else None
             raise ValueError(f"result for work {result.work_id}, expected work {expected}")
         plan = self.inflight[0]
         now = time.monotonic()
-        events: list[TokenEvent] = []
+        out = StepEvents()
         if plan.next_prefill < len(plan.prefills):
             seq, epoch, end, final = plan.prefills[plan.next_prefill]
             plan.next_prefill += 1
@@ -299,15 +300,26 @@ class MeshScheduler:
                 seq.num_computed = end
                 self._cache_full_blocks(seq)
                 if final:
-                    self._take_token(seq, seq.slot, result, now, events)
+                    self._take_token(seq, seq.slot, result, now, out.events)
         else:
+            tokens, plain, block_size = result.tokens, out.tokens, self.block_size
+            rich = bool(result.finished or result.logprobs)
             for slot, seq, epoch in plan.decode:
-                if seq.epoch == epoch and seq.status is Status.RUNNING:
-                    self._take_token(seq, slot, result, now, events)
+                if seq.epoch != epoch or seq.status is not Status.RUNNING:
+                    continue
+                token = tokens[slot]
+                if rich or token == NO_TOKEN or len(seq.token_ids) == seq.num_prompt_tokens:
+                    self._take_token(seq, slot, result, now, out.events)
+                    continue
+                seq.token_ids.append(token)  # the common case, inline: a token and nothing else
+                seq.num_computed = computed = len(seq.token_ids) - 1
+                if computed % block_size == 0:
+                    self._cache_full_blocks(seq)
+                plain.append((seq.request_id, token))
         plan.messages_left -= 1
         if plan.messages_left == 0:
             self.inflight.popleft()
-        return events
+        return out
 
     def _take_token(self, seq: Sequence, slot: int, result: StepResult, now: float,
                     events: list[TokenEvent]) -> None:
@@ -318,7 +330,6 @@ class MeshScheduler:
         event = TokenEvent(seq.request_id, [])
         if token != NO_TOKEN:
             seq.token_ids.append(token)
-            seq.token_times.append(now)
             seq.num_computed = len(seq.token_ids) - 1
             if seq.num_computed % self.block_size == 0:
                 self._cache_full_blocks(seq)

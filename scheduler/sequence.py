@@ -39,7 +39,6 @@ class Sequence:
     arrival_time: float = 0.0
     scheduled_time: float | None = None  # first prefill chunk handed out
     first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
 
     @property
     def prompt_ids(self) -> list[int]:

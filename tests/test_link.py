@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 
+import deployments.link as link_module
 import deployments.mesh_replica as mesh_replica
 from deployments.link import Link, LinkAddress, LinkServer, connect
 from deployments.mesh_client import LinkMeshClient
@@ -42,6 +43,78 @@ def test_a_connection_without_the_secret_is_dropped_before_any_frame_is_read():
         with pytest.raises(ConnectionError):
             await link.recv()
         server.close()
+    asyncio.run(main())
+
+
+def test_dispatch_hands_over_every_frame_in_order_then_raises_when_the_peer_leaves():
+    async def main():
+        got, opened = [], asyncio.Event()
+
+        async def serve(link: Link) -> None:
+            await opened.wait()  # frames arrive before dispatch starts: they are handed over first
+            await link.dispatch(got.append)
+        server = LinkServer(serve)
+        link = await connect(await server.start("127.0.0.1"))
+        for i in range(3):
+            link.send(("frame", i, b"x" * (70_000 * i)))  # sizes across several socket reads
+        await asyncio.sleep(0.1)
+        opened.set()
+        await asyncio.sleep(0.1)
+        link.send(("frame", 3, b""))
+        await asyncio.sleep(0.1)
+        assert [f[1] for f in got] == [0, 1, 2, 3] and [len(f[2]) for f in got] == [0, 70_000, 140_000, 0]
+        link.close()
+        await asyncio.sleep(0.1)
+        assert not server._tasks  # the handler ended with the link
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_frame_that_does_not_load_ends_the_link_with_its_error():
+    async def main():
+        server, address = await echo_server()
+        link = await connect(address)
+        link._transport.write(len(b"not a pickle").to_bytes(4, "big") + b"not a pickle")  # echoed as it came
+        link.send("after")
+        with pytest.raises(ConnectionError):  # the server's end dropped the link: nothing comes back
+            await link.recv()
+        server.close()
+    asyncio.run(main())
+
+
+async def closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    """The other end closed (or reset) the connection without sending anything."""
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionError:
+        return True
+
+
+def test_a_connection_that_never_presents_the_secret_is_dropped(monkeypatch):
+    monkeypatch.setattr(link_module, "AUTH_TIMEOUT_S", 0.2)
+    async def main():
+        handled = []
+        server = LinkServer(lambda link: handled.append(link) or asyncio.sleep(0))
+        address = await server.start("127.0.0.1")
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(address.secret[:5])  # a prefix only
+        assert await closed_by_peer(reader)
+        assert not handled
+        server.close()
+    asyncio.run(main())
+
+
+def test_closing_the_server_drops_a_link_still_presenting_its_secret():
+    async def main():
+        handled = []
+        server = LinkServer(lambda link: handled.append(link) or asyncio.sleep(0))
+        address = await server.start("127.0.0.1")
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        await asyncio.sleep(0.05)  # accepted, nothing sent yet
+        server.close()
+        writer.write(address.secret)
+        assert await closed_by_peer(reader)
+        assert not handled
     asyncio.run(main())
 
 
