@@ -286,8 +286,10 @@ class OpenAIServer:
                         if reason is not None:
                             timer.finish(reason)
                         if not failed or text:
+                            stop_reason = (answer.stop_reason(self.tokenizer.eos_id, params.stop_token_ids)
+                                           if reason == "stop" else None)
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
-                                              cached)
+                                              cached, stop_reason)
                         if failed and not stopped:
                             raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         if reason is not None:
@@ -378,11 +380,12 @@ class OpenAIServer:
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
                 reason = "tool_calls" if calls and t.finish_reason == "stop" else t.finish_reason
-                choices.append(ChatChoice(index=i, message=message, finish_reason=reason,
+                choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                        usage=usage).model_dump())
         choices = [CompletionChoice(index=i, text=preps[i // req.n].echo + t.text, finish_reason=t.finish_reason,
+                                    stop_reason=t.stop_reason,
                                     logprobs=self._completion_logprobs(t.logprobs, t.token_offsets)
                                     if req.logprobs is not None else None)
                    for i, t in enumerate(totals)]
@@ -425,10 +428,10 @@ class OpenAIServer:
                         reason = "tool_calls" if reason == "stop" else reason
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
-                                       finish_reason=reason,
+                                       finish_reason=reason, stop_reason=d.stop_reason,
                                        logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
-            return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason,
+            return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason, stop_reason=d.stop_reason,
                                     logprobs=self._completion_logprobs(d.logprobs, d.token_offsets)
                                     if req.logprobs is not None else None)
 

@@ -432,6 +432,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
+    stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
 
 
 class ChatCompletionResponse(BaseModel):
@@ -461,6 +462,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
 
 
 class ChatCompletionChunk(BaseModel):
@@ -477,6 +479,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
 
 
 class CompletionResponse(BaseModel):

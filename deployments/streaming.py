@@ -22,6 +22,7 @@ class StopStrings:
         self.hold = max(map(len, stops), default=1) - 1
         self.text = ""
         self.emitted = 0
+        self.matched: str | None = None  # the stop string that ended the answer
 
     def feed(self, delta: str, final: bool, check: bool = True) -> tuple[str, bool]:
         """Text that is safe to send now, and whether a stop string ended the answer (the text before
@@ -30,9 +31,9 @@ class StopStrings:
         search_from = max(0, len(self.text) - self.hold)
         self.text += delta
         if check and self.stops:
-            hits = [(i, len(s)) for s in self.stops if (i := self.text.find(s, search_from)) != -1]
+            hits = [(i, len(s), s) for s in self.stops if (i := self.text.find(s, search_from)) != -1]
             if hits:
-                start, length = min(hits)
+                start, length, self.matched = min(hits)
                 self.text = self.text[:start + length if self.include_stop else start]
                 return self._take(len(self.text)), True
         return self._take(len(self.text) if final else len(self.text) - self.hold), False
@@ -99,6 +100,16 @@ class ChoiceText:
             texts.append(text)
         return "".join(texts), starts, taken, stopped
 
+    def stop_reason(self, eos_id: int | None, stop_token_ids: tuple[int, ...]) -> str | int | None:
+        """vLLM's `stop_reason` of an answer that ended with finish_reason "stop": the stop string that
+        ended it, else the stop token id it ended on, except the tokenizer's own EOS (None; vLLM's
+        v1 engine/detokenizer and SamplingParams.stop_token_ids, which also takes generation_config's
+        extra EOS ids, so Llama 3's <|eot_id|> comes back as 128009)."""
+        if self.stops.matched is not None:
+            return self.stops.matched
+        last = self.output[-1] if self.output else None
+        return last if last in stop_token_ids and last != eos_id else None
+
     def _check(self) -> bool:
         """Stop strings count from the token after the first min_tokens, as stop ids do (the runner masks
         them until then) and as vLLM does (v1 detokenizer: `len(output_token_ids) > min_tokens`)."""
@@ -116,6 +127,7 @@ class ChoiceDelta:
     finish_reason: str | None
     num_generated: int  # tokens so far
     num_cached: int  # prompt tokens the prefix cache served
+    stop_reason: str | int | None = None  # with finish_reason "stop": the stop string or token id (vLLM)
 
 
 @dataclass
@@ -128,12 +140,13 @@ class ChoiceTotal:
     finish_reason: str | None = None
     num_generated: int = 0
     num_cached: int = 0
+    stop_reason: str | int | None = None
 
     def add(self, d: ChoiceDelta) -> None:
         self.text += d.text
         self.logprobs += d.logprobs
         self.token_offsets += d.token_offsets
-        self.finish_reason = d.finish_reason
+        self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason
         self.num_generated = d.num_generated
         self.num_cached = d.num_cached
 

@@ -91,6 +91,7 @@ class Tokenizer:
             added = backend.get_added_tokens_decoder()
             self._added_bytes = {i: t.content.encode() for i, t in added.items()}
             self._byte_level = isinstance(backend.decoder, ByteLevelDecoder)
+        self.eos_id: int | None = eos_id
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
         self._special_id_set = frozenset(self.special_ids.values())

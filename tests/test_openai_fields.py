@@ -132,3 +132,19 @@ def test_completion_top_logprobs_hold_the_chosen_token_even_when_it_is_not_among
     chosen, likely = tokenizer.encode(" cat")[0], tokenizer.encode(" dog")[0]
     lp = server._completion_logprobs([TokenLogprobs(chosen, -7.0, [(likely, -0.1)])], [0])
     assert lp.top_logprobs == [{" cat": -7.0, " dog": -0.1}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_stop_reason_names_the_stop_string_or_token_that_ended_the_answer(client, tokenizer, path, base, stream):
+    ids = tokenizer.encode(ANSWER)
+    i = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    cases = [({}, "stop", None),  # the tokenizer's EOS: None, as in vLLM
+             ({"stop": ["answer is", "world"]}, "stop", "world"),  # the one found first in the text
+             ({"stop_token_ids": [ids[i]]}, "stop", ids[i]),
+             ({"max_tokens": 2}, "length", None)]
+    for patch, finish, stop_reason in cases:
+        r = client.post(path, json={**base, **patch, "stream": stream})
+        choices = r.json()["choices"] if not stream else [
+            c["choices"][0] for c in sse(r) if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert [(c["finish_reason"], c["stop_reason"]) for c in choices] == [(finish, stop_reason)], patch
