@@ -251,7 +251,15 @@ class OpenAIServer:
         if (prompts := req.prompts) == [req.prompt]:  # a single prompt, not a batch of one
             return [await self.prepare(req, prefix)]
         constraint = await self.constraint(req)  # the grammar does not depend on the prompt: compiled once
-        return [await self.prepare(req.model_copy(update={"prompt": p}), prefix, constraint) for p in prompts]
+        preps = []
+        for i, p in enumerate(prompts):
+            try:
+                preps.append(await self.prepare(req.model_copy(update={"prompt": p}), prefix, constraint))
+            except APIError as exc:
+                if exc.info.param == "prompt":  # say which one
+                    exc.info.message = f"prompt[{i}]: {exc.info.message}"
+                raise
+        return preps
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None) -> AsyncIterator[ChoiceDelta]:

@@ -705,7 +705,7 @@ def test_a_bad_batch_of_prompts_is_400_naming_prompt(client, router, prompt):
 def test_one_prompt_of_a_batch_too_long_for_the_context_refuses_the_batch(client, router):
     body = {**COMPLETION, "prompt": [[1, 2], [1] * MAX_LEN], "max_tokens": 2}
     error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
-    assert error["code"] == "context_length_exceeded"
+    assert error["code"] == "context_length_exceeded" and error["message"].startswith("prompt[1]: ")
     assert not router.requests
 
 
