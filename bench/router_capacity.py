@@ -326,12 +326,19 @@ class Consumers:
         """One ingress replica's stream: its batches, and a new request for every one that ends."""
         for _ in range(requests):
             self._submit(name)
-        async with contextlib.aclosing(self.router.events(name)) as batches:
-            async for batch in batches:
+        batches: asyncio.Queue = asyncio.Queue()
+        self.router.attach(name, batches.put_nowait)  # batches as the link carries them (packed)
+        try:
+            while True:
+                batch = await batches.get()
                 if self.serialize:
                     pickle.dumps(batch)  # what sending it to the ingress replica costs the router
                 self.messages += 1
                 for item in batch:
+                    if type(item) is tuple:  # a request's plain tokens
+                        self.tokens += len(item[1])
+                        self.events += 1
+                        continue
                     if isinstance(item, TokenEvent):
                         self.tokens += len(item.token_ids)
                         self.events += 1
@@ -341,6 +348,8 @@ class Consumers:
                     else:  # a request the router failed
                         self.errors.append(repr(getattr(item, "error", item)))
                     self._submit(name)
+        finally:
+            self.router.detach(name)
 
     async def _one(self) -> None:
         while True:

@@ -103,6 +103,13 @@ class Link(asyncio.Protocol):
             self._close_with(exc)
         self._wake()
 
+    def eof_received(self) -> bool:
+        """The peer will send nothing more: the link's end now (not once our own writes drain)."""
+        if self._lost is None:
+            self._lost = ConnectionError("link closed by the peer")
+        self._wake()
+        return False  # the transport closes itself
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._auth_timer is not None:
             self._auth_timer.cancel()
@@ -137,8 +144,12 @@ class Link(asyncio.Protocol):
     async def dispatch(self, on_frame: Callable[[object], None]) -> None:
         """Call `on_frame(obj)` for every frame from now on, in order, inside the loop's read callback. Never
         returns: raises ConnectionError when the link closes, or what `on_frame` raised (the link is closed)."""
-        while self._frames:
-            on_frame(self._frames.popleft())
+        try:
+            while self._frames:  # those that came before
+                on_frame(self._frames.popleft())
+        except Exception as exc:
+            self._close_with(exc)
+            raise
         self._on_frame = on_frame
         try:
             while True:
@@ -147,15 +158,18 @@ class Link(asyncio.Protocol):
             self._on_frame = None
 
     async def _wait(self) -> None:
-        """Until a frame is queued for recv; raises the link's end."""
-        if self._lost is not None:
-            raise self._lost
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        """Until a frame is queued for recv; raises the link's end. One reader at a time."""
+        if self._lost is None:
+            if self._waiter is not None:
+                raise RuntimeError("another recv or dispatch is already reading this link")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         if self._lost is not None and not self._frames:
+            if isinstance(self._lost, ConnectionError):
+                raise ConnectionError(*self._lost.args) from None  # a fresh one each time: no traceback piles up
             raise self._lost
 
     def close(self) -> None:

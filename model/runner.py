@@ -113,12 +113,21 @@ class MeshRunner:
         n = self.caps.num_slots
         page_table = self._full_width(round_.page_table)
         listed = [s for s in round_.slots if s in self.slots]
+        previous: StepResult | None = None
         for step in range(round_.num_steps):
             result = StepResult(work_id, [NO_TOKEN] * n, last=step == round_.num_steps - 1)
             live = [s for s in listed if s in self.slots]
-            if live:
-                self._decode_step(live, page_table, result)
-            yield result
+            inputs = self._decode_inputs(live, page_table) if live else None
+            if previous is not None:
+                # The previous step's result leaves now, with this step's inputs ready and the device about to
+                # run: whoever takes it (the mesh replica's event loop, which needs the GIL for ~0.1-0.3 ms)
+                # then works while this thread waits on the device, not while it prepares the next step.
+                yield previous
+            if inputs is not None:
+                self._decode_step(live, inputs, result)
+            previous = result
+        if previous is not None:
+            yield previous
 
     def _full_width(self, rows: np.ndarray) -> torch.Tensor:
         """The round's page table [num_slots, width] as the backend's [num_slots, max_blocks_per_seq]."""
@@ -129,13 +138,18 @@ class MeshRunner:
         self._page_width = width
         return self._page_table
 
-    def _decode_step(self, live: list[int], page_table: torch.Tensor, result: StepResult) -> None:
+    def _decode_inputs(self, live: list[int], page_table: torch.Tensor) -> tuple:
+        """The backend's decode arguments for the live slots: (tokens, positions, page_table, active)."""
+        n = self.caps.num_slots
+        tokens, positions, active = [0] * n, [0] * n, [False] * n
+        for s in live:
+            st = self.slots[s]
+            tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1, True
+        return torch.tensor(tokens), torch.tensor(positions), page_table, torch.tensor(active)
+
+    def _decode_step(self, live: list[int], args: tuple, result: StepResult) -> None:
         n = self.caps.num_slots
         states = [self.slots[s] for s in live]
-        tokens, positions, active = [0] * n, [0] * n, [False] * n
-        for s, st in zip(live, states):
-            tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1, True
-        args = (torch.tensor(tokens), torch.tensor(positions), page_table, torch.tensor(active))
         device = [st.sample_on_device for st in states]
         sampling: list[SamplingParams | None] = [None] * n
         for s, st, on_device in zip(live, states, device):

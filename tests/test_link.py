@@ -118,6 +118,29 @@ def test_closing_the_server_drops_a_link_still_presenting_its_secret():
     asyncio.run(main())
 
 
+def test_a_peer_that_stops_sending_ends_the_link_at_once():
+    """A half-close (EOF) is the link's end, even with our own frames still unread by the peer."""
+    async def main():
+        ended = asyncio.Event()
+
+        async def serve(link: Link) -> None:
+            link.send(b"x" * 5_000_000)  # more than the sockets hold: the peer reads none of it
+            try:
+                await link.recv()
+            except ConnectionError:
+                ended.set()
+        server = LinkServer(serve)
+        address = await server.start("127.0.0.1")
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(address.secret)
+        await asyncio.sleep(0.1)
+        writer.write_eof()
+        await asyncio.wait_for(ended.wait(), 5)
+        writer.close()
+        server.close()
+    asyncio.run(main())
+
+
 class Remote:
     """`handle.method.remote(...)` awaitable, as a Serve handle's call is."""
 

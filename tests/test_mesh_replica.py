@@ -1,5 +1,6 @@
 """The mesh replica's ordering and incarnation rules, without Ray (the class under Serve's decorator)."""
 import asyncio
+import time
 
 import pytest
 
@@ -53,4 +54,17 @@ def test_reset_waits_for_the_running_work_then_refuses_the_queued_ones(replica):
         with pytest.raises(mesh_replica.StaleWork, match="reset"):
             await queued
         assert len(await drain(replica, prefill(0, slot=2))) == 1  # work ids start again at 0
+    asyncio.run(main())
+
+
+def test_a_queued_work_runs_right_after_the_one_before_even_while_the_event_loop_is_busy(replica):
+    """The worker thread goes from one work to the next by itself: the device does not wait for the
+    replica's loop to take the previous work's last result first."""
+    async def main():
+        await replica.reset()
+        works = [asyncio.create_task(drain(replica, prefill(i, slot=i))) for i in range(2)]
+        await asyncio.sleep(0.01)  # both handed to the worker thread
+        time.sleep(1.0)  # the loop is stuck: nothing of it runs meanwhile
+        assert sorted(replica.runner.slots) == [0, 1]  # ... and both prefills ran
+        assert [len(r) for r in await asyncio.gather(*works)] == [1, 1]
     asyncio.run(main())
