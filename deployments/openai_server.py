@@ -256,7 +256,7 @@ class OpenAIServer:
             try:
                 preps.append(await self.prepare(req.model_copy(update={"prompt": p}), prefix, constraint))
             except APIError as exc:
-                if exc.info.param == "prompt":  # say which one
+                if exc.info.param == "prompt" or exc.info.code == "context_length_exceeded":  # say which one
                     exc.info.message = f"prompt[{i}]: {exc.info.message}"
                 raise
         return preps
@@ -273,7 +273,7 @@ class OpenAIServer:
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
         offsets = TokenOffsets(self.tokenizer, self.special_ids) if params.logprobs is not None else None
         answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets,
-                            params.include_stop_str_in_output)
+                            params.include_stop_str_in_output, params.stop_token_ids)
         cached = 0
         reason: str | None = None
         rid, attempt = request_id, 0
@@ -285,7 +285,7 @@ class OpenAIServer:
                         cached = event.num_cached_tokens or cached
                         failed = event.finish_reason == "error"
                         text, starts, taken, stopped = answer.feed(event.token_ids, event.finish_reason is not None
-                                                                   and not failed)
+                                                                   and not failed, event.finish_reason == "stop")
                         if stopped:
                             reason = "stop"
                             await asyncio.shield(self.router.cancel(rid, "stop"))

@@ -61,7 +61,7 @@ def _nullable_schema(schema: dict[str, Any], _cls: type) -> None:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", json_schema_extra=_nullable_schema)
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, json_schema_extra=_nullable_schema)
 
     @model_validator(mode="before")
     @classmethod
@@ -299,6 +299,7 @@ class CompletionRequest(_GenerationRequest):
     # One prompt (text or token ids), or a batch of them (a list of texts or of token-id lists), as OpenAI's and
     # vLLM's /v1/completions take; the ingress checks the ids. A batch's choices are numbered prompt by prompt.
     prompt: Text | list[int] | list[Text] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions, and vLLM's (chat: the context left)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model

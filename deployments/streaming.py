@@ -71,26 +71,33 @@ class ChoiceText:
     until its next flush); nothing after a stop is kept. `output` holds the tokens taken so far."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], min_tokens: int,
-                 offsets: TokenOffsets | None, include_stop: bool = False):
+                 offsets: TokenOffsets | None, include_stop: bool = False, stop_token_ids: tuple[int, ...] = ()):
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
         self.stops = StopStrings(stop, include_stop)
         self.min_tokens = min_tokens
         self.offsets = offsets
+        self.include_stop = include_stop
+        self.stop_token_ids = frozenset(stop_token_ids)
         self.output: list[int] = []
 
-    def feed(self, token_ids: list[int], final: bool) -> tuple[str, list[int], int, bool]:
-        """Take an event's tokens (`final`: the answer ends with them). Returns the text safe to send, where
-        each taken token's text starts (with offsets), how many tokens were taken, and whether a stop
-        string ended the answer (the tokens after the one that completed it are dropped)."""
+    def feed(self, token_ids: list[int], final: bool, stop_finish: bool = False) -> tuple[str, list[int], int, bool]:
+        """Take an event's tokens (`final`: the answer ends with them; `stop_finish`: the mesh ended it with
+        finish_reason "stop"). Returns the text safe to send, where each taken token's text starts (with
+        offsets), how many tokens were taken, and whether a stop string ended the answer (the tokens after the
+        one that completed it are dropped). A stop token that ended the answer counts as a token but adds
+        no text unless include_stop_str_in_output (vLLM's v1 detokenizer leaves it out the same way)."""
         texts: list[str] = []
         starts: list[int] = []
         stopped = False
         taken = 0
-        for token in token_ids:
+        for i, token in enumerate(token_ids):
             taken += 1
             self.output.append(token)
             if self.offsets is not None:
                 starts += self.offsets.add([token])
+            if (stop_finish and i == len(token_ids) - 1 and token in self.stop_token_ids
+                    and not self.include_stop):
+                break
             text, stopped = self.stops.feed(self.detokenizer.step([token]), False, self._check())
             texts.append(text)
             if stopped:

@@ -706,6 +706,9 @@ def test_one_prompt_of_a_batch_too_long_for_the_context_refuses_the_batch(client
     body = {**COMPLETION, "prompt": [[1, 2], [1] * MAX_LEN], "max_tokens": 2}
     error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
     assert error["code"] == "context_length_exceeded" and error["message"].startswith("prompt[1]: ")
+    body = {**COMPLETION, "prompt": [[1, 2], [1] * (MAX_LEN - 3)], "max_tokens": 5}  # fits, but not with its answer
+    error = assert_error(client.post("/v1/completions", json=body), 400, param="max_tokens")
+    assert error["code"] == "context_length_exceeded" and error["message"].startswith("prompt[1]: ")
     assert not router.requests
 
 

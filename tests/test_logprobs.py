@@ -28,13 +28,14 @@ def test_chat_logprob_bytes_spell_the_answer(client, router, tokenizer, stream):
 
 
 def test_completion_text_offsets(client, router, tokenizer):
-    body = client.post("/v1/completions", json={**COMPLETION, "logprobs": 0}).json()
+    body = client.post("/v1/completions", json={**COMPLETION, "logprobs": 0, "max_tokens": 64}).json()
     assert body["choices"][0]["logprobs"]["text_offset"] == starts(tokenizer, router.answer)
 
 
 @pytest.mark.parametrize("stop", ["never appears, but long", "done"])
 def test_streamed_text_offsets_count_text_held_back_by_a_stop_string(client, router, tokenizer, stop):
-    chunks = sse(client.post("/v1/completions", json={**COMPLETION, "logprobs": 0, "stream": True, "stop": [stop]}))
+    chunks = sse(client.post("/v1/completions", json={**COMPLETION, "logprobs": 0, "stream": True, "stop": [stop],
+                                                      "max_tokens": 64}))
     lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     offsets = [o for lp in lps for o in lp["text_offset"]]
     assert offsets == starts(tokenizer, router.answer)[:len(offsets)]

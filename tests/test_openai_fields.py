@@ -95,7 +95,8 @@ def test_echo_of_a_token_prompt_is_its_text(client, tokenizer):
 
 
 def test_echo_streams_the_prompt_in_each_choices_first_chunk(client):
-    chunks = sse(client.post("/v1/completions", json={**COMPLETION, "echo": True, "stream": True, "n": 2}))
+    chunks = sse(client.post("/v1/completions", json={**COMPLETION, "echo": True, "stream": True, "n": 2,
+                                                      "max_tokens": 64}))
     for i in range(2):
         texts = [c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i]
         assert texts[0].startswith(COMPLETION["prompt"])
@@ -103,7 +104,8 @@ def test_echo_streams_the_prompt_in_each_choices_first_chunk(client):
 
 
 def test_no_echo_by_default(client):
-    assert client.post("/v1/completions", json=COMPLETION).json()["choices"][0]["text"] == ANSWER
+    body = {**COMPLETION, "max_tokens": 64}
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == ANSWER
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -144,7 +146,39 @@ def test_stop_reason_names_the_stop_string_or_token_that_ended_the_answer(client
              ({"stop_token_ids": [ids[i]]}, "stop", ids[i]),
              ({"max_tokens": 2}, "length", None)]
     for patch, finish, stop_reason in cases:
-        r = client.post(path, json={**base, **patch, "stream": stream})
+        r = client.post(path, json={**base, "max_tokens": 64, **patch, "stream": stream})
         choices = r.json()["choices"] if not stream else [
             c["choices"][0] for c in sse(r) if c["choices"] and c["choices"][0]["finish_reason"]]
         assert [(c["finish_reason"], c["stop_reason"]) for c in choices] == [(finish, stop_reason)], patch
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_token_ends_the_answer_without_its_text_unless_asked(client, tokenizer, stream):
+    """vLLM (v1 detokenizer): the stop token counts as a generated token, its text is left out unless
+    include_stop_str_in_output."""
+    ids = tokenizer.encode(ANSWER)
+    i = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    for include in (False, True):
+        body = {**COMPLETION, "max_tokens": 64, "stop_token_ids": [ids[i]], "include_stop_str_in_output": include,
+                "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+        r = client.post("/v1/completions", json=body)
+        chunks = sse(r) if stream else [r.json()]
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        assert text == tokenizer.decode(ids[:i + include]), include
+        assert chunks[-1]["usage"]["completion_tokens"] == i + 1
+
+
+def test_a_completion_without_max_tokens_gets_16_and_a_chat_the_context_left(client, router):
+    """OpenAI's completions default (and vLLM's) is 16 tokens; chat has no such default."""
+    router.answer = list(range(100, 140))
+    for path, base, expected in [("/v1/completions", COMPLETION, 16), ("/v1/chat/completions", CHAT, 40)]:
+        for body in (base, {**base, "max_tokens": None}):
+            usage = client.post(path, json=body).json()["usage"]
+            assert usage["completion_tokens"] == expected, (path, body)
+
+
+def test_nan_or_infinite_numbers_are_refused_as_such(client):
+    r = client.post("/v1/completions", content='{"model": "%s", "prompt": "x", "temperature": NaN}' % COMPLETION["model"],
+                    headers={"content-type": "application/json"})
+    error = assert_error(r, 400, param="temperature")
+    assert "finite" in error["message"]
