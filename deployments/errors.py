@@ -72,4 +72,6 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     if err.get("type") == "json_invalid":
         return APIError(400, f"The body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
     name = ".".join(loc) or None
+    if name is None and err.get("type") in ("missing", "model_attributes_type", "dict_type"):  # no JSON object at all
+        return APIError(400, "The body must be a JSON object (Content-Type: application/json).")
     return APIError(400, f"{name}: {err['msg']}" if name else err["msg"], param=name)

@@ -182,3 +182,13 @@ def test_nan_or_infinite_numbers_are_refused_as_such(client):
                     headers={"content-type": "application/json"})
     error = assert_error(r, 400, param="temperature")
     assert "finite" in error["message"]
+
+
+@pytest.mark.parametrize("content, headers", [(b"", {}), (b"", {"content-type": "application/json"}),
+                                              (b'"a string"', {"content-type": "application/json"}),
+                                              (b"[1, 2]", {"content-type": "application/json"}),
+                                              (b'{"model": "x", "prompt": "hi"}', {"content-type": "text/plain"})])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_body_that_is_no_json_object_is_told_so(client, path, content, headers):
+    error = assert_error(client.post(path, content=content, headers=headers), 400)
+    assert "JSON object" in error["message"] or "not valid JSON" in error["message"], error
