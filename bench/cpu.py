@@ -25,9 +25,10 @@ budget router <= 10, ingress <= 50, the three <= 100). /proc counts in clock tic
 figure is good to +/- one tick; `resolution_us_per_token` is one tick spread over the run's tokens.
 
 Every process also costs CPU while idle (Ray's and Serve's loops; ~8-10 ms per second per replica on this
-box), and on this VM a process woken from sleep pays ~150-250 us of CPU per wake-up before it does anything
-(measured: a bare asyncio socket reader at 50 messages/s). A lone mesh leaves the router asleep between two
-steps, so its per-token figure is mostly wake-ups; with many meshes steps arrive together (bench.router_capacity).
+box), and on this VM work done right after a wake-up runs cold: a uvloop reader taking one small pickled frame
+costs 55-120 us of CPU per frame at 60 frames/s against 10-17 us at 1,000/s (two-process microbenchmark). A lone
+mesh leaves the router asleep between two steps, so its per-token figure is mostly that; with many meshes steps
+arrive together (bench.router_capacity).
 So the app's idle CPU is measured first (`idle_cpu_per_s`, over 5 s) and `marginal_us_per_token` is each
 role's CPU above it. The default time_scale 1.0 runs the mesh at a real-time Galaxy's speed, the rate the
 budget is set for. Nothing
