@@ -300,3 +300,21 @@ def test_a_narrow_page_table_reaches_the_backend_at_its_full_width_padded_with_z
     assert first.shape == second.shape == (4, backend.caps.max_blocks_per_seq)
     assert first[:, :6].tolist() == wide.tolist() and not first[:, 6:].any()
     assert second[:, :2].tolist() == narrow.tolist() and not second[:, 2:].any()  # nothing left of the wide one
+
+
+def test_a_decode_steps_result_is_handed_on_once_the_next_steps_inputs_are_ready():
+    """Whoever takes a result (the replica's loop, needing the GIL) then works while the device runs the next
+    step, not while this thread prepares it; the last step's result comes right after its own step."""
+    runner = MeshRunner(CountingBackend())
+    prompt = [3, 4, 5]
+    run(runner, MeshWork(0, [PrefillChunk("a", 1, prompt, 0, [0], greedy(max_tokens=10), len(prompt))]))
+    prepared = []
+    inputs = runner._decode_inputs
+    runner._decode_inputs = lambda live, page_table: prepared.append(len(runner.backend.calls)) or inputs(
+        live, page_table)
+    seen = []
+    for result in runner.execute(MeshWork(1, [], decode_round([1], steps=3))):
+        seen.append((len(prepared), len(runner.backend.calls)))
+    # result k arrives after step k ran (k + 2 backend calls, the prefill's included) and, but for the last,
+    # with step k + 1's inputs already made
+    assert seen == [(2, 2), (3, 3), (3, 4)]
