@@ -5,7 +5,7 @@ the router ~1-3 ms of CPU (Serve's request routing, Ray's task and object machin
 message per mesh step the router saturated near two real-time Galaxies. A length-prefixed pickle over a
 socket costs tens of microseconds. Serve still places, restarts and health-checks the replicas, and carries
 the control calls (reset, stats); the peer's address comes from such a call, so a restarted replica is
-found again the same way. Like vLLM's engine-core sockets (ZMQ there, plain asyncio streams here: one
+found again the same way. Like vLLM's engine-core sockets (ZMQ there, a plain asyncio protocol here: one
 socket per pair, no broker).
 
 Frames are a 4-byte big-endian length and a pickle. Pickle runs code on load, so a connection must open
