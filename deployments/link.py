@@ -101,21 +101,24 @@ class Link(asyncio.Protocol):
                     self._frames.append(obj)
         except Exception as exc:  # a frame that does not load, or that the receiver cannot take: the link ends
             self._close_with(exc)
+            return
         self._wake()
 
     def eof_received(self) -> bool:
         """The peer will send nothing more: the link's end now (not once our own writes drain)."""
-        if self._lost is None:
-            self._lost = ConnectionError("link closed by the peer")
-        self._wake()
+        self._end(ConnectionError("link closed by the peer"))
         return False  # the transport closes itself
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._auth_timer is not None:
             self._auth_timer.cancel()
+        self._end(ConnectionError("link closed by the peer") if exc is None else
+                  exc if isinstance(exc, ConnectionError) else ConnectionError(f"link broke: {exc!r}"))
+
+    def _end(self, error: BaseException) -> None:
+        """The link's end, the first reason given; a reader waiting hears of it."""
         if self._lost is None:
-            self._lost = ConnectionError("link closed by the peer") if exc is None else (
-                exc if isinstance(exc, ConnectionError) else ConnectionError(f"link broke: {exc!r}"))
+            self._lost = error
         self._wake()
 
     def _wake(self) -> None:
@@ -190,8 +193,7 @@ class Link(asyncio.Protocol):
         self._close_with(ConnectionError("the peer did not present the link's secret"))
 
     def _close_with(self, error: BaseException) -> None:
-        if self._lost is None:
-            self._lost = error
+        self._end(error)
         self._transport.abort()
 
 

@@ -294,8 +294,7 @@ class OpenAIServer:
                         if reason is not None:
                             timer.finish(reason)
                         if not failed or text:
-                            stop_reason = (answer.stop_reason(self.tokenizer.eos_id, params.stop_token_ids)
-                                           if reason == "stop" else None)
+                            stop_reason = answer.stop_reason(self.tokenizer.eos_id) if reason == "stop" else None
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
                                               cached, stop_reason)
                         if failed and not stopped:

@@ -76,8 +76,8 @@ class ChoiceText:
         self.stops = StopStrings(stop, include_stop)
         self.min_tokens = min_tokens
         self.offsets = offsets
-        self.include_stop = include_stop
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.stop_token: int | None = None  # the stop token id that ended the answer
         self.output: list[int] = []
 
     def feed(self, token_ids: list[int], final: bool, stop_finish: bool = False) -> tuple[str, list[int], int, bool]:
@@ -95,9 +95,10 @@ class ChoiceText:
             self.output.append(token)
             if self.offsets is not None:
                 starts += self.offsets.add([token])
-            if (stop_finish and i == len(token_ids) - 1 and token in self.stop_token_ids
-                    and not self.include_stop):
-                break
+            if stop_finish and i == len(token_ids) - 1 and token in self.stop_token_ids:
+                self.stop_token = token
+                if not self.stops.include_stop:
+                    break
             text, stopped = self.stops.feed(self.detokenizer.step([token]), False, self._check())
             texts.append(text)
             if stopped:
@@ -107,15 +108,14 @@ class ChoiceText:
             texts.append(text)
         return "".join(texts), starts, taken, stopped
 
-    def stop_reason(self, eos_id: int | None, stop_token_ids: tuple[int, ...]) -> str | int | None:
+    def stop_reason(self, eos_id: int | None) -> str | int | None:
         """vLLM's `stop_reason` of an answer that ended with finish_reason "stop": the stop string that
         ended it, else the stop token id it ended on, except the tokenizer's own EOS (None; vLLM's
         v1 engine/detokenizer and SamplingParams.stop_token_ids, which also takes generation_config's
         extra EOS ids, so Llama 3's <|eot_id|> comes back as 128009)."""
         if self.stops.matched is not None:
             return self.stops.matched
-        last = self.output[-1] if self.output else None
-        return last if last in stop_token_ids and last != eos_id else None
+        return self.stop_token if self.stop_token != eos_id else None
 
     def _check(self) -> bool:
         """Stop strings count from the token after the first min_tokens, as stop ids do (the runner masks
