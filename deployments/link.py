@@ -126,12 +126,17 @@ class Link(asyncio.Protocol):
             self._waiter.set_result(None)
 
     # ---- the link --------------------------------------------------------------------------------
-    def send(self, obj) -> None:
-        """Queue one frame. Raises ConnectionError once the connection is closed."""
+    def send(self, *objs) -> None:
+        """Queue one frame per object, all in one write: frames sent together arrive together, so the peer
+        takes them in one wake-up. Raises ConnectionError once the connection is closed."""
         if self.closed:
             raise ConnectionError("link closed")
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        self._transport.write(_LEN.pack(len(data)) + data)
+        out = bytearray()
+        for obj in objs:
+            data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            out += _LEN.pack(len(data))
+            out += data
+        self._transport.write(out)
 
     @property
     def backlog_bytes(self) -> int:

@@ -133,6 +133,7 @@ class _Sink:
         self.send: Callable[[list], None] | None = None  # None: held until attached
         self._last_flush = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()  # made on the loop; asking for it again costs a getpid() per call
 
     def put_token(self, request_id: str, token: int) -> None:
         """A plain decode token: what nearly every token is."""
@@ -164,14 +165,14 @@ class _Sink:
 
     def _schedule(self) -> None:
         if self._timer is None and self.send is not None:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._timer = loop.call_at(max(loop.time(), self._last_flush + self.interval_s), self._flush)
 
     def _flush(self) -> None:
         self._timer = None
         pending, failed = self.pending, self.failed
         self.pending, self.failed = {}, []
-        self._last_flush = asyncio.get_running_loop().time()
+        self._last_flush = self._loop.time()
         if (pending or failed) and self.send is not None:
             self.send(pack_events([(rid, p) if type(p) is list else p for rid, p in pending.items()] + failed))
 

@@ -183,6 +183,42 @@ def test_works_pipelined_on_the_link_answer_in_order(replica):
     asyncio.run(main())
 
 
+def test_a_works_last_result_and_its_end_leave_the_mesh_in_one_write(replica, monkeypatch):
+    """The router wakes once for a work's last step, not again ~1 ms later for the end marker."""
+    writes = []
+    real_send = Link.send
+
+    def spy(self, *objs):
+        writes.append(objs)
+        real_send(self, *objs)
+    monkeypatch.setattr(Link, "send", spy)
+
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await client.reset()
+        work = MeshWork(0, prefill(0, slot=0).prefills + prefill(1, slot=1).prefills)  # two results
+        assert [r.last for r in [r async for r in client.execute(work, incarnation)]] == [False, True]
+        client.close()
+    asyncio.run(main())
+    from_mesh = [[type(item).__name__ for _, item in objs] for objs in writes if not isinstance(objs[0][0], MeshWork)]
+    assert from_mesh == [["StepResult"], ["StepResult", "NoneType"]]
+
+
+def test_send_writes_several_frames_at_once_and_they_arrive_in_order():
+    async def main():
+        server, address = await echo_server()
+        link = await connect(address)
+        writes = []
+        write = link._transport.write
+        link._transport.write = lambda data: (writes.append(len(data)), write(data))
+        link.send("a", ("b", 2), b"c" * 100_000)
+        assert len(writes) == 1
+        assert [await link.recv() for _ in range(3)] == ["a", ("b", 2), b"c" * 100_000]
+        link.close()
+        server.close()
+    asyncio.run(main())
+
+
 def test_a_link_that_breaks_fails_every_open_work_at_once(replica):
     async def main():
         client = LinkMeshClient(FakeHandle(replica))
