@@ -11,6 +11,7 @@ tokens special: inside a message the same text stays text, so a user cannot forg
 """
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -274,7 +275,8 @@ class IncrementalDetokenizer:
     small window: the tokens of the last emitted delta (context, so tokenizers that drop a leading space at
     the start of a decode stay right) plus the tokens not yet emitted, and holds them back while the decoded
     tail is U+FFFD. The work per step is therefore bounded by the window, not the whole output. (Bytes that
-    never form a character stay held until later text completes or `flush`.)
+    never form a character stay held until later text completes them; `flush` drops the bytes of a character
+    the stream ended in the middle of, as vLLM's detokenizer does, rather than send U+FFFD for them.)
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special: bool = True):
@@ -289,8 +291,13 @@ class IncrementalDetokenizer:
         return self._emit(hold_partial=True)
 
     def flush(self) -> str:
-        """At the end of a stream, whatever was held back (U+FFFD for a character the model never finished)."""
-        return self._emit(hold_partial=False)
+        """At the end of a stream, whatever was held back, less a character the model never finished (e.g. a
+        max_tokens cut inside an emoji). A U+FFFD the model did write (bytes EF BF BD) is text, and stays."""
+        held = self._window[self._read:]
+        text = self._emit(hold_partial=False)
+        if text.endswith("\ufffd") and _ends_mid_character(b"".join(self.tokenizer.token_bytes(t) for t in held)):
+            text = text[:-1]  # a partial character decodes to one U+FFFD
+        return text
 
     def _emit(self, hold_partial: bool) -> str:
         emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
@@ -300,6 +307,13 @@ class IncrementalDetokenizer:
         self._window = self._window[self._read:]  # what is emitted now is the next step's context
         self._read = len(self._window)
         return text[len(emitted):]
+
+
+def _ends_mid_character(data: bytes) -> bool:
+    """`data` ends with the first 1-3 bytes of a UTF-8 character whose other bytes never came."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(data, final=False)
+    return bool(decoder.getstate()[0])  # the bytes it holds, waiting for the rest of a character
 
 
 # Code, emoji (multi-codepoint ZWJ sequences too), CJK, numbers, odd whitespace and contractions.

@@ -84,6 +84,16 @@ def test_completion_stream_without_usage(client, router, tokenizer):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_cut_inside_a_character_ends_before_it(client, router, tokenizer, stream):
+    """max_tokens ending between two tokens of one emoji: the partial bytes are dropped (vLLM), no U+FFFD."""
+    cut = next(n for n in range(1, len(router.answer)) if tokenizer.decode(router.answer[:n]).endswith("\ufffd"))
+    r = client.post("/v1/completions", json={**COMPLETION, "stream": stream, "max_tokens": cut})
+    choices = [c["choices"][0] for c in sse(r)] if stream else r.json()["choices"]
+    assert "".join(c["text"] for c in choices) == tokenizer.decode(router.answer[:cut]).rstrip("\ufffd")
+    assert choices[-1]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_stop_string_spanning_tokens(client, router, tokenizer, stream):
     stop = "answer is 4"
     assert all(stop not in tokenizer.decode([t]) for t in router.answer)  # it really spans several tokens

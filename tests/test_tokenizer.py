@@ -179,11 +179,18 @@ def test_detokenizer_holds_back_split_characters(tokenizers, name):
     assert any("\ufffd" in tok.decode([i]) for i in ids)  # some tokens really end mid-character
     deltas = stream(tok, ids, [1] * len(ids))
     assert "".join(deltas) == "東京🚀👩‍💻" and not any("\ufffd" in d for d in deltas)
-    # A stream cut mid-character holds the partial bytes until flush, which gives them as U+FFFD.
-    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
-    detok = IncrementalDetokenizer(tok)
-    held = "".join(detok.step([i]) for i in ids[:cut])
-    assert "\ufffd" not in held and held + detok.flush() == tok.decode(ids[:cut])
+    # A stream cut mid-character (max_tokens) holds the partial bytes, and the end drops them: no U+FFFD.
+    for cut in [n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd")]:
+        detok = IncrementalDetokenizer(tok)
+        text = "".join(detok.step([i]) for i in ids[:cut]) + detok.flush()
+        assert text == tok.decode(ids[:cut])[:-1] and "\ufffd" not in text
+
+
+@pytest.mark.parametrize("name", ["meta", "hf", "smol"])
+def test_a_replacement_character_the_model_wrote_is_kept(tokenizers, name):
+    tok = tokenizers[name]
+    for text in ["bad byte: \ufffd", "\ufffd", "x\ufffd\ufffd"]:
+        assert "".join(stream(tok, tok.encode(text), [1] * 10)) == text
 
 
 def test_detokenizer_skips_special_tokens_and_uses_prompt_context(meta):
