@@ -295,8 +295,10 @@ class IncrementalDetokenizer:
         max_tokens cut inside an emoji). A U+FFFD the model did write (bytes EF BF BD) is text, and stays."""
         held = self._window[self._read:]
         text = self._emit(hold_partial=False)
-        if text.endswith("\ufffd") and _ends_mid_character(b"".join(self.tokenizer.token_bytes(t) for t in held)):
-            text = text[:-1]  # a partial character decodes to one U+FFFD
+        if text.endswith("\ufffd"):
+            skipped = set(self.tokenizer.special_ids.values()) if self.skip_special else set()
+            if _ends_mid_character(b"".join(self.tokenizer.token_bytes(t) for t in held if t not in skipped)):
+                text = text[:-1]  # a partial character decodes to one U+FFFD
         return text
 
     def _emit(self, hold_partial: bool) -> str:
