@@ -33,6 +33,8 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     asked for only when the request has a constraint). Raises APIError 400 naming the field for a
     contradictory or invalid one."""
     tools, tool_mode = _tools(req)
+    for i, tool in enumerate(tools):  # whatever tool_choice is, as OpenAI does: a call may have to follow it
+        _check(f"tools.{i}.function.parameters", lambda tool=tool: json_schema_grammar(_parameters(tool)), ll_tokenizer)
     sources = _grammar_sources(req)
     if tool_mode == "forced":
         sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice)))
@@ -42,6 +44,11 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     if not sources:
         return Constraint(None, tool_mode, tools)
     param, build = sources[0]
+    return Constraint(_check(param, build, ll_tokenizer), tool_mode, tools)
+
+
+def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], object]) -> str:
+    """The grammar `build` makes, valid for the served model. Raises APIError 400 naming `param`."""
     try:
         grammar = build()
     except Exception as exc:  # e.g. a schema llguidance cannot even translate
@@ -49,7 +56,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     error = grammar_error(grammar, ll_tokenizer())
     if error:
         raise APIError(400, f"{param}: {error.splitlines()[0]}", param=param)
-    return Constraint(grammar, tool_mode, tools)
+    return grammar
 
 
 def unconstrained(req: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -82,11 +89,15 @@ def _tool_call_grammar(tools: list[Tool], choice):
     def build() -> str:
         return any_of_grammars([json_schema_grammar({
             "type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-            "properties": {"name": {"const": t.function.name},
-                           "parameters": closed(t.function.parameters) if t.function.strict
-                           else t.function.parameters or {"type": "object", "properties": {}}}})
-            for t in chosen])
+            "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)}}) for t in chosen])
     return build
+
+
+def _parameters(tool: Tool) -> dict:
+    """The JSON schema a call's arguments follow (closed when the tool is strict; none given: an object)."""
+    if tool.function.strict:
+        return closed(tool.function.parameters)
+    return tool.function.parameters or {"type": "object", "properties": {}}
 
 
 def _grammar_sources(req) -> list[tuple[str, object]]:

@@ -74,6 +74,9 @@ def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt,
     ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    *[({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+        **choice}, "tools.1.function.parameters")  # the tool at fault, whether or not a call is forced
+      for choice in ({"tool_choice": "required"}, {"tool_choice": "auto"}, {}, {"tool_choice": "none"})],
 ])
 def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, fields, param):
     with pytest.raises(APIError) as caught:
