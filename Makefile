@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Serve's throughput mode and the HAProxy ingress (DESIGN.md "Data path at scale"); Serve reads them when Ray
+# Serve's throughput mode and the HAProxy ingress (README, "Benchmarks"); Serve reads them when Ray
 # starts. `make serve MESHSERVE_PLAIN_PROXY=1` (or the variable in the environment) serves through Serve's
 # plain Python proxy instead. Either way Serve hands its cached metrics to Ray each second, not every 100 ms
 # (README, "Running on a cluster").

@@ -113,6 +113,7 @@ class Prepared:
     echo: str = ""  # completions' `echo`: the prompt's text, which comes first in each choice
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
     tools: list[Tool] = field(default_factory=list)
+    constraint_param: str | None = None  # the field the request's grammar comes from
 
 
 _CHOICES_DONE = object()
@@ -243,7 +244,7 @@ class OpenAIServer:
         if isinstance(req, CompletionRequest) and req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prompt_ids)
         return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival, echo,
-                        constraint.tool_mode, constraint.tools)
+                        constraint.tool_mode, constraint.tools, constraint.param)
 
     async def prepare_all(self, req: CompletionRequest, prefix: str) -> list[Prepared]:
         """One Prepared per prompt of a completion's batch (one for a single prompt), each checked and
@@ -283,7 +284,7 @@ class OpenAIServer:
                     async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output)):
                         timer.on_event(event)
                         cached = event.num_cached_tokens or cached
-                        failed = event.finish_reason == "error"
+                        failed = event.finish_reason in ("error", "grammar_error")
                         text, starts, taken, stopped = answer.feed(event.token_ids, event.finish_reason is not None
                                                                    and not failed, event.finish_reason == "stop")
                         if stopped:
@@ -297,6 +298,9 @@ class OpenAIServer:
                             stop_reason = answer.stop_reason(self.tokenizer.eos_id) if reason == "stop" else None
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
                                               cached, stop_reason)
+                        if failed and not stopped and event.finish_reason == "grammar_error":  # the client's grammar
+                            param = prep.constraint_param
+                            raise APIError(400, f"{param}: {event.error}; a simpler one may work", param=param)
                         if failed and not stopped:
                             raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         if reason is not None:

@@ -4,7 +4,9 @@ Sources, at most one per request: OpenAI's `response_format` (json_object, json_
 `structured_outputs` (json, regex, choice, grammar, json_object) and its older `guided_*` fields, and
 `tool_choice` "required" or a named function (the answer is then a Llama 3 JSON call to one of the tools).
 Each is checked against the served tokenizer here, so an invalid schema, regex or grammar is a 400 naming
-its field, never a failure on the mesh.
+its field before anything reaches a mesh. (llguidance builds its lexer lazily, so a grammar can pass here and
+hit a lexer limit on the mesh while matching: that request alone ends, and the ingress answers 400 naming
+`Constraint.param`.)
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class Constraint:
     grammar: str | None  # llguidance grammar text; None: free text
     tool_mode: ToolMode  # auto: an answer may be calls; forced: it is calls; none: never
     tools: list[Tool]
+    param: str | None = None  # the field the grammar comes from: named if llguidance gives up on it mid-answer
 
 
 def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer: Callable[[], object]) -> Constraint:
@@ -44,7 +47,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     if not sources:
         return Constraint(None, tool_mode, tools)
     param, build = sources[0]
-    return Constraint(_check(param, build, ll_tokenizer), tool_mode, tools)
+    return Constraint(_check(param, build, ll_tokenizer), tool_mode, tools, param)
 
 
 def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], object]) -> str:

@@ -84,6 +84,11 @@ class GrammarState:
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, bitorder="little")[:self.vocab_size] == 0
 
+    def failed(self) -> bool:
+        """llguidance gave up on the grammar: a lexer or parser limit hit while matching (e.g. a regex with huge
+        repetition counts, which validate_grammar accepts: the lexer is built lazily), or a token it refused."""
+        return self.matcher.is_error()
+
     def accept(self, token: int) -> None:
         """Advance past `token`. Raises ValueError if the grammar does not allow it."""
         if not self.matcher.consume_token(token):

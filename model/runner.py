@@ -95,9 +95,9 @@ class MeshRunner:
             try:  # resumes after the tokens a recomputed answer already has
                 state.grammar = GrammarState(self._ll_tokenizer(), params.grammar,
                                              chunk.token_ids[chunk.num_prompt_tokens:])
-            except Exception:
+            except Exception as exc:
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
-                self._advance(chunk.slot, state, None, None, result)
+                self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
                 return result
         on_device = state.sample_on_device
         out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
@@ -191,15 +191,19 @@ class MeshRunner:
         whose sampling raises gets None (its slot is retired with "error")."""
         adjusted = [(row, st) for row, st in enumerate(states) if st.params.logit_bias or st.grammar is not None
                     or (st.banned_early and st.num_generated < st.params.min_tokens)]
+        failed: set[int] = set()
         if adjusted:
             logits = logits.float().clone()  # ours to change: the backend's tensor stays as it was
             for row, st in adjusted:
-                self._adjust(logits[row], st)
+                try:
+                    self._adjust(logits[row], st)
+                except Exception:  # e.g. the grammar's mask: that request alone fails, not the step
+                    log.exception("constraining request %s failed; its slot is retired", st.request_id)
+                    failed.add(row)
         try:
-            return self._sample(logits, states)
+            tokens, logprobs = self._sample(logits, states)
         except Exception:  # find the rows at fault; the others are sampled again, one by one
-            tokens: list[int | None] = []
-            logprobs: list[TokenLogprobs | None] = []
+            tokens, logprobs = [], []
             for row, st in enumerate(states):
                 try:
                     (token,), (lp,) = self._sample(logits[row:row + 1], [st])
@@ -208,7 +212,9 @@ class MeshRunner:
                     token, lp = None, None
                 tokens.append(token)
                 logprobs.append(lp)
-            return tokens, logprobs
+        for row in failed:
+            tokens[row], logprobs[row] = None, None
+        return tokens, logprobs
 
     @staticmethod
     def _adjust(row: torch.Tensor, st: SlotState) -> None:
@@ -229,19 +235,24 @@ class MeshRunner:
                             prompts=[st.token_ids[:st.num_prompt_tokens] for st in states] if penalties else None,
                             outputs=[st.token_ids[st.num_prompt_tokens:] for st in states] if penalties else None)
 
+    def _retire(self, slot: int, result: StepResult, reason: str) -> None:
+        """The slot's request fails alone: "grammar_error" when llguidance gave up on its grammar (the client's
+        constraint: a 400 naming its field), "error" for anything else on this host (a 500)."""
+        result.finished[slot] = reason
+        self.slots.pop(slot, None)
+
     def _advance(self, slot: int, state: SlotState, token: int | None, logprobs: TokenLogprobs | None,
                  result: StepResult) -> None:
         if token is None:  # this slot's host work failed: retire it alone
-            result.finished[slot] = "error"
-            self.slots.pop(slot, None)
+            self._retire(slot, result, "grammar_error" if state.grammar is not None and state.grammar.failed()
+                         else "error")
             return
         if state.grammar is not None:
             try:
                 state.grammar.accept(token)
             except ValueError:
                 log.exception("request %s left its grammar; its slot is retired", state.request_id)
-                result.finished[slot] = "error"
-                self.slots.pop(slot, None)
+                self._retire(slot, result, "grammar_error")
                 return
         state.token_ids.append(token)
         result.tokens[slot] = token

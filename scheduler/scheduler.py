@@ -345,6 +345,8 @@ class MeshScheduler:
             event.finish_reason = reason
             if reason == "error":
                 event.error = "sampling this request's next token failed on the mesh host"
+            elif reason == "grammar_error":
+                event.error = "the structured-output engine (llguidance) gave up on this grammar while generating"
         events.append(event)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:

@@ -19,7 +19,8 @@ class FakeRouter:
     refuse: Exception | None = None  # raised when a generate stream is first iterated
     pause_after: int | None = None  # block after this many tokens until `resume` is set
     die_after: list[int] = field(default_factory=list)  # each entry: one stream dies after that many tokens
-    fail_with_error_after: int | None = None  # the mesh retires the request with "error" after this many tokens
+    fail_with_error_after: int | None = None  # the mesh retires the request with `fail_reason` after this many tokens
+    fail_reason: str = "error"  # or "grammar_error": llguidance gave up on the request's grammar
     queue_time_s: float = 0.002
     merge: int = 1  # tokens per event: the router merges a request's events until its next flush
     requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
@@ -55,7 +56,7 @@ class FakeRouter:
             if i == die_at:
                 raise RuntimeError("the router died")
             if i == self.fail_with_error_after:
-                yield TokenEvent(request_id, [], finish_reason="error", error="sampling failed")
+                yield TokenEvent(request_id, [], finish_reason=self.fail_reason, error="it failed")
                 return
             if i == self.pause_after:
                 await self.resume.wait()

@@ -397,6 +397,20 @@ def test_a_request_the_mesh_failed_is_a_500_for_it_alone(client, router):
     assert client.post("/v1/completions", json=COMPLETION).status_code == 200
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_the_engine_gives_up_on_mid_answer_is_a_400_naming_its_field(client, router, stream):
+    router.fail_with_error_after, router.fail_reason = 2, "grammar_error"
+    r = client.post("/v1/completions", json={**COMPLETION, "guided_regex": "(a{1000}){1000}", "stream": stream})
+    if stream:  # the 200 is sent: the error is the stream's last event
+        (error,) = [e["error"] for e in sse(r) if "error" in e]
+    else:
+        error = assert_error(r, 400)
+    assert (error["type"], error["param"]) == ("invalid_request_error", "guided_regex")
+    assert error["message"].startswith("guided_regex: ")
+    router.fail_with_error_after = None
+    assert client.post("/v1/completions", json={**COMPLETION, "stream": stream}).status_code == 200
+
+
 def test_unknown_route_is_json_404(client):
     assert_error(client.get("/v1/nothing"), 404)
 

@@ -5,7 +5,7 @@ import torch
 from model.backend import Backend, Capabilities
 from model.runner import MeshRunner
 from scheduler.sampling import SamplingParams
-from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
 
 VOCAB = 50
 
@@ -271,6 +271,50 @@ def test_a_grammar_constrains_its_own_slot_and_survives_a_recompute():
     assert set(json.loads(tok.decode([t for t in answer if t not in tok.stop_ids]))) == {"answer"}
     resumed, _ = run_to_end(prompt + answer[:3], len(prompt))  # migrated after 3 tokens
     assert resumed[0] == answer[3:]
+
+
+def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None) -> list[StepResult]:
+    """Slot 0 constrained by `grammar`, slot 1 free, through a prefill and 3 decode steps (simulated)."""
+    from model.embedded import ensure_smollm2
+    from model.grammar import ll_tokenizer
+    from model.simulated import SimulatedBackend
+    from model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_smollm2())
+    backend = SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024,
+                               vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
+    runner = MeshRunner(backend, grammar_tokenizer=lambda: ll_tokenizer(tok, tok.vocab_size))
+    constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=grammar, logit_bias=logit_bias or {})
+    free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    table = np.zeros((2, 16), dtype=np.int32)
+    table[1, 0] = 1
+    return list(runner.execute(MeshWork(0, [PrefillChunk("c", 0, [7] * 10, 0, [0], constrained, 10),
+                                            PrefillChunk("f", 1, [7] * 10, 0, [1], free, 10)],
+                                        DecodeRound(3, [0, 1], table))))
+
+
+def test_a_grammar_llguidance_gives_up_on_mid_answer_retires_its_slot_alone_as_grammar_error():
+    """A regex validate_grammar accepts whose lexer blows up while matching (the ingress then answers 400
+    naming the field): that slot ends with "grammar_error", its neighbour decodes on."""
+    from model.embedded import ensure_smollm2
+    from model.grammar import regex_grammar
+    from model.tokenizer import load_tokenizer
+
+    aaaa = load_tokenizer(ensure_smollm2()).encode("aaaa")[0]  # the token whose match exceeds the lexer's limit
+    results = grammar_run(regex_grammar("(a{1000}){1000}"), logit_bias={aaaa: 100.0})
+    assert results[0].finished == {0: "grammar_error"} and results[0].tokens[0] == NO_TOKEN
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+
+
+def test_a_grammar_mask_that_raises_fails_its_request_not_the_step(monkeypatch):
+    from model.grammar import GrammarState, regex_grammar
+
+    def broken(self):
+        raise RuntimeError("mask computation broke")
+    monkeypatch.setattr(GrammarState, "disallowed", broken)
+    results = grammar_run(regex_grammar("[a-z]+"))
+    assert results[0].finished == {0: "error"}  # not the client's grammar: a 500 for it alone
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
 
 def test_logit_bias_forces_and_bans_on_the_host_path():
