@@ -28,8 +28,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
-from deployments.tool_calls import (ParsedCall, ToolCallStream, call_id, cut_call, parse_tool_calls, render_messages,
-                                   tool_definitions)
+from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls, call_id, render_messages, tool_definitions
 from model.tokenizer import Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -385,9 +384,8 @@ class OpenAIServer:
         if chat:
             choices = []
             for i, t in enumerate(totals):
-                calls = parse_tool_calls(t.text, prep.tools) if prep.tool_mode != "none" else None
-                if not calls and prep.tool_mode == "forced":  # cut off by max_tokens: still a (partial) call
-                    calls = [cut_call(t.text, prep.tools)]
+                calls = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
+                         if prep.tool_mode != "none" else None)
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
                 reason = "tool_calls" if calls and t.finish_reason == "stop" else t.finish_reason
@@ -419,7 +417,8 @@ class OpenAIServer:
         prompt_tokens = sum(len(p.prompt_ids) for p in preps)
         cached = [0] * len(preps)  # per prompt
         echo = [p.echo for p in preps for _ in range(req.n)]  # sent with each choice's first chunk
-        tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced") for _ in range(req.n)]
+        tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
+                         for _ in range(req.n)]
                         if chat and prep.tool_mode != "none" else None)
 
         def event(chunk) -> str:

@@ -101,6 +101,16 @@ def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
     return ParsedCall(name[1] if name else tools[0].function.name, text[arguments.end():] if arguments else "")
 
 
+def answer_calls(text: str, tools: list[Tool], forced: bool, parallel: bool = True) -> list[ParsedCall] | None:
+    """The calls a whole answer makes, or None when it is content. A forced answer is calls even when
+    max_tokens cut it off. `parallel` False (OpenAI's parallel_tool_calls) keeps the first call only, as vLLM
+    does (vllm-project/vllm#26233): the model is not stopped after it."""
+    calls = parse_tool_calls(text, tools)
+    if not calls and forced:
+        calls = [cut_call(text, tools)]
+    return calls[:1] if calls and not parallel else calls
+
+
 def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
@@ -110,10 +120,11 @@ class ToolCallStream:
     when it ends. `auto`: text is held back while it may still be a call (nothing but a JSON object so far),
     and sent as content as soon as it cannot be; at the end, held text that parses as calls becomes calls."""
 
-    def __init__(self, tools: list[Tool], forced: bool):
+    def __init__(self, tools: list[Tool], forced: bool, parallel: bool = True):
         self.tools = tools
         self.holding = True
         self.forced = forced
+        self.parallel = parallel
         self.held = ""
 
     def feed(self, text: str, final: bool) -> tuple[str, list[ParsedCall] | None]:
@@ -127,7 +138,5 @@ class ToolCallStream:
             return self.held, None
         if not final:
             return "", None
-        calls = parse_tool_calls(self.held, self.tools)
-        if not calls and self.forced:
-            calls = [cut_call(self.held, self.tools)]
+        calls = answer_calls(self.held, self.tools, self.forced, self.parallel)
         return ("", calls) if calls else (self.held, None)

@@ -578,6 +578,18 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(client, router, to
     assert "".join(d["delta"].get("content") or "" for d in deltas) == ""
 
 
+@pytest.mark.parametrize("parallel", [None, True, False])
+def test_parallel_tool_calls_false_keeps_the_first_call_only(client, router, tokenizer, eos, parallel):
+    router.answer = tokenizer.encode(CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "parallel_tool_calls": parallel}
+    calls = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["tool_calls"]
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    streamed = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    for got in (calls, streamed):
+        cities = [json.loads(c["function"]["arguments"])["city"] for c in got]
+        assert cities == (["Oslo"] if parallel is False else ["Oslo", "Rome"])  # OpenAI's default is true
+
+
 def test_with_tools_a_plain_answer_stays_content(client, router):
     r = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL], "stream": True})
     deltas = [c["choices"][0] for c in sse(r) if c["choices"]]
