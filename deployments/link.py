@@ -127,8 +127,8 @@ class Link(asyncio.Protocol):
 
     # ---- the link --------------------------------------------------------------------------------
     def send(self, *objs) -> None:
-        """Queue one frame per object, all in one write: frames sent together arrive together, so the peer
-        takes them in one wake-up. Raises ConnectionError once the connection is closed."""
+        """Queue one frame per object, all in one write: small frames sent together reach the peer in one
+        segment, so it takes them in one wake-up. Raises ConnectionError once the connection is closed."""
         if self.closed:
             raise ConnectionError("link closed")
         out = bytearray()

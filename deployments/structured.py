@@ -36,8 +36,6 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     asked for only when the request has a constraint). Raises APIError 400 naming the field for a
     contradictory or invalid one."""
     tools, tool_mode = _tools(req)
-    for i, tool in enumerate(tools):  # whatever tool_choice is, as OpenAI does: a call may have to follow it
-        _check(f"tools.{i}.function.parameters", lambda tool=tool: json_schema_grammar(_parameters(tool)), ll_tokenizer)
     sources = _grammar_sources(req)
     if tool_mode == "forced":
         sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice)))
@@ -47,7 +45,16 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     if not sources:
         return Constraint(None, tool_mode, tools)
     param, build = sources[0]
-    return Constraint(_check(param, build, ll_tokenizer), tool_mode, tools, param)
+    try:
+        grammar = _check(param, build, ll_tokenizer)
+    except APIError:
+        if param == "tool_choice":  # name the tool whose schema cannot constrain a call, if one alone cannot
+            for i, tool in enumerate(tools):
+                if tool in _chosen(tools, req.tool_choice):
+                    _check(f"tools.{i}.function.parameters", lambda t=tool: json_schema_grammar(_parameters(t)),
+                           ll_tokenizer)
+        raise
+    return Constraint(grammar, tool_mode, tools, param)
 
 
 def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], object]) -> str:
@@ -86,8 +93,13 @@ def _tools(req) -> tuple[list[Tool], ToolMode]:
     return tools, "forced"
 
 
+def _chosen(tools: list[Tool], choice) -> list[Tool]:
+    """The tools a forced answer may call: all of them ("required"), or the one named."""
+    return tools if choice == "required" else [t for t in tools if t.function.name == choice.function.name]
+
+
 def _tool_call_grammar(tools: list[Tool], choice):
-    chosen = tools if choice == "required" else [t for t in tools if t.function.name == choice.function.name]
+    chosen = _chosen(tools, choice)
 
     def build() -> str:
         return any_of_grammars([json_schema_grammar({

@@ -5,7 +5,8 @@ next round before this one ends, and retires a slot by itself on a stop id or an
 finished user burns no steps while the router catches up. It holds no scheduling policy.
 
 Host-side work for one slot (masking, penalties, sampling) that raises retires that slot alone with
-finish_reason "error"; the other slots and the mesh go on. Nothing here writes in place into a tensor a
+finish_reason "error" ("grammar_error" when llguidance gave up on its grammar); the other slots and the mesh
+go on. Nothing here writes in place into a tensor a
 backend returned: backends may hand out inference-mode tensors, or views of their own buffers.
 """
 from __future__ import annotations
@@ -92,10 +93,15 @@ class MeshRunner:
                           frozenset(chunk.stop_token_ids), self.backend.can_sample(params),
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
         if params.grammar is not None:
+            try:
+                ll_tokenizer = self._ll_tokenizer()
+            except Exception:  # this host's fault, not the request's
+                log.exception("request %s: no grammar tokenizer on this mesh; its slot is retired", chunk.request_id)
+                self._retire(chunk.slot, result, "error")
+                return result
             try:  # resumes after the tokens a recomputed answer already has
-                state.grammar = GrammarState(self._ll_tokenizer(), params.grammar,
-                                             chunk.token_ids[chunk.num_prompt_tokens:])
-            except Exception as exc:
+                state.grammar = GrammarState(ll_tokenizer, params.grammar, chunk.token_ids[chunk.num_prompt_tokens:])
+            except Exception as exc:  # ValueError: llguidance refused the grammar or those tokens
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
                 return result
@@ -188,7 +194,7 @@ class MeshRunner:
                      ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
         """Sample rows [len(states), vocab] on the host. Per row: logit_bias is added; before min_tokens,
         stop ids are masked so they cannot end the answer; a grammar masks every token it forbids. A row
-        whose sampling raises gets None (its slot is retired with "error")."""
+        whose masking or sampling raises gets None (its slot is retired: see _retire)."""
         adjusted = [(row, st) for row, st in enumerate(states) if st.params.logit_bias or st.grammar is not None
                     or (st.banned_early and st.num_generated < st.params.min_tokens)]
         failed: set[int] = set()

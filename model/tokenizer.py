@@ -95,7 +95,7 @@ class Tokenizer:
         self.eos_id: int | None = eos_id
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
-        self._special_id_set = frozenset(self.special_ids.values())
+        self.special_id_set = frozenset(self.special_ids.values())
         alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
         self._special_text = re.compile(f"({alternatives or '(?!)'})")  # (?!): a tokenizer with none
 
@@ -157,7 +157,7 @@ class Tokenizer:
         """Text of `ids`; bytes that do not form whole UTF-8 characters come out as U+FFFD."""
         if self._tiktoken is not None:
             if skip_special:
-                ids = [i for i in ids if i not in self._special_id_set]
+                ids = [i for i in ids if i not in self.special_id_set]
             return self._tiktoken.decode(list(ids))
         return self._hf.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
@@ -296,10 +296,17 @@ class IncrementalDetokenizer:
         held = self._window[self._read:]
         text = self._emit(hold_partial=False)
         if text.endswith("\ufffd"):
-            skipped = set(self.tokenizer.special_ids.values()) if self.skip_special else set()
-            if _ends_mid_character(b"".join(self.tokenizer.token_bytes(t) for t in held if t not in skipped)):
-                text = text[:-1]  # a partial character decodes to one U+FFFD
+            skipped = self.tokenizer.special_id_set if self.skip_special else frozenset()
+            partial = _partial_tail(b"".join(self._bytes(t) for t in held if t not in skipped))
+            # Byte-level BPE decodes a partial character to one U+FFFD, SentencePiece byte fallback to one per byte.
+            text = text[:len(text) - min(partial, len(text) - len(text.rstrip("\ufffd")))]
         return text
+
+    def _bytes(self, token_id: int) -> bytes:
+        try:
+            return self.tokenizer.token_bytes(token_id)
+        except ValueError:  # an id past the tokenizer's vocabulary (a padded logits row): decode skips it too
+            return b""
 
     def _emit(self, hold_partial: bool) -> str:
         emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
@@ -311,11 +318,11 @@ class IncrementalDetokenizer:
         return text[len(emitted):]
 
 
-def _ends_mid_character(data: bytes) -> bool:
-    """`data` ends with the first 1-3 bytes of a UTF-8 character whose other bytes never came."""
+def _partial_tail(data: bytes) -> int:
+    """How many bytes (0-3) at the end of `data` start a UTF-8 character whose other bytes never came."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     decoder.decode(data, final=False)
-    return bool(decoder.getstate()[0])  # the bytes it holds, waiting for the rest of a character
+    return len(decoder.getstate()[0])  # the bytes it holds, waiting for the rest of a character
 
 
 # Code, emoji (multi-codepoint ZWJ sequences too), CJK, numbers, odd whitespace and contractions.

@@ -273,7 +273,8 @@ def test_a_grammar_constrains_its_own_slot_and_survives_a_recompute():
     assert resumed[0] == answer[3:]
 
 
-def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None) -> list[StepResult]:
+def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, grammar_tokenizer=None
+                 ) -> list[StepResult]:
     """Slot 0 constrained by `grammar`, slot 1 free, through a prefill and 3 decode steps (simulated)."""
     from model.embedded import ensure_smollm2
     from model.grammar import ll_tokenizer
@@ -283,7 +284,7 @@ def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None) -> lis
     tok = load_tokenizer(ensure_smollm2())
     backend = SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024,
                                vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
-    runner = MeshRunner(backend, grammar_tokenizer=lambda: ll_tokenizer(tok, tok.vocab_size))
+    runner = MeshRunner(backend, grammar_tokenizer=grammar_tokenizer or (lambda: ll_tokenizer(tok, tok.vocab_size)))
     constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=grammar, logit_bias=logit_bias or {})
     free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     table = np.zeros((2, 16), dtype=np.int32)
@@ -301,7 +302,7 @@ def test_a_grammar_llguidance_gives_up_on_mid_answer_retires_its_slot_alone_as_g
     from model.tokenizer import load_tokenizer
 
     aaaa = load_tokenizer(ensure_smollm2()).encode("aaaa")[0]  # the token whose match exceeds the lexer's limit
-    results = grammar_run(regex_grammar("(a{1000}){1000}"), logit_bias={aaaa: 100.0})
+    results = grammar_run(regex_grammar("(a{1000}){1000}"), logit_bias={aaaa: 100.0})  # (the mask allows only it)
     assert results[0].finished == {0: "grammar_error"} and results[0].tokens[0] == NO_TOKEN
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
@@ -314,6 +315,16 @@ def test_a_grammar_mask_that_raises_fails_its_request_not_the_step(monkeypatch):
     monkeypatch.setattr(GrammarState, "disallowed", broken)
     results = grammar_run(regex_grammar("[a-z]+"))
     assert results[0].finished == {0: "error"}  # not the client's grammar: a 500 for it alone
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+
+
+def test_a_mesh_whose_grammar_tokenizer_fails_reports_its_own_error_not_the_clients():
+    from model.grammar import regex_grammar
+
+    def unusable():
+        raise ValueError("Only fast tokenizers are supported")  # what llguidance.hf.from_tokenizer raises
+    results = grammar_run(regex_grammar("[a-z]+"), grammar_tokenizer=unusable)
+    assert results[0].finished == {0: "error"}  # a 500: not blamed on the client's grammar
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
 

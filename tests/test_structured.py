@@ -75,13 +75,23 @@ def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt,
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     *[({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
-        **choice}, "tools.1.function.parameters")  # the tool at fault, whether or not a call is forced
-      for choice in ({"tool_choice": "required"}, {"tool_choice": "auto"}, {}, {"tool_choice": "none"})],
+        "tool_choice": choice}, "tools.1.function.parameters")  # a forced call: the tool at fault is named
+      for choice in ("required", {"type": "function", "function": {"name": "f"}})],
 ])
 def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, fields, param):
     with pytest.raises(APIError) as caught:
         constraint_for(chat(**fields), lambda: llt)
     assert caught.value.status == 400 and caught.value.info.param == param
+
+
+@pytest.mark.parametrize("tool_choice", [None, "auto", "none"])
+def test_a_tool_schema_that_constrains_nothing_is_not_compiled(llt, tool_choice):
+    """Without a forced call, schemas only go into the prompt (as vLLM): keywords llguidance lacks (pydantic's
+    uniqueItems for a set) or even a bad type do not refuse the request."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}},
+             {"type": "function", "function": {"name": "g", "parameters": {"type": "nope"}}}]
+    assert constraint_for(chat(tools=tools, tool_choice=tool_choice), lambda: llt).grammar is None
 
 
 def test_tool_modes(llt):

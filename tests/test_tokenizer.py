@@ -186,9 +186,30 @@ def test_detokenizer_holds_back_split_characters(tokenizers, name):
         text = "".join(detok.step([i]) for i in ids[:cut]) + detok.flush()
         assert text == tok.decode(ids[:cut])[:-1] and "\ufffd" not in text
     # ... also when a skipped special token came after the partial bytes (an answer with ignore_eos).
+    first_cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
     detok = IncrementalDetokenizer(tok)
-    text = "".join(detok.step([i]) for i in [*ids[:cut], tok.eos_id]) + detok.flush()
-    assert "\ufffd" not in text
+    text = "".join(detok.step([i]) for i in [*ids[:first_cut], tok.eos_id]) + detok.flush()
+    assert text == tok.decode(ids[:first_cut])[:-1]
+
+
+def test_a_cut_character_is_dropped_whole_with_sentencepiece_byte_fallback(tmp_path):
+    """Byte fallback decodes each byte of a partial character to its own U+FFFD: all of them go."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)},
+             "h": 259, "i": 260, "▁": 261}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("hi 😀")
+    assert tok.decode(ids[:-1]) == "hi \ufffd\ufffd\ufffd"  # three bytes of four, one U+FFFD each
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.step([i]) for i in ids[:-1]) + detok.flush() == "hi "
 
 
 @pytest.mark.parametrize("name", ["meta", "hf", "smol"])
