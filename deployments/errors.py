@@ -45,7 +45,8 @@ def as_api_error(exc: BaseException, prompt_field: str) -> APIError | None:
     if isinstance(cause, APIError):
         return cause
     if isinstance(cause, QueueFull):
-        return APIError(429, f"The server is at capacity: {cause}", "rate_limit_error", code="queue_full")
+        return APIError(429, f"The server is at capacity: {cause}", "rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(cause, PromptTooLong):
         return APIError(400, str(cause), param=prompt_field, code="context_length_exceeded")
     if isinstance(cause, NoMeshAvailable):

@@ -276,6 +276,7 @@ class OpenAIServer:
                             params.include_stop_str_in_output, params.stop_token_ids)
         cached = 0
         reason: str | None = None
+        ended = "abort"  # how a request that does not finish is counted: "error" when the mesh failed it
         rid, attempt = request_id, 0
         try:
             while True:
@@ -284,6 +285,8 @@ class OpenAIServer:
                         timer.on_event(event)
                         cached = event.num_cached_tokens or cached
                         failed = event.finish_reason in ("error", "grammar_error")
+                        if failed:
+                            ended = "error"
                         text, starts, taken, stopped = answer.feed(event.token_ids, event.finish_reason is not None
                                                                    and not failed, event.finish_reason == "stop")
                         if stopped:
@@ -319,7 +322,7 @@ class OpenAIServer:
                     rid = f"{request_id}-retry{attempt}"
         finally:
             if reason is None:  # the client went away, or the request failed: free the slot now
-                timer.finish("abort")
+                timer.finish(ended)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.router.cancel(rid, "abort"))
 

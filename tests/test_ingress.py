@@ -343,7 +343,9 @@ def test_unknown_model_is_404(client):
 @pytest.mark.parametrize("stream", [False, True])
 def test_queue_full_is_429(client, router, stream):
     router.refuse = QueueFull("waiting queue is full")
-    assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": stream}), 429)
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+    assert_error(r, 429)
+    assert int(r.headers["retry-after"]) > 0  # OpenAI's clients wait this long before they retry
 
 
 @pytest.mark.parametrize("refusal, status", [
@@ -393,6 +395,7 @@ def test_a_request_the_mesh_failed_is_a_500_for_it_alone(client, router):
     router.fail_with_error_after = 2
     error = assert_error(client.post("/v1/completions", json=COMPLETION), 500)
     assert "failed on this request" in error["message"]
+    assert 'meshserve_requests_total{finish_reason="error"} 1.0' in client.get("/metrics").text  # not "abort"
     router.fail_with_error_after = None
     assert client.post("/v1/completions", json=COMPLETION).status_code == 200
 
