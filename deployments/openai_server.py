@@ -300,10 +300,10 @@ class OpenAIServer:
                             stop_reason = answer.stop_reason(self.tokenizer.eos_id) if reason == "stop" else None
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
                                               cached, stop_reason)
-                        if failed and not stopped and event.finish_reason == "grammar_error":  # the client's grammar
-                            param = prep.constraint_param
-                            raise APIError(400, f"{param}: {event.error}; a simpler one may work", param=param)
                         if failed and not stopped:
+                            if event.finish_reason == "grammar_error":  # llguidance gave up on the client's grammar
+                                param = prep.constraint_param
+                                raise APIError(400, f"{param}: {event.error}; a simpler one may work", param=param)
                             raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         if reason is not None:
                             return

@@ -49,8 +49,9 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
         grammar = _check(param, build, ll_tokenizer)
     except APIError:
         if param == "tool_choice":  # name the tool whose schema cannot constrain a call, if one alone cannot
+            chosen = _chosen(tools, req.tool_choice)
             for i, tool in enumerate(tools):
-                if tool in _chosen(tools, req.tool_choice):
+                if tool in chosen:
                     _check(f"tools.{i}.function.parameters", lambda t=tool: json_schema_grammar(_parameters(t)),
                            ll_tokenizer)
         raise

@@ -6,8 +6,8 @@ finished user burns no steps while the router catches up. It holds no scheduling
 
 Host-side work for one slot (masking, penalties, sampling) that raises retires that slot alone with
 finish_reason "error" ("grammar_error" when llguidance gave up on its grammar); the other slots and the mesh
-go on. Nothing here writes in place into a tensor a
-backend returned: backends may hand out inference-mode tensors, or views of their own buffers.
+go on. Nothing here writes in place into a tensor a backend returned: backends may hand out inference-mode
+tensors, or views of their own buffers.
 """
 from __future__ import annotations
 

@@ -299,7 +299,8 @@ class IncrementalDetokenizer:
             skipped = self.tokenizer.special_id_set if self.skip_special else frozenset()
             partial = _partial_tail(b"".join(self._bytes(t) for t in held if t not in skipped))
             # Byte-level BPE decodes a partial character to one U+FFFD, SentencePiece byte fallback to one per byte.
-            text = text[:len(text) - min(partial, len(text) - len(text.rstrip("\ufffd")))]
+            replaced = len(text) - len(text.rstrip("\ufffd"))
+            text = text[:len(text) - min(partial, replaced)]
         return text
 
     def _bytes(self, token_id: int) -> bytes:
