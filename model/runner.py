@@ -198,8 +198,9 @@ class MeshRunner:
         adjusted = [(row, st) for row, st in enumerate(states) if st.params.logit_bias or st.grammar is not None
                     or (st.banned_early and st.num_generated < st.params.min_tokens)]
         failed: set[int] = set()
+        raw = None
         if adjusted:
-            logits = logits.float().clone()  # ours to change: the backend's tensor stays as it was
+            raw, logits = logits, logits.float().clone()  # ours to change; logprobs come from the raw rows
             for row, st in adjusted:
                 try:
                     self._adjust(logits[row], st)
@@ -207,12 +208,13 @@ class MeshRunner:
                     log.exception("constraining request %s failed; its slot is retired", st.request_id)
                     failed.add(row)
         try:
-            tokens, logprobs = self._sample(logits, states)
+            tokens, logprobs = self._sample(logits, states, raw)
         except Exception:  # find the rows at fault; the others are sampled again, one by one
             tokens, logprobs = [], []
             for row, st in enumerate(states):
                 try:
-                    (token,), (lp,) = self._sample(logits[row:row + 1], [st])
+                    (token,), (lp,) = self._sample(logits[row:row + 1], [st],
+                                                   None if raw is None else raw[row:row + 1])
                 except Exception:
                     log.exception("sampling failed for request %s; its slot is retired", st.request_id)
                     token, lp = None, None
@@ -235,11 +237,13 @@ class MeshRunner:
             row.masked_fill_(torch.from_numpy(st.grammar.disallowed()[:vocab]), float("-inf"))
 
     @staticmethod
-    def _sample(logits: torch.Tensor, states: list[SlotState]) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def _sample(logits: torch.Tensor, states: list[SlotState], raw: torch.Tensor | None = None
+                ) -> tuple[list[int], list[TokenLogprobs | None]]:
         penalties = any(st.params.needs_penalties for st in states)
         return sample_batch(logits, [st.params for st in states], [len(st.token_ids) for st in states],
                             prompts=[st.token_ids[:st.num_prompt_tokens] for st in states] if penalties else None,
-                            outputs=[st.token_ids[st.num_prompt_tokens:] for st in states] if penalties else None)
+                            outputs=[st.token_ids[st.num_prompt_tokens:] for st in states] if penalties else None,
+                            raw=raw)
 
     def _retire(self, slot: int, result: StepResult, reason: str) -> None:
         """The slot's request fails alone: "grammar_error" when llguidance gave up on its grammar (the client's

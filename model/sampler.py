@@ -45,8 +45,13 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
-               prompt_ids=(), output_ids=()) -> tuple[int, TokenLogprobs | None]:
-    """Sample one token from one row of logits [vocab]. `position` is the new token's position."""
+               prompt_ids=(), output_ids=(), raw: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
+    """Sample one token from one row of logits [vocab]. `position` is the new token's position.
+
+    Logprobs are the model's own distribution: `raw` [vocab] (the row before logit_bias and grammar or
+    min_tokens masks; default `logits`), before penalties, temperature and top-k/top-p, as vLLM reports them by
+    default (logprobs_mode "raw_logprobs"). So a guided choice's logprob is the model's confidence in it, not 0."""
+    raw = logits if raw is None else raw
     logits = logits.float()
     if params.needs_penalties:
         logits = apply_penalties(logits, params, prompt_ids, output_ids)
@@ -62,8 +67,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
         token = int(torch.argmax(probs / noise))  # Gumbel-style race: an exact draw from probs
     lp = None
     if params.logprobs is not None:
-        # A token a grammar or a -100 bias rules out has logprob -inf, which JSON cannot carry: vLLM's floor.
-        logp = logits.log_softmax(-1).clamp(min=MIN_LOGPROB)
+        # A backend's -inf logit has logprob -inf, which JSON cannot carry: vLLM's floor.
+        logp = raw.float().log_softmax(-1).clamp(min=MIN_LOGPROB)
         top = torch.topk(logp, params.logprobs) if params.logprobs else None
         lp = TokenLogprobs(token, float(logp[token]),
                            [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
@@ -71,8 +76,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                 prompts=None, outputs=None) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Sample each row with its own parameters. Greedy rows without extras take one batched argmax."""
+                 prompts=None, outputs=None, raw: torch.Tensor | None = None
+                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Sample each row with its own parameters. Greedy rows without extras take one batched argmax. `raw`
+    [rows, vocab]: the logits before bias and masks, for logprobs (sample_row); default `logits`."""
     tokens: list[int] = [0] * len(params)
     logprobs: list[TokenLogprobs | None] = [None] * len(params)
     simple = [i for i, p in enumerate(params) if p.greedy and not p.needs_penalties and p.logprobs is None]
@@ -84,6 +91,6 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: 
     for i, p in enumerate(params):
         if i in simple_set:
             continue
-        tokens[i], logprobs[i] = sample_row(logits[i], p, positions[i],
-                                            prompts[i] if prompts else (), outputs[i] if outputs else ())
+        tokens[i], logprobs[i] = sample_row(logits[i], p, positions[i], prompts[i] if prompts else (),
+                                            outputs[i] if outputs else (), None if raw is None else raw[i])
     return tokens, logprobs

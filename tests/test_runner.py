@@ -1,5 +1,6 @@
 """MeshRunner: the mesh side of the work protocol, on a tiny deterministic logits backend."""
 import numpy as np
+import pytest
 import torch
 
 from model.backend import Backend, Capabilities
@@ -326,6 +327,19 @@ def test_a_mesh_whose_grammar_tokenizer_fails_reports_its_own_error_not_the_clie
     results = grammar_run(regex_grammar("[a-z]+"), grammar_tokenizer=unusable)
     assert results[0].finished == {0: "error"}  # a 500: not blamed on the client's grammar
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+
+
+def test_logprobs_of_a_biased_or_constrained_row_are_the_models_own():
+    """logit_bias forces token 11: it is sampled, and its logprob is what the model gave it (~-20), not ~0."""
+    runner = MeshRunner(CountingBackend())
+    natural = expected_tokens([3], 1)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=1, logit_bias={11: 100.0}, logprobs=1)
+    (result,) = run(runner, MeshWork(0, [PrefillChunk("f", 0, [3], 0, [0], params, 1)]))
+    raw = CountingBackend()._logits(3, 0).log_softmax(-1)
+    lp = result.logprobs[0]
+    assert (result.tokens[0], lp.token_id) == (11, 11) and lp.logprob < -19
+    assert lp.logprob == pytest.approx(float(raw[11]))
+    assert lp.top == [(natural, pytest.approx(float(raw[natural])))]
 
 
 def test_logit_bias_forces_and_bans_on_the_host_path():

@@ -131,8 +131,23 @@ def test_stop_fields_normalise():
         params.temperature = 0.5  # frozen: shared between the router and the mesh
 
 
-def test_logprobs_of_tokens_a_grammar_rules_out_are_finite():
-    """A masked token's logprob is -inf, which JSON cannot carry (a 500 once): it is floored as vLLM does."""
+def test_logprobs_are_the_raw_distribution_whatever_picks_the_token():
+    """vLLM's default logprobs_mode (raw_logprobs): penalties, temperature and top-k leave logprobs alone, and
+    a row masked or biased before sampling (`raw` its logits before) reports the model's own logprobs."""
+    logp = LOGITS.log_softmax(-1)
+    params = SamplingParams(temperature=5.0, top_k=2, seed=1, presence_penalty=2.0, repetition_penalty=1.5, logprobs=2)
+    token, lp = sample_row(LOGITS, params, 0, prompt_ids=[1], output_ids=[2])
+    assert lp.logprob == pytest.approx(float(logp[token]))
+    assert lp.top == [(t, pytest.approx(float(logp[t]))) for t in (1, 2)]
+    forced = torch.full_like(LOGITS, float("-inf"))
+    forced[5] = 0.0  # e.g. a grammar that allows token 5 alone
+    token, lp = sample_row(forced, SamplingParams(temperature=0.0, logprobs=1), 0, raw=LOGITS)
+    assert (token, lp.logprob) == (5, pytest.approx(float(logp[5])))
+    assert lp.top == [(1, pytest.approx(float(logp[1])))]
+
+
+def test_logprobs_of_a_backends_minus_infinity_are_finite():
+    """A -inf logit's logprob is -inf, which JSON cannot carry (a 500 once): it is floored as vLLM does."""
     masked = LOGITS.clone()
     masked[1:] = float("-inf")
     token, lp = sample_row(masked, SamplingParams(temperature=0.0, logprobs=3), 0)
