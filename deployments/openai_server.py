@@ -217,6 +217,8 @@ class OpenAIServer:
         if constraint is None:
             constraint = await self.constraint(req)
         prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
+        if req.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens
+            prompt_ids = prompt_ids[-(limit if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens):]
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
@@ -271,9 +273,10 @@ class OpenAIServer:
         (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
         prompt_ids = prep.prompt_ids
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
-        offsets = TokenOffsets(self.tokenizer, self.special_ids) if params.logprobs is not None else None
+        skipped = self.special_ids if params.skip_special_tokens else frozenset()
+        offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
         answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets,
-                            params.include_stop_str_in_output, params.stop_token_ids)
+                            params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens)
         cached = 0
         reason: str | None = None
         ended = "abort"  # how a request that does not finish is counted: "error" when the mesh failed it

@@ -87,6 +87,7 @@ class _GenerationRequest(_Request):
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 disables top-k")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: drop tokens less likely than min_p x the likeliest
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False  # vLLM's
@@ -96,6 +97,11 @@ class _GenerationRequest(_Request):
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text (e.g. <|im_end|>) in the answer
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the prompt's last k tokens (-1: the context)
+    prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
+    use_beam_search: Literal[False] = False  # vLLM's beam search is not implemented
+    length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
     user: Text | None = None  # accepted; the end user's id is not used
     # vLLM's: requests reuse cached prefixes only with the same salt (with API keys, within one key's tenant)
@@ -122,6 +128,20 @@ class _GenerationRequest(_Request):
             _check_unicode(stop)
         return v
 
+    @field_validator("length_penalty")
+    @classmethod
+    def _beam_search_only(cls, v):
+        if v != 1.0:
+            raise ValueError("length_penalty applies to beam search, which is not implemented")
+        return v
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _positive_or_context(cls, v):
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be at least 1 (or -1: the model's context length)")
+        return v
+
     @field_validator("stream_options")
     @classmethod
     def _options_need_stream(cls, v, info: ValidationInfo):
@@ -141,7 +161,8 @@ class _GenerationRequest(_Request):
 
     @property
     def continuous_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+        """Usage on every chunk: vLLM's continuous_usage_stats, which (as in vLLM) needs include_usage."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -162,13 +183,13 @@ class _GenerationRequest(_Request):
         `stop_token_ids` adds the tokenizer's end-of-turn ids unless ignore_eos."""
         extra = () if self.ignore_eos else stop_token_ids
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), seed=self.seed,
+            temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p, seed=self.seed,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop_strings,
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=self.num_logprobs)
+            logprobs=self.num_logprobs, skip_special_tokens=self.skip_special_tokens)
 
 
 class JsonSchemaFormat(_Request):
@@ -269,6 +290,11 @@ class ChatCompletionRequest(_GenerationRequest):
     web_search_options: Unsupported | None = None
     functions: Unsupported | None = None  # legacy function calling: tools replaced it
     function_call: Unsupported | None = None
+    reasoning_effort: Unsupported | None = None  # for reasoning models (OpenAI refuses it for others too)
+    verbosity: Unsupported | None = None
+    store: Literal[False] = False  # nothing is stored
+    chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
+    echo: Literal[False] = False  # vLLM's chat echo (the last message prepended) is not implemented
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True

@@ -71,8 +71,9 @@ class ChoiceText:
     until its next flush); nothing after a stop is kept. `output` holds the tokens taken so far."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], min_tokens: int,
-                 offsets: TokenOffsets | None, include_stop: bool = False, stop_token_ids: tuple[int, ...] = ()):
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+                 offsets: TokenOffsets | None, include_stop: bool = False, stop_token_ids: tuple[int, ...] = (),
+                 skip_special: bool = True):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special)
         self.stops = StopStrings(stop, include_stop)
         self.min_tokens = min_tokens
         self.offsets = offsets

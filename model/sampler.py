@@ -32,6 +32,15 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, ou
     return logits
 
 
+def _filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p x the likeliest's (after temperature, before top-k/top-p,
+    as vLLM's v1 sampler orders them)."""
+    if not min_p:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -58,7 +67,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
-        scaled = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+        scaled = _filter_top_k_top_p(_filter_min_p(logits / params.temperature, params.min_p), params.top_k,
+                                     params.top_p)
         probs = scaled.softmax(-1)
         gen = _seeded_generator(params.seed, position) if params.seed is not None else None
         # Noise is drawn on the CPU whatever the logits' device: the same (seed, position) gives the same

@@ -22,6 +22,7 @@ class SamplingParams(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 (or -1 at the API) disables top-k")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: tokens below min_p x the top probability are dropped
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_tokens: int = Field(256, ge=1)
     min_tokens: int = Field(0, ge=0)
@@ -35,6 +36,7 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # Added to the token's logit before sampling (OpenAI's logit_bias: -100 bans, +100 forces).
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    skip_special_tokens: bool = True  # the answer's text leaves special tokens out (the ingress's detokenizer)
     # Constrained decoding: an llguidance grammar (model/grammar.py) the answer must match; None: free text.
     grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
 

@@ -10,10 +10,11 @@ from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, assert_e
 # Every optional request field, sent as null: each must mean that field's default.
 SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
-                "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output"]
+                "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output", "min_p", "skip_special_tokens",
+                "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty"]
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
-              "continue_final_message"]
+              "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo"]
 COMPLETION_NULLS = ["logprobs", "echo", "suffix", "best_of"]
 
 
@@ -56,6 +57,15 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"continue_final_message": True}, "continue_final_message"),
     ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", COMPLETION, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", COMPLETION, {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", COMPLETION, {"use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", CHAT, {"length_penalty": 0.5}, "length_penalty"),
+    ("/v1/completions", COMPLETION, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/chat/completions", CHAT, {"reasoning_effort": "low"}, "reasoning_effort"),
+    ("/v1/chat/completions", CHAT, {"verbosity": "low"}, "verbosity"),
+    ("/v1/chat/completions", CHAT, {"store": True}, "store"),
+    ("/v1/chat/completions", CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
+    ("/v1/chat/completions", CHAT, {"echo": True}, "echo"),
 ])
 def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, router, path, base, patch, param):
     assert_error(client.post(path, json={**base, **patch}), 400, param=param)
@@ -192,3 +202,42 @@ def test_nan_or_infinite_numbers_are_refused_as_such(client):
 def test_a_body_that_is_no_json_object_is_told_so(client, path, content, headers):
     error = assert_error(client.post(path, content=content, headers=headers), 400)
     assert "JSON object" in error["message"] or "not valid JSON" in error["message"], error
+
+
+def test_vllm_sampling_extras_reach_the_sampler(client, router):
+    client.post("/v1/completions", json={**COMPLETION, "min_p": 0.25, "skip_special_tokens": False})
+    ((_, params, _),) = router.requests.values()
+    assert (params.min_p, params.skip_special_tokens) == (0.25, False)
+
+
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, router, tokenizer, path, base):
+    """vLLM's truncate_prompt_tokens: the prompt's last k token ids (left truncation); -1: the context length."""
+    full = client.post(path, json=base).json()["usage"]["prompt_tokens"]
+    cut = client.post(path, json={**base, "truncate_prompt_tokens": 3}).json()["usage"]["prompt_tokens"]
+    first, second = router.requests.values()
+    assert (cut, second[0]) == (3, first[0][-3:]) and full > 3
+    assert client.post(path, json={**base, "truncate_prompt_tokens": -1}).json()["usage"]["prompt_tokens"] == full
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_skip_special_tokens_false_keeps_their_text(client, router, tokenizer, eos, stream):
+    """vLLM's skip_special_tokens (default true): false puts a special token's text (<|im_end|>) in the answer."""
+    end = eos
+    router.answer = tokenizer.encode("Hi") + [end] + tokenizer.encode(" there")
+    for skip, expected in ((True, "Hi there"), (False, f"Hi{tokenizer.decode([end])} there")):
+        r = client.post("/v1/completions", json={**COMPLETION, "ignore_eos": True, "skip_special_tokens": skip,
+                                                 "stream": stream, "logprobs": 0})
+        chunks = sse(r) if stream else [r.json()]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        assert "".join(c["text"] for c in choices) == expected
+        offsets = [o for c in choices if c["logprobs"] for o in c["logprobs"]["text_offset"]]
+        assert offsets[-1] == len(expected) - len(" there")  # the offsets count the special token's text too
+
+
+def test_continuous_usage_stats_needs_include_usage_as_in_vllm(client):
+    for options, usage in (({"continuous_usage_stats": True}, False),
+                           ({"continuous_usage_stats": True, "include_usage": True}, True)):
+        chunks = sse(client.post("/v1/completions", json={**COMPLETION, "stream": True, "stream_options": options}))
+        token_chunks = [c for c in chunks if c["choices"]]
+        assert all((c.get("usage") is not None) == usage for c in token_chunks), options

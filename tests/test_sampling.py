@@ -153,3 +153,14 @@ def test_logprobs_of_a_backends_minus_infinity_are_finite():
     token, lp = sample_row(masked, SamplingParams(temperature=0.0, logprobs=3), 0)
     assert token == 0 and lp.logprob == 0.0
     assert all(-10_000 < value <= 0 for _, value in lp.top)
+
+
+def test_min_p_drops_tokens_less_likely_than_min_p_times_the_top_one():
+    """vLLM's min_p, on the temperature-scaled distribution: at min_p 0.3 only tokens with probability >= 0.3 x
+    the likeliest's are ever drawn; without it, less likely ones are drawn too."""
+    probs = (LOGITS / 2.0).softmax(-1)
+    allowed = {t for t in range(len(probs)) if probs[t] >= 0.3 * probs.max()}
+    drawn = {sample_row(LOGITS, SamplingParams(temperature=2.0, min_p=0.3, seed=s), 0)[0] for s in range(300)}
+    free = {sample_row(LOGITS, SamplingParams(temperature=2.0, seed=s), 0)[0] for s in range(300)}
+    assert drawn <= allowed and len(allowed) >= 2 and len(drawn) >= 2
+    assert free - allowed
