@@ -7,6 +7,7 @@ logic is in `deployments/openai_server.py`, streaming helpers in `streaming.py`,
 """
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import time
 from typing import Annotated, TypeVar
@@ -69,6 +70,11 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return ModelList(data=[ModelCard(id=served_model_name, created=created,
                                          max_model_len=await server.model_len())]).model_dump()
 
+    @v1.get("/models/{model:path}")
+    async def model(model: str):
+        server.check_model(model)
+        return ModelCard(id=served_model_name, created=created, max_model_len=await server.model_len()).model_dump()
+
     app.include_router(v1)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
     tok = APIRouter(dependencies=keyed)
@@ -94,6 +100,10 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     app.include_router(tok)
 
+    @app.get("/version")  # vLLM's
+    async def version():
+        return {"version": importlib.metadata.version("meshserve")}
+
     @app.get("/health")
     async def health():
         if not (await server.stats())["ready"]:
@@ -118,7 +128,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException):
-        return APIError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+        return APIError(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):

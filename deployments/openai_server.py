@@ -189,7 +189,7 @@ class OpenAIServer:
         if isinstance(req, ChatCompletionRequest):
             chars = chat_chars(req)
             check_prompt_chars(chars, limit, "messages")
-            tools = constraint.tools if constraint.tool_mode != "none" else None
+            tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do
             args = (self.encode_messages, req.messages, req.add_generation_prompt, tools)
             # a tool list is always templated off the loop
             ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args))
@@ -300,7 +300,7 @@ class OpenAIServer:
                         if reason is not None:
                             timer.finish(reason)
                         if not failed or text:
-                            stop_reason = answer.stop_reason(self.tokenizer.eos_id) if reason == "stop" else None
+                            stop_reason = answer.stop_reason(None if params.ignore_eos else self.tokenizer.eos_id) if reason == "stop" else None
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
                                               cached, stop_reason)
                         if failed and not stopped:
@@ -394,7 +394,7 @@ class OpenAIServer:
                          if prep.tool_mode != "none" else None)
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
-                reason = "tool_calls" if calls and t.finish_reason == "stop" else t.finish_reason
+                reason = _finish_reason(t.finish_reason, calls, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
@@ -441,7 +441,7 @@ class OpenAIServer:
                     content, parsed = tool_streams[d.index].feed(d.text, d.finish_reason is not None)
                     if parsed:
                         calls = [DeltaToolCall(index=k, **_tool_call(c).model_dump()) for k, c in enumerate(parsed)]
-                        reason = "tool_calls" if reason == "stop" else reason
+                        reason = _finish_reason(reason, calls, req)
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
                                        finish_reason=reason, stop_reason=d.stop_reason,
@@ -475,8 +475,11 @@ class OpenAIServer:
                 if templated and d.text and d.finish_reason is None and not echo[d.index]:
                     yield text_chunk(d)
                 elif d.text or d.finish_reason or d.logprobs or echo[d.index]:
-                    yield chunk([choice(d)], self._usage(prompt_tokens, sum(generated), sum(cached))
-                                if req.continuous_usage else None)
+                    c = choice(d)
+                    if not (chat and c.delta.content == "" and c == ChatChunkChoice(index=d.index, delta=c.delta)):
+                        # (a tool call's text is held back: no chunk per token that carries nothing)
+                        yield chunk([c], self._usage(prompt_tokens, sum(generated), sum(cached))
+                                    if req.continuous_usage else None)
                 d = await anext(stream, None)
             if req.include_usage:
                 yield chunk([], self._usage(prompt_tokens, sum(generated), sum(cached)))
@@ -520,3 +523,10 @@ class OpenAIServer:
 
 def _tool_call(call: ParsedCall) -> ResponseToolCall:
     return ResponseToolCall(id=call_id(), function={"name": call.name, "arguments": call.arguments})
+
+
+def _finish_reason(reason: str | None, calls: list | None, req: ChatCompletionRequest) -> str | None:
+    """"tool_calls" when the answer ended as calls, except for a named tool_choice: OpenAI and vLLM say "stop"
+    there (the call was asked for, not chosen)."""
+    named = req.tool_choice is not None and not isinstance(req.tool_choice, str)
+    return "tool_calls" if calls and reason == "stop" and not named else reason

@@ -11,7 +11,7 @@ import time
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator,
-                      model_validator)
+                      model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
@@ -88,7 +88,7 @@ class _GenerationRequest(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 disables top-k")
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: drop tokens less likely than min_p x the likeliest
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # any 64-bit seed (vLLM: int64; OpenAI: any integer)
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False  # vLLM's
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # the ingress checks the range
@@ -183,7 +183,8 @@ class _GenerationRequest(_Request):
         `stop_token_ids` adds the tokenizer's end-of-turn ids unless ignore_eos."""
         extra = () if self.ignore_eos else stop_token_ids
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p, seed=self.seed,
+            temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
+            seed=None if self.seed is None else self.seed % 2**63,  # the sampler's range: the same seed, the same draws
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop_strings,
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),
@@ -482,6 +483,11 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        """Only what the delta carries (`{"content": "x"}`, not `"role": null`), as OpenAI's and vLLM's chunks."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

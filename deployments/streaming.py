@@ -111,9 +111,10 @@ class ChoiceText:
 
     def stop_reason(self, eos_id: int | None) -> str | int | None:
         """vLLM's `stop_reason` of an answer that ended with finish_reason "stop": the stop string that
-        ended it, else the stop token id it ended on, except the tokenizer's own EOS (None; vLLM's
-        v1 engine/detokenizer and SamplingParams.stop_token_ids, which also takes generation_config's
-        extra EOS ids, so Llama 3's <|eot_id|> comes back as 128009)."""
+        ended it, else the stop token id it ended on, except `eos_id` (None; vLLM's v1 engine/detokenizer
+        and SamplingParams.stop_token_ids, which also takes generation_config's extra EOS ids, so Llama 3's
+        <|eot_id|> comes back as 128009). The caller passes eos_id None under ignore_eos: the EOS then ends
+        an answer only as a stop_token_ids entry, and vLLM reports it."""
         if self.stops.matched is not None:
             return self.stops.matched
         return self.stop_token if self.stop_token != eos_id else None

@@ -167,7 +167,7 @@ def test_models(client, monkeypatch):
     ({"top_p": 0}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"n": 0}, "n"),
-    ({"seed": -1}, "seed"),
+    ({"seed": -2**63 - 1}, "seed"),
     ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"repetition_penalty": 1e-40}, "repetition_penalty"),  # logits / 1e-40 overflow to inf: NaN logprobs
@@ -225,7 +225,7 @@ OUT_OF_BOUNDS = [
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ({"min_tokens": 10**12}, "min_tokens"),  # no max_tokens: bounded by the room left in the context
     ({"n": MAX_N + 1}, "n"),
-    ({"seed": 2**63}, "seed"),
+    ({"seed": 2**64}, "seed"),
     ({"temperature": 101}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
@@ -570,15 +570,27 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(client, router, to
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     (call,) = choice["message"]["tool_calls"]
-    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    finish = "stop" if isinstance(tool_choice, dict) else "tool_calls"  # a named call was asked for: OpenAI, vLLM
+    assert choice["finish_reason"] == finish and choice["message"]["content"] is None
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
     (_, params, _), = list(router.requests.values())[-1:]
     assert (params.grammar is not None) == (tool_choice is not None)  # forced calls are constrained
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
     deltas = [c["choices"][0] for c in chunks if c["choices"]]
     calls = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []]
-    assert [tc["function"]["name"] for tc in calls] == ["get_weather"] and deltas[-1]["finish_reason"] == "tool_calls"
+    assert [tc["function"]["name"] for tc in calls] == ["get_weather"] and deltas[-1]["finish_reason"] == finish
     assert "".join(d["delta"].get("content") or "" for d in deltas) == ""
+    assert len(deltas) <= 3  # the role, the call, the finish: no chunk per held-back token
+
+
+def test_tool_choice_none_still_offers_the_tools_in_the_prompt(client, router):
+    """OpenAI and vLLM (by default) keep the tools in the prompt with tool_choice "none"; only the answer is
+    never read as calls."""
+    for choice in ("auto", "none"):
+        client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL], "tool_choice": choice})
+    plain = client.post("/v1/chat/completions", json=CHAT).json()["usage"]["prompt_tokens"]
+    (auto, _, _), (none, _, _), _ = router.requests.values()
+    assert auto == none and len(none) > plain
 
 
 @pytest.mark.parametrize("parallel", [None, True, False])

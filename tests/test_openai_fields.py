@@ -148,10 +148,11 @@ def test_completion_top_logprobs_hold_the_chosen_token_even_when_it_is_not_among
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
-def test_stop_reason_names_the_stop_string_or_token_that_ended_the_answer(client, tokenizer, path, base, stream):
+def test_stop_reason_names_the_stop_string_or_token_that_ended_the_answer(client, tokenizer, eos, path, base, stream):
     ids = tokenizer.encode(ANSWER)
     i = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
     cases = [({}, "stop", None),  # the tokenizer's EOS: None, as in vLLM
+             ({"ignore_eos": True, "stop_token_ids": [eos]}, "stop", eos),  # the EOS as a stop id: vLLM names it
              ({"stop": ["answer is", "world"]}, "stop", "world"),  # the one found first in the text
              ({"stop_token_ids": [ids[i]]}, "stop", ids[i]),
              ({"max_tokens": 2}, "length", None)]
@@ -241,3 +242,35 @@ def test_continuous_usage_stats_needs_include_usage_as_in_vllm(client):
         chunks = sse(client.post("/v1/completions", json={**COMPLETION, "stream": True, "stream_options": options}))
         token_chunks = [c for c in chunks if c["choices"]]
         assert all((c.get("usage") is not None) == usage for c in token_chunks), options
+
+
+def test_a_model_is_retrieved_by_its_id_and_the_version_is_served(client):
+    """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve), and vLLM's GET /version."""
+    name = COMPLETION["model"]
+    card = client.get(f"/v1/models/{name}").json()
+    assert (card["id"], card["object"], card["max_model_len"]) == (name, "model", client.get("/v1/models").json()["data"][0]["max_model_len"])
+    error = assert_error(client.get("/v1/models/gpt-4o"), 404, param="model")
+    assert error["code"] == "model_not_found"
+    assert client.get("/version").json()["version"]
+
+
+def test_a_wrong_method_is_405_with_the_allowed_ones(client):
+    r = client.get("/v1/completions")
+    assert_error(r, 405)
+    assert r.headers["allow"] == "POST"
+
+
+def test_stream_deltas_carry_only_what_they_hold(client):
+    """As OpenAI's and vLLM's chunks: {"role": "assistant", "content": ""} first, then {"content": ...}; no nulls."""
+    deltas = [c["choices"][0]["delta"] for c in sse(client.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+              if c["choices"]]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert all(set(d) == {"content"} for d in deltas[1:-1]) and "".join(d["content"] for d in deltas[1:-1]) == ANSWER
+
+
+def test_any_64_bit_seed_is_taken_and_reproducible(client, router):
+    """vLLM takes int64 seeds, OpenAI any integer: a negative one is a seed like any other."""
+    first, second = (client.post("/v1/completions", json={**COMPLETION, "seed": -5, "temperature": 1.0}) for _ in range(2))
+    assert first.status_code == second.status_code == 200
+    (_, a, _), (_, b, _) = router.requests.values()
+    assert a.seed == b.seed is not None and a.seed >= 0
