@@ -527,6 +527,6 @@ def _tool_call(call: ParsedCall) -> ResponseToolCall:
 
 def _finish_reason(reason: str | None, calls: list | None, req: ChatCompletionRequest) -> str | None:
     """"tool_calls" when the answer ended as calls, except for a named tool_choice: OpenAI and vLLM say "stop"
-    there (the call was asked for, not chosen)."""
+    there (the call was asked for, not chosen; vllm-project/vllm#49496 keeps its frontends so)."""
     named = req.tool_choice is not None and not isinstance(req.tool_choice, str)
     return "tool_calls" if calls and reason == "stop" and not named else reason
