@@ -192,21 +192,28 @@ class MeshRunner:
 
     def _host_sample(self, logits: torch.Tensor, states: list[SlotState]
                      ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
-        """Sample rows [len(states), vocab] on the host. Per row: logit_bias is added; before min_tokens,
-        stop ids are masked so they cannot end the answer; a grammar masks every token it forbids. A row
-        whose masking or sampling raises gets None (its slot is retired: see _retire)."""
-        adjusted = [(row, st) for row, st in enumerate(states) if st.params.logit_bias or st.grammar is not None
-                    or (st.banned_early and st.num_generated < st.params.min_tokens)]
+        """Sample rows [len(states), vocab] on the host. Per row: a grammar masks every token it forbids;
+        logit_bias is added; before min_tokens, stop ids are masked so they cannot end the answer. Logprobs
+        see the grammar's mask but not the rest, as vLLM's default raw_logprobs (its grammar bitmask is applied
+        to the logits before its sampler, bias and min_tokens inside it). A row whose masking or sampling
+        raises gets None (its slot is retired: see _retire)."""
+        constrained = [(row, st) for row, st in enumerate(states) if st.grammar is not None]
+        biased = [(row, st) for row, st in enumerate(states) if st.params.logit_bias
+                  or (st.banned_early and st.num_generated < st.params.min_tokens)]
         failed: set[int] = set()
         raw = None
-        if adjusted:
-            raw, logits = logits, logits.float().clone()  # ours to change; logprobs come from the raw rows
-            for row, st in adjusted:
-                try:
-                    self._adjust(logits[row], st)
-                except Exception:  # e.g. the grammar's mask: that request alone fails, not the step
-                    log.exception("constraining request %s failed; its slot is retired", st.request_id)
-                    failed.add(row)
+        if constrained or biased:
+            logits = logits.float().clone()  # ours to change: the backend's tensor stays as it was
+        for row, st in constrained:
+            try:
+                self._constrain(logits[row], st)
+            except Exception:  # e.g. the grammar's mask: that request alone fails, not the step
+                log.exception("constraining request %s failed; its slot is retired", st.request_id)
+                failed.add(row)
+        if biased:
+            raw, logits = logits, logits.clone()  # logprobs come from the rows before bias and min_tokens
+            for row, st in biased:
+                self._bias(logits[row], st)
         try:
             tokens, logprobs = self._sample(logits, states, raw)
         except Exception:  # find the rows at fault; the others are sampled again, one by one
@@ -225,16 +232,18 @@ class MeshRunner:
         return tokens, logprobs
 
     @staticmethod
-    def _adjust(row: torch.Tensor, st: SlotState) -> None:
-        """Bias and mask one row of logits [vocab] in place."""
-        vocab = row.shape[0]
+    def _constrain(row: torch.Tensor, st: SlotState) -> None:
+        """Mask what the grammar forbids in one row of logits [vocab], in place."""
+        row.masked_fill_(torch.from_numpy(st.grammar.disallowed()[:row.shape[0]]), float("-inf"))
+
+    @staticmethod
+    def _bias(row: torch.Tensor, st: SlotState) -> None:
+        """Add logit_bias to one row of logits [vocab] in place, and mask stop ids before min_tokens."""
         if st.params.logit_bias:
-            ids = [t for t in st.params.logit_bias if t < vocab]
+            ids = [t for t in st.params.logit_bias if t < row.shape[0]]
             row[ids] += torch.tensor([st.params.logit_bias[t] for t in ids])
         if st.banned_early and st.num_generated < st.params.min_tokens:
             row[st.banned_early] = float("-inf")
-        if st.grammar is not None:
-            row.masked_fill_(torch.from_numpy(st.grammar.disallowed()[:vocab]), float("-inf"))
 
     @staticmethod
     def _sample(logits: torch.Tensor, states: list[SlotState], raw: torch.Tensor | None = None

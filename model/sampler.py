@@ -57,9 +57,10 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
                prompt_ids=(), output_ids=(), raw: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
     """Sample one token from one row of logits [vocab]. `position` is the new token's position.
 
-    Logprobs are the model's own distribution: `raw` [vocab] (the row before logit_bias and grammar or
-    min_tokens masks; default `logits`), before penalties, temperature and top-k/top-p, as vLLM reports them by
-    default (logprobs_mode "raw_logprobs"). So a guided choice's logprob is the model's confidence in it, not 0."""
+    Logprobs are the model's own distribution: `raw` [vocab] (the row before logit_bias and the min_tokens
+    mask; default `logits`), before penalties, temperature and top-k/top-p, as vLLM reports them by default
+    (logprobs_mode "raw_logprobs"). A grammar's mask is in `raw`, as vLLM applies it before its sampler: a
+    guided choice's logprobs are the model's, renormalised over what the grammar allows."""
     raw = logits if raw is None else raw
     logits = logits.float()
     if params.needs_penalties:
@@ -89,7 +90,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: 
                  prompts=None, outputs=None, raw: torch.Tensor | None = None
                  ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Sample each row with its own parameters. Greedy rows without extras take one batched argmax. `raw`
-    [rows, vocab]: the logits before bias and masks, for logprobs (sample_row); default `logits`."""
+    [rows, vocab]: the logits before bias and the min_tokens mask, for logprobs (sample_row); default `logits`."""
     tokens: list[int] = [0] * len(params)
     logprobs: list[TokenLogprobs | None] = [None] * len(params)
     simple = [i for i, p in enumerate(params) if p.greedy and not p.needs_penalties and p.logprobs is None]

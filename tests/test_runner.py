@@ -274,8 +274,8 @@ def test_a_grammar_constrains_its_own_slot_and_survives_a_recompute():
     assert resumed[0] == answer[3:]
 
 
-def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, grammar_tokenizer=None
-                 ) -> list[StepResult]:
+def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, grammar_tokenizer=None,
+                logprobs: int | None = None) -> list[StepResult]:
     """Slot 0 constrained by `grammar`, slot 1 free, through a prefill and 3 decode steps (simulated)."""
     from model.embedded import ensure_smollm2
     from model.grammar import ll_tokenizer
@@ -286,7 +286,8 @@ def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, gramma
     backend = SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024,
                                vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
     runner = MeshRunner(backend, grammar_tokenizer=grammar_tokenizer or (lambda: ll_tokenizer(tok, tok.vocab_size)))
-    constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=grammar, logit_bias=logit_bias or {})
+    constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=grammar, logit_bias=logit_bias or {},
+                                 logprobs=logprobs)
     free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     table = np.zeros((2, 16), dtype=np.int32)
     table[1, 0] = 1
@@ -340,6 +341,22 @@ def test_logprobs_of_a_biased_or_constrained_row_are_the_models_own():
     assert (result.tokens[0], lp.token_id) == (11, 11) and lp.logprob < -19
     assert lp.logprob == pytest.approx(float(raw[11]))
     assert lp.top == [(natural, pytest.approx(float(raw[natural])))]
+
+
+def test_logprobs_of_a_guided_row_are_renormalised_over_what_the_grammar_allows():
+    """As vLLM (its grammar bitmask is applied before its sampler): every listed alternative is a token the
+    grammar allows, and their probabilities sum to at most 1 over those alone."""
+    import math
+
+    from model.embedded import ensure_smollm2
+    from model.grammar import choice_grammar
+    from model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_smollm2())
+    results = grammar_run(choice_grammar(["yes", "no"]), logprobs=5)
+    lp = results[0].logprobs[0]
+    assert all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t, _ in lp.top), lp.top
+    assert all(value > -20 for _, value in lp.top) and sum(math.exp(v) for _, v in lp.top) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_logit_bias_forces_and_bans_on_the_host_path():

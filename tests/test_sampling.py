@@ -133,14 +133,14 @@ def test_stop_fields_normalise():
 
 def test_logprobs_are_the_raw_distribution_whatever_picks_the_token():
     """vLLM's default logprobs_mode (raw_logprobs): penalties, temperature and top-k leave logprobs alone, and
-    a row masked or biased before sampling (`raw` its logits before) reports the model's own logprobs."""
+    a row biased before sampling (logit_bias, min_tokens; `raw` its logits before) reports the model's own."""
     logp = LOGITS.log_softmax(-1)
     params = SamplingParams(temperature=5.0, top_k=2, seed=1, presence_penalty=2.0, repetition_penalty=1.5, logprobs=2)
     token, lp = sample_row(LOGITS, params, 0, prompt_ids=[1], output_ids=[2])
     assert lp.logprob == pytest.approx(float(logp[token]))
     assert lp.top == [(t, pytest.approx(float(logp[t]))) for t in (1, 2)]
     forced = torch.full_like(LOGITS, float("-inf"))
-    forced[5] = 0.0  # e.g. a grammar that allows token 5 alone
+    forced[5] = 0.0  # e.g. a +100 logit_bias on token 5
     token, lp = sample_row(forced, SamplingParams(temperature=0.0, logprobs=1), 0, raw=LOGITS)
     assert (token, lp.logprob) == (5, pytest.approx(float(logp[5])))
     assert lp.top == [(1, pytest.approx(float(logp[1])))]
