@@ -37,7 +37,7 @@ serve: $(STAMP) model
 	@echo "meshserve: starting Ray Serve with serve_config.yaml; once http://localhost:8000/health answers 200, the OpenAI endpoint is"
 	@echo "  http://localhost:8000/v1   e.g.:"
 	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
-	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
+	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"temperature\": 0, \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
 	$(SERVE_ENV) $(BIN)/serve run serve_config.yaml
 
 clean:

@@ -65,15 +65,17 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     async def completions(req: CompletionRequest, request: Request):
         return await server.complete(req, await server.prepare_all(req, "cmpl"), salt(request, req.cache_salt))
 
+    async def card() -> ModelCard:
+        return ModelCard(id=served_model_name, created=created, max_model_len=await server.model_len())
+
     @v1.get("/models")
     async def models():
-        return ModelList(data=[ModelCard(id=served_model_name, created=created,
-                                         max_model_len=await server.model_len())]).model_dump()
+        return ModelList(data=[await card()]).model_dump()
 
     @v1.get("/models/{model:path}")
     async def model(model: str):
         server.check_model(model)
-        return ModelCard(id=served_model_name, created=created, max_model_len=await server.model_len()).model_dump()
+        return (await card()).model_dump()
 
     app.include_router(v1)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query

@@ -127,7 +127,6 @@ class OpenAIServer:
         self.model = served_model_name
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
         self.metrics = Metrics()
-        self.special_ids = frozenset(tokenizer.special_ids.values())
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
         self._grammar_tokenizer = None
 
@@ -173,29 +172,34 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                        tools: list[Tool] | None = None) -> list[int]:
+                        tools: list[Tool] | None = None, template_kwargs: dict | None = None) -> list[int]:
         """A chat's prompt ids, by the model's template, with `tools` offered to the model."""
         takes_tools = self.tokenizer.template_takes_tools
         try:
             return self.tokenizer.encode_chat(render_messages(messages, tools, takes_tools), add_generation_prompt,
-                                              tool_definitions(tools) if tools and takes_tools else None)
+                                              tool_definitions(tools) if tools and takes_tools else None,
+                                              template_kwargs)
         except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
             raise APIError(400, f"messages: {exc}", param="messages") from None
 
     async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest, limit: int,
                          constraint: Constraint) -> tuple[list[int], str]:
         """The prompt's token ids, and the field it came from. Text far too long for `limit` tokens is
-        refused without tokenizing it."""
+        refused without tokenizing it, unless truncate_prompt_tokens asks for its end only (the body limit
+        still bounds the work)."""
+        truncated = req.truncate_prompt_tokens is not None
         if isinstance(req, ChatCompletionRequest):
             chars = chat_chars(req)
-            check_prompt_chars(chars, limit, "messages")
+            if not truncated:
+                check_prompt_chars(chars, limit, "messages")
             tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do
-            args = (self.encode_messages, req.messages, req.add_generation_prompt, tools)
+            args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
             # a tool list is always templated off the loop
             ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args))
             return ids, "messages"
         if isinstance(req.prompt, str):
-            check_prompt_chars(len(req.prompt), limit, "prompt")
+            if not truncated:
+                check_prompt_chars(len(req.prompt), limit, "prompt")
             return await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, True), "prompt"
         return req.prompt, "prompt"  # token ids: the length is checked first, then the vocabulary
 
@@ -273,7 +277,7 @@ class OpenAIServer:
         (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
         prompt_ids = prep.prompt_ids
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
-        skipped = self.special_ids if params.skip_special_tokens else frozenset()
+        skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()
         offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
         answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets,
                             params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens)
@@ -476,8 +480,8 @@ class OpenAIServer:
                     yield text_chunk(d)
                 elif d.text or d.finish_reason or d.logprobs or echo[d.index]:
                     c = choice(d)
-                    if not (chat and c.delta.content == "" and c == ChatChunkChoice(index=d.index, delta=c.delta)):
-                        # (a tool call's text is held back: no chunk per token that carries nothing)
+                    if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
+                            and c.logprobs is None):  # a tool call's text is held back: no empty chunk per token
                         yield chunk([c], self._usage(prompt_tokens, sum(generated), sum(cached))
                                     if req.continuous_usage else None)
                 d = await anext(stream, None)

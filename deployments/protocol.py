@@ -26,6 +26,11 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256  # the mesh checks every sampled token against them
 MAX_SALT_CHARS = 256  # kept with the request in the router and hashed into its prefix blocks
 MAX_TOOLS = 128  # OpenAI's limit on `tools`
+# transformers' apply_chat_template arguments and what the request sets: not chat_template_kwargs
+TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                                "continue_final_message", "tokenize", "chat_template", "return_dict", "padding",
+                                "truncation", "max_length", "return_tensors", "tokenizer_kwargs",
+                                "return_assistant_tokens_mask"})
 MAX_CHOICES = 256  # vLLM's guided `choice` strings
 
 
@@ -88,7 +93,7 @@ class _GenerationRequest(_Request):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 disables top-k")
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: drop tokens less likely than min_p x the likeliest
-    seed: int | None = Field(None, ge=-2**63, lt=2**64)  # any 64-bit seed (vLLM: int64; OpenAI: any integer)
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # int64, as vLLM and OpenAI take
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False  # vLLM's
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)  # the ingress checks the range
@@ -100,6 +105,10 @@ class _GenerationRequest(_Request):
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text (e.g. <|im_end|>) in the answer
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the prompt's last k tokens (-1: the context)
     prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
+    allowed_token_ids: Unsupported | None = None  # vLLM's; logit_bias can do it
+    bad_words: Unsupported | None = None  # vLLM's
+    return_tokens_as_token_ids: Unsupported | None = None  # vLLM's
+    spaces_between_special_tokens: Literal[True] = True  # vLLM's; false is not implemented
     use_beam_search: Literal[False] = False  # vLLM's beam search is not implemented
     length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
@@ -184,7 +193,7 @@ class _GenerationRequest(_Request):
         extra = () if self.ignore_eos else stop_token_ids
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
-            seed=None if self.seed is None else self.seed % 2**63,  # the sampler's range: the same seed, the same draws
+            seed=None if self.seed is None else self.seed % 2**63,  # the sampler's range (s and s - 2**63 draw alike)
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop_strings,
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),
@@ -296,11 +305,20 @@ class ChatCompletionRequest(_GenerationRequest):
     store: Literal[False] = False  # nothing is stored
     chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
     echo: Literal[False] = False  # vLLM's chat echo (the last message prepended) is not implemented
+    chat_template_kwargs: dict[str, JsonValue] | None = None  # vLLM's: more variables for the model's template
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # vLLM's: false renders the messages without the assistant's header
     continue_final_message: Literal[False] = False  # vLLM's assistant prefill: not implemented
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, v):
+        reserved = sorted(set(v) & TEMPLATE_ARGUMENTS)
+        if reserved:
+            raise ValueError(f"{reserved[0]!r} is set by the request itself, not a template variable")
+        return v
 
     @field_validator("top_logprobs")
     @classmethod

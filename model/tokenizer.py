@@ -168,13 +168,15 @@ class Tokenizer:
         return self.chat_template is not None and "tools" in self.chat_template
 
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> str:
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> str:
         """The prompt text: the model's own chat template when it has one, Llama 3's header format otherwise.
-        `tools` (OpenAI's function definitions) go to a template that takes them."""
+        `tools` (OpenAI's function definitions) go to a template that takes them; `template_kwargs` are more
+        variables for the template (vLLM's chat_template_kwargs; Meta's fixed format has none)."""
         if self.chat_template is not None:
             return self._hf.apply_chat_template([dict(m) for m in messages], tokenize=False,
                                                 add_generation_prompt=add_generation_prompt,
-                                                tools=tools if self.template_takes_tools else None)
+                                                tools=tools if self.template_takes_tools else None,
+                                                **(template_kwargs or {}))
         if "<|start_header_id|>" not in self.special_ids:
             raise ValueError("tokenizer has no chat template and no Llama 3 header tokens")
         # Meta's ChatFormat: BOS, then per message a role header and the stripped content closed by <|eot_id|>.
@@ -186,10 +188,11 @@ class Tokenizer:
         return "".join(parts)
 
     def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None) -> list[int]:
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
         """Prompt ids for a chat; the template writes any BOS itself, so none is added. Special-token text
         inside a message's content stays text (see `encode_template`)."""
-        return self.encode_template(messages, lambda msgs: self.render_chat(msgs, add_generation_prompt, tools))
+        return self.encode_template(messages, lambda msgs: self.render_chat(msgs, add_generation_prompt, tools,
+                                                                            template_kwargs))
 
     def encode_template(self, messages: Sequence[ChatMessage],
                         render: Callable[[Sequence[ChatMessage]], str]) -> list[int]:

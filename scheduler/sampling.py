@@ -67,6 +67,12 @@ class SamplingParams(BaseModel):
             raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
         return v
 
+    @field_validator("min_p")
+    @classmethod
+    def _no_min_p_when_greedy(cls, v, info: ValidationInfo):
+        # argmax ignores it: a greedy request with min_p stays sampleable on the device
+        return 0.0 if info.data.get("temperature", 1.0) < GREEDY_TEMPERATURE else v
+
     @field_validator("min_tokens")
     @classmethod
     def _min_le_max(cls, v, info: ValidationInfo):

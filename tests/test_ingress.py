@@ -225,7 +225,7 @@ OUT_OF_BOUNDS = [
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
     ({"min_tokens": 10**12}, "min_tokens"),  # no max_tokens: bounded by the room left in the context
     ({"n": MAX_N + 1}, "n"),
-    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**63}, "seed"),  # int64, as vLLM and OpenAI
     ({"temperature": 101}, "temperature"),
     ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
@@ -581,6 +581,16 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(client, router, to
     assert [tc["function"]["name"] for tc in calls] == ["get_weather"] and deltas[-1]["finish_reason"] == finish
     assert "".join(d["delta"].get("content") or "" for d in deltas) == ""
     assert len(deltas) <= 3  # the role, the call, the finish: no chunk per held-back token
+
+
+def test_a_held_back_tool_call_still_streams_every_tokens_logprobs(client, router, tokenizer, eos):
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "stream": True, "logprobs": True,
+            "stream_options": {"include_usage": True}}
+    chunks = sse(client.post("/v1/chat/completions", json=body))
+    entries = [e for c in chunks if c["choices"] and c["choices"][0].get("logprobs")
+               for e in c["choices"][0]["logprobs"]["content"]]
+    assert len(entries) == chunks[-1]["usage"]["completion_tokens"] == len(router.answer)
 
 
 def test_tool_choice_none_still_offers_the_tools_in_the_prompt(client, router):

@@ -11,10 +11,12 @@ from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, assert_e
 SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
                 "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output", "min_p", "skip_special_tokens",
-                "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty"]
+                "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty", "allowed_token_ids",
+                "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens"]
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
-              "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo"]
+              "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
+              "chat_template_kwargs"]
 COMPLETION_NULLS = ["logprobs", "echo", "suffix", "best_of"]
 
 
@@ -66,6 +68,11 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"store": True}, "store"),
     ("/v1/chat/completions", CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
     ("/v1/chat/completions", CHAT, {"echo": True}, "echo"),
+    ("/v1/completions", COMPLETION, {"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
+    ("/v1/completions", COMPLETION, {"bad_words": ["x"]}, "bad_words"),
+    ("/v1/completions", COMPLETION, {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
+    ("/v1/completions", COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
+    ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
 ])
 def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, router, path, base, patch, param):
     assert_error(client.post(path, json={**base, **patch}), 400, param=param)
@@ -207,8 +214,30 @@ def test_a_body_that_is_no_json_object_is_told_so(client, path, content, headers
 
 def test_vllm_sampling_extras_reach_the_sampler(client, router):
     client.post("/v1/completions", json={**COMPLETION, "min_p": 0.25, "skip_special_tokens": False})
-    ((_, params, _),) = router.requests.values()
-    assert (params.min_p, params.skip_special_tokens) == (0.25, False)
+    client.post("/v1/completions", json={**COMPLETION, "min_p": 0.25, "temperature": 0})
+    (_, sampled, _), (_, greedy, _) = router.requests.values()
+    assert (sampled.min_p, sampled.skip_special_tokens) == (0.25, False)
+    assert greedy.min_p == 0.0  # argmax ignores it: the request stays sampleable on a Galaxy's device
+
+
+@pytest.mark.parametrize("path, base, field", [("/v1/completions", COMPLETION, "prompt"),
+                                               ("/v1/chat/completions", CHAT, "messages")])
+def test_truncate_prompt_tokens_takes_a_text_far_longer_than_the_context(client, router, path, base, field):
+    """Without it such text is refused untokenized; with it only its end counts (vLLM tokenizes, then cuts)."""
+    text = "word " * 20_000
+    body = {**base, "prompt": text} if field == "prompt" else {**base, "messages": [{"role": "user", "content": text}]}
+    assert_error(client.post(path, json=body), 400, param=field)
+    r = client.post(path, json={**body, "truncate_prompt_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == 5
+
+
+def test_chat_template_kwargs_reach_the_template(client, router, tokenizer):
+    """Variables the template does not use change nothing (as in vLLM); see test_tokenizer for one it uses."""
+    for kwargs in (None, {"enable_thinking": False}):
+        assert client.post("/v1/chat/completions", json={**CHAT, "chat_template_kwargs": kwargs}).status_code == 200
+    plain, with_kwargs = (ids for ids, _, _ in router.requests.values())
+    assert plain == with_kwargs
 
 
 @pytest.mark.parametrize("path, base", ENDPOINTS)
@@ -268,9 +297,10 @@ def test_stream_deltas_carry_only_what_they_hold(client):
     assert all(set(d) == {"content"} for d in deltas[1:-1]) and "".join(d["content"] for d in deltas[1:-1]) == ANSWER
 
 
-def test_any_64_bit_seed_is_taken_and_reproducible(client, router):
-    """vLLM takes int64 seeds, OpenAI any integer: a negative one is a seed like any other."""
-    first, second = (client.post("/v1/completions", json={**COMPLETION, "seed": -5, "temperature": 1.0}) for _ in range(2))
-    assert first.status_code == second.status_code == 200
-    (_, a, _), (_, b, _) = router.requests.values()
-    assert a.seed == b.seed is not None and a.seed >= 0
+def test_any_int64_seed_is_taken(client, router):
+    """vLLM and OpenAI take int64 seeds: a negative one is a seed like any other, the same each time."""
+    seeds = [-5, -5, 5, -2**63, 2**63 - 1]
+    for seed in seeds:
+        assert client.post("/v1/completions", json={**COMPLETION, "seed": seed}).status_code == 200
+    got = [params.seed for _, params, _ in router.requests.values()]
+    assert got[0] == got[1] != got[2] and all(0 <= s < 2**63 for s in got)

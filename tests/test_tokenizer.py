@@ -245,3 +245,15 @@ def test_detokenizer_work_per_step_does_not_grow_with_output(meta):
     text = "".join(detok.step([i]) for i in ids) + detok.flush()
     assert text == meta.decode(ids) and len(ids) > 500
     assert max(spy.sizes) <= 8
+
+
+def test_chat_template_kwargs_are_template_variables():
+    """vLLM's chat_template_kwargs: more variables for the model's own template."""
+    import copy
+
+    tok = copy.deepcopy(load_tokenizer(ensure_smollm2()))
+    tok._hf.chat_template = tok.chat_template = (
+        "{% for m in messages %}{{ greeting | default('hello') }} {{ m['content'] }}{% endfor %}")
+    messages = [{"role": "user", "content": "x"}]
+    assert tok.render_chat(messages, False) == "hello x"
+    assert tok.render_chat(messages, False, template_kwargs={"greeting": "hi"}) == "hi x"
