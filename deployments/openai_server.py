@@ -304,7 +304,8 @@ class OpenAIServer:
                         if reason is not None:
                             timer.finish(reason)
                         if not failed or text:
-                            stop_reason = answer.stop_reason(None if params.ignore_eos else self.tokenizer.eos_id) if reason == "stop" else None
+                            eos = None if params.ignore_eos else self.tokenizer.eos_id
+                            stop_reason = answer.stop_reason(eos) if reason == "stop" else None
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
                                               cached, stop_reason)
                         if failed and not stopped:

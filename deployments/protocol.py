@@ -26,12 +26,12 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256  # the mesh checks every sampled token against them
 MAX_SALT_CHARS = 256  # kept with the request in the router and hashed into its prefix blocks
 MAX_TOOLS = 128  # OpenAI's limit on `tools`
+MAX_CHOICES = 256  # vLLM's guided `choice` strings
 # transformers' apply_chat_template arguments and what the request sets: not chat_template_kwargs
 TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
                                 "continue_final_message", "tokenize", "chat_template", "return_dict", "padding",
                                 "truncation", "max_length", "return_tensors", "tokenizer_kwargs",
                                 "return_assistant_tokens_mask"})
-MAX_CHOICES = 256  # vLLM's guided `choice` strings
 
 
 def _check_unicode(text: str) -> str:

@@ -277,7 +277,8 @@ def test_a_model_is_retrieved_by_its_id_and_the_version_is_served(client):
     """OpenAI's GET /v1/models/{model} (the SDK's models.retrieve), and vLLM's GET /version."""
     name = COMPLETION["model"]
     card = client.get(f"/v1/models/{name}").json()
-    assert (card["id"], card["object"], card["max_model_len"]) == (name, "model", client.get("/v1/models").json()["data"][0]["max_model_len"])
+    listed = client.get("/v1/models").json()["data"][0]
+    assert (card["id"], card["object"], card["max_model_len"]) == (name, "model", listed["max_model_len"])
     error = assert_error(client.get("/v1/models/gpt-4o"), 404, param="model")
     assert error["code"] == "model_not_found"
     assert client.get("/version").json()["version"]
