@@ -281,6 +281,17 @@ class ChatMessage(_Request):
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: Text | None = None  # a tool turn: the call it answers
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        """Say so for an image or audio part (the union's own error would be "Input should be a valid string")."""
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"content parts of type {kind!r} are not supported: this model takes text only")
+        return v
+
     @property
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -356,6 +367,8 @@ class CompletionRequest(_GenerationRequest):
         """One message for every wrong shape (a union's own error names only its first branch, "a valid string")."""
         def ids(x) -> bool:
             return isinstance(x, list) and all(type(t) is int for t in x)
+        if v == "" or v == []:
+            raise ValueError("must not be empty")
         if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
             for text in v:  # here, or the union's error would again be its first branch's
                 _check_unicode(text)

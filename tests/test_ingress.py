@@ -187,6 +187,16 @@ def test_bad_chat_fields_are_400_naming_the_field(client, router, patch, param):
     assert router.requests == {}
 
 
+def test_an_image_part_or_an_empty_prompt_is_told_what_is_wrong(client):
+    image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "messages": [
+        {"role": "user", "content": image}]}), 400, param="messages.0.content")
+    assert "'image_url' are not supported" in error["message"]
+    for empty in ("", []):
+        error = assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": empty}), 400, param="prompt")
+        assert "must not be empty" in error["message"]
+
+
 @pytest.mark.parametrize("patch, param", [
     ({"prompt": 5}, "prompt"),
     ({"prompt": [1, "a"]}, "prompt"),
