@@ -28,7 +28,8 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
-from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls, call_id, render_messages, tool_definitions
+from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
+                                    tool_definitions)
 from model.tokenizer import Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -399,7 +400,7 @@ class OpenAIServer:
                          if prep.tool_mode != "none" else None)
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
-                reason = _finish_reason(t.finish_reason, calls, req)
+                reason = _finish_reason(t.finish_reason, bool(calls), req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
@@ -443,10 +444,9 @@ class OpenAIServer:
             if chat:
                 content, reason, calls = d.text, d.finish_reason, None
                 if tool_streams is not None:
-                    content, parsed = tool_streams[d.index].feed(d.text, d.finish_reason is not None)
-                    if parsed:
-                        calls = [DeltaToolCall(index=k, **_tool_call(c).model_dump()) for k, c in enumerate(parsed)]
-                        reason = _finish_reason(reason, calls, req)
+                    content, pieces, called = tool_streams[d.index].feed(d.text, d.finish_reason is not None)
+                    calls = [_call_delta(p) for p in pieces] or None
+                    reason = _finish_reason(reason, called, req)
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
                                        finish_reason=reason, stop_reason=d.stop_reason,
@@ -530,8 +530,16 @@ def _tool_call(call: ParsedCall) -> ResponseToolCall:
     return ResponseToolCall(id=call_id(), function={"name": call.name, "arguments": call.arguments})
 
 
-def _finish_reason(reason: str | None, calls: list | None, req: ChatCompletionRequest) -> str | None:
+def _call_delta(piece: CallDelta) -> DeltaToolCall:
+    """A call's first piece with its id, type and name; later ones with more arguments only."""
+    if piece.name is None:
+        return DeltaToolCall(index=piece.index, function={"arguments": piece.arguments})
+    return DeltaToolCall(index=piece.index, id=call_id(), type="function",
+                         function={"name": piece.name, "arguments": piece.arguments})
+
+
+def _finish_reason(reason: str | None, called: bool, req: ChatCompletionRequest) -> str | None:
     """"tool_calls" when the answer ended as calls, except for a named tool_choice: OpenAI and vLLM say "stop"
     there (the call was asked for, not chosen; vllm-project/vllm#49496 keeps its frontends so)."""
     named = req.tool_choice is not None and not isinstance(req.tool_choice, str)
-    return "tool_calls" if calls and reason == "stop" and not named else reason
+    return "tool_calls" if called and reason == "stop" and not named else reason

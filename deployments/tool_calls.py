@@ -115,28 +115,106 @@ def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
+@dataclass
+class CallDelta:
+    """A piece of a streamed call: its first one carries the name (the caller gives it an id), later ones more
+    of its arguments' JSON text."""
+
+    index: int
+    name: str | None
+    arguments: str
+
+
+# A call in the usual form, name first: its arguments' JSON text starts where this ends.
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
+_BETWEEN_CALLS = " \t\n;}"  # what may come between one call's arguments and the next call's "{"
+
+
 class ToolCallStream:
-    """Streams one choice's text as content or as tool calls. `forced`: the whole answer is calls, sent
-    when it ends. `auto`: text is held back while it may still be a call (nothing but a JSON object so far),
-    and sent as content as soon as it cannot be; at the end, held text that parses as calls becomes calls."""
+    """Streams one choice's text as content or as tool calls. `forced`: the whole answer is calls. `auto`: text
+    is held back while it may still be a call (nothing but a JSON object so far), and sent as content as soon as
+    it cannot be. A call in the usual form (`{"name": ..., "parameters": ...}`, name first) streams as it is
+    generated, as vLLM's tool parsers stream: its name once known, then its arguments' JSON text as it comes.
+    Held text that was not streamed so becomes calls at the end if it parses as calls, else content."""
 
     def __init__(self, tools: list[Tool], forced: bool, parallel: bool = True):
         self.tools = tools
+        self.names = {t.function.name for t in tools}
         self.holding = True
         self.forced = forced
         self.parallel = parallel
         self.held = ""
+        self.calls = 0  # calls whose name was sent
+        self.pos = 0  # where the scan of `held` stands
+        self.in_arguments = False
+        self.depth = 0  # open brackets in the current call's arguments
+        self.in_string = self.escaped = False
 
-    def feed(self, text: str, final: bool) -> tuple[str, list[ParsedCall] | None]:
-        """(content to send now, the calls once the answer has ended as calls)."""
+    def feed(self, text: str, final: bool) -> tuple[str, list[CallDelta], bool]:
+        """(content to send now, call pieces to send now, whether the answer is calls)."""
         if not self.holding:
-            return text, None
+            return text, [], False
         self.held += text
         head = self.held.lstrip()
-        if not self.forced and head and not head.startswith(("{", PYTHON_TAG)):
+        maybe_call = head.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(head)  # (the tag may be split)
+        if not self.forced and head and not maybe_call and not self.calls:
             self.holding = False
-            return self.held, None
-        if not final:
-            return "", None
-        calls = answer_calls(self.held, self.tools, self.forced, self.parallel)
-        return ("", calls) if calls else (self.held, None)
+            return self.held, [], False
+        deltas: list[CallDelta] = []
+        self._scan(deltas)
+        if not final or self.calls:
+            return "", deltas, self.calls > 0
+        calls = answer_calls(self.held, self.tools, self.forced, self.parallel)  # a form not streamed
+        if not calls:
+            return self.held, [], False
+        return "", [CallDelta(i, c.name, c.arguments) for i, c in enumerate(calls)], True
+
+    def _scan(self, deltas: list[CallDelta]) -> None:
+        held = self.held
+        while True:
+            if not self.in_arguments:
+                if self.calls and not self.parallel:
+                    return  # parallel_tool_calls false: the first call only
+                p = self.pos
+                while p < len(held) and held[p] in _BETWEEN_CALLS:
+                    p += 1
+                if held.startswith(PYTHON_TAG, p):
+                    p += len(PYTHON_TAG)
+                while p < len(held) and held[p].isspace():
+                    p += 1
+                m = _CALL_HEAD.match(held, p)
+                if m is None or (name := json.loads(f'"{m[1]}"')) not in self.names:
+                    return  # not (yet) a call's head in the usual form: held
+                deltas.append(CallDelta(self.calls, name, ""))
+                self.calls += 1
+                self.pos, self.in_arguments, self.depth = m.end(), True, 0
+            start, closed = self.pos, False
+            while self.depth == 0 and start < len(held) and held[start].isspace():  # before the arguments
+                start += 1
+            i = start
+            while i < len(held) and not closed:
+                c = held[i]
+                if self.in_string:
+                    if self.escaped:
+                        self.escaped = False
+                    elif c == "\\":
+                        self.escaped = True
+                    elif c == '"':
+                        self.in_string = False
+                elif c == '"':
+                    self.in_string = True
+                elif c in "{[":
+                    self.depth += 1
+                elif c in "}]":
+                    self.depth -= 1
+                    closed = self.depth == 0
+                i += 1
+            if i > start:
+                if deltas and deltas[-1].index == self.calls - 1:
+                    deltas[-1].arguments += held[start:i]
+                else:
+                    deltas.append(CallDelta(self.calls - 1, None, held[start:i]))
+            self.pos = i
+            if not closed:
+                return
+            self.in_arguments = False

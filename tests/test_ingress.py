@@ -587,10 +587,26 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(client, router, to
     assert (params.grammar is not None) == (tool_choice is not None)  # forced calls are constrained
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
     deltas = [c["choices"][0] for c in chunks if c["choices"]]
-    calls = [tc for d in deltas for tc in d["delta"].get("tool_calls") or []]
-    assert [tc["function"]["name"] for tc in calls] == ["get_weather"] and deltas[-1]["finish_reason"] == finish
+    (streamed,) = streamed_calls(chunks)
+    assert streamed["name"] == "get_weather" and deltas[-1]["finish_reason"] == finish
+    assert json.loads(streamed["arguments"]) == {"city": "Oslo"} and streamed["id"]
     assert "".join(d["delta"].get("content") or "" for d in deltas) == ""
-    assert len(deltas) <= 3  # the role, the call, the finish: no chunk per held-back token
+    pieces = [d for d in deltas if d["delta"].get("tool_calls")]
+    assert len(pieces) > 2  # the arguments stream as they come, as vLLM's tool parsers stream them
+    assert all(d["delta"] != {"content": ""} or d["finish_reason"] for d in deltas)  # none that carries nothing
+
+
+def streamed_calls(chunks: list[dict]) -> list[dict]:
+    """The calls a stream's tool_call deltas make, pieced together by index as OpenAI's SDKs do."""
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for tc in (c["choices"][0]["delta"].get("tool_calls") or []) if c["choices"] else []:
+            call = calls.setdefault(tc["index"], {"id": None, "name": None, "arguments": ""})
+            assert (call["name"] is None) == ("name" in tc["function"])  # the name comes once, first
+            call["id"] = call["id"] or tc.get("id")
+            call["name"] = call["name"] or tc["function"].get("name")
+            call["arguments"] += tc["function"]["arguments"]
+    return [calls[i] for i in sorted(calls)]
 
 
 def test_a_held_back_tool_call_still_streams_every_tokens_logprobs(client, router, tokenizer, eos):
@@ -619,7 +635,7 @@ def test_parallel_tool_calls_false_keeps_the_first_call_only(client, router, tok
     body = {**CHAT, "tools": [WEATHER_TOOL], "parallel_tool_calls": parallel}
     calls = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["tool_calls"]
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
-    streamed = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    streamed = [{"function": call} for call in streamed_calls(chunks)]
     for got in (calls, streamed):
         cities = [json.loads(c["function"]["arguments"])["city"] for c in got]
         assert cities == (["Oslo"] if parallel is False else ["Oslo", "Rome"])  # OpenAI's default is true

@@ -148,6 +148,36 @@ def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     call = cut_call('{"name": "get_weather", "parameters": {"city": "Os', tools)
     assert (call.name, call.arguments) == ("get_weather", '{"city": "Os')
     stream = ToolCallStream(tools, forced=True)
-    assert stream.feed('{"name": "get_weather", "param', final=False) == ("", None)
-    content, calls = stream.feed('eters": {"ci', final=True)
-    assert content == "" and calls[0].name == "get_weather"
+    assert stream.feed('{"name": "get_weather", "param', final=False) == ("", [], False)
+    content, pieces, called = stream.feed('eters": {"ci', final=True)
+    assert content == "" and called and pieces[0].name == "get_weather"
+    assert "".join(p.arguments for p in pieces) == '{"ci'
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, 1000])
+@pytest.mark.parametrize("forced", [False, True])
+def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
+    """However the text arrives, the pieces make the calls that the whole answer makes (names once, first;
+    arguments as generated, with brackets and quotes inside strings, escapes, and the python tag)."""
+    from deployments.tool_calls import ToolCallStream, answer_calls
+    tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
+    text = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "O\\"s{l}o[", "days": 2}}; '
+            '{"name":"get_time","arguments":{ }}')
+    stream = ToolCallStream(tools, forced=forced)
+    calls: dict[int, list] = {}
+    for i in range(0, len(text), step):
+        content, pieces, called = stream.feed(text[i:i + step], final=i + step >= len(text))
+        assert content == "" and called == bool(calls or pieces)
+        for p in pieces:
+            assert (p.index in calls) == (p.name is None)
+            calls.setdefault(p.index, [p.name, ""])[1] += p.arguments
+    expected = answer_calls(text, tools, forced)
+    assert [(n, json.loads(a)) for n, a in calls.values()] == [(c.name, json.loads(c.arguments)) for c in expected]
+    assert len(calls) == 2
+
+
+def test_a_json_answer_that_is_no_call_stays_content_in_auto_mode():
+    from deployments.tool_calls import ToolCallStream
+    stream = ToolCallStream([Tool.model_validate(WEATHER)], forced=False)
+    assert stream.feed('{"answer": ', final=False) == ("", [], False)
+    assert stream.feed('42}', final=True) == ('{"answer": 42}', [], False)
