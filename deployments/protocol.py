@@ -289,7 +289,7 @@ class ChatMessage(_Request):
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if isinstance(kind, str) and kind != "text":
-                    raise ValueError(f"content parts of type {kind!r} are not supported: this model takes text only")
+                    raise ValueError(f"content parts of type {kind!r} are not supported (text parts only)")
         return v
 
     @property
@@ -508,6 +508,12 @@ class DeltaToolCall(BaseModel):
     id: str | None = None
     type: Literal["function"] | None = None
     function: dict[str, str]  # the first delta of a call: name and arguments; later ones: more arguments
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        """A later piece is {"index", "function": {"arguments"}} alone: OpenAI's SDK stream helper takes a
+        `"type": null` for a change of type and fails."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class DeltaMessage(BaseModel):

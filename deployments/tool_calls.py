@@ -70,7 +70,9 @@ def _arguments(text: str):
 
 
 def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
-    """The calls an answer makes, or None when it is plain content. A call must name one of `tools`."""
+    """The calls an answer makes, or None when it is plain content. A call must name one of `tools`. An answer
+    that begins with a call is calls: what follows the last call that parses (text, a malformed or unknown
+    call) is dropped, as a stream that sent the calls already must (vLLM's llama3_json drops it too)."""
     body = text.strip().removeprefix(PYTHON_TAG).strip()
     if not body.startswith("{"):
         return None
@@ -82,15 +84,24 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
         try:
             obj, end = decoder.raw_decode(body, position)
         except json.JSONDecodeError:
-            return None
+            break
         if not isinstance(obj, dict) or obj.get("name") not in names:
-            return None
+            break
         arguments = obj.get("parameters", obj.get("arguments", {}))
         calls.append(ParsedCall(obj["name"], json.dumps(arguments, ensure_ascii=False)))
-        position = end
-        while position < len(body) and body[position] in " \n\t;":
-            position += 1
+        position = _next_call(body, end)
     return calls or None
+
+
+def _next_call(text: str, position: int) -> int:
+    """Past what may separate two calls: whitespace, ";", the python tag."""
+    while position < len(text) and text[position] in " \n\t;":
+        position += 1
+    if text.startswith(PYTHON_TAG, position):
+        position += len(PYTHON_TAG)
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position
 
 
 def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
@@ -125,9 +136,8 @@ class CallDelta:
     arguments: str
 
 
-# A call in the usual form, name first: its arguments' JSON text starts where this ends.
-_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*')
-_BETWEEN_CALLS = " \t\n;}"  # what may come between one call's arguments and the next call's "{"
+# A call in the usual form, name first, its arguments an object: their JSON text starts where this ends.
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)')
 
 
 class ToolCallStream:
@@ -146,7 +156,9 @@ class ToolCallStream:
         self.held = ""
         self.calls = 0  # calls whose name was sent
         self.pos = 0  # where the scan of `held` stands
+        self.call_start = 0  # where the last streamed call's object starts
         self.in_arguments = False
+        self.need_close = False  # a call's arguments ended: its object's "}" comes next
         self.depth = 0  # open brackets in the current call's arguments
         self.in_string = self.escaped = False
 
@@ -162,12 +174,20 @@ class ToolCallStream:
             return self.held, [], False
         deltas: list[CallDelta] = []
         self._scan(deltas)
-        if not final or self.calls:
+        if not final:
             return "", deltas, self.calls > 0
-        calls = answer_calls(self.held, self.tools, self.forced, self.parallel)  # a form not streamed
+        if self.calls:  # the rest, in a form not streamed (e.g. "parameters" first), comes whole
+            more = [] if self.in_arguments or not self.parallel else self._rest()
+            deltas += [CallDelta(self.calls + i, c.name, c.arguments) for i, c in enumerate(more)]
+            return "", deltas, True
+        calls = answer_calls(self.held, self.tools, self.forced, self.parallel)
         if not calls:
             return self.held, [], False
         return "", [CallDelta(i, c.name, c.arguments) for i, c in enumerate(calls)], True
+
+    def _rest(self) -> list[ParsedCall]:
+        """The calls after the last streamed one (parsed from that one's start: it may have had more keys)."""
+        return (parse_tool_calls(self.held[self.call_start:], self.tools) or [])[1:]
 
     def _scan(self, deltas: list[CallDelta]) -> None:
         held = self.held
@@ -176,22 +196,23 @@ class ToolCallStream:
                 if self.calls and not self.parallel:
                     return  # parallel_tool_calls false: the first call only
                 p = self.pos
-                while p < len(held) and held[p] in _BETWEEN_CALLS:
+                if self.need_close:  # the call object's own "}" after its arguments
+                    p = _next_space(held, p)
+                    if not held.startswith("}", p):
+                        return
                     p += 1
-                if held.startswith(PYTHON_TAG, p):
-                    p += len(PYTHON_TAG)
-                while p < len(held) and held[p].isspace():
-                    p += 1
-                m = _CALL_HEAD.match(held, p)
-                if m is None or (name := json.loads(f'"{m[1]}"')) not in self.names:
+                m = _CALL_HEAD.match(held, _next_call(held, p))
+                try:
+                    name = json.loads(f'"{m[1]}"') if m else None
+                except json.JSONDecodeError:  # e.g. "get\_weather": not a call's head
+                    name = None
+                if name not in self.names:
                     return  # not (yet) a call's head in the usual form: held
                 deltas.append(CallDelta(self.calls, name, ""))
                 self.calls += 1
-                self.pos, self.in_arguments, self.depth = m.end(), True, 0
-            start, closed = self.pos, False
-            while self.depth == 0 and start < len(held) and held[start].isspace():  # before the arguments
-                start += 1
-            i = start
+                self.call_start, self.pos = m.start(), m.end()
+                self.in_arguments, self.need_close, self.depth = True, False, 0
+            start, i, closed = self.pos, self.pos, False
             while i < len(held) and not closed:
                 c = held[i]
                 if self.in_string:
@@ -217,4 +238,10 @@ class ToolCallStream:
             self.pos = i
             if not closed:
                 return
-            self.in_arguments = False
+            self.in_arguments, self.need_close = False, True
+
+
+def _next_space(text: str, position: int) -> int:
+    while position < len(text) and text[position].isspace():
+        position += 1
+    return position

@@ -596,6 +596,23 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(client, router, to
     assert all(d["delta"] != {"content": ""} or d["finish_reason"] for d in deltas)  # none that carries nothing
 
 
+@pytest.mark.parametrize("tool_choice", [None, "required"])
+def test_openai_sdks_stream_helper_pieces_streamed_calls_together(client, router, tokenizer, eos, tool_choice):
+    """The official SDK's ChatCompletionStreamState (behind `client.chat.completions.stream`) accumulates the
+    chunks and checks each piece: a later piece with `"type": null` failed it."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+    router.answer = tokenizer.encode(CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": tool_choice, "stream": True}
+    state = ChatCompletionStreamState()
+    for chunk in sse(client.post("/v1/chat/completions", json=body)):
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    choice = state.get_final_completion().choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert [(c.type, c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("function", "get_weather", {"city": "Oslo"}), ("function", "get_weather", {"city": "Rome"})]
+
+
 def streamed_calls(chunks: list[dict]) -> list[dict]:
     """The calls a stream's tool_call deltas make, pieced together by index as OpenAI's SDKs do."""
     calls: dict[int, dict] = {}

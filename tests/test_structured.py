@@ -111,7 +111,13 @@ def test_llama3_json_calls_are_parsed_and_anything_else_is_content():
     assert [c.name for c in two] == ["get_time", "get_weather"]
     assert parse_tool_calls("The weather is fine.", tools) is None
     assert parse_tool_calls('{"name": "unknown_tool", "parameters": {}}', tools) is None
-    assert parse_tool_calls('{"name": "get_time", "parameters": {}} and then text', tools) is None
+    assert parse_tool_calls('{"answer": 42}', tools) is None
+    # an answer that begins with calls is calls: what follows the last one that parses is dropped, as a stream must
+    (first,) = parse_tool_calls('{"name": "get_time", "parameters": {}} and then text', tools)
+    assert first.name == "get_time"
+    assert [c.name for c in parse_tool_calls('{"name": "get_time", "parameters": {}}; <|python_tag|>'
+                                             '{"name": "get_time", "parameters": {}}; {"name": "nope"}', tools)] == [
+        "get_time", "get_time"]
 
 
 def test_tools_and_tool_history_reach_a_template_that_cannot_render_them(tok):
@@ -174,6 +180,40 @@ def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
     expected = answer_calls(text, tools, forced)
     assert [(n, json.loads(a)) for n, a in calls.values()] == [(c.name, json.loads(c.arguments)) for c in expected]
     assert len(calls) == 2
+
+
+C = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+
+
+@pytest.mark.parametrize("text", [
+    C + " Hope that helps!",  # text after a call: dropped on both paths
+    C + '; {"parameters": {}, "name": "get_time"}',  # a second call in another key order: whole, at the end
+    '{"name": "get_weather", "parameters": {"city": "Oslo"}, "id": 1}; {"name": "get_time", "parameters": {}}',
+    C + '; {"name": "nope", "parameters": {}}',  # an unknown tool after a call: dropped
+    C + "; <|python_tag|>" + C,
+    C + "}}}" + C,  # stray braces: the calls stop there, on both paths
+    '{"name": "get_weather", "parameters": null}; ' + C,  # arguments that are no object: whole, at the end
+    '{"name": "get\\_weather", "parameters": {}}',  # an invalid escape in the name: content, not a 500
+])
+def test_a_stream_makes_the_calls_the_whole_answer_makes(text):
+    """Split anywhere, the pieces assemble to what the non-streamed answer returns (names and argument values)."""
+    from deployments.tool_calls import ToolCallStream, answer_calls
+    tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
+    expected = answer_calls(text, tools, forced=False)
+    for step in (1, 2, 5, len(text)):
+        stream = ToolCallStream(tools, forced=False)
+        content, calls = "", {}
+        for i in range(0, len(text), step):
+            sent, pieces, called = stream.feed(text[i:i + step], final=i + step >= len(text))
+            content += sent
+            for p in pieces:
+                calls.setdefault(p.index, [p.name, ""])[1] += p.arguments
+        if expected is None:
+            assert (content, calls) == (text, {}), step
+        else:
+            assert content == "" and called, step
+            assert [(n, json.loads(a)) for n, a in calls.values()] == [
+                (c.name, json.loads(c.arguments)) for c in expected], step
 
 
 def test_a_json_answer_that_is_no_call_stays_content_in_auto_mode():
