@@ -99,9 +99,7 @@ def _next_call(text: str, position: int) -> int:
         position += 1
     if text.startswith(PYTHON_TAG, position):
         position += len(PYTHON_TAG)
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position
+    return _next_space(text, position)
 
 
 def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
@@ -242,6 +240,7 @@ class ToolCallStream:
 
 
 def _next_space(text: str, position: int) -> int:
+    """Past whitespace."""
     while position < len(text) and text[position].isspace():
         position += 1
     return position
