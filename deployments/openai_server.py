@@ -28,8 +28,8 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
-from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
-                                    tool_definitions)
+from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, parse_tool_calls,
+                                    render_messages, tool_definitions)
 from model.tokenizer import Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -400,7 +400,7 @@ class OpenAIServer:
                          if prep.tool_mode != "none" else None)
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
-                reason = _finish_reason(t.finish_reason, bool(calls), req)
+                reason = _finish_reason(t.finish_reason, parse_tool_calls(t.text, prep.tools) is not None, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
@@ -539,7 +539,8 @@ def _call_delta(piece: CallDelta) -> DeltaToolCall:
 
 
 def _finish_reason(reason: str | None, called: bool, req: ChatCompletionRequest) -> str | None:
-    """"tool_calls" when the answer ended as calls, except for a named tool_choice: OpenAI and vLLM say "stop"
-    there (the call was asked for, not chosen; vllm-project/vllm#49496 keeps its frontends so)."""
+    """"tool_calls" when the answer ended as whole calls (`called`; a call cut by a stop string keeps "stop",
+    as one cut by max_tokens keeps "length": its arguments are no JSON to run), except for a named tool_choice:
+    OpenAI and vLLM say "stop" there (the call was asked for, not chosen; vllm-project/vllm#49496)."""
     named = req.tool_choice is not None and not isinstance(req.tool_choice, str)
     return "tool_calls" if called and reason == "stop" and not named else reason

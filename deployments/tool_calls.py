@@ -85,9 +85,9 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
             obj, end = decoder.raw_decode(body, position)
         except json.JSONDecodeError:
             break
-        if not isinstance(obj, dict) or obj.get("name") not in names:
-            break
-        arguments = obj.get("parameters", obj.get("arguments", {}))
+        if not isinstance(obj, dict) or obj.get("name") not in names or not {"parameters", "arguments"} & obj.keys():
+            break  # (an object that only names a tool, e.g. a tool's description, is no call: vLLM's llama3_json)
+        arguments = obj.get("parameters", obj.get("arguments"))
         calls.append(ParsedCall(obj["name"], json.dumps(arguments, ensure_ascii=False)))
         position = _next_call(body, end)
     return calls or None
@@ -105,9 +105,11 @@ def _next_call(text: str, position: int) -> int:
 def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
     """A forced call the answer could not finish (max_tokens): its name, and its arguments as far as they go
     (vLLM's llama3_json does likewise), so a client reading tool_calls[0] finds what there is."""
-    name = re.search(r'"name"\s*:\s*"([^"]*)"', text)
+    written = re.search(r'"name"\s*:\s*"([^"]*)', text)  # the name, or as much of it as was written
+    names = [t.function.name for t in tools]
+    name = next((n for n in names if written and n.startswith(written[1])), names[0])
     arguments = re.search(r'"(?:parameters|arguments)"\s*:\s*', text)
-    return ParsedCall(name[1] if name else tools[0].function.name, text[arguments.end():] if arguments else "")
+    return ParsedCall(name, text[arguments.end():] if arguments else "")
 
 
 def answer_calls(text: str, tools: list[Tool], forced: bool, parallel: bool = True) -> list[ParsedCall] | None:
@@ -161,7 +163,8 @@ class ToolCallStream:
         self.in_string = self.escaped = False
 
     def feed(self, text: str, final: bool) -> tuple[str, list[CallDelta], bool]:
-        """(content to send now, call pieces to send now, whether the answer is calls)."""
+        """(content to send now, call pieces to send now, whether the answer is calls: at the end, whether
+        its calls are whole, not cut by max_tokens or a stop string)."""
         if not self.holding:
             return text, [], False
         self.held += text
@@ -174,14 +177,15 @@ class ToolCallStream:
         self._scan(deltas)
         if not final:
             return "", deltas, self.calls > 0
+        whole = parse_tool_calls(self.held, self.tools) is not None
         if self.calls:  # the rest, in a form not streamed (e.g. "parameters" first), comes whole
             more = [] if self.in_arguments or not self.parallel else self._rest()
             deltas += [CallDelta(self.calls + i, c.name, c.arguments) for i, c in enumerate(more)]
-            return "", deltas, True
+            return "", deltas, whole
         calls = answer_calls(self.held, self.tools, self.forced, self.parallel)
         if not calls:
             return self.held, [], False
-        return "", [CallDelta(i, c.name, c.arguments) for i, c in enumerate(calls)], True
+        return "", [CallDelta(i, c.name, c.arguments) for i, c in enumerate(calls)], whole
 
     def _rest(self) -> list[ParsedCall]:
         """The calls after the last streamed one (parsed from that one's start: it may have had more keys)."""

@@ -613,6 +613,17 @@ def test_openai_sdks_stream_helper_pieces_streamed_calls_together(client, router
         ("function", "get_weather", {"city": "Oslo"}), ("function", "get_weather", {"city": "Rome"})]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_a_stop_string_does_not_finish_as_tool_calls(client, router, tokenizer, eos, stream):
+    """Its arguments are no JSON to run: the finish stays "stop" (with the stop string), as a max_tokens cut
+    stays "length"."""
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": "required", "stop": ["Oslo"], "stream": stream}
+    r = client.post("/v1/chat/completions", json=body)
+    choice = [c for c in sse(r) if c["choices"]][-1]["choices"][0] if stream else r.json()["choices"][0]
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "Oslo")
+
+
 def streamed_calls(chunks: list[dict]) -> list[dict]:
     """The calls a stream's tool_call deltas make, pieced together by index as OpenAI's SDKs do."""
     calls: dict[int, dict] = {}

@@ -112,6 +112,7 @@ def test_llama3_json_calls_are_parsed_and_anything_else_is_content():
     assert parse_tool_calls("The weather is fine.", tools) is None
     assert parse_tool_calls('{"name": "unknown_tool", "parameters": {}}', tools) is None
     assert parse_tool_calls('{"answer": 42}', tools) is None
+    assert parse_tool_calls('{"name": "get_time", "description": "the time"}', tools) is None  # names, calls not
     # an answer that begins with calls is calls: what follows the last one that parses is dropped, as a stream must
     (first,) = parse_tool_calls('{"name": "get_time", "parameters": {}} and then text', tools)
     assert first.name == "get_time"
@@ -155,9 +156,12 @@ def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     assert (call.name, call.arguments) == ("get_weather", '{"city": "Os')
     stream = ToolCallStream(tools, forced=True)
     assert stream.feed('{"name": "get_weather", "param', final=False) == ("", [], False)
-    content, pieces, called = stream.feed('eters": {"ci', final=True)
-    assert content == "" and called and pieces[0].name == "get_weather"
+    content, pieces, whole = stream.feed('eters": {"ci', final=True)
+    assert content == "" and not whole and pieces[0].name == "get_weather"  # a call, cut: no "tool_calls" finish
     assert "".join(p.arguments for p in pieces) == '{"ci'
+    # cut inside its name: the tool whose name it began, not simply the first tool
+    tools = [Tool.model_validate(TIME), Tool.model_validate(WEATHER)]
+    assert cut_call('{"name": "get_wea', tools).name == "get_weather"
 
 
 @pytest.mark.parametrize("step", [1, 3, 7, 1000])
