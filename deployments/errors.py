@@ -75,4 +75,5 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     name = ".".join(loc) or None
     if name is None and err.get("type") in ("missing", "model_attributes_type", "dict_type"):  # no JSON object at all
         return APIError(400, "The body must be a JSON object (Content-Type: application/json).")
-    return APIError(400, f"{name}: {err['msg']}" if name else err["msg"], param=name)
+    message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    return APIError(400, f"{name}: {message}" if name else message, param=name)

@@ -221,6 +221,9 @@ class OpenAIServer:
         bias = logit_bias(req, self.tokenizer.vocab_size)
         if constraint is None:
             constraint = await self.constraint(req)
+        if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens > limit:  # as vLLM refuses it
+            raise APIError(400, f"truncate_prompt_tokens ({req.truncate_prompt_tokens}) is greater than the model's "
+                                f"maximum context length ({limit}).", param="truncate_prompt_tokens")
         prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
         if req.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens
             prompt_ids = prompt_ids[-(limit if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens):]

@@ -63,6 +63,7 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/completions", COMPLETION, {"use_beam_search": True}, "use_beam_search"),
     ("/v1/chat/completions", CHAT, {"length_penalty": 0.5}, "length_penalty"),
     ("/v1/completions", COMPLETION, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/completions", COMPLETION, {"truncate_prompt_tokens": 10_000}, "truncate_prompt_tokens"),  # > the context
     ("/v1/chat/completions", CHAT, {"reasoning_effort": "low"}, "reasoning_effort"),
     ("/v1/chat/completions", CHAT, {"verbosity": "low"}, "verbosity"),
     ("/v1/chat/completions", CHAT, {"store": True}, "store"),
@@ -305,3 +306,8 @@ def test_any_int64_seed_is_taken(client, router):
         assert client.post("/v1/completions", json={**COMPLETION, "seed": seed}).status_code == 200
     got = [params.seed for _, params, _ in router.requests.values()]
     assert got[0] == got[1] != got[2] and all(0 <= s < 2**63 for s in got)
+
+
+def test_a_validators_message_comes_without_pydantics_prefix(client):
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": ""}), 400, param="prompt")
+    assert error["message"] == "prompt: must not be empty"
