@@ -403,7 +403,8 @@ class OpenAIServer:
                          if prep.tool_mode != "none" else None)
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
-                reason = _finish_reason(t.finish_reason, parse_tool_calls(t.text, prep.tools) is not None, req)
+                whole = bool(calls) and parse_tool_calls(t.text, prep.tools) is not None  # not cut short
+                reason = _finish_reason(t.finish_reason, whole, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,

@@ -647,6 +647,21 @@ def test_a_held_back_tool_call_still_streams_every_tokens_logprobs(client, route
     assert len(entries) == chunks[-1]["usage"]["completion_tokens"] == len(router.answer)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_with_tool_choice_none_an_answer_like_a_call_is_content(client, router, tokenizer, eos, stream):
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": "none", "stream": stream}
+    r = client.post("/v1/chat/completions", json=body)
+    if stream:
+        deltas = [c["choices"][0] for c in sse(r) if c["choices"]]
+        content, finish = "".join(d["delta"].get("content") or "" for d in deltas), deltas[-1]["finish_reason"]
+    else:
+        message, finish = r.json()["choices"][0]["message"], r.json()["choices"][0]["finish_reason"]
+        content = message["content"]
+        assert not message.get("tool_calls")
+    assert (content, finish) == (CALL_TEXT, "stop")
+
+
 def test_tool_choice_none_still_offers_the_tools_in_the_prompt(client, router):
     """OpenAI and vLLM (by default) keep the tools in the prompt with tool_choice "none"; only the answer is
     never read as calls."""
