@@ -28,8 +28,8 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
-from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, parse_tool_calls,
-                                    render_messages, tool_definitions)
+from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
+                                    tool_definitions)
 from model.tokenizer import Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -399,11 +399,10 @@ class OpenAIServer:
         if chat:
             choices = []
             for i, t in enumerate(totals):
-                calls = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
-                         if prep.tool_mode != "none" else None)
+                calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
+                                if prep.tool_mode != "none" else (None, False))
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
                            else AssistantMessage(content=t.text))
-                whole = bool(calls) and parse_tool_calls(t.text, prep.tools) is not None  # not cut short
                 reason = _finish_reason(t.finish_reason, whole, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))

@@ -503,28 +503,27 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class DeltaToolCall(BaseModel):
+class _Sparse(BaseModel):
+    """Serialized with only the fields it carries, as OpenAI's and vLLM's stream chunks are (`{"content": "x"}`,
+    not `"role": null`). A tool call's later piece must be {"index", "function": {"arguments"}} alone: OpenAI's
+    SDK stream helper takes a `"type": null` for a change of type and fails."""
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: dict[str, str]  # the first delta of a call: name and arguments; later ones: more arguments
 
-    @model_serializer(mode="wrap")
-    def _without_nulls(self, handler):
-        """A later piece is {"index", "function": {"arguments"}} alone: OpenAI's SDK stream helper takes a
-        `"type": null` for a change of type and fails."""
-        return {k: v for k, v in handler(self).items() if v is not None}
 
-
-class DeltaMessage(BaseModel):
+class DeltaMessage(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_nulls(self, handler):
-        """Only what the delta carries (`{"content": "x"}`, not `"role": null`), as OpenAI's and vLLM's chunks."""
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -112,14 +112,17 @@ def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
     return ParsedCall(name, text[arguments.end():] if arguments else "")
 
 
-def answer_calls(text: str, tools: list[Tool], forced: bool, parallel: bool = True) -> list[ParsedCall] | None:
-    """The calls a whole answer makes, or None when it is content. A forced answer is calls even when
-    max_tokens cut it off. `parallel` False (OpenAI's parallel_tool_calls) keeps the first call only, as vLLM
-    does (vllm-project/vllm#26233): the model is not stopped after it."""
+def answer_calls(text: str, tools: list[Tool], forced: bool, parallel: bool = True
+                 ) -> tuple[list[ParsedCall] | None, bool]:
+    """The calls a whole answer makes (None when it is content), and whether they are whole. A forced answer
+    is calls even when max_tokens or a stop string cut it off (not whole: its arguments are no JSON to run).
+    `parallel` False (OpenAI's parallel_tool_calls) keeps the first call only, as vLLM does
+    (vllm-project/vllm#26233): the model is not stopped after it."""
     calls = parse_tool_calls(text, tools)
+    whole = calls is not None
     if not calls and forced:
         calls = [cut_call(text, tools)]
-    return calls[:1] if calls and not parallel else calls
+    return (calls[:1] if calls and not parallel else calls), whole
 
 
 def call_id() -> str:
@@ -177,12 +180,11 @@ class ToolCallStream:
         self._scan(deltas)
         if not final:
             return "", deltas, self.calls > 0
-        whole = parse_tool_calls(self.held, self.tools) is not None
         if self.calls:  # the rest, in a form not streamed (e.g. "parameters" first), comes whole
             more = [] if self.in_arguments or not self.parallel else self._rest()
             deltas += [CallDelta(self.calls + i, c.name, c.arguments) for i, c in enumerate(more)]
-            return "", deltas, whole
-        calls = answer_calls(self.held, self.tools, self.forced, self.parallel)
+            return "", deltas, parse_tool_calls(self.held, self.tools) is not None
+        calls, whole = answer_calls(self.held, self.tools, self.forced, self.parallel)
         if not calls:
             return self.held, [], False
         return "", [CallDelta(i, c.name, c.arguments) for i, c in enumerate(calls)], whole

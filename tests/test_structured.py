@@ -181,7 +181,7 @@ def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
         for p in pieces:
             assert (p.index in calls) == (p.name is None)
             calls.setdefault(p.index, [p.name, ""])[1] += p.arguments
-    expected = answer_calls(text, tools, forced)
+    expected, _ = answer_calls(text, tools, forced)
     assert [(n, json.loads(a)) for n, a in calls.values()] == [(c.name, json.loads(c.arguments)) for c in expected]
     assert len(calls) == 2
 
@@ -203,7 +203,7 @@ def test_a_stream_makes_the_calls_the_whole_answer_makes(text):
     """Split anywhere, the pieces assemble to what the non-streamed answer returns (names and argument values)."""
     from deployments.tool_calls import ToolCallStream, answer_calls
     tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
-    expected = answer_calls(text, tools, forced=False)
+    expected, _ = answer_calls(text, tools, forced=False)
     for step in (1, 2, 5, len(text)):
         stream = ToolCallStream(tools, forced=False)
         content, calls = "", {}
