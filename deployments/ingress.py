@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from deployments import tokenization
 from deployments.auth import ApiKeys, tenant_salt
@@ -129,8 +130,11 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return too_large(max_request_bytes).response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException):
-        return APIError(exc.status_code, str(exc.detail), "invalid_request_error", headers=exc.headers).response()
+    async def http_error(request: Request, exc: HTTPException):
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette's Allow names the first route at the path only (GET+POST /tokenize)
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
+        return APIError(exc.status_code, str(exc.detail), "invalid_request_error", headers=headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
@@ -138,6 +142,12 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return APIError(500, "Internal server error.", "internal_error").response()
 
     return app
+
+
+def _allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route at the request's path serves (RFC 9110 15.5.6: a 405 lists them all)."""
+    return [method for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+            if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)]
 
 
 def _validated(cls: type[M], **fields) -> M:

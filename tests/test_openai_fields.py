@@ -289,6 +289,9 @@ def test_a_wrong_method_is_405_with_the_allowed_ones(client):
     r = client.get("/v1/completions")
     assert_error(r, 405)
     assert r.headers["allow"] == "POST"
+    r = client.delete("/tokenize")  # served by two routes, GET and POST: the 405 names both
+    assert_error(r, 405)
+    assert r.headers["allow"] == "GET, POST"
 
 
 def test_stream_deltas_carry_only_what_they_hold(client):
