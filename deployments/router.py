@@ -33,6 +33,7 @@ from typing import Protocol
 
 from ray import serve
 
+from deployments.aio import within
 from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from deployments.mesh_client import LinkMeshClient
 from model.backend import Capabilities
@@ -246,18 +247,33 @@ class Router:
             eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth)
 
     # ---- requests -------------------------------------------------------------------------------
-    def place(self, token_ids: list[int], salt: str | None) -> tuple[Mesh, list[bytes]] | None:
-        """The (mesh, KV group) that caches the longest prefix, then the mesh with most slots left once its
-        queue is seated, then the group with most free slots and blocks. Returns the mesh and the digests
-        of the full blocks of token_ids (hashed once per request: the mesh's scheduler reuses them), or
-        None when no mesh is live."""
+    def place(self, token_ids: list[int], salt: str | None) -> tuple[list[Mesh], list[bytes]] | None:
+        """The live meshes, best first by MeshScheduler.placement_key (a mesh that seats the request now, then
+        the longest prefix it caches), and the digests of token_ids' full blocks (hashed once per request: the
+        mesh's scheduler reuses them); None when no mesh is live."""
         live = [m for m in self.meshes if m.up]
         if not live:
             return None
         hashes: list[bytes] = []
         extend_block_hashes(hashes, token_ids, live[0].caps.block_size, salt)  # one block size for all meshes
-        mesh = max(live, key=lambda m: m.scheduler.placement_key(hashes, len(token_ids)))
-        return mesh, hashes
+        num_tokens = len(token_ids)
+        return sorted(live, key=lambda m: m.scheduler.placement_key(hashes, num_tokens), reverse=True), hashes
+
+    def _submit_to_best(self, meshes: list[Mesh], hashes: list[bytes], request_id: str, req: _Request,
+                        output_ids: list[int], migrated: bool) -> Mesh:
+        """Submit to the first mesh that takes the request (a full queue or a shorter max_seq_len there sends
+        it to the next). Raises the best mesh's refusal when none takes it."""
+        refusal: Exception | None = None
+        for mesh in meshes:
+            try:
+                mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, list(output_ids),
+                                      migrated=migrated, arrival_time=req.arrival_time, block_hashes=hashes)
+            except (PromptTooLong, QueueFull) as exc:
+                refusal = refusal or exc
+                continue
+            mesh.wake.set()
+            return mesh
+        raise refusal
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
                output_ids: list[int], consumer: str) -> None:
@@ -280,11 +296,9 @@ class Router:
         req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink)
         placed = self.place([*prompt_ids, *output_ids], salt)
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
-            mesh, hashes = placed
-            mesh.scheduler.submit(request_id, req.prompt_ids, params, salt, list(output_ids),
-                                  arrival_time=req.arrival_time, block_hashes=hashes)
-            req.mesh = mesh
-            mesh.wake.set()
+            # A continuation (the router restarted under its stream) is no new load: queue limits do not refuse
+            # it, as they do not refuse a request moved off a failed mesh.
+            req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=bool(output_ids))
         else:
             self._hold(request_id, req, list(output_ids))
         self.requests[request_id] = req
@@ -398,16 +412,13 @@ class Router:
         if placed is None:
             self._hold(request_id, req, output_ids)
             return
-        mesh, hashes = placed
         try:
-            mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, output_ids, migrated=True,
-                                  arrival_time=req.arrival_time, block_hashes=hashes)
-        except (PromptTooLong, QueueFull, ValueError) as exc:  # e.g. a mesh with a shorter max_seq_len
+            mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=True)
+        except (PromptTooLong, QueueFull, ValueError) as exc:  # e.g. every live mesh has a shorter max_seq_len
             req.mesh, req.held_since = None, None
             self._finish(request_id, RequestFailed(request_id, exc))
             return
         req.mesh, req.held_since = mesh, None
-        mesh.wake.set()
 
     async def _expire_held(self) -> None:
         """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After)."""
@@ -446,13 +457,17 @@ class Router:
         """Bring the mesh up (reset), run it until it fails, move its requests, and start over."""
         while True:
             try:
-                mesh.incarnation, mesh.caps = await asyncio.wait_for(mesh.client.reset(),
-                                                                     self.config.probe_timeout_s)
+                mesh.incarnation, mesh.caps = await within(mesh.client.reset(), self.config.probe_timeout_s)
             except Exception as exc:  # still restarting, or stuck in a work: try again later
                 log.debug("mesh %s not back yet: %r", mesh.name, exc)
                 await asyncio.sleep(self.config.probe_interval_s)
                 continue
-            mesh.scheduler = self._scheduler_for(mesh.caps)
+            try:
+                mesh.scheduler = self._scheduler_for(mesh.caps)
+            except ValueError as exc:  # the mesh's capabilities do not fit this config: a redeploy, not a retry
+                mesh.down_reason = f"cannot be scheduled with this config: {exc}"
+                log.error("mesh %s is not served: %s", mesh.name, mesh.down_reason)
+                return
             mesh.down_reason = None
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             self.mesh_up.set()
@@ -497,13 +512,15 @@ class Router:
                 mesh.wake.clear()
                 if not inflight:
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(mesh.wake.wait(), self.config.heartbeat_s)
+                        await within(mesh.wake.wait(), self.config.heartbeat_s)
                     if not mesh.wake.is_set():
                         await self._heartbeat(mesh)
                     continue
                 waker = asyncio.create_task(mesh.wake.wait())
-                await asyncio.wait([inflight[0], waker], return_when=asyncio.FIRST_COMPLETED)
-                waker.cancel()
+                try:
+                    await asyncio.wait([inflight[0], waker], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waker.cancel()
                 while inflight and inflight[0].done():
                     inflight.popleft().result()  # re-raises the stream's failure
         finally:
@@ -522,7 +539,7 @@ class Router:
             async for _ in mesh.client.execute(work, mesh.incarnation):
                 pass
         try:
-            await asyncio.wait_for(answered(), self.config.min_step_deadline_s)
+            await within(answered(), self.config.min_step_deadline_s)
         except asyncio.TimeoutError:
             raise MeshFailed(f"an empty work went unanswered for {self.config.min_step_deadline_s:.0f} s") from None
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from deployments.aio import within
 from deployments.link import Link, connect
 from scheduler.sampling import SamplingParams
 from scheduler.work import RequestFailed, TokenEvent, unpack_events
@@ -46,7 +47,7 @@ class RouterLink:
         queue: asyncio.Queue = asyncio.Queue()
         try:
             try:
-                await asyncio.wait_for(self._connected.wait(), CONNECT_WAIT_S)
+                await within(self._connected.wait(), CONNECT_WAIT_S)
                 link = self._link
                 if link is None:
                     raise ConnectionError("the link closed")

@@ -129,7 +129,7 @@ def prefix_lookup_us_128k(num_tokens: int = 131_072, repeats: int = 10) -> list[
         t0 = time.perf_counter_ns()
         hashes = []
         extend_block_hashes(hashes, prompt, BLOCK_SIZE)
-        hit_tokens = sched.placement_key(hashes, num_tokens)[0]
+        hit_tokens = sched.cached_prefix_tokens(hashes, num_tokens)
         runs.append((time.perf_counter_ns() - t0) / 1000)
         assert hit_tokens == num_tokens - 128, "the cached prompt was not found"
     return runs

@@ -147,14 +147,24 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
-    def placement_key(self, block_hashes: list[bytes], num_tokens: int) -> tuple[int, int, int, int]:
-        """How well a request of num_tokens tokens whose full blocks hash to block_hashes fits this mesh,
-        by its best KV group: (prompt tokens that group's prefix cache holds, slots the mesh has left once
-        its queue is seated, free slots in that group, blocks available in that group). Larger is better."""
+    def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int, seatable_only: bool = False) -> int:
+        """The longest prefix of a request (num_tokens tokens, full blocks hashing to block_hashes) that one KV
+        group's prefix cache holds; `seatable_only`: among groups with a free slot (the ones _admit seats in)."""
+        return max((len(g.pool.lookup(block_hashes, num_tokens, self.prefix_align)) for g in self.kv.groups
+                    if g.free_slots or not seatable_only), default=0) * self.block_size
+
+    def placement_key(self, block_hashes: list[bytes], num_tokens: int) -> tuple[int, ...]:
+        """How well a request fits this mesh; larger is better. A mesh that seats it now (a slot left once
+        its queue is seated) beats one that does not, whatever their prefix caches hold: a cache hit saves
+        one prefill, a queue costs the request every step until a slot frees. Among meshes that seat it,
+        the longest prefix cached in a group with a free slot wins, then the most slots left; among the
+        others, the shortest queue, then the longest prefix. The free slots and blocks of the best group
+        break the remaining ties."""
         free_after_queue = self.kv.num_free_slots - len(self.waiting)
-        best = max((len(g.pool.lookup(block_hashes, num_tokens, self.prefix_align)), len(g.free_slots),
-                    g.pool.num_available) for g in self.kv.groups)
-        return best[0] * self.block_size, free_after_queue, best[1], best[2]
+        group = max((len(g.free_slots), g.pool.num_available) for g in self.kv.groups)
+        if free_after_queue > 0:
+            return 1, self.cached_prefix_tokens(block_hashes, num_tokens, True), free_after_queue, *group
+        return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
     # ---- planning --------------------------------------------------------------------------------
     def schedule(self) -> MeshWork | None:

@@ -8,7 +8,7 @@ import pytest
 
 from deployments.router import Router, RouterConfig
 from model.simulated import SimulatedBackend
-from scheduler.errors import NoMeshAvailable
+from scheduler.errors import NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.work import pack_events, unpack_events
 from tests.local_mesh import LocalMesh
@@ -83,6 +83,99 @@ def test_shared_prefix_goes_to_the_mesh_that_caches_it():
         after = [m["prefix_hit_tokens"] for m in router.stats()["meshes"]]
         gained = [a - b for a, b in zip(after, before)]
         assert sorted(gained) == [0, 512]  # 599 shared tokens, rounded down to the 128 alignment
+        await router.close()
+    asyncio.run(main())
+
+
+async def _two_small_meshes(**config) -> Router:
+    meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=256, time_scale=0.01,
+                                                  vocab_size=1000)) for _ in range(2)]
+    router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**{**FAST, **config}))
+    await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+    return router
+
+
+def test_a_shared_prefix_does_not_pile_onto_a_full_mesh():
+    """A cache hit saves one prefill; a queue costs every step until a slot frees. Once the mesh that caches
+    a shared prefix has no slot left, the next request goes to the mesh with free slots."""
+    async def main():
+        router = await _two_small_meshes()
+        prefix = list(range(1, 600))
+        await collect(router, "warm", prefix + [7])
+        cached = next(m["name"] for m in router.stats()["meshes"] if m["blocks_cached"])
+        params = SamplingParams(temperature=0.0, max_tokens=3000)
+        streams = [router.generate(f"r{i}", prefix + [i + 10], params) for i in range(3)]
+        for stream in streams[:2]:
+            await anext(stream)  # running, on the mesh that caches the prefix
+        assert [router.requests[f"r{i}"].mesh.name for i in range(2)] == [cached, cached]
+        await anext(streams[2])
+        assert router.requests["r2"].mesh.name != cached
+        for s in streams:
+            await s.aclose()
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_full_queue_sends_a_request_to_the_next_mesh():
+    """Not back to the client as a 429 while another mesh has room in its queue."""
+    async def main():
+        router = await _two_small_meshes(max_waiting_requests=2)
+        prefix = list(range(1, 600))
+        await collect(router, "warm", prefix + [7])
+        streams = [router.generate(f"r{i}", prefix + [i + 10], LONG) for i in range(5)]
+        firsts = [asyncio.create_task(anext(s)) for s in streams]
+        await asyncio.sleep(0)  # all five submitted before either mesh admits one: 2 + 2 fit in the queues
+        assert sorted(router.requests[f"r{i}"].mesh.name for i in range(4)) == ["mesh-0", "mesh-0", "mesh-1", "mesh-1"]
+        with pytest.raises(QueueFull):
+            await firsts[4]
+        await asyncio.gather(*firsts[:4])
+        for s in streams:
+            await s.aclose()
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_continuation_is_not_refused_by_queue_limits():
+    """After a router restart every ingress resubmits its open streams at once: they are no new load, and a
+    429 would end a stream whose text is half delivered."""
+    async def main():
+        router, _ = await make_router(num_meshes=1, max_waiting_requests=1)
+        whole, _ = await collect(router, "a", PROMPTS[2], LONG)
+        streams = [router.generate(f"c{i}", PROMPTS[2], LONG, None, whole[:5]) for i in range(6)]
+        rests = await asyncio.gather(*[_drain(s) for s in streams])
+        assert rests == [whole[5:]] * 6
+        await router.close()
+    asyncio.run(main())
+
+
+async def _drain(stream) -> list[int]:
+    tokens = []
+    async for event in stream:
+        tokens += event.token_ids
+    return tokens
+
+
+def test_close_returns_when_it_lands_as_an_idle_mesh_is_woken():
+    """asyncio.wait_for before Python 3.12 swallows a cancel that lands as its future completes (gh-86296):
+    the idle mesh loop then went on forever and close() never returned."""
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        await asyncio.sleep(0.05)  # the mesh loop waits for a wake-up
+        router.submit("r", [1] * 50, SamplingParams(temperature=0.0, max_tokens=4), None, [], "c")  # wakes it
+        closing = asyncio.create_task(router.close())  # its cancel lands with the wake-up
+        done, _ = await asyncio.wait([closing], timeout=5)
+        assert done, "close() hung"
+    asyncio.run(main())
+
+
+def test_a_mesh_whose_capabilities_the_config_cannot_schedule_says_why():
+    async def main():
+        mesh = LocalMesh(lambda: SimulatedBackend(block_size=48, num_blocks=256, time_scale=0.01, vocab_size=1000))
+        router = Router([("mesh-0", mesh)], RouterConfig(**FAST))
+        await until(lambda: "cannot be scheduled" in (router.stats()["meshes"][0]["failed"] or ""))
+        assert not router.stats()["meshes"][0]["up"] and not router.stats()["ready"]
         await router.close()
     asyncio.run(main())
 

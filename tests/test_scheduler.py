@@ -445,7 +445,7 @@ def test_admission_picks_the_kv_group_that_caches_the_prefix_else_the_emptiest()
     while "a" in sched.requests:
         step(sched, mesh, events)
     sched.submit("b", prefix + [2, 2], params(max_tokens=2, ignore_eos=True))
-    assert sched.placement_key(_hashes(prefix + [2, 2]), 14)[0] == 12  # what the router ranks meshes by
+    assert sched.cached_prefix_tokens(_hashes(prefix + [2, 2]), 14) == 12  # what the router ranks meshes by
     work = sched.schedule()
     b = sched.running["b"]
     assert sched.kv.group_of(b.slot).index == 1 and b.num_cached_tokens == 12  # the hit beats emptiness
