@@ -267,7 +267,8 @@ class OpenAIServer:
                 preps.append(await self.prepare(req.model_copy(update={"prompt": p}), prefix, constraint))
             except APIError as exc:
                 if exc.info.param == "prompt" or exc.info.code == "context_length_exceeded":  # say which one
-                    exc.info.message = f"prompt[{i}]: {exc.info.message}"
+                    message = exc.info.message.removeprefix("prompt: ")
+                    exc.info.message = f"prompt[{i}]: {message}"
                 raise
         return preps
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationInfo, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationInfo,
+                      field_validator, model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
@@ -45,6 +45,27 @@ def _check_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_check_unicode)]
+
+
+def _check_json_unicode(value: Any) -> Any:
+    """_check_unicode for every string of a free-form JSON value, keys included (a schema's text is
+    serialized again for the grammar engine and the chat template)."""
+    if isinstance(value, str):
+        _check_unicode(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_json_unicode(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json_unicode(item)
+    return value
+
+
+# vLLM refuses an empty salt too
+Salt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SALT_CHARS), AfterValidator(_check_unicode)]
+Json = Annotated[JsonValue, AfterValidator(_check_json_unicode)]
+JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_check_json_unicode)]
 
 
 def _refuse_unsupported(value: Any) -> Any:
@@ -114,13 +135,13 @@ class _GenerationRequest(_Request):
     n: int = Field(1, ge=1, le=MAX_N)
     user: Text | None = None  # accepted; the end user's id is not used
     # vLLM's: requests reuse cached prefixes only with the same salt (with API keys, within one key's tenant)
-    cache_salt: Text | None = Field(None, max_length=MAX_SALT_CHARS)
+    cache_salt: Salt | None = None
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS_ENTRIES)  # token id -> [-100, 100]
     # Structured outputs (deployments/structured.py compiles them into one grammar): OpenAI's response_format,
     # vLLM's structured_outputs, and vLLM's older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
-    guided_json: JsonValue | None = None
+    guided_json: Json | None = None
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
     guided_grammar: Text | None = None
@@ -205,7 +226,7 @@ class _GenerationRequest(_Request):
 class JsonSchemaFormat(_Request):
     name: Text = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: Text | None = None
-    schema_: dict[str, JsonValue] | None = Field(None, alias="schema")  # None: any JSON object
+    schema_: JsonObject | None = Field(None, alias="schema")  # None: any JSON object
     strict: bool | None = None
 
 
@@ -230,7 +251,7 @@ class ResponseFormat(_Request):
 class StructuredOutputs(_Request):
     """vLLM's `structured_outputs`: exactly one constraint."""
 
-    json_: JsonValue | None = Field(None, alias="json")  # a JSON schema (object, or its text)
+    json_: Json | None = Field(None, alias="json")  # a JSON schema (object, or its text)
     regex: Text | None = None
     choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
     grammar: Text | None = None  # Lark syntax (llguidance's; vLLM's EBNF grammars are close to it)
@@ -240,8 +261,16 @@ class StructuredOutputs(_Request):
 class FunctionDefinition(_Request):
     name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Text | None = None
-    parameters: dict[str, JsonValue] | None = None  # a JSON schema; None: no arguments
+    parameters: JsonObject | None = None  # a JSON schema; None: no arguments
     strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object_schema(cls, v):
+        """Arguments are a JSON object (Llama 3's call format, and OpenAI refuses any other schema type)."""
+        if "type" in v and v["type"] != "object":
+            raise ValueError(f'must be a JSON Schema of type "object", not {v["type"]!r}')
+        return v
 
 
 class Tool(_Request):
@@ -316,7 +345,7 @@ class ChatCompletionRequest(_GenerationRequest):
     store: Literal[False] = False  # nothing is stored
     chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
     echo: Literal[False] = False  # vLLM's chat echo (the last message prepended) is not implemented
-    chat_template_kwargs: dict[str, JsonValue] | None = None  # vLLM's: more variables for the model's template
+    chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True

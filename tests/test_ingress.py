@@ -246,11 +246,14 @@ OUT_OF_BOUNDS = [
     ({"repetition_penalty": 11}, "repetition_penalty"),
     ({"cache_salt": "s" * (MAX_SALT_CHARS + 1)}, "cache_salt"),
     ({"cache_salt": "\ud800"}, "cache_salt"),
+    ({"cache_salt": ""}, "cache_salt"),  # vLLM refuses it too; it would share the unsalted cache
 ]
 CHAT_OUT_OF_BOUNDS = [
     ({"max_completion_tokens": 10**12}, "max_completion_tokens"),
     ({"logprobs": True, "top_logprobs": MAX_LOGPROBS + 1}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters"),  # arguments are an object (OpenAI refuses other schema types too)
 ]
 COMPLETION_OUT_OF_BOUNDS = [
     ({"prompt": [-1]}, "prompt"),
@@ -280,6 +283,27 @@ def test_lone_surrogate_in_a_text_part_is_400(client, router):
     body = {**CHAT, "messages": [{"role": "user", "content": parts}]}
     error = assert_error(post(client, "/v1/chat/completions", body), 400)
     assert error["param"].startswith("messages.0.content")  # a union: pydantic names its branch after the field
+    assert router.requests == {}
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("patch, param", [
+    ({"tools": [{**TOOL, "function": {"name": "f", "parameters": {"type": "object", "description": "\ud800"}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [{**TOOL, "function": {"name": "f", "parameters": {"properties": {"\ud800": {}}}}}]},
+     "tools.0.function.parameters"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"enum": ["\udfff"]}}}},
+     "response_format.json_schema.schema"),
+    ({"guided_json": {"const": ["\ud800"]}}, "guided_json"),
+    ({"structured_outputs": {"json": {"const": "\ud800"}}}, "structured_outputs.json"),
+    ({"chat_template_kwargs": {"x": "\ud800"}}, "chat_template_kwargs"),
+])
+def test_a_lone_surrogate_inside_free_form_json_is_400(client, router, patch, param):
+    """Schemas and template variables are serialized again for the grammar engine and the template: a lone
+    surrogate there was a 500."""
+    assert_error(post(client, "/v1/chat/completions", {**CHAT, **patch}), 400, param=param)
     assert router.requests == {}
 
 
@@ -830,6 +854,12 @@ def test_a_bad_batch_of_prompts_is_400_naming_prompt(client, router, prompt):
     body = {**COMPLETION, "prompt": prompt, "max_tokens": 2, "n": 2}
     assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
     assert not router.requests
+
+
+def test_a_bad_token_in_a_batch_names_its_prompt_once(client, router):
+    body = {**COMPLETION, "prompt": [[1, 2], [10**9]], "max_tokens": 2}
+    error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
+    assert error["message"].startswith("prompt[1]: token ids must lie in [0, ")
 
 
 def test_one_prompt_of_a_batch_too_long_for_the_context_refuses_the_batch(client, router):

@@ -74,7 +74,8 @@ def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt,
     ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
-    *[({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}],
+    *[({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nope"}}}}}],
         "tool_choice": choice}, "tools.1.function.parameters")  # a forced call: the tool at fault is named
       for choice in ("required", {"type": "function", "function": {"name": "f"}})],
 ])
@@ -90,7 +91,8 @@ def test_a_tool_schema_that_constrains_nothing_is_not_compiled(llt, tool_choice)
     uniqueItems for a set) or even a bad type do not refuse the request."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}}}},
-             {"type": "function", "function": {"name": "g", "parameters": {"type": "nope"}}}]
+             {"type": "function", "function": {"name": "g", "parameters": {
+                 "type": "object", "properties": {"x": {"type": "nope"}}}}}]
     assert constraint_for(chat(tools=tools, tool_choice=tool_choice), lambda: llt).grammar is None
 
 
