@@ -24,7 +24,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, ResponseToolCall,
-                                  Tool, TopLogprob, Usage)
+                                  TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
@@ -73,7 +73,7 @@ def check_prompt_chars(chars: int, limit: int, param: str) -> None:
                        code="context_length_exceeded")
 
 
-def chat_chars(req: ChatCompletionRequest) -> int:
+def chat_chars(req: ChatCompletionRequest | TokenizeRequest) -> int:
     """What a chat puts into the template, in characters: every message's text and tool calls, the tools'
     definitions, and a template's few tokens per message (MIN_TOKENS_PER_MESSAGE), so that a huge tool list or
     100k empty messages are refused before templating (which holds the GIL, stalling every stream)."""
@@ -173,15 +173,18 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                        tools: list[Tool] | None = None, template_kwargs: dict | None = None) -> list[int]:
-        """A chat's prompt ids, by the model's template, with `tools` offered to the model."""
-        takes_tools = self.tokenizer.template_takes_tools
+                        tools: list[Tool] | None = None, template_kwargs: dict | None = None,
+                        add_special_tokens: bool = False) -> list[int]:
+        """A chat's prompt ids, by the model's template, with `tools` offered to the model;
+        `add_special_tokens` puts the model's BOS before the template's own tokens (vLLM's field)."""
+        tokenizer = self.tokenizer
+        takes_tools = tokenizer.template_takes_tools
         try:
-            return self.tokenizer.encode_chat(render_messages(messages, tools, takes_tools), add_generation_prompt,
-                                              tool_definitions(tools) if tools and takes_tools else None,
-                                              template_kwargs)
+            ids = tokenizer.encode_chat(render_messages(messages, tools, takes_tools), add_generation_prompt,
+                                        tool_definitions(tools) if tools and takes_tools else None, template_kwargs)
         except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
             raise APIError(400, f"messages: {exc}", param="messages") from None
+        return [tokenizer.bos_id, *ids] if add_special_tokens and tokenizer.bos_id is not None else ids
 
     async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest, limit: int,
                          constraint: Constraint) -> tuple[list[int], str]:
@@ -194,14 +197,15 @@ class OpenAIServer:
             if not truncated:
                 check_prompt_chars(chars, limit, "messages")
             tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do
-            args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs)
+            args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
+                    req.add_special_tokens)
             # a tool list is always templated off the loop
             ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args))
             return ids, "messages"
         if isinstance(req.prompt, str):
             if not truncated:
                 check_prompt_chars(len(req.prompt), limit, "prompt")
-            return await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, True), "prompt"
+            return await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, req.add_special_tokens), "prompt"
         return req.prompt, "prompt"  # token ids: the length is checked first, then the vocabulary
 
     # ---- requests -> router ---------------------------------------------------------------------

@@ -68,6 +68,13 @@ Json = Annotated[JsonValue, AfterValidator(_check_json_unicode)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_check_json_unicode)]
 
 
+def _template_variables_only(cls, v: dict | None) -> dict | None:
+    reserved = sorted(set(v or ()) & TEMPLATE_ARGUMENTS)
+    if reserved:
+        raise ValueError(f"{reserved[0]!r} is set by the request itself, not a template variable")
+    return v
+
+
 def _refuse_unsupported(value: Any) -> Any:
     raise PydanticCustomError("unsupported", "this server does not support this field")
 
@@ -130,6 +137,12 @@ class _GenerationRequest(_Request):
     bad_words: Unsupported | None = None  # vLLM's
     return_tokens_as_token_ids: Unsupported | None = None  # vLLM's
     spaces_between_special_tokens: Literal[True] = True  # vLLM's; false is not implemented
+    return_token_ids: Literal[False] = False  # vLLM's; token ids in the response are not implemented
+    detokenize: Literal[True] = True  # vLLM's; an answer without text is not implemented
+    priority: Literal[0] = 0  # vLLM's; as vLLM without its priority scheduling policy, only 0
+    prompt_embeds: Unsupported | None = None  # vLLM's; this server takes text and token ids
+    logits_processors: Unsupported | None = None  # vLLM's; custom code is not loaded
+    guided_whitespace_pattern: Text | None = None  # vLLM's: the whitespace a JSON constraint allows (a regex)
     use_beam_search: Literal[False] = False  # vLLM's beam search is not implemented
     length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
@@ -256,6 +269,11 @@ class StructuredOutputs(_Request):
     choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
     grammar: Text | None = None  # Lark syntax (llguidance's; vLLM's EBNF grammars are close to it)
     json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
+    whitespace_pattern: Text | None = None  # the whitespace a JSON constraint allows (a regex)
+    disable_additional_properties: bool = False  # objects take only the properties their schema lists
+    disable_fallback: bool = False  # no other grammar engine to fall back on: an error is always an error
+    structural_tag: Unsupported | None = None
 
 
 class FunctionDefinition(_Request):
@@ -346,19 +364,15 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
     echo: Literal[False] = False  # vLLM's chat echo (the last message prepended) is not implemented
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
+    documents: Unsupported | None = None  # vLLM's RAG documents for templates that take them
+    add_special_tokens: bool = False  # vLLM's: true puts a BOS before the template's own tokens
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # vLLM's: false renders the messages without the assistant's header
     continue_final_message: Literal[False] = False  # vLLM's assistant prefill: not implemented
 
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_variables_only(cls, v):
-        reserved = sorted(set(v) & TEMPLATE_ARGUMENTS)
-        if reserved:
-            raise ValueError(f"{reserved[0]!r} is set by the request itself, not a template variable")
-        return v
+    _template_variables = field_validator("chat_template_kwargs")(_template_variables_only)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -389,6 +403,7 @@ class CompletionRequest(_GenerationRequest):
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
     best_of: Literal[1] | None = None  # server-side ranking of several samples is not implemented
+    add_special_tokens: bool = True  # vLLM's: the model's BOS before a text prompt (false: the text alone)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -448,6 +463,10 @@ class TokenizeRequest(_Request):
     continue_final_message: Literal[False] = False  # vLLM's assistant prefill: not implemented
     add_special_tokens: bool | None = None  # None: BOS for a prompt (vLLM's True), none beyond the template for a chat
     return_token_strs: bool = False
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # chat form: offered to the model, as in a chat
+    chat_template_kwargs: JsonObject | None = None  # chat form
+
+    _template_variables = field_validator("chat_template_kwargs")(_template_variables_only)
 
     @field_validator("messages")
     @classmethod

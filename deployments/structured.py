@@ -66,8 +66,16 @@ def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], obje
         raise APIError(400, f"{param}: {exc}", param=param) from None
     error = grammar_error(grammar, ll_tokenizer())
     if error:
-        raise APIError(400, f"{param}: {error.splitlines()[0]}", param=param)
+        raise APIError(400, f"{param}: {_one_line(error)}", param=param)
     return grammar
+
+
+def _one_line(error: str) -> str:
+    """llguidance's message without its source excerpt and carets: its first line, and the line that says
+    what is wrong when the first ends at a colon ("regex parse error:" ... "error: unclosed group")."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    cause = next((line.removeprefix("error:").strip() for line in lines[1:] if line.startswith("error:")), None)
+    return f"{lines[0].rstrip(':')}: {cause}" if cause else lines[0]
 
 
 def unconstrained(req: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -119,14 +127,16 @@ def _parameters(tool: Tool) -> dict:
 def _grammar_sources(req) -> list[tuple[str, object]]:
     """(param, builder) for every grammar-making field the request sets."""
     sources: list[tuple[str, object]] = []
+    so = req.structured_outputs
+    whitespace = _json_whitespace(req)
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
-        sources.append(("response_format", lambda: json_schema_grammar(True)))
+        sources.append(("response_format", lambda: json_schema_grammar(True, whitespace)))
     elif fmt is not None and fmt.type == "json_schema":
         schema, strict = fmt.json_schema.schema_, fmt.json_schema.strict
         sources.append(("response_format.json_schema.schema",  # built (closed when strict) only when asked for
-                        lambda: json_schema_grammar(True if schema is None else closed(schema) if strict else schema)))
-    so = req.structured_outputs
+                        lambda: json_schema_grammar(True if schema is None else closed(schema) if strict else schema,
+                                                    whitespace)))
     if so is not None:
         given = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
                                                    ("grammar", so.grammar), ("json_object", so.json_object or None))
@@ -135,12 +145,26 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
             raise APIError(400, "structured_outputs: give exactly one of json, regex, choice, grammar, json_object",
                            param="structured_outputs")
         name, value = given[0]
-        sources.append((f"structured_outputs.{name}", _builder(name, value)))
+        sources.append((f"structured_outputs.{name}", _builder(name, value, whitespace, so.disable_additional_properties)))
     for name in ("json", "regex", "choice", "grammar"):
         value = getattr(req, f"guided_{name}")
         if value is not None:
-            sources.append((f"guided_{name}", _builder(name, value)))
+            sources.append((f"guided_{name}", _builder(name, value, whitespace)))
     return sources
+
+
+def _json_whitespace(req) -> dict:
+    """llguidance's JSON whitespace options from vLLM's fields: `disable_any_whitespace` (no whitespace
+    between tokens) and `whitespace_pattern` / `guided_whitespace_pattern` (a regex for it). They shape JSON
+    constraints only, as in vLLM."""
+    so = req.structured_outputs
+    pattern = req.guided_whitespace_pattern or (so.whitespace_pattern if so is not None else None)
+    options = {}
+    if so is not None and so.disable_any_whitespace:
+        options["whitespace_flexible"] = False
+    if pattern is not None:
+        options["whitespace_pattern"] = pattern
+    return options
 
 
 def closed(schema: dict | None) -> dict:
@@ -159,11 +183,14 @@ def closed(schema: dict | None) -> dict:
     return out
 
 
-def _builder(kind: str, value):
+def _builder(kind: str, value, whitespace: dict, closed_objects: bool = False):
     if kind == "json":
-        return lambda: json_schema_grammar(json.loads(value) if isinstance(value, str) else value)
+        def build() -> str:
+            schema = json.loads(value) if isinstance(value, str) else value
+            return json_schema_grammar(closed(schema) if closed_objects else schema, whitespace)
+        return build
     if kind == "json_object":
-        return lambda: json_schema_grammar(True)
+        return lambda: json_schema_grammar(True, whitespace)
     if kind == "regex":
         return lambda: regex_grammar(value)
     if kind == "choice":

@@ -3,7 +3,7 @@ endpoints use them, so a client can count and inspect tokens without generating.
 from __future__ import annotations
 
 from deployments.errors import APIError
-from deployments.openai_server import OpenAIServer, check_prompt_chars, check_token_ids
+from deployments.openai_server import OpenAIServer, chat_chars, check_prompt_chars, check_token_ids
 from deployments.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 
@@ -12,7 +12,7 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> TokenizeRespon
     server.check_model(req.model)
     limit = await server.model_len()
     if req.messages is not None:
-        check_prompt_chars(sum(len(m.text) for m in req.messages), limit, "messages")
+        check_prompt_chars(chat_chars(req), limit, "messages")
     else:
         check_prompt_chars(len(req.prompt), limit, "prompt")
     ids, strs = await server.off_loop(_tokenize, server, req)
@@ -22,9 +22,8 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> TokenizeRespon
 def _tokenize(server: OpenAIServer, req: TokenizeRequest) -> tuple[list[int], list[str] | None]:
     tokenizer = server.tokenizer
     if req.messages is not None:
-        ids = server.encode_messages(req.messages, req.add_generation_prompt)
-        if req.add_special_tokens and tokenizer.bos_id is not None:  # vLLM's: BOS on top of the template's
-            ids = [tokenizer.bos_id, *ids]
+        ids = server.encode_messages(req.messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs,
+                                     bool(req.add_special_tokens))
     else:
         ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
     return ids, [tokenizer.decode([t]) for t in ids] if req.return_token_strs else None

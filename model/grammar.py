@@ -20,11 +20,12 @@ from llguidance import LLMatcher
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
-def json_schema_grammar(schema: dict | bool) -> str:
-    """The grammar of JSON text valid against `schema` (`True`: any JSON object, OpenAI's json_object)."""
+def json_schema_grammar(schema: dict | bool, whitespace: dict | None = None) -> str:
+    """The grammar of JSON text valid against `schema` (`True`: any JSON object, OpenAI's json_object).
+    `whitespace`: llguidance's JsonCompileOptions for it (`whitespace_flexible`, `whitespace_pattern`)."""
     if schema is True:
         schema = {"type": "object"}
-    return LLMatcher.grammar_from_json_schema(schema)
+    return LLMatcher.grammar_from_json_schema(schema, overrides=whitespace or None)
 
 
 def regex_grammar(pattern: str) -> str:

@@ -12,12 +12,13 @@ SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature"
                 "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
                 "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output", "min_p", "skip_special_tokens",
                 "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty", "allowed_token_ids",
-                "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens"]
+                "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens", "return_token_ids",
+                "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern"]
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
-              "chat_template_kwargs"]
-COMPLETION_NULLS = ["logprobs", "echo", "suffix", "best_of"]
+              "chat_template_kwargs", "documents", "add_special_tokens"]
+COMPLETION_NULLS = ["logprobs", "echo", "suffix", "best_of", "add_special_tokens"]
 
 
 @pytest.mark.parametrize("path, base, fields", [("/v1/chat/completions", CHAT, SHARED_NULLS + CHAT_NULLS),
@@ -74,6 +75,14 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/completions", COMPLETION, {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ("/v1/completions", COMPLETION, {"return_token_ids": True}, "return_token_ids"),
+    ("/v1/chat/completions", CHAT, {"detokenize": False}, "detokenize"),
+    ("/v1/chat/completions", CHAT, {"priority": 1}, "priority"),  # as vLLM without its priority policy
+    ("/v1/completions", COMPLETION, {"prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ("/v1/completions", COMPLETION, {"logits_processors": ["my.module:Proc"]}, "logits_processors"),
+    ("/v1/chat/completions", CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
+    ("/v1/chat/completions", CHAT, {"structured_outputs": {"json": {}, "structural_tag": "{}"}},
+     "structured_outputs.structural_tag"),
 ])
 def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, router, path, base, patch, param):
     assert_error(client.post(path, json={**base, **patch}), 400, param=param)

@@ -85,6 +85,34 @@ def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, f
     assert caught.value.status == 400 and caught.value.info.param == param
 
 
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("fields, admitted", [
+    ({"structured_outputs": {"json": SCHEMA}}, [True, True, True, True]),
+    ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}, [False, True, False, False]),
+    ({"guided_json": SCHEMA, "guided_whitespace_pattern": " "}, [True, True, False, True]),
+    ({"structured_outputs": {"json": SCHEMA, "whitespace_pattern": " "}}, [True, True, False, True]),
+    ({"structured_outputs": {"json": SCHEMA, "disable_additional_properties": True}}, [True, True, True, False]),
+    ({"response_format": {"type": "json_object"}, "guided_whitespace_pattern": " "}, [True, True, False, True]),
+])
+def test_vllm_json_options_shape_the_grammar(tok, llt, fields, admitted):
+    texts = ['{"a": 1}', '{"a":1}', '{\n"a": 1}', '{"a": 1, "b": 2}']
+    grammar = constraint_for(chat(**fields), lambda: llt).grammar
+    assert [accepts(llt, tok, grammar, text) for text in texts] == admitted
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"guided_regex": "(("}, 'guided_regex: at 1(8): invalid regex "((" (in regex): regex parse error: unclosed group'),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "string", "pattern": "(("}}}}, "response_format.json_schema.schema: regex parse error: unclosed group"),
+])
+def test_a_grammar_error_says_what_is_wrong(llt, fields, message):
+    with pytest.raises(APIError) as caught:
+        constraint_for(chat(**fields), lambda: llt)
+    assert caught.value.info.message == message
+
+
 @pytest.mark.parametrize("tool_choice", [None, "auto", "none"])
 def test_a_tool_schema_that_constrains_nothing_is_not_compiled(llt, tool_choice):
     """Without a forced call, schemas only go into the prompt (as vLLM): keywords llguidance lacks (pydantic's

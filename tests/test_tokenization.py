@@ -47,6 +47,34 @@ def test_add_special_tokens_adds_bos(router):
                                           "add_special_tokens": True}).json()["tokens"][:2] == [bos, bos]
 
 
+def test_generation_takes_add_special_tokens_as_tokenize_does(router):
+    """vLLM's add_special_tokens: completions put the BOS first unless false; chats add one only when true."""
+    llama3 = Tokenizer.from_tiktoken_file(ensure_llama3_tokenizer() / "tokenizer.model")
+    client = make_client(router, llama3)
+    for path, body in (("/v1/completions", {"prompt": "<|begin_of_text|>hi"}), ("/v1/chat/completions", CHAT)):
+        for flag in (None, True, False):
+            fields = {} if flag is None else {"add_special_tokens": flag}
+            counted = client.post("/tokenize", json={**body, **fields}).json()["tokens"]
+            assert client.post(path, json={**body, **fields, "max_tokens": 1}).status_code == 200
+            (sent, _, _), = router.requests.values()
+            router.requests.clear()
+            assert sent == counted
+            assert sent[:2].count(llama3.bos_id) == (2 if flag or (flag is None and "prompt" in body) else 1)
+
+
+def test_tokenize_offers_the_tools_as_a_chat_does(router):
+    llama3 = Tokenizer.from_tiktoken_file(ensure_llama3_tokenizer() / "tokenizer.model")
+    client = make_client(router, llama3)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    body = {"messages": CHAT["messages"], "tools": tools}
+    counted = client.post("/tokenize", json=body).json()
+    assert client.post("/v1/chat/completions", json={**CHAT, "tools": tools, "max_tokens": 1}).status_code == 200
+    (sent, _, _), = router.requests.values()
+    assert counted["tokens"] == sent
+    assert counted["count"] > client.post("/tokenize", json={"messages": CHAT["messages"]}).json()["count"]
+
+
 def test_tokenize_by_get(client, tokenizer):
     body = client.get("/tokenize", params={"prompt": TEXT, "return_token_strs": "true"}).json()
     assert body["tokens"] == tokenizer.encode(TEXT, add_bos=True) and len(body["token_strs"]) == body["count"]
