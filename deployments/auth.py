@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from deployments.errors import APIError
 
 
@@ -32,6 +34,28 @@ class ApiKeys:
         if scheme.lower() != "bearer" or not match:
             raise _unauthorized()
         return raw
+
+
+class KeyCheck:
+    """ASGI middleware: every path but `open_paths` needs one of the keys, checked before the body is read, so
+    a client without a key gets a 401 whatever it sends (a malformed body too), as OpenAI and vLLM answer.
+    The key the client sent is left in the request's state (`request.state.api_key`) for its tenant salt."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, open_paths: frozenset[str]):
+        self.app = app
+        self.keys = keys
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        try:
+            key = self.keys.check(authorization)
+        except APIError as exc:
+            return await exc.response()(scope, receive, send)
+        scope.setdefault("state", {})["api_key"] = key
+        await self.app(scope, receive, send)
 
 
 def tenant_salt(key: bytes, cache_salt: str | None) -> str:

@@ -7,12 +7,13 @@ logic is in `deployments/openai_server.py`, streaming helpers in `streaming.py`,
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import logging
 import time
 from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -22,7 +23,8 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from deployments import tokenization
-from deployments.auth import ApiKeys, tenant_salt
+from deployments.aio import within
+from deployments.auth import ApiKeys, KeyCheck, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES
 from deployments.errors import APIError, unavailable, validation_error
@@ -36,6 +38,9 @@ log = logging.getLogger("ray.serve")
 M = TypeVar("M", bound=BaseModel)
 
 
+HEALTH_TIMEOUT_S = 1.0
+
+
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               metrics_open: bool = False) -> FastAPI:
@@ -45,17 +50,14 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
-    keys = ApiKeys(api_keys or [])
-
-    async def check_api_key(request: Request) -> None:
-        request.state.api_key = keys.check(request.headers.get("authorization", ""))
-
-    keyed = [Depends(check_api_key)] if api_keys else []
+    if api_keys:  # added last, so it runs first: a request without a key is refused before its body is read
+        app.add_middleware(KeyCheck, keys=ApiKeys(api_keys),
+                           open_paths=frozenset({"/health", "/version", *(["/metrics"] if metrics_open else [])}))
 
     def salt(request: Request, cache_salt: str | None) -> str | None:
         return tenant_salt(request.state.api_key, cache_salt) if api_keys else cache_salt
 
-    v1 = APIRouter(prefix="/v1", dependencies=keyed)
+    v1 = APIRouter(prefix="/v1")
     created = int(time.time())  # the served model's `created`: when this server started, the same on every call
 
     @v1.post("/chat/completions")
@@ -80,7 +82,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     app.include_router(v1)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
-    tok = APIRouter(dependencies=keyed)
+    tok = APIRouter()
 
     @tok.post("/tokenize")
     async def tokenize_post(req: TokenizeRequest) -> TokenizeResponse:
@@ -109,11 +111,17 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @app.get("/health")
     async def health():
-        if not (await server.stats())["ready"]:
+        """200 while a mesh is live; 503 otherwise, within HEALTH_TIMEOUT_S even while the router restarts
+        (its stats call would wait for the new replica, and probes time out after 1-5 s)."""
+        try:
+            stats = await within(server.stats(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise unavailable(f"The router did not answer within {HEALTH_TIMEOUT_S:.0f} s.") from None
+        if not stats["ready"]:
             raise unavailable("No mesh is live.")
         return Response(status_code=200)
 
-    @app.get("/metrics", dependencies=[] if metrics_open else keyed)
+    @app.get("/metrics")
     async def metrics():
         return Response(server.metrics.render(await server.stats()), media_type=CONTENT_TYPE_LATEST)
 

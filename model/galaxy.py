@@ -23,7 +23,11 @@ BLOCKS_PER_GROUP = -(-(MAX_SEQ_LEN + BLOCK_SIZE * (NUM_SLOTS // KV_GROUPS)) // B
 LLAMA3_VOCAB = 128_256
 LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 # What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
-DEVICE_SAMPLING = frozenset({"temperature", "top_k", "top_p", "seed"})
+# A seed stays on the host too: tt-metal reseeds a slot's generator at each prefill and draws once per decode
+# step (models/common/sampling SeedManager), so a seeded answer recomputed after a preemption or a failover, or
+# decoded beside a host-sampled neighbour, would draw other tokens; the host sampler keys each draw on
+# (seed, position), the same wherever and whenever the token is computed.
+DEVICE_SAMPLING = frozenset({"temperature", "top_k", "top_p"})
 DEVICE_MAX_TOP_K = 32  # tt-metal's on-device sampler keeps the top 32 (models/common/sampling); larger: host
 
 

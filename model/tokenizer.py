@@ -41,6 +41,11 @@ LLAMA3_NAMED_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_spec
                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
 # End-of-turn markers that stop generation besides eos (<|eom_id|>: end of a tool-calling message).
 TURN_END_TOKENS = ("<|eot_id|>", "<|eom_id|>")
+# Texts longer than this are tokenized by the Hugging Face tokenizer's encode_batch, which releases the GIL
+# while it runs. Its encode held the GIL in a Serve ingress replica: a 7.8 MB prompt (vLLM's
+# truncate_prompt_tokens takes one up to the body limit) stalled every other request of the replica for ~3 s
+# (py-spy: the tokenizer thread "active+gil", the event loop waiting for it).
+LONG_TEXT_CHARS = 100_000
 
 ChatMessage = Mapping[str, str]
 _LLAMA3_ROLES = {"tool": "ipython"}  # Llama 3 names the turn that carries a tool's output `ipython`
@@ -133,6 +138,8 @@ class Tokenizer:
         """Token ids of `text`; `add_bos` prepends the model's BOS if it uses one."""
         if self._tiktoken is not None:
             ids = self._tiktoken.encode(text, allowed_special="all")
+        elif len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL while it works; encode did not (below)
+            ids = self._hf.backend_tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         else:
             ids = self._hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids

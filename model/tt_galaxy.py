@@ -207,7 +207,9 @@ def _tt_sampling(rows: list[SamplingParams]):
     """tt-metal's SamplingParams: a list per field, one value per row (the generator pads to 32 users)."""
     from models.common.sampling import SamplingParams as TTSamplingParams
 
-    return TTSamplingParams(temperature=[p.temperature for p in rows], top_k=[p.top_k for p in rows],
+    # A temperature under GREEDY_TEMPERATURE is argmax on the host; sent as it is, the device would divide by it
+    # (1/1e-40 is inf), so it goes as 0.0, the device's argmax.
+    return TTSamplingParams(temperature=[0.0 if p.greedy else p.temperature for p in rows], top_k=[p.top_k for p in rows],
                             top_p=[p.top_p for p in rows], seed=[p.seed for p in rows])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from hypothesis import given
@@ -11,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import RayTaskError
 from starlette.requests import ClientDisconnect
 
+from deployments import ingress
 from deployments.ingress import build_app
 from deployments.streaming import StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
@@ -458,6 +460,24 @@ def test_api_keys(router, tokenizer):
     assert_error(client.get("/v1/models", headers={"Authorization": "Bearer nope"}), 401)
     assert client.post("/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k2"}).status_code == 200
     assert client.get("/health").status_code == 200  # probes need no key
+    # The key is checked before the body is read: no key is a 401 whatever the body, as OpenAI and vLLM answer.
+    bad_json = client.post("/v1/completions", content=b"{bad", headers={"Content-Type": "application/json"})
+    assert_error(bad_json, 401)
+    assert_error(client.post("/v1/completions", json={"prompt": 5}), 401)
+    assert_error(client.get("/no/such/path"), 401)  # nothing about the routes leaks either
+    assert client.get("/version").status_code == 200
+
+
+def test_health_answers_within_its_timeout_while_the_router_does_not(client, router, monkeypatch):
+    """During a router restart the stats call waits for the new replica; probes time out after 1-5 s."""
+    async def stuck() -> dict:
+        await asyncio.sleep(60)
+    monkeypatch.setattr(router, "stats", stuck)
+    monkeypatch.setattr(ingress, "HEALTH_TIMEOUT_S", 0.2)
+    began = time.monotonic()
+    response = client.get("/health")
+    assert_error(response, 503)
+    assert time.monotonic() - began < 5 and response.headers["retry-after"]
 
 
 # ---- disconnects --------------------------------------------------------------------------------

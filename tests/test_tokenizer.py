@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from model.embedded import ensure_llama3_tokenizer, ensure_smollm2
-from model.tokenizer import (MIXED_TEXT, IncrementalDetokenizer, Tokenizer, load_tokenizer,
+from model.tokenizer import (LONG_TEXT_CHARS, MIXED_TEXT, IncrementalDetokenizer, Tokenizer, load_tokenizer,
                              tokenizer_match_report)
 
 # Meta's published template for Llama 3 Instruct (tokenizer_config.json of Meta-Llama-3-8B-Instruct).
@@ -87,6 +87,14 @@ def test_meta_and_hf_formats_give_same_ids_and_round_trip(meta, hf, text):
     ids = meta.encode(text)
     assert hf.encode(text) == ids
     assert meta.decode(ids) == text and hf.decode(ids) == text
+
+
+def test_a_long_text_gets_the_same_ids_by_the_gil_free_path(hf, smol):
+    """Texts over LONG_TEXT_CHARS go through encode_batch (it releases the GIL): the same ids as encode."""
+    text = (MIXED_TEXT + " ") * (LONG_TEXT_CHARS // len(MIXED_TEXT) + 2)
+    for tok in (hf, smol):
+        assert len(text) > LONG_TEXT_CHARS
+        assert tok.encode(text) == tok.hf_tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def test_special_tokens_are_single_ids_in_both_formats(meta, hf):

@@ -134,8 +134,10 @@ def test_caps_declare_a_kv_group_per_mesh_column_of_2056_blocks(backend):
 
 
 def test_what_the_device_cannot_sample_exactly_goes_to_the_host(backend):
-    """tt-metal's sampler keeps the top 32 and applies no penalties, logprobs or min_tokens masks."""
-    assert backend.can_sample(SamplingParams(temperature=0.7, top_k=32, top_p=0.9, seed=1))
+    """tt-metal's sampler keeps the top 32 and applies no penalties, logprobs or min_tokens masks; a seeded draw
+    stays on the host, keyed on (seed, position), so that a recompute draws the same tokens."""
+    assert backend.can_sample(SamplingParams(temperature=0.7, top_k=32, top_p=0.9))
+    assert not backend.can_sample(SamplingParams(temperature=0.7, top_k=32, top_p=0.9, seed=1))
     assert not backend.can_sample(SamplingParams(temperature=0.7, top_k=33))
     assert not backend.can_sample(SamplingParams(presence_penalty=0.5))
     assert not backend.can_sample(SamplingParams(logprobs=1))
@@ -393,6 +395,15 @@ def test_decode_maps_fixed_page_table_positions_and_inactive_slots(backend):
     assert out[[0, 5, 31]].tolist() == [0, 50, 310]  # nothing else written in those blocks: the fed token
 
 
+def test_a_near_zero_temperature_goes_to_the_device_as_argmax(backend):
+    """Greedy on the host below GREEDY_TEMPERATURE; the device would divide by it (1/1e-40 is inf)."""
+    tokens, positions, active = decode_inputs([3], [10])
+    sampling = [None] * 32
+    sampling[3] = SamplingParams(temperature=1e-40)
+    backend.decode(tokens, positions, empty_table(backend), active, sampling)
+    assert last_call(backend, "decode_forward")["slot_params"][3]["temperature"] == 0.0
+
+
 def test_decode_sampling_params_per_slot_and_greedy_padding(backend):
     tokens, positions, active = decode_inputs([3, 4], [10, 10])
     sampling = [None] * 32
@@ -482,9 +493,10 @@ def test_decode_reads_only_its_columns_blocks(backend):
 
 # --- what runs on the device ----------------------------------------------------------------------------
 
-def test_device_samples_temperature_top_k_top_p_seed_not_penalties_or_logprobs(backend):
+def test_device_samples_temperature_top_k_top_p_not_seeds_penalties_or_logprobs(backend):
     assert backend.can_sample(GREEDY)
-    assert backend.can_sample(SamplingParams(temperature=0.6, top_k=10, top_p=0.9, seed=1))
+    assert backend.can_sample(SamplingParams(temperature=0.6, top_k=10, top_p=0.9))
+    assert not backend.can_sample(SamplingParams(temperature=0.6, seed=1))
     assert not backend.can_sample(SamplingParams(repetition_penalty=1.1))
     assert not backend.can_sample(SamplingParams(presence_penalty=0.5))
     assert not backend.can_sample(SamplingParams(logprobs=2))
