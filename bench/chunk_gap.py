@@ -8,7 +8,7 @@ that brings tokens is timed where the client reads it; a gap is the time between
 stream. The figure is taken over the steady window (every stream decoding: from the last stream's first
 token to the first stream's end), since before it each mesh prefills its users one at a time and a Galaxy
 decodes nobody while it prefills. A token can wait for its step and then for the router's flush, so the
-bar (DESIGN.md, "Data path at scale") is p99 gap <= 50 ms + the decode step, the step being the simulated
+bar (docs/DESIGN.md, "Data path at scale") is p99 gap <= 50 ms + the decode step, the step being the simulated
 Galaxy's at the window's longest context, times the time scale.
 
 The meshes run at 1/time_scale of a Galaxy's speed so that this 2-core box can carry every stream's

@@ -20,7 +20,7 @@ actor it runs:
     client    this process: the load generator and its Ray driver threads (reported, not summed)
 
 Each role's CPU seconds over the load divided by the completion tokens the clients received gives CPU
-microseconds per delivered token; `proxy+ingress+router` is their sum (DESIGN.md, "Data path at scale":
+microseconds per delivered token; `proxy+ingress+router` is their sum (docs/DESIGN.md, "Data path at scale":
 budget router <= 10, ingress <= 50, the three <= 100). /proc counts in clock ticks (10 ms), so every process
 figure is good to +/- one tick; `resolution_us_per_token` is one tick spread over the run's tokens.
 

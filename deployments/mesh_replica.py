@@ -11,7 +11,7 @@ none waits for its turn longer than a deadline, so a replica never hangs on a wo
 
 Works and their results travel on a direct link (deployments/link.py) whose address the router asks for
 (`link_address`): one message per step through a Serve stream cost the router more than the step's tokens
-(DESIGN.md, "Data path at scale"). Serve carries the control calls (reset, health).
+(docs/DESIGN.md, "Data path at scale"). Serve carries the control calls (reset, health).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ router owns every block table, so it knows exactly), then to the least loaded. E
 that keeps up to `pipeline_depth` works in flight, so the next round is already queued on the mesh when
 the current one ends, and consumes the mesh's per-step results as they stream in.
 
-Failure (DESIGN.md, "Failure"): a work stream that raises, ends early, or sends nothing past a deadline
+Failure (docs/DESIGN.md, "Failure"): a work stream that raises, ends early, or sends nothing past a deadline
 derived from the backend's expected step time marks its mesh down. Every request that was on it, running
 or queued, is re-placed on a live mesh with the tokens it has so far and recomputed there, the path a
 preempted sequence takes; its client stream goes on with no gap in the tokens. With no live mesh, requests
@@ -14,7 +14,7 @@ wait up to `no_mesh_wait_s`, then fail with NoMeshAvailable (HTTP 503). A down m
 and work ids from 0 (a replica Serve restarted, or the same one once its stuck work ended).
 
 Token events leave on one long-lived stream per ingress replica (`events`), one message per flush for all
-of its requests (DESIGN.md "Data path at scale"): the router's cost is per step and per flush, not per
+of its requests (docs/DESIGN.md "Data path at scale"): the router's cost is per step and per flush, not per
 token or per request. Under Serve, works, results, requests and events travel on direct links
 (deployments/link.py), not Serve calls. Every request's tokens
 reach its ingress at most `stream_interval_ms` after the mesh made them, however many streams run.

@@ -1,6 +1,6 @@
 """The ingress's side of the router: one link per ingress replica carries its requests and their events.
 
-The router's cost must be per step and per flush, not per token or per request (DESIGN.md "Data path at
+The router's cost must be per step and per flush, not per token or per request (docs/DESIGN.md "Data path at
 scale"), so an ingress replica holds a single direct link to the router (deployments/link.py; its address
 from the Serve call `link_address`), sends submits and cancels on it, and fans the event batches coming back
 out to each request's queue. When the link breaks (the router replica died), every open request fails with

@@ -4,7 +4,7 @@ sizes itself by them and the app config validates against them. Imports neither 
 Sources: tt-metal models/demos/llama3_70b_galaxy/tt (model_config.py, generator.py @00b0fa3f, llama_model.py
 prepare_prefill_inputs_host), tenstorrent/vllm vllm/worker/tt_worker.py @987d7bd2 (get_num_available_blocks_tt,
 override_tt_config keys), tt-inference-server workflows/model_specs/prod/llm.yaml @cb954e42 (the Llama-3.3-70B
-GALAXY spec); DESIGN.md "KV groups".
+GALAXY spec); docs/DESIGN.md "KV groups".
 """
 from __future__ import annotations
 

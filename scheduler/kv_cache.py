@@ -5,7 +5,7 @@ On a Galaxy the 32 slots are split over the 4 mesh columns (slot s on column s /
 only on its column's devices (tt-metal llama_attention.py / generator.py; tenstorrent/vllm serves the Galaxy
 70B as one data-parallel rank per column, each with its own block pool). A block id therefore names a
 different memory in each group: a sequence's blocks, and any cached prefix it reuses, come from the group of
-its slot (DESIGN.md, "KV groups"). The torch reference has one group.
+its slot (docs/DESIGN.md, "KV groups"). The torch reference has one group.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Dependencies flow one way (DESIGN.md): the engine core, the router and the ingress never load torch."""
+"""Dependencies flow one way (docs/DESIGN.md): the engine core, the router and the ingress never load torch."""
 import subprocess
 import sys
 
