@@ -95,6 +95,14 @@ async def _two_small_meshes(**config) -> Router:
     return router
 
 
+async def _end(router: Router, streams) -> None:
+    """Close the streams; everything they held is freed; close the router."""
+    for s in streams:
+        await s.aclose()
+    await until(lambda: idle(router))
+    await router.close()
+
+
 def test_a_shared_prefix_does_not_pile_onto_a_full_mesh():
     """A cache hit saves one prefill; a queue costs every step until a slot frees. Once the mesh that caches
     a shared prefix has no slot left, the next request goes to the mesh with free slots."""
@@ -110,10 +118,7 @@ def test_a_shared_prefix_does_not_pile_onto_a_full_mesh():
         assert [router.requests[f"r{i}"].mesh.name for i in range(2)] == [cached, cached]
         await anext(streams[2])
         assert router.requests["r2"].mesh.name != cached
-        for s in streams:
-            await s.aclose()
-        await until(lambda: idle(router))
-        await router.close()
+        await _end(router, streams)
     asyncio.run(main())
 
 
@@ -130,10 +135,7 @@ def test_a_full_queue_sends_a_request_to_the_next_mesh():
         with pytest.raises(QueueFull):
             await firsts[4]
         await asyncio.gather(*firsts[:4])
-        for s in streams:
-            await s.aclose()
-        await until(lambda: idle(router))
-        await router.close()
+        await _end(router, streams)
     asyncio.run(main())
 
 
