@@ -324,9 +324,11 @@ class OpenAIServer:
                             raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         if reason is not None:
                             return
-                    raise RuntimeError("the router's stream ended before the request finished")
+                    raise ConnectionError("the router's stream ended before the request finished")
                 except Exception as exc:
                     if isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None:
+                        raise
+                    if not isinstance(unwrap(exc), ConnectionError):  # not the router lost: this request's own fault
                         raise
                     if attempt == len(self.retry_backoff_s):
                         raise unavailable("The router is unavailable; retry.") from exc

@@ -54,7 +54,7 @@ class FakeRouter:
                 assert token == output_ids[i], "a continuation must carry the tokens already sent"
                 continue
             if i == die_at:
-                raise RuntimeError("the router died")
+                raise ConnectionError("the router died")
             if i == self.fail_with_error_after:
                 yield TokenEvent(request_id, [], finish_reason=self.fail_reason, error="it failed")
                 return

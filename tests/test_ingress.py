@@ -408,10 +408,19 @@ def test_no_live_mesh_is_503_with_retry_after(client, router):
 
 
 def test_a_router_that_keeps_failing_is_a_503_without_internals(client, router):
-    router.refuse = RuntimeError("secret internals")
+    router.refuse = ConnectionError("secret internals")  # what RouterLink raises when its link breaks
     error = assert_error(client.post("/v1/chat/completions", json=CHAT), 503)
     assert "secret" not in error["message"]
     assert len(router.requests) == 3  # the first try and two resubmissions
+
+
+def test_a_failure_that_is_not_the_router_lost_is_a_500_at_once(client, router):
+    """Only a lost router is worth resubmitting; anything else (a refusal relayed from the router, a fault in
+    the ingress) was retried for ~16 s and then called the router unavailable."""
+    router.refuse = ValueError("secret internals")
+    error = assert_error(client.post("/v1/chat/completions", json=CHAT), 500)
+    assert "secret" not in error["message"]
+    assert len(router.requests) == 1
 
 
 @pytest.mark.parametrize("stream", [False, True])
