@@ -56,6 +56,8 @@ class AppConfig(BaseModel):
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
     metrics_open: bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
+    allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
+                                       "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")
 
     @model_validator(mode="after")
     def _chunk_aligned(self):

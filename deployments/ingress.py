@@ -15,6 +15,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
@@ -43,7 +44,7 @@ HEALTH_TIMEOUT_S = 1.0
 
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              metrics_open: bool = False) -> FastAPI:
+              metrics_open: bool = False, allowed_origins: list[str] | None = None) -> FastAPI:
     """The OpenAI app over `router`. With `api_keys`, every route but /health needs one of them (/metrics too,
     unless `metrics_open`), and each key is a tenant with its own prefix cache."""
     server = OpenAIServer(router, tokenizer, served_model_name)
@@ -53,6 +54,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     if api_keys:  # added last, so it runs first: a request without a key is refused before its body is read
         app.add_middleware(KeyCheck, keys=ApiKeys(api_keys),
                            open_paths=frozenset({"/health", "/version", *(["/metrics"] if metrics_open else [])}))
+    if allowed_origins:  # outermost: a browser's preflight carries no key
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
 
     def salt(request: Request, cache_salt: str | None) -> str | None:
         return tenant_salt(request.state.api_key, cache_salt) if api_keys else cache_salt
@@ -172,9 +175,10 @@ class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""
 
     def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_open: bool = False):
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_open: bool = False,
+                 allowed_origins: list[str] | None = None):
         self._app = build_app(RouterLink(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
-                              max_request_bytes, metrics_open)
+                              max_request_bytes, metrics_open, allowed_origins)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

@@ -423,7 +423,7 @@ class Router:
     async def _expire_held(self) -> None:
         """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After)."""
         while True:
-            await asyncio.sleep(min(1.0, self.config.no_mesh_wait_s / 4))
+            await asyncio.sleep(min(1.0, max(self.config.no_mesh_wait_s / 4, 0.01)))  # 0 s: no spinning loop
             now = time.monotonic()
             for rid, req in list(self.requests.items()):
                 if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:

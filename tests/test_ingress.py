@@ -477,6 +477,21 @@ def test_api_keys(router, tokenizer):
     assert client.get("/version").status_code == 200
 
 
+def test_allowed_origins_answer_a_browsers_preflight_before_the_key_check(router, tokenizer):
+    client = make_client(router, tokenizer, api_keys=["k1"], allowed_origins=["https://app.example"])
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = client.options("/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    r = client.post("/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example",
+                                                              "Authorization": "Bearer k1"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    other = client.options("/v1/chat/completions", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in make_client(router, tokenizer).post(
+        "/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"}).headers  # off by default
+
+
 def test_health_answers_within_its_timeout_while_the_router_does_not(client, router, monkeypatch):
     """During a router restart the stats call waits for the new replica; probes time out after 1-5 s."""
     async def stuck() -> dict:
