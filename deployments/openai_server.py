@@ -105,7 +105,8 @@ def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) 
 class Prepared:
     """A validated request, ready for the router."""
 
-    id: str
+    id: str  # the response's
+    router_id: str  # unique per request: its choices are "<router_id>-<i>" in the router
     prompt_ids: list[int]
     params: SamplingParams
     prompt_field: str
@@ -256,8 +257,9 @@ class OpenAIServer:
         echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prompt_ids)
-        return Prepared(f"{prefix}-{uuid.uuid4().hex}", prompt_ids, params, prompt_field, arrival, echo,
-                        constraint.tool_mode, constraint.tools, constraint.param)
+        router_id = f"{prefix}-{uuid.uuid4().hex}"
+        return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
+                        prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param)
 
     async def prepare_all(self, req: CompletionRequest, prefix: str) -> list[Prepared]:
         """One Prepared per prompt of a completion's batch (one for a single prompt), each checked and
@@ -351,7 +353,7 @@ class OpenAIServer:
         and each is reproducible."""
         if len(preps) == n == 1:  # the common case: no merging task and queue per token event
             prep = preps[0]
-            async with contextlib.aclosing(self.choice(0, f"{prep.id}-0", prep, prep.params, salt)) as only:
+            async with contextlib.aclosing(self.choice(0, f"{prep.router_id}-0", prep, prep.params, salt)) as only:
                 async for delta in only:
                     yield delta
             return
@@ -362,7 +364,7 @@ class OpenAIServer:
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**63})
             try:
-                async for delta in self.choice(index, f"{prep.id}-{i}", prep, params, salt):
+                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)

@@ -68,6 +68,11 @@ Json = Annotated[JsonValue, AfterValidator(_check_json_unicode)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_check_json_unicode)]
 
 
+# Top-level keywords that may make a schema without `type` describe something other than an object.
+_NOT_AN_OBJECT = frozenset({"anyOf", "oneOf", "allOf", "not", "$ref", "enum", "const", "items", "prefixItems",
+                            "if", "then", "else"})
+
+
 def _template_variables_only(cls, v: dict | None) -> dict | None:
     reserved = sorted(set(v or ()) & TEMPLATE_ARGUMENTS)
     if reserved:
@@ -143,6 +148,11 @@ class _GenerationRequest(_Request):
     prompt_embeds: Unsupported | None = None  # vLLM's; this server takes text and token ids
     logits_processors: Unsupported | None = None  # vLLM's; custom code is not loaded
     guided_whitespace_pattern: Text | None = None  # vLLM's: the whitespace a JSON constraint allows (a regex)
+    vllm_xargs: Unsupported | None = None  # vLLM's: arguments for custom logits processors, which are not loaded
+    kv_transfer_params: Unsupported | None = None  # vLLM's disaggregated prefill: not implemented
+    # vLLM's: the response's id is "<chatcmpl|cmpl>-<request_id>" (the router's own id stays unique)
+    request_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_SALT_CHARS),
+                          AfterValidator(_check_unicode)] | None = None
     use_beam_search: Literal[False] = False  # vLLM's beam search is not implemented
     length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
@@ -285,9 +295,12 @@ class FunctionDefinition(_Request):
     @field_validator("parameters")
     @classmethod
     def _an_object_schema(cls, v):
-        """Arguments are a JSON object (Llama 3's call format, and OpenAI refuses any other schema type)."""
-        if "type" in v and v["type"] != "object":
+        """Arguments are a JSON object (Llama 3's call format; OpenAI refuses any other top-level schema). A
+        schema without `type` describes an object only when nothing at its top says otherwise."""
+        if v.get("type", "object") != "object":
             raise ValueError(f'must be a JSON Schema of type "object", not {v["type"]!r}')
+        if "type" not in v and (other := sorted(_NOT_AN_OBJECT & set(v))):
+            raise ValueError(f'must be a JSON Schema of type "object" (give "type": "object" beside {other[0]!r})')
         return v
 
 

@@ -17,8 +17,7 @@ from typing import Literal
 
 from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
-from model.grammar import (any_of_grammars, choice_grammar, grammar_error, json_schema_grammar, lark_grammar,
-                           regex_grammar)
+from model.grammar import choice_grammar, grammar_error, json_schema_grammar, lark_grammar, regex_grammar
 
 ToolMode = Literal["none", "auto", "forced"]
 
@@ -111,9 +110,20 @@ def _tool_call_grammar(tools: list[Tool], choice):
     chosen = _chosen(tools, choice)
 
     def build() -> str:
-        return any_of_grammars([json_schema_grammar({
-            "type": "object", "additionalProperties": False, "required": ["name", "parameters"],
-            "properties": {"name": {"const": t.function.name}, "parameters": _parameters(t)}}) for t in chosen])
+        """One Llama 3 JSON call to one of the chosen tools. A tool's `$defs` / `definitions` (pydantic puts
+        nested models there, referenced as "#/$defs/Name") move to the root of the call's schema, where such
+        pointers resolve, as vLLM's forced-call schema does. Raises ValueError when two tools define one name
+        differently."""
+        calls, defs = [], {}
+        for tool in chosen:
+            parameters = _parameters(tool)
+            for keyword in ("$defs", "definitions"):
+                for name, sub in (parameters.get(keyword) or {}).items():
+                    if defs.setdefault(keyword, {}).setdefault(name, sub) != sub:
+                        raise ValueError(f"two tools define {keyword}/{name} differently; rename one")
+            calls.append({"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                          "properties": {"name": {"const": tool.function.name}, "parameters": parameters}})
+        return json_schema_grammar({**(calls[0] if len(calls) == 1 else {"anyOf": calls}), **defs})
     return build
 
 

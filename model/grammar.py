@@ -9,7 +9,6 @@ and from the tokens generated so far, so recompute and migration resume the same
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import TYPE_CHECKING
 
@@ -39,12 +38,6 @@ def choice_grammar(choices: list[str]) -> str:
 
 def lark_grammar(lark: str) -> str:
     return LLMatcher.grammar_from_lark(lark)
-
-
-def any_of_grammars(grammars: list[str]) -> str:
-    """Either of several JSON-schema grammars (e.g. one tool call among several tools)."""
-    schemas = [json.loads(g)["grammars"][0]["json_schema"] for g in grammars]
-    return json_schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguidance.LLTokenizer:

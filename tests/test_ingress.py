@@ -256,6 +256,8 @@ CHAT_OUT_OF_BOUNDS = [
     ({"messages": [{"role": "user", "content": "hi \ud800"}]}, "messages.0.content"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
      "tools.0.function.parameters"),  # arguments are an object (OpenAI refuses other schema types too)
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "allOf": [{"type": "array", "items": {"type": "integer"}}]}}}]}, "tools.0.function.parameters"),
 ]
 COMPLETION_OUT_OF_BOUNDS = [
     ({"prompt": [-1]}, "prompt"),

@@ -13,7 +13,8 @@ SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature"
                 "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output", "min_p", "skip_special_tokens",
                 "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty", "allowed_token_ids",
                 "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens", "return_token_ids",
-                "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern"]
+                "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern",
+                "vllm_xargs", "kv_transfer_params", "request_id"]
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
@@ -81,6 +82,8 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/completions", COMPLETION, {"prompt_embeds": "AAAA"}, "prompt_embeds"),
     ("/v1/completions", COMPLETION, {"logits_processors": ["my.module:Proc"]}, "logits_processors"),
     ("/v1/chat/completions", CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
+    ("/v1/completions", COMPLETION, {"vllm_xargs": {"k": 1}}, "vllm_xargs"),
+    ("/v1/chat/completions", CHAT, {"kv_transfer_params": {"do_remote_prefill": True}}, "kv_transfer_params"),
     ("/v1/chat/completions", CHAT, {"structured_outputs": {"json": {}, "structural_tag": "{}"}},
      "structured_outputs.structural_tag"),
 ])
@@ -292,6 +295,18 @@ def test_a_model_is_retrieved_by_its_id_and_the_version_is_served(client):
     error = assert_error(client.get("/v1/models/gpt-4o"), 404, param="model")
     assert error["code"] == "model_not_found"
     assert client.get("/version").json()["version"]
+
+
+@pytest.mark.parametrize("path, base, prefix", [("/v1/chat/completions", CHAT, "chatcmpl"),
+                                                 ("/v1/completions", COMPLETION, "cmpl")])
+def test_request_id_names_the_response_and_two_clients_may_share_one(client, router, path, base, prefix):
+    """vLLM's request_id: the response's id; the router's ids stay unique, so a reused one is no conflict."""
+    for stream in (False, True):
+        body = {**base, "request_id": "job-7", "n": 2, "stream": stream}
+        r = client.post(path, json=body)
+        ids = {c["id"] for c in sse(r)} if stream else {r.json()["id"]}
+        assert ids == {f"{prefix}-job-7"}
+    assert len(router.requests) == 4 and not any("job-7" in rid for rid in router.requests)
 
 
 def test_a_wrong_method_is_405_with_the_allowed_ones(client):

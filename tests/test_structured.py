@@ -85,6 +85,27 @@ def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, f
     assert caught.value.status == 400 and caught.value.info.param == param
 
 
+def _nested_tool(name: str, city_type: str = "string") -> dict:
+    """What openai.pydantic_function_tool makes of a model with a nested one: "#/$defs/..." pointers."""
+    return {"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {"home": {"$ref": "#/$defs/Addr"}}, "required": ["home"],
+        "$defs": {"Addr": {"type": "object", "properties": {"city": {"type": city_type}}, "required": ["city"]}}}}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}])
+def test_a_forced_call_resolves_a_tools_defs(tok, llt, tool_choice):
+    grammar = constraint_for(chat(tools=[_nested_tool("f"), TIME], tool_choice=tool_choice), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, '{"name": "f", "parameters": {"home": {"city": "Oslo"}}}')
+    assert not accepts(llt, tok, grammar, '{"name": "f", "parameters": {"home": {"city": 5}}}')
+
+
+def test_two_tools_defining_one_name_differently_is_a_400(llt):
+    with pytest.raises(APIError) as caught:
+        constraint_for(chat(tools=[_nested_tool("f"), _nested_tool("g", "integer")], tool_choice="required"),
+                       lambda: llt)
+    assert caught.value.status == 400 and "$defs/Addr" in caught.value.info.message
+
+
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
 
 
