@@ -68,9 +68,20 @@ Json = Annotated[JsonValue, AfterValidator(_check_json_unicode)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_check_json_unicode)]
 
 
-# Top-level keywords that may make a schema without `type` describe something other than an object.
-_NOT_AN_OBJECT = frozenset({"anyOf", "oneOf", "allOf", "not", "$ref", "enum", "const", "items", "prefixItems",
-                            "if", "then", "else"})
+def _not_an_object(schema: Any) -> bool:
+    """Whether a JSON schema surely admits no object: a `type` other than "object", a constant, an array's
+    keywords, an allOf with such a branch, or an anyOf / oneOf of only such branches. A `$ref` (pydantic's
+    root for a recursive model) may point to an object and passes."""
+    if not isinstance(schema, dict):
+        return False
+    if "type" in schema:
+        return schema["type"] != "object"
+    if {"const", "enum", "items", "prefixItems"} & set(schema):
+        return True
+    if any(_not_an_object(branch) for branch in schema.get("allOf") or ()):
+        return True
+    return any(branches and all(_not_an_object(b) for b in branches)
+               for branches in (schema.get("anyOf"), schema.get("oneOf")) if isinstance(branches, list))
 
 
 def _template_variables_only(cls, v: dict | None) -> dict | None:
@@ -297,10 +308,9 @@ class FunctionDefinition(_Request):
     def _an_object_schema(cls, v):
         """Arguments are a JSON object (Llama 3's call format; OpenAI refuses any other top-level schema). A
         schema without `type` describes an object only when nothing at its top says otherwise."""
-        if v.get("type", "object") != "object":
-            raise ValueError(f'must be a JSON Schema of type "object", not {v["type"]!r}')
-        if "type" not in v and (other := sorted(_NOT_AN_OBJECT & set(v))):
-            raise ValueError(f'must be a JSON Schema of type "object" (give "type": "object" beside {other[0]!r})')
+        if _not_an_object(v):
+            raise ValueError('must be a JSON Schema of type "object"' +
+                             (f', not {v["type"]!r}' if "type" in v else ""))
         return v
 
 

@@ -258,6 +258,8 @@ CHAT_OUT_OF_BOUNDS = [
      "tools.0.function.parameters"),  # arguments are an object (OpenAI refuses other schema types too)
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "allOf": [{"type": "array", "items": {"type": "integer"}}]}}}]}, "tools.0.function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "anyOf": [{"type": "string"}, {"type": "integer"}]}}}]}, "tools.0.function.parameters"),
 ]
 COMPLETION_OUT_OF_BOUNDS = [
     ({"prompt": [-1]}, "prompt"),
