@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints, ValidationInfo,
-                      field_validator, model_serializer, model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints,
+                      ValidationInfo, field_validator, model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
 
 from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MIN_REPETITION_PENALTY, SamplingParams
@@ -62,8 +62,15 @@ def _check_json_unicode(value: Any) -> Any:
     return value
 
 
+def _check_unicode_first(value: Any) -> Any:
+    """_check_unicode before a length constraint, whose own error for a lone surrogate says only "unable to
+    parse raw data as a unicode string"."""
+    return _check_unicode(value) if isinstance(value, str) else value
+
+
 # vLLM refuses an empty salt too
-Salt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SALT_CHARS), AfterValidator(_check_unicode)]
+Salt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SALT_CHARS),
+                 BeforeValidator(_check_unicode_first)]
 Json = Annotated[JsonValue, AfterValidator(_check_json_unicode)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_check_json_unicode)]
 
@@ -162,8 +169,7 @@ class _GenerationRequest(_Request):
     vllm_xargs: Unsupported | None = None  # vLLM's: arguments for custom logits processors, which are not loaded
     kv_transfer_params: Unsupported | None = None  # vLLM's disaggregated prefill: not implemented
     # vLLM's: the response's id is "<chatcmpl|cmpl>-<request_id>" (the router's own id stays unique)
-    request_id: Annotated[str, StringConstraints(min_length=1, max_length=MAX_SALT_CHARS),
-                          AfterValidator(_check_unicode)] | None = None
+    request_id: Salt | None = None
     use_beam_search: Literal[False] = False  # vLLM's beam search is not implemented
     length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
@@ -360,6 +366,8 @@ class ChatMessage(_Request):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if isinstance(kind, str) and kind != "text":
                     raise ValueError(f"content parts of type {kind!r} are not supported (text parts only)")
+                if isinstance(part, dict) and isinstance(part.get("text"), str):  # else the union's own message
+                    _check_unicode(part["text"])
         return v
 
     @property

@@ -289,6 +289,7 @@ def test_lone_surrogate_in_a_text_part_is_400(client, router):
     body = {**CHAT, "messages": [{"role": "user", "content": parts}]}
     error = assert_error(post(client, "/v1/chat/completions", body), 400)
     assert error["param"].startswith("messages.0.content")  # a union: pydantic names its branch after the field
+    assert "lone surrogate" in error["message"]  # not the union's "Input should be a valid string"
     assert router.requests == {}
 
 

@@ -103,9 +103,10 @@ def test_harmless_and_unknown_fields_are_accepted(client, patch):
 
 
 @pytest.mark.parametrize("path, base", ENDPOINTS)
-@pytest.mark.parametrize("field", ["model", "user"])
+@pytest.mark.parametrize("field", ["model", "user", "cache_salt", "request_id"])
 def test_a_lone_surrogate_in_any_text_field_is_400(client, router, path, base, field):
-    assert_error(post(client, path, {**base, field: "x\ud800"}), 400, param=field)
+    error = assert_error(post(client, path, {**base, field: "x\ud800"}), 400, param=field)
+    assert "lone surrogate" in error["message"]
     assert router.requests == {}
 
 
