@@ -169,7 +169,8 @@ class OpenAIServer:
         return fn(*args) if chars <= INLINE_CHARS else await self.off_loop(fn, *args)
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model:
+        """404 for another model's name; none or "" means the served one (as vLLM takes it)."""
+        if model and model != self.model:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`.",
                            param="model", code="model_not_found")
 

@@ -379,6 +379,7 @@ def test_prompt_longer_than_context_is_400(client, router):
 def test_unknown_model_is_404(client):
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404, param="model")
     assert error["code"] == "model_not_found"
+    assert client.post("/v1/chat/completions", json={**CHAT, "model": ""}).status_code == 200  # as vLLM: the served one
 
 
 @pytest.mark.parametrize("stream", [False, True])
