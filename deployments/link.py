@@ -26,6 +26,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from deployments.aio import within
+
 log = logging.getLogger("ray.serve")
 
 _LEN = struct.Struct(">I")
@@ -205,7 +207,7 @@ class Link(asyncio.Protocol):
 async def connect(address: LinkAddress, timeout_s: float = 10.0) -> Link:
     """Open a link to a LinkServer. Raises OSError / asyncio.TimeoutError when it cannot be reached."""
     loop = asyncio.get_running_loop()
-    _, link = await asyncio.wait_for(loop.create_connection(Link, address.host, address.port), timeout_s)
+    _, link = await within(loop.create_connection(Link, address.host, address.port), timeout_s)
     link._transport.write(address.secret)
     return link
 

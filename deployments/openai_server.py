@@ -207,7 +207,8 @@ class OpenAIServer:
         if isinstance(req.prompt, str):
             if not truncated:
                 check_prompt_chars(len(req.prompt), limit, "prompt")
-            return await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, req.add_special_tokens), "prompt"
+            ids = await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, req.add_special_tokens)
+            return ids, "prompt"
         return req.prompt, "prompt"  # token ids: the length is checked first, then the vocabulary
 
     # ---- requests -> router ---------------------------------------------------------------------

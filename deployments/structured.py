@@ -155,7 +155,8 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
             raise APIError(400, "structured_outputs: give exactly one of json, regex, choice, grammar, json_object",
                            param="structured_outputs")
         name, value = given[0]
-        sources.append((f"structured_outputs.{name}", _builder(name, value, whitespace, so.disable_additional_properties)))
+        build = _builder(name, value, whitespace, so.disable_additional_properties)
+        sources.append((f"structured_outputs.{name}", build))
     for name in ("json", "regex", "choice", "grammar"):
         value = getattr(req, f"guided_{name}")
         if value is not None:

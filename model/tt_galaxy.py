@@ -209,8 +209,8 @@ def _tt_sampling(rows: list[SamplingParams]):
 
     # A temperature under GREEDY_TEMPERATURE is argmax on the host; sent as it is, the device would divide by it
     # (1/1e-40 is inf), so it goes as 0.0, the device's argmax.
-    return TTSamplingParams(temperature=[0.0 if p.greedy else p.temperature for p in rows], top_k=[p.top_k for p in rows],
-                            top_p=[p.top_p for p in rows], seed=[p.seed for p in rows])
+    return TTSamplingParams(temperature=[0.0 if p.greedy else p.temperature for p in rows],
+                            top_k=[p.top_k for p in rows], top_p=[p.top_p for p in rows], seed=[p.seed for p in rows])
 
 
 def _import_ttnn():
