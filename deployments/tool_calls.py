@@ -88,9 +88,24 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
         if not isinstance(obj, dict) or obj.get("name") not in names or not {"parameters", "arguments"} & obj.keys():
             break  # (an object that only names a tool, e.g. a tool's description, is no call: vLLM's llama3_json)
         arguments = obj.get("parameters", obj.get("arguments"))
-        calls.append(ParsedCall(obj["name"], json.dumps(arguments, ensure_ascii=False)))
+        calls.append(ParsedCall(obj["name"], _as_generated(body, position, arguments)))
         position = _next_call(body, end)
     return calls or None
+
+
+def _as_generated(body: str, position: int, arguments) -> str:
+    """The arguments' JSON text: as the model wrote it when the call has the usual form (name first), which
+    is what a stream sends piece by piece, so a streamed and a whole answer carry the same text; else
+    re-serialized (a stream sends such a call whole, from this same function)."""
+    head = _CALL_HEAD.match(body, position)
+    if head:
+        try:
+            value, end = json.JSONDecoder().raw_decode(body, head.end())
+        except json.JSONDecodeError:
+            value, end = None, 0
+        if end and value == arguments:
+            return body[head.end():end]
+    return json.dumps(arguments, ensure_ascii=False)
 
 
 def _next_call(text: str, position: int) -> int:
