@@ -364,7 +364,7 @@ class OpenAIServer:
         async def pump(prep: Prepared, index: int, i: int) -> None:
             params = prep.params
             if i and params.seed is not None:
-                params = params.model_copy(update={"seed": (params.seed + i) % 2**63})
+                params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt):
                     queue.put_nowait(delta)

@@ -5,6 +5,7 @@ sequence recomputed after preemption or migration to another mesh samples the sa
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from scheduler.sampling import SamplingParams, TokenLogprobs
@@ -12,10 +13,13 @@ from scheduler.sampling import SamplingParams, TokenLogprobs
 MIN_LOGPROB = -9999.0
 
 
-def _seeded_generator(seed: int, position: int) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + position) % (2**63))
-    return g
+def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:
+    """Exp(1) noise [n] on the CPU; seeded: Philox keyed on (seed, position), so every pair has its own
+    stream (torch's CPU generator keeps only a seed's low 32 bits: seeds 5 and 5 + 2**32 drew alike)."""
+    if seed is None:
+        return torch.empty(n).exponential_(1.0)
+    key = np.array([seed, position], dtype=np.uint64)
+    return torch.from_numpy(np.random.Generator(np.random.Philox(key=key)).standard_exponential(n, np.float32))
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
@@ -71,10 +75,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
         scaled = _filter_top_k_top_p(_filter_min_p(logits / params.temperature, params.min_p), params.top_k,
                                      params.top_p)
         probs = scaled.softmax(-1)
-        gen = _seeded_generator(params.seed, position) if params.seed is not None else None
         # Noise is drawn on the CPU whatever the logits' device: the same (seed, position) gives the same
         # token on every backend, so a sequence migrated to another mesh continues identically.
-        noise = torch.empty(probs.shape).exponential_(1.0, generator=gen).to(probs.device)
+        noise = _noise(probs.shape[-1], params.seed, position).to(probs.device)
         token = int(torch.argmax(probs / noise))  # Gumbel-style race: an exact draw from probs
     lp = None
     if params.logprobs is not None:

@@ -23,7 +23,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 (or -1 at the API) disables top-k")
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM's: tokens below min_p x the top probability are dropped
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(None, ge=0, lt=2**64)  # a uint64: the API's int64 as its bits
     max_tokens: int = Field(256, ge=1)
     min_tokens: int = Field(0, ge=0)
     stop: tuple[str, ...] = ()

@@ -61,6 +61,9 @@ def test_seed_and_position_fix_the_draw():
     assert len(set(first)) > 1  # positions draw independently
     other_seed = [sample_row(LOGITS, SamplingParams(seed=99, temperature=2.0), pos)[0] for pos in range(64)]
     assert other_seed != first
+    for far in (2**32, 2**63):  # int64 seeds are uint64 here, all 64 bits count: 1234 - 2**63 is another seed
+        assert [sample_row(LOGITS, SamplingParams(seed=1234 + far, temperature=2.0), pos)[0]
+                for pos in range(64)] != first
 
 
 def test_seeded_row_does_not_depend_on_its_batch():
