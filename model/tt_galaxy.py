@@ -67,8 +67,15 @@ class TTGalaxyBackend(Backend):
             raise ValueError(f"block_size must divide the prefix alignment {PREFIX_ALIGN}")
         self.config = config = TTMeshConfig(**tt_config) if isinstance(tt_config, dict) else tt_config or TTMeshConfig()
         max_seq_len = max_seq_len or MAX_SEQ_LEN
+        if max_seq_len < 1024 or max_seq_len & (max_seq_len - 1):
+            # the generator pads a prefill to the next power of two: any prompt must pad to within the context
+            raise ValueError(f"max_seq_len must be a power of two >= 1024 on a Galaxy, not {max_seq_len}")
         slots_per_group = NUM_SLOTS // KV_GROUPS
         num_blocks = num_blocks or -(-(max_seq_len + block_size * slots_per_group) // block_size)
+        self._device_tokens = (num_blocks + 1) * block_size  # a column's cache, the spare block 0 included
+        if self._device_tokens < max_seq_len + PREFIX_ALIGN:  # the warm-up's longest prefill, after a prefix
+            raise ValueError(f"num_blocks {num_blocks} is too few for max_seq_len {max_seq_len}: a column's cache "
+                             f"must hold {max_seq_len + PREFIX_ALIGN} tokens")
         _export_weights_dir(model_dir)
         _export_line_env(config)
 
@@ -124,8 +131,7 @@ class TTGalaxyBackend(Backend):
             enable_trace=True,
             sampling_params=None if sampling is None else _tt_sampling([sampling]),  # request order: moved to `slot`
             empty_slots=[slot],
-            # tt-metal asserts block-aligned starts; rounding down only rewrites identical KV
-            start_pos=[start - start % PREFIX_ALIGN],
+            start_pos=[prefill_start(start, len(token_ids), self._device_tokens)],
         )
         return out[0] if isinstance(out, tuple) else out  # @00b0fa3f adds device log-probs when it has them
 
@@ -201,6 +207,25 @@ class TTGalaxyBackend(Backend):
         if self.config.fabric_config != "DISABLED":
             self.ttnn.set_fabric_config(self.ttnn.FabricConfig.DISABLED)
         self.mesh = None
+
+
+def padded_prefill_len(n: int) -> int:
+    """The length the generator pads n new prefill tokens to: 128, 1024, then the next power of two
+    (get_padded_prefill_len, generator.py @00b0fa3f)."""
+    return 128 if n <= 128 else 1024 if n <= 1024 else 2 ** (n - 1).bit_length()
+
+
+def prefill_start(start: int, end: int, device_tokens: int) -> int:
+    """Where the device's prefill of [start, end) begins: `start` rounded down to PREFIX_ALIGN (tt-metal asserts
+    block-aligned starts), and lower while the padded new tokens would need more pages than a column's cache
+    has (`device_tokens`: its blocks x block_size; the generator's page table for a traced prefill is as wide
+    as the cache, generator.py @00b0fa3f). E.g. a 2,972-token tail after a 127,872-token cached prefix pads
+    to 4,096 and would end at 131,968, past the 131,648 of the default cache. Starting lower only recomputes
+    KV the cache already holds; from 0 a prompt within max_seq_len (a power of two) always fits."""
+    begin = start - start % PREFIX_ALIGN
+    while begin and begin + padded_prefill_len(end - begin) > device_tokens:
+        begin -= PREFIX_ALIGN
+    return begin
 
 
 def _tt_sampling(rows: list[SamplingParams]):

@@ -345,6 +345,43 @@ def test_prefill_continuation_starts_at_the_aligned_prefix(backend, start, expec
     assert last_call(backend, "prefill_forward_text")["start_pos"] == [expected]
 
 
+DEFAULT_DEVICE_TOKENS = 2057 * 64  # a column's cache at max_seq_len 131,072: 2,056 blocks and the spare
+
+
+@pytest.mark.parametrize("start, end, expected", [
+    (3072, 4000, 3072),
+    (127_744, 130_000, 127_488),  # 2,256 new tokens pad to 4,096: from 127,744 they would end past the cache
+    (127_900, 130_872, 127_488),  # from 127,872 (2,972 new tokens, padded to 4,096) they would end at 131,968
+    (130_944, 131_072, 130_944),  # 128 new tokens pad to 128: they fit
+    (0, 131_072, 0),
+])
+def test_a_prefill_starts_early_enough_that_its_padding_fits_the_cache(start, end, expected):
+    from model.tt_galaxy import padded_prefill_len, prefill_start
+    got = prefill_start(start, end, DEFAULT_DEVICE_TOKENS)
+    assert got == expected and got + padded_prefill_len(end - got) <= DEFAULT_DEVICE_TOKENS
+
+
+def test_a_tail_after_a_long_cached_prefix_is_recomputed_within_the_cache(ttnn, hf_dir):
+    b = TTGalaxyBackend(hf_dir, max_seq_len=4096)  # 72 blocks + the spare: 4,672 tokens a column
+    try:
+        prompt = [i % 5000 + 7 for i in range(4000)]
+        blocks = list(range(63))
+        b.prefill(prompt[:3712], 0, blocks[:58], slot=0, sampling=GREEDY)
+        token = b.prefill(prompt, 3712, blocks, slot=1, sampling=GREEDY)  # the double asserts the pages fit
+        assert last_call(b, "prefill_forward_text")["start_pos"] == [3584]  # 3,712 + 1,024 > 4,672
+        assert int(token) == expected_next(prompt)
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("sizes, match", [(dict(max_seq_len=100_000), "power of two"),
+                                          (dict(max_seq_len=512), "power of two"),
+                                          (dict(max_seq_len=4096, num_blocks=64), "too few")])
+def test_a_galaxy_context_is_a_power_of_two_that_the_cache_holds(ttnn, hf_dir, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        TTGalaxyBackend(hf_dir, **sizes)
+
+
 def test_prefill_puts_the_requests_sampling_params_on_its_slot(backend):
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=42)
     backend.prefill(list(range(10)), 0, [0], slot=9, sampling=params)

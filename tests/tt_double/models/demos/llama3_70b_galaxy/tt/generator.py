@@ -127,6 +127,8 @@ class Generator:
         for i in range(batch):
             cached = (int(start_pos[i]) if start_pos is not None else 0) // SDPA_CHUNK_ALIGN * SDPA_CHUNK_ALIGN
             padded_len = get_padded_prefill_len(prompt_lens[i] - cached)
+            # _easy_trace_prefill pads the page table to the cache's width and never cuts it
+            assert num_blocks_in_seq(cached + padded_len, block_size) <= device_blocks, "prefill past the KV cache"
             # _get_prefill_user_page_table: cut or zero-pad the row to the padded length's blocks
             blocks = num_blocks_in_seq(cached + padded_len, block_size)
             row = page_table[i, :blocks]
