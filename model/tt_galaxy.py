@@ -229,8 +229,10 @@ def prefill_start(start: int, end: int, device_tokens: int) -> int:
 
 
 def _tt_sampling(rows: list[SamplingParams]):
-    """tt-metal's SamplingParams: a list per field, one value per row (the generator pads to 32 users)."""
-    from models.common.sampling import SamplingParams as TTSamplingParams
+    """tt-metal's SamplingParams: a list per field, one value per row (the generator pads to 32 users). Taken
+    from the Galaxy generator's module, which imports it in every version: from models.common.sampling
+    (@b69a64e6) or from models.tt_transformers.tt.generator (@00b0fa3f, @08b93c9f)."""
+    from models.demos.llama3_70b_galaxy.tt.generator import SamplingParams as TTSamplingParams
 
     # A temperature under GREEDY_TEMPERATURE is argmax on the host; sent as it is, the device would divide by it
     # (1/1e-40 is inf), so it goes as 0.0, the device's argmax.

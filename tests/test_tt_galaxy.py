@@ -382,6 +382,15 @@ def test_a_galaxy_context_is_a_power_of_two_that_the_cache_holds(ttnn, hf_dir, s
         TTGalaxyBackend(hf_dir, **sizes)
 
 
+def test_sampling_params_come_from_the_generators_module(backend, monkeypatch):
+    """Older checkouts' models.common.sampling has no SamplingParams (@110b5382); the generator imports one
+    in every version."""
+    monkeypatch.delattr(sys.modules["models.common.sampling"], "SamplingParams")
+    params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9)
+    backend.prefill(list(range(10)), 0, [0], slot=3, sampling=params)
+    assert last_call(backend, "prefill_forward_text")["slot_params"][3]["top_k"] == 20
+
+
 def test_prefill_puts_the_requests_sampling_params_on_its_slot(backend):
     params = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=42)
     backend.prefill(list(range(10)), 0, [0], slot=9, sampling=params)
