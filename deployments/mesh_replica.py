@@ -16,6 +16,7 @@ Works and their results travel on a direct link (deployments/link.py) whose addr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -45,6 +46,13 @@ def grammar_tokenizer(model_dir: str, vocab_size: int):
 
 class StaleWork(RuntimeError):
     """A work planned for another incarnation of this replica, or before its last reset."""
+
+
+class MeshFailed(RuntimeError):
+    """The device failed in an earlier work: the replica runs nothing more until Serve restarts it."""
+
+
+CLOSE_TIMEOUT_S = 30.0  # shutdown waits this long for the worker thread to close the device
 
 
 def build_backend(config: AppConfig, model_dir) -> Backend:
@@ -98,7 +106,8 @@ class MeshReplica:
     async def reset(self) -> tuple[str, Capabilities]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
         Works still waiting for their turn, or queued and not started, are refused. Returns (incarnation id,
-        capabilities)."""
+        capabilities). Raises MeshFailed after a device error: the mesh stays down until Serve restarts it."""
+        self._check_device()
         async with self.turn:
             self.generation += 1
             self.next_work_id = 0
@@ -112,6 +121,7 @@ class MeshReplica:
         StepResult per message, in order.
         Raises StaleWork for a work planned for another incarnation or generation, or whose turn does not
         come within the deadline (its predecessor never arrived)."""
+        self._check_device()
         if incarnation != self.incarnation:
             raise StaleWork(f"work {work.work_id} was planned for incarnation {incarnation}, "
                             f"this replica is {self.incarnation}")
@@ -190,6 +200,9 @@ class MeshReplica:
         if generation != self.generation:  # queued before a reset: the router no longer waits for it
             loop.call_soon_threadsafe(results.put_nowait, StaleWork(f"work {work.work_id} was planned before a reset"))
             return
+        if self.error is not None:  # queued before the device failed: it does not run on a failed device
+            loop.call_soon_threadsafe(results.put_nowait, MeshFailed(f"the device failed: {self.error!r}"))
+            return
         try:
             self.running = (time.monotonic(), deadline)
             for result in self.runner.execute(work):
@@ -202,6 +215,10 @@ class MeshReplica:
         finally:
             self.running = None
 
+    def _check_device(self) -> None:
+        if self.error is not None:
+            raise MeshFailed(f"the device failed ({self.error!r}): waiting for Serve to restart this replica")
+
     def check_health(self) -> None:
         """Unhealthy after a device error or a step past its deadline: Serve then restarts the replica."""
         if self.error is not None:
@@ -211,12 +228,21 @@ class MeshReplica:
             raise RuntimeError(f"backend hung: one step has run for {time.monotonic() - running[0]:.0f} s")
 
     def shutdown(self) -> None:
-        """Close the device once (idempotent); the worker thread is not waited for if it is stuck."""
+        """Close the device once (idempotent), on the worker thread after the work in hand: a backend is not
+        thread-safe (ttnn), so the device is never closed beside a running step. Works still queued end at
+        once. A worker stuck past CLOSE_TIMEOUT_S (a hung device) is left to the process's exit."""
         if self.closed:
             return
         self.closed = True
-        self.worker.shutdown(wait=False, cancel_futures=True)
-        self.runner.backend.close()
+        self.generation += 1  # queued works return without touching the device
+        closed = self.worker.submit(self.runner.backend.close)
+        self.worker.shutdown(wait=False)
+        try:
+            closed.result(timeout=CLOSE_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
+            log.error("the mesh's worker thread is stuck: the device is not closed")
+        except Exception:
+            log.exception("closing the device failed")
 
     def __del__(self):  # Serve's replica-shutdown hook
         if hasattr(self, "closed"):

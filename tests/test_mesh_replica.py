@@ -68,3 +68,55 @@ def test_a_queued_work_runs_right_after_the_one_before_even_while_the_event_loop
         assert sorted(replica.runner.slots) == [0, 1]  # ... and both prefills ran
         assert [len(r) for r in await asyncio.gather(*works)] == [1, 1]
     asyncio.run(main())
+
+
+def test_after_a_device_error_the_replica_runs_nothing_and_stays_down(replica, monkeypatch):
+    """A failed device takes no more work, not even a reset, until Serve restarts the replica (the router
+    keeps the mesh down meanwhile): it would only fail the requests moved onto it."""
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(replica.runner.backend, "prefill", broken)
+
+    async def main():
+        await replica.reset()
+        with pytest.raises(RuntimeError, match="device fell over"):
+            await drain(replica, prefill(0))
+        with pytest.raises(mesh_replica.MeshFailed, match="device fell over"):
+            await drain(replica, prefill(1))
+        with pytest.raises(mesh_replica.MeshFailed):
+            await replica.reset()
+    asyncio.run(main())
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="backend failed"):
+        replica.check_health()
+
+
+def test_shutdown_closes_the_device_on_the_worker_thread_after_the_running_step(replica, monkeypatch):
+    """ttnn is not thread-safe: the device is closed by the thread that steps it, once its step ends."""
+    import threading
+    events = []
+    backend = replica.runner.backend
+    step = backend.prefill
+
+    def slow_prefill(*args, **kwargs):
+        events.append("step starts")
+        time.sleep(0.3)
+        events.append("step ends")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "prefill", slow_prefill)
+    monkeypatch.setattr(backend, "close", lambda: events.append(("close", threading.current_thread().name)))
+
+    async def main():
+        await replica.reset()
+        running = asyncio.create_task(drain(replica, prefill(0, slot=0)))
+        await asyncio.sleep(0.05)
+        replica.shutdown()  # the replica's loop waits here, as in Serve's shutdown hook
+        await running
+    asyncio.run(main())
+    assert events[:2] == ["step starts", "step ends"]
+    assert events[2][0] == "close" and events[2][1].startswith("mesh") and len(events) == 3
