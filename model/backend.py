@@ -85,10 +85,13 @@ class Backend(ABC):
         return None, self.decode(tokens, positions, page_table, active)
 
     def can_sample(self, params: SamplingParams) -> bool:
-        """True when the backend can sample `params` exactly by itself (no host logits needed): every
-        non-default field is one it declares, and top_k is within its limit. A backend that declares no
-        device sampling never samples, not even with default parameters. (min_tokens is the runner's:
-        it masks stop ids on the host until they are generated.)"""
+        """True when the backend samples `params` by itself (no host logits needed): every non-default field
+        is one it declares, and top_k is within its limit. One exception to exactness: top_k off (0) on a
+        backend with a `max_device_top_k` samples from that many top tokens, as tt-metal's device sampler
+        does (format_sampling_params turns k < 1 into 32); sending the commonest request's 128k logits per
+        slot to the host would cost more than the decode step (README, "Running on a Galaxy"). A backend that
+        declares no device sampling never samples, not even with default parameters. (min_tokens is the
+        runner's: it masks stop ids on the host until they are generated.)"""
         if not self.caps.device_sampling:
             return False
         limit = self.caps.max_device_top_k
