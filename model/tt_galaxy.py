@@ -63,6 +63,8 @@ class TTGalaxyBackend(Backend):
         when no request will compile."""
         if num_slots != NUM_SLOTS:
             raise ValueError(f"the Galaxy model decodes exactly {NUM_SLOTS} slots, not {num_slots}")
+        if tuple(mesh_shape) != MESH_SHAPE:  # its 4 KV groups are the 4 columns of 8 users (llama_model.py)
+            raise ValueError(f"the Galaxy model runs on an {MESH_SHAPE[0]}x{MESH_SHAPE[1]} mesh, not {mesh_shape}")
         if PREFIX_ALIGN % block_size:
             raise ValueError(f"block_size must divide the prefix alignment {PREFIX_ALIGN}")
         self.config = config = TTMeshConfig(**tt_config) if isinstance(tt_config, dict) else tt_config or TTMeshConfig()

@@ -106,10 +106,10 @@ def test_mesh_opens_with_fabric_first_and_the_spec_settings(backend, ttnn):
 
 
 def test_mesh_settings_come_from_the_config(ttnn, hf_dir):
-    b = TTGalaxyBackend(hf_dir, mesh_shape=(4, 8), tt_config={"dispatch_core_axis": "row", "enable_model_warmup": False,
+    b = TTGalaxyBackend(hf_dir, mesh_shape=[8, 4], tt_config={"dispatch_core_axis": "row", "enable_model_warmup": False,
                                                             "fabric_config": "DISABLED", "trace_region_size": 7})
     opened = dict(ttnn.calls)["open_mesh_device"]
-    assert opened["mesh_shape"] == (4, 8) and opened["trace_region_size"] == 7
+    assert opened["mesh_shape"] == (8, 4) and opened["trace_region_size"] == 7
     assert opened["dispatch_core_config"].axis == ttnn.DispatchCoreAxis.ROW
     assert "set_fabric_config" not in dict(ttnn.calls)
     b.close()
@@ -258,6 +258,14 @@ def test_missing_checkout_names_pythonpath_and_closes_the_mesh(ttnn, hf_dir, mon
 def test_only_32_slots(ttnn, hf_dir):
     with pytest.raises(ValueError, match="32"):
         TTGalaxyBackend(hf_dir, num_slots=8)
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (1, 1)])
+def test_only_an_8x4_mesh(ttnn, hf_dir, shape):
+    """Slot s lives on column s // 8 of an 8x4 mesh (its four KV groups): another shape would misplace KV."""
+    with pytest.raises(ValueError, match="8x4"):
+        TTGalaxyBackend(hf_dir, mesh_shape=shape)
+    assert "open_mesh_device" not in dict(ttnn.calls)
 
 
 # --- warm-up -----------------------------------------------------------------------------------------
