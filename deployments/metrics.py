@@ -60,7 +60,8 @@ class Metrics:
         total = family(GaugeMetricFamily, "meshserve_kv_blocks_total", "KV blocks of the mesh.")
         usage = family(GaugeMetricFamily, "meshserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
         queried = family(CounterMetricFamily, "meshserve_prefix_cache_queries_tokens",
-                         "Prompt tokens looked up in the prefix cache.")
+                         "Prompt tokens looked up in the prefix cache (at a request's first admission; "
+                         "not a preempted one's recompute).")
         hits = family(CounterMetricFamily, "meshserve_prefix_cache_hits_tokens",
                       "Prompt tokens found in the prefix cache.")
         hit_rate = family(GaugeMetricFamily, "meshserve_prefix_cache_hit_rate",

@@ -241,10 +241,10 @@ class MeshScheduler:
             seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
             seq.num_planned = n
             self.running[seq.request_id] = seq
-            self.prefix_query_tokens += n
-            self.prefix_hit_tokens += seq.num_computed
-            if seq.epoch == 1:
-                seq.num_cached_tokens = seq.num_computed
+            if seq.epoch == 1:  # a preempted sequence's recompute is not a lookup of a new prompt (vLLM's counters
+                seq.num_cached_tokens = seq.num_computed  # keep preempted requests apart too)
+                self.prefix_query_tokens += n
+                self.prefix_hit_tokens += seq.num_computed
 
     def _choose_group(self, block_hashes: list[bytes], n: int) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room whose prefix cache holds most of the sequence, then the one

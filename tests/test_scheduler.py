@@ -230,6 +230,7 @@ def test_out_of_blocks_preempts_the_newest_and_output_is_unchanged():
         assert output_of(events[rid]) == expected(prompt, p)[0]
         assert sum(e.num_prompt_tokens for e in events[rid]) == 8  # one first event only
     assert sched.kv.groups[0].pool.num_used == 0
+    assert sched.stats()["prefix_query_tokens"] == 16  # the two prompts, not their recomputes
 
 
 def test_preempted_sequence_returns_to_the_head_of_the_queue():
