@@ -38,7 +38,8 @@ serve: $(STAMP) model
 	@echo "  http://localhost:8000/v1   e.g.:"
 	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
 	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"temperature\": 0, \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
-	$(SERVE_ENV) $(BIN)/serve run serve_config.yaml
+	@# exec: make forwards a SIGTERM to its child, which is then Serve itself (a shell in between would die alone)
+	exec env $(SERVE_ENV) $(BIN)/serve run serve_config.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
