@@ -296,12 +296,15 @@ class OpenAIServer:
                             params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens)
         cached = 0
         reason: str | None = None
-        ended = "abort"  # how a request that does not finish is counted: "error" when the mesh failed it
+        ended: str | None = "abort"  # how a request that does not finish is counted: "error" when the mesh
+        # failed it, not at all when it was refused before it ran (queue full, too long), as vLLM counts
+        started = False
         rid, attempt = request_id, 0
         try:
             while True:
                 try:
                     async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output)):
+                        started = True
                         timer.on_event(event)
                         cached = event.num_cached_tokens or cached
                         failed = event.finish_reason in ("error", "grammar_error")
@@ -331,6 +334,8 @@ class OpenAIServer:
                     raise ConnectionError("the router's stream ended before the request finished")
                 except Exception as exc:
                     if isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None:
+                        if not started:
+                            ended = None
                         raise
                     if not isinstance(unwrap(exc), ConnectionError):  # not the router lost: this request's own fault
                         raise
@@ -345,7 +350,8 @@ class OpenAIServer:
                     rid = f"{request_id}-retry{attempt}"
         finally:
             if reason is None:  # the client went away, or the request failed: free the slot now
-                timer.finish(ended)
+                if ended is not None:
+                    timer.finish(ended)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.router.cancel(rid, "abort"))
 

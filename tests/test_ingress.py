@@ -388,6 +388,12 @@ def test_queue_full_is_429(client, router, stream):
     r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
     assert_error(r, 429)
     assert int(r.headers["retry-after"]) > 0  # OpenAI's clients wait this long before they retry
+    batch = client.post("/v1/completions", json={**COMPLETION, "prompt": ["a", "b"], "n": 3})
+    assert_error(batch, 429)
+    router.refuse = None
+    assert client.post("/v1/completions", json=COMPLETION).status_code == 200
+    metrics = client.get("/metrics").text  # a refused request never ran: no finish reason, no prompt tokens
+    assert "finish_reason=\"abort\"" not in metrics and 'meshserve_requests_total{finish_reason="length"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("refusal, status", [
