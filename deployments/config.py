@@ -70,3 +70,33 @@ class AppConfig(BaseModel):
         if self.served_model_name:
             return self.served_model_name
         return "SmolLM2-135M-Instruct" if self.model == "smollm2" else self.model.rstrip("/").split("/")[-1]
+
+
+def check_serve_config(path: str) -> list[str]:
+    """Each meshserve application's `args` in a Serve config file, validated: the errors, each naming its
+    application and field. `serve run` retries a build that fails and then waits on, without exiting, so
+    `make serve` checks the file first."""
+    import yaml
+    from pydantic import ValidationError
+
+    with open(path) as f:
+        apps = (yaml.safe_load(f) or {}).get("applications") or []
+    errors = []
+    for app in apps:
+        if app.get("import_path") != "deployments.app:build":
+            continue
+        try:
+            AppConfig.model_validate(app.get("args") or {})
+        except ValidationError as e:
+            errors += [f"{path}: application {app.get('name')!r}, "
+                       f"{'.'.join(['args', *map(str, err['loc'])])}: {err['msg'].removeprefix('Value error, ')}"
+                       for err in e.errors()]
+    return errors
+
+
+if __name__ == "__main__":
+    import sys
+
+    problems = [p for path in sys.argv[1:] for p in check_serve_config(path)]
+    print("\n".join(problems), file=sys.stderr)
+    sys.exit(2 if problems else 0)

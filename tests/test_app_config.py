@@ -29,3 +29,30 @@ def test_shipped_configs_validate_and_survive_the_trip_to_replicas(name):
     args = yaml.safe_load((ROOT / name).read_text())["applications"][0]["args"]
     config = AppConfig(**args)
     assert AppConfig(**config.model_dump()) == config  # replicas rebuild it from the dumped dict
+
+
+def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
+    """`serve run` retries a failing build and then waits on without exiting: the check stops first, naming
+    each wrong key, and passes every shipped config."""
+    import subprocess
+    import sys
+
+    def check(*paths):
+        return subprocess.run([sys.executable, "-m", "deployments.config", *map(str, paths)], cwd=ROOT,
+                              capture_output=True, text=True)
+
+    def bad(name, **wrong):
+        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        config["applications"][0]["args"].update(wrong)
+        (tmp_path / name).write_text(yaml.safe_dump(config))
+        return tmp_path / name
+
+    ok = check(*(ROOT / n for n in ("serve_config.yaml", "serve_config.simulated.yaml", "serve_config.galaxy.yaml")))
+    assert (ok.returncode, ok.stderr.strip()) == (0, "")
+    out = check(bad("keys.yaml", num_meshes=0, bogus_key=3), bad("chunk.yaml", prefill_chunk=200))
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"{tmp_path}/keys.yaml: application 'meshserve', args.num_meshes: Input should be greater than or equal to 1",
+        f"{tmp_path}/keys.yaml: application 'meshserve', args.bogus_key: Extra inputs are not permitted",
+        f"{tmp_path}/chunk.yaml: application 'meshserve', args: prefill_chunk must be a multiple of 128 "
+        "(the Galaxy model's prefill alignment)"]
