@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.galaxy import TTMeshConfig
+from model.galaxy import TTMeshConfig, galaxy_sizes
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping can double it
 
@@ -63,6 +63,8 @@ class AppConfig(BaseModel):
     def _chunk_aligned(self):
         if self.prefill_chunk % 128:
             raise ValueError("prefill_chunk must be a multiple of 128 (the Galaxy model's prefill alignment)")
+        if self.backend == "tt_galaxy":  # at deploy time, not when every mesh replica fails to start
+            galaxy_sizes(self.mesh_shape, self.max_seq_len, self.num_blocks, self.block_size)
         return self
 
     @property

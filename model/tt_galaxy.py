@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 from model.backend import Backend, Capabilities
 from model.galaxy import (BLOCK_SIZE, DEVICE_MAX_TOP_K, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
-                          MAX_SEQ_LEN, MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig)
+                          MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes)
 from model.sampler import sample_row
+from model.simulated import GalaxyTiming
 from scheduler.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -63,21 +64,11 @@ class TTGalaxyBackend(Backend):
         when no request will compile."""
         if num_slots != NUM_SLOTS:
             raise ValueError(f"the Galaxy model decodes exactly {NUM_SLOTS} slots, not {num_slots}")
-        if tuple(mesh_shape) != MESH_SHAPE:  # its 4 KV groups are the 4 columns of 8 users (llama_model.py)
-            raise ValueError(f"the Galaxy model runs on an {MESH_SHAPE[0]}x{MESH_SHAPE[1]} mesh, not {mesh_shape}")
         if PREFIX_ALIGN % block_size:
             raise ValueError(f"block_size must divide the prefix alignment {PREFIX_ALIGN}")
         self.config = config = TTMeshConfig(**tt_config) if isinstance(tt_config, dict) else tt_config or TTMeshConfig()
-        max_seq_len = max_seq_len or MAX_SEQ_LEN
-        if max_seq_len < 1024 or max_seq_len & (max_seq_len - 1):
-            # the generator pads a prefill to the next power of two: any prompt must pad to within the context
-            raise ValueError(f"max_seq_len must be a power of two >= 1024 on a Galaxy, not {max_seq_len}")
-        slots_per_group = NUM_SLOTS // KV_GROUPS
-        num_blocks = num_blocks or -(-(max_seq_len + block_size * slots_per_group) // block_size)
+        max_seq_len, num_blocks = galaxy_sizes(mesh_shape, max_seq_len, num_blocks, block_size)
         self._device_tokens = (num_blocks + 1) * block_size  # a column's cache, the spare block 0 included
-        if self._device_tokens < max_seq_len + PREFIX_ALIGN:  # the warm-up's longest prefill, after a prefix
-            raise ValueError(f"num_blocks {num_blocks} is too few for max_seq_len {max_seq_len}: a column's cache "
-                             f"must hold {max_seq_len + PREFIX_ALIGN} tokens")
         _export_weights_dir(model_dir)
         _export_line_env(config)
 
@@ -92,7 +83,7 @@ class TTGalaxyBackend(Backend):
                                      max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
                                      device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
-                                     max_device_top_k=DEVICE_MAX_TOP_K)
+                                     max_device_top_k=DEVICE_MAX_TOP_K, **_expected_times(config, max_seq_len))
             self._decode_forward = (getattr(self.generator, "decode_forward", None)
                                     or self.generator.decode_forward_text)  # its name before tt-metal renamed it
             if config.enable_model_warmup:
@@ -209,6 +200,16 @@ class TTGalaxyBackend(Backend):
         if self.config.fabric_config != "DISABLED":
             self.ttnn.set_fabric_config(self.ttnn.FabricConfig.DISABLED)
         self.mesh = None
+
+
+def _expected_times(config: TTMeshConfig, max_seq_len: int) -> dict:
+    """What the router's step deadlines assume: the published Galaxy times at the longest context once the
+    warm-up has compiled every program; without it, Capabilities' slow defaults, as first requests compile."""
+    if not config.enable_model_warmup:
+        return {}
+    timing = GalaxyTiming.published()
+    return {"decode_step_s": timing.decode_step_seconds(max_seq_len),
+            "prefill_token_s": timing.ttft(max_seq_len) / max_seq_len}
 
 
 def padded_prefill_len(n: int) -> int:

@@ -24,6 +24,29 @@ def test_wrong_config_names_the_key(args, key):
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize("args,key", [
+    ({"mesh_shape": [4, 8]}, "mesh_shape"),
+    ({"max_seq_len": 100_000}, "max_seq_len"),
+    ({"max_seq_len": 131_072, "num_blocks": 1024}, "num_blocks"),
+])
+def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
+    """Checked by the same rule as the backend's (model.galaxy.galaxy_sizes), before any replica starts."""
+    AppConfig(backend="torch", **args)  # only the Galaxy has these limits
+    with pytest.raises(ValidationError, match=key):
+        AppConfig(backend="tt_galaxy", **args)
+
+
+@pytest.mark.parametrize("max_seq_len, num_blocks, expected", [
+    (None, None, (131_072, 2056)),  # tt_worker.py's per-rank pool
+    (4096, None, (4096, 72)),
+    (None, 1024, (32_768, 1024)),  # 1,025 blocks hold 65,600 tokens: short of 65,536 + 128
+    (None, 2055, (131_072, 2055)),
+])
+def test_galaxy_sizes_default_and_fit(max_seq_len, num_blocks, expected):
+    from model.galaxy import galaxy_sizes
+    assert galaxy_sizes((8, 4), max_seq_len, num_blocks, 64) == expected
+
+
 @pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.simulated.yaml", "serve_config.galaxy.yaml"])
 def test_shipped_configs_validate_and_survive_the_trip_to_replicas(name):
     args = yaml.safe_load((ROOT / name).read_text())["applications"][0]["args"]

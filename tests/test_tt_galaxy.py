@@ -179,6 +179,27 @@ def test_num_layers_and_sizes_are_configurable(ttnn, hf_dir):
     b.close()
 
 
+def test_step_deadlines_assume_the_published_times_once_warmed_up(ttnn, hf_dir):
+    """A hung Galaxy is seen in a minute or two, not after the slow defaults' 6-20 minutes; without warm-up
+    the first requests compile, and the slow defaults hold."""
+    from model.simulated import GalaxyTiming
+    timing = GalaxyTiming.published()
+    warmed = TTGalaxyBackend(hf_dir, max_seq_len=4096)
+    assert warmed.caps.decode_step_s == pytest.approx(timing.decode_step_seconds(4096))
+    assert warmed.caps.decode_step_s < 0.1
+    assert warmed.caps.prefill_token_s == pytest.approx(timing.ttft(4096) / 4096)
+    warmed.close()
+    cold = TTGalaxyBackend(hf_dir, max_seq_len=4096, tt_config={"enable_model_warmup": False})
+    assert (cold.caps.decode_step_s, cold.caps.prefill_token_s) == (1.0, 0.01)
+    cold.close()
+
+
+def test_fewer_blocks_serve_the_longest_context_they_hold(ttnn, hf_dir):
+    b = TTGalaxyBackend(hf_dir, num_blocks=1024, tt_config={"enable_model_warmup": False})
+    assert (b.caps.max_seq_len, b.caps.num_blocks) == (32_768, 1024)
+    b.close()
+
+
 def test_default_blocks_follow_max_seq_len_per_group(ttnn, hf_dir):
     b = TTGalaxyBackend(hf_dir, max_seq_len=4096, tt_config={"enable_model_warmup": False})
     assert b.caps.num_blocks == (4096 + 64 * 8) // 64  # one such user plus a block per slot of the column
