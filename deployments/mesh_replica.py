@@ -52,7 +52,7 @@ class MeshFailed(RuntimeError):
     """The device failed in an earlier work: the replica runs nothing more until Serve restarts it."""
 
 
-CLOSE_TIMEOUT_S = 30.0  # shutdown waits this long for the worker thread to close the device
+CLOSE_TIMEOUT_S = 30.0  # shutdown waits this long for the worker thread to close the device (a step ends first)
 
 
 def build_backend(config: AppConfig, model_dir) -> Backend:
@@ -80,7 +80,9 @@ def build_backend(config: AppConfig, model_dir) -> Backend:
                            tt_config=config.override_tt_config)
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60)
+# Serve force-kills a stopping replica after graceful_shutdown_timeout_s (20 s by default): time to close.
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60,
+                  graceful_shutdown_timeout_s=CLOSE_TIMEOUT_S + 10)
 class MeshReplica:
     def __init__(self, config: dict, model_dir: str):
         # Serve marks the replica ready only once this returns: a loading mesh takes no traffic.
@@ -208,6 +210,8 @@ class MeshReplica:
             for result in self.runner.execute(work):
                 loop.call_soon_threadsafe(results.put_nowait, result)
                 self.running = (time.monotonic(), deadline)
+                if self.closed:  # shutting down: the device closes after this step, not after the whole work
+                    break
         except BaseException as e:  # a device error: the router moves this mesh's requests, Serve restarts us
             log.exception("mesh work %d failed", work.work_id)
             self.error = e

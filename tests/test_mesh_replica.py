@@ -120,3 +120,30 @@ def test_shutdown_closes_the_device_on_the_worker_thread_after_the_running_step(
     asyncio.run(main())
     assert events[:2] == ["step starts", "step ends"]
     assert events[2][0] == "close" and events[2][1].startswith("mesh") and len(events) == 3
+
+
+def test_shutdown_closes_after_the_running_step_not_the_whole_work(replica, monkeypatch):
+    """A long work (here 400 decode steps, ~6 s) stops at its next step: Serve kills a replica that takes
+    longer than its graceful shutdown timeout, and then the device is never closed."""
+    import numpy as np
+
+    from scheduler.work import DecodeRound
+    closed = []
+    monkeypatch.setattr(replica.runner.backend, "close", lambda: closed.append(time.monotonic()))
+
+    async def main():
+        await replica.reset()
+        params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+        first = MeshWork(0, [PrefillChunk("r0", 0, [7] * 300, 0, list(range(5)), params, 300)])
+        assert len(await drain(replica, first)) == 1
+        table = np.zeros((32, 16), dtype=np.int32)
+        table[0] = range(16)
+        long = MeshWork(1, decode=DecodeRound(400, [0], table))
+        running = asyncio.create_task(drain(replica, long))
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        replica.shutdown()
+        running.cancel()
+        return began
+    began = asyncio.run(main())
+    assert closed and closed[0] - began < 1.0
