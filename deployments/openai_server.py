@@ -120,6 +120,13 @@ class Prepared:
 _CHOICES_DONE = object()
 
 
+@dataclass
+class _Refusal:
+    """Shared by the choices of one API request: once one is refused before it ran, the others that had not
+    started either are not counted as finished requests (the request was refused, not aborted)."""
+    refused: bool = False
+
+
 class OpenAIServer:
     """The endpoints' logic over one router client; `build_app` routes HTTP to it."""
 
@@ -281,7 +288,7 @@ class OpenAIServer:
         return preps
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
-                     salt: str | None) -> AsyncIterator[ChoiceDelta]:
+                     salt: str | None, refusal: _Refusal | None = None) -> AsyncIterator[ChoiceDelta]:
         """One router request, as text. Cancels it in the router unless it finished.
 
         When the router fails mid-request (its replica died), the request is resubmitted, to the router
@@ -296,8 +303,9 @@ class OpenAIServer:
                             params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens)
         cached = 0
         reason: str | None = None
-        ended: str | None = "abort"  # how a request that does not finish is counted: "error" when the mesh
-        # failed it, not at all when it was refused before it ran (queue full, too long), as vLLM counts
+        ended = "abort"  # how a request that does not finish is counted: "error" when the mesh failed it; not at
+        # all when it was refused before it ran (queue full, too long, no mesh or router), as vLLM counts
+        refusal = refusal or _Refusal()
         started = False
         rid, attempt = request_id, 0
         try:
@@ -333,14 +341,13 @@ class OpenAIServer:
                             return
                     raise ConnectionError("the router's stream ended before the request finished")
                 except Exception as exc:
-                    if isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None:
-                        if not started:
-                            ended = None
+                    refused = isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None
+                    lost = not refused and isinstance(unwrap(exc), ConnectionError)  # else this request's own fault
+                    if not lost or attempt == len(self.retry_backoff_s):
+                        refusal.refused |= not started and (refused or lost)
+                        if lost:
+                            raise unavailable("The router is unavailable; retry.") from exc
                         raise
-                    if not isinstance(unwrap(exc), ConnectionError):  # not the router lost: this request's own fault
-                        raise
-                    if attempt == len(self.retry_backoff_s):
-                        raise unavailable("The router is unavailable; retry.") from exc
                     log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
                                 len(answer.output))
                     with contextlib.suppress(Exception):  # in case it still runs there
@@ -350,7 +357,7 @@ class OpenAIServer:
                     rid = f"{request_id}-retry{attempt}"
         finally:
             if reason is None:  # the client went away, or the request failed: free the slot now
-                if ended is not None:
+                if started or not refusal.refused:
                     timer.finish(ended)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.router.cancel(rid, "abort"))
@@ -366,13 +373,14 @@ class OpenAIServer:
                     yield delta
             return
         queue: asyncio.Queue = asyncio.Queue()
+        refusal = _Refusal()
 
         async def pump(prep: Prepared, index: int, i: int) -> None:
             params = prep.params
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
-                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt):
+                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)

@@ -17,6 +17,8 @@ class FakeRouter:
     ready: bool = True
     max_model_len: int | None = 2048  # what the meshes take (None: no mesh has come up yet)
     refuse: Exception | None = None  # raised when a generate stream is first iterated
+    refuse_choice: int | None = None  # refuse only choice i of each prompt (request ids ending "-i")
+    queued_s: float = 0.0  # how long an accepted request waits for a slot before its first event
     pause_after: int | None = None  # block after this many tokens until `resume` is set
     die_after: list[int] = field(default_factory=list)  # each entry: one stream dies after that many tokens
     fail_with_error_after: int | None = None  # the mesh retires the request with `fail_reason` after this many tokens
@@ -46,8 +48,10 @@ class FakeRouter:
                       salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
         self.requests[request_id] = (prompt_ids, params, salt)
         self.continued[request_id] = list(output_ids)
-        if self.refuse is not None:
+        if self.refuse is not None and (self.refuse_choice is None or request_id.endswith(f"-{self.refuse_choice}")):
+            await asyncio.sleep(0.01)  # as the router's reply comes: the other choices of the request are in flight
             raise self.refuse
+        await asyncio.sleep(self.queued_s)
         die_at = self.die_after.pop(0) if self.die_after else None
         for i, token in enumerate(self.answer[:params.max_tokens]):
             if i < len(output_ids):

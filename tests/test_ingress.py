@@ -390,7 +390,9 @@ def test_queue_full_is_429(client, router, stream):
     assert int(r.headers["retry-after"]) > 0  # OpenAI's clients wait this long before they retry
     batch = client.post("/v1/completions", json={**COMPLETION, "prompt": ["a", "b"], "n": 3})
     assert_error(batch, 429)
-    router.refuse = None
+    router.refuse_choice, router.queued_s = 1, 0.5  # one choice refused while the others wait for a slot
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "n": 3}), 429)
+    router.refuse, router.queued_s = None, 0.0
     assert client.post("/v1/completions", json=COMPLETION).status_code == 200
     metrics = client.get("/metrics").text  # a refused request never ran: no finish reason, no prompt tokens
     assert "finish_reason=\"abort\"" not in metrics and 'meshserve_requests_total{finish_reason="length"} 1.0' in metrics
@@ -446,6 +448,12 @@ def test_a_router_that_dies_mid_stream_is_resubmitted_as_a_continuation(client, 
     assert text == tokenizer.decode(router.answer[:12])  # no token lost or repeated
     assert [len(ids) for ids in router.continued.values()] == [0, 3, 5]
     assert {rid.rsplit("-", 1)[-1] for rid in router.continued} >= {"retry1", "retry2"}
+
+
+def test_a_request_no_router_ever_ran_is_a_503_and_no_finished_request(client, router):
+    router.die_after = [0, 0, 0]  # the router is lost before the first token, at every attempt
+    assert_error(client.post("/v1/completions", json=COMPLETION), 503)
+    assert "meshserve_requests_total{" not in client.get("/metrics").text
 
 
 def test_a_request_the_mesh_failed_is_a_500_for_it_alone(client, router):
