@@ -40,6 +40,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 HEALTH_TIMEOUT_S = 1.0
+METRICS_TIMEOUT_S = 5.0  # half of Prometheus's default scrape timeout
 
 
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
@@ -126,12 +127,13 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @app.get("/metrics")
     async def metrics():
-        """The ingress's own families always; the meshes' when the router answers within HEALTH_TIMEOUT_S (while
-        it restarts, a scrape would otherwise wait ~7 s, near Prometheus's 10 s scrape timeout)."""
+        """The ingress's own families always; the meshes' when the router answers within METRICS_TIMEOUT_S, and
+        meshserve_router_up says which (while the router restarts, a scrape waited ~7 s, near Prometheus's
+        default 10 s scrape timeout)."""
         try:
-            stats = await within(server.stats(), HEALTH_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            stats = {"meshes": []}
+            stats = await within(server.stats(), METRICS_TIMEOUT_S)
+        except (asyncio.TimeoutError, APIError):  # no answer yet, or no router to answer
+            stats = None
         return Response(server.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(APIError)

@@ -39,18 +39,24 @@ class Metrics:
         self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", registry=r)
         self.requests = Counter("meshserve_requests", "Finished requests.", ["finish_reason"], registry=r)
         self._meshes: list[dict] = []
+        self._router_up = False
         r.register(self)
 
     def start(self, num_prompt_tokens: int, arrival: float) -> RequestTimer:
         return RequestTimer(self, num_prompt_tokens, arrival)
 
-    def render(self, router_stats: dict) -> bytes:
-        """The exposition text, with the per-mesh families taken from `router_stats`."""
-        self._meshes = router_stats["meshes"]
+    def render(self, router_stats: dict | None) -> bytes:
+        """The exposition text, with the per-mesh families taken from `router_stats` (None: the router did not
+        answer; meshserve_router_up 0 and no mesh families, as their state is unknown)."""
+        self._router_up = router_stats is not None
+        self._meshes = router_stats["meshes"] if router_stats else []
         return generate_latest(self.registry)
 
     def collect(self):
         """The per-mesh families (prometheus_client calls this during generate_latest)."""
+        yield GaugeMetricFamily("meshserve_router_up", "1 when the router answered this scrape's stats call.",
+                                value=float(self._router_up))
+
         def family(kind, name, doc):
             return kind(name, doc, labels=["mesh"])
 

@@ -518,6 +518,7 @@ def test_health_answers_within_its_timeout_while_the_router_does_not(client, rou
         await asyncio.sleep(60)
     monkeypatch.setattr(router, "stats", stuck)
     monkeypatch.setattr(ingress, "HEALTH_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(ingress, "METRICS_TIMEOUT_S", 0.2)
     began = time.monotonic()
     response = client.get("/health")
     assert_error(response, 503)
@@ -526,6 +527,15 @@ def test_health_answers_within_its_timeout_while_the_router_does_not(client, rou
     scraped = client.get("/metrics")  # the ingress's own families, without the meshes'
     assert time.monotonic() - began < 5 and scraped.status_code == 200
     assert "meshserve_time_to_first_token_seconds" in scraped.text and "meshserve_num_requests_running{" not in scraped.text
+    assert "meshserve_router_up 0.0" in scraped.text
+
+
+def test_metrics_answer_while_no_router_can_be_reached(client, router, monkeypatch):
+    async def gone() -> dict:
+        raise ConnectionError("no router replica")
+    monkeypatch.setattr(router, "stats", gone)
+    scraped = client.get("/metrics")
+    assert scraped.status_code == 200 and "meshserve_router_up 0.0" in scraped.text
 
 
 # ---- disconnects --------------------------------------------------------------------------------
@@ -628,6 +638,7 @@ def test_metrics_exposition(client, router, tokenizer):
         for group in ("0", "1"):
             assert value("meshserve_kv_group_blocks_used", mesh=mesh, group=group) == 15
             assert value("meshserve_kv_group_blocks_total", mesh=mesh, group=group) == 60
+    assert value("meshserve_router_up") == 1
 
 
 # ---- stop strings -------------------------------------------------------------------------------
