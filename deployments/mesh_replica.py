@@ -48,7 +48,7 @@ class StaleWork(RuntimeError):
     """A work planned for another incarnation of this replica, or before its last reset."""
 
 
-class MeshFailed(RuntimeError):
+class DeviceFailed(RuntimeError):
     """The device failed in an earlier work: the replica runs nothing more until Serve restarts it."""
 
 
@@ -108,7 +108,7 @@ class MeshReplica:
     async def reset(self) -> tuple[str, Capabilities]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
         Works still waiting for their turn, or queued and not started, are refused. Returns (incarnation id,
-        capabilities). Raises MeshFailed after a device error: the mesh stays down until Serve restarts it."""
+        capabilities). Raises DeviceFailed after a device error: the mesh stays down until Serve restarts it."""
         self._check_device()
         async with self.turn:
             self.generation += 1
@@ -203,7 +203,7 @@ class MeshReplica:
             loop.call_soon_threadsafe(results.put_nowait, StaleWork(f"work {work.work_id} was planned before a reset"))
             return
         if self.error is not None:  # queued before the device failed: it does not run on a failed device
-            loop.call_soon_threadsafe(results.put_nowait, MeshFailed(f"the device failed: {self.error!r}"))
+            loop.call_soon_threadsafe(results.put_nowait, DeviceFailed(f"the device failed: {self.error!r}"))
             return
         try:
             self.running = (time.monotonic(), deadline)
@@ -221,7 +221,7 @@ class MeshReplica:
 
     def _check_device(self) -> None:
         if self.error is not None:
-            raise MeshFailed(f"the device failed ({self.error!r}): waiting for Serve to restart this replica")
+            raise DeviceFailed(f"the device failed ({self.error!r}): waiting for Serve to restart this replica")
 
     def check_health(self) -> None:
         """Unhealthy after a device error or a step past its deadline: Serve then restarts the replica."""

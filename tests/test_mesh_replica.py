@@ -85,9 +85,9 @@ def test_after_a_device_error_the_replica_runs_nothing_and_stays_down(replica, m
         await replica.reset()
         with pytest.raises(RuntimeError, match="device fell over"):
             await drain(replica, prefill(0))
-        with pytest.raises(mesh_replica.MeshFailed, match="device fell over"):
+        with pytest.raises(mesh_replica.DeviceFailed, match="device fell over"):
             await drain(replica, prefill(1))
-        with pytest.raises(mesh_replica.MeshFailed):
+        with pytest.raises(mesh_replica.DeviceFailed):
             await replica.reset()
     asyncio.run(main())
     assert len(calls) == 1
