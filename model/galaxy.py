@@ -20,6 +20,15 @@ PREFIX_ALIGN = 128  # SDPA_CHUNK_ALIGN in model_config.py: cached prefixes are c
 # Per KV group: one 128k user plus a block for each slot of the column. tt_worker.py sizes each data-parallel
 # rank (one per column, max_num_seqs 8) as ceil((131072 + 64 * 8) / 64).
 BLOCKS_PER_GROUP = -(-(MAX_SEQ_LEN + BLOCK_SIZE * (NUM_SLOTS // KV_GROUPS)) // BLOCK_SIZE)  # 2056
+LLAMA3_VOCAB = 128_256
+LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+# What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
+# A seed stays on the host too: tt-metal reseeds a slot's generator at each prefill and draws once per decode
+# step (models/common/sampling SeedManager), so a seeded answer recomputed after a preemption or a failover, or
+# decoded beside a host-sampled neighbour, would draw other tokens; the host sampler keys each draw on
+# (seed, position), the same wherever and whenever the token is computed.
+DEVICE_SAMPLING = frozenset({"temperature", "top_k", "top_p"})
+DEVICE_MAX_TOP_K = 32  # tt-metal's on-device sampler keeps the top 32 (models/common/sampling); larger: host
 
 
 def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, block_size: int) -> tuple[int, int]:
@@ -43,17 +52,6 @@ def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, bl
         raise ValueError(f"num_blocks {num_blocks} is too few for max_seq_len {max_seq_len}: a column's cache "
                          f"must hold {max_seq_len + PREFIX_ALIGN} tokens, {block_size} a block, block 0 spare")
     return max_seq_len, num_blocks
-
-
-LLAMA3_VOCAB = 128_256
-LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
-# What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
-# A seed stays on the host too: tt-metal reseeds a slot's generator at each prefill and draws once per decode
-# step (models/common/sampling SeedManager), so a seeded answer recomputed after a preemption or a failover, or
-# decoded beside a host-sampled neighbour, would draw other tokens; the host sampler keys each draw on
-# (seed, position), the same wherever and whenever the token is computed.
-DEVICE_SAMPLING = frozenset({"temperature", "top_k", "top_p"})
-DEVICE_MAX_TOP_K = 32  # tt-metal's on-device sampler keeps the top 32 (models/common/sampling); larger: host
 
 
 @dataclass(frozen=True)
