@@ -147,3 +147,16 @@ def test_blocks_needed_counts_revived_hits():
     pool.free(blocks)
     assert pool.blocks_needed(blocks, 9) == 3  # unowned hits leave the available set
     assert pool.blocks_needed([], 9) == 3
+
+
+def test_a_salt_cannot_be_crafted_to_continue_an_unsalted_chain():
+    """A salt whose bytes are an unsalted prompt's first block (int32 token ids: small ids are ASCII and NULs,
+    a 64-token block is 256 characters, the longest salt) must not seed that prompt's chain one block on."""
+    from array import array
+    first = list(range(1, 65))
+    rest = list(range(100, 300))
+    salt = array("i", first).tobytes().decode()
+    unsalted, salted = [], []
+    extend_block_hashes(unsalted, first + rest, 64)
+    extend_block_hashes(salted, rest, 64, salt=salt)
+    assert not set(unsalted) & set(salted)
