@@ -158,10 +158,10 @@ class MeshScheduler:
         its queue is seated) beats one that does not, whatever their prefix caches hold: a cache hit saves
         one prefill, a queue costs the request every step until a slot frees. Among meshes that seat it,
         the longest prefix cached in a group with a free slot wins, then the most slots left; among the
-        others, the shortest queue, then the longest prefix. The free slots and blocks of the best group
-        break the remaining ties."""
+        others, the shortest queue, then the longest prefix. The best group's free slots, blocks holding no
+        cached prefix, and available blocks break the remaining ties (as in _choose_group)."""
         free_after_queue = self.kv.num_free_slots - len(self.waiting)
-        group = max((len(g.free_slots), g.pool.num_available) for g in self.kv.groups)
+        group = max((len(g.free_slots), g.pool.num_free, g.pool.num_available) for g in self.kv.groups)
         if free_after_queue > 0:
             return 1, self.cached_prefix_tokens(block_hashes, num_tokens, True), free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
@@ -248,7 +248,9 @@ class MeshScheduler:
 
     def _choose_group(self, block_hashes: list[bytes], n: int) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room whose prefix cache holds most of the sequence, then the one
-        with most free slots, then most available blocks; with its prefix hit. None if none has room."""
+        with most free slots, then most blocks that hold no cached prefix (so that prompts taking turns keep
+        their prefixes in different groups, not evict each other in one), then most available blocks; with
+        its prefix hit. None if none has room."""
         best, best_key = None, None
         for group in self.kv.groups:
             if not group.free_slots:
@@ -258,7 +260,7 @@ class MeshScheduler:
             watermark = self.watermark_blocks if group.num_running else 0
             if pool.blocks_needed(hit, n) + watermark > pool.num_available:
                 continue
-            key = (len(hit), len(group.free_slots), pool.num_available)
+            key = (len(hit), len(group.free_slots), pool.num_free, pool.num_available)
             if best_key is None or key > best_key:
                 best, best_key = (group, hit), key
         return best

@@ -457,3 +457,25 @@ def _hashes(token_ids):
     hashes = []
     extend_block_hashes(hashes, token_ids, BS)
     return hashes
+
+
+def test_prompts_taking_turns_keep_their_prefixes_in_different_groups():
+    """Sequential requests tie on hits and free slots: they go to the group with the most blocks holding no
+    cached prefix, not all to group 0, where each would evict the one before (then a resend hits nothing)."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=4, num_slots=8, max_seq_len=64, prefill_chunk=8,
+                          max_prefill_tokens=64, decode_steps=2, eos_token_ids=(EOS,))
+    mesh = FakeMesh(8, 8, BS, kv_groups=4)
+    events = defaultdict(list)
+    prompts = [[20 + i] * 20 for i in range(4)]  # 5 full blocks each: two do not fit one 8-block pool
+    groups = []
+    for rounds in range(2):
+        for i, prompt in enumerate(prompts):
+            rid = f"{rounds}-{i}"
+            sched.submit(rid, prompt + [1], params(max_tokens=2, ignore_eos=True))
+            work = sched.schedule()
+            groups.append(sched.kv.group_of(sched.running[rid].slot).index)
+            run(sched, mesh, work, events)
+            while rid in sched.requests:
+                step(sched, mesh, events)
+    assert groups == [0, 1, 2, 3] * 2
+    assert [events[f"1-{i}"][0].num_cached_tokens for i in range(4)] == [20] * 4  # every resend hits
