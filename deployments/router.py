@@ -95,10 +95,15 @@ class Mesh:
     rounds: int = 0
     failovers: int = 0
     requests_migrated: int = 0
+    past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
 
     @property
     def up(self) -> bool:
         return self.scheduler is not None
+
+
+# A scheduler's counters: the mesh's own go on across its failures (Prometheus counters do not go back).
+COUNTERS = ("prefix_query_tokens", "prefix_hit_tokens", "preemptions")
 
 
 @dataclass
@@ -436,6 +441,7 @@ class Router:
         meshes = []
         for m in self.meshes:
             sched = m.scheduler.stats() if m.up else _down_stats(m.caps)
+            sched.update({k: sched[k] + m.past_counts.get(k, 0) for k in COUNTERS})
             meshes.append({"name": m.name, "up": m.up, "failed": m.down_reason, "incarnation": m.incarnation,
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, **sched})
@@ -482,6 +488,8 @@ class Router:
         """Mark the mesh down and re-place every request it had, with its tokens so far."""
         log.error("mesh %s failed: %r; moving its requests", mesh.name, error)
         sched, mesh.scheduler, mesh.incarnation = mesh.scheduler, None, None
+        counts = sched.stats()
+        mesh.past_counts = {k: mesh.past_counts.get(k, 0) + counts[k] for k in COUNTERS}
         mesh.down_reason = repr(error)
         mesh.failovers += 1
         if not any(m.up for m in self.meshes):

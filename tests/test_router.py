@@ -208,6 +208,8 @@ def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
         assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
         mesh0 = router.stats()["meshes"][0]
         assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] == 5
+        queried = mesh0["prefix_query_tokens"]
+        assert queried > 0  # its prompts: counted by the scheduler that failed, and kept (counters do not go back)
         if fault == "vanish":
             assert not mesh0["up"] and router.stats()["ready"]
             old = m0.incarnation
@@ -216,8 +218,10 @@ def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
         await until(lambda: router.stats()["meshes"][0]["up"])
         assert idle(router)
         works = m0.works
+        assert router.stats()["meshes"][0]["prefix_query_tokens"] == queried  # the fresh scheduler's 0 added
         again = await asyncio.gather(*[collect(router, f"again{i}", p, LONG) for i, p in enumerate(PROMPTS)])
         assert again == alone and m0.works > works  # mesh-0 is placed on again
+        assert router.stats()["meshes"][0]["prefix_query_tokens"] > queried
         assert idle(router)
         await router.close()
     asyncio.run(main())
