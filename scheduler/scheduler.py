@@ -101,8 +101,10 @@ class MeshScheduler:
             limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
                                 f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
-        if not migrated and self.max_waiting_requests is not None and len(self.waiting) >= self.max_waiting_requests:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting (limit {self.max_waiting_requests})")
+        # Those a free slot will seat at the next schedule are not waiting: a burst into an idle mesh is no queue.
+        queued = len(self.waiting) - self.kv.num_free_slots
+        if not migrated and self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
+            raise QueueFull(f"{queued} requests are waiting for a slot (limit {self.max_waiting_requests})")
         if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens:
             raise QueueFull(f"{self.waiting_tokens} prompt tokens are waiting (limit {self.max_waiting_tokens})")
         budget = self.max_tokens_per_seq - n

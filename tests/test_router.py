@@ -128,13 +128,13 @@ def test_a_full_queue_sends_a_request_to_the_next_mesh():
         router = await _two_small_meshes(max_waiting_requests=2)
         prefix = list(range(1, 600))
         await collect(router, "warm", prefix + [7])
-        streams = [router.generate(f"r{i}", prefix + [i + 10], LONG) for i in range(5)]
+        streams = [router.generate(f"r{i}", prefix + [i + 10], LONG) for i in range(9)]
         firsts = [asyncio.create_task(anext(s)) for s in streams]
-        await asyncio.sleep(0)  # all five submitted before either mesh admits one: 2 + 2 fit in the queues
-        assert sorted(router.requests[f"r{i}"].mesh.name for i in range(4)) == ["mesh-0", "mesh-0", "mesh-1", "mesh-1"]
+        await asyncio.sleep(0)  # all nine submitted before either mesh admits one: 2 seated + 2 queued on each
+        assert sorted(router.requests[f"r{i}"].mesh.name for i in range(8)) == ["mesh-0"] * 4 + ["mesh-1"] * 4
         with pytest.raises(QueueFull):
-            await firsts[4]
-        await asyncio.gather(*firsts[:4])
+            await firsts[8]
+        await asyncio.gather(*firsts[:8])
         await _end(router, streams)
     asyncio.run(main())
 

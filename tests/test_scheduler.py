@@ -60,7 +60,7 @@ def expected(prompt, p, eos=(EOS,)):
 
 
 def test_submit_validates_and_clamps():
-    sched, _ = make(max_seq_len=32, max_waiting_requests=2, max_waiting_tokens=20)
+    sched, _ = make(max_seq_len=32, max_waiting_requests=1, max_waiting_tokens=20, num_slots=1)  # one seated, one queued
     with pytest.raises(PromptTooLong, match="max_seq_len"):
         sched.submit("long", [1] * 32, params())
     with pytest.raises(ValueError, match="empty"):
@@ -479,3 +479,13 @@ def test_prompts_taking_turns_keep_their_prefixes_in_different_groups():
                 step(sched, mesh, events)
     assert groups == [0, 1, 2, 3] * 2
     assert [events[f"1-{i}"][0].num_cached_tokens for i in range(4)] == [20] * 4  # every resend hits
+
+
+def test_a_burst_into_free_slots_is_no_queue():
+    """max_waiting_requests counts requests that wait for a slot: three at once into an idle mesh of two
+    slots and a queue of one are all taken; the fourth waits beyond the limit."""
+    sched, _ = make(num_slots=2, max_waiting_requests=1)
+    for i in range(3):
+        sched.submit(f"r{i}", [1, 2, 3], params())
+    with pytest.raises(QueueFull, match="waiting for a slot"):
+        sched.submit("r3", [1, 2, 3], params())

@@ -63,7 +63,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
                                 stop_token_ids=stop, ignore_eos=ignore_eos)
         limit = self.sched.max_waiting_requests
-        queue_full = limit is not None and len(self.sched.waiting) >= limit
+        queue_full = limit is not None and len(self.sched.waiting) - self.sched.kv.num_free_slots >= limit
         try:
             seq = self.sched.submit(rid, prompt, params, salt)
         except PromptTooLong:
