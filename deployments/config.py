@@ -81,8 +81,11 @@ def check_serve_config(path: str) -> list[str]:
     import yaml
     from pydantic import ValidationError
 
-    with open(path) as f:
-        apps = (yaml.safe_load(f) or {}).get("applications") or []
+    try:
+        with open(path) as f:
+            apps = (yaml.safe_load(f) or {}).get("applications") or []
+    except (OSError, yaml.YAMLError) as e:
+        return [f"{path}: {e}"]
     errors = []
     for app in apps:
         if app.get("import_path") != "deployments.app:build":

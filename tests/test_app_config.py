@@ -72,6 +72,8 @@ def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
 
     ok = check(*(ROOT / n for n in ("serve_config.yaml", "serve_config.simulated.yaml", "serve_config.galaxy.yaml")))
     assert (ok.returncode, ok.stderr.strip()) == (0, "")
+    missing = check(tmp_path / "nope.yaml")
+    assert missing.returncode == 2 and "No such file" in missing.stderr and "Traceback" not in missing.stderr
     out = check(bad("keys.yaml", num_meshes=0, bogus_key=3), bad("chunk.yaml", prefill_chunk=200))
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
