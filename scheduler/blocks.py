@@ -32,8 +32,10 @@ def extend_block_hashes(hashes: list[bytes], token_ids: Sequence[int], block_siz
     start = len(hashes) * block_size
     data = array("i", token_ids[start:num_full * block_size]).tobytes()
     step = 4 * block_size
-    parent = hashes[-1] if hashes else (hashlib.blake2b(salt.encode(), digest_size=16, person=b"meshserve salt").digest()
-                                        if salt else b"")
+    if hashes:
+        parent = hashes[-1]
+    else:
+        parent = hashlib.blake2b(salt.encode(), digest_size=16, person=b"meshserve salt").digest() if salt else b""
     for offset in range(0, len(data), step):
         parent = hashlib.blake2b(parent + data[offset:offset + step], digest_size=16).digest()
         hashes.append(parent)

@@ -243,8 +243,9 @@ class MeshScheduler:
             seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
             seq.num_planned = n
             self.running[seq.request_id] = seq
-            if seq.epoch == 1:  # a preempted sequence's recompute is not a lookup of a new prompt (vLLM's counters
-                seq.num_cached_tokens = seq.num_computed  # keep preempted requests apart too)
+            # A preempted sequence's recompute is no lookup of a new prompt (vLLM counts preempted ones apart).
+            if seq.epoch == 1:
+                seq.num_cached_tokens = seq.num_computed
                 self.prefix_query_tokens += n
                 self.prefix_hit_tokens += seq.num_computed
 

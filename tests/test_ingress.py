@@ -526,7 +526,8 @@ def test_health_answers_within_its_timeout_while_the_router_does_not(client, rou
     began = time.monotonic()
     scraped = client.get("/metrics")  # the ingress's own families, without the meshes'
     assert time.monotonic() - began < 5 and scraped.status_code == 200
-    assert "meshserve_time_to_first_token_seconds" in scraped.text and "meshserve_num_requests_running{" not in scraped.text
+    assert "meshserve_time_to_first_token_seconds" in scraped.text
+    assert "meshserve_num_requests_running{" not in scraped.text
     assert "meshserve_router_up 0.0" in scraped.text
 
 

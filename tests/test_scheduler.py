@@ -60,7 +60,8 @@ def expected(prompt, p, eos=(EOS,)):
 
 
 def test_submit_validates_and_clamps():
-    sched, _ = make(max_seq_len=32, max_waiting_requests=1, max_waiting_tokens=20, num_slots=1)  # one seated, one queued
+    # one slot: one request seated, one queued
+    sched, _ = make(max_seq_len=32, max_waiting_requests=1, max_waiting_tokens=20, num_slots=1)
     with pytest.raises(PromptTooLong, match="max_seq_len"):
         sched.submit("long", [1] * 32, params())
     with pytest.raises(ValueError, match="empty"):
