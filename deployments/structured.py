@@ -141,12 +141,12 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
     whitespace = _json_whitespace(req)
     fmt = req.response_format
     if fmt is not None and fmt.type == "json_object":
-        sources.append(("response_format", lambda: json_schema_grammar(True, whitespace)))
+        sources.append(("response_format", _builder("json_object", True, whitespace)))
     elif fmt is not None and fmt.type == "json_schema":
-        schema, strict = fmt.json_schema.schema_, fmt.json_schema.strict
-        sources.append(("response_format.json_schema.schema",  # built (closed when strict) only when asked for
-                        lambda: json_schema_grammar(True if schema is None else closed(schema) if strict else schema,
-                                                    whitespace)))
+        schema = fmt.json_schema.schema_  # built (closed when strict) only when asked for
+        sources.append(("response_format.json_schema.schema",
+                        _builder("json_object", True, whitespace) if schema is None else
+                        _builder("json", schema, whitespace, bool(fmt.json_schema.strict))))
     if so is not None:
         given = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
                                                    ("grammar", so.grammar), ("json_object", so.json_object or None))

@@ -17,9 +17,15 @@ KV_GROUPS = 4  # one per mesh column: slot s lives on column s // 8, and its KV 
 BLOCK_SIZE = 64
 MAX_SEQ_LEN = 131_072
 PREFIX_ALIGN = 128  # SDPA_CHUNK_ALIGN in model_config.py: cached prefixes are cut down to a multiple of it
-# Per KV group: one 128k user plus a block for each slot of the column. tt_worker.py sizes each data-parallel
-# rank (one per column, max_num_seqs 8) as ceil((131072 + 64 * 8) / 64).
-BLOCKS_PER_GROUP = -(-(MAX_SEQ_LEN + BLOCK_SIZE * (NUM_SLOTS // KV_GROUPS)) // BLOCK_SIZE)  # 2056
+
+
+def blocks_per_group(max_seq_len: int, block_size: int, slots_per_group: int = NUM_SLOTS // KV_GROUPS) -> int:
+    """A KV group's pool as tt_worker.py sizes each data-parallel rank (one per column, max_num_seqs 8):
+    one max_seq_len user plus a block for each slot of the column, ceil((131072 + 64 * 8) / 64) = 2056."""
+    return -(-(max_seq_len + block_size * slots_per_group) // block_size)
+
+
+BLOCKS_PER_GROUP = blocks_per_group(MAX_SEQ_LEN, BLOCK_SIZE)  # 2056
 LLAMA3_VOCAB = 128_256
 LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 # What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
@@ -36,19 +42,22 @@ def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, bl
     (slot s on column s // 8). The generator pads a prefill to the next power of two and its traced prefill's
     page table spans the whole cache (generator.py @00b0fa3f), so max_seq_len is a power of two >= 1024 and a
     column's cache (num_blocks + the spare block 0) holds max_seq_len + PREFIX_ALIGN tokens, the warm-up's
-    longest prefill. Unset, num_blocks is BLOCKS_PER_GROUP's rule at max_seq_len, and max_seq_len 128k or the
+    longest prefill. Unset, num_blocks is blocks_per_group at max_seq_len, and max_seq_len 128k or the
     largest that num_blocks holds."""
     if tuple(mesh_shape) != MESH_SHAPE:
         raise ValueError(f"mesh_shape: the Galaxy model runs on an {MESH_SHAPE[0]}x{MESH_SHAPE[1]} mesh, "
                          f"not {tuple(mesh_shape)}")
+    def holds(blocks: int, length: int) -> bool:  # a column's cache: `blocks` and the spare block 0
+        return (blocks + 1) * block_size >= length + PREFIX_ALIGN
+
     if max_seq_len is None:
         max_seq_len = MAX_SEQ_LEN
-        while num_blocks and max_seq_len > 1024 and (num_blocks + 1) * block_size < max_seq_len + PREFIX_ALIGN:
+        while num_blocks and max_seq_len > 1024 and not holds(num_blocks, max_seq_len):
             max_seq_len //= 2
     if max_seq_len < 1024 or max_seq_len & (max_seq_len - 1):
         raise ValueError(f"max_seq_len must be a power of two >= 1024 on a Galaxy, not {max_seq_len}")
-    num_blocks = num_blocks or -(-(max_seq_len + block_size * (NUM_SLOTS // KV_GROUPS)) // block_size)
-    if (num_blocks + 1) * block_size < max_seq_len + PREFIX_ALIGN:
+    num_blocks = num_blocks or blocks_per_group(max_seq_len, block_size)
+    if not holds(num_blocks, max_seq_len):
         raise ValueError(f"num_blocks {num_blocks} is too few for max_seq_len {max_seq_len}: a column's cache "
                          f"must hold {max_seq_len + PREFIX_ALIGN} tokens, {block_size} a block, block 0 spare")
     return max_seq_len, num_blocks

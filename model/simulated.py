@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from model.backend import SAMPLING_FIELDS, Backend, Capabilities
-from model.galaxy import BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN
+from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN,
+                          blocks_per_group)
 from scheduler.sampling import SamplingParams
 
 
@@ -104,7 +105,7 @@ class SimulatedBackend(Backend):
         max_seq_len = max_seq_len or MAX_SEQ_LEN
         if kv_groups < 1 or num_slots % kv_groups:
             raise ValueError(f"{num_slots} slots cannot be split evenly over {kv_groups} KV groups")
-        num_blocks = num_blocks or -(-(max_seq_len + block_size * (num_slots // kv_groups)) // block_size)
+        num_blocks = num_blocks or blocks_per_group(max_seq_len, block_size, num_slots // kv_groups)
         timing = timing or GalaxyTiming.published()
         self.caps = Capabilities(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
                                  max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,

@@ -28,6 +28,13 @@ class KVGroup:
     def num_running(self) -> int:
         return self.num_slots - len(self.free_slots)
 
+    @property
+    def room(self) -> tuple[int, int, int]:
+        """The group's room as placement ranks it: free slots, then blocks holding no cached prefix (so that
+        prompts taking turns keep their prefixes in different groups, not evict each other in one), then
+        available blocks."""
+        return len(self.free_slots), self.pool.num_free, self.pool.num_available
+
 
 class KVCache:
     def __init__(self, *, num_groups: int, num_blocks: int, block_size: int, num_slots: int, max_seq_len: int):

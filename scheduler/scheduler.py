@@ -101,8 +101,7 @@ class MeshScheduler:
             limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
                                 f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
-        # Those a free slot will seat at the next schedule are not waiting: a burst into an idle mesh is no queue.
-        queued = len(self.waiting) - self.kv.num_free_slots
+        queued = self.num_queued  # a burst into free slots is no queue
         if not migrated and self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
             raise QueueFull(f"{queued} requests are waiting for a slot (limit {self.max_waiting_requests})")
         if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens:
@@ -149,6 +148,12 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests that no free slot seats at the next schedule (negative: the slots left once the
+        queue is seated)."""
+        return len(self.waiting) - self.kv.num_free_slots
+
     def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int, seatable_only: bool = False) -> int:
         """The longest prefix of a request (num_tokens tokens, full blocks hashing to block_hashes) that one KV
         group's prefix cache holds; `seatable_only`: among groups with a free slot (the ones _admit seats in)."""
@@ -160,10 +165,10 @@ class MeshScheduler:
         its queue is seated) beats one that does not, whatever their prefix caches hold: a cache hit saves
         one prefill, a queue costs the request every step until a slot frees. Among meshes that seat it,
         the longest prefix cached in a group with a free slot wins, then the most slots left; among the
-        others, the shortest queue, then the longest prefix. The best group's free slots, blocks holding no
-        cached prefix, and available blocks break the remaining ties (as in _choose_group)."""
-        free_after_queue = self.kv.num_free_slots - len(self.waiting)
-        group = max((len(g.free_slots), g.pool.num_free, g.pool.num_available) for g in self.kv.groups)
+        others, the shortest queue, then the longest prefix. The best group's room (KVGroup.room) breaks
+        the remaining ties."""
+        free_after_queue = -self.num_queued
+        group = max(g.room for g in self.kv.groups)
         if free_after_queue > 0:
             return 1, self.cached_prefix_tokens(block_hashes, num_tokens, True), free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
@@ -251,9 +256,7 @@ class MeshScheduler:
 
     def _choose_group(self, block_hashes: list[bytes], n: int) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room whose prefix cache holds most of the sequence, then the one
-        with most free slots, then most blocks that hold no cached prefix (so that prompts taking turns keep
-        their prefixes in different groups, not evict each other in one), then most available blocks; with
-        its prefix hit. None if none has room."""
+        with most room (KVGroup.room); with its prefix hit. None if none has room."""
         best, best_key = None, None
         for group in self.kv.groups:
             if not group.free_slots:
@@ -263,7 +266,7 @@ class MeshScheduler:
             watermark = self.watermark_blocks if group.num_running else 0
             if pool.blocks_needed(hit, n) + watermark > pool.num_available:
                 continue
-            key = (len(hit), len(group.free_slots), pool.num_free, pool.num_available)
+            key = (len(hit), *group.room)
             if best_key is None or key > best_key:
                 best, best_key = (group, hit), key
         return best
