@@ -35,6 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_prompt_file  # noqa: E402
 from model.backend import Backend  # noqa: E402
+from model.checkpoint import find_checkpoint, model_dir_from_env  # noqa: E402
 from model.runner import MeshRunner  # noqa: E402
 from model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from scheduler.blocks import blocks_for  # noqa: E402
@@ -59,7 +60,11 @@ class Settings:
     max_seq_len: int = 128 * 1024
     max_generated_tokens: int = 128
     block_size: int = 64  # page_params
-    max_blocks: int = 2048
+    # KV blocks per KV group; None: the backend's own pool. The demo's page_params max_num_blocks (2,048) is one
+    # page table for the whole batch (text_demo.py reshapes it to max_num_blocks // batch per user), which a
+    # Galaxy column's pool of 2,056 blocks holds for any batch: passed per group it would be a smaller pool
+    # than a column serving 128k tokens needs.
+    max_blocks: int | None = None
     temperature: float = 0.0  # sampling_params; the demo's device sampler always uses top_k 32
     top_p: float = 0.08
     top_k: int = 32
@@ -102,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="performance-batch-32")
     p.add_argument("--backend", choices=("torch", "simulated", "tt_galaxy"), default="simulated")
-    p.add_argument("--model", help="model folder (HF or Meta); default: embedded SmolLM2 for torch, Llama 3's "
+    p.add_argument("--model", help="model folder (HF or Meta) or a hub id in the local HF cache; default: embedded SmolLM2 for torch, Llama 3's "
                                    "tokenizer for simulated, $HF_MODEL or $LLAMA_DIR for tt_galaxy")
     demo = p.add_argument_group("demo parameters (default: the preset's)")
     demo.add_argument("--input-prompts", type=Path, help="prompt file (JSON list of prompt/context/max_length)")
@@ -113,8 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--batch-size", type=int)
     demo.add_argument("--max-generated-tokens", type=int)
     demo.add_argument("--block-size", type=int, help="page_params: tokens per KV block")
-    demo.add_argument("--max-blocks", type=int, help="page_params: KV blocks in the pool (torch without it: "
-                                                     "the backend sizes its own cache)")
+    demo.add_argument("--max-blocks", type=int, help="KV blocks per KV group (default: the backend's own pool)")
     demo.add_argument("--temperature", type=float)
     demo.add_argument("--top-p", type=float)
     demo.add_argument("--top-k", type=int)
@@ -138,8 +142,6 @@ def resolve(args: argparse.Namespace) -> Settings:
     preset = PRESETS[args.preset]
     names = {f.name for f in dataclasses.fields(Settings)} - {"published_input_tokens"}
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if args.max_blocks is None and args.backend == "torch":
-        given["max_blocks"] = None  # the Galaxy's pool in fp32 70B-layout blocks would not fit a CPU box
     if args.input_prompts is not None:
         given["published_input_tokens"] = None
     settings = dataclasses.replace(preset, **given)
@@ -171,11 +173,17 @@ def demo_prompts(settings: Settings) -> list[str]:
 
 def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend, Tokenizer]:
     """Import only the backend in use: ttnn exists only on Galaxy hosts, torch models are heavy."""
+    try:
+        model_dir = find_checkpoint(args.model, "--model") if args.model else None
+        if model_dir is None and args.backend == "tt_galaxy":
+            model_dir = model_dir_from_env()
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.backend == "torch":
         from model.embedded import ensure_smollm2
         from model.torch_llama import TorchBackend
 
-        model_dir = args.model or ensure_smollm2()
+        model_dir = model_dir or ensure_smollm2()
         backend = TorchBackend(model_dir, num_slots=settings.batch_size, block_size=settings.block_size,
                                num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len)
         return backend, load_tokenizer(model_dir)
@@ -185,15 +193,14 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
         from model.embedded import ensure_llama3_tokenizer
         from model.simulated import SimulatedBackend
 
-        tokenizer = load_tokenizer(args.model or ensure_llama3_tokenizer())
+        tokenizer = load_tokenizer(model_dir or ensure_llama3_tokenizer())
         backend = SimulatedBackend(time_scale=args.time_scale, block_size=settings.block_size,
                                    num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len,
                                    vocab_size=tokenizer.vocab_size, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))
         return backend, tokenizer
     from model.tt_galaxy import TTGalaxyBackend
 
-    model_dir = args.model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR")
-    if not model_dir:
+    if model_dir is None:
         raise SystemExit("tt_galaxy needs the Llama folder: --model DIR, or $HF_MODEL / $LLAMA_DIR as for the demo")
     tokenizer = load_tokenizer(model_dir)
     backend = TTGalaxyBackend(model_dir, block_size=settings.block_size, num_blocks=settings.max_blocks,

@@ -4,7 +4,6 @@ Each mesh is its own single-replica deployment, so the router's handle to `mesh-
 replica holding that mesh's KV cache (Serve handles otherwise pick a replica for you). Galaxies are not
 autoscaled; the ingress is stateless and scales by `ingress_replicas`.
 """
-import os
 from pathlib import Path
 
 from ray.serve import Application
@@ -13,18 +12,20 @@ from deployments.config import AppConfig
 from deployments.ingress import Ingress
 from deployments.mesh_replica import MeshReplica
 from deployments.router import RouterDeployment
+from model.checkpoint import find_checkpoint, model_dir_from_env
 
 
 def resolve_model_dir(config: AppConfig) -> Path:
-    """'smollm2' fetches the embedded default once; empty falls back to $HF_MODEL / $LLAMA_DIR."""
-    model = config.model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
-    if model == "smollm2":
+    """'smollm2' fetches the embedded default once; a folder or a cached hub id is used as is; empty falls back
+    to $HF_MODEL / $LLAMA_DIR. Raises ValueError naming the field when none of these is there."""
+    if config.model == "smollm2":
         from model.embedded import ensure_smollm2
         return ensure_smollm2()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"model: {model!r} is not a directory (nor 'smollm2'); set `model` in "
-                         "serve_config.yaml, or HF_MODEL / LLAMA_DIR")
+    if config.model:
+        return find_checkpoint(config.model)
+    path = model_dir_from_env()
+    if path is None:
+        raise ValueError("model: empty, and neither HF_MODEL nor LLAMA_DIR is set; set `model` in serve_config.yaml")
     return path
 
 

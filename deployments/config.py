@@ -15,9 +15,10 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what is served
-    model: str = Field("smollm2", description="'smollm2' (the embedded default), a Hugging Face folder, or a "
-                                              "Meta folder (consolidated.*.pth + params.json + tokenizer.model). "
-                                              "Empty: $HF_MODEL or $LLAMA_DIR, as in the Galaxy demo.")
+    model: str = Field("smollm2", description="'smollm2' (the embedded default), a Hugging Face folder or a hub "
+                                              "id in the local HF cache, or a Meta folder (consolidated.*.pth + "
+                                              "params.json + tokenizer.model). Empty: $HF_MODEL or $LLAMA_DIR, as "
+                                              "in the Galaxy demo.")
     served_model_name: str | None = None
     backend: Literal["torch", "simulated", "tt_galaxy"] = "torch"
     # meshes (one Serve replica each)

@@ -9,7 +9,6 @@ memory-mapped files, so the caller copies each into its parameter and at most on
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,22 +28,6 @@ META_TO_HF = {
 # Tensor-parallel split dimension of Meta's shards: column-parallel layers (and Llama 3's vocab-parallel
 # embedding) split output rows, row-parallel layers split input columns. Anything else is replicated.
 _META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
-
-
-def model_dir_from_env() -> Path | None:
-    """The checkpoint the Galaxy demo would load: `LLAMA_DIR` (Meta format) or `HF_MODEL` (an HF folder,
-    or a hub id already in the local HF cache: nothing is downloaded). None when neither is set."""
-    llama_dir, hf_model = os.environ.get("LLAMA_DIR"), os.environ.get("HF_MODEL")
-    if llama_dir and hf_model:
-        raise ValueError("set only one of LLAMA_DIR and HF_MODEL")
-    if llama_dir:
-        return Path(llama_dir)
-    if not hf_model:
-        return None
-    if Path(hf_model).is_dir():
-        return Path(hf_model)
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(hf_model, local_files_only=True))
 
 
 def load_weights(path: str | Path, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:

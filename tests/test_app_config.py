@@ -81,3 +81,28 @@ def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
         f"{tmp_path}/keys.yaml: application 'meshserve', args.bogus_key: Extra inputs are not permitted",
         f"{tmp_path}/chunk.yaml: application 'meshserve', args: prefill_chunk must be a multiple of 128 "
         "(the Galaxy model's prefill alignment)"]
+
+
+def test_model_is_a_folder_a_cached_hub_id_or_the_demos_variables(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from deployments.app import resolve_model_dir
+
+    monkeypatch.delenv("HF_MODEL", raising=False)
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    assert resolve_model_dir(AppConfig(model=str(tmp_path))) == tmp_path
+    with pytest.raises(ValueError, match="neither HF_MODEL nor LLAMA_DIR"):
+        resolve_model_dir(AppConfig(model=""))
+    monkeypatch.setenv("LLAMA_DIR", str(tmp_path))
+    assert resolve_model_dir(AppConfig(model="")) == tmp_path
+    monkeypatch.delenv("LLAMA_DIR")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--org--m" / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setenv("HF_MODEL", "org/m")
+    assert resolve_model_dir(AppConfig(model="")) == snapshot
+    assert resolve_model_dir(AppConfig(model="org/m")) == snapshot
+    with pytest.raises(ValueError, match="model: 'org/other' is neither"):
+        resolve_model_dir(AppConfig(model="org/other"))

@@ -28,7 +28,7 @@ def test_presets_mirror_the_galaxy_demo():
         settings = demo.resolve(demo.parse_args(["--preset", name]))
         assert settings == preset and settings.input_prompts.is_file()
         assert (settings.max_generated_tokens, settings.repeat_batches, settings.block_size, settings.max_blocks,
-                settings.instruct, settings.stop_at_eos) == (128, 1, 64, 2048, True, False)
+                settings.instruct, settings.stop_at_eos) == (128, 1, 64, None, True, False)
         assert settings.batch_size == (32 if name.endswith(("batch-32", "b32")) else 1)
         sampling = (settings.temperature, settings.top_p)
         assert sampling == ((1.0, 0.04) if name == "performance-long-8k-b1" else (0.0, 0.08))
@@ -45,9 +45,10 @@ def test_command_line_options_override_the_preset(prompt_file):
     assert settings.published_input_tokens is None  # other prompts: the published row no longer applies
 
 
-def test_torch_sizes_its_own_cache_unless_told_and_num_layers_needs_tt_galaxy():
-    assert demo.resolve(demo.parse_args(["--backend", "torch"])).max_blocks is None
-    assert demo.resolve(demo.parse_args(["--backend", "torch", "--max-blocks", "9"])).max_blocks == 9
+def test_backends_size_their_own_pools_unless_told_and_num_layers_needs_tt_galaxy():
+    for backend in ("torch", "simulated", "tt_galaxy"):
+        assert demo.resolve(demo.parse_args(["--backend", backend])).max_blocks is None
+        assert demo.resolve(demo.parse_args(["--backend", backend, "--max-blocks", "9"])).max_blocks == 9
     with pytest.raises(SystemExit):
         demo.parse_args(["--backend", "simulated", "--num-layers", "1"])
 

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
+from model.checkpoint import find_checkpoint, model_dir_from_env
 from model.config import LlamaConfig, RopeScaling, meta_ffn_dim
 from model.verify import META_EXPRESSIBLE_ROPE, META_PARAMS, save_meta_checkpoint, save_tiny_hf_model
-from model.weights import half_split_to_interleaved, interleaved_to_half_split, load_weights, model_dir_from_env
+from model.weights import half_split_to_interleaved, interleaved_to_half_split, load_weights
 
 # Meta's params.json for Llama 3.3 70B and Llama 3.1 8B, as released.
 LLAMA_33_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256,
@@ -125,3 +126,28 @@ def test_model_dir_from_env(monkeypatch, tmp_path):
         model_dir_from_env()
     monkeypatch.delenv("HF_MODEL")
     assert model_dir_from_env() == tmp_path
+    monkeypatch.setenv("LLAMA_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="LLAMA_DIR"):
+        model_dir_from_env()
+
+
+def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache_only(monkeypatch, tmp_path):
+    """The Galaxy README's `HF_MODEL=meta-llama/Llama-3.3-70B-Instruct`: the cached snapshot, nothing fetched."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    repo = tmp_path / "models--meta-llama--Llama-3.3-70B-Instruct"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_MODEL", "meta-llama/Llama-3.3-70B-Instruct")
+    assert model_dir_from_env() == snapshot
+    assert find_checkpoint(str(snapshot)) == snapshot
+    monkeypatch.setenv("HF_MODEL", "meta-llama/Llama-3.1-8B-Instruct")  # not in the cache: named, not fetched
+    with pytest.raises(ValueError, match="HF_MODEL: 'meta-llama/Llama-3.1-8B-Instruct' is neither"):
+        model_dir_from_env()
+    with pytest.raises(ValueError, match="model: '/no/such/folder' is neither"):
+        find_checkpoint("/no/such/folder")

@@ -581,3 +581,23 @@ def test_no_device_sampling_mode_sends_everything_to_the_host(ttnn, hf_dir):
     b = TTGalaxyBackend(hf_dir, tt_config={"sample_on_device_mode": None, "enable_model_warmup": False})
     assert not b.can_sample(GREEDY) and b.caps.device_sampling == frozenset()
     b.close()
+
+
+def test_the_demo_runs_a_preset_on_the_galaxy_backend(ttnn, hf_dir, tmp_path_factory, capsys):
+    """bench.demo's presets on tt_galaxy use a column's own pool: the demo's 2,048-block page table is the
+    whole batch's, and as a per-column pool it is too small for 128k (it was refused at open)."""
+    import json
+    import shutil
+
+    from bench import demo
+    from model.embedded import ensure_llama3_tokenizer
+
+    for f in ensure_llama3_tokenizer().iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    prompts = tmp_path_factory.mktemp("prompts") / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "Hi."}, {"prompt": "Name a bird."}]))
+    demo.main(["--backend", "tt_galaxy", "--model", str(hf_dir), "--input-prompts", str(prompts),
+               "--batch-size", "2", "--max-generated-tokens", "3", "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["settings"]["max_seq_len"] == 131072 and rep["output_tokens"] == 6
+    assert [u["finish_reason"] for u in rep["batches"][0]["users"]] == ["length", "length"]

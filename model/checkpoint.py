@@ -1,0 +1,36 @@
+"""Where the checkpoint is: a folder, or a Hugging Face hub id in the local cache, named in the config or by
+the Galaxy demo's environment variables (models/demos/llama3_70b_galaxy/README.md: HF_MODEL, LLAMA_DIR).
+Light on purpose: the Serve build resolves it without importing torch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def model_dir_from_env() -> Path | None:
+    """The checkpoint the Galaxy demo would load: `LLAMA_DIR` (a Meta folder) or `HF_MODEL` (an HF folder, or a
+    hub id such as meta-llama/Llama-3.3-70B-Instruct already in the local HF cache). None when neither is set.
+    Raises ValueError when both are set (tt-metal's TtModelArgs asserts the same) or the one set is not there."""
+    llama_dir, hf_model = os.environ.get("LLAMA_DIR"), os.environ.get("HF_MODEL")
+    if llama_dir and hf_model:
+        raise ValueError("set only one of LLAMA_DIR and HF_MODEL")
+    if llama_dir:
+        if not Path(llama_dir).expanduser().is_dir():
+            raise ValueError(f"LLAMA_DIR: {llama_dir!r} is not a directory")
+        return Path(llama_dir).expanduser()
+    return find_checkpoint(hf_model, "HF_MODEL") if hf_model else None
+
+
+def find_checkpoint(name: str, field: str = "model") -> Path:
+    """A checkpoint folder, or a Hugging Face hub id (`org/name`) already in the local HF cache ($HF_HOME /
+    $HF_HUB_CACHE): its snapshot folder. Nothing is downloaded; meshserve never reaches a model hub at run time.
+    Raises ValueError naming `field` when it is neither."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not an id, or not in the cache: the library's errors differ by case and version
+        raise ValueError(f"{field}: {name!r} is neither a directory nor a Hugging Face model in the local cache "
+                         "(nothing is downloaded at run time: fetch it first, e.g. `huggingface-cli download`)") from None
