@@ -75,8 +75,9 @@ class Settings:
 
 PRESETS = {
     "performance-batch-32": Settings(SAMPLES_DIR / "batch32.json", 32, published_input_tokens=128),
-    "performance-long-4k-b1": Settings(SAMPLES_DIR / "long_4k.json", 1),
-    "performance-long-8k-b1": Settings(SAMPLES_DIR / "long_8k.json", 1, temperature=1.0, top_p=0.04),
+    "performance-long-4k-b1": Settings(SAMPLES_DIR / "long_4k.json", 1, published_input_tokens=4096),
+    "performance-long-8k-b1": Settings(SAMPLES_DIR / "long_8k.json", 1, temperature=1.0, top_p=0.04,
+                                       published_input_tokens=8192),
     "performance-long-16k-b32": Settings(SAMPLES_DIR / "long_16k.json", 32),
     "performance-long-32k-b1": Settings(SAMPLES_DIR / "long_32k.json", 1, published_input_tokens=32768),
     "performance-long-64k-b1": Settings(SAMPLES_DIR / "long_64k.json", 1, published_input_tokens=65536),

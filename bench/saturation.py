@@ -89,12 +89,14 @@ def ttfts(runs: list[Marks]) -> list[float]:
 
 
 def capacity_tokens_per_s(slots: int, prompt_tokens: int, window: SteadyWindow, time_scale: float,
-                          timing: GalaxyTiming | None = None) -> float:
-    """What `slots` simulated decode slots make over the steps the window covers: one token per slot per
-    step, each step taking the published step time at the longest live context (the simulated backend's
-    rule), scaled. A stream holding k tokens makes its next one in a step at context prompt + k."""
+                          timing: GalaxyTiming | None = None, meshes: int = 1) -> float:
+    """What `slots` simulated decode slots, spread evenly over `meshes`, make over the steps the window
+    covers: one token per slot per step, each step taking the published time of a step of a mesh's users at
+    that context (the simulated backend's rule), scaled. A stream holding k tokens makes its next one in a
+    step at context prompt + k."""
     timing = timing or GalaxyTiming.published()
     first = prompt_tokens + window.first_context_tokens
     contexts = range(first, max(prompt_tokens + window.last_context_tokens, first + 1))
-    mean_step_s = sum(timing.decode_step_seconds(c) for c in contexts) / len(contexts)
+    users = -(-slots // meshes)
+    mean_step_s = sum(timing.batch_step_seconds(c, users) for c in contexts) / len(contexts)
     return slots / (mean_step_s * time_scale)

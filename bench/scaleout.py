@@ -52,7 +52,7 @@ def measure(config: AppConfig, prompt_tokens: int, output_tokens: int) -> dict:
     finally:
         cluster.shutdown()
     window = steady_window(runs)
-    capacity = capacity_tokens_per_s(clients, prompt_tokens, window, config.time_scale)
+    capacity = capacity_tokens_per_s(clients, prompt_tokens, window, config.time_scale, meshes=n)
     ttft_ms = np.percentile(np.asarray(ttfts(runs)) * 1e3, [50, 99])
     return {"meshes": n, "time_scale": config.time_scale, "clients": clients,
             "delivered_tokens_per_s": window.tokens_per_s, "capacity_tokens_per_s": capacity,

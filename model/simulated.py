@@ -37,26 +37,35 @@ _MAX_CATCH_UP_S = 0.010  # oversleep repaid on the next call, so a loaded host k
 
 @dataclass(frozen=True)
 class GalaxyTiming:
-    """Published prefill and decode times, interpolated log-log between rows (prefill and attention cost
-    grow as powers of length between the measured points), clamped outside them.
+    """Published prefill and decode times (galaxy_perf.json), interpolated log-log between rows (prefill and
+    attention cost grow as powers of length between the measured points), clamped outside them.
 
-    TTFT is per user (the Galaxy prefills one user at a time). A decode step is 1 / tokens_per_s_per_user
-    at the longest context among the live slots: decode always runs all 32 slots in one fixed-shape trace and
-    each user's attention proceeds in parallel, so the longest user sets the pace. That is how the batch-1
-    long-context rows (32k-128k) are used: as the step time of any batch whose longest user is that long.
-    A row's tokens/s/user was measured over the demo's 128 generated tokens after input_tokens, so it is
-    placed at the mean context of that run, input_tokens + DEMO_MEAN_GENERATED.
+    TTFT is per user (the Galaxy prefills one user at a time). A decode step runs all 32 slots in one
+    fixed-shape trace: it takes a lone user's step at the longest live context, plus `others_s_per_token` for
+    each token of context the other live users hold (their attention reads). PERF.md's pairs of rows at one
+    input length for batch 1 and batch 32 give that cost: 31 ns per token at 1K (16.53 vs 17.58 ms a step)
+    and 30 ns at 4K (18.50 vs 22.43 ms). No batch-32 row is published beyond 4K, so a long full batch is
+    this linear rule extrapolated. A row's tokens/s/user was measured over the demo's 128 generated tokens
+    after input_tokens, so it is placed at the mean context of that run, input_tokens + DEMO_MEAN_GENERATED.
     """
 
     lengths: tuple[int, ...]
     ttft_s: tuple[float, ...]
-    step_s: tuple[float, ...]
+    step_s: tuple[float, ...]  # a lone user's decode step at each of step_contexts
+    others_s_per_token: float = 0.0
 
     @classmethod
     def published(cls) -> GalaxyTiming:
         rows = published_figures()["by_input_length"]
-        return cls(tuple(r["input_tokens"] for r in rows), tuple(r["ttft_ms"] / 1000 for r in rows),
-                   tuple(1 / r["decode_tokens_per_s_per_user"] for r in rows))
+        step = {(r["input_tokens"], r["batch"]): 1 / r["decode_tokens_per_s_per_user"] for r in rows}
+        per_token = [(s - step[n, 1]) / ((b - 1) * (n + DEMO_MEAN_GENERATED))
+                     for (n, b), s in step.items() if b > 1 and (n, 1) in step]
+        others = sum(per_token) / len(per_token) if per_token else 0.0
+        lengths = sorted({n for n, _ in step})
+        ttft = [float(np.mean([r["ttft_ms"] / 1000 for r in rows if r["input_tokens"] == n])) for n in lengths]
+        lone = [step.get((n, 1)) or min(s - others * (b - 1) * (n + DEMO_MEAN_GENERATED)
+                                        for (m, b), s in step.items() if m == n) for n in lengths]
+        return cls(tuple(lengths), tuple(ttft), tuple(lone), others)
 
     @property
     def step_contexts(self) -> tuple[int, ...]:
@@ -72,8 +81,18 @@ class GalaxyTiming:
             return self.ttft(end)
         return max(self.ttft(end) - self.ttft(start), self.ttft(end - start))
 
-    def decode_step_seconds(self, context: int) -> float:
-        return _loglog(context, self.step_contexts, self.step_s)
+    def decode_step_seconds(self, longest: int, others: int = 0) -> float:
+        """One decode step: the longest live context `longest` tokens, the other live users `others` in all."""
+        return _loglog(longest, self.step_contexts, self.step_s) + self.others_s_per_token * others
+
+    def batch_step_seconds(self, context: int, users: int = NUM_SLOTS) -> float:
+        """A step of `users` users each at `context` tokens (the published batch rows)."""
+        return self.decode_step_seconds(context, (users - 1) * context)
+
+    def slowest_step_seconds(self, max_seq_len: int, cache_tokens: int, users: int = NUM_SLOTS) -> float:
+        """The slowest step a mesh can take: a user at max_seq_len, and the others holding what is left of
+        the `cache_tokens` its KV caches hold (what the router's step deadlines assume)."""
+        return self.decode_step_seconds(max_seq_len, min(cache_tokens - max_seq_len, (users - 1) * max_seq_len))
 
 
 def _loglog(x: float, xs: tuple[int, ...], ys: tuple[float, ...]) -> float:
@@ -111,7 +130,8 @@ class SimulatedBackend(Backend):
                                  max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,
                                  eos_token_ids=tuple(eos_token_ids), kv_groups=kv_groups,
                                  device_sampling=SAMPLING_FIELDS - {"logprobs", "logit_bias", "grammar"},
-                                 decode_step_s=timing.decode_step_seconds(max_seq_len) * time_scale,
+                                 decode_step_s=timing.slowest_step_seconds(
+                                     max_seq_len, kv_groups * num_blocks * block_size, num_slots) * time_scale,
                                  prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale)
         self.time_scale = time_scale
         self.timing = timing
@@ -161,7 +181,8 @@ class SimulatedBackend(Backend):
         self.kv[groups, table[np.arange(rows.size), pos // bs], pos % bs] = tokens.numpy()[rows]
         next_tokens = np.zeros(self.caps.num_slots, dtype=np.int64)
         next_tokens[rows] = self._next_tokens(table, pos, groups)
-        self._occupy(entered, self.timing.decode_step_seconds(int(pos.max(initial=0)) + 1))
+        longest = int(pos.max(initial=-1)) + 1
+        self._occupy(entered, self.timing.decode_step_seconds(longest, int(pos.sum()) + rows.size - longest))
         return next_tokens
 
     def _next_tokens(self, table: np.ndarray, last: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -83,7 +83,7 @@ class TTGalaxyBackend(Backend):
                                      max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
                                      device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
-                                     max_device_top_k=DEVICE_MAX_TOP_K, **_expected_times(config, max_seq_len))
+                                     max_device_top_k=DEVICE_MAX_TOP_K, **_expected_times(config, max_seq_len, num_blocks * block_size))
             self._decode_forward = (getattr(self.generator, "decode_forward", None)
                                     or self.generator.decode_forward_text)  # its name before tt-metal renamed it
             if config.enable_model_warmup:
@@ -202,13 +202,14 @@ class TTGalaxyBackend(Backend):
         self.mesh = None
 
 
-def _expected_times(config: TTMeshConfig, max_seq_len: int) -> dict:
-    """What the router's step deadlines assume: the published Galaxy times at the longest context once the
-    warm-up has compiled every program; without it, Capabilities' slow defaults, as first requests compile."""
+def _expected_times(config: TTMeshConfig, max_seq_len: int, column_tokens: int) -> dict:
+    """What the router's step deadlines assume: the published Galaxy times at the longest context, every
+    column's cache full, once the warm-up has compiled every program; without it, Capabilities' slow
+    defaults, as first requests compile."""
     if not config.enable_model_warmup:
         return {}
     timing = GalaxyTiming.published()
-    return {"decode_step_s": timing.decode_step_seconds(max_seq_len),
+    return {"decode_step_s": timing.slowest_step_seconds(max_seq_len, KV_GROUPS * column_tokens),
             "prefill_token_s": timing.ttft(max_seq_len) / max_seq_len}
 
 

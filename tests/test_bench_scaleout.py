@@ -11,11 +11,11 @@ LATE = [(0.0, 0), (1.5, 1), (2.5, 2), (3.5, 4), (5.0, 6)]
 
 
 class LinearTiming:
-    """A decode step takes 1e-4 s per token of context."""
+    """A decode step of 32 users takes 1e-4 s per token of context, in proportion to its users."""
 
     @staticmethod
-    def decode_step_seconds(context: int) -> float:
-        return 1e-4 * context
+    def batch_step_seconds(context: int, users: int) -> float:
+        return 1e-4 * context * users / 32
 
 
 TIMING = LinearTiming()
@@ -53,7 +53,8 @@ def test_capacity_averages_the_step_time_over_the_contexts_the_window_covers():
 
 def test_capacity_of_a_window_without_new_tokens_uses_its_one_context():
     w = SteadyWindow(start=1.0, end=2.0, tokens=0, first_context_tokens=5, last_context_tokens=5)
-    assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING) == pytest.approx(64 / (1e-4 * 200))
+    assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING) == pytest.approx(64 / (1e-4 * 200 * 2))
+    assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING, meshes=2) == pytest.approx(64 / (1e-4 * 200))  # 32 each
 
 
 def test_distinct_prompts_share_no_first_token():
