@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0.0)  # for rows without a request
 # A non-greedy row: the device runs another sampling program for it than for an all-argmax batch
 # (warmup_utils.py warms temperature 1.0, top-k 10, top-p 0.9 likewise).
+_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 _SAMPLED = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
 _TT_EXTRA_HINT = ("the TT Galaxy backend needs ttnn: pip install 'meshserve[tt]' "
                  "(ttnn wheels exist only for Python 3.10 and 3.12)")
@@ -239,9 +240,11 @@ def _tt_sampling(rows: list[SamplingParams]):
     from models.demos.llama3_70b_galaxy.tt.generator import SamplingParams as TTSamplingParams
 
     # A temperature under GREEDY_TEMPERATURE is argmax on the host; sent as it is, the device would divide by it
-    # (1/1e-40 is inf), so it goes as 0.0, the device's argmax.
+    # (1/1e-40 is inf), so it goes as 0.0, the device's argmax. A top_p too small for float32 (1e-50) would be 0
+    # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means.
     return TTSamplingParams(temperature=[0.0 if p.greedy else p.temperature for p in rows],
-                            top_k=[p.top_k for p in rows], top_p=[p.top_p for p in rows], seed=[p.seed for p in rows])
+                            top_k=[p.top_k for p in rows], top_p=[max(p.top_p, _TINY) for p in rows],
+                            seed=[p.seed for p in rows])
 
 
 def _import_ttnn():

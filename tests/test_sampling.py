@@ -48,6 +48,7 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert set(draws({"top_p": probs[0] * 0.99})) == {1}
     assert set(draws({"top_p": probs[0] + probs[1] * 0.5})) == {1, 2}
     assert set(draws({"top_p": probs[0] + probs[1] + 0.01})) == {1, 2, 5}
+    assert set(draws({"top_p": 1e-50})) == {1}  # 0 in float32: the top token still stays (it drew id 0)
 
 
 def test_top_k_and_top_p_combine():

@@ -485,11 +485,13 @@ def test_decode_sampling_params_per_slot_and_greedy_padding(backend):
     sampling = [None] * 32
     sampling[3] = SamplingParams(temperature=0.8, top_k=0, top_p=0.95, seed=7)
     sampling[4] = GREEDY
+    sampling[5] = SamplingParams(temperature=1.0, top_p=1e-50)  # 0 in float32: goes as its smallest normal
     backend.decode(tokens, positions, empty_table(backend), active, sampling)
     call = last_call(backend, "decode_forward")
     slots = call["slot_params"]
     assert (slots[3]["temperature"], slots[3]["top_k"], slots[3]["top_p"], slots[3]["seed"]) == (0.8, 32, 0.95, 7)
-    assert all(slots[s]["temperature"] == 0 and slots[s]["top_k"] == 1 for s in range(32) if s != 3)
+    assert call["sampling_params"].top_p[5] == torch.finfo(torch.float32).tiny
+    assert all(slots[s]["temperature"] == 0 and slots[s]["top_k"] == 1 for s in range(32) if s not in (3, 5))
     assert len(call["sampling_params"].temperature) == 32
 
 
