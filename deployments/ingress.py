@@ -30,8 +30,8 @@ from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import OpenAIServer, RouterClient
-from deployments.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, DetokenizeResponse,
-                                  ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                  DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from deployments.router_client import RouterLink
 from model.tokenizer import Tokenizer, load_tokenizer
 
@@ -41,6 +41,16 @@ M = TypeVar("M", bound=BaseModel)
 
 HEALTH_TIMEOUT_S = 1.0
 METRICS_TIMEOUT_S = 5.0  # half of Prometheus's default scrape timeout
+
+
+def named(req: ChatCompletionRequest | CompletionRequest, request: Request):
+    """The request with vLLM's `X-Request-Id` header as its `request_id` (the response's id) when the body
+    names none. vLLM prefers the header; here the body's comes first, as Serve's proxies (HAProxy's
+    unique-id, Serve's own request id) put the header on every request that comes without one."""
+    header = request.headers.get("x-request-id")
+    if req.request_id is not None or not header or len(header) > MAX_SALT_CHARS:
+        return req
+    return req.model_copy(update={"request_id": header})
 
 
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
@@ -66,10 +76,12 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        req = named(req, request)
         return await server.complete(req, [await server.prepare(req, "chatcmpl")], salt(request, req.cache_salt))
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
+        req = named(req, request)
         return await server.complete(req, await server.prepare_all(req, "cmpl"), salt(request, req.cache_salt))
 
     async def card() -> ModelCard:

@@ -374,7 +374,7 @@ class ChatMessage(_Request):
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM joins a message's text parts
 
 
 class ChatCompletionRequest(_GenerationRequest):

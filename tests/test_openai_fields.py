@@ -310,6 +310,25 @@ def test_request_id_names_the_response_and_two_clients_may_share_one(client, rou
     assert len(router.requests) == 4 and not any("job-7" in rid for rid in router.requests)
 
 
+@pytest.mark.parametrize("path, base, prefix", [("/v1/chat/completions", CHAT, "chatcmpl"),
+                                                 ("/v1/completions", COMPLETION, "cmpl")])
+def test_an_x_request_id_header_names_the_response_unless_the_body_does(client, path, base, prefix):
+    """vLLM's header; the body's request_id first, as Serve's proxies give every request such a header."""
+    for stream in (False, True):
+        r = client.post(path, json={**base, "stream": stream}, headers={"X-Request-Id": "trace-42"})
+        assert ({c["id"] for c in sse(r)} if stream else {r.json()["id"]}) == {f"{prefix}-trace-42"}
+    r = client.post(path, json={**base, "request_id": "job-7"}, headers={"X-Request-Id": "trace-42"})
+    assert r.json()["id"] == f"{prefix}-job-7"
+
+
+def test_text_parts_of_a_message_are_joined_by_newlines_as_vllm_does(client, router, tokenizer):
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]
+    body = {**CHAT, "messages": [{"role": "user", "content": parts}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    (prompt, _, _), = router.requests.values()
+    assert prompt == tokenizer.encode_chat([{"role": "user", "content": "Hello\nWorld"}])
+
+
 def test_a_wrong_method_is_405_with_the_allowed_ones(client):
     r = client.get("/v1/completions")
     assert_error(r, 405)
