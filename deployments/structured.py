@@ -17,7 +17,7 @@ from typing import Literal
 
 from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
-from model.grammar import choice_grammar, grammar_error, json_schema_grammar, lark_grammar, regex_grammar
+from model.grammar import cfg_grammar, choice_grammar, grammar_error, json_schema_grammar, regex_grammar
 
 ToolMode = Literal["none", "auto", "forced"]
 
@@ -206,4 +206,4 @@ def _builder(kind: str, value, whitespace: dict, closed_objects: bool = False):
         return lambda: regex_grammar(value)
     if kind == "choice":
         return lambda: choice_grammar(value)
-    return lambda: lark_grammar(value)
+    return lambda: cfg_grammar(value)

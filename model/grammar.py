@@ -2,8 +2,8 @@
 
 The engine is llguidance (guidance-ai/llguidance, one of vLLM's structured-output backends). Chosen over
 xgrammar because it needs nothing beside itself (xgrammar 0.2 pulls torch and triton), validates a grammar
-against a tokenizer without a model, and takes every form the API offers: JSON schema, regex and Lark (vLLM's
-`grammar` extra; `choice` becomes a regex). A grammar travels as llguidance's JSON text in
+against a tokenizer without a model, and takes every form the API offers: JSON schema, regex, and Lark or
+GBNF (vLLM's `grammar` extra; `choice` becomes a regex). A grammar travels as llguidance's JSON text in
 SamplingParams.grammar, so the router and the mesh see plain strings; the mesh rebuilds the matcher from it
 and from the tokens generated so far, so recompute and migration resume the same constraint.
 """
@@ -27,8 +27,46 @@ def json_schema_grammar(schema: dict | bool, whitespace: dict | None = None) -> 
     return LLMatcher.grammar_from_json_schema(schema, overrides=whitespace or None)
 
 
+# Perl classes as ECMAScript reads them (ASCII), which is what vLLM's default backend, xgrammar, applies to a
+# guided regex (its regex_converter follows JavaScript's syntax); llguidance's Rust regex reads them as
+# Unicode classes, so "\d{3}" could come out as fullwidth digits. Inside a class, the part without brackets.
+_ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_"}
+
+
+def ascii_perl_classes(pattern: str) -> str:
+    """`pattern` with \\d and \\w ASCII-only (\\D and \\W outside brackets: their ASCII complements)."""
+    out, depth, i = [], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            e = pattern[i + 1]
+            i += 2
+            if e.lower() in _ASCII_CLASSES and (depth == 0 or e.islower()):
+                ranges = _ASCII_CLASSES[e.lower()]
+                out.append(ranges if depth else f"[{'^' if e.isupper() else ''}{ranges}]")
+            else:
+                out.append(c + e)
+            continue
+        if c == "[":
+            depth += 1
+            out.append(c)
+            i += 1
+            if pattern.startswith("^", i):  # a ] right after [ or [^ is a literal
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):
+                out.append("]")
+                i += 1
+            continue
+        if c == "]" and depth:
+            depth -= 1
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 def regex_grammar(pattern: str) -> str:
-    return LLMatcher.grammar_from_regex(pattern)
+    return LLMatcher.grammar_from_regex(ascii_perl_classes(pattern))
 
 
 def choice_grammar(choices: list[str]) -> str:
@@ -36,8 +74,10 @@ def choice_grammar(choices: list[str]) -> str:
     return LLMatcher.grammar_from_regex("|".join(f"(?:{re.escape(c)})" for c in choices))
 
 
-def lark_grammar(lark: str) -> str:
-    return LLMatcher.grammar_from_lark(lark)
+def cfg_grammar(text: str) -> str:
+    """A context-free grammar in Lark syntax (`start: ...`) or in the EBNF of vLLM's docs and llama.cpp's GBNF
+    (`root ::= ...`), converted by llguidance as vLLM's guidance backend does. Raises ValueError."""
+    return llguidance.grammar_from("grammar", text)
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguidance.LLTokenizer:

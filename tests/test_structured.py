@@ -8,7 +8,7 @@ from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from deployments.structured import constraint_for
 from deployments.tool_calls import parse_tool_calls, render_messages
 from model.embedded import ensure_smollm2
-from model.grammar import GrammarState, ll_tokenizer
+from model.grammar import GrammarState, ascii_perl_classes, ll_tokenizer
 from model.tokenizer import load_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -52,6 +52,13 @@ def accepts(llt, tok, grammar, text) -> bool:
     ({"guided_choice": ["red", "green"]}, "green", "blue"),
     ({"guided_json": {"type": "array", "items": {"type": "boolean"}}}, "[true, false]", "[1]"),
     ({"structured_outputs": {"grammar": 'start: "a" ("b")*'}}, "abbb", "ba"),
+    # the EBNF of vLLM's docs (llama.cpp's GBNF), as vLLM's own example writes it
+    ({"guided_grammar": 'root ::= select\nselect ::= "SELECT " column " from " table\n'
+                        'column ::= "col_1" | "col_2"\ntable ::= "t1" | "t2"\n'},
+     "SELECT col_2 from t1", "SELECT col_3 from t1"),
+    # \d and \w as xgrammar (vLLM's default) reads them: ASCII, never fullwidth or other scripts' digits
+    ({"guided_regex": r"\d{3}"}, "123", "\uff11\uff12\uff13"),
+    ({"structured_outputs": {"regex": r"[\d.]+\w"}}, "1.5x", "1.5\u00e9"),
     ({"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
      '{"name": "get_weather", "parameters": {"city": "Oslo"}}', '{"name": "get_time", "parameters": {}}'),
     ({"tools": [WEATHER, TIME], "tool_choice": "required"},
@@ -68,6 +75,7 @@ def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt,
      "response_format.json_schema.schema"),
     ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
     ({"structured_outputs": {"grammar": "start: ("}}, "structured_outputs.grammar"),
+    ({"guided_grammar": "root ::= ("}, "guided_grammar"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
     ({"tool_choice": "required"}, "tool_choice"),
@@ -275,3 +283,11 @@ def test_a_json_answer_that_is_no_call_stays_content_in_auto_mode():
     stream = ToolCallStream([Tool.model_validate(WEATHER)], forced=False)
     assert stream.feed('{"answer": ', final=False) == ("", [], False)
     assert stream.feed('42}', final=True) == ('{"answer": 42}', [], False)
+
+
+@pytest.mark.parametrize("pattern, ascii_only", [
+    (r"\d{3}", "[0-9]{3}"), (r"[\d.]+", "[0-9.]+"), (r"[^\d]", "[^0-9]"), (r"\D\W", "[^0-9][^0-9A-Za-z_]"),
+    (r"\\d", r"\\d"), (r"[]\w]", "[]0-9A-Za-z_]"), (r"a\.b\s", r"a\.b\s"),
+])
+def test_perl_classes_become_ascii_and_escapes_stay(pattern, ascii_only):
+    assert ascii_perl_classes(pattern) == ascii_only
