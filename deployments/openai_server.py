@@ -493,13 +493,16 @@ class OpenAIServer:
             if template is None:
                 template = templates[d.index] = ChunkTemplate(chunk([choice(
                     ChoiceDelta(d.index, TEXT_SLOT, [], [], None, 0, 0))]))
-            usage = (prompt_tokens, sum(generated), sum(cached)) if req.continuous_usage else None
-            return template.render(d.text, usage)
+            return template.render(d.text, running(d) if req.continuous_usage else None)
+
+        def running(d: ChoiceDelta) -> tuple[int, int, int]:
+            """vLLM's continuous usage: the chunk's own choice and its prompt, not the whole request's."""
+            return len(preps[d.index // req.n].prompt_ids), d.num_generated, d.num_cached
 
         try:
             if chat:
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                             for i in range(req.n)])
+                             for i in range(req.n)], self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None)
             d = first
             while d is not None:
                 generated[d.index] = d.num_generated
@@ -511,8 +514,7 @@ class OpenAIServer:
                     c = choice(d)
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
                             and c.logprobs is None):  # a tool call's text is held back: no empty chunk per token
-                        yield chunk([c], self._usage(prompt_tokens, sum(generated), sum(cached))
-                                    if req.continuous_usage else None)
+                        yield chunk([c], self._usage(*running(d)) if req.continuous_usage else None)
                 d = await anext(stream, None)
             if req.include_usage:
                 yield chunk([], self._usage(prompt_tokens, sum(generated), sum(cached)))

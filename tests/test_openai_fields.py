@@ -358,3 +358,31 @@ def test_any_int64_seed_is_taken(client, router):
 def test_a_validators_message_comes_without_pydantics_prefix(client):
     error = assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": ""}), 400, param="prompt")
     assert error["message"] == "prompt: must not be empty"
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {**COMPLETION, "prompt": ["Hi", "One two three four five"], "n": 2}),
+    ("/v1/chat/completions", {**CHAT, "n": 2}),
+])
+def test_continuous_usage_counts_each_chunks_own_choice_and_prompt_as_vllm(client, tokenizer, path, body):
+    """vLLM: prompt_tokens of the chunk's prompt, completion_tokens of its choice so far; the last usage
+    chunk has the whole request's. Chat's role chunk says 0 completion tokens."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = sse(client.post(path, json={**body, "stream": True, "stream_options": options}))
+    final = chunks[-1]["usage"]
+    seen: dict[int, int] = {}
+    prompt_lengths = set()
+    for c in chunks[:-1]:
+        usage = c["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        if len(c["choices"]) != 1:  # chat's role chunk, one for every choice
+            assert usage["completion_tokens"] == 0 and usage["prompt_tokens"] == final["prompt_tokens"]
+            continue
+        index = c["choices"][0]["index"]
+        assert usage["completion_tokens"] >= seen.get(index, 0)
+        seen[index] = usage["completion_tokens"]
+        prompt_lengths.add((index // 2, usage["prompt_tokens"]))
+    assert sum(seen.values()) == final["completion_tokens"] and len(seen) == len(body.get("prompt", [0])) * 2
+    by_prompt = dict(prompt_lengths)
+    assert len(by_prompt) == len(prompt_lengths)  # one prompt length per prompt
+    assert sum(by_prompt.values()) == final["prompt_tokens"]
