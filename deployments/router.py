@@ -118,6 +118,7 @@ class _Request:
     mesh: Mesh | None = None  # None: waiting for a live mesh
     held_output: list[int] = field(default_factory=list)  # tokens so far, while waiting for a live mesh
     held_since: float | None = None
+    counted: bool = False  # a mesh counted its admission (prefix-cache counters): no other mesh counts it again
 
 
 class _Sink:
@@ -272,7 +273,8 @@ class Router:
         for mesh in meshes:
             try:
                 mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, list(output_ids),
-                                      migrated=migrated, arrival_time=req.arrival_time, block_hashes=hashes)
+                                      migrated=migrated, counted=req.counted, arrival_time=req.arrival_time,
+                                      block_hashes=hashes)
             except (PromptTooLong, QueueFull) as exc:
                 refusal = refusal or exc
                 continue
@@ -298,7 +300,8 @@ class Router:
         if len(output_ids) >= params.max_tokens:  # every token was delivered; only the finish was lost
             sink.put(TokenEvent(request_id, [], finish_reason="length"))
             return
-        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink)
+        # A continuation (the router restarted under its stream) was counted by the router before.
+        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=bool(output_ids))
         placed = self.place([*prompt_ids, *output_ids], salt)
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
             # A continuation (the router restarted under its stream) is no new load: queue limits do not refuse
@@ -499,6 +502,7 @@ class Router:
             if req is None or req.mesh is not mesh:
                 continue
             mesh.requests_migrated += 1
+            req.counted = req.counted or seq.counted
             self._replace(seq.request_id, req, seq.output_ids)
 
     async def _run(self, mesh: Mesh) -> None:

@@ -86,10 +86,12 @@ class MeshScheduler:
     # ---- requests in -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                salt: str | None = None, output_ids: list[int] = (), *, migrated: bool = False,
-               arrival_time: float | None = None, block_hashes: list[bytes] | None = None) -> Sequence:
+               counted: bool = False, arrival_time: float | None = None,
+               block_hashes: list[bytes] | None = None) -> Sequence:
         """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
         failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
-        `migrated` skips the queue limits (the request was admitted once already). `block_hashes`: the
+        `migrated` skips the queue limits (the request was admitted once already); `counted`: its first
+        admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429)."""
         if request_id in self.requests:
@@ -114,7 +116,7 @@ class MeshScheduler:
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
         token_ids = [*prompt_ids, *output_ids]
         seq = Sequence(request_id, token_ids, n, params, tuple(dict.fromkeys(stop_ids)), salt,
-                       num_planned=len(token_ids), block_hashes=list(block_hashes or ()),
+                       num_planned=len(token_ids), block_hashes=list(block_hashes or ()), counted=counted,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self.requests[request_id] = seq
         self.waiting.append(seq)
@@ -248,8 +250,10 @@ class MeshScheduler:
             seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
             seq.num_planned = n
             self.running[seq.request_id] = seq
-            # A preempted sequence's recompute is no lookup of a new prompt (vLLM counts preempted ones apart).
-            if seq.epoch == 1:
+            # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
+            # ones apart).
+            if not seq.counted:
+                seq.counted = True
                 seq.num_cached_tokens = seq.num_computed
                 self.prefix_query_tokens += n
                 self.prefix_hit_tokens += seq.num_computed

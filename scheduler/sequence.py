@@ -31,6 +31,7 @@ class Sequence:
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     num_computed: int = 0  # tokens whose KV the mesh has confirmed written
     num_cached_tokens: int = 0  # prefix-cache hit at first admission
+    counted: bool = False  # its first admission is in the prefix-cache counters (here, or on a mesh that failed)
     # Planning, ahead of the mesh by up to max_inflight works:
     num_prefill_planned: int = 0  # prefill handed out up to here
     num_planned: int = 0  # upper bound on len(token_ids) once every handed-out work is answered

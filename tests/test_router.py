@@ -210,6 +210,8 @@ def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
         assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] == 5
         queried = mesh0["prefix_query_tokens"]
         assert queried > 0  # its prompts: counted by the scheduler that failed, and kept (counters do not go back)
+        # each prompt looked up once: a request moved to mesh-1 is no new lookup there (prompt + output)
+        assert sum(m["prefix_query_tokens"] for m in router.stats()["meshes"]) == sum(map(len, PROMPTS))
         if fault == "vanish":
             assert not mesh0["up"] and router.stats()["ready"]
             old = m0.incarnation
