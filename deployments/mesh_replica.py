@@ -116,6 +116,7 @@ class MeshReplica:
             self.turn.notify_all()
             done = self.worker.submit(self.runner.reset)  # queued behind any running work
         await asyncio.wrap_future(done)
+        self._check_device()  # again: the work it waited for may have failed on the device meanwhile
         return self.incarnation, self.caps
 
     async def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:

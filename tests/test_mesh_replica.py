@@ -95,6 +95,26 @@ def test_after_a_device_error_the_replica_runs_nothing_and_stays_down(replica, m
         replica.check_health()
 
 
+def test_a_reset_waiting_for_a_work_that_fails_on_the_device_reports_the_failure(replica, monkeypatch):
+    """The router's probe after it gave up on a hung work: the work then fails on the device. The reset
+    must not answer "up" (the router would move requests onto a failed device)."""
+    def broken(*args, **kwargs):
+        time.sleep(0.2)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(replica.runner.backend, "prefill", broken)
+
+    async def main():
+        await replica.reset()
+        running = asyncio.create_task(drain(replica, prefill(0)))
+        await asyncio.sleep(0.05)  # work 0 is on the worker thread
+        with pytest.raises(mesh_replica.DeviceFailed, match="device lost"):
+            await replica.reset()
+        with pytest.raises(RuntimeError, match="device lost"):
+            await running
+    asyncio.run(main())
+
+
 def test_shutdown_closes_the_device_on_the_worker_thread_after_the_running_step(replica, monkeypatch):
     """ttnn is not thread-safe: the device is closed by the thread that steps it, once its step ends."""
     import threading
