@@ -349,7 +349,7 @@ class Router:
                        salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
         """One request in this process (tests, benchmarks): its events until one carries a finish_reason.
         Raises what `submit` raises, and a RequestFailed's error. Closing it early cancels the request."""
-        consumer = f"local-{request_id}"
+        consumer = f"local-{uuid.uuid4().hex}"  # its own: a refused duplicate id must not detach the running one
         try:
             self.submit(request_id, prompt_ids, params, salt, list(output_ids), consumer)
         except Exception:

@@ -381,3 +381,22 @@ def test_silence_cancels_only_a_task_that_heard_nothing_for_its_whole_window():
         with pytest.raises(asyncio.CancelledError):
             await task
     asyncio.run(main())
+
+
+def test_a_refused_duplicate_generate_leaves_the_running_one_alone():
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        params = SamplingParams(temperature=0.0, max_tokens=200)
+        first = router.generate("x", [3] * 50, params)
+        await anext(first)
+        with pytest.raises(ValueError, match="already running"):
+            await anext(router.generate("x", [3] * 50, params))
+        reasons = await asyncio.wait_for(_finish_reasons(first), 30)
+        assert reasons[-1] == "length"
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+async def _finish_reasons(stream) -> list:
+    return [event.finish_reason async for event in stream]
