@@ -308,9 +308,24 @@ class Router:
             # it, as they do not refuse a request moved off a failed mesh.
             req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=bool(output_ids))
         else:
+            if not output_ids:
+                self._check_held_room(len(prompt_ids))
             self._hold(request_id, req, list(output_ids))
         self.requests[request_id] = req
         sink.request_ids.add(request_id)
+
+    def _check_held_room(self, num_tokens: int) -> None:
+        """With no live mesh, the queue limits hold for the meshes together (max_waiting_requests and
+        max_waiting_tokens each times the meshes): a request past them is refused now (QueueFull, 429), not
+        held. Held requests are placed past the limits once a mesh comes up, as moved requests are."""
+        held = [r for r in self.requests.values() if r.held_since is not None]
+        max_requests, max_tokens = (limit * len(self.meshes) for limit in (self.config.max_waiting_requests,
+                                                                           self.config.max_waiting_tokens))
+        if len(held) >= max_requests:
+            raise QueueFull(f"{len(held)} requests are waiting for a mesh to come up (limit {max_requests})")
+        tokens = sum(len(r.prompt_ids) + len(r.held_output) for r in held)
+        if tokens + num_tokens > max_tokens:
+            raise QueueFull(f"{tokens} prompt tokens are waiting for a mesh to come up (limit {max_tokens})")
 
     def attach(self, consumer: str, send: Callable[[list], None]) -> None:
         """Send `consumer`'s events to `send`: one list per flush (every stream_interval_ms at most) holding
@@ -414,6 +429,19 @@ class Router:
             if req.mesh is None and req.held_since is not None:
                 self._replace(rid, req, req.held_output)
 
+    def _rebalance(self) -> None:
+        """Re-place what waits in the live meshes' queues beyond their free slots (a mesh just came up): the
+        first mesh up after a router start or restart took every held request, and after a failover the
+        others' queues hold the failed mesh's requests; a mesh that seats them now wins (placement_key)."""
+        for mesh in self.meshes:
+            if not mesh.up:
+                continue
+            for seq in mesh.scheduler.take_queued():
+                req = self.requests.get(seq.request_id)
+                if req is not None and req.mesh is mesh:
+                    req.counted = req.counted or seq.counted
+                    self._replace(seq.request_id, req, seq.output_ids)
+
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
         placed = self.place(req.prompt_ids + output_ids, req.salt)
@@ -481,6 +509,7 @@ class Router:
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             self.mesh_up.set()
             self._place_held()
+            self._rebalance()
             try:
                 await self._run(mesh)
             except Exception as exc:

@@ -150,6 +150,15 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
+    def take_queued(self) -> list[Sequence]:
+        """Take out the waiting requests that no free slot seats at the next schedule (the queue's last
+        num_queued), in queue order. They hold no slot or block: the router re-places them when another mesh
+        comes up, so that a queue here does not wait while that mesh has free slots."""
+        taken = list(self.waiting)[len(self.waiting) - max(self.num_queued, 0):]
+        for seq in taken:
+            self.cancel(seq.request_id, "abort")  # its event is dropped: the request goes on elsewhere
+        return taken
+
     @property
     def num_queued(self) -> int:
         """Waiting requests that no free slot seats at the next schedule (negative: the slots left once the

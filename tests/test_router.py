@@ -400,3 +400,65 @@ def test_a_refused_duplicate_generate_leaves_the_running_one_alone():
 
 async def _finish_reasons(stream) -> list:
     return [event.finish_reason async for event in stream]
+
+
+def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
+    """Held requests are placed past the limits once a mesh is up, so new ones are refused (429) while
+    max_waiting_requests x meshes are held, not held without bound."""
+    async def main():
+        router, (m0,) = await make_router(num_meshes=1, max_waiting_requests=2, no_mesh_wait_s=30)
+        m0.vanish()
+        params = SamplingParams(temperature=0.0, max_tokens=40)
+        router.submit("probe", [1] * 40, params, None, [], "c")  # its first work finds the replica gone
+        await until(lambda: not router.stats()["ready"])
+        refused = 0
+        for i in range(20):
+            try:
+                router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
+            except QueueFull:
+                refused += 1
+        assert router.stats()["held"] == 2 and refused == 19
+        router.submit("more", [9] * 40, params, None, [5, 6], "c")  # a continuation is no new load: held
+        assert router.stats()["held"] == 3
+        m0.restart()
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+def test_requests_held_at_router_start_spread_over_the_meshes_that_come_up():
+    """At a router start (or restart, with every ingress resubmitting) every request is held until a mesh
+    is up; the first one up takes them all, and the next one up takes what the first cannot seat."""
+    async def main():
+        meshes = [LocalMesh(backend) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        params = SamplingParams(temperature=0.0, max_tokens=2000)
+        for i in range(64):
+            router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        placed = [sum(r.mesh is m for r in router.requests.values()) for m in router.meshes]
+        assert placed == [32, 32]
+        for i in range(64):
+            router.cancel(f"r{i}")
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_mesh_that_comes_back_takes_the_queue_its_failure_left_on_the_others():
+    async def main():
+        router, (m0, m1) = await make_router(num_meshes=2)
+        params = SamplingParams(temperature=0.0, max_tokens=2000)
+        for i in range(64):
+            router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
+        await until(lambda: all(m["running"] == 32 for m in router.stats()["meshes"]))
+        m0.vanish()
+        await until(lambda: router.stats()["meshes"][1]["waiting"] == 32)  # mesh-0's requests queue on mesh-1
+        m0.restart()
+        await until(lambda: router.stats()["meshes"][0]["running"] == 32)
+        assert router.stats()["meshes"][1]["waiting"] == 0
+        for i in range(64):
+            router.cancel(f"r{i}")
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())

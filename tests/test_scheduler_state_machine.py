@@ -106,6 +106,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert event.finish_reason == reason and not event.token_ids
         self._take(event, cancelled=True)
 
+    @precondition(lambda self: self.sched.num_queued > 0)
+    @rule()
+    def take_queued(self):
+        """The router moves the queue beyond the free slots to a mesh that came up (here: back in line)."""
+        sched = self.sched
+        used = [group.pool.num_used for group in sched.kv.groups]
+        taken = sched.take_queued()
+        assert taken and sched.num_queued <= 0 and [g.pool.num_used for g in sched.kv.groups] == used
+        for seq in taken:
+            assert seq.request_id not in sched.requests and not seq.block_table
+            assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
+            sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
+                         counted=seq.counted)
+
     @precondition(lambda self: self.sched.requests)
     @rule()
     def fail_mesh(self):
