@@ -51,8 +51,8 @@ T = TypeVar("T")
 
 
 class RouterClient(Protocol):
-    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]: ...
+    def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
+                 output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]: ...
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None: ...
 
@@ -311,7 +311,8 @@ class OpenAIServer:
         try:
             while True:
                 try:
-                    async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output)):
+                    async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output),
+                                                            continuation=attempt > 0):
                         started = True
                         timer.on_event(event)
                         cached = event.num_cached_tokens or cached

@@ -283,13 +283,14 @@ class Router:
         raise refusal
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
-               output_ids: list[int], consumer: str) -> None:
+               output_ids: list[int], consumer: str, continuation: bool = False) -> None:
         """Accept a request; its events go to `consumer`'s stream (see `events`).
 
-        `output_ids` continues a request whose first tokens were already delivered (the ingress resubmits
-        its streams this way when the router restarted); only the tokens after them come. A mesh failure does
-        not end a request: it moves to another mesh and its events go on. Raises PromptTooLong / QueueFull
-        when refused now; a later refusal (no mesh came back within no_mesh_wait_s: NoMeshAvailable) comes
+        `continuation`: a router that died had accepted it (the ingress resubmits its streams this way when
+        the router restarted), with `output_ids` already delivered; only the tokens after them come. It is no
+        new load: the queue limits do not refuse it, as they do not refuse a request moved off a failed mesh.
+        A mesh failure does not end a request: it moves to another mesh and its events go on. Raises
+        PromptTooLong / QueueFull when refused now; a later refusal (no mesh came back within no_mesh_wait_s: NoMeshAvailable) comes
         on the stream as a RequestFailed. A request cancelled before it arrived ends at once ("abort")."""
         sink = self._sink(consumer)
         if self._forget_cancel(request_id):
@@ -300,15 +301,13 @@ class Router:
         if len(output_ids) >= params.max_tokens:  # every token was delivered; only the finish was lost
             sink.put(TokenEvent(request_id, [], finish_reason="length"))
             return
-        # A continuation (the router restarted under its stream) was counted by the router before.
-        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=bool(output_ids))
+        continuation = continuation or bool(output_ids)
+        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=continuation)
         placed = self.place([*prompt_ids, *output_ids], salt)
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
-            # A continuation (the router restarted under its stream) is no new load: queue limits do not refuse
-            # it, as they do not refuse a request moved off a failed mesh.
-            req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=bool(output_ids))
+            req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=continuation)
         else:
-            if not output_ids:
+            if not continuation:
                 self._check_held_room(len(prompt_ids))
             self._hold(request_id, req, list(output_ids))
         self.requests[request_id] = req
@@ -361,12 +360,13 @@ class Router:
         return sink
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None = None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
+                       salt: str | None = None, output_ids: list[int] = (),
+                       continuation: bool = False) -> AsyncIterator[TokenEvent]:
         """One request in this process (tests, benchmarks): its events until one carries a finish_reason.
         Raises what `submit` raises, and a RequestFailed's error. Closing it early cancels the request."""
         consumer = f"local-{uuid.uuid4().hex}"  # its own: a refused duplicate id must not detach the running one
         try:
-            self.submit(request_id, prompt_ids, params, salt, list(output_ids), consumer)
+            self.submit(request_id, prompt_ids, params, salt, list(output_ids), consumer, continuation)
         except Exception:
             self.detach(consumer)
             raise
@@ -648,7 +648,8 @@ class RouterDeployment:
     `mesh-0..N-1`, so a handle to one of them reaches exactly that mesh and its KV cache.
 
     Each ingress replica holds one link to it (deployments/link.py; address from `link_address`): frames
-    in are ("submit", request_id, prompt_ids, params, salt, output_ids) and ("cancel", request_id, reason);
+    in are ("submit", request_id, prompt_ids, params, salt, output_ids, continuation) and ("cancel", request_id,
+    reason);
     frames out are the event batches of `Router.events` for that link. A refused submit comes back as a
     RequestFailed on the same link. A link that closes cancels every request it carried."""
 
@@ -680,9 +681,9 @@ class RouterDeployment:
 
         def take(message: tuple) -> None:
             if message[0] == "submit":
-                _, request_id, prompt_ids, params, salt, output_ids = message
+                _, request_id, prompt_ids, params, salt, output_ids, continuation = message
                 try:
-                    router.submit(request_id, prompt_ids, params, salt, output_ids, consumer)
+                    router.submit(request_id, prompt_ids, params, salt, output_ids, consumer, continuation)
                 except Exception as exc:  # refused now (too long, queue full): the ingress raises it
                     router.refuse(request_id, consumer, exc)
             else:

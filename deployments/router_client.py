@@ -38,10 +38,11 @@ class RouterLink:
         self._queues: dict[str, asyncio.Queue] = {}
         self._pump: asyncio.Task | None = None
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
-        """Submit the request, then yield its events until one carries a finish_reason. Raises the router's
-        refusal, a RequestFailed's error, or RouterLost."""
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
+                       output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
+        """Submit the request, then yield its events until one carries a finish_reason. `continuation`: it was
+        accepted by a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
+        or RouterLost."""
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run())
         queue: asyncio.Queue = asyncio.Queue()
@@ -52,7 +53,7 @@ class RouterLink:
                 if link is None:
                     raise ConnectionError("the link closed")
                 self._queues[request_id] = queue  # on this link: its break fails the request
-                link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids)))
+                link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids), continuation))
             except (asyncio.TimeoutError, ConnectionError) as exc:
                 raise RouterLost(f"the router cannot be reached: {exc!r}") from None
             while True:
@@ -90,8 +91,8 @@ class RouterLink:
             if link is not None:
                 link.close()
                 log.warning("%s; failing %d open requests (they are resubmitted)", error, len(self._queues))
-                for queue in self._queues.values():
-                    queue.put_nowait(error)
+                for queue in self._queues.values():  # one error each: a shared one would pile up tracebacks
+                    queue.put_nowait(RouterLost(*error.args))
             await asyncio.sleep(RECONNECT_S)
 
     def _fan_out(self, batch: list) -> None:

@@ -28,11 +28,14 @@ class FakeRouter:
     requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
     continued: dict[str, list[int]] = field(default_factory=dict)  # request id -> output_ids it came with
+    continuations: set[str] = field(default_factory=set)  # request ids submitted as continuations
     resume: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                       salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
+                       output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
         pending: TokenEvent | None = None
+        if continuation:
+            self.continuations.add(request_id)
         async for event in self._events(request_id, prompt_ids, params, salt, output_ids):
             if pending is None:
                 pending = event

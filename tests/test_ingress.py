@@ -448,6 +448,7 @@ def test_a_router_that_dies_mid_stream_is_resubmitted_as_a_continuation(client, 
     assert text == tokenizer.decode(router.answer[:12])  # no token lost or repeated
     assert [len(ids) for ids in router.continued.values()] == [0, 3, 5]
     assert {rid.rsplit("-", 1)[-1] for rid in router.continued} >= {"retry1", "retry2"}
+    assert {rid.rsplit("-", 1)[-1] for rid in router.continuations} == {"retry1", "retry2"}
 
 
 def test_a_request_no_router_ever_ran_is_a_503_and_no_finished_request(client, router):

@@ -419,7 +419,8 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
                 refused += 1
         assert router.stats()["held"] == 2 and refused == 19
         router.submit("more", [9] * 40, params, None, [5, 6], "c")  # a continuation is no new load: held
-        assert router.stats()["held"] == 3
+        router.submit("again", [8] * 40, params, None, [], "c", continuation=True)  # ... before its first token too
+        assert router.stats()["held"] == 4
         m0.restart()
         await until(lambda: idle(router))
         await router.close()

@@ -25,7 +25,7 @@ class SaltedCacheRouter(FakeRouter):
         super().__init__(*args, **kwargs)
         self.cached: set[tuple[str | None, tuple[int, ...]]] = set()
 
-    async def generate(self, request_id, prompt_ids, params, salt, output_ids=()):
+    async def generate(self, request_id, prompt_ids, params, salt, output_ids=(), continuation=False):
         key = (salt, tuple(prompt_ids))
         hit = len(prompt_ids) - 1 if key in self.cached else 0
         self.cached.add(key)
