@@ -321,13 +321,11 @@ class OpenAIServer:
                             ended = "error"
                         text, starts, taken, stopped = answer.feed(event.token_ids, event.finish_reason is not None
                                                                    and not failed, event.finish_reason == "stop")
-                        if stopped:
-                            reason = "stop"
-                            await asyncio.shield(self.router.cancel(rid, "stop"))
-                        else:
-                            reason = None if failed else event.finish_reason
+                        reason = "stop" if stopped else None if failed else event.finish_reason
                         if reason is not None:
-                            timer.finish(reason)
+                            timer.finish(reason)  # before any await: a client gone meanwhile is still counted
+                        if stopped:
+                            await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id
                             stop_reason = answer.stop_reason(eos) if reason == "stop" else None
