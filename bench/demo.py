@@ -75,6 +75,8 @@ class Settings:
 
 PRESETS = {
     "performance-batch-32": Settings(SAMPLES_DIR / "batch32.json", 32, published_input_tokens=128),
+    "performance-batch-1": Settings(SAMPLES_DIR / "batch32.json", 1, top_p=0.05),
+    "performance-repeat2": Settings(SAMPLES_DIR / "batch32.json", 1, repeat_batches=2),
     "performance-long-4k-b1": Settings(SAMPLES_DIR / "long_4k.json", 1, published_input_tokens=4096),
     "performance-long-8k-b1": Settings(SAMPLES_DIR / "long_8k.json", 1, temperature=1.0, top_p=0.04,
                                        published_input_tokens=8192),

@@ -28,10 +28,12 @@ def test_presets_mirror_the_galaxy_demo():
         settings = demo.resolve(demo.parse_args(["--preset", name]))
         assert settings == preset and settings.input_prompts.is_file()
         assert (settings.max_generated_tokens, settings.repeat_batches, settings.block_size, settings.max_blocks,
-                settings.instruct, settings.stop_at_eos) == (128, 1, 64, None, True, False)
+                settings.instruct, settings.stop_at_eos) == (128, 2 if name.endswith("repeat2") else 1, 64, None, True,
+                                                             False)
         assert settings.batch_size == (32 if name.endswith(("batch-32", "b32")) else 1)
         sampling = (settings.temperature, settings.top_p)
-        assert sampling == ((1.0, 0.04) if name == "performance-long-8k-b1" else (0.0, 0.08))
+        assert sampling == {"performance-long-8k-b1": (1.0, 0.04), "performance-batch-1": (0.0, 0.05)}.get(
+            name, (0.0, 0.08))
 
 
 def test_command_line_options_override_the_preset(prompt_file):
