@@ -25,6 +25,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, ResponseToolCall,
                                   TokenizeRequest, Tool, TopLogprob, Usage)
+from deployments.router_client import RouterUnreachable
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
@@ -307,12 +308,13 @@ class OpenAIServer:
         # all when it was refused before it ran (queue full, too long, no mesh or router), as vLLM counts
         refusal = refusal or _Refusal()
         started = False
+        submitted = False  # sent to a router once: a resubmission is a continuation, which no queue limit refuses
         rid, attempt = request_id, 0
         try:
             while True:
                 try:
                     async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output),
-                                                            continuation=attempt > 0):
+                                                            continuation=submitted):
                         started = True
                         timer.on_event(event)
                         cached = event.num_cached_tokens or cached
@@ -342,6 +344,7 @@ class OpenAIServer:
                 except Exception as exc:
                     refused = isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None
                     lost = not refused and isinstance(unwrap(exc), ConnectionError)  # else this request's own fault
+                    submitted |= lost and not isinstance(unwrap(exc), RouterUnreachable)
                     if not lost or attempt == len(self.retry_backoff_s):
                         refusal.refused |= not started and (refused or lost)
                         if lost:

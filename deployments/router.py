@@ -432,15 +432,14 @@ class Router:
     def _rebalance(self) -> None:
         """Re-place what waits in the live meshes' queues beyond their free slots (a mesh just came up): the
         first mesh up after a router start or restart took every held request, and after a failover the
-        others' queues hold the failed mesh's requests; a mesh that seats them now wins (placement_key)."""
-        for mesh in self.meshes:
-            if not mesh.up:
-                continue
-            for seq in mesh.scheduler.take_queued():
-                req = self.requests.get(seq.request_id)
-                if req is not None and req.mesh is mesh:
-                    req.counted = req.counted or seq.counted
-                    self._replace(seq.request_id, req, seq.output_ids)
+        others' queues hold the failed mesh's requests; a mesh that seats them now wins (placement_key), and
+        the oldest are placed first."""
+        taken = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.take_queued()]
+        for seq, mesh in sorted(taken, key=lambda t: t[0].arrival_time):
+            req = self.requests.get(seq.request_id)
+            if req is not None and req.mesh is mesh:
+                req.counted = req.counted or seq.counted
+                self._replace(seq.request_id, req, seq.output_ids)
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""

@@ -28,6 +28,10 @@ class RouterLost(ConnectionError):
     """The link to the router broke (or could not be opened): the request's fate there is unknown."""
 
 
+class RouterUnreachable(RouterLost):
+    """No link to the router: the request was never sent, so resubmitting it is no continuation."""
+
+
 class RouterLink:
     """RouterClient over a Serve handle to the router deployment."""
 
@@ -41,8 +45,8 @@ class RouterLink:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
                        output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
         """Submit the request, then yield its events until one carries a finish_reason. `continuation`: it was
-        accepted by a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
-        or RouterLost."""
+        sent to a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
+        RouterUnreachable (not sent), or RouterLost."""
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run())
         queue: asyncio.Queue = asyncio.Queue()
@@ -55,7 +59,7 @@ class RouterLink:
                 self._queues[request_id] = queue  # on this link: its break fails the request
                 link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids), continuation))
             except (asyncio.TimeoutError, ConnectionError) as exc:
-                raise RouterLost(f"the router cannot be reached: {exc!r}") from None
+                raise RouterUnreachable(f"the router cannot be reached: {exc!r}") from None
             while True:
                 item = await queue.get()
                 if isinstance(item, RequestFailed):

@@ -3,9 +3,10 @@
 The engine is llguidance (guidance-ai/llguidance, one of vLLM's structured-output backends). Chosen over
 xgrammar because it needs nothing beside itself (xgrammar 0.2 pulls torch and triton), validates a grammar
 against a tokenizer without a model, and takes every form the API offers: JSON schema, regex, and Lark or
-GBNF (vLLM's `grammar` extra; `choice` becomes a regex). A grammar travels as llguidance's JSON text in
-SamplingParams.grammar, so the router and the mesh see plain strings; the mesh rebuilds the matcher from it
-and from the tokens generated so far, so recompute and migration resume the same constraint.
+GBNF (vLLM's `grammar` extra; `choice` becomes a regex). A grammar travels as llguidance's grammar text (its
+JSON, or Lark for a context-free grammar) in SamplingParams.grammar, so the router and the mesh see plain
+strings; the mesh rebuilds the matcher from it and from the tokens generated so far, so recompute and
+migration resume the same constraint.
 """
 from __future__ import annotations
 
@@ -29,21 +30,22 @@ def json_schema_grammar(schema: dict | bool, whitespace: dict | None = None) -> 
 
 # Perl classes as ECMAScript reads them (ASCII), which is what vLLM's default backend, xgrammar, applies to a
 # guided regex (its regex_converter follows JavaScript's syntax); llguidance's Rust regex reads them as
-# Unicode classes, so "\d{3}" could come out as fullwidth digits. Inside a class, the part without brackets.
+# Unicode classes, so "\d{3}" could come out as fullwidth digits. Inside a class, the ranges alone, or for a
+# complement a nested class (Rust's regex syntax has them).
 _ASCII_CLASSES = {"d": "0-9", "w": "0-9A-Za-z_"}
 
 
 def ascii_perl_classes(pattern: str) -> str:
-    """`pattern` with \\d and \\w ASCII-only (\\D and \\W outside brackets: their ASCII complements)."""
+    """`pattern` with \\d, \\w, \\D and \\W ASCII-only, in or out of brackets; escapes stay as they are."""
     out, depth, i = [], 0, 0
     while i < len(pattern):
         c = pattern[i]
         if c == "\\" and i + 1 < len(pattern):
             e = pattern[i + 1]
             i += 2
-            if e.lower() in _ASCII_CLASSES and (depth == 0 or e.islower()):
+            if e.lower() in _ASCII_CLASSES:
                 ranges = _ASCII_CLASSES[e.lower()]
-                out.append(ranges if depth else f"[{'^' if e.isupper() else ''}{ranges}]")
+                out.append(ranges if depth and e.islower() else f"[{'^' if e.isupper() else ''}{ranges}]")
             else:
                 out.append(c + e)
             continue

@@ -259,11 +259,12 @@ class MeshScheduler:
             seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
             seq.num_planned = n
             self.running[seq.request_id] = seq
+            if len(seq.token_ids) == seq.num_prompt_tokens:  # its first event (which reports it) is still to come
+                seq.num_cached_tokens = seq.num_computed
             # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
             # ones apart).
             if not seq.counted:
                 seq.counted = True
-                seq.num_cached_tokens = seq.num_computed
                 self.prefix_query_tokens += n
                 self.prefix_hit_tokens += seq.num_computed
 

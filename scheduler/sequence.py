@@ -30,7 +30,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # digests of the full blocks of token_ids
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     num_computed: int = 0  # tokens whose KV the mesh has confirmed written
-    num_cached_tokens: int = 0  # prefix-cache hit at first admission
+    num_cached_tokens: int = 0  # prefix-cache hit of the admission that makes its first token (usage reports it)
     counted: bool = False  # its first admission is in the prefix-cache counters (here, or on a mesh that failed)
     # Planning, ahead of the mesh by up to max_inflight works:
     num_prefill_planned: int = 0  # prefill handed out up to here

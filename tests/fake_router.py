@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from deployments.router_client import RouterUnreachable
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
 
@@ -21,6 +22,7 @@ class FakeRouter:
     queued_s: float = 0.0  # how long an accepted request waits for a slot before its first event
     pause_after: int | None = None  # block after this many tokens until `resume` is set
     die_after: list[int] = field(default_factory=list)  # each entry: one stream dies after that many tokens
+    unreachable: int = 0  # the first this many generates find no link: RouterUnreachable, nothing sent
     fail_with_error_after: int | None = None  # the mesh retires the request with `fail_reason` after this many tokens
     fail_reason: str = "error"  # or "grammar_error": llguidance gave up on the request's grammar
     queue_time_s: float = 0.002
@@ -34,6 +36,9 @@ class FakeRouter:
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
                        output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
         pending: TokenEvent | None = None
+        if self.unreachable:
+            self.unreachable -= 1
+            raise RouterUnreachable("the router cannot be reached")
         if continuation:
             self.continuations.add(request_id)
         async for event in self._events(request_id, prompt_ids, params, salt, output_ids):

@@ -451,6 +451,16 @@ def test_a_router_that_dies_mid_stream_is_resubmitted_as_a_continuation(client, 
     assert {rid.rsplit("-", 1)[-1] for rid in router.continuations} == {"retry1", "retry2"}
 
 
+def test_a_request_never_sent_to_a_router_is_resubmitted_as_new(client, router):
+    """No link to the router (it restarts): the request never reached one, so its resubmission is no
+    continuation, and queue limits may refuse it like any new request."""
+    router.unreachable = 1
+    router.die_after = [2]  # sent the second time; that router dies after 2 tokens: the third is a continuation
+    assert client.post("/v1/completions", json={**COMPLETION, "max_tokens": 8}).status_code == 200
+    assert [len(ids) for ids in router.continued.values()] == [0, 2]
+    assert {rid.rsplit("-", 1)[-1] for rid in router.continuations} == {"retry2"}
+
+
 def test_a_request_no_router_ever_ran_is_a_503_and_no_finished_request(client, router):
     router.die_after = [0, 0, 0]  # the router is lost before the first token, at every attempt
     assert_error(client.post("/v1/completions", json=COMPLETION), 503)

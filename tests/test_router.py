@@ -406,10 +406,11 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
     """Held requests are placed past the limits once a mesh is up, so new ones are refused (429) while
     max_waiting_requests x meshes are held, not held without bound."""
     async def main():
-        router, (m0,) = await make_router(num_meshes=1, max_waiting_requests=2, no_mesh_wait_s=30)
-        m0.vanish()
+        router, meshes = await make_router(num_meshes=2, max_waiting_requests=2, no_mesh_wait_s=30)
         params = SamplingParams(temperature=0.0, max_tokens=40)
-        router.submit("probe", [1] * 40, params, None, [], "c")  # its first work finds the replica gone
+        for i, mesh in enumerate(meshes):
+            mesh.vanish()
+            router.submit(f"probe{i}", [1] * 40, params, None, [], "c")  # its first work finds the replica gone
         await until(lambda: not router.stats()["ready"])
         refused = 0
         for i in range(20):
@@ -417,11 +418,12 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
                 router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
             except QueueFull:
                 refused += 1
-        assert router.stats()["held"] == 2 and refused == 19
+        assert router.stats()["held"] == 4 and refused == 18  # 2 x 2 meshes
         router.submit("more", [9] * 40, params, None, [5, 6], "c")  # a continuation is no new load: held
         router.submit("again", [8] * 40, params, None, [], "c", continuation=True)  # ... before its first token too
-        assert router.stats()["held"] == 4
-        m0.restart()
+        assert router.stats()["held"] == 6
+        for mesh in meshes:
+            mesh.restart()
         await until(lambda: idle(router))
         await router.close()
     asyncio.run(main())
@@ -460,6 +462,42 @@ def test_a_mesh_that_comes_back_takes_the_queue_its_failure_left_on_the_others()
         assert router.stats()["meshes"][1]["waiting"] == 0
         for i in range(64):
             router.cancel(f"r{i}")
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_resubmission_before_the_first_token_reports_its_cache_hit():
+    """The new router's first event is the only place a continuation's cached tokens come from."""
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        prompt = list(range(1, 600))
+        assert (await collect(router, "warm", prompt))[1] == "length"
+        first = {}
+        for rid, continuation in (("fresh", False), ("continued", True)):
+            async with contextlib.aclosing(router.generate(rid, prompt, GREEDY, continuation=continuation)) as s:
+                first[rid] = (await anext(s)).num_cached_tokens
+        assert first["fresh"] > 0 and first["continued"] == first["fresh"]
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_mesh_that_comes_up_seats_the_oldest_waiting_requests_first():
+    async def main():
+        router, (_, _, m2) = await make_router(num_meshes=3)
+        m2.vanish()
+        await until(lambda: not router.stats()["meshes"][2]["up"])
+        params = SamplingParams(temperature=0.0, max_tokens=2000)
+        for i in range(104):  # 64 seated on mesh-0 and mesh-1, 40 queued on them in turn
+            router.submit(f"r{i:03d}", [i + 2] * 40, params, None, [], "c")
+        await until(lambda: sum(m["waiting"] for m in router.stats()["meshes"]) == 40)
+        m2.restart()
+        await until(lambda: router.stats()["meshes"][2]["running"] == 32)
+        waiting = sorted(seq.request_id for m in router.meshes for seq in m.scheduler.waiting)
+        assert waiting == [f"r{i:03d}" for i in range(96, 104)]
+        for i in range(104):
+            router.cancel(f"r{i:03d}")
         await until(lambda: idle(router))
         await router.close()
     asyncio.run(main())
