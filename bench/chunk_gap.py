@@ -26,9 +26,8 @@ import sys
 import numpy as np
 
 from bench.local_serve import serve_app
-from bench.saturation import Marks, distinct_prompts, drive, steady_window
+from bench.saturation import Marks, distinct_prompts, drive, steady_window, users_per_mesh
 from deployments.config import AppConfig
-from model.galaxy import NUM_SLOTS
 from model.simulated import GalaxyTiming
 
 SLACK_S = 0.050  # what a flush may add to a step (the bar's 50 ms)
@@ -53,8 +52,9 @@ def measure(meshes: int, streams: int, output_tokens: int, prompt_tokens: int, t
     window = steady_window(runs)
     steady = np.asarray(chunk_gaps(runs, window.start, window.end)) * 1e3
     whole = np.asarray(chunk_gaps(runs)) * 1e3
-    users = min(NUM_SLOTS, -(-streams // meshes))  # per mesh, all at about the same context
-    step_ms = GalaxyTiming.published().batch_step_seconds(prompt_tokens + window.last_context_tokens, users) * time_scale * 1e3
+    users = users_per_mesh(streams, meshes)  # all at about the same context
+    step_s = GalaxyTiming.published().batch_step_seconds(prompt_tokens + window.last_context_tokens, users)
+    step_ms = step_s * time_scale * 1e3
     bar_ms = SLACK_S * 1e3 + step_ms
     return {"config": {"meshes": meshes, "streams": streams, "output_tokens": output_tokens,
                        "prompt_tokens": prompt_tokens, "time_scale": time_scale},

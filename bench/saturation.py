@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from model.galaxy import NUM_SLOTS
 from model.simulated import GalaxyTiming
 
 Marks = list[tuple[float, int]]  # (arrival time, completion tokens so far); the first mark is (sent, 0)
@@ -90,13 +91,18 @@ def ttfts(runs: list[Marks]) -> list[float]:
 
 def capacity_tokens_per_s(slots: int, prompt_tokens: int, window: SteadyWindow, time_scale: float,
                           timing: GalaxyTiming | None = None, meshes: int = 1) -> float:
-    """What `slots` simulated decode slots, spread evenly over `meshes`, make over the steps the window
-    covers: one token per slot per step, each step taking the published time of a step of a mesh's users at
-    that context (the simulated backend's rule), scaled. A stream holding k tokens makes its next one in a
-    step at context prompt + k."""
+    """What `slots` streams, spread evenly over `meshes`, make over the steps the window covers: one token per
+    decoding stream per step (a mesh decodes at most NUM_SLOTS), each step taking the published time of a
+    step of a mesh's users at that context (the simulated backend's rule), scaled. A stream holding k tokens
+    makes its next one in a step at context prompt + k."""
     timing = timing or GalaxyTiming.published()
     first = prompt_tokens + window.first_context_tokens
     contexts = range(first, max(prompt_tokens + window.last_context_tokens, first + 1))
-    users = -(-slots // meshes)
+    users = users_per_mesh(slots, meshes)
     mean_step_s = sum(timing.batch_step_seconds(c, users) for c in contexts) / len(contexts)
-    return slots / (mean_step_s * time_scale)
+    return min(slots, meshes * users) / (mean_step_s * time_scale)
+
+
+def users_per_mesh(streams: int, meshes: int) -> int:
+    """How many of `streams`, spread evenly over `meshes`, one mesh decodes at once (at most NUM_SLOTS)."""
+    return min(NUM_SLOTS, -(-streams // meshes))

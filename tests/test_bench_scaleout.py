@@ -53,8 +53,9 @@ def test_capacity_averages_the_step_time_over_the_contexts_the_window_covers():
 
 def test_capacity_of_a_window_without_new_tokens_uses_its_one_context():
     w = SteadyWindow(start=1.0, end=2.0, tokens=0, first_context_tokens=5, last_context_tokens=5)
-    assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING) == pytest.approx(64 / (1e-4 * 200 * 2))
     assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING, meshes=2) == pytest.approx(64 / (1e-4 * 200))  # 32 each
+    assert capacity_tokens_per_s(64, 195, w, 1.0, TIMING) == pytest.approx(32 / (1e-4 * 200))  # one mesh seats 32
+    assert capacity_tokens_per_s(8, 195, w, 1.0, TIMING) == pytest.approx(8 / (1e-4 * 200 * 8 / 32))
 
 
 def test_distinct_prompts_share_no_first_token():
