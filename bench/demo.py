@@ -110,8 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="performance-batch-32")
     p.add_argument("--backend", choices=("torch", "simulated", "tt_galaxy"), default="simulated")
-    p.add_argument("--model", help="model folder (HF or Meta) or a hub id in the local HF cache; default: embedded SmolLM2 for torch, Llama 3's "
-                                   "tokenizer for simulated, $HF_MODEL or $LLAMA_DIR for tt_galaxy")
+    p.add_argument("--model", help="model folder (HF or Meta) or a hub id in the local HF cache; default: "
+                                   "embedded SmolLM2 for torch, Llama 3's tokenizer for simulated, $HF_MODEL "
+                                   "or $LLAMA_DIR for tt_galaxy")
     demo = p.add_argument_group("demo parameters (default: the preset's)")
     demo.add_argument("--input-prompts", type=Path, help="prompt file (JSON list of prompt/context/max_length)")
     demo.add_argument("--instruct", action=argparse.BooleanOptionalAction, default=None,

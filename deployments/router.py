@@ -286,12 +286,13 @@ class Router:
                output_ids: list[int], consumer: str, continuation: bool = False) -> None:
         """Accept a request; its events go to `consumer`'s stream (see `events`).
 
-        `continuation`: a router that died had accepted it (the ingress resubmits its streams this way when
-        the router restarted), with `output_ids` already delivered; only the tokens after them come. It is no
-        new load: the queue limits do not refuse it, as they do not refuse a request moved off a failed mesh.
+        `continuation`: it was sent to a router that died (the ingress resubmits its streams this way when the
+        router restarted), with `output_ids` already delivered; only the tokens after them come. It is no new
+        load: the queue limits do not refuse it, as they do not refuse a request moved off a failed mesh.
         A mesh failure does not end a request: it moves to another mesh and its events go on. Raises
-        PromptTooLong / QueueFull when refused now; a later refusal (no mesh came back within no_mesh_wait_s: NoMeshAvailable) comes
-        on the stream as a RequestFailed. A request cancelled before it arrived ends at once ("abort")."""
+        PromptTooLong / QueueFull when refused now; a later refusal (no mesh came back within
+        no_mesh_wait_s: NoMeshAvailable) comes on the stream as a RequestFailed. A request cancelled before it
+        arrived ends at once ("abort")."""
         sink = self._sink(consumer)
         if self._forget_cancel(request_id):
             sink.put(TokenEvent(request_id, [], finish_reason="abort"))
@@ -646,11 +647,11 @@ class RouterDeployment:
     """Serve wrapper: one replica (it owns all scheduling state); meshes are single-replica deployments
     `mesh-0..N-1`, so a handle to one of them reaches exactly that mesh and its KV cache.
 
-    Each ingress replica holds one link to it (deployments/link.py; address from `link_address`): frames
-    in are ("submit", request_id, prompt_ids, params, salt, output_ids, continuation) and ("cancel", request_id,
-    reason);
-    frames out are the event batches of `Router.events` for that link. A refused submit comes back as a
-    RequestFailed on the same link. A link that closes cancels every request it carried."""
+    Each ingress replica holds one link to it (deployments/link.py; address from `link_address`): frames in
+    are ("submit", request_id, prompt_ids, params, salt, output_ids, continuation) and ("cancel",
+    request_id, reason); frames out are the event batches of `Router.events` for that link. A refused
+    submit comes back as a RequestFailed on the same link. A link that closes cancels every request it
+    carried."""
 
     def __init__(self, mesh_handles: list, config: dict):
         self._clients = [LinkMeshClient(h) for h in mesh_handles]
@@ -680,9 +681,10 @@ class RouterDeployment:
 
         def take(message: tuple) -> None:
             if message[0] == "submit":
-                _, request_id, prompt_ids, params, salt, output_ids, continuation = message
+                # an ingress of the release before (a rolling update) sends no `continuation`
+                _, request_id, prompt_ids, params, salt, output_ids, *continuation = message
                 try:
-                    router.submit(request_id, prompt_ids, params, salt, output_ids, consumer, continuation)
+                    router.submit(request_id, prompt_ids, params, salt, output_ids, consumer, any(continuation))
                 except Exception as exc:  # refused now (too long, queue full): the ingress raises it
                     router.refuse(request_id, consumer, exc)
             else:

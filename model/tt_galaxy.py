@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 _GREEDY = SamplingParams(temperature=0.0)  # for rows without a request
 # A non-greedy row: the device runs another sampling program for it than for an all-argmax batch
 # (warmup_utils.py warms temperature 1.0, top-k 10, top-p 0.9 likewise).
-_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 _SAMPLED = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
+_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 _TT_EXTRA_HINT = ("the TT Galaxy backend needs ttnn: pip install 'meshserve[tt]' "
                  "(ttnn wheels exist only for Python 3.10 and 3.12)")
 
@@ -84,7 +84,8 @@ class TTGalaxyBackend(Backend):
                                      max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
                                      device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
-                                     max_device_top_k=DEVICE_MAX_TOP_K, **_expected_times(config, max_seq_len, num_blocks * block_size))
+                                     max_device_top_k=DEVICE_MAX_TOP_K,
+                                     **_expected_times(config, max_seq_len, num_blocks * block_size))
             self._decode_forward = (getattr(self.generator, "decode_forward", None)
                                     or self.generator.decode_forward_text)  # its name before tt-metal renamed it
             if config.enable_model_warmup:
