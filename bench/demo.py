@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_prompt_file  # noqa: E402
 from model.backend import Backend  # noqa: E402
-from model.checkpoint import find_checkpoint, model_dir_from_env  # noqa: E402
+from model.checkpoint import checkpoint_dir  # noqa: E402
 from model.runner import MeshRunner  # noqa: E402
 from model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from scheduler.blocks import blocks_for  # noqa: E402
@@ -177,10 +177,8 @@ def demo_prompts(settings: Settings) -> list[str]:
 
 def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend, Tokenizer]:
     """Import only the backend in use: ttnn exists only on Galaxy hosts, torch models are heavy."""
-    try:
-        model_dir = find_checkpoint(args.model, "--model") if args.model else None
-        if model_dir is None and args.backend == "tt_galaxy":
-            model_dir = model_dir_from_env()
+    try:  # only tt_galaxy takes the demo's variables: the others have a model of their own
+        model_dir = checkpoint_dir(args.model, "--model") if args.model or args.backend == "tt_galaxy" else None
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.backend == "torch":

@@ -12,7 +12,7 @@ from deployments.config import AppConfig
 from deployments.ingress import Ingress
 from deployments.mesh_replica import MeshReplica
 from deployments.router import RouterDeployment
-from model.checkpoint import find_checkpoint, model_dir_from_env
+from model.checkpoint import checkpoint_dir
 
 
 def resolve_model_dir(config: AppConfig) -> Path:
@@ -21,9 +21,7 @@ def resolve_model_dir(config: AppConfig) -> Path:
     if config.model == "smollm2":
         from model.embedded import ensure_smollm2
         return ensure_smollm2()
-    if config.model:
-        return find_checkpoint(config.model)
-    path = model_dir_from_env()
+    path = checkpoint_dir(config.model)
     if path is None:
         raise ValueError("model: empty, and neither HF_MODEL nor LLAMA_DIR is set; set `model` in serve_config.yaml")
     return path

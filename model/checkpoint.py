@@ -35,3 +35,9 @@ def find_checkpoint(name: str, field: str = "model") -> Path:
         raise ValueError(f"{field}: {name!r} is neither a directory nor a Hugging Face model in the local cache "
                          "(nothing is downloaded at run time: fetch it first, e.g. `huggingface-cli download`)"
                          ) from None
+
+
+def checkpoint_dir(name: str | None, field: str = "model") -> Path | None:
+    """`name` (find_checkpoint), or without one the demo's variables (model_dir_from_env); None when neither
+    names a checkpoint. Raises ValueError as those do."""
+    return find_checkpoint(name, field) if name else model_dir_from_env()
