@@ -315,12 +315,14 @@ class Router:
         sink.request_ids.add(request_id)
 
     def _check_held_room(self, num_tokens: int) -> None:
-        """With no live mesh, the queue limits hold for the meshes together (max_waiting_requests and
-        max_waiting_tokens each times the meshes): a request past them is refused now (QueueFull, 429), not
-        held. Held requests are placed past the limits once a mesh comes up, as moved requests are."""
+        """With no live mesh, the queue limits hold for the meshes together: max_waiting_requests each plus
+        the slots of those that were up before (a burst free slots seat is no queue), and max_waiting_tokens
+        each. A request past them is refused now (QueueFull, 429), not held. Held requests are placed past
+        the limits once a mesh comes up, as moved requests are."""
         held = [r for r in self.requests.values() if r.held_since is not None]
-        max_requests, max_tokens = (limit * len(self.meshes) for limit in (self.config.max_waiting_requests,
-                                                                           self.config.max_waiting_tokens))
+        n = len(self.meshes)
+        max_requests = self.config.max_waiting_requests * n + sum(m.caps.num_slots for m in self.meshes if m.caps)
+        max_tokens = self.config.max_waiting_tokens * n
         if len(held) >= max_requests:
             raise QueueFull(f"{len(held)} requests are waiting for a mesh to come up (limit {max_requests})")
         tokens = sum(len(r.prompt_ids) + len(r.held_output) for r in held)
@@ -433,10 +435,11 @@ class Router:
     def _rebalance(self) -> None:
         """Re-place what waits in the live meshes' queues beyond their free slots (a mesh just came up): the
         first mesh up after a router start or restart took every held request, and after a failover the
-        others' queues hold the failed mesh's requests; a mesh that seats them now wins (placement_key), and
-        the oldest are placed first."""
+        others' queues hold the failed mesh's requests) or has free slots while another has a queue; a mesh
+        that seats them now wins (placement_key); streams under way first, then the oldest."""
         taken = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.take_queued()]
-        for seq, mesh in sorted(taken, key=lambda t: t[0].arrival_time):
+        for seq, mesh in sorted(taken, key=lambda t: (len(t[0].token_ids) == t[0].num_prompt_tokens,
+                                                      t[0].arrival_time)):
             req = self.requests.get(seq.request_id)
             if req is not None and req.mesh is mesh:
                 req.counted = req.counted or seq.counted
@@ -541,6 +544,8 @@ class Router:
         inflight: deque[asyncio.Task] = deque()
         try:
             while True:
+                if sched.num_queued < 0 and any(m.up and m.scheduler.num_queued > 0 for m in self.meshes):
+                    self._rebalance()  # free slots here, a queue there
                 while len(inflight) < self.config.pipeline_depth:
                     work = sched.schedule()
                     if work is None:

@@ -90,7 +90,8 @@ class MeshScheduler:
                block_hashes: list[bytes] | None = None) -> Sequence:
         """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
         failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
-        `migrated` skips the queue limits (the request was admitted once already); `counted`: its first
+        `migrated` skips the queue limits (the request was admitted once already). One with output goes
+        before every waiting request that has none, as its client is mid-stream. `counted`: its first
         admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429)."""
@@ -119,7 +120,12 @@ class MeshScheduler:
                        num_planned=len(token_ids), block_hashes=list(block_hashes or ()), counted=counted,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self.requests[request_id] = seq
-        self.waiting.append(seq)
+        if output_ids:  # a stream under way (moved here, or continued) goes before every one not started yet
+            first_new = next((i for i, s in enumerate(self.waiting) if len(s.token_ids) == s.num_prompt_tokens),
+                             len(self.waiting))
+            self.waiting.insert(first_new, seq)
+        else:
+            self.waiting.append(seq)
         self.waiting_tokens += len(token_ids)
         return seq
 

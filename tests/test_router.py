@@ -406,7 +406,11 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
     """Held requests are placed past the limits once a mesh is up, so new ones are refused (429) while
     max_waiting_requests x meshes are held, not held without bound."""
     async def main():
-        router, meshes = await make_router(num_meshes=2, max_waiting_requests=2, no_mesh_wait_s=30)
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=256, time_scale=0.01,
+                                                     vocab_size=1000)) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)],
+                        RouterConfig(**{**FAST, "max_waiting_requests": 2, "no_mesh_wait_s": 30}))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
         params = SamplingParams(temperature=0.0, max_tokens=40)
         for i, mesh in enumerate(meshes):
             mesh.vanish()
@@ -418,10 +422,10 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
                 router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
             except QueueFull:
                 refused += 1
-        assert router.stats()["held"] == 4 and refused == 18  # 2 x 2 meshes
+        assert router.stats()["held"] == 2 * (2 + 4) and refused == 10  # 2 meshes x (limit 2 + their 4 slots)
         router.submit("more", [9] * 40, params, None, [5, 6], "c")  # a continuation is no new load: held
         router.submit("again", [8] * 40, params, None, [], "c", continuation=True)  # ... before its first token too
-        assert router.stats()["held"] == 6
+        assert router.stats()["held"] == 14
         for mesh in meshes:
             mesh.restart()
         await until(lambda: idle(router))
@@ -498,6 +502,24 @@ def test_a_mesh_that_comes_up_seats_the_oldest_waiting_requests_first():
         assert waiting == [f"r{i:03d}" for i in range(96, 104)]
         for i in range(104):
             router.cancel(f"r{i:03d}")
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_mesh_with_free_slots_takes_the_queue_of_another():
+    async def main():
+        router, _ = await make_router(num_meshes=2)
+        params = SamplingParams(temperature=0.0, max_tokens=2000)
+        for i in range(74):  # 32 running on each, 5 queued on each
+            router.submit(f"r{i:02d}", [i + 2] * 40, params, None, [], "c")
+        await until(lambda: [m["waiting"] for m in router.stats()["meshes"]] == [5, 5])
+        on_mesh0 = [rid for rid, r in router.requests.items() if r.mesh is router.meshes[0]]
+        for rid in on_mesh0[:12]:  # some finish on mesh-0: its own 5, then 5 of mesh-1's, are seated there
+            router.cancel(rid)
+        await until(lambda: [(m["running"], m["waiting"]) for m in router.stats()["meshes"]] == [(30, 0), (32, 0)])
+        for i in range(74):
+            router.cancel(f"r{i:02d}")
         await until(lambda: idle(router))
         await router.close()
     asyncio.run(main())

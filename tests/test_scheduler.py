@@ -490,3 +490,16 @@ def test_a_burst_into_free_slots_is_no_queue():
         sched.submit(f"r{i}", [1, 2, 3], params())
     with pytest.raises(QueueFull, match="waiting for a slot"):
         sched.submit("r3", [1, 2, 3], params())
+
+
+def test_a_stream_under_way_waits_before_every_request_not_started():
+    """Moved off a failed mesh or continued after a router restart: its client is mid-stream."""
+    sched = MeshScheduler(num_slots=1, num_blocks=64, block_size=16, max_seq_len=512, prefill_chunk=256,
+                          max_prefill_tokens=256, decode_steps=4)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    for rid in ("new0", "new1"):
+        sched.submit(rid, [1, 2, 3], params)
+    sched.submit("moved0", [4, 5, 6], params, output_ids=[7, 8], migrated=True)
+    sched.submit("moved1", [4, 5, 6], params, output_ids=[9], migrated=True)
+    sched.submit("new2", [1, 2, 3], params)
+    assert [s.request_id for s in sched.waiting] == ["moved0", "moved1", "new0", "new1", "new2"]
