@@ -45,6 +45,22 @@ async def collect(router, rid, prompt, params=GREEDY):
     return tokens, reason
 
 
+LASTING = SamplingParams(temperature=0.0, max_tokens=2000)  # runs until the test cancels it
+
+
+def submit_lasting(router, n: int) -> None:
+    """n requests r000.. with distinct 40-token prompts, on one consumer."""
+    for i in range(n):
+        router.submit(f"r{i:03d}", [i + 2] * 40, LASTING, None, [], "c")
+
+
+async def cancel_all_and_close(router) -> None:
+    for rid in list(router.requests):
+        router.cancel(rid)
+    await until(lambda: idle(router))
+    await router.close()
+
+
 PROMPTS = [[i + 1] * (50 + 30 * i) for i in range(10)]
 LONG = SamplingParams(temperature=0.0, max_tokens=60)
 
@@ -439,35 +455,25 @@ def test_requests_held_at_router_start_spread_over_the_meshes_that_come_up():
     async def main():
         meshes = [LocalMesh(backend) for _ in range(2)]
         router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
-        params = SamplingParams(temperature=0.0, max_tokens=2000)
-        for i in range(64):
-            router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
+        submit_lasting(router, 64)
         await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
         placed = [sum(r.mesh is m for r in router.requests.values()) for m in router.meshes]
         assert placed == [32, 32]
-        for i in range(64):
-            router.cancel(f"r{i}")
-        await until(lambda: idle(router))
-        await router.close()
+        await cancel_all_and_close(router)
     asyncio.run(main())
 
 
 def test_a_mesh_that_comes_back_takes_the_queue_its_failure_left_on_the_others():
     async def main():
         router, (m0, m1) = await make_router(num_meshes=2)
-        params = SamplingParams(temperature=0.0, max_tokens=2000)
-        for i in range(64):
-            router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
+        submit_lasting(router, 64)
         await until(lambda: all(m["running"] == 32 for m in router.stats()["meshes"]))
         m0.vanish()
         await until(lambda: router.stats()["meshes"][1]["waiting"] == 32)  # mesh-0's requests queue on mesh-1
         m0.restart()
         await until(lambda: router.stats()["meshes"][0]["running"] == 32)
         assert router.stats()["meshes"][1]["waiting"] == 0
-        for i in range(64):
-            router.cancel(f"r{i}")
-        await until(lambda: idle(router))
-        await router.close()
+        await cancel_all_and_close(router)
     asyncio.run(main())
 
 
@@ -492,34 +498,24 @@ def test_a_mesh_that_comes_up_seats_the_oldest_waiting_requests_first():
         router, (_, _, m2) = await make_router(num_meshes=3)
         m2.vanish()
         await until(lambda: not router.stats()["meshes"][2]["up"])
-        params = SamplingParams(temperature=0.0, max_tokens=2000)
-        for i in range(104):  # 64 seated on mesh-0 and mesh-1, 40 queued on them in turn
-            router.submit(f"r{i:03d}", [i + 2] * 40, params, None, [], "c")
+        submit_lasting(router, 104)  # 64 seated on mesh-0 and mesh-1, 40 queued on them in turn
         await until(lambda: sum(m["waiting"] for m in router.stats()["meshes"]) == 40)
         m2.restart()
         await until(lambda: router.stats()["meshes"][2]["running"] == 32)
         waiting = sorted(seq.request_id for m in router.meshes for seq in m.scheduler.waiting)
         assert waiting == [f"r{i:03d}" for i in range(96, 104)]
-        for i in range(104):
-            router.cancel(f"r{i:03d}")
-        await until(lambda: idle(router))
-        await router.close()
+        await cancel_all_and_close(router)
     asyncio.run(main())
 
 
 def test_a_mesh_with_free_slots_takes_the_queue_of_another():
     async def main():
         router, _ = await make_router(num_meshes=2)
-        params = SamplingParams(temperature=0.0, max_tokens=2000)
-        for i in range(74):  # 32 running on each, 5 queued on each
-            router.submit(f"r{i:02d}", [i + 2] * 40, params, None, [], "c")
+        submit_lasting(router, 74)  # 32 running on each, 5 queued on each
         await until(lambda: [m["waiting"] for m in router.stats()["meshes"]] == [5, 5])
         on_mesh0 = [rid for rid, r in router.requests.items() if r.mesh is router.meshes[0]]
         for rid in on_mesh0[:12]:  # some finish on mesh-0: its own 5, then 5 of mesh-1's, are seated there
             router.cancel(rid)
         await until(lambda: [(m["running"], m["waiting"]) for m in router.stats()["meshes"]] == [(30, 0), (32, 0)])
-        for i in range(74):
-            router.cancel(f"r{i:02d}")
-        await until(lambda: idle(router))
-        await router.close()
+        await cancel_all_and_close(router)
     asyncio.run(main())
