@@ -433,10 +433,10 @@ class Router:
                 self._replace(rid, req, req.held_output)
 
     def _rebalance(self) -> None:
-        """Re-place what waits in the live meshes' queues beyond their free slots (a mesh just came up): the
-        first mesh up after a router start or restart took every held request, and after a failover the
-        others' queues hold the failed mesh's requests) or has free slots while another has a queue; a mesh
-        that seats them now wins (placement_key); streams under way first, then the oldest."""
+        """Re-place what waits in the live meshes' queues beyond their free slots, when a mesh comes up (the
+        first mesh up after a router start or restart took every held request; after a failover the others'
+        queues hold the failed mesh's requests) and when one has free slots while another has a queue. A mesh
+        that seats them now wins (placement_key); streams under way go first, then the oldest."""
         taken = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.take_queued()]
         for seq, mesh in sorted(taken, key=lambda t: (len(t[0].token_ids) == t[0].num_prompt_tokens,
                                                       t[0].arrival_time)):

@@ -46,8 +46,9 @@ class GalaxyTiming:
     input length for batch 1 and batch 32 give that cost: 31 ns per token at 1K (16.53 vs 17.58 ms a step)
     and 30 ns at 4K (18.50 vs 22.43 ms). No batch-32 row is published beyond 4K, so a long full batch is
     this linear rule extrapolated. At 128 tokens PERF.md gives one row for batch 1 and 32 alike (14.28 ms);
-    the json keeps it as batch 32's, so a lone 128-token user steps 1.3% faster than that row here. A row's tokens/s/user was measured over the demo's 128 generated tokens
-    after input_tokens, so it is placed at the mean context of that run, input_tokens + DEMO_MEAN_GENERATED.
+    the json keeps it as batch 32's, so a lone 128-token user steps 1.3% faster than that row here. A row's
+    tokens/s/user was measured over the demo's 128 generated tokens after input_tokens, so it is placed at
+    the mean context of that run, input_tokens + DEMO_MEAN_GENERATED.
     """
 
     lengths: tuple[int, ...]

@@ -158,8 +158,8 @@ class MeshScheduler:
 
     def take_queued(self) -> list[Sequence]:
         """Take out the waiting requests that no free slot seats at the next schedule (the queue's last
-        num_queued), in queue order. They hold no slot or block: the router re-places them when another mesh
-        comes up, so that a queue here does not wait while that mesh has free slots."""
+        num_queued), in queue order. They hold no slot or block: the router re-places them on a mesh with free
+        slots (one that came up, or that has room), so that a queue here does not wait while another has room."""
         taken = list(self.waiting)[len(self.waiting) - max(self.num_queued, 0):]
         for seq in taken:
             self.cancel(seq.request_id, "abort")  # its event is dropped: the request goes on elsewhere
