@@ -82,6 +82,8 @@ def check_serve_config(path: str) -> list[str]:
     import yaml
     from pydantic import ValidationError
 
+    from model.checkpoint import checkpoint_dir
+
     try:
         with open(path) as f:
             apps = (yaml.safe_load(f) or {}).get("applications") or []
@@ -92,11 +94,21 @@ def check_serve_config(path: str) -> list[str]:
         if app.get("import_path") != "deployments.app:build":
             continue
         try:
-            AppConfig.model_validate(app.get("args") or {})
+            config = AppConfig.model_validate(app.get("args") or {})
         except ValidationError as e:
             errors += [f"{path}: application {app.get('name')!r}, "
                        f"{'.'.join(['args', *map(str, err['loc'])])}: {err['msg'].removeprefix('Value error, ')}"
                        for err in e.errors()]
+            continue
+        if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
+            try:
+                found = checkpoint_dir(config.model)
+            except ValueError as e:
+                found, problem = None, str(e)
+            else:
+                problem = "model: empty, and neither HF_MODEL nor LLAMA_DIR is set"
+            if found is None:
+                errors.append(f"{path}: application {app.get('name')!r}, args.{problem}")
     return errors
 
 

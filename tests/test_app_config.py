@@ -70,10 +70,17 @@ def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
         (tmp_path / name).write_text(yaml.safe_dump(config))
         return tmp_path / name
 
-    ok = check(*(ROOT / n for n in ("serve_config.yaml", "serve_config.simulated.yaml", "serve_config.galaxy.yaml")))
+    ok = check(*(ROOT / n for n in ("serve_config.yaml", "serve_config.simulated.yaml")))
     assert (ok.returncode, ok.stderr.strip()) == (0, "")
+    galaxy = check(ROOT / "serve_config.galaxy.yaml")  # valid, but its weights are on Galaxy hosts only
+    assert galaxy.returncode == 2 and galaxy.stderr.strip() == (
+        f"{ROOT}/serve_config.galaxy.yaml: application 'meshserve', args.model: '/models/Llama-3.3-70B-Instruct' "
+        "is neither a directory nor a Hugging Face model in the local cache (nothing is downloaded at run time: "
+        "fetch it first, e.g. `huggingface-cli download`)")
     missing = check(tmp_path / "nope.yaml")
     assert missing.returncode == 2 and "No such file" in missing.stderr and "Traceback" not in missing.stderr
+    hub = check(bad("hub.yaml", model="meta-llama/Llama-3.3-70B-Instruct"))  # not in the cache: named, no fetch
+    assert hub.returncode == 2 and "args.model: 'meta-llama/Llama-3.3-70B-Instruct' is neither" in hub.stderr
     out = check(bad("keys.yaml", num_meshes=0, bogus_key=3), bad("chunk.yaml", prefill_chunk=200))
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
