@@ -202,9 +202,7 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
         return backend, tokenizer
     from model.tt_galaxy import TTGalaxyBackend
 
-    if model_dir is None:
-        raise SystemExit("tt_galaxy needs the Llama folder: --model DIR, or $HF_MODEL / $LLAMA_DIR as for the demo")
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)  # tt_galaxy: checkpoint_dir found it, or said what to set
     backend = TTGalaxyBackend(model_dir, block_size=settings.block_size, num_blocks=settings.max_blocks,
                               max_seq_len=settings.max_seq_len, num_layers=args.num_layers)
     return backend, tokenizer

@@ -21,10 +21,7 @@ def resolve_model_dir(config: AppConfig) -> Path:
     if config.model == "smollm2":
         from model.embedded import ensure_smollm2
         return ensure_smollm2()
-    path = checkpoint_dir(config.model)
-    if path is None:
-        raise ValueError("model: empty, and neither HF_MODEL nor LLAMA_DIR is set; set `model` in serve_config.yaml")
-    return path
+    return checkpoint_dir(config.model)
 
 
 def build(args: AppConfig) -> Application:

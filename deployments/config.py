@@ -102,13 +102,9 @@ def check_serve_config(path: str) -> list[str]:
             continue
         if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             try:
-                found = checkpoint_dir(config.model)
+                checkpoint_dir(config.model)
             except ValueError as e:
-                found, problem = None, str(e)
-            else:
-                problem = "model: empty, and neither HF_MODEL nor LLAMA_DIR is set"
-            if found is None:
-                errors.append(f"{path}: application {app.get('name')!r}, args.{problem}")
+                errors.append(f"{path}: application {app.get('name')!r}, args.{e}")
     return errors
 
 

@@ -438,8 +438,7 @@ class Router:
         queues hold the failed mesh's requests) and when one has free slots while another has a queue. A mesh
         that seats them now wins (placement_key); streams under way go first, then the oldest."""
         taken = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.take_queued()]
-        for seq, mesh in sorted(taken, key=lambda t: (len(t[0].token_ids) == t[0].num_prompt_tokens,
-                                                      t[0].arrival_time)):
+        for seq, mesh in sorted(taken, key=lambda t: (not t[0].started, t[0].arrival_time)):
             req = self.requests.get(seq.request_id)
             if req is not None and req.mesh is mesh:
                 req.counted = req.counted or seq.counted

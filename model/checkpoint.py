@@ -15,9 +15,10 @@ def model_dir_from_env() -> Path | None:
     if llama_dir and hf_model:
         raise ValueError("set only one of LLAMA_DIR and HF_MODEL")
     if llama_dir:
-        if not Path(llama_dir).expanduser().is_dir():
+        path = Path(llama_dir).expanduser()
+        if not path.is_dir():
             raise ValueError(f"LLAMA_DIR: {llama_dir!r} is not a directory")
-        return Path(llama_dir).expanduser()
+        return path
     return find_checkpoint(hf_model, "HF_MODEL") if hf_model else None
 
 
@@ -37,7 +38,10 @@ def find_checkpoint(name: str, field: str = "model") -> Path:
                          ) from None
 
 
-def checkpoint_dir(name: str | None, field: str = "model") -> Path | None:
-    """`name` (find_checkpoint), or without one the demo's variables (model_dir_from_env); None when neither
-    names a checkpoint. Raises ValueError as those do."""
-    return find_checkpoint(name, field) if name else model_dir_from_env()
+def checkpoint_dir(name: str | None, field: str = "model") -> Path:
+    """`name` (find_checkpoint), or without one the demo's variables (model_dir_from_env). Raises ValueError
+    as those do, and naming `field` when neither names a checkpoint."""
+    path = find_checkpoint(name, field) if name else model_dir_from_env()
+    if path is None:
+        raise ValueError(f"{field}: none given, and neither HF_MODEL nor LLAMA_DIR is set")
+    return path

@@ -121,8 +121,7 @@ class MeshScheduler:
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         self.requests[request_id] = seq
         if output_ids:  # a stream under way (moved here, or continued) goes before every one not started yet
-            first_new = next((i for i, s in enumerate(self.waiting) if len(s.token_ids) == s.num_prompt_tokens),
-                             len(self.waiting))
+            first_new = next((i for i, s in enumerate(self.waiting) if not s.started), len(self.waiting))
             self.waiting.insert(first_new, seq)
         else:
             self.waiting.append(seq)
@@ -142,7 +141,7 @@ class MeshScheduler:
             self.waiting_tokens -= len(seq.token_ids)
         self._mark_finished(seq, reason)
         event = TokenEvent(request_id, [], finish_reason=reason)
-        if len(seq.token_ids) == seq.num_prompt_tokens:
+        if not seq.started:
             self._fill_first_event(seq, event)
         return event
 
@@ -265,7 +264,7 @@ class MeshScheduler:
             seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
             seq.num_planned = n
             self.running[seq.request_id] = seq
-            if len(seq.token_ids) == seq.num_prompt_tokens:  # its first event (which reports it) is still to come
+            if not seq.started:  # its first event (which reports it) is still to come
                 seq.num_cached_tokens = seq.num_computed
             # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
             # ones apart).

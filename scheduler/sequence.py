@@ -46,6 +46,11 @@ class Sequence:
         return self.token_ids[:self.num_prompt_tokens]
 
     @property
+    def started(self) -> bool:
+        """It has made a token (its first event has gone out)."""
+        return len(self.token_ids) > self.num_prompt_tokens
+
+    @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
