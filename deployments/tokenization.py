@@ -26,7 +26,7 @@ def _tokenize(server: OpenAIServer, req: TokenizeRequest) -> tuple[list[int], li
                                      bool(req.add_special_tokens))
     else:
         ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
-    return ids, [tokenizer.decode([t]) for t in ids] if req.return_token_strs else None
+    return ids, tokenizer.token_strs(ids) if req.return_token_strs else None
 
 
 async def detokenize(server: OpenAIServer, req: DetokenizeRequest) -> DetokenizeResponse:

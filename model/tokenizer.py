@@ -61,6 +61,7 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_level_alphabet()
+_CHAR_OF_BYTE = {b: c for c, b in _BYTE_OF_CHAR.items()}
 
 
 def llama3_special_tokens() -> list[str]:
@@ -159,6 +160,23 @@ class Tokenizer:
         if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
             return bytes([int(token[3:5], 16)])
         return token.replace("\u2581", " ").encode()  # SentencePiece marks a space with U+2581
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        """Each id's vocabulary string, as `convert_ids_to_tokens` gives it (vLLM's /tokenize `token_strs`):
+        byte-level BPE writes a token's bytes in its printable alphabet (" hello" is "Ġhello"), so a token
+        that is part of a UTF-8 character still reads as itself. Meta's format has no strings of its own; it
+        gets the ones Hugging Face's conversion of the same ranks has. Raises ValueError for an unknown id."""
+        if self._tiktoken is None:
+            backend = self._hf.backend_tokenizer
+            strs = [backend.id_to_token(i) for i in ids]
+            if None in strs:
+                raise ValueError(f"token id {ids[strs.index(None)]} is not in the vocabulary")
+            return strs
+        strs = []
+        for i in ids:
+            raw = self._tiktoken.decode_single_token_bytes(i)
+            strs.append(raw.decode() if i in self.special_id_set else "".join(_CHAR_OF_BYTE[b] for b in raw))
+        return strs
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of `ids`; bytes that do not form whole UTF-8 characters come out as U+FFFD."""

@@ -32,7 +32,8 @@ def test_tokenize_messages_as_chat_completions_does(client, router, tokenizer):
 
 def test_token_strs(client, tokenizer):
     body = client.post("/tokenize", json={"prompt": TEXT, "return_token_strs": True}).json()
-    assert body["token_strs"] == [tokenizer.decode([t]) for t in body["tokens"]]
+    assert body["token_strs"] == tokenizer.hf_tokenizer.convert_ids_to_tokens(body["tokens"])  # as vLLM
+    assert "\ufffd" not in "".join(body["token_strs"])  # the rocket's partial-byte tokens read as themselves
 
 
 def test_add_special_tokens_adds_bos(router):

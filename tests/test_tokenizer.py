@@ -89,6 +89,23 @@ def test_meta_and_hf_formats_give_same_ids_and_round_trip(meta, hf, text):
     assert meta.decode(ids) == text and hf.decode(ids) == text
 
 
+@settings(max_examples=200, deadline=None)
+@given(mixed_text())
+def test_token_strs_are_the_vocabulary_strings_in_both_formats(meta, hf, text):
+    """vLLM's /tokenize token_strs are convert_ids_to_tokens: a token that is part of an emoji reads as itself,
+    not U+FFFD. Meta's format has no strings of its own and gets the HF conversion's."""
+    ids = hf.encode(f"<|begin_of_text|>{text}<|eot_id|>")
+    assert meta.token_strs(ids) == hf.token_strs(ids) == hf.hf_tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_token_strs_of_a_split_character(smol):
+    ids = smol.encode("🚀")
+    assert len(ids) > 1 and "\ufffd" not in "".join(smol.token_strs(ids))
+    assert smol.token_strs(ids) == smol.hf_tokenizer.convert_ids_to_tokens(ids)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        smol.token_strs([smol.vocab_size + 5])
+
+
 def test_a_long_text_gets_the_same_ids_by_the_gil_free_path(hf, smol):
     """Texts over LONG_TEXT_CHARS go through encode_batch (it releases the GIL): the same ids as encode."""
     text = (MIXED_TEXT + " ") * (LONG_TEXT_CHARS // len(MIXED_TEXT) + 2)
