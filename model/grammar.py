@@ -76,9 +76,28 @@ def choice_grammar(choices: list[str]) -> str:
     return LLMatcher.grammar_from_regex("|".join(f"(?:{re.escape(c)})" for c in choices))
 
 
+# A GBNF escape: \uXXXX, \UXXXXXXXX, or any other backslash pair (kept, so "\\u0041" stays two characters).
+_GBNF_ESCAPE = re.compile(r"\\(u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|.)", re.DOTALL)
+
+
+def _gbnf_code_point(m: re.Match) -> str:
+    r"""llama.cpp's GBNF takes \uXXXX and \UXXXXXXXX; llguidance 1.x's converter writes them into Lark with their
+    leading zeros dropped ("\u00e9" as "\ue9"), which Lark then rejects. ASCII becomes \xHH, which it carries
+    over intact (a quote or bracket stays escaped); any other character is written as itself."""
+    escape = m.group(1)
+    if len(escape) == 1:
+        return m.group(0)
+    code = int(escape[1:], 16)
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    return m.group(0) if 0xD800 <= code < 0xE000 or code > 0x10FFFF else chr(code)
+
+
 def cfg_grammar(text: str) -> str:
     """A context-free grammar in Lark syntax (`start: ...`) or in the EBNF of vLLM's docs and llama.cpp's GBNF
     (`root ::= ...`), converted by llguidance as vLLM's guidance backend does. Raises ValueError."""
+    if "::=" in text:
+        text = _GBNF_ESCAPE.sub(_gbnf_code_point, text)
     return llguidance.grammar_from("grammar", text)
 
 

@@ -56,6 +56,10 @@ def accepts(llt, tok, grammar, text) -> bool:
     ({"guided_grammar": 'root ::= select\nselect ::= "SELECT " column " from " table\n'
                         'column ::= "col_1" | "col_2"\ntable ::= "t1" | "t2"\n'},
      "SELECT col_2 from t1", "SELECT col_3 from t1"),
+    # GBNF's \u and \U escapes, in a string and a class; an escaped quote and bracket stay literal
+    ({"guided_grammar": r'root ::= "caf\u00e9 " [\u0041-\u005A]+ "\U0001F600" "\u0022" [^\u005D]'},
+     'café AB😀"x', 'cafe AB😀"x'),
+    ({"guided_grammar": r'root ::= "\u0022" [^\u005D] "\\u0041"'}, '"x\\u0041', '"]\\u0041'),
     # \d and \w as xgrammar (vLLM's default) reads them: ASCII, never fullwidth or other scripts' digits
     ({"guided_regex": r"\d{3}"}, "123", "\uff11\uff12\uff13"),
     ({"structured_outputs": {"regex": r"[\d.]+\w"}}, "1.5x", "1.5\u00e9"),
