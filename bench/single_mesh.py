@@ -43,7 +43,7 @@ async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float)
         for i in range(requests):
             marks = await stream(http, url, MODEL, [2000 + 13 * i + j for j in range(prompt_len)], 4)
             ttfts.append(marks[1][0] - marks[0][0])
-    prefill = GalaxyTiming.published().ttft(prompt_len) * time_scale
+    prefill = GalaxyTiming.published().prefill_seconds(0, prompt_len) * time_scale
     median = statistics.median(ttfts)
     return {"requests": requests, "median_ttft_ms": median * 1e3, "simulated_prefill_ms": prefill * 1e3,
             "overhead_ms": (median - prefill) * 1e3, "p90_ttft_ms": sorted(ttfts)[int(0.9 * len(ttfts))] * 1e3}

@@ -19,6 +19,12 @@ MAX_SEQ_LEN = 131_072
 PREFIX_ALIGN = 128  # SDPA_CHUNK_ALIGN in model_config.py: cached prefixes are cut down to a multiple of it
 
 
+def padded_prefill_len(n: int) -> int:
+    """The length the generator pads n new prefill tokens to: 128, 1024, then the next power of two
+    (get_padded_prefill_len, generator.py @00b0fa3f)."""
+    return 128 if n <= 128 else 1024 if n <= 1024 else 2 ** (n - 1).bit_length()
+
+
 def blocks_per_group(max_seq_len: int, block_size: int, slots_per_group: int = NUM_SLOTS // KV_GROUPS) -> int:
     """A KV group's pool as tt_worker.py sizes each data-parallel rank (one per column, max_num_seqs 8):
     one max_seq_len user plus a block for each slot of the column, ceil((131072 + 64 * 8) / 64) = 2056."""

@@ -23,7 +23,7 @@ import torch
 
 from model.backend import SAMPLING_FIELDS, Backend, Capabilities
 from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN,
-                          blocks_per_group)
+                          blocks_per_group, padded_prefill_len)
 from scheduler.sampling import SamplingParams
 
 
@@ -77,11 +77,13 @@ class GalaxyTiming:
         return _loglog(num_tokens, self.lengths, self.ttft_s)
 
     def prefill_seconds(self, start: int, end: int) -> float:
-        """Computing positions [start, end) after a cached prefix: the extra cost over the prefix,
-        never less than a fresh prefill of that many tokens."""
+        """Computing positions [start, end) after a cached prefix: the extra cost over the prefix, never less
+        than a fresh prefill of that many tokens. The device computes the new tokens padded to the generator's
+        length (`padded_prefill_len`), so a 3,850-token prompt costs the published 4,096-token row."""
+        new = padded_prefill_len(end - start)
         if start == 0:
-            return self.ttft(end)
-        return max(self.ttft(end) - self.ttft(start), self.ttft(end - start))
+            return self.ttft(new)
+        return max(self.ttft(start + new) - self.ttft(start), self.ttft(new))
 
     def decode_step_seconds(self, longest: int, others: int = 0) -> float:
         """One decode step: the longest live context `longest` tokens, the other live users `others` in all."""

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from model.backend import Backend, Capabilities
 from model.galaxy import (BLOCK_SIZE, DEVICE_MAX_TOP_K, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
-                          MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes)
+                          MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes, padded_prefill_len)
 from model.sampler import sample_row
 from model.simulated import GalaxyTiming
 from scheduler.sampling import SamplingParams
@@ -213,12 +213,6 @@ def _expected_times(config: TTMeshConfig, max_seq_len: int, column_tokens: int) 
     timing = GalaxyTiming.published()
     return {"decode_step_s": timing.slowest_step_seconds(max_seq_len, KV_GROUPS * column_tokens),
             "prefill_token_s": timing.ttft(max_seq_len) / max_seq_len}
-
-
-def padded_prefill_len(n: int) -> int:
-    """The length the generator pads n new prefill tokens to: 128, 1024, then the next power of two
-    (get_padded_prefill_len, generator.py @00b0fa3f)."""
-    return 128 if n <= 128 else 1024 if n <= 1024 else 2 ** (n - 1).bit_length()
 
 
 def prefill_start(start: int, end: int, device_tokens: int) -> int:

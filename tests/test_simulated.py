@@ -72,11 +72,20 @@ def test_prefill_after_a_prefix_costs_the_extra_but_at_least_a_fresh_prefill(tim
     assert timing.prefill_seconds(4096, 4096 + 128) == timing.ttft(128)
 
 
+def test_a_prefill_costs_its_padded_length_as_on_the_device(timing):
+    """The generator pads new prefill tokens to 128, 1024, then a power of two (get_padded_prefill_len)."""
+    assert timing.prefill_seconds(0, 3850) == timing.ttft(4096) > timing.ttft(3850)
+    assert timing.prefill_seconds(0, 100) == timing.prefill_seconds(0, 128) == timing.ttft(128)
+    assert timing.prefill_seconds(0, 129) == timing.ttft(1024)
+    assert timing.prefill_seconds(4096, 4096 + 200) == max(timing.ttft(4096 + 1024) - timing.ttft(4096),
+                                                           timing.ttft(1024))
+
+
 def test_time_scale_multiplies_every_sleep(timing):
     backend = SimulatedBackend(time_scale=0.001)
     prompt = list(range(1000))
     generate(backend, prompt, list(range(16)), slot=3, steps=2)
-    expected = timing.ttft(1000) + timing.decode_step_seconds(1001) + timing.decode_step_seconds(1002)  # alone
+    expected = timing.ttft(1024) + timing.decode_step_seconds(1001) + timing.decode_step_seconds(1002)  # alone
     assert backend.device_seconds == pytest.approx(expected * 0.001)
 
 

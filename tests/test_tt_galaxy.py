@@ -386,7 +386,8 @@ DEFAULT_DEVICE_TOKENS = 2057 * 64  # a column's cache at max_seq_len 131,072: 2,
     (0, 131_072, 0),
 ])
 def test_a_prefill_starts_early_enough_that_its_padding_fits_the_cache(start, end, expected):
-    from model.tt_galaxy import padded_prefill_len, prefill_start
+    from model.galaxy import padded_prefill_len
+    from model.tt_galaxy import prefill_start
     got = prefill_start(start, end, DEFAULT_DEVICE_TOKENS)
     assert got == expected and got + padded_prefill_len(end - got) <= DEFAULT_DEVICE_TOKENS
 
