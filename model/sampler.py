@@ -14,12 +14,17 @@ MIN_LOGPROB = -9999.0
 
 
 def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:
-    """Exp(1) noise [n] on the CPU; seeded: Philox keyed on (seed, position), so every pair has its own
-    stream (torch's CPU generator keeps only a seed's low 32 bits: seeds 5 and 5 + 2**32 drew alike)."""
+    """Exp(1) noise [n] on the CPU, > 0; seeded: Philox keyed on (seed, position), so every pair has its own
+    stream (torch's CPU generator keeps only a seed's low 32 bits: seeds 5 and 5 + 2**32 drew alike).
+    numpy's float32 draw is exactly 0 about once in 2e7 (a 128k vocabulary's draw holds one ~1% of the time),
+    and a token filtered or masked to probability 0 would then score 0/0 = NaN, which argmax picks: a zero
+    becomes float32's smallest normal, which changes no other draw."""
     if seed is None:
-        return torch.empty(n).exponential_(1.0)
-    key = np.array([seed, position], dtype=np.uint64)
-    return torch.from_numpy(np.random.Generator(np.random.Philox(key=key)).standard_exponential(n, np.float32))
+        noise = torch.empty(n).exponential_(1.0)
+    else:
+        key = np.array([seed, position], dtype=np.uint64)
+        noise = torch.from_numpy(np.random.Generator(np.random.Philox(key=key)).standard_exponential(n, np.float32))
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:

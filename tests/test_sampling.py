@@ -1,6 +1,7 @@
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -168,3 +169,34 @@ def test_min_p_drops_tokens_less_likely_than_min_p_times_the_top_one():
     free = {sample_row(LOGITS, SamplingParams(temperature=2.0, seed=s), 0)[0] for s in range(300)}
     assert drawn <= allowed and len(allowed) >= 2 and len(drawn) >= 2
     assert free - allowed
+
+
+LLAMA3_VOCAB = 128_256
+
+
+def _seed_whose_noise_holds_a_zero(position: int) -> tuple[int, int]:
+    """A seed whose raw float32 Philox draw at `position` is exactly 0 somewhere (one draw in ~100 at Llama 3's
+    vocabulary): the seeded sampler must still never pick a token of probability 0 there."""
+    for seed in range(20_000):
+        key = np.array([seed, position], dtype=np.uint64)
+        raw = np.random.Generator(np.random.Philox(key=key)).standard_exponential(LLAMA3_VOCAB, np.float32)
+        if (zeros := np.flatnonzero(raw == 0)).size:
+            return seed, int(zeros[0])
+    raise AssertionError("no zero in 20,000 draws")
+
+
+@pytest.mark.parametrize("mask", ["top_k", "top_p", "min_p", "minus_inf"])
+def test_a_zero_in_the_seeded_noise_never_picks_a_token_of_probability_zero(mask):
+    """0/0 is NaN and argmax picks a NaN: a token outside top_k/top_p/min_p, or one a grammar or the min_tokens
+    mask set to -inf (an EOS before min_tokens), came out for ~1% of seeded draws."""
+    seed, zero_at = _seed_whose_noise_holds_a_zero(position=100)
+    logits = torch.full((LLAMA3_VOCAB,), -10.0)
+    logits[zero_at + 1], logits[zero_at + 2] = 10.0, 9.5  # nearly all the mass, on two tokens beside the zero
+    fields = {"top_k": {"top_k": 2}, "top_p": {"top_p": 0.5}, "min_p": {"min_p": 0.5}, "minus_inf": {}}[mask]
+    if mask == "minus_inf":
+        logits[zero_at] = float("-inf")
+    token, _ = sample_row(logits, SamplingParams(temperature=1.0, seed=seed, **fields), position=100)
+    if mask == "minus_inf":
+        assert token != zero_at
+    else:
+        assert token in (zero_at + 1, zero_at + 2)
