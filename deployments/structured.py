@@ -178,18 +178,31 @@ def _json_whitespace(req) -> dict:
     return options
 
 
+# JSON Schema's keywords whose values are schemas: one, a list of them, or a map of names to them. Nothing else
+# is descended into: a `default`, `const` or `examples` value is data, not a schema.
+_SUBSCHEMA = frozenset({"items", "additionalItems", "additionalProperties", "contains", "not", "if", "then", "else",
+                        "propertyNames", "unevaluatedItems", "unevaluatedProperties"})
+_SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems", "items"})
+_SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
+
+
 def closed(schema: dict | None) -> dict:
     """A strict schema as OpenAI reads it: no object takes properties it does not list (OpenAI requires
-    `additionalProperties: false` on each; here one left out means false, not JSON Schema's true)."""
+    `additionalProperties: false` on each; here one left out means false, not JSON Schema's true). Linear in
+    the schema's size: each subschema is visited once."""
     if not isinstance(schema, dict):
         return {"type": "object", "properties": {}, "additionalProperties": False} if schema is None else schema
-    out = {k: closed(v) if isinstance(v, dict) else [closed(x) if isinstance(x, dict) else x for x in v]
-           if isinstance(v, list) and k in ("anyOf", "oneOf", "allOf", "prefixItems") else v
-           for k, v in schema.items()}
-    for key in ("properties", "$defs", "definitions", "patternProperties"):
-        if isinstance(schema.get(key), dict):
-            out[key] = {name: closed(sub) for name, sub in schema[key].items()}
-    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+    out = dict(schema)
+    for key, value in schema.items():
+        if key in _SUBSCHEMA and isinstance(value, dict):
+            out[key] = closed(value)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out[key] = [closed(v) if isinstance(v, dict) else v for v in value]
+        elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed(sub) if isinstance(sub, dict) else sub for name, sub in value.items()}
+    kind = schema.get("type")
+    if (kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema) \
+            and "additionalProperties" not in schema:
         out["additionalProperties"] = False
     return out
 

@@ -5,7 +5,7 @@ import pytest
 
 from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
-from deployments.structured import constraint_for
+from deployments.structured import closed, constraint_for
 from deployments.tool_calls import parse_tool_calls, render_messages
 from model.embedded import ensure_smollm2
 from model.grammar import GrammarState, ascii_perl_classes, ll_tokenizer
@@ -211,6 +211,39 @@ def test_a_strict_schema_takes_no_property_it_does_not_list(tok, llt):
     tool = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
     forced = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
     assert not accepts(llt, tok, forced, '{"name": "get_weather", "parameters": {"city": "Oslo", "x": 1}}')
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_deep_strict_schema_is_linear(tok, llt):
+    """Each level was closed twice (its `properties` map as a schema, then each property): 2**depth visits, so
+    a strict json_schema 25 deep held an ingress thread at 100% CPU for good, and four of them starved the
+    pool that tokenizes every long prompt."""
+    schema = {"type": "string"}
+    for _ in range(40):
+        schema = {"type": "object", "properties": {"a": schema}}
+    grammar = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "deep", "schema": schema, "strict": True}}), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, '{"a": ' * 40 + '"x"' + '}' * 40)
+    assert not accepts(llt, tok, grammar, '{"a": ' * 39 + '{"a": "x", "b": 1}' + '}' * 39)
+    level = closed(schema)
+    for _ in range(40):
+        assert level["additionalProperties"] is False
+        level = level["properties"]["a"]
+    assert level == {"type": "string"}
+
+
+def test_closing_a_schema_leaves_its_data_alone():
+    """`default`, `const`, `enum` and `examples` are values, not schemas: nothing is added inside them."""
+    value = {"type": "object", "properties": {"k": 1}}
+    schema = {"type": "object", "properties": {"p": {"type": "object", "default": value, "const": value,
+                                                     "examples": [value], "enum": [value]}},
+              "items": {"type": ["object", "null"]}, "anyOf": [{"properties": {}}, True]}
+    out = closed(schema)
+    p = out["properties"]["p"]
+    assert p["default"] == p["const"] == p["examples"][0] == p["enum"][0] == value
+    assert p["additionalProperties"] is False and out["additionalProperties"] is False
+    assert out["items"]["additionalProperties"] is False and out["anyOf"] == [{"properties": {},
+                                                                             "additionalProperties": False}, True]
 
 
 def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
