@@ -128,10 +128,15 @@ def _tool_call_grammar(tools: list[Tool], choice):
 
 
 def _parameters(tool: Tool) -> dict:
-    """The JSON schema a call's arguments follow (closed when the tool is strict; none given: an object)."""
-    if tool.function.strict:
-        return closed(tool.function.parameters)
-    return tool.function.parameters or {"type": "object", "properties": {}}
+    """The JSON schema a call's arguments follow: always an object (a schema without `type`, which the
+    protocol takes when nothing at its top says otherwise, admitted any JSON value, so a forced call could
+    come out with arguments "null"); closed when the tool is strict; none given: any object."""
+    parameters = tool.function.parameters
+    if parameters is None:
+        parameters = {"type": "object", "properties": {}}
+    elif "type" not in parameters:
+        parameters = {**parameters, "type": "object"}
+    return closed(parameters) if tool.function.strict else parameters
 
 
 def _grammar_sources(req) -> list[tuple[str, object]]:

@@ -112,6 +112,19 @@ def test_a_forced_call_resolves_a_tools_defs(tok, llt, tool_choice):
     assert not accepts(llt, tok, grammar, '{"name": "f", "parameters": {"home": {"city": 5}}}')
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_forced_calls_arguments_are_an_object_when_the_schema_names_no_type(tok, llt, strict):
+    """OpenAI's `parameters` is an object schema and clients parse `arguments` as one; a schema giving only
+    `properties` let a forced call's arguments be null or a number."""
+    tool = {"type": "function", "function": {"name": "a", "strict": strict,
+                                             "parameters": {"properties": {"x": {"type": "integer"}}}}}
+    grammar = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, '{"name": "a", "parameters": {"x": 3}}')
+    for arguments in ("null", "77777777", '"x"', "[]"):
+        assert not accepts(llt, tok, grammar, '{"name": "a", "parameters": %s}' % arguments)
+    assert accepts(llt, tok, grammar, '{"name": "a", "parameters": {"x": 3, "y": 1}}') is not strict
+
+
 def test_two_tools_defining_one_name_differently_is_a_400(llt):
     with pytest.raises(APIError) as caught:
         constraint_for(chat(tools=[_nested_tool("f"), _nested_tool("g", "integer")], tool_choice="required"),
