@@ -408,7 +408,7 @@ class ChatCompletionRequest(_GenerationRequest):
     @field_validator("top_logprobs")
     @classmethod
     def _needs_logprobs(cls, v, info: ValidationInfo):
-        if v is not None and not info.data.get("logprobs"):
+        if v and not info.data.get("logprobs"):  # 0 asks for nothing: vLLM takes it (its own default)
             raise ValueError("top_logprobs requires logprobs to be true")
         return v
 

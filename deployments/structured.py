@@ -17,7 +17,8 @@ from typing import Literal
 
 from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
-from model.grammar import cfg_grammar, choice_grammar, grammar_error, json_schema_grammar, regex_grammar
+from model.grammar import (cfg_grammar, choice_grammar, grammar_error, json_schema_grammar, json_sequence_grammar,
+                           regex_grammar)
 
 ToolMode = Literal["none", "auto", "forced"]
 
@@ -37,7 +38,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     tools, tool_mode = _tools(req)
     sources = _grammar_sources(req)
     if tool_mode == "forced":
-        sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice)))
+        sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice, req.parallel_tool_calls is not False)))
     if len(sources) > 1:
         raise APIError(400, f"{sources[1][0]}: only one output constraint per request (also given: {sources[0][0]})",
                        param=sources[1][0])
@@ -106,14 +107,16 @@ def _chosen(tools: list[Tool], choice) -> list[Tool]:
     return tools if choice == "required" else [t for t in tools if t.function.name == choice.function.name]
 
 
-def _tool_call_grammar(tools: list[Tool], choice):
+def _tool_call_grammar(tools: list[Tool], choice, parallel: bool):
     chosen = _chosen(tools, choice)
+    several = choice == "required" and parallel  # OpenAI: "required" calls one or more tools; a named one, one
 
     def build() -> str:
-        """One Llama 3 JSON call to one of the chosen tools. A tool's `$defs` / `definitions` (pydantic puts
-        nested models there, referenced as "#/$defs/Name") move to the root of the call's schema, where such
-        pointers resolve, as vLLM's forced-call schema does. Raises ValueError when two tools define one name
-        differently."""
+        """A Llama 3 JSON call to one of the chosen tools; for "required" with parallel calls, one or more,
+        "; " between them (vLLM's forced-call schema is likewise an array of at least one). A tool's `$defs` /
+        `definitions` (pydantic puts nested models there, referenced as "#/$defs/Name") move to the root of
+        the call's schema, where such pointers resolve, as vLLM's forced-call schema does. Raises ValueError
+        when two tools define one name differently."""
         calls, defs = [], {}
         for tool in chosen:
             parameters = _parameters(tool)
@@ -123,7 +126,8 @@ def _tool_call_grammar(tools: list[Tool], choice):
                         raise ValueError(f"two tools define {keyword}/{name} differently; rename one")
             calls.append({"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
                           "properties": {"name": {"const": tool.function.name}, "parameters": parameters}})
-        return json_schema_grammar({**(calls[0] if len(calls) == 1 else {"anyOf": calls}), **defs})
+        call = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), **defs}
+        return json_sequence_grammar(call, "; ") if several else json_schema_grammar(call)
     return build
 
 

@@ -10,6 +10,7 @@ migration resume the same constraint.
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,12 @@ def json_schema_grammar(schema: dict | bool, whitespace: dict | None = None) -> 
     if schema is True:
         schema = {"type": "object"}
     return LLMatcher.grammar_from_json_schema(schema, overrides=whitespace or None)
+
+
+def json_sequence_grammar(schema: dict, separator: str) -> str:
+    """One or more JSON texts valid against `schema`, `separator` between them (Llama 3's parallel tool calls
+    are "; "-separated), as llguidance's Lark with an embedded %json rule."""
+    return llguidance.grammar_from("lark", f"start: item ({json.dumps(separator)} item)*\nitem: %json {json.dumps(schema)}")
 
 
 # Perl classes as ECMAScript reads them (ASCII), which is what vLLM's default backend, xgrammar, applies to a

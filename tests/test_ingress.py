@@ -138,6 +138,14 @@ def test_chat_logprobs(client, router, tokenizer):
     assert router.requests.popitem()[1][1].logprobs == 2
 
 
+@pytest.mark.parametrize("logprobs", [False, None])
+def test_top_logprobs_0_without_logprobs_asks_for_nothing(client, router, logprobs):
+    """vLLM takes it (0 is its own default); only a positive top_logprobs needs logprobs true."""
+    body = client.post("/v1/chat/completions", json={**CHAT, "logprobs": logprobs, "top_logprobs": 0}).json()
+    assert body["choices"][0]["logprobs"] is None
+    assert router.requests.popitem()[1][1].logprobs is None
+
+
 def test_completion_logprobs_offsets(client, router, tokenizer):
     body = client.post("/v1/completions", json={**COMPLETION, "logprobs": 1, "max_tokens": 3}).json()
     lp = body["choices"][0]["logprobs"]

@@ -75,6 +75,24 @@ def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt,
     assert not accepts(llt, tok, constraint.grammar, bad)
 
 
+@pytest.mark.parametrize("fields, several", [
+    ({"tool_choice": "required"}, True),  # OpenAI: "the model must call one or more tools"
+    ({"tool_choice": "required", "parallel_tool_calls": True}, True),
+    ({"tool_choice": "required", "parallel_tool_calls": False}, False),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, False),  # the named one, once
+])
+def test_a_required_call_may_be_several_unless_parallel_calls_are_off(tok, llt, fields, several):
+    grammar = constraint_for(chat(tools=[WEATHER, TIME], **fields), lambda: llt).grammar
+    one = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    two = one + '; {"name": "get_weather", "parameters": {"city": "Rome"}}'
+    assert accepts(llt, tok, grammar, one)
+    assert accepts(llt, tok, grammar, two) is several
+    assert not accepts(llt, tok, grammar, one + "; ")
+    if several:
+        assert accepts(llt, tok, grammar, one + '; {"name": "get_time", "parameters": {}}')
+        assert not accepts(llt, tok, grammar, one + '; {"name": "nope", "parameters": {}}')
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "bogus"}}}},
      "response_format.json_schema.schema"),
