@@ -73,9 +73,16 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
     """The calls an answer makes, or None when it is plain content. A call must name one of `tools`. An answer
     that begins with a call is calls: what follows the last call that parses (text, a malformed or unknown
     call) is dropped, as a stream that sent the calls already must (vLLM's llama3_json drops it too)."""
+    return _parse(text, tools)[0] or None
+
+
+def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall | None]:
+    """The whole calls, and the call the answer was still writing when it ended (max_tokens or a stop string
+    cut it): a known tool's head in the usual form, name first, whose object never closes. A stream sends
+    that one's name and arguments as they come, so a whole answer must report it too."""
     body = text.strip().removeprefix(PYTHON_TAG).strip()
     if not body.startswith("{"):
-        return None
+        return [], None
     names = {t.function.name for t in tools}
     calls = []
     decoder = json.JSONDecoder()
@@ -84,13 +91,23 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
         try:
             obj, end = decoder.raw_decode(body, position)
         except json.JSONDecodeError:
-            break
+            head = _CALL_HEAD.match(body, position)
+            name = _head_name(head)
+            return calls, ParsedCall(name, body[head.end():]) if name in names else None
         if not isinstance(obj, dict) or obj.get("name") not in names or not {"parameters", "arguments"} & obj.keys():
             break  # (an object that only names a tool, e.g. a tool's description, is no call: vLLM's llama3_json)
         arguments = obj.get("parameters", obj.get("arguments"))
         calls.append(ParsedCall(obj["name"], _as_generated(body, position, arguments)))
         position = _next_call(body, end)
-    return calls or None
+    return calls, None
+
+
+def _head_name(head: re.Match | None) -> str | None:
+    """The tool a call's head names (its JSON string decoded), or None."""
+    try:
+        return json.loads(f'"{head[1]}"') if head else None
+    except json.JSONDecodeError:  # e.g. "get\_weather": not a call's head
+        return None
 
 
 def _as_generated(body: str, position: int, arguments) -> str:
@@ -129,15 +146,18 @@ def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
 
 def answer_calls(text: str, tools: list[Tool], forced: bool, parallel: bool = True
                  ) -> tuple[list[ParsedCall] | None, bool]:
-    """The calls a whole answer makes (None when it is content), and whether they are whole. A forced answer
-    is calls even when max_tokens or a stop string cut it off (not whole: its arguments are no JSON to run).
-    `parallel` False (OpenAI's parallel_tool_calls) keeps the first call only, as vLLM does
-    (vllm-project/vllm#26233): the model is not stopped after it."""
-    calls = parse_tool_calls(text, tools)
-    whole = calls is not None
-    if not calls and forced:
+    """The calls a whole answer makes (None when it is content), and whether they are whole. A call that
+    max_tokens or a stop string cut off is still a call (not whole: its arguments are no JSON to run), as is
+    a forced answer cut anywhere. `parallel` False (OpenAI's parallel_tool_calls) keeps the first call only,
+    as vLLM does (vllm-project/vllm#26233): the model is not stopped after it."""
+    calls, cut = _parse(text, tools)
+    kept = len(calls) if parallel else min(len(calls), 1)
+    if cut is not None:
+        calls.append(cut)
+    elif not calls and forced:
         calls = [cut_call(text, tools)]
-    return (calls[:1] if calls and not parallel else calls), whole
+    calls = calls if parallel else calls[:1]
+    return calls or None, bool(calls) and kept == len(calls)
 
 
 def call_id() -> str:
@@ -198,7 +218,7 @@ class ToolCallStream:
         if self.calls:  # the rest, in a form not streamed (e.g. "parameters" first), comes whole
             more = [] if self.in_arguments or not self.parallel else self._rest()
             deltas += [CallDelta(self.calls + i, c.name, c.arguments) for i, c in enumerate(more)]
-            return "", deltas, parse_tool_calls(self.held, self.tools) is not None
+            return "", deltas, answer_calls(self.held, self.tools, self.forced, self.parallel)[1]
         calls, whole = answer_calls(self.held, self.tools, self.forced, self.parallel)
         if not calls:
             return self.held, [], False
@@ -221,10 +241,7 @@ class ToolCallStream:
                         return
                     p += 1
                 m = _CALL_HEAD.match(held, _next_call(held, p))
-                try:
-                    name = json.loads(f'"{m[1]}"') if m else None
-                except json.JSONDecodeError:  # e.g. "get\_weather": not a call's head
-                    name = None
+                name = _head_name(m)
                 if name not in self.names:
                     return  # not (yet) a call's head in the usual form: held
                 deltas.append(CallDelta(self.calls, name, ""))

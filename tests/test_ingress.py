@@ -747,6 +747,30 @@ def test_a_call_cut_by_a_stop_string_does_not_finish_as_tool_calls(client, route
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "Oslo")
 
 
+TWO_CALLS = CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")
+
+
+@pytest.mark.parametrize("tool_choice", [None, "required"])
+@pytest.mark.parametrize("parallel", [True, False])
+@pytest.mark.parametrize("cut", [{"stop": ["Rome"]}, {"stop": ['"}}']}, {"max_tokens": 5}, {"max_tokens": 20},
+                                 {"max_tokens": 100}])
+def test_a_stream_and_a_whole_answer_report_the_same_calls_and_finish(client, router, tokenizer, eos, tool_choice,
+                                                                     parallel, cut):
+    """A second call cut by a stop string was streamed (its name and the arguments so far) and then finished
+    as "tool_calls", while the whole answer dropped it and kept "tool_calls": a cut call is a call in both,
+    and the finish is the cut's ("stop", "length") unless every call the answer keeps is whole."""
+    router.answer = tokenizer.encode(TWO_CALLS) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": tool_choice, "parallel_tool_calls": parallel, **cut}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    calls = [(c["function"]["name"], c["function"]["arguments"]) for c in whole["message"].get("tool_calls") or []]
+    assert [(c["name"], c["arguments"]) for c in streamed_calls(chunks)] == calls
+    assert finish == whole["finish_reason"]
+    if cut == {"stop": ["Rome"]}:  # the second call is cut: the stop's finish, unless only the first is kept
+        assert len(calls) == 1 + parallel and finish == ("stop" if parallel else "tool_calls")
+
+
 def streamed_calls(chunks: list[dict]) -> list[dict]:
     """The calls a stream's tool_call deltas make, pieced together by index as OpenAI's SDKs do."""
     calls: dict[int, dict] = {}
