@@ -38,7 +38,8 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     tools, tool_mode = _tools(req)
     sources = _grammar_sources(req)
     if tool_mode == "forced":
-        sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice, req.parallel_tool_calls is not False)))
+        parallel = req.parallel_tool_calls is not False
+        sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice, parallel)))
     if len(sources) > 1:
         raise APIError(400, f"{sources[1][0]}: only one output constraint per request (also given: {sources[0][0]})",
                        param=sources[1][0])

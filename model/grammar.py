@@ -32,7 +32,8 @@ def json_schema_grammar(schema: dict | bool, whitespace: dict | None = None) -> 
 def json_sequence_grammar(schema: dict, separator: str) -> str:
     """One or more JSON texts valid against `schema`, `separator` between them (Llama 3's parallel tool calls
     are "; "-separated), as llguidance's Lark with an embedded %json rule."""
-    return llguidance.grammar_from("lark", f"start: item ({json.dumps(separator)} item)*\nitem: %json {json.dumps(schema)}")
+    lark = f"start: item ({json.dumps(separator)} item)*\nitem: %json {json.dumps(schema)}"
+    return llguidance.grammar_from("lark", lark)
 
 
 # Perl classes as ECMAScript reads them (ASCII), which is what vLLM's default backend, xgrammar, applies to a
