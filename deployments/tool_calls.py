@@ -92,8 +92,13 @@ def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall |
             obj, end = decoder.raw_decode(body, position)
         except json.JSONDecodeError:
             head = _CALL_HEAD.match(body, position)
-            name = _head_name(head)
-            return calls, ParsedCall(name, body[head.end():]) if name in names else None
+            if _head_name(head) not in names:
+                return calls, None
+            try:  # its arguments may be whole, and only the object's "}" missing: a stream sent just them
+                _, end = decoder.raw_decode(body, head.end())
+            except json.JSONDecodeError:
+                end = len(body)
+            return calls, ParsedCall(_head_name(head), body[head.end():end])
         if not isinstance(obj, dict) or obj.get("name") not in names or not {"parameters", "arguments"} & obj.keys():
             break  # (an object that only names a tool, e.g. a tool's description, is no call: vLLM's llama3_json)
         arguments = obj.get("parameters", obj.get("arguments"))

@@ -752,14 +752,15 @@ TWO_CALLS = CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")
 
 @pytest.mark.parametrize("tool_choice", [None, "required"])
 @pytest.mark.parametrize("parallel", [True, False])
-@pytest.mark.parametrize("cut", [{"stop": ["Rome"]}, {"stop": ['"}}']}, {"max_tokens": 5}, {"max_tokens": 20},
-                                 {"max_tokens": 100}])
+@pytest.mark.parametrize("cut", [{"stop": ["Rome"]}, {"stop": ['"}}']}, {"stop": ['"}}; ']}, {"max_tokens": 5},
+                                 {"max_tokens": 20}, {"max_tokens": 100}, {"answer": CALL_TEXT[:-1] + " and so on"}])
 def test_a_stream_and_a_whole_answer_report_the_same_calls_and_finish(client, router, tokenizer, eos, tool_choice,
                                                                      parallel, cut):
     """A second call cut by a stop string was streamed (its name and the arguments so far) and then finished
     as "tool_calls", while the whole answer dropped it and kept "tool_calls": a cut call is a call in both,
     and the finish is the cut's ("stop", "length") unless every call the answer keeps is whole."""
-    router.answer = tokenizer.encode(TWO_CALLS) + [eos]
+    cut = dict(cut)  # (one dict serves every combination of the other parameters)
+    router.answer = tokenizer.encode(cut.pop("answer", TWO_CALLS)) + [eos]
     body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": tool_choice, "parallel_tool_calls": parallel, **cut}
     whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
