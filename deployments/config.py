@@ -2,9 +2,9 @@
 with a message naming it (Serve validates `args` of serve_config.yaml against it)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from model.galaxy import TTMeshConfig, galaxy_sizes
 
@@ -54,7 +54,9 @@ class AppConfig(BaseModel):
     # ingress
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.2, ge=0)
-    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty: no auth")
+    api_keys: list[Annotated[str, StringConstraints(pattern=r"\S")]] = Field(
+        default_factory=list, description="Bearer keys; empty: no auth. A blank key (an unset variable in a "
+        "template) is refused: it would let in `Authorization: Bearer ` with nothing after it")
     max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
     metrics_open: bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "

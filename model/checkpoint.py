@@ -34,7 +34,7 @@ def find_checkpoint(name: str, field: str = "model") -> Path:
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:  # not an id, or not in the cache: the library's errors differ by case and version
         raise ValueError(f"{field}: {name!r} is neither a directory nor a Hugging Face model in the local cache "
-                         "(nothing is downloaded at run time: fetch it first, e.g. `huggingface-cli download`)"
+                         "(nothing is downloaded at run time: fetch it first, e.g. `hf download`)"
                          ) from None
 
 

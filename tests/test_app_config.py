@@ -76,7 +76,7 @@ def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
     assert galaxy.returncode == 2 and galaxy.stderr.strip() == (
         f"{ROOT}/serve_config.galaxy.yaml: application 'meshserve', args.model: '/models/Llama-3.3-70B-Instruct' "
         "is neither a directory nor a Hugging Face model in the local cache (nothing is downloaded at run time: "
-        "fetch it first, e.g. `huggingface-cli download`)")
+        "fetch it first, e.g. `hf download`)")
     missing = check(tmp_path / "nope.yaml")
     assert missing.returncode == 2 and "No such file" in missing.stderr and "Traceback" not in missing.stderr
     hub = check(bad("hub.yaml", model="meta-llama/Llama-3.3-70B-Instruct"))  # not in the cache: named, no fetch
@@ -113,3 +113,11 @@ def test_model_is_a_folder_a_cached_hub_id_or_the_demos_variables(monkeypatch, t
     assert resolve_model_dir(AppConfig(model="org/m")) == snapshot
     with pytest.raises(ValueError, match="model: 'org/other' is neither"):
         resolve_model_dir(AppConfig(model="org/other"))
+
+
+@pytest.mark.parametrize("keys", [[""], ["sk-1", "  "]])
+def test_a_blank_api_key_is_refused(keys):
+    """`Authorization: Bearer ` with nothing after it would match it: a templated key left empty opened the API."""
+    with pytest.raises(ValueError, match="api_keys"):
+        AppConfig(api_keys=keys)
+    assert AppConfig(api_keys=["sk-1"]).api_keys == ["sk-1"]
