@@ -22,7 +22,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from ray import serve
@@ -30,6 +29,7 @@ from ray import serve
 from deployments.config import AppConfig
 from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from model.backend import Backend, Capabilities
+from model.grammar import deep_stack_executor
 from model.runner import MeshRunner
 from scheduler.work import MeshWork, StepResult, portable_error
 
@@ -93,7 +93,7 @@ class MeshReplica:
         self.incarnation = uuid.uuid4().hex
         self.min_deadline_s = app.min_step_deadline_s
         self.deadline_factor = app.step_deadline_factor
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh")
+        self.worker = deep_stack_executor(1, "mesh")  # it compiles each slot's grammar
         self.turn = asyncio.Condition()
         self.next_work_id = 0
         self.generation = 0  # +1 at each reset: works of an older generation are refused

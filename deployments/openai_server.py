@@ -31,6 +31,7 @@ from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTot
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
                                     tool_definitions)
+from model.grammar import deep_stack_executor
 from model.tokenizer import Tokenizer
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
@@ -48,6 +49,7 @@ MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least,
 # stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
 INLINE_CHARS = 2000  # prompts up to this many characters are tokenized on the loop (see OpenAIServer.sized)
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
+_GRAMMAR_POOL = deep_stack_executor(2, "meshserve-grammar")  # clients' grammars are compiled only here
 T = TypeVar("T")
 
 
@@ -224,7 +226,8 @@ class OpenAIServer:
         """The request's tools and structured-output grammar, compiled off the loop when there is any."""
         if unconstrained(req):  # nothing to compile
             return constraint_for(req, self.grammar_tokenizer)
-        return await self.off_loop(constraint_for, req, self.grammar_tokenizer)
+        return await asyncio.get_running_loop().run_in_executor(_GRAMMAR_POOL, constraint_for, req,
+                                                                self.grammar_tokenizer)
 
     async def prepare(self, req: ChatCompletionRequest | CompletionRequest, prefix: str,
                       constraint: Constraint | None = None) -> Prepared:

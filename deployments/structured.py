@@ -6,7 +6,8 @@ Sources, at most one per request: OpenAI's `response_format` (json_object, json_
 Each is checked against the served tokenizer here, so an invalid schema, regex or grammar is a 400 naming
 its field before anything reaches a mesh. (llguidance builds its lexer lazily, so a grammar can pass here and
 hit a lexer limit on the mesh while matching: that request alone ends, and the ingress answers 400 naming
-`Constraint.param`.)
+`Constraint.param`.) A grammar too large or too costly for a mesh to compile is refused too (model/grammar.py,
+grammar_error); constraint_for runs on a deep_stack_executor thread.
 """
 from __future__ import annotations
 

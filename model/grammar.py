@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -20,6 +23,35 @@ from llguidance import LLMatcher
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
+
+# A grammar's size and its cost to compile are bounded at the ingress, because a mesh compiles it again on
+# its worker thread, where every slot waits. Measured on this box (llguidance 1.9): a 10,000-property object
+# schema (259 KB) takes 6 s to compile and its masks 0.4 s; a{1000}{1000} 0.7 s for its first mask; a 200 KB
+# literal regex 35 ms for every mask. 64 KB holds ~2,500 properties or 30 sizeable tools; 0.1 s of CPU is
+# ~20 times what a 100-property schema costs.
+MAX_GRAMMAR_BYTES = 64 * 1024
+MAX_COMPILE_CPU_S = 0.1
+# llguidance's compiler recurses once per link of a chain (a Lark rule naming the next, a $ref to the next of
+# $defs), ~3.5 KB of stack a link: 3,000 links (36 KB of Lark) overflow a thread's default 8 MB stack, which
+# kills the whole process with SIGSEGV, past any except. The densest chain MAX_GRAMMAR_BYTES holds needs
+# < 40 MB; grammars are compiled only on threads with this much (only the pages touched are committed).
+GRAMMAR_STACK_BYTES = 256 * 2**20
+
+
+def deep_stack_executor(workers: int, name: str) -> ThreadPoolExecutor:
+    """A pool of `workers` threads, each with GRAMMAR_STACK_BYTES of stack, started now: every call into
+    llguidance that compiles a client's grammar runs on one."""
+    started = threading.Barrier(workers + 1)
+    previous = threading.stack_size(GRAMMAR_STACK_BYTES)  # process-wide: a thread started meanwhile gets it too
+    try:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        for _ in range(workers):  # each blocks until all are started, so the pool starts a thread per submit
+            pool.submit(started.wait)
+    finally:
+        threading.stack_size(previous)
+    started.wait()
+    return pool
+
 
 def json_schema_grammar(schema: dict | bool, whitespace: dict | None = None) -> str:
     """The grammar of JSON text valid against `schema` (`True`: any JSON object, OpenAI's json_object).
@@ -121,12 +153,26 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguida
 
 
 def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None:
-    """Why `grammar` cannot constrain this model (an invalid schema, regex or Lark text), or None."""
+    """Why `grammar` cannot constrain this model, or None: an invalid schema, regex or Lark text, more than
+    MAX_GRAMMAR_BYTES, or more than MAX_COMPILE_CPU_S of this thread's CPU to build the matcher a mesh builds
+    and its first mask. Call it on a deep_stack_executor thread."""
+    if len(grammar) > MAX_GRAMMAR_BYTES:
+        return f"the constraint compiles to {len(grammar)} bytes of grammar; this server takes at most " \
+               f"{MAX_GRAMMAR_BYTES}"
+    start = time.thread_time()
     try:
-        error = LLMatcher.validate_grammar(grammar, tokenizer)
+        matcher = LLMatcher(tokenizer, grammar)
     except Exception as exc:  # malformed grammar JSON
         return str(exc)
-    return error or None
+    if not matcher.is_error():
+        matcher.compute_bitmask()
+    if matcher.is_error():
+        return matcher.get_error()
+    cpu_s = time.thread_time() - start
+    if cpu_s > MAX_COMPILE_CPU_S:
+        return f"the constraint takes {cpu_s * 1000:.0f} ms of CPU to compile; this server takes at most " \
+               f"{MAX_COMPILE_CPU_S * 1000:.0f} ms (fewer properties, alternatives or repetitions make it cheaper)"
+    return None
 
 
 class GrammarState:

@@ -69,3 +69,12 @@ def assert_error(response, status: int, param: str | None = None) -> dict:
 def post(client, path: str, body: dict):
     """POST with Python's own JSON encoder, which writes what httpx's refuses (NaN, lone surrogates)."""
     return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def lark_chain(n: int) -> str:
+    """A Lark grammar of n rules, each naming the next, the last "x": with the shortest names, as dense as
+    text allows (8,000 rules are 64 KB), so llguidance's compiler recurses n deep."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    names = list(letters) + [a + b for a in letters for b in letters]
+    names = (names + [a + b for a in names[26:] for b in letters])[:n + 1]
+    return f"start: {names[0]}\n" + "".join(f"{a}:{b}\n" for a, b in zip(names, names[1:])) + f'{names[-1]}:"x"\n'

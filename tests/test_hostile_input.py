@@ -13,7 +13,7 @@ from deployments.config import DEFAULT_MAX_REQUEST_BYTES, AppConfig
 from deployments.ingress import build_app
 from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
-                                   make_client, router, tokenizer)
+                                   lark_chain, make_client, router, tokenizer)
 
 
 class SpyTokenizer:
@@ -166,3 +166,35 @@ def test_special_token_text_in_a_message_stays_text(client, router, tokenizer):
         token_id = tokenizer.special_ids[special]
         assert forged_ids.count(token_id) == plain_ids.count(token_id)  # only the template's own
     assert tokenizer.decode(forged_ids) == tokenizer.render_chat(forged["messages"])  # the text is all there
+
+
+# ---- grammars that would crash or stall a process ---------------------------------------------------
+
+def test_a_long_rule_chain_is_compiled_without_overflowing_the_stack(client, router):
+    """A chain of 8,000 Lark rules (each naming the next; 64 KB) makes llguidance recurse ~30 MB deep: on a
+    default 8 MB thread stack that is SIGSEGV, and the whole ingress process would die. The grammar threads'
+    stacks hold it, so the request is served and the process lives."""
+    response = client.post("/v1/completions", json={**COMPLETION, "structured_outputs": {"grammar": lark_chain(8000)}})
+    assert response.status_code == 200, response.text
+    assert client.get("/v1/models").status_code == 200
+
+
+def test_a_grammar_over_the_size_limit_is_400_naming_its_field(client, router):
+    from model.grammar import MAX_GRAMMAR_BYTES
+    error = assert_error(client.post("/v1/completions", json={
+        **COMPLETION, "structured_outputs": {"regex": "x" * MAX_GRAMMAR_BYTES}}), 400, param="structured_outputs.regex")
+    assert "bytes" in error["message"] and str(MAX_GRAMMAR_BYTES) in error["message"]
+    assert router.requests == {}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("regex", "a{1000}{1000}"),  # its first mask alone takes ~0.7 s
+    ("json", {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(2400)}}),  # ~0.3 s
+])
+def test_a_grammar_too_costly_to_compile_is_400_naming_its_field(client, router, field, value):
+    """A mesh compiles each grammar again on its worker thread, where every slot waits for it."""
+    param = f"structured_outputs.{field}"
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "structured_outputs": {field: value}}),
+                         400, param=param)
+    assert "ms of CPU" in error["message"], error
+    assert router.requests == {}

@@ -167,3 +167,25 @@ def test_shutdown_closes_after_the_running_step_not_the_whole_work(replica, monk
         return began
     began = asyncio.run(main())
     assert closed and closed[0] - began < 1.0
+
+
+def test_a_long_rule_chain_compiles_on_the_worker_thread(monkeypatch):
+    """The mesh compiles each grammar again, on its worker thread: a rule chain the ingress took (~30 MB of
+    recursion in llguidance) must not overflow that thread's stack, which would kill the mesh process."""
+    from model.embedded import ensure_smollm2
+    from model.grammar import cfg_grammar, ll_tokenizer
+    from model.tokenizer import load_tokenizer
+    from tests.ingress_support import lark_chain
+    tok = load_tokenizer(ensure_smollm2())
+    monkeypatch.setattr(mesh_replica, "build_backend", lambda config, model_dir: SimulatedBackend(
+        num_blocks=64, time_scale=0.01, vocab_size=tok.vocab_size))
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda model_dir, vocab_size: ll_tokenizer(tok, vocab_size))
+    made = Replica({"backend": "simulated"}, "unused")
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=4, grammar=cfg_grammar(lark_chain(8000)))
+        work = MeshWork(0, [PrefillChunk("chain", 0, [7] * 10, 0, [0], params, 10)])
+        (result,) = asyncio.run(drain(made, work))
+    finally:
+        made.shutdown()
+    assert result.finished.get(0) not in ("error", "grammar_error")
+    assert tok.decode([result.tokens[0]]) == "x"  # the only text the grammar admits
