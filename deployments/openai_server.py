@@ -81,9 +81,14 @@ def chat_chars(req: ChatCompletionRequest | TokenizeRequest) -> int:
     definitions, and a template's few tokens per message (MIN_TOKENS_PER_MESSAGE), so that a huge tool list or
     100k empty messages are refused before templating (which holds the GIL, stalling every stream)."""
     per_message = MIN_TOKENS_PER_MESSAGE * MAX_CHARS_PER_TOKEN
-    chars = sum(len(m.text) + per_message + sum(len(c.function.arguments) for c in m.tool_calls or ())
-                for m in req.messages)
+    chars = sum(len(m.text) + per_message + sum(_call_chars(c) for c in m.tool_calls or ()) for m in req.messages)
     return chars + sum(len(t.function.model_dump_json()) for t in req.tools or ())
+
+
+def _call_chars(call) -> int:
+    """A call in a chat's history: its id, name and arguments, and a token at least of the template's own text
+    around them (so 100k calls with empty arguments count)."""
+    return len(call.id) + len(call.function.name) + len(call.function.arguments) + MAX_CHARS_PER_TOKEN
 
 
 def check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:

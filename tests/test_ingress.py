@@ -870,6 +870,10 @@ def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, rou
     assert_error(client.post("/v1/chat/completions", json=many), 400, "messages")
     tools = [{"type": "function", "function": {"name": f"f{i}", "description": "x" * 60_000}} for i in range(5)]
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "messages")
+    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}] * 20_000
+    history = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "tool_calls": calls}]}
+    error = assert_error(client.post("/v1/chat/completions", json=history), 400, "messages")
+    assert "characters" in error["message"]  # counted, not templated (220k tokens once templated)
     assert not router.requests
 
 
