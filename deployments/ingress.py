@@ -55,10 +55,12 @@ def named(req: ChatCompletionRequest | CompletionRequest, request: Request):
 
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-              metrics_open: bool = False, allowed_origins: list[str] | None = None) -> FastAPI:
+              metrics_open: bool = False, allowed_origins: list[str] | None = None,
+              replica_name: str = "local") -> FastAPI:
     """The OpenAI app over `router`. With `api_keys`, every route but /health needs one of them (/metrics too,
-    unless `metrics_open`), and each key is a tenant with its own prefix cache."""
-    server = OpenAIServer(router, tokenizer, served_model_name)
+    unless `metrics_open`), and each key is a tenant with its own prefix cache. `replica_name` labels this
+    replica's own metrics (`ingress`)."""
+    server = OpenAIServer(router, tokenizer, served_model_name, replica_name)
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -198,7 +200,8 @@ class Ingress:
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_open: bool = False,
                  allowed_origins: list[str] | None = None):
         self._app = build_app(RouterLink(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
-                              max_request_bytes, metrics_open, allowed_origins)
+                              max_request_bytes, metrics_open, allowed_origins,
+                              serve.get_replica_context().replica_id.unique_id)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

@@ -23,21 +23,27 @@ _TOKEN_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, ingress: str = "local") -> None:
+        """`ingress`: this replica's name, the `ingress` label of every family it measures itself. With several
+        ingress replicas a scrape through the load balancer reaches one of them: without the label their
+        counters would take turns under one series, which then seems to reset at every scrape."""
         self.registry = CollectorRegistry()
+        self.ingress = ingress
         r = self.registry
         self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival at the ingress to the first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("meshserve_inter_token_latency_seconds",
-                                     "Gap between consecutive output tokens.", buckets=_TOKEN_GAP_BUCKETS, registry=r)
+                              labelnames=["ingress"], buckets=_LATENCY_BUCKETS, registry=r).labels(ingress)
+        self.inter_token = Histogram("meshserve_inter_token_latency_seconds", "Gap between consecutive output tokens.",
+                                     labelnames=["ingress"], buckets=_TOKEN_GAP_BUCKETS, registry=r).labels(ingress)
         self.e2e = Histogram("meshserve_e2e_request_latency_seconds", "Arrival at the ingress to the last token.",
-                             buckets=_LATENCY_BUCKETS, registry=r)
+                             labelnames=["ingress"], buckets=_LATENCY_BUCKETS, registry=r).labels(ingress)
         self.queue = Histogram("meshserve_request_queue_time_seconds",
                                "Arrival at the router to the first scheduled prefill chunk.",
-                               buckets=_LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
-        self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", registry=r)
-        self.requests = Counter("meshserve_requests", "Finished requests.", ["finish_reason"], registry=r)
+                               labelnames=["ingress"], buckets=_LATENCY_BUCKETS, registry=r).labels(ingress)
+        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of finished requests.", ["ingress"],
+                                     registry=r).labels(ingress)
+        self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", ["ingress"],
+                                         registry=r).labels(ingress)
+        self.requests = Counter("meshserve_requests", "Finished requests.", ["ingress", "finish_reason"], registry=r)
         self._meshes: list[dict] = []
         self._router_up = False
         r.register(self)
@@ -139,4 +145,4 @@ class RequestTimer:
         m = self.metrics
         m.e2e.observe(time.perf_counter() - self.arrival)
         m.prompt_tokens.inc(self.num_prompt_tokens)
-        m.requests.labels(finish_reason).inc()
+        m.requests.labels(m.ingress, finish_reason).inc()

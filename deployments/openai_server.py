@@ -138,12 +138,13 @@ class _Refusal:
 class OpenAIServer:
     """The endpoints' logic over one router client; `build_app` routes HTTP to it."""
 
-    def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str):
+    def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
+                 replica_name: str = "local"):
         self.router = router
         self.tokenizer = tokenizer
         self.model = served_model_name
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
-        self.metrics = Metrics()
+        self.metrics = Metrics(replica_name)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
         self._grammar_tokenizer = None
 

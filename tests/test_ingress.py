@@ -403,7 +403,8 @@ def test_queue_full_is_429(client, router, stream):
     router.refuse, router.queued_s = None, 0.0
     assert client.post("/v1/completions", json=COMPLETION).status_code == 200
     metrics = client.get("/metrics").text  # a refused request never ran: no finish reason, no prompt tokens
-    assert "finish_reason=\"abort\"" not in metrics and 'meshserve_requests_total{finish_reason="length"} 1.0' in metrics
+    assert "finish_reason=\"abort\"" not in metrics
+    assert 'meshserve_requests_total{finish_reason="length",ingress="local"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("refusal, status", [
@@ -479,7 +480,7 @@ def test_a_request_the_mesh_failed_is_a_500_for_it_alone(client, router):
     router.fail_with_error_after = 2
     error = assert_error(client.post("/v1/completions", json=COMPLETION), 500)
     assert "failed on this request" in error["message"]
-    assert 'meshserve_requests_total{finish_reason="error"} 1.0' in client.get("/metrics").text  # not "abort"
+    assert 'meshserve_requests_total{finish_reason="error",ingress="local"} 1.0' in client.get("/metrics").text  # not "abort"
     router.fail_with_error_after = None
     assert client.post("/v1/completions", json=COMPLETION).status_code == 200
 
@@ -637,14 +638,17 @@ def test_metrics_exposition(client, router, tokenizer):
     def value(name, **labels):
         return samples[(name, tuple(sorted(labels.items())))]
 
+    def own(name, **labels):  # a family this replica measures itself: labelled with its name
+        return value(name, ingress="local", **labels)
+
     prompt = len(tokenizer.encode_chat(CHAT["messages"])) + len(tokenizer.encode(COMPLETION["prompt"], add_bos=True))
-    assert value("meshserve_prompt_tokens_total") == prompt
-    assert value("meshserve_generation_tokens_total") == len(router.answer) + 4
-    assert value("meshserve_requests_total", finish_reason="stop") == 1
-    assert value("meshserve_requests_total", finish_reason="length") == 1
+    assert own("meshserve_prompt_tokens_total") == prompt
+    assert own("meshserve_generation_tokens_total") == len(router.answer) + 4
+    assert own("meshserve_requests_total", finish_reason="stop") == 1
+    assert own("meshserve_requests_total", finish_reason="length") == 1
     for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
-        assert value(f"meshserve_{histogram}_count") == 2
-    assert value("meshserve_inter_token_latency_seconds_count") == len(router.answer) - 1 + 3
+        assert own(f"meshserve_{histogram}_count") == 2
+    assert own("meshserve_inter_token_latency_seconds_count") == len(router.answer) - 1 + 3
     for mesh in ("mesh-0", "mesh-1"):
         assert value("meshserve_num_requests_running", mesh=mesh) == 1
         assert value("meshserve_num_requests_waiting", mesh=mesh) == 2

@@ -113,6 +113,9 @@ def test_models_health_metrics(base_url):
     body = httpx.get(f"{base_url}/metrics").text
     for name in ("time_to_first_token", "inter_token_latency", "e2e", "queue", "kv", "prefix", "preempt"):
         assert name in body, name
+    # the ingress's own families carry its Serve replica's id: replicas behind one load balancer stay apart
+    (label,) = {line.split('ingress="')[1].split('"')[0] for line in body.splitlines() if 'ingress="' in line}
+    assert label not in ("", "local")
 
 
 BAD = [
