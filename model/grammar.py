@@ -175,16 +175,39 @@ def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None
     return None
 
 
+class GrammarCache:
+    """A mesh's compiled matchers by grammar text, the `size` most recently used. Compiling takes up to
+    MAX_COMPILE_CPU_S on the mesh's worker thread, where every slot waits; a slot's matcher is a copy of its
+    grammar's (~20 us), so a request's n choices, a batch's prompts and a recompute compile it once."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, size: int = 16):
+        self.tokenizer = tokenizer
+        self.size = size
+        self._matchers: dict[str, LLMatcher] = {}  # in order of last use
+
+    def new_state(self, grammar: str, generated: list[int]) -> GrammarState:
+        """A slot's matcher for `grammar`, advanced past `generated` (the tokens its answer already has).
+        Raises ValueError when the grammar is invalid or the tokens do not match it."""
+        matcher = self._matchers.pop(grammar, None)
+        if matcher is None:
+            matcher = LLMatcher(self.tokenizer, grammar)  # its default parser limits bound each mask's work
+            if matcher.is_error():
+                raise ValueError(matcher.get_error())
+            matcher.compute_bitmask()  # builds the lexer's first states, which its copies then share
+        self._matchers[grammar] = matcher
+        if len(self._matchers) > self.size:
+            del self._matchers[next(iter(self._matchers))]
+        return GrammarState(matcher.deep_copy(), self.tokenizer.vocab_size, generated)
+
+
 class GrammarState:
     """One slot's matcher: which tokens may come next, and the tokens taken so far."""
 
-    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str, generated: list[int]):
-        """`generated`: the tokens this answer already has (a recompute resumes the constraint after them).
-        Raises ValueError when the grammar is invalid or the tokens do not match it."""
-        self.matcher = LLMatcher(tokenizer, grammar)  # its default parser limits bound each mask's work
-        self.vocab_size = tokenizer.vocab_size
-        if self.matcher.is_error():
-            raise ValueError(self.matcher.get_error())
+    def __init__(self, matcher: LLMatcher, vocab_size: int, generated: list[int]):
+        """`matcher`: at the grammar's start (GrammarCache makes them). Raises ValueError when the tokens in
+        `generated` do not match the grammar."""
+        self.matcher = matcher
+        self.vocab_size = vocab_size
         for token in generated:
             self.accept(token)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from model.backend import Backend
-from model.grammar import GrammarState
+from model.grammar import GrammarCache, GrammarState
 from model.sampler import sample_batch
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
@@ -66,7 +66,7 @@ class MeshRunner:
         self._page_table = torch.zeros(self.caps.num_slots, self.caps.max_blocks_per_seq, dtype=torch.int32)
         self._page_width = 0  # columns of _page_table that may be non-zero
         self._grammar_tokenizer_factory = grammar_tokenizer
-        self._grammar_tokenizer = None
+        self._grammars: GrammarCache | None = None
 
     def reset(self) -> None:
         """Forget every slot (a new router, or a router that re-joined this mesh, starts from scratch)."""
@@ -94,13 +94,13 @@ class MeshRunner:
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
         if params.grammar is not None:
             try:
-                ll_tokenizer = self._ll_tokenizer()
+                grammars = self._grammar_cache()
             except Exception:  # this host's fault, not the request's
                 log.exception("request %s: no grammar tokenizer on this mesh; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "error")
                 return result
             try:  # resumes after the tokens a recomputed answer already has
-                state.grammar = GrammarState(ll_tokenizer, params.grammar, chunk.token_ids[chunk.num_prompt_tokens:])
+                state.grammar = grammars.new_state(params.grammar, chunk.token_ids[chunk.num_prompt_tokens:])
             except Exception as exc:  # ValueError: llguidance refused the grammar or those tokens
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
@@ -183,12 +183,12 @@ class MeshRunner:
         for s, st, token, lp in zip(live, states, sampled, logprobs):
             self._advance(s, st, token, lp, result)
 
-    def _ll_tokenizer(self):
-        if self._grammar_tokenizer is None:
+    def _grammar_cache(self) -> GrammarCache:
+        if self._grammars is None:
             if self._grammar_tokenizer_factory is None:
                 raise RuntimeError("this mesh was built without a tokenizer for grammars")
-            self._grammar_tokenizer = self._grammar_tokenizer_factory()
-        return self._grammar_tokenizer
+            self._grammars = GrammarCache(self._grammar_tokenizer_factory())
+        return self._grammars
 
     def _host_sample(self, logits: torch.Tensor, states: list[SlotState]
                      ) -> tuple[list[int | None], list[TokenLogprobs | None]]:

@@ -404,3 +404,37 @@ def test_a_decode_steps_result_is_handed_on_once_the_next_steps_inputs_are_ready
     # result k arrives after step k ran (k + 2 backend calls, the prefill's included) and, but for the last,
     # with step k + 1's inputs already made
     assert seen == [(2, 2), (3, 3), (3, 4)]
+
+
+def test_slots_with_one_grammar_compile_it_once_and_each_match_it_alone(monkeypatch):
+    """Compiling takes up to 0.1 s of the worker thread, where every slot waits: a request's n choices, a
+    batch's prompts and a recompute share one compiled grammar, and each slot advances its own copy."""
+    import model.grammar as grammar_module
+    from model.embedded import ensure_smollm2
+    from model.grammar import ll_tokenizer, regex_grammar
+    from model.simulated import SimulatedBackend
+    from model.tokenizer import load_tokenizer
+
+    compiled, real_matcher = [], grammar_module.LLMatcher
+
+    def counting_matcher(tokenizer, grammar):
+        compiled.append(grammar)
+        return real_matcher(tokenizer, grammar)
+    digits, letters = regex_grammar("[0-9]{6}"), regex_grammar("[a-z]{6}")
+    monkeypatch.setattr(grammar_module, "LLMatcher", counting_matcher)
+    tok = load_tokenizer(ensure_smollm2())
+    backend = SimulatedBackend(time_scale=0.001, num_slots=3, kv_groups=1, num_blocks=16, max_seq_len=1024,
+                               vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
+    runner = MeshRunner(backend, grammar_tokenizer=lambda: ll_tokenizer(tok, tok.vocab_size))
+    params = [SamplingParams(temperature=0.0, max_tokens=6, grammar=g) for g in (digits, digits, letters)]
+    table = np.zeros((3, 16), dtype=np.int32)
+    table[:, 0] = [0, 1, 2]
+    chunks = [PrefillChunk(f"r{s}", s, [7] * 10, 0, [s], p, 10) for s, p in enumerate(params)]
+    results = list(runner.execute(MeshWork(0, chunks, DecodeRound(5, [0, 1, 2], table))))
+    assert compiled == [digits, letters]
+    texts = [tok.decode([r.tokens[s] for r in results if r.tokens[s] != NO_TOKEN]) for s in range(3)]
+    assert texts[0] == texts[1] and texts[0].isdigit() and texts[2].isalpha(), texts
+    # a later slot (a recompute, say) resumes after its tokens from the same compiled grammar
+    resumed = runner.execute(MeshWork(1, [PrefillChunk("again", 0, [7] * 10 + tok.encode(texts[0][:3]), 0, [0],
+                                                       params[0], 10)]))
+    assert next(resumed).finished.get(0) not in ("error", "grammar_error") and compiled == [digits, letters]

@@ -8,7 +8,7 @@ from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from deployments.structured import closed, constraint_for
 from deployments.tool_calls import parse_tool_calls, render_messages
 from model.embedded import ensure_smollm2
-from model.grammar import GrammarState, ascii_perl_classes, ll_tokenizer
+from model.grammar import GrammarCache, ascii_perl_classes, ll_tokenizer
 from model.tokenizer import load_tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -33,7 +33,7 @@ def chat(**kw):
 
 def accepts(llt, tok, grammar, text) -> bool:
     """Whether the grammar admits `text` (tokenized as the model would)."""
-    state = GrammarState(llt, grammar, [])
+    state = GrammarCache(llt).new_state(grammar, [])
     try:
         for token in tok.encode(text):
             state.accept(token)
