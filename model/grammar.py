@@ -10,6 +10,7 @@ migration resume the same constraint.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -152,10 +153,12 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguida
     return from_tokenizer(tokenizer.hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
 
 
+@functools.lru_cache(maxsize=256)
 def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None:
     """Why `grammar` cannot constrain this model, or None: an invalid schema, regex or Lark text, more than
     MAX_GRAMMAR_BYTES, or more than MAX_COMPILE_CPU_S of this thread's CPU to build the matcher a mesh builds
-    and its first mask. Call it on a deep_stack_executor thread."""
+    and its first mask. Call it on a deep_stack_executor thread. The verdicts on the last 256 grammars are
+    kept (at most 16 MB): a client with tools sends the same ones at every turn."""
     if len(grammar) > MAX_GRAMMAR_BYTES:
         return f"the constraint compiles to {len(grammar)} bytes of grammar; this server takes at most " \
                f"{MAX_GRAMMAR_BYTES}"

@@ -116,6 +116,30 @@ def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, f
     assert caught.value.status == 400 and caught.value.info.param == param
 
 
+def test_a_grammar_seen_before_is_not_compiled_again(llt, monkeypatch):
+    """An agent sends the same tools at every turn: the ingress keeps its verdict on each recent grammar."""
+    import model.grammar as grammar_module
+    compiled, real_matcher = [], grammar_module.LLMatcher
+
+    class CountingMatcher:  # LLMatcher, counting the matchers built (its static grammar_from_* still work)
+        def __call__(self, tokenizer, grammar):
+            compiled.append(grammar)
+            return real_matcher(tokenizer, grammar)
+
+        def __getattr__(self, name):
+            return getattr(real_matcher, name)
+    monkeypatch.setattr(grammar_module, "LLMatcher", CountingMatcher())
+    tool = {"type": "function", "function": {"name": "seen_before", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}}}}}
+    first, again = (constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt) for _ in range(2))
+    assert first.grammar == again.grammar and compiled == [first.grammar]
+    bad = {"structured_outputs": {"regex": "(seen_before"}}
+    for _ in range(2):
+        with pytest.raises(APIError, match="unclosed group"):
+            constraint_for(chat(**bad), lambda: llt)
+    assert len(compiled) == 2  # a refusal is remembered too
+
+
 def _nested_tool(name: str, city_type: str = "string") -> dict:
     """What openai.pydantic_function_tool makes of a model with a nested one: "#/$defs/..." pointers."""
     return {"type": "function", "function": {"name": name, "parameters": {
