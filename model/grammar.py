@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 # ~20 times what a 100-property schema costs.
 MAX_GRAMMAR_BYTES = 64 * 1024
 MAX_COMPILE_CPU_S = 0.1
+MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB grammar of 40 tools takes < 1 ms
 # llguidance's compiler recurses once per link of a chain (a Lark rule naming the next, a $ref to the next of
 # $defs), ~3.5 KB of stack a link: 3,000 links (36 KB of Lark) overflow a thread's default 8 MB stack, which
 # kills the whole process with SIGSEGV, past any except. The densest chain MAX_GRAMMAR_BYTES holds needs
@@ -204,27 +205,45 @@ class GrammarCache:
 
 
 class GrammarState:
-    """One slot's matcher: which tokens may come next, and the tokens taken so far."""
+    """One slot's matcher: which tokens may come next, and the tokens taken so far. A mask or a step that takes
+    more than MAX_STEP_CPU_S fails the grammar: masks are computed one slot after another on the mesh's worker
+    thread, and an ambiguous grammar (`s: s s | "a"`), cheap to compile, costs more at every token (7 ms a
+    step over its first 120 tokens, 26 ms over 200, before llguidance's own item limit stops it at ~480)."""
 
     def __init__(self, matcher: LLMatcher, vocab_size: int, generated: list[int]):
         """`matcher`: at the grammar's start (GrammarCache makes them). Raises ValueError when the tokens in
         `generated` do not match the grammar."""
         self.matcher = matcher
         self.vocab_size = vocab_size
+        self.too_costly: str | None = None  # why the grammar was given up on, past its CPU budget
         for token in generated:
             self.accept(token)
 
     def disallowed(self) -> np.ndarray:
-        """bool [vocab_size]: the tokens the grammar forbids next (only stop ids once it is complete)."""
+        """bool [vocab_size]: the tokens the grammar forbids next (only stop ids once it is complete). Raises
+        ValueError when it took more than MAX_STEP_CPU_S."""
+        start = time.thread_time()
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        self._check_cost("mask", start)
         return np.unpackbits(bits, bitorder="little")[:self.vocab_size] == 0
 
     def failed(self) -> bool:
-        """llguidance gave up on the grammar: a lexer or parser limit hit while matching (e.g. a regex with huge
-        repetition counts, which validate_grammar accepts: the lexer is built lazily), or a token it refused."""
-        return self.matcher.is_error()
+        """llguidance gave up on the grammar (a lexer or parser limit hit while matching, e.g. a regex with
+        huge repetition counts: the lexer is built lazily), or a token it refused, or its CPU budget ran out."""
+        return self.too_costly is not None or self.matcher.is_error()
 
     def accept(self, token: int) -> None:
-        """Advance past `token`. Raises ValueError if the grammar does not allow it."""
+        """Advance past `token`. Raises ValueError if the grammar does not allow it, or when that took more
+        than MAX_STEP_CPU_S."""
+        start = time.thread_time()
         if not self.matcher.consume_token(token):
             raise ValueError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
+        self._check_cost("step", start)
+
+    def _check_cost(self, what: str, start: float) -> None:
+        cpu_s = time.thread_time() - start
+        if cpu_s > MAX_STEP_CPU_S:
+            self.too_costly = f"the grammar took {cpu_s * 1000:.1f} ms of CPU for one token's {what}; this " \
+                              f"server allows {MAX_STEP_CPU_S * 1000:.0f} ms (an ambiguous grammar costs more " \
+                              f"at every token)"
+            raise ValueError(self.too_costly)

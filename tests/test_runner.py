@@ -438,3 +438,16 @@ def test_slots_with_one_grammar_compile_it_once_and_each_match_it_alone(monkeypa
     resumed = runner.execute(MeshWork(1, [PrefillChunk("again", 0, [7] * 10 + tok.encode(texts[0][:3]), 0, [0],
                                                        params[0], 10)]))
     assert next(resumed).finished.get(0) not in ("error", "grammar_error") and compiled == [digits, letters]
+
+
+def test_a_grammar_past_its_cpu_budget_per_token_retires_its_slot_alone_as_grammar_error(monkeypatch):
+    """Masks are computed slot after slot on the worker thread: an ambiguous grammar, whose cost grows at every
+    token, would slow every slot's steps (20 ms a mask after ~100 random tokens of `s: s s | "a" | "b"` on the
+    development box). Past MAX_STEP_CPU_S its slot ends with "grammar_error" (a 400 naming the field)."""
+    import model.grammar as grammar_module
+    from model.grammar import regex_grammar
+
+    monkeypatch.setattr(grammar_module, "MAX_STEP_CPU_S", -1.0)  # every mask is over budget
+    results = grammar_run(regex_grammar("[a-z]+"))
+    assert results[0].finished == {0: "grammar_error"} and results[0].tokens[0] == NO_TOKEN
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
