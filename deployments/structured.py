@@ -18,8 +18,8 @@ from typing import Literal
 
 from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
-from model.grammar import (cfg_grammar, choice_grammar, grammar_error, json_schema_grammar, json_sequence_grammar,
-                           regex_grammar)
+from model.grammar import (MAX_GRAMMAR_BYTES, cfg_grammar, choice_grammar, grammar_error, json_schema_grammar,
+                           json_sequence_grammar, regex_grammar)
 
 ToolMode = Literal["none", "auto", "forced"]
 
@@ -54,8 +54,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
             chosen = _chosen(tools, req.tool_choice)
             for i, tool in enumerate(tools):
                 if tool in chosen:
-                    _check(f"tools.{i}.function.parameters", lambda t=tool: json_schema_grammar(_parameters(t)),
-                           ll_tokenizer)
+                    _check(f"tools.{i}.function.parameters", _builder("json", _parameters(tool), {}), ll_tokenizer)
         raise
     return Constraint(grammar, tool_mode, tools, param)
 
@@ -119,6 +118,7 @@ def _tool_call_grammar(tools: list[Tool], choice, parallel: bool):
         `definitions` (pydantic puts nested models there, referenced as "#/$defs/Name") move to the root of
         the call's schema, where such pointers resolve, as vLLM's forced-call schema does. Raises ValueError
         when two tools define one name differently."""
+        _check_size([tool.function.parameters for tool in chosen])
         calls, defs = [], {}
         for tool in chosen:
             parameters = _parameters(tool)
@@ -218,16 +218,40 @@ def closed(schema: dict | None) -> dict:
     return out
 
 
-def _builder(kind: str, value, whitespace: dict, closed_objects: bool = False):
-    if kind == "json":
-        def build() -> str:
+def _check_size(source) -> None:
+    """Raises ValueError when `source` (text, or JSON data) is longer than MAX_GRAMMAR_BYTES as JSON, before
+    anything converts it: llguidance's GBNF-to-Lark conversion is quadratic (16,000 rules, 266 KB, took 12 s),
+    and building the grammar of an 8 MB schema held the GIL for 0.3 s. Stops counting once past the limit."""
+    size, todo = 0, [source]
+    while todo and size <= MAX_GRAMMAR_BYTES:
+        value = todo.pop()
+        if isinstance(value, str):
+            size += len(value) + 2
+        elif isinstance(value, dict):
+            size += 2 + 2 * len(value)
+            todo += value.keys()
+            todo += value.values()
+        elif isinstance(value, list):
+            size += 2 + len(value)
+            todo += value
+        else:
+            size += 4
+    if size > MAX_GRAMMAR_BYTES:
+        raise ValueError(f"the constraint is over {MAX_GRAMMAR_BYTES} bytes, the most this server takes")
+
+
+def _builder(kind: str, value, whitespace: dict, closed_objects: bool = False) -> Callable[[], str]:
+    """The grammar's maker (run by _check, off the event loop), its source's size checked first."""
+    def build() -> str:
+        _check_size(value)
+        if kind == "json":
             schema = json.loads(value) if isinstance(value, str) else value
             return json_schema_grammar(closed(schema) if closed_objects else schema, whitespace)
-        return build
-    if kind == "json_object":
-        return lambda: json_schema_grammar(True, whitespace)
-    if kind == "regex":
-        return lambda: regex_grammar(value)
-    if kind == "choice":
-        return lambda: choice_grammar(value)
-    return lambda: cfg_grammar(value)
+        if kind == "json_object":
+            return json_schema_grammar(True, whitespace)
+        if kind == "regex":
+            return regex_grammar(value)
+        if kind == "choice":
+            return choice_grammar(value)
+        return cfg_grammar(value)
+    return build

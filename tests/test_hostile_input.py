@@ -198,3 +198,31 @@ def test_a_grammar_too_costly_to_compile_is_400_naming_its_field(client, router,
                          400, param=param)
     assert "ms of CPU" in error["message"], error
     assert router.requests == {}
+
+
+@pytest.mark.parametrize("field, value", [
+    # llguidance's GBNF-to-Lark conversion is quadratic: 16,000 rules (266 KB) took 12 s of the grammar thread
+    ("grammar", "root ::= r0\n" + "".join(f"r{i} ::= r{i + 1}\n" for i in range(16_000)) + 'r16000 ::= "x"\n'),
+    # building the grammar of an 8 MB schema held the GIL, and so the event loop, for 0.3 s
+    ("json", {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(200_000)}}),
+])
+def test_a_constraint_source_over_the_size_limit_is_refused_before_it_is_converted(client, router, monkeypatch,
+                                                                                  field, value):
+    import deployments.structured as structured
+    converted = []
+    for name in ("cfg_grammar", "json_schema_grammar"):
+        monkeypatch.setattr(structured, name, lambda *args, name=name: converted.append(name))
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "structured_outputs": {field: value}}),
+                         400, param=f"structured_outputs.{field}")
+    assert "bytes" in error["message"] and converted == [] and router.requests == {}
+
+
+def test_an_oversized_tool_schema_is_refused_before_it_is_converted(client, router, monkeypatch):
+    import deployments.structured as structured
+    converted = []
+    monkeypatch.setattr(structured, "json_schema_grammar", lambda *args: converted.append(args))
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(20_000)}}
+    tools = [{"type": "function", "function": {"name": "big", "parameters": big}}]
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "required"}),
+                         400, param="tools.0.function.parameters")
+    assert "bytes" in error["message"] and converted == []
