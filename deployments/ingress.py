@@ -202,6 +202,10 @@ class Ingress:
         self._app = build_app(RouterLink(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,
                               max_request_bytes, metrics_open, allowed_origins,
                               serve.get_replica_context().replica_id.unique_id)
+        try:  # now: at the first constrained request it would hold a grammar thread and the GIL (~0.2-1 s)
+            self._app.state.server.grammar_tokenizer()
+        except Exception:
+            log.warning("llguidance cannot read this tokenizer: constrained requests will fail", exc_info=True)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

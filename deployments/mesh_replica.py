@@ -36,7 +36,6 @@ from scheduler.work import MeshWork, StepResult, portable_error
 log = logging.getLogger("ray.serve")
 
 
-
 def grammar_tokenizer(model_dir: str, vocab_size: int):
     """llguidance's view of the served model's tokenizer over its logits, for constrained requests."""
     from model.grammar import ll_tokenizer
@@ -89,6 +88,10 @@ class MeshReplica:
         app = AppConfig(**config)
         backend = build_backend(app, model_dir)
         self.runner = MeshRunner(backend, grammar_tokenizer=partial(grammar_tokenizer, model_dir, backend.caps.vocab_size))
+        try:  # now: at the first constrained request it would hold every slot (~1 s for a 128k vocabulary)
+            self.runner.grammars()
+        except Exception:
+            log.warning("no grammar tokenizer on this mesh: its constrained requests will fail", exc_info=True)
         self.caps = self.runner.caps
         self.incarnation = uuid.uuid4().hex
         self.min_deadline_s = app.min_step_deadline_s

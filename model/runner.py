@@ -94,7 +94,7 @@ class MeshRunner:
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
         if params.grammar is not None:
             try:
-                grammars = self._grammar_cache()
+                grammars = self.grammars()
             except Exception:  # this host's fault, not the request's
                 log.exception("request %s: no grammar tokenizer on this mesh; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "error")
@@ -183,7 +183,9 @@ class MeshRunner:
         for s, st, token, lp in zip(live, states, sampled, logprobs):
             self._advance(s, st, token, lp, result)
 
-    def _grammar_cache(self) -> GrammarCache:
+    def grammars(self) -> GrammarCache:
+        """The compiled grammars, built with llguidance's tokenizer at the first call. Raises what building
+        that tokenizer raises (e.g. a slow tokenizer it cannot read)."""
         if self._grammars is None:
             if self._grammar_tokenizer_factory is None:
                 raise RuntimeError("this mesh was built without a tokenizer for grammars")

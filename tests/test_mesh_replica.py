@@ -179,8 +179,11 @@ def test_a_long_rule_chain_compiles_on_the_worker_thread(monkeypatch):
     tok = load_tokenizer(ensure_smollm2())
     monkeypatch.setattr(mesh_replica, "build_backend", lambda config, model_dir: SimulatedBackend(
         num_blocks=64, time_scale=0.01, vocab_size=tok.vocab_size))
-    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda model_dir, vocab_size: ll_tokenizer(tok, vocab_size))
+    built = []
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer",
+                        lambda model_dir, vocab_size: built.append(vocab_size) or ll_tokenizer(tok, vocab_size))
     made = Replica({"backend": "simulated"}, "unused")
+    assert built == [tok.vocab_size]  # as the replica starts: at the first request it would hold every slot
     try:
         params = SamplingParams(temperature=0.0, max_tokens=4, grammar=cfg_grammar(lark_chain(8000)))
         work = MeshWork(0, [PrefillChunk("chain", 0, [7] * 10, 0, [0], params, 10)])
@@ -189,3 +192,4 @@ def test_a_long_rule_chain_compiles_on_the_worker_thread(monkeypatch):
         made.shutdown()
     assert result.finished.get(0) not in ("error", "grammar_error")
     assert tok.decode([result.tokens[0]]) == "x"  # the only text the grammar admits
+    assert len(built) == 1
