@@ -317,6 +317,9 @@ class FunctionDefinition(_Request):
         if _not_an_object(v):
             raise ValueError('must be a JSON Schema of type "object"' +
                              (f', not {v["type"]!r}' if "type" in v else ""))
+        for keyword in ("$defs", "definitions"):  # a forced call moves them to its own root, as maps
+            if v is not None and not isinstance(v.get(keyword, {}), dict):
+                raise ValueError(f"{keyword} must be an object mapping names to schemas")
         return v
 
 

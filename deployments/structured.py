@@ -50,6 +50,9 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     try:
         grammar = _check(param, build, ll_tokenizer)
     except APIError:
+        whitespace = _whitespace_pattern(req)
+        if whitespace is not None and param != "tool_choice":  # a JSON constraint's whitespace regex, at fault?
+            _check(whitespace[0], _builder("regex", whitespace[1], {}), ll_tokenizer)
         if param == "tool_choice":  # name the tool whose schema cannot constrain a call, if one alone cannot
             chosen = _chosen(tools, req.tool_choice)
             for i, tool in enumerate(tools):
@@ -175,12 +178,22 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
     return sources
 
 
+def _whitespace_pattern(req) -> tuple[str, str] | None:
+    """(field, regex) of the request's JSON whitespace pattern, if it sets one."""
+    if req.guided_whitespace_pattern is not None:
+        return "guided_whitespace_pattern", req.guided_whitespace_pattern
+    so = req.structured_outputs
+    if so is not None and so.whitespace_pattern is not None:
+        return "structured_outputs.whitespace_pattern", so.whitespace_pattern
+    return None
+
+
 def _json_whitespace(req) -> dict:
     """llguidance's JSON whitespace options from vLLM's fields: `disable_any_whitespace` (no whitespace
     between tokens) and `whitespace_pattern` / `guided_whitespace_pattern` (a regex for it). They shape JSON
     constraints only, as in vLLM."""
     so = req.structured_outputs
-    pattern = req.guided_whitespace_pattern or (so.whitespace_pattern if so is not None else None)
+    pattern = (_whitespace_pattern(req) or (None, None))[1]
     options = {}
     if so is not None and so.disable_any_whitespace:
         options["whitespace_flexible"] = False

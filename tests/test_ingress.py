@@ -268,6 +268,9 @@ CHAT_OUT_OF_BOUNDS = [
         "allOf": [{"type": "array", "items": {"type": "integer"}}]}}}]}, "tools.0.function.parameters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
         "anyOf": [{"type": "string"}, {"type": "integer"}]}}}]}, "tools.0.function.parameters"),
+    *[({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", keyword: defs}}}],
+        "tool_choice": "required"}, "tools.0.function.parameters")  # was a Python error naming tool_choice
+      for keyword in ("$defs", "definitions") for defs in ([1], "x")],
 ]
 COMPLETION_OUT_OF_BOUNDS = [
     ({"prompt": [-1]}, "prompt"),

@@ -94,6 +94,19 @@ def test_a_required_call_may_be_several_unless_parallel_calls_are_off(tok, llt, 
 
 
 @pytest.mark.parametrize("fields, param", [
+    ({"guided_whitespace_pattern": "(", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "s", "schema": {"type": "object"}}}}, "guided_whitespace_pattern"),
+    ({"guided_whitespace_pattern": "(", "response_format": {"type": "json_object"}}, "guided_whitespace_pattern"),
+    ({"structured_outputs": {"json": {"type": "object"}, "whitespace_pattern": "("}},
+     "structured_outputs.whitespace_pattern"),
+])
+def test_a_bad_whitespace_pattern_is_named_not_the_schema(llt, fields, param):
+    with pytest.raises(APIError) as caught:
+        constraint_for(chat(**fields), lambda: llt)
+    assert caught.value.status == 400 and caught.value.info.param == param
+
+
+@pytest.mark.parametrize("fields, param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "bogus"}}}},
      "response_format.json_schema.schema"),
     ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs.regex"),
