@@ -165,18 +165,29 @@ def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None
                f"{MAX_GRAMMAR_BYTES}"
     start = time.thread_time()
     try:
-        matcher = LLMatcher(tokenizer, grammar)
-    except Exception as exc:  # malformed grammar JSON
+        compiled(tokenizer, grammar)
+    except ValueError as exc:
         return str(exc)
-    if not matcher.is_error():
-        matcher.compute_bitmask()
-    if matcher.is_error():
-        return matcher.get_error()
     cpu_s = time.thread_time() - start
     if cpu_s > MAX_COMPILE_CPU_S:
         return f"the constraint takes {cpu_s * 1000:.0f} ms of CPU to compile; this server takes at most " \
                f"{MAX_COMPILE_CPU_S * 1000:.0f} ms (fewer properties, alternatives or repetitions make it cheaper)"
     return None
+
+
+def compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> LLMatcher:
+    """A matcher at the grammar's start, its first mask computed (what a mesh does before a slot's first token;
+    the lexer states it builds are shared by the matcher's copies). Its default parser limits bound each
+    mask's work. Raises ValueError when llguidance refuses the grammar."""
+    try:
+        matcher = LLMatcher(tokenizer, grammar)
+    except Exception as exc:  # malformed grammar JSON
+        raise ValueError(str(exc)) from None
+    if not matcher.is_error():
+        matcher.compute_bitmask()
+    if matcher.is_error():
+        raise ValueError(matcher.get_error())
+    return matcher
 
 
 class GrammarCache:
@@ -192,12 +203,7 @@ class GrammarCache:
     def new_state(self, grammar: str, generated: list[int]) -> GrammarState:
         """A slot's matcher for `grammar`, advanced past `generated` (the tokens its answer already has).
         Raises ValueError when the grammar is invalid or the tokens do not match it."""
-        matcher = self._matchers.pop(grammar, None)
-        if matcher is None:
-            matcher = LLMatcher(self.tokenizer, grammar)  # its default parser limits bound each mask's work
-            if matcher.is_error():
-                raise ValueError(matcher.get_error())
-            matcher.compute_bitmask()  # builds the lexer's first states, which its copies then share
+        matcher = self._matchers.pop(grammar, None) or compiled(self.tokenizer, grammar)
         self._matchers[grammar] = matcher
         if len(self._matchers) > self.size:
             del self._matchers[next(iter(self._matchers))]
