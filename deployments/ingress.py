@@ -29,10 +29,11 @@ from deployments.auth import ApiKeys, KeyCheck, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES
 from deployments.errors import APIError, unavailable, validation_error
-from deployments.openai_server import OpenAIServer, RouterClient
+from deployments.openai_server import GRAMMAR_THREADS, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
 from deployments.router_client import RouterLink
+from model import grammar_check
 from model.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("ray.serve")
@@ -204,6 +205,7 @@ class Ingress:
                               serve.get_replica_context().replica_id.unique_id)
         try:  # now: at the first constrained request it would hold a grammar thread and the GIL (~0.2-1 s)
             self._app.state.server.grammar_tokenizer()
+            grammar_check.start(GRAMMAR_THREADS)  # a child process per grammar thread (model/grammar_check.py)
         except Exception:
             log.warning("llguidance cannot read this tokenizer: constrained requests will fail", exc_info=True)
 

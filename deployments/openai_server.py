@@ -49,7 +49,8 @@ MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least,
 # stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
 INLINE_CHARS = 2000  # prompts up to this many characters are tokenized on the loop (see OpenAIServer.sized)
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
-_GRAMMAR_POOL = deep_stack_executor(2, "meshserve-grammar")  # clients' grammars are compiled only here
+GRAMMAR_THREADS = 2
+_GRAMMAR_POOL = deep_stack_executor(GRAMMAR_THREADS, "meshserve-grammar")  # clients' grammars compile only here
 T = TypeVar("T")
 
 

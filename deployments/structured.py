@@ -7,7 +7,8 @@ Each is checked against the served tokenizer here, so an invalid schema, regex o
 its field before anything reaches a mesh. (llguidance builds its lexer lazily, so a grammar can pass here and
 hit a lexer limit on the mesh while matching: that request alone ends, and the ingress answers 400 naming
 `Constraint.param`.) A grammar too large or too costly for a mesh to compile is refused too (model/grammar.py,
-grammar_error); constraint_for runs on a deep_stack_executor thread.
+grammar_error, which compiles it first in a child process it can kill); constraint_for runs on a
+deep_stack_executor thread.
 """
 from __future__ import annotations
 

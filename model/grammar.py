@@ -22,6 +22,8 @@ import llguidance
 import numpy as np
 from llguidance import LLMatcher
 
+from model import grammar_check
+
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
@@ -157,22 +159,32 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguida
 @functools.lru_cache(maxsize=256)
 def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None:
     """Why `grammar` cannot constrain this model, or None: an invalid schema, regex or Lark text, more than
-    MAX_GRAMMAR_BYTES, or more than MAX_COMPILE_CPU_S of this thread's CPU to build the matcher a mesh builds
-    and its first mask. Call it on a deep_stack_executor thread. The verdicts on the last 256 grammars are
+    MAX_GRAMMAR_BYTES, or more than MAX_COMPILE_CPU_S of CPU to compile (first in a child process, cut at
+    grammar_check.MAX_COMPILE_WALL_S; then here, the matcher a mesh builds and its first mask). Call it on a
+    deep_stack_executor thread. The verdicts on the last 256 grammars are
     kept (at most 16 MB): a client with tools sends the same ones at every turn."""
     if len(grammar) > MAX_GRAMMAR_BYTES:
         return f"the constraint compiles to {len(grammar)} bytes of grammar; this server takes at most " \
                f"{MAX_GRAMMAR_BYTES}"
-    start = time.thread_time()
+    checker = grammar_check.checker()  # first out of process, where a compile that would take minutes is cut
     try:
-        compiled(tokenizer, grammar)
-    except ValueError as exc:
-        return str(exc)
-    cpu_s = time.thread_time() - start
-    if cpu_s > MAX_COMPILE_CPU_S:
-        return f"the constraint takes {cpu_s * 1000:.0f} ms of CPU to compile; this server takes at most " \
-               f"{MAX_COMPILE_CPU_S * 1000:.0f} ms (fewer properties, alternatives or repetitions make it cheaper)"
-    return None
+        error, cpu_s = checker.check(grammar)
+    finally:
+        grammar_check.release(checker)
+    if error:
+        return error
+    if cpu_s is not None and cpu_s <= MAX_COMPILE_CPU_S:
+        start = time.thread_time()
+        try:
+            compiled(tokenizer, grammar)
+        except ValueError as exc:
+            return str(exc)
+        cpu_s = time.thread_time() - start
+        if cpu_s <= MAX_COMPILE_CPU_S:
+            return None
+    spent = f"more than {checker.wall_s:g} s" if cpu_s is None else f"{cpu_s * 1000:.0f} ms of CPU"
+    return f"the constraint takes {spent} to compile; this server takes at most {MAX_COMPILE_CPU_S * 1000:.0f} ms " \
+           f"of CPU (fewer properties, alternatives or repetitions make it cheaper)"
 
 
 def compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> LLMatcher:

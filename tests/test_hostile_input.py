@@ -228,3 +228,14 @@ def test_an_oversized_tool_schema_is_refused_before_it_is_converted(client, rout
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "required"}),
                          400, param="tools.0.function.parameters")
     assert "bytes" in error["message"] and converted == []
+
+
+def test_a_grammar_that_would_compile_for_minutes_is_400_within_a_second(client, router):
+    """llguidance compiles 400 patternProperties (15 KB) in 5.5 s; its compile is cut at MAX_COMPILE_WALL_S."""
+    from model.grammar_check import MAX_COMPILE_WALL_S
+    schema = {"type": "object", "patternProperties": {f"^p{i}[a-z]*x{i}$": {"type": "integer"} for i in range(400)}}
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "structured_outputs": {"json": schema}}),
+                         400, param="structured_outputs.json")
+    assert f"more than {MAX_COMPILE_WALL_S:g} s" in error["message"] and router.requests == {}
+    good = client.post("/v1/completions", json={**COMPLETION, "structured_outputs": {"regex": "[0-9]+"}})
+    assert good.status_code == 200, good.text

@@ -131,17 +131,13 @@ def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, f
 
 def test_a_grammar_seen_before_is_not_compiled_again(llt, monkeypatch):
     """An agent sends the same tools at every turn: the ingress keeps its verdict on each recent grammar."""
-    import model.grammar as grammar_module
-    compiled, real_matcher = [], grammar_module.LLMatcher
+    from model.grammar_check import GrammarChecker
+    compiled, real_check = [], GrammarChecker.check
 
-    class CountingMatcher:  # LLMatcher, counting the matchers built (its static grammar_from_* still work)
-        def __call__(self, tokenizer, grammar):
-            compiled.append(grammar)
-            return real_matcher(tokenizer, grammar)
-
-        def __getattr__(self, name):
-            return getattr(real_matcher, name)
-    monkeypatch.setattr(grammar_module, "LLMatcher", CountingMatcher())
+    def counting_check(self, grammar):
+        compiled.append(grammar)
+        return real_check(self, grammar)
+    monkeypatch.setattr(GrammarChecker, "check", counting_check)
     tool = {"type": "function", "function": {"name": "seen_before", "parameters": {
         "type": "object", "properties": {"q": {"type": "string"}}}}}
     first, again = (constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt) for _ in range(2))

@@ -1,0 +1,140 @@
+"""A client's grammar compiled first in a child process, which is killed past a wall-clock budget.
+
+llguidance's compiler has no fuel limit and a thread inside it cannot be stopped. Its cost lies in building
+the grammar, before any tokenizer is involved: a JSON schema of N `patternProperties` compiles in roughly
+cubic time (llguidance 1.9.1 on this box: 200 take 0.4 s, 300 take 1.8 s, 400 (15 KB) 5.5 s, 500 14 s; the
+~2,000 that fit MAX_GRAMMAR_BYTES would take some ten minutes), and each such request held one of the ingress's
+grammar threads until it ended, only to be refused then for its CPU. So the ingress asks a child (LLMatcher.validate_grammar, no
+tokenizer) first, and kills it past MAX_COMPILE_WALL_S; a crash inside llguidance kills only the child too.
+The tokenizer's part (the first mask) is bounded by llguidance's lexer fuel, and checked in-process after.
+
+Run as `python -m model.grammar_check WALL_S STACK_BYTES`: the child, one request per line on stdin
+(a JSON string), one verdict per line on stdout ({"error": str | null, "cpu_s": float}).
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from queue import Empty, SimpleQueue
+
+# Ten times MAX_COMPILE_CPU_S (model/grammar.py): a grammar that uses its CPU budget on a busy 2-core box
+# still gets its verdict; one that would take longer is refused at this, not at its end.
+MAX_COMPILE_WALL_S = 1.0
+_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+class GrammarChecker:
+    """One child process. Not thread-safe: take one with `checker()`, give it back with `release()`."""
+
+    def __init__(self, wall_s: float = MAX_COMPILE_WALL_S, stack_bytes: int | None = None):
+        from model.grammar import GRAMMAR_STACK_BYTES
+        self.wall_s = wall_s
+        self.stack_bytes = stack_bytes or GRAMMAR_STACK_BYTES
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        """A fresh child (~0.15 s to import llguidance); one that is running is killed first."""
+        self.stop()
+        path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+        # the child's own limit, past the parent's: it ends by itself if its parent died during a compile
+        args = [sys.executable, "-m", "model.grammar_check", str(self.wall_s * 2), str(self.stack_bytes)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env={**os.environ, "PYTHONPATH": path}, close_fds=True)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def check(self, grammar: str) -> tuple[str | None, float | None]:
+        """(why llguidance refuses `grammar`, or None; the child's CPU seconds to compile it, None when it did
+        not finish within wall_s). A child that runs out of time or dies compiling is replaced."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        try:
+            self.proc.stdin.write(json.dumps(grammar).encode() + b"\n")
+            self.proc.stdin.flush()
+            reply = self._read_line(time.monotonic() + self.wall_s)
+        except (OSError, EOFError):
+            self.start()
+            return "llguidance's compiler crashed on this constraint", None
+        if reply is None:
+            self.start()
+            return None, None
+        verdict = json.loads(reply)
+        return verdict["error"], verdict["cpu_s"]
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """The child's next line, or None at `deadline`. Raises EOFError when the child has gone."""
+        fd, data = self.proc.stdout.fileno(), b""
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise EOFError("the grammar checker exited")
+            data += chunk
+        return data
+
+
+_idle: SimpleQueue[GrammarChecker] = SimpleQueue()
+
+
+def checker() -> GrammarChecker:
+    """An idle checker, or a new one: there are as many as callers at once (the ingress's grammar threads)."""
+    try:
+        return _idle.get_nowait()
+    except Empty:
+        return GrammarChecker()
+
+
+def release(checker_: GrammarChecker) -> None:
+    _idle.put(checker_)
+
+
+def start(n: int) -> None:
+    """Start `n` checkers now (a replica starting), not at its first constrained requests."""
+    for c in [checker() for _ in range(n)]:
+        release(c)
+
+
+def _serve(wall_s: float, stack_bytes: int) -> None:
+    """The child: compile each grammar on a thread with a deep stack (model/grammar.py, GRAMMAR_STACK_BYTES);
+    exit at end of input, or when one compile outlasts `wall_s` (its parent gave up on it, or died)."""
+    from llguidance import LLMatcher
+    threading.stack_size(stack_bytes)
+    requests: SimpleQueue[str] = SimpleQueue()
+    verdicts: SimpleQueue[dict] = SimpleQueue()
+
+    def compile_each() -> None:
+        while True:
+            grammar = requests.get()
+            start_cpu = time.thread_time()
+            try:
+                error = LLMatcher.validate_grammar(grammar) or None
+            except Exception as exc:  # malformed grammar JSON
+                error = str(exc)
+            verdicts.put({"error": error, "cpu_s": time.thread_time() - start_cpu})
+
+    threading.Thread(target=compile_each, daemon=True).start()
+    for line in sys.stdin.buffer:
+        requests.put(json.loads(line))
+        try:
+            verdict = verdicts.get(timeout=wall_s)
+        except Empty:
+            os._exit(3)
+        sys.stdout.write(json.dumps(verdict) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve(float(sys.argv[1]), int(sys.argv[2]))
