@@ -42,11 +42,10 @@ class GrammarChecker:
     def start(self) -> None:
         """A fresh child (~0.15 s to import llguidance); one that is running is killed first."""
         self.stop()
-        path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
         # the child's own limit, past the parent's: it ends by itself if its parent died during a compile
         args = [sys.executable, "-m", "model.grammar_check", str(self.wall_s * 2), str(self.stack_bytes)]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONPATH": path}, close_fds=True)
+                                     cwd=_ROOT)  # -m finds this package there, whatever the parent's directory
 
     def stop(self) -> None:
         if self.proc is not None:

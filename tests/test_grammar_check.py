@@ -4,12 +4,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from model.grammar import GRAMMAR_STACK_BYTES, cfg_grammar, json_schema_grammar, regex_grammar
 from model.grammar_check import GrammarChecker
 from tests.ingress_support import lark_chain
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pattern_properties(n: int) -> str:
@@ -67,7 +70,7 @@ def test_a_crash_in_the_compiler_kills_only_the_child():
 def test_the_child_ends_by_itself_when_one_compile_outlasts_twice_the_budget():
     """Its parent gave up on it or died mid-compile: the child does not compile on for minutes."""
     child = subprocess.Popen([sys.executable, "-m", "model.grammar_check", "0.5", str(GRAMMAR_STACK_BYTES)],
-                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT)
     child.stdin.write(json.dumps(pattern_properties(400)).encode() + b"\n")
     child.stdin.flush()
     try:
