@@ -63,11 +63,26 @@ def _is_union_branch(part: object) -> bool:
     return isinstance(part, str) and (part in _TYPE_LABELS or "[" in part)
 
 
+def _deepest_branch(errors: list[dict]) -> dict:
+    """The first error; or when it lies in a union, the error of that union's branch that got furthest into
+    the input: {"function": {}} for `tool_choice` ("none" | "auto" | "required" | a named function) is
+    `tool_choice.function.name: Field required`, not that it should be "none", "auto" or "required". Every
+    error under a union's field names its branch next (a type or, for a model, the model's name); "branch"
+    in the result is that index."""
+    first = errors[0]
+    loc = tuple(first.get("loc", ()))
+    at = next((i for i, part in enumerate(loc) if _is_union_branch(part)), None)
+    if at is None:
+        return first
+    branches = [e for e in errors if len(e.get("loc", ())) > at and tuple(e["loc"][:at]) == loc[:at]]
+    return {**max(branches, key=lambda e: len(e["loc"])), "branch": at}  # max: the first of the longest
+
+
 def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     """400 naming the first offending field, as `param` and in the message (without FastAPI's "body" or
     "query" in front when `skip_body`)."""
-    err = errors[0]
-    loc = [str(p) for p in err.get("loc", ()) if not _is_union_branch(p)]
+    err = _deepest_branch(errors)
+    loc = [str(p) for i, p in enumerate(err.get("loc", ())) if not _is_union_branch(p) and i != err.get("branch")]
     if skip_body and loc[:1] in (["body"], ["query"]):
         loc = loc[1:]
     if err.get("type") == "json_invalid":

@@ -197,6 +197,25 @@ def test_bad_chat_fields_are_400_naming_the_field(client, router, patch, param):
     assert router.requests == {}
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("patch, param, says", [
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {}}}, "tool_choice.function.name", "required"),
+    ({"tools": [TOOL], "tool_choice": {"function": {"name": "get_weather"}}}, "tool_choice.type", "required"),
+    ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice", "'none', 'auto' or 'required'"),
+    ({"tools": [TOOL], "tool_choice": 5}, "tool_choice", "'none', 'auto' or 'required'"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text", "required"),
+    ({"stop": ["ok", 1]}, "stop.1", "valid string"),
+])
+def test_a_bad_value_in_a_field_of_several_forms_is_named_in_the_form_it_took(client, router, patch, param, says):
+    """A named tool_choice missing its name is told so, not that tool_choice should be "none", "auto" or
+    "required": the error is the one from the form (a string, a list, an object) the value got furthest in."""
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, **patch}), 400, param=param)
+    assert error["message"].startswith(f"{param}: ") and says in error["message"], error
+    assert router.requests == {}
+
+
 def test_an_image_part_or_an_empty_prompt_is_told_what_is_wrong(client):
     image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "messages": [
