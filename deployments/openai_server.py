@@ -562,11 +562,24 @@ class OpenAIServer:
         """Each position's `top_logprobs` holds the chosen token too, whether or not it is among the most
         likely (OpenAI's legacy completions: "the logprobs most likely tokens, as well the chosen tokens";
         vLLM does the same)."""
-        return CompletionLogprobs(tokens=[self._token(lp.token_id) for lp in lps],
+        return CompletionLogprobs(tokens=[self._completion_token(lp.token_id) for lp in lps],
                                   token_logprobs=[lp.logprob for lp in lps],
-                                  top_logprobs=[{self._token(lp.token_id): lp.logprob,
-                                                 **{self._token(t): p for t, p in lp.top}} for lp in lps],
+                                  top_logprobs=[{**{self._completion_token(t): p for t, p in lp.top},
+                                                 self._completion_token(lp.token_id): lp.logprob} for lp in lps],
                                   text_offset=offsets)
+
+    def _completion_token(self, token_id: int) -> str:
+        """The token's text; for a token that is part of a character (an emoji is often 2-4 tokens) its bytes,
+        as OpenAI's legacy completions write them ("bytes:\\xf0\\x9f"): alone, each such token decodes to
+        U+FFFD, and `top_logprobs` is keyed by text, so the alternatives would overwrite one another."""
+        text = self._token(token_id)
+        if "\ufffd" not in text:
+            return text
+        raw = self.tokenizer.token_bytes(token_id)
+        try:
+            return raw.decode()  # a real U+FFFD
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _tool_call(call: ParsedCall) -> ResponseToolCall:

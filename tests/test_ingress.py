@@ -155,6 +155,23 @@ def test_completion_logprobs_offsets(client, router, tokenizer):
     assert all(len(top) == 1 for top in lp["top_logprobs"])
 
 
+def test_completion_logprobs_name_each_part_of_a_character_by_its_bytes(client, tokenizer):
+    """Alone, each token of an emoji decodes to U+FFFD; completions' top_logprobs is keyed by token text, so
+    the alternatives overwrote each other and the chosen token's own logprob. They are written as OpenAI's
+    legacy completions write them, "bytes:\\xf0\\x9f", and the chosen token's entry is its own."""
+    from scheduler.sampling import TokenLogprobs
+    smile, wink, kanji = (tokenizer.encode(text) for text in ("😊", "🙂", "日本"))
+    chosen, other = smile[1], kanji[1]  # b"\x98" and b"\xa5": both U+FFFD alone
+    assert tokenizer.decode([chosen]) == tokenizer.decode([other]) == "\ufffd"
+    lp = client.app.state.server._completion_logprobs(
+        [TokenLogprobs(smile[0], -0.1, [(smile[0], -0.1)]),
+         TokenLogprobs(chosen, -21.4, [(other, -0.6), (wink[1], -1.2)]),
+         TokenLogprobs(kanji[2], -0.3, [(kanji[2], -0.3)])], [0, 0, 0])
+    assert lp.tokens == ["bytes:\\xf0\\x9f", "bytes:\\x98", "本"]
+    assert lp.top_logprobs[1] == {"bytes:\\xa5": -0.6, "bytes:\\x99\\x82": -1.2, "bytes:\\x98": -21.4}
+    assert all(top[token] == logprob for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+
+
 def test_models(client, monkeypatch):
     body = client.get("/v1/models").json()
     assert [m["id"] for m in body["data"]] == [MODEL]
