@@ -12,6 +12,7 @@ import importlib.metadata
 import logging
 import time
 from typing import Annotated, TypeVar
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -108,8 +109,9 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return await tokenization.tokenize(server, req)
 
     @tok.get("/tokenize")
-    async def tokenize_get(prompt: str, add_special_tokens: bool | None = None, return_token_strs: bool = False,
-                           model: str | None = None) -> TokenizeResponse:
+    async def tokenize_get(request: Request, prompt: str, add_special_tokens: bool | None = None,
+                           return_token_strs: bool = False, model: str | None = None) -> TokenizeResponse:
+        _check_query_utf8(request)
         req = _validated(TokenizeRequest, prompt=prompt, add_special_tokens=add_special_tokens,
                          return_token_strs=return_token_strs, model=model)
         return await tokenization.tokenize(server, req)
@@ -182,6 +184,18 @@ def _allowed_methods(app: FastAPI, scope: dict) -> list[str]:
     """Every method some route at the request's path serves (RFC 9110 15.5.6: a 405 lists them all)."""
     return [method for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
             if any(route.matches({**scope, "method": method})[0] == Match.FULL for route in app.router.routes)]
+
+
+def _check_query_utf8(request: Request) -> None:
+    """Starlette decodes a query's %-escapes with errors="replace", so "prompt=%FF%FE" would be tokenized as
+    two U+FFFD. Raises APIError 400 naming the parameter whose bytes are not UTF-8 (the body's text is
+    checked as strictly)."""
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    for name, value in parse_qsl(query, keep_blank_values=True, encoding="latin-1"):  # latin-1: bytes as they are
+        try:
+            value.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            raise APIError(400, f"{name}: must be valid UTF-8 text once %-decoded", param=name) from None
 
 
 def _validated(cls: type[M], **fields) -> M:

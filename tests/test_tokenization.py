@@ -81,6 +81,14 @@ def test_tokenize_by_get(client, tokenizer):
     assert body["tokens"] == tokenizer.encode(TEXT, add_bos=True) and len(body["token_strs"]) == body["count"]
 
 
+def test_tokenize_by_get_refuses_escapes_that_are_no_utf8(client, tokenizer):
+    """"%FF%FE" was read as two U+FFFD and tokenized; the body's text is checked as strictly."""
+    assert_error(client.get("/tokenize?prompt=%FF%FE"), 400, param="prompt")
+    assert_error(client.get("/tokenize?prompt=ok&model=%C3"), 400, param="model")
+    body = client.get("/tokenize?prompt=caf%C3%A9+%E2%82%AC").json()  # UTF-8 escapes and "+" still decode
+    assert body["tokens"] == tokenizer.encode("café €", add_bos=True)
+
+
 def test_detokenize(client, tokenizer):
     ids = tokenizer.encode(TEXT)
     assert client.post("/detokenize", json={"model": MODEL, "tokens": ids}).json() == {"prompt": TEXT}
