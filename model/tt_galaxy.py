@@ -70,6 +70,7 @@ class TTGalaxyBackend(Backend):
         self.config = config = TTMeshConfig(**tt_config) if isinstance(tt_config, dict) else tt_config or TTMeshConfig()
         max_seq_len, num_blocks = galaxy_sizes(mesh_shape, max_seq_len, num_blocks, block_size)
         self._device_tokens = (num_blocks + 1) * block_size  # a column's cache, the spare block 0 included
+        self._device_argmax: bool | None = None  # the device sampler's mode after the last parameters it took
         _export_weights_dir(model_dir)
         _export_line_env(config)
 
@@ -97,7 +98,8 @@ class TTGalaxyBackend(Backend):
 
     def prefill(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
                 sampling: SamplingParams | None = None) -> torch.Tensor:
-        on_device = sampling is not None and self.config.sample_on_device_mode == "all"
+        on_device = sampling is not None and self.config.sample_on_device_mode == "all" and \
+            (not _argmax(sampling) or self._device_argmax is not False)
         out = self._prefill(token_ids, start, torch.tensor([block_ids], dtype=torch.int32) + 1, slot,
                             sampling if on_device else None)
         if on_device:
@@ -105,7 +107,8 @@ class TTGalaxyBackend(Backend):
         logits = out[0, -1].float()
         if sampling is None:
             return logits
-        return torch.tensor(sample_row(logits, sampling, len(token_ids))[0])  # "decode_only": first token here
+        # "decode_only", or a greedy request among sampled decodes: its first token is taken here
+        return torch.tensor(sample_row(logits, sampling, len(token_ids))[0])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
@@ -117,7 +120,11 @@ class TTGalaxyBackend(Backend):
     def _prefill(self, token_ids: list[int], start: int, device_row: torch.Tensor, slot: int,
                  sampling: SamplingParams | None):
         """One user's prefill on device block ids (serving and warm-up take this same call). Returns tokens
-        [1] or logits [1, 1, vocab]."""
+        [1] or logits [1, 1, vocab]. With `sampling`, the device samples for the request's slot and every
+        other slot is set to argmax (prefill_forward_text's _scatter_params_to_slots fills them with
+        format_sampling_params' padding), so the device sampler's mode becomes the request's."""
+        if sampling is not None:
+            self._device_argmax = _argmax(sampling)
         out = self.generator.prefill_forward_text(
             torch.tensor([token_ids], dtype=torch.long),
             page_table=device_row,
@@ -133,6 +140,8 @@ class TTGalaxyBackend(Backend):
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, device_table: torch.Tensor,
                 sampling: list[SamplingParams] | None):
         """One step of all 32 slots on device block ids; returns tokens [32] or logits [32, 1, vocab]."""
+        if sampling is not None:
+            self._device_argmax = all(_argmax(p) for p in sampling)
         out = self._decode_forward(
             tokens,
             positions,
@@ -226,6 +235,18 @@ def prefill_start(start: int, end: int, device_tokens: int) -> int:
     while begin and begin + padded_prefill_len(end - begin) > device_tokens:
         begin -= PREFIX_ALIGN
     return begin
+
+
+def _argmax(p: SamplingParams) -> bool:
+    """Whether tt-metal samples this row by argmax: TTSampling._is_force_argmax_sampling (models/common/sampling/
+    tt_sampling.py @00b0fa3f) takes a batch whose rows all have top-k 1, top-p 0 or 1 and temperature 1 (greedy
+    rows become that) down a faster path. SamplingGenerator.reset_sampling_params (its generator.py) releases
+    every captured sampling trace when that mode changes, and the next traced decode captures again; each
+    prefill the device samples sets the mode for its own request (the other rows are padding, argmax). So a
+    greedy request's first token is the host's argmax when the running batch is sampled: sampled on the device,
+    it would cost two mode changes and a capture. (A sampled request joining an argmax batch changes the mode
+    once wherever its first token is taken.)"""
+    return p.greedy or (p.top_k == 1 and p.temperature == 1.0 and p.top_p in (0.0, 1.0))
 
 
 def _tt_sampling(rows: list[SamplingParams]):

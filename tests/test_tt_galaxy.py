@@ -442,7 +442,8 @@ def test_prefill_without_sampling_returns_last_position_logits(backend):
 def test_prefill_takes_tokens_with_log_probs_too(backend, monkeypatch):
     plain = backend.generator.prefill_forward_text
     monkeypatch.setattr(backend.generator, "prefill_forward_text", lambda *a, **kw: (plain(*a, **kw), "log-probs"))
-    token = backend.prefill(list(range(10)), 0, [0], slot=0, sampling=GREEDY)
+    token = backend.prefill(list(range(10)), 0, [0], slot=0, sampling=SamplingParams(temperature=0.7, seed=1))
+    assert last_call(backend, "prefill_forward_text")["sampling_params"] is not None
     assert token.dim() == 0 and int(token) == expected_next(range(10))
 
 
@@ -451,6 +452,55 @@ def test_decode_only_mode_samples_the_first_token_on_the_host(ttnn, hf_dir):
     token = b.prefill(list(range(10)), 0, [0], slot=0, sampling=GREEDY)
     assert last_call(b, "prefill_forward_text")["sampling_params"] is None and int(token) == expected_next(range(10))
     b.close()
+
+
+SAMPLED = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=3)
+
+
+def sampling_events(backend, since: int) -> list[tuple]:
+    """Each call since `since` that changed the device sampler's mode (releasing its traces) or captured one."""
+    return [(name, c["sampling_mode_changed"], c.get("sampling_trace_captured"))
+            for name, c in backend.generator.calls[since:]
+            if c.get("sampling_mode_changed") or c.get("sampling_trace_captured")]
+
+
+def test_a_greedy_request_joining_sampled_decodes_costs_no_sampling_trace(backend):
+    """tt-metal releases every sampling trace when its sampler switches between argmax and sampling, and a
+    device-sampled prefill switches it to the request's mode: a greedy prefill among sampled users switched
+    it twice, and the next decode captured its trace again. Its first token is the host's argmax instead."""
+    tokens, positions, active = decode_inputs([1], [40])
+    table, running = empty_table(backend), [SAMPLED] + [None] * 31
+    backend.decode(tokens, positions, table, active, running)
+    n = len(backend.generator.calls)
+    prompt = list(range(300, 340))
+    token = backend.prefill(prompt, 0, [3], slot=2, sampling=GREEDY)
+    assert int(token) == expected_next(prompt)  # the argmax of the same logits
+    assert last_call(backend, "prefill_forward_text")["sampling_params"] is None
+    backend.decode(tokens, positions, table, active, [SAMPLED, GREEDY] + [None] * 30)
+    assert sampling_events(backend, n) == []
+
+
+def test_a_greedy_request_joining_argmax_decodes_is_sampled_on_the_device(backend):
+    tokens, positions, active = decode_inputs([1], [40])
+    backend.decode(tokens, positions, empty_table(backend), active, [GREEDY] * 32)
+    n = len(backend.generator.calls)
+    backend.prefill(list(range(40)), 0, [3], slot=2, sampling=GREEDY)
+    assert last_call(backend, "prefill_forward_text")["sampling_params"] is not None
+    backend.decode(tokens, positions, empty_table(backend), active, [GREEDY] * 32)
+    assert sampling_events(backend, n) == []
+
+
+def test_the_sampler_mode_changes_only_when_the_running_batch_changes_mode(backend):
+    """Unavoidable: the last sampled user leaves (argmax from then), and a sampled one joins again."""
+    tokens, positions, active = decode_inputs([1], [40])
+    table = empty_table(backend)
+    backend.decode(tokens, positions, table, active, [SAMPLED] + [None] * 31)
+    n = len(backend.generator.calls)
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    backend.prefill(list(range(40)), 0, [3], slot=2, sampling=SAMPLED)
+    backend.decode(tokens, positions, table, active, [GREEDY, GREEDY, SAMPLED] + [None] * 29)
+    assert sampling_events(backend, n) == [("decode_forward", True, "greedy"), ("prefill_forward_text", True, None),
+                                           ("decode_forward", False, "sampled")]
 
 
 # --- decode ------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ block read from the wrong column, or a wrong page table, gives a wrong token.
 
 Each call is appended to `calls` with what the real generator would do with it: where it writes, the
 sampling parameters each of the 32 slots ends up with, and the programs it `compiled` (new shapes: minutes
-on a Galaxy, and a compile after trace capture can corrupt the traces, so a warmed-up server compiles none).
+on a Galaxy, and a compile after trace capture can corrupt the traces, so a warmed-up server compiles none),
+and when the sampling module changed mode between argmax and sampling, which releases its traces, and when a
+decode captured one again.
 """
 from __future__ import annotations
 
@@ -59,8 +61,12 @@ def _per_slot(params: SamplingParams) -> list[dict]:
 
 
 def _sampling_kind(params: SamplingParams) -> str:
-    """The sampling module runs a different program when every row is greedy (argmax) than otherwise."""
-    return "greedy" if all(t == 0 for t in params.temperature) else "sampled"
+    """The sampling module runs a different program when every row is argmax than otherwise: tt_sampling.py
+    _is_force_argmax_sampling, rows of top-k 1, top-p 0 or 1 and temperature 1 (a greedy row, temperature 0
+    here, becomes that: the double keeps temperatures as they came)."""
+    argmax = all(k == 1 and (t == 0 or (t == 1.0 and p in (0.0, 1.0)))
+                 for t, k, p in zip(params.temperature, params.top_k, params.top_p))
+    return "greedy" if argmax else "sampled"
 
 
 def _column_store(kv_cache) -> torch.Tensor:
@@ -81,6 +87,18 @@ class Generator:
         self.trace_ids_decode = defaultdict(lambda: None)
         self.calls: list[tuple[str, dict]] = []
         self.compiled: set[tuple] = set()
+        self.sampling_mode: str | None = None  # the sampling module's: "greedy" (argmax) or "sampled"
+        self.sampling_traces: set[str] = set()  # its captured traces, by mode
+
+    def _reset_sampling(self, params: SamplingParams) -> bool:
+        """SamplingGenerator.reset_sampling_params (models/common/sampling/generator.py @00b0fa3f): a change of
+        mode releases every captured sampling trace (reset_trace). Returns whether the mode changed."""
+        mode = _sampling_kind(params)
+        changed = self.sampling_mode is not None and mode != self.sampling_mode
+        if changed:
+            self.sampling_traces.clear()
+        self.sampling_mode = mode
+        return changed
 
     def _compile(self, *keys: tuple) -> list[tuple]:
         new = [key for key in keys if key not in self.compiled]
@@ -148,17 +166,19 @@ class Generator:
             if enable_trace:
                 self._trace(self.trace_id_prefill, key)
             compiled += self._compile(key)
-        placed = None
-        if sampling_params is not None:
-            formatted = format_sampling_params(sampling_params, MAX_BATCH)
-            placed = _per_slot(_scatter_to_slots(formatted, empty_slots))
-            compiled += self._compile(("prefill_out", "tokens"), ("sampling", _sampling_kind(formatted)))
+        placed, mode_changed = None, False
+        if sampling_params is not None:  # sampled untraced, after reset_sampling_params on the scattered rows
+            scattered = _scatter_to_slots(format_sampling_params(sampling_params, MAX_BATCH), empty_slots)
+            placed = _per_slot(scattered)
+            mode_changed = self._reset_sampling(scattered)
+            compiled += self._compile(("prefill_out", "tokens"), ("sampling", _sampling_kind(scattered)))
         else:
             compiled += self._compile(("prefill_out", "logits"))
         self.calls.append(("prefill_forward_text", {
             "tokens": tokens, "page_table": page_table, "prompt_lens": prompt_lens, "enable_trace": enable_trace,
             "empty_slots": empty_slots, "start_pos": start_pos, "sampling_params": sampling_params,
-            "written_blocks": written, "slot_params": placed, "compiled": compiled}))
+            "written_blocks": written, "slot_params": placed, "sampling_mode_changed": mode_changed,
+            "compiled": compiled}))
         if sampling_params is None:
             logits = torch.zeros(batch, 1, self.model.vocab_size)
             logits[torch.arange(batch), 0, torch.tensor(next_tokens)] = 1.0
@@ -195,15 +215,20 @@ class Generator:
         if enable_trace:
             self._trace(self.trace_ids_decode, return_logits)
         keys = [("decode", "logits" if return_logits else "tokens")]
-        placed = None
+        placed, mode_changed, captured = None, False, None
         if sampling_params is not None:
             formatted = format_sampling_params(sampling_params, MAX_BATCH)
             placed = _per_slot(formatted)
+            if reset_inputs:
+                mode_changed = self._reset_sampling(formatted)
             keys.append(("sampling", _sampling_kind(formatted)))
+            if enable_trace and self.sampling_mode not in self.sampling_traces:  # sample(): capture on first use
+                self.sampling_traces.add(captured := self.sampling_mode)
         self.calls.append(("decode_forward", {
             "tokens": tokens, "start_pos": start_pos, "page_table": page_table, "enable_trace": enable_trace,
             "read_from_device": read_from_device, "reset_inputs": reset_inputs, "sampling_params": sampling_params,
-            "written": written, "slot_params": placed, "compiled": self._compile(*keys)}))
+            "written": written, "slot_params": placed, "sampling_mode_changed": mode_changed,
+            "sampling_trace_captured": captured, "compiled": self._compile(*keys)}))
         if return_logits:  # process_decode_output_host: logits [32, 1, vocab]
             logits = torch.zeros(MAX_BATCH, 1, self.model.vocab_size)
             logits[torch.arange(MAX_BATCH), 0, next_tokens] = 1.0
