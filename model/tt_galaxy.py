@@ -25,6 +25,7 @@ the cache, so block ids mean a different memory in each group and page-table row
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import os
 import time
@@ -315,6 +316,10 @@ def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
         from models.demos.llama3_70b_galaxy.tt.generator_vllm import LlamaForCausalLM as Generator  # noqa: F811
     except ImportError as e:
         log.info("tt-metal's generator_vllm does not import here (%s): the backend allocates the KV cache", e)
+    if "start_pos" not in inspect.signature(Generator.prefill_forward_text).parameters:  # before minutes of loading
+        raise RuntimeError("this tt-metal checkout's Galaxy generator takes no start_pos in prefill_forward_text "
+                           "(prefix caching; e.g. c9bcbd99): meshserve resumes prefills from cached prefixes and "
+                           "prefill chunks, and needs a checkout that has it (generator.py @00b0fa3f does)")
     args = TtModelArgs(mesh, instruct=True, max_batch_size=NUM_SLOTS, optimizations=LlamaOptimizations.performance,
                        max_seq_len=max_seq_len)
     if num_layers is not None:

@@ -277,6 +277,21 @@ def test_missing_checkout_names_pythonpath_and_closes_the_mesh(ttnn, hf_dir, mon
     assert "close_mesh_device" in dict(ttnn.calls)
 
 
+def test_a_generator_without_prefix_caching_is_refused_before_the_model_loads(ttnn, hf_dir, monkeypatch):
+    """Older Galaxy generators (tt-metal c9bcbd99) take no start_pos: the first warm-up prefill would fail
+    with a TypeError after minutes of loading weights."""
+    from models.demos.llama3_70b_galaxy.tt import generator, model_config
+    monkeypatch.setattr(model_config.TtModelArgs, "load_state_dict", lambda self: pytest.fail("weights loaded"))
+
+    def older(self, tokens, page_table=None, kv_cache=None, prompt_lens=None, enable_trace=True,
+              sampling_params=None, empty_slots=None, tt_out_logits_all_users=None):
+        raise AssertionError("never called")
+    monkeypatch.setattr(generator.Generator, "prefill_forward_text", older)
+    with pytest.raises(RuntimeError, match="start_pos"):
+        TTGalaxyBackend(hf_dir)
+    assert [name for name, _ in ttnn.calls][-2:] == ["close_mesh_device", "set_fabric_config"]
+
+
 def test_only_32_slots(ttnn, hf_dir):
     with pytest.raises(ValueError, match="32"):
         TTGalaxyBackend(hf_dir, num_slots=8)
