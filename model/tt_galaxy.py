@@ -187,7 +187,12 @@ class TTGalaxyBackend(Backend):
         # PREFIX_ALIGN tokens, as the generator's own prefix-caching warm-up uses (generator.py @00b0fa3f).
         buckets = [128] + [2**i for i in range(10, caps.max_seq_len.bit_length()) if 2**i <= caps.max_seq_len]
         plan = [(f"prefill {n}", prefill(n, 0, None)) for n in buckets]
-        plan += [(f"prefill {n} after a cached prefix", prefill(n, PREFIX_ALIGN, None)) for n in buckets]
+        # Not the longest after a prefix: past max_seq_len, the generator's heuristic (_should_skip_prefix_caching,
+        # generator.py @00b0fa3f) would recompute all 128 + n tokens, padded to twice the cache. No request can
+        # take it (within max_seq_len, n new tokens in the top bucket always recompute their prefix, from the
+        # top bucket's uncached trace), and the generator's own warm-up captures it.
+        plan += [(f"prefill {n} after a cached prefix", prefill(n, PREFIX_ALIGN, None)) for n in buckets
+                 if PREFIX_ALIGN + n <= caps.max_seq_len]
         plan += [(f"prefill sampling {s}", prefill(128, 0, s)) for s in prefill_outputs[1:]]
         plan += [(f"decode sampling {s}", decode(s)) for s in decode_outputs]
         return plan

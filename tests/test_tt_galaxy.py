@@ -312,7 +312,7 @@ def test_warmup_at_load_covers_every_bucket_prefix_and_sampling_variant(backend)
     uncached = [c for c in prefills if c["start_pos"] == [0] and c["sampling_params"] is None]
     assert [c["prompt_lens"][0] for c in uncached] == BUCKETS
     cached = [c for c in prefills if c["start_pos"] == [128]]
-    assert [c["prompt_lens"][0] - 128 for c in cached] == BUCKETS
+    assert [c["prompt_lens"][0] - 128 for c in cached] == BUCKETS[:-1]  # 128 + 131,072 is past max_seq_len
     sampled = [c["sampling_params"] for c in prefills if c["sampling_params"] is not None]
     assert [(p.temperature, p.top_k, p.top_p) for p in sampled] == [([0.0], [0], [1.0]), ([1.0], [10], [0.9])]
     decodes = gen_calls(backend, "decode_forward")
@@ -352,7 +352,7 @@ def test_without_warmup_the_first_requests_compile(ttnn, hf_dir):
 def test_warmup_shows_a_progress_bar(ttnn, hf_dir, capfd):
     TTGalaxyBackend(hf_dir, max_seq_len=4096).close()
     err = capfd.readouterr().err
-    assert "TT warm-up" in err and "100%" in err and "13/13" in err  # 4 buckets x 2 + 2 prefill + 3 decode
+    assert "TT warm-up" in err and "100%" in err and "12/12" in err  # 4 + 3 after a prefix + 2 prefill + 3 decode
 
 
 @pytest.mark.parametrize("mode, prefill_sampling, decode_sampling", [
@@ -592,24 +592,40 @@ def test_older_generators_decode_through_decode_forward_text(ttnn, hf_dir, monke
 
 # --- KV groups: one KV cache per mesh column ---------------------------------------------------------
 
-PROMPT = list(range(2000, 2300))  # 300 tokens: 5 blocks, the first 2 (128 tokens) a reusable prefix
+# 1,100 tokens in 18 blocks, the first 16 (1,024 tokens) a reusable prefix: the generator reuses a prefix only
+# where that pays (76 new tokens pad to 128, against 2,048 for the whole prompt)
+PROMPT = list(range(2000, 3100))
+PREFIX, BLOCKS = 1024, list(range(10, 28))
+REUSED = BLOCKS[:16] + [40, 41]
 
 
 def test_a_prefix_reused_within_its_column_gives_the_right_token(backend):
-    backend.prefill(PROMPT, 0, [10, 11, 12, 13, 14], slot=0, sampling=GREEDY)
-    token = backend.prefill(PROMPT, 128, [10, 11, 30, 31, 32], slot=5, sampling=GREEDY)  # slot 5: column 0
-    assert last_call(backend, "prefill_forward_text")["written_blocks"][0][0] == 0
+    backend.prefill(PROMPT, 0, BLOCKS, slot=0, sampling=GREEDY)
+    token = backend.prefill(PROMPT, PREFIX, REUSED, slot=5, sampling=GREEDY)  # slot 5: column 0
+    call = last_call(backend, "prefill_forward_text")
+    assert call["start_pos"] == [PREFIX] and call["written_blocks"][0] == (0, [41, 42])  # device ids: + 1
     assert int(token) == expected_next(PROMPT)
 
 
 def test_a_prefix_reused_from_another_column_gives_a_wrong_token(backend):
     """What a single block pool for all 32 slots does on a Galaxy: slot 9 lives on column 1, whose chips
-    never held what slot 0 wrote into blocks 10 and 11."""
-    backend.prefill(PROMPT, 0, [10, 11, 12, 13, 14], slot=0, sampling=GREEDY)
-    token = backend.prefill(PROMPT, 128, [10, 11, 30, 31, 32], slot=9, sampling=GREEDY)
+    never held what slot 0 wrote into blocks 10 to 25."""
+    backend.prefill(PROMPT, 0, BLOCKS, slot=0, sampling=GREEDY)
+    token = backend.prefill(PROMPT, PREFIX, REUSED, slot=9, sampling=GREEDY)
     assert last_call(backend, "prefill_forward_text")["written_blocks"][0][0] == 1
     assert int(token) != expected_next(PROMPT)
-    assert int(token) == expected_next(PROMPT[128:])  # column 1 read back only what slot 9 wrote
+    assert int(token) == expected_next(PROMPT[PREFIX:])  # column 1 read back only what slot 9 wrote
+
+
+def test_a_prefix_too_short_to_pay_is_recomputed_by_the_generator(backend):
+    """tt-metal's _should_skip_prefix_caching (generator.py @00b0fa3f): 172 new tokens after 128 cached pad to
+    1,024, as the whole 300 do, so it prefills from 0 and writes the prefix's blocks again (the same KV)."""
+    prompt = PROMPT[:300]
+    backend.prefill(prompt, 0, BLOCKS[:5], slot=0, sampling=GREEDY)
+    token = backend.prefill(prompt, 128, BLOCKS[:2] + [30, 31, 32], slot=9, sampling=GREEDY)
+    call = last_call(backend, "prefill_forward_text")
+    assert call["start_pos"] == [128] and call["written_blocks"][0] == (1, [11, 12, 31, 32, 33] + [0] * 11)
+    assert int(token) == expected_next(prompt)
 
 
 def test_each_column_has_its_own_blocks_under_the_same_ids(backend):
@@ -626,10 +642,10 @@ def test_each_column_has_its_own_blocks_under_the_same_ids(backend):
 
 
 def test_decode_reads_only_its_columns_blocks(backend):
-    backend.prefill(PROMPT, 0, [20, 21, 22, 23, 24], slot=1, sampling=GREEDY)  # column 0
-    tokens, positions, active = decode_inputs([2, 10], [300, 300])  # slot 2: column 0, slot 10: column 1
+    backend.prefill(PROMPT, 0, BLOCKS, slot=1, sampling=GREEDY)  # column 0
+    tokens, positions, active = decode_inputs([2, 10], [len(PROMPT)] * 2)  # slot 2: column 0, slot 10: column 1
     table = empty_table(backend)
-    table[[2, 10], :5] = torch.tensor([20, 21, 22, 23, 24], dtype=torch.int32)
+    table[[2, 10], :len(BLOCKS)] = torch.tensor(BLOCKS, dtype=torch.int32)
     tokens[[2, 10]] = 7
     out = backend.decode(tokens, positions, table, active, [GREEDY] * 32)
     assert int(out[2]) == expected_next(PROMPT + [7]) and int(out[10]) == expected_next([7])

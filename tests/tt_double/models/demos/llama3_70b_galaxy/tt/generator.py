@@ -1,7 +1,8 @@
 """Double of tt-metal models/demos/llama3_70b_galaxy/tt/generator.py, as read at commit 00b0fa3f57bf8c13 (the
 newest version the index holds; tt-inference-server pins e867533, which the index could not resolve): the
 Generator constructor, prefill_forward_text and decode_forward with the real signatures, the input checks,
-page-table padding, sampling-parameter placement, the lazy built-in prefill warm-up and the finaliser.
+page-table padding, the heuristic that recomputes a cached prefix when reusing it would not pay, sampling-
+parameter placement, the lazy built-in prefill warm-up and the finaliser.
 
 There is no model, but there is a KV cache, kept per mesh column as on the Galaxy: a user's KV lives only on
 its column's 8 chips (slot s on column s // 8: prepare_prefill_inputs_host in llama_model.py pads the other
@@ -44,6 +45,24 @@ def get_padded_prefill_len(seq_len: int) -> int:
     if seq_len <= 1024:
         return 1024
     return 2 ** (seq_len - 1).bit_length()
+
+
+def _should_skip_prefix_caching(seq_len: int, num_cached: int) -> bool:
+    """generator.py's heuristic: recompute the cached prefix too (from position 0, overwriting its blocks with
+    the same KV) when padding erases the saving, or chunked SDPA would cost more than it saves."""
+    if num_cached == 0:
+        return False
+    padded_new, padded_total = get_padded_prefill_len(seq_len - num_cached), get_padded_prefill_len(seq_len)
+    if padded_new >= padded_total:
+        return True
+    ratio = padded_new / padded_total
+    if ratio <= 0.125:
+        return False
+    if ratio <= 0.25:
+        return padded_total > 32768
+    if ratio <= 0.5:
+        return padded_total > 16384
+    return True
 
 
 def num_blocks_in_seq(seq_len: int, block_size: int) -> int:
@@ -144,6 +163,8 @@ class Generator:
         next_tokens, written, compiled = [], [], []
         for i in range(batch):
             cached = (int(start_pos[i]) if start_pos is not None else 0) // SDPA_CHUNK_ALIGN * SDPA_CHUNK_ALIGN
+            if _should_skip_prefix_caching(prompt_lens[i], cached):  # outside the generator's own warm-up
+                cached = 0
             padded_len = get_padded_prefill_len(prompt_lens[i] - cached)
             # _easy_trace_prefill pads the page table to the cache's width and never cuts it
             assert num_blocks_in_seq(cached + padded_len, block_size) <= device_blocks, "prefill past the KV cache"
