@@ -13,6 +13,7 @@ deep_stack_executor thread.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,7 @@ from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from model.grammar import (MAX_GRAMMAR_BYTES, cfg_grammar, choice_grammar, grammar_error, json_schema_grammar,
                            json_sequence_grammar, regex_grammar)
+from model.grammar_check import MAX_COMPILE_WALL_S
 
 ToolMode = Literal["none", "auto", "forced"]
 
@@ -56,8 +58,9 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
             _check(whitespace[0], _builder("regex", whitespace[1], {}), ll_tokenizer)
         if param == "tool_choice":  # name the tool whose schema cannot constrain a call, if one alone cannot
             chosen = _chosen(tools, req.tool_choice)
+            deadline = time.monotonic() + MAX_COMPILE_WALL_S  # each compile is cut at that, not all of them
             for i, tool in enumerate(tools):
-                if tool in chosen:
+                if tool in chosen and time.monotonic() < deadline:
                     _check(f"tools.{i}.function.parameters", _builder("json", _parameters(tool), {}), ll_tokenizer)
         raise
     return Constraint(grammar, tool_mode, tools, param)

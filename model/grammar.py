@@ -15,6 +15,7 @@ import json
 import re
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -141,8 +142,31 @@ def cfg_grammar(text: str) -> str:
     """A context-free grammar in Lark syntax (`start: ...`) or in the EBNF of vLLM's docs and llama.cpp's GBNF
     (`root ::= ...`), converted by llguidance as vLLM's guidance backend does. Raises ValueError."""
     if "::=" in text:
-        text = _GBNF_ESCAPE.sub(_gbnf_code_point, text)
-    return llguidance.grammar_from("grammar", text)
+        return _gbnf_to_lark(_GBNF_ESCAPE.sub(_gbnf_code_point, text))
+    return llguidance.grammar_from("grammar", text)  # Lark: passed on as it is
+
+
+@functools.lru_cache(maxsize=64)
+def _gbnf_to_lark(text: str) -> str:
+    """llguidance's GBNF conversion, in a grammar checker's child (it takes quadratic time: 2 s for 64 KB of
+    rule chain), cut at its wall-clock budget. Conversions are kept, not refusals (a refusal past the budget
+    depends on the load). Raises ValueError."""
+    verdict = _in_child(lambda c: c.convert_gbnf(text))
+    if verdict.grammar is None:
+        raise ValueError(verdict.error or f"the grammar takes more than {grammar_check.MAX_COMPILE_WALL_S:g} s "
+                                          f"to convert from GBNF; this server takes at most that")
+    return verdict.grammar
+
+
+def _in_child(ask) -> grammar_check.Verdict:
+    """`ask(checker)` on an idle grammar checker; once more, on a fresh child, if its child died meanwhile
+    (llguidance crashed, or something killed it)."""
+    checker = grammar_check.checker()
+    try:
+        verdict = ask(checker)
+        return ask(checker) if verdict.crashed else verdict
+    finally:
+        grammar_check.release(checker)
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguidance.LLTokenizer:
@@ -156,35 +180,53 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguida
     return from_tokenizer(tokenizer.hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
 
 
-@functools.lru_cache(maxsize=256)
+_VERDICTS: OrderedDict[tuple[str, llguidance.LLTokenizer], str | None] = OrderedDict()
+_VERDICTS_LOCK = threading.Lock()
+VERDICTS_KEPT = 256  # at most 16 MB of grammar text
+
+
 def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None:
     """Why `grammar` cannot constrain this model, or None: an invalid schema, regex or Lark text, more than
-    MAX_GRAMMAR_BYTES, or more than MAX_COMPILE_CPU_S of CPU to compile (first in a child process, cut at
-    grammar_check.MAX_COMPILE_WALL_S; then here, the matcher a mesh builds and its first mask). Call it on a
-    deep_stack_executor thread. The verdicts on the last 256 grammars are
-    kept (at most 16 MB): a client with tools sends the same ones at every turn."""
+    MAX_GRAMMAR_BYTES, or more than MAX_COMPILE_CPU_S of CPU to compile (first in a grammar checker's child,
+    cut at grammar_check.MAX_COMPILE_WALL_S; then here, the matcher a mesh builds and its first mask, which
+    llguidance's lexer fuel bounds). Call it on a deep_stack_executor thread. The verdicts on the last
+    VERDICTS_KEPT grammars are kept (a client with tools sends the same ones at every turn), except those that
+    depend on the moment: a compile cut at the wall-clock budget, or a child that died twice."""
+    key = (grammar, tokenizer)
+    with _VERDICTS_LOCK:
+        if key in _VERDICTS:
+            _VERDICTS.move_to_end(key)
+            return _VERDICTS[key]
+    error, lasting = _grammar_error(grammar, tokenizer)
+    if lasting:
+        with _VERDICTS_LOCK:
+            _VERDICTS[key] = error
+            while len(_VERDICTS) > VERDICTS_KEPT:
+                _VERDICTS.popitem(last=False)
+    return error
+
+
+def _grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[str | None, bool]:
+    """grammar_error's verdict, and whether it would be the same at another moment."""
     if len(grammar) > MAX_GRAMMAR_BYTES:
         return f"the constraint compiles to {len(grammar)} bytes of grammar; this server takes at most " \
-               f"{MAX_GRAMMAR_BYTES}"
-    checker = grammar_check.checker()  # first out of process, where a compile that would take minutes is cut
-    try:
-        error, cpu_s = checker.check(grammar)
-    finally:
-        grammar_check.release(checker)
-    if error:
-        return error
+               f"{MAX_GRAMMAR_BYTES}", True
+    verdict = _in_child(lambda c: c.check(grammar))  # where a compile that would take minutes is cut
+    if verdict.error:
+        return verdict.error, not verdict.crashed
+    cpu_s = verdict.cpu_s
     if cpu_s is not None and cpu_s <= MAX_COMPILE_CPU_S:
         start = time.thread_time()
         try:
             compiled(tokenizer, grammar)
         except ValueError as exc:
-            return str(exc)
+            return str(exc), True
         cpu_s = time.thread_time() - start
         if cpu_s <= MAX_COMPILE_CPU_S:
-            return None
-    spent = f"more than {checker.wall_s:g} s" if cpu_s is None else f"{cpu_s * 1000:.0f} ms of CPU"
-    return f"the constraint takes {spent} to compile; this server takes at most {MAX_COMPILE_CPU_S * 1000:.0f} ms " \
-           f"of CPU (fewer properties, alternatives or repetitions make it cheaper)"
+            return None, True
+    spent = f"more than {grammar_check.MAX_COMPILE_WALL_S:g} s" if cpu_s is None else f"{cpu_s * 1000:.0f} ms of CPU"
+    return f"the constraint takes {spent} to compile; this server takes at most {MAX_COMPILE_CPU_S * 1000:.0f} " \
+           f"ms of CPU (fewer properties, alternatives or repetitions make it cheaper)", cpu_s is not None
 
 
 def compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> LLMatcher:

@@ -3,13 +3,15 @@
 llguidance's compiler has no fuel limit and a thread inside it cannot be stopped. Its cost lies in building
 the grammar, before any tokenizer is involved: a JSON schema of N `patternProperties` compiles in roughly
 cubic time (llguidance 1.9.1 on this box: 200 take 0.4 s, 300 take 1.8 s, 400 (15 KB) 5.5 s, 500 14 s; the
-~2,000 that fit MAX_GRAMMAR_BYTES would take some ten minutes), and each such request held one of the ingress's
-grammar threads until it ended, only to be refused then for its CPU. So the ingress asks a child (LLMatcher.validate_grammar, no
-tokenizer) first, and kills it past MAX_COMPILE_WALL_S; a crash inside llguidance kills only the child too.
-The tokenizer's part (the first mask) is bounded by llguidance's lexer fuel, and checked in-process after.
+~2,000 that fit MAX_GRAMMAR_BYTES would take some ten minutes), and its GBNF-to-Lark conversion in quadratic
+time (a 6,500-rule chain, 64 KB, takes 2 s). Each such request held one of the ingress's grammar threads
+until it ended. So the ingress compiles (LLMatcher.validate_grammar, no tokenizer) and converts in a child,
+and kills it past MAX_COMPILE_WALL_S; a crash inside llguidance kills only the child too. The tokenizer's part
+(the first mask) is bounded by llguidance's lexer fuel, and checked in-process after.
 
-Run as `python -m model.grammar_check WALL_S STACK_BYTES`: the child, one request per line on stdin
-(a JSON string), one verdict per line on stdout ({"error": str | null, "cpu_s": float}).
+Run as `python -m model.grammar_check WALL_S STACK_BYTES`: the child. It writes "ready" once it has imported
+llguidance, then answers one request per line on stdin, {"op": "validate" | "gbnf", "text": str}, with one line
+on stdout: {"error": str | null, "cpu_s": float} and, for "gbnf", "grammar": the Lark text.
 """
 from __future__ import annotations
 
@@ -20,13 +22,23 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
 
 # Ten times MAX_COMPILE_CPU_S (model/grammar.py): a grammar that uses its CPU budget on a busy 2-core box
 # still gets its verdict; one that would take longer is refused at this, not at its end.
 MAX_COMPILE_WALL_S = 1.0
+STARTUP_S = 30.0  # a child importing llguidance on a loaded host
 _ROOT = str(Path(__file__).resolve().parents[1])
+
+
+@dataclass
+class Verdict:
+    error: str | None  # why llguidance refuses the text, or None
+    cpu_s: float | None  # the child's CPU for it; None: no answer (killed past wall_s, or it died: `crashed`)
+    crashed: bool = False
+    grammar: str | None = None  # a conversion's result
 
 
 class GrammarChecker:
@@ -40,12 +52,20 @@ class GrammarChecker:
         self.start()
 
     def start(self) -> None:
-        """A fresh child (~0.15 s to import llguidance); one that is running is killed first."""
+        """A fresh child, ready to compile (~0.15 s); one that is running is killed first. Raises RuntimeError
+        when it cannot start (llguidance does not import)."""
         self.stop()
         # the child's own limit, past the parent's: it ends by itself if its parent died during a compile
         args = [sys.executable, "-m", "model.grammar_check", str(self.wall_s * 2), str(self.stack_bytes)]
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      cwd=_ROOT)  # -m finds this package there, whatever the parent's directory
+        try:
+            ready = self._read_line(time.monotonic() + STARTUP_S)
+        except EOFError:
+            ready = None
+        if ready != b"ready\n":  # its import is not the request's time
+            self.stop()
+            raise RuntimeError("the grammar checker (python -m model.grammar_check) did not start")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -53,23 +73,29 @@ class GrammarChecker:
             self.proc.wait()
             self.proc = None
 
-    def check(self, grammar: str) -> tuple[str | None, float | None]:
-        """(why llguidance refuses `grammar`, or None; the child's CPU seconds to compile it, None when it did
-        not finish within wall_s). A child that runs out of time or dies compiling is replaced."""
+    def check(self, grammar: str) -> Verdict:
+        """llguidance's verdict on llguidance grammar text (its JSON, or Lark)."""
+        return self._ask("validate", grammar)
+
+    def convert_gbnf(self, text: str) -> Verdict:
+        """llama.cpp's GBNF as llguidance's grammar text (`grammar`), or why not."""
+        return self._ask("gbnf", text)
+
+    def _ask(self, op: str, text: str) -> Verdict:
+        """The child's answer; past wall_s, or when the child dies, none (and a fresh child)."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         try:
-            self.proc.stdin.write(json.dumps(grammar).encode() + b"\n")
+            self.proc.stdin.write(json.dumps({"op": op, "text": text}).encode() + b"\n")
             self.proc.stdin.flush()
             reply = self._read_line(time.monotonic() + self.wall_s)
         except (OSError, EOFError):
             self.start()
-            return "llguidance's compiler crashed on this constraint", None
+            return Verdict("llguidance's compiler crashed on this constraint", None, crashed=True)
         if reply is None:
             self.start()
-            return None, None
-        verdict = json.loads(reply)
-        return verdict["error"], verdict["cpu_s"]
+            return Verdict(None, None)
+        return Verdict(**json.loads(reply))
 
     def _read_line(self, deadline: float) -> bytes | None:
         """The child's next line, or None at `deadline`. Raises EOFError when the child has gone."""
@@ -106,32 +132,46 @@ def start(n: int) -> None:
         release(c)
 
 
-def _serve(wall_s: float, stack_bytes: int) -> None:
-    """The child: compile each grammar on a thread with a deep stack (model/grammar.py, GRAMMAR_STACK_BYTES);
-    exit at end of input, or when one compile outlasts `wall_s` (its parent gave up on it, or died)."""
+def _answer(op: str, text: str) -> dict:
+    import llguidance
     from llguidance import LLMatcher
+    start_cpu = time.thread_time()
+    grammar = None
+    try:
+        if op == "gbnf":
+            grammar = llguidance.grammar_from("grammar", text)
+            error = None
+        else:
+            error = LLMatcher.validate_grammar(text) or None
+    except Exception as exc:  # malformed grammar JSON or GBNF
+        error = str(exc)
+    reply = {"error": error, "cpu_s": time.thread_time() - start_cpu}
+    return reply if op != "gbnf" else {**reply, "grammar": grammar}
+
+
+def _serve(wall_s: float, stack_bytes: int) -> None:
+    """The child: compile each request on a thread with a deep stack (model/grammar.py, GRAMMAR_STACK_BYTES);
+    exit at end of input, or when one compile outlasts `wall_s` (its parent gave up on it, or died)."""
+    import llguidance  # noqa: F401  (imported before "ready")
     threading.stack_size(stack_bytes)
-    requests: SimpleQueue[str] = SimpleQueue()
-    verdicts: SimpleQueue[dict] = SimpleQueue()
+    requests: SimpleQueue[dict] = SimpleQueue()
+    answers: SimpleQueue[dict] = SimpleQueue()
 
     def compile_each() -> None:
         while True:
-            grammar = requests.get()
-            start_cpu = time.thread_time()
-            try:
-                error = LLMatcher.validate_grammar(grammar) or None
-            except Exception as exc:  # malformed grammar JSON
-                error = str(exc)
-            verdicts.put({"error": error, "cpu_s": time.thread_time() - start_cpu})
+            request = requests.get()
+            answers.put(_answer(request["op"], request["text"]))
 
     threading.Thread(target=compile_each, daemon=True).start()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
     for line in sys.stdin.buffer:
         requests.put(json.loads(line))
         try:
-            verdict = verdicts.get(timeout=wall_s)
+            answer = answers.get(timeout=wall_s)
         except Empty:
             os._exit(3)
-        sys.stdout.write(json.dumps(verdict) + "\n")
+        sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from model.grammar import GRAMMAR_STACK_BYTES, cfg_grammar, json_schema_grammar, regex_grammar
-from model.grammar_check import GrammarChecker
-from tests.ingress_support import lark_chain
+from model.grammar_check import GrammarChecker, Verdict
+from tests.ingress_support import gbnf_chain, lark_chain
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,17 +37,16 @@ def checker():
 
 
 def test_a_grammar_is_checked_in_the_child(checker):
-    error, cpu_s = checker.check(regex_grammar("[0-9]+"))
-    assert error is None and 0 <= cpu_s < 0.5
-    error, cpu_s = checker.check(regex_grammar("a(b"))
-    assert "unclosed group" in error
+    verdict = checker.check(regex_grammar("[0-9]+"))
+    assert verdict.error is None and 0 <= verdict.cpu_s < 0.5
+    assert "unclosed group" in checker.check(regex_grammar("a(b")).error
 
 
 def test_a_compile_past_the_wall_budget_is_cut_and_its_child_replaced(checker):
     before = checker.proc.pid
-    assert checker.check(pattern_properties(400)) == (None, None)  # no verdict: it ran out of time
+    assert checker.check(pattern_properties(400)) == Verdict(None, None)  # no verdict: it ran out of time
     assert gone(before) and checker.proc.pid != before
-    assert checker.check(regex_grammar("[0-9]+"))[0] is None  # the new child works
+    assert checker.check(regex_grammar("[0-9]+")).error is None  # the new child works
 
 
 def test_a_crash_in_the_compiler_kills_only_the_child():
@@ -55,14 +54,14 @@ def test_a_crash_in_the_compiler_kills_only_the_child():
     shallow = GrammarChecker(wall_s=5, stack_bytes=2**20)
     try:
         before = shallow.proc.pid
-        error, cpu_s = shallow.check(cfg_grammar(lark_chain(3000)))
-        assert "crashed" in error and cpu_s is None
-        assert gone(before) and shallow.check(regex_grammar("x+"))[0] is None
+        verdict = shallow.check(cfg_grammar(lark_chain(3000)))
+        assert verdict.crashed and "crashed" in verdict.error and verdict.cpu_s is None
+        assert gone(before) and shallow.check(regex_grammar("x+")).error is None
     finally:
         shallow.stop()
     deep = GrammarChecker(wall_s=5)  # the default stack holds it
     try:
-        assert deep.check(cfg_grammar(lark_chain(3000)))[0] is None
+        assert deep.check(cfg_grammar(lark_chain(3000))).error is None
     finally:
         deep.stop()
 
@@ -71,10 +70,49 @@ def test_the_child_ends_by_itself_when_one_compile_outlasts_twice_the_budget():
     """Its parent gave up on it or died mid-compile: the child does not compile on for minutes."""
     child = subprocess.Popen([sys.executable, "-m", "model.grammar_check", "0.5", str(GRAMMAR_STACK_BYTES)],
                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=ROOT)
-    child.stdin.write(json.dumps(pattern_properties(400)).encode() + b"\n")
+    child.stdin.write(json.dumps({"op": "validate", "text": pattern_properties(400)}).encode() + b"\n")
     child.stdin.flush()
     try:
         assert child.wait(timeout=15) == 3
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_gbnf_conversion_is_cut_at_the_budget_too(checker):
+    verdict = checker.convert_gbnf(gbnf_chain(6500))
+    assert verdict == Verdict(None, None)
+    converted = checker.convert_gbnf('root ::= "a" | "b"')
+    assert converted.error is None and 'start: "a"' in converted.grammar
+
+
+def test_a_verdict_that_depends_on_the_moment_is_not_kept(monkeypatch):
+    """A compile cut at the wall-clock budget (a loaded host) or a child that died (llguidance crashed, or
+    something killed it) says nothing lasting about the grammar: the next request compiles it again."""
+    import model.grammar as grammar
+    from model.embedded import ensure_smollm2
+    from model.tokenizer import load_tokenizer
+    tok = load_tokenizer(ensure_smollm2())
+    llt = grammar.ll_tokenizer(tok, tok.vocab_size)
+    real_check = GrammarChecker.check
+    answers = [Verdict(None, None), Verdict("crashed", None, crashed=True), Verdict("crashed", None, crashed=True)]
+    monkeypatch.setattr(GrammarChecker, "check", lambda self, g: answers.pop(0) if answers else real_check(self, g))
+    text = regex_grammar("[a-f]{3}-moment")
+    assert "more than" in grammar.grammar_error(text, llt)
+    assert grammar.grammar_error(text, llt) == "crashed"  # died, and died again on a fresh child
+    assert grammar.grammar_error(text, llt) is None and answers == []
+    answers.append(Verdict(None, None))
+    assert grammar.grammar_error(text, llt) is None  # a lasting verdict is kept: not compiled again
+
+
+def test_a_child_killed_from_outside_is_replaced_and_the_grammar_compiled_again():
+    import model.grammar as grammar
+    calls = []
+
+    def ask(checker):
+        calls.append(checker.proc.pid)
+        if len(calls) == 1:
+            checker.proc.kill()  # as if llguidance had crashed in it (found dead at the write, or at the read)
+        return checker.check(regex_grammar("[0-9]{2}-killed"))
+    verdict = grammar._in_child(ask)
+    assert verdict.error is None and verdict.cpu_s is not None and gone(calls[0])

@@ -13,7 +13,7 @@ from deployments.config import DEFAULT_MAX_REQUEST_BYTES, AppConfig
 from deployments.ingress import build_app
 from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
-                                   lark_chain, make_client, router, tokenizer)
+                                   gbnf_chain, lark_chain, make_client, router, tokenizer)
 
 
 class SpyTokenizer:
@@ -239,3 +239,34 @@ def test_a_grammar_that_would_compile_for_minutes_is_400_within_a_second(client,
     assert f"more than {MAX_COMPILE_WALL_S:g} s" in error["message"] and router.requests == {}
     good = client.post("/v1/completions", json={**COMPLETION, "structured_outputs": {"regex": "[0-9]+"}})
     assert good.status_code == 200, good.text
+
+
+def test_a_gbnf_grammar_that_would_convert_for_seconds_is_400_within_a_second(client, router):
+    """llguidance converts GBNF to Lark in quadratic time: a 6,500-rule chain (64 KB) takes 2 s, which held a
+    grammar thread at every request, even the same grammar again. It is converted in the grammar checker's
+    child now, cut at MAX_COMPILE_WALL_S."""
+    from model.grammar_check import MAX_COMPILE_WALL_S
+    error = assert_error(client.post("/v1/completions", json={
+        **COMPLETION, "structured_outputs": {"grammar": gbnf_chain(6500)}}), 400, param="structured_outputs.grammar")
+    assert f"more than {MAX_COMPILE_WALL_S:g} s" in error["message"] and router.requests == {}
+
+
+def test_a_gbnf_grammar_is_converted_once(client, router, monkeypatch):
+    from model.grammar_check import GrammarChecker
+    conversions, real = [], GrammarChecker.convert_gbnf
+    monkeypatch.setattr(GrammarChecker, "convert_gbnf", lambda self, text: conversions.append(text) or real(self, text))
+    body = {**COMPLETION, "structured_outputs": {"grammar": 'root ::= "once" | "twice" | "thrice"'}}
+    assert [client.post("/v1/completions", json=body).status_code for _ in range(2)] == [200, 200]
+    assert len(conversions) == 1
+
+
+def test_naming_the_tool_at_fault_stops_at_the_compile_budget(client, router, monkeypatch):
+    """A forced call's grammar holds every chosen tool; when it is refused, each tool is compiled alone to name
+    the one at fault, but not past one compile budget in all (14 tools of 100 patterns took 14 more compiles)."""
+    import deployments.structured as structured
+    monkeypatch.setattr(structured, "MAX_COMPILE_WALL_S", 0.0)
+    bad = {"type": "function", "function": {"name": "bad", "parameters": {"type": "object", "properties": {
+        "a": {"type": "nope"}}}}}
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": [bad], "tool_choice": "required"}),
+                         400, param="tool_choice")
+    assert "nope" in error["message"]
