@@ -153,8 +153,9 @@ def _gbnf_to_lark(text: str) -> str:
     depends on the load). Raises ValueError."""
     verdict = _in_child(lambda c: c.convert_gbnf(text))
     if verdict.grammar is None:
-        raise ValueError(verdict.error or f"the grammar takes more than {grammar_check.MAX_COMPILE_WALL_S:g} s "
-                                          f"to convert from GBNF; this server takes at most that")
+        wall = f"{grammar_check.MAX_COMPILE_WALL_S:g} s"
+        raise ValueError(verdict.error or f"the grammar takes more than {wall} to convert from GBNF; this server "
+                                          f"takes at most {wall}")
     return verdict.grammar
 
 
