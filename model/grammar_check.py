@@ -11,7 +11,7 @@ and kills it past MAX_COMPILE_WALL_S; a crash inside llguidance kills only the c
 
 Run as `python -m model.grammar_check WALL_S STACK_BYTES`: the child. It writes "ready" once it has imported
 llguidance, then answers one request per line on stdin, {"op": "validate" | "gbnf", "text": str}, with one line
-on stdout: {"error": str | null, "cpu_s": float} and, for "gbnf", "grammar": the Lark text.
+on stdout: {"error": str | null, "cpu_s": float, "grammar": the Lark text of a "gbnf" request, or null}.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
+
+import llguidance
 
 # Ten times MAX_COMPILE_CPU_S (model/grammar.py): a grammar that uses its CPU budget on a busy 2-core box
 # still gets its verdict; one that would take longer is refused at this, not at its end.
@@ -133,26 +135,21 @@ def start(n: int) -> None:
 
 
 def _answer(op: str, text: str) -> dict:
-    import llguidance
-    from llguidance import LLMatcher
     start_cpu = time.thread_time()
-    grammar = None
+    grammar = error = None
     try:
         if op == "gbnf":
             grammar = llguidance.grammar_from("grammar", text)
-            error = None
         else:
-            error = LLMatcher.validate_grammar(text) or None
+            error = llguidance.LLMatcher.validate_grammar(text) or None
     except Exception as exc:  # malformed grammar JSON or GBNF
         error = str(exc)
-    reply = {"error": error, "cpu_s": time.thread_time() - start_cpu}
-    return reply if op != "gbnf" else {**reply, "grammar": grammar}
+    return {"error": error, "cpu_s": time.thread_time() - start_cpu, "grammar": grammar}
 
 
 def _serve(wall_s: float, stack_bytes: int) -> None:
     """The child: compile each request on a thread with a deep stack (model/grammar.py, GRAMMAR_STACK_BYTES);
     exit at end of input, or when one compile outlasts `wall_s` (its parent gave up on it, or died)."""
-    import llguidance  # noqa: F401  (imported before "ready")
     threading.stack_size(stack_bytes)
     requests: SimpleQueue[dict] = SimpleQueue()
     answers: SimpleQueue[dict] = SimpleQueue()
