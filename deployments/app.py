@@ -45,5 +45,5 @@ def build(args: AppConfig) -> Application:
     })
     return Ingress.options(num_replicas=config.ingress_replicas,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
-        router, model_dir, config.name, config.api_keys or None, config.max_request_bytes, config.metrics_open,
+        router, model_dir, config.names, config.api_keys or None, config.max_request_bytes, config.metrics_open,
         config.allowed_origins)

@@ -2,6 +2,7 @@
 with a message naming it (Serve validates `args` of serve_config.yaml against it)."""
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -15,11 +16,12 @@ class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # what is served
-    model: str = Field("smollm2", description="'smollm2' (the embedded default), a Hugging Face folder or a hub "
-                                              "id in the local HF cache, or a Meta folder (consolidated.*.pth + "
-                                              "params.json + tokenizer.model). Empty: $HF_MODEL or $LLAMA_DIR, as "
-                                              "in the Galaxy demo.")
-    served_model_name: str | None = None
+    model: str | None = Field("smollm2", description="'smollm2' (the embedded default), a Hugging Face folder or a "
+                                                     "hub id in the local HF cache, or a Meta folder (consolidated.*"
+                                                     ".pth + params.json + tokenizer.model). Empty or null: $HF_MODEL "
+                                                     "or $LLAMA_DIR, as in the Galaxy demo.")
+    served_model_name: str | list[str] | None = Field(None, description="the names requests may give, the first "
+                                                      "answered (as vLLM's); None: the model's")
     backend: Literal["torch", "simulated", "tt_galaxy"] = "torch"
     # meshes (one Serve replica each)
     num_meshes: int = Field(1, ge=1)
@@ -66,15 +68,35 @@ class AppConfig(BaseModel):
     def _chunk_aligned(self):
         if self.prefill_chunk % 128:
             raise ValueError("prefill_chunk must be a multiple of 128 (the Galaxy model's prefill alignment)")
+        if self.kv_groups is not None and self.backend != "simulated":
+            raise ValueError("kv_groups applies to the simulated backend only (a Galaxy's KV groups are its mesh "
+                             "columns; the torch backend has one KV cache)")
+        served = [self.served_model_name] if isinstance(self.served_model_name, str) else self.served_model_name
+        if served is not None and (not served or not all(name.strip() for name in served)):
+            raise ValueError("served_model_name: give at least one name, none blank (or leave it out: the model's)")
         if self.backend == "tt_galaxy":  # at deploy time, not when every mesh replica fails to start
+            if self.model == "smollm2":
+                raise ValueError("model: the tt_galaxy backend runs tt-metal's Llama-3 70B Galaxy model, not the "
+                                 "embedded SmolLM2: name its weights, or leave model empty for $HF_MODEL / $LLAMA_DIR")
             galaxy_sizes(self.mesh_shape, self.max_seq_len, self.num_blocks, self.block_size)
         return self
 
     @property
-    def name(self) -> str:
+    def names(self) -> list[str]:
+        """The model names a request may give, the first answered and listed first: served_model_name, else the
+        checkpoint's folder or hub name and the model as given (a hub id such as meta-llama/Llama-3.3-70B-Instruct,
+        which vLLM serves under that id); empty `model` names what $HF_MODEL or $LLAMA_DIR names."""
         if self.served_model_name:
-            return self.served_model_name
-        return "SmolLM2-135M-Instruct" if self.model == "smollm2" else self.model.rstrip("/").split("/")[-1]
+            names = [self.served_model_name] if isinstance(self.served_model_name, str) else self.served_model_name
+            return list(dict.fromkeys(names))
+        if self.model == "smollm2":
+            return ["SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+        given = self.model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
+        return list(dict.fromkeys([given.rstrip("/").split("/")[-1] or given, given]))
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
 
 
 def check_serve_config(path: str) -> list[str]:

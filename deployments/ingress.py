@@ -55,13 +55,14 @@ def named(req: ChatCompletionRequest | CompletionRequest, request: Request):
     return req.model_copy(update={"request_id": header})
 
 
-def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
+def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str | list[str],
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               metrics_open: bool = False, allowed_origins: list[str] | None = None,
               replica_name: str = "local") -> FastAPI:
     """The OpenAI app over `router`. With `api_keys`, every route but /health needs one of them (/metrics too,
     unless `metrics_open`), and each key is a tenant with its own prefix cache. `replica_name` labels this
-    replica's own metrics (`ingress`)."""
+    replica's own metrics (`ingress`). A request may name the model by any of `served_model_name`'s names; the
+    first is the one listed and answered."""
     server = OpenAIServer(router, tokenizer, served_model_name, replica_name)
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server
@@ -88,17 +89,17 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         req = named(req, request)
         return await server.complete(req, await server.prepare_all(req, "cmpl"), salt(request, req.cache_salt))
 
-    async def card() -> ModelCard:
-        return ModelCard(id=served_model_name, created=created, max_model_len=await server.model_len())
+    async def card(name: str) -> ModelCard:
+        return ModelCard(id=name, created=created, max_model_len=await server.model_len())
 
     @v1.get("/models")
     async def models():
-        return ModelList(data=[await card()]).model_dump()
+        return ModelList(data=[await card(server.model)]).model_dump()
 
     @v1.get("/models/{model:path}")
     async def model(model: str):
         server.check_model(model)
-        return (await card()).model_dump()
+        return (await card(model)).model_dump()
 
     app.include_router(v1)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
@@ -211,7 +212,7 @@ def _validated(cls: type[M], **fields) -> M:
 class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""
 
-    def __init__(self, router_handle, model_dir: str, served_model_name: str, api_keys: list[str] | None = None,
+    def __init__(self, router_handle, model_dir: str, served_model_name: str | list[str], api_keys: list[str] | None = None,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, metrics_open: bool = False,
                  allowed_origins: list[str] | None = None):
         self._app = build_app(RouterLink(router_handle), load_tokenizer(model_dir), served_model_name, api_keys,

@@ -139,11 +139,12 @@ class _Refusal:
 class OpenAIServer:
     """The endpoints' logic over one router client; `build_app` routes HTTP to it."""
 
-    def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str,
+    def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str | list[str],
                  replica_name: str = "local"):
         self.router = router
         self.tokenizer = tokenizer
-        self.model = served_model_name
+        self.model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+        self.model = self.model_names[0]  # the name answered
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
         self.metrics = Metrics(replica_name)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
@@ -188,7 +189,7 @@ class OpenAIServer:
 
     def check_model(self, model: str | None) -> None:
         """404 for another model's name; none or "" means the served one (as vLLM takes it)."""
-        if model and model != self.model:
+        if model and model not in self.model_names:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`.",
                            param="model", code="model_not_found")
 

@@ -33,7 +33,37 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     """Checked by the same rule as the backend's (model.galaxy.galaxy_sizes), before any replica starts."""
     AppConfig(backend="torch", **args)  # only the Galaxy has these limits
     with pytest.raises(ValidationError, match=key):
-        AppConfig(backend="tt_galaxy", **args)
+        AppConfig(backend="tt_galaxy", model="", **args)
+
+
+def test_a_config_the_backend_would_ignore_or_misread_is_refused():
+    """The embedded SmolLM2 is no weights for tt-metal's Llama-3 70B model (the key left out meant it), and only
+    the simulated backend has a kv_groups setting: both were taken silently."""
+    with pytest.raises(ValidationError, match="model: the tt_galaxy backend runs"):
+        AppConfig(backend="tt_galaxy")
+    assert AppConfig(backend="tt_galaxy", model=None).model is None  # a bare `model:` in YAML: the demo's variables
+    for backend in ("torch", "tt_galaxy"):
+        with pytest.raises(ValidationError, match="kv_groups applies to the simulated backend only"):
+            AppConfig(backend=backend, model="/w", kv_groups=2)
+    assert AppConfig(backend="simulated", kv_groups=2).kv_groups == 2
+
+
+def test_the_served_names_are_vllms_and_the_short_one(monkeypatch):
+    """A hub id is answered by its last part and accepted whole (vLLM serves it whole); served_model_name takes
+    one name or several, the first answered; an empty model is named by the demo's variable."""
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    monkeypatch.setenv("HF_MODEL", "meta-llama/Llama-3.3-70B-Instruct")
+    assert AppConfig(model="").names == AppConfig(model=None).names == [
+        "Llama-3.3-70B-Instruct", "meta-llama/Llama-3.3-70B-Instruct"]
+    assert AppConfig(model="/models/Llama-3.3-70B-Instruct/").names == [
+        "Llama-3.3-70B-Instruct", "/models/Llama-3.3-70B-Instruct/"]
+    assert AppConfig().names == ["SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert AppConfig(served_model_name="llama").names == ["llama"]
+    assert AppConfig(served_model_name=["llama", "gpt-4o", "llama"]).name == "llama"
+    assert AppConfig(served_model_name=["llama", "gpt-4o", "llama"]).names == ["llama", "gpt-4o"]
+    for blank in ("", " ", [], ["llama", ""]):
+        with pytest.raises(ValidationError, match="served_model_name"):
+            AppConfig(served_model_name=blank)
 
 
 @pytest.mark.parametrize("max_seq_len, num_blocks, expected", [

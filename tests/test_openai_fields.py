@@ -298,6 +298,21 @@ def test_a_model_is_retrieved_by_its_id_and_the_version_is_served(client):
     assert client.get("/version").json()["version"]
 
 
+def test_every_served_name_is_accepted_and_the_first_answered(router, tokenizer):
+    """As vLLM's served_model_name: a client may give the hub id where the server lists the short name."""
+    from fastapi.testclient import TestClient
+
+    from deployments.ingress import build_app
+    client = TestClient(build_app(router, tokenizer, ["llama", "meta-llama/Llama-3.3-70B-Instruct"]))
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["llama"]
+    for name in ("llama", "meta-llama/Llama-3.3-70B-Instruct"):
+        out = client.post("/v1/chat/completions", json={**CHAT, "model": name})
+        assert (out.status_code, out.json()["model"]) == (200, "llama")
+        assert client.get(f"/v1/models/{name}").json()["id"] == name
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "model": "Llama-3.3-70B-Instruct"}), 404,
+                 param="model")
+
+
 @pytest.mark.parametrize("path, base, prefix", [("/v1/chat/completions", CHAT, "chatcmpl"),
                                                  ("/v1/completions", COMPLETION, "cmpl")])
 def test_request_id_names_the_response_and_two_clients_may_share_one(client, router, path, base, prefix):
