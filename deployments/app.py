@@ -4,7 +4,6 @@ Each mesh is its own single-replica deployment, so the router's handle to `mesh-
 replica holding that mesh's KV cache (Serve handles otherwise pick a replica for you). Galaxies are not
 autoscaled; the ingress is stateless and scales by `ingress_replicas`.
 """
-from pathlib import Path
 
 from ray.serve import Application
 
@@ -12,24 +11,15 @@ from deployments.config import AppConfig
 from deployments.ingress import Ingress
 from deployments.mesh_replica import MeshReplica
 from deployments.router import RouterDeployment
-from model.checkpoint import checkpoint_dir
-
-
-def resolve_model_dir(config: AppConfig) -> Path:
-    """'smollm2' fetches the embedded default once; a folder or a cached hub id is used as is; empty falls back
-    to $HF_MODEL / $LLAMA_DIR. Raises ValueError naming the field when none of these is there."""
-    if config.model == "smollm2":
-        from model.embedded import ensure_smollm2
-        return ensure_smollm2()
-    return checkpoint_dir(config.model)
+from model.checkpoint import resolve_model_dir
 
 
 def build(args: AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    model_dir = str(resolve_model_dir(config))
+    resolve_model_dir(config.model)  # here, so a missing model fails the build; each replica finds its own copy
     mesh_options = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}
     meshes = [MeshReplica.options(name=f"mesh-{i}", num_replicas=1, ray_actor_options=mesh_options)
-              .bind(config.model_dump(), model_dir) for i in range(config.num_meshes)]
+              .bind(config.model_dump()) for i in range(config.num_meshes)]
     router = RouterDeployment.options(num_replicas=1).bind(meshes, {
         "prefill_chunk": config.prefill_chunk,
         "max_prefill_tokens": config.max_prefill_tokens or config.prefill_chunk,
@@ -45,5 +35,5 @@ def build(args: AppConfig) -> Application:
     })
     return Ingress.options(num_replicas=config.ingress_replicas,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
-        router, model_dir, config.names, config.api_keys or None, config.max_request_bytes, config.metrics_open,
+        router, config.model, config.names, config.api_keys or None, config.max_request_bytes, config.metrics_open,
         config.allowed_origins)

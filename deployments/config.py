@@ -125,8 +125,10 @@ def check_serve_config(path: str) -> list[str]:
                        for err in e.errors()]
             continue
         if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
+            # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars
+            env = {**os.environ, **((app.get("runtime_env") or {}).get("env_vars") or {})}
             try:
-                checkpoint_dir(config.model)
+                checkpoint_dir(config.model, env=env)
             except ValueError as e:
                 errors.append(f"{path}: application {app.get('name')!r}, args.{e}")
     return errors

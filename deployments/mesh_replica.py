@@ -29,6 +29,7 @@ from ray import serve
 from deployments.config import AppConfig
 from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from model.backend import Backend, Capabilities
+from model.checkpoint import resolve_model_dir
 from model.grammar import deep_stack_executor
 from model.runner import MeshRunner
 from scheduler.work import MeshWork, StepResult, portable_error
@@ -83,9 +84,10 @@ def build_backend(config: AppConfig, model_dir) -> Backend:
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=60,
                   graceful_shutdown_timeout_s=CLOSE_TIMEOUT_S + 10)
 class MeshReplica:
-    def __init__(self, config: dict, model_dir: str):
+    def __init__(self, config: dict):
         # Serve marks the replica ready only once this returns: a loading mesh takes no traffic.
         app = AppConfig(**config)
+        model_dir = str(resolve_model_dir(app.model))
         backend = build_backend(app, model_dir)
         self.runner = MeshRunner(backend, grammar_tokenizer=partial(grammar_tokenizer, model_dir, backend.caps.vocab_size))
         try:  # now: at the first constrained request it would hold every slot (~1 s for a 128k vocabulary)

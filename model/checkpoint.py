@@ -4,14 +4,15 @@ Light on purpose: the Serve build resolves it without importing torch."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
-def model_dir_from_env() -> Path | None:
+def model_dir_from_env(env: Mapping[str, str] = os.environ) -> Path | None:
     """The checkpoint the Galaxy demo would load: `LLAMA_DIR` (a Meta folder) or `HF_MODEL` (an HF folder, or a
     hub id such as meta-llama/Llama-3.3-70B-Instruct already in the local HF cache). None when neither is set.
     Raises ValueError when both are set (tt-metal's TtModelArgs asserts the same) or the one set is not there."""
-    llama_dir, hf_model = os.environ.get("LLAMA_DIR"), os.environ.get("HF_MODEL")
+    llama_dir, hf_model = env.get("LLAMA_DIR"), env.get("HF_MODEL")
     if llama_dir and hf_model:
         raise ValueError("set only one of LLAMA_DIR and HF_MODEL")
     if llama_dir:
@@ -38,10 +39,21 @@ def find_checkpoint(name: str, field: str = "model") -> Path:
                          ) from None
 
 
-def checkpoint_dir(name: str | None, field: str = "model") -> Path:
-    """`name` (find_checkpoint), or without one the demo's variables (model_dir_from_env). Raises ValueError
-    as those do, and naming `field` when neither names a checkpoint."""
-    path = find_checkpoint(name, field) if name else model_dir_from_env()
+def resolve_model_dir(model: str | None) -> Path:
+    """The folder of the config's `model` on this node: 'smollm2' fetches the embedded default into this node's
+    cache once; a folder or a cached hub id is used as is; empty falls back to $HF_MODEL / $LLAMA_DIR. Every
+    replica resolves it where it runs, so a node needs the weights, not the deploying node's cache path.
+    Raises ValueError naming the field when none of these is there."""
+    if model == "smollm2":
+        from model.embedded import ensure_smollm2
+        return ensure_smollm2()
+    return checkpoint_dir(model)
+
+
+def checkpoint_dir(name: str | None, field: str = "model", env: Mapping[str, str] = os.environ) -> Path:
+    """`name` (find_checkpoint), or without one the demo's variables in `env` (model_dir_from_env). Raises
+    ValueError as those do, and naming `field` when neither names a checkpoint."""
+    path = find_checkpoint(name, field) if name else model_dir_from_env(env)
     if path is None:
         raise ValueError(f"{field}: none given, and neither HF_MODEL nor LLAMA_DIR is set")
     return path

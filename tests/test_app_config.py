@@ -123,15 +123,15 @@ def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
 def test_model_is_a_folder_a_cached_hub_id_or_the_demos_variables(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
-    from deployments.app import resolve_model_dir
+    from model.checkpoint import resolve_model_dir
 
     monkeypatch.delenv("HF_MODEL", raising=False)
     monkeypatch.delenv("LLAMA_DIR", raising=False)
-    assert resolve_model_dir(AppConfig(model=str(tmp_path))) == tmp_path
+    assert resolve_model_dir(str(tmp_path)) == tmp_path
     with pytest.raises(ValueError, match="neither HF_MODEL nor LLAMA_DIR"):
-        resolve_model_dir(AppConfig(model=""))
+        resolve_model_dir("")
     monkeypatch.setenv("LLAMA_DIR", str(tmp_path))
-    assert resolve_model_dir(AppConfig(model="")) == tmp_path
+    assert resolve_model_dir("") == resolve_model_dir(None) == tmp_path
     monkeypatch.delenv("LLAMA_DIR")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snapshot = tmp_path / "hub" / "models--org--m" / "snapshots" / ("b" * 40)
@@ -139,10 +139,10 @@ def test_model_is_a_folder_a_cached_hub_id_or_the_demos_variables(monkeypatch, t
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("b" * 40)
     monkeypatch.setenv("HF_MODEL", "org/m")
-    assert resolve_model_dir(AppConfig(model="")) == snapshot
-    assert resolve_model_dir(AppConfig(model="org/m")) == snapshot
+    assert resolve_model_dir("") == snapshot
+    assert resolve_model_dir("org/m") == snapshot
     with pytest.raises(ValueError, match="model: 'org/other' is neither"):
-        resolve_model_dir(AppConfig(model="org/other"))
+        resolve_model_dir("org/other")
 
 
 @pytest.mark.parametrize("keys", [[""], ["sk-1", "  "]])
@@ -151,3 +151,19 @@ def test_a_blank_api_key_is_refused(keys):
     with pytest.raises(ValueError, match="api_keys"):
         AppConfig(api_keys=keys)
     assert AppConfig(api_keys=["sk-1"]).api_keys == ["sk-1"]
+
+
+def test_the_config_check_sees_the_variables_the_build_sees(monkeypatch, tmp_path):
+    """Serve builds the app in a Ray task, whose environment is `ray start`'s plus the app's runtime_env
+    env_vars: the check reads the same, so HF_MODEL / LLAMA_DIR given in the config pass it."""
+    from deployments.config import check_serve_config
+
+    monkeypatch.delenv("HF_MODEL", raising=False)
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": ""}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == [
+        f"{path}: application 'm', args.model: none given, and neither HF_MODEL nor LLAMA_DIR is set"]
+    path.write_text(yaml.safe_dump({"applications": [{**app, "runtime_env": {"env_vars": {"LLAMA_DIR": str(tmp_path)}}}]}))
+    assert check_serve_config(str(path)) == []

@@ -158,7 +158,7 @@ class FakeHandle:
 def replica(monkeypatch):
     monkeypatch.setattr(mesh_replica, "build_backend",
                         lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.2, vocab_size=1000))
-    made = mesh_replica.MeshReplica.func_or_class({"backend": "simulated"}, "unused")
+    made = mesh_replica.MeshReplica.func_or_class({"backend": "simulated"})
     yield made
     made.shutdown()
 

@@ -16,7 +16,7 @@ Replica = mesh_replica.MeshReplica.func_or_class
 def replica(monkeypatch):
     monkeypatch.setattr(mesh_replica, "build_backend",
                         lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=1.0, vocab_size=1000))
-    made = Replica({"backend": "simulated", "min_step_deadline_s": 0.5, "step_deadline_factor": 2}, "unused")
+    made = Replica({"backend": "simulated", "min_step_deadline_s": 0.5, "step_deadline_factor": 2})
     yield made
     made.shutdown()
 
@@ -182,7 +182,7 @@ def test_a_long_rule_chain_compiles_on_the_worker_thread(monkeypatch):
     built = []
     monkeypatch.setattr(mesh_replica, "grammar_tokenizer",
                         lambda model_dir, vocab_size: built.append(vocab_size) or ll_tokenizer(tok, vocab_size))
-    made = Replica({"backend": "simulated"}, "unused")
+    made = Replica({"backend": "simulated"})
     assert built == [tok.vocab_size]  # as the replica starts: at the first request it would hold every slot
     try:
         params = SamplingParams(temperature=0.0, max_tokens=4, grammar=cfg_grammar(lark_chain(8000)))
@@ -193,3 +193,16 @@ def test_a_long_rule_chain_compiles_on_the_worker_thread(monkeypatch):
     assert result.finished.get(0) not in ("error", "grammar_error")
     assert tok.decode([result.tokens[0]]) == "x"  # the only text the grammar admits
     assert len(built) == 1
+
+
+def test_a_replica_finds_the_model_on_its_own_node(monkeypatch, tmp_path):
+    """The deploying node's path is not handed on: a replica on another node resolves `model` (here the demo's
+    variable) where it runs."""
+    monkeypatch.setenv("LLAMA_DIR", str(tmp_path))
+    monkeypatch.delenv("HF_MODEL", raising=False)
+    seen = []
+    monkeypatch.setattr(mesh_replica, "build_backend", lambda config, model_dir: seen.append(model_dir) or
+                        SimulatedBackend(num_blocks=64, time_scale=1.0, vocab_size=1000))
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda model_dir, vocab_size: seen.append(model_dir))
+    Replica({"backend": "simulated", "model": ""}).shutdown()
+    assert seen == [str(tmp_path), str(tmp_path)]
