@@ -22,7 +22,7 @@ from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from model.grammar import (MAX_GRAMMAR_BYTES, cfg_grammar, choice_grammar, grammar_error, json_schema_grammar,
                            json_sequence_grammar, regex_grammar)
-from model.grammar_check import MAX_COMPILE_WALL_S
+from model.grammar_check import MAX_COMPILE_WALL_S, engine_error
 
 ToolMode = Literal["none", "auto", "forced"]
 
@@ -71,7 +71,7 @@ def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], obje
     try:
         grammar = build()
     except Exception as exc:  # e.g. a schema llguidance cannot even translate
-        raise APIError(400, f"{param}: {exc}", param=param) from None
+        raise APIError(400, f"{param}: {engine_error(str(exc))}", param=param) from None
     error = grammar_error(grammar, ll_tokenizer())
     if error:
         raise APIError(400, f"{param}: {_one_line(error)}", param=param)

@@ -237,11 +237,11 @@ def compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> LLMatcher:
     try:
         matcher = LLMatcher(tokenizer, grammar)
     except Exception as exc:  # malformed grammar JSON
-        raise ValueError(str(exc)) from None
+        raise ValueError(grammar_check.engine_error(str(exc))) from None
     if not matcher.is_error():
         matcher.compute_bitmask()
     if matcher.is_error():
-        raise ValueError(matcher.get_error())
+        raise ValueError(grammar_check.engine_error(matcher.get_error()))
     return matcher
 
 

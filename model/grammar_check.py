@@ -134,6 +134,21 @@ def start(n: int) -> None:
         release(c)
 
 
+# llguidance's StopReason names (its Rust enum of that name), which a matcher gives as its error's first line
+_STOPS = {"NoExtension": "the constraint admits no text", "NoExtensionBias": "the constraint admits no text",
+          "LexerTooComplex": "the constraint is too complex for the grammar engine",
+          "ParserTooComplex": "the constraint is too complex for the grammar engine"}
+
+
+def engine_error(message: str) -> str:
+    """llguidance's message for a client: a stop reason's bare name (NoExtensionBias, for the schema
+    {"$ref": "#"}, which refers only to itself) said in words; its state dump after the first line dropped."""
+    first = message.split("\n", 1)[0].strip()
+    if first.isidentifier():
+        return f"{_STOPS.get(first, 'the grammar engine cannot use the constraint')} (llguidance: {first})"
+    return message
+
+
 def _answer(op: str, text: str) -> dict:
     start_cpu = time.thread_time()
     grammar = error = None
@@ -144,7 +159,7 @@ def _answer(op: str, text: str) -> dict:
             error = llguidance.LLMatcher.validate_grammar(text) or None
     except Exception as exc:  # malformed grammar JSON or GBNF
         error = str(exc)
-    return {"error": error, "cpu_s": time.thread_time() - start_cpu, "grammar": grammar}
+    return {"error": error and engine_error(error), "cpu_s": time.thread_time() - start_cpu, "grammar": grammar}
 
 
 def _serve(wall_s: float, stack_bytes: int) -> None:

@@ -204,6 +204,8 @@ def test_vllm_json_options_shape_the_grammar(tok, llt, fields, admitted):
     ({"guided_regex": "(("}, 'guided_regex: at 1(8): invalid regex "((" (in regex): regex parse error: unclosed group'),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "string", "pattern": "(("}}}}, "response_format.json_schema.schema: regex parse error: unclosed group"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}},
+     "response_format.json_schema.schema: the constraint admits no text (llguidance: NoExtensionBias)"),
 ])
 def test_a_grammar_error_says_what_is_wrong(llt, fields, message):
     with pytest.raises(APIError) as caught:
