@@ -433,10 +433,11 @@ class Router:
                 self._replace(rid, req, req.held_output)
 
     def _rebalance(self) -> None:
-        """Re-place what waits in the live meshes' queues beyond their free slots, when a mesh comes up (the
-        first mesh up after a router start or restart took every held request; after a failover the others'
-        queues hold the failed mesh's requests) and when one has free slots while another has a queue. A mesh
-        that seats them now wins (placement_key); streams under way go first, then the oldest."""
+        """Re-place what waits in the live meshes' queues (MeshScheduler.num_queued: beyond their free slots, or
+        behind a head waiting for KV blocks), when a mesh comes up (the first mesh up after a router start or
+        restart took every held request; after a failover the others' queues hold the failed mesh's requests)
+        and when one has free slots while another has a queue. A mesh that seats them now wins
+        (placement_key); streams under way go first, then the oldest."""
         taken = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.take_queued()]
         for seq, mesh in sorted(taken, key=lambda t: (not t[0].started, t[0].arrival_time)):
             req = self.requests.get(seq.request_id)
@@ -543,8 +544,9 @@ class Router:
         inflight: deque[asyncio.Task] = deque()
         try:
             while True:
-                if sched.num_queued < 0 and any(m.up and m.scheduler.num_queued > 0 for m in self.meshes):
-                    self._rebalance()  # free slots here, a queue there
+                queued = sched.num_queued
+                if queued and any(m.up and m.scheduler.num_queued * queued < 0 for m in self.meshes):
+                    self._rebalance()  # free slots here and a queue there, or the other way round
                 while len(inflight) < self.config.pipeline_depth:
                     work = sched.schedule()
                     if work is None:

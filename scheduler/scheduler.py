@@ -80,6 +80,7 @@ class MeshScheduler:
         self.next_work_id = 0
         self.waiting_tokens = 0
         self.num_preemptions = 0
+        self.head_blocked = False  # the queue's head fit no KV group at the last admission, or was preempted
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -166,9 +167,10 @@ class MeshScheduler:
 
     @property
     def num_queued(self) -> int:
-        """Waiting requests that no free slot seats at the next schedule (negative: the slots left once the
-        queue is seated)."""
-        return len(self.waiting) - self.kv.num_free_slots
+        """Waiting requests that the next schedule does not seat (negative: the slots left once the queue is
+        seated): those beyond the free slots, or all of them while the queue's head waits for KV blocks (FCFS:
+        nobody overtakes it), as after a preemption."""
+        return len(self.waiting) - (0 if self.head_blocked else self.kv.num_free_slots)
 
     def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int, seatable_only: bool = False) -> int:
         """The longest prefix of a request (num_tokens tokens, full blocks hashing to block_hashes) that one KV
@@ -200,6 +202,8 @@ class MeshScheduler:
         decode = self._reserve_lookahead()
         if self.num_preemptions == preemptions:  # do not admit into the room a preemption just made
             self._admit()
+        else:
+            self.head_blocked = True
         chunks, planned_chunks = self._plan_prefills()
         for seq, _, _, final in planned_chunks:
             if final and seq.num_planned < seq.max_tokens_total:  # may join this work's decode round
@@ -247,12 +251,14 @@ class MeshScheduler:
         """FCFS: the head of the queue enters a free slot of the KV group that caches most of its prefix
         (then the emptiest), once that group's pool holds the uncached part of its tokens plus the
         watermark; nobody overtakes a head that fits no group."""
+        self.head_blocked = False
         while self.waiting and self.kv.num_free_slots:
             seq = self.waiting[0]
             n = len(seq.token_ids)
             extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
             choice = self._choose_group(seq.block_hashes, n)
             if choice is None:
+                self.head_blocked = True
                 return
             group, hit = choice
             self.waiting.popleft()
@@ -408,6 +414,7 @@ class MeshScheduler:
         """Free seq's slot and blocks (the blocks keep their hashes, so a recompute may hit them)."""
         del self.running[seq.request_id]
         self.kv.release(seq.slot, seq.block_table)
+        self.head_blocked = False  # the blocks freed may seat the head
         seq.block_table = []
         seq.slot = -1
         seq.live = False

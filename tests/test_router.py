@@ -519,3 +519,24 @@ def test_a_mesh_with_free_slots_takes_the_queue_of_another():
         await until(lambda: [(m["running"], m["waiting"]) for m in router.stats()["meshes"]] == [(30, 0), (32, 0)])
         await cancel_all_and_close(router)
     asyncio.run(main())
+
+
+def test_requests_waiting_for_kv_blocks_move_to_a_mesh_with_room():
+    """A queue is also what waits for KV blocks behind a head that fits no group (or was preempted), with
+    slots free: a mesh that comes up, or has room, takes it. Before, only requests beyond the free slots
+    moved, and a mesh back from a failure sat idle while the other preempted."""
+    async def main():
+        def small():  # 8 blocks of 64 tokens: four 100-token prompts fill a mesh
+            return SimulatedBackend(num_blocks=8, time_scale=0.01, vocab_size=1000)
+        meshes = [LocalMesh(small) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        meshes[1].vanish()
+        await until(lambda: not router.stats()["meshes"][1]["up"])
+        for i in range(8):
+            router.submit(f"r{i}", [i + 2] * 100, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][0]["waiting"] >= 4)  # slots free, blocks not
+        meshes[1].restart()
+        await until(lambda: router.stats()["meshes"][1]["running"] >= 3)
+        await cancel_all_and_close(router)
+    asyncio.run(main())

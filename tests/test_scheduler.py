@@ -503,3 +503,17 @@ def test_a_stream_under_way_waits_before_every_request_not_started():
     sched.submit("moved1", [4, 5, 6], params, output_ids=[9], migrated=True)
     sched.submit("new2", [1, 2, 3], params)
     assert [s.request_id for s in sched.waiting] == ["moved0", "moved1", "new0", "new1", "new2"]
+
+
+def test_requests_waiting_for_blocks_are_queued_though_slots_are_free():
+    """num_queued is what the next schedule does not seat: with the head waiting for KV blocks, the whole
+    queue (the router moves it to a mesh with room), not just what exceeds the free slots."""
+    sched, _ = make(num_blocks=4)
+    for i in range(3):  # 6 tokens each: two 4-token blocks; four blocks seat two of them
+        sched.submit(f"r{i}", [i + 1] * 6, params())
+    assert sched.num_queued == -1  # a burst into 4 free slots: no queue yet
+    sched.schedule()
+    assert (len(sched.running), sched.kv.num_free_slots, sched.num_queued) == (2, 2, 1)
+    assert [s.request_id for s in sched.take_queued()] == ["r2"] and sched.num_queued == 0
+    sched.cancel("r0")  # its blocks free: room again
+    assert sched.num_queued == -3
