@@ -190,11 +190,15 @@ class _Sink:
         self.send = None
 
 
+STALL_S = 0.5  # a timer this late means the router's own loop stood still (a stall, a pause, a debugger)
+
+
 class _Silence:
     """Cancels the current task once `heard()` has not been called for `seconds`. One timer for a whole
     work, moved on only when it fires: an `asyncio.timeout` per message costs the router ~60 us of CPU per
     mesh step under uvloop (timer armed and cancelled each time; measured on the 2-core box), a third of
-    its CPU per step at one mesh. After the CancelledError, `expired()` says whether this cancelled it."""
+    its CPU per step at one mesh. After the CancelledError, `expired()` says whether this cancelled it. A
+    silence the router's own stall made is not the mesh's: a stalled router failed every healthy mesh."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -215,9 +219,11 @@ class _Silence:
         self._last = self._loop.time()
 
     def _check(self) -> None:
-        due = self._last + self.seconds
-        if self._loop.time() < due:
+        now, due = self._loop.time(), self._last + self.seconds
+        if now < due:
             self._timer = self._loop.call_at(due, self._check)
+        elif now - self._timer.when() > STALL_S:  # the router stood still, not the mesh: its messages wait
+            self._timer = self._loop.call_at(now + STALL_S, self._check)  # in the socket; read them first
         else:
             self._expired = True
             self._task.cancel()

@@ -540,3 +540,20 @@ def test_requests_waiting_for_kv_blocks_move_to_a_mesh_with_room():
         await until(lambda: router.stats()["meshes"][1]["running"] >= 3)
         await cancel_all_and_close(router)
     asyncio.run(main())
+
+
+def test_a_router_that_stood_still_does_not_fail_the_meshes_that_answered():
+    """A stalled router (its loop blocked past a work's deadline) finds the meshes' results waiting when it
+    resumes: the silence was its own. Before, every healthy mesh was failed and its requests recomputed."""
+    import time
+
+    async def main():
+        router, _ = await make_router(num_meshes=2)
+        tasks = [asyncio.create_task(collect(router, f"r{i}", [i + 2] * 40, LONG)) for i in range(4)]
+        await until(lambda: sum(m["running"] for m in router.stats()["meshes"]) == 4)
+        time.sleep(3 * FAST["min_step_deadline_s"] + 1)  # the loop stands still past every work's deadline
+        outs = await asyncio.gather(*tasks)
+        assert [reason for _, reason in outs] == ["length"] * 4
+        assert [m["failovers"] for m in router.stats()["meshes"]] == [0, 0]
+        await router.close()
+    asyncio.run(main())
