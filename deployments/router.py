@@ -654,7 +654,10 @@ def _down_stats(caps: Capabilities | None) -> dict:
             "kv_groups": groups, "groups": [], "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0}
 
 
-@serve.deployment(max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0.2})
+# Serve replaces a replica after 3 health checks in a row fail: with its defaults (every 10 s, 30 s timeout) a
+# hung router froze every stream for over 70 s; its loop answers in milliseconds, so 10 s is a hang.
+@serve.deployment(max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0.2}, health_check_period_s=5,
+                  health_check_timeout_s=10)
 class RouterDeployment:
     """Serve wrapper: one replica (it owns all scheduling state); meshes are single-replica deployments
     `mesh-0..N-1`, so a handle to one of them reaches exactly that mesh and its KV cache.
