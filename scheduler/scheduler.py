@@ -105,7 +105,7 @@ class MeshScheduler:
             limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
                                 f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
-        queued = self.num_queued  # a burst into free slots is no queue
+        queued = len(self.waiting) - self.kv.num_free_slots  # waiting for a slot: a burst into free ones is none
         if not migrated and self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
             raise QueueFull(f"{queued} requests are waiting for a slot (limit {self.max_waiting_requests})")
         if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens:

@@ -89,6 +89,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(self.sched.inflight) >= self.sched.max_inflight or all(
                 s.live for s in self.sched.running.values()), "a prefill was left unplanned"
             return
+        if self.sched.waiting:  # what this round left waiting is a queue: no free slot, or a head that fits none
+            assert self.sched.num_queued == len(self.sched.waiting)
         self.pending.extend(self.mesh.execute(work))
 
     @precondition(lambda self: self.pending)
