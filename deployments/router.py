@@ -80,6 +80,8 @@ class RouterConfig:
     probe_timeout_s: float = 30.0
     heartbeat_s: float = 5.0  # an idle mesh is checked this often (a replica restarted while idle rejoins)
     no_mesh_wait_s: float = 30.0  # a request waits this long for a live mesh, then 503
+    start_wait_s: float = 1.0  # at a router start, requests wait at most this long after the first mesh is up
+    # for the others' first answers, so they spread over all (an ingress resubmits every stream at a restart)
     cancel_memory_s: float = 60.0  # a cancel for an unknown request is remembered this long
 
 
@@ -244,6 +246,9 @@ class Router:
         self.sinks: dict[str, _Sink] = {}  # consumer id (an ingress replica) -> its stream
         self.cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that came before (or after) their request
         self.mesh_up = asyncio.Event()
+        self.starting = True  # until every mesh has answered its first reset (or failed it), or start_wait_s
+        self._unprobed = len(self.meshes)  # meshes not asked once yet
+        self._start_timer: asyncio.TimerHandle | None = None
         self.tasks = [asyncio.create_task(self._supervise(m)) for m in self.meshes]
         self.tasks.append(asyncio.create_task(self._expire_held()))
 
@@ -310,7 +315,7 @@ class Router:
             return
         continuation = continuation or bool(output_ids)
         req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=continuation)
-        placed = self.place([*prompt_ids, *output_ids], salt)
+        placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt)
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
             req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=continuation)
         else:
@@ -494,6 +499,8 @@ class Router:
         return min(self.config.max_seq_len or caps.max_seq_len, caps.max_seq_len, caps.num_blocks * caps.block_size)
 
     async def close(self) -> None:
+        if self._start_timer is not None:
+            self._start_timer.cancel()
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -501,11 +508,15 @@ class Router:
     # ---- mesh lifecycle -------------------------------------------------------------------------
     async def _supervise(self, mesh: Mesh) -> None:
         """Bring the mesh up (reset), run it until it fails, move its requests, and start over."""
+        first = True
         while True:
             try:
                 mesh.incarnation, mesh.caps = await within(mesh.client.reset(), self.config.probe_timeout_s)
             except Exception as exc:  # still restarting, or stuck in a work: try again later
                 log.debug("mesh %s not back yet: %r", mesh.name, exc)
+                if first:
+                    first = False
+                    self._probed()
                 await asyncio.sleep(self.config.probe_interval_s)
                 continue
             try:
@@ -517,13 +528,35 @@ class Router:
             mesh.down_reason = None
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             self.mesh_up.set()
-            self._place_held()
-            self._rebalance()
+            if first:
+                first = False
+                self._probed()
+            if not self.starting:
+                self._place_held()
+                self._rebalance()
+            elif self._start_timer is None:
+                self._start_timer = asyncio.get_running_loop().call_later(self.config.start_wait_s, self._started)
             try:
                 await self._run(mesh)
             except Exception as exc:
                 self._fail(mesh, exc)
             await asyncio.sleep(self.config.probe_interval_s)
+
+    def _probed(self) -> None:
+        self._unprobed -= 1
+        if not self._unprobed:
+            self._started()
+
+    def _started(self) -> None:
+        """The router's start is over: what it held goes out, spread over every mesh up (placement_key), not
+        all to the first one to answer."""
+        if self.starting:
+            self.starting = False
+            if self._start_timer is not None:
+                self._start_timer.cancel()
+            if self.mesh_up.is_set():  # else they stay held as they are, until one comes up
+                self._place_held()
+                self._rebalance()
 
     def _fail(self, mesh: Mesh, error: BaseException) -> None:
         """Mark the mesh down and re-place every request it had, with its tokens so far."""

@@ -557,3 +557,25 @@ def test_a_router_that_stood_still_does_not_fail_the_meshes_that_answered():
         assert [m["failovers"] for m in router.stats()["meshes"]] == [0, 0]
         await router.close()
     asyncio.run(main())
+
+
+def test_a_router_start_spreads_what_it_holds_over_the_meshes_that_answer():
+    """An ingress resubmits every stream to a restarted router: they wait for every mesh's first answer, then
+    spread, instead of all going to the first mesh up (which preempted while the other idled). A mesh that
+    does not answer delays them at most start_wait_s after the first one is up."""
+    async def main():
+        meshes = [LocalMesh(backend) for _ in range(3)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        submit_lasting(router, 18)
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        assert [sum(r.mesh is m for r in router.requests.values()) for m in router.meshes] == [6, 6, 6]
+        await cancel_all_and_close(router)
+
+        await meshes[2].lock.acquire()  # its reset hangs (a work it is still in): the others take everything
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, start_wait_s=0.2))
+        submit_lasting(router, 18)
+        await until(lambda: not router.starting, timeout_s=FAST["probe_timeout_s"] - 0.1)  # before it times out
+        assert [sum(r.mesh is m for r in router.requests.values()) for m in router.meshes] == [9, 9, 0]
+        meshes[2].lock.release()
+        await cancel_all_and_close(router)
+    asyncio.run(main())
