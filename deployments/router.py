@@ -209,6 +209,7 @@ class _Silence:
         self._last = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
+        self._graced = False  # the last check found the router, not the mesh, silent
 
     def __enter__(self) -> _Silence:
         self._timer = self._loop.call_at(self._last + self.seconds, self._check)
@@ -223,9 +224,11 @@ class _Silence:
     def _check(self) -> None:
         now, due = self._loop.time(), self._last + self.seconds
         if now < due:
+            self._graced = False
             self._timer = self._loop.call_at(due, self._check)
-        elif now - self._timer.when() > STALL_S:  # the router stood still, not the mesh: its messages wait
-            self._timer = self._loop.call_at(now + STALL_S, self._check)  # in the socket; read them first
+        elif not self._graced and now - self._timer.when() > STALL_S:  # the router stood still, not the mesh:
+            self._graced = True  # its messages wait in the socket; read them first (once: a loop that is
+            self._timer = self._loop.call_at(now + STALL_S, self._check)  # always late still sees a hang)
         else:
             self._expired = True
             self._task.cancel()

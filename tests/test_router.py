@@ -373,7 +373,8 @@ def test_closing_a_consumers_stream_cancels_its_requests():
 
 def test_silence_cancels_only_a_task_that_heard_nothing_for_its_whole_window():
     """The per-work deadline: messages keep it alive however long the work runs; a gap longer than the
-    window cancels the task (expired() True); a cancel from outside stays a plain cancel."""
+    window cancels the task (expired() True); a cancel from outside stays a plain cancel; a stall of the loop
+    itself gets one look at what came meanwhile."""
     from deployments.router import _Silence
 
     async def talker(gaps):
@@ -388,9 +389,28 @@ def test_silence_cancels_only_a_task_that_heard_nothing_for_its_whole_window():
                     return "silent"
                 raise
 
+    async def stalled(then_heard: bool):
+        """The loop stands still past the window, then the task hears something (or never does)."""
+        import time
+        with _Silence(0.2) as silence:
+            try:
+                time.sleep(1.0)
+                await asyncio.sleep(0)
+                if then_heard:
+                    silence.heard()
+                    return "done"
+                await asyncio.sleep(3)
+                return "slept"
+            except asyncio.CancelledError:
+                if silence.expired():
+                    return "silent"
+                raise
+
     async def main():
         assert await talker([0.1] * 8) == "done"  # 0.8 s in all, never 0.5 s quiet
         assert await talker([0.05, 1.5]) == "silent"
+        assert await stalled(then_heard=True) == "done"  # the stall was the loop's: it reads first
+        assert await stalled(then_heard=False) == "silent"  # one grace only: silence after it is the mesh's
         task = asyncio.create_task(talker([1.5]))
         await asyncio.sleep(0.05)
         task.cancel()
