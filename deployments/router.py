@@ -192,7 +192,7 @@ class _Sink:
         self.send = None
 
 
-STALL_S = 0.5  # a timer this late means the router's own loop stood still (a stall, a pause, a debugger)
+GRACE_S = 0.5  # a silent work's last look at its socket, in case the router's own loop stood still
 
 
 class _Silence:
@@ -209,7 +209,7 @@ class _Silence:
         self._last = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
-        self._graced = False  # the last check found the router, not the mesh, silent
+        self._graced = False  # the deadline passed once already: the grace is spent
 
     def __enter__(self) -> _Silence:
         self._timer = self._loop.call_at(self._last + self.seconds, self._check)
@@ -226,9 +226,9 @@ class _Silence:
         if now < due:
             self._graced = False
             self._timer = self._loop.call_at(due, self._check)
-        elif not self._graced and now - self._timer.when() > STALL_S:  # the router stood still, not the mesh:
-            self._graced = True  # its messages wait in the socket; read them first (once: a loop that is
-            self._timer = self._loop.call_at(now + STALL_S, self._check)  # always late still sees a hang)
+        elif not self._graced:  # once, a look at what waits unread: a router that stood still (its loop
+            self._graced = True  # runs timers before it polls the sockets) hears the mesh before blaming it
+            self._timer = self._loop.call_at(now + GRACE_S, self._check)
         else:
             self._expired = True
             self._task.cancel()
@@ -447,17 +447,33 @@ class Router:
                 self._replace(rid, req, req.held_output)
 
     def _rebalance(self) -> None:
-        """Re-place what waits in the live meshes' queues (MeshScheduler.num_queued: beyond their free slots, or
-        behind a head waiting for KV blocks), when a mesh comes up (the first mesh up after a router start or
-        restart took every held request; after a failover the others' queues hold the failed mesh's requests)
-        and when one has free slots while another has a queue. A mesh that seats them now wins
-        (placement_key); streams under way go first, then the oldest."""
-        taken = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.take_queued()]
-        for seq, mesh in sorted(taken, key=lambda t: (not t[0].started, t[0].arrival_time)):
+        """Move what waits in the live meshes' queues (MeshScheduler.queued: beyond their free slots, or behind
+        a head waiting for KV blocks) to meshes that seat it now, streams under way first, then the oldest,
+        each to the best such mesh (placement_key): when a mesh comes up (after a failover the others' queues
+        hold the failed mesh's requests) and when one has room while another has a queue. What no other mesh
+        seats stays in line where it is: moved, it would only wait there instead, or come back."""
+        queued = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.queued()]
+        for seq, origin in sorted(queued, key=lambda t: (not t[0].started, t[0].arrival_time)):
+            targets = [m for m in self.meshes if m is not origin and m.up and m.scheduler.seats(seq)]
             req = self.requests.get(seq.request_id)
-            if req is not None and req.mesh is mesh:
-                req.counted = req.counted or seq.counted
-                self._replace(seq.request_id, req, seq.output_ids)
+            if not targets or req is None or req.mesh is not origin:
+                continue
+            n = len(seq.token_ids)
+            target = max(targets, key=lambda m: m.scheduler.placement_key(seq.block_hashes, n))
+            origin.scheduler.take(seq)
+            req.counted = req.counted or seq.counted
+            req.mesh = self._submit_to_best([target, origin], seq.block_hashes, seq.request_id, req,
+                                            seq.output_ids, migrated=True)  # back in line if it refuses
+
+    def _movable(self, mesh: Mesh) -> bool:
+        """Whether a mesh with room would seat the head of a queue, `mesh` being one side or the other (checked
+        on every round, so cheap while there is none: MeshScheduler.num_queued is O(1))."""
+        queued = mesh.scheduler.num_queued
+        if not queued:
+            return False
+        others = [m for m in self.meshes if m.up and m.scheduler.num_queued * queued < 0]
+        rooms, queues = ([mesh], others) if queued < 0 else (others, [mesh])
+        return any(room.scheduler.seats(q.scheduler.queue_head()) for q in queues for room in rooms)
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
@@ -478,6 +494,8 @@ class Router:
         while True:
             await asyncio.sleep(min(1.0, max(self.config.no_mesh_wait_s / 4, 0.01)))  # 0 s: no spinning loop
             now = time.monotonic()
+            if self.starting and self.mesh_up.is_set():  # held for the start's spread, not for want of a mesh
+                continue
             for rid, req in list(self.requests.items()):
                 if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
                     req.held_since = None
@@ -527,6 +545,8 @@ class Router:
             except ValueError as exc:  # the mesh's capabilities do not fit this config: a redeploy, not a retry
                 mesh.down_reason = f"cannot be scheduled with this config: {exc}"
                 log.error("mesh %s is not served: %s", mesh.name, mesh.down_reason)
+                if first:
+                    self._probed()
                 return
             mesh.down_reason = None
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
@@ -586,9 +606,8 @@ class Router:
         inflight: deque[asyncio.Task] = deque()
         try:
             while True:
-                queued = sched.num_queued
-                if queued and any(m.up and m.scheduler.num_queued * queued < 0 for m in self.meshes):
-                    self._rebalance()  # free slots here and a queue there, or the other way round
+                if self._movable(mesh):
+                    self._rebalance()  # room here and a queue there that it seats, or the other way round
                 while len(inflight) < self.config.pipeline_depth:
                     work = sched.schedule()
                     if work is None:
@@ -714,6 +733,10 @@ class RouterDeployment:
         if self._router is None:  # built in the replica's event loop: it starts the mesh tasks
             self._router = Router([(f"mesh-{i}", c) for i, c in enumerate(self._clients)], self._config)
         return self._router
+
+    async def check_health(self) -> None:
+        """Answered on the loop the router runs on (Serve's own loop without its throughput mode has another
+        thread answer health checks): a hung router fails it."""
 
     async def link_address(self) -> LinkAddress:
         self._ready()

@@ -156,14 +156,24 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
-    def take_queued(self) -> list[Sequence]:
-        """Take out the waiting requests that no free slot seats at the next schedule (the queue's last
-        num_queued), in queue order. They hold no slot or block: the router re-places them on a mesh with free
-        slots (one that came up, or that has room), so that a queue here does not wait while another has room."""
-        taken = list(self.waiting)[len(self.waiting) - max(self.num_queued, 0):]
-        for seq in taken:
-            self.cancel(seq.request_id, "abort")  # its event is dropped: the request goes on elsewhere
-        return taken
+    def queued(self) -> list[Sequence]:
+        """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order.
+        They hold no slot or block: the router moves them to a mesh that seats them now (`take`, `seats`)."""
+        n = max(self.num_queued, 0)
+        return list(self.waiting)[len(self.waiting) - n:] if n else []
+
+    def queue_head(self) -> Sequence:
+        """The first of `queued()` (num_queued > 0), without copying the queue."""
+        return self.waiting[len(self.waiting) - self.num_queued]
+
+    def take(self, seq: Sequence) -> None:
+        """Take a waiting request out, to go on elsewhere (its final event is dropped)."""
+        self.cancel(seq.request_id, "abort")
+
+    def seats(self, seq: Sequence) -> bool:
+        """Whether the next schedule here would seat `seq` (another mesh's), after this mesh's own queue: a
+        slot left, and a KV group with a free slot and the blocks for its uncached tokens."""
+        return self.num_queued < 0 and self._choose_group(seq.block_hashes, len(seq.token_ids)) is not None
 
     @property
     def num_queued(self) -> int:
@@ -172,23 +182,23 @@ class MeshScheduler:
         nobody overtakes it), as after a preemption."""
         return len(self.waiting) - (0 if self.head_blocked else self.kv.num_free_slots)
 
-    def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int, seatable_only: bool = False) -> int:
+    def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int) -> int:
         """The longest prefix of a request (num_tokens tokens, full blocks hashing to block_hashes) that one KV
-        group's prefix cache holds; `seatable_only`: among groups with a free slot (the ones _admit seats in)."""
-        return max((len(g.pool.lookup(block_hashes, num_tokens, self.prefix_align)) for g in self.kv.groups
-                    if g.free_slots or not seatable_only), default=0) * self.block_size
+        group's prefix cache holds."""
+        return max(len(g.pool.lookup(block_hashes, num_tokens, self.prefix_align)) for g in self.kv.groups
+                   ) * self.block_size
 
     def placement_key(self, block_hashes: list[bytes], num_tokens: int) -> tuple[int, ...]:
         """How well a request fits this mesh; larger is better. A mesh that seats it now (a slot left once
-        its queue is seated) beats one that does not, whatever their prefix caches hold: a cache hit saves
-        one prefill, a queue costs the request every step until a slot frees. Among meshes that seat it,
-        the longest prefix cached in a group with a free slot wins, then the most slots left; among the
-        others, the shortest queue, then the longest prefix. The best group's room (KVGroup.room) breaks
-        the remaining ties."""
+        its queue is seated, in a group with the blocks it needs) beats one that does not, whatever their
+        prefix caches hold: a cache hit saves one prefill, a queue costs the request every step until a slot
+        frees. Among meshes that seat it, the longest prefix cached in a group that seats it wins, then the
+        most slots left; among the others, the shortest queue, then the longest prefix. The best group's
+        room (KVGroup.room) breaks the remaining ties."""
         free_after_queue = -self.num_queued
         group = max(g.room for g in self.kv.groups)
-        if free_after_queue > 0:
-            return 1, self.cached_prefix_tokens(block_hashes, num_tokens, True), free_after_queue, *group
+        if free_after_queue > 0 and (choice := self._choose_group(block_hashes, num_tokens)) is not None:
+            return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
     # ---- planning --------------------------------------------------------------------------------

@@ -599,3 +599,42 @@ def test_a_router_start_spreads_what_it_holds_over_the_meshes_that_answer():
         meshes[2].lock.release()
         await cancel_all_and_close(router)
     asyncio.run(main())
+
+
+def test_a_request_no_mesh_has_room_for_keeps_its_place():
+    """A queue's head that fits no mesh's KV blocks stays in line where it is: moved to a mesh with free slots
+    but no blocks, it came back as soon as the first one freed any, on and on (37 moves in 2 s)."""
+    async def main():
+        def small():  # 8 blocks of 64 tokens: one running request and a 400-token prompt (7 blocks) do not fit
+            return SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
+        meshes = [LocalMesh(small) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        for i in range(2):
+            router.submit(f"long{i}", [i + 2] * 100, LASTING, None, [], "c")
+        await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [1, 1])
+        router.submit("x", [9] * 400, GREEDY, None, [], "c")
+        places = [router.requests["x"].mesh]
+        for _ in range(150):
+            await asyncio.sleep(0.01)
+            if router.requests["x"].mesh is not places[-1]:
+                places.append(router.requests["x"].mesh)
+        assert len(places) == 1
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
+def test_requests_held_for_the_start_spread_do_not_expire_while_a_mesh_is_up():
+    """no_mesh_wait_s bounds the wait for a live mesh; a router start's short hold for the others' first
+    answers is not that (with no_mesh_wait_s 0, every stream resubmitted to a restarted router got 503)."""
+    async def main():
+        meshes = [LocalMesh(backend) for _ in range(2)]
+        await meshes[1].lock.acquire()  # its first reset waits
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)],
+                        RouterConfig(**{**FAST, "no_mesh_wait_s": 0.0, "start_wait_s": 0.3}))
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        outs = await asyncio.gather(*(collect(router, f"r{i}", [i + 2] * 40) for i in range(4)))
+        assert [reason for _, reason in outs] == ["length"] * 4
+        meshes[1].lock.release()
+        await router.close()
+    asyncio.run(main())

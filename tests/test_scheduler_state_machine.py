@@ -114,7 +114,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         """The router moves the queue beyond the free slots to a mesh that came up (here: back in line)."""
         sched = self.sched
         used = [group.pool.num_used for group in sched.kv.groups]
-        taken = sched.take_queued()
+        taken = sched.queued()
+        assert taken[0] is sched.queue_head()
+        for seq in taken:
+            sched.take(seq)
         assert taken and sched.num_queued <= 0 and [g.pool.num_used for g in sched.kv.groups] == used
         for seq in taken:
             assert seq.request_id not in sched.requests and not seq.block_table
