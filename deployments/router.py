@@ -710,9 +710,11 @@ def _down_stats(caps: Capabilities | None) -> dict:
 
 
 # Serve replaces a replica after 3 health checks in a row fail: with its defaults (every 10 s, 30 s timeout) a
-# hung router froze every stream for over 70 s; its loop answers in milliseconds, so 10 s is a hang.
+# hung router froze every stream for over 70 s; its loop answers in milliseconds, so 10 s is a hang. Streams
+# resume once the old replica's links close, when Serve kills it: it has nothing to drain (its Serve calls are
+# short; streams go over links, and the ingress resubmits them), so after 2 s, not Serve's default 20 s.
 @serve.deployment(max_ongoing_requests=100_000, ray_actor_options={"num_cpus": 0.2}, health_check_period_s=5,
-                  health_check_timeout_s=10)
+                  health_check_timeout_s=10, graceful_shutdown_timeout_s=2)
 class RouterDeployment:
     """Serve wrapper: one replica (it owns all scheduling state); meshes are single-replica deployments
     `mesh-0..N-1`, so a handle to one of them reaches exactly that mesh and its KV cache.
