@@ -192,6 +192,7 @@ class _Sink:
         self.send = None
 
 
+MOVE_SCAN = 8  # a round looks this far into a queue for a request another mesh seats (behind a head none does)
 GRACE_S = 0.5  # a silent work's last look at its socket, in case the router's own loop stood still
 
 
@@ -281,15 +282,15 @@ class Router:
 
     def _submit_to_best(self, meshes: list[Mesh], hashes: list[bytes], request_id: str, req: _Request,
                         output_ids: list[int], migrated: bool) -> Mesh:
-        """Submit to the first mesh that takes the request (a full queue or a shorter max_seq_len there sends
-        it to the next). Raises the best mesh's refusal when none takes it."""
+        """Submit to the first mesh that takes the request (a full queue or a shorter max_seq_len there, even one
+        its tokens so far fill, sends it to the next). Raises the best mesh's refusal when none takes it."""
         refusal: Exception | None = None
         for mesh in meshes:
             try:
                 mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, list(output_ids),
                                       migrated=migrated, counted=req.counted, arrival_time=req.arrival_time,
                                       block_hashes=hashes)
-            except (PromptTooLong, QueueFull) as exc:
+            except (PromptTooLong, QueueFull, ValueError) as exc:
                 refusal = refusal or exc
                 continue
             mesh.wake.set()
@@ -454,16 +455,24 @@ class Router:
         seats stays in line where it is: moved, it would only wait there instead, or come back."""
         queued = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.queued()]
         for seq, origin in sorted(queued, key=lambda t: (not t[0].started, t[0].arrival_time)):
-            targets = [m for m in self.meshes if m is not origin and m.up and m.scheduler.seats(seq)]
+            rooms = [m for m in self.meshes if m.up and m.scheduler.num_queued < 0]
+            if not rooms:
+                return
+            targets = [m for m in rooms if m is not origin and m.scheduler.seats(seq)]
             req = self.requests.get(seq.request_id)
             if not targets or req is None or req.mesh is not origin:
                 continue
             n = len(seq.token_ids)
             target = max(targets, key=lambda m: m.scheduler.placement_key(seq.block_hashes, n))
+            counted = req.counted
+            req.counted = counted or seq.counted
+            try:  # submitted there first: taken from here only once it is
+                self._submit_to_best([target], seq.block_hashes, seq.request_id, req, seq.output_ids, migrated=True)
+            except (PromptTooLong, QueueFull, ValueError):
+                req.counted = counted
+                continue
             origin.scheduler.take(seq)
-            req.counted = req.counted or seq.counted
-            req.mesh = self._submit_to_best([target, origin], seq.block_hashes, seq.request_id, req,
-                                            seq.output_ids, migrated=True)  # back in line if it refuses
+            req.mesh = target
 
     def _movable(self, mesh: Mesh) -> bool:
         """Whether a mesh with room would seat the head of a queue, `mesh` being one side or the other (checked
@@ -473,7 +482,8 @@ class Router:
             return False
         others = [m for m in self.meshes if m.up and m.scheduler.num_queued * queued < 0]
         rooms, queues = ([mesh], others) if queued < 0 else (others, [mesh])
-        return any(room.scheduler.seats(q.scheduler.queue_head()) for q in queues for room in rooms)
+        return any(room.scheduler.seats(seq) for q in queues for seq in q.scheduler.queued(MOVE_SCAN)
+                   for room in rooms)
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""

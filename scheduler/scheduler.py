@@ -10,6 +10,7 @@ dropped rather than credited to whoever sits there now.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -138,6 +139,8 @@ class MeshScheduler:
             self.pending_release.append(seq.slot)
             self._release(seq)
         else:
+            if seq is self.waiting[0]:
+                self.head_blocked = False  # what it blocked may fit now
             self.waiting.remove(seq)
             self.waiting_tokens -= len(seq.token_ids)
         self._mark_finished(seq, reason)
@@ -156,24 +159,28 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
-    def queued(self) -> list[Sequence]:
-        """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order.
-        They hold no slot or block: the router moves them to a mesh that seats them now (`take`, `seats`)."""
+    def queued(self, limit: int | None = None) -> list[Sequence]:
+        """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order,
+        the first `limit` of them. They hold no slot or block: the router moves them to a mesh that seats them
+        now (`take`, `seats`)."""
         n = max(self.num_queued, 0)
-        return list(self.waiting)[len(self.waiting) - n:] if n else []
-
-    def queue_head(self) -> Sequence:
-        """The first of `queued()` (num_queued > 0), without copying the queue."""
-        return self.waiting[len(self.waiting) - self.num_queued]
+        start = len(self.waiting) - n
+        return list(itertools.islice(self.waiting, start, start + min(n, limit if limit is not None else n)))
 
     def take(self, seq: Sequence) -> None:
         """Take a waiting request out, to go on elsewhere (its final event is dropped)."""
         self.cancel(seq.request_id, "abort")
 
     def seats(self, seq: Sequence) -> bool:
-        """Whether the next schedule here would seat `seq` (another mesh's), after this mesh's own queue: a
-        slot left, and a KV group with a free slot and the blocks for its uncached tokens."""
-        return self.num_queued < 0 and self._choose_group(seq.block_hashes, len(seq.token_ids)) is not None
+        """Whether the next schedule here would seat `seq` (another mesh's) after this mesh's own queue: a slot
+        left, room for its tokens (max_seq_len, the pool), and a KV group with a free slot and the blocks for
+        its uncached tokens beyond those the queue will take (counted whole: a request moved here in the same
+        pass is in it)."""
+        n = len(seq.token_ids)
+        if self.num_queued >= 0 or n >= self.max_tokens_per_seq:
+            return False
+        promised = sum(blocks_for(len(s.token_ids), self.block_size) for s in self.waiting)
+        return self._choose_group(seq.block_hashes, n, promised) is not None
 
     @property
     def num_queued(self) -> int:
@@ -289,9 +296,9 @@ class MeshScheduler:
                 self.prefix_query_tokens += n
                 self.prefix_hit_tokens += seq.num_computed
 
-    def _choose_group(self, block_hashes: list[bytes], n: int) -> tuple[KVGroup, list[int]] | None:
-        """The group with a free slot and room whose prefix cache holds most of the sequence, then the one
-        with most room (KVGroup.room); with its prefix hit. None if none has room."""
+    def _choose_group(self, block_hashes: list[bytes], n: int, reserve: int = 0) -> tuple[KVGroup, list[int]] | None:
+        """The group with a free slot and room (beyond `reserve` blocks) whose prefix cache holds most of the
+        sequence, then the one with most room (KVGroup.room); with its prefix hit. None if none has room."""
         best, best_key = None, None
         for group in self.kv.groups:
             if not group.free_slots:
@@ -299,7 +306,7 @@ class MeshScheduler:
             pool = group.pool
             hit = pool.lookup(block_hashes, n, self.prefix_align)
             watermark = self.watermark_blocks if group.num_running else 0
-            if pool.blocks_needed(hit, n) + watermark > pool.num_available:
+            if pool.blocks_needed(hit, n) + watermark + reserve > pool.num_available:
                 continue
             key = (len(hit), *group.room)
             if best_key is None or key > best_key:

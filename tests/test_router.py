@@ -638,3 +638,26 @@ def test_requests_held_for_the_start_spread_do_not_expire_while_a_mesh_is_up():
         meshes[1].lock.release()
         await router.close()
     asyncio.run(main())
+
+
+def test_a_stream_another_mesh_cannot_hold_stays_where_it_can():
+    """Meshes with different max_seq_len: a stream under way whose tokens fill the shorter one's is placed on,
+    and left on, the longer one. Moved to the free shorter mesh, it was refused after being taken from its
+    queue, and lost."""
+    async def main():
+        def sized(max_seq_len):
+            return lambda: SimulatedBackend(num_slots=1, kv_groups=1, max_seq_len=max_seq_len, time_scale=1.0,
+                                            vocab_size=1000)
+        meshes = [LocalMesh(sized(4096)), LocalMesh(sized(1024))]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router.submit("a", [5] * 40, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)
+        params = SamplingParams(temperature=0.0, max_tokens=520)
+        router.submit("x", [7] * 600, params, None, [3] * 500, "c", continuation=True)  # 1,100 tokens so far
+        await asyncio.sleep(0.5)  # mesh-1 has a free slot all along
+        assert router.requests["x"].mesh is router.meshes[0]
+        router.cancel("a")
+        await until(lambda: "x" not in router.requests)  # its last 20 tokens came on mesh-0
+        await cancel_all_and_close(router)
+    asyncio.run(main())

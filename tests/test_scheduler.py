@@ -516,6 +516,9 @@ def test_requests_waiting_for_blocks_are_queued_though_slots_are_free():
     assert (len(sched.running), sched.kv.num_free_slots, sched.num_queued) == (2, 2, 1)
     (queued,) = sched.queued()
     sched.take(queued)
-    assert queued.request_id == "r2" and sched.num_queued == 0
+    assert queued.request_id == "r2" and sched.num_queued == -2  # slots: the next admission tells of blocks
+    assert not sched.seats(queued)  # no blocks for it: the router does not send it back here
     sched.cancel("r0")  # its blocks free: room again
-    assert sched.num_queued == -3
+    assert sched.num_queued == -3 and sched.seats(queued)
+    sched.submit("r3", [9] * 6, params())
+    assert not sched.seats(queued)  # the two blocks left are r3's, which waits here first

@@ -115,7 +115,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         sched = self.sched
         used = [group.pool.num_used for group in sched.kv.groups]
         taken = sched.queued()
-        assert taken[0] is sched.queue_head()
+        assert sched.queued(1) == taken[:1]
         for seq in taken:
             sched.take(seq)
         assert taken and sched.num_queued <= 0 and [g.pool.num_used for g in sched.kv.groups] == used
