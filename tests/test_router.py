@@ -661,3 +661,31 @@ def test_a_stream_another_mesh_cannot_hold_stays_where_it_can():
         await until(lambda: "x" not in router.requests)  # its last 20 tokens came on mesh-0
         await cancel_all_and_close(router)
     asyncio.run(main())
+
+
+def test_a_small_request_behind_a_head_no_mesh_seats_moves_to_the_room():
+    """A round looks past a queue's head (MOVE_SCAN deep): `y` waits behind `x`, which no mesh has the blocks
+    for, while another mesh has a slot and a block for `y`."""
+    async def main():
+        def small():  # 2 slots, 8 blocks of 64 tokens
+            return SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
+        meshes = [LocalMesh(small) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        for rid in ("a0", "a1", "b0", "b1"):  # two 100-token streams on each mesh: every slot taken
+            router.submit(rid, [len(rid) + ord(rid[0]) + int(rid[1])] * 100, LASTING, None, [], "c")
+        await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [2, 2])
+        on = {rid: router.requests[rid].mesh for rid in ("a0", "a1", "b0", "b1")}
+        m0, m1 = router.meshes
+        router.submit("x", [7] * 400, LASTING, None, [], "c")  # 7 blocks: queued on one mesh
+        router.submit("z", [8] * 400, LASTING, None, [], "c")  # and its twin on the other
+        router.submit("y", [9] * 40, LASTING, None, [], "c")  # 1 block, behind x or z
+        first = router.requests["y"].mesh
+        other = m1 if first is m0 else m0
+        assert [s.request_id for s in first.scheduler.waiting][-1] == "y"
+        for rid, mesh in on.items():  # the other mesh's streams end: its big one takes 7 blocks, 1 is left
+            if mesh is other:
+                router.cancel(rid)
+        await until(lambda: router.requests["y"].mesh is other, timeout_s=1.0)
+        await cancel_all_and_close(router)
+    asyncio.run(main())
