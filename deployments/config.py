@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from model.galaxy import TTMeshConfig, galaxy_sizes
 
@@ -64,6 +64,17 @@ class AppConfig(BaseModel):
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
                                        "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _names(cls, value: str | list[str] | None) -> list[str] | None:
+        """One name or several, as a list without repeats; none blank."""
+        if value is None:
+            return None
+        names = list(dict.fromkeys([value] if isinstance(value, str) else value))
+        if not names or not all(name.strip() for name in names):
+            raise ValueError("give at least one name, none blank (or leave it out: the model's)")
+        return names
+
     @model_validator(mode="after")
     def _chunk_aligned(self):
         if self.prefill_chunk % 128:
@@ -71,9 +82,6 @@ class AppConfig(BaseModel):
         if self.kv_groups is not None and self.backend != "simulated":
             raise ValueError("kv_groups applies to the simulated backend only (a Galaxy's KV groups are its mesh "
                              "columns; the torch backend has one KV cache)")
-        served = [self.served_model_name] if isinstance(self.served_model_name, str) else self.served_model_name
-        if served is not None and (not served or not all(name.strip() for name in served)):
-            raise ValueError("served_model_name: give at least one name, none blank (or leave it out: the model's)")
         if self.backend == "tt_galaxy":  # at deploy time, not when every mesh replica fails to start
             if self.model == "smollm2":
                 raise ValueError("model: the tt_galaxy backend runs tt-metal's Llama-3 70B Galaxy model, not the "
@@ -87,8 +95,7 @@ class AppConfig(BaseModel):
         checkpoint's folder or hub name and the model as given (a hub id such as meta-llama/Llama-3.3-70B-Instruct,
         which vLLM serves under that id); empty `model` names what $HF_MODEL or $LLAMA_DIR names."""
         if self.served_model_name:
-            names = [self.served_model_name] if isinstance(self.served_model_name, str) else self.served_model_name
-            return list(dict.fromkeys(names))
+            return list(self.served_model_name)
         if self.model == "smollm2":
             return ["SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"]
         given = self.model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""

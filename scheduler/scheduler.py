@@ -163,9 +163,8 @@ class MeshScheduler:
         """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order,
         the first `limit` of them. They hold no slot or block: the router moves them to a mesh that seats them
         now (`take`, `seats`)."""
-        n = max(self.num_queued, 0)
-        start = len(self.waiting) - n
-        return list(itertools.islice(self.waiting, start, start + min(n, limit if limit is not None else n)))
+        start = len(self.waiting) - max(self.num_queued, 0)
+        return list(itertools.islice(self.waiting, start, None if limit is None else start + limit))
 
     def take(self, seq: Sequence) -> None:
         """Take a waiting request out, to go on elsewhere (its final event is dropped)."""

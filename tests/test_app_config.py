@@ -165,5 +165,6 @@ def test_the_config_check_sees_the_variables_the_build_sees(monkeypatch, tmp_pat
     path.write_text(yaml.safe_dump({"applications": [app]}))
     assert check_serve_config(str(path)) == [
         f"{path}: application 'm', args.model: none given, and neither HF_MODEL nor LLAMA_DIR is set"]
-    path.write_text(yaml.safe_dump({"applications": [{**app, "runtime_env": {"env_vars": {"LLAMA_DIR": str(tmp_path)}}}]}))
+    app["runtime_env"] = {"env_vars": {"LLAMA_DIR": str(tmp_path)}}
+    path.write_text(yaml.safe_dump({"applications": [app]}))
     assert check_serve_config(str(path)) == []
