@@ -14,14 +14,16 @@ from scheduler.sampling import TokenLogprobs
 
 class StopStrings:
     """Finds stop strings in streamed text. Until the answer ends, the last (longest stop - 1)
-    characters are held back: they might be the start of a stop string that the next token completes."""
+    characters are held back: they might be the start of a stop string that the next token completes.
+    Only that tail is kept (`text`, at most `hold` characters between feeds), so a token's work does not
+    grow with the answer: appending to the whole text copied it at every token, quadratic in its length."""
 
     def __init__(self, stops: tuple[str, ...], include_stop: bool = False):
         self.stops = stops
         self.include_stop = include_stop
         self.hold = max(map(len, stops), default=1) - 1
-        self.text = ""
-        self.emitted = 0
+        self.text = ""  # the answer's last characters: those held back, and those a stop may start in
+        self.emitted = 0  # of `text`, the leading characters already sent
         self.matched: str | None = None  # the stop string that ended the answer
 
     def feed(self, delta: str, final: bool, check: bool = True) -> tuple[str, bool]:
@@ -40,7 +42,9 @@ class StopStrings:
 
     def _take(self, end: int) -> str:
         end = max(end, self.emitted)
-        out, self.emitted = self.text[self.emitted:end], end
+        out = self.text[self.emitted:end]
+        cut = min(end, max(0, len(self.text) - self.hold))  # sent, and too far back for a stop to start in
+        self.text, self.emitted = self.text[cut:], end - cut
         return out
 
 
@@ -141,9 +145,10 @@ class ChoiceDelta:
 
 @dataclass
 class ChoiceTotal:
-    """A whole choice, for a non-streaming answer."""
+    """A whole choice, for a non-streaming answer. Its text is kept as the deltas' pieces and joined once
+    (`text`): appending each to the whole copied it at every token."""
 
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     token_offsets: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -151,8 +156,12 @@ class ChoiceTotal:
     num_cached: int = 0
     stop_reason: str | int | None = None
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def add(self, d: ChoiceDelta) -> None:
-        self.text += d.text
+        self.pieces.append(d.text)
         self.logprobs += d.logprobs
         self.token_offsets += d.token_offsets
         self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason

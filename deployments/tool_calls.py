@@ -197,6 +197,7 @@ class ToolCallStream:
         self.forced = forced
         self.parallel = parallel
         self.held = ""
+        self.call_like = False  # the text so far starts as a call does: no need to look at its start again
         self.calls = 0  # calls whose name was sent
         self.pos = 0  # where the scan of `held` stands
         self.call_start = 0  # where the last streamed call's object starts
@@ -210,12 +211,15 @@ class ToolCallStream:
         its calls are whole, not cut by max_tokens or a stop string)."""
         if not self.holding:
             return text, [], False
-        self.held += text
-        head = self.held.lstrip()
-        maybe_call = head.startswith(("{", PYTHON_TAG)) or PYTHON_TAG.startswith(head)  # (the tag may be split)
-        if not self.forced and head and not maybe_call and not self.calls:
-            self.holding = False
-            return self.held, [], False
+        held, self.held = self.held, ""  # the one reference: += then grows the string in place, not a copy a token
+        held += text
+        self.held = held
+        if not (self.forced or self.calls or self.call_like):
+            head = held.lstrip()
+            self.call_like = head.startswith(("{", PYTHON_TAG))  # then so it stays, however the text grows
+            if head and not self.call_like and not PYTHON_TAG.startswith(head):  # (the tag may be split)
+                self.holding = False
+                return held, [], False
         deltas: list[CallDelta] = []
         self._scan(deltas)
         if not final:

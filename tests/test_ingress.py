@@ -706,19 +706,34 @@ def test_metrics_exposition(client, router, tokenizer):
 
 # ---- stop strings -------------------------------------------------------------------------------
 
-@given(text=st.text(alphabet="abc ", max_size=40), stop=st.text(alphabet="abc", min_size=1, max_size=4),
-       cuts=st.lists(st.integers(0, 40), max_size=8))
-def test_stop_strings_stream_exactly_the_text_before_the_first_stop(text, stop, cuts):
+@given(text=st.text(alphabet="abc ", max_size=40), stop_list=st.lists(st.text(alphabet="abc", min_size=1, max_size=4),
+                                                                      min_size=1, max_size=3),
+       cuts=st.lists(st.integers(0, 40), max_size=8), include_stop=st.booleans())
+def test_stop_strings_stream_exactly_the_text_before_the_first_stop(text, stop_list, cuts, include_stop):
     pieces = [text[a:b] for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), len(text)])]
-    stops = StopStrings((stop,))
+    stops = StopStrings(tuple(stop_list), include_stop)
     sent, stopped = "", False
     for i, piece in enumerate(pieces):
         out, stopped = stops.feed(piece, final=i == len(pieces) - 1)
         sent += out
+        assert len(stops.text) <= stops.hold  # only the tail a stop may start in is kept, however long the text
         if stopped:
             break
-    expected = text[:text.index(stop)] if stop in text else text
-    assert sent == expected and stopped == (stop in text)
+    expected, first = _first_stop(pieces, stop_list, include_stop)
+    assert sent == expected and stopped == (first is not None) and stops.matched == first
+
+
+def _first_stop(pieces: list[str], stops: list[str], include_stop: bool) -> tuple[str, str | None]:
+    """The answer's text and the stop that ends it: the first piece after which the whole text holds a stop
+    that was not there before; among the stops it completes, the one that starts first (then the shortest)."""
+    text = ""
+    for piece in pieces:
+        before, text = text, text + piece
+        hits = [(text.find(s), len(s), s) for s in stops if s in text and s not in before]
+        if hits:
+            start, length, stop = min(hits)
+            return text[:start + length if include_stop else start], stop
+    return text, None
 
 
 def test_max_model_len_comes_from_the_meshes_and_is_503_until_one_is_up(router, tokenizer):
