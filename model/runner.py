@@ -20,7 +20,7 @@ import torch
 
 from model.backend import Backend
 from model.grammar import GrammarCache, GrammarState
-from model.sampler import sample_batch
+from model.sampler import PenaltyState, sample_batch
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
 
@@ -37,6 +37,7 @@ class SlotState:
     on_device: bool  # the backend can sample these params exactly (decided once, not per step)
     banned_early: list[int]  # stop ids inside the vocabulary: masked until min_tokens are generated
     grammar: GrammarState | None = None  # the constraint the answer must match, advanced token by token
+    penalties: PenaltyState | None = None  # with penalties: the sequence's token counts, advanced token by token
 
     @property
     def num_generated(self) -> int:
@@ -92,6 +93,9 @@ class MeshRunner:
         state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
                           frozenset(chunk.stop_token_ids), self.backend.can_sample(params),
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
+        if params.needs_penalties:
+            n = chunk.num_prompt_tokens
+            state.penalties = PenaltyState(vocab, chunk.token_ids[:n], chunk.token_ids[n:])
         if params.grammar is not None:
             try:
                 grammars = self.grammars()
@@ -250,11 +254,8 @@ class MeshRunner:
     @staticmethod
     def _sample(logits: torch.Tensor, states: list[SlotState], raw: torch.Tensor | None = None
                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        penalties = any(st.params.needs_penalties for st in states)
         return sample_batch(logits, [st.params for st in states], [len(st.token_ids) for st in states],
-                            prompts=[st.token_ids[:st.num_prompt_tokens] for st in states] if penalties else None,
-                            outputs=[st.token_ids[st.num_prompt_tokens:] for st in states] if penalties else None,
-                            raw=raw)
+                            [st.penalties for st in states], raw)
 
     def _retire(self, slot: int, result: StepResult, reason: str) -> None:
         """The slot's request fails alone: "grammar_error" when llguidance gave up on its grammar (the client's
@@ -276,6 +277,8 @@ class MeshRunner:
                 self._retire(slot, result, "grammar_error")
                 return
         state.token_ids.append(token)
+        if state.penalties is not None:
+            state.penalties.add(token)
         result.tokens[slot] = token
         if logprobs is not None:
             result.logprobs[slot] = logprobs

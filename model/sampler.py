@@ -27,17 +27,60 @@ def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:
     return noise.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids, output_ids) -> torch.Tensor:
-    """vLLM semantics: repetition over prompt + output, presence/frequency over output only."""
+class PenaltyState:
+    """One sequence's tokens as penalties read them: the distinct ids of its prompt and output, and how often
+    each id came in its output, over a vocabulary of `vocab` ids (ids outside it are ignored). Kept up to date a
+    token at a time (`add`, O(1)): rebuilt from the whole sequence at every step, they cost O(prompt + output)
+    per token on the mesh host (a 100k-token prompt: tens of milliseconds a step, which every slot of the mesh
+    waits for). A step then touches only the ids the sequence holds."""
+
+    def __init__(self, vocab: int, prompt_ids=(), output_ids=()):
+        self.vocab = vocab
+        self.counts = torch.zeros(vocab, dtype=torch.int32)  # [vocab]: each id's count in the output
+        self._seen: set[int] = set()
+        self._seen_ids = torch.empty(vocab, dtype=torch.long)  # the distinct ids of prompt and output, in order
+        self._output_ids = torch.empty(vocab, dtype=torch.long)  # the distinct ids of the output, in order
+        self._num_seen = self._num_output = 0
+        for token in prompt_ids:
+            self._see(token)
+        for token in output_ids:
+            self.add(token)
+
+    @property
+    def seen_ids(self) -> torch.Tensor:
+        return self._seen_ids[:self._num_seen]
+
+    @property
+    def output_ids(self) -> torch.Tensor:
+        return self._output_ids[:self._num_output]
+
+    def add(self, token: int) -> None:
+        """A token of the output."""
+        if 0 <= token < self.vocab:
+            self._see(token)
+            if not self.counts[token]:
+                self._output_ids[self._num_output] = token
+                self._num_output += 1
+            self.counts[token] += 1
+
+    def _see(self, token: int) -> None:
+        if 0 <= token < self.vocab and token not in self._seen:
+            self._seen.add(token)
+            self._seen_ids[self._num_seen] = token
+            self._num_seen += 1
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, state: PenaltyState) -> torch.Tensor:
+    """vLLM semantics: repetition over prompt + output, presence/frequency over output only. logits [vocab]."""
     logits = logits.clone()
+    width = logits.shape[-1]
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    if output_ids and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(output_ids, dtype=torch.long, device=logits.device).unique(return_counts=True)
-        logits[ids] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
+        ids = state.seen_ids if width >= state.vocab else state.seen_ids[state.seen_ids < width]
+        vals = logits[ids]
+        logits[ids] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        ids = state.output_ids if width >= state.vocab else state.output_ids[state.output_ids < width]
+        logits[ids] -= params.frequency_penalty * state.counts[ids].to(logits.dtype) + params.presence_penalty
     return logits
 
 
@@ -63,9 +106,10 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
-               prompt_ids=(), output_ids=(), raw: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
-    """Sample one token from one row of logits [vocab]. `position` is the new token's position.
+def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, penalties: PenaltyState | None = None,
+               raw: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
+    """Sample one token from one row of logits [vocab]. `position` is the new token's position; `penalties`
+    the sequence's tokens, when params has penalties (none: the sequence has no tokens yet).
 
     Logprobs are the model's own distribution: `raw` [vocab] (the row before logit_bias and the min_tokens
     mask; default `logits`), before penalties, temperature and top-k/top-p, as vLLM reports them by default
@@ -73,8 +117,8 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
     guided choice's logprobs are the model's, renormalised over what the grammar allows."""
     raw = logits if raw is None else raw
     logits = logits.float()
-    if params.needs_penalties:
-        logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    if params.needs_penalties and penalties is not None:
+        logits = apply_penalties(logits, params, penalties)
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
@@ -96,7 +140,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int,
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                 prompts=None, outputs=None, raw: torch.Tensor | None = None
+                 penalties: list[PenaltyState | None] | None = None, raw: torch.Tensor | None = None
                  ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Sample each row with its own parameters. Greedy rows without extras take one batched argmax. `raw`
     [rows, vocab]: the logits before bias and the min_tokens mask, for logprobs (sample_row); default `logits`."""
@@ -111,6 +155,6 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: 
     for i, p in enumerate(params):
         if i in simple_set:
             continue
-        tokens[i], logprobs[i] = sample_row(logits[i], p, positions[i], prompts[i] if prompts else (),
-                                            outputs[i] if outputs else (), None if raw is None else raw[i])
+        tokens[i], logprobs[i] = sample_row(logits[i], p, positions[i], penalties[i] if penalties else None,
+                                            None if raw is None else raw[i])
     return tokens, logprobs

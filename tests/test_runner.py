@@ -102,6 +102,42 @@ def test_release_drops_slot_and_device_sampling_path():
     assert backend.calls[-1] == ("decode", [3])
 
 
+class CloseCallsBackend(CountingBackend):
+    """Logits close together (sin of id x last token), so penalties change which token wins."""
+
+    def _logits(self, token: int, position: int) -> torch.Tensor:
+        return torch.sin(torch.arange(VOCAB, dtype=torch.float32) * (token + 1) * 0.37 + position * 0.11)
+
+
+def penalised_reference(backend, prompt: list[int], n: int, rep: float, freq: float, pres: float) -> list[int]:
+    """Greedy with vLLM's penalties, recounted from the whole sequence at every step."""
+    seq = list(prompt)
+    for _ in range(n):
+        row, out = backend._logits(seq[-1], len(seq) - 1).tolist(), seq[len(prompt):]
+        for t in set(seq):
+            row[t] = row[t] / rep if row[t] > 0 else row[t] * rep
+        for t in set(out):
+            row[t] -= freq * out.count(t) + pres
+        seq.append(max(range(VOCAB), key=row.__getitem__))
+    return seq[len(prompt):]
+
+
+def test_penalties_counted_token_by_token_match_a_recount_and_survive_a_recompute():
+    prompt, params = [3, 4, 5, 4], greedy(max_tokens=14, repetition_penalty=1.6, frequency_penalty=0.3,
+                                          presence_penalty=0.2)
+    expected = penalised_reference(CloseCallsBackend(), prompt, 14, 1.6, 0.3, 0.2)
+    assert expected != penalised_reference(CloseCallsBackend(), prompt, 14, 1.0, 0.0, 0.0)  # they do bite
+    runner = MeshRunner(CloseCallsBackend())
+    results = run(runner, MeshWork(0, [PrefillChunk("a", 0, prompt, 0, [0], params, len(prompt))],
+                                   decode_round([0], steps=13)))
+    assert [r.tokens[0] for r in results] == expected
+    # preempted after 6 tokens, recomputed on another mesh: prompt + those tokens come back as one prefill
+    runner = MeshRunner(CloseCallsBackend())
+    chunk = PrefillChunk("a", 0, prompt + expected[:6], 0, [0, 1, 2], params, len(prompt))
+    results = run(runner, MeshWork(0, [chunk], decode_round([0], steps=7)))
+    assert [r.tokens[0] for r in results] == expected[6:]
+
+
 def test_logprobs_reported_on_host_path():
     runner = MeshRunner(CountingBackend())
     chunk = PrefillChunk("a", 0, [2], 0, [0], greedy(logprobs=2), 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from model.sampler import apply_penalties, sample_batch, sample_row
+from model.sampler import PenaltyState, apply_penalties, sample_batch, sample_row
 from scheduler.sampling import SamplingParams
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0, 2.0])
@@ -88,21 +88,38 @@ def test_batch_applies_each_rows_parameters():
 
 def test_repetition_penalty_covers_prompt_and_output():
     params = SamplingParams(repetition_penalty=2.0)
-    out = apply_penalties(LOGITS, params, prompt_ids=[1], output_ids=[3, 3])
+    out = apply_penalties(LOGITS, params, PenaltyState(6, prompt_ids=[1], output_ids=[3, 3]))
     assert out.tolist() == [1.0, 1.5, 2.5, -2.0, 0.0, 2.0]
     assert LOGITS[1] == 3.0  # the input is left alone
 
 
 def test_presence_and_frequency_penalties_cover_output_only():
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
-    out = apply_penalties(LOGITS, params, prompt_ids=[0], output_ids=[2, 2, 4])
+    out = apply_penalties(LOGITS, params, PenaltyState(6, prompt_ids=[0], output_ids=[2, 2, 4]))
     assert out.tolist() == pytest.approx([1.0, 3.0, 2.5 - 0.5 - 0.5, -1.0, 0.0 - 0.5 - 0.25, 2.0])
+
+
+def test_penalty_state_advanced_token_by_token_is_the_one_built_from_the_whole_sequence():
+    state = PenaltyState(6, prompt_ids=[0, 5], output_ids=[2])
+    for token in (2, 4, 9, -1):  # ids outside the vocabulary (a padded row's) count for nothing
+        state.add(token)
+    whole = PenaltyState(6, prompt_ids=[0, 5], output_ids=[2, 2, 4, 9, -1])
+    assert sorted(state.seen_ids.tolist()) == sorted(whole.seen_ids.tolist()) == [0, 2, 4, 5]
+    assert sorted(state.output_ids.tolist()) == sorted(whole.output_ids.tolist()) == [2, 4]
+    assert state.counts.tolist() == whole.counts.tolist() == [0, 0, 2, 0, 1, 0]
+
+
+def test_a_row_wider_than_the_vocabulary_keeps_its_extra_ids_as_they_are():
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=1.0)
+    wide = torch.cat([LOGITS, torch.tensor([7.0, -7.0])])
+    out = apply_penalties(wide, params, PenaltyState(6, prompt_ids=[1], output_ids=[3]))
+    assert out.tolist() == [1.0, 1.5, 2.5, -3.0, 0.0, 2.0, 7.0, -7.0]
 
 
 def test_penalties_change_the_greedy_choice():
     params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
-    assert sample_row(LOGITS, params, 0, prompt_ids=[1], output_ids=[])[0] == 2
-    tokens, _ = sample_batch(LOGITS[None], [params], [0], prompts=[[1]], outputs=[[]])
+    assert sample_row(LOGITS, params, 0, PenaltyState(6, prompt_ids=[1]))[0] == 2
+    tokens, _ = sample_batch(LOGITS[None], [params], [0], [PenaltyState(6, prompt_ids=[1])])
     assert tokens == [2]
 
 
@@ -141,7 +158,7 @@ def test_logprobs_are_the_raw_distribution_whatever_picks_the_token():
     a row biased before sampling (logit_bias, min_tokens; `raw` its logits before) reports the model's own."""
     logp = LOGITS.log_softmax(-1)
     params = SamplingParams(temperature=5.0, top_k=2, seed=1, presence_penalty=2.0, repetition_penalty=1.5, logprobs=2)
-    token, lp = sample_row(LOGITS, params, 0, prompt_ids=[1], output_ids=[2])
+    token, lp = sample_row(LOGITS, params, 0, PenaltyState(6, prompt_ids=[1], output_ids=[2]))
     assert lp.logprob == pytest.approx(float(logp[token]))
     assert lp.top == [(t, pytest.approx(float(logp[t]))) for t in (1, 2)]
     forced = torch.full_like(LOGITS, float("-inf"))

@@ -6,7 +6,7 @@ import torch
 
 from model.simulated import DEMO_MEAN_GENERATED, GalaxyTiming, SimulatedBackend, published_figures
 from model.galaxy import LLAMA3_EOS
-from model.sampler import sample_batch
+from model.sampler import PenaltyState, sample_batch
 from scheduler.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -206,7 +206,8 @@ def test_logits_path_agrees_with_device_sampling_whatever_the_params():
     logits = backend.prefill(prompt, 0, [0], 0, None)
     assert logits.shape == (backend.caps.vocab_size,) and int(logits.argmax()) == sampled[0]
     hot = SamplingParams(temperature=100.0, top_p=0.5, seed=3, repetition_penalty=10.0, logprobs=2)
-    tokens, logprobs = sample_batch(logits[None], [hot], [50], [prompt], [[sampled[0]] * 100])
+    penalties = PenaltyState(backend.caps.vocab_size, prompt, [sampled[0]] * 100)
+    tokens, logprobs = sample_batch(logits[None], [hot], [50], [penalties])
     assert tokens == [sampled[0]] and logprobs[0].token_id == sampled[0]
 
 
