@@ -145,8 +145,8 @@ class ChoiceDelta:
 
 @dataclass
 class ChoiceTotal:
-    """A whole choice, for a non-streaming answer. Its text is kept as the deltas' pieces and joined once
-    (`text`): appending each to the whole copied it at every token."""
+    """A whole choice, for a non-streaming answer. Its text is kept as the deltas' pieces, joined when read
+    (`text`, at the end): appending each to the whole copied it at every token."""
 
     pieces: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)

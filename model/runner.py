@@ -31,7 +31,7 @@ log = logging.getLogger("ray.serve")
 class SlotState:
     request_id: str
     params: SamplingParams
-    token_ids: list[int]  # prompt + output so far (penalties read it; its length gives the position)
+    token_ids: list[int]  # prompt + output so far (its length gives the position)
     num_prompt_tokens: int
     stop_ids: frozenset[int]
     on_device: bool  # the backend can sample these params exactly (decided once, not per step)

@@ -29,59 +29,75 @@ def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:
 
 class PenaltyState:
     """One sequence's tokens as penalties read them: the distinct ids of its prompt and output, and how often
-    each id came in its output, over a vocabulary of `vocab` ids (ids outside it are ignored). Kept up to date a
-    token at a time (`add`, O(1)): rebuilt from the whole sequence at every step, they cost O(prompt + output)
-    per token on the mesh host (a 100k-token prompt: tens of milliseconds a step, which every slot of the mesh
-    waits for). A step then touches only the ids the sequence holds."""
+    each id came in its output, over a vocabulary of `vocab` ids (ids outside it are ignored). Built from the
+    tokens so far in one vectorised pass, then kept up to date a token at a time (`add`, ~1 us): rebuilt from
+    the whole sequence at every step, they cost O(prompt + output) per token on the mesh host (a 100k-token
+    prompt: ~40 ms a step on the 2-core box, which every slot of the mesh waits for). A step then touches
+    only the ids the sequence holds. numpy arrays: a scalar update costs a fraction of a tensor's."""
 
     def __init__(self, vocab: int, prompt_ids=(), output_ids=()):
         self.vocab = vocab
-        self.counts = torch.zeros(vocab, dtype=torch.int32)  # [vocab]: each id's count in the output
-        self._seen: set[int] = set()
-        self._seen_ids = torch.empty(vocab, dtype=torch.long)  # the distinct ids of prompt and output, in order
-        self._output_ids = torch.empty(vocab, dtype=torch.long)  # the distinct ids of the output, in order
-        self._num_seen = self._num_output = 0
-        for token in prompt_ids:
-            self._see(token)
-        for token in output_ids:
-            self.add(token)
+        prompt, output = (_in_vocab(ids, vocab) for ids in (prompt_ids, output_ids))
+        self.counts = np.bincount(output, minlength=vocab).astype(np.int32)  # [vocab]: each id's count in the output
+        self._seen = np.zeros(vocab, dtype=bool)
+        self._seen[prompt] = True
+        self._seen[output] = True
+        self._seen_ids = np.empty(vocab, dtype=np.int64)  # the distinct ids of prompt and output
+        self._output_ids = np.empty(vocab, dtype=np.int64)  # the distinct ids of the output
+        self._num_seen = _fill(self._seen_ids, np.flatnonzero(self._seen))
+        self._num_output = _fill(self._output_ids, np.flatnonzero(self.counts))
 
     @property
     def seen_ids(self) -> torch.Tensor:
-        return self._seen_ids[:self._num_seen]
+        return torch.from_numpy(self._seen_ids[:self._num_seen])
 
     @property
     def output_ids(self) -> torch.Tensor:
-        return self._output_ids[:self._num_output]
+        return torch.from_numpy(self._output_ids[:self._num_output])
 
     def add(self, token: int) -> None:
         """A token of the output."""
-        if 0 <= token < self.vocab:
-            self._see(token)
-            if not self.counts[token]:
-                self._output_ids[self._num_output] = token
-                self._num_output += 1
-            self.counts[token] += 1
-
-    def _see(self, token: int) -> None:
-        if 0 <= token < self.vocab and token not in self._seen:
-            self._seen.add(token)
+        if not 0 <= token < self.vocab:
+            return
+        if not self._seen[token]:
+            self._seen[token] = True
             self._seen_ids[self._num_seen] = token
             self._num_seen += 1
+        if not self.counts[token]:
+            self._output_ids[self._num_output] = token
+            self._num_output += 1
+        self.counts[token] += 1
+
+
+def _in_vocab(ids, vocab: int) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    return ids[(ids >= 0) & (ids < vocab)]
+
+
+def _fill(buffer: np.ndarray, values: np.ndarray) -> int:
+    buffer[:len(values)] = values
+    return len(values)
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, state: PenaltyState) -> torch.Tensor:
-    """vLLM semantics: repetition over prompt + output, presence/frequency over output only. logits [vocab]."""
+    """vLLM semantics: repetition over prompt + output, presence/frequency over output only. logits [width], on
+    any device: ids at or past `width` (a row narrower than the vocabulary) are skipped, and a wider row's ids
+    past the vocabulary are left as they are."""
     logits = logits.clone()
     width = logits.shape[-1]
     if params.repetition_penalty != 1.0:
-        ids = state.seen_ids if width >= state.vocab else state.seen_ids[state.seen_ids < width]
+        ids = _below(state.seen_ids, width, state.vocab).to(logits.device)
         vals = logits[ids]
         logits[ids] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if params.presence_penalty or params.frequency_penalty:
-        ids = state.output_ids if width >= state.vocab else state.output_ids[state.output_ids < width]
-        logits[ids] -= params.frequency_penalty * state.counts[ids].to(logits.dtype) + params.presence_penalty
+        ids = _below(state.output_ids, width, state.vocab)
+        counts = torch.from_numpy(state.counts)[ids].to(logits.device, logits.dtype)
+        logits[ids.to(logits.device)] -= params.frequency_penalty * counts + params.presence_penalty
     return logits
+
+
+def _below(ids: torch.Tensor, width: int, vocab: int) -> torch.Tensor:
+    return ids if width >= vocab else ids[ids < width]
 
 
 def _filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -109,7 +125,7 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
 def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, penalties: PenaltyState | None = None,
                raw: torch.Tensor | None = None) -> tuple[int, TokenLogprobs | None]:
     """Sample one token from one row of logits [vocab]. `position` is the new token's position; `penalties`
-    the sequence's tokens, when params has penalties (none: the sequence has no tokens yet).
+    the sequence's tokens, which params' penalties need: without them, none is applied.
 
     Logprobs are the model's own distribution: `raw` [vocab] (the row before logit_bias and the min_tokens
     mask; default `logits`), before penalties, temperature and top-k/top-p, as vLLM reports them by default

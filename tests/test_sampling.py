@@ -109,6 +109,12 @@ def test_penalty_state_advanced_token_by_token_is_the_one_built_from_the_whole_s
     assert state.counts.tolist() == whole.counts.tolist() == [0, 0, 2, 0, 1, 0]
 
 
+def test_a_row_narrower_than_the_vocabulary_skips_the_ids_it_lacks():
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=1.0)
+    out = apply_penalties(LOGITS[:4], params, PenaltyState(6, prompt_ids=[1, 5], output_ids=[3, 4, 4]))
+    assert out.tolist() == [1.0, 1.5, 2.5, -3.0]
+
+
 def test_a_row_wider_than_the_vocabulary_keeps_its_extra_ids_as_they_are():
     params = SamplingParams(repetition_penalty=2.0, presence_penalty=1.0)
     wide = torch.cat([LOGITS, torch.tensor([7.0, -7.0])])
