@@ -723,6 +723,18 @@ def test_stop_strings_stream_exactly_the_text_before_the_first_stop(text, stop_l
     assert sent == expected and stopped == (first is not None) and stops.matched == first
 
 
+def test_stop_strings_count_from_the_check_on_with_the_held_tail_as_vllm_does():
+    """Before min_tokens (check=False) no stop ends the answer; the first checked piece is searched with the
+    held tail before it, so a stop it completes counts, and one wholly before it does not (vLLM's v1
+    detokenizer searches the new characters and the stop's length - 1 before them)."""
+    stops = StopStrings(("ab",))
+    assert stops.feed("xa", False, check=False) == ("x", False)
+    assert stops.feed("b", False, check=True) == ("", True) and stops.matched == "ab"
+    stops = StopStrings(("ab",))
+    assert stops.feed("ab", False, check=False) == ("a", False)
+    assert stops.feed("c", True, check=True) == ("bc", False) and stops.matched is None
+
+
 def _first_stop(pieces: list[str], stops: list[str], include_stop: bool) -> tuple[str, str | None]:
     """The answer's text and the stop that ends it: the first piece after which the whole text holds a stop
     that was not there before; among the stops it completes, the one that starts first (then the shortest)."""
