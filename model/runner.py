@@ -155,7 +155,10 @@ class MeshRunner:
         for s in live:
             st = self.slots[s]
             tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1, True
-        return torch.tensor(tokens), torch.tensor(positions), page_table, torch.tensor(active)
+        # via numpy: torch.tensor from a list costs ~12-15 us each on the 2-core box, this ~3, every step
+        return (torch.from_numpy(np.array(tokens, dtype=np.int64)),
+                torch.from_numpy(np.array(positions, dtype=np.int64)), page_table,
+                torch.from_numpy(np.array(active, dtype=bool)))
 
     def _decode_step(self, live: list[int], args: tuple, result: StepResult) -> None:
         n = self.caps.num_slots
