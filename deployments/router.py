@@ -471,7 +471,7 @@ class Router:
             except (PromptTooLong, QueueFull, ValueError):
                 req.counted = counted
                 continue
-            origin.scheduler.take(seq)
+            origin.scheduler.cancel(seq.request_id, "abort")  # its event is dropped: the request goes on there
             req.mesh = target
 
     def _movable(self, mesh: Mesh) -> bool:

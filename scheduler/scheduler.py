@@ -162,13 +162,9 @@ class MeshScheduler:
     def queued(self, limit: int | None = None) -> list[Sequence]:
         """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order,
         the first `limit` of them. They hold no slot or block: the router moves them to a mesh that seats them
-        now (`take`, `seats`)."""
+        now (`seats`) and cancels them here."""
         start = len(self.waiting) - max(self.num_queued, 0)
         return list(itertools.islice(self.waiting, start, None if limit is None else start + limit))
-
-    def take(self, seq: Sequence) -> None:
-        """Take a waiting request out, to go on elsewhere (its final event is dropped)."""
-        self.cancel(seq.request_id, "abort")
 
     def seats(self, seq: Sequence) -> bool:
         """Whether the next schedule here would seat `seq` (another mesh's) after this mesh's own queue: a slot

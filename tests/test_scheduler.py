@@ -515,7 +515,7 @@ def test_requests_waiting_for_blocks_are_queued_though_slots_are_free():
     sched.schedule()
     assert (len(sched.running), sched.kv.num_free_slots, sched.num_queued) == (2, 2, 1)
     (queued,) = sched.queued()
-    sched.take(queued)
+    sched.cancel(queued.request_id, "abort")
     assert queued.request_id == "r2" and sched.num_queued == -2  # slots: the next admission tells of blocks
     assert not sched.seats(queued)  # no blocks for it: the router does not send it back here
     sched.cancel("r0")  # its blocks free: room again

@@ -117,7 +117,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         taken = sched.queued()
         assert sched.queued(1) == taken[:1]
         for seq in taken:
-            sched.take(seq)
+            sched.cancel(seq.request_id, "abort")
         assert taken and sched.num_queued <= 0 and [g.pool.num_used for g in sched.kv.groups] == used
         for seq in taken:
             assert seq.request_id not in sched.requests and not seq.block_table
