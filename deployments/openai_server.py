@@ -344,7 +344,7 @@ class OpenAIServer:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id
                             stop_reason = answer.stop_reason(eos) if reason == "stop" else None
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
-                                              cached, stop_reason)
+                                              cached, stop_reason, event.token_ids[:taken])
                         if failed and not stopped:
                             if event.finish_reason == "grammar_error":  # llguidance gave up on the client's grammar
                                 param = prep.constraint_param
@@ -435,6 +435,7 @@ class OpenAIServer:
             raise as_api_error(exc, prep.prompt_field) or exc
         usage = self._usage(sum(len(p.prompt_ids) for p in preps), sum(t.num_generated for t in totals),
                             sum(totals[p * req.n].num_cached for p in range(len(preps))))
+        ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
         if chat:
             choices = []
             for i, t in enumerate(totals):
@@ -444,13 +445,16 @@ class OpenAIServer:
                            else AssistantMessage(content=t.text))
                 reason = _finish_reason(t.finish_reason, whole, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
-                                          logprobs=self._chat_logprobs(t.logprobs) if req.logprobs else None))
-            return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices,
-                                                       usage=usage).model_dump())
+                                          logprobs=self._chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,
+                                          token_ids=t.token_ids if ids else None))
+            return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices, usage=usage,
+                                                       prompt_token_ids=prep.prompt_ids if ids else None).model_dump())
         choices = [CompletionChoice(index=i, text=preps[i // req.n].echo + t.text, finish_reason=t.finish_reason,
                                     stop_reason=t.stop_reason,
-                                    logprobs=self._completion_logprobs(t.logprobs, t.token_offsets)
-                                    if req.logprobs is not None else None)
+                                    logprobs=self._completion_logprobs(t.logprobs, t.token_offsets, as_ids)
+                                    if req.logprobs is not None else None,
+                                    prompt_token_ids=preps[i // req.n].prompt_ids if ids else None,
+                                    token_ids=t.token_ids if ids else None)
                    for i, t in enumerate(totals)]
         return JSONResponse(CompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                usage=usage).model_dump())
@@ -471,6 +475,8 @@ class OpenAIServer:
         prompt_tokens = sum(len(p.prompt_ids) for p in preps)
         cached = [0] * len(preps)  # per prompt
         echo = [p.echo for p in preps for _ in range(req.n)]  # sent with each choice's first chunk
+        ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
+        prompt_ids = [p.prompt_ids if ids else None for p in preps for _ in range(req.n)]  # completions: likewise
         tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
                          for _ in range(req.n)]
                         if chat and prep.tool_mode != "none" else None)
@@ -478,9 +484,12 @@ class OpenAIServer:
         def event(chunk) -> str:
             return f"data: {chunk.model_dump_json()}\n\n"
 
-        def chunk(choices, usage: Usage | None = None):
-            cls = ChatCompletionChunk if chat else CompletionResponse
-            return event(cls(id=prep.id, created=created, model=self.model, choices=choices, usage=usage))
+        def chunk(choices, usage: Usage | None = None, prompt: list[int] | None = None):
+            if chat:
+                return event(ChatCompletionChunk(id=prep.id, created=created, model=self.model, choices=choices,
+                                                 usage=usage, prompt_token_ids=prompt))
+            return event(CompletionResponse(id=prep.id, created=created, model=self.model, choices=choices,
+                                            usage=usage))
 
         def choice(d: ChoiceDelta):
             if chat:
@@ -492,14 +501,17 @@ class OpenAIServer:
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
                                        finish_reason=reason, stop_reason=d.stop_reason,
-                                       logprobs=self._chat_logprobs(d.logprobs) if req.logprobs else None)
+                                       logprobs=self._chat_logprobs(d.logprobs, as_ids) if req.logprobs else None,
+                                       token_ids=d.token_ids if ids else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
+            prompt, prompt_ids[d.index] = prompt_ids[d.index], None
             return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason, stop_reason=d.stop_reason,
-                                    logprobs=self._completion_logprobs(d.logprobs, d.token_offsets)
-                                    if req.logprobs is not None else None)
+                                    logprobs=self._completion_logprobs(d.logprobs, d.token_offsets, as_ids)
+                                    if req.logprobs is not None else None,
+                                    prompt_token_ids=prompt, token_ids=d.token_ids if ids else None)
 
         # Most chunks carry text alone: they come from a template per choice (see ChunkTemplate).
-        templated = tool_streams is None and not (req.logprobs if chat else req.logprobs is not None)
+        templated = tool_streams is None and not (req.logprobs if chat else req.logprobs is not None) and not ids
         templates: dict[int, ChunkTemplate] = {}
 
         def text_chunk(d: ChoiceDelta) -> str:
@@ -516,7 +528,8 @@ class OpenAIServer:
         try:
             if chat:
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                             for i in range(req.n)], self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None)
+                             for i in range(req.n)], self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None,
+                            prep.prompt_ids if ids else None)
             d = first
             while d is not None:
                 generated[d.index] = d.num_generated
@@ -524,10 +537,11 @@ class OpenAIServer:
                     cached[d.index // req.n] = d.num_cached
                 if templated and d.text and d.finish_reason is None and not echo[d.index]:
                     yield text_chunk(d)
-                elif d.text or d.finish_reason or d.logprobs or echo[d.index]:
+                elif d.text or d.finish_reason or d.logprobs or echo[d.index] or (ids and d.token_ids):
                     c = choice(d)
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
-                            and c.logprobs is None):  # a tool call's text is held back: no empty chunk per token
+                            and c.logprobs is None and c.token_ids is None):  # a tool call's text is held back:
+                        # no empty chunk per token, unless it carries the tokens asked for
                         yield chunk([c], self._usage(*running(d)) if req.continuous_usage else None)
                 d = await anext(stream, None)
             if req.include_usage:
@@ -548,25 +562,32 @@ class OpenAIServer:
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
-    def _top(self, token_id: int, logprob: float) -> TopLogprob:
-        """`bytes` are the token's own, so they spell the text even where `token` is U+FFFD (part of an emoji)."""
+    def _top(self, token_id: int, logprob: float, as_id: bool = False) -> TopLogprob:
+        """`bytes` are the token's own, so they spell the text even where `token` is U+FFFD (part of an emoji);
+        `as_id` (vLLM's return_tokens_as_token_ids) names the token "token_id:<id>", and `bytes` spell that, as
+        vLLM's do."""
+        if as_id:
+            token = f"token_id:{token_id}"
+            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
         return TopLogprob(token=self._token(token_id), logprob=logprob,
                           bytes=list(self.tokenizer.token_bytes(token_id)))
 
-    def _chat_logprobs(self, lps: list[TokenLogprobs]) -> ChatLogprobs:
+    def _chat_logprobs(self, lps: list[TokenLogprobs], as_ids: bool = False) -> ChatLogprobs:
         return ChatLogprobs(content=[
-            ChatTokenLogprob(**self._top(lp.token_id, lp.logprob).model_dump(),
-                             top_logprobs=[self._top(t, p) for t, p in lp.top])
+            ChatTokenLogprob(**self._top(lp.token_id, lp.logprob, as_ids).model_dump(),
+                             top_logprobs=[self._top(t, p, as_ids) for t, p in lp.top])
             for lp in lps])
 
-    def _completion_logprobs(self, lps: list[TokenLogprobs], offsets: list[int]) -> CompletionLogprobs:
+    def _completion_logprobs(self, lps: list[TokenLogprobs], offsets: list[int],
+                             as_ids: bool = False) -> CompletionLogprobs:
         """Each position's `top_logprobs` holds the chosen token too, whether or not it is among the most
         likely (OpenAI's legacy completions: "the logprobs most likely tokens, as well the chosen tokens";
         vLLM does the same)."""
-        return CompletionLogprobs(tokens=[self._completion_token(lp.token_id) for lp in lps],
+        name = (lambda t: f"token_id:{t}") if as_ids else self._completion_token
+        return CompletionLogprobs(tokens=[name(lp.token_id) for lp in lps],
                                   token_logprobs=[lp.logprob for lp in lps],
-                                  top_logprobs=[{**{self._completion_token(t): p for t, p in lp.top},
-                                                 self._completion_token(lp.token_id): lp.logprob} for lp in lps],
+                                  top_logprobs=[{**{name(t): p for t, p in lp.top}, name(lp.token_id): lp.logprob}
+                                                for lp in lps],
                                   text_offset=offsets)
 
     def _completion_token(self, token_id: int) -> str:

@@ -158,9 +158,9 @@ class _GenerationRequest(_Request):
     prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
     allowed_token_ids: Unsupported | None = None  # vLLM's; logit_bias can do it
     bad_words: Unsupported | None = None  # vLLM's
-    return_tokens_as_token_ids: Unsupported | None = None  # vLLM's
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>" (any token is JSON then)
     spaces_between_special_tokens: Literal[True] = True  # vLLM's; false is not implemented
-    return_token_ids: Literal[False] = False  # vLLM's; token ids in the response are not implemented
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids come with the text
     detokenize: Literal[True] = True  # vLLM's; an answer without text is not implemented
     priority: Literal[0] = 0  # vLLM's; as vLLM without its priority scheduling policy, only 0
     prompt_embeds: Unsupported | None = None  # vLLM's; this server takes text and token ids
@@ -568,21 +568,36 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ResponseToolCall] = []
 
 
-class ChatChoice(BaseModel):
+class _TokenIds(BaseModel):
+    """A response part that carries vLLM's `token_ids` / `prompt_token_ids` only when the request asked for them
+    (`return_token_ids`): unasked, the fields are left out, not sent as null with every chunk."""
+
+    @model_serializer(mode="wrap")
+    def _without_unasked_ids(self, handler):
+        data = handler(self)
+        for name in ("token_ids", "prompt_token_ids"):
+            if name in data and data[name] is None:
+                del data[name]
+        return data
+
+
+class ChatChoice(_TokenIds):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: the answer's tokens, its stop token included
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_TokenIds):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: the templated prompt's tokens
 
 
 class _Sparse(BaseModel):
@@ -608,29 +623,33 @@ class DeltaMessage(_Sparse):
     tool_calls: list[DeltaToolCall] | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_TokenIds):
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: the tokens this chunk's text came from
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_TokenIds):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: in the first chunk only
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_TokenIds):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: this choice's prompt (streamed: first chunk)
+    token_ids: list[int] | None = None  # vLLM's return_token_ids: the answer's tokens (streamed: this chunk's)
 
 
 class CompletionResponse(BaseModel):

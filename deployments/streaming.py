@@ -141,6 +141,7 @@ class ChoiceDelta:
     num_generated: int  # tokens so far
     num_cached: int  # prompt tokens the prefix cache served
     stop_reason: str | int | None = None  # with finish_reason "stop": the stop string or token id (vLLM)
+    token_ids: list[int] = field(default_factory=list)  # the tokens taken (`text` came from them; a stop's included)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class ChoiceTotal:
     num_generated: int = 0
     num_cached: int = 0
     stop_reason: str | int | None = None
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -162,6 +164,7 @@ class ChoiceTotal:
 
     def add(self, d: ChoiceDelta) -> None:
         self.pieces.append(d.text)
+        self.token_ids += d.token_ids
         self.logprobs += d.logprobs
         self.token_offsets += d.token_offsets
         self.finish_reason, self.stop_reason = d.finish_reason, d.stop_reason

@@ -73,10 +73,8 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"echo": True}, "echo"),
     ("/v1/completions", COMPLETION, {"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
     ("/v1/completions", COMPLETION, {"bad_words": ["x"]}, "bad_words"),
-    ("/v1/completions", COMPLETION, {"return_tokens_as_token_ids": True}, "return_tokens_as_token_ids"),
     ("/v1/completions", COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
-    ("/v1/completions", COMPLETION, {"return_token_ids": True}, "return_token_ids"),
     ("/v1/chat/completions", CHAT, {"detokenize": False}, "detokenize"),
     ("/v1/chat/completions", CHAT, {"priority": 1}, "priority"),  # as vLLM without its priority policy
     ("/v1/completions", COMPLETION, {"prompt_embeds": "AAAA"}, "prompt_embeds"),
