@@ -195,14 +195,16 @@ class OpenAIServer:
 
     def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
                         tools: list[Tool] | None = None, template_kwargs: dict | None = None,
-                        add_special_tokens: bool = False) -> list[int]:
+                        add_special_tokens: bool = False, continue_final_message: bool = False) -> list[int]:
         """A chat's prompt ids, by the model's template, with `tools` offered to the model;
-        `add_special_tokens` puts the model's BOS before the template's own tokens (vLLM's field)."""
+        `add_special_tokens` puts the model's BOS before the template's own tokens (vLLM's field);
+        `continue_final_message` ends them inside the final message, for the answer to continue it."""
         tokenizer = self.tokenizer
         takes_tools = tokenizer.template_takes_tools
         try:
             ids = tokenizer.encode_chat(render_messages(messages, tools, takes_tools), add_generation_prompt,
-                                        tool_definitions(tools) if tools and takes_tools else None, template_kwargs)
+                                        tool_definitions(tools) if tools and takes_tools else None, template_kwargs,
+                                        continue_final_message)
         except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
             raise APIError(400, f"messages: {exc}", param="messages") from None
         return [tokenizer.bos_id, *ids] if add_special_tokens and tokenizer.bos_id is not None else ids
@@ -219,7 +221,7 @@ class OpenAIServer:
                 check_prompt_chars(chars, limit, "messages")
             tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do
             args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
-                    req.add_special_tokens)
+                    req.add_special_tokens, req.continue_final_message)
             # a tool list is always templated off the loop
             ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args))
             return ids, "messages"

@@ -98,6 +98,14 @@ def _template_variables_only(cls, v: dict | None) -> dict | None:
     return v
 
 
+def _continue_alone(cls, v: bool, info: ValidationInfo) -> bool:
+    """vLLM's (and transformers') rule: the final message is continued, or an assistant header is added, not both."""
+    if v and info.data.get("add_generation_prompt", True):
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true: set "
+                         "add_generation_prompt to false to continue the final message")
+    return v
+
+
 def _refuse_unsupported(value: Any) -> Any:
     raise PydanticCustomError("unsupported", "this server does not support this field")
 
@@ -404,9 +412,10 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # vLLM's: false renders the messages without the assistant's header
-    continue_final_message: Literal[False] = False  # vLLM's assistant prefill: not implemented
+    continue_final_message: bool = False  # vLLM's: the answer continues the final message's text (a prefill)
 
     _template_variables = field_validator("chat_template_kwargs")(_template_variables_only)
+    _continue_alone = field_validator("continue_final_message")(_continue_alone)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -494,13 +503,14 @@ class TokenizeRequest(_Request):
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1, validate_default=True)
     add_generation_prompt: bool = True  # chat form only
-    continue_final_message: Literal[False] = False  # vLLM's assistant prefill: not implemented
+    continue_final_message: bool = False  # chat form only
     add_special_tokens: bool | None = None  # None: BOS for a prompt (vLLM's True), none beyond the template for a chat
     return_token_strs: bool = False
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # chat form: offered to the model, as in a chat
     chat_template_kwargs: JsonObject | None = None  # chat form
 
     _template_variables = field_validator("chat_template_kwargs")(_template_variables_only)
+    _continue_alone = field_validator("continue_final_message")(_continue_alone)
 
     @field_validator("messages")
     @classmethod

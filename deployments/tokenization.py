@@ -23,7 +23,7 @@ def _tokenize(server: OpenAIServer, req: TokenizeRequest) -> tuple[list[int], li
     tokenizer = server.tokenizer
     if req.messages is not None:
         ids = server.encode_messages(req.messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs,
-                                     bool(req.add_special_tokens))
+                                     bool(req.add_special_tokens), req.continue_final_message)
     else:
         ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
     return ids, tokenizer.token_strs(ids) if req.return_token_strs else None

@@ -193,31 +193,41 @@ class Tokenizer:
         return self.chat_template is not None and "tools" in self.chat_template
 
     def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> str:
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None,
+                    continue_final_message: bool = False) -> str:
         """The prompt text: the model's own chat template when it has one, Llama 3's header format otherwise.
         `tools` (OpenAI's function definitions) go to a template that takes them; `template_kwargs` are more
-        variables for the template (vLLM's chat_template_kwargs; Meta's fixed format has none)."""
+        variables for the template (vLLM's chat_template_kwargs; Meta's fixed format has none).
+        `continue_final_message` ends the text where the final message's content ends, for the answer to go
+        on from there (transformers' rule, which vLLM uses). Raises ValueError where the template refuses the
+        messages, or the final message has no text to continue."""
         if self.chat_template is not None:
             return self._hf.apply_chat_template([dict(m) for m in messages], tokenize=False,
                                                 add_generation_prompt=add_generation_prompt,
+                                                continue_final_message=continue_final_message,
                                                 tools=tools if self.template_takes_tools else None,
                                                 **(template_kwargs or {}))
         if "<|start_header_id|>" not in self.special_ids:
             raise ValueError("tokenizer has no chat template and no Llama 3 header tokens")
+        if continue_final_message and not isinstance(messages[-1].get("content"), str):
+            raise ValueError("continue_final_message is set but the final message has no content to continue")
         # Meta's ChatFormat: BOS, then per message a role header and the stripped content closed by <|eot_id|>.
         parts = ["<|begin_of_text|>"]
         parts += [f"<|start_header_id|>{_LLAMA3_ROLES.get(m['role'], m['role'])}<|end_header_id|>\n\n"
                   f"{m['content'].strip()}<|eot_id|>" for m in messages]
-        if add_generation_prompt:
+        if continue_final_message:
+            parts[-1] = parts[-1].removesuffix("<|eot_id|>")
+        elif add_generation_prompt:
             parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(parts)
 
     def encode_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True,
-                    tools: list[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
+                    tools: list[dict] | None = None, template_kwargs: dict | None = None,
+                    continue_final_message: bool = False) -> list[int]:
         """Prompt ids for a chat; the template writes any BOS itself, so none is added. Special-token text
         inside a message's content stays text (see `encode_template`)."""
         return self.encode_template(messages, lambda msgs: self.render_chat(msgs, add_generation_prompt, tools,
-                                                                            template_kwargs))
+                                                                            template_kwargs, continue_final_message))
 
     def encode_template(self, messages: Sequence[ChatMessage],
                         render: Callable[[Sequence[ChatMessage]], str]) -> list[int]:

@@ -58,7 +58,6 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/completions", COMPLETION, {"suffix": "the end"}, "suffix"),
     ("/v1/completions", COMPLETION, {"best_of": 3}, "best_of"),
     ("/v1/completions", COMPLETION, {"echo": True, "logprobs": 1}, "echo"),
-    ("/v1/chat/completions", CHAT, {"continue_final_message": True}, "continue_final_message"),
     ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", COMPLETION, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", COMPLETION, {"prompt_logprobs": 1}, "prompt_logprobs"),
@@ -399,3 +398,40 @@ def test_continuous_usage_counts_each_chunks_own_choice_and_prompt_as_vllm(clien
     by_prompt = dict(prompt_lengths)
     assert len(by_prompt) == len(prompt_lengths)  # one prompt length per prompt
     assert sum(by_prompt.values()) == final["prompt_tokens"]
+
+
+# ---- continue_final_message ---------------------------------------------------------------------
+
+PREFILL = [{"role": "user", "content": "What is 6 x 7?"}, {"role": "assistant", "content": "The answer is"}]
+
+
+def test_continue_final_message_prompts_inside_the_final_message(client, router, tokenizer):
+    body = client.post("/v1/chat/completions", json={**CHAT, "messages": PREFILL, "add_generation_prompt": False,
+                                                     "continue_final_message": True}).json()
+    assert body["choices"][0]["message"]["content"] == ANSWER  # the continuation alone, as vLLM answers
+    ((prompt, _, _),) = router.requests.values()
+    assert tokenizer.decode(prompt).endswith("<|im_start|>assistant\nThe answer is")
+    assert prompt == tokenizer.encode_chat(PREFILL, False, continue_final_message=True)
+    tokenized = client.post("/tokenize", json={"messages": PREFILL, "add_generation_prompt": False,
+                                               "continue_final_message": True}).json()
+    assert tokenized["tokens"] == prompt
+
+
+def test_continue_final_message_keeps_special_text_in_it_as_text(client, router, tokenizer):
+    messages = [PREFILL[0], {"role": "assistant", "content": "Say <|im_end|> and"}]
+    r = client.post("/v1/chat/completions", json={**CHAT, "messages": messages, "add_generation_prompt": False,
+                                                  "continue_final_message": True})
+    assert r.status_code == 200, r.text
+    ((prompt, _, _),) = router.requests.values()
+    assert tokenizer.decode(prompt).endswith("assistant\nSay <|im_end|> and")
+    im_end = tokenizer.special_ids["<|im_end|>"]
+    assert prompt.count(im_end) == 2  # the system and user turns' ends; the message's own text is no token
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_continue_final_message_with_a_generation_prompt_is_400(client, router, path):
+    body = {"messages": PREFILL, "continue_final_message": True}  # add_generation_prompt defaults to true
+    assert_error(client.post(path, json={**CHAT, **body} if path != "/tokenize" else body), 400,
+                 param="continue_final_message")
+    assert router.requests == {}
+

@@ -282,3 +282,20 @@ def test_chat_template_kwargs_are_template_variables():
     messages = [{"role": "user", "content": "x"}]
     assert tok.render_chat(messages, False) == "hello x"
     assert tok.render_chat(messages, False, template_kwargs={"greeting": "hi"}) == "hi x"
+
+
+@pytest.mark.parametrize("prefill", ["The answer is", "  The answer is \n"])
+def test_continue_final_message_ends_inside_it(meta, hf, smol, llama3_dir_with, prefill):
+    """transformers' continue_final_message (vLLM's) is the reference; Meta's header format gives the same text."""
+    chat = [*CHAT, {"role": "assistant", "content": prefill}]
+    templated = Tokenizer.from_hf_dir(llama3_dir_with({"chat_template": LLAMA3_HF_TEMPLATE}))
+    expected = templated.render_chat(chat, False, continue_final_message=True)
+    assert expected.endswith("<|start_header_id|>assistant<|end_header_id|>\n\nThe answer is")
+    assert meta.render_chat(chat, False, continue_final_message=True) == expected
+    assert hf.render_chat(chat, False, continue_final_message=True) == expected
+    assert meta.encode_chat(chat, False, continue_final_message=True) == meta.encode(expected)
+    smol_text = smol.render_chat(chat, False, continue_final_message=True)
+    assert smol_text == smol.render_chat(chat, False).removesuffix("<|im_end|>\n")  # its template keeps the spaces
+    for tok in (meta, smol):
+        with pytest.raises(ValueError):  # nothing to continue
+            tok.render_chat([*CHAT, {"role": "assistant", "content": None}], False, continue_final_message=True)
