@@ -95,6 +95,7 @@ def _call_chars(call) -> int:
 def check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> None:
     """The rules that need the model's vocabulary (the protocol checks the rest)."""
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
+    check_token_ids(req.allowed_token_ids or [], vocab_size, "allowed_token_ids")
     if req.top_k > vocab_size:  # a device top-k larger than the logits fails the whole batch
         raise APIError(400, f"top_k: must be -1, 0 or in [1, {vocab_size}]", param="top_k")
 

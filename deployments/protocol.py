@@ -164,7 +164,7 @@ class _GenerationRequest(_Request):
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text (e.g. <|im_end|>) in the answer
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the prompt's last k tokens (-1: the context)
     prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
-    allowed_token_ids: Unsupported | None = None  # vLLM's; logit_bias can do it
+    allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these may be sampled
     bad_words: Unsupported | None = None  # vLLM's
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>" (any token is JSON then)
     spaces_between_special_tokens: Literal[True] = True  # vLLM's; false is not implemented
@@ -268,7 +268,8 @@ class _GenerationRequest(_Request):
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=self.num_logprobs, skip_special_tokens=self.skip_special_tokens)
+            logprobs=self.num_logprobs, skip_special_tokens=self.skip_special_tokens,
+            allowed_token_ids=self.allowed_token_ids)
 
 
 class JsonSchemaFormat(_Request):

@@ -36,6 +36,8 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # Added to the token's logit before sampling (OpenAI's logit_bias: -100 bans, +100 forces).
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    # vLLM's whitelist: only these ids may be sampled (None: any). Sorted, without repeats; never empty.
+    allowed_token_ids: tuple[int, ...] | None = None
     skip_special_tokens: bool = True  # the answer's text leaves special tokens out (the ingress's detokenizer)
     # Constrained decoding: an llguidance grammar (model/grammar.py) the answer must match; None: free text.
     grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
@@ -65,6 +67,18 @@ class SamplingParams(BaseModel):
     def _bias_bounds(cls, v):
         if any(t < 0 for t in v) or any(not -100.0 <= b <= 100.0 for b in v.values()):
             raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
+        return v
+
+    @field_validator("allowed_token_ids", mode="before")
+    @classmethod
+    def _allowed_as_sorted_set(cls, v):
+        return None if v is None else tuple(sorted(set(v)))
+
+    @field_validator("allowed_token_ids")
+    @classmethod
+    def _allowed_not_empty(cls, v):
+        if v is not None and (not v or v[0] < 0):
+            raise ValueError("allowed_token_ids must be non-empty token ids >= 0")
         return v
 
     @field_validator("min_p")

@@ -70,7 +70,6 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"store": True}, "store"),
     ("/v1/chat/completions", CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
     ("/v1/chat/completions", CHAT, {"echo": True}, "echo"),
-    ("/v1/completions", COMPLETION, {"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
     ("/v1/completions", COMPLETION, {"bad_words": ["x"]}, "bad_words"),
     ("/v1/completions", COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
@@ -435,3 +434,19 @@ def test_continue_final_message_with_a_generation_prompt_is_400(client, router, 
                  param="continue_final_message")
     assert router.requests == {}
 
+
+
+# ---- allowed_token_ids ---------------------------------------------------------------------------
+
+def test_allowed_token_ids_reach_the_mesh_as_a_sorted_set(client, router):
+    r = client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": [9, 3, 9, 4]})
+    assert r.status_code == 200, r.text
+    ((_, params, _),) = router.requests.values()
+    assert params.allowed_token_ids == (3, 4, 9)
+
+
+@pytest.mark.parametrize("ids", [[], [1, -1], [1, 10**9]])
+def test_allowed_token_ids_outside_the_vocabulary_or_none_are_400(client, router, ids):
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "allowed_token_ids": ids}), 400,
+                 param="allowed_token_ids")
+    assert router.requests == {}

@@ -487,3 +487,30 @@ def test_a_grammar_past_its_cpu_budget_per_token_retires_its_slot_alone_as_gramm
     results = grammar_run(regex_grammar("[a-z]+"))
     assert results[0].finished == {0: "grammar_error"} and results[0].tokens[0] == NO_TOKEN
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+
+
+@pytest.mark.parametrize("device_sampling", [frozenset(), frozenset({"temperature", "seed"})])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_allowed_token_ids_are_the_only_tokens_sampled(device_sampling, temperature):
+    """vLLM's whitelist: tokens outside it are never drawn (a device sampler that cannot mask leaves it to the
+    host); where the model's own choice is allowed it stays, and logprobs are the model's (vLLM's raw_logprobs)."""
+    prompt = [3, 4, 5]
+    natural = expected_tokens(prompt, 12)
+    allowed = sorted({natural[0], natural[2], 11, 23, 31})
+    params = SamplingParams(temperature=temperature, seed=7, max_tokens=12, logprobs=0, allowed_token_ids=allowed)
+    runner = MeshRunner(CountingBackend(device_sampling))
+    assert not runner.backend.can_sample(params)
+    work = MeshWork(0, [PrefillChunk("a", 0, prompt, 0, [0], params, len(prompt))], decode_round([0], steps=11))
+    results = run(runner, work)
+    tokens = [r.tokens[0] for r in results]
+    assert len(tokens) == 12 and set(tokens) <= set(allowed)
+    seq, overruled = list(prompt), 0
+    for result, token in zip(results, tokens):
+        favourite = next_token(seq[-1], len(seq) - 1)
+        if favourite in allowed:
+            assert token == favourite
+        overruled += favourite not in allowed
+        lp = result.logprobs[0]
+        assert lp.token_id == token and lp.logprob == pytest.approx(-0.0 if token == favourite else -20.0, abs=1e-3)
+        seq.append(token)
+    assert overruled  # the whitelist did change the answer

@@ -216,6 +216,7 @@ def test_logprobs_need_host_logits_everything_else_samples_on_device():
     assert backend.can_sample(SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1,
                                              presence_penalty=1.0, repetition_penalty=1.2))
     assert not backend.can_sample(SamplingParams(logprobs=1))
+    assert not backend.can_sample(SamplingParams(allowed_token_ids=[5, 6]))  # the device sampler cannot mask
 
 
 def test_no_eos_unless_configured():
