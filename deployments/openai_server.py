@@ -121,7 +121,7 @@ class Prepared:
     params: SamplingParams
     prompt_field: str
     arrival: float  # perf_counter() when the request reached the ingress
-    echo: str = ""  # completions' `echo`: the prompt's text, which comes first in each choice
+    echo: str = ""  # `echo`: the prompt's text (chat: a final assistant message's), first in each choice
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
     tools: list[Tool] = field(default_factory=list)
     constraint_param: str | None = None  # the field the request's grammar comes from
@@ -282,6 +282,8 @@ class OpenAIServer:
         echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prompt_ids)
+        elif isinstance(req, ChatCompletionRequest) and req.echo and req.messages[-1].role == "assistant":
+            echo = req.messages[-1].text  # vLLM's: the message the answer belongs to (continue_final_message)
         router_id = f"{prefix}-{uuid.uuid4().hex}"
         return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
                         prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param)
@@ -445,7 +447,7 @@ class OpenAIServer:
                 calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
                                 if prep.tool_mode != "none" else (None, False))
                 message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
-                           else AssistantMessage(content=t.text))
+                           else AssistantMessage(content=prep.echo + t.text))
                 reason = _finish_reason(t.finish_reason, whole, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,
@@ -477,7 +479,8 @@ class OpenAIServer:
         generated = [0] * (len(preps) * req.n)
         prompt_tokens = sum(len(p.prompt_ids) for p in preps)
         cached = [0] * len(preps)  # per prompt
-        echo = [p.echo for p in preps for _ in range(req.n)]  # sent with each choice's first chunk
+        echo = [p.echo for p in preps for _ in range(req.n)] if not chat else [""] * req.n  # with each choice's
+        # first chunk (completions; a chat's comes in a chunk of its own)
         ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
         prompt_ids = [p.prompt_ids if ids else None for p in preps for _ in range(req.n)]  # completions: likewise
         tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
@@ -533,6 +536,9 @@ class OpenAIServer:
                 yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                              for i in range(req.n)], self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None,
                             prep.prompt_ids if ids else None)
+                if prep.echo:  # in a chunk of its own, as vLLM sends it
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo)) for i in range(req.n)],
+                                self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None)
             d = first
             while d is not None:
                 generated[d.index] = d.num_generated

@@ -405,7 +405,7 @@ class ChatCompletionRequest(_GenerationRequest):
     verbosity: Unsupported | None = None
     store: Literal[False] = False  # nothing is stored
     chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
-    echo: Literal[False] = False  # vLLM's chat echo (the last message prepended) is not implemented
+    echo: bool = False  # vLLM's: a final assistant message's text comes first in each choice's content
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
     documents: Unsupported | None = None  # vLLM's RAG documents for templates that take them
     add_special_tokens: bool = False  # vLLM's: true puts a BOS before the template's own tokens

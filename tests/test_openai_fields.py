@@ -69,7 +69,6 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"verbosity": "low"}, "verbosity"),
     ("/v1/chat/completions", CHAT, {"store": True}, "store"),
     ("/v1/chat/completions", CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
-    ("/v1/chat/completions", CHAT, {"echo": True}, "echo"),
     ("/v1/completions", COMPLETION, {"bad_words": ["x"]}, "bad_words"),
     ("/v1/completions", COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
@@ -450,3 +449,24 @@ def test_allowed_token_ids_outside_the_vocabulary_or_none_are_400(client, router
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "allowed_token_ids": ids}), 400,
                  param="allowed_token_ids")
     assert router.requests == {}
+
+
+# ---- chat echo -------------------------------------------------------------------------------------
+
+def test_chat_echo_puts_a_final_assistant_message_first(client, router):
+    body = {**CHAT, "messages": PREFILL, "add_generation_prompt": False, "continue_final_message": True, "echo": True,
+            "n": 2}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    assert [c["message"]["content"] for c in whole["choices"]] == ["The answer is" + ANSWER] * 2
+    assert whole["usage"]["completion_tokens"] == 2 * len(router.answer)  # the echo is not generated
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert [c["delta"] for c in chunks[1]["choices"]] == [{"content": "The answer is"}] * 2  # its own chunk
+    for i in range(2):
+        text = "".join(c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"] if c["index"] == i)
+        assert text == "The answer is" + ANSWER
+
+
+def test_chat_echo_after_a_user_message_adds_nothing(client):
+    plain = client.post("/v1/chat/completions", json=CHAT).json()
+    echoed = client.post("/v1/chat/completions", json={**CHAT, "echo": True}).json()
+    assert echoed["choices"][0]["message"] == plain["choices"][0]["message"]
