@@ -111,6 +111,20 @@ def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) 
     return bias
 
 
+def bad_words_token_ids(tokenizer: Tokenizer, words: list[str] | None) -> tuple[tuple[int, ...], ...]:
+    """vLLM's bad_words as token sequences (vllm/sampling_params.py, update_from_tokenizer): each word as text
+    starting the answer, and once more after a space, which is how it reads inside text, when that gives
+    other tokens of the same count."""
+    out: list[tuple[int, ...]] = []
+    for word in words or ():
+        alone = tuple(tokenizer.encode(word.lstrip()))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip()))
+        out.append(alone)
+        if spaced[0] != alone[0] and len(spaced) == len(alone):
+            out.append(spaced)
+    return tuple(out)
+
+
 @dataclass
 class Prepared:
     """A validated request, ready for the router."""
@@ -275,8 +289,10 @@ class OpenAIServer:
             raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds {room}.", param="min_tokens")
         try:
             params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
-            if bias or constraint.grammar is not None:
-                params = params.model_copy(update={"logit_bias": bias, "grammar": constraint.grammar})
+            bad_words = bad_words_token_ids(self.tokenizer, req.bad_words)
+            if bias or constraint.grammar is not None or bad_words:
+                params = params.model_copy(update={"logit_bias": bias, "grammar": constraint.grammar,
+                                                   "bad_words_token_ids": bad_words})
         except ValidationError as exc:  # a rule the checks above missed: still the client's 400, never a 500
             raise validation_error(exc.errors(), skip_body=False) from None
         echo = ""

@@ -24,6 +24,7 @@ MAX_BATCH_CHOICES = 256  # a batch of completion prompts: prompts x n router req
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256  # the mesh checks every sampled token against them
+MAX_BAD_WORDS = 128  # the mesh host matches each against the answer's end at every step
 MAX_SALT_CHARS = 256  # kept with the request in the router and hashed into its prefix blocks
 MAX_TOOLS = 128  # OpenAI's limit on `tools`
 MAX_CHOICES = 256  # vLLM's guided `choice` strings
@@ -165,7 +166,7 @@ class _GenerationRequest(_Request):
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the prompt's last k tokens (-1: the context)
     prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these may be sampled
-    bad_words: Unsupported | None = None  # vLLM's
+    bad_words: list[Text] | None = Field(None, max_length=MAX_BAD_WORDS)  # vLLM's: words the answer never ends with
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>" (any token is JSON then)
     spaces_between_special_tokens: Literal[True] = True  # vLLM's; false is not implemented
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids come with the text
@@ -204,6 +205,13 @@ class _GenerationRequest(_Request):
             if not 0 < len(stop) <= MAX_STOP_CHARS:
                 raise ValueError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters")
             _check_unicode(stop)
+        return v
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bounded_bad_words(cls, v):
+        if any(not 0 < len(word.strip()) <= MAX_STOP_CHARS for word in v or ()):
+            raise ValueError(f"bad words must have 1 to {MAX_STOP_CHARS} characters besides spaces")
         return v
 
     @field_validator("length_penalty")

@@ -109,4 +109,4 @@ class Backend(ABC):
 # Fields that change how a token is drawn (the rest are stop/budget rules the runner applies).
 SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                               "frequency_penalty", "repetition_penalty", "logprobs", "logit_bias", "grammar",
-                              "allowed_token_ids"})
+                              "allowed_token_ids", "bad_words_token_ids"})

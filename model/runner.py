@@ -202,12 +202,14 @@ class MeshRunner:
     def _host_sample(self, logits: torch.Tensor, states: list[SlotState]
                      ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
         """Sample rows [len(states), vocab] on the host. Per row: a grammar masks every token it forbids;
-        allowed_token_ids masks every other; logit_bias is added; before min_tokens, stop ids are masked so they cannot end the answer. Logprobs
+        allowed_token_ids masks every other, and bad words their last token where the answer ends with the rest of
+        one; logit_bias is added; before min_tokens, stop ids are masked so they cannot end the answer. Logprobs
         see the grammar's mask but not the rest, as vLLM's default raw_logprobs (its grammar bitmask is applied
         to the logits before its sampler, bias and min_tokens inside it). A row whose masking or sampling
         raises gets None (its slot is retired: see _retire)."""
         constrained = [(row, st) for row, st in enumerate(states) if st.grammar is not None]
-        biased = [(row, st) for row, st in enumerate(states) if st.params.logit_bias or st.params.allowed_token_ids
+        biased = [(row, st) for row, st in enumerate(states)
+                  if st.params.logit_bias or st.params.allowed_token_ids or st.params.bad_words_token_ids
                   or (st.banned_early and st.num_generated < st.params.min_tokens)]
         failed: set[int] = set()
         raw = None
@@ -247,13 +249,20 @@ class MeshRunner:
 
     @staticmethod
     def _bias(row: torch.Tensor, st: SlotState) -> None:
-        """Add logit_bias to one row of logits [vocab] in place, mask every id allowed_token_ids leaves out,
-        and mask stop ids before min_tokens."""
+        """Add logit_bias to one row of logits [vocab] in place, mask every id allowed_token_ids leaves out and
+        each bad word's last token where the answer so far ends with the rest of it (vLLM's rule: the answer's
+        tokens only, not the prompt's), and mask stop ids before min_tokens."""
         if st.params.allowed_token_ids:
             allowed = torch.tensor([t for t in st.params.allowed_token_ids if t < row.shape[0]], dtype=torch.long)
             kept = row[allowed]
             row.fill_(float("-inf"))
             row[allowed] = kept
+        if st.params.bad_words_token_ids:
+            seq, generated = st.token_ids, st.num_generated
+            banned = [word[-1] for word in st.params.bad_words_token_ids
+                      if len(word) - 1 <= generated and tuple(seq[len(seq) - len(word) + 1:]) == word[:-1]
+                      and word[-1] < row.shape[0]]
+            row[banned] = float("-inf")
         if st.params.logit_bias:
             ids = [t for t in st.params.logit_bias if t < row.shape[0]]
             row[ids] += torch.tensor([st.params.logit_bias[t] for t in ids])

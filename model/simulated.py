@@ -111,8 +111,8 @@ class SimulatedBackend(Backend):
     """`time_scale` multiplies every sleep (0.1 runs ten times faster than the Galaxy). `device_seconds`
     totals the simulated device time. `eos_rate` makes that fraction of tokens an EOS (default: never).
 
-    It samples every field itself except `logprobs`, `logit_bias`, `allowed_token_ids` and `grammar`: those take
-    the logits path,
+    It samples every field itself except `logprobs`, `logit_bias`, `allowed_token_ids`, bad words and `grammar`:
+    those take the logits path,
     which returns one-hot-like logits [*, vocab] (the chosen token at 0, the rest at -1e4; ~16 MB per decode
     step at the Llama 3 vocab, a few ms), so host sampling picks the same token whatever its parameters,
     unless a bias or a grammar rules it out (then the best token left, the lowest allowed id).
@@ -135,7 +135,7 @@ class SimulatedBackend(Backend):
                                  max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,
                                  eos_token_ids=tuple(eos_token_ids), kv_groups=kv_groups,
                                  device_sampling=SAMPLING_FIELDS - {"logprobs", "logit_bias", "grammar",
-                                                                    "allowed_token_ids"},
+                                                                    "allowed_token_ids", "bad_words_token_ids"},
                                  decode_step_s=timing.slowest_step_seconds(
                                      max_seq_len, kv_groups * num_blocks * block_size, num_slots) * time_scale,
                                  prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale)

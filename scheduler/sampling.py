@@ -38,6 +38,8 @@ class SamplingParams(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_ENTRIES)
     # vLLM's whitelist: only these ids may be sampled (None: any). Sorted, without repeats; never empty.
     allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's bad_words as token sequences: the last token of one is masked where the answer ends with the rest.
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     skip_special_tokens: bool = True  # the answer's text leaves special tokens out (the ingress's detokenizer)
     # Constrained decoding: an llguidance grammar (model/grammar.py) the answer must match; None: free text.
     grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
@@ -79,6 +81,13 @@ class SamplingParams(BaseModel):
     def _allowed_not_empty(cls, v):
         if v is not None and (not v or v[0] < 0):
             raise ValueError("allowed_token_ids must be non-empty token ids >= 0")
+        return v
+
+    @field_validator("bad_words_token_ids")
+    @classmethod
+    def _bad_words_not_empty(cls, v):
+        if any(not word or min(word) < 0 for word in v):
+            raise ValueError("bad_words_token_ids must be non-empty sequences of token ids >= 0")
         return v
 
     @field_validator("min_p")

@@ -69,7 +69,6 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"verbosity": "low"}, "verbosity"),
     ("/v1/chat/completions", CHAT, {"store": True}, "store"),
     ("/v1/chat/completions", CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
-    ("/v1/completions", COMPLETION, {"bad_words": ["x"]}, "bad_words"),
     ("/v1/completions", COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ("/v1/chat/completions", CHAT, {"detokenize": False}, "detokenize"),
@@ -470,3 +469,20 @@ def test_chat_echo_after_a_user_message_adds_nothing(client):
     plain = client.post("/v1/chat/completions", json=CHAT).json()
     echoed = client.post("/v1/chat/completions", json={**CHAT, "echo": True}).json()
     assert echoed["choices"][0]["message"] == plain["choices"][0]["message"]
+
+
+# ---- bad_words -------------------------------------------------------------------------------------
+
+def test_bad_words_reach_the_mesh_as_token_sequences(client, router, tokenizer):
+    r = client.post("/v1/completions", json={**COMPLETION, "bad_words": [" answer is", "42"]})
+    assert r.status_code == 200, r.text
+    ((_, params, _),) = router.requests.values()
+    alone, spaced = tuple(tokenizer.encode("answer is")), tuple(tokenizer.encode(" answer is"))
+    assert len(alone) == len(spaced) and alone[0] != spaced[0]  # so both forms are banned, as vLLM bans them
+    assert params.bad_words_token_ids == (alone, spaced, tuple(tokenizer.encode("42")))
+
+
+@pytest.mark.parametrize("words", [["  "], [""], ["x"] * 129, ["x" * 257]])
+def test_blank_or_too_many_bad_words_are_400(client, router, words):
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "bad_words": words}), 400, param="bad_words")
+    assert router.requests == {}

@@ -514,3 +514,24 @@ def test_allowed_token_ids_are_the_only_tokens_sampled(device_sampling, temperat
         assert lp.token_id == token and lp.logprob == pytest.approx(-0.0 if token == favourite else -20.0, abs=1e-3)
         seq.append(token)
     assert overruled  # the whitelist did change the answer
+
+
+def test_bad_words_mask_their_last_token_where_the_answer_ends_with_the_rest():
+    """vLLM's rule: a word's last token is masked where the answer's own tokens (not the prompt's) end with the
+    tokens before it; a one-token word is masked everywhere."""
+    prompt = [3, 4, 5]
+    natural = expected_tokens(prompt, 4)
+
+    def answer(*bad_words) -> list[int]:
+        params = greedy(max_tokens=4, bad_words_token_ids=bad_words)
+        runner = MeshRunner(CountingBackend(frozenset({"temperature"})))
+        assert runner.backend.can_sample(params) == (not bad_words)  # the device sampler cannot mask them
+        work = MeshWork(0, [PrefillChunk("a", 0, prompt, 0, [0], params, len(prompt))], decode_round([0], steps=3))
+        return [r.tokens[0] for r in run(runner, work)]
+
+    assert answer() == natural
+    two = answer((natural[0], natural[1]))
+    assert two[0] == natural[0] and two[1] != natural[1]
+    assert answer((natural[0],))[0] != natural[0]
+    assert answer((prompt[-1], natural[0])) == natural  # its first token is the prompt's: not the answer's
+    assert answer((natural[1], natural[0])) == natural  # the right tokens in the wrong order
