@@ -334,7 +334,8 @@ class OpenAIServer:
         skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()
         offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
         answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets,
-                            params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens)
+                            params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens,
+                            params.detokenize)
         cached = 0
         reason: str | None = None
         ended = "abort"  # how a request that does not finish is counted: "error" when the mesh failed it; not at

@@ -168,9 +168,11 @@ class _GenerationRequest(_Request):
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these may be sampled
     bad_words: list[Text] | None = Field(None, max_length=MAX_BAD_WORDS)  # vLLM's: words the answer never ends with
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>" (any token is JSON then)
-    spaces_between_special_tokens: Literal[True] = True  # vLLM's; false is not implemented
+    # vLLM's, for tokenizers that put spaces between special tokens: byte-level BPE (Llama 3's, SmolLM2's) puts
+    # none either way, as vLLM's fast detokenizer gives it
+    spaces_between_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids come with the text
-    detokenize: Literal[True] = True  # vLLM's; an answer without text is not implemented
+    detokenize: bool = True  # vLLM's: false answers with token ids alone (return_token_ids), text left empty
     priority: Literal[0] = 0  # vLLM's; as vLLM without its priority scheduling policy, only 0
     prompt_embeds: Unsupported | None = None  # vLLM's; this server takes text and token ids
     logits_processors: Unsupported | None = None  # vLLM's; custom code is not loaded
@@ -212,6 +214,13 @@ class _GenerationRequest(_Request):
     def _bounded_bad_words(cls, v):
         if any(not 0 < len(word.strip()) <= MAX_STOP_CHARS for word in v or ()):
             raise ValueError(f"bad words must have 1 to {MAX_STOP_CHARS} characters besides spaces")
+        return v
+
+    @field_validator("detokenize")
+    @classmethod
+    def _stop_strings_need_text(cls, v, info: ValidationInfo):
+        if not v and info.data.get("stop"):  # vLLM's rule (SamplingParams._verify_args)
+            raise ValueError("stop strings need the answer's text: they cannot be used with detokenize false")
         return v
 
     @field_validator("length_penalty")
@@ -276,7 +285,7 @@ class _GenerationRequest(_Request):
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            logprobs=self.num_logprobs, skip_special_tokens=self.skip_special_tokens,
+            logprobs=self.num_logprobs, skip_special_tokens=self.skip_special_tokens, detokenize=self.detokenize,
             allowed_token_ids=self.allowed_token_ids)
 
 

@@ -72,12 +72,13 @@ class TokenOffsets:
 class ChoiceText:
     """One choice's tokens as text for the client: detokenized, stop strings found once more than min_tokens
     are generated, token by token even when an event carries several (the router merges a request's tokens
-    until its next flush); nothing after a stop is kept. `output` holds the tokens taken so far."""
+    until its next flush); nothing after a stop is kept. `output` holds the tokens taken so far. Without
+    `detokenize` the text stays empty (vLLM's detokenize false; no stop strings then)."""
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], min_tokens: int,
                  offsets: TokenOffsets | None, include_stop: bool = False, stop_token_ids: tuple[int, ...] = (),
-                 skip_special: bool = True):
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special)
+                 skip_special: bool = True, detokenize: bool = True):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special) if detokenize else None
         self.stops = StopStrings(stop, include_stop)
         self.min_tokens = min_tokens
         self.offsets = offsets
@@ -104,11 +105,13 @@ class ChoiceText:
                 self.stop_token = token
                 if not self.stops.include_stop:
                     break
+            if self.detokenizer is None:
+                continue
             text, stopped = self.stops.feed(self.detokenizer.step([token]), False, self._check())
             texts.append(text)
             if stopped:
                 break
-        if final and not stopped:  # what the detokenizer and the stop search held back goes out
+        if final and not stopped and self.detokenizer is not None:  # what the detokenizer and stop search held back
             text, stopped = self.stops.feed(self.detokenizer.flush(), True, self._check())
             texts.append(text)
         return "".join(texts), starts, taken, stopped

@@ -41,6 +41,7 @@ class SamplingParams(BaseModel):
     # vLLM's bad_words as token sequences: the last token of one is masked where the answer ends with the rest.
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     skip_special_tokens: bool = True  # the answer's text leaves special tokens out (the ingress's detokenizer)
+    detokenize: bool = True  # false: the ingress makes no text of the answer (vLLM's; its ids are what is wanted)
     # Constrained decoding: an llguidance grammar (model/grammar.py) the answer must match; None: free text.
     grammar: str | None = Field(None, max_length=MAX_GRAMMAR_CHARS)
 

@@ -69,9 +69,7 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"verbosity": "low"}, "verbosity"),
     ("/v1/chat/completions", CHAT, {"store": True}, "store"),
     ("/v1/chat/completions", CHAT, {"chat_template": "{{ messages }}"}, "chat_template"),
-    ("/v1/completions", COMPLETION, {"spaces_between_special_tokens": False}, "spaces_between_special_tokens"),
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
-    ("/v1/chat/completions", CHAT, {"detokenize": False}, "detokenize"),
     ("/v1/chat/completions", CHAT, {"priority": 1}, "priority"),  # as vLLM without its priority policy
     ("/v1/completions", COMPLETION, {"prompt_embeds": "AAAA"}, "prompt_embeds"),
     ("/v1/completions", COMPLETION, {"logits_processors": ["my.module:Proc"]}, "logits_processors"),
@@ -486,3 +484,32 @@ def test_bad_words_reach_the_mesh_as_token_sequences(client, router, tokenizer):
 def test_blank_or_too_many_bad_words_are_400(client, router, words):
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "bad_words": words}), 400, param="bad_words")
     assert router.requests == {}
+
+
+# ---- detokenize, spaces_between_special_tokens -------------------------------------------------------
+
+def test_detokenize_false_answers_with_token_ids_alone(client, tokenizer, eos):
+    body = {**CHAT, "detokenize": False, "return_token_ids": True}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert whole["message"]["content"] == "" and whole["token_ids"] == tokenizer.encode(ANSWER) + [eos]
+    assert whole["finish_reason"] == "stop"
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert all(not c["delta"].get("content") for chunk in chunks for c in chunk["choices"])
+    assert [t for chunk in chunks for c in chunk["choices"] for t in c.get("token_ids", [])] == whole["token_ids"]
+    text = client.post("/v1/completions", json={**COMPLETION, "detokenize": False, "max_tokens": 5}).json()
+    assert text["choices"][0]["text"] == "" and text["usage"]["completion_tokens"] == 5
+
+
+def test_detokenize_false_with_stop_strings_is_400(client, router):
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "detokenize": False, "stop": ["x"]}), 400,
+                 param="detokenize")
+    assert router.requests == {}
+
+
+def test_spaces_between_special_tokens_changes_nothing_for_byte_level_bpe(client, router, tokenizer):
+    im_end = tokenizer.special_ids["<|im_end|>"]
+    router.answer = [im_end, im_end, *tokenizer.encode("ok"), im_end]
+    texts = {spaces: client.post("/v1/completions", json={
+        **COMPLETION, "skip_special_tokens": False, "ignore_eos": True, "spaces_between_special_tokens": spaces,
+        "max_tokens": 4}).json()["choices"][0]["text"] for spaces in (True, False)}
+    assert texts[True] == texts[False] == "<|im_end|><|im_end|>ok<|im_end|>"
