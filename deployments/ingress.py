@@ -33,6 +33,7 @@ from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import GRAMMAR_THREADS, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+from deployments.responses import ResponsesRequest, respond
 from deployments.router_client import RouterLink
 from model import grammar_check
 from model.checkpoint import resolve_model_dir
@@ -89,6 +90,10 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     async def completions(req: CompletionRequest, request: Request):
         req = named(req, request)
         return await server.complete(req, await server.prepare_all(req, "cmpl"), salt(request, req.cache_salt))
+
+    @v1.post("/responses")
+    async def responses(req: ResponsesRequest, request: Request):
+        return await respond(server, req, salt(request, req.cache_salt))
 
     async def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=created, max_model_len=await server.model_len())

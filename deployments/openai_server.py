@@ -447,7 +447,7 @@ class OpenAIServer:
         prep = preps[0]  # the response's id, and the field errors name
         stream = self.deltas(preps, req.n, salt)
         if req.stream:
-            first = await self._first(stream, prep)
+            first = await self.first_delta(stream, prep)
             return EventStream(self._sse(req, preps, first, stream), source=stream)
         totals = [ChoiceTotal() for _ in range(len(preps) * req.n)]
         try:
@@ -481,7 +481,7 @@ class OpenAIServer:
         return JSONResponse(CompletionResponse(id=prep.id, model=self.model, choices=choices,
                                                usage=usage).model_dump())
 
-    async def _first(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> ChoiceDelta:
+    async def first_delta(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> ChoiceDelta:
         """Wait for the first delta before sending headers, so a refusal is still a proper status code."""
         try:
             return await anext(stream)

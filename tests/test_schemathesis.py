@@ -55,7 +55,7 @@ def test_no_server_error_and_openai_errors(case):
 
 def test_the_schema_documents_every_route_and_nullable_fields():
     paths = schema.raw_schema["paths"]
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
-            "/metrics"} <= set(paths)
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/tokenize", "/detokenize",
+            "/health", "/metrics"} <= set(paths)
     chat = schema.raw_schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"type": "null"} in chat["temperature"]["anyOf"]  # null means the default, and the schema says so

@@ -233,6 +233,26 @@ def test_a_forced_named_tool_call_is_valid_streamed_and_not(client):
     assert arguments == call.function.arguments  # the same text, not only the same value
 
 
+def test_responses_api_through_the_sdk(client):
+    """OpenAI's SDK, as a client of /v1/responses: the same greedy answer as a chat completion, whole and
+    streamed (the SDK's stream helper pieces the events together); a forced call as a function_call item."""
+    chat_text = client.chat.completions.create(model=MODEL, messages=chat("Name three colors."), max_tokens=20,
+                                               temperature=0).choices[0].message.content
+    kwargs = dict(model=MODEL, input="Name three colors.", max_output_tokens=20, temperature=0)
+    whole = client.responses.create(**kwargs)
+    assert whole.output_text == chat_text and whole.usage.output_tokens > 0
+    with client.responses.stream(**kwargs) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == chat_text
+    tool = {"type": "function", **WEATHER["function"]}
+    called = client.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[tool],
+                                     tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80,
+                                     temperature=0)
+    (call,) = called.output
+    assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments)
+
+
 def test_json_schema_answers_validate(client):
     import jsonschema
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30},

@@ -1,0 +1,168 @@
+"""OpenAI's Responses API (/v1/responses) over the chat path: every answer and stream event is checked against
+openai-python's own types, the input against the chat request it becomes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from openai.types.responses import Response
+from pydantic import TypeAdapter
+
+from tests.fake_router import FakeRouter
+from tests.ingress_support import (ANSWER, MAX_LEN, assert_error, client, eos, make_client, router,  # noqa: F401
+                                   tokenizer)
+
+try:
+    from openai.types.responses import ResponseStreamEvent
+except ImportError:  # pragma: no cover
+    ResponseStreamEvent = None
+
+EVENTS = TypeAdapter(ResponseStreamEvent)
+BASIC = {"model": "smollm2", "input": "hi"}
+TOOLS = [{"type": "function", "name": "get_weather", "description": "the weather in a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+
+
+def events(response) -> list[dict]:
+    """The SSE events, each checked against the SDK's event types; `event:` names each one's type."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    out = []
+    for block in response.text.split("\n\n"):
+        if not block:
+            continue
+        kind, data = block.split("\n")
+        payload = json.loads(data.removeprefix("data: "))
+        assert kind == f"event: {payload['type']}"
+        EVENTS.validate_python(payload)
+        out.append(payload)
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    return out
+
+
+def test_text_input_answers_with_one_message(client, router, tokenizer, eos):
+    r = client.post("/v1/responses", json={**BASIC, "instructions": "Be brief.", "max_output_tokens": 100,
+                                           "metadata": {"k": "v"}})
+    assert r.status_code == 200, r.text
+    resp = Response.model_validate(r.json())
+    assert resp.output_text == ANSWER and resp.status == "completed" and resp.id.startswith("resp_")
+    (message,) = resp.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "completed"
+    assert resp.metadata == {"k": "v"} and resp.instructions == "Be brief." and resp.max_output_tokens == 100
+    ((prompt, params, _),) = router.requests.values()
+    assert prompt == tokenizer.encode_chat([{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "hi"}])
+    assert params.max_tokens == 100
+    assert resp.usage.input_tokens == len(prompt) and resp.usage.output_tokens == len(tokenizer.encode(ANSWER)) + 1
+    assert resp.usage.total_tokens == resp.usage.input_tokens + resp.usage.output_tokens
+
+
+def test_items_become_the_chat_history(client, router, tokenizer):
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    items = [{"role": "developer", "content": "Use tools."},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Weather"},
+                                                              {"type": "input_text", "text": "in Paris?"}]},
+             call, {**call, "call_id": "call_2"},
+             {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+             {"type": "function_call_output", "call_id": "call_2", "output": "warm"},
+             {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+             {"role": "user", "content": "thanks"}]
+    r = client.post("/v1/responses", json={**BASIC, "input": items})
+    assert r.status_code == 200, r.text
+    ((prompt, _, _),) = router.requests.values()
+    text = tokenizer.decode(prompt)
+    assert "Weather\nin Paris?" in text and text.count("get_weather") == 2 and "sunny" in text and "warm" in text
+    assert text.index("Use tools.") < text.index("Weather") < text.index("sunny") < text.index("Sunny.")
+
+
+def test_sampling_fields_reach_the_mesh(client, router):
+    r = client.post("/v1/responses", json={**BASIC, "temperature": 0.5, "top_p": 0.9, "seed": 7, "top_k": 4})
+    assert r.status_code == 200, r.text
+    ((_, params, _),) = router.requests.values()
+    assert (params.temperature, params.top_p, params.seed, params.top_k) == (0.5, 0.9, 7, 4)
+    assert Response.model_validate(r.json()).temperature == 0.5
+
+
+def test_max_output_tokens_makes_it_incomplete(client):
+    resp = Response.model_validate(client.post("/v1/responses", json={**BASIC, "max_output_tokens": 3}).json())
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    assert resp.usage.output_tokens == 3 and resp.output[0].status == "incomplete"
+
+
+def test_stream_events_spell_the_same_answer(client):
+    whole = Response.model_validate(client.post("/v1/responses", json=BASIC).json())
+    es = events(client.post("/v1/responses", json={**BASIC, "stream": True}))
+    kinds = [e["type"] for e in es]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert "".join(e["delta"] for e in es if e["type"] == "response.output_text.delta") == ANSWER
+    done = Response.model_validate(es[-1]["response"])
+    assert done.output_text == ANSWER == whole.output_text and done.status == "completed"
+    assert done.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_a_tool_call_is_a_function_call_item(tokenizer, eos):
+    router = FakeRouter(tokenizer.encode(CALL) + [eos], max_model_len=4096)
+    client = make_client(router, tokenizer)
+    resp = Response.model_validate(client.post("/v1/responses", json={**BASIC, "tools": TOOLS}).json())
+    (call,) = resp.output
+    assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {
+        "city": "Paris"}
+    assert call.call_id.startswith("call_") and resp.tools[0].name == "get_weather"
+    es = events(client.post("/v1/responses", json={**BASIC, "tools": TOOLS, "stream": True}))
+    added = [e for e in es if e["type"] == "response.output_item.added"]
+    assert [a["item"]["type"] for a in added] == ["function_call"]
+    args = "".join(e["delta"] for e in es if e["type"] == "response.function_call_arguments.delta")
+    assert json.loads(args) == {"city": "Paris"}
+    (done,) = [e for e in es if e["type"] == "response.function_call_arguments.done"]
+    assert done["arguments"] == args
+    final = Response.model_validate(es[-1]["response"])
+    assert final.output[0].arguments == args and final.output[0].status == "completed"
+
+
+def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
+    r = client.post("/v1/responses", json={**BASIC, "tools": TOOLS,
+                                           "tool_choice": {"type": "function", "name": "get_weather"}})
+    assert r.status_code == 200, r.text
+    assert list(router.requests.values())[0][1].grammar is not None
+    fmt = {"type": "json_schema", "name": "answer", "schema": {"type": "object", "properties": {
+        "x": {"type": "integer"}}}, "strict": True}
+    r = client.post("/v1/responses", json={**BASIC, "text": {"format": fmt}})
+    assert r.status_code == 200, r.text
+    assert list(router.requests.values())[1][1].grammar is not None
+    assert Response.model_validate(r.json()).text.format.type == "json_schema"
+
+
+@pytest.mark.parametrize("patch, param", [
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [{"type": "input_image", "image_url": "x"}]}, "input.0"),
+    ({"previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"reasoning": {"effort": "low"}}, "reasoning"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
+    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"background": True}, "background"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"temperature": -1}, "temperature"),
+    ({"max_output_tokens": 10_000}, "max_output_tokens"),  # past the context
+    ({"input": "x" * (MAX_LEN * 40)}, "input"),  # far too long for the context
+    ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
+])
+def test_bad_requests_are_400_naming_the_responses_field(client, router, patch, param):
+    assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
+    assert router.requests == {}
+
+
+def test_an_unknown_model_is_404(client):
+    assert_error(client.post("/v1/responses", json={**BASIC, "model": "gpt-9"}), 404, param="model")
+
+
+def test_a_failure_mid_stream_is_an_error_event(tokenizer, eos):
+    router = FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=4096, fail_with_error_after=3)
+    es = events(make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "stream": True}))
+    assert es[-1]["type"] == "error" and es[-1]["code"] == "internal_error"
+    assert "".join(e["delta"] for e in es if e["type"] == "response.output_text.delta") == tokenizer.decode(
+        tokenizer.encode(ANSWER)[:3])
