@@ -125,7 +125,10 @@ def _nullable_schema(schema: dict[str, Any], _cls: type) -> None:
         schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **meta}
 
 
-class _Request(BaseModel):
+class RequestModel(BaseModel):
+    """A request body, or part of one: strict types (as OpenAI's API checks them), unknown fields ignored (as
+    vLLM ignores them), null as the field's default."""
+
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, json_schema_extra=_nullable_schema)
 
     @model_validator(mode="before")
@@ -137,12 +140,12 @@ class _Request(BaseModel):
         return data
 
 
-class StreamOptions(_Request):
+class StreamOptions(RequestModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (benchmarks count tokens with it)
 
 
-class _GenerationRequest(_Request):
+class _GenerationRequest(RequestModel):
     """Fields /v1/chat/completions and /v1/completions share."""
 
     model: Text | None = None  # None: the served model
@@ -289,14 +292,14 @@ class _GenerationRequest(_Request):
             allowed_token_ids=self.allowed_token_ids)
 
 
-class JsonSchemaFormat(_Request):
+class JsonSchemaFormat(RequestModel):
     name: Text = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     description: Text | None = None
     schema_: JsonObject | None = Field(None, alias="schema")  # None: any JSON object
     strict: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -314,7 +317,7 @@ class ResponseFormat(_Request):
         return self
 
 
-class StructuredOutputs(_Request):
+class StructuredOutputs(RequestModel):
     """vLLM's `structured_outputs`: exactly one constraint."""
 
     json_: Json | None = Field(None, alias="json")  # a JSON schema (object, or its text)
@@ -329,7 +332,7 @@ class StructuredOutputs(_Request):
     structural_tag: Unsupported | None = None
 
 
-class FunctionDefinition(_Request):
+class FunctionDefinition(RequestModel):
     name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Text | None = None
     parameters: JsonObject | None = None  # a JSON schema; None: no arguments
@@ -349,37 +352,37 @@ class FunctionDefinition(_Request):
         return v
 
 
-class Tool(_Request):
+class Tool(RequestModel):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(_Request):
+class NamedFunction(RequestModel):
     name: Text
 
 
-class NamedToolChoice(_Request):
+class NamedToolChoice(RequestModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class FunctionCall(_Request):
+class FunctionCall(RequestModel):
     name: Text
     arguments: Text  # JSON text of the arguments
 
 
-class ToolCall(_Request):
+class ToolCall(RequestModel):
     id: Text
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class TextPart(_Request):
+class TextPart(RequestModel):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(_Request):
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
@@ -513,7 +516,7 @@ class CompletionRequest(_GenerationRequest):
         return self.logprobs
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(RequestModel):
     """vLLM's /tokenize, both forms in one: a `prompt` (TokenizeCompletionRequest) or `messages`
     (TokenizeChatRequest, rendered with the chat template exactly as /v1/chat/completions renders them)."""
 
@@ -538,7 +541,7 @@ class TokenizeRequest(_Request):
         return v
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(RequestModel):
     model: Text | None = None
     tokens: list[int]  # the ingress checks them against the vocabulary and the model's length
 

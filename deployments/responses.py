@@ -20,7 +20,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, as_api_error, validation_error
 from deployments.openai_server import OpenAIServer, Prepared
-from deployments.protocol import MAX_TOOLS, ChatCompletionRequest, JsonObject, Text, Unsupported, _Request
+from deployments.protocol import MAX_TOOLS, ChatCompletionRequest, JsonObject, Text, Unsupported, RequestModel
 from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 
@@ -31,18 +31,18 @@ _CHAT_TO_RESPONSES = (("messages", "input"), ("max_completion_tokens", "max_outp
 
 # ---- the request ----------------------------------------------------------------------------------
 
-class InputText(_Request):
+class InputText(RequestModel):
     type: Literal["input_text", "output_text"]  # an assistant turn's own text comes back as output_text
     text: Text
 
 
-class InputMessage(_Request):
+class InputMessage(RequestModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: Text | list[InputText]
 
 
-class FunctionCallItem(_Request):
+class FunctionCallItem(RequestModel):
     """A call the model made earlier, sent back with its output (the next item)."""
     type: Literal["function_call"]
     call_id: Text
@@ -50,7 +50,7 @@ class FunctionCallItem(_Request):
     arguments: Text
 
 
-class FunctionCallOutput(_Request):
+class FunctionCallOutput(RequestModel):
     type: Literal["function_call_output"]
     call_id: Text
     output: Text
@@ -65,7 +65,7 @@ InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[Functi
                       | Annotated[FunctionCallOutput, Tag("function_call_output")], Discriminator(_item_type)]
 
 
-class FunctionTool(_Request):
+class FunctionTool(RequestModel):
     type: Literal["function"]  # hosted tools (web_search, file_search...) are OpenAI's own: not here
     name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Text | None = None
@@ -73,12 +73,12 @@ class FunctionTool(_Request):
     strict: bool | None = None
 
 
-class FunctionChoice(_Request):
+class FunctionChoice(RequestModel):
     type: Literal["function"]
     name: Text
 
 
-class TextFormat(_Request):
+class TextFormat(RequestModel):
     type: Literal["text", "json_object", "json_schema"]
     name: Text | None = None  # json_schema's
     schema_: JsonObject | None = Field(None, alias="schema")
@@ -86,12 +86,12 @@ class TextFormat(_Request):
     strict: bool | None = None
 
 
-class TextConfig(_Request):
+class TextConfig(RequestModel):
     format: TextFormat | None = None
     verbosity: Literal["medium"] | None = None  # the model has one verbosity
 
 
-class ResponsesRequest(_Request):
+class ResponsesRequest(RequestModel):
     model: Text | None = None
     input: Text | list[InputItem] = Field(min_length=1)
     instructions: Text | None = None  # a system message before the input
