@@ -287,9 +287,17 @@ class OpenAIServer:
             room = (f"{param} ({max_tokens})" if req.requested_max_tokens is not None
                     else f"the {max_tokens} tokens the prompt leaves in the context")
             raise APIError(400, f"min_tokens ({req.min_tokens}) exceeds {room}.", param="min_tokens")
+        words = req.bad_words or []
+        bad_words = await self.sized(sum(map(len, words)), bad_words_token_ids, self.tokenizer, words)
+        if not req.detokenize and constraint.tool_mode != "none":
+            raise APIError(400, "detokenize: tool calls are read from the answer's text; set tool_choice to "
+                                "\"none\" or detokenize to true", param="detokenize")
         try:
             params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
-            bad_words = bad_words_token_ids(self.tokenizer, req.bad_words)
+            if req.min_tokens and params.allowed_token_ids and set(params.allowed_token_ids) <= set(
+                    params.stop_token_ids):
+                raise APIError(400, "allowed_token_ids: every allowed token ends the answer, so min_tokens "
+                                    f"({req.min_tokens}) cannot be generated", param="allowed_token_ids")
             if bias or constraint.grammar is not None or bad_words:
                 params = params.model_copy(update={"logit_bias": bias, "grammar": constraint.grammar,
                                                    "bad_words_token_ids": bad_words})
@@ -298,8 +306,9 @@ class OpenAIServer:
         echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
             echo = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prompt_ids)
-        elif isinstance(req, ChatCompletionRequest) and req.echo and req.messages[-1].role == "assistant":
-            echo = req.messages[-1].text  # vLLM's: the message the answer belongs to (continue_final_message)
+        elif isinstance(req, ChatCompletionRequest) and req.echo and (
+                req.messages[-1].role == "assistant" or not req.add_generation_prompt):
+            echo = req.messages[-1].text  # vLLM's: the final message, when the answer continues it (same role)
         router_id = f"{prefix}-{uuid.uuid4().hex}"
         return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
                         prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param)
@@ -463,8 +472,8 @@ class OpenAIServer:
             for i, t in enumerate(totals):
                 calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
                                 if prep.tool_mode != "none" else (None, False))
-                message = (AssistantMessage(content=None, tool_calls=[_tool_call(c) for c in calls]) if calls
-                           else AssistantMessage(content=prep.echo + t.text))
+                message = (AssistantMessage(content=prep.echo or None, tool_calls=[_tool_call(c) for c in calls])
+                           if calls else AssistantMessage(content=prep.echo + t.text))
                 reason = _finish_reason(t.finish_reason, whole, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                           logprobs=self._chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,

@@ -215,8 +215,8 @@ class _GenerationRequest(RequestModel):
     @field_validator("bad_words")
     @classmethod
     def _bounded_bad_words(cls, v):
-        if any(not 0 < len(word.strip()) <= MAX_STOP_CHARS for word in v or ()):
-            raise ValueError(f"bad words must have 1 to {MAX_STOP_CHARS} characters besides spaces")
+        if any(not word.strip() or len(word) > MAX_STOP_CHARS for word in v or ()):
+            raise ValueError(f"bad words must have 1 to {MAX_STOP_CHARS} characters, not only spaces")
         return v
 
     @field_validator("detokenize")
@@ -425,7 +425,7 @@ class ChatCompletionRequest(_GenerationRequest):
     verbosity: Unsupported | None = None
     store: Literal[False] = False  # nothing is stored
     chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
-    echo: bool = False  # vLLM's: a final assistant message's text comes first in each choice's content
+    echo: bool = False  # vLLM's: the final message's text first in each answer, when the answer continues it
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
     documents: Unsupported | None = None  # vLLM's RAG documents for templates that take them
     add_special_tokens: bool = False  # vLLM's: true puts a BOS before the template's own tokens

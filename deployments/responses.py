@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -182,6 +183,10 @@ class ResponsesRequest(RequestModel):
 def renamed(error: APIError) -> APIError:
     """A chat completion's error, naming the Responses field it came from."""
     param = error.info.param
+    if param is not None and (tool := re.match(r"tools\.\d+\.function(?=\.|$)", param)):  # tools are flat here
+        error.info.param = param[:tool.end() - len(".function")] + param[tool.end():]
+        error.info.message = error.info.message.replace(param, error.info.param, 1)
+        return error
     for chat, responses in _CHAT_TO_RESPONSES:
         if param is not None and (param == chat or param.startswith(chat + ".")):
             error.info.param = responses + param[len(chat):] if chat != "messages" else responses

@@ -480,7 +480,7 @@ def test_bad_words_reach_the_mesh_as_token_sequences(client, router, tokenizer):
     assert params.bad_words_token_ids == (alone, spaced, tuple(tokenizer.encode("42")))
 
 
-@pytest.mark.parametrize("words", [["  "], [""], ["x"] * 129, ["x" * 257]])
+@pytest.mark.parametrize("words", [["  "], [""], ["x"] * 129, ["x" * 257], ["a" + " " * 300]])
 def test_blank_or_too_many_bad_words_are_400(client, router, words):
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "bad_words": words}), 400, param="bad_words")
     assert router.requests == {}
@@ -513,3 +513,37 @@ def test_spaces_between_special_tokens_changes_nothing_for_byte_level_bpe(client
         **COMPLETION, "skip_special_tokens": False, "ignore_eos": True, "spaces_between_special_tokens": spaces,
         "max_tokens": 4}).json()["choices"][0]["text"] for spaces in (True, False)}
     assert texts[True] == texts[False] == "<|im_end|><|im_end|>ok<|im_end|>"
+
+
+def test_allowed_token_ids_that_all_end_the_answer_cannot_meet_min_tokens(client, router, eos):
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "allowed_token_ids": [eos], "min_tokens": 2}), 400,
+                 param="allowed_token_ids")
+    assert router.requests == {}
+    r = client.post("/v1/chat/completions", json={**CHAT, "allowed_token_ids": [eos, 5], "min_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_detokenize_false_cannot_read_tool_calls(client, router):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = {**CHAT, "detokenize": False, "tools": tools}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, param="detokenize")
+    assert router.requests == {}
+    r = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})  # offered, never read
+    assert r.status_code == 200, r.text
+
+
+def test_chat_echo_without_a_generation_prompt_continues_the_final_message(client):
+    body = client.post("/v1/chat/completions", json={**CHAT, "echo": True, "add_generation_prompt": False}).json()
+    assert body["choices"][0]["message"]["content"] == "hi" + ANSWER  # vLLM: the answer has the final message's role
+
+
+def test_chat_echo_stays_when_the_answer_is_a_tool_call(tokenizer, eos):
+    from tests.fake_router import FakeRouter
+    from tests.ingress_support import make_client
+    router = FakeRouter(tokenizer.encode('{"name": "f", "parameters": {}}') + [eos], max_model_len=4096)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    body = make_client(router, tokenizer).post("/v1/chat/completions", json={
+        **CHAT, "messages": PREFILL, "add_generation_prompt": False, "continue_final_message": True, "echo": True,
+        "tools": tools}).json()
+    message = body["choices"][0]["message"]
+    assert message["content"] == "The answer is" and message["tool_calls"][0]["function"]["name"] == "f"

@@ -535,3 +535,16 @@ def test_bad_words_mask_their_last_token_where_the_answer_ends_with_the_rest():
     assert answer((natural[0],))[0] != natural[0]
     assert answer((prompt[-1], natural[0])) == natural  # its first token is the prompt's: not the answer's
     assert answer((natural[1], natural[0])) == natural  # the right tokens in the wrong order
+
+
+def test_allowed_token_ids_hold_on_rows_wider_than_the_vocabulary():
+    """A backend's logits may be padded past the vocabulary (tt-metal pads to a tile): the padding is never
+    allowed."""
+    class Padded(CountingBackend):
+        def _logits(self, token: int, position: int) -> torch.Tensor:
+            return torch.cat([super()._logits(token, position), torch.tensor([0.0, 50.0, 0.0])])
+
+    params = greedy(max_tokens=3, allowed_token_ids=[7, 9])
+    runner = MeshRunner(Padded())
+    work = MeshWork(0, [PrefillChunk("a", 0, [3, 4], 0, [0], params, 2)], decode_round([0], steps=2))
+    assert set(r.tokens[0] for r in run(runner, work)) <= {7, 9}
