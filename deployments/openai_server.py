@@ -135,7 +135,7 @@ class Prepared:
     params: SamplingParams
     prompt_field: str
     arrival: float  # perf_counter() when the request reached the ingress
-    echo: str = ""  # `echo`: the prompt's text (chat: a final assistant message's), first in each choice
+    echo: str = ""  # `echo`: the prompt's text (chat: the final message's, when continued), first in each choice
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
     tools: list[Tool] = field(default_factory=list)
     constraint_param: str | None = None  # the field the request's grammar comes from
