@@ -476,7 +476,7 @@ class OpenAIServer:
                            if calls else AssistantMessage(content=prep.echo + t.text))
                 reason = _finish_reason(t.finish_reason, whole, req)
                 choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
-                                          logprobs=self._chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,
+                                          logprobs=self.chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,
                                           token_ids=t.token_ids if ids else None))
             return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices, usage=usage,
                                                        prompt_token_ids=prep.prompt_ids if ids else None).model_dump())
@@ -533,7 +533,7 @@ class OpenAIServer:
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
                                        finish_reason=reason, stop_reason=d.stop_reason,
-                                       logprobs=self._chat_logprobs(d.logprobs, as_ids) if req.logprobs else None,
+                                       logprobs=self.chat_logprobs(d.logprobs, as_ids) if req.logprobs else None,
                                        token_ids=d.token_ids if ids else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
             prompt, prompt_ids[d.index] = prompt_ids[d.index], None
@@ -607,7 +607,7 @@ class OpenAIServer:
         return TopLogprob(token=self._token(token_id), logprob=logprob,
                           bytes=list(self.tokenizer.token_bytes(token_id)))
 
-    def _chat_logprobs(self, lps: list[TokenLogprobs], as_ids: bool = False) -> ChatLogprobs:
+    def chat_logprobs(self, lps: list[TokenLogprobs], as_ids: bool = False) -> ChatLogprobs:
         return ChatLogprobs(content=[
             ChatTokenLogprob(**self._top(lp.token_id, lp.logprob, as_ids).model_dump(),
                              top_logprobs=[self._top(t, p, as_ids) for t, p in lp.top])

@@ -21,9 +21,10 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, as_api_error, validation_error
 from deployments.openai_server import OpenAIServer, Prepared
-from deployments.protocol import MAX_TOOLS, ChatCompletionRequest, JsonObject, Text, Unsupported, RequestModel
+from deployments.protocol import MAX_TOOLS, ChatCompletionRequest, JsonObject, RequestModel, Text, Unsupported
 from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
+from scheduler.sampling import MAX_LOGPROBS, TokenLogprobs
 
 # The chat request's fields as a Responses client knows them, for the errors that name one.
 _CHAT_TO_RESPONSES = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
@@ -110,13 +111,13 @@ class ResponsesRequest(RequestModel):
     service_tier: Literal["auto", "default"] | None = None
     truncation: Literal["disabled"] | None = None  # "auto" would drop input the client sent
     background: Literal[False] = False
-    include: list[Text] | None = Field(None, max_length=0)  # no extra output data (logprobs, encrypted reasoning)
+    include: list[Literal["message.output_text.logprobs"]] | None = None  # the one extra output data here
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with the logprobs included: alternatives
     previous_response_id: Unsupported | None = None  # needs the store
     conversation: Unsupported | None = None
     prompt: Unsupported | None = None  # OpenAI's stored prompt templates
     reasoning: Unsupported | None = None  # not a reasoning model
     max_tool_calls: Unsupported | None = None
-    top_logprobs: Unsupported | None = None
     # vLLM's sampling extras, as its chat completions take them
     seed: int | None = None
     top_k: int | None = None
@@ -133,6 +134,10 @@ class ResponsesRequest(RequestModel):
             raise ValueError("must not be empty")
         return v
 
+    @property
+    def logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or ())
+
     def chat(self) -> ChatCompletionRequest:
         """The chat completion this request asks for. Raises APIError (400) naming this request's field."""
         body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream,
@@ -141,6 +146,8 @@ class ResponsesRequest(RequestModel):
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "cache_salt"):
             body[name] = getattr(self, name)
+        if self.logprobs:
+            body["logprobs"], body["top_logprobs"] = True, self.top_logprobs or 0
         if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]
@@ -202,13 +209,13 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _message(text: str, status: str, item_id: str | None = None) -> dict:
-    return {"type": "message", "id": item_id or _id("msg"), "status": status, "role": "assistant",
-            "content": [_text_part(text)]}
+def _message(text: str, status: str, logprobs: list[dict]) -> dict:
+    return {"type": "message", "id": _id("msg"), "status": status, "role": "assistant",
+            "content": [_text_part(text, logprobs)]}
 
 
-def _text_part(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict] | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def _call(call: ParsedCall, status: str) -> dict:
@@ -242,6 +249,11 @@ class _Answer:
             "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled", "usage": usage,
             "user": req.user, "metadata": req.metadata or {}}
 
+    def logprobs(self, server: OpenAIServer, lps: list[TokenLogprobs]) -> list[dict]:
+        """Logprobs as output_text carries them (chat's shape: token, logprob, bytes, top_logprobs), when the
+        request included them."""
+        return server.chat_logprobs(lps).model_dump()["content"] if self.req.logprobs and lps else []
+
     def usage(self, generated: int, cached: int) -> dict:
         prompt = len(self.prep.prompt_ids)
         # cache_write_tokens: what the prefix cache kept of this prompt is the router's, not counted here
@@ -260,7 +272,7 @@ async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None)
         stream = server.deltas([prep], 1, salt)
         if req.stream:
             first = await server.first_delta(stream, prep)
-            return EventStream(_events(answer, first, stream), source=stream)
+            return EventStream(_events(server, answer, first, stream), source=stream)
         total = ChoiceTotal()
         try:
             async for d in stream:
@@ -273,11 +285,13 @@ async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None)
     calls = None
     if prep.tool_mode != "none":
         calls, _ = answer_calls(total.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
-    output = [_call(c, status) for c in calls] if calls else [_message(total.text, status)]
+    output = ([_call(c, status) for c in calls] if calls
+              else [_message(total.text, status, answer.logprobs(server, total.logprobs))])
     return JSONResponse(answer.response(status, output, answer.usage(total.num_generated, total.num_cached)))
 
 
-async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
+async def _events(server: OpenAIServer, answer: _Answer, first: ChoiceDelta,
+                  stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
     """The Responses stream: created, in_progress, each output item opened, its deltas, each item done, and
     completed (or incomplete, at max_output_tokens); an `error` event if the answer fails on the way."""
     numbers = itertools.count()
@@ -290,6 +304,8 @@ async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[Cho
     output: list[dict] = []
     message: dict | None = None  # the open message item
     texts: list[str] = []
+    logprobs: list[dict] = []  # the message's, when included
+    pending: list[TokenLogprobs] = []  # of tokens whose text a tool-call check still holds back
     calls: dict[int, dict] = {}  # a streamed call's index -> its item
     tools = (ToolCallStream(prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
              if prep.tool_mode != "none" else None)
@@ -309,13 +325,16 @@ async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[Cho
     try:
         while d is not None:
             content, pieces, _ = tools.feed(d.text, d.finish_reason is not None) if tools else (d.text, [], False)
+            pending += d.logprobs
             if content:
                 if message is None:
                     for e in open_message():
                         yield e
                 texts.append(content)
+                lps, pending = answer.logprobs(server, pending), []
+                logprobs += lps
                 yield event("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
-                            content_index=0, delta=content, logprobs=[])
+                            content_index=0, delta=content, logprobs=lps)
             for piece in pieces:
                 if piece.name is not None:
                     item = {"type": "function_call", "id": _id("fc"), "call_id": _id("call"), "name": piece.name,
@@ -337,6 +356,7 @@ async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[Cho
                     param=error.info.param)
         return
     status = "incomplete" if finish == "length" else "completed"
+    logprobs += answer.logprobs(server, pending)  # tokens that brought no text (an EOS): in the done event only
     if message is None and not calls:  # an empty answer is still a message
         for e in open_message():
             yield e
@@ -344,10 +364,10 @@ async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[Cho
         if item is message:
             text = "".join(texts)
             yield event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                        text=text, logprobs=[])
+                        text=text, logprobs=logprobs)
             yield event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
-                        part=_text_part(text))
-            item["content"] = [_text_part(text)]
+                        part=_text_part(text, logprobs))
+            item["content"] = [_text_part(text, logprobs)]
         else:
             yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                         name=item["name"], arguments=item["arguments"])

@@ -143,7 +143,8 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
-    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"include": ["reasoning.encrypted_content"]}, "include.0"),
+    ({"top_logprobs": 21}, "top_logprobs"),
     ({"background": True}, "background"),
     ({"truncation": "auto"}, "truncation"),
     ({"temperature": -1}, "temperature"),
@@ -168,3 +169,22 @@ def test_a_failure_mid_stream_is_an_error_event(tokenizer, eos):
     assert es[-1]["type"] == "error" and es[-1]["code"] == "internal_error"
     assert "".join(e["delta"] for e in es if e["type"] == "response.output_text.delta") == tokenizer.decode(
         tokenizer.encode(ANSWER)[:3])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_included_logprobs_come_with_the_text(client, tokenizer, eos, stream):
+    body = {**BASIC, "include": ["message.output_text.logprobs"], "top_logprobs": 2, "stream": stream}
+    r = client.post("/v1/responses", json=body)
+    if stream:
+        es = events(r)
+        deltas = [lp for e in es if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
+        (done,) = [e for e in es if e["type"] == "response.output_text.done"]
+        assert done["logprobs"][:len(deltas)] == deltas and len(done["logprobs"]) == len(deltas) + 1  # + the EOS
+        resp = Response.model_validate(es[-1]["response"])
+    else:
+        resp = Response.model_validate(r.json())
+    logprobs = resp.output[0].content[0].logprobs
+    assert b"".join(bytes(lp.bytes) for lp in logprobs) == (ANSWER + "<|im_end|>").encode()  # its EOS too
+    assert all(len(lp.top_logprobs) == 2 and lp.logprob == -0.25 for lp in logprobs)
+    plain = Response.model_validate(client.post("/v1/responses", json={**BASIC, "top_logprobs": 2}).json())
+    assert plain.output[0].content[0].logprobs == []  # not included: none
