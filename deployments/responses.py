@@ -23,6 +23,7 @@ from deployments.errors import APIError, as_api_error, validation_error
 from deployments.openai_server import OpenAIServer, Prepared
 from deployments.protocol import MAX_TOOLS, ChatCompletionRequest, JsonObject, RequestModel, Text, Unsupported
 from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream
+from deployments.structured import closed
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import MAX_LOGPROBS, TokenLogprobs
 
@@ -55,7 +56,11 @@ class FunctionCallItem(RequestModel):
 class FunctionCallOutput(RequestModel):
     type: Literal["function_call_output"]
     call_id: Text
-    output: Text
+    output: Text | list[InputText]  # text, or text parts (joined by newlines, as a message's are)
+
+    @property
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "\n".join(part.text for part in self.output)
 
 
 def _item_type(value: Any) -> str | None:
@@ -68,11 +73,28 @@ InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[Functi
 
 
 class FunctionTool(RequestModel):
-    type: Literal["function"]  # hosted tools (web_search, file_search...) are OpenAI's own: not here
+    type: Text
     name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Text | None = None
     parameters: JsonObject | None = None
-    strict: bool | None = None
+    strict: bool | None = None  # None: strict, as OpenAI's Responses API takes it (Chat Completions: not strict)
+
+    @field_validator("type")
+    @classmethod
+    def _functions_only(cls, v):
+        if v != "function":
+            raise ValueError(f"only function tools are served here; {v!r} is one of OpenAI's hosted tools")
+        return v
+
+    def as_chat_tool(self) -> dict:
+        """The chat completion's tool. A tool that does not say whether it is strict is, as in OpenAI's Responses
+        API (its function-calling guide): objects take only the properties they list, and all of them."""
+        function = self.model_dump(exclude={"type"}, exclude_none=True)
+        if self.strict is None:
+            function["strict"] = True
+            function["parameters"] = closed(self.parameters or {"type": "object", "properties": {}},
+                                            require_all=True)
+        return {"type": "function", "function": function}
 
 
 class FunctionChoice(RequestModel):
@@ -90,12 +112,19 @@ class TextFormat(RequestModel):
 
 class TextConfig(RequestModel):
     format: TextFormat | None = None
-    verbosity: Literal["medium"] | None = None  # the model has one verbosity
+    verbosity: Text | None = None
+
+    @field_validator("verbosity")
+    @classmethod
+    def _one_verbosity(cls, v):
+        if v != "medium":
+            raise ValueError("this model has one verbosity: medium (or leave it out)")
+        return v
 
 
 class ResponsesRequest(RequestModel):
     model: Text | None = None
-    input: Text | list[InputItem] = Field(min_length=1)
+    input: Text | list[InputItem]
     instructions: Text | None = None  # a system message before the input
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None  # checked as the chat completion's
@@ -109,9 +138,9 @@ class ResponsesRequest(RequestModel):
     metadata: dict[str, Text] | None = Field(None, max_length=16)  # returned with the response
     user: Text | None = None
     service_tier: Literal["auto", "default"] | None = None
-    truncation: Literal["disabled"] | None = None  # "auto" would drop input the client sent
-    background: Literal[False] = False
-    include: list[Literal["message.output_text.logprobs"]] | None = None  # the one extra output data here
+    truncation: Text | None = None  # "disabled" only: "auto" would drop input the client sent
+    background: bool = False
+    include: list[Text] | None = None  # the one extra output data here: message.output_text.logprobs
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with the logprobs included: alternatives
     previous_response_id: Unsupported | None = None  # needs the store
     conversation: Unsupported | None = None
@@ -129,9 +158,31 @@ class ResponsesRequest(RequestModel):
 
     @field_validator("input")
     @classmethod
-    def _text_not_empty(cls, v):
-        if v == "":
+    def _not_empty(cls, v):
+        if not v:
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, v):
+        if v != "disabled":
+            raise ValueError("only \"disabled\": the input is never cut here (a prompt too long is a 400)")
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _no_background(cls, v):
+        if v:
+            raise ValueError("background responses are not supported: nothing is stored to fetch them from")
+        return v
+
+    @field_validator("include")
+    @classmethod
+    def _only_logprobs(cls, v):
+        for item in v or ():
+            if item != "message.output_text.logprobs":
+                raise ValueError(f"{item!r} cannot be included; only \"message.output_text.logprobs\" can")
         return v
 
     @property
@@ -149,8 +200,7 @@ class ResponsesRequest(RequestModel):
         if self.logprobs:
             body["logprobs"], body["top_logprobs"] = True, self.top_logprobs or 0
         if self.tools:
-            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
-                             for t in self.tools]
+            body["tools"] = [t.as_chat_tool() for t in self.tools]
         if isinstance(self.tool_choice, FunctionChoice):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
         else:
@@ -183,7 +233,7 @@ class ResponsesRequest(RequestModel):
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
-                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
         return messages
 
 

@@ -214,24 +214,27 @@ _SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems", "items"}
 _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
 
 
-def closed(schema: dict | None) -> dict:
+def closed(schema: dict | None, require_all: bool = False) -> dict:
     """A strict schema as OpenAI reads it: no object takes properties it does not list (OpenAI requires
-    `additionalProperties: false` on each; here one left out means false, not JSON Schema's true). Linear in
-    the schema's size: each subschema is visited once."""
+    `additionalProperties: false` on each; here one left out means false, not JSON Schema's true).
+    `require_all`: every object also requires all its properties, as OpenAI's Responses API normalizes a tool
+    that does not say whether it is strict. Linear in the schema's size: each subschema is visited once."""
     if not isinstance(schema, dict):
         return {"type": "object", "properties": {}, "additionalProperties": False} if schema is None else schema
     out = dict(schema)
     for key, value in schema.items():
         if key in _SUBSCHEMA and isinstance(value, dict):
-            out[key] = closed(value)
+            out[key] = closed(value, require_all)
         elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            out[key] = [closed(v) if isinstance(v, dict) else v for v in value]
+            out[key] = [closed(v, require_all) if isinstance(v, dict) else v for v in value]
         elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: closed(sub) if isinstance(sub, dict) else sub for name, sub in value.items()}
+            out[key] = {name: closed(sub, require_all) if isinstance(sub, dict) else sub for name, sub in value.items()}
     kind = schema.get("type")
     if (kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema) \
             and "additionalProperties" not in schema:
         out["additionalProperties"] = False
+    if require_all and isinstance(schema.get("properties"), dict):
+        out["required"] = list(schema["properties"])
     return out
 
 

@@ -142,8 +142,9 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     ({"input": [{"type": "input_image", "image_url": "x"}]}, "input.0"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
-    ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
-    ({"include": ["reasoning.encrypted_content"]}, "include.0"),
+    ({"tools": [{"type": "web_search", "name": "search"}]}, "tools.0.type"),
+    ({"text": {"verbosity": "low"}}, "text.verbosity"),
+    ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"background": True}, "background"),
     ({"truncation": "auto"}, "truncation"),
@@ -188,3 +189,56 @@ def test_included_logprobs_come_with_the_text(client, tokenizer, eos, stream):
     assert all(len(lp.top_logprobs) == 2 and lp.logprob == -0.25 for lp in logprobs)
     plain = Response.model_validate(client.post("/v1/responses", json={**BASIC, "top_logprobs": 2}).json())
     assert plain.output[0].content[0].logprobs == []  # not included: none
+
+
+@pytest.mark.parametrize("patch, words", [
+    ({"input": ""}, "must not be empty"), ({"input": []}, "must not be empty"),
+    ({"tools": [{"type": "web_search", "name": "search"}]}, "hosted tools"),
+    ({"include": ["reasoning.encrypted_content"]}, "only \"message.output_text.logprobs\""),
+    ({"background": True}, "nothing is stored"), ({"truncation": "auto"}, "never cut"),
+])
+def test_refusals_say_why(client, patch, words):
+    r = client.post("/v1/responses", json={**BASIC, **patch})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_a_tool_that_does_not_say_is_strict_as_openais_responses_take_it(client, router):
+    """OpenAI's function-calling guide: Responses normalizes a tool without `strict` into strict mode (closed
+    objects, every property required); `strict: false` keeps it loose, and the call's grammar with it."""
+    from deployments.responses import ResponsesRequest
+    loose = {**TOOLS[0], "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                                         "unit": {"type": "string"}}}}
+
+    def chat_tool(tool: dict):
+        return ResponsesRequest.model_validate({**BASIC, "tools": [tool]}).chat().tools[0].function
+    normalized = chat_tool(loose)
+    assert normalized.strict is True and normalized.parameters == {
+        **loose["parameters"], "required": ["city", "unit"], "additionalProperties": False}
+    assert chat_tool({**loose, "strict": False}).parameters == loose["parameters"]
+    grammars = []
+    for tool in (loose, {**loose, "strict": False}):
+        r = client.post("/v1/responses", json={**BASIC, "tools": [tool], "tool_choice": "required"})
+        assert r.status_code == 200, r.text
+        grammars.append(list(router.requests.values())[-1][1].grammar)
+    assert grammars[0] != grammars[1]
+
+
+def test_closed_with_require_all_requires_every_property_at_every_depth():
+    from deployments.structured import closed
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "array", "items": {"properties": {"d": {}}}}}}
+    out = closed(schema, require_all=True)
+    assert out["required"] == ["a", "c"] and out["additionalProperties"] is False
+    assert out["properties"]["a"]["required"] == ["b"] and out["properties"]["c"]["items"]["required"] == ["d"]
+    assert "required" not in closed(schema)["properties"]["a"]
+
+
+def test_a_function_output_may_be_text_parts(client, router, tokenizer):
+    items = [{"role": "user", "content": "Weather?"},
+             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1",
+              "output": [{"type": "input_text", "text": "sunny"}, {"type": "input_text", "text": "warm"}]}]
+    r = client.post("/v1/responses", json={**BASIC, "input": items})
+    assert r.status_code == 200, r.text
+    ((prompt, _, _),) = router.requests.values()
+    assert "sunny\nwarm" in tokenizer.decode(prompt)
