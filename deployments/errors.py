@@ -78,11 +78,20 @@ def _deepest_branch(errors: list[dict]) -> dict:
     return {**max(branches, key=lambda e: len(e["loc"])), "branch": at}  # max: the first of the longest
 
 
+def _tags(loc: tuple) -> set[int]:
+    """Where a discriminated union names the branch it took by its tag ("message" in `input.0.message.content`):
+    right after its label, or after the index that follows it for a list of them."""
+    return {i + (2 if part.startswith(("list[", "dict[")) else 1) for i, part in enumerate(loc)
+            if isinstance(part, str) and "tagged-union[" in part}
+
+
 def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     """400 naming the first offending field, as `param` and in the message (without FastAPI's "body" or
     "query" in front when `skip_body`)."""
     err = _deepest_branch(errors)
-    loc = [str(p) for i, p in enumerate(err.get("loc", ())) if not _is_union_branch(p) and i != err.get("branch")]
+    loc = tuple(err.get("loc", ()))
+    hidden = _tags(loc) | {err.get("branch")}
+    loc = [str(p) for i, p in enumerate(loc) if not _is_union_branch(p) and i not in hidden]
     if skip_body and loc[:1] in (["body"], ["query"]):
         loc = loc[1:]
     if err.get("type") == "json_invalid":

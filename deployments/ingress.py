@@ -33,7 +33,8 @@ from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import GRAMMAR_THREADS, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
-from deployments.responses import ResponsesRequest, respond
+from deployments.responses import respond
+from deployments.responses_protocol import ResponsesRequest
 from deployments.router_client import RouterLink
 from model import grammar_check
 from model.checkpoint import resolve_model_dir

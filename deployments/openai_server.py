@@ -125,6 +125,16 @@ def bad_words_token_ids(tokenizer: Tokenizer, words: list[str] | None) -> tuple[
     return tuple(out)
 
 
+def check_allowed(allowed: tuple[int, ...], bad_words: tuple[tuple[int, ...], ...], stop_ids: tuple[int, ...]) -> None:
+    """allowed_token_ids that one-token bad words (or stop ids, before min_tokens) all rule out leave the sampler
+    nothing to draw: a 400 here, not an answer of a token the whitelist excludes."""
+    banned = {word[0] for word in bad_words if len(word) == 1}
+    if set(allowed) <= banned | set(stop_ids):
+        why = "are bad words" if set(allowed) <= banned else "end the answer before min_tokens"
+        raise APIError(400, f"allowed_token_ids: every allowed token is ruled out (they {why}), so no token can be "
+                            "sampled", param="allowed_token_ids")
+
+
 @dataclass
 class Prepared:
     """A validated request, ready for the router."""
@@ -294,10 +304,8 @@ class OpenAIServer:
                                 "\"none\" or detokenize to true", param="detokenize")
         try:
             params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
-            if req.min_tokens and params.allowed_token_ids and set(params.allowed_token_ids) <= set(
-                    params.stop_token_ids):
-                raise APIError(400, "allowed_token_ids: every allowed token ends the answer, so min_tokens "
-                                    f"({req.min_tokens}) cannot be generated", param="allowed_token_ids")
+            if params.allowed_token_ids:
+                check_allowed(params.allowed_token_ids, bad_words, params.stop_token_ids if req.min_tokens else ())
             if bias or constraint.grammar is not None or bad_words:
                 params = params.model_copy(update={"logit_bias": bias, "grammar": constraint.grammar,
                                                    "bad_words_token_ids": bad_words})
@@ -505,8 +513,8 @@ class OpenAIServer:
         generated = [0] * (len(preps) * req.n)
         prompt_tokens = sum(len(p.prompt_ids) for p in preps)
         cached = [0] * len(preps)  # per prompt
-        echo = [p.echo for p in preps for _ in range(req.n)] if not chat else [""] * req.n  # with each choice's
-        # first chunk (completions; a chat's comes in a chunk of its own)
+        # completions' echo goes with each choice's first chunk; a chat's comes in a chunk of its own
+        echo = [p.echo for p in preps for _ in range(req.n)] if not chat else [""] * req.n
         ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
         prompt_ids = [p.prompt_ids if ids else None for p in preps for _ in range(req.n)]  # completions: likewise
         tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)

@@ -206,12 +206,14 @@ def _json_whitespace(req) -> dict:
     return options
 
 
-# JSON Schema's keywords whose values are schemas: one, a list of them, or a map of names to them. Nothing else
-# is descended into: a `default`, `const` or `examples` value is data, not a schema.
-_SUBSCHEMA = frozenset({"items", "additionalItems", "additionalProperties", "contains", "not", "if", "then", "else",
-                        "propertyNames", "unevaluatedItems", "unevaluatedProperties"})
-_SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems", "items"})
-_SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})
+# JSON Schema's keywords whose values are schemas a value itself must match: one, a list of alternatives, or a
+# map of names to them; `closed` descends into these only. Not into data (`default`, `const`, `examples`), nor
+# into schemas that are combined or negated (`allOf`, `not`, `if`/`then`/`else`, `dependentSchemas`): closed
+# alone, each branch of an allOf would refuse the properties the others list, and a closed `not` says less.
+_SUBSCHEMA = frozenset({"items", "additionalItems", "additionalProperties", "contains", "propertyNames",
+                        "unevaluatedItems", "unevaluatedProperties"})
+_SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "prefixItems", "items"})
+_SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 
 
 def closed(schema: dict | None, require_all: bool = False) -> dict:

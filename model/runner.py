@@ -230,6 +230,10 @@ class MeshRunner:
             raw, logits = logits, logits.clone()  # logprobs come from the rows before bias and min_tokens
             for row, st in biased:
                 self._bias(logits[row], st)
+        for row, st in (*constrained, *biased):
+            if row not in failed and not torch.isfinite(logits[row]).any():  # sampling would give a banned id
+                log.warning("request %s: its constraints leave no token; its slot is retired", st.request_id)
+                failed.add(row)
         try:
             tokens, logprobs = self._sample(logits, states, raw)
         except Exception:  # find the rows at fault; the others are sampled again, one by one

@@ -547,3 +547,10 @@ def test_chat_echo_stays_when_the_answer_is_a_tool_call(tokenizer, eos):
         "tools": tools}).json()
     message = body["choices"][0]["message"]
     assert message["content"] == "The answer is" and message["tool_calls"][0]["function"]["name"] == "f"
+
+
+def test_allowed_token_ids_that_bad_words_all_ban_are_400(client, router, tokenizer):
+    (word,) = tokenizer.encode("Hello")
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": [word],
+                                                      "bad_words": ["Hello"]}), 400, param="allowed_token_ids")
+    assert router.requests == {}

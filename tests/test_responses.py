@@ -205,7 +205,7 @@ def test_refusals_say_why(client, patch, words):
 def test_a_tool_that_does_not_say_is_strict_as_openais_responses_take_it(client, router):
     """OpenAI's function-calling guide: Responses normalizes a tool without `strict` into strict mode (closed
     objects, every property required); `strict: false` keeps it loose, and the call's grammar with it."""
-    from deployments.responses import ResponsesRequest
+    from deployments.responses_protocol import ResponsesRequest
     loose = {**TOOLS[0], "parameters": {"type": "object", "properties": {"city": {"type": "string"},
                                                                          "unit": {"type": "string"}}}}
 
@@ -242,3 +242,19 @@ def test_a_function_output_may_be_text_parts(client, router, tokenizer):
     assert r.status_code == 200, r.text
     ((prompt, _, _),) = router.requests.values()
     assert "sunny\nwarm" in tokenizer.decode(prompt)
+
+
+def test_each_streamed_call_ends_before_the_next_begins(tokenizer, eos):
+    """OpenAI's stream closes an output item before it adds the next: a call's arguments.done and item.done
+    come before the following call's output_item.added."""
+    paris, oslo = (f'{{"name": "get_weather", "parameters": {{"city": "{c}"}}}}' for c in ("Paris", "Oslo"))
+    router = FakeRouter(tokenizer.encode(f"{paris}; {oslo}") + [eos], max_model_len=4096)
+    es = events(make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "tools": TOOLS, "stream": True}))
+    marks = [(e["type"], e.get("output_index")) for e in es if e["type"].startswith("response.output_item")
+             or e["type"] == "response.function_call_arguments.done"]
+    assert marks == [("response.output_item.added", 0), ("response.function_call_arguments.done", 0),
+                     ("response.output_item.done", 0), ("response.output_item.added", 1),
+                     ("response.function_call_arguments.done", 1), ("response.output_item.done", 1)]
+    final = Response.model_validate(es[-1]["response"])
+    assert [json.loads(c.arguments)["city"] for c in final.output] == ["Paris", "Oslo"]
+    assert all(c.status == "completed" for c in final.output)

@@ -312,6 +312,20 @@ def test_closing_a_schema_leaves_its_data_alone():
                                                                              "additionalProperties": False}, True]
 
 
+def test_closing_leaves_combined_and_negated_schemas_open(tok, llt):
+    """Closed alone, each branch of an allOf refused the properties the others list ({a} and {b} made {a, b}
+    impossible: a strict tool's call could never be made), and a closed `not` forbade less than it said."""
+    both = {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                      {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}],
+            "not": {"type": "object", "properties": {"c": {}}, "required": ["c"]}}
+    out = closed(both)
+    assert out["allOf"] == both["allOf"] and out["not"] == both["not"]
+    both.pop("not")  # llguidance implements no `not`
+    grammar = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "both", "schema": both, "strict": True}}), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, '{"a": "x", "b": 1}')
+
+
 def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     from deployments.tool_calls import ToolCallStream, cut_call
     tools = [Tool.model_validate(WEATHER)]

@@ -1,0 +1,238 @@
+"""OpenAI's Responses API request (POST /v1/responses), and the chat completion it asks for: instructions and
+input items become messages, flat function tools chat tools, `text.format` a response_format. Errors name the
+Responses fields. Shapes: OpenAI's API reference for /v1/responses, as openai-python 3.x types them
+(ResponseCreateParams); omitted `strict` on a tool: OpenAI's function-calling guide.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
+
+from deployments.errors import APIError, validation_error
+from deployments.protocol import MAX_TOOLS, ChatCompletionRequest, JsonObject, RequestModel, Text, Unsupported
+from deployments.structured import closed
+from scheduler.sampling import MAX_LOGPROBS
+
+# The chat request's fields as a Responses client knows them, for the errors that name one.
+_CHAT_TO_RESPONSES = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
+                      ("response_format.json_schema", "text.format"), ("response_format", "text.format"))
+
+
+class InputText(RequestModel):
+    type: Literal["input_text", "output_text"]  # an assistant turn's own text comes back as output_text
+    text: Text
+
+
+class InputMessage(RequestModel):
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: Text | list[InputText]
+
+
+class FunctionCallItem(RequestModel):
+    """A call the model made earlier, sent back with its output (the next item)."""
+    type: Literal["function_call"]
+    call_id: Text
+    name: Text
+    arguments: Text
+
+
+class FunctionCallOutput(RequestModel):
+    type: Literal["function_call_output"]
+    call_id: Text
+    output: Text | list[InputText]  # text, or text parts (joined by newlines, as a message's are)
+
+    @property
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "\n".join(part.text for part in self.output)
+
+
+def _item_type(value: Any) -> str | None:
+    """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage)."""
+    return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
+
+
+InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+                      | Annotated[FunctionCallOutput, Tag("function_call_output")], Discriminator(_item_type)]
+
+
+class FunctionTool(RequestModel):
+    type: Text
+    name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Text | None = None
+    parameters: JsonObject | None = None
+    strict: bool | None = None  # None: strict, as OpenAI's Responses API takes it (Chat Completions: not strict)
+
+    @field_validator("type")
+    @classmethod
+    def _functions_only(cls, v):
+        if v != "function":
+            raise ValueError(f"only function tools are served here; {v!r} is one of OpenAI's hosted tools")
+        return v
+
+    def as_chat_tool(self) -> dict:
+        """The chat completion's tool. A tool that does not say whether it is strict is, as in OpenAI's Responses
+        API (its function-calling guide): objects take only the properties they list, and all of them."""
+        function = self.model_dump(exclude={"type"}, exclude_none=True)
+        if self.strict is None:
+            function["strict"] = True
+            function["parameters"] = closed(self.parameters or {"type": "object", "properties": {}},
+                                            require_all=True)
+        return {"type": "function", "function": function}
+
+
+class FunctionChoice(RequestModel):
+    type: Literal["function"]
+    name: Text
+
+
+class TextFormat(RequestModel):
+    type: Literal["text", "json_object", "json_schema"]
+    name: Text | None = None  # json_schema's
+    schema_: JsonObject | None = Field(None, alias="schema")
+    description: Text | None = None
+    strict: bool | None = None
+
+
+class TextConfig(RequestModel):
+    format: TextFormat | None = None
+    verbosity: Text | None = None
+
+    @field_validator("verbosity")
+    @classmethod
+    def _one_verbosity(cls, v):
+        if v != "medium":
+            raise ValueError("this model has one verbosity: medium (or leave it out)")
+        return v
+
+
+class ResponsesRequest(RequestModel):
+    model: Text | None = None
+    input: Text | list[InputItem]
+    instructions: Text | None = None  # a system message before the input
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None  # checked as the chat completion's
+    top_p: float | None = None
+    tools: list[FunctionTool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    parallel_tool_calls: bool = True
+    text: TextConfig | None = None
+    stream: bool = False
+    store: bool = True  # taken; nothing is stored
+    metadata: dict[str, Text] | None = Field(None, max_length=16)  # returned with the response
+    user: Text | None = None
+    service_tier: Literal["auto", "default"] | None = None
+    truncation: Text | None = None  # "disabled" only: "auto" would drop input the client sent
+    background: bool = False
+    include: list[Text] | None = None  # the one extra output data here: message.output_text.logprobs
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with the logprobs included: alternatives
+    previous_response_id: Unsupported | None = None  # needs the store
+    conversation: Unsupported | None = None
+    prompt: Unsupported | None = None  # OpenAI's stored prompt templates
+    reasoning: Unsupported | None = None  # not a reasoning model
+    max_tool_calls: Unsupported | None = None
+    # vLLM's sampling extras, as its chat completions take them
+    seed: int | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    cache_salt: Text | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _not_empty(cls, v):
+        if not v:
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("truncation")
+    @classmethod
+    def _no_truncation(cls, v):
+        if v != "disabled":
+            raise ValueError("only \"disabled\": the input is never cut here (a prompt too long is a 400)")
+        return v
+
+    @field_validator("background")
+    @classmethod
+    def _no_background(cls, v):
+        if v:
+            raise ValueError("background responses are not supported: nothing is stored to fetch them from")
+        return v
+
+    @field_validator("include")
+    @classmethod
+    def _only_logprobs(cls, v):
+        for item in v or ():
+            if item != "message.output_text.logprobs":
+                raise ValueError(f"{item!r} cannot be included; only \"message.output_text.logprobs\" can")
+        return v
+
+    @property
+    def logprobs(self) -> bool:
+        return "message.output_text.logprobs" in (self.include or ())
+
+    def chat(self) -> ChatCompletionRequest:
+        """The chat completion this request asks for. Raises APIError (400) naming this request's field."""
+        body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream,
+                                "max_completion_tokens": self.max_output_tokens,
+                                "parallel_tool_calls": self.parallel_tool_calls, "user": self.user}
+        for name in ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty", "cache_salt"):
+            body[name] = getattr(self, name)
+        if self.logprobs:
+            body["logprobs"], body["top_logprobs"] = True, self.top_logprobs or 0
+        if self.tools:
+            body["tools"] = [t.as_chat_tool() for t in self.tools]
+        if isinstance(self.tool_choice, FunctionChoice):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        else:
+            body["tool_choice"] = self.tool_choice
+        fmt = self.text.format if self.text else None
+        if fmt is not None and fmt.type == "json_schema":
+            body["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": fmt.name, "schema": fmt.schema_, "description": fmt.description, "strict": fmt.strict}}
+        elif fmt is not None:
+            body["response_format"] = {"type": fmt.type}
+        try:
+            return ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise renamed(validation_error(exc.errors(), skip_body=False)) from None
+
+    def _messages(self) -> list[dict]:
+        messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        if isinstance(self.input, str):
+            return [*messages, {"role": "user", "content": self.input}]
+        for item in self.input:
+            if isinstance(item, InputMessage):
+                content = item.content if isinstance(item.content, str) else [
+                    {"type": "text", "text": part.text} for part in item.content]
+                messages.append({"role": item.role, "content": content})
+            elif isinstance(item, FunctionCallItem):  # calls after the assistant's text or calls: the same turn
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if messages and messages[-1]["role"] == "assistant":
+                    messages[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
+        return messages
+
+
+def renamed(error: APIError) -> APIError:
+    """A chat completion's error, naming the Responses field it came from."""
+    param = error.info.param
+    if param is not None and (tool := re.match(r"tools\.\d+\.function(?=\.|$)", param)):  # tools are flat here
+        error.info.param = param[:tool.end() - len(".function")] + param[tool.end():]
+        error.info.message = error.info.message.replace(param, error.info.param, 1)
+        return error
+    for chat, responses in _CHAT_TO_RESPONSES:
+        if param is not None and (param == chat or param.startswith(chat + ".")):
+            error.info.param = responses + param[len(chat):] if chat != "messages" else responses
+            error.info.message = error.info.message.replace(param, error.info.param, 1)
+            break
+    return error
