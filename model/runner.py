@@ -38,7 +38,8 @@ class SlotState:
     banned_early: list[int]  # stop ids inside the vocabulary: masked until min_tokens are generated
     grammar: GrammarState | None = None  # the constraint the answer must match, advanced token by token
     penalties: PenaltyState | None = None  # with penalties: the sequence's token counts, advanced token by token
-    # with allowed_token_ids: bool [vocab], True where a token may not be sampled (built once: a step only masks)
+    # with allowed_token_ids: bool [row width], True where a token may not be sampled (built at the first masked
+    # step, at the width of the backend's rows, padding included: later steps only mask)
     not_allowed: torch.Tensor | None = None
 
     @property
@@ -95,9 +96,6 @@ class MeshRunner:
         state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
                           frozenset(chunk.stop_token_ids), self.backend.can_sample(params),
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
-        if params.allowed_token_ids:
-            state.not_allowed = torch.ones(vocab, dtype=torch.bool)
-            state.not_allowed[[t for t in params.allowed_token_ids if t < vocab]] = False
         if params.needs_penalties:
             n = chunk.num_prompt_tokens
             state.penalties = PenaltyState(vocab, chunk.token_ids[:n], chunk.token_ids[n:])
@@ -261,11 +259,12 @@ class MeshRunner:
         """Add logit_bias to one row of logits [vocab] in place, mask every id allowed_token_ids leaves out and
         each bad word's last token where the answer so far ends with the rest of it (vLLM's rule: the answer's
         tokens only, not the prompt's), and mask stop ids before min_tokens."""
-        if st.not_allowed is not None:
-            mask, width = st.not_allowed, row.shape[0]
-            if width != mask.shape[0]:  # a row narrower or wider (padded) than the vocabulary
-                mask = torch.cat([mask, torch.ones(max(width - mask.shape[0], 0), dtype=torch.bool)])[:width]
-            row.masked_fill_(mask, float("-inf"))
+        if st.params.allowed_token_ids:
+            width = row.shape[0]
+            if st.not_allowed is None or st.not_allowed.shape[0] != width:
+                st.not_allowed = torch.ones(width, dtype=torch.bool)
+                st.not_allowed[[t for t in st.params.allowed_token_ids if t < width]] = False
+            row.masked_fill_(st.not_allowed, float("-inf"))
         if st.params.bad_words_token_ids:
             seq, generated = st.token_ids, st.num_generated
             banned = [word[-1] for word in st.params.bad_words_token_ids
