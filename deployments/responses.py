@@ -175,8 +175,7 @@ async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[Cho
                     if calls:  # the call before it is whole
                         for e in close(output[-1], "completed"):
                             yield e
-                    item = {"type": "function_call", "id": _id("fc"), "call_id": _id("call"), "name": piece.name,
-                            "arguments": "", "status": "in_progress"}
+                    item = _call(ParsedCall(piece.name, ""), "in_progress")
                     calls[piece.index] = item
                     output.append(item)
                     yield event("response.output_item.added", output_index=len(output) - 1, item=item)
