@@ -258,7 +258,7 @@ def _argmax(p: SamplingParams) -> bool:
 def _tt_sampling(rows: list[SamplingParams]):
     """tt-metal's SamplingParams: a list per field, one value per row (the generator pads to 32 users). Taken
     from the Galaxy generator's module, which imports it in every version: from models.common.sampling
-    (@b69a64e6) or from models.tt_transformers.tt.generator (@00b0fa3f, @08b93c9f)."""
+    (@b69a64e6, @00b0fa3f) or from models.tt_transformers.tt.generator (@08b93c9f)."""
     from models.demos.llama3_70b_galaxy.tt.generator import SamplingParams as TTSamplingParams
 
     # A temperature under GREEDY_TEMPERATURE is argmax on the host; sent as it is, the device would divide by it
