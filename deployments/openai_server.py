@@ -566,13 +566,13 @@ class OpenAIServer:
             return len(preps[d.index // req.n].prompt_ids), d.num_generated, d.num_cached
 
         try:
-            if chat:
-                yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                             for i in range(req.n)], self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None,
-                            prep.prompt_ids if ids else None)
-                if prep.echo:  # in a chunk of its own, as vLLM sends it
-                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo)) for i in range(req.n)],
-                                self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None)
+            if chat:  # one choice a chunk, as vLLM and OpenAI send them (a client may read choices[0] alone)
+                opening = self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None
+                for i in range(req.n):
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], opening,
+                                prep.prompt_ids if ids else None)
+                for i in range(req.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)
             d = first
             while d is not None:
                 generated[d.index] = d.num_generated

@@ -122,9 +122,13 @@ def test_n_choices_are_independent_requests(client, router):
 
 
 def test_n_choices_stream(client):
-    chunks = sse(client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True}))
-    for i in range(2):
+    """One choice a chunk, as vLLM and OpenAI send them: a client reading choices[0] alone sees every choice's
+    role, text and finish."""
+    chunks = sse(client.post("/v1/chat/completions", json={**CHAT, "n": 3, "stream": True}))
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    for i in range(3):
         choices = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert choices[0]["delta"] == {"role": "assistant", "content": ""}
         assert "".join(ch["delta"]["content"] or "" for ch in choices) == ANSWER
         assert choices[-1]["finish_reason"] == "stop"
 
