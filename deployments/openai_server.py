@@ -104,10 +104,13 @@ def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) 
     """OpenAI's logit_bias (token id text -> bias) as ids, each in the vocabulary, each bias in [-100, 100]."""
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size or not -100 <= value <= 100:
+        # a key past 20 characters is no token id, and int() refuses past 4,300 digits
+        token = int(key) if key.isascii() and key.isdigit() and len(key) <= 20 else vocab_size
+        if token >= vocab_size or not -100 <= value <= 100:
+            shown = key if len(key) <= 40 else key[:40] + "..."
             raise APIError(400, f"logit_bias: keys must be token ids in [0, {vocab_size}) and biases in "
-                                f"[-100, 100]; got {key!r}: {value}", param="logit_bias")
-        bias[int(key)] = value
+                                f"[-100, 100]; got {shown!r}: {value}", param="logit_bias")
+        bias[token] = value
     return bias
 
 

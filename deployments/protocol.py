@@ -429,7 +429,7 @@ class ChatCompletionRequest(_GenerationRequest):
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
     documents: Unsupported | None = None  # vLLM's RAG documents for templates that take them
     add_special_tokens: bool = False  # vLLM's: true puts a BOS before the template's own tokens
-    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # [] refused, as OpenAI and vLLM do
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True  # vLLM's: false renders the messages without the assistant's header

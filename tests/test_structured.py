@@ -115,7 +115,6 @@ def test_a_bad_whitespace_pattern_is_named_not_the_schema(llt, fields, param):
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
     ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [], "tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     *[({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {
