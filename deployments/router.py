@@ -94,6 +94,7 @@ class Mesh:
     incarnation: str | None = None
     down_reason: str | None = "starting"
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    max_len: int | None = None  # the longest sequence its scheduler takes (max_tokens_per_seq), once it was up
     rounds: int = 0
     failovers: int = 0
     requests_migrated: int = 0
@@ -252,6 +253,7 @@ class Router:
         self.mesh_up = asyncio.Event()
         self.starting = True  # until every mesh has answered its first reset (or failed it), or start_wait_s
         self._unprobed = len(self.meshes)  # meshes not asked once yet
+        self.longest = 0  # the longest sequence a mesh took (Mesh.max_len), of those that were up
         self._start_timer: asyncio.TimerHandle | None = None
         self.tasks = [asyncio.create_task(self._supervise(m)) for m in self.meshes]
         self.tasks.append(asyncio.create_task(self._expire_held()))
@@ -268,17 +270,24 @@ class Router:
             eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth)
 
     # ---- requests -------------------------------------------------------------------------------
-    def place(self, token_ids: list[int], salt: str | None) -> tuple[list[Mesh], list[bytes]] | None:
-        """The live meshes, best first by MeshScheduler.placement_key (a mesh that seats the request now, then
-        the longest prefix it caches), and the digests of token_ids' full blocks (hashed once per request: the
-        mesh's scheduler reuses them); None when no mesh is live."""
-        live = [m for m in self.meshes if m.up]
+    def place(self, token_ids: list[int], salt: str | None, need: int) -> tuple[list[Mesh], list[bytes]] | None:
+        """The live meshes that take `need` tokens (`_need`), best first by MeshScheduler.placement_key (a mesh
+        that seats the request now, then the longest prefix it caches), and the digests of token_ids' full blocks
+        (hashed once per request: the mesh's scheduler reuses them); None when no such mesh is live."""
+        live = [m for m in self.meshes if m.up and m.max_len >= need]
         if not live:
             return None
         hashes: list[bytes] = []
         extend_block_hashes(hashes, token_ids, live[0].caps.block_size, salt)  # one block size for all meshes
         num_tokens = len(token_ids)
         return sorted(live, key=lambda m: m.scheduler.placement_key(hashes, num_tokens), reverse=True), hashes
+
+    def _need(self, req: _Request) -> int:
+        """The sequence length a mesh must take for the request's whole answer (prompt + max_tokens), or the
+        longest any mesh took when none takes that. A mesh with a shorter max_seq_len would cut the answer short
+        (MeshScheduler.submit lowers max_tokens to its room), or refuse a stream whose tokens so far fill it:
+        with meshes of mixed lengths, a request waits for one that holds it, as it waits for any mesh."""
+        return min(len(req.prompt_ids) + req.params.max_tokens, self.longest)
 
     def _submit_to_best(self, meshes: list[Mesh], hashes: list[bytes], request_id: str, req: _Request,
                         output_ids: list[int], migrated: bool) -> Mesh:
@@ -319,7 +328,7 @@ class Router:
             return
         continuation = continuation or bool(output_ids)
         req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=continuation)
-        placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt)
+        placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt, self._need(req))
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
             req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=continuation)
         else:
@@ -439,8 +448,9 @@ class Router:
         return at is not None and time.monotonic() - at <= self.config.cancel_memory_s
 
     def _hold(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
-        """No live mesh: keep the request (with its tokens so far) until one comes up."""
-        req.mesh, req.held_output, req.held_since = None, output_ids, time.monotonic()
+        """No live mesh that holds it (`_need`): keep the request (with its tokens so far) until one comes up."""
+        since = time.monotonic() if req.held_since is None else req.held_since  # still held: its wait goes on
+        req.mesh, req.held_output, req.held_since = None, output_ids, since
 
     def _place_held(self) -> None:
         for rid, req in list(self.requests.items()):
@@ -458,9 +468,12 @@ class Router:
             rooms = [m for m in self.meshes if m.up and m.scheduler.num_queued < 0]
             if not rooms:
                 return
-            targets = [m for m in rooms if m is not origin and m.scheduler.seats(seq)]
             req = self.requests.get(seq.request_id)
-            if not targets or req is None or req.mesh is not origin:
+            if req is None or req.mesh is not origin:
+                continue
+            need = self._need(req)
+            targets = [m for m in rooms if m is not origin and m.max_len >= need and m.scheduler.seats(seq)]
+            if not targets:
                 continue
             n = len(seq.token_ids)
             target = max(targets, key=lambda m: m.scheduler.placement_key(seq.block_hashes, n))
@@ -482,12 +495,13 @@ class Router:
             return False
         others = [m for m in self.meshes if m.up and m.scheduler.num_queued * queued < 0]
         rooms, queues = ([mesh], others) if queued < 0 else (others, [mesh])
-        return any(room.scheduler.seats(seq) for q in queues for seq in q.scheduler.queued(MOVE_SCAN)
+        return any(room.max_len >= self._need(self.requests[seq.request_id]) and room.scheduler.seats(seq)
+                   for q in queues for seq in q.scheduler.queued(MOVE_SCAN) if seq.request_id in self.requests
                    for room in rooms)
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
-        placed = self.place(req.prompt_ids + output_ids, req.salt)
+        placed = self.place(req.prompt_ids + output_ids, req.salt, self._need(req))
         if placed is None:
             self._hold(request_id, req, output_ids)
             return
@@ -510,7 +524,7 @@ class Router:
                 if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
                     req.held_since = None
                     self._finish(rid, RequestFailed(rid, NoMeshAvailable(
-                        f"no mesh has been available for {self.config.no_mesh_wait_s:.0f} s")))
+                        f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:.0f} s")))
 
     def stats(self) -> dict:
         """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers."""
@@ -553,12 +567,14 @@ class Router:
             try:
                 mesh.scheduler = self._scheduler_for(mesh.caps)
             except ValueError as exc:  # the mesh's capabilities do not fit this config: a redeploy, not a retry
-                mesh.down_reason = f"cannot be scheduled with this config: {exc}"
+                mesh.down_reason, mesh.max_len = f"cannot be scheduled with this config: {exc}", None
+                self._measure()  # it will not come back: requests do not wait for it
                 log.error("mesh %s is not served: %s", mesh.name, mesh.down_reason)
                 if first:
                     self._probed()
                 return
-            mesh.down_reason = None
+            mesh.down_reason, mesh.max_len = None, mesh.scheduler.max_tokens_per_seq
+            self._measure()
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             self.mesh_up.set()
             if first:
@@ -574,6 +590,9 @@ class Router:
             except Exception as exc:
                 self._fail(mesh, exc)
             await asyncio.sleep(self.config.probe_interval_s)
+
+    def _measure(self) -> None:
+        self.longest = max((m.max_len for m in self.meshes if m.max_len is not None), default=0)
 
     def _probed(self) -> None:
         self._unprobed -= 1

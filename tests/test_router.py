@@ -663,6 +663,50 @@ def test_a_stream_another_mesh_cannot_hold_stays_where_it_can():
     asyncio.run(main())
 
 
+def sized_meshes(*max_seq_lens: int) -> list[LocalMesh]:
+    """One-slot simulated meshes of these max_seq_len."""
+    return [LocalMesh(lambda n=n: SimulatedBackend(num_slots=1, kv_groups=1, max_seq_len=n, time_scale=0.3,
+                                                   vocab_size=1000)) for n in max_seq_lens]
+
+
+@pytest.mark.parametrize("fault_after", [2, 12])
+def test_a_request_only_a_longer_mesh_holds_waits_for_it_through_its_failure(fault_after):
+    """Meshes of 4096 and 1024 tokens: a 600-token prompt asking for 520 runs on the longer one, which fails
+    mid-answer. Moved to the shorter (free) mesh, it was cut to 424 tokens ("length"), or failed once its
+    tokens filled that mesh; it waits for the longer one instead and ends with its undisturbed tokens."""
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=520)
+        alone = Router([("alone", *sized_meshes(4096))], RouterConfig(**FAST))
+        expected = await collect(alone, "x", [7] * 600, params)
+        await alone.close()
+        long, _ = meshes = sized_meshes(4096, 1024)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        long.inject("raise", after=fault_after)  # results; decode works carry 8 tokens each
+        assert await collect(router, "x", [7] * 600, params) == expected
+        assert [m["failovers"] for m in router.stats()["meshes"]] == [1, 0]
+        assert router.stats()["meshes"][1]["rounds"] == 0  # no decode there (works alone: its heartbeats too)
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_new_request_queues_on_the_mesh_that_holds_it_rather_than_be_cut_on_a_free_shorter_one():
+    async def main():
+        meshes = sized_meshes(4096, 1024)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router.submit("a", [5] * 40, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)  # the longer mesh is busy
+        router.submit("x", [7] * 600, SamplingParams(temperature=0.0, max_tokens=520), None, [], "c")
+        await asyncio.sleep(0.3)
+        assert router.requests["x"].mesh is router.meshes[0] and router.stats()["meshes"][1]["rounds"] == 0
+        router.submit("y", [7] * 600, SamplingParams(temperature=0.0, max_tokens=8), None, [], "c")
+        await until(lambda: "y" not in router.requests)  # one the shorter mesh holds goes there
+        assert router.stats()["meshes"][1]["rounds"] > 0
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
 def test_a_small_request_behind_a_head_no_mesh_seats_moves_to_the_room():
     """A round looks past a queue's head (MOVE_SCAN deep): `y` waits behind `x`, which no mesh has the blocks
     for, while another mesh has a slot and a block for `y`."""
