@@ -189,7 +189,7 @@ class ResponsesRequest(RequestModel):
             body["tools"] = [t.as_chat_tool() for t in self.tools]
         if isinstance(self.tool_choice, FunctionChoice):
             body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
-        else:
+        elif self.tools or self.tool_choice != "auto":  # "auto" is the Responses API's default, tools or none
             body["tool_choice"] = self.tool_choice
         fmt = self.text.format if self.text else None
         if fmt is not None and fmt.type == "json_schema":

@@ -162,6 +162,14 @@ def test_bad_requests_are_400_naming_the_responses_field(client, router, patch, 
     assert router.requests == {}
 
 
+@pytest.mark.parametrize("patch", [{"tool_choice": "auto"}, {"tools": [], "tool_choice": "auto"}, {"tools": []}])
+def test_tool_choice_auto_without_tools_is_the_default(client, patch):
+    """"auto" is what a Responses request without tools has anyway (OpenAI echoes it): the answer is text."""
+    plain = client.post("/v1/responses", json=BASIC).json()
+    body = client.post("/v1/responses", json={**BASIC, **patch}).json()
+    assert body["output"][0]["content"] == plain["output"][0]["content"] and body["tool_choice"] == "auto"
+
+
 def test_an_unknown_model_is_404(client):
     assert_error(client.post("/v1/responses", json={**BASIC, "model": "gpt-9"}), 404, param="model")
 
