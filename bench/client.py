@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from itertools import cycle, islice
@@ -31,11 +32,18 @@ def api_base(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def new_http_client(max_connections: int | None = None) -> httpx.AsyncClient:
+def new_http_client(max_connections: int | None = None, api_key: str | None = None) -> httpx.AsyncClient:
+    """`api_key`: sent as a bearer token (a server with `api_keys` refuses requests without one: 401)."""
     # No read timeout: a 128k-token prefill legitimately takes long before the first byte.
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(None, connect=30.0), limits=httpx.Limits(max_connections=max_connections)
+        timeout=httpx.Timeout(None, connect=30.0), limits=httpx.Limits(max_connections=max_connections),
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
     )
+
+
+def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer key for a server with api_keys (default: $OPENAI_API_KEY, as the openai SDK)")
 
 
 async def first_model(http: httpx.AsyncClient, url: str) -> str:
@@ -114,7 +122,7 @@ async def stream_request(http: httpx.AsyncClient, url: str, endpoint: str, body:
 async def run_batch(args: argparse.Namespace, prompts: list[str]) -> tuple[list[RequestResult], float]:
     """All prompts, at most --num-concurrent in flight; returns the results and the wall time."""
     limit = asyncio.Semaphore(args.num_concurrent)
-    async with new_http_client(args.num_concurrent) as http:
+    async with new_http_client(args.num_concurrent, args.api_key) as http:
         model = args.model or await first_model(http, args.url)
         with tqdm(total=len(prompts), desc="requests", unit="req", file=sys.stderr) as progress:
 
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--ignore-eos", action="store_true", help="generate --max-tokens every time, like the demo without stop_at_eos"
     )
     parser.add_argument("--json", metavar="FILE", help="write the answers and figures as JSON to FILE ('-': stdout)")
+    add_api_key_argument(parser)
     args = parser.parse_args(argv)
 
     try:
@@ -217,4 +226,4 @@ def write_json(payload: dict, where: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["failed"] else 0)  # a failed request is a failed run (scripts check the status)

@@ -24,7 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.chart import save_chart
-from bench.client import DEFAULT_URL, ENDPOINTS, first_model, new_http_client, request_body, stream_request, write_json
+from bench.client import (DEFAULT_URL, ENDPOINTS, add_api_key_argument, first_model, new_http_client, request_body,
+                          stream_request, write_json)
 from bench.metrics import RequestResult, Summary, output_throughput_timeline, parse_slos, summarize
 from bench.prompts import PromptFileError, load_prompts
 from bench.textgen import random_words
@@ -75,7 +76,7 @@ async def run(
     """Send the warm-up requests, then every request on its Poisson schedule.
     Returns (results, start time, duration)."""
     limit = asyncio.Semaphore(args.max_concurrency or len(requests))
-    async with new_http_client(args.max_concurrency) as http:
+    async with new_http_client(args.max_concurrency, args.api_key) as http:
         model = args.model or await first_model(http, args.url)
 
         async def send(request: BenchRequest) -> RequestResult:
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs: ttft:MS tpot:MS e2el:MS")
     parser.add_argument("--json", metavar="FILE", help="write every metric as JSON to FILE ('-': stdout)")
     parser.add_argument("--chart", metavar="PNG", help="save latency distributions and throughput over time")
+    add_api_key_argument(parser)
     args = parser.parse_args(argv)
     if args.random_prompt == "tokens" and args.endpoint == "chat" and not args.prompt_json_path:
         parser.error("--random-prompt tokens needs --endpoint completions (chat messages are text)")

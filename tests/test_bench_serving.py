@@ -7,6 +7,8 @@ requests it had in flight. Model "no-usage" never reports usage; model "broken" 
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -26,6 +28,12 @@ def fake_openai_app() -> FastAPI:
     app.state.in_flight = 0
     app.state.max_in_flight = 0
     app.state.bodies = []
+    app.state.keys = []  # the Authorization header of each request, None when absent
+
+    @app.middleware("http")
+    async def record_key(request: Request, call_next):
+        app.state.keys.append(request.headers.get("authorization"))
+        return await call_next(request)
 
     @app.get("/v1/models")
     async def models():
@@ -190,3 +198,28 @@ def test_client_cycles_prompts_to_fill_the_batch(fake_server, tmp_path, capsys):
     assert [a["text"] for a in answers] == ["tok0 tok1 tok2 "] * 4
     assert all(a["ttft_ms"] > 0 and a["decode_tokens_per_s"] > 0 and a["output_tokens"] == 3 for a in answers)
     assert summary["failed"] == 0 and summary["output_tokens"] == 12
+
+
+def test_the_clients_send_an_api_key_from_the_flag_or_openai_api_key(fake_server, tmp_path, monkeypatch):
+    """A server with api_keys answers 401 without one: both clients send it as a bearer token."""
+    url, state = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "q"}]))
+    state.keys.clear()
+    client.main(["--num-concurrent", "1", "--prompt-json-path", str(prompts), "--url", url, "--max-tokens", "2",
+                 "--api-key", "sk-flag"])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+    serving.main(["--url", url, "--num-prompts", "1", "--warmup", "0", "--random-input-len", "4",
+                  "--random-output-len", "2"])
+    assert state.keys == ["Bearer sk-flag"] * 2 + ["Bearer sk-env"] * 2  # /v1/models, then the request
+    monkeypatch.delenv("OPENAI_API_KEY")
+    state.keys.clear()
+    client.main(["--num-concurrent", "1", "--prompt-json-path", str(prompts), "--url", url, "--max-tokens", "2"])
+    assert state.keys == [None, None]
+
+
+def test_the_client_exits_non_zero_when_a_request_failed(fake_server):
+    url, _ = fake_server
+    run = subprocess.run([sys.executable, "-m", "bench.client", "--url", url, "--model", "broken",
+                          "--num-concurrent", "2"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "=== 0/32 requests" in run.stdout  # the default file: 32 prompts
