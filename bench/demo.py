@@ -31,6 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pydantic import ValidationError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_prompt_file  # noqa: E402
@@ -146,12 +147,24 @@ def resolve(args: argparse.Namespace) -> Settings:
     preset = PRESETS[args.preset]
     names = {f.name for f in dataclasses.fields(Settings)} - {"published_input_tokens"}
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if args.input_prompts is not None:
-        given["published_input_tokens"] = None
+    if args.input_prompts is not None or given.get("batch_size", preset.batch_size) != preset.batch_size:
+        given["published_input_tokens"] = None  # other prompts, or another batch: not the published run
     settings = dataclasses.replace(preset, **given)
-    if settings.batch_size < 1 or settings.repeat_batches < 1 or settings.max_generated_tokens < 1:
-        raise SystemExit("--batch-size, --repeat-batches and --max-generated-tokens must be at least 1")
+    if min(settings.batch_size, settings.repeat_batches, settings.max_generated_tokens, settings.block_size) < 1:
+        raise SystemExit("--batch-size, --repeat-batches, --max-generated-tokens and --block-size must be at least 1")
+    try:
+        sampling(settings)
+    except ValidationError as e:
+        raise SystemExit("; ".join(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                         .replace("_", "-")) from None
     return settings
+
+
+def sampling(settings: Settings) -> SamplingParams:
+    """Every user's sampling parameters. Raises pydantic's ValidationError for values out of range."""
+    return SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                          seed=settings.seed, max_tokens=settings.max_generated_tokens,
+                          ignore_eos=not settings.stop_at_eos)
 
 
 def demo_prompts(settings: Settings) -> list[str]:
@@ -276,7 +289,10 @@ def run(args: argparse.Namespace) -> dict:
         prompts = demo_prompts(settings)
     except PromptFileError as e:
         raise SystemExit(str(e)) from None
-    backend, tokenizer = open_backend(args, settings)
+    try:
+        backend, tokenizer = open_backend(args, settings)
+    except (OSError, ValueError) as e:  # a model folder without a tokenizer, a size the backend cannot take
+        raise SystemExit(f"cannot open the {args.backend} backend: {e}") from None
     try:
         token_ids = tokenize(tokenizer, prompts, settings.instruct)
         # The demo's rotation: batch b gives user u the prompt (u + b) mod the number of prompts.
@@ -286,15 +302,16 @@ def run(args: argparse.Namespace) -> dict:
         caps = backend.caps
         # The demo prefills every user, each prompt in one call, before the first decode step.
         whole_prompt = blocks_for(caps.max_seq_len, caps.prefix_align) * caps.prefix_align
-        scheduler = MeshScheduler(num_blocks=caps.num_blocks, block_size=caps.block_size, kv_groups=caps.kv_groups,
-                                  num_slots=caps.num_slots,
-                                  max_seq_len=caps.max_seq_len, prefill_chunk=whole_prompt,
-                                  max_prefill_tokens=whole_prompt * caps.num_slots, decode_steps=args.decode_steps,
-                                  prefix_align=caps.prefix_align, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))
+        try:
+            scheduler = MeshScheduler(
+                num_blocks=caps.num_blocks, block_size=caps.block_size, kv_groups=caps.kv_groups,
+                num_slots=caps.num_slots, max_seq_len=caps.max_seq_len, prefill_chunk=whole_prompt,
+                max_prefill_tokens=whole_prompt * caps.num_slots, decode_steps=args.decode_steps,
+                prefix_align=caps.prefix_align, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))
+        except ValueError as e:  # e.g. a --block-size the backend's prefix alignment is no multiple of
+            raise SystemExit(f"--block-size {settings.block_size}: {e}") from None
         runner = MeshRunner(backend)
-        params = SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                                seed=settings.seed, max_tokens=settings.max_generated_tokens,
-                                ignore_eos=not settings.stop_at_eos)
+        params = sampling(settings)
         time_scale = args.time_scale if args.backend == "simulated" else 1.0
         results = []
         device_s = getattr(backend, "device_seconds", None)  # the simulated mesh's busy time (scaled)
@@ -351,7 +368,7 @@ def report(args: argparse.Namespace, settings: Settings, results: list[BatchResu
         "device_busy": device_busy,  # simulated: share of the run the mesh computed; the rest is the stack's
         "published": {},
     }
-    for name, row in published_rows(settings).items():
+    for name, row in (published_rows(settings) if args.backend != "torch" else {}).items():  # Galaxy figures
         out["published"][name] = {
             **row,
             "ttft_rel_diff": ttft_ms / row["ttft_ms"] - 1 if ttft_ms is not None else None,

@@ -9,7 +9,7 @@ Joining follows the demo: an instruct model gets the context in a markdown code 
 the prompt; a base model gets the context alone (the demo drops the question for base weights).
 
 Shipped samples (SAMPLES_DIR), all text written or generated here (bench/textgen.py):
-  batch32.json     32 questions of 84-102 Llama-3 tokens (~130 with the chat template): the demo's batch-32.
+  batch32.json     32 questions of 84-102 Llama-3 tokens (94-112 with the chat template): the demo's batch-32.
   long_<N>k.json   one question about logbook.txt, cut so the joined prompt is N*1024 - 256 Llama-3 tokens,
                    leaving room for the chat template and 128 generated tokens (4k, 8k, 16k, 32k, 64k, 128k).
 """

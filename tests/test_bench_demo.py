@@ -91,6 +91,30 @@ def test_batch_32_preset_compares_with_the_published_rows(capsys):
         assert row["ttft_rel_diff"] == pytest.approx(rep["ttft_ms"] / row["ttft_ms"] - 1)
 
 
+def test_only_the_published_run_is_compared_with_the_published_figures(capsys):
+    """Another batch size than the preset's is another run (long-4k-b1 at batch 32 cuts its contexts)."""
+    rep = run_json(capsys, "--preset", "performance-long-4k-b1", "--batch-size", "32", "--time-scale", "0.001",
+                   "--max-generated-tokens", "2")
+    assert rep["published"] == {} and rep["output_tokens"] == 64
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--block-size", "0"], "--block-size must be at least 1"),
+    (["--block-size", "48"], "--block-size 48: prefix_align"),
+    (["--top-p", "0"], "--top-p: Input should be greater than 0"),
+    (["--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
+])
+def test_bad_options_are_usage_errors_not_tracebacks(option, message):
+    with pytest.raises(SystemExit, match=message):
+        demo.main(["--time-scale", "0.001", "--max-generated-tokens", "2", *option])
+
+
+def test_a_model_folder_without_a_tokenizer_says_so(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="cannot open the simulated backend"):
+        demo.main(["--model", str(tmp_path), "--time-scale", "0.001", "--max-generated-tokens", "2"])
+
+
 def test_text_report_has_the_demos_lines(capsys, prompt_file):
     demo.main(["--backend", "simulated", "--time-scale", "0.001", "--input-prompts", str(prompt_file),
                "--batch-size", "2", "--max-generated-tokens", "4"])
@@ -130,3 +154,9 @@ def test_torch_backend_runs_the_demo(capsys, prompt_file, tiny_model):
     (batch,) = rep["batches"]
     assert [u["output_tokens"] for u in batch["users"]] == [4, 4]
     assert rep["time_scale"] is None and rep["device_busy"] is None and rep["settings"]["seed"] == 7
+
+
+def test_a_cpu_model_is_not_compared_with_the_galaxys_figures(capsys, tiny_model):
+    rep = run_json(capsys, "--backend", "torch", "--model", str(tiny_model), "--max-generated-tokens", "2",
+                   "--max-blocks", "96")  # the batch-32 preset, whose run the published figures are
+    assert rep["published"] == {} and rep["output_tokens"] == 64
