@@ -309,7 +309,7 @@ def run(args: argparse.Namespace) -> dict:
                 max_prefill_tokens=whole_prompt * caps.num_slots, decode_steps=args.decode_steps,
                 prefix_align=caps.prefix_align, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))
         except ValueError as e:  # e.g. a --block-size the backend's prefix alignment is no multiple of
-            raise SystemExit(f"--block-size {settings.block_size}: {e}") from None
+            raise SystemExit(f"cannot schedule this run (--block-size {settings.block_size}): {e}") from None
         runner = MeshRunner(backend)
         params = sampling(settings)
         time_scale = args.time_scale if args.backend == "simulated" else 1.0

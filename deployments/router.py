@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -94,7 +95,7 @@ class Mesh:
     incarnation: str | None = None
     down_reason: str | None = "starting"
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    max_len: int | None = None  # the longest sequence its scheduler takes (max_tokens_per_seq), once it was up
+    max_len: int | None = None  # the longest sequence its scheduler takes (max_tokens_per_seq); None: not known yet
     rounds: int = 0
     failovers: int = 0
     requests_migrated: int = 0
@@ -253,7 +254,7 @@ class Router:
         self.mesh_up = asyncio.Event()
         self.starting = True  # until every mesh has answered its first reset (or failed it), or start_wait_s
         self._unprobed = len(self.meshes)  # meshes not asked once yet
-        self.longest = 0  # the longest sequence a mesh took (Mesh.max_len), of those that were up
+        self.longest = math.inf  # the longest sequence a mesh takes (Mesh.max_len); inf while one is not known
         self._start_timer: asyncio.TimerHandle | None = None
         self.tasks = [asyncio.create_task(self._supervise(m)) for m in self.meshes]
         self.tasks.append(asyncio.create_task(self._expire_held()))
@@ -284,9 +285,10 @@ class Router:
 
     def _need(self, req: _Request) -> int:
         """The sequence length a mesh must take for the request's whole answer (prompt + max_tokens), or the
-        longest any mesh took when none takes that. A mesh with a shorter max_seq_len would cut the answer short
+        longest any mesh takes when none takes that. A mesh with a shorter max_seq_len would cut the answer short
         (MeshScheduler.submit lowers max_tokens to its room), or refuse a stream whose tokens so far fill it:
-        with meshes of mixed lengths, a request waits for one that holds it, as it waits for any mesh."""
+        with meshes of mixed lengths, a request waits for one that holds it, as it waits for any mesh, for
+        no_mesh_wait_s; then it goes on where it can, cut to the room there (`_expire_held`)."""
         return min(len(req.prompt_ids) + req.params.max_tokens, self.longest)
 
     def _submit_to_best(self, meshes: list[Mesh], hashes: list[bytes], request_id: str, req: _Request,
@@ -514,7 +516,9 @@ class Router:
         req.mesh, req.held_since = mesh, None
 
     async def _expire_held(self) -> None:
-        """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After)."""
+        """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After), but one held for
+        a longer mesh than those live goes on on the best of them, cut to the room there (a Galaxy's restart
+        takes minutes), unless its tokens so far fill them."""
         while True:
             await asyncio.sleep(min(1.0, max(self.config.no_mesh_wait_s / 4, 0.01)))  # 0 s: no spinning loop
             now = time.monotonic()
@@ -522,6 +526,12 @@ class Router:
                 continue
             for rid, req in list(self.requests.items()):
                 if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
+                    placed = self.place(req.prompt_ids + req.held_output, req.salt, 0)
+                    with contextlib.suppress(PromptTooLong, QueueFull, ValueError):
+                        if placed is not None:
+                            req.mesh = self._submit_to_best(*placed, rid, req, req.held_output, migrated=True)
+                            req.held_since = None
+                            continue
                     req.held_since = None
                     self._finish(rid, RequestFailed(rid, NoMeshAvailable(
                         f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:.0f} s")))
@@ -567,7 +577,7 @@ class Router:
             try:
                 mesh.scheduler = self._scheduler_for(mesh.caps)
             except ValueError as exc:  # the mesh's capabilities do not fit this config: a redeploy, not a retry
-                mesh.down_reason, mesh.max_len = f"cannot be scheduled with this config: {exc}", None
+                mesh.down_reason, mesh.max_len = f"cannot be scheduled with this config: {exc}", 0
                 self._measure()  # it will not come back: requests do not wait for it
                 log.error("mesh %s is not served: %s", mesh.name, mesh.down_reason)
                 if first:
@@ -592,7 +602,12 @@ class Router:
             await asyncio.sleep(self.config.probe_interval_s)
 
     def _measure(self) -> None:
-        self.longest = max((m.max_len for m in self.meshes if m.max_len is not None), default=0)
+        """`longest` anew; requests held for a length no mesh takes any more go where they can now."""
+        lengths = [m.max_len for m in self.meshes]
+        longest = math.inf if None in lengths else max(lengths)
+        shrank, self.longest = longest < self.longest, longest
+        if shrank and not self.starting and self.mesh_up.is_set():
+            self._place_held()
 
     def _probed(self) -> None:
         self._unprobed -= 1

@@ -100,7 +100,7 @@ def test_only_the_published_run_is_compared_with_the_published_figures(capsys):
 
 @pytest.mark.parametrize("option, message", [
     (["--block-size", "0"], "--block-size must be at least 1"),
-    (["--block-size", "48"], "--block-size 48: prefix_align"),
+    (["--block-size", "48"], r"\(--block-size 48\): prefix_align"),
     (["--top-p", "0"], "--top-p: Input should be greater than 0"),
     (["--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
 ])

@@ -916,7 +916,7 @@ def test_with_tools_a_plain_answer_stays_content(client, router):
 def test_structured_outputs_and_logit_bias_reach_the_sampler(client, router):
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
     body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
-            "logit_bias": {"42": 100, "7": -100}}
+            "logit_bias": {"42": 100, "0" * 30 + "7": -100}}  # int() takes the leading zeros
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     (_, params, _), = list(router.requests.values())
     assert params.grammar and "json_schema" in params.grammar and params.logit_bias == {42: 100.0, 7: -100.0}

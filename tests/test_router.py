@@ -707,6 +707,41 @@ def test_a_new_request_queues_on_the_mesh_that_holds_it_rather_than_be_cut_on_a_
     asyncio.run(main())
 
 
+def test_a_request_waits_for_the_longer_mesh_no_longer_than_no_mesh_wait_s():
+    """The longer mesh is gone for good (a Galaxy's restart takes minutes): after no_mesh_wait_s a request only
+    it holds goes on on the shorter one, cut to the room there, rather than fail with a 503."""
+    async def main():
+        long, _ = meshes = sized_meshes(4096, 1024)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=0.5))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        long.vanish()
+        await until(lambda: not router.stats()["meshes"][0]["up"])
+        tokens, reason = await collect(router, "x", [7] * 100, SamplingParams(temperature=0.0, max_tokens=3000))
+        assert (len(tokens), reason) == (1024 - 100, "length")
+        await router.close()
+    asyncio.run(main())
+
+
+def test_at_a_router_start_a_stream_waits_for_the_longer_meshs_first_answer():
+    """The router restarted; the ingress resubmits a stream that ran on the longer mesh, whose first reset is
+    slow (a work still running there): it waits for it rather than be cut short (or fail) on the shorter."""
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=520)
+        alone = Router([("alone", *sized_meshes(4096))], RouterConfig(**FAST))
+        expected, _ = await collect(alone, "x", [7] * 600, params)
+        await alone.close()
+        long, _ = meshes = sized_meshes(4096, 1024)
+        await long.lock.acquire()
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, start_wait_s=0.2))
+        asyncio.get_running_loop().call_later(1.0, long.lock.release)
+        got = []
+        async for event in router.generate("x", [7] * 600, params, output_ids=expected[:500], continuation=True):
+            got += event.token_ids
+        assert got == expected[500:]
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_small_request_behind_a_head_no_mesh_seats_moves_to_the_room():
     """A round looks past a queue's head (MOVE_SCAN deep): `y` waits behind `x`, which no mesh has the blocks
     for, while another mesh has a slot and a block for `y`."""
