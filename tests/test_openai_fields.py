@@ -457,8 +457,9 @@ def test_chat_echo_puts_a_final_assistant_message_first(client, router):
     assert [c["message"]["content"] for c in whole["choices"]] == ["The answer is" + ANSWER] * 2
     assert whole["usage"]["completion_tokens"] == 2 * len(router.answer)  # the echo is not generated
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
-    assert [c["choices"] for c in chunks[2:4]] == [[{**chunks[4]["choices"][0], "index": i, "delta": {
-        "content": "The answer is"}, "finish_reason": None}] for i in range(2)]  # in chunks of their own, after the roles
+    echoed = [{**chunks[4]["choices"][0], "index": i, "delta": {"content": "The answer is"}, "finish_reason": None}
+              for i in range(2)]
+    assert [c["choices"] for c in chunks[2:4]] == [[e] for e in echoed]  # in chunks of their own, after the roles
     for i in range(2):
         text = "".join(c["delta"].get("content") or "" for chunk in chunks for c in chunk["choices"] if c["index"] == i)
         assert text == "The answer is" + ANSWER
