@@ -147,24 +147,24 @@ def resolve(args: argparse.Namespace) -> Settings:
     preset = PRESETS[args.preset]
     names = {f.name for f in dataclasses.fields(Settings)} - {"published_input_tokens"}
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    if args.input_prompts is not None or given.get("batch_size", preset.batch_size) != preset.batch_size:
-        given["published_input_tokens"] = None  # other prompts, or another batch: not the published run
+    if args.input_prompts is not None or given.get("batch_size", preset.batch_size) != preset.batch_size \
+            or args.backend == "torch":
+        given["published_input_tokens"] = None  # other prompts, another batch, a CPU model: not the published run
     settings = dataclasses.replace(preset, **given)
     if min(settings.batch_size, settings.repeat_batches, settings.max_generated_tokens, settings.block_size) < 1:
         raise SystemExit("--batch-size, --repeat-batches, --max-generated-tokens and --block-size must be at least 1")
-    try:
-        sampling(settings)
-    except ValidationError as e:
-        raise SystemExit("; ".join(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-                         .replace("_", "-")) from None
     return settings
 
 
 def sampling(settings: Settings) -> SamplingParams:
-    """Every user's sampling parameters. Raises pydantic's ValidationError for values out of range."""
-    return SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                          seed=settings.seed, max_tokens=settings.max_generated_tokens,
-                          ignore_eos=not settings.stop_at_eos)
+    """Every user's sampling parameters; SystemExit naming the options out of range."""
+    try:
+        return SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                              seed=settings.seed, max_tokens=settings.max_generated_tokens,
+                              ignore_eos=not settings.stop_at_eos)
+    except ValidationError as e:
+        raise SystemExit("; ".join(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+                         .replace("_", "-")) from None
 
 
 def demo_prompts(settings: Settings) -> list[str]:
@@ -285,6 +285,7 @@ def batch_result(batch: int, start: float, sequences: list[Sequence], token_time
 def run(args: argparse.Namespace) -> dict:
     """Run the demo; returns the report (what --json prints)."""
     settings = resolve(args)
+    params = sampling(settings)  # checked before the backend opens
     try:
         prompts = demo_prompts(settings)
     except PromptFileError as e:
@@ -311,7 +312,6 @@ def run(args: argparse.Namespace) -> dict:
         except ValueError as e:  # e.g. a --block-size the backend's prefix alignment is no multiple of
             raise SystemExit(f"cannot schedule this run (--block-size {settings.block_size}): {e}") from None
         runner = MeshRunner(backend)
-        params = sampling(settings)
         time_scale = args.time_scale if args.backend == "simulated" else 1.0
         results = []
         device_s = getattr(backend, "device_seconds", None)  # the simulated mesh's busy time (scaled)
@@ -368,7 +368,7 @@ def report(args: argparse.Namespace, settings: Settings, results: list[BatchResu
         "device_busy": device_busy,  # simulated: share of the run the mesh computed; the rest is the stack's
         "published": {},
     }
-    for name, row in (published_rows(settings) if args.backend != "torch" else {}).items():  # Galaxy figures
+    for name, row in published_rows(settings).items():
         out["published"][name] = {
             **row,
             "ttft_rel_diff": ttft_ms / row["ttft_ms"] - 1 if ttft_ms is not None else None,
