@@ -102,6 +102,14 @@ class Backend(ABC):
                   if name in SAMPLING_FIELDS and getattr(params, name) != getattr(defaults, name)}
         return needed <= self.caps.device_sampling
 
+    def as_device_samples(self, params: SamplingParams) -> SamplingParams:
+        """`params` as the device sampler applies them (can_sample's one inexactness: top_k off is the device's
+        top_k limit), for a row it could sample that is sampled on the host this step: a backend that yields
+        either tokens or logits per step (decode_mixed) gives every row's logits when one row needs them, and
+        the other rows are sampled as the device would have, so no user's sampling depends on its neighbours'."""
+        limit = self.caps.max_device_top_k
+        return params.model_copy(update={"top_k": limit}) if limit is not None and params.top_k == 0 else params
+
     def close(self) -> None:
         """Release the device (close the mesh)."""
 

@@ -35,6 +35,7 @@ class SlotState:
     num_prompt_tokens: int
     stop_ids: frozenset[int]
     on_device: bool  # the backend can sample these params exactly (decided once, not per step)
+    host_params: SamplingParams  # what the host samples with: params, or as the device applies them (on_device)
     banned_early: list[int]  # stop ids inside the vocabulary: masked until min_tokens are generated
     grammar: GrammarState | None = None  # the constraint the answer must match, advanced token by token
     penalties: PenaltyState | None = None  # with penalties: the sequence's token counts, advanced token by token
@@ -93,8 +94,10 @@ class MeshRunner:
             self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot)
             return result
         vocab = self.caps.vocab_size
+        samplable = self.backend.can_sample(params)
         state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
-                          frozenset(chunk.stop_token_ids), self.backend.can_sample(params),
+                          frozenset(chunk.stop_token_ids), samplable,
+                          self.backend.as_device_samples(params) if samplable else params,
                           sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
         if params.needs_penalties:
             n = chunk.num_prompt_tokens
@@ -280,7 +283,7 @@ class MeshRunner:
     @staticmethod
     def _sample(logits: torch.Tensor, states: list[SlotState], raw: torch.Tensor | None = None
                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        return sample_batch(logits, [st.params for st in states], [len(st.token_ids) for st in states],
+        return sample_batch(logits, [st.host_params for st in states], [len(st.token_ids) for st in states],
                             [st.penalties for st in states], raw)
 
     def _retire(self, slot: int, result: StepResult, reason: str) -> None:

@@ -11,6 +11,8 @@ import torch
 from scheduler.sampling import SamplingParams, TokenLogprobs
 
 MIN_LOGPROB = -9999.0
+_UNSEEDED = np.random.default_rng()  # numpy's Generator locks itself: meshes on threads may share it
+NUCLEUS_SEARCH = 1024  # top-p alone: the tokens its nucleus is looked for in before the whole row is sorted
 
 
 def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:
@@ -20,7 +22,7 @@ def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:
     and a token filtered or masked to probability 0 would then score 0/0 = NaN, which argmax picks: a zero
     becomes float32's smallest normal, which changes no other draw."""
     if seed is None:
-        noise = torch.empty(n).exponential_(1.0)
+        noise = torch.from_numpy(_UNSEEDED.standard_exponential(n, np.float32))  # a third of torch's exponential_
     else:
         key = np.array([seed, position], dtype=np.uint64)
         noise = torch.from_numpy(np.random.Generator(np.random.Philox(key=key)).standard_exponential(n, np.float32))
@@ -109,17 +111,42 @@ def _filter_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
 
 
-def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+def _kept(scaled: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What top-k and then top-p keep of a row [vocab] (vLLM's order: top-p over the top-k renormalised), as
+    (ids [n], logits [n]) with the likeliest first; None when neither filter is on or every logit is -inf.
+    Ties with the k-th logit stay (a mask `logits < kth`, as vLLM's); top-p keeps the smallest prefix reaching
+    top_p, and the top token always. Found with torch.topk, not a sort of the whole row: a 128k-token sort costs
+    ~10 ms of a mesh host's CPU per row on the 2-core box, and every slot of the mesh waits for its host rows.
+    Top-p alone looks in the best NUCLEUS_SEARCH tokens first and sorts the row only when they fall short."""
+    vocab = scaled.shape[-1]
+    top_k = top_k if 0 < top_k < vocab else 0
+    if not top_k and top_p >= 1.0:
+        return None
+    if top_k:
+        kth = torch.topk(scaled, top_k).values[-1]
+        ids = torch.nonzero((scaled >= kth) & (scaled > float("-inf"))).squeeze(1)
+        ids, vals = _likeliest_first(ids, scaled[ids])
+        probs = vals.softmax(-1)
+    else:
+        ids = torch.topk(scaled, min(NUCLEUS_SEARCH, vocab)).indices.sort().values
+        ids, vals = _likeliest_first(ids, scaled[ids])
+        probs = (vals - torch.logsumexp(scaled, -1)).exp()
+        if float(probs.sum()) < top_p:  # a wider nucleus than the search
+            vals, ids = torch.sort(scaled, descending=True, stable=True)
+            probs = vals.softmax(-1)
+    if not len(vals) or vals[0] == float("-inf"):
+        return None
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        drop[0] = False  # and the top token always (a top_p under float32's range, e.g. 1e-50, is 0 here)
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+        keep = max(1, int((probs.cumsum(-1) - probs < top_p).sum()))  # a top_p under float32's range is 0 here
+        ids, vals = ids[:keep], vals[:keep]
+    return ids, vals
+
+
+def _likeliest_first(ids: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [n] ascending and their logits, ordered by logit descending and, among equal logits, by id: a tie
+    at top-p's cut is broken the same way on every device."""
+    vals, order = torch.sort(vals, descending=True, stable=True)
+    return ids[order], vals
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, penalties: PenaltyState | None = None,
@@ -138,13 +165,19 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, pena
     if params.greedy:
         token = int(torch.argmax(logits))
     else:
-        scaled = _filter_top_k_top_p(_filter_min_p(logits / params.temperature, params.min_p), params.top_k,
-                                     params.top_p)
-        probs = scaled.softmax(-1)
-        # Noise is drawn on the CPU whatever the logits' device: the same (seed, position) gives the same
-        # token on every backend, so a sequence migrated to another mesh continues identically.
-        noise = _noise(probs.shape[-1], params.seed, position).to(probs.device)
-        token = int(torch.argmax(probs / noise))  # Gumbel-style race: an exact draw from probs
+        scaled = _filter_min_p(logits / params.temperature, params.min_p)
+        # Noise is drawn on the CPU whatever the logits' device, for the whole vocabulary whatever the filters
+        # keep: the same (seed, position) gives the same token on every backend, so a sequence migrated to
+        # another mesh continues identically.
+        kept = _kept(scaled, params.top_k, params.top_p)
+        if kept is None:
+            noise = _noise(scaled.shape[-1], params.seed, position).to(scaled.device)
+            token = int(torch.argmax(scaled.softmax(-1) / noise))  # Gumbel-style race: an exact draw from probs
+        else:  # the same race among the kept tokens (the others' probability is 0); unseeded, only theirs is drawn
+            ids, vals = kept
+            noise = _noise(scaled.shape[-1] if params.seed is not None else len(ids), params.seed, position)
+            noise = noise.to(scaled.device)
+            token = int(ids[torch.argmax(vals.softmax(-1) / (noise[ids] if params.seed is not None else noise))])
     lp = None
     if params.logprobs is not None:
         # A backend's -inf logit has logprob -inf, which JSON cannot carry: vLLM's floor.

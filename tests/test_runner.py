@@ -202,7 +202,7 @@ def test_a_slot_whose_sampling_raises_is_retired_alone(monkeypatch):
                                        PrefillChunk("bad", 1, [3], 0, [1], greedy(max_tokens=5), 1)],
                                    decode_round([0, 1], steps=2)))
     assert results[1].tokens[1] != NO_TOKEN  # greedy "bad" is fine so far
-    runner.slots[1].params = bad  # now its sampling raises on every step
+    runner.slots[1].params = runner.slots[1].host_params = bad  # now its sampling raises on every step
     results = run(runner, MeshWork(1, decode=decode_round([0, 1], steps=2)))
     assert results[0].finished == {1: "error"} and results[0].tokens[1] == NO_TOKEN
     assert all(r.tokens[0] != NO_TOKEN for r in results) and 1 not in runner.slots and 0 in runner.slots
@@ -270,6 +270,31 @@ def test_a_backend_that_yields_tokens_or_logits_falls_back_to_host_for_the_whole
     results = run(runner, MeshWork(0, chunks, decode_round([0, 1], steps=2)))
     assert [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN] == expected_tokens([3], 3)
     assert [r.tokens[1] for r in results if r.tokens[1] != NO_TOKEN] == expected_tokens([4], 3)
+
+
+class RampBackend(CountingBackend):
+    """Logits rising slowly with the token id (near uniform); device-samples temperature up to top_k 2, and
+    yields either tokens or logits per step (Backend.decode_mixed's default), as tt-metal's generator does."""
+
+    def __init__(self):
+        super().__init__(device_sampling=frozenset({"temperature"}))
+        self.caps = Capabilities(**{**self.caps.__dict__, "max_device_top_k": 2})
+
+    def _logits(self, token: int, position: int) -> torch.Tensor:
+        return torch.linspace(0.0, 0.1, VOCAB)
+
+
+def test_a_row_the_device_could_sample_is_sampled_as_the_device_would_when_a_neighbour_needs_logits():
+    """The device keeps its top 2 for top_k off; on the host, beside a logprobs row, the row is sampled the same
+    way, not from the whole vocabulary: a user's sampling does not depend on its neighbours'."""
+    runner = MeshRunner(RampBackend())
+    plain = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True)
+    chunks = [PrefillChunk("plain", 0, [3], 0, [0], plain, 1),
+              PrefillChunk("logprobs", 1, [4], 0, [1], greedy(max_tokens=40, logprobs=0, ignore_eos=True), 1)]
+    results = run(runner, MeshWork(0, chunks, decode_round([0, 1], steps=30)))
+    plain_tokens = [r.tokens[0] for r in results[2:]]
+    assert len(plain_tokens) == 30 and set(plain_tokens) <= {VOCAB - 1, VOCAB - 2}
+    assert all(r.logprobs.get(1) is not None for r in results[2:])  # the neighbour was host-sampled all along
 
 
 def test_a_grammar_constrains_its_own_slot_and_survives_a_recompute():

@@ -56,6 +56,46 @@ def test_top_k_and_top_p_combine():
     assert set(draws({"top_k": 3, "top_p": 0.99})) <= {1, 2, 5}
 
 
+def _kept_by_masks(scaled: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """What top-k then top-p keep, as plain masks over a full sort (the sampler finds it with topk)."""
+    if top_k:
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, top_k).values[-1], float("-inf"))
+    vals, order = torch.sort(scaled, descending=True)
+    probs = vals.softmax(-1)
+    keep = (probs.cumsum(-1) - probs < top_p) & (vals > float("-inf"))
+    keep[0] = True
+    return set(order[keep].tolist())
+
+
+@pytest.mark.parametrize("vocab, scale", [(6, 1.0), (5000, 0.01), (50_000, 3.0)])
+def test_top_k_and_top_p_keep_what_masks_over_a_full_sort_keep(vocab, scale):
+    """Random rows without ties; 5,000 near-equal logits make top-p's nucleus wider than the topk search."""
+    from model.sampler import _kept
+
+    gen = torch.Generator().manual_seed(vocab)
+    for trial in range(6):
+        row = torch.randn(vocab, generator=gen) * scale
+        if trial % 2:
+            row[torch.rand(vocab, generator=gen) < 0.5] = float("-inf")  # a grammar's mask
+            row[0] = 1.0
+        for top_k, top_p in [(0, 0.5), (0, 0.95), (0, 0.999), (1, 1.0), (3, 0.7), (40, 1.0), (2000, 0.9)]:
+            kept = _kept(row, top_k, top_p)
+            if not 0 < top_k < vocab and top_p == 1.0:  # neither filter is on: every token
+                assert kept is None
+                continue
+            assert set(kept[0].tolist()) == _kept_by_masks(row, top_k if top_k < vocab else 0, top_p)
+            assert torch.equal(kept[1], row[kept[0]]) and bool((kept[1][:-1] >= kept[1][1:]).all())
+    assert _kept(torch.full((9,), float("-inf")), 2, 0.5) is None  # every token masked: the full path's NaN
+
+
+def test_ties_at_top_ps_cut_go_to_the_lower_id_on_every_device():
+    from model.sampler import _kept
+
+    row = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, -1.0])
+    assert _kept(row, 0, 0.3)[0].tolist() == [1, 2]
+    assert _kept(row, 4, 0.3)[0].tolist() == [1, 2]
+
+
 def test_seed_and_position_fix_the_draw():
     params = SamplingParams(seed=1234, temperature=2.0)
     first = [sample_row(LOGITS, params, pos)[0] for pos in range(64)]
