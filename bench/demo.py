@@ -71,7 +71,23 @@ class Settings:
     top_k: int = 32
     seed: int | None = None
     stop_at_eos: bool = False
+    # Sampling parameters that differ by user (text_demo.py's non-uniform presets): user u takes entry u mod the
+    # list's length, over the scalar fields above; an option given on the command line applies to every user.
+    per_user: dict[str, tuple[float | int, ...]] = dataclasses.field(default_factory=dict)
     published_input_tokens: int | None = None  # the galaxy_perf.json row this preset reproduces
+
+
+def _linspace(start: float, end: float, steps: int = GALAXY_SLOTS) -> tuple[float, ...]:
+    """torch.linspace's values, as the demo's presets write them."""
+    return tuple(start + (end - start) * i / (steps - 1) for i in range(steps))
+
+
+# text_demo.py's batch-32-non-uniform-sampling (read at tt-metal ec187a58): every user its own temperature, top_p,
+# top_k, penalties and seed. The demo draws the seeds at random in 0-32 at each run; here user u has seed u, so
+# runs repeat. Its batch-32-log-probs (a later copy): temperature, top_p and top_k as there, and each token's
+# log-probability.
+NON_UNIFORM_SAMPLING = {"temperature": _linspace(0.0, 1.0), "top_p": _linspace(0.08, 1.0),
+                        "top_k": tuple(range(1, GALAXY_SLOTS + 1))}
 
 
 PRESETS = {
@@ -81,7 +97,14 @@ PRESETS = {
     "performance-long-4k-b1": Settings(SAMPLES_DIR / "long_4k.json", 1, published_input_tokens=4096),
     "performance-long-8k-b1": Settings(SAMPLES_DIR / "long_8k.json", 1, temperature=1.0, top_p=0.04,
                                        published_input_tokens=8192),
-    "performance-long-16k-b32": Settings(SAMPLES_DIR / "long_16k.json", 32),
+    "performance-batch-32-non-uniform-sampling": Settings(
+        SAMPLES_DIR / "batch32.json", 32, per_user={
+            **NON_UNIFORM_SAMPLING, "presence_penalty": _linspace(-2.0, 2.0), "frequency_penalty": _linspace(-2.0, 2.0),
+            "repetition_penalty": _linspace(0.8, 1.5), "seed": tuple(range(GALAXY_SLOTS))}),
+    "performance-batch-32-log-probs": Settings(SAMPLES_DIR / "batch32.json", 32,
+                                               per_user={**NON_UNIFORM_SAMPLING, "logprobs": (0,)}),
+    "performance-long-16k-b1": Settings(SAMPLES_DIR / "long_16k.json", 1, published_input_tokens=16384),
+    "performance-long-16k-b32": Settings(SAMPLES_DIR / "long_16k.json", 32),  # the demo's name before long-16k-b1
     "performance-long-32k-b1": Settings(SAMPLES_DIR / "long_32k.json", 1, published_input_tokens=32768),
     "performance-long-64k-b1": Settings(SAMPLES_DIR / "long_64k.json", 1, published_input_tokens=65536),
     "performance-long-128k-b1": Settings(SAMPLES_DIR / "long_128k.json", 1, published_input_tokens=131072),
@@ -145,8 +168,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve(args: argparse.Namespace) -> Settings:
     """The preset with the options given on the command line applied."""
     preset = PRESETS[args.preset]
-    names = {f.name for f in dataclasses.fields(Settings)} - {"published_input_tokens"}
+    names = {f.name for f in dataclasses.fields(Settings)} - {"published_input_tokens", "per_user"}
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    given["per_user"] = {name: values for name, values in preset.per_user.items() if name not in given}
     if args.input_prompts is not None or given.get("batch_size", preset.batch_size) != preset.batch_size \
             or args.backend == "torch":
         given["published_input_tokens"] = None  # other prompts, another batch, a CPU model: not the published run
@@ -156,12 +180,14 @@ def resolve(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def sampling(settings: Settings) -> SamplingParams:
-    """Every user's sampling parameters; SystemExit naming the options out of range."""
+def sampling(settings: Settings) -> list[SamplingParams]:
+    """Each user's sampling parameters, user u at index u; SystemExit naming the options out of range."""
+    uniform = dict(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed,
+                   max_tokens=settings.max_generated_tokens, ignore_eos=not settings.stop_at_eos)
     try:
-        return SamplingParams(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                              seed=settings.seed, max_tokens=settings.max_generated_tokens,
-                              ignore_eos=not settings.stop_at_eos)
+        return [SamplingParams(**{**uniform, **{name: values[user % len(values)]
+                                                for name, values in settings.per_user.items()}})
+                for user in range(settings.batch_size)]
     except ValidationError as e:
         raise SystemExit("; ".join(f"--{'-'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
                          .replace("_", "-")) from None
@@ -244,8 +270,8 @@ def check_fits(batches: list[list[list[int]]], settings: Settings, backend: Back
                              f"has {caps.num_blocks}: raise --max-blocks or lower --batch-size")
 
 
-def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[int]], params: SamplingParams,
-              batch: int, progress: tqdm) -> tuple[float, list[Sequence], dict[str, list[float]]]:
+def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[int]],
+              params: list[SamplingParams], batch: int, progress: tqdm) -> tuple[float, list[Sequence], dict[str, list[float]]]:
     """Submit every user, then schedule -> execute -> process until all finish. Returns the batch start
     (time.monotonic, the clock of the sequences' timestamps), the finished sequences, and per user the
     time each of its tokens came (the router keeps no per-token times: the demo keeps its own).
@@ -254,7 +280,8 @@ def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[i
     pipelining) measured slower here, as both threads then contend for the GIL on every step."""
     salt = f"batch-{batch}"  # a batch never reuses the previous one's KV, as the demo zeroes its cache
     start = time.monotonic()
-    sequences = [scheduler.submit(f"{salt}-user-{user}", ids, params, salt=salt) for user, ids in enumerate(prompts)]
+    sequences = [scheduler.submit(f"{salt}-user-{user}", ids, params[user], salt=salt)
+                 for user, ids in enumerate(prompts)]
     token_times: dict[str, list[float]] = {seq.request_id: [] for seq in sequences}
     while scheduler.requests:
         work = scheduler.schedule()

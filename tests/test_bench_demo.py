@@ -30,10 +30,35 @@ def test_presets_mirror_the_galaxy_demo():
         assert (settings.max_generated_tokens, settings.repeat_batches, settings.block_size, settings.max_blocks,
                 settings.instruct, settings.stop_at_eos) == (128, 2 if name.endswith("repeat2") else 1, 64, None, True,
                                                              False)
-        assert settings.batch_size == (32 if name.endswith(("batch-32", "b32")) else 1)
+        assert settings.batch_size == (32 if "batch-32" in name or name.endswith("b32") else 1)
         sampling = (settings.temperature, settings.top_p)
         assert sampling == {"performance-long-8k-b1": (1.0, 0.04), "performance-batch-1": (0.0, 0.05)}.get(
             name, (0.0, 0.08))
+        assert bool(settings.per_user) == ("non-uniform" in name or "log-probs" in name)
+
+
+def test_non_uniform_presets_give_each_user_the_demos_own_parameters():
+    """text_demo.py: temperature linspace(0, 1, 32), top_p linspace(0.08, 1, 32), top_k 1..32, penalties
+    linspace(-2, 2, 32) (repetition 0.8-1.5); the log-probs preset asks each token's log-probability."""
+    users = demo.sampling(demo.resolve(demo.parse_args(["--preset", "performance-batch-32-non-uniform-sampling"])))
+    assert len(users) == 32 and len({u.seed for u in users}) == 32
+    assert [(u.temperature, u.top_p, u.top_k) for u in (users[0], users[31])] == [(0.0, 0.08, 1), (1.0, 1.0, 32)]
+    assert users[0].presence_penalty == users[0].frequency_penalty == -2.0 and users[31].presence_penalty == 2.0
+    assert (users[0].repetition_penalty, users[31].repetition_penalty) == (0.8, 1.5)
+    assert abs(users[16].temperature - 16 / 31) < 1e-12 and users[16].logprobs is None
+    logprobs = demo.sampling(demo.resolve(demo.parse_args(["--preset", "performance-batch-32-log-probs"])))
+    assert all(u.logprobs == 0 and u.presence_penalty == 0.0 for u in logprobs) and logprobs[5].top_k == 6
+    # an option on the command line is every user's: the preset's list for it no longer applies
+    given = demo.sampling(demo.resolve(demo.parse_args(["--preset", "performance-batch-32-log-probs",
+                                                        "--temperature", "0.5", "--batch-size", "4"])))
+    assert [(u.temperature, u.top_k) for u in given] == [(0.5, 1), (0.5, 2), (0.5, 3), (0.5, 4)]
+
+
+def test_a_non_uniform_batch_runs_every_users_parameters(capsys):
+    rep = run_json(capsys, "--preset", "performance-batch-32-non-uniform-sampling", "--time-scale", "0.001",
+                   "--max-generated-tokens", "3")
+    assert rep["output_tokens"] == 96 and rep["published"] == {}
+    assert rep["settings"]["per_user"]["top_k"] == list(range(1, 33))
 
 
 def test_command_line_options_override_the_preset(prompt_file):
