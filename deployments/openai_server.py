@@ -48,6 +48,7 @@ MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least,
 # Tokenizing and chat templating run here, off the event loop, so a 2 MB prompt does not stall every other
 # stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
 INLINE_CHARS = 2000  # prompts up to this many characters are tokenized on the loop (see OpenAIServer.sized)
+ANSWER_CHARS_PER_LOGPROB = 60  # ~JSON characters per logprob entry, to size a whole answer's build like a prompt
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
 GRAMMAR_THREADS = 2
 _GRAMMAR_POOL = deep_stack_executor(GRAMMAR_THREADS, "meshserve-grammar")  # clients' grammars compile only here
@@ -174,6 +175,7 @@ class OpenAIServer:
         self.model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.model = self.model_names[0]  # the name answered
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
+        self._tokens: dict[int, tuple[str, list[int]]] = {}  # _token_info's
         self.metrics = Metrics(replica_name)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
         self._grammar_tokenizer = None
@@ -477,20 +479,35 @@ class OpenAIServer:
             raise as_api_error(exc, prep.prompt_field) or exc
         usage = self._usage(sum(len(p.prompt_ids) for p in preps), sum(t.num_generated for t in totals),
                             sum(totals[p * req.n].num_cached for p in range(len(preps))))
+        # Built on a thread when large: n = 16 answers of 2,000 tokens with 20 top_logprobs each are 670,000
+        # entries, seconds of CPU during which every other stream of this replica would stand still.
+        entries = sum(len(t.logprobs) for t in totals) * (1 + ((req.top_logprobs if chat else req.logprobs) or 0))
+        build = self._chat_answer if chat else self._completion_answer
+        body = await self.sized(entries * ANSWER_CHARS_PER_LOGPROB, build, req, preps, totals, usage)
+        return Response(body, media_type="application/json")
+
+    def _chat_answer(self, req: ChatCompletionRequest, preps: list[Prepared], totals: list[ChoiceTotal],
+                     usage: Usage) -> bytes:
+        """The chat completion's JSON, from every choice's totals."""
+        prep = preps[0]
         ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
-        if chat:
-            choices = []
-            for i, t in enumerate(totals):
-                calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
-                                if prep.tool_mode != "none" else (None, False))
-                message = (AssistantMessage(content=prep.echo or None, tool_calls=[_tool_call(c) for c in calls])
-                           if calls else AssistantMessage(content=prep.echo + t.text))
-                reason = _finish_reason(t.finish_reason, whole, req)
-                choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
-                                          logprobs=self.chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,
-                                          token_ids=t.token_ids if ids else None))
-            return JSONResponse(ChatCompletionResponse(id=prep.id, model=self.model, choices=choices, usage=usage,
-                                                       prompt_token_ids=prep.prompt_ids if ids else None).model_dump())
+        choices = []
+        for i, t in enumerate(totals):
+            calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
+                            if prep.tool_mode != "none" else (None, False))
+            message = (AssistantMessage(content=prep.echo or None, tool_calls=[_tool_call(c) for c in calls])
+                       if calls else AssistantMessage(content=prep.echo + t.text))
+            reason = _finish_reason(t.finish_reason, whole, req)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
+                                      logprobs=self.chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,
+                                      token_ids=t.token_ids if ids else None))
+        return ChatCompletionResponse(id=prep.id, model=self.model, choices=choices, usage=usage,
+                                      prompt_token_ids=prep.prompt_ids if ids else None).model_dump_json().encode()
+
+    def _completion_answer(self, req: CompletionRequest, preps: list[Prepared], totals: list[ChoiceTotal],
+                           usage: Usage) -> bytes:
+        """The completion's JSON (one choice per prompt and n), from every choice's totals."""
+        ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
         choices = [CompletionChoice(index=i, text=preps[i // req.n].echo + t.text, finish_reason=t.finish_reason,
                                     stop_reason=t.stop_reason,
                                     logprobs=self._completion_logprobs(t.logprobs, t.token_offsets, as_ids)
@@ -498,8 +515,7 @@ class OpenAIServer:
                                     prompt_token_ids=preps[i // req.n].prompt_ids if ids else None,
                                     token_ids=t.token_ids if ids else None)
                    for i, t in enumerate(totals)]
-        return JSONResponse(CompletionResponse(id=prep.id, model=self.model, choices=choices,
-                                               usage=usage).model_dump())
+        return CompletionResponse(id=preps[0].id, model=self.model, choices=choices, usage=usage).model_dump_json().encode()
 
     async def first_delta(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> ChoiceDelta:
         """Wait for the first delta before sending headers, so a refusal is still a proper status code."""
@@ -605,23 +621,33 @@ class OpenAIServer:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def _token_info(self, token_id: int) -> tuple[str, list[int]]:
+        """A token's text alone and its bytes, kept once asked (at most the vocabulary's): an answer with 20
+        top_logprobs names 21 tokens per token it generates, and decoding one costs ~10 us."""
+        info = self._tokens.get(token_id)
+        if info is None:
+            info = self._tokens[token_id] = (self.tokenizer.decode([token_id]),
+                                             list(self.tokenizer.token_bytes(token_id)))
+        return info
 
-    def _top(self, token_id: int, logprob: float, as_id: bool = False) -> TopLogprob:
+    def _token(self, token_id: int) -> str:
+        return self._token_info(token_id)[0]
+
+    def _top(self, token_id: int, logprob: float, as_id: bool = False, cls: type[TopLogprob] = TopLogprob,
+             **more) -> TopLogprob:
         """`bytes` are the token's own, so they spell the text even where `token` is U+FFFD (part of an emoji);
         `as_id` (vLLM's return_tokens_as_token_ids) names the token "token_id:<id>", and `bytes` spell that, as
-        vLLM's do."""
+        vLLM's do. Built without validation: every value is ours."""
         if as_id:
             token = f"token_id:{token_id}"
-            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
-        return TopLogprob(token=self._token(token_id), logprob=logprob,
-                          bytes=list(self.tokenizer.token_bytes(token_id)))
+            return cls.model_construct(token=token, logprob=logprob, bytes=list(token.encode()), **more)
+        text, raw = self._token_info(token_id)
+        return cls.model_construct(token=text, logprob=logprob, bytes=raw, **more)
 
     def chat_logprobs(self, lps: list[TokenLogprobs], as_ids: bool = False) -> ChatLogprobs:
-        return ChatLogprobs(content=[
-            ChatTokenLogprob(**self._top(lp.token_id, lp.logprob, as_ids).model_dump(),
-                             top_logprobs=[self._top(t, p, as_ids) for t, p in lp.top])
+        return ChatLogprobs.model_construct(content=[
+            self._top(lp.token_id, lp.logprob, as_ids, ChatTokenLogprob,
+                      top_logprobs=[self._top(t, p, as_ids) for t, p in lp.top])
             for lp in lps])
 
     def _completion_logprobs(self, lps: list[TokenLogprobs], offsets: list[int],

@@ -45,3 +45,29 @@ def test_streamed_text_offsets_count_text_held_back_by_a_stop_string(client, rou
     for token, offset in zip((t for lp in lps for t in lp["tokens"]), offsets):
         if "\ufffd" not in token and offset + len(token) <= len(text):
             assert text[offset:offset + len(token)] == token
+
+
+@pytest.mark.parametrize("path, body, build", [
+    ("/v1/chat/completions", {**CHAT, "n": 4, "logprobs": True, "top_logprobs": 20}, "_chat_answer"),
+    ("/v1/completions", {**COMPLETION, "n": 4, "logprobs": 20, "max_tokens": 64}, "_completion_answer"),
+])
+def test_a_large_answer_is_built_off_the_event_loop(client, path, body, build, monkeypatch):
+    """4 choices x ~20 tokens x 21 logprobs: built on the loop, a large answer stalls every other stream of the
+    replica for its whole build (n = 16 x 2,000 tokens x 21 logprobs: 36 s)."""
+    import threading
+
+    server = client.app.state.server
+    threads, real = [], getattr(server, build)
+
+    def recorded(*args):
+        threads.append(threading.current_thread())
+        return real(*args)
+
+    monkeypatch.setattr(server, build, recorded)
+    r = client.post(path, json=body)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    assert r.headers["content-type"] == "application/json"
+    (thread,) = threads
+    assert thread.name.startswith("meshserve-tokenize")
+    small = client.post(path, json={k: v for k, v in body.items() if "logprobs" not in k})
+    assert small.status_code == 200 and threads[1].name.startswith("meshserve-tokenize") is False
