@@ -374,7 +374,7 @@ class OpenAIServer:
                         started = True
                         timer.on_event(event)
                         cached = event.num_cached_tokens or cached
-                        failed = event.finish_reason in ("error", "grammar_error")
+                        failed = event.finish_reason in ("error", "grammar_error", "constraint_error")
                         if failed:
                             ended = "error"
                         text, starts, taken, stopped = answer.feed(event.token_ids, event.finish_reason is not None
@@ -393,6 +393,10 @@ class OpenAIServer:
                             if event.finish_reason == "grammar_error":  # llguidance gave up on the client's grammar
                                 param = prep.constraint_param
                                 raise APIError(400, f"{param}: {event.error}; a simpler one may work", param=param)
+                            if event.finish_reason == "constraint_error":  # e.g. allowed_token_ids all bad words
+                                param = _constraint_field(params, prep.constraint_param)
+                                raise APIError(400, f"{param}: {event.error} (with the request's other "
+                                                    f"constraints)", param=param)
                             raise APIError(500, f"The model failed on this request: {event.error}", "internal_error")
                         if reason is not None:
                             return
@@ -674,6 +678,15 @@ class OpenAIServer:
             return raw.decode()  # a real U+FFFD
         except UnicodeDecodeError:
             return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _constraint_field(params: SamplingParams, grammar_param: str | None) -> str:
+    """The field a constraint_error names: the first of the request's token constraints, else its grammar's."""
+    for field, used in (("allowed_token_ids", params.allowed_token_ids), ("bad_words", params.bad_words_token_ids),
+                        ("logit_bias", params.logit_bias)):
+        if used:
+            return field
+    return grammar_param or "min_tokens"
 
 
 def _tool_call(call: ParsedCall) -> ResponseToolCall:

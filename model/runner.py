@@ -42,6 +42,7 @@ class SlotState:
     # with allowed_token_ids: bool [row width], True where a token may not be sampled (built at the first masked
     # step, at the width of the backend's rows, padding included: later steps only mask)
     not_allowed: torch.Tensor | None = None
+    dead_end: bool = False  # its constraints left no token to sample: the client's request, not this host, failed
 
     @property
     def num_generated(self) -> int:
@@ -234,6 +235,7 @@ class MeshRunner:
         for row, st in (*constrained, *biased):
             if row not in failed and not torch.isfinite(logits[row]).any():  # sampling would give a banned id
                 log.warning("request %s: its constraints leave no token; its slot is retired", st.request_id)
+                st.dead_end = True
                 failed.add(row)
         try:
             tokens, logprobs = self._sample(logits, states, raw)
@@ -287,8 +289,9 @@ class MeshRunner:
                             [st.penalties for st in states], raw)
 
     def _retire(self, slot: int, result: StepResult, reason: str) -> None:
-        """The slot's request fails alone: "grammar_error" when llguidance gave up on its grammar (the client's
-        constraint: a 400 naming its field), "error" for anything else on this host (a 500)."""
+        """The slot's request fails alone: "grammar_error" when llguidance gave up on its grammar, and
+        "constraint_error" when its constraints together left no token to sample (the client's: a 400 naming the
+        field), "error" for anything else on this host (a 500)."""
         result.finished[slot] = reason
         self.slots.pop(slot, None)
 
@@ -296,7 +299,7 @@ class MeshRunner:
                  result: StepResult) -> None:
         if token is None:  # this slot's host work failed: retire it alone
             self._retire(slot, result, "grammar_error" if state.grammar is not None and state.grammar.failed()
-                         else "error")
+                         else "constraint_error" if state.dead_end else "error")
             return
         if state.grammar is not None:
             try:

@@ -402,6 +402,8 @@ class MeshScheduler:
                 event.error = "sampling this request's next token failed on the mesh host"
             elif reason == "grammar_error":
                 event.error = "the structured-output engine (llguidance) gave up on this grammar while generating"
+            elif reason == "constraint_error":
+                event.error = "the request's constraints together leave no token to sample after the answer so far"
         events.append(event)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:

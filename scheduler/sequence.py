@@ -23,7 +23,7 @@ class Sequence:
     stop_token_ids: tuple[int, ...]  # what the mesh stops on: EOS (unless ignore_eos) + params.stop_token_ids
     salt: str | None = None
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "grammar_error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "grammar_error" | "constraint_error"
     slot: int = -1
     epoch: int = 0  # +1 each time the sequence is placed in a slot: tells stale results apart
     block_table: list[int] = field(default_factory=list)

@@ -71,7 +71,8 @@ class StepResult:
 
     work_id: int
     tokens: list[int]  # per slot, NO_TOKEN where nothing was produced
-    finished: dict[int, str] = field(default_factory=dict)  # slot -> "stop" | "length" | "error" | "grammar_error"
+    # slot -> "stop" | "length" | "error" | "grammar_error" | "constraint_error"
+    finished: dict[int, str] = field(default_factory=dict)
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # slot -> logprobs, when asked
     last: bool = False  # the final message of this work
 
@@ -83,7 +84,7 @@ class TokenEvent:
     request_id: str
     token_ids: list[int]
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token when asked
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "grammar_error"; None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "grammar_error" | "constraint_error"; None while running
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None

@@ -542,6 +542,20 @@ def test_a_grammar_the_engine_gives_up_on_mid_answer_is_a_400_naming_its_field(c
     assert client.post("/v1/completions", json={**COMPLETION, "stream": stream}).status_code == 200
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"allowed_token_ids": [5, 6], "bad_words": ["a"]}, "allowed_token_ids"),
+    ({"bad_words": ["a"], "logit_bias": {"5": 1}}, "bad_words"),
+    ({"guided_regex": "[a-z]+"}, "guided_regex"),
+])
+def test_constraints_that_leave_no_token_are_a_400_naming_a_field(client, router, extra, param):
+    """The mesh retired the request: its constraints together left nothing to sample (e.g. a whitelist whose
+    every token a bad word bans after the answer so far). The client's request, not the server, failed."""
+    router.fail_with_error_after, router.fail_reason = 1, "constraint_error"  # the mesh's verdict, faked
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, **extra}), 400, param)
+    assert error["message"].startswith(f"{param}: ") and error["type"] == "invalid_request_error"
+    router.fail_with_error_after = None
+
+
 def test_unknown_route_is_json_404(client):
     assert_error(client.get("/v1/nothing"), 404)
 

@@ -577,7 +577,8 @@ def test_allowed_token_ids_hold_on_rows_wider_than_the_vocabulary():
 
 def test_constraints_that_leave_no_token_retire_that_slot_alone():
     """A whitelist whose every id a bad word bans leaves only -inf: sampling would draw token 0, which the
-    whitelist excludes. The slot is retired instead; the slot beside it decodes on."""
+    whitelist excludes. The slot is retired instead, as the client's constraint_error (a 400, not a 500); the
+    slot beside it decodes on."""
     prompt = [3, 4, 5]
     natural = expected_tokens(prompt, 3)
     blocked = greedy(max_tokens=3, allowed_token_ids=[natural[0]], bad_words_token_ids=((natural[0],),))
@@ -585,5 +586,5 @@ def test_constraints_that_leave_no_token_retire_that_slot_alone():
     work = MeshWork(0, [PrefillChunk("a", 0, prompt, 0, [0], blocked, 3),
                         PrefillChunk("b", 1, prompt, 0, [1], greedy(max_tokens=3), 3)], decode_round([1], steps=2))
     results = run(runner, work)
-    assert results[0].finished == {0: "error"} and results[0].tokens[0] == NO_TOKEN
+    assert results[0].finished == {0: "constraint_error"} and results[0].tokens[0] == NO_TOKEN
     assert [r.tokens[1] for r in results[1:]] == natural

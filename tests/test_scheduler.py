@@ -351,6 +351,20 @@ def test_stats_balance():
     assert s["blocks_used"] == sum(len(q.block_table) for q in sched.running.values())
 
 
+@pytest.mark.parametrize("reason, says", [("error", "failed on the mesh host"), ("grammar_error", "gave up"),
+                                          ("constraint_error", "leave no token")])
+def test_a_slot_the_mesh_retired_ends_its_request_with_the_reason_and_frees_it(reason, says):
+    sched, _ = make()
+    sched.submit("a", [1, 2, 3, 4, 5, 6], params())
+    work = sched.schedule()
+    (chunk,) = work.prefills
+    tokens = [NO_TOKEN] * 4
+    (event,) = sched.process(StepResult(work.work_id, tokens, finished={chunk.slot: reason}, last=True))
+    assert (event.request_id, event.finish_reason, event.token_ids) == ("a", reason, [])
+    assert says in event.error
+    assert not sched.requests and not sched.running and sched.kv.groups[0].pool.num_used == 0
+
+
 def test_result_for_an_unknown_work_is_refused():
     sched, _ = make()
     with pytest.raises(ValueError):
