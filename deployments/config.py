@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from model.galaxy import TTMeshConfig, galaxy_sizes
+from model.galaxy import PREFIX_ALIGN, TTMeshConfig, galaxy_sizes
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping can double it
 
@@ -79,6 +79,14 @@ class AppConfig(BaseModel):
     def _chunk_aligned(self):
         if self.prefill_chunk % 128:
             raise ValueError("prefill_chunk must be a multiple of 128 (the Galaxy model's prefill alignment)")
+        # The mesh's prefix alignment (MeshScheduler's prefix_align): a block on torch, 128 tokens on a Galaxy
+        align = self.block_size if self.backend == "torch" else PREFIX_ALIGN
+        if align % self.block_size or self.prefill_chunk % align:
+            raise ValueError(f"block_size ({self.block_size}) must divide {align} (the {self.backend} backend's "
+                             f"prefix alignment), and prefill_chunk ({self.prefill_chunk}) be a multiple of it")
+        if (self.max_prefill_tokens or self.prefill_chunk) < align:
+            raise ValueError(f"max_prefill_tokens ({self.max_prefill_tokens}) must be at least the {self.backend} "
+                             f"backend's prefix alignment ({align} tokens)")
         if self.kv_groups is not None and self.backend != "simulated":
             raise ValueError("kv_groups applies to the simulated backend only (a Galaxy's KV groups are its mesh "
                              "columns; the torch backend has one KV cache)")

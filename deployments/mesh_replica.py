@@ -107,9 +107,6 @@ class MeshReplica:
         self.closed = False
         self.link_server = LinkServer(self._serve_link)
 
-    def capabilities(self) -> Capabilities:
-        return self.caps
-
     async def reset(self) -> tuple[str, Capabilities]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
         Works still waiting for their turn, or queued and not started, are refused. Returns (incarnation id,
@@ -230,7 +227,9 @@ class MeshReplica:
             raise DeviceFailed(f"the device failed ({self.error!r}): waiting for Serve to restart this replica")
 
     def check_health(self) -> None:
-        """Unhealthy after a device error or a step past its deadline: Serve then restarts the replica."""
+        """Unhealthy after a device error or a step past its deadline (the whole work's, min_step_deadline_s +
+        step_deadline_factor x its expected time, measured from the step's start): Serve then restarts the
+        replica."""
         if self.error is not None:
             raise RuntimeError(f"backend failed: {self.error!r}")
         running = self.running

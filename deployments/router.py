@@ -241,7 +241,8 @@ class _Silence:
         else asked for it to be cancelled."""
         if not self._expired:
             return False
-        return self._task.uncancel() == 0
+        uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+; Galaxy hosts run 3.10, which cannot tell
+        return uncancel() == 0 if uncancel is not None else True
 
 
 class Router:
@@ -352,7 +353,7 @@ class Router:
         if len(held) >= max_requests:
             raise QueueFull(f"{len(held)} requests are waiting for a mesh to come up (limit {max_requests})")
         tokens = sum(len(r.prompt_ids) + len(r.held_output) for r in held)
-        if tokens + num_tokens > max_tokens:
+        if tokens + num_tokens > max_tokens and held:  # alone, a prompt longer than the limit waits too
             raise QueueFull(f"{tokens} prompt tokens are waiting for a mesh to come up (limit {max_tokens})")
 
     def attach(self, consumer: str, send: Callable[[list], None]) -> None:

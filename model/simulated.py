@@ -86,7 +86,8 @@ class GalaxyTiming:
         return max(self.ttft(start + new) - self.ttft(start), self.ttft(new))
 
     def decode_step_seconds(self, longest: int, others: int = 0) -> float:
-        """One decode step: the longest live context `longest` tokens, the other live users `others` in all."""
+        """Seconds of one decode step: the longest live context `longest` tokens, and `others` tokens of context
+        held by the other live users in all."""
         return _loglog(longest, self.step_contexts, self.step_s) + self.others_s_per_token * others
 
     def batch_step_seconds(self, context: int, users: int = NUM_SLOTS) -> float:

@@ -96,7 +96,8 @@ class MeshScheduler:
         before every waiting request that has none, as its client is mid-stream. `counted`: its first
         admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
-        Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429)."""
+        Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); ValueError for an id already here, an empty
+        prompt, or output that already has max_tokens tokens (the router's placement catches those)."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
         n = len(prompt_ids)
@@ -109,7 +110,8 @@ class MeshScheduler:
         queued = len(self.waiting) - self.kv.num_free_slots  # waiting for a slot: a burst into free ones is none
         if not migrated and self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
             raise QueueFull(f"{queued} requests are waiting for a slot (limit {self.max_waiting_requests})")
-        if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens:
+        if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens \
+                and self.waiting:  # a prompt longer than the limit still runs alone: a 429 would stand forever
             raise QueueFull(f"{self.waiting_tokens} prompt tokens are waiting (limit {self.max_waiting_tokens})")
         budget = self.max_tokens_per_seq - n
         if params.max_tokens > budget:

@@ -1,6 +1,7 @@
 """The messages between the router (scheduler) and a mesh replica (runner).
 
-Plain picklable data: they cross a Ray boundary once per round (work) and once per step (results).
+Plain picklable data: they cross the mesh's link (deployments/link.py, pickles on TCP) once per round (work)
+and once per step (results).
 One work = optional prefill chunks, then optional K decode steps over every live slot.
 The mesh answers a work with one StepResult per prefill chunk (so each user's first token leaves as soon as
 its own prefill ends) and one per decode step.

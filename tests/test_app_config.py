@@ -24,6 +24,19 @@ def test_wrong_config_names_the_key(args, key):
     assert key in str(err.value)
 
 
+@pytest.mark.parametrize("args, key", [
+    ({"backend": "torch", "block_size": 48}, "block_size"),  # 4096 is no multiple of 48
+    ({"backend": "simulated", "block_size": 256}, "block_size"),  # a block past the Galaxy's 128-token alignment
+    ({"backend": "torch", "block_size": 256, "max_prefill_tokens": 128}, "max_prefill_tokens"),
+])
+def test_blocks_and_chunks_the_mesh_scheduler_cannot_align_fail_at_deploy(args, key):
+    """Accepted here, they failed only when the router built each mesh's scheduler: every mesh "cannot be
+    scheduled", /health 503 and every request a 503, for good."""
+    with pytest.raises(ValidationError, match=key):
+        AppConfig(**args)
+    AppConfig(**{**args, key: {"block_size": 64, "max_prefill_tokens": 256}[key]})
+
+
 @pytest.mark.parametrize("args,key", [
     ({"mesh_shape": [4, 8]}, "mesh_shape"),
     ({"max_seq_len": 100_000}, "max_seq_len"),

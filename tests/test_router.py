@@ -371,6 +371,24 @@ def test_closing_a_consumers_stream_cancels_its_requests():
     asyncio.run(main())
 
 
+def test_silence_is_seen_on_python_3_10_too():
+    """Task.uncancel is 3.11+: on a Galaxy host's 3.10, expired() raised AttributeError inside the router's
+    except-CancelledError, so a silent mesh failed with that error instead of MeshFailed."""
+    import types
+
+    from deployments.router import _Silence
+
+    async def silent():
+        with _Silence(0.1) as silence:
+            silence._task = types.SimpleNamespace(cancel=silence._task.cancel)  # a task as 3.10 has it
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                return silence.expired()
+
+    assert asyncio.run(silent()) is True
+
+
 def test_silence_cancels_only_a_task_that_heard_nothing_for_its_whole_window():
     """The per-work deadline: messages keep it alive however long the work runs; a gap longer than the
     window cancels the task (expired() True); a cancel from outside stays a plain cancel; a stall of the loop

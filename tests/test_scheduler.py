@@ -79,6 +79,13 @@ def test_submit_validates_and_clamps():
         sched.submit("c", [1], params())
 
 
+def test_a_prompt_longer_than_max_waiting_tokens_runs_alone_not_429_forever():
+    sched, _ = make(max_seq_len=64, max_waiting_tokens=20, num_slots=2)
+    sched.submit("long", [1] * 30, params())  # nothing waits: the limit would refuse it whatever the load
+    with pytest.raises(QueueFull, match="tokens"):
+        sched.submit("next", [1] * 30, params())  # behind it, the limit holds
+
+
 def test_prompt_larger_than_the_pool_is_refused():
     sched, _ = make(num_blocks=4, max_seq_len=64)
     with pytest.raises(PromptTooLong, match="KV pool"):
