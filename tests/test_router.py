@@ -487,6 +487,28 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
     asyncio.run(main())
 
 
+def test_with_no_live_mesh_a_prompt_longer_than_the_token_limit_is_held_alone():
+    """As a mesh's queue runs a prompt longer than max_waiting_tokens alone: refused, it would be a 429 for good."""
+    async def main():
+        mesh = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=256, time_scale=0.01,
+                                                  vocab_size=1000))
+        router = Router([("mesh-0", mesh)], RouterConfig(**{**FAST, "max_waiting_tokens": 30, "no_mesh_wait_s": 30}))
+        await until(lambda: router.stats()["ready"])
+        params = SamplingParams(temperature=0.0, max_tokens=4)
+        mesh.vanish()
+        router.submit("probe", [1] * 20, params, None, [], "c")  # its first work finds the replica gone
+        await until(lambda: not router.stats()["ready"] and router.stats()["held"] == 1)
+        router.cancel("probe")
+        router.submit("long", [2] * 40, params, None, [], "c")  # nothing else waits: held
+        assert router.stats()["held"] == 1
+        with pytest.raises(QueueFull, match="tokens"):
+            router.submit("behind", [3] * 40, params, None, [], "c")
+        mesh.restart()
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())
+
+
 def test_requests_held_at_router_start_spread_over_the_meshes_that_come_up():
     """At a router start (or restart, with every ingress resubmitting) every request is held until a mesh
     is up; the first one up takes them all, and the next one up takes what the first cannot seat."""
