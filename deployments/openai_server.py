@@ -50,6 +50,11 @@ MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least,
 INLINE_CHARS = 2000  # prompts up to this many characters are tokenized on the loop (see OpenAIServer.sized)
 ANSWER_CHARS_PER_LOGPROB = 60  # ~JSON characters per logprob entry, to size a whole answer's build like a prompt
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
+# Inputs past BULK_CHARS (up to the 8 MiB body limit: seconds each) take threads of their own, so that a few of
+# them queue behind each other, not ahead of every ordinary prompt (4 prompts of 2 MiB held a 3,000-character
+# one 28 s).
+BULK_CHARS = 65_536
+_BULK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshserve-bulk")
 GRAMMAR_THREADS = 2
 _GRAMMAR_POOL = deep_stack_executor(GRAMMAR_THREADS, "meshserve-grammar")  # clients' grammars compile only here
 T = TypeVar("T")
@@ -208,14 +213,16 @@ class OpenAIServer:
 
     # ---- requests -> token ids -----------------------------------------------------------------
     @staticmethod
-    async def off_loop(fn: Callable[..., T], *args) -> T:
-        """CPU-heavy work (tokenizing, templating, decoding a long list) on the tokenizer threads."""
-        return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, fn, *args)
+    async def off_loop(fn: Callable[..., T], *args, chars: int = 0) -> T:
+        """CPU-heavy work (tokenizing, templating, decoding a long list) on the tokenizer threads; on the bulk
+        threads when its input has more than BULK_CHARS characters."""
+        pool = _BULK_POOL if chars > BULK_CHARS else _TOKENIZER_POOL
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def sized(self, chars: int, fn: Callable[..., T], *args) -> T:
         """fn(*args) on the loop when its input is small (tokenizing 2,000 characters takes ~0.1-0.3 ms,
         a hop to a thread and back ~1 ms of TTFT on this box), else off_loop."""
-        return fn(*args) if chars <= INLINE_CHARS else await self.off_loop(fn, *args)
+        return fn(*args) if chars <= INLINE_CHARS else await self.off_loop(fn, *args, chars=chars)
 
     def check_model(self, model: str | None) -> None:
         """404 for another model's name; none or "" means the served one (as vLLM takes it)."""
@@ -253,7 +260,7 @@ class OpenAIServer:
             args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
                     req.add_special_tokens, req.continue_final_message)
             # a tool list is always templated off the loop
-            ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args))
+            ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args, chars=chars))
             return ids, "messages"
         if isinstance(req.prompt, str):
             if not truncated:

@@ -11,11 +11,9 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> TokenizeRespon
     """The prompt's ids as /v1/completions (a `prompt`) or /v1/chat/completions (`messages`) makes them."""
     server.check_model(req.model)
     limit = await server.model_len()
-    if req.messages is not None:
-        check_prompt_chars(chat_chars(req), limit, "messages")
-    else:
-        check_prompt_chars(len(req.prompt), limit, "prompt")
-    ids, strs = await server.off_loop(_tokenize, server, req)
+    chars = chat_chars(req) if req.messages is not None else len(req.prompt)
+    check_prompt_chars(chars, limit, "messages" if req.messages is not None else "prompt")
+    ids, strs = await server.off_loop(_tokenize, server, req, chars=chars)
     return TokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs)
 
 
@@ -35,4 +33,5 @@ async def detokenize(server: OpenAIServer, req: DetokenizeRequest) -> Detokenize
     if len(req.tokens) > limit:  # no sequence the model takes is longer; bounds the decoding work
         raise APIError(400, f"tokens: at most {limit} (the model's maximum context length)", param="tokens")
     check_token_ids(req.tokens, server.tokenizer.vocab_size, "tokens")
-    return DetokenizeResponse(prompt=await server.off_loop(server.tokenizer.decode, req.tokens))
+    chars = len(req.tokens) * 4  # ~characters per token
+    return DetokenizeResponse(prompt=await server.off_loop(server.tokenizer.decode, req.tokens, chars=chars))

@@ -122,6 +122,27 @@ def test_tokenizing_runs_off_the_event_loop(router, tokenizer):
     assert spy.threads and all(name.startswith("meshserve-tokenize") for name in spy.threads)
 
 
+def test_huge_inputs_queue_behind_each_other_not_ahead_of_ordinary_prompts(router, tokenizer):
+    """Six inputs of more than BULK_CHARS characters (seconds each) busy on their threads: a prompt of a few
+    thousand characters is still tokenized at once (they took every tokenizer thread, and it waited for them)."""
+    from deployments.openai_server import BULK_CHARS, OpenAIServer
+
+    server = OpenAIServer(router, tokenizer, MODEL)
+    gate = threading.Event()
+
+    async def run():
+        huge = [asyncio.create_task(server.sized(BULK_CHARS + 1, gate.wait, 30)) for _ in range(6)]
+        await asyncio.sleep(0.1)
+        try:
+            ids = await asyncio.wait_for(server.sized(3000, tokenizer.encode, "word " * 600), 10)
+        finally:
+            gate.set()
+        await asyncio.gather(*huge)
+        return ids
+
+    assert len(asyncio.run(run())) >= 600
+
+
 def test_a_short_prompt_is_tokenized_on_the_loop(router, tokenizer):
     """A thread hop costs more TTFT than tokenizing a few hundred characters."""
     spy = SpyTokenizer(tokenizer)

@@ -68,6 +68,6 @@ def test_a_large_answer_is_built_off_the_event_loop(client, path, body, build, m
     assert r.status_code == 200 and len(r.json()["choices"]) == 4
     assert r.headers["content-type"] == "application/json"
     (thread,) = threads
-    assert thread.name.startswith("meshserve-tokenize")
+    assert thread.name.startswith("meshserve-")  # the tokenizer's threads or, this large, the bulk ones
     small = client.post(path, json={k: v for k, v in body.items() if "logprobs" not in k})
-    assert small.status_code == 200 and threads[1].name.startswith("meshserve-tokenize") is False
+    assert small.status_code == 200 and not threads[1].name.startswith("meshserve-")
