@@ -219,32 +219,33 @@ class MeshRunner:
                   if st.params.logit_bias or st.params.allowed_token_ids or st.params.bad_words_token_ids
                   or (st.banned_early and st.num_generated < st.params.min_tokens)]
         failed: set[int] = set()
-        raw = None
-        if constrained or biased:
-            logits = logits.float().clone()  # ours to change: the backend's tensor stays as it was
+        # Copies of the rows they change (the backend's tensor stays as it was), not of the whole [rows, vocab]
+        changed = {row: logits[row].float().clone() for row, _ in (*constrained, *biased)}
         for row, st in constrained:
             try:
-                self._constrain(logits[row], st)
+                self._constrain(changed[row], st)
             except Exception:  # e.g. the grammar's mask: that request alone fails, not the step
                 log.exception("constraining request %s failed; its slot is retired", st.request_id)
                 failed.add(row)
-        if biased:
-            raw, logits = logits, logits.clone()  # logprobs come from the rows before bias and min_tokens
-            for row, st in biased:
-                self._bias(logits[row], st)
+        raw = {}  # logprobs come from the rows before bias and min_tokens
+        for row, st in biased:
+            if st.params.logprobs is not None:
+                raw[row] = changed[row].clone()
+            self._bias(changed[row], st)
         for row, st in (*constrained, *biased):
-            if row not in failed and not torch.isfinite(logits[row]).any():  # sampling would give a banned id
+            if row not in failed and not torch.isfinite(changed[row]).any():  # sampling would give a banned id
                 log.warning("request %s: its constraints leave no token; its slot is retired", st.request_id)
                 st.dead_end = True
                 failed.add(row)
         try:
-            tokens, logprobs = self._sample(logits, states, raw)
+            tokens, logprobs = self._sample(logits, states, changed, raw)
         except Exception:  # find the rows at fault; the others are sampled again, one by one
             tokens, logprobs = [], []
             for row, st in enumerate(states):
                 try:
                     (token,), (lp,) = self._sample(logits[row:row + 1], [st],
-                                                   None if raw is None else raw[row:row + 1])
+                                                   {0: changed[row]} if row in changed else None,
+                                                   {0: raw[row]} if row in raw else None)
                 except Exception:
                     log.exception("sampling failed for request %s; its slot is retired", st.request_id)
                     token, lp = None, None
@@ -283,10 +284,10 @@ class MeshRunner:
             row[st.banned_early] = float("-inf")
 
     @staticmethod
-    def _sample(logits: torch.Tensor, states: list[SlotState], raw: torch.Tensor | None = None
-                ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def _sample(logits: torch.Tensor, states: list[SlotState], changed: dict[int, torch.Tensor] | None = None,
+                raw: dict[int, torch.Tensor] | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
         return sample_batch(logits, [st.host_params for st in states], [len(st.token_ids) for st in states],
-                            [st.penalties for st in states], raw)
+                            [st.penalties for st in states], changed, raw)
 
     def _retire(self, slot: int, result: StepResult, reason: str) -> None:
         """The slot's request fails alone: "grammar_error" when llguidance gave up on its grammar, and

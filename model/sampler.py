@@ -189,21 +189,24 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, pena
 
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                 penalties: list[PenaltyState | None] | None = None, raw: torch.Tensor | None = None
-                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Sample each row with its own parameters. Greedy rows without extras take one batched argmax. `raw`
-    [rows, vocab]: the logits before bias and the min_tokens mask, for logprobs (sample_row); default `logits`."""
+                 penalties: list[PenaltyState | None] | None = None, changed: dict[int, torch.Tensor] | None = None,
+                 raw: dict[int, torch.Tensor] | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """Sample each row of logits [rows, vocab] with its own parameters. Greedy rows without extras take one
+    batched argmax. `changed`: rows [vocab] that replace logits' (masked or biased copies: the whole matrix is
+    not copied for them), and `raw` their logits before bias and the min_tokens mask, for logprobs
+    (sample_row); by default a row's own."""
+    changed, raw = changed or {}, raw or {}
     tokens: list[int] = [0] * len(params)
     logprobs: list[TokenLogprobs | None] = [None] * len(params)
     simple = [i for i, p in enumerate(params) if p.greedy and not p.needs_penalties and p.logprobs is None]
-    if simple:
-        tokens_simple = torch.argmax(logits[simple], dim=-1).tolist()
-        for i, t in zip(simple, tokens_simple):
+    batched = [i for i in simple if i not in changed]
+    if batched:
+        for i, t in zip(batched, torch.argmax(logits[batched], dim=-1).tolist()):
             tokens[i] = t
-    simple_set = set(simple)
     for i, p in enumerate(params):
-        if i in simple_set:
-            continue
-        tokens[i], logprobs[i] = sample_row(logits[i], p, positions[i], penalties[i] if penalties else None,
-                                            None if raw is None else raw[i])
+        if i in changed and i in simple:
+            tokens[i] = int(torch.argmax(changed[i]))
+        elif i not in simple:
+            tokens[i], logprobs[i] = sample_row(changed.get(i, logits[i]), p, positions[i],
+                                                penalties[i] if penalties else None, raw.get(i))
     return tokens, logprobs
