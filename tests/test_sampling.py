@@ -88,6 +88,39 @@ def test_top_k_and_top_p_keep_what_masks_over_a_full_sort_keep(vocab, scale):
     assert _kept(torch.full((9,), float("-inf")), 2, 0.5) is None  # every token masked: the full path's NaN
 
 
+def test_unseeded_top_k_rows_sampled_together_draw_from_what_each_row_keeps():
+    """sample_batch samples unseeded temperature/top-k/top-p rows with one topk over all of them: each row's
+    tokens are in its own kept set, at its own frequencies (LOGITS' top 3 renormalised: 0.507, 0.307, 0.186)."""
+    from model.sampler import _kept
+
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(8, 3000, generator=gen) * 2
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p)
+              for t, k, p in [(1.0, 1, 1.0), (0.5, 5, 1.0), (1.0, 64, 0.3), (2.0, 20, 0.9)] * 2]
+    for _ in range(50):
+        tokens, _ = sample_batch(rows, params, [0] * 8)
+        for row, p, token in zip(rows, params, tokens):
+            assert token in set(_kept(row / p.temperature, p.top_k, p.top_p)[0].tolist())
+    counts = Counter(sample_batch(LOGITS.repeat(6000, 1), [SamplingParams(top_k=3, top_p=0.9)] * 6000, [0] * 6000)[0])
+    assert set(counts) == {1, 2, 5}
+    for token, p in ((1, 0.507), (2, 0.307), (5, 0.186)):
+        assert abs(counts[token] / 6000 - p) < 0.03, (token, counts[token])
+
+
+def test_a_top_k_row_with_ties_at_its_kth_logit_keeps_them_all():
+    """One topk cuts ties at the k-th logit to k tokens; such a row is sampled alone, keeping every tie (as
+    vLLM's mask does), and so is a row with fewer finite logits than its top_k."""
+    tied = torch.tensor([5.0, 1.0, 1.0, 1.0, 1.0, -3.0])
+    masked = torch.tensor([float("-inf"), 2.0, float("-inf"), float("-inf"), float("-inf"), float("-inf")])
+    params = [SamplingParams(temperature=5.0, top_k=2), SamplingParams(temperature=1.0, top_k=3)]
+    seen = set()
+    for _ in range(400):
+        (tie_token, masked_token), _ = sample_batch(torch.stack([tied, masked]), params, [0, 0])
+        seen.add(tie_token)
+        assert masked_token == 1
+    assert seen == {0, 1, 2, 3, 4}
+
+
 def test_ties_at_top_ps_cut_go_to_the_lower_id_on_every_device():
     from model.sampler import _kept
 
