@@ -271,7 +271,8 @@ def check_fits(batches: list[list[list[int]]], settings: Settings, backend: Back
 
 
 def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[int]],
-              params: list[SamplingParams], batch: int, progress: tqdm) -> tuple[float, list[Sequence], dict[str, list[float]]]:
+              params: list[SamplingParams], batch: int, progress: tqdm
+              ) -> tuple[float, list[Sequence], dict[str, list[float]]]:
     """Submit every user, then schedule -> execute -> process until all finish. Returns the batch start
     (time.monotonic, the clock of the sequences' timestamps), the finished sequences, and per user the
     time each of its tokens came (the router keeps no per-token times: the demo keeps its own).

@@ -526,7 +526,8 @@ class OpenAIServer:
                                     prompt_token_ids=preps[i // req.n].prompt_ids if ids else None,
                                     token_ids=t.token_ids if ids else None)
                    for i, t in enumerate(totals)]
-        return CompletionResponse(id=preps[0].id, model=self.model, choices=choices, usage=usage).model_dump_json().encode()
+        answer = CompletionResponse(id=preps[0].id, model=self.model, choices=choices, usage=usage)
+        return answer.model_dump_json().encode()
 
     async def first_delta(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> ChoiceDelta:
         """Wait for the first delta before sending headers, so a refusal is still a proper status code."""

@@ -85,7 +85,8 @@ class TokenEvent:
     request_id: str
     token_ids: list[int]
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token when asked
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "grammar_error" | "constraint_error"; None while running
+    # "stop" | "length" | "abort" | "error" | "grammar_error" | "constraint_error"; None while running
+    finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
