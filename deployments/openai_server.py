@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 
 from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
@@ -494,7 +494,9 @@ class OpenAIServer:
         # entries, seconds of CPU during which every other stream of this replica would stand still.
         entries = sum(len(t.logprobs) for t in totals) * (1 + ((req.top_logprobs if chat else req.logprobs) or 0))
         build = self._chat_answer if chat else self._completion_answer
-        body = await self.sized(entries * ANSWER_CHARS_PER_LOGPROB, build, req, preps, totals, usage)
+        chars = entries * ANSWER_CHARS_PER_LOGPROB  # on the tokenizer's threads, not behind huge prompts
+        body = build(req, preps, totals, usage) if chars <= INLINE_CHARS else await self.off_loop(
+            build, req, preps, totals, usage)
         return Response(body, media_type="application/json")
 
     def _chat_answer(self, req: ChatCompletionRequest, preps: list[Prepared], totals: list[ChoiceTotal],
@@ -689,10 +691,10 @@ class OpenAIServer:
 
 
 def _constraint_field(params: SamplingParams, grammar_param: str | None) -> str:
-    """The field a constraint_error names: the first of the request's token constraints, else its grammar's."""
-    for field, used in (("allowed_token_ids", params.allowed_token_ids), ("bad_words", params.bad_words_token_ids),
-                        ("logit_bias", params.logit_bias)):
-        if used:
+    """The field a constraint_error names: the first of the request's token masks, else its grammar's, else
+    min_tokens (its stop ids masked)."""
+    for field, used in (("allowed_token_ids", params.allowed_token_ids), ("bad_words", params.bad_words_token_ids)):
+        if used:  # logit_bias never is the cause: its biases are finite
             return field
     return grammar_param or "min_tokens"
 

@@ -241,7 +241,9 @@ class _Silence:
         else asked for it to be cancelled."""
         if not self._expired:
             return False
-        uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+; Galaxy hosts run 3.10, which cannot tell
+        # Task.uncancel is 3.11+; Galaxy hosts run 3.10, where a cancel from outside in the same instant (the
+        # router closing) is taken for the silence's: a failover during shutdown, where it raised AttributeError
+        uncancel = getattr(self._task, "uncancel", None)
         return uncancel() == 0 if uncancel is not None else True
 
 

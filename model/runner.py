@@ -5,9 +5,9 @@ next round before this one ends, and retires a slot by itself on a stop id or an
 finished user burns no steps while the router catches up. It holds no scheduling policy.
 
 Host-side work for one slot (masking, penalties, sampling) that raises retires that slot alone with
-finish_reason "error" ("grammar_error" when llguidance gave up on its grammar); the other slots and the mesh
-go on. Nothing here writes in place into a tensor a backend returned: backends may hand out inference-mode
-tensors, or views of their own buffers.
+finish_reason "error" ("grammar_error" when llguidance gave up on its grammar, "constraint_error" when its
+masks together left no token); the other slots and the mesh go on. Nothing here writes in place into a
+tensor a backend returned: backends may hand out inference-mode tensors, or views of their own buffers.
 """
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ class MeshRunner:
                   or (st.banned_early and st.num_generated < st.params.min_tokens)]
         failed: set[int] = set()
         # Copies of the rows they change (the backend's tensor stays as it was), not of the whole [rows, vocab]
-        changed = {row: logits[row].float().clone() for row, _ in (*constrained, *biased)}
+        changed = {row: logits[row].to(torch.float32, copy=True) for row in {row for row, _ in (*constrained, *biased)}}
         for row, st in constrained:
             try:
                 self._constrain(changed[row], st)

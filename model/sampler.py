@@ -129,7 +129,8 @@ def _kept(scaled: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor,
         ids, vals = _likeliest_first(ids, scaled[ids])
         probs = vals.softmax(-1)
     else:
-        ids = torch.topk(scaled, min(NUCLEUS_SEARCH, vocab)).indices.sort().values
+        kth = torch.topk(scaled, min(NUCLEUS_SEARCH, vocab)).values[-1]  # with its ties, as top_k's
+        ids = torch.nonzero((scaled >= kth) & (scaled > float("-inf"))).squeeze(1)
         ids, vals = _likeliest_first(ids, scaled[ids])
         probs = (vals - torch.logsumexp(scaled, -1)).exp()
         if float(probs.sum()) < top_p:  # a wider nucleus than the search

@@ -108,8 +108,9 @@ class TTGalaxyBackend(Backend):
         logits = out[0, -1].float()
         if sampling is None:
             return logits
-        # "decode_only", or a greedy request among sampled decodes: its first token is taken here
-        return torch.tensor(sample_row(logits, sampling, len(token_ids))[0])
+        # "decode_only", or a greedy request among sampled decodes: its first token is taken here, as the device
+        # would sample it (its top 32 for top_k off), as every later one is
+        return torch.tensor(sample_row(logits, self.as_device_samples(sampling), len(token_ids))[0])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:

@@ -545,7 +545,8 @@ def test_a_grammar_the_engine_gives_up_on_mid_answer_is_a_400_naming_its_field(c
 @pytest.mark.parametrize("extra, param", [
     ({"allowed_token_ids": [5, 6], "bad_words": ["a"]}, "allowed_token_ids"),
     ({"bad_words": ["a"], "logit_bias": {"5": 1}}, "bad_words"),
-    ({"guided_regex": "[a-z]+"}, "guided_regex"),
+    ({"guided_regex": "[a-z]+", "logit_bias": {"5": 1}}, "guided_regex"),  # a bias is finite: never the cause
+    ({"min_tokens": 3}, "min_tokens"),
 ])
 def test_constraints_that_leave_no_token_are_a_400_naming_a_field(client, router, extra, param):
     """The mesh retired the request: its constraints together left nothing to sample (e.g. a whitelist whose

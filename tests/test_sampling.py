@@ -127,6 +127,8 @@ def test_ties_at_top_ps_cut_go_to_the_lower_id_on_every_device():
     row = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, -1.0])
     assert _kept(row, 0, 0.3)[0].tolist() == [1, 2]
     assert _kept(row, 4, 0.3)[0].tolist() == [1, 2]
+    flat = torch.zeros(3000)  # a tie across top-p's first search (the best 1,024): topk alone picks any of them
+    assert _kept(flat, 0, 0.1005)[0].tolist() == list(range(302))
 
 
 def test_seed_and_position_fix_the_draw():

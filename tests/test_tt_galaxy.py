@@ -469,6 +469,19 @@ def test_decode_only_mode_samples_the_first_token_on_the_host(ttnn, hf_dir):
     b.close()
 
 
+def test_a_first_token_sampled_on_the_host_is_drawn_as_the_device_draws_the_rest(ttnn, hf_dir, monkeypatch):
+    """decode_only: the device samples every later token from its top 32 when top_k is off; the first, on the
+    host, was drawn from the whole vocabulary."""
+    import model.tt_galaxy as tt
+
+    drawn = []
+    monkeypatch.setattr(tt, "sample_row", lambda logits, params, position: (drawn.append(params) or (7, None)))
+    b = TTGalaxyBackend(hf_dir, tt_config={"sample_on_device_mode": "decode_only", "enable_model_warmup": False})
+    assert int(b.prefill(list(range(10)), 0, [0], slot=0, sampling=SamplingParams(temperature=1.0))) == 7
+    assert [p.top_k for p in drawn] == [32]
+    b.close()
+
+
 SAMPLED = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=3)
 
 
