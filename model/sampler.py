@@ -205,7 +205,8 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: 
     if batched:
         for i, t in zip(batched, torch.argmax(logits[batched], dim=-1).tolist()):
             tokens[i] = t
-    top_k_rows = [i for i, p in enumerate(params) if i not in changed and _plain_top_k(p)]
+    top_k_rows = [i for i, p in enumerate(params)
+                  if i not in changed and _plain_top_k(p) and p.top_k < logits.shape[-1]]
     if top_k_rows:
         for i, t in zip(top_k_rows, _sample_top_k_rows(logits[top_k_rows], [params[i] for i in top_k_rows])):
             tokens[i] = t

@@ -107,6 +107,11 @@ def test_unseeded_top_k_rows_sampled_together_draw_from_what_each_row_keeps():
         assert abs(counts[token] / 6000 - p) < 0.03, (token, counts[token])
 
 
+def test_a_top_k_past_the_vocabulary_keeps_every_token():
+    counts = Counter(sample_batch(LOGITS.repeat(600, 1), [SamplingParams(top_k=40)] * 600, [0] * 600)[0])
+    assert set(counts) == set(range(6)) - {3} or set(counts) == set(range(6))  # token 3 has p = 0.006
+
+
 def test_a_top_k_row_with_ties_at_its_kth_logit_keeps_them_all():
     """One topk cuts ties at the k-th logit to k tokens; such a row is sampled alone, keeping every tie (as
     vLLM's mask does), and so is a row with fewer finite logits than its top_k."""
