@@ -123,15 +123,14 @@ def _kept(scaled: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor,
     top_k = top_k if 0 < top_k < vocab else 0
     if not top_k and top_p >= 1.0:
         return None
+    kth = torch.topk(scaled, top_k or min(NUCLEUS_SEARCH, vocab)).values[-1]
+    ids = torch.nonzero((scaled >= kth) & (scaled > float("-inf"))).squeeze(1)  # the ties with the k-th too
+    # likeliest first and, among equal logits, lowest id first: a tie at top-p's cut goes the same way on every device
+    vals, order = torch.sort(scaled[ids], descending=True, stable=True)
+    ids = ids[order]
     if top_k:
-        kth = torch.topk(scaled, top_k).values[-1]
-        ids = torch.nonzero((scaled >= kth) & (scaled > float("-inf"))).squeeze(1)
-        ids, vals = _likeliest_first(ids, scaled[ids])
         probs = vals.softmax(-1)
     else:
-        kth = torch.topk(scaled, min(NUCLEUS_SEARCH, vocab)).values[-1]  # with its ties, as top_k's
-        ids = torch.nonzero((scaled >= kth) & (scaled > float("-inf"))).squeeze(1)
-        ids, vals = _likeliest_first(ids, scaled[ids])
         probs = (vals - torch.logsumexp(scaled, -1)).exp()
         if float(probs.sum()) < top_p:  # a wider nucleus than the search
             vals, ids = torch.sort(scaled, descending=True, stable=True)
@@ -142,13 +141,6 @@ def _kept(scaled: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor,
         keep = max(1, int((probs.cumsum(-1) - probs < top_p).sum()))  # a top_p under float32's range is 0 here
         ids, vals = ids[:keep], vals[:keep]
     return ids, vals
-
-
-def _likeliest_first(ids: torch.Tensor, vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [n] ascending and their logits, ordered by logit descending and, among equal logits, by id: a tie
-    at top-p's cut is broken the same way on every device."""
-    vals, order = torch.sort(vals, descending=True, stable=True)
-    return ids[order], vals
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, penalties: PenaltyState | None = None,
