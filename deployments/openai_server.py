@@ -23,11 +23,11 @@ from deployments.metrics import Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, ResponseToolCall,
-                                  TokenizeRequest, Tool, TopLogprob, Usage)
+                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, RepetitionDetection,
+                                  ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import RouterUnreachable
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
-                                   TokenOffsets)
+                                   RepetitionCheck, TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
                                     tool_definitions)
@@ -158,6 +158,7 @@ class Prepared:
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
     tools: list[Tool] = field(default_factory=list)
     constraint_param: str | None = None  # the field the request's grammar comes from
+    repetition: RepetitionDetection | None = None  # vLLM's repetition_detection, checked here (ChoiceText)
 
 
 _CHOICES_DONE = object()
@@ -291,8 +292,9 @@ class OpenAIServer:
             raise APIError(400, f"truncate_prompt_tokens ({req.truncate_prompt_tokens}) is greater than the model's "
                                 f"maximum context length ({limit}).", param="truncate_prompt_tokens")
         prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
-        if req.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens
-            prompt_ids = prompt_ids[-(limit if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens):]
+        if req.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens, or its first ("right")
+            keep = limit if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+            prompt_ids = prompt_ids[:keep] if req.truncation_side == "right" else prompt_ids[-keep:]
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
@@ -330,8 +332,11 @@ class OpenAIServer:
                 req.messages[-1].role == "assistant" or not req.add_generation_prompt):
             echo = req.messages[-1].text  # vLLM's: the final message, when the answer continues it (same role)
         router_id = f"{prefix}-{uuid.uuid4().hex}"
+        repetition = req.repetition_detection if req.repetition_detection and \
+            req.repetition_detection.max_pattern_size else None
         return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
-                        prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param)
+                        prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param,
+                        repetition)
 
     async def prepare_all(self, req: CompletionRequest, prefix: str) -> list[Prepared]:
         """One Prepared per prompt of a completion's batch (one for a single prompt), each checked and
@@ -362,9 +367,11 @@ class OpenAIServer:
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
         skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()
         offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
+        rep = prep.repetition
         answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets,
                             params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens,
-                            params.detokenize)
+                            params.detokenize,
+                            rep and RepetitionCheck(rep.max_pattern_size, rep.min_pattern_size, rep.min_count))
         cached = 0
         reason: str | None = None
         ended = "abort"  # how a request that does not finish is counted: "error" when the mesh failed it; not at
@@ -384,16 +391,18 @@ class OpenAIServer:
                         failed = event.finish_reason in ("error", "grammar_error", "constraint_error")
                         if failed:
                             ended = "error"
-                        text, starts, taken, stopped = answer.feed(event.token_ids, event.finish_reason is not None
-                                                                   and not failed, event.finish_reason == "stop")
-                        reason = "stop" if stopped else None if failed else event.finish_reason
+                        text, starts, taken, cut = answer.feed(event.token_ids, event.finish_reason is not None
+                                                               and not failed, event.finish_reason == "stop")
+                        stopped = cut is not None  # here, not by the mesh: the router still runs it
+                        reason = cut or (None if failed else event.finish_reason)
                         if reason is not None:
                             timer.finish(reason)  # before any await: a client gone meanwhile is still counted
                         if stopped:
                             await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id
-                            stop_reason = answer.stop_reason(eos) if reason == "stop" else None
+                            stop_reason = answer.stop_reason(eos) if reason == "stop" else \
+                                "repetition_detected" if reason == "repetition" else None  # vLLM's
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
                                               cached, stop_reason, event.token_ids[:taken])
                         if failed and not stopped:

@@ -28,6 +28,8 @@ MAX_BAD_WORDS = 128  # the mesh host matches each against the answer's end at ev
 MAX_SALT_CHARS = 256  # kept with the request in the router and hashed into its prefix blocks
 MAX_TOOLS = 128  # OpenAI's limit on `tools`
 MAX_CHOICES = 256  # vLLM's guided `choice` strings
+# repetition_detection's longest pattern: its check costs the ingress O(max_pattern_size) numpy work per token
+MAX_PATTERN_SIZE = 4096
 # transformers' apply_chat_template arguments and what the request sets: not chat_template_kwargs
 TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
                                 "continue_final_message", "tokenize", "chat_template", "return_dict", "padding",
@@ -145,6 +147,28 @@ class StreamOptions(RequestModel):
     continuous_usage_stats: bool = False  # vLLM's: usage so far on every chunk (benchmarks count tokens with it)
 
 
+class RepetitionDetection(RequestModel):
+    """vLLM's `repetition_detection` (vllm/sampling_params.py, RepetitionDetectionParams): the answer ends, with
+    finish_reason "repetition", once its last tokens are one pattern of min_pattern_size..max_pattern_size tokens
+    (0: 1) repeated min_count times back to back. max_pattern_size 0 turns it off."""
+
+    max_pattern_size: int = Field(0, ge=0, le=MAX_PATTERN_SIZE)
+    min_pattern_size: int = Field(0, ge=0)
+    min_count: int = Field(0, ge=0)
+    algorithm: Literal["naive", "rolling_hash"] = "naive"  # vLLM's two ways to find the same patterns
+    mode: Unsupported | None = None  # vLLM's "occurrence" rules (n-grams anywhere in the answer): not implemented
+    occurrence_rules: Unsupported | None = None
+
+    @model_validator(mode="after")
+    def _vllms_rules(self):
+        if self.min_pattern_size > self.max_pattern_size:
+            raise PydanticCustomError("value_error", "min_pattern_size must be at most max_pattern_size (set both to "
+                                                     "0 to turn repetition detection off)")
+        if self.max_pattern_size > 0 and self.min_count < 2:
+            raise PydanticCustomError("value_error", "min_count must be at least 2 to detect a repeated pattern")
+        return self
+
+
 class _GenerationRequest(RequestModel):
     """Fields /v1/chat/completions and /v1/completions share."""
 
@@ -166,8 +190,11 @@ class _GenerationRequest(RequestModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text (e.g. <|im_end|>) in the answer
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep the prompt's last k tokens (-1: the context)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep k of the prompt's tokens (-1: the context)
+    truncation_side: Literal["left", "right"] = "left"  # vLLM's: "left" keeps the last k tokens, "right" the first
     prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
+    logprob_token_ids: Unsupported | None = None  # vLLM's: logprobs of chosen ids, not computed by the meshes
+    repetition_detection: RepetitionDetection | None = None  # vLLM's: end an answer that loops (the ingress sees it)
     allowed_token_ids: list[int] | None = Field(None, min_length=1)  # vLLM's: only these may be sampled
     bad_words: list[Text] | None = Field(None, max_length=MAX_BAD_WORDS)  # vLLM's: words the answer never ends with
     return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>" (any token is JSON then)
@@ -580,7 +607,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = []
 
 
-FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error", "repetition"]  # vLLM's "repetition"
 
 
 def _now() -> int:

@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from fastapi.responses import StreamingResponse
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -69,6 +70,29 @@ class TokenOffsets:
         return offsets
 
 
+class RepetitionCheck:
+    """vLLM's repetition_detection over an answer's tokens, one token at a time. A pattern of L tokens repeated
+    c times ends the answer exactly when each of its last L x (c - 1) tokens equals the token L before it, so
+    one run length per L is kept (numpy over all L at once: O(max_pattern_size) per token, none of it Python)
+    instead of vLLM's scan of the tail for every L. Same verdicts as vllm/v1/core/sched/utils.py
+    check_sequence_repetition (tests/test_streaming.py compares them)."""
+
+    def __init__(self, max_pattern_size: int, min_pattern_size: int, min_count: int):
+        self.sizes = np.arange(max(min_pattern_size, 1), max_pattern_size + 1)
+        self.need = self.sizes * (min_count - 1)
+        self.runs = np.zeros(len(self.sizes), dtype=np.int64)
+        self.last = np.full(max_pattern_size + 1, -1, dtype=np.int64)  # the last tokens, a ring; -1: none yet
+        self.count = 0
+
+    def add(self, token: int) -> bool:
+        """Take the answer's next token; whether the answer now ends in a repeated pattern."""
+        before = self.last[(self.count - self.sizes) % len(self.last)]  # the token L back, for each L
+        self.runs = np.where(before == token, self.runs + 1, 0)
+        self.last[self.count % len(self.last)] = token
+        self.count += 1
+        return bool((self.runs >= self.need).any())
+
+
 class ChoiceText:
     """One choice's tokens as text for the client: detokenized, stop strings found once more than min_tokens
     are generated, token by token even when an event carries several (the router merges a request's tokens
@@ -77,44 +101,55 @@ class ChoiceText:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], stop: tuple[str, ...], min_tokens: int,
                  offsets: TokenOffsets | None, include_stop: bool = False, stop_token_ids: tuple[int, ...] = (),
-                 skip_special: bool = True, detokenize: bool = True):
+                 skip_special: bool = True, detokenize: bool = True, repetition: RepetitionCheck | None = None):
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special) if detokenize else None
         self.stops = StopStrings(stop, include_stop)
         self.min_tokens = min_tokens
         self.offsets = offsets
         self.stop_token_ids = frozenset(stop_token_ids)
         self.stop_token: int | None = None  # the stop token id that ended the answer
+        self.repetition = repetition
         self.output: list[int] = []
 
-    def feed(self, token_ids: list[int], final: bool, stop_finish: bool = False) -> tuple[str, list[int], int, bool]:
+    def feed(self, token_ids: list[int], final: bool, stop_finish: bool = False
+             ) -> tuple[str, list[int], int, str | None]:
         """Take an event's tokens (`final`: the answer ends with them; `stop_finish`: the mesh ended it with
         finish_reason "stop"). Returns the text safe to send, where each taken token's text starts (with
-        offsets), how many tokens were taken, and whether a stop string ended the answer (the tokens after the
-        one that completed it are dropped). A stop token that ended the answer counts as a token but adds
-        no text unless include_stop_str_in_output (vLLM's v1 detokenizer leaves it out the same way)."""
+        offsets), how many tokens were taken, and "stop" when a stop string ended the answer or "repetition"
+        when repetition_detection did (the tokens after the one that ended it are dropped), else None. A stop
+        token that ended the answer counts as a token but adds no text unless include_stop_str_in_output (vLLM's
+        v1 detokenizer leaves it out the same way). As in vLLM, the mesh's own end (a stop token, the length)
+        comes before a repetition on the same token, and a stop string before both."""
         texts: list[str] = []
         starts: list[int] = []
-        stopped = False
+        ended: str | None = None
         taken = 0
+        last = len(token_ids) - 1
         for i, token in enumerate(token_ids):
             taken += 1
             self.output.append(token)
             if self.offsets is not None:
                 starts += self.offsets.add([token])
-            if stop_finish and i == len(token_ids) - 1 and token in self.stop_token_ids:
+            repeated = (self.repetition is not None and self.repetition.add(token)
+                        and len(self.output) >= self.min_tokens and not (final and i == last))
+            if stop_finish and i == last and token in self.stop_token_ids:
                 self.stop_token = token
                 if not self.stops.include_stop:
                     break
-            if self.detokenizer is None:
-                continue
-            text, stopped = self.stops.feed(self.detokenizer.step([token]), False, self._check())
-            texts.append(text)
-            if stopped:
+            if self.detokenizer is not None:
+                text, stopped = self.stops.feed(self.detokenizer.step([token]), False, self._check())
+                texts.append(text)
+                if stopped:
+                    ended = "stop"
+                    break
+            if repeated:  # vLLM's check_stop: once min_tokens are generated
+                ended = "repetition"
                 break
-        if final and not stopped and self.detokenizer is not None:  # what the detokenizer and stop search held back
-            text, stopped = self.stops.feed(self.detokenizer.flush(), True, self._check())
+        if (final or ended == "repetition") and ended != "stop" and self.detokenizer is not None:
+            text, stopped = self.stops.feed(self.detokenizer.flush(), True, self._check())  # what was held back
             texts.append(text)
-        return "".join(texts), starts, taken, stopped
+            ended = "stop" if stopped else ended
+        return "".join(texts), starts, taken, ended
 
     def stop_reason(self, eos_id: int | None) -> str | int | None:
         """vLLM's `stop_reason` of an answer that ended with finish_reason "stop": the stop string that

@@ -14,7 +14,8 @@ SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature"
                 "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty", "allowed_token_ids",
                 "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens", "return_token_ids",
                 "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern",
-                "vllm_xargs", "kv_transfer_params", "request_id"]
+                "vllm_xargs", "kv_transfer_params", "request_id", "truncation_side",
+                "logprob_token_ids"]
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
@@ -72,6 +73,8 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
     ("/v1/chat/completions", CHAT, {"priority": 1}, "priority"),  # as vLLM without its priority policy
     ("/v1/completions", COMPLETION, {"prompt_embeds": "AAAA"}, "prompt_embeds"),
+    ("/v1/completions", COMPLETION, {"logprobs": 1, "logprob_token_ids": [5, 6]}, "logprob_token_ids"),
+    ("/v1/chat/completions", CHAT, {"logprobs": True, "logprob_token_ids": [5]}, "logprob_token_ids"),
     ("/v1/completions", COMPLETION, {"logits_processors": ["my.module:Proc"]}, "logits_processors"),
     ("/v1/chat/completions", CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
     ("/v1/completions", COMPLETION, {"vllm_xargs": {"k": 1}}, "vllm_xargs"),
@@ -254,6 +257,22 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, router, to
     first, second = router.requests.values()
     assert (cut, second[0]) == (3, first[0][-3:]) and full > 3
     assert client.post(path, json={**base, "truncate_prompt_tokens": -1}).json()["usage"]["prompt_tokens"] == full
+
+
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+def test_truncation_side_right_keeps_the_prompts_first_tokens(client, router, path, base):
+    """vLLM's truncation_side: "right" cuts the prompt's end, keeping its first k tokens; "left" is the default."""
+    for side in ("right", "left"):
+        assert client.post(path, json={**base, "truncate_prompt_tokens": 3, "truncation_side": side}).status_code == 200
+    client.post(path, json=base)
+    right, left, full = (ids for ids, _, _ in router.requests.values())
+    assert (right, left) == (full[:3], full[-3:]) and right != left
+
+
+def test_truncation_side_takes_left_or_right_only(client, router):
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "truncate_prompt_tokens": 3,
+                                                      "truncation_side": "middle"}), 400, param="truncation_side")
+    assert router.requests == {}
 
 
 @pytest.mark.parametrize("stream", [False, True])
