@@ -55,7 +55,11 @@ def _item_type(value: Any) -> str | None:
 
 
 InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-                      | Annotated[FunctionCallOutput, Tag("function_call_output")], Discriminator(_item_type)]
+                      | Annotated[FunctionCallOutput, Tag("function_call_output")],
+                      Discriminator(_item_type, custom_error_type="input_item_type",
+                                    custom_error_message="an input item's type must be \"message\", \"function_call\" "
+                                                         "or \"function_call_output\" (other items, such as "
+                                                         "\"reasoning\" and \"item_reference\", are not served here)")]
 
 
 class FunctionTool(RequestModel):

@@ -206,6 +206,8 @@ def test_included_logprobs_come_with_the_text(client, tokenizer, eos, stream):
     ({"tools": [{"type": "web_search", "name": "search"}]}, "hosted tools"),
     ({"include": ["reasoning.encrypted_content"]}, "only \"message.output_text.logprobs\""),
     ({"background": True}, "nothing is stored"), ({"truncation": "auto"}, "never cut"),
+    ({"input": [{"type": "reasoning", "summary": []}, {"role": "user", "content": "hi"}]}, "\"reasoning\""),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "must be \"message\", \"function_call\" or"),
 ])
 def test_refusals_say_why(client, patch, words):
     r = client.post("/v1/responses", json={**BASIC, **patch})
