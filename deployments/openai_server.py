@@ -78,7 +78,8 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
 
 def check_prompt_chars(chars: int, limit: int, param: str) -> None:
     if chars > limit * MAX_CHARS_PER_TOKEN:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens; the {param} has {chars} "
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; the {param} "
+                            f"{'have' if param == 'messages' else 'has'} {chars} "
                             f"characters, more than that many tokens can hold.", param=param,
                        code="context_length_exceeded")
 

@@ -117,6 +117,16 @@ def _refuse_unsupported(value: Any) -> Any:
 Unsupported = Annotated[JsonValue, AfterValidator(_refuse_unsupported)]
 
 
+def only(value: bool | int, why: str) -> Any:
+    """A field this server takes at one value (`value`, its default) only: any other is a 400 saying `why`."""
+    def check(v):
+        if v != value:
+            raise PydanticCustomError("unsupported", f"only {str(value).lower()} is taken: {why}")
+        return v
+    return Annotated[type(value), AfterValidator(check)]
+
+
+
 def _nullable_schema(schema: dict[str, Any], _cls: type) -> None:
     """The OpenAPI schema says what the validator does: every optional field also takes null."""
     required = set(schema.get("required", ()))
@@ -204,7 +214,7 @@ class _GenerationRequest(RequestModel):
     spaces_between_special_tokens: bool = True
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids come with the text
     detokenize: bool = True  # vLLM's: false answers with token ids alone (return_token_ids), text left empty
-    priority: Literal[0] = 0  # vLLM's; as vLLM without its priority scheduling policy, only 0
+    priority: only(0, "requests are served in order of arrival (no priority scheduling)") = 0  # vLLM's
     prompt_embeds: Unsupported | None = None  # vLLM's; this server takes text and token ids
     logits_processors: Unsupported | None = None  # vLLM's; custom code is not loaded
     guided_whitespace_pattern: Text | None = None  # vLLM's: the whitespace a JSON constraint allows (a regex)
@@ -212,7 +222,7 @@ class _GenerationRequest(RequestModel):
     kv_transfer_params: Unsupported | None = None  # vLLM's disaggregated prefill: not implemented
     # vLLM's: the response's id is "<chatcmpl|cmpl>-<request_id>" (the router's own id stays unique)
     request_id: Salt | None = None
-    use_beam_search: Literal[False] = False  # vLLM's beam search is not implemented
+    use_beam_search: only(False, "beam search is not implemented") = False  # vLLM's
     length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
     user: Text | None = None  # accepted; the end user's id is not used
@@ -451,7 +461,7 @@ class ChatCompletionRequest(_GenerationRequest):
     function_call: Unsupported | None = None
     reasoning_effort: Unsupported | None = None  # for reasoning models (OpenAI refuses it for others too)
     verbosity: Unsupported | None = None
-    store: Literal[False] = False  # nothing is stored
+    store: only(False, "this server stores no answers") = False
     chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
     echo: bool = False  # vLLM's: the final message's text first in each answer, when the answer continues it
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
@@ -497,7 +507,7 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
-    best_of: Literal[1] | None = None  # server-side ranking of several samples is not implemented
+    best_of: only(1, "ranking several samples on the server is not implemented") | None = None
     add_special_tokens: bool = True  # vLLM's: the model's BOS before a text prompt (false: the text alone)
 
     @field_validator("prompt", mode="before")

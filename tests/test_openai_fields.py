@@ -97,6 +97,18 @@ def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, ro
     assert router.requests == {}
 
 
+@pytest.mark.parametrize("path, base, patch, why", [
+    ("/v1/chat/completions", CHAT, {"store": True}, "stores no answers"),
+    ("/v1/completions", COMPLETION, {"best_of": 2}, "ranking several samples"),
+    ("/v1/completions", COMPLETION, {"use_beam_search": True}, "beam search"),
+    ("/v1/chat/completions", CHAT, {"priority": 1}, "order of arrival"),
+])
+def test_a_field_taken_at_one_value_only_says_why(client, path, base, patch, why):
+    (param,) = patch
+    error = assert_error(client.post(path, json={**base, **patch}), 400, param=param)
+    assert why in error["message"] and "Input should be" not in error["message"]
+
+
 @pytest.mark.parametrize("patch", [
     {"service_tier": "auto"}, {"service_tier": "default"}, {"modalities": ["text"]}, {"user": "user-1234"},
     {"some_vendor_extra": {"x": 1}}, {"metadata": {"k": "v"}}, {"store": False},
