@@ -126,7 +126,6 @@ def only(value: bool | int, why: str) -> Any:
     return Annotated[type(value), AfterValidator(check)]
 
 
-
 def _nullable_schema(schema: dict[str, Any], _cls: type) -> None:
     """The OpenAPI schema says what the validator does: every optional field also takes null."""
     required = set(schema.get("required", ()))

@@ -75,7 +75,7 @@ class RepetitionCheck:
     c times ends the answer exactly when each of its last L x (c - 1) tokens equals the token L before it, so
     one run length per L is kept (numpy over all L at once: O(max_pattern_size) per token, none of it Python)
     instead of vLLM's scan of the tail for every L. Same verdicts as vllm/v1/core/sched/utils.py
-    check_sequence_repetition (tests/test_streaming.py compares them)."""
+    check_sequence_repetition (tests/test_repetition_detection.py compares them)."""
 
     def __init__(self, max_pattern_size: int, min_pattern_size: int, min_count: int):
         self.sizes = np.arange(max(min_pattern_size, 1), max_pattern_size + 1)
