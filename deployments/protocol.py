@@ -8,7 +8,7 @@ implement is refused naming it, never silently ignored.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints,
                       ValidationInfo, field_validator, model_serializer, model_validator)
@@ -141,14 +141,13 @@ class RequestModel(BaseModel):
     vLLM ignores them), null as the field's default."""
 
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, json_schema_extra=_nullable_schema)
-    null_kept: ClassVar[frozenset[str]] = frozenset()  # fields whose null is a value of its own, not the default
 
     @model_validator(mode="before")
     @classmethod
     def _null_is_default(cls, data: Any) -> Any:
         """`"temperature": null` means the default temperature, as OpenAI's API and SDKs treat it."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None or k in cls.null_kept}
+            return {k: v for k, v in data.items() if v is not None}
         return data
 
 
@@ -499,10 +498,7 @@ class CompletionRequest(_GenerationRequest):
     # One prompt (text or token ids), or a batch of them (a list of texts or of token-id lists), as OpenAI's and
     # vLLM's /v1/completions take; the ingress checks the ids. A batch's choices are numbered prompt by prompt.
     prompt: Text | list[int] | list[Text] | list[list[int]] = Field(min_length=1)
-    # OpenAI's default for completions, and vLLM's (chat: the context left); an explicit null is the context left,
-    # as in vLLM (its field's default is 16, and its null the room the prompt leaves)
-    max_tokens: int | None = Field(16, ge=1)
-    null_kept: ClassVar[frozenset[str]] = frozenset({"max_tokens"})
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions, and vLLM's (chat: the context left)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model

@@ -8,15 +8,15 @@ from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, assert_e
                                    router, sse, tokenizer)
 
 # Every optional request field, sent as null: each must mean that field's default.
-SHARED_NULLS = ["model", "stream", "stream_options", "temperature", "top_p", "top_k", "seed", "stop",
+SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
                 "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output", "min_p", "skip_special_tokens",
                 "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty", "allowed_token_ids",
                 "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens", "return_token_ids",
                 "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern",
                 "vllm_xargs", "kv_transfer_params", "request_id", "truncation_side",
-                "logprob_token_ids", "repetition_detection"]
-CHAT_NULLS = ["max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
+                "logprob_token_ids"]
+CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
               "chat_template_kwargs", "documents", "add_special_tokens"]
@@ -32,16 +32,6 @@ def test_null_means_the_default(client, router, path, base, fields):
     assert nulls.json()["choices"] == plain.json()["choices"]
     (_, params_plain, salt_plain), (_, params_nulls, salt_nulls) = router.requests.values()
     assert params_nulls == params_plain and salt_nulls == salt_plain
-
-
-def test_a_completions_null_max_tokens_is_the_context_left(client, router):
-    """vLLM's rule: a completion's max_tokens defaults to 16, but an explicit null is the room the prompt leaves
-    (as chat's default is), not 16."""
-    client.post("/v1/completions", json=COMPLETION)
-    client.post("/v1/completions", json={**COMPLETION, "max_tokens": None})
-    (prompt, default, _), (_, null, _) = router.requests.values()
-    assert (default.max_tokens, null.max_tokens) == (16, client.get("/v1/models").json()["data"][0]["max_model_len"]
-                                                     - len(prompt))
 
 
 def test_null_inside_nested_objects_means_the_default(client, router):
@@ -218,13 +208,12 @@ def test_a_stop_token_ends_the_answer_without_its_text_unless_asked(client, toke
 
 
 def test_a_completion_without_max_tokens_gets_16_and_a_chat_the_context_left(client, router):
-    """OpenAI's completions default (and vLLM's) is 16 tokens; chat has no such default. An explicit null is
-    vLLM's: the context left for both (test_a_completions_null_max_tokens_is_the_context_left)."""
+    """OpenAI's completions default (and vLLM's) is 16 tokens; chat has no such default."""
     router.answer = list(range(100, 140))
-    for path, base, expected, null in [("/v1/completions", COMPLETION, 16, 40), ("/v1/chat/completions", CHAT, 40, 40)]:
-        for body, tokens in ((base, expected), ({**base, "max_tokens": None}, null)):
+    for path, base, expected in [("/v1/completions", COMPLETION, 16), ("/v1/chat/completions", CHAT, 40)]:
+        for body in (base, {**base, "max_tokens": None}):
             usage = client.post(path, json=body).json()["usage"]
-            assert usage["completion_tokens"] == tokens, (path, body)
+            assert usage["completion_tokens"] == expected, (path, body)
 
 
 def test_nan_or_infinite_numbers_are_refused_as_such(client):
