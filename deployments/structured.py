@@ -165,23 +165,20 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
         sources.append(("response_format.json_schema.schema",
                         _builder("json_object", True, whitespace) if schema is None else
                         _builder("json", schema, whitespace, bool(fmt.json_schema.strict))))
-    for name in ("json", "regex", "choice", "grammar"):
-        value = getattr(req, f"guided_{name}")
-        if value is not None:
-            sources.append((f"guided_{name}", _builder(name, value, whitespace)))
     if so is not None:
         given = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
                                                    ("grammar", so.grammar), ("json_object", so.json_object or None))
                  if value is not None]
-        # its options alone (disable_any_whitespace, whitespace_pattern) shape another field's JSON, as vLLM
-        # merges response_format into structured_outputs
-        if len(given) > 1 or not (given or sources):
+        if len(given) != 1:
             raise APIError(400, "structured_outputs: give exactly one of json, regex, choice, grammar, json_object",
                            param="structured_outputs")
-        if given:
-            name, value = given[0]
-            build = _builder(name, value, whitespace, so.disable_additional_properties)
-            sources.insert(1 if fmt is not None else 0, (f"structured_outputs.{name}", build))
+        name, value = given[0]
+        build = _builder(name, value, whitespace, so.disable_additional_properties)
+        sources.append((f"structured_outputs.{name}", build))
+    for name in ("json", "regex", "choice", "grammar"):
+        value = getattr(req, f"guided_{name}")
+        if value is not None:
+            sources.append((f"guided_{name}", _builder(name, value, whitespace)))
     return sources
 
 
