@@ -251,7 +251,7 @@ class OpenAIServer:
     async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest, limit: int,
                          constraint: Constraint) -> tuple[list[int], str]:
         """The prompt's token ids, and the field it came from. Text far too long for `limit` tokens is
-        refused without tokenizing it, unless truncate_prompt_tokens asks for its end only (the body limit
+        refused without tokenizing it, unless truncate_prompt_tokens asks for part of it only (the body limit
         still bounds the work)."""
         truncated = req.truncate_prompt_tokens is not None
         if isinstance(req, ChatCompletionRequest):

@@ -164,9 +164,6 @@ class RepetitionDetection(RequestModel):
     max_pattern_size: int = Field(0, ge=0, le=MAX_PATTERN_SIZE)
     min_pattern_size: int = Field(0, ge=0)
     min_count: int = Field(0, ge=0)
-    algorithm: Literal["naive", "rolling_hash"] = "naive"  # vLLM's two ways to find the same patterns
-    mode: Unsupported | None = None  # vLLM's "occurrence" rules (n-grams anywhere in the answer): not implemented
-    occurrence_rules: Unsupported | None = None
 
     @model_validator(mode="after")
     def _vllms_rules(self):

@@ -79,7 +79,9 @@ class RepetitionCheck:
 
     def __init__(self, max_pattern_size: int, min_pattern_size: int, min_count: int):
         self.sizes = np.arange(max(min_pattern_size, 1), max_pattern_size + 1)
-        self.need = self.sizes * (min_count - 1)
+        # a run is never longer than the answer: past 2^31 every min_count gives the same verdicts (never), and
+        # int64 neither wraps nor overflows
+        self.need = self.sizes * min(min_count - 1, 2**31)
         self.runs = np.zeros(len(self.sizes), dtype=np.int64)
         self.last = np.full(max_pattern_size + 1, -1, dtype=np.int64)  # the last tokens, a ring; -1: none yet
         self.count = 0
