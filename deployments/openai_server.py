@@ -221,10 +221,11 @@ class OpenAIServer:
         pool = _BULK_POOL if chars > BULK_CHARS else _TOKENIZER_POOL
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
-    async def sized(self, chars: int, fn: Callable[..., T], *args) -> T:
+    async def sized(self, chars: int, fn: Callable[..., T], *args, bulk: bool = True) -> T:
         """fn(*args) on the loop when its input is small (tokenizing 2,000 characters takes ~0.1-0.3 ms,
-        a hop to a thread and back ~1 ms of TTFT on this box), else off_loop."""
-        return fn(*args) if chars <= INLINE_CHARS else await self.off_loop(fn, *args, chars=chars)
+        a hop to a thread and back ~1 ms of TTFT on this box), else off_loop (never on the bulk threads
+        without `bulk`: work that must not queue behind huge prompts)."""
+        return fn(*args) if chars <= INLINE_CHARS else await self.off_loop(fn, *args, chars=chars if bulk else 0)
 
     def check_model(self, model: str | None) -> None:
         """404 for another model's name; none or "" means the served one (as vLLM takes it)."""
@@ -333,8 +334,8 @@ class OpenAIServer:
                 req.messages[-1].role == "assistant" or not req.add_generation_prompt):
             echo = req.messages[-1].text  # vLLM's: the final message, when the answer continues it (same role)
         router_id = f"{prefix}-{uuid.uuid4().hex}"
-        repetition = req.repetition_detection if req.repetition_detection and \
-            req.repetition_detection.max_pattern_size else None
+        repetition = req.repetition_detection
+        repetition = repetition if repetition and repetition.max_pattern_size else None  # 0: off
         return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
                         prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param,
                         repetition)
@@ -402,8 +403,8 @@ class OpenAIServer:
                             await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id
-                            stop_reason = answer.stop_reason(eos) if reason == "stop" else \
-                                "repetition_detected" if reason == "repetition" else None  # vLLM's
+                            stop_reason = (answer.stop_reason(eos) if reason == "stop" else
+                                           "repetition_detected" if reason == "repetition" else None)  # vLLM's
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
                                               cached, stop_reason, event.token_ids[:taken])
                         if failed and not stopped:
@@ -504,9 +505,7 @@ class OpenAIServer:
         # entries, seconds of CPU during which every other stream of this replica would stand still.
         entries = sum(len(t.logprobs) for t in totals) * (1 + ((req.top_logprobs if chat else req.logprobs) or 0))
         build = self._chat_answer if chat else self._completion_answer
-        chars = entries * ANSWER_CHARS_PER_LOGPROB  # on the tokenizer's threads, not behind huge prompts
-        body = build(req, preps, totals, usage) if chars <= INLINE_CHARS else await self.off_loop(
-            build, req, preps, totals, usage)
+        body = await self.sized(entries * ANSWER_CHARS_PER_LOGPROB, build, req, preps, totals, usage, bulk=False)
         return Response(body, media_type="application/json")
 
     def _chat_answer(self, req: ChatCompletionRequest, preps: list[Prepared], totals: list[ChoiceTotal],
