@@ -79,7 +79,8 @@ class TTGalaxyBackend(Backend):
         self.generator = self.kv_cache = None
         self.mesh = _open_mesh(self.ttnn, config, mesh_shape)
         try:
-            self.generator, args = _build_generator(self.ttnn, self.mesh, max_seq_len, num_layers)
+            self.generator, self._decode_forward, args = _build_generator(self.ttnn, self.mesh, max_seq_len,
+                                                                          num_layers)
             self.kv_cache, self.kv_cache_api = _allocate_kv_cache(self.ttnn, self.generator, self.mesh, args,
                                                                   num_blocks + 1, block_size)
             self.caps = Capabilities(num_slots=NUM_SLOTS, block_size=block_size, num_blocks=num_blocks,
@@ -88,8 +89,6 @@ class TTGalaxyBackend(Backend):
                                      device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
                                      max_device_top_k=DEVICE_MAX_TOP_K,
                                      **_expected_times(config, max_seq_len, num_blocks * block_size))
-            self._decode_forward = (getattr(self.generator, "decode_forward", None)
-                                    or self.generator.decode_forward_text)  # its name before tt-metal renamed it
             if config.enable_model_warmup:
                 self.warmup()
         except BaseException as e:
@@ -264,9 +263,12 @@ def _tt_sampling(rows: list[SamplingParams]):
 
     # A temperature under GREEDY_TEMPERATURE is argmax on the host; sent as it is, the device would divide by it
     # (1/1e-40 is inf), so it goes as 0.0, the device's argmax. A top_p too small for float32 (1e-50) would be 0
-    # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means.
+    # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means. A greedy row
+    # goes with top_p 1.0: older format_sampling_params keep a greedy row's top_p (newer ones set 0.0), and
+    # _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1 (see _argmax).
     return TTSamplingParams(temperature=[0.0 if p.greedy else p.temperature for p in rows],
-                            top_k=[p.top_k for p in rows], top_p=[max(p.top_p, _TINY) for p in rows],
+                            top_k=[p.top_k for p in rows],
+                            top_p=[1.0 if p.greedy else max(p.top_p, _TINY) for p in rows],
                             seed=[p.seed for p in rows])
 
 
@@ -310,7 +312,11 @@ def _open_mesh(ttnn, config: TTMeshConfig, mesh_shape: tuple[int, int]):
 def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
     """TtModelArgs -> state dict -> TtTransformer (paged KV supplied by us) -> generator, as generator_vllm.py's
     initialize_vllm_text_transformer. The generator is its LlamaForCausalLM where that module imports (it
-    brings the checkout's KV allocator); some versions import vLLM there, and then the plain Generator."""
+    brings the checkout's KV allocator); some versions import vLLM there, and then the plain Generator.
+    Returns (generator, its decode method, args). Decode is the plain Generator's own `decode_forward`
+    (`decode_forward_text` before tt-metal renamed it), bound to the generator: LlamaForCausalLM's override only
+    forwards to its parent under one of the two names (`super().decode_forward_text` @0be6ffc8), which a
+    checkout whose generator.py has the other one (@00b0fa3f has only `decode_forward`) lacks."""
     try:
         from models.demos.llama3_70b_galaxy.tt.generator import Generator
         from models.demos.llama3_70b_galaxy.tt.llama_model import TtTransformer
@@ -318,6 +324,7 @@ def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
     except ImportError as e:
         raise ImportError("the TT Galaxy backend builds tt-metal's Llama Galaxy model: put your tt-metal "
                           "checkout on PYTHONPATH (models/demos/llama3_70b_galaxy)") from e
+    decode_forward = getattr(Generator, "decode_forward", None) or Generator.decode_forward_text
     try:
         from models.demos.llama3_70b_galaxy.tt.generator_vllm import LlamaForCausalLM as Generator  # noqa: F811
     except ImportError as e:
@@ -326,14 +333,18 @@ def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
         raise RuntimeError("this tt-metal checkout's Galaxy generator takes no start_pos in prefill_forward_text "
                            "(prefix caching; e.g. c9bcbd99): meshserve resumes prefills from cached prefixes and "
                            "prefill chunks, and needs a checkout that has it (generator.py @00b0fa3f does)")
+    # cache_hf=False where it exists (model_config.py @019d812b defaults it to True: load_state_dict then keeps the
+    # whole Hugging Face model in host memory for the process's life; its demos and vLLM pass False)
+    cache_hf = {"cache_hf": False} if "cache_hf" in inspect.signature(TtModelArgs).parameters else {}
     args = TtModelArgs(mesh, instruct=True, max_batch_size=NUM_SLOTS, optimizations=LlamaOptimizations.performance,
-                       max_seq_len=max_seq_len)
+                       max_seq_len=max_seq_len, **cache_hf)
     if num_layers is not None:
         args.n_layers = num_layers
     model = TtTransformer(args=args, mesh_device=mesh, dtype=ttnn.bfloat8_b, state_dict=args.load_state_dict(),
                           weight_cache_path=args.weight_cache_path(ttnn.bfloat8_b), use_paged_kv_cache=True,
                           mode="prefill", enable_prefetcher_performance_mode=True)
-    return Generator(model, args, mesh), args
+    generator = Generator(model, args, mesh)
+    return generator, decode_forward.__get__(generator), args
 
 
 def _allocate_kv_cache(ttnn, generator, mesh, args, num_blocks: int, block_size: int) -> tuple[list, str]:

@@ -127,6 +127,23 @@ def test_model_is_built_as_generator_vllm_builds_it(backend, ttnn):
     assert built["enable_prefetcher_performance_mode"] and built["paged_attention_config"] is None
 
 
+def test_the_hugging_face_model_is_not_kept_in_host_memory(backend):
+    """TtModelArgs(cache_hf=True), model_config.py @019d812b's default, keeps the whole 70B reference model."""
+    assert backend.generator.model_args.cached_hf_model is None
+
+
+def test_model_args_without_cache_hf_still_build(ttnn, hf_dir, monkeypatch):
+    from models.demos.llama3_70b_galaxy.tt import model_config
+    plain = model_config.TtModelArgs.__init__
+    monkeypatch.setattr(model_config.TtModelArgs, "__init__",
+                        lambda self, mesh_device, instruct=False, dummy_weights=False, max_batch_size=1,
+                        max_seq_len=1024 * 128, optimizations=None:
+                        plain(self, mesh_device, instruct, dummy_weights, max_batch_size, max_seq_len, optimizations))
+    b = TTGalaxyBackend(hf_dir, max_seq_len=4096)
+    assert b.generator.model_args.max_seq_len == 4096
+    b.close()
+
+
 def test_caps_declare_a_kv_group_per_mesh_column_of_2056_blocks(backend):
     caps = backend.caps
     assert (caps.num_slots, caps.kv_groups, caps.slots_per_group, caps.num_blocks) == (32, 4, 8, 2056)
@@ -548,6 +565,19 @@ def test_decode_maps_fixed_page_table_positions_and_inactive_slots(backend):
     assert (call["enable_trace"], call["read_from_device"], call["reset_inputs"]) == (True, True, True)
     assert out.shape == (32,) and out.dtype == torch.long
     assert out[[0, 5, 31]].tolist() == [0, 50, 310]  # nothing else written in those blocks: the fed token
+
+
+def test_a_greedy_request_with_a_top_p_keeps_the_device_on_argmax(backend):
+    """Older format_sampling_params keep a greedy row's top_p, and the argmax program takes top_p 0 or 1 only:
+    sent as it came, a greedy top_p 0.5 would switch the device to sampling (its traces released, captured
+    again) while the backend counts it as argmax."""
+    tokens, positions, active = decode_inputs([1, 2], [40, 40])
+    table = empty_table(backend)
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    n = len(backend.generator.calls)
+    backend.decode(tokens, positions, table, active, [SamplingParams(temperature=0.0, top_p=0.5)] * 32)
+    assert last_call(backend, "decode_forward")["slot_params"][1]["top_p"] == 1.0
+    assert sampling_events(backend, n) == []
 
 
 def test_a_near_zero_temperature_goes_to_the_device_as_argmax(backend):

@@ -81,9 +81,11 @@ def _per_slot(params: SamplingParams) -> list[dict]:
 
 def _sampling_kind(params: SamplingParams) -> str:
     """The sampling module runs a different program when every row is argmax than otherwise: tt_sampling.py
-    _is_force_argmax_sampling, rows of top-k 1, top-p 0 or 1 and temperature 1 (a greedy row, temperature 0
-    here, becomes that: the double keeps temperatures as they came)."""
-    argmax = all(k == 1 and (t == 0 or (t == 1.0 and p in (0.0, 1.0)))
+    _is_force_argmax_sampling, rows of top-k 1, top-p 0 or 1 and temperature 1. A greedy row (temperature 0 here:
+    the double keeps temperatures as they came) gets temperature 1 and top-k 1 from format_sampling_params, and
+    keeps the top-p it came with in the older versions (newer ones set 0.0), so it is argmax only with top-p 0
+    or 1."""
+    argmax = all(k == 1 and p in (0.0, 1.0) and t in (0, 1.0)
                  for t, k, p in zip(params.temperature, params.top_k, params.top_p))
     return "greedy" if argmax else "sampled"
 

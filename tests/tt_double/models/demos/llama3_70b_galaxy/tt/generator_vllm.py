@@ -36,8 +36,8 @@ class LlamaForCausalLM(Generator):
     def prefill_forward(self, *args, **kwargs):
         return super().prefill_forward_text(*args, **kwargs)
 
-    def decode_forward(self, *args, **kwargs):  # vLLM's name, over the generator's (decode_forward_text before
-        return super().decode_forward(*args, **kwargs)  # the generator took that name too, as @08b93c9f)
+    def decode_forward(self, *args, **kwargs):  # as @0be6ffc8 has it: a generator.py that names decode only
+        return super().decode_forward_text(*args, **kwargs)  # decode_forward (@00b0fa3f) has no such parent method
 
     def allocate_kv_cache(self, *args, **kwargs):
         return allocate_vllm_kv_cache(*args, **kwargs, model=self.model, tt_cache_path=self.cache_path)

@@ -46,8 +46,13 @@ class TtModelArgs:
         self.vocab_size = 128256
         self.padded_vocab_size = 128 * 1024
         self.model_cache_path = Path(os.getenv("TT_CACHE_PATH", "model_cache")) / "TG"
+        self.cache_hf_flag = cache_hf
+        self.cached_hf_model = None
 
     def load_state_dict(self):
+        """@019d812b: with cache_hf the state dict comes from the Hugging Face reference model, which is kept."""
+        if self.cache_hf_flag:
+            self.cached_hf_model = f"the whole Hugging Face model at {self.CKPT_DIR}, in host memory"
         return {}
 
     def weight_cache_path(self, dtype):
