@@ -181,6 +181,10 @@ class Generator:
             values = torch.zeros(padded_len, dtype=torch.long)
             values[:prompt_lens[i] - cached] = tokens[i, cached:prompt_lens[i]]
             store[column, row[pos // block_size], pos % block_size] = values
+            if cached:  # newer prepare_prefill_inputs_host zero the other columns' page-table rows here (not -1):
+                for other in range(COLUMNS):  # their chips write the same positions into their device block 0
+                    if other != column:
+                        store[other, 0, pos % block_size] = values
             seen = torch.arange(prompt_lens[i])
             next_tokens.append(int(store[column, row[seen // block_size], seen % block_size].sum())
                                % self.model.vocab_size)
