@@ -6,13 +6,17 @@ inter-token latency spreads an event's gap evenly over its tokens. Queue time is
 measure (arrival at the router to its first prefill chunk), carried on the first event.
 Per-mesh state (slots, KV blocks per mesh and per KV group, prefix cache, preemptions, up/down) is read
 from the router at scrape time, so every ingress replica reports the same, current, values for it.
+
+The figures vLLM also exports go out a second time under vLLM's names (VLLM_NAMES), with its `model_name`
+label, so that dashboards, alerts and autoscalers written for vLLM (its Grafana dashboard, llm-d, KEDA on
+vllm:num_requests_waiting) read meshserve unchanged. The copy is made at scrape time: nothing more per token.
 """
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from scheduler.work import TokenEvent
 
@@ -20,30 +24,55 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
                     20.0, 40.0, 80.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                       0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# meshserve family -> vLLM's name for the same figure (vLLM v1's PrometheusStatLogger, vllm/v1/metrics/loggers.py;
+# docs.vllm.ai, "Production Metrics"). vLLM counts prefix-cache queries and hits in tokens, as meshserve does.
+VLLM_NAMES = {
+    "meshserve_time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "meshserve_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "meshserve_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "meshserve_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+    "meshserve_prompt_tokens": "vllm:prompt_tokens",
+    "meshserve_generation_tokens": "vllm:generation_tokens",
+    "meshserve_requests": "vllm:request_success",
+    "meshserve_num_requests_running": "vllm:num_requests_running",
+    "meshserve_num_requests_waiting": "vllm:num_requests_waiting",
+    "meshserve_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",
+    "meshserve_prefix_cache_queries_tokens": "vllm:prefix_cache_queries",
+    "meshserve_prefix_cache_hits_tokens": "vllm:prefix_cache_hits",
+    "meshserve_num_preemptions": "vllm:num_preemptions",
+}
+_VLLM_LABELS = {"finish_reason": "finished_reason"}  # vLLM's request_success label
 
 
 class Metrics:
-    def __init__(self, ingress: str = "local") -> None:
+    def __init__(self, ingress: str = "local", model_name: str = "") -> None:
         """`ingress`: this replica's name, the `ingress` label of every family it measures itself. With several
         ingress replicas a scrape through the load balancer reaches one of them: without the label their
-        counters would take turns under one series, which then seems to reset at every scrape."""
+        counters would take turns under one series, which then seems to reset at every scrape. `model_name`:
+        the served model's name, the `model_name` label of the vLLM-named copies."""
         self.registry = CollectorRegistry()
         self.ingress = ingress
+        self.model_name = model_name
         r = self.registry
-        self.ttft = Histogram("meshserve_time_to_first_token_seconds", "Arrival at the ingress to the first token.",
-                              labelnames=["ingress"], buckets=_LATENCY_BUCKETS, registry=r).labels(ingress)
-        self.inter_token = Histogram("meshserve_inter_token_latency_seconds", "Gap between consecutive output tokens.",
-                                     labelnames=["ingress"], buckets=_TOKEN_GAP_BUCKETS, registry=r).labels(ingress)
-        self.e2e = Histogram("meshserve_e2e_request_latency_seconds", "Arrival at the ingress to the last token.",
-                             labelnames=["ingress"], buckets=_LATENCY_BUCKETS, registry=r).labels(ingress)
-        self.queue = Histogram("meshserve_request_queue_time_seconds",
-                               "Arrival at the router to the first scheduled prefill chunk.",
-                               labelnames=["ingress"], buckets=_LATENCY_BUCKETS, registry=r).labels(ingress)
-        self.prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of finished requests.", ["ingress"],
-                                     registry=r).labels(ingress)
-        self.generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", ["ingress"],
-                                         registry=r).labels(ingress)
+
+        def histogram(name, doc, buckets):
+            return Histogram(name, doc, labelnames=["ingress"], buckets=buckets, registry=r)
+
+        ttft = histogram("meshserve_time_to_first_token_seconds", "Arrival at the ingress to the first token.",
+                         _LATENCY_BUCKETS)
+        inter_token = histogram("meshserve_inter_token_latency_seconds", "Gap between consecutive output tokens.",
+                                _TOKEN_GAP_BUCKETS)
+        e2e = histogram("meshserve_e2e_request_latency_seconds", "Arrival at the ingress to the last token.",
+                        _LATENCY_BUCKETS)
+        queue = histogram("meshserve_request_queue_time_seconds",
+                          "Arrival at the router to the first scheduled prefill chunk.", _LATENCY_BUCKETS)
+        prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of finished requests.", ["ingress"],
+                                registry=r)
+        generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", ["ingress"], registry=r)
         self.requests = Counter("meshserve_requests", "Finished requests.", ["ingress", "finish_reason"], registry=r)
+        self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, self.requests)
+        self.ttft, self.inter_token, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens = (
+            family.labels(ingress) for family in self._own[:6])
         self._meshes: list[dict] = []
         self._router_up = False
         r.register(self)
@@ -111,8 +140,21 @@ class Metrics:
             hits.add_metric(label, m["prefix_hit_tokens"])
             hit_rate.add_metric(label, m["prefix_hit_tokens"] / max(m["prefix_query_tokens"], 1))
             preempted.add_metric(label, m["preemptions"])
-        yield from (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, failovers, migrated,
+        families = (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, failovers, migrated,
                     groups, group_used, group_total, group_running)
+        yield from families
+        own = [family for collector in self._own for family in collector.collect()]
+        yield from (self._as_vllm(family) for family in (*own, *families) if family.name in VLLM_NAMES)
+
+    def _as_vllm(self, family: Metric) -> Metric:
+        """`family` under vLLM's name, its labels as vLLM names them, plus `model_name`."""
+        name = VLLM_NAMES[family.name]
+        copy = Metric(name, family.documentation, family.type)
+        for sample in family.samples:
+            labels = {_VLLM_LABELS.get(k, k): v for k, v in sample.labels.items()}
+            labels["model_name"] = self.model_name
+            copy.add_sample(name + sample.name[len(family.name):], labels, sample.value, sample.timestamp)
+        return copy
 
 
 class RequestTimer:

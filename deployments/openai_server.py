@@ -183,7 +183,7 @@ class OpenAIServer:
         self.model = self.model_names[0]  # the name answered
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
         self._tokens: dict[int, tuple[str, list[int]]] = {}  # _token_info's
-        self.metrics = Metrics(replica_name)
+        self.metrics = Metrics(replica_name, self.model)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
         self._grammar_tokenizer = None
 

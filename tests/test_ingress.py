@@ -723,6 +723,37 @@ def test_metrics_exposition(client, router, tokenizer):
     assert value("meshserve_router_up") == 1
 
 
+def test_metrics_also_go_out_under_vllms_names(client, router):
+    """vLLM's names and model_name label (vllm/v1/metrics/loggers.py), with the values of meshserve's own."""
+    client.post("/v1/chat/completions", json=CHAT)
+    client.post("/v1/completions", json={**COMPLETION, "max_tokens": 4})
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(client.get("/metrics").text) for s in family.samples}
+    named = [key for key in samples if key[0].startswith("vllm:")]
+    assert named and all(dict(labels)["model_name"] == MODEL for _, labels in named)
+
+    def same(ours: str, theirs: str, **labels) -> None:
+        vllm_labels = {"finished_reason" if k == "finish_reason" else k: v for k, v in labels.items()}
+        mine = samples[(ours, tuple(sorted(labels.items())))]
+        assert samples[(theirs, tuple(sorted({**vllm_labels, "model_name": MODEL}.items())))] == mine
+
+    same("meshserve_prompt_tokens_total", "vllm:prompt_tokens_total", ingress="local")
+    same("meshserve_generation_tokens_total", "vllm:generation_tokens_total", ingress="local")
+    for reason in ("stop", "length"):
+        same("meshserve_requests_total", "vllm:request_success_total", ingress="local", finish_reason=reason)
+    for histogram in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                      "request_queue_time_seconds"):
+        same(f"meshserve_{histogram}_count", f"vllm:{histogram}_count", ingress="local")
+        same(f"meshserve_{histogram}_bucket", f"vllm:{histogram}_bucket", ingress="local", le="0.5")
+    for mesh in ("mesh-0", "mesh-1"):
+        same("meshserve_num_requests_running", "vllm:num_requests_running", mesh=mesh)
+        same("meshserve_num_requests_waiting", "vllm:num_requests_waiting", mesh=mesh)
+        same("meshserve_kv_cache_usage_ratio", "vllm:kv_cache_usage_perc", mesh=mesh)
+        same("meshserve_prefix_cache_queries_tokens_total", "vllm:prefix_cache_queries_total", mesh=mesh)
+        same("meshserve_prefix_cache_hits_tokens_total", "vllm:prefix_cache_hits_total", mesh=mesh)
+        same("meshserve_num_preemptions_total", "vllm:num_preemptions_total", mesh=mesh)
+
+
 # ---- stop strings -------------------------------------------------------------------------------
 
 @given(text=st.text(alphabet="abc ", max_size=40), stop_list=st.lists(st.text(alphabet="abc", min_size=1, max_size=4),
