@@ -1,10 +1,12 @@
 """Kill a mesh replica (or the router) mid-load and count what the clients lose.
 
-    python -m bench.failover [--meshes 2] [--streams 32] [--kill mesh|router] [--json]
+    python -m bench.failover [--meshes 2] [--streams 32] [--kill mesh|router|redeploy] [--json]
 
 A local Serve app with simulated Galaxies runs `--streams` greedy streaming completions (distinct prompts,
 ignore_eos) twice: once undisturbed, for the reference texts, and once with `ray.kill` of the `mesh-0`
-replica's actor (or the router's) once every stream has its first tokens. Reported: streams lost (an
+replica's actor (or the router's) once every stream has its first tokens; or with a redeploy of the application
+with one argument changed (`stream_interval_ms`), which Serve answers by replacing every replica, ingress, router
+and meshes, as `serve deploy` of an edited config does. Reported: streams lost (an
 error, a non-200, or no finish), streams finished, streams whose text equals the reference, the longest
 pause any stream saw between two chunks, and, for a mesh kill, the time from the kill until the router
 has the restarted replica live again and until a request is served on it.
@@ -18,9 +20,11 @@ import time
 
 import httpx
 import ray
+from ray import serve
 
 from bench.local_serve import router_stats, serve_app
 from bench.saturation import distinct_prompts
+from deployments.app import build
 from deployments.config import AppConfig
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -62,7 +66,17 @@ def kill_actor(deployment: str) -> None:
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
 
 
-async def run(url: str, prompts: list[list[int]], max_tokens: int, kill: str | None) -> tuple[list[dict], float | None]:
+def redeploy(config: AppConfig) -> None:
+    """`config` again with `stream_interval_ms` changed: Serve replaces every replica of the application (its
+    arguments changed). Returns once the new application is running."""
+    changed = config.model_copy(update={"stream_interval_ms": config.stream_interval_ms + 1})
+    serve.run(build(changed), name="meshserve", route_prefix="/")
+
+
+async def run(url: str, prompts: list[list[int]], max_tokens: int, kill: str | None,
+              config: AppConfig | None = None) -> tuple[list[dict], float | None]:
+    """Streams of `prompts`; once all have tokens, `kill` "mesh" or "router" (ray.kill) or "redeploy" (`config`
+    with a changed argument)."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts) + 4)) as http:
         started = [asyncio.Event() for _ in prompts]
         tasks = [asyncio.create_task(one_stream(http, url, p, max_tokens, e)) for p, e in zip(prompts, started)]
@@ -70,7 +84,10 @@ async def run(url: str, prompts: list[list[int]], max_tokens: int, kill: str | N
         if kill is not None:
             await asyncio.gather(*[e.wait() for e in started])
             killed_at = time.monotonic()
-            await asyncio.to_thread(kill_actor, "mesh-0" if kill == "mesh" else "RouterDeployment")
+            if kill == "redeploy":
+                await asyncio.to_thread(redeploy, config)
+            else:
+                await asyncio.to_thread(kill_actor, "mesh-0" if kill == "mesh" else "RouterDeployment")
         return list(await asyncio.gather(*tasks)), killed_at
 
 
@@ -103,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--time-scale", type=float, default=1.0, help="simulated Galaxy speed (1.0: real time)")
-    p.add_argument("--kill", choices=["mesh", "router"], default="mesh")
+    p.add_argument("--kill", choices=["mesh", "router", "redeploy"], default="mesh")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, num_meshes=args.meshes,
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     with serve_app(config) as url:
         reference, _ = asyncio.run(run(url, prompts, args.max_tokens, None))
         incarnation = router_stats(url)["meshes"][0]["incarnation"]
-        faulted, killed_at = asyncio.run(run(url, prompts, args.max_tokens, args.kill))
+        faulted, killed_at = asyncio.run(run(url, prompts, args.max_tokens, args.kill, config))
         lost = [r for r in faulted if r["error"] or r["finish"] is None]
         report = {
             "config": {"meshes": args.meshes, "streams": args.streams, "max_tokens": args.max_tokens,
@@ -130,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{args.kill} killed under {args.streams} streams on {args.meshes} meshes: "
+        print(f"{'app redeployed' if args.kill == 'redeploy' else args.kill + ' killed'} under {args.streams} streams on {args.meshes} meshes: "
               f"{report['streams_lost']} lost, {report['streams_finished']} finished, "
               f"{report['texts_identical']}/{args.streams} texts identical, "
               f"longest pause {report['longest_pause_s']:.2f} s")

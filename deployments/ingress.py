@@ -214,7 +214,14 @@ def _validated(cls: type[M], **fields) -> M:
         raise validation_error(exc.errors(), skip_body=False) from None
 
 
-@serve.deployment(max_ongoing_requests=1024)
+# A stopping ingress replica (a redeploy, a scale-down) serves its open requests for up to
+# graceful_shutdown_timeout_s before Serve kills it and cuts them. Serve's 20 s cut a stream paused by a redeploy
+# that restarts the router and the meshes too (its continuation waits for them: ~25-35 s for CPU meshes here), and
+# any stream of more than ~20 s of tokens left on a replica that scales down; 60 s lets both finish.
+INGRESS_GRACEFUL_SHUTDOWN_S = 60
+
+
+@serve.deployment(max_ongoing_requests=1024, graceful_shutdown_timeout_s=INGRESS_GRACEFUL_SHUTDOWN_S)
 @serve.ingress()
 class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""

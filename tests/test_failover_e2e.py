@@ -1,6 +1,7 @@
 """Lossless failover over real HTTP: a local Serve app with two simulated meshes, whose mesh replica and
-then router replica are killed (ray.kill) mid-stream. Every stream must finish with the text it gives
-undisturbed, and the killed mesh must serve again once Serve has restarted it."""
+then router replica are killed (ray.kill) mid-stream, and which is then redeployed with an argument changed (every
+replica replaced). Every stream must finish with the text it gives undisturbed, and the killed mesh must serve
+again once Serve has restarted it."""
 import asyncio
 
 import httpx
@@ -50,3 +51,16 @@ def test_killing_the_router_mid_stream_loses_nothing(app):
     assert longest_pause(results) < 60
     r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "after", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_redeploy_with_changed_arguments_mid_stream_loses_nothing(app):
+    """Serve replaces every replica, the ingress replicas holding the streams too: a stopping ingress serves its
+    streams on (their continuations wait for the new router and meshes) for INGRESS_GRACEFUL_SHUTDOWN_S, where
+    Serve's default 20 s cut them mid-body."""
+    url, _ = app
+    prompts, max_tokens = PROMPTS[:4], 1500  # ~10 s of tokens each: more than is left of 20 s once the app is back
+    reference, _ = asyncio.run(run(url, prompts, max_tokens, None))
+    results, _ = asyncio.run(run(url, prompts, max_tokens, "redeploy", CONFIG))
+    assert [r["error"] for r in results] == [None] * len(prompts)
+    assert [r["finish"] for r in results] == ["length"] * len(prompts)
+    assert [r["text"] for r in results] == [r["text"] for r in reference]
