@@ -114,10 +114,11 @@ class AppConfig(BaseModel):
         return self.names[0]
 
 
-def check_serve_config(path: str) -> list[str]:
+def check_serve_config(path: str, notes: list[str] | None = None) -> list[str]:
     """Each meshserve application's `args` in a Serve config file, validated: the errors, each naming its
     application and field. `serve run` retries a build that fails and then waits on, without exiting, so
-    `make serve` checks the file first."""
+    `make serve` checks the file first. `notes` gets what is right here but may not be where Serve builds the
+    application (Ray's environment): HF_MODEL / LLAMA_DIR taken from this shell only."""
     import yaml
     from pydantic import ValidationError
 
@@ -125,9 +126,13 @@ def check_serve_config(path: str) -> list[str]:
 
     try:
         with open(path) as f:
-            apps = (yaml.safe_load(f) or {}).get("applications") or []
+            doc = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         return [f"{path}: {e}"]
+    apps = doc.get("applications") if isinstance(doc, dict) else None
+    if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
+        return [f"{path}: not a Serve config: `applications` must be a list of applications, each a mapping "
+                "(name, import_path, args)"]
     errors = []
     for app in apps:
         if app.get("import_path") != "deployments.app:build":
@@ -141,17 +146,28 @@ def check_serve_config(path: str) -> list[str]:
             continue
         if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars
-            env = {**os.environ, **((app.get("runtime_env") or {}).get("env_vars") or {})}
+            env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}
             try:
-                checkpoint_dir(config.model, env=env)
+                checkpoint_dir(config.model, env={**os.environ, **env_vars})
             except ValueError as e:
                 errors.append(f"{path}: application {app.get('name')!r}, args.{e}")
+                continue
+            shell_only = [v for v in ("HF_MODEL", "LLAMA_DIR") if os.environ.get(v) and v not in env_vars]
+            if not config.model and shell_only and notes is not None:
+                notes.append(f"{path}: application {app.get('name')!r} takes its model from {shell_only[0]} in this "
+                             "shell: Serve builds it in Ray, so `ray start` must have it too (or put it under "
+                             "runtime_env.env_vars)")
     return errors
 
 
 if __name__ == "__main__":
     import sys
 
-    problems = [p for path in sys.argv[1:] for p in check_serve_config(path)]
-    print("\n".join(problems), file=sys.stderr)
+    if len(sys.argv) < 2:
+        print("usage: python -m deployments.config SERVE_CONFIG.yaml [...]  (exits 2 naming each wrong key)",
+              file=sys.stderr)
+        sys.exit(2)
+    notes: list[str] = []
+    problems = [p for path in sys.argv[1:] for p in check_serve_config(path, notes)]
+    print("\n".join([*problems, *(f"note: {n}" for n in notes)]), file=sys.stderr)
     sys.exit(2 if problems else 0)

@@ -181,3 +181,41 @@ def test_the_config_check_sees_the_variables_the_build_sees(monkeypatch, tmp_pat
     app["runtime_env"] = {"env_vars": {"LLAMA_DIR": str(tmp_path)}}
     path.write_text(yaml.safe_dump({"applications": [app]}))
     assert check_serve_config(str(path)) == []
+
+
+@pytest.mark.parametrize("text", ["applications: {a: 1}\n", "- 1\n", "applications:\n- 1\n", "applications: 3\n", ""])
+def test_a_file_that_is_no_serve_config_is_named_not_a_traceback(tmp_path, text):
+    from deployments.config import check_serve_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert check_serve_config(str(path)) == [
+        f"{path}: not a Serve config: `applications` must be a list of applications, each a mapping "
+        "(name, import_path, args)"]
+
+
+def test_the_config_check_without_a_file_says_how_to_call_it():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "deployments.config"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("usage: python -m deployments.config")
+
+
+def test_a_model_variable_from_this_shell_only_passes_with_a_note(monkeypatch, tmp_path):
+    """`serve deploy` builds in Ray, whose environment is `ray start`'s: a variable set only in the shell that runs
+    the check may not be there."""
+    from deployments.config import check_serve_config
+
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    monkeypatch.setenv("HF_MODEL", str(tmp_path))
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": ""}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    notes: list[str] = []
+    assert check_serve_config(str(path), notes) == [] and len(notes) == 1
+    assert "takes its model from HF_MODEL in this shell" in notes[0] and "runtime_env.env_vars" in notes[0]
+    app["runtime_env"] = {"env_vars": {"HF_MODEL": str(tmp_path)}}
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    notes.clear()
+    assert check_serve_config(str(path), notes) == [] and notes == []
