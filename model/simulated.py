@@ -33,6 +33,10 @@ DEMO_MEAN_GENERATED = 64  # the demo's decode rates average 128 generated tokens
 _BACK = np.concatenate([2 ** np.arange(16, 3, -1), np.arange(WINDOW - 1, -1, -1)])  # distances back, oldest first
 _MIXERS = np.random.default_rng(0x6A1A).integers(1, 2**63, size=len(_BACK) + 1, dtype=np.uint64) | np.uint64(1)
 _LOGIT_FLOOR = -1e4  # far enough below the chosen token that no temperature or penalty can flip it
+# The other tokens fall by this much per id below the floor: no two tie (distinct in float32 down to -11,283), as in
+# a real model's logits. Tied, the whole vocabulary tied with top-k's k-th logit, and sampling sorted all of it
+# (~50 ms a row on the 2-core box: the demo's log-probs preset ran 80 times slower than a Galaxy would).
+_LOGIT_STEP = 0.01
 _MAX_CATCH_UP_S = 0.010  # oversleep repaid on the next call, so a loaded host keeps the published rate
 
 
@@ -124,9 +128,10 @@ class SimulatedBackend(Backend):
 
     It samples every field itself except `logprobs`, `logit_bias`, `allowed_token_ids`, bad words and `grammar`:
     those take the logits path,
-    which returns one-hot-like logits [*, vocab] (the chosen token at 0, the rest at -1e4; ~16 MB per decode
-    step at the Llama 3 vocab, a few ms), so host sampling picks the same token whatever its parameters,
-    unless a bias or a grammar rules it out (then the best token left, the lowest allowed id).
+    which returns one-hot-like logits [*, vocab] (the chosen token at 0, the rest at -1e4 and below, lower for
+    higher ids; ~16 MB per decode step at the Llama 3 vocab, a few ms), so host sampling picks the same token
+    whatever its parameters, unless a bias or a grammar rules it out (then the best token left, the lowest
+    allowed id).
     """
 
     def __init__(self, *, time_scale: float = 1.0, num_slots: int = NUM_SLOTS, block_size: int = BLOCK_SIZE,
@@ -159,6 +164,7 @@ class SimulatedBackend(Backend):
         self._kv_flat = self.kv.reshape(-1)  # a view: [group, block, offset] flattened
         self._group_of_slot = np.arange(num_slots) // (num_slots // kv_groups)
         self._ordinary_ids = np.setdiff1d(np.arange(vocab_size), eos_token_ids)
+        self._floor = _LOGIT_FLOOR - _LOGIT_STEP * torch.arange(vocab_size, dtype=torch.float32)  # _one_hot's row
         self._late = 0.0
 
     def prefill(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
@@ -225,7 +231,7 @@ class SimulatedBackend(Backend):
         return tokens
 
     def _one_hot(self, tokens: np.ndarray) -> torch.Tensor:
-        logits = torch.full((len(tokens), self.caps.vocab_size), _LOGIT_FLOOR)
+        logits = self._floor.expand(len(tokens), -1).clone()
         logits[torch.arange(len(tokens)), torch.from_numpy(tokens)] = 0.0
         return logits
 

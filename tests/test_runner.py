@@ -417,7 +417,9 @@ def test_logprobs_of_a_guided_row_are_renormalised_over_what_the_grammar_allows(
     results = grammar_run(choice_grammar(["yes", "no"]), logprobs=5)
     lp = results[0].logprobs[0]
     assert all("yes".startswith(tok.decode([t])) or "no".startswith(tok.decode([t])) for t, _ in lp.top), lp.top
-    assert all(value > -20 for _, value in lp.top) and sum(math.exp(v) for _, v in lp.top) == pytest.approx(1.0, abs=1e-3)
+    # the simulated logits rank the grammar's tokens ~1e4 below the one it rules out: renormalised, the best is ~0
+    assert max(value for _, value in lp.top) > -20
+    assert sum(math.exp(v) for _, v in lp.top) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_logit_bias_forces_and_bans_on_the_host_path():
