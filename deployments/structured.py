@@ -143,13 +143,13 @@ def _tool_call_grammar(tools: list[Tool], choice, parallel: bool):
 def _parameters(tool: Tool) -> dict:
     """The JSON schema a call's arguments follow: always an object (a schema without `type`, which the
     protocol takes when nothing at its top says otherwise, admitted any JSON value, so a forced call could
-    come out with arguments "null"); closed when the tool is strict; none given: any object."""
+    come out with arguments "null"); closed (see `closed`), strict or not; none given: any object."""
     parameters = tool.function.parameters
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
     elif "type" not in parameters:
         parameters = {**parameters, "type": "object"}
-    return closed(parameters) if tool.function.strict else parameters
+    return closed(parameters)
 
 
 def _grammar_sources(req) -> list[tuple[str, object]]:
@@ -161,10 +161,10 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
     if fmt is not None and fmt.type == "json_object":
         sources.append(("response_format", _builder("json_object", True, whitespace)))
     elif fmt is not None and fmt.type == "json_schema":
-        schema = fmt.json_schema.schema_  # built (closed when strict) only when asked for
+        schema = fmt.json_schema.schema_  # built (and closed) only when asked for
         sources.append(("response_format.json_schema.schema",
                         _builder("json_object", True, whitespace) if schema is None else
-                        _builder("json", schema, whitespace, bool(fmt.json_schema.strict))))
+                        _builder("json", schema, whitespace)))
     if so is not None:
         given = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
                                                    ("grammar", so.grammar), ("json_object", so.json_object or None))
@@ -173,7 +173,7 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
             raise APIError(400, "structured_outputs: give exactly one of json, regex, choice, grammar, json_object",
                            param="structured_outputs")
         name, value = given[0]
-        build = _builder(name, value, whitespace, so.disable_additional_properties)
+        build = _builder(name, value, whitespace)  # closed: disable_additional_properties always holds
         sources.append((f"structured_outputs.{name}", build))
     for name in ("json", "regex", "choice", "grammar"):
         value = getattr(req, f"guided_{name}")
@@ -217,8 +217,10 @@ _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternPrope
 
 
 def closed(schema: dict | None, require_all: bool = False) -> dict:
-    """A strict schema as OpenAI reads it: no object takes properties it does not list (OpenAI requires
-    `additionalProperties: false` on each; here one left out means false, not JSON Schema's true).
+    """A schema as vLLM's default backend (xgrammar, strict_mode on) and OpenAI's strict mode read it: no object
+    takes properties it does not list (one that leaves out `additionalProperties` gets false, not JSON Schema's
+    true; one that says it keeps it). Every JSON constraint here is closed, strict or not, as in vLLM (whose
+    `disable_additional_properties` makes its guidance backend do the same).
     `require_all`: every object also requires all its properties, as OpenAI's Responses API normalizes a tool
     that does not say whether it is strict. Linear in the schema's size: each subschema is visited once."""
     if not isinstance(schema, dict):
@@ -262,13 +264,13 @@ def _check_size(source) -> None:
         raise ValueError(f"the constraint is over {MAX_GRAMMAR_BYTES} bytes, the most this server takes")
 
 
-def _builder(kind: str, value, whitespace: dict, closed_objects: bool = False) -> Callable[[], str]:
+def _builder(kind: str, value, whitespace: dict) -> Callable[[], str]:
     """The grammar's maker (run by _check, off the event loop), its source's size checked first."""
     def build() -> str:
         _check_size(value)
         if kind == "json":
             schema = json.loads(value) if isinstance(value, str) else value
-            return json_schema_grammar(closed(schema) if closed_objects else schema, whitespace)
+            return json_schema_grammar(closed(schema), whitespace)
         if kind == "json_object":
             return json_schema_grammar(True, whitespace)
         if kind == "regex":

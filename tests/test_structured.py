@@ -172,7 +172,7 @@ def test_a_forced_calls_arguments_are_an_object_when_the_schema_names_no_type(to
     assert accepts(llt, tok, grammar, '{"name": "a", "parameters": {"x": 3}}')
     for arguments in ("null", "77777777", '"x"', "[]"):
         assert not accepts(llt, tok, grammar, '{"name": "a", "parameters": %s}' % arguments)
-    assert accepts(llt, tok, grammar, '{"name": "a", "parameters": {"x": 3, "y": 1}}') is not strict
+    assert not accepts(llt, tok, grammar, '{"name": "a", "parameters": {"x": 3, "y": 1}}')  # closed either way
 
 
 def test_two_tools_defining_one_name_differently_is_a_400(llt):
@@ -186,10 +186,11 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 
 
 @pytest.mark.parametrize("fields, admitted", [
-    ({"structured_outputs": {"json": SCHEMA}}, [True, True, True, True]),
+    ({"structured_outputs": {"json": SCHEMA}}, [True, True, True, False]),
     ({"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}, [False, True, False, False]),
-    ({"guided_json": SCHEMA, "guided_whitespace_pattern": " "}, [True, True, False, True]),
-    ({"structured_outputs": {"json": SCHEMA, "whitespace_pattern": " "}}, [True, True, False, True]),
+    ({"guided_json": SCHEMA, "guided_whitespace_pattern": " "}, [True, True, False, False]),
+    ({"structured_outputs": {"json": SCHEMA, "whitespace_pattern": " "}}, [True, True, False, False]),
+    ({"structured_outputs": {"json": {**SCHEMA, "additionalProperties": True}}}, [True, True, True, True]),
     ({"structured_outputs": {"json": SCHEMA, "disable_additional_properties": True}}, [True, True, True, False]),
     ({"response_format": {"type": "json_object"}, "guided_whitespace_pattern": " "}, [True, True, False, True]),
 ])
@@ -277,16 +278,23 @@ def test_tools_and_tool_history_reach_a_template_that_cannot_render_them(tok):
     assert "sunny" in tok.render_chat(rendered)
 
 
-def test_a_strict_schema_takes_no_property_it_does_not_list(tok, llt):
+@pytest.mark.parametrize("strict", [None, False, True])
+def test_a_json_schema_takes_no_property_it_does_not_list_strict_or_not(tok, llt, strict):
+    """As vLLM's default backend compiles it (xgrammar's strict_mode, on by default): Instructor's and
+    LangChain's plain models come without `strict` or `additionalProperties`, and a small model filled the answer
+    with invented keys up to max_tokens. An object that says `additionalProperties` keeps it."""
     person = {"type": "object", "properties": {"name": {"type": "string"},
                                                "pet": {"type": "object", "properties": {"kind": {"type": "string"}}}}}
-    strict = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
-        "name": "p", "schema": person, "strict": True}}), lambda: llt).grammar
-    loose = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
-        "name": "p", "schema": person}}), lambda: llt).grammar
+    fmt = {"name": "p", "schema": person, **({} if strict is None else {"strict": strict})}
+    grammar = constraint_for(chat(response_format={"type": "json_schema", "json_schema": fmt}), lambda: llt).grammar
     extra = '{"name": "a", "pet": {"kind": "cat", "age": 3}}'
-    assert accepts(llt, tok, loose, extra) and not accepts(llt, tok, strict, extra)
-    assert accepts(llt, tok, strict, '{"name": "a", "pet": {"kind": "cat"}}')
+    assert not accepts(llt, tok, grammar, extra)
+    assert accepts(llt, tok, grammar, '{"name": "a", "pet": {"kind": "cat"}}')
+    open_pet = {**person, "properties": {**person["properties"], "pet": {**person["properties"]["pet"],
+                                                                          "additionalProperties": True}}}
+    fmt = {"name": "p", "schema": open_pet, **({} if strict is None else {"strict": strict})}
+    grammar = constraint_for(chat(response_format={"type": "json_schema", "json_schema": fmt}), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, extra) and not accepts(llt, tok, grammar, '{"name": "a", "x": 1}')
     tool = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
     forced = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
     assert not accepts(llt, tok, forced, '{"name": "get_weather", "parameters": {"city": "Oslo", "x": 1}}')
