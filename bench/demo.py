@@ -242,8 +242,11 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
     from model.tt_galaxy import TTGalaxyBackend
 
     tokenizer = load_tokenizer(model_dir)  # tt_galaxy: checkpoint_dir found it, or said what to set
-    backend = TTGalaxyBackend(model_dir, block_size=settings.block_size, num_blocks=settings.max_blocks,
-                              max_seq_len=settings.max_seq_len, num_layers=args.num_layers)
+    try:
+        backend = TTGalaxyBackend(model_dir, block_size=settings.block_size, num_blocks=settings.max_blocks,
+                                  max_seq_len=settings.max_seq_len, num_layers=args.num_layers)
+    except ImportError as e:  # no ttnn, or no tt-metal checkout on PYTHONPATH: what to install, not a traceback
+        raise SystemExit(f"{e} ({e.__cause__ or 'import failed'})") from None
     return backend, tokenizer
 
 

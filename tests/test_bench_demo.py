@@ -185,3 +185,15 @@ def test_a_cpu_model_is_not_compared_with_the_galaxys_figures(capsys, tiny_model
     rep = run_json(capsys, "--backend", "torch", "--model", str(tiny_model), "--max-generated-tokens", "2",
                    "--max-blocks", "96")  # the batch-32 preset, whose run the published figures are
     assert rep["published"] == {} and rep["output_tokens"] == 64
+
+
+def test_the_galaxy_backend_without_ttnn_says_what_to_install(monkeypatch):
+    """One line naming the `tt` extra, not an ImportError's traceback."""
+    import sys
+
+    from model.embedded import ensure_smollm2
+
+    monkeypatch.setitem(sys.modules, "ttnn", None)  # not importable, as on every host without a Galaxy
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--backend", "tt_galaxy", "--model", str(ensure_smollm2())])
+    assert "pip install 'meshserve[tt]'" in str(exited.value.code) and "3.10 and 3.12" in str(exited.value.code)
