@@ -34,7 +34,7 @@ test: $(STAMP) model
 	$(BIN)/python -m pytest -q tests
 
 serve: $(STAMP) model
-	$(BIN)/python -m deployments.config serve_config.yaml
+	$(BIN)/python -m deployments.config --port-free serve_config.yaml
 	@echo "meshserve: starting Ray Serve with serve_config.yaml; once http://localhost:8000/health answers 200, the OpenAI endpoint is"
 	@echo "  http://localhost:8000/v1   e.g.:"
 	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"

@@ -160,14 +160,41 @@ def check_serve_config(path: str, notes: list[str] | None = None) -> list[str]:
     return errors
 
 
+def http_port_taken(path: str) -> str | None:
+    """What to say when the config's HTTP port (http_options, Serve's default 0.0.0.0:8000) cannot be bound here:
+    `serve run` otherwise starts Ray and Serve and fails a minute later with the cause deep in a traceback."""
+    import socket
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            options = (yaml.safe_load(f) or {}).get("http_options") or {}
+        host, port = options.get("host", "0.0.0.0"), int(options.get("port", 8000))
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return None  # check_serve_config names what is wrong with the file
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed one's TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return (f"{path}: http_options: {host}:{port} cannot be bound ({e.strerror}): stop what holds it (another "
+                    "`make serve`?) or set another http_options.port")
+    return None
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 2:
-        print("usage: python -m deployments.config SERVE_CONFIG.yaml [...]  (exits 2 naming each wrong key)",
-              file=sys.stderr)
+    args = sys.argv[1:]
+    port_free = "--port-free" in args  # `make serve`: the config's HTTP port must be free here
+    paths = [a for a in args if a != "--port-free"]
+    if not paths:
+        print("usage: python -m deployments.config [--port-free] SERVE_CONFIG.yaml [...]  (exits 2 naming each "
+              "wrong key)", file=sys.stderr)
         sys.exit(2)
     notes: list[str] = []
-    problems = [p for path in sys.argv[1:] for p in check_serve_config(path, notes)]
+    problems = [p for path in paths for p in check_serve_config(path, notes)]
+    problems += [taken for path in paths if port_free and (taken := http_port_taken(path))]
     print("\n".join([*problems, *(f"note: {n}" for n in notes)]), file=sys.stderr)
     sys.exit(2 if problems else 0)

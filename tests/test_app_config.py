@@ -219,3 +219,29 @@ def test_a_model_variable_from_this_shell_only_passes_with_a_note(monkeypatch, t
     path.write_text(yaml.safe_dump({"applications": [app]}))
     notes.clear()
     assert check_serve_config(str(path), notes) == [] and notes == []
+
+
+def test_make_serve_names_a_taken_http_port_before_starting_ray(tmp_path):
+    """`serve run` with port 8000 taken started Ray and Serve and failed a minute later, the cause deep in a
+    traceback."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        config["http_options"] = {"host": "127.0.0.1", "port": port}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(config))
+        taken = subprocess.run([sys.executable, "-m", "deployments.config", "--port-free", str(path)], cwd=ROOT,
+                               capture_output=True, text=True)
+        plain = subprocess.run([sys.executable, "-m", "deployments.config", str(path)], cwd=ROOT,
+                               capture_output=True, text=True)  # `serve deploy` to a running Serve: its port
+    assert taken.returncode == 2 and f"127.0.0.1:{port} cannot be bound" in taken.stderr
+    assert "Traceback" not in taken.stderr and plain.returncode == 0
+    free = subprocess.run([sys.executable, "-m", "deployments.config", "--port-free", str(path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert free.returncode == 0
