@@ -245,8 +245,10 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
     try:
         backend = TTGalaxyBackend(model_dir, block_size=settings.block_size, num_blocks=settings.max_blocks,
                                   max_seq_len=settings.max_seq_len, num_layers=args.num_layers)
-    except ImportError as e:  # no ttnn, or no tt-metal checkout on PYTHONPATH: what to install, not a traceback
-        raise SystemExit(f"{e} ({e.__cause__ or 'import failed'})") from None
+    except ImportError as e:
+        if not str(e).startswith("the TT Galaxy backend"):  # an import inside tt-metal that failed: its traceback
+            raise
+        raise SystemExit(f"{e} ({e.__cause__})") from None  # no ttnn, or no tt-metal checkout: what to install
     return backend, tokenizer
 
 

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{'app redeployed' if args.kill == 'redeploy' else args.kill + ' killed'} under {args.streams} streams on {args.meshes} meshes: "
+        fault = "app redeployed" if args.kill == "redeploy" else f"{args.kill} killed"
+        print(f"{fault} under {args.streams} streams on {args.meshes} meshes: "
               f"{report['streams_lost']} lost, {report['streams_finished']} finished, "
               f"{report['texts_identical']}/{args.streams} texts identical, "
               f"longest pause {report['longest_pause_s']:.2f} s")

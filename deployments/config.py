@@ -177,6 +177,8 @@ def http_port_taken(path: str) -> str | None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed one's TIME_WAIT is free
         try:
             s.bind((host, port))
+        except (TypeError, OverflowError):  # no host, a port past 65535: Serve names those itself
+            return None
         except OSError as e:
             return (f"{path}: http_options: {host}:{port} cannot be bound ({e.strerror}): stop what holds it (another "
                     "`make serve`?) or set another http_options.port")

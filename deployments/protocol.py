@@ -360,7 +360,7 @@ class StructuredOutputs(RequestModel):
     json_object: bool | None = None
     disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
     whitespace_pattern: Text | None = None  # the whitespace a JSON constraint allows (a regex)
-    disable_additional_properties: bool = False  # objects take only the properties their schema lists
+    disable_additional_properties: bool = False  # always so here: every JSON schema is closed (structured.closed)
     disable_fallback: bool = False  # no other grammar engine to fall back on: an error is always an error
     structural_tag: Unsupported | None = None
 

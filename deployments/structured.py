@@ -143,13 +143,14 @@ def _tool_call_grammar(tools: list[Tool], choice, parallel: bool):
 def _parameters(tool: Tool) -> dict:
     """The JSON schema a call's arguments follow: always an object (a schema without `type`, which the
     protocol takes when nothing at its top says otherwise, admitted any JSON value, so a forced call could
-    come out with arguments "null"); closed (see `closed`), strict or not; none given: any object."""
+    come out with arguments "null"); closed (`closed`, strictly when the tool is strict); none given: any
+    object."""
     parameters = tool.function.parameters
     if parameters is None:
         parameters = {"type": "object", "properties": {}}
     elif "type" not in parameters:
         parameters = {**parameters, "type": "object"}
-    return closed(parameters)
+    return closed(parameters, strict=bool(tool.function.strict))
 
 
 def _grammar_sources(req) -> list[tuple[str, object]]:
@@ -164,7 +165,7 @@ def _grammar_sources(req) -> list[tuple[str, object]]:
         schema = fmt.json_schema.schema_  # built (and closed) only when asked for
         sources.append(("response_format.json_schema.schema",
                         _builder("json_object", True, whitespace) if schema is None else
-                        _builder("json", schema, whitespace)))
+                        _builder("json", schema, whitespace, bool(fmt.json_schema.strict))))
     if so is not None:
         given = [(name, value) for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
                                                    ("grammar", so.grammar), ("json_object", so.json_object or None))
@@ -214,28 +215,42 @@ _SUBSCHEMA = frozenset({"items", "additionalItems", "additionalProperties", "con
                         "unevaluatedItems", "unevaluatedProperties"})
 _SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "prefixItems", "items"})
 _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+# What leaves a non-strict object open: properties that other subschemas name (a `properties` level's anyOf /
+# allOf mixins, a $ref's target, if/then), or keys only patterns describe (vLLM sends those to its guidance
+# backend, which leaves them open).
+_OPEN_BESIDE = frozenset({"allOf", "anyOf", "oneOf", "$ref", "not", "if", "then", "else", "dependentSchemas",
+                          "patternProperties", "propertyNames", "unevaluatedProperties"})
 
 
-def closed(schema: dict | None, require_all: bool = False) -> dict:
-    """A schema as vLLM's default backend (xgrammar, strict_mode on) and OpenAI's strict mode read it: no object
-    takes properties it does not list (one that leaves out `additionalProperties` gets false, not JSON Schema's
-    true; one that says it keeps it). Every JSON constraint here is closed, strict or not, as in vLLM (whose
-    `disable_additional_properties` makes its guidance backend do the same).
+def closed(schema: dict | None, require_all: bool = False, strict: bool = True) -> dict:
+    """A schema whose objects take no properties they do not list: one that leaves out `additionalProperties`
+    gets false, not JSON Schema's true; one that says it keeps it. Linear in the schema's size: each subschema is
+    visited once.
+    `strict`: as OpenAI's strict mode reads a schema (every object closed: it refuses combined schemas anyway).
+    Otherwise as vLLM's default backend (xgrammar, strict_mode on) compiles a plain one, without turning a valid
+    schema into an impossible one: only objects that list `properties` close, not beside the keywords of
+    _OPEN_BESIDE, and the anyOf / oneOf branches of an object that lists properties are mixins of it (closed
+    alone, each would refuse them).
     `require_all`: every object also requires all its properties, as OpenAI's Responses API normalizes a tool
-    that does not say whether it is strict. Linear in the schema's size: each subschema is visited once."""
+    that does not say whether it is strict."""
     if not isinstance(schema, dict):
         return {"type": "object", "properties": {}, "additionalProperties": False} if schema is None else schema
     out = dict(schema)
+    mixins = not strict and "properties" in schema
     for key, value in schema.items():
         if key in _SUBSCHEMA and isinstance(value, dict):
-            out[key] = closed(value, require_all)
-        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-            out[key] = [closed(v, require_all) if isinstance(v, dict) else v for v in value]
+            out[key] = closed(value, require_all, strict)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list) and not (mixins and key in ("anyOf", "oneOf")):
+            out[key] = [closed(v, require_all, strict) if isinstance(v, dict) else v for v in value]
         elif key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-            out[key] = {name: closed(sub, require_all) if isinstance(sub, dict) else sub for name, sub in value.items()}
+            out[key] = {name: closed(sub, require_all, strict) if isinstance(sub, dict) else sub
+                        for name, sub in value.items()}
     kind = schema.get("type")
-    if (kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema) \
-            and "additionalProperties" not in schema:
+    if strict:
+        close = kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema
+    else:  # an object that lists no properties is a free-form map (pydantic's dict), not an empty object
+        close = "properties" in schema and not _OPEN_BESIDE.intersection(schema)
+    if close and "additionalProperties" not in schema:
         out["additionalProperties"] = False
     if require_all and isinstance(schema.get("properties"), dict):
         out["required"] = list(schema["properties"])
@@ -264,13 +279,14 @@ def _check_size(source) -> None:
         raise ValueError(f"the constraint is over {MAX_GRAMMAR_BYTES} bytes, the most this server takes")
 
 
-def _builder(kind: str, value, whitespace: dict) -> Callable[[], str]:
-    """The grammar's maker (run by _check, off the event loop), its source's size checked first."""
+def _builder(kind: str, value, whitespace: dict, strict: bool = False) -> Callable[[], str]:
+    """The grammar's maker (run by _check, off the event loop), its source's size checked first. A JSON schema is
+    closed (`closed`, strictly when `strict`)."""
     def build() -> str:
         _check_size(value)
         if kind == "json":
             schema = json.loads(value) if isinstance(value, str) else value
-            return json_schema_grammar(closed(schema), whitespace)
+            return json_schema_grammar(closed(schema, strict=strict), whitespace)
         if kind == "json_object":
             return json_schema_grammar(True, whitespace)
         if kind == "regex":

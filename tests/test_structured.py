@@ -191,7 +191,6 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
     ({"guided_json": SCHEMA, "guided_whitespace_pattern": " "}, [True, True, False, False]),
     ({"structured_outputs": {"json": SCHEMA, "whitespace_pattern": " "}}, [True, True, False, False]),
     ({"structured_outputs": {"json": {**SCHEMA, "additionalProperties": True}}}, [True, True, True, True]),
-    ({"structured_outputs": {"json": SCHEMA, "disable_additional_properties": True}}, [True, True, True, False]),
     ({"response_format": {"type": "json_object"}, "guided_whitespace_pattern": " "}, [True, True, False, True]),
 ])
 def test_vllm_json_options_shape_the_grammar(tok, llt, fields, admitted):
@@ -430,3 +429,32 @@ def test_a_json_answer_that_is_no_call_stays_content_in_auto_mode():
 ])
 def test_perl_classes_become_ascii_and_escapes_stay(pattern, ascii_only):
     assert ascii_perl_classes(pattern) == ascii_only
+
+
+@pytest.mark.parametrize("schema, admitted, refused", [
+    # properties plus an allOf mixin: the mixin's properties stay allowed
+    ({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+      "allOf": [{"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}, '{"a": 1, "b": 2}', None),
+    # properties plus anyOf variants: each variant is a mixin of them, not an object of its own
+    ({"type": "object", "properties": {"kind": {"type": "string"}}, "required": ["kind"],
+      "anyOf": [{"properties": {"x": {"type": "integer"}}, "required": ["x"]},
+                {"properties": {"y": {"type": "integer"}}, "required": ["y"]}]}, '{"kind": "k", "x": 1}', None),
+    # an object that lists no properties is a free-form map (pydantic's dict), its owner still closed
+    ({"type": "object", "properties": {"meta": {"type": "object"}}}, '{"meta": {"k": 1}}', '{"meta": {}, "z": 1}'),
+    # keys described by patterns only stay as the patterns say
+    ({"type": "object", "patternProperties": {"^x_": {"type": "integer"}}}, '{"x_a": 1}', None),
+    # a nested model behind $ref closes in $defs
+    ({"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}},
+      "$defs": {"P": {"type": "object", "properties": {"n": {"type": "string"}}}}},
+     '{"p": {"n": "a"}}', '{"p": {"n": "a", "m": 1}}'),
+])
+def test_closing_a_plain_schema_never_makes_a_valid_answer_impossible(tok, llt, schema, admitted, refused):
+    """Closed alone, an allOf or anyOf branch refused what the object beside it lists: such schemas became 400s
+    ("required property is unsatisfiable"), and a tool of them every forced call."""
+    grammar = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": schema}}), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, admitted)
+    assert refused is None or not accepts(llt, tok, grammar, refused)
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    forced = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
+    assert accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % admitted)
