@@ -32,6 +32,7 @@ def build(args: AppConfig) -> Application:
         "step_deadline_factor": config.step_deadline_factor,
         "min_step_deadline_s": config.min_step_deadline_s,
         "no_mesh_wait_s": config.no_mesh_wait_s,
+        "enable_prefix_caching": config.enable_prefix_caching,
     })
     return Ingress.options(num_replicas=config.ingress_replicas,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(

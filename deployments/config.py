@@ -44,6 +44,8 @@ class AppConfig(BaseModel):
                                                                      "None: one chunk")
     decode_steps: int = Field(8, ge=1, le=128)
     pipeline_depth: int = Field(2, ge=1, le=4)
+    enable_prefix_caching: bool = Field(True, description="vLLM's name; false: every prompt is computed from its "
+                                                          "first token (no prefix reuse)")
     max_waiting_requests: int = Field(1024, ge=1)
     max_waiting_tokens: int = Field(4 * 131072, ge=1)
     stream_interval_ms: float = Field(10.0, ge=0, description="the router sends each ingress replica at most one "

@@ -84,6 +84,7 @@ class RouterConfig:
     start_wait_s: float = 1.0  # at a router start, requests wait at most this long after the first mesh is up
     # for the others' first answers, so they spread over all (an ingress resubmits every stream at a restart)
     cancel_memory_s: float = 60.0  # a cancel for an unknown request is remembered this long
+    enable_prefix_caching: bool = True  # False: every prompt is computed from its first token
 
 
 @dataclass
@@ -271,7 +272,8 @@ class Router:
             max_seq_len=max_seq_len, prefill_chunk=c.prefill_chunk, max_prefill_tokens=c.max_prefill_tokens,
             decode_steps=c.decode_steps, prefix_align=caps.prefix_align,
             max_waiting_requests=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
-            eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth)
+            eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth,
+            enable_prefix_caching=c.enable_prefix_caching)
 
     # ---- requests -------------------------------------------------------------------------------
     def place(self, token_ids: list[int], salt: str | None, need: int) -> tuple[list[Mesh], list[bytes]] | None:

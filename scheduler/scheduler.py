@@ -45,11 +45,13 @@ class MeshScheduler:
                  prefill_chunk: int = 4096, max_prefill_tokens: int = 4096, decode_steps: int = 8,
                  prefix_align: int | None = None, watermark_blocks: int = 0,
                  max_waiting_requests: int | None = None, max_waiting_tokens: int | None = None,
-                 eos_token_ids: tuple[int, ...] = (), max_inflight: int = 2):
+                 eos_token_ids: tuple[int, ...] = (), max_inflight: int = 2, enable_prefix_caching: bool = True):
         """num_blocks: KV blocks per group. prefix_align: prefix hits and prefill chunk boundaries are
         multiples of it (128 tokens on the Galaxy model; default one block). max_prefill_tokens bounds the prefill in one work, i.e. how long
         the running users wait between two decode rounds. watermark_blocks: admission leaves this many
-        blocks for the running sequences to grow into."""
+        blocks for the running sequences to grow into. enable_prefix_caching (vLLM's name): False computes every
+        prompt from its first token (nothing is looked up, no query counted), e.g. to bring up a backend whose
+        prefill after a cached prefix is not yet trusted."""
         align = prefix_align or block_size
         if align % block_size or prefill_chunk % align or prefill_chunk <= 0:
             raise ValueError(f"prefix_align ({align}) must be a multiple of block_size ({block_size}) "
@@ -70,6 +72,7 @@ class MeshScheduler:
         self.max_waiting_tokens = max_waiting_tokens
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_inflight = max_inflight
+        self.enable_prefix_caching = enable_prefix_caching
         # A sequence must fit its group's pool on its own, or it would preempt itself forever.
         self.max_tokens_per_seq = min(max_seq_len, num_blocks * block_size)
 
@@ -189,8 +192,7 @@ class MeshScheduler:
     def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int) -> int:
         """The longest prefix of a request (num_tokens tokens, full blocks hashing to block_hashes) that one KV
         group's prefix cache holds."""
-        return max(len(g.pool.lookup(block_hashes, num_tokens, self.prefix_align)) for g in self.kv.groups
-                   ) * self.block_size
+        return max(len(self._lookup(g.pool, block_hashes, num_tokens)) for g in self.kv.groups) * self.block_size
 
     def placement_key(self, block_hashes: list[bytes], num_tokens: int) -> tuple[int, ...]:
         """How well a request fits this mesh; larger is better. A mesh that seats it now (a slot left once
@@ -288,10 +290,14 @@ class MeshScheduler:
                 seq.num_cached_tokens = seq.num_computed
             # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
             # ones apart).
-            if not seq.counted:
+            if not seq.counted and self.enable_prefix_caching:
                 seq.counted = True
                 self.prefix_query_tokens += n
                 self.prefix_hit_tokens += seq.num_computed
+
+    def _lookup(self, pool, block_hashes: list[bytes], n: int) -> list[int]:
+        """The cached blocks of `pool` that a sequence of n tokens may reuse (none with prefix caching off)."""
+        return pool.lookup(block_hashes, n, self.prefix_align) if self.enable_prefix_caching else []
 
     def _choose_group(self, block_hashes: list[bytes], n: int, reserve: int = 0) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room (beyond `reserve` blocks) whose prefix cache holds most of the
@@ -301,7 +307,7 @@ class MeshScheduler:
             if not group.free_slots:
                 continue
             pool = group.pool
-            hit = pool.lookup(block_hashes, n, self.prefix_align)
+            hit = self._lookup(pool, block_hashes, n)
             watermark = self.watermark_blocks if group.num_running else 0
             if pool.blocks_needed(hit, n) + watermark + reserve > pool.num_available:
                 continue

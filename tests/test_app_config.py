@@ -245,3 +245,18 @@ def test_make_serve_names_a_taken_http_port_before_starting_ray(tmp_path):
     free = subprocess.run([sys.executable, "-m", "deployments.config", "--port-free", str(path)], cwd=ROOT,
                           capture_output=True, text=True)
     assert free.returncode == 0
+
+
+def test_the_app_hands_the_router_every_router_key_it_has():
+    """A key the config takes but the app does not pass on is silently the router's default."""
+    from dataclasses import fields
+
+    from deployments.app import build
+    from deployments.router import RouterConfig
+
+    config = AppConfig(enable_prefix_caching=False, decode_steps=3, no_mesh_wait_s=7.0, stream_interval_ms=20)
+    router_args = build(config)._bound_deployment.init_args[0]._bound_deployment.init_args[1]
+    shared = {f.name for f in fields(RouterConfig)} & set(AppConfig.model_fields) - {"max_prefill_tokens"}
+    assert "enable_prefix_caching" in shared
+    assert {k: router_args.get(k) for k in shared} == {k: getattr(config, k) for k in shared}
+    assert RouterConfig(**router_args).enable_prefix_caching is False

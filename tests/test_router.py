@@ -808,3 +808,17 @@ def test_a_small_request_behind_a_head_no_mesh_seats_moves_to_the_room():
         await until(lambda: router.requests["y"].mesh is other, timeout_s=1.0)
         await cancel_all_and_close(router)
     asyncio.run(main())
+
+
+def test_prefix_caching_off_reaches_every_meshs_scheduler():
+    """The app's `enable_prefix_caching: false` (RouterConfig): a repeated prompt reuses nothing, on every mesh."""
+    async def main():
+        router, _ = await make_router(num_meshes=2, enable_prefix_caching=False)
+        prompt = list(range(1, 600))
+        assert (await collect(router, "warm", prompt))[1] == "length"
+        async with contextlib.aclosing(router.generate("again", prompt, GREEDY)) as s:
+            assert (await anext(s)).num_cached_tokens == 0
+        assert all(m.scheduler.enable_prefix_caching is False for m in router.meshes)
+        await until(lambda: idle(router))
+        await router.close()
+    asyncio.run(main())

@@ -219,6 +219,23 @@ def test_finished_request_leaves_its_prefix_for_the_next_turn():
     assert output_of(events["t2"]) == expected(history + [3, 4], params(max_tokens=4, ignore_eos=True))[0]
 
 
+@pytest.mark.parametrize("caching", [True, False])
+def test_with_prefix_caching_off_a_repeated_prompt_is_computed_again(caching):
+    """vLLM's enable_prefix_caching: off, nothing is looked up or counted, and the answer is the same."""
+    sched, mesh = make(prefix_align=2 * BS, enable_prefix_caching=caching)
+    prompt, p = list(range(1, 30)), params(max_tokens=4, ignore_eos=True)
+    events = defaultdict(list)
+    for rid in ("a", "b"):
+        sched.submit(rid, prompt, p)
+        drain(sched, mesh, events)
+    assert events["b"][0].num_cached_tokens == (24 if caching else 0)  # 28 reusable, aligned to 8
+    assert (sched.prefix_query_tokens, sched.prefix_hit_tokens) == ((58, 24) if caching else (0, 0))
+    assert output_of(events["a"]) == output_of(events["b"]) == expected(prompt, p)[0]
+    hashes: list[bytes] = []
+    extend_block_hashes(hashes, prompt, BS, None)
+    assert sched.cached_prefix_tokens(hashes, len(prompt)) == (24 if caching else 0)  # what placement sees
+
+
 def test_out_of_blocks_preempts_the_newest_and_output_is_unchanged():
     # 16 blocks of 4 tokens: two sequences growing to 48 tokens each cannot both fit
     sched, mesh = make(num_blocks=16, num_slots=2, decode_steps=4)
