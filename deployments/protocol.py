@@ -416,7 +416,9 @@ class TextPart(RequestModel):
 
 
 class ChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # "function": the legacy function-calling result turn (OpenAI's ChatCompletionFunctionMessageParam), which vLLM
+    # hands to the chat template as it is, as here
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools

@@ -115,3 +115,15 @@ def test_bad_tokenizer_requests(client, path, body, status, param):
 def test_bad_query_is_400_naming_the_parameter(client):
     assert_error(client.get("/detokenize", params={"tokens": "x"}), 400, param="tokens.0")
     assert_error(client.get("/tokenize"), 400, param="prompt")
+
+
+def test_a_legacy_function_message_goes_to_the_template_as_its_own_turn(client, router, tokenizer):
+    """OpenAI's function message (role "function", the function's name and result), from code written before
+    tools: vLLM takes it and hands it to the chat template as it is; it was a 400 naming messages.1.role."""
+    messages = [{"role": "user", "content": "Weather in Oslo?"},
+                {"role": "function", "name": "get_weather", "content": "sunny, 3 C"}]
+    body = client.post("/tokenize", json={"messages": messages}).json()
+    assert "function" in tokenizer.decode(body["tokens"]) and "sunny, 3 C" in tokenizer.decode(body["tokens"])
+    assert body["tokens"] == tokenizer.encode_chat(messages)
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
