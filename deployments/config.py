@@ -116,11 +116,12 @@ class AppConfig(BaseModel):
         return self.names[0]
 
 
-def check_serve_config(path: str, notes: list[str] | None = None) -> list[str]:
+def check_serve_config(path: str, notes: list[str] | None = None, port_free: bool = False) -> list[str]:
     """Each meshserve application's `args` in a Serve config file, validated: the errors, each naming its
     application and field. `serve run` retries a build that fails and then waits on, without exiting, so
     `make serve` checks the file first. `notes` gets what is right here but may not be where Serve builds the
-    application (Ray's environment): HF_MODEL / LLAMA_DIR taken from this shell only."""
+    application (Ray's environment): HF_MODEL / LLAMA_DIR taken from this shell only. `port_free` (`make serve`):
+    the file's HTTP port must also be free here."""
     import yaml
     from pydantic import ValidationError
 
@@ -135,7 +136,7 @@ def check_serve_config(path: str, notes: list[str] | None = None) -> list[str]:
     if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
         return [f"{path}: not a Serve config: `applications` must be a list of applications, each a mapping "
                 "(name, import_path, args)"]
-    errors = []
+    errors = [taken] if port_free and (taken := _http_port_taken(path, doc.get("http_options"))) else []
     for app in apps:
         if app.get("import_path") != "deployments.app:build":
             continue
@@ -162,19 +163,15 @@ def check_serve_config(path: str, notes: list[str] | None = None) -> list[str]:
     return errors
 
 
-def http_port_taken(path: str) -> str | None:
-    """What to say when the config's HTTP port (http_options, Serve's default 0.0.0.0:8000) cannot be bound here:
+def _http_port_taken(path: str, options: dict | None) -> str | None:
+    """What to say when the config's HTTP port (`http_options`, Serve's default 0.0.0.0:8000) cannot be bound here:
     `serve run` otherwise starts Ray and Serve and fails a minute later with the cause deep in a traceback."""
     import socket
 
-    import yaml
-
     try:
-        with open(path) as f:
-            options = (yaml.safe_load(f) or {}).get("http_options") or {}
-        host, port = options.get("host", "0.0.0.0"), int(options.get("port", 8000))
-    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
-        return None  # check_serve_config names what is wrong with the file
+        host, port = (options or {}).get("host", "0.0.0.0"), int((options or {}).get("port", 8000))
+    except (AttributeError, TypeError, ValueError):
+        return None  # not a mapping, a port that is no number: Serve names those itself
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed one's TIME_WAIT is free
         try:
@@ -198,7 +195,6 @@ if __name__ == "__main__":
               "wrong key)", file=sys.stderr)
         sys.exit(2)
     notes: list[str] = []
-    problems = [p for path in paths for p in check_serve_config(path, notes)]
-    problems += [taken for path in paths if port_free and (taken := http_port_taken(path))]
+    problems = [p for path in paths for p in check_serve_config(path, notes, port_free)]
     print("\n".join([*problems, *(f"note: {n}" for n in notes)]), file=sys.stderr)
     sys.exit(2 if problems else 0)

@@ -177,8 +177,8 @@ class SimulatedBackend(Backend):
         positions = np.arange(start, end)
         group = self._group_of_slot[slot]
         self.kv[group, table[0, positions // bs], positions % bs] = token_ids[start:]
-        token = self._next_tokens(self._window_at(table, np.zeros(1, dtype=np.int64), np.array([end - 1]),
-                                                  np.array([group])), np.array([end - 1]))
+        last = np.array([end - 1])
+        token = self._next_tokens(self._window_at(table, np.zeros(1, dtype=np.int64), last, np.array([group])), last)
         self._occupy(entered, self.timing.prefill_seconds(start, end))
         return torch.tensor(int(token[0])) if sampling is not None else self._one_hot(token)[0]
 

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from scheduler.blocks import blocks_for, extend_block_hashes
+from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
 from scheduler.errors import PromptTooLong, QueueFull
 from scheduler.kv_cache import KVCache, KVGroup
 from scheduler.sampling import SamplingParams
@@ -295,7 +295,7 @@ class MeshScheduler:
                 self.prefix_query_tokens += n
                 self.prefix_hit_tokens += seq.num_computed
 
-    def _lookup(self, pool, block_hashes: list[bytes], n: int) -> list[int]:
+    def _lookup(self, pool: BlockPool, block_hashes: list[bytes], n: int) -> list[int]:
         """The cached blocks of `pool` that a sequence of n tokens may reuse (none with prefix caching off)."""
         return pool.lookup(block_hashes, n, self.prefix_align) if self.enable_prefix_caching else []
 
