@@ -315,7 +315,8 @@ class _GenerationRequest(RequestModel):
         extra = () if self.ignore_eos else stop_token_ids
         return SamplingParams(
             temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
-            seed=None if self.seed is None else self.seed % 2**64,  # the sampler's range: int64 as its bits
+            # -1 is no seed, as in vLLM (vllm/sampling_params.py, __post_init__); others: the int64 as its bits
+            seed=None if self.seed in (None, -1) else self.seed % 2**64,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop_strings,
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),

@@ -36,7 +36,9 @@ class SlotState:
     stop_ids: frozenset[int]
     on_device: bool  # the backend can sample these params exactly (decided once, not per step)
     host_params: SamplingParams  # what the host samples with: params, or as the device applies them (on_device)
-    banned_early: list[int]  # stop ids inside the vocabulary: masked until min_tokens are generated
+    # stop ids and the model's EOS ids (even under ignore_eos: vLLM's all_stop_token_ids, vllm/sampling_params.py
+    # update_from_generation_config) inside the vocabulary: masked until min_tokens are generated
+    banned_early: list[int]
     grammar: GrammarState | None = None  # the constraint the answer must match, advanced token by token
     penalties: PenaltyState | None = None  # with penalties: the sequence's token counts, advanced token by token
     # with allowed_token_ids: bool [row width], True where a token may not be sampled (built at the first masked
@@ -99,7 +101,7 @@ class MeshRunner:
         state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
                           frozenset(chunk.stop_token_ids), samplable,
                           self.backend.as_device_samples(params) if samplable else params,
-                          sorted(t for t in set(chunk.stop_token_ids) if 0 <= t < vocab))
+                          sorted(t for t in {*chunk.stop_token_ids, *self.caps.eos_token_ids} if 0 <= t < vocab))
         if params.needs_penalties:
             n = chunk.num_prompt_tokens
             state.penalties = PenaltyState(vocab, chunk.token_ids[:n], chunk.token_ids[n:])

@@ -261,12 +261,11 @@ def _tt_sampling(rows: list[SamplingParams]):
     (@b69a64e6, @00b0fa3f) or from models.tt_transformers.tt.generator (@08b93c9f)."""
     from models.demos.llama3_70b_galaxy.tt.generator import SamplingParams as TTSamplingParams
 
-    # A temperature under GREEDY_TEMPERATURE is argmax on the host; sent as it is, the device would divide by it
-    # (1/1e-40 is inf), so it goes as 0.0, the device's argmax. A top_p too small for float32 (1e-50) would be 0
+    # A top_p too small for float32 (1e-50) would be 0
     # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means. A greedy row
     # goes with top_p 1.0: older format_sampling_params keep a greedy row's top_p (newer ones set 0.0), and
     # _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1 (see _argmax).
-    return TTSamplingParams(temperature=[0.0 if p.greedy else p.temperature for p in rows],
+    return TTSamplingParams(temperature=[p.temperature for p in rows],  # 0.0 (greedy): the device's argmax
                             top_k=[p.top_k for p in rows],
                             top_p=[1.0 if p.greedy else max(p.top_p, _TINY) for p in rows],
                             seed=[p.seed for p in rows])

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_LOGPROBS = 20
-GREEDY_TEMPERATURE = 1e-5  # temperatures below sample greedily
+# Temperatures in (0, MIN_TEMPERATURE) are raised to it, as vLLM does (vllm/sampling_params.py, __post_init__:
+# smaller ones overflow logits / temperature); only 0 samples greedily.
+MIN_TEMPERATURE = 0.01
 MIN_REPETITION_PENALTY = 0.01  # logits / 1e-38 overflow float32: the distribution turns to NaN
 MAX_LOGIT_BIAS_ENTRIES = 1024  # each one is an entry per sampled token in the host sampler
 MAX_GRAMMAR_CHARS = 1_000_000  # a compiled grammar crosses the router and the mesh with the request
@@ -91,11 +93,16 @@ class SamplingParams(BaseModel):
             raise ValueError("bad_words_token_ids must be non-empty sequences of token ids >= 0")
         return v
 
+    @field_validator("temperature")
+    @classmethod
+    def _at_least_min_temperature(cls, v):
+        return MIN_TEMPERATURE if 0.0 < v < MIN_TEMPERATURE else v
+
     @field_validator("min_p")
     @classmethod
     def _no_min_p_when_greedy(cls, v, info: ValidationInfo):
         # argmax ignores it: a greedy request with min_p stays sampleable on the device
-        return 0.0 if info.data.get("temperature", 1.0) < GREEDY_TEMPERATURE else v
+        return 0.0 if info.data.get("temperature", 1.0) == 0.0 else v
 
     @field_validator("min_tokens")
     @classmethod
@@ -107,8 +114,7 @@ class SamplingParams(BaseModel):
 
     @property
     def greedy(self) -> bool:
-        # Such temperatures are argmax in effect, and far smaller ones overflow logits / temperature to NaN.
-        return self.temperature < GREEDY_TEMPERATURE
+        return self.temperature == 0.0
 
     @property
     def needs_penalties(self) -> bool:

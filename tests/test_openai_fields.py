@@ -384,13 +384,15 @@ def test_stream_deltas_carry_only_what_they_hold(client):
     assert all(set(d) == {"content"} for d in deltas[1:-1]) and "".join(d["content"] for d in deltas[1:-1]) == ANSWER
 
 
-def test_any_int64_seed_is_taken(client, router):
-    """vLLM and OpenAI take int64 seeds: a negative one is a seed like any other, the same each time."""
+def test_any_int64_seed_is_taken_and_minus_one_is_none(client, router):
+    """vLLM and OpenAI take int64 seeds: a negative one is a seed like any other, the same each time, except -1,
+    which vLLM's SamplingParams.__post_init__ turns into no seed (random sampling)."""
     seeds = [-5, -5, 5, -2**63, 0, 2**63 - 1, -1]
     for seed in seeds:
         assert client.post("/v1/completions", json={**COMPLETION, "seed": seed}).status_code == 200
     got = [params.seed for _, params, _ in router.requests.values()]
-    assert got[0] == got[1] and len(set(got)) == 6  # -2**63 and 0, -1 and 2**63 - 1 no longer alike
+    assert got[0] == got[1] and len(set(got[:-1])) == 5  # -2**63 and 0 no longer alike
+    assert got[-1] is None
 
 
 def test_a_validators_message_comes_without_pydantics_prefix(client):

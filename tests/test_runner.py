@@ -92,6 +92,19 @@ def test_stop_id_retires_but_not_before_min_tokens():
     assert result.finished == {} and result.tokens[0] != first
 
 
+def test_min_tokens_keeps_eos_out_even_under_ignore_eos():
+    """vLLM masks every stop id and the model's EOS ids (all_stop_token_ids) until min_tokens, ignore_eos or not;
+    under ignore_eos the scheduler sends no EOS among the stop ids, so the runner takes them from its caps."""
+    assert expected_tokens([0], 1) == [0]  # after prompt [0] the model's next token is EOS (caps id 0)
+    free = PrefillChunk("a", 0, [0], 0, [0], greedy(ignore_eos=True, max_tokens=4), 1)
+    result = run(MeshRunner(CountingBackend()), MeshWork(0, [free]))[0]
+    assert result.tokens[0] == 0 and result.finished == {}  # EOS drawn, and it does not stop the answer
+    held = PrefillChunk("b", 0, [0], 0, [0], greedy(ignore_eos=True, min_tokens=2, max_tokens=4), 1)
+    backend = CountingBackend(device_sampling=frozenset({"temperature"}))
+    result = run(MeshRunner(backend), MeshWork(0, [held]))[0]
+    assert result.tokens[0] not in (0, NO_TOKEN) and result.finished == {}
+
+
 def test_release_drops_slot_and_device_sampling_path():
     backend = CountingBackend(device_sampling=frozenset({"temperature"}))
     runner = MeshRunner(backend)

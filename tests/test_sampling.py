@@ -21,10 +21,18 @@ def test_greedy_is_argmax_and_ignores_seed():
     assert sample_row(LOGITS, SamplingParams(temperature=0.0, seed=3, top_k=2), 9)[0] == 1
 
 
-def test_vanishing_temperature_is_greedy_not_nan():
-    params = SamplingParams(temperature=1e-40, seed=0)
-    assert params.greedy
-    assert {sample_row(LOGITS * 50, params, p)[0] for p in range(20)} == {1}
+def test_a_temperature_under_a_hundredth_is_raised_to_it_as_vllm_does():
+    """vLLM's SamplingParams.__post_init__ raises 0 < temperature < 0.01 to 0.01 (smaller ones overflow logits /
+    temperature); only 0 is greedy. Two logits 0.02 apart: at 0.01 the second is drawn 1 / (1 + e^2) = 11.9% of
+    the time; at the 0.001 asked for, never."""
+    for asked in (1e-40, 1e-5, 0.001, 0.0099):
+        params = SamplingParams(temperature=asked)
+        assert params.temperature == 0.01 and not params.greedy
+    assert SamplingParams(temperature=0.0).greedy and SamplingParams(temperature=0.01).temperature == 0.01
+    close = torch.tensor([5.0, 5.02, 0.0])
+    counts = draws({"temperature": 0.001}, seeds=range(2000), logits=close)
+    assert set(counts) == {0, 1} and abs(counts[0] / 2000 - 1 / (1 + math.e ** 2)) < 0.03, counts
+    assert {sample_row(LOGITS * 50, SamplingParams(temperature=1e-40, seed=s), 0)[0] for s in range(20)} == {1}
 
 
 def test_sampling_follows_the_softmax():

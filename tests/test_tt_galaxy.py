@@ -580,13 +580,14 @@ def test_a_greedy_request_with_a_top_p_keeps_the_device_on_argmax(backend):
     assert sampling_events(backend, n) == []
 
 
-def test_a_near_zero_temperature_goes_to_the_device_as_argmax(backend):
-    """Greedy on the host below GREEDY_TEMPERATURE; the device would divide by it (1/1e-40 is inf)."""
-    tokens, positions, active = decode_inputs([3], [10])
+def test_a_near_zero_temperature_goes_to_the_device_as_a_hundredth(backend):
+    """vLLM raises 0 < temperature < 0.01 to 0.01; sent as it is, the device would divide by 1e-40 (inf)."""
+    tokens, positions, active = decode_inputs([3, 4], [10, 10])
     sampling = [None] * 32
-    sampling[3] = SamplingParams(temperature=1e-40)
+    sampling[3], sampling[4] = SamplingParams(temperature=1e-40), SamplingParams(temperature=0.0)
     backend.decode(tokens, positions, empty_table(backend), active, sampling)
-    assert last_call(backend, "decode_forward")["slot_params"][3]["temperature"] == 0.0
+    slots = last_call(backend, "decode_forward")["slot_params"]
+    assert slots[3]["temperature"] == 0.01 and slots[4]["temperature"] == 0.0
 
 
 def test_decode_sampling_params_per_slot_and_greedy_padding(backend):
