@@ -105,6 +105,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.get("/models/{model:path}")
     async def model(model: str):
+        if not model:  # a request body's "" is the served model, but no model's id is ""
+            raise APIError(404, "GET /v1/models/{model} needs a model id.", param="model", code="model_not_found")
         server.check_model(model)
         return (await card(model)).model_dump()
 

@@ -316,8 +316,9 @@ def test_a_model_is_retrieved_by_its_id_and_the_version_is_served(client):
     card = client.get(f"/v1/models/{name}").json()
     listed = client.get("/v1/models").json()["data"][0]
     assert (card["id"], card["object"], card["max_model_len"]) == (name, "model", listed["max_model_len"])
-    error = assert_error(client.get("/v1/models/gpt-4o"), 404, param="model")
-    assert error["code"] == "model_not_found"
+    for other in ("gpt-4o", ""):  # a request body's "" is the served model, but no model has the id ""
+        error = assert_error(client.get(f"/v1/models/{other}"), 404, param="model")
+        assert error["code"] == "model_not_found"
     assert client.get("/version").json()["version"]
 
 
