@@ -75,6 +75,7 @@ class Metrics:
             family.labels(ingress) for family in self._own[:6])
         self._meshes: list[dict] = []
         self._router_up = False
+        self._held = 0
         r.register(self)
 
     def start(self, num_prompt_tokens: int, arrival: float) -> RequestTimer:
@@ -85,6 +86,7 @@ class Metrics:
         answer; meshserve_router_up 0 and no mesh families, as their state is unknown)."""
         self._router_up = router_stats is not None
         self._meshes = router_stats["meshes"] if router_stats else []
+        self._held = router_stats.get("held", 0) if router_stats else 0
         return generate_latest(self.registry)
 
     def collect(self):
@@ -96,7 +98,8 @@ class Metrics:
             return kind(name, doc, labels=["mesh"])
 
         running = family(GaugeMetricFamily, "meshserve_num_requests_running", "Requests holding a decode slot.")
-        waiting = family(GaugeMetricFamily, "meshserve_num_requests_waiting", "Requests queued for a slot.")
+        waiting = family(GaugeMetricFamily, "meshserve_num_requests_waiting",
+                         "Requests queued for a slot; mesh=\"\": held by the router while no live mesh can take them.")
         used = family(GaugeMetricFamily, "meshserve_kv_blocks_used", "KV blocks held by requests.")
         total = family(GaugeMetricFamily, "meshserve_kv_blocks_total", "KV blocks of the mesh.")
         usage = family(GaugeMetricFamily, "meshserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
@@ -140,6 +143,8 @@ class Metrics:
             hits.add_metric(label, m["prefix_hit_tokens"])
             hit_rate.add_metric(label, m["prefix_hit_tokens"] / max(m["prefix_query_tokens"], 1))
             preempted.add_metric(label, m["preemptions"])
+        if self._router_up:  # a failover's or a router start's backlog, which dashboards and autoscalers must see
+            waiting.add_metric([""], self._held)
         families = (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, failovers, migrated,
                     groups, group_used, group_total, group_running)
         yield from families

@@ -686,6 +686,7 @@ def test_cancelled_non_streaming_request_cancels(router, tokenizer):
 # ---- metrics ------------------------------------------------------------------------------------
 
 def test_metrics_exposition(client, router, tokenizer):
+    router.held = 3  # accepted while no live mesh could take them (a failover, a router's start)
     client.post("/v1/chat/completions", json=CHAT)
     client.post("/v1/completions", json={**COMPLETION, "max_tokens": 4})
     r = client.get("/metrics")
@@ -720,6 +721,7 @@ def test_metrics_exposition(client, router, tokenizer):
         for group in ("0", "1"):
             assert value("meshserve_kv_group_blocks_used", mesh=mesh, group=group) == 15
             assert value("meshserve_kv_group_blocks_total", mesh=mesh, group=group) == 60
+    assert value("meshserve_num_requests_waiting", mesh="") == 3  # vLLM's waiting counts every one not running
     assert value("meshserve_router_up") == 1
 
 
@@ -752,6 +754,7 @@ def test_metrics_also_go_out_under_vllms_names(client, router):
         same("meshserve_prefix_cache_queries_tokens_total", "vllm:prefix_cache_queries_total", mesh=mesh)
         same("meshserve_prefix_cache_hits_tokens_total", "vllm:prefix_cache_hits_total", mesh=mesh)
         same("meshserve_num_preemptions_total", "vllm:num_preemptions_total", mesh=mesh)
+    same("meshserve_num_requests_waiting", "vllm:num_requests_waiting", mesh="")
 
 
 # ---- stop strings -------------------------------------------------------------------------------
