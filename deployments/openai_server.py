@@ -40,6 +40,9 @@ log = logging.getLogger("ray.serve")
 
 # Waits before each resubmission of a request whose router failed (Serve restarts it meanwhile, ~seconds).
 ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+# How old the meshes' limit may be before a request refreshes it, off its own path: a mesh that comes back with
+# another max_seq_len (another checkout, another KV pool) changes the limit the ingress checks requests against.
+MODEL_LEN_REFRESH_S = 5.0
 # A prompt with more characters than this per token of the context cannot fit, and is refused before it is
 # tokenized (~1 s per MB). Generous: English averages ~4 characters per token, code and runs of whitespace
 # more, and no text that fits the context averages 32.
@@ -182,6 +185,8 @@ class OpenAIServer:
         self.model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.model = self.model_names[0]  # the name answered
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
+        self._model_len_at = 0.0  # when max_model_len was last read (time.monotonic)
+        self._model_len_refresh: asyncio.Task | None = None
         self._tokens: dict[int, tuple[str, list[int]]] = {}  # _token_info's
         self.metrics = Metrics(replica_name, self.model)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
@@ -199,19 +204,32 @@ class OpenAIServer:
     async def stats(self) -> dict:
         """The router's stats; 503 while the router cannot be reached (it is starting or restarting)."""
         try:
-            return await self.router.stats()
+            stats = await self.router.stats()
         except Exception as exc:
             log.warning("router stats failed: %r", unwrap(exc))
             raise unavailable("The model is not ready yet.") from None
+        if stats.get("max_model_len") is not None:
+            self.max_model_len, self._model_len_at = stats["max_model_len"], time.monotonic()
+        return stats
 
     async def model_len(self) -> int:
         """The longest prompt + answer the meshes take (their capabilities and KV pools, as the router
-        reports them); 503 until a mesh has come up once."""
+        reports them); 503 until a mesh has come up once. Older than MODEL_LEN_REFRESH_S, it is read again in
+        the background (this request goes on with the last value; a router that does not answer keeps it)."""
         if self.max_model_len is None:
-            self.max_model_len = (await self.stats()).get("max_model_len")
+            await self.stats()
             if self.max_model_len is None:
                 raise unavailable("The model is not ready yet.")
+        elif time.monotonic() - self._model_len_at > MODEL_LEN_REFRESH_S and self._model_len_refresh is None:
+            self._model_len_refresh = asyncio.ensure_future(self._refresh_model_len())
         return self.max_model_len
+
+    async def _refresh_model_len(self) -> None:
+        try:
+            with contextlib.suppress(APIError):
+                await self.stats()
+        finally:
+            self._model_len_refresh = None
 
     # ---- requests -> token ids -----------------------------------------------------------------
     @staticmethod

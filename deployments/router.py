@@ -39,7 +39,7 @@ from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from deployments.mesh_client import LinkMeshClient
 from model.backend import Capabilities
 from scheduler.blocks import extend_block_hashes
-from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
+from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull, RoomFilled
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
 from scheduler.work import MeshWork, RequestFailed, StepEvents, StepResult, TokenEvent, pack_events, unpack_events
@@ -337,7 +337,11 @@ class Router:
         req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=continuation)
         placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt, self._need(req))
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
-            req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=continuation)
+            try:
+                req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=continuation)
+            except RoomFilled:  # a continuation whose tokens fill the room of the longest mesh up
+                sink.put(TokenEvent(request_id, [], finish_reason="length"))
+                return
         else:
             if not continuation:
                 self._check_held_room(len(prompt_ids))
@@ -516,14 +520,15 @@ class Router:
             mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=True)
         except (PromptTooLong, QueueFull, ValueError) as exc:  # e.g. every live mesh has a shorter max_seq_len
             req.mesh, req.held_since = None, None
-            self._finish(request_id, RequestFailed(request_id, exc))
+            ended = TokenEvent(request_id, [], finish_reason="length") if isinstance(exc, RoomFilled) else None
+            self._finish(request_id, ended or RequestFailed(request_id, exc))
             return
         req.mesh, req.held_since = mesh, None
 
     async def _expire_held(self) -> None:
         """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After), but one held for
         a longer mesh than those live goes on on the best of them, cut to the room there (a Galaxy's restart
-        takes minutes), unless its tokens so far fill them."""
+        takes minutes); one whose tokens so far fill that room ends there ("length")."""
         while True:
             await asyncio.sleep(min(1.0, max(self.config.no_mesh_wait_s / 4, 0.01)))  # 0 s: no spinning loop
             now = time.monotonic()
@@ -532,14 +537,19 @@ class Router:
             for rid, req in list(self.requests.items()):
                 if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
                     placed = self.place(req.prompt_ids + req.held_output, req.salt, 0)
-                    with contextlib.suppress(PromptTooLong, QueueFull, ValueError):
-                        if placed is not None:
+                    ending: TokenEvent | RequestFailed | None = RequestFailed(rid, NoMeshAvailable(
+                        f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:.0f} s"))
+                    if placed is not None:
+                        try:
                             req.mesh = self._submit_to_best(*placed, rid, req, req.held_output, migrated=True)
-                            req.held_since = None
-                            continue
+                            ending = None
+                        except RoomFilled:  # cut to the room there, it has its tokens already
+                            ending = TokenEvent(rid, [], finish_reason="length")
+                        except (PromptTooLong, QueueFull, ValueError):
+                            pass
                     req.held_since = None
-                    self._finish(rid, RequestFailed(rid, NoMeshAvailable(
-                        f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:.0f} s")))
+                    if ending is not None:
+                        self._finish(rid, ending)
 
     def stats(self) -> dict:
         """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers."""

@@ -1,4 +1,4 @@
-"""Typed refusals the HTTP layer maps to status codes (400 / 429 / 503)."""
+"""Typed refusals the HTTP layer maps to status codes (400 / 429 / 503), and the one the router ends as "length"."""
 
 
 class PromptTooLong(ValueError):
@@ -11,3 +11,8 @@ class QueueFull(RuntimeError):
 
 class NoMeshAvailable(RuntimeError):
     """No mesh came up within the router's wait (HTTP 503 with Retry-After)."""
+
+
+class RoomFilled(ValueError):
+    """A continuation's tokens so far already fill what the mesh has room for (its max_tokens, cut to the mesh's
+    max_seq_len after the prompt): its answer ends there, finish_reason "length", as vLLM's ends at max_model_len."""

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
-from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.errors import PromptTooLong, QueueFull, RoomFilled
 from scheduler.kv_cache import KVCache, KVGroup
 from scheduler.sampling import SamplingParams
 from scheduler.sequence import Sequence, Status
@@ -99,8 +99,8 @@ class MeshScheduler:
         before every waiting request that has none, as its client is mid-stream. `counted`: its first
         admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
-        Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); ValueError for an id already here, an empty
-        prompt, or output that already has max_tokens tokens (the router's placement catches those)."""
+        Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
+        tokens (after the cut to this mesh's room); ValueError for an id already here or an empty prompt."""
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
         n = len(prompt_ids)
@@ -120,7 +120,7 @@ class MeshScheduler:
         if params.max_tokens > budget:
             params = params.model_copy(update={"max_tokens": budget, "min_tokens": min(params.min_tokens, budget)})
         if len(output_ids) >= params.max_tokens:
-            raise ValueError(f"request {request_id!r} already has its {params.max_tokens} tokens")
+            raise RoomFilled(f"request {request_id!r} already has its {params.max_tokens} tokens")
         stop_ids = (() if params.ignore_eos else self.eos_token_ids) + params.stop_token_ids
         token_ids = [*prompt_ids, *output_ids]
         seq = Sequence(request_id, token_ids, n, params, tuple(dict.fromkeys(stop_ids)), salt,

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import RayTaskError
 from starlette.requests import ClientDisconnect
 
-from deployments import ingress
+from deployments import ingress, openai_server
 from deployments.ingress import build_app
 from deployments.streaming import StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
@@ -809,6 +809,21 @@ def test_max_model_len_comes_from_the_meshes_and_is_503_until_one_is_up(router, 
     router.max_model_len = 100
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 100
     assert_error(client.post("/v1/completions", json={**COMPLETION, "max_tokens": 100}), 400, "max_tokens")
+
+
+def test_a_mesh_back_with_another_length_changes_the_limit(router, tokenizer, monkeypatch):
+    """The limit is read again once older than MODEL_LEN_REFRESH_S, off the request's path: a request after a
+    mesh came back shorter is a 400 (not quietly cut to the new room), and one after it came back longer fits."""
+    monkeypatch.setattr(openai_server, "MODEL_LEN_REFRESH_S", 0.0)
+    with make_client(router, tokenizer) as client:
+        body = {**COMPLETION, "max_tokens": 150}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        router.max_model_len = 100
+        codes = [client.post("/v1/completions", json=body).status_code for _ in range(20)]
+        assert codes[-1] == 400 and assert_error(client.post("/v1/completions", json=body), 400, "max_tokens")
+        router.max_model_len = 2048
+        assert [client.post("/v1/completions", json=body).status_code for _ in range(20)][-1] == 200
+        assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 2048
 
 
 # ---- tool calls, structured outputs, logit_bias ---------------------------------------------------

@@ -762,6 +762,35 @@ def test_a_request_waits_for_the_longer_mesh_no_longer_than_no_mesh_wait_s():
     asyncio.run(main())
 
 
+async def _events(router, rid, prompt, params, output_ids) -> tuple[list[int], str | None]:
+    tokens, reason = [], None
+    async for event in router.generate(rid, prompt, params, output_ids=output_ids, continuation=True):
+        tokens, reason = tokens + event.token_ids, event.finish_reason or reason
+    return tokens, reason
+
+
+def test_a_stream_whose_tokens_fill_every_mesh_up_ends_with_length():
+    """A stream under way (a continuation after a router restart, or held while the longer mesh is gone) whose
+    tokens so far fill the room of the mesh that can take it ends there with "length", as vLLM's at
+    max_model_len. It was a bare ValueError at once (HTTP 500), or a 503 after no_mesh_wait_s."""
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=1000)
+        router = Router([("short", *sized_meshes(1024))], RouterConfig(**FAST))
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        assert await _events(router, "x", [7] * 900, params, [5] * 124) == ([], "length")
+        await router.close()
+        long, _ = meshes = sized_meshes(4096, 1024)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=0.3))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        long.vanish()
+        await until(lambda: not router.stats()["meshes"][0]["up"])
+        params = SamplingParams(temperature=0.0, max_tokens=520)
+        assert await _events(router, "y", [7] * 600, params, [3] * 500) == ([], "length")
+        assert idle(router) and not router.requests
+        await router.close()
+    asyncio.run(main())
+
+
 def test_at_a_router_start_a_stream_waits_for_the_longer_meshs_first_answer():
     """The router restarted; the ingress resubmits a stream that ran on the longer mesh, whose first reset is
     slow (a work still running there): it waits for it rather than be cut short (or fail) on the shorter."""
