@@ -7,8 +7,8 @@ autoscaled; the ingress is stateless and scales by `ingress_replicas`.
 
 from ray.serve import Application
 
-from deployments.config import AppConfig
-from deployments.ingress import Ingress
+from deployments.config import AppConfig, check_model_len
+from deployments.ingress import INGRESS_MAX_ONGOING_REQUESTS, Ingress
 from deployments.mesh_replica import MeshReplica
 from deployments.router import RouterDeployment
 from model.checkpoint import resolve_model_dir
@@ -16,7 +16,9 @@ from model.checkpoint import resolve_model_dir
 
 def build(args: AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
-    resolve_model_dir(config.model)  # here, so a missing model fails the build; each replica finds its own copy
+    model_dir = resolve_model_dir(config.model)  # here, so a missing model fails the build; each replica finds its own
+    if (too_long := check_model_len(config, model_dir)) is not None:
+        raise ValueError(f"max_seq_len: {too_long}")
     mesh_options = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}
     meshes = [MeshReplica.options(name=f"mesh-{i}", num_replicas=1, ray_actor_options=mesh_options)
               .bind(config.model_dump()) for i in range(config.num_meshes)]
@@ -34,7 +36,11 @@ def build(args: AppConfig) -> Application:
         "no_mesh_wait_s": config.no_mesh_wait_s,
         "enable_prefix_caching": config.enable_prefix_caching,
     })
-    return Ingress.options(num_replicas=config.ingress_replicas,
+    # Each ingress replica takes its share of what the router holds (slots and queues; a quarter more for an uneven
+    # spread): beyond its max_ongoing_requests Serve queues requests without bound, so the router's 429 never came.
+    held = config.num_meshes * (config.max_waiting_requests + config.num_slots)
+    ongoing = max(INGRESS_MAX_ONGOING_REQUESTS, -(-held * 5 // (4 * config.ingress_replicas)))
+    return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=ongoing,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
         router, config.model, config.names, config.api_keys or None, config.max_request_bytes, config.metrics_open,
         config.allowed_origins)

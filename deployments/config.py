@@ -7,13 +7,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from model.galaxy import PREFIX_ALIGN, TTMeshConfig, galaxy_sizes
+from model.galaxy import KV_GROUPS, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping can double it
+# Keys that only one backend reads: set for another, they would be silently ignored.
+BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simulated", "mesh_shape": "tt_galaxy",
+                "num_layers": "tt_galaxy", "override_tt_config": "tt_galaxy"}
 
 
 class AppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf: a flush timer that never fires
 
     # what is served
     model: str | None = Field("smollm2", description="'smollm2' (the embedded default), a Hugging Face folder or a "
@@ -48,7 +51,7 @@ class AppConfig(BaseModel):
                                                           "first token (no prefix reuse)")
     max_waiting_requests: int = Field(1024, ge=1)
     max_waiting_tokens: int = Field(4 * 131072, ge=1)
-    stream_interval_ms: float = Field(10.0, ge=0, description="the router sends each ingress replica at most one "
+    stream_interval_ms: float = Field(10.0, ge=0, le=1000, description="the router sends each ingress replica at most one "
                                                               "message per interval, holding every request's new tokens")
     # failure handling (see docs/DESIGN.md, "Failure")
     step_deadline_factor: float = Field(20.0, gt=0, description="a work silent for min_step_deadline_s + this x "
@@ -65,6 +68,25 @@ class AppConfig(BaseModel):
     metrics_open: bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
                                        "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")
+
+    @field_validator("mesh_resources")
+    @classmethod
+    def _custom_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        """Ray's custom resources: CPUs are mesh_num_cpus, GPUs none (Ray refuses them here, naming no key)."""
+        for name, amount in value.items():
+            if name in ("CPU", "GPU"):
+                raise ValueError(f"{name} is not a custom resource: set mesh_num_cpus for CPUs (a mesh uses no GPU)")
+            if amount < 0:
+                raise ValueError(f"{name}: a resource amount must be >= 0, not {amount}")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_without_spaces(cls, value: list[str]) -> list[str]:
+        # HTTP servers strip a header value's surrounding whitespace, so such a key could never match
+        if any(key != key.strip() or any(c.isspace() for c in key) for key in value):
+            raise ValueError("a key must not contain whitespace (a YAML `|` block ends it with a newline)")
+        return value
 
     @field_validator("served_model_name")
     @classmethod
@@ -89,10 +111,17 @@ class AppConfig(BaseModel):
         if (self.max_prefill_tokens or self.prefill_chunk) < align:
             raise ValueError(f"max_prefill_tokens ({self.max_prefill_tokens}) must be at least the {self.backend} "
                              f"backend's prefix alignment ({align} tokens)")
-        if self.kv_groups is not None and self.backend != "simulated":
-            raise ValueError("kv_groups applies to the simulated backend only (a Galaxy's KV groups are its mesh "
-                             "columns; the torch backend has one KV cache)")
-        if self.backend == "tt_galaxy":  # at deploy time, not when every mesh replica fails to start
+        for key, backend in BACKEND_KEYS.items():  # a default value is fine: replicas get every key (model_dump)
+            if backend != self.backend and getattr(self, key) != type(self).model_fields[key].get_default(
+                    call_default_factory=True):
+                raise ValueError(f"{key} applies to the {backend} backend only, not {self.backend}")
+        # at deploy time, not when every mesh replica fails to start
+        if self.backend == "simulated" and self.num_slots % (self.kv_groups or KV_GROUPS):
+            raise ValueError(f"num_slots ({self.num_slots}) must split evenly over kv_groups "
+                             f"({self.kv_groups or KV_GROUPS}; unset: {KV_GROUPS}, a Galaxy's mesh columns)")
+        if self.backend == "tt_galaxy":
+            if self.num_slots != NUM_SLOTS:
+                raise ValueError(f"num_slots: the Galaxy model decodes exactly {NUM_SLOTS} users, not {self.num_slots}")
             if self.model == "smollm2":
                 raise ValueError("model: the tt_galaxy backend runs tt-metal's Llama-3 70B Galaxy model, not the "
                                  "embedded SmolLM2: name its weights, or leave model empty for $HF_MODEL / $LLAMA_DIR")
@@ -138,22 +167,36 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                 "(name, import_path, args)"]
     errors = [taken] if port_free and (taken := _http_port_taken(path, doc.get("http_options"))) else []
     for app in apps:
-        if app.get("import_path") != "deployments.app:build":
+        if app.get("import_path") not in ("deployments.app:build", "deployments.app.build"):  # Ray takes both forms
             continue
+        where = f"{path}: application {app.get('name')!r}"
         try:
             config = AppConfig.model_validate(app.get("args") or {})
         except ValidationError as e:
-            errors += [f"{path}: application {app.get('name')!r}, "
-                       f"{'.'.join(['args', *map(str, err['loc'])])}: {err['msg'].removeprefix('Value error, ')}"
-                       for err in e.errors()]
+            errors += [f"{where}, {'.'.join(['args', *map(str, err['loc'])])}: "
+                       f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
             continue
-        if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
+        runtime_env = app.get("runtime_env") or {}
+        env_vars = runtime_env.get("env_vars") or {} if isinstance(runtime_env, dict) else None
+        if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+            errors.append(f"{where}, runtime_env.env_vars: a mapping of variable names to strings (quote numbers)")
+            continue
+        if config.model == "smollm2":
+            if config.backend == "torch" and config.max_seq_len is not None:  # rare: worth fetching it (make does)
+                from model.embedded import ensure_smollm2
+                if (too_long := check_model_len(config, ensure_smollm2())) is not None:
+                    errors.append(f"{where}, args.max_seq_len: {too_long}")
+        else:  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars
-            env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}
             try:
-                checkpoint_dir(config.model, env={**os.environ, **env_vars})
+                model_dir = checkpoint_dir(config.model, env={**os.environ, **env_vars})
             except ValueError as e:
-                errors.append(f"{path}: application {app.get('name')!r}, args.{e}")
+                message = str(e)  # the model field's, or the demo's variables' (no field of args)
+                field = "" if message.startswith(("LLAMA_DIR", "set only")) else "args."
+                errors.append(f"{where}, {field}{message}")
+                continue
+            if (too_long := check_model_len(config, model_dir)) is not None:
+                errors.append(f"{where}, args.max_seq_len: {too_long}")
                 continue
             shell_only = [v for v in ("HF_MODEL", "LLAMA_DIR") if os.environ.get(v) and v not in env_vars]
             if not config.model and shell_only and notes is not None:
@@ -161,6 +204,20 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                              "shell: Serve builds it in Ray, so `ray start` must have it too (or put it under "
                              "runtime_env.env_vars)")
     return errors
+
+
+def check_model_len(config: AppConfig, model_dir) -> str | None:
+    """Why the torch backend cannot serve config.max_seq_len of the checkpoint in `model_dir` (None: it can): beyond
+    the model's max_position_embeddings its rope was never trained, and vLLM refuses such a max_model_len too. (A
+    Galaxy's limit is galaxy_sizes'; the simulated backend has no model.)"""
+    from model.config import LlamaConfig
+
+    if config.backend != "torch" or config.max_seq_len is None:
+        return None
+    context = LlamaConfig.from_dir(model_dir).max_position_embeddings
+    if config.max_seq_len > context:
+        return f"{config.max_seq_len} is beyond the model's context ({context} tokens, max_position_embeddings)"
+    return None
 
 
 def _http_port_taken(path: str, options: dict | None) -> str | None:

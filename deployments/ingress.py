@@ -221,9 +221,10 @@ def _validated(cls: type[M], **fields) -> M:
 # that restarts the router and the meshes too (its continuation waits for them: ~25-35 s for CPU meshes here), and
 # any stream of more than ~20 s of tokens left on a replica that scales down; 60 s lets both finish.
 INGRESS_GRACEFUL_SHUTDOWN_S = 60
+INGRESS_MAX_ONGOING_REQUESTS = 1024  # at least; deployments/app.py raises it to the router's share (its 429s must come)
 
 
-@serve.deployment(max_ongoing_requests=1024, graceful_shutdown_timeout_s=INGRESS_GRACEFUL_SHUTDOWN_S)
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, graceful_shutdown_timeout_s=INGRESS_GRACEFUL_SHUTDOWN_S)
 @serve.ingress()
 class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""

@@ -60,8 +60,9 @@ def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, bl
         max_seq_len = MAX_SEQ_LEN
         while num_blocks and max_seq_len > 1024 and not holds(num_blocks, max_seq_len):
             max_seq_len //= 2
-    if max_seq_len < 1024 or max_seq_len & (max_seq_len - 1):
-        raise ValueError(f"max_seq_len must be a power of two >= 1024 on a Galaxy, not {max_seq_len}")
+    if max_seq_len < 1024 or max_seq_len & (max_seq_len - 1) or max_seq_len > MAX_SEQ_LEN:
+        raise ValueError(f"max_seq_len must be a power of two from 1024 to {MAX_SEQ_LEN} (Llama-3.3-70B's context) "
+                         f"on a Galaxy, not {max_seq_len}")
     num_blocks = num_blocks or blocks_per_group(max_seq_len, block_size)
     if not holds(num_blocks, max_seq_len):
         raise ValueError(f"num_blocks {num_blocks} is too few for max_seq_len {max_seq_len}: a column's cache "

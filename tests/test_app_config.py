@@ -40,13 +40,67 @@ def test_blocks_and_chunks_the_mesh_scheduler_cannot_align_fail_at_deploy(args, 
 @pytest.mark.parametrize("args,key", [
     ({"mesh_shape": [4, 8]}, "mesh_shape"),
     ({"max_seq_len": 100_000}, "max_seq_len"),
+    ({"max_seq_len": 262_144, "num_blocks": 4200}, "max_seq_len"),  # past Llama-3.3-70B's 128k context
     ({"max_seq_len": 131_072, "num_blocks": 1024}, "num_blocks"),
+    ({"num_slots": 16}, "num_slots"),  # tt-metal's decode trace and sampler are fixed at 32 users
 ])
 def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     """Checked by the same rule as the backend's (model.galaxy.galaxy_sizes), before any replica starts."""
-    AppConfig(backend="torch", **args)  # only the Galaxy has these limits
+    AppConfig(backend="simulated", **{k: v for k, v in args.items() if k != "mesh_shape"})  # a Galaxy's limits
     with pytest.raises(ValidationError, match=key):
         AppConfig(backend="tt_galaxy", model="", **args)
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"backend": "simulated", "kv_groups": 3}, "num_slots \\(32\\) must split evenly over kv_groups \\(3"),
+    ({"backend": "simulated", "num_slots": 30}, "must split evenly over kv_groups \\(4"),
+    ({"mesh_resources": {"CPU": 1}}, "(?s)mesh_resources.*set mesh_num_cpus"),
+    ({"mesh_resources": {"galaxy": -1}}, "(?s)mesh_resources.*>= 0"),
+    ({"stream_interval_ms": float("inf")}, "stream_interval_ms"),  # its flush timer never fired: streams stopped
+    ({"stream_interval_ms": 5000}, "stream_interval_ms"),
+    ({"mesh_num_cpus": float("inf")}, "mesh_num_cpus"),
+    ({"api_keys": ["sk-1\n"]}, "(?s)api_keys.*whitespace"),  # a YAML | block: HTTP strips it, no request matched
+    ({"api_keys": ["sk-1 "]}, "(?s)api_keys.*whitespace"),
+    ({"backend": "torch", "time_scale": 0.5}, "time_scale applies to the simulated backend only"),
+    ({"backend": "torch", "num_layers": 2}, "num_layers applies to the tt_galaxy backend only"),
+    ({"backend": "torch", "mesh_shape": [2, 2]}, "mesh_shape applies to the tt_galaxy backend only"),
+    ({"backend": "simulated", "dtype": "bfloat16"}, "dtype applies to the torch backend only"),
+    ({"backend": "simulated", "override_tt_config": {"trace_region_size": 1}}, "override_tt_config applies"),
+])
+def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(args, match):
+    """Each passed the check and the build, then failed in every mesh replica (kv_groups, resources), stopped
+    every stream after its first token (an infinite flush interval), refused every key, or was silently ignored."""
+    with pytest.raises(ValidationError, match=match):
+        AppConfig(**args)
+
+
+def test_the_torch_backend_refuses_a_length_past_the_models_context(tmp_path):
+    """SmolLM2's max_position_embeddings is 8192: 32k was advertised and served. The build refuses it (as vLLM
+    refuses such a max_model_len), and so does the config check."""
+    from deployments.app import build
+    from deployments.config import check_serve_config
+
+    with pytest.raises(ValueError, match="max_seq_len: 32768 is beyond the model's context \\(8192"):
+        build(AppConfig(max_seq_len=32768))
+    app = {"name": "m", "import_path": "deployments.app.build", "args": {"max_seq_len": 32768}}  # Ray's dotted form
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert error.startswith(f"{path}: application 'm', args.max_seq_len: 32768 is beyond")
+    app["args"]["max_seq_len"] = 8192
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == []
+
+
+@pytest.mark.parametrize("runtime_env", ["hello", {"env_vars": ["HF_MODEL"]}, {"env_vars": {"HF_MODEL": 5}}])
+def test_a_malformed_runtime_env_is_named_not_a_traceback(tmp_path, runtime_env):
+    from deployments.config import check_serve_config
+
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": ""}, "runtime_env": runtime_env}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == [f"{path}: application 'm', runtime_env.env_vars: a mapping of variable "
+                                             "names to strings (quote numbers)"]
 
 
 def test_a_config_the_backend_would_ignore_or_misread_is_refused():
@@ -56,7 +110,7 @@ def test_a_config_the_backend_would_ignore_or_misread_is_refused():
         AppConfig(backend="tt_galaxy")
     assert AppConfig(backend="tt_galaxy", model=None).model is None  # a bare `model:` in YAML: the demo's variables
     for backend in ("torch", "tt_galaxy"):
-        with pytest.raises(ValidationError, match="kv_groups applies to the simulated backend only"):
+        with pytest.raises(ValidationError, match="kv_groups applies to the simulated backend only, not " + backend):
             AppConfig(backend=backend, model="/w", kv_groups=2)
     assert AppConfig(backend="simulated", kv_groups=2).kv_groups == 2
 
@@ -260,3 +314,16 @@ def test_the_app_hands_the_router_every_router_key_it_has():
     assert "enable_prefix_caching" in shared
     assert {k: router_args.get(k) for k in shared} == {k: getattr(config, k) for k in shared}
     assert RouterConfig(**router_args).enable_prefix_caching is False
+
+
+@pytest.mark.parametrize("meshes, replicas", [(1, 1), (4, 1), (4, 2), (32, 3)])
+def test_the_ingress_takes_every_request_the_router_can_hold(meshes, replicas):
+    """Beyond an ingress replica's max_ongoing_requests Serve queues requests without bound: with 4 meshes
+    (4 x (1024 waiting + 32 slots) held by the router) and 1024 per ingress, the router's 429 never came and
+    requests waited in Serve's queue instead."""
+    from deployments.app import build
+
+    config = AppConfig(num_meshes=meshes, ingress_replicas=replicas, backend="simulated")
+    ingress = build(config)._bound_deployment
+    assert ingress.max_ongoing_requests * replicas >= meshes * (config.max_waiting_requests + config.num_slots)
+    assert ingress.max_ongoing_requests >= 1024
