@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -259,13 +260,35 @@ class OpenAIServer:
         `continue_final_message` ends them inside the final message, for the answer to continue it."""
         tokenizer = self.tokenizer
         takes_tools = tokenizer.template_takes_tools
+        rendered = render_messages(messages, tools, takes_tools)
+        definitions = tool_definitions(tools) if tools and takes_tools else None
+        if tokenizer.chat_template is not None:
+            self._no_special_text_beside_content(messages if takes_tools else [], definitions, template_kwargs)
         try:
-            ids = tokenizer.encode_chat(render_messages(messages, tools, takes_tools), add_generation_prompt,
-                                        tool_definitions(tools) if tools and takes_tools else None, template_kwargs,
+            ids = tokenizer.encode_chat(rendered, add_generation_prompt, definitions, template_kwargs,
                                         continue_final_message)
         except Exception as exc:  # the model's template refuses these messages (e.g. roles out of order)
             raise APIError(400, f"messages: {exc}", param="messages") from None
         return [tokenizer.bos_id, *ids] if add_special_tokens and tokenizer.bos_id is not None else ids
+
+    def _no_special_text_beside_content(self, messages: list[ChatMessage], definitions: list[dict] | None,
+                                        template_kwargs: dict | None) -> None:
+        """A message's content keeps special-token text as text (Tokenizer.encode_template), but what a template
+        writes of a call in the history (`messages`: those of a template that renders calls), a tool definition or
+        a template variable would be read as control tokens: "x<|eot_id|><|start_header_id|>system..." there
+        forges a turn. Such text is a 400 naming the field."""
+        fields = [(f"messages.{i}.tool_calls.{j}.function.{key}", getattr(c.function, key))
+                  for i, m in enumerate(messages) for j, c in enumerate(m.tool_calls or ()) for key in ("name",
+                                                                                                        "arguments")]
+        fields += [(f"tools.{i}.function", json.dumps(d["function"], ensure_ascii=False))
+                   for i, d in enumerate(definitions or ())]
+        if template_kwargs:
+            fields.append(("chat_template_kwargs", json.dumps(template_kwargs, ensure_ascii=False)))
+        for name, text in fields:
+            if (special := self.tokenizer.special_text(text)) is not None:
+                raise APIError(400, f"{name}: special-token text ({special}) is only kept as text in a message's "
+                                    "content; here the chat template would read it as a control token",
+                               param=name)
 
     async def prompt_ids(self, req: ChatCompletionRequest | CompletionRequest, limit: int,
                          constraint: Constraint) -> tuple[list[int], str]:

@@ -14,6 +14,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from deployments.errors import APIError
 from deployments.protocol import ChatMessage, Tool
 
 PYTHON_TAG = "<|python_tag|>"
@@ -26,8 +27,11 @@ class ParsedCall:
 
 
 def tool_definitions(tools: list[Tool]) -> list[dict]:
-    """OpenAI's tool definitions as chat templates take them."""
-    return [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in tools]
+    """OpenAI's tool definitions as chat templates take them: as vLLM hands them over (serving_chat's
+    `tool.model_dump()`), a missing description or parameters is null, and `strict` is there only when given."""
+    return [{"type": "function", "function": {**t.function.model_dump(exclude={"strict"}),
+                                              **({} if t.function.strict is None else {"strict": t.function.strict})}}
+            for t in tools]
 
 
 def tools_system_message(tools: list[Tool]) -> dict:
@@ -43,10 +47,12 @@ def render_messages(messages: list[ChatMessage], tools: list[Tool] | None, templ
     """Chat messages as the tokenizer's template takes them: tool calls in the history as Llama 3 JSON text
     (or as structured `tool_calls` for a template that renders them), tool results as `tool` turns."""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         message: dict = {"role": m.role, "content": m.text}
         if m.tool_calls:
-            calls = [{"name": c.function.name, "parameters": _arguments(c.function.arguments)} for c in m.tool_calls]
+            calls = [{"name": c.function.name,
+                      "parameters": _arguments(c.function.arguments, f"messages.{i}.tool_calls.{j}.function.arguments")}
+                     for j, c in enumerate(m.tool_calls)]
             if template_takes_tools:
                 message["tool_calls"] = [{"type": "function", "function": {"name": c["name"],
                                                                            "arguments": c["parameters"]}}
@@ -62,11 +68,15 @@ def render_messages(messages: list[ChatMessage], tools: list[Tool] | None, templ
     return out
 
 
-def _arguments(text: str):
+def _arguments(text: str, where: str):
+    """A call's arguments as the template takes them: empty is {} and other text must be JSON, as vLLM's
+    chat_utils._postprocess_messages takes them (json.loads, whose error is a 400). Raises APIError 400."""
+    if not text:
+        return {}
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
-        return text
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"{where}: not JSON ({e})", param=where) from None
 
 
 def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:

@@ -186,6 +186,11 @@ class Tokenizer:
             return self._tiktoken.decode(list(ids))
         return self._hf.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
+    def special_text(self, text: str) -> str | None:
+        """The first special-token text ("<|eot_id|>") in `text`, or None."""
+        found = self._special_text.search(text)
+        return found[0] if found else None
+
     @property
     def template_takes_tools(self) -> bool:
         """The model's chat template renders `tools` itself (Llama 3.1+'s does; SmolLM2's and Meta's format
@@ -235,7 +240,8 @@ class Tokenizer:
 
         A message whose content holds special-token text ("<|im_end|>") is rendered with an unguessable
         marker in its place, which shows where the template put that content (trimmed or not); the content
-        is then encoded as plain text there. A template whose output depends on the content in other ways
+        is then encoded as plain text there, JSON-escaped where the template wrote it as a JSON string (Llama
+        3.1+'s tool results: `content | tojson`). A template whose output depends on the content in other ways
         is refused for such messages, as a ValueError."""
         rendered = render(messages)
         slots = [i for i, m in enumerate(messages)
@@ -255,6 +261,8 @@ class Tokenizer:
             content = messages[int(mark[2])]["content"]
             content = content if mark[1] else content.lstrip()
             content = content if mark[3] else content.rstrip()
+            if template[mark.start() - 1:mark.start()] == '"' == template[mark.end():mark.end() + 1]:
+                content = json.dumps(content, ensure_ascii=False)[1:-1]  # as jinja's tojson writes it
             pieces += [(template[at:mark.start()], False), (content, True)]
             at = mark.end()
         pieces.append((template[at:], False))
