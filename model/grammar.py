@@ -10,6 +10,7 @@ migration resume the same constraint.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import re
@@ -36,6 +37,12 @@ if TYPE_CHECKING:
 MAX_GRAMMAR_BYTES = 64 * 1024
 MAX_COMPILE_CPU_S = 0.1
 MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB grammar of 40 tools takes < 1 ms
+# A slot's mask and step together, on average over its last COST_WINDOW tokens. Each constrained slot adds its
+# cost to every decode step of the mesh: (a{150}){150} costs ~10 ms a token, always under MAX_STEP_CPU_S, and 31
+# of them made a neighbour's tokens ~100x slower for thousands of tokens. A 40-property JSON schema costs 0.08 ms
+# a token with SmolLM2's vocabulary and 0.13 ms with Llama 3's (this box, llguidance 1.9): 2 ms is 15x that.
+MAX_MEAN_STEP_CPU_S = 0.002
+COST_WINDOW = 32
 # llguidance's compiler recurses once per link of a chain (a Lark rule naming the next, a $ref to the next of
 # $defs), ~3.5 KB of stack a link: 3,000 links (36 KB of Lark) overflow a thread's default 8 MB stack, which
 # kills the whole process with SIGSEGV, past any except. The densest chain MAX_GRAMMAR_BYTES holds needs
@@ -267,8 +274,8 @@ class GrammarCache:
 
 class GrammarState:
     """One slot's matcher: which tokens may come next, and the tokens taken so far. A mask or a step that takes
-    more than MAX_STEP_CPU_S fails the grammar: masks are computed one slot after another on the mesh's worker
-    thread, and an ambiguous grammar (`s: s s | "a"`), cheap to compile, costs more at every token (7 ms a
+    more than MAX_STEP_CPU_S fails the grammar, and so do masks and steps that take more than MAX_MEAN_STEP_CPU_S
+    a token over COST_WINDOW tokens: masks are computed one slot after another on the mesh's worker thread, and an ambiguous grammar (`s: s s | "a"`), cheap to compile, costs more at every token (7 ms a
     step over its first 120 tokens, 26 ms over 200, before llguidance's own item limit stops it at ~480)."""
 
     def __init__(self, matcher: LLMatcher, vocab_size: int, generated: list[int]):
@@ -277,6 +284,8 @@ class GrammarState:
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.too_costly: str | None = None  # why the grammar was given up on, past its CPU budget
+        self._costs = collections.deque(maxlen=COST_WINDOW)  # CPU seconds of each of the last tokens (mask + step)
+        self._cost = 0.0  # this token's so far
         for token in generated:
             self.accept(token)
 
@@ -300,9 +309,17 @@ class GrammarState:
         if not self.matcher.consume_token(token):
             raise ValueError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
         self._check_cost("step", start)
+        self._costs.append(self._cost)
+        self._cost = 0.0
+        if len(self._costs) == COST_WINDOW and sum(self._costs) > COST_WINDOW * MAX_MEAN_STEP_CPU_S:
+            self.too_costly = f"the grammar took {sum(self._costs) / COST_WINDOW * 1000:.1f} ms of CPU a token " \
+                              f"over {COST_WINDOW} tokens; this server allows {MAX_MEAN_STEP_CPU_S * 1000:g} ms " \
+                              f"(every constrained answer adds its cost to every step of the mesh)"
+            raise ValueError(self.too_costly)
 
     def _check_cost(self, what: str, start: float) -> None:
         cpu_s = time.thread_time() - start
+        self._cost += cpu_s
         if cpu_s > MAX_STEP_CPU_S:
             self.too_costly = f"the grammar took {cpu_s * 1000:.1f} ms of CPU for one token's {what}; this " \
                               f"server allows {MAX_STEP_CPU_S * 1000:.0f} ms (an ambiguous grammar costs more " \

@@ -409,7 +409,8 @@ class MeshScheduler:
             if reason == "error":
                 event.error = "sampling this request's next token failed on the mesh host"
             elif reason == "grammar_error":
-                event.error = "the structured-output engine (llguidance) gave up on this grammar while generating"
+                event.error = ("the structured-output engine (llguidance) gave up on this grammar while generating, "
+                               "or it cost more CPU per token than this server allows")
             elif reason == "constraint_error":
                 event.error = "the request's constraints together leave no token to sample after the answer so far"
         events.append(event)
