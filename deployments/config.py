@@ -105,9 +105,12 @@ class AppConfig(BaseModel):
             raise ValueError("prefill_chunk must be a multiple of 128 (the Galaxy model's prefill alignment)")
         # The mesh's prefix alignment (MeshScheduler's prefix_align): a block on torch, 128 tokens on a Galaxy
         align = self.block_size if self.backend == "torch" else PREFIX_ALIGN
-        if align % self.block_size or self.prefill_chunk % align:
+        if align % self.block_size:
             raise ValueError(f"block_size ({self.block_size}) must divide {align} (the {self.backend} backend's "
-                             f"prefix alignment), and prefill_chunk ({self.prefill_chunk}) be a multiple of it")
+                             f"prefix alignment)")
+        if self.prefill_chunk % align:
+            raise ValueError(f"prefill_chunk ({self.prefill_chunk}) must be a multiple of {align} (the {self.backend} "
+                             f"backend's prefix alignment{': its block_size' if self.backend == 'torch' else ''})")
         if (self.max_prefill_tokens or self.prefill_chunk) < align:
             raise ValueError(f"max_prefill_tokens ({self.max_prefill_tokens}) must be at least the {self.backend} "
                              f"backend's prefix alignment ({align} tokens)")
