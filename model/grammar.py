@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 MAX_GRAMMAR_BYTES = 64 * 1024
 MAX_COMPILE_CPU_S = 0.1
 MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB grammar of 40 tools takes < 1 ms
-# A slot's mask and step together, on average over its last COST_WINDOW tokens. Each constrained slot adds its
+# A slot's masks and steps together, over its last COST_WINDOW tokens (or fewer, from its first token on), at
+# most COST_WINDOW x MAX_MEAN_STEP_CPU_S. Each constrained slot adds its
 # cost to every decode step of the mesh: (a{150}){150} costs ~10 ms a token, always under MAX_STEP_CPU_S, and 31
 # of them made a neighbour's tokens ~100x slower for thousands of tokens. A 40-property JSON schema costs 0.08 ms
 # a token with SmolLM2's vocabulary and 0.13 ms with Llama 3's (this box, llguidance 1.9): 2 ms is 15x that.
@@ -274,8 +275,8 @@ class GrammarCache:
 
 class GrammarState:
     """One slot's matcher: which tokens may come next, and the tokens taken so far. A mask or a step that takes
-    more than MAX_STEP_CPU_S fails the grammar, and so do masks and steps that take more than MAX_MEAN_STEP_CPU_S
-    a token over COST_WINDOW tokens: masks are computed one slot after another on the mesh's worker thread, and an ambiguous grammar (`s: s s | "a"`), cheap to compile, costs more at every token (7 ms a
+    more than MAX_STEP_CPU_S fails the grammar, and so do masks and steps that take more than COST_WINDOW x
+    MAX_MEAN_STEP_CPU_S over the last COST_WINDOW tokens: masks are computed one slot after another on the mesh's worker thread, and an ambiguous grammar (`s: s s | "a"`), cheap to compile, costs more at every token (7 ms a
     step over its first 120 tokens, 26 ms over 200, before llguidance's own item limit stops it at ~480)."""
 
     def __init__(self, matcher: LLMatcher, vocab_size: int, generated: list[int]):
@@ -311,10 +312,10 @@ class GrammarState:
         self._check_cost("step", start)
         self._costs.append(self._cost)
         self._cost = 0.0
-        if len(self._costs) == COST_WINDOW and sum(self._costs) > COST_WINDOW * MAX_MEAN_STEP_CPU_S:
-            self.too_costly = f"the grammar took {sum(self._costs) / COST_WINDOW * 1000:.1f} ms of CPU a token " \
-                              f"over {COST_WINDOW} tokens; this server allows {MAX_MEAN_STEP_CPU_S * 1000:g} ms " \
-                              f"(every constrained answer adds its cost to every step of the mesh)"
+        if (spent := sum(self._costs)) > COST_WINDOW * MAX_MEAN_STEP_CPU_S:  # from the first token on
+            self.too_costly = f"the grammar took {spent * 1000:.0f} ms of CPU over its last {len(self._costs)} " \
+                              f"tokens; this server allows {COST_WINDOW * MAX_MEAN_STEP_CPU_S * 1000:g} ms over " \
+                              f"{COST_WINDOW} (every constrained answer adds its cost to every step of the mesh)"
             raise ValueError(self.too_costly)
 
     def _check_cost(self, what: str, start: float) -> None:

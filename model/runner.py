@@ -22,7 +22,7 @@ from model.backend import Backend
 from model.grammar import GrammarCache, GrammarState
 from model.sampler import PenaltyState, sample_batch
 from scheduler.sampling import SamplingParams, TokenLogprobs
-from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
+from scheduler.work import GRAMMARS_KEPT, NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
 
 log = logging.getLogger("ray.serve")
 
@@ -205,7 +205,7 @@ class MeshRunner:
         if self._grammars is None:
             if self._grammar_tokenizer_factory is None:
                 raise RuntimeError("this mesh was built without a tokenizer for grammars")
-            self._grammars = GrammarCache(self._grammar_tokenizer_factory())
+            self._grammars = GrammarCache(self._grammar_tokenizer_factory(), GRAMMARS_KEPT)
         return self._grammars
 
     def _host_sample(self, logits: torch.Tensor, states: list[SlotState]

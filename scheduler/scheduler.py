@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
@@ -20,7 +20,8 @@ from scheduler.errors import PromptTooLong, QueueFull, RoomFilled
 from scheduler.kv_cache import KVCache, KVGroup
 from scheduler.sampling import SamplingParams
 from scheduler.sequence import Sequence, Status
-from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepEvents, StepResult, TokenEvent
+from scheduler.work import (GRAMMARS_KEPT, MAX_NEW_GRAMMARS_PER_WORK, NO_TOKEN, DecodeRound, MeshWork, PrefillChunk,
+                            StepEvents, StepResult, TokenEvent)
 
 
 @dataclass(slots=True)
@@ -85,6 +86,7 @@ class MeshScheduler:
         self.waiting_tokens = 0
         self.num_preemptions = 0
         self.head_blocked = False  # the queue's head fit no KV group at the last admission, or was preempted
+        self.grammars_sent: OrderedDict[str, None] = OrderedDict()  # the mesh's GrammarCache, as far as known
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -318,10 +320,12 @@ class MeshScheduler:
 
     def _plan_prefills(self) -> tuple[list[PrefillChunk], list[tuple[Sequence, int, int, bool]]]:
         """Chunks of the uncomputed prefixes, oldest admission first, at most max_prefill_tokens in all.
-        Chunk boundaries stay multiples of prefix_align, except where a sequence ends."""
+        Chunk boundaries stay multiples of prefix_align, except where a sequence ends. A final chunk whose
+        grammar the mesh has not used lately waits for a later work past MAX_NEW_GRAMMARS_PER_WORK of them."""
         chunks: list[PrefillChunk] = []
         planned: list[tuple[Sequence, int, int, bool]] = []
         budget = self.max_prefill_tokens
+        new_grammars = 0
         for seq in self.running.values():
             n = len(seq.token_ids)
             while not seq.live:
@@ -331,6 +335,16 @@ class MeshScheduler:
                 if end == start:
                     return chunks, planned
                 final = end == n
+                grammar = seq.params.grammar if final else None
+                if grammar is not None:
+                    if grammar not in self.grammars_sent:
+                        if new_grammars == MAX_NEW_GRAMMARS_PER_WORK:
+                            break
+                        new_grammars += 1
+                    self.grammars_sent[grammar] = None
+                    self.grammars_sent.move_to_end(grammar)
+                    if len(self.grammars_sent) > GRAMMARS_KEPT:
+                        self.grammars_sent.popitem(last=False)
                 chunks.append(PrefillChunk(
                     seq.request_id, seq.slot, seq.token_ids[:end], start,
                     seq.block_table[:blocks_for(end, self.block_size)],

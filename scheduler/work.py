@@ -16,6 +16,12 @@ import numpy as np
 from scheduler.sampling import SamplingParams, TokenLogprobs
 
 NO_TOKEN = -1  # a slot that produced nothing this step (idle, retired, or mid-prefill)
+# A mesh keeps the compiled matchers of its GRAMMARS_KEPT most recently used grammars (model/grammar.py
+# GrammarCache). Any other grammar compiles on the mesh's worker thread when its final prefill chunk runs, up to
+# ~0.1 s of CPU each (MAX_COMPILE_CPU_S) while every slot waits, so a work holds the final chunks of at most
+# MAX_NEW_GRAMMARS_PER_WORK grammars the mesh has not used lately: 31 distinct ones in one work stalled it 1.3 s.
+GRAMMARS_KEPT = 16
+MAX_NEW_GRAMMARS_PER_WORK = 2
 
 
 @dataclass

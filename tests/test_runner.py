@@ -529,19 +529,20 @@ def test_a_grammar_past_its_cpu_budget_per_token_retires_its_slot_alone_as_gramm
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
 
-def test_a_grammar_past_its_mean_cpu_budget_over_its_window_retires_its_slot_alone(monkeypatch):
+def test_a_grammar_past_its_cpu_budget_over_its_last_tokens_retires_its_slot_alone(monkeypatch):
     """A grammar under MAX_STEP_CPU_S at every token can still cost ~10 ms a token ((a{150}){150}), added to every
-    step of the mesh by each such slot: past MAX_MEAN_STEP_CPU_S a token over COST_WINDOW tokens it fails, once
-    the window is full (a spike alone does not)."""
+    step of the mesh by each such slot: past COST_WINDOW x MAX_MEAN_STEP_CPU_S over its last COST_WINDOW tokens
+    (from the first on) it fails."""
     import model.grammar as grammar_module
     from model.grammar import regex_grammar
 
-    monkeypatch.setattr(grammar_module, "COST_WINDOW", 3)
-    monkeypatch.setattr(grammar_module, "MAX_MEAN_STEP_CPU_S", 0.0)  # any cost is over it, once 3 tokens are in
+    monkeypatch.setattr(grammar_module, "MAX_MEAN_STEP_CPU_S", 0.0)  # any cost is over it
     results = grammar_run(regex_grammar("[a-z]{60}"))  # prefills of slots 0 and 1, then 3 decode steps
-    assert [r.tokens[0] != NO_TOKEN for r in results] == [True, False, True, False, False]  # 2 tokens, the 3rd fails
-    assert results[3].finished == {0: "grammar_error"}
+    assert results[0].finished == {0: "grammar_error"} and results[0].tokens[0] == NO_TOKEN
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+    monkeypatch.setattr(grammar_module, "MAX_MEAN_STEP_CPU_S", 1.0)  # ~0.1 ms a token: far under
+    results = grammar_run(regex_grammar("[a-z]{60}"))
+    assert not results[0].finished and all(r.tokens[0] != NO_TOKEN for r in results[2:])
 
 
 @pytest.mark.parametrize("device_sampling", [frozenset(), frozenset({"temperature", "seed"})])

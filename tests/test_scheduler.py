@@ -560,3 +560,24 @@ def test_requests_waiting_for_blocks_are_queued_though_slots_are_free():
     assert sched.num_queued == -3 and sched.seats(queued)
     sched.submit("r3", [9] * 6, params())
     assert not sched.seats(queued)  # the two blocks left are r3's, which waits here first
+
+
+def test_a_work_brings_at_most_two_grammars_the_mesh_has_not_used_lately():
+    """A grammar the mesh has not used lately compiles on its worker thread when its final chunk runs (up to
+    ~0.1 s each, every slot waiting): 31 distinct ones in one work stalled a mesh 1.3 s. Past
+    MAX_NEW_GRAMMARS_PER_WORK a final chunk waits for a later work; a grammar it has (or this work brings) does not."""
+    from scheduler.work import MAX_NEW_GRAMMARS_PER_WORK
+
+    sched, mesh = make(num_slots=6, max_prefill_tokens=64)
+    grammars = ["g0", "g1", "g2", "g0", "g3", None]
+    for i, g in enumerate(grammars):
+        sched.submit(f"r{i}", [1, 2, 3], params(grammar=g))
+    events = defaultdict(list)
+    finals = []
+    while (work := step(sched, mesh, events)) is not None and len(finals) < 4:
+        finals.append([c.request_id for c in work.prefills if c.is_final])
+    assert MAX_NEW_GRAMMARS_PER_WORK == 2
+    assert finals[0] == ["r0", "r1", "r3", "r5"]  # g0, g1 new; g0 again and no grammar are free
+    assert finals[1] == ["r2", "r4"]
+    drain(sched, mesh, events)
+    assert all(output_of(events[f"r{i}"]) == expected([1, 2, 3], params())[0] for i in range(len(grammars)))
