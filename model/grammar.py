@@ -41,8 +41,9 @@ MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB gram
 # most COST_WINDOW x MAX_MEAN_STEP_CPU_S. Each constrained slot adds its
 # cost to every decode step of the mesh: (a{150}){150} costs ~10 ms a token, always under MAX_STEP_CPU_S, and 31
 # of them made a neighbour's tokens ~100x slower for thousands of tokens. A 40-property JSON schema costs 0.08 ms
-# a token with SmolLM2's vocabulary and 0.13 ms with Llama 3's (this box, llguidance 1.9): 2 ms is 15x that.
-MAX_MEAN_STEP_CPU_S = 0.002
+# a token with SmolLM2's vocabulary and 0.13 ms with Llama 3's, a free-text regex such as
+# "[A-Za-z0-9 ,.!?-]{1,4000}" ~2 ms with Llama 3's (this box, llguidance 1.9): 5 ms a token leaves that room.
+MAX_MEAN_STEP_CPU_S = 0.005
 COST_WINDOW = 32
 # llguidance's compiler recurses once per link of a chain (a Lark rule naming the next, a $ref to the next of
 # $defs), ~3.5 KB of stack a link: 3,000 links (36 KB of Lark) overflow a thread's default 8 MB stack, which
@@ -304,8 +305,9 @@ class GrammarState:
         return self.too_costly is not None or self.matcher.is_error()
 
     def accept(self, token: int) -> None:
-        """Advance past `token`. Raises ValueError if the grammar does not allow it, or when that took more
-        than MAX_STEP_CPU_S."""
+        """Advance past `token`. Raises ValueError if the grammar does not allow it, when that took more than
+        MAX_STEP_CPU_S, or when the masks and steps of the last COST_WINDOW tokens took more than COST_WINDOW x
+        MAX_MEAN_STEP_CPU_S."""
         start = time.thread_time()
         if not self.matcher.consume_token(token):
             raise ValueError(f"token {token} breaks the grammar: {self.matcher.get_error()}")

@@ -307,8 +307,8 @@ class MeshRunner:
         if state.grammar is not None:
             try:
                 state.grammar.accept(token)
-            except ValueError:
-                log.exception("request %s left its grammar; its slot is retired", state.request_id)
+            except ValueError as exc:
+                log.warning("request %s: %s; its slot is retired", state.request_id, exc)
                 self._retire(slot, result, "grammar_error")
                 return
         state.token_ids.append(token)

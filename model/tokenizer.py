@@ -255,23 +255,31 @@ class Tokenizer:
         nonce, pad = secrets.token_hex(8), "\u2003"  # an em space: whitespace a trimming template strips
         marked = [{**m, "content": f"{pad}\ue000{nonce}:{i}\ue001{pad}"} if i in slots else m
                   for i, m in enumerate(messages)]
-        pieces: list[tuple[str, bool]] = []  # (text, is a message's content)
-        template, at = render(marked), 0
-        for mark in re.finditer(f"({pad}?)\ue000{nonce}:(\\d+)\ue001({pad}?)", template):
-            content = messages[int(mark[2])]["content"]
-            content = content if mark[1] else content.lstrip()
-            content = content if mark[3] else content.rstrip()
-            if template[mark.start() - 1:mark.start()] == '"' == template[mark.end():mark.end() + 1]:
-                content = json.dumps(content, ensure_ascii=False)[1:-1]  # as jinja's tojson writes it
-            pieces += [(template[at:mark.start()], False), (content, True)]
-            at = mark.end()
-        pieces.append((template[at:], False))
-        if "".join(text for text, _ in pieces) != rendered:
+        template = render(marked)
+        marks = list(re.finditer(f"({pad}?)\ue000{nonce}:(\\d+)\ue001({pad}?)", template))
+
+        def pieces(escape_quoted: bool) -> list[tuple[str, bool]]:  # (text, is a message's content)
+            out, at = [], 0
+            for mark in marks:
+                content = messages[int(mark[2])]["content"]
+                content = content if mark[1] else content.lstrip()
+                content = content if mark[3] else content.rstrip()
+                quoted = template[mark.start() - 1:mark.start()] == '"' == template[mark.end():mark.end() + 1]
+                if escape_quoted and quoted:
+                    content = json.dumps(content, ensure_ascii=False)[1:-1]  # as jinja's tojson writes it
+                out += [(template[at:mark.start()], False), (content, True)]
+                at = mark.end()
+            return [*out, (template[at:], False)]
+
+        for attempt in (pieces(False), pieces(True)):  # content as written, else JSON strings escaped
+            if "".join(text for text, _ in attempt) == rendered:
+                break
+        else:
             raise ValueError("a message holds special-token text, which this model's chat template cannot "
                              "keep as text")
         ids: list[int] = []
         text: list[str] = []  # plain text since the last special token
-        for piece, is_content in pieces:
+        for piece, is_content in attempt:
             parts = [piece] if is_content else self._special_text.split(piece)  # odd indexes: special tokens
             for j, part in enumerate(parts):
                 if j % 2:

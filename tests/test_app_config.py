@@ -218,6 +218,7 @@ def test_a_blank_api_key_is_refused(keys):
     with pytest.raises(ValueError, match="api_keys"):
         AppConfig(api_keys=keys)
     assert AppConfig(api_keys=["sk-1"]).api_keys == ["sk-1"]
+    assert AppConfig(api_keys=["my key"]).api_keys == ["my key"]  # inner spaces reach the server intact
 
 
 def test_the_config_check_sees_the_variables_the_build_sees(monkeypatch, tmp_path):

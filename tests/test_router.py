@@ -791,6 +791,23 @@ def test_a_stream_whose_tokens_fill_every_mesh_up_ends_with_length():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+def test_a_mesh_the_stream_fills_says_it_is_over_whatever_the_others_say(order):
+    """A stream goes to the first live mesh that takes it: a shorter one refuses its prompt (PromptTooLong), the
+    longest up says its tokens fill it (RoomFilled). In either order the answer is over ("length"), not a 503."""
+    from deployments.router import _Request
+    from scheduler.errors import RoomFilled
+
+    async def main():
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(sized_meshes(1024, 2048))], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        req = _Request([7] * 1500, SamplingParams(temperature=0.0, max_tokens=3000), None, 0.0, router._sink("c"))
+        with pytest.raises(RoomFilled):
+            router._submit_to_best([router.meshes[i] for i in order], [], "y", req, [3] * 548, migrated=True)
+        await router.close()
+    asyncio.run(main())
+
+
 def test_at_a_router_start_a_stream_waits_for_the_longer_meshs_first_answer():
     """The router restarted; the ingress resubmits a stream that ran on the longer mesh, whose first reset is
     slow (a work still running there): it waits for it rather than be cut short (or fail) on the shorter."""
