@@ -51,8 +51,8 @@ class AppConfig(BaseModel):
                                                           "first token (no prefix reuse)")
     max_waiting_requests: int = Field(1024, ge=1)
     max_waiting_tokens: int = Field(4 * 131072, ge=1)
-    stream_interval_ms: float = Field(10.0, ge=0, le=1000, description="the router sends each ingress replica at most one "
-                                                              "message per interval, holding every request's new tokens")
+    stream_interval_ms: float = Field(10.0, ge=0, le=1000, description="the router sends each ingress replica at "
+                                      "most one message per interval, holding every request's new tokens")
     # failure handling (see docs/DESIGN.md, "Failure")
     step_deadline_factor: float = Field(20.0, gt=0, description="a work silent for min_step_deadline_s + this x "
                                                                 "its expected time marks its mesh down")

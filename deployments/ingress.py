@@ -224,7 +224,8 @@ INGRESS_GRACEFUL_SHUTDOWN_S = 60
 INGRESS_MAX_ONGOING_REQUESTS = 1024  # at least; deployments/app.py raises it to the router's share (its 429s must come)
 
 
-@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS, graceful_shutdown_timeout_s=INGRESS_GRACEFUL_SHUTDOWN_S)
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
+                  graceful_shutdown_timeout_s=INGRESS_GRACEFUL_SHUTDOWN_S)
 @serve.ingress()
 class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""

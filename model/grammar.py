@@ -277,7 +277,8 @@ class GrammarCache:
 class GrammarState:
     """One slot's matcher: which tokens may come next, and the tokens taken so far. A mask or a step that takes
     more than MAX_STEP_CPU_S fails the grammar, and so do masks and steps that take more than COST_WINDOW x
-    MAX_MEAN_STEP_CPU_S over the last COST_WINDOW tokens: masks are computed one slot after another on the mesh's worker thread, and an ambiguous grammar (`s: s s | "a"`), cheap to compile, costs more at every token (7 ms a
+    MAX_MEAN_STEP_CPU_S over the last COST_WINDOW tokens: masks are computed one slot after another on the mesh's
+    worker thread, and an ambiguous grammar (`s: s s | "a"`), cheap to compile, costs more at every token (7 ms a
     step over its first 120 tokens, 26 ms over 200, before llguidance's own item limit stops it at ~480)."""
 
     def __init__(self, matcher: LLMatcher, vocab_size: int, generated: list[int]):
