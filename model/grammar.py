@@ -37,12 +37,12 @@ if TYPE_CHECKING:
 MAX_GRAMMAR_BYTES = 64 * 1024
 MAX_COMPILE_CPU_S = 0.1
 MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB grammar of 40 tools takes < 1 ms
-# A slot's masks and steps together, over its last COST_WINDOW tokens (or fewer, from its first token on), at
-# most COST_WINDOW x MAX_MEAN_STEP_CPU_S. Each constrained slot adds its cost to every decode step of the mesh:
+# A slot's masks and steps together, over its last COST_WINDOW tokens (or fewer, from its first token on), take
+# at most COST_WINDOW x MAX_MEAN_STEP_CPU_S. Each constrained slot adds its cost to every decode step of the mesh:
 # (a{150}){150} costs ~10 ms a token, always under MAX_STEP_CPU_S, and 31 of them made a neighbour's tokens ~100x
-# slower for thousands of tokens. A 40-property JSON schema costs 0.08 ms
-# a token with SmolLM2's vocabulary and 0.13 ms with Llama 3's, a free-text regex such as
-# "[A-Za-z0-9 ,.!?-]{1,4000}" ~2 ms with Llama 3's (this box, llguidance 1.9): 5 ms a token leaves that room.
+# slower for thousands of tokens. Per token, a 40-property JSON schema costs 0.08 ms with SmolLM2's vocabulary and
+# 0.13 ms with Llama 3's; a free-text regex such as "[A-Za-z0-9 ,.!?-]{1,4000}" ~2 ms with Llama 3's (this box,
+# llguidance 1.9). 5 ms leaves that room; 31 slots at the limit add ~155 ms to each step.
 MAX_MEAN_STEP_CPU_S = 0.005
 COST_WINDOW = 32
 # llguidance's compiler recurses once per link of a chain (a Lark rule naming the next, a $ref to the next of

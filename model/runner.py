@@ -307,8 +307,11 @@ class MeshRunner:
         if state.grammar is not None:
             try:
                 state.grammar.accept(token)
-            except ValueError as exc:
-                log.warning("request %s: %s; its slot is retired", state.request_id, exc)
+            except ValueError as exc:  # past its CPU budget; a token outside the mask would be this host's fault
+                if state.grammar.too_costly:
+                    log.warning("request %s: %s; its slot is retired", state.request_id, exc)
+                else:
+                    log.exception("request %s left its grammar; its slot is retired", state.request_id)
                 self._retire(slot, result, "grammar_error")
                 return
         state.token_ids.append(token)

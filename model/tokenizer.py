@@ -257,29 +257,28 @@ class Tokenizer:
                   for i, m in enumerate(messages)]
         template = render(marked)
         marks = list(re.finditer(f"({pad}?)\ue000{nonce}:(\\d+)\ue001({pad}?)", template))
-
-        def pieces(escape_quoted: bool) -> list[tuple[str, bool]]:  # (text, is a message's content)
-            out, at = [], 0
-            for mark in marks:
-                content = messages[int(mark[2])]["content"]
-                content = content if mark[1] else content.lstrip()
-                content = content if mark[3] else content.rstrip()
-                quoted = template[mark.start() - 1:mark.start()] == '"' == template[mark.end():mark.end() + 1]
-                if escape_quoted and quoted:
-                    content = json.dumps(content, ensure_ascii=False)[1:-1]  # as jinja's tojson writes it
-                out += [(template[at:mark.start()], False), (content, True)]
-                at = mark.end()
-            return [*out, (template[at:], False)]
-
-        for attempt in (pieces(False), pieces(True)):  # content as written, else JSON strings escaped
-            if "".join(text for text, _ in attempt) == rendered:
-                break
-        else:
+        pieces: list[tuple[str, bool]] = []  # (text, is a message's content)
+        at = pos = 0  # in template, in rendered
+        for k, mark in enumerate(marks):
+            content = messages[int(mark[2])]["content"]
+            content = content if mark[1] else content.lstrip()
+            content = content if mark[3] else content.rstrip()
+            upto = marks[k + 1].start() if k + 1 < len(marks) else len(template)
+            before, after = template[at:mark.start()], template[mark.end():upto]
+            forms = [content]  # as written; where the template quotes it, maybe as jinja's tojson wrote it
+            if template[mark.start() - 1:mark.start()] == '"' == template[mark.end():mark.end() + 1]:
+                forms.append(json.dumps(content, ensure_ascii=False)[1:-1])
+            # the two forms differ from their first escaped character on: at most one rebuilds what follows
+            content = next((c for c in forms if rendered.startswith(before + c + after, pos)), content)
+            pieces += [(before, False), (content, True)]
+            at, pos = mark.end(), pos + len(before) + len(content)
+        pieces.append((template[at:], False))
+        if "".join(text for text, _ in pieces) != rendered:
             raise ValueError("a message holds special-token text, which this model's chat template cannot "
                              "keep as text")
         ids: list[int] = []
         text: list[str] = []  # plain text since the last special token
-        for piece, is_content in attempt:
+        for piece, is_content in pieces:
             parts = [piece] if is_content else self._special_text.split(piece)  # odd indexes: special tokens
             for j, part in enumerate(parts):
                 if j % 2:

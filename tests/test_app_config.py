@@ -61,6 +61,7 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     ({"mesh_num_cpus": float("inf")}, "mesh_num_cpus"),
     ({"api_keys": ["sk-1\n"]}, "(?s)api_keys.*whitespace"),  # a YAML | block: HTTP strips it, no request matched
     ({"api_keys": ["sk-1 "]}, "(?s)api_keys.*whitespace"),
+    ({"api_keys": ["sk-1\nsk-2"]}, "(?s)api_keys.*control character"),  # a YAML |- block of two lines
     ({"backend": "torch", "time_scale": 0.5}, "time_scale applies to the simulated backend only"),
     ({"backend": "torch", "num_layers": 2}, "num_layers applies to the tt_galaxy backend only"),
     ({"backend": "torch", "mesh_shape": [2, 2]}, "mesh_shape applies to the tt_galaxy backend only"),

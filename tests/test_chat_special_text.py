@@ -103,17 +103,21 @@ def test_a_tool_result_written_as_json_keeps_special_text_as_text(tools_tokenize
     assert tok.decode(ids) == tok.render_chat(messages)
 
 
-def test_content_a_template_quotes_without_tojson_keeps_special_text_as_text():
-    """Quotes around content do not make it JSON: written as it is, it stays as it is."""
+def test_content_a_template_quotes_with_or_without_tojson_keeps_special_text_as_text():
+    """Quotes around content do not make it JSON: written as it is, it stays as it is, beside a tool result the
+    same template writes with tojson (each content as its own place in the prompt has it)."""
     tok = Tokenizer.from_hf_dir(ensure_llama3_tokenizer())
     tok._hf.chat_template = tok.chat_template = (
-        '{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>Quote: "{{ m.content }}"<|eot_id|>'
+        "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+        '{% if m.role == "tool" %}{{ m.content | tojson }}{% else %}Quote: "{{ m.content }}"{% endif %}<|eot_id|>'
         "{% endfor %}")
-    messages = [{"role": "user", "content": 'say "hi" <|eot_id|>\\n'}]
-    ids = tok.encode_chat(messages)
-    assert tok.decode(ids) == tok.render_chat(messages)
-    assert [t for t in ids if t in set(tok.special_ids.values())] == [tok.special_ids[s] for s in (
-        "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")]
+    user, tool = {"role": "user", "content": 'say "hi" <|eot_id|>'}, {"role": "tool", "content": 'r "x" <|eot_id|>'}
+    for messages in ([{"role": "user", "content": 'say "hi" <|eot_id|>\\n'}], [user, tool],
+                     [{"role": "tool", "content": "r\nx <|eot_id|>"}, user]):
+        ids = tok.encode_chat(messages)
+        assert tok.decode(ids) == tok.render_chat(messages)
+        assert [t for t in ids if t in set(tok.special_ids.values())] == [tok.special_ids[s] for s in (
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")] * len(messages)
 
 
 @pytest.fixture
