@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator, model_validator
 
 from model.galaxy import KV_GROUPS, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes
 
+# Numbers and booleans are strict, as the API's are: YAML types them, so "32" or true for num_slots is a mistake
+# (a float key still takes an int).
+Int, Float, Bool = Annotated[int, Strict()], Annotated[float, Strict()], Annotated[bool, Strict()]
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping can double it
 # Keys that only one backend reads: set for another, they would be silently ignored.
 BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simulated", "mesh_shape": "tt_galaxy",
@@ -27,45 +30,45 @@ class AppConfig(BaseModel):
                                                       "answered (as vLLM's); None: the model's")
     backend: Literal["torch", "simulated", "tt_galaxy"] = "torch"
     # meshes (one Serve replica each)
-    num_meshes: int = Field(1, ge=1)
+    num_meshes: Int = Field(1, ge=1)
     mesh_resources: dict[str, float] = Field(default_factory=dict, description='{"galaxy": 1} on Galaxy hosts')
-    mesh_num_cpus: float = Field(1.0, ge=0)
-    num_slots: int = Field(32, ge=1)
-    block_size: int = Field(64, ge=1)
-    num_blocks: int | None = Field(None, ge=1, description="KV blocks per KV group; None: the backend's default")
-    kv_groups: int | None = Field(None, ge=1, description="simulated backend: independent KV caches per mesh "
+    mesh_num_cpus: Float = Field(1.0, ge=0)
+    num_slots: Int = Field(32, ge=1)
+    block_size: Int = Field(64, ge=1)
+    num_blocks: Int | None = Field(None, ge=1, description="KV blocks per KV group; None: the backend's default")
+    kv_groups: Int | None = Field(None, ge=1, description="simulated backend: independent KV caches per mesh "
                                                           "(None: 4, one per Galaxy mesh column)")
-    max_seq_len: int | None = Field(None, ge=2)
+    max_seq_len: Int | None = Field(None, ge=2)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    time_scale: float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy")
+    time_scale: Float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy")
     mesh_shape: tuple[int, int] = (8, 4)
-    num_layers: int | None = Field(None, ge=1, description="tt_galaxy: fewer layers, for bring-up")
+    num_layers: Int | None = Field(None, ge=1, description="tt_galaxy: fewer layers, for bring-up")
     override_tt_config: TTMeshConfig = Field(default_factory=TTMeshConfig)  # tt-inference-server's Galaxy spec
     # router
-    prefill_chunk: int = Field(4096, ge=128)
-    max_prefill_tokens: int | None = Field(None, ge=128, description="prefill between two decode rounds; "
+    prefill_chunk: Int = Field(4096, ge=128)
+    max_prefill_tokens: Int | None = Field(None, ge=128, description="prefill between two decode rounds; "
                                                                      "None: one chunk")
-    decode_steps: int = Field(8, ge=1, le=128)
-    pipeline_depth: int = Field(2, ge=1, le=4)
-    enable_prefix_caching: bool = Field(True, description="vLLM's name; false: every prompt is computed from its "
+    decode_steps: Int = Field(8, ge=1, le=128)
+    pipeline_depth: Int = Field(2, ge=1, le=4)
+    enable_prefix_caching: Bool = Field(True, description="vLLM's name; false: every prompt is computed from its "
                                                           "first token (no prefix reuse)")
-    max_waiting_requests: int = Field(1024, ge=1)
-    max_waiting_tokens: int = Field(4 * 131072, ge=1)
-    stream_interval_ms: float = Field(10.0, ge=0, le=1000, description="the router sends each ingress replica at "
+    max_waiting_requests: Int = Field(1024, ge=1)
+    max_waiting_tokens: Int = Field(4 * 131072, ge=1)
+    stream_interval_ms: Float = Field(10.0, ge=0, le=1000, description="the router sends each ingress replica at "
                                       "most one message per interval, holding every request's new tokens")
     # failure handling (see docs/DESIGN.md, "Failure")
-    step_deadline_factor: float = Field(20.0, gt=0, description="a work silent for min_step_deadline_s + this x "
+    step_deadline_factor: Float = Field(20.0, gt=0, description="a work silent for min_step_deadline_s + this x "
                                                                 "its expected time marks its mesh down")
-    min_step_deadline_s: float = Field(30.0, gt=0)
-    no_mesh_wait_s: float = Field(30.0, ge=0, description="with no live mesh, requests wait this long, then 503")
+    min_step_deadline_s: Float = Field(30.0, gt=0)
+    no_mesh_wait_s: Float = Field(30.0, ge=0, description="with no live mesh, requests wait this long, then 503")
     # ingress
-    ingress_replicas: int = Field(1, ge=1)
-    ingress_num_cpus: float = Field(0.2, ge=0)
+    ingress_replicas: Int = Field(1, ge=1)
+    ingress_num_cpus: Float = Field(0.2, ge=0)
     api_keys: list[Annotated[str, StringConstraints(pattern=r"\S")]] = Field(
         default_factory=list, description="Bearer keys; empty: no auth. A blank key (an unset variable in a "
         "template) is refused: it would let in `Authorization: Bearer ` with nothing after it")
-    max_request_bytes: int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
-    metrics_open: bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
+    max_request_bytes: Int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
+    metrics_open: Bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
                                        "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")
 

@@ -67,12 +67,22 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     ({"backend": "torch", "mesh_shape": [2, 2]}, "mesh_shape applies to the tt_galaxy backend only"),
     ({"backend": "simulated", "dtype": "bfloat16"}, "dtype applies to the torch backend only"),
     ({"backend": "simulated", "override_tt_config": {"trace_region_size": 1}}, "override_tt_config applies"),
+    ({"num_slots": "32"}, "num_slots"),  # YAML types numbers and booleans: a string or a bool here is a mistake
+    ({"num_meshes": True}, "num_meshes"),
+    ({"enable_prefix_caching": "no"}, "enable_prefix_caching"),
+    ({"mesh_num_cpus": True}, "mesh_num_cpus"),
 ])
 def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(args, match):
     """Each passed the check and the build, then failed in every mesh replica (kv_groups, resources), stopped
     every stream after its first token (an infinite flush interval), refused every key, or was silently ignored."""
     with pytest.raises(ValidationError, match=match):
         AppConfig(**args)
+
+
+def test_a_float_key_takes_an_int_and_a_pair_a_list():
+    config = AppConfig(backend="simulated", time_scale=1, stream_interval_ms=5, mesh_num_cpus=2)
+    assert (config.time_scale, config.stream_interval_ms, config.mesh_num_cpus) == (1.0, 5.0, 2.0)
+    assert AppConfig(backend="tt_galaxy", model="", mesh_shape=[8, 4]).mesh_shape == (8, 4)
 
 
 def test_the_torch_backend_refuses_a_length_past_the_models_context(tmp_path):
