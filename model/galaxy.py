@@ -45,10 +45,10 @@ DEVICE_MAX_TOP_K = 32  # tt-metal's on-device sampler keeps the top 32 (models/c
 
 def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, block_size: int) -> tuple[int, int]:
     """(max_seq_len, num_blocks per KV group) a Galaxy serves, or ValueError naming the field. The mesh is 8x4
-    (slot s on column s // 8). The generator pads a prefill to the next power of two and its traced prefill's
-    page table spans the whole cache (generator.py @00b0fa3f), so max_seq_len is a power of two >= 1024 and a
-    column's cache (num_blocks + the spare block 0) holds max_seq_len + PREFIX_ALIGN tokens, the warm-up's
-    longest prefill. Unset, num_blocks is blocks_per_group at max_seq_len, and max_seq_len 128k or the
+    (slot s on column s // 8). The generator pads a prefill to the next power of two, and its warm-up prefills
+    max_seq_len tokens after a PREFIX_ALIGN-token cached prefix (generator.py @00b0fa3f), so max_seq_len is a
+    power of two >= 1024 and a column's cache (num_blocks + the spare block 0) holds max_seq_len + PREFIX_ALIGN
+    tokens. Unset, num_blocks is blocks_per_group at max_seq_len, and max_seq_len 128k or the
     largest that num_blocks holds."""
     if tuple(mesh_shape) != MESH_SHAPE:
         raise ValueError(f"mesh_shape: the Galaxy model runs on an {MESH_SHAPE[0]}x{MESH_SHAPE[1]} mesh, "
@@ -74,8 +74,9 @@ def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, bl
 class TTMeshConfig:
     """How the mesh is opened, sampled and warmed up. The defaults, and the names, are tt-inference-server's
     `override_tt_config` for Llama-3.3-70B on GALAXY (prod/llm.yaml @cb954e42, tt-metal e867533, vLLM 8f36910):
-    the trace region holds the prefill traces of every length up to 128k, the prefix-cached ones, the decode
-    and the sampling traces. The mesh shape is not here: it is AppConfig.mesh_shape, one knob.
+    the trace region holds the prefill traces (the generator traces the lengths of llama_ccl.py's
+    support_seqlens, 128 to 4096 @00ab7c95, and runs longer prefills untraced), the decode and the sampling
+    traces. The mesh shape is not here: it is AppConfig.mesh_shape, one knob.
 
     `enable_model_warmup` (tt_worker.py's key of that name) compiles and captures every prefill length, decode
     and sampling variant at load, before the replica takes traffic; off only for bring-up.

@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from model.backend import Backend, Capabilities
+from model.embedded import cache_root
 from model.galaxy import (BLOCK_SIZE, DEVICE_MAX_TOP_K, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
                           MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes, padded_prefill_len)
 from model.sampler import sample_row
@@ -73,6 +74,7 @@ class TTGalaxyBackend(Backend):
         self._device_tokens = (num_blocks + 1) * block_size  # a column's cache, the spare block 0 included
         self._device_argmax: bool | None = None  # the device sampler's mode after the last parameters it took
         _export_weights_dir(model_dir)
+        _export_cache_dir()
         _export_line_env(config)
 
         self.ttnn = _import_ttnn()
@@ -288,6 +290,19 @@ def _export_weights_dir(model_dir: str | os.PathLike | None) -> None:
         os.environ.pop("HF_MODEL" if meta else "LLAMA_DIR", None)
     elif not (os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR")):
         raise ValueError("no weights: pass a model folder or set HF_MODEL (or LLAMA_DIR), as for the Galaxy demo")
+
+
+def _export_cache_dir() -> None:
+    """tt-metal's TtModelArgs writes its converted weights (tens of GB) and empty KV-cache files under
+    $TT_CACHE_PATH/TG, else under os.path.join("model_cache", HF_MODEL, "TG") (model_config.py @019d812b), which
+    for an absolute HF_MODEL is the weights folder itself: a read-only or shared mount fails the load, and a
+    Hugging Face cache snapshot grows by the cache. Unset, it goes under meshserve's cache, one folder per
+    weights folder (a hub snapshot's by repository and revision)."""
+    if os.environ.get("TT_CACHE_PATH"):
+        return
+    weights = Path(os.environ.get("HF_MODEL") or os.environ["LLAMA_DIR"])
+    name = f"{weights.parent.parent.name}-{weights.name[:12]}" if weights.parent.name == "snapshots" else weights.name
+    os.environ["TT_CACHE_PATH"] = str(cache_root() / "tt_cache" / name)
 
 
 def _export_line_env(config: TTMeshConfig) -> None:

@@ -32,7 +32,7 @@ def hf_dir(tmp_path, monkeypatch):
     """An HF model folder, a private environment, and the double importable as ttnn + tt-metal."""
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
-                                        if k not in ("HF_MODEL", "LLAMA_DIR", "LINE_RS", "LINE_AG")})
+                                        if k not in ("HF_MODEL", "LLAMA_DIR", "LINE_RS", "LINE_AG", "TT_CACHE_PATH")})
     monkeypatch.syspath_prepend(str(DOUBLE))
     _forget_double()
     yield tmp_path
@@ -186,6 +186,29 @@ def test_without_generator_vllm_the_backend_allocates_the_same_cache(ttnn, hf_di
         {f"empty_{kv}cache_paged_attention(2057, 1, 64, 128)" for kv in "kv"}
     token = b.prefill(list(range(10)), 0, [0], slot=0, sampling=GREEDY)  # and it serves
     assert int(token) == expected_next(range(10))
+    b.close()
+
+
+def test_tt_metals_weight_cache_goes_under_meshserves_cache_not_into_the_weights(ttnn, hf_dir, tmp_path_factory):
+    """Unset, tt-metal puts its converted weights (tens of GB) at os.path.join("model_cache", HF_MODEL, "TG"), for
+    an absolute HF_MODEL inside the weights folder; a TT_CACHE_PATH that is set is left as it is."""
+    cache = tmp_path_factory.mktemp("meshserve_cache")
+    os.environ["MESHSERVE_CACHE"] = str(cache)
+    b = TTGalaxyBackend(hf_dir)
+    written = [kw["cache_file_name"] for name, kw in ttnn.calls if name == "as_tensor"]
+    weights = b.generator.model.built_with["weight_cache_path"]
+    b.close()
+    assert written and all(p.is_relative_to(cache / "tt_cache" / hf_dir.name / "TG") for p in [*written, weights])
+    snapshot = tmp_path_factory.mktemp("hub") / "models--meta-llama--Llama-3.3-70B-Instruct" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    del os.environ["TT_CACHE_PATH"]
+    b = TTGalaxyBackend(snapshot)
+    assert os.environ["TT_CACHE_PATH"] == str(cache / "tt_cache" / f"models--meta-llama--Llama-3.3-70B-Instruct-{'ab' * 6}")
+    b.close()
+    os.environ["TT_CACHE_PATH"] = "/fast/ttnn_cache"
+    b = TTGalaxyBackend(hf_dir)
+    assert b.generator.model_args.model_cache_path == Path("/fast/ttnn_cache/TG")
     b.close()
 
 

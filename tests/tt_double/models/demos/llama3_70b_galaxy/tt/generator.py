@@ -28,6 +28,9 @@ import ttnn
 from models.common.sampling import SamplingParams, format_sampling_params
 from models.demos.llama3_70b_galaxy.tt.model_config import SDPA_CHUNK_ALIGN
 
+# The prefill lengths the generator traces (tt_ccl.support_seqlens, llama_ccl.py @00ab7c95); others run untraced.
+SUPPORT_SEQLENS = (4096, 2048, 1024, 128)
+
 MAX_BATCH = 32
 COLUMNS = 4  # prepare_prefill_inputs_host: `devices = 4`; user u lives on column u // 8
 USERS_PER_COLUMN = MAX_BATCH // COLUMNS
@@ -141,7 +144,7 @@ class Generator:
         keys += [("prefill", n, True, 1) for n in lengths]
         keys += [("prefill_out", "logits"), ("prefill_out", "tokens"), ("sampling", "greedy"), ("sampling", "sampled")]
         for key in keys:
-            if enable_trace and key[0] == "prefill":
+            if enable_trace and key[0] == "prefill" and key[1] in SUPPORT_SEQLENS:
                 self._trace(self.trace_id_prefill, key)
         self.calls.append(("prefill_warmup", {"lengths": lengths, "compiled": self._compile(*keys)}))
 
@@ -190,7 +193,7 @@ class Generator:
                                % self.model.vocab_size)
             written.append((column, row[cached // block_size:].tolist()))
             key = ("prefill", padded_len, cached > 0, 1)  # _easy_trace_prefill's f"{len}_{batch}_{sp0|sp1}"
-            if enable_trace:
+            if enable_trace and padded_len in SUPPORT_SEQLENS:  # longer prefills run untraced
                 self._trace(self.trace_id_prefill, key)
             compiled += self._compile(key)
         placed, mode_changed = None, False

@@ -45,7 +45,9 @@ class TtModelArgs:
         self.dim = 8192
         self.vocab_size = 128256
         self.padded_vocab_size = 128 * 1024
-        self.model_cache_path = Path(os.getenv("TT_CACHE_PATH", "model_cache")) / "TG"
+        # @019d812b: $TT_CACHE_PATH/TG, else os.path.join("model_cache", HF_MODEL, "TG"): an absolute HF_MODEL
+        # drops "model_cache", putting the cache inside the weights folder
+        self.model_cache_path = Path(os.getenv("TT_CACHE_PATH") or os.path.join("model_cache", self.CKPT_DIR)) / "TG"
         self.cache_hf_flag = cache_hf
         self.cached_hf_model = None
 
