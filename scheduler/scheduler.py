@@ -174,15 +174,15 @@ class MeshScheduler:
         return list(itertools.islice(self.waiting, start, None if limit is None else start + limit))
 
     def seats(self, seq: Sequence) -> bool:
-        """Whether the next schedule here would seat `seq` (another mesh's) after this mesh's own queue: a slot
-        left, room for its tokens (max_seq_len, the pool), and a KV group with a free slot and the blocks for
-        its uncached tokens beyond those the queue will take (counted whole: a request moved here in the same
-        pass is in it)."""
+        """Whether the next schedule here would seat `seq` (another mesh's) after this mesh's own queue: room
+        for its tokens (max_seq_len, the pool) and, once that schedule has reserved the running users' lookahead
+        and seated the queue (_room_after_queue; a request moved here in the same pass is in it), a KV group
+        with a free slot and the blocks for its uncached tokens."""
         n = len(seq.token_ids)
         if self.num_queued >= 0 or n >= self.max_tokens_per_seq:
             return False
-        promised = sum(blocks_for(len(s.token_ids), self.block_size) for s in self.waiting)
-        return self._choose_group(seq.block_hashes, n, promised) is not None
+        room = self._room_after_queue()
+        return room is not None and self._choose_group(seq.block_hashes, n, room) is not None
 
     @property
     def num_queued(self) -> int:
@@ -205,7 +205,8 @@ class MeshScheduler:
         room (KVGroup.room) breaks the remaining ties."""
         free_after_queue = -self.num_queued
         group = max(g.room for g in self.kv.groups)
-        if free_after_queue > 0 and (choice := self._choose_group(block_hashes, num_tokens)) is not None:
+        if free_after_queue > 0 and (room := self._room_after_queue()) is not None \
+                and (choice := self._choose_group(block_hashes, num_tokens, room)) is not None:
             return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
@@ -301,22 +302,57 @@ class MeshScheduler:
         """The cached blocks of `pool` that a sequence of n tokens may reuse (none with prefix caching off)."""
         return pool.lookup(block_hashes, n, self.prefix_align) if self.enable_prefix_caching else []
 
-    def _choose_group(self, block_hashes: list[bytes], n: int, reserve: int = 0) -> tuple[KVGroup, list[int]] | None:
-        """The group with a free slot and room (beyond `reserve` blocks) whose prefix cache holds most of the
-        sequence, then the one with most room (KVGroup.room); with its prefix hit. None if none has room."""
+    def _choose_group(self, block_hashes: list[bytes], n: int,
+                      room: list[list[int]] | None = None) -> tuple[KVGroup, list[int]] | None:
+        """The group with a free slot and room whose prefix cache holds most of the sequence, then the one with
+        most room (KVGroup.room); with its prefix hit. None if none has room. `room`: each group's
+        [free slots, free blocks, available blocks] to judge by instead of its own (_room_after_queue)."""
         best, best_key = None, None
         for group in self.kv.groups:
-            if not group.free_slots:
+            slots, free, available = room[group.index] if room is not None else group.room
+            if not slots:
                 continue
             pool = group.pool
             hit = self._lookup(pool, block_hashes, n)
-            watermark = self.watermark_blocks if group.num_running else 0
-            if pool.blocks_needed(hit, n) + watermark + reserve > pool.num_available:
+            watermark = self.watermark_blocks if slots < group.num_slots else 0
+            if pool.blocks_needed(hit, n) + watermark > available:
                 continue
-            key = (len(hit), *group.room)
+            key = (len(hit), slots, free, available)
             if best_key is None or key > best_key:
                 best, best_key = (group, hit), key
         return best
+
+    def _room_after_queue(self) -> list[list[int]] | None:
+        """Each KV group's [free slots, free blocks, available blocks] as the next schedule() would leave them
+        once it has reserved the running users' lookahead (_reserve_lookahead) and seated the waiting queue in
+        order (_admit); None when it would seat nobody more: the lookahead preempts, or a queued request fits
+        no group (nobody overtakes it). A forecast for placement: it does not model evictions of cached blocks."""
+        room = [list(g.room) for g in self.kv.groups]
+
+        def take(r: list[int], new: int, revived: int = 0) -> None:
+            r[1] -= min(new, r[1])
+            r[2] -= new + revived
+
+        for seq in self.running.values():
+            if seq.status is Status.RUNNING and seq.live and seq.num_planned < seq.max_tokens_total:
+                target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
+                missing = blocks_for(target - 1, self.block_size) - len(seq.block_table)
+                if missing > 0:
+                    take(room[seq.slot // self.kv.slots_per_group], missing)
+        if any(r[2] < 0 for r in room):
+            return None
+        for seq in self.waiting:
+            n = len(seq.token_ids)
+            extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
+            choice = self._choose_group(seq.block_hashes, n, room)
+            if choice is None:
+                return None
+            group, hit = choice
+            new = blocks_for(n, self.block_size) - len(hit)
+            r = room[group.index]
+            r[0] -= 1
+            take(r, new, group.pool.blocks_needed(hit, n) - new)
+        return room
 
     def _plan_prefills(self) -> tuple[list[PrefillChunk], list[tuple[Sequence, int, int, bool]]]:
         """Chunks of the uncomputed prefixes, oldest admission first, at most max_prefill_tokens in all.

@@ -562,6 +562,66 @@ def test_requests_waiting_for_blocks_are_queued_though_slots_are_free():
     assert not sched.seats(queued)  # the two blocks left are r3's, which waits here first
 
 
+def _run(sched, mesh):
+    work = sched.schedule()
+    for result in mesh.execute(work) if work else ():
+        sched.process(result)
+
+
+def _moved_here(sched, token_ids, p):
+    """`seats()` of a request that is another mesh's, then the request moved here and scheduled: whether it runs."""
+    other = MeshScheduler(num_blocks=64, block_size=BS, num_slots=4, max_seq_len=64)
+    seq = other.submit("moved", token_ids, p)
+    extend_block_hashes(seq.block_hashes, token_ids, BS)
+    said = sched.seats(seq)
+    sched.submit("moved", token_ids, p, migrated=True)
+    sched.schedule()
+    return said, "moved" in sched.running
+
+
+def test_seats_counts_the_slots_the_queue_takes_in_each_kv_group():
+    """A queued request takes the only free slot of the group with the blocks: a request moved here on seats()'s
+    word would wait at the head of this mesh's queue (holding back the queue behind it) until moved again."""
+    for queue in ([[5, 6, 7]], []):
+        sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32,
+                              prefill_chunk=32, max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+        mesh = FakeMesh(4, 8, BS, 2)
+        sched.submit("big", list(range(100, 126)), params(5, ignore_eos=True))  # group 0: 7 of its 8 blocks
+        _run(sched, mesh)
+        sched.submit("x", [1, 2, 3], params(20, ignore_eos=True))  # group 1: one of its two slots
+        _run(sched, mesh)
+        for i, prompt in enumerate(queue):
+            sched.submit(f"w{i}", prompt, params(20, ignore_eos=True))
+        assert sched.num_queued < 0
+        assert _moved_here(sched, [9] * 5, params(20, ignore_eos=True)) == ((False, False) if queue else (True, True))
+
+
+def test_seats_counts_the_running_users_lookahead():
+    """The next schedule reserves the running users' next decode_steps tokens before it admits anyone."""
+    for decode_steps, expected in ((4, (False, False)), (1, (True, True))):
+        sched = MeshScheduler(num_blocks=6, block_size=BS, num_slots=4, max_seq_len=24, prefill_chunk=24,
+                              max_prefill_tokens=24, decode_steps=decode_steps, max_inflight=1)
+        sched.submit("a", list(range(1, 12)), params(12, ignore_eos=True))  # 11 tokens: 3 blocks, 4 with its first
+        _run(sched, FakeMesh(4, 6, BS))
+        assert sched.kv.groups[0].pool.num_available == (2 if decode_steps == 4 else 3) and sched.num_queued == -3
+        assert _moved_here(sched, list(range(50, 57)), params(2)) == expected  # 2 blocks
+
+
+def test_a_mesh_whose_queue_takes_the_blocks_does_not_rank_as_seating_a_request_now():
+    """placement_key's first tier is for a mesh that seats the request now: not one whose own burst, not yet
+    scheduled, takes the blocks, while another mesh has a free slot and the blocks."""
+    a, _ = make(num_blocks=10, max_seq_len=40, prefill_chunk=40, max_prefill_tokens=40, decode_steps=1)
+    b, b_mesh = make(num_blocks=10, max_seq_len=40, prefill_chunk=40, max_prefill_tokens=40, decode_steps=1)
+    for i in range(3):
+        b.submit(f"b{i}", [i + 1], params(8, ignore_eos=True))
+    _run(b, b_mesh)
+    a.submit("burst", list(range(30)), params(8, ignore_eos=True))  # 8 of a's 10 blocks
+    prompt = list(range(50, 70))  # 5 blocks
+    hashes = _hashes(prompt)
+    assert a.placement_key(hashes, len(prompt))[0] == 0 and b.placement_key(hashes, len(prompt))[0] == 1
+    assert b.placement_key(hashes, len(prompt)) > a.placement_key(hashes, len(prompt))
+
+
 def test_a_work_brings_at_most_two_grammars_the_mesh_has_not_used_lately():
     """A grammar the mesh has not used lately compiles on its worker thread when its final chunk runs (up to
     ~0.1 s each, every slot waiting): 31 distinct ones in one work stalled a mesh 1.3 s. Past
