@@ -34,6 +34,7 @@ def build(args: AppConfig) -> Application:
         "step_deadline_factor": config.step_deadline_factor,
         "min_step_deadline_s": config.min_step_deadline_s,
         "no_mesh_wait_s": config.no_mesh_wait_s,
+        "max_mesh_failures": config.max_mesh_failures,
         "enable_prefix_caching": config.enable_prefix_caching,
     })
     # Each ingress replica takes its share of what the router holds (slots and queues; a quarter more for an uneven

@@ -39,7 +39,7 @@ from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from deployments.mesh_client import LinkMeshClient
 from model.backend import Capabilities
 from scheduler.blocks import extend_block_hashes
-from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull, RoomFilled
+from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull, RoomFilled
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
 from scheduler.work import MeshWork, RequestFailed, StepEvents, StepResult, TokenEvent, pack_events, unpack_events
@@ -81,6 +81,9 @@ class RouterConfig:
     probe_timeout_s: float = 30.0
     heartbeat_s: float = 5.0  # an idle mesh is checked this often (a replica restarted while idle rejoins)
     no_mesh_wait_s: float = 30.0  # a request waits this long for a live mesh, then 503
+    # A request whose prefill chunk or decode round this many meshes were computing as they failed ends (500)
+    # instead of moving again: one that crashes the device would take down each mesh it reaches.
+    max_mesh_failures: int = 2
     start_wait_s: float = 1.0  # at a router start, requests wait at most this long after the first mesh is up
     # for the others' first answers, so they spread over all (an ingress resubmits every stream at a restart)
     cancel_memory_s: float = 60.0  # a cancel for an unknown request is remembered this long
@@ -124,6 +127,7 @@ class _Request:
     held_output: list[int] = field(default_factory=list)  # tokens so far, while waiting for a live mesh
     held_since: float | None = None
     counted: bool = False  # a mesh counted its admission (prefix-cache counters): no other mesh counts it again
+    mesh_failures: int = 0  # meshes that failed computing its prefill chunk or a decode round it was in
 
 
 class _Sink:
@@ -651,10 +655,20 @@ class Router:
         mesh.failovers += 1
         if not any(m.up for m in self.meshes):
             self.mesh_up.clear()
+        suspects = set(sched.executing())  # the prefill chunk or decode round it was computing: the possible cause
         for seq in sched.drain():
             req = self.requests.get(seq.request_id)
             if req is None or req.mesh is not mesh:
                 continue
+            if seq.request_id in suspects:
+                req.mesh_failures += 1
+                if req.mesh_failures >= self.config.max_mesh_failures:
+                    log.error("request %s was on %d meshes as they failed: ending it, not moving it again",
+                              seq.request_id, req.mesh_failures)
+                    req.mesh = None
+                    self._finish(seq.request_id, RequestFailed(seq.request_id, MeshFailures(
+                        f"it was running on {req.mesh_failures} model replicas as they failed")))
+                    continue
             mesh.requests_migrated += 1
             req.counted = req.counted or seq.counted
             self._replace(seq.request_id, req, seq.output_ids)

@@ -1,4 +1,4 @@
-"""Typed refusals the HTTP layer maps to status codes (400 / 429 / 503), and the one the router ends as "length"."""
+"""Typed refusals the HTTP layer maps to status codes (400 / 429 / 500 / 503), and the one the router ends as "length"."""
 
 
 class PromptTooLong(ValueError):
@@ -11,6 +11,12 @@ class QueueFull(RuntimeError):
 
 class NoMeshAvailable(RuntimeError):
     """No mesh came up within the router's wait (HTTP 503 with Retry-After)."""
+
+
+class MeshFailures(RuntimeError):
+    """`max_mesh_failures` meshes failed while computing the request's prefill chunk or a decode round it was in:
+    it ends (HTTP 500) rather than move again, so that one whose prefill or decode crashes the device cannot take
+    down each mesh it reaches."""
 
 
 class RoomFilled(ValueError):

@@ -166,6 +166,20 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
+    def executing(self) -> list[str]:
+        """The requests of what the mesh owes first, i.e. was computing if it failed now (works run in order, one
+        message per prefill chunk, then per decode step): that chunk's request, else every slot of that decode
+        round; none while no work is out. Those cancelled or re-seated since are left out."""
+        if not self.inflight:
+            return []
+        first = self.inflight[0]
+        if first.next_prefill < len(first.prefills):
+            seq, epoch, _, _ = first.prefills[first.next_prefill]
+            entries = [(seq, epoch)]
+        else:
+            entries = [(seq, epoch) for _, seq, epoch in first.decode]
+        return [seq.request_id for seq, epoch in entries if seq.epoch == epoch and seq.status is Status.RUNNING]
+
     def queued(self, limit: int | None = None) -> list[Sequence]:
         """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order,
         the first `limit` of them. They hold no slot or block: the router moves them to a mesh that seats them

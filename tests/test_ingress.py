@@ -16,7 +16,7 @@ from deployments import ingress, openai_server
 from deployments.ingress import build_app
 from deployments.streaming import StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
-from scheduler.errors import NoMeshAvailable, PromptTooLong, QueueFull
+from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import MAX_LOGPROBS
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
                                    make_client, router, sse, tokenizer)
@@ -486,6 +486,15 @@ def test_a_failure_that_is_not_the_router_lost_is_a_500_at_once(client, router):
     router.refuse = ValueError("secret internals")
     error = assert_error(client.post("/v1/chat/completions", json=CHAT), 500)
     assert "secret" not in error["message"]
+    assert len(router.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_meshes_failed_on_is_a_500_named_and_not_resubmitted(client, router, stream):
+    """Resubmitting it would crash another mesh: the router ended it after max_mesh_failures."""
+    router.refuse = MeshFailures("it was running on 2 model replicas as they failed")
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": stream}), 500)
+    assert error["code"] == "mesh_failed" and "2 model replicas" in error["message"]
     assert len(router.requests) == 1
 
 

@@ -6,12 +6,13 @@ import pickle
 
 import pytest
 
+from deployments.aio import within
 from deployments.router import Router, RouterConfig
 from model.simulated import SimulatedBackend
-from scheduler.errors import NoMeshAvailable, QueueFull
+from scheduler.errors import MeshFailures, NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.work import pack_events, unpack_events
-from tests.local_mesh import LocalMesh
+from tests.local_mesh import Gone, LocalMesh
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 FAST = dict(prefill_chunk=256, max_prefill_tokens=256, stream_interval_ms=0, probe_interval_s=0.02,
@@ -271,6 +272,55 @@ def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
         with pytest.raises(NoMeshAvailable):
             await task
         assert router.stats()["held"] == 0
+        await router.close()
+    asyncio.run(main())
+
+
+POISON = 999
+
+
+class CrashingMesh(LocalMesh):
+    """Dies computing a prefill chunk that holds POISON (a device fault at one request's shape), as the replica does
+    after a device error; Serve brings it back 0.1 s later as a new incarnation."""
+
+    deaths = 0
+
+    async def execute(self, work, incarnation):
+        crash_at = next((i for i, chunk in enumerate(work.prefills) if POISON in chunk.token_ids), None)
+        async for i, step in _enumerate(super().execute(work, incarnation)):
+            if i == crash_at:
+                self.deaths += 1
+                self.vanish()
+                asyncio.get_running_loop().call_later(0.1, self.restart)
+                raise Gone("device error")
+            yield step
+
+
+async def _enumerate(stream):
+    i = 0
+    async for item in stream:
+        yield i, item
+        i += 1
+
+
+@pytest.mark.parametrize("num_meshes", [1, 2])
+def test_a_request_that_crashes_each_mesh_it_reaches_ends_after_max_mesh_failures(num_meshes):
+    """It was moved from mesh to mesh (and back to the one restarted) forever, every other request recomputed at
+    each move and none finishing. Now it fails (500) on its second crash; the requests beside it are not blamed
+    (the meshes died computing its prefill) and finish with their unfaulted tokens."""
+    async def main():
+        prompts = PROMPTS[:6]
+        alone = await solo_outputs(prompts, LONG)
+        meshes = [CrashingMesh(backend) for _ in range(num_meshes)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=5))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        others = [asyncio.create_task(collect(router, f"r{i}", p, LONG)) for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(MeshFailures):
+            await within(collect(router, "poison", [5] * 300 + [POISON] * 50, LONG), 10)
+        assert sum(m.deaths for m in meshes) == 2
+        assert await within(asyncio.gather(*others), 20) == alone
+        await until(lambda: idle(router) and all(m["up"] for m in router.stats()["meshes"]))
         await router.close()
     asyncio.run(main())
 

@@ -622,6 +622,28 @@ def test_a_mesh_whose_queue_takes_the_blocks_does_not_rank_as_seating_a_request_
     assert b.placement_key(hashes, len(prompt)) > a.placement_key(hashes, len(prompt))
 
 
+def test_executing_names_what_the_mesh_owes_first():
+    """What a mesh failure is laid on (the router's max_mesh_failures): the request of the prefill chunk the mesh
+    was computing, else every request of the decode round; one cancelled since is not named."""
+    sched, mesh = make()
+    sched.submit("a", [1, 2, 3, 4], params(ignore_eos=True))
+    sched.submit("b", [5, 6, 7, 8], params(ignore_eos=True))
+    assert sched.executing() == []
+    work = sched.schedule()
+    results = mesh.execute(work)
+    assert [c.request_id for c in work.prefills] == ["a", "b"] and work.decode is not None
+    assert sched.executing() == ["a"]
+    sched.process(results[0])
+    assert sched.executing() == ["b"]
+    sched.process(results[1])
+    assert sorted(sched.executing()) == ["a", "b"]
+    sched.cancel("b")
+    assert sched.executing() == ["a"]
+    for result in results[2:]:
+        sched.process(result)
+    assert sched.executing() == []
+
+
 def test_a_work_brings_at_most_two_grammars_the_mesh_has_not_used_lately():
     """A grammar the mesh has not used lately compiles on its worker thread when its final chunk runs (up to
     ~0.1 s each, every slot waiting): 31 distinct ones in one work stalled a mesh 1.3 s. Past
