@@ -145,10 +145,16 @@ class AppConfig(BaseModel):
         which vLLM serves under that id); empty `model` names what $HF_MODEL or $LLAMA_DIR names."""
         if self.served_model_name:
             return list(self.served_model_name)
-        if self.model == "smollm2":
-            return ["SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"]
-        given = self.model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
+        given = model_root(self.model)
         return list(dict.fromkeys([given.rstrip("/").split("/")[-1] or given, given]))
+
+
+def model_root(model: str | None) -> str:
+    """The model as given (vLLM's ModelCard.root: its --model): a folder or hub id, the embedded model's hub id, or
+    what $HF_MODEL or $LLAMA_DIR names."""
+    if model == "smollm2":
+        return "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
 
     @property
     def name(self) -> str:

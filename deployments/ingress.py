@@ -11,6 +11,7 @@ import asyncio
 import importlib.metadata
 import logging
 import time
+import uuid
 from typing import Annotated, TypeVar
 from urllib.parse import parse_qsl
 
@@ -28,11 +29,12 @@ from deployments import tokenization
 from deployments.aio import within
 from deployments.auth import ApiKeys, KeyCheck, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
-from deployments.config import DEFAULT_MAX_REQUEST_BYTES
+from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.openai_server import GRAMMAR_THREADS, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                  DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse)
+                                  DetokenizeResponse, ModelCard, ModelList, ModelPermission, TokenizeRequest,
+                                  TokenizeResponse)
 from deployments.responses import respond
 from deployments.responses_protocol import ResponsesRequest
 from deployments.router_client import RouterLink
@@ -61,12 +63,14 @@ def named(req: ChatCompletionRequest | CompletionRequest, request: Request):
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str | list[str],
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               metrics_open: bool = False, allowed_origins: list[str] | None = None,
-              replica_name: str = "local") -> FastAPI:
+              replica_name: str = "local", root: str | None = None) -> FastAPI:
     """The OpenAI app over `router`. With `api_keys`, every route but /health needs one of them (/metrics too,
     unless `metrics_open`), and each key is a tenant with its own prefix cache. `replica_name` labels this
     replica's own metrics (`ingress`). A request may name the model by any of `served_model_name`'s names; the
-    first is the one listed and answered."""
+    first is the one listed and answered. `root`: the model as given (config.model_root), which /v1/models reports
+    as vLLM does (default: the last name)."""
     server = OpenAIServer(router, tokenizer, served_model_name, replica_name)
+    root = root or server.model_names[-1]
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -97,7 +101,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return await respond(server, req, salt(request, req.cache_salt))
 
     async def card(name: str) -> ModelCard:
-        return ModelCard(id=name, created=created, max_model_len=await server.model_len())
+        return ModelCard(id=name, created=created, root=root, max_model_len=await server.model_len(),
+                         permission=[ModelPermission(id=f"modelperm-{uuid.uuid4().hex}", created=created)])
 
     @v1.get("/models")
     async def models():
@@ -236,7 +241,7 @@ class Ingress:
         tokenizer = load_tokenizer(resolve_model_dir(model))  # this node's copy of the model's folder
         self._app = build_app(RouterLink(router_handle), tokenizer, served_model_name, api_keys,
                               max_request_bytes, metrics_open, allowed_origins,
-                              serve.get_replica_context().replica_id.unique_id)
+                              serve.get_replica_context().replica_id.unique_id, model_root(model))
         try:  # now: at the first constrained request it would hold a grammar thread and the GIL (~0.2-1 s)
             self._app.state.server.grammar_tokenizer()
             grammar_check.start(GRAMMAR_THREADS)  # a child process per grammar thread (model/grammar_check.py)

@@ -730,12 +730,35 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class ModelPermission(BaseModel):
+    """vLLM's (vllm/entrypoints/openai/protocol.py), a relic of OpenAI's old model object that vLLM still sends."""
+
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=_now)
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
+    """OpenAI's model object, with vLLM's additions: `root` (the model as given), `parent`, `permission` and
+    `max_model_len`."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=_now)
     owned_by: str = "meshserve"
+    root: str | None = None
+    parent: str | None = None
     max_model_len: int
+    permission: list[ModelPermission] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
@@ -184,6 +185,21 @@ def test_models(client, monkeypatch):
     later = time.time() + 5
     monkeypatch.setattr(time, "time", lambda: later)
     assert client.get("/v1/models").json()["data"][0]["created"] == body["data"][0]["created"]  # the model's, fixed
+
+
+def test_model_cards_carry_vllms_root_parent_and_permission(router, tokenizer):
+    """vLLM's ModelCard: tools that read `root` (the model as given) or `permission` found neither."""
+    from deployments.config import AppConfig, model_root
+    for names, root, expected in ((MODEL, None, MODEL), (["llama", "meta-llama/Llama-3.3-70B-Instruct"], None,
+                                  "meta-llama/Llama-3.3-70B-Instruct"), (AppConfig().names, model_root("smollm2"),
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct")):
+        client = TestClient(build_app(router, tokenizer, names, root=root))
+        listed = client.get("/v1/models").json()["data"][0]
+        for card in (listed, client.get(f"/v1/models/{listed['id']}").json()):
+            assert (card["root"], card["parent"]) == (expected, None)
+            (permission,) = card["permission"]
+            assert permission["object"] == "model_permission" and permission["id"].startswith("modelperm-")
+            assert permission["allow_sampling"] and permission["allow_logprobs"] and not permission["allow_fine_tuning"]
 
 
 # ---- errors -------------------------------------------------------------------------------------
