@@ -164,6 +164,7 @@ class Prepared:
     tools: list[Tool] = field(default_factory=list)
     constraint_param: str | None = None  # the field the request's grammar comes from
     repetition: RepetitionDetection | None = None  # vLLM's repetition_detection, checked here (ChoiceText)
+    echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone, nothing generated
 
 
 _CHOICES_DONE = object()
@@ -346,6 +347,9 @@ class OpenAIServer:
         if isinstance(req, CompletionRequest) and not isinstance(req.prompt, str):
             check_token_ids(prompt_ids, self.tokenizer.vocab_size, "prompt")
         max_tokens, param = req.requested_max_tokens, req.max_tokens_param
+        echo_only = max_tokens == 0
+        if echo_only and not req.echo:  # OpenAI's legacy API and vLLM (echo_without_generation) take 0 with echo only
+            raise APIError(400, "max_tokens: must be at least 1 (0 only with echo: the prompt alone)", param=param)
         if max_tokens is None:
             max_tokens = limit - n
         elif n + max_tokens > limit:
@@ -361,7 +365,7 @@ class OpenAIServer:
             raise APIError(400, "detokenize: tool calls are read from the answer's text; set tool_choice to "
                                 "\"none\" or detokenize to true", param="detokenize")
         try:
-            params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)))
+            params = req.sampling_params(max(max_tokens, 1), tuple(sorted(self.tokenizer.stop_ids)))
             if params.allowed_token_ids:
                 check_allowed(params.allowed_token_ids, bad_words, params.stop_token_ids if req.min_tokens else ())
             if bias or constraint.grammar is not None or bad_words:
@@ -380,7 +384,7 @@ class OpenAIServer:
         repetition = repetition if repetition and repetition.max_pattern_size else None  # 0: off
         return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
                         prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param,
-                        repetition)
+                        repetition, echo_only)
 
     async def prepare_all(self, req: CompletionRequest, prefix: str) -> list[Prepared]:
         """One Prepared per prompt of a completion's batch (one for a single prompt), each checked and
@@ -407,6 +411,9 @@ class OpenAIServer:
         Serve restarts, as a continuation: the same prompt and params with the tokens received so far. The
         client sees a pause, then the rest; greedy and seeded output is unchanged (the sampler is keyed on
         (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
+        if prep.echo_only:  # nothing to generate: the router is not asked (vLLM's echo_without_generation)
+            yield ChoiceDelta(index, "", [], [], "length", 0, 0)
+            return
         prompt_ids = prep.prompt_ids
         timer = self.metrics.start(len(prompt_ids), prep.arrival)
         skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()

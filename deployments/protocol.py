@@ -498,7 +498,8 @@ class CompletionRequest(_GenerationRequest):
     # One prompt (text or token ids), or a batch of them (a list of texts or of token-id lists), as OpenAI's and
     # vLLM's /v1/completions take; the ingress checks the ids. A batch's choices are numbered prompt by prompt.
     prompt: Text | list[int] | list[Text] | list[list[int]] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions, and vLLM's (chat: the context left)
+    # OpenAI's default for completions, and vLLM's (chat: the context left); 0 only with echo: the prompt alone
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model

@@ -141,6 +141,31 @@ def test_echo_streams_the_prompt_in_each_choices_first_chunk(client):
         assert "".join(texts) == COMPLETION["prompt"] + ANSWER
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_is_the_prompt_alone(client, router, stream):
+    """OpenAI's legacy API and vLLM (echo_without_generation) answer the prompt itself, generating nothing; it
+    was a 400. Without echo, 0 is still a 400 naming max_tokens."""
+    body = {**COMPLETION, "prompt": [COMPLETION["prompt"], "Two"], "echo": True, "max_tokens": 0, "n": 2,
+            "stream": stream, **({"stream_options": {"include_usage": True}} if stream else {})}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    if stream:
+        chunks = sse(response)
+        choices = [c for chunk in chunks for c in chunk["choices"]]
+        texts = {i: "".join(c["text"] for c in choices if c["index"] == i) for i in range(4)}
+        reasons = {c["index"]: c["finish_reason"] for c in choices if c["finish_reason"]}
+        usage = chunks[-1]["usage"]
+    else:
+        answer = response.json()
+        texts = {c["index"]: c["text"] for c in answer["choices"]}
+        reasons = {c["index"]: c["finish_reason"] for c in answer["choices"]}
+        usage = answer["usage"]
+    assert texts == {0: COMPLETION["prompt"], 1: COMPLETION["prompt"], 2: "Two", 3: "Two"}
+    assert reasons == dict.fromkeys(range(4), "length") and usage["completion_tokens"] == 0
+    assert router.requests == {}  # nothing asked of the meshes
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "max_tokens": 0}), 400, param="max_tokens")
+
+
 def test_no_echo_by_default(client):
     body = {**COMPLETION, "max_tokens": 64}
     assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == ANSWER
