@@ -210,18 +210,23 @@ class ResponsesRequest(RequestModel):
         messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
         if isinstance(self.input, str):
             return [*messages, {"role": "user", "content": self.input}]
-        for item in self.input:
+        calls: set[str] = set()
+        for i, item in enumerate(self.input):
             if isinstance(item, InputMessage):
                 content = item.content if isinstance(item.content, str) else [
                     {"type": "text", "text": part.text} for part in item.content]
                 messages.append({"role": item.role, "content": content})
             elif isinstance(item, FunctionCallItem):  # calls after the assistant's text or calls: the same turn
+                calls.add(item.call_id)
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
                 if messages and messages[-1]["role"] == "assistant":
                     messages[-1].setdefault("tool_calls", []).append(call)
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            elif item.call_id not in calls:  # a result answering no call: OpenAI's 400 (a history cut wrong)
+                raise APIError(400, f"input.{i}.call_id: No tool call found for function call output with call_id "
+                                    f"{item.call_id}.", param=f"input.{i}.call_id")
             else:
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
         return messages

@@ -142,6 +142,9 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     ({"input": [{"type": "input_image", "image_url": "x"}]}, "input.0"),
     ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input.0.content.0.type"),  # no tag
     ({"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input.0.output"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "5"}]}, "input.0.call_id"),  # no call
+    ({"input": [{"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "b", "output": "5"}]}, "input.1.call_id"),
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
     ({"tools": [{"type": "web_search", "name": "search"}]}, "tools.0.type"),
