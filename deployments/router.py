@@ -104,6 +104,11 @@ class Mesh:
     failovers: int = 0
     requests_migrated: int = 0
     past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
+    heard_at: float = 0.0  # loop time of its last result, or of a work sent while it had none out
+    stall_s: float = math.inf  # silent this long with work out: stalled (STALL_S)
+
+    def stalled(self, now: float) -> bool:
+        return bool(self.scheduler.inflight) and now - self.heard_at > self.stall_s
 
     @property
     def up(self) -> bool:
@@ -201,6 +206,10 @@ class _Sink:
 
 MOVE_SCAN = 8  # a round looks this far into a queue for a request another mesh seats (behind a head none does)
 GRACE_S = 0.5  # a silent work's last look at its socket, in case the router's own loop stood still
+# A mesh with work out that has sent nothing for STALL_S + 2 x the longest expected message (a prefill of
+# max_prefill_tokens) is stalled: new and moved requests go to the others first. Its deadline (minutes on a
+# Galaxy) decides whether it has failed; until then, each request placed there would wait for that verdict.
+STALL_S = 1.0
 
 
 class _Silence:
@@ -226,8 +235,9 @@ class _Silence:
     def __exit__(self, *exc) -> None:
         self._timer.cancel()
 
-    def heard(self) -> None:
-        self._last = self._loop.time()
+    def heard(self) -> float:
+        self._last = now = self._loop.time()
+        return now
 
     def _check(self) -> None:
         now, due = self._loop.time(), self._last + self.seconds
@@ -290,7 +300,9 @@ class Router:
         hashes: list[bytes] = []
         extend_block_hashes(hashes, token_ids, live[0].caps.block_size, salt)  # one block size for all meshes
         num_tokens = len(token_ids)
-        return sorted(live, key=lambda m: m.scheduler.placement_key(hashes, num_tokens), reverse=True), hashes
+        now = asyncio.get_running_loop().time()
+        return sorted(live, key=lambda m: (not m.stalled(now), m.scheduler.placement_key(hashes, num_tokens)),
+                      reverse=True), hashes
 
     def _need(self, req: _Request) -> int:
         """The sequence length a mesh must take for the request's whole answer (prompt + max_tokens), or the
@@ -480,8 +492,9 @@ class Router:
         hold the failed mesh's requests) and when one has room while another has a queue. What no other mesh
         seats stays in line where it is: moved, it would only wait there instead, or come back."""
         queued = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.queued()]
+        now = asyncio.get_running_loop().time()
         for seq, origin in sorted(queued, key=lambda t: (not t[0].started, t[0].arrival_time)):
-            rooms = [m for m in self.meshes if m.up and m.scheduler.num_queued < 0]
+            rooms = [m for m in self.meshes if m.up and m.scheduler.num_queued < 0 and not m.stalled(now)]
             if not rooms:
                 return
             req = self.requests.get(seq.request_id)
@@ -604,6 +617,7 @@ class Router:
                     self._probed()
                 return
             mesh.down_reason, mesh.max_len = None, mesh.scheduler.max_tokens_per_seq
+            mesh.stall_s = STALL_S + 2 * mesh.caps.expected_seconds(self.config.max_prefill_tokens, 1)
             self._measure()
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             self.mesh_up.set()
@@ -686,6 +700,8 @@ class Router:
                     work = sched.schedule()
                     if work is None:
                         break
+                    if not inflight:  # its silence counts from now
+                        mesh.heard_at = asyncio.get_running_loop().time()
                     mesh.rounds += work.decode is not None
                     deadline = self._deadline(mesh.caps, work)
                     stream = mesh.client.execute(work, mesh.incarnation)  # sent now: queued on the mesh
@@ -742,7 +758,7 @@ class Router:
             with _Silence(deadline_s) as silence:
                 try:
                     async for step in stream:
-                        silence.heard()
+                        mesh.heard_at = silence.heard()
                         received += 1
                         self._deliver(sched.process(step))
                         if step.finished:

@@ -276,6 +276,28 @@ def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
     asyncio.run(main())
 
 
+def test_new_requests_go_around_a_mesh_that_stopped_answering_before_its_deadline():
+    """A hung mesh is failed only at its deadline (minutes on a Galaxy); until then it looked free, and about
+    half of the new requests were placed there to wait for that verdict. Now it counts as stalled after
+    STALL_S of silence with work out, and they go to the mesh that answers."""
+    async def main():
+        prompts = PROMPTS[:8]
+        alone = await solo_outputs(prompts, LONG)
+        router, (m0, m1) = await make_router(num_meshes=2, min_step_deadline_s=60)
+        submit_lasting(router, 2)  # one on each mesh
+        await until(lambda: all(m["running"] == 1 for m in router.stats()["meshes"]))
+        m0.inject("hang", after=0)
+        await asyncio.sleep(1.5)  # STALL_S + a little: m0 has sent nothing since
+        assert router.stats()["meshes"][0]["up"]  # not failed: its deadline is a minute away
+        works = m1.works
+        assert await within(asyncio.gather(*[collect(router, f"n{i}", p, LONG) for i, p in enumerate(prompts)]),
+                            10) == alone
+        assert m1.works > works
+        m0.unhang.set()
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
 POISON = 999
 
 
