@@ -148,6 +148,10 @@ class AppConfig(BaseModel):
         given = model_root(self.model)
         return list(dict.fromkeys([given.rstrip("/").split("/")[-1] or given, given]))
 
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
 
 def model_root(model: str | None) -> str:
     """The model as given (vLLM's ModelCard.root: its --model): a folder or hub id, the embedded model's hub id, or
@@ -155,10 +159,6 @@ def model_root(model: str | None) -> str:
     if model == "smollm2":
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
     return model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
-
-    @property
-    def name(self) -> str:
-        return self.names[0]
 
 
 def check_serve_config(path: str, notes: list[str] | None = None, port_free: bool = False) -> list[str]:
