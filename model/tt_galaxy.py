@@ -25,6 +25,7 @@ the cache, so block ids mean a different memory in each group and page-table row
 from __future__ import annotations
 
 import gc
+import hashlib
 import inspect
 import logging
 import os
@@ -297,11 +298,18 @@ def _export_cache_dir() -> None:
     $TT_CACHE_PATH/TG, else under os.path.join("model_cache", HF_MODEL, "TG") (model_config.py @019d812b), which
     for an absolute HF_MODEL is the weights folder itself: a read-only or shared mount fails the load, and a
     Hugging Face cache snapshot grows by the cache. Unset, it goes under meshserve's cache, one folder per
-    weights folder (a hub snapshot's by repository and revision)."""
+    weights folder: a hub snapshot's named by repository and revision, another by its name and a digest of its
+    absolute path (the cache is read back unchecked: two checkpoints sharing one would serve the first's weights)."""
     if os.environ.get("TT_CACHE_PATH"):
         return
-    weights = Path(os.environ.get("HF_MODEL") or os.environ["LLAMA_DIR"])
-    name = f"{weights.parent.parent.name}-{weights.name[:12]}" if weights.parent.name == "snapshots" else weights.name
+    given = os.environ.get("HF_MODEL") or os.environ["LLAMA_DIR"]
+    weights = Path(given).expanduser()
+    if not weights.exists():  # a hub id, which tt-metal looks up itself
+        name = given.strip("/").replace("/", "--")
+    elif (weights := weights.resolve()).parent.name == "snapshots":
+        name = f"{weights.parent.parent.name}-{weights.name[:12]}"
+    else:
+        name = f"{weights.name}-{hashlib.sha256(str(weights).encode()).hexdigest()[:12]}"
     os.environ["TT_CACHE_PATH"] = str(cache_root() / "tt_cache" / name)
 
 

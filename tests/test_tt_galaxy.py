@@ -191,21 +191,32 @@ def test_without_generator_vllm_the_backend_allocates_the_same_cache(ttnn, hf_di
 
 def test_tt_metals_weight_cache_goes_under_meshserves_cache_not_into_the_weights(ttnn, hf_dir, tmp_path_factory):
     """Unset, tt-metal puts its converted weights (tens of GB) at os.path.join("model_cache", HF_MODEL, "TG"), for
-    an absolute HF_MODEL inside the weights folder; a TT_CACHE_PATH that is set is left as it is."""
+    an absolute HF_MODEL inside the weights folder. Each weights folder gets its own (the cache is read back
+    unchecked); a TT_CACHE_PATH that is set is left as it is."""
     cache = tmp_path_factory.mktemp("meshserve_cache")
     os.environ["MESHSERVE_CACHE"] = str(cache)
-    b = TTGalaxyBackend(hf_dir)
-    written = [kw["cache_file_name"] for name, kw in ttnn.calls if name == "as_tensor"]
-    weights = b.generator.model.built_with["weight_cache_path"]
-    b.close()
-    assert written and all(p.is_relative_to(cache / "tt_cache" / hf_dir.name / "TG") for p in [*written, weights])
+
+    def cache_dir(weights) -> Path:
+        os.environ.pop("TT_CACHE_PATH", None)
+        b = TTGalaxyBackend(weights)
+        written = {kw["cache_file_name"].parent for name, kw in ttnn.calls if name == "as_tensor"}
+        written.add(b.generator.model.built_with["weight_cache_path"].parent)
+        b.close()
+        ttnn.calls.clear()
+        (path,) = written
+        assert path.name == "TG" and path.parent == Path(os.environ["TT_CACHE_PATH"])
+        return path.parent
+
+    first = cache_dir(hf_dir)
+    assert first.parent == cache / "tt_cache" and first.name.startswith(hf_dir.name + "-")
+    twin = tmp_path_factory.mktemp("other") / hf_dir.name  # another checkpoint, the same folder name
+    twin.mkdir()
+    (twin / "config.json").write_text("{}")
+    assert cache_dir(twin) != first and cache_dir(hf_dir) == first
     snapshot = tmp_path_factory.mktemp("hub") / "models--meta-llama--Llama-3.3-70B-Instruct" / "snapshots" / ("ab" * 20)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
-    del os.environ["TT_CACHE_PATH"]
-    b = TTGalaxyBackend(snapshot)
-    assert os.environ["TT_CACHE_PATH"] == str(cache / "tt_cache" / f"models--meta-llama--Llama-3.3-70B-Instruct-{'ab' * 6}")
-    b.close()
+    assert cache_dir(snapshot) == cache / "tt_cache" / f"models--meta-llama--Llama-3.3-70B-Instruct-{'ab' * 6}"
     os.environ["TT_CACHE_PATH"] = "/fast/ttnn_cache"
     b = TTGalaxyBackend(hf_dir)
     assert b.generator.model_args.model_cache_path == Path("/fast/ttnn_cache/TG")
