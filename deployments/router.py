@@ -81,8 +81,9 @@ class RouterConfig:
     probe_timeout_s: float = 30.0
     heartbeat_s: float = 5.0  # an idle mesh is checked this often (a replica restarted while idle rejoins)
     no_mesh_wait_s: float = 30.0  # a request waits this long for a live mesh, then 503
-    # A request whose prefill chunk or decode round this many meshes were computing as they failed ends (500)
-    # instead of moving again: one that crashes the device would take down each mesh it reaches.
+    # A request whose prefill chunk or decode round this many meshes in a row were computing as they failed, with no
+    # token made in between, ends (500) instead of moving again: one that crashes the device would take down each
+    # mesh it reaches. A neighbour in the round goes on: it makes tokens on the next mesh.
     max_mesh_failures: int = 2
     start_wait_s: float = 1.0  # at a router start, requests wait at most this long after the first mesh is up
     # for the others' first answers, so they spread over all (an ingress resubmits every stream at a restart)
@@ -132,7 +133,8 @@ class _Request:
     held_output: list[int] = field(default_factory=list)  # tokens so far, while waiting for a live mesh
     held_since: float | None = None
     counted: bool = False  # a mesh counted its admission (prefix-cache counters): no other mesh counts it again
-    mesh_failures: int = 0  # meshes that failed computing its prefill chunk or a decode round it was in
+    mesh_failures: int = 0  # meshes in a row that failed computing its prefill chunk or a decode round it was in
+    tokens_at_failure: int = -1  # its output's length at the last of them
 
 
 class _Sink:
@@ -524,6 +526,8 @@ class Router:
             return False
         others = [m for m in self.meshes if m.up and m.scheduler.num_queued * queued < 0]
         rooms, queues = ([mesh], others) if queued < 0 else (others, [mesh])
+        now = asyncio.get_running_loop().time()
+        rooms = [room for room in rooms if not room.stalled(now)]  # as _rebalance: nothing moves to one
         return any(room.max_len >= self._need(self.requests[seq.request_id]) and room.scheduler.seats(seq)
                    for q in queues for seq in q.scheduler.queued(MOVE_SCAN) if seq.request_id in self.requests
                    for room in rooms)
@@ -674,14 +678,16 @@ class Router:
             req = self.requests.get(seq.request_id)
             if req is None or req.mesh is not mesh:
                 continue
-            if seq.request_id in suspects:
-                req.mesh_failures += 1
+            if seq.request_id in suspects:  # in a row: a token made since its last one clears it of that one
+                made = len(seq.output_ids)
+                req.mesh_failures = req.mesh_failures + 1 if made == req.tokens_at_failure else 1
+                req.tokens_at_failure = made
                 if req.mesh_failures >= self.config.max_mesh_failures:
-                    log.error("request %s was on %d meshes as they failed: ending it, not moving it again",
-                              seq.request_id, req.mesh_failures)
+                    log.error("%d meshes in a row failed computing request %s: ending it, not moving it again",
+                              req.mesh_failures, seq.request_id)
                     req.mesh = None
                     self._finish(seq.request_id, RequestFailed(seq.request_id, MeshFailures(
-                        f"it was running on {req.mesh_failures} model replicas as they failed")))
+                        f"{req.mesh_failures} model replicas in a row failed while computing it")))
                     continue
             mesh.requests_migrated += 1
             req.counted = req.counted or seq.counted

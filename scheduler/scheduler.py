@@ -25,6 +25,15 @@ from scheduler.work import (GRAMMARS_KEPT, MAX_NEW_GRAMMARS_PER_WORK, NO_TOKEN, 
 
 
 @dataclass(slots=True)
+class _Forecast:
+    """The KV groups after the next schedule (MeshScheduler._room_after_queue): each one's [free slots, free
+    blocks, available blocks], and the cached blocks nobody owned that the queue will have taken by then."""
+
+    room: list[list[int]]
+    revived: list[set[int]]
+
+
+@dataclass(slots=True)
 class _InFlight:
     """A handed-out work as it was planned; its results are read against this."""
 
@@ -89,6 +98,8 @@ class MeshScheduler:
         self.grammars_sent: OrderedDict[str, None] = OrderedDict()  # the mesh's GrammarCache, as far as known
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
+        self._forecast: _Forecast | None = None  # _room_after_queue's, while _forecast_valid (no change since)
+        self._forecast_valid = False
 
     # ---- requests in -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -103,6 +114,7 @@ class MeshScheduler:
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
         tokens (after the cut to this mesh's room); ValueError for an id already here or an empty prompt."""
+        self._forecast_valid = False
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
         n = len(prompt_ids)
@@ -139,6 +151,7 @@ class MeshScheduler:
 
     def cancel(self, request_id: str, reason: str = "abort") -> TokenEvent | None:
         """End a request in any state, freeing all it holds. Returns its final event (None if unknown)."""
+        self._forecast_valid = False
         seq = self.requests.get(request_id)
         if seq is None:
             return None
@@ -195,8 +208,8 @@ class MeshScheduler:
         n = len(seq.token_ids)
         if self.num_queued >= 0 or n >= self.max_tokens_per_seq:
             return False
-        room = self._room_after_queue()
-        return room is not None and self._choose_group(seq.block_hashes, n, room) is not None
+        forecast = self._room_after_queue()
+        return forecast is not None and self._choose_group(seq.block_hashes, n, forecast) is not None
 
     @property
     def num_queued(self) -> int:
@@ -219,8 +232,8 @@ class MeshScheduler:
         room (KVGroup.room) breaks the remaining ties."""
         free_after_queue = -self.num_queued
         group = max(g.room for g in self.kv.groups)
-        if free_after_queue > 0 and (room := self._room_after_queue()) is not None \
-                and (choice := self._choose_group(block_hashes, num_tokens, room)) is not None:
+        if free_after_queue > 0 and (forecast := self._room_after_queue()) is not None \
+                and (choice := self._choose_group(block_hashes, num_tokens, forecast)) is not None:
             return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
@@ -229,6 +242,7 @@ class MeshScheduler:
         """The next work for the mesh, or None when there is nothing to do or max_inflight works are
         unanswered. Order: reserve the running users' lookahead (preempting if blocks run out), admit
         from the queue, cut prefill chunks within the budget, then one decode round over live slots."""
+        self._forecast_valid = False
         if len(self.inflight) >= self.max_inflight:
             return None
         preemptions = self.num_preemptions
@@ -317,31 +331,38 @@ class MeshScheduler:
         return pool.lookup(block_hashes, n, self.prefix_align) if self.enable_prefix_caching else []
 
     def _choose_group(self, block_hashes: list[bytes], n: int,
-                      room: list[list[int]] | None = None) -> tuple[KVGroup, list[int]] | None:
+                      forecast: _Forecast | None = None) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room whose prefix cache holds most of the sequence, then the one with
-        most room (KVGroup.room); with its prefix hit. None if none has room. `room`: each group's
-        [free slots, free blocks, available blocks] to judge by instead of its own (_room_after_queue)."""
+        most room (KVGroup.room); with its prefix hit. None if none has room. `forecast`: each group judged by
+        its state after the next schedule (_room_after_queue) instead of its own."""
         best, best_key = None, None
         for group in self.kv.groups:
-            slots, free, available = room[group.index] if room is not None else group.room
+            if forecast is None:
+                (slots, free, available), revived = group.room, ()
+            else:
+                (slots, free, available), revived = forecast.room[group.index], forecast.revived[group.index]
             if not slots:
                 continue
             pool = group.pool
             hit = self._lookup(pool, block_hashes, n)
             watermark = self.watermark_blocks if slots < group.num_slots else 0
-            if pool.blocks_needed(hit, n) + watermark > available:
+            need = pool.blocks_needed(hit, n) - (sum(1 for b in hit if b in revived) if revived else 0)
+            if need + watermark > available:
                 continue
             key = (len(hit), slots, free, available)
             if best_key is None or key > best_key:
                 best, best_key = (group, hit), key
         return best
 
-    def _room_after_queue(self) -> list[list[int]] | None:
-        """Each KV group's [free slots, free blocks, available blocks] as the next schedule() would leave them
-        once it has reserved the running users' lookahead (_reserve_lookahead) and seated the waiting queue in
-        order (_admit); None when it would seat nobody more: the lookahead preempts, or a queued request fits
-        no group (nobody overtakes it). A forecast for placement: it does not model evictions of cached blocks."""
-        room = [list(g.room) for g in self.kv.groups]
+    def _room_after_queue(self) -> _Forecast | None:
+        """Each KV group's room as the next schedule() would leave it once it has reserved the running users'
+        lookahead (_reserve_lookahead) and seated the waiting queue in order (_admit); None when it would seat
+        nobody more: the lookahead preempts, or a queued request fits no group (nobody overtakes it). A forecast
+        for placement, kept until the scheduler's state changes; it does not model evictions of cached blocks."""
+        if self._forecast_valid:
+            return self._forecast
+        forecast: _Forecast | None = _Forecast([list(g.room) for g in self.kv.groups], [set() for _ in self.kv.groups])
+        room = forecast.room
 
         def take(r: list[int], new: int, revived: int = 0) -> None:
             r[1] -= min(new, r[1])
@@ -354,19 +375,23 @@ class MeshScheduler:
                 if missing > 0:
                     take(room[seq.slot // self.kv.slots_per_group], missing)
         if any(r[2] < 0 for r in room):
-            return None
-        for seq in self.waiting:
+            forecast = None
+        for seq in self.waiting if forecast is not None else ():
             n = len(seq.token_ids)
             extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
-            choice = self._choose_group(seq.block_hashes, n, room)
+            choice = self._choose_group(seq.block_hashes, n, forecast)
             if choice is None:
-                return None
+                forecast = None
+                break
             group, hit = choice
-            new = blocks_for(n, self.block_size) - len(hit)
+            ref_counts, revived = group.pool.ref_counts, forecast.revived[group.index]
+            woken = [b for b in hit if ref_counts[b] == 0 and b not in revived]  # its first sharer takes it
+            revived.update(woken)
             r = room[group.index]
             r[0] -= 1
-            take(r, new, group.pool.blocks_needed(hit, n) - new)
-        return room
+            take(r, blocks_for(n, self.block_size) - len(hit), len(woken))
+        self._forecast, self._forecast_valid = forecast, True
+        return forecast
 
     def _plan_prefills(self) -> tuple[list[PrefillChunk], list[tuple[Sequence, int, int, bool]]]:
         """Chunks of the uncomputed prefixes, oldest admission first, at most max_prefill_tokens in all.
@@ -414,6 +439,7 @@ class MeshScheduler:
     def process(self, result: StepResult) -> StepEvents:
         """Take in one message of the oldest unanswered work (they arrive in order). Raises ValueError for a
         message of another work."""
+        self._forecast_valid = False
         if not self.inflight or self.inflight[0].work_id != result.work_id:
             expected = self.inflight[0].work_id if self.inflight else None
             raise ValueError(f"result for work {result.work_id}, expected work {expected}")

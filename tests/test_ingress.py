@@ -508,7 +508,7 @@ def test_a_failure_that_is_not_the_router_lost_is_a_500_at_once(client, router):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_request_the_meshes_failed_on_is_a_500_named_and_not_resubmitted(client, router, stream):
     """Resubmitting it would crash another mesh: the router ended it after max_mesh_failures."""
-    router.refuse = MeshFailures("it was running on 2 model replicas as they failed")
+    router.refuse = MeshFailures("2 model replicas in a row failed while computing it")
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": stream}), 500)
     assert error["code"] == "mesh_failed" and "2 model replicas" in error["message"]
     assert len(router.requests) == 1

@@ -276,6 +276,26 @@ def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
     asyncio.run(main())
 
 
+def test_streams_that_make_tokens_between_two_failures_are_not_blamed_for_them():
+    """Each mesh fails once mid-decode, for reasons of its own: every stream in those decode rounds is laid with
+    the failure, but a stream that made tokens since its last one is cleared of it. Two unrelated failures in a
+    stream's life ended it with a 500."""
+    async def main():
+        prompts = PROMPTS[:4]
+        alone = await solo_outputs(prompts, LONG)
+        router, (m0, m1) = await make_router(num_meshes=2)
+        tasks = [asyncio.create_task(collect(router, f"r{i}", p, LONG)) for i, p in enumerate(prompts)]
+        await until(lambda: all(m["running"] == 2 for m in router.stats()["meshes"]))
+        m0.inject("raise", after=6)  # mid-decode: its two streams move to mesh-1
+        await until(lambda: router.stats()["meshes"][0]["failovers"] == 1)
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        m1.inject("raise", after=12)  # the moved streams made tokens there before this
+        assert await within(asyncio.gather(*tasks), 20) == alone
+        assert [m["failovers"] for m in router.stats()["meshes"]] == [1, 1]
+        await router.close()
+    asyncio.run(main())
+
+
 def test_new_requests_go_around_a_mesh_that_stopped_answering_before_its_deadline():
     """A hung mesh is failed only at its deadline (minutes on a Galaxy); until then it looked free, and about
     half of the new requests were placed there to wait for that verdict. Now it counts as stalled after
@@ -293,6 +313,29 @@ def test_new_requests_go_around_a_mesh_that_stopped_answering_before_its_deadlin
         assert await within(asyncio.gather(*[collect(router, f"n{i}", p, LONG) for i, p in enumerate(prompts)]),
                             10) == alone
         assert m1.works > works
+        m0.unhang.set()
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
+def test_a_queue_is_not_offered_to_a_stalled_mesh_round_after_round():
+    """_movable counted a stalled mesh's free slots as room that _rebalance then would not use: nearly every
+    round of the busy mesh ran a rebalance that moved nothing, for as long as the stall lasted (minutes)."""
+    async def main():
+        router, (m0, m1) = await make_router(num_meshes=2, min_step_deadline_s=60)
+        router.submit("first", [2] * 40, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)
+        m0.inject("hang", after=0)
+        await asyncio.sleep(1.5)
+        for i in range(40):
+            router.submit(f"r{i:03d}", [i + 3] * 40, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][1]["running"] == 32)
+        calls, rebalance = [], router._rebalance
+        router._rebalance = lambda: (calls.append(1), rebalance())
+        rounds = m1.works
+        await asyncio.sleep(0.5)
+        assert m1.works - rounds > 10 and len(calls) <= 1
+        assert router.stats()["meshes"][0]["running"] == 1 and router.stats()["meshes"][1]["waiting"] == 8
         m0.unhang.set()
         await cancel_all_and_close(router)
     asyncio.run(main())

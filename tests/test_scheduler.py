@@ -607,6 +607,22 @@ def test_seats_counts_the_running_users_lookahead():
         assert _moved_here(sched, list(range(50, 57)), params(2)) == expected  # 2 blocks
 
 
+def test_seats_counts_a_cached_prefix_the_queue_shares_once():
+    """Two queued requests reuse one cached prefix nobody owns: the first takes its blocks off the LRU, the
+    second takes nothing more. Counted once per request, seats() said no to a request the schedule seats."""
+    sched = MeshScheduler(num_blocks=10, block_size=BS, num_slots=4, max_seq_len=40, prefill_chunk=16,
+                          max_prefill_tokens=16, decode_steps=1, max_inflight=1)
+    mesh = FakeMesh(4, 10, BS)
+    prefix = list(range(20, 28))  # two full blocks, cached once "p" ends
+    sched.submit("p", prefix + [99], params(1, ignore_eos=True))
+    while sched.requests:
+        _run(sched, mesh)
+    assert sched.kv.groups[0].pool.num_cached == 2
+    sched.submit("w1", prefix + [1], params(3, ignore_eos=True))
+    sched.submit("w2", prefix + [2], params(3, ignore_eos=True))
+    assert _moved_here(sched, list(range(100, 117)), params(1, ignore_eos=True)) == (True, True)  # 5 blocks
+
+
 def test_a_mesh_whose_queue_takes_the_blocks_does_not_rank_as_seating_a_request_now():
     """placement_key's first tier is for a mesh that seats the request now: not one whose own burst, not yet
     scheduled, takes the blocks, while another mesh has a free slot and the blocks."""

@@ -252,6 +252,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert sched.waiting_tokens == sum(len(seq.token_ids) for seq in sched.waiting)
         assert len(sched.inflight) <= sched.max_inflight
 
+    @invariant()
+    def the_kept_placement_forecast_is_the_current_one(self):
+        """seats() and placement_key() reuse the forecast of the next schedule until the state changes: every
+        change must drop it."""
+        sched = self.sched
+        kept = sched._room_after_queue()
+        sched._forecast_valid = False
+        assert sched._room_after_queue() == kept
+
 
 TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = settings(max_examples=500, deadline=None, stateful_step_count=40,
