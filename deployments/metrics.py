@@ -20,10 +20,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from scheduler.work import TokenEvent
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                    20.0, 40.0, 80.0)
+# vLLM's buckets (vllm/v1/metrics/loggers.py @005a810b), finer below where a Galaxy's figures lie (a 14 ms step,
+# a 60 ms prefill): a 128k prompt's first token takes ~100 s there, past the 80 s these stopped at.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,
+                    15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-                      0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+                      0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+# vLLM's FinishReason values (and its repetition detection's): each series exists from the start, at 0, as there
+FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 # meshserve family -> vLLM's name for the same figure (vLLM v1's PrometheusStatLogger, vllm/v1/metrics/loggers.py;
 # docs.vllm.ai, "Production Metrics"). vLLM counts prefix-cache queries and hits in tokens, as meshserve does.
 VLLM_NAMES = {
@@ -59,20 +65,23 @@ class Metrics:
             return Histogram(name, doc, labelnames=["ingress"], buckets=buckets, registry=r)
 
         ttft = histogram("meshserve_time_to_first_token_seconds", "Arrival at the ingress to the first token.",
-                         _LATENCY_BUCKETS)
+                         _TTFT_BUCKETS)
         inter_token = histogram("meshserve_inter_token_latency_seconds", "Gap between consecutive output tokens.",
                                 _TOKEN_GAP_BUCKETS)
         e2e = histogram("meshserve_e2e_request_latency_seconds", "Arrival at the ingress to the last token.",
                         _LATENCY_BUCKETS)
         queue = histogram("meshserve_request_queue_time_seconds",
                           "Arrival at the router to the first scheduled prefill chunk.", _LATENCY_BUCKETS)
-        prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens of finished requests.", ["ingress"],
-                                registry=r)
+        prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens, counted when the first token comes (as "
+                                "vLLM counts them: once prefilled), or when a request ends without one but not "
+                                "aborted.", ["ingress"], registry=r)
         generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", ["ingress"], registry=r)
         self.requests = Counter("meshserve_requests", "Finished requests.", ["ingress", "finish_reason"], registry=r)
         self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, self.requests)
         self.ttft, self.inter_token, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens = (
             family.labels(ingress) for family in self._own[:6])
+        for reason in FINISH_REASONS:
+            self.requests.labels(ingress, reason)
         self._meshes: list[dict] = []
         self._router_up = False
         self._held = 0
@@ -170,6 +179,7 @@ class RequestTimer:
         self.num_prompt_tokens = num_prompt_tokens
         self.arrival = arrival  # time.perf_counter() at the ingress
         self.last_token: float | None = None
+        self.prompt_counted = False
 
     def on_event(self, event: TokenEvent) -> None:
         now = time.perf_counter()
@@ -181,6 +191,9 @@ class RequestTimer:
             return
         if self.last_token is None:
             m.ttft.observe(now - self.arrival)
+            if not self.prompt_counted:
+                self.prompt_counted = True
+                m.prompt_tokens.inc(self.num_prompt_tokens)
         else:
             gap = (now - self.last_token) / n
             for _ in range(n):
@@ -191,5 +204,7 @@ class RequestTimer:
     def finish(self, finish_reason: str) -> None:
         m = self.metrics
         m.e2e.observe(time.perf_counter() - self.arrival)
-        m.prompt_tokens.inc(self.num_prompt_tokens)
+        if not self.prompt_counted and finish_reason != "abort":
+            self.prompt_counted = True
+            m.prompt_tokens.inc(self.num_prompt_tokens)
         m.requests.labels(m.ingress, finish_reason).inc()

@@ -34,6 +34,7 @@ from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answe
                                     tool_definitions)
 from model.grammar import deep_stack_executor
 from model.tokenizer import Tokenizer
+from scheduler.errors import MeshFailures
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
 
@@ -412,6 +413,7 @@ class OpenAIServer:
         client sees a pause, then the rest; greedy and seeded output is unchanged (the sampler is keyed on
         (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
         if prep.echo_only:  # nothing to generate: the router is not asked (vLLM's echo_without_generation)
+            self.metrics.start(len(prep.prompt_ids), prep.arrival).finish("length")
             yield ChoiceDelta(index, "", [], [], "length", 0, 0)
             return
         prompt_ids = prep.prompt_ids
@@ -469,6 +471,9 @@ class OpenAIServer:
                             return
                     raise ConnectionError("the router's stream ended before the request finished")
                 except Exception as exc:
+                    if isinstance(unwrap(exc), MeshFailures):  # it ran, and failed: not refused
+                        ended = "error"
+                        raise
                     refused = isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None
                     lost = not refused and isinstance(unwrap(exc), ConnectionError)  # else this request's own fault
                     submitted |= lost and not isinstance(unwrap(exc), RouterUnreachable)

@@ -462,7 +462,7 @@ def test_queue_full_is_429(client, router, stream):
     router.refuse, router.queued_s = None, 0.0
     assert client.post("/v1/completions", json=COMPLETION).status_code == 200
     metrics = client.get("/metrics").text  # a refused request never ran: no finish reason, no prompt tokens
-    assert "finish_reason=\"abort\"" not in metrics
+    assert 'meshserve_requests_total{finish_reason="abort",ingress="local"} 0.0' in metrics
     assert 'meshserve_requests_total{finish_reason="length",ingress="local"} 1.0' in metrics
 
 
@@ -541,7 +541,8 @@ def test_a_request_never_sent_to_a_router_is_resubmitted_as_new(client, router):
 def test_a_request_no_router_ever_ran_is_a_503_and_no_finished_request(client, router):
     router.die_after = [0, 0, 0]  # the router is lost before the first token, at every attempt
     assert_error(client.post("/v1/completions", json=COMPLETION), 503)
-    assert "meshserve_requests_total{" not in client.get("/metrics").text
+    counts = [v for (name, _), v in _samples(client).items() if name == "meshserve_requests_total"]
+    assert len(counts) == 5 and not any(counts)
 
 
 def test_a_request_the_mesh_failed_is_a_500_for_it_alone(client, router):
@@ -748,6 +749,50 @@ def test_metrics_exposition(client, router, tokenizer):
             assert value("meshserve_kv_group_blocks_total", mesh=mesh, group=group) == 60
     assert value("meshserve_num_requests_waiting", mesh="") == 3  # vLLM's waiting counts every one not running
     assert value("meshserve_router_up") == 1
+
+
+def _samples(client) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(client.get("/metrics").text) for s in family.samples}
+
+
+def test_metrics_count_as_vllm_does(client, router, tokenizer):
+    """Every finish reason's series from the start, at 0 (alerts on the error rate read 0, not "no data"); a
+    request the meshes failed on is an error, not uncounted; the echo of a prompt alone is a request too."""
+    reasons = {dict(labels)["finished_reason"]: v for (name, labels), v in _samples(client).items()
+               if name == "vllm:request_success_total"}
+    assert reasons == dict.fromkeys(("stop", "length", "abort", "error", "repetition"), 0)
+    router.refuse = MeshFailures("2 model replicas in a row failed while computing it")
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 500
+    router.refuse = None
+    body = {**COMPLETION, "echo": True, "max_tokens": 0}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    samples = _samples(client)
+    count = lambda reason: samples[("meshserve_requests_total", (("finish_reason", reason), ("ingress", "local")))]
+    assert (count("error"), count("length")) == (1, 1)
+    assert samples[("meshserve_prompt_tokens_total", (("ingress", "local"),))] == \
+        len(tokenizer.encode_chat(CHAT["messages"])) + len(tokenizer.encode(COMPLETION["prompt"], add_bos=True))
+
+
+def test_prompt_tokens_count_at_the_first_token_and_long_latencies_have_buckets():
+    """vLLM adds a prompt's tokens once it is prefilled: a 128k prefill showed on the counter only when its
+    answer ended, and a request aborted in the queue added its prompt. A Galaxy's first token of a 128k prompt
+    takes ~100 s, past the 80 s the buckets stopped at."""
+    from deployments.metrics import Metrics
+    from scheduler.work import TokenEvent
+    metrics = Metrics()
+    prompt = lambda: metrics.prompt_tokens._value.get()
+    queued = metrics.start(500, time.perf_counter())
+    queued.finish("abort")
+    assert prompt() == 0
+    slow = metrics.start(131000, time.perf_counter() - 100.0)
+    slow.on_event(TokenEvent("r", [1]))
+    assert prompt() == 131000
+    slow.finish("stop")
+    assert prompt() == 131000
+    buckets = {s.labels["le"]: s.value for family in metrics.registry.collect() for s in family.samples
+               if s.name == "meshserve_time_to_first_token_seconds_bucket"}
+    assert (buckets["80.0"], buckets["160.0"]) == (0, 1)
 
 
 def test_metrics_also_go_out_under_vllms_names(client, router):
