@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", metavar="FILE", help="write the answers and figures as JSON to FILE ('-': stdout)")
     add_api_key_argument(parser)
     args = parser.parse_args(argv)
+    for flag, value in (("--num-concurrent", args.num_concurrent), ("--max-tokens", args.max_tokens)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, not {value}")
 
     try:
         prompts = load_prompts(args.prompt_json_path)

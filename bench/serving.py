@@ -175,6 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--chart", metavar="PNG", help="save latency distributions and throughput over time")
     add_api_key_argument(parser)
     args = parser.parse_args(argv)
+    for flag, value, least in (("--num-prompts", args.num_prompts, 1), ("--max-concurrency", args.max_concurrency, 1),
+                               ("--warmup", args.warmup, 0), ("--max-tokens", args.max_tokens, 1),
+                               ("--random-input-len", args.random_input_len, 1),
+                               ("--random-output-len", args.random_output_len, 1)):
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, not {value}")
+    if not args.request_rate > 0:  # inf: all at once
+        parser.error(f"--request-rate must be positive (inf: all at once), not {args.request_rate}")
+    if not 0 <= args.random_range_ratio < 1:
+        parser.error(f"--random-range-ratio must be in [0, 1), not {args.random_range_ratio}")
     if args.random_prompt == "tokens" and args.endpoint == "chat" and not args.prompt_json_path:
         parser.error("--random-prompt tokens needs --endpoint completions (chat messages are text)")
     try:

@@ -223,3 +223,22 @@ def test_the_client_exits_non_zero_when_a_request_failed(fake_server):
     run = subprocess.run([sys.executable, "-m", "bench.client", "--url", url, "--model", "broken",
                           "--num-concurrent", "2"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "=== 0/32 requests" in run.stdout  # the default file: 32 prompts
+
+
+@pytest.mark.parametrize("module, flags, named", [
+    ("serving", ["--max-concurrency", "0"], "--max-concurrency"),  # hung, printing nothing
+    ("serving", ["--max-concurrency", "-2"], "--max-concurrency"),
+    ("serving", ["--num-prompts", "0"], "--num-prompts"),  # timed 100
+    ("serving", ["--num-prompts", "-3"], "--num-prompts"),  # timed none, and exited 0
+    ("serving", ["--warmup", "-1"], "--warmup"),  # ate a timed request
+    ("serving", ["--request-rate", "0"], "--request-rate"),  # ZeroDivisionError after the warm-up
+    ("serving", ["--request-rate", "-1"], "--request-rate"),
+    ("serving", ["--random-range-ratio", "1.5"], "--random-range-ratio"),
+    ("client", ["--num-concurrent", "0"], "--num-concurrent"),  # hung
+    ("client", ["--num-concurrent", "-1"], "--num-concurrent"),
+])
+def test_bad_numbers_are_usage_errors_before_any_request(module, flags, named, capsys):
+    cli = serving if module == "serving" else client
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--url", "http://127.0.0.1:9", *flags])  # nothing listens there: no request may be sent first
+    assert exit_.value.code == 2 and named in capsys.readouterr().err
