@@ -182,9 +182,16 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
     if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
         return [f"{path}: not a Serve config: `applications` must be a list of applications, each a mapping "
                 "(name, import_path, args)"]
-    errors = [taken] if port_free and (taken := _http_port_taken(path, doc.get("http_options"))) else []
+    options = doc.get("http_options") or {}
+    port = options.get("port", 8000) if isinstance(options, dict) else 8000
+    if type(port) is not int or not 0 < port < 65536:  # Serve refuses it only once Ray is up
+        return [f"{path}: http_options.port: a TCP port, 1 to 65535, not {port!r}"]
+    errors = [taken] if port_free and (taken := _http_port_taken(path, options)) else []
     for app in apps:
         if app.get("import_path") not in ("deployments.app:build", "deployments.app.build"):  # Ray takes both forms
+            if notes is not None:  # another application, or meshserve's misspelt
+                notes.append(f"{path}: application {app.get('name')!r}: import_path {app.get('import_path')!r} is not "
+                             "meshserve's (deployments.app:build): not checked")
             continue
         where = f"{path}: application {app.get('name')!r}"
         try:
@@ -264,13 +271,18 @@ if __name__ == "__main__":
     import sys
 
     args = sys.argv[1:]
+    usage = ("usage: python -m deployments.config [--port-free] SERVE_CONFIG.yaml [...]  (exits 2 naming each wrong "
+             "key; --port-free: the config's HTTP port must also be free here, as `make serve` checks)")
+    if "-h" in args or "--help" in args:
+        print(usage)
+        sys.exit(0)
     port_free = "--port-free" in args  # `make serve`: the config's HTTP port must be free here
     paths = [a for a in args if a != "--port-free"]
-    if not paths:
-        print("usage: python -m deployments.config [--port-free] SERVE_CONFIG.yaml [...]  (exits 2 naming each "
-              "wrong key)", file=sys.stderr)
+    if not paths or any(a.startswith("-") for a in paths):
+        print(usage, file=sys.stderr)
         sys.exit(2)
     notes: list[str] = []
     problems = [p for path in paths for p in check_serve_config(path, notes, port_free)]
-    print("\n".join([*problems, *(f"note: {n}" for n in notes)]), file=sys.stderr)
+    if problems or notes:
+        print("\n".join([*problems, *(f"note: {n}" for n in notes)]), file=sys.stderr)
     sys.exit(2 if problems else 0)

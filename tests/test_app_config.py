@@ -197,6 +197,24 @@ def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
         f"{tmp_path}/chunk.yaml: application 'meshserve', args: prefill_chunk must be a multiple of 128 "
         "(the Galaxy model's prefill alignment)"]
 
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {"port": 99999}  # Serve refuses it only once Ray is up
+    config["applications"].append({**config["applications"][0], "name": "typo", "import_path": "deployments.app:buld",
+                                   "route_prefix": "/typo"})
+    (tmp_path / "port.yaml").write_text(yaml.safe_dump(config))
+    port = check(tmp_path / "port.yaml")
+    assert port.returncode == 2 and port.stderr.strip() == \
+        f"{tmp_path}/port.yaml: http_options.port: a TCP port, 1 to 65535, not 99999"
+    del config["http_options"]
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+    typo = check(tmp_path / "typo.yaml")  # checked as far as it is meshserve's; the other named, not silently passed
+    assert (typo.returncode, typo.stderr.strip()) == (0, f"note: {tmp_path}/typo.yaml: application 'typo': import_path "
+                                                         "'deployments.app:buld' is not meshserve's "
+                                                         "(deployments.app:build): not checked")
+    helped = check("--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage:") and not helped.stderr
+    assert check("--bogus", ROOT / "serve_config.yaml").returncode == 2
+
 
 def test_model_is_a_folder_a_cached_hub_id_or_the_demos_variables(monkeypatch, tmp_path):
     from huggingface_hub import constants
