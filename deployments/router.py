@@ -208,7 +208,7 @@ class _Sink:
 
 MOVE_SCAN = 8  # a round looks this far into a queue for a request another mesh seats (behind a head none does)
 GRACE_S = 0.5  # a silent work's last look at its socket, in case the router's own loop stood still
-# A mesh with work out that has sent nothing for STALL_S + 2 x the longest expected message (a prefill of
+# A mesh with work out that has sent nothing for STALL_S + 3 x the longest expected message (a prefill of
 # max_prefill_tokens) is stalled: new and moved requests go to the others first. Its deadline (minutes on a
 # Galaxy) decides whether it has failed; until then, each request placed there would wait for that verdict.
 STALL_S = 1.0
@@ -621,7 +621,7 @@ class Router:
                     self._probed()
                 return
             mesh.down_reason, mesh.max_len = None, mesh.scheduler.max_tokens_per_seq
-            mesh.stall_s = STALL_S + 2 * mesh.caps.expected_seconds(self.config.max_prefill_tokens, 1)
+            mesh.stall_s = STALL_S + 3 * mesh.caps.expected_seconds(self.config.max_prefill_tokens, 1)
             self._measure()
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             self.mesh_up.set()
