@@ -153,8 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{report['texts_identical']}/{args.streams} texts identical, "
               f"longest pause {report['longest_pause_s']:.2f} s")
         if args.kill == "mesh":
-            print(f"mesh-0 live again {report['mesh_up_again_s']} s after the kill, serving again "
-                  f"{report['mesh_served_again_s']} s after it ({report['requests_migrated']} requests migrated)")
+            def after(seconds: float | None) -> str:
+                return "not within the wait" if seconds is None else f"{seconds:.1f} s after the kill"
+            print(f"mesh-0 live again {after(report['mesh_up_again_s'])}, serving again "
+                  f"{after(report['mesh_served_again_s'])} ({report['requests_migrated']} requests migrated)")
     return report
 
 
