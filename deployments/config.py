@@ -62,7 +62,8 @@ class AppConfig(BaseModel):
     min_step_deadline_s: Float = Field(30.0, gt=0)
     no_mesh_wait_s: Float = Field(30.0, ge=0, description="with no live mesh, requests wait this long, then 503")
     max_mesh_failures: Int = Field(2, ge=1, description="a request whose prefill or decode round this many meshes "
-                                   "in a row were computing as they failed (no token made in between) ends with a "
+                                   "in a row were computing as they failed (no decode step of it done in between) "
+                                   "ends with a "
                                    "500 instead of moving again")
     # ingress
     ingress_replicas: Int = Field(1, ge=1)
@@ -184,9 +185,12 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                 "(name, import_path, args)"]
     options = doc.get("http_options") or {}
     port = options.get("port", 8000) if isinstance(options, dict) else 8000
+    if isinstance(port, str) and port.strip().isdigit() or isinstance(port, float) and port.is_integer():
+        port = int(port)  # as Serve's HTTPOptions (pydantic, lax) reads it
     if type(port) is not int or not 0 < port < 65536:  # Serve refuses it only once Ray is up
-        return [f"{path}: http_options.port: a TCP port, 1 to 65535, not {port!r}"]
-    errors = [taken] if port_free and (taken := _http_port_taken(path, options)) else []
+        errors = [f"{path}: http_options.port: a TCP port, 1 to 65535, not {port!r}"]
+    else:
+        errors = [taken] if port_free and (taken := _http_port_taken(path, options)) else []
     for app in apps:
         if app.get("import_path") not in ("deployments.app:build", "deployments.app.build"):  # Ray takes both forms
             if notes is not None:  # another application, or meshserve's misspelt
@@ -254,12 +258,12 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
     try:
         host, port = (options or {}).get("host", "0.0.0.0"), int((options or {}).get("port", 8000))
     except (AttributeError, TypeError, ValueError):
-        return None  # not a mapping, a port that is no number: Serve names those itself
+        return None  # not a mapping: Serve names it itself (a bad port was named before this)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed one's TIME_WAIT is free
         try:
             s.bind((host, port))
-        except (TypeError, OverflowError):  # no host, a port past 65535: Serve names those itself
+        except (TypeError, OverflowError):  # no host: Serve names it itself
             return None
         except OSError as e:
             return (f"{path}: http_options: {host}:{port} cannot be bound ({e.strerror}): stop what holds it (another "

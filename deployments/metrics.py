@@ -20,8 +20,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from scheduler.work import TokenEvent
 
-# vLLM's buckets (vllm/v1/metrics/loggers.py @005a810b), finer below where a Galaxy's figures lie (a 14 ms step,
-# a 60 ms prefill): a 128k prompt's first token takes ~100 s there, past the 80 s these stopped at.
+# vLLM's buckets (vllm/v1/metrics/loggers.py @005a810b); those of the latencies and token gaps also finer below,
+# where a Galaxy's figures lie (a 14 ms step, a 60 ms prefill). A 128k prompt's first token takes ~100 s there,
+# past the 80 s these stopped at.
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0,

@@ -82,8 +82,8 @@ class RouterConfig:
     heartbeat_s: float = 5.0  # an idle mesh is checked this often (a replica restarted while idle rejoins)
     no_mesh_wait_s: float = 30.0  # a request waits this long for a live mesh, then 503
     # A request whose prefill chunk or decode round this many meshes in a row were computing as they failed, with no
-    # token made in between, ends (500) instead of moving again: one that crashes the device would take down each
-    # mesh it reaches. A neighbour in the round goes on: it makes tokens on the next mesh.
+    # decode step of it done in between, ends (500) instead of moving again: one that crashes the device would take
+    # down each mesh it reaches. A neighbour in the round goes on: it decodes on the next mesh.
     max_mesh_failures: int = 2
     start_wait_s: float = 1.0  # at a router start, requests wait at most this long after the first mesh is up
     # for the others' first answers, so they spread over all (an ingress resubmits every stream at a restart)
@@ -678,9 +678,9 @@ class Router:
             req = self.requests.get(seq.request_id)
             if req is None or req.mesh is not mesh:
                 continue
-            if seq.request_id in suspects:  # in a row: a token made since its last one clears it of that one
-                made = len(seq.output_ids)
-                req.mesh_failures = req.mesh_failures + 1 if made == req.tokens_at_failure else 1
+            if seq.request_id in suspects:  # in a row: a decode step done since its last one clears it of that one
+                made = len(seq.output_ids)  # (a move's recompute samples one token in its prefill: not a decode step)
+                req.mesh_failures = req.mesh_failures + 1 if made <= req.tokens_at_failure + 1 else 1
                 req.tokens_at_failure = made
                 if req.mesh_failures >= self.config.max_mesh_failures:
                     log.error("%d meshes in a row failed computing request %s: ending it, not moving it again",

@@ -203,9 +203,20 @@ def test_make_serve_checks_the_config_file_before_serve_runs_it(tmp_path):
                                    "route_prefix": "/typo"})
     (tmp_path / "port.yaml").write_text(yaml.safe_dump(config))
     port = check(tmp_path / "port.yaml")
-    assert port.returncode == 2 and port.stderr.strip() == \
+    assert port.returncode == 2 and port.stderr.splitlines()[0] == \
         f"{tmp_path}/port.yaml: http_options.port: a TCP port, 1 to 65535, not 99999"
+    config["http_options"] = {"port": "8001"}  # Serve reads it as 8001: no error; a bad key beside a bad port is named
+    config["applications"][0]["args"]["num_slots"] = "32"
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(config))
+    assert check(tmp_path / "both.yaml").stderr.splitlines()[0] == \
+        f"{tmp_path}/both.yaml: application 'meshserve', args.num_slots: Input should be a valid integer"
+    config["http_options"] = {"port": 0}
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(config))
+    assert check(tmp_path / "both.yaml").stderr.splitlines()[:2] == [
+        f"{tmp_path}/both.yaml: http_options.port: a TCP port, 1 to 65535, not 0",
+        f"{tmp_path}/both.yaml: application 'meshserve', args.num_slots: Input should be a valid integer"]
     del config["http_options"]
+    config["applications"][0]["args"]["num_slots"] = 32
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
     typo = check(tmp_path / "typo.yaml")  # checked as far as it is meshserve's; the other named, not silently passed
     assert (typo.returncode, typo.stderr.strip()) == (0, f"note: {tmp_path}/typo.yaml: application 'typo': import_path "

@@ -276,6 +276,20 @@ def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
     asyncio.run(main())
 
 
+def test_a_request_that_crashes_each_mesh_in_decode_ends_after_max_mesh_failures():
+    """A move's recompute samples one token in its prefill: counted as progress, it cleared a request whose decode
+    crashed each mesh it reached, which then went on crashing meshes, one per token."""
+    async def main():
+        meshes = [DecodeCrashingMesh(backend) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=5))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        with pytest.raises(MeshFailures):
+            await within(collect(router, "poison", [5] * 30 + [POISON] * 10, LONG), 10)
+        assert sum(m.deaths for m in meshes) == 2
+        await router.close()
+    asyncio.run(main())
+
+
 def test_streams_that_make_tokens_between_two_failures_are_not_blamed_for_them():
     """Each mesh fails once mid-decode, for reasons of its own: every stream in those decode rounds is laid with
     the failure, but a stream that made tokens since its last one is cleared of it. Two unrelated failures in a
@@ -352,6 +366,29 @@ class CrashingMesh(LocalMesh):
 
     async def execute(self, work, incarnation):
         crash_at = next((i for i, chunk in enumerate(work.prefills) if POISON in chunk.token_ids), None)
+        async for i, step in _enumerate(super().execute(work, incarnation)):
+            if i == crash_at:
+                self.deaths += 1
+                self.vanish()
+                asyncio.get_running_loop().call_later(0.1, self.restart)
+                raise Gone("device error")
+            yield step
+
+
+class DecodeCrashingMesh(LocalMesh):
+    """Dies computing the first decode step of a round that holds POISON's request (a device fault at its decode);
+    back 0.1 s later as a new incarnation."""
+
+    deaths = 0
+
+    def restart(self) -> None:
+        super().restart()
+        self.poisoned: set[int] = set()  # slots holding POISON's request
+
+    async def execute(self, work, incarnation):
+        self.poisoned -= set(work.release)
+        self.poisoned |= {chunk.slot for chunk in work.prefills if POISON in chunk.token_ids}
+        crash_at = len(work.prefills) if work.decode and self.poisoned & set(work.decode.slots) else None
         async for i, step in _enumerate(super().execute(work, incarnation)):
             if i == crash_at:
                 self.deaths += 1
