@@ -364,8 +364,12 @@ class CrashingMesh(LocalMesh):
 
     deaths = 0
 
+    def crash_at(self, work) -> int | None:
+        """The index of the message it dies computing, if any."""
+        return next((i for i, chunk in enumerate(work.prefills) if POISON in chunk.token_ids), None)
+
     async def execute(self, work, incarnation):
-        crash_at = next((i for i, chunk in enumerate(work.prefills) if POISON in chunk.token_ids), None)
+        crash_at = self.crash_at(work)
         async for i, step in _enumerate(super().execute(work, incarnation)):
             if i == crash_at:
                 self.deaths += 1
@@ -375,27 +379,17 @@ class CrashingMesh(LocalMesh):
             yield step
 
 
-class DecodeCrashingMesh(LocalMesh):
-    """Dies computing the first decode step of a round that holds POISON's request (a device fault at its decode);
-    back 0.1 s later as a new incarnation."""
-
-    deaths = 0
+class DecodeCrashingMesh(CrashingMesh):
+    """Dies computing the first decode step of a round that holds POISON's request (a device fault at its decode)."""
 
     def restart(self) -> None:
         super().restart()
         self.poisoned: set[int] = set()  # slots holding POISON's request
 
-    async def execute(self, work, incarnation):
+    def crash_at(self, work) -> int | None:
         self.poisoned -= set(work.release)
         self.poisoned |= {chunk.slot for chunk in work.prefills if POISON in chunk.token_ids}
-        crash_at = len(work.prefills) if work.decode and self.poisoned & set(work.decode.slots) else None
-        async for i, step in _enumerate(super().execute(work, incarnation)):
-            if i == crash_at:
-                self.deaths += 1
-                self.vanish()
-                asyncio.get_running_loop().call_later(0.1, self.restart)
-                raise Gone("device error")
-            yield step
+        return len(work.prefills) if work.decode and self.poisoned & set(work.decode.slots) else None
 
 
 async def _enumerate(stream):
