@@ -1,4 +1,5 @@
-"""Typed refusals the HTTP layer maps to status codes (400 / 429 / 500 / 503), and the one the router ends as "length"."""
+"""Typed refusals the HTTP layer maps to status codes (400 / 429 / 500 / 503), and the one the router ends as
+"length"."""
 
 
 class PromptTooLong(ValueError):
