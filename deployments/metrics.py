@@ -179,8 +179,7 @@ class RequestTimer:
         self.metrics = metrics
         self.num_prompt_tokens = num_prompt_tokens
         self.arrival = arrival  # time.perf_counter() at the ingress
-        self.last_token: float | None = None
-        self.prompt_counted = False
+        self.last_token: float | None = None  # None: no token yet, so its prompt is not counted yet
 
     def on_event(self, event: TokenEvent) -> None:
         now = time.perf_counter()
@@ -192,9 +191,7 @@ class RequestTimer:
             return
         if self.last_token is None:
             m.ttft.observe(now - self.arrival)
-            if not self.prompt_counted:
-                self.prompt_counted = True
-                m.prompt_tokens.inc(self.num_prompt_tokens)
+            m.prompt_tokens.inc(self.num_prompt_tokens)
         else:
             gap = (now - self.last_token) / n
             for _ in range(n):
@@ -205,7 +202,6 @@ class RequestTimer:
     def finish(self, finish_reason: str) -> None:
         m = self.metrics
         m.e2e.observe(time.perf_counter() - self.arrival)
-        if not self.prompt_counted and finish_reason != "abort":
-            self.prompt_counted = True
+        if self.last_token is None and finish_reason != "abort":  # ended without a token, having run
             m.prompt_tokens.inc(self.num_prompt_tokens)
         m.requests.labels(m.ingress, finish_reason).inc()
