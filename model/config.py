@@ -92,12 +92,18 @@ class LlamaConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> LlamaConfig:
-        """A checkpoint folder: Meta (params.json) or HF (config.json), as model/weights.py decides."""
+        """A checkpoint folder: Meta (params.json) or HF (config.json), as model/weights.py decides. Raises
+        FileNotFoundError when it has neither, ValueError naming the file when that is no Llama config read here
+        (not JSON, a field missing, a rope type not supported): a bare KeyError said only the field's name."""
         path = Path(path)
-        if (path / "params.json").exists():
-            return cls.from_meta(json.loads((path / "params.json").read_text()))
-        if (path / "config.json").exists():
-            return cls.from_hf(json.loads((path / "config.json").read_text()))
+        for name, parse in (("params.json", cls.from_meta), ("config.json", cls.from_hf)):
+            file = path / name
+            if file.exists():
+                try:
+                    return parse(json.loads(file.read_text()))
+                except (KeyError, TypeError, ValueError) as e:  # json's JSONDecodeError is a ValueError
+                    reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+                    raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
         raise FileNotFoundError(f"{path} has neither config.json nor params.json")
 
 

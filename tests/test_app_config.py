@@ -368,3 +368,28 @@ def test_the_ingress_takes_every_request_the_router_can_hold(meshes, replicas):
     ingress = build(config)._bound_deployment
     assert ingress.max_ongoing_requests * replicas >= meshes * (config.max_waiting_requests + config.num_slots)
     assert ingress.max_ongoing_requests >= 1024
+
+
+@pytest.mark.parametrize("files, reason", [
+    ({}, "has neither config.json nor params.json"),
+    ({"config.json": "{"}, "config.json: not a Llama config"),
+    ({"config.json": '{"hidden_size": 64}'}, "config.json: not a Llama config meshserve reads: no 'num_hidden_layers'"),
+    ({"config.json": '{"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8, '
+                     '"intermediate_size": 8, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}'}, "'yarn'"),
+    ({"params.json": '{"dim": 64}'}, "params.json: not a Llama config meshserve reads: no 'n_layers'"),
+])
+def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(tmp_path, files, reason):
+    """`make serve` checks the config first; a torch model folder with no Llama config (or a config it cannot read)
+    raised out of that check when max_seq_len was set (its context is read from the config): a traceback, not the
+    list of wrong keys."""
+    from deployments.config import check_serve_config
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, text in files.items():
+        (model / name).write_text(text)
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": str(model), "max_seq_len": 2048}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert error.startswith(f"{path}: application 'm', args.model: {model}") and reason in error, error
