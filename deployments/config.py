@@ -243,13 +243,14 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
 def check_model_len(config: AppConfig, model_dir) -> str | None:
     """Why the torch backend cannot serve config.max_seq_len of the checkpoint in `model_dir` (None: it can): beyond
     the model's max_position_embeddings its rope was never trained, and vLLM refuses such a max_model_len too. (A
-    Galaxy's limit is galaxy_sizes'; the simulated backend has no model.)"""
+    Galaxy's limit is galaxy_sizes'; the simulated backend has no model.) Raises FileNotFoundError / ValueError
+    (LlamaConfig.from_dir) for a folder with no Llama config it reads, with or without max_seq_len."""
     from model.config import LlamaConfig
 
-    if config.backend != "torch" or config.max_seq_len is None:
+    if config.backend != "torch":
         return None
-    context = LlamaConfig.from_dir(model_dir).max_position_embeddings
-    if config.max_seq_len > context:
+    context = LlamaConfig.from_dir(model_dir).max_position_embeddings  # read even without max_seq_len: each mesh would
+    if config.max_seq_len is not None and config.max_seq_len > context:  # fail on a folder it cannot read
         return f"{config.max_seq_len} is beyond the model's context ({context} tokens, max_position_embeddings)"
     return None
 

@@ -1,4 +1,5 @@
 """A wrong serve_config.yaml fails at deploy time with a message naming the key."""
+import json
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,13 @@ def test_a_blank_api_key_is_refused(keys):
     assert AppConfig(api_keys=["my key"]).api_keys == ["my key"]  # inner spaces reach the server intact
 
 
+def _write_llama_config(folder) -> None:
+    """The least HF config.json the torch backend's check reads (the weights themselves are not opened there)."""
+    (folder / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 256,
+        "intermediate_size": 128}))
+
+
 def test_the_config_check_sees_the_variables_the_build_sees(monkeypatch, tmp_path):
     """Serve builds the app in a Ray task, whose environment is `ray start`'s plus the app's runtime_env
     env_vars: the check reads the same, so HF_MODEL / LLAMA_DIR given in the config pass it."""
@@ -275,6 +283,7 @@ def test_the_config_check_sees_the_variables_the_build_sees(monkeypatch, tmp_pat
         f"{path}: application 'm', args.model: none given, and neither HF_MODEL nor LLAMA_DIR is set"]
     app["runtime_env"] = {"env_vars": {"LLAMA_DIR": str(tmp_path)}}
     path.write_text(yaml.safe_dump({"applications": [app]}))
+    _write_llama_config(tmp_path)
     assert check_serve_config(str(path)) == []
 
 
@@ -304,6 +313,7 @@ def test_a_model_variable_from_this_shell_only_passes_with_a_note(monkeypatch, t
 
     monkeypatch.delenv("LLAMA_DIR", raising=False)
     monkeypatch.setenv("HF_MODEL", str(tmp_path))
+    _write_llama_config(tmp_path)
     app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": ""}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"applications": [app]}))
@@ -378,17 +388,18 @@ def test_the_ingress_takes_every_request_the_router_can_hold(meshes, replicas):
                      '"intermediate_size": 8, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}'}, "'yarn'"),
     ({"params.json": '{"dim": 64}'}, "params.json: not a Llama config meshserve reads: no 'n_layers'"),
 ])
-def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(tmp_path, files, reason):
+@pytest.mark.parametrize("max_seq_len", [{"max_seq_len": 2048}, {}])
+def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(tmp_path, files, reason, max_seq_len):
     """`make serve` checks the config first; a torch model folder with no Llama config (or a config it cannot read)
     raised out of that check when max_seq_len was set (its context is read from the config): a traceback, not the
-    list of wrong keys."""
+    list of wrong keys. Without max_seq_len it passed the check, and each mesh replica then failed to build."""
     from deployments.config import check_serve_config
 
     model = tmp_path / "model"
     model.mkdir()
     for name, text in files.items():
         (model / name).write_text(text)
-    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": str(model), "max_seq_len": 2048}}
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": str(model), **max_seq_len}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"applications": [app]}))
     (error,) = check_serve_config(str(path))
