@@ -87,8 +87,9 @@ def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
 
 def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall | None]:
     """The whole calls, and the call the answer was still writing when it ended (max_tokens or a stop string
-    cut it): a known tool's head in the usual form, name first, whose object never closes. A stream sends
-    that one's name and arguments as they come, so a whole answer must report it too."""
+    cut it), or whose arguments are no JSON: a known tool's head in the usual form, name first, whose object
+    does not parse. A stream sends that one's name and arguments as they come, so a whole answer must report
+    it too; nothing after it is read, on either path."""
     body = text.strip().removeprefix(PYTHON_TAG).strip()
     if not body.startswith("{"):
         return [], None
@@ -103,10 +104,9 @@ def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall |
             head = _CALL_HEAD.match(body, position)
             if _head_name(head) not in names:
                 return calls, None
-            try:  # its arguments may be whole, and only the object's "}" missing: a stream sent just them
-                _, end = decoder.raw_decode(body, head.end())
-            except json.JSONDecodeError:
-                end = len(body)
+            # its arguments as far as their brackets go, as a stream sends them: whole with only the object's
+            # "}" missing, no JSON (e.g. {"city": Oslo}), or cut off
+            end, _ = _Brackets().scan(body, head.end())
             return calls, ParsedCall(_head_name(head), body[head.end():end])
         if not isinstance(obj, dict) or obj.get("name") not in names or not {"parameters", "arguments"} & obj.keys():
             break  # (an object that only names a tool, e.g. a tool's description, is no call: vLLM's llama3_json)
@@ -211,9 +211,10 @@ class ToolCallStream:
         self.pos = 0  # where the scan of `held` stands
         self.call_start = 0  # where the last streamed call's object starts
         self.in_arguments = False
+        self.arguments_start = 0  # where the current call's arguments start in `held`
         self.need_close = False  # a call's arguments ended: its object's "}" comes next
-        self.depth = 0  # open brackets in the current call's arguments
-        self.in_string = self.escaped = False
+        self.brackets = _Brackets()  # the current call's arguments, scanned so far
+        self.broken = False  # a call's arguments closed but are no JSON: the calls end there, as _parse's do
 
     def feed(self, text: str, final: bool) -> tuple[str, list[CallDelta], bool]:
         """(content to send now, call pieces to send now, whether the answer is calls: at the end, whether
@@ -250,8 +251,8 @@ class ToolCallStream:
         held = self.held
         while True:
             if not self.in_arguments:
-                if self.calls and not self.parallel:
-                    return  # parallel_tool_calls false: the first call only
+                if self.calls and not self.parallel or self.broken:
+                    return  # parallel_tool_calls false: the first call only; none after arguments that are no JSON
                 p = self.pos
                 if self.need_close:  # the call object's own "}" after its arguments
                     p = _next_space(held, p)
@@ -265,25 +266,10 @@ class ToolCallStream:
                 deltas.append(CallDelta(self.calls, name, ""))
                 self.calls += 1
                 self.call_start, self.pos = m.start(), m.end()
-                self.in_arguments, self.need_close, self.depth = True, False, 0
-            start, i, closed = self.pos, self.pos, False
-            while i < len(held) and not closed:
-                c = held[i]
-                if self.in_string:
-                    if self.escaped:
-                        self.escaped = False
-                    elif c == "\\":
-                        self.escaped = True
-                    elif c == '"':
-                        self.in_string = False
-                elif c == '"':
-                    self.in_string = True
-                elif c in "{[":
-                    self.depth += 1
-                elif c in "}]":
-                    self.depth -= 1
-                    closed = self.depth == 0
-                i += 1
+                self.arguments_start, self.brackets = m.end(), _Brackets()
+                self.in_arguments, self.need_close = True, False
+            start = self.pos
+            i, closed = self.brackets.scan(held, start)
             if i > start:
                 if deltas and deltas[-1].index == self.calls - 1:
                     deltas[-1].arguments += held[start:i]
@@ -293,6 +279,42 @@ class ToolCallStream:
             if not closed:
                 return
             self.in_arguments, self.need_close = False, True
+            try:
+                json.loads(held[self.arguments_start:i])
+            except json.JSONDecodeError:
+                self.broken = True
+
+
+class _Brackets:
+    """Where a JSON value that opens with a bracket closes, its text read piece by piece (a stream's) or at
+    once: brackets inside strings, and escaped quotes, do not count. The value need not be valid JSON."""
+
+    def __init__(self):
+        self.depth = 0  # open brackets
+        self.in_string = self.escaped = False
+
+    def scan(self, text: str, i: int) -> tuple[int, bool]:
+        """Past text[i:] as far as the bracket that closes the value, that included: (where the scan stopped,
+        whether the value closed)."""
+        while i < len(text):
+            c = text[i]
+            i += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    return i, True
+        return i, False
 
 
 def _next_space(text: str, position: int) -> int:

@@ -961,7 +961,8 @@ TWO_CALLS = CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")
 @pytest.mark.parametrize("tool_choice", [None, "required"])
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("cut", [{"stop": ["Rome"]}, {"stop": ['"}}']}, {"stop": ['"}}; ']}, {"max_tokens": 5},
-                                 {"max_tokens": 20}, {"max_tokens": 100}, {"answer": CALL_TEXT[:-1] + " and so on"}])
+                                 {"max_tokens": 20}, {"max_tokens": 100}, {"answer": CALL_TEXT[:-1] + " and so on"},
+                                 {"answer": CALL_TEXT.replace('"Oslo"', "Oslo") + "; " + CALL_TEXT}])
 def test_a_stream_and_a_whole_answer_report_the_same_calls_and_finish(client, router, tokenizer, eos, tool_choice,
                                                                      parallel, cut):
     """A second call cut by a stop string was streamed (its name and the arguments so far) and then finished
