@@ -162,7 +162,7 @@ class Prepared:
     arrival: float  # perf_counter() when the request reached the ingress
     echo: str = ""  # `echo`: the prompt's text (chat: the final message's, when continued), first in each choice
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
-    tools: list[Tool] = field(default_factory=list)
+    tools: list[Tool] = field(default_factory=list)  # those its answers' calls may name (Constraint.called)
     constraint_param: str | None = None  # the field the request's grammar comes from
     repetition: RepetitionDetection | None = None  # vLLM's repetition_detection, checked here (ChoiceText)
     echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone, nothing generated
@@ -384,7 +384,7 @@ class OpenAIServer:
         repetition = req.repetition_detection
         repetition = repetition if repetition and repetition.max_pattern_size else None  # 0: off
         return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
-                        prompt_field, arrival, echo, constraint.tool_mode, constraint.tools, constraint.param,
+                        prompt_field, arrival, echo, constraint.tool_mode, constraint.called, constraint.param,
                         repetition, echo_only)
 
     async def prepare_all(self, req: CompletionRequest, prefix: str) -> list[Prepared]:

@@ -31,7 +31,8 @@ ToolMode = Literal["none", "auto", "forced"]
 class Constraint:
     grammar: str | None  # llguidance grammar text; None: free text
     tool_mode: ToolMode  # auto: an answer may be calls; forced: it is calls; none: never
-    tools: list[Tool]
+    tools: list[Tool]  # offered to the model
+    called: list[Tool]  # those an answer's calls may name: for a named tool_choice, that one (its grammar's)
     param: str | None = None  # the field the grammar comes from: named if llguidance gives up on it mid-answer
 
 
@@ -40,6 +41,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     asked for only when the request has a constraint). Raises APIError 400 naming the field for a
     contradictory or invalid one."""
     tools, tool_mode = _tools(req)
+    called = _chosen(tools, req.tool_choice) if tool_mode == "forced" else tools
     sources = _grammar_sources(req)
     if tool_mode == "forced":
         parallel = req.parallel_tool_calls is not False
@@ -48,7 +50,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
         raise APIError(400, f"{sources[1][0]}: only one output constraint per request (also given: {sources[0][0]})",
                        param=sources[1][0])
     if not sources:
-        return Constraint(None, tool_mode, tools)
+        return Constraint(None, tool_mode, tools, called)
     param, build = sources[0]
     try:
         grammar = _check(param, build, ll_tokenizer)
@@ -63,7 +65,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
                 if tool in chosen and time.monotonic() < deadline:
                     _check(f"tools.{i}.function.parameters", _builder("json", _parameters(tool), {}), ll_tokenizer)
         raise
-    return Constraint(grammar, tool_mode, tools, param)
+    return Constraint(grammar, tool_mode, tools, called, param)
 
 
 def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], object]) -> str:

@@ -955,6 +955,21 @@ def test_a_call_cut_by_a_stop_string_does_not_finish_as_tool_calls(client, route
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "Oslo")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("max_tokens", [1, 3])
+def test_a_named_call_cut_before_its_name_names_the_chosen_tool(client, router, tokenizer, eos, stream, max_tokens):
+    """Cut by max_tokens before its name was written (or while "get" could begin either tool's), a forced call
+    names the tool that tool_choice names, the one its grammar admits: it named the first tool offered."""
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    time_tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    body = {**CHAT, "tools": [time_tool, WEATHER_TOOL], "max_tokens": max_tokens, "stream": stream,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    r = client.post("/v1/chat/completions", json=body)
+    whole = None if stream else r.json()["choices"][0]["message"]["tool_calls"]
+    calls = streamed_calls(sse(r)) if stream else [c["function"] for c in whole]
+    assert [c["name"] for c in calls] == ["get_weather"]
+
+
 TWO_CALLS = CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")
 
 
