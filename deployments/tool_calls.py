@@ -18,6 +18,9 @@ from deployments.errors import APIError
 from deployments.protocol import ChatMessage, Tool
 
 PYTHON_TAG = "<|python_tag|>"
+# What reading JSON text can raise: Python's json recurses per bracket, so arrays or objects nested deeper than
+# the interpreter's recursion limit (a model repeating "[" writes them) raise RecursionError, not a decode error.
+NOT_JSON = (json.JSONDecodeError, RecursionError)
 
 
 @dataclass
@@ -76,6 +79,8 @@ def _arguments(text: str, where: str):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise APIError(400, f"{where}: not JSON ({e})", param=where) from None
+    except RecursionError:
+        raise APIError(400, f"{where}: JSON nested too deeply", param=where) from None
 
 
 def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
@@ -100,7 +105,7 @@ def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall |
     while position < len(body):
         try:
             obj, end = decoder.raw_decode(body, position)
-        except json.JSONDecodeError:
+        except NOT_JSON:
             head = _CALL_HEAD.match(body, position)
             if _head_name(head) not in names:
                 return calls, None
@@ -132,7 +137,7 @@ def _as_generated(body: str, position: int, arguments) -> str:
     if head:
         try:
             value, end = json.JSONDecoder().raw_decode(body, head.end())
-        except json.JSONDecodeError:
+        except NOT_JSON:
             value, end = None, 0
         if end and value == arguments:
             return body[head.end():end]
@@ -281,7 +286,7 @@ class ToolCallStream:
             self.in_arguments, self.need_close = False, True
             try:
                 json.loads(held[self.arguments_start:i])
-            except json.JSONDecodeError:
+            except NOT_JSON:
                 self.broken = True
 
 

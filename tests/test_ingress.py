@@ -970,6 +970,29 @@ def test_a_named_call_cut_before_its_name_names_the_chosen_tool(client, router, 
     assert [c["name"] for c in calls] == ["get_weather"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_nested_deeper_than_pythons_json_reads_is_no_500(tokenizer, eos, stream):
+    """Arguments nested past the interpreter's recursion limit (a model repeating "[") made json raise
+    RecursionError: the whole answer was a 500, the stream an error event. It is a call whose arguments do not
+    parse (finish "stop"), on both paths, with its text as generated."""
+    from tests.fake_router import FakeRouter
+    from tests.ingress_support import make_client
+    arguments = '{"city": ' + "[" * 3000 + "]" * 3000 + "}"
+    router = FakeRouter(tokenizer.encode(f'{{"name": "get_weather", "parameters": {arguments}}}') + [eos],
+                        max_model_len=16384)
+    r = make_client(router, tokenizer).post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL],
+                                                                          "stream": stream})
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = sse(r)
+        assert all("error" not in c for c in chunks)
+        calls, finish = streamed_calls(chunks), [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    else:
+        choice = r.json()["choices"][0]
+        calls, finish = [c["function"] for c in choice["message"]["tool_calls"]], choice["finish_reason"]
+    assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", arguments)] and finish == "stop"
+
+
 TWO_CALLS = CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")
 
 
