@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.errors import APIError
@@ -39,7 +40,9 @@ class ApiKeys:
 class KeyCheck:
     """ASGI middleware: every path but `open_paths` needs one of the keys, checked before the body is read, so
     a client without a key gets a 401 whatever it sends (a malformed body too), as OpenAI and vLLM answer.
-    The key the client sent is left in the request's state (`request.state.api_key`) for its tenant salt."""
+    The key the client sent is left in the request's state (`request.state.api_key`) for its tenant salt.
+    A path is matched as the routes match it, below the app's root_path: Serve mounts an app with a
+    route_prefix there ("/llm/health" with root_path "/llm"), where /health must stay open to probes."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys, open_paths: frozenset[str]):
         self.app = app
@@ -47,7 +50,7 @@ class KeyCheck:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.open_paths:
+        if scope["type"] != "http" or get_route_path(scope) in self.open_paths:
             return await self.app(scope, receive, send)
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         try:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from fastapi.testclient import TestClient
 
 from deployments.config import AppConfig
+from deployments.ingress import build_app
 from tests.fake_router import FakeRouter
-from tests.ingress_support import CHAT, assert_error, client, eos, make_client, router, tokenizer  # noqa: F401
+from tests.ingress_support import CHAT, MODEL, assert_error, client, eos, make_client, router, tokenizer  # noqa: F401
 
 KEYS = ["sk-tenant-a", "sk-tenant-b"]
 
@@ -92,3 +94,12 @@ def test_every_other_route_needs_a_key(router, tokenizer):
 
 def test_metrics_are_behind_keys_by_default():
     assert AppConfig().metrics_open is False and AppConfig(metrics_open=True).metrics_open
+
+
+def test_open_routes_stay_open_under_a_route_prefix(router, tokenizer):
+    """Serve mounts an app with a route_prefix at that root_path: the path is "/llm/health", the route /health."""
+    client = TestClient(build_app(router, tokenizer, MODEL, KEYS), root_path="/llm", raise_server_exceptions=False)
+    assert client.get("/llm/health").status_code == 200
+    assert client.get("/llm/version").status_code == 200
+    assert_error(client.get("/llm/v1/models"), 401)
+    assert client.get("/llm/v1/models", headers=auth(KEYS[0])).status_code == 200
