@@ -3,6 +3,7 @@ loop, bytes that are not text, and special-token text that would forge a chat tu
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -67,6 +68,16 @@ def test_a_body_over_the_limit_is_413(router, tokenizer):
     assert error["code"] == "request_too_large"
     assert router.requests == {}
     assert client.post("/v1/completions", json={**COMPLETION, "max_tokens": 2}).status_code == 200
+
+
+def test_a_content_length_of_thousands_of_digits_is_read_not_a_500(client, router):
+    """HTTP servers pass on a Content-Length with any number of leading zeros (uvicorn's httptools does), and
+    int() refuses more than 4,300 digits."""
+    raw = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
+    padded = {"content-type": "application/json", "content-length": "0" * 5000 + str(len(raw))}
+    assert client.post("/v1/completions", content=raw, headers=padded).status_code == 200
+    huge = {"content-type": "application/json", "content-length": "9" * 5000}
+    assert_error(client.post("/v1/completions", content=raw, headers=huge), 413)
 
 
 # ---- length before tokenizing -------------------------------------------------------------------
