@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, validation_error
-from deployments.protocol import MAX_TOOLS, ChatCompletionRequest, JsonObject, RequestModel, Text, Unsupported
+from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, RequestModel, Text,
+                                  Unsupported)
 from deployments.structured import closed
 from scheduler.sampling import MAX_LOGPROBS
 
@@ -28,7 +29,7 @@ class InputText(RequestModel):
 class InputMessage(RequestModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
-    content: Text | list[InputText]
+    content: Text | Items[InputText]
 
 
 class FunctionCallItem(RequestModel):
@@ -42,7 +43,7 @@ class FunctionCallItem(RequestModel):
 class FunctionCallOutput(RequestModel):
     type: Literal["function_call_output"]
     call_id: Text
-    output: Text | list[InputText]  # text, or text parts (joined by newlines, as a message's are)
+    output: Text | Items[InputText]  # text, or text parts (joined by newlines, as a message's are)
 
     @property
     def text(self) -> str:
@@ -114,7 +115,7 @@ class TextConfig(RequestModel):
 
 class ResponsesRequest(RequestModel):
     model: Text | None = None
-    input: Text | list[InputItem]
+    input: Text | Items[InputItem]
     instructions: Text | None = None  # a system message before the input
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = None  # checked as the chat completion's
@@ -130,7 +131,7 @@ class ResponsesRequest(RequestModel):
     service_tier: Literal["auto", "default"] | None = None
     truncation: Text | None = None  # "disabled" only: "auto" would drop input the client sent
     background: bool = False
-    include: list[Text] | None = None  # the one extra output data here: message.output_text.logprobs
+    include: Items[Text] | None = None  # the one extra output data here: message.output_text.logprobs
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with the logprobs included: alternatives
     previous_response_id: Unsupported | None = None  # needs the store
     conversation: Unsupported | None = None
