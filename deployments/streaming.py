@@ -30,11 +30,13 @@ class StopStrings:
     def feed(self, delta: str, final: bool, check: bool = True) -> tuple[str, bool]:
         """Text that is safe to send now, and whether a stop string ended the answer (the text before
         it is all that remains, or up to its end with include_stop). `check` is False while min_tokens are
-        not yet generated."""
-        search_from = max(0, len(self.text) - self.hold)
+        not yet generated. A stop counts only where it ends in `delta`: each is searched from its own length - 1
+        before it (vLLM's check_stop_strings), so a short stop wholly in the text held for a longer one, written
+        before the check was on, does not end the answer."""
+        old = len(self.text)
         self.text += delta
         if check and self.stops:
-            hits = [(i, len(s), s) for s in self.stops if (i := self.text.find(s, search_from)) != -1]
+            hits = [(i, len(s), s) for s in self.stops if (i := self.text.find(s, max(0, old - len(s) + 1))) != -1]
             if hits:
                 start, length, self.matched = min(hits)
                 self.text = self.text[:start + length if self.include_stop else start]

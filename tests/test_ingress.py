@@ -858,6 +858,29 @@ def test_stop_strings_count_from_the_check_on_with_the_held_tail_as_vllm_does():
     assert stops.feed("c", True, check=True) == ("bc", False) and stops.matched is None
 
 
+def test_a_short_stop_held_for_a_longer_one_before_min_tokens_does_not_count():
+    """The tail held back is as long as the longest stop - 1: a shorter stop may lie wholly in it, written
+    before the check was on. vLLM searches each stop from its own length - 1 before the new text, so it does
+    not end the answer (it once did, with the answer cut before it)."""
+    stops = StopStrings(("ab", "xyzw"))
+    assert stops.feed("ab", False, check=False) == ("", False)
+    assert stops.feed("c", True, check=True) == ("abc", False) and stops.matched is None
+    stops = StopStrings(("ab", "xyzw"))  # one that the new text completes still counts
+    assert stops.feed("xa", False, check=False) == ("", False)
+    assert stops.feed("b", True, check=True) == ("x", True) and stops.matched == "ab"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_short_stop_within_min_tokens_does_not_end_the_answer(client, router, tokenizer, stream):
+    words = [tokenizer.encode(w) for w in ["a", " b", " c", " d"]]
+    assert all(len(w) == 1 for w in words)
+    router.answer = [w[0] for w in words]
+    body = {**COMPLETION, "stream": stream, "stop": [" b", "a long stop"], "min_tokens": 2, "max_tokens": 4}
+    r = client.post("/v1/completions", json=body)
+    text = "".join(c["choices"][0]["text"] for c in sse(r)) if stream else r.json()["choices"][0]["text"]
+    assert text == "a b c d"  # " b" is the second token: within min_tokens
+
+
 def _first_stop(pieces: list[str], stops: list[str], include_stop: bool) -> tuple[str, str | None]:
     """The answer's text and the stop that ends it: the first piece after which the whole text holds a stop
     that was not there before; among the stops it completes, the one that starts first (then the shortest)."""
