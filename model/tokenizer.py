@@ -366,6 +366,8 @@ class IncrementalDetokenizer:
         emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
         text = self.tokenizer.decode(self._window, self.skip_special)
         if len(text) <= len(emitted) or (hold_partial and text.endswith("\ufffd")):
+            if text == emitted:  # the new tokens add no text (skipped special tokens, e.g. EOS under ignore_eos):
+                del self._window[self._read:]  # kept, a run of them made every step decode all of it again
             return ""
         self._window = self._window[self._read:]  # what is emitted now is the next step's context
         self._read = len(self._window)

@@ -272,6 +272,21 @@ def test_detokenizer_work_per_step_does_not_grow_with_output(meta):
     assert max(spy.sizes) <= 8
 
 
+@pytest.mark.parametrize("name", ["meta", "smol"])
+def test_a_run_of_skipped_special_tokens_does_not_grow_the_work(tokenizers, name):
+    """Under ignore_eos a model may write EOS after EOS; skipped, they add no text. They stayed in the window,
+    so each step decoded the whole run again: 8,000 of them took ~10 s of the ingress loop's CPU."""
+    tok = tokenizers[name]
+    ids = [*tok.encode("Hi 🚀"), *[tok.eos_id] * 2000, *tok.encode(" ok 東京"), tok.eos_id]
+    spy = DecodeSpy(tok)
+    detok = IncrementalDetokenizer(spy)
+    text = "".join(detok.step([i]) for i in ids) + detok.flush()
+    assert text == tok.decode(ids, skip_special=True) == "Hi 🚀 ok 東京"
+    assert max(spy.sizes) <= 8
+    detok = IncrementalDetokenizer(tok, skip_special=False)  # kept as text, they are emitted as they come
+    assert "".join(detok.step([i]) for i in ids) + detok.flush() == tok.decode(ids)
+
+
 def test_chat_template_kwargs_are_template_variables():
     """vLLM's chat_template_kwargs: more variables for the model's own template."""
     import copy
