@@ -326,21 +326,24 @@ class IncrementalDetokenizer:
 
     Byte-level BPE tokens can end mid-character (an emoji is often 2-4 tokens). Each step decodes only a
     small window: the tokens of the last emitted delta (context, so tokenizers that drop a leading space at
-    the start of a decode stay right) plus the tokens not yet emitted, and holds them back while the decoded
-    tail is U+FFFD. The work per step is therefore bounded by the window, not the whole output. (Bytes that
-    never form a character stay held until later text completes them; `flush` drops the bytes of a character
-    the stream ended in the middle of, as vLLM's detokenizer does, rather than send U+FFFD for them.)
+    the start of a decode stay right) plus the tokens not yet emitted, and holds back those that a character
+    still being written crosses. The work per step is therefore bounded by the window, not the whole output.
+    (Bytes that can never form a character are U+FFFD once the next byte shows it; `flush` drops the bytes of
+    a character the stream ended in the middle of, as vLLM's detokenizer does, rather than send U+FFFD.)
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special: bool = True):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
+        self._skipped = tokenizer.special_id_set if skip_special else frozenset()
         self._window = list(prompt_ids[-4:])  # a little prompt context for the first delta
         self._read = len(self._window)  # window[:_read] is already emitted (or prompt)
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Append tokens; return the text they complete ("" while a character is still partial)."""
-        self._window.extend(new_ids)
+        # Skipped special tokens add no text: kept, a run of them (EOS after EOS under ignore_eos) stayed in the
+        # window, and every step decoded all of it again.
+        self._window.extend(t for t in new_ids if t not in self._skipped)
         return self._emit(hold_partial=True)
 
     def flush(self) -> str:
@@ -349,8 +352,7 @@ class IncrementalDetokenizer:
         held = self._window[self._read:]
         text = self._emit(hold_partial=False)
         if text.endswith("\ufffd"):
-            skipped = self.tokenizer.special_id_set if self.skip_special else frozenset()
-            partial = _partial_tail(b"".join(self._bytes(t) for t in held if t not in skipped))
+            partial = _partial_tail(b"".join(self._bytes(t) for t in held))
             # Byte-level BPE decodes a partial character to one U+FFFD, SentencePiece byte fallback to one per byte.
             replaced = len(text) - len(text.rstrip("\ufffd"))
             text = text[:len(text) - min(partial, replaced)]
@@ -364,14 +366,28 @@ class IncrementalDetokenizer:
 
     def _emit(self, hold_partial: bool) -> str:
         emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
-        text = self.tokenizer.decode(self._window, self.skip_special)
-        if len(text) <= len(emitted) or (hold_partial and text.endswith("\ufffd")):
-            if text == emitted:  # the new tokens add no text (skipped special tokens, e.g. EOS under ignore_eos):
-                del self._window[self._read:]  # kept, a run of them made every step decode all of it again
+        end = self._final_end() if hold_partial else len(self._window)
+        text = self.tokenizer.decode(self._window[:end], self.skip_special)
+        if len(text) <= len(emitted):
             return ""
-        self._window = self._window[self._read:]  # what is emitted now is the next step's context
-        self._read = len(self._window)
+        read, self._window = self._read, self._window[self._read:]  # what is emitted now is the next step's context
+        self._read = end - read
         return text[len(emitted):]
+
+    def _final_end(self) -> int:
+        """How much of the window has its final text: all of it unless its bytes end inside a character; then
+        up to the last token boundary that no character still being written crosses (there, nothing is
+        pending, or the next byte starts a character: the pending bytes are one U+FFFD whatever follows).
+        Holding every unread token while the text ended in U+FFFD kept a run of bytes that never form a
+        character (allowed_token_ids of one lead byte) in the window, and every step decoded all of it again."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        end = self._read
+        for i, token in enumerate(self._window[self._read:], self._read):
+            data = self._bytes(token)
+            if data and (not decoder.getstate()[0] or not 0x80 <= data[0] < 0xC0):
+                end = i
+            decoder.decode(data)
+        return end if decoder.getstate()[0] else len(self._window)
 
 
 def _partial_tail(data: bytes) -> int:

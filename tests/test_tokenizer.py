@@ -253,10 +253,13 @@ def test_detokenizer_skips_special_tokens_and_uses_prompt_context(meta):
 
 
 class DecodeSpy:
-    """Forwards decode and records how many ids each call had to decode."""
+    """Forwards decode and records how many ids each call had to decode (the rest is the tokenizer's)."""
 
     def __init__(self, tok):
         self.tok, self.sizes = tok, []
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
 
     def decode(self, ids, skip_special=False):
         self.sizes.append(len(ids))
@@ -285,6 +288,23 @@ def test_a_run_of_skipped_special_tokens_does_not_grow_the_work(tokenizers, name
     assert max(spy.sizes) <= 8
     detok = IncrementalDetokenizer(tok, skip_special=False)  # kept as text, they are emitted as they come
     assert "".join(detok.step([i]) for i in ids) + detok.flush() == tok.decode(ids)
+
+
+@pytest.mark.parametrize("name", ["meta", "smol"])
+def test_a_run_of_bytes_that_never_form_a_character_does_not_grow_the_work(tokenizers, name):
+    """Every token of a run of lone lead bytes (allowed_token_ids can force one) ends the text in U+FFFD: all of
+    them were held while it did, and each step decoded the whole run again (8,000 took ~30 s of the ingress
+    loop's CPU). Each is U+FFFD once the next lead byte shows it can never be completed."""
+    tok = tokenizers[name]
+    lead = next(t for t in range(tok.vocab_size) if tok.token_bytes(t) == b"\xc3")
+    ids = [*tok.encode("Hi"), *[lead] * 500, *tok.encode("é 🚀"), lead]
+    spy = DecodeSpy(tok)
+    detok = IncrementalDetokenizer(spy)
+    deltas = [detok.step([i]) for i in ids]
+    assert "".join(deltas) + detok.flush() == tok.decode(ids)[:-1] == "Hi" + "\ufffd" * 500 + "é 🚀"
+    assert max(spy.sizes) <= 8
+    first = len(tok.encode("Hi"))
+    assert deltas[first:first + 3] == ["", "\ufffd", "\ufffd"]  # a lead byte waits only for the next token
 
 
 def test_chat_template_kwargs_are_template_variables():
