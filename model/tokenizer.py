@@ -366,8 +366,10 @@ class IncrementalDetokenizer:
 
     def _emit(self, hold_partial: bool) -> str:
         emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
-        end = self._final_end() if hold_partial else len(self._window)
-        text = self.tokenizer.decode(self._window[:end], self.skip_special)
+        end = len(self._window)
+        text = self.tokenizer.decode(self._window, self.skip_special)
+        if hold_partial and text.endswith("\ufffd") and (end := self._final_end()) < len(self._window):
+            text = self.tokenizer.decode(self._window[:end], self.skip_special)  # (only then: it doubles a step's cost)
         if len(text) <= len(emitted):
             return ""
         read, self._window = self._read, self._window[self._read:]  # what is emitted now is the next step's context
