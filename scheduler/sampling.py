@@ -98,11 +98,15 @@ class SamplingParams(BaseModel):
     def _at_least_min_temperature(cls, v):
         return MIN_TEMPERATURE if 0.0 < v < MIN_TEMPERATURE else v
 
-    @field_validator("min_p")
+    @field_validator("top_p", "top_k", "min_p", "seed")
     @classmethod
-    def _no_min_p_when_greedy(cls, v, info: ValidationInfo):
-        # argmax ignores it: a greedy request with min_p stays sampleable on the device
-        return 0.0 if info.data.get("temperature", 1.0) == 0.0 else v
+    def _default_when_greedy(cls, v, info: ValidationInfo):
+        """argmax ignores them: a greedy request goes with their defaults, as vLLM's SamplingParams.__post_init__
+        resets top_p, top_k and min_p, so it stays sampleable on the device (a Galaxy's takes no seed and a top_k
+        of 32 at most: "temperature": 0 with "seed": 42 or "top_k": 50 had the host sample it from all logits)."""
+        if info.data.get("temperature", 1.0) != 0.0:
+            return v
+        return cls.model_fields[info.field_name].default
 
     @field_validator("min_tokens")
     @classmethod

@@ -256,7 +256,7 @@ def test_a_request_the_device_cannot_sample_takes_host_logits_for_its_own_slot_o
     runner = MeshRunner(backend)
     chunks = [PrefillChunk("plain", 0, [3], 0, [0], greedy(max_tokens=4), 1),
               PrefillChunk("logprobs", 1, [4], 0, [1], greedy(max_tokens=4, logprobs=1), 1),
-              PrefillChunk("wide_top_k", 2, [5], 0, [2], SamplingParams(temperature=0.0, top_k=50, max_tokens=4), 1)]
+              PrefillChunk("penalised", 2, [5], 0, [2], greedy(presence_penalty=0.5, max_tokens=4), 1)]
     results = run(runner, MeshWork(0, chunks, decode_round([0, 1, 2], steps=3)))
     assert backend.sampled_on_device == [[0], [], [], [0], [0], [0]]  # 3 prefills, then 3 mixed decode steps
     for slot, prompt in ((0, [3]), (1, [4]), (2, [5])):

@@ -160,6 +160,13 @@ def test_what_the_device_cannot_sample_exactly_goes_to_the_host(backend):
     assert not backend.can_sample(SamplingParams(logprobs=1))
 
 
+def test_a_greedy_request_samples_on_the_device_whatever_seed_top_k_or_top_p_it_carries(backend):
+    """argmax ignores them (vLLM resets top_p, top_k and min_p for temperature 0): "temperature": 0 with a seed,
+    as clients send for reproducibility, must not have the host sample it from every row's 128k logits."""
+    greedy = SamplingParams(temperature=0.0, seed=42, top_k=50, top_p=0.5, min_p=0.2)
+    assert greedy == SamplingParams(temperature=0.0) and backend.can_sample(greedy)
+
+
 def test_kv_cache_comes_from_the_checkouts_allocator(backend, ttnn):
     assert backend.kv_cache_api == "checkout"
     [asked] = [kw for name, kw in ttnn.calls if name == "allocate_vllm_kv_cache"]
