@@ -513,6 +513,15 @@ class CompletionRequest(_GenerationRequest):
     best_of: only(1, "ranking several samples on the server is not implemented") | None = None
     add_special_tokens: bool = True  # vLLM's: the model's BOS before a text prompt (false: the text alone)
 
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_at_least_n(cls, v, info: ValidationInfo):
+        """OpenAI's and vLLM's rule (vllm/sampling_params.py, _verify_args): best_of counts the candidates n are
+        returned from, so fewer than n is a 400, not n choices anyway."""
+        if v is not None and v < info.data.get("n", 1):
+            raise ValueError(f"best_of must be greater than or equal to n ({info.data['n']})")
+        return v
+
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt_shape(cls, v):

@@ -58,6 +58,7 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"service_tier": "flex"}, "service_tier"),
     ("/v1/completions", COMPLETION, {"suffix": "the end"}, "suffix"),
     ("/v1/completions", COMPLETION, {"best_of": 3}, "best_of"),
+    ("/v1/completions", COMPLETION, {"n": 2, "best_of": 1}, "best_of"),  # fewer candidates than choices
     ("/v1/completions", COMPLETION, {"echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", COMPLETION, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
