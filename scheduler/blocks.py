@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -111,6 +111,10 @@ class BlockPool:
                     self._free.append(block)
                 else:
                     self._cached[block] = None
+
+    def eviction_order(self) -> Iterator[int]:
+        """The cached blocks nobody owns, in the order allocations evict them (least recently freed first)."""
+        return iter(self._cached)
 
     def cache(self, block: int, block_hash: bytes) -> None:
         """Offer a full, computed block to the prefix cache. A block holding the same prefix as one

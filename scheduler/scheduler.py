@@ -27,10 +27,12 @@ from scheduler.work import (GRAMMARS_KEPT, MAX_NEW_GRAMMARS_PER_WORK, NO_TOKEN, 
 @dataclass(slots=True)
 class _Forecast:
     """The KV groups after the next schedule (MeshScheduler._room_after_queue): each one's [free slots, free
-    blocks, available blocks], and the cached blocks nobody owned that the queue will have taken by then."""
+    blocks, available blocks], the cached blocks nobody owned that the queue will have taken by then, and
+    those its allocations will have evicted."""
 
     room: list[list[int]]
     revived: list[set[int]]
+    evicted: list[set[int]]
 
 
 @dataclass(slots=True)
@@ -345,6 +347,8 @@ class MeshScheduler:
                 continue
             pool = group.pool
             hit = self._lookup(pool, block_hashes, n)
+            if forecast is not None and forecast.evicted[group.index]:
+                hit = self._unevicted(hit, forecast.evicted[group.index])
             watermark = self.watermark_blocks if slots < group.num_slots else 0
             need = pool.blocks_needed(hit, n) - (sum(1 for b in hit if b in revived) if revived else 0)
             if need + watermark > available:
@@ -354,26 +358,47 @@ class MeshScheduler:
                 best, best_key = (group, hit), key
         return best
 
+    def _unevicted(self, hit: list[int], evicted: set[int]) -> list[int]:
+        """The part of a prefix hit left once `evicted` blocks are gone: up to the first of them, rounded down
+        to prefix_align. Eviction costs a hit as many blocks as it takes, except the owned blocks that the
+        rounding takes with them (an owned block, then an evicted one in one 128-token unit on a Galaxy)."""
+        for i, block in enumerate(hit):
+            if block in evicted:
+                align = self.prefix_align // self.block_size
+                return hit[:i // align * align]
+        return hit
+
     def _room_after_queue(self) -> _Forecast | None:
         """Each KV group's room as the next schedule() would leave it once it has reserved the running users'
         lookahead (_reserve_lookahead) and seated the waiting queue in order (_admit); None when it would seat
         nobody more: the lookahead preempts, or a queued request fits no group (nobody overtakes it). A forecast
-        for placement, kept until the scheduler's state changes; it does not model evictions of cached blocks."""
+        for placement, kept until the scheduler's state changes. Allocations past the free blocks evict cached
+        ones, least recently freed first (BlockPool.allocate): a later request's hit on them is gone."""
         if self._forecast_valid:
             return self._forecast
-        forecast: _Forecast | None = _Forecast([list(g.room) for g in self.kv.groups], [set() for _ in self.kv.groups])
+        groups = self.kv.groups
+        forecast: _Forecast | None = _Forecast([list(g.room) for g in groups], [set() for _ in groups],
+                                               [set() for _ in groups])
         room = forecast.room
+        lru = [g.pool.eviction_order() for g in groups]
 
-        def take(r: list[int], new: int, revived: int = 0) -> None:
-            r[1] -= min(new, r[1])
+        def take(index: int, new: int, revived: int = 0) -> None:
+            r = room[index]
+            from_free = min(new, r[1])
+            r[1] -= from_free
             r[2] -= new + revived
+            kept = forecast.revived[index]
+            for _ in range(new - from_free):
+                block = next((b for b in lru[index] if b not in kept), None)
+                if block is not None:
+                    forecast.evicted[index].add(block)
 
         for seq in self.running.values():
             if seq.status is Status.RUNNING and seq.live and seq.num_planned < seq.max_tokens_total:
                 target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
                 missing = blocks_for(target - 1, self.block_size) - len(seq.block_table)
                 if missing > 0:
-                    take(room[seq.slot // self.kv.slots_per_group], missing)
+                    take(seq.slot // self.kv.slots_per_group, missing)
         if any(r[2] < 0 for r in room):
             forecast = None
         for seq in self.waiting if forecast is not None else ():
@@ -387,9 +412,8 @@ class MeshScheduler:
             ref_counts, revived = group.pool.ref_counts, forecast.revived[group.index]
             woken = [b for b in hit if ref_counts[b] == 0 and b not in revived]  # its first sharer takes it
             revived.update(woken)
-            r = room[group.index]
-            r[0] -= 1
-            take(r, blocks_for(n, self.block_size) - len(hit), len(woken))
+            room[group.index][0] -= 1
+            take(group.index, blocks_for(n, self.block_size) - len(hit), len(woken))
         self._forecast, self._forecast_valid = forecast, True
         return forecast
 

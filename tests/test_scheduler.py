@@ -5,7 +5,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from scheduler.blocks import extend_block_hashes
+from scheduler.blocks import blocks_for, extend_block_hashes
 from scheduler.errors import PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
@@ -621,6 +621,27 @@ def test_seats_counts_a_cached_prefix_the_queue_shares_once():
     sched.submit("w1", prefix + [1], params(3, ignore_eos=True))
     sched.submit("w2", prefix + [2], params(3, ignore_eos=True))
     assert _moved_here(sched, list(range(100, 117)), params(1, ignore_eos=True)) == (True, True)  # 5 blocks
+
+
+def test_seats_counts_a_cached_prefix_block_the_lookahead_evicts():
+    """With prefix_align two blocks, a hit of an owned block and a cached one nobody owns is lost whole when the
+    running users' lookahead evicts the cached one (the oldest freed): the owned block alone is no aligned hit.
+    seats() counted the hit as it is now, and said yes to a request the next schedule left waiting."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, num_slots=4, max_seq_len=32, prefill_chunk=8,
+                          max_prefill_tokens=8, decode_steps=1, prefix_align=2 * BS, max_inflight=1)
+    mesh = FakeMesh(4, 8, BS)
+    x = list(range(1, 9))
+    sched.submit("s", x[:4] + [50, 51, 52, 53, 54], params(40))  # computes (owns) x[:4]'s block, runs on
+    for _ in range(3):
+        _run(sched, mesh)
+    for rid, prompt in (("t", x + [60]), ("u", list(range(70, 78)) + [79]), ("v", [100, 101, 102, 103])):
+        sched.submit(rid, prompt, params(1))  # t leaves x[4:8]'s block cached, the oldest; u and v fill the pool
+        while rid in sched.requests:
+            _run(sched, mesh)
+    pool = sched.kv.groups[0].pool
+    s = sched.requests["s"]
+    assert pool.num_free == 0 and blocks_for(s.num_planned, BS) > len(s.block_table)  # its lookahead evicts
+    assert _moved_here(sched, x + [90, 91, 92, 93, 94], params(2)) == (False, False)
 
 
 def test_a_mesh_whose_queue_takes_the_blocks_does_not_rank_as_seating_a_request_now():
