@@ -125,6 +125,33 @@ class SchedulerMachine(RuleBasedStateMachine):
             sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
                          counted=seq.counted)
 
+    @precondition(lambda self: len(self.sched.inflight) < self.sched.max_inflight)
+    @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
+          tail=st.lists(st.integers(0, VOCAB - 1), max_size=14), max_tokens=st.integers(1, 24),
+          salt=st.sampled_from([None, "tenant"]))
+    def move_here(self, prefix, prefix_len, tail, max_tokens, salt):
+        """The router moves another mesh's request here on seats()'s word: the next schedule must seat it."""
+        prompt = PREFIXES[prefix][:prefix_len] + tail
+        if not prompt or len(prompt) >= MAX_SEQ_LEN:
+            return
+        rid = f"r{self.submitted}"
+        self.submitted += 1
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        hashes: list[bytes] = []
+        extend_block_hashes(hashes, prompt, self.sched.block_size, salt)
+        candidate = MeshScheduler(num_blocks=64, block_size=self.sched.block_size, num_slots=1,
+                                  max_seq_len=MAX_SEQ_LEN).submit(rid, prompt, params, salt, block_hashes=hashes)
+        if not self.sched.seats(candidate):
+            return
+        seq = self.sched.submit(rid, prompt, params, salt, migrated=True, block_hashes=hashes)
+        self.expected[rid] = reference_output(prompt, seq.params, seq.stop_token_ids)
+        self.outputs[rid] = []
+        epochs = {r: s.epoch for r, s in self.sched.running.items()}
+        work = self.sched.schedule()
+        self._check_admissions(epochs)
+        assert seq.status is Status.RUNNING, "seats() said yes to a request the next schedule leaves waiting"
+        self.pending.extend(self.mesh.execute(work))
+
     @precondition(lambda self: self.sched.requests)
     @rule()
     def fail_mesh(self):
