@@ -530,9 +530,10 @@ class MeshScheduler:
         events.append(event)
 
     def _cache_full_blocks(self, seq: Sequence) -> None:
-        """Offer the blocks the mesh has now filled to the prefix cache."""
+        """Offer the blocks the mesh has now filled to the prefix cache (none with prefix caching off: nothing
+        would look them up, and freed they would count as cached, not free)."""
         full = seq.num_computed // self.block_size
-        if full > seq.num_cached_blocks:
+        if full > seq.num_cached_blocks and self.enable_prefix_caching:
             extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
             pool = self.kv.group_of(seq.slot).pool
             for i in range(seq.num_cached_blocks, full):

@@ -234,6 +234,8 @@ def test_with_prefix_caching_off_a_repeated_prompt_is_computed_again(caching):
     hashes: list[bytes] = []
     extend_block_hashes(hashes, prompt, BS, None)
     assert sched.cached_prefix_tokens(hashes, len(prompt)) == (24 if caching else 0)  # what placement sees
+    pool = sched.kv.groups[0].pool  # off, a freed block holds no reusable prefix: free, not cached
+    assert (pool.num_cached, pool.num_free) == ((8, 56) if caching else (0, 64))
 
 
 def test_out_of_blocks_preempts_the_newest_and_output_is_unchanged():
