@@ -42,7 +42,11 @@ def test_non_uniform_presets_give_each_user_the_demos_own_parameters():
     linspace(-2, 2, 32) (repetition 0.8-1.5); the log-probs preset asks each token's log-probability."""
     users = demo.sampling(demo.resolve(demo.parse_args(["--preset", "performance-batch-32-non-uniform-sampling"])))
     assert len(users) == 32 and len({u.seed for u in users}) == 32
-    assert [(u.temperature, u.top_p, u.top_k) for u in (users[0], users[31])] == [(0.0, 0.08, 1), (1.0, 1.0, 32)]
+    assert [(u.temperature, u.top_p, u.top_k) for u in (users[1], users[31])] == [(1 / 31, 0.08 + 0.92 / 31, 2),
+                                                                                  (1.0, 1.0, 32)]
+    # user 0 is greedy: argmax ignores its top_p 0.08 and top_k 1, which go back to their defaults (as in vLLM)
+    assert users[0] == demo.SamplingParams(**{**users[0].model_dump(), "top_p": 0.08, "top_k": 1, "seed": 0})
+    assert users[0].temperature == 0.0 and (users[0].top_p, users[0].top_k, users[0].seed) == (1.0, 0, None)
     assert users[0].presence_penalty == users[0].frequency_penalty == -2.0 and users[31].presence_penalty == 2.0
     assert (users[0].repetition_penalty, users[31].repetition_penalty) == (0.8, 1.5)
     assert abs(users[16].temperature - 16 / 31) < 1e-12 and users[16].logprobs is None
