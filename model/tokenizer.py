@@ -102,6 +102,7 @@ class Tokenizer:
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
         self.special_id_set = frozenset(self.special_ids.values())
+        self._bytes_of: dict[int, bytes] = {}  # token_bytes' answers: at most the vocabulary (~10 MB for 128k)
         alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
         self._special_text = re.compile(f"({alternatives or '(?!)'})")  # (?!): a tokenizer with none
 
@@ -147,9 +148,22 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The token's own bytes, which need not be whole UTF-8 characters (an emoji is often 2-4 tokens), where
-        decoding it alone gives U+FFFD. Logprobs report these, so a client can join them into the exact text."""
+        decoding it alone gives U+FFFD. Logprobs report these, so a client can join them into the exact text.
+        Kept once found: the detokenizer asks for a token of every character still being written (with CJK
+        text, a third of the tokens), and logprobs for every token. Raises ValueError for an id past the
+        vocabulary."""
+        try:
+            return self._bytes_of[token_id]
+        except KeyError:
+            data = self._bytes_of[token_id] = self._find_bytes(token_id)
+            return data
+
+    def _find_bytes(self, token_id: int) -> bytes:
         if self._tiktoken is not None:
-            return self._tiktoken.decode_single_token_bytes(token_id)
+            try:
+                return self._tiktoken.decode_single_token_bytes(token_id)
+            except KeyError:  # tiktoken's word for it
+                raise ValueError(f"token id {token_id} is not in the vocabulary") from None
         if token_id in self._added_bytes:  # added and special tokens are stored as their text
             return self._added_bytes[token_id]
         token = self._hf.backend_tokenizer.id_to_token(token_id)
@@ -179,11 +193,15 @@ class Tokenizer:
         return strs
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
-        """Text of `ids`; bytes that do not form whole UTF-8 characters come out as U+FFFD."""
+        """Text of `ids`; bytes that do not form whole UTF-8 characters come out as U+FFFD. Ids past the
+        vocabulary add nothing, in both formats (tiktoken raises KeyError for them; the HF tokenizer skips them)."""
         if self._tiktoken is not None:
             if skip_special:
                 ids = [i for i in ids if i not in self.special_id_set]
-            return self._tiktoken.decode(list(ids))
+            try:
+                return self._tiktoken.decode(list(ids))
+            except KeyError:
+                return self._tiktoken.decode([i for i in ids if 0 <= i < self.vocab_size])
         return self._hf.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
     def special_text(self, text: str) -> str | None:
@@ -365,11 +383,13 @@ class IncrementalDetokenizer:
             return b""
 
     def _emit(self, hold_partial: bool) -> str:
-        emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
         end = len(self._window)
         text = self.tokenizer.decode(self._window, self.skip_special)
         if hold_partial and text.endswith("\ufffd") and (end := self._final_end()) < len(self._window):
-            text = self.tokenizer.decode(self._window[:end], self.skip_special)  # (only then: it doubles a step's cost)
+            if end == self._read:  # a character still being written, nothing final yet: the usual case, one decode
+                return ""
+            text = self.tokenizer.decode(self._window[:end], self.skip_special)
+        emitted = self.tokenizer.decode(self._window[:self._read], self.skip_special)
         if len(text) <= len(emitted):
             return ""
         read, self._window = self._read, self._window[self._read:]  # what is emitted now is the next step's context

@@ -47,3 +47,17 @@ def test_special_tokens_are_their_text(tokenizers, name):
 def test_the_bytes_of_a_texts_tokens_spell_the_text(tokenizers, name, text):
     tok = tokenizers[name]
     assert b"".join(tok.token_bytes(t) for t in tok.encode(text)) == text.encode()
+
+
+@pytest.mark.parametrize("name", ["meta", "hf", "smol"])
+def test_an_id_past_the_vocabulary_is_a_value_error_in_every_format(tokenizers, name):
+    """tiktoken's own error is a KeyError, which the detokenizer (it skips such an id, as decode does) did not
+    catch: a padded logits row's id failed the Meta-format stream and not the HF one."""
+    from model.tokenizer import IncrementalDetokenizer
+
+    tok = tokenizers[name]
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        tok.token_bytes(tok.vocab_size + 5)
+    detok = IncrementalDetokenizer(tok)
+    ids = tok.encode("日本")
+    assert "".join(detok.step([t]) for t in [ids[0], tok.vocab_size + 5, *ids[1:]]) + detok.flush() == "日本"

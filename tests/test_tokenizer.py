@@ -334,3 +334,15 @@ def test_continue_final_message_ends_inside_it(meta, hf, smol, llama3_dir_with, 
     for tok in (meta, smol):
         with pytest.raises(ValueError):  # nothing to continue
             tok.render_chat([*CHAT, {"role": "assistant", "content": None}], False, continue_final_message=True)
+
+
+@pytest.mark.parametrize("name", ["meta", "hf", "smol"])
+def test_a_character_still_being_written_costs_no_third_decode(tokenizers, name):
+    """While the only unread tokens are those of one character still being written, nothing is final: the step
+    returns at once, with the two decodes of any step (a third decoded what was already emitted)."""
+    tok = tokenizers[name]
+    ids = tok.encode("東京タワー😀🚀👩‍💻" * 20)
+    spy = DecodeSpy(tok)
+    detok = IncrementalDetokenizer(spy)
+    assert "".join(detok.step([i]) for i in ids) + detok.flush() == "東京タワー😀🚀👩‍💻" * 20
+    assert len(spy.sizes) <= 2 * len(ids) + 2
