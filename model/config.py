@@ -101,7 +101,9 @@ class LlamaConfig:
             if file.exists():
                 try:
                     return parse(json.loads(file.read_text()))
-                except (KeyError, TypeError, ValueError) as e:  # json's JSONDecodeError is a ValueError
+                except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+                    # (JSONDecodeError is a ValueError; a list for the whole config or its rope an AttributeError;
+                    # 0 heads a ZeroDivisionError)
                     reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
                     raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
         raise FileNotFoundError(f"{path} has neither config.json nor params.json")

@@ -387,6 +387,11 @@ def test_the_ingress_takes_every_request_the_router_can_hold(meshes, replicas):
     ({"config.json": '{"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8, '
                      '"intermediate_size": 8, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}'}, "'yarn'"),
     ({"params.json": '{"dim": 64}'}, "params.json: not a Llama config meshserve reads: no 'n_layers'"),
+    ({"config.json": "[]"}, "config.json: not a Llama config meshserve reads"),
+    ({"config.json": '{"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 0, "vocab_size": 8, '
+                     '"intermediate_size": 8}'}, "config.json: not a Llama config meshserve reads"),
+    ({"config.json": '{"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8, '
+                     '"intermediate_size": 8, "rope_scaling": "x"}'}, "config.json: not a Llama config meshserve reads"),
 ])
 @pytest.mark.parametrize("max_seq_len", [{"max_seq_len": 2048}, {}])
 def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(tmp_path, files, reason, max_seq_len):
