@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from deployments.errors import APIError
@@ -50,7 +49,7 @@ class KeyCheck:
         self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or get_route_path(scope) in self.open_paths:
+        if scope["type"] != "http" or _route_path(scope) in self.open_paths:
             return await self.app(scope, receive, send)
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         try:
@@ -68,3 +67,10 @@ def tenant_salt(key: bytes, cache_salt: str | None) -> str:
     replica derives the same salt."""
     message = b"meshserve prefix cache\0" + (b"\1" + cache_salt.encode() if cache_salt is not None else b"\0")
     return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as the routes match it: below the app's root_path, as Starlette's router cuts it (its own
+    get_route_path is private)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root + "/") else path
