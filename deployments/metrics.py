@@ -31,6 +31,7 @@ _TOKEN_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 
                       0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 # vLLM's FinishReason values (and its repetition detection's): each series exists from the start, at 0, as there
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
+REJECT_REASONS = ("queue_full", "unavailable")  # why an API request was refused for want of capacity
 # meshserve family -> vLLM's name for the same figure (vLLM v1's PrometheusStatLogger, vllm/v1/metrics/loggers.py;
 # docs.vllm.ai, "Production Metrics"). vLLM counts prefix-cache queries and hits in tokens, as meshserve does.
 VLLM_NAMES = {
@@ -41,6 +42,7 @@ VLLM_NAMES = {
     "meshserve_prompt_tokens": "vllm:prompt_tokens",
     "meshserve_generation_tokens": "vllm:generation_tokens",
     "meshserve_requests": "vllm:request_success",
+    "meshserve_requests_rejected": "vllm:num_requests_rejected",  # vllm/engine/protocol.py record_request_rejected
     "meshserve_num_requests_running": "vllm:num_requests_running",
     "meshserve_num_requests_waiting": "vllm:num_requests_waiting",
     "meshserve_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",
@@ -78,11 +80,16 @@ class Metrics:
                                 "aborted.", ["ingress"], registry=r)
         generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", ["ingress"], registry=r)
         self.requests = Counter("meshserve_requests", "Finished requests.", ["ingress", "finish_reason"], registry=r)
-        self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, self.requests)
+        self.rejected = Counter("meshserve_requests_rejected", "API requests refused before they ran, once each "
+                                "whatever their choices: queue_full (429), unavailable (503: no live mesh or "
+                                "router).", ["ingress", "reason"], registry=r)
+        self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, self.requests, self.rejected)
         self.ttft, self.inter_token, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens = (
             family.labels(ingress) for family in self._own[:6])
         for reason in FINISH_REASONS:
             self.requests.labels(ingress, reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(ingress, reason)
         self._meshes: list[dict] = []
         self._router_up = False
         self._held = 0

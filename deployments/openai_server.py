@@ -478,7 +478,9 @@ class OpenAIServer:
                     lost = not refused and isinstance(unwrap(exc), ConnectionError)  # else this request's own fault
                     submitted |= lost and not isinstance(unwrap(exc), RouterUnreachable)
                     if not lost or attempt == len(self.retry_backoff_s):
-                        refusal.refused |= not started and (refused or lost)
+                        if not started and (refused or lost) and not refusal.refused:  # once per API request
+                            refusal.refused = True
+                            self._count_rejected(exc, lost, prep.prompt_field)
                         if lost:
                             raise unavailable("The router is unavailable; retry.") from exc
                         raise
@@ -495,6 +497,15 @@ class OpenAIServer:
                     timer.finish(ended)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self.router.cancel(rid, "abort"))
+
+    def _count_rejected(self, exc: BaseException, lost: bool, prompt_field: str) -> None:
+        """A refusal for want of capacity (queue full, no live mesh or router) counts in /metrics; a request
+        refused for its own content (too long) is the client's error, not the server's load."""
+        error = exc if isinstance(exc, APIError) else as_api_error(exc, prompt_field)
+        reason = ("unavailable" if lost or (error is not None and error.status == 503) else
+                  "queue_full" if error is not None and error.info.code == "queue_full" else None)
+        if reason is not None:
+            self.metrics.rejected.labels(self.metrics.ingress, reason).inc()
 
     async def deltas(self, preps: list[Prepared], n: int, salt: str | None) -> AsyncIterator[ChoiceDelta]:
         """The n choices of each prompt (independent router requests) merged in arrival order; choice i of

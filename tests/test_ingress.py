@@ -466,6 +466,22 @@ def test_queue_full_is_429(client, router, stream):
     assert 'meshserve_requests_total{finish_reason="length",ingress="local"} 1.0' in metrics
 
 
+def test_refused_requests_are_counted_once_each_by_reason(client, router):
+    """An operator sees 429s and 503s in /metrics, one per API request however many choices it had (vLLM's
+    vllm:num_requests_rejected_total{reason}, vllm/engine/protocol.py record_request_rejected)."""
+    router.refuse = QueueFull("waiting queue is full")
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": ["a", "b"], "n": 3}), 429)
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": True}), 429)
+    router.refuse = NoMeshAvailable("no mesh has been available for 30 s")
+    assert_error(client.post("/v1/chat/completions", json=CHAT), 503)
+    router.refuse = PromptTooLong("too long")  # the client's fault, not the server's capacity: not counted here
+    assert_error(client.post("/v1/chat/completions", json=CHAT), 400)
+    metrics = client.get("/metrics").text
+    assert 'meshserve_requests_rejected_total{ingress="local",reason="queue_full"} 2.0' in metrics
+    assert 'meshserve_requests_rejected_total{ingress="local",reason="unavailable"} 1.0' in metrics
+    assert 'vllm:num_requests_rejected_total{ingress="local",model_name="smollm2",reason="queue_full"} 2.0' in metrics
+
+
 @pytest.mark.parametrize("refusal, status", [
     (QueueFull("full"), 429),
     (PromptTooLong("the prompt needs more KV blocks than the mesh has"), 400),
