@@ -42,7 +42,6 @@ VLLM_NAMES = {
     "meshserve_prompt_tokens": "vllm:prompt_tokens",
     "meshserve_generation_tokens": "vllm:generation_tokens",
     "meshserve_requests": "vllm:request_success",
-    "meshserve_requests_rejected": "vllm:num_requests_rejected",  # vllm/engine/protocol.py record_request_rejected
     "meshserve_num_requests_running": "vllm:num_requests_running",
     "meshserve_num_requests_waiting": "vllm:num_requests_waiting",
     "meshserve_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",
