@@ -378,7 +378,7 @@ class Router:
         max_requests = self.config.max_waiting_requests * n + sum(m.caps.num_slots for m in self.meshes if m.caps)
         max_tokens = self.config.max_waiting_tokens * n
         if len(held) >= max_requests:
-            raise QueueFull(f"{len(held)} requests are waiting for a mesh to come up (limit {max_requests})")
+            raise QueueFull(f"requests waiting for a mesh to come up: {len(held)} (limit {max_requests})")
         tokens = sum(len(r.prompt_ids) + len(r.held_output) for r in held)
         if tokens + num_tokens > max_tokens and held:  # alone, a prompt longer than the limit waits too
             raise QueueFull(f"{tokens} prompt tokens are waiting for a mesh to come up (limit {max_tokens})")
@@ -560,7 +560,7 @@ class Router:
                 if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
                     placed = self.place(req.prompt_ids + req.held_output, req.salt, 0)
                     ending: TokenEvent | RequestFailed | None = RequestFailed(rid, NoMeshAvailable(
-                        f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:.0f} s"))
+                        f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:g} s"))
                     if placed is not None:
                         try:
                             req.mesh = self._submit_to_best(*placed, rid, req, req.held_output, migrated=True)
