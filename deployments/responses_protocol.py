@@ -197,6 +197,11 @@ class ResponsesRequest(RequestModel):
         elif self.tools or self.tool_choice != "auto":  # "auto" is the Responses API's default, tools or none
             body["tool_choice"] = self.tool_choice
         fmt = self.text.format if self.text else None
+        if fmt is not None and fmt.type == "json_schema" and fmt.schema_ is None:
+            # required here, unlike chat's json_schema.schema: OpenAI's API reference (and openai-python's
+            # ResponseFormatTextJSONSchemaConfig, which vLLM's request takes) has it, and the echoed text.format
+            # without it is no valid Response
+            raise APIError(400, "text.format.schema: Field required", param="text.format.schema")
         if fmt is not None and fmt.type == "json_schema":
             body["response_format"] = {"type": "json_schema", "json_schema": {
                 "name": fmt.name, "schema": fmt.schema_, "description": fmt.description, "strict": fmt.strict}}

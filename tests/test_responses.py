@@ -157,6 +157,7 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     ({"max_output_tokens": 10_000}, "max_output_tokens"),  # past the context
     ({"input": "x" * (MAX_LEN * 40)}, "input"),  # far too long for the context
     ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
+    ({"text": {"format": {"type": "json_schema", "name": "answer"}}}, "text.format.schema"),  # chat's may omit it
     ({"tools": [{**TOOLS[0], "parameters": {"type": "object", "properties": 5}}], "tool_choice": "required"},
      "tools.0.parameters"),  # the tools are flat here: no "function" in the name
 ])
