@@ -65,6 +65,7 @@ class _Answer:
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or ()],
             "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled", "usage": usage,
+            "top_logprobs": req.top_logprobs or 0,  # 0 by default, as OpenAI's and vLLM's ResponsesRequest have it
             "user": req.user, "metadata": req.metadata or {}}
 
     def logprobs(self, lps: list[TokenLogprobs]) -> list[dict]:

@@ -201,6 +201,7 @@ def test_included_logprobs_come_with_the_text(client, tokenizer, eos, stream):
     logprobs = resp.output[0].content[0].logprobs
     assert b"".join(bytes(lp.bytes) for lp in logprobs) == (ANSWER + "<|im_end|>").encode()  # its EOS too
     assert all(len(lp.top_logprobs) == 2 and lp.logprob == -0.25 for lp in logprobs)
+    assert resp.top_logprobs == 2  # echoed, as the other settings are
     plain = Response.model_validate(client.post("/v1/responses", json={**BASIC, "top_logprobs": 2}).json())
     assert plain.output[0].content[0].logprobs == []  # not included: none
 
