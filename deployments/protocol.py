@@ -85,6 +85,11 @@ Json = Annotated[JsonValue, AfterValidator(_check_json_unicode)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_check_json_unicode)]
 
 
+def short_text(max_length: int) -> Any:
+    """Text of at most `max_length` characters (a lone surrogate refused first, as Salt's is)."""
+    return Annotated[str, StringConstraints(max_length=max_length), BeforeValidator(_check_unicode_first)]
+
+
 def _not_an_object(schema: Any) -> bool:
     """Whether a JSON schema surely admits no object: a `type` other than "object", a constant, an array's
     keywords, an allOf with such a branch, or an anyOf / oneOf of only such branches. A `$ref` (pydantic's

@@ -12,7 +12,7 @@ from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, validation_error
 from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, RequestModel, Text,
-                                  Unsupported)
+                                  Unsupported, short_text)
 from deployments.structured import closed
 from scheduler.sampling import MAX_LOGPROBS
 
@@ -126,7 +126,8 @@ class ResponsesRequest(RequestModel):
     text: TextConfig | None = None
     stream: bool = False
     store: bool = True  # taken; nothing is stored
-    metadata: dict[str, Text] | None = Field(None, max_length=16)  # returned with the response
+    # returned with the response; OpenAI's limits: 16 pairs, keys of 64 characters at most, values of 512
+    metadata: dict[short_text(64), short_text(512)] | None = Field(None, max_length=16)
     user: Text | None = None
     service_tier: Literal["auto", "default"] | None = None
     truncation: Text | None = None  # "disabled" only: "auto" would drop input the client sent

@@ -152,6 +152,8 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     ({"include": ["reasoning.encrypted_content"]}, "include"),
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"background": True}, "background"),
+    ({"metadata": {"k": "v" * 513}}, "metadata.k"),  # OpenAI's limits: values of 512 characters,
+    ({"metadata": {"k" * 65: "v"}}, "metadata." + "k" * 65),  # keys of 64
     ({"truncation": "auto"}, "truncation"),
     ({"temperature": -1}, "temperature"),
     ({"max_output_tokens": 10_000}, "max_output_tokens"),  # past the context
