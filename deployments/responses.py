@@ -61,7 +61,9 @@ class _Answer:
             "output": output, "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None}, "store": False,
             "temperature": 1.0 if req.temperature is None else req.temperature,
-            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True)},
+            # a name or schema beside "text" / "json_object" is not applied, so not echoed as if it were
+            "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True,
+                                              include=None if fmt.type == "json_schema" else {"type"})},
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
             "tools": [t.model_dump(exclude_none=True) for t in req.tools or ()],
             "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled", "usage": usage,

@@ -134,6 +134,8 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     assert r.status_code == 200, r.text
     assert list(router.requests.values())[1][1].grammar is not None
     assert Response.model_validate(r.json()).text.format.type == "json_schema"
+    r = client.post("/v1/responses", json={**BASIC, "text": {"format": {**fmt, "type": "json_object"}}})
+    assert r.json()["text"] == {"format": {"type": "json_object"}}  # its schema is not applied, nor echoed
 
 
 @pytest.mark.parametrize("patch, param", [
