@@ -78,16 +78,16 @@ def _check_unicode_first(value: Any) -> Any:
     return _check_unicode(value) if isinstance(value, str) else value
 
 
-# vLLM refuses an empty salt too
-Salt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SALT_CHARS),
-                 BeforeValidator(_check_unicode_first)]
+def short_text(max_length: int, min_length: int | None = None) -> Any:
+    """Text of at most `max_length` characters (and at least `min_length`), a lone surrogate refused first
+    (_check_unicode_first)."""
+    return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
+                     BeforeValidator(_check_unicode_first)]
+
+
+Salt = short_text(MAX_SALT_CHARS, min_length=1)  # vLLM refuses an empty salt too
 Json = Annotated[JsonValue, AfterValidator(_check_json_unicode)]
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(_check_json_unicode)]
-
-
-def short_text(max_length: int) -> Any:
-    """Text of at most `max_length` characters (a lone surrogate refused first, as Salt's is)."""
-    return Annotated[str, StringConstraints(max_length=max_length), BeforeValidator(_check_unicode_first)]
 
 
 def _not_an_object(schema: Any) -> bool:
