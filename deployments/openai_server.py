@@ -28,6 +28,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import RouterUnreachable
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
+                                   FirstDelta,
                                    RepetitionCheck, TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
@@ -40,6 +41,11 @@ from scheduler.work import TokenEvent
 
 log = logging.getLogger("ray.serve")
 
+# A stream's headers wait this long for its first token, then go out with an SSE comment every SSE_KEEPALIVE_S
+# until it comes (streaming.FirstDelta): a refusal is a status code in most cases (429 and too-long prompts come
+# in milliseconds), and the bytes keep proxies' read timeouts (nginx, ALB: 60 s) from cutting a long prefill.
+STREAM_HEADERS_WAIT_S = 5.0
+SSE_KEEPALIVE_S = 15.0
 # Waits before each resubmission of a request whose router failed (Serve restarts it meanwhile, ~seconds).
 ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # How old the meshes' limit may be before a request refreshes it, off its own path: a mesh that comes back with
@@ -193,6 +199,7 @@ class OpenAIServer:
         self._tokens: dict[int, tuple[str, list[int]]] = {}  # _token_info's
         self.metrics = Metrics(replica_name, self.model)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
+        self.headers_wait_s, self.keepalive_s = STREAM_HEADERS_WAIT_S, SSE_KEEPALIVE_S
         self._grammar_tokenizer = None
 
     def grammar_tokenizer(self):
@@ -557,7 +564,7 @@ class OpenAIServer:
         stream = self.deltas(preps, req.n, salt)
         if req.stream:
             first = await self.first_delta(stream, prep)
-            return EventStream(self._sse(req, preps, first, stream), source=stream)
+            return EventStream(self._sse(req, preps, first, stream), source=first)
         totals = [ChoiceTotal() for _ in range(len(preps) * req.n)]
         try:
             async for d in stream:
@@ -605,14 +612,18 @@ class OpenAIServer:
         answer = CompletionResponse(id=preps[0].id, model=self.model, choices=choices, usage=usage)
         return answer.model_dump_json().encode()
 
-    async def first_delta(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> ChoiceDelta:
-        """Wait for the first delta before sending headers, so a refusal is still a proper status code."""
-        try:
-            return await anext(stream)
-        except Exception as exc:
-            raise as_api_error(exc, prep.prompt_field) or exc
+    async def first_delta(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> FirstDelta:
+        """Wait up to headers_wait_s for the first delta before sending headers, so a refusal is still a proper
+        status code (FirstDelta says why not longer). Raises APIError when the stream failed by then."""
+        first = FirstDelta(stream)
+        if await first.came(self.headers_wait_s):
+            try:
+                first.result()
+            except Exception as exc:
+                raise as_api_error(exc, prep.prompt_field) or exc
+        return first
 
-    async def _sse(self, req, preps: list[Prepared], first: ChoiceDelta,
+    async def _sse(self, req, preps: list[Prepared], first: FirstDelta,
                    stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
         chat = isinstance(req, ChatCompletionRequest)
         prep = preps[0]
@@ -680,7 +691,9 @@ class OpenAIServer:
                                 prep.prompt_ids if ids else None)
                 for i in range(req.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)
-            d = first
+            async for comment in first.keepalive(self.keepalive_s):
+                yield comment
+            d = first.result()
             while d is not None:
                 generated[d.index] = d.num_generated
                 if d.num_cached and d.index % req.n == 0:  # a prompt's cache hit, counted once

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from deployments.errors import APIError, as_api_error
 from deployments.openai_server import OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
-from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream
+from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import TokenLogprobs
 
@@ -93,7 +93,7 @@ async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None)
         stream = server.deltas([prep], 1, salt)
         if req.stream:
             first = await server.first_delta(stream, prep)
-            return EventStream(_events(answer, first, stream), source=stream)
+            return EventStream(_events(answer, first, stream, server.keepalive_s), source=first)
         total = ChoiceTotal()
         try:
             async for d in stream:
@@ -111,7 +111,8 @@ async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None)
     return JSONResponse(answer.response(status, output, answer.usage(total.num_generated, total.num_cached)))
 
 
-async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
+async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[ChoiceDelta],
+                  keepalive_s: float) -> AsyncIterator[str]:
     """The Responses stream: created, in_progress; per output item, its opening, its deltas and its end (a call
     ends when the next one starts, as OpenAI's stream closes one item before it adds the next); then completed
     (or incomplete, at max_output_tokens). A delta carries the logprobs of the tokens taken since the one
@@ -159,8 +160,11 @@ async def _events(answer: _Answer, first: ChoiceDelta, stream: AsyncIterator[Cho
         item["status"] = status
         return [*done, event("response.output_item.done", output_index=index, item=item)]
 
-    d, finish, generated, cached = first, None, 0, 0
+    finish, generated, cached = None, 0, 0
     try:
+        async for comment in first.keepalive(keepalive_s):
+            yield comment
+        d = first.result()
         while d is not None:
             content, pieces, _ = tools.feed(d.text, d.finish_reason is not None) if tools else (d.text, [], False)
             pending += d.logprobs

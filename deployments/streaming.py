@@ -1,6 +1,7 @@
 """Streaming helpers: stop strings over streamed text, per-choice deltas, and the SSE response."""
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 from collections.abc import AsyncIterator, Sequence
@@ -214,13 +215,54 @@ class ChoiceTotal:
         self.num_cached = d.num_cached
 
 
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it (WHATWG HTML, "Server-sent events", 9.2.6)
+
+
+class FirstDelta:
+    """A stream's first delta, awaited apart from the stream's response. A stream's headers wait for it, so that a
+    refusal is still a status code (429, 503), but only for a while: a long prompt's first token comes after a
+    long prefill (a Galaxy's, of 128k tokens, after ~90-100 s), past a proxy's read timeout (nginx: 60 s). Then
+    the headers go out, and SSE comments every `keepalive_s` until the delta comes; a refusal after that is an
+    error event, as in vLLM's streams (whose headers go out at once)."""
+
+    def __init__(self, stream: AsyncIterator):
+        self.stream = stream
+        self.task = asyncio.ensure_future(anext(stream))
+
+    async def came(self, wait_s: float) -> bool:
+        """Whether the first delta (or the stream's failure) came within `wait_s`."""
+        try:
+            await asyncio.wait({self.task}, timeout=wait_s)
+        except asyncio.CancelledError:  # the client went away: the task must not outlive its request
+            await self.aclose()
+            raise
+        return self.task.done()
+
+    async def keepalive(self, every_s: float) -> AsyncIterator[str]:
+        """SSE comments, one at once and then one every `every_s`, until the first delta comes."""
+        while not self.task.done():
+            yield KEEPALIVE
+            await asyncio.wait({self.task}, timeout=every_s)
+
+    def result(self):
+        """The first delta; raises what the stream raised."""
+        return self.task.result()
+
+    async def aclose(self) -> None:
+        """Cancel the wait for the first delta (the stream's own cleanup runs), then close the stream."""
+        if not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.stream.aclose()
+
+
 class EventStream(StreamingResponse):
     """SSE that closes its source however the response ends. Starlette leaves the body iterator open
     when the client goes away; closing the source at once cancels the router requests behind it."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], source):
+    def __init__(self, content: AsyncIterator[str], source: AsyncIterator | FirstDelta):
         super().__init__(content)
         self.source = source
 

@@ -48,9 +48,9 @@ def client(router, tokenizer) -> TestClient:
 
 
 def sse(response) -> list:
-    """The data payloads of an SSE body; the last must be [DONE]."""
+    """The data payloads of an SSE body (comments, the keep-alives, skipped); the last must be [DONE]."""
     assert response.headers["content-type"].startswith("text/event-stream")
-    payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line and not line.startswith(":")]
     assert payloads[-1] == "[DONE]"
     return [json.loads(p) for p in payloads[:-1]]
 

@@ -1292,3 +1292,85 @@ def test_a_prompt_of_the_wrong_shape_gets_a_message_that_says_what_it_may_be(cli
     error = assert_error(post(client, "/v1/completions", {**COMPLETION, "prompt": prompt}), 400, param="prompt")
     assert "Input should be a valid string" not in error["message"]
     assert not router.requests
+
+
+# ---- a slow first token -------------------------------------------------------------------------
+
+def _slow_first_token(client, router, wait_s: float = 0.05, keepalive_s: float = 0.1, queued_s: float = 0.35):
+    """The first token comes after `queued_s` (a long prefill); headers wait `wait_s` for it."""
+    client.app.state.server.headers_wait_s, client.app.state.server.keepalive_s = wait_s, keepalive_s
+    router.queued_s = queued_s
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION),
+                                        ("/v1/responses", {"model": MODEL, "input": "hi"})])
+def test_a_slow_first_token_sends_headers_then_keepalives_then_the_same_answer(client, router, path, body):
+    """Headers and SSE comments go out while a long prefill runs, so a proxy's read timeout does not cut it."""
+    whole = client.post(path, json={**body, "stream": True}).text
+    assert ": keep-alive" not in whole  # a first token within the wait: nothing changes
+    _slow_first_token(client, router)
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200
+    blocks = r.text.split("\n\n")
+    comments = [i for i, b in enumerate(blocks) if b.startswith(":")]
+    assert len(comments) >= 3  # one at once, then one each keepalive_s of the 0.35 s
+    assert all(b == ": keep-alive" for b in map(blocks.__getitem__, comments))
+    assert comments == list(range(comments[0], comments[-1] + 1))  # together, before the first token
+    assert _same_answer(whole, r.text)
+
+
+def _same_answer(a: str, b: str) -> bool:
+    """Two SSE bodies spell the same events, but for their ids and times."""
+    def strip(text: str) -> list:
+        out = []
+        for block in text.split("\n\n"):
+            if block and not block.startswith(":"):
+                data = block.split("data: ", 1)[1]
+                out.append(data if data == "[DONE]" else _without_ids(json.loads(data)))
+        return out
+    return strip(a) == strip(b)
+
+
+def _without_ids(value):
+    if isinstance(value, dict):
+        return {k: _without_ids(v) for k, v in value.items() if k not in ("id", "created", "created_at",
+                                                                             "item_id")}
+    if isinstance(value, list):
+        return [_without_ids(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION)])
+def test_a_refusal_after_the_headers_is_an_error_event(client, router, path, body):
+    """Once the headers are out (vLLM sends them at once), a refusal can only be an error event, then [DONE]."""
+    _slow_first_token(client, router, wait_s=0.0)
+    router.refuse = QueueFull("waiting queue is full")
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200
+    (error,) = [e["error"] for e in sse(r) if "error" in e]
+    assert error["code"] == "queue_full" and "queue is full" in error["message"], error
+
+
+def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tokenizer):
+    router.queued_s = 30.0
+    app = build_app(router, tokenizer, MODEL)
+    app.state.server.headers_wait_s, app.state.server.keepalive_s = 0.0, 0.05
+    bodies = []
+
+    def on_body(chunk: bytes, disconnected: asyncio.Event):
+        bodies.append(chunk)
+        if chunk.startswith(b": keep-alive"):
+            disconnected.set()
+            raise OSError("connection reset")
+
+    async def run():
+        try:
+            await asyncio.wait_for(_call_asgi(app, {**CHAT, "stream": True}, "2.4", on_body), timeout=10)
+        except ClientDisconnect:
+            pass
+        (rid,) = router.requests
+        assert router.cancelled == [(rid, "abort")]
+        assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # nothing left waiting
+
+    asyncio.run(run())
+    assert bodies[-1] == b": keep-alive\n\n"

@@ -30,7 +30,7 @@ def events(response) -> list[dict]:
     assert response.headers["content-type"].startswith("text/event-stream")
     out = []
     for block in response.text.split("\n\n"):
-        if not block:
+        if not block or block.startswith(":"):  # a comment: the keep-alives of a slow first token
             continue
         kind, data = block.split("\n")
         payload = json.loads(data.removeprefix("data: "))
