@@ -143,7 +143,12 @@ class TTGalaxyBackend(Backend):
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, device_table: torch.Tensor,
                 sampling: list[SamplingParams] | None):
-        """One step of all 32 slots on device block ids; returns tokens [32] or logits [32, 1, vocab]."""
+        """One step of all 32 slots on device block ids; returns tokens [32] or logits [32, 1, vocab].
+        reset_inputs=True every step: decode_forward (generator.py @00b0fa3f) otherwise loads tokens, positions
+        and sampling parameters only when the page table changed, and replays its trace on the device's own
+        (the tokens it sampled, positions + 1). tenstorrent/vllm's runner (tt_model_runner.py @007ec40d) passes
+        no reset_inputs and relies on that; here a slot retires at EOS with its page-table row unchanged, and
+        host-sampled rows feed tokens the device did not pick."""
         if sampling is not None:
             self._device_argmax = all(_argmax(p) for p in sampling)
         out = self._decode_forward(

@@ -608,6 +608,24 @@ def test_decode_maps_fixed_page_table_positions_and_inactive_slots(backend):
     assert out[[0, 5, 31]].tolist() == [0, 50, 310]  # nothing else written in those blocks: the fed token
 
 
+def test_decode_loads_the_hosts_inputs_every_step(backend):
+    """tt-metal's decode_forward (generator.py @00b0fa3f) loads tokens, positions and sampling parameters only
+    with reset_inputs or a changed page table; else its trace replays on the device's own (last sampled tokens,
+    positions + 1), as vLLM's runner relies on. The host here owns them: a slot retired at EOS keeps its
+    page-table row, and replayed it would go on writing blocks the router frees; a token the host chose (a
+    host-sampled row) would be ignored."""
+    tokens, positions, active = decode_inputs([0, 9], [70, 70])
+    table = empty_table(backend)
+    table[0, :2], table[9, :2] = torch.tensor([4, 6]), torch.tensor([8, 9])
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    active[0] = False  # slot 0 retired; its row in the round's page table unchanged
+    tokens[9], positions[9] = 1234, 71
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    call = last_call(backend, "decode_forward")
+    assert call["inputs_loaded"] and list(call["written"]) == [9]
+    assert backend.generator.device_inputs[1][9] == 72
+
+
 def test_a_greedy_request_with_a_top_p_keeps_the_device_on_argmax(backend):
     """Older format_sampling_params keep a greedy row's top_p, and the argmax program takes top_p 0 or 1 only:
     sent as it came, a greedy top_p 0.5 would switch the device to sampling (its traces released, captured

@@ -113,6 +113,12 @@ class Generator:
         self.compiled: set[tuple] = set()
         self.sampling_mode: str | None = None  # the sampling module's: "greedy" (argmax) or "sampled"
         self.sampling_traces: set[str] = set()  # its captured traces, by mode
+        # decode_forward's input state (generator.py @00b0fa3f): what the decode trace's device inputs hold
+        # after the last step (the sampled tokens, the positions one further), and what decides a reload
+        self.device_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.prev_page_table: torch.Tensor | None = None
+        self.prev_sampling_on_device: bool | None = None
+        self.decode_setup = False  # model.is_decode_setup: a prefill switches the model to prefill mode
 
     def _reset_sampling(self, params: SamplingParams) -> bool:
         """SamplingGenerator.reset_sampling_params (models/common/sampling/generator.py @00b0fa3f): a change of
@@ -154,6 +160,7 @@ class Generator:
                              start_pos: list[int] | None = None):
         if not self.already_warmed_up_prefill:
             self.prefill_warmup(tokens, page_table, kv_cache, prompt_lens, enable_trace, None, empty_slots, None)
+        self.decode_setup = False
         kv_cache = kv_cache[0]
         batch, _ = tokens.shape
         assert tokens.dtype == torch.long
@@ -225,6 +232,18 @@ class Generator:
         assert tokens.shape == (MAX_BATCH, 1) and start_pos.shape == (MAX_BATCH,)
         assert isinstance(page_table, torch.Tensor) and page_table.dtype == torch.int32
         assert page_table.shape[0] == MAX_BATCH
+        # The real decode_forward loads the host's tokens, positions and sampling parameters only when it must:
+        # reset_inputs, logits wanted, a switch between device and host sampling, another page table, or a
+        # prefill since the last decode. Otherwise the trace replays on what its device inputs hold: the tokens
+        # it sampled last step, the positions one further (the double leaves a skipped user, -1, skipped).
+        sampling_on_device = sampling_params is not None
+        loaded = (reset_inputs or not sampling_on_device or not self.decode_setup or self.device_inputs is None
+                  or self.prev_sampling_on_device != sampling_on_device
+                  or (self.prev_page_table is not None and not torch.equal(self.prev_page_table, page_table)))
+        self.prev_sampling_on_device, self.prev_page_table, self.decode_setup = sampling_on_device, \
+            page_table.clone(), True
+        if not loaded:
+            tokens, start_pos = self.device_inputs
         block_size, device_blocks = get_block_size(kv_cache), kv_cache[0][0].shape[0]
         store = _column_store(kv_cache)
         written, next_tokens = {}, torch.zeros(MAX_BATCH, dtype=torch.long)
@@ -248,17 +267,19 @@ class Generator:
         placed, mode_changed, captured = None, False, None
         if sampling_params is not None:
             formatted = format_sampling_params(sampling_params, MAX_BATCH)
-            placed = _per_slot(formatted)
-            if reset_inputs:
+            placed = _per_slot(formatted) if loaded else None  # else the device keeps the parameters it had
+            if loaded:
                 mode_changed = self._reset_sampling(formatted)
             keys.append(("sampling", _sampling_kind(formatted)))
             if enable_trace and self.sampling_mode not in self.sampling_traces:  # sample(): capture on first use
                 self.sampling_traces.add(captured := self.sampling_mode)
         self.calls.append(("decode_forward", {
             "tokens": tokens, "start_pos": start_pos, "page_table": page_table, "enable_trace": enable_trace,
-            "read_from_device": read_from_device, "reset_inputs": reset_inputs, "sampling_params": sampling_params,
+            "read_from_device": read_from_device, "reset_inputs": reset_inputs, "inputs_loaded": loaded,
+            "sampling_params": sampling_params,
             "written": written, "slot_params": placed, "sampling_mode_changed": mode_changed,
             "sampling_trace_captured": captured, "compiled": self._compile(*keys)}))
+        self.device_inputs = next_tokens.view(-1, 1), torch.where(start_pos >= 0, start_pos + 1, start_pos)
         if return_logits:  # process_decode_output_host: logits [32, 1, vocab]
             logits = torch.zeros(MAX_BATCH, 1, self.model.vocab_size)
             logits[torch.arange(MAX_BATCH), 0, next_tokens] = 1.0
