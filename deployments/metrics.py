@@ -30,6 +30,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.3, 0.5, 0.
 _TOKEN_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                       0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 # vLLM's FinishReason values (and its repetition detection's): each series exists from the start, at 0, as there
+# vLLM's build_1_2_5_buckets(max_model_len) for per-request token counts, at the Galaxy's 128k context
+_TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5) if m * 10**e <= 131072)
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 REJECT_REASONS = ("queue_full", "unavailable")  # why an API request was refused for want of capacity
 # meshserve family -> vLLM's name for the same figure (vLLM v1's PrometheusStatLogger, vllm/v1/metrics/loggers.py;
@@ -39,6 +41,13 @@ VLLM_NAMES = {
     "meshserve_inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
     "meshserve_e2e_request_latency_seconds": "vllm:e2e_request_latency_seconds",
     "meshserve_request_queue_time_seconds": "vllm:request_queue_time_seconds",
+    "meshserve_request_prefill_time_seconds": "vllm:request_prefill_time_seconds",
+    "meshserve_request_decode_time_seconds": "vllm:request_decode_time_seconds",
+    "meshserve_request_inference_time_seconds": "vllm:request_inference_time_seconds",
+    "meshserve_request_time_per_output_token_seconds": "vllm:request_time_per_output_token_seconds",
+    "meshserve_request_prompt_tokens": "vllm:request_prompt_tokens",
+    "meshserve_request_generation_tokens": "vllm:request_generation_tokens",
+    "meshserve_request_max_num_generation_tokens": "vllm:request_max_num_generation_tokens",
     "meshserve_prompt_tokens": "vllm:prompt_tokens",
     "meshserve_generation_tokens": "vllm:generation_tokens",
     "meshserve_requests": "vllm:request_success",
@@ -74,6 +83,21 @@ class Metrics:
                         _LATENCY_BUCKETS)
         queue = histogram("meshserve_request_queue_time_seconds",
                           "Arrival at the router to the first scheduled prefill chunk.", _LATENCY_BUCKETS)
+        # Per finished request, as vLLM's dashboard reads them (its prefill, decode, TPOT and length panels)
+        prefill = histogram("meshserve_request_prefill_time_seconds", "First prefill chunk scheduled to the first "
+                            "token (time to first token less the router's queue time).", _LATENCY_BUCKETS)
+        decode = histogram("meshserve_request_decode_time_seconds", "First token to the last.", _LATENCY_BUCKETS)
+        inference = histogram("meshserve_request_inference_time_seconds",
+                              "First prefill chunk scheduled to the last token (prefill + decode).", _LATENCY_BUCKETS)
+        tpot = histogram("meshserve_request_time_per_output_token_seconds", "A request's decode time over its "
+                         "tokens after the first (0 with one token or none, as vLLM records it).", _TOKEN_GAP_BUCKETS)
+        request_prompt = histogram("meshserve_request_prompt_tokens", "A finished request's prompt tokens.",
+                                   _TOKEN_COUNT_BUCKETS)
+        request_generation = histogram("meshserve_request_generation_tokens", "A finished request's generated "
+                                       "tokens.", _TOKEN_COUNT_BUCKETS)
+        max_generation = histogram("meshserve_request_max_num_generation_tokens", "The most tokens one of an API "
+                                   "request's n choices generated (per prompt of a batch), once all have finished.",
+                                   _TOKEN_COUNT_BUCKETS)
         prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens, counted when the first token comes (as "
                                 "vLLM counts them: once prefilled), or when a request ends without one but not "
                                 "aborted.", ["ingress"], registry=r)
@@ -82,9 +106,12 @@ class Metrics:
         self.rejected = Counter("meshserve_requests_rejected", "API requests refused before they ran, once each "
                                 "whatever their choices: queue_full (429), unavailable (503: no live mesh or "
                                 "router).", ["ingress", "reason"], registry=r)
-        self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, self.requests, self.rejected)
-        self.ttft, self.inter_token, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens = (
-            family.labels(ingress) for family in self._own[:6])
+        per_request = (prefill, decode, inference, tpot, request_prompt, request_generation, max_generation)
+        self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, *per_request, self.requests,
+                     self.rejected)
+        (self.ttft, self.inter_token, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens, self.prefill,
+         self.decode, self.inference, self.tpot, self.request_prompt, self.request_generation,
+         self.max_generation) = (family.labels(ingress) for family in self._own[:-2])
         for reason in FINISH_REASONS:
             self.requests.labels(ingress, reason)
         for reason in REJECT_REASONS:
@@ -94,8 +121,9 @@ class Metrics:
         self._held = 0
         r.register(self)
 
-    def start(self, num_prompt_tokens: int, arrival: float) -> RequestTimer:
-        return RequestTimer(self, num_prompt_tokens, arrival)
+    def start(self, num_prompt_tokens: int, arrival: float, choices: Choices | None = None) -> RequestTimer:
+        """The timer of one router request; `choices`: the group of the API request's n choices it is one of."""
+        return RequestTimer(self, num_prompt_tokens, arrival, choices or Choices(1))
 
     def render(self, router_stats: dict | None) -> bytes:
         """The exposition text, with the per-mesh families taken from `router_stats` (None: the router did not
@@ -178,31 +206,53 @@ class Metrics:
         return copy
 
 
+class Choices:
+    """The n choices of one prompt of an API request: vLLM's request_max_num_generation_tokens is observed once
+    for them, when the last one finishes (a choice refused before it ran never does, nor then the group)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+        self.most = 0
+
+    def finished(self, metrics: Metrics, generated: int) -> None:
+        self.left -= 1
+        self.most = max(self.most, generated)
+        if self.left == 0:
+            metrics.max_generation.observe(self.most)
+
+
 class RequestTimer:
     """The latency marks of one router request, fed with its token events as they arrive."""
 
-    def __init__(self, metrics: Metrics, num_prompt_tokens: int, arrival: float) -> None:
+    def __init__(self, metrics: Metrics, num_prompt_tokens: int, arrival: float, choices: Choices) -> None:
         self.metrics = metrics
         self.num_prompt_tokens = num_prompt_tokens
         self.arrival = arrival  # time.perf_counter() at the ingress
+        self.choices = choices
+        self.queue_time = 0.0  # the router's, from its first event
+        self.first_token: float | None = None
         self.last_token: float | None = None  # None: no token yet, so its prompt is not counted yet
+        self.generated = 0
 
     def on_event(self, event: TokenEvent) -> None:
         now = time.perf_counter()
         m = self.metrics
         if event.queue_time_s is not None:
             m.queue.observe(event.queue_time_s)
+            self.queue_time = event.queue_time_s
         n = len(event.token_ids)
         if n == 0:
             return
         if self.last_token is None:
             m.ttft.observe(now - self.arrival)
             m.prompt_tokens.inc(self.num_prompt_tokens)
+            self.first_token = now
         else:
             gap = (now - self.last_token) / n
             for _ in range(n):
                 m.inter_token.observe(gap)
         self.last_token = now
+        self.generated += n
         m.generation_tokens.inc(n)
 
     def finish(self, finish_reason: str) -> None:
@@ -211,3 +261,13 @@ class RequestTimer:
         if self.last_token is None and finish_reason != "abort":  # ended without a token, having run
             m.prompt_tokens.inc(self.num_prompt_tokens)
         m.requests.labels(m.ingress, finish_reason).inc()
+        m.request_prompt.observe(self.num_prompt_tokens)
+        m.request_generation.observe(self.generated)
+        self.choices.finished(m, self.generated)
+        if self.first_token is not None:  # the phases of a request that ran (vLLM's: scheduled, first, last token)
+            prefill = max(self.first_token - self.arrival - self.queue_time, 0.0)
+            decode = self.last_token - self.first_token
+            m.prefill.observe(prefill)
+            m.decode.observe(decode)
+            m.inference.observe(prefill + decode)
+            m.tpot.observe(decode / (self.generated - 1) if self.generated > 1 else 0.0)

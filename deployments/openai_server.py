@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
-from deployments.metrics import Metrics
+from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
@@ -412,7 +412,8 @@ class OpenAIServer:
         return preps
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
-                     salt: str | None, refusal: _Refusal | None = None) -> AsyncIterator[ChoiceDelta]:
+                     salt: str | None, refusal: _Refusal | None = None,
+                     choices: Choices | None = None) -> AsyncIterator[ChoiceDelta]:
         """One router request, as text. Cancels it in the router unless it finished.
 
         When the router fails mid-request (its replica died), the request is resubmitted, to the router
@@ -420,11 +421,11 @@ class OpenAIServer:
         client sees a pause, then the rest; greedy and seeded output is unchanged (the sampler is keyed on
         (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
         if prep.echo_only:  # nothing to generate: the router is not asked (vLLM's echo_without_generation)
-            self.metrics.start(len(prep.prompt_ids), prep.arrival).finish("length")
+            self.metrics.start(len(prep.prompt_ids), prep.arrival, choices).finish("length")
             yield ChoiceDelta(index, "", [], [], "length", 0, 0)
             return
         prompt_ids = prep.prompt_ids
-        timer = self.metrics.start(len(prompt_ids), prep.arrival)
+        timer = self.metrics.start(len(prompt_ids), prep.arrival, choices)
         skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()
         offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
         rep = prep.repetition
@@ -527,19 +528,21 @@ class OpenAIServer:
         queue: asyncio.Queue = asyncio.Queue()
         refusal = _Refusal()
 
-        async def pump(prep: Prepared, index: int, i: int) -> None:
+        async def pump(prep: Prepared, index: int, i: int, choices: Choices) -> None:
             params = prep.params
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
-                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal):
+                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
             finally:
                 queue.put_nowait(_CHOICES_DONE)
 
-        tasks = [asyncio.create_task(pump(prep, p * n + i, i)) for p, prep in enumerate(preps) for i in range(n)]
+        groups = [Choices(n) for _ in preps]  # per prompt, as vLLM takes each prompt of a batch as a request
+        tasks = [asyncio.create_task(pump(prep, p * n + i, i, groups[p]))
+                 for p, prep in enumerate(preps) for i in range(n)]
         try:
             running = len(tasks)
             while running:

@@ -809,6 +809,69 @@ def test_prompt_tokens_count_at_the_first_token_and_long_latencies_have_buckets(
     assert (buckets["80.0"], buckets["160.0"]) == (0, 1)
 
 
+def test_metrics_fill_vllms_dashboard_request_panels(client, router, tokenizer):
+    """vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json) reads per-request
+    histograms: prompt and generation lengths, TPOT, prefill and decode time, the most tokens of a request's n
+    choices. They were absent: five of its panels stayed empty. Their values are what the API's usage says."""
+    chat = client.post("/v1/chat/completions", json=CHAT).json()["usage"]
+    batch = client.post("/v1/completions", json={**COMPLETION, "prompt": ["a b", "c d e"], "n": 2, "max_tokens": 4})
+    samples = _samples(client)
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted({"ingress": "local", "model_name": MODEL, **labels}.items())))]
+
+    batch_prompts = [len(tokenizer.encode(p, add_bos=True)) for p in ("a b", "c d e")]
+    assert value("vllm:request_prompt_tokens_count") == 1 + 4  # per router request, as vLLM counts n > 1
+    assert value("vllm:request_prompt_tokens_sum") == chat["prompt_tokens"] + 2 * sum(batch_prompts)
+    assert value("vllm:request_generation_tokens_sum") == chat["completion_tokens"] + batch.json()["usage"][
+        "completion_tokens"] == len(router.answer) + 4 * 4
+    assert (value("vllm:request_generation_tokens_bucket", le="20.0"),
+            value("vllm:request_generation_tokens_bucket", le="5.0")) == (5, 4)
+    # once per prompt of the batch, when its n choices have all finished: the most any of them generated
+    assert value("vllm:request_max_num_generation_tokens_count") == 1 + 2
+    assert value("vllm:request_max_num_generation_tokens_sum") == len(router.answer) + 4 + 4
+    for phase in ("prefill", "decode", "inference"):
+        assert value(f"vllm:request_{phase}_time_seconds_count") == 5
+    assert value("vllm:request_time_per_output_token_seconds_count") == 5
+    buckets = [dict(labels)["le"] for name, labels in samples if name == "vllm:request_prompt_tokens_bucket"]
+    assert buckets == ["1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "100.0", "200.0", "500.0", "1000.0", "2000.0",
+                       "5000.0", "10000.0", "20000.0", "50000.0", "100000.0", "+Inf"]  # vLLM's 1-2-5 to the context
+
+
+def test_request_phases_are_measured_as_vllm_does(monkeypatch):
+    """prefill: scheduled -> first token (TTFT less the router's queue time); decode: first -> last token;
+    TPOT: decode over the tokens after the first, 0 for a one-token answer."""
+    from deployments import metrics as metrics_module
+    from deployments.metrics import Metrics
+    from scheduler.work import TokenEvent
+    clock = [100.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: clock[0])
+    metrics = Metrics()
+
+    def observed(histogram):
+        (family,) = histogram.collect()
+        values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+        return values["sum"], values["count"]
+
+    timer = metrics.start(7, arrival=99.0)
+    clock[0] = 100.0
+    timer.on_event(TokenEvent("r", [1], queue_time_s=0.25))  # first token 1 s after arrival, 0.25 s of it queued
+    clock[0] = 102.0
+    timer.on_event(TokenEvent("r", [2, 3, 4, 5]))
+    timer.finish("length")
+    assert observed(metrics.prefill) == (0.75, 1)
+    assert observed(metrics.decode) == (2.0, 1)
+    assert observed(metrics.inference) == (2.75, 1)
+    assert observed(metrics.tpot) == (0.5, 1)
+    assert observed(metrics.request_generation) == (5, 1)
+    one = metrics.start(7, arrival=clock[0])
+    one.on_event(TokenEvent("s", [1], queue_time_s=0.0))
+    one.finish("length")
+    assert observed(metrics.tpot) == (0.5, 2)  # a one-token answer adds 0
+    metrics.start(7, arrival=clock[0]).finish("abort")  # never ran: no phases, but a finished request's lengths
+    assert observed(metrics.prefill)[1] == 2 and observed(metrics.request_prompt) == (21, 3)
+
+
 def test_metrics_also_go_out_under_vllms_names(client, router):
     """vLLM's names and model_name label (vllm/v1/metrics/loggers.py), with the values of meshserve's own."""
     client.post("/v1/chat/completions", json=CHAT)
