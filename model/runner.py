@@ -259,8 +259,11 @@ class MeshRunner:
 
     @staticmethod
     def _constrain(row: torch.Tensor, st: SlotState) -> None:
-        """Mask what the grammar forbids in one row of logits [vocab], in place."""
-        row.masked_fill_(torch.from_numpy(st.grammar.disallowed()[:row.shape[0]]), float("-inf"))
+        """Mask what the grammar forbids in one row of logits [width], in place; columns past the grammar's
+        vocabulary (a backend's padding to a tile) are never allowed."""
+        disallowed = torch.from_numpy(st.grammar.disallowed()[:row.shape[0]])
+        row[:len(disallowed)].masked_fill_(disallowed, float("-inf"))
+        row[len(disallowed):] = float("-inf")
 
     @staticmethod
     def _bias(row: torch.Tensor, st: SlotState) -> None:

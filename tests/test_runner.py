@@ -349,16 +349,18 @@ def test_a_grammar_constrains_its_own_slot_and_survives_a_recompute():
 
 
 def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, grammar_tokenizer=None,
-                logprobs: int | None = None) -> list[StepResult]:
-    """Slot 0 constrained by `grammar`, slot 1 free, through a prefill and 3 decode steps (simulated)."""
+                logprobs: int | None = None, backend_class=None) -> list[StepResult]:
+    """Slot 0 constrained by `grammar`, slot 1 free, through a prefill and 3 decode steps (simulated, or
+    `backend_class`, a SimulatedBackend)."""
     from model.embedded import ensure_smollm2
     from model.grammar import ll_tokenizer
     from model.simulated import SimulatedBackend
     from model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ensure_smollm2())
-    backend = SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024,
-                               vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
+    backend = (backend_class or SimulatedBackend)(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16,
+                                                  max_seq_len=1024, vocab_size=tok.vocab_size,
+                                                  eos_token_ids=tuple(sorted(tok.stop_ids)))
     runner = MeshRunner(backend, grammar_tokenizer=grammar_tokenizer or (lambda: ll_tokenizer(tok, tok.vocab_size)))
     constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=grammar, logit_bias=logit_bias or {},
                                  logprobs=logprobs)
@@ -368,6 +370,28 @@ def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, gramma
     return list(runner.execute(MeshWork(0, [PrefillChunk("c", 0, [7] * 10, 0, [0], constrained, 10),
                                             PrefillChunk("f", 1, [7] * 10, 0, [1], free, 10)],
                                         DecodeRound(3, [0, 1], table))))
+
+
+def test_a_grammar_holds_on_rows_wider_than_the_vocabulary():
+    """A backend's logits may be padded past the vocabulary (tt-metal pads to a tile), here with the best logit
+    of the row in the padding: the grammar masks the padding too, and its answer is one of its choices (the
+    mask, as wide as the vocabulary, could not be laid on the row: every constrained request failed with 500)."""
+    from model.embedded import ensure_smollm2
+    from model.grammar import choice_grammar
+    from model.simulated import SimulatedBackend
+    from model.tokenizer import load_tokenizer
+
+    class Padded(SimulatedBackend):
+        def _one_hot(self, tokens):
+            rows = super()._one_hot(tokens)
+            return torch.cat([rows, torch.full((len(tokens), 64), 50.0)], -1)
+
+    tok = load_tokenizer(ensure_smollm2())
+    results = grammar_run(choice_grammar(["yes", "no"]), backend_class=Padded)
+    answer = [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN]
+    assert [r.finished for r in results if r.finished] == [{0: "stop"}]
+    assert tok.decode(answer) in ("yes", "no")
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])  # the neighbour decodes on
 
 
 def test_a_grammar_llguidance_gives_up_on_mid_answer_retires_its_slot_alone_as_grammar_error():
