@@ -16,8 +16,10 @@ class Gone(ConnectionError):
 
 
 class LocalMesh:
-    def __init__(self, make_backend: Callable[[], Backend]):
+    def __init__(self, make_backend: Callable[[], Backend], grammar_tokenizer: Callable[[], object] | None = None):
+        """`grammar_tokenizer`: llguidance's tokenizer for constrained requests (MeshRunner's)."""
         self.make_backend = make_backend
+        self.grammar_tokenizer = grammar_tokenizer
         self.alive = True
         self.fault: str | None = None  # one-shot "raise" | "hang" | "vanish", after `fault_after` more results
         self.fault_after = 0
@@ -29,7 +31,7 @@ class LocalMesh:
     # ---- faults ------------------------------------------------------------------------------------
     def restart(self) -> None:
         """A fresh replica: a new incarnation with an empty KV cache (what Serve's restart gives)."""
-        self.runner = MeshRunner(self.make_backend())
+        self.runner = MeshRunner(self.make_backend(), self.grammar_tokenizer)
         self.incarnation = uuid.uuid4().hex
         self.alive = True
         self.lock = asyncio.Lock()
