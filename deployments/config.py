@@ -62,8 +62,8 @@ class AppConfig(BaseModel):
     min_step_deadline_s: Float = Field(30.0, gt=0)
     no_mesh_wait_s: Float = Field(30.0, ge=0, description="with no live mesh, requests wait this long, then 503")
     max_mesh_failures: Int = Field(2, ge=1, description="a request whose prefill or decode round this many meshes "
-                                   "in a row were computing as they failed (no decode step of it done in between) "
-                                   "ends with a 500 instead of moving again")
+                                   "in a row were computing as they failed (no decode step of it done in between, "
+                                   "the last alone) ends with a 500 instead of moving again")
     # ingress
     ingress_replicas: Int = Field(1, ge=1)
     ingress_num_cpus: Float = Field(0.2, ge=0)

@@ -82,8 +82,9 @@ class RouterConfig:
     heartbeat_s: float = 5.0  # an idle mesh is checked this often (a replica restarted while idle rejoins)
     no_mesh_wait_s: float = 30.0  # a request waits this long for a live mesh, then 503
     # A request whose prefill chunk or decode round this many meshes in a row were computing as they failed, with no
-    # decode step of it done in between, ends (500) instead of moving again: one that crashes the device would take
-    # down each mesh it reaches. A neighbour in the round goes on: it decodes on the next mesh.
+    # decode step of it done in between, the last laid on it alone, ends (500) instead of moving again: one that
+    # crashes the device would take down each mesh it reaches. Reached in a decode round beside others, its next step
+    # runs alone (isolated), as do theirs: a neighbour that moved with it passes that step and goes on.
     max_mesh_failures: int = 2
     start_wait_s: float = 1.0  # at a router start, requests wait at most this long after the first mesh is up
     # for the others' first answers, so they spread over all (an ingress resubmits every stream at a restart)
@@ -134,7 +135,9 @@ class _Request:
     held_since: float | None = None
     counted: bool = False  # a mesh counted its admission (prefix-cache counters): no other mesh counts it again
     mesh_failures: int = 0  # meshes in a row that failed computing its prefill chunk or a decode round it was in
-    tokens_at_failure: int = -1  # its output's length at the last of them
+    decoded_at_failure: int = -1  # its tokens of decode steps at the last of them
+    prefill_sampled: int = 0  # Sequence.num_prefill_sampled of the meshes it left
+    isolated: bool = False  # its next decode step runs alone (Sequence.isolated), wherever it goes
 
 
 class _Sink:
@@ -324,7 +327,7 @@ class Router:
             try:
                 mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, list(output_ids),
                                       migrated=migrated, counted=req.counted, arrival_time=req.arrival_time,
-                                      block_hashes=hashes)
+                                      block_hashes=hashes, isolated=req.isolated)
             except (PromptTooLong, QueueFull, ValueError) as exc:
                 refusal = exc if refusal is None or isinstance(exc, RoomFilled) else refusal
                 continue
@@ -509,7 +512,7 @@ class Router:
             n = len(seq.token_ids)
             target = max(targets, key=lambda m: m.scheduler.placement_key(seq.block_hashes, n))
             counted = req.counted
-            req.counted = counted or seq.counted
+            req.counted, req.isolated = counted or seq.counted, seq.isolated
             try:  # submitted there first: taken from here only once it is
                 self._submit_to_best([target], seq.block_hashes, seq.request_id, req, seq.output_ids, migrated=True)
             except (PromptTooLong, QueueFull, ValueError):
@@ -517,6 +520,7 @@ class Router:
                 continue
             origin.scheduler.cancel(seq.request_id, "abort")  # its event is dropped: the request goes on there
             req.mesh = target
+            req.prefill_sampled += seq.num_prefill_sampled
 
     def _movable(self, mesh: Mesh) -> bool:
         """Whether a mesh with room would seat the head of a queue, `mesh` being one side or the other (checked
@@ -673,22 +677,28 @@ class Router:
         mesh.failovers += 1
         if not any(m.up for m in self.meshes):
             self.mesh_up.clear()
-        suspects = set(sched.executing())  # the prefill chunk or decode round it was computing: the possible cause
+        suspects, alone = sched.executing()  # the prefill chunk or decode round it was computing: the possible cause
+        limit = self.config.max_mesh_failures
         for seq in sched.drain():
             req = self.requests.get(seq.request_id)
             if req is None or req.mesh is not mesh:
                 continue
+            req.prefill_sampled += seq.num_prefill_sampled
+            req.isolated = seq.isolated  # its step alone is still to come
             if seq.request_id in suspects:  # in a row: a decode step done since its last one clears it of that one
-                made = len(seq.output_ids)  # (a move's recompute samples one token in its prefill: not a decode step)
-                req.mesh_failures = req.mesh_failures + 1 if made <= req.tokens_at_failure + 1 else 1
-                req.tokens_at_failure = made
-                if req.mesh_failures >= self.config.max_mesh_failures:
+                decoded = len(seq.output_ids) - req.prefill_sampled  # (a recompute samples a token: no decode step)
+                req.mesh_failures = req.mesh_failures + 1 if decoded <= req.decoded_at_failure else 1
+                req.decoded_at_failure = decoded
+                if req.mesh_failures >= limit and alone:  # beside others, it may have done nothing
                     log.error("%d meshes in a row failed computing request %s: ending it, not moving it again",
                               req.mesh_failures, seq.request_id)
                     req.mesh = None
                     self._finish(seq.request_id, RequestFailed(seq.request_id, MeshFailures(
                         f"{req.mesh_failures} model replicas in a row failed while computing it")))
                     continue
+                # A repeated failure of a decode round: the requests in it were together each time, so none can be told
+                # from the others. Each decodes its next step alone: the cause fails there, alone; the others go on.
+                req.isolated = req.mesh_failures >= limit
             mesh.requests_migrated += 1
             req.counted = req.counted or seq.counted
             self._replace(seq.request_id, req, seq.output_ids)

@@ -16,8 +16,8 @@ class NoMeshAvailable(RuntimeError):
 
 class MeshFailures(RuntimeError):
     """`max_mesh_failures` meshes in a row failed while computing the request's prefill chunk or a decode round it
-    was in, with no decode step of it done in between: it ends (HTTP 500) rather than move again, so that one whose
-    prefill or decode crashes the device cannot take down each mesh it reaches."""
+    was in, with no decode step of it done in between, the last computing it alone: it ends (HTTP 500) rather than
+    move again, so that one whose prefill or decode crashes the device cannot take down each mesh it reaches."""
 
 
 class RoomFilled(ValueError):

@@ -44,6 +44,7 @@ class _InFlight:
     decode: list[tuple[int, Sequence, int]]  # (slot, sequence, epoch)
     messages_left: int
     next_prefill: int = 0  # index into prefills of the next result: one message per chunk
+    solo: bool = False  # its decode round is one isolated sequence's step (Sequence.isolated)
 
 
 class MeshScheduler:
@@ -107,13 +108,14 @@ class MeshScheduler:
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                salt: str | None = None, output_ids: list[int] = (), *, migrated: bool = False,
                counted: bool = False, arrival_time: float | None = None,
-               block_hashes: list[bytes] | None = None) -> Sequence:
+               block_hashes: list[bytes] | None = None, isolated: bool = False) -> Sequence:
         """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
         failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
         `migrated` skips the queue limits (the request was admitted once already). One with output goes
         before every waiting request that has none, as its client is mid-stream. `counted`: its first
         admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
+        `isolated`: its next decode step runs alone (Sequence.isolated).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
         tokens (after the cut to this mesh's room); ValueError for an id already here or an empty prompt."""
         self._forecast_valid = False
@@ -141,7 +143,7 @@ class MeshScheduler:
         token_ids = [*prompt_ids, *output_ids]
         seq = Sequence(request_id, token_ids, n, params, tuple(dict.fromkeys(stop_ids)), salt,
                        num_planned=len(token_ids), block_hashes=list(block_hashes or ()), counted=counted,
-                       arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time, isolated=isolated)
         self.requests[request_id] = seq
         if output_ids:  # a stream under way (moved here, or continued) goes before every one not started yet
             first_new = next((i for i, s in enumerate(self.waiting) if not s.started), len(self.waiting))
@@ -181,19 +183,21 @@ class MeshScheduler:
         self.pending_release = []
         return seqs
 
-    def executing(self) -> list[str]:
+    def executing(self) -> tuple[list[str], bool]:
         """The requests of what the mesh owes first, i.e. was computing if it failed now (works run in order, one
         message per prefill chunk, then per decode step): that chunk's request, else every slot of that decode
-        round; none while no work is out. Those cancelled or re-seated since are left out."""
+        round; none while no work is out. Those cancelled or re-seated since are left out. And whether that message
+        computes one request alone (one cancelled since counts: its slot is computed all the same)."""
         if not self.inflight:
-            return []
+            return [], False
         first = self.inflight[0]
         if first.next_prefill < len(first.prefills):
             seq, epoch, _, _ = first.prefills[first.next_prefill]
             entries = [(seq, epoch)]
         else:
             entries = [(seq, epoch) for _, seq, epoch in first.decode]
-        return [seq.request_id for seq, epoch in entries if seq.epoch == epoch and seq.status is Status.RUNNING]
+        return ([seq.request_id for seq, epoch in entries if seq.epoch == epoch and seq.status is Status.RUNNING],
+                len(entries) == 1)
 
     def queued(self, limit: int | None = None) -> list[Sequence]:
         """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order,
@@ -259,6 +263,7 @@ class MeshScheduler:
                 target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
                 if self._reserve(seq, target - 1):
                     decode.append((seq, target))
+        solo = any(seq.isolated for seq, _ in decode) and self._isolate(decode)
         if not chunks and not decode:
             return None
         entries = []
@@ -268,13 +273,25 @@ class MeshScheduler:
         round_ = None
         if entries:
             width = max(len(seq.block_table) for _, seq, _ in entries)  # the widest listed row: not max_seq_len's
-            round_ = DecodeRound(self.decode_steps, sorted(slot for slot, _, _ in entries),
+            round_ = DecodeRound(1 if solo else self.decode_steps, sorted(slot for slot, _, _ in entries),
                                  self.kv.page_table[:, :width].copy())
         work = MeshWork(self.next_work_id, chunks, round_, self.pending_release)
         self.next_work_id += 1
         self.pending_release = []
-        self.inflight.append(_InFlight(work.work_id, planned_chunks, entries, work.num_messages))
+        self.inflight.append(_InFlight(work.work_id, planned_chunks, entries, work.num_messages, solo=solo))
         return work
+
+    def _isolate(self, decode: list[tuple[Sequence, int]]) -> bool:
+        """Cut the decode round (in place) to one step of the first isolated sequence whose step alone is not out
+        yet, and return True; else leave the isolated ones out of it (their step is out), and return False. An
+        isolated sequence stays so until that step's result comes (process): a failure before it keeps it isolated."""
+        out = {(plan.decode[0][1], plan.decode[0][2]) for plan in self.inflight if plan.solo}
+        seq = next((seq for seq, _ in decode if seq.isolated and (seq, seq.epoch) not in out), None)
+        if seq is not None:
+            decode[:] = [(seq, min(seq.num_planned + 1, seq.max_tokens_total))]
+            return True
+        decode[:] = [(seq, target) for seq, target in decode if not seq.isolated]
+        return False
 
     def _reserve_lookahead(self) -> list[tuple[Sequence, int]]:
         """Blocks for the next decode_steps tokens of every live sequence, oldest first; when its group's
@@ -477,6 +494,7 @@ class MeshScheduler:
                 seq.num_computed = end
                 self._cache_full_blocks(seq)
                 if final:
+                    seq.num_prefill_sampled += result.tokens[seq.slot] != NO_TOKEN
                     self._take_token(seq, seq.slot, result, now, out.events)
         else:
             tokens, plain, block_size = result.tokens, out.tokens, self.block_size
@@ -493,6 +511,10 @@ class MeshScheduler:
                 if computed % block_size == 0:
                     self._cache_full_blocks(seq)
                 plain.append((seq.request_id, token))
+            if plan.solo:
+                slot, seq, epoch = plan.decode[0]
+                if seq.epoch == epoch:  # its step alone is done: it decodes with the others again
+                    seq.isolated = False
         plan.messages_left -= 1
         if plan.messages_left == 0:
             self.inflight.popleft()

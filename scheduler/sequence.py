@@ -32,6 +32,10 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV the mesh has confirmed written
     num_cached_tokens: int = 0  # prefix-cache hit of the admission that makes its first token (usage reports it)
     counted: bool = False  # its first admission is in the prefix-cache counters (here, or on a mesh that failed)
+    # A mesh failure is laid on every request of the decode round it was computing: an isolated one decodes its next
+    # step in a round of its own, so that the failure of that round is its own alone.
+    isolated: bool = False
+    num_prefill_sampled: int = 0  # output tokens its final prefill chunks sampled here (one per recompute): no decode
     # Planning, ahead of the mesh by up to max_inflight works:
     num_prefill_planned: int = 0  # prefill handed out up to here
     num_planned: int = 0  # upper bound on len(token_ids) once every handed-out work is answered

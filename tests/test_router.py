@@ -8,6 +8,7 @@ import pytest
 
 from deployments.aio import within
 from deployments.router import Router, RouterConfig
+from model.runner import MeshRunner
 from model.simulated import SimulatedBackend
 from scheduler.errors import MeshFailures, NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
@@ -280,11 +281,9 @@ def test_a_request_that_crashes_each_mesh_in_decode_ends_after_max_mesh_failures
     """A move's recompute samples one token in its prefill: counted as progress, it cleared a request whose decode
     crashed each mesh it reached, which then went on crashing meshes, one per token."""
     async def main():
-        meshes = [DecodeCrashingMesh(backend) for _ in range(2)]
-        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=5))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router, meshes = await poison_router()
         with pytest.raises(MeshFailures):
-            await within(collect(router, "poison", [5] * 30 + [POISON] * 10, LONG), 10)
+            await within(collect(router, "poison", [5] * 40, LONG), 10)
         assert sum(m.deaths for m in meshes) == 2
         await router.close()
     asyncio.run(main())
@@ -355,48 +354,66 @@ def test_a_queue_is_not_offered_to_a_stalled_mesh_round_after_round():
     asyncio.run(main())
 
 
-POISON = 999
+class DeviceFault(RuntimeError):
+    pass
 
 
-class CrashingMesh(LocalMesh):
-    """Dies computing a prefill chunk that holds POISON (a device fault at one request's shape), as the replica does
-    after a device error; Serve brings it back 0.1 s later as a new incarnation."""
+class PoisonedRunner(MeshRunner):
+    """Raises DeviceFault computing a request of `mesh.poison` (a device fault at that request's shape): its prefill
+    chunks (mesh.at == "prefill"), or any decode step that holds its slot ("decode")."""
 
-    deaths = 0
+    def __init__(self, backend, mesh: "PoisonMesh"):
+        super().__init__(backend)
+        self.mesh = mesh
 
-    def crash_at(self, work) -> int | None:
-        """The index of the message it dies computing, if any."""
-        return next((i for i, chunk in enumerate(work.prefills) if POISON in chunk.token_ids), None)
+    def _prefill(self, work_id, chunk, last):
+        if self.mesh.at == "prefill" and chunk.request_id in self.mesh.poison:
+            raise DeviceFault(chunk.request_id)
+        return super()._prefill(work_id, chunk, last)
 
-    async def execute(self, work, incarnation):
-        crash_at = self.crash_at(work)
-        async for i, step in _enumerate(super().execute(work, incarnation)):
-            if i == crash_at:
-                self.deaths += 1
-                self.vanish()
-                asyncio.get_running_loop().call_later(0.1, self.restart)
-                raise Gone("device error")
-            yield step
+    def _decode_step(self, live, args, result):
+        flaky = self.mesh.flaky > 0  # a fault of its own, whoever is in the round
+        if flaky or self.mesh.at == "decode" and any(self.slots[s].request_id in self.mesh.poison for s in live):
+            self.mesh.flaky -= flaky
+            raise DeviceFault([self.slots[s].request_id for s in live])
+        super()._decode_step(live, args, result)
 
 
-class DecodeCrashingMesh(CrashingMesh):
-    """Dies computing the first decode step of a round that holds POISON's request (a device fault at its decode)."""
+class PoisonMesh(LocalMesh):
+    """A mesh that fails computing the poison requests (PoisonedRunner): it dies, as the replica does after a device
+    error, and Serve brings it back 0.1 s later as a new incarnation; or it hangs (how="hang") until the router
+    gives up on the work."""
+
+    def __init__(self, make_backend, poison=("poison",), at="decode", how="raise", flaky=0):
+        self.poison, self.at, self.how = set(poison), at, how
+        self.flaky = flaky  # its next `flaky` decode steps fail, whatever they compute
+        self.deaths = 0
+        self.faults: list = []  # what each fault was computing
+        super().__init__(make_backend)
 
     def restart(self) -> None:
         super().restart()
-        self.poisoned: set[int] = set()  # slots holding POISON's request
+        self.runner = PoisonedRunner(self.runner.backend, self)
 
-    def crash_at(self, work) -> int | None:
-        self.poisoned -= set(work.release)
-        self.poisoned |= {chunk.slot for chunk in work.prefills if POISON in chunk.token_ids}
-        return len(work.prefills) if work.decode and self.poisoned & set(work.decode.slots) else None
+    async def execute(self, work, incarnation):
+        try:
+            async for step in super().execute(work, incarnation):
+                yield step
+        except DeviceFault as fault:
+            self.deaths += 1
+            self.faults.append(fault.args[0])
+            if self.how == "hang":
+                await asyncio.Event().wait()  # until the router's deadline closes this stream
+            self.vanish()
+            asyncio.get_running_loop().call_later(0.1, self.restart)
+            raise Gone("device error") from None
 
 
-async def _enumerate(stream):
-    i = 0
-    async for item in stream:
-        yield i, item
-        i += 1
+async def poison_router(num_meshes=2, **kwargs) -> tuple[Router, list[PoisonMesh]]:
+    meshes = [PoisonMesh(backend, **kwargs) for _ in range(num_meshes)]
+    router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=5))
+    await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+    return router, meshes
 
 
 @pytest.mark.parametrize("num_meshes", [1, 2])
@@ -407,16 +424,60 @@ def test_a_request_that_crashes_each_mesh_it_reaches_ends_after_max_mesh_failure
     async def main():
         prompts = PROMPTS[:6]
         alone = await solo_outputs(prompts, LONG)
-        meshes = [CrashingMesh(backend) for _ in range(num_meshes)]
-        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=5))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router, meshes = await poison_router(num_meshes, at="prefill")
         others = [asyncio.create_task(collect(router, f"r{i}", p, LONG)) for i, p in enumerate(prompts)]
         await asyncio.sleep(0.05)
         with pytest.raises(MeshFailures):
-            await within(collect(router, "poison", [5] * 300 + [POISON] * 50, LONG), 10)
+            await within(collect(router, "poison", [5] * 350, LONG), 10)
         assert sum(m.deaths for m in meshes) == 2
         assert await within(asyncio.gather(*others), 20) == alone
         await until(lambda: idle(router) and all(m["up"] for m in router.stats()["meshes"]))
+        await router.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("num_meshes, poison, how", [
+    (1, ["poison"], "raise"), (2, ["poison"], "raise"), (2, ["poison"], "hang"),
+    (2, ["poison-0", "poison-1"], "raise"),  # two at once, as the choices of one request with n=2 are
+])
+def test_a_request_that_crashes_its_decode_rounds_fails_alone(num_meshes, poison, how):
+    """A failure is laid on every request of the decode round the mesh was computing: the streams beside a request
+    whose decode crashes each mesh moved with it, were in its round again on the next mesh, and ended with it
+    (a 500 each). Now the requests of a round that failed twice decode their next step alone: the poison fails
+    there, alone, at its second or third crash, and its neighbours finish with their unfaulted tokens."""
+    async def main():
+        prompts = [[i + 1] * 20 for i in range(4)]  # short: moved together, they recompute in one work
+        params = SamplingParams(temperature=0.0, max_tokens=300)
+        alone = await solo_outputs(prompts, params)
+        router, meshes = await poison_router(num_meshes, poison=poison, how=how)
+        others = [asyncio.create_task(collect(router, f"r{i}", p, params)) for i, p in enumerate(prompts)]
+        await until(lambda: sum(m["running"] for m in router.stats()["meshes"]) == 4)
+        for result in await within(asyncio.gather(*[collect(router, rid, [5] * 20, LONG) for rid in poison],
+                                                  return_exceptions=True), 20):
+            assert isinstance(result, MeshFailures)
+        assert await within(asyncio.gather(*others), 20) == alone
+        faults = [fault for m in meshes for fault in m.faults]
+        for rid in poison:  # the crash that ends it, it caused alone
+            assert sum(rid in fault for fault in faults) <= 3 and [rid] in faults
+        await until(lambda: idle(router) and all(m["up"] for m in router.stats()["meshes"]))
+        assert not router.requests
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_mesh_that_fails_decode_rounds_for_no_requests_reason_ends_none_of_them():
+    """The one mesh fails its first decode round twice, whoever is in it: the requests of that round were laid with
+    two failures in a row and all ended (500). They decode a step alone each now, and finish."""
+    async def main():
+        prompts = [[i + 1] * 20 for i in range(4)]
+        params = SamplingParams(temperature=0.0, max_tokens=40)
+        alone = await solo_outputs(prompts, params)
+        router, (mesh,) = await poison_router(1, poison=(), flaky=2)
+        assert await within(asyncio.gather(*[collect(router, f"r{i}", p, params) for i, p in enumerate(prompts)]),
+                            20) == alone
+        assert mesh.deaths == 2 and all(len(fault) == 4 for fault in mesh.faults)
+        await until(lambda: idle(router) and router.stats()["meshes"][0]["up"])
+        assert not router.requests
         await router.close()
     asyncio.run(main())
 

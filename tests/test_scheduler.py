@@ -663,24 +663,26 @@ def test_a_mesh_whose_queue_takes_the_blocks_does_not_rank_as_seating_a_request_
 
 def test_executing_names_what_the_mesh_owes_first():
     """What a mesh failure is laid on (the router's max_mesh_failures): the request of the prefill chunk the mesh
-    was computing, else every request of the decode round; one cancelled since is not named."""
+    was computing, else every request of the decode round; one cancelled since is not named, but its slot still
+    makes the round no one request's alone (the mesh computes it all the same)."""
     sched, mesh = make()
     sched.submit("a", [1, 2, 3, 4], params(ignore_eos=True))
     sched.submit("b", [5, 6, 7, 8], params(ignore_eos=True))
-    assert sched.executing() == []
+    assert sched.executing() == ([], False)
     work = sched.schedule()
     results = mesh.execute(work)
     assert [c.request_id for c in work.prefills] == ["a", "b"] and work.decode is not None
-    assert sched.executing() == ["a"]
+    assert sched.executing() == (["a"], True)
     sched.process(results[0])
-    assert sched.executing() == ["b"]
+    assert sched.executing() == (["b"], True)
     sched.process(results[1])
-    assert sorted(sched.executing()) == ["a", "b"]
+    names, alone = sched.executing()
+    assert sorted(names) == ["a", "b"] and not alone
     sched.cancel("b")
-    assert sched.executing() == ["a"]
+    assert sched.executing() == (["a"], False)
     for result in results[2:]:
         sched.process(result)
-    assert sched.executing() == []
+    assert sched.executing() == ([], False)
 
 
 def test_a_work_brings_at_most_two_grammars_the_mesh_has_not_used_lately():

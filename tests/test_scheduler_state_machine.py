@@ -91,6 +91,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         if self.sched.waiting:  # what this round left waiting is a queue: no free slot, or a head that fits none
             assert self.sched.num_queued == len(self.sched.waiting)
+        if work.decode:  # an isolated sequence (one a failure could not be laid on alone) decodes a step alone
+            listed = [seq for seq in self.sched.running.values() if seq.slot in work.decode.slots]
+            if any(seq.isolated for seq in listed):
+                assert len(work.decode.slots) == 1 and work.decode.num_steps == 1, "an isolated step was not alone"
         self.pending.extend(self.mesh.execute(work))
 
     @precondition(lambda self: self.pending)
@@ -123,7 +127,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert seq.request_id not in sched.requests and not seq.block_table
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
             sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
-                         counted=seq.counted)
+                         counted=seq.counted, isolated=seq.isolated)
 
     @precondition(lambda self: len(self.sched.inflight) < self.sched.max_inflight)
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
@@ -153,10 +157,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.pending.extend(self.mesh.execute(work))
 
     @precondition(lambda self: self.sched.requests)
-    @rule()
-    def fail_mesh(self):
+    @rule(data=st.data())
+    def fail_mesh(self, data):
         """The mesh dies: its unread results are lost, every request moves to a fresh mesh with the tokens
-        it has so far (as the router does), and the dead mesh's scheduler gives every block back."""
+        it has so far (as the router does), some isolated (the router could not lay the failure on them alone),
+        and the dead mesh's scheduler gives every block back."""
         old = self.sched
         seqs = old.drain()
         assert not old.requests and not old.running and not old.waiting and not old.inflight
@@ -166,7 +171,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched, self.mesh = self.make_mesh()
         for seq in seqs:
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
-            self.sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True)
+            self.sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
+                              isolated=seq.isolated or data.draw(st.booleans()))
 
     def teardown(self):
         """Run everything to its end: nothing may hang, and every block must come back."""
