@@ -25,6 +25,7 @@ class LocalMesh:
         self.fault_after = 0
         self.unhang = asyncio.Event()
         self.works = 0
+        self.round_steps: list[int] = []  # each decode round's num_steps, as it came
         self.resets = 0
         self.restart()
 
@@ -58,6 +59,8 @@ class LocalMesh:
             raise RuntimeError("work for another incarnation")
         async with self.lock:
             self.works += 1
+            if work.decode is not None:
+                self.round_steps.append(work.decode.num_steps)
             steps = self.runner.execute(work)
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
                 if self.fault is not None:
