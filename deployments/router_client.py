@@ -21,7 +21,7 @@ from scheduler.work import RequestFailed, TokenEvent, unpack_events
 log = logging.getLogger("ray.serve")
 
 RECONNECT_S = 0.5  # between two attempts to reach the router
-CONNECT_WAIT_S = 30.0  # a request waits this long for a link to the router, then fails with RouterLost
+CONNECT_WAIT_S = 30.0  # the link may be down this long before a request that needs it fails with RouterUnreachable
 
 
 class RouterLost(ConnectionError):
@@ -39,6 +39,7 @@ class RouterLink:
         self._handle = handle
         self._link: Link | None = None
         self._connected = asyncio.Event()
+        self._down_since = 0.0  # loop time the link went down (or the first try to open it began)
         self._queues: dict[str, asyncio.Queue] = {}
         self._pump: asyncio.Task | None = None
 
@@ -48,11 +49,17 @@ class RouterLink:
         sent to a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
         RouterUnreachable (not sent), or RouterLost."""
         if self._pump is None or self._pump.done():
+            self._down_since = asyncio.get_running_loop().time()
             self._pump = asyncio.create_task(self._run())
         queue: asyncio.Queue = asyncio.Queue()
         try:
             try:
-                await within(self._connected.wait(), CONNECT_WAIT_S)
+                if not self._connected.is_set():  # the wait counts from the link's loss: OpenAIServer.choice's
+                    # retries would each wait CONNECT_WAIT_S afresh (7 x 30 s before a 503)
+                    left = self._down_since + CONNECT_WAIT_S - asyncio.get_running_loop().time()
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    await within(self._connected.wait(), left)
                 link = self._link
                 if link is None:
                     raise ConnectionError("the link closed")
@@ -90,9 +97,10 @@ class RouterLink:
                 await self._link.dispatch(self._fan_out)
             except Exception as exc:
                 error = RouterLost(f"the router's link broke: {exc!r}")
-            self._connected.clear()
             link, self._link = self._link, None
             if link is not None:
+                self._connected.clear()
+                self._down_since = asyncio.get_running_loop().time()
                 link.close()
                 log.warning("%s; failing %d open requests (they are resubmitted)", error, len(self._queues))
                 for queue in self._queues.values():  # one error each: a shared one would pile up tracebacks

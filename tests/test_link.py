@@ -1,17 +1,21 @@
-"""Direct links (deployments/link.py) and the mesh client over them, without Ray: a MeshReplica (the class
+"""Direct links (deployments/link.py) and the clients over them (the router's of a mesh, the ingress's of the router), without Ray: a MeshReplica (the class
 under Serve's decorator) behind a fake Serve handle."""
 import asyncio
 import pickle
+import time
 
 import pytest
 
 import deployments.link as link_module
 import deployments.mesh_replica as mesh_replica
+import deployments.router_client as router_client
 from deployments.link import Link, LinkAddress, LinkServer, connect
 from deployments.mesh_client import LinkMeshClient
+from deployments.router_client import RouterLink
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
 from scheduler.work import MeshWork, PrefillChunk, RequestFailed, StepResult, TokenEvent, pack_events, unpack_events
+from tests.ingress_support import COMPLETION, assert_error, make_client, tokenizer  # noqa: F401 (fixture)
 
 
 async def echo_server() -> tuple[LinkServer, LinkAddress]:
@@ -252,3 +256,30 @@ def test_a_refusal_whose_error_does_not_pickle_still_reaches_the_ingress():
     a, b, c = unpack_events(pickle.loads(pickle.dumps(pack_events(batch))))
     assert a.token_ids == [5] and isinstance(b.error, RuntimeError) and "boom" in str(b.error)
     assert isinstance(c.error, ValueError) and str(c.error) == "x"
+
+
+# ---- the ingress's link to the router (deployments/router_client.py) ----------------------------------------
+class GoneRouter:
+    """A Serve handle to a router replica that is down and not coming back: no link address to be had."""
+
+    def __init__(self):
+        async def refused():
+            raise ConnectionRefusedError("no router replica")
+        self.link_address = Remote(refused)
+        self.stats = Remote(refused)
+
+
+def test_a_request_to_an_unreachable_router_gets_its_503_once_the_link_wait_is_spent(monkeypatch, tokenizer):
+    """The link wait (CONNECT_WAIT_S) counts from when the router went away, not from each attempt: every one of
+    choice's retries waited it afresh, so a request got its 503 after 7 x 30 s instead of ~30 s + the backoffs."""
+    monkeypatch.setattr(router_client, "CONNECT_WAIT_S", 0.5)
+    monkeypatch.setattr(router_client, "RECONNECT_S", 0.05)
+    client = make_client(RouterLink(GoneRouter()), tokenizer)
+    server = client.app.state.server
+    server.retry_backoff_s = (0.01,) * 6
+    server.max_model_len, server._model_len_at = 2048, time.monotonic()  # known from before the router went away
+    started = time.monotonic()
+    response = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 5})
+    assert_error(response, 503)
+    assert response.headers["retry-after"]
+    assert time.monotonic() - started < 1.5  # was 7 x 0.5 s
