@@ -4,6 +4,7 @@ import asyncio
 import pickle
 import time
 
+import httpx
 import pytest
 
 import deployments.link as link_module
@@ -11,11 +12,15 @@ import deployments.mesh_replica as mesh_replica
 import deployments.router_client as router_client
 from deployments.link import Link, LinkAddress, LinkServer, connect
 from deployments.mesh_client import LinkMeshClient
+from deployments.ingress import build_app
+from deployments.router import RouterDeployment
 from deployments.router_client import RouterLink
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
 from scheduler.work import MeshWork, PrefillChunk, RequestFailed, StepResult, TokenEvent, pack_events, unpack_events
-from tests.ingress_support import COMPLETION, assert_error, make_client, tokenizer  # noqa: F401 (fixture)
+from tests.ingress_support import MODEL, COMPLETION, assert_error, make_client, tokenizer  # noqa: F401 (fixture)
+from tests.local_mesh import LocalMesh
+from tests.test_router import until
 
 
 async def echo_server() -> tuple[LinkServer, LinkAddress]:
@@ -283,3 +288,81 @@ def test_a_request_to_an_unreachable_router_gets_its_503_once_the_link_wait_is_s
     assert_error(response, 503)
     assert response.headers["retry-after"]
     assert time.monotonic() - started < 1.5  # was 7 x 0.5 s
+
+
+class RouterReplicas:
+    """A Serve handle to the router deployment, in this process: `restart()` is Serve replacing a router replica
+    that died (its links drop; until the new one is up, nothing answers)."""
+
+    def __init__(self, meshes: list[LocalMesh], config: dict):
+        self.meshes, self.config = meshes, config
+        self.replica = self._start()
+        self.link_address = Remote(lambda: self._up().link_address())
+        self.stats = Remote(lambda: self._up().stats())
+
+    def _start(self):
+        replica = RouterDeployment.func_or_class([], self.config)
+        replica._clients = self.meshes
+        return replica
+
+    def _up(self):
+        if self.replica is None:
+            raise ConnectionRefusedError("no router replica")
+        return self.replica
+
+    @property
+    def router(self):
+        return self.replica._ready()
+
+    async def kill(self) -> None:
+        replica, self.replica = self.replica, None
+        replica._link_server.close()
+        await replica._ready().close()
+
+    async def restart(self) -> None:
+        await self.kill()
+        self.replica = self._start()
+
+
+def test_a_router_restart_mid_answer_loses_no_request_and_leaves_nothing_behind(tokenizer):
+    """Two ingress replicas on one router, which dies mid-answer: every answer (n=2 too) comes whole and as it
+    would undisturbed, and neither router nor links keep anything of a request once it ended."""
+    fast = dict(prefill_chunk=256, max_prefill_tokens=256, stream_interval_ms=2, probe_interval_s=0.02,
+                probe_timeout_s=0.5, heartbeat_s=0.2, min_step_deadline_s=0.5, step_deadline_factor=5,
+                start_wait_s=0.05)
+
+    async def main():
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_blocks=256, time_scale=0.2, vocab_size=1000))
+                  for _ in range(2)]
+        routers = RouterReplicas(meshes, fast)
+        links = [RouterLink(routers), RouterLink(routers)]
+        clients = []
+        for link in links:
+            app = build_app(link, tokenizer, MODEL)
+            app.state.server.retry_backoff_s = (0.02, 0.05, 0.1)
+            clients.append(httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress"))
+        while (await clients[0].get("/health")).status_code != 200:
+            await asyncio.sleep(0.02)
+
+        async def texts(i: int) -> list[str]:
+            body = {**COMPLETION, "prompt": f"story {i} " * 8, "max_tokens": 40, "temperature": 0.8, "seed": i,
+                    "n": 1 + i % 2}
+            response = await clients[i % 2].post("/v1/completions", json=body, timeout=30)
+            assert response.status_code == 200, response.text
+            return [c["text"] for c in response.json()["choices"]]
+        undisturbed = await asyncio.gather(*map(texts, range(6)))
+        answers = [asyncio.create_task(texts(i)) for i in range(6)]
+        def made(at_least: int) -> int:  # router requests with at least this many tokens (sent on within 2 ms)
+            return sum(len(seq.output_ids) >= at_least for m in routers.router.meshes if m.up
+                       for seq in m.scheduler.requests.values())
+        await until(lambda: made(10) == 9)  # the six requests' nine answers
+        assert not any(a.done() for a in answers)
+        await routers.restart()
+        assert await asyncio.gather(*answers) == undisturbed
+        router = routers.router
+        assert router.requests == {} and [len(s.request_ids) for s in router.sinks.values()] == [0, 0]
+        assert [link._queues for link in links] == [{}, {}]
+        for link in links:
+            link._pump.cancel()
+        await routers.kill()
+    asyncio.run(main())
