@@ -1,5 +1,5 @@
-"""Direct links (deployments/link.py) and the clients over them (the router's of a mesh, the ingress's of the router), without Ray: a MeshReplica (the class
-under Serve's decorator) behind a fake Serve handle."""
+"""Direct links (deployments/link.py) and the clients over them, without Ray: the router's of a mesh (a MeshReplica,
+the class under Serve's decorator, behind a fake Serve handle) and the ingress's of the router (RouterLink)."""
 import asyncio
 import pickle
 import time
