@@ -7,7 +7,7 @@ autoscaled; the ingress is stateless and scales by `ingress_replicas`.
 
 from ray.serve import Application
 
-from deployments.config import AppConfig, check_model_len
+from deployments.config import AppConfig, check_model_files, check_model_len
 from deployments.ingress import INGRESS_MAX_ONGOING_REQUESTS, Ingress
 from deployments.mesh_replica import MeshReplica
 from deployments.router import RouterDeployment
@@ -17,6 +17,7 @@ from model.checkpoint import resolve_model_dir
 def build(args: AppConfig) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args)
     model_dir = resolve_model_dir(config.model)  # here, so a missing model fails the build; each replica finds its own
+    check_model_files(config, model_dir)  # and one whose files no replica could load
     if (too_long := check_model_len(config, model_dir)) is not None:
         raise ValueError(f"max_seq_len: {too_long}")
     mesh_options = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}

@@ -231,13 +231,32 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                 errors.append(f"{where}, args.model: the embedded SmolLM2 could not be fetched ({e})")
                 continue
         try:
+            if model_dir is not None:
+                check_model_files(config, model_dir)
             too_long = check_model_len(config, model_dir) if model_dir is not None else None
-        except (OSError, ValueError) as e:  # no Llama config in the folder, or one it cannot read: the build's error
+        except (OSError, ValueError) as e:  # no Llama config, tokenizer or weights it reads: the build's error
             errors.append(f"{where}, args.model: {e}")
             continue
         if too_long is not None:
             errors.append(f"{where}, args.max_seq_len: {too_long}")
     return errors
+
+
+def check_model_files(config: AppConfig, model_dir) -> None:
+    """Raise FileNotFoundError / ValueError naming the file when the checkpoint in `model_dir` cannot be served:
+    no tokenizer (every ingress replica loads one), and for the torch backend weights that do not match the config
+    (model.weights.check_weights: missing, extra or misshapen tensors, an incomplete shard set, a broken index, both
+    formats in one folder). At deploy, not when every replica fails to start. (tt-metal reads a Galaxy's weights
+    its own way; the simulated backend has none.)"""
+    from model.config import LlamaConfig
+    from model.tokenizer import tokenizer_file
+
+    llama = LlamaConfig.from_dir(model_dir) if config.backend == "torch" else None  # its errors first
+    tokenizer_file(model_dir)
+    if llama is not None:
+        from model.weights import check_weights
+
+        check_weights(model_dir, llama)
 
 
 def check_model_len(config: AppConfig, model_dir) -> str | None:

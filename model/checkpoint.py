@@ -57,3 +57,25 @@ def checkpoint_dir(name: str | None, field: str = "model", env: Mapping[str, str
     if path is None:
         raise ValueError(f"{field}: none given, and neither HF_MODEL nor LLAMA_DIR is set")
     return path
+
+
+META_SHARDS = "consolidated.*.pth"
+HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors")
+
+
+def checkpoint_format(path: str | Path) -> str:
+    """'meta' (params.json + consolidated.NN.pth) or 'hf' (config.json + safetensors) for a checkpoint folder, by the
+    weights it holds, else by its config file (params.json first). Raises ValueError when it holds both kinds of
+    weights (which would be served was a guess: Meta's own HF releases keep theirs apart, under original/), and
+    FileNotFoundError when it has neither weights nor a config."""
+    path = Path(path)
+    meta, hf = any(path.glob(META_SHARDS)), any((path / f).is_file() for f in HF_WEIGHTS)
+    if meta and hf:
+        raise ValueError(f"{path} holds both Meta weights ({META_SHARDS}) and Hugging Face weights (model.safetensors"
+                         "*): point the model at a folder with one format")
+    if meta or hf:
+        return "meta" if meta else "hf"
+    for name, fmt in (("params.json", "meta"), ("config.json", "hf")):
+        if (path / name).is_file():
+            return fmt
+    raise FileNotFoundError(f"{path} has neither config.json nor params.json")

@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.checkpoint import checkpoint_format
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -92,22 +94,24 @@ class LlamaConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> LlamaConfig:
-        """A checkpoint folder: Meta (params.json) or HF (config.json), as model/weights.py decides. Raises
-        FileNotFoundError when it has neither, ValueError naming the file when that is no Llama config read here
-        (not JSON, a field missing, a rope type not supported): a bare KeyError said only the field's name."""
+        """A checkpoint folder: Meta (params.json) or HF (config.json), as model.checkpoint.checkpoint_format decides
+        by the weights it holds. Raises FileNotFoundError when that format's config is missing (or there is no
+        checkpoint), ValueError naming the file when that is no Llama config read here (not JSON, a field missing, a
+        rope type not supported): a bare KeyError said only the field's name."""
         path = Path(path)
-        for name, parse in (("params.json", cls.from_meta), ("config.json", cls.from_hf)):
-            file = path / name
-            if file.exists():
-                try:
-                    return parse(json.loads(file.read_text()))
-                except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
-                    # (JSONDecodeError is a ValueError; a list for the whole config or its rope an AttributeError;
-                    # 0 heads a ZeroDivisionError)
-                    reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
-                    raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
-        raise FileNotFoundError(f"{path} has neither config.json nor params.json")
-
+        name, parse = ("params.json", cls.from_meta) if checkpoint_format(path) == "meta" else ("config.json",
+                                                                                                cls.from_hf)
+        file = path / name
+        if not file.is_file():
+            weights = "Meta weights (consolidated.*.pth)" if name == "params.json" else "Hugging Face weights"
+            raise FileNotFoundError(f"{path} holds {weights} but no {name}")
+        try:
+            return parse(json.loads(file.read_text()))
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+            # (JSONDecodeError is a ValueError; a list for the whole config or its rope an AttributeError;
+            # 0 heads a ZeroDivisionError)
+            reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """SwiGLU width as Meta computes it: 2/3 of 4*dim, scaled, rounded up to `multiple_of`."""

@@ -325,15 +325,22 @@ class Tokenizer:
         return plain
 
 
+def tokenizer_file(model_dir: str | Path) -> Path:
+    """The tokenizer file `load_tokenizer` reads in a model folder: tokenizer.json, else Meta's tokenizer.model.
+    Raises FileNotFoundError naming the folder when it has neither."""
+    model_dir = Path(model_dir)
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {model_dir} (a Meta folder needs Meta's "
+                            "tokenizer.model beside its weights)")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A model folder (tokenizer.json preferred, else Meta's tokenizer.model) or either file itself."""
     path = Path(path)
     if path.is_dir():
-        if (path / "tokenizer.json").is_file():
-            return Tokenizer.from_hf_dir(path)
-        if (path / "tokenizer.model").is_file():
-            return Tokenizer.from_tiktoken_file(path / "tokenizer.model")
-        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}")
+        path = tokenizer_file(path)
     if path.name == "tokenizer.json":
         return Tokenizer.from_hf_dir(path.parent)
     return Tokenizer.from_tiktoken_file(path)

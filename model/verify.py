@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -67,6 +68,13 @@ def save_tiny_hf_model(path: Path, rope: dict, seed: int = 0):
                 p.uniform_(0.5, 1.5)
     model.save_pretrained(path)
     return model
+
+
+def save_byte_tokenizer(path: Path) -> None:
+    """A tokenizer.model in tiktoken's format (one `base64(token) rank` line per token) with only the 256 single
+    bytes as tokens: a Meta folder's tokenizer for tiny test models (its ids are the bytes, then Meta's specials)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
 
 
 def save_meta_checkpoint(hf_state: dict[str, torch.Tensor], params: dict, path: Path, num_shards: int) -> None:

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
+from model.checkpoint import checkpoint_format
 from model.config import LlamaConfig
 
 # Meta name -> HF name, per layer and top level.
@@ -31,51 +32,164 @@ _META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "to
 
 
 def load_weights(path: str | Path, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name without `model.`, tensor) for every weight in the checkpoint at `path`: a folder
-    with params.json is Meta's, any other HF's."""
+    """Yield (HF name without `model.`, tensor) for every weight in the checkpoint at `path`, Meta's or HF's as
+    model.checkpoint.checkpoint_format decides, after `check_weights` found every one and of the right shape."""
     path = Path(path)
-    if (path / "params.json").exists():
-        return _meta_weights(path, cfg)
-    return _hf_weights(path)
+    check_weights(path, cfg)
+    return _meta_weights(path, cfg) if checkpoint_format(path) == "meta" else _hf_weights(path)
+
+
+def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """HF name (without `model.`) -> the shape `cfg` needs (transformers' LlamaForCausalLM). A tied model needs no
+    lm_head (a checkpoint may store the copy anyway)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, cfg.dim), "norm.weight": (cfg.dim,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.dim)
+    for i in range(cfg.n_layers):
+        layer = f"layers.{i}."
+        shapes.update({
+            layer + "self_attn.q_proj.weight": (q, cfg.dim), layer + "self_attn.k_proj.weight": (kv, cfg.dim),
+            layer + "self_attn.v_proj.weight": (kv, cfg.dim), layer + "self_attn.o_proj.weight": (cfg.dim, q),
+            layer + "mlp.gate_proj.weight": (cfg.ffn_dim, cfg.dim), layer + "mlp.up_proj.weight": (cfg.ffn_dim, cfg.dim),
+            layer + "mlp.down_proj.weight": (cfg.dim, cfg.ffn_dim), layer + "input_layernorm.weight": (cfg.dim,),
+            layer + "post_attention_layernorm.weight": (cfg.dim,),
+        })
+    return shapes
+
+
+def check_weights(path: str | Path, cfg: LlamaConfig) -> None:
+    """Raise ValueError naming the file and the tensor when the checkpoint at `path` lacks a tensor `cfg` needs, holds
+    one no Llama of it has, or holds one of another shape. Reads only headers (safetensors) and memory-maps Meta's
+    shards, so the Serve build checks this before any replica starts; a replica would otherwise fail inside
+    torch's copy_ (or broadcast a wrong shape into its parameter without a word)."""
+    path = Path(path)
+    meta = checkpoint_format(path) == "meta"
+    found = _meta_shapes(path) if meta else _hf_shapes(path)
+    config_file = path / ("params.json" if meta else "config.json")
+    expected = expected_shapes(cfg)
+    for name, (shape, where, key) in found.items():
+        if name not in expected:
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            raise ValueError(f"{where}: tensor {key!r} is no weight of the Llama model {config_file} describes")
+        if shape != expected[name]:
+            hint = (f" ({config_file.name} wrong, or a consolidated.NN.pth shard missing?)"
+                    if meta and shape[0] < expected[name][0] else "")
+            raise ValueError(f"{where}: tensor {key!r} has shape {list(shape)}, but {config_file} needs "
+                             f"{list(expected[name])}{hint}")
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensors {config_file.name} needs, e.g. {missing[:3]} "
+                         "(HF names, without `model.`)")
+
+
+def _hf_files(path: Path) -> list[str]:
+    """The safetensors files of an HF folder: those its index names (each must be there), else model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        if not (path / "model.safetensors").exists():
+            others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}"
+                                    + (f" (only safetensors are read, not {others[0]})" if others else ""))
+        return ["model.safetensors"]
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, no weight_map, not a mapping
+        raise ValueError(f"{index}: not a safetensors index (a JSON object whose weight_map maps each tensor to its "
+                         f"file): {e!r}") from None
+    absent = [f for f in files if not (path / f).is_file()]
+    if absent:
+        raise ValueError(f"{index} names {len(absent)} files not in {path}, e.g. {absent[:3]} (a partial download?)")
+    return files
+
+
+def _hf_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    shapes = {}
+    for file in _hf_files(path):
+        try:
+            with safe_open(path / file, framework="pt") as handle:
+                for key in handle.keys():
+                    if not key.endswith("rotary_emb.inv_freq"):
+                        shape = tuple(handle.get_slice(key).get_shape())
+                        shapes[key.removeprefix("model.")] = (shape, str(path / file), key)
+        except (OSError, SafetensorError) as e:
+            raise ValueError(f"{path / file}: not a safetensors file ({e})") from None
+    return shapes
+
+
+def _meta_shards(path: Path) -> list[Path]:
+    """consolidated.00.pth .. consolidated.NN.pth, every number there. Raises otherwise, naming what is missing."""
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise FileNotFoundError(f"params.json but no consolidated.*.pth in {path}")
+    numbers = [f.name.split(".")[1] for f in files]
+    if not all(n.isdigit() for n in numbers) or sorted(map(int, numbers)) != list(range(len(files))):
+        raise ValueError(f"{path}: Meta's shards are consolidated.00.pth to consolidated.NN.pth, every number, but "
+                         f"these are {[f.name for f in files]} (a shard missing?)")
+    return sorted(files, key=lambda f: int(f.name.split(".")[1]))
+
+
+def _load_shards(path: Path) -> tuple[list[Path], list[dict[str, torch.Tensor]]]:
+    files = _meta_shards(path)
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        except Exception as e:  # torch's errors for a file that is no checkpoint vary by cause
+            raise ValueError(f"{f}: not a PyTorch checkpoint torch.load reads ({e})") from None
+        if set(shards[-1]) != set(shards[0]):
+            odd = sorted(set(shards[-1]) ^ set(shards[0]))
+            raise ValueError(f"{f} and {files[0].name} hold different tensors, e.g. {odd[:3]}: not one model's shards")
+    return files, shards
+
+
+def _meta_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
+    files, shards = _load_shards(path)
+    where = str(files[0]) if len(files) == 1 else f"{path}/consolidated.00-{len(files) - 1:02d}.pth"
+    shapes = {}
+    for key in shards[0]:
+        if key == "rope.freqs":
+            continue
+        kind = key.removesuffix(".weight").rsplit(".", 1)[-1]
+        shape = list(shards[0][key].shape)
+        if kind in _META_SHARD_DIM and len(shape) == 2:
+            shape[_META_SHARD_DIM[kind]] = sum(shard[key].shape[_META_SHARD_DIM[kind]] for shard in shards)
+        name = _meta_name(key)
+        shapes[name or key] = (tuple(shape), where, key)
+    return shapes
 
 
 def _hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    handles = [safe_open(path / f, framework="pt") for f in files]
+    handles = [safe_open(path / f, framework="pt") for f in _hf_files(path)]
     keys = [(h, k) for h in handles for k in h.keys() if not k.endswith("rotary_emb.inv_freq")]
     for handle, key in tqdm(keys, desc=f"loading {path.name}", unit="tensor", disable=None):
         yield key.removeprefix("model."), handle.get_tensor(key)
 
 
 def _meta_weights(path: Path, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    files = sorted(path.glob("consolidated.*.pth"))
-    if not files:
-        raise FileNotFoundError(f"params.json but no consolidated.*.pth in {path}")
-    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+    files, shards = _load_shards(path)
     keys = [k for k in shards[0] if k != "rope.freqs"]  # Llama 2 saved its rope table
     for key in tqdm(keys, desc=f"loading {path.name} ({len(files)} shards)", unit="tensor", disable=None):
-        module = key.removesuffix(".weight")
-        kind = module.rsplit(".", 1)[-1]
+        kind = key.removesuffix(".weight").rsplit(".", 1)[-1]
         pieces = [shard[key] for shard in shards]
         tensor = pieces[0] if kind not in _META_SHARD_DIM else torch.cat(pieces, dim=_META_SHARD_DIM[kind])
         if kind == "wq":
             tensor = interleaved_to_half_split(tensor, cfg.n_heads)
         elif kind == "wk":
             tensor = interleaved_to_half_split(tensor, cfg.n_kv_heads)
-        yield _meta_name(module) + ".weight", tensor
+        yield _meta_name(key), tensor
 
 
-def _meta_name(module: str) -> str:
+def _meta_name(key: str) -> str | None:
+    """The HF name (without `model.`) of a Meta weight, None for a name no Llama weight has."""
+    module, suffix = key.rsplit(".", 1) if "." in key else (key, "")
+    if suffix != "weight":
+        return None
     if module.startswith("layers."):
         _, layer, rest = module.split(".", 2)
-        return f"layers.{layer}.{META_TO_HF[rest]}"
-    return META_TO_HF[module]
+        return f"layers.{layer}.{META_TO_HF[rest]}.weight" if rest in META_TO_HF and layer.isdigit() else None
+    return f"{META_TO_HF[module]}.weight" if module in META_TO_HF else None
 
 
 def interleaved_to_half_split(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -263,10 +263,11 @@ def test_a_blank_api_key_is_refused(keys):
 
 
 def _write_llama_config(folder) -> None:
-    """The least HF config.json the torch backend's check reads (the weights themselves are not opened there)."""
-    (folder / "config.json").write_text(json.dumps({
-        "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 256,
-        "intermediate_size": 128}))
+    """A tiny HF model with a tokenizer: the torch backend's check reads its config, tensor headers and tokenizer."""
+    from model.verify import SHORT_CONTEXT_ROPE, save_byte_tokenizer, save_tiny_hf_model
+
+    save_tiny_hf_model(folder, SHORT_CONTEXT_ROPE)
+    save_byte_tokenizer(folder)
 
 
 def test_the_config_check_sees_the_variables_the_build_sees(monkeypatch, tmp_path):

@@ -151,3 +151,130 @@ def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache_only(monkeypatch, 
         model_dir_from_env()
     with pytest.raises(ValueError, match="model: '/no/such/folder' is neither"):
         find_checkpoint("/no/such/folder")
+
+
+def _hf_variant(hf_dir, path, state=None, config=None):
+    """A copy of the tiny HF model at `path`, its tensors (with `model.` names) and config.json changed by the
+    callables given, with a tokenizer (so the tokenizer check does not come first)."""
+    from safetensors.torch import load_file, save_file
+
+    from model.verify import save_byte_tokenizer
+
+    tensors = load_file(hf_dir / "model.safetensors")
+    save_byte_tokenizer(path)
+    save_file(state(tensors) if state else tensors, path / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config(cfg) if config else cfg))
+
+
+def _sharded(hf_dir, path, change):
+    from transformers import LlamaForCausalLM
+
+    from model.verify import save_byte_tokenizer
+    LlamaForCausalLM.from_pretrained(hf_dir).save_pretrained(path, max_shard_size="40KB")
+    save_byte_tokenizer(path)
+    change(path)
+
+
+def _meta(hf_dir, path, num_shards=2, params=None, change=None):
+    from safetensors.torch import load_file
+
+    from model.verify import save_byte_tokenizer
+    save_meta_checkpoint(load_file(hf_dir / "model.safetensors"), {**META_PARAMS, **(params or {})}, path, num_shards)
+    save_byte_tokenizer(path)
+    if change:
+        change(path)
+
+
+def _second_shard(folder):
+    return sorted(folder.glob("model-*.safetensors"))[1]
+
+
+def _drop_item(mapping: dict, key: str) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names, what it says)
+    "misshapen norm": (lambda h, p: _hf_variant(h, p, state=lambda s: {**s, "model.norm.weight": s[
+        "model.norm.weight"][:1].clone()}), "model.safetensors", "'model.norm.weight' has shape [1], but"),
+    "config contradicts weights": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "num_key_value_heads": 4}),
+                                   "model.safetensors", "'model.layers.0.self_attn.k_proj.weight' has shape [32, 64]"),
+    "vocab in config past the weights": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "vocab_size": 320}),
+                                         "model.safetensors", "has shape [256, 64], but"),
+    "extra tensor": (lambda h, p: _hf_variant(h, p, state=lambda s: {
+        **s, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}), "model.safetensors", "q_proj.bias' is no weight"),
+    "renamed tensor": (lambda h, p: _hf_variant(h, p, state=lambda s: {
+        k.replace("mlp.up_proj", "mlp.fc_in"): v for k, v in s.items()}), "model.safetensors", "mlp.fc_in"),
+    "missing tensor": (lambda h, p: _hf_variant(h, p, state=lambda s: _drop_item(s, "model.layers.1.mlp.up_proj.weight")),
+                       "", "lacks 1 tensors config.json needs, e.g. ['layers.1.mlp.up_proj.weight']"),
+    "index names an absent file": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).unlink()),
+                                   "model.safetensors.index.json", "names 1 files not in"),
+    "index not JSON": (lambda h, p: _sharded(h, p, lambda d: (d / "model.safetensors.index.json").write_text("{x")),
+                       "model.safetensors.index.json", "not a safetensors index"),
+    "a shard not safetensors": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).write_bytes(b"\x00" * 9)),
+                                "model-00002-of-", "not a safetensors file"),
+    "pytorch_model.bin only": (lambda h, p: _hf_variant(h, p) or (p / "model.safetensors").rename(
+        p / "pytorch_model.bin"), "", "only safetensors are read, not pytorch_model.bin"),
+    "both formats": (lambda h, p: _hf_variant(h, p) or _meta(h, p), "", "holds both Meta weights"),
+    "meta: last shard missing": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth").unlink()),
+                                 "consolidated.00.pth", "weight' has shape [128, 64], but"),
+    "meta: a shard between missing": (lambda h, p: _meta(h, p, 4, change=lambda d: (d / "consolidated.02.pth").unlink()),
+                                      "", "'consolidated.01.pth', 'consolidated.03.pth'] (a shard missing?)"),
+    "meta: params contradict weights": (lambda h, p: _meta(h, p, params={"n_kv_heads": 4}), "consolidated.00-01.pth",
+                                        "'layers.0.attention.wk.weight' has shape [32, 64], but"),
+    "meta: shard not a checkpoint": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth")
+                                                        .write_text("x")), "consolidated.01.pth", "not a PyTorch"),
+    "meta: no params.json": (lambda h, p: _meta(h, p, change=lambda d: (d / "params.json").unlink()), "",
+                             "holds Meta weights (consolidated.*.pth) but no params.json"),
+    "meta: no tokenizer.model": (lambda h, p: _meta(h, p, change=lambda d: (d / "tokenizer.model").unlink()), "",
+                                 "no tokenizer.json or tokenizer.model in"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CHECKPOINTS)
+def test_a_checkpoint_no_replica_could_load_fails_the_config_check(tiny_hf, tmp_path, case):
+    """Each passed `make serve`'s check and the Serve build (only the config file was read), and then every mesh
+    replica failed to start: with torch's copy_ error that named no file, a KeyError, a JSONDecodeError, or (a
+    misshapen norm) none at all, the wrong weight broadcast into the model. Now the check names the file and the
+    tensor, before Ray starts a replica."""
+    import yaml
+
+    from deployments.config import check_serve_config
+
+    make, file, reason = BROKEN_CHECKPOINTS[case]
+    model = tmp_path / "model"
+    model.mkdir()
+    make(tiny_hf[0], model)
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": str(model)}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert error.startswith(f"{path}: application 'm', args.model: ") and f"{model / file}" in error, error
+    assert reason in error, error
+
+
+def test_a_misshapen_weight_fails_the_build_and_the_replica(tiny_hf, tmp_path):
+    """A norm of shape [1] was broadcast into the model's [64] by copy_: the replica served a wrong model."""
+    from deployments.app import build
+    from deployments.config import AppConfig
+    from model.torch_llama import TorchBackend
+
+    BROKEN_CHECKPOINTS["misshapen norm"][0](tiny_hf[0], tmp_path)
+    with pytest.raises(ValueError, match="model.safetensors: tensor 'model.norm.weight' has shape \\[1\\]"):
+        build(AppConfig(model=str(tmp_path)))
+    with pytest.raises(ValueError, match="model.safetensors: tensor 'model.norm.weight' has shape \\[1\\]"):
+        TorchBackend(tmp_path, num_slots=1, block_size=16, num_blocks=2, max_seq_len=32, device="cpu")
+
+
+def test_an_hf_folder_with_a_stray_params_json_serves_its_safetensors(tmp_path):
+    """A params.json beside config.json and safetensors (no consolidated.*.pth) made the loader take the folder for
+    Meta's and fail ('params.json but no consolidated.*.pth'); the weights there decide the format."""
+    from model.torch_llama import TorchBackend
+    from model.verify import save_tiny_hf_model
+
+    hf = save_tiny_hf_model(tmp_path, META_EXPRESSIBLE_ROPE, seed=5)
+    (tmp_path / "params.json").write_text(json.dumps({**META_PARAMS, "n_layers": 1}))
+    backend = TorchBackend(tmp_path, num_slots=1, block_size=16, num_blocks=2, max_seq_len=32, device="cpu")
+    with torch.no_grad():
+        expected = hf(torch.tensor([[1, 2, 3, 4]])).logits[0]
+    torch.testing.assert_close(backend.prompt_logits([1, 2, 3, 4], 0, [1]), expected, rtol=1e-4, atol=1e-5)
