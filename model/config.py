@@ -113,6 +113,7 @@ class LlamaConfig:
             reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
 
+
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """SwiGLU width as Meta computes it: 2/3 of 4*dim, scaled, rounded up to `multiple_of`."""
     hidden = int(2 * (4 * dim) / 3)
