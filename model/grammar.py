@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import json
 import re
 import threading
@@ -190,9 +191,11 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguida
     return from_tokenizer(tokenizer.hf_tokenizer, n_vocab=vocab_size, eos_token=eos)
 
 
-_VERDICTS: OrderedDict[tuple[str, llguidance.LLTokenizer], str | None] = OrderedDict()
+# Keyed by the grammar's digest, not its text: a refused grammar is kept too, and a 64 KB source can make one of
+# ~380 KB (a schema of control characters, escaped 6 to 1), so 256 texts held ~100 MB per ingress replica.
+_VERDICTS: OrderedDict[tuple[bytes, llguidance.LLTokenizer], str | None] = OrderedDict()
 _VERDICTS_LOCK = threading.Lock()
-VERDICTS_KEPT = 256  # at most 16 MB of grammar text
+VERDICTS_KEPT = 256
 
 
 def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None:
@@ -202,7 +205,7 @@ def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None
     llguidance's lexer fuel bounds). Call it on a deep_stack_executor thread. The verdicts on the last
     VERDICTS_KEPT grammars are kept (a client with tools sends the same ones at every turn), except those that
     depend on the moment: a compile cut at the wall-clock budget, or a child that died twice."""
-    key = (grammar, tokenizer)
+    key = (hashlib.sha256(grammar.encode("utf-8", "surrogatepass")).digest(), tokenizer)
     with _VERDICTS_LOCK:
         if key in _VERDICTS:
             _VERDICTS.move_to_end(key)

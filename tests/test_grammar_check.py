@@ -116,3 +116,16 @@ def test_a_child_killed_from_outside_is_replaced_and_the_grammar_compiled_again(
         return checker.check(regex_grammar("[0-9]{2}-killed"))
     verdict = grammar._in_child(ask)
     assert verdict.error is None and verdict.cpu_s is not None and gone(calls[0])
+
+
+def test_kept_verdicts_hold_no_grammar_text():
+    """A refused grammar's verdict is kept too, and a source within the 64 KB limit can make a grammar six times
+    larger (control characters, escaped): 256 kept texts held ~100 MB. Kept by digest, each holds 32 bytes."""
+    import model.grammar as grammar
+    tokenizer = object()  # the size check comes first: nothing is compiled
+    texts = [json_schema_grammar({"description": chr(1 + i) * 64_000}) for i in range(4)]
+    assert all(len(t) > 6 * 60_000 for t in texts)
+    for text in texts:
+        assert "at most" in grammar.grammar_error(text, tokenizer)
+    held = [key for key in grammar._VERDICTS if key[1] is tokenizer]
+    assert len(held) == 4 and sum(len(digest) for digest, _ in held) == 4 * 32
