@@ -194,6 +194,10 @@ class OpenAIServer:
         self.model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.model = self.model_names[0]  # the name answered
         self.max_model_len: int | None = None  # the meshes' limit, from the router once one has come up
+        # The token ids a request may hold: the tokenizer's, cut to the model's embedding once a mesh reported it. A
+        # tokenizer may know more ids than the model has rows (Llama 3.2 Vision's <|image|> is 128256 beside a 70B's
+        # 128256 rows): such an id in a prompt would fail the mesh's embedding, and with it every request on it.
+        self.vocab_size = tokenizer.vocab_size
         self._model_len_at = 0.0  # when max_model_len was last read (time.monotonic)
         self._model_len_refresh: asyncio.Task | None = None
         self._tokens: dict[int, tuple[str, list[int]]] = {}  # _token_info's
@@ -220,6 +224,8 @@ class OpenAIServer:
             raise unavailable("The model is not ready yet.") from None
         if stats.get("max_model_len") is not None:
             self.max_model_len, self._model_len_at = stats["max_model_len"], time.monotonic()
+        if stats.get("vocab_size") is not None:
+            self.vocab_size = min(self.tokenizer.vocab_size, stats["vocab_size"])
         return stats
 
     async def model_len(self) -> int:
@@ -337,8 +343,8 @@ class OpenAIServer:
         self.check_model(req.model)
         arrival = time.perf_counter()
         limit = await self.model_len()
-        check_vocab_bounds(req, self.tokenizer.vocab_size)
-        bias = logit_bias(req, self.tokenizer.vocab_size)
+        check_vocab_bounds(req, self.vocab_size)
+        bias = logit_bias(req, self.vocab_size)
         if constraint is None:
             constraint = await self.constraint(req)
         if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens > limit:  # as vLLM refuses it
@@ -353,7 +359,12 @@ class OpenAIServer:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
                                 f"leaving no room for an answer.", param=prompt_field, code="context_length_exceeded")
         if isinstance(req, CompletionRequest) and not isinstance(req.prompt, str):
-            check_token_ids(prompt_ids, self.tokenizer.vocab_size, "prompt")
+            check_token_ids(prompt_ids, self.vocab_size, "prompt")
+        elif prompt_ids and max(prompt_ids) >= self.vocab_size:  # text the tokenizer knows and the model does not
+            top = next(t for t in prompt_ids if t >= self.vocab_size)
+            raise APIError(400, f"{prompt_field}: the text holds {self.tokenizer.decode([top])!r} (token {top}), "
+                                f"which this model has no embedding for (its vocabulary is {self.vocab_size} tokens)",
+                           param=prompt_field)
         max_tokens, param = req.requested_max_tokens, req.max_tokens_param
         echo_only = max_tokens == 0
         if echo_only and not req.echo:  # OpenAI's legacy API and vLLM (echo_without_generation) take 0 with echo only

@@ -586,8 +586,10 @@ class Router:
             meshes.append({"name": m.name, "up": m.up, "failed": m.down_reason, "incarnation": m.incarnation,
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, **sched})
-        limits = [self._max_model_len(m.caps) for m in self.meshes if m.caps is not None]
-        return {"ready": any(m.up for m in self.meshes), "max_model_len": min(limits) if limits else None,
+        caps = [m.caps for m in self.meshes if m.caps is not None]
+        return {"ready": any(m.up for m in self.meshes),
+                "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
+                "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed
                 "held": sum(r.held_since is not None for r in self.requests.values()), "meshes": meshes}
 
     def _max_model_len(self, caps: Capabilities) -> int:

@@ -17,6 +17,7 @@ class FakeRouter:
     answer: list[int]  # every request gets these tokens (cut at a stop id or max_tokens)
     ready: bool = True
     max_model_len: int | None = 2048  # what the meshes take (None: no mesh has come up yet)
+    vocab_size: int | None = None  # the ids the meshes' model embeds (None: not reported)
     held: int = 0  # requests accepted while no live mesh could take them
     refuse: Exception | None = None  # raised when a generate stream is first iterated
     refuse_choice: int | None = None  # refuse only choice i of each prompt (request ids ending "-i")
@@ -94,5 +95,6 @@ class FakeRouter:
                    "blocks_free": 45, "blocks_total": 60} for g in range(2)]
         mesh = {"running": 1, "waiting": 2, "blocks_used": 30, "blocks_total": 120, "prefix_query_tokens": 400,
                 "prefix_hit_tokens": 100, "preemptions": 5, "up": True, "kv_groups": 2, "groups": groups}
-        return {"ready": self.ready, "max_model_len": self.max_model_len, "held": self.held,
+        return {"ready": self.ready, "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
+                "held": self.held,
                 "meshes": [{"name": "mesh-0", **mesh}, {"name": "mesh-1", **mesh}]}

@@ -392,6 +392,26 @@ def test_vocabulary_bounds_are_400(client, router, tokenizer, stream):
     assert router.requests == {}
 
 
+def test_ids_the_tokenizer_has_but_the_model_does_not_embed_are_400(client, router, tokenizer):
+    """A tokenizer may know more ids than the model has embedding rows (Llama 3.2 Vision's tokenizer beside a 70B):
+    such an id reached the mesh, whose embedding then failed its whole batch. The meshes' vocabulary bounds ids."""
+    word = " Sudden"
+    (top,) = tokenizer.encode(word)
+    assert top > 40_000  # above every id of SmolLM2's chat template (34519 at most)
+    router.vocab_size = top  # the model embeds every id below this one's
+    error = assert_error(client.post("/v1/chat/completions", json={
+        **CHAT, "messages": [{"role": "user", "content": f"a{word}"}]}), 400, param="messages")
+    assert word in error["message"] and str(top) in error["message"]
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": f"one{word}"}), 400, param="prompt")
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": [top]}), 400, param="prompt")
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "logit_bias": {str(top): 5}}), 400,
+                 param="logit_bias")
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "stop_token_ids": [top]}), 400,
+                 param="stop_token_ids")
+    assert router.requests == {}
+    assert client.post("/v1/completions", json={**COMPLETION, "prompt": [top - 1]}).status_code == 200
+
+
 def test_min_tokens_is_bounded_by_the_context_when_max_tokens_is_unset(client, router, tokenizer):
     room = MAX_LEN - len(tokenizer.encode_chat(CHAT["messages"]))
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "min_tokens": room + 1}), 400,

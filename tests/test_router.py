@@ -86,6 +86,7 @@ def test_concurrent_requests_equal_their_solo_runs():
         assert together == alone and all(reason == "length" for _, reason in together)
         assert all(m["rounds"] > 0 for m in router.stats()["meshes"])  # both meshes served
         assert router.stats()["max_model_len"] == 256 * 64  # what one KV group's pool holds (< max_seq_len)
+        assert router.stats()["vocab_size"] == 1000  # the ids the meshes embed: the ingress bounds requests by it
         assert idle(router)
         await router.close()
     asyncio.run(main())
