@@ -19,6 +19,7 @@ from typing import Protocol, TypeVar
 from fastapi.responses import Response
 from pydantic import ValidationError
 
+from deployments.aio import within
 from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
 from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
@@ -46,6 +47,10 @@ log = logging.getLogger("ray.serve")
 # in milliseconds), and the bytes keep proxies' read timeouts (nginx, ALB: 60 s) from cutting a long prefill.
 STREAM_HEADERS_WAIT_S = 5.0
 SSE_KEEPALIVE_S = 15.0
+# Past STREAM_HEADERS_WAIT_S, a stream's headers still wait while its request is held (no live mesh, or no router),
+# so that its refusal is the 503 with Retry-After that clients retry on: held ends within ~30-46 s (no_mesh_wait_s,
+# or the router link's wait and retries), under proxies' 60 s. Whether requests are held is read this often.
+SERVING_CHECK_S = 1.0
 # Waits before each resubmission of a request whose router failed (Serve restarts it meanwhile, ~seconds).
 ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # How old the meshes' limit may be before a request refreshes it, off its own path: a mesh that comes back with
@@ -204,6 +209,8 @@ class OpenAIServer:
         self.metrics = Metrics(replica_name, self.model)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
         self.headers_wait_s, self.keepalive_s = STREAM_HEADERS_WAIT_S, SSE_KEEPALIVE_S
+        self._serving: asyncio.Future[bool] | None = None  # the last check of serving(), or the one under way
+        self._serving_at = 0.0
         self._grammar_tokenizer = None
 
     def grammar_tokenizer(self):
@@ -628,14 +635,36 @@ class OpenAIServer:
 
     async def first_delta(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> FirstDelta:
         """Wait up to headers_wait_s for the first delta before sending headers, so a refusal is still a proper
-        status code (FirstDelta says why not longer). Raises APIError when the stream failed by then."""
+        status code (FirstDelta says why not longer), and on while requests are held (SERVING_CHECK_S says why).
+        Raises APIError when the stream failed by then."""
         first = FirstDelta(stream)
-        if await first.came(self.headers_wait_s):
+        try:
+            came = await first.came(self.headers_wait_s)
+            while not came and not await self.serving():
+                came = await first.came(SERVING_CHECK_S)
+        except asyncio.CancelledError:
+            await first.aclose()
+            raise
+        if came:
             try:
                 first.result()
             except Exception as exc:
                 raise as_api_error(exc, prep.prompt_field) or exc
         return first
+
+    async def serving(self) -> bool:
+        """Whether the router answers and has a live mesh, i.e. requests are computed rather than held; read at most
+        once per SERVING_CHECK_S for all requests of this replica."""
+        if self._serving is None or (self._serving.done() and time.monotonic() - self._serving_at > SERVING_CHECK_S):
+            self._serving_at = time.monotonic()
+            self._serving = asyncio.ensure_future(self._read_serving())
+        return await asyncio.shield(self._serving)
+
+    async def _read_serving(self) -> bool:
+        try:
+            return bool((await within(self.stats(), SERVING_CHECK_S))["ready"])
+        except Exception:  # unavailable, a timeout: the router does not answer
+            return False
 
     async def _sse(self, req, preps: list[Prepared], first: FirstDelta,
                    stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:

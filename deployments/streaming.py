@@ -228,6 +228,8 @@ class FirstDelta:
     def __init__(self, stream: AsyncIterator):
         self.stream = stream
         self.task = asyncio.ensure_future(anext(stream))
+        # retrieved however the response ends (one never started would log "exception was never retrieved")
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def came(self, wait_s: float) -> bool:
         """Whether the first delta (or the stream's failure) came within `wait_s`."""

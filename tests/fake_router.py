@@ -21,6 +21,7 @@ class FakeRouter:
     held: int = 0  # requests accepted while no live mesh could take them
     refuse: Exception | None = None  # raised when a generate stream is first iterated
     refuse_choice: int | None = None  # refuse only choice i of each prompt (request ids ending "-i")
+    refuse_after_s: float = 0.01  # when the refusal comes
     queued_s: float = 0.0  # how long an accepted request waits for a slot before its first event
     pause_after: int | None = None  # block after this many tokens until `resume` is set
     die_after: list[int] = field(default_factory=list)  # each entry: one stream dies after that many tokens
@@ -59,7 +60,7 @@ class FakeRouter:
         self.requests[request_id] = (prompt_ids, params, salt)
         self.continued[request_id] = list(output_ids)
         if self.refuse is not None and (self.refuse_choice is None or request_id.endswith(f"-{self.refuse_choice}")):
-            await asyncio.sleep(0.01)  # as the router's reply comes: the other choices of the request are in flight
+            await asyncio.sleep(self.refuse_after_s)  # as the router's reply comes: the other choices are in flight
             raise self.refuse
         await asyncio.sleep(self.queued_s)
         die_at = self.die_after.pop(0) if self.die_after else None

@@ -1434,6 +1434,27 @@ def test_a_refusal_after_the_headers_is_an_error_event(client, router, path, bod
     assert error["code"] == "queue_full" and "queue is full" in error["message"], error
 
 
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", CHAT), ("/v1/responses", {"model": MODEL,
+                                                                                            "input": "hi"})])
+@pytest.mark.parametrize("down", ["no live mesh", "no router"])
+def test_a_stream_held_for_want_of_a_mesh_still_gets_its_503(client, router, monkeypatch, path, body, down):
+    """Held requests (no live mesh, no router) end in a 503 with Retry-After, which clients retry on: their headers
+    wait past headers_wait_s for it (30-46 s at most), where a request being computed gets its keep-alives."""
+    assert client.post(path, json=body).status_code == 200  # the meshes' limits known: stats are not read again
+    _slow_first_token(client, router, wait_s=0.05)
+    monkeypatch.setattr(openai_server, "SERVING_CHECK_S", 0.05)
+    if down == "no live mesh":
+        router.ready = False
+    else:
+        async def unreachable():
+            raise ConnectionError("no router replica")
+        router.stats = unreachable
+    router.refuse, router.refuse_after_s = NoMeshAvailable("no live mesh for 0.3 s"), 0.3
+    r = client.post(path, json={**body, "stream": True})
+    assert_error(r, 503)
+    assert int(r.headers["retry-after"]) > 0
+
+
 def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tokenizer):
     router.queued_s = 30.0
     app = build_app(router, tokenizer, MODEL)

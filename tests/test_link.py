@@ -332,7 +332,8 @@ def test_a_router_restart_mid_answer_loses_no_request_and_leaves_nothing_behind(
                 start_wait_s=0.05)
 
     async def main():
-        meshes = [LocalMesh(lambda: SimulatedBackend(num_blocks=256, time_scale=0.2, vocab_size=1000))
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_blocks=256, time_scale=0.2,
+                                                     vocab_size=tokenizer.vocab_size))  # it embeds every prompt id
                   for _ in range(2)]
         routers = RouterReplicas(meshes, fast)
         links = [RouterLink(routers), RouterLink(routers)]
