@@ -3,6 +3,7 @@ of an emoji) and completions' `text_offset` into the whole text, also while a st
 from __future__ import annotations
 
 import pytest
+from pydantic import BaseModel
 
 from tests.ingress_support import ANSWER, CHAT, COMPLETION, client, eos, router, sse, tokenizer  # noqa: F401
 
@@ -71,3 +72,26 @@ def test_a_large_answer_is_built_off_the_event_loop(client, path, body, build, m
     assert thread.name.startswith("meshserve-")  # the tokenizer's threads or, this large, the bulk ones
     small = client.post(path, json={k: v for k, v in body.items() if "logprobs" not in k})
     assert small.status_code == 200 and not threads[1].name.startswith("meshserve-")
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {**CHAT, "n": 16, "logprobs": True, "top_logprobs": 20}),
+    ("/v1/completions", {**COMPLETION, "n": 16, "logprobs": 20, "max_tokens": 64}),
+])
+def test_a_large_answer_is_serialized_by_choice(client, path, body, monkeypatch):
+    """n = 16 answers with 20 top_logprobs were serialized by one pydantic call, which holds the GIL throughout:
+    from the tokenizer thread it still held the loop ~400 ms (16 x 500 tokens, 30 streams running). No one
+    serialization may now write more than about one choice's share of the answer."""
+    sizes, real = [], BaseModel.model_dump_json
+
+    def recorded(self, **kwargs):
+        out = real(self, **kwargs)
+        sizes.append(len(out))
+        return out
+
+    monkeypatch.setattr(BaseModel, "model_dump_json", recorded)
+    r = client.post(path, json=body)
+    assert r.status_code == 200
+    answer = r.json()
+    assert [c["index"] for c in answer["choices"]] == list(range(16)) and answer["usage"]["completion_tokens"] > 0
+    assert max(sizes) < len(r.content) / 8, (max(sizes), len(r.content))
