@@ -65,7 +65,8 @@ class _Answer:
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True,
                                               include=None if fmt.type == "json_schema" else {"type"})},
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
-            "tools": [t.model_dump(exclude_none=True) for t in req.tools or ()],
+            # a tool that did not say is strict (FunctionTool.as_chat_tool), and echoed so, as OpenAI echoes it
+            "tools": [{**t.model_dump(exclude_none=True), "strict": t.strict is not False} for t in req.tools or ()],
             "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled", "usage": usage,
             "top_logprobs": req.top_logprobs or 0,  # 0 by default, as OpenAI's and vLLM's ResponsesRequest have it
             "user": req.user, "metadata": req.metadata or {}}

@@ -112,6 +112,9 @@ def test_a_tool_call_is_a_function_call_item(tokenizer, eos):
     assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {
         "city": "Paris"}
     assert call.call_id.startswith("call_") and resp.tools[0].name == "get_weather"
+    assert resp.tools[0].strict is True  # TOOLS do not say: strict, as applied (and as OpenAI echoes it)
+    loose = client.post("/v1/responses", json={**BASIC, "tools": [{**TOOLS[0], "strict": False}]}).json()
+    assert loose["tools"][0]["strict"] is False
     es = events(client.post("/v1/responses", json={**BASIC, "tools": TOOLS, "stream": True}))
     added = [e for e in es if e["type"] == "response.output_item.added"]
     assert [a["item"]["type"] for a in added] == ["function_call"]
