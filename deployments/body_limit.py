@@ -5,6 +5,7 @@ read when it comes chunked (or lies about its length).
 """
 from __future__ import annotations
 
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,7 +25,8 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimit:
-    """ASGI middleware: at most `max_bytes` of request body."""
+    """ASGI middleware: at most `max_bytes` of request body. As it reads the body for the app, it also reports
+    Serve's cancellation of a read as the disconnect it is."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -42,7 +44,10 @@ class BodyLimit:
 
         async def limited_receive() -> Message:
             nonlocal received
-            message = await receive()
+            try:
+                message = await receive()
+            except TaskCancelledError:  # Serve's plain proxy, when the client went away: ASGI says http.disconnect
+                return {"type": "http.disconnect"}  # (raised, it was an ERROR with a traceback per cut stream)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:

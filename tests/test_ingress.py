@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayTaskError, TaskCancelledError
 from starlette.requests import ClientDisconnect
 
 from deployments import ingress, openai_server
@@ -722,6 +722,35 @@ def test_disconnect_mid_stream_cancels(router, tokenizer, spec_version):
         assert router.cancelled == [(rid, "abort")]  # by the time the app returns, not at some later GC
 
     asyncio.run(run())
+
+
+def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(router, tokenizer, caplog):
+    """Serve's plain proxy cancels the replica's read of a request whose client went away (TaskCancelledError from
+    receive): each cut stream logged an ERROR with a traceback. It is the ASGI disconnect it stands for."""
+    router.pause_after = 3
+    app = build_app(router, tokenizer, MODEL)
+    raw = json.dumps({**CHAT, "stream": True}).encode()
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+    cut = asyncio.Event()
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await cut.wait()
+        raise TaskCancelledError()
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            cut.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
+             "server": ("test", 80), "client": ("test", 1234), "root_path": ""}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
+    (rid,) = router.requests
+    assert router.cancelled == [(rid, "abort")]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 def test_cancelled_non_streaming_request_cancels(router, tokenizer):
