@@ -19,7 +19,6 @@ from typing import Protocol, TypeVar
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from deployments.aio import within
 from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
 from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
@@ -662,10 +661,22 @@ class OpenAIServer:
         return await asyncio.shield(self._serving)
 
     async def _read_serving(self) -> bool:
+        """False when the router does not answer: unavailable, a timeout, or a read cancelled under it. Serve raises
+        asyncio.CancelledError from a handle call Ray cancelled, and Ray cancels a request's child calls with it
+        (recursively: this shared read is a child of the request that began it, whose client may leave); ended
+        cancelled, this read cancelled every stream of the replica waiting on it, as if each client had left."""
+        read = asyncio.ensure_future(self.stats())
         try:
-            return bool((await within(self.stats(), SERVING_CHECK_S))["ready"])
-        except Exception:  # unavailable, a timeout: the router does not answer
+            await asyncio.wait((read,), timeout=SERVING_CHECK_S)  # raises only when this task itself is cancelled
+        except BaseException:
+            read.cancel()
+            raise
+        if not read.done():
+            read.cancel()
             return False
+        if read.cancelled() or read.exception() is not None:
+            return False
+        return bool(read.result().get("ready"))
 
     async def _sse(self, req, preps: list[Prepared], first: FirstDelta,
                    stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:

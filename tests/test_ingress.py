@@ -1507,3 +1507,53 @@ def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tok
 
     asyncio.run(run())
     assert bodies[-1] == b": keep-alive\n\n"
+
+
+def test_a_cancelled_serving_read_does_not_cancel_the_streams_waiting_on_it(router, tokenizer, monkeypatch):
+    """A Serve handle call that Ray cancelled raises asyncio.CancelledError in its caller (ray.serve's
+    replica_result turns TaskCancelledError into it), and Ray cancels a request's child calls with it
+    (recursive ray.cancel: how 422beec's read came to raise): the shared serving() read is a child of the
+    request that began it. A cancelled read is a router that did not answer, not the cancel of every stream of
+    the replica that waits on it."""
+    router.queued_s = 0.4  # the first token comes after the header wait, while serving() is read
+    app = build_app(router, tokenizer, MODEL)
+    server = app.state.server
+    server.headers_wait_s = 0.05
+    monkeypatch.setattr(openai_server, "SERVING_CHECK_S", 0.05)
+
+    async def cancelled_call():
+        raise asyncio.CancelledError()  # as `await handle.stats.remote()` raises for a cancelled call
+
+    async def call(body: dict) -> tuple[int | None, bytes]:
+        status, chunks = None, []
+        messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()
+
+        async def send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message.get("body"):
+                chunks.append(message["body"])
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+                 "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
+                 "server": ("test", 80), "client": ("test", 1234), "root_path": ""}
+        await app(scope, receive, send)
+        return status, b"".join(chunks)
+
+    async def run():
+        await server.model_len()  # the meshes' limit known: requests do not read stats themselves
+        router.stats = cancelled_call
+        return await asyncio.wait_for(asyncio.gather(*(call({**CHAT, "stream": True}) for _ in range(3)),
+                                                     return_exceptions=True), timeout=10)
+
+    results = asyncio.run(run())
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    for status, body in results:
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in body, body
