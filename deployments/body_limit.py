@@ -40,14 +40,15 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"").lstrip(b"0")
         if declared.isdigit() and (len(declared) > len(str(self.max_bytes)) or int(declared) > self.max_bytes):
             return await too_large(self.max_bytes).response()(scope, receive, send)
-        received = 0
+        received, gone = 0, False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, gone
             try:
-                message = await receive()
+                message = {"type": "http.disconnect"} if gone else await receive()
             except TaskCancelledError:  # Serve's plain proxy, when the client went away: ASGI says http.disconnect
-                return {"type": "http.disconnect"}  # (raised, it was an ERROR with a traceback per cut stream)
+                gone = True  # (raised, it was an ERROR with a traceback per cut stream), and says it again if asked
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:

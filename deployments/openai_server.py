@@ -50,6 +50,7 @@ SSE_KEEPALIVE_S = 15.0
 # so that its refusal is the 503 with Retry-After that clients retry on: held ends within ~30-46 s (no_mesh_wait_s,
 # or the router link's wait and retries), under proxies' 60 s. Whether requests are held is read this often.
 SERVING_CHECK_S = 1.0
+HELD_HEADERS_MAX_S = 45.0  # and never longer than this in all: outages back to back, a long no_mesh_wait_s
 # Waits before each resubmission of a request whose router failed (Serve restarts it meanwhile, ~seconds).
 ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # How old the meshes' limit may be before a request refreshes it, off its own path: a mesh that comes back with
@@ -638,9 +639,10 @@ class OpenAIServer:
         status code (FirstDelta says why not longer), and on while requests are held (SERVING_CHECK_S says why).
         Raises APIError when the stream failed by then."""
         first = FirstDelta(stream)
+        deadline = time.monotonic() + HELD_HEADERS_MAX_S
         try:
             came = await first.came(self.headers_wait_s)
-            while not came and not await self.serving():
+            while not came and time.monotonic() < deadline and not await self.serving():
                 came = await first.came(SERVING_CHECK_S)
         except asyncio.CancelledError:
             await first.aclose()

@@ -14,6 +14,7 @@ from ray.exceptions import RayTaskError, TaskCancelledError
 from starlette.requests import ClientDisconnect
 
 from deployments import ingress, openai_server
+from deployments.body_limit import BodyLimit
 from deployments.ingress import build_app
 from deployments.streaming import StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
@@ -733,10 +734,15 @@ def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(route
     messages = [{"type": "http.request", "body": raw, "more_body": False}]
     cut = asyncio.Event()
 
+    raised = []
+
     async def receive():
         if messages:
             return messages.pop()
         await cut.wait()
+        if raised:  # as Serve's: once the read raised, nothing more comes
+            await asyncio.Event().wait()
+        raised.append(True)
         raise TaskCancelledError()
 
     async def send(message):
@@ -751,6 +757,13 @@ def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(route
     (rid,) = router.requests
     assert router.cancelled == [(rid, "abort")]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+    async def reads_twice(scope, receive, send):  # Serve fetches nothing more once the read raised: asked again,
+        reads.extend([await receive(), await receive()])  # the disconnect is said again, not waited for forever
+
+    reads, raised[:] = [], []
+    asyncio.run(asyncio.wait_for(BodyLimit(reads_twice, 1024)(scope, receive, send), timeout=5))
+    assert [m["type"] for m in reads] == ["http.disconnect"] * 2
 
 
 def test_cancelled_non_streaming_request_cancels(router, tokenizer):
@@ -1482,6 +1495,20 @@ def test_a_stream_held_for_want_of_a_mesh_still_gets_its_503(client, router, mon
     r = client.post(path, json={**body, "stream": True})
     assert_error(r, 503)
     assert int(r.headers["retry-after"]) > 0
+
+
+def test_held_headers_go_out_at_their_cap_however_long_the_hold(client, router, monkeypatch):
+    """Outages back to back (a router restart, then no live mesh) or a long no_mesh_wait_s would hold headers past a
+    proxy's 60 s read timeout; at HELD_HEADERS_MAX_S they go out, and the refusal is an error event."""
+    _slow_first_token(client, router, wait_s=0.05)
+    monkeypatch.setattr(openai_server, "SERVING_CHECK_S", 0.05)
+    monkeypatch.setattr(openai_server, "HELD_HEADERS_MAX_S", 0.2)
+    router.ready = False
+    router.refuse, router.refuse_after_s = NoMeshAvailable("no live mesh for 0.6 s"), 0.6
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert r.status_code == 200 and ": keep-alive" in r.text
+    (error,) = [e["error"] for e in sse(r) if "error" in e]
+    assert "no live mesh" in error["message"]
 
 
 def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tokenizer):
