@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from model.checkpoint import checkpoint_format
+from model.checkpoint import META_SHARDS, checkpoint_format
 from model.config import LlamaConfig
 
 # Meta name -> HF name, per layer and top level.
@@ -35,8 +35,12 @@ def load_weights(path: str | Path, cfg: LlamaConfig) -> Iterator[tuple[str, torc
     """Yield (HF name without `model.`, tensor) for every weight in the checkpoint at `path`, Meta's or HF's as
     model.checkpoint.checkpoint_format decides, after `check_weights` found every one and of the right shape."""
     path = Path(path)
-    check_weights(path, cfg)
-    return _meta_weights(path, cfg) if checkpoint_format(path) == "meta" else _hf_weights(path)
+    if checkpoint_format(path) == "meta":
+        files, shards = _load_shards(path)  # memory-mapped once, for the check and the load
+        _check_shapes(path, cfg, _meta_shapes(path, files, shards), meta=True)
+        return _meta_weights(path, cfg, files, shards)
+    _check_shapes(path, cfg, _hf_shapes(path), meta=False)
+    return _hf_weights(path)
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -65,7 +69,12 @@ def check_weights(path: str | Path, cfg: LlamaConfig) -> None:
     torch's copy_ (or broadcast a wrong shape into its parameter without a word)."""
     path = Path(path)
     meta = checkpoint_format(path) == "meta"
-    found = _meta_shapes(path) if meta else _hf_shapes(path)
+    _check_shapes(path, cfg, _meta_shapes(path, *_load_shards(path)) if meta else _hf_shapes(path), meta)
+
+
+def _check_shapes(path: Path, cfg: LlamaConfig, found: dict[str, tuple[tuple[int, ...], str, str]],
+                  meta: bool) -> None:
+    """check_weights' verdict on `found`: HF name -> (shape, file, the checkpoint's own key)."""
     config_file = path / ("params.json" if meta else "config.json")
     expected = expected_shapes(cfg)
     for name, (shape, where, key) in found.items():
@@ -120,7 +129,7 @@ def _hf_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
 
 def _meta_shards(path: Path) -> list[Path]:
     """consolidated.00.pth .. consolidated.NN.pth, every number there. Raises otherwise, naming what is missing."""
-    files = sorted(path.glob("consolidated.*.pth"))
+    files = sorted(path.glob(META_SHARDS))
     if not files:
         raise FileNotFoundError(f"params.json but no consolidated.*.pth in {path}")
     numbers = [f.name.split(".")[1] for f in files]
@@ -144,14 +153,19 @@ def _load_shards(path: Path) -> tuple[list[Path], list[dict[str, torch.Tensor]]]
     return files, shards
 
 
-def _meta_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
-    files, shards = _load_shards(path)
+def _meta_kind(key: str) -> str:
+    """The last part of a Meta weight's module name ("wq", "tok_embeddings"): what _META_SHARD_DIM is keyed by."""
+    return key.removesuffix(".weight").rsplit(".", 1)[-1]
+
+
+def _meta_shapes(path: Path, files: list[Path],
+                 shards: list[dict[str, torch.Tensor]]) -> dict[str, tuple[tuple[int, ...], str, str]]:
     where = str(files[0]) if len(files) == 1 else f"{path}/consolidated.00-{len(files) - 1:02d}.pth"
     shapes = {}
     for key in shards[0]:
         if key == "rope.freqs":
             continue
-        kind = key.removesuffix(".weight").rsplit(".", 1)[-1]
+        kind = _meta_kind(key)
         shape = list(shards[0][key].shape)
         if kind in _META_SHARD_DIM and len(shape) == 2:
             shape[_META_SHARD_DIM[kind]] = sum(shard[key].shape[_META_SHARD_DIM[kind]] for shard in shards)
@@ -167,11 +181,11 @@ def _hf_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield key.removeprefix("model."), handle.get_tensor(key)
 
 
-def _meta_weights(path: Path, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    files, shards = _load_shards(path)
+def _meta_weights(path: Path, cfg: LlamaConfig, files: list[Path],
+                  shards: list[dict[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     keys = [k for k in shards[0] if k != "rope.freqs"]  # Llama 2 saved its rope table
     for key in tqdm(keys, desc=f"loading {path.name} ({len(files)} shards)", unit="tensor", disable=None):
-        kind = key.removesuffix(".weight").rsplit(".", 1)[-1]
+        kind = _meta_kind(key)
         pieces = [shard[key] for shard in shards]
         tensor = pieces[0] if kind not in _META_SHARD_DIM else torch.cat(pieces, dim=_META_SHARD_DIM[kind])
         if kind == "wq":
