@@ -47,6 +47,9 @@ M = TypeVar("M", bound=BaseModel)
 
 
 HEALTH_TIMEOUT_S = 1.0
+# The link (deployments/router_client.py) reconnects within a second or two of a router restart; down longer, this
+# replica's requests wait, then fail with 503, while Serve's calls to the router may still pass.
+LINK_DOWN_UNHEALTHY_S = 5.0
 METRICS_TIMEOUT_S = 5.0  # half of Prometheus's default scrape timeout
 
 
@@ -147,14 +150,18 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @app.get("/health")
     async def health():
-        """200 while a mesh is live; 503 otherwise, within HEALTH_TIMEOUT_S even while the router restarts
-        (its stats call would wait for the new replica, and probes time out after 1-5 s)."""
+        """200 while a mesh is live and this replica's link to the router is up (or down less than
+        LINK_DOWN_UNHEALTHY_S); 503 otherwise, within HEALTH_TIMEOUT_S even while the router restarts (its stats
+        call would wait for the new replica, and probes time out after 1-5 s)."""
         try:
             stats = await within(server.stats(), HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
             raise unavailable(f"The router did not answer within {HEALTH_TIMEOUT_S:.0f} s.") from None
         if not stats["ready"]:
             raise unavailable("No mesh is live.")
+        down = server.router.link_down_s()
+        if down > LINK_DOWN_UNHEALTHY_S:
+            raise unavailable(f"This replica's link to the router has been down for {down:.0f} s.")
         return Response(status_code=200)
 
     @app.get("/metrics")

@@ -84,6 +84,8 @@ class RouterClient(Protocol):
 
     async def stats(self) -> dict: ...
 
+    def link_down_s(self) -> float: ...
+
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
     """Token ids index the embedding and the logits on the mesh, where one outside the vocabulary would

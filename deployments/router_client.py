@@ -48,9 +48,7 @@ class RouterLink:
         """Submit the request, then yield its events until one carries a finish_reason. `continuation`: it was
         sent to a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
         RouterUnreachable (not sent), or RouterLost."""
-        if self._pump is None or self._pump.done():
-            self._down_since = asyncio.get_running_loop().time()
-            self._pump = asyncio.create_task(self._run())
+        self._open()
         queue: asyncio.Queue = asyncio.Queue()
         try:
             try:
@@ -87,6 +85,18 @@ class RouterLink:
 
     async def stats(self) -> dict:
         return await self._handle.stats.remote()
+
+    def link_down_s(self) -> float:
+        """Seconds the link has been down, 0.0 while it is up. Opens it if no request has yet: a link that cannot be
+        opened (the router's link port unreachable from this node, while Serve's calls pass) then shows in /health
+        rather than as every request's 503 after CONNECT_WAIT_S."""
+        self._open()
+        return 0.0 if self._connected.is_set() else asyncio.get_running_loop().time() - self._down_since
+
+    def _open(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._down_since = asyncio.get_running_loop().time()
+            self._pump = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         """Hold the link open; fan its batches out; on a break, fail the open requests and reconnect."""

@@ -29,6 +29,7 @@ class FakeRouter:
     fail_with_error_after: int | None = None  # the mesh retires the request with `fail_reason` after this many tokens
     fail_reason: str = "error"  # or "grammar_error": llguidance gave up on the request's grammar
     queue_time_s: float = 0.002
+    down_s: float = 0.0  # how long the ingress's link to the router has been down
     merge: int = 1  # tokens per event: the router merges a request's events until its next flush
     requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
@@ -90,6 +91,9 @@ class FakeRouter:
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
         self.cancelled.append((request_id, reason))
+
+    def link_down_s(self) -> float:
+        return self.down_s
 
     async def stats(self) -> dict:
         groups = [{"group": g, "running": g, "free_slots": 1, "blocks_used": 15, "blocks_cached": 0,

@@ -2,11 +2,13 @@
 the class under Serve's decorator, behind a fake Serve handle) and the ingress's of the router (RouterLink)."""
 import asyncio
 import pickle
+import socket
 import time
 
 import httpx
 import pytest
 
+import deployments.ingress as ingress_module
 import deployments.link as link_module
 import deployments.mesh_replica as mesh_replica
 import deployments.router_client as router_client
@@ -288,6 +290,36 @@ def test_a_request_to_an_unreachable_router_gets_its_503_once_the_link_wait_is_s
     assert_error(response, 503)
     assert response.headers["retry-after"]
     assert time.monotonic() - started < 1.5  # was 7 x 0.5 s
+
+
+class LinklessRouter:
+    """A Serve handle to a router that answers Serve's calls, with a live mesh, but whose link port cannot be reached
+    from the ingress (a firewall between nodes that lets only Ray's ports through)."""
+
+    def __init__(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        address = LinkAddress("127.0.0.1", sock.getsockname()[1], b"\0" * 16)
+        sock.close()  # nothing listens there
+
+        async def link_address():
+            return address
+
+        async def stats():
+            return {"ready": True, "max_model_len": 2048, "vocab_size": None, "held": 0, "meshes": []}
+        self.link_address, self.stats = Remote(link_address), Remote(stats)
+
+
+def test_health_is_503_while_the_link_to_the_router_cannot_be_opened(monkeypatch, tokenizer):
+    """/health read only the router's stats, which Serve carries: with the link port unreachable it said 200 while
+    every request waited CONNECT_WAIT_S for the link, then got a 503."""
+    monkeypatch.setattr(ingress_module, "LINK_DOWN_UNHEALTHY_S", 0.3)
+    monkeypatch.setattr(router_client, "RECONNECT_S", 0.05)
+    with make_client(RouterLink(LinklessRouter()), tokenizer) as client:
+        client.get("/health")  # opens the link: no request has yet
+        time.sleep(0.5)
+        response = client.get("/health")
+        assert response.status_code == 503 and "link to the router" in response.json()["error"]["message"]
 
 
 class RouterReplicas:
