@@ -393,7 +393,8 @@ class OpenAIServer:
             raise APIError(400, "detokenize: tool calls are read from the answer's text; set tool_choice to "
                                 "\"none\" or detokenize to true", param="detokenize")
         try:
-            params = req.sampling_params(max(max_tokens, 1), tuple(sorted(self.tokenizer.stop_ids)))
+            params = req.sampling_params(max(max_tokens, 1), tuple(sorted(self.tokenizer.stop_ids)),
+                                         self.tokenizer.sampling_defaults)
             if params.allowed_token_ids:
                 check_allowed(params.allowed_token_ids, bad_words, params.stop_token_ids if req.min_tokens else ())
             if bias or constraint.grammar is not None or bad_words:

@@ -8,6 +8,7 @@ implement is refused naming it, never silently ignored.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints,
@@ -321,19 +322,25 @@ class _GenerationRequest(RequestModel):
         """How many alternatives to return per token; None: no logprobs at all."""
         raise NotImplementedError
 
-    def sampling_params(self, max_tokens: int, stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, stop_token_ids: tuple[int, ...] = (),
+                        defaults: Mapping[str, float] | None = None) -> SamplingParams:
         """The scheduler's view. `max_tokens` is resolved by the caller (it knows the prompt length);
-        `stop_token_ids` adds the tokenizer's end-of-turn ids unless ignore_eos."""
+        `stop_token_ids` adds the tokenizer's end-of-turn ids unless ignore_eos; `defaults` (the model's
+        generation_config, Tokenizer.sampling_defaults) stand in for the sampling fields the request left out or
+        sent as null, as vLLM's to_sampling_params takes them (user, then server default, then OpenAI's)."""
         extra = () if self.ignore_eos else stop_token_ids
+        unset = {name: value for name, value in (defaults or {}).items() if name not in self.model_fields_set}
+        temperature, top_p, top_k, min_p, repetition_penalty = (unset.get(name, getattr(self, name)) for name in (
+            "temperature", "top_p", "top_k", "min_p", "repetition_penalty"))
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), min_p=self.min_p,
+            temperature=temperature, top_p=top_p, top_k=max(top_k, 0), min_p=min_p,
             # -1 is no seed, as in vLLM (vllm/sampling_params.py, __post_init__); others: the int64 as its bits
             seed=None if self.seed in (None, -1) else self.seed % 2**64,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop_strings,
             include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=tuple(dict.fromkeys([*(self.stop_token_ids or ()), *extra])),
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=repetition_penalty,
             logprobs=self.num_logprobs, skip_special_tokens=self.skip_special_tokens, detokenize=self.detokenize,
             allowed_token_ids=self.allowed_token_ids)
 

@@ -75,7 +75,9 @@ class Tokenizer:
     """encode/decode, chat prompt, BOS and stop ids for one model; build with `load_tokenizer`."""
 
     def __init__(self, *, tiktoken_encoding: tiktoken.Encoding | None = None,
-                 hf_tokenizer: PreTrainedTokenizerBase | None = None, extra_stop_ids: Sequence[int] = ()):
+                 hf_tokenizer: PreTrainedTokenizerBase | None = None, extra_stop_ids: Sequence[int] = (),
+                 sampling_defaults: Mapping[str, float] | None = None):
+        """`sampling_defaults`: what a request that leaves a sampling field out gets (see generation_defaults)."""
         assert (tiktoken_encoding is None) != (hf_tokenizer is None), "exactly one format"
         self._tiktoken = tiktoken_encoding
         self._hf = hf_tokenizer
@@ -102,6 +104,7 @@ class Tokenizer:
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
         self.special_id_set = frozenset(self.special_ids.values())
+        self.sampling_defaults: dict[str, float] = dict(sampling_defaults or {})
         self._bytes_of: dict[int, bytes] = {}  # token_bytes' answers: at most the vocabulary (~10 MB for 128k)
         alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
         self._special_text = re.compile(f"({alternatives or '(?!)'})")  # (?!): a tokenizer with none
@@ -130,11 +133,11 @@ class Tokenizer:
 
         model_dir = Path(model_dir)
         generation_config = model_dir / "generation_config.json"
-        extra_stop_ids: list[int] = []
-        if generation_config.is_file():  # e.g. Llama 3.3 lists [128001, 128008, 128009] here
-            eos = json.loads(generation_config.read_text()).get("eos_token_id")
-            extra_stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return cls(hf_tokenizer=AutoTokenizer.from_pretrained(model_dir), extra_stop_ids=extra_stop_ids)
+        config = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
+        eos = config.get("eos_token_id")  # e.g. Llama 3.3 lists [128001, 128008, 128009] here
+        extra_stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return cls(hf_tokenizer=AutoTokenizer.from_pretrained(model_dir), extra_stop_ids=extra_stop_ids,
+                   sampling_defaults=generation_defaults(config, generation_config))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; `add_bos` prepends the model's BOS if it uses one."""
@@ -323,6 +326,28 @@ class Tokenizer:
         plain = HFTokenizer.from_str(self._hf.backend_tokenizer.to_str())
         plain.encode_special_tokens = True
         return plain
+
+
+# The generation_config.json fields vLLM takes as a request's defaults (vllm/config/model.py,
+# get_diff_sampling_param; its max_new_tokens, a cap on every answer, is not taken here)
+GENERATION_DEFAULT_FIELDS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+
+
+def generation_defaults(config: Mapping, source: Path) -> dict[str, float]:
+    """The sampling defaults a model's generation_config.json sets (Llama 3.3 Instruct's: temperature 0.6, top_p
+    0.9), which vLLM's server (its default --generation-config auto) gives a request that leaves them out or null:
+    "user -> server default -> OpenAI default" (vllm/entrypoints/openai/chat_completion/protocol.py,
+    to_sampling_params). Checked here, so a value no request could take fails the deployment, not every request."""
+    from pydantic import ValidationError
+
+    from scheduler.sampling import SamplingParams
+
+    defaults = {name: config[name] for name in GENERATION_DEFAULT_FIELDS if config.get(name) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValidationError as exc:
+        raise ValueError(f"{source}: a sampling default no request could take: {exc}") from None
+    return defaults
 
 
 def tokenizer_file(model_dir: str | Path) -> Path:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, assert_error, client, eos, post,  # noqa: F401
-                                   router, sse, tokenizer)
+from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MODEL, assert_error, client, eos,  # noqa: F401
+                                   make_client, post, router, sse, tokenizer)
 
 # Every optional request field, sent as null: each must mean that field's default.
 SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -616,3 +616,26 @@ def test_allowed_token_ids_that_bad_words_all_ban_are_400(client, router, tokeni
     assert_error(client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": [word],
                                                       "bad_words": ["Hello"]}), 400, param="allowed_token_ids")
     assert router.requests == {}
+
+
+GENERATION_DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1}
+
+
+@pytest.mark.parametrize("path, base", [*ENDPOINTS, ("/v1/responses", {"model": MODEL, "input": "hi"})])
+def test_fields_left_out_or_null_take_the_models_generation_config_defaults(router, tokenizer, monkeypatch, path,
+                                                                            base):
+    """vLLM serves a model with its generation_config.json's sampling values as defaults (Llama 3.3 Instruct's:
+    temperature 0.6, top_p 0.9): what the request sends wins, then the model's, then OpenAI's."""
+    monkeypatch.setattr(tokenizer, "sampling_defaults", GENERATION_DEFAULTS, raising=False)
+    client = make_client(router, tokenizer)
+    sent = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
+    for body in (base, {**base, **dict.fromkeys(sent)}, {**base, **sent}, {**base, "temperature": 0}):
+        assert client.post(path, json=body).status_code == 200
+    left_out, nulls, given, greedy = (params for _, params, _ in router.requests.values())
+    for params in (left_out, nulls):
+        assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty) == (
+            0.6, 0.9, 40, 0.05, 1.1)
+    assert (given.temperature, given.top_p, given.top_k, given.min_p, given.repetition_penalty) == (
+        1.0, 1.0, 0, 0.0, 1.0)
+    assert greedy.greedy and (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)  # as vLLM resets them
+    assert greedy.repetition_penalty == 1.1

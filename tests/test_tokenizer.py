@@ -143,6 +143,18 @@ def test_stop_ids(meta, hf, smol, llama3_dir_with):
     assert with_generation_config.stop_ids == turn_ends | {pad_id}
 
 
+def test_generation_config_sampling_values_are_the_request_defaults(hf, llama3_dir_with):
+    """vLLM takes repetition_penalty, temperature, top_k, top_p and min_p from generation_config.json as a
+    request's defaults (Llama 3.3 Instruct's file sets temperature 0.6 and top_p 0.9); one no request could take
+    fails the load, naming the file."""
+    llama33 = {"eos_token_id": [128001, 128008, 128009], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    assert Tokenizer.from_hf_dir(llama3_dir_with(generation_config=llama33)).sampling_defaults == {
+        "temperature": 0.6, "top_p": 0.9}
+    assert hf.sampling_defaults == {}
+    with pytest.raises(ValueError, match="generation_config.json"):
+        Tokenizer.from_hf_dir(llama3_dir_with(generation_config={"top_p": 0.0}))
+
+
 def test_header_format_equals_metas_hf_template(meta, hf, llama3_dir_with):
     templated = Tokenizer.from_hf_dir(llama3_dir_with({"chat_template": LLAMA3_HF_TEMPLATE}))
     assert templated.chat_template == LLAMA3_HF_TEMPLATE
