@@ -31,6 +31,7 @@ from deployments.auth import ApiKeys, KeyCheck, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
+from deployments.large_body import OffLoopBody
 from deployments.openai_server import GRAMMAR_THREADS, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, ModelPermission, TokenizeRequest,
@@ -86,7 +87,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     def salt(request: Request, cache_salt: str | None) -> str | None:
         return tenant_salt(request.state.api_key, cache_salt) if api_keys else cache_salt
 
-    v1 = APIRouter(prefix="/v1")
+    v1 = APIRouter(prefix="/v1", route_class=OffLoopBody)
     created = int(time.time())  # the served model's `created`: when this server started, the same on every call
 
     @v1.post("/chat/completions")
@@ -101,7 +102,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @v1.post("/responses")
     async def responses(req: ResponsesRequest, request: Request):
-        return await respond(server, req, salt(request, req.cache_salt))
+        return await respond(server, req, salt(request, req.cache_salt), len(await request.body()))
 
     async def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=created, root=root, max_model_len=await server.model_len(),
@@ -120,7 +121,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     app.include_router(v1)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
-    tok = APIRouter()
+    tok = APIRouter(route_class=OffLoopBody)
 
     @tok.post("/tokenize")
     async def tokenize_post(req: TokenizeRequest) -> TokenizeResponse:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from fastapi.responses import JSONResponse, Response
 
 from deployments.errors import APIError, as_api_error
+from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
 from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, FirstDelta
@@ -84,10 +85,11 @@ class _Answer:
                 "total_tokens": prompt + generated}
 
 
-async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None) -> Response:
+async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None, body_bytes: int = 0) -> Response:
     """POST /v1/responses: the whole response, or its events as SSE. Raises APIError as the chat path does,
-    naming this request's fields."""
-    chat = req.chat()
+    naming this request's fields. The chat completion of a body of more than OFF_LOOP_BYTES is made off the loop
+    (50,000 input items: ~0.2 s of validation)."""
+    chat = req.chat() if body_bytes <= OFF_LOOP_BYTES else await off_loop(req.chat)
     try:
         prep = await server.prepare(chat, "resp")
         answer = _Answer(server, req, prep)

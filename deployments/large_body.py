@@ -1,0 +1,97 @@
+"""Large request bodies are parsed and validated on a thread, not on the event loop every stream shares.
+
+FastAPI parses a body (json.loads) and validates it (pydantic) on the loop: one client's 5.8 MB of tools held
+every other stream of its replica ~0.7 s. A thread alone frees the loop only while Python code runs in it, since
+json.loads and pydantic-core hold the GIL until they return or call Python. Hence:
+- validation there calls the models' Python validators often (every RequestModel's and text's), and with the heap
+  frozen, as Serve freezes a replica's after startup, the loop waited <= ~15 ms per big body (bench.body_stall);
+- json.loads there is given Python hooks for objects and numbers (the functions the C parser calls anyway: dict,
+  int, float), so it lets go of the GIL too (a 300k-entry logit_bias: 190 ms on the loop, ~20-45 ms with them),
+  at about twice its CPU. A long array of strings alone calls no hook.
+Bodies up to OFF_LOOP_BYTES keep FastAPI's own path: a hop to a thread and back costs more than they do.
+The route's signature, and so its OpenAPI schema, are unchanged; errors are FastAPI's, word for word.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.message
+import json
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Coroutine, TypeVar
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from deployments.errors import validation_error
+
+OFF_LOOP_BYTES = 65_536  # a body this size validates on the loop in a few ms at most
+# One thread: big bodies wait for each other rather than take the GIL from the loop's streams together.
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshserve-body")
+T = TypeVar("T")
+
+
+async def off_loop(fn: Callable[..., T], *args) -> T:
+    """fn(*args) on the large bodies' thread: more work of the size of a large body (a Responses request's chat
+    completion, validated again)."""
+    return await asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    return dict(pairs)
+
+
+def _int(text: str) -> int:
+    return int(text)
+
+
+def _float(text: str) -> float:
+    return float(text)
+
+
+def parse(cls: type[BaseModel], body: bytes) -> BaseModel:
+    """`body` as FastAPI reads it into `cls`: Starlette's json.loads (here with hooks that give the same values),
+    then pydantic. Raises the APIError, or the HTTPException, that FastAPI's path would have answered."""
+    try:
+        data = json.loads(body, object_pairs_hook=_object, parse_int=_int, parse_float=_float)
+    except json.JSONDecodeError as exc:  # fastapi/routing.py, get_request_handler: its RequestValidationError
+        raise validation_error([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
+                                 "ctx": {"error": exc.msg}}], skip_body=True) from None
+    except ValueError:  # bytes that are not UTF-8, an int of more than 4,300 digits: FastAPI's own 400
+        raise HTTPException(400, "There was an error parsing the body") from None
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:  # FastAPI's locations start with "body"
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise validation_error(errors, skip_body=True) from None
+
+
+def _is_json(request: Request) -> bool:
+    """Whether FastAPI would parse this body as JSON (fastapi/routing.py, get_request_handler)."""
+    content_type = request.headers.get("content-type")
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+class OffLoopBody(APIRoute):
+    """A route whose body, past OFF_LOOP_BYTES, is parsed and validated on a thread. FastAPI's handler then takes
+    the model as it is: Starlette's Request.json() returns its cached `_json`, and pydantic passes an instance of
+    the model through without validating it again (revalidate_instances="never")."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+        model = self.body_field.field_info.annotation
+
+        async def route(request: Request) -> Response:
+            body = await request.body()
+            if len(body) > OFF_LOOP_BYTES and _is_json(request):
+                request._json = await off_loop(parse, model, body)
+            return await handler(request)
+        return route
