@@ -366,15 +366,16 @@ class Router:
                 return
         else:
             if not continuation:
-                self._check_held_room(len(prompt_ids))
+                self._check_held_room()
             self._hold(request_id, req, list(output_ids))
         self.requests[request_id] = req
         sink.request_ids.add(request_id)
 
-    def _check_held_room(self, num_tokens: int) -> None:
+    def _check_held_room(self) -> None:
         """With no live mesh, the queue limits hold for the meshes together: max_waiting_requests each plus
         the slots of those that were up before (a burst free slots seat is no queue), and max_waiting_tokens
-        each. A request past them is refused now (QueueFull, 429), not held. Held requests are placed past
+        each. A request that comes while they are reached is refused now (QueueFull, 429), not held, whatever its
+        length, as by a mesh's queue (MeshScheduler.submit). Held requests are placed past
         the limits once a mesh comes up, as moved requests are."""
         held = [r for r in self.requests.values() if r.held_since is not None]
         n = len(self.meshes)
@@ -383,7 +384,7 @@ class Router:
         if len(held) >= max_requests:
             raise QueueFull(f"requests waiting for a mesh to come up: {len(held)} (limit {max_requests})")
         tokens = sum(len(r.prompt_ids) + len(r.held_output) for r in held)
-        if tokens + num_tokens > max_tokens and held:  # alone, a prompt longer than the limit waits too
+        if tokens >= max_tokens:  # as a mesh's queue: whatever the prompt's length (MeshScheduler.submit)
             raise QueueFull(f"{tokens} prompt tokens are waiting for a mesh to come up (limit {max_tokens})")
 
     def attach(self, consumer: str, send: Callable[[list], None]) -> None:

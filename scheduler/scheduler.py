@@ -131,8 +131,10 @@ class MeshScheduler:
         queued = len(self.waiting) - self.kv.num_free_slots  # waiting for a slot: a burst into free ones is none
         if not migrated and self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
             raise QueueFull(f"{queued} requests are waiting for a slot (limit {self.max_waiting_requests})")
-        if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens + n > self.max_waiting_tokens \
-                and self.waiting:  # a prompt longer than the limit still runs alone: a 429 would stand forever
+        # At the limit every prompt is refused, below it every one is taken (the queue passes it by one prompt at
+        # most): refused when its own tokens would pass it, a long prompt got 429 at each retry under load while
+        # short ones took every room freed, and one longer than the limit could only run alone.
+        if not migrated and self.max_waiting_tokens is not None and self.waiting_tokens >= self.max_waiting_tokens:
             raise QueueFull(f"{self.waiting_tokens} prompt tokens are waiting (limit {self.max_waiting_tokens})")
         budget = self.max_tokens_per_seq - n
         if params.max_tokens > budget:

@@ -695,8 +695,9 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
     asyncio.run(main())
 
 
-def test_with_no_live_mesh_a_prompt_longer_than_the_token_limit_is_held_alone():
-    """As a mesh's queue runs a prompt longer than max_waiting_tokens alone: refused, it would be a 429 for good."""
+def test_with_no_live_mesh_the_token_limit_refuses_every_prompt_at_it_and_none_below_it():
+    """As a mesh's queue: a prompt that passes max_waiting_tokens is held while fewer tokens wait, whatever its length
+    (a long one refused where short ones are taken gets 429 for good under load); at the limit, any is refused."""
     async def main():
         mesh = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=256, time_scale=0.01,
                                                   vocab_size=1000))
@@ -706,11 +707,10 @@ def test_with_no_live_mesh_a_prompt_longer_than_the_token_limit_is_held_alone():
         mesh.vanish()
         router.submit("probe", [1] * 20, params, None, [], "c")  # its first work finds the replica gone
         await until(lambda: not router.stats()["ready"] and router.stats()["held"] == 1)
-        router.cancel("probe")
-        router.submit("long", [2] * 40, params, None, [], "c")  # nothing else waits: held
-        assert router.stats()["held"] == 1
+        router.submit("long", [2] * 40, params, None, [], "c")  # 20 tokens wait: below the limit, held
+        assert router.stats()["held"] == 2
         with pytest.raises(QueueFull, match="tokens"):
-            router.submit("behind", [3] * 40, params, None, [], "c")
+            router.submit("behind", [3], params, None, [], "c")
         mesh.restart()
         await until(lambda: idle(router))
         await router.close()

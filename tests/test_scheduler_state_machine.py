@@ -29,9 +29,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([2, 4]), align_blocks=st.sampled_from([1, 2]),
                 kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 3), extra_blocks=st.integers(0, 12), chunk_aligns=st.integers(1, 3),
                 budget_aligns=st.integers(1, 4), decode_steps=st.integers(1, 4), max_inflight=st.integers(1, 3),
-                watermark=st.integers(0, 2), queue_limit=st.sampled_from([None, 3]))
+                watermark=st.integers(0, 2), queue_limit=st.sampled_from([None, 3]),
+                token_limit=st.sampled_from([None, 30]))
     def setup(self, block_size, align_blocks, kv_groups, slots_per_group, extra_blocks, chunk_aligns, budget_aligns,
-              decode_steps, max_inflight, watermark, queue_limit):
+              decode_steps, max_inflight, watermark, queue_limit, token_limit):
         align = block_size * align_blocks
         num_slots = kv_groups * slots_per_group
         num_blocks = blocks_for(MAX_SEQ_LEN, block_size) + extra_blocks
@@ -41,7 +42,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 max_seq_len=MAX_SEQ_LEN,
                 prefill_chunk=align * chunk_aligns, max_prefill_tokens=align * budget_aligns,
                 decode_steps=decode_steps, prefix_align=align, watermark_blocks=watermark,
-                max_waiting_requests=queue_limit, eos_token_ids=(EOS,), max_inflight=max_inflight)
+                max_waiting_requests=queue_limit, max_waiting_tokens=token_limit, eos_token_ids=(EOS,),
+                max_inflight=max_inflight)
             return sched, FakeMesh(num_slots, num_blocks, block_size, kv_groups)
         self.make_mesh = make_mesh
         self.sched, self.mesh = make_mesh()
@@ -62,8 +64,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.submitted += 1
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
                                 stop_token_ids=stop, ignore_eos=ignore_eos)
-        limit = self.sched.max_waiting_requests
-        queue_full = limit is not None and len(self.sched.waiting) - self.sched.kv.num_free_slots >= limit
+        limit, token_limit = self.sched.max_waiting_requests, self.sched.max_waiting_tokens
+        # whatever the prompt's length (a long one refused where a short one is taken waits for good under load)
+        queue_full = (limit is not None and len(self.sched.waiting) - self.sched.kv.num_free_slots >= limit
+                      or token_limit is not None and self.sched.waiting_tokens >= token_limit)
         try:
             seq = self.sched.submit(rid, prompt, params, salt)
         except PromptTooLong:
