@@ -203,6 +203,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
             errors += [f"{where}, {'.'.join(['args', *map(str, err['loc'])])}: "
                        f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
             continue
+        errors += [f"{where}, {problem}" for problem in check_deployments(config, app.get("deployments"))]
         runtime_env = app.get("runtime_env") or {}
         env_vars = runtime_env.get("env_vars") or {} if isinstance(runtime_env, dict) else None
         if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
@@ -240,6 +241,42 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         if too_long is not None:
             errors.append(f"{where}, args.max_seq_len: {too_long}")
     return errors
+
+
+def deployment_names(config: AppConfig) -> list[str]:
+    """The application's Serve deployments (deployments/app.py): the ingress, the router, one per mesh."""
+    return ["Ingress", "RouterDeployment", *(f"mesh-{i}" for i in range(config.num_meshes))]
+
+
+def check_deployments(config: AppConfig, deployments: object) -> list[str]:
+    """What is wrong in an application's `deployments:` options, each naming its entry. Serve lays them over
+    the build's options without calling build() again (a changed num_replicas scales live), so only this check
+    sees them. The router owns every mesh's scheduling state and a mesh deployment is one mesh's KV cache: a
+    second router replica resets the meshes under the first and fails them over, and a second replica of
+    `mesh-i` gets works planned for the other's cache (Serve's handle picks a replica per call), so both stay
+    at one replica. Serve refuses a name the application does not have, but only once deployed."""
+    if deployments is None:
+        return []
+    if not isinstance(deployments, list) or not all(isinstance(d, dict) for d in deployments):
+        return ["deployments: a list of mappings, each with a `name`"]
+    names, problems = deployment_names(config), []
+    for i, options in enumerate(deployments):
+        name = options.get("name")
+        if name not in names:
+            problems.append(f"deployments[{i}].name: {name!r} is no deployment of this application (it has "
+                            f"{', '.join(names)})")
+        elif name != "Ingress":
+            if options.get("num_replicas") not in (None, 1):  # None: the build's
+                problems.append(f"deployments[{i}] ({name}).num_replicas: must be 1, not "
+                                f"{options['num_replicas']!r}: {_ONE_REPLICA[name != 'RouterDeployment']}")
+            if options.get("autoscaling_config") is not None:
+                problems.append(f"deployments[{i}] ({name}).autoscaling_config: {name} is not autoscaled: "
+                                f"{_ONE_REPLICA[name != 'RouterDeployment']}")
+    return problems
+
+
+_ONE_REPLICA = ("the router owns every mesh's scheduling state (a second one would reset the meshes under it)",
+                "one replica is one mesh's KV cache (num_meshes sets how many meshes)")
 
 
 def check_model_files(config: AppConfig, model_dir) -> None:

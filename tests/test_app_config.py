@@ -410,3 +410,29 @@ def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(t
     path.write_text(yaml.safe_dump({"applications": [app]}))
     (error,) = check_serve_config(str(path))
     assert error.startswith(f"{path}: application 'm', args.model: {model}") and reason in error, error
+
+
+@pytest.mark.parametrize("deployments, problem", [
+    ([{"name": "RouterDeployment", "num_replicas": 2}], "deployments[0] (RouterDeployment).num_replicas: must be 1"),
+    ([{"name": "RouterDeployment", "num_replicas": "auto"}], "(RouterDeployment).num_replicas: must be 1, not 'auto'"),
+    ([{"name": "Ingress", "num_replicas": 3}, {"name": "mesh-1", "autoscaling_config": {"max_replicas": 2}}],
+     "deployments[1] (mesh-1).autoscaling_config: mesh-1 is not autoscaled"),
+    ([{"name": "mesh-0", "num_replicas": 2}], "one replica is one mesh's KV cache"),
+    ([{"name": "mesh-2", "num_replicas": 1}], "deployments[0].name: 'mesh-2' is no deployment of this application"),
+    ({"name": "Ingress"}, "deployments: a list of mappings"),
+])
+def test_deployment_options_that_break_one_router_or_one_replica_per_mesh_are_refused(tmp_path, deployments, problem):
+    """Serve lays a config's `deployments:` over the build's options without calling build(): a second router
+    replica, or a second replica of a mesh, was deployed as asked (two routers resetting the same meshes)."""
+    from deployments.config import check_serve_config
+
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"backend": "simulated", "num_meshes": 2},
+           "deployments": deployments}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert error.startswith(f"{path}: application 'm', ") and problem in error
+    app["deployments"] = [{"name": "Ingress", "num_replicas": 3}, {"name": "RouterDeployment", "num_replicas": 1},
+                          {"name": "mesh-1", "max_ongoing_requests": 64}]  # scaling the ingress is live and fine
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == []
