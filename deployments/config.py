@@ -2,6 +2,7 @@
 with a message naming it (Serve validates `args` of serve_config.yaml against it)."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Annotated, Literal
 
@@ -13,6 +14,8 @@ from model.galaxy import KV_GROUPS, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galax
 # (a float key still takes an int).
 Int, Float, Bool = Annotated[int, Strict()], Annotated[float, Strict()], Annotated[bool, Strict()]
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping can double it
+# Keys that decide the tokens a prompt gets (the weights, and the backend that computes them); AppConfig.model_identity
+MODEL_KEYS = ("model", "backend", "dtype", "num_layers")
 # Keys that only one backend reads: set for another, they would be silently ignored.
 BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simulated", "mesh_shape": "tt_galaxy",
                 "num_layers": "tt_galaxy", "override_tt_config": "tt_galaxy"}
@@ -152,6 +155,13 @@ class AppConfig(BaseModel):
     @property
     def name(self) -> str:
         return self.names[0]
+
+    @property
+    def model_identity(self) -> str:
+        """MODEL_KEYS' values: the ingress and the router of one release have the same, and a redeploy that changes
+        one gives every replica another (deployments/router_client.py refuses to mix them)."""
+        return json.dumps({**self.model_dump(include=set(MODEL_KEYS)), "model": model_root(self.model)},
+                          sort_keys=True)
 
 
 def model_root(model: str | None) -> str:

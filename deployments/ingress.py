@@ -245,9 +245,10 @@ class Ingress:
 
     def __init__(self, router_handle, model: str | None, served_model_name: str | list[str],
                  api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 metrics_open: bool = False, allowed_origins: list[str] | None = None):
+                 metrics_open: bool = False, allowed_origins: list[str] | None = None,
+                 model_identity: str | None = None):
         tokenizer = load_tokenizer(resolve_model_dir(model))  # this node's copy of the model's folder
-        self._app = build_app(RouterLink(router_handle), tokenizer, served_model_name, api_keys,
+        self._app = build_app(RouterLink(router_handle, model_identity), tokenizer, served_model_name, api_keys,
                               max_request_bytes, metrics_open, allowed_origins,
                               serve.get_replica_context().replica_id.unique_id, model_root(model))
         try:  # now: at the first constrained request it would hold a grammar thread and the GIL (~0.2-1 s)

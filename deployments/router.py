@@ -90,6 +90,7 @@ class RouterConfig:
     # for the others' first answers, so they spread over all (an ingress resubmits every stream at a restart)
     cancel_memory_s: float = 60.0  # a cancel for an unknown request is remembered this long
     enable_prefix_caching: bool = True  # False: every prompt is computed from its first token
+    model_identity: str | None = None  # AppConfig.model_identity, reported in stats (RouterLink compares it)
 
 
 @dataclass
@@ -591,7 +592,8 @@ class Router:
         return {"ready": any(m.up for m in self.meshes),
                 "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
                 "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed
-                "held": sum(r.held_since is not None for r in self.requests.values()), "meshes": meshes}
+                "held": sum(r.held_since is not None for r in self.requests.values()), "meshes": meshes,
+                "model_identity": self.config.model_identity}
 
     def _max_model_len(self, caps: Capabilities) -> int:
         """The longest sequence a mesh takes: its max_seq_len (capped by the config), and what one KV group holds."""

@@ -5,7 +5,8 @@ scale"), so an ingress replica holds a single direct link to the router (deploym
 from the Serve call `link_address`), sends submits and cancels on it, and fans the event batches coming back
 out to each request's queue. When the link breaks (the router replica died), every open request fails with
 RouterLost: OpenAIServer.choice resubmits it as a continuation to the router Serve restarts, and this
-client connects again.
+client connects again. A router of another model (a redeploy that changed it, whose stopping ingress replicas
+still serve their streams) is sent nothing: a continuation there would splice two models' answers.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from deployments.aio import within
 from deployments.link import Link, connect
+from scheduler.errors import ModelChanged
 from scheduler.sampling import SamplingParams
 from scheduler.work import RequestFailed, TokenEvent, unpack_events
 
@@ -35,8 +37,10 @@ class RouterUnreachable(RouterLost):
 class RouterLink:
     """RouterClient over a Serve handle to the router deployment."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, model_identity: str | None = None):
         self._handle = handle
+        self._model = model_identity  # AppConfig.model_identity of this ingress (None: not compared)
+        self._router_model: str | None = None  # the connected router's (None: a router that does not say)
         self._link: Link | None = None
         self._connected = asyncio.Event()
         self._down_since = 0.0  # loop time the link went down (or the first try to open it began)
@@ -47,7 +51,7 @@ class RouterLink:
                        output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
         """Submit the request, then yield its events until one carries a finish_reason. `continuation`: it was
         sent to a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
-        RouterUnreachable (not sent), or RouterLost."""
+        RouterUnreachable (not sent), RouterLost, or ModelChanged (not sent: the router serves another model)."""
         self._open()
         queue: asyncio.Queue = asyncio.Queue()
         try:
@@ -61,6 +65,9 @@ class RouterLink:
                 link = self._link
                 if link is None:
                     raise ConnectionError("the link closed")
+                if None not in (self._model, self._router_model) and self._model != self._router_model:
+                    raise ModelChanged(f"the model was redeployed ({self._router_model} is served now, this "
+                                       f"{'answer began' if continuation else 'replica is'} on {self._model})")
                 self._queues[request_id] = queue  # on this link: its break fails the request
                 link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids), continuation))
             except (asyncio.TimeoutError, ConnectionError) as exc:
@@ -102,7 +109,10 @@ class RouterLink:
         """Hold the link open; fan its batches out; on a break, fail the open requests and reconnect."""
         while True:
             try:
-                self._link = await connect(await self._handle.link_address.remote())
+                address = await self._handle.link_address.remote()
+                if self._model is not None:  # once per router replica: a redeploy may have changed its model
+                    self._router_model = (await self._handle.stats.remote()).get("model_identity")
+                self._link = await connect(address)
                 self._connected.set()
                 await self._link.dispatch(self._fan_out)
             except Exception as exc:

@@ -436,3 +436,19 @@ def test_deployment_options_that_break_one_router_or_one_replica_per_mesh_are_re
                           {"name": "mesh-1", "max_ongoing_requests": 64}]  # scaling the ingress is live and fine
     path.write_text(yaml.safe_dump({"applications": [app]}))
     assert check_serve_config(str(path)) == []
+
+
+def test_ingress_and_router_get_one_model_identity_which_only_the_model_keys_change():
+    """The ingress refuses to continue an answer on a router of another model (deployments/router_client.py): both
+    must be handed the same identity, and a redeploy that keeps the model (a router option) must keep it."""
+    from deployments.app import build
+
+    config = AppConfig(backend="simulated", num_meshes=2)
+    ingress = build(config)._bound_deployment
+    router_args = ingress.init_args[0]._bound_deployment.init_args[1]
+    assert router_args["model_identity"] == ingress.init_args[-1] == config.model_identity
+    same = [AppConfig(backend="simulated", num_meshes=1, decode_steps=2, ingress_replicas=3, stream_interval_ms=5)]
+    other = [AppConfig(backend="torch"), AppConfig(backend="simulated", model="/models/llama"),
+             AppConfig(backend="torch", dtype="bfloat16")]
+    assert {c.model_identity for c in same} == {config.model_identity}
+    assert config.model_identity not in {c.model_identity for c in other} and len({c.model_identity for c in other}) == 3

@@ -399,3 +399,45 @@ def test_a_router_restart_mid_answer_loses_no_request_and_leaves_nothing_behind(
             link._pump.cancel()
         await routers.kill()
     asyncio.run(main())
+
+
+def test_a_redeploy_that_changes_the_model_mid_answer_refuses_the_continuation(tokenizer):
+    """A redeploy with another model (here a simulated vocabulary of another size: other tokens) replaces router
+    and meshes while the old ingress replica serves its open answers on: their continuations went to the new model
+    and came back 200 with two models' tokens spliced. They are a 503 now, as is a new request to that replica; an
+    ingress of the new release is served."""
+    fast = dict(prefill_chunk=256, max_prefill_tokens=256, stream_interval_ms=2, probe_interval_s=0.02,
+                probe_timeout_s=0.5, heartbeat_s=0.2, min_step_deadline_s=0.5, step_deadline_factor=5,
+                start_wait_s=0.05)
+    vocab = [tokenizer.vocab_size]
+
+    async def main():
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_blocks=256, time_scale=0.2, vocab_size=vocab[0]))]
+        routers = RouterReplicas(meshes, {**fast, "model_identity": "A"})
+        old = make_async_client(RouterLink(routers, "A"), tokenizer)
+        while (await old.get("/health")).status_code != 200:
+            await asyncio.sleep(0.02)
+        body = {**COMPLETION, "prompt": "story " * 8, "max_tokens": 40, "temperature": 0}
+        answer = asyncio.create_task(old.post("/v1/completions", json=body, timeout=30))
+        await until(lambda: sum(len(s.output_ids) >= 10 for s in routers.router.meshes[0].scheduler.requests.values()))
+        await routers.kill()  # the redeploy: a router and meshes of the other model
+        vocab[0] += 64
+        meshes[0].restart()
+        routers.config = {**fast, "model_identity": "B"}
+        routers.replica = routers._start()
+        response = await answer
+        assert_error(response, 503)
+        assert "the model was redeployed" in response.json()["error"]["message"]
+        assert_error(await old.post("/v1/completions", json=body, timeout=30), 503)
+        assert routers.router.requests == {}
+        new = make_async_client(RouterLink(routers, "B"), tokenizer)
+        assert (await new.post("/v1/completions", json=body, timeout=30)).status_code == 200
+        await routers.kill()
+    asyncio.run(main())
+
+
+def make_async_client(link: RouterLink, tokenizer) -> httpx.AsyncClient:
+    app = build_app(link, tokenizer, MODEL)
+    app.state.server.retry_backoff_s = (0.02, 0.05, 0.1)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress")
+
