@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from deployments.protocol import ErrorInfo, ErrorResponse
+from deployments.router_client import RouterGone
 from scheduler.errors import MeshFailures, ModelChanged, NoMeshAvailable, PromptTooLong, QueueFull
 
 RETRY_AFTER_S = 5  # what a 503 asks the client to wait
@@ -51,6 +52,8 @@ def as_api_error(exc: BaseException, prompt_field: str) -> APIError | None:
         return APIError(400, str(cause), param=prompt_field, code="context_length_exceeded")
     if isinstance(cause, NoMeshAvailable):
         return unavailable(f"No model replica is available: {cause}; retry.")
+    if isinstance(cause, RouterGone):
+        return unavailable(f"The server is unavailable: {cause}; retry.")
     if isinstance(cause, ModelChanged):
         return unavailable(f"{cause}; retry.")
     if isinstance(cause, MeshFailures):

@@ -5,7 +5,9 @@ scale"), so an ingress replica holds a single direct link to the router (deploym
 from the Serve call `link_address`), sends submits and cancels on it, and fans the event batches coming back
 out to each request's queue. When the link breaks (the router replica died), every open request fails with
 RouterLost: OpenAIServer.choice resubmits it as a continuation to the router Serve restarts, and this
-client connects again. A router of another model (a redeploy that changed it, whose stopping ingress replicas
+client connects again, unless Serve says the router's deployment is gone (deleted by `serve.delete` or a
+shutdown, or failed to deploy): then no router will come, and requests are refused at once with RouterGone
+rather than waiting CONNECT_WAIT_S and choice's retries for one. A router of another model (a redeploy that changed it, whose stopping ingress replicas
 still serve their streams) is sent nothing: a continuation there would splice two models' answers.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from deployments.aio import within
 from deployments.link import Link, connect
@@ -34,6 +38,11 @@ class RouterUnreachable(RouterLost):
     """No link to the router: the request was never sent, so resubmitting it is no continuation."""
 
 
+class RouterGone(RuntimeError):
+    """The router's deployment is gone (deleted, or failed to deploy): no router will answer, so the request
+    is refused now (HTTP 503), not retried."""
+
+
 class RouterLink:
     """RouterClient over a Serve handle to the router deployment."""
 
@@ -43,6 +52,8 @@ class RouterLink:
         self._router_model: str | None = None  # the connected router's (None: a router that does not say)
         self._link: Link | None = None
         self._connected = asyncio.Event()
+        self._gone: RouterGone | None = None  # Serve said the router's deployment is gone (the last try)
+        self._gone_event = asyncio.Event()  # set while _gone is
         self._down_since = 0.0  # loop time the link went down (or the first try to open it began)
         self._queues: dict[str, asyncio.Queue] = {}
         self._pump: asyncio.Task | None = None
@@ -59,9 +70,17 @@ class RouterLink:
                 if not self._connected.is_set():  # the wait counts from the link's loss: OpenAIServer.choice's
                     # retries would each wait CONNECT_WAIT_S afresh (7 x 30 s before a 503)
                     left = self._down_since + CONNECT_WAIT_S - asyncio.get_running_loop().time()
-                    if left <= 0:
+                    if left > 0 and self._gone is None:
+                        waits = [asyncio.ensure_future(e.wait()) for e in (self._connected, self._gone_event)]
+                        try:
+                            await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                        finally:
+                            for wait in waits:
+                                wait.cancel()
+                    if self._gone is not None:
+                        raise self._gone
+                    if not self._connected.is_set():
                         raise asyncio.TimeoutError
-                    await within(self._connected.wait(), left)
                 link = self._link
                 if link is None:
                     raise ConnectionError("the link closed")
@@ -113,8 +132,15 @@ class RouterLink:
                 if self._model is not None:  # once per router replica: a redeploy may have changed its model
                     self._router_model = (await self._handle.stats.remote()).get("model_identity")
                 self._link = await connect(address)
+                self._gone = None
+                self._gone_event.clear()
                 self._connected.set()
                 await self._link.dispatch(self._fan_out)
+            except DeploymentUnavailableError as exc:  # a handle call: Serve deleted the router, or it never deployed
+                self._gone = RouterGone(f"Serve reports the router's deployment unavailable (deleted, as by a "
+                                        f"shutdown, or failed to deploy): {exc!r}")
+                self._gone_event.set()
+                error = RouterLost(f"the router's link broke: {exc!r}")
             except Exception as exc:
                 error = RouterLost(f"the router's link broke: {exc!r}")
             link, self._link = self._link, None

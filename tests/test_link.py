@@ -441,3 +441,40 @@ def make_async_client(link: RouterLink, tokenizer) -> httpx.AsyncClient:
     app.state.server.retry_backoff_s = (0.02, 0.05, 0.1)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress")
 
+
+def test_a_deleted_router_deployment_ends_open_answers_at_once(monkeypatch, tokenizer):
+    """serve.delete (or the shutdown at Ctrl-C of `make serve`) with answers open: the router and meshes stop in ~2 s,
+    while the ingress serves its open answers on for its graceful 60 s. Each waited CONNECT_WAIT_S (30 s) for a
+    router that will not come, with no byte sent, and the delete with them (6 streams: a 503 and the delete's return
+    after 49 s). Serve's handle says the deployment is gone (DeploymentUnavailableError): the 503 comes at once."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    monkeypatch.setattr(router_client, "CONNECT_WAIT_S", 5.0)
+    monkeypatch.setattr(router_client, "RECONNECT_S", 0.05)
+    fast = dict(prefill_chunk=256, max_prefill_tokens=256, stream_interval_ms=2, probe_interval_s=0.02,
+                probe_timeout_s=0.5, heartbeat_s=0.2, min_step_deadline_s=0.5, step_deadline_factor=5,
+                start_wait_s=0.05)
+
+    async def main():
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_blocks=256, time_scale=0.2, vocab_size=tokenizer.vocab_size))]
+        routers = RouterReplicas(meshes, fast)
+        client = make_async_client(RouterLink(routers), tokenizer)
+        while (await client.get("/health")).status_code != 200:
+            await asyncio.sleep(0.02)
+        body = {**COMPLETION, "prompt": "story " * 8, "max_tokens": 200, "temperature": 0}
+        answer = asyncio.create_task(client.post("/v1/completions", json=body, timeout=30))
+        await until(lambda: sum(len(s.output_ids) >= 10 for s in routers.router.meshes[0].scheduler.requests.values()))
+
+        async def deleted():
+            raise DeploymentUnavailableError(DeploymentID(name="RouterDeployment", app_name="meshserve"))
+        await routers.kill()
+        routers.link_address = routers.stats = Remote(deleted)
+        started = time.monotonic()
+        response = await answer
+        assert_error(response, 503)
+        assert "router's deployment unavailable" in response.json()["error"]["message"]
+        assert time.monotonic() - started < 2  # was CONNECT_WAIT_S and more
+        assert_error(await client.post("/v1/completions", json=body, timeout=30), 503)
+        assert time.monotonic() - started < 2
+    asyncio.run(main())
