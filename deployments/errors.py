@@ -56,8 +56,10 @@ def as_api_error(exc: BaseException, prompt_field: str) -> APIError | None:
         return unavailable(f"The server is unavailable: {cause}; retry.")
     if isinstance(cause, ModelChanged):
         return unavailable(f"{cause}; retry.")
-    if isinstance(cause, MeshFailures):
-        return APIError(500, f"The request failed: {cause}.", "internal_error", code="mesh_failed")
+    if isinstance(cause, MeshFailures):  # sent again, it would fail meshes again: OpenAI's SDKs resend a 5xx twice
+        # unless told not to (openai-python _base_client._should_retry, openai-node shouldRetry)
+        return APIError(500, f"The request failed: {cause}.", "internal_error", code="mesh_failed",
+                        headers={"x-should-retry": "false"})
     return None
 
 

@@ -550,6 +550,19 @@ def test_a_request_the_meshes_failed_on_is_a_500_named_and_not_resubmitted(clien
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_openais_sdk_does_not_resend_a_request_the_meshes_failed_on(client, router, stream):
+    """The SDKs retry every 5xx twice by default (openai-python _base_client._should_retry, openai-node
+    shouldRetry) unless the answer says `x-should-retry: false`: without it, each retry took down meshes again."""
+    import openai
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client, max_retries=2)
+    router.refuse = MeshFailures("2 model replicas in a row failed while computing it")
+    with pytest.raises(openai.InternalServerError) as raised:
+        sdk.chat.completions.create(model=MODEL, messages=CHAT["messages"], stream=stream)
+    assert raised.value.code == "mesh_failed"
+    assert len(router.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_router_that_dies_mid_stream_is_resubmitted_as_a_continuation(client, router, tokenizer, stream):
     router.die_after = [3, 5]  # the first stream dies before token 3, its resubmission before token 5
     body = {**COMPLETION, "max_tokens": 12, "stream": stream}
