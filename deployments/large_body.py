@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from deployments.errors import validation_error
 
 OFF_LOOP_BYTES = 65_536  # a body this size validates on the loop in a few ms at most
+PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 for a body it cannot read or decode
 # One thread: big bodies wait for each other rather than take the GIL from the loop's streams together.
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshserve-body")
 T = TypeVar("T")
@@ -58,8 +59,8 @@ def parse(cls: type[BaseModel], body: bytes) -> BaseModel:
     except json.JSONDecodeError as exc:  # fastapi/routing.py, get_request_handler: its RequestValidationError
         raise validation_error([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
                                  "ctx": {"error": exc.msg}}], skip_body=True) from None
-    except ValueError:  # bytes that are not UTF-8, an int of more than 4,300 digits: FastAPI's own 400
-        raise HTTPException(400, "There was an error parsing the body") from None
+    except (ValueError, RecursionError):  # bytes that are not UTF-8, an int of more than 4,300 digits, arrays
+        raise HTTPException(400, PARSE_ERROR) from None  # nested past the recursion limit: FastAPI's own 400
     try:
         return cls.model_validate(data)
     except ValidationError as exc:  # FastAPI's locations start with "body"
@@ -90,7 +91,12 @@ class OffLoopBody(APIRoute):
         model = self.body_field.field_info.annotation
 
         async def route(request: Request) -> Response:
-            body = await request.body()
+            try:
+                body = await request.body()
+            except HTTPException:  # BodyLimit's 413
+                raise
+            except Exception:  # a client gone mid-body (ClientDisconnect): FastAPI's handler, which read the body
+                raise HTTPException(400, PARSE_ERROR) from None  # before, answers its 400, logging nothing
             if len(body) > OFF_LOOP_BYTES and _is_json(request):
                 request._json = await off_loop(parse, model, body)
             return await handler(request)

@@ -82,3 +82,33 @@ def test_a_large_body_gets_the_answer_a_small_one_does(client, path, body, conte
     assert large.status_code == small.status_code, (small.text, large.text)
     if small.status_code >= 400:
         assert large.json() == small.json()
+
+
+def test_a_deeply_nested_large_body_gets_fastapis_400(client):
+    """json.loads raises RecursionError (no ValueError) past the recursion limit; FastAPI answers any error of its
+    parse with a 400, and the thread's parse let it through as a 500 with a logged traceback."""
+    small, large = (client.post("/v1/chat/completions", content=b"[" * n, headers={"content-type": "application/json"})
+                    for n in (2_000, 70_000))
+    assert small.status_code == 400, small.text
+    assert large.status_code == 400 and large.json() == small.json(), large.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_client_gone_mid_body_gets_fastapis_400_not_an_error(client, path):
+    """A body is read before FastAPI's handler now, outside the try that turns a ClientDisconnect into its 400: every
+    client that left mid-upload was a 500, its traceback logged (and raised on to Serve's replica)."""
+    messages = [{"type": "http.request", "body": b'{"model": "smollm2", "mess', "more_body": True},
+                {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("x", 80)}
+    asyncio.run(client.app(scope, receive, send))  # raised ClientDisconnect
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
