@@ -61,14 +61,16 @@ class _Answer:
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.server.model,
             "output": output, "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None}, "store": False,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
+            # what it is sampled with (the model's defaults for what it left out), as vLLM says (its
+            # vllm/entrypoints/openai/responses/protocol.py, ResponsesResponse.from_request)
+            "temperature": self.prep.params.temperature,
             # a name or schema beside "text" / "json_object" is not applied, so not echoed as if it were
             "text": {"format": fmt.model_dump(by_alias=True, exclude_none=True,
                                               include=None if fmt.type == "json_schema" else {"type"})},
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
             # a tool that did not say is strict (FunctionTool.as_chat_tool), and echoed so, as OpenAI echoes it
             "tools": [{**t.model_dump(exclude_none=True), "strict": t.strict is not False} for t in req.tools or ()],
-            "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": "disabled", "usage": usage,
+            "top_p": self.prep.params.top_p, "truncation": "disabled", "usage": usage,
             "top_logprobs": req.top_logprobs or 0,  # 0 by default, as OpenAI's and vLLM's ResponsesRequest have it
             "user": req.user, "metadata": req.metadata or {}}
 

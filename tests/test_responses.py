@@ -282,3 +282,17 @@ def test_each_streamed_call_ends_before_the_next_begins(tokenizer, eos):
     final = Response.model_validate(es[-1]["response"])
     assert [json.loads(c.arguments)["city"] for c in final.output] == ["Paris", "Oslo"]
     assert all(c.status == "completed" for c in final.output)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_response_says_the_temperature_and_top_p_it_was_sampled_with(router, tokenizer, monkeypatch, stream):
+    """A request that leaves them out is sampled with the model's generation_config values (Llama 3.3's 0.6 and
+    0.9), and vLLM's response says those (vllm/entrypoints/openai/responses/protocol.py, ResponsesResponse.
+    from_request: sampling_params.temperature, .top_p); it said OpenAI's 1.0 and 1.0."""
+    monkeypatch.setattr(tokenizer, "sampling_defaults", {"temperature": 0.6, "top_p": 0.9})
+    client = make_client(router, tokenizer)
+    for body, said in [(BASIC, (0.6, 0.9)), ({**BASIC, "top_p": 0.5}, (0.6, 0.5)),
+                       ({**BASIC, "temperature": 0, "top_p": 0.5}, (0.0, 1.0))]:  # greedy: top_p reset, as in vLLM
+        r = client.post("/v1/responses", json={**body, "stream": stream})
+        response = events(r)[-1]["response"] if stream else r.json()
+        assert (response["temperature"], response["top_p"]) == said, body
