@@ -282,6 +282,10 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
             if options.get("autoscaling_config") is not None:
                 problems.append(f"deployments[{i}] ({name}).autoscaling_config: {name} is not autoscaled: "
                                 f"{_ONE_REPLICA[name != 'RouterDeployment']}")
+            if options.get("max_surge_percent") not in (None, 0):  # Serve's: the new replica of a rolling update
+                # starts before the old one stops (ray/serve/schema.py, DeploymentSchema.max_surge_percent)
+                problems.append(f"deployments[{i}] ({name}).max_surge_percent: must be 0, not "
+                                f"{options['max_surge_percent']!r}: {_ONE_REPLICA[name != 'RouterDeployment']}")
     return problems
 
 

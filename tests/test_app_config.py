@@ -418,6 +418,9 @@ def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(t
     ([{"name": "Ingress", "num_replicas": 3}, {"name": "mesh-1", "autoscaling_config": {"max_replicas": 2}}],
      "deployments[1] (mesh-1).autoscaling_config: mesh-1 is not autoscaled"),
     ([{"name": "mesh-0", "num_replicas": 2}], "one replica is one mesh's KV cache"),
+    # max_surge_percent: a rolling update starts the new replica before the old one stops (ray/serve/schema.py)
+    ([{"name": "RouterDeployment", "max_surge_percent": 100}], "(RouterDeployment).max_surge_percent: must be 0"),
+    ([{"name": "mesh-1", "max_surge_percent": 50}], "(mesh-1).max_surge_percent: must be 0"),
     ([{"name": "mesh-2", "num_replicas": 1}], "deployments[0].name: 'mesh-2' is no deployment of this application"),
     ({"name": "Ingress"}, "deployments: a list of mappings"),
 ])
@@ -432,8 +435,9 @@ def test_deployment_options_that_break_one_router_or_one_replica_per_mesh_are_re
     path.write_text(yaml.safe_dump({"applications": [app]}))
     (error,) = check_serve_config(str(path))
     assert error.startswith(f"{path}: application 'm', ") and problem in error
-    app["deployments"] = [{"name": "Ingress", "num_replicas": 3}, {"name": "RouterDeployment", "num_replicas": 1},
-                          {"name": "mesh-1", "max_ongoing_requests": 64}]  # scaling the ingress is live and fine
+    app["deployments"] = [{"name": "Ingress", "num_replicas": 3, "max_surge_percent": 100},
+                          {"name": "RouterDeployment", "num_replicas": 1},
+                          {"name": "mesh-1", "max_ongoing_requests": 64, "max_surge_percent": 0}]  # the ingress: fine
     path.write_text(yaml.safe_dump({"applications": [app]}))
     assert check_serve_config(str(path)) == []
 
