@@ -85,8 +85,11 @@ class RouterLink:
                 if link is None:
                     raise ConnectionError("the link closed")
                 if None not in (self._model, self._router_model) and self._model != self._router_model:
-                    raise ModelChanged(f"the model was redeployed ({self._router_model} is served now, this "
-                                       f"{'answer began' if continuation else 'replica is'} on {self._model})")
+                    # the identities name the server's folders: they go to the log, not to the client
+                    log.warning("refusing %s: the router serves %s, this ingress replica %s", request_id,
+                                self._router_model, self._model)
+                    raise ModelChanged("the model was redeployed, and this "
+                                       f"{'answer began' if continuation else 'replica serves'} on the one before")
                 self._queues[request_id] = queue  # on this link: its break fails the request
                 link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids), continuation))
             except (asyncio.TimeoutError, ConnectionError) as exc:

@@ -343,9 +343,9 @@ def generation_defaults(config: Mapping, source: Path) -> dict[str, float]:
     from scheduler.sampling import SamplingParams
 
     defaults = {name: config[name] for name in GENERATION_DEFAULT_FIELDS if config.get(name) is not None}
-    try:
-        SamplingParams(**defaults)
-    except ValidationError as exc:
+    try:  # a top_k of -1 is "off" at the API as in the file (vLLM's); the scheduler's is 0
+        SamplingParams(**{**defaults, **({"top_k": max(defaults["top_k"], 0)} if "top_k" in defaults else {})})
+    except (ValidationError, TypeError) as exc:
         raise ValueError(f"{source}: a sampling default no request could take: {exc}") from None
     return defaults
 

@@ -8,6 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from deployments.protocol import CompletionRequest
 from model.embedded import ensure_llama3_tokenizer, ensure_smollm2
 from model.tokenizer import (LONG_TEXT_CHARS, MIXED_TEXT, IncrementalDetokenizer, Tokenizer, load_tokenizer,
                              tokenizer_match_report)
@@ -153,6 +154,11 @@ def test_generation_config_sampling_values_are_the_request_defaults(hf, llama3_d
     assert hf.sampling_defaults == {}
     with pytest.raises(ValueError, match="generation_config.json"):
         Tokenizer.from_hf_dir(llama3_dir_with(generation_config={"top_p": 0.0}))
+    # top_k -1 is "off" in the file as at the API
+    off = Tokenizer.from_hf_dir(llama3_dir_with(generation_config={"top_k": -1, "temperature": 0.7}))
+    assert off.sampling_defaults == {"top_k": -1, "temperature": 0.7}
+    params = CompletionRequest(model="m", prompt="hi").sampling_params(16, defaults=off.sampling_defaults)
+    assert (params.top_k, params.temperature) == (0, 0.7)
 
 
 def test_header_format_equals_metas_hf_template(meta, hf, llama3_dir_with):
