@@ -6,7 +6,7 @@ import json
 import os
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
 
 from model.galaxy import KV_GROUPS, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes
 
@@ -179,7 +179,6 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
     application (Ray's environment): HF_MODEL / LLAMA_DIR taken from this shell only. `port_free` (`make serve`):
     the file's HTTP port must also be free here."""
     import yaml
-    from pydantic import ValidationError
 
     from model.checkpoint import checkpoint_dir
 
@@ -269,9 +268,21 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
         return []
     if not isinstance(deployments, list) or not all(isinstance(d, dict) for d in deployments):
         return ["deployments: a list of mappings, each with a `name`"]
+    from ray.serve.schema import DeploymentSchema
+
     names, problems = deployment_names(config), []
     for i, options in enumerate(deployments):
         name = options.get("name")
+        # Serve's schema ignores a key it does not know: `num_replicaz: 3` deployed one replica without a word
+        problems += [f"deployments[{i}] ({name}).{key}: no option of a Serve deployment (it takes "
+                     f"{', '.join(DeploymentSchema.model_fields)})" for key in options
+                     if key not in DeploymentSchema.model_fields]
+        try:  # what `serve deploy` would refuse only once the application is built
+            DeploymentSchema.model_validate(options)
+        except ValidationError as exc:
+            problems += [f"deployments[{i}] ({name}).{'.'.join(map(str, err['loc'])) or 'options'}: "
+                         f"{err['msg'].removeprefix('Value error, ')}" for err in exc.errors()]
+            continue
         if name not in names:
             problems.append(f"deployments[{i}].name: {name!r} is no deployment of this application (it has "
                             f"{', '.join(names)})")

@@ -423,6 +423,9 @@ def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(t
     ([{"name": "mesh-1", "max_surge_percent": 50}], "(mesh-1).max_surge_percent: must be 0"),
     ([{"name": "mesh-2", "num_replicas": 1}], "deployments[0].name: 'mesh-2' is no deployment of this application"),
     ({"name": "Ingress"}, "deployments: a list of mappings"),
+    # Serve's schema ignores an unknown key (a typo deployed the default), and refuses a string count only at deploy
+    ([{"name": "Ingress", "num_replicaz": 3}], "deployments[0] (Ingress).num_replicaz: no option of a Serve deployment"),
+    ([{"name": "Ingress", "num_replicas": "3"}], "deployments[0] (Ingress).options: `num_replicas` must be an int"),
 ])
 def test_deployment_options_that_break_one_router_or_one_replica_per_mesh_are_refused(tmp_path, deployments, problem):
     """Serve lays a config's `deployments:` over the build's options without calling build(): a second router
