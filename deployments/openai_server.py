@@ -95,20 +95,23 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
 
 
 def check_prompt_chars(chars: int, limit: int, param: str) -> None:
+    """`param`: "prompt", "messages", or "tools" (a chat whose tools' definitions are most of it)."""
     if chars > limit * MAX_CHARS_PER_TOKEN:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens; the {param} "
-                            f"{'have' if param == 'messages' else 'has'} {chars} "
+        what = {"prompt": "prompt has", "messages": "messages have", "tools": "messages and tools have"}[param]
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; the {what} {chars} "
                             f"characters, more than that many tokens can hold.", param=param,
                        code="context_length_exceeded")
 
 
-def chat_chars(req: ChatCompletionRequest | TokenizeRequest) -> int:
+def chat_chars(req: ChatCompletionRequest | TokenizeRequest) -> tuple[int, str]:
     """What a chat puts into the template, in characters: every message's text and tool calls, the tools'
     definitions, and a template's few tokens per message (MIN_TOKENS_PER_MESSAGE), so that a huge tool list or
-    100k empty messages are refused before templating (which holds the GIL, stalling every stream)."""
+    100k empty messages are refused before templating (which holds the GIL, stalling every stream); with the
+    field most of them come from ("messages" or "tools"), which a refusal names."""
     per_message = MIN_TOKENS_PER_MESSAGE * MAX_CHARS_PER_TOKEN
     chars = sum(len(m.text) + per_message + sum(_call_chars(c) for c in m.tool_calls or ()) for m in req.messages)
-    return chars + sum(len(t.function.model_dump_json()) for t in req.tools or ())
+    tools = sum(len(t.function.model_dump_json()) for t in req.tools or ())
+    return chars + tools, "tools" if tools > chars else "messages"
 
 
 def _call_chars(call) -> int:
@@ -322,15 +325,15 @@ class OpenAIServer:
         still bounds the work)."""
         truncated = req.truncate_prompt_tokens is not None
         if isinstance(req, ChatCompletionRequest):
-            chars = chat_chars(req)
+            chars, field = chat_chars(req)
             if not truncated:
-                check_prompt_chars(chars, limit, "messages")
+                check_prompt_chars(chars, limit, field)
             tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do
             args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
                     req.add_special_tokens, req.continue_final_message)
             # a tool list is always templated off the loop
             ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args, chars=chars))
-            return ids, "messages"
+            return ids, field
         if isinstance(req.prompt, str):
             if not truncated:
                 check_prompt_chars(len(req.prompt), limit, "prompt")

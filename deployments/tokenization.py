@@ -11,8 +11,8 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> TokenizeRespon
     """The prompt's ids as /v1/completions (a `prompt`) or /v1/chat/completions (`messages`) makes them."""
     server.check_model(req.model)
     limit = await server.model_len()
-    chars = chat_chars(req) if req.messages is not None else len(req.prompt)
-    check_prompt_chars(chars, limit, "messages" if req.messages is not None else "prompt")
+    chars, field = chat_chars(req) if req.messages is not None else (len(req.prompt), "prompt")
+    check_prompt_chars(chars, limit, field)
     ids, strs = await server.off_loop(_tokenize, server, req, chars=chars)
     return TokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs)
 
