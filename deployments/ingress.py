@@ -74,6 +74,9 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     first is the one listed and answered. `root`: the model as given (config.model_root), which /v1/models reports
     as vLLM does (default: the last name)."""
     server = OpenAIServer(router, tokenizer, served_model_name, replica_name)
+    if tokenizer.sampling_defaults:  # as vLLM warns: a request without a temperature is not sampled at 1.0
+        log.info("Sampling defaults from the model's generation_config.json, for requests that leave them out: %s",
+                 ", ".join(f"{k}={v}" for k, v in sorted(tokenizer.sampling_defaults.items())))
     root = root or server.model_names[-1]
     app = FastAPI(title="meshserve", docs_url=None, redoc_url=None)
     app.state.server = server

@@ -2,6 +2,8 @@
 fields this server does not implement (a 400 naming each, never silently ignored)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MODEL, assert_error, client, eos,  # noqa: F401
@@ -622,12 +624,14 @@ GENERATION_DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "min_p": 0
 
 
 @pytest.mark.parametrize("path, base", [*ENDPOINTS, ("/v1/responses", {"model": MODEL, "input": "hi"})])
-def test_fields_left_out_or_null_take_the_models_generation_config_defaults(router, tokenizer, monkeypatch, path,
-                                                                            base):
+def test_fields_left_out_or_null_take_the_models_generation_config_defaults(router, tokenizer, monkeypatch, caplog,
+                                                                            path, base):
     """vLLM serves a model with its generation_config.json's sampling values as defaults (Llama 3.3 Instruct's:
     temperature 0.6, top_p 0.9): what the request sends wins, then the model's, then OpenAI's."""
     monkeypatch.setattr(tokenizer, "sampling_defaults", GENERATION_DEFAULTS, raising=False)
-    client = make_client(router, tokenizer)
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        client = make_client(router, tokenizer)
+    assert "generation_config.json" in caplog.text and "temperature=0.6" in caplog.text  # the operator is told
     sent = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}
     for body in (base, {**base, **dict.fromkeys(sent)}, {**base, **sent}, {**base, "temperature": 0}):
         assert client.post(path, json=body).status_code == 200
