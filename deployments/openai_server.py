@@ -94,6 +94,18 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise APIError(400, f"{param}: token ids must lie in [0, {vocab_size})", param=param)
 
 
+def request_ids(prefix: str, client_id: str | None) -> tuple[str, str]:
+    """The response's id and the router's (its choices are "<router id>-<i>" in the router and on the mesh). The
+    router's begins with the response's, so that one grep of the id a client reports (the response's `id`, vLLM's
+    `request_id` or X-Request-Id) finds the request in the logs of every process; a random part keeps it unique
+    when clients reuse an id, and a character that could forge a log line (a newline) is "?" there."""
+    token = uuid.uuid4().hex
+    if client_id is None:
+        return f"{prefix}-{token}", f"{prefix}-{token}"
+    response_id = f"{prefix}-{client_id}"
+    return response_id, "".join(c if c.isprintable() else "?" for c in response_id) + f"-{token[:12]}"
+
+
 def check_prompt_chars(chars: int, limit: int, param: str) -> None:
     """`param`: "prompt", "messages", or "tools" (a chat whose tools' definitions are most of it)."""
     if chars > limit * MAX_CHARS_PER_TOKEN:
@@ -411,10 +423,10 @@ class OpenAIServer:
         elif isinstance(req, ChatCompletionRequest) and req.echo and (
                 req.messages[-1].role == "assistant" or not req.add_generation_prompt):
             echo = req.messages[-1].text  # vLLM's: the final message, when the answer continues it (same role)
-        router_id = f"{prefix}-{uuid.uuid4().hex}"
+        response_id, router_id = request_ids(prefix, req.request_id)
         repetition = req.repetition_detection
         repetition = repetition if repetition and repetition.max_pattern_size else None  # 0: off
-        return Prepared(f"{prefix}-{req.request_id}" if req.request_id else router_id, router_id, prompt_ids, params,
+        return Prepared(response_id, router_id, prompt_ids, params,
                         prompt_field, arrival, echo, constraint.tool_mode, constraint.called, constraint.param,
                         repetition, echo_only)
 

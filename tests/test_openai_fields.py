@@ -374,7 +374,20 @@ def test_request_id_names_the_response_and_two_clients_may_share_one(client, rou
         r = client.post(path, json=body)
         ids = {c["id"] for c in sse(r)} if stream else {r.json()["id"]}
         assert ids == {f"{prefix}-job-7"}
-    assert len(router.requests) == 4 and not any("job-7" in rid for rid in router.requests)
+    assert len(router.requests) == 4 and all(rid.startswith(f"{prefix}-job-7-") for rid in router.requests)
+
+
+@pytest.mark.parametrize("path, base, prefix", [("/v1/chat/completions", CHAT, "chatcmpl"),
+                                                 ("/v1/completions", COMPLETION, "cmpl")])
+def test_the_routers_ids_begin_with_the_id_the_client_sees(client, router, path, base, prefix):
+    """One grep of the id a client reports (X-Request-Id, request_id, the response's id) finds its request in the
+    router's and the mesh's logs too; a newline in it cannot forge a log line there."""
+    assert client.post(path, json=base, headers={"X-Request-Id": "trace-42"}).status_code == 200
+    assert client.post(path, json={**base, "request_id": "a\nERROR forged", "n": 2}).status_code == 200
+    unnamed = client.post(path, json=base).json()["id"]
+    named, *forged, last = router.requests
+    assert named.startswith(f"{prefix}-trace-42-") and last.startswith(f"{unnamed}-")
+    assert len(forged) == 2 and all(rid.startswith(f"{prefix}-a?ERROR forged-") for rid in forged)
 
 
 @pytest.mark.parametrize("path, base, prefix", [("/v1/chat/completions", CHAT, "chatcmpl"),
