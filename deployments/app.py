@@ -38,6 +38,7 @@ def build(args: AppConfig) -> Application:
         "max_mesh_failures": config.max_mesh_failures,
         "enable_prefix_caching": config.enable_prefix_caching,
         "model_identity": config.model_identity,
+        "log_requests": config.enable_log_requests,
     })
     # Each ingress replica takes its share of what the router holds (slots and queues; a quarter more for an uneven
     # spread): beyond its max_ongoing_requests Serve queues requests without bound, so the router's 429 never came.
@@ -46,4 +47,4 @@ def build(args: AppConfig) -> Application:
     return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=ongoing,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
         router, config.model, config.names, config.api_keys or None, config.max_request_bytes, config.metrics_open,
-        config.allowed_origins, config.model_identity)
+        config.allowed_origins, config.model_identity, enable_log_requests=config.enable_log_requests)

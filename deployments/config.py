@@ -77,6 +77,10 @@ class AppConfig(BaseModel):
     metrics_open: Bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
                                        "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")
+    enable_log_requests: Bool = Field(False, description="vLLM's name: log each request at INFO under its router id "
+                                      "(the response's id, then a random part), in the ingress as it is received, "
+                                      "finished (reason, token counts), aborted or failed, and in the router as it is "
+                                      "preempted or moved off a failed mesh; never its prompt or text")
 
     @field_validator("mesh_resources")
     @classmethod

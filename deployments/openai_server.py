@@ -210,8 +210,11 @@ class OpenAIServer:
     """The endpoints' logic over one router client; `build_app` routes HTTP to it."""
 
     def __init__(self, router: RouterClient, tokenizer: Tokenizer, served_model_name: str | list[str],
-                 replica_name: str = "local"):
+                 replica_name: str = "local", log_requests: bool = False):
+        """`log_requests`: vLLM's enable_log_requests, a line at INFO when a request is received and when it
+        finishes, is aborted or fails (never its prompt or its text)."""
         self.router = router
+        self.log_requests = log_requests
         self.tokenizer = tokenizer
         self.model_names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
         self.model = self.model_names[0]  # the name answered
@@ -477,6 +480,8 @@ class OpenAIServer:
         started = False
         submitted = False  # sent to a router once: a resubmission is a continuation, which no queue limit refuses
         rid, attempt = request_id, 0
+        if self.log_requests:  # vLLM's "Received request" line (vllm/entrypoints/logger.py), without the prompt
+            log.info("Received request %s: prompt_tokens %d, max_tokens %d.", rid, len(prompt_ids), params.max_tokens)
         try:
             while True:
                 try:
@@ -494,6 +499,10 @@ class OpenAIServer:
                         reason = cut or (None if failed else event.finish_reason)
                         if reason is not None:
                             timer.finish(reason)  # before any await: a client gone meanwhile is still counted
+                            if self.log_requests:
+                                log.info("Finished request %s: finish_reason %s, prompt_tokens %d, completion_tokens "
+                                         "%d, cached_tokens %d, %.3f s.", rid, reason, len(prompt_ids),
+                                         len(answer.output), cached, time.perf_counter() - prep.arrival)
                         if stopped:
                             await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:
@@ -535,6 +544,16 @@ class OpenAIServer:
                     await asyncio.sleep(self.retry_backoff_s[attempt])
                     attempt += 1
                     rid = f"{request_id}-retry{attempt}"
+        except (asyncio.CancelledError, GeneratorExit):  # its client left (or another choice of its request failed)
+            if self.log_requests and reason is None:
+                log.info("Aborted request %s after %d tokens.", rid, len(answer.output))
+            raise
+        except Exception as exc:
+            if self.log_requests:
+                error = exc if isinstance(exc, APIError) else as_api_error(exc, prep.prompt_field)
+                log.info("Request %s failed: %s", rid,
+                         f"{error.status} {error.info.message}" if error else repr(unwrap(exc)))
+            raise
         finally:
             if reason is None:  # the client went away, or the request failed: free the slot now
                 if started or not refusal.refused:

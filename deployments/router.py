@@ -91,6 +91,7 @@ class RouterConfig:
     cancel_memory_s: float = 60.0  # a cancel for an unknown request is remembered this long
     enable_prefix_caching: bool = True  # False: every prompt is computed from its first token
     model_identity: str | None = None  # AppConfig.model_identity, reported in stats (RouterLink compares it)
+    log_requests: bool = False  # AppConfig.enable_log_requests: a line per request preempted or moved off a failed mesh
 
 
 @dataclass
@@ -283,14 +284,14 @@ class Router:
         self.tasks = [asyncio.create_task(self._supervise(m)) for m in self.meshes]
         self.tasks.append(asyncio.create_task(self._expire_held()))
 
-    def _scheduler_for(self, caps: Capabilities) -> MeshScheduler:
+    def _scheduler_for(self, name: str, caps: Capabilities) -> MeshScheduler:
         c = self.config
         max_seq_len = min(c.max_seq_len or caps.max_seq_len, caps.max_seq_len)  # the scheduler adds the pool's cap
         return MeshScheduler(
             num_slots=caps.num_slots, num_blocks=caps.num_blocks, block_size=caps.block_size,
             kv_groups=caps.kv_groups,
             max_seq_len=max_seq_len, prefill_chunk=c.prefill_chunk, max_prefill_tokens=c.max_prefill_tokens,
-            decode_steps=c.decode_steps, prefix_align=caps.prefix_align,
+            decode_steps=c.decode_steps, prefix_align=caps.prefix_align, log_name=name if c.log_requests else None,
             max_waiting_requests=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
             eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth,
             enable_prefix_caching=c.enable_prefix_caching)
@@ -621,7 +622,7 @@ class Router:
                 await asyncio.sleep(self.config.probe_interval_s)
                 continue
             try:
-                mesh.scheduler = self._scheduler_for(mesh.caps)
+                mesh.scheduler = self._scheduler_for(mesh.name, mesh.caps)
             except ValueError as exc:  # the mesh's capabilities do not fit this config: a redeploy, not a retry
                 mesh.down_reason, mesh.max_len = f"cannot be scheduled with this config: {exc}", 0
                 self._measure()  # it will not come back: requests do not wait for it
@@ -674,8 +675,9 @@ class Router:
 
     def _fail(self, mesh: Mesh, error: BaseException) -> None:
         """Mark the mesh down and re-place every request it had, with its tokens so far."""
-        log.error("mesh %s failed: %r; moving its requests", mesh.name, error)
         sched, mesh.scheduler, mesh.incarnation = mesh.scheduler, None, None
+        log.error("mesh %s failed: %r; moving its %d requests to the other meshes and probing it until its replica "
+                  "answers again", mesh.name, error, len(sched.requests))
         counts = sched.stats()
         mesh.past_counts = {k: mesh.past_counts.get(k, 0) + counts[k] for k in COUNTERS}
         mesh.down_reason = repr(error)
@@ -707,6 +709,10 @@ class Router:
             mesh.requests_migrated += 1
             req.counted = req.counted or seq.counted
             self._replace(seq.request_id, req, seq.output_ids)
+            if self.config.log_requests:
+                log.info("Request %s moved off failed mesh %s with %d tokens: %s.", seq.request_id, mesh.name,
+                         len(seq.output_ids), f"to {req.mesh.name}" if req.mesh else
+                         "held for a live mesh" if req.held_since is not None else "ended (no mesh takes it)")
 
     async def _run(self, mesh: Mesh) -> None:
         """Keep up to pipeline_depth works on the mesh. Returns never; raises MeshFailed (or the stream's

@@ -11,6 +11,7 @@ dropped rather than credited to whoever sits there now.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from scheduler.sampling import SamplingParams
 from scheduler.sequence import Sequence, Status
 from scheduler.work import (GRAMMARS_KEPT, MAX_NEW_GRAMMARS_PER_WORK, NO_TOKEN, DecodeRound, MeshWork, PrefillChunk,
                             StepEvents, StepResult, TokenEvent)
+
+log = logging.getLogger("ray.serve")  # the log of the router replica it runs in (a name: no Ray is imported)
 
 
 @dataclass(slots=True)
@@ -58,13 +61,15 @@ class MeshScheduler:
                  prefill_chunk: int = 4096, max_prefill_tokens: int = 4096, decode_steps: int = 8,
                  prefix_align: int | None = None, watermark_blocks: int = 0,
                  max_waiting_requests: int | None = None, max_waiting_tokens: int | None = None,
-                 eos_token_ids: tuple[int, ...] = (), max_inflight: int = 2, enable_prefix_caching: bool = True):
+                 eos_token_ids: tuple[int, ...] = (), max_inflight: int = 2, enable_prefix_caching: bool = True,
+                 log_name: str | None = None):
         """num_blocks: KV blocks per group. prefix_align: prefix hits and prefill chunk boundaries are
         multiples of it (128 tokens on the Galaxy model; default one block). max_prefill_tokens bounds the prefill in one work, i.e. how long
         the running users wait between two decode rounds. watermark_blocks: admission leaves this many
         blocks for the running sequences to grow into. enable_prefix_caching (vLLM's name): False computes every
         prompt from its first token (nothing is looked up, no query counted), e.g. to bring up a backend whose
-        prefill after a cached prefix is not yet trusted."""
+        prefill after a cached prefix is not yet trusted. log_name: the mesh's name, to log each preemption at INFO
+        under it (AppConfig.enable_log_requests); None: none is logged."""
         align = prefix_align or block_size
         if align % block_size or prefill_chunk % align or prefill_chunk <= 0:
             raise ValueError(f"prefix_align ({align}) must be a multiple of block_size ({block_size}) "
@@ -86,6 +91,7 @@ class MeshScheduler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_inflight = max_inflight
         self.enable_prefix_caching = enable_prefix_caching
+        self.log_name = log_name
         # A sequence must fit its group's pool on its own, or it would preempt itself forever.
         self.max_tokens_per_seq = min(max_seq_len, num_blocks * block_size)
 
@@ -592,6 +598,9 @@ class MeshScheduler:
         self.waiting.appendleft(seq)  # preempted newest first, so the oldest ends up at the head
         self.waiting_tokens += len(seq.token_ids)
         self.num_preemptions += 1
+        if self.log_name is not None:
+            log.info("Request %s preempted on %s: KV group %d is out of blocks; its %d tokens are recomputed when it "
+                     "is admitted again.", seq.request_id, self.log_name, group.index, len(seq.token_ids))
         return seq
 
     def _mark_finished(self, seq: Sequence, reason: str) -> None:

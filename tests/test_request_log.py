@@ -1,0 +1,114 @@
+"""vLLM's enable_log_requests: a request's notable events at INFO under its router id, which begins with the id its
+client sees, in the ingress (received, finished, aborted, failed) and in the router (preempted, moved off a failed
+mesh); nothing of the kind by default, and never the prompt."""
+import asyncio
+import logging
+
+import pytest
+
+from deployments.protocol import ChatCompletionRequest
+from deployments.router import Router, RouterConfig
+from model.simulated import SimulatedBackend
+from scheduler.errors import QueueFull
+from scheduler.sampling import SamplingParams
+from tests.ingress_support import CHAT, make_client, router, tokenizer, eos  # noqa: F401 (fixtures)
+from tests.local_mesh import LocalMesh
+from tests.test_router import FAST, collect, until
+
+PROMPT = "my private question about zebras"
+
+
+@pytest.fixture
+def serve_log(caplog):
+    """caplog at INFO for the "ray.serve" logger, which every deployment logs to."""
+    caplog.set_level(logging.INFO, logger="ray.serve")
+    return caplog
+
+
+def lines(caplog) -> list[str]:
+    """The lines logged of requests (the ingress also logs the model's sampling defaults as it starts)."""
+    return [m for r in caplog.records if r.name == "ray.serve" and (m := r.getMessage()).startswith(
+        ("Received request ", "Finished request ", "Aborted request ", "Request "))]
+
+
+def test_the_ingress_logs_a_requests_life_under_the_id_its_client_sees(router, tokenizer, serve_log):
+    client = make_client(router, tokenizer, enable_log_requests=True)
+    body = {**CHAT, "messages": [{"role": "user", "content": PROMPT}]}
+    answer = client.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "ops-1"}).json()
+    usage = answer["usage"]
+    received, finished = lines(serve_log)
+    (rid,) = router.requests
+    assert rid.startswith(f"{answer['id']}-")
+    assert received == f"Received request {rid}: prompt_tokens {usage['prompt_tokens']}, max_tokens " \
+                       f"{router.requests[rid][1].max_tokens}."
+    assert finished.startswith(f"Finished request {rid}: finish_reason stop, prompt_tokens {usage['prompt_tokens']}, "
+                               f"completion_tokens {usage['completion_tokens']}, cached_tokens 3, ")
+    router.refuse = QueueFull("2 requests are waiting for a slot (limit 2)")
+    assert client.post("/v1/chat/completions", json=body, headers={"X-Request-Id": "ops-2"}).status_code == 429
+    assert lines(serve_log)[-1].startswith("Request chatcmpl-ops-2-")
+    assert lines(serve_log)[-1].endswith("failed: 429 The server is at capacity: 2 requests are waiting for a slot "
+                                         "(limit 2)")
+    assert not any(PROMPT in line for line in lines(serve_log))
+
+
+def test_an_answer_its_client_leaves_is_logged_as_aborted(router, tokenizer, serve_log):
+    server = make_client(router, tokenizer, enable_log_requests=True).app.state.server
+
+    async def leave() -> None:
+        req = ChatCompletionRequest.model_validate({**CHAT, "request_id": "ops-3"})
+        stream = server.deltas([await server.prepare(req, "chatcmpl")], 1, None)
+        await anext(stream)
+        await stream.aclose()  # what a client's disconnect does to its answer
+    asyncio.run(leave())
+    (rid,) = router.requests
+    assert rid.startswith("chatcmpl-ops-3-") and lines(serve_log)[-1] == f"Aborted request {rid} after 1 tokens."
+
+
+def test_nothing_is_logged_per_request_by_default(router, tokenizer, serve_log):
+    client = make_client(router, tokenizer)
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    router.refuse = QueueFull("full")
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 429
+    assert lines(serve_log) == []
+
+
+def _router_events(log_requests: bool) -> None:
+    """Four long answers on two meshes of 8 KV blocks (preemptions); mesh-0 fails mid-answer (moves)."""
+    async def main():
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=8, time_scale=0.01,
+                                                     vocab_size=1000)) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)],
+                        RouterConfig(**FAST, log_requests=log_requests))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        meshes[0].inject("raise", after=6)
+        params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+        await asyncio.gather(*[collect(router, f"chatcmpl-ops-{i}-0", [i + 1] * 100, params) for i in range(6)])
+        assert router.stats()["meshes"][0]["failovers"] == 1
+        assert sum(m["preemptions"] for m in router.stats()["meshes"]) > 0
+        await router.close()
+    asyncio.run(main())
+
+
+def test_the_router_logs_a_preemption_and_a_move_under_the_requests_id(serve_log):
+    _router_events(log_requests=True)
+    moved = [line for line in lines(serve_log) if " moved off failed mesh mesh-0 " in line]
+    preempted = [line for line in lines(serve_log) if " preempted on mesh-" in line]
+    assert moved and all(line.startswith("Request chatcmpl-ops-") and line.endswith(": to mesh-1.") for line in moved)
+    assert preempted and all(line.startswith("Request chatcmpl-ops-") for line in preempted)
+
+
+def test_the_router_logs_no_request_by_default(serve_log):
+    _router_events(log_requests=False)
+    assert lines(serve_log) == []
+    failed = "mesh mesh-0 failed: RuntimeError('device lost'); moving its "
+    assert any(r.getMessage().startswith(failed) for r in serve_log.records)
+
+
+def test_the_config_turns_it_on_in_the_ingress_and_the_router():
+    from deployments.app import build
+    from deployments.config import AppConfig
+    for on in (False, True):
+        ingress = build(AppConfig(backend="simulated", enable_log_requests=on))._bound_deployment
+        router_args = ingress.init_args[0]._bound_deployment.init_args[1]
+        assert ingress.init_kwargs["enable_log_requests"] is router_args["log_requests"] is on
+
