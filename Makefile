@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Serve's throughput mode and the HAProxy ingress (README, "Benchmarks"); Serve reads them when Ray
 # starts. `make serve MESHSERVE_PLAIN_PROXY=1` (or the variable in the environment) serves through Serve's
-# plain Python proxy instead. Either way Serve hands its cached metrics to Ray each second, not every 100 ms
-# (README, "Running on a cluster").
+# plain Python proxy instead. Either way Serve hands its cached metrics to Ray each second, not every 100 ms,
+# and writes each log record of a replica at once (README, "Running on a cluster").
 ifeq ($(filter-out 0,$(MESHSERVE_PLAIN_PROXY)),)
 # HAProxy runs without splice (bin/haproxy-nosplice says why). A stopping ingress replica keeps serving for a
 # draining window so that HAProxy on other nodes stops sending to it first; here HAProxy is on this box and
@@ -17,7 +17,7 @@ SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SE
 else
 SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=0 RAY_SERVE_ENABLE_HA_PROXY=0
 endif
-SERVE_ENV += RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000
+SERVE_ENV += RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000 RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1
 
 .PHONY: test serve model clean
 

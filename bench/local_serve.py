@@ -81,8 +81,14 @@ def haproxy_env() -> dict[str, str]:
 # whose agent exports them every 10 s anyway; at the default 100 ms that is 10-20 wake-ups a second per
 # replica, which halved the router's idle CPU here when set to 1 s (bench.cpu: 11-13 -> 6-7 ms/s).
 METRICS_EXPORT = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
-THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **METRICS_EXPORT}
-PLAIN_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0", **METRICS_EXPORT}
+# Serve's throughput mode keeps a replica's log records in memory until 1,000 have come or one is an ERROR
+# (ray/serve/_private/constants.py RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE, logging_utils.py MemoryHandler): a
+# router's INFO and WARNING lines (a mesh up again, a request resubmitted) stayed out of its log file for hours,
+# and were lost with the replica. Written at once they cost a write per request's access-log line.
+LOG_AT_ONCE = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
+THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **METRICS_EXPORT,
+                   **LOG_AT_ONCE}
+PLAIN_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0", **METRICS_EXPORT, **LOG_AT_ONCE}
 
 
 def plain_proxy_requested(plain_proxy: bool | None = None) -> bool:

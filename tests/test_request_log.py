@@ -3,9 +3,14 @@ client sees, in the ingress (received, finished, aborted, failed) and in the rou
 mesh); nothing of the kind by default, and never the prompt."""
 import asyncio
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from bench.local_serve import ray_env
 from deployments.protocol import ChatCompletionRequest
 from deployments.router import Router, RouterConfig
 from model.simulated import SimulatedBackend
@@ -112,3 +117,17 @@ def test_the_config_turns_it_on_in_the_ingress_and_the_router():
         router_args = ingress.init_args[0]._bound_deployment.init_args[1]
         assert ingress.init_kwargs["enable_log_requests"] is router_args["log_requests"] is on
 
+
+@pytest.mark.parametrize("plain_proxy", [False, True])
+def test_serve_as_started_here_writes_each_log_record_at_once(plain_proxy):
+    """Serve's throughput mode keeps a replica's log records in memory until 1,000 have come or one is an ERROR, so
+    a router's INFO and WARNING lines stayed out of its file for hours (and were lost with it). The Ray that the
+    tests, the benchmarks and `make serve` start writes each at once."""
+    code = "from ray.serve._private import constants; print(constants.RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE)"
+    read = subprocess.run([sys.executable, "-c", code], env={**os.environ, **ray_env(plain_proxy)},
+                          capture_output=True, text=True, check=True)
+    assert read.stdout.strip() == "1"
+    make = subprocess.run(["make", "-n", "serve", f"MESHSERVE_PLAIN_PROXY={int(plain_proxy)}"],
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True, check=True)
+    (command,) = [line for line in make.stdout.splitlines() if "/serve run " in line]
+    assert "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1" in command.split()
