@@ -15,6 +15,7 @@ is dropped before a frame is read.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import logging
 import os
@@ -230,8 +231,10 @@ class LinkServer:
         async with self._starting:
             if self.address is None:
                 secret = os.urandom(SECRET_BYTES)
-                self._server = await asyncio.get_running_loop().create_server(
-                    lambda: self._made(secret), host, 0)
+                # Listening in an empty context: each connection's callbacks and tasks take the one it listened in,
+                # and Serve names a log line's request by its context (the call that started this server, for good)
+                self._server = await contextvars.Context().run(asyncio.ensure_future, asyncio.get_running_loop()
+                                                               .create_server(lambda: self._made(secret), host, 0))
                 port = self._server.sockets[0].getsockname()[1]
                 self.address = LinkAddress(host, port, secret)
             return self.address

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -849,8 +850,10 @@ class RouterDeployment:
         self._link_server = LinkServer(self._serve_consumer)
 
     def _ready(self) -> Router:
-        if self._router is None:  # built in the replica's event loop: it starts the mesh tasks
-            self._router = Router([(f"mesh-{i}", c) for i, c in enumerate(self._clients)], self._config)
+        if self._router is None:  # built in the replica's event loop: it starts the mesh tasks, in an empty context
+            # (Serve names a log line's request by its context: every line of the router's, that of the first call)
+            self._router = contextvars.Context().run(
+                Router, [(f"mesh-{i}", c) for i, c in enumerate(self._clients)], self._config)
         return self._router
 
     async def check_health(self) -> None:

@@ -131,3 +131,42 @@ def test_serve_as_started_here_writes_each_log_record_at_once(plain_proxy):
                           cwd=Path(__file__).parent.parent, capture_output=True, text=True, check=True)
     (command,) = [line for line in make.stdout.splitlines() if "/serve run " in line]
     assert "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1" in command.split()
+
+
+def test_the_routers_lines_carry_no_serve_request_id_of_the_call_that_started_it():
+    """Serve tags a replica's log lines with the request id of the call they run in (its contextvar). The router and
+    its link server start inside the first call that reaches them (an ingress's first /health probe), so every line
+    of the router's loops and of each link, for good, named that probe's id: a grep of it found them all."""
+    from ray.serve._private.logging_utils import ServeContextFilter
+    from ray.serve.context import _set_request_context
+    from deployments.link import LinkServer, connect
+    from deployments.router import RouterDeployment
+
+    tagged: list[tuple[str, str | None]] = []
+    handler = logging.Handler(logging.INFO)
+    handler.addFilter(ServeContextFilter())
+    handler.emit = lambda record: tagged.append((record.getMessage(), getattr(record, "request_id", None)))
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+
+    async def main():
+        _set_request_context(request_id="first-probe")
+        replica = RouterDeployment.func_or_class([], FAST)
+        replica._clients = [LocalMesh(lambda: SimulatedBackend(time_scale=0.01, vocab_size=1000))]
+        router = replica._ready()
+        await until(lambda: router.stats()["ready"])
+
+        async def serve_link(link) -> None:
+            logger.info("a link's line")
+        server = LinkServer(serve_link)
+        link = await connect(await server.start("127.0.0.1"))
+        await until(lambda: any(message == "a link's line" for message, _ in tagged))
+        link.close()
+        server.close()
+        await router.close()
+    try:
+        asyncio.run(main())
+    finally:
+        logger.removeHandler(handler)
+    assert ("mesh mesh-0 is up", None) in [(m.split(" (")[0], rid) for m, rid in tagged]
+    assert ("a link's line", None) in tagged
