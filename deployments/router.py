@@ -495,8 +495,8 @@ class Router:
                 self._replace(rid, req, req.held_output)
 
     def _rebalance(self) -> None:
-        """Move what waits in the live meshes' queues (MeshScheduler.queued: beyond their free slots, or behind
-        a head waiting for KV blocks) to meshes that seat it now, streams under way first, then the oldest,
+        """Move what waits in the live meshes' queues (MeshScheduler.queued: beyond their free slots, behind
+        a request waiting for KV blocks, or holding a reserved KV group) to meshes that seat it now, streams under way first, then the oldest,
         each to the best such mesh (placement_key): when a mesh comes up (after a failover the others' queues
         hold the failed mesh's requests) and when one has room while another has a queue. What no other mesh
         seats stays in line where it is: moved, it would only wait there instead, or come back."""
@@ -527,18 +527,22 @@ class Router:
             req.prefill_sampled += seq.num_prefill_sampled
 
     def _movable(self, mesh: Mesh) -> bool:
-        """Whether a mesh with room would seat the head of a queue, `mesh` being one side or the other (checked
-        on every round, so cheap while there is none: MeshScheduler.num_queued is O(1))."""
-        queued = mesh.scheduler.num_queued
-        if not queued:
+        """Whether a mesh with room would seat a request of another's queue, `mesh` being one side or the other,
+        or both: one whose reserved KV group's holder waits (MeshScheduler._admit) may have room in its other
+        groups (checked on every round, so cheap while there is none: MeshScheduler.num_queued is O(1))."""
+        def waits(m: Mesh) -> bool:
+            return m.scheduler.num_queued > 0 or m.scheduler.reserved is not None
+
+        room_here, queue_here = mesh.scheduler.num_queued < 0, waits(mesh)
+        if not room_here and not queue_here:
             return False
-        others = [m for m in self.meshes if m.up and m.scheduler.num_queued * queued < 0]
-        rooms, queues = ([mesh], others) if queued < 0 else (others, [mesh])
-        now = asyncio.get_running_loop().time()
-        rooms = [room for room in rooms if not room.stalled(now)]  # as _rebalance: nothing moves to one
+        now = asyncio.get_running_loop().time()  # as _rebalance: nothing moves to a stalled mesh
+        others = [m for m in self.meshes if m.up and m is not mesh]
+        pairs = [(mesh, q) for q in others if waits(q)] if room_here and not mesh.stalled(now) else []
+        if queue_here:
+            pairs += [(r, mesh) for r in others if r.scheduler.num_queued < 0 and not r.stalled(now)]
         return any(room.max_len >= self._need(self.requests[seq.request_id]) and room.scheduler.seats(seq)
-                   for q in queues for seq in q.scheduler.queued(MOVE_SCAN) if seq.request_id in self.requests
-                   for room in rooms)
+                   for room, q in pairs for seq in q.scheduler.queued(MOVE_SCAN) if seq.request_id in self.requests)
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""

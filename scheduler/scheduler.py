@@ -31,11 +31,13 @@ log = logging.getLogger("ray.serve")  # the log of the router replica it runs in
 class _Forecast:
     """The KV groups after the next schedule (MeshScheduler._room_after_queue): each one's [free slots, free
     blocks, available blocks], the cached blocks nobody owned that the queue will have taken by then, and
-    those its allocations will have evicted."""
+    those its allocations will have evicted; and the group then reserved for a waiting request (none else
+    enters it)."""
 
     room: list[list[int]]
     revived: list[set[int]]
     evicted: list[set[int]]
+    reserved: int | None = None
 
 
 @dataclass(slots=True)
@@ -103,7 +105,10 @@ class MeshScheduler:
         self.next_work_id = 0
         self.waiting_tokens = 0
         self.num_preemptions = 0
-        self.head_blocked = False  # the queue's head fit no KV group at the last admission, or was preempted
+        self.head_blocked = False  # the last admission stopped at a request that fit no group it may enter, or
+        # a preemption skipped it: the next schedule seats nobody more until something is freed
+        self.reserved: Sequence | None = None  # a waiting request that fit no KV group (_admit) ...
+        self.reserved_group = -1  # ... and the group held for it
         self.grammars_sent: OrderedDict[str, None] = OrderedDict()  # the mesh's GrammarCache, as far as known
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -171,7 +176,10 @@ class MeshScheduler:
             self.pending_release.append(seq.slot)
             self._release(seq)
         else:
-            if seq is self.waiting[0]:
+            if seq is self.reserved:
+                self.reserved = None  # its group is open to the queue again
+                self.head_blocked = False
+            elif seq is self._first_unreserved():
                 self.head_blocked = False  # what it blocked may fit now
             self.waiting.remove(seq)
             self.waiting_tokens -= len(seq.token_ids)
@@ -208,29 +216,39 @@ class MeshScheduler:
                 len(entries) == 1)
 
     def queued(self, limit: int | None = None) -> list[Sequence]:
-        """The waiting requests the next schedule does not seat (the queue's last num_queued), in queue order,
-        the first `limit` of them. They hold no slot or block: the router moves them to a mesh that seats them
-        now (`seats`) and cancels them here."""
-        start = len(self.waiting) - max(self.num_queued, 0)
-        return list(itertools.islice(self.waiting, start, None if limit is None else start + limit))
+        """The waiting requests the next schedule does not seat: the holder of the reserved group (`_admit`), then
+        the queue's last num_queued others, in queue order; the first `limit` of them. They hold no slot or block:
+        the router moves them to a mesh that seats them now (`seats`) and cancels them here."""
+        holder, rest = self.reserved, max(self.num_queued, 0)
+        start = max(len(self.waiting) - rest - (holder is not None), 0)
+        window = [seq for seq in itertools.islice(self.waiting, start, None) if seq is not holder]
+        out = ([holder] if holder is not None else []) + window[len(window) - rest:]
+        return out if limit is None else out[:limit]
 
     def seats(self, seq: Sequence) -> bool:
         """Whether the next schedule here would seat `seq` (another mesh's) after this mesh's own queue: room
         for its tokens (max_seq_len, the pool) and, once that schedule has reserved the running users' lookahead
         and seated the queue (_room_after_queue; a request moved here in the same pass is in it), a KV group
-        with a free slot and the blocks for its uncached tokens."""
+        with a free slot and the blocks for its uncached tokens, other than one reserved for a waiting request."""
         n = len(seq.token_ids)
         if self.num_queued >= 0 or n >= self.max_tokens_per_seq:
             return False
         forecast = self._room_after_queue()
-        return forecast is not None and self._choose_group(seq.block_hashes, n, forecast) is not None
+        return forecast is not None and self._choose_group(seq.block_hashes, n, forecast, forecast.reserved) is not None
 
     @property
     def num_queued(self) -> int:
-        """Waiting requests that the next schedule does not seat (negative: the slots left once the queue is
-        seated): those beyond the free slots, or all of them while the queue's head waits for KV blocks (FCFS:
-        nobody overtakes it), as after a preemption."""
-        return len(self.waiting) - (0 if self.head_blocked else self.kv.num_free_slots)
+        """Waiting requests, the reserved group's holder aside (`queued` lists it apart), that the next schedule
+        does not seat (negative: the slots left outside the reserved group once they are seated): those beyond
+        those free slots, or all of them while a request fits no group it may enter (nobody overtakes it), as
+        after a preemption."""
+        others = len(self.waiting) - (self.reserved is not None)
+        if self.head_blocked:
+            return others
+        free = self.kv.num_free_slots
+        if self.reserved is not None:
+            free -= len(self.kv.groups[self.reserved_group].free_slots)
+        return others - free
 
     def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int) -> int:
         """The longest prefix of a request (num_tokens tokens, full blocks hashing to block_hashes) that one KV
@@ -247,7 +265,7 @@ class MeshScheduler:
         free_after_queue = -self.num_queued
         group = max(g.room for g in self.kv.groups)
         if free_after_queue > 0 and (forecast := self._room_after_queue()) is not None \
-                and (choice := self._choose_group(block_hashes, num_tokens, forecast)) is not None:
+                and (choice := self._choose_group(block_hashes, num_tokens, forecast, forecast.reserved)) is not None:
             return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
@@ -322,66 +340,117 @@ class MeshScheduler:
         return self.kv.grow(seq.slot, seq.block_table, num_tokens)
 
     def _admit(self) -> None:
-        """FCFS: the head of the queue enters a free slot of the KV group that caches most of its prefix
-        (then the emptiest), once that group's pool holds the uncached part of its tokens plus the
-        watermark; nobody overtakes a head that fits no group."""
+        """Seat waiting requests in free slots, each in the KV group that caches most of its prefix (then the
+        emptiest) once that group's pool holds the uncached part of its tokens plus the watermark. FCFS, except
+        that the first request that fits no group reserves one (`_reservation`) and lets the queue behind it go on
+        into the other groups: the reserved group admits nobody else, so it only drains, and its holder, tried
+        first at every admission, is seated at the latest once the answers running there when it reserved have
+        ended (each bounded by its max_tokens; with the group empty, any prompt the pool holds fits). A second
+        request that fits none of the other groups stops the queue (nobody overtakes it). With one KV group
+        (torch) nothing is reserved: plain FCFS."""
         self.head_blocked = False
-        while self.waiting and self.kv.num_free_slots:
-            seq = self.waiting[0]
+        holder = self.reserved
+        if holder is not None and self.kv.num_free_slots:
+            choice = self._choose_group(self._hashes(holder), len(holder.token_ids))
+            if choice is not None:
+                self.waiting.remove(holder)
+                self.reserved = None
+                self._seat(holder, *choice)
+        while self.kv.num_free_slots:
+            index = 1 if self.waiting and self.waiting[0] is self.reserved else 0
+            if index >= len(self.waiting):
+                return
+            seq = self.waiting[index]
             n = len(seq.token_ids)
-            extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
-            choice = self._choose_group(seq.block_hashes, n)
+            exclude = self.reserved_group if self.reserved is not None else None
+            choice = self._choose_group(self._hashes(seq), n, exclude=exclude)
             if choice is None:
+                if exclude is None and len(self.kv.groups) > 1:
+                    self.reserved, self.reserved_group = seq, self._reservation(seq.block_hashes, n)
+                    continue
                 self.head_blocked = True
                 return
-            group, hit = choice
-            self.waiting.popleft()
-            self.waiting_tokens -= n
-            seq.slot, seq.block_table = self.kv.seat(group, hit, n)
-            seq.status = Status.RUNNING
-            seq.epoch += 1
-            seq.num_cached_blocks = len(hit)
-            seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
-            seq.num_planned = n
-            self.running[seq.request_id] = seq
-            if not seq.started:  # its first event (which reports it) is still to come
-                seq.num_cached_tokens = seq.num_computed
-            # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
-            # ones apart).
-            if not seq.counted and self.enable_prefix_caching:
-                seq.counted = True
-                self.prefix_query_tokens += n
-                self.prefix_hit_tokens += seq.num_computed
+            del self.waiting[index]
+            self._seat(seq, *choice)
+
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        """seq's full blocks' digests, hashed once (its tokens grow)."""
+        extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
+        return seq.block_hashes
+
+    def _first_unreserved(self) -> Sequence | None:
+        """The first waiting request that is not the reserved group's holder (the one the queue stops at)."""
+        for seq in itertools.islice(self.waiting, 2):
+            if seq is not self.reserved:
+                return seq
+        return None
+
+    def _seat(self, seq: Sequence, group: KVGroup, hit: list[int]) -> None:
+        """Take a request out of the queue's accounting into a slot of `group` (_admit has taken it off the queue)."""
+        n = len(seq.token_ids)
+        self.waiting_tokens -= n
+        seq.slot, seq.block_table = self.kv.seat(group, hit, n)
+        seq.status = Status.RUNNING
+        seq.epoch += 1
+        seq.num_cached_blocks = len(hit)
+        seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
+        seq.num_planned = n
+        self.running[seq.request_id] = seq
+        if not seq.started:  # its first event (which reports it) is still to come
+            seq.num_cached_tokens = seq.num_computed
+        # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
+        # ones apart).
+        if not seq.counted and self.enable_prefix_caching:
+            seq.counted = True
+            self.prefix_query_tokens += n
+            self.prefix_hit_tokens += seq.num_computed
 
     def _lookup(self, pool: BlockPool, block_hashes: list[bytes], n: int) -> list[int]:
         """The cached blocks of `pool` that a sequence of n tokens may reuse (none with prefix caching off)."""
         return pool.lookup(block_hashes, n, self.prefix_align) if self.enable_prefix_caching else []
 
-    def _choose_group(self, block_hashes: list[bytes], n: int,
-                      forecast: _Forecast | None = None) -> tuple[KVGroup, list[int]] | None:
+    def _choose_group(self, block_hashes: list[bytes], n: int, forecast: _Forecast | None = None,
+                      exclude: int | None = None) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room whose prefix cache holds most of the sequence, then the one with
         most room (KVGroup.room); with its prefix hit. None if none has room. `forecast`: each group judged by
-        its state after the next schedule (_room_after_queue) instead of its own."""
+        its state after the next schedule (_room_after_queue) instead of its own. `exclude`: a group reserved
+        for another request."""
         best, best_key = None, None
         for group in self.kv.groups:
-            if forecast is None:
-                (slots, free, available), revived = group.room, ()
-            else:
-                (slots, free, available), revived = forecast.room[group.index], forecast.revived[group.index]
-            if not slots:
+            room = group.room if forecast is None else forecast.room[group.index]
+            if not room[0] or group.index == exclude:
                 continue
-            pool = group.pool
-            hit = self._lookup(pool, block_hashes, n)
-            if forecast is not None and forecast.evicted[group.index]:
-                hit = self._unevicted(hit, forecast.evicted[group.index])
-            watermark = self.watermark_blocks if slots < group.num_slots else 0
-            need = pool.blocks_needed(hit, n) - (sum(1 for b in hit if b in revived) if revived else 0)
-            if need + watermark > available:
+            hit, lacking = self._fit(group, block_hashes, n, forecast)
+            if lacking > 0:
                 continue
-            key = (len(hit), slots, free, available)
+            key = (len(hit), *room)
             if best_key is None or key > best_key:
                 best, best_key = (group, hit), key
         return best
+
+    def _fit(self, group: KVGroup, block_hashes: list[bytes], n: int,
+             forecast: _Forecast | None) -> tuple[list[int], int]:
+        """A sequence's prefix hit in `group`, and the blocks the group lacks to seat it (the watermark counted;
+        zero or less: it fits), as it is now or after the next schedule (`forecast`)."""
+        if forecast is None:
+            (slots, _, available), revived = group.room, ()
+        else:
+            (slots, _, available), revived = forecast.room[group.index], forecast.revived[group.index]
+        pool = group.pool
+        hit = self._lookup(pool, block_hashes, n)
+        if forecast is not None and forecast.evicted[group.index]:
+            hit = self._unevicted(hit, forecast.evicted[group.index])
+        watermark = self.watermark_blocks if slots < group.num_slots else 0
+        need = pool.blocks_needed(hit, n) - (sum(1 for b in hit if b in revived) if revived else 0)
+        return hit, need + watermark - available
+
+    def _reservation(self, block_hashes: list[bytes], n: int, forecast: _Forecast | None = None) -> int:
+        """The group a request that fits none reserves: the one that lacks the fewest blocks for it (its prefix
+        hit counted), then the one with the most free slots (the fewest answers to wait for), then the first."""
+        def key(group: KVGroup) -> tuple[int, int, int]:
+            slots = group.room[0] if forecast is None else forecast.room[group.index][0]
+            return self._fit(group, block_hashes, n, forecast)[1], -slots, group.index
+        return min(self.kv.groups, key=key).index
 
     def _unevicted(self, hit: list[int], evicted: set[int]) -> list[int]:
         """The part of a prefix hit left once `evicted` blocks are gone: up to the first of them, rounded down
@@ -395,8 +464,9 @@ class MeshScheduler:
 
     def _room_after_queue(self) -> _Forecast | None:
         """Each KV group's room as the next schedule() would leave it once it has reserved the running users'
-        lookahead (_reserve_lookahead) and seated the waiting queue in order (_admit); None when it would seat
-        nobody more: the lookahead preempts, or a queued request fits no group (nobody overtakes it). A forecast
+        lookahead (_reserve_lookahead) and seated the waiting queue as _admit does (a reserved group's holder first,
+        then the others in order, outside its group); None when it would seat nobody more: the lookahead
+        preempts, or a queued request fits no group it may enter (nobody overtakes it). A forecast
         for placement, kept until the scheduler's state changes. Allocations past the free blocks evict cached
         ones, least recently freed first (BlockPool.allocate): a later request's hit on them is gone."""
         if self._forecast_valid:
@@ -426,19 +496,32 @@ class MeshScheduler:
                     take(seq.slot // self.kv.slots_per_group, missing)
         if any(r[2] < 0 for r in room):
             forecast = None
-        for seq in self.waiting if forecast is not None else ():
+        holder = self.reserved
+        reserved = self.reserved_group if holder is not None else None
+        order = itertools.chain((holder,) if holder is not None else (), (s for s in self.waiting if s is not holder))
+        for seq in order if forecast is not None else ():  # as _admit
+            if not any(r[0] for r in room):
+                break
             n = len(seq.token_ids)
-            extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
-            choice = self._choose_group(seq.block_hashes, n, forecast)
+            choice = self._choose_group(self._hashes(seq), n, forecast, None if seq is holder else reserved)
             if choice is None:
+                if seq is holder:
+                    continue
+                if reserved is None and len(groups) > 1:
+                    reserved = self._reservation(seq.block_hashes, n, forecast)
+                    continue
                 forecast = None
                 break
+            if seq is holder:
+                reserved = None
             group, hit = choice
             ref_counts, revived = group.pool.ref_counts, forecast.revived[group.index]
             woken = [b for b in hit if ref_counts[b] == 0 and b not in revived]  # its first sharer takes it
             revived.update(woken)
             room[group.index][0] -= 1
             take(group.index, blocks_for(n, self.block_size) - len(hit), len(woken))
+        if forecast is not None:
+            forecast.reserved = reserved
         self._forecast, self._forecast_valid = forecast, True
         return forecast
 

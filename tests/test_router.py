@@ -1076,3 +1076,32 @@ def test_prefix_caching_off_reaches_every_meshs_scheduler():
         await until(lambda: idle(router))
         await router.close()
     asyncio.run(main())
+
+
+def test_a_mesh_whose_long_prompt_holds_a_kv_group_takes_other_queues_and_lets_it_move():
+    """A prompt that fits no KV group of its mesh reserves one (MeshScheduler._admit); the mesh's other groups
+    still have room: a request queued on another mesh moves into them, and the long prompt itself moves to a
+    mesh that empties (it is listed as queued though the mesh has room)."""
+    async def main():
+        def small():  # 2 KV groups of 2 slots, 8 blocks of 64 tokens each
+            return SimulatedBackend(num_slots=4, kv_groups=2, num_blocks=8, time_scale=1.0, vocab_size=1000)
+        meshes = [LocalMesh(small) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        for i in range(8):  # 100-token streams (2 blocks): every slot of both meshes
+            router.submit(f"s{i}", [i + 2] * 100, LASTING, None, [], "c")
+        await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [4, 4])
+        router.submit("x", [50] * 400, LASTING, None, [], "c")  # 7 blocks: no group has them beside a stream
+        router.submit("y", [51] * 40, LASTING, None, [], "c")
+        home, other = router.requests["x"].mesh, router.requests["y"].mesh
+        assert home is not other
+        streams = {rid: home.scheduler.running[rid].slot // 2 for rid in home.scheduler.running}
+        for group in (0, 1):  # a slot frees in each group of x's mesh; x still fits neither
+            router.cancel(next(rid for rid, g in streams.items() if g == group))
+        await until(lambda: "y" in home.scheduler.running, timeout_s=1.0)
+        assert home.scheduler.reserved is home.scheduler.requests["x"]
+        for rid in list(other.scheduler.running):
+            router.cancel(rid)
+        await until(lambda: router.requests["x"].mesh is other, timeout_s=1.0)
+        await cancel_all_and_close(router)
+    asyncio.run(main())

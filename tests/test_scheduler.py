@@ -717,3 +717,46 @@ def test_a_work_brings_at_most_two_grammars_the_mesh_has_not_used_lately():
     assert finals[1] == ["r2", "r4"]
     drain(sched, mesh, events)
     assert all(output_of(events[f"r{i}"]) == expected([1, 2, 3], params())[0] for i in range(len(grammars)))
+
+
+def test_a_head_that_fits_no_kv_group_reserves_one_and_the_queue_goes_on_in_the_others():
+    """A prompt that needs nearly a whole KV group, behind one user per group: FCFS left the queue behind it
+    waiting while three groups had room (each drains fully before it is seated). It reserves one group, which
+    admits nobody else; the shorts behind it go into the other three, and it is seated as its group drains."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=4, num_slots=8, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+    mesh, events = FakeMesh(8, 8, BS, 4), defaultdict(list)
+    for i, max_tokens in enumerate((3, 10, 10, 10)):  # one per group; group 0's ends first
+        sched.submit(f"run{i}", [i + 1] * 5, params(max_tokens, ignore_eos=True))
+    step(sched, mesh, events)
+    assert [sched.kv.group_of(sched.running[f"run{i}"].slot).index for i in range(4)] == [0, 1, 2, 3]
+    sched.submit("long", list(range(100, 126)), params(2, ignore_eos=True))  # 7 of a group's 8 blocks
+    for i in range(3):
+        sched.submit(f"short{i}", [7, 8, 9], params(4, ignore_eos=True))
+    step(sched, mesh, events)
+    assert all(f"short{i}" in sched.running for i in range(3)), "the queue waited behind the long prompt"
+    assert sorted(sched.kv.group_of(sched.running[f"short{i}"].slot).index for i in range(3)) == [1, 2, 3]
+    assert sched.reserved is sched.requests["long"] and sched.reserved_group == 0
+    assert sched.queued() == [sched.requests["long"]] and sched.num_queued == 0
+    sched.submit("late", [7, 8, 9], params(4, ignore_eos=True))  # the free slot is group 0's: it waits
+    while "run0" in sched.requests:
+        assert "long" not in sched.running and "late" not in sched.running
+        step(sched, mesh, events)
+    work = step(sched, mesh, events)  # the first schedule after its group drained seats it
+    (chunk,) = [c for c in work.prefills if c.request_id == "long"]
+    assert sched.kv.group_of(chunk.slot).index == 0 and sched.reserved is None
+    assert all(f"run{i}" in sched.running for i in (1, 2, 3))  # seated when its own group drained, not all four
+    drain(sched, mesh, events)
+    assert output_of(events["long"]) == expected(list(range(100, 126)), params(2, ignore_eos=True))[0]
+    assert not sched.requests and all(g.pool.num_used == 0 for g in sched.kv.groups)
+
+
+def test_with_one_kv_group_a_head_that_fits_no_block_pool_holds_the_queue():
+    """The torch backend's single pool: no group to reserve, plain FCFS (nobody overtakes the head)."""
+    sched, mesh = make(num_blocks=8, max_seq_len=32, prefill_chunk=32, max_prefill_tokens=32, decode_steps=1)
+    sched.submit("run", [1] * 5, params(10, ignore_eos=True))
+    step(sched, mesh, defaultdict(list))
+    sched.submit("long", list(range(100, 126)), params(2, ignore_eos=True))
+    sched.submit("short", [7, 8, 9], params(4, ignore_eos=True))
+    step(sched, mesh, defaultdict(list))
+    assert list(sched.running) == ["run"] and sched.num_queued == 2 and not sched.seats(sched.waiting[1])

@@ -86,15 +86,30 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule()
     def schedule(self):
-        epochs = {rid: seq.epoch for rid, seq in self.sched.running.items()}
-        work = self.sched.schedule()
+        sched = self.sched
+        epochs = {rid: seq.epoch for rid, seq in sched.running.items()}
+        forecast = sched._room_after_queue()
+        predicted = None if forecast is None else ([r[0] for r in forecast.room], forecast.reserved)
+        holder = (sched.reserved, sched.reserved_group) if sched.reserved is not None else None
+        preemptions, admits = sched.num_preemptions, len(sched.inflight) < sched.max_inflight
+        work = sched.schedule()
         self._check_admissions(epochs)
+        if admits and sched.num_preemptions == preemptions:
+            # the router's forecast is what the schedule did: the free slots each group has left, the group left
+            # reserved (a forecast of None: it stopped at a request that fits no group it may enter)
+            reserved = sched.reserved_group if sched.reserved is not None else None
+            actual = [len(g.free_slots) for g in sched.kv.groups], reserved
+            assert predicted is None and sched.head_blocked or predicted == actual, (predicted, actual)
+        if holder is not None and holder[0].status is not Status.RUNNING:  # nobody overtakes it into its group
+            entered = [s for rid, s in sched.running.items() if epochs.get(rid) != s.epoch]
+            assert all(sched.kv.group_of(s.slot).index != holder[1] for s in entered), "the reserved group was taken"
         if work is None:
-            assert len(self.sched.inflight) >= self.sched.max_inflight or all(
-                s.live for s in self.sched.running.values()), "a prefill was left unplanned"
+            assert len(sched.inflight) >= sched.max_inflight or all(
+                s.live for s in sched.running.values()), "a prefill was left unplanned"
             return
-        if self.sched.waiting:  # what this round left waiting is a queue: no free slot, or a head that fits none
-            assert self.sched.num_queued == len(self.sched.waiting)
+        if sched.waiting:  # what this round left waiting is a queue: no free slot, or a request that fits none
+            assert sched.queued() == sorted(sched.waiting, key=lambda seq: seq is not sched.reserved)  # holder first
+            assert max(sched.num_queued, 0) == len(sched.waiting) - (sched.reserved is not None)
         if work.decode:  # an isolated sequence (one a failure could not be laid on alone) decodes a step alone
             listed = [seq for seq in self.sched.running.values() if seq.slot in work.decode.slots]
             if any(seq.isolated for seq in listed):
