@@ -496,10 +496,11 @@ class Router:
 
     def _rebalance(self) -> None:
         """Move what waits in the live meshes' queues (MeshScheduler.queued: beyond their free slots, behind
-        a request waiting for KV blocks, or holding a reserved KV group) to meshes that seat it now, streams under way first, then the oldest,
-        each to the best such mesh (placement_key): when a mesh comes up (after a failover the others' queues
-        hold the failed mesh's requests) and when one has room while another has a queue. What no other mesh
-        seats stays in line where it is: moved, it would only wait there instead, or come back."""
+        a request waiting for KV blocks, or holding a reserved KV group) to meshes that seat it now, streams
+        under way first, then the oldest, each to the best such mesh (placement_key): when a mesh comes up
+        (after a failover the others' queues hold the failed mesh's requests) and when one has room while
+        another has a queue. What no other mesh seats stays in line where it is: moved, it would only wait
+        there instead, or come back."""
         queued = [(seq, mesh) for mesh in self.meshes if mesh.up for seq in mesh.scheduler.queued()]
         now = asyncio.get_running_loop().time()
         for seq, origin in sorted(queued, key=lambda t: (not t[0].started, t[0].arrival_time)):

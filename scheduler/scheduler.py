@@ -31,12 +31,14 @@ log = logging.getLogger("ray.serve")  # the log of the router replica it runs in
 class _Forecast:
     """The KV groups after the next schedule (MeshScheduler._room_after_queue): each one's [free slots, free
     blocks, available blocks], the cached blocks nobody owned that the queue will have taken by then, and
-    those its allocations will have evicted; and the group then reserved for a waiting request (none else
+    those its allocations will have evicted, the (tokens left, blocks at full length) of each request the queue
+    seats there (MeshScheduler._reservation); and the group then reserved for a waiting request (none else
     enters it)."""
 
     room: list[list[int]]
     revived: list[set[int]]
     evicted: list[set[int]]
+    seated: list[list[tuple[int, int]]]
     reserved: int | None = None
 
 
@@ -445,12 +447,31 @@ class MeshScheduler:
         return hit, need + watermark - available
 
     def _reservation(self, block_hashes: list[bytes], n: int, forecast: _Forecast | None = None) -> int:
-        """The group a request that fits none reserves: the one that lacks the fewest blocks for it (its prefix
-        hit counted), then the one with the most free slots (the fewest answers to wait for), then the first."""
+        """The group a request that fits none reserves: the one that seats it soonest by its running answers'
+        budgets (max_tokens, the one bound known ahead; EOS may end them sooner): the fewest tokens left such that,
+        once every answer there with no more left has ended, the others at their full length leave it the blocks
+        it needs; then the one lacking the fewest blocks now, then the first. The guarantee (_admit) holds for any
+        group; this keeps its bound, and the wait, short (a 16,000-token prompt behind short ones, simulated, 5
+        runs: 0.86 s at the head, against 1.44 s reserving the group that lacked the fewest blocks, 0.81 s with
+        FCFS)."""
+        bs = self.block_size
+
         def key(group: KVGroup) -> tuple[int, int, int]:
-            slots = group.room[0] if forecast is None else forecast.room[group.index][0]
-            return self._fit(group, block_hashes, n, forecast)[1], -slots, group.index
+            hit, lacking = self._fit(group, block_hashes, n, forecast)
+            runners = [self._budget(s) for s in self.running.values() if self.kv.group_of(s.slot) is group]
+            runners += forecast.seated[group.index] if forecast is not None else ()
+            room = group.pool.num_blocks - sum(blocks for _, blocks in runners)
+            need, wait = blocks_for(n, bs) - len(hit), 0
+            for left, blocks in sorted(runners):
+                if room >= need:
+                    break
+                room, wait = room + blocks, left
+            return wait, lacking, group.index
         return min(self.kv.groups, key=key).index
+
+    def _budget(self, seq: Sequence) -> tuple[int, int]:
+        """A running (or just seated) request's tokens left to plan and its blocks at its full length."""
+        return seq.max_tokens_total - seq.num_planned, blocks_for(seq.max_tokens_total, self.block_size)
 
     def _unevicted(self, hit: list[int], evicted: set[int]) -> list[int]:
         """The part of a prefix hit left once `evicted` blocks are gone: up to the first of them, rounded down
@@ -473,7 +494,7 @@ class MeshScheduler:
             return self._forecast
         groups = self.kv.groups
         forecast: _Forecast | None = _Forecast([list(g.room) for g in groups], [set() for _ in groups],
-                                               [set() for _ in groups])
+                                               [set() for _ in groups], [[] for _ in groups])
         room = forecast.room
         lru = [g.pool.eviction_order() for g in groups]
 
@@ -520,6 +541,7 @@ class MeshScheduler:
             revived.update(woken)
             room[group.index][0] -= 1
             take(group.index, blocks_for(n, self.block_size) - len(hit), len(woken))
+            forecast.seated[group.index].append(self._budget(seq))
         if forecast is not None:
             forecast.reserved = reserved
         self._forecast, self._forecast_valid = forecast, True

@@ -760,3 +760,22 @@ def test_with_one_kv_group_a_head_that_fits_no_block_pool_holds_the_queue():
     sched.submit("short", [7, 8, 9], params(4, ignore_eos=True))
     step(sched, mesh, defaultdict(list))
     assert list(sched.running) == ["run"] and sched.num_queued == 2 and not sched.seats(sched.waiting[1])
+
+
+def test_a_long_prompt_reserves_the_kv_group_whose_running_answers_end_soonest():
+    """Group 0 lacks fewer blocks for it now, but its answer has 20 tokens to go; group 1's ends in 3: reserved,
+    group 0 would hold the long prompt until its answer ended (and keep its free slot from the queue)."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+    mesh, events = FakeMesh(4, 8, BS, 2), defaultdict(list)
+    sched.submit("slow", [1] * 5, params(20, ignore_eos=True))  # group 0: 2 blocks now, 7 at its end
+    sched.submit("quick", [2] * 9, params(3, ignore_eos=True))  # group 1: 3 blocks
+    step(sched, mesh, events)
+    sched.submit("long", list(range(100, 125)), params(2, ignore_eos=True))  # 7 blocks
+    step(sched, mesh, events)
+    assert "long" in sched.requests and sched.reserved_group == 1
+    while "quick" in sched.requests:
+        step(sched, mesh, events)
+    work = step(sched, mesh, events)
+    (chunk,) = [c for c in work.prefills if c.request_id == "long"]
+    assert sched.kv.group_of(chunk.slot).index == 1 and "slow" in sched.running
