@@ -135,11 +135,13 @@ class MeshReplica:
         results: asyncio.Queue = asyncio.Queue()
         async with self.turn:
             generation = self.generation
-            try:
-                await asyncio.wait_for(self.turn.wait_for(
-                    lambda: self.generation != generation or work.work_id == self.next_work_id), deadline)
-            except asyncio.TimeoutError:
-                raise StaleWork(f"work {work.work_id} waited {deadline:.0f} s for work {self.next_work_id}") from None
+            if work.work_id != self.next_work_id:  # only then: before Python 3.12 wait_for costs a task and a timer
+                try:
+                    await asyncio.wait_for(self.turn.wait_for(
+                        lambda: self.generation != generation or work.work_id == self.next_work_id), deadline)
+                except asyncio.TimeoutError:
+                    raise StaleWork(f"work {work.work_id} waited {deadline:.0f} s "
+                                    f"for work {self.next_work_id}") from None
             if self.generation != generation:
                 raise StaleWork(f"work {work.work_id} was planned before a reset")
             # Queued on the worker thread behind the work before it, not after it ends: the thread goes from one

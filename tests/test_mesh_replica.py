@@ -70,6 +70,26 @@ def test_a_queued_work_runs_right_after_the_one_before_even_while_the_event_loop
     asyncio.run(main())
 
 
+def test_a_work_whose_turn_has_come_goes_to_the_worker_thread_in_the_loop_pass_that_takes_it(replica, monkeypatch):
+    """A work that comes in order (nearly every one) has nothing to wait for: it is queued on the device thread
+    at once. Waiting for its turn anyway (asyncio.wait_for, before Python 3.12: a task and a timer) cost the mesh's
+    loop three more passes before every work, on an idle request's path to its first token too."""
+    queued = []
+    submit = replica.worker.submit
+    monkeypatch.setattr(replica.worker, "submit", lambda fn, *args: queued.append(fn) or submit(fn, *args))
+
+    async def main():
+        await replica.reset()
+        queued.clear()
+        results = replica.execute(prefill(0), replica.incarnation)
+        first = asyncio.ensure_future(anext(results))
+        await asyncio.sleep(0)  # one pass of the loop: the work's own first step
+        assert queued == [replica._run]
+        assert (await first).tokens[0] >= 0
+        await results.aclose()
+    asyncio.run(main())
+
+
 def test_after_a_device_error_the_replica_runs_nothing_and_stays_down(replica, monkeypatch):
     """A failed device takes no more work, not even a reset, until Serve restarts the replica (the router
     keeps the mesh down meanwhile): it would only fail the requests moved onto it."""
