@@ -141,7 +141,7 @@ class MeshScheduler:
             limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
                                 f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
-        queued = len(self.waiting) - self.kv.num_free_slots  # waiting for a slot: a burst into free ones is none
+        queued = len(self.waiting) - self._free_slots_for_queue()  # a burst into free slots is no queue
         if not migrated and self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
             raise QueueFull(f"{queued} requests are waiting for a slot (limit {self.max_waiting_requests})")
         # At the limit every prompt is refused, below it every one is taken (the queue passes it by one prompt at
@@ -247,10 +247,14 @@ class MeshScheduler:
         others = len(self.waiting) - (self.reserved is not None)
         if self.head_blocked:
             return others
+        return others - self._free_slots_for_queue()
+
+    def _free_slots_for_queue(self) -> int:
+        """The free slots a waiting request other than the reserved group's holder may take: none of that group's."""
         free = self.kv.num_free_slots
         if self.reserved is not None:
             free -= len(self.kv.groups[self.reserved_group].free_slots)
-        return others - free
+        return free
 
     def cached_prefix_tokens(self, block_hashes: list[bytes], num_tokens: int) -> int:
         """The longest prefix of a request (num_tokens tokens, full blocks hashing to block_hashes) that one KV

@@ -779,3 +779,19 @@ def test_a_long_prompt_reserves_the_kv_group_whose_running_answers_end_soonest()
     work = step(sched, mesh, events)
     (chunk,) = [c for c in work.prefills if c.request_id == "long"]
     assert sched.kv.group_of(chunk.slot).index == 1 and "slow" in sched.running
+
+
+def test_a_reserved_kv_groups_free_slots_take_no_burst_past_max_waiting_requests():
+    """max_waiting_requests counts the requests that wait for a slot, a burst the free slots seat aside; a reserved
+    group's free slots seat nobody but its holder, yet they counted as free: a request came in past the limit."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=1, max_inflight=1, max_waiting_requests=1)
+    mesh = FakeMesh(4, 8, BS, 2)
+    for i in range(3):  # three of the four slots, 2 blocks each
+        sched.submit(f"run{i}", [i + 1] * 5, params(10, ignore_eos=True))
+    step(sched, mesh, defaultdict(list))
+    sched.submit("long", list(range(100, 126)), params(2, ignore_eos=True))  # 7 blocks: fits neither group
+    step(sched, mesh, defaultdict(list))
+    assert sched.reserved is sched.requests["long"] and len(sched.kv.groups[sched.reserved_group].free_slots) == 1
+    with pytest.raises(QueueFull, match="1 requests are waiting"):  # only the reserved group has a free slot
+        sched.submit("late", [7, 8, 9], params(4))

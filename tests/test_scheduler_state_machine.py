@@ -66,7 +66,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                                 stop_token_ids=stop, ignore_eos=ignore_eos)
         limit, token_limit = self.sched.max_waiting_requests, self.sched.max_waiting_tokens
         # whatever the prompt's length (a long one refused where a short one is taken waits for good under load)
-        queue_full = (limit is not None and len(self.sched.waiting) - self.sched.kv.num_free_slots >= limit
+        free = self.sched.kv.num_free_slots  # a reserved KV group's free slots seat nobody but its holder
+        if self.sched.reserved is not None:
+            free -= len(self.sched.kv.groups[self.sched.reserved_group].free_slots)
+        queue_full = (limit is not None and len(self.sched.waiting) - free >= limit
                       or token_limit is not None and self.sched.waiting_tokens >= token_limit)
         try:
             seq = self.sched.submit(rid, prompt, params, salt)
