@@ -13,6 +13,7 @@ still serve their streams) is sent nothing: a continuation there would splice tw
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import AsyncIterator
 
@@ -125,7 +126,8 @@ class RouterLink:
     def _open(self) -> None:
         if self._pump is None or self._pump.done():
             self._down_since = asyncio.get_running_loop().time()
-            self._pump = asyncio.create_task(self._run())
+            # in an empty context: Serve names a log line's request by its context, that of the call opening the link
+            self._pump = asyncio.create_task(self._run(), context=contextvars.Context())
 
     async def _run(self) -> None:
         """Hold the link open; fan its batches out; on a break, fail the open requests and reconnect."""

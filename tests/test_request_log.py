@@ -170,3 +170,41 @@ def test_the_routers_lines_carry_no_serve_request_id_of_the_call_that_started_it
         logger.removeHandler(handler)
     assert ("mesh mesh-0 is up", None) in [(m.split(" (")[0], rid) for m, rid in tagged]
     assert ("a link's line", None) in tagged
+
+
+def test_the_ingress_links_lines_carry_no_serve_request_id_of_the_call_that_opened_it():
+    """The ingress's link to the router opens inside the first call that needs it (a /health probe, or the first
+    request): its loop, and so its warning that the link broke, named that call's request id for good."""
+    from ray.serve._private.logging_utils import ServeContextFilter
+    from ray.serve.context import _set_request_context
+    from deployments.link import LinkServer
+    from deployments.router_client import RouterLink
+    from tests.test_link import Remote
+
+    tagged: list[tuple[str, str | None]] = []
+    handler = logging.Handler(logging.INFO)
+    handler.addFilter(ServeContextFilter())
+    handler.emit = lambda record: tagged.append((record.getMessage(), getattr(record, "request_id", None)))
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(handler)
+
+    async def main():
+        async def hang_up(link) -> None:  # a router whose link closes at once (as when its replica dies)
+            link.close()
+        server = LinkServer(hang_up)
+        address = await server.start("127.0.0.1")
+
+        class Handle:
+            link_address = Remote(lambda: asyncio.sleep(0, address))
+        _set_request_context(request_id="first-probe")
+        client = RouterLink(Handle())
+        client.link_down_s()  # as /health opens it
+        await until(lambda: any("link broke" in message for message, _ in tagged))
+        client._pump.cancel()
+        server.close()
+    try:
+        asyncio.run(main())
+    finally:
+        logger.removeHandler(handler)
+    broke = [rid for message, rid in tagged if "link broke" in message]
+    assert broke and set(broke) == {None}, broke
