@@ -348,7 +348,7 @@ class OpenAIServer:
                     req.add_special_tokens, req.continue_final_message)
             # a tool list is always templated off the loop
             ids = await (self.sized(chars, *args) if tools is None else self.off_loop(*args, chars=chars))
-            return ids, field
+            return ids, "messages"  # the text a later error (a token without embedding) may be in
         if isinstance(req.prompt, str):
             if not truncated:
                 check_prompt_chars(len(req.prompt), limit, "prompt")

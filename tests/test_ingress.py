@@ -1304,6 +1304,18 @@ def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, rou
     assert not router.requests
 
 
+def test_a_token_the_model_cannot_embed_is_named_in_the_messages_beside_longer_tools(router, tokenizer):
+    """Only a length refusal names `tools` (where most of the characters are): the text of a message whose token
+    has no embedding is the messages' (the tools, longer than the message, were named)."""
+    router.vocab_size = 40_000
+    client = make_client(router, tokenizer)
+    word = next(w for w in ("Zwischenzeitlich", "曖昧", "ꙮ") if max(tokenizer.encode(w)) >= 40_000)
+    tools = [{"type": "function", "function": {"name": "f", "description": "a " * 40, "parameters": {"type": "object"}}}]
+    body = {**CHAT, "messages": [{"role": "user", "content": word}], "tools": tools}
+    assert_error(client.post("/v1/chat/completions", json=body), 400, "messages")
+    assert not router.requests
+
+
 MERGED_CASES = [
     ("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 12}),
     ("/v1/completions", {"prompt": "Once upon a time", "stop": [" fox", "jumps"], "max_tokens": 30}),
