@@ -2,6 +2,7 @@
 client sees, in the ingress (received, finished, aborted, failed) and in the router (preempted, moved off a failed
 mesh); nothing of the kind by default, and never the prompt."""
 import asyncio
+import contextlib
 import logging
 import os
 import subprocess
@@ -133,14 +134,11 @@ def test_serve_as_started_here_writes_each_log_record_at_once(plain_proxy):
     assert "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1" in command.split()
 
 
-def test_the_routers_lines_carry_no_serve_request_id_of_the_call_that_started_it():
-    """Serve tags a replica's log lines with the request id of the call they run in (its contextvar). The router and
-    its link server start inside the first call that reaches them (an ingress's first /health probe), so every line
-    of the router's loops and of each link, for good, named that probe's id: a grep of it found them all."""
+@contextlib.contextmanager
+def serve_tagged_lines():
+    """(message, Serve request id) of each "ray.serve" line logged meanwhile, tagged as Serve tags a replica's lines
+    (its ServeContextFilter reads the request context)."""
     from ray.serve._private.logging_utils import ServeContextFilter
-    from ray.serve.context import _set_request_context
-    from deployments.link import LinkServer, connect
-    from deployments.router import RouterDeployment
 
     tagged: list[tuple[str, str | None]] = []
     handler = logging.Handler(logging.INFO)
@@ -148,6 +146,20 @@ def test_the_routers_lines_carry_no_serve_request_id_of_the_call_that_started_it
     handler.emit = lambda record: tagged.append((record.getMessage(), getattr(record, "request_id", None)))
     logger = logging.getLogger("ray.serve")
     logger.addHandler(handler)
+    try:
+        yield tagged
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_the_routers_lines_carry_no_serve_request_id_of_the_call_that_started_it():
+    """Serve tags a replica's log lines with the request id of the call they run in (its contextvar). The router and
+    its link server start inside the first call that reaches them (an ingress's first /health probe), so every line
+    of the router's loops and of each link, for good, named that probe's id: a grep of it found them all."""
+    from ray.serve.context import _set_request_context
+    from deployments.link import LinkServer, connect
+    from deployments.router import RouterDeployment
+
 
     async def main():
         _set_request_context(request_id="first-probe")
@@ -157,17 +169,15 @@ def test_the_routers_lines_carry_no_serve_request_id_of_the_call_that_started_it
         await until(lambda: router.stats()["ready"])
 
         async def serve_link(link) -> None:
-            logger.info("a link's line")
+            logging.getLogger("ray.serve").info("a link's line")
         server = LinkServer(serve_link)
         link = await connect(await server.start("127.0.0.1"))
         await until(lambda: any(message == "a link's line" for message, _ in tagged))
         link.close()
         server.close()
         await router.close()
-    try:
+    with serve_tagged_lines() as tagged:
         asyncio.run(main())
-    finally:
-        logger.removeHandler(handler)
     assert ("mesh mesh-0 is up", None) in [(m.split(" (")[0], rid) for m, rid in tagged]
     assert ("a link's line", None) in tagged
 
@@ -175,18 +185,11 @@ def test_the_routers_lines_carry_no_serve_request_id_of_the_call_that_started_it
 def test_the_ingress_links_lines_carry_no_serve_request_id_of_the_call_that_opened_it():
     """The ingress's link to the router opens inside the first call that needs it (a /health probe, or the first
     request): its loop, and so its warning that the link broke, named that call's request id for good."""
-    from ray.serve._private.logging_utils import ServeContextFilter
     from ray.serve.context import _set_request_context
     from deployments.link import LinkServer
     from deployments.router_client import RouterLink
     from tests.test_link import Remote
 
-    tagged: list[tuple[str, str | None]] = []
-    handler = logging.Handler(logging.INFO)
-    handler.addFilter(ServeContextFilter())
-    handler.emit = lambda record: tagged.append((record.getMessage(), getattr(record, "request_id", None)))
-    logger = logging.getLogger("ray.serve")
-    logger.addHandler(handler)
 
     async def main():
         async def hang_up(link) -> None:  # a router whose link closes at once (as when its replica dies)
@@ -202,9 +205,7 @@ def test_the_ingress_links_lines_carry_no_serve_request_id_of_the_call_that_open
         await until(lambda: any("link broke" in message for message, _ in tagged))
         client._pump.cancel()
         server.close()
-    try:
+    with serve_tagged_lines() as tagged:
         asyncio.run(main())
-    finally:
-        logger.removeHandler(handler)
     broke = [rid for message, rid in tagged if "link broke" in message]
     assert broke and set(broke) == {None}, broke
