@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 
 from ray.serve.exceptions import DeploymentUnavailableError
 
-from deployments.aio import within
 from deployments.link import Link, connect
 from scheduler.errors import ModelChanged
 from scheduler.sampling import SamplingParams
