@@ -8,8 +8,8 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from deployments.protocol import ErrorInfo, ErrorResponse
-from deployments.router_client import RouterGone
-from scheduler.errors import MeshFailures, ModelChanged, NoMeshAvailable, PromptTooLong, QueueFull
+from deployments.router_client import ModelChanged, RouterGone
+from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
 
 RETRY_AFTER_S = 5  # what a 503 asks the client to wait
 

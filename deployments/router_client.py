@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from deployments.link import Link, connect
-from scheduler.errors import ModelChanged
 from scheduler.sampling import SamplingParams
 from scheduler.work import RequestFailed, TokenEvent, unpack_events
 
@@ -41,6 +40,12 @@ class RouterUnreachable(RouterLost):
 class RouterGone(RuntimeError):
     """The router's deployment is gone (deleted, or failed to deploy): no router will answer, so the request
     is refused now (HTTP 503), not retried."""
+
+
+class ModelChanged(RuntimeError):
+    """The ingress and the router serve different models (a redeploy changed the model mid-answer): a stream
+    continued there would splice two models' answers, and a new prompt was tokenized for the other one (HTTP 503
+    with Retry-After: the retry reaches the new release's ingress)."""
 
 
 class RouterLink:

@@ -14,12 +14,6 @@ class NoMeshAvailable(RuntimeError):
     """No mesh came up within the router's wait (HTTP 503 with Retry-After)."""
 
 
-class ModelChanged(RuntimeError):
-    """The ingress and the router serve different models (a redeploy changed the model mid-answer): a stream
-    continued there would splice two models' answers, and a new prompt was tokenized for the other one (HTTP 503
-    with Retry-After: the retry reaches the new release's ingress)."""
-
-
 class MeshFailures(RuntimeError):
     """`max_mesh_failures` meshes in a row failed while computing the request's prefill chunk or a decode round it
     was in, with no decode step of it done in between, the last computing it alone: it ends (HTTP 500) rather than
