@@ -379,7 +379,9 @@ class OpenAIServer:
                                 f"maximum context length ({limit}).", param="truncate_prompt_tokens")
         prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
         if req.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens, or its first ("right")
-            keep = limit if req.truncate_prompt_tokens == -1 else req.truncate_prompt_tokens
+            # -1: what leaves room for max_tokens (vLLM's max_input_tokens); the whole context left room for none
+            keep = (max(1, limit - (req.requested_max_tokens or 0)) if req.truncate_prompt_tokens == -1
+                    else req.truncate_prompt_tokens)
             prompt_ids = prompt_ids[:keep] if req.truncation_side == "right" else prompt_ids[-keep:]
         n = len(prompt_ids)
         if n >= limit:

@@ -209,7 +209,7 @@ class _GenerationRequest(RequestModel):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text (e.g. <|im_end|>) in the answer
-    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep k of the prompt's tokens (-1: the context)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep k of the prompt's tokens (-1: to fit)
     truncation_side: Literal["left", "right"] = "left"  # vLLM's: "left" keeps the last k tokens, "right" the first
     prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
     logprob_token_ids: Unsupported | None = None  # vLLM's: logprobs of chosen ids, not computed by the meshes
@@ -283,7 +283,7 @@ class _GenerationRequest(RequestModel):
     @classmethod
     def _positive_or_context(cls, v):
         if v == 0:
-            raise ValueError("truncate_prompt_tokens must be at least 1 (or -1: the model's context length)")
+            raise ValueError("truncate_prompt_tokens must be at least 1 (or -1: as many as fit with max_tokens)")
         return v
 
     @field_validator("stream_options")

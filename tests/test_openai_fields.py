@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MODEL, assert_error, client, eos,  # noqa: F401
-                                   make_client, post, router, sse, tokenizer)
+from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error,  # noqa: F401
+                                   client, eos, make_client, post, router, sse, tokenizer)
 
 # Every optional request field, sent as null: each must mean that field's default.
 SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
@@ -281,6 +281,19 @@ def test_truncate_prompt_tokens_takes_a_text_far_longer_than_the_context(client,
     assert r.json()["usage"]["prompt_tokens"] == 5
 
 
+@pytest.mark.parametrize("path, base, max_tokens", [("/v1/completions", COMPLETION, 5),
+                                                    ("/v1/completions", COMPLETION, None),
+                                                    ("/v1/chat/completions", CHAT, 5)])
+def test_truncate_prompt_tokens_minus_one_leaves_room_for_max_tokens(client, router, path, base, max_tokens):
+    """vLLM's -1 keeps the context less max_tokens (a completion's default 16): a prompt longer than the context
+    is answered. Cut to the whole context, it left no room for any answer, a 400 whatever max_tokens was."""
+    text = "word " * 2_000
+    body = {**base, "prompt": text} if "prompt" in base else {**base, "messages": [{"role": "user", "content": text}]}
+    r = client.post(path, json={**body, "truncate_prompt_tokens": -1, "max_tokens": max_tokens})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == MAX_LEN - (max_tokens or 16)
+
+
 def test_chat_template_kwargs_reach_the_template(client, router, tokenizer):
     """Variables the template does not use change nothing (as in vLLM); see test_tokenizer for one it uses."""
     for kwargs in (None, {"enable_thinking": False}):
@@ -291,7 +304,7 @@ def test_chat_template_kwargs_reach_the_template(client, router, tokenizer):
 
 @pytest.mark.parametrize("path, base", ENDPOINTS)
 def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, router, tokenizer, path, base):
-    """vLLM's truncate_prompt_tokens: the prompt's last k token ids (left truncation); -1: the context length."""
+    """vLLM's truncate_prompt_tokens: the prompt's last k token ids (left truncation); -1 cuts nothing that fits."""
     full = client.post(path, json=base).json()["usage"]["prompt_tokens"]
     cut = client.post(path, json={**base, "truncate_prompt_tokens": 3}).json()["usage"]["prompt_tokens"]
     first, second = router.requests.values()
