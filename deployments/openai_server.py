@@ -94,6 +94,15 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise APIError(400, f"{param}: token ids must lie in [0, {vocab_size})", param=param)
 
 
+def truncated(ids: list[int], keep: int, side: str, head: int = 0) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens (its first on the "right" side). The `head`
+    tokens a tokenizer put before a text (its BOS) stay first, as Hugging Face's truncation, which vLLM's is, keeps
+    them: a Llama prompt cut without its <|begin_of_text|> is read as if from mid-document."""
+    if side == "right":
+        return ids[:keep]
+    return ids[:head] + ids[max(head, len(ids) - keep + head):]
+
+
 def request_ids(prefix: str, client_id: str | None) -> tuple[str, str]:
     """The response's id and the router's (its choices are "<router id>-<i>" in the router and on the mesh). The
     router's begins with the response's, so that one grep of the id a client reports (the response's `id`, vLLM's
@@ -382,7 +391,9 @@ class OpenAIServer:
             # -1: what leaves room for max_tokens (vLLM's max_input_tokens); the whole context left room for none
             keep = (max(1, limit - (req.requested_max_tokens or 0)) if req.truncate_prompt_tokens == -1
                     else req.truncate_prompt_tokens)
-            prompt_ids = prompt_ids[:keep] if req.truncation_side == "right" else prompt_ids[-keep:]
+            bos = int(isinstance(req, CompletionRequest) and isinstance(req.prompt, str) and req.add_special_tokens
+                      and self.tokenizer.bos_id is not None)  # the tokenizer's, before a text
+            prompt_ids = truncated(prompt_ids, keep, req.truncation_side, bos)
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "

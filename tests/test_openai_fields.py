@@ -312,6 +312,19 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, router, to
     assert client.post(path, json={**base, "truncate_prompt_tokens": -1}).json()["usage"]["prompt_tokens"] == full
 
 
+def test_truncate_prompt_tokens_keeps_the_bos_before_a_text_prompt(client, router, tokenizer, monkeypatch):
+    """Left truncation of a text keeps the BOS the tokenizer puts before it (Llama 3's <|begin_of_text|>), as Hugging
+    Face's truncation, vLLM's, does: cut off, the model read the text's end as if mid-document. Ids are cut as given."""
+    monkeypatch.setattr(tokenizer, "bos_id", 1)  # a tokenizer that prepends a BOS (SmolLM2's does not)
+    text = "one two three four five six"
+    client.post("/v1/completions", json={**COMPLETION, "prompt": text})
+    client.post("/v1/completions", json={**COMPLETION, "prompt": text, "truncate_prompt_tokens": 3})
+    client.post("/v1/completions", json={**COMPLETION, "prompt": [1, 5, 6, 7, 8], "truncate_prompt_tokens": 3})
+    full, cut, ids = (ids for ids, _, _ in router.requests.values())
+    assert full[0] == 1 and len(full) > 3 and cut == [1, *full[-2:]]
+    assert ids == [6, 7, 8]
+
+
 @pytest.mark.parametrize("path, base", ENDPOINTS)
 def test_truncation_side_right_keeps_the_prompts_first_tokens(client, router, path, base):
     """vLLM's truncation_side: "right" cuts the prompt's end, keeping its first k tokens; "left" is the default."""
