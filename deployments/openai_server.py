@@ -435,7 +435,8 @@ class OpenAIServer:
             raise validation_error(exc.errors(), skip_body=False) from None
         echo = ""
         if isinstance(req, CompletionRequest) and req.echo:
-            echo = req.prompt if isinstance(req.prompt, str) else self.tokenizer.decode(prompt_ids)
+            echo = (req.prompt if isinstance(req.prompt, str)  # ids: decoded as /detokenize decodes them
+                    else await self.sized(len(prompt_ids) * 4, self.tokenizer.decode, prompt_ids))
         elif isinstance(req, ChatCompletionRequest) and req.echo and (
                 req.messages[-1].role == "assistant" or not req.add_generation_prompt):
             echo = req.messages[-1].text  # vLLM's: the final message, when the answer continues it (same role)

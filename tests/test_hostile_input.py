@@ -15,6 +15,7 @@ from deployments.config import DEFAULT_MAX_REQUEST_BYTES, AppConfig
 from deployments.errors import validation_error
 from deployments.ingress import build_app
 from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN
+from tests.fake_router import FakeRouter
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
                                    gbnf_chain, lark_chain, make_client, router, tokenizer)
 
@@ -186,6 +187,23 @@ def test_huge_inputs_queue_behind_each_other_not_ahead_of_ordinary_prompts(route
         return ids
 
     assert len(asyncio.run(run())) >= 600
+
+
+def test_echo_decodes_a_long_token_prompt_off_the_event_loop(tokenizer, eos):
+    """A batch of token-id prompts may carry ~1.2M ids in 8 MiB, and decoding 150k takes ~25 ms: echoed on the loop,
+    they stood every stream of the replica still (as /detokenize would have, which decodes off it)."""
+    decodes: list[str] = []
+
+    class DecodeSpy(SpyTokenizer):
+        def decode(self, ids, *args, **kwargs):
+            if len(ids) == 1000:  # the prompt, not the few tokens an answer is detokenized by
+                decodes.append(threading.current_thread().name)
+            return self._tokenizer.decode(ids, *args, **kwargs)
+
+    client = make_client(FakeRouter([eos], max_model_len=2048), DecodeSpy(tokenizer))
+    r = client.post("/v1/completions", json={**COMPLETION, "prompt": [28] * 1000, "echo": True, "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "," * 1000
+    assert decodes and all(name.startswith("meshserve-") for name in decodes), decodes
 
 
 def test_a_short_prompt_is_tokenized_on_the_loop(router, tokenizer):
