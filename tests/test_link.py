@@ -478,3 +478,65 @@ def test_a_deleted_router_deployment_ends_open_answers_at_once(monkeypatch, toke
         assert_error(await client.post("/v1/completions", json=body, timeout=30), 503)
         assert time.monotonic() - started < 2
     asyncio.run(main())
+
+
+class ScriptedRouter:
+    """A Serve handle to a router whose link answers each submit with `tokens` events, one a batch (as a router
+    flushes each step), then a final one."""
+
+    def __init__(self, tokens: int):
+        self.tokens, self.sent = tokens, asyncio.Event()
+        self.server = LinkServer(self._serve)
+        self.link_address = Remote(self._address)
+        self._started: LinkAddress | None = None
+
+    async def _address(self) -> LinkAddress:
+        self._started = self._started or await self.server.start("127.0.0.1")
+        return self._started
+
+    async def _serve(self, link: Link) -> None:
+        while True:
+            kind, rid, *_ = await link.recv()
+            if kind == "submit":
+                for i in range(self.tokens):
+                    link.send(pack_events([TokenEvent(rid, [i])]))
+                link.send(pack_events([TokenEvent(rid, [self.tokens], finish_reason="length")]))
+                self.sent.set()
+
+
+def test_a_reader_that_lags_gets_the_tokens_made_meanwhile_in_one_event():
+    """A client that stops reading its stream (its TCP window full: the server's writes wait) leaves its request's
+    events undelivered while the answer goes on. Each was kept as an event of its own: ~450 B per token in the
+    ingress, 12x the tokens themselves, and as many SSE chunks once the client read again. They merge now, as vLLM's
+    RequestOutputCollector merges a request's outputs while its reader lags, a bounded number a time, and its reader
+    catching up lets the replica's other streams run between two of them."""
+    async def main():
+        router = ScriptedRouter(2000)
+        link = RouterLink(router)
+        events = link.generate("r", [1, 2], SamplingParams(max_tokens=2001), None)
+        first = await anext(events)  # submitted; the reader now lags while the router sends the rest
+        await router.sent.wait()
+        await asyncio.sleep(0.3)  # the frames cross the loopback
+        ticks = 0
+
+        async def other_streams():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+        other = asyncio.create_task(other_streams())
+        await asyncio.sleep(0)
+        rest, seen = [], []
+        async for event in events:
+            rest.append(event)
+            seen.append(ticks)
+        other.cancel()
+        assert len(set(seen)) == len(seen)  # the loop ran between two events: catching up stalls nobody else
+        assert [t for e in [first, *rest] for t in e.token_ids] == list(range(2001))
+        assert rest[-1].finish_reason == "length"
+        assert len(rest) < 20  # was 2000
+        assert max(len(e.token_ids) for e in [first, *rest]) <= router_client.MERGED_TOKENS_MAX
+        link._pump.cancel()
+        router.server.close()
+    asyncio.run(main())
+
