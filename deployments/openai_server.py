@@ -596,6 +596,9 @@ class OpenAIServer:
             return
         queue: asyncio.Queue = asyncio.Queue()
         refusal = _Refusal()
+        # A choice's next delta waits until the reader took one: while the client does not read, its tokens wait
+        # merged in the router link's queue (router_client.EventQueue), not as a delta per token here.
+        room = asyncio.Semaphore(len(preps) * n)
 
         async def pump(prep: Prepared, index: int, i: int, choices: Choices) -> None:
             params = prep.params
@@ -603,6 +606,7 @@ class OpenAIServer:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
+                    await room.acquire()
                     queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
@@ -621,6 +625,7 @@ class OpenAIServer:
                 elif isinstance(item, Exception):
                     raise item
                 else:
+                    room.release()
                     yield item
         finally:
             for task in tasks:

@@ -1,6 +1,7 @@
 """Direct links (deployments/link.py) and the clients over them, without Ray: the router's of a mesh (a MeshReplica,
 the class under Serve's decorator, behind a fake Serve handle) and the ingress's of the router (RouterLink)."""
 import asyncio
+import json
 import pickle
 import socket
 import time
@@ -482,25 +483,33 @@ def test_a_deleted_router_deployment_ends_open_answers_at_once(monkeypatch, toke
 
 class ScriptedRouter:
     """A Serve handle to a router whose link answers each submit with `tokens` events, one a batch (as a router
-    flushes each step), then a final one."""
+    flushes each step), then a final one. Submits are answered one after another."""
 
-    def __init__(self, tokens: int):
-        self.tokens, self.sent = tokens, asyncio.Event()
+    def __init__(self, tokens: int, first: int = 0, step_s: float = 0.0):
+        self.tokens, self.first, self.step_s = tokens, first, step_s  # step_s: between two steps' events
+        self.sent, self.answered = asyncio.Event(), 0
         self.server = LinkServer(self._serve)
         self.link_address = Remote(self._address)
+        self.stats = Remote(self._stats)
         self._started: LinkAddress | None = None
 
     async def _address(self) -> LinkAddress:
         self._started = self._started or await self.server.start("127.0.0.1")
         return self._started
 
+    async def _stats(self) -> dict:
+        return {"ready": True, "max_model_len": 8192}
+
     async def _serve(self, link: Link) -> None:
         while True:
             kind, rid, *_ = await link.recv()
             if kind == "submit":
                 for i in range(self.tokens):
-                    link.send(pack_events([TokenEvent(rid, [i])]))
-                link.send(pack_events([TokenEvent(rid, [self.tokens], finish_reason="length")]))
+                    link.send(pack_events([TokenEvent(rid, [self.first + i])]))
+                    if self.step_s:
+                        await asyncio.sleep(self.step_s)
+                link.send(pack_events([TokenEvent(rid, [self.first + self.tokens], finish_reason="length")]))
+                self.answered += 1
                 self.sent.set()
 
 
@@ -540,3 +549,42 @@ def test_a_reader_that_lags_gets_the_tokens_made_meanwhile_in_one_event():
         router.server.close()
     asyncio.run(main())
 
+
+
+def test_a_stalled_stream_of_several_choices_keeps_their_tokens_merged(tokenizer):
+    """With n > 1 (or a batch of prompts) each choice's task took its deltas from the link as they came and queued
+    them for the response, whether or not the client read: a stalled stream kept a delta per token per choice in
+    the ingress (10 stalled n=2 streams: 50 MB for ~6,000 tokens each), the link's merging undone, and sent them as
+    a chunk each once the client read again. A choice's task now waits for the response to take its delta."""
+    async def main():
+        router = ScriptedRouter(300, first=1000, step_s=0.002)  # ordinary tokens, each with text
+        app = build_app(RouterLink(router), tokenizer, MODEL)
+        body = json.dumps({**COMPLETION, "max_tokens": 301, "n": 2, "stream": True}).encode()
+        requests = [{"type": "http.request", "body": body, "more_body": False}]
+        reading = asyncio.Event()  # set: the client reads again
+        sent = []
+
+        async def receive():
+            return requests.pop() if requests else await asyncio.Event().wait()
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                sent.append(message["body"])
+                await reading.wait()  # the client stopped reading: the server's write waits for room
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+                 "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
+                 "client": ("test", 1234), "root_path": ""}
+        call = asyncio.create_task(app(scope, receive, send))
+        await until(lambda: router.answered == 2)
+        await asyncio.sleep(0.3)  # the frames cross the loopback
+        reading.set()
+        await asyncio.wait_for(call, 10)
+        chunks = [json.loads(line[6:]) for b in sent for line in b.decode().split("\n")
+                  if line.startswith("data: {")]
+        texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)]
+        assert texts[0] == texts[1] == tokenizer.decode(list(range(1000, 1301)))
+        assert len(chunks) < 20  # was a chunk per token: 602
+        router.server.close()
+    asyncio.run(main())
