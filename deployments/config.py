@@ -22,7 +22,9 @@ BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simul
 
 
 class AppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf: a flush timer that never fires
+    # .inf: a flush timer that never fires. A failed build's error goes to `serve status`, Serve's logs and the
+    # dashboard: pydantic would quote the wrong value there, a key of api_keys (or, for a rule between keys, every arg)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
     # what is served
     model: str | None = Field("smollm2", description="'smollm2' (the embedded default), a Hugging Face folder or a "

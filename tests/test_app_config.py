@@ -262,6 +262,22 @@ def test_a_blank_api_key_is_refused(keys):
     assert AppConfig(api_keys=["my key"]).api_keys == ["my key"]  # inner spaces reach the server intact
 
 
+@pytest.mark.parametrize("args", [
+    {"api_keys": ["sk-secret-1", "sk-secret-2 "]},  # a pasted key's trailing space
+    {"api_keys": "sk-secret-1"},  # one key, not a list
+    {"api_key": "sk-secret-1"},  # vLLM's flag's name
+    {"api_keys": ["sk-secret-1"], "backend": "simulated", "num_slots": 33},  # a rule between keys: every arg
+])
+def test_a_wrong_config_does_not_show_the_api_keys(args):
+    """Serve puts a failed build's error in `serve status`, its logs and the dashboard: pydantic's names each
+    wrong value, and a rule between keys names them all."""
+    from deployments.app import build
+
+    with pytest.raises(ValidationError) as err:
+        build(args)
+    assert "sk-secret" not in str(err.value)
+
+
 def _write_llama_config(folder) -> None:
     """A tiny HF model with a tokenizer: the torch backend's check reads its config, tensor headers and tokenizer."""
     from model.verify import SHORT_CONTEXT_ROPE, save_byte_tokenizer, save_tiny_hf_model
