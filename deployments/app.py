@@ -7,7 +7,7 @@ autoscaled; the ingress is stateless and scales by `ingress_replicas`.
 
 from ray.serve import Application
 
-from deployments.config import AppConfig, check_model_files, check_model_len
+from deployments.config import AppConfig, api_keys, check_model_files, check_model_len
 from deployments.ingress import INGRESS_MAX_ONGOING_REQUESTS, Ingress
 from deployments.mesh_replica import MeshReplica
 from deployments.router import RouterDeployment
@@ -20,6 +20,7 @@ def build(args: AppConfig) -> Application:
     check_model_files(config, model_dir)  # and one whose files no replica could load
     if (too_long := check_model_len(config, model_dir)) is not None:
         raise ValueError(f"max_seq_len: {too_long}")
+    keys = api_keys(config)  # here: the build sees Ray's environment, and each ingress replica gets the same
     mesh_options = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}
     meshes = [MeshReplica.options(name=f"mesh-{i}", num_replicas=1, ray_actor_options=mesh_options)
               .bind(config.model_dump()) for i in range(config.num_meshes)]
@@ -46,5 +47,5 @@ def build(args: AppConfig) -> Application:
     ongoing = max(INGRESS_MAX_ONGOING_REQUESTS, -(-held * 5 // (4 * config.ingress_replicas)))
     return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=ongoing,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
-        router, config.model, config.names, config.api_keys or None, config.max_request_bytes, config.metrics_open,
+        router, config.model, config.names, keys or None, config.max_request_bytes, config.metrics_open,
         config.allowed_origins, config.model_identity, enable_log_requests=config.enable_log_requests)

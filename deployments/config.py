@@ -178,6 +178,19 @@ def model_root(model: str | None) -> str:
     return model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
 
 
+def api_keys(config: AppConfig, env: dict[str, str] | None = None) -> list[str]:
+    """The bearer keys: the config's, else vLLM's VLLM_API_KEY as the build sees it (`ray start`'s environment and
+    the app's env_vars; empty: none). Serve logs an application's args at each deploy (logs/serve/
+    controller_build_*.log in Ray's session folder), keys and all: the variable keeps the key out of them."""
+    key = (os.environ if env is None else env).get("VLLM_API_KEY", "")
+    if config.api_keys or not key:
+        return config.api_keys
+    try:
+        return AppConfig(api_keys=[key]).api_keys  # the config's rules: no surrounding whitespace
+    except ValidationError as e:
+        raise ValueError(f"VLLM_API_KEY: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
 def check_serve_config(path: str, notes: list[str] | None = None, port_free: bool = False) -> list[str]:
     """Each meshserve application's `args` in a Serve config file, validated: the errors, each naming its
     application and field. `serve run` retries a build that fails and then waits on, without exiting, so
@@ -224,6 +237,10 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
             errors.append(f"{where}, runtime_env.env_vars: a mapping of variable names to strings (quote numbers)")
             continue
+        try:
+            api_keys(config, {**os.environ, **env_vars})
+        except ValueError as e:
+            errors.append(f"{where}, {e}")
         model_dir = None  # where the checkpoint is, when its context must be read (check_model_len)
         if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars

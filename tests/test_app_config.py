@@ -278,6 +278,30 @@ def test_a_wrong_config_does_not_show_the_api_keys(args):
     assert "sk-secret" not in str(err.value)
 
 
+def test_the_key_may_come_from_vllms_variable_and_stay_out_of_the_args(monkeypatch, tmp_path):
+    """Serve logs an application's args at each deploy ("Importing application 'meshserve' with arguments {...}"
+    in logs/serve/controller_build_*.log): a key in the config lies in plain text in Ray's logs. vLLM's
+    VLLM_API_KEY, as the build sees it, keeps it out; the config's keys come first, as vLLM's --api-key does."""
+    from deployments.app import build
+    from deployments.config import check_serve_config
+
+    def ingress_keys(config: AppConfig):
+        return build(config)._bound_deployment.init_args[3]
+
+    monkeypatch.setenv("VLLM_API_KEY", "sk-from-env")
+    assert ingress_keys(AppConfig()) == ["sk-from-env"]
+    assert ingress_keys(AppConfig(api_keys=["sk-1"])) == ["sk-1"]
+    monkeypatch.setenv("VLLM_API_KEY", "")
+    assert ingress_keys(AppConfig()) is None  # empty: no auth, as vLLM
+    monkeypatch.setenv("VLLM_API_KEY", "sk-pasted ")  # could never match: refused at deploy, as in the config
+    with pytest.raises(ValueError, match="VLLM_API_KEY") as err:
+        build(AppConfig())
+    assert "sk-pasted" not in str(err.value)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [{"name": "m", "import_path": "deployments.app:build"}]}))
+    assert [e for e in check_serve_config(str(path)) if "VLLM_API_KEY" in e]
+
+
 def _write_llama_config(folder) -> None:
     """A tiny HF model with a tokenizer: the torch backend's check reads its config, tensor headers and tokenizer."""
     from model.verify import SHORT_CONTEXT_ROPE, save_byte_tokenizer, save_tiny_hf_model
