@@ -23,7 +23,7 @@ def build(args: AppConfig) -> Application:
     keys = api_keys(config)  # here: the build sees Ray's environment, and each ingress replica gets the same
     mesh_options = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}
     meshes = [MeshReplica.options(name=f"mesh-{i}", num_replicas=1, ray_actor_options=mesh_options)
-              .bind(config.model_dump()) for i in range(config.num_meshes)]
+              .bind(config.model_dump(exclude={"api_keys"})) for i in range(config.num_meshes)]  # the ingress's
     router = RouterDeployment.options(num_replicas=1).bind(meshes, {
         "prefill_chunk": config.prefill_chunk,
         "max_prefill_tokens": config.max_prefill_tokens or config.prefill_chunk,

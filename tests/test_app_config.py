@@ -302,6 +302,20 @@ def test_the_key_may_come_from_vllms_variable_and_stay_out_of_the_args(monkeypat
     assert [e for e in check_serve_config(str(path)) if "VLLM_API_KEY" in e]
 
 
+def test_only_the_ingress_holds_the_api_keys():
+    """The meshes and the router check no key: their replicas' init args (kept by Serve and Ray for restarts) hold
+    none, so a key leaks from no process but the one that needs it."""
+    import pickle
+
+    from deployments.app import build
+
+    ingress = build(AppConfig(api_keys=["sk-secret-1"]))._bound_deployment
+    router = ingress.init_args[0]._bound_deployment
+    others = [router.init_args[1], *(mesh._bound_deployment.init_args for mesh in router.init_args[0])]
+    assert ingress.init_args[3] == ["sk-secret-1"]
+    assert all(b"sk-secret-1" not in pickle.dumps(args) for args in others)
+
+
 def _write_llama_config(folder) -> None:
     """A tiny HF model with a tokenizer: the torch backend's check reads its config, tensor headers and tokenizer."""
     from model.verify import SHORT_CONTEXT_ROPE, save_byte_tokenizer, save_tiny_hf_model
