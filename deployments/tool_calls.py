@@ -95,7 +95,7 @@ def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall |
     cut it), or whose arguments are no JSON: a known tool's head in the usual form, name first, whose object
     does not parse. A stream sends that one's name and arguments as they come, so a whole answer must report
     it too; nothing after it is read, on either path."""
-    body = text.strip().removeprefix(PYTHON_TAG).strip()
+    body = text.lstrip().removeprefix(PYTHON_TAG).lstrip()  # not rstrip: a cut call's arguments end as streamed
     if not body.startswith("{"):
         return [], None
     names = {t.function.name for t in tools}

@@ -361,6 +361,18 @@ def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     assert cut_call('{"name": "get_wea', tools).name == "get_weather"
 
 
+@pytest.mark.parametrize("forced", [False, True])
+def test_a_call_cut_after_whitespace_keeps_it_on_both_paths(forced):
+    """max_tokens cut a call's arguments just after a space or newline: the stream had sent it, and the whole
+    answer (and so /v1/responses' function_call item) left it out, so the two differed for one greedy request."""
+    from deployments.tool_calls import ToolCallStream, answer_calls
+    tools = [Tool.model_validate(WEATHER)]
+    text = '{"name": "get_weather", "parameters": {"city": "Oslo", \n'
+    (whole,), _ = answer_calls(text, tools, forced)
+    _, pieces, _ = ToolCallStream(tools, forced).feed(text, final=True)
+    assert whole.arguments == "".join(p.arguments for p in pieces) == '{"city": "Oslo", \n'
+
+
 @pytest.mark.parametrize("step", [1, 3, 7, 1000])
 @pytest.mark.parametrize("forced", [False, True])
 def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
