@@ -277,6 +277,10 @@ class Router:
         self.requests: dict[str, _Request] = {}
         self.sinks: dict[str, _Sink] = {}  # consumer id (an ingress replica) -> its stream
         self.cancelled: OrderedDict[str, float] = OrderedDict()  # cancels that came before (or after) their request
+        # Requests waiting for a live mesh (_hold), and their tokens: each submit checks the limits on them, so
+        # they are kept apart, not counted over every request at each submit (a burst into an outage was quadratic).
+        self.held: dict[str, _Request] = {}
+        self.held_tokens = 0
         self.mesh_up = asyncio.Event()
         self.starting = True  # until every mesh has answered its first reset (or failed it), or start_wait_s
         self._unprobed = len(self.meshes)  # meshes not asked once yet
@@ -380,13 +384,12 @@ class Router:
         each. A request that comes while they are reached is refused now (QueueFull, 429), not held, whatever its
         length, as by a mesh's queue (MeshScheduler.submit). Held requests are placed past
         the limits once a mesh comes up, as moved requests are."""
-        held = [r for r in self.requests.values() if r.held_since is not None]
+        held, tokens = len(self.held), self.held_tokens
         n = len(self.meshes)
         max_requests = self.config.max_waiting_requests * n + sum(m.caps.num_slots for m in self.meshes if m.caps)
         max_tokens = self.config.max_waiting_tokens * n
-        if len(held) >= max_requests:
-            raise QueueFull(f"requests waiting for a mesh to come up: {len(held)} (limit {max_requests})")
-        tokens = sum(len(r.prompt_ids) + len(r.held_output) for r in held)
+        if held >= max_requests:
+            raise QueueFull(f"requests waiting for a mesh to come up: {held} (limit {max_requests})")
         if tokens >= max_tokens:  # as a mesh's queue: whatever the prompt's length (MeshScheduler.submit)
             raise QueueFull(f"{tokens} prompt tokens are waiting for a mesh to come up (limit {max_tokens})")
 
@@ -464,7 +467,8 @@ class Router:
         req.sink.put(item)
 
     def _end(self, request_id: str, req: _Request, reason: str) -> TokenEvent | None:
-        mesh, req.mesh, req.held_since = req.mesh, None, None
+        mesh, req.mesh = req.mesh, None
+        self._unhold(request_id, req)
         if mesh is None or not mesh.up:
             return None
         event = mesh.scheduler.cancel(request_id, reason)
@@ -486,13 +490,24 @@ class Router:
 
     def _hold(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """No live mesh that holds it (`_need`): keep the request (with its tokens so far) until one comes up."""
-        since = time.monotonic() if req.held_since is None else req.held_since  # still held: its wait goes on
-        req.mesh, req.held_output, req.held_since = None, output_ids, since
+        if req.held_since is None:
+            req.held_since = time.monotonic()
+        else:  # still held: its wait goes on
+            self.held_tokens -= len(req.prompt_ids) + len(req.held_output)
+        req.mesh, req.held_output = None, output_ids
+        self.held[request_id] = req
+        self.held_tokens += len(req.prompt_ids) + len(output_ids)
+
+    def _unhold(self, request_id: str, req: _Request) -> None:
+        """The request waits for a mesh no more (placed, or ended)."""
+        if req.held_since is not None:
+            req.held_since = None
+            del self.held[request_id]
+            self.held_tokens -= len(req.prompt_ids) + len(req.held_output)
 
     def _place_held(self) -> None:
-        for rid, req in list(self.requests.items()):
-            if req.mesh is None and req.held_since is not None:
-                self._replace(rid, req, req.held_output)
+        for rid, req in sorted(self.held.items(), key=lambda item: item[1].arrival_time):  # oldest first
+            self._replace(rid, req, req.held_output)
 
     def _rebalance(self) -> None:
         """Move what waits in the live meshes' queues (MeshScheduler.queued: beyond their free slots, behind
@@ -554,11 +569,13 @@ class Router:
         try:
             mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=True)
         except (PromptTooLong, QueueFull, ValueError) as exc:  # e.g. every live mesh has a shorter max_seq_len
-            req.mesh, req.held_since = None, None
+            req.mesh = None
+            self._unhold(request_id, req)
             ended = TokenEvent(request_id, [], finish_reason="length") if isinstance(exc, RoomFilled) else None
             self._finish(request_id, ended or RequestFailed(request_id, exc))
             return
-        req.mesh, req.held_since = mesh, None
+        req.mesh = mesh
+        self._unhold(request_id, req)
 
     async def _expire_held(self) -> None:
         """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After), but one held for
@@ -569,8 +586,8 @@ class Router:
             now = time.monotonic()
             if self.starting and self.mesh_up.is_set():  # held for the start's spread, not for want of a mesh
                 continue
-            for rid, req in list(self.requests.items()):
-                if req.held_since is not None and now - req.held_since > self.config.no_mesh_wait_s:
+            for rid, req in list(self.held.items()):
+                if now - req.held_since > self.config.no_mesh_wait_s:
                     placed = self.place(req.prompt_ids + req.held_output, req.salt, 0)
                     ending: TokenEvent | RequestFailed | None = RequestFailed(rid, NoMeshAvailable(
                         f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:g} s"))
@@ -582,7 +599,7 @@ class Router:
                             ending = TokenEvent(rid, [], finish_reason="length")
                         except (PromptTooLong, QueueFull, ValueError):
                             pass
-                    req.held_since = None
+                    self._unhold(rid, req)
                     if ending is not None:
                         self._finish(rid, ending)
 
@@ -599,7 +616,7 @@ class Router:
         return {"ready": any(m.up for m in self.meshes),
                 "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
                 "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed
-                "held": sum(r.held_since is not None for r in self.requests.values()), "meshes": meshes,
+                "held": len(self.held), "meshes": meshes,
                 "model_identity": self.config.model_identity}
 
     def _max_model_len(self, caps: Capabilities) -> int:
