@@ -222,9 +222,13 @@ class MeshScheduler:
         the queue's last num_queued others, in queue order; the first `limit` of them. They hold no slot or block:
         the router moves them to a mesh that seats them now (`seats`) and cancels them here."""
         holder, rest = self.reserved, max(self.num_queued, 0)
-        start = max(len(self.waiting) - rest - (holder is not None), 0)
-        window = [seq for seq in itertools.islice(self.waiting, start, None) if seq is not holder]
-        out = ([holder] if holder is not None else []) + window[len(window) - rest:]
+        start = max(len(self.waiting) - rest - (holder is not None), 0)  # the free slots' seats come first
+        # Past `start` lie rest + 1 others when the holder is ahead of it (the first of them is seated), else rest.
+        skip = holder is not None and any(seq is holder for seq in itertools.islice(self.waiting, start))
+        take = rest if limit is None else min(rest, max(limit - (holder is not None), 0))
+        others = (seq for seq in itertools.islice(self.waiting, start, None) if seq is not holder)
+        # Only what it returns is walked: the router asks for a queue's head on every round (MOVE_SCAN).
+        out = ([holder] if holder is not None else []) + list(itertools.islice(others, skip, skip + take))
         return out if limit is None else out[:limit]
 
     def seats(self, seq: Sequence) -> bool:

@@ -1,5 +1,6 @@
 import pickle
 import time
+import timeit
 from collections import defaultdict
 
 import numpy as np
@@ -795,3 +796,19 @@ def test_a_reserved_kv_groups_free_slots_take_no_burst_past_max_waiting_requests
     assert sched.reserved is sched.requests["long"] and len(sched.kv.groups[sched.reserved_group].free_slots) == 1
     with pytest.raises(QueueFull, match="1 requests are waiting"):  # only the reserved group has a free slot
         sched.submit("late", [7, 8, 9], params(4))
+
+
+def test_the_head_of_a_long_queue_costs_what_it_returns_not_the_queue():
+    """The router asks each mesh for the first few of its queue (queued(MOVE_SCAN)) on every round while one mesh
+    has room and another a queue; they were taken from a list of the whole queue, O(queue) per round per mesh.
+    Compared in one run: the first 8 of 100 queued, then of 10,000 (O(queue): ~100 times the cost)."""
+    sched, _ = make(num_blocks=8, max_waiting_requests=None)
+
+    def head_cost(queue: int) -> float:
+        while len(sched.waiting) < queue:
+            sched.submit(f"r{len(sched.waiting)}", [1, 2, 3], params())
+        assert sched.num_queued == queue - 4  # beyond the 4 free slots
+        assert [s.request_id for s in sched.queued(8)] == [f"r{i}" for i in range(4, 12)]
+        return min(timeit.repeat(lambda: sched.queued(8), number=200, repeat=5))
+    small, large = head_cost(100), head_cost(10_000)
+    assert large < 3 * small, f"queued(8): {small / 200 * 1e6:.1f} us of 100, {large / 200 * 1e6:.1f} us of 10,000"
