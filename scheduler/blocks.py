@@ -12,6 +12,7 @@ import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from itertools import islice
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -132,7 +133,7 @@ class BlockPool:
         max_blocks = (num_tokens - 1) // align * align // self.block_size
         block_of_hash = self._block_of_hash
         hit: list[int] = []
-        for block_hash in block_hashes[:max_blocks]:
+        for block_hash in islice(block_hashes, max(max_blocks, 0)):  # no copy: a miss costs O(1), not O(prompt)
             block = block_of_hash.get(block_hash)
             if block is None:
                 break
