@@ -52,7 +52,10 @@ async def first_model(http: httpx.AsyncClient, url: str) -> str:
         response.raise_for_status()
         return response.json()["data"][0]["id"]
     except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
-        raise SystemExit(f"cannot list the models at {api_base(url)}/v1/models: {e} (is the server up?)") from e
+        # A server with api_keys answers 401: say so rather than suggest it is down.
+        unauthorized = isinstance(e, httpx.HTTPStatusError) and e.response.status_code == 401
+        hint = "a missing or wrong API key: --api-key or $OPENAI_API_KEY" if unauthorized else "is the server up?"
+        raise SystemExit(f"cannot list the models at {api_base(url)}/v1/models: {e} ({hint})") from e
 
 
 def request_body(

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
@@ -216,6 +217,20 @@ def test_the_clients_send_an_api_key_from_the_flag_or_openai_api_key(fake_server
     state.keys.clear()
     client.main(["--num-concurrent", "1", "--prompt-json-path", str(prompts), "--url", url, "--max-tokens", "2"])
     assert state.keys == [None, None]
+
+
+def test_a_401_from_the_model_list_names_the_api_key_not_a_server_down():
+    """Without --api-key against a server with api_keys, the exit said "(is the server up?)" after the 401."""
+    refuse = httpx.MockTransport(lambda request: httpx.Response(401, json={"error": {"message": "wrong key"}}))
+
+    async def list_models():
+        async with httpx.AsyncClient(transport=refuse) as http:
+            await client.first_model(http, "http://server:8000/v1")
+
+    with pytest.raises(SystemExit) as exit_:
+        asyncio.run(list_models())
+    assert "--api-key" in str(exit_.value) and "OPENAI_API_KEY" in str(exit_.value)
+    assert "is the server up" not in str(exit_.value)
 
 
 def test_the_client_exits_non_zero_when_a_request_failed(fake_server):
