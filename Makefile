@@ -38,6 +38,7 @@ serve: $(STAMP) model
 	@echo "meshserve: starting Ray Serve with serve_config.yaml; once http://localhost:8000/health answers 200, the OpenAI endpoint is"
 	@echo "  http://localhost:8000/v1   e.g.:"
 	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
+	@$(if $(VLLM_API_KEY),echo "    -H \"Authorization: Bearer \$$VLLM_API_KEY\" \\",true)
 	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"temperature\": 0, \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
 	@# exec: make forwards a SIGTERM to its child, which is then Serve itself (a shell in between would die alone)
 	exec env $(SERVE_ENV) $(BIN)/serve run serve_config.yaml
