@@ -26,7 +26,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, RepetitionDetection,
                                   ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
-from deployments.router_client import RouterUnreachable
+from deployments.router_client import MERGED_TOKENS_MAX, RouterUnreachable
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
                                    FirstDelta,
                                    RepetitionCheck, TokenOffsets)
@@ -596,9 +596,10 @@ class OpenAIServer:
             return
         queue: asyncio.Queue = asyncio.Queue()
         refusal = _Refusal()
-        # A choice's next delta waits until the reader took one: while the client does not read, its tokens wait
-        # merged in the router link's queue (router_client.EventQueue), not as a delta per token here.
-        room = asyncio.Semaphore(len(preps) * n)
+        # Each choice's delta not yet taken, which its next merges into: while the client does not read, a choice
+        # holds its text in a few deltas, not one per token, and is still read on, so that a stop string still
+        # cancels it in the router (a choice that waited for the reader ran on past it to max_tokens).
+        unread: dict[int, ChoiceDelta] = {}
 
         async def pump(prep: Prepared, index: int, i: int, choices: Choices) -> None:
             params = prep.params
@@ -606,8 +607,12 @@ class OpenAIServer:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
-                    await room.acquire()
-                    queue.put_nowait(delta)
+                    last = unread.get(index)
+                    if last is not None and len(last.token_ids) < MERGED_TOKENS_MAX:  # a bounded text to extend
+                        last.merge(delta)
+                    else:
+                        unread[index] = delta
+                        queue.put_nowait(delta)
             except Exception as exc:
                 queue.put_nowait(exc)
             finally:
@@ -625,7 +630,8 @@ class OpenAIServer:
                 elif isinstance(item, Exception):
                     raise item
                 else:
-                    room.release()
+                    if unread.get(item.index) is item:
+                        del unread[item.index]
                     yield item
         finally:
             for task in tasks:

@@ -186,6 +186,16 @@ class ChoiceDelta:
     stop_reason: str | int | None = None  # with finish_reason "stop": the stop string or token id (vLLM)
     token_ids: list[int] = field(default_factory=list)  # the tokens taken (`text` came from them; a stop's included)
 
+    def merge(self, later: ChoiceDelta) -> None:
+        """Append a later delta of the same choice (one its reader has not taken yet)."""
+        self.text += later.text
+        self.logprobs += later.logprobs
+        self.token_offsets += later.token_offsets  # offsets in the whole text: they stay as they are
+        self.token_ids += later.token_ids
+        self.finish_reason, self.num_generated, self.num_cached = (later.finish_reason, later.num_generated,
+                                                                   later.num_cached)
+        self.stop_reason = later.stop_reason
+
 
 @dataclass
 class ChoiceTotal:

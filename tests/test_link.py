@@ -555,7 +555,7 @@ def test_a_stalled_stream_of_several_choices_keeps_their_tokens_merged(tokenizer
     """With n > 1 (or a batch of prompts) each choice's task took its deltas from the link as they came and queued
     them for the response, whether or not the client read: a stalled stream kept a delta per token per choice in
     the ingress (10 stalled n=2 streams: 50 MB for ~6,000 tokens each), the link's merging undone, and sent them as
-    a chunk each once the client read again. A choice's task now waits for the response to take its delta."""
+    a chunk each once the client read again. A choice's deltas now merge while the response has not taken them."""
     async def main():
         router = ScriptedRouter(300, first=1000, step_s=0.002)  # ordinary tokens, each with text
         app = build_app(RouterLink(router), tokenizer, MODEL)
@@ -586,5 +586,74 @@ def test_a_stalled_stream_of_several_choices_keeps_their_tokens_merged(tokenizer
         texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)]
         assert texts[0] == texts[1] == tokenizer.decode(list(range(1000, 1301)))
         assert len(chunks) < 20  # was a chunk per token: 602
+        router.server.close()
+    asyncio.run(main())
+
+
+class StoppableRouter(ScriptedRouter):
+    """A ScriptedRouter whose answers run on until cancelled (a step every `step_s`), as a mesh's do: it records
+    each cancel's reason, and how many tokens each request had made by then."""
+
+    def __init__(self, tokens: int, first: int = 0, step_s: float = 0.002):
+        super().__init__(tokens, first, step_s)
+        self.cancelled: dict[str, tuple[str, int]] = {}
+
+    async def _serve(self, link: Link) -> None:
+        made: dict[str, int] = {}
+
+        async def answer(rid: str) -> None:
+            for i in range(self.tokens):
+                if rid in self.cancelled:
+                    return
+                made[rid] = i + 1
+                link.send(pack_events([TokenEvent(rid, [self.first + i])]))
+                await asyncio.sleep(self.step_s)
+            link.send(pack_events([TokenEvent(rid, [], finish_reason="length")]))
+
+        while True:
+            kind, rid, *rest = await link.recv()
+            if kind == "submit":
+                asyncio.ensure_future(answer(rid))
+            else:
+                self.cancelled[rid] = (rest[0], made.get(rid, 0))
+
+
+def test_a_stalled_stream_of_several_choices_still_ends_each_at_its_stop_string(tokenizer):
+    """A stop string is found by the ingress, which then cancels the answer in the router. With n > 1 each choice's
+    task waited for the client to take its delta before reading on: a client that stopped reading left every choice
+    running past its stop string to max_tokens, a slot and its KV blocks held per choice for as long (vLLM stops it
+    at the string whatever the client reads). The choices are read on, their deltas merged while the client lags."""
+    async def main():
+        router = StoppableRouter(2000, first=1000)
+        app = build_app(RouterLink(router), tokenizer, MODEL)
+        stop = tokenizer.decode([1010]).strip()
+        body = json.dumps({**COMPLETION, "max_tokens": 2000, "n": 2, "stream": True, "stop": [stop]}).encode()
+        requests = [{"type": "http.request", "body": body, "more_body": False}]
+        reading = asyncio.Event()  # set: the client reads again
+        sent = []
+
+        async def receive():
+            return requests.pop() if requests else await asyncio.Event().wait()
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                sent.append(message["body"])
+                await reading.wait()  # the client stopped reading: the server's write waits for room
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+                 "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
+                 "client": ("test", 1234), "root_path": ""}
+        call = asyncio.create_task(app(scope, receive, send))
+        await until(lambda: len(router.cancelled) == 2, timeout_s=3)  # while the client does not read
+        assert [reason for reason, _ in router.cancelled.values()] == ["stop", "stop"]
+        assert max(made for _, made in router.cancelled.values()) < 100  # at the string (11 tokens), not 2,000
+        reading.set()
+        await asyncio.wait_for(call, 10)
+        chunks = [json.loads(line[6:]) for b in sent for line in b.decode().split("\n")
+                  if line.startswith("data: {")]
+        texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)]
+        assert texts[0] == texts[1] == tokenizer.decode(list(range(1000, 1011))).split(stop)[0]
+        assert {c["choices"][0]["finish_reason"] for c in chunks} == {None, "stop"}
         router.server.close()
     asyncio.run(main())
