@@ -588,8 +588,10 @@ class OpenAIServer:
         """The n choices of each prompt (independent router requests) merged in arrival order; choice i of
         prompt p has index p * n + i. A seeded request gives choice i the seed + i, so the choices differ
         and each is reproducible."""
-        if len(preps) == n == 1:  # the common case: no merging task and queue per token event
-            prep = preps[0]
+        prep = preps[0]
+        # The common case: no merging task and queue per token event. An answer the ingress itself ends (a stop string,
+        # repetition_detection) takes the task: read only as its client reads, it would run on past its end.
+        if len(preps) == n == 1 and not (prep.params.stop or prep.repetition):
             async with contextlib.aclosing(self.choice(0, f"{prep.router_id}-0", prep, prep.params, salt)) as only:
                 async for delta in only:
                     yield delta

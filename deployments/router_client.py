@@ -58,7 +58,8 @@ class EventQueue:
     event takes at most MERGED_TOKENS_MAX tokens, and a reader back after a long answer lets the loop run between
     two events: it detokenizes ~1 ms of tokens at a time (~4 us a token on the 2-core box), not the whole answer
     (20,000 tokens: ~100-240 ms) with every other stream of the replica waiting. The answer runs on meanwhile, to
-    its finish (vLLM's servers keep generating for a slow reader too)."""
+    its finish (vLLM's servers keep generating for a slow reader too); one the ingress ends itself (a stop string,
+    repetition_detection) is read on by OpenAIServer.deltas, which merges its deltas instead."""
 
     def __init__(self):
         self._items: deque = deque()

@@ -618,16 +618,18 @@ class StoppableRouter(ScriptedRouter):
                 self.cancelled[rid] = (rest[0], made.get(rid, 0))
 
 
-def test_a_stalled_stream_of_several_choices_still_ends_each_at_its_stop_string(tokenizer):
-    """A stop string is found by the ingress, which then cancels the answer in the router. With n > 1 each choice's
-    task waited for the client to take its delta before reading on: a client that stopped reading left every choice
-    running past its stop string to max_tokens, a slot and its KV blocks held per choice for as long (vLLM stops it
-    at the string whatever the client reads). The choices are read on, their deltas merged while the client lags."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_stalled_stream_still_ends_each_choice_at_its_stop_string(tokenizer, n):
+    """A stop string is found by the ingress, which then cancels the answer in the router. A choice read only as its
+    client took its deltas (n > 1: each choice's task waited for that; n = 1: the response read the choice itself):
+    a client that stopped reading left every choice running past its stop string to max_tokens, a slot and its KV
+    blocks held per choice for as long (vLLM stops it at the string whatever the client reads). The choices are read
+    on, their deltas merged while the client lags."""
     async def main():
         router = StoppableRouter(2000, first=1000)
         app = build_app(RouterLink(router), tokenizer, MODEL)
         stop = tokenizer.decode([1010]).strip()
-        body = json.dumps({**COMPLETION, "max_tokens": 2000, "n": 2, "stream": True, "stop": [stop]}).encode()
+        body = json.dumps({**COMPLETION, "max_tokens": 2000, "n": n, "stream": True, "stop": [stop]}).encode()
         requests = [{"type": "http.request", "body": body, "more_body": False}]
         reading = asyncio.Event()  # set: the client reads again
         sent = []
@@ -645,15 +647,15 @@ def test_a_stalled_stream_of_several_choices_still_ends_each_at_its_stop_string(
                  "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
                  "client": ("test", 1234), "root_path": ""}
         call = asyncio.create_task(app(scope, receive, send))
-        await until(lambda: len(router.cancelled) == 2, timeout_s=3)  # while the client does not read
-        assert [reason for reason, _ in router.cancelled.values()] == ["stop", "stop"]
+        await until(lambda: len(router.cancelled) == n, timeout_s=3)  # while the client does not read
+        assert [reason for reason, _ in router.cancelled.values()] == ["stop"] * n
         assert max(made for _, made in router.cancelled.values()) < 100  # at the string (11 tokens), not 2,000
         reading.set()
         await asyncio.wait_for(call, 10)
         chunks = [json.loads(line[6:]) for b in sent for line in b.decode().split("\n")
                   if line.startswith("data: {")]
-        texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in (0, 1)]
-        assert texts[0] == texts[1] == tokenizer.decode(list(range(1000, 1011))).split(stop)[0]
+        texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(n)]
+        assert texts == [tokenizer.decode(list(range(1000, 1011))).split(stop)[0]] * n
         assert {c["choices"][0]["finish_reason"] for c in chunks} == {None, "stop"}
         router.server.close()
     asyncio.run(main())
