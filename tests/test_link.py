@@ -550,6 +550,28 @@ def test_a_reader_that_lags_gets_the_tokens_made_meanwhile_in_one_event():
     asyncio.run(main())
 
 
+def stalled_client(app, body: bytes) -> tuple[asyncio.Task, asyncio.Event, list[bytes]]:
+    """POST /v1/completions to the ASGI app from a client that reads nothing until `reading` is set: each write of
+    the response waits for it, as uvicorn's flow control holds a write while the client's window is full. Returns
+    the app's call, the event, and the bodies written."""
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    reading = asyncio.Event()
+    sent: list[bytes] = []
+
+    async def receive():
+        return requests.pop() if requests else await asyncio.Event().wait()
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message.get("body"):
+            sent.append(message["body"])
+            await reading.wait()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
+             "client": ("test", 1234), "root_path": ""}
+    return asyncio.create_task(app(scope, receive, send)), reading, sent
+
 
 def test_a_stalled_stream_of_several_choices_keeps_their_tokens_merged(tokenizer):
     """With n > 1 (or a batch of prompts) each choice's task took its deltas from the link as they came and queued
@@ -560,23 +582,7 @@ def test_a_stalled_stream_of_several_choices_keeps_their_tokens_merged(tokenizer
         router = ScriptedRouter(300, first=1000, step_s=0.002)  # ordinary tokens, each with text
         app = build_app(RouterLink(router), tokenizer, MODEL)
         body = json.dumps({**COMPLETION, "max_tokens": 301, "n": 2, "stream": True}).encode()
-        requests = [{"type": "http.request", "body": body, "more_body": False}]
-        reading = asyncio.Event()  # set: the client reads again
-        sent = []
-
-        async def receive():
-            return requests.pop() if requests else await asyncio.Event().wait()
-
-        async def send(message):
-            if message["type"] == "http.response.body" and message.get("body"):
-                sent.append(message["body"])
-                await reading.wait()  # the client stopped reading: the server's write waits for room
-
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-                 "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
-                 "client": ("test", 1234), "root_path": ""}
-        call = asyncio.create_task(app(scope, receive, send))
+        call, reading, sent = stalled_client(app, body)
         await until(lambda: router.answered == 2)
         await asyncio.sleep(0.3)  # the frames cross the loopback
         reading.set()
@@ -630,23 +636,7 @@ def test_a_stalled_stream_still_ends_each_choice_at_its_stop_string(tokenizer, n
         app = build_app(RouterLink(router), tokenizer, MODEL)
         stop = tokenizer.decode([1010]).strip()
         body = json.dumps({**COMPLETION, "max_tokens": 2000, "n": n, "stream": True, "stop": [stop]}).encode()
-        requests = [{"type": "http.request", "body": body, "more_body": False}]
-        reading = asyncio.Event()  # set: the client reads again
-        sent = []
-
-        async def receive():
-            return requests.pop() if requests else await asyncio.Event().wait()
-
-        async def send(message):
-            if message["type"] == "http.response.body" and message.get("body"):
-                sent.append(message["body"])
-                await reading.wait()  # the client stopped reading: the server's write waits for room
-
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-                 "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
-                 "client": ("test", 1234), "root_path": ""}
-        call = asyncio.create_task(app(scope, receive, send))
+        call, reading, sent = stalled_client(app, body)
         await until(lambda: len(router.cancelled) == n, timeout_s=3)  # while the client does not read
         assert [reason for reason, _ in router.cancelled.values()] == ["stop"] * n
         assert max(made for _, made in router.cancelled.values()) < 100  # at the string (11 tokens), not 2,000
