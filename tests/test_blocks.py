@@ -1,6 +1,7 @@
 import pytest
 
 from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
+from tests.counting import counting
 
 BS = 4
 
@@ -169,20 +170,8 @@ def test_a_lookup_that_misses_costs_the_same_for_a_long_prompt():
     the digests a miss reads, of a 2,048-block prompt."""
     import os
 
-    class Digests(list):
-        read = 0
-
-        def __iter__(self):
-            for digest in super().__iter__():
-                Digests.read += 1
-                yield digest
-
-        def __getitem__(self, index):
-            if isinstance(index, slice):  # a copy reads them all
-                Digests.read += len(range(*index.indices(len(self))))
-            return super().__getitem__(index)
-
+    Digests = counting(list)
     pool, _ = cached_pool(list(range(8)))
     digests = Digests(os.urandom(16) for _ in range(2_048))  # none cached
     assert pool.lookup(digests, 2_048 * BS, BS) == []
-    assert Digests.read == 1
+    assert Digests.reads == 1

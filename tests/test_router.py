@@ -13,6 +13,7 @@ from model.simulated import SimulatedBackend
 from scheduler.errors import MeshFailures, NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.work import pack_events, unpack_events
+from tests.counting import counting
 from tests.local_mesh import Gone, LocalMesh
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
@@ -721,22 +722,7 @@ def test_a_submit_while_no_mesh_is_live_costs_the_same_however_many_requests_are
     """The held-queue limits are checked at each submit: counted over every request the router had, a submit cost
     O(held), so a burst into an outage (or a router's start) was quadratic: ~0.8 ms of the loop per submit with
     5,000 held, and the limit for 32 meshes is ~33,000. Counted: the requests 100 submits read with 2,000 held."""
-    class Walked(dict):
-        reads = 0
-
-        def _walk(self, it):
-            for item in it:
-                Walked.reads += 1
-                yield item
-
-        def __iter__(self):
-            return self._walk(super().__iter__())
-
-        def values(self):
-            return self._walk(super().values())
-
-        def items(self):
-            return self._walk(super().items())
+    Walked = counting(dict)  # the router's requests and its held ones, one count
 
     async def main():
         mesh = LocalMesh(backend)

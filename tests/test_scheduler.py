@@ -11,6 +11,7 @@ from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
 from scheduler.sequence import Status
 from scheduler.work import NO_TOKEN, StepResult
+from tests.counting import counting
 from tests.fake_mesh import FakeMesh, reference_output
 
 BS = 4
@@ -801,19 +802,12 @@ def test_the_head_of_a_long_queue_costs_what_it_returns_not_the_queue():
     """The router asks each mesh for the first few of its queue (queued(MOVE_SCAN)) on every round while one mesh
     has room and another a queue; they were taken from a list of the whole queue, O(queue) per round per mesh.
     Counted: the sequences queued(8) reads of 10,000 waiting."""
-    class Waiting(deque):
-        read = 0
-
-        def __iter__(self):
-            for seq in super().__iter__():
-                Waiting.read += 1
-                yield seq
-
+    Waiting = counting(deque)
     sched, _ = make(num_blocks=8, max_waiting_requests=None)
     sched.waiting = Waiting()
     for i in range(10_000):
         sched.submit(f"r{i}", [1, 2, 3], params())
     assert sched.num_queued == 10_000 - 4  # beyond the 4 free slots
-    Waiting.read = 0
+    Waiting.reads = 0
     assert [s.request_id for s in sched.queued(8)] == [f"r{i}" for i in range(4, 12)]
-    assert Waiting.read <= 4 + 8 + 1  # the free slots' seats, then what it returns
+    assert Waiting.reads <= 4 + 8 + 1  # the free slots' seats, then what it returns
