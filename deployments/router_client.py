@@ -166,7 +166,8 @@ class RouterLink:
         if self._pump is None or self._pump.done():
             self._down_since = asyncio.get_running_loop().time()
             # in an empty context: Serve names a log line's request by its context, that of the call opening the link
-            self._pump = asyncio.create_task(self._run(), context=contextvars.Context())
+            # (create_task's context= is Python 3.11+; a task copies the context it is created in)
+            self._pump = contextvars.Context().run(asyncio.create_task, self._run())
 
     async def _run(self) -> None:
         """Hold the link open; fan its batches out; on a break, fail the open requests and reconnect."""
