@@ -106,6 +106,7 @@ class Mesh:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     max_len: int | None = None  # the longest sequence its scheduler takes (max_tokens_per_seq); None: not known yet
     rounds: int = 0
+    works_done: int = 0  # works it answered in full, over all its incarnations
     failovers: int = 0
     requests_migrated: int = 0
     past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
@@ -141,6 +142,14 @@ class _Request:
     decoded_at_failure: int = -1  # its tokens of decode steps at the last of them
     prefill_sampled: int = 0  # Sequence.num_prefill_sampled of the meshes it left
     isolated: bool = False  # its next decode step runs alone (Sequence.isolated), wherever it goes
+    failed_alone: tuple[Mesh, int] | None = None  # the last mesh that failed computing it alone, and its works_done
+
+    def shuns(self, mesh: Mesh) -> bool:
+        """Whether queue moves (`_rebalance`) keep it off `mesh`: the last mesh that failed computing it alone, until
+        that mesh answers a work. A mesh that fails its first work at each rejoin (a crash loop) drew the same queued
+        request back each time, and the second failure ended it (500) as if it crashed two meshes."""
+        failed = self.failed_alone
+        return failed is not None and failed[0] is mesh and failed[1] == mesh.works_done
 
 
 class _Sink:
@@ -526,7 +535,8 @@ class Router:
             if req is None or req.mesh is not origin:
                 continue
             need = self._need(req)
-            targets = [m for m in rooms if m is not origin and m.max_len >= need and m.scheduler.seats(seq)]
+            targets = [m for m in rooms if m is not origin and m.max_len >= need and m.scheduler.seats(seq)
+                       and not req.shuns(m)]
             if not targets:
                 continue
             n = len(seq.token_ids)
@@ -557,8 +567,9 @@ class Router:
         pairs = [(mesh, q) for q in others if waits(q)] if room_here and not mesh.stalled(now) else []
         if queue_here:
             pairs += [(r, mesh) for r in others if r.scheduler.num_queued < 0 and not r.stalled(now)]
-        return any(room.max_len >= self._need(self.requests[seq.request_id]) and room.scheduler.seats(seq)
-                   for room, q in pairs for seq in q.scheduler.queued(MOVE_SCAN) if seq.request_id in self.requests)
+        return any(room.max_len >= self._need(req) and room.scheduler.seats(seq) and not req.shuns(room)
+                   for room, q in pairs for seq in q.scheduler.queued(MOVE_SCAN)
+                   if (req := self.requests.get(seq.request_id)) is not None)
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
@@ -719,6 +730,8 @@ class Router:
                 decoded = len(seq.output_ids) - req.prefill_sampled  # (a recompute samples a token: no decode step)
                 req.mesh_failures = req.mesh_failures + 1 if decoded <= req.decoded_at_failure else 1
                 req.decoded_at_failure = decoded
+                if alone:
+                    req.failed_alone = mesh, mesh.works_done
                 if req.mesh_failures >= limit and alone:  # beside others, it may have done nothing
                     log.error("%d meshes in a row failed computing request %s: ending it, not moving it again",
                               req.mesh_failures, seq.request_id)
@@ -819,6 +832,7 @@ class Router:
                     raise
             if received != work.num_messages:
                 raise MeshFailed(f"work {work.work_id} ended after {received} of {work.num_messages} results")
+            mesh.works_done += 1
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()

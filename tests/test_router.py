@@ -467,6 +467,40 @@ def test_a_request_that_crashes_its_decode_rounds_fails_alone(num_meshes, poison
     asyncio.run(main())
 
 
+class CrashLoopMesh(LocalMesh):
+    """A replica that resets fine but fails every work with something to compute, at its first result (a device
+    that comes up broken, or a crash loop); the empty works of the router's heartbeat pass."""
+
+    def __init__(self, make_backend):
+        self.crashes = 0
+        super().__init__(make_backend)
+
+    async def execute(self, work, incarnation):
+        if work.prefills or work.decode:
+            self.crashes += 1
+            raise RuntimeError("device lost")
+        async for step in super().execute(work, incarnation):
+            yield step
+
+
+def test_a_mesh_that_fails_its_first_work_at_every_rejoin_ends_no_request():
+    """Beside a healthy mesh, one that rejoins after each reset and fails its first work: a request it failed on was
+    moved back to it from the healthy mesh's queue at its next rejoin, and the second failure ended it with a 500
+    (2 of 4 requests), as if it had crashed two meshes. It waits for the healthy mesh now, and finishes."""
+    async def main():
+        prompts = [[i + 2] * 30 for i in range(4)]
+        alone = await solo_outputs(prompts, LONG)
+        small = lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=256, time_scale=0.01, vocab_size=1000)
+        meshes = [CrashLoopMesh(small), LocalMesh(small)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        assert await within(asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(prompts)]),
+                            20) == alone
+        assert meshes[0].crashes > 0
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_mesh_that_fails_decode_rounds_for_no_requests_reason_ends_none_of_them():
     """The one mesh fails its first decode round twice, whoever is in it: the requests of that round were laid with
     two failures in a row and all ended (500). They decode a step alone each now, and finish."""
