@@ -107,6 +107,8 @@ class Mesh:
     max_len: int | None = None  # the longest sequence its scheduler takes (max_tokens_per_seq); None: not known yet
     rounds: int = 0
     works_done: int = 0  # works it answered in full, over all its incarnations
+    works_at_up: int = 0  # works_done when it last came up
+    failed_unproven: int = 0  # failures in a row with work out and no work answered since it came up (a crash loop)
     failovers: int = 0
     requests_migrated: int = 0
     past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
@@ -227,6 +229,10 @@ GRACE_S = 0.5  # a silent work's last look at its socket, in case the router's o
 # max_prefill_tokens) is stalled: new and moved requests go to the others first. Its deadline (minutes on a
 # Galaxy) decides whether it has failed; until then, each request placed there would wait for that verdict.
 STALL_S = 1.0
+# A mesh that fails computing before it answered a work since it came up waits twice as long as the time before for
+# its next probe, up to 2 ** PROBE_DOUBLINGS x probe_interval_s: each rejoin of a crash loop drew the new requests (it
+# looks empty: placement_key) and the others' queues (_rebalance), and moved them all again at its failure.
+PROBE_DOUBLINGS = 6
 
 
 class _Silence:
@@ -665,6 +671,7 @@ class Router:
                     self._probed()
                 return
             mesh.down_reason, mesh.max_len = None, mesh.scheduler.max_tokens_per_seq
+            mesh.works_at_up = mesh.works_done
             mesh.stall_s = STALL_S + 3 * mesh.caps.expected_seconds(self.config.max_prefill_tokens, 1)
             self._measure()
             log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
@@ -681,7 +688,7 @@ class Router:
                 await self._run(mesh)
             except Exception as exc:
                 self._fail(mesh, exc)
-            await asyncio.sleep(self.config.probe_interval_s)
+            await asyncio.sleep(self.config.probe_interval_s * 2 ** min(mesh.failed_unproven, PROBE_DOUBLINGS))
 
     def _measure(self) -> None:
         """`longest` anew; requests held for a length no mesh takes any more go where they can now."""
@@ -716,6 +723,8 @@ class Router:
         mesh.past_counts = {k: mesh.past_counts.get(k, 0) + counts[k] for k in COUNTERS}
         mesh.down_reason = repr(error)
         mesh.failovers += 1
+        unproven = bool(sched.inflight) and mesh.works_done == mesh.works_at_up
+        mesh.failed_unproven = mesh.failed_unproven + 1 if unproven else 0
         if not any(m.up for m in self.meshes):
             self.mesh_up.clear()
         suspects, alone = sched.executing()  # the prefill chunk or decode round it was computing: the possible cause

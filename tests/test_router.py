@@ -501,6 +501,23 @@ def test_a_mesh_that_fails_its_first_work_at_every_rejoin_ends_no_request():
     asyncio.run(main())
 
 
+def test_a_mesh_that_fails_its_first_work_at_every_rejoin_is_probed_less_and_less_often():
+    """A crash loop rejoined at every probe (each probe_interval_s, 0.02 s here), drew the requests that came and
+    moved them at its next failure: 40 failures in a second of traffic. Its wait before each probe doubles now."""
+    async def main():
+        meshes = [CrashLoopMesh(backend), LocalMesh(backend)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        streams = []
+        for i in range(100):  # a second of traffic
+            streams.append(asyncio.create_task(collect(router, f"r{i}", [i + 2, i + 3] * 20)))
+            await asyncio.sleep(0.01)
+        await within(asyncio.gather(*streams), 20)
+        assert meshes[0].crashes <= 7  # 0.02 + 0.04 + ... + 0.64 s
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_mesh_that_fails_decode_rounds_for_no_requests_reason_ends_none_of_them():
     """The one mesh fails its first decode round twice, whoever is in it: the requests of that round were laid with
     two failures in a row and all ended (500). They decode a step alone each now, and finish."""
