@@ -218,8 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
         **asdict(summary),
         "slos_ms": {k: v * 1000 for k, v in slos.items()},
         "output_throughput_timeline": {"bin_s": bin_s, "tokens_per_s": timeline},
-        # JSON has no infinity
-        "config": {**vars(args), "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"},
+        # JSON has no infinity; the API key is a secret, not a setting (reports get shared)
+        "config": {**{k: v for k, v in vars(args).items() if k != "api_key"},
+                   "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf"},
         "requests": [
             {
                 "prompt_tokens": r.prompt_tokens,

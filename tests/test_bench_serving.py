@@ -257,3 +257,12 @@ def test_bad_numbers_are_usage_errors_before_any_request(module, flags, named, c
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--url", "http://127.0.0.1:9", *flags])  # nothing listens there: no request may be sent first
     assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_json_report_keeps_no_api_key(fake_server, tmp_path):
+    """Its config held the bearer key from --api-key or $OPENAI_API_KEY, in a file made to be shared."""
+    url, _ = fake_server
+    out = tmp_path / "out.json"
+    serving.main(["--url", url, "--num-prompts", "1", "--warmup", "0", "--random-input-len", "4",
+                  "--random-output-len", "2", "--api-key", "sk-secret", "--json", str(out)])
+    assert "sk-secret" not in out.read_text()
