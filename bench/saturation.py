@@ -25,7 +25,8 @@ Marks = list[tuple[float, int]]  # (arrival time, completion tokens so far); the
 async def stream(http: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
                  on_tokens: Callable[[int], object] | None = None) -> Marks:
     """One streaming completion (greedy, ignore_eos, so it runs to max_tokens); a mark for every chunk
-    that brought new tokens. `on_tokens(n)` hears of every n new tokens (a progress bar)."""
+    that brought new tokens. `on_tokens(n)` hears of every n new tokens (a progress bar). A stream that ends
+    in an error event raises, as an HTTP error does: its marks would end the steady window early."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     marks = [(time.perf_counter(), 0)]
@@ -33,7 +34,10 @@ async def stream(http: httpx.AsyncClient, url: str, model: str, prompt: list[int
         r.raise_for_status()
         async for line in r.aiter_lines():
             if line.startswith("data: {"):
-                usage = json.loads(line[6:]).get("usage")
+                payload = json.loads(line[6:])
+                if payload.get("error"):
+                    raise RuntimeError(f"stream failed after {marks[-1][1]} tokens: {payload['error']}")
+                usage = payload.get("usage")
                 if usage and usage["completion_tokens"] > marks[-1][1]:
                     if on_tokens is not None:
                         on_tokens(usage["completion_tokens"] - marks[-1][1])

@@ -1,9 +1,12 @@
 """The saturation measurement's arithmetic on known inputs (no cluster; tests/test_cluster_e2e.py runs one)."""
+import asyncio
+import json
 
+import httpx
 import pytest
 
-from bench.saturation import (SteadyWindow, capacity_tokens_per_s, distinct_prompts, steady_window, tokens_until,
-                              ttfts)
+from bench.saturation import (SteadyWindow, capacity_tokens_per_s, distinct_prompts, steady_window, stream,
+                              tokens_until, ttfts)
 
 # Two streams sent at t=0: (arrival time, completion tokens so far).
 EARLY = [(0.0, 0), (1.0, 1), (2.0, 3), (3.0, 5), (4.0, 6)]
@@ -62,3 +65,19 @@ def test_distinct_prompts_share_no_first_token():
     prompts = distinct_prompts(256, 128)
     assert all(len(p) == 128 for p in prompts)
     assert len({p[0] for p in prompts}) == 256
+
+
+def test_a_stream_that_ends_in_an_error_fails_the_run():
+    """Its marks came back as a short stream: the steady window ended at the failure and every figure (tok/s,
+    efficiency, gaps, CPU per token) was taken over it with no word of a failed request."""
+    events = [{"choices": [{"index": 0, "text": "a"}], "usage": {"completion_tokens": 1}},
+              {"error": {"message": "mesh lost", "type": "internal_error", "code": 500}}]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    answer = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+
+    async def one():
+        async with httpx.AsyncClient(transport=answer) as http:
+            return await stream(http, "http://server", "m", [1, 2], max_tokens=4)
+
+    with pytest.raises(RuntimeError, match="mesh lost"):
+        asyncio.run(one())
