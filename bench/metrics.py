@@ -101,9 +101,12 @@ def parse_slos(items: Sequence[str]) -> dict[str, float]:
         if not sep or name not in SLO_METRICS:
             raise ValueError(f"bad SLO {item!r}: expected NAME:MILLISECONDS with NAME one of {', '.join(SLO_METRICS)}")
         try:
-            slos[name] = float(value) / 1000.0
+            ms = float(value)
         except ValueError:
             raise ValueError(f"bad SLO {item!r}: {value!r} is not a number of milliseconds") from None
+        if not ms >= 0:  # a negative or NaN target is met by no request: goodput 0 that reads as a measurement
+            raise ValueError(f"bad SLO {item!r}: the target must be a non-negative number of milliseconds")
+        slos[name] = ms / 1000.0
     return slos
 
 

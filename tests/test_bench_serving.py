@@ -249,6 +249,8 @@ def test_the_client_exits_non_zero_when_a_request_failed(fake_server):
     ("serving", ["--request-rate", "0"], "--request-rate"),  # ZeroDivisionError after the warm-up
     ("serving", ["--request-rate", "-1"], "--request-rate"),
     ("serving", ["--random-range-ratio", "1.5"], "--random-range-ratio"),
+    ("serving", ["--goodput", "ttft:-500"], "ttft:-500"),  # goodput 0, as if no request met it
+    ("serving", ["--goodput", "tpot:nan"], "tpot:nan"),
     ("client", ["--num-concurrent", "0"], "--num-concurrent"),  # hung
     ("client", ["--num-concurrent", "-1"], "--num-concurrent"),
 ])
