@@ -88,9 +88,21 @@ def print_table(report: dict) -> None:
           f"stream_interval_ms {c['stream_interval_ms']:g}, ingress_replicas {c['ingress_replicas']}.")
 
 
+def mesh_counts(text: str) -> list[int]:
+    """'1,2,4,8' -> [1, 2, 4, 8], read whole before any cluster starts: each count costs minutes."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated mesh counts, not {text!r}") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"every mesh count must be at least 1, not {text!r}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--meshes", default="1,2,4,8", help="comma-separated mesh counts, one cluster each")
+    p.add_argument("--meshes", type=mesh_counts, default="1,2,4,8",
+                   help="comma-separated mesh counts, one cluster each")
     p.add_argument("--time-scale-per-mesh", type=float, default=6.0,
                    help="time_scale = N x this; the HTTP token rate is one Galaxy's divided by it")
     p.add_argument("--prompt-tokens", type=int, default=128)
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "stream_interval_ms": args.stream_interval_ms, "ingress_replicas": args.ingress_replicas},
               "results": []}
     with contextlib.redirect_stdout(sys.stderr):  # Ray's cluster chatter, kept off the report
-        for n in (int(x) for x in args.meshes.split(",")):
+        for n in args.meshes:
             config = AppConfig(model="smollm2", backend="simulated", num_meshes=n, mesh_resources={"galaxy": 1},
                                mesh_num_cpus=0.1, ingress_num_cpus=0.1, time_scale=n * args.time_scale_per_mesh,
                                decode_steps=args.decode_steps, stream_interval_ms=args.stream_interval_ms,

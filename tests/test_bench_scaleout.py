@@ -81,3 +81,17 @@ def test_a_stream_that_ends_in_an_error_fails_the_run():
 
     with pytest.raises(RuntimeError, match="mesh lost"):
         asyncio.run(one())
+
+
+@pytest.mark.parametrize("meshes", ["1,x", "2,0", "1,,4", "-1"])
+def test_a_bad_mesh_list_is_a_usage_error_before_any_cluster(meshes, monkeypatch, capsys):
+    """The list was read lazily: `1,x` served one mesh for minutes, then died on `x` with a ValueError, its
+    figures lost; `2,0` built an app with no mesh."""
+    from bench import scaleout
+
+    measured = []
+    monkeypatch.setattr(scaleout, "measure", lambda config, *a: measured.append(config.num_meshes) or {})
+    with pytest.raises(SystemExit) as exit_:
+        scaleout.main(["--meshes", meshes])
+    assert exit_.value.code == 2 and "--meshes" in capsys.readouterr().err
+    assert measured == []
