@@ -46,6 +46,13 @@ def add_api_key_argument(parser: argparse.ArgumentParser) -> None:
                         help="bearer key for a server with api_keys (default: $OPENAI_API_KEY, as the openai SDK)")
 
 
+def check_output_folder(parser: argparse.ArgumentParser, flag: str, path: str | None) -> None:
+    """A usage error before any request, rather than a traceback once the whole run is done and its figures lost."""
+    folder = os.path.dirname(os.path.abspath(path)) if path and path != "-" else None
+    if folder and not os.path.isdir(folder):
+        parser.error(f"{flag} {path}: the folder {folder} does not exist")
+
+
 async def first_model(http: httpx.AsyncClient, url: str) -> str:
     try:
         response = await http.get(f"{api_base(url)}/v1/models")
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, value in (("--num-concurrent", args.num_concurrent), ("--max-tokens", args.max_tokens)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, not {value}")
+    check_output_folder(parser, "--json", args.json)
 
     try:
         prompts = load_prompts(args.prompt_json_path)

@@ -24,8 +24,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.chart import save_chart
-from bench.client import (DEFAULT_URL, ENDPOINTS, add_api_key_argument, first_model, new_http_client, request_body,
-                          stream_request, write_json)
+from bench.client import (DEFAULT_URL, ENDPOINTS, add_api_key_argument, check_output_folder, first_model,
+                          new_http_client, request_body, stream_request, write_json)
 from bench.metrics import RequestResult, Summary, output_throughput_timeline, parse_slos, summarize
 from bench.prompts import PromptFileError, load_prompts
 from bench.textgen import random_words
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--random-range-ratio must be in [0, 1), not {args.random_range_ratio}")
     if args.random_prompt == "tokens" and args.endpoint == "chat" and not args.prompt_json_path:
         parser.error("--random-prompt tokens needs --endpoint completions (chat messages are text)")
+    check_output_folder(parser, "--json", args.json)
+    check_output_folder(parser, "--chart", args.chart)
     try:
         slos = parse_slos(args.goodput)
     except ValueError as e:

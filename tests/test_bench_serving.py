@@ -268,3 +268,12 @@ def test_the_json_report_keeps_no_api_key(fake_server, tmp_path):
     serving.main(["--url", url, "--num-prompts", "1", "--warmup", "0", "--random-input-len", "4",
                   "--random-output-len", "2", "--api-key", "sk-secret", "--json", str(out)])
     assert "sk-secret" not in out.read_text()
+
+
+@pytest.mark.parametrize("module, flag", [("serving", "--json"), ("serving", "--chart"), ("client", "--json")])
+def test_an_output_file_in_a_missing_folder_is_a_usage_error_before_any_request(module, flag, tmp_path, capsys):
+    """The whole run went first, then a FileNotFoundError traceback, and its figures were lost with it."""
+    cli = serving if module == "serving" else client
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--url", "http://127.0.0.1:9", flag, str(tmp_path / "missing" / "out")])
+    assert exit_.value.code == 2 and flag in capsys.readouterr().err
