@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import sys
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -70,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, mesh_num_cpus=0.5,
                        max_seq_len=131072, decode_steps=8)
     batch = prompts(args.requests, args.prefix_tokens)
-    alone, _ = run(config, batch, args.max_tokens, together=False)
-    together, seen = run(config, batch, args.max_tokens, together=True)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray prints its shutdown notices there: keep --json clean
+        alone, _ = run(config, batch, args.max_tokens, together=False)
+        together, seen = run(config, batch, args.max_tokens, together=True)
     report = {"requests": args.requests, "prefix_tokens": args.prefix_tokens,
               "texts_identical": sum(a == b for a, b in zip(alone, together)), **seen}
     if args.json:

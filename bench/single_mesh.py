@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
+import sys
 
 import httpx
 import numpy as np
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, mesh_num_cpus=0.5,
                        decode_steps=args.decode_steps, stream_interval_ms=args.stream_interval_ms,
                        max_seq_len=131072)
-    with serve_app(config) as url:
+    # Ray prints its shutdown notices on stdout: keep --json clean
+    with contextlib.redirect_stdout(sys.stderr), serve_app(config) as url:
         asyncio.run(idle_ttft(url, 3, args.prompt_tokens, args.time_scale))  # warm-up
         report = {"config": {"time_scale": args.time_scale, "decode_steps": args.decode_steps,
                              "stream_interval_ms": args.stream_interval_ms},

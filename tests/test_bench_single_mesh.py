@@ -1,5 +1,7 @@
-"""bench.single_mesh's idle TTFT figures on known first-token times (no server)."""
+"""bench.single_mesh's figures on known first-token times, and its --json output (no server)."""
 import asyncio
+import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -21,3 +23,21 @@ def test_idle_ttft_percentiles_are_numpys(monkeypatch):
     report = asyncio.run(single_mesh.idle_ttft("http://unused", len(TTFTS), 128, 1.0))
     assert report["median_ttft_ms"] == pytest.approx(105.0)
     assert report["p90_ttft_ms"] == pytest.approx(float(np.percentile(TTFTS, 90)) * 1e3)  # 181 ms
+
+
+def test_json_is_all_that_goes_to_stdout(monkeypatch, capsys):
+    """Ray's log lines (its raylet's "(raylet) Task ServeController.graceful_shutdown failed ..." on every app
+    shutdown) went to stdout ahead of the JSON, so `--json | jq` could not parse it."""
+    @contextlib.contextmanager
+    def serve_app(config):
+        print("(raylet) Task ServeController.graceful_shutdown failed.")  # as Ray's log monitor prints
+        yield "http://unused"
+
+    async def figures(*args):
+        return {"figure": 1.0}
+
+    monkeypatch.setattr(single_mesh, "serve_app", serve_app)
+    monkeypatch.setattr(single_mesh, "saturation", figures)
+    monkeypatch.setattr(single_mesh, "idle_ttft", figures)
+    single_mesh.main(["--json"])
+    assert json.loads(capsys.readouterr().out)["idle_ttft"] == {"figure": 1.0}
