@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import sys
 import time
 
 import httpx
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, num_meshes=args.meshes,
                        mesh_num_cpus=0.1, num_blocks=1024, max_seq_len=8192, prefill_chunk=512, decode_steps=8)
     prompts = distinct_prompts(args.streams, args.prompt_tokens)
-    with serve_app(config) as url:
+    # Ray prints its shutdown and actor-death notices on stdout: keep --json clean
+    with contextlib.redirect_stdout(sys.stderr), serve_app(config) as url:
         reference, _ = asyncio.run(run(url, prompts, args.max_tokens, None))
         incarnation = router_stats(url)["meshes"][0]["incarnation"]
         faulted, killed_at = asyncio.run(run(url, prompts, args.max_tokens, args.kill, config))
