@@ -115,9 +115,9 @@ async def stream_request(http: httpx.AsyncClient, url: str, endpoint: str, body:
                     result.usage_reported = True
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
-                    if text:
+                    if text or choice.get("finish_reason"):  # the end brings a token (EOS) even without text
                         result.chunk_times.append(time.perf_counter())
-                        pieces.append(text)
+                        pieces.append(text or "")
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         result.error = f"{type(e).__name__}: {e}"
     result.end = time.perf_counter()

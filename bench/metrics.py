@@ -1,8 +1,9 @@
 """Serving metrics from streamed requests, with the definitions vLLM's benchmark uses so numbers compare.
 
-TTFT: request sent -> first chunk carrying text. E2E latency: sent -> stream closed.
+TTFT: request sent -> first chunk carrying text, or the answer's end (an answer of EOS alone has no text).
+E2E latency: sent -> stream closed.
 TPOT: (E2E - TTFT) / (output tokens - 1), the mean time per token after the first, per request.
-ITL: gaps between consecutive text chunks; a server that coalesces tokens shows fewer, longer gaps.
+ITL: gaps between consecutive such chunks; a server that coalesces tokens shows fewer, longer gaps.
 Goodput: completed requests per second that met every given SLO (DistServe's definition).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ class RequestResult:
 
     start: float
     end: float = 0.0
-    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk that carried text
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with text or a finish_reason
     text: str = ""
     prompt_tokens: int | None = None
     output_tokens: int = 0  # from the server's usage when reported, else one per text chunk

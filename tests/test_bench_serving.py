@@ -277,3 +277,28 @@ def test_an_output_file_in_a_missing_folder_is_a_usage_error_before_any_request(
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--url", "http://127.0.0.1:9", flag, str(tmp_path / "missing" / "out")])
     assert exit_.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_an_answer_of_one_token_without_text_is_no_failure(endpoint):
+    """A model that ends its answer at once (EOS first: no text, finish_reason stop, 1 token in usage) counted as
+    a failed request ("the stream ended without any text"), and bench.client exited 1; vLLM's benchmark counts
+    it as a success with its TTFT at that chunk."""
+    if endpoint == "chat":
+        choices = [[{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                   [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}]]
+    else:
+        choices = [[{"index": 0, "text": "", "finish_reason": "stop"}]]
+    usage = {"prompt_tokens": 3, "completion_tokens": 1}
+    events = [{"choices": c} for c in choices] + [{"choices": [], "usage": usage}]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    answer = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+
+    async def one():
+        async with httpx.AsyncClient(transport=answer) as http:
+            return await client.stream_request(http, "http://server", endpoint, {})
+
+    result = asyncio.run(one())
+    assert result.ok, result.error
+    assert (result.output_tokens, result.text, len(result.chunk_times)) == (1, "", 1)
+    assert 0 <= result.ttft <= result.e2el and result.tpot is None
