@@ -114,9 +114,10 @@ class Mesh:
     past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
     heard_at: float = 0.0  # loop time of its last result, or of a work sent while it had none out
     stall_s: float = math.inf  # silent this long with work out: stalled (STALL_S)
+    heartbeat_out: bool = False  # an idle mesh's empty work is unanswered: work out too (a host frozen while idle)
 
     def stalled(self, now: float) -> bool:
-        return bool(self.scheduler.inflight) and now - self.heard_at > self.stall_s
+        return (bool(self.scheduler.inflight) or self.heartbeat_out) and now - self.heard_at > self.stall_s
 
     @property
     def up(self) -> bool:
@@ -808,10 +809,13 @@ class Router:
         async def answered() -> None:
             async for _ in mesh.client.execute(work, mesh.incarnation):
                 pass
+        mesh.heard_at, mesh.heartbeat_out = asyncio.get_running_loop().time(), True
         try:
             await within(answered(), self.config.min_step_deadline_s)
         except asyncio.TimeoutError:
             raise MeshFailed(f"an empty work went unanswered for {self.config.min_step_deadline_s:.0f} s") from None
+        finally:
+            mesh.heartbeat_out = False
 
     def _deadline(self, caps: Capabilities, work: MeshWork) -> float:
         tokens = sum(len(c.token_ids) - c.start for c in work.prefills)

@@ -333,6 +333,30 @@ def test_new_requests_go_around_a_mesh_that_stopped_answering_before_its_deadlin
     asyncio.run(main())
 
 
+def test_new_requests_go_around_an_idle_mesh_whose_host_froze():
+    """A Galaxy host that freezes or is cut off while its mesh is idle sends no FIN: only the idle mesh's heartbeat
+    (an empty work) is out, and it went unanswered until min_step_deadline_s. That heartbeat was no work out for
+    the stall check, and the mesh's loop waited on it sending nothing else: the silent mesh looked free and every
+    other new request was placed there to wait for that deadline (30 s by default)."""
+    async def main():
+        prompts = PROMPTS[:8]
+        alone = await solo_outputs(prompts, LONG)
+        router, (m0, m1) = await make_router(num_meshes=2, min_step_deadline_s=60)
+        frozen = asyncio.Event()
+
+        async def silent(work, incarnation):  # the host froze: nothing comes back, the link stays open
+            await frozen.wait()
+            yield  # pragma: no cover
+        m0.execute = silent
+        await asyncio.sleep(1.5)  # a heartbeat (every 0.2 s) went out and STALL_S passed without an answer
+        assert router.stats()["meshes"][0]["up"]  # not failed: its deadline is a minute away
+        assert await within(asyncio.gather(*[collect(router, f"n{i}", p, LONG) for i, p in enumerate(prompts)]),
+                            10) == alone
+        frozen.set()
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_queue_is_not_offered_to_a_stalled_mesh_round_after_round():
     """_movable counted a stalled mesh's free slots as room that _rebalance then would not use: nearly every
     round of the busy mesh ran a rebalance that moved nothing, for as long as the stall lasted (minutes)."""
