@@ -309,7 +309,11 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
         if name not in names:
             problems.append(f"deployments[{i}].name: {name!r} is no deployment of this application (it has "
                             f"{', '.join(names)})")
-        elif name != "Ingress":
+            continue
+        if options.get("user_config") is not None:  # Serve hands it to reconfigure(), which none of ours has
+            problems.append(f"deployments[{i}] ({name}).user_config: {name} takes none (Serve would fail each of its "
+                            "replicas, a mesh once loaded): its settings are the application's args")
+        if name != "Ingress":
             if options.get("num_replicas") not in (None, 1):  # None: the build's
                 problems.append(f"deployments[{i}] ({name}).num_replicas: must be 1, not "
                                 f"{options['num_replicas']!r}: {_ONE_REPLICA[name != 'RouterDeployment']}")

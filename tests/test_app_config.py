@@ -476,6 +476,10 @@ def test_a_model_folder_the_torch_backend_cannot_read_is_named_not_a_traceback(t
     ([{"name": "RouterDeployment", "max_surge_percent": 100}], "(RouterDeployment).max_surge_percent: must be 0"),
     ([{"name": "mesh-1", "max_surge_percent": 50}], "(mesh-1).max_surge_percent: must be 0"),
     ([{"name": "mesh-2", "num_replicas": 1}], "deployments[0].name: 'mesh-2' is no deployment of this application"),
+    # Serve's in-place update calls the replica's reconfigure(user_config), which no deployment here has: each replica
+    # of it fails (a mesh once it has loaded), and a router knob put there never reaches the router
+    ([{"name": "RouterDeployment", "user_config": {"stream_interval_ms": 5}}], "(RouterDeployment).user_config: "),
+    ([{"name": "mesh-0", "user_config": {}}], "deployments[0] (mesh-0).user_config: "),
     ({"name": "Ingress"}, "deployments: a list of mappings"),
     # Serve's schema ignores an unknown key (a typo deployed the default), and refuses a string count only at deploy
     ([{"name": "Ingress", "num_replicaz": 3}], "deployments[0] (Ingress).num_replicaz: no option of a Serve deployment"),
