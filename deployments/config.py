@@ -324,6 +324,14 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
                 # starts before the old one stops (ray/serve/schema.py, DeploymentSchema.max_surge_percent)
                 problems.append(f"deployments[{i}] ({name}).max_surge_percent: must be 0, not "
                                 f"{options['max_surge_percent']!r}: {_ONE_REPLICA[name != 'RouterDeployment']}")
+            # Serve puts a config's ray_actor_options in place of the build's whole (ray/serve/_private/
+            # application_state.py, override_deployment_info): without mesh_resources a mesh lands on any host
+            actor = options.get("ray_actor_options")
+            if name != "RouterDeployment" and actor is not None and any(
+                    (actor.get("resources") or {}).get(key) != amount for key, amount in config.mesh_resources.items()):
+                problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
+                                f"resources {config.mesh_resources} (mesh_resources) here too: without them the mesh "
+                                "may start on a host with no Galaxy, or beside another mesh")
     return problems
 
 

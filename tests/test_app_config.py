@@ -503,6 +503,26 @@ def test_deployment_options_that_break_one_router_or_one_replica_per_mesh_are_re
     assert check_serve_config(str(path)) == []
 
 
+def test_mesh_actor_options_that_drop_its_galaxy_resource_are_refused(tmp_path):
+    """Serve puts a config's ray_actor_options in place of the build's whole: a mesh given some (an env var for its
+    host) lost `galaxy: 1` (mesh_resources) and could start on a host with no Galaxy, or beside another mesh."""
+    from deployments.config import check_serve_config
+
+    app = {"name": "m", "import_path": "deployments.app:build",
+           "args": {"backend": "simulated", "num_meshes": 2, "mesh_resources": {"galaxy": 1}},
+           "deployments": [{"name": "mesh-1", "ray_actor_options": {"runtime_env": {"env_vars": {"A": "1"}}}}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert error.startswith(f"{path}: application 'm', deployments[0] (mesh-1).ray_actor_options: ") and \
+        "galaxy" in error, error
+    app["deployments"] = [{"name": "mesh-1", "ray_actor_options": {"resources": {"galaxy": 1}, "num_cpus": 2,
+                                                                   "runtime_env": {"env_vars": {"A": "1"}}}},
+                          {"name": "RouterDeployment", "ray_actor_options": {"num_cpus": 0.2}}]  # no mesh: fine
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == []
+
+
 def test_ingress_and_router_get_one_model_identity_which_only_the_model_keys_change():
     """The ingress refuses to continue an answer on a router of another model (deployments/router_client.py): both
     must be handed the same identity, and a redeploy that keeps the model (a router option) must keep it."""
