@@ -15,6 +15,7 @@ from deployments.config import DEFAULT_MAX_REQUEST_BYTES, AppConfig
 from deployments.errors import validation_error
 from deployments.ingress import build_app
 from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN
+from deployments.protocol import MAX_ALLOWED_TOKEN_IDS
 from tests.fake_router import FakeRouter
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
                                    gbnf_chain, lark_chain, make_client, router, tokenizer)
@@ -112,6 +113,18 @@ def test_a_list_of_wrong_items_stops_at_the_first(client, router, monkeypatch, p
     monkeypatch.setattr(ingress, "validation_error", counted)
     error = assert_error(client.post(path, json=body), 400)
     assert ".0" in error["param"] and counts and counts[0] < 10, (error, counts)
+    assert router.requests == {}
+
+
+def test_allowed_token_ids_longer_than_any_vocabulary_are_400(client, router, tokenizer):
+    """An 8 MiB body holds ~2.6M allowed_token_ids (all repeats: no vocabulary has that many ids); checking and
+    sorting them on the event loop stood every stream of the replica still for ~0.3-0.5 s. The whole vocabulary
+    still passes."""
+    everything = list(range(tokenizer.vocab_size))
+    assert client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": everything}).status_code == 200
+    router.requests.clear()
+    r = client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": [1] * (MAX_ALLOWED_TOKEN_IDS + 1)})
+    assert_error(r, 400, param="allowed_token_ids")
     assert router.requests == {}
 
 
