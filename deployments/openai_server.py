@@ -64,6 +64,7 @@ MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least,
 # Tokenizing and chat templating run here, off the event loop, so a 2 MB prompt does not stall every other
 # stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
 INLINE_CHARS = 2000  # prompts up to this many characters are tokenized on the loop (see OpenAIServer.sized)
+INLINE_MESSAGES = 1000  # chats of up to this many messages are measured on the loop (OpenAIServer.chat_chars)
 ANSWER_CHARS_PER_LOGPROB = 60  # ~JSON characters per logprob entry, to size a whole answer's build like a prompt
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
 # Inputs past BULK_CHARS (up to the 8 MiB body limit: seconds each) take threads of their own, so that a few of
@@ -297,6 +298,14 @@ class OpenAIServer:
         without `bulk`: work that must not queue behind huge prompts)."""
         return fn(*args) if chars <= INLINE_CHARS else await self.off_loop(fn, *args, chars=chars if bulk else 0)
 
+    async def chat_chars(self, req: ChatCompletionRequest | TokenizeRequest) -> tuple[int, str]:
+        """chat_chars(req), off the loop for a chat of many messages: 200,000 empty ones (6.6 MB) take ~120 ms to
+        count, which stood every stream of the replica still."""
+        if len(req.messages) <= INLINE_MESSAGES:
+            return chat_chars(req)
+        least = len(req.messages) * MIN_TOKENS_PER_MESSAGE * MAX_CHARS_PER_TOKEN  # what chat_chars counts at least
+        return await self.off_loop(chat_chars, req, chars=least)
+
     def check_model(self, model: str | None) -> None:
         """404 for another model's name; none or "" means the served one (as vLLM takes it)."""
         if model and model not in self.model_names:
@@ -349,7 +358,7 @@ class OpenAIServer:
         still bounds the work)."""
         truncated = req.truncate_prompt_tokens is not None
         if isinstance(req, ChatCompletionRequest):
-            chars, field = chat_chars(req)
+            chars, field = await self.chat_chars(req)
             if not truncated:
                 check_prompt_chars(chars, limit, field)
             tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do

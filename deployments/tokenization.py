@@ -3,7 +3,7 @@ endpoints use them, so a client can count and inspect tokens without generating.
 from __future__ import annotations
 
 from deployments.errors import APIError
-from deployments.openai_server import OpenAIServer, chat_chars, check_prompt_chars, check_token_ids
+from deployments.openai_server import OpenAIServer, check_prompt_chars, check_token_ids
 from deployments.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 
@@ -11,7 +11,7 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> TokenizeRespon
     """The prompt's ids as /v1/completions (a `prompt`) or /v1/chat/completions (`messages`) makes them."""
     server.check_model(req.model)
     limit = await server.model_len()
-    chars, field = chat_chars(req) if req.messages is not None else (len(req.prompt), "prompt")
+    chars, field = await server.chat_chars(req) if req.messages is not None else (len(req.prompt), "prompt")
     check_prompt_chars(chars, limit, field)
     ids, strs = await server.off_loop(_tokenize, server, req, chars=chars)
     return TokenizeResponse(count=len(ids), max_model_len=limit, tokens=ids, token_strs=strs)

@@ -10,15 +10,15 @@ import time
 import httpx
 import pytest
 
-from deployments import ingress
+from deployments import ingress, openai_server
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, AppConfig
 from deployments.errors import validation_error
 from deployments.ingress import build_app
-from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN
+from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN, chat_chars
 from deployments.protocol import MAX_ALLOWED_TOKEN_IDS
 from tests.fake_router import FakeRouter
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
-                                   gbnf_chain, lark_chain, make_client, router, tokenizer)
+                                   gbnf_chain, lark_chain, make_client, post, router, tokenizer)
 
 
 class SpyTokenizer:
@@ -179,6 +179,24 @@ def test_tokenizing_runs_off_the_event_loop(router, tokenizer):
     status, fast_s, _ = asyncio.run(run())
     assert status == 200 and fast_s < 0.5, fast_s
     assert spy.threads and all(name.startswith("meshserve-tokenize") for name in spy.threads)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_chat_of_many_messages_is_measured_off_the_event_loop(router, tokenizer, monkeypatch, path):
+    """200,000 empty messages (6.6 MB) take ~120 ms to count before they are refused: on the loop, every stream of
+    the replica stood still that long. A chat of a few messages is counted on it (a thread hop costs more)."""
+    threads: list[str] = []
+
+    def spy(req):
+        threads.append(threading.current_thread().name)
+        return chat_chars(req)
+
+    monkeypatch.setattr(openai_server, "chat_chars", spy)
+    client = make_client(router, tokenizer)
+    many = {"model": MODEL, "messages": [{"role": "user", "content": ""}] * 100_000}
+    assert_error(post(client, path, many), 400, param="messages")
+    assert client.post(path, json={**CHAT, "max_tokens": 2}).status_code == 200
+    assert threads[0].startswith("meshserve-") and not threads[1].startswith("meshserve-"), threads
 
 
 def test_huge_inputs_queue_behind_each_other_not_ahead_of_ordinary_prompts(router, tokenizer):
