@@ -1423,6 +1423,28 @@ def test_a_bad_batch_of_prompts_is_400_naming_prompt(client, router, prompt):
     assert not router.requests
 
 
+def test_a_batch_checks_its_shared_fields_once_not_per_prompt(client, router, monkeypatch):
+    """allowed_token_ids, logit_bias and bad_words are the same for every prompt of a batch: checked, tokenized and
+    sorted again for each of 256 prompts, 49,152 allowed ids (a 335 KB body) held the event loop ~1.5 s. Each prompt
+    still gets them."""
+    calls = {"check_vocab_bounds": 0, "bad_words_token_ids": 0}
+    for name in calls:
+        def counted(*args, _name=name, _fn=getattr(openai_server, name)):
+            calls[_name] += 1
+            return _fn(*args)
+        monkeypatch.setattr(openai_server, name, counted)
+    body = {**COMPLETION, "prompt": [[5], [5, 6, 7], [8, 9]], "allowed_token_ids": [9, 3, 4], "logit_bias": {"3": 5},
+            "bad_words": ["Hello"], "min_tokens": 1, "max_tokens": 4}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert calls == {"check_vocab_bounds": 1, "bad_words_token_ids": 1}
+    assert sorted(p for p, _, _ in router.requests.values()) == [[5], [5, 6, 7], [8, 9]]
+    for _, params, _ in router.requests.values():
+        assert (params.allowed_token_ids, params.logit_bias, params.max_tokens, params.min_tokens) == ((3, 4, 9),
+                                                                                                     {3: 5.0}, 4, 1)
+        assert params.bad_words_token_ids
+
+
 def test_a_bad_token_in_a_batch_names_its_prompt_once(client, router):
     body = {**COMPLETION, "prompt": [[1, 2], [10**9]], "max_tokens": 2}
     error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
