@@ -220,6 +220,10 @@ class ToolCallStream:
         self.need_close = False  # a call's arguments ended: its object's "}" comes next
         self.brackets = _Brackets()  # the current call's arguments, scanned so far
         self.broken = False  # a call's arguments closed but are no JSON: the calls end there, as _parse's do
+        # len(held) when no call's head matched: none can until a "{" comes (its arguments' own), since a head that
+        # matched in the text that came later would have matched in the text before it. Searching again at every
+        # token read the whole held text each time: 8,000 tokens of `{"name": "abc abc ...` took ~9 s.
+        self.head_tried: int | None = None
 
     def feed(self, text: str, final: bool) -> tuple[str, list[CallDelta], bool]:
         """(content to send now, call pieces to send now, whether the answer is calls: at the end, whether
@@ -264,10 +268,14 @@ class ToolCallStream:
                     if not held.startswith("}", p):
                         return
                     p += 1
+                if self.head_tried is not None and "{" not in held[self.head_tried:]:
+                    return
                 m = _CALL_HEAD.match(held, _next_call(held, p))
                 name = _head_name(m)
                 if name not in self.names:
+                    self.head_tried = len(held)
                     return  # not (yet) a call's head in the usual form: held
+                self.head_tried = None
                 deltas.append(CallDelta(self.calls, name, ""))
                 self.calls += 1
                 self.call_start, self.pos = m.start(), m.end()

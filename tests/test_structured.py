@@ -1,5 +1,6 @@
 """Structured outputs and tool calls at the ingress: request fields -> one validated grammar; answers -> calls."""
 import json
+import time
 
 import pytest
 
@@ -394,6 +395,26 @@ def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
     assert [tuple(c) for c in calls.values()] == [(c.name, c.arguments) for c in expected]  # the same text
     assert [a for _, a in calls.values()] == ['{"city": "O\\"s{l}o[", "days": 2}', "{ }"]  # as generated
 
+
+
+def test_a_streamed_answer_that_may_still_become_a_call_costs_linear_time():
+    """An answer that begins as a call's head and goes on (`{"name": "` and a long string, or a long run of
+    spaces) is held while it may still be a call: each token searched the whole held text for a call's head
+    again, so 8,000 tokens took ~9 s of the event loop's CPU (with no tools, 0.1 s). 8x the text must cost
+    about 8x the time, not 64x."""
+    from deployments.tool_calls import ToolCallStream
+    tools = [Tool.model_validate(WEATHER)]
+
+    def cost(pieces: int) -> float:
+        stream = ToolCallStream(tools, forced=False)
+        start = time.process_time()
+        for text in ['{"name": "', *["abc "] * pieces]:
+            assert stream.feed(text, final=False) == ("", [], False)
+        return time.process_time() - start
+
+    cost(100)  # warm
+    small, large = cost(1500), cost(12000)
+    assert large < 24 * small, (small, large)
 
 C = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
 
