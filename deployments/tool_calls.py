@@ -195,6 +195,8 @@ class CallDelta:
 
 # A call in the usual form, name first, its arguments an object: their JSON text starts where this ends.
 _CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)')
+_NAME_OPEN = re.compile(r'\{\s*"name"\s*:\s*"')  # a call's head as far as its name's opening quote
+_NAME_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # ... and its name, whole
 
 
 class ToolCallStream:
@@ -224,6 +226,10 @@ class ToolCallStream:
         # matched in the text that came later would have matched in the text before it. Searching again at every
         # token read the whole held text each time: 8,000 tokens of `{"name": "abc abc ...` took ~9 s.
         self.head_tried: int | None = None
+        # where a head was sought and can never be: its name is whole and no tool's, or longer than any tool's name
+        # written all in \uXXXX escapes (a "{" in a long name searched it all again)
+        self.dead_start: int | None = None
+        self.longest_name = 6 * max(map(len, self.names), default=0)
 
     def feed(self, text: str, final: bool) -> tuple[str, list[CallDelta], bool]:
         """(content to send now, call pieces to send now, whether the answer is calls: at the end, whether
@@ -268,12 +274,15 @@ class ToolCallStream:
                     if not held.startswith("}", p):
                         return
                     p += 1
-                if self.head_tried is not None and "{" not in held[self.head_tried:]:
+                start = _next_call(held, p)
+                if start == self.dead_start or self.head_tried is not None and "{" not in held[self.head_tried:]:
                     return
-                m = _CALL_HEAD.match(held, _next_call(held, p))
+                m = _CALL_HEAD.match(held, start)
                 name = _head_name(m)
                 if name not in self.names:
                     self.head_tried = len(held)
+                    if self._never_a_head(start):
+                        self.dead_start = start
                     return  # not (yet) a call's head in the usual form: held
                 self.head_tried = None
                 deltas.append(CallDelta(self.calls, name, ""))
@@ -296,6 +305,15 @@ class ToolCallStream:
                 json.loads(held[self.arguments_start:i])
             except NOT_JSON:
                 self.broken = True
+
+    def _never_a_head(self, start: int) -> bool:
+        """Whether no text to come can make a call's head of held[start:]: its name is written and names no tool,
+        or is still being written but already longer than any tool's name can be."""
+        whole = _NAME_HEAD.match(self.held, start)
+        if whole:
+            return _head_name(whole) not in self.names
+        opened = _NAME_OPEN.match(self.held, start)
+        return opened is not None and len(self.held) - opened.end() > self.longest_name
 
 
 class _Brackets:

@@ -397,18 +397,19 @@ def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
 
 
 
-def test_a_streamed_answer_that_may_still_become_a_call_costs_linear_time():
-    """An answer that begins as a call's head and goes on (`{"name": "` and a long string, or a long run of
-    spaces) is held while it may still be a call: each token searched the whole held text for a call's head
-    again, so 8,000 tokens took ~9 s of the event loop's CPU (with no tools, 0.1 s). 8x the text must cost
-    about 8x the time, not 64x."""
+@pytest.mark.parametrize("piece", ["abc ", "{ "])
+def test_a_streamed_answer_that_may_still_become_a_call_costs_linear_time(piece):
+    """An answer that begins as a call's head and goes on (`{"name": "` and a long string, with brackets or not)
+    is held while it may still be a call: each token searched the whole held text for a call's head again, so
+    8,000 tokens took ~9 s of the event loop's CPU (with no tools, 0.1 s). 8x the text must cost about 8x the
+    time, not 64x."""
     from deployments.tool_calls import ToolCallStream
     tools = [Tool.model_validate(WEATHER)]
 
     def cost(pieces: int) -> float:
         stream = ToolCallStream(tools, forced=False)
         start = time.process_time()
-        for text in ['{"name": "', *["abc "] * pieces]:
+        for text in ['{"name": "', *[piece] * pieces]:
             assert stream.feed(text, final=False) == ("", [], False)
         return time.process_time() - start
 
