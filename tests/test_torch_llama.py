@@ -81,6 +81,28 @@ def test_batched_decode_rows_are_independent(model_dir):
         torch.testing.assert_close(together[slot], alone[slot], rtol=1e-5, atol=1e-5)
 
 
+def allocated_bytes(run) -> int:
+    """CPU memory the ops of `run()` allocate, each counted once (torch's profiler, self allocations)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+
+
+def test_decode_gathers_the_keys_into_one_buffer(model_dir):
+    """Every layer reads its keys and values into the same buffer: a new tensor per layer was a fresh mmap of
+    tens of MB per layer on SmolLM2 at 32 slots, whose page faults took most of the step."""
+    backend = make_backend(model_dir, num_slots=8, num_blocks=64, max_seq_len=512)
+    width = backend.caps.max_blocks_per_seq
+    page_table = torch.arange(8 * width, dtype=torch.int32).view(8, width) % 64
+    args = (torch.ones(8, dtype=torch.long), torch.full((8,), 500), page_table, torch.ones(8, dtype=torch.bool))
+    backend.decode(*args)
+    cfg = backend.cfg
+    # keys and values 0..500 of every row, fp32: once (plus the row indices, ~0.5x here), not once per layer
+    gathered = 2 * 8 * cfg.n_kv_heads * 501 * cfg.head_dim * 4
+    assert cfg.n_layers == 2 and allocated_bytes(lambda: backend.decode(*args)) < 1.75 * gathered
+
+
 def test_inactive_rows_leave_the_cache_alone(model_dir):
     backend = make_backend(model_dir)
     page_table = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [5, 6, 0, 0], [7, 8, 0, 0]], dtype=torch.int32)
