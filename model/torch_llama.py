@@ -2,8 +2,9 @@
 
 One forward pass covers both phases: prefill is one sequence of T new tokens, decode is B sequences of
 one token each. Either way the new keys/values are written into their blocks first, then every query
-reads its sequence's keys through the page table (one gather for the whole batch, up to the longest
-sequence) under a mask, so a prefill can start anywhere and decode rows can have any lengths.
+reads its sequence's keys through the page table (one gather per group of decode rows of about the same
+length, up to the group's longest) under a mask, so a prefill can start anywhere and decode rows can have any
+lengths.
 The cache is [num_blocks, kv_heads, block_size, head_dim] per layer, as on the Galaxy. Reads and writes
 address it as rows of head_dim values with flat indices: index_select/index_copy_ on one dimension are
 several times faster on CPU than multi-dimensional advanced indexing.
@@ -40,17 +41,25 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
 
 
 @dataclass
+class KeyGroup:
+    """Rows of a forward pass that read their keys together, each padded to the longest of them (S)."""
+
+    rows: torch.Tensor | None  # [b] the batch rows in the group; None: every row
+    read_rows: torch.Tensor  # [b*kv_heads*S] rows of each sequence's keys 0..S-1 in a cache viewed as [-1, head_dim]
+    mask: torch.Tensor  # [b, 1, T, S] True where the query sees the key
+
+
+@dataclass
 class Step:
     """Where one forward pass of B sequences x T new tokens writes and reads the cache (all layers)."""
 
     cos: torch.Tensor  # [B, T, 1, head_dim]
     sin: torch.Tensor
     write_rows: torch.Tensor  # [B*T*kv_heads] rows of the new keys in a cache viewed as [-1, head_dim]
-    read_rows: torch.Tensor  # [B*kv_heads*S] rows of each sequence's keys 0..S-1 (S: the longest sequence)
-    mask: torch.Tensor  # [B, 1, T, S] True where the query sees the key
-    # [2, len(read_rows), head_dim]: every layer gathers its keys/values into this one buffer. A new tensor per
-    # layer cost a fresh mmap of tens of MB each time (glibc's threshold is 32 MB), whose page faults made the
-    # gather ~3.5x slower and most of a decode step at 32 slots x 1,000 tokens.
+    groups: list[KeyGroup]
+    # [2 * the largest group's len(read_rows) * head_dim]: every layer gathers its keys/values into this one
+    # buffer. A new tensor per layer cost a fresh mmap of tens of MB each time (glibc's threshold is 32 MB), whose
+    # page faults made the gather ~3.5x slower and most of a decode step at 32 slots x 1,000 tokens.
     gathered: torch.Tensor
 
 
@@ -86,15 +95,28 @@ class Attention(nn.Module):
         q, k = rotate(qk.view(B, T, H + KV, D), step.cos, step.sin).split([H, KV], dim=2)
         rows = kv_cache.view(2, -1, D)
         rows.index_copy_(1, step.write_rows, torch.stack([k, v.view(B, T, KV, D)]).view(2, -1, D))
-        keys, values = torch.index_select(rows, 1, step.read_rows, out=step.gathered).view(2, B, KV, -1, D)
+        if len(step.groups) == 1:
+            return self.wo(self._attend(q, step.groups[0], rows, step.gathered))
+        out = q.new_empty(B, T, H * D)
+        for group in step.groups:
+            out.index_copy_(0, group.rows, self._attend(q[group.rows], group, rows, step.gathered))
+        return self.wo(out)
+
+    def _attend(self, q: torch.Tensor, group: KeyGroup, rows: torch.Tensor, gathered: torch.Tensor) -> torch.Tensor:
+        """q [b, T, H, D] of the group's rows -> attention output [b, T, H*D] over their keys."""
+        b, T = q.shape[:2]
+        H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
+        n = group.read_rows.numel()
+        buffer = gathered[:2 * n * D].view(2, n, D)
+        keys, values = torch.index_select(rows, 1, group.read_rows, out=buffer).view(2, b, KV, -1, D)
         if T == 1:
             # Decode: a kv head's query heads become its query rows (the mask broadcasts over them).
             # On CPU this is ~1.3x (fp32) to ~4x (bf16) faster than SDPA's enable_gqa for one-token queries.
-            out = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, D), keys, values, attn_mask=step.mask)
+            out = F.scaled_dot_product_attention(q.reshape(b, KV, H // KV, D), keys, values, attn_mask=group.mask)
         else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=step.mask,
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=group.mask,
                                                  enable_gqa=True).transpose(1, 2)
-        return self.wo(out.reshape(B, T, H * D))
+        return out.reshape(b, T, H * D)
 
 
 class MLP(nn.Module):
@@ -254,14 +276,34 @@ class TorchBackend(Backend):
         new_positions = positions.flatten()[:, None, None]
         new_blocks = page_table.gather(1, positions // bs).flatten()[:, None, None]
         write = (new_blocks * kv_heads + heads) * bs + new_positions % bs  # [B*T, kv_heads, 1]
+        groups = [self._key_group(rows, positions, page_table) for rows in self._decode_buckets(positions)]
+        size = 2 * max(group.read_rows.numel() for group in groups) * self.cfg.head_dim
+        step = Step(cos=angles.cos().to(self.kv_cache.dtype), sin=angles.sin().to(self.kv_cache.dtype),
+                    write_rows=write.flatten(), groups=groups, gathered=self.kv_cache.new_empty(size))
+        return self.model(tokens, step, self.kv_cache)
+
+    def _decode_buckets(self, positions: torch.Tensor) -> list[torch.Tensor | None]:
+        """Decode rows grouped by their length in blocks rounded up to a power of two, so each row reads at most
+        ~2x its own keys: padded to the batch's longest, one 8,000-token conversation made 31 short ones read
+        8,000 keys each, every step. [None] (one group of every row) for a prefill or rows of one bucket."""
+        B, T = positions.shape
+        if T > 1 or B == 1:
+            return [None]
+        blocks = positions[:, 0] // self.caps.block_size + 1
+        buckets = torch.ceil(torch.log2(blocks.double())).long()
+        distinct = buckets.unique()
+        return [None] if len(distinct) == 1 else [(buckets == b).nonzero().flatten() for b in distinct]
+
+    def _key_group(self, rows: torch.Tensor | None, positions: torch.Tensor, page_table: torch.Tensor) -> KeyGroup:
+        """Where the rows' keys 0..S-1 lie (S: their longest sequence) and which of them each query sees."""
+        if rows is not None:
+            positions, page_table = positions[rows], page_table[rows]
+        bs, kv_heads = self.caps.block_size, self.cfg.n_kv_heads
+        heads = torch.arange(kv_heads, device=self.device)[:, None]
         key_positions = torch.arange(int(positions.max()) + 1, device=self.device)
         key_blocks = page_table[:, None, key_positions // bs]
-        read = (key_blocks * kv_heads + heads) * bs + key_positions % bs  # [B, kv_heads, S]
-        step = Step(cos=angles.cos().to(self.kv_cache.dtype), sin=angles.sin().to(self.kv_cache.dtype),
-                    write_rows=write.flatten(), read_rows=read.flatten(),
-                    mask=(key_positions <= positions[..., None]).unsqueeze(1),
-                    gathered=self.kv_cache.new_empty(2, read.numel(), self.cfg.head_dim))
-        return self.model(tokens, step, self.kv_cache)
+        read = (key_blocks * kv_heads + heads) * bs + key_positions % bs  # [b, kv_heads, S]
+        return KeyGroup(rows, read.flatten(), (key_positions <= positions[..., None]).unsqueeze(1))
 
 
 def _host_sampling_only(sampling) -> None:
