@@ -510,9 +510,10 @@ class CrashLoopMesh(LocalMesh):
 def test_a_mesh_that_fails_its_first_work_at_every_rejoin_ends_no_request():
     """Beside a healthy mesh, one that rejoins after each reset and fails its first work: a request it failed on was
     moved back to it from the healthy mesh's queue at its next rejoin, and the second failure ended it with a 500
-    (2 of 4 requests), as if it had crashed two meshes. It waits for the healthy mesh now, and finishes."""
+    (2 of 4 requests), as if it had crashed two meshes. It waits for the healthy mesh now, and finishes. (8 requests:
+    with the probe backoff, 4 left the healthy mesh's queue empty by the crash loop's rejoin.)"""
     async def main():
-        prompts = [[i + 2] * 30 for i in range(4)]
+        prompts = [[i + 2] * 30 for i in range(8)]
         alone = await solo_outputs(prompts, LONG)
         small = lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=256, time_scale=0.01, vocab_size=1000)
         meshes = [CrashLoopMesh(small), LocalMesh(small)]
