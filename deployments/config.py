@@ -332,6 +332,11 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
                 problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
                                 f"resources {config.mesh_resources} (mesh_resources) here too: without them the mesh "
                                 "may start on a host with no Galaxy, or beside another mesh")
+            if name != "RouterDeployment" and actor is not None and actor.get("num_cpus") is None \
+                    and config.mesh_num_cpus != 1:  # Serve's default then (ray/serve/_private/config.py): 1 CPU
+                problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
+                                f"num_cpus {config.mesh_num_cpus:g} (mesh_num_cpus) here too: without it Serve "
+                                "reserves 1 CPU, and the torch backend runs on one thread")
     return problems
 
 

@@ -523,6 +523,23 @@ def test_mesh_actor_options_that_drop_its_galaxy_resource_are_refused(tmp_path):
     assert check_serve_config(str(path)) == []
 
 
+def test_mesh_actor_options_that_drop_its_cpus_are_refused(tmp_path):
+    """Serve puts a config's ray_actor_options in place of the build's whole and reserves 1 CPU where they give no
+    num_cpus (ray/serve/_private/config.py): a mesh with mesh_num_cpus 8 silently ran torch on one thread."""
+    from deployments.config import check_serve_config
+
+    options = {"resources": {"galaxy": 1}, "runtime_env": {"env_vars": {"A": "1"}}}
+    app = {"name": "m", "import_path": "deployments.app:build", "deployments": [{"name": "mesh-0", "ray_actor_options":
+           options}], "args": {"backend": "simulated", "mesh_resources": {"galaxy": 1}, "mesh_num_cpus": 8}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert "deployments[0] (mesh-0).ray_actor_options: " in error and "num_cpus 8" in error, error
+    options["num_cpus"] = 8
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == []
+
+
 def test_ingress_and_router_get_one_model_identity_which_only_the_model_keys_change():
     """The ingress refuses to continue an answer on a router of another model (deployments/router_client.py): both
     must be handed the same identity, and a redeploy that keeps the model (a router option) must keep it."""
