@@ -9,7 +9,7 @@ import pytest
 from ray.util.state import list_actors
 
 from bench.failover import MODEL, one_stream
-from bench.local_serve import fake_galaxy_cluster, router_stats, serve_app
+from bench.local_serve import fake_galaxy_cluster, ray_environment, router_stats, serve_app
 from bench.saturation import distinct_prompts
 from deployments.config import AppConfig
 
@@ -43,7 +43,8 @@ def test_a_lost_galaxy_host_loses_no_stream_and_its_mesh_returns_on_a_new_host()
             mesh0 = router_stats(url)["meshes"][0]
             assert not mesh0["up"] and mesh0["requests_migrated"] >= 1
             assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-            cluster.add_node(num_cpus=0, resources={"galaxy": 1})
+            with ray_environment():  # in Serve's mode, as every node's `ray start` (README, Running on a cluster)
+                cluster.add_node(num_cpus=0, resources={"galaxy": 1})
             deadline = time.monotonic() + 60
             while not router_stats(url)["meshes"][0]["up"]:
                 assert time.monotonic() < deadline, "mesh-0 never came back on the new node"
