@@ -68,7 +68,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               metrics_open: bool = False, allowed_origins: list[str] | None = None,
               replica_name: str = "local", root: str | None = None, enable_log_requests: bool = False) -> FastAPI:
-    """The OpenAI app over `router`. With `api_keys`, every route but /health needs one of them (/metrics too,
+    """The OpenAI app over `router`. With `api_keys`, every route but /health and /version needs one of them (/metrics too,
     unless `metrics_open`), and each key is a tenant with its own prefix cache. `replica_name` labels this
     replica's own metrics (`ingress`). A request may name the model by any of `served_model_name`'s names; the
     first is the one listed and answered. `root`: the model as given (config.model_root), which /v1/models reports
