@@ -238,11 +238,6 @@ class MeshRunner:
             if st.params.logprobs is not None:
                 raw[row] = changed[row].clone()
             self._bias(changed[row], st)
-        for row, st in (*constrained, *biased):
-            if row not in failed and not torch.isfinite(changed[row]).any():  # sampling would give a banned id
-                log.warning("request %s: its constraints leave no token; its slot is retired", st.request_id)
-                st.dead_end = True
-                failed.add(row)
         try:
             tokens, logprobs = self._sample(logits, states, changed, raw)
         except Exception:  # find the rows at fault; the others are sampled again, one by one
@@ -257,6 +252,13 @@ class MeshRunner:
                     token, lp = None, None
                 tokens.append(token)
                 logprobs.append(lp)
+        for row, st in (*constrained, *biased):  # a token drawn at a finite logit shows the row had one: no scan
+            token = tokens[row]
+            if row not in failed and (token is None or not torch.isfinite(changed[row][token])) \
+                    and not torch.isfinite(changed[row]).any():  # the draw was a banned id
+                log.warning("request %s: its constraints leave no token; its slot is retired", st.request_id)
+                st.dead_end = True
+                failed.add(row)
         for row in failed:
             tokens[row], logprobs[row] = None, None
         return tokens, logprobs
