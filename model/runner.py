@@ -48,6 +48,9 @@ class SlotState:
     # read from the dict at every step cost ~0.5 ms per slot per step, which every user of the mesh waits for)
     bias: tuple[torch.Tensor, torch.Tensor] | None = None
     bias_width: int = 0
+    # with bad_words: (row width, the ids of one-token words [n], the longer words by their next-to-last token), built
+    # like not_allowed: a step compares only the words whose next-to-last token the answer just made
+    bad_words: tuple[int, torch.Tensor, dict[int, list[tuple[int, ...]]]] | None = None
     dead_end: bool = False  # its constraints left no token to sample: the client's request, not this host, failed
 
     @property
@@ -283,10 +286,13 @@ class MeshRunner:
                 st.not_allowed[[t for t in st.params.allowed_token_ids if t < width]] = False
             row.masked_fill_(st.not_allowed, float("-inf"))
         if st.params.bad_words_token_ids:
+            if st.bad_words is None or st.bad_words[0] != row.shape[0]:
+                st.bad_words = row.shape[0], *_bad_word_index(st.params.bad_words_token_ids, row.shape[0])
+            _, always, by_next_to_last = st.bad_words
             seq, generated = st.token_ids, st.num_generated
-            banned = [word[-1] for word in st.params.bad_words_token_ids
-                      if len(word) - 1 <= generated and tuple(seq[len(seq) - len(word) + 1:]) == word[:-1]
-                      and word[-1] < row.shape[0]]
+            banned = [word[-1] for word in by_next_to_last.get(seq[-1], ())
+                      if len(word) - 1 <= generated and tuple(seq[len(seq) - len(word) + 1:]) == word[:-1]]
+            row[always] = float("-inf")
             row[banned] = float("-inf")
         if st.params.logit_bias:
             if st.bias is None or st.bias_width != row.shape[0]:
@@ -341,3 +347,19 @@ class MeshRunner:
             self.slots.pop(slot, None)
         else:
             self.slots[slot] = state
+
+
+def _bad_word_index(words: tuple[tuple[int, ...], ...], width: int
+                    ) -> tuple[torch.Tensor, dict[int, list[tuple[int, ...]]]]:
+    """The words whose last token is within a row of `width`: the one-token ones' ids, masked at every step, and
+    the longer ones by their next-to-last token, the only one the answer must have just made for them to match."""
+    always: list[int] = []
+    by_next_to_last: dict[int, list[tuple[int, ...]]] = {}
+    for word in words:
+        if word[-1] >= width:
+            continue
+        if len(word) == 1:
+            always.append(word[0])
+        else:
+            by_next_to_last.setdefault(word[-2], []).append(word)
+    return torch.tensor(always, dtype=torch.long), by_next_to_last

@@ -677,3 +677,20 @@ def test_a_masked_row_is_scanned_whole_for_a_token_only_when_its_draw_found_none
     assert [n for n in scans if n >= VOCAB] == []
     test_constraints_that_leave_no_token_retire_that_slot_alone()
     assert [n for n in scans if n >= VOCAB]
+
+
+def test_bad_words_are_read_once_per_slot_and_a_step_matches_only_those_the_answer_can_end():
+    """A step matched every bad word against the answer's end (up to 256 words: ~0.3 ms per slot per step on the
+    mesh host). Only a word whose next-to-last token the answer just made can match, so only those are compared."""
+    from tests.counting import counting
+    prompt = [3, 4, 5]
+    natural = expected_tokens(prompt, 8)
+    unmatched = [(t, t, u) for t in range(VOCAB) if t not in natural for u in (1, 2)]
+    words = counting(tuple)([*unmatched, (natural[2], natural[3])])
+    params = greedy(max_tokens=8)
+    object.__setattr__(params, "bad_words_token_ids", words)  # frozen: counted where the runner reads them
+    runner = MeshRunner(CountingBackend())
+    results = run(runner, MeshWork(0, [PrefillChunk("a", 0, prompt, 0, [0], params, 3)], decode_round([0], steps=7)))
+    tokens = [r.tokens[0] for r in results]
+    assert tokens[:3] == natural[:3] and tokens[3] != natural[3]  # the word's last token is still masked
+    assert words.reads <= len(words)
