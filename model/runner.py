@@ -20,7 +20,7 @@ import torch
 
 from model.backend import Backend
 from model.grammar import GrammarCache, GrammarState
-from model.sampler import PenaltyState, sample_batch
+from model.sampler import PenaltyState, sample_batch, take_rows
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import GRAMMARS_KEPT, NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
 
@@ -190,13 +190,13 @@ class MeshRunner:
             every_slot = self.backend.decode(*args, sampling=sampling).tolist()
             sampled, logprobs = [every_slot[s] for s in live], [None] * len(live)
         elif not any(device):
-            sampled, logprobs = self._host_sample(self.backend.decode(*args)[live], states)
+            sampled, logprobs = self._host_sample(take_rows(self.backend.decode(*args), live), states)
         else:  # some slots need host logits (penalties, logprobs, min_tokens...): the others stay on the device
             host = [i for i, on_device in enumerate(device) if not on_device]
             device_tokens, logits = self.backend.decode_mixed(*args, sampling=sampling,
                                                               host_rows=[live[i] for i in host])
             if device_tokens is None:  # this backend gave logits for every row: all are sampled here
-                sampled, logprobs = self._host_sample(logits[live], states)
+                sampled, logprobs = self._host_sample(take_rows(logits, live), states)
             else:
                 every_slot = device_tokens.tolist()
                 sampled, logprobs = [every_slot[s] for s in live], [None] * len(live)

@@ -195,12 +195,13 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: 
     simple = [i for i, p in enumerate(params) if p.greedy and not p.needs_penalties and p.logprobs is None]
     batched = [i for i in simple if i not in changed]
     if batched:
-        for i, t in zip(batched, torch.argmax(logits[batched], dim=-1).tolist()):
+        for i, t in zip(batched, torch.argmax(take_rows(logits, batched), dim=-1).tolist()):
             tokens[i] = t
     top_k_rows = [i for i, p in enumerate(params)
                   if i not in changed and _plain_top_k(p) and p.top_k < logits.shape[-1]]
     if top_k_rows:
-        for i, t in zip(top_k_rows, _sample_top_k_rows(logits[top_k_rows], [params[i] for i in top_k_rows])):
+        for i, t in zip(top_k_rows, _sample_top_k_rows(take_rows(logits, top_k_rows),
+                                                       [params[i] for i in top_k_rows])):
             tokens[i] = t
     for i, p in enumerate(params):
         if i in changed and i in simple:
@@ -209,6 +210,15 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: 
             tokens[i], logprobs[i] = sample_row(changed.get(i, logits[i]), p, positions[i],
                                                 penalties[i] if penalties else None, raw.get(i))
     return tokens, logprobs
+
+
+def take_rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows] [len(rows), vocab]: logits itself when rows are all of them in order, else a copy by
+    index_select. A list index copies at a quarter of its speed: 32 rows of a 128k vocabulary cost ~4 ms of the
+    mesh host's CPU per step, twice per host step, which every user of the mesh waits for."""
+    if rows == list(range(len(logits))):
+        return logits
+    return logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
 
 
 def _plain_top_k(p: SamplingParams) -> bool:
