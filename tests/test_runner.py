@@ -724,3 +724,34 @@ def test_a_full_mesh_sampled_on_the_host_copies_none_of_its_logits():
     results = run(runner, MeshWork(1, decode=decode_round([0, 1, 2, 3], steps=5)))
     assert [[r.tokens[s] for r in results] for s in range(4)] == [expected_tokens(p, 6)[1:] for p in prompts]
     assert RowCopies.copied == 0
+
+
+class ListIndexed(torch.Tensor):
+    """Logits that count the entries of the Python lists their copies are indexed with (each made a tensor)."""
+    entries = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and isinstance(args[1], list):
+            ListIndexed.entries += len(args[1])
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_stop_ids_masked_before_min_tokens_are_not_made_a_tensor_at_every_step():
+    """min_tokens masks up to 256 stop ids and the EOS ids: as a list, made a tensor at each masked step (~40 us per
+    slot per step on the mesh host, for every user of the mesh to wait for)."""
+    class ListCounting(CountingBackend):
+        def decode(self, tokens, positions, page_table, active, sampling=None):
+            return super().decode(tokens, positions, page_table, active, sampling).as_subclass(ListIndexed)
+
+    natural = expected_tokens([3], 8)
+    stops = [t for t in range(1, VOCAB) if t != natural[1]]
+    params = greedy(max_tokens=8, min_tokens=8, stop_token_ids=stops)
+    runner = MeshRunner(ListCounting())
+    ListIndexed.entries = 0
+    work = MeshWork(0, [PrefillChunk("a", 0, [3], 0, [0], params, 1, stop_token_ids=tuple(stops))],
+                    decode_round([0], steps=7))
+    results = run(runner, work)
+    assert [r.tokens[0] for r in results] == [natural[1]] * 8  # the one id neither a stop id nor EOS
+    assert results[-1].finished == {0: "length"}
+    assert ListIndexed.entries == 0
