@@ -42,16 +42,15 @@ class SlotState:
     banned_early: torch.Tensor
     grammar: GrammarState | None = None  # the constraint the answer must match, advanced token by token
     penalties: PenaltyState | None = None  # with penalties: the sequence's token counts, advanced token by token
-    # with allowed_token_ids: bool [row width], True where a token may not be sampled (built at the first masked
-    # step, at the width of the backend's rows, padding included: later steps only mask)
-    not_allowed: torch.Tensor | None = None
-    # with logit_bias: (ids [n], biases [n]) of the ids within the row width, built like not_allowed (1,024 entries
-    # read from the dict at every step cost ~0.5 ms per slot per step, which every user of the mesh waits for)
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None
-    bias_width: int = 0
-    # with bad_words: (row width, the ids of one-token words [n], the longer words by their next-to-last token), built
-    # like not_allowed: a step compares only the words whose next-to-last token the answer just made
-    bad_words: tuple[int, torch.Tensor, dict[int, list[tuple[int, ...]]]] | None = None
+    # Built at the first masked step, at the width of the backend's rows (padding included), and again only if that
+    # width changes (masks_width): read from the request's lists and dicts at every step, 1,024 logit_bias entries
+    # cost ~0.5 ms per slot per step, which every user of the mesh waits for.
+    masks_width: int = 0
+    not_allowed: torch.Tensor | None = None  # with allowed_token_ids: bool [width], True where a token may not be drawn
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # with logit_bias: (ids [n], biases [n]) within the width
+    # with bad_words: (the ids of one-token words [n], the longer words by their next-to-last token): a step compares
+    # only the words whose next-to-last token the answer just made
+    bad_words: tuple[torch.Tensor, dict[int, list[tuple[int, ...]]]] | None = None
     dead_end: bool = False  # its constraints left no token to sample: the client's request, not this host, failed
 
     @property
@@ -281,26 +280,27 @@ class MeshRunner:
         """Add logit_bias to one row of logits [vocab] in place, mask every id allowed_token_ids leaves out and
         each bad word's last token where the answer so far ends with the rest of it (vLLM's rule: the answer's
         tokens only, not the prompt's), and mask stop ids before min_tokens."""
+        width = row.shape[0]
+        if st.masks_width != width:
+            st.masks_width, st.not_allowed, st.bias, st.bad_words = width, None, None, None
         if st.params.allowed_token_ids:
-            width = row.shape[0]
-            if st.not_allowed is None or st.not_allowed.shape[0] != width:
+            if st.not_allowed is None:
                 st.not_allowed = torch.ones(width, dtype=torch.bool)
                 st.not_allowed[[t for t in st.params.allowed_token_ids if t < width]] = False
             row.masked_fill_(st.not_allowed, float("-inf"))
         if st.params.bad_words_token_ids:
-            if st.bad_words is None or st.bad_words[0] != row.shape[0]:
-                st.bad_words = row.shape[0], *_bad_word_index(st.params.bad_words_token_ids, row.shape[0])
-            _, always, by_next_to_last = st.bad_words
+            if st.bad_words is None:
+                st.bad_words = _bad_word_index(st.params.bad_words_token_ids, width)
+            always, by_next_to_last = st.bad_words
             seq, generated = st.token_ids, st.num_generated
             banned = [word[-1] for word in by_next_to_last.get(seq[-1], ())
                       if len(word) - 1 <= generated and tuple(seq[len(seq) - len(word) + 1:]) == word[:-1]]
             row[always] = float("-inf")
             row[banned] = float("-inf")
         if st.params.logit_bias:
-            if st.bias is None or st.bias_width != row.shape[0]:
-                kept = [(t, b) for t, b in st.params.logit_bias.items() if t < row.shape[0]]
+            if st.bias is None:
+                kept = [(t, b) for t, b in st.params.logit_bias.items() if t < width]
                 st.bias = torch.tensor([t for t, _ in kept], dtype=torch.long), torch.tensor([b for _, b in kept])
-                st.bias_width = row.shape[0]
             ids, biases = st.bias
             row[ids] += biases
         if len(st.banned_early) and st.num_generated < st.params.min_tokens:
