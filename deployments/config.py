@@ -327,16 +327,17 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
             # Serve puts a config's ray_actor_options in place of the build's whole (ray/serve/_private/
             # application_state.py, override_deployment_info): without mesh_resources a mesh lands on any host
             actor = options.get("ray_actor_options")
-            if name != "RouterDeployment" and actor is not None and any(
-                    (actor.get("resources") or {}).get(key) != amount for key, amount in config.mesh_resources.items()):
-                problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
-                                f"resources {config.mesh_resources} (mesh_resources) here too: without them the mesh "
-                                "may start on a host with no Galaxy, or beside another mesh")
-            if name != "RouterDeployment" and actor is not None and actor.get("num_cpus") is None \
-                    and config.mesh_num_cpus != 1:  # Serve's default then (ray/serve/_private/config.py): 1 CPU
-                problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
-                                f"num_cpus {config.mesh_num_cpus:g} (mesh_num_cpus) here too: without it Serve "
-                                "reserves 1 CPU, and the torch backend runs on one thread")
+            if name != "RouterDeployment" and actor is not None:
+                if any((actor.get("resources") or {}).get(key) != amount
+                       for key, amount in config.mesh_resources.items()):
+                    problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
+                                    f"resources {config.mesh_resources} (mesh_resources) here too: without them the "
+                                    "mesh may start on a host with no Galaxy, or beside another mesh")
+                if actor.get("num_cpus") is None and config.mesh_num_cpus != 1:  # Serve's default then: 1 CPU
+                    problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
+                                    f"num_cpus {config.mesh_num_cpus:g} (mesh_num_cpus) here too: without it Serve "
+                                    "reserves 1 CPU (ray/serve/_private/config.py), and the torch backend runs on one "
+                                    "thread")
     return problems
 
 
