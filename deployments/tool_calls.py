@@ -193,10 +193,11 @@ class CallDelta:
     arguments: str
 
 
+_OPEN = r'\{\s*"name"\s*:\s*"'
+_NAME_OPEN = re.compile(_OPEN)  # a call's head as far as its name's opening quote
+_NAME_HEAD = re.compile(_OPEN + r'((?:[^"\\]|\\.)*)"')  # ... and its name, whole
 # A call in the usual form, name first, its arguments an object: their JSON text starts where this ends.
-_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)')
-_NAME_OPEN = re.compile(r'\{\s*"name"\s*:\s*"')  # a call's head as far as its name's opening quote
-_NAME_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')  # ... and its name, whole
+_CALL_HEAD = re.compile(_NAME_HEAD.pattern + r'\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)')
 
 
 class ToolCallStream:
