@@ -11,8 +11,9 @@ from deployments.errors import APIError
 
 
 def _unauthorized() -> APIError:
-    return APIError(401, "Missing or wrong API key (send `Authorization: Bearer <key>`).", "authentication_error",
-                    code="invalid_api_key")
+    """OpenAI's 401: type invalid_request_error, code invalid_api_key (its SDKs raise AuthenticationError on the
+    status)."""
+    return APIError(401, "Missing or wrong API key (send `Authorization: Bearer <key>`).", code="invalid_api_key")
 
 
 class ApiKeys:

@@ -103,3 +103,14 @@ def test_open_routes_stay_open_under_a_route_prefix(router, tokenizer):
     assert client.get("/llm/version").status_code == 200
     assert_error(client.get("/llm/v1/models"), 401)
     assert client.get("/llm/v1/models", headers=auth(KEYS[0])).status_code == 200
+
+
+def test_a_missing_or_wrong_key_gets_openais_401(router, tokenizer):
+    """OpenAI answers a bad key with type "invalid_request_error" and code "invalid_api_key" (an "authentication_error"
+    type was no OpenAI type), and never echoes the key."""
+    client = make_client(router, tokenizer, api_keys=KEYS)
+    for headers in [{}, auth("sk-wrong-key"), {"Authorization": "Basic sk-tenant-a"}]:
+        response = client.post("/v1/chat/completions", json=CHAT, headers=headers)
+        error = assert_error(response, 401)
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+        assert "sk-" not in response.text
