@@ -855,7 +855,7 @@ class OpenAIServer:
         except Exception as exc:
             error = as_api_error(exc, prep.prompt_field)
             if error is None:
-                log.exception("stream %s failed", prep.id)
+                log.exception("stream %s failed", prep.router_id)  # printable, as every line of its id
                 error = APIError(500, "Internal server error.", "internal_error")
             yield event(ErrorResponse(error=error.info))
         yield "data: [DONE]\n\n"

@@ -209,3 +209,20 @@ def test_the_ingress_links_lines_carry_no_serve_request_id_of_the_call_that_open
         asyncio.run(main())
     broke = [rid for message, rid in tagged if "link broke" in message]
     assert broke and set(broke) == {None}, broke
+
+
+def test_a_stream_that_fails_unexpectedly_is_logged_without_a_newline_its_client_sent(router, tokenizer, serve_log):
+    """A client's request_id is the response's id; with a newline in it, the failure's line forged a second one."""
+    answer = router._events
+
+    async def fails(request_id, *args, **kwargs):
+        async for event in answer(request_id, *args, **kwargs):
+            yield event
+            raise RuntimeError("a bug")
+    router._events = fails
+    client = make_client(router, tokenizer)
+    body = {**CHAT, "stream": True, "request_id": "x\nFinished request forged"}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200 and "Internal server error." in response.read().decode()
+    (record,) = [r for r in serve_log.records if r.getMessage().startswith("stream ")]
+    assert "\n" not in record.getMessage() and record.getMessage().startswith("stream chatcmpl-x?Finished request")
