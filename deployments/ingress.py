@@ -96,12 +96,12 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     @v1.post("/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         req = named(req, request)
-        return await server.complete(req, [await server.prepare(req, "chatcmpl")], salt(request, req.cache_salt))
+        return server.complete(req, [await server.prepare(req, "chatcmpl")], salt(request, req.cache_salt))
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest, request: Request):
         req = named(req, request)
-        return await server.complete(req, await server.prepare_all(req, "cmpl"), salt(request, req.cache_salt))
+        return server.complete(req, await server.prepare_all(req, "cmpl"), salt(request, req.cache_salt))
 
     @v1.post("/responses")
     async def responses(req: ResponsesRequest, request: Request):

@@ -82,7 +82,9 @@ def _is_json(request: Request) -> bool:
 class OffLoopBody(APIRoute):
     """A route whose body, past OFF_LOOP_BYTES, is parsed and validated on a thread. FastAPI's handler then takes
     the model as it is: Starlette's Request.json() returns its cached `_json`, and pydantic passes an instance of
-    the model through without validating it again (revalidate_instances="never")."""
+    the model through without validating it again (revalidate_instances="never"). Once the endpoint returned, the
+    request's cached body and parse are dropped: Starlette keeps the request while its response is sent (its
+    Deferred answer, its stream), and these are the body's size twice."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -99,5 +101,8 @@ class OffLoopBody(APIRoute):
                 raise HTTPException(400, PARSE_ERROR) from None  # before, answers its 400, logging nothing
             if len(body) > OFF_LOOP_BYTES and _is_json(request):
                 request._json = await off_loop(parse, model, body)
-            return await handler(request)
+            response = await handler(request)
+            vars(request).pop("_body", None)
+            vars(request).pop("_json", None)
+            return response
         return route

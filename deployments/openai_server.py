@@ -24,12 +24,11 @@ from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails, RepetitionDetection,
-                                  ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
+                                  DeltaMessage, DeltaToolCall, ErrorResponse, FunctionDefinition, PromptTokensDetails,
+                                  RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import MERGED_TOKENS_MAX, RouterUnreachable
-from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, EventStream,
-                                   FirstDelta,
-                                   RepetitionCheck, TokenOffsets)
+from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, Deferred,
+                                   EventStream, FirstDelta, RepetitionCheck, TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
                                     tool_definitions)
@@ -200,10 +199,34 @@ class Prepared:
     arrival: float  # perf_counter() when the request reached the ingress
     echo: str = ""  # `echo`: the prompt's text (chat: the final message's, when continued), first in each choice
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
-    tools: list[Tool] = field(default_factory=list)  # those its answers' calls may name (Constraint.called)
+    tools: list[Tool] = field(default_factory=list)  # those its answers' calls may name (Constraint.called), by name
     constraint_param: str | None = None  # the field the request's grammar comes from
     repetition: RepetitionDetection | None = None  # vLLM's repetition_detection, checked here (ChoiceText)
     echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone, nothing generated
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What writing a request's answer needs of the request, beside its Prepared: an answer being awaited holds this,
+    not the request, whose prompt text, messages, tools' definitions and ignored fields are the body's size."""
+
+    chat: bool
+    stream: bool
+    n: int
+    num_logprobs: int | None  # alternatives per token; None: no logprobs
+    return_token_ids: bool
+    return_tokens_as_token_ids: bool
+    include_usage: bool
+    continuous_usage: bool
+    parallel_tool_calls: bool = True
+    named_tool: bool = False  # tool_choice names a function
+
+    @classmethod
+    def of(cls, req: ChatCompletionRequest | CompletionRequest) -> Reply:
+        chat = isinstance(req, ChatCompletionRequest)
+        return cls(chat, req.stream, req.n, req.num_logprobs, req.return_token_ids, req.return_tokens_as_token_ids,
+                   req.include_usage, req.continuous_usage, req.parallel_tool_calls if chat else True,
+                   chat and req.tool_choice is not None and not isinstance(req.tool_choice, str))
 
 
 _CHOICES_DONE = object()
@@ -444,8 +467,10 @@ class OpenAIServer:
         response_id, router_id = request_ids(prefix, req.request_id)
         repetition = req.repetition_detection
         repetition = repetition if repetition and repetition.max_pattern_size else None  # 0: off
+        # a call is read by its tool's name alone (tool_calls.py): a definition, up to the body's size, is not kept
+        called = [Tool(type="function", function=FunctionDefinition(name=t.function.name)) for t in constraint.called]
         return Prepared(response_id, router_id, prompt_ids, params,
-                        prompt_field, arrival, echo, constraint.tool_mode, constraint.called, constraint.param,
+                        prompt_field, arrival, echo, constraint.tool_mode, called, constraint.param,
                         repetition, echo_only)
 
     async def sampling_params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
@@ -663,58 +688,62 @@ class OpenAIServer:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- router -> responses --------------------------------------------------------------------
-    async def complete(self, req: ChatCompletionRequest | CompletionRequest, preps: list[Prepared],
-                       salt: str | None) -> Response:
-        """The answer to a request of one prompt, or (completions) a batch: `preps` holds one per prompt."""
-        chat = isinstance(req, ChatCompletionRequest)
+    def complete(self, req: ChatCompletionRequest | CompletionRequest, preps: list[Prepared],
+                 salt: str | None) -> Deferred:
+        """The answer to a request of one prompt, or (completions) a batch: `preps` holds one per prompt. Awaited as
+        it is sent, from the request's Reply: the request and its body are let go meanwhile."""
+        return Deferred(self._answer(Reply.of(req), preps, salt))
+
+    async def _answer(self, reply: Reply, preps: list[Prepared], salt: str | None) -> Response:
+        chat = reply.chat
         prep = preps[0]  # the response's id, and the field errors name
-        stream = self.deltas(preps, req.n, salt)
-        if req.stream:
+        stream = self.deltas(preps, reply.n, salt)
+        if reply.stream:
             first = await self.first_delta(stream, prep)
-            return EventStream(self._sse(req, preps, first, stream), source=first)
-        totals = [ChoiceTotal() for _ in range(len(preps) * req.n)]
+            return EventStream(self._sse(reply, preps, first, stream), source=first)
+        totals = [ChoiceTotal() for _ in range(len(preps) * reply.n)]
         try:
             async for d in stream:
                 totals[d.index].add(d)
         except Exception as exc:
             raise as_api_error(exc, prep.prompt_field) or exc
         usage = self._usage(sum(len(p.prompt_ids) for p in preps), sum(t.num_generated for t in totals),
-                            sum(totals[p * req.n].num_cached for p in range(len(preps))))
+                            sum(totals[p * reply.n].num_cached for p in range(len(preps))))
         # Built on a thread when large: n = 16 answers of 2,000 tokens with 20 top_logprobs each are 670,000
         # entries, seconds of CPU during which every other stream of this replica would stand still.
-        entries = sum(len(t.logprobs) for t in totals) * (1 + ((req.top_logprobs if chat else req.logprobs) or 0))
+        entries = sum(len(t.logprobs) for t in totals) * (1 + (reply.num_logprobs or 0))
         build = self._chat_answer if chat else self._completion_answer
-        body = await self.sized(entries * ANSWER_CHARS_PER_LOGPROB, build, req, preps, totals, usage, bulk=False)
+        body = await self.sized(entries * ANSWER_CHARS_PER_LOGPROB, build, reply, preps, totals, usage, bulk=False)
         return Response(body, media_type="application/json")
 
-    def _chat_answer(self, req: ChatCompletionRequest, preps: list[Prepared], totals: list[ChoiceTotal],
-                     usage: Usage) -> bytes:
+    def _chat_answer(self, reply: Reply, preps: list[Prepared], totals: list[ChoiceTotal], usage: Usage) -> bytes:
         """The chat completion's JSON, from every choice's totals."""
         prep = preps[0]
-        ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
+        ids, as_ids = reply.return_token_ids, reply.return_tokens_as_token_ids
         choices = []
         for i, t in enumerate(totals):
-            calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
+            calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", reply.parallel_tool_calls)
                             if prep.tool_mode != "none" else (None, False))
             message = (AssistantMessage(content=prep.echo or None, tool_calls=[_tool_call(c) for c in calls])
                        if calls else AssistantMessage(content=prep.echo + t.text))
-            reason = _finish_reason(t.finish_reason, whole, req)
+            reason = _finish_reason(t.finish_reason, whole, reply)
             choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
-                                      logprobs=self.chat_logprobs(t.logprobs, as_ids) if req.logprobs else None,
+                                      logprobs=self.chat_logprobs(t.logprobs, as_ids)
+                                      if reply.num_logprobs is not None else None,
                                       token_ids=t.token_ids if ids else None))
         envelope = ChatCompletionResponse(id=prep.id, model=self.model, choices=[], usage=usage,
                                           prompt_token_ids=prep.prompt_ids if ids else None)
         return _with_choices(envelope.model_dump_json().encode(), [c.model_dump_json().encode() for c in choices])
 
-    def _completion_answer(self, req: CompletionRequest, preps: list[Prepared], totals: list[ChoiceTotal],
+    def _completion_answer(self, reply: Reply, preps: list[Prepared], totals: list[ChoiceTotal],
                            usage: Usage) -> bytes:
         """The completion's JSON (one choice per prompt and n), from every choice's totals."""
-        ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
-        choices = [CompletionChoice(index=i, text=preps[i // req.n].echo + t.text, finish_reason=t.finish_reason,
+        ids, as_ids = reply.return_token_ids, reply.return_tokens_as_token_ids
+        choices = [CompletionChoice(index=i, text=preps[i // reply.n].echo + t.text, finish_reason=t.finish_reason,
                                     stop_reason=t.stop_reason,
                                     logprobs=self._completion_logprobs(t.logprobs, t.token_offsets, as_ids)
-                                    if req.logprobs is not None else None,
-                                    prompt_token_ids=preps[i // req.n].prompt_ids if ids else None,
+                                    if reply.num_logprobs is not None else None,
+                                    prompt_token_ids=preps[i // reply.n].prompt_ids if ids else None,
                                     token_ids=t.token_ids if ids else None)
                    for i, t in enumerate(totals)]
         envelope = CompletionResponse(id=preps[0].id, model=self.model, choices=[], usage=usage)
@@ -766,20 +795,21 @@ class OpenAIServer:
             return False
         return bool(read.result().get("ready"))
 
-    async def _sse(self, req, preps: list[Prepared], first: FirstDelta,
+    async def _sse(self, reply: Reply, preps: list[Prepared], first: FirstDelta,
                    stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
-        chat = isinstance(req, ChatCompletionRequest)
+        chat = reply.chat
         prep = preps[0]
         created = int(time.time())
-        generated = [0] * (len(preps) * req.n)
+        generated = [0] * (len(preps) * reply.n)
         prompt_tokens = sum(len(p.prompt_ids) for p in preps)
         cached = [0] * len(preps)  # per prompt
         # completions' echo goes with each choice's first chunk; a chat's comes in a chunk of its own
-        echo = [p.echo for p in preps for _ in range(req.n)] if not chat else [""] * req.n
-        ids, as_ids = req.return_token_ids, req.return_tokens_as_token_ids
-        prompt_ids = [p.prompt_ids if ids else None for p in preps for _ in range(req.n)]  # completions: likewise
-        tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
-                         for _ in range(req.n)]
+        echo = [p.echo for p in preps for _ in range(reply.n)] if not chat else [""] * reply.n
+        ids, as_ids = reply.return_token_ids, reply.return_tokens_as_token_ids
+        logprobs = reply.num_logprobs is not None
+        prompt_ids = [p.prompt_ids if ids else None for p in preps for _ in range(reply.n)]  # completions: likewise
+        tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced", reply.parallel_tool_calls)
+                         for _ in range(reply.n)]
                         if chat and prep.tool_mode != "none" else None)
 
         def event(chunk) -> str:
@@ -798,21 +828,21 @@ class OpenAIServer:
                 if tool_streams is not None:
                     content, pieces, called = tool_streams[d.index].feed(d.text, d.finish_reason is not None)
                     calls = [_call_delta(p) for p in pieces] or None
-                    reason = _finish_reason(reason, called, req)
+                    reason = _finish_reason(reason, called, reply)
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
                                        finish_reason=reason, stop_reason=d.stop_reason,
-                                       logprobs=self.chat_logprobs(d.logprobs, as_ids) if req.logprobs else None,
+                                       logprobs=self.chat_logprobs(d.logprobs, as_ids) if logprobs else None,
                                        token_ids=d.token_ids if ids else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
             prompt, prompt_ids[d.index] = prompt_ids[d.index], None
             return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason, stop_reason=d.stop_reason,
                                     logprobs=self._completion_logprobs(d.logprobs, d.token_offsets, as_ids)
-                                    if req.logprobs is not None else None,
+                                    if logprobs else None,
                                     prompt_token_ids=prompt, token_ids=d.token_ids if ids else None)
 
         # Most chunks carry text alone: they come from a template per choice (see ChunkTemplate).
-        templated = tool_streams is None and not (req.logprobs if chat else req.logprobs is not None) and not ids
+        templated = tool_streams is None and not logprobs and not ids
         templates: dict[int, ChunkTemplate] = {}
 
         def text_chunk(d: ChoiceDelta) -> str:
@@ -820,27 +850,27 @@ class OpenAIServer:
             if template is None:
                 template = templates[d.index] = ChunkTemplate(chunk([choice(
                     ChoiceDelta(d.index, TEXT_SLOT, [], [], None, 0, 0))]))
-            return template.render(d.text, running(d) if req.continuous_usage else None)
+            return template.render(d.text, running(d) if reply.continuous_usage else None)
 
         def running(d: ChoiceDelta) -> tuple[int, int, int]:
             """vLLM's continuous usage: the chunk's own choice and its prompt, not the whole request's."""
-            return len(preps[d.index // req.n].prompt_ids), d.num_generated, d.num_cached
+            return len(preps[d.index // reply.n].prompt_ids), d.num_generated, d.num_cached
 
         try:
             if chat:  # one choice a chunk, as vLLM and OpenAI send them (a client may read choices[0] alone)
-                opening = self._usage(prompt_tokens, 0, 0) if req.continuous_usage else None
-                for i in range(req.n):
+                opening = self._usage(prompt_tokens, 0, 0) if reply.continuous_usage else None
+                for i in range(reply.n):
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], opening,
                                 prep.prompt_ids if ids else None)
-                for i in range(req.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
+                for i in range(reply.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)
             async for comment in first.keepalive(self.keepalive_s):
                 yield comment
             d = first.result()
             while d is not None:
                 generated[d.index] = d.num_generated
-                if d.num_cached and d.index % req.n == 0:  # a prompt's cache hit, counted once
-                    cached[d.index // req.n] = d.num_cached
+                if d.num_cached and d.index % reply.n == 0:  # a prompt's cache hit, counted once
+                    cached[d.index // reply.n] = d.num_cached
                 if templated and d.text and d.finish_reason is None and not echo[d.index]:
                     yield text_chunk(d)
                 elif d.text or d.finish_reason or d.logprobs or echo[d.index] or (ids and d.token_ids):
@@ -848,9 +878,9 @@ class OpenAIServer:
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
                             and c.logprobs is None and c.token_ids is None):  # a tool call's text is held back:
                         # no empty chunk per token, unless it carries the tokens asked for
-                        yield chunk([c], self._usage(*running(d)) if req.continuous_usage else None)
+                        yield chunk([c], self._usage(*running(d)) if reply.continuous_usage else None)
                 d = await anext(stream, None)
-            if req.include_usage:
+            if reply.include_usage:
                 yield chunk([], self._usage(prompt_tokens, sum(generated), sum(cached)))
         except Exception as exc:
             error = as_api_error(exc, prep.prompt_field)
@@ -951,9 +981,8 @@ def _call_delta(piece: CallDelta) -> DeltaToolCall:
                          function={"name": piece.name, "arguments": piece.arguments})
 
 
-def _finish_reason(reason: str | None, called: bool, req: ChatCompletionRequest) -> str | None:
+def _finish_reason(reason: str | None, called: bool, reply: Reply) -> str | None:
     """"tool_calls" when the answer ended as whole calls (`called`; a call cut by a stop string keeps "stop",
     as one cut by max_tokens keeps "length": its arguments are no JSON to run), except for a named tool_choice:
     OpenAI and vLLM say "stop" there (the call was asked for, not chosen; vllm-project/vllm#49496)."""
-    named = req.tool_choice is not None and not isinstance(req.tool_choice, str)
-    return "tool_calls" if called and reason == "stop" and not named else reason
+    return "tool_calls" if called and reason == "stop" and not reply.named_tool else reason

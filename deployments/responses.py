@@ -20,7 +20,7 @@ from deployments.errors import APIError, as_api_error
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
-from deployments.streaming import ChoiceDelta, ChoiceTotal, EventStream, FirstDelta
+from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import TokenLogprobs
 
@@ -44,22 +44,19 @@ def _call(call: ParsedCall, status: str) -> dict:
 
 
 class _Answer:
-    """What a response says besides its output: the request's settings, echoed as OpenAI echoes them."""
+    """What a response says besides its output: the request's settings, echoed as OpenAI echoes them. Made once the
+    request is prepared, it holds these, not the request (its input is the body's size, for the answer's length)."""
 
     def __init__(self, server: OpenAIServer, req: ResponsesRequest, prep: Prepared):
-        self.server, self.req, self.prep = server, req, prep
-        self.id = "resp_" + prep.router_id.rsplit("-", 1)[-1]
-        self.created = int(time.time())
-
-    def response(self, status: str, output: list[dict], usage: dict | None = None) -> dict:
-        req = self.req
+        self.server, self.prep = server, prep
+        self.include_logprobs, self.parallel_tool_calls = req.logprobs, req.parallel_tool_calls
         fmt = req.text.format if req.text and req.text.format else TextFormat(type="text")
         choice = req.tool_choice or "auto"
-        return {
-            "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        self._response = {
+            "id": "resp_" + prep.router_id.rsplit("-", 1)[-1], "object": "response", "created_at": int(time.time()),
+            "status": None, "error": None, "incomplete_details": None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.server.model,
-            "output": output, "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,
+            "output": [], "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None}, "store": False,
             # what it is sampled with (the model's defaults for what it left out), as vLLM says (its
             # vllm/entrypoints/openai/responses/protocol.py, ResponsesResponse.from_request)
@@ -70,14 +67,18 @@ class _Answer:
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
             # a tool that did not say is strict (FunctionTool.as_chat_tool), and echoed so, as OpenAI echoes it
             "tools": [{**t.model_dump(exclude_none=True), "strict": t.strict is not False} for t in req.tools or ()],
-            "top_p": self.prep.params.top_p, "truncation": "disabled", "usage": usage,
+            "top_p": self.prep.params.top_p, "truncation": "disabled", "usage": None,
             "top_logprobs": req.top_logprobs or 0,  # 0 by default, as OpenAI's and vLLM's ResponsesRequest have it
             "user": req.user, "metadata": req.metadata or {}}
+
+    def response(self, status: str, output: list[dict], usage: dict | None = None) -> dict:
+        return {**self._response, "status": status, "output": output, "usage": usage,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
 
     def logprobs(self, lps: list[TokenLogprobs]) -> list[dict]:
         """Logprobs as output_text carries them (chat's shape: token, logprob, bytes, top_logprobs), when the
         request included them."""
-        return self.server.chat_logprobs(lps).model_dump()["content"] if self.req.logprobs and lps else []
+        return self.server.chat_logprobs(lps).model_dump()["content"] if self.include_logprobs and lps else []
 
     def usage(self, generated: int, cached: int) -> dict:
         prompt = len(self.prep.prompt_ids)
@@ -87,21 +88,28 @@ class _Answer:
                 "total_tokens": prompt + generated}
 
 
-async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None, body_bytes: int = 0) -> Response:
-    """POST /v1/responses: the whole response, or its events as SSE. Raises APIError as the chat path does,
-    naming this request's fields. The chat completion of a body of more than OFF_LOOP_BYTES is made off the loop
-    (50,000 input items: ~0.2 s of validation)."""
+async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None, body_bytes: int = 0) -> Deferred:
+    """POST /v1/responses: the whole response, or its events as SSE, awaited as it is sent (the request is let go
+    meanwhile). Raises APIError as the chat path does, naming this request's fields. The chat completion of a body
+    of more than OFF_LOOP_BYTES is made off the loop (50,000 input items: ~0.2 s of validation)."""
     chat = req.chat() if body_bytes <= OFF_LOOP_BYTES else await off_loop(req.chat)
     try:
         prep = await server.prepare(chat, "resp")
-        answer = _Answer(server, req, prep)
-        stream = server.deltas([prep], 1, salt)
-        if req.stream:
-            first = await server.first_delta(stream, prep)
-            return EventStream(_events(answer, first, stream, server.keepalive_s), source=first)
+    except APIError as exc:
+        raise renamed(exc) from None
+    return Deferred(_answer(_Answer(server, req, prep), salt, req.stream))
+
+
+async def _answer(answer: _Answer, salt: str | None, stream: bool) -> Response:
+    server, prep = answer.server, answer.prep
+    try:
+        deltas = server.deltas([prep], 1, salt)
+        if stream:
+            first = await server.first_delta(deltas, prep)
+            return EventStream(_events(answer, first, deltas, server.keepalive_s), source=first)
         total = ChoiceTotal()
         try:
-            async for d in stream:
+            async for d in deltas:
                 total.add(d)
         except Exception as exc:
             raise as_api_error(exc, prep.prompt_field) or exc
@@ -110,7 +118,7 @@ async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None,
     status = "incomplete" if total.finish_reason == "length" else "completed"
     calls = None
     if prep.tool_mode != "none":
-        calls, _ = answer_calls(total.text, prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
+        calls, _ = answer_calls(total.text, prep.tools, prep.tool_mode == "forced", answer.parallel_tool_calls)
     output = ([_call(c, status) for c in calls] if calls
               else [_message(total.text, status, answer.logprobs(total.logprobs))])
     return JSONResponse(answer.response(status, output, answer.usage(total.num_generated, total.num_cached)))
@@ -124,7 +132,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     before; tokens after the last text (an EOS) are in output_text.done only. An `error` event ends a stream
     whose answer failed on the way."""
     numbers = itertools.count()
-    prep, req = answer.prep, answer.req
+    prep = answer.prep
 
     def event(kind: str, **data) -> str:
         payload = {"type": kind, "sequence_number": next(numbers), **data}
@@ -136,7 +144,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     logprobs: list[dict] = []  # the message's, when included
     pending: list[TokenLogprobs] = []  # of the tokens since the last delta
     calls: dict[int, dict] = {}  # a streamed call's index -> its item
-    tools = (ToolCallStream(prep.tools, prep.tool_mode == "forced", req.parallel_tool_calls)
+    tools = (ToolCallStream(prep.tools, prep.tool_mode == "forced", answer.parallel_tool_calls)
              if prep.tool_mode != "none" else None)
     yield event("response.created", response=answer.response("in_progress", []))
     yield event("response.in_progress", response=answer.response("in_progress", []))

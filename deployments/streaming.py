@@ -1,14 +1,15 @@
-"""Streaming helpers: stop strings over streamed text, per-choice deltas, and the SSE response."""
+"""Streaming helpers: stop strings over streamed text, per-choice deltas, the SSE response, and responses made as
+they are sent."""
 from __future__ import annotations
 
 import asyncio
 import codecs
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.sampling import TokenLogprobs
@@ -266,6 +267,22 @@ class FirstDelta:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
         await self.stream.aclose()
+
+
+class Deferred(Response):
+    """A response made as it is sent. An endpoint that returns one at once, holding only what its answer needs, lets
+    go of its request while the answer is awaited (streamed or not: seconds, or minutes in a queue): FastAPI keeps the
+    body's bytes, its parse and the request model until the endpoint returns, its whole size for a request the router
+    counts in tokens. An error raised before the answer's response starts reaches the app's exception handlers as
+    the endpoint's own would (Starlette's request_response handles both)."""
+
+    def __init__(self, answer: Awaitable[Response]):
+        super().__init__()
+        self.answer = answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        response = await self.answer
+        await response(scope, receive, send)
 
 
 class EventStream(StreamingResponse):

@@ -1,0 +1,101 @@
+"""What the ingress holds while a request's answer is awaited: what the answer needs (its prompt ids, params, the names
+of the tools its calls may name, its echo), not the body it came in, whose size the queues and limits never see."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import tracemalloc
+
+import pytest
+
+from deployments.ingress import build_app
+from tests.fake_router import FakeRouter
+from tests.ingress_support import MODEL, eos, tokenizer  # noqa: F401
+
+BIG = 1_000_000  # characters of text the answer does not need
+TEXT = ("lorem ipsum dolor sit amet " * (BIG // 27 + 1))[:BIG]
+CUT = {"truncate_prompt_tokens": 16}  # vLLM's: the prompt's last 16 tokens are all that is computed
+HI = [{"role": "user", "content": "hi"}]
+TOOLS = [{"type": "function", "function": {"name": f"tool_{i}", "description": TEXT[:BIG // 20],
+                                           "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}}}
+         for i in range(20)]
+
+CASES = {
+    "chat, a long prompt cut to 16 tokens": ("/v1/chat/completions", {"messages": [{"role": "user", "content": TEXT}],
+                                                                      **CUT}),
+    "chat, a long history cut to 16 tokens": ("/v1/chat/completions", {"messages": [
+        {"role": ("user", "assistant")[i % 2], "content": TEXT[:1000]} for i in range(BIG // 1000 - 1)], **CUT}),
+    "chat, 20 tools of 50 kB": ("/v1/chat/completions", {"messages": HI, "tools": TOOLS, **CUT}),
+    "chat, an ignored field": ("/v1/chat/completions", {"messages": HI, "pad": TEXT}),
+    "completion, a long prompt cut to 16 tokens": ("/v1/completions", {"prompt": TEXT, **CUT}),
+    "completion, 4 long prompts cut to 16 tokens": ("/v1/completions", {"prompt": [TEXT[:BIG // 4]] * 4, **CUT}),
+    "completion, an ignored field": ("/v1/completions", {"prompt": "hi", "pad": TEXT}),
+    "responses, an ignored field": ("/v1/responses", {"input": "hi", "pad": TEXT}),
+}
+
+
+async def _held(app, router: FakeRouter, path: str, body: dict) -> tuple[int, int]:
+    """Bytes traced while the request waits on its router (a stream once it has sent a chunk); and what was traced
+    before it came."""
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    raw = [json.dumps({"model": MODEL, **body}).encode()]  # the only reference to the body is the ASGI message's
+    sent: list[dict] = []
+    chunk = asyncio.Event()
+
+    async def receive() -> dict:
+        if raw:
+            return {"type": "http.request", "body": raw.pop(), "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and message.get("body"):
+            chunk.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("x", 80)}
+    prompts = len(body["prompt"]) if isinstance(body.get("prompt"), list) else 1
+    task = asyncio.create_task(app(scope, receive, send))
+    while len(router.requests) < prompts or (body.get("stream") and not chunk.is_set()):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the router's first tokens are in
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - base
+    router.resume.set()
+    await asyncio.wait_for(task, 10)
+    assert sent[0]["status"] == 200
+    for record in (router.requests, router.continued, router.cancelled):
+        record.clear()
+    return held, base
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("case", CASES)
+def test_an_open_request_holds_what_its_answer_needs_not_its_body(tokenizer, eos, case, stream):
+    """The ingress held every request's body for as long as its answer took, twice (Starlette's bytes and the
+    parsed JSON or model): a 7.86 MB prompt with truncate_prompt_tokens 16 held 16 MB for a 16-token request, so a
+    few clients could drive a replica out of memory at the queue limits the router counts in tokens."""
+    path, body = CASES[case]
+    body = {**body, "stream": stream}
+    router = FakeRouter(tokenizer.encode("Hello world, the answer") + [eos], max_model_len=256, pause_after=2)
+    app = build_app(router, tokenizer, MODEL)
+    app.state.server.headers_wait_s = 0.05
+
+    async def run() -> tuple[int, int]:
+        router.resume.set()
+        await _held(app, router, path, body)  # once before: what the first such request leaves (caches, threads)
+        router.resume = asyncio.Event()
+        held, base = await _held(app, router, path, body)
+        gc.collect()
+        return held, tracemalloc.get_traced_memory()[0] - base
+
+    tracemalloc.start()
+    try:
+        held, after = asyncio.run(run())
+    finally:
+        tracemalloc.stop()
+    assert held < BIG // 10, f"{held:,} bytes held for a body of {BIG:,} characters"
+    assert after < BIG // 100, f"{after:,} bytes left once the request ended"
