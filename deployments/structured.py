@@ -222,13 +222,17 @@ _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternPrope
 # backend, which leaves them open).
 _OPEN_BESIDE = frozenset({"allOf", "anyOf", "oneOf", "$ref", "not", "if", "then", "else", "dependentSchemas",
                           "patternProperties", "propertyNames", "unevaluatedProperties"})
+# Where a strict object that lists no properties takes them from: closed beside these, it takes none at all.
+_PROPERTIES_FROM = frozenset({"$ref", "allOf", "anyOf", "oneOf"})
 
 
 def closed(schema: dict | None, require_all: bool = False, strict: bool = True) -> dict:
     """A schema whose objects take no properties they do not list: one that leaves out `additionalProperties`
     gets false, not JSON Schema's true; one that says it keeps it. Linear in the schema's size: each subschema is
     visited once.
-    `strict`: as OpenAI's strict mode reads a schema (every object closed: it refuses combined schemas anyway).
+    `strict`: as OpenAI's strict mode reads a schema (every object closed: it refuses combined schemas anyway),
+    except one that lists no properties beside a $ref or branches (_PROPERTIES_FROM), which would then take none:
+    the $ref's target and anyOf / oneOf branches close themselves (an allOf stays open, as without strict).
     Otherwise as vLLM's default backend (xgrammar, strict_mode on) compiles a plain one, without turning a valid
     schema into an impossible one: only objects that list `properties` close, not beside the keywords of
     _OPEN_BESIDE, and the anyOf / oneOf branches of an object that lists properties are mixins of it (closed
@@ -249,7 +253,8 @@ def closed(schema: dict | None, require_all: bool = False, strict: bool = True) 
                         for name, sub in value.items()}
     kind = schema.get("type")
     if strict:
-        close = kind == "object" or isinstance(kind, list) and "object" in kind or "properties" in schema
+        close = "properties" in schema or (kind == "object" or isinstance(kind, list) and "object" in kind) \
+            and not _PROPERTIES_FROM.intersection(schema)
     else:  # an object that lists no properties is a free-form map (pydantic's dict), not an empty object
         close = "properties" in schema and not _OPEN_BESIDE.intersection(schema)
     if close and "additionalProperties" not in schema:

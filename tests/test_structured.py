@@ -495,3 +495,29 @@ def test_closing_a_plain_schema_never_makes_a_valid_answer_impossible(tok, llt, 
     tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
     forced = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
     assert accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % admitted)
+
+
+# openai.pydantic_function_tool's and pydantic's output for a recursive model: the object is the $ref's target
+_NODE = {"$ref": "#/$defs/Node", "$defs": {"Node": {"type": "object", "required": ["v"], "properties": {
+    "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}}}
+
+
+@pytest.mark.parametrize("schema, admitted, refused", [
+    ({**_NODE, "type": "object"}, '{"v": 1, "kids": [{"v": 2}]}', '{"v": 1, "w": 2}'),
+    ({"type": "object", "anyOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+                                  {"type": "object", "properties": {"b": {"type": "string"}}, "required": ["b"]}]},
+     '{"a": 1}', '{"a": 1, "c": 2}'),
+])
+def test_a_strict_object_that_takes_its_properties_from_a_ref_or_branches_is_closed_there(tok, llt, schema,
+                                                                                          admitted, refused):
+    """Closed beside its $ref or anyOf, the object took no property at all: a strict tool of a recursive pydantic
+    model (a forced call's `parameters` gets "type": "object" beside its $ref; the Responses API's tools are
+    strict) was a 400 ("required property 'v' is unsatisfiable"), and one with no required property could only
+    ever be called with {}."""
+    grammar = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": schema, "strict": True}}), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, admitted) and not accepts(llt, tok, grammar, refused)
+    tool = {"type": "function", "function": {"name": "f", "strict": True, "parameters": schema}}
+    forced = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
+    assert accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % admitted)
+    assert not accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % refused)
