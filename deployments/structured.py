@@ -125,12 +125,14 @@ def _tool_call_grammar(tools: list[Tool], choice, parallel: bool):
         """A Llama 3 JSON call to one of the chosen tools; for "required" with parallel calls, one or more,
         "; " between them (vLLM's forced-call schema is likewise an array of at least one). A tool's `$defs` /
         `definitions` (pydantic puts nested models there, referenced as "#/$defs/Name") move to the root of
-        the call's schema, where such pointers resolve, as vLLM's forced-call schema does. Raises ValueError
-        when two tools define one name differently."""
+        the call's schema, where such pointers resolve, as vLLM's forced-call schema does; its other pointers
+        into itself ("#", "#/properties/...") are rebased to where it sits in the call's schema. Raises
+        ValueError when two tools define one name differently."""
         _check_size([tool.function.parameters for tool in chosen])
         calls, defs = [], {}
-        for tool in chosen:
-            parameters = _parameters(tool)
+        for i, tool in enumerate(chosen):
+            at = "#/properties/parameters" if len(chosen) == 1 else f"#/anyOf/{i}/properties/parameters"
+            parameters = _rebased(_parameters(tool), at)
             for keyword in ("$defs", "definitions"):
                 for name, sub in (parameters.get(keyword) or {}).items():
                     if defs.setdefault(keyword, {}).setdefault(name, sub) != sub:
@@ -140,6 +142,27 @@ def _tool_call_grammar(tools: list[Tool], choice, parallel: bool):
         call = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), **defs}
         return json_sequence_grammar(call, "; ") if several else json_schema_grammar(call)
     return build
+
+
+def _rebased(schema, at: str):
+    """`schema` with each `$ref` to its root or into it (other than into `$defs` / `definitions`, which move to the
+    root of the call's schema) pointing at `at`, the pointer to where it sits in the call's schema. Data (`const`,
+    `enum`, `default`, `examples`) is left alone."""
+    if isinstance(schema, list):
+        return [_rebased(v, at) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _rebased(sub, at) for name, sub in value.items()}
+        else:
+            out[key] = value if key in _DATA else _rebased(value, at)
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")) \
+            and not ref.startswith(("#/$defs/", "#/definitions/")):
+        out["$ref"] = at + ref[1:]
+    return out
 
 
 def _parameters(tool: Tool) -> dict:
@@ -217,6 +240,7 @@ _SUBSCHEMA = frozenset({"items", "additionalItems", "additionalProperties", "con
                         "unevaluatedItems", "unevaluatedProperties"})
 _SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "prefixItems", "items"})
 _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
+_DATA = frozenset({"const", "enum", "default", "examples"})  # values, not schemas
 # What leaves a non-strict object open: properties that other subschemas name (a `properties` level's anyOf /
 # allOf mixins, a $ref's target, if/then), or keys only patterns describe (vLLM sends those to its guidance
 # backend, which leaves them open).

@@ -521,3 +521,32 @@ def test_a_strict_object_that_takes_its_properties_from_a_ref_or_branches_is_clo
     forced = constraint_for(chat(tools=[tool], tool_choice="required"), lambda: llt).grammar
     assert accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % admitted)
     assert not accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % refused)
+
+
+# zod-to-json-schema's pointers (its default $refStrategy "root"): to the schema's root for a recursive one, into
+# its properties for one used twice
+_LIST = {"type": "object", "required": ["v", "next"], "properties": {
+    "v": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}}
+_TWICE = {"type": "object", "required": ["from", "to"], "properties": {
+    "from": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "to": {"$ref": "#/properties/from"}}}
+
+
+@pytest.mark.parametrize("schema, admitted, refused", [
+    (_LIST, '{"v": 1, "next": {"v": 2, "next": null}}',
+     '{"v": 1, "next": {"name": "f", "parameters": {"v": 2, "next": null}}}'),
+    (_TWICE, '{"from": {"city": "a"}, "to": {"city": "b"}}', '{"from": {"city": "a"}, "to": {"city": 5}}'),
+])
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}])
+def test_a_tools_pointers_into_its_own_schema_resolve_in_a_forced_call(tok, llt, schema, admitted, refused,
+                                                                       tool_choice):
+    """A tool's parameters sit inside the call's schema, where "#" is the call: a recursive tool's arguments had
+    to nest calls ({"name": "f", "parameters": ...}) instead of itself, and "#/properties/..." was a 400
+    ("Pointer '/properties/from' does not exist"), though the same schema works as a response_format."""
+    grammar = constraint_for(chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "s", "schema": schema}}), lambda: llt).grammar
+    assert accepts(llt, tok, grammar, admitted) and not accepts(llt, tok, grammar, refused)
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    forced = constraint_for(chat(tools=[tool, TIME], tool_choice=tool_choice), lambda: llt).grammar
+    assert accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % admitted)
+    assert not accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % refused)
