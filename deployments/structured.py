@@ -241,6 +241,7 @@ _SUBSCHEMA = frozenset({"items", "additionalItems", "additionalProperties", "con
 _SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "prefixItems", "items"})
 _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 _DATA = frozenset({"const", "enum", "default", "examples"})  # values, not schemas
+_DEFS = ("$defs", "definitions")
 # What leaves a non-strict object open: properties that other subschemas name (a `properties` level's anyOf /
 # allOf mixins, a $ref's target, if/then), or keys only patterns describe (vLLM sends those to its guidance
 # backend, which leaves them open).
@@ -260,7 +261,8 @@ def closed(schema: dict | None, require_all: bool = False, strict: bool = True) 
     Otherwise as vLLM's default backend (xgrammar, strict_mode on) compiles a plain one, without turning a valid
     schema into an impossible one: only objects that list `properties` close, not beside the keywords of
     _OPEN_BESIDE, and the anyOf / oneOf branches of an object that lists properties are mixins of it (closed
-    alone, each would refuse them).
+    alone, each would refuse them). In both, a $defs / definitions entry that a mixin names (_mixin_refs: an allOf's
+    branch, OpenAPI's inheritance) is not closed at its top, where it is merged.
     `require_all`: every object also requires all its properties, as OpenAI's Responses API normalizes a tool
     that does not say whether it is strict."""
     if not isinstance(schema, dict):
@@ -283,9 +285,33 @@ def closed(schema: dict | None, require_all: bool = False, strict: bool = True) 
         close = "properties" in schema and not _OPEN_BESIDE.intersection(schema)
     if close and "additionalProperties" not in schema:
         out["additionalProperties"] = False
+    if any(isinstance(schema.get(k), dict) for k in _DEFS):
+        for ref in _mixin_refs(schema):  # closed alone, each would refuse what it is merged with
+            keyword, _, name = ref.removeprefix("#/").partition("/")
+            defs = schema.get(keyword) if ref.startswith("#/") and keyword in _DEFS else None
+            target = defs.get(name) if isinstance(defs, dict) else None
+            if isinstance(target, dict) and "additionalProperties" not in target:
+                out[keyword][name] = {k: v for k, v in out[keyword][name].items() if k != "additionalProperties"}
     if require_all and isinstance(schema.get("properties"), dict):
         out["required"] = list(schema["properties"])
     return out
+
+
+def _mixin_refs(schema: dict) -> set[str]:
+    """The `$ref`s that merge their target into an object rather than stand for one: an allOf's branches (OpenAPI's
+    inheritance), a $ref beside `properties`, and the anyOf / oneOf branches of an object that lists properties."""
+    refs, todo = set(), [schema]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, list):
+            todo += value
+        elif isinstance(value, dict):
+            merged = [value] if "properties" in value else []
+            for key in ("allOf", *(("anyOf", "oneOf") if "properties" in value else ())):
+                merged += value.get(key) if isinstance(value.get(key), list) else []
+            refs.update(m["$ref"] for m in merged if isinstance(m, dict) and isinstance(m.get("$ref"), str))
+            todo += (sub for key, sub in value.items() if key not in _DATA)
+    return refs
 
 
 def _check_size(source) -> None:

@@ -481,6 +481,19 @@ def test_perl_classes_become_ascii_and_escapes_stay(pattern, ascii_only):
     ({"type": "object", "properties": {"p": {"$ref": "#/$defs/P"}},
       "$defs": {"P": {"type": "object", "properties": {"n": {"type": "string"}}}}},
      '{"p": {"n": "a"}}', '{"p": {"n": "a", "m": 1}}'),
+    # OpenAPI's inheritance: a named schema an allOf extends stays open to the extension
+    ({"type": "object", "allOf": [{"$ref": "#/$defs/Pet"}, {"properties": {"bark": {"type": "boolean"}},
+                                                            "required": ["bark"]}],
+      "$defs": {"Pet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}},
+     '{"name": "rex", "bark": true}', None),
+    # a $ref beside properties, and one as an anyOf mixin of them: their targets' properties join those listed
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "$ref": "#/$defs/B",
+      "$defs": {"B": {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}}},
+     '{"a": "x", "b": 1}', None),
+    ({"type": "object", "properties": {"kind": {"type": "string"}}, "required": ["kind"],
+      "anyOf": [{"$ref": "#/definitions/X"}], "definitions": {"X": {"properties": {"x": {"type": "integer"}},
+                                                                  "required": ["x"]}}},
+     '{"kind": "k", "x": 1}', None),
 ])
 def test_closing_a_plain_schema_never_makes_a_valid_answer_impossible(tok, llt, schema, admitted, refused,
                                                                        monkeypatch):
