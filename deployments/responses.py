@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -23,6 +24,8 @@ from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
 from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import TokenLogprobs
+
+log = logging.getLogger("ray.serve")
 
 
 def _id(prefix: str) -> str:
@@ -207,7 +210,10 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
             finish, generated, cached = d.finish_reason or finish, d.num_generated, d.num_cached or cached
             d = await anext(stream, None)
     except Exception as exc:
-        error = as_api_error(exc, prep.prompt_field) or APIError(500, "Internal server error.", "internal_error")
+        error = as_api_error(exc, prep.prompt_field)
+        if error is None:
+            log.exception("stream %s failed", prep.router_id)  # as a chat stream's
+            error = APIError(500, "Internal server error.", "internal_error")
         renamed(error)
         yield event("error", code=error.info.code or error.info.type, message=error.info.message,
                     param=error.info.param)

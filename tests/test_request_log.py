@@ -226,3 +226,21 @@ def test_a_stream_that_fails_unexpectedly_is_logged_without_a_newline_its_client
         assert response.status_code == 200 and "Internal server error." in response.read().decode()
     (record,) = [r for r in serve_log.records if r.getMessage().startswith("stream ")]
     assert "\n" not in record.getMessage() and record.getMessage().startswith("stream chatcmpl-x?Finished request")
+
+
+def test_a_responses_stream_that_fails_unexpectedly_is_logged(router, tokenizer, serve_log):
+    """Its client got an `error` event, but nothing was logged: a bug in a Responses stream left no trace for its
+    operator, as the same one in a chat stream does."""
+    answer = router._events
+
+    async def fails(request_id, *args, **kwargs):
+        async for event in answer(request_id, *args, **kwargs):
+            yield event
+            raise RuntimeError("a bug")
+    router._events = fails
+    client = make_client(router, tokenizer)
+    body = {"model": CHAT["model"], "input": "hi", "stream": True}
+    with client.stream("POST", "/v1/responses", json=body) as response:
+        assert response.status_code == 200 and "Internal server error." in response.read().decode()
+    (record,) = [r for r in serve_log.records if r.getMessage().startswith("stream resp-")]
+    assert record.exc_info and "a bug" in str(record.exc_info[1])
