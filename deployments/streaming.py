@@ -274,7 +274,7 @@ class Deferred(Response):
     go of its request while the answer is awaited (streamed or not: seconds, or minutes in a queue): FastAPI keeps the
     body's bytes, its parse and the request model until the endpoint returns, its whole size for a request the router
     counts in tokens. An error raised before the answer's response starts reaches the app's exception handlers as
-    the endpoint's own would (Starlette's request_response handles both)."""
+    the endpoint's own would (fastapi/routing.py's request_response, like Starlette's, handles both)."""
 
     def __init__(self, answer: Awaitable[Response]):
         super().__init__()
