@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import time
@@ -71,9 +72,22 @@ _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserv
 # one 28 s).
 BULK_CHARS = 65_536
 _BULK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshserve-bulk")
+# glibc keeps what a thread freed in that thread's arena: the tokenizer's working memory for a long text (~150 bytes
+# per byte of it) stayed with the replica after its request ended (four 6 MB prompts: 0.56 GB -> 1.8 GB, for good).
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 GRAMMAR_THREADS = 2
 _GRAMMAR_POOL = deep_stack_executor(GRAMMAR_THREADS, "meshserve-grammar")  # clients' grammars compile only here
 T = TypeVar("T")
+
+
+def _trimmed(fn: Callable[..., T], *args) -> T:
+    """fn(*args), then the C heap's free memory handed back to the OS (where glibc's malloc_trim exists): after a
+    6 MB prompt 49 ms, against 6.7 s of tokenizing (100 kB: 2.7 ms, 50 ms); a C call, so the GIL is free meanwhile."""
+    try:
+        return fn(*args)
+    finally:
+        if _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
 
 
 class RouterClient(Protocol):
@@ -312,8 +326,9 @@ class OpenAIServer:
     async def off_loop(fn: Callable[..., T], *args, chars: int = 0) -> T:
         """CPU-heavy work (tokenizing, templating, decoding a long list) on the tokenizer threads; on the bulk
         threads when its input has more than BULK_CHARS characters."""
-        pool = _BULK_POOL if chars > BULK_CHARS else _TOKENIZER_POOL
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        if chars > BULK_CHARS:
+            return await asyncio.get_running_loop().run_in_executor(_BULK_POOL, _trimmed, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, fn, *args)
 
     async def sized(self, chars: int, fn: Callable[..., T], *args, bulk: bool = True) -> T:
         """fn(*args) on the loop when its input is small (tokenizing 2,000 characters takes ~0.1-0.3 ms,
