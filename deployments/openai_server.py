@@ -72,8 +72,8 @@ _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserv
 # one 28 s).
 BULK_CHARS = 65_536
 _BULK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshserve-bulk")
-# glibc keeps what a thread freed in that thread's arena: the tokenizer's working memory for a long text (~150 bytes
-# per byte of it) stayed with the replica after its request ended (four 6 MB prompts: 0.56 GB -> 1.8 GB, for good).
+# glibc keeps what a thread freed in that thread's arena: the tokenizer's working memory for a long text (~165-200
+# bytes per byte of it) stayed with the replica after its request ended (four 6 MB prompts: 0.56 -> 1.8 GB, for good).
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 GRAMMAR_THREADS = 2
 _GRAMMAR_POOL = deep_stack_executor(GRAMMAR_THREADS, "meshserve-grammar")  # clients' grammars compile only here
