@@ -211,8 +211,9 @@ def test_the_ingress_links_lines_carry_no_serve_request_id_of_the_call_that_open
     assert broke and set(broke) == {None}, broke
 
 
-def test_a_stream_that_fails_unexpectedly_is_logged_without_a_newline_its_client_sent(router, tokenizer, serve_log):
-    """A client's request_id is the response's id; with a newline in it, the failure's line forged a second one."""
+@pytest.fixture
+def failing(router):
+    """The router double, with every answer failing unexpectedly (a bug) after its first token."""
     answer = router._events
 
     async def fails(request_id, *args, **kwargs):
@@ -220,27 +221,29 @@ def test_a_stream_that_fails_unexpectedly_is_logged_without_a_newline_its_client
             yield event
             raise RuntimeError("a bug")
     router._events = fails
-    client = make_client(router, tokenizer)
-    body = {**CHAT, "stream": True, "request_id": "x\nFinished request forged"}
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    return router
+
+
+def _failed_stream(client, path: str, body: dict, serve_log) -> logging.LogRecord:
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
         assert response.status_code == 200 and "Internal server error." in response.read().decode()
     (record,) = [r for r in serve_log.records if r.getMessage().startswith("stream ")]
-    assert "\n" not in record.getMessage() and record.getMessage().startswith("stream chatcmpl-x?Finished request")
+    assert record.exc_info and "a bug" in str(record.exc_info[1])
+    return record
 
 
-def test_a_responses_stream_that_fails_unexpectedly_is_logged(router, tokenizer, serve_log):
+def test_a_stream_that_fails_unexpectedly_is_logged_without_a_newline_its_client_sent(failing, tokenizer,
+                                                                                      serve_log):
+    """A client's request_id is the response's id; with a newline in it, the failure's line forged a second one."""
+    body = {**CHAT, "request_id": "x\nFinished request forged"}
+    record = _failed_stream(make_client(failing, tokenizer), "/v1/chat/completions", body, serve_log)
+    message = record.getMessage()
+    assert "\n" not in message and message.startswith("stream chatcmpl-x?Finished request")
+
+
+def test_a_responses_stream_that_fails_unexpectedly_is_logged(failing, tokenizer, serve_log):
     """Its client got an `error` event, but nothing was logged: a bug in a Responses stream left no trace for its
     operator, as the same one in a chat stream does."""
-    answer = router._events
-
-    async def fails(request_id, *args, **kwargs):
-        async for event in answer(request_id, *args, **kwargs):
-            yield event
-            raise RuntimeError("a bug")
-    router._events = fails
-    client = make_client(router, tokenizer)
-    body = {"model": CHAT["model"], "input": "hi", "stream": True}
-    with client.stream("POST", "/v1/responses", json=body) as response:
-        assert response.status_code == 200 and "Internal server error." in response.read().decode()
-    (record,) = [r for r in serve_log.records if r.getMessage().startswith("stream resp-")]
-    assert record.exc_info and "a bug" in str(record.exc_info[1])
+    body = {"model": CHAT["model"], "input": "hi"}
+    record = _failed_stream(make_client(failing, tokenizer), "/v1/responses", body, serve_log)
+    assert record.getMessage().startswith("stream resp-")
