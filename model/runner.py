@@ -58,10 +58,15 @@ class SlotState:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def stops_masked(self) -> bool:
+        """This step masks the stop ids (banned_early): min_tokens are not generated yet."""
+        return len(self.banned_early) > 0 and self.num_generated < self.params.min_tokens
+
+    @property
     def sample_on_device(self) -> bool:
         """This step's token can come from the device sampler: its params allow it, and no stop id has
         to be masked any more (the device sampler cannot mask, so min_tokens is the host's until met)."""
-        return self.on_device and not (len(self.banned_early) and self.num_generated < self.params.min_tokens)
+        return self.on_device and not self.stops_masked
 
     def finish_reason(self, token: int) -> str | None:
         if token in self.stop_ids and self.num_generated >= self.params.min_tokens:
@@ -226,8 +231,8 @@ class MeshRunner:
         raises gets None (its slot is retired: see _retire)."""
         constrained = [(row, st) for row, st in enumerate(states) if st.grammar is not None]
         biased = [(row, st) for row, st in enumerate(states)
-                  if st.params.logit_bias or st.params.allowed_token_ids or st.params.bad_words_token_ids
-                  or (len(st.banned_early) and st.num_generated < st.params.min_tokens)]
+                  if st.stops_masked or st.params.logit_bias or st.params.allowed_token_ids
+                  or st.params.bad_words_token_ids]
         failed: set[int] = set()
         # Copies of the rows they change (the backend's tensor stays as it was), not of the whole [rows, vocab]
         changed = {row: logits[row].to(torch.float32, copy=True) for row in {row for row, _ in (*constrained, *biased)}}
@@ -303,7 +308,7 @@ class MeshRunner:
                 st.bias = torch.tensor([t for t, _ in kept], dtype=torch.long), torch.tensor([b for _, b in kept])
             ids, biases = st.bias
             row[ids] += biases
-        if len(st.banned_early) and st.num_generated < st.params.min_tokens:
+        if st.stops_masked:
             row[st.banned_early] = float("-inf")
 
     @staticmethod
