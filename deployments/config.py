@@ -328,16 +328,15 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
             # application_state.py, override_deployment_info): without mesh_resources a mesh lands on any host
             actor = options.get("ray_actor_options")
             if name != "RouterDeployment" and actor is not None:
+                give = f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give"
                 if any((actor.get("resources") or {}).get(key) != amount
                        for key, amount in config.mesh_resources.items()):
-                    problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
-                                    f"resources {config.mesh_resources} (mesh_resources) here too: without them the "
-                                    "mesh may start on a host with no Galaxy, or beside another mesh")
+                    problems.append(f"{give} resources {config.mesh_resources} (mesh_resources) here too: without "
+                                    "them the mesh may start on a host with no Galaxy, or beside another mesh")
                 if actor.get("num_cpus") is None and config.mesh_num_cpus != 1:  # Serve's default then: 1 CPU
-                    problems.append(f"deployments[{i}] ({name}).ray_actor_options: they replace the build's, so give "
-                                    f"num_cpus {config.mesh_num_cpus:g} (mesh_num_cpus) here too: without it Serve "
-                                    "reserves 1 CPU (ray/serve/_private/config.py), and the torch backend runs on one "
-                                    "thread")
+                    problems.append(f"{give} num_cpus {config.mesh_num_cpus:g} (mesh_num_cpus) here too: without it "
+                                    "Serve reserves 1 CPU (ray/serve/_private/config.py), and the torch backend runs "
+                                    "on one thread")
     return problems
 
 
