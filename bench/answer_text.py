@@ -21,7 +21,6 @@ import argparse
 import json
 import time
 
-from deployments.protocol import Tool
 from deployments.streaming import TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate
 from deployments.tool_calls import ToolCallStream
 from model.embedded import ensure_smollm2
@@ -30,7 +29,7 @@ from model.tokenizer import MIXED_TEXT, Tokenizer, load_tokenizer
 TAIL = 1024  # the last tokens, timed on their own
 CHUNK = 'data: {"id":"cmpl-1","object":"text_completion","choices":[{"index":0,"text":' + \
     json.dumps(TEXT_SLOT, ensure_ascii=False) + ',"finish_reason":null}],"usage":null}\n\n'
-TOOL = Tool.model_validate({"type": "function", "function": {"name": "write", "parameters": {"type": "object"}}})
+TOOL = "write"  # the forced call's tool
 
 
 def answer_ids(tokenizer: Tokenizer, num_tokens: int) -> list[int]:

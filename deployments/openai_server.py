@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from fastapi.responses import Response
@@ -25,7 +25,7 @@ from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                  DeltaMessage, DeltaToolCall, ErrorResponse, FunctionDefinition, PromptTokensDetails,
+                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails,
                                   RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import MERGED_TOKENS_MAX, RouterUnreachable
 from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, Deferred,
@@ -213,7 +213,7 @@ class Prepared:
     arrival: float  # perf_counter() when the request reached the ingress
     echo: str = ""  # `echo`: the prompt's text (chat: the final message's, when continued), first in each choice
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
-    tools: list[Tool] = field(default_factory=list)  # those its answers' calls may name (Constraint.called), by name
+    tool_names: tuple[str, ...] = ()  # the tools its answers' calls may name (Constraint.called)
     constraint_param: str | None = None  # the field the request's grammar comes from
     repetition: RepetitionDetection | None = None  # vLLM's repetition_detection, checked here (ChoiceText)
     echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone, nothing generated
@@ -483,7 +483,7 @@ class OpenAIServer:
         repetition = req.repetition_detection
         repetition = repetition if repetition and repetition.max_pattern_size else None  # 0: off
         # a call is read by its tool's name alone (tool_calls.py): a definition, up to the body's size, is not kept
-        called = [Tool(type="function", function=FunctionDefinition(name=t.function.name)) for t in constraint.called]
+        called = tuple(t.function.name for t in constraint.called)
         return Prepared(response_id, router_id, prompt_ids, params,
                         prompt_field, arrival, echo, constraint.tool_mode, called, constraint.param,
                         repetition, echo_only)
@@ -737,7 +737,7 @@ class OpenAIServer:
         ids, as_ids = reply.return_token_ids, reply.return_tokens_as_token_ids
         choices = []
         for i, t in enumerate(totals):
-            calls, whole = (answer_calls(t.text, prep.tools, prep.tool_mode == "forced", reply.parallel_tool_calls)
+            calls, whole = (answer_calls(t.text, prep.tool_names, prep.tool_mode == "forced", reply.parallel_tool_calls)
                             if prep.tool_mode != "none" else (None, False))
             message = (AssistantMessage(content=prep.echo or None, tool_calls=[_tool_call(c) for c in calls])
                        if calls else AssistantMessage(content=prep.echo + t.text))
@@ -823,7 +823,7 @@ class OpenAIServer:
         ids, as_ids = reply.return_token_ids, reply.return_tokens_as_token_ids
         logprobs = reply.num_logprobs is not None
         prompt_ids = [p.prompt_ids if ids else None for p in preps for _ in range(reply.n)]  # completions: likewise
-        tool_streams = ([ToolCallStream(prep.tools, prep.tool_mode == "forced", reply.parallel_tool_calls)
+        tool_streams = ([ToolCallStream(prep.tool_names, prep.tool_mode == "forced", reply.parallel_tool_calls)
                          for _ in range(reply.n)]
                         if chat and prep.tool_mode != "none" else None)
 

@@ -121,7 +121,7 @@ async def _answer(answer: _Answer, salt: str | None, stream: bool) -> Response:
     status = "incomplete" if total.finish_reason == "length" else "completed"
     calls = None
     if prep.tool_mode != "none":
-        calls, _ = answer_calls(total.text, prep.tools, prep.tool_mode == "forced", answer.parallel_tool_calls)
+        calls, _ = answer_calls(total.text, prep.tool_names, prep.tool_mode == "forced", answer.parallel_tool_calls)
     output = ([_call(c, status) for c in calls] if calls
               else [_message(total.text, status, answer.logprobs(total.logprobs))])
     return JSONResponse(answer.response(status, output, answer.usage(total.num_generated, total.num_cached)))
@@ -147,7 +147,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     logprobs: list[dict] = []  # the message's, when included
     pending: list[TokenLogprobs] = []  # of the tokens since the last delta
     calls: dict[int, dict] = {}  # a streamed call's index -> its item
-    tools = (ToolCallStream(prep.tools, prep.tool_mode == "forced", answer.parallel_tool_calls)
+    tools = (ToolCallStream(prep.tool_names, prep.tool_mode == "forced", answer.parallel_tool_calls)
              if prep.tool_mode != "none" else None)
     yield event("response.created", response=answer.response("in_progress", []))
     yield event("response.in_progress", response=answer.response("in_progress", []))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from deployments.errors import APIError
@@ -83,14 +84,14 @@ def _arguments(text: str, where: str):
         raise APIError(400, f"{where}: JSON nested too deeply", param=where) from None
 
 
-def parse_tool_calls(text: str, tools: list[Tool]) -> list[ParsedCall] | None:
-    """The calls an answer makes, or None when it is plain content. A call must name one of `tools`. An answer
+def parse_tool_calls(text: str, names: Collection[str]) -> list[ParsedCall] | None:
+    """The calls an answer makes, or None when it is plain content. A call must name a tool of `names`. An answer
     that begins with a call is calls: what follows the last call that parses (text, a malformed or unknown
     call) is dropped, as a stream that sent the calls already must (vLLM's llama3_json drops it too)."""
-    return _parse(text, tools)[0] or None
+    return _parse(text, names)[0] or None
 
 
-def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall | None]:
+def _parse(text: str, names: Collection[str]) -> tuple[list[ParsedCall], ParsedCall | None]:
     """The whole calls, and the call the answer was still writing when it ended (max_tokens or a stop string
     cut it), or whose arguments are no JSON: a known tool's head in the usual form, name first, whose object
     does not parse. A stream sends that one's name and arguments as they come, so a whole answer must report
@@ -98,7 +99,6 @@ def _parse(text: str, tools: list[Tool]) -> tuple[list[ParsedCall], ParsedCall |
     body = text.lstrip().removeprefix(PYTHON_TAG).lstrip()  # not rstrip: a cut call's arguments end as streamed
     if not body.startswith("{"):
         return [], None
-    names = {t.function.name for t in tools}
     calls = []
     decoder = json.JSONDecoder()
     position = 0
@@ -153,28 +153,27 @@ def _next_call(text: str, position: int) -> int:
     return _next_space(text, position)
 
 
-def cut_call(text: str, tools: list[Tool]) -> ParsedCall:
+def cut_call(text: str, names: Sequence[str]) -> ParsedCall:
     """A forced call the answer could not finish (max_tokens): its name, and its arguments as far as they go
     (vLLM's llama3_json does likewise), so a client reading tool_calls[0] finds what there is."""
     written = re.search(r'"name"\s*:\s*"([^"]*)', text)  # the name, or as much of it as was written
-    names = [t.function.name for t in tools]
     name = next((n for n in names if written and n.startswith(written[1])), names[0])
     arguments = re.search(r'"(?:parameters|arguments)"\s*:\s*', text)
     return ParsedCall(name, text[arguments.end():] if arguments else "")
 
 
-def answer_calls(text: str, tools: list[Tool], forced: bool, parallel: bool = True
+def answer_calls(text: str, names: Sequence[str], forced: bool, parallel: bool = True
                  ) -> tuple[list[ParsedCall] | None, bool]:
     """The calls a whole answer makes (None when it is content), and whether they are whole. A call that
     max_tokens or a stop string cut off is still a call (not whole: its arguments are no JSON to run), as is
     a forced answer cut anywhere. `parallel` False (OpenAI's parallel_tool_calls) keeps the first call only,
     as vLLM does (vllm-project/vllm#26233): the model is not stopped after it."""
-    calls, cut = _parse(text, tools)
+    calls, cut = _parse(text, names)
     kept = len(calls) if parallel else min(len(calls), 1)
     if cut is not None:
         calls.append(cut)
     elif not calls and forced:
-        calls = [cut_call(text, tools)]
+        calls = [cut_call(text, names)]
     calls = calls if parallel else calls[:1]
     return calls or None, bool(calls) and kept == len(calls)
 
@@ -207,9 +206,9 @@ class ToolCallStream:
     generated, as vLLM's tool parsers stream: its name once known, then its arguments' JSON text as it comes.
     Held text that was not streamed so becomes calls at the end if it parses as calls, else content."""
 
-    def __init__(self, tools: list[Tool], forced: bool, parallel: bool = True):
-        self.tools = tools
-        self.names = {t.function.name for t in tools}
+    def __init__(self, names: Sequence[str], forced: bool, parallel: bool = True):
+        self.tool_names = names  # in order: a forced call cut before its name is written names the first
+        self.names = frozenset(names)
         self.holding = True
         self.forced = forced
         self.parallel = parallel
@@ -253,15 +252,15 @@ class ToolCallStream:
         if self.calls:  # the rest, in a form not streamed (e.g. "parameters" first), comes whole
             more = [] if self.in_arguments or not self.parallel else self._rest()
             deltas += [CallDelta(self.calls + i, c.name, c.arguments) for i, c in enumerate(more)]
-            return "", deltas, answer_calls(self.held, self.tools, self.forced, self.parallel)[1]
-        calls, whole = answer_calls(self.held, self.tools, self.forced, self.parallel)
+            return "", deltas, answer_calls(self.held, self.tool_names, self.forced, self.parallel)[1]
+        calls, whole = answer_calls(self.held, self.tool_names, self.forced, self.parallel)
         if not calls:
             return self.held, [], False
         return "", [CallDelta(i, c.name, c.arguments) for i, c in enumerate(calls)], whole
 
     def _rest(self) -> list[ParsedCall]:
         """The calls after the last streamed one (parsed from that one's start: it may have had more keys)."""
-        return (parse_tool_calls(self.held[self.call_start:], self.tools) or [])[1:]
+        return (parse_tool_calls(self.held[self.call_start:], self.names) or [])[1:]
 
     def _scan(self, deltas: list[CallDelta]) -> None:
         held = self.held

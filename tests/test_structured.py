@@ -247,21 +247,21 @@ def test_tool_modes(llt):
 
 
 def test_llama3_json_calls_are_parsed_and_anything_else_is_content():
-    tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
-    (call,) = parse_tool_calls(' {"name": "get_weather", "parameters": {"city": "Oslo"}}', tools)
+    names = ["get_weather", "get_time"]
+    (call,) = parse_tool_calls(' {"name": "get_weather", "parameters": {"city": "Oslo"}}', names)
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
     two = parse_tool_calls('<|python_tag|>{"name": "get_time", "arguments": {}}; '
-                           '{"name": "get_weather", "parameters": {"city": "Rome", "days": 2}}', tools)
+                           '{"name": "get_weather", "parameters": {"city": "Rome", "days": 2}}', names)
     assert [c.name for c in two] == ["get_time", "get_weather"]
-    assert parse_tool_calls("The weather is fine.", tools) is None
-    assert parse_tool_calls('{"name": "unknown_tool", "parameters": {}}', tools) is None
-    assert parse_tool_calls('{"answer": 42}', tools) is None
-    assert parse_tool_calls('{"name": "get_time", "description": "the time"}', tools) is None  # names, calls not
+    assert parse_tool_calls("The weather is fine.", names) is None
+    assert parse_tool_calls('{"name": "unknown_tool", "parameters": {}}', names) is None
+    assert parse_tool_calls('{"answer": 42}', names) is None
+    assert parse_tool_calls('{"name": "get_time", "description": "the time"}', names) is None  # names, calls not
     # an answer that begins with calls is calls: what follows the last one that parses is dropped, as a stream must
-    (first,) = parse_tool_calls('{"name": "get_time", "parameters": {}} and then text', tools)
+    (first,) = parse_tool_calls('{"name": "get_time", "parameters": {}} and then text', names)
     assert first.name == "get_time"
     assert [c.name for c in parse_tool_calls('{"name": "get_time", "parameters": {}}; <|python_tag|>'
-                                             '{"name": "get_time", "parameters": {}}; {"name": "nope"}', tools)] == [
+                                             '{"name": "get_time", "parameters": {}}; {"name": "nope"}', names)] == [
         "get_time", "get_time"]
 
 
@@ -349,17 +349,17 @@ def test_closing_leaves_combined_and_negated_schemas_open(tok, llt):
 
 def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     from deployments.tool_calls import ToolCallStream, cut_call
-    tools = [Tool.model_validate(WEATHER)]
-    call = cut_call('{"name": "get_weather", "parameters": {"city": "Os', tools)
+    names = ["get_weather"]
+    call = cut_call('{"name": "get_weather", "parameters": {"city": "Os', names)
     assert (call.name, call.arguments) == ("get_weather", '{"city": "Os')
-    stream = ToolCallStream(tools, forced=True)
+    stream = ToolCallStream(names, forced=True)
     assert stream.feed('{"name": "get_weather", "param', final=False) == ("", [], False)
     content, pieces, whole = stream.feed('eters": {"ci', final=True)
     assert content == "" and not whole and pieces[0].name == "get_weather"  # a call, cut: no "tool_calls" finish
     assert "".join(p.arguments for p in pieces) == '{"ci'
     # cut inside its name: the tool whose name it began, not simply the first tool
-    tools = [Tool.model_validate(TIME), Tool.model_validate(WEATHER)]
-    assert cut_call('{"name": "get_wea', tools).name == "get_weather"
+    names = ["get_time", "get_weather"]
+    assert cut_call('{"name": "get_wea', names).name == "get_weather"
 
 
 @pytest.mark.parametrize("forced", [False, True])
@@ -367,10 +367,10 @@ def test_a_call_cut_after_whitespace_keeps_it_on_both_paths(forced):
     """max_tokens cut a call's arguments just after a space or newline: the stream had sent it, and the whole
     answer (and so /v1/responses' function_call item) left it out, so the two differed for one greedy request."""
     from deployments.tool_calls import ToolCallStream, answer_calls
-    tools = [Tool.model_validate(WEATHER)]
+    names = ["get_weather"]
     text = '{"name": "get_weather", "parameters": {"city": "Oslo", \n'
-    (whole,), _ = answer_calls(text, tools, forced)
-    _, pieces, _ = ToolCallStream(tools, forced).feed(text, final=True)
+    (whole,), _ = answer_calls(text, names, forced)
+    _, pieces, _ = ToolCallStream(names, forced).feed(text, final=True)
     assert whole.arguments == "".join(p.arguments for p in pieces) == '{"city": "Oslo", \n'
 
 
@@ -380,10 +380,10 @@ def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
     """However the text arrives, the pieces make the calls that the whole answer makes (names once, first;
     arguments as generated, with brackets and quotes inside strings, escapes, and the python tag)."""
     from deployments.tool_calls import ToolCallStream, answer_calls
-    tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
+    names = ["get_weather", "get_time"]
     text = ('<|python_tag|>{"name": "get_weather", "parameters": {"city": "O\\"s{l}o[", "days": 2}}; '
             '{"name":"get_time","arguments":{ }}')
-    stream = ToolCallStream(tools, forced=forced)
+    stream = ToolCallStream(names, forced=forced)
     calls: dict[int, list] = {}
     for i in range(0, len(text), step):
         content, pieces, called = stream.feed(text[i:i + step], final=i + step >= len(text))
@@ -391,7 +391,7 @@ def test_streamed_calls_piece_together_to_the_answers_calls(step, forced):
         for p in pieces:
             assert (p.index in calls) == (p.name is None)
             calls.setdefault(p.index, [p.name, ""])[1] += p.arguments
-    expected, _ = answer_calls(text, tools, forced)
+    expected, _ = answer_calls(text, names, forced)
     assert [tuple(c) for c in calls.values()] == [(c.name, c.arguments) for c in expected]  # the same text
     assert [a for _, a in calls.values()] == ['{"city": "O\\"s{l}o[", "days": 2}', "{ }"]  # as generated
 
@@ -404,10 +404,10 @@ def test_a_streamed_answer_that_may_still_become_a_call_costs_linear_time(piece)
     8,000 tokens took ~9 s of the event loop's CPU (with no tools, 0.1 s). 8x the text must cost about 8x the
     time, not 64x."""
     from deployments.tool_calls import ToolCallStream
-    tools = [Tool.model_validate(WEATHER)]
+    names = ["get_weather"]
 
     def cost(pieces: int) -> float:
-        stream = ToolCallStream(tools, forced=False)
+        stream = ToolCallStream(names, forced=False)
         start = time.process_time()
         for text in ['{"name": "', *[piece] * pieces]:
             assert stream.feed(text, final=False) == ("", [], False)
@@ -433,10 +433,10 @@ C = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
 def test_a_stream_makes_the_calls_the_whole_answer_makes(text):
     """Split anywhere, the pieces assemble to what the non-streamed answer returns (names and argument values)."""
     from deployments.tool_calls import ToolCallStream, answer_calls
-    tools = [Tool.model_validate(WEATHER), Tool.model_validate(TIME)]
-    expected, _ = answer_calls(text, tools, forced=False)
+    names = ["get_weather", "get_time"]
+    expected, _ = answer_calls(text, names, forced=False)
     for step in (1, 2, 5, len(text)):
-        stream = ToolCallStream(tools, forced=False)
+        stream = ToolCallStream(names, forced=False)
         content, calls = "", {}
         for i in range(0, len(text), step):
             sent, pieces, called = stream.feed(text[i:i + step], final=i + step >= len(text))
@@ -452,7 +452,7 @@ def test_a_stream_makes_the_calls_the_whole_answer_makes(text):
 
 def test_a_json_answer_that_is_no_call_stays_content_in_auto_mode():
     from deployments.tool_calls import ToolCallStream
-    stream = ToolCallStream([Tool.model_validate(WEATHER)], forced=False)
+    stream = ToolCallStream(["get_weather"], forced=False)
     assert stream.feed('{"answer": ', final=False) == ("", [], False)
     assert stream.feed('42}', final=True) == ('{"answer": 42}', [], False)
 
