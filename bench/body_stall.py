@@ -16,6 +16,7 @@ import gc
 import json
 import statistics
 import time
+from pathlib import Path
 
 import httpx
 
@@ -25,6 +26,7 @@ from model.tokenizer import load_tokenizer
 from tests.fake_router import FakeRouter
 
 MODEL = "smollm2"
+PROMPTS = Path(__file__).parent / "prompts"
 TICK_S = 0.001
 
 
@@ -48,6 +50,8 @@ def bodies() -> dict[str, tuple[str, bytes]]:
                                                      "logit_bias": {str(i): 1.0 for i in range(300_000)}}),
         "prompt_ids_1m": ("/v1/completions", {"model": MODEL, "max_tokens": 1, "prompt": [1] * 1_000_000}),
         "detokenize_1m": ("/detokenize", {"model": MODEL, "tokens": [1] * 1_000_000}),
+        "prompt_text_4m": ("/v1/completions", {"model": MODEL, "max_tokens": 1, "truncate_prompt_tokens": 16,
+                                               "prompt": (PROMPTS / "logbook.txt").read_text() * 7}),
     }
     return {name: (path, json.dumps(body).encode()) for name, (path, body) in raw.items()}
 

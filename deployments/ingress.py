@@ -126,13 +126,13 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
     tok = APIRouter(route_class=OffLoopBody)
 
-    @tok.post("/tokenize")
-    async def tokenize_post(req: TokenizeRequest) -> TokenizeResponse:
+    @tok.post("/tokenize", response_model=TokenizeResponse)
+    async def tokenize_post(req: TokenizeRequest) -> Response:
         return await tokenization.tokenize(server, req)
 
-    @tok.get("/tokenize")
+    @tok.get("/tokenize", response_model=TokenizeResponse)
     async def tokenize_get(request: Request, prompt: str, add_special_tokens: bool | None = None,
-                           return_token_strs: bool = False, model: str | None = None) -> TokenizeResponse:
+                           return_token_strs: bool = False, model: str | None = None) -> Response:
         _check_query_utf8(request)
         req = _validated(TokenizeRequest, prompt=prompt, add_special_tokens=add_special_tokens,
                          return_token_strs=return_token_strs, model=model)
@@ -251,6 +251,7 @@ class Ingress:
                  metrics_open: bool = False, allowed_origins: list[str] | None = None,
                  model_identity: str | None = None, enable_log_requests: bool = False):
         tokenizer = load_tokenizer(resolve_model_dir(model))  # this node's copy of the model's folder
+        tokenizer.warm()
         self._app = build_app(RouterLink(router_handle, model_identity), tokenizer, served_model_name, api_keys,
                               max_request_bytes, metrics_open, allowed_origins,
                               serve.get_replica_context().replica_id.unique_id, model_root(model), enable_log_requests)

@@ -73,7 +73,8 @@ _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserv
 BULK_CHARS = 65_536
 _BULK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshserve-bulk")
 # glibc keeps what a thread freed in that thread's arena: the tokenizer's working memory for a long text (~165-200
-# bytes per byte of it) stayed with the replica after its request ended (four 6 MB prompts: 0.56 -> 1.8 GB, for good).
+# bytes per byte of one tokenized whole, ~10 in pieces: Tokenizer.encode) stayed with the replica after its request
+# ended (four 6 MB prompts tokenized whole: 0.56 -> 1.8 GB, for good).
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)
 GRAMMAR_THREADS = 2
 _GRAMMAR_POOL = deep_stack_executor(GRAMMAR_THREADS, "meshserve-grammar")  # clients' grammars compile only here
@@ -82,7 +83,8 @@ T = TypeVar("T")
 
 def _trimmed(fn: Callable[..., T], *args) -> T:
     """fn(*args), then the C heap's free memory handed back to the OS (where glibc's malloc_trim exists): after a
-    6 MB prompt 49 ms, against 6.7 s of tokenizing (100 kB: 2.7 ms, 50 ms); a C call, so the GIL is free meanwhile."""
+    6 MB prompt up to 49 ms, against 1.5 s of tokenizing it in pieces, 6.7 s whole (100 kB: 2.7 ms, 50 ms); a C
+    call, so the GIL is free meanwhile."""
     try:
         return fn(*args)
     finally:

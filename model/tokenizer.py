@@ -26,6 +26,7 @@ from tiktoken.load import load_tiktoken_bpe
 from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
     from transformers import PreTrainedTokenizerBase
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,9 +47,53 @@ TURN_END_TOKENS = ("<|eot_id|>", "<|eom_id|>")
 # truncate_prompt_tokens takes one up to the body limit) stalled every other request of the replica for ~3 s
 # (py-spy: the tokenizer thread "active+gil", the event loop waiting for it).
 LONG_TEXT_CHARS = 100_000
+# ...and in pieces of about PIECE_CHARS (see `text_pieces`), PIECES_PER_BATCH to a call. Reading a whole text's
+# ids (60 ms for 3.9 MB, 1.9M ids) and freeing its Encoding (140-235 ms: Rust frees each token's string and
+# offsets) hold the GIL, which stood every stream of the replica still once per long prompt; a piece's share is
+# ~1-2 ms. A batch's working memory (~165-200 bytes per byte of text) is freed before the next batch's is taken.
+PIECE_CHARS = 32_768
+PIECES_PER_BATCH = 8
+_CUT = re.compile(r"(?<=[0-9A-Za-z])(?= )|(?<=\S\n)(?=\S)")  # where text_pieces may cut
 
 ChatMessage = Mapping[str, str]
 _LLAMA3_ROLES = {"tool": "ipython"}  # Llama 3 names the turn that carries a tool's output `ipython`
+
+
+def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at least `size` characters (the last one shorter; the whole text where there is
+    no cut), each cut just before a space that follows an ASCII letter or digit, or just after a newline with a
+    non-space on either side.
+
+    Both are where the split regexes of GPT-2 (the ByteLevel pre-tokenizer's own) and of Llama 3
+    (LLAMA3_SPLIT_PATTERN) end a pre-token, at the end of the text as in its middle: in both, a pre-token that
+    holds a letter or digit ends with one, one that holds a newline holds only whitespace after it, and a lone
+    newline is one whitespace pre-token. Neither regex looks behind, so the text after a cut splits as it does in
+    place, and BPE merges only within a pre-token: the pieces' ids are the whole text's."""
+    pieces, start = [], 0
+    while len(text) - start > size and (cut := _CUT.search(text, start + size)):
+        pieces.append(text[start:cut.start()])
+        start = cut.start()
+    pieces.append(text[start:])
+    return pieces
+
+
+def cuts_are_exact(backend: HFTokenizer) -> bool:
+    """Whether `text_pieces` keeps the ids of this Hugging Face tokenizer: a BPE model after GPT-2's or Llama 3's
+    split regex with no prefix space added, no normalizer (one could join across a cut), and added tokens (split
+    out before the regex) that hold no space or newline and strip nothing beside them."""
+    def like(node, fields: Mapping) -> bool:
+        return isinstance(node, Mapping) and all(node.get(k) == v for k, v in fields.items())
+
+    gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    llama3 = ({"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT_PATTERN}, "behavior": "Isolated", "invert": False},
+              {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False})
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None
+    steps = pre.get("pretokenizers", ()) if like(pre, {"type": "Sequence"}) else ()
+    regex = like(pre, gpt2) or (len(steps) == len(llama3) and all(map(like, steps, llama3)))
+    bpe = type(backend.model).__name__ == "BPE" and backend.model.dropout is None
+    return (regex and bpe and backend.normalizer is None and backend.truncation is None
+            and not any(" " in t.content or "\n" in t.content or t.lstrip or t.rstrip
+                        for t in backend.get_added_tokens_decoder().values()))
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -88,6 +133,8 @@ class Tokenizer:
             self.bos_id: int | None = self.special_ids["<|begin_of_text|>"]
             eos_id = self.special_ids["<|end_of_text|>"]
             self.chat_template: str | None = None  # Meta's format has none: Llama 3's header format applies
+            self._cuts_are_exact = (tiktoken_encoding._pat_str == LLAMA3_SPLIT_PATTERN  # from_tiktoken_file's
+                                    and not any(" " in t or "\n" in t for t in tiktoken_encoding.special_tokens_set))
         else:
             backend = hf_tokenizer.backend_tokenizer
             self.special_ids = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
@@ -100,6 +147,7 @@ class Tokenizer:
             added = backend.get_added_tokens_decoder()
             self._added_bytes = {i: t.content.encode() for i, t in added.items()}
             self._byte_level = isinstance(backend.decoder, ByteLevelDecoder)
+            self._cuts_are_exact = cuts_are_exact(backend)
         self.eos_id: int | None = eos_id
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
@@ -141,10 +189,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; `add_bos` prepends the model's BOS if it uses one."""
-        if self._tiktoken is not None:
+        if len(text) > LONG_TEXT_CHARS:
+            ids = self._encode_long(text, plain=False)
+        elif self._tiktoken is not None:
             ids = self._tiktoken.encode(text, allowed_special="all")
-        elif len(text) > LONG_TEXT_CHARS:  # encode_batch releases the GIL while it works; encode did not (below)
-            ids = self._hf.backend_tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
         else:
             ids = self._hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
@@ -313,9 +361,36 @@ class Tokenizer:
         """Ids of `text` with special-token text encoded as ordinary text."""
         if not text:
             return []
+        if len(text) > LONG_TEXT_CHARS:
+            return self._encode_long(text, plain=True)
         if self._tiktoken is not None:
             return self._tiktoken.encode(text, allowed_special=set(), disallowed_special=())
         return self._hf_plain.encode(text, add_special_tokens=False).ids
+
+    def _encode_long(self, text: str, plain: bool) -> list[int]:
+        """Ids of a text over LONG_TEXT_CHARS (special-token text as ordinary text if `plain`), by calls that
+        release the GIL while they work: in pieces (`text_pieces`) where that keeps the whole text's ids, else
+        whole. Each piece's ids are read and its Encoding freed on their own, so the GIL is free in between."""
+        pieces = text_pieces(text, PIECE_CHARS) if self._cuts_are_exact else [text]
+        ids: list[int] = []
+        if self._tiktoken is not None:
+            special = {"allowed_special": set(), "disallowed_special": ()} if plain else {"allowed_special": "all"}
+            for piece in pieces:
+                ids += self._tiktoken.encode(piece, **special)
+            return ids
+        backend = self._hf_plain if plain else self._hf.backend_tokenizer
+        for at in range(0, len(pieces), PIECES_PER_BATCH):
+            encodings = backend.encode_batch(pieces[at:at + PIECES_PER_BATCH], add_special_tokens=False)
+            encodings.reverse()
+            while encodings:
+                ids += encodings.pop().ids
+        return ids
+
+    def warm(self) -> None:
+        """Builds now what the first message holding special-token text would build on a request's thread with
+        the GIL held, stalling every stream of the replica: Llama 3's plain copy (`_hf_plain`) takes ~0.9 s."""
+        if self._hf is not None:
+            self._hf_plain  # noqa: B018 (a cached property: built here, once)
 
     @cached_property
     def _hf_plain(self):

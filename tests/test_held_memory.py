@@ -11,6 +11,7 @@ import tracemalloc
 import pytest
 
 from deployments.ingress import build_app
+from model.tokenizer import text_pieces
 from tests.fake_router import FakeRouter
 from tests.ingress_support import COMPLETION, MAX_LEN, MODEL, eos, make_client, tokenizer  # noqa: F401
 
@@ -109,11 +110,12 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's RSS from /proc")
 def test_a_replica_gives_back_what_tokenizing_a_long_prompt_took(tokenizer, eos):
-    """The Hugging Face tokenizer's working memory for a long text (~165-200 bytes per byte of text) stayed in glibc's
-    per-thread arenas after the request ended: four 6 MB prompts cut by truncate_prompt_tokens left an ingress
-    replica at 1.8 GB, where it had started at 0.56 GB, for good."""
+    """The Hugging Face tokenizer's working memory for a long text tokenized whole (~165-200 bytes per byte of text)
+    stayed in glibc's per-thread arenas after the request ended: four 6 MB prompts cut by truncate_prompt_tokens
+    left an ingress replica at 1.8 GB, where it had started at 0.56 GB, for good."""
     client = make_client(FakeRouter([eos], max_model_len=MAX_LEN), tokenizer)
-    text = "lorem ipsum dolor sit amet " * (3_000_000 // 27)
+    text = "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3002" * (1_000_000 // 7)  # 3 MB, one line
+    assert text_pieces(text) == [text]  # no place to cut it into pieces: tokenized whole
     assert client.post("/v1/completions", json={**COMPLETION, "prompt": "hi"}).status_code == 200
     before = _rss_mb()
     r = client.post("/v1/completions", json={**COMPLETION, "prompt": text, **CUT})
