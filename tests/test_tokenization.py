@@ -1,7 +1,13 @@
 """vLLM's /tokenize and /detokenize: the same ids the generation endpoints send to the router."""
 from __future__ import annotations
 
+import json
+from unittest import mock
+
 import pytest
+
+from deployments import tokenization
+from deployments.protocol import TokenizeResponse
 
 from model.embedded import ensure_llama3_tokenizer
 from model.tokenizer import Tokenizer
@@ -34,6 +40,20 @@ def test_token_strs(client, tokenizer):
     body = client.post("/tokenize", json={"prompt": TEXT, "return_token_strs": True}).json()
     assert body["token_strs"] == tokenizer.hf_tokenizer.convert_ids_to_tokens(body["tokens"])  # as vLLM
     assert "\ufffd" not in "".join(body["token_strs"])  # the rocket's partial-byte tokens read as themselves
+
+
+@pytest.mark.parametrize("strs", [False, True])
+def test_tokenize_writes_the_json_fastapi_would_write(client, tokenizer, strs):
+    """The answer's JSON is built in slices off the event loop: byte for byte what FastAPI writes for the model."""
+    prompt = 'Quote " and backslash \\ and \u00e9\u65e5 and ' + "word " * 40
+    with mock.patch.object(tokenization, "JSON_SLICE", 7):
+        response = client.post("/tokenize", json={"prompt": prompt, "return_token_strs": strs})
+    ids = tokenizer.encode(prompt, add_bos=True)
+    model = TokenizeResponse(count=len(ids), max_model_len=MAX_LEN, tokens=ids,
+                             token_strs=tokenizer.token_strs(ids) if strs else None)
+    assert response.headers["content-type"] == "application/json"
+    assert response.content == json.dumps(model.model_dump(), ensure_ascii=False, separators=(",", ":")).encode()
+    assert len(ids) > 3 * 7
 
 
 def test_add_special_tokens_adds_bos(router):
