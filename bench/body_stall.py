@@ -50,6 +50,8 @@ def bodies() -> dict[str, tuple[str, bytes]]:
                                                      "logit_bias": {str(i): 1.0 for i in range(300_000)}}),
         "prompt_ids_1m": ("/v1/completions", {"model": MODEL, "max_tokens": 1, "prompt": [1] * 1_000_000}),
         "detokenize_1m": ("/detokenize", {"model": MODEL, "tokens": [1] * 1_000_000}),
+        "prompt_text_60k": ("/v1/completions", {"model": MODEL, "max_tokens": 1,
+                                                "prompt": (PROMPTS / "logbook.txt").read_text()[:60_000]}),
         "prompt_text_4m": ("/v1/completions", {"model": MODEL, "max_tokens": 1, "truncate_prompt_tokens": 16,
                                                "prompt": (PROMPTS / "logbook.txt").read_text() * 7}),
     }

@@ -42,11 +42,11 @@ LLAMA3_NAMED_SPECIAL = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_spec
                         "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
 # End-of-turn markers that stop generation besides eos (<|eom_id|>: end of a tool-calling message).
 TURN_END_TOKENS = ("<|eot_id|>", "<|eom_id|>")
-# Texts longer than this are tokenized by the Hugging Face tokenizer's encode_batch, which releases the GIL
-# while it runs. Its encode held the GIL in a Serve ingress replica: a 7.8 MB prompt (vLLM's
-# truncate_prompt_tokens takes one up to the body limit) stalled every other request of the replica for ~3 s
-# (py-spy: the tokenizer thread "active+gil", the event loop waiting for it).
-LONG_TEXT_CHARS = 100_000
+# Texts longer than this (all that the ingress tokenizes off its event loop: INLINE_CHARS) are tokenized by the
+# Hugging Face tokenizer's encode_batch, which releases the GIL while it runs. Its encode holds the GIL: a 7.8 MB
+# prompt (vLLM's truncate_prompt_tokens takes one up to the body limit) stalled every other request of the replica
+# for ~3 s (py-spy: the tokenizer thread "active+gil", the event loop waiting for it), a 99,000-character one 36 ms.
+LONG_TEXT_CHARS = 2_000
 # ...and in pieces of about PIECE_CHARS (see `text_pieces`), PIECES_PER_BATCH to a call. Reading a whole text's
 # ids (60 ms for 3.9 MB, 1.9M ids) and freeing its Encoding (140-235 ms: Rust frees each token's string and
 # offsets) hold the GIL, which stood every stream of the replica still once per long prompt; a piece's share is
