@@ -406,7 +406,9 @@ class MeshScheduler:
         seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
         seq.num_planned = n
         self.running[seq.request_id] = seq
-        if not seq.started:  # its first event (which reports it) is still to come
+        # Its first event (which reports it) is still to come. Only its first seat here: a preempted prompt's recompute
+        # hits the chunks it computed itself, which were not cached when it came (vLLM: its first scheduling).
+        if not seq.started and seq.epoch == 1:
             seq.num_cached_tokens = seq.num_computed
         # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
         # ones apart).

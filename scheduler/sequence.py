@@ -30,7 +30,7 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # digests of the full blocks of token_ids
     num_cached_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     num_computed: int = 0  # tokens whose KV the mesh has confirmed written
-    num_cached_tokens: int = 0  # prefix-cache hit of the admission that makes its first token (usage reports it)
+    num_cached_tokens: int = 0  # prefix-cache hit of its first seat on this mesh (usage reports it)
     counted: bool = False  # its first admission is in the prefix-cache counters (here, or on a mesh that failed)
     # A mesh failure is laid on every request of the decode round it was computing: an isolated one decodes its next
     # step in a round of its own, so that the failure of that round is its own alone.

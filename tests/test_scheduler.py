@@ -274,6 +274,23 @@ def test_out_of_blocks_preempts_the_newest_and_output_is_unchanged():
     assert sched.stats()["prefix_query_tokens"] == 16  # the two prompts, not their recomputes
 
 
+def test_a_prompt_preempted_before_its_first_token_reports_no_cache_hit_of_its_own_chunks():
+    """cached_tokens are what the prefix cache held when the request came (vLLM: its first scheduling). A prompt
+    preempted mid-prefill left its computed chunks in the cache, and its recompute hit them: usage reported
+    its own tokens as cached (billed as cache hits), though prefix_cache_hits counted none."""
+    sched, mesh = make(num_blocks=16, num_slots=2, decode_steps=4, prefill_chunk=4, max_prefill_tokens=4)
+    sched.submit("old", [1] * 3, params(max_tokens=40, ignore_eos=True))  # grows a block per work
+    events = defaultdict(list)
+    step(sched, mesh, events)
+    prompt = list(range(20, 60))  # 10 blocks, prefilled a block per work: the old one's growth preempts it
+    sched.submit("long", prompt, params(max_tokens=4, ignore_eos=True))
+    drain(sched, mesh, events)
+    assert sched.num_preemptions >= 1 and sched.prefix_hit_tokens == 0
+    (first,) = [e for e in events["long"] if e.num_prompt_tokens]
+    assert first.num_cached_tokens == 0
+    assert output_of(events["long"]) == expected(prompt, params(max_tokens=4, ignore_eos=True))[0]
+
+
 def test_preempted_sequence_returns_to_the_head_of_the_queue():
     sched, mesh = make(num_blocks=16, num_slots=3, decode_steps=4)
     p = params(max_tokens=40, ignore_eos=True)
