@@ -566,13 +566,13 @@ class OpenAIServer:
                     async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output),
                                                             continuation=submitted):
                         started = True
-                        timer.on_event(event)
                         cached = event.num_cached_tokens or cached
                         failed = event.finish_reason in ("error", "grammar_error", "constraint_error")
                         if failed:
                             ended = "error"
                         text, starts, taken, cut = answer.feed(event.token_ids, event.finish_reason is not None
                                                                and not failed, event.finish_reason == "stop")
+                        timer.on_event(event, taken)  # not those after an end found here (usage has none)
                         stopped = cut is not None  # here, not by the mesh: the router still runs it
                         reason = cut or (None if failed else event.finish_reason)
                         if reason is not None:

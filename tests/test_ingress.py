@@ -908,6 +908,31 @@ def test_metrics_fill_vllms_dashboard_request_panels(client, router, tokenizer):
     for phase in ("prefill", "decode", "inference"):
         assert value(f"vllm:request_{phase}_time_seconds_count") == 5
     assert value("vllm:request_time_per_output_token_seconds_count") == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("end", [{"stop": [" the"]}, {"repetition_detection": {"max_pattern_size": 1, "min_count": 2}}])
+def test_generation_token_metrics_count_what_usage_counts_when_the_ingress_ends_an_answer(router, tokenizer, stream,
+                                                                                            end):
+    """An answer a stop string or repetition_detection ends here drops the tokens of its event after the one that
+    ended it (the router merges a request's tokens until its next flush): they were counted as generated all the
+    same, so the token counters and per-request histograms disagreed with usage (8 against 4 or 5)."""
+    router.answer = tokenizer.encode("Hello world, the the answer is 42, as said.")  # " the" twice: a repetition
+    router.merge = 8
+    client = make_client(router, tokenizer)
+    body = {**COMPLETION, "max_tokens": 16, "stream": stream, **end}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    r = client.post("/v1/completions", json=body)
+    usage = sse(r)[-1]["usage"] if stream else r.json()["usage"]
+    assert usage["completion_tokens"] < router.merge  # its first event carried tokens past the end
+    samples = _samples(client)
+
+    def value(name: str) -> float:
+        return samples[(name, (("ingress", "local"), ("model_name", MODEL)))]
+    for name in ("vllm:generation_tokens_total", "vllm:request_generation_tokens_sum",
+                 "vllm:request_max_num_generation_tokens_sum"):
+        assert value(name) == usage["completion_tokens"], name
     buckets = [dict(labels)["le"] for name, labels in samples if name == "vllm:request_prompt_tokens_bucket"]
     assert buckets == ["1.0", "2.0", "5.0", "10.0", "20.0", "50.0", "100.0", "200.0", "500.0", "1000.0", "2000.0",
                        "5000.0", "10000.0", "20000.0", "50000.0", "100000.0", "+Inf"]  # vLLM's 1-2-5 to the context
