@@ -79,8 +79,9 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
 def cuts_are_exact(backend: HFTokenizer) -> bool:
     """Whether `text_pieces` keeps the ids of this Hugging Face tokenizer: a BPE model after GPT-2's or Llama 3's
-    split regex with no prefix space added, no normalizer (one could join across a cut), and added tokens (split
-    out before the regex) that hold no space or newline and strip nothing beside them."""
+    split regex with no prefix space added, no normalizer (one could join across a cut), no padding (encode_batch
+    would pad each piece to the batch's longest), and added tokens (split out before the regex) that hold no space
+    or newline and strip nothing beside them."""
     def like(node, fields: Mapping) -> bool:
         return isinstance(node, Mapping) and all(node.get(k) == v for k, v in fields.items())
 
@@ -92,6 +93,7 @@ def cuts_are_exact(backend: HFTokenizer) -> bool:
     regex = like(pre, gpt2) or (len(steps) == len(llama3) and all(map(like, steps, llama3)))
     bpe = type(backend.model).__name__ == "BPE" and backend.model.dropout is None
     return (regex and bpe and backend.normalizer is None and backend.truncation is None
+            and backend.padding is None
             and not any(" " in t.content or "\n" in t.content or t.lstrip or t.rstrip
                         for t in backend.get_added_tokens_decoder().values()))
 

@@ -94,6 +94,7 @@ CHANGES = {
     "a normalizer": lambda b: setattr(b, "normalizer", normalizers.NFKC()),
     "an added token with a space": lambda b: b.add_tokens([AddedToken("sea wind")]),
     "an added token that strips": lambda b: b.add_tokens([AddedToken("<pad>", rstrip=True)]),
+    "padding (a tokenizer.json saved after a padded batch)": lambda b: b.enable_padding(pad_id=2),
 }
 
 
