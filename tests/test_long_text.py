@@ -1,4 +1,6 @@
 """Long texts are encoded in pieces (model.tokenizer.text_pieces), which must give exactly the whole text's ids."""
+import threading
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -28,9 +30,10 @@ def may_cut(text: str, at: int) -> bool:
 
 
 @settings(max_examples=400, deadline=None)
-@given(text=texts, size=st.integers(1, 12))
-def test_pieces_rejoin_and_are_cut_at_the_first_place_allowed(text, size):
-    pieces = text_pieces(text, size)
+@given(text=texts, size=st.integers(1, 12), window=st.integers(1, 4))
+def test_pieces_rejoin_and_are_cut_at_the_first_place_allowed(text, size, window):
+    with mock.patch.object(tokenizer_module, "CUT_SEARCH_CHARS", window):  # cuts are searched for window by window
+        pieces = text_pieces(text, size)
     assert "".join(pieces) == text and (all(pieces) or pieces == [""])
     at = 0
     for piece in pieces[:-1]:
@@ -39,6 +42,19 @@ def test_pieces_rejoin_and_are_cut_at_the_first_place_allowed(text, size):
         at += len(piece)
         assert may_cut(text, at)
     assert not any(may_cut(text, k) for k in range(at + size, len(text)))
+
+
+@pytest.mark.parametrize("text", ["a" * 8_000_000, " " * 8_000_000], ids=["letters", "spaces"])
+def test_looking_for_a_cut_lets_other_threads_run(text):
+    """Finding the cuts is Python's regex, which holds the GIL: searched in one call, 8 MB with no place to cut
+    (base64, a run of spaces) stood the event loop, so every stream of the replica, still for 0.3-0.9 s."""
+    worker = threading.Thread(target=text_pieces, args=(text,))
+    lag, last = 0.0, time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        time.sleep(0.001)
+        lag, last = max(lag, time.perf_counter() - last - 0.001), time.perf_counter()
+    assert lag < 0.1
 
 
 @pytest.fixture(scope="module")
