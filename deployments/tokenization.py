@@ -26,7 +26,9 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> Response:
     return Response(await server.off_loop(_tokenize, server, req, limit, chars=chars), media_type="application/json")
 
 
-def _tokenize(server: OpenAIServer, req: TokenizeRequest, limit: int) -> str:
+def _tokenize(server: OpenAIServer, req: TokenizeRequest, limit: int) -> bytes:
+    """The answer's JSON, encoded here: a Response given a str encodes it on the loop (52 MB for an 8 MiB CJK
+    prompt's token_strs: ~50 ms, 133 ms on a busy host)."""
     tokenizer = server.tokenizer
     if req.messages is not None:
         ids = server.encode_messages(req.messages, req.add_generation_prompt, req.tools, req.chat_template_kwargs,
@@ -34,7 +36,7 @@ def _tokenize(server: OpenAIServer, req: TokenizeRequest, limit: int) -> str:
     else:
         ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
     strs = _json_list(tokenizer.token_strs(ids)) if req.return_token_strs else "null"
-    return f'{{"count":{len(ids)},"max_model_len":{limit},"tokens":{_json_list(ids)},"token_strs":{strs}}}'
+    return f'{{"count":{len(ids)},"max_model_len":{limit},"tokens":{_json_list(ids)},"token_strs":{strs}}}'.encode()
 
 
 def _json_list(items: list) -> str:
