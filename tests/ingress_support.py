@@ -2,6 +2,7 @@
 and checks for OpenAI's error JSON and SSE. Test modules import the fixtures they use from here."""
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -88,3 +89,12 @@ def lark_chain(n: int) -> str:
     names = list(letters) + [a + b for a in letters for b in letters]
     names = (names + [a + b for a in names[26:] for b in letters])[:n + 1]
     return f"start: {names[0]}\n" + "".join(f"{a}:{b}\n" for a, b in zip(names, names[1:])) + f'{names[-1]}:"x"\n'
+
+
+def on_event_loop() -> bool:
+    """Whether the caller runs on an event loop's thread (the app's, under TestClient), not a worker thread."""
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False

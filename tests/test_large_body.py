@@ -9,18 +9,10 @@ import threading
 import pytest
 
 from deployments import protocol
-from tests.ingress_support import MODEL, client, eos, router, tokenizer  # noqa: F401
+from tests.ingress_support import MODEL, client, eos, on_event_loop, router, tokenizer  # noqa: F401
 
 HI = {"role": "user", "content": "hi"}
 PAD = "x" * 70_000  # an ignored field that makes a body larger than large_body.OFF_LOOP_BYTES
-
-
-def _on_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
 
 
 def test_a_large_body_is_parsed_and_validated_off_the_event_loop(client, monkeypatch):
@@ -29,12 +21,12 @@ def test_a_large_body_is_parsed_and_validated_off_the_event_loop(client, monkeyp
     loads, seen = json.loads, []
 
     def spy_loads(*args, **kwargs):
-        seen.append(("json.loads", _on_loop()))
+        seen.append(("json.loads", on_event_loop()))
         return loads(*args, **kwargs)
 
     def profile(frame, event, _arg):  # a validator of every message's text: pydantic runs it where it validates
         if event == "call" and frame.f_code is protocol._check_unicode.__code__:
-            seen.append(("validate", _on_loop()))
+            seen.append(("validate", on_event_loop()))
 
     monkeypatch.setattr(json, "loads", spy_loads)
     threading.setprofile(profile)  # every thread started from now: TestClient's loop, the body thread

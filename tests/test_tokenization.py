@@ -1,7 +1,6 @@
 """vLLM's /tokenize and /detokenize: the same ids the generation endpoints send to the router."""
 from __future__ import annotations
 
-import asyncio
 import json
 from unittest import mock
 
@@ -10,11 +9,10 @@ from fastapi.responses import Response
 
 from deployments import tokenization
 from deployments.protocol import TokenizeResponse
-
 from model.embedded import ensure_llama3_tokenizer
 from model.tokenizer import Tokenizer
 from tests.ingress_support import (CHAT, MAX_LEN, MODEL, assert_error, client, eos, make_client,  # noqa: F401
-                                   router, tokenizer)
+                                   on_event_loop, router, tokenizer)
 
 TEXT = "Hello <|im_end|> world 🚀"
 
@@ -65,21 +63,13 @@ def test_tokenize_encodes_its_json_off_the_event_loop(client, monkeypatch):
     render, seen = Response.render, []
 
     def spy(self, content):
-        seen.append((type(content).__name__, _on_loop()))
+        seen.append((type(content).__name__, on_event_loop()))
         return render(self, content)
 
     monkeypatch.setattr(Response, "render", spy)
     response = client.post("/tokenize", json={"model": MODEL, "prompt": "\u65e5\u672c hi", "return_token_strs": True})
     assert response.status_code == 200 and response.json()["count"] > 1
     assert ("str", True) not in seen, seen
-
-
-def _on_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
 
 
 def test_add_special_tokens_adds_bos(router):
