@@ -69,9 +69,10 @@ def text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
 
     Both are where the split regexes of GPT-2 (the ByteLevel pre-tokenizer's own) and of Llama 3
     (LLAMA3_SPLIT_PATTERN) end a pre-token, at the end of the text as in its middle: in both, a pre-token that
-    holds a letter or digit ends with one, one that holds a newline holds only whitespace after it, and a lone
-    newline is one whitespace pre-token. Neither regex looks behind, so the text after a cut splits as it does in
-    place, and BPE merges only within a pre-token: the pieces' ids are the whole text's."""
+    holds a letter or digit ends with one and holds no space after it, one that holds a newline holds only
+    whitespace after it, and a newline between non-spaces ends its pre-token (".\n" or "\n") whether a
+    non-space or the text's end comes next. Neither regex looks behind, so the text after a cut splits as it does
+    in place, and BPE merges only within a pre-token: the pieces' ids are the whole text's."""
     pieces, start, at = [], 0, size
     while at < len(text):
         if cut := _CUT.search(text, at, at + CUT_SEARCH_CHARS):
