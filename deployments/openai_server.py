@@ -72,7 +72,7 @@ _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserv
 # one 28 s).
 BULK_CHARS = 65_536
 _BULK_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="meshserve-bulk")
-# glibc keeps what a thread freed in that thread's arena: the tokenizer's working memory for a long text (~165-200
+# glibc keeps what a thread freed in that thread's arena: the tokenizer's working memory for a long text (~165-240
 # bytes per byte of one tokenized whole, ~10 in pieces: Tokenizer.encode) stayed with the replica after its request
 # ended (four 6 MB prompts tokenized whole: 0.56 -> 1.8 GB, for good).
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None)

@@ -50,7 +50,7 @@ LONG_TEXT_CHARS = 2_000
 # ...and in pieces of about PIECE_CHARS (see `text_pieces`), PIECES_PER_BATCH to a call. Reading a whole text's
 # ids (60 ms for 3.9 MB, 1.9M ids) and freeing its Encoding (140-235 ms: Rust frees each token's string and
 # offsets) hold the GIL, which stood every stream of the replica still once per long prompt; a piece's share is
-# ~1-2 ms. A batch's working memory (~165-200 bytes per byte of text) is freed before the next batch's is taken.
+# ~1-2 ms. A batch's working memory (~165-240 bytes per byte of text) is freed before the next batch's is taken.
 PIECE_CHARS = 32_768
 PIECES_PER_BATCH = 8
 _CUT = re.compile(r"(?<=[0-9A-Za-z])(?= )|(?<=\S\n)(?=\S)")  # where text_pieces may cut

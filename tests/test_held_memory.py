@@ -110,7 +110,7 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the process's RSS from /proc")
 def test_a_replica_gives_back_what_tokenizing_a_long_prompt_took(tokenizer, eos):
-    """The Hugging Face tokenizer's working memory for a long text tokenized whole (~165-200 bytes per byte of text)
+    """The Hugging Face tokenizer's working memory for a long text tokenized whole (~165-240 bytes per byte of text)
     stayed in glibc's per-thread arenas after the request ended: four 6 MB prompts cut by truncate_prompt_tokens
     left an ingress replica at 1.8 GB, where it had started at 0.56 GB, for good."""
     client = make_client(FakeRouter([eos], max_model_len=MAX_LEN), tokenizer)
