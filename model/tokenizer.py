@@ -199,12 +199,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text`; `add_bos` prepends the model's BOS if it uses one."""
-        if len(text) > LONG_TEXT_CHARS:
-            ids = self._encode_long(text, plain=False)
-        elif self._tiktoken is not None:
-            ids = self._tiktoken.encode(text, allowed_special="all")
-        else:
-            ids = self._hf.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        ids = self._encode(text, plain=False)
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -369,19 +364,15 @@ class Tokenizer:
 
     def _encode_plain(self, text: str) -> list[int]:
         """Ids of `text` with special-token text encoded as ordinary text."""
-        if not text:
-            return []
-        if len(text) > LONG_TEXT_CHARS:
-            return self._encode_long(text, plain=True)
-        if self._tiktoken is not None:
-            return self._tiktoken.encode(text, allowed_special=set(), disallowed_special=())
-        return self._hf_plain.encode(text, add_special_tokens=False).ids
+        return self._encode(text, plain=True) if text else []
 
-    def _encode_long(self, text: str, plain: bool) -> list[int]:
-        """Ids of a text over LONG_TEXT_CHARS (special-token text as ordinary text if `plain`), by calls that
-        release the GIL while they work: in pieces (`text_pieces`) where that keeps the whole text's ids, else
-        whole. Each piece's ids are read and its Encoding freed on their own, so the GIL is free in between."""
-        pieces = text_pieces(text, PIECE_CHARS) if self._cuts_are_exact else [text]
+    def _encode(self, text: str, plain: bool) -> list[int]:
+        """Ids of `text`, special-token text as ordinary text if `plain`. A text over LONG_TEXT_CHARS is encoded by
+        calls that release the GIL while they work, in pieces (`text_pieces`) where that keeps the whole text's
+        ids, else whole; each piece's ids are read and its Encoding freed on their own, so the GIL is free in
+        between."""
+        long = len(text) > LONG_TEXT_CHARS
+        pieces = text_pieces(text, PIECE_CHARS) if long and self._cuts_are_exact else [text]
         ids: list[int] = []
         if self._tiktoken is not None:
             special = {"allowed_special": set(), "disallowed_special": ()} if plain else {"allowed_special": "all"}
@@ -389,6 +380,8 @@ class Tokenizer:
                 ids += self._tiktoken.encode(piece, **special)
             return ids
         backend = self._hf_plain if plain else self._hf.backend_tokenizer
+        if not long:
+            return backend.encode(text, add_special_tokens=False).ids
         for at in range(0, len(pieces), PIECES_PER_BATCH):
             encodings = backend.encode_batch(pieces[at:at + PIECES_PER_BATCH], add_special_tokens=False)
             encodings.reverse()
