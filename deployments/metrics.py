@@ -234,15 +234,14 @@ class RequestTimer:
         self.last_token: float | None = None  # None: no token yet, so its prompt is not counted yet
         self.generated = 0
 
-    def on_event(self, event: TokenEvent, n: int | None = None) -> None:
-        """`n`: the event's tokens the answer took (all by default): those after an end the ingress found (a stop
-        string, a repetition) are dropped, and usage does not count them."""
+    def on_event(self, event: TokenEvent, n: int) -> None:
+        """`n`: the event's tokens the answer took: those after an end the ingress found (a stop string, a
+        repetition) are dropped, and usage does not count them."""
         now = time.perf_counter()
         m = self.metrics
         if event.queue_time_s is not None:
             m.queue.observe(event.queue_time_s)
             self.queue_time = event.queue_time_s
-        n = len(event.token_ids) if n is None else n
         if n == 0:
             return
         if self.last_token is None:

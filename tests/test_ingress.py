@@ -875,7 +875,7 @@ def test_prompt_tokens_count_at_the_first_token_and_long_latencies_have_buckets(
     queued.finish("abort")
     assert prompt() == 0
     slow = metrics.start(131000, time.perf_counter() - 100.0)
-    slow.on_event(TokenEvent("r", [1]))
+    slow.on_event(TokenEvent("r", [1]), 1)
     assert prompt() == 131000
     slow.finish("stop")
     assert prompt() == 131000
@@ -955,9 +955,9 @@ def test_request_phases_are_measured_as_vllm_does(monkeypatch):
 
     timer = metrics.start(7, arrival=99.0)
     clock[0] = 100.0
-    timer.on_event(TokenEvent("r", [1], queue_time_s=0.25))  # first token 1 s after arrival, 0.25 s of it queued
+    timer.on_event(TokenEvent("r", [1], queue_time_s=0.25), 1)  # first token 1 s after arrival, 0.25 s of it queued
     clock[0] = 102.0
-    timer.on_event(TokenEvent("r", [2, 3, 4, 5]))
+    timer.on_event(TokenEvent("r", [2, 3, 4, 5]), 4)
     timer.finish("length")
     assert observed(metrics.prefill) == (0.75, 1)
     assert observed(metrics.decode) == (2.0, 1)
@@ -965,7 +965,7 @@ def test_request_phases_are_measured_as_vllm_does(monkeypatch):
     assert observed(metrics.tpot) == (0.5, 1)
     assert observed(metrics.request_generation) == (5, 1)
     one = metrics.start(7, arrival=clock[0])
-    one.on_event(TokenEvent("s", [1], queue_time_s=0.0))
+    one.on_event(TokenEvent("s", [1], queue_time_s=0.0), 1)
     one.finish("length")
     assert observed(metrics.tpot) == (0.5, 2)  # a one-token answer adds 0
     metrics.start(7, arrival=clock[0]).finish("abort")  # never ran: no phases, but a finished request's lengths
