@@ -146,6 +146,14 @@ class AppConfig(BaseModel):
                 raise ValueError("model: the tt_galaxy backend runs tt-metal's Llama-3 70B Galaxy model, not the "
                                  "embedded SmolLM2: name its weights, or leave model empty for $HF_MODEL / $LLAMA_DIR")
             galaxy_sizes(self.mesh_shape, self.max_seq_len, self.num_blocks, self.block_size)
+            # A mesh replica opens every chip of its host, and Ray places it by resources alone: only a whole unit of
+            # one that each Galaxy host advertises once keeps a second mesh, or a replica Serve restarts while the one
+            # it replaces still holds the chips, off that host.
+            if not any(amount >= 1 for amount in self.mesh_resources.values()):
+                raise ValueError("mesh_resources: a tt_galaxy mesh opens all the chips of its host, so each takes a "
+                                 "whole unit of a resource each Galaxy host advertises once, e.g. {galaxy: 1} with "
+                                 "`ray start --resources='{\"galaxy\": 1}'` there; without it two meshes may land on "
+                                 "one host and both open its mesh")
         return self
 
     @property

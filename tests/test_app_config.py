@@ -80,10 +80,21 @@ def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(ar
         AppConfig(**args)
 
 
+@pytest.mark.parametrize("resources", [{}, {"galaxy": 0.5}, {"frontend": 0.01}])
+def test_a_galaxy_config_that_could_open_one_mesh_twice_is_refused(resources):
+    """A tt_galaxy mesh replica opens every chip of its host. Without a whole unit of a resource that each Galaxy host
+    advertises once, Ray could place two meshes (or a restarted replica beside the one it replaces) on one host, both
+    opening its mesh: accepted, the mesh landed by CPUs alone."""
+    with pytest.raises(ValidationError, match="(?s)mesh_resources.*each Galaxy host advertises once"):
+        AppConfig(backend="tt_galaxy", model="", num_meshes=2, mesh_resources=resources)
+    AppConfig(backend="tt_galaxy", model="", num_meshes=2, mesh_resources={**resources, "galaxy": 1})
+
+
 def test_a_float_key_takes_an_int_and_a_pair_a_list():
     config = AppConfig(backend="simulated", time_scale=1, stream_interval_ms=5, mesh_num_cpus=2)
     assert (config.time_scale, config.stream_interval_ms, config.mesh_num_cpus) == (1.0, 5.0, 2.0)
-    assert AppConfig(backend="tt_galaxy", model="", mesh_shape=[8, 4]).mesh_shape == (8, 4)
+    galaxy = AppConfig(backend="tt_galaxy", model="", mesh_shape=[8, 4], mesh_resources={"galaxy": 1})
+    assert galaxy.mesh_shape == (8, 4)
 
 
 def test_the_torch_backend_refuses_a_length_past_the_models_context(tmp_path):
@@ -120,7 +131,8 @@ def test_a_config_the_backend_would_ignore_or_misread_is_refused():
     the simulated backend has a kv_groups setting: both were taken silently."""
     with pytest.raises(ValidationError, match="model: the tt_galaxy backend runs"):
         AppConfig(backend="tt_galaxy")
-    assert AppConfig(backend="tt_galaxy", model=None).model is None  # a bare `model:` in YAML: the demo's variables
+    # a bare `model:` in YAML: the demo's variables
+    assert AppConfig(backend="tt_galaxy", model=None, mesh_resources={"galaxy": 1}).model is None
     for backend in ("torch", "tt_galaxy"):
         with pytest.raises(ValidationError, match="kv_groups applies to the simulated backend only, not " + backend):
             AppConfig(backend=backend, model="/w", kv_groups=2)
