@@ -14,8 +14,8 @@ interface is read from the nearest versions it holds, each cited where used:
 - tenstorrent/vllm vllm/worker/tt_worker.py @987d7bd2 (mesh open/close, fabric), vllm/v1/worker/
   tt_model_runner.py @db78fb6c (per-rank page tables, warm-up at start), models/common/warmup/
   warmup_utils.py @9f669429 in tt-metal (the decode warm-up's sampling variants).
-`ttnn` and the checkout's `models` package are imported only when a backend is built: ttnn installs only on
-Python 3.10 and 3.12 and computes nothing without chips.
+`ttnn` and the checkout's `models` package are imported only when a backend is built: ttnn is the checkout's own
+build (its python_env, Python 3.10 or 3.12) and computes nothing without chips.
 
 Device block 0 is never handed to the caller: tt-metal pads prefill page tables with block 0 and writes the
 padded positions' KV there (vLLM keeps block 0 as its null block, in each data-parallel rank's pool). Caller
@@ -52,8 +52,9 @@ _GREEDY = SamplingParams(temperature=0.0)  # for rows without a request
 # (warmup_utils.py warms temperature 1.0, top-k 10, top-p 0.9 likewise).
 _SAMPLED = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
-_TT_EXTRA_HINT = ("the TT Galaxy backend needs ttnn: pip install 'meshserve[tt]' "
-                 "(ttnn wheels exist only for Python 3.10 and 3.12)")
+# The ttnn of the checkout whose models/ run here, not a PyPI wheel of another commit (README, Running on a Galaxy)
+_TTNN_HINT = ("the TT Galaxy backend needs the ttnn built from the tt-metal checkout it runs: install meshserve "
+              "into that checkout's python_env (Python 3.10 or 3.12) and start Ray from it")
 
 
 class TTGalaxyBackend(Backend):
@@ -283,7 +284,7 @@ def _import_ttnn():
     try:
         import ttnn
     except ImportError as e:
-        raise ImportError(_TT_EXTRA_HINT) from e
+        raise ImportError(_TTNN_HINT) from e
     return ttnn
 
 

@@ -1,6 +1,8 @@
 """Dependencies flow one way (docs/DESIGN.md): the engine core, the router and the ingress never load torch."""
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_core_router_and_ingress_import_no_torch():
@@ -14,3 +16,11 @@ def test_the_engine_core_imports_neither_model_nor_ray():
     code = "import scheduler.scheduler, scheduler.bench; import sys; print(sorted(m.split('.')[0] for m in sys.modules if m.split('.')[0] in ('model', 'ray', 'deployments')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_ttnn_comes_from_pypi():
+    """ttnn must be the one built from the tt-metal checkout whose models/ the Galaxy backend runs (README, Running on
+    a Galaxy). A pinned PyPI ttnn, installed into that checkout's python_env, replaced its own build with one made
+    from another commit."""
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.findall(r"""["']\s*ttnn\b[^"']*""", pyproject, re.IGNORECASE) == []  # a requirement string naming ttnn
