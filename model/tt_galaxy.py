@@ -53,8 +53,8 @@ _GREEDY = SamplingParams(temperature=0.0)  # for rows without a request
 _SAMPLED = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 # The ttnn of the checkout whose models/ run here, not a PyPI wheel of another commit (README, Running on a Galaxy)
-_TTNN_HINT = ("the TT Galaxy backend needs the ttnn built from the tt-metal checkout it runs: install meshserve "
-              "into that checkout's python_env (Python 3.10 or 3.12) and start Ray from it")
+_TTNN_HINT = ("the TT Galaxy backend needs the ttnn built from the tt-metal checkout it runs: pip install -e '.[tt]' "
+              "(meshserve) into that checkout's python_env (Python 3.10 or 3.12) and start Ray from it")
 
 
 class TTGalaxyBackend(Backend):
