@@ -8,10 +8,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
-def model_dir_from_env(env: Mapping[str, str] = os.environ) -> Path | None:
+def model_dir_from_env(env: Mapping[str, str] | None = None) -> Path | None:
     """The checkpoint the Galaxy demo would load: `LLAMA_DIR` (a Meta folder) or `HF_MODEL` (an HF folder, or a
     hub id such as meta-llama/Llama-3.3-70B-Instruct already in the local HF cache). None when neither is set.
-    Raises ValueError when both are set (tt-metal's TtModelArgs asserts the same) or the one set is not there."""
+    Raises ValueError when both are set (tt-metal's TtModelArgs asserts the same) or the one set is not there.
+    `env` defaults to os.environ as it is at the call (a default of os.environ itself kept whatever mapping it was
+    when this module was imported)."""
+    env = os.environ if env is None else env
     llama_dir, hf_model = env.get("LLAMA_DIR"), env.get("HF_MODEL")
     if llama_dir and hf_model:
         raise ValueError("set only one of LLAMA_DIR and HF_MODEL")
@@ -50,7 +53,7 @@ def resolve_model_dir(model: str | None) -> Path:
     return checkpoint_dir(model)
 
 
-def checkpoint_dir(name: str | None, field: str = "model", env: Mapping[str, str] = os.environ) -> Path:
+def checkpoint_dir(name: str | None, field: str = "model", env: Mapping[str, str] | None = None) -> Path:
     """`name` (find_checkpoint), or without one the demo's variables in `env` (model_dir_from_env). Raises
     ValueError as those do, and naming `field` when neither names a checkpoint."""
     path = find_checkpoint(name, field) if name else model_dir_from_env(env)

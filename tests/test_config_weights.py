@@ -1,5 +1,6 @@
 """Config parsing (Meta and HF spellings) and checkpoint loading (Meta shards, HF safetensors)."""
 import json
+import os
 
 import pytest
 import torch
@@ -278,3 +279,19 @@ def test_an_hf_folder_with_a_stray_params_json_serves_its_safetensors(tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor([[1, 2, 3, 4]])).logits[0]
     torch.testing.assert_close(backend.prompt_logits([1, 2, 3, 4], 0, [1]), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_demos_variables_are_read_from_the_environment_of_the_call(monkeypatch, tmp_path):
+    """Not from whatever os.environ was when model.checkpoint was imported: imported while a test had swapped it for
+    a dict naming a checkpoint, the module kept reading that dict (test_app_config failed after test_tt_galaxy)."""
+    import importlib
+
+    import model.checkpoint
+    with monkeypatch.context() as swapped:
+        swapped.setattr(os, "environ", {"HF_MODEL": str(tmp_path)})
+        importlib.reload(model.checkpoint)
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    monkeypatch.delenv("HF_MODEL", raising=False)
+    assert model.checkpoint.model_dir_from_env() is None
+    with pytest.raises(ValueError, match="neither HF_MODEL nor LLAMA_DIR"):
+        model.checkpoint.checkpoint_dir(None)
