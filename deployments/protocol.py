@@ -350,7 +350,7 @@ class _GenerationRequest(RequestModel):
 
 
 class JsonSchemaFormat(RequestModel):
-    name: Text = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: Text  # any text, as vLLM takes it: libraries send a model's title or class name (`Page[User]`)
     description: Text | None = None
     schema_: JsonObject | None = Field(None, alias="schema")  # None: any JSON object
     strict: bool | None = None
@@ -390,7 +390,7 @@ class StructuredOutputs(RequestModel):
 
 
 class FunctionDefinition(RequestModel):
-    name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: Text  # any text, as vLLM takes it (OpenAI's pattern refuses a generic model's `Page[User]`)
     description: Text | None = None
     parameters: JsonObject | None = None  # a JSON schema; None: no arguments
     strict: bool | None = None

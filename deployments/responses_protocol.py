@@ -65,7 +65,7 @@ InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[Functi
 
 class FunctionTool(RequestModel):
     type: Text
-    name: Text = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: Text  # any text, as the chat tool's
     description: Text | None = None
     parameters: JsonObject | None = None
     strict: bool | None = None  # None: strict, as OpenAI's Responses API takes it (Chat Completions: not strict)

@@ -1286,6 +1286,27 @@ def test_with_tools_a_plain_answer_stays_content(client, router):
     assert deltas[-1]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("name", ["Page[User]", "person info", "a" * 65, "server:read_file"])
+def test_a_tool_or_schema_name_vllm_takes_is_served(client, router, tokenizer, eos, name):
+    """vLLM takes any name; libraries name tools and schemas after a model's title or class: langchain's
+    with_structured_output and instructor send a generic pydantic model as `Page[User]`, a JSON schema's title may
+    have spaces."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    formatted = client.post("/v1/chat/completions", json={**CHAT, "response_format": {
+        "type": "json_schema", "json_schema": {"name": name, "schema": schema}}})
+    assert formatted.status_code == 200, formatted.text
+    router.answer = tokenizer.encode(json.dumps({"name": name, "parameters": {"city": "Oslo"}})) + [eos]
+    tool = {"type": "function", "function": {"name": name, "parameters": schema}}
+    r = client.post("/v1/chat/completions", json={**CHAT, "tools": [tool], "tool_choice": "required"})
+    assert r.status_code == 200, r.text
+    (call,) = r.json()["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == name
+    responses = client.post("/v1/responses", json={"model": MODEL, "input": "hi", "tool_choice": "required", "tools": [
+        {"type": "function", "name": name, "parameters": schema}]})
+    assert responses.status_code == 200, responses.text
+    assert responses.json()["output"][0]["name"] == name
+
+
 def test_structured_outputs_and_logit_bias_reach_the_sampler(client, router):
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
     body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
