@@ -2,7 +2,8 @@
 
 Sources, at most one per request: OpenAI's `response_format` (json_object, json_schema), vLLM's
 `structured_outputs` (json, regex, choice, grammar, json_object) and its older `guided_*` fields, and
-`tool_choice` "required" or a named function (the answer is then a Llama 3 JSON call to one of the tools).
+`tool_choice` "required" or a named function (the answer is then a Llama 3 JSON call to one of the tools; such a
+call takes the place of `response_format`, which shapes a content reply, as in vLLM).
 Each is checked against the served tokenizer here, so an invalid schema, regex or grammar is a 400 naming
 its field before anything reaches a mesh. (llguidance builds its lexer lazily, so a grammar can pass here and
 hit a lexer limit on the mesh while matching: that request alone ends, and the ingress answers 400 naming
@@ -44,6 +45,9 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
     called = _chosen(tools, req.tool_choice) if tool_mode == "forced" else tools
     sources = _grammar_sources(req)
     if tool_mode == "forced":
+        # response_format shapes a content reply, and a forced call makes none: the tool's schema wins, as in vLLM
+        # (OpenAI takes the pair too; the Agents SDK sends it for an output_type with tool_choice "required")
+        sources = [s for s in sources if not s[0].startswith("response_format")]
         parallel = req.parallel_tool_calls is not False
         sources.append(("tool_choice", _tool_call_grammar(tools, req.tool_choice, parallel)))
     if len(sources) > 1:

@@ -1307,6 +1307,35 @@ def test_a_tool_or_schema_name_vllm_takes_is_served(client, router, tokenizer, e
     assert responses.json()["output"][0]["name"] == name
 
 
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"name": "Report", "schema": {
+        "type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]}}}])
+def test_a_forced_call_is_constrained_to_its_tool_whatever_the_response_format(client, router, tokenizer, eos,
+                                                                               response_format):
+    """response_format shapes a content reply, and a forced call makes none: vLLM lets the tool's schema win, as
+    OpenAI takes the pair. The Agents SDK sends both for an agent with an output_type and tool_choice "required",
+    instructor's RESPONSES_TOOLS mode a Responses request with `text.format` and a named tool_choice."""
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    alone = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL], "tool_choice": "required"})
+    r = client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL], "tool_choice": "required",
+                                                  "response_format": response_format})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["tool_calls"] == [
+        {**call, "id": r.json()["choices"][0]["message"]["tool_calls"][0]["id"]}
+        for call in alone.json()["choices"][0]["message"]["tool_calls"]]
+    (_, forced, _), (_, both, _) = list(router.requests.values())[-2:]
+    assert both.grammar == forced.grammar
+    text_format = {"type": "json_schema", "name": "Report", "schema": response_format.get("json_schema", {}).get(
+        "schema", {"type": "object"})} if response_format["type"] == "json_schema" else response_format
+    responses = client.post("/v1/responses", json={
+        "model": MODEL, "input": "hi", "text": {"format": text_format},
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "tools": [{"type": "function", "name": "get_weather", "parameters": WEATHER_TOOL["function"]["parameters"]}]})
+    assert responses.status_code == 200, responses.text
+    assert responses.json()["output"][0]["type"] == "function_call"
+
+
 def test_structured_outputs_and_logit_bias_reach_the_sampler(client, router):
     schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
     body = {**CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},

@@ -117,7 +117,7 @@ def test_a_bad_whitespace_pattern_is_named_not_the_schema(llt, fields, param):
     ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "structured_outputs": {"json_object": True}}, "tool_choice"),
     *[({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"type": "nope"}}}}}],
         "tool_choice": choice}, "tools.1.function.parameters")  # a forced call: the tool at fault is named
