@@ -5,6 +5,8 @@ field at fault, never a stack trace.
 """
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import JSONResponse
 
 from deployments.protocol import ErrorInfo, ErrorResponse
@@ -101,6 +103,9 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     loc = tuple(err.get("loc", ()))
     hidden = _tags(loc) | {err.get("branch")}
     loc = [str(p) for i, p in enumerate(loc) if not _is_union_branch(p) and i not in hidden]
+    tag = re.fullmatch(r"'(\w+)'", str(err.get("ctx", {}).get("discriminator", "")))  # a field's name, quoted
+    if err.get("type") in ("union_tag_invalid", "union_tag_not_found") and tag:  # that field is at fault
+        loc.append(tag[1])
     if skip_body and loc[:1] in (["body"], ["query"]):
         loc = loc[1:]
     if err.get("type") == "json_invalid":

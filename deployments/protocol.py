@@ -439,11 +439,21 @@ class TextPart(RequestModel):
     text: Text
 
 
+class RefusalPart(RequestModel):
+    """An assistant turn's refusal, as OpenAI returns it and clients paste back; vLLM reads it as text."""
+    type: Literal["refusal"]
+    refusal: Text
+
+    @property
+    def text(self) -> str:
+        return self.refusal
+
+
 class ChatMessage(RequestModel):
     # "function": the legacy function-calling result turn (OpenAI's ChatCompletionFunctionMessageParam), which vLLM
     # hands to the chat template as it is, as here
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Text | Items[TextPart] | None = None
+    content: Text | Items[Annotated[TextPart | RefusalPart, Field(discriminator="type")]] | None = None
     name: Text | None = None
     tool_calls: Items[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: Text | None = None  # a tool turn: the call it answers
@@ -455,10 +465,10 @@ class ChatMessage(RequestModel):
         if isinstance(v, list):
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind != "text":
-                    raise ValueError(f"content parts of type {kind!r} are not supported (text parts only)")
-                if isinstance(part, dict) and isinstance(part.get("text"), str):  # else the union's own message
-                    _check_unicode(part["text"])
+                if isinstance(kind, str) and kind not in ("text", "refusal"):
+                    raise ValueError(f"content parts of type {kind!r} are not supported (text and refusal parts only)")
+                if kind in ("text", "refusal") and isinstance(part.get(kind), str):  # else the union's own message
+                    _check_unicode(part[kind])
         return v
 
     @property

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, validation_error
-from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, RequestModel, Text,
-                                  Unsupported, short_text)
+from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, RefusalPart, RequestModel,
+                                  Text, Unsupported, short_text)
 from deployments.structured import closed
 from scheduler.sampling import MAX_LOGPROBS
 
@@ -29,7 +29,7 @@ class InputText(RequestModel):
 class InputMessage(RequestModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
-    content: Text | Items[InputText]
+    content: Text | Items[Annotated[InputText | RefusalPart, Field(discriminator="type")]]  # a pasted-back refusal too
 
 
 class FunctionCallItem(RequestModel):

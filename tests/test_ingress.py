@@ -244,6 +244,9 @@ TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"
     ({"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice", "'none', 'auto' or 'required'"),
     ({"tools": [TOOL], "tool_choice": 5}, "tool_choice", "'none', 'auto' or 'required'"),
     ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text", "required"),
+    ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "messages.0.content.0.type", "'type'"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "refusal"}]}]}, "messages.0.content.0.refusal",
+     "required"),
     ({"stop": ["ok", 1]}, "stop.1", "valid string"),
 ])
 def test_a_bad_value_in_a_field_of_several_forms_is_named_in_the_form_it_took(client, router, patch, param, says):
@@ -350,6 +353,21 @@ def test_out_of_bounds_values_are_400_before_the_router(client, router, path, ba
 def test_out_of_bounds_endpoint_fields_are_400_before_the_router(client, router, path, base, patch, param):
     assert_error(post(client, path, {**base, **patch}), 400, param=param)
     assert router.requests == {}
+
+
+def test_an_assistant_refusal_part_is_read_as_its_text(client, router, tokenizer):
+    """OpenAI answers a refusal in `refusal` and clients paste the turn back as a content part of that type; vLLM
+    reads it as text. It was a 400."""
+    turns = [{"role": "user", "content": "do it"}, {"role": "assistant", "content": "I can't help with that."},
+             {"role": "user", "content": "why?"}]
+    parts = [{"type": "refusal", "refusal": "I can't help with that."}]
+    r = post(client, "/v1/chat/completions", {**CHAT, "messages": [*turns[:1], {**turns[1], "content": parts}, turns[2]]})
+    assert r.status_code == 200, r.text
+    (sent_prompt, _, _), = router.requests.values()
+    assert sent_prompt == tokenizer.encode_chat(turns)
+    error = assert_error(post(client, "/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "\udfff"}]}]}), 400)
+    assert "lone surrogate" in error["message"]
 
 
 def test_lone_surrogate_in_a_text_part_is_400(client, router):

@@ -76,6 +76,20 @@ def test_items_become_the_chat_history(client, router, tokenizer):
     assert text.index("Use tools.") < text.index("Weather") < text.index("sunny") < text.index("Sunny.")
 
 
+def test_a_pasted_back_refusal_is_read_as_its_text(client, router, tokenizer):
+    """OpenAI's Responses output may hold a `refusal` content part; a client that sends the output back as input
+    got a 400."""
+    refusal = {"type": "refusal", "refusal": "I can't help with that."}
+    r = client.post("/v1/responses", json={**BASIC, "input": [{"role": "user", "content": "do it"},
+                                                              {"role": "assistant", "content": [refusal]},
+                                                              {"role": "user", "content": "why?"}]})
+    assert r.status_code == 200, r.text
+    ((prompt, _, _),) = router.requests.values()
+    assert prompt == tokenizer.encode_chat([{"role": "user", "content": "do it"},
+                                            {"role": "assistant", "content": refusal["refusal"]},
+                                            {"role": "user", "content": "why?"}])
+
+
 def test_sampling_fields_reach_the_mesh(client, router):
     r = client.post("/v1/responses", json={**BASIC, "temperature": 0.5, "top_p": 0.9, "seed": 7, "top_k": 4})
     assert r.status_code == 200, r.text
