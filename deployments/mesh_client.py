@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 from deployments.link import Link, connect
 from model.backend import Capabilities
-from scheduler.work import MeshWork, StepResult
+from scheduler.work import MeshWork, StaleWork, StepResult
 
 
 class LinkMeshClient:
@@ -38,8 +38,8 @@ class LinkMeshClient:
             if self._link is None:
                 raise ConnectionError("no link to the mesh")
             self._link.send((work, incarnation))  # sent now: queued on the mesh before the results are awaited
-        except ConnectionError as exc:
-            queue.put_nowait(exc)
+        except ConnectionError as exc:  # the replica went (its link closed) while the router had no work out
+            queue.put_nowait(StaleWork(f"work {work.work_id} was not sent: {exc}"))
         return self._results(work.work_id, queue)
 
     async def _results(self, work_id: int, queue: asyncio.Queue) -> AsyncIterator[StepResult]:

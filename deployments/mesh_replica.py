@@ -32,7 +32,7 @@ from model.backend import Backend, Capabilities
 from model.checkpoint import resolve_model_dir
 from model.grammar import deep_stack_executor
 from model.runner import MeshRunner
-from scheduler.work import MeshWork, StepResult, portable_error
+from scheduler.work import MeshWork, StaleWork, StepResult, portable_error
 
 log = logging.getLogger("ray.serve")
 
@@ -42,10 +42,6 @@ def grammar_tokenizer(model_dir: str, vocab_size: int):
     from model.grammar import ll_tokenizer
     from model.tokenizer import load_tokenizer
     return ll_tokenizer(load_tokenizer(model_dir), vocab_size)
-
-
-class StaleWork(RuntimeError):
-    """A work planned for another incarnation of this replica, or before its last reset."""
 
 
 class DeviceFailed(RuntimeError):

@@ -43,7 +43,8 @@ from scheduler.blocks import extend_block_hashes
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull, RoomFilled
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from scheduler.work import MeshWork, RequestFailed, StepEvents, StepResult, TokenEvent, pack_events, unpack_events
+from scheduler.work import (MeshWork, RequestFailed, StaleWork, StepEvents, StepResult, TokenEvent, pack_events,
+                            unpack_events)
 
 log = logging.getLogger("ray.serve")
 
@@ -728,7 +729,8 @@ class Router:
         mesh.failed_unproven = mesh.failed_unproven + 1 if unproven else 0
         if not any(m.up for m in self.meshes):
             self.mesh_up.clear()
-        suspects, alone = sched.executing()  # the prefill chunk or decode round it was computing: the possible cause
+        # the prefill chunk or decode round it was computing: the possible cause (none, for a work it did not run)
+        suspects, alone = ([], False) if isinstance(error, StaleWork) else sched.executing()
         limit = self.config.max_mesh_failures
         for seq in sched.drain():
             req = self.requests.get(seq.request_id)

@@ -72,6 +72,12 @@ class MeshWork:
         return len(self.prefills) + (self.decode.num_steps if self.decode else 0)
 
 
+class StaleWork(RuntimeError):
+    """A work the mesh refused without running any of it: planned for another incarnation of the replica (Serve
+    restarted it) or before its last reset, or never sent (no link to it). The router fails the mesh for it, but
+    lays the failure on none of the work's requests: the mesh was computing none of them."""
+
+
 @dataclass
 class StepResult:
     """One step's outcome for all slots of a mesh (never one message per token)."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from model.backend import Backend
 from model.runner import MeshRunner
-from scheduler.work import MeshWork
+from scheduler.work import MeshWork, StaleWork
 
 
 class Gone(ConnectionError):
@@ -56,7 +56,7 @@ class LocalMesh:
         if not self.alive:
             raise Gone("the replica is gone")
         if incarnation != self.incarnation:
-            raise RuntimeError("work for another incarnation")
+            raise StaleWork("work for another incarnation")
         async with self.lock:
             self.works += 1
             if work.decode is not None:

@@ -16,14 +16,15 @@ import deployments.router_client as router_client
 from deployments.link import Link, LinkAddress, LinkServer, connect
 from deployments.mesh_client import LinkMeshClient
 from deployments.ingress import build_app
-from deployments.router import RouterDeployment
+from deployments.router import Router, RouterConfig, RouterDeployment
 from deployments.router_client import RouterLink
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
-from scheduler.work import MeshWork, PrefillChunk, RequestFailed, StepResult, TokenEvent, pack_events, unpack_events
+from scheduler.work import (MeshWork, PrefillChunk, RequestFailed, StaleWork, StepResult, TokenEvent, pack_events,
+                            unpack_events)
 from tests.ingress_support import MODEL, COMPLETION, assert_error, make_client, tokenizer  # noqa: F401 (fixture)
 from tests.local_mesh import LocalMesh
-from tests.test_router import until
+from tests.test_router import FAST, GREEDY, collect, until
 
 
 async def echo_server() -> tuple[LinkServer, LinkAddress]:
@@ -240,11 +241,37 @@ def test_a_link_that_breaks_fails_every_open_work_at_once(replica):
         for stream in streams:
             with pytest.raises(ConnectionError):
                 [r async for r in stream]
-        with pytest.raises(ConnectionError):  # nothing more goes to a dead link: the router fails the mesh
-            [r async for r in client.execute(prefill(2, slot=2), incarnation)]
+        with pytest.raises(StaleWork, match="not sent"):  # nothing more goes to a dead link: the router fails the
+            [r async for r in client.execute(prefill(2, slot=2), incarnation)]  # mesh, blaming no request for it
         await client.reset()  # the router's probe reconnects; work ids start again at 0
         assert len([r async for r in client.execute(prefill(0, slot=5), incarnation)]) == 1
     asyncio.run(main())
+
+
+def test_a_request_is_not_blamed_for_replicas_that_went_while_idle(monkeypatch):
+    """Both mesh replicas went while idle (their links closed; Serve starts new ones) before the router's heartbeat
+    looked: the next request's work found no link to either. That was laid on the request as two meshes failing while
+    computing it alone, a 500 (MeshFailures) for a request nothing had run; it waits for a mesh back and is answered."""
+    monkeypatch.setattr(mesh_replica, "build_backend",
+                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.01, vocab_size=1000))
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda *_: None)  # no grammars here: nothing to load
+    replicas = [mesh_replica.MeshReplica.func_or_class({"backend": "simulated"}) for _ in range(4)]
+
+    async def main():
+        handles = [FakeHandle(replica) for replica in replicas[:2]]
+        router = Router([(f"mesh-{i}", LinkMeshClient(h)) for i, h in enumerate(handles)],
+                        RouterConfig(**{**FAST, "heartbeat_s": 60}))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        expected = await collect(router, "a", [7] * 100, GREEDY)
+        for handle, old, new in zip(handles, replicas[:2], replicas[2:]):
+            old.link_server.close()  # the replica's process went away
+            handle.__init__(new)  # the handle reaches the replica Serve started instead
+        await asyncio.sleep(0.05)
+        assert await collect(router, "b", [7] * 100, GREEDY) == expected
+        await router.close()
+    asyncio.run(main())
+    for replica in replicas:
+        replica.shutdown()
 
 
 def test_listeners_started_at_once_share_one_address_and_secret():

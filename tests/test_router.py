@@ -572,6 +572,22 @@ def test_a_replica_restarted_while_idle_rejoins_as_its_new_incarnation():
     asyncio.run(main())
 
 
+def test_a_request_no_mesh_ran_is_not_blamed_for_the_replicas_that_refused_it():
+    """Both replicas were restarted while idle (Serve replaced them; the router's heartbeat has not looked yet): the
+    next request's prefill went to each in turn planned for the incarnation that is gone, and each refused it without
+    running it. That was laid on the request as two meshes failing while computing it alone, and it ended with a 500
+    (MeshFailures) though nothing had run it; it is moved on, and answered, instead."""
+    async def main():
+        (expected,) = await solo_outputs(PROMPTS[:1], LONG)
+        router, meshes = await make_router(num_meshes=2, heartbeat_s=60)
+        for mesh in meshes:
+            mesh.restart()
+        assert await within(collect(router, "r", PROMPTS[0], LONG), 10) == expected
+        assert [m["failovers"] for m in router.stats()["meshes"]] == [1, 1]
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_cancel_that_overtakes_its_request_is_not_lost():
     async def main():
         router, _ = await make_router(num_meshes=1)
