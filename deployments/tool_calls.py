@@ -156,10 +156,30 @@ def _next_call(text: str, position: int) -> int:
 def cut_call(text: str, names: Sequence[str]) -> ParsedCall:
     """A forced call the answer could not finish (max_tokens): its name, and its arguments as far as they go
     (vLLM's llama3_json does likewise), so a client reading tool_calls[0] finds what there is."""
-    written = re.search(r'"name"\s*:\s*"([^"]*)', text)  # the name, or as much of it as was written
-    name = next((n for n in names if written and n.startswith(written[1])), names[0])
+    written = _written_name(text)
+    fits = [n for n in names if written and (n == written[0] if written[1] else n.startswith(written[0]))]
+    name = fits[0] if fits else names[0]
     arguments = re.search(r'"(?:parameters|arguments)"\s*:\s*', text)
     return ParsedCall(name, text[arguments.end():] if arguments else "")
+
+
+# A call's name as far as it was written, and its closing quote if that was written too
+_WRITTEN_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)("?)')
+
+
+def _written_name(text: str) -> tuple[str, bool] | None:
+    """The name a call began, as far as it was written, with its JSON escapes undone (a name is any text: `"`, `\\`),
+    and whether it was written whole (a name that begins another tool's is that tool only when it is not); None
+    when no name was begun."""
+    written = _WRITTEN_NAME.search(text)
+    if written is None:
+        return None
+    # less a \u escape the cut left unfinished
+    raw = written[1] if written[2] else re.sub(r"\\u[0-9a-fA-F]{0,3}$", "", written[1])
+    try:
+        return json.loads(f'"{raw}"'), bool(written[2])
+    except json.JSONDecodeError:
+        return raw, bool(written[2])
 
 
 def answer_calls(text: str, names: Sequence[str], forced: bool, parallel: bool = True

@@ -362,6 +362,17 @@ def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     assert cut_call('{"name": "get_wea', names).name == "get_weather"
 
 
+def test_a_call_cut_in_its_head_names_the_tool_it_wrote():
+    """The name was read as raw text up to its first quote: a name written whole that begins another tool's name,
+    or one holding a JSON escape (a quote, a backslash: a name is any text), was reported as another tool."""
+    from deployments.tool_calls import cut_call
+    names = ["get_time_zone", "get_time", 'say "hi"', "a\\b"]
+    assert cut_call('{"name": "get_time", "par', names).name == "get_time"
+    assert cut_call('{"name": "say \\"h', names).name == 'say "hi"'
+    assert cut_call('{"name": "a\\\\', names).name == "a\\b"
+    assert cut_call('{"name": "get_ti', names).name == "get_time_zone"  # begun only: the first it may be
+
+
 @pytest.mark.parametrize("forced", [False, True])
 def test_a_call_cut_after_whitespace_keeps_it_on_both_paths(forced):
     """max_tokens cut a call's arguments just after a space or newline: the stream had sent it, and the whole
