@@ -123,8 +123,13 @@ def _parse(text: str, names: Collection[str]) -> tuple[list[ParsedCall], ParsedC
 
 def _head_name(head: re.Match | None) -> str | None:
     """The tool a call's head names (its JSON string decoded), or None."""
+    return _json_string(head[1]) if head else None
+
+
+def _json_string(text: str) -> str | None:
+    """A JSON string's text, decoded; None when it is none."""
     try:
-        return json.loads(f'"{head[1]}"') if head else None
+        return json.loads(f'"{text}"')
     except json.JSONDecodeError:  # e.g. "get\_weather": not a call's head
         return None
 
@@ -212,11 +217,9 @@ class CallDelta:
     arguments: str
 
 
-_OPEN = r'\{\s*"name"\s*:\s*"'
-_NAME_OPEN = re.compile(_OPEN)  # a call's head as far as its name's opening quote
-_NAME_HEAD = re.compile(_OPEN + r'((?:[^"\\]|\\.)*)"')  # ... and its name, whole
-# A call in the usual form, name first, its arguments an object: their JSON text starts where this ends.
-_CALL_HEAD = re.compile(_NAME_HEAD.pattern + r'\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)')
+# A call in the usual form, name first, its arguments an object: their JSON text starts where this ends. (_Head
+# reads the same piece by piece.)
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)')
 
 
 class ToolCallStream:
@@ -242,14 +245,12 @@ class ToolCallStream:
         self.need_close = False  # a call's arguments ended: its object's "}" comes next
         self.brackets = _Brackets()  # the current call's arguments, scanned so far
         self.broken = False  # a call's arguments closed but are no JSON: the calls end there, as _parse's do
-        # len(held) when no call's head matched: none can until a "{" comes (its arguments' own), since a head that
-        # matched in the text that came later would have matched in the text before it. Searching again at every
-        # token read the whole held text each time: 8,000 tokens of `{"name": "abc abc ...` took ~9 s.
-        self.head_tried: int | None = None
-        # where a head was sought and can never be: its name is whole and no tool's, or longer than any tool's name
-        # written all in \uXXXX escapes (a "{" in a long name searched it all again)
-        self.dead_start: int | None = None
-        self.longest_name = 6 * max(map(len, self.names), default=0)
+        # The next call's head as read so far, and where it starts once no text to come can move that (_next_call
+        # from `pos`), so that a token reads only its own text: matching the head again at each token took ~9 s for
+        # 8,000 tokens of `{"name": "abc abc ...`, and 2.2 s for 2,000 "{" after 100,000 spaces.
+        self.head: _Head | None = None
+        self.head_start: tuple[int, int] | None = None  # (pos, start)
+        self.longest_name = 6 * max(map(len, self.names), default=0)  # a name written all in \uXXXX escapes
 
     def feed(self, text: str, final: bool) -> tuple[str, list[CallDelta], bool]:
         """(content to send now, call pieces to send now, whether the answer is calls: at the end, whether
@@ -288,28 +289,23 @@ class ToolCallStream:
             if not self.in_arguments:
                 if self.calls and not self.parallel or self.broken:
                     return  # parallel_tool_calls false: the first call only; none after arguments that are no JSON
-                p = self.pos
                 if self.need_close:  # the call object's own "}" after its arguments
-                    p = _next_space(held, p)
-                    if not held.startswith("}", p):
+                    self.pos = _next_space(held, self.pos)
+                    if not held.startswith("}", self.pos):
                         return
-                    p += 1
-                start = _next_call(held, p)
-                if start == self.dead_start or self.head_tried is not None and "{" not in held[self.head_tried:]:
-                    return
-                m = _CALL_HEAD.match(held, start)
-                name = _head_name(m)
-                if name not in self.names:
-                    self.head_tried = len(held)
-                    if self._never_a_head(start):
-                        self.dead_start = start
+                    self.pos += 1
+                    self.need_close = False
+                start = self._head_start()
+                if self.head is None or self.head.start != start:
+                    self.head = _Head(start, self.names, self.longest_name)
+                end = self.head.scan(held)
+                if end is None:
                     return  # not (yet) a call's head in the usual form: held
-                self.head_tried = None
-                deltas.append(CallDelta(self.calls, name, ""))
+                deltas.append(CallDelta(self.calls, self.head.name, ""))
                 self.calls += 1
-                self.call_start, self.pos = m.start(), m.end()
-                self.arguments_start, self.brackets = m.end(), _Brackets()
-                self.in_arguments, self.need_close = True, False
+                self.call_start, self.pos, self.head = start, end, None
+                self.arguments_start, self.brackets = end, _Brackets()
+                self.in_arguments = True
             start = self.pos
             i, closed = self.brackets.scan(held, start)
             if i > start:
@@ -326,14 +322,89 @@ class ToolCallStream:
             except NOT_JSON:
                 self.broken = True
 
-    def _never_a_head(self, start: int) -> bool:
-        """Whether no text to come can make a call's head of held[start:]: its name is written and names no tool,
-        or is still being written but already longer than any tool's name can be."""
-        whole = _NAME_HEAD.match(self.held, start)
-        if whole:
-            return _head_name(whole) not in self.names
-        opened = _NAME_OPEN.match(self.held, start)
-        return opened is not None and len(self.held) - opened.end() > self.longest_name
+    def _head_start(self) -> int:
+        """Where the next call's head starts: past what may separate it from the last call (_next_call), found once
+        text has come that no text to come moves it past (not whitespace, a separator or a python tag's start)."""
+        if self.head_start is not None and self.head_start[0] == self.pos:
+            return self.head_start[1]
+        held = self.held
+        skipped = _SEPARATORS.match(held, self.pos).end()
+        if skipped == len(held):  # separators only so far: _next_call reads what comes from there alike
+            self.pos = skipped
+        start = _next_call(held, self.pos)
+        if start < len(held) and not (len(held) - start < len(PYTHON_TAG) and PYTHON_TAG.startswith(held[start:])):
+            self.head_start = (self.pos, start)
+        return start
+
+
+_WS, _NAME, _KEY = "whitespace", "name", "key"  # the steps of _HEAD that are no literal text
+# _CALL_HEAD as steps: literal text, whitespace, the name's JSON string to its closing quote, the arguments' key
+# (one of _KEYS); then comes the arguments' "{"
+_HEAD = ("{", _WS, '"name"', _WS, ":", _WS, '"', _NAME, _WS, ",", _WS, _KEY, _WS, ":", _WS)
+_KEYS = ('"parameters"', '"arguments"')
+_SEPARATORS = re.compile(r"[ \n\t;]*")  # what _next_call skips before a python tag
+_SPACES = re.compile(r"\s*")
+_NAME_TEXT = re.compile(r'[^"\\]*')
+
+
+class _Head:
+    """A call's head in the usual form (_CALL_HEAD) at `start`, read piece by piece (a stream's), each character
+    once: matching _CALL_HEAD again from `start` at each token read the whole head each time, so a head that stayed
+    undecided (a long name, or long whitespace in it) made a stream cost quadratic time."""
+
+    def __init__(self, start: int, names: frozenset[str], longest_name: int):
+        self.start, self.names, self.longest_name = start, names, longest_name
+        self.i = start  # the next character to read
+        self.step = 0  # in _HEAD
+        self.done = 0  # characters read of the step's literal text
+        self.keys = _KEYS  # the keys the arguments' key read so far may still be
+        self.name_start = 0
+        self.escaped = False  # the last character read is the name's backslash of an escape
+        self.name: str | None = None
+        self.dead = False  # no text to come makes it a call's head: a name no tool's, or longer than any
+
+    def scan(self, text: str) -> int | None:
+        """Where the call's arguments start in `text` (held so far) once the head is whole, `name` naming its tool;
+        None until then."""
+        i = self.i
+        while i < len(text) and not self.dead:
+            if self.step == len(_HEAD):  # the arguments' "{"
+                self.dead = text[i] != "{"
+                break
+            step = _HEAD[self.step]
+            if step == _WS:
+                i = _SPACES.match(text, i).end()
+                if i < len(text):
+                    self.step += 1
+            elif step == _NAME:
+                i = self._name(text, i)
+            else:
+                literals = tuple(k for k in (self.keys if step == _KEY else (step,)) if k[self.done] == text[i])
+                if not literals:
+                    self.dead = True
+                    break
+                if step == _KEY:
+                    self.keys = literals
+                i, self.done = i + 1, self.done + 1
+                if self.done == len(literals[0]):
+                    self.step, self.done, self.name_start = self.step + 1, 0, i  # (the name follows a quote)
+        self.i = i
+        return i if self.step == len(_HEAD) and not self.dead and i < len(text) else None
+
+    def _name(self, text: str, i: int) -> int:
+        """Past the name's characters in text[i:], and its closing quote if that came."""
+        if self.escaped:
+            self.escaped, i = False, i + 1
+        i = _NAME_TEXT.match(text, i).end()
+        if i < len(text) and text[i] == "\\":
+            self.escaped, i = True, i + 1
+        elif i < len(text):  # its closing quote
+            self.name = _json_string(text[self.name_start:i])
+            self.dead = self.name not in self.names
+            self.step += 1
+            return i + 1
+        self.dead = i - self.name_start > self.longest_name
+        return i
 
 
 class _Brackets:

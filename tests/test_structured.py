@@ -428,6 +428,30 @@ def test_a_streamed_answer_that_may_still_become_a_call_costs_linear_time(piece)
     small, large = cost(1500), cost(12000)
     assert large < 24 * small, (small, large)
 
+
+@pytest.mark.parametrize("names, head", [
+    (["x" * 100_000], lambda n: '{"name": "'),  # a long name (any text is one) left the head undecided
+    (["get_weather"], lambda n: "{" + " " * (20 * n)),  # whitespace in the head, before its name
+    (["get_weather"], lambda n: '{"name": "get_weather"' + " " * (20 * n)),  # ... and after it
+])
+def test_a_head_that_stays_undecided_costs_linear_time(names, head):
+    """While a call's head was neither whole nor impossible, each token bringing a "{" matched it again from its
+    start: 2,000 tokens of "{" after 100,000 spaces (a regex constraint beside tool_choice "auto" writes them) took
+    2.2 s of the event loop, and 20,000 after `{"name": "` beside a tool named with 400,000 characters (a name is any
+    text now) 20 s. Each character is read once: 8x the text costs about 8x the time, not 64x."""
+    from deployments.tool_calls import ToolCallStream
+
+    def cost(n: int) -> float:
+        stream = ToolCallStream(names, forced=False)
+        start = time.process_time()
+        for text in [head(n), *["{"] * n]:
+            assert stream.feed(text, final=False) == ("", [], False)
+        return time.process_time() - start
+
+    cost(100)  # warm
+    small, large = cost(500), cost(4000)
+    assert large < 24 * small, (small, large)
+
 C = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
 
 
