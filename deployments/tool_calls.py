@@ -149,10 +149,13 @@ def _as_generated(body: str, position: int, arguments) -> str:
     return json.dumps(arguments, ensure_ascii=False)
 
 
+_SEPARATORS = re.compile(r"[ \n\t;]*")  # what may separate two calls before a python tag
+_SPACES = re.compile(r"\s*")  # str.isspace's characters
+
+
 def _next_call(text: str, position: int) -> int:
     """Past what may separate two calls: whitespace, ";", the python tag."""
-    while position < len(text) and text[position] in " \n\t;":
-        position += 1
+    position = _SEPARATORS.match(text, position).end()
     if text.startswith(PYTHON_TAG, position):
         position += len(PYTHON_TAG)
     return _next_space(text, position)
@@ -181,10 +184,8 @@ def _written_name(text: str) -> tuple[str, bool] | None:
         return None
     # less a \u escape the cut left unfinished
     raw = written[1] if written[2] else re.sub(r"\\u[0-9a-fA-F]{0,3}$", "", written[1])
-    try:
-        return json.loads(f'"{raw}"'), bool(written[2])
-    except json.JSONDecodeError:
-        return raw, bool(written[2])
+    name = _json_string(raw)
+    return raw if name is None else name, bool(written[2])
 
 
 def answer_calls(text: str, names: Sequence[str], forced: bool, parallel: bool = True
@@ -342,8 +343,6 @@ _WS, _NAME, _KEY = "whitespace", "name", "key"  # the steps of _HEAD that are no
 # (one of _KEYS); then comes the arguments' "{"
 _HEAD = ("{", _WS, '"name"', _WS, ":", _WS, '"', _NAME, _WS, ",", _WS, _KEY, _WS, ":", _WS)
 _KEYS = ('"parameters"', '"arguments"')
-_SEPARATORS = re.compile(r"[ \n\t;]*")  # what _next_call skips before a python tag
-_SPACES = re.compile(r"\s*")
 _NAME_TEXT = re.compile(r'[^"\\]*')
 
 
@@ -373,7 +372,7 @@ class _Head:
                 break
             step = _HEAD[self.step]
             if step == _WS:
-                i = _SPACES.match(text, i).end()
+                i = _next_space(text, i)
                 if i < len(text):
                     self.step += 1
             elif step == _NAME:
@@ -441,6 +440,4 @@ class _Brackets:
 
 def _next_space(text: str, position: int) -> int:
     """Past whitespace."""
-    while position < len(text) and text[position].isspace():
-        position += 1
-    return position
+    return _SPACES.match(text, position).end()
