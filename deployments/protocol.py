@@ -449,6 +449,9 @@ class RefusalPart(RequestModel):
         return self.refusal
 
 
+_PART_TEXT = ("text", "refusal")  # the content parts served, each named after its text's own field
+
+
 class ChatMessage(RequestModel):
     # "function": the legacy function-calling result turn (OpenAI's ChatCompletionFunctionMessageParam), which vLLM
     # hands to the chat template as it is, as here
@@ -465,9 +468,9 @@ class ChatMessage(RequestModel):
         if isinstance(v, list):
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if isinstance(kind, str) and kind not in ("text", "refusal"):
+                if isinstance(kind, str) and kind not in _PART_TEXT:
                     raise ValueError(f"content parts of type {kind!r} are not supported (text and refusal parts only)")
-                if kind in ("text", "refusal") and isinstance(part.get(kind), str):  # else the union's own message
+                if kind in _PART_TEXT and isinstance(part.get(kind), str):  # else the union's own message
                     _check_unicode(part[kind])
         return v
 
