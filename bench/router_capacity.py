@@ -105,6 +105,9 @@ class ThreadMesh:
         await asyncio.wrap_future(self.executor.submit(self.runner.reset))  # after the works already queued
         return self.incarnation, self.runner.caps
 
+    async def wait_closed(self):
+        await asyncio.Event().wait()  # it never goes
+
     def execute(self, work: MeshWork, incarnation: str):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -261,6 +264,9 @@ class ProcessMesh:
     async def reset(self):
         caps = await self._send("reset", None).get()
         return self.incarnation, caps
+
+    async def wait_closed(self):
+        await asyncio.Event().wait()  # it never goes
 
     def execute(self, work: MeshWork, incarnation: str):
         if incarnation != self.incarnation:

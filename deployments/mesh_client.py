@@ -22,14 +22,18 @@ class LinkMeshClient:
         self._link: Link | None = None
         self._reader: asyncio.Task | None = None
         self._works: dict[int, asyncio.Queue] = {}
+        self._closed = asyncio.Event()  # set when the current link closes (a fresh one per link)
 
     async def reset(self) -> tuple[str, Capabilities]:
         self._close(ConnectionError("the mesh was reset"))  # first: no frame of the old link runs after the reset
         incarnation, caps = await self._handle.reset.remote()
         address = await self._handle.link_address.remote()
-        self._link = await connect(address)
+        self._link, self._closed = await connect(address), asyncio.Event()
         self._reader = asyncio.create_task(self._read(self._link))
         return incarnation, caps
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
 
     def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -80,6 +84,7 @@ class LinkMeshClient:
         link, self._link = self._link, None
         if link is not None:
             link.close()
+        self._closed.set()
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()

@@ -61,6 +61,10 @@ class MeshClient(Protocol):
         """Drop every slot and restart work ids at 0 (after any work still running). Returns the
         replica's incarnation id (new at each replica start) and its capabilities."""
 
+    async def wait_closed(self) -> None:
+        """Returns once the replica reset last is known gone (its link closed), which an idle mesh has no work out
+        to see; never, for a client that cannot tell."""
+
 
 class MeshFailed(RuntimeError):
     """A mesh stopped answering its work correctly: every request on it moves elsewhere."""
@@ -767,6 +771,10 @@ class Router:
         error) when the mesh fails."""
         sched = mesh.scheduler
         inflight: deque[asyncio.Task] = deque()
+        # a replica that dies while idle closes its link: the mesh fails over now, not at the next heartbeat (/health,
+        # placement and the restart's probe all see it at once)
+        closed = asyncio.create_task(mesh.client.wait_closed())
+        closed.add_done_callback(lambda _: mesh.wake.set())
         try:
             while True:
                 if self._movable(mesh):
@@ -786,6 +794,8 @@ class Router:
                 if not inflight:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await within(mesh.wake.wait(), self.config.heartbeat_s)
+                    if closed.done():
+                        raise MeshFailed("its replica's link closed while it was idle")
                     if not mesh.wake.is_set():
                         await self._heartbeat(mesh)
                     continue
@@ -797,6 +807,7 @@ class Router:
                 while inflight and inflight[0].done():
                     inflight.popleft().result()  # re-raises the stream's failure
         finally:
+            closed.cancel()
             for task in inflight:
                 task.cancel()
             await asyncio.gather(*inflight, return_exceptions=True)

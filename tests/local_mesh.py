@@ -52,6 +52,9 @@ class LocalMesh:
         self.resets += 1
         return self.incarnation, self.runner.caps
 
+    async def wait_closed(self):
+        await asyncio.Event().wait()  # in-process: no link whose close tells it went (the heartbeat does)
+
     async def execute(self, work: MeshWork, incarnation: str):
         if not self.alive:
             raise Gone("the replica is gone")

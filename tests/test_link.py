@@ -274,6 +274,33 @@ def test_a_request_is_not_blamed_for_replicas_that_went_while_idle(monkeypatch):
         replica.shutdown()
 
 
+def test_a_replica_that_goes_while_idle_is_failed_over_when_its_link_closes(monkeypatch):
+    """A mesh replica that dies while idle closes its link, but nothing of the router's was waiting on it: the mesh
+    stayed up (in /health, in placement) until the next heartbeat, 5 s later, sent it a work. It is down at once."""
+    monkeypatch.setattr(mesh_replica, "build_backend",
+                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.01, vocab_size=1000))
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda *_: None)
+    replicas = [mesh_replica.MeshReplica.func_or_class({"backend": "simulated"}) for _ in range(2)]
+
+    async def main():
+        handles = [FakeHandle(replica) for replica in replicas]
+        router = Router([(f"mesh-{i}", LinkMeshClient(h)) for i, h in enumerate(handles)],
+                        RouterConfig(**{**FAST, "heartbeat_s": 60, "probe_interval_s": 60}))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        await collect(router, "a", [7] * 100, GREEDY)
+        replicas[0].link_server.close()  # its process went away
+        await until(lambda: not router.stats()["meshes"][0]["up"], timeout_s=2)
+        gone, kept = router.stats()["meshes"]
+        assert "link closed" in gone["failed"] and gone["failovers"] == 1
+        assert kept["up"] and kept["failovers"] == 0
+        assert len(await collect(router, "b", [7] * 100, GREEDY)) > 0  # placed on the live one, not tried on the gone one
+        assert router.stats()["meshes"][0]["failovers"] == 1
+        await router.close()
+    asyncio.run(main())
+    for replica in replicas:
+        replica.shutdown()
+
+
 def test_listeners_started_at_once_share_one_address_and_secret():
     async def main():
         server = LinkServer(lambda link: asyncio.sleep(0))
