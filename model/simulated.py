@@ -139,7 +139,7 @@ class SimulatedBackend(Backend):
                  vocab_size: int = LLAMA3_VOCAB, eos_token_ids: tuple[int, ...] = LLAMA3_EOS, eos_rate: float = 0.0,
                  timing: GalaxyTiming | None = None):
         """num_blocks is per KV group. None sizes like the Galaxy: 128k tokens, and per group a pool for one
-        such user plus a block for each other slot of the group (2,056 blocks)."""
+        such user plus a block for each slot of the group (2,056 blocks)."""
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
         max_seq_len = max_seq_len or MAX_SEQ_LEN
