@@ -3,7 +3,7 @@
 Before Python 3.12, asyncio.wait_for returns the awaited result when it completes in the same loop iteration
 as a cancel of the waiting task, and the cancel is lost (CPython gh-86296): a loop that waits that way (the
 router's idle-mesh wait) then never ends, and Router.close() hangs. asyncio.timeout does not have the fault,
-but it is 3.11+, and Galaxy hosts run Python 3.10 (ttnn's wheels).
+but it is 3.11+, and a Galaxy host may run Python 3.10 (a tt-metal checkout's python_env is 3.10 or 3.12).
 """
 from __future__ import annotations
 

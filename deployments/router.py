@@ -285,7 +285,7 @@ class _Silence:
         else asked for it to be cancelled."""
         if not self._expired:
             return False
-        # Task.uncancel is 3.11+; Galaxy hosts run 3.10, where a cancel from outside in the same instant (the
+        # Task.uncancel is 3.11+; a Galaxy host may run 3.10, where a cancel from outside in the same instant (the
         # router closing) is taken for the silence's: a failover during shutdown, where it raised AttributeError
         uncancel = getattr(self._task, "uncancel", None)
         return uncancel() == 0 if uncancel is not None else True
