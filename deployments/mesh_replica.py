@@ -121,7 +121,8 @@ class MeshReplica:
         """Run one work after every lower work id (queued in id order on the one worker thread); stream one
         StepResult per message, in order.
         Raises StaleWork for a work planned for another incarnation or generation, or whose turn does not
-        come within the deadline (its predecessor never arrived)."""
+        come within the deadline (its predecessor never arrived); the device's error when the work fails on it,
+        and DeviceFailed once an earlier work has."""
         self._check_device()
         if incarnation != self.incarnation:
             raise StaleWork(f"work {work.work_id} was planned for incarnation {incarnation}, "

@@ -371,8 +371,9 @@ class Router:
         router restarted), with `output_ids` already delivered; only the tokens after them come. It is no new
         load: the queue limits do not refuse it, as they do not refuse a request moved off a failed mesh.
         A mesh failure does not end a request: it moves to another mesh and its events go on. Raises
-        PromptTooLong / QueueFull when refused now; a later refusal (no mesh came back within
-        no_mesh_wait_s: NoMeshAvailable) comes on the stream as a RequestFailed. A request cancelled before it
+        PromptTooLong / QueueFull when refused now, ValueError for an id already running (or an empty prompt); a
+        later refusal (no mesh came back within no_mesh_wait_s: NoMeshAvailable) comes on the stream as a
+        RequestFailed. A request cancelled before it
         arrived ends at once ("abort")."""
         sink = self._sink(consumer)
         if self._forget_cancel(request_id):

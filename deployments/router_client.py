@@ -102,7 +102,8 @@ class RouterLink:
                        output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
         """Submit the request, then yield its events until one carries a finish_reason. `continuation`: it was
         sent to a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
-        RouterUnreachable (not sent), RouterLost, or ModelChanged (not sent: the router serves another model)."""
+        RouterUnreachable (not sent), RouterLost, RouterGone (not sent: Serve says the router's deployment is gone),
+        or ModelChanged (not sent: the router serves another model)."""
         self._open()
         queue = EventQueue()
         try:

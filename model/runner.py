@@ -214,7 +214,7 @@ class MeshRunner:
 
     def grammars(self) -> GrammarCache:
         """The compiled grammars, built with llguidance's tokenizer at the first call. Raises what building
-        that tokenizer raises (e.g. a slow tokenizer it cannot read)."""
+        that tokenizer raises (e.g. a slow tokenizer it cannot read), RuntimeError on a runner built without one."""
         if self._grammars is None:
             if self._grammar_tokenizer_factory is None:
                 raise RuntimeError("this mesh was built without a tokenizer for grammars")
