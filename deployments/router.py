@@ -1,7 +1,8 @@
 """The router: the one place that owns scheduling state for every mesh, and so the one that can lose none.
 
-One MeshScheduler per live mesh replica. A request goes to the mesh holding its longest cached prefix (the
-router owns every block table, so it knows exactly), then to the least loaded. Each live mesh has a loop
+One MeshScheduler per live mesh replica. A request goes to a mesh that seats it now (a free slot once its queue
+is seated), among those to the one holding its longest cached prefix (the router owns every block table, so it
+knows exactly), then to the least loaded (MeshScheduler.placement_key). Each live mesh has a loop
 that keeps up to `pipeline_depth` works in flight, so the next round is already queued on the mesh when
 the current one ends, and consumes the mesh's per-step results as they stream in.
 
@@ -890,7 +891,8 @@ def _down_stats(caps: Capabilities | None) -> dict:
             "kv_groups": groups, "groups": [], "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0}
 
 
-# Serve replaces a replica after 3 health checks in a row fail: with its defaults (every 10 s, 30 s timeout) a
+# Serve replaces a replica after 3 health checks in a row fail (ray/serve/_private/constants.py,
+# REPLICA_HEALTH_CHECK_UNHEALTHY_THRESHOLD): with its defaults (every 10 s, 30 s timeout) a
 # hung router froze every stream for over 70 s; its loop answers in milliseconds, so 10 s is a hang. Streams
 # resume once the old replica's links close, when Serve kills it: it has nothing to drain (its Serve calls are
 # short; streams go over links, and the ingress resubmits them), so after 2 s, not Serve's default 20 s.
