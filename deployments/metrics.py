@@ -29,9 +29,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.3, 0.5, 0.
                     15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 _TOKEN_GAP_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
                       0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-# vLLM's FinishReason values (and its repetition detection's): each series exists from the start, at 0, as there
 # vLLM's build_1_2_5_buckets(max_model_len) for per-request token counts, at the Galaxy's 128k context
 _TOKEN_COUNT_BUCKETS = tuple(m * 10**e for e in range(6) for m in (1, 2, 5) if m * 10**e <= 131072)
+# vLLM's FinishReason values (and its repetition detection's): each series exists from the start, at 0, as there
 FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 REJECT_REASONS = ("queue_full", "unavailable")  # why an API request was refused for want of capacity
 # meshserve family -> vLLM's name for the same figure (vLLM v1's PrometheusStatLogger, vllm/v1/metrics/loggers.py;
