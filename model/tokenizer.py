@@ -244,7 +244,7 @@ class Tokenizer:
             return strs
         strs = []
         for i in ids:
-            raw = self._tiktoken.decode_single_token_bytes(i)
+            raw = self.token_bytes(i)  # its ValueError for an unknown id, not tiktoken's KeyError
             strs.append(raw.decode() if i in self.special_id_set else "".join(_CHAR_OF_BYTE[b] for b in raw))
         return strs
 

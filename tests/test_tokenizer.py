@@ -107,6 +107,14 @@ def test_token_strs_of_a_split_character(smol):
         smol.token_strs([smol.vocab_size + 5])
 
 
+def test_token_strs_refuses_an_unknown_id_in_both_formats(meta, hf):
+    """An id past the vocabulary is the ValueError token_strs names, in Meta's format too (tiktoken's own word for
+    it is a KeyError)."""
+    for tokenizer in (meta, hf):
+        with pytest.raises(ValueError, match="not in the vocabulary"):
+            tokenizer.token_strs([tokenizer.vocab_size + 5])
+
+
 def test_a_long_text_gets_the_same_ids_by_the_gil_free_path(hf, smol):
     """Texts over LONG_TEXT_CHARS go through encode_batch (it releases the GIL): the same ids as encode."""
     text = (MIXED_TEXT + " ") * (LONG_TEXT_CHARS // len(MIXED_TEXT) + 2)
