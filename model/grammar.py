@@ -150,7 +150,8 @@ def _gbnf_code_point(m: re.Match) -> str:
 
 def cfg_grammar(text: str) -> str:
     """A context-free grammar in Lark syntax (`start: ...`) or in the EBNF of vLLM's docs and llama.cpp's GBNF
-    (`root ::= ...`), converted by llguidance as vLLM's guidance backend does. Raises ValueError."""
+    (`root ::= ...`), converted by llguidance as vLLM's guidance backend does. Raises ValueError for GBNF it cannot
+    convert; Lark goes on unchecked, its errors found when it is compiled (grammar_error)."""
     if "::=" in text:
         return _gbnf_to_lark(_GBNF_ESCAPE.sub(_gbnf_code_point, text))
     return llguidance.grammar_from("grammar", text)  # Lark: passed on as it is
