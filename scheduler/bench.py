@@ -1,8 +1,8 @@
 """Speed of the engine core, with no model: `python -m scheduler.bench [--json]`.
 
 - block_alloc_free_ns: one allocate + free of one block in a half-used pool whose free ids are shuffled
-  (so large pools pay their cache misses), at 2,080 (one 128k user on a Galaxy) and 1,048,576 blocks,
-  best of several interleaved runs;
+  (so large pools pay their cache misses), at 2,080 (one pool of a 128k user plus a block for each of 32
+  slots) and 1,048,576 blocks, best of several interleaved runs;
 - decode_step_us: the scheduler's share of one decode step (planning + taking the results in) with 32 busy
   slots, four of them 126k-token sequences, two works in flight as the router keeps them;
 - prefix_lookup_us_128k: hashing a 131,072-token prompt and finding its cached prefix in the 4 KV groups
