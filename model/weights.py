@@ -33,7 +33,8 @@ _META_SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "to
 
 def load_weights(path: str | Path, cfg: LlamaConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name without `model.`, tensor) for every weight in the checkpoint at `path`, Meta's or HF's as
-    model.checkpoint.checkpoint_format decides, after `check_weights` found every one and of the right shape."""
+    model.checkpoint.checkpoint_format decides, after `check_weights` found every one and of the right shape.
+    Raises as check_weights does, before the first tensor."""
     path = Path(path)
     if checkpoint_format(path) == "meta":
         files, shards = _load_shards(path)  # memory-mapped once, for the check and the load
@@ -64,9 +65,12 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def check_weights(path: str | Path, cfg: LlamaConfig) -> None:
     """Raise ValueError naming the file and the tensor when the checkpoint at `path` lacks a tensor `cfg` needs, holds
-    one no Llama of it has, or holds one of another shape. Reads only headers (safetensors) and memory-maps Meta's
-    shards, so the Serve build checks this before any replica starts; a replica would otherwise fail inside
-    torch's copy_ (or broadcast a wrong shape into its parameter without a word)."""
+    one no Llama of it has, or holds one of another shape; ValueError too for a file that is no safetensors or
+    torch.load checkpoint, a broken index or one naming absent files, a gap in Meta's shard numbers, or both formats
+    in one folder; FileNotFoundError when it holds no weights (neither model.safetensors nor its index, nor any
+    consolidated.NN.pth). Reads only headers (safetensors) and memory-maps Meta's shards, so the Serve build checks
+    this before any replica starts; a replica would otherwise fail inside torch's copy_ (or broadcast a wrong shape
+    into its parameter without a word)."""
     path = Path(path)
     meta = checkpoint_format(path) == "meta"
     _check_shapes(path, cfg, _meta_shapes(path, *_load_shards(path)) if meta else _hf_shapes(path), meta)
