@@ -380,7 +380,7 @@ class StructuredOutputs(RequestModel):
     json_: Json | None = Field(None, alias="json")  # a JSON schema (object, or its text)
     regex: Text | None = None
     choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
-    grammar: Text | None = None  # Lark syntax (llguidance's; vLLM's EBNF grammars are close to it)
+    grammar: Text | None = None  # Lark (`start: ...`), or the EBNF / GBNF of vLLM's docs (`root ::= ...`): cfg_grammar
     json_object: bool | None = None
     disable_any_whitespace: bool = False  # JSON without whitespace between its tokens
     whitespace_pattern: Text | None = None  # the whitespace a JSON constraint allows (a regex)
@@ -752,7 +752,7 @@ class ChatCompletionChunk(_TokenIds):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
-    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: in the first chunk only
+    prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: in each choice's first (role) chunk only
 
 
 class CompletionChoice(_TokenIds):
