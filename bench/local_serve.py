@@ -86,8 +86,14 @@ METRICS_EXPORT = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 # router's INFO and WARNING lines (a mesh up again, a request resubmitted) stayed out of its log file for hours,
 # and were lost with the replica. Written at once they cost a write per request's access-log line.
 LOG_AT_ONCE = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
-THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **METRICS_EXPORT,
-                   **LOG_AT_ONCE}
+# HAProxy reloads whenever its targets change (an ingress replica added, removed or restarted; Serve's controller
+# restarted): a new process takes the port and the old one finishes its open requests, until Ray stops it
+# `hard-stop-after` later, 120 s by default, cutting every stream still open through it (4 of 4, 122.5 s after a
+# kill -9 of the ServeController). Three hours outlast the longest answer (131,072 tokens at model/galaxy_perf.json's
+# decode rates: ~2.5 h). Ray keeps a freed ingress replica port out of use as long (+30 s).
+HAPROXY_HARD_STOP = {"RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "10800"}
+THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **HAPROXY_HARD_STOP,
+                   **METRICS_EXPORT, **LOG_AT_ONCE}
 PLAIN_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0", **METRICS_EXPORT, **LOG_AT_ONCE}
 
 
