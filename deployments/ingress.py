@@ -235,8 +235,10 @@ def _validated(cls: type[M], **fields) -> M:
 # A stopping ingress replica (a redeploy, a scale-down) serves its open requests for up to
 # graceful_shutdown_timeout_s before Serve kills it and cuts them. Serve's 20 s cut a stream paused by a redeploy
 # that restarts the router and the meshes too (its continuation waits for them: ~25-35 s for CPU meshes here), and
-# any stream of more than ~20 s of tokens left on a replica that scales down; 60 s lets both finish.
-INGRESS_GRACEFUL_SHUTDOWN_S = 60
+# any stream of more than ~20 s of tokens left on a replica that scales down (60 s, any of more than a minute). 3 h
+# outlast the longest answer (131,072 tokens at a Galaxy's published decode rates: ~2.5 h), as the HAProxy process
+# reloaded out at that change is kept (bench/local_serve.py HAPROXY_HARD_STOP). An idle replica stops at once.
+INGRESS_GRACEFUL_SHUTDOWN_S = 3 * 3600
 INGRESS_MAX_ONGOING_REQUESTS = 1024  # at least; deployments/app.py raises it to the router's share (its 429s must come)
 
 

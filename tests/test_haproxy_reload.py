@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from bench.local_serve import ray_env
+from deployments.ingress import Ingress
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,3 +37,9 @@ def test_a_reloaded_out_haproxy_outlasts_the_longest_answer():
     (command,) = [line for line in make.stdout.splitlines() if "/serve run " in line]
     (setting,) = [w for w in command.split() if w.startswith("RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S=")]
     assert int(setting.split("=")[1]) >= longest_answer_s()
+
+
+def test_an_ingress_replica_scaled_down_or_replaced_serves_the_longest_answer_out():
+    """Serve cuts a stopping replica's open requests graceful_shutdown_timeout_s after it begins to stop: 60 s cut
+    every stream of more than a minute left on an ingress replica removed by `num_replicas` or a redeploy."""
+    assert Ingress._deployment_config.graceful_shutdown_timeout_s >= longest_answer_s()
