@@ -156,6 +156,9 @@ class Metrics:
                           "Prefix cache hits / queries, in tokens, since start.")
         preempted = family(CounterMetricFamily, "meshserve_num_preemptions", "Sequences preempted for KV blocks.")
         up = family(GaugeMetricFamily, "meshserve_mesh_up", "1 while the mesh is live, 0 while it is down.")
+        stalled = family(GaugeMetricFamily, "meshserve_mesh_stalled",
+                         "1 while the live mesh has sent nothing past its stall time with work out: new requests go "
+                         "around it until it answers, or fails at its deadline.")
         failovers = family(CounterMetricFamily, "meshserve_mesh_failovers",
                            "Times the mesh failed and its requests were moved.")
         migrated = family(CounterMetricFamily, "meshserve_requests_migrated",
@@ -176,6 +179,7 @@ class Metrics:
                 group_total.add_metric(group_label, g["blocks_total"])
                 group_running.add_metric(group_label, g["running"])
             up.add_metric(label, int(m.get("up", True)))
+            stalled.add_metric(label, int(m.get("stalled", False)))
             failovers.add_metric(label, m.get("failovers", 0))
             migrated.add_metric(label, m.get("requests_migrated", 0))
             running.add_metric(label, m["running"])
@@ -189,8 +193,8 @@ class Metrics:
             preempted.add_metric(label, m["preemptions"])
         if self._router_up:  # a failover's or a router start's backlog, which dashboards and autoscalers must see
             waiting.add_metric([""], self._held)
-        families = (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, failovers, migrated,
-                    groups, group_used, group_total, group_running)
+        families = (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, stalled, failovers,
+                    migrated, groups, group_used, group_total, group_running)
         yield from families
         own = [family for collector in self._own for family in collector.collect()]
         yield from (self._as_vllm(family) for family in (*own, *families) if family.name in VLLM_NAMES)

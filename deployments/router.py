@@ -629,12 +629,15 @@ class Router:
                         self._finish(rid, ending)
 
     def stats(self) -> dict:
-        """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers."""
-        meshes = []
+        """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers. `stalled`: a live
+        mesh silent past its stall time with work out, which placement goes around until it answers or its deadline
+        fails it (a frozen host: up to min_step_deadline_s)."""
+        meshes, now = [], asyncio.get_running_loop().time()
         for m in self.meshes:
             sched = m.scheduler.stats() if m.up else _down_stats(m.caps)
             sched.update({k: sched[k] + m.past_counts.get(k, 0) for k in COUNTERS})
-            meshes.append({"name": m.name, "up": m.up, "failed": m.down_reason, "incarnation": m.incarnation,
+            meshes.append({"name": m.name, "up": m.up, "stalled": m.up and m.stalled(now), "failed": m.down_reason,
+                           "incarnation": m.incarnation,
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, **sched})
         caps = [m.caps for m in self.meshes if m.caps is not None]

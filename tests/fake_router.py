@@ -19,6 +19,7 @@ class FakeRouter:
     max_model_len: int | None = 2048  # what the meshes take (None: no mesh has come up yet)
     vocab_size: int | None = None  # the ids the meshes' model embeds (None: not reported)
     held: int = 0  # requests accepted while no live mesh could take them
+    stalled: tuple[str, ...] = ()  # meshes silent past their stall time with work out
     refuse: Exception | None = None  # raised when a generate stream is first iterated
     refuse_choice: int | None = None  # refuse only choice i of each prompt (request ids ending "-i")
     refuse_after_s: float = 0.01  # when the refusal comes
@@ -102,4 +103,4 @@ class FakeRouter:
                 "prefix_hit_tokens": 100, "preemptions": 5, "up": True, "kv_groups": 2, "groups": groups}
         return {"ready": self.ready, "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
                 "held": self.held,
-                "meshes": [{"name": "mesh-0", **mesh}, {"name": "mesh-1", **mesh}]}
+                "meshes": [{"name": name, **mesh, "stalled": name in self.stalled} for name in ("mesh-0", "mesh-1")]}

@@ -820,6 +820,7 @@ def test_cancelled_non_streaming_request_cancels(router, tokenizer):
 
 def test_metrics_exposition(client, router, tokenizer):
     router.held = 3  # accepted while no live mesh could take them (a failover, a router's start)
+    router.stalled = ("mesh-1",)
     client.post("/v1/chat/completions", json=CHAT)
     client.post("/v1/completions", json={**COMPLETION, "max_tokens": 4})
     r = client.get("/metrics")
@@ -851,6 +852,7 @@ def test_metrics_exposition(client, router, tokenizer):
         assert value("meshserve_num_preemptions_total", mesh=mesh) == 5
         assert value("meshserve_kv_groups", mesh=mesh) == 2
         assert value("meshserve_mesh_up", mesh=mesh) == 1
+        assert value("meshserve_mesh_stalled", mesh=mesh) == (mesh == "mesh-1")
         for group in ("0", "1"):
             assert value("meshserve_kv_group_blocks_used", mesh=mesh, group=group) == 15
             assert value("meshserve_kv_group_blocks_total", mesh=mesh, group=group) == 60
