@@ -280,6 +280,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert pool.block_hash[table[index]] in (None, truth[index]), "a cached block's name lies"
         assert all(pool.ref_counts[b] == owners[b] for b in range(pool.num_blocks)), "ref count != owners"
         assert pool.num_used == len(owners) and pool.num_free + pool.num_cached + pool.num_used == pool.num_blocks
+        # what stats() reports (metrics): an unowned block is cached while it still names a prefix, else free
+        unowned = [b for b in range(pool.num_blocks) if not owners[b]]
+        cached = sum(1 for b in unowned if pool.block_hash[b] is not None)
+        reported = sched.stats()["groups"][group.index]
+        assert (reported["blocks_used"], reported["blocks_cached"], reported["blocks_free"]) == \
+            (len(owners), cached, len(unowned) - cached)
         for block, shared in holders.items():
             if len(shared) < 2:
                 continue
