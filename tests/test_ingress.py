@@ -505,6 +505,16 @@ def test_queue_full_is_429(client, router, stream):
     assert 'meshserve_requests_total{finish_reason="length",ingress="local"} 1.0' in metrics
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_the_router_finds_too_long_is_400_naming_the_prompt(client, router, stream):
+    """A prompt within max_model_len that a mesh's KV pool cannot hold is refused by the router: the client's
+    400 names the request's prompt field, as the ingress's own length check does."""
+    router.refuse = PromptTooLong("the prompt has 9 tokens; the KV pool's capacity allows at most 8")
+    for path, body, field in (("/v1/chat/completions", CHAT, "messages"), ("/v1/completions", COMPLETION, "prompt")):
+        error = assert_error(client.post(path, json={**body, "stream": stream}), 400)
+        assert (error["param"], error["code"]) == (field, "context_length_exceeded"), error
+
+
 def test_refused_requests_are_counted_once_each_by_reason(client, router):
     """An operator sees 429s and 503s in /metrics, one per API request however many choices it had."""
     router.refuse = QueueFull("waiting queue is full")
