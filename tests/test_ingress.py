@@ -1301,12 +1301,16 @@ def test_tool_choice_none_still_offers_the_tools_in_the_prompt(client, router):
 def test_parallel_tool_calls_false_keeps_the_first_call_only(client, router, tokenizer, eos, parallel):
     router.answer = tokenizer.encode(CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")) + [eos]
     body = {**CHAT, "tools": [WEATHER_TOOL], "parallel_tool_calls": parallel}
-    calls = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["tool_calls"]
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    calls = choice["message"]["tool_calls"]
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
     streamed = [{"function": call} for call in streamed_calls(chunks)]
     for got in (calls, streamed):
         cities = [json.loads(c["function"]["arguments"])["city"] for c in got]
         assert cities == (["Oslo"] if parallel is False else ["Oslo", "Rome"])  # OpenAI's default is true
+    # the call kept is whole, so the answer ended as calls either way
+    reasons = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]]
+    assert (choice["finish_reason"], reasons) == ("tool_calls", ["tool_calls"])
 
 
 def test_with_tools_a_plain_answer_stays_content(client, router):
