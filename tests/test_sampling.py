@@ -156,13 +156,17 @@ def test_seed_and_position_fix_the_draw():
                 for pos in range(64)] != first
 
 
-def test_seeded_row_does_not_depend_on_its_batch():
-    seeded = SamplingParams(seed=7, temperature=1.5)
+@pytest.mark.parametrize("seeded", [SamplingParams(seed=7, temperature=1.5),
+                                    SamplingParams(seed=7, temperature=1.5, top_k=3),  # a device sampler's filters
+                                    SamplingParams(seed=7, temperature=1.5, top_k=3, top_p=0.9)])
+def test_seeded_row_does_not_depend_on_its_batch(seeded):
+    """A seeded row draws what sample_row draws for its (seed, position), alone or batched with unseeded rows."""
+    own = [sample_row(LOGITS, seeded, pos)[0] for pos in range(32)]
     alone = [sample_batch(LOGITS[None], [seeded], [pos])[0][0] for pos in range(32)]
     batch = torch.stack([LOGITS.flip(0), LOGITS, LOGITS * 2])
-    together = [sample_batch(batch, [SamplingParams(temperature=1.0), seeded, SamplingParams(temperature=0.0)],
+    together = [sample_batch(batch, [SamplingParams(temperature=1.0, top_k=2), seeded, SamplingParams(temperature=0.0)],
                              [pos + 5, pos, 3])[0][1] for pos in range(32)]
-    assert alone == together
+    assert alone == together == own
 
 
 def test_batch_applies_each_rows_parameters():
