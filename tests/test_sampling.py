@@ -235,12 +235,20 @@ def test_logprobs_report_the_token_and_the_top_n():
     ("temperature", -0.1), ("temperature", 101), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
     ("seed", -1), ("max_tokens", 0), ("min_tokens", -1), ("presence_penalty", 2.5),
     ("frequency_penalty", -3), ("repetition_penalty", 0.0), ("logprobs", 21), ("min_tokens", 300),
-    ("best_of", 2),
+    ("best_of", 2), ("allowed_token_ids", [3, -1]), ("bad_words_token_ids", [[4, -1]]),
 ])
 def test_invalid_values_name_their_field(field, value):
     with pytest.raises(ValidationError) as info:
         SamplingParams(**{field: value})
     assert [err["loc"] for err in info.value.errors()] == [(field,)]
+
+
+def test_min_tokens_may_equal_max_tokens():
+    """vLLM takes min_tokens up to max_tokens: an answer of exactly that length."""
+    assert SamplingParams(max_tokens=5, min_tokens=5).min_tokens == 5
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(max_tokens=5, min_tokens=6)
+    assert [err["loc"] for err in info.value.errors()] == [("min_tokens",)]
 
 
 def test_stop_fields_normalise():
