@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from scheduler.blocks import blocks_for, extend_block_hashes
-from scheduler.errors import PromptTooLong, QueueFull
+from scheduler.errors import PromptTooLong, QueueFull, RoomFilled
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
 from scheduler.sequence import Status
@@ -58,6 +58,16 @@ def output_of(events):
 
 def expected(prompt, p, eos=(EOS,)):
     return reference_output(prompt, p, (() if p.ignore_eos else eos) + p.stop_token_ids)
+
+
+def test_output_that_already_has_its_max_tokens_is_refused():
+    """A stream continued elsewhere (failover) with all max_tokens of its answer has nothing left to generate: one
+    more step would send a token past max_tokens."""
+    sched, _ = make()
+    with pytest.raises(RoomFilled):
+        sched.submit("done", [1, 2, 3], params(max_tokens=2), output_ids=[4, 5])
+    assert sched.submit("one-left", [1, 2, 3], params(max_tokens=3), output_ids=[4, 5]).request_id == "one-left"
+    assert "done" not in sched.requests
 
 
 def test_submit_validates_and_clamps():
