@@ -797,8 +797,9 @@ class Router:
                         mesh, sched, work, stream, deadline, inflight[-1] if inflight else None)))
                 mesh.wake.clear()
                 if not inflight:
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await within(mesh.wake.wait(), self.config.heartbeat_s)
+                    if not closed.done():  # a close seen while works were out woke the loop: that wake is cleared
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await within(mesh.wake.wait(), self.config.heartbeat_s)
                     if closed.done():
                         raise MeshFailed("its replica's link closed while it was idle")
                     if not mesh.wake.is_set():

@@ -333,6 +333,30 @@ def test_new_requests_go_around_a_mesh_that_stopped_answering_before_its_deadlin
     asyncio.run(main())
 
 
+def test_a_replica_that_dies_right_after_its_last_answer_is_failed_over_at_once():
+    """A replica that goes just after its last work's final frame: the close's wake came while that work was still
+    being taken in, the loop cleared it on its next round, found no work to send and waited idle a whole heartbeat
+    (heartbeat_s, 5 s) before it looked at the closed link."""
+    async def main():
+        mesh, closed = LocalMesh(backend), asyncio.Event()
+        mesh.wait_closed = closed.wait
+        real = mesh.execute
+
+        async def execute(work, incarnation):
+            async for step in real(work, incarnation):
+                yield step
+                if step.finished:  # its answer is in: the process goes, its link closes
+                    closed.set()
+        mesh.execute = execute
+        router = Router([("mesh-0", mesh)], RouterConfig(**{**FAST, "heartbeat_s": 60, "probe_interval_s": 60}))
+        await until(lambda: router.stats()["ready"])
+        assert (await collect(router, "a", [7] * 100))[1] == "length"  # answered in full before it went
+        await until(lambda: not router.stats()["meshes"][0]["up"], timeout_s=2)
+        assert "closed while it was idle" in router.stats()["meshes"][0]["failed"]
+        await router.close()
+    asyncio.run(main())
+
+
 def test_new_requests_go_around_an_idle_mesh_whose_host_froze():
     """A Galaxy host that freezes or is cut off while its mesh is idle sends no FIN: only the idle mesh's heartbeat
     (an empty work) is out, and it went unanswered until min_step_deadline_s. That heartbeat was no work out for
