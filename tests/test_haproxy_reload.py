@@ -19,7 +19,8 @@ def longest_answer_s() -> float:
     rows = json.loads((ROOT / "model" / "galaxy_perf.json").read_text())["by_input_length"]
     rate: dict[int, float] = {}
     for row in rows:
-        rate[row["input_tokens"]] = min(rate.get(row["input_tokens"], float("inf")), row["decode_tokens_per_s_per_user"])
+        length = row["input_tokens"]
+        rate[length] = min(rate.get(length, float("inf")), row["decode_tokens_per_s_per_user"])
     lengths = sorted(rate)
     seconds = lengths[0] / rate[lengths[0]]
     for a, b in zip(lengths, lengths[1:]):

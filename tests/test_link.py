@@ -500,7 +500,7 @@ def make_async_client(link: RouterLink, tokenizer) -> httpx.AsyncClient:
 
 def test_a_deleted_router_deployment_ends_open_answers_at_once(monkeypatch, tokenizer):
     """serve.delete (or the shutdown at Ctrl-C of `make serve`) with answers open: the router and meshes stop in ~2 s,
-    while the ingress serves its open answers on for its graceful 60 s. Each waited CONNECT_WAIT_S (30 s) for a
+    while the ingress serves its open answers on (INGRESS_GRACEFUL_SHUTDOWN_S). Each waited CONNECT_WAIT_S (30 s) for a
     router that will not come, with no byte sent, and the delete with them (6 streams: a 503 and the delete's return
     after 49 s). Serve's handle says the deployment is gone (DeploymentUnavailableError): the 503 comes at once."""
     from ray.serve._private.common import DeploymentID
