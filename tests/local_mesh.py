@@ -15,6 +15,18 @@ class Gone(ConnectionError):
     """What calling a dead replica raises."""
 
 
+def fault_due(mesh) -> str | None:
+    """Count one result against the fault injected into `mesh` (its `fault`, after `fault_after` more results): the
+    fault once that count has run out (it fires once: then disarmed), else None."""
+    if mesh.fault is None:
+        return None
+    mesh.fault_after -= 1
+    if mesh.fault_after >= 0:
+        return None
+    fault, mesh.fault = mesh.fault, None
+    return fault
+
+
 class LocalMesh:
     def __init__(self, make_backend: Callable[[], Backend], grammar_tokenizer: Callable[[], object] | None = None):
         """`grammar_tokenizer`: llguidance's tokenizer for constrained requests (MeshRunner's)."""
@@ -66,16 +78,13 @@ class LocalMesh:
                 self.round_steps.append(work.decode.num_steps)
             steps = self.runner.execute(work)
             while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                if self.fault is not None:
-                    self.fault_after -= 1
-                    if self.fault_after < 0:
-                        fault, self.fault = self.fault, None
-                        if fault == "raise":
-                            raise RuntimeError("device lost")
-                        if fault == "vanish":
-                            self.vanish()
-                        else:
-                            await self.unhang.wait()
+                fault = fault_due(self)
+                if fault == "raise":
+                    raise RuntimeError("device lost")
+                if fault == "vanish":
+                    self.vanish()
+                elif fault == "hang":
+                    await self.unhang.wait()
                 if not self.alive:
                     raise Gone("the replica died mid-work")
                 yield step

@@ -41,7 +41,7 @@ from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
 from scheduler.sequence import Status
 from scheduler.work import RequestFailed, unpack_events
-from tests.local_mesh import LocalMesh
+from tests.local_mesh import LocalMesh, fault_due
 
 VOCAB = 16
 EOS = VOCAB - 1
@@ -154,17 +154,14 @@ class ReplicaMesh:
 
         def faulty(work):  # on the replica's worker thread
             for result in execute(work):
-                if self.fault is not None:
-                    self.fault_after -= 1
-                    if self.fault_after < 0:
-                        fault, self.fault = self.fault, None
-                        if fault == "raise":
-                            raise RuntimeError("device lost")
-                        if fault == "hang":
-                            self.hung.wait()
-                        else:
-                            self.alive = False
-                            asyncio.run_coroutine_threadsafe(self._vanish(), self.loop)
+                fault = fault_due(self)
+                if fault == "raise":
+                    raise RuntimeError("device lost")
+                if fault == "hang":
+                    self.hung.wait()
+                elif fault == "vanish":
+                    self.alive = False
+                    asyncio.run_coroutine_threadsafe(self._vanish(), self.loop)
                 yield result
         self.replica.runner.execute = faulty
 
