@@ -26,6 +26,7 @@ from ray import serve
 
 from deployments.app import build
 from deployments.config import AppConfig
+from deployments.ingress import INGRESS_GRACEFUL_SHUTDOWN_S
 
 
 _HANDED_OUT: set[int] = set()
@@ -89,9 +90,9 @@ LOG_AT_ONCE = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}
 # HAProxy reloads whenever its targets change (an ingress replica added, removed or restarted; Serve's controller
 # restarted): a new process takes the port and the old one finishes its open requests, until Ray stops it
 # `hard-stop-after` later, 120 s by default, cutting every stream still open through it (4 of 4, 122.5 s after a
-# kill -9 of the ServeController). Three hours outlast the longest answer (131,072 tokens at model/galaxy_perf.json's
-# decode rates: ~2.5 h). Ray keeps a freed ingress replica port out of use as long (+30 s).
-HAPROXY_HARD_STOP = {"RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": "10800"}
+# kill -9 of the ServeController). It waits as long as a stopping ingress replica does for its streams, which outlasts
+# the longest answer (deployments/ingress.py). Ray keeps a freed ingress replica port out of use as long (+30 s).
+HAPROXY_HARD_STOP = {"RAY_SERVE_HAPROXY_HARD_STOP_AFTER_S": str(INGRESS_GRACEFUL_SHUTDOWN_S)}
 THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1", **HAPROXY_HARD_STOP,
                    **METRICS_EXPORT, **LOG_AT_ONCE}
 PLAIN_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0", **METRICS_EXPORT, **LOG_AT_ONCE}
