@@ -213,6 +213,7 @@ class Prepared:
     params: SamplingParams
     prompt_field: str
     arrival: float  # perf_counter() when the request reached the ingress
+    created: int  # time.time() then, in whole seconds: the answer's `created` (vLLM's), however long it takes
     echo: str = ""  # `echo`: the prompt's text (chat: the final message's, when continued), first in each choice
     tool_mode: ToolMode = "none"  # whether answers are read as tool calls (auto) or must be calls (forced)
     tool_names: tuple[str, ...] = ()  # the tools its answers' calls may name (Constraint.called)
@@ -428,7 +429,7 @@ class OpenAIServer:
         batch, prepared: its sampling params are this one's but for max_tokens, so they are not checked, tokenized
         and sorted again for each prompt (256 prompts with 49,152 allowed_token_ids held the loop ~1.5 s)."""
         self.check_model(req.model)
-        arrival = time.perf_counter()
+        arrival, created = time.perf_counter(), int(time.time())
         limit = await self.model_len()
         if like is None:
             check_vocab_bounds(req, self.vocab_size)
@@ -487,7 +488,7 @@ class OpenAIServer:
         # a call is read by its tool's name alone (tool_calls.py): a definition, up to the body's size, is not kept
         called = tuple(t.function.name for t in constraint.called)
         return Prepared(response_id, router_id, prompt_ids, params,
-                        prompt_field, arrival, echo, constraint.tool_mode, called, constraint.param,
+                        prompt_field, arrival, created, echo, constraint.tool_mode, called, constraint.param,
                         repetition, echo_only)
 
     async def sampling_params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
@@ -748,7 +749,7 @@ class OpenAIServer:
                                       logprobs=self.chat_logprobs(t.logprobs, as_ids)
                                       if reply.num_logprobs is not None else None,
                                       token_ids=t.token_ids if ids else None))
-        envelope = ChatCompletionResponse(id=prep.id, model=self.model, choices=[], usage=usage,
+        envelope = ChatCompletionResponse(id=prep.id, created=prep.created, model=self.model, choices=[], usage=usage,
                                           prompt_token_ids=prep.prompt_ids if ids else None)
         return _with_choices(envelope.model_dump_json().encode(), [c.model_dump_json().encode() for c in choices])
 
@@ -763,7 +764,8 @@ class OpenAIServer:
                                     prompt_token_ids=preps[i // reply.n].prompt_ids if ids else None,
                                     token_ids=t.token_ids if ids else None)
                    for i, t in enumerate(totals)]
-        envelope = CompletionResponse(id=preps[0].id, model=self.model, choices=[], usage=usage)
+        envelope = CompletionResponse(id=preps[0].id, created=preps[0].created, model=self.model, choices=[],
+                                      usage=usage)
         return _with_choices(envelope.model_dump_json().encode(), [c.model_dump_json().encode() for c in choices])
 
     async def first_delta(self, stream: AsyncIterator[ChoiceDelta], prep: Prepared) -> FirstDelta:
@@ -816,7 +818,7 @@ class OpenAIServer:
                    stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
         chat = reply.chat
         prep = preps[0]
-        created = int(time.time())
+        created = prep.created  # not now: after the first delta, a long prefill later
         generated = [0] * (len(preps) * reply.n)
         prompt_tokens = sum(len(p.prompt_ids) for p in preps)
         cached = [0] * len(preps)  # per prompt

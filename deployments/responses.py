@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -56,7 +55,7 @@ class _Answer:
         fmt = req.text.format if req.text and req.text.format else TextFormat(type="text")
         choice = req.tool_choice or "auto"
         self._response = {
-            "id": "resp_" + prep.router_id.rsplit("-", 1)[-1], "object": "response", "created_at": int(time.time()),
+            "id": "resp_" + prep.router_id.rsplit("-", 1)[-1], "object": "response", "created_at": prep.created,
             "status": None, "error": None, "incomplete_details": None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.server.model,
             "output": [], "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,

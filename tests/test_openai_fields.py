@@ -2,10 +2,14 @@
 fields this server does not implement (a 400 naming each, never silently ignored)."""
 from __future__ import annotations
 
+import json
 import logging
+import time
+from types import SimpleNamespace
 
 import pytest
 
+from deployments import openai_server, responses
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error,  # noqa: F401
                                    client, eos, make_client, post, router, sse, tokenizer)
 
@@ -682,3 +686,37 @@ def test_fields_left_out_or_null_take_the_models_generation_config_defaults(rout
         1.0, 1.0, 0, 0.0, 1.0)
     assert greedy.greedy and (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)  # as vLLM resets them
     assert greedy.repetition_penalty == 1.1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, base", [*ENDPOINTS, ("/v1/responses", {"model": MODEL, "input": "hi"})])
+def test_created_is_when_the_request_came_however_long_its_answer_takes(client, router, monkeypatch, path, base,
+                                                                       stream):
+    """OpenAI's `created` (Responses: `created_at`) is when the request was made, in Unix seconds, as vLLM stamps
+    it: a stream's said when its first token came, a whole answer's when its last did (minutes after a 128k
+    prefill), so the same request gave different times streamed or not. The wall clock here moves on once the
+    request reaches the router."""
+    clock = [1_700_000_000.75]
+    wall = SimpleNamespace(time=lambda: clock[0], perf_counter=time.perf_counter, monotonic=time.monotonic)
+    monkeypatch.setattr(openai_server, "time", wall)
+    monkeypatch.setattr(responses, "time", wall, raising=False)
+    generate = router.generate
+
+    async def slow(*args, **kwargs):
+        clock[0] += 90.0  # its prefill and answer take a minute and a half
+        async for event in generate(*args, **kwargs):
+            yield event
+    monkeypatch.setattr(router, "generate", slow)
+    r = client.post(path, json={**base, "stream": stream})
+    assert r.status_code == 200, r.text
+    if not stream:
+        bodies = [r.json()]
+    elif path == "/v1/responses":
+        events = [json.loads(block.split("\n")[1].removeprefix("data: "))
+                  for block in r.text.split("\n\n") if block.startswith("event: ")]
+        bodies = [e["response"] for e in events if "response" in e]  # created, in_progress, completed
+    else:
+        bodies = sse(r)
+    assert bodies and clock[0] > 1_700_000_000.75  # the answer came later
+    key = "created_at" if path == "/v1/responses" else "created"
+    assert {body[key] for body in bodies} == {1_700_000_000}
