@@ -143,6 +143,7 @@ class _Request:
     salt: str | None
     arrival_time: float
     sink: _Sink  # where its events go
+    scheduled_time: float | None = None  # a prefill chunk of it first handed out, on a mesh it left (queue time)
     mesh: Mesh | None = None  # None: waiting for a live mesh
     held_output: list[int] = field(default_factory=list)  # tokens so far, while waiting for a live mesh
     held_since: float | None = None
@@ -356,7 +357,7 @@ class Router:
             try:
                 mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, list(output_ids),
                                       migrated=migrated, counted=req.counted, arrival_time=req.arrival_time,
-                                      block_hashes=hashes, isolated=req.isolated)
+                                      scheduled_time=req.scheduled_time, block_hashes=hashes, isolated=req.isolated)
             except (PromptTooLong, QueueFull, ValueError) as exc:
                 refusal = exc if refusal is None or isinstance(exc, RoomFilled) else refusal
                 continue
@@ -557,6 +558,7 @@ class Router:
             target = max(targets, key=lambda m: m.scheduler.placement_key(seq.block_hashes, n))
             counted = req.counted
             req.counted, req.isolated = counted or seq.counted, seq.isolated
+            req.scheduled_time = req.scheduled_time or seq.scheduled_time
             try:  # submitted there first: taken from here only once it is
                 self._submit_to_best([target], seq.block_hashes, seq.request_id, req, seq.output_ids, migrated=True)
             except (PromptTooLong, QueueFull, ValueError):
@@ -747,6 +749,7 @@ class Router:
                 continue
             req.prefill_sampled += seq.num_prefill_sampled
             req.isolated = seq.isolated  # its step alone is still to come
+            req.scheduled_time = req.scheduled_time or seq.scheduled_time  # its queue time ended there
             if seq.request_id in suspects:  # in a row: a decode step done since its last one clears it of that one
                 decoded = len(seq.output_ids) - req.prefill_sampled  # (a recompute samples a token: no decode step)
                 req.mesh_failures = req.mesh_failures + 1 if decoded <= req.decoded_at_failure else 1

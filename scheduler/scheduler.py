@@ -120,7 +120,7 @@ class MeshScheduler:
     # ---- requests in -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                salt: str | None = None, output_ids: list[int] = (), *, migrated: bool = False,
-               counted: bool = False, arrival_time: float | None = None,
+               counted: bool = False, arrival_time: float | None = None, scheduled_time: float | None = None,
                block_hashes: list[bytes] | None = None, isolated: bool = False) -> Sequence:
         """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
         failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
@@ -128,7 +128,8 @@ class MeshScheduler:
         before every waiting request that has none, as its client is mid-stream. `counted`: its first
         admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
-        `isolated`: its next decode step runs alone (Sequence.isolated).
+        `isolated`: its next decode step runs alone (Sequence.isolated). `scheduled_time`: when a mesh it left was
+        first handed a prefill chunk of it (its queue time ends there, not at its recompute here).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
         tokens (after the cut to this mesh's room); ValueError for an id already here or an empty prompt."""
         self._forecast_valid = False
@@ -158,7 +159,8 @@ class MeshScheduler:
         token_ids = [*prompt_ids, *output_ids]
         seq = Sequence(request_id, token_ids, n, params, tuple(dict.fromkeys(stop_ids)), salt,
                        num_planned=len(token_ids), block_hashes=list(block_hashes or ()), counted=counted,
-                       arrival_time=time.monotonic() if arrival_time is None else arrival_time, isolated=isolated)
+                       arrival_time=time.monotonic() if arrival_time is None else arrival_time,
+                       scheduled_time=scheduled_time, isolated=isolated)
         self.requests[request_id] = seq
         if output_ids:  # a stream under way (moved here, or continued) goes before every one not started yet
             first_new = next((i for i, s in enumerate(self.waiting) if not s.started), len(self.waiting))

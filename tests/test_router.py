@@ -3,13 +3,16 @@ that raise, hang, vanish and come back."""
 import asyncio
 import contextlib
 import pickle
+from types import SimpleNamespace
 
 import pytest
 
+from deployments import router as router_module
 from deployments.aio import within
 from deployments.router import Router, RouterConfig
 from model.runner import MeshRunner
 from model.simulated import SimulatedBackend
+from scheduler import scheduler as scheduler_module
 from scheduler.errors import MeshFailures, NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.work import pack_events, unpack_events
@@ -1249,4 +1252,43 @@ def test_a_mesh_whose_long_prompt_holds_a_kv_group_takes_other_queues_and_lets_i
             router.cancel(rid)
         await until(lambda: router.requests["x"].mesh is other, timeout_s=1.0)
         await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
+def test_queue_time_ends_where_the_request_was_first_scheduled_not_where_it_moved(monkeypatch):
+    """Queue time (meshserve_request_queue_time_seconds, and the prefill time the ingress takes it from) is router
+    arrival to the first prefill chunk handed out, as vLLM's. A request whose mesh failed while prefilling it counted
+    as queued all the time it computed there and waited to move: its prefill time then read 0. The router's clock
+    stands still here but for the failed mesh's long prefill."""
+    async def main():
+        clock = [1000.0]
+        fake = SimpleNamespace(monotonic=lambda: clock[0])
+        monkeypatch.setattr(router_module, "time", fake)
+        monkeypatch.setattr(scheduler_module, "time", fake)
+        router, meshes = await make_router(num_meshes=2)
+        for mesh in meshes:
+            def failing_late(work, incarnation, execute=mesh.execute):
+                async def results():
+                    try:
+                        async for step in execute(work, incarnation):
+                            yield step
+                    except RuntimeError:  # the injected device error
+                        clock[0] += 100.0  # after a long prefill
+                        raise
+                return results()
+            mesh.execute = failing_late
+        router.submit("r", PROMPTS[0], GREEDY, None, [], "c")
+        router.requests["r"].mesh.client.inject("raise", after=0)  # before its first work runs: its prefill fails
+        events = []
+        async with contextlib.aclosing(router.events("c")) as stream:
+            async for batch in stream:
+                events += batch
+                if any(e.finish_reason for e in batch):
+                    break
+        assert events[-1].finish_reason == "length" and clock[0] == 1100.0
+        assert sum(m["requests_migrated"] for m in router.stats()["meshes"]) == 1
+        (first,) = [e for e in events if e.queue_time_s is not None]
+        assert first.queue_time_s == 0.0  # scheduled at once on the mesh that failed, 100 s before the one after
+        await until(lambda: idle(router))
+        await router.close()
     asyncio.run(main())
