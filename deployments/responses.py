@@ -14,11 +14,11 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from deployments.errors import APIError, as_api_error
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
-from deployments.openai_server import OpenAIServer, Prepared
+from deployments.openai_server import ANSWER_CHARS_PER_LOGPROB, OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
 from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
@@ -73,6 +73,11 @@ class _Answer:
             "top_logprobs": req.top_logprobs or 0,  # 0 by default, as OpenAI's and vLLM's ResponsesRequest have it
             "user": req.user, "metadata": req.metadata or {}}
 
+    def logprobs_chars(self, tokens: int) -> int:
+        """About the JSON characters of `tokens` tokens' logprobs in the answer (0 when not included): what sizes its
+        build on the loop or on a thread (OpenAIServer.sized), as a chat completion's is sized."""
+        return tokens * (1 + self._response["top_logprobs"]) * ANSWER_CHARS_PER_LOGPROB if self.include_logprobs else 0
+
     def response(self, status: str, output: list[dict], usage: dict | None = None) -> dict:
         return {**self._response, "status": status, "output": output, "usage": usage,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
@@ -117,13 +122,23 @@ async def _answer(answer: _Answer, salt: str | None, stream: bool) -> Response:
             raise as_api_error(exc, prep.prompt_field) or exc
     except APIError as exc:
         raise renamed(exc) from None
+    # Built on a thread when large, as a chat completion's is (OpenAIServer._answer): every other stream of the replica
+    # would stand still for the whole build (2,000 tokens with 20 top_logprobs: 42,000 entries)
+    body = await server.sized(answer.logprobs_chars(len(total.logprobs)), _whole, answer, total, bulk=False)
+    return Response(body, media_type="application/json")
+
+
+def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
+    """The whole response's JSON, as FastAPI's JSONResponse writes it."""
+    prep = answer.prep
     status = "incomplete" if total.finish_reason == "length" else "completed"
     calls = None
     if prep.tool_mode != "none":
         calls, _ = answer_calls(total.text, prep.tool_names, prep.tool_mode == "forced", answer.parallel_tool_calls)
     output = ([_call(c, status) for c in calls] if calls
               else [_message(total.text, status, answer.logprobs(total.logprobs))])
-    return JSONResponse(answer.response(status, output, answer.usage(total.num_generated, total.num_cached)))
+    response = answer.response(status, output, answer.usage(total.num_generated, total.num_cached))
+    return json.dumps(response, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[ChoiceDelta],
@@ -217,13 +232,17 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         yield event("error", code=error.info.code or error.info.type, message=error.info.message,
                     param=error.info.param)
         return
-    status = "incomplete" if finish == "length" else "completed"
-    if message is None and not calls:  # an empty answer is still a message
-        for e in open_message():
-            yield e
-    if message is not None:
-        logprobs += answer.logprobs(pending)
-    for e in close(output[-1], status):  # the last item; those before it are closed
+
+    def ending() -> list[str]:
+        status = "incomplete" if finish == "length" else "completed"
+        out = open_message() if message is None and not calls else []  # an empty answer is still a message
+        if message is not None:
+            logprobs.extend(answer.logprobs(pending))
+        out += close(output[-1], status)  # the last item; those before it are closed
+        final = answer.response(status, output, answer.usage(generated, cached))
+        return [*out, event("response.completed" if status == "completed" else "response.incomplete", response=final)]
+
+    # The last events carry the whole text and its logprobs (three times, and the response once more): written on a
+    # thread when large, as a whole answer is
+    for e in await answer.server.sized(answer.logprobs_chars(len(logprobs) + len(pending)), ending, bulk=False):
         yield e
-    final = answer.response(status, output, answer.usage(generated, cached))
-    yield event("response.completed" if status == "completed" else "response.incomplete", response=final)

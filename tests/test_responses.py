@@ -227,6 +227,32 @@ def test_included_logprobs_come_with_the_text(client, tokenizer, eos, stream):
     assert plain.output[0].content[0].logprobs == []  # not included: none
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_large_answer_is_built_off_the_event_loop(client, stream, monkeypatch):
+    """~20 tokens x 21 logprobs: a whole response, or a stream's last events (which carry every logprob three times
+    over, and the response once more), built on the loop stalled every other stream of the replica for the whole
+    build, which a chat completion's answer already made on a thread (tests/test_logprobs.py)."""
+    import threading
+
+    from deployments.responses import _Answer
+
+    built, real = [], _Answer.response
+
+    def recorded(self, status, output, usage=None):
+        if status != "in_progress":  # the final response, built with the answer's last events
+            built.append(threading.current_thread().name)
+        return real(self, status, output, usage)
+
+    monkeypatch.setattr(_Answer, "response", recorded)
+    body = {**BASIC, "include": ["message.output_text.logprobs"], "top_logprobs": 20, "stream": stream}
+    r = client.post("/v1/responses", json=body)
+    final = events(r)[-1]["response"] if stream else r.json()
+    assert len(Response.model_validate(final).output[0].content[0].logprobs) > 1
+    assert built[0].startswith("meshserve-"), built
+    plain = client.post("/v1/responses", json={k: v for k, v in body.items() if k != "include"})
+    assert plain.status_code == 200 and not built[1].startswith("meshserve-"), built  # small: a hop costs more
+
+
 @pytest.mark.parametrize("patch, words", [
     ({"input": ""}, "must not be empty"), ({"input": []}, "must not be empty"),
     ({"tools": [{"type": "web_search", "name": "search"}]}, "hosted tools"),
