@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 
@@ -26,23 +27,45 @@ from scheduler.sampling import TokenLogprobs
 
 log = logging.getLogger("ray.serve")
 
+# Tokens' logprobs per model_dump, and per json.dumps, in an answer. One such call holds the GIL until it returns, on a
+# thread as on the loop: over a whole answer it stood every stream of the replica still (8,192 tokens with 20
+# top_logprobs: model_dump ~0.8 s, json.dumps ~0.5 s on the 2-core box, and a stream's last events dumped them 4 times).
+LOGPROBS_SLICE = 256
+
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _message(text: str, status: str, logprobs: list[dict]) -> dict:
+def _message(text: str, status: str, logprobs: list[dict] | str) -> dict:
     return {"type": "message", "id": _id("msg"), "status": status, "role": "assistant",
             "content": [_text_part(text, logprobs)]}
 
 
-def _text_part(text: str, logprobs: list[dict] | None = None) -> dict:
+def _text_part(text: str, logprobs: list[dict] | str | None = None) -> dict:
+    """`logprobs`: the list, or a _Spliced mark standing for it."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def _call(call: ParsedCall, status: str) -> dict:
     return {"type": "function_call", "id": _id("fc"), "call_id": _id("call"), "name": call.name,
             "arguments": call.arguments, "status": status}
+
+
+class _Spliced:
+    """A long list put into an answer's JSON apart from it, written LOGPROBS_SLICE items per json.dumps call: `mark`
+    stands for it in the answer (no text holds it: it is drawn for each answer), `fill` puts the list in its place.
+    `dumps` are the answer's own json.dumps arguments."""
+
+    def __init__(self, items: list, **dumps):
+        self.mark = f"\ue000{secrets.token_hex(8)}"
+        self._quoted = json.dumps(self.mark, ensure_ascii=False)
+        between = dumps.get("separators", (", ", ": "))[0]  # json.dumps's own, without indent
+        self._json = "[" + between.join(json.dumps(items[at:at + LOGPROBS_SLICE], ensure_ascii=False, **dumps)[1:-1]
+                                        for at in range(0, len(items), LOGPROBS_SLICE)) + "]"
+
+    def fill(self, text: str) -> str:
+        return text.replace(self._quoted, self._json, 1)
 
 
 class _Answer:
@@ -85,7 +108,10 @@ class _Answer:
     def logprobs(self, lps: list[TokenLogprobs]) -> list[dict]:
         """Logprobs as output_text carries them (chat's shape: token, logprob, bytes, top_logprobs), when the
         request included them."""
-        return self.server.chat_logprobs(lps).model_dump()["content"] if self.include_logprobs and lps else []
+        if not self.include_logprobs:
+            return []
+        return [entry for at in range(0, len(lps), LOGPROBS_SLICE)
+                for entry in self.server.chat_logprobs(lps[at:at + LOGPROBS_SLICE]).model_dump()["content"]]
 
     def usage(self, generated: int, cached: int) -> dict:
         prompt = len(self.prep.prompt_ids)
@@ -135,10 +161,11 @@ def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
     calls = None
     if prep.tool_mode != "none":
         calls, _ = answer_calls(total.text, prep.tool_names, prep.tool_mode == "forced", answer.parallel_tool_calls)
-    output = ([_call(c, status) for c in calls] if calls
-              else [_message(total.text, status, answer.logprobs(total.logprobs))])
+    dumps = {"allow_nan": False, "separators": (",", ":")}
+    logprobs = _Spliced(answer.logprobs(total.logprobs) if not calls else [], **dumps)
+    output = [_call(c, status) for c in calls] if calls else [_message(total.text, status, logprobs.mark)]
     response = answer.response(status, output, answer.usage(total.num_generated, total.num_cached))
-    return json.dumps(response, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    return logprobs.fill(json.dumps(response, ensure_ascii=False, **dumps)).encode()
 
 
 async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[ChoiceDelta],
@@ -175,13 +202,14 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                 event("response.content_part.added", item_id=message["id"], output_index=index, content_index=0,
                       part=_text_part(""))]
 
-    def close(item: dict, status: str) -> list[str]:
+    def close(item: dict, status: str, all_logprobs: str = "") -> list[str]:
+        """`all_logprobs`: the message's, as a _Spliced mark."""
         index = output.index(item)
         if item is message:
             text = "".join(texts)
-            item["content"] = [_text_part(text, logprobs)]
+            item["content"] = [_text_part(text, all_logprobs)]
             done = [event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
-                          text=text, logprobs=logprobs),
+                          text=text, logprobs=all_logprobs),
                     event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                           part=item["content"][0])]
         else:
@@ -238,9 +266,11 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         out = open_message() if message is None and not calls else []  # an empty answer is still a message
         if message is not None:
             logprobs.extend(answer.logprobs(pending))
-        out += close(output[-1], status)  # the last item; those before it are closed
+        spliced = _Spliced(logprobs)
+        out += close(output[-1], status, spliced.mark)  # the last item; those before it are closed
         final = answer.response(status, output, answer.usage(generated, cached))
-        return [*out, event("response.completed" if status == "completed" else "response.incomplete", response=final)]
+        out.append(event("response.completed" if status == "completed" else "response.incomplete", response=final))
+        return [spliced.fill(e) for e in out]
 
     # The last events carry the whole text and its logprobs (three times, and the response once more): written on a
     # thread when large, as a whole answer is

@@ -253,6 +253,40 @@ def test_a_large_answer_is_built_off_the_event_loop(client, stream, monkeypatch)
     assert plain.status_code == 200 and not built[1].startswith("meshserve-"), built  # small: a hop costs more
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_large_answers_logprobs_are_serialized_in_slices(client, tokenizer, stream, monkeypatch):
+    """One json.dumps or model_dump over a whole answer's logprobs holds the GIL until it returns, so on a thread too
+    it stood every other stream of the replica still (8,192 tokens with 20 top_logprobs: ~0.5 s and ~0.8 s on the
+    2-core box, and a stream's last events dumped them four times). No one call may take more than a slice."""
+    from deployments import responses
+    from deployments.protocol import ChatLogprobs
+
+    monkeypatch.setattr(responses, "LOGPROBS_SLICE", 4, raising=False)
+    dumped, entries = [], []
+    real_dumps, real_model_dump = json.dumps, ChatLogprobs.model_dump
+
+    def dumps(value, **kwargs):
+        out = real_dumps(value, **kwargs)
+        dumped.append(len(out))
+        return out
+
+    def model_dump(self, **kwargs):
+        entries.append(len(self.content))
+        return real_model_dump(self, **kwargs)
+
+    monkeypatch.setattr(responses.json, "dumps", dumps)
+    monkeypatch.setattr(ChatLogprobs, "model_dump", model_dump)
+    body = {**BASIC, "include": ["message.output_text.logprobs"], "top_logprobs": 20, "stream": stream}
+    r = client.post("/v1/responses", json=body)
+    final = events(r)[-1]["response"] if stream else r.json()
+    logprobs = Response.model_validate(final).output[0].content[0].logprobs
+    assert b"".join(bytes(lp.bytes) for lp in logprobs) == (ANSWER + "<|im_end|>").encode()
+    assert all(len(lp.top_logprobs) == 20 for lp in logprobs)
+    assert entries and max(entries) <= 4, entries
+    slice_chars = 4 * len(real_dumps(final["output"][0]["content"][0]["logprobs"])) // len(logprobs)
+    assert max(dumped) < 2 * slice_chars, (max(dumped), slice_chars)
+
+
 @pytest.mark.parametrize("patch, words", [
     ({"input": ""}, "must not be empty"), ({"input": []}, "must not be empty"),
     ({"tools": [{"type": "web_search", "name": "search"}]}, "hosted tools"),
