@@ -27,6 +27,18 @@ def fault_due(mesh) -> str | None:
     return fault
 
 
+async def _next_step(steps):
+    """next(steps, None) on a thread. A caller cancelled meanwhile still waits for the step to end, as the replica's
+    work does (mesh_replica.execute): else it lets go of the mesh's lock at once, and a reset or the next work runs on
+    the runner beside the step, which then writes into the runner the reset emptied."""
+    step = asyncio.ensure_future(asyncio.to_thread(next, steps, None))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait([step])
+        raise
+
+
 class LocalMesh:
     def __init__(self, make_backend: Callable[[], Backend], grammar_tokenizer: Callable[[], object] | None = None):
         """`grammar_tokenizer`: llguidance's tokenizer for constrained requests (MeshRunner's)."""
@@ -77,7 +89,7 @@ class LocalMesh:
             if work.decode is not None:
                 self.round_steps.append(work.decode.num_steps)
             steps = self.runner.execute(work)
-            while (step := await asyncio.to_thread(next, steps, None)) is not None:
+            while (step := await _next_step(steps)) is not None:
                 fault = fault_due(self)
                 if fault == "raise":
                     raise RuntimeError("device lost")
