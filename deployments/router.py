@@ -558,7 +558,7 @@ class Router:
             target = max(targets, key=lambda m: m.scheduler.placement_key(seq.block_hashes, n))
             counted = req.counted
             req.counted, req.isolated = counted or seq.counted, seq.isolated
-            req.scheduled_time = req.scheduled_time or seq.scheduled_time
+            req.scheduled_time = seq.scheduled_time  # the first mesh's, carried to each next one (submit)
             try:  # submitted there first: taken from here only once it is
                 self._submit_to_best([target], seq.block_hashes, seq.request_id, req, seq.output_ids, migrated=True)
             except (PromptTooLong, QueueFull, ValueError):
@@ -749,7 +749,7 @@ class Router:
                 continue
             req.prefill_sampled += seq.num_prefill_sampled
             req.isolated = seq.isolated  # its step alone is still to come
-            req.scheduled_time = req.scheduled_time or seq.scheduled_time  # its queue time ended there
+            req.scheduled_time = seq.scheduled_time  # its queue time ended there (or on a mesh before)
             if seq.request_id in suspects:  # in a row: a decode step done since its last one clears it of that one
                 decoded = len(seq.output_ids) - req.prefill_sampled  # (a recompute samples a token: no decode step)
                 req.mesh_failures = req.mesh_failures + 1 if decoded <= req.decoded_at_failure else 1

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments import openai_server, responses
+from deployments import openai_server
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error,  # noqa: F401
                                    client, eos, make_client, post, router, sse, tokenizer)
 
@@ -699,7 +699,6 @@ def test_created_is_when_the_request_came_however_long_its_answer_takes(client, 
     clock = [1_700_000_000.75]
     wall = SimpleNamespace(time=lambda: clock[0], perf_counter=time.perf_counter, monotonic=time.monotonic)
     monkeypatch.setattr(openai_server, "time", wall)
-    monkeypatch.setattr(responses, "time", wall, raising=False)
     generate = router.generate
 
     async def slow(*args, **kwargs):
