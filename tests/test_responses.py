@@ -254,7 +254,7 @@ def test_a_large_answer_is_built_off_the_event_loop(client, stream, monkeypatch)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_large_answers_logprobs_are_serialized_in_slices(client, tokenizer, stream, monkeypatch):
+def test_a_large_answers_logprobs_are_serialized_in_slices(client, stream, monkeypatch):
     """One json.dumps or model_dump over a whole answer's logprobs holds the GIL until it returns, so on a thread too
     it stood every other stream of the replica still (8,192 tokens with 20 top_logprobs: ~0.5 s and ~0.8 s on the
     2-core box, and a stream's last events dumped them four times). No one call may take more than a slice."""
