@@ -28,8 +28,8 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails,
                                   RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import MERGED_TOKENS_MAX, RouterUnreachable
-from deployments.streaming import (TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate, Deferred,
-                                   EventStream, FirstDelta, RepetitionCheck, TokenOffsets)
+from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate,
+                                   Deferred, EventStream, FirstDelta, RepetitionCheck, TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
                                     tool_definitions)
@@ -718,7 +718,7 @@ class OpenAIServer:
         stream = self.deltas(preps, reply.n, salt)
         if reply.stream:
             first = await self.first_delta(stream, prep)
-            return EventStream(self._sse(reply, preps, first, stream), source=first)
+            return EventStream(self._sse(reply, preps, first, stream), first, self.keepalive_s)
         totals = [ChoiceTotal() for _ in range(len(preps) * reply.n)]
         try:
             async for d in stream:
@@ -883,9 +883,9 @@ class OpenAIServer:
                                 prep.prompt_ids if ids else None)
                 for i in range(reply.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)
-            async for comment in first.keepalive(self.keepalive_s):
-                yield comment
-            d = first.result()
+            if not first.task.done():
+                yield KEEPALIVE  # the headers go out: EventStream keeps the stream alive until the first delta
+            d = await first.delta()
             while d is not None:
                 generated[d.index] = d.num_generated
                 if d.num_cached and d.index % reply.n == 0:  # a prompt's cache hit, counted once

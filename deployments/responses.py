@@ -21,7 +21,7 @@ from deployments.errors import APIError, as_api_error
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import ANSWER_CHARS_PER_LOGPROB, OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
-from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
+from deployments.streaming import KEEPALIVE, ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import TokenLogprobs
 
@@ -139,7 +139,7 @@ async def _answer(answer: _Answer, salt: str | None, stream: bool) -> Response:
         deltas = server.deltas([prep], 1, salt)
         if stream:
             first = await server.first_delta(deltas, prep)
-            return EventStream(_events(answer, first, deltas, server.keepalive_s), source=first)
+            return EventStream(_events(answer, first, deltas), first, server.keepalive_s)
         total = ChoiceTotal()
         try:
             async for d in deltas:
@@ -168,8 +168,7 @@ def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
     return logprobs.fill(json.dumps(response, ensure_ascii=False, **dumps)).encode()
 
 
-async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[ChoiceDelta],
-                  keepalive_s: float) -> AsyncIterator[str]:
+async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
     """The Responses stream: created, in_progress; per output item, its opening, its deltas and its end (a call
     ends when the next one starts, as OpenAI's stream closes one item before it adds the next); then completed
     (or incomplete, at max_output_tokens). A delta carries the logprobs of the tokens taken since the one
@@ -220,9 +219,9 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
 
     finish, generated, cached = None, 0, 0
     try:
-        async for comment in first.keepalive(keepalive_s):
-            yield comment
-        d = first.result()
+        if not first.task.done():
+            yield KEEPALIVE  # the headers go out: EventStream keeps the stream alive until the first delta
+        d = await first.delta()
         while d is not None:
             content, pieces, _ = tools.feed(d.text, d.finish_reason is not None) if tools else (d.text, [], False)
             pending += d.logprobs

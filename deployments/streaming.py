@@ -227,14 +227,15 @@ class ChoiceTotal:
 
 
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it (WHATWG HTML, "Server-sent events", 9.2.6)
+KEEPALIVE_BYTES = KEEPALIVE.encode()
 
 
 class FirstDelta:
     """A stream's first delta, awaited apart from the stream's response. A stream's headers wait for it, so that a
     refusal is still a status code (429, 503), but only for a while: a long prompt's first token comes after a
     long prefill (a Galaxy's, of 128k tokens, after ~90-100 s), past a proxy's read timeout (nginx: 60 s). Then
-    the headers go out, and SSE comments every `keepalive_s` until the delta comes; a refusal after that is an
-    error event, as in vLLM's streams (whose headers go out at once)."""
+    the headers go out, and EventStream's SSE comments every `keepalive_s` until the delta comes; a refusal after
+    that is an error event, as in vLLM's streams (whose headers go out at once)."""
 
     def __init__(self, stream: AsyncIterator):
         self.stream = stream
@@ -251,14 +252,14 @@ class FirstDelta:
             raise
         return self.task.done()
 
-    async def keepalive(self, every_s: float) -> AsyncIterator[str]:
-        """SSE comments, one at once and then one every `every_s`, until the first delta comes."""
-        while not self.task.done():
-            yield KEEPALIVE
-            await asyncio.wait({self.task}, timeout=every_s)
-
     def result(self):
         """The first delta; raises what the stream raised."""
+        return self.task.result()
+
+    async def delta(self):
+        """The first delta, once it comes; raises what the stream raised."""
+        if not self.task.done():
+            await asyncio.wait({self.task})
         return self.task.result()
 
     async def aclose(self) -> None:
@@ -286,20 +287,72 @@ class Deferred(Response):
 
 
 class EventStream(StreamingResponse):
-    """SSE that closes its source however the response ends. Starlette leaves the body iterator open
-    when the client goes away; closing the source at once cancels the router requests behind it."""
+    """SSE that closes its source however the response ends (Starlette leaves the body iterator open when the
+    client goes away; closing the source at once cancels the router requests behind it), and that sends an SSE
+    comment whenever it has sent nothing for `keepalive_s`: a long prefill before the first token (a Galaxy's 128k
+    prompt: ~90-100 s), or a pause mid-answer (its mesh failed: the answer is prefilled again on another; its router
+    restarted: ~41-46 s), is longer than a proxy's read timeout (nginx, ALB: 60 s), which would cut the stream. One
+    timer per stream, re-armed per `keepalive_s`: a chunk costs a store, not a timer."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], source: AsyncIterator | FirstDelta):
+    def __init__(self, content: AsyncIterator[str], source: AsyncIterator | FirstDelta, keepalive_s: float):
         super().__init__(content)
-        self.source = source
+        self.source, self.keepalive_s = source, keepalive_s
+        self._sent_at = 0.0  # loop time the last bytes were sent (or began to be)
+        self._sending = False  # a chunk's send is under way (a slow reader: flow control holds it)
+        self._comment: asyncio.Task | None = None  # a keep-alive's send, awaited before the next chunk's
+        self._timer: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self.source.aclose()
+
+    async def stream_response(self, send) -> None:
+        """Starlette's, with the keep-alive: its comment goes out from a timer, so a chunk waits for it to be sent
+        (two sends never overlap)."""
+        loop = asyncio.get_running_loop()
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        self._sent_at = loop.time()
+        self._timer = loop.call_at(self._sent_at + self.keepalive_s, self._tick, loop, send)
+        try:
+            async for chunk in self.body_iterator:
+                if self._comment is not None:
+                    await self._comment
+                    self._comment = None
+                self._sending = True
+                await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                self._sending, self._sent_at = False, loop.time()
+            if self._comment is not None:
+                await self._comment
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._timer.cancel()
+            comment = self._comment
+            if comment is not None and not comment.done():
+                comment.cancel()
+            elif comment is not None and not comment.cancelled():
+                comment.exception()  # retrieved: the stream's own error says why it ended
+
+    def _tick(self, loop: asyncio.AbstractEventLoop, send) -> None:
+        """Send a comment if nothing went out for keepalive_s (bytes on their way count as sent), and come back when
+        the next one is due."""
+        now, due = loop.time(), self._sent_at + self.keepalive_s
+        if now >= due:
+            if not self._sending and self._comment is None:
+                self._comment = loop.create_task(send({"type": "http.response.body", "body": KEEPALIVE_BYTES,
+                                                       "more_body": True}))
+                self._comment.add_done_callback(self._sent_comment)
+                self._sent_at = now
+            due = now + self.keepalive_s
+        self._timer = loop.call_at(due, self._tick, loop, send)
+
+    def _sent_comment(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is None and task is self._comment:
+            self._comment = None  # a send that failed stays, to raise in the stream's next send (a client gone is
+            # seen before that by Starlette's listen_for_disconnect under uvicorn's ASGI spec 2.3)
 
 
 TEXT_SLOT = "\u2063meshserve-text\u2063"  # stands for the text in a template chunk (never a model's output)

@@ -721,7 +721,7 @@ def test_metrics_answer_while_no_router_can_be_reached(client, router, monkeypat
 
 # ---- disconnects --------------------------------------------------------------------------------
 
-async def _call_asgi(app, body: dict, spec_version: str, on_body) -> None:
+async def _call_asgi(app, body: dict, spec_version: str, on_body, path: str = "/v1/chat/completions") -> None:
     """Drive the app as an ASGI server would; `on_body(chunk)` reacts to each body message sent."""
     raw = json.dumps(body).encode()
     disconnected = asyncio.Event()
@@ -738,7 +738,7 @@ async def _call_asgi(app, body: dict, spec_version: str, on_body) -> None:
             on_body(message["body"], disconnected)
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
-             "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "method": "POST", "path": path, "raw_path": path.encode(),
              "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
              "server": ("test", 80), "client": ("test", 1234), "root_path": ""}
     await app(scope, receive, send)
@@ -1601,6 +1601,67 @@ def test_a_slow_first_token_sends_headers_then_keepalives_then_the_same_answer(c
     assert all(b == ": keep-alive" for b in map(blocks.__getitem__, comments))
     assert comments == list(range(comments[0], comments[-1] + 1))  # together, before the first token
     assert _same_answer(whole, r.text)
+
+
+STREAMS = [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION), ("/v1/responses", {"model": MODEL,
+                                                                                          "input": "hi"})]
+
+
+def _paused_stream(router, tokenizer, path: str, body: dict, pause_s: float, send_wait_s: float = 0.0) -> tuple:
+    """The stream's body when its answer stalls `pause_s` after 3 tokens (keepalive_s 0.05), and the most sends
+    under way at once; a send of a token's chunk takes `send_wait_s` (a reader's flow control)."""
+    router.pause_after, router.resume = 3, asyncio.Event()
+    app = build_app(router, tokenizer, MODEL)
+    app.state.server.keepalive_s = 0.05
+    sent, sending, most = [], [0], [0]
+    messages = [{"type": "http.request", "body": json.dumps({**body, "stream": True}).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()
+
+    async def send(message):
+        sending[0] += 1
+        most[0] = max(most[0], sending[0])
+        if message.get("body", b"").startswith(b"data:"):
+            await asyncio.sleep(send_wait_s)
+        sending[0] -= 1
+        sent.append(message.get("body", b""))
+
+    async def run():
+        asyncio.get_running_loop().call_later(pause_s, router.resume.set)
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+                 "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
+                 "client": ("test", 1234), "root_path": ""}
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+
+    asyncio.run(run())
+    return b"".join(sent).decode(), most[0]
+
+
+@pytest.mark.parametrize("path, body", STREAMS)
+def test_a_pause_mid_answer_sends_keepalives_then_the_same_answer(client, router, tokenizer, path, body):
+    """A stream that stalls mid-answer (its mesh failed and the answer is prefilled again on another: ~100 s for a
+    Galaxy's 128k prompt; its router restarted: ~45 s) sent nothing until its next token, and a proxy's read timeout
+    (nginx, ALB: 60 s) cut it. Now a comment goes out each keepalive_s that nothing else did."""
+    whole = client.post(path, json={**body, "stream": True}).text
+    text, _ = _paused_stream(router, tokenizer, path, body, pause_s=0.4)
+    blocks = text.split("\n\n")
+    comments = [i for i, b in enumerate(blocks) if b.startswith(":")]
+    assert len(comments) >= 3 and all(blocks[i] == ": keep-alive" for i in comments), text
+    assert comments == list(range(comments[0], comments[-1] + 1))  # together, in the pause
+    assert any(b.startswith(("data:", "event:")) for b in blocks[:comments[0]])  # after tokens, not before them
+    assert _same_answer(whole, text)
+
+
+def test_a_keepalive_never_goes_out_beside_a_chunk_a_slow_reader_holds(router, tokenizer):
+    """A chunk's send waits while the reader's window is full; a keep-alive sent then would be a second send under
+    way at once, which an ASGI server does not allow. A held send is bytes on the way: no comment is due."""
+    text, most = _paused_stream(router, tokenizer, "/v1/chat/completions", CHAT, pause_s=0.0, send_wait_s=0.15)
+    assert most == 1
+    assert ": keep-alive" not in text  # each held send counts as sent; the answer never paused
 
 
 def _same_answer(a: str, b: str) -> bool:
