@@ -27,7 +27,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails,
                                   RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
-from deployments.router_client import MERGED_TOKENS_MAX, RouterUnreachable
+from deployments.router_client import RouterUnreachable, merged_tokens_max
 from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate,
                                    Deferred, EventStream, FirstDelta, RepetitionCheck, TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
@@ -670,12 +670,13 @@ class OpenAIServer:
 
         async def pump(prep: Prepared, index: int, i: int, choices: Choices) -> None:
             params = prep.params
+            most = merged_tokens_max(params)
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
                     last = unread.get(index)
-                    if last is not None and len(last.token_ids) < MERGED_TOKENS_MAX:  # a bounded text to extend
+                    if last is not None and len(last.token_ids) < most:  # a bounded text to extend
                         last.merge(delta)
                     else:
                         unread[index] = delta

@@ -28,7 +28,16 @@ log = logging.getLogger("ray.serve")
 
 RECONNECT_S = 0.5  # between two attempts to reach the router
 CONNECT_WAIT_S = 30.0  # the link may be down this long before a request that needs it fails with RouterUnreachable
-MERGED_TOKENS_MAX = 256  # tokens of a request's events merged into one while its reader lags (EventQueue)
+# Tokens of a request's events merged into one while its reader lags (EventQueue), for a request without logprobs;
+# one with k logprobs a token takes 1/(1 + k) of them (merged_tokens_max): its reader spends ~4-5 us per token and
+# per logprob on an event (2-core box), so an event is ~1 ms of the loop either way (256 tokens with 20 logprobs
+# each took 22-26 ms, during which every other stream of the replica stood still).
+MERGED_TOKENS_MAX = 256
+
+
+def merged_tokens_max(params: SamplingParams) -> int:
+    """The most tokens one merged event of this request carries."""
+    return max(1, MERGED_TOKENS_MAX // (1 + (params.logprobs or 0)))
 
 
 class RouterLost(ConnectionError):
@@ -55,20 +64,21 @@ class EventQueue:
     control holds the SSE writer), each token event merges into the last one not taken, as vLLM's
     RequestOutputCollector merges a request's outputs: a stalled stream holds its tokens, not an event per token
     (~450 B each, 12x the tokens), and a reader that catches up takes them in a few events, a few SSE chunks. An
-    event takes at most MERGED_TOKENS_MAX tokens, and a reader back after a long answer lets the loop run between
-    two events: it detokenizes ~1 ms of tokens at a time (~4 us a token on the 2-core box), not the whole answer
+    event takes at most `max_tokens` (merged_tokens_max), and a reader back after a long answer lets the loop run
+    between two events: it detokenizes ~1 ms of tokens at a time (~4 us a token on the 2-core box), not the whole answer
     (20,000 tokens: ~100-240 ms) with every other stream of the replica waiting. The answer runs on meanwhile, to
     its finish (vLLM's servers keep generating for a slow reader too); one the ingress ends itself (a stop string,
     repetition_detection) is read on by OpenAIServer.deltas, which merges its deltas instead."""
 
-    def __init__(self):
+    def __init__(self, max_tokens: int = MERGED_TOKENS_MAX):
         self._items: deque = deque()
         self._ready = asyncio.Event()
+        self._max_tokens = max_tokens
 
     def put_nowait(self, item: TokenEvent | RequestFailed | BaseException) -> None:
         last = self._items[-1] if self._items else None
         if (type(item) is TokenEvent and type(last) is TokenEvent and last.finish_reason is None
-                and len(last.token_ids) < MERGED_TOKENS_MAX):
+                and len(last.token_ids) < self._max_tokens):
             last.merge(item)
         else:
             self._items.append(item)
@@ -105,7 +115,7 @@ class RouterLink:
         RouterUnreachable (not sent), RouterLost, RouterGone (not sent: Serve says the router's deployment is gone),
         or ModelChanged (not sent: the router serves another model)."""
         self._open()
-        queue = EventQueue()
+        queue = EventQueue(merged_tokens_max(params))
         try:
             try:
                 if not self._connected.is_set():  # the wait counts from the link's loss: OpenAIServer.choice's

@@ -19,7 +19,7 @@ from deployments.ingress import build_app
 from deployments.router import Router, RouterConfig, RouterDeployment
 from deployments.router_client import RouterLink
 from model.simulated import SimulatedBackend
-from scheduler.sampling import SamplingParams
+from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import (MeshWork, PrefillChunk, RequestFailed, StaleWork, StepResult, TokenEvent, pack_events,
                             unpack_events)
 from tests.ingress_support import MODEL, COMPLETION, assert_error, make_client, tokenizer  # noqa: F401 (fixture)
@@ -540,8 +540,9 @@ class ScriptedRouter:
     """A Serve handle to a router whose link answers each submit with `tokens` events, one a batch (as a router
     flushes each step), then a final one. Submits are answered one after another."""
 
-    def __init__(self, tokens: int, first: int = 0, step_s: float = 0.0):
+    def __init__(self, tokens: int, first: int = 0, step_s: float = 0.0, logprobs: int | None = None):
         self.tokens, self.first, self.step_s = tokens, first, step_s  # step_s: between two steps' events
+        self.logprobs = logprobs  # each token's alternatives, when set
         self.sent, self.answered = asyncio.Event(), 0
         self.server = LinkServer(self._serve)
         self.link_address = Remote(self._address)
@@ -560,7 +561,9 @@ class ScriptedRouter:
             kind, rid, *_ = await link.recv()
             if kind == "submit":
                 for i in range(self.tokens):
-                    link.send(pack_events([TokenEvent(rid, [self.first + i])]))
+                    token = self.first + i
+                    lps = [] if self.logprobs is None else [TokenLogprobs(token, -0.5, [(token, -0.5)] * self.logprobs)]
+                    link.send(pack_events([TokenEvent(rid, [token], lps)]))
                     if self.step_s:
                         await asyncio.sleep(self.step_s)
                 link.send(pack_events([TokenEvent(rid, [self.first + self.tokens], finish_reason="length")]))
@@ -600,6 +603,27 @@ def test_a_reader_that_lags_gets_the_tokens_made_meanwhile_in_one_event():
         assert rest[-1].finish_reason == "length"
         assert len(rest) < 20  # was 2000
         assert max(len(e.token_ids) for e in [first, *rest]) <= router_client.MERGED_TOKENS_MAX
+        link._pump.cancel()
+        router.server.close()
+    asyncio.run(main())
+
+
+def test_a_lagging_reader_of_logprobs_takes_them_a_bounded_work_an_event():
+    """A token with k logprobs is ~1 + k tokens' work for its reader (~4-5 us each): merged 256 tokens an event, as
+    plain tokens are, a reader catching up after a stall held the loop 22-26 ms an event with 20 logprobs, and every
+    other stream of the replica with it. An event now takes 256 / (1 + k) of them."""
+    async def main():
+        router = ScriptedRouter(600, logprobs=20)
+        link = RouterLink(router)
+        params = SamplingParams(max_tokens=601, logprobs=20)
+        events = link.generate("r", [1, 2], params, None)
+        first = await anext(events)
+        await router.sent.wait()
+        await asyncio.sleep(0.3)  # the frames cross the loopback; the reader lagged all along
+        rest = [e async for e in events]
+        tokens = [len(e.token_ids) for e in [first, *rest]]
+        assert sum(tokens) == 601 and sum(len(e.logprobs) for e in [first, *rest]) == 600
+        assert max(tokens) == router_client.MERGED_TOKENS_MAX // 21, tokens  # merged still, to a bound
         link._pump.cancel()
         router.server.close()
     asyncio.run(main())
