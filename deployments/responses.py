@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import secrets
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi.responses import Response
 
+from deployments import json_slices
 from deployments.errors import APIError, as_api_error
+from deployments.json_slices import Spliced
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import ANSWER_CHARS_PER_LOGPROB, OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
@@ -26,11 +27,6 @@ from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import TokenLogprobs
 
 log = logging.getLogger("ray.serve")
-
-# Tokens' logprobs per model_dump, and per json.dumps, in an answer. One such call holds the GIL until it returns, on a
-# thread as on the loop: over a whole answer it stood every stream of the replica still (8,192 tokens with 20
-# top_logprobs: model_dump ~0.8 s, json.dumps ~0.5 s on the 2-core box, and a stream's last events dumped them 4 times).
-LOGPROBS_SLICE = 256
 
 
 def _id(prefix: str) -> str:
@@ -43,29 +39,13 @@ def _message(text: str, status: str, logprobs: list[dict] | str) -> dict:
 
 
 def _text_part(text: str, logprobs: list[dict] | str | None = None) -> dict:
-    """`logprobs`: the list, or a _Spliced mark standing for it."""
+    """`logprobs`: the list, or a Spliced mark standing for it."""
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
 def _call(call: ParsedCall, status: str) -> dict:
     return {"type": "function_call", "id": _id("fc"), "call_id": _id("call"), "name": call.name,
             "arguments": call.arguments, "status": status}
-
-
-class _Spliced:
-    """A long list put into an answer's JSON apart from it, written LOGPROBS_SLICE items per json.dumps call: `mark`
-    stands for it in the answer (no text holds it: it is drawn for each answer), `fill` puts the list in its place.
-    `dumps` are the answer's own json.dumps arguments."""
-
-    def __init__(self, items: list, **dumps):
-        self.mark = f"\ue000{secrets.token_hex(8)}"
-        self._quoted = json.dumps(self.mark, ensure_ascii=False)
-        between = dumps.get("separators", (", ", ": "))[0]  # json.dumps's own, without indent
-        self._json = "[" + between.join(json.dumps(items[at:at + LOGPROBS_SLICE], ensure_ascii=False, **dumps)[1:-1]
-                                        for at in range(0, len(items), LOGPROBS_SLICE)) + "]"
-
-    def fill(self, text: str) -> str:
-        return text.replace(self._quoted, self._json, 1)
 
 
 class _Answer:
@@ -110,8 +90,9 @@ class _Answer:
         request included them."""
         if not self.include_logprobs:
             return []
-        return [entry for at in range(0, len(lps), LOGPROBS_SLICE)
-                for entry in self.server.chat_logprobs(lps[at:at + LOGPROBS_SLICE]).model_dump()["content"]]
+        size = json_slices.SLICE  # model_dump holds the GIL as a JSON dump does
+        return [entry for at in range(0, len(lps), size)
+                for entry in self.server.chat_logprobs(lps[at:at + size]).model_dump()["content"]]
 
     def usage(self, generated: int, cached: int) -> dict:
         prompt = len(self.prep.prompt_ids)
@@ -161,11 +142,17 @@ def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
     calls = None
     if prep.tool_mode != "none":
         calls, _ = answer_calls(total.text, prep.tool_names, prep.tool_mode == "forced", answer.parallel_tool_calls)
-    dumps = {"allow_nan": False, "separators": (",", ":")}
-    logprobs = _Spliced(answer.logprobs(total.logprobs) if not calls else [], **dumps)
-    output = [_call(c, status) for c in calls] if calls else [_message(total.text, status, logprobs.mark)]
+    lists = Spliced()
+
+    def dumps(value) -> bytes:  # each slice encoded apart: the whole is joined once, as bytes
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+    # the logprobs built a slice at a time too: freeing all of them at once holds the GIL (8,192 tokens: ~30 ms)
+    output = ([_call(c, status) for c in calls] if calls else
+              [_message(total.text, status, lists.mark(total.logprobs, lambda part: dumps(answer.logprobs(part)),
+                                                       b","))])
     response = answer.response(status, output, answer.usage(total.num_generated, total.num_cached))
-    return logprobs.fill(json.dumps(response, ensure_ascii=False, **dumps)).encode()
+    return lists.fill(dumps(response))
 
 
 async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[ChoiceDelta]) -> AsyncIterator[str]:
@@ -202,7 +189,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                       part=_text_part(""))]
 
     def close(item: dict, status: str, all_logprobs: str = "") -> list[str]:
-        """`all_logprobs`: the message's, as a _Spliced mark."""
+        """`all_logprobs`: the message's, as a Spliced mark."""
         index = output.index(item)
         if item is message:
             text = "".join(texts)
@@ -265,11 +252,12 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         out = open_message() if message is None and not calls else []  # an empty answer is still a message
         if message is not None:
             logprobs.extend(answer.logprobs(pending))
-        spliced = _Spliced(logprobs)
-        out += close(output[-1], status, spliced.mark)  # the last item; those before it are closed
+        lists = Spliced()
+        # the last item (those before it are closed); its logprobs as event() writes them
+        out += close(output[-1], status, lists.mark(logprobs, lambda part: json.dumps(part, ensure_ascii=False), ", "))
         final = answer.response(status, output, answer.usage(generated, cached))
         out.append(event("response.completed" if status == "completed" else "response.incomplete", response=final))
-        return [spliced.fill(e) for e in out]
+        return [lists.fill(e) for e in out]
 
     # The last events carry the whole text and its logprobs (three times, and the response once more): written on a
     # thread when large, as a whole answer is

@@ -7,11 +7,12 @@ import json
 from fastapi.responses import Response
 
 from deployments.errors import APIError
+from deployments.json_slices import Spliced
 from deployments.openai_server import OpenAIServer, check_prompt_chars, check_token_ids
 from deployments.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest
 
 
-# Items per json.dumps call in _json_list: ~2 ms each, so the GIL passes to the event loop between them.
+# Ids per json.dumps call (json_slices): ~2 ms each, so the GIL passes to the event loop between them.
 JSON_SLICE = 65_536
 
 
@@ -35,14 +36,16 @@ def _tokenize(server: OpenAIServer, req: TokenizeRequest, limit: int) -> bytes:
                                      bool(req.add_special_tokens), req.continue_final_message)
     else:
         ids = tokenizer.encode(req.prompt, add_bos=req.add_special_tokens is not False)
-    strs = _json_list(tokenizer.token_strs(ids)) if req.return_token_strs else "null"
-    return f'{{"count":{len(ids)},"max_model_len":{limit},"tokens":{_json_list(ids)},"token_strs":{strs}}}'.encode()
+    lists = Spliced()
+    strs = lists.mark(tokenizer.token_strs(ids), _dumps, b",", JSON_SLICE) if req.return_token_strs else None
+    answer = {"count": len(ids), "max_model_len": limit, "tokens": lists.mark(ids, _dumps, b",", JSON_SLICE),
+              "token_strs": strs}
+    return lists.fill(_dumps(answer))
 
 
-def _json_list(items: list) -> str:
-    """json.dumps(items) as FastAPI writes JSON (compact, non-ASCII as is), JSON_SLICE items per call."""
-    return "[" + ",".join(json.dumps(items[at:at + JSON_SLICE], ensure_ascii=False, separators=(",", ":"))[1:-1]
-                          for at in range(0, len(items), JSON_SLICE)) + "]"
+def _dumps(value) -> bytes:
+    """JSON as FastAPI writes it (compact, non-ASCII as is), encoded: a slice at a time, the whole joined once."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 async def detokenize(server: OpenAIServer, req: DetokenizeRequest) -> DetokenizeResponse:

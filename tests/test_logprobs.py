@@ -2,6 +2,8 @@
 of an emoji) and completions' `text_offset` into the whole text, also while a stop string holds text back."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import BaseModel
 
@@ -95,3 +97,38 @@ def test_a_large_answer_is_serialized_by_choice(client, path, body, monkeypatch)
     answer = r.json()
     assert [c["index"] for c in answer["choices"]] == list(range(16)) and answer["usage"]["completion_tokens"] > 0
     assert max(sizes) < len(r.content) / 8, (max(sizes), len(r.content))
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 20}),
+    ("/v1/completions", {**COMPLETION, "logprobs": 20, "max_tokens": 64}),
+])
+def test_a_large_answers_logprobs_are_serialized_in_slices(client, path, body, monkeypatch):
+    """One pydantic dump holds the GIL until it returns, so on a thread too a choice dumped whole stood every other
+    stream of the replica still (n = 1, 8,192 tokens with 20 top_logprobs: ~0.2 s). No one call may write more than
+    about a slice of the logprobs."""
+    from pydantic import TypeAdapter
+
+    from deployments import json_slices
+
+    monkeypatch.setattr(json_slices, "SLICE", 4)
+    sizes, model_dump_json, dump_json = [], BaseModel.model_dump_json, TypeAdapter.dump_json
+
+    def recorded(real):
+        def dump(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            sizes.append(len(out.encode() if isinstance(out, str) else out))
+            return out
+        return dump
+
+    monkeypatch.setattr(BaseModel, "model_dump_json", recorded(model_dump_json))
+    monkeypatch.setattr(TypeAdapter, "dump_json", recorded(dump_json))
+    r = client.post(path, json=body)
+    assert r.status_code == 200
+    (choice,) = r.json()["choices"]
+    logprobs = choice["logprobs"]
+    tokens = len(logprobs["content"] if "content" in logprobs else logprobs["tokens"])
+    assert tokens > 3 * 4 and r.json()["usage"]["completion_tokens"] == tokens
+    assert sum(sizes) >= len(r.content)  # every byte of the answer came from a call recorded here
+    slice_chars = 4 * len(json.dumps(logprobs, separators=(",", ":"))) // tokens
+    assert max(sizes) < 2 * slice_chars, (max(sizes), slice_chars)

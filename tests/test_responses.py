@@ -258,10 +258,10 @@ def test_a_large_answers_logprobs_are_serialized_in_slices(client, stream, monke
     """One json.dumps or model_dump over a whole answer's logprobs holds the GIL until it returns, so on a thread too
     it stood every other stream of the replica still (8,192 tokens with 20 top_logprobs: ~0.5 s and ~0.8 s on the
     2-core box, and a stream's last events dumped them four times). No one call may take more than a slice."""
-    from deployments import responses
+    from deployments import json_slices, responses
     from deployments.protocol import ChatLogprobs
 
-    monkeypatch.setattr(responses, "LOGPROBS_SLICE", 4, raising=False)
+    monkeypatch.setattr(json_slices, "SLICE", 4)
     dumped, entries = [], []
     real_dumps, real_model_dump = json.dumps, ChatLogprobs.model_dump
 

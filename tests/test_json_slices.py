@@ -1,0 +1,68 @@
+"""json_slices: a long list written a slice per call and spliced into its answer is byte for byte the JSON one dump
+of the whole answer writes, for json.dumps (Responses, /tokenize) and for the chat and completion choices' pydantic
+dumps (whose floats json.dumps writes otherwise)."""
+from __future__ import annotations
+
+import json
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deployments import json_slices
+from deployments.json_slices import Spliced
+from deployments.protocol import AssistantMessage, ChatChoice, CompletionChoice
+from scheduler.sampling import TokenLogprobs
+from tests.fake_router import FakeRouter
+from tests.ingress_support import make_client, tokenizer  # noqa: F401
+
+SCALARS = st.none() | st.booleans() | st.integers() | st.floats() | st.text()
+ITEMS = st.lists(SCALARS | st.lists(SCALARS, max_size=3) | st.dictionaries(st.text(), SCALARS, max_size=3),
+                 max_size=40)
+# json.dumps as Responses writes a whole answer, and as it writes a stream's events
+DUMPS = [{"separators": (",", ":")}, {}]
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=ITEMS, second=ITEMS, size=st.integers(1, 7), dumps=st.sampled_from(DUMPS), as_bytes=st.booleans(),
+       text=st.text())
+def test_spliced_lists_are_what_one_json_dumps_writes(first, second, size, dumps, as_bytes, text):
+    def dump(value):
+        out = json.dumps(value, ensure_ascii=False, **dumps)
+        return out.encode() if as_bytes else out
+
+    between = dump([0, 0])[2:-2]  # the dump's separator
+    lists = Spliced()
+    one, two = lists.mark(first, dump, between, size), lists.mark(second, dump, between, size)
+    answer = {"text": text, "first": one, "again": [one, {"second": two}]}
+    whole = {"text": text, "first": first, "again": [first, {"second": second}]}
+    assert lists.fill(dump(answer)) == dump(whole)
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):  # noqa: F811
+    return make_client(FakeRouter([]), tokenizer).app.state.server
+
+
+LOGPROB = st.floats() | st.integers(-5, 0)
+TOKEN_LOGPROBS = st.lists(st.builds(TokenLogprobs, st.integers(0, 49_151), LOGPROB,
+                                    st.lists(st.tuples(st.integers(0, 49_151), LOGPROB), max_size=5)), max_size=30)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lps=TOKEN_LOGPROBS, as_ids=st.booleans(), size=st.integers(1, 7))
+def test_a_whole_answers_logprobs_are_what_one_pydantic_dump_writes(server, lps, as_ids, size):
+    """Each choice as one model_dump_json of it writes it, its logprobs whole (floats, NaN and infinities included:
+    pydantic writes 1e-05 as 0.00001 and inf as null)."""
+    offsets = list(range(len(lps)))
+    with mock.patch.object(json_slices, "SLICE", size):
+        lists = Spliced()
+        chat = ChatChoice(index=0, message=AssistantMessage(content="hi"), finish_reason="stop",
+                          logprobs=server._spliced_chat_logprobs(lps, as_ids, lists))
+        completion = CompletionChoice(index=0, text="hi",
+                                      logprobs=server._spliced_completion_logprobs(lps, offsets, as_ids, lists))
+        sliced = [lists.fill(c.model_dump_json(warnings=False).encode()) for c in (chat, completion)]
+    chat.logprobs = server.chat_logprobs(lps, as_ids)
+    completion.logprobs = server._completion_logprobs(lps, offsets, as_ids)
+    assert sliced == [c.model_dump_json().encode() for c in (chat, completion)]
