@@ -174,6 +174,9 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     logprobs: list[dict] = []  # the message's, when included
     pending: list[TokenLogprobs] = []  # of the tokens since the last delta
     calls: dict[int, dict] = {}  # a streamed call's index -> its item
+    # a call's item id -> its arguments' pieces, joined as it closes: item["arguments"] += piece copied all of them
+    # at each delta, quadratic in their length
+    arguments: dict[str, list[str]] = {}
     tools = (ToolCallStream(prep.tool_names, prep.tool_mode == "forced", answer.parallel_tool_calls)
              if prep.tool_mode != "none" else None)
     yield event("response.created", response=answer.response("in_progress", []))
@@ -199,6 +202,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                     event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
                           part=item["content"][0])]
         else:
+            item["arguments"] = "".join(arguments.pop(item["id"]))
             done = [event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
                           name=item["name"], arguments=item["arguments"])]
         item["status"] = status
@@ -227,11 +231,11 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                         for e in close(output[-1], "completed"):
                             yield e
                     item = _call(ParsedCall(piece.name, ""), "in_progress")
-                    calls[piece.index] = item
+                    calls[piece.index], arguments[item["id"]] = item, []
                     output.append(item)
                     yield event("response.output_item.added", output_index=len(output) - 1, item=item)
                 item = calls[piece.index]
-                item["arguments"] += piece.arguments
+                arguments[item["id"]].append(piece.arguments)
                 if piece.arguments:
                     yield event("response.function_call_arguments.delta", item_id=item["id"],
                                 output_index=output.index(item), delta=piece.arguments)

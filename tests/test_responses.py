@@ -370,3 +370,30 @@ def test_the_response_says_the_temperature_and_top_p_it_was_sampled_with(router,
         r = client.post("/v1/responses", json={**body, "stream": stream})
         response = events(r)[-1]["response"] if stream else r.json()
         assert (response["temperature"], response["top_p"]) == said, body
+
+
+def test_a_streamed_calls_arguments_are_written_once(tokenizer, eos, monkeypatch):
+    """A call's item took each delta by item["arguments"] += delta: a copy of all its arguments so far per delta,
+    quadratic in their length. The characters written into the item's arguments are now the arguments', once."""
+    from deployments import responses
+
+    written = []
+
+    class Item(dict):
+        def __setitem__(self, key, value):
+            if key == "arguments":
+                written.append(len(value))
+            super().__setitem__(key, value)
+
+    real = responses._call
+    monkeypatch.setattr(responses, "_call", lambda call, status: Item(real(call, status)))
+    city = "Paris " * 200
+    call = json.dumps({"name": "get_weather", "parameters": {"city": city}})
+    router = FakeRouter(tokenizer.encode(call) + [eos], max_model_len=4096)
+    es = events(make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "tools": TOOLS, "stream": True}))
+    deltas = [e["delta"] for e in es if e["type"] == "response.function_call_arguments.delta"]
+    (done,) = [e for e in es if e["type"] == "response.function_call_arguments.done"]
+    (item,) = Response.model_validate(es[-1]["response"]).output
+    assert json.loads(item.arguments) == {"city": city} and len(deltas) > 100
+    assert "".join(deltas) == done["arguments"] == item.arguments
+    assert sum(written) <= len(item.arguments), (len(written), sum(written))
