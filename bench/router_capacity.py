@@ -57,7 +57,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -86,6 +87,7 @@ class ThreadMesh:
         self.serialize = serialize
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._lock = threading.Lock()
+        self._closed = False
         self._queued = 0  # works sent and not finished
         self._idle_since: float | None = time.perf_counter()
         self.starved_s = 0.0
@@ -111,16 +113,32 @@ class ThreadMesh:
     def execute(self, work: MeshWork, incarnation: str):
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        if incarnation == self.incarnation:
-            with self._lock:
-                self._queued += 1
-                if self._idle_since is not None:
-                    self.starved_s += time.perf_counter() - self._idle_since
-                    self._idle_since = None
-            self.executor.submit(self._run, work, loop, queue)
-        else:
+        if incarnation != self.incarnation:
             queue.put_nowait(RuntimeError("work for another incarnation"))
+            return self._results(queue)
+        with self._lock:  # not beside close(): a work is either queued before the executor shuts or refused
+            if self._closed:
+                queue.put_nowait(RuntimeError(f"{self.name} is closed"))
+                return self._results(queue)
+            self._queued += 1
+            if self._idle_since is not None:
+                self.starved_s += time.perf_counter() - self._idle_since
+                self._idle_since = None
+            future = self.executor.submit(self._run, work, loop, queue)
+        future.add_done_callback(partial(self._dropped, loop, queue))
         return self._results(queue)
+
+    def _dropped(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, future: Future) -> None:
+        """A work close() cancelled before it ran: its stream ends with an error, or its consumer would wait on it
+        for ever."""
+        if not future.cancelled():
+            return
+        with self._lock:
+            self._queued -= 1
+            if self._queued == 0:
+                self._idle_since = time.perf_counter()
+        with contextlib.suppress(RuntimeError):  # its loop is closed already: no one waits on it
+            loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"{self.name} closed before the work ran"))
 
     def _run(self, work: MeshWork, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """On the mesh thread: every step of the work, each handed to the loop as it is made."""
@@ -155,7 +173,10 @@ class ThreadMesh:
             yield pickle.loads(item) if isinstance(item, bytes) else item
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        """The work running goes on to its end; those still queued end with an error (`_dropped`)."""
+        with self._lock:
+            self._closed = True
+        self.executor.shutdown(wait=False, cancel_futures=True)  # outside the lock: _dropped takes it
 
 
 def _mesh_process(conn, time_scale: float, backend_kwargs: dict) -> None:
@@ -201,7 +222,9 @@ class ProcessMesh:
     more than a pipe holds while the mesh is busy, and Ray's transport does not block the caller either);
     results come back one message per step, read and unpickled by the event loop.
     `starved_s` is the time the mesh process waited for a work (the router's late, or its message was on
-    the way); `device_s` sums the steps' device time."""
+    the way); `device_s` sums the steps' device time. A mesh process that ends under it fails the works and resets
+    sent to it, and every later one, once each (`failure` says why), and `wait_closed` returns, as for a replica
+    whose link closed."""
 
     def __init__(self, name: str, ctx, time_scale: float = 1.0, **backend_kwargs):
         self.name = name
@@ -214,6 +237,8 @@ class ProcessMesh:
         self.pending: deque[tuple[str, asyncio.Queue]] = deque()  # works and resets sent, in order
         self.device_s = self.starved_s = self.working_s = self.cpu_s = 0.0
         self._reading = False
+        self.failure: str | None = None  # set once the mesh process is found gone
+        self._gone = asyncio.Event()
         self._outbox: queue_module.SimpleQueue = queue_module.SimpleQueue()
         self._writer: threading.Thread | None = None  # started on first use: after every fork
 
@@ -230,17 +255,26 @@ class ProcessMesh:
                 "cpu_s": self.cpu_s}
 
     def _send(self, kind: str, payload) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        if self.failure is not None:
+            queue.put_nowait(RuntimeError(self.failure))
+            return queue
         if not self._reading:
             asyncio.get_running_loop().add_reader(self.conn.fileno(), self._readable)
             self._reading = True
             self._writer = threading.Thread(target=self._write, name=f"{self.name}-writer", daemon=True)
             self._writer.start()
-        queue: asyncio.Queue = asyncio.Queue()
         self.pending.append((kind, queue))
         self._outbox.put(pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL))
         return queue
 
     def _readable(self) -> None:
+        try:
+            self._read()
+        except (EOFError, OSError):  # the process ended: its pipe would read EOF at every loop pass from now on
+            self._died()
+
+    def _read(self) -> None:
         while self.conn.poll():
             msg = self.conn.recv()
             kind, queue = self.pending[0]
@@ -261,12 +295,23 @@ class ProcessMesh:
             else:
                 queue.put_nowait(RuntimeError(msg[1]))
 
+    def _died(self) -> None:
+        """Stop reading the dead pipe; fail what was sent, once."""
+        asyncio.get_running_loop().remove_reader(self.conn.fileno())
+        self.proc.join(1)  # it has closed its end: it is exiting
+        self.failure = f"{self.name}: its process ended (exit code {self.proc.exitcode})"
+        while self.pending:
+            self.pending.popleft()[1].put_nowait(RuntimeError(self.failure))
+        self._gone.set()
+
     async def reset(self):
         caps = await self._send("reset", None).get()
+        if isinstance(caps, BaseException):
+            raise caps
         return self.incarnation, caps
 
     async def wait_closed(self):
-        await asyncio.Event().wait()  # it never goes
+        await self._gone.wait()
 
     def execute(self, work: MeshWork, incarnation: str):
         if incarnation != self.incarnation:
@@ -452,7 +497,8 @@ async def measure(num_meshes: int, seconds: float = 10.0, warmup_s: float = 3.0,
         "starved_mean": sum(p["starved"] for p in per_mesh) / len(per_mesh),
         "starved_max": max(p["starved"] for p in per_mesh),
         "overrun_mean": sum(p["overrun"] for p in per_mesh) / len(per_mesh),
-        "kept_busy": min(busy) >= BUSY_BAR, "kept_fed": max(p["starved"] for p in per_mesh) <= 1 - BUSY_BAR, "errors": consumers.errors[:5] if consumers else [],
+        "kept_busy": min(busy) >= BUSY_BAR, "kept_fed": max(p["starved"] for p in per_mesh) <= 1 - BUSY_BAR,
+        "errors": ([m.failure for m in meshes if isinstance(m, ProcessMesh) and m.failure] + consumers.errors)[:5],
         "per_mesh": per_mesh,
     }
 

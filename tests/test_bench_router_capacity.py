@@ -2,10 +2,13 @@
 runs; its figures are printed, never asserted, only their shape and sanity."""
 import asyncio
 import json
+import multiprocessing
+import threading
 
 import pytest
 
 from bench import router_capacity as rc
+from scheduler.work import MeshWork
 
 TINY = dict(seconds=0.6, warmup_s=0.3, prompt_tokens=16, max_tokens=12, extra_per_mesh=1, time_scale=0.2,
             max_seq_len=4096)
@@ -56,3 +59,51 @@ def test_command_line_prints_one_json_object(capsys):
     assert out["largest_kept_fed"] in (0, 1)
     assert [r["meshes"] for r in out["runs"]] == [1]
     assert out["config"]["mesh_mode"] == "processes" and out["runs"][0]["limit"]
+
+
+async def _drain(stream) -> list:
+    return [step async for step in stream]
+
+
+def test_a_mesh_process_that_dies_ends_its_works_as_failed_once_and_is_read_no_more():
+    """The dead child's pipe reads EOF at every loop pass: the reader raised there each time (a spinning loop, a
+    flooded log) and the work sent to the mesh never ended. Now it fails once, and the mesh counts as closed."""
+    async def run():
+        context_errors: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, context: context_errors.append(context))
+        mesh = rc.ProcessMesh("mesh-0", multiprocessing.get_context("fork"), 0.05, max_seq_len=4096)
+        try:
+            await asyncio.wait_for(mesh.reset(), 10)  # up: its pipe is read by the loop
+            mesh.proc.kill()
+            mesh.proc.join(10)
+            with pytest.raises(RuntimeError, match="mesh-0"):
+                await asyncio.wait_for(_drain(mesh.execute(MeshWork(0), mesh.incarnation)), 10)
+            await asyncio.wait_for(mesh.wait_closed(), 10)
+            for _ in range(100):  # loop passes: a reader left on the dead pipe would run at each
+                await asyncio.sleep(0)
+            with pytest.raises(RuntimeError, match="mesh-0"):  # later calls fail at once too
+                await asyncio.wait_for(mesh.reset(), 10)
+        finally:
+            mesh.close()
+        return mesh, context_errors
+    mesh, context_errors = asyncio.run(run())
+    assert context_errors == [] and "ended" in mesh.failure
+
+
+def test_closing_a_thread_mesh_ends_the_streams_of_the_works_it_drops():
+    """close() cancels the works still queued on the mesh thread: their result streams end with an error (a
+    consumer waited on one forever), as does a work sent after it."""
+    async def run():
+        mesh = rc.ThreadMesh("mesh-0", 0.05, max_seq_len=4096)
+        await mesh.reset()
+        gate = threading.Event()
+        mesh.executor.submit(gate.wait)  # the mesh thread is busy: the works below wait in its queue
+        queued = [mesh.execute(MeshWork(i), mesh.incarnation) for i in range(2)]
+        mesh.close()
+        gate.set()
+        for stream in queued:
+            with pytest.raises(RuntimeError, match="closed"):
+                await asyncio.wait_for(_drain(stream), 10)
+        with pytest.raises(RuntimeError, match="closed"):
+            await asyncio.wait_for(_drain(mesh.execute(MeshWork(2), mesh.incarnation)), 10)
+    asyncio.run(run())
