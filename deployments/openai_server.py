@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -283,13 +284,17 @@ class OpenAIServer:
         self._serving: asyncio.Future[bool] | None = None  # the last check of serving(), or the one under way
         self._serving_at = 0.0
         self._grammar_tokenizer = None
+        self._grammar_tokenizer_lock = threading.Lock()
 
     def grammar_tokenizer(self):
         """llguidance's view of the served tokenizer, built once (~0.2-1 s): by the Serve replica as it starts,
-        else at the first constrained request."""
+        else at the first constrained request. Locked: the grammar threads of the first constrained requests ask at
+        once, and each would build its own."""
         if self._grammar_tokenizer is None:
-            from model.grammar import ll_tokenizer
-            self._grammar_tokenizer = ll_tokenizer(self.tokenizer)
+            with self._grammar_tokenizer_lock:
+                if self._grammar_tokenizer is None:
+                    from model.grammar import ll_tokenizer
+                    self._grammar_tokenizer = ll_tokenizer(self.tokenizer)
         return self._grammar_tokenizer
 
     # ---- readiness ------------------------------------------------------------------------------

@@ -598,3 +598,37 @@ def test_a_tools_pointers_into_its_own_schema_resolve_in_a_forced_call(tok, llt,
     forced = constraint_for(chat(tools=[tool, TIME], tool_choice=tool_choice), lambda: llt).grammar
     assert accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % admitted)
     assert not accepts(llt, tok, forced, '{"name": "f", "parameters": %s}' % refused)
+
+
+def test_the_grammar_tokenizer_is_built_once_when_two_threads_ask_at_once(monkeypatch):
+    """Outside Serve nothing builds it before the first constrained requests, whose grammar threads may ask together:
+    each built one (~0.2-1 s of CPU with the GIL held, a copy of the vocabulary each)."""
+    import threading
+    from types import SimpleNamespace
+
+    import model.grammar
+    from deployments.openai_server import OpenAIServer
+
+    built, entered, second = [], threading.Event(), threading.Event()
+
+    def build(tokenizer):
+        built.append(object())
+        if len(built) == 1:
+            entered.set()
+            second.wait(0.5)  # a second build would start meanwhile: it does not wait for the first
+        else:
+            second.set()
+        return built[-1]
+
+    monkeypatch.setattr(model.grammar, "ll_tokenizer", build)
+    server = OpenAIServer(None, SimpleNamespace(vocab_size=8), "m")
+    got = []
+    first = threading.Thread(target=lambda: got.append(server.grammar_tokenizer()))
+    first.start()
+    entered.wait(10)
+    other = threading.Thread(target=lambda: got.append(server.grammar_tokenizer()))
+    other.start()
+    first.join(10)
+    other.join(10)
+    assert len(built) == 1 and got == [built[0]] * 2
+    assert server.grammar_tokenizer() is built[0]
