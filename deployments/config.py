@@ -16,6 +16,15 @@ Int, Float, Bool = Annotated[int, Strict()], Annotated[float, Strict()], Annotat
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20  # a 128k-token prompt is ~0.5 MB of text; JSON escaping can double it
 # Keys that decide the tokens a prompt gets (the weights, and the backend that computes them); AppConfig.model_identity
 MODEL_KEYS = ("model", "backend", "dtype", "num_layers")
+# The least min_step_deadline_s: an idle mesh's heartbeat (an empty work, answered at once) gets this alone, and a work
+# gets it beyond step_deadline_factor x its expected device time, for the link, the host's sampling and grammar
+# compiles. A Galaxy's decode step is 14-103 ms (72.5 tokens/s/user at 128 tokens of context, 9.7 at a full 128k
+# cache) and the router counts a mesh silent for 1 s (STALL_S) as stalled, not failed: below 1 s a mesh would be
+# failed before it could be stalled, and a slip of units (0.01 for 10 s) fails idle meshes on and off.
+MIN_STEP_DEADLINE_S = 1.0
+# The largest simulated time_scale: a Galaxy's decode step then takes 14-103 s and a 128k prefill 28 hours; far past
+# it (~1e8) the simulated mesh's sleep overflows (OverflowError) inside a work.
+MAX_TIME_SCALE = 1000.0
 # Keys that only one backend reads: set for another, they would be silently ignored.
 BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simulated", "mesh_shape": "tt_galaxy",
                 "num_layers": "tt_galaxy", "override_tt_config": "tt_galaxy"}
@@ -45,7 +54,8 @@ class AppConfig(BaseModel):
                                                           "(None: 4, one per Galaxy mesh column)")
     max_seq_len: Int | None = Field(None, ge=2)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    time_scale: Float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy")
+    time_scale: Float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy (at most "
+                                                     f"{MAX_TIME_SCALE:g})")
     mesh_shape: tuple[int, int] = (8, 4)
     num_layers: Int | None = Field(None, ge=1, description="tt_galaxy: fewer layers, for bring-up")
     override_tt_config: TTMeshConfig = Field(default_factory=TTMeshConfig)  # tt-inference-server's Galaxy spec
@@ -62,9 +72,10 @@ class AppConfig(BaseModel):
     stream_interval_ms: Float = Field(10.0, ge=0, le=1000, description="the router sends each ingress replica at "
                                       "most one message per interval, holding every request's new tokens")
     # failure handling (see docs/DESIGN.md, "Failure")
-    step_deadline_factor: Float = Field(20.0, gt=0, description="a work silent for min_step_deadline_s + this x "
-                                                                "its expected time marks its mesh down")
-    min_step_deadline_s: Float = Field(30.0, gt=0)
+    step_deadline_factor: Float = Field(20.0, ge=1, description="a work silent for min_step_deadline_s + this x "
+                                        "its expected time marks its mesh down (at least 1: the expected time is "
+                                        "already the work's longest on a healthy mesh)")
+    min_step_deadline_s: Float = Field(30.0, description=f"at least {MIN_STEP_DEADLINE_S:g} s")
     no_mesh_wait_s: Float = Field(30.0, ge=0, description="with no live mesh, requests wait this long, then 503")
     max_mesh_failures: Int = Field(2, ge=1, description="a request whose prefill or decode round this many meshes "
                                    "in a row were computing as they failed (no decode step of it done in between, "
@@ -83,6 +94,22 @@ class AppConfig(BaseModel):
                                       "(the response's id, then a random part), in the ingress as it is received, "
                                       "finished (reason, token counts), aborted or failed, and in the router as it is "
                                       "preempted or moved off a failed mesh; never its prompt or text")
+
+    @field_validator("min_step_deadline_s")
+    @classmethod
+    def _deadline_floor(cls, value: float) -> float:
+        if value < MIN_STEP_DEADLINE_S:
+            raise ValueError(f"at least {MIN_STEP_DEADLINE_S:g} s (seconds, not ms: an idle mesh's "
+                             "heartbeat gets this alone, so less fails healthy meshes on and off)")
+        return value
+
+    @field_validator("time_scale")
+    @classmethod
+    def _time_scale_ceiling(cls, value: float) -> float:
+        if value > MAX_TIME_SCALE:
+            raise ValueError(f"at most {MAX_TIME_SCALE:g} (a Galaxy's decode step then takes 14-103 s; far "
+                             "past it the simulated mesh cannot sleep that long)")
+        return value
 
     @field_validator("mesh_resources")
     @classmethod

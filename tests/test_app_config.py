@@ -566,3 +566,31 @@ def test_ingress_and_router_get_one_model_identity_which_only_the_model_keys_cha
              AppConfig(backend="torch", dtype="bfloat16")]
     assert {c.model_identity for c in same} == {config.model_identity}
     assert config.model_identity not in {c.model_identity for c in other} and len({c.model_identity for c in other}) == 3
+
+
+@pytest.mark.parametrize("args, key", [
+    ({"min_step_deadline_s": 0.01}, "min_step_deadline_s"),  # 10 s typed as ms: idle meshes failed on and off
+    ({"step_deadline_factor": 0.5}, "step_deadline_factor"),  # a healthy long prefill outlived its deadline
+    ({"backend": "simulated", "time_scale": 1e9}, "time_scale"),  # the simulated mesh's sleep overflowed in a work
+])
+def test_deadlines_and_a_time_scale_no_mesh_can_keep_are_refused_naming_the_key(args, key):
+    with pytest.raises(ValidationError, match=key):
+        AppConfig(**args)
+
+
+def test_the_deadline_floor_and_the_time_scale_ceiling_fit_what_a_mesh_does():
+    """The floor is no less than the silence after which the router counts a mesh as stalled, and past a Galaxy's
+    slowest decode step (a full 128k cache); at the largest time_scale the simulated mesh's longest call (a
+    whole-context prefill) still sleeps. Both limits are accepted."""
+    import threading
+
+    from deployments.config import MAX_TIME_SCALE, MIN_STEP_DEADLINE_S
+    from deployments.router import STALL_S
+    from model.simulated import SimulatedBackend
+
+    caps = SimulatedBackend().caps
+    assert MIN_STEP_DEADLINE_S >= STALL_S and MIN_STEP_DEADLINE_S > caps.decode_step_s
+    slowest = SimulatedBackend(time_scale=MAX_TIME_SCALE).caps
+    assert slowest.expected_seconds(slowest.max_seq_len, 0) < threading.TIMEOUT_MAX
+    AppConfig(min_step_deadline_s=MIN_STEP_DEADLINE_S, step_deadline_factor=1.0)
+    AppConfig(backend="simulated", time_scale=MAX_TIME_SCALE)

@@ -16,7 +16,8 @@ Replica = mesh_replica.MeshReplica.func_or_class
 def replica(monkeypatch):
     monkeypatch.setattr(mesh_replica, "build_backend",
                         lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=1.0, vocab_size=1000))
-    made = Replica({"backend": "simulated", "min_step_deadline_s": 0.5, "step_deadline_factor": 2})
+    made = Replica({"backend": "simulated"})
+    made.min_deadline_s, made.deadline_factor = 0.5, 2  # shorter than a config allows: the deadline tests end soon
     yield made
     made.shutdown()
 
