@@ -49,6 +49,7 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import multiprocessing
 import pickle
 import queue as queue_module
@@ -62,6 +63,7 @@ from functools import partial
 
 import numpy as np
 
+from deployments.config import MAX_TIME_SCALE
 from deployments.router import Router, RouterConfig
 from model.runner import MeshRunner
 from model.simulated import SimulatedBackend
@@ -448,6 +450,8 @@ async def measure(num_meshes: int, seconds: float = 10.0, warmup_s: float = 3.0,
     try:
         deadline = time.monotonic() + 60
         while not all(m.up for m in router.meshes):
+            if failed := [m.failure for m in meshes if isinstance(m, ProcessMesh) and m.failure]:
+                raise RuntimeError(f"a mesh did not start: {failed[0]}")  # it will not come: no need to wait
             if time.monotonic() > deadline:
                 raise TimeoutError("the meshes never came up")
             await asyncio.sleep(0.01)
@@ -542,6 +546,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     ns = sorted({int(n) for n in args.meshes.split(",")})
+    # a value out of these failed deep in a run (division by zero, an empty mesh list, a mesh that cannot start)
+    for flag, ok, rule in [("--meshes", ns[0] >= 1, "each at least 1"),
+                           ("--seconds", 0 < args.seconds < math.inf, "more than 0"),
+                           ("--warmup-s", 0 <= args.warmup_s < math.inf, "at least 0"),
+                           ("--prompt-tokens", args.prompt_tokens >= 1, "at least 1"),
+                           ("--max-tokens", args.max_tokens >= 1, "at least 1"),
+                           ("--extra-per-mesh", args.extra_per_mesh >= 0, "at least 0"),
+                           ("--time-scale", 0 < args.time_scale <= MAX_TIME_SCALE, f"in (0, {MAX_TIME_SCALE:g}]"),
+                           ("--decode-steps", args.decode_steps >= 1, "at least 1"),
+                           ("--ingresses", args.ingresses >= 1, "at least 1")]:
+        if not ok:
+            p.error(f"{flag}: {rule}")
     results = []
     for n in ns:
         r = asyncio.run(measure(n, args.seconds, args.warmup_s, args.prompt_tokens, args.max_tokens,

@@ -107,3 +107,20 @@ def test_closing_a_thread_mesh_ends_the_streams_of_the_works_it_drops():
         with pytest.raises(RuntimeError, match="closed"):
             await asyncio.wait_for(_drain(mesh.execute(MeshWork(2), mesh.incarnation)), 10)
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("flag, value", [("--meshes", "0"), ("--ingresses", "0"), ("--seconds", "0"),
+                                         ("--time-scale", "0"), ("--max-tokens", "0"), ("--extra-per-mesh", "-1")])
+def test_command_line_refuses_a_value_no_run_can_take_naming_the_flag(flag, value, capsys):
+    """Such a value failed deep in a run (a ZeroDivisionError, an IndexError) or, for a mesh process that could not
+    start, waited a minute for meshes that never came up."""
+    with pytest.raises(SystemExit):
+        rc.main(["--meshes", "1", "--seconds", "0.5", "--warmup-s", "0.1", flag, value])  # the last one given counts
+    assert flag in capsys.readouterr().err
+
+
+def test_a_mesh_process_that_cannot_start_ends_the_run_at_once_naming_it():
+    """Its backend refused the arguments (3 slots over 4 KV groups): the run waited 60 s for it, then said only
+    that the meshes never came up."""
+    with pytest.raises(RuntimeError, match="mesh-0"):
+        asyncio.run(asyncio.wait_for(rc.measure(1, mesh_mode="processes", **{**TINY, "num_slots": 3}), 30))
