@@ -327,6 +327,7 @@ class EventStream(StreamingResponse):
                 self._sending, self._sent_at = False, loop.time()
             if self._comment is not None:
                 await self._comment
+            self._sending = True  # the last send may wait for the reader too: no comment beside it, or after it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self._timer.cancel()

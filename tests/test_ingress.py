@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect
 from deployments import ingress, openai_server
 from deployments.body_limit import BodyLimit
 from deployments.ingress import build_app
-from deployments.streaming import StopStrings
+from deployments.streaming import EventStream, StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import MAX_LOGPROBS
@@ -1662,6 +1662,51 @@ def test_a_keepalive_never_goes_out_beside_a_chunk_a_slow_reader_holds(router, t
     text, most = _paused_stream(router, tokenizer, "/v1/chat/completions", CHAT, pause_s=0.0, send_wait_s=0.15)
     assert most == 1
     assert ": keep-alive" not in text  # each held send counts as sent; the answer never paused
+
+
+class _Source:
+    """An EventStream's source: when it was closed (the router requests behind it cancelled)."""
+
+    closed = False
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _event_stream_scope(spec_version: str) -> dict:
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "method": "POST", "path": "/",
+            "headers": []}
+
+
+async def _never() -> dict:
+    await asyncio.Event().wait()
+
+
+def test_no_keepalive_goes_out_beside_or_after_a_streams_last_send():
+    """The last send (more_body False) waits too while the reader's window is full (uvicorn drains before any
+    send). Keep-alives were due then: each was a second send under way at once, and a body sent after the
+    response was complete, which an ASGI server refuses (uvicorn: RuntimeError)."""
+    sent, sending, most = [], [0], [0]
+
+    async def body():
+        yield "data: 1\n\n"
+
+    async def send(message):
+        sending[0] += 1
+        most[0] = max(most[0], sending[0])
+        sent.append(message)
+        if message.get("more_body") is False:
+            await asyncio.sleep(0.3)  # the reader's window stays full for 6 keepalive_s
+        sending[0] -= 1
+
+    async def run():
+        await EventStream(body(), _Source(), 0.05)(_event_stream_scope("2.4"), _never, send)
+        await asyncio.sleep(0.2)  # a comment due meanwhile would be sent now
+
+    asyncio.run(run())
+    assert most[0] == 1
+    assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}, sent
+
 
 
 def _same_answer(a: str, b: str) -> bool:
