@@ -303,6 +303,8 @@ class EventStream(StreamingResponse):
         self._sending = False  # a chunk's send is under way (a slow reader: flow control holds it)
         self._comment: asyncio.Task | None = None  # a keep-alive's send, awaited before the next chunk's
         self._timer: asyncio.TimerHandle | None = None
+        self._streamer: asyncio.Task | None = None  # the task in stream_response, while it is there
+        self._refused: BaseException | None = None  # what a comment's send raised, as it ended the stream
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -312,8 +314,9 @@ class EventStream(StreamingResponse):
 
     async def stream_response(self, send) -> None:
         """Starlette's, with the keep-alive: its comment goes out from a timer, so a chunk waits for it to be sent
-        (two sends never overlap)."""
+        (two sends never overlap). A comment's send that raises ends the stream at once, with its error."""
         loop = asyncio.get_running_loop()
+        self._streamer = asyncio.current_task()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         self._sent_at = loop.time()
         self._timer = loop.call_at(self._sent_at + self.keepalive_s, self._tick, loop, send)
@@ -329,7 +332,12 @@ class EventStream(StreamingResponse):
                 await self._comment
             self._sending = True  # the last send may wait for the reader too: no comment beside it, or after it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if self._refused is not None and self._streamer.uncancel() == 0:  # cancelled by _sent_comment alone
+                raise self._refused from None
+            raise
         finally:
+            self._streamer = None
             self._timer.cancel()
             comment = self._comment
             if comment is not None and not comment.done():
@@ -351,9 +359,16 @@ class EventStream(StreamingResponse):
         self._timer = loop.call_at(due, self._tick, loop, send)
 
     def _sent_comment(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is None and task is self._comment:
-            self._comment = None  # a send that failed stays, to raise in the stream's next send (a client gone is
-            # seen before that by Starlette's listen_for_disconnect under uvicorn's ASGI spec 2.3)
+        """A send that failed stays, to raise in the stream, and ends it now: the stream may wait long for its next
+        chunk (a re-prefill: ~100 s), and under ASGI spec 2.4, where nothing listens for the client's going, a send's
+        OSError is how that is seen (under 2.3 Starlette's listen_for_disconnect sees it first)."""
+        if task.cancelled() or task is not self._comment:
+            return
+        if task.exception() is None:
+            self._comment = None
+        elif self._streamer is not None and self._refused is None:
+            self._refused = task.exception()
+            self._streamer.cancel()
 
 
 TEXT_SLOT = "\u2063meshserve-text\u2063"  # stands for the text in a template chunk (never a model's output)

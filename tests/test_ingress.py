@@ -1708,6 +1708,29 @@ def test_no_keepalive_goes_out_beside_or_after_a_streams_last_send():
     assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}, sent
 
 
+def test_a_keepalive_the_client_refused_ends_a_paused_stream_at_once():
+    """Under ASGI spec 2.4 nothing listens for the client's going: a send raises OSError instead. A comment's send
+    that raised was kept until the stream's next chunk, so a stream paused for a re-prefill (a Galaxy's 128k prompt:
+    ~100 s) held its router request, and the mesh's prefill, for a client long gone. It now ends the stream at once,
+    as a chunk's send that raised does (ClientDisconnect)."""
+    source = _Source()
+
+    async def body():
+        yield "data: 1\n\n"
+        await asyncio.Event().wait()  # paused: no next chunk comes
+
+    async def send(message):
+        if message.get("body", b"").startswith(b":"):
+            raise OSError("the client went away")
+
+    async def run():
+        stream = EventStream(body(), source, 0.05)
+        await asyncio.wait_for(stream(_event_stream_scope("2.4"), _never, send), timeout=10)
+
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(run())
+    assert source.closed
+
 
 def _same_answer(a: str, b: str) -> bool:
     """Two SSE bodies spell the same events, but for their ids and times."""
