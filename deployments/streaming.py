@@ -333,7 +333,7 @@ class EventStream(StreamingResponse):
             self._sending = True  # the last send may wait for the reader too: no comment beside it, or after it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if self._refused is not None and self._streamer.uncancel() == 0:  # cancelled by _sent_comment alone
+            if self._refused is not None and self._cancelled_here():
                 raise self._refused from None
             raise
         finally:
@@ -357,6 +357,13 @@ class EventStream(StreamingResponse):
                 self._sent_at = now
             due = now + self.keepalive_s
         self._timer = loop.call_at(due, self._tick, loop, send)
+
+    def _cancelled_here(self) -> bool:
+        """Whether _sent_comment alone cancelled the stream (its cancel taken back). Task.uncancel is 3.11+; a Galaxy
+        host may run 3.10, where a cancel from outside in the same instant is taken for ours: the stream ends with
+        the comment's error rather than a cancel, ended either way."""
+        uncancel = getattr(self._streamer, "uncancel", None)
+        return uncancel() == 0 if uncancel is not None else True
 
     def _sent_comment(self, task: asyncio.Task) -> None:
         """A send that failed stays, to raise in the stream, and ends it now: the stream may wait long for its next
