@@ -1656,6 +1656,36 @@ def test_a_pause_mid_answer_sends_keepalives_then_the_same_answer(client, router
     assert _same_answer(whole, text)
 
 
+class _Pause:
+    """A FakeRouter.resume that lets the answer go on after `seconds` (on whatever loop serves the app)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.seconds)
+
+
+def test_openais_sdk_reads_a_paused_stream_as_the_same_answer(client, router):
+    """The comments a pause mid-answer gets are skipped by openai-python's SSE decoder, for the three streams."""
+    import openai
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client, max_retries=0)
+
+    def answers() -> tuple:
+        chat = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(
+            model=MODEL, messages=CHAT["messages"], stream=True) if c.choices)
+        text = "".join(c.choices[0].text for c in sdk.completions.create(
+            model=MODEL, prompt=COMPLETION["prompt"], stream=True) if c.choices)
+        events = list(sdk.responses.create(model=MODEL, input="hi", stream=True))
+        return chat, text, [e.type for e in events], events[-1].response.output_text
+
+    whole = answers()
+    client.app.state.server.keepalive_s = 0.05
+    router.pause_after, router.resume = 3, _Pause(0.2)
+    assert ": keep-alive" in client.post("/v1/completions", json={**COMPLETION, "stream": True}).text
+    assert answers() == whole and whole[0] and whole[1]
+
+
 def test_a_keepalive_never_goes_out_beside_a_chunk_a_slow_reader_holds(router, tokenizer):
     """A chunk's send waits while the reader's window is full; a keep-alive sent then would be a second send under
     way at once, which an ASGI server does not allow. A held send is bytes on the way: no comment is due."""
