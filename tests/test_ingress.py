@@ -1854,6 +1854,30 @@ def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tok
     assert bodies[-1] == b": keep-alive\n\n"
 
 
+@pytest.mark.parametrize("path, body", STREAMS)
+def test_a_client_gone_in_a_pause_mid_answer_cancels_its_request_at_its_keepalive(router, tokenizer, path, body):
+    """Under ASGI spec 2.4 a gone client shows only as a send that fails. Mid-answer the keep-alive is sent from a
+    timer, and its failure waited for the stream's next chunk: through a re-prefill's pause (~100 s for a Galaxy's
+    128k prompt), the answer was computed on for no one. The failed keep-alive now ends the stream at once."""
+    router.pause_after = 3  # never resumed
+    app = build_app(router, tokenizer, MODEL)
+    app.state.server.keepalive_s = 0.05
+
+    def on_body(chunk: bytes, disconnected: asyncio.Event):
+        if chunk.startswith(b": keep-alive"):
+            disconnected.set()
+            raise OSError("connection reset")
+
+    async def run():
+        with pytest.raises(ClientDisconnect):
+            await asyncio.wait_for(_call_asgi(app, {**body, "stream": True}, "2.4", on_body, path), timeout=10)
+        (rid,) = router.requests
+        assert router.cancelled == [(rid, "abort")]
+        assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # nothing left waiting
+
+    asyncio.run(run())
+
+
 def test_a_cancelled_serving_read_does_not_cancel_the_streams_waiting_on_it(router, tokenizer, monkeypatch):
     """A Serve handle call that Ray cancelled raises asyncio.CancelledError in its caller (ray.serve's
     replica_result turns TaskCancelledError into it), and Ray cancels a request's child calls with it
