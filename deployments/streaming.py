@@ -304,7 +304,6 @@ class EventStream(StreamingResponse):
         self._comment: asyncio.Task | None = None  # a keep-alive's send, awaited before the next chunk's
         self._timer: asyncio.TimerHandle | None = None
         self._streamer: asyncio.Task | None = None  # the task in stream_response, while it is there
-        self._refused: BaseException | None = None  # what a comment's send raised, as it ended the stream
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -333,8 +332,9 @@ class EventStream(StreamingResponse):
             self._sending = True  # the last send may wait for the reader too: no comment beside it, or after it
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if self._refused is not None and self._cancelled_here():
-                raise self._refused from None
+            refused = self._refusal()
+            if refused is not None and self._cancelled_here():
+                raise refused from None
             raise
         finally:
             self._streamer = None
@@ -358,6 +358,11 @@ class EventStream(StreamingResponse):
             due = now + self.keepalive_s
         self._timer = loop.call_at(due, self._tick, loop, send)
 
+    def _refusal(self) -> BaseException | None:
+        """What a comment's failed send raised (a failed comment stays in _comment, and no other follows it)."""
+        comment = self._comment
+        return comment.exception() if comment is not None and comment.done() and not comment.cancelled() else None
+
     def _cancelled_here(self) -> bool:
         """Whether _sent_comment alone cancelled the stream (its cancel taken back). Task.uncancel is 3.11+; a Galaxy
         host may run 3.10, where a cancel from outside in the same instant is taken for ours: the stream ends with
@@ -373,8 +378,7 @@ class EventStream(StreamingResponse):
             return
         if task.exception() is None:
             self._comment = None
-        elif self._streamer is not None and self._refused is None:
-            self._refused = task.exception()
+        elif self._streamer is not None:
             self._streamer.cancel()
 
 
