@@ -721,6 +721,14 @@ def test_metrics_answer_while_no_router_can_be_reached(client, router, monkeypat
 
 # ---- disconnects --------------------------------------------------------------------------------
 
+def _asgi_scope(spec_version: str = "2.3", path: str = "/v1/chat/completions") -> dict:
+    """An HTTP POST of JSON to the app, as an ASGI server hands it over."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+            "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
+            "client": ("test", 1234), "root_path": ""}
+
+
 async def _call_asgi(app, body: dict, spec_version: str, on_body, path: str = "/v1/chat/completions") -> None:
     """Drive the app as an ASGI server would; `on_body(chunk)` reacts to each body message sent."""
     raw = json.dumps(body).encode()
@@ -737,11 +745,7 @@ async def _call_asgi(app, body: dict, spec_version: str, on_body, path: str = "/
         if message["type"] == "http.response.body" and message.get("body"):
             on_body(message["body"], disconnected)
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
-             "method": "POST", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
-             "server": ("test", 80), "client": ("test", 1234), "root_path": ""}
-    await app(scope, receive, send)
+    await app(_asgi_scope(spec_version, path), receive, send)
 
 
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
@@ -790,11 +794,7 @@ def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(route
         if message["type"] == "http.response.body" and message.get("body"):
             cut.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
-             "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
-             "server": ("test", 80), "client": ("test", 1234), "root_path": ""}
-    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
+    asyncio.run(asyncio.wait_for(app(_asgi_scope(), receive, send), timeout=30))
     (rid,) = router.requests
     assert router.cancelled == [(rid, "abort")]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
@@ -803,7 +803,7 @@ def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(route
         reads.extend([await receive(), await receive()])  # the disconnect is said again, not waited for forever
 
     reads, raised[:] = [], []
-    asyncio.run(asyncio.wait_for(BodyLimit(reads_twice, 1024)(scope, receive, send), timeout=5))
+    asyncio.run(asyncio.wait_for(BodyLimit(reads_twice, 1024)(_asgi_scope(), receive, send), timeout=5))
     assert [m["type"] for m in reads] == ["http.disconnect"] * 2
 
 
@@ -1631,11 +1631,7 @@ def _paused_stream(router, tokenizer, path: str, body: dict, pause_s: float, sen
 
     async def run():
         asyncio.get_running_loop().call_later(pause_s, router.resume.set)
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
-                 "client": ("test", 1234), "root_path": ""}
-        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        await asyncio.wait_for(app(_asgi_scope("2.4", path), receive, send), timeout=30)
 
     asyncio.run(run())
     return b"".join(sent).decode(), most[0]
@@ -1703,11 +1699,6 @@ class _Source:
         self.closed = True
 
 
-def _event_stream_scope(spec_version: str) -> dict:
-    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "method": "POST", "path": "/",
-            "headers": []}
-
-
 async def _never() -> dict:
     await asyncio.Event().wait()
 
@@ -1730,7 +1721,7 @@ def test_no_keepalive_goes_out_beside_or_after_a_streams_last_send():
         sending[0] -= 1
 
     async def run():
-        await EventStream(body(), _Source(), 0.05)(_event_stream_scope("2.4"), _never, send)
+        await EventStream(body(), _Source(), 0.05)(_asgi_scope("2.4"), _never, send)
         await asyncio.sleep(0.2)  # a comment due meanwhile would be sent now
 
     asyncio.run(run())
@@ -1755,7 +1746,7 @@ def test_a_keepalive_the_client_refused_ends_a_paused_stream_at_once():
 
     async def run():
         stream = EventStream(body(), source, 0.05)
-        await asyncio.wait_for(stream(_event_stream_scope("2.4"), _never, send), timeout=10)
+        await asyncio.wait_for(stream(_asgi_scope("2.4"), _never, send), timeout=10)
 
     with pytest.raises(ClientDisconnect):
         asyncio.run(run())
@@ -1909,11 +1900,7 @@ def test_a_cancelled_serving_read_does_not_cancel_the_streams_waiting_on_it(rout
             elif message.get("body"):
                 chunks.append(message["body"])
 
-        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-                 "method": "POST", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "scheme": "http",
-                 "server": ("test", 80), "client": ("test", 1234), "root_path": ""}
-        await app(scope, receive, send)
+        await app(_asgi_scope("2.4"), receive, send)
         return status, b"".join(chunks)
 
     async def run():
