@@ -72,7 +72,7 @@ class AppConfig(BaseModel):
     stream_interval_ms: Float = Field(10.0, ge=0, le=1000, description="the router sends each ingress replica at "
                                       "most one message per interval, holding every request's new tokens")
     # failure handling (see docs/DESIGN.md, "Failure")
-    step_deadline_factor: Float = Field(20.0, ge=1, description="a work silent for min_step_deadline_s + this x "
+    step_deadline_factor: Float = Field(20.0, description="a work silent for min_step_deadline_s + this x "
                                         "its expected time marks its mesh down (at least 1: the expected time is "
                                         "already the work's longest on a healthy mesh)")
     min_step_deadline_s: Float = Field(30.0, description=f"at least {MIN_STEP_DEADLINE_S:g} s")
@@ -101,6 +101,15 @@ class AppConfig(BaseModel):
         if value < MIN_STEP_DEADLINE_S:
             raise ValueError(f"at least {MIN_STEP_DEADLINE_S:g} s (seconds, not ms: an idle mesh's "
                              "heartbeat gets this alone, so less fails healthy meshes on and off)")
+        return value
+
+    @field_validator("step_deadline_factor")
+    @classmethod
+    def _deadline_factor_floor(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError(f"at least 1, not {value:g} (it multiplies a work's expected time, already its longest "
+                             "on a healthy mesh: below 1 a healthy long prefill outlives its deadline, and its mesh "
+                             "is failed)")
         return value
 
     @field_validator("time_scale")

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from deployments.config import AppConfig
+from deployments.config import AppConfig, check_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -576,6 +576,22 @@ def test_ingress_and_router_get_one_model_identity_which_only_the_model_keys_cha
 def test_deadlines_and_a_time_scale_no_mesh_can_keep_are_refused_naming_the_key(args, key):
     with pytest.raises(ValidationError, match=key):
         AppConfig(**args)
+
+
+def test_a_step_deadline_factor_below_1_is_refused_saying_why(tmp_path):
+    """It got pydantic's bare "Input should be greater than or equal to 1", which says neither what the factor
+    multiplies nor why less is wrong."""
+    with pytest.raises(ValidationError) as info:
+        AppConfig(step_deadline_factor=0.5)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("step_deadline_factor",)
+    assert "greater than" not in error["msg"] and "expected time" in error["msg"], error["msg"]
+    path = tmp_path / "serve.yaml"
+    path.write_text("applications:\n- name: m\n  import_path: deployments.app:build\n"
+                    "  args: {step_deadline_factor: 0.5}\n")
+    (problem,) = check_serve_config(str(path))
+    assert "args.step_deadline_factor: at least 1" in problem, problem
+    AppConfig(step_deadline_factor=1.0)
 
 
 def test_the_deadline_floor_and_the_time_scale_ceiling_fit_what_a_mesh_does():
