@@ -37,6 +37,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_prompt_file  # noqa: E402
 from model.backend import Backend  # noqa: E402
 from model.checkpoint import checkpoint_dir  # noqa: E402
+from model.galaxy import MAX_TIME_SCALE  # noqa: E402
 from model.runner import MeshRunner  # noqa: E402
 from model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from scheduler.blocks import blocks_for  # noqa: E402
@@ -160,8 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_layers is not None and args.backend != "tt_galaxy":
         p.error("--num-layers is supported by the tt_galaxy backend only")
-    if args.time_scale <= 0 or args.decode_steps < 1:
-        p.error("--time-scale must be positive and --decode-steps at least 1")
+    if not 0 < args.time_scale <= MAX_TIME_SCALE or args.decode_steps < 1:
+        p.error(f"--time-scale must be in (0, {MAX_TIME_SCALE:g}] and --decode-steps at least 1")
     return args
 
 

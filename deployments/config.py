@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
 
-from model.galaxy import KV_GROUPS, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes
+from model.galaxy import (KV_GROUPS, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes,
+                          simulated_sizes)
 
 # Numbers and booleans are strict, as the API's are: YAML types them, so "32" or true for num_slots is a mistake
 # (a float key still takes an int).
@@ -22,9 +23,6 @@ MODEL_KEYS = ("model", "backend", "dtype", "num_layers")
 # cache) and the router counts a mesh silent for 1 s (STALL_S) as stalled, not failed: below 1 s a mesh would be
 # failed before it could be stalled, and a slip of units (0.01 for 10 s) fails idle meshes on and off.
 MIN_STEP_DEADLINE_S = 1.0
-# The largest simulated time_scale: a Galaxy's decode step then takes 14-103 s and a 128k prefill 28 hours; far past
-# it (~1e8) the simulated mesh's sleep overflows (OverflowError) inside a work.
-MAX_TIME_SCALE = 1000.0
 # Keys that only one backend reads: set for another, they would be silently ignored.
 BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simulated", "mesh_shape": "tt_galaxy",
                 "num_layers": "tt_galaxy", "override_tt_config": "tt_galaxy"}
@@ -175,6 +173,9 @@ class AppConfig(BaseModel):
         if self.backend == "simulated" and self.num_slots % (self.kv_groups or KV_GROUPS):
             raise ValueError(f"num_slots ({self.num_slots}) must split evenly over kv_groups "
                              f"({self.kv_groups or KV_GROUPS}; unset: {KV_GROUPS}, a Galaxy's mesh columns)")
+        if self.backend == "simulated":  # ceilings, as the backend checks them
+            simulated_sizes(self.num_slots, self.kv_groups or KV_GROUPS, self.max_seq_len, self.num_blocks,
+                            self.block_size)
         if self.backend == "tt_galaxy":
             if self.num_slots != NUM_SLOTS:
                 raise ValueError(f"num_slots: the Galaxy model decodes exactly {NUM_SLOTS} users, not {self.num_slots}")

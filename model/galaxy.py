@@ -70,6 +70,37 @@ def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, bl
     return max_seq_len, num_blocks
 
 
+# The simulated Galaxy's limits (model/simulated.py; checked at deploy too). Its context may exceed a Galaxy's, for
+# tests and capacity work, up to 8x. Its pools are memory: per mesh, the router keeps ~56 B a block (scheduler's
+# BlockPool) and the mesh 4 B a token of cache; these are 128x a Galaxy's (4 x 2,056 blocks of 64 tokens), ~60 MB and
+# 256 MiB. A time_scale far past its ceiling (~1e8) overflows the mesh's sleep inside a work.
+MAX_SIMULATED_SEQ_LEN = 8 * MAX_SEQ_LEN
+MAX_SIMULATED_BLOCKS = 2**20  # per mesh, all its KV groups together
+MAX_SIMULATED_KV_TOKENS = 2**26  # per mesh
+MAX_TIME_SCALE = 1000.0  # a Galaxy's decode step then takes 14-103 s, and a 128k prefill 28 hours
+
+
+def simulated_sizes(num_slots: int, kv_groups: int, max_seq_len: int | None, num_blocks: int | None,
+                    block_size: int) -> tuple[int, int]:
+    """(max_seq_len, num_blocks per KV group) of a simulated Galaxy, or ValueError naming the field. Unset, they are
+    a Galaxy's: 128k, and blocks_per_group at max_seq_len."""
+    max_seq_len = max_seq_len or MAX_SEQ_LEN
+    if not 2 <= max_seq_len <= MAX_SIMULATED_SEQ_LEN:
+        raise ValueError(f"max_seq_len: 2 to {MAX_SIMULATED_SEQ_LEN} tokens on the simulated backend (8x a Galaxy's "
+                         f"context), not {max_seq_len}")
+    if num_blocks is None:
+        num_blocks, unset = blocks_per_group(max_seq_len, block_size, num_slots // kv_groups), " (unset: max_seq_len's)"
+    else:
+        unset = ""
+    blocks, tokens = kv_groups * num_blocks, kv_groups * num_blocks * block_size
+    if blocks > MAX_SIMULATED_BLOCKS or tokens > MAX_SIMULATED_KV_TOKENS:
+        raise ValueError(f"num_blocks: {num_blocks} a KV group{unset} x {kv_groups} groups is {blocks} blocks of "
+                         f"{block_size} tokens; the simulated backend holds at most {MAX_SIMULATED_BLOCKS} blocks and "
+                         f"{MAX_SIMULATED_KV_TOKENS} tokens a mesh (the router keeps ~56 B a block, the mesh 4 B a "
+                         "token)")
+    return max_seq_len, num_blocks
+
+
 @dataclass(frozen=True)
 class TTMeshConfig:
     """How the mesh is opened, sampled and warmed up. The defaults, and the names, are tt-inference-server's

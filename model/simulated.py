@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from model.backend import SAMPLING_FIELDS, Backend, Capabilities
-from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_SEQ_LEN, NUM_SLOTS, PREFIX_ALIGN,
-                          blocks_per_group, padded_prefill_len)
+from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN,
+                          padded_prefill_len, simulated_sizes)
 from scheduler.sampling import SamplingParams
 
 
@@ -139,13 +139,14 @@ class SimulatedBackend(Backend):
                  vocab_size: int = LLAMA3_VOCAB, eos_token_ids: tuple[int, ...] = LLAMA3_EOS, eos_rate: float = 0.0,
                  timing: GalaxyTiming | None = None):
         """num_blocks is per KV group. None sizes like the Galaxy: 128k tokens, and per group a pool for one
-        such user plus a block for each slot of the group (2,056 blocks)."""
-        if time_scale <= 0:
-            raise ValueError("time_scale must be positive")
-        max_seq_len = max_seq_len or MAX_SEQ_LEN
+        such user plus a block for each slot of the group (2,056 blocks). Checked as the config checks them (built
+        directly, by bench/demo.py, too): a size past model.galaxy's ceilings would exhaust memory."""
+        if not 0 < time_scale <= MAX_TIME_SCALE:
+            raise ValueError(f"time_scale: more than 0 and at most {MAX_TIME_SCALE:g}, not {time_scale} (far past it "
+                             "the simulated mesh cannot sleep that long)")
         if kv_groups < 1 or num_slots % kv_groups:
             raise ValueError(f"{num_slots} slots cannot be split evenly over {kv_groups} KV groups")
-        num_blocks = num_blocks or blocks_per_group(max_seq_len, block_size, num_slots // kv_groups)
+        max_seq_len, num_blocks = simulated_sizes(num_slots, kv_groups, max_seq_len, num_blocks, block_size)
         timing = timing or GalaxyTiming.published()
         self.caps = Capabilities(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
                                  max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,

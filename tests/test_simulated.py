@@ -231,3 +231,40 @@ def test_small_vocab_stays_in_range_and_avoids_its_eos():
     backend = SimulatedBackend(time_scale=FAST, vocab_size=50, eos_token_ids=(0, 2))
     out = generate(backend, list(range(10)), [0, 1], slot=0, steps=100)
     assert set(out) <= set(range(50)) - {0, 2} and len(set(out)) > 30
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"time_scale": 1e9}, "time_scale"),  # built directly (bench/demo.py): the sleep overflowed inside a step
+    ({"time_scale": math.nan}, "time_scale"),  # NaN passed `time_scale <= 0`
+    ({"time_scale": math.inf}, "time_scale"),
+    ({"max_seq_len": 2**40}, "max_seq_len"),  # its default pool alone: 2^34 blocks a group
+    ({"max_seq_len": 2**20 + 1, "num_blocks": 64}, "max_seq_len"),
+    ({"num_blocks": 2**40}, "num_blocks"),
+    ({"num_blocks": 2**18 + 1}, "num_blocks"),  # 4 groups: past 2^20 blocks, the router's pools' ~56 B a block
+    ({"num_blocks": 2**17 + 1, "block_size": 128}, "num_blocks"),  # past 2^26 tokens of the mesh's cache (4 B each)
+    ({"max_seq_len": 2**20, "block_size": 1}, "num_blocks"),  # unset: sized from max_seq_len
+])
+def test_sizes_and_a_time_scale_that_would_exhaust_memory_or_overflow_are_refused_naming_the_field(kwargs, field):
+    """No ceiling was checked: a mistyped num_blocks or max_seq_len filled the mesh's memory (its cache is 4 B a
+    token, the router's pool ~56 B a block) or failed as a MemoryError naming nothing, and a time_scale given to the
+    backend directly (bench/demo.py) was not bounded as the config bounds it."""
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        SimulatedBackend(**kwargs)
+
+
+def test_the_simulated_ceilings_hold_what_the_config_checks_and_the_tests_need():
+    """Refused in the config too, at deploy, by the same rule; a 256k context over a larger pool still fits."""
+    from pydantic import ValidationError
+
+    from deployments.config import AppConfig
+    from model.galaxy import MAX_SIMULATED_SEQ_LEN, simulated_sizes
+
+    assert simulated_sizes(32, 4, 262_144, 4200, 64) == (262_144, 4200)
+    assert simulated_sizes(32, 4, None, None, 64) == (131_072, 2056)  # a Galaxy's
+    assert SimulatedBackend(time_scale=FAST, max_seq_len=262_144, num_blocks=4200).caps.max_seq_len == 262_144
+    for args, field in (({"max_seq_len": MAX_SIMULATED_SEQ_LEN + 1}, "max_seq_len"),
+                        ({"num_blocks": 2**40}, "num_blocks"),
+                        ({"max_seq_len": MAX_SIMULATED_SEQ_LEN, "block_size": 1}, "num_blocks")):
+        with pytest.raises(ValidationError, match=f"{field}: "):
+            AppConfig(backend="simulated", **args)
+    AppConfig(backend="simulated", max_seq_len=MAX_SIMULATED_SEQ_LEN)
