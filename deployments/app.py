@@ -48,4 +48,5 @@ def build(args: AppConfig) -> Application:
     return Ingress.options(num_replicas=config.ingress_replicas, max_ongoing_requests=ongoing,
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
         router, config.model, config.names, keys or None, config.max_request_bytes, config.metrics_open,
-        config.allowed_origins, config.model_identity, enable_log_requests=config.enable_log_requests)
+        config.allowed_origins, config.model_identity, enable_log_requests=config.enable_log_requests,
+        sse_keep_alive_interval=config.sse_keep_alive_interval)

@@ -23,6 +23,9 @@ MODEL_KEYS = ("model", "backend", "dtype", "num_layers")
 # cache) and the router counts a mesh silent for 1 s (STALL_S) as stalled, not failed: below 1 s a mesh would be
 # failed before it could be stalled, and a slip of units (0.01 for 10 s) fails idle meshes on and off.
 MIN_STEP_DEADLINE_S = 1.0
+# sse_keep_alive_interval's bounds: below 1 s a unit slip (0.015 for 15 s) sends a comment per stream every few ms;
+# past 300 s it outlasts any proxy's read timeout it is there for (nginx, ALB: 60 s by default).
+SSE_KEEP_ALIVE_BOUNDS = (1.0, 300.0)
 # Keys that only one backend reads: set for another, they would be silently ignored.
 BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simulated", "mesh_shape": "tt_galaxy",
                 "num_layers": "tt_galaxy", "override_tt_config": "tt_galaxy"}
@@ -86,6 +89,10 @@ class AppConfig(BaseModel):
         "template) is refused: it would let in `Authorization: Bearer ` with nothing after it")
     max_request_bytes: Int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
     metrics_open: Bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
+    sse_keep_alive_interval: Float = Field(15.0, description="vLLM's name: a stream that has sent nothing for this "
+                                           "many seconds (a long prefill, a failover's re-prefill) gets an SSE "
+                                           "comment, so a proxy's read timeout does not cut it; 1 to 300 (vLLM's "
+                                           "0, off, is refused: such a stream would be cut)")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
                                        "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")
     enable_log_requests: Bool = Field(False, description="vLLM's name: log each request at INFO under its router id "
@@ -99,6 +106,15 @@ class AppConfig(BaseModel):
         if value < MIN_STEP_DEADLINE_S:
             raise ValueError(f"at least {MIN_STEP_DEADLINE_S:g} s (seconds, not ms: an idle mesh's "
                              "heartbeat gets this alone, so less fails healthy meshes on and off)")
+        return value
+
+    @field_validator("sse_keep_alive_interval")
+    @classmethod
+    def _keep_alive_bounds(cls, value: float) -> float:
+        low, high = SSE_KEEP_ALIVE_BOUNDS
+        if not low <= value <= high:
+            raise ValueError(f"{low:g} to {high:g} seconds, not {value:g} (less than a proxy's read timeout in front; "
+                             "below 1 s, likely ms for s)")
         return value
 
     @field_validator("step_deadline_factor")

@@ -43,9 +43,10 @@ from scheduler.work import TokenEvent
 
 log = logging.getLogger("ray.serve")
 
-# A stream's headers wait this long for its first token, then go out with an SSE comment every SSE_KEEPALIVE_S
-# until it comes (streaming.FirstDelta): a refusal is a status code in most cases (429 and too-long prompts come
-# in milliseconds), and the bytes keep proxies' read timeouts (nginx, ALB: 60 s) from cutting a long prefill.
+# A stream's headers wait this long for its first token, then go out with an SSE comment every keepalive_s
+# (AppConfig's sse_keep_alive_interval, SSE_KEEPALIVE_S by default) until it comes (streaming.FirstDelta): a refusal
+# is a status code in most cases (429 and too-long prompts come in milliseconds), and the bytes keep proxies' read
+# timeouts (nginx, ALB: 60 s) from cutting a long prefill.
 STREAM_HEADERS_WAIT_S = 5.0
 SSE_KEEPALIVE_S = 15.0
 # Past STREAM_HEADERS_WAIT_S, a stream's headers still wait while its request is held (no live mesh, or no router),

@@ -578,6 +578,22 @@ def test_deadlines_and_a_time_scale_no_mesh_can_keep_are_refused_naming_the_key(
         AppConfig(**args)
 
 
+def test_the_sse_keep_alive_interval_is_a_bounded_key_each_ingress_replica_gets():
+    """It was a constant (15 s): a proxy with a read timeout under ~16 s in front still cut a stream paused longer
+    (a long prefill, a failover's re-prefill). vLLM's name; 1 to 300 s."""
+    from deployments.app import build
+
+    assert AppConfig().sse_keep_alive_interval == 15.0
+    ingress = build(AppConfig(backend="simulated", sse_keep_alive_interval=4))._bound_deployment
+    assert ingress.init_kwargs["sse_keep_alive_interval"] == 4.0
+    for value in (0, 0.015, 301, float("inf")):
+        with pytest.raises(ValidationError, match="sse_keep_alive_interval") as info:
+            AppConfig(sse_keep_alive_interval=value)
+        assert "1 to 300" in str(info.value) or value == float("inf"), str(info.value)
+    AppConfig(sse_keep_alive_interval=1)
+    AppConfig(sse_keep_alive_interval=300)
+
+
 def test_a_step_deadline_factor_below_1_is_refused_saying_why(tmp_path):
     """It got pydantic's bare "Input should be greater than or equal to 1", which says neither what the factor
     multiplies nor why less is wrong."""

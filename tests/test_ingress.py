@@ -1607,12 +1607,15 @@ STREAMS = [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION), ("/v
                                                                                           "input": "hi"})]
 
 
-def _paused_stream(router, tokenizer, path: str, body: dict, pause_s: float, send_wait_s: float = 0.0) -> tuple:
-    """The stream's body when its answer stalls `pause_s` after 3 tokens (keepalive_s 0.05), and the most sends
-    under way at once; a send of a token's chunk takes `send_wait_s` (a reader's flow control)."""
+def _paused_stream(router, tokenizer, path: str, body: dict, pause_s: float, send_wait_s: float = 0.0,
+                   stamps: list | None = None, **app_args) -> tuple:
+    """The stream's body when its answer stalls `pause_s` after 3 tokens (keepalive_s 0.05, unless `app_args` set
+    it), and the most sends under way at once; a send of a token's chunk takes `send_wait_s` (a reader's flow
+    control). `stamps` gets each body's (loop time, bytes) as it was sent."""
     router.pause_after, router.resume = 3, asyncio.Event()
-    app = build_app(router, tokenizer, MODEL)
-    app.state.server.keepalive_s = 0.05
+    app = build_app(router, tokenizer, MODEL, **app_args)
+    if not app_args:
+        app.state.server.keepalive_s = 0.05
     sent, sending, most = [], [0], [0]
     messages = [{"type": "http.request", "body": json.dumps({**body, "stream": True}).encode(), "more_body": False}]
 
@@ -1628,6 +1631,8 @@ def _paused_stream(router, tokenizer, path: str, body: dict, pause_s: float, sen
             await asyncio.sleep(send_wait_s)
         sending[0] -= 1
         sent.append(message.get("body", b""))
+        if stamps is not None:
+            stamps.append((asyncio.get_running_loop().time(), sent[-1]))
 
     async def run():
         asyncio.get_running_loop().call_later(pause_s, router.resume.set)
@@ -1650,6 +1655,21 @@ def test_a_pause_mid_answer_sends_keepalives_then_the_same_answer(client, router
     assert comments == list(range(comments[0], comments[-1] + 1))  # together, in the pause
     assert any(b.startswith(("data:", "event:")) for b in blocks[:comments[0]])  # after tokens, not before them
     assert _same_answer(whole, text)
+
+
+@pytest.mark.parametrize("path, body", STREAMS)
+def test_a_pause_longer_than_the_configured_keepalive_interval_gets_comments_at_that_interval(router, tokenizer,
+                                                                                             path, body):
+    """The interval was a constant (15 s): a proxy in front with a shorter read timeout still cut a paused stream. It
+    is AppConfig's sse_keep_alive_interval (vLLM's name), which each ingress replica's app is built with."""
+    interval, stamps = 0.1, []
+    text, _ = _paused_stream(router, tokenizer, path, body, pause_s=6 * interval, stamps=stamps,
+                             sse_keep_alive_interval=interval)
+    times = [t for t, b in stamps if b.startswith(b":")]
+    assert len(times) >= 2, text  # none with the constant: the pause is far shorter than 15 s
+    last_data = max(t for t, b in stamps if b and not b.startswith(b":") and t < times[0])
+    gaps = [b - a for a, b in zip([last_data, *times], times)]
+    assert min(gaps) >= 0.8 * interval, gaps  # at that interval, not more often (a comment is sent a task later)
 
 
 class _Pause:
