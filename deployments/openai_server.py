@@ -897,8 +897,8 @@ class OpenAIServer:
                                 prep.prompt_ids if ids else None)
                 for i in range(reply.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)
-            if not first.task.done():
-                yield KEEPALIVE  # the headers go out: EventStream keeps the stream alive until the first delta
+            if not chat and not first.task.done():  # the headers go out with bytes (a chat's role chunks are);
+                yield KEEPALIVE  # EventStream keeps the stream alive until the first delta
             d = await first.delta()
             while d is not None:
                 generated[d.index] = d.num_generated

@@ -22,7 +22,7 @@ from deployments.json_slices import Spliced
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import ANSWER_CHARS_PER_LOGPROB, OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
-from deployments.streaming import KEEPALIVE, ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
+from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import TokenLogprobs
 
@@ -209,9 +209,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         return [*done, event("response.output_item.done", output_index=index, item=item)]
 
     finish, generated, cached = None, 0, 0
-    try:
-        if not first.task.done():
-            yield KEEPALIVE  # the headers go out: EventStream keeps the stream alive until the first delta
+    try:  # the opening events went out with the headers: EventStream keeps the stream alive until the first delta
         d = await first.delta()
         while d is not None:
             content, pieces, _ = tools.feed(d.text, d.finish_reason is not None) if tools else (d.text, [], False)

@@ -1592,15 +1592,31 @@ def test_a_slow_first_token_sends_headers_then_keepalives_then_the_same_answer(c
     """Headers and SSE comments go out while a long prefill runs, so a proxy's read timeout does not cut it."""
     whole = client.post(path, json={**body, "stream": True}).text
     assert ": keep-alive" not in whole  # a first token within the wait: nothing changes
-    _slow_first_token(client, router)
+    _slow_first_token(client, router, queued_s=0.45)
     r = client.post(path, json={**body, "stream": True})
     assert r.status_code == 200
     blocks = r.text.split("\n\n")
     comments = [i for i, b in enumerate(blocks) if b.startswith(":")]
-    assert len(comments) >= 3  # one at once, then one each keepalive_s of the 0.35 s
+    assert len(comments) >= 3  # one each keepalive_s of the 0.4 s after the headers (a completion's: one at once too)
     assert all(b == ": keep-alive" for b in map(blocks.__getitem__, comments))
     assert comments == list(range(comments[0], comments[-1] + 1))  # together, before the first token
     assert _same_answer(whole, r.text)
+
+
+@pytest.mark.parametrize("path, body, opening", [
+    ("/v1/chat/completions", CHAT, "data: "),  # its role chunk
+    ("/v1/completions", COMPLETION, ": keep-alive"),  # nothing else to send at once
+    ("/v1/responses", {"model": MODEL, "input": "hi"}, "event: response.created")])
+def test_a_slow_first_tokens_stream_opens_with_bytes_at_once_and_no_comment_beside_them(client, router, path, body,
+                                                                                          opening):
+    """Once its headers go out, a stream must send bytes at once (a proxy or client waits for them): a chat stream's
+    role chunk and the Responses stream's opening events are bytes already, and a comment after them was redundant.
+    A completion's stream has no such event: its comment is its first bytes."""
+    _slow_first_token(client, router, keepalive_s=30.0)  # no keep-alive falls due within the test
+    r = client.post(path, json={**body, "stream": True})
+    blocks = r.text.split("\n\n")
+    assert r.status_code == 200 and blocks[0].startswith(opening), r.text
+    assert [b for b in blocks if b.startswith(":")] == ([": keep-alive"] if opening.startswith(":") else []), r.text
 
 
 STREAMS = [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION), ("/v1/responses", {"model": MODEL,
