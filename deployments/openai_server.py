@@ -683,7 +683,7 @@ class OpenAIServer:
             try:
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
                     last = unread.get(index)
-                    if last is not None and len(last.token_ids) < most:  # a bounded text to extend
+                    if last is not None and len(last.token_ids) + len(delta.token_ids) <= most:  # within the bound
                         last.merge(delta)
                     else:
                         unread[index] = delta

@@ -76,13 +76,23 @@ class EventQueue:
         self._max_tokens = max_tokens
 
     def put_nowait(self, item: TokenEvent | RequestFailed | BaseException) -> None:
-        last = self._items[-1] if self._items else None
-        if (type(item) is TokenEvent and type(last) is TokenEvent and last.finish_reason is None
-                and len(last.token_ids) < self._max_tokens):
-            last.merge(item)
-        else:
-            self._items.append(item)
+        """Tokens past the bound start the next event (split off: slices), so that no event holds more."""
         self._ready.set()
+        if type(item) is not TokenEvent:
+            self._items.append(item)
+            return
+        most, last = self._max_tokens, self._items[-1] if self._items else None
+        if type(last) is TokenEvent and last.finish_reason is None and len(last.token_ids) < most:
+            room = most - len(last.token_ids)
+            if len(item.token_ids) <= room:
+                last.merge(item)
+                return
+            head, item = item.split(room)
+            last.merge(head)
+        while len(item.token_ids) > most:
+            head, item = item.split(most)
+            self._items.append(head)
+        self._items.append(item)
 
     async def get(self) -> TokenEvent | RequestFailed | BaseException:
         if self._items:  # a reader catching up: the replica's other streams run between two of its events

@@ -113,6 +113,13 @@ class TokenEvent:
             self.num_prompt_tokens, self.num_cached_tokens = later.num_prompt_tokens, later.num_cached_tokens
             self.queue_time_s = later.queue_time_s
 
+    def split(self, n: int) -> tuple[TokenEvent, TokenEvent]:
+        """Its first n tokens (with their logprobs and the first event's fields), and the rest (with the finish)."""
+        head = TokenEvent(self.request_id, self.token_ids[:n], self.logprobs[:n], None, self.num_prompt_tokens,
+                          self.num_cached_tokens, None, self.queue_time_s)
+        return head, TokenEvent(self.request_id, self.token_ids[n:], self.logprobs[n:], self.finish_reason,
+                                error=self.error)
+
     @property
     def plain(self) -> bool:
         """Only tokens: what nearly every event of a stream is."""

@@ -1460,6 +1460,29 @@ def test_events_merged_by_the_router_give_the_same_answer_as_one_token_events(ro
     assert answer(4) == answer(1)
 
 
+def test_the_deltas_a_lagging_reader_of_n_choices_gets_hold_at_most_the_merge_bound(router, tokenizer, monkeypatch):
+    """With n choices each choice's unread delta takes the next one while under the bound: it reached the bound + one
+    delta's tokens - 1. A delta that would pass the bound now waits as the next one."""
+    from deployments import router_client
+    from deployments.protocol import CompletionRequest
+
+    monkeypatch.setattr(router_client, "MERGED_TOKENS_MAX", 12)
+    router.answer, router.merge = list(range(1000, 1060)), 5
+    server = make_client(router, tokenizer).app.state.server
+
+    async def run() -> list:
+        prep = await server.prepare(CompletionRequest(model=MODEL, prompt="hi", max_tokens=60, n=2), "cmpl")
+        stream = server.deltas([prep], 2, None)
+        first = await anext(stream)
+        await asyncio.sleep(0.3)  # the reader lags while both choices run to their end
+        return [first, *[d async for d in stream]]
+
+    deltas = asyncio.run(run())
+    assert max(len(d.token_ids) for d in deltas) <= 12, [len(d.token_ids) for d in deltas]
+    for index in (0, 1):
+        assert [t for d in deltas if d.index == index for t in d.token_ids] == router.answer
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_string_counts_only_after_min_tokens(client, router, tokenizer, stream):
     """min_tokens tokens come first whatever they hold; a stop string completed by token min_tokens + 1

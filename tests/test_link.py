@@ -629,6 +629,29 @@ def test_a_lagging_reader_of_logprobs_takes_them_a_bounded_work_an_event():
     asyncio.run(main())
 
 
+def test_a_lagging_readers_merged_events_hold_at_most_the_bound():
+    """An event merged into the last one not taken while that one was under the bound: a merged event reached the
+    bound + one event's tokens - 1 (with 20 logprobs, 12 + 7 of an 8-step round). The tokens past the bound now
+    start the next event, so every event holds at most the bound, and all but the last are full."""
+    async def main():
+        bound, queue = 12, router_client.EventQueue(max_tokens=12)
+        for start in range(0, 60, 5):  # a decode round's 5 tokens at a time, then one event past the bound alone
+            queue.put_nowait(TokenEvent("r", list(range(start, start + 5)),
+                                        [TokenLogprobs(t, -0.5, []) for t in range(start, start + 5)],
+                                        num_prompt_tokens=7 if start == 0 else 0))
+        queue.put_nowait(TokenEvent("r", list(range(60, 90)), [TokenLogprobs(t, -0.5, []) for t in range(60, 90)],
+                                    finish_reason="length"))
+        events = [await queue.get()]
+        while events[-1].finish_reason is None:
+            events.append(await queue.get())
+        sizes = [len(e.token_ids) for e in events]
+        assert max(sizes) <= bound and set(sizes[:-1]) == {bound}, sizes
+        assert [t for e in events for t in e.token_ids] == list(range(90))
+        assert all([lp.token_id for lp in e.logprobs] == e.token_ids for e in events)
+        assert events[0].num_prompt_tokens == 7 and [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+    asyncio.run(main())
+
+
 def stalled_client(app, body: bytes) -> tuple[asyncio.Task, asyncio.Event, list[bytes]]:
     """POST /v1/completions to the ASGI app from a client that reads nothing until `reading` is set: each write of
     the response waits for it, as uvicorn's flow control holds a write while the client's window is full. Returns
