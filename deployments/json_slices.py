@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import AnyStr
 
 from pydantic import BaseModel, TypeAdapter
@@ -29,7 +29,7 @@ class Spliced:
         self._tag = f"meshserve-list-{secrets.token_hex(8)}-"
         self._lists: list[tuple[list, str | bytes]] = []  # each: its slices' JSON without brackets, and `between`
 
-    def mark(self, items: list, dump: Callable[[list], AnyStr], between: AnyStr, size: int | None = None) -> str:
+    def mark(self, items: Sequence, dump: Callable[[list], AnyStr], between: AnyStr, size: int | None = None) -> str:
         """The mark of dump(items), written `size` (SLICE) items per call of dump. `between` is what dump writes
         between two items (its separator: "," compact, ", " json.dumps' default), of the answer's type (str, bytes)."""
         size = size or SLICE

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -957,7 +957,7 @@ class OpenAIServer:
                       top_logprobs=[self._top(t, p, as_ids) for t, p in lp.top])
             for lp in lps])
 
-    def _spliced_chat_logprobs(self, lps: list[TokenLogprobs], as_ids: bool, lists: Spliced) -> ChatLogprobs:
+    def _spliced_chat_logprobs(self, lps: Sequence[TokenLogprobs], as_ids: bool, lists: Spliced) -> ChatLogprobs:
         """A whole answer's logprobs: their list's JSON, held in `lists`, a mark in its place (so the choice's own dump
         leaves it out). Built and written a slice at a time: freeing all of them at once (8,192 tokens with 20
         top_logprobs: 170,000 models) held the GIL ~30 ms."""
@@ -969,22 +969,34 @@ class OpenAIServer:
                              as_ids: bool = False) -> CompletionLogprobs:
         return CompletionLogprobs(**self._completion_lists(lps, offsets, as_ids))
 
-    def _spliced_completion_logprobs(self, lps: list[TokenLogprobs], offsets: list[int], as_ids: bool,
+    def _spliced_completion_logprobs(self, lps: Sequence[TokenLogprobs], offsets: list[int], as_ids: bool,
                                      lists: Spliced) -> CompletionLogprobs:
-        """A whole answer's logprobs, as _spliced_chat_logprobs holds them; each list validated a slice per call, as
+        """A whole answer's logprobs, as _spliced_chat_logprobs holds them; each list made and validated a slice per
+        call (its lists of a whole answer were 8,192 dicts at once, each tracked by the GC), as
         CompletionLogprobs(...) validates it whole."""
-        return CompletionLogprobs.model_construct(**{
-            name: lists.mark(items, field_dump(CompletionLogprobs, name, validate=True), b",")
-            for name, items in self._completion_lists(lps, offsets, as_ids).items()})
+        def written(name: str, column: Callable[[list[TokenLogprobs]], list]) -> Callable[[list[TokenLogprobs]], bytes]:
+            dump = field_dump(CompletionLogprobs, name, validate=True)
+            return lambda part: dump(column(part))
+
+        marks = {name: lists.mark(lps, written(name, column), b",")
+                 for name, column in self._completion_columns(as_ids).items()}
+        marks["text_offset"] = lists.mark(offsets, field_dump(CompletionLogprobs, "text_offset", validate=True), b",")
+        return CompletionLogprobs.model_construct(**marks)
 
     def _completion_lists(self, lps: list[TokenLogprobs], offsets: list[int], as_ids: bool = False) -> dict[str, list]:
-        """CompletionLogprobs' fields. Each position's `top_logprobs` holds the chosen token too, whether or not it is
-        among the most likely (OpenAI's legacy completions: "the logprobs most likely tokens, as well the chosen
-        tokens"; vLLM does the same)."""
-        name = (lambda t: f"token_id:{t}") if as_ids else self._completion_token
-        return {"tokens": [name(lp.token_id) for lp in lps], "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{**{name(t): p for t, p in lp.top}, name(lp.token_id): lp.logprob} for lp in lps],
+        """CompletionLogprobs' fields."""
+        return {**{name: column(lps) for name, column in self._completion_columns(as_ids).items()},
                 "text_offset": offsets}
+
+    def _completion_columns(self, as_ids: bool) -> dict[str, Callable[[list[TokenLogprobs]], list]]:
+        """CompletionLogprobs' fields but text_offset, each made from its tokens' logprobs. Each position's
+        `top_logprobs` holds the chosen token too, whether or not it is among the most likely (OpenAI's legacy
+        completions: "the logprobs most likely tokens, as well the chosen tokens"; vLLM does the same)."""
+        name = (lambda t: f"token_id:{t}") if as_ids else self._completion_token
+        return {"tokens": lambda lps: [name(lp.token_id) for lp in lps],
+                "token_logprobs": lambda lps: [lp.logprob for lp in lps],
+                "top_logprobs": lambda lps: [{**{name(t): p for t, p in lp.top}, name(lp.token_id): lp.logprob}
+                                             for lp in lps]}
 
     def _completion_token(self, token_id: int) -> str:
         """The token's text; for a token that is part of a character (an emoji is often 2-4 tokens) its bytes,

@@ -22,7 +22,7 @@ from deployments.json_slices import Spliced
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import ANSWER_CHARS_PER_LOGPROB, OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
-from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
+from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta, PackedLogprobs
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import TokenLogprobs
 
@@ -171,7 +171,8 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     output: list[dict] = []
     message: dict | None = None  # the message item, once text came
     texts: list[str] = []
-    logprobs: list[dict] = []  # the message's, when included
+    logprobs = PackedLogprobs()  # the message's, when included: written as dicts only at the end (each a GC-tracked
+    # container, ~16 per token with 20 top_logprobs, that every full collection walked while the answer lasted)
     pending: list[TokenLogprobs] = []  # of the tokens since the last delta
     calls: dict[int, dict] = {}  # a streamed call's index -> its item
     # a call's item id -> its arguments' pieces, joined as it closes: item["arguments"] += piece copied all of them
@@ -219,8 +220,10 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                     for e in open_message():
                         yield e
                 texts.append(content)
-                lps, pending = answer.logprobs(pending), []
-                logprobs += lps
+                lps = answer.logprobs(pending)
+                if answer.include_logprobs:
+                    logprobs.extend(pending)
+                pending = []
                 yield event("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
                             content_index=0, delta=content, logprobs=lps)
             for piece in pieces:
@@ -252,11 +255,12 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     def ending() -> list[str]:
         status = "incomplete" if finish == "length" else "completed"
         out = open_message() if message is None and not calls else []  # an empty answer is still a message
-        if message is not None:
-            logprobs.extend(answer.logprobs(pending))
+        if message is not None and answer.include_logprobs:
+            logprobs.extend(pending)
         lists = Spliced()
         # the last item (those before it are closed); its logprobs as event() writes them
-        out += close(output[-1], status, lists.mark(logprobs, lambda part: json.dumps(part, ensure_ascii=False), ", "))
+        out += close(output[-1], status,
+                     lists.mark(logprobs, lambda part: json.dumps(answer.logprobs(part), ensure_ascii=False), ", "))
         final = answer.response(status, output, answer.usage(generated, cached))
         out.append(event("response.completed" if status == "completed" else "response.incomplete", response=final))
         return [lists.fill(e) for e in out]

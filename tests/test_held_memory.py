@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import os
+import pickle
 import tracemalloc
 
 import pytest
@@ -124,3 +125,75 @@ def test_a_replica_gives_back_what_tokenizing_a_long_prompt_took(tokenizer, eos)
     r = client.post("/v1/completions", json={**COMPLETION, "prompt": text, **CUT})
     assert r.status_code == 200, r.text
     assert _rss_mb() - before < 100
+
+
+class _LinkedRouter(FakeRouter):
+    """A FakeRouter whose events come as the router's link delivers them: each one unpickled, its own objects."""
+
+    async def generate(self, *args, **kwargs):
+        async for event in super().generate(*args, **kwargs):
+            yield pickle.loads(pickle.dumps(event))
+
+
+async def _tracked_while_open(app, router: FakeRouter, path: str, body: dict) -> int:
+    """GC-tracked objects alive (outside the frozen ones) while the request waits on its router, paused mid-answer."""
+    raw = [json.dumps({"model": MODEL, **body}).encode()]
+    status = []  # the body is read and let go, as a client reads it
+
+    async def receive() -> dict:
+        if raw:
+            return {"type": "http.request", "body": raw.pop(), "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            status.append(message["status"])
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("x", 80)}
+    router.resume = asyncio.Event()
+    task = asyncio.create_task(app(scope, receive, send))
+    while not router.requests:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the tokens before the pause are in (one event a loop turn)
+    gc.collect()
+    tracked = len(gc.get_objects())
+    router.resume.set()
+    await asyncio.wait_for(task, 30)
+    assert status == [200]
+    router.requests.clear()
+    return tracked
+
+
+LOGPROBS_CASES = {
+    "chat": ("/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 20}),
+    "completion": ("/v1/completions", {"prompt": "hi", "logprobs": 20}),
+    "responses": ("/v1/responses", {"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 20}),
+}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("case", LOGPROBS_CASES)
+def test_an_open_answer_holds_no_tracked_objects_per_token(tokenizer, eos, case, stream):
+    """A whole answer's logprobs were held as TokenLogprobs (with the link's pickles: an object, its dict and a list
+    per token; a Responses stream's as dicts, ~43 per token), all tracked by the cyclic GC, whose full collections
+    walk every tracked object the replica holds: 8,192 tokens with 20 top_logprobs, served, made collections of up to
+    50 ms that stalled every stream of the replica. Now the ingress holds a bounded number, however long the answer."""
+    path, body = LOGPROBS_CASES[case]
+    word = tokenizer.encode(" word")[-1]
+    counts = []
+    gc.collect()
+    gc.freeze()  # what was alive before is not this request's
+    try:
+        router = _LinkedRouter([word] * 2000 + [eos], max_model_len=4096)
+        app = build_app(router, tokenizer, MODEL)
+        app.state.server.headers_wait_s = 0.05
+        for tokens in (100, 100, 1100):  # the first once before: what the first such request leaves (caches)
+            router.pause_after = tokens
+            counts.append(asyncio.run(_tracked_while_open(app, router, path, {**body, "stream": stream,
+                                                                               "max_tokens": 2000})))
+    finally:
+        gc.unfreeze()
+    per_token = (counts[2] - counts[1]) / 1000
+    assert per_token < 0.05, f"{counts[2] - counts[1]:,} more tracked objects for 1,000 more tokens"

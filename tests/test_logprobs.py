@@ -7,6 +7,9 @@ import json
 import pytest
 from pydantic import BaseModel
 
+from deployments.streaming import PackedLogprobs
+from scheduler.sampling import TokenLogprobs
+
 from tests.ingress_support import ANSWER, CHAT, COMPLETION, client, eos, router, sse, tokenizer  # noqa: F401
 
 
@@ -132,3 +135,18 @@ def test_a_large_answers_logprobs_are_serialized_in_slices(client, path, body, m
     assert sum(sizes) >= len(r.content)  # every byte of the answer came from a call recorded here
     slice_chars = 4 * len(json.dumps(logprobs, separators=(",", ":"))) // tokens
     assert max(sizes) < 2 * slice_chars, (max(sizes), slice_chars)
+
+
+def test_packed_logprobs_give_back_what_was_packed():
+    """A whole answer's logprobs are kept as arrays of numbers (PackedLogprobs): a slice or an item is the
+    TokenLogprobs that went in, the same ints and floats, with any number of alternatives."""
+    lps = [TokenLogprobs(7, -0.1, []), TokenLogprobs(2**40, -1e-300, [(3, -2.5), (2**40, -1e-300)]),
+           TokenLogprobs(0, -0.0, [(1, float("-inf"))]), TokenLogprobs(9, -123.456, [(4, -1 / 3)] * 20)]
+    packed = PackedLogprobs()
+    packed.extend(lps[:1])
+    packed.extend(lps[1:])
+    assert len(packed) == len(lps)
+    assert packed[:] == lps and packed[1:3] == lps[1:3] and packed[3:10] == lps[3:] and packed[2:2] == []
+    assert packed[-1] == lps[-1] and list(packed) == lps
+    with pytest.raises(IndexError):
+        packed[len(lps)]
