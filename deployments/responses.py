@@ -22,9 +22,9 @@ from deployments.json_slices import Spliced
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import ANSWER_CHARS_PER_LOGPROB, OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
-from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta, PackedLogprobs
+from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
-from scheduler.sampling import TokenLogprobs
+from scheduler.sampling import PackedLogprobs, TokenLogprobs
 
 log = logging.getLogger("ray.serve")
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from deployments.link import Link, connect
-from scheduler.sampling import SamplingParams
+from scheduler.sampling import PackedLogprobs, SamplingParams
 from scheduler.work import RequestFailed, TokenEvent, unpack_events
 
 log = logging.getLogger("ray.serve")
@@ -68,7 +68,9 @@ class EventQueue:
     between two events: it detokenizes ~1 ms of tokens at a time (~4 us a token on the 2-core box), not the whole answer
     (20,000 tokens: ~100-240 ms) with every other stream of the replica waiting. The answer runs on meanwhile, to
     its finish (vLLM's servers keep generating for a slow reader too); one the ingress ends itself (a stop string,
-    repetition_detection) is read on by OpenAIServer.deltas, which merges its deltas instead."""
+    repetition_detection) is read on by OpenAIServer.deltas, which merges its deltas instead. What waits behind
+    another event holds its logprobs as PackedLogprobs: as TokenLogprobs they were 3 objects per token that every full
+    collection of the replica walked, for as long as the reader lagged (a client that stopped reading: the answer)."""
 
     def __init__(self, max_tokens: int = MERGED_TOKENS_MAX):
         self._items: deque = deque()
@@ -83,6 +85,8 @@ class EventQueue:
             return
         most, last = self._max_tokens, self._items[-1] if self._items else None
         if type(last) is TokenEvent and last.finish_reason is None and len(last.token_ids) < most:
+            if item.logprobs and not isinstance(last.logprobs, PackedLogprobs):
+                last.logprobs = PackedLogprobs(last.logprobs)
             room = most - len(last.token_ids)
             if len(item.token_ids) <= room:
                 last.merge(item)
@@ -91,8 +95,13 @@ class EventQueue:
             last.merge(head)
         while len(item.token_ids) > most:
             head, item = item.split(most)
-            self._items.append(head)
-        self._items.append(item)
+            self._append(head)
+        self._append(item)
+
+    def _append(self, event: TokenEvent) -> None:
+        if self._items and event.logprobs:  # it waits behind another
+            event.logprobs = PackedLogprobs(event.logprobs)
+        self._items.append(event)
 
     async def get(self) -> TokenEvent | RequestFailed | BaseException:
         if self._items:  # a reader catching up: the replica's other streams run between two of its events

@@ -5,15 +5,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
-from array import array
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi.responses import Response, StreamingResponse
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-from scheduler.sampling import TokenLogprobs
+from scheduler.sampling import PackedLogprobs, TokenLogprobs
 
 
 class StopStrings:
@@ -197,45 +196,6 @@ class ChoiceDelta:
         self.finish_reason, self.num_generated, self.num_cached = (later.finish_reason, later.num_generated,
                                                                    later.num_cached)
         self.stop_reason = later.stop_reason
-
-
-class PackedLogprobs(Sequence[TokenLogprobs]):
-    """A whole answer's logprobs, held until its JSON is written, as flat arrays of numbers. Held as TokenLogprobs (as
-    the link's pickles make them: an object, its dict and a list per token, all tracked by the cyclic GC), 8,192 tokens
-    were 25,000 objects that each full collection of the replica walked, for as long as the answer took; these are
-    five, of any length. A slice gives TokenLogprobs again, made for the slice of JSON being written."""
-
-    def __init__(self) -> None:
-        self.token_ids, self.logprobs = array("q"), array("d")  # a float's double as is: its JSON is unchanged
-        self.top_ids, self.top_logprobs = array("q"), array("d")  # every token's alternatives, one after another
-        self.top_ends = array("q")  # where each token's alternatives end in them
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-    def extend(self, lps: Iterable[TokenLogprobs]) -> None:
-        for lp in lps:
-            self.token_ids.append(lp.token_id)
-            self.logprobs.append(lp.logprob)
-            for token_id, logprob in lp.top:
-                self.top_ids.append(token_id)
-                self.top_logprobs.append(logprob)
-            self.top_ends.append(len(self.top_ids))
-
-    def __getitem__(self, part: int | slice) -> TokenLogprobs | list[TokenLogprobs]:
-        if not isinstance(part, slice):
-            at = range(len(self))[part]  # raises IndexError as a list does
-            return self[at:at + 1][0]
-        start, stop, step = part.indices(len(self))
-        assert step == 1, "contiguous slices only"
-        begin = self.top_ends[start - 1] if start else 0
-        out = []
-        for i in range(start, stop):
-            end = self.top_ends[i]
-            out.append(TokenLogprobs(self.token_ids[i], self.logprobs[i],
-                                     list(zip(self.top_ids[begin:end], self.top_logprobs[begin:end]))))
-            begin = end
-        return out
 
 
 @dataclass

@@ -5,6 +5,8 @@ them on the host is model/sampler.py.
 """
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -132,3 +134,57 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+
+
+class PackedLogprobs(Sequence[TokenLogprobs]):
+    """Logprobs the ingress holds for a while (a whole answer's, until its JSON is written; a lagging reader's, until
+    it reads them) as flat arrays of numbers. Held as TokenLogprobs (as the link's pickles make them: an object, its
+    dict and a list per token, all tracked by the cyclic GC), 8,192 tokens were 25,000 objects that each full
+    collection of the replica walked, for as long as they were held; these are six, of any length. A slice gives
+    TokenLogprobs again, made for the slice being written."""
+
+    __slots__ = ("token_ids", "logprobs", "top_ids", "top_logprobs", "top_ends")
+
+    def __init__(self, lps: Iterable[TokenLogprobs] = ()) -> None:
+        self.token_ids, self.logprobs = array("q"), array("d")  # a float's double as is: its JSON is unchanged
+        self.top_ids, self.top_logprobs = array("q"), array("d")  # every token's alternatives, one after another
+        self.top_ends = array("q")  # where each token's alternatives end in them
+        self.extend(lps)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __iadd__(self, lps: Iterable[TokenLogprobs]) -> PackedLogprobs:
+        self.extend(lps)
+        return self
+
+    def extend(self, lps: Iterable[TokenLogprobs]) -> None:
+        if isinstance(lps, PackedLogprobs):
+            base = len(self.top_ids)
+            self.top_ends.extend(array("q", [end + base for end in lps.top_ends]))
+            for mine, theirs in ((self.token_ids, lps.token_ids), (self.logprobs, lps.logprobs),
+                                 (self.top_ids, lps.top_ids), (self.top_logprobs, lps.top_logprobs)):
+                mine.extend(theirs)
+            return
+        for lp in lps:
+            self.token_ids.append(lp.token_id)
+            self.logprobs.append(lp.logprob)
+            for token_id, logprob in lp.top:
+                self.top_ids.append(token_id)
+                self.top_logprobs.append(logprob)
+            self.top_ends.append(len(self.top_ids))
+
+    def __getitem__(self, part: int | slice) -> TokenLogprobs | list[TokenLogprobs]:
+        if not isinstance(part, slice):
+            at = range(len(self))[part]  # raises IndexError as a list does
+            return self[at:at + 1][0]
+        start, stop, step = part.indices(len(self))
+        assert step == 1, "contiguous slices only"
+        begin = self.top_ends[start - 1] if start else 0
+        out = []
+        for i in range(start, stop):
+            end = self.top_ends[i]
+            out.append(TokenLogprobs(self.token_ids[i], self.logprobs[i],
+                                     list(zip(self.top_ids[begin:end], self.top_logprobs[begin:end]))))
+            begin = end
+        return out

@@ -12,7 +12,10 @@ import tracemalloc
 import pytest
 
 from deployments.ingress import build_app
+from deployments.router_client import EventQueue, merged_tokens_max
 from model.tokenizer import text_pieces
+from scheduler.sampling import SamplingParams, TokenLogprobs
+from scheduler.work import TokenEvent
 from tests.fake_router import FakeRouter
 from tests.ingress_support import COMPLETION, MAX_LEN, MODEL, eos, make_client, tokenizer  # noqa: F401
 
@@ -219,3 +222,39 @@ def test_the_tokens_named_in_logprobs_are_kept_untracked(tokenizer, eos):
     finally:
         gc.unfreeze()
     assert (tracked[1] - tracked[0]) / 2000 < 0.05, f"{tracked[1] - tracked[0]:,} more tracked objects kept"
+
+
+def test_a_lagging_readers_events_hold_no_tracked_objects_per_token():
+    """A request's events wait in its EventQueue while its reader lags (a client that stopped reading: for the rest of
+    the answer, which runs on); with logprobs they held 3 tracked objects per token (TokenLogprobs as unpickled from
+    the link), walked by every full collection of the replica. Now none per token, and the reader still gets every
+    token's logprobs as they came."""
+    params = SamplingParams(logprobs=20)
+    sent = [TokenLogprobs(i, -0.5 - i, [(t, -1.0 - t / 7) for t in range(20)]) for i in range(3000)]
+    # events of 3 tokens, as a flush brings them, each unpickled as the link delivers it
+    frames = [pickle.dumps(TokenEvent("r", list(range(i, i + 3)), sent[i:i + 3])) for i in range(0, len(sent), 3)]
+
+    def queued(tokens: int) -> tuple[EventQueue, int]:
+        queue = EventQueue(merged_tokens_max(params))
+        for frame in frames[:tokens // 3]:
+            queue.put_nowait(pickle.loads(frame))
+        gc.collect()
+        return queue, len(gc.get_objects())
+
+    gc.collect()
+    gc.freeze()  # what was alive before is not these events'
+    try:
+        _, few = queued(300)
+        queue, many = queued(3000)
+    finally:
+        gc.unfreeze()
+    # what is left is the events' own: one merged event per 12 tokens (merged_tokens_max), ~9 objects each
+    assert (many - few) / 2700 < 1, f"{many - few:,} more tracked objects for 2,700 more tokens"
+
+    async def read() -> list[TokenLogprobs]:
+        got = []
+        while len(got) < len(sent):
+            got += (await queue.get()).logprobs[:]
+        return got
+
+    assert asyncio.run(read()) == sent

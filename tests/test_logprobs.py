@@ -7,8 +7,7 @@ import json
 import pytest
 from pydantic import BaseModel
 
-from deployments.streaming import PackedLogprobs
-from scheduler.sampling import TokenLogprobs
+from scheduler.sampling import PackedLogprobs, TokenLogprobs
 
 from tests.ingress_support import ANSWER, CHAT, COMPLETION, client, eos, router, sse, tokenizer  # noqa: F401
 
