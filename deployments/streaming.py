@@ -35,6 +35,8 @@ class StopStrings:
         not yet generated. A stop counts only where it ends in `delta`: each is searched from its own length - 1
         before it (vLLM's check_stop_strings), so a short stop wholly in the text held for a longer one, written
         before the check was on, does not end the answer."""
+        if not self.stops:  # nothing held back, nothing to find: what every answer without stop strings takes
+            return delta, False
         old = len(self.text)
         self.text += delta
         if check and self.stops:

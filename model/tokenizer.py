@@ -164,6 +164,7 @@ class Tokenizer:
         self.special_id_set = frozenset(self.special_ids.values())
         self.sampling_defaults: dict[str, float] = dict(sampling_defaults or {})
         self._bytes_of: dict[int, bytes] = {}  # token_bytes' answers: at most the vocabulary (~10 MB for 128k)
+        self._text_of: tuple[dict[int, str], dict[int, str]] = ({}, {})  # one id's decode, by skip_special; likewise
         alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
         self._special_text = re.compile(f"({alternatives or '(?!)'})")  # (?!): a tokenizer with none
 
@@ -250,7 +251,19 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Text of `ids`; bytes that do not form whole UTF-8 characters come out as U+FFFD. Ids past the
-        vocabulary add nothing, in both formats (tiktoken raises KeyError for them; the HF tokenizer skips them)."""
+        vocabulary add nothing, in both formats (tiktoken raises KeyError for them; the HF tokenizer skips them).
+        One id's text is kept once found: the incremental detokenizer decodes its context, nearly always the one
+        token before, at every step."""
+        if len(ids) == 1 and 0 <= (token_id := ids[0]) < self.vocab_size:
+            texts = self._text_of[skip_special]
+            try:
+                return texts[token_id]
+            except KeyError:
+                text = texts[token_id] = self._decode(ids, skip_special)
+                return text
+        return self._decode(ids, skip_special)
+
+    def _decode(self, ids: Sequence[int], skip_special: bool) -> str:
         if self._tiktoken is not None:
             if skip_special:
                 ids = [i for i in ids if i not in self.special_id_set]
