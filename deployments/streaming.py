@@ -386,6 +386,9 @@ class EventStream(StreamingResponse):
 
 TEXT_SLOT = "\u2063meshserve-text\u2063"  # stands for the text in a template chunk (never a model's output)
 _NULL_USAGE_END = ',"usage":null}\n\n'
+# json.dumps(text, ensure_ascii=False), made once: json.dumps builds a JSONEncoder at every call with a non-default
+# argument, which was most of a chunk's render
+_json_text = json.JSONEncoder(ensure_ascii=False).encode
 
 
 class ChunkTemplate:
@@ -403,8 +406,8 @@ class ChunkTemplate:
     def render(self, text: str, usage: tuple[int, int, int] | None = None) -> str:
         """usage: (prompt tokens, completion tokens, cached prompt tokens), or None for `"usage":null`."""
         if usage is None:
-            return f"{self.head}{json.dumps(text, ensure_ascii=False)}{self.tail}{_NULL_USAGE_END}"
+            return f"{self.head}{_json_text(text)}{self.tail}{_NULL_USAGE_END}"
         prompt, completion, cached = usage
-        return (f'{self.head}{json.dumps(text, ensure_ascii=False)}{self.tail},"usage":{{"prompt_tokens":{prompt},'
+        return (f'{self.head}{_json_text(text)}{self.tail},"usage":{{"prompt_tokens":{prompt},'
                 f'"completion_tokens":{completion},"total_tokens":{prompt + completion},'
                 f'"prompt_tokens_details":{{"cached_tokens":{cached}}}}}}}\n\n')
