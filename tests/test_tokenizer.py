@@ -372,3 +372,17 @@ def test_a_character_still_being_written_costs_no_third_decode(tokenizers, name)
     detok = IncrementalDetokenizer(spy)
     assert "".join(detok.step([i]) for i in ids) + detok.flush() == "東京タワー😀🚀👩‍💻" * 20
     assert len(spy.sizes) <= 2 * len(ids) + 2
+
+
+@pytest.mark.parametrize("name", ["meta", "smol"])
+def test_one_ids_text_kept_for_the_detokenizer_follows_skip_special(llama3_dir, name):
+    """decode keeps one id's text (the incremental detokenizer's context at every step): a special token's is
+    itself or nothing by skip_special, whichever was asked first, and a plain token's is the same either way."""
+    fresh = [Tokenizer.from_tiktoken_file(llama3_dir / "tokenizer.model") if name == "meta"
+             else load_tokenizer(ensure_smollm2()) for _ in range(2)]
+    for tok, order in zip(fresh, [(False, True), (True, False)]):
+        eos, (word,) = tok.eos_id, tok.encode(" hello")
+        for skip in order * 2:
+            assert tok.decode([eos], skip) == ("" if skip else tok.decode([word, eos])[len(" hello"):])
+            assert tok.decode([word], skip) == " hello"
+        assert tok.decode([tok.vocab_size + 7]) == ""  # past the vocabulary: adds nothing, as before
