@@ -38,7 +38,7 @@ from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answe
 from model.grammar import deep_stack_executor
 from model.tokenizer import Tokenizer
 from scheduler.errors import MeshFailures
-from scheduler.sampling import SamplingParams, TokenLogprobs
+from scheduler.sampling import PackedLogprobs, SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
 
 log = logging.getLogger("ray.serve")
@@ -672,7 +672,8 @@ class OpenAIServer:
         refusal = _Refusal()
         # Each choice's delta not yet taken, which its next merges into: while the client does not read, a choice
         # holds its text in a few deltas, not one per token, and is still read on, so that a stop string still
-        # cancels it in the router (a choice that waited for the reader ran on past it to max_tokens).
+        # cancels it in the router (a choice that waited for the reader ran on past it to max_tokens). A delta that
+        # waits holds its logprobs as PackedLogprobs, as a lagging reader's events do (EventQueue).
         unread: dict[int, ChoiceDelta] = {}
 
         async def pump(prep: Prepared, index: int, i: int, choices: Choices) -> None:
@@ -684,8 +685,12 @@ class OpenAIServer:
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
                     last = unread.get(index)
                     if last is not None and len(last.token_ids) + len(delta.token_ids) <= most:  # within the bound
+                        if delta.logprobs and not isinstance(last.logprobs, PackedLogprobs):
+                            last.logprobs = PackedLogprobs(last.logprobs)
                         last.merge(delta)
                     else:
+                        if delta.logprobs and not queue.empty():  # it waits behind another
+                            delta.logprobs = PackedLogprobs(delta.logprobs)
                         unread[index] = delta
                         queue.put_nowait(delta)
             except Exception as exc:
@@ -707,6 +712,8 @@ class OpenAIServer:
                 else:
                     if unread.get(item.index) is item:
                         del unread[item.index]
+                    if isinstance(item.logprobs, PackedLogprobs):  # taken: a list again, as every reader takes it
+                        item.logprobs = item.logprobs[:]
                     yield item
         finally:
             for task in tasks:

@@ -181,7 +181,7 @@ class ChoiceDelta:
 
     index: int
     text: str
-    logprobs: list[TokenLogprobs]
+    logprobs: list[TokenLogprobs] | PackedLogprobs  # packed while it waits for its reader (OpenAIServer.deltas)
     token_offsets: list[int]  # with logprobs: where each new token's text starts in the choice's whole text
     finish_reason: str | None
     num_generated: int  # tokens so far

@@ -18,6 +18,7 @@ from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
 from tests.fake_router import FakeRouter
 from tests.ingress_support import COMPLETION, MAX_LEN, MODEL, eos, make_client, tokenizer  # noqa: F401
+from tests.test_link import stalled_client
 
 BIG = 1_000_000  # characters of text the answer does not need
 TEXT = ("lorem ipsum dolor sit amet " * (BIG // 27 + 1))[:BIG]
@@ -258,3 +259,52 @@ def test_a_lagging_readers_events_hold_no_tracked_objects_per_token():
         return got
 
     assert asyncio.run(read()) == sent
+
+
+class _WholeRouter(_LinkedRouter):
+    """A _LinkedRouter that counts the answers it has given whole."""
+
+    whole = 0
+
+    async def generate(self, *args, **kwargs):
+        async for event in super().generate(*args, **kwargs):
+            self.whole += event.finish_reason is not None
+            yield event
+
+
+async def _tracked_while_stalled(app, router: _WholeRouter, body: dict, answers: int) -> int:
+    """GC-tracked objects alive (outside the frozen ones) once `answers` answers ran to their end while the client
+    of the stream read nothing (uvicorn's flow control holds each write)."""
+    task, reading, _ = stalled_client(app, json.dumps({"model": MODEL, **body}).encode())
+    router.whole = 0
+    while router.whole < answers:
+        await asyncio.sleep(0.01)
+    gc.collect()
+    tracked = len(gc.get_objects())
+    reading.set()
+    await asyncio.wait_for(task, 30)
+    return tracked
+
+
+@pytest.mark.parametrize("choices", [{"n": 2}, {"stop": ["never in the answer"]}], ids=["n=2", "stop string"])
+def test_a_stalled_stream_read_on_by_its_choices_holds_no_tracked_objects_per_token(tokenizer, eos, choices):
+    """With n > 1 or a stop string each choice is read on while the client stalls (OpenAIServer.deltas), its deltas
+    waiting for the client: their logprobs were TokenLogprobs again (~3.6 tracked objects a token, each choice), all
+    walked by every full collection of the replica for as long as the client stalled."""
+    word = tokenizer.encode(" word")[-1]
+    body = {"prompt": "hi", "logprobs": 20, "max_tokens": 3000, "stream": True, **choices}
+    answers = choices.get("n", 1)
+    counts = []
+    gc.collect()
+    gc.freeze()  # what was alive before is not this request's
+    try:
+        for tokens in (200, 200, 2200):  # the first once before: what the first such request leaves (caches)
+            router = _WholeRouter([word] * tokens + [eos], max_model_len=4096)
+            app = build_app(router, tokenizer, MODEL)
+            app.state.server.headers_wait_s = 0.05
+            counts.append(asyncio.run(_tracked_while_stalled(app, router, body, answers)))
+    finally:
+        gc.unfreeze()
+    # what is left is the deltas' own: one a choice per 12 tokens (merged_tokens_max), ~9 objects each
+    per_token = (counts[2] - counts[1]) / 2000 / answers
+    assert per_token < 2, f"{counts[2] - counts[1]:,} more tracked objects for 2,000 more tokens a choice"
