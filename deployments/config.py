@@ -89,10 +89,12 @@ class AppConfig(BaseModel):
         "template) is refused: it would let in `Authorization: Bearer ` with nothing after it")
     max_request_bytes: Int = Field(DEFAULT_MAX_REQUEST_BYTES, ge=1024, description="larger bodies get HTTP 413")
     metrics_open: Bool = Field(False, description="with api_keys, /metrics needs a key unless this is true")
-    sse_keep_alive_interval: Float = Field(15.0, description="vLLM's name: a stream that has sent nothing for this "
-                                           "many seconds (a long prefill, a failover's re-prefill) gets an SSE "
-                                           "comment, so a proxy's read timeout does not cut it; 1 to 300 (vLLM's "
-                                           "0, off, is refused: such a stream would be cut)")
+    sse_keep_alive_interval: Float = Field(15.0, description="vLLM's name: a stream whose headers went out and that "
+                                           "has sent nothing for this many seconds since (a long prefill, a "
+                                           "failover's re-prefill) gets an SSE comment, so a proxy's read timeout "
+                                           "does not cut it; 1 to 300 (vLLM's 0, off, is refused: such a stream "
+                                           "would be cut). Headers wait up to 5 s for the first token (45 s while "
+                                           "the request is held)")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
                                        "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")
     enable_log_requests: Bool = Field(False, description="vLLM's name: log each request at INFO under its router id "
@@ -113,8 +115,8 @@ class AppConfig(BaseModel):
     def _keep_alive_bounds(cls, value: float) -> float:
         low, high = SSE_KEEP_ALIVE_BOUNDS
         if not low <= value <= high:
-            raise ValueError(f"{low:g} to {high:g} seconds, not {value:g} (less than a proxy's read timeout in front; "
-                             "below 1 s, likely ms for s)")
+            raise ValueError(f"{low:g} to {high:g} seconds, not {value:g} (under the read timeout of any proxy in "
+                             "front: nginx's and ALB's are 60 s; below 1 s is likely ms typed for s)")
         return value
 
     @field_validator("step_deadline_factor")
