@@ -39,7 +39,7 @@ class StopStrings:
             return delta, False
         old = len(self.text)
         self.text += delta
-        if check and self.stops:
+        if check:
             hits = [(i, len(s), s) for s in self.stops if (i := self.text.find(s, max(0, old - len(s) + 1))) != -1]
             if hits:
                 start, length, self.matched = min(hits)
