@@ -10,7 +10,7 @@ import pytest
 from bench import router_capacity as rc
 from scheduler.work import MeshWork
 
-TINY = dict(seconds=0.6, warmup_s=0.3, prompt_tokens=16, max_tokens=12, extra_per_mesh=1, time_scale=0.2,
+TINY = dict(seconds=1.0, warmup_s=1.5, prompt_tokens=16, max_tokens=12, extra_per_mesh=1, time_scale=0.2,
             max_seq_len=4096)
 
 
