@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
 
+from model.backend import MAX_NUM_SLOTS
 from model.galaxy import (KV_GROUPS, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes,
                           simulated_sizes)
 
@@ -48,7 +49,7 @@ class AppConfig(BaseModel):
     num_meshes: Int = Field(1, ge=1)
     mesh_resources: dict[str, float] = Field(default_factory=dict, description='{"galaxy": 1} on Galaxy hosts')
     mesh_num_cpus: Float = Field(1.0, ge=0)
-    num_slots: Int = Field(32, ge=1)
+    num_slots: Int = Field(32, ge=1, le=MAX_NUM_SLOTS, description="decode slots a mesh (a Galaxy has 32)")
     block_size: Int = Field(64, ge=1)
     num_blocks: Int | None = Field(None, ge=1, description="KV blocks per KV group; None: the backend's default")
     kv_groups: Int | None = Field(None, ge=1, description="simulated backend: independent KV caches per mesh "

@@ -17,6 +17,17 @@ from scheduler.sampling import SamplingParams
 if TYPE_CHECKING:  # the router imports Capabilities, and must not pay for torch
     import torch
 
+# Decode slots a mesh may have: a Galaxy has 32 (model.galaxy.NUM_SLOTS), the simulated and torch backends up to 8x
+# that. Past it the per-step buffers are memory, not a batch: host sampling holds float32 logits [num_slots, vocab]
+# each step, 128 MiB at 256 slots of Llama 3's 128,256-token vocabulary.
+MAX_NUM_SLOTS = 256
+
+
+def check_num_slots(num_slots: int) -> None:
+    """Raises ValueError naming num_slots unless 1 <= num_slots <= MAX_NUM_SLOTS."""
+    if not 1 <= num_slots <= MAX_NUM_SLOTS:
+        raise ValueError(f"num_slots: 1 to {MAX_NUM_SLOTS} decode slots a mesh (a Galaxy has 32), not {num_slots}")
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -42,6 +53,7 @@ class Capabilities:
         return num_prefill_tokens * self.prefill_token_s + num_decode_steps * self.decode_step_s
 
     def __post_init__(self):
+        check_num_slots(self.num_slots)
         if self.kv_groups < 1 or self.num_slots % self.kv_groups:
             raise ValueError(f"{self.num_slots} slots cannot be split evenly over {self.kv_groups} KV groups")
 

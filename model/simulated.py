@@ -22,7 +22,7 @@ from importlib.resources import files
 import numpy as np
 import torch
 
-from model.backend import SAMPLING_FIELDS, Backend, Capabilities
+from model.backend import SAMPLING_FIELDS, Backend, Capabilities, check_num_slots
 from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN,
                           padded_prefill_len, simulated_sizes)
 from scheduler.sampling import SamplingParams
@@ -144,6 +144,7 @@ class SimulatedBackend(Backend):
         if not 0 < time_scale <= MAX_TIME_SCALE:
             raise ValueError(f"time_scale: more than 0 and at most {MAX_TIME_SCALE:g}, not {time_scale} (far past it "
                              "the simulated mesh cannot sleep that long)")
+        check_num_slots(num_slots)  # before anything sized by it
         if kv_groups < 1 or num_slots % kv_groups:
             raise ValueError(f"{num_slots} slots cannot be split evenly over {kv_groups} KV groups")
         max_seq_len, num_blocks = simulated_sizes(num_slots, kv_groups, max_seq_len, num_blocks, block_size)

@@ -12,6 +12,7 @@ several times faster on CPU than multi-dimensional advanced indexing.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backend import Backend, Capabilities
+from model.backend import Backend, Capabilities, check_num_slots
 from model.config import LlamaConfig
 from model.weights import load_weights
 from scheduler.sampling import SamplingParams
@@ -199,6 +200,13 @@ def load_transformer(path: str | Path, cfg: LlamaConfig, dtype: torch.dtype, dev
     return model
 
 
+def _memory_bytes(device: torch.device) -> int:
+    """All the memory of the device (a GPU's, or this host's RAM): the most a cache could ever take."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class TorchBackend(Backend):
     """Serves a Llama checkpoint with PyTorch on CPU (default fp32) or CUDA (default bf16).
 
@@ -210,16 +218,23 @@ class TorchBackend(Backend):
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                  kv_cache_gb: float = 1.0):
-        """num_blocks defaults to every slot at max_seq_len, capped at `kv_cache_gb` of cache."""
+        """num_blocks defaults to every slot at max_seq_len, capped at `kv_cache_gb` of cache. Raises ValueError
+        naming num_slots past MAX_NUM_SLOTS, or num_blocks whose cache would not fit the device's memory (a mistyped
+        size was the allocator's error naming nothing, or the mesh killed for memory and restarted, again)."""
+        check_num_slots(num_slots)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.cfg = cfg = LlamaConfig.from_dir(model_dir)
-        self.model = load_transformer(model_dir, cfg, dtype, self.device)
         max_seq_len = max_seq_len or cfg.max_position_embeddings
+        block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * block_size * cfg.head_dim * dtype.itemsize
         if num_blocks is None:
-            block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * block_size * cfg.head_dim * dtype.itemsize
             every_slot_full = num_slots * -(-max_seq_len // block_size)
             num_blocks = max(1, min(every_slot_full, int(kv_cache_gb * 2**30) // block_bytes))
+        memory = _memory_bytes(self.device)
+        if num_blocks * block_bytes > memory:
+            raise ValueError(f"num_blocks: {num_blocks} blocks of {block_bytes} B is {num_blocks * block_bytes / 2**30:.1f}"
+                             f" GiB of KV cache, more than the {memory / 2**30:.1f} GiB of memory {self.device} has")
+        self.model = load_transformer(model_dir, cfg, dtype, self.device)
         # Zeros, not empty: masked-out keys still meet the values in the matmul, and 0 * NaN is NaN.
         self.kv_cache = torch.zeros(cfg.n_layers, 2, num_blocks, cfg.n_kv_heads, block_size, cfg.head_dim,
                                     dtype=dtype, device=self.device)

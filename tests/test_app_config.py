@@ -55,6 +55,9 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
 @pytest.mark.parametrize("args, match", [
     ({"backend": "simulated", "kv_groups": 3}, "num_slots \\(32\\) must split evenly over kv_groups \\(3"),
     ({"backend": "simulated", "num_slots": 30}, "must split evenly over kv_groups \\(4"),
+    ({"backend": "simulated", "num_slots": 1024}, "(?s)num_slots.*less than or equal to 256"),  # was accepted
+    ({"backend": "torch", "num_slots": 100_000}, "(?s)num_slots.*less than or equal to 256"),
+    ({"backend": "simulated", "num_slots": 256, "kv_groups": 512}, "must split evenly over kv_groups \\(512"),
     ({"mesh_resources": {"CPU": 1}}, "(?s)mesh_resources.*set mesh_num_cpus"),
     ({"mesh_resources": {"galaxy": -1}}, "(?s)mesh_resources.*>= 0"),
     ({"stream_interval_ms": float("inf")}, "stream_interval_ms"),  # its flush timer never fired: streams stopped

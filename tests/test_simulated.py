@@ -243,6 +243,7 @@ def test_small_vocab_stays_in_range_and_avoids_its_eos():
     ({"num_blocks": 2**18 + 1}, "num_blocks"),  # 4 groups: past 2^20 blocks, the router's pools' ~56 B a block
     ({"num_blocks": 2**17 + 1, "block_size": 128}, "num_blocks"),  # past 2^26 tokens of the mesh's cache (4 B each)
     ({"max_seq_len": 2**20, "block_size": 1}, "num_blocks"),  # unset: sized from max_seq_len
+    ({"num_slots": 1024, "num_blocks": 64}, "num_slots"),  # accepted: logits [1024, vocab] a step, 512 MiB
 ])
 def test_sizes_and_a_time_scale_that_would_exhaust_memory_or_overflow_are_refused_naming_the_field(kwargs, field):
     """No ceiling was checked: a mistyped num_blocks or max_seq_len filled the mesh's memory (its cache is 4 B a

@@ -162,6 +162,20 @@ def test_capabilities_and_default_pool(model_dir):
     assert not roomy.can_sample(SamplingParams(temperature=0))
 
 
+def test_sizes_past_the_slot_ceiling_or_the_memory_are_refused_naming_the_field(model_dir):
+    """A mistyped size was accepted: 1,024 slots (logits [1024, vocab] each step), or a cache larger than the host,
+    which failed as the allocator's RuntimeError naming nothing (or, under the host's memory, got the mesh killed)."""
+    import os
+    cfg = LlamaConfig.from_dir(model_dir)
+    block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * BLOCK * cfg.head_dim * 4
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    with pytest.raises(ValueError, match="^num_slots: "):
+        make_backend(model_dir, num_slots=1024)
+    with pytest.raises(ValueError, match="^num_blocks: .* more than the .* GiB of memory cpu has"):
+        make_backend(model_dir, num_blocks=2 * memory // block_bytes)
+    assert make_backend(model_dir, num_slots=256).caps.num_slots == 256
+
+
 def test_host_sampling_only(model_dir):
     backend = make_backend(model_dir)
     with pytest.raises(ValueError, match="host"):
