@@ -31,6 +31,7 @@ from deployments.auth import ApiKeys, KeyCheck, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
+from deployments.gc_heap import freeze_gc_heap
 from deployments.large_body import OffLoopBody
 from deployments.openai_server import GRAMMAR_THREADS, SSE_KEEPALIVE_S, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -266,6 +267,7 @@ class Ingress:
             grammar_check.start(GRAMMAR_THREADS)  # a child process per grammar thread (model/grammar_check.py)
         except Exception:
             log.warning("llguidance cannot read this tokenizer: constrained requests will fail", exc_info=True)
+        freeze_gc_heap()  # the tokenizer, the app and the modules stay: full collections need not walk them
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

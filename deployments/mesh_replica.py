@@ -27,6 +27,7 @@ from functools import partial
 from ray import serve
 
 from deployments.config import AppConfig
+from deployments.gc_heap import freeze_gc_heap
 from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from model.backend import Backend, Capabilities
 from model.checkpoint import resolve_model_dir
@@ -102,6 +103,7 @@ class MeshReplica:
         self.error: BaseException | None = None
         self.closed = False
         self.link_server = LinkServer(self._serve_link)
+        freeze_gc_heap()  # the model, the backend and the modules stay: full collections need not walk them
 
     async def reset(self) -> tuple[str, Capabilities]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.

@@ -37,6 +37,7 @@ from typing import Protocol
 from ray import serve
 
 from deployments.aio import within
+from deployments.gc_heap import freeze_gc_heap
 from deployments.link import Link, LinkAddress, LinkServer, node_ip
 from deployments.mesh_client import LinkMeshClient
 from model.backend import Capabilities
@@ -920,6 +921,7 @@ class RouterDeployment:
         self._config = RouterConfig(**config)
         self._router: Router | None = None
         self._link_server = LinkServer(self._serve_consumer)
+        freeze_gc_heap()  # the modules stay: the router's full collections need not walk them
 
     def _ready(self) -> Router:
         if self._router is None:  # built in the replica's event loop: it starts the mesh tasks, in an empty context
