@@ -21,8 +21,8 @@ ROLES = ("ingress", "router", "mesh")
 
 def build(role: str) -> object:
     """What the role's replica holds once started (kept alive by the caller)."""
-    import ray  # noqa: F401  (a replica has them loaded)
-    from ray import serve  # noqa: F401
+    import importlib
+    importlib.import_module("ray.serve")  # a replica has Ray and Serve loaded
 
     from model.checkpoint import resolve_model_dir
     model_dir = resolve_model_dir("smollm2")
