@@ -59,6 +59,12 @@ ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # How old the meshes' limit may be before a request refreshes it, off its own path: a mesh that comes back with
 # another max_seq_len (another checkout, another KV pool) changes the limit the ingress checks requests against.
 MODEL_LEN_REFRESH_S = 5.0
+# Until a mesh has come up once (an ingress's start, a redeploy) the limit is unknown: a request waits this long for
+# one (the router's default no_mesh_wait_s, as it holds requests while no mesh is live), polling every
+# MODEL_LEN_POLL_S, then 503. Refused at once, a redeploy under load answered 40 requests 503 in the 0.6 s before
+# its first mesh came up.
+MODEL_LEN_WAIT_S = 30.0
+MODEL_LEN_POLL_S = 0.25
 # A prompt with more characters than this per token of the context cannot fit, and is refused before it is
 # tokenized (~1 s per MB). Generous: English averages ~4 characters per token, code and runs of whitespace
 # more, and no text that fits the context averages 32.
@@ -278,6 +284,8 @@ class OpenAIServer:
         self.vocab_size = tokenizer.vocab_size
         self._model_len_at = 0.0  # when max_model_len was last read (time.monotonic)
         self._model_len_refresh: asyncio.Task | None = None
+        self.model_len_wait_s = MODEL_LEN_WAIT_S
+        self._model_len_wait: asyncio.Future | None = None  # the one poll all requests waiting for a mesh share
         self._tokens: dict[int, tuple[str, bytes]] = {}  # _token_info's
         self.metrics = Metrics(replica_name, self.model)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
@@ -314,15 +322,28 @@ class OpenAIServer:
 
     async def model_len(self) -> int:
         """The longest prompt + answer the meshes take (their capabilities and KV pools, as the router
-        reports them); 503 until a mesh has come up once. Older than MODEL_LEN_REFRESH_S, it is read again in
-        the background (this request goes on with the last value; a router that does not answer keeps it)."""
+        reports them); until a mesh has come up once, it waits up to model_len_wait_s for one while the router
+        answers, then 503. Older than MODEL_LEN_REFRESH_S, it is read again in the background (this request goes on
+        with the last value; a router that does not answer keeps it)."""
         if self.max_model_len is None:
-            await self.stats()
+            if self._model_len_wait is None or self._model_len_wait.done():
+                self._model_len_wait = asyncio.ensure_future(self._wait_model_len())
+            await asyncio.shield(self._model_len_wait)
             if self.max_model_len is None:
                 raise unavailable("The model is not ready yet.")
         elif time.monotonic() - self._model_len_at > MODEL_LEN_REFRESH_S and self._model_len_refresh is None:
             self._model_len_refresh = asyncio.ensure_future(self._refresh_model_len())
         return self.max_model_len
+
+    async def _wait_model_len(self) -> None:
+        """Reads the router's stats until a mesh has reported its limit, or model_len_wait_s has passed; a router
+        that cannot be reached is a 503 at once, as before (its link has its own wait, see router_client)."""
+        deadline = time.monotonic() + self.model_len_wait_s
+        while True:
+            await self.stats()
+            if self.max_model_len is not None or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(MODEL_LEN_POLL_S)
 
     async def _refresh_model_len(self) -> None:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -1104,11 +1105,24 @@ def _first_stop(pieces: list[str], stops: list[str], include_stop: bool) -> tupl
 def test_max_model_len_comes_from_the_meshes_and_is_503_until_one_is_up(router, tokenizer):
     router.max_model_len = None  # no mesh has come up yet
     client = make_client(router, tokenizer)
+    client.app.state.server.model_len_wait_s = 0.0  # no wait for one: 503 at once
     assert_error(client.post("/v1/completions", json=COMPLETION), 503)
     assert_error(client.get("/v1/models"), 503)
     router.max_model_len = 100
     assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 100
     assert_error(client.post("/v1/completions", json={**COMPLETION, "max_tokens": 100}), 400, "max_tokens")
+
+
+def test_a_request_before_any_mesh_is_up_waits_for_one(router, tokenizer):
+    """A fresh ingress (a start, a redeploy) knows no mesh's limit until one is up: its requests wait for one, as the
+    router holds requests while no mesh is live. A redeploy under load answered 40 requests 503 in the 0.6 s before
+    the new router's first mesh came up."""
+    router.max_model_len = None
+    client = make_client(router, tokenizer)
+    threading.Timer(0.5, setattr, (router, "max_model_len", 100)).start()
+    response = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 8})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"]
 
 
 def test_a_mesh_back_with_another_length_changes_the_limit(router, tokenizer, monkeypatch):
