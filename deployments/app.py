@@ -49,4 +49,4 @@ def build(args: AppConfig) -> Application:
                            ray_actor_options={"num_cpus": config.ingress_num_cpus}).bind(
         router, config.model, config.names, keys or None, config.max_request_bytes, config.metrics_open,
         config.allowed_origins, config.model_identity, enable_log_requests=config.enable_log_requests,
-        sse_keep_alive_interval=config.sse_keep_alive_interval)
+        sse_keep_alive_interval=config.sse_keep_alive_interval, no_mesh_wait_s=config.no_mesh_wait_s)

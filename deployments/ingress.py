@@ -33,7 +33,7 @@ from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.gc_heap import freeze_gc_heap
 from deployments.large_body import OffLoopBody
-from deployments.openai_server import GRAMMAR_THREADS, SSE_KEEPALIVE_S, OpenAIServer, RouterClient
+from deployments.openai_server import GRAMMAR_THREADS, MODEL_LEN_WAIT_S, SSE_KEEPALIVE_S, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, ModelPermission, TokenizeRequest,
                                   TokenizeResponse)
@@ -69,14 +69,16 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               metrics_open: bool = False, allowed_origins: list[str] | None = None,
               replica_name: str = "local", root: str | None = None, enable_log_requests: bool = False,
-              sse_keep_alive_interval: float = SSE_KEEPALIVE_S) -> FastAPI:
+              sse_keep_alive_interval: float = SSE_KEEPALIVE_S, no_mesh_wait_s: float = MODEL_LEN_WAIT_S) -> FastAPI:
     """The OpenAI app over `router`. With `api_keys`, every route but /health and /version needs one of them (/metrics too,
     unless `metrics_open`), and each key is a tenant with its own prefix cache. `replica_name` labels this
     replica's own metrics (`ingress`). A request may name the model by any of `served_model_name`'s names; the
     first is the one listed and answered. `root`: the model as given (config.model_root), which /v1/models reports
-    as vLLM does (default: the last name). `enable_log_requests`, `sse_keep_alive_interval`: AppConfig's."""
+    as vLLM does (default: the last name). `enable_log_requests`, `sse_keep_alive_interval`: AppConfig's;
+    `no_mesh_wait_s` too: before any mesh is up a request waits this long for one, as the router holds its own."""
     server = OpenAIServer(router, tokenizer, served_model_name, replica_name, enable_log_requests)
     server.keepalive_s = sse_keep_alive_interval
+    server.model_len_wait_s = no_mesh_wait_s
     if tokenizer.sampling_defaults:  # as vLLM warns: a request without a temperature is not sampled at 1.0
         log.info("Sampling defaults from the model's generation_config.json, for requests that leave them out: %s",
                  ", ".join(f"{k}={v}" for k, v in sorted(tokenizer.sampling_defaults.items())))
@@ -255,13 +257,13 @@ class Ingress:
                  api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  metrics_open: bool = False, allowed_origins: list[str] | None = None,
                  model_identity: str | None = None, enable_log_requests: bool = False,
-                 sse_keep_alive_interval: float = SSE_KEEPALIVE_S):
+                 sse_keep_alive_interval: float = SSE_KEEPALIVE_S, no_mesh_wait_s: float = MODEL_LEN_WAIT_S):
         tokenizer = load_tokenizer(resolve_model_dir(model))  # this node's copy of the model's folder
         tokenizer.warm()
         self._app = build_app(RouterLink(router_handle, model_identity), tokenizer, served_model_name, api_keys,
                               max_request_bytes, metrics_open, allowed_origins,
                               serve.get_replica_context().replica_id.unique_id, model_root(model), enable_log_requests,
-                              sse_keep_alive_interval)
+                              sse_keep_alive_interval, no_mesh_wait_s)
         try:  # now: at the first constrained request it would hold a grammar thread and the GIL (~0.2-1 s)
             self._app.state.server.grammar_tokenizer()
             grammar_check.start(GRAMMAR_THREADS)  # a child process per grammar thread (model/grammar_check.py)

@@ -59,10 +59,10 @@ ROUTER_RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 # How old the meshes' limit may be before a request refreshes it, off its own path: a mesh that comes back with
 # another max_seq_len (another checkout, another KV pool) changes the limit the ingress checks requests against.
 MODEL_LEN_REFRESH_S = 5.0
-# Until a mesh has come up once (an ingress's start, a redeploy) the limit is unknown: a request waits this long for
-# one (the router's default no_mesh_wait_s, as it holds requests while no mesh is live), polling every
-# MODEL_LEN_POLL_S, then 503. Refused at once, a redeploy under load answered 40 requests 503 in the 0.6 s before
-# its first mesh came up.
+# Until a mesh has come up once (an ingress's start, a redeploy) the limit is unknown: a request waits for one up to
+# AppConfig.no_mesh_wait_s (this default is its default), as the router holds requests while no mesh is live, polling
+# every MODEL_LEN_POLL_S, then 503. Refused at once, a redeploy under load answered 40 requests 503 in the 0.6 s
+# before its first mesh came up.
 MODEL_LEN_WAIT_S = 30.0
 MODEL_LEN_POLL_S = 0.25
 # A prompt with more characters than this per token of the context cannot fit, and is refused before it is

@@ -589,6 +589,8 @@ def test_the_sse_keep_alive_interval_is_a_bounded_key_each_ingress_replica_gets(
     assert AppConfig().sse_keep_alive_interval == 15.0
     ingress = build(AppConfig(backend="simulated", sse_keep_alive_interval=4))._bound_deployment
     assert ingress.init_kwargs["sse_keep_alive_interval"] == 4.0
+    assert ingress.init_kwargs["no_mesh_wait_s"] == 30.0  # a fresh ingress waits for the first mesh this long
+    assert build(AppConfig(backend="simulated", no_mesh_wait_s=2))._bound_deployment.init_kwargs["no_mesh_wait_s"] == 2
     for value in (0, 0.015, 301, float("inf")):
         with pytest.raises(ValidationError, match="sse_keep_alive_interval") as info:
             AppConfig(sse_keep_alive_interval=value)

@@ -1104,8 +1104,7 @@ def _first_stop(pieces: list[str], stops: list[str], include_stop: bool) -> tupl
 
 def test_max_model_len_comes_from_the_meshes_and_is_503_until_one_is_up(router, tokenizer):
     router.max_model_len = None  # no mesh has come up yet
-    client = make_client(router, tokenizer)
-    client.app.state.server.model_len_wait_s = 0.0  # no wait for one: 503 at once
+    client = make_client(router, tokenizer, no_mesh_wait_s=0.0)  # no wait for one: 503 at once
     assert_error(client.post("/v1/completions", json=COMPLETION), 503)
     assert_error(client.get("/v1/models"), 503)
     router.max_model_len = 100
@@ -1116,9 +1115,9 @@ def test_max_model_len_comes_from_the_meshes_and_is_503_until_one_is_up(router, 
 def test_a_request_before_any_mesh_is_up_waits_for_one(router, tokenizer):
     """A fresh ingress (a start, a redeploy) knows no mesh's limit until one is up: its requests wait for one, as the
     router holds requests while no mesh is live. A redeploy under load answered 40 requests 503 in the 0.6 s before
-    the new router's first mesh came up."""
+    the new router's first mesh came up. It waits up to AppConfig.no_mesh_wait_s, as the router does."""
     router.max_model_len = None
-    client = make_client(router, tokenizer)
+    client = make_client(router, tokenizer, no_mesh_wait_s=5.0)
     threading.Timer(0.5, setattr, (router, "max_model_len", 100)).start()
     response = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 8})
     assert response.status_code == 200, response.text
