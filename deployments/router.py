@@ -932,7 +932,10 @@ class RouterDeployment:
 
     async def check_health(self) -> None:
         """Answered on the loop the router runs on (Serve's own loop without its throughput mode has another
-        thread answer health checks): a hung router fails it."""
+        thread answer health checks): a hung router fails it. Serve calls it every health_check_period_s from the
+        replica's start, so it also starts the router there: started by its first call alone, a router deployed
+        with no traffic probed no mesh until a request or an ingress's /health came, which then waited for them."""
+        self._ready()
 
     async def link_address(self) -> LinkAddress:
         self._ready()

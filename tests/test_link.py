@@ -412,6 +412,20 @@ class RouterReplicas:
         self.replica = self._start()
 
 
+def test_a_router_replica_deployed_with_no_traffic_brings_its_meshes_up_at_its_first_health_check():
+    """Serve health-checks a replica from its start; nothing else calls a router no client has reached. Started by
+    its first call alone, a router deployed with no traffic probed no mesh until a request or an ingress's /health
+    came, and that one waited for (or was refused while) the meshes came up."""
+    async def main():
+        replica = RouterDeployment.func_or_class([], FAST)
+        replica._clients = [LocalMesh(lambda: SimulatedBackend(time_scale=0.01, vocab_size=1000))]
+        await replica.check_health()
+        assert replica._router is not None
+        await until(lambda: replica._router.stats()["ready"])
+        await replica._router.close()
+    asyncio.run(main())
+
+
 def test_a_router_restart_mid_answer_loses_no_request_and_leaves_nothing_behind(tokenizer):
     """Two ingress replicas on one router, which dies mid-answer: every answer (n=2 too) comes whole and as it
     would undisturbed, and neither router nor links keep anything of a request once it ended."""
