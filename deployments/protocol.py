@@ -237,6 +237,8 @@ class _GenerationRequest(RequestModel):
     use_beam_search: only(False, "beam search is not implemented") = False  # vLLM's
     length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
+    # OpenAI's completions' and vLLM's chat's too (the chat one was ignored: best_of 3 got one sample)
+    best_of: only(1, "ranking several samples on the server is not implemented") | None = None
     user: Text | None = None  # accepted; the end user's id is not used
     # vLLM's: requests reuse cached prefixes only with the same salt (with API keys, within one key's tenant)
     cache_salt: Salt | None = None
@@ -249,6 +251,7 @@ class _GenerationRequest(RequestModel):
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
     guided_grammar: Text | None = None
+    structural_tag: Unsupported | None = None  # vLLM's older chat field, as structured_outputs.structural_tag
 
     @field_validator("stop")
     @classmethod
@@ -260,6 +263,15 @@ class _GenerationRequest(RequestModel):
             if not 0 < len(stop) <= MAX_STOP_CHARS:
                 raise ValueError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters")
             _check_unicode(stop)
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_at_least_n(cls, v, info: ValidationInfo):
+        """OpenAI's and vLLM's rule (vllm/sampling_params.py, _verify_args): best_of counts the candidates n are
+        returned from, so fewer than n is a 400, not n choices anyway."""
+        if v is not None and v < info.data.get("n", 1):
+            raise ValueError(f"best_of must be greater than or equal to n ({info.data['n']})")
         return v
 
     @field_validator("bad_words")
@@ -539,17 +551,7 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
-    best_of: only(1, "ranking several samples on the server is not implemented") | None = None
     add_special_tokens: bool = True  # vLLM's: the model's BOS before a text prompt (false: the text alone)
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_at_least_n(cls, v, info: ValidationInfo):
-        """OpenAI's and vLLM's rule (vllm/sampling_params.py, _verify_args): best_of counts the candidates n are
-        returned from, so fewer than n is a 400, not n choices anyway."""
-        if v is not None and v < info.data.get("n", 1):
-            raise ValueError(f"best_of must be greater than or equal to n ({info.data['n']})")
-        return v
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -21,12 +21,12 @@ SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature"
                 "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens", "return_token_ids",
                 "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern",
                 "vllm_xargs", "kv_transfer_params", "request_id", "truncation_side",
-                "logprob_token_ids"]
+                "logprob_token_ids", "best_of", "structural_tag"]
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
               "chat_template_kwargs", "documents", "add_special_tokens"]
-COMPLETION_NULLS = ["logprobs", "echo", "suffix", "best_of", "add_special_tokens"]
+COMPLETION_NULLS = ["logprobs", "echo", "suffix", "add_special_tokens"]
 
 
 @pytest.mark.parametrize("path, base, fields", [("/v1/chat/completions", CHAT, SHARED_NULLS + CHAT_NULLS),
@@ -65,6 +65,10 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/completions", COMPLETION, {"suffix": "the end"}, "suffix"),
     ("/v1/completions", COMPLETION, {"best_of": 3}, "best_of"),
     ("/v1/completions", COMPLETION, {"n": 2, "best_of": 1}, "best_of"),  # fewer candidates than choices
+    ("/v1/chat/completions", CHAT, {"best_of": 3}, "best_of"),  # vLLM's chat field too: it was ignored
+    ("/v1/chat/completions", CHAT, {"n": 2, "best_of": 1}, "best_of"),
+    ("/v1/chat/completions", CHAT, {"structural_tag": '{"type": "structural_tag"}'}, "structural_tag"),  # vLLM's
+    ("/v1/completions", COMPLETION, {"structural_tag": '{"type": "structural_tag"}'}, "structural_tag"),
     ("/v1/completions", COMPLETION, {"echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", COMPLETION, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
@@ -97,6 +101,7 @@ def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, ro
 @pytest.mark.parametrize("path, base, patch, why", [
     ("/v1/chat/completions", CHAT, {"store": True}, "stores no answers"),
     ("/v1/completions", COMPLETION, {"best_of": 2}, "ranking several samples"),
+    ("/v1/chat/completions", CHAT, {"best_of": 2}, "ranking several samples"),
     ("/v1/completions", COMPLETION, {"use_beam_search": True}, "beam search"),
     ("/v1/chat/completions", CHAT, {"priority": 1}, "order of arrival"),
 ])
