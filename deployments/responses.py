@@ -58,7 +58,8 @@ class _Answer:
         fmt = req.text.format if req.text and req.text.format else TextFormat(type="text")
         choice = req.tool_choice or "auto"
         self._response = {
-            "id": "resp_" + prep.router_id.rsplit("-", 1)[-1], "object": "response", "created_at": prep.created,
+            "id": req.request_id or "resp_" + prep.router_id.rsplit("-", 1)[-1], "object": "response",
+            "created_at": prep.created,
             "status": None, "error": None, "incomplete_details": None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.server.model,
             "output": [], "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": None,

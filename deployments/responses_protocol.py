@@ -147,6 +147,16 @@ class ResponsesRequest(RequestModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     cache_salt: Text | None = None
+    # vLLM's Responses extras (its ResponsesRequest), checked and applied as the chat completion's
+    stop: str | Items[str] | None = None
+    include_stop_str_in_output: bool | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    structured_outputs: JsonObject | None = None
+    priority: int | None = None
+    request_id: Text | None = None  # the response's id, as vLLM answers it
+    vllm_xargs: Unsupported | None = None
 
     @field_validator("input")
     @classmethod
@@ -187,7 +197,8 @@ class ResponsesRequest(RequestModel):
                                 "max_completion_tokens": self.max_output_tokens,
                                 "parallel_tool_calls": self.parallel_tool_calls, "user": self.user}
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty", "cache_salt"):
+                     "repetition_penalty", "cache_salt", "stop", "include_stop_str_in_output", "ignore_eos",
+                     "skip_special_tokens", "logit_bias", "structured_outputs", "priority", "request_id"):
             body[name] = getattr(self, name)
         if self.logprobs:
             body["logprobs"], body["top_logprobs"] = True, self.top_logprobs or 0

@@ -397,3 +397,32 @@ def test_a_streamed_calls_arguments_are_written_once(tokenizer, eos, monkeypatch
     assert json.loads(item.arguments) == {"city": city} and len(deltas) > 100
     assert "".join(deltas) == done["arguments"] == item.arguments
     assert sum(written) <= len(item.arguments), (len(written), sum(written))
+
+
+def test_vllms_sampling_extras_reach_the_mesh(client, router, tokenizer):
+    """vLLM's Responses request takes stop, ignore_eos, logit_bias, include_stop_str_in_output,
+    skip_special_tokens and structured_outputs, as its chat does; they were ignored here (the whole answer came)."""
+    r = client.post("/v1/responses", json={**BASIC, "stop": ["answer is"], "include_stop_str_in_output": True,
+                                           "ignore_eos": True, "skip_special_tokens": False, "logit_bias": {"5": 10},
+                                           "structured_outputs": {"regex": "[A-Za-z0-9 ,.🚀]+"}})
+    assert r.status_code == 200, r.text
+    assert Response.model_validate(r.json()).output_text == ANSWER[:ANSWER.index("answer is") + len("answer is")]
+    ((_, params, _),) = router.requests.values()
+    assert params.stop == ("answer is",) and params.include_stop_str_in_output and params.ignore_eos
+    assert not params.skip_special_tokens and params.logit_bias == {5: 10} and params.grammar is not None
+
+
+def test_a_request_id_names_the_response(client):
+    assert client.post("/v1/responses", json={**BASIC, "request_id": "resp_mine"}).json()["id"] == "resp_mine"
+
+
+@pytest.mark.parametrize("patch, param", [
+    ({"stop": [""]}, "stop"), ({"logit_bias": {"x": 1}}, "logit_bias"), ({"priority": 1}, "priority"),
+    ({"vllm_xargs": {"k": 1}}, "vllm_xargs"), ({"structured_outputs": {"regex": "a", "choice": ["a"]}},
+                                               "structured_outputs"),
+    ({"structured_outputs": {"regex": "a"}, "text": {"format": {"type": "json_object"}}},
+     "structured_outputs.regex"),  # one constraint per request
+])
+def test_vllms_extras_are_checked_as_chats_are(client, router, patch, param):
+    assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
+    assert router.requests == {}
