@@ -125,12 +125,15 @@ def _continue_alone(cls, v: bool, info: ValidationInfo) -> bool:
     return v
 
 
-def _refuse_unsupported(value: Any) -> Any:
-    raise PydanticCustomError("unsupported", "this server does not support this field")
+def refused(why: str) -> Any:
+    """A known field this endpoint does not take: any value but null is a 400 naming it, saying `why`."""
+    def refuse(value: Any) -> Any:
+        raise PydanticCustomError("unsupported", why)
+    return Annotated[JsonValue, AfterValidator(refuse)]
 
 
 # A known OpenAI field the server does not implement: any value but null is a 400 naming it.
-Unsupported = Annotated[JsonValue, AfterValidator(_refuse_unsupported)]
+Unsupported = refused("this server does not support this field")
 
 
 def only(value: bool | int, why: str) -> Any:
@@ -508,6 +511,8 @@ class ChatCompletionRequest(_GenerationRequest):
     reasoning_effort: Unsupported | None = None  # for reasoning models (OpenAI refuses it for others too)
     verbosity: Unsupported | None = None
     store: only(False, "this server stores no answers") = False
+    # OpenAI's (for stored answers; none are): its limits, as /v1/responses checks them
+    metadata: dict[short_text(64), short_text(512)] | None = Field(None, max_length=16)
     chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
     echo: bool = False  # vLLM's: the final message's text first in each answer, when the answer continues it
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
@@ -551,6 +556,8 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
+    # chat's name for max_tokens: ignored, a completion was cut at the default 16 tokens
+    max_completion_tokens: refused("chat's name: /v1/completions takes max_tokens") | None = None
     add_special_tokens: bool = True  # vLLM's: the model's BOS before a text prompt (false: the text alone)
 
     @field_validator("prompt", mode="before")

@@ -25,8 +25,8 @@ SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature"
 CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
-              "chat_template_kwargs", "documents", "add_special_tokens"]
-COMPLETION_NULLS = ["logprobs", "echo", "suffix", "add_special_tokens"]
+              "chat_template_kwargs", "documents", "add_special_tokens", "metadata"]
+COMPLETION_NULLS = ["logprobs", "echo", "suffix", "add_special_tokens", "max_completion_tokens"]
 
 
 @pytest.mark.parametrize("path, base, fields", [("/v1/chat/completions", CHAT, SHARED_NULLS + CHAT_NULLS),
@@ -68,6 +68,8 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"best_of": 3}, "best_of"),  # vLLM's chat field too: it was ignored
     ("/v1/chat/completions", CHAT, {"n": 2, "best_of": 1}, "best_of"),
     ("/v1/chat/completions", CHAT, {"structural_tag": '{"type": "structural_tag"}'}, "structural_tag"),  # vLLM's
+    # chat's name for max_tokens: ignored, it left a completion at the default 16 tokens
+    ("/v1/completions", COMPLETION, {"max_completion_tokens": 64}, "max_completion_tokens"),
     ("/v1/completions", COMPLETION, {"structural_tag": '{"type": "structural_tag"}'}, "structural_tag"),
     ("/v1/completions", COMPLETION, {"echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
@@ -101,6 +103,7 @@ def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, ro
 @pytest.mark.parametrize("path, base, patch, why", [
     ("/v1/chat/completions", CHAT, {"store": True}, "stores no answers"),
     ("/v1/completions", COMPLETION, {"best_of": 2}, "ranking several samples"),
+    ("/v1/completions", COMPLETION, {"max_completion_tokens": 64}, "takes max_tokens"),
     ("/v1/chat/completions", CHAT, {"best_of": 2}, "ranking several samples"),
     ("/v1/completions", COMPLETION, {"use_beam_search": True}, "beam search"),
     ("/v1/chat/completions", CHAT, {"priority": 1}, "order of arrival"),
@@ -119,6 +122,17 @@ def test_harmless_and_unknown_fields_are_accepted(client, patch):
     r = client.post("/v1/chat/completions", json={**CHAT, **patch})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == ANSWER
+
+
+@pytest.mark.parametrize("metadata, param", [
+    ({"k": 5}, "metadata.k"), ("k", "metadata"), ({str(i): "v" for i in range(17)}, "metadata"),
+    ({"k": "v" * 513}, "metadata.k"), ({"k" * 65: "v"}, "metadata." + "k" * 65),
+])
+def test_chat_metadata_is_checked_as_openai_checks_it(client, router, metadata, param):
+    """OpenAI's chat `metadata` (as /v1/responses's): 16 pairs of strings, keys of 64 characters, values of 512; any
+    JSON was taken."""
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "metadata": metadata}), 400, param=param)
+    assert router.requests == {}
 
 
 @pytest.mark.parametrize("path, base", ENDPOINTS)
