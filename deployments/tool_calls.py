@@ -281,8 +281,10 @@ class ToolCallStream:
         return "", [CallDelta(i, c.name, c.arguments) for i, c in enumerate(calls)], whole
 
     def _rest(self) -> list[ParsedCall]:
-        """The calls after the last streamed one (parsed from that one's start: it may have had more keys)."""
-        return (parse_tool_calls(self.held[self.call_start:], self.names) or [])[1:]
+        """The calls after the last streamed one (parsed from that one's start: it may have had more keys), a call
+        cut off at the end included, as the whole answer reports it (_parse)."""
+        calls, cut = _parse(self.held[self.call_start:], self.names)
+        return (calls + [cut] if cut else calls)[1:]
 
     def _scan(self, deltas: list[CallDelta]) -> None:
         held = self.held
