@@ -565,7 +565,9 @@ class OpenAIServer:
         When the router fails mid-request (its replica died), the request is resubmitted, to the router
         Serve restarts, as a continuation: the same prompt and params with the tokens received so far. The
         client sees a pause, then the rest; greedy and seeded output is unchanged (the sampler is keyed on
-        (seed, position)). Once every wait of retry_backoff_s is spent, it is a 503."""
+        (seed, position)). Once every wait of retry_backoff_s is spent with no token between two losses, it is a
+        503: a loss after new tokens starts the waits again (a long answer outlives any number of router restarts,
+        rolling redeploys included; each needs a token, so it ends)."""
         if prep.echo_only:  # nothing to generate: the router is not asked (vLLM's echo_without_generation)
             self.metrics.start(len(prep.prompt_ids), prep.arrival, choices).finish("length")
             yield ChoiceDelta(index, "", [], [], "length", 0, 0)
@@ -586,11 +588,12 @@ class OpenAIServer:
         refusal = refusal or _Refusal()
         started = False
         submitted = False  # sent to a router once: a resubmission is a continuation, which no queue limit refuses
-        rid, attempt = request_id, 0
+        rid, attempt, retries = request_id, 0, 0  # attempt: the next wait of retry_backoff_s
         if self.log_requests:  # vLLM's "Received request" line (vllm/entrypoints/logger.py), without the prompt
             log.info("Received request %s: prompt_tokens %d, max_tokens %d.", rid, len(prompt_ids), params.max_tokens)
         try:
             while True:
+                at_submit = len(answer.output)
                 try:
                     async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output),
                                                             continuation=submitted):
@@ -637,6 +640,8 @@ class OpenAIServer:
                     refused = isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None
                     lost = not refused and isinstance(unwrap(exc), ConnectionError)  # else this request's own fault
                     submitted |= lost and not isinstance(unwrap(exc), RouterUnreachable)
+                    if lost and len(answer.output) > at_submit:  # it went on before this loss: a new outage
+                        attempt = 0
                     if not lost or attempt == len(self.retry_backoff_s):
                         if not started and (refused or lost) and not refusal.refused:  # once per API request
                             refusal.refused = True
@@ -649,8 +654,8 @@ class OpenAIServer:
                     with contextlib.suppress(Exception):  # in case it still runs there
                         await asyncio.shield(self.router.cancel(rid, "abort"))
                     await asyncio.sleep(self.retry_backoff_s[attempt])
-                    attempt += 1
-                    rid = f"{request_id}-retry{attempt}"
+                    attempt, retries = attempt + 1, retries + 1
+                    rid = f"{request_id}-retry{retries}"
         except (asyncio.CancelledError, GeneratorExit):  # its client left (or another choice of its request failed)
             if self.log_requests and reason is None:
                 log.info("Aborted request %s after %d tokens.", rid, len(answer.output))

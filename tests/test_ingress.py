@@ -605,6 +605,20 @@ def test_a_router_that_dies_mid_stream_is_resubmitted_as_a_continuation(client, 
     assert {rid.rsplit("-", 1)[-1] for rid in router.continuations} == {"retry1", "retry2"}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_outlives_more_router_losses_than_retry_waits_while_it_goes_on(client, router, tokenizer, stream):
+    """The waits are per outage, not per answer: each loss after new tokens starts them again (a long answer across
+    rolling redeploys). Counted per answer, the third loss here (two waits) was a 503 mid-answer."""
+    router.die_after = [2, 4, 6]  # three losses, each after two more tokens; the client has two waits (0, 0)
+    response = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 10, "stream": stream})
+    assert response.status_code == 200
+    text = ("".join(c["choices"][0]["text"] for c in sse(response) if c.get("choices")) if stream
+            else response.json()["choices"][0]["text"])
+    assert text == tokenizer.decode(router.answer[:10])
+    assert [len(ids) for ids in router.continued.values()] == [0, 2, 4, 6]
+    assert len(set(router.continued)) == 4  # each attempt under its own id
+
+
 def test_a_request_never_sent_to_a_router_is_resubmitted_as_new(client, router):
     """No link to the router (it restarts): the request never reached one, so its resubmission is no
     continuation, and queue limits may refuse it like any new request."""
