@@ -274,8 +274,23 @@ def test_tools_and_tool_history_reach_a_template_that_cannot_render_them(tok):
     rendered = render_messages(messages, [Tool.model_validate(WEATHER)], tok.template_takes_tools)
     assert not tok.template_takes_tools and rendered[0]["role"] == "system" and "get_weather" in rendered[0]["content"]
     assert json.loads(rendered[2]["content"]) == {"name": "get_weather", "parameters": {"city": "Oslo"}}
-    assert rendered[3] == {"role": "tool", "content": "sunny"}
+    assert rendered[3] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
     assert "sunny" in tok.render_chat(rendered)
+
+
+def test_a_template_that_renders_tools_gets_the_ids_that_pair_results_with_calls():
+    """vLLM hands the template each message's name, tool_call_id and its calls' ids: Llama 3's templates read none,
+    but Mistral's and Qwen's pair a result with its call by them. They were dropped."""
+    messages = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "Weather in Oslo?", "name": "ann"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}).messages
+    rendered = render_messages(messages, [Tool.model_validate(WEATHER)], True)
+    assert rendered[0] == {"role": "user", "content": "Weather in Oslo?", "name": "ann"}
+    assert rendered[1]["tool_calls"] == [{"id": "c1", "type": "function",
+                                          "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    assert rendered[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
 
 
 @pytest.mark.parametrize("strict", [None, False, True])
