@@ -245,10 +245,15 @@ def _validated(cls: type[M], **fields) -> M:
 # reloaded out at that change is kept (bench/local_serve.py HAPROXY_HARD_STOP). An idle replica stops at once.
 INGRESS_GRACEFUL_SHUTDOWN_S = 3 * 3600
 INGRESS_MAX_ONGOING_REQUESTS = 1024  # at least; deployments/app.py raises it to the router's share (its 429s must come)
+# A rolling update (a redeploy, a changed Ingress option) starts each new replica before it stops an old one. With
+# Serve's 0 it stopped the old first, and meanwhile HAProxy sent every request, /health too, to Serve's fallback
+# proxy, which held it until a new replica was up: 10-20 s without an answer. Where the cluster lacks the room for the
+# extra replica (ingress_num_cpus), the old ones serve on while the new ones wait (Serve's max_surge_percent).
+INGRESS_MAX_SURGE_PERCENT = 100
 
 
 @serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS,
-                  graceful_shutdown_timeout_s=INGRESS_GRACEFUL_SHUTDOWN_S)
+                  graceful_shutdown_timeout_s=INGRESS_GRACEFUL_SHUTDOWN_S, max_surge_percent=INGRESS_MAX_SURGE_PERCENT)
 @serve.ingress()
 class Ingress:
     """Stateless and freely replicated: builds the app in the replica, around the router's handle."""

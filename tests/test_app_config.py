@@ -450,6 +450,17 @@ def test_the_ingress_takes_every_request_the_router_can_hold(meshes, replicas):
     assert ingress.max_ongoing_requests >= 1024
 
 
+def test_a_rolling_update_starts_the_new_ingress_before_it_stops_the_old():
+    """With Serve's default (max_surge_percent 0) a redeploy that replaced the ingress stopped its replicas first:
+    HAProxy then sent every request, /health too, to Serve's fallback proxy, which held it until a new replica was
+    up (make serve, idle, `serve deploy` with one key changed: /health unanswered for 10-20 s, not a 503)."""
+    from deployments.app import build
+
+    for replicas in (1, 3):
+        ingress = build(AppConfig(ingress_replicas=replicas))._bound_deployment
+        assert ingress._deployment_config.max_surge_percent == 100  # a new replica for every old one, then the stop
+
+
 @pytest.mark.parametrize("files, reason", [
     ({}, "has neither config.json nor params.json"),
     ({"config.json": "{"}, "config.json: not a Llama config"),
