@@ -1,0 +1,51 @@
+"""deployments.ready: `make serve`'s one line once the endpoint answers, and its quiet end with the server."""
+from __future__ import annotations
+
+import http.server
+import os
+import subprocess
+import sys
+import threading
+
+from deployments.ready import main, wait_ready
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    answers: list[int] = []
+
+    def do_GET(self):
+        self.send_response(self.answers.pop(0) if self.answers else 200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(answers: list[int]) -> tuple[http.server.HTTPServer, str]:
+    _Health.answers = answers
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_port}/health"
+
+
+def test_it_says_ready_once_health_is_200_and_not_before(capsys):
+    server, url = _serve([503, 503, 503])
+    try:
+        assert main([url, str(os.getpid())]) == 0
+        out = capsys.readouterr().out
+        assert out == f"meshserve: ready: http://127.0.0.1:{server.server_port}/v1 answers (GET {url} is 200)\n"
+        assert _Health.answers == []  # it asked through the three 503s
+    finally:
+        server.shutdown()
+
+
+def test_it_ends_quietly_with_the_server_it_announces():
+    """A server that dies while starting leaves no poller behind (nor, with no endpoint at all, one that waits)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert not wait_ready("http://127.0.0.1:9/health", gone.pid, poll_s=0.01, wait_s=30)
+    server, url = _serve([503] * 10_000)
+    try:
+        assert not wait_ready(url, os.getpid(), poll_s=0.01, wait_s=0.2)  # never 200: it gives up at wait_s
+    finally:
+        server.shutdown()
