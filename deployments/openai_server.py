@@ -74,6 +74,11 @@ MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least,
 # stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
 INLINE_CHARS = 2000  # prompts up to this many characters are tokenized on the loop (see OpenAIServer.sized)
 INLINE_MESSAGES = 1000  # chats of up to this many messages are measured on the loop (OpenAIServer.chat_chars)
+# The later choices (n > 1) of a prompt this long go to the router once its first choice has its first token, when its
+# blocks are in the prefix cache: sent together, each computed the whole prompt (n=3 of 32k tokens: 98,304 prefilled,
+# 3 x 9.5 s of a Galaxy; a 128k prompt's is 102 s each). A mesh prefills one user at a time, so on one mesh they lose
+# nothing; on an idle other mesh at most this prompt's TTFT (1,024 tokens: 0.16 s on a Galaxy).
+SHARED_PREFILL_TOKENS = 1024
 ANSWER_CHARS_PER_LOGPROB = 60  # ~JSON characters per logprob entry, to size a whole answer's build like a prompt
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
 # Inputs past BULK_CHARS (up to the 8 MiB body limit: seconds each) take threads of their own, so that a few of
@@ -702,13 +707,16 @@ class OpenAIServer:
         # waits holds its logprobs as PackedLogprobs, as a lagging reader's events do (EventQueue).
         unread: dict[int, ChoiceDelta] = {}
 
-        async def pump(prep: Prepared, index: int, i: int, choices: Choices) -> None:
+        async def pump(prep: Prepared, index: int, i: int, choices: Choices, prefilled: asyncio.Event) -> None:
             params = prep.params
             most = merged_tokens_max(params)
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
+                if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS:
+                    await prefilled.wait()  # its first choice's first token (or end): the prompt is cached
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
+                    prefilled.set()
                     last = unread.get(index)
                     if last is not None and len(last.token_ids) + len(delta.token_ids) <= most:  # within the bound
                         if delta.logprobs and not isinstance(last.logprobs, PackedLogprobs):
@@ -722,10 +730,12 @@ class OpenAIServer:
             except Exception as exc:
                 queue.put_nowait(exc)
             finally:
+                prefilled.set()
                 queue.put_nowait(_CHOICES_DONE)
 
         groups = [Choices(n) for _ in preps]  # per prompt, as vLLM takes each prompt of a batch as a request
-        tasks = [asyncio.create_task(pump(prep, p * n + i, i, groups[p]))
+        prefilled = [asyncio.Event() for _ in preps]  # per prompt: set by its first choice (SHARED_PREFILL_TOKENS)
+        tasks = [asyncio.create_task(pump(prep, p * n + i, i, groups[p], prefilled[p]))
                  for p, prep in enumerate(preps) for i in range(n)]
         try:
             running = len(tasks)

@@ -1,0 +1,95 @@
+"""Prompts up to the 128k-token context through the whole stack in one process: the ingress app over a real Router
+and a simulated Galaxy mesh (max_seq_len 131072), as a client sends them."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import pytest
+
+from deployments.ingress import build_app
+from deployments.router import Router, RouterConfig
+from model.embedded import ensure_smollm2
+from model.simulated import SimulatedBackend
+from model.tokenizer import load_tokenizer
+from tests.local_mesh import LocalMesh
+from tests.test_feature_mix import InProcessRouter
+from tests.test_router import FAST, until
+
+CONTEXT = 131072
+WORDS = "alpha beta gamma delta river stone cloud north table garden paper window silver orange music".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ensure_smollm2())
+
+
+def text_of(tok, n: int, seed: int) -> str:
+    """Text that is exactly n tokens."""
+    rng = random.Random(seed)
+    text = tok.decode(tok.encode(" ".join(rng.choice(WORDS) + str(rng.randrange(1000)) for _ in range(n)))[:n])
+    assert len(tok.encode(text)) == n
+    return text
+
+
+@pytest.fixture
+def stack(tok):
+    """(run, client, prefilled): one mesh whose KV pool holds three 128k sequences; `prefilled` lists the (start, end)
+    of every prefill the mesh computed."""
+    loop = asyncio.new_event_loop()
+    prefilled: list[tuple[int, int]] = []
+
+    def backend():
+        sim = SimulatedBackend(time_scale=0.02, num_slots=8, kv_groups=1, num_blocks=3 * 2048 + 64,
+                               max_seq_len=CONTEXT, vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
+        prefill = sim.prefill
+
+        def counted(token_ids, start, *args, **kwargs):
+            prefilled.append((start, len(token_ids)))
+            return prefill(token_ids, start, *args, **kwargs)
+        sim.prefill = counted
+        return sim
+
+    async def start():
+        config = {**FAST, "prefill_chunk": 4096, "max_prefill_tokens": 4096, "min_step_deadline_s": 5}
+        router = Router([("mesh-0", LocalMesh(backend))], RouterConfig(**config))
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        app = build_app(InProcessRouter(router), tok, "smollm2")
+        return router, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=60)
+    router, client = loop.run_until_complete(start())
+    yield loop.run_until_complete, client, prefilled
+    loop.run_until_complete(router.close())
+    loop.close()
+
+
+def test_a_128k_prompt_runs_to_the_context_and_its_prefix_is_cached(tok, stack):
+    """Prompt + max_tokens up to the context is answered, one token more is a 400 naming max_tokens; a second request
+    with the same 128k prefix reports it cached and the mesh computes only the rest."""
+    run, client, prefilled = stack
+    text = text_of(tok, CONTEXT - 100, seed=1)
+    body = {"model": "smollm2", "prompt": text, "temperature": 0}
+    refused = run(client.post("/v1/completions", json={**body, "max_tokens": 101}))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    first = run(client.post("/v1/completions", json={**body, "max_tokens": 100}))
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] == CONTEXT
+    assert sum(end - start for start, end in prefilled) == CONTEXT - 100
+    prefilled.clear()
+    again = run(client.post("/v1/completions", json={**body, "prompt": text + " and more", "max_tokens": 8}))
+    cached = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= CONTEXT - 100 - 128
+    assert sum(end - start for start, end in prefilled) == again.json()["usage"]["prompt_tokens"] - cached
+
+
+def test_the_choices_of_a_long_prompt_prefill_it_once(tok, stack):
+    """n choices of one long prompt: the mesh computes the prompt once, the later choices reuse its cached blocks
+    (they went in together and each computed all of it: n x ~100 s of a Galaxy for a 128k prompt)."""
+    run, client, prefilled = stack
+    n = 32768
+    body = {"model": "smollm2", "prompt": text_of(tok, n, seed=2), "max_tokens": 8, "temperature": 0, "n": 3}
+    answer = run(client.post("/v1/completions", json=body))
+    assert answer.status_code == 200, answer.text
+    texts = [c["text"] for c in answer.json()["choices"]]
+    assert len(texts) == 3 and len(set(texts)) == 1  # greedy: the same answer, computed once
+    assert sum(end - start for start, end in prefilled) < n + 3 * 128
