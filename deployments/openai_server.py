@@ -77,7 +77,8 @@ INLINE_MESSAGES = 1000  # chats of up to this many messages are measured on the 
 # The later choices (n > 1) of a prompt this long go to the router once its first choice has its first token, when its
 # blocks are in the prefix cache: sent together, each computed the whole prompt (n=3 of 32k tokens: 98,304 prefilled,
 # 3 x 9.5 s of a Galaxy; a 128k prompt's is 102 s each). A mesh prefills one user at a time, so on one mesh they lose
-# nothing; on an idle other mesh at most this prompt's TTFT (1,024 tokens: 0.16 s on a Galaxy).
+# nothing; on an idle other mesh at most this prompt's TTFT (1,024 tokens: 0.16 s on a Galaxy). Not without the
+# router's prefix cache (enable_prefix_caching false): they would wait for nothing.
 SHARED_PREFILL_TOKENS = 1024
 ANSWER_CHARS_PER_LOGPROB = 60  # ~JSON characters per logprob entry, to size a whole answer's build like a prompt
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
@@ -290,6 +291,7 @@ class OpenAIServer:
         self._model_len_at = 0.0  # when max_model_len was last read (time.monotonic)
         self._model_len_refresh: asyncio.Task | None = None
         self.model_len_wait_s = MODEL_LEN_WAIT_S
+        self.prefix_caching = True  # the router's enable_prefix_caching, read with its stats
         self._model_len_wait: asyncio.Future | None = None  # the one poll all requests waiting for a mesh share
         self._tokens: dict[int, tuple[str, bytes]] = {}  # _token_info's
         self.metrics = Metrics(replica_name, self.model)
@@ -323,6 +325,7 @@ class OpenAIServer:
             self.max_model_len, self._model_len_at = stats["max_model_len"], time.monotonic()
         if stats.get("vocab_size") is not None:
             self.vocab_size = min(self.tokenizer.vocab_size, stats["vocab_size"])
+        self.prefix_caching = stats.get("enable_prefix_caching", True)
         return stats
 
     async def model_len(self) -> int:
@@ -713,7 +716,7 @@ class OpenAIServer:
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             try:
-                if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS:
+                if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching:
                     await prefilled.wait()  # its first choice's first token (or end): the prompt is cached
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
                     prefilled.set()

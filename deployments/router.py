@@ -648,7 +648,8 @@ class Router:
                 "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
                 "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed
                 "held": len(self.held), "meshes": meshes,
-                "model_identity": self.config.model_identity}
+                "model_identity": self.config.model_identity,
+                "enable_prefix_caching": self.config.enable_prefix_caching}
 
     def _max_model_len(self, caps: Capabilities) -> int:
         """The longest sequence a mesh takes: its max_seq_len (capped by the config), and what one KV group holds."""

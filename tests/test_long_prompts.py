@@ -93,3 +93,29 @@ def test_the_choices_of_a_long_prompt_prefill_it_once(tok, stack):
     texts = [c["text"] for c in answer.json()["choices"]]
     assert len(texts) == 3 and len(set(texts)) == 1  # greedy: the same answer, computed once
     assert sum(end - start for start, end in prefilled) < n + 3 * 128
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_the_later_choices_wait_for_the_first_only_where_the_router_caches_prefixes(tok, prefix_caching):
+    """Without the router's prefix cache (enable_prefix_caching false) the later choices would wait for the first's
+    prefill for nothing: they go in together, as for a short prompt."""
+    from tests.fake_router import FakeRouter
+    from tests.ingress_support import make_client
+
+    router = FakeRouter([5] * 8, max_model_len=4096, queued_s=0.05)
+    order: list[tuple[str, str]] = []
+    generate, stats = router.generate, router.stats
+
+    async def logged(request_id, *args, **kwargs):
+        order.append(("submit", request_id[-1]))
+        async for event in generate(request_id, *args, **kwargs):
+            order.append(("token", request_id[-1]))
+            yield event
+
+    async def with_flag():
+        return {**await stats(), "enable_prefix_caching": prefix_caching}
+    router.generate, router.stats = logged, with_flag
+    body = {"model": "smollm2", "prompt": [7] * 2000, "max_tokens": 2, "n": 2}
+    assert make_client(router, tok).post("/v1/completions", json=body).status_code == 200
+    second = order.index(("submit", "1"))
+    assert (second > order.index(("token", "0"))) == prefix_caching, order
