@@ -591,8 +591,9 @@ class OpenAIServer:
                             rep and RepetitionCheck(rep.max_pattern_size, rep.min_pattern_size, rep.min_count))
         cached = 0
         reason: str | None = None
-        ended = "abort"  # how a request that does not finish is counted: "error" when the mesh failed it; not at
-        # all when it was refused before it ran (queue full, too long, no mesh or router), as vLLM counts
+        ended = "abort"  # how a request that does not finish is counted: "abort" when its client left, "error" when it
+        # failed here (the mesh failed it, the router was lost for good); not at all when it was refused before it ran
+        # (queue full, too long, no mesh or router), as vLLM counts
         refusal = refusal or _Refusal()
         started = False
         submitted = False  # sent to a router once: a resubmission is a continuation, which no queue limit refuses
@@ -669,6 +670,7 @@ class OpenAIServer:
                 log.info("Aborted request %s after %d tokens.", rid, len(answer.output))
             raise
         except Exception as exc:
+            ended = "error"  # not its client's doing: error-rate alerts must see it
             if self.log_requests:
                 error = exc if isinstance(exc, APIError) else as_api_error(exc, prep.prompt_field)
                 log.info("Request %s failed: %s", rid,

@@ -636,6 +636,21 @@ def test_a_request_no_router_ever_ran_is_a_503_and_no_finished_request(client, r
     assert len(counts) == 5 and not any(counts)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_the_router_was_lost_for_after_it_ran_is_an_error_not_an_abort(client, router, stream):
+    """Tokens came, then the router was lost at every retry: the client gets a 503 (an error event mid-stream). The
+    server failed it, so it counts as finished_reason="error", which error-rate alerts read; it counted as "abort",
+    as if its client had gone."""
+    router.die_after = [3, 3, 3]  # the first stream dies after 3 tokens, each continuation before a new one
+    r = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 8, "stream": stream})
+    assert r.status_code == 200 if stream else 503
+    if stream:
+        assert sse(r)[-1]["error"]["type"] == "service_unavailable"
+    counts = {dict(labels)["finish_reason"]: v for (name, labels), v in _samples(client).items()
+              if name == "meshserve_requests_total"}
+    assert (counts["error"], counts["abort"]) == (1, 0)
+
+
 def test_a_request_the_mesh_failed_is_a_500_for_it_alone(client, router):
     router.fail_with_error_after = 2
     error = assert_error(client.post("/v1/completions", json=COMPLETION), 500)
