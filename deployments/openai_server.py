@@ -345,10 +345,14 @@ class OpenAIServer:
 
     async def _wait_model_len(self) -> None:
         """Reads the router's stats until a mesh has reported its limit, or model_len_wait_s has passed; a router
-        that cannot be reached is a 503 at once, as before (its link has its own wait, see router_client)."""
+        that cannot be reached is a 503 at once, as before (its link has its own wait, see router_client). Ends
+        without an error (model_len raises it): its requests may all have left, and then no one would read it."""
         deadline = time.monotonic() + self.model_len_wait_s
         while True:
-            await self.stats()
+            try:
+                await self.stats()
+            except APIError:  # unreachable: logged by stats
+                return
             if self.max_model_len is not None or time.monotonic() >= deadline:
                 return
             await asyncio.sleep(MODEL_LEN_POLL_S)

@@ -1153,6 +1153,34 @@ def test_a_request_before_any_mesh_is_up_waits_for_one(router, tokenizer):
     assert response.json()["choices"][0]["text"]
 
 
+def test_a_wait_for_the_first_mesh_its_requests_left_ends_quietly_when_the_router_is_lost(router, tokenizer, caplog):
+    """The wait all requests share runs on after they leave (a client's timeout); a router lost then is a 503 for
+    whoever asks next. Ended by that error with no one to read it, the wait logged "Task exception was never
+    retrieved" with a traceback at ERROR, in the start or outage when clients give up."""
+    import gc
+    import logging
+
+    router.max_model_len = None
+    server = make_client(router, tokenizer, no_mesh_wait_s=5.0).app.state.server
+
+    async def lost() -> dict:
+        raise ConnectionError("the router is gone")
+
+    async def run() -> None:
+        waiting = asyncio.create_task(server.model_len())
+        await asyncio.sleep(0.1)
+        waiting.cancel()  # its client left
+        router.stats = lost
+        await asyncio.sleep(0.5)  # the wait's next poll finds no router
+        with pytest.raises(openai_server.APIError) as refused:
+            await server.model_len()
+        assert refused.value.status == 503
+        gc.collect()  # the first wait, ended and let go
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(run())
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
 def test_a_mesh_back_with_another_length_changes_the_limit(router, tokenizer, monkeypatch):
     """The limit is read again once older than MODEL_LEN_REFRESH_S, off the request's path: a request after a
     mesh came back shorter is a 400 (not quietly cut to the new room), and one after it came back longer fits."""
