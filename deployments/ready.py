@@ -8,6 +8,7 @@ when process PID (the server it announces) is gone, or after WAIT_S.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import sys
 import time
@@ -32,7 +33,7 @@ def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             return response.status == 200
-    except (urllib.error.URLError, OSError):  # refused, 503, a timeout: not yet
+    except (urllib.error.URLError, OSError, http.client.HTTPException):  # refused, 503, a timeout, garbled: not yet
         return False
 
 

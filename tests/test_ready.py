@@ -49,3 +49,24 @@ def test_it_ends_quietly_with_the_server_it_announces():
         assert not wait_ready(url, os.getpid(), poll_s=0.01, wait_s=0.2)  # never 200: it gives up at wait_s
     finally:
         server.shutdown()
+
+
+def test_a_garbled_answer_is_not_yet_ready():
+    """A proxy that is starting may close or garble an answer (no HTTP status line): that is "not yet", as a refused
+    connection is, not a traceback in `make serve`'s output and no line at all."""
+    import socketserver
+
+    answers = [b"garbage\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\n"]
+
+    class Raw(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            self.wfile.write(answers.pop(0) if len(answers) > 1 else answers[0])
+
+    server = socketserver.TCPServer(("127.0.0.1", 0), Raw)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert wait_ready(f"http://127.0.0.1:{server.server_address[1]}/health", os.getpid(), poll_s=0.01, wait_s=30)
+    finally:
+        server.shutdown()
+        server.server_close()
