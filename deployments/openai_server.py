@@ -571,7 +571,7 @@ class OpenAIServer:
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None, refusal: _Refusal | None = None,
-                     choices: Choices | None = None) -> AsyncIterator[ChoiceDelta]:
+                     choices: Choices | None = None, sibling: bool = False) -> AsyncIterator[ChoiceDelta]:
         """One router request, as text. Cancels it in the router unless it finished.
 
         When the router fails mid-request (its replica died), the request is resubmitted, to the router
@@ -600,7 +600,9 @@ class OpenAIServer:
         # (queue full, too long, no mesh or router), as vLLM counts
         refusal = refusal or _Refusal()
         started = False
-        submitted = False  # sent to a router once: a resubmission is a continuation, which no queue limit refuses
+        # sent to a router once: a resubmission is a continuation, which no queue limit refuses; so is a later choice
+        # sent once its first had a token (`sibling`, OpenAIServer.deltas): its request was admitted then
+        submitted = sibling
         rid, attempt, retries = request_id, 0, 0  # attempt: the next wait of retry_backoff_s
         if self.log_requests:  # vLLM's "Received request" line (vllm/entrypoints/logger.py), without the prompt
             log.info("Received request %s: prompt_tokens %d, max_tokens %d.", rid, len(prompt_ids), params.max_tokens)
@@ -721,10 +723,15 @@ class OpenAIServer:
             most = merged_tokens_max(params)
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
+            sibling = False
             try:
                 if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching:
                     await prefilled.wait()  # its first choice's first token (or end): the prompt is cached
-                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices):
+                    # and the request admitted: the queue limits that admitted it do not refuse the rest of it
+                    sibling = index - i in admitted
+                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices,
+                                               sibling):
+                    admitted.add(index)
                     prefilled.set()
                     last = unread.get(index)
                     if last is not None and len(last.token_ids) + len(delta.token_ids) <= most:  # within the bound
@@ -744,6 +751,7 @@ class OpenAIServer:
 
         groups = [Choices(n) for _ in preps]  # per prompt, as vLLM takes each prompt of a batch as a request
         prefilled = [asyncio.Event() for _ in preps]  # per prompt: set by its first choice (SHARED_PREFILL_TOKENS)
+        admitted: set[int] = set()  # the indexes of choices that have had a token
         tasks = [asyncio.create_task(pump(prep, p * n + i, i, groups[p], prefilled[p]))
                  for p, prep in enumerate(preps) for i in range(n)]
         try:

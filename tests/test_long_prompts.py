@@ -3,6 +3,7 @@ and a simulated Galaxy mesh (max_seq_len 131072), as a client sends them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import httpx
@@ -119,3 +120,41 @@ def test_the_later_choices_wait_for_the_first_only_where_the_router_caches_prefi
     assert make_client(router, tok).post("/v1/completions", json=body).status_code == 200
     second = order.index(("submit", "1"))
     assert (second > order.index(("token", "0"))) == prefix_caching, order
+
+
+def test_the_later_choices_of_an_admitted_long_prompt_are_not_refused_by_the_queue_later(tok):
+    """The later choices go to the router at the first's first token, when the queue may have filled meanwhile: they
+    belong to a request it admitted, so they pass its limits as a continuation does. Refused there, the stream had
+    its 200 and one choice's text, then a queue_full error event (the newcomer that filled the queue got its 200)."""
+    async def main():
+        def backend():
+            return SimulatedBackend(time_scale=0.2, num_slots=1, kv_groups=1, num_blocks=2048, max_seq_len=8192,
+                                    vocab_size=tok.vocab_size, eos_token_ids=())
+        router = Router([("mesh-0", LocalMesh(backend))], RouterConfig(**{**FAST, "max_waiting_requests": 2}))
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(InProcessRouter(router), tok, "smollm2")),
+                                   base_url="http://x", timeout=120)
+        short = {"model": "smollm2", "prompt": "hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        waiting = lambda: router.stats()["meshes"][0]["waiting"]  # noqa: E731
+        busy = asyncio.create_task(client.post("/v1/completions", json={**short, "max_tokens": 200}))
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)  # it holds the one slot
+
+        async def long():
+            body = {**short, "prompt": [7] * 6000, "n": 2, "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                return r.status_code, [line async for line in r.aiter_lines() if line.startswith("data")]
+        answer = asyncio.create_task(long())
+        await asyncio.sleep(0.2)
+        queued = asyncio.create_task(client.post("/v1/completions", json=short))
+        await until(lambda: waiting() == 2)
+        await until(lambda: waiting() < 2, 60)  # the first choice took the slot: a place in the queue frees
+        newcomer = asyncio.create_task(client.post("/v1/completions", json=short))  # and a newcomer takes it
+        status, lines = await answer
+        others = [(await t).status_code for t in (busy, queued, newcomer)]
+        await router.close()
+        return status, lines, others
+    status, lines, others = asyncio.run(main())
+    assert status == 200 and not [line for line in lines if '"error"' in line], lines
+    finished = [c for line in lines[:-1] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
+    assert sorted(c["index"] for c in finished) == [0, 1]
+    assert others[:2] == [200, 200] and others[2] in (200, 429)
