@@ -345,9 +345,11 @@ class OpenAIServer:
 
     async def _wait_model_len(self) -> None:
         """Reads the router's stats until a mesh has reported its limit, or model_len_wait_s has passed; a router
-        that cannot be reached is a 503 at once, as before (its link has its own wait, see router_client). Ends
+        that cannot be reached is a 503 at once, as before (its link has its own wait, see router_client). Never past
+        HELD_HEADERS_MAX_S, whatever no_mesh_wait_s: a stream's headers wait for it, and a proxy's read timeout (60 s)
+        would cut the stream before its 503. Ends
         without an error (model_len raises it): its requests may all have left, and then no one would read it."""
-        deadline = time.monotonic() + self.model_len_wait_s
+        deadline = time.monotonic() + min(self.model_len_wait_s, HELD_HEADERS_MAX_S)
         while True:
             try:
                 await self.stats()
@@ -847,7 +849,7 @@ class OpenAIServer:
         status code (FirstDelta says why not longer), and on while requests are held (SERVING_CHECK_S says why).
         Raises APIError when the stream failed by then."""
         first = FirstDelta(stream)
-        deadline = time.monotonic() + HELD_HEADERS_MAX_S
+        deadline = time.monotonic() + HELD_HEADERS_MAX_S - (time.perf_counter() - prep.arrival)  # from its arrival
         try:
             came = await first.came(self.headers_wait_s)
             while not came and time.monotonic() < deadline and not await self.serving():

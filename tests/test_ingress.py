@@ -1153,6 +1153,18 @@ def test_a_request_before_any_mesh_is_up_waits_for_one(router, tokenizer):
     assert response.json()["choices"][0]["text"]
 
 
+def test_the_wait_for_the_first_mesh_stays_within_the_headers_cap_whatever_no_mesh_wait_s(router, tokenizer,
+                                                                                            monkeypatch):
+    """A stream's headers wait for it, and a proxy in front cuts a silent stream at its read timeout (60 s): a long
+    no_mesh_wait_s held them past HELD_HEADERS_MAX_S, the cap on every such wait, so the client saw a cut stream where
+    a 503 with Retry-After was due. (Here the cap is 0.3 s, no_mesh_wait_s 5 s and the mesh comes at 2 s.)"""
+    monkeypatch.setattr(openai_server, "HELD_HEADERS_MAX_S", 0.3)
+    router.max_model_len = None
+    client = make_client(router, tokenizer, no_mesh_wait_s=5.0)
+    threading.Timer(2.0, setattr, (router, "max_model_len", 100)).start()
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "stream": True}), 503)
+
+
 def test_a_wait_for_the_first_mesh_its_requests_left_ends_quietly_when_the_router_is_lost(router, tokenizer, caplog):
     """The wait all requests share runs on after they leave (a client's timeout); a router lost then is a 503 for
     whoever asks next. Ended by that error with no one to read it, the wait logged "Task exception was never
