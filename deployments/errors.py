@@ -96,6 +96,9 @@ def _tags(loc: tuple) -> set[int]:
             if isinstance(part, str) and "tagged-union[" in part}
 
 
+MAX_LOC_CHARS = 200  # a field's name, or a key of the client's, in an error's param and message
+
+
 def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     """400 naming the first offending field, as `param` and in the message (without FastAPI's "body" or
     "query" in front when `skip_body`)."""
@@ -108,6 +111,8 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
         loc.append(tag[1])
     if skip_body and loc[:1] in (["body"], ["query"]):
         loc = loc[1:]
+    # a client's own dict key may be any length: a 100,000-character one made a 200 KB error, twice over
+    loc = [p if len(p) <= MAX_LOC_CHARS else p[:MAX_LOC_CHARS] + "..." for p in loc]
     if err.get("type") == "json_invalid":
         return APIError(400, f"The body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
     name = ".".join(loc) or None

@@ -135,6 +135,14 @@ def test_chat_metadata_is_checked_as_openai_checks_it(client, router, metadata, 
     assert router.requests == {}
 
 
+def test_an_error_names_a_clients_long_key_cut_short(client, router):
+    """The key of an over-long metadata entry is a field path the error names: a 100,000-character key made a 200 KB
+    error body (in param and in the message)."""
+    response = client.post("/v1/chat/completions", json={**CHAT, "metadata": {"k" * 100_000: "v"}})
+    error = assert_error(response, 400)
+    assert len(response.content) < 1000 and error["param"] == "metadata." + "k" * 200 + "..."
+
+
 @pytest.mark.parametrize("path, base", ENDPOINTS)
 @pytest.mark.parametrize("field", ["model", "user", "cache_salt", "request_id"])
 def test_a_lone_surrogate_in_any_text_field_is_400(client, router, path, base, field):
