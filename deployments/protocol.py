@@ -241,7 +241,7 @@ class _GenerationRequest(RequestModel):
     length_penalty: float = 1.0  # vLLM's, for beam search only
     n: int = Field(1, ge=1, le=MAX_N)
     # OpenAI's completions' and vLLM's chat's too (the chat one was ignored: best_of 3 got one sample)
-    best_of: only(1, "ranking several samples on the server is not implemented") | None = None
+    best_of: int | None = None  # n only (vLLM V1 takes no other): n samples are n choices
     user: Text | None = None  # accepted; the end user's id is not used
     # vLLM's: requests reuse cached prefixes only with the same salt (with API keys, within one key's tenant)
     cache_salt: Salt | None = None
@@ -272,9 +272,13 @@ class _GenerationRequest(RequestModel):
     @classmethod
     def _best_of_at_least_n(cls, v, info: ValidationInfo):
         """OpenAI's and vLLM's rule (vllm/sampling_params.py, _verify_args): best_of counts the candidates n are
-        returned from, so fewer than n is a 400, not n choices anyway."""
-        if v is not None and v < info.data.get("n", 1):
-            raise ValueError(f"best_of must be greater than or equal to n ({info.data['n']})")
+        returned from, so fewer than n is a 400, not n choices anyway; more than n would rank them, which vLLM V1
+        does not either (best_of equal to n is n samples, as there)."""
+        n = info.data.get("n", 1)
+        if v is not None and v < n:
+            raise ValueError(f"best_of must be greater than or equal to n ({n})")
+        if v is not None and v > n:
+            raise ValueError(f"ranking several samples on the server is not implemented: best_of must equal n ({n})")
         return v
 
     @field_validator("bad_words")

@@ -114,6 +114,14 @@ def test_a_field_taken_at_one_value_only_says_why(client, path, base, patch, why
     assert why in error["message"] and "Input should be" not in error["message"]
 
 
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+def test_best_of_equal_to_n_is_n_samples(client, path, base):
+    """As vLLM V1 takes it (it refuses only a best_of that would rank): it was refused as ranking."""
+    r = client.post(path, json={**base, "n": 2, "best_of": 2})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2
+
+
 @pytest.mark.parametrize("patch", [
     {"service_tier": "auto"}, {"service_tier": "default"}, {"modalities": ["text"]}, {"user": "user-1234"},
     {"some_vendor_extra": {"x": 1}}, {"metadata": {"k": "v"}}, {"store": False},
