@@ -1,5 +1,4 @@
 """A wrong serve_config.yaml fails at deploy time with a message naming the key."""
-import json
 from pathlib import Path
 
 import pytest
