@@ -347,8 +347,8 @@ class OpenAIServer:
         """Reads the router's stats until a mesh has reported its limit, or model_len_wait_s has passed; a router
         that cannot be reached is a 503 at once, as before (its link has its own wait, see router_client). Never past
         HELD_HEADERS_MAX_S, whatever no_mesh_wait_s: a stream's headers wait for it, and a proxy's read timeout (60 s)
-        would cut the stream before its 503. Ends
-        without an error (model_len raises it): its requests may all have left, and then no one would read it."""
+        would cut the stream before its 503. Ends without an error (model_len raises it): its requests may all have
+        left, and then no one would read it."""
         deadline = time.monotonic() + min(self.model_len_wait_s, HELD_HEADERS_MAX_S)
         while True:
             try:
@@ -720,7 +720,7 @@ class OpenAIServer:
         # waits holds its logprobs as PackedLogprobs, as a lagging reader's events do (EventQueue).
         unread: dict[int, ChoiceDelta] = {}
 
-        async def pump(prep: Prepared, index: int, i: int, choices: Choices, prefilled: asyncio.Event) -> None:
+        async def pump(prep: Prepared, index: int, i: int, choices: Choices, first_token: asyncio.Future) -> None:
             params = prep.params
             most = merged_tokens_max(params)
             if i and params.seed is not None:
@@ -728,13 +728,13 @@ class OpenAIServer:
             sibling = False
             try:
                 if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching:
-                    await prefilled.wait()  # its first choice's first token (or end): the prompt is cached
-                    # and the request admitted: the queue limits that admitted it do not refuse the rest of it
-                    sibling = index - i in admitted
+                    # its first choice's first token: the prompt is cached, and the request admitted, whose queue
+                    # limits do not refuse the rest of it (shielded: a waiter cancelled must not cancel it for all)
+                    sibling = await asyncio.shield(first_token)
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices,
                                                sibling):
-                    admitted.add(index)
-                    prefilled.set()
+                    if not first_token.done():
+                        first_token.set_result(True)
                     last = unread.get(index)
                     if last is not None and len(last.token_ids) + len(delta.token_ids) <= most:  # within the bound
                         if delta.logprobs and not isinstance(last.logprobs, PackedLogprobs):
@@ -748,13 +748,14 @@ class OpenAIServer:
             except Exception as exc:
                 queue.put_nowait(exc)
             finally:
-                prefilled.set()
+                if not first_token.done():  # it ended without a token (refused, failed, cancelled)
+                    first_token.set_result(False)
                 queue.put_nowait(_CHOICES_DONE)
 
         groups = [Choices(n) for _ in preps]  # per prompt, as vLLM takes each prompt of a batch as a request
-        prefilled = [asyncio.Event() for _ in preps]  # per prompt: set by its first choice (SHARED_PREFILL_TOKENS)
-        admitted: set[int] = set()  # the indexes of choices that have had a token
-        tasks = [asyncio.create_task(pump(prep, p * n + i, i, groups[p], prefilled[p]))
+        # per prompt: whether its first choice had a token, once it has or ended (SHARED_PREFILL_TOKENS)
+        first_tokens = [asyncio.get_running_loop().create_future() for _ in preps]
+        tasks = [asyncio.create_task(pump(prep, p * n + i, i, groups[p], first_tokens[p]))
                  for p, prep in enumerate(preps) for i in range(n)]
         try:
             running = len(tasks)
