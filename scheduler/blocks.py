@@ -124,6 +124,10 @@ class BlockPool:
             self.block_hash[block] = block_hash
             self._block_of_hash[block_hash] = block
 
+    def caches(self, block_hash: bytes) -> bool:
+        """Whether a block holding this digest's prefix is in the cache (owned or not)."""
+        return block_hash in self._block_of_hash
+
     def lookup(self, block_hashes: Sequence[bytes], num_tokens: int, align: int) -> list[int]:
         """The longest run of cached blocks heading a sequence of `num_tokens` tokens whose full-block
         digests are `block_hashes`. Capped so the last token is recomputed (its logits give the next

@@ -83,6 +83,17 @@ class KVCache:
         table += blocks
         return True
 
+    def adopt(self, slot: int, table: list[int], start: int, cached: list[int]) -> None:
+        """Put the cached blocks `cached` of slot's group in place of table[start:start + len(cached)] (in place),
+        freeing the blocks they replace: a prefix another sequence computed after slot's was seated. The replaced
+        blocks must hold nothing computed."""
+        pool = self.group_of(slot).pool
+        end = start + len(cached)
+        pool.share(cached)  # before freeing, so that nothing frees a block this sequence is taking
+        pool.free(table[start:end])
+        table[start:end] = cached
+        self.page_table[slot, start:end] = cached
+
     def release(self, slot: int, table: list[int]) -> None:
         """Give back the slot and its blocks (they keep their hashes, so a recompute may hit them)."""
         group = self.group_of(slot)

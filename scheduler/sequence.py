@@ -32,6 +32,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV the mesh has confirmed written
     num_cached_tokens: int = 0  # prefix-cache hit of its first seat on this mesh (usage reports it)
     counted: bool = False  # its first admission is in the prefix-cache counters (here, or on a mesh that failed)
+    query_epoch: int = 0  # the seat (epoch) here whose lookup those counters count: its later hits count too
     # A mesh failure is laid on every request of the decode round it was computing: an isolated one decodes its next
     # step in a round of its own, so that the failure of that round is its own alone.
     isolated: bool = False

@@ -838,3 +838,56 @@ def test_the_head_of_a_long_queue_costs_what_it_returns_not_the_queue():
     Waiting.reads = 0
     assert [s.request_id for s in sched.queued(8)] == [f"r{i}" for i in range(4, 12)]
     assert Waiting.reads <= 4 + 8 + 1  # the free slots' seats, then what it returns
+
+
+def _prefilled(mesh, rid):
+    """Prompt tokens the mesh computed for request rid, over every work it ran."""
+    return sum(len(c.token_ids) - c.start for w in mesh.works for c in w.prefills if c.request_id == rid)
+
+
+def test_prompts_sent_together_compute_a_long_shared_prefix_once():
+    """A shared system prompt sent by two users at once: both were seated before either had computed a block,
+    so neither found the other's, and the mesh computed the prefix twice. The second now waits for the first's
+    chunks and takes them from the prefix cache; both answers are unchanged and usage counts the hit."""
+    shared = [(i * 7) % 13 + 1 for i in range(1200)]
+    sched, mesh = make(num_blocks=700, max_seq_len=1400, prefill_chunk=256, max_prefill_tokens=512,
+                       shared_prefill_tokens=1024)
+    p = params(max_tokens=4, ignore_eos=True)
+    prompts = {"a": shared + [3, 4, 5], "b": shared + [6, 7]}
+    for rid, prompt in prompts.items():
+        sched.submit(rid, prompt, p)
+    events = drain(sched, mesh)
+    for rid, prompt in prompts.items():
+        assert output_of(events[rid]) == expected(prompt, p)[0]
+    assert _prefilled(mesh, "a") == 1203
+    hit = 1200  # (1202 - 1) // BS * BS: the hit leaves the last token to compute
+    assert _prefilled(mesh, "b") == 1202 - hit
+    assert events["b"][0].num_cached_tokens == hit and events["a"][0].num_cached_tokens == 0
+    assert (sched.prefix_query_tokens, sched.prefix_hit_tokens) == (1203 + 1202, hit)
+    assert sched.kv.groups[0].pool.num_used == 0
+
+
+def test_a_short_shared_prefix_is_not_waited_for():
+    """Below shared_prefill_tokens the wait (a decode round may run meanwhile) costs more than it saves: both
+    prompts prefill in the first work."""
+    sched, mesh = make(max_seq_len=64, prefill_chunk=32, max_prefill_tokens=64, shared_prefill_tokens=1024)
+    p = params(max_tokens=2, ignore_eos=True)
+    sched.submit("a", list(range(1, 25)), p)
+    sched.submit("b", list(range(1, 25)) + [9], p)
+    work = sched.schedule()
+    assert [c.request_id for c in work.prefills] == ["a", "b"]
+
+
+def test_a_seated_prompt_takes_the_blocks_an_earlier_one_computed_meanwhile():
+    """Seated while the first prompt still computed the prefix they share, the second starts its prefill later
+    (the budget): it takes the blocks the first has computed since, whatever their length."""
+    sched, mesh = make(prefill_chunk=8, max_prefill_tokens=8, shared_prefill_tokens=1024)
+    p = params(max_tokens=2, ignore_eos=True)
+    prompts = {"a": list(range(1, 17)), "b": list(range(1, 17)) + [9, 10]}
+    for rid, prompt in prompts.items():
+        sched.submit(rid, prompt, p)
+    events = drain(sched, mesh)
+    for rid, prompt in prompts.items():
+        assert output_of(events[rid]) == expected(prompt, p)[0]
+    assert _prefilled(mesh, "b") == 2 and events["b"][0].num_cached_tokens == 16
+    assert sched.prefix_hit_tokens == 16 and sched.kv.groups[0].pool.num_used == 0

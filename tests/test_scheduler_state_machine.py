@@ -30,9 +30,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 3), extra_blocks=st.integers(0, 12), chunk_aligns=st.integers(1, 3),
                 budget_aligns=st.integers(1, 4), decode_steps=st.integers(1, 4), max_inflight=st.integers(1, 3),
                 watermark=st.integers(0, 2), queue_limit=st.sampled_from([None, 3]),
-                token_limit=st.sampled_from([None, 30]))
+                token_limit=st.sampled_from([None, 30]), shared_aligns=st.integers(1, 4))
     def setup(self, block_size, align_blocks, kv_groups, slots_per_group, extra_blocks, chunk_aligns, budget_aligns,
-              decode_steps, max_inflight, watermark, queue_limit, token_limit):
+              decode_steps, max_inflight, watermark, queue_limit, token_limit, shared_aligns):
         align = block_size * align_blocks
         num_slots = kv_groups * slots_per_group
         num_blocks = blocks_for(MAX_SEQ_LEN, block_size) + extra_blocks
@@ -43,7 +43,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 prefill_chunk=align * chunk_aligns, max_prefill_tokens=align * budget_aligns,
                 decode_steps=decode_steps, prefix_align=align, watermark_blocks=watermark,
                 max_waiting_requests=queue_limit, max_waiting_tokens=token_limit, eos_token_ids=(EOS,),
-                max_inflight=max_inflight)
+                max_inflight=max_inflight, shared_prefill_tokens=align * shared_aligns)
             return sched, FakeMesh(num_slots, num_blocks, block_size, kv_groups)
         self.make_mesh = make_mesh
         self.sched, self.mesh = make_mesh()
