@@ -177,8 +177,6 @@ def check_vocab_bounds(req: ChatCompletionRequest | CompletionRequest, vocab_siz
     """The rules that need the model's vocabulary (the protocol checks the rest)."""
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
     check_token_ids(req.allowed_token_ids or [], vocab_size, "allowed_token_ids")
-    if req.top_k > vocab_size:  # a device top-k larger than the logits fails the whole batch
-        raise APIError(400, f"top_k: must be -1, 0 or in [1, {vocab_size}]", param="top_k")
 
 
 def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) -> dict[int, float]:
@@ -545,6 +543,8 @@ class OpenAIServer:
         try:
             params = req.sampling_params(max_tokens, tuple(sorted(self.tokenizer.stop_ids)),
                                          self.tokenizer.sampling_defaults)
+            if params.top_k > self.vocab_size:  # every token, as vLLM takes it (a device's top-k never sees it)
+                params = params.model_copy(update={"top_k": self.vocab_size})
             if params.allowed_token_ids:
                 check_allowed(params.allowed_token_ids, bad_words, params.stop_token_ids if req.min_tokens else ())
             if bias or constraint.grammar is not None or bad_words:

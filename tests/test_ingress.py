@@ -300,7 +300,6 @@ OUT_OF_BOUNDS = [
     ({"stop": "x" * (MAX_STOP_CHARS + 1)}, "stop"),
     ({"stop": ["ok", "x" * (MAX_STOP_CHARS + 1)]}, "stop"),
     ({"stop": "\ud800"}, "stop"),  # a lone surrogate: valid JSON, not encodable text
-    ({"top_k": 10**9}, "top_k"),
     ({"max_tokens": 10**12}, "max_tokens"),
     ({"max_tokens": 10**30}, "max_tokens"),
     ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
@@ -404,12 +403,21 @@ def test_a_lone_surrogate_inside_free_form_json_is_400(client, router, patch, pa
 @pytest.mark.parametrize("stream", [False, True])
 def test_vocabulary_bounds_are_400(client, router, tokenizer, stream):
     vocab = tokenizer.vocab_size
-    for patch, param in [({"top_k": vocab + 1}, "top_k"), ({"stop_token_ids": [vocab]}, "stop_token_ids")]:
-        error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": stream, **patch}), 400,
-                             param=param)
-        assert str(vocab) in error["message"]
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "stream": stream, "stop_token_ids": [vocab]}),
+                         400, param="stop_token_ids")
+    assert str(vocab) in error["message"]
     assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": [vocab]}), 400, param="prompt")
     assert router.requests == {}
+
+
+def test_a_top_k_past_the_vocabulary_samples_every_token_as_vllm_does(client, router, tokenizer):
+    """vLLM takes any top_k >= 1 and samples every token when it is not below the vocabulary (its input batch sets
+    such a top_k to the vocabulary's size): clients that send a large top_k to mean "off" got a 400 here."""
+    vocab = tokenizer.vocab_size
+    for asked in (vocab + 1, 10 * vocab, 2**63 - 1):
+        r = client.post("/v1/chat/completions", json={**CHAT, "top_k": asked, "max_tokens": 3})
+        assert r.status_code == 200, r.text
+    assert [params.top_k for _, params, _ in router.requests.values()] == [vocab] * 3  # the sampler's "every token"
 
 
 def test_ids_the_tokenizer_has_but_the_model_does_not_embed_are_400(client, router, tokenizer):
