@@ -631,7 +631,7 @@ class OpenAIServer:
                                 log.info("Finished request %s: finish_reason %s, prompt_tokens %d, completion_tokens "
                                          "%d, cached_tokens %d, %.3f s.", rid, reason, len(prompt_ids),
                                          len(answer.output), cached, time.perf_counter() - prep.arrival)
-                        if stopped:
+                        if stopped and event.finish_reason is None:  # the router lets go of it with its last event
                             await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id

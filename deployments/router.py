@@ -503,6 +503,11 @@ class Router:
     def _remember_cancel(self, request_id: str) -> None:
         now = time.monotonic()
         self.cancelled[request_id] = now
+        self._forget_old_cancels(now)
+
+    def _forget_old_cancels(self, now: float) -> None:
+        """Drop cancels older than cancel_memory_s (oldest first; at most 100,000 kept). Called at each new one and
+        each tick of `_expire_held`: most are for requests that had already ended, which no submit will take."""
         while self.cancelled:
             oldest, at = next(iter(self.cancelled.items()))
             if now - at <= self.config.cancel_memory_s and len(self.cancelled) <= 100_000:
@@ -612,6 +617,7 @@ class Router:
         while True:
             await asyncio.sleep(min(1.0, max(self.config.no_mesh_wait_s / 4, 0.01)))  # 0 s: no spinning loop
             now = time.monotonic()
+            self._forget_old_cancels(now)  # an idle router hears no new cancel to drop them
             if self.starting and self.mesh_up.is_set():  # held for the start's spread, not for want of a mesh
                 continue
             for rid, req in list(self.held.items()):

@@ -115,6 +115,17 @@ def test_stop_string_spanning_tokens(client, router, tokenizer, stream):
     assert router.cancelled == [(rid, "stop")]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_in_the_last_event_cancels_nothing(client, router, stream):
+    """The router's last event of a request (one with a finish_reason) means the router let it go: a stop string
+    found in it needs no cancel, which the router would only keep as one for an unknown request (a soak left them
+    in its table at idle)."""
+    router.merge = len(router.answer)  # the whole answer in one event, which ends it
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream, "stop": ["answer is 4"]})
+    assert r.status_code == 200 and '"finish_reason":"stop"' in r.text.replace(" ", "")
+    assert router.cancelled == []
+
+
 def test_n_choices_are_independent_requests(client, router):
     body = client.post("/v1/completions", json={**COMPLETION, "n": 3, "seed": 10, "max_tokens": 3}).json()
     assert sorted(c["index"] for c in body["choices"]) == [0, 1, 2]

@@ -1292,3 +1292,19 @@ def test_queue_time_ends_where_the_request_was_first_scheduled_not_where_it_move
         await until(lambda: idle(router))
         await router.close()
     asyncio.run(main())
+
+
+def test_cancels_of_ended_requests_are_forgotten_while_idle():
+    """A cancel that comes after its request ended (the ingress's, for a stop string found in the last event or a
+    client gone just after it) is remembered for cancel_memory_s; an idle router must then let it go, not keep it
+    until the next such cancel (a soak left them in the table at idle)."""
+    async def main():
+        router, _ = await make_router(num_meshes=1, cancel_memory_s=0.5)
+        short = SamplingParams(temperature=0.0, max_tokens=2)
+        await asyncio.gather(*(collect(router, f"r{i}", [i + 2] * 30, short) for i in range(50)))
+        for i in range(50):
+            router.cancel(f"r{i}", "stop")
+        assert len(router.cancelled) == 50 and not router.requests
+        await until(lambda: not router.cancelled, timeout_s=3)
+        await router.close()
+    asyncio.run(main())
