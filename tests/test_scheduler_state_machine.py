@@ -178,6 +178,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         work = self.sched.schedule()
         self._check_admissions(epochs)
         assert seq.status is Status.RUNNING, "seats() said yes to a request the next schedule leaves waiting"
+        if work is None:  # seated, it waits for an earlier prompt's chunk that is out
+            assert self.sched.inflight and self._trails(seq), "a prefill was left unplanned"
+            return
         self.pending.extend(self.mesh.execute(work))
 
     @precondition(lambda self: self.sched.requests)
@@ -357,4 +360,19 @@ def test_a_prompt_waiting_for_an_earlier_ones_chunk_is_no_unplanned_prefill():
     machine.take_results(1)
     machine.schedule()
     assert machine.sched.running["r1"].live
+    machine.teardown()
+
+
+def test_a_moved_prompt_may_wait_for_an_earlier_ones_chunk():
+    """move_here, by hand: the request moved here is seated and waits for a's final chunk, which is out, so its
+    schedule plans no work (the rule ran a work of None)."""
+    machine = SchedulerMachine()
+    machine.setup(block_size=2, align_blocks=1, kv_groups=1, slots_per_group=2, extra_blocks=0, chunk_aligns=1,
+                  budget_aligns=4, decode_steps=1, max_inflight=3, watermark=0, queue_limit=None, token_limit=None,
+                  shared_aligns=1)
+    machine.submit(ignore_eos=False, max_tokens=1, min_tokens=0, prefix=0, prefix_len=16, salt=None, stop=[], tail=[])
+    machine.schedule()
+    machine.schedule()
+    machine.move_here(max_tokens=1, prefix=0, prefix_len=3, salt=None, tail=[])
+    assert not machine.sched.running["r1"].live
     machine.teardown()
