@@ -621,7 +621,8 @@ class MeshScheduler:
     def _take_late_hit(self, seq: Sequence) -> None:
         """Swap the blocks a seated, not yet computed part of seq's prompt holds for the cached blocks of the same
         prefix that another sequence of its group has computed since seq was seated (nothing of seq's is in flight).
-        A hit of seq's query (prefix_hit_tokens, usage's cached tokens) as if it had been there at its seat."""
+        A hit of its seat here, as if the blocks had been cached then: in usage's cached tokens (_seat), and in
+        prefix_hit_tokens when this seat counted its query."""
         pool, hashes, start = self.kv.group_of(seq.slot).pool, self._hashes(seq), seq.num_computed // self.block_size
         if start >= len(hashes) or not pool.caches(hashes[start]):  # O(1) when nothing new is cached
             return
@@ -634,8 +635,8 @@ class MeshScheduler:
         seq.num_computed = seq.num_prefill_planned = len(hit) * self.block_size
         if seq.query_epoch == seq.epoch:
             self.prefix_hit_tokens += gained
-            if not seq.started and seq.epoch == 1:
-                seq.num_cached_tokens += gained
+        if not seq.started and seq.epoch == 1:  # as _seat: its first seat here, counted here or where it came from
+            seq.num_cached_tokens += gained
 
     def _shared_prefill_ahead(self, seq: Sequence, prefilling: list[Sequence]) -> bool:
         """Whether a sequence in `prefilling` (admitted before seq, so none waits for a later one) of seq's KV group

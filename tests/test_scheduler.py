@@ -891,3 +891,15 @@ def test_a_seated_prompt_takes_the_blocks_an_earlier_one_computed_meanwhile():
         assert output_of(events[rid]) == expected(prompt, p)[0]
     assert _prefilled(mesh, "b") == 2 and events["b"][0].num_cached_tokens == 16
     assert sched.prefix_hit_tokens == 16 and sched.kv.groups[0].pool.num_used == 0
+
+
+def test_a_moved_prompt_reports_its_late_hit_as_its_seat_hit():
+    """A prompt moved here before its first token (counted on the mesh it left) reports its first seat's hit here in
+    usage: a late hit is such a hit too. It reported 0 where the same blocks cached one schedule earlier gave 16."""
+    sched, mesh = make(prefill_chunk=8, max_prefill_tokens=8, shared_prefill_tokens=1024)
+    p = params(max_tokens=2, ignore_eos=True)
+    sched.submit("a", list(range(1, 17)), p)
+    sched.submit("b", list(range(1, 17)) + [9, 10], p, migrated=True, counted=True)
+    events = drain(sched, mesh)
+    assert _prefilled(mesh, "b") == 2 and events["b"][0].num_cached_tokens == 16
+    assert sched.prefix_hit_tokens == 0  # the mesh it left counted its query

@@ -5,6 +5,7 @@ The fake mesh computes each token from what its KV cache holds, so every finishe
 with the same request run alone: chunking, prefix sharing, pipelining, preemption and migration to a fresh
 mesh after a failure (its KV and unread results lost) must not change it.
 """
+import itertools
 import random
 from collections import Counter, deque
 
@@ -106,9 +107,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         if holder is not None and holder[0].status is not Status.RUNNING:  # nobody overtakes it into its group
             entered = [s for rid, s in sched.running.items() if epochs.get(rid) != s.epoch]
             assert all(sched.kv.group_of(s.slot).index != holder[1] for s in entered), "the reserved group was taken"
-        if work is None:
+        if work is None:  # a prompt may wait for an earlier one's chunk that is out, never for nothing
             assert len(sched.inflight) >= sched.max_inflight or all(
-                s.live for s in sched.running.values()), "a prefill was left unplanned"
+                s.live or sched.inflight and self._trails(s) for s in sched.running.values()), \
+                "a prefill was left unplanned"
             return
         if sched.waiting:  # what this round left waiting is a queue: no free slot, or a request that fits none
             assert sched.queued() == sorted(sched.waiting, key=lambda seq: seq is not sched.reserved)  # holder first
@@ -176,6 +178,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         work = self.sched.schedule()
         self._check_admissions(epochs)
         assert seq.status is Status.RUNNING, "seats() said yes to a request the next schedule leaves waiting"
+        if work is None:  # seated, it waits for an earlier prompt's chunk that is out
+            assert self.sched.inflight and self._trails(seq), "a prefill was left unplanned"
+            return
         self.pending.extend(self.mesh.execute(work))
 
     @precondition(lambda self: self.sched.requests)
@@ -253,6 +258,17 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert seq.num_computed >= reusable
                 assert seq.block_table[:reusable // bs] == other.block_table[:reusable // bs]
 
+    def _trails(self, seq) -> bool:
+        """Whether an earlier prompt of seq's KV group (same salt) has the same first shared_prefill_tokens tokens
+        and seq's next ones, and has not computed those next ones yet (seq then takes them from the cache)."""
+        sched = self.sched
+        next_end = seq.num_prefill_planned + sched.prefix_align
+        shared = max(sched.shared_prefill_tokens, next_end)
+        earlier = itertools.takewhile(lambda other: other is not seq, sched.running.values())
+        return any(sched.kv.group_of(other.slot) is sched.kv.group_of(seq.slot) and other.salt == seq.salt
+                   and len(other.token_ids) >= shared and other.token_ids[:shared] == seq.token_ids[:shared]
+                   and other.num_computed < next_end for other in earlier)
+
     @invariant()
     def blocks_have_exactly_their_owners(self):
         for group in self.sched.kv.groups:
@@ -326,3 +342,37 @@ class SchedulerMachine(RuleBasedStateMachine):
 TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = settings(max_examples=500, deadline=None, stateful_step_count=40,
                                   suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_a_prompt_waiting_for_an_earlier_ones_chunk_is_no_unplanned_prefill():
+    """The machine's schedule rule, by hand: b waits for a's final chunk, which is out (a's one token needs no decode
+    round), so schedule() plans nothing with one of two works out. That is no prefill left unplanned (the rule said
+    it was); the result of a's chunk brings b's."""
+    machine = SchedulerMachine()
+    machine.setup(block_size=2, align_blocks=1, kv_groups=1, slots_per_group=2, extra_blocks=12, chunk_aligns=3,
+                  budget_aligns=4, decode_steps=1, max_inflight=2, watermark=0, queue_limit=None, token_limit=None,
+                  shared_aligns=1)
+    machine.submit(0, 6, [], 1, 0, [], True, None)
+    machine.submit(0, 6, [3], 2, 0, [], True, None)
+    machine.schedule()
+    machine.schedule()
+    assert len(machine.sched.inflight) == 1 and not machine.sched.running["r1"].live
+    machine.take_results(1)
+    machine.schedule()
+    assert machine.sched.running["r1"].live
+    machine.teardown()
+
+
+def test_a_moved_prompt_may_wait_for_an_earlier_ones_chunk():
+    """move_here, by hand: the request moved here is seated and waits for a's final chunk, which is out, so its
+    schedule plans no work (the rule ran a work of None)."""
+    machine = SchedulerMachine()
+    machine.setup(block_size=2, align_blocks=1, kv_groups=1, slots_per_group=2, extra_blocks=0, chunk_aligns=1,
+                  budget_aligns=4, decode_steps=1, max_inflight=3, watermark=0, queue_limit=None, token_limit=None,
+                  shared_aligns=1)
+    machine.submit(ignore_eos=False, max_tokens=1, min_tokens=0, prefix=0, prefix_len=16, salt=None, stop=[], tail=[])
+    machine.schedule()
+    machine.schedule()
+    machine.move_here(max_tokens=1, prefix=0, prefix_len=3, salt=None, tail=[])
+    assert not machine.sched.running["r1"].live
+    machine.teardown()
