@@ -27,8 +27,9 @@ from scheduler.work import (GRAMMARS_KEPT, MAX_NEW_GRAMMARS_PER_WORK, NO_TOKEN, 
 log = logging.getLogger("ray.serve")  # the log of the router replica it runs in (a name: no Ray is imported)
 # A prompt whose next tokens an earlier prompt of its KV group is about to compute (a shared system prompt, sent at
 # once) waits for them and takes them from the prefix cache, when they are at least this many: admitted together,
-# each computed the whole prefix. A mesh prefills one user at a time, so the wait costs the second nothing but
-# the decode round that may run meanwhile (8 steps: ~0.11 s on a Galaxy, where 1,024 tokens prefill in ~0.16 s).
+# each computed the whole prefix. A mesh prefills one user at a time, so the wait costs the second only its lag behind
+# the first: up to max_inflight works, a decode round among them (8 steps: ~0.11 s on a Galaxy, where 1,024 tokens
+# prefill in ~0.16 s).
 SHARED_PREFILL_TOKENS = 1024
 
 
