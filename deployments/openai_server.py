@@ -75,12 +75,13 @@ MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least,
 # stream of this replica. One pool per process (an ingress replica); tokenizers release the GIL.
 INLINE_CHARS = 2000  # prompts up to this many characters are tokenized on the loop (see OpenAIServer.sized)
 INLINE_MESSAGES = 1000  # chats of up to this many messages are measured on the loop (OpenAIServer.chat_chars)
-# The later choices (n > 1) of a prompt of SHARED_PREFILL_TOKENS or more go to the router once its first choice has its first token, when its
-# blocks are in the prefix cache: sent together, each computed the whole prompt (n=3 of 32k tokens: 98,304 prefilled,
-# 3 x 9.5 s of a Galaxy; a 128k prompt's is 102 s each). A mesh prefills one user at a time, so on one mesh they lose
-# nothing; on an idle other mesh at most this prompt's TTFT (1,024 tokens: 0.16 s on a Galaxy). Not without the
-# router's prefix cache (enable_prefix_caching false): they would wait for nothing. (The router's scheduler makes a
-# prompt wait so only within one KV group; sent together, choices would be spread over a Galaxy's four.)
+# The later choices (n > 1) of a prompt of SHARED_PREFILL_TOKENS or more go to the router once its first choice has its
+# first token, when its blocks are in the prefix cache: sent together, each computed the whole prompt (n=3 of 32k
+# tokens: 98,304 prefilled, 3 x 9.5 s of a Galaxy; a 128k prompt's is 102 s each). A mesh prefills one user at a time,
+# so on one mesh they lose nothing; on an idle other mesh at most this prompt's TTFT (1,024 tokens: 0.16 s on a
+# Galaxy). Not without the router's prefix cache (enable_prefix_caching false): they would wait for nothing. (The
+# router's scheduler makes a prompt wait so only within one KV group; sent together, choices would be spread over a
+# Galaxy's four.)
 ANSWER_CHARS_PER_LOGPROB = 60  # ~JSON characters per logprob entry, to size a whole answer's build like a prompt
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="meshserve-tokenize")
 # Inputs past BULK_CHARS (up to the 8 MiB body limit: seconds each) take threads of their own, so that a few of

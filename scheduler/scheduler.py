@@ -78,9 +78,10 @@ class MeshScheduler:
         the running users wait between two decode rounds. watermark_blocks: admission leaves this many
         blocks for the running sequences to grow into. enable_prefix_caching (vLLM's name): False computes every
         prompt from its first token (nothing is looked up, no query counted), e.g. to bring up a backend whose
-        prefill after a cached prefix is not yet trusted. shared_prefill_tokens: a prompt waits for an earlier one
-        of its KV group to compute at least this many of its next tokens (SHARED_PREFILL_TOKENS). log_name: the mesh's name, to log each preemption at INFO
-        under it (AppConfig.enable_log_requests); None: none is logged."""
+        prefill after a cached prefix is not yet trusted. shared_prefill_tokens: a prompt that shares at least this many
+        leading tokens with an earlier one of its KV group waits for that one's chunks (SHARED_PREFILL_TOKENS).
+        log_name: the mesh's name, to log each preemption at INFO under it (AppConfig.enable_log_requests); None: none
+        is logged."""
         align = prefix_align or block_size
         if align % block_size or prefill_chunk % align or prefill_chunk <= 0:
             raise ValueError(f"prefix_align ({align}) must be a multiple of block_size ({block_size}) "
