@@ -14,6 +14,7 @@ from deployments.router import Router, RouterConfig
 from model.torch_llama import TorchBackend
 from model.verify import META_EXPRESSIBLE_ROPE, save_tiny_hf_model
 from scheduler.sampling import SamplingParams
+from scheduler.scheduler import SHARED_PREFILL_TOKENS
 from tests.local_mesh import LocalMesh
 from tests.test_router import FAST, until
 
@@ -89,5 +90,64 @@ def test_seeded_answers_survive_prefix_hits_preemption_and_failover(model_dir):
             await router.close()
             assert sum(m["preemptions"] for m in stats) > 0 and stats[0]["failovers"] > 0, stats
             assert together == solo, fault
+
+    asyncio.run(main())
+
+
+def test_prompts_sent_together_compute_their_long_shared_prefix_once_and_answer_as_alone(model_dir):
+    """Prompts sharing a prefix of SHARED_PREFILL_TOKENS or more, sent at once: the later ones wait for the first's
+    chunks and take its blocks from the cache as they come (KVCache.adopt, a late hit), yet each answers, greedy or
+    seeded, with the tokens and logprobs it has alone (a later one decoding on blocks it did not hold would not), and
+    its usage's cached tokens are what the mesh did not compute of it."""
+    prefix = [(11 * i) % 250 + 1 for i in range(SHARED_PREFILL_TOKENS + 40)]
+    prompts = [prefix + [5 + i] * (3 + i) for i in range(3)]
+    params = [SamplingParams(temperature=1.0 if i == 1 else 0, seed=7, max_tokens=12, ignore_eos=True, logprobs=2)
+              for i in range(3)]
+    prefilled: list[tuple[int, int, int]] = []  # (slot, start, end) of each prefill the mesh computed
+
+    def backend():
+        torch_backend = TorchBackend(model_dir, num_slots=4, block_size=16, num_blocks=256, max_seq_len=2048,
+                                     dtype=torch.float32, device="cpu")
+        prefill = torch_backend.prefill
+
+        def counted(token_ids, start, block_ids, slot, *args, **kwargs):
+            prefilled.append((slot, start, len(token_ids)))
+            return prefill(token_ids, start, block_ids, slot, *args, **kwargs)
+        torch_backend.prefill = counted
+        return torch_backend
+
+    async def run(request_id: str, router: Router, prompt: list[int], param: SamplingParams) -> tuple[list, list, int]:
+        tokens, logprobs, cached = [], [], None
+        async for event in router.generate(request_id, prompt, param, None, [], continuation=False):
+            tokens += event.token_ids
+            logprobs += [(lp.token_id, lp.logprob) for lp in event.logprobs]
+            cached = event.num_cached_tokens if cached is None else cached
+        return tokens, logprobs, cached
+
+    async def main():
+        config = RouterConfig(**{**FAST, "prefill_chunk": 256, "max_prefill_tokens": 256, "min_step_deadline_s": 5})
+        solo = []
+        for i, (prompt, param) in enumerate(zip(prompts, params)):
+            router = Router([("mesh-0", LocalMesh(backend))], config)
+            await until(lambda: router.stats()["meshes"][0]["up"])
+            solo.append(await run(f"solo-{i}", router, prompt, param))
+            await router.close()
+        prefilled.clear()
+        router = Router([("mesh-0", LocalMesh(backend))], config)
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        together = await asyncio.gather(*(run(f"r-{i}", router, p, s) for i, (p, s) in enumerate(zip(prompts, params))))
+        stats = router.stats()["meshes"][0]
+        await router.close()
+        # Each prompt has a slot of its own (4 slots); its last chunk ends at its length (distinct lengths).
+        length = {slot: max(end for s, _, end in prefilled if s == slot) for slot, _, _ in prefilled}
+        computed = {length[slot]: sum(end - start for s, start, end in prefilled if s == slot) for slot in length}
+        for (tokens, logprobs, cached), (solo_tokens, solo_logprobs, _), prompt in zip(together, solo, prompts):
+            assert tokens == solo_tokens
+            assert [t for t, _ in logprobs] == [t for t, _ in solo_logprobs]
+            assert [lp for _, lp in logprobs] == pytest.approx([lp for _, lp in solo_logprobs], abs=1e-4)
+            assert cached == len(prompt) - computed[len(prompt)]
+        assert sum(computed.values()) < len(prefix) + 3 * 32  # the prefix once, then each one's last blocks
+        assert stats["prefix_hit_tokens"] == sum(cached for _, _, cached in together)
+        assert (stats["running"], stats["waiting"], stats["blocks_used"]) == (0, 0, 0)
 
     asyncio.run(main())
