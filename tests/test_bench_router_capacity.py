@@ -96,8 +96,10 @@ def test_closing_a_thread_mesh_ends_the_streams_of_the_works_it_drops():
     async def run():
         mesh = rc.ThreadMesh("mesh-0", 0.05, max_seq_len=4096)
         await mesh.reset()
-        gate = threading.Event()
-        mesh.executor.submit(gate.wait)  # the mesh thread is busy: the works below wait in its queue
+        busy, gate = threading.Event(), threading.Event()
+        mesh.executor.submit(lambda: (busy.set(), gate.wait()))
+        assert busy.wait(10)  # the mesh thread is busy: the works below wait in its queue (not yet taken, under load,
+        # its first item was cancelled by close() while the thread took and ran a work)
         queued = [mesh.execute(MeshWork(i), mesh.incarnation) for i in range(2)]
         mesh.close()
         gate.set()
