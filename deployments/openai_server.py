@@ -853,10 +853,14 @@ class OpenAIServer:
         Raises APIError when the stream failed by then."""
         first = FirstDelta(stream)
         deadline = time.monotonic() + HELD_HEADERS_MAX_S - (time.perf_counter() - prep.arrival)  # from its arrival
+
+        def left() -> float:  # the cap: no wait for a held request runs past it
+            return max(0.0, deadline - time.monotonic())
+
         try:
             came = await first.came(self.headers_wait_s)
-            while not came and time.monotonic() < deadline and not await self.serving():
-                came = await first.came(SERVING_CHECK_S)
+            while not came and left() > 0 and not await self.serving_within(left()):
+                came = await first.came(min(SERVING_CHECK_S, left()))
         except asyncio.CancelledError:
             await first.aclose()
             raise
@@ -866,6 +870,13 @@ class OpenAIServer:
             except Exception as exc:
                 raise as_api_error(exc, prep.prompt_field) or exc
         return first
+
+    async def serving_within(self, wait_s: float) -> bool:
+        """serving(), or False when it has not answered within `wait_s` (a held stream's cap is near)."""
+        try:
+            return await asyncio.wait_for(self.serving(), wait_s)  # serving() shields the shared read
+        except asyncio.TimeoutError:
+            return False
 
     async def serving(self) -> bool:
         """Whether the router answers and has a live mesh, i.e. requests are computed rather than held; read at most

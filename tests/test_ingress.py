@@ -1980,6 +1980,40 @@ def test_held_headers_go_out_at_their_cap_however_long_the_hold(client, router, 
     assert "no live mesh" in error["message"]
 
 
+def test_held_headers_go_out_at_their_cap_not_at_the_next_serving_check(router, tokenizer, monkeypatch):
+    """HELD_HEADERS_MAX_S caps a held stream's wait for its headers (README: never more than 45 s in all, under a
+    proxy's 60 s read timeout); the wait between two serving checks (SERVING_CHECK_S, 1 s) ran on past the cap."""
+    monkeypatch.setattr(openai_server, "HELD_HEADERS_MAX_S", 0.2)
+    router.ready, router.queued_s = False, 5.0  # held: no live mesh, and no first token before the cap
+    app = build_app(router, tokenizer, MODEL)
+    app.state.server.headers_wait_s = 0.05
+    started = []
+
+    async def run():
+        messages = [{"type": "http.request", "body": json.dumps({**CHAT, "stream": True}).encode()}]
+        gone = asyncio.Event()
+
+        async def receive():
+            if messages:
+                return messages.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                started.append(time.perf_counter() - began)
+                gone.set()  # the client leaves once it has its headers
+
+        began = time.perf_counter()
+        try:
+            await asyncio.wait_for(app(_asgi_scope(), receive, send), timeout=10)
+        except ClientDisconnect:
+            pass
+
+    asyncio.run(run())
+    assert started and started[0] < 0.2 + 0.5, started  # at the next serving check: 1 s
+
+
 def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tokenizer):
     router.queued_s = 30.0
     app = build_app(router, tokenizer, MODEL)
