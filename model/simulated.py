@@ -25,7 +25,8 @@ import torch
 from model.backend import SAMPLING_FIELDS, Backend, Capabilities, check_num_slots
 from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN,
                           padded_prefill_len, simulated_sizes)
-from scheduler.sampling import SamplingParams
+from model.sampler import score_prompt
+from scheduler.sampling import PromptLogprobs, SamplingParams
 
 
 WINDOW = 8  # the last tokens the next token depends on
@@ -156,7 +157,8 @@ class SimulatedBackend(Backend):
                                                                     "allowed_token_ids", "bad_words_token_ids"},
                                  decode_step_s=timing.slowest_step_seconds(
                                      max_seq_len, kv_groups * num_blocks * block_size, num_slots) * time_scale,
-                                 prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale)
+                                 prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale,
+                                 prompt_logprobs=True)
         self.time_scale = time_scale
         self.timing = timing
         self.eos_rate = eos_rate
@@ -183,6 +185,21 @@ class SimulatedBackend(Backend):
         token = self._next_tokens(self._window_at(table, np.zeros(1, dtype=np.int64), last, np.array([group])), last)
         self._occupy(entered, self.timing.prefill_seconds(start, end))
         return torch.tensor(int(token[0])) if sampling is not None else self._one_hot(token)[0]
+
+    def prefill_prompt_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                                num_logprobs: int, targets: list[int]) -> tuple[PromptLogprobs | None, torch.Tensor]:
+        """As prefill, and each position's one-hot logits (the token its rule makes next) scored."""
+        last = self.prefill(token_ids, start, block_ids, slot)
+        rows = len(targets)
+        if not rows:
+            return None, last
+        positions = np.arange(start, start + rows)
+        table = np.asarray(block_ids, dtype=np.int64)[None]
+        at = self._window_at(table, np.zeros(rows, dtype=np.int64), positions,
+                             np.full(rows, self._group_of_slot[slot]))
+        made = self._next_tokens(at, positions)
+        return score_prompt(lambda i, j: self._one_hot(made[i:j]), torch.tensor(targets), start + 1,
+                            num_logprobs), last
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
