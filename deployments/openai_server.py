@@ -859,9 +859,9 @@ class OpenAIServer:
         envelope = ChatCompletionResponse(id=prep.id, created=prep.created, model=self.model, choices=[], usage=usage,
                                           prompt_token_ids=prep.prompt_ids if ids else None)
         if reply.prompt_logprobs is not None and totals and totals[0].prompt_logprobs is not None:
-            envelope.prompt_logprobs = self.prompt_logprobs_of(totals[0].prompt_logprobs, reply.prompt_logprobs,
-                                                               as_ids)
-        return lists.fill(_with_choices(envelope.model_dump_json().encode(),
+            envelope.prompt_logprobs = self._spliced_prompt_logprobs(totals[0].prompt_logprobs,
+                                                                     reply.prompt_logprobs, as_ids, lists)
+        return lists.fill(_with_choices(envelope.model_dump_json(warnings=False).encode(),
                                         [c.model_dump_json(warnings=False).encode() for c in choices]))
 
     def _completion_answer(self, reply: Reply, preps: list[Prepared], totals: list[ChoiceTotal],
@@ -881,7 +881,8 @@ class OpenAIServer:
                                       prompt_token_ids=prep.prompt_ids if ids else None,
                                       token_ids=t.token_ids if ids else None)
             if reply.prompt_logprobs is not None and t.prompt_logprobs is not None:  # set, not validated: ours
-                choice.prompt_logprobs = self.prompt_logprobs_of(t.prompt_logprobs, reply.prompt_logprobs, as_ids)
+                choice.prompt_logprobs = self._spliced_prompt_logprobs(t.prompt_logprobs, reply.prompt_logprobs, as_ids,
+                                                                       lists)
             choices.append(choice)
         envelope = CompletionResponse(id=preps[0].id, created=preps[0].created, model=self.model, choices=[],
                                       usage=usage)
@@ -1021,9 +1022,16 @@ class OpenAIServer:
                     yield text_chunk(d)
                 elif (d.text or d.finish_reason or d.logprobs or echo[d.index] or (ids and d.token_ids)
                       or d.prompt_logprobs is not None):
-                    c = choice(d)
-                    scored = (self.prompt_logprobs_of(d.prompt_logprobs, reply.prompt_logprobs, as_ids)
-                              if chat and reply.prompt_logprobs is not None and d.prompt_logprobs is not None else None)
+                    scored = None
+                    if d.prompt_logprobs is None:
+                        c = choice(d)
+                    else:  # the prompt's logprobs: a 128k-token prompt's are millions of entries, made off the loop
+                        size = len(d.prompt_logprobs.prompt_ids) * ANSWER_CHARS_PER_LOGPROB * (
+                            2 + (reply.num_logprobs or 0) + (reply.prompt_logprobs or 0))
+                        c = await self.sized(size, choice, d, bulk=False)
+                        if chat and reply.prompt_logprobs is not None:
+                            scored = await self.sized(size, self.prompt_logprobs_of, d.prompt_logprobs,
+                                                      reply.prompt_logprobs, as_ids, bulk=False)
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
                             and c.logprobs is None and c.token_ids is None and scored is None):  # a tool call's text
                         # is held back: no empty chunk per token, unless it carries the tokens asked for
@@ -1130,21 +1138,36 @@ class OpenAIServer:
         packed.extend(lps)
         return packed, TokenOffsets(self.tokenizer, skipped).add(prep.prompt_ids) + offsets
 
-    def prompt_logprobs_of(self, scores: PromptScores, k: int, as_ids: bool = False) -> PromptLogprobs:
-        """vLLM's prompt_logprobs: None for the first token, then per token {id: its logprob, rank, decoded_token}
-        and the k likeliest, ranked 1..k (the prompt token's entry is theirs when it is among them, as in vLLM)."""
+    def prompt_logprobs_of(self, scores: PromptScores, k: int, as_ids: bool = False,
+                           positions: range | None = None) -> PromptLogprobs:
+        """vLLM's prompt_logprobs (of `positions`, default all): None for the first token, then per token {id: its
+        logprob, rank, decoded_token} and the k likeliest, ranked 1..k (the prompt token's entry is theirs when it is
+        among them, as in vLLM)."""
         name = (lambda t: f"token_id:{t}") if as_ids else self._token
         ids = scores.prompt_ids
-        lps = np.maximum(scores.logprobs, MIN_LOGPROB).tolist()
-        ranks = scores.ranks.tolist()
-        top_ids, top_lps = scores.top_ids[:, :k].tolist(), np.maximum(scores.top_logprobs[:, :k], MIN_LOGPROB).tolist()
-        out: PromptLogprobs = [None]
-        for i in range(1, len(ids)):
-            entry = {str(ids[i]): {"logprob": lps[i], "rank": ranks[i], "decoded_token": name(ids[i])}}
-            for rank, (t, p) in enumerate(zip(top_ids[i], top_lps[i]), 1):
+        at = positions if positions is not None else range(len(ids))
+        part = slice(at.start, at.stop)
+        lps = np.maximum(scores.logprobs[part], MIN_LOGPROB).tolist()
+        ranks = scores.ranks[part].tolist()
+        top_ids = scores.top_ids[part, :k].tolist()
+        top_lps = np.maximum(scores.top_logprobs[part, :k], MIN_LOGPROB).tolist()
+        out: PromptLogprobs = []
+        for j, i in enumerate(at):
+            if i == 0:
+                out.append(None)
+                continue
+            entry = {str(ids[i]): {"logprob": lps[j], "rank": ranks[j], "decoded_token": name(ids[i])}}
+            for rank, (t, p) in enumerate(zip(top_ids[j], top_lps[j]), 1):
                 entry[str(t)] = {"logprob": p, "rank": rank, "decoded_token": name(t)}
             out.append(entry)
         return out
+
+    def _spliced_prompt_logprobs(self, scores: PromptScores, k: int, as_ids: bool, lists: Spliced) -> str:
+        """A whole answer's prompt_logprobs, as _spliced_chat_logprobs holds its logprobs: a 128k-token prompt with
+        k = 20 is 2.7 million entries, made and written a slice of positions at a time."""
+        dump = field_dump(CompletionChoice, "prompt_logprobs")
+        return lists.mark(range(len(scores.prompt_ids)),
+                          lambda part: dump(self.prompt_logprobs_of(scores, k, as_ids, part)), b",")
 
     def _completion_token(self, token_id: int) -> str:
         """The token's text; for a token that is part of a character (an emoji is often 2-4 tokens) its bytes,
