@@ -336,3 +336,45 @@ def _drain(sched: MeshScheduler) -> list:
             for step in range(work.decode.num_steps):
                 sched.process(StepResult(work.work_id, [NO_TOKEN] * sched.num_slots))
     return chunks
+
+
+def test_cancel_mid_prefill_leaves_nothing(tok, model_dir):
+    """A scored prompt cancelled after its first chunk's logprobs came: its slot, blocks and request are freed."""
+    s = Stack(tok, lambda: torch_backend(model_dir))
+    try:
+        async def main():
+            params = SamplingParams(max_tokens=5, prompt_logprobs=3)
+            async for event in s.router.generate("c", PROMPTS[0], params, None, [], continuation=False):
+                assert event.prompt_logprobs and not event.token_ids  # the first chunk's, before any token
+                s.router.cancel("c")
+                break
+            await until(lambda: not s.router.requests)
+            return s.router.stats()["meshes"][0]
+        stats = s.run(main())
+        assert (stats["running"], stats["waiting"], stats["blocks_used"]) == (0, 0, 0)
+    finally:
+        s.close()
+
+
+def test_prompt_scores_keep_each_position_once_and_refuse_a_gap():
+    """A recompute (preemption, failover, router restart) sends positions again from 1: they are kept once; a part
+    past the positions received would leave a gap, which is refused rather than answered with holes."""
+    import numpy as np
+    from deployments.streaming import PromptScores
+    from scheduler.sampling import PromptLogprobs
+
+    def part(start: int, end: int, value: float) -> PromptLogprobs:
+        n = end - start
+        return PromptLogprobs(start, np.full(n, value, np.float32), np.ones(n, np.int32), np.zeros((n, 1), np.int32),
+                              np.zeros((n, 1), np.float32))
+    scores = PromptScores(list(range(10)), 1)
+    scores.add(part(1, 5, -1.0))
+    assert not scores.complete
+    scores.add(part(1, 5, -2.0))  # recomputed
+    scores.add(part(5, 10, -3.0))
+    assert scores.complete and scores.logprobs[1:].tolist() == [-2.0] * 4 + [-3.0] * 5
+    packed = scores.packed(1)
+    assert len(packed) == 10 and packed[0].logprob != packed[0].logprob and packed[0].top == []
+    assert packed[9].token_id == 9 and packed[9].top == [(0, 0.0)]
+    with pytest.raises(RuntimeError, match="came before"):
+        PromptScores(list(range(10)), 1).add(part(3, 5, -1.0))
