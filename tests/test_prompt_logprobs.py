@@ -9,6 +9,7 @@ import json
 
 import httpx
 import pytest
+import numpy as np
 import torch
 
 from deployments.ingress import build_app
@@ -378,3 +379,22 @@ def test_prompt_scores_keep_each_position_once_and_refuse_a_gap():
     assert packed[9].token_id == 9 and packed[9].top == [(0, 0.0)]
     with pytest.raises(RuntimeError, match="came before"):
         PromptScores(list(range(10)), 1).add(part(3, 5, -1.0))
+
+
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_simulated_scores_are_those_of_its_logits(k):
+    """The simulated backend's closed form equals log_softmax, rank and top-k over the one-hot logits it returns,
+    where the target is the token its rule makes (every 7th position here) and where it is not."""
+    from model.sampler import score_prompt
+    b = SimulatedBackend(time_scale=0.001, num_slots=4, kv_groups=1, num_blocks=16, max_seq_len=512, vocab_size=300)
+    ids = [(i * 37) % 290 + 5 for i in range(100)]
+    b.prefill(ids, 0, list(range(2)), 0)
+    positions = np.arange(99)
+    made = b._next_tokens(b._window_at(np.arange(2)[None], np.zeros(99, dtype=np.int64), positions,
+                                       np.zeros(99, dtype=np.int64)), positions)
+    targets = np.where(positions % 7 == 0, made, np.asarray(ids[1:])).tolist()
+    got, _ = b.prefill_prompt_logprobs(ids, 0, list(range(2)), 0, k, targets)
+    want = score_prompt(lambda i, j: b._one_hot(made[i:j]), torch.tensor(targets), 1, k)
+    assert got.start == want.start == 1
+    for field in ("logprobs", "ranks", "top_ids", "top_logprobs"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
