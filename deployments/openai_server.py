@@ -31,8 +31,9 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptLogprobs, PromptTokensDetails,
                                   RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import RouterUnreachable, merged_tokens_max
-from deployments.streaming import (KEEPALIVE, MIN_LOGPROB, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate,
-                                   Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck, TokenOffsets)
+from deployments.streaming import (KEEPALIVE, MIN_LOGPROB, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
+                                   ChunkTemplate, Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck,
+                                   TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
                                     tool_definitions)

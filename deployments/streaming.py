@@ -117,7 +117,7 @@ class PromptScores:
         out.logprobs[0] = float("nan")
         out.top_ids.frombytes(self.top_ids[1:, :k].astype(np.int64).tobytes())
         out.top_logprobs.frombytes(np.maximum(self.top_logprobs[1:, :k], MIN_LOGPROB).astype(np.float64).tobytes())
-        out.top_ends.frombytes((np.maximum(np.arange(n, dtype=np.int64), 0) * k).tobytes())
+        out.top_ends.frombytes((np.arange(n, dtype=np.int64) * k).tobytes())  # position 0 has none
         return out
 
 
