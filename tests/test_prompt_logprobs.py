@@ -398,3 +398,38 @@ def test_simulated_scores_are_those_of_its_logits(k):
     assert got.start == want.start == 1
     for field in ("logprobs", "ranks", "top_ids", "top_logprobs"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def test_scored_prompt_preempted_mid_prefill_is_scored_again_from_position_0():
+    """A scored prompt preempted before its first token is recomputed from position 0, every chunk scored again,
+    though its first chunks' blocks are cached by then (the ingress keeps each position once)."""
+    from scheduler.work import NO_TOKEN, StepResult
+    sched = MeshScheduler(num_blocks=6, block_size=16, num_slots=2, max_seq_len=256, prefill_chunk=16,
+                          max_prefill_tokens=16, prefix_align=16, decode_steps=8)
+    sched.submit("a", list(range(1, 17)), SamplingParams(max_tokens=60, ignore_eos=True))
+    sched.submit("b", list(range(100, 164)), SamplingParams(max_tokens=1, prompt_logprobs=1))
+    b_chunks, preempted_at = [], None
+    while (work := sched.schedule()) is not None:
+        for chunk in work.prefills:
+            if chunk.request_id == "b":
+                b_chunks.append((chunk.start, chunk.prompt_logprobs))
+            tokens = [NO_TOKEN] * 2
+            if chunk.is_final:
+                tokens[chunk.slot] = 7
+            sched.process(StepResult(work.work_id, tokens))
+        for _ in range(work.decode.num_steps if work.decode else 0):
+            tokens, finished = [NO_TOKEN] * 2, {}
+            for seq in list(sched.running.values()):
+                if seq.slot in work.decode.slots and seq.live:
+                    tokens[seq.slot] = 9
+                    if len(seq.token_ids) + 1 == seq.max_tokens_total:  # the mesh retires it at its budget
+                        finished[seq.slot] = "length"
+            sched.process(StepResult(work.work_id, tokens, finished))
+        if preempted_at is None and sched.num_preemptions:
+            preempted_at = len(b_chunks)
+        if "b" not in sched.requests:
+            break
+    assert preempted_at is not None and 0 < preempted_at < 4  # b lost its seat mid-prefill
+    again = b_chunks[preempted_at:]
+    assert again[0] == (0, 1) and all(k == 1 for _, k in again)
+    assert [start for start, _ in again] == [0, 16, 32, 48]
