@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from deployments.protocol import ErrorInfo, ErrorResponse
 from deployments.router_client import ModelChanged, RouterGone
-from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
+from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull, Unsupported
 
 RETRY_AFTER_S = 5  # what a 503 asks the client to wait
 
@@ -50,6 +50,8 @@ def as_api_error(exc: BaseException, prompt_field: str) -> APIError | None:
     if isinstance(cause, QueueFull):
         return APIError(429, f"The server is at capacity: {cause}", "rate_limit_error", code="queue_full",
                         headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(cause, Unsupported):
+        return APIError(400, str(cause), param=cause.param)
     if isinstance(cause, PromptTooLong):
         return APIError(400, str(cause), param=prompt_field, code="context_length_exceeded")
     if isinstance(cause, NoMeshAvailable):

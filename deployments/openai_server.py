@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
+import numpy as np
 from fastapi.responses import Response
 from pydantic import ValidationError
 
@@ -27,11 +28,12 @@ from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptTokensDetails,
+                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptLogprobs, PromptTokensDetails,
                                   RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import RouterUnreachable, merged_tokens_max
-from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal, ChunkTemplate,
-                                   Deferred, EventStream, FirstDelta, RepetitionCheck, TokenOffsets)
+from deployments.streaming import (KEEPALIVE, MIN_LOGPROB, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
+                                   ChunkTemplate, Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck,
+                                   TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
                                     tool_definitions)
@@ -252,13 +254,16 @@ class Reply:
     continuous_usage: bool
     parallel_tool_calls: bool = True
     named_tool: bool = False  # tool_choice names a function
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: alternatives per prompt token
+    echo_logprobs: bool = False  # completions' echo with logprobs: the logprobs cover the prompt's tokens first
 
     @classmethod
     def of(cls, req: ChatCompletionRequest | CompletionRequest) -> Reply:
         chat = isinstance(req, ChatCompletionRequest)
         return cls(chat, req.stream, req.n, req.num_logprobs, req.return_token_ids, req.return_tokens_as_token_ids,
                    req.include_usage, req.continuous_usage, req.parallel_tool_calls if chat else True,
-                   chat and req.tool_choice is not None and not isinstance(req.tool_choice, str))
+                   chat and req.tool_choice is not None and not isinstance(req.tool_choice, str),
+                   req.prompt_logprobs, not chat and req.echo_logprobs)
 
 
 _CHOICES_DONE = object()
@@ -292,6 +297,7 @@ class OpenAIServer:
         self._model_len_refresh: asyncio.Task | None = None
         self.model_len_wait_s = MODEL_LEN_WAIT_S
         self.prefix_caching = True  # the router's enable_prefix_caching, read with its stats
+        self.prompt_logprobs: bool | None = None  # every mesh scores whole prompts (router stats); None: not known
         self._model_len_wait: asyncio.Future | None = None  # the one poll all requests waiting for a mesh share
         self._tokens: dict[int, tuple[str, bytes]] = {}  # _token_info's
         self.metrics = Metrics(replica_name, self.model)
@@ -326,6 +332,8 @@ class OpenAIServer:
         if stats.get("vocab_size") is not None:
             self.vocab_size = min(self.tokenizer.vocab_size, stats["vocab_size"])
         self.prefix_caching = stats.get("enable_prefix_caching", True)
+        if stats.get("prompt_logprobs") is not None:
+            self.prompt_logprobs = stats["prompt_logprobs"]
         return stats
 
     async def model_len(self) -> int:
@@ -473,6 +481,10 @@ class OpenAIServer:
         self.check_model(req.model)
         arrival, created = time.perf_counter(), int(time.time())
         limit = await self.model_len()
+        if req.num_prompt_logprobs is not None and self.prompt_logprobs is False:
+            param = req.prompt_logprobs_param
+            raise APIError(400, f"{param}: the prompt's logprobs are not available on this deployment (its backend's "
+                                f"prefill gives only the last position's logits)", param=param)
         if like is None:
             check_vocab_bounds(req, self.vocab_size)
             bias = logit_bias(req, self.vocab_size)
@@ -584,7 +596,8 @@ class OpenAIServer:
         (seed, position)). Once every wait of retry_backoff_s is spent with no token between two losses, it is a
         503: a loss after new tokens starts the waits again (a long answer outlives any number of router restarts,
         rolling redeploys included; each needs a token, so it ends)."""
-        if prep.echo_only:  # nothing to generate: the router is not asked (vLLM's echo_without_generation)
+        if prep.echo_only and params.prompt_logprobs is None:  # nothing to generate: the router is not asked (vLLM's
+            # echo_without_generation); with the prompt's logprobs it is, for one token, which the answer leaves out
             self.metrics.start(len(prep.prompt_ids), prep.arrival, choices).finish("length")
             yield ChoiceDelta(index, "", [], [], "length", 0, 0)
             return
@@ -592,6 +605,10 @@ class OpenAIServer:
         timer = self.metrics.start(len(prompt_ids), prep.arrival, choices)
         skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()
         offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
+        if offsets is not None:
+            offsets.chars = len(prep.echo)  # completions' echo: the answer's text follows the prompt's
+        # the prompt's logprobs, kept across recomputes and router restarts until the first delta carries them
+        scores = PromptScores(prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
         rep = prep.repetition
         answer = ChoiceText(self.tokenizer, prompt_ids, params.stop, params.min_tokens, offsets,
                             params.include_stop_str_in_output, params.stop_token_ids, params.skip_special_tokens,
@@ -617,12 +634,20 @@ class OpenAIServer:
                     async for event in self.router.generate(rid, prompt_ids, params, salt, list(answer.output),
                                                             continuation=submitted):
                         started = True
+                        if event.prompt_logprobs and scores is not None:
+                            for part in event.prompt_logprobs:
+                                scores.add(part)
+                            if not event.token_ids and event.finish_reason is None:  # a prefill chunk's, alone
+                                continue
                         cached = event.num_cached_tokens or cached
                         failed = event.finish_reason in ("error", "grammar_error", "constraint_error")
                         if failed:
                             ended = "error"
-                        text, starts, taken, cut = answer.feed(event.token_ids, event.finish_reason is not None
-                                                               and not failed, event.finish_reason == "stop")
+                        if prep.echo_only and not failed:  # its one token was made for the prompt's logprobs only
+                            text, starts, taken, cut = "", [], 0, "length"
+                        else:
+                            text, starts, taken, cut = answer.feed(event.token_ids, event.finish_reason is not None
+                                                                   and not failed, event.finish_reason == "stop")
                         timer.on_event(event, taken)  # not those after an end found here (usage has none)
                         stopped = cut is not None  # here, not by the mesh: the router still runs it
                         reason = cut or (None if failed else event.finish_reason)
@@ -638,8 +663,14 @@ class OpenAIServer:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id
                             stop_reason = (answer.stop_reason(eos) if reason == "stop" else
                                            "repetition_detected" if reason == "repetition" else None)  # vLLM's
+                            scored = None
+                            if scores is not None and not failed:  # the first delta: every prompt position is in
+                                if not scores.complete:
+                                    raise APIError(500, f"The prompt's logprobs came up to position {scores.scored} "
+                                                        f"of {len(prompt_ids)}.", "internal_error")
+                                scored, scores = scores, None
                             yield ChoiceDelta(index, text, event.logprobs[:taken], starts, reason, len(answer.output),
-                                              cached, stop_reason, event.token_ids[:taken])
+                                              cached, stop_reason, event.token_ids[:taken], scored)
                         if failed and not stopped:
                             if event.finish_reason == "grammar_error":  # llguidance gave up on the client's grammar
                                 param = prep.constraint_param
@@ -803,6 +834,9 @@ class OpenAIServer:
         # Built on a thread when large: n = 16 answers of 2,000 tokens with 20 top_logprobs each are 670,000
         # entries, seconds of CPU during which every other stream of this replica would stand still.
         entries = sum(len(t.logprobs) for t in totals) * (1 + (reply.num_logprobs or 0))
+        if reply.echo_logprobs or reply.prompt_logprobs is not None:
+            entries += sum(len(p.prompt_ids) for p in preps) * reply.n * (
+                2 + (reply.num_logprobs or 0) + (reply.prompt_logprobs or 0))
         build = self._chat_answer if chat else self._completion_answer
         body = await self.sized(entries * ANSWER_CHARS_PER_LOGPROB, build, reply, preps, totals, usage, bulk=False)
         return Response(body, media_type="application/json")
@@ -825,7 +859,10 @@ class OpenAIServer:
                                       token_ids=t.token_ids if ids else None))
         envelope = ChatCompletionResponse(id=prep.id, created=prep.created, model=self.model, choices=[], usage=usage,
                                           prompt_token_ids=prep.prompt_ids if ids else None)
-        return lists.fill(_with_choices(envelope.model_dump_json().encode(),
+        if reply.prompt_logprobs is not None and totals and totals[0].prompt_logprobs is not None:
+            envelope.prompt_logprobs = self._spliced_prompt_logprobs(totals[0].prompt_logprobs,
+                                                                     reply.prompt_logprobs, as_ids, lists)
+        return lists.fill(_with_choices(envelope.model_dump_json(warnings=False).encode(),
                                         [c.model_dump_json(warnings=False).encode() for c in choices]))
 
     def _completion_answer(self, reply: Reply, preps: list[Prepared], totals: list[ChoiceTotal],
@@ -834,14 +871,20 @@ class OpenAIServer:
         written a slice per call."""
         ids, as_ids = reply.return_token_ids, reply.return_tokens_as_token_ids
         lists = Spliced()
-        choices = [CompletionChoice(index=i, text=preps[i // reply.n].echo + t.text, finish_reason=t.finish_reason,
-                                    stop_reason=t.stop_reason,
-                                    logprobs=self._spliced_completion_logprobs(t.logprobs, t.token_offsets, as_ids,
-                                                                               lists)
-                                    if reply.num_logprobs is not None else None,
-                                    prompt_token_ids=preps[i // reply.n].prompt_ids if ids else None,
-                                    token_ids=t.token_ids if ids else None)
-                   for i, t in enumerate(totals)]
+        choices = []
+        for i, t in enumerate(totals):
+            prep = preps[i // reply.n]
+            lps, offsets = self._echoed(reply, prep, t.prompt_logprobs, t.logprobs, t.token_offsets)
+            choice = CompletionChoice(index=i, text=prep.echo + t.text, finish_reason=t.finish_reason,
+                                      stop_reason=t.stop_reason,
+                                      logprobs=self._spliced_completion_logprobs(lps, offsets, as_ids, lists)
+                                      if reply.num_logprobs is not None else None,
+                                      prompt_token_ids=prep.prompt_ids if ids else None,
+                                      token_ids=t.token_ids if ids else None)
+            if reply.prompt_logprobs is not None and t.prompt_logprobs is not None:  # set, not validated: ours
+                choice.prompt_logprobs = self._spliced_prompt_logprobs(t.prompt_logprobs, reply.prompt_logprobs, as_ids,
+                                                                       lists)
+            choices.append(choice)
         envelope = CompletionResponse(id=preps[0].id, created=preps[0].created, model=self.model, choices=[],
                                       usage=usage)
         return lists.fill(_with_choices(envelope.model_dump_json().encode(),
@@ -924,10 +967,13 @@ class OpenAIServer:
         def event(chunk) -> str:
             return f"data: {chunk.model_dump_json()}\n\n"
 
-        def chunk(choices, usage: Usage | None = None, prompt: list[int] | None = None):
+        def chunk(choices, usage: Usage | None = None, prompt: list[int] | None = None,
+                  prompt_logprobs: PromptLogprobs | None = None):
             if chat:
-                return event(ChatCompletionChunk(id=prep.id, created=created, model=self.model, choices=choices,
-                                                 usage=usage, prompt_token_ids=prompt))
+                out = ChatCompletionChunk(id=prep.id, created=created, model=self.model, choices=choices,
+                                          usage=usage, prompt_token_ids=prompt)
+                out.prompt_logprobs = prompt_logprobs  # set, not validated: ours
+                return event(out)
             return event(CompletionResponse(id=prep.id, created=created, model=self.model, choices=choices,
                                             usage=usage))
 
@@ -945,13 +991,17 @@ class OpenAIServer:
                                        token_ids=d.token_ids if ids else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
             prompt, prompt_ids[d.index] = prompt_ids[d.index], None
-            return CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason, stop_reason=d.stop_reason,
-                                    logprobs=self._completion_logprobs(d.logprobs, d.token_offsets, as_ids)
-                                    if logprobs else None,
-                                    prompt_token_ids=prompt, token_ids=d.token_ids if ids else None)
+            lps, offsets = self._echoed(reply, preps[d.index // reply.n], d.prompt_logprobs, d.logprobs,
+                                        d.token_offsets)
+            out = CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason, stop_reason=d.stop_reason,
+                                   logprobs=self._completion_logprobs(lps[:], offsets, as_ids) if logprobs else None,
+                                   prompt_token_ids=prompt, token_ids=d.token_ids if ids else None)
+            if reply.prompt_logprobs is not None and d.prompt_logprobs is not None:  # the choice's first chunk
+                out.prompt_logprobs = self.prompt_logprobs_of(d.prompt_logprobs, reply.prompt_logprobs, as_ids)
+            return out
 
         # Most chunks carry text alone: they come from a template per choice (see ChunkTemplate).
-        templated = tool_streams is None and not logprobs and not ids
+        templated = tool_streams is None and not logprobs and not ids and reply.prompt_logprobs is None
         templates: dict[int, ChunkTemplate] = {}
 
         def text_chunk(d: ChoiceDelta) -> str:
@@ -982,12 +1032,23 @@ class OpenAIServer:
                     cached[d.index // reply.n] = d.num_cached
                 if templated and d.text and d.finish_reason is None and not echo[d.index]:
                     yield text_chunk(d)
-                elif d.text or d.finish_reason or d.logprobs or echo[d.index] or (ids and d.token_ids):
-                    c = choice(d)
+                elif (d.text or d.finish_reason or d.logprobs or echo[d.index] or (ids and d.token_ids)
+                      or d.prompt_logprobs is not None):
+                    scored = None
+                    if d.prompt_logprobs is None:
+                        c = choice(d)
+                    else:  # the prompt's logprobs: a 128k-token prompt's are millions of entries, made off the loop
+                        size = len(d.prompt_logprobs.prompt_ids) * ANSWER_CHARS_PER_LOGPROB * (
+                            2 + (reply.num_logprobs or 0) + (reply.prompt_logprobs or 0))
+                        c = await self.sized(size, choice, d, bulk=False)
+                        if chat and reply.prompt_logprobs is not None:
+                            scored = await self.sized(size, self.prompt_logprobs_of, d.prompt_logprobs,
+                                                      reply.prompt_logprobs, as_ids, bulk=False)
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
-                            and c.logprobs is None and c.token_ids is None):  # a tool call's text is held back:
-                        # no empty chunk per token, unless it carries the tokens asked for
-                        yield chunk([c], self._usage(*running(d)) if reply.continuous_usage else None)
+                            and c.logprobs is None and c.token_ids is None and scored is None):  # a tool call's text
+                        # is held back: no empty chunk per token, unless it carries the tokens asked for
+                        yield chunk([c], self._usage(*running(d)) if reply.continuous_usage else None,
+                                    prompt_logprobs=scored)
                 d = await anext(stream, None)
             if reply.include_usage:
                 yield chunk([], self._usage(prompt_tokens, sum(generated), sum(cached)))
@@ -1070,10 +1131,55 @@ class OpenAIServer:
         `top_logprobs` holds the chosen token too, whether or not it is among the most likely (OpenAI's legacy
         completions: "the logprobs most likely tokens, as well the chosen tokens"; vLLM does the same)."""
         name = (lambda t: f"token_id:{t}") if as_ids else self._completion_token
+        # NaN: the prompt's first token, echoed (PromptScores.packed): nothing comes before it, null as in vLLM
         return {"tokens": lambda lps: [name(lp.token_id) for lp in lps],
-                "token_logprobs": lambda lps: [lp.logprob for lp in lps],
-                "top_logprobs": lambda lps: [{**{name(t): p for t, p in lp.top}, name(lp.token_id): lp.logprob}
+                "token_logprobs": lambda lps: [None if lp.logprob != lp.logprob else lp.logprob for lp in lps],
+                "top_logprobs": lambda lps: [None if lp.logprob != lp.logprob else
+                                             {**{name(t): p for t, p in lp.top}, name(lp.token_id): lp.logprob}
                                              for lp in lps]}
+
+    def _echoed(self, reply: Reply, prep: Prepared, scores: PromptScores | None, lps: Sequence[TokenLogprobs],
+                offsets: list[int]) -> tuple[Sequence[TokenLogprobs], list[int]]:
+        """A choice's logprobs and text offsets, the prompt's first with completions' echo and logprobs (as vLLM's):
+        the prompt's tokens, each with its logprob and the `logprobs` likeliest (the first with none), at offsets in
+        the echoed text; then the answer's, whose offsets already follow it."""
+        if not reply.echo_logprobs or scores is None:
+            return lps, offsets
+        skipped = self.tokenizer.special_id_set if prep.params.skip_special_tokens else frozenset()
+        packed = scores.packed(reply.num_logprobs)
+        packed.extend(lps)
+        return packed, TokenOffsets(self.tokenizer, skipped).add(prep.prompt_ids) + offsets
+
+    def prompt_logprobs_of(self, scores: PromptScores, k: int, as_ids: bool = False,
+                           positions: range | None = None) -> PromptLogprobs:
+        """vLLM's prompt_logprobs (of `positions`, default all): None for the first token, then per token {id: its
+        logprob, rank, decoded_token} and the k likeliest, ranked 1..k (the prompt token's entry is theirs when it is
+        among them, as in vLLM)."""
+        name = (lambda t: f"token_id:{t}") if as_ids else self._token
+        ids = scores.prompt_ids
+        at = positions if positions is not None else range(len(ids))
+        part = slice(at.start, at.stop)
+        lps = np.maximum(scores.logprobs[part], MIN_LOGPROB).tolist()
+        ranks = scores.ranks[part].tolist()
+        top_ids = scores.top_ids[part, :k].tolist()
+        top_lps = np.maximum(scores.top_logprobs[part, :k], MIN_LOGPROB).tolist()
+        out: PromptLogprobs = []
+        for j, i in enumerate(at):
+            if i == 0:
+                out.append(None)
+                continue
+            entry = {str(ids[i]): {"logprob": lps[j], "rank": ranks[j], "decoded_token": name(ids[i])}}
+            for rank, (t, p) in enumerate(zip(top_ids[j], top_lps[j]), 1):
+                entry[str(t)] = {"logprob": p, "rank": rank, "decoded_token": name(t)}
+            out.append(entry)
+        return out
+
+    def _spliced_prompt_logprobs(self, scores: PromptScores, k: int, as_ids: bool, lists: Spliced) -> str:
+        """A whole answer's prompt_logprobs, as _spliced_chat_logprobs holds its logprobs: a 128k-token prompt with
+        k = 20 is 2.7 million entries, made and written a slice of positions at a time."""
+        dump = field_dump(CompletionChoice, "prompt_logprobs")
+        return lists.mark(range(len(scores.prompt_ids)),
+                          lambda part: dump(self.prompt_logprobs_of(scores, k, as_ids, part)), b",")
 
     def _completion_token(self, token_id: int) -> str:
         """The token's text; for a token that is part of a character (an emoji is often 2-4 tokens) its bytes,

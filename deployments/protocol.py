@@ -11,6 +11,8 @@ import time
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
+from typing_extensions import TypedDict
+
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, StringConstraints,
                       ValidationInfo, field_validator, model_serializer, model_validator)
 from pydantic_core import PydanticCustomError
@@ -217,7 +219,8 @@ class _GenerationRequest(RequestModel):
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens' text (e.g. <|im_end|>) in the answer
     truncate_prompt_tokens: int | None = Field(None, ge=-1)  # vLLM's: keep k of the prompt's tokens (-1: to fit)
     truncation_side: Literal["left", "right"] = "left"  # vLLM's: "left" keeps the last k tokens, "right" the first
-    prompt_logprobs: Unsupported | None = None  # vLLM's: the prompt's logprobs are not computed
+    # vLLM's: each prompt token's logprob, rank and this many likeliest tokens (a prefill of every position)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     logprob_token_ids: Unsupported | None = None  # vLLM's: logprobs of chosen ids, not computed by the meshes
     repetition_detection: RepetitionDetection | None = None  # vLLM's: end an answer that loops (the ingress sees it)
     # vLLM's: only these may be sampled
@@ -345,6 +348,16 @@ class _GenerationRequest(RequestModel):
         """How many alternatives to return per token; None: no logprobs at all."""
         raise NotImplementedError
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """How many alternatives the mesh scores each prompt token with; None: the prompt is not scored."""
+        return self.prompt_logprobs
+
+    @property
+    def prompt_logprobs_param(self) -> str:
+        """The field that asks for the prompt's logprobs, for errors about it."""
+        return "prompt_logprobs"
+
     def sampling_params(self, max_tokens: int, stop_token_ids: tuple[int, ...] = (),
                         defaults: Mapping[str, float] | None = None) -> SamplingParams:
         """The scheduler's view. `max_tokens` is resolved by the caller (it knows the prompt length);
@@ -365,7 +378,7 @@ class _GenerationRequest(RequestModel):
             ignore_eos=self.ignore_eos, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=repetition_penalty,
             logprobs=self.num_logprobs, skip_special_tokens=self.skip_special_tokens, detokenize=self.detokenize,
-            allowed_token_ids=self.allowed_token_ids)
+            allowed_token_ids=self.allowed_token_ids, prompt_logprobs=self.num_prompt_logprobs)
 
 
 class JsonSchemaFormat(RequestModel):
@@ -599,16 +612,24 @@ class CompletionRequest(_GenerationRequest):
             return [self.prompt]
         return list(self.prompt)
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, v, info: ValidationInfo):
-        if v and info.data.get("logprobs") is not None:
-            raise ValueError("echo with logprobs is not supported (the prompt's logprobs are not computed)")
-        return v
-
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def echo_logprobs(self) -> bool:
+        """echo with logprobs: each choice's logprobs cover the prompt's tokens first, as vLLM's completions do."""
+        return self.echo and self.logprobs is not None
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        if not self.echo_logprobs:
+            return self.prompt_logprobs
+        return max(self.logprobs, self.prompt_logprobs or 0)
+
+    @property
+    def prompt_logprobs_param(self) -> str:
+        return "prompt_logprobs" if self.prompt_logprobs is not None else "echo"
 
 
 class TokenizeRequest(RequestModel):
@@ -670,9 +691,20 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = []
-    token_logprobs: list[float] = []
-    top_logprobs: list[dict[str, float]] = []
+    token_logprobs: list[float | None] = []  # echo: null for the prompt's first token (nothing before it)
+    top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+
+class PromptLogprob(TypedDict):
+    """vLLM's Logprob, in its prompt_logprobs: [None, {token id: this, ...} per later prompt token]."""
+
+    logprob: float
+    rank: int  # how many tokens are at least as likely (1: the likeliest)
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "abort", "error", "repetition"]  # vLLM's "repetition"
@@ -701,7 +733,7 @@ class _TokenIds(BaseModel):
     @model_serializer(mode="wrap")
     def _without_unasked_ids(self, handler):
         data = handler(self)
-        for name in ("token_ids", "prompt_token_ids"):
+        for name in ("token_ids", "prompt_token_ids", "prompt_logprobs"):
             if name in data and data[name] is None:
                 del data[name]
         return data
@@ -724,6 +756,7 @@ class ChatCompletionResponse(_TokenIds):
     choices: list[ChatChoice]
     usage: Usage
     prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: the templated prompt's tokens
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked
 
 
 class _Sparse(BaseModel):
@@ -766,6 +799,7 @@ class ChatCompletionChunk(_TokenIds):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: in each choice's first (role) chunk only
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked: with the first choice's first content chunk
 
 
 class CompletionChoice(_TokenIds):
@@ -776,6 +810,7 @@ class CompletionChoice(_TokenIds):
     stop_reason: int | str | None = None  # vLLM: the stop string or token id that ended it
     prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: this choice's prompt (streamed: first chunk)
     token_ids: list[int] | None = None  # vLLM's return_token_ids: the answer's tokens (streamed: this chunk's)
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked (streamed: in the choice's first chunk)
 
 
 class CompletionResponse(BaseModel):

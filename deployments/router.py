@@ -323,7 +323,7 @@ class Router:
             decode_steps=c.decode_steps, prefix_align=caps.prefix_align, log_name=name if c.log_requests else None,
             max_waiting_requests=c.max_waiting_requests, max_waiting_tokens=c.max_waiting_tokens,
             eos_token_ids=caps.eos_token_ids, max_inflight=c.pipeline_depth,
-            enable_prefix_caching=c.enable_prefix_caching)
+            enable_prefix_caching=c.enable_prefix_caching, prompt_logprobs=caps.prompt_logprobs)
 
     # ---- requests -------------------------------------------------------------------------------
     def place(self, token_ids: list[int], salt: str | None, need: int) -> tuple[list[Mesh], list[bytes]] | None:
@@ -653,6 +653,8 @@ class Router:
         return {"ready": any(m.up for m in self.meshes),
                 "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
                 "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed
+                # every mesh scores a whole prompt (vLLM's prompt_logprobs); None while none is known
+                "prompt_logprobs": all(c.prompt_logprobs for c in caps) if caps else None,
                 "held": len(self.held), "meshes": meshes,
                 "model_identity": self.config.model_identity,
                 "enable_prefix_caching": self.config.enable_prefix_caching}

@@ -12,7 +12,9 @@ import numpy as np
 from fastapi.responses import Response, StreamingResponse
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-from scheduler.sampling import PackedLogprobs, TokenLogprobs
+from scheduler.sampling import PackedLogprobs, PromptLogprobs, TokenLogprobs
+
+MIN_LOGPROB = -9999.0  # as the sampler clamps -inf (model/sampler.py): JSON has no infinity
 
 
 class StopStrings:
@@ -74,6 +76,49 @@ class TokenOffsets:
             if token_id not in self.special_ids:
                 self.chars += len(self._utf8.decode(self.tokenizer.token_bytes(token_id)))
         return offsets
+
+
+class PromptScores:
+    """One choice's prompt logprobs, as the meshes send them a prefill chunk at a time (PromptLogprobs), in arrays
+    of the prompt's length: each position is kept once, however often a recompute sends it again (a preemption, a
+    mesh failing mid-prefill, a router restart), and `complete` says no position is missing."""
+
+    def __init__(self, prompt_ids: list[int], num_logprobs: int):
+        n = len(prompt_ids)
+        self.prompt_ids = prompt_ids
+        self.logprobs = np.full(n, np.nan, np.float32)  # position 0: none (nothing comes before it)
+        self.ranks = np.zeros(n, np.int32)
+        self.top_ids = np.zeros((n, num_logprobs), np.int32)
+        self.top_logprobs = np.zeros((n, num_logprobs), np.float32)
+        self.scored = 1  # positions [0, scored) are in
+
+    def add(self, part: PromptLogprobs) -> None:
+        """Raises RuntimeError for a part that would leave a gap (a recompute that skipped positions)."""
+        start, end = part.start, part.end
+        if start > self.scored:
+            raise RuntimeError(f"prompt logprobs from position {start} came before those of {self.scored}")
+        self.logprobs[start:end] = part.logprobs
+        self.ranks[start:end] = part.ranks
+        self.top_ids[start:end] = part.top_ids
+        self.top_logprobs[start:end] = part.top_logprobs
+        self.scored = max(self.scored, end)
+
+    @property
+    def complete(self) -> bool:
+        return self.scored >= len(self.prompt_ids)
+
+    def packed(self, num_logprobs: int) -> PackedLogprobs:
+        """The prompt's tokens as completions' echo lists them, each with its num_logprobs likeliest: position 0's
+        logprob is NaN (written as null, with null top_logprobs)."""
+        n, k = len(self.prompt_ids), num_logprobs
+        out = PackedLogprobs()
+        out.token_ids.frombytes(np.asarray(self.prompt_ids, np.int64).tobytes())
+        out.logprobs.frombytes(np.maximum(self.logprobs, MIN_LOGPROB).astype(np.float64).tobytes())  # NaN stays
+        out.logprobs[0] = float("nan")
+        out.top_ids.frombytes(self.top_ids[1:, :k].astype(np.int64).tobytes())
+        out.top_logprobs.frombytes(np.maximum(self.top_logprobs[1:, :k], MIN_LOGPROB).astype(np.float64).tobytes())
+        out.top_ends.frombytes((np.arange(n, dtype=np.int64) * k).tobytes())  # position 0 has none
+        return out
 
 
 class RepetitionCheck:
@@ -188,9 +233,11 @@ class ChoiceDelta:
     num_cached: int  # prompt tokens the prefix cache served
     stop_reason: str | int | None = None  # with finish_reason "stop": the stop string or token id (vLLM)
     token_ids: list[int] = field(default_factory=list)  # the tokens taken (`text` came from them; a stop's included)
+    prompt_logprobs: PromptScores | None = None  # the choice's first delta, when the prompt was scored: all of it
 
     def merge(self, later: ChoiceDelta) -> None:
         """Append a later delta of the same choice (one its reader has not taken yet)."""
+        self.prompt_logprobs = self.prompt_logprobs or later.prompt_logprobs
         self.text += later.text
         self.logprobs += later.logprobs
         self.token_offsets += later.token_offsets  # offsets in the whole text: they stay as they are
@@ -213,12 +260,14 @@ class ChoiceTotal:
     num_cached: int = 0
     stop_reason: str | int | None = None
     token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: PromptScores | None = None
 
     @property
     def text(self) -> str:
         return "".join(self.pieces)
 
     def add(self, d: ChoiceDelta) -> None:
+        self.prompt_logprobs = self.prompt_logprobs or d.prompt_logprobs
         self.pieces.append(d.text)
         self.token_ids += d.token_ids
         self.logprobs.extend(d.logprobs)

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from scheduler.sampling import SamplingParams
+from scheduler.sampling import PromptLogprobs, SamplingParams
 
 if TYPE_CHECKING:  # the router imports Capabilities, and must not pay for torch
     import torch
@@ -47,6 +47,9 @@ class Capabilities:
     # Expected worst-case times, from which the router and the replica derive when a work has hung:
     decode_step_s: float = 1.0  # one decode step of all slots, at the longest context
     prefill_token_s: float = 0.01  # one prefill token, at the longest context
+    # Its prefill can give the logits of every position, not only the last (prefill_prompt_logprobs): vLLM's
+    # prompt_logprobs and completions' echo with logprobs. False: such requests are refused (a 400 naming the field).
+    prompt_logprobs: bool = False
 
     def expected_seconds(self, num_prefill_tokens: int, num_decode_steps: int) -> float:
         """How long a work of that size should take at worst (seconds)."""
@@ -85,6 +88,13 @@ class Backend(ABC):
         [num_slots, max_blocks_per_seq]; active: bool [num_slots] (inactive rows are padding and
         must not write the cache). Returns logits [num_slots, vocab], or (with `sampling`) token ids
         [num_slots]."""
+
+    def prefill_prompt_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                                num_logprobs: int, targets: list[int]) -> tuple[PromptLogprobs | None, torch.Tensor]:
+        """prefill without sampling, which also scores `targets`, the prompt tokens that positions start,
+        start + 1, ... predict (at most one per position: token start + 1 first): (their logprobs, None if there are
+        none; the last position's logits [vocab]). Only where caps.prompt_logprobs."""
+        raise NotImplementedError("this backend's prefill gives only the last position's logits")
 
     def decode_mixed(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                      active: torch.Tensor, sampling: list[SamplingParams | None], host_rows: list[int]

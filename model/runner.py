@@ -105,8 +105,18 @@ class MeshRunner:
         result = StepResult(work_id, [NO_TOKEN] * self.caps.num_slots, last=last)
         self.slots.pop(chunk.slot, None)
         params = chunk.params
+        last_logits = None  # the final position's, when the prompt was scored: its token is sampled on the host
+        if chunk.prompt_logprobs is not None:  # the router sends these only to a backend that declares them
+            targets = chunk.token_ids[chunk.start + 1:chunk.num_prompt_tokens]
+            if chunk.next_prompt_token >= 0:
+                targets.append(chunk.next_prompt_token)
+            scored, last_logits = self.backend.prefill_prompt_logprobs(
+                chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot, chunk.prompt_logprobs, targets)
+            if scored is not None:
+                result.prompt_logprobs[chunk.slot] = scored
         if params is None:  # not the final chunk: no token yet
-            self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot)
+            if last_logits is None:
+                self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot)
             return result
         vocab = self.caps.vocab_size
         samplable = self.backend.can_sample(params)
@@ -131,9 +141,9 @@ class MeshRunner:
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
                 return result
-        on_device = state.sample_on_device
-        out = self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot,
-                                   sampling=params if on_device else None)
+        on_device = state.sample_on_device and last_logits is None
+        out = last_logits if last_logits is not None else self.backend.prefill(
+            chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot, sampling=params if on_device else None)
         if on_device:
             self._advance(chunk.slot, state, int(out), None, result)
         else:

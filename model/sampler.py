@@ -5,15 +5,40 @@ sequence recomputed after preemption or migration to another mesh samples the sa
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-from scheduler.sampling import SamplingParams, TokenLogprobs
+from scheduler.sampling import PromptLogprobs, SamplingParams, TokenLogprobs
 
 MIN_LOGPROB = -9999.0
 _UNSEEDED = np.random.default_rng()  # numpy's Generator locks itself: meshes on threads may share it
 BATCHED_TOP_K = 64  # unseeded rows with a top_k up to this are sampled together (_sample_top_k_rows)
 NUCLEUS_SEARCH = 1024  # top-p alone: the tokens its nucleus is looked for in before the whole row is sorted
+PROMPT_ROWS_PER_SLICE = 128  # logits rows scored at once: 128 x a 128k vocabulary is 64 MiB of float32
+
+
+def score_prompt(logits: Callable[[int, int], torch.Tensor], targets: torch.Tensor, start: int,
+                 num_logprobs: int) -> PromptLogprobs:
+    """The logprobs of prompt tokens `targets` [T] (prompt token start + i is targets[i]) from their preceding
+    positions' logits, `logits(i, j)` giving rows [i, j) [j - i, vocab]: the raw log_softmax (vLLM's default),
+    vLLM's rank (how many tokens are at least as likely as the prompt token) and the num_logprobs likeliest.
+    A slice of rows at a time, so a long chunk never holds [T, vocab] float32 twice."""
+    n = len(targets)
+    out = PromptLogprobs(start, np.empty(n, np.float32), np.empty(n, np.int32),
+                         np.empty((n, num_logprobs), np.int32), np.empty((n, num_logprobs), np.float32))
+    for i in range(0, n, PROMPT_ROWS_PER_SLICE):
+        j = min(i + PROMPT_ROWS_PER_SLICE, n)
+        lp = torch.log_softmax(logits(i, j).float(), dim=-1)
+        chosen = lp.gather(1, targets[i:j, None].long())
+        out.logprobs[i:j] = chosen[:, 0].numpy()
+        out.ranks[i:j] = (lp >= chosen).sum(dim=1).numpy()
+        if num_logprobs:
+            top = lp.topk(num_logprobs, dim=1)
+            out.top_ids[i:j] = top.indices.numpy()
+            out.top_logprobs[i:j] = top.values.numpy()
+    return out
 
 
 def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from model.backend import SAMPLING_FIELDS, Backend, Capabilities, check_num_slots
 from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN,
                           padded_prefill_len, simulated_sizes)
-from scheduler.sampling import SamplingParams
+from scheduler.sampling import PromptLogprobs, SamplingParams
 
 
 WINDOW = 8  # the last tokens the next token depends on
@@ -156,7 +156,8 @@ class SimulatedBackend(Backend):
                                                                     "allowed_token_ids", "bad_words_token_ids"},
                                  decode_step_s=timing.slowest_step_seconds(
                                      max_seq_len, kv_groups * num_blocks * block_size, num_slots) * time_scale,
-                                 prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale)
+                                 prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale,
+                                 prompt_logprobs=True)
         self.time_scale = time_scale
         self.timing = timing
         self.eos_rate = eos_rate
@@ -183,6 +184,33 @@ class SimulatedBackend(Backend):
         token = self._next_tokens(self._window_at(table, np.zeros(1, dtype=np.int64), last, np.array([group])), last)
         self._occupy(entered, self.timing.prefill_seconds(start, end))
         return torch.tensor(int(token[0])) if sampling is not None else self._one_hot(token)[0]
+
+    def prefill_prompt_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                                num_logprobs: int, targets: list[int]) -> tuple[PromptLogprobs | None, torch.Tensor]:
+        """As prefill, and the targets scored from each position's one-hot logits (_one_hot) in closed form: their
+        log_softmax is 0 at the token the rule makes and the floor's value elsewhere (exp(-1e4) is 0 in float32), so
+        a 4,096-token chunk at a 128k vocabulary costs no [rows, vocab] pass (score_prompt over them took ~15 s
+        on the 2-core box, past what the timing model gives a prefill)."""
+        last = self.prefill(token_ids, start, block_ids, slot)
+        rows = len(targets)
+        if not rows:
+            return None, last
+        positions = np.arange(start, start + rows)
+        table = np.asarray(block_ids, dtype=np.int64)[None]
+        at = self._window_at(table, np.zeros(rows, dtype=np.int64), positions,
+                             np.full(rows, self._group_of_slot[slot]))
+        made = self._next_tokens(at, positions)
+        target = np.asarray(targets, dtype=np.int64)
+        floor = self._floor.numpy()
+        hit = target == made
+        # the floor falls with the id: ids up to the target's, the made one aside, are at least as likely
+        ranks = np.where(hit, 1, target + 2 - (made <= target))
+        others = np.arange(max(num_logprobs - 1, 0))[None, :]
+        others = others + (others >= made[:, None])  # the likeliest after the made token: the lowest other ids
+        top_ids = np.concatenate([made[:, None], others], axis=1)[:, :num_logprobs]
+        top_logprobs = np.concatenate([np.zeros((rows, 1), np.float32), floor[others]], axis=1)[:, :num_logprobs]
+        return PromptLogprobs(start + 1, np.where(hit, 0.0, floor[target]).astype(np.float32), ranks.astype(np.int32),
+                              top_ids.astype(np.int32), top_logprobs.astype(np.float32)), last
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:

@@ -22,8 +22,9 @@ from torch import nn
 
 from model.backend import Backend, Capabilities, check_num_slots
 from model.config import LlamaConfig
+from model.sampler import score_prompt
 from model.weights import load_weights
-from scheduler.sampling import SamplingParams
+from scheduler.sampling import PromptLogprobs, SamplingParams
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -241,7 +242,7 @@ class TorchBackend(Backend):
         self.inv_freq = rope_inv_freq(cfg).to(self.device)
         self.caps = Capabilities(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
                                  max_seq_len=max_seq_len, prefix_align=block_size,
-                                 vocab_size=cfg.vocab_size, eos_token_ids=cfg.eos_token_ids)
+                                 vocab_size=cfg.vocab_size, eos_token_ids=cfg.eos_token_ids, prompt_logprobs=True)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
@@ -254,6 +255,17 @@ class TorchBackend(Backend):
     def prompt_logits(self, token_ids: list[int], start: int, block_ids: list[int]) -> torch.Tensor:
         """Like prefill, but the logits of every position in [start, len(token_ids)): [T, vocab]."""
         return self.model.lm_head(self._prefill(token_ids, start, block_ids)).float().cpu()
+
+    @torch.inference_mode()
+    def prefill_prompt_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                                num_logprobs: int, targets: list[int]) -> tuple[PromptLogprobs | None, torch.Tensor]:
+        hidden = self._prefill(token_ids, start, block_ids)
+        last = self.model.lm_head(hidden[-1]).float().cpu()
+        if not targets:
+            return None, last
+        # lm_head a slice of positions at a time: a 4,096-token chunk's logits at once are 2 GiB at a 128k vocabulary
+        return score_prompt(lambda i, j: self.model.lm_head(hidden[i:j]).float().cpu(), torch.tensor(targets),
+                            start + 1, num_logprobs), last
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,

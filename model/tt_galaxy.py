@@ -87,6 +87,8 @@ class TTGalaxyBackend(Backend):
                                                                           num_layers)
             self.kv_cache, self.kv_cache_api = _allocate_kv_cache(self.ttnn, self.generator, self.mesh, args,
                                                                   num_blocks + 1, block_size)
+            # prompt_logprobs stays False: prefill_forward_text returns each user's last-token logits (or token) only,
+            # so the prompt's logprobs are refused at the ingress (a 400 naming the field), never sent here
             self.caps = Capabilities(num_slots=NUM_SLOTS, block_size=block_size, num_blocks=num_blocks,
                                      max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,

@@ -23,3 +23,14 @@ class MeshFailures(RuntimeError):
 class RoomFilled(ValueError):
     """A continuation's tokens so far already fill what the mesh has room for (its max_tokens, cut to the mesh's
     max_seq_len after the prompt): its answer ends there, finish_reason "length", as vLLM's ends at max_model_len."""
+
+
+class Unsupported(ValueError):
+    """The request asks for something the mesh's backend cannot do (HTTP 400 naming `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+    def __reduce__(self):  # crosses processes with its param
+        return Unsupported, (self.param, str(self).removeprefix(f"{self.param}: "))

@@ -9,6 +9,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_LOGPROBS = 20
@@ -38,6 +39,9 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's prompt_logprobs: each prompt token's logprob and this many alternatives, from a prefill that computes
+    # every position (no prefix-cache hit); None: none. Completions' echo with logprobs asks for them too.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     # Added to the token's logit before sampling (OpenAI's logit_bias: -100 bans, +100 forces).
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_ENTRIES)
     # vLLM's whitelist: only these ids may be sampled (None: any). Sorted, without repeats; never empty.
@@ -134,6 +138,27 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+
+
+@dataclass
+class PromptLogprobs:
+    """The logprobs of prompt tokens [start, start + T) of one prefill chunk, as arrays (mesh -> router -> ingress):
+    a pickled array per field, never an object per position. Row i is prompt token start + i, scored by the model's
+    raw log_softmax at position start + i - 1 (vLLM's raw logprobs). `ranks`: vLLM's rank of the prompt token, the
+    number of tokens at least as likely (1: the likeliest)."""
+
+    start: int  # >= 1: prompt token 0 has no logprob
+    logprobs: np.ndarray  # float32 [T]
+    ranks: np.ndarray  # int32 [T]
+    top_ids: np.ndarray  # int32 [T, k], likeliest first
+    top_logprobs: np.ndarray  # float32 [T, k]
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.logprobs)
 
 
 class PackedLogprobs(Sequence[TokenLogprobs]):

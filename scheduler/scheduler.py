@@ -17,7 +17,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
-from scheduler.errors import PromptTooLong, QueueFull, RoomFilled
+from scheduler.errors import PromptTooLong, QueueFull, RoomFilled, Unsupported
 from scheduler.kv_cache import KVCache, KVGroup
 from scheduler.sampling import SamplingParams
 from scheduler.sequence import Sequence, Status
@@ -72,7 +72,8 @@ class MeshScheduler:
                  prefix_align: int | None = None, watermark_blocks: int = 0,
                  max_waiting_requests: int | None = None, max_waiting_tokens: int | None = None,
                  eos_token_ids: tuple[int, ...] = (), max_inflight: int = 2, enable_prefix_caching: bool = True,
-                 shared_prefill_tokens: int = SHARED_PREFILL_TOKENS, log_name: str | None = None):
+                 shared_prefill_tokens: int = SHARED_PREFILL_TOKENS, log_name: str | None = None,
+                 prompt_logprobs: bool = True):
         """num_blocks: KV blocks per group. prefix_align: prefix hits and prefill chunk boundaries are
         multiples of it (128 tokens on the Galaxy model; default one block). max_prefill_tokens bounds the prefill in one work, i.e. how long
         the running users wait between two decode rounds. watermark_blocks: admission leaves this many
@@ -81,7 +82,8 @@ class MeshScheduler:
         prefill after a cached prefix is not yet trusted. shared_prefill_tokens: a prompt that shares at least this many
         leading tokens with an earlier one of its KV group waits for that one's chunks (SHARED_PREFILL_TOKENS).
         log_name: the mesh's name, to log each preemption at INFO under it (AppConfig.enable_log_requests); None: none
-        is logged."""
+        is logged. prompt_logprobs: the mesh's backend can score every prompt position (Capabilities.prompt_logprobs);
+        False refuses requests that ask (Unsupported)."""
         align = prefix_align or block_size
         if align % block_size or prefill_chunk % align or prefill_chunk <= 0:
             raise ValueError(f"prefix_align ({align}) must be a multiple of block_size ({block_size}) "
@@ -105,6 +107,7 @@ class MeshScheduler:
         self.enable_prefix_caching = enable_prefix_caching
         self.shared_prefill_tokens = shared_prefill_tokens
         self.log_name = log_name
+        self.prompt_logprobs = prompt_logprobs
         # A sequence must fit its group's pool on its own, or it would preempt itself forever.
         self.max_tokens_per_seq = min(max_seq_len, num_blocks * block_size)
 
@@ -147,6 +150,9 @@ class MeshScheduler:
         n = len(prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty")
+        if params.prompt_logprobs is not None and not self.prompt_logprobs:
+            raise Unsupported("prompt_logprobs", "this mesh's backend computes only the last prompt position's logits: "
+                                                 "the prompt's logprobs are not available")
         if n >= self.max_tokens_per_seq:
             limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
@@ -372,7 +378,7 @@ class MeshScheduler:
         self.head_blocked = False
         holder = self.reserved
         if holder is not None and self.kv.num_free_slots:
-            choice = self._choose_group(self._hashes(holder), len(holder.token_ids))
+            choice = self._choose_group(self._seat_hashes(holder), len(holder.token_ids))
             if choice is not None:
                 self.waiting.remove(holder)
                 self.reserved = None
@@ -384,7 +390,7 @@ class MeshScheduler:
             seq = self.waiting[index]
             n = len(seq.token_ids)
             exclude = self.reserved_group if self.reserved is not None else None
-            choice = self._choose_group(self._hashes(seq), n, exclude=exclude)
+            choice = self._choose_group(self._seat_hashes(seq), n, exclude=exclude)
             if choice is None:
                 if exclude is None and len(self.kv.groups) > 1:
                     self.reserved, self.reserved_group = seq, self._reservation(seq.block_hashes, n)
@@ -398,6 +404,18 @@ class MeshScheduler:
         """seq's full blocks' digests, hashed once (its tokens grow)."""
         extend_block_hashes(seq.block_hashes, seq.token_ids, self.block_size, seq.salt)
         return seq.block_hashes
+
+    @staticmethod
+    def scores_prompt(seq: Sequence) -> bool:
+        """seq asks for its prompt's logprobs and has not had them: every prompt position must be computed, so
+        no cached block may stand in for one (vLLM V1 skips the prefix-cache lookup for such a request). Once its
+        first token is out they all are: a recompute then hits the cache as any other (its blocks are cached for
+        others all along)."""
+        return seq.params.prompt_logprobs is not None and not seq.started
+
+    def _seat_hashes(self, seq: Sequence) -> list[bytes]:
+        """The digests a seat looks up in the prefix cache: none for a sequence that scores its prompt."""
+        return [] if self.scores_prompt(seq) else self._hashes(seq)
 
     def _first_unreserved(self) -> Sequence | None:
         """The first waiting request that is not the reserved group's holder (the one the queue stops at)."""
@@ -546,7 +564,7 @@ class MeshScheduler:
             if not any(r[0] for r in room):
                 break
             n = len(seq.token_ids)
-            choice = self._choose_group(self._hashes(seq), n, forecast, None if seq is holder else reserved)
+            choice = self._choose_group(self._seat_hashes(seq), n, forecast, None if seq is holder else reserved)
             if choice is None:
                 if seq is holder:
                     continue
@@ -580,7 +598,8 @@ class MeshScheduler:
         prefilling: list[Sequence] = []  # the sequences seen so far whose prompt's KV is not all computed
         for seq in self.running.values():
             n = len(seq.token_ids)
-            if not seq.live and self.enable_prefix_caching:
+            scores = self.scores_prompt(seq)
+            if not seq.live and self.enable_prefix_caching and not scores:
                 if seq.num_prefill_planned == seq.num_computed:
                     self._take_late_hit(seq)
                 if self._shared_prefill_ahead(seq, prefilling):
@@ -609,7 +628,9 @@ class MeshScheduler:
                     seq.request_id, seq.slot, seq.token_ids[:end], start,
                     seq.block_table[:blocks_for(end, self.block_size)],
                     params=seq.params if final else None, num_prompt_tokens=seq.num_prompt_tokens,
-                    stop_token_ids=seq.stop_token_ids if final else ()))
+                    stop_token_ids=seq.stop_token_ids if final else (),
+                    prompt_logprobs=seq.params.prompt_logprobs if scores else None,
+                    next_prompt_token=seq.token_ids[end] if scores and end < seq.num_prompt_tokens else -1))
                 planned.append((seq, seq.epoch, end, final))
                 budget -= end - start
                 seq.num_prefill_planned = end
@@ -673,6 +694,8 @@ class MeshScheduler:
             if seq.epoch == epoch and seq.status is Status.RUNNING:
                 seq.num_computed = end
                 self._cache_full_blocks(seq)
+                if result.prompt_logprobs and (scored := result.prompt_logprobs.get(seq.slot)) is not None:
+                    out.events.append(TokenEvent(seq.request_id, [], prompt_logprobs=[scored]))  # arrays, as they came
                 if final:
                     seq.num_prefill_sampled += result.tokens[seq.slot] != NO_TOKEN
                     self._take_token(seq, seq.slot, result, now, out.events)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scheduler.sampling import SamplingParams, TokenLogprobs
+from scheduler.sampling import PromptLogprobs, SamplingParams, TokenLogprobs
 
 NO_TOKEN = -1  # a slot that produced nothing this step (idle, retired, or mid-prefill)
 # A mesh keeps the compiled matchers of its GRAMMARS_KEPT most recently used grammars (model/grammar.py
@@ -42,6 +42,10 @@ class PrefillChunk:
     params: SamplingParams | None = None  # set on the final chunk only
     num_prompt_tokens: int = 0  # where the prompt ends in token_ids (the rest is recomputed output)
     stop_token_ids: tuple[int, ...] = ()  # EOS ids (unless ignore_eos) + params.stop_token_ids
+    # vLLM's prompt_logprobs: the logprobs of the prompt tokens this chunk's positions predict, with this many
+    # alternatives (StepResult.prompt_logprobs); None: none asked
+    prompt_logprobs: int | None = None
+    next_prompt_token: int = -1  # with prompt_logprobs: the prompt token after the chunk (its last position's target)
 
     @property
     def is_final(self) -> bool:
@@ -88,6 +92,7 @@ class StepResult:
     finished: dict[int, str] = field(default_factory=dict)
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)  # slot -> logprobs, when asked
     last: bool = False  # the final message of this work
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # slot -> its prefill chunk's, when asked
 
 
 @dataclass
@@ -103,11 +108,15 @@ class TokenEvent:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
     queue_time_s: float | None = None  # first event only: router arrival -> first prefill chunk scheduled
+    # vLLM's prompt_logprobs, a prefill chunk's arrays each, passed on as they came (a recompute may send again
+    # positions sent before: the ingress keeps each position once)
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
     def merge(self, later: TokenEvent) -> None:
         """Append a later event of the same request (coalescing until the next flush)."""
         self.token_ids += later.token_ids
         self.logprobs += later.logprobs
+        self.prompt_logprobs += later.prompt_logprobs
         self.finish_reason, self.error = later.finish_reason, later.error
         if not self.num_prompt_tokens:  # the first event's fields come with whichever event is first
             self.num_prompt_tokens, self.num_cached_tokens = later.num_prompt_tokens, later.num_cached_tokens
@@ -116,7 +125,7 @@ class TokenEvent:
     def split(self, n: int) -> tuple[TokenEvent, TokenEvent]:
         """Its first n tokens (with their logprobs and the first event's fields), and the rest (with the finish)."""
         head = TokenEvent(self.request_id, self.token_ids[:n], self.logprobs[:n], None, self.num_prompt_tokens,
-                          self.num_cached_tokens, None, self.queue_time_s)
+                          self.num_cached_tokens, None, self.queue_time_s, self.prompt_logprobs)
         return head, TokenEvent(self.request_id, self.token_ids[n:], self.logprobs[n:], self.finish_reason,
                                 error=self.error)
 
@@ -124,7 +133,7 @@ class TokenEvent:
     def plain(self) -> bool:
         """Only tokens: what nearly every event of a stream is."""
         return not (self.logprobs or self.finish_reason or self.num_prompt_tokens or self.error
-                    or self.queue_time_s is not None)
+                    or self.queue_time_s is not None or self.prompt_logprobs)
 
 
 @dataclass(slots=True)

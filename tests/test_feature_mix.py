@@ -87,6 +87,7 @@ def sampling(kind: str):
         "bad_words": st.sampled_from([["the"], ["a", " b"]]),
         "return_tokens_as_token_ids": st.booleans(),
         "logprobs": st.sampled_from([0, 2]) if kind == "comp" else st.booleans(),
+        "prompt_logprobs": st.sampled_from([0, 2]),  # vLLM's; with completions' echo and logprobs, echoed too
     }
     if kind == "chat":
         fields |= {"top_logprobs": st.sampled_from([0, 2]), "parallel_tool_calls": st.booleans(),
@@ -147,6 +148,8 @@ def streamed_choices(chunks: list[dict], chat: bool) -> dict[int, dict]:
             if c.get("finish_reason"):
                 s["finish_reason"], s["stop_reason"] = c["finish_reason"], c.get("stop_reason")
             if not chat:
+                if c.get("prompt_logprobs") is not None:  # the choice's first chunk
+                    s["prompt_logprobs"] = c["prompt_logprobs"]
                 s["text"] += c["text"]
                 s["logprobs"] += zip(*(c["logprobs"][k] for k in ("tokens", "token_logprobs", "top_logprobs"))) \
                     if c.get("logprobs") else []
@@ -171,6 +174,8 @@ def whole_choices(answer: dict, chat: bool) -> dict[int, dict]:
                   "calls": {i: [t["function"]["name"], t["function"]["arguments"]]
                             for i, t in enumerate(m.get("tool_calls") or [])}}
         else:
+            if c.get("prompt_logprobs") is not None:
+                s["prompt_logprobs"] = c["prompt_logprobs"]
             s |= {"text": c["text"], "calls": {}, "logprobs": list(zip(
                 *(c["logprobs"][k] for k in ("tokens", "token_logprobs", "top_logprobs")))) if c["logprobs"] else []}
         choices[c["index"]] = s

@@ -71,10 +71,10 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     # chat's name for max_tokens: ignored, it left a completion at the default 16 tokens
     ("/v1/completions", COMPLETION, {"max_completion_tokens": 64}, "max_completion_tokens"),
     ("/v1/completions", COMPLETION, {"structural_tag": '{"type": "structural_tag"}'}, "structural_tag"),
-    ("/v1/completions", COMPLETION, {"echo": True, "logprobs": 1}, "echo"),
     ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", COMPLETION, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
-    ("/v1/completions", COMPLETION, {"prompt_logprobs": 1}, "prompt_logprobs"),
+    ("/v1/completions", COMPLETION, {"prompt_logprobs": -1}, "prompt_logprobs"),  # vLLM's whole vocabulary: > 20
+    ("/v1/chat/completions", CHAT, {"prompt_logprobs": 21}, "prompt_logprobs"),
     ("/v1/completions", COMPLETION, {"use_beam_search": True}, "use_beam_search"),
     ("/v1/chat/completions", CHAT, {"length_penalty": 0.5}, "length_penalty"),
     ("/v1/completions", COMPLETION, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
