@@ -440,12 +440,13 @@ class MeshScheduler:
         if not seq.started and seq.epoch == 1:
             seq.num_cached_tokens = seq.num_computed
         # A preempted or migrated sequence's recompute is no lookup of a new prompt (vLLM counts preempted
-        # ones apart).
+        # ones apart); nor is a scored prompt's seat, which looks nothing up (vLLM counts no query for it).
         if not seq.counted and self.enable_prefix_caching:
             seq.counted = True
-            seq.query_epoch = seq.epoch
-            self.prefix_query_tokens += n
-            self.prefix_hit_tokens += seq.num_computed
+            if not self.scores_prompt(seq):
+                seq.query_epoch = seq.epoch
+                self.prefix_query_tokens += n
+                self.prefix_hit_tokens += seq.num_computed
 
     def _lookup(self, pool: BlockPool, block_hashes: list[bytes], n: int) -> list[int]:
         """The cached blocks of `pool` that a sequence of n tokens may reuse (none with prefix caching off)."""
