@@ -52,19 +52,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.expected: dict[str, tuple[list[int], str]] = {}
         self.outputs: dict[str, list[int]] = {}
         self.finished: dict[str, str] = {}
+        self.scored_ends: dict[tuple[str, int], int] = {}  # a scored prompt's seat -> where its chunks have come to
         self.submitted = 0
 
     # ---- rules -----------------------------------------------------------------------------------
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
           tail=st.lists(st.integers(0, VOCAB - 1), max_size=14), max_tokens=st.integers(1, 24),
           min_tokens=st.integers(0, 3), stop=st.lists(st.integers(0, VOCAB - 2), max_size=2),
-          ignore_eos=st.booleans(), salt=st.sampled_from([None, "tenant"]))
-    def submit(self, prefix, prefix_len, tail, max_tokens, min_tokens, stop, ignore_eos, salt):
+          ignore_eos=st.booleans(), salt=st.sampled_from([None, "tenant"]), scored=st.booleans())
+    def submit(self, prefix, prefix_len, tail, max_tokens, min_tokens, stop, ignore_eos, salt, scored):
         prompt = PREFIXES[prefix][:prefix_len] + tail
         rid = f"r{self.submitted}"
         self.submitted += 1
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
-                                stop_token_ids=stop, ignore_eos=ignore_eos)
+                                stop_token_ids=stop, ignore_eos=ignore_eos, prompt_logprobs=0 if scored else None)
         limit, token_limit = self.sched.max_waiting_requests, self.sched.max_waiting_tokens
         # whatever the prompt's length (a long one refused where a short one is taken waits for good under load)
         free = self.sched.kv.num_free_slots  # a reserved KV group's free slots seat nobody but its holder
@@ -119,6 +120,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             listed = [seq for seq in self.sched.running.values() if seq.slot in work.decode.slots]
             if any(seq.isolated for seq in listed):
                 assert len(work.decode.slots) == 1 and work.decode.num_steps == 1, "an isolated step was not alone"
+        self._check_scored_chunks(work)
         self.pending.extend(self.mesh.execute(work))
 
     @precondition(lambda self: self.pending)
@@ -181,6 +183,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         if work is None:  # seated, it waits for an earlier prompt's chunk that is out
             assert self.sched.inflight and self._trails(seq), "a prefill was left unplanned"
             return
+        self._check_scored_chunks(work)
         self.pending.extend(self.mesh.execute(work))
 
     @precondition(lambda self: self.sched.requests)
@@ -196,6 +199,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert group.pool.num_used == 0 and not any(group.pool.ref_counts), "a block leaked"
         self.pending.clear()
         self.sched, self.mesh = self.make_mesh()
+        self.scored_ends.clear()  # the new mesh's seats count their epochs afresh
         for seq in seqs:
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
             self.sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
@@ -244,6 +248,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         for rid, seq in sched.running.items():
             if epochs_before.get(rid) == seq.epoch:
                 continue
+            if MeshScheduler.scores_prompt(seq):  # it looks nothing up: every position is computed
+                assert seq.num_computed == 0
+                continue
             n = len(seq.token_ids)
             group = sched.kv.group_of(seq.slot)
             pool = group.pool
@@ -257,6 +264,18 @@ class SchedulerMachine(RuleBasedStateMachine):
                 reusable = min(m * bs, n - 1) // sched.prefix_align * sched.prefix_align
                 assert seq.num_computed >= reusable
                 assert seq.block_table[:reusable // bs] == other.block_table[:reusable // bs]
+
+    def _check_scored_chunks(self, work):
+        """A prompt that asks for its logprobs, until its first token, computes every position in order from 0 in
+        each seat and asks each chunk to score them; no other chunk asks."""
+        for chunk in work.prefills:
+            seq = self.sched.running[chunk.request_id]
+            key = chunk.request_id, seq.epoch
+            if MeshScheduler.scores_prompt(seq):
+                assert chunk.prompt_logprobs == 0 and chunk.start == self.scored_ends.get(key, 0), "a position skipped"
+                self.scored_ends[key] = len(chunk.token_ids)
+            else:
+                assert chunk.prompt_logprobs is None
 
     def _trails(self, seq) -> bool:
         """Whether an earlier prompt of seq's KV group (same salt) has the same first shared_prefill_tokens tokens
@@ -352,8 +371,8 @@ def test_a_prompt_waiting_for_an_earlier_ones_chunk_is_no_unplanned_prefill():
     machine.setup(block_size=2, align_blocks=1, kv_groups=1, slots_per_group=2, extra_blocks=12, chunk_aligns=3,
                   budget_aligns=4, decode_steps=1, max_inflight=2, watermark=0, queue_limit=None, token_limit=None,
                   shared_aligns=1)
-    machine.submit(0, 6, [], 1, 0, [], True, None)
-    machine.submit(0, 6, [3], 2, 0, [], True, None)
+    machine.submit(0, 6, [], 1, 0, [], True, None, False)
+    machine.submit(0, 6, [3], 2, 0, [], True, None, False)
     machine.schedule()
     machine.schedule()
     assert len(machine.sched.inflight) == 1 and not machine.sched.running["r1"].live
@@ -370,7 +389,7 @@ def test_a_moved_prompt_may_wait_for_an_earlier_ones_chunk():
     machine.setup(block_size=2, align_blocks=1, kv_groups=1, slots_per_group=2, extra_blocks=0, chunk_aligns=1,
                   budget_aligns=4, decode_steps=1, max_inflight=3, watermark=0, queue_limit=None, token_limit=None,
                   shared_aligns=1)
-    machine.submit(ignore_eos=False, max_tokens=1, min_tokens=0, prefix=0, prefix_len=16, salt=None, stop=[], tail=[])
+    machine.submit(ignore_eos=False, max_tokens=1, min_tokens=0, prefix=0, prefix_len=16, salt=None, stop=[], tail=[], scored=False)
     machine.schedule()
     machine.schedule()
     machine.move_here(max_tokens=1, prefix=0, prefix_len=3, salt=None, tail=[])
