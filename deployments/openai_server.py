@@ -1145,10 +1145,11 @@ class OpenAIServer:
         the echoed text; then the answer's, whose offsets already follow it."""
         if not reply.echo_logprobs or scores is None:
             return lps, offsets
-        skipped = self.tokenizer.special_id_set if prep.params.skip_special_tokens else frozenset()
         packed = scores.packed(reply.num_logprobs)
         packed.extend(lps)
-        return packed, TokenOffsets(self.tokenizer, skipped).add(prep.prompt_ids) + offsets
+        # the echoed prompt keeps its special tokens' text (as given, or decoded with them): skip_special_tokens
+        # shapes the answer's text alone
+        return packed, TokenOffsets(self.tokenizer, frozenset()).add(prep.prompt_ids) + offsets
 
     def prompt_logprobs_of(self, scores: PromptScores, k: int, as_ids: bool = False,
                            positions: range | None = None) -> PromptLogprobs:

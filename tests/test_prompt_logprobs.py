@@ -163,6 +163,21 @@ def test_echo_logprobs_of_a_text_prompt_and_max_tokens_0(stack, reference, tok):
         assert r.json()["usage"]["completion_tokens"] == generated
 
 
+@pytest.mark.parametrize("prompt_of", [lambda tok: "<|im_start|>" + DIGITS, lambda tok: tok.encode("<|im_start|>" + DIGITS)])
+def test_echo_offsets_count_the_prompts_special_tokens(stack, reference, tok, prompt_of):
+    """The echoed prompt keeps its special tokens' text (as given, or decoded with them), so its offsets count it,
+    whatever skip_special_tokens says of the answer."""
+    prompt = tok.encode("<|im_start|>" + DIGITS)
+    assert prompt[0] in tok.special_id_set
+    r = stack.post("/v1/completions", {**LM_EVAL, "prompt": prompt_of(tok), "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["text_offset"][1] == len("<|im_start|>")
+    assert all(choice["text"][off:].startswith(t) for off, t in zip(lp["text_offset"], lp["tokens"][:len(prompt)]))
+    check_echoed(choice, prompt, reference(prompt), tok, generated=2)
+
+
 def test_prompt_logprobs_field(stack, reference, tok):
     """vLLM's prompt_logprobs: None, then per token {id: {logprob, rank, decoded_token}} holding the prompt token
     (its rank: how many tokens are at least as likely) and the k likeliest ranked 1..k; each choice of n has the
