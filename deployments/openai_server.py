@@ -237,6 +237,7 @@ class Prepared:
     constraint_param: str | None = None  # the field the request's grammar comes from
     repetition: RepetitionDetection | None = None  # vLLM's repetition_detection, checked here (ChoiceText)
     echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone, nothing generated
+    echo_bos: bool = False  # prompt_ids start with the BOS the tokenizer put before a text: `echo` does not hold it
 
 
 @dataclass(frozen=True)
@@ -494,13 +495,13 @@ class OpenAIServer:
             raise APIError(400, f"truncate_prompt_tokens ({req.truncate_prompt_tokens}) is greater than the model's "
                                 f"maximum context length ({limit}).", param="truncate_prompt_tokens")
         prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
+        text_bos = (isinstance(req, CompletionRequest) and isinstance(req.prompt, str) and bool(req.add_special_tokens)
+                    and self.tokenizer.bos_id is not None)  # the tokenizer's, before a text
         if req.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens, or its first ("right")
             # -1: what leaves room for max_tokens (vLLM's max_input_tokens); the whole context left room for none
             keep = (max(1, limit - (req.requested_max_tokens or 0)) if req.truncate_prompt_tokens == -1
                     else req.truncate_prompt_tokens)
-            bos = int(isinstance(req, CompletionRequest) and isinstance(req.prompt, str) and req.add_special_tokens
-                      and self.tokenizer.bos_id is not None)  # the tokenizer's, before a text
-            prompt_ids = truncated(prompt_ids, keep, req.truncation_side, bos)
+            prompt_ids = truncated(prompt_ids, keep, req.truncation_side, int(text_bos))
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
@@ -543,7 +544,7 @@ class OpenAIServer:
         called = tuple(t.function.name for t in constraint.called)
         return Prepared(response_id, router_id, prompt_ids, params,
                         prompt_field, arrival, created, echo, constraint.tool_mode, called, constraint.param,
-                        repetition, echo_only)
+                        repetition, echo_only, text_bos and prompt_ids[:1] == [self.tokenizer.bos_id])
 
     async def sampling_params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
                               bias: dict[int, float], constraint: Constraint) -> SamplingParams:
@@ -1148,8 +1149,9 @@ class OpenAIServer:
         packed = scores.packed(reply.num_logprobs)
         packed.extend(lps)
         # the echoed prompt keeps its special tokens' text (as given, or decoded with them): skip_special_tokens
-        # shapes the answer's text alone
-        return packed, TokenOffsets(self.tokenizer, frozenset()).add(prep.prompt_ids) + offsets
+        # shapes the answer's text alone; a BOS the tokenizer added before a text holds none of it
+        bos = [0] if prep.echo_bos else []
+        return packed, bos + TokenOffsets(self.tokenizer, frozenset()).add(prep.prompt_ids[len(bos):]) + offsets
 
     def prompt_logprobs_of(self, scores: PromptScores, k: int, as_ids: bool = False,
                            positions: range | None = None) -> PromptLogprobs:

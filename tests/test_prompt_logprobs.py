@@ -178,6 +178,21 @@ def test_echo_offsets_count_the_prompts_special_tokens(stack, reference, tok, pr
     check_echoed(choice, prompt, reference(prompt), tok, generated=2)
 
 
+def test_echo_offsets_skip_the_bos_the_tokenizer_put_before_a_text(stack, tok, monkeypatch):
+    """A text prompt's echo is the text as sent: the BOS the tokenizer prepends (Llama 3's) is listed first among its
+    tokens but holds no character of it, so the next token starts at 0 too."""
+    monkeypatch.setattr(tok, "bos_id", tok.encode("<|im_start|>")[0])  # a tokenizer that prepends one (SmolLM2's not)
+    r = stack.post("/v1/completions", {**LM_EVAL, "prompt": DIGITS, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["tokens"][0] == "<|im_start|>" and choice["text"].startswith(DIGITS)
+    assert lp["text_offset"][:3] == [0, 0, 1]
+    n = 1 + len(DIGITS)  # the BOS, then a token per digit
+    assert lp["text_offset"][n] == len(DIGITS)  # the answer starts after the echoed text
+    assert all(choice["text"][off:].startswith(t) for off, t in zip(lp["text_offset"][1:n], lp["tokens"][1:n]))
+
+
 def test_prompt_logprobs_field(stack, reference, tok):
     """vLLM's prompt_logprobs: None, then per token {id: {logprob, rank, decoded_token}} holding the prompt token
     (its rank: how many tokens are at least as likely) and the k likeliest ranked 1..k; each choice of n has the
