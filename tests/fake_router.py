@@ -7,8 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from deployments.router_client import RouterUnreachable
-from scheduler.sampling import SamplingParams, TokenLogprobs
+from scheduler.sampling import PromptLogprobs, SamplingParams, TokenLogprobs
 from scheduler.work import TokenEvent
 
 
@@ -65,6 +67,11 @@ class FakeRouter:
             await asyncio.sleep(self.refuse_after_s)  # as the router's reply comes: the other choices are in flight
             raise self.refuse
         await asyncio.sleep(self.queued_s)
+        if params.prompt_logprobs is not None and not output_ids and len(prompt_ids) > 1:  # as a mesh that scores
+            n, k = len(prompt_ids) - 1, params.prompt_logprobs  # prompt tokens 1.. (0 has nothing before it)
+            yield TokenEvent(request_id, [], prompt_logprobs=[PromptLogprobs(
+                1, np.full(n, -1.0, np.float32), np.ones(n, np.int32), np.tile(np.arange(k, dtype=np.int32), (n, 1)),
+                np.full((n, k), -1.0, np.float32))])
         die_at = self.die_after.pop(0) if self.die_after else None
         for i, token in enumerate(self.answer[:params.max_tokens]):
             if i < len(output_ids):
