@@ -151,6 +151,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert taken and sched.num_queued <= 0 and [g.pool.num_used for g in sched.kv.groups] == used
         for seq in taken:
             assert seq.request_id not in sched.requests and not seq.block_table
+            # resubmitted under its id, it is a new Sequence whose seats count their epochs afresh
+            self.scored_ends = {key: end for key, end in self.scored_ends.items() if key[0] != seq.request_id}
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
             sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
                          counted=seq.counted, isolated=seq.isolated)
