@@ -31,7 +31,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptLogprobs, PromptTokensDetails,
                                   RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
 from deployments.router_client import RouterUnreachable, merged_tokens_max
-from deployments.streaming import (KEEPALIVE, MIN_LOGPROB, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
+from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
                                    ChunkTemplate, Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck,
                                    TokenOffsets)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
@@ -40,7 +40,7 @@ from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answe
 from model.grammar import deep_stack_executor
 from model.tokenizer import Tokenizer
 from scheduler.errors import MeshFailures
-from scheduler.sampling import PackedLogprobs, SamplingParams, TokenLogprobs
+from scheduler.sampling import MIN_LOGPROB, PackedLogprobs, SamplingParams, TokenLogprobs
 from scheduler.scheduler import SHARED_PREFILL_TOKENS
 from scheduler.work import TokenEvent
 

@@ -12,9 +12,7 @@ import numpy as np
 from fastapi.responses import Response, StreamingResponse
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
-from scheduler.sampling import PackedLogprobs, PromptLogprobs, TokenLogprobs
-
-MIN_LOGPROB = -9999.0  # as the sampler clamps -inf (model/sampler.py): JSON has no infinity
+from scheduler.sampling import MIN_LOGPROB, PackedLogprobs, PromptLogprobs, TokenLogprobs
 
 
 class StopStrings:

@@ -105,17 +105,18 @@ class MeshRunner:
         result = StepResult(work_id, [NO_TOKEN] * self.caps.num_slots, last=last)
         self.slots.pop(chunk.slot, None)
         params = chunk.params
-        last_logits = None  # the final position's, when the prompt was scored: its token is sampled on the host
-        if chunk.prompt_logprobs is not None:  # the router sends these only to a backend that declares them
+        scored = chunk.prompt_logprobs is not None  # the router asks only a backend that declares it
+        last_logits = None  # the final position's, when scored: its token is then sampled on the host
+        if scored:
             targets = chunk.token_ids[chunk.start + 1:chunk.num_prompt_tokens]
             if chunk.next_prompt_token >= 0:
                 targets.append(chunk.next_prompt_token)
-            scored, last_logits = self.backend.prefill_prompt_logprobs(
+            logprobs, last_logits = self.backend.prefill_prompt_logprobs(
                 chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot, chunk.prompt_logprobs, targets)
-            if scored is not None:
-                result.prompt_logprobs[chunk.slot] = scored
+            if logprobs is not None:  # None: the chunk held no position with a target
+                result.prompt_logprobs[chunk.slot] = logprobs
         if params is None:  # not the final chunk: no token yet
-            if last_logits is None:
+            if not scored:
                 self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot)
             return result
         vocab = self.caps.vocab_size
@@ -141,8 +142,8 @@ class MeshRunner:
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
                 return result
-        on_device = state.sample_on_device and last_logits is None
-        out = last_logits if last_logits is not None else self.backend.prefill(
+        on_device = state.sample_on_device and not scored
+        out = last_logits if scored else self.backend.prefill(
             chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot, sampling=params if on_device else None)
         if on_device:
             self._advance(chunk.slot, state, int(out), None, result)

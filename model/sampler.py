@@ -10,9 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from scheduler.sampling import PromptLogprobs, SamplingParams, TokenLogprobs
+from scheduler.sampling import MIN_LOGPROB, PromptLogprobs, SamplingParams, TokenLogprobs
 
-MIN_LOGPROB = -9999.0
 _UNSEEDED = np.random.default_rng()  # numpy's Generator locks itself: meshes on threads may share it
 BATCHED_TOP_K = 64  # unseeded rows with a top_k up to this are sampled together (_sample_top_k_rows)
 NUCLEUS_SEARCH = 1024  # top-p alone: the tokens its nucleus is looked for in before the whole row is sorted
