@@ -211,11 +211,17 @@ class MeshReplica:
             return
         try:
             self.running = (time.monotonic(), deadline)
+            sent = 0
             for result in self.runner.execute(work):
                 loop.call_soon_threadsafe(results.put_nowait, result)
+                sent += 1
                 self.running = (time.monotonic(), deadline)
                 if self.closed:  # shutting down: the device closes after this step, not after the whole work
                     break
+            if sent < work.num_messages:  # the rest is refused: none of its requests failed this mesh
+                loop.call_soon_threadsafe(results.put_nowait, StaleWork(
+                    f"work {work.work_id} stopped after {sent} of {work.num_messages} messages: the replica is "
+                    f"shutting down"))
         except BaseException as e:  # a device error: the router moves this mesh's requests, Serve restarts us
             log.exception("mesh work %d failed", work.work_id)
             self.error = e

@@ -78,8 +78,9 @@ class MeshWork:
 
 class StaleWork(RuntimeError):
     """A work the mesh refused without running any of it: planned for another incarnation of the replica (Serve
-    restarted it) or before its last reset, or never sent (no link to it). The router fails the mesh for it, but
-    lays the failure on none of the work's requests: the mesh was computing none of them."""
+    restarted it) or before its last reset, or never sent (no link to it); or the rest of a work a replica shutting
+    down stopped. The router fails the mesh for it, but lays the failure on none of the work's requests: none of
+    them made the mesh fail."""
 
 
 @dataclass

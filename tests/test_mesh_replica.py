@@ -190,6 +190,35 @@ def test_shutdown_closes_after_the_running_step_not_the_whole_work(replica, monk
     assert closed and closed[0] - began < 1.0
 
 
+def test_a_work_that_shutdown_stops_ends_with_stale_work_for_the_rest(replica):
+    """Shutdown stops a work at its next step; the messages it will not send are refused as StaleWork, so the router
+    lays the mesh's failure on none of its requests. Its stream used to wait for them for good, and the router, seeing
+    the link close, blamed the request being computed: two such shutdowns in a row ended it with a 500."""
+    import numpy as np
+
+    from scheduler.work import DecodeRound
+
+    async def main():
+        await replica.reset()
+        params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+        first = MeshWork(0, [PrefillChunk("r0", 0, [7] * 300, 0, list(range(5)), params, 300)])
+        assert len(await drain(replica, first)) == 1
+        table = np.zeros((32, 16), dtype=np.int32)
+        table[0] = range(16)
+        results = []
+
+        async def consume():
+            async for result in replica.execute(MeshWork(1, decode=DecodeRound(400, [0], table)), replica.incarnation):
+                results.append(result)
+        running = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        replica.shutdown()
+        with pytest.raises(mesh_replica.StaleWork, match="shutting down"):
+            await asyncio.wait_for(running, 5)
+        assert 0 < len(results) < 400
+    asyncio.run(main())
+
+
 def test_a_long_rule_chain_compiles_on_the_worker_thread(monkeypatch):
     """The mesh compiles each grammar again, on its worker thread: a rule chain the ingress took (~30 MB of
     recursion in llguidance) must not overflow that thread's stack, which would kill the mesh process."""
