@@ -693,8 +693,11 @@ class MeshScheduler:
             seq, epoch, end, final = plan.prefills[plan.next_prefill]
             plan.next_prefill += 1
             if seq.epoch == epoch and seq.status is Status.RUNNING:
-                seq.num_computed = end
-                self._cache_full_blocks(seq)
+                # A final chunk answered with no token may not have run: the mesh retires a slot whose grammar it cannot
+                # set up before computing the chunk (MeshRunner._prefill), so its blocks are no prefix to offer others.
+                if not final or result.tokens[seq.slot] != NO_TOKEN:
+                    seq.num_computed = end
+                    self._cache_full_blocks(seq)
                 if result.prompt_logprobs and (scored := result.prompt_logprobs.get(seq.slot)) is not None:
                     out.events.append(TokenEvent(seq.request_id, [], prompt_logprobs=[scored]))  # arrays, as they came
                 if final:

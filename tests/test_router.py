@@ -220,6 +220,23 @@ def test_closing_a_stream_frees_everything():
     asyncio.run(main())
 
 
+def test_a_final_chunk_the_mesh_retired_unrun_leaves_no_prefix_in_the_cache():
+    """A mesh that cannot set up a request's grammar (here: it has no grammar tokenizer; elsewhere: llguidance refuses
+    it, or a recompute's tokens) retires the slot before its final prefill chunk runs. The router took that chunk as
+    computed and cached its full blocks, so the next prompt with the same prefix reused KV nobody had written and
+    answered wrong."""
+    async def main():
+        prompt = [(i * 7) % 900 + 1 for i in range(250)]  # one chunk: the final one
+        (alone,) = await solo_outputs([prompt], GREEDY)
+        router, _ = await make_router(num_meshes=1)
+        constrained = GREEDY.model_copy(update={"grammar": '{"grammars": []}'})
+        assert (await collect(router, "g", prompt, constrained)) == ([], "error")
+        assert await collect(router, "b", prompt) == alone
+        assert idle(router)
+        await router.close()
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("fault", ["raise", "hang", "vanish"])
 def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
     """Mid-stream, mesh-0 raises / stops answering / dies: every request finishes on mesh-1 with exactly
