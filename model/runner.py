@@ -257,7 +257,11 @@ class MeshRunner:
         for row, st in biased:
             if st.params.logprobs is not None:
                 raw[row] = changed[row].clone()
-            self._bias(changed[row], st)
+            try:
+                self._bias(changed[row], st)
+            except Exception:  # one request's own masks: it fails alone, as for its grammar
+                log.exception("masking request %s's logits failed; its slot is retired", st.request_id)
+                failed.add(row)
         try:
             tokens, logprobs = self._sample(logits, states, changed, raw)
         except Exception:  # find the rows at fault; the others are sampled again, one by one
@@ -350,6 +354,10 @@ class MeshRunner:
                 else:
                     log.exception("request %s left its grammar; its slot is retired", state.request_id)
                 self._retire(slot, result, "grammar_error")
+                return
+            except Exception:  # the matcher's own fault: this request fails alone, not the step
+                log.exception("request %s: its grammar could not take a token; its slot is retired", state.request_id)
+                self._retire(slot, result, "error")
                 return
         state.token_ids.append(token)
         if state.penalties is not None:

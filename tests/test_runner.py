@@ -221,6 +221,26 @@ def test_a_slot_whose_sampling_raises_is_retired_alone(monkeypatch):
     assert all(r.tokens[0] != NO_TOKEN for r in results) and 1 not in runner.slots and 0 in runner.slots
 
 
+def test_a_slot_whose_logit_masks_raise_is_retired_alone(monkeypatch):
+    """logit_bias, allowed_token_ids, bad words and min_tokens' stop mask are one request's own: one of them raising
+    retires that slot, as its sampling or its grammar raising does, not the whole step (a mesh failure)."""
+    real = MeshRunner._bias
+
+    def flaky(row, st):
+        if st.request_id == "bad":
+            raise RuntimeError("bias broke")
+        real(row, st)
+
+    monkeypatch.setattr(MeshRunner, "_bias", staticmethod(flaky))
+    runner = MeshRunner(InferenceModeBackend())
+    biased = greedy(max_tokens=4, logit_bias={5: 1.0})
+    results = run(runner, MeshWork(0, [PrefillChunk("ok", 0, [2], 0, [0], biased, 1),
+                                       PrefillChunk("bad", 1, [3], 0, [1], biased, 1)],
+                                   decode_round([0], steps=2)))
+    assert results[1].finished == {1: "error"} and results[1].tokens[1] == NO_TOKEN
+    assert all(r.tokens[0] != NO_TOKEN for r in (results[0], *results[2:])) and 1 not in runner.slots
+
+
 def test_reset_forgets_every_slot():
     runner = MeshRunner(CountingBackend())
     run(runner, MeshWork(0, [PrefillChunk("a", 0, [2], 0, [0], greedy(), 1)]))
@@ -415,6 +435,17 @@ def test_a_grammar_mask_that_raises_fails_its_request_not_the_step(monkeypatch):
     monkeypatch.setattr(GrammarState, "disallowed", broken)
     results = grammar_run(regex_grammar("[a-z]+"))
     assert results[0].finished == {0: "error"}  # not the client's grammar: a 500 for it alone
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+
+
+def test_a_grammar_step_that_raises_fails_its_request_not_the_step(monkeypatch):
+    from model.grammar import GrammarState, regex_grammar
+
+    def broken(self, token):
+        raise RuntimeError("matcher broke")
+    monkeypatch.setattr(GrammarState, "accept", broken)
+    results = grammar_run(regex_grammar("[a-z]+"))
+    assert results[0].finished == {0: "error"}  # this host's fault, not the client's grammar: a 500 for it alone
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
 
