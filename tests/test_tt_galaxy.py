@@ -626,6 +626,17 @@ def test_decode_loads_the_hosts_inputs_every_step(backend):
     assert backend.generator.device_inputs[1][9] == 72
 
 
+def test_every_decode_takes_a_page_table_of_one_width(backend):
+    """tt-metal's decode_forward (generator.py @00b0fa3f) compares each page table with the last one by `!=`,
+    which fails on another width (and its traces hold the width they were captured with); vLLM's runner pads
+    every decode table to one width (tt_model_runner.py @007ec40d) for that reason."""
+    tokens, positions, active = decode_inputs([0], [70])
+    table = empty_table(backend)
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    with pytest.raises(RuntimeError, match="must match"):
+        backend.decode(tokens, positions, table[:, :64], active, [GREEDY] * 32)
+
+
 def test_a_greedy_request_with_a_top_p_keeps_the_device_on_argmax(backend):
     """Older format_sampling_params keep a greedy row's top_p, and the argmax program takes top_p 0 or 1 only:
     sent as it came, a greedy top_p 0.5 would switch the device to sampling (its traces released, captured

@@ -236,6 +236,10 @@ class Generator:
         # reset_inputs, logits wanted, a switch between device and host sampling, another page table, or a
         # prefill since the last decode. Otherwise the trace replays on what its device inputs hold: the tokens
         # it sampled last step, the positions one further (the double leaves a skipped user, -1, skipped).
+        if self.prev_page_table is not None and self.prev_page_table.shape != page_table.shape:
+            # the real one's `torch.any(self.prev_page_table != page_table)` cannot broadcast another width
+            raise RuntimeError(f"The size of tensor a ({self.prev_page_table.shape[1]}) must match the size of "
+                               f"tensor b ({page_table.shape[1]}) at non-singleton dimension 1")
         sampling_on_device = sampling_params is not None
         loaded = (reset_inputs or not sampling_on_device or not self.decode_setup or self.device_inputs is None
                   or self.prev_sampling_on_device != sampling_on_device
