@@ -292,7 +292,7 @@ def _import_ttnn():
 
 def _export_weights_dir(model_dir: str | os.PathLike | None) -> None:
     """tt-metal's TtModelArgs reads the checkpoint from HF_MODEL (config.json) or LLAMA_DIR (params.json)
-    and refuses both at once."""
+    and refuses both at once (models/demos/llama3_70b_galaxy/tt/model_config.py, TtModelArgs.__init__)."""
     if model_dir:
         meta = (Path(model_dir) / "params.json").exists()
         os.environ["LLAMA_DIR" if meta else "HF_MODEL"] = str(model_dir)
@@ -379,7 +379,9 @@ def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
 
 def _allocate_kv_cache(ttnn, generator, mesh, args, num_blocks: int, block_size: int) -> tuple[list, str]:
     """[[k, v] per layer] for the one mesh, in tenstorrent/vllm's shape (blocks, kv heads per chip, block, head
-    dim): each chip holds one KV head (8 heads over the 8 mesh rows), and each column's chips their own copy.
+    dim; vllm/v1/worker/tt_model_runner.py @007ec40d initialize_kv_cache: kv heads // min(chips per data-parallel
+    rank, kv heads)): each chip holds one KV head (8 heads over the 8 mesh rows), and each column's chips their
+    own copy.
     Allocated by the checkout's allocate_kv_cache where it has one (what vLLM's model runner calls), else by
     the same tensors built here. Returns the cache and which allocator made it."""
     shape = (num_blocks, args.n_kv_heads // args.cluster_shape[0], block_size, args.head_dim)
