@@ -119,8 +119,11 @@ class TTGalaxyBackend(Backend):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
-        # position -1: the slot is skipped, its cache untouched
-        out = self._decode(tokens, torch.where(active, positions, -1), page_table + 1,
+        # position -1: the slot is skipped, its cache untouched. Its row goes as the spare block 0, as vLLM pads idle
+        # rows with its null block (tt_model_runner.py @007ec40d): a retired slot's row names blocks the router may
+        # have given to another slot of its column since.
+        device_table = torch.where(active[:, None], page_table + 1, 0).to(torch.int32)
+        out = self._decode(tokens, torch.where(active, positions, -1), device_table,
                            None if sampling is None else [p or _GREEDY for p in sampling])
         return out.to(torch.long) if sampling is not None else out[:, -1].float()
 

@@ -598,7 +598,7 @@ def test_decode_maps_fixed_page_table_positions_and_inactive_slots(backend):
     out = backend.decode(tokens, positions, table, active, [GREEDY] * 32)
     call = last_call(backend, "decode_forward")
     assert call["page_table"].shape == (32, 2048) and call["page_table"].dtype == torch.int32
-    assert torch.equal(call["page_table"], table + 1)
+    assert torch.equal(call["page_table"], torch.where(active[:, None], table + 1, 0))
     assert call["start_pos"].tolist() == [70 if s == 0 else 128 if s == 5 else 4000 if s == 31 else -1
                                           for s in range(32)]
     # (mesh column, device block = caller block + 1, offset)
@@ -606,6 +606,20 @@ def test_decode_maps_fixed_page_table_positions_and_inactive_slots(backend):
     assert (call["enable_trace"], call["read_from_device"], call["reset_inputs"]) == (True, True, True)
     assert out.shape == (32,) and out.dtype == torch.long
     assert out[[0, 5, 31]].tolist() == [0, 50, 310]  # nothing else written in those blocks: the fed token
+
+
+def test_an_idle_slots_row_reaches_the_device_as_the_spare_block(backend):
+    """vLLM's runner pads idle decode rows with block 0, its null block, beside position -1
+    (vllm/v1/worker/tt_model_runner.py @007ec40d, _prepare_model_inputs): a kernel that did not skip -1 would
+    touch only that block. A slot retired here keeps its row, whose blocks the router may have given to
+    another slot of its column since; it goes to the device as the spare device block 0."""
+    tokens, positions, active = decode_inputs([9], [70])
+    table = empty_table(backend)
+    table[0, :2], table[9, :2] = torch.tensor([4, 6]), torch.tensor([4, 6])  # slot 0 retired; its blocks reused
+    backend.decode(tokens, positions, table, active, [GREEDY] * 32)
+    device_table = last_call(backend, "decode_forward")["page_table"]
+    assert device_table[9, :2].tolist() == [5, 7]
+    assert not device_table[~active].any()
 
 
 def test_decode_loads_the_hosts_inputs_every_step(backend):
