@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
 
 from model.backend import MAX_NUM_SLOTS
-from model.galaxy import (KV_GROUPS, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes,
-                          simulated_sizes)
+from model.galaxy import (KV_GROUPS, MAX_PREFILL_CHUNK, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig,
+                          galaxy_sizes, simulated_sizes)
 
 # Numbers and booleans are strict, as the API's are: YAML types them, so "32" or true for num_slots is a mistake
 # (a float key still takes an int).
@@ -198,6 +198,9 @@ class AppConfig(BaseModel):
         if self.backend == "tt_galaxy":
             if self.num_slots != NUM_SLOTS:
                 raise ValueError(f"num_slots: the Galaxy model decodes exactly {NUM_SLOTS} users, not {self.num_slots}")
+            if self.prefill_chunk > MAX_PREFILL_CHUNK:
+                raise ValueError(f"prefill_chunk: at most {MAX_PREFILL_CHUNK} on a Galaxy, not {self.prefill_chunk}: "
+                                 "tt-metal's generator recomputes a larger chunk after a cached prefix from position 0")
             if self.model == "smollm2":
                 raise ValueError("model: the tt_galaxy backend runs tt-metal's Llama-3 70B Galaxy model, not the "
                                  "embedded SmolLM2: name its weights, or leave model empty for $HF_MODEL / $LLAMA_DIR")

@@ -43,6 +43,7 @@ def test_blocks_and_chunks_the_mesh_scheduler_cannot_align_fail_at_deploy(args, 
     ({"max_seq_len": 262_144, "num_blocks": 4200}, "max_seq_len"),  # past Llama-3.3-70B's 128k context
     ({"max_seq_len": 131_072, "num_blocks": 1024}, "num_blocks"),
     ({"num_slots": 16}, "num_slots"),  # tt-metal's decode trace and sampler are fixed at 32 users
+    ({"prefill_chunk": 16384}, "prefill_chunk"),  # recomputed from position 0 after a cached prefix
 ])
 def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     """Checked by the same rule as the backend's (model.galaxy.galaxy_sizes), before any replica starts."""

@@ -756,6 +756,23 @@ def test_a_prefix_too_short_to_pay_is_recomputed_by_the_generator(backend):
     assert int(token) == expected_next(prompt)
 
 
+def test_the_largest_prefill_chunk_allowed_is_never_recomputed_at_a_larger_size(hf_dir):
+    """AppConfig caps prefill_chunk on a Galaxy at MAX_PREFILL_CHUNK: at every aligned start below 128k, when the
+    generator's rule recomputes such a chunk (or a shorter last one) from position 0, that costs no more than the
+    chunk alone, both padded to the same bucket; at twice the cap it costs twice or more."""
+    from models.demos.llama3_70b_galaxy.tt.generator import _should_skip_prefix_caching, get_padded_prefill_len
+
+    from model.galaxy import MAX_PREFILL_CHUNK, MAX_SEQ_LEN, PREFIX_ALIGN
+
+    def dearer(chunk: int) -> list[tuple[int, int]]:
+        return [(start, n) for start in range(PREFIX_ALIGN, MAX_SEQ_LEN, PREFIX_ALIGN)
+                for n in range(PREFIX_ALIGN, min(chunk, MAX_SEQ_LEN - start) + 1, PREFIX_ALIGN)
+                if _should_skip_prefix_caching(start + n, start)
+                and get_padded_prefill_len(start + n) > get_padded_prefill_len(n)]
+    assert dearer(MAX_PREFILL_CHUNK) == []
+    assert (16384, 16384) in dearer(2 * MAX_PREFILL_CHUNK)  # 32,768 tokens prefilled for 16,384
+
+
 def test_each_column_has_its_own_blocks_under_the_same_ids(backend):
     """Per-group pools hand out the same block ids in every column: they never collide."""
     prompts = {slot: list(range(100 * slot, 100 * slot + 150)) for slot in (0, 8, 16, 24)}  # one per column
