@@ -149,7 +149,9 @@ def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
         return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
     # the logprobs built a slice at a time too: freeing all of them at once holds the GIL (8,192 tokens: ~30 ms)
-    output = ([_call(c, status) for c in calls] if calls else
+    # a call before the last is whole (the stream closes it as completed when the next begins): only the last one
+    # can be what max_output_tokens cut
+    output = ([_call(c, "completed" if i < len(calls) - 1 else status) for i, c in enumerate(calls)] if calls else
               [_message(total.text, status, lists.mark(total.logprobs, lambda part: dumps(answer.logprobs(part)),
                                                        b","))])
     response = answer.response(status, output, answer.usage(total.num_generated, total.num_cached))

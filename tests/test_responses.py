@@ -359,6 +359,20 @@ def test_each_streamed_call_ends_before_the_next_begins(tokenizer, eos):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_only_the_call_max_output_tokens_cut_is_incomplete(tokenizer, eos, stream):
+    """Two calls, the second cut by max_output_tokens: the first is whole, so its item is completed, as the stream
+    closes it (output_item.done) before the next begins; the whole answer said so too, not incomplete for both."""
+    paris, oslo = (f'{{"name": "get_weather", "parameters": {{"city": "{c}"}}}}' for c in ("Paris", "Oslo"))
+    ids = tokenizer.encode(f"{paris}; {oslo}")
+    client = make_client(FakeRouter(ids + [eos], max_model_len=4096), tokenizer)
+    body = {**BASIC, "tools": TOOLS, "max_output_tokens": len(ids) - 1, "stream": stream}
+    r = client.post("/v1/responses", json=body)
+    resp = Response.model_validate(events(r)[-1]["response"] if stream else r.json())
+    assert resp.status == "incomplete"
+    assert [(c.name, c.status) for c in resp.output] == [("get_weather", "completed"), ("get_weather", "incomplete")]
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_the_response_says_the_temperature_and_top_p_it_was_sampled_with(router, tokenizer, monkeypatch, stream):
     """A request that leaves them out is sampled with the model's generation_config values (Llama 3.3's 0.6 and
     0.9), and vLLM's response says those (vllm/entrypoints/openai/responses/protocol.py, ResponsesResponse.
