@@ -17,9 +17,9 @@ KV_GROUPS = 4  # one per mesh column: slot s lives on column s // 8, and its KV 
 BLOCK_SIZE = 64
 MAX_SEQ_LEN = 131_072
 PREFIX_ALIGN = 128  # SDPA_CHUNK_ALIGN in model_config.py: cached prefixes are cut down to a multiple of it
-# The largest chunk whose prefill after a cached prefix the generator keeps as a chunk: with 16384, its rule for when a
-# cached prefix pays (_should_skip_prefix_caching, generator.py @00b0fa3f) recomputes the chunks from 16k to 64k
-# from position 0 (32k-64k tokens each); every chunk of 8192 or less at every start below 128k is kept.
+# The largest prefill chunk: above it, the generator's rule for when a cached prefix pays (_should_skip_prefix_caching,
+# generator.py @00b0fa3f) recomputes a chunk from position 0 at twice its padded size or more (16,384 after 16,384
+# cached: 32,768 tokens); at 8192 or less, no chunk at any start below 128k costs more recomputed than alone.
 MAX_PREFILL_CHUNK = 8192
 
 
