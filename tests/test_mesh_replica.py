@@ -163,24 +163,28 @@ def test_shutdown_closes_the_device_on_the_worker_thread_after_the_running_step(
     assert events[2][0] == "close" and events[2][1].startswith("mesh") and len(events) == 3
 
 
-def test_shutdown_closes_after_the_running_step_not_the_whole_work(replica, monkeypatch):
-    """A long work (here 400 decode steps, ~6 s) stops at its next step: Serve kills a replica that takes
-    longer than its graceful shutdown timeout, and then the device is never closed."""
+async def seated_for_a_long_decode(replica) -> MeshWork:
+    """Request r0 prefilled in slot 0, and a work of 400 decode steps for it (~6 s): one a shutdown stops."""
     import numpy as np
 
     from scheduler.work import DecodeRound
+    await replica.reset()
+    params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+    first = MeshWork(0, [PrefillChunk("r0", 0, [7] * 300, 0, list(range(5)), params, 300)])
+    assert len(await drain(replica, first)) == 1
+    table = np.zeros((32, 16), dtype=np.int32)
+    table[0] = range(16)
+    return MeshWork(1, decode=DecodeRound(400, [0], table))
+
+
+def test_shutdown_closes_after_the_running_step_not_the_whole_work(replica, monkeypatch):
+    """A long work (here 400 decode steps, ~6 s) stops at its next step: Serve kills a replica that takes
+    longer than its graceful shutdown timeout, and then the device is never closed."""
     closed = []
     monkeypatch.setattr(replica.runner.backend, "close", lambda: closed.append(time.monotonic()))
 
     async def main():
-        await replica.reset()
-        params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
-        first = MeshWork(0, [PrefillChunk("r0", 0, [7] * 300, 0, list(range(5)), params, 300)])
-        assert len(await drain(replica, first)) == 1
-        table = np.zeros((32, 16), dtype=np.int32)
-        table[0] = range(16)
-        long = MeshWork(1, decode=DecodeRound(400, [0], table))
-        running = asyncio.create_task(drain(replica, long))
+        running = asyncio.create_task(drain(replica, await seated_for_a_long_decode(replica)))
         await asyncio.sleep(0.2)
         began = time.monotonic()
         replica.shutdown()
@@ -194,21 +198,12 @@ def test_a_work_that_shutdown_stops_ends_with_stale_work_for_the_rest(replica):
     """Shutdown stops a work at its next step; the messages it will not send are refused as StaleWork, so the router
     lays the mesh's failure on none of its requests. Its stream used to wait for them for good, and the router, seeing
     the link close, blamed the request being computed: two such shutdowns in a row ended it with a 500."""
-    import numpy as np
-
-    from scheduler.work import DecodeRound
-
     async def main():
-        await replica.reset()
-        params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
-        first = MeshWork(0, [PrefillChunk("r0", 0, [7] * 300, 0, list(range(5)), params, 300)])
-        assert len(await drain(replica, first)) == 1
-        table = np.zeros((32, 16), dtype=np.int32)
-        table[0] = range(16)
+        long = await seated_for_a_long_decode(replica)
         results = []
 
         async def consume():
-            async for result in replica.execute(MeshWork(1, decode=DecodeRound(400, [0], table)), replica.incarnation):
+            async for result in replica.execute(long, replica.incarnation):
                 results.append(result)
         running = asyncio.create_task(consume())
         await asyncio.sleep(0.2)
