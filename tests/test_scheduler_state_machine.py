@@ -17,7 +17,7 @@ from scheduler.blocks import blocks_for, extend_block_hashes
 from scheduler.errors import PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from scheduler.sequence import Status
+from scheduler.sequence import Sequence, Status
 from tests.fake_mesh import VOCAB, FakeMesh, reference_output
 
 EOS = VOCAB - 1
@@ -53,6 +53,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.outputs: dict[str, list[int]] = {}
         self.finished: dict[str, str] = {}
         self.scored_ends: dict[tuple[str, int], int] = {}  # a scored prompt's seat -> where its chunks have come to
+        self.seqs: dict[str, Sequence] = {}  # each request's Sequence on the current mesh
+        self.computed: Counter = Counter()  # (request, seat epoch) -> prompt tokens its chunks had the mesh compute
         self.submitted = 0
 
     # ---- rules -----------------------------------------------------------------------------------
@@ -88,6 +90,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert len(prompt) + seq.params.max_tokens <= MAX_SEQ_LEN
         self.expected[rid] = reference_output(prompt, seq.params, seq.stop_token_ids)
         self.outputs[rid] = []
+        self.seqs[rid] = seq
 
     @rule()
     def schedule(self):
@@ -153,9 +156,11 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert seq.request_id not in sched.requests and not seq.block_table
             # resubmitted under its id, it is a new Sequence whose seats count their epochs afresh
             self.scored_ends = {key: end for key, end in self.scored_ends.items() if key[0] != seq.request_id}
+            self.computed = Counter({key: n for key, n in self.computed.items() if key[0] != seq.request_id})
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
-            sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
-                         counted=seq.counted, isolated=seq.isolated)
+            self.seqs[seq.request_id] = sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt,
+                                                     seq.output_ids, migrated=True, counted=seq.counted,
+                                                     isolated=seq.isolated)
 
     @precondition(lambda self: len(self.sched.inflight) < self.sched.max_inflight)
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
@@ -178,6 +183,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         seq = self.sched.submit(rid, prompt, params, salt, migrated=True, block_hashes=hashes)
         self.expected[rid] = reference_output(prompt, seq.params, seq.stop_token_ids)
         self.outputs[rid] = []
+        self.seqs[rid] = seq
         epochs = {r: s.epoch for r, s in self.sched.running.items()}
         work = self.sched.schedule()
         self._check_admissions(epochs)
@@ -202,10 +208,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.pending.clear()
         self.sched, self.mesh = self.make_mesh()
         self.scored_ends.clear()  # the new mesh's seats count their epochs afresh
+        self.computed.clear()
         for seq in seqs:
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
-            self.sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
-                              isolated=seq.isolated or data.draw(st.booleans()))
+            self.seqs[seq.request_id] = self.sched.submit(
+                seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
+                isolated=seq.isolated or data.draw(st.booleans()))
 
     def teardown(self):
         """Run everything to its end: nothing may hang, and every block must come back."""
@@ -237,10 +245,20 @@ class SchedulerMachine(RuleBasedStateMachine):
         out += event.token_ids
         tokens, reason = self.expected[rid]
         assert out == tokens[:len(out)], f"{rid}: {out} is not a prefix of the answer {tokens}"
+        if event.num_prompt_tokens and event.token_ids:  # its first token: usage's cached tokens
+            self._check_cached_tokens(rid, event)
         if event.finish_reason is not None:
             self.finished[rid] = event.finish_reason
             if not cancelled:
                 assert (out, event.finish_reason) == (tokens, reason)
+
+    def _check_cached_tokens(self, rid, event):
+        """A request's first event reports as cached (usage) the prompt tokens that its first seat here did not have
+        the mesh compute (vLLM: those of its first scheduling), never the last one."""
+        n, cached = event.num_prompt_tokens, event.num_cached_tokens
+        assert 0 <= cached < n, (rid, cached, n)
+        if self.seqs[rid].epoch == 1:
+            assert cached == n - self.computed[rid, 1], (rid, cached, n, self.computed[rid, 1])
 
     def _check_admissions(self, epochs_before):
         """Identical prefixes share blocks: a sequence admitted now reuses every cached block that a
@@ -273,6 +291,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for chunk in work.prefills:
             seq = self.sched.running[chunk.request_id]
             key = chunk.request_id, seq.epoch
+            self.computed[key] += len(chunk.token_ids) - chunk.start
             if MeshScheduler.scores_prompt(seq):
                 assert chunk.prompt_logprobs == 0 and chunk.start == self.scored_ends.get(key, 0), "a position skipped"
                 self.scored_ends[key] = len(chunk.token_ids)
@@ -294,6 +313,23 @@ class SchedulerMachine(RuleBasedStateMachine):
     def blocks_have_exactly_their_owners(self):
         for group in self.sched.kv.groups:
             self._check_group_blocks(group)
+
+    @invariant()
+    def a_cached_block_holds_its_prefixs_kv(self):
+        """Every block the prefix cache names, owned or not, holds in its group's memory on the mesh the KV of the
+        tokens its digest names (the fake mesh runs a work when it is handed out: no write of a work out may land on a
+        block once it is cached)."""
+        bs = self.sched.block_size
+        tokens_of: dict[bytes, list[int]] = {}
+        for seq in self.seqs.values():
+            digests: list[bytes] = []
+            extend_block_hashes(digests, seq.token_ids, bs, seq.salt)
+            for i, digest in enumerate(digests):
+                tokens_of[digest] = seq.token_ids[i * bs:(i + 1) * bs]
+        for group in self.sched.kv.groups:
+            for block, digest in enumerate(group.pool.block_hash):
+                if digest is not None:
+                    assert self.mesh.kv[group.index, block].tolist() == tokens_of[digest], (group.index, block)
 
     def _check_group_blocks(self, group):
         sched, pool, bs = self.sched, group.pool, self.sched.block_size
