@@ -548,8 +548,8 @@ class RouterMachine(RuleBasedStateMachine):
             pool = group.pool
             for block in pool.eviction_order():
                 h = pool.block_hash[block]
-                if h in blocks:
-                    assert backend.kv[group.index, block].tolist() == blocks[h], f"cached block {block} holds other KV"
+                assert h in blocks, f"cached block {block} is named by a digest of no request's tokens"
+                assert backend.kv[group.index, block].tolist() == blocks[h], f"cached block {block} holds other KV"
 
 
 def _check_pools(sched: MeshScheduler) -> None:
