@@ -326,19 +326,20 @@ class Router:
             enable_prefix_caching=c.enable_prefix_caching, prompt_logprobs=caps.prompt_logprobs)
 
     # ---- requests -------------------------------------------------------------------------------
-    def place(self, token_ids: list[int], salt: str | None, need: int) -> tuple[list[Mesh], list[bytes]] | None:
+    def place(self, token_ids: list[int], salt: str | None, need: int
+              ) -> tuple[list[Mesh], dict[int, list[bytes]]] | None:
         """The live meshes that take `need` tokens (`_need`), best first by MeshScheduler.placement_key (a mesh
         that seats the request now, then the longest prefix it caches), and the digests of token_ids' full blocks
-        (hashed once per request: the mesh's scheduler reuses them); None when no such mesh is live."""
+        by block size (`_digests`: hashed once per request, the mesh's scheduler reuses them); None when no such
+        mesh is live."""
         live = [m for m in self.meshes if m.up and m.max_len >= need]
         if not live:
             return None
-        hashes: list[bytes] = []
-        extend_block_hashes(hashes, token_ids, live[0].caps.block_size, salt)  # one block size for all meshes
+        digests = _digests(token_ids, salt, live)
         num_tokens = len(token_ids)
         now = asyncio.get_running_loop().time()
-        return sorted(live, key=lambda m: (not m.stalled(now), m.scheduler.placement_key(hashes, num_tokens)),
-                      reverse=True), hashes
+        return sorted(live, key=lambda m: (not m.stalled(now), m.scheduler.placement_key(
+            digests[m.caps.block_size], num_tokens)), reverse=True), digests
 
     def _need(self, req: _Request) -> int:
         """The sequence length a mesh must take for the request's whole answer (prompt + max_tokens), or the
@@ -348,7 +349,7 @@ class Router:
         no_mesh_wait_s; then it goes on where it can, cut to the room there (`_expire_held`)."""
         return min(len(req.prompt_ids) + req.params.max_tokens, self.longest)
 
-    def _submit_to_best(self, meshes: list[Mesh], hashes: list[bytes], request_id: str, req: _Request,
+    def _submit_to_best(self, meshes: list[Mesh], digests: dict[int, list[bytes]], request_id: str, req: _Request,
                         output_ids: list[int], migrated: bool) -> Mesh:
         """Submit to the first mesh that takes the request (a full queue or a shorter max_seq_len there, even one
         its tokens so far fill, sends it to the next). Raises the best mesh's refusal when none takes it, but
@@ -358,7 +359,8 @@ class Router:
             try:
                 mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, list(output_ids),
                                       migrated=migrated, counted=req.counted, arrival_time=req.arrival_time,
-                                      scheduled_time=req.scheduled_time, block_hashes=hashes, isolated=req.isolated)
+                                      scheduled_time=req.scheduled_time, block_hashes=digests.get(mesh.caps.block_size),
+                                      isolated=req.isolated)
             except (PromptTooLong, QueueFull, ValueError) as exc:
                 refusal = exc if refusal is None or isinstance(exc, RoomFilled) else refusal
                 continue
@@ -561,12 +563,13 @@ class Router:
             if not targets:
                 continue
             n = len(seq.token_ids)
-            target = max(targets, key=lambda m: m.scheduler.placement_key(seq.block_hashes, n))
+            digests = _digests(seq.token_ids, req.salt, targets, {origin.caps.block_size: seq.block_hashes})
+            target = max(targets, key=lambda m: m.scheduler.placement_key(digests[m.caps.block_size], n))
             counted = req.counted
             req.counted, req.isolated = counted or seq.counted, seq.isolated
             req.scheduled_time = seq.scheduled_time  # the first mesh's, carried to each next one (submit)
             try:  # submitted there first: taken from here only once it is
-                self._submit_to_best([target], seq.block_hashes, seq.request_id, req, seq.output_ids, migrated=True)
+                self._submit_to_best([target], digests, seq.request_id, req, seq.output_ids, migrated=True)
             except (PromptTooLong, QueueFull, ValueError):
                 req.counted = counted
                 continue
@@ -897,6 +900,20 @@ class Router:
                 self._finish(event.request_id, event)
             else:
                 req.sink.put(event)
+
+
+def _digests(token_ids: list[int], salt: str | None, meshes: list[Mesh],
+             known: dict[int, list[bytes]] | None = None) -> dict[int, list[bytes]]:
+    """The digests of token_ids' full blocks at each block size of `meshes` (`known`: some already hashed). One size
+    unless a redeploy that changes block_size is under way: it restarts the meshes one by one under this router (whose
+    own arguments have no block_size), and a mesh's prefix cache must be named by digests of its own blocks (another
+    size's name a block by fewer tokens than it holds, or more)."""
+    digests = dict(known or {})
+    for mesh in meshes:
+        if (size := mesh.caps.block_size) not in digests:
+            digests[size] = []
+            extend_block_hashes(digests[size], token_ids, size, salt)
+    return digests
 
 
 def _down_stats(caps: Capabilities | None) -> dict:

@@ -1176,7 +1176,7 @@ def test_a_mesh_the_stream_fills_says_it_is_over_whatever_the_others_say(order):
         await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
         req = _Request([7] * 1500, SamplingParams(temperature=0.0, max_tokens=3000), None, 0.0, router._sink("c"))
         with pytest.raises(RoomFilled):
-            router._submit_to_best([router.meshes[i] for i in order], [], "y", req, [3] * 548, migrated=True)
+            router._submit_to_best([router.meshes[i] for i in order], {}, "y", req, [3] * 548, migrated=True)
         await router.close()
     asyncio.run(main())
 
@@ -1324,4 +1324,33 @@ def test_cancels_of_ended_requests_are_forgotten_while_idle():
         assert len(router.cancelled) == 50 and not router.requests
         await until(lambda: not router.cancelled, timeout_s=3)
         await router.close()
+    asyncio.run(main())
+
+
+def test_meshes_of_different_block_sizes_reuse_only_blocks_of_the_same_prefix():
+    """A redeploy that changes block_size restarts the meshes one by one under the same router (its own arguments have
+    no block_size), so for a while its meshes have different block sizes. A prompt's digests must name blocks of the
+    size of the mesh that caches them: named by the other size's digests, a 32-token block holding tokens 64..127 was
+    found by a prompt sharing only the first 64 tokens, which then decoded on another prompt's KV."""
+    def mesh(block_size: int, num_slots: int) -> LocalMesh:
+        return LocalMesh(lambda: SimulatedBackend(num_slots=num_slots, kv_groups=1, block_size=block_size,
+                                                  num_blocks=64, max_seq_len=1024, time_scale=0.01, vocab_size=1000))
+    shared = [7 + i % 50 for i in range(64)]
+    first, second = shared + [3] * 136, shared + [5] * 136  # they differ from token 64 on
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+
+    async def main():
+        alone = Router([("mesh-0", mesh(32, 8))], RouterConfig(**FAST))
+        await until(lambda: alone.stats()["meshes"][0]["up"])
+        expected = await collect(alone, "alone", second, params)
+        await alone.close()
+        # mesh-1 (more free slots) seats both; mesh-0, the first live one, has the other block size
+        router = Router([("mesh-0", mesh(16, 2)), ("mesh-1", mesh(32, 8))], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        await collect(router, "first", first, params)
+        assert await collect(router, "second", second, params) == expected
+        stats = router.stats()["meshes"]
+        await router.close()
+        assert stats[0]["prefix_query_tokens"] == 0 and stats[1]["prefix_query_tokens"] == len(first) + len(second)
+
     asyncio.run(main())
