@@ -20,6 +20,9 @@ from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import NO_TOKEN, MeshWork, StepResult
 
 VOCAB = 16  # small, so stop ids end answers at random-looking points
+# A grammar the mesh cannot set up: like MeshRunner, it retires the slot at the final chunk ("grammar_error") before
+# computing that chunk, so the chunk's blocks hold nothing the prefix cache may offer.
+REFUSED_GRAMMAR = "refused"
 
 
 def next_token(token_ids: list[int]) -> int:
@@ -37,6 +40,8 @@ def finish_reason(token: int, num_generated: int, params: SamplingParams, stop_i
 
 def reference_output(prompt: list[int], params: SamplingParams, stop_ids) -> tuple[list[int], str]:
     """What a request yields run alone from start to end: no chunks, no cache, no preemption."""
+    if params.grammar == REFUSED_GRAMMAR:
+        return [], "grammar_error"
     tokens = list(prompt)
     while True:
         tokens.append(next_token(tokens))
@@ -75,6 +80,10 @@ class FakeMesh:
         for chunk in work.prefills:  # one result per chunk
             result = StepResult(work.work_id, [NO_TOKEN] * self.num_slots)
             self.slots.pop(chunk.slot, None)
+            if chunk.is_final and chunk.params.grammar == REFUSED_GRAMMAR:  # as MeshRunner: retired before computing
+                result.finished[chunk.slot] = "grammar_error"
+                results.append(result)
+                continue
             for pos in range(chunk.start, len(chunk.token_ids)):
                 self._write(chunk.slot, chunk.block_ids, pos, chunk.token_ids[pos])
             if chunk.is_final:

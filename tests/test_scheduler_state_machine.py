@@ -18,7 +18,7 @@ from scheduler.errors import PromptTooLong, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
 from scheduler.sequence import Sequence, Status
-from tests.fake_mesh import VOCAB, FakeMesh, reference_output
+from tests.fake_mesh import REFUSED_GRAMMAR, VOCAB, FakeMesh, reference_output
 
 EOS = VOCAB - 1
 MAX_SEQ_LEN = 40
@@ -61,13 +61,15 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
           tail=st.lists(st.integers(0, VOCAB - 1), max_size=14), max_tokens=st.integers(1, 24),
           min_tokens=st.integers(0, 3), stop=st.lists(st.integers(0, VOCAB - 2), max_size=2),
-          ignore_eos=st.booleans(), salt=st.sampled_from([None, "tenant"]), scored=st.booleans())
-    def submit(self, prefix, prefix_len, tail, max_tokens, min_tokens, stop, ignore_eos, salt, scored):
+          ignore_eos=st.booleans(), salt=st.sampled_from([None, "tenant"]), scored=st.booleans(),
+          refused=st.booleans())
+    def submit(self, prefix, prefix_len, tail, max_tokens, min_tokens, stop, ignore_eos, salt, scored, refused=False):
         prompt = PREFIXES[prefix][:prefix_len] + tail
         rid = f"r{self.submitted}"
         self.submitted += 1
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, min_tokens=min(min_tokens, max_tokens),
-                                stop_token_ids=stop, ignore_eos=ignore_eos, prompt_logprobs=0 if scored else None)
+                                stop_token_ids=stop, ignore_eos=ignore_eos, prompt_logprobs=0 if scored else None,
+                                grammar=REFUSED_GRAMMAR if refused else None)
         limit, token_limit = self.sched.max_waiting_requests, self.sched.max_waiting_tokens
         # whatever the prompt's length (a long one refused where a short one is taken waits for good under load)
         free = self.sched.kv.num_free_slots  # a reserved KV group's free slots seat nobody but its holder
