@@ -47,7 +47,7 @@ class AppConfig(BaseModel):
     backend: Literal["torch", "simulated", "tt_galaxy"] = "torch"
     # meshes (one Serve replica each)
     num_meshes: Int = Field(1, ge=1)
-    mesh_resources: dict[str, float] = Field(default_factory=dict, description='{"galaxy": 1} on Galaxy hosts')
+    mesh_resources: dict[str, Float] = Field(default_factory=dict, description='{"galaxy": 1} on Galaxy hosts')
     mesh_num_cpus: Float = Field(1.0, ge=0)
     num_slots: Int = Field(32, ge=1, le=MAX_NUM_SLOTS, description="decode slots a mesh (a Galaxy has 32)")
     block_size: Int = Field(64, ge=1)
@@ -58,7 +58,7 @@ class AppConfig(BaseModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
     time_scale: Float = Field(1.0, gt=0, description="simulated backend: 0.1 runs 10x faster than a Galaxy (at most "
                                                      f"{MAX_TIME_SCALE:g})")
-    mesh_shape: tuple[int, int] = (8, 4)
+    mesh_shape: tuple[Int, Int] = (8, 4)
     num_layers: Int | None = Field(None, ge=1, description="tt_galaxy: fewer layers, for bring-up")
     override_tt_config: TTMeshConfig = Field(default_factory=TTMeshConfig)  # tt-inference-server's Galaxy spec
     # router

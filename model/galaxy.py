@@ -9,7 +9,9 @@ GALAXY spec); docs/DESIGN.md "KV groups".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Strict
 
 NUM_SLOTS = 32  # tt-metal's sampler and decode trace are fixed at 32 users
 MESH_SHAPE = (8, 4)
@@ -120,11 +122,13 @@ class TTMeshConfig:
 
     dispatch_core_axis: Literal["row", "col"] = "col"
     fabric_config: Literal["DISABLED", "FABRIC_1D", "FABRIC_1D_RING", "FABRIC_2D"] = "FABRIC_1D_RING"
-    worker_l1_size: int = 1_344_544
-    trace_region_size: int = 215_000_000
+    # Strict when deployments.config validates them, as the app's other numbers and booleans: "off" or
+    # "1344544" in YAML is a typo, not the value meant
+    worker_l1_size: Annotated[int, Strict()] = 1_344_544
+    trace_region_size: Annotated[int, Strict()] = 215_000_000
     # "all": prefill and decode sample on the device; "decode_only": prefill returns logits and the first
     # token is sampled here; None: the device never samples. Device top-k is at most 32 (0 means 32).
     sample_on_device_mode: Literal["all", "decode_only"] | None = "all"
-    enable_model_warmup: bool = True
-    line_rs: bool | None = None
-    line_ag: bool | None = None
+    enable_model_warmup: Annotated[bool, Strict()] = True
+    line_rs: Annotated[bool, Strict()] | None = None
+    line_ag: Annotated[bool, Strict()] | None = None

@@ -52,6 +52,9 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
         AppConfig(backend="tt_galaxy", model="", **args)
 
 
+GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
+
+
 @pytest.mark.parametrize("args, match", [
     ({"backend": "simulated", "kv_groups": 3}, "num_slots \\(32\\) must split evenly over kv_groups \\(3"),
     ({"backend": "simulated", "num_slots": 30}, "must split evenly over kv_groups \\(4"),
@@ -75,6 +78,14 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     ({"num_meshes": True}, "num_meshes"),
     ({"enable_prefix_caching": "no"}, "enable_prefix_caching"),
     ({"mesh_num_cpus": True}, "mesh_num_cpus"),
+    ({"mesh_resources": {"galaxy": "1"}}, "mesh_resources.galaxy"),  # were taken as 1.0: the nested numbers were lax
+    ({"mesh_resources": {"galaxy": True}}, "mesh_resources.galaxy"),
+    ({**GALAXY, "mesh_shape": ["8", 4]}, "mesh_shape"),
+    ({**GALAXY, "mesh_shape": [8.0, 4.0]}, "mesh_shape"),
+    ({**GALAXY, "override_tt_config": {"enable_model_warmup": "off"}}, "override_tt_config.enable_model_warmup"),
+    ({**GALAXY, "override_tt_config": {"worker_l1_size": "1344544"}}, "override_tt_config.worker_l1_size"),
+    ({**GALAXY, "override_tt_config": {"trace_region_size": 2.0e8}}, "override_tt_config.trace_region_size"),
+    ({**GALAXY, "override_tt_config": {"line_rs": 1}}, "override_tt_config.line_rs"),
 ])
 def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(args, match):
     """Each passed the check and the build, then failed in every mesh replica (kv_groups, resources), stopped
@@ -642,3 +653,15 @@ def test_the_deadline_floor_and_the_time_scale_ceiling_fit_what_a_mesh_does():
     assert slowest.expected_seconds(slowest.max_seq_len, 0) < threading.TIMEOUT_MAX
     AppConfig(min_step_deadline_s=MIN_STEP_DEADLINE_S, step_deadline_factor=1.0)
     AppConfig(backend="simulated", time_scale=MAX_TIME_SCALE)
+
+
+def test_readme_configuration_table_lists_every_key():
+    """README's key table is what an operator reads: a key missing there is a setting nobody finds, one that the
+    code lacks is a config the check refuses."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| key | default | meaning |"):]
+    table = table[:table.index("\n\n")]
+    documented = {key for row in table.splitlines()[2:] for key in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert documented == set(AppConfig.model_fields)
