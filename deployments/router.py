@@ -388,7 +388,9 @@ class Router:
             sink.put(TokenEvent(request_id, [], finish_reason="length"))
             return
         continuation = continuation or bool(output_ids)
-        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=continuation)
+        # A continuation with tokens is a recompute, whose lookup was counted where it began (vLLM counts a preempted
+        # one's apart); one without is seated for the first time (a later choice of a long prompt) and counted here.
+        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=bool(output_ids))
         placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt, self._need(req))
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
             try:
