@@ -64,3 +64,24 @@ def test_the_later_choices_of_a_long_prompt_count_their_prefix_cache_hits(tok, s
     mesh = (("mesh", "mesh-0"),)
     assert samples[("meshserve_prefix_cache_queries_tokens_total", mesh)] == 3 * prompt
     assert samples[("meshserve_prefix_cache_hits_tokens_total", mesh)] >= 2 * (prompt - 128)
+
+
+def test_a_scrape_of_one_ingress_replica_shows_the_others_families(tok, stack):
+    """A scrape through the load balancer reaches one ingress replica. Each showed only its own token and request
+    counts, so Prometheus marked the others' series stale at every scrape that missed them, and rate() over a
+    window that held fewer than two scrapes of a replica dropped it (4 replicas, Grafana's 4-scrape
+    $__rate_interval: each replica is in ~1 of 4 scrapes, and the token-throughput panel read ~nothing). Every
+    replica's families now come with every scrape, each replica's as of its own last scrape."""
+    run, router, client = stack
+    other = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(InProcessRouter(router), tok, "smollm2",
+                                                                          replica_name="ingress-b")),
+                              base_url="http://x", timeout=60)
+    body = {"model": "smollm2", "prompt": "hello there", "max_tokens": 5, "ignore_eos": True}
+    assert run(other.post("/v1/completions", json=body)).status_code == 200
+    scrape(run, other)  # replica b scraped once: its counts as of now go with the next scrape of any replica
+    samples = scrape(run, client)
+    b = (("ingress", "ingress-b"),)
+    assert samples[("meshserve_generation_tokens_total", b)] == 5
+    assert samples[("vllm:generation_tokens_total", (*b, ("model_name", "smollm2")))] == 5
+    assert samples[("meshserve_generation_tokens_total", (("ingress", "local"),))] == 0
+    assert samples[("meshserve_requests_total", (("finish_reason", "length"), *b))] == 1
