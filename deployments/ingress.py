@@ -179,7 +179,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         meshserve_router_up says which (while the router restarts, a scrape waited ~7 s, near Prometheus's
         default 10 s scrape timeout)."""
         try:
-            stats = await within(server.stats(), METRICS_TIMEOUT_S)
+            stats = await within(server.stats(server.metrics.report()), METRICS_TIMEOUT_S)
         except (asyncio.TimeoutError, APIError):  # no answer yet, or no router to answer
             stats = None
         return Response(server.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)

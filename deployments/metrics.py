@@ -5,7 +5,9 @@ the token events the router streams back. Events are coalesced (several tokens e
 inter-token latency spreads an event's gap evenly over its tokens. Queue time is the router's own
 measure (arrival at the router to its first prefill chunk), carried on the first event.
 Per-mesh state (slots, KV blocks per mesh and per KV group, prefix cache, preemptions, up/down) is read
-from the router at scrape time, so every ingress replica reports the same, current, values for it.
+from the router at scrape time, so every ingress replica reports the same, current, values for it. A scrape through
+the load balancer reaches one ingress replica: it hands its own families to the router with that stats call and
+gets the other replicas' back (each as of its own last scrape), so every scrape shows every replica's series.
 
 The figures vLLM also exports go out a second time under vLLM's names (VLLM_NAMES), with its `model_name`
 label, so that dashboards, alerts and autoscalers written for vLLM (its Grafana dashboard, llm-d, KEDA on
@@ -70,10 +72,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.ingress = ingress
         self.model_name = model_name
-        r = self.registry
 
-        def histogram(name, doc, buckets):
-            return Histogram(name, doc, labelnames=["ingress"], buckets=buckets, registry=r)
+        def histogram(name, doc, buckets):  # in no registry: collect() yields them, with the other replicas' samples
+            return Histogram(name, doc, labelnames=["ingress"], buckets=buckets, registry=None)
 
         ttft = histogram("meshserve_time_to_first_token_seconds", "Arrival at the ingress to the first token.",
                          _TTFT_BUCKETS)
@@ -100,12 +101,13 @@ class Metrics:
                                    _TOKEN_COUNT_BUCKETS)
         prompt_tokens = Counter("meshserve_prompt_tokens", "Prompt tokens, counted when the first token comes (as "
                                 "vLLM counts them: once prefilled), or when a request ends without one but not "
-                                "aborted.", ["ingress"], registry=r)
-        generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", ["ingress"], registry=r)
-        self.requests = Counter("meshserve_requests", "Finished requests.", ["ingress", "finish_reason"], registry=r)
+                                "aborted.", ["ingress"], registry=None)
+        generation_tokens = Counter("meshserve_generation_tokens", "Generated tokens.", ["ingress"], registry=None)
+        self.requests = Counter("meshserve_requests", "Finished requests.", ["ingress", "finish_reason"],
+                                registry=None)
         self.rejected = Counter("meshserve_requests_rejected", "API requests refused before they ran, once each "
                                 "whatever their choices: queue_full (429), unavailable (503: no live mesh or "
-                                "router).", ["ingress", "reason"], registry=r)
+                                "router).", ["ingress", "reason"], registry=None)
         per_request = (prefill, decode, inference, tpot, request_prompt, request_generation, max_generation)
         self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, *per_request, self.requests,
                      self.rejected)
@@ -119,18 +121,27 @@ class Metrics:
         self._meshes: list[dict] = []
         self._router_up = False
         self._held = 0
-        r.register(self)
+        self._others: dict[str, list] = {}  # the other ingress replicas' report(), by name, from the router
+        self.registry.register(self)
 
     def start(self, num_prompt_tokens: int, arrival: float, choices: Choices | None = None) -> RequestTimer:
         """The timer of one router request; `choices`: the group of the API request's n choices it is one of."""
         return RequestTimer(self, num_prompt_tokens, arrival, choices or Choices(1))
 
+    def report(self) -> tuple[str, list]:
+        """This replica's name and own families as plain data (name, samples), for the router to hand to the
+        other replicas' scrapes."""
+        return self.ingress, [(family.name, [(s.name, s.labels, s.value) for s in family.samples])
+                              for collector in self._own for family in collector.collect()]
+
     def render(self, router_stats: dict | None) -> bytes:
         """The exposition text, with the per-mesh families taken from `router_stats` (None: the router did not
-        answer; meshserve_router_up 0 and no mesh families, as their state is unknown)."""
+        answer; meshserve_router_up 0 and no mesh families, as their state is unknown), and the other ingress
+        replicas' own families its `ingress_families` holds."""
         self._router_up = router_stats is not None
         self._meshes = router_stats["meshes"] if router_stats else []
         self._held = router_stats.get("held", 0) if router_stats else 0
+        self._others = router_stats.get("ingress_families", {}) if router_stats else {}
         return generate_latest(self.registry)
 
     def collect(self):
@@ -197,6 +208,15 @@ class Metrics:
                     migrated, groups, group_used, group_total, group_running)
         yield from families
         own = [family for collector in self._own for family in collector.collect()]
+        by_name = {family.name: family for family in own}
+        for name, reported in self._others.items():
+            if name == self.ingress:
+                continue
+            for family_name, samples in reported:
+                if (family := by_name.get(family_name)) is not None:
+                    for sample in samples:
+                        family.add_sample(*sample)
+        yield from own
         yield from (self._as_vllm(family) for family in (*own, *families) if family.name in VLLM_NAMES)
 
     def _as_vllm(self, family: Metric) -> Metric:

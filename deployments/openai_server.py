@@ -117,7 +117,7 @@ class RouterClient(Protocol):
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None: ...
 
-    async def stats(self) -> dict: ...
+    async def stats(self, report: tuple[str, list] | None = None) -> dict: ...
 
     def link_down_s(self) -> float: ...
 
@@ -321,10 +321,11 @@ class OpenAIServer:
         return self._grammar_tokenizer
 
     # ---- readiness ------------------------------------------------------------------------------
-    async def stats(self) -> dict:
-        """The router's stats; 503 while the router cannot be reached (it is starting or restarting)."""
+    async def stats(self, report: tuple[str, list] | None = None) -> dict:
+        """The router's stats; 503 while the router cannot be reached (it is starting or restarting). `report`: this
+        replica's own metric families, at a scrape (Router.stats)."""
         try:
-            stats = await self.router.stats()
+            stats = await (self.router.stats(report) if report is not None else self.router.stats())
         except Exception as exc:
             log.warning("router stats failed: %r", unwrap(exc))
             raise unavailable("The model is not ready yet.") from None

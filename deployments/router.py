@@ -133,6 +133,9 @@ class Mesh:
 
 # A scheduler's counters: the mesh's own go on across its failures (Prometheus counters do not go back).
 COUNTERS = ("prefix_query_tokens", "prefix_hit_tokens", "preemptions")
+# An ingress replica's own metric families, handed in at its scrapes, are shown at the others' for this long after its
+# last one: a replica that is gone then drops out (one that is only seldom scraped comes back at its next scrape).
+INGRESS_REPORT_TTL_S = 900.0
 
 
 @dataclass
@@ -305,6 +308,7 @@ class Router:
         # they are kept apart, not counted over every request at each submit (a burst into an outage was quadratic).
         self.held: dict[str, _Request] = {}
         self.held_tokens = 0
+        self.ingress_reports: dict[str, tuple[float, list]] = {}  # ingress replica -> (when, its own metric families)
         self.mesh_up = asyncio.Event()
         self.starting = True  # until every mesh has answered its first reset (or failed it), or start_wait_s
         self._unprobed = len(self.meshes)  # meshes not asked once yet
@@ -390,7 +394,9 @@ class Router:
             sink.put(TokenEvent(request_id, [], finish_reason="length"))
             return
         continuation = continuation or bool(output_ids)
-        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=continuation)
+        # A continuation with tokens is a recompute, whose lookup was counted where it began (vLLM counts a preempted
+        # one's apart); one without is seated for the first time (a later choice of a long prompt) and counted here.
+        req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=bool(output_ids))
         placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt, self._need(req))
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
             try:
@@ -640,10 +646,11 @@ class Router:
                     if ending is not None:
                         self._finish(rid, ending)
 
-    def stats(self) -> dict:
+    def stats(self, report: tuple[str, list] | None = None) -> dict:
         """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers. `stalled`: a live
         mesh silent past its stall time with work out, which placement goes around until it answers or its deadline
-        fails it (a frozen host: up to min_step_deadline_s)."""
+        fails it (a frozen host: up to min_step_deadline_s). `report`: a scraped ingress replica's name and own
+        metric families (Metrics.report), kept; then `ingress_families` holds every replica's last ones."""
         meshes, now = [], asyncio.get_running_loop().time()
         for m in self.meshes:
             sched = m.scheduler.stats() if m.up else _down_stats(m.caps)
@@ -653,14 +660,21 @@ class Router:
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, **sched})
         caps = [m.caps for m in self.meshes if m.caps is not None]
-        return {"ready": any(m.up for m in self.meshes),
-                "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
-                "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed
-                # every mesh scores a whole prompt (vLLM's prompt_logprobs); None while none is known
-                "prompt_logprobs": all(c.prompt_logprobs for c in caps) if caps else None,
-                "held": len(self.held), "meshes": meshes,
-                "model_identity": self.config.model_identity,
-                "enable_prefix_caching": self.config.enable_prefix_caching}
+        stats = {"ready": any(m.up for m in self.meshes),
+                 "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
+                 "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed
+                 # every mesh scores a whole prompt (vLLM's prompt_logprobs); None while none is known
+                 "prompt_logprobs": all(c.prompt_logprobs for c in caps) if caps else None,
+                 "held": len(self.held), "meshes": meshes,
+                 "model_identity": self.config.model_identity,
+                 "enable_prefix_caching": self.config.enable_prefix_caching}
+        if report is not None:
+            at = time.monotonic()
+            self.ingress_reports[report[0]] = at, report[1]
+            self.ingress_reports = {name: kept for name, kept in self.ingress_reports.items()
+                                    if at - kept[0] <= INGRESS_REPORT_TTL_S}
+            stats["ingress_families"] = {name: families for name, (_, families) in self.ingress_reports.items()}
+        return stats
 
     def _max_model_len(self, caps: Capabilities) -> int:
         """The longest sequence a mesh takes: its max_seq_len (capped by the config), and what one KV group holds."""
@@ -995,5 +1009,5 @@ class RouterDeployment:
         finally:
             router.detach(consumer)
 
-    async def stats(self) -> dict:
-        return self._ready().stats()
+    async def stats(self, report: tuple[str, list] | None = None) -> dict:
+        return self._ready().stats(report)

@@ -182,8 +182,9 @@ class RouterLink:
         if link is not None and not link.closed:
             link.send(("cancel", request_id, reason))
 
-    async def stats(self) -> dict:
-        return await self._handle.stats.remote()
+    async def stats(self, report: tuple[str, list] | None = None) -> dict:
+        """The router's stats; `report`: this replica's own metric families, at a scrape (Router.stats)."""
+        return await (self._handle.stats.remote(report) if report is not None else self._handle.stats.remote())
 
     def link_down_s(self) -> float:
         """Seconds the link has been down, 0.0 while it is up. Opens it if no request has yet: a link that cannot be

@@ -103,7 +103,7 @@ class FakeRouter:
     def link_down_s(self) -> float:
         return self.down_s
 
-    async def stats(self) -> dict:
+    async def stats(self, report: tuple[str, list] | None = None) -> dict:
         groups = [{"group": g, "running": g, "free_slots": 1, "blocks_used": 15, "blocks_cached": 0,
                    "blocks_free": 45, "blocks_total": 60} for g in range(2)]
         mesh = {"running": 1, "waiting": 2, "blocks_used": 30, "blocks_total": 120, "prefix_query_tokens": 400,

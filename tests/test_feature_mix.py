@@ -40,8 +40,8 @@ class InProcessRouter:
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
         self.router.cancel(request_id, reason)
 
-    async def stats(self) -> dict:
-        return self.router.stats()
+    async def stats(self, report: tuple[str, list] | None = None) -> dict:
+        return self.router.stats(report)
 
     def link_down_s(self) -> float:
         return 0.0
