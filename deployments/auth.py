@@ -25,9 +25,10 @@ class ApiKeys:
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
 
     def check(self, authorization: str) -> bytes:
-        """The request's key, as the bytes the client sent; 401 unless it is one of the keys."""
+        """The request's key, as the bytes the client sent; 401 unless it is one of the keys. RFC 6750 2.1 allows
+        several spaces after the scheme ("Bearer" 1*SP b64token); a configured key never begins with one."""
         scheme, _, key = authorization.partition(" ")
-        raw = key.encode("latin-1")  # Starlette decodes header bytes as Latin-1: this gives them back exactly
+        raw = key.lstrip(" ").encode("latin-1")  # Starlette decodes header bytes as Latin-1: this gives them back
         digest = hashlib.sha256(raw).digest()
         match = False
         for known in self._digests:  # every key, whichever matches

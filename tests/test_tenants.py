@@ -114,3 +114,13 @@ def test_a_missing_or_wrong_key_gets_openais_401(router, tokenizer):
         error = assert_error(response, 401)
         assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
         assert "sk-" not in response.text
+
+
+def test_the_bearer_scheme_is_any_case_and_may_be_followed_by_several_spaces(router, tokenizer):
+    """RFC 6750 2.1: `credentials = "Bearer" 1*SP b64token`, the scheme case-insensitive (RFC 9110 11.1)."""
+    client = make_client(router, tokenizer, api_keys=KEYS)
+    for header in ["bearer sk-tenant-a", "BEARER sk-tenant-a", "Bearer  sk-tenant-a", "Bearer    sk-tenant-b"]:
+        assert client.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
+    for header in ["Bearer", "Bearer ", "Bearer  ", "Bearer\tsk-tenant-a", "Bearersk-tenant-a"]:
+        assert_error(client.get("/v1/models", headers={"Authorization": header}), 401)
+
