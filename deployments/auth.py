@@ -53,9 +53,12 @@ class KeyCheck:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or _route_path(scope) in self.open_paths:
             return await self.app(scope, receive, send)
-        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        # one header: with two, which one a proxy checked and which names the tenant would be up to each reader
+        values = [value for name, value in scope["headers"] if name == b"authorization"]
         try:
-            key = self.keys.check(authorization)
+            if len(values) > 1:
+                raise _unauthorized()
+            key = self.keys.check(values[0].decode("latin-1") if values else "")
         except APIError as exc:
             return await exc.response()(scope, receive, send)
         scope.setdefault("state", {})["api_key"] = key

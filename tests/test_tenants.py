@@ -124,3 +124,12 @@ def test_the_bearer_scheme_is_any_case_and_may_be_followed_by_several_spaces(rou
     for header in ["Bearer", "Bearer ", "Bearer  ", "Bearer\tsk-tenant-a", "Bearersk-tenant-a"]:
         assert_error(client.get("/v1/models", headers={"Authorization": header}), 401)
 
+
+def test_two_authorization_headers_are_401_whichever_holds_the_key(router, tokenizer):
+    """Authorization is not a list (RFC 9110 11.6.2): with two, which one a proxy checked and which one names the
+    tenant would be up to each reader (Starlette's headers.get reads the first, a dict of them the last)."""
+    client = make_client(router, tokenizer, api_keys=KEYS)
+    for pair in [("Bearer sk-wrong", "Bearer sk-tenant-a"), ("Bearer sk-tenant-a", "Bearer sk-tenant-b")]:
+        headers = [("authorization", value) for value in pair]
+        error = assert_error(client.get("/v1/models", headers=headers), 401)
+        assert error["code"] == "invalid_api_key"
