@@ -1,7 +1,8 @@
 """A bound on request bodies: a client cannot make the ingress buffer and parse an unbounded body.
 
 413 in OpenAI's error JSON, by the Content-Length header before anything is read, or while the body is
-read when it comes chunked (or lies about its length).
+read when it comes chunked (or lies about its length). A body in a content coding (gzip) is a 415: it is not
+decoded, as no bound on what it would inflate to could be kept here.
 """
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ from deployments.errors import APIError
 def too_large(limit: int) -> APIError:
     return APIError(413, f"The request body is larger than this server accepts ({limit} bytes).",
                     code="request_too_large")
+
+
+def unsupported_encoding(coding: str) -> APIError:
+    """RFC 9110 15.5.16: 415, Accept-Encoding naming the one coding taken."""
+    return APIError(415, f"Content-Encoding {coding[:64]!r} is not supported: send the body uncompressed.",
+                    code="unsupported_content_encoding", headers={"Accept-Encoding": "identity"})
 
 
 class BodyTooLarge(HTTPException):
@@ -40,6 +47,9 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length", b"").lstrip(b"0")
         if declared.isdigit() and (len(declared) > len(str(self.max_bytes)) or int(declared) > self.max_bytes):
             return await too_large(self.max_bytes).response()(scope, receive, send)
+        coding = b", ".join(v for name, v in scope["headers"] if name == b"content-encoding").decode("latin-1")
+        if any(c.strip().lower() not in ("", "identity") for c in coding.split(",")):
+            return await unsupported_encoding(coding).response()(scope, receive, send)
         received, gone = 0, False
 
         async def limited_receive() -> Message:

@@ -3,6 +3,7 @@ loop, bytes that are not text, and special-token text that would forge a chat tu
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import threading
 import time
@@ -83,6 +84,23 @@ def test_a_content_length_of_thousands_of_digits_is_read_not_a_500(client, route
     huge = {"content-type": "application/json", "content-length": "9" * 5000}
     assert_error(client.post("/v1/completions", content=raw, headers=huge), 413)
 
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "GZIP", "gzip, identity"])
+def test_a_compressed_body_is_415_naming_the_content_encoding(client, router, coding):
+    """A body in a content coding this server does not decode was FastAPI's bare "There was an error parsing the
+    body" (400); RFC 9110 15.5.16: 415, with Accept-Encoding naming the codings it takes."""
+    raw = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
+    body = gzip.compress(raw) if coding.lower().startswith("gzip") else raw
+    response = client.post("/v1/completions", content=body,
+                           headers={"content-type": "application/json", "content-encoding": coding})
+    error = assert_error(response, 415)
+    assert "Content-Encoding" in error["message"] and response.headers["accept-encoding"] == "identity"
+    assert router.requests == {}
+    twice = [("content-type", "application/json"), ("content-encoding", "gzip"), ("content-encoding", "identity")]
+    assert_error(client.post("/v1/completions", content=gzip.compress(raw), headers=twice), 415)
+    identity = {"content-type": "application/json", "content-encoding": "identity"}
+    assert client.post("/v1/completions", content=raw, headers=identity).status_code == 200
 
 MANY = 1000
 WRONG_LISTS = [
