@@ -107,8 +107,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         predicted = None if forecast is None else ([r[0] for r in forecast.room], forecast.reserved)
         holder = (sched.reserved, sched.reserved_group) if sched.reserved is not None else None
         preemptions, admits = sched.num_preemptions, len(sched.inflight) < sched.max_inflight
+        queue = list(sched.waiting)
         work = sched.schedule()
         self._check_admissions(epochs)
+        # FCFS: apart from the reserved group's holder (before or after), those seated are the head of the queue
+        line = [seq for seq in queue if seq is not sched.reserved and (holder is None or seq is not holder[0])]
+        seated = [seq.status is Status.RUNNING for seq in line]
+        assert seated == sorted(seated, reverse=True), "a request was seated ahead of one that came before it"
         if admits and sched.num_preemptions == preemptions:
             # the router's forecast is what the schedule did: the free slots each group has left, the group left
             # reserved (a forecast of None: it stopped at a request that fits no group it may enter)
