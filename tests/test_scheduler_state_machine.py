@@ -23,6 +23,11 @@ from tests.fake_mesh import REFUSED_GRAMMAR, VOCAB, FakeMesh, reference_output
 EOS = VOCAB - 1
 MAX_SEQ_LEN = 40
 _rng = random.Random(7)
+# With no new request, the oldest running prompt is never preempted (only the newest of its group is) and takes at
+# least prefix_align >= 2 tokens of every work's prefill budget, and every decode round gives a live one a token: so a
+# token or an end comes within a prefill of MAX_SEQ_LEN - 1 tokens (a work and its results: 2 rounds per chunk), plus
+# its admission. More is preempt/recompute going round in circles.
+MAX_STALL = 2 * (MAX_SEQ_LEN // 2 + 2)
 PREFIXES = [[_rng.randrange(VOCAB) for _ in range(28)] for _ in range(3)]  # shared system prompts
 
 
@@ -102,8 +107,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         predicted = None if forecast is None else ([r[0] for r in forecast.room], forecast.reserved)
         holder = (sched.reserved, sched.reserved_group) if sched.reserved is not None else None
         preemptions, admits = sched.num_preemptions, len(sched.inflight) < sched.max_inflight
+        queue = list(sched.waiting)
         work = sched.schedule()
         self._check_admissions(epochs)
+        # FCFS: apart from the reserved group's holder (before or after), those seated are the head of the queue
+        line = [seq for seq in queue if seq is not sched.reserved and (holder is None or seq is not holder[0])]
+        seated = [seq.status is Status.RUNNING for seq in line]
+        assert seated == sorted(seated, reverse=True), "a request was seated ahead of one that came before it"
         if admits and sched.num_preemptions == preemptions:
             # the router's forecast is what the schedule did: the free slots each group has left, the group left
             # reserved (a forecast of None: it stopped at a request that fits no group it may enter)
@@ -221,13 +231,17 @@ class SchedulerMachine(RuleBasedStateMachine):
         """Run everything to its end: nothing may hang, and every block must come back."""
         if not hasattr(self, "sched"):
             return
+        stall = 0  # rounds (a schedule, or its results taken in) since the last token delivered or request ended
         for _ in range(5000):
+            progress = len(self.finished) + sum(map(len, self.outputs.values()))
             if self.pending:
                 self.take_results(len(self.pending))
             elif not self.sched.requests:
                 break
             else:
                 self.schedule()
+            stall = 0 if len(self.finished) + sum(map(len, self.outputs.values())) > progress else stall + 1
+            assert stall <= MAX_STALL, f"{stall} rounds without a token or an end: a livelock"
         sched = self.sched
         assert not sched.requests and not sched.running and not sched.waiting, "requests were left hanging"
         assert set(self.finished) == set(self.expected)
