@@ -137,7 +137,8 @@ class MeshScheduler:
         """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
         failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
         `migrated` skips the queue limits (the request was admitted once already). One with output goes
-        before every waiting request that has none, as its client is mid-stream. `counted`: its first
+        before every waiting request that has none, as its client is mid-stream; one without goes among those by
+        `arrival_time` (served in order of arrival, a request moved off a failed mesh too). `counted`: its first
         admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
         `isolated`: its next decode step runs alone (Sequence.isolated). `scheduled_time`: when a mesh it left was
@@ -180,8 +181,11 @@ class MeshScheduler:
         if output_ids:  # a stream under way (moved here, or continued) goes before every one not started yet
             first_new = next((i for i, s in enumerate(self.waiting) if not s.started), len(self.waiting))
             self.waiting.insert(first_new, seq)
-        else:
-            self.waiting.append(seq)
+        else:  # by arrival among those not started: one moved off a failed mesh keeps its turn (a new one: last)
+            at = len(self.waiting)
+            while at and not self.waiting[at - 1].started and self.waiting[at - 1].arrival_time > seq.arrival_time:
+                at -= 1
+            self.waiting.insert(at, seq)
         self.waiting_tokens += len(token_ids)
         return seq
 

@@ -586,6 +586,22 @@ def test_a_stream_under_way_waits_before_every_request_not_started():
     assert [s.request_id for s in sched.waiting] == ["moved0", "moved1", "new0", "new1", "new2"]
 
 
+def test_a_request_moved_before_its_start_keeps_its_turn_among_those_not_started():
+    """Served in order of arrival: one that waited on a mesh that failed is not put behind requests that came
+    after it (it went to the back of the queue, behind every later arrival)."""
+    sched = MeshScheduler(num_slots=1, num_blocks=64, block_size=16, max_seq_len=512, prefill_chunk=256,
+                          max_prefill_tokens=256, decode_steps=4)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    sched.submit("moved-started", [4, 5, 6], params, output_ids=[7], migrated=True, arrival_time=5.0)
+    for rid, at in (("new-a", 10.0), ("new-b", 12.0)):
+        sched.submit(rid, [1, 2, 3], params, arrival_time=at)
+    sched.submit("moved", [4, 5, 6], params, migrated=True, arrival_time=11.0)
+    sched.submit("moved-first", [4, 5, 6], params, migrated=True, arrival_time=1.0)
+    sched.submit("new-c", [1, 2, 3], params)  # now: the latest
+    assert [s.request_id for s in sched.waiting] == ["moved-started", "moved-first", "new-a", "moved", "new-b",
+                                                     "new-c"]
+
+
 def test_requests_waiting_for_blocks_are_queued_though_slots_are_free():
     """num_queued is what the next schedule does not seat: with the head waiting for KV blocks, the whole
     queue (the router moves it to a mesh with room), not just what exceeds the free slots."""
