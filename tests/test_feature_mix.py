@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.ingress import build_app
-from deployments.router import Router, RouterConfig
+from deployments.router import Router
 from model.embedded import ensure_smollm2
 from model.grammar import ll_tokenizer
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
-from tests.local_mesh import LocalMesh
-from tests.test_router import FAST, until
+from tests.in_process import Stack
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -28,45 +25,18 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
 FORMATS = [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}]
 
 
-class InProcessRouter:
-    """The Router behind the RouterClient interface the ingress uses (its cancel and stats are awaited there)."""
-
-    def __init__(self, router: Router):
-        self.router = router
-
-    def generate(self, *args, **kwargs):
-        return self.router.generate(*args, **kwargs)
-
-    async def cancel(self, request_id: str, reason: str = "abort") -> None:
-        self.router.cancel(request_id, reason)
-
-    async def stats(self, report: tuple[str, list] | None = None) -> dict:
-        return self.router.stats(report)
-
-    def link_down_s(self) -> float:
-        return 0.0
-
-
 @pytest.fixture(scope="module")
 def stack():
     """(run, router, client): `run` runs a coroutine on the stack's own loop."""
     tok = load_tokenizer(ensure_smollm2())
     llt = ll_tokenizer(tok, tok.vocab_size)
-    loop = asyncio.new_event_loop()
 
     def backend():
         return SimulatedBackend(time_scale=0.001, num_slots=8, kv_groups=2, num_blocks=64, max_seq_len=1024,
                                 vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)), eos_rate=0.03)
-
-    async def start():
-        router = Router([(f"mesh-{i}", LocalMesh(backend, lambda: llt)) for i in range(2)], RouterConfig(**FAST))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
-        app = build_app(InProcessRouter(router), tok, "smollm2")
-        return router, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=30)
-    router, client = loop.run_until_complete(start())
-    yield loop.run_until_complete, router, client
-    loop.run_until_complete(router.close())
-    loop.close()
+    s = Stack(tok, backend, num_meshes=2, grammar_tokenizer=lambda: llt)
+    yield s.run, s.router, s.client
+    s.close()
 
 
 def sampling(kind: str):

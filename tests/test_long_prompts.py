@@ -6,17 +6,13 @@ import asyncio
 import json
 import random
 
-import httpx
 import pytest
 
-from deployments.ingress import build_app
-from deployments.router import Router, RouterConfig
 from model.embedded import ensure_smollm2
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
-from tests.local_mesh import LocalMesh
-from tests.test_feature_mix import InProcessRouter
-from tests.test_router import FAST, until
+from tests.in_process import Stack
+from tests.test_router import until
 
 CONTEXT = 131072
 WORDS = "alpha beta gamma delta river stone cloud north table garden paper window silver orange music".split()
@@ -39,7 +35,6 @@ def text_of(tok, n: int, seed: int) -> str:
 def stack(tok):
     """(run, client, prefilled): one mesh whose KV pool holds three 128k sequences; `prefilled` lists the (start, end)
     of every prefill the mesh computed."""
-    loop = asyncio.new_event_loop()
     prefilled: list[tuple[int, int]] = []
 
     def backend():
@@ -52,17 +47,9 @@ def stack(tok):
             return prefill(token_ids, start, *args, **kwargs)
         sim.prefill = counted
         return sim
-
-    async def start():
-        config = {**FAST, "prefill_chunk": 4096, "max_prefill_tokens": 4096, "min_step_deadline_s": 5}
-        router = Router([("mesh-0", LocalMesh(backend))], RouterConfig(**config))
-        await until(lambda: router.stats()["meshes"][0]["up"])
-        app = build_app(InProcessRouter(router), tok, "smollm2")
-        return router, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=60)
-    router, client = loop.run_until_complete(start())
-    yield loop.run_until_complete, client, prefilled
-    loop.run_until_complete(router.close())
-    loop.close()
+    s = Stack(tok, backend, prefill_chunk=4096, max_prefill_tokens=4096, min_step_deadline_s=5)
+    yield s.run, s.client, prefilled
+    s.close()
 
 
 def test_a_128k_prompt_runs_to_the_context_and_its_prefix_is_cached(tok, stack):
@@ -126,14 +113,13 @@ def test_the_later_choices_of_an_admitted_long_prompt_are_not_refused_by_the_que
     """The later choices go to the router at the first's first token, when the queue may have filled meanwhile: they
     belong to a request it admitted, so they pass its limits as a continuation does. Refused there, the stream had
     its 200 and one choice's text, then a queue_full error event (the newcomer that filled the queue got its 200)."""
+    def backend():
+        return SimulatedBackend(time_scale=0.2, num_slots=1, kv_groups=1, num_blocks=2048, max_seq_len=8192,
+                                vocab_size=tok.vocab_size, eos_token_ids=())
+    s = Stack(tok, backend, max_waiting_requests=2)
+    router, client = s.router, s.client
+
     async def main():
-        def backend():
-            return SimulatedBackend(time_scale=0.2, num_slots=1, kv_groups=1, num_blocks=2048, max_seq_len=8192,
-                                    vocab_size=tok.vocab_size, eos_token_ids=())
-        router = Router([("mesh-0", LocalMesh(backend))], RouterConfig(**{**FAST, "max_waiting_requests": 2}))
-        await until(lambda: router.stats()["meshes"][0]["up"])
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(InProcessRouter(router), tok, "smollm2")),
-                                   base_url="http://x", timeout=120)
         short = {"model": "smollm2", "prompt": "hi", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
         waiting = lambda: router.stats()["meshes"][0]["waiting"]  # noqa: E731
         busy = asyncio.create_task(client.post("/v1/completions", json={**short, "max_tokens": 200}))
@@ -151,9 +137,11 @@ def test_the_later_choices_of_an_admitted_long_prompt_are_not_refused_by_the_que
         newcomer = asyncio.create_task(client.post("/v1/completions", json=short))  # and a newcomer takes it
         status, lines = await answer
         others = [(await t).status_code for t in (busy, queued, newcomer)]
-        await router.close()
         return status, lines, others
-    status, lines, others = asyncio.run(main())
+    try:
+        status, lines, others = s.run(main())
+    finally:
+        s.close()
     assert status == 200 and not [line for line in lines if '"error"' in line], lines
     finished = [c for line in lines[:-1] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
     assert sorted(c["index"] for c in finished) == [0, 1]

@@ -2,21 +2,14 @@
 the counters and gauges read after requests that end abnormally, against what vLLM would show."""
 from __future__ import annotations
 
-import asyncio
-
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.ingress import build_app
-from deployments.router import Router, RouterConfig
 from model.embedded import ensure_smollm2
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
-from tests.local_mesh import LocalMesh
-from tests.test_feature_mix import InProcessRouter
+from tests.in_process import Stack
 from tests.test_long_prompts import text_of
-from tests.test_router import FAST, until
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +19,13 @@ def tok():
 
 @pytest.fixture
 def stack(tok):
-    """(run, router, client): one simulated mesh of 4 slots."""
-    loop = asyncio.new_event_loop()
-
+    """Stack: one simulated mesh of 4 slots."""
     def backend():
         return SimulatedBackend(time_scale=0.02, num_slots=4, kv_groups=1, num_blocks=256, max_seq_len=8192,
                                 vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
-
-    async def start():
-        router = Router([("mesh-0", LocalMesh(backend))], RouterConfig(**FAST))
-        await until(lambda: router.stats()["meshes"][0]["up"])
-        app = build_app(InProcessRouter(router), tok, "smollm2")
-        return router, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=60)
-    router, client = loop.run_until_complete(start())
-    yield loop.run_until_complete, router, client
-    loop.run_until_complete(router.close())
-    loop.close()
+    s = Stack(tok, backend)
+    yield s
+    s.close()
 
 
 def scrape(run, client) -> dict:
@@ -55,7 +39,7 @@ def test_the_later_choices_of_a_long_prompt_count_their_prefix_cache_hits(tok, s
     blocks the first computed. The later choices go to the router as continuations (after the first's first token),
     and the router took a continuation's lookup as counted already: queries showed the prompt once and hits 0, so the
     hit rate missed exactly the reuse the deferral is for."""
-    run, router, client = stack
+    run, client = stack.run, stack.client
     body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=3), "max_tokens": 4, "temperature": 0, "n": 3}
     answer = run(client.post("/v1/completions", json=body))
     assert answer.status_code == 200, answer.text
@@ -66,16 +50,14 @@ def test_the_later_choices_of_a_long_prompt_count_their_prefix_cache_hits(tok, s
     assert samples[("meshserve_prefix_cache_hits_tokens_total", mesh)] >= 2 * (prompt - 128)
 
 
-def test_a_scrape_of_one_ingress_replica_shows_the_others_families(tok, stack):
+def test_a_scrape_of_one_ingress_replica_shows_the_others_families(stack):
     """A scrape through the load balancer reaches one ingress replica. Each showed only its own token and request
     counts, so Prometheus marked the others' series stale at every scrape that missed them, and rate() over a
     window that held fewer than two scrapes of a replica dropped it (4 replicas, Grafana's 4-scrape
     $__rate_interval: each replica is in ~1 of 4 scrapes, and the token-throughput panel read ~nothing). Every
     replica's families now come with every scrape, each replica's as of its own last scrape."""
-    run, router, client = stack
-    other = httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(InProcessRouter(router), tok, "smollm2",
-                                                                          replica_name="ingress-b")),
-                              base_url="http://x", timeout=60)
+    run, client = stack.run, stack.client
+    other = stack.ingress(replica_name="ingress-b")
     body = {"model": "smollm2", "prompt": "hello there", "max_tokens": 5, "ignore_eos": True}
     assert run(other.post("/v1/completions", json=body)).status_code == 200
     scrape(run, other)  # replica b scraped once: its counts as of now go with the next scrape of any replica

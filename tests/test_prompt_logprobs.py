@@ -3,17 +3,13 @@ process: the ingress app over a real Router and torch meshes serving a tiny rand
 against a direct forward of the whole prompt, as lm-eval-harness's loglikelihood tasks read them."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 
-import httpx
 import pytest
 import numpy as np
 import torch
 
-from deployments.ingress import build_app
-from deployments.router import Router, RouterConfig
 from model.embedded import ensure_smollm2
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
@@ -22,10 +18,10 @@ from model.verify import META_EXPRESSIBLE_ROPE, save_tiny_hf_model
 from scheduler.errors import Unsupported
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from tests.local_mesh import LocalMesh
-from tests.test_feature_mix import InProcessRouter
-from tests.test_router import FAST, until
+from tests.in_process import Stack
+from tests.test_router import until
 
+CHUNKS = dict(prefill_chunk=32, max_prefill_tokens=32)  # the router's prefill chunks, shorter than PROMPTS
 # Token-id prompts of the tiny model's 256-token vocabulary, longer than a prefill chunk (32 here) and a block (16):
 # SmolLM2's ids 17-110 are printable ASCII characters, one each, so the echoed text is theirs
 PROMPTS = [[(7 * i + 3) % 94 + 17 for i in range(70)], [(11 * i + 5) % 94 + 17 for i in range(45)]]
@@ -62,45 +58,9 @@ def reference(model_dir):
     return logprobs
 
 
-class Stack:
-    """The ingress over a Router of `meshes`, on a loop of its own."""
-
-    def __init__(self, tok, make_backend, num_meshes: int = 1, **config):
-        self.loop = asyncio.new_event_loop()
-        self.meshes = [LocalMesh(make_backend) for _ in range(num_meshes)]
-
-        async def start():
-            router = Router([(f"mesh-{i}", m) for i, m in enumerate(self.meshes)],
-                            RouterConfig(**{**FAST, "prefill_chunk": 32, "max_prefill_tokens": 32, **config}))
-            await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
-            app = build_app(InProcessRouter(router), tok, "smollm2")
-            return router, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=60)
-        self.router, self.client = self.run(start())
-
-    def run(self, coro):
-        return self.loop.run_until_complete(coro)
-
-    def post(self, path: str, body: dict) -> httpx.Response:
-        return self.run(self.client.post(path, json=body))
-
-    def posts(self, path: str, bodies: list[dict]) -> list[httpx.Response]:
-        async def together():
-            return await asyncio.gather(*(self.client.post(path, json=b) for b in bodies))
-        return self.run(together())
-
-    def stats(self) -> dict:
-        async def read():
-            return self.router.stats()
-        return self.run(read())
-
-    def close(self) -> None:
-        self.run(self.router.close())
-        self.loop.close()
-
-
 @pytest.fixture(scope="module")
 def stack(tok, model_dir):
-    s = Stack(tok, lambda: torch_backend(model_dir))
+    s = Stack(tok, lambda: torch_backend(model_dir), **CHUNKS)
     yield s
     s.close()
 
@@ -270,7 +230,7 @@ def test_stream_equals_whole_answer(stack):
 def test_cached_prefix_and_preemption_do_not_change_values(tok, model_dir, reference):
     """A prompt already in the prefix cache is computed again (no hit: every position is scored), and prompts that
     preempt one another in a tiny block pool give each position once, with the direct forward's values."""
-    s = Stack(tok, lambda: torch_backend(model_dir, num_blocks=9), decode_steps=4)
+    s = Stack(tok, lambda: torch_backend(model_dir, num_blocks=9), decode_steps=4, **CHUNKS)
     try:
         prompt = PROMPTS[0]
         assert s.post("/v1/completions", {"model": "smollm2", "prompt": prompt, "max_tokens": 1}).status_code == 200
@@ -294,7 +254,7 @@ def test_cached_prefix_and_preemption_do_not_change_values(tok, model_dir, refer
 def test_failover_mid_prefill_gives_each_position_once(tok, model_dir, reference):
     """The mesh computing the prompt dies after its first chunk: the request moves and is recomputed on the other
     mesh; the client gets every position once, with the direct forward's values."""
-    s = Stack(tok, lambda: torch_backend(model_dir), num_meshes=2)
+    s = Stack(tok, lambda: torch_backend(model_dir), num_meshes=2, **CHUNKS)
     try:
         prompt = PROMPTS[0]
         s.meshes[0].inject("vanish", 1)  # the first of equal meshes takes it; it dies after one chunk's result
@@ -373,7 +333,7 @@ def _drain(sched: MeshScheduler) -> list:
 
 def test_cancel_mid_prefill_leaves_nothing(tok, model_dir):
     """A scored prompt cancelled after its first chunk's logprobs came: its slot, blocks and request are freed."""
-    s = Stack(tok, lambda: torch_backend(model_dir))
+    s = Stack(tok, lambda: torch_backend(model_dir), **CHUNKS)
     try:
         async def main():
             params = SamplingParams(max_tokens=5, prompt_logprobs=3)
