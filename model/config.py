@@ -66,6 +66,7 @@ class LlamaConfig:
     def from_hf(cls, cfg: dict) -> LlamaConfig:
         """HF config.json. transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in
         `rope_parameters`."""
+        check_llama_architecture(cfg)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -112,6 +113,25 @@ class LlamaConfig:
             # 0 heads a ZeroDivisionError)
             reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
+
+
+def check_llama_architecture(cfg: dict) -> None:
+    """Raise ValueError naming the field when an HF config.json describes a model other than the Llama computed here
+    (transformers' LlamaForCausalLM: SiLU MLP, no biases, unquantized): its weights have a Llama's names and shapes,
+    so a Gemma, a biased or a quantized checkpoint would otherwise load and serve wrong tokens without a word. (vLLM
+    picks the model class by `architectures`; a config without `model_type`, hand-written, is taken for a Llama.)"""
+    model_type = cfg.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"model_type {model_type!r}: meshserve computes Llama models only (model_type 'llama')")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r}: a Llama's MLP is SiLU-gated (hidden_act 'silu')")
+    for bias in ("attention_bias", "mlp_bias"):
+        if cfg.get(bias):
+            raise ValueError(f"{bias} true: meshserve's Llama has no bias terms")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method") if isinstance(cfg["quantization_config"], dict) else None
+        raise ValueError(f"quantization_config ({method or 'given'}): meshserve reads unquantized weights only "
+                         "(float32, float16 or bfloat16)")
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
