@@ -65,7 +65,7 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def check_weights(path: str | Path, cfg: LlamaConfig) -> None:
     """Raise ValueError naming the file and the tensor when the checkpoint at `path` lacks a tensor `cfg` needs, holds
-    one no Llama of it has, or holds one of another shape; ValueError too for a file that is no safetensors or
+    one no Llama of it has, holds one of another shape, or one not of a float dtype; ValueError too for a file that is no safetensors or
     torch.load checkpoint, a broken index or one naming absent files, a gap in Meta's shard numbers, or both formats
     in one folder; FileNotFoundError when it holds no weights (neither model.safetensors nor its index, nor any
     consolidated.NN.pth). Reads only headers (safetensors) and memory-maps Meta's shards, so the Serve build checks
@@ -97,6 +97,17 @@ def _check_shapes(path: Path, cfg: LlamaConfig, found: dict[str, tuple[tuple[int
                          "(HF names, without `model.`)")
 
 
+# Weights are read as floats and cast to the model's dtype; integer or float8 ones are a quantized checkpoint's codes,
+# which copy_ would cast as if they were the values.
+_SAFETENSORS_FLOATS = {"F64", "F32", "F16", "BF16"}
+_TORCH_FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+def _not_float(file: Path, key: str, dtype: str) -> str:
+    return (f"{file}: tensor {key!r} has dtype {dtype}: meshserve reads float weights (F32, F16, BF16), not a "
+            "quantized checkpoint's")
+
+
 def _hf_files(path: Path) -> list[str]:
     """The safetensors files of an HF folder: those its index names (each must be there), else model.safetensors."""
     index = path / "model.safetensors.index.json"
@@ -124,7 +135,10 @@ def _hf_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
             with safe_open(path / file, framework="pt") as handle:
                 for key in handle.keys():
                     if not key.endswith("rotary_emb.inv_freq"):
-                        shape = tuple(handle.get_slice(key).get_shape())
+                        tensor = handle.get_slice(key)
+                        if tensor.get_dtype() not in _SAFETENSORS_FLOATS:
+                            raise ValueError(_not_float(path / file, key, tensor.get_dtype()))
+                        shape = tuple(tensor.get_shape())
                         shapes[key.removeprefix("model.")] = (shape, str(path / file), key)
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{path / file}: not a safetensors file ({e})") from None
@@ -169,6 +183,9 @@ def _meta_shapes(path: Path, files: list[Path],
     for key in shards[0]:
         if key == "rope.freqs":
             continue
+        for file, shard in zip(files, shards):
+            if shard[key].dtype not in _TORCH_FLOATS:
+                raise ValueError(_not_float(file, key, str(shard[key].dtype).removeprefix("torch.")))
         kind = _meta_kind(key)
         shape = list(shards[0][key].shape)
         if kind in _META_SHARD_DIM and len(shape) == 2:

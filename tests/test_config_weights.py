@@ -208,6 +208,13 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
         k.replace("mlp.up_proj", "mlp.fc_in"): v for k, v in s.items()}), "model.safetensors", "mlp.fc_in"),
     "missing tensor": (lambda h, p: _hf_variant(h, p, state=lambda s: _drop_item(s, "model.layers.1.mlp.up_proj.weight")),
                        "", "lacks 1 tensors config.json needs, e.g. ['layers.1.mlp.up_proj.weight']"),
+    # weights of the right shape but not floats: copy_ cast them into the model (int8 codes as values)
+    "integer weights": (lambda h, p: _hf_variant(h, p, state=lambda s: {
+        k: (v * 100).to(torch.int8) if "mlp" in k else v for k, v in s.items()}), "model.safetensors",
+        "'model.layers.0.mlp.down_proj.weight' has dtype I8"),
+    "fp8 weights": (lambda h, p: _hf_variant(h, p, state=lambda s: {
+        k: v.to(torch.float8_e4m3fn) if "up_proj" in k else v for k, v in s.items()}), "model.safetensors",
+        "'model.layers.0.mlp.up_proj.weight' has dtype F8_E4M3"),
     "index names an absent file": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).unlink()),
                                    "model.safetensors.index.json", "names 1 files not in"),
     "index not JSON": (lambda h, p: _sharded(h, p, lambda d: (d / "model.safetensors.index.json").write_text("{x")),
@@ -223,6 +230,9 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                                       "", "'consolidated.01.pth', 'consolidated.03.pth'] (a shard missing?)"),
     "meta: params contradict weights": (lambda h, p: _meta(h, p, params={"n_kv_heads": 4}), "consolidated.00-01.pth",
                                         "'layers.0.attention.wk.weight' has shape [32, 64], but"),
+    "meta: integer weights": (lambda h, p: _meta(h, p, change=lambda d: torch.save(
+        {k: v.to(torch.int8) if k.endswith("wo.weight") else v for k, v in torch.load(d / "consolidated.01.pth").items()},
+        d / "consolidated.01.pth")), "consolidated.01.pth", "'layers.0.attention.wo.weight' has dtype int8"),
     "meta: shard not a checkpoint": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth")
                                                         .write_text("x")), "consolidated.01.pth", "not a PyTorch"),
     "meta: no params.json": (lambda h, p: _meta(h, p, change=lambda d: (d / "params.json").unlink()), "",
