@@ -453,13 +453,20 @@ def tokenizer_file(model_dir: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A model folder (tokenizer.json preferred, else Meta's tokenizer.model) or either file itself."""
+    """A model folder (tokenizer.json preferred, else Meta's tokenizer.model) or either file itself. Raises
+    FileNotFoundError as tokenizer_file does, and ValueError naming the file when it is no tokenizer read here (a
+    broken tokenizer.json raised a JSONDecodeError naming no file; a SentencePiece tokenizer.model is not tiktoken's)."""
     path = Path(path)
     if path.is_dir():
         path = tokenizer_file(path)
-    if path.name == "tokenizer.json":
-        return Tokenizer.from_hf_dir(path.parent)
-    return Tokenizer.from_tiktoken_file(path)
+    try:
+        if path.name == "tokenizer.json":
+            return Tokenizer.from_hf_dir(path.parent)
+        return Tokenizer.from_tiktoken_file(path)
+    except OSError:  # no such file: it names the path
+        raise
+    except Exception as e:  # the tokenizers library raises bare Exceptions; JSON, tiktoken and transformers their own
+        raise ValueError(f"{path}: not a tokenizer meshserve reads ({type(e).__name__}: {e})") from e
 
 
 class IncrementalDetokenizer:

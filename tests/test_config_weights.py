@@ -248,6 +248,12 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                    "mlp_bias"),
     "quantized": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "quantization_config": {"quant_method": "fp8"}}),
                   "config.json", "quantization_config"),
+    # a tokenizer file there but unreadable: the check saw only that it existed, and every ingress replica failed
+    "tokenizer.json not JSON": (lambda h, p: _hf_variant(h, p) or (p / "tokenizer.json").write_text("{x"),
+                                "tokenizer.json", "not a tokenizer meshserve reads"),
+    "meta: tokenizer.model not tiktoken's": (lambda h, p: _meta(h, p, change=lambda d: (d / "tokenizer.model")
+                                                                .write_bytes(b"\n\x0b\n\x05<unk>\x15")),
+                                             "tokenizer.model", "not a tokenizer meshserve reads"),
     "meta: no tokenizer.model": (lambda h, p: _meta(h, p, change=lambda d: (d / "tokenizer.model").unlink()), "",
                                  "no tokenizer.json or tokenizer.model in"),
 }
