@@ -65,9 +65,9 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def check_weights(path: str | Path, cfg: LlamaConfig) -> None:
     """Raise ValueError naming the file and the tensor when the checkpoint at `path` lacks a tensor `cfg` needs, holds
-    one no Llama of it has, holds one of another shape, or one not of a float dtype; ValueError too for a file that is no safetensors or
-    torch.load checkpoint, a broken index or one naming absent files, a gap in Meta's shard numbers, or both formats
-    in one folder; FileNotFoundError when it holds no weights (neither model.safetensors nor its index, nor any
+    one no Llama of it has, holds one of another shape, one not of a float dtype, or one twice (in two safetensors
+    files); ValueError too for a file that is no safetensors or torch.load checkpoint, a broken index or one naming
+    absent files, a gap in Meta's shard numbers, or both formats in one folder; FileNotFoundError when it holds no weights (neither model.safetensors nor its index, nor any
     consolidated.NN.pth). Reads only headers (safetensors) and memory-maps Meta's shards, so the Serve build checks
     this before any replica starts; a replica would otherwise fail inside torch's copy_ (or broadcast a wrong shape
     into its parameter without a word)."""
@@ -139,7 +139,11 @@ def _hf_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
                         if tensor.get_dtype() not in _SAFETENSORS_FLOATS:
                             raise ValueError(_not_float(path / file, key, tensor.get_dtype()))
                         shape = tuple(tensor.get_shape())
-                        shapes[key.removeprefix("model.")] = (shape, str(path / file), key)
+                        name = key.removeprefix("model.")
+                        if name in shapes:  # which copy the model got was the order of the files
+                            raise ValueError(f"{path / file}: tensor {key!r} is also in {shapes[name][1]} (as "
+                                             f"{shapes[name][2]!r}): one checkpoint holds each weight once")
+                        shapes[name] = (shape, str(path / file), key)
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{path / file}: not a safetensors file ({e})") from None
     return shapes

@@ -191,6 +191,15 @@ def _second_shard(folder):
     return sorted(folder.glob("model-*.safetensors"))[1]
 
 
+def _copy_into_second_shard(folder):
+    """The first shard's first tensor, zeroed, also in the second: the one loaded last was served."""
+    from safetensors.torch import load_file, save_file
+
+    first, second = sorted(folder.glob("model-*.safetensors"))[:2]
+    name, tensor = sorted(load_file(first).items())[0]
+    save_file({**load_file(second), name: torch.zeros_like(tensor)}, second, metadata={"format": "pt"})
+
+
 def _drop_item(mapping: dict, key: str) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
@@ -217,6 +226,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
         "'model.layers.0.mlp.up_proj.weight' has dtype F8_E4M3"),
     "index names an absent file": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).unlink()),
                                    "model.safetensors.index.json", "names 1 files not in"),
+    "a tensor in two shards": (lambda h, p: _sharded(h, p, _copy_into_second_shard), "model-00002-of-",
+                               "is also in"),
     "index not JSON": (lambda h, p: _sharded(h, p, lambda d: (d / "model.safetensors.index.json").write_text("{x")),
                        "model.safetensors.index.json", "not a safetensors index"),
     "a shard not safetensors": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).write_bytes(b"\x00" * 9)),
