@@ -200,6 +200,15 @@ def _copy_into_second_shard(folder):
     save_file({**load_file(second), name: torch.zeros_like(tensor)}, second, metadata={"format": "pt"})
 
 
+def _tokenizer_json(folder):
+    """The embedded SmolLM2's tokenizer files in `folder`: an HF tokenizer that loads."""
+    import shutil
+
+    from model.embedded import ensure_smollm2
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_smollm2() / name, folder / name)
+
+
 def _drop_item(mapping: dict, key: str) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
@@ -262,6 +271,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
     # a tokenizer file there but unreadable: the check saw only that it existed, and every ingress replica failed
     "tokenizer.json not JSON": (lambda h, p: _hf_variant(h, p) or (p / "tokenizer.json").write_text("{x"),
                                 "tokenizer.json", "not a tokenizer meshserve reads"),
+    "generation_config.json not JSON": (lambda h, p: _hf_variant(h, p) or _tokenizer_json(p) or (
+        p / "generation_config.json").write_text("{x"), "generation_config.json", "not JSON"),
     "meta: tokenizer.model not tiktoken's": (lambda h, p: _meta(h, p, change=lambda d: (d / "tokenizer.model")
                                                                 .write_bytes(b"\n\x0b\n\x05<unk>\x15")),
                                              "tokenizer.model", "not a tokenizer meshserve reads"),
