@@ -344,3 +344,29 @@ def test_the_demos_variables_are_read_from_the_environment_of_the_call(monkeypat
     assert model.checkpoint.model_dir_from_env() is None
     with pytest.raises(ValueError, match="neither HF_MODEL nor LLAMA_DIR"):
         model.checkpoint.checkpoint_dir(None)
+
+
+def test_a_hub_id_is_looked_up_in_the_cache_the_apps_env_vars_name(tiny_hf, tmp_path, monkeypatch):
+    """Serve builds the app (and its replicas resolve the hub id) with the app's runtime_env.env_vars: with HF_HOME
+    set there, the check looked in this shell's cache instead and refused a model every replica would find."""
+    import yaml
+
+    from deployments.config import check_serve_config
+
+    for name in ("HF_MODEL", "LLAMA_DIR", "HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    repo = tmp_path / "hf_home" / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    _hf_variant(tiny_hf[0], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": ""},
+           "runtime_env": {"env_vars": {"HF_HOME": str(tmp_path / "hf_home"), "HF_MODEL": "org/tiny"}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == []
+    app["runtime_env"]["env_vars"]["HF_MODEL"] = "org/absent"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert "HF_MODEL: 'org/absent' is neither a directory nor a Hugging Face model in the local cache" in error
