@@ -415,8 +415,8 @@ def check_model_files(config: AppConfig, model_dir) -> None:
     """Raise FileNotFoundError / ValueError naming the file when the checkpoint in `model_dir` cannot be served:
     no tokenizer, or one it cannot read (every ingress replica loads one), and for the torch backend weights that do
     not match the config (model.weights.check_weights: missing, extra, misshapen or non-float tensors, an incomplete
-    shard set, a broken index, both formats in one folder). At deploy, not when every replica fails to start. (tt-metal reads a Galaxy's weights
-    its own way; the simulated backend has none.)"""
+    shard set, a broken index, both formats in one folder). At deploy, not when every replica fails to start.
+    (tt-metal reads a Galaxy's weights its own way; the simulated backend has none.)"""
     from model.config import LlamaConfig
     from model.tokenizer import load_tokenizer
 

@@ -129,7 +129,8 @@ def check_llama_architecture(cfg: dict) -> None:
         if cfg.get(bias):
             raise ValueError(f"{bias} true: meshserve's Llama has no bias terms")
     if cfg.get("quantization_config"):
-        method = cfg["quantization_config"].get("quant_method") if isinstance(cfg["quantization_config"], dict) else None
+        quantization = cfg["quantization_config"]
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
         raise ValueError(f"quantization_config ({method or 'given'}): meshserve reads unquantized weights only "
                          "(float32, float16 or bfloat16)")
 

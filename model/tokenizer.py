@@ -461,7 +461,8 @@ def tokenizer_file(model_dir: str | Path) -> Path:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A model folder (tokenizer.json preferred, else Meta's tokenizer.model) or either file itself. Raises
     FileNotFoundError as tokenizer_file does, and ValueError naming the file when it is no tokenizer read here (a
-    broken tokenizer.json raised a JSONDecodeError naming no file; a SentencePiece tokenizer.model is not tiktoken's)."""
+    broken tokenizer.json raised a JSONDecodeError naming no file; a SentencePiece tokenizer.model is no
+    tiktoken file)."""
     path = Path(path)
     if path.is_dir():
         path = tokenizer_file(path)

@@ -67,10 +67,10 @@ def check_weights(path: str | Path, cfg: LlamaConfig) -> None:
     """Raise ValueError naming the file and the tensor when the checkpoint at `path` lacks a tensor `cfg` needs, holds
     one no Llama of it has, holds one of another shape, one not of a float dtype, or one twice (in two safetensors
     files); ValueError too for a file that is no safetensors or torch.load checkpoint, a broken index or one naming
-    absent files, a gap in Meta's shard numbers, or both formats in one folder; FileNotFoundError when it holds no weights (neither model.safetensors nor its index, nor any
-    consolidated.NN.pth). Reads only headers (safetensors) and memory-maps Meta's shards, so the Serve build checks
-    this before any replica starts; a replica would otherwise fail inside torch's copy_ (or broadcast a wrong shape
-    into its parameter without a word)."""
+    absent files, a gap in Meta's shard numbers, or both formats in one folder; FileNotFoundError when it holds no
+    weights (neither model.safetensors nor its index, nor any consolidated.NN.pth). Reads only headers (safetensors)
+    and memory-maps Meta's shards, so the Serve build checks this before any replica starts; a replica would otherwise
+    fail inside torch's copy_ (or broadcast a wrong shape into its parameter without a word)."""
     path = Path(path)
     meta = checkpoint_format(path) == "meta"
     _check_shapes(path, cfg, _meta_shapes(path, *_load_shards(path)) if meta else _hf_shapes(path), meta)
