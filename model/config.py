@@ -65,7 +65,7 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
         """HF config.json. transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in
-        `rope_parameters`."""
+        `rope_parameters`. A field left out takes transformers' LlamaConfig default, as vLLM reads it through that."""
         check_llama_architecture(cfg)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -84,10 +84,10 @@ class LlamaConfig:
             n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             vocab_size=cfg["vocab_size"],
             ffn_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             head_dim=cfg.get("head_dim") or 0,
             eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),

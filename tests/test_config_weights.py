@@ -370,3 +370,20 @@ def test_a_hub_id_is_looked_up_in_the_cache_the_apps_env_vars_name(tiny_hf, tmp_
     path.write_text(yaml.safe_dump({"applications": [app]}))
     (error,) = check_serve_config(str(path))
     assert "HF_MODEL: 'org/absent' is neither a directory nor a Hugging Face model in the local cache" in error
+
+
+def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it(tiny_hf, tmp_path):
+    """A hand-written config.json may leave out what LlamaConfig defaults: transformers (and vLLM, through it) then
+    normalise with eps 1e-6 and allow 2048 positions, while meshserve took 1e-5 and 8192, another model."""
+    from transformers import AutoConfig
+
+    cfg = json.loads((tiny_hf[0] / "config.json").read_text())
+    for key in ("rms_norm_eps", "max_position_embeddings", "num_key_value_heads", "tie_word_embeddings", "rope_theta",
+                "rope_parameters", "rope_scaling", "head_dim", "hidden_act"):
+        cfg.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours, theirs = LlamaConfig.from_dir(tmp_path), AutoConfig.from_pretrained(tmp_path)
+    assert (ours.norm_eps, ours.max_position_embeddings, ours.n_kv_heads, ours.tie_word_embeddings, ours.head_dim) == (
+        theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.num_key_value_heads, theirs.tie_word_embeddings,
+        theirs.head_dim)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
