@@ -39,6 +39,16 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        # A value of the wrong type (a number quoted in the JSON) passed every check and failed each replica's rope or
+        # norm with a TypeError naming nothing; so does a zero or negative size.
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_position_embeddings"):
+            _check_number(name, getattr(self, name), int)
+        _check_number("head_dim", self.head_dim or 1, int)
+        for name in ("norm_eps", "rope_theta"):
+            _check_number(name, getattr(self, name), (int, float))
+        if self.rope_scaling is not None:
+            for name, value in self.rope_scaling.__dict__.items():
+                _check_number(f"rope_scaling.{name}", value, (int, float))
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
@@ -113,6 +123,18 @@ class LlamaConfig:
             # 0 heads a ZeroDivisionError)
             reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
+
+
+# Meta's names (LlamaConfig's) -> config.json's, for errors about a value read from either file
+_HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps"}
+
+
+def _check_number(name: str, value: object, kind: type | tuple[type, ...]) -> None:
+    """Raise ValueError naming the field (both spellings) unless `value` is a positive number of `kind` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        spelled = f"{name} ({_HF_NAMES[name]})" if name in _HF_NAMES else name
+        raise ValueError(f"{spelled} is {value!r}, not a positive {'integer' if kind is int else 'number'}")
 
 
 def check_llama_architecture(cfg: dict) -> None:

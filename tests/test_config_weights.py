@@ -266,6 +266,10 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                          "config.json", "attention_bias"),
     "mlp biases": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "mlp_bias": True}), "config.json",
                    "mlp_bias"),
+    "a number written as a string": (lambda h, p: _hf_variant(h, p, config=lambda c: {
+        **c, "rope_parameters": {**c["rope_parameters"], "rope_theta": "500000.0"}}), "config.json", "rope_theta"),
+    "eps written as a string": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "rms_norm_eps": "1e-5"}),
+                                "config.json", "norm_eps"),
     "quantized": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "quantization_config": {"quant_method": "fp8"}}),
                   "config.json", "quantization_config"),
     # a tokenizer file there but unreadable: the check saw only that it existed, and every ingress replica failed
