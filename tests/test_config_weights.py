@@ -251,8 +251,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
     "meta: params contradict weights": (lambda h, p: _meta(h, p, params={"n_kv_heads": 4}), "consolidated.00-01.pth",
                                         "'layers.0.attention.wk.weight' has shape [32, 64], but"),
     "meta: integer weights": (lambda h, p: _meta(h, p, change=lambda d: torch.save(
-        {k: v.to(torch.int8) if k.endswith("wo.weight") else v for k, v in torch.load(d / "consolidated.01.pth").items()},
-        d / "consolidated.01.pth")), "consolidated.01.pth", "'layers.0.attention.wo.weight' has dtype int8"),
+        {k: v.to(torch.int8) if k.endswith("wo.weight") else v
+         for k, v in torch.load(d / "consolidated.01.pth").items()}, d / "consolidated.01.pth")), "consolidated.01.pth", "'layers.0.attention.wo.weight' has dtype int8"),
     "meta: shard not a checkpoint": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth")
                                                         .write_text("x")), "consolidated.01.pth", "not a PyTorch"),
     "meta: no params.json": (lambda h, p: _meta(h, p, change=lambda d: (d / "params.json").unlink()), "",
@@ -270,8 +270,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
         **c, "rope_parameters": {**c["rope_parameters"], "rope_theta": "500000.0"}}), "config.json", "rope_theta"),
     "eps written as a string": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "rms_norm_eps": "1e-5"}),
                                 "config.json", "norm_eps"),
-    "quantized": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "quantization_config": {"quant_method": "fp8"}}),
-                  "config.json", "quantization_config"),
+    "quantized": (lambda h, p: _hf_variant(h, p, config=lambda c: {
+        **c, "quantization_config": {"quant_method": "fp8"}}), "config.json", "quantization_config"),
     # a tokenizer file there but unreadable: the check saw only that it existed, and every ingress replica failed
     "tokenizer.json not JSON": (lambda h, p: _hf_variant(h, p) or (p / "tokenizer.json").write_text("{x"),
                                 "tokenizer.json", "not a tokenizer meshserve reads"),
