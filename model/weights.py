@@ -187,13 +187,19 @@ def _meta_shapes(path: Path, files: list[Path],
     for key in shards[0]:
         if key == "rope.freqs":
             continue
+        kind = _meta_kind(key)
+        shape = list(shards[0][key].shape)
+        split = _META_SHARD_DIM.get(kind) if len(shape) == 2 else None
         for file, shard in zip(files, shards):
             if shard[key].dtype not in _TORCH_FLOATS:
                 raise ValueError(_not_float(file, key, str(shard[key].dtype).removeprefix("torch.")))
-        kind = _meta_kind(key)
-        shape = list(shards[0][key].shape)
-        if kind in _META_SHARD_DIM and len(shape) == 2:
-            shape[_META_SHARD_DIM[kind]] = sum(shard[key].shape[_META_SHARD_DIM[kind]] for shard in shards)
+            other = list(shard[key].shape)
+            if len(other) != len(shape) or any(a != b for d, (a, b) in enumerate(zip(other, shape)) if d != split):
+                # torch.cat's error at load named no file; a replicated tensor's other copies were never read
+                raise ValueError(f"{file}: tensor {key!r} has shape {other} there but {shape} in {files[0].name} "
+                                 "(shards of two models?)")
+        if split is not None:
+            shape[split] = sum(shard[key].shape[split] for shard in shards)
         name = _meta_name(key)
         shapes[name or key] = (tuple(shape), where, key)
     return shapes

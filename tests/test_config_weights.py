@@ -209,6 +209,14 @@ def _tokenizer_json(folder):
         shutil.copy(ensure_smollm2() / name, folder / name)
 
 
+def _widen_in_second_shard(folder):
+    """consolidated.01.pth's wq of another model's width: the check summed only the split dimension, and each replica
+    failed in torch.cat naming no file."""
+    shard = torch.load(folder / "consolidated.01.pth")
+    shard["layers.0.attention.wq.weight"] = torch.zeros(32, 48)
+    torch.save(shard, folder / "consolidated.01.pth")
+
+
 def _drop_item(mapping: dict, key: str) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
@@ -253,6 +261,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
     "meta: integer weights": (lambda h, p: _meta(h, p, change=lambda d: torch.save(
         {k: v.to(torch.int8) if k.endswith("wo.weight") else v
          for k, v in torch.load(d / "consolidated.01.pth").items()}, d / "consolidated.01.pth")), "consolidated.01.pth", "'layers.0.attention.wo.weight' has dtype int8"),
+    "meta: shards of two models": (lambda h, p: _meta(h, p, change=_widen_in_second_shard), "consolidated.01.pth",
+                                   "'layers.0.attention.wq.weight' has shape [32, 48] there"),
     "meta: shard not a checkpoint": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth")
                                                         .write_text("x")), "consolidated.01.pth", "not a PyTorch"),
     "meta: no params.json": (lambda h, p: _meta(h, p, change=lambda d: (d / "params.json").unlink()), "",
