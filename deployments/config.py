@@ -413,15 +413,15 @@ _ONE_REPLICA = ("the router owns every mesh's scheduling state (a second one wou
 
 def check_model_files(config: AppConfig, model_dir) -> None:
     """Raise FileNotFoundError / ValueError naming the file when the checkpoint in `model_dir` cannot be served:
-    no tokenizer (every ingress replica loads one), and for the torch backend weights that do not match the config
-    (model.weights.check_weights: missing, extra or misshapen tensors, an incomplete shard set, a broken index, both
-    formats in one folder). At deploy, not when every replica fails to start. (tt-metal reads a Galaxy's weights
-    its own way; the simulated backend has none.)"""
+    no tokenizer, or one it cannot read (every ingress replica loads one), and for the torch backend weights that do
+    not match the config (model.weights.check_weights: missing, extra, misshapen or non-float tensors, an incomplete
+    shard set, a broken index, both formats in one folder). At deploy, not when every replica fails to start.
+    (tt-metal reads a Galaxy's weights its own way; the simulated backend has none.)"""
     from model.config import LlamaConfig
-    from model.tokenizer import tokenizer_file
+    from model.tokenizer import load_tokenizer
 
     llama = LlamaConfig.from_dir(model_dir) if config.backend == "torch" else None  # its errors first
-    tokenizer_file(model_dir)
+    load_tokenizer(model_dir)  # read, not only found: a broken one failed every ingress replica
     if llama is not None:
         from model.weights import check_weights
 

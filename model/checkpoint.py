@@ -23,19 +23,31 @@ def model_dir_from_env(env: Mapping[str, str] | None = None) -> Path | None:
         if not path.is_dir():
             raise ValueError(f"LLAMA_DIR: {llama_dir!r} is not a directory")
         return path
-    return find_checkpoint(hf_model, "HF_MODEL") if hf_model else None
+    if not hf_model:
+        return None
+    return find_checkpoint(hf_model, "HF_MODEL", hub_cache(env) if env is not os.environ else None)
 
 
-def find_checkpoint(name: str, field: str = "model") -> Path:
-    """A checkpoint folder, or a Hugging Face hub id (`org/name`) already in the local HF cache ($HF_HOME /
-    $HF_HUB_CACHE): its snapshot folder. Nothing is downloaded; meshserve never reaches a model hub at run time.
-    Raises ValueError naming `field` when it is neither."""
+def hub_cache(env: Mapping[str, str] | None) -> str | None:
+    """The HF hub cache `env` names ($HF_HUB_CACHE, else $HF_HOME/hub), as huggingface_hub would read it in a process
+    with that environment (a Serve build or replica with the app's runtime_env.env_vars); None: the library's own."""
+    if env is None:
+        return None
+    if env.get("HF_HUB_CACHE"):
+        return str(Path(env["HF_HUB_CACHE"]).expanduser())
+    return str(Path(env["HF_HOME"]).expanduser() / "hub") if env.get("HF_HOME") else None
+
+
+def find_checkpoint(name: str, field: str = "model", cache_dir: str | None = None) -> Path:
+    """A checkpoint folder, or a Hugging Face hub id (`org/name`) already in the local HF cache (`cache_dir`, else
+    $HF_HUB_CACHE / $HF_HOME as huggingface_hub read them): its snapshot folder. Nothing is downloaded; meshserve
+    never reaches a model hub at run time. Raises ValueError naming `field` when it is neither."""
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(name, local_files_only=True))
+        return Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # not an id, or not in the cache: the library's errors differ by case and version
         raise ValueError(f"{field}: {name!r} is neither a directory nor a Hugging Face model in the local cache "
                          "(nothing is downloaded at run time: fetch it first, e.g. `hf download`)"
@@ -56,7 +68,7 @@ def resolve_model_dir(model: str | None) -> Path:
 def checkpoint_dir(name: str | None, field: str = "model", env: Mapping[str, str] | None = None) -> Path:
     """`name` (find_checkpoint), or without one the demo's variables in `env` (model_dir_from_env). Raises
     ValueError as those do, and naming `field` when neither names a checkpoint."""
-    path = find_checkpoint(name, field) if name else model_dir_from_env(env)
+    path = find_checkpoint(name, field, hub_cache(env)) if name else model_dir_from_env(env)
     if path is None:
         raise ValueError(f"{field}: none given, and neither HF_MODEL nor LLAMA_DIR is set")
     return path

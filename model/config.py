@@ -39,6 +39,16 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        # A value of the wrong type (a number quoted in the JSON) passed every check and failed each replica's rope or
+        # norm with a TypeError naming nothing; so does a zero or negative size.
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_position_embeddings"):
+            _check_number(name, getattr(self, name), int)
+        _check_number("head_dim", self.head_dim or 1, int)
+        for name in ("norm_eps", "rope_theta"):
+            _check_number(name, getattr(self, name), (int, float))
+        if self.rope_scaling is not None:
+            for name, value in self.rope_scaling.__dict__.items():
+                _check_number(f"rope_scaling.{name}", value, (int, float))
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
@@ -65,7 +75,8 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, cfg: dict) -> LlamaConfig:
         """HF config.json. transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in
-        `rope_parameters`."""
+        `rope_parameters`. A field left out takes transformers' LlamaConfig default, as vLLM reads it through that."""
+        check_llama_architecture(cfg)
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -83,10 +94,10 @@ class LlamaConfig:
             n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             vocab_size=cfg["vocab_size"],
             ffn_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
             rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 8192),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             head_dim=cfg.get("head_dim") or 0,
             eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
@@ -112,6 +123,38 @@ class LlamaConfig:
             # 0 heads a ZeroDivisionError)
             reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
+
+
+# Meta's names (LlamaConfig's) -> config.json's, for errors about a value read from either file
+_HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps"}
+
+
+def _check_number(name: str, value: object, kind: type | tuple[type, ...]) -> None:
+    """Raise ValueError naming the field (both spellings) unless `value` is a positive number of `kind` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        spelled = f"{name} ({_HF_NAMES[name]})" if name in _HF_NAMES else name
+        raise ValueError(f"{spelled} is {value!r}, not a positive {'integer' if kind is int else 'number'}")
+
+
+def check_llama_architecture(cfg: dict) -> None:
+    """Raise ValueError naming the field when an HF config.json describes a model other than the Llama computed here
+    (transformers' LlamaForCausalLM: SiLU MLP, no biases, unquantized): its weights have a Llama's names and shapes,
+    so a Gemma, a biased or a quantized checkpoint would otherwise load and serve wrong tokens without a word. (vLLM
+    picks the model class by `architectures`; a config without `model_type`, hand-written, is taken for a Llama.)"""
+    model_type = cfg.get("model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(f"model_type {model_type!r}: meshserve computes Llama models only (model_type 'llama')")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r}: a Llama's MLP is SiLU-gated (hidden_act 'silu')")
+    for bias in ("attention_bias", "mlp_bias"):
+        if cfg.get(bias):
+            raise ValueError(f"{bias} true: meshserve's Llama has no bias terms")
+    if cfg.get("quantization_config"):
+        quantization = cfg["quantization_config"]
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ValueError(f"quantization_config ({method or 'given'}): meshserve reads unquantized weights only "
+                         "(float32, float16 or bfloat16)")
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

@@ -16,7 +16,8 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,10 +193,15 @@ class Tokenizer:
 
         model_dir = Path(model_dir)
         generation_config = model_dir / "generation_config.json"
-        config = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
+        try:
+            config = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
+        except ValueError as e:  # a JSONDecodeError named no file
+            raise ValueError(f"{generation_config}: not JSON ({e})") from e
         eos = config.get("eos_token_id")  # e.g. Llama 3.3 lists [128001, 128008, 128009] here
         extra_stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return cls(hf_tokenizer=AutoTokenizer.from_pretrained(model_dir), extra_stop_ids=extra_stop_ids,
+        with _named(model_dir / "tokenizer.json"):
+            hf_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return cls(hf_tokenizer=hf_tokenizer, extra_stop_ids=extra_stop_ids,
                    sampling_defaults=generation_defaults(config, generation_config))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -453,13 +459,29 @@ def tokenizer_file(model_dir: str | Path) -> Path:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A model folder (tokenizer.json preferred, else Meta's tokenizer.model) or either file itself."""
+    """A model folder (tokenizer.json preferred, else Meta's tokenizer.model) or either file itself. Raises
+    FileNotFoundError as tokenizer_file does, and ValueError naming the file when it is no tokenizer read here (a
+    broken tokenizer.json raised a JSONDecodeError naming no file; a SentencePiece tokenizer.model is no
+    tiktoken file)."""
     path = Path(path)
     if path.is_dir():
         path = tokenizer_file(path)
     if path.name == "tokenizer.json":
         return Tokenizer.from_hf_dir(path.parent)
-    return Tokenizer.from_tiktoken_file(path)
+    with _named(path):
+        return Tokenizer.from_tiktoken_file(path)
+
+
+@contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """Re-raise what reading the tokenizer file `path` raised as ValueError naming it (a missing file stays an
+    OSError, which names it already)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:  # the tokenizers library raises bare Exceptions; JSON, tiktoken and transformers their own
+        raise ValueError(f"{path}: not a tokenizer meshserve reads ({type(e).__name__}: {e})") from e
 
 
 class IncrementalDetokenizer:

@@ -295,9 +295,11 @@ def _import_ttnn():
 
 def _export_weights_dir(model_dir: str | os.PathLike | None) -> None:
     """tt-metal's TtModelArgs reads the checkpoint from HF_MODEL (config.json) or LLAMA_DIR (params.json)
-    and refuses both at once (models/demos/llama3_70b_galaxy/tt/model_config.py, TtModelArgs.__init__)."""
+    and refuses both at once (models/demos/llama3_70b_galaxy/tt/model_config.py, TtModelArgs.__init__). Which one
+    the folder's weights decide (checkpoint_format): an HF folder may hold a params.json too (Mistral's repos)."""
     if model_dir:
-        meta = (Path(model_dir) / "params.json").exists()
+        from model.checkpoint import checkpoint_format
+        meta = checkpoint_format(model_dir) == "meta"
         os.environ["LLAMA_DIR" if meta else "HF_MODEL"] = str(model_dir)
         os.environ.pop("HF_MODEL" if meta else "LLAMA_DIR", None)
     elif not (os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR")):

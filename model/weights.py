@@ -65,12 +65,12 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def check_weights(path: str | Path, cfg: LlamaConfig) -> None:
     """Raise ValueError naming the file and the tensor when the checkpoint at `path` lacks a tensor `cfg` needs, holds
-    one no Llama of it has, or holds one of another shape; ValueError too for a file that is no safetensors or
-    torch.load checkpoint, a broken index or one naming absent files, a gap in Meta's shard numbers, or both formats
-    in one folder; FileNotFoundError when it holds no weights (neither model.safetensors nor its index, nor any
-    consolidated.NN.pth). Reads only headers (safetensors) and memory-maps Meta's shards, so the Serve build checks
-    this before any replica starts; a replica would otherwise fail inside torch's copy_ (or broadcast a wrong shape
-    into its parameter without a word)."""
+    one no Llama of it has, holds one of another shape, one not of a float dtype, or one twice (in two safetensors
+    files); ValueError too for a file that is no safetensors or torch.load checkpoint, a broken index or one naming
+    absent files, a gap in Meta's shard numbers, or both formats in one folder; FileNotFoundError when it holds no
+    weights (neither model.safetensors nor its index, nor any consolidated.NN.pth). Reads only headers (safetensors)
+    and memory-maps Meta's shards, so the Serve build checks this before any replica starts; a replica would otherwise
+    fail inside torch's copy_ (or broadcast a wrong shape into its parameter without a word)."""
     path = Path(path)
     meta = checkpoint_format(path) == "meta"
     _check_shapes(path, cfg, _meta_shapes(path, *_load_shards(path)) if meta else _hf_shapes(path), meta)
@@ -95,6 +95,17 @@ def _check_shapes(path: Path, cfg: LlamaConfig, found: dict[str, tuple[tuple[int
     if missing:
         raise ValueError(f"{path} lacks {len(missing)} tensors {config_file.name} needs, e.g. {missing[:3]} "
                          "(HF names, without `model.`)")
+
+
+# Weights are read as floats and cast to the model's dtype; integer or float8 ones are a quantized checkpoint's codes,
+# which copy_ would cast as if they were the values.
+_SAFETENSORS_FLOATS = {"F64", "F32", "F16", "BF16"}
+_TORCH_FLOATS = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+
+
+def _not_float(file: Path, key: str, dtype: str) -> str:
+    return (f"{file}: tensor {key!r} has dtype {dtype}: meshserve reads float weights (F32, F16, BF16), not a "
+            "quantized checkpoint's")
 
 
 def _hf_files(path: Path) -> list[str]:
@@ -124,8 +135,15 @@ def _hf_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str, str]]:
             with safe_open(path / file, framework="pt") as handle:
                 for key in handle.keys():
                     if not key.endswith("rotary_emb.inv_freq"):
-                        shape = tuple(handle.get_slice(key).get_shape())
-                        shapes[key.removeprefix("model.")] = (shape, str(path / file), key)
+                        tensor = handle.get_slice(key)
+                        if tensor.get_dtype() not in _SAFETENSORS_FLOATS:
+                            raise ValueError(_not_float(path / file, key, tensor.get_dtype()))
+                        shape = tuple(tensor.get_shape())
+                        name = key.removeprefix("model.")
+                        if name in shapes:  # which copy the model got was the order of the files
+                            raise ValueError(f"{path / file}: tensor {key!r} is also in {shapes[name][1]} (as "
+                                             f"{shapes[name][2]!r}): one checkpoint holds each weight once")
+                        shapes[name] = (shape, str(path / file), key)
         except (OSError, SafetensorError) as e:
             raise ValueError(f"{path / file}: not a safetensors file ({e})") from None
     return shapes
@@ -171,8 +189,17 @@ def _meta_shapes(path: Path, files: list[Path],
             continue
         kind = _meta_kind(key)
         shape = list(shards[0][key].shape)
-        if kind in _META_SHARD_DIM and len(shape) == 2:
-            shape[_META_SHARD_DIM[kind]] = sum(shard[key].shape[_META_SHARD_DIM[kind]] for shard in shards)
+        split = _META_SHARD_DIM.get(kind) if len(shape) == 2 else None
+        for file, shard in zip(files, shards):
+            if shard[key].dtype not in _TORCH_FLOATS:
+                raise ValueError(_not_float(file, key, str(shard[key].dtype).removeprefix("torch.")))
+            other = list(shard[key].shape)
+            if len(other) != len(shape) or any(a != b for d, (a, b) in enumerate(zip(other, shape)) if d != split):
+                # torch.cat's error at load named no file; a replicated tensor's other copies were never read
+                raise ValueError(f"{file}: tensor {key!r} has shape {other} there but {shape} in {files[0].name} "
+                                 "(shards of two models?)")
+        if split is not None:
+            shape[split] = sum(shard[key].shape[split] for shard in shards)
         name = _meta_name(key)
         shapes[name or key] = (tuple(shape), where, key)
     return shapes

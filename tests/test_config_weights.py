@@ -191,6 +191,32 @@ def _second_shard(folder):
     return sorted(folder.glob("model-*.safetensors"))[1]
 
 
+def _copy_into_second_shard(folder):
+    """The first shard's first tensor, zeroed, also in the second: the one loaded last was served."""
+    from safetensors.torch import load_file, save_file
+
+    first, second = sorted(folder.glob("model-*.safetensors"))[:2]
+    name, tensor = sorted(load_file(first).items())[0]
+    save_file({**load_file(second), name: torch.zeros_like(tensor)}, second, metadata={"format": "pt"})
+
+
+def _tokenizer_json(folder):
+    """The embedded SmolLM2's tokenizer files in `folder`: an HF tokenizer that loads."""
+    import shutil
+
+    from model.embedded import ensure_smollm2
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_smollm2() / name, folder / name)
+
+
+def _widen_in_second_shard(folder):
+    """consolidated.01.pth's wq of another model's width: the check summed only the split dimension, and each replica
+    failed in torch.cat naming no file."""
+    shard = torch.load(folder / "consolidated.01.pth")
+    shard["layers.0.attention.wq.weight"] = torch.zeros(32, 48)
+    torch.save(shard, folder / "consolidated.01.pth")
+
+
 def _drop_item(mapping: dict, key: str) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
@@ -208,8 +234,17 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
         k.replace("mlp.up_proj", "mlp.fc_in"): v for k, v in s.items()}), "model.safetensors", "mlp.fc_in"),
     "missing tensor": (lambda h, p: _hf_variant(h, p, state=lambda s: _drop_item(s, "model.layers.1.mlp.up_proj.weight")),
                        "", "lacks 1 tensors config.json needs, e.g. ['layers.1.mlp.up_proj.weight']"),
+    # weights of the right shape but not floats: copy_ cast them into the model (int8 codes as values)
+    "integer weights": (lambda h, p: _hf_variant(h, p, state=lambda s: {
+        k: (v * 100).to(torch.int8) if "mlp" in k else v for k, v in s.items()}), "model.safetensors",
+        "'model.layers.0.mlp.down_proj.weight' has dtype I8"),
+    "fp8 weights": (lambda h, p: _hf_variant(h, p, state=lambda s: {
+        k: v.to(torch.float8_e4m3fn) if "up_proj" in k else v for k, v in s.items()}), "model.safetensors",
+        "'model.layers.0.mlp.up_proj.weight' has dtype F8_E4M3"),
     "index names an absent file": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).unlink()),
                                    "model.safetensors.index.json", "names 1 files not in"),
+    "a tensor in two shards": (lambda h, p: _sharded(h, p, _copy_into_second_shard), "model-00002-of-",
+                               "is also in"),
     "index not JSON": (lambda h, p: _sharded(h, p, lambda d: (d / "model.safetensors.index.json").write_text("{x")),
                        "model.safetensors.index.json", "not a safetensors index"),
     "a shard not safetensors": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).write_bytes(b"\x00" * 9)),
@@ -223,10 +258,38 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                                       "", "'consolidated.01.pth', 'consolidated.03.pth'] (a shard missing?)"),
     "meta: params contradict weights": (lambda h, p: _meta(h, p, params={"n_kv_heads": 4}), "consolidated.00-01.pth",
                                         "'layers.0.attention.wk.weight' has shape [32, 64], but"),
+    "meta: integer weights": (lambda h, p: _meta(h, p, change=lambda d: torch.save(
+        {k: v.to(torch.int8) if k.endswith("wo.weight") else v
+         for k, v in torch.load(d / "consolidated.01.pth").items()}, d / "consolidated.01.pth")), "consolidated.01.pth", "'layers.0.attention.wo.weight' has dtype int8"),
+    "meta: shards of two models": (lambda h, p: _meta(h, p, change=_widen_in_second_shard), "consolidated.01.pth",
+                                   "'layers.0.attention.wq.weight' has shape [32, 48] there"),
     "meta: shard not a checkpoint": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth")
                                                         .write_text("x")), "consolidated.01.pth", "not a PyTorch"),
     "meta: no params.json": (lambda h, p: _meta(h, p, change=lambda d: (d / "params.json").unlink()), "",
                              "holds Meta weights (consolidated.*.pth) but no params.json"),
+    # config.json of another architecture, or of a Llama meshserve does not compute: served as a plain Llama before
+    "another architecture": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "model_type": "gemma"}),
+                             "config.json", "model_type 'gemma'"),
+    "another activation": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "hidden_act": "gelu"}),
+                           "config.json", "hidden_act 'gelu'"),
+    "attention biases": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "attention_bias": True}),
+                         "config.json", "attention_bias"),
+    "mlp biases": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "mlp_bias": True}), "config.json",
+                   "mlp_bias"),
+    "a number written as a string": (lambda h, p: _hf_variant(h, p, config=lambda c: {
+        **c, "rope_parameters": {**c["rope_parameters"], "rope_theta": "500000.0"}}), "config.json", "rope_theta"),
+    "eps written as a string": (lambda h, p: _hf_variant(h, p, config=lambda c: {**c, "rms_norm_eps": "1e-5"}),
+                                "config.json", "norm_eps"),
+    "quantized": (lambda h, p: _hf_variant(h, p, config=lambda c: {
+        **c, "quantization_config": {"quant_method": "fp8"}}), "config.json", "quantization_config"),
+    # a tokenizer file there but unreadable: the check saw only that it existed, and every ingress replica failed
+    "tokenizer.json not JSON": (lambda h, p: _hf_variant(h, p) or (p / "tokenizer.json").write_text("{x"),
+                                "tokenizer.json", "not a tokenizer meshserve reads"),
+    "generation_config.json not JSON": (lambda h, p: _hf_variant(h, p) or _tokenizer_json(p) or (
+        p / "generation_config.json").write_text("{x"), "generation_config.json", "not JSON"),
+    "meta: tokenizer.model not tiktoken's": (lambda h, p: _meta(h, p, change=lambda d: (d / "tokenizer.model")
+                                                                .write_bytes(b"\n\x0b\n\x05<unk>\x15")),
+                                             "tokenizer.model", "not a tokenizer meshserve reads"),
     "meta: no tokenizer.model": (lambda h, p: _meta(h, p, change=lambda d: (d / "tokenizer.model").unlink()), "",
                                  "no tokenizer.json or tokenizer.model in"),
 }
@@ -295,3 +358,46 @@ def test_the_demos_variables_are_read_from_the_environment_of_the_call(monkeypat
     assert model.checkpoint.model_dir_from_env() is None
     with pytest.raises(ValueError, match="neither HF_MODEL nor LLAMA_DIR"):
         model.checkpoint.checkpoint_dir(None)
+
+
+def test_a_hub_id_is_looked_up_in_the_cache_the_apps_env_vars_name(tiny_hf, tmp_path, monkeypatch):
+    """Serve builds the app (and its replicas resolve the hub id) with the app's runtime_env.env_vars: with HF_HOME
+    set there, the check looked in this shell's cache instead and refused a model every replica would find."""
+    import yaml
+
+    from deployments.config import check_serve_config
+
+    for name in ("HF_MODEL", "LLAMA_DIR", "HF_HUB_CACHE", "HF_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    repo = tmp_path / "hf_home" / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+    _hf_variant(tiny_hf[0], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"model": ""},
+           "runtime_env": {"env_vars": {"HF_HOME": str(tmp_path / "hf_home"), "HF_MODEL": "org/tiny"}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    assert check_serve_config(str(path)) == []
+    app["runtime_env"]["env_vars"]["HF_MODEL"] = "org/absent"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    (error,) = check_serve_config(str(path))
+    assert "HF_MODEL: 'org/absent' is neither a directory nor a Hugging Face model in the local cache" in error
+
+
+def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it(tiny_hf, tmp_path):
+    """A hand-written config.json may leave out what LlamaConfig defaults: transformers (and vLLM, through it) then
+    normalise with eps 1e-6 and allow 2048 positions, while meshserve took 1e-5 and 8192, another model."""
+    from transformers import AutoConfig
+
+    cfg = json.loads((tiny_hf[0] / "config.json").read_text())
+    for key in ("rms_norm_eps", "max_position_embeddings", "num_key_value_heads", "tie_word_embeddings", "rope_theta",
+                "rope_parameters", "rope_scaling", "head_dim", "hidden_act"):
+        cfg.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ours, theirs = LlamaConfig.from_dir(tmp_path), AutoConfig.from_pretrained(tmp_path)
+    assert (ours.norm_eps, ours.max_position_embeddings, ours.n_kv_heads, ours.tie_word_embeddings, ours.head_dim) == (
+        theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.num_key_value_heads, theirs.tie_word_embeddings,
+        theirs.head_dim)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None

@@ -310,6 +310,18 @@ def test_weights_folder_is_exported_where_tt_metal_reads_it(ttnn, hf_dir, tmp_pa
     assert os.environ["LLAMA_DIR"] == str(meta) and "HF_MODEL" not in os.environ
 
 
+def test_an_hf_folder_with_a_params_json_is_exported_as_hf_model(ttnn, hf_dir, tmp_path):
+    """A params.json beside config.json and the safetensors (Mistral's HF repos ship both; a copied original/
+    params.json too) exported the folder as LLAMA_DIR, where tt-metal looks for Meta's consolidated.*.pth. The
+    weights decide, as for the torch backend (model.checkpoint.checkpoint_format)."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name, text in (("config.json", "{}"), ("model.safetensors", ""), ("params.json", "{}")):
+        (folder / name).write_text(text)  # tt-metal's double reads none of them
+    TTGalaxyBackend(folder, tt_config={"enable_model_warmup": False}).close()
+    assert os.environ["HF_MODEL"] == str(folder) and "LLAMA_DIR" not in os.environ
+
+
 def test_no_weights_is_a_clear_error(ttnn):
     with pytest.raises(ValueError, match="HF_MODEL"):
         TTGalaxyBackend()
