@@ -67,6 +67,14 @@ def test_bad_files_are_rejected_with_the_reason(tmp_path, content, message):
         read_prompt_file(path)
 
 
+def test_a_prompt_file_not_in_utf8_is_a_prompt_file_error(tmp_path):
+    """A Latin-1 or UTF-16 file raised UnicodeDecodeError: a traceback from bench.demo and bench.client."""
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"prompt": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(PromptFileError, match="latin1.json: not UTF-8 text"):
+        read_prompt_file(path)
+
+
 def test_missing_prompt_file_is_a_prompt_file_error(tmp_path):
     with pytest.raises(PromptFileError, match="cannot read prompt file"):
         read_prompt_file(tmp_path / "absent.json")
