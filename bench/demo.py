@@ -176,8 +176,12 @@ def resolve(args: argparse.Namespace) -> Settings:
             or args.backend == "torch":
         given["published_input_tokens"] = None  # other prompts, another batch, a CPU model: not the published run
     settings = dataclasses.replace(preset, **given)
-    if min(settings.batch_size, settings.repeat_batches, settings.max_generated_tokens, settings.block_size) < 1:
-        raise SystemExit("--batch-size, --repeat-batches, --max-generated-tokens and --block-size must be at least 1")
+    # max_seq_len 0 fell to the backend's default (`or`) while the report said 0; max_blocks < 0 failed in numpy
+    counts = ("batch_size", "repeat_batches", "max_generated_tokens", "block_size", "max_seq_len", "max_blocks")
+    low = [f"--{name.replace('_', '-')} must be at least 1" for name in counts
+           if getattr(settings, name) is not None and getattr(settings, name) < 1]
+    if low:
+        raise SystemExit("; ".join(low))
     return settings
 
 

@@ -129,6 +129,8 @@ def test_only_the_published_run_is_compared_with_the_published_figures(capsys):
 
 @pytest.mark.parametrize("option, message", [
     (["--block-size", "0"], "--block-size must be at least 1"),
+    (["--max-seq-len", "0"], "--max-seq-len must be at least 1"),  # ran at 128k, the report saying max_seq_len 0
+    (["--max-blocks", "-1"], "--max-blocks must be at least 1"),  # "negative dimensions are not allowed"
     (["--block-size", "48"], r"\(--block-size 48\): prefix_align"),
     (["--top-p", "0"], "--top-p: Input should be greater than 0"),
     (["--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
