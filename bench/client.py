@@ -99,26 +99,25 @@ async def stream_request(http: httpx.AsyncClient, url: str, endpoint: str, body:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 result.error = f"HTTP {response.status_code}: {detail}"
                 return result
+            done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[len("data:") :].strip()
                 if data == "[DONE]":
+                    done = True
                     break
-                chunk = json.loads(data)
-                if chunk.get("error"):
-                    result.error = str(chunk["error"])
+                try:
+                    error = _take_chunk(json.loads(data), endpoint, result, pieces)
+                except (ValueError, TypeError, AttributeError) as e:  # another shape: this request's failure only
+                    result.error = f"malformed chunk {data[:200]!r}: {type(e).__name__}: {e}"
                     break
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                    result.output_tokens = chunk["usage"].get("completion_tokens", 0)
-                    result.usage_reported = True
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
-                    if text or choice.get("finish_reason"):  # the end brings a token (EOS) even without text
-                        result.chunk_times.append(time.perf_counter())
-                        pieces.append(text or "")
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+                if error:
+                    result.error = error
+                    break
+            if result.error is None and not done:  # OpenAI-compatible servers (the ingress too) always end so
+                result.error = "the stream ended before data: [DONE]: the answer may be cut short"
+    except httpx.HTTPError as e:
         result.error = f"{type(e).__name__}: {e}"
     result.end = time.perf_counter()
     result.text = "".join(pieces)
@@ -127,6 +126,24 @@ async def stream_request(http: httpx.AsyncClient, url: str, endpoint: str, body:
     if result.error is None and not result.chunk_times:
         result.error = "the stream ended without any text"
     return result
+
+
+def _take_chunk(chunk: dict, endpoint: str, result: RequestResult, pieces: list[str]) -> str | None:
+    """Time and keep one SSE chunk's text and usage; returns the error it carries, if any."""
+    if chunk.get("error"):
+        return str(chunk["error"])
+    if chunk.get("usage"):
+        result.prompt_tokens = chunk["usage"].get("prompt_tokens")
+        result.output_tokens = int(chunk["usage"].get("completion_tokens", 0))
+        result.usage_reported = True
+    for choice in chunk.get("choices") or []:
+        text = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"text of type {type(text).__name__}")
+        if text or choice.get("finish_reason"):  # the end brings a token (EOS) even without text
+            result.chunk_times.append(time.perf_counter())
+            pieces.append(text or "")
+    return None
 
 
 async def run_batch(args: argparse.Namespace, prompts: list[str]) -> tuple[list[RequestResult], float]:

@@ -302,3 +302,34 @@ def test_an_answer_of_one_token_without_text_is_no_failure(endpoint):
     assert result.ok, result.error
     assert (result.output_tokens, result.text, len(result.chunk_times)) == (1, "", 1)
     assert 0 <= result.ttft <= result.e2el and result.tpot is None
+
+
+def streamed(body: str, endpoint: str = "chat"):
+    """stream_request's result for a 200 answer of `body`."""
+    answer = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+
+    async def one():
+        async with httpx.AsyncClient(transport=answer) as http:
+            return await client.stream_request(http, "http://server", endpoint, {})
+
+    return asyncio.run(one())
+
+
+TEXT_CHUNK = 'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+
+
+@pytest.mark.parametrize("bad", ["[1, 2]", '{"choices": ["x"]}', '{"choices": [], "usage": 5}',
+                                 '{"choices": [{"index": 0, "delta": "hi"}]}'])
+def test_a_malformed_chunk_fails_its_request_only(bad):
+    """A chunk of valid JSON in another shape raised AttributeError out of stream_request ("never raises"), and
+    asyncio.gather lost every other answer of bench.client's batch with a traceback."""
+    result = streamed(f"{TEXT_CHUNK}data: {bad}\n\ndata: [DONE]\n\n")
+    assert not result.ok and "malformed chunk" in result.error
+
+
+def test_a_stream_cut_before_done_is_a_failed_request():
+    """A stream that ended cleanly but early (no finish_reason, no [DONE]: a proxy or server that gave up) counted as
+    a complete answer, its few tokens in the mean tokens/s; the ingress always ends with [DONE], even after an error."""
+    result = streamed(TEXT_CHUNK * 2)
+    assert not result.ok and "[DONE]" in result.error and result.text == "hihi"
+    assert streamed(TEXT_CHUNK * 2 + "data: [DONE]\n\n").ok
