@@ -32,11 +32,14 @@ def api_base(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def new_http_client(max_connections: int | None = None, api_key: str | None = None) -> httpx.AsyncClient:
-    """`api_key`: sent as a bearer token (a server with `api_keys` refuses requests without one: 401)."""
-    # No read timeout: a 128k-token prefill legitimately takes long before the first byte.
+def new_http_client(max_connections: int | None = None, api_key: str | None = None,
+                    read_timeout: float | None = None) -> httpx.AsyncClient:
+    """`api_key`: sent as a bearer token (a server with `api_keys` refuses requests without one: 401).
+    `read_timeout`: the longest silence within an answer (None: wait for ever, as a 128k-token prefill on a server
+    without SSE keep-alives can take long before its first byte)."""
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(None, connect=30.0), limits=httpx.Limits(max_connections=max_connections),
+        timeout=httpx.Timeout(None, connect=30.0, read=read_timeout),
+        limits=httpx.Limits(max_connections=max_connections),
         headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
     )
 
@@ -149,7 +152,7 @@ def _take_chunk(chunk: dict, endpoint: str, result: RequestResult, pieces: list[
 async def run_batch(args: argparse.Namespace, prompts: list[str]) -> tuple[list[RequestResult], float]:
     """All prompts, at most --num-concurrent in flight; returns the results and the wall time."""
     limit = asyncio.Semaphore(args.num_concurrent)
-    async with new_http_client(args.num_concurrent, args.api_key) as http:
+    async with new_http_client(args.num_concurrent, args.api_key, args.read_timeout) as http:
         model = args.model or await first_model(http, args.url)
         with tqdm(total=len(prompts), desc="requests", unit="req", file=sys.stderr) as progress:
 
@@ -196,8 +199,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--ignore-eos", action="store_true", help="generate --max-tokens every time, like the demo without stop_at_eos"
     )
     parser.add_argument("--json", metavar="FILE", help="write the answers and figures as JSON to FILE ('-': stdout)")
+    parser.add_argument(
+        "--read-timeout", type=float, default=600.0, metavar="S",
+        help="a request whose stream stays silent this long fails, the others go on (meshserve sends an SSE comment "
+        "every sse_keep_alive_interval, 300 s at most, and its headers within 45 s; default: %(default)s)",
+    )
     add_api_key_argument(parser)
     args = parser.parse_args(argv)
+    if not args.read_timeout > 0:  # also NaN
+        parser.error(f"--read-timeout must be more than 0 seconds, not {args.read_timeout}")
     for flag, value in (("--num-concurrent", args.num_concurrent), ("--max-tokens", args.max_tokens)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, not {value}")

@@ -2,7 +2,8 @@
 
 The fake streams "tok0 tok1 ..." two tokens per chunk (so token counts must come from usage, not chunks),
 stops at a fake EOS after 5 tokens unless ignore_eos, reports usage only when asked, and records how many
-requests it had in flight. Model "no-usage" never reports usage; model "broken" answers HTTP 500.
+requests it had in flight. Model "no-usage" never reports usage; model "broken" answers HTTP 500; a chat
+prompt with "stall" goes silent for a minute after its first chunk.
 """
 import asyncio
 import json
@@ -68,7 +69,7 @@ def fake_openai_app() -> FastAPI:
                 if chat:
                     yield chunk(None)
                 for first in range(0, n, TOKENS_PER_CHUNK):
-                    await asyncio.sleep(0.002)
+                    await asyncio.sleep(60 if first and chat and "stall" in body["messages"][0]["content"] else 0.002)
                     yield chunk("".join(f"tok{i} " for i in range(first, min(n, first + TOKENS_PER_CHUNK))))
                 if usage:
                     yield chunk(None, {"prompt_tokens": prompt_tokens, "completion_tokens": n})
@@ -201,6 +202,18 @@ def test_client_cycles_prompts_to_fill_the_batch(fake_server, tmp_path, capsys):
     assert summary["failed"] == 0 and summary["output_tokens"] == 12
 
 
+def test_a_stalled_stream_fails_after_the_read_timeout_and_the_others_are_kept(fake_server, tmp_path, capsys):
+    """A stream gone silent (a host lost without a FIN, a stuck server) hung bench.client for ever: no read timeout,
+    and the answers already in were never printed."""
+    url, _ = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "fine"}, {"prompt": "stall"}]))
+    summary = client.main(["--num-concurrent", "2", "--prompt-json-path", str(prompts), "--url", url,
+                           "--max-tokens", "4", "--read-timeout", "0.5"])
+    printed = capsys.readouterr().out
+    assert summary["failed"] == 1 and "tok0 tok1 tok2 tok3" in printed and "FAILED: ReadTimeout" in printed
+
+
 def test_the_clients_send_an_api_key_from_the_flag_or_openai_api_key(fake_server, tmp_path, monkeypatch):
     """A server with api_keys answers 401 without one: both clients send it as a bearer token."""
     url, state = fake_server
@@ -253,6 +266,7 @@ def test_the_client_exits_non_zero_when_a_request_failed(fake_server):
     ("serving", ["--goodput", "tpot:nan"], "tpot:nan"),
     ("client", ["--num-concurrent", "0"], "--num-concurrent"),  # hung
     ("client", ["--num-concurrent", "-1"], "--num-concurrent"),
+    ("client", ["--read-timeout", "0"], "--read-timeout"),
 ])
 def test_bad_numbers_are_usage_errors_before_any_request(module, flags, named, capsys):
     cli = serving if module == "serving" else client
