@@ -226,12 +226,19 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.backend == "torch":
+        from model.config import LlamaConfig
         from model.embedded import ensure_smollm2
         from model.torch_llama import TorchBackend
 
         model_dir = model_dir or ensure_smollm2()
+        # The presets' 128k is Llama 3.3's context: a CPU model runs at its own unless told, and is told no more
+        # (past max_position_embeddings its rope was never trained; the serve app and vLLM refuse it too).
+        context = LlamaConfig.from_dir(model_dir).max_position_embeddings
+        if args.max_seq_len is not None and args.max_seq_len > context:
+            raise SystemExit(f"--max-seq-len {args.max_seq_len} is beyond the model's context ({context} tokens, "
+                             "max_position_embeddings)")
         backend = TorchBackend(model_dir, num_slots=settings.batch_size, block_size=settings.block_size,
-                               num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len)
+                               num_blocks=settings.max_blocks, max_seq_len=min(settings.max_seq_len, context))
         return backend, load_tokenizer(model_dir)
     if settings.batch_size > GALAXY_SLOTS:
         raise SystemExit(f"a Galaxy decodes at most {GALAXY_SLOTS} users; --batch-size {settings.batch_size}")
@@ -332,6 +339,7 @@ def run(args: argparse.Namespace) -> dict:
         backend, tokenizer = open_backend(args, settings)
     except (OSError, ValueError) as e:  # a model folder without a tokenizer, a size the backend cannot take
         raise SystemExit(f"cannot open the {args.backend} backend: {e}") from None
+    settings = dataclasses.replace(settings, max_seq_len=backend.caps.max_seq_len)  # the report's: what ran
     try:
         token_ids = tokenize(tokenizer, prompts, settings.instruct)
         # The demo's rotation: batch b gives user u the prompt (u + b) mod the number of prompts.

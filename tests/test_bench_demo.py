@@ -206,3 +206,17 @@ def test_the_galaxy_backend_without_ttnn_says_what_to_install(monkeypatch):
     said = str(exited.value.code)
     assert "built from the tt-metal checkout" in said and "python_env" in said and "3.10 or 3.12" in said
     assert "meshserve[tt]" not in said
+
+
+def test_a_torch_model_is_held_to_its_own_context(tmp_path, tiny_model):
+    """The presets' max_seq_len, 128k (Llama 3.3's), went to the torch backend as is: a model of 4,096 positions
+    (SmolLM2: 8,192) prefilled a longer prompt at positions its rope was never trained on, where the serve app
+    refuses such a max_seq_len as vLLM does. It now runs at the model's context unless told, and is told no more."""
+    prompts = tmp_path / "long.json"
+    prompts.write_text(json.dumps([{"prompt": "word " * 5000}]))
+    run = ["--backend", "torch", "--model", str(tiny_model), "--input-prompts", str(prompts), "--batch-size", "1",
+           "--max-generated-tokens", "2"]
+    with pytest.raises(SystemExit, match="exceeds max_seq_len 4096"):
+        demo.main(run)
+    with pytest.raises(SystemExit, match=r"--max-seq-len 8192 is beyond the model's context \(4096 tokens"):
+        demo.main([*run, "--max-seq-len", "8192"])
