@@ -56,6 +56,18 @@ def check_output_folder(parser: argparse.ArgumentParser, flag: str, path: str | 
         parser.error(f"{flag} {path}: the folder {folder} does not exist")
 
 
+def check_url(parser: argparse.ArgumentParser, url: str) -> None:
+    """A usage error before any request: a mistyped --url ended in an InvalidURL or OverflowError traceback, or in
+    "is the server up?" for a missing scheme."""
+    try:
+        parsed = httpx.URL(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 80) < 65536
+    except httpx.InvalidURL:
+        ok = False
+    if not ok:
+        parser.error(f"--url {url}: not a server address such as {DEFAULT_URL}")
+
+
 async def first_model(http: httpx.AsyncClient, url: str) -> str:
     try:
         response = await http.get(f"{api_base(url)}/v1/models")
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         if value < 1:
             parser.error(f"{flag} must be at least 1, not {value}")
     check_output_folder(parser, "--json", args.json)
+    check_url(parser, args.url)
 
     try:
         prompts = load_prompts(args.prompt_json_path)

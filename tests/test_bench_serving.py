@@ -267,6 +267,9 @@ def test_the_client_exits_non_zero_when_a_request_failed(fake_server):
     ("client", ["--num-concurrent", "0"], "--num-concurrent"),  # hung
     ("client", ["--num-concurrent", "-1"], "--num-concurrent"),
     ("client", ["--read-timeout", "0"], "--read-timeout"),
+    ("client", ["--url", "http://127.0.0.1:99999"], "--url"),  # OverflowError traceback from the socket
+    ("client", ["--url", "http://[::1"], "--url"),  # httpx.InvalidURL traceback
+    ("serving", ["--url", "localhost:8000"], "--url"),  # "missing an 'http://' protocol (is the server up?)"
 ])
 def test_bad_numbers_are_usage_errors_before_any_request(module, flags, named, capsys):
     cli = serving if module == "serving" else client
