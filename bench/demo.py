@@ -3,8 +3,8 @@ text_demo.py), run through meshserve's engine core in this process: MeshSchedule
 on the backend (torch, simulated or tt_galaxy), the scheduler takes the results in. No Ray, no HTTP.
 
 The presets and options are the demo's. Each batch submits every user at once and runs until all finish;
-repeat batches rotate the prompts among the users and salt the prefix cache per batch, as the demo zeroes its
-KV cache between batches. Figures per batch, with the demo's definitions:
+repeat batches rotate the prompts among the users. Every user's prefix cache is salted apart, as the demo
+prefills each user in full and zeroes its KV cache between batches. Figures per batch, with the demo's definitions:
 
 - prefill time: batch start (every prompt already tokenized) -> the last user's first token. The Galaxy demo
   prints this as TTFT: its batch-32 prefill is one batched call, so every user gets the first token then.
@@ -296,9 +296,10 @@ def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[i
 
     One thread, one work at a time: a mesh thread that overlaps the scheduler with the backend (the router's
     pipelining) measured slower here, as both threads then contend for the GIL on every step."""
-    salt = f"batch-{batch}"  # a batch never reuses the previous one's KV, as the demo zeroes its cache
+    # A salt per user: no user reuses another's KV, of this batch or the one before, as the demo prefills each
+    # user in full into its own pages and zeroes the cache between batches.
     start = time.monotonic()
-    sequences = [scheduler.submit(f"{salt}-user-{user}", ids, params[user], salt=salt)
+    sequences = [scheduler.submit(f"batch-{batch}-user-{user}", ids, params[user], salt=f"batch-{batch}-user-{user}")
                  for user, ids in enumerate(prompts)]
     token_times: dict[str, list[float]] = {seq.request_id: [] for seq in sequences}
     while scheduler.requests:
