@@ -92,3 +92,16 @@ def test_shipped_samples_load_and_long_contexts_double_in_length():
     # max_length, not the end of the text, sets every length: the logbook is longer than the longest cut.
     assert read_prompt_file(SAMPLES_DIR / "long_128k.json")[0].max_length < len(logbook())
     assert sum(p.stat().st_size for p in SAMPLES_DIR.iterdir()) < 2_000_000
+
+
+@pytest.mark.parametrize("flags", [["--days", "0"], ["--days", "-3"], ["--out", "/nonexistent-folder/logbook.txt"]])
+def test_textgen_refuses_a_bad_output_before_writing(flags, tmp_path, capsys):
+    """--days 0 or less wrote a 1-byte logbook (the long prompt files then cut it to nothing); an --out in a missing
+    folder ended in FileNotFoundError's traceback."""
+    from bench import textgen
+
+    out = ["--out", str(tmp_path / "logbook.txt")] if flags[0] == "--days" else []
+    with pytest.raises(SystemExit) as exit_:
+        textgen.main([*out, *flags])
+    assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "logbook.txt").exists()
