@@ -73,7 +73,7 @@ async def first_model(http: httpx.AsyncClient, url: str) -> str:
         response = await http.get(f"{api_base(url)}/v1/models")
         response.raise_for_status()
         return response.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:  # TypeError: a list of another shape
         # A server with api_keys answers 401: say so rather than suggest it is down.
         unauthorized = isinstance(e, httpx.HTTPStatusError) and e.response.status_code == 401
         hint = "a missing or wrong API key: --api-key or $OPENAI_API_KEY" if unauthorized else "is the server up?"

@@ -350,3 +350,17 @@ def test_a_stream_cut_before_done_is_a_failed_request():
     result = streamed(TEXT_CHUNK * 2)
     assert not result.ok and "[DONE]" in result.error and result.text == "hihi"
     assert streamed(TEXT_CHUNK * 2 + "data: [DONE]\n\n").ok
+
+
+@pytest.mark.parametrize("models", [{"data": "m"}, {"data": [None]}, ["m"]])
+def test_a_malformed_model_list_is_a_clear_exit(models):
+    """A /v1/models answer of another shape raised TypeError out of first_model: a traceback, not the exit saying
+    what failed."""
+    answer = httpx.MockTransport(lambda request: httpx.Response(200, json=models))
+
+    async def list_models():
+        async with httpx.AsyncClient(transport=answer) as http:
+            await client.first_model(http, "http://server:8000")
+
+    with pytest.raises(SystemExit, match="cannot list the models"):
+        asyncio.run(list_models())
