@@ -74,13 +74,24 @@ def measure(tokenizer: Tokenizer, num_tokens: int) -> dict:
     return result
 
 
+def token_counts(text: str) -> list[int]:
+    """--lengths: positive whole numbers, comma-separated (0 divided by zero, a non-number failed in int())."""
+    try:
+        counts = [int(n) for n in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: token counts of at least 1, comma-separated, e.g. 1024,16384")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", default="1024,16384,131072", help="answer lengths in tokens")
+    parser.add_argument("--lengths", type=token_counts, default="1024,16384,131072", help="answer lengths in tokens")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     tokenizer = load_tokenizer(ensure_smollm2())
-    results = [measure(tokenizer, int(n)) for n in args.lengths.split(",")]
+    results = [measure(tokenizer, n) for n in args.lengths]
     if args.json:
         print(json.dumps(results))
         return results

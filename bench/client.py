@@ -32,11 +32,14 @@ def api_base(url: str) -> str:
     return url.removesuffix("/v1")
 
 
-def new_http_client(max_connections: int | None = None, api_key: str | None = None) -> httpx.AsyncClient:
-    """`api_key`: sent as a bearer token (a server with `api_keys` refuses requests without one: 401)."""
-    # No read timeout: a 128k-token prefill legitimately takes long before the first byte.
+def new_http_client(max_connections: int | None = None, api_key: str | None = None,
+                    read_timeout: float | None = None) -> httpx.AsyncClient:
+    """`api_key`: sent as a bearer token (a server with `api_keys` refuses requests without one: 401).
+    `read_timeout`: the longest silence within an answer (None: wait for ever, as a 128k-token prefill on a server
+    without SSE keep-alives can take long before its first byte)."""
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(None, connect=30.0), limits=httpx.Limits(max_connections=max_connections),
+        timeout=httpx.Timeout(None, connect=30.0, read=read_timeout),
+        limits=httpx.Limits(max_connections=max_connections),
         headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
     )
 
@@ -53,12 +56,24 @@ def check_output_folder(parser: argparse.ArgumentParser, flag: str, path: str | 
         parser.error(f"{flag} {path}: the folder {folder} does not exist")
 
 
+def check_url(parser: argparse.ArgumentParser, url: str) -> None:
+    """A usage error before any request: a mistyped --url ended in an InvalidURL or OverflowError traceback, or in
+    "is the server up?" for a missing scheme."""
+    try:
+        parsed = httpx.URL(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.host) and (parsed.port or 80) < 65536
+    except httpx.InvalidURL:
+        ok = False
+    if not ok:
+        parser.error(f"--url {url}: not a server address such as {DEFAULT_URL}")
+
+
 async def first_model(http: httpx.AsyncClient, url: str) -> str:
     try:
         response = await http.get(f"{api_base(url)}/v1/models")
         response.raise_for_status()
         return response.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:  # TypeError: a list of another shape
         # A server with api_keys answers 401: say so rather than suggest it is down.
         unauthorized = isinstance(e, httpx.HTTPStatusError) and e.response.status_code == 401
         hint = "a missing or wrong API key: --api-key or $OPENAI_API_KEY" if unauthorized else "is the server up?"
@@ -99,26 +114,25 @@ async def stream_request(http: httpx.AsyncClient, url: str, endpoint: str, body:
                 detail = (await response.aread()).decode(errors="replace")[:500]
                 result.error = f"HTTP {response.status_code}: {detail}"
                 return result
+            done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[len("data:") :].strip()
                 if data == "[DONE]":
+                    done = True
                     break
-                chunk = json.loads(data)
-                if chunk.get("error"):
-                    result.error = str(chunk["error"])
+                try:
+                    error = _take_chunk(json.loads(data), endpoint, result, pieces)
+                except (ValueError, TypeError, AttributeError) as e:  # another shape: this request's failure only
+                    result.error = f"malformed chunk {data[:200]!r}: {type(e).__name__}: {e}"
                     break
-                if chunk.get("usage"):
-                    result.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                    result.output_tokens = chunk["usage"].get("completion_tokens", 0)
-                    result.usage_reported = True
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
-                    if text or choice.get("finish_reason"):  # the end brings a token (EOS) even without text
-                        result.chunk_times.append(time.perf_counter())
-                        pieces.append(text or "")
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+                if error:
+                    result.error = error
+                    break
+            if result.error is None and not done:  # OpenAI-compatible servers (the ingress too) always end so
+                result.error = "the stream ended before data: [DONE]: the answer may be cut short"
+    except httpx.HTTPError as e:
         result.error = f"{type(e).__name__}: {e}"
     result.end = time.perf_counter()
     result.text = "".join(pieces)
@@ -129,10 +143,28 @@ async def stream_request(http: httpx.AsyncClient, url: str, endpoint: str, body:
     return result
 
 
+def _take_chunk(chunk: dict, endpoint: str, result: RequestResult, pieces: list[str]) -> str | None:
+    """Time and keep one SSE chunk's text and usage; returns the error it carries, if any."""
+    if chunk.get("error"):
+        return str(chunk["error"])
+    if chunk.get("usage"):
+        result.prompt_tokens = chunk["usage"].get("prompt_tokens")
+        result.output_tokens = int(chunk["usage"].get("completion_tokens", 0))
+        result.usage_reported = True
+    for choice in chunk.get("choices") or []:
+        text = (choice.get("delta") or {}).get("content") if endpoint == "chat" else choice.get("text")
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"text of type {type(text).__name__}")
+        if text or choice.get("finish_reason"):  # the end brings a token (EOS) even without text
+            result.chunk_times.append(time.perf_counter())
+            pieces.append(text or "")
+    return None
+
+
 async def run_batch(args: argparse.Namespace, prompts: list[str]) -> tuple[list[RequestResult], float]:
     """All prompts, at most --num-concurrent in flight; returns the results and the wall time."""
     limit = asyncio.Semaphore(args.num_concurrent)
-    async with new_http_client(args.num_concurrent, args.api_key) as http:
+    async with new_http_client(args.num_concurrent, args.api_key, args.read_timeout) as http:
         model = args.model or await first_model(http, args.url)
         with tqdm(total=len(prompts), desc="requests", unit="req", file=sys.stderr) as progress:
 
@@ -179,12 +211,20 @@ def main(argv: list[str] | None = None) -> dict:
         "--ignore-eos", action="store_true", help="generate --max-tokens every time, like the demo without stop_at_eos"
     )
     parser.add_argument("--json", metavar="FILE", help="write the answers and figures as JSON to FILE ('-': stdout)")
+    parser.add_argument(
+        "--read-timeout", type=float, default=600.0, metavar="S",
+        help="a request whose stream stays silent this long fails, the others go on (meshserve sends an SSE comment "
+        "every sse_keep_alive_interval, 300 s at most, and its headers within 45 s; default: %(default)s)",
+    )
     add_api_key_argument(parser)
     args = parser.parse_args(argv)
+    if not args.read_timeout > 0:  # also NaN
+        parser.error(f"--read-timeout must be more than 0 seconds, not {args.read_timeout}")
     for flag, value in (("--num-concurrent", args.num_concurrent), ("--max-tokens", args.max_tokens)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, not {value}")
     check_output_folder(parser, "--json", args.json)
+    check_url(parser, args.url)
 
     try:
         prompts = load_prompts(args.prompt_json_path)

@@ -3,8 +3,8 @@ text_demo.py), run through meshserve's engine core in this process: MeshSchedule
 on the backend (torch, simulated or tt_galaxy), the scheduler takes the results in. No Ray, no HTTP.
 
 The presets and options are the demo's. Each batch submits every user at once and runs until all finish;
-repeat batches rotate the prompts among the users and salt the prefix cache per batch, as the demo zeroes its
-KV cache between batches. Figures per batch, with the demo's definitions:
+repeat batches rotate the prompts among the users. Every user's prefix cache is salted apart, as the demo
+prefills each user in full and zeroes its KV cache between batches. Figures per batch, with the demo's definitions:
 
 - prefill time: batch start (every prompt already tokenized) -> the last user's first token. The Galaxy demo
   prints this as TTFT: its batch-32 prefill is one batched call, so every user gets the first token then.
@@ -176,8 +176,12 @@ def resolve(args: argparse.Namespace) -> Settings:
             or args.backend == "torch":
         given["published_input_tokens"] = None  # other prompts, another batch, a CPU model: not the published run
     settings = dataclasses.replace(preset, **given)
-    if min(settings.batch_size, settings.repeat_batches, settings.max_generated_tokens, settings.block_size) < 1:
-        raise SystemExit("--batch-size, --repeat-batches, --max-generated-tokens and --block-size must be at least 1")
+    # max_seq_len 0 fell to the backend's default (`or`) while the report said 0; max_blocks < 0 failed in numpy
+    counts = ("batch_size", "repeat_batches", "max_generated_tokens", "block_size", "max_seq_len", "max_blocks")
+    low = [f"--{name.replace('_', '-')} must be at least 1" for name in counts
+           if getattr(settings, name) is not None and getattr(settings, name) < 1]
+    if low:
+        raise SystemExit("; ".join(low))
     return settings
 
 
@@ -222,12 +226,19 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if args.backend == "torch":
+        from model.config import LlamaConfig
         from model.embedded import ensure_smollm2
         from model.torch_llama import TorchBackend
 
         model_dir = model_dir or ensure_smollm2()
+        # The presets' 128k is Llama 3.3's context: a CPU model runs at its own unless told, and is told no more
+        # (past max_position_embeddings its rope was never trained; the serve app and vLLM refuse it too).
+        context = LlamaConfig.from_dir(model_dir).max_position_embeddings
+        if args.max_seq_len is not None and args.max_seq_len > context:
+            raise SystemExit(f"--max-seq-len {args.max_seq_len} is beyond the model's context ({context} tokens, "
+                             "max_position_embeddings)")
         backend = TorchBackend(model_dir, num_slots=settings.batch_size, block_size=settings.block_size,
-                               num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len)
+                               num_blocks=settings.max_blocks, max_seq_len=min(settings.max_seq_len, context))
         return backend, load_tokenizer(model_dir)
     if settings.batch_size > GALAXY_SLOTS:
         raise SystemExit(f"a Galaxy decodes at most {GALAXY_SLOTS} users; --batch-size {settings.batch_size}")
@@ -285,9 +296,10 @@ def run_batch(scheduler: MeshScheduler, runner: MeshRunner, prompts: list[list[i
 
     One thread, one work at a time: a mesh thread that overlaps the scheduler with the backend (the router's
     pipelining) measured slower here, as both threads then contend for the GIL on every step."""
-    salt = f"batch-{batch}"  # a batch never reuses the previous one's KV, as the demo zeroes its cache
+    # A salt per user: no user reuses another's KV, of this batch or the one before, as the demo prefills each
+    # user in full into its own pages and zeroes the cache between batches.
     start = time.monotonic()
-    sequences = [scheduler.submit(f"{salt}-user-{user}", ids, params[user], salt=salt)
+    sequences = [scheduler.submit(f"batch-{batch}-user-{user}", ids, params[user], salt=f"batch-{batch}-user-{user}")
                  for user, ids in enumerate(prompts)]
     token_times: dict[str, list[float]] = {seq.request_id: [] for seq in sequences}
     while scheduler.requests:
@@ -328,6 +340,7 @@ def run(args: argparse.Namespace) -> dict:
         backend, tokenizer = open_backend(args, settings)
     except (OSError, ValueError) as e:  # a model folder without a tokenizer, a size the backend cannot take
         raise SystemExit(f"cannot open the {args.backend} backend: {e}") from None
+    settings = dataclasses.replace(settings, max_seq_len=backend.caps.max_seq_len)  # the report's: what ran
     try:
         token_ids = tokenize(tokenizer, prompts, settings.instruct)
         # The demo's rotation: batch b gives user u the prompt (u + b) mod the number of prompts.

@@ -49,6 +49,8 @@ def read_prompt_file(path: str | Path) -> list[PromptEntry]:
         raise PromptFileError(f"{path}: cannot read prompt file: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
         raise PromptFileError(f"{path}: not valid JSON: {e}") from e
+    except UnicodeDecodeError as e:  # JSON files are UTF-8 (RFC 8259); a Latin-1 or UTF-16 export is not
+        raise PromptFileError(f"{path}: not UTF-8 text: {e}") from e
     if not isinstance(raw, list):
         raise PromptFileError(f"{path}: expected a JSON list of prompt entries, got {type(raw).__name__}")
     if not raw:

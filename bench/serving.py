@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench.chart import save_chart
-from bench.client import (DEFAULT_URL, ENDPOINTS, add_api_key_argument, check_output_folder, first_model,
+from bench.client import (DEFAULT_URL, ENDPOINTS, add_api_key_argument, check_output_folder, check_url, first_model,
                           new_http_client, request_body, stream_request, write_json)
 from bench.metrics import RequestResult, Summary, output_throughput_timeline, parse_slos, summarize
 from bench.prompts import PromptFileError, load_prompts
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--random-prompt tokens needs --endpoint completions (chat messages are text)")
     check_output_folder(parser, "--json", args.json)
     check_output_folder(parser, "--chart", args.chart)
+    check_url(parser, args.url)
     try:
         slos = parse_slos(args.goodput)
     except ValueError as e:

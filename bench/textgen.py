@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=LOGBOOK_PATH, help="where to write (default: %(default)s)")
     parser.add_argument("--days", type=int, default=LOGBOOK_DAYS, help="logbook entries (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.days < 1:  # 0 wrote a 1-byte logbook, which the long prompt files then cut to nothing
+        parser.error(f"--days must be at least 1, not {args.days}")
+    if not args.out.absolute().parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {args.out.absolute().parent} does not exist")
     args.out.write_text(logbook(args.days), encoding="utf-8")
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes)")
 

@@ -1,4 +1,6 @@
 """bench.answer_text times the ingress's real per-token paths over the whole answer."""
+import pytest
+
 from bench.answer_text import answer_ids, main
 from tests.ingress_support import tokenizer  # noqa: F401  (fixture)
 
@@ -11,3 +13,11 @@ def test_it_times_every_path_over_the_whole_answer(tokenizer):  # noqa: F811
     for path in ("stream", "tool_call", "total"):
         mean, tail = result[path]
         assert mean > 0 and tail > 0
+
+
+@pytest.mark.parametrize("lengths", ["0", "-5", "abc", "10,", "1e3"])
+def test_bad_lengths_are_usage_errors(lengths, capsys):
+    """0 and negative lengths ended in ZeroDivisionError, a non-number in int()'s ValueError: tracebacks."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--lengths", lengths])
+    assert exit_.value.code == 2 and "--lengths" in capsys.readouterr().err

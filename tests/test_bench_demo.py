@@ -129,6 +129,8 @@ def test_only_the_published_run_is_compared_with_the_published_figures(capsys):
 
 @pytest.mark.parametrize("option, message", [
     (["--block-size", "0"], "--block-size must be at least 1"),
+    (["--max-seq-len", "0"], "--max-seq-len must be at least 1"),  # ran at 128k, the report saying max_seq_len 0
+    (["--max-blocks", "-1"], "--max-blocks must be at least 1"),  # "negative dimensions are not allowed"
     (["--block-size", "48"], r"\(--block-size 48\): prefix_align"),
     (["--top-p", "0"], "--top-p: Input should be greater than 0"),
     (["--temperature", "-1"], "--temperature: Input should be greater than or equal to 0"),
@@ -204,3 +206,35 @@ def test_the_galaxy_backend_without_ttnn_says_what_to_install(monkeypatch):
     said = str(exited.value.code)
     assert "built from the tt-metal checkout" in said and "python_env" in said and "3.10 or 3.12" in said
     assert "meshserve[tt]" not in said
+
+
+def test_a_torch_model_is_held_to_its_own_context(tmp_path, tiny_model):
+    """The presets' max_seq_len, 128k (Llama 3.3's), went to the torch backend as is: a model of 4,096 positions
+    (SmolLM2: 8,192) prefilled a longer prompt at positions its rope was never trained on, where the serve app
+    refuses such a max_seq_len as vLLM does. It now runs at the model's context unless told, and is told no more."""
+    prompts = tmp_path / "long.json"
+    prompts.write_text(json.dumps([{"prompt": "word " * 5000}]))
+    run = ["--backend", "torch", "--model", str(tiny_model), "--input-prompts", str(prompts), "--batch-size", "1",
+           "--max-generated-tokens", "2"]
+    with pytest.raises(SystemExit, match="exceeds max_seq_len 4096"):
+        demo.main(run)
+    with pytest.raises(SystemExit, match=r"--max-seq-len 8192 is beyond the model's context \(4096 tokens"):
+        demo.main([*run, "--max-seq-len", "8192"])
+
+
+def test_users_of_one_batch_share_no_prefix_cache(monkeypatch):
+    """The Galaxy demo prefills every user in full (a page table each, no prefix cache). Users of one batch with the
+    same prompt (performance-long-16k-b32: 8 users per context length; any file shorter than the batch) hit the
+    prefix cache of those before them in their KV group, so their prefill, the TTFT reported, was short by up to
+    3,840 of 3,850 tokens."""
+    cached = []
+    batch_result = demo.batch_result
+
+    def spy(batch, start, sequences, *args):
+        cached.extend(seq.num_cached_tokens for seq in sequences)
+        return batch_result(batch, start, sequences, *args)
+
+    monkeypatch.setattr(demo, "batch_result", spy)
+    demo.main(["--preset", "performance-long-4k-b1", "--batch-size", "8", "--time-scale", "0.001",
+               "--max-generated-tokens", "2", "--json"])
+    assert cached == [0] * 8

@@ -67,6 +67,14 @@ def test_bad_files_are_rejected_with_the_reason(tmp_path, content, message):
         read_prompt_file(path)
 
 
+def test_a_prompt_file_not_in_utf8_is_a_prompt_file_error(tmp_path):
+    """A Latin-1 or UTF-16 file raised UnicodeDecodeError: a traceback from bench.demo and bench.client."""
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"prompt": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(PromptFileError, match="latin1.json: not UTF-8 text"):
+        read_prompt_file(path)
+
+
 def test_missing_prompt_file_is_a_prompt_file_error(tmp_path):
     with pytest.raises(PromptFileError, match="cannot read prompt file"):
         read_prompt_file(tmp_path / "absent.json")
@@ -84,3 +92,16 @@ def test_shipped_samples_load_and_long_contexts_double_in_length():
     # max_length, not the end of the text, sets every length: the logbook is longer than the longest cut.
     assert read_prompt_file(SAMPLES_DIR / "long_128k.json")[0].max_length < len(logbook())
     assert sum(p.stat().st_size for p in SAMPLES_DIR.iterdir()) < 2_000_000
+
+
+@pytest.mark.parametrize("flags", [["--days", "0"], ["--days", "-3"], ["--out", "/nonexistent-folder/logbook.txt"]])
+def test_textgen_refuses_a_bad_output_before_writing(flags, tmp_path, capsys):
+    """--days 0 or less wrote a 1-byte logbook (the long prompt files then cut it to nothing); an --out in a missing
+    folder ended in FileNotFoundError's traceback."""
+    from bench import textgen
+
+    out = ["--out", str(tmp_path / "logbook.txt")] if flags[0] == "--days" else []
+    with pytest.raises(SystemExit) as exit_:
+        textgen.main([*out, *flags])
+    assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "logbook.txt").exists()

@@ -2,7 +2,8 @@
 
 The fake streams "tok0 tok1 ..." two tokens per chunk (so token counts must come from usage, not chunks),
 stops at a fake EOS after 5 tokens unless ignore_eos, reports usage only when asked, and records how many
-requests it had in flight. Model "no-usage" never reports usage; model "broken" answers HTTP 500.
+requests it had in flight. Model "no-usage" never reports usage; model "broken" answers HTTP 500; a chat
+prompt with "stall" goes silent for a minute after its first chunk.
 """
 import asyncio
 import json
@@ -68,7 +69,7 @@ def fake_openai_app() -> FastAPI:
                 if chat:
                     yield chunk(None)
                 for first in range(0, n, TOKENS_PER_CHUNK):
-                    await asyncio.sleep(0.002)
+                    await asyncio.sleep(60 if first and chat and "stall" in body["messages"][0]["content"] else 0.002)
                     yield chunk("".join(f"tok{i} " for i in range(first, min(n, first + TOKENS_PER_CHUNK))))
                 if usage:
                     yield chunk(None, {"prompt_tokens": prompt_tokens, "completion_tokens": n})
@@ -201,6 +202,18 @@ def test_client_cycles_prompts_to_fill_the_batch(fake_server, tmp_path, capsys):
     assert summary["failed"] == 0 and summary["output_tokens"] == 12
 
 
+def test_a_stalled_stream_fails_after_the_read_timeout_and_the_others_are_kept(fake_server, tmp_path, capsys):
+    """A stream gone silent (a host lost without a FIN, a stuck server) hung bench.client for ever: no read timeout,
+    and the answers already in were never printed."""
+    url, _ = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "fine"}, {"prompt": "stall"}]))
+    summary = client.main(["--num-concurrent", "2", "--prompt-json-path", str(prompts), "--url", url,
+                           "--max-tokens", "4", "--read-timeout", "0.5"])
+    printed = capsys.readouterr().out
+    assert summary["failed"] == 1 and "tok0 tok1 tok2 tok3" in printed and "FAILED: ReadTimeout" in printed
+
+
 def test_the_clients_send_an_api_key_from_the_flag_or_openai_api_key(fake_server, tmp_path, monkeypatch):
     """A server with api_keys answers 401 without one: both clients send it as a bearer token."""
     url, state = fake_server
@@ -253,6 +266,10 @@ def test_the_client_exits_non_zero_when_a_request_failed(fake_server):
     ("serving", ["--goodput", "tpot:nan"], "tpot:nan"),
     ("client", ["--num-concurrent", "0"], "--num-concurrent"),  # hung
     ("client", ["--num-concurrent", "-1"], "--num-concurrent"),
+    ("client", ["--read-timeout", "0"], "--read-timeout"),
+    ("client", ["--url", "http://127.0.0.1:99999"], "--url"),  # OverflowError traceback from the socket
+    ("client", ["--url", "http://[::1"], "--url"),  # httpx.InvalidURL traceback
+    ("serving", ["--url", "localhost:8000"], "--url"),  # "missing an 'http://' protocol (is the server up?)"
 ])
 def test_bad_numbers_are_usage_errors_before_any_request(module, flags, named, capsys):
     cli = serving if module == "serving" else client
@@ -302,3 +319,48 @@ def test_an_answer_of_one_token_without_text_is_no_failure(endpoint):
     assert result.ok, result.error
     assert (result.output_tokens, result.text, len(result.chunk_times)) == (1, "", 1)
     assert 0 <= result.ttft <= result.e2el and result.tpot is None
+
+
+def streamed(body: str, endpoint: str = "chat"):
+    """stream_request's result for a 200 answer of `body`."""
+    answer = httpx.MockTransport(lambda request: httpx.Response(200, text=body))
+
+    async def one():
+        async with httpx.AsyncClient(transport=answer) as http:
+            return await client.stream_request(http, "http://server", endpoint, {})
+
+    return asyncio.run(one())
+
+
+TEXT_CHUNK = 'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+
+
+@pytest.mark.parametrize("bad", ["[1, 2]", '{"choices": ["x"]}', '{"choices": [], "usage": 5}',
+                                 '{"choices": [{"index": 0, "delta": "hi"}]}'])
+def test_a_malformed_chunk_fails_its_request_only(bad):
+    """A chunk of valid JSON in another shape raised AttributeError out of stream_request ("never raises"), and
+    asyncio.gather lost every other answer of bench.client's batch with a traceback."""
+    result = streamed(f"{TEXT_CHUNK}data: {bad}\n\ndata: [DONE]\n\n")
+    assert not result.ok and "malformed chunk" in result.error
+
+
+def test_a_stream_cut_before_done_is_a_failed_request():
+    """A stream that ended cleanly but early (no finish_reason, no [DONE]: a proxy or server that gave up) counted as
+    a complete answer, its few tokens in the mean tokens/s; the ingress always ends with [DONE], even after an error."""
+    result = streamed(TEXT_CHUNK * 2)
+    assert not result.ok and "[DONE]" in result.error and result.text == "hihi"
+    assert streamed(TEXT_CHUNK * 2 + "data: [DONE]\n\n").ok
+
+
+@pytest.mark.parametrize("models", [{"data": "m"}, {"data": [None]}, ["m"]])
+def test_a_malformed_model_list_is_a_clear_exit(models):
+    """A /v1/models answer of another shape raised TypeError out of first_model: a traceback, not the exit saying
+    what failed."""
+    answer = httpx.MockTransport(lambda request: httpx.Response(200, json=models))
+
+    async def list_models():
+        async with httpx.AsyncClient(transport=answer) as http:
+            await client.first_model(http, "http://server:8000")
+
+    with pytest.raises(SystemExit, match="cannot list the models"):
+        asyncio.run(list_models())
