@@ -418,10 +418,10 @@ def check_model_files(config: AppConfig, model_dir) -> None:
     shard set, a broken index, both formats in one folder). At deploy, not when every replica fails to start.
     (tt-metal reads a Galaxy's weights its own way; the simulated backend has none.)"""
     from model.config import LlamaConfig
-    from model.tokenizer import load_tokenizer
+    from model.tokenizer import check_tokenizer
 
     llama = LlamaConfig.from_dir(model_dir) if config.backend == "torch" else None  # its errors first
-    load_tokenizer(model_dir)  # read, not only found: a broken one failed every ingress replica
+    check_tokenizer(model_dir)  # read, not only found: a broken one failed every ingress replica
     if llama is not None:
         from model.weights import check_weights
 

@@ -193,10 +193,7 @@ class Tokenizer:
 
         model_dir = Path(model_dir)
         generation_config = model_dir / "generation_config.json"
-        try:
-            config = json.loads(generation_config.read_text()) if generation_config.is_file() else {}
-        except ValueError as e:  # a JSONDecodeError named no file
-            raise ValueError(f"{generation_config}: not JSON ({e})") from e
+        config = _json_file(generation_config)
         eos = config.get("eos_token_id")  # e.g. Llama 3.3 lists [128001, 128008, 128009] here
         extra_stop_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         with _named(model_dir / "tokenizer.json"):
@@ -470,6 +467,32 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_hf_dir(path.parent)
     with _named(path):
         return Tokenizer.from_tiktoken_file(path)
+
+
+def check_tokenizer(model_dir: str | Path) -> None:
+    """Raise as load_tokenizer(model_dir) would, without transformers' import (~7 s on a 2-core box), which the config
+    check would otherwise add to every `make serve` and deploy: tokenizer.json read by the tokenizers library (which
+    transformers' fast tokenizer wraps), tokenizer_config.json and generation_config.json parsed and the latter's
+    sampling defaults checked, a tokenizer.model read as tiktoken's."""
+    path = tokenizer_file(model_dir)
+    with _named(path):
+        if path.name == "tokenizer.model":
+            Tokenizer.from_tiktoken_file(path)
+            return
+        from tokenizers import Tokenizer as RustTokenizer
+        RustTokenizer.from_file(str(path))
+    _json_file(path.parent / "tokenizer_config.json")
+    generation_config = path.parent / "generation_config.json"
+    generation_defaults(_json_file(generation_config), generation_config)
+
+
+def _json_file(path: Path) -> dict:
+    """The JSON object in `path`, {} when there is no such file; ValueError naming it when it is not JSON (a
+    JSONDecodeError named no file)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
 
 
 @contextmanager

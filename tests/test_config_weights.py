@@ -287,6 +287,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                                 "tokenizer.json", "not a tokenizer meshserve reads"),
     "generation_config.json not JSON": (lambda h, p: _hf_variant(h, p) or _tokenizer_json(p) or (
         p / "generation_config.json").write_text("{x"), "generation_config.json", "not JSON"),
+    "tokenizer_config.json not JSON": (lambda h, p: _hf_variant(h, p) or _tokenizer_json(p) or (
+        p / "tokenizer_config.json").write_text("{x"), "tokenizer_config.json", "not JSON"),
     "meta: tokenizer.model not tiktoken's": (lambda h, p: _meta(h, p, change=lambda d: (d / "tokenizer.model")
                                                                 .write_bytes(b"\n\x0b\n\x05<unk>\x15")),
                                              "tokenizer.model", "not a tokenizer meshserve reads"),
