@@ -1,0 +1,92 @@
+"""What openai-python itself sends and reads, driven against the in-process app (httpx's ASGITransport under
+openai.AsyncOpenAI): its parse helpers (`parsed`, `parsed_arguments`, `output_parsed`) and the request fields of
+its current types that change an answer, each served or refused with a 400 naming it."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel
+
+from deployments.ingress import build_app
+from tests.ingress_support import MODEL, eos, router, tokenizer  # noqa: F401
+
+MESSAGES = [{"role": "user", "content": "Weather in Oslo?"}]
+
+
+class Weather(BaseModel):
+    city: str
+    celsius: int
+
+
+class GetWeather(BaseModel):
+    """Look up the weather in a city."""
+    city: str
+
+
+def sdk_call(router, tokenizer, call):
+    """`call(sdk)`'s result, the SDK over the app without a server or a thread."""
+    async def run():
+        app = build_app(router, tokenizer, MODEL)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as http:
+            sdk = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+            return await call(sdk)
+    return asyncio.run(run())
+
+
+def answer(router, tokenizer, eos, text: str) -> None:
+    router.answer = tokenizer.encode(text) + [eos]
+
+
+def test_chat_parse_fills_parsed_with_the_pydantic_model(router, tokenizer, eos):
+    answer(router, tokenizer, eos, '{"city": "Oslo", "celsius": 21}')
+    completion = sdk_call(router, tokenizer, lambda sdk: sdk.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, response_format=Weather))
+    assert completion.choices[0].message.parsed == Weather(city="Oslo", celsius=21)
+    ((_, params, _),) = router.requests.values()
+    assert params.grammar is not None  # the schema reached the mesh as a constraint
+
+
+def test_chat_stream_helper_parses_the_streamed_answer(router, tokenizer, eos):
+    answer(router, tokenizer, eos, '{"city": "Oslo", "celsius": 21}')
+
+    async def streamed(sdk):
+        async with sdk.chat.completions.stream(model=MODEL, messages=MESSAGES, response_format=Weather) as stream:
+            return await stream.get_final_completion()
+    completion = sdk_call(router, tokenizer, streamed)
+    assert completion.choices[0].message.parsed == Weather(city="Oslo", celsius=21)
+
+
+@pytest.mark.parametrize("tool_choice", [openai.NOT_GIVEN, "required", {"type": "function",
+                                                                          "function": {"name": "GetWeather"}}])
+def test_chat_parse_fills_a_strict_tools_parsed_arguments(router, tokenizer, eos, tool_choice):
+    answer(router, tokenizer, eos, '{"name": "GetWeather", "parameters": {"city": "Oslo"}}')
+    completion = sdk_call(router, tokenizer, lambda sdk: sdk.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, tools=[openai.pydantic_function_tool(GetWeather)], tool_choice=tool_choice))
+    choice = completion.choices[0]
+    # a named tool_choice finishes "stop", as OpenAI's and vLLM's do
+    assert choice.finish_reason == ("stop" if isinstance(tool_choice, dict) else "tool_calls")
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "GetWeather" and call.function.parsed_arguments == GetWeather(city="Oslo")
+
+
+def test_responses_parse_fills_output_parsed(router, tokenizer, eos):
+    answer(router, tokenizer, eos, '{"city": "Oslo", "celsius": 21}')
+    response = sdk_call(router, tokenizer, lambda sdk: sdk.responses.parse(
+        model=MODEL, input="Weather in Oslo?", instructions="Answer in JSON.", text_format=Weather))
+    assert response.output_parsed == Weather(city="Oslo", celsius=21)
+    ((prompt, params, _),) = router.requests.values()
+    assert params.grammar is not None
+    assert "Answer in JSON." in tokenizer.decode(prompt)
+
+
+def test_responses_parse_fills_a_function_calls_parsed_arguments(router, tokenizer, eos):
+    answer(router, tokenizer, eos, '{"name": "GetWeather", "parameters": {"city": "Oslo"}}')
+    response = sdk_call(router, tokenizer, lambda sdk: sdk.responses.parse(
+        model=MODEL, input="Weather in Oslo?", tools=[openai.pydantic_responses_function_tool(GetWeather)]))
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert call.name == "GetWeather" and call.parsed_arguments == GetWeather(city="Oslo")
+    assert json.loads(call.arguments) == {"city": "Oslo"}
