@@ -136,6 +136,8 @@ def refused(why: str) -> Any:
 
 # A known OpenAI field the server does not implement: any value but null is a 400 naming it.
 Unsupported = refused("this server does not support this field")
+# OpenAI's `moderation` (chat and Responses): a moderation model's scores, or its block of the input or answer
+NoModeration = refused("this server runs no moderation model: nothing would be scored or blocked")
 
 
 def only(value: bool | int, why: str) -> Any:
@@ -527,6 +529,7 @@ class ChatCompletionRequest(_GenerationRequest):
     function_call: Unsupported | None = None
     reasoning_effort: Unsupported | None = None  # for reasoning models (OpenAI refuses it for others too)
     verbosity: Unsupported | None = None
+    moderation: NoModeration | None = None
     store: only(False, "this server stores no answers") = False
     # OpenAI's (for stored answers; none are): its limits, as /v1/responses checks them
     metadata: dict[short_text(64), short_text(512)] | None = Field(None, max_length=16)

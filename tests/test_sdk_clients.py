@@ -90,3 +90,47 @@ def test_responses_parse_fills_a_function_calls_parsed_arguments(router, tokeniz
     (call,) = [item for item in response.output if item.type == "function_call"]
     assert call.name == "GetWeather" and call.parsed_arguments == GetWeather(city="Oslo")
     assert json.loads(call.arguments) == {"city": "Oslo"}
+
+
+MODERATION = {"model": "omni-moderation-latest", "policy": {"input": {"mode": "block"}, "output": {"mode": "block"}}}
+
+
+def chat(**fields):
+    return lambda sdk: sdk.chat.completions.create(model=MODEL, messages=MESSAGES, **fields)
+
+
+def responses(**fields):
+    return lambda sdk: sdk.responses.create(model=MODEL, input="Weather in Oslo?", **fields)
+
+
+@pytest.mark.parametrize("call, param", [
+    # a moderation model's verdicts (a blocked answer, scores) that no mesh computes: it was silently ignored
+    (chat(moderation=MODERATION), "moderation"),
+    (responses(moderation=MODERATION), "moderation"),
+    # compaction rewrites the input past a token threshold: it was silently ignored
+    (responses(context_management=[{"type": "compaction", "compact_threshold": 1000}]), "context_management"),
+    # prewarm asks for no output at all: an answer was generated anyway
+    (responses(prompt_cache_options={"prewarm": True}), "prompt_cache_options.prewarm"),
+    # a deferred tool stays out of the prompt until hosted tool search loads it: it was offered at once
+    (responses(tools=[openai.pydantic_responses_function_tool(GetWeather, defer_loading=True)]),
+     "tools.0.defer_loading"),
+])
+def test_an_sdk_field_that_changes_the_answer_is_refused_naming_it(router, tokenizer, call, param):
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk_call(router, tokenizer, call)
+    assert refused.value.param == param and param in refused.value.message
+    assert router.requests == {}
+
+
+@pytest.mark.parametrize("call", [
+    chat(prompt_cache_key="k", safety_identifier="u-1", prompt_cache_retention="24h",
+         prompt_cache_options={"mode": "explicit", "ttl": "30m"}),
+    responses(prompt_cache_key="k", safety_identifier="u-1", prompt_cache_retention="24h",
+              prompt_cache_options={"mode": "implicit", "ttl": "12h", "prewarm": False}),
+])
+def test_cache_and_safety_hints_leave_the_answer_as_it_is(router, tokenizer, eos, call):
+    """Hints for OpenAI's own cache and abuse checks: the answer is the one without them."""
+    answer(router, tokenizer, eos, "Sunny.")
+    result = sdk_call(router, tokenizer, call)
+    text = result.output_text if hasattr(result, "output_text") else result.choices[0].message.content
+    assert text == "Sunny."
