@@ -494,6 +494,10 @@ class ChatMessage(RequestModel):
     name: Text | None = None
     tool_calls: Items[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: Text | None = None  # a tool turn: the call it answers
+    # an assistant turn's refusal as OpenAI answers it (null content), pasted back: the turn's text
+    refusal: Text | None = None
+    # the legacy call of an assistant turn (its result: a `function` turn): it was dropped from the prompt
+    function_call: refused("legacy function calling is not served: send the call as tool_calls") | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -510,8 +514,10 @@ class ChatMessage(RequestModel):
 
     @property
     def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+        if self.content is None:
+            return self.refusal or ""
+        if isinstance(self.content, str):
+            return self.content
         return "\n".join(part.text for part in self.content)  # as vLLM joins a message's text parts
 
 

@@ -134,3 +134,25 @@ def test_cache_and_safety_hints_leave_the_answer_as_it_is(router, tokenizer, eos
     result = sdk_call(router, tokenizer, call)
     text = result.output_text if hasattr(result, "output_text") else result.choices[0].message.content
     assert text == "Sunny."
+
+
+def test_a_pasted_back_refusal_is_the_assistant_turns_text(router, tokenizer, eos):
+    """OpenAI answers a refusal as `refusal` with null content, and clients send that message back as it is: the
+    turn was rendered empty, as if the assistant had said nothing."""
+    answer(router, tokenizer, eos, "Sunny.")
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "refusal": "I cannot help."},
+             {"role": "user", "content": "b"}]
+    sdk_call(router, tokenizer, lambda sdk: sdk.chat.completions.create(model=MODEL, messages=turns))
+    ((prompt, _, _),) = router.requests.values()
+    assert "I cannot help." in tokenizer.decode(prompt)
+
+
+def test_a_legacy_function_call_in_the_history_is_refused_naming_it(router, tokenizer):
+    """The call was dropped from the prompt, leaving an empty assistant turn before its `function` result."""
+    turns = [{"role": "user", "content": "a"},
+             {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+             {"role": "function", "name": "f", "content": "1"}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk_call(router, tokenizer, lambda sdk: sdk.chat.completions.create(model=MODEL, messages=turns))
+    assert refused.value.param == "messages.1.function_call" and "tool_calls" in refused.value.message
+    assert router.requests == {}
