@@ -73,6 +73,26 @@ def test_chat_parse_fills_a_strict_tools_parsed_arguments(router, tokenizer, eos
     assert call.function.name == "GetWeather" and call.function.parsed_arguments == GetWeather(city="Oslo")
 
 
+def test_chat_stream_helper_parses_a_streamed_calls_arguments(router, tokenizer, eos):
+    answer(router, tokenizer, eos, '{"name": "GetWeather", "parameters": {"city": "Oslo"}}')
+
+    async def streamed(sdk):
+        async with sdk.chat.completions.stream(model=MODEL, messages=MESSAGES,
+                                               tools=[openai.pydantic_function_tool(GetWeather)]) as stream:
+            return await stream.get_final_completion()
+    (call,) = sdk_call(router, tokenizer, streamed).choices[0].message.tool_calls
+    assert call.function.parsed_arguments == GetWeather(city="Oslo")
+
+
+def test_responses_stream_helper_parses_the_streamed_answer(router, tokenizer, eos):
+    answer(router, tokenizer, eos, '{"city": "Oslo", "celsius": 21}')
+
+    async def streamed(sdk):
+        async with sdk.responses.stream(model=MODEL, input="Weather in Oslo?", text_format=Weather) as stream:
+            return await stream.get_final_response()
+    assert sdk_call(router, tokenizer, streamed).output_parsed == Weather(city="Oslo", celsius=21)
+
+
 def test_responses_parse_fills_output_parsed(router, tokenizer, eos):
     answer(router, tokenizer, eos, '{"city": "Oslo", "celsius": 21}')
     response = sdk_call(router, tokenizer, lambda sdk: sdk.responses.parse(
