@@ -136,6 +136,8 @@ def refused(why: str) -> Any:
 
 # A known OpenAI field the server does not implement: any value but null is a 400 naming it.
 Unsupported = refused("this server does not support this field")
+# OpenAI's `moderation` (chat and Responses): a moderation model's scores, or its block of the input or answer
+NoModeration = refused("this server runs no moderation model: nothing would be scored or blocked")
 
 
 def only(value: bool | int, why: str) -> Any:
@@ -492,6 +494,10 @@ class ChatMessage(RequestModel):
     name: Text | None = None
     tool_calls: Items[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: Text | None = None  # a tool turn: the call it answers
+    # an assistant turn's refusal as OpenAI answers it (null content), pasted back: the turn's text
+    refusal: Text | None = None
+    # the legacy call of an assistant turn (its result: a `function` turn): it was dropped from the prompt
+    function_call: refused("legacy function calling is not served: send the call as tool_calls") | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -508,8 +514,10 @@ class ChatMessage(RequestModel):
 
     @property
     def text(self) -> str:
-        if self.content is None or isinstance(self.content, str):
-            return self.content or ""
+        if self.content is None:
+            return self.refusal or ""
+        if isinstance(self.content, str):
+            return self.content
         return "\n".join(part.text for part in self.content)  # as vLLM joins a message's text parts
 
 
@@ -527,6 +535,7 @@ class ChatCompletionRequest(_GenerationRequest):
     function_call: Unsupported | None = None
     reasoning_effort: Unsupported | None = None  # for reasoning models (OpenAI refuses it for others too)
     verbosity: Unsupported | None = None
+    moderation: NoModeration | None = None
     store: only(False, "this server stores no answers") = False
     # OpenAI's (for stored answers; none are): its limits, as /v1/responses checks them
     metadata: dict[short_text(64), short_text(512)] | None = Field(None, max_length=16)

@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, validation_error
-from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, RefusalPart, RequestModel,
-                                  Text, Unsupported, short_text)
+from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, NoModeration, RefusalPart,
+                                  RequestModel, Text, Unsupported, only, refused, short_text)
 from deployments.structured import closed
 from scheduler.sampling import MAX_LOGPROBS
 
@@ -69,6 +69,8 @@ class FunctionTool(RequestModel):
     description: Text | None = None
     parameters: JsonObject | None = None
     strict: bool | None = None  # None: strict, as OpenAI's Responses API takes it (Chat Completions: not strict)
+    # a deferred tool stays out of the prompt until OpenAI's hosted tool search loads it: it was offered at once
+    defer_loading: only(False, "a deferred tool is loaded by tool search, a hosted tool not served here") = False
 
     @field_validator("type")
     @classmethod
@@ -80,7 +82,7 @@ class FunctionTool(RequestModel):
     def as_chat_tool(self) -> dict:
         """The chat completion's tool. A tool that does not say whether it is strict is, as in OpenAI's Responses
         API (its function-calling guide): objects take only the properties they list, and all of them."""
-        function = self.model_dump(exclude={"type"}, exclude_none=True)
+        function = self.model_dump(exclude={"type", "defer_loading"}, exclude_none=True)
         if self.strict is None:
             function["strict"] = True
             function["parameters"] = closed(self.parameters or {"type": "object", "properties": {}},
@@ -113,6 +115,12 @@ class TextConfig(RequestModel):
         return v
 
 
+class PromptCacheOptions(RequestModel):
+    """OpenAI's prompt cache options: mode and ttl are hints (prefixes are cached here anyway); `prewarm` asks for
+    no output at all, which this server never answers with."""
+    prewarm: only(False, "every request is answered here; a request with max_output_tokens 1 warms the cache") = False
+
+
 class ResponsesRequest(RequestModel):
     model: Text | None = None
     input: Text | Items[InputItem]
@@ -139,6 +147,10 @@ class ResponsesRequest(RequestModel):
     prompt: Unsupported | None = None  # OpenAI's stored prompt templates
     reasoning: Unsupported | None = None  # not a reasoning model
     max_tool_calls: Unsupported | None = None
+    moderation: NoModeration | None = None
+    # compaction: the input rewritten once it passes a token threshold
+    context_management: refused("the input is never compacted here (a prompt too long is a 400)") | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
     # vLLM's sampling extras, as its chat completions take them
     seed: int | None = None
     top_k: int | None = None
