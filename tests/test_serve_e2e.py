@@ -262,8 +262,7 @@ def test_json_schema_answers_validate(client):
                                                          "maxItems": 3}},
               "required": ["name", "age", "likes"], "additionalProperties": False}
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
-    topics = ["a pirate", "a chef", "a cat", "an astronaut", "a farmer", "a poet", "a robot", "a king",
-              "a child", "a doctor"]
+    topics = ["a pirate", "a chef", "a cat", "an astronaut", "a farmer"]  # one more than the slots: one is reused
 
     def ask(topic: str) -> str:
         out = client.chat.completions.create(model=MODEL, messages=chat(f"Describe {topic} as JSON."),
