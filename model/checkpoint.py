@@ -25,12 +25,13 @@ def model_dir_from_env(env: Mapping[str, str] | None = None) -> Path | None:
         return path
     if not hf_model:
         return None
-    return find_checkpoint(hf_model, "HF_MODEL", hub_cache(env) if env is not os.environ else None)
+    return find_checkpoint(hf_model, "HF_MODEL", hub_cache(env))
 
 
 def hub_cache(env: Mapping[str, str] | None) -> str | None:
     """The HF hub cache `env` names ($HF_HUB_CACHE, else $HF_HOME/hub), as huggingface_hub would read it in a process
-    with that environment (a Serve build or replica with the app's runtime_env.env_vars); None: the library's own."""
+    with that environment (a Serve build or replica with the app's runtime_env.env_vars); None, with no `env` or
+    neither variable: the library's own."""
     if env is None:
         return None
     if env.get("HF_HUB_CACHE"):
