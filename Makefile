@@ -32,8 +32,10 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/python -m model.embedded
 
+# Two xdist workers: the e2e modules (Ray) on one, the rest beside them (tests/conftest.py says how they split).
+TEST_WORKERS ?= 2
 test: $(STAMP) model
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) tests
 
 serve: $(STAMP) model
 	$(BIN)/python -m deployments.config --port-free serve_config.yaml
