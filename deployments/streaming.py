@@ -34,17 +34,18 @@ class StopStrings:
         it is all that remains, or up to its end with include_stop). `check` is False while min_tokens are
         not yet generated. A stop counts only where it ends in `delta`: each is searched from its own length - 1
         before it (vLLM's check_stop_strings), so a short stop wholly in the text held for a longer one, written
-        before the check was on, does not end the answer."""
+        before the check was on, does not end the answer. Of two stops that the same text completes, the one listed
+        first ends the answer, as in vLLM (not the one that starts first)."""
         if not self.stops:  # nothing held back, nothing to find: what every answer without stop strings takes
             return delta, False
         old = len(self.text)
         self.text += delta
         if check:
-            hits = [(i, len(s), s) for s in self.stops if (i := self.text.find(s, max(0, old - len(s) + 1))) != -1]
-            if hits:
-                start, length, self.matched = min(hits)
-                self.text = self.text[:start + length if self.include_stop else start]
-                return self._take(len(self.text)), True
+            for stop in self.stops:  # the first listed that the text now holds, wherever another starts (as vLLM)
+                if (start := self.text.find(stop, max(0, old - len(stop) + 1))) != -1:
+                    self.matched = stop
+                    self.text = self.text[:start + len(stop) if self.include_stop else start]
+                    return self._take(len(self.text)), True
         return self._take(len(self.text) if final else len(self.text) - self.hold), False
 
     def _take(self, end: int) -> str:

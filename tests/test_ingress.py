@@ -1127,6 +1127,21 @@ def test_a_short_stop_held_for_a_longer_one_before_min_tokens_does_not_count():
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("include_stop", [False, True])
+def test_of_two_stops_one_token_completes_the_first_listed_ends_the_answer(client, router, tokenizer, stream,
+                                                                           include_stop):
+    """vLLM's check_stop_strings tries the stops in the request's order and takes the first it finds in the new
+    text, wherever another starts: " the" (one token) completes both "he" and " t"."""
+    router.answer = tokenizer.encode("Say the word")
+    assert tokenizer.decode([router.answer[1]]) == " the"
+    body = {**COMPLETION, "stream": stream, "stop": ["he", " t"], "include_stop_str_in_output": include_stop}
+    r = client.post("/v1/completions", json=body)
+    choices = [c["choices"][0] for c in sse(r)] if stream else r.json()["choices"]
+    assert "".join(c["text"] for c in choices) == ("Say the" if include_stop else "Say t")
+    assert choices[-1]["stop_reason"] == "he"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_short_stop_within_min_tokens_does_not_end_the_answer(client, router, tokenizer, stream):
     words = [tokenizer.encode(w) for w in ["a", " b", " c", " d"]]
     assert all(len(w) == 1 for w in words)
@@ -1139,14 +1154,14 @@ def test_a_short_stop_within_min_tokens_does_not_end_the_answer(client, router, 
 
 def _first_stop(pieces: list[str], stops: list[str], include_stop: bool) -> tuple[str, str | None]:
     """The answer's text and the stop that ends it: the first piece after which the whole text holds a stop
-    that was not there before; among the stops it completes, the one that starts first (then the shortest)."""
+    that was not there before; among the stops it completes, the first listed (vLLM's check_stop_strings)."""
     text = ""
     for piece in pieces:
         before, text = text, text + piece
-        hits = [(text.find(s), len(s), s) for s in stops if s in text and s not in before]
-        if hits:
-            start, length, stop = min(hits)
-            return text[:start + length if include_stop else start], stop
+        for stop in stops:
+            if stop in text and stop not in before:
+                start = text.find(stop)
+                return text[:start + len(stop) if include_stop else start], stop
     return text, None
 
 

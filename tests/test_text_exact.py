@@ -1,0 +1,180 @@
+"""Property tests of the text the ingress sends, for chosen token ids (a FakeRouter answers them): characters split
+over byte tokens, stray bytes, special tokens, whitespace, and stop strings drawn from the answer's own text so that
+they span tokens and end inside characters still being written. Streamed deltas, joined, are the whole answer's
+text, and both are what vLLM's v1 detokenizer gives: the decode of the tokens, checked token by token for the stop
+strings (once more than min_tokens are generated) from each stop's length - 1 before the new characters, cut before
+the stop (or after it, with include_stop_str_in_output), a character the answer ended inside dropped."""
+from __future__ import annotations
+
+import codecs
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.tokenizer import Tokenizer
+from tests.ingress_support import make_client, sse, tokenizer  # noqa: F401  (tokenizer: a fixture)
+from tests.fake_router import FakeRouter
+
+WORDS = ["a", "b", "ab", " the", " ", "  ", "\n", "\n\n", "\t", "é", "東京", "🚀", "👩\u200d💻", "x y"]
+CHARS = ["é", "東", "🚀", "€"]  # characters of 2, 3, 4 and 3 bytes, to be split over byte tokens
+STRAY = [0x80, 0xF0, 0xE6, 0xBF]  # bytes alone: a lead byte never continued, a continuation never led
+
+
+@pytest.fixture(scope="module")
+def pool(tokenizer) -> dict:
+    """Token ids to build answers from: whole words, each byte alone, special tokens."""
+    needed = {*b"".join(c.encode() for c in CHARS), *STRAY}  # every byte the answers split characters into
+    byte_ids: dict[int, int] = {}
+    for i in range(tokenizer.vocab_size):  # a byte-level BPE's single bytes come first
+        if i not in tokenizer.special_id_set and len(data := tokenizer.token_bytes(i)) == 1:
+            byte_ids.setdefault(data[0], i)
+            if needed <= set(byte_ids):
+                break
+    assert needed <= set(byte_ids)
+    specials = sorted(tokenizer.special_id_set)[:4]
+    return {"words": [tokenizer.encode(w) for w in WORDS], "bytes": byte_ids, "specials": specials}
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer, pool):
+    router = FakeRouter([0], max_model_len=4096)
+    return router, make_client(router, tokenizer), pool
+
+
+def atoms(pool: dict) -> st.SearchStrategy[list[int]]:
+    """One piece of an answer: a word's tokens, a character split into byte tokens, a stray byte, or a special."""
+    def split(char: str) -> list[int]:
+        return [pool["bytes"][b] for b in char.encode()]
+    return st.one_of(
+        st.sampled_from(pool["words"]),
+        st.sampled_from(CHARS).map(split),
+        st.sampled_from(STRAY).map(lambda b: [pool["bytes"][b]]),
+        st.sampled_from(pool["specials"]).map(lambda t: [t]))
+
+
+def stable_text(tok: Tokenizer, ids: list[int], skip_special: bool) -> str:
+    """The decode of `ids`, less a character their bytes end inside (vLLM holds it back until it is whole)."""
+    text = tok.decode(ids, skip_special)
+    tail = b""
+    for t in ids:
+        if t in tok.special_id_set:
+            tail = tail if skip_special else b""  # a special's own text ends any character before it
+        else:
+            tail += tok.token_bytes(t)
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(tail)
+    return text[:-1] if decoder.getstate()[0] and text.endswith("\ufffd") else text
+
+
+def vllm_answer(tok: Tokenizer, answer: list[int], body: dict) -> tuple[str, str, int, str | int | None]:
+    """(text, finish_reason, completion tokens, stop_reason) as vLLM's v1 engine and detokenizer give them."""
+    stop_ids = set() if body.get("ignore_eos") else tok.stop_ids
+    min_tokens, skip = body.get("min_tokens", 0), body.get("skip_special_tokens", True)
+    stops, include = body.get("stop") or [], body.get("include_stop_str_in_output", False)
+    generated, finish = [], "length"
+    for t in answer[:body["max_tokens"]]:
+        generated.append(t)
+        if t in stop_ids and len(generated) > min_tokens:
+            finish = "stop"
+            break
+    # the stop token that ended it is not detokenized unless include_stop_str_in_output
+    text_ids = generated[:-1] if finish == "stop" and not include else generated
+    before = ""
+    for k in range(1, len(text_ids) + 1):
+        text = stable_text(tok, text_ids[:k], skip)
+        new = len(text) - len(before)
+        before = text
+        if not new or k <= min_tokens:
+            continue
+        for s in stops:  # in the request's order: vLLM's check_stop_strings takes the first that it finds
+            i = text.find(s, max(0, len(text) - new - len(s) + 1))
+            if i != -1:
+                return text[:i + len(s) if include else i], "stop", k, s
+    eos = None if body.get("ignore_eos") else tok.eos_id
+    reason = generated[-1] if finish == "stop" and generated[-1] != eos else None
+    return before, finish, len(generated), reason
+
+
+@st.composite
+def cases(draw, pool: dict, tok: Tokenizer):
+    """(answer's token ids, request fields, tokens per router event): stops drawn from the answer's text too."""
+    answer = [t for a in draw(st.lists(atoms(pool), min_size=1, max_size=12)) for t in a]
+    skip = draw(st.booleans())
+    full = tok.decode(answer, skip)
+    stops = []
+    for _ in range(draw(st.integers(0, 3))):
+        if full and draw(st.booleans()):
+            start = draw(st.integers(0, len(full) - 1))
+            stops.append(full[start:start + draw(st.integers(1, 4))])
+        else:
+            stops.append(draw(st.sampled_from(["a", " t", "\n", "🚀", "東京", "é", "\ufffd", "<|im_end|>", "zz"])))
+    max_tokens = draw(st.integers(1, len(answer) + 1))
+    body = {"max_tokens": max_tokens, "min_tokens": draw(st.integers(0, max_tokens)), "skip_special_tokens": skip,
+            "include_stop_str_in_output": draw(st.booleans()), "ignore_eos": draw(st.booleans()),
+            "n": draw(st.sampled_from([1, 2]))}
+    if stops:
+        body["stop"] = list(dict.fromkeys(stops))
+    return answer, body, draw(st.sampled_from([1, 2, 3]))
+
+
+def answers(client, path: str, body: dict, stream: bool) -> list[dict]:
+    """Each choice's text (its deltas too, streamed), finish_reason, stop_reason and the completion tokens of all."""
+    if path == "/v1/responses":  # no n or min_tokens there; the length is max_output_tokens
+        req = {"model": "smollm2", "input": "hi", "max_output_tokens": body["max_tokens"], "stream": stream,
+               **{k: v for k, v in body.items() if k not in ("n", "min_tokens", "max_tokens")}}
+    else:
+        req = {"model": "smollm2", **body, "stream": stream,
+               **({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}),
+               **({"stream_options": {"include_usage": True}} if stream else {})}
+    r = client.post(path, json=req)
+    assert r.status_code == 200, r.text
+    if path == "/v1/responses":
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")] if stream else []
+        whole = next(c["response"] for c in chunks if c["type"] in ("response.completed", "response.incomplete")) \
+            if stream else r.json()
+        (message,) = whole["output"]
+        return [{"text": message["content"][0]["text"], "status": whole["status"],
+                 "deltas": [c["delta"] for c in chunks if c["type"] == "response.output_text.delta"],
+                 "tokens": whole["usage"]["output_tokens"]}]
+    chat = path == "/v1/chat/completions"
+    if not stream:
+        out = r.json()
+        return [{"text": (c["message"]["content"] or "") if chat else c["text"], "finish": c["finish_reason"],
+                 "stop_reason": c["stop_reason"], "tokens": out["usage"]["completion_tokens"]} for c in out["choices"]]
+    choices = [{"deltas": [], "finish": None, "stop_reason": None} for _ in range(body["n"])]
+    usage = None
+    for chunk in sse(r):
+        usage = chunk.get("usage") or usage
+        for c in chunk["choices"]:
+            choice = choices[c["index"]]
+            choice["deltas"].append((c["delta"].get("content") or "") if chat else c["text"])
+            if c.get("finish_reason"):
+                choice["finish"], choice["stop_reason"] = c["finish_reason"], c.get("stop_reason")
+    return [{**c, "text": "".join(c["deltas"]), "tokens": usage["completion_tokens"]} for c in choices]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_text_is_vllms_streamed_or_whole(setup, tokenizer, path, data):
+    router, client, pool = setup
+    answer, body, merge = data.draw(cases(pool, tokenizer))
+    if path == "/v1/responses":
+        body = {**body, "n": 1, "min_tokens": 0}
+    router.answer, router.merge = answer, merge
+    text, finish, tokens, reason = vllm_answer(tokenizer, answer, body)
+    for stream in (False, True):
+        choices = answers(client, path, body, stream)
+        assert len(choices) == body["n"]
+        for c in choices:
+            assert c["text"] == text, (answer, body, stream, c)
+            if stream:  # no delta carries a U+FFFD that the whole text does not (a character sent in halves)
+                assert "\ufffd" in text or not any("\ufffd" in d for d in c["deltas"]), c["deltas"]
+            if path == "/v1/responses":
+                assert c["status"] == ("incomplete" if finish == "length" else "completed")
+                assert c["tokens"] == tokens
+            else:
+                assert (c["finish"], c["stop_reason"]) == (finish, reason)
+                assert c["tokens"] == tokens * body["n"]
