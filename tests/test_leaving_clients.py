@@ -1,0 +1,146 @@
+"""Clients that leave at any moment, through the whole stack in one process (the ingress app over a real Router and a
+simulated mesh): queued behind full slots, in a chunked prefill, at a grammar's compile, after some tokens, at the
+last one, with n > 1. However they leave (the ASGI disconnect, or the handler cancelled as Serve does), the router
+must be left with nothing: every slot free, no KV block in use (the prefix cache may keep them), no request, and a
+greedy answer after them the same as before."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from deployments.ingress import build_app
+from model.embedded import ensure_smollm2
+from model.grammar import ll_tokenizer
+from model.simulated import SimulatedBackend
+from model.tokenizer import load_tokenizer
+from tests.in_process import InProcessRouter, Stack
+
+SLOTS = 4
+LONG = " ".join(f"w{i}" for i in range(300))  # ~1,100 tokens: 9 prefill chunks of 128
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+TOOL = {"type": "function", "function": {"name": "w", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+BODIES = {
+    "plain": {"max_tokens": 40, "ignore_eos": True},
+    "long": {"max_tokens": 20, "ignore_eos": True},
+    "json": {"max_tokens": 30, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+    "tool": {"max_tokens": 30, "tools": [TOOL], "tool_choice": "required"},
+    "n3": {"max_tokens": 30, "n": 3, "temperature": 1.0, "seed": 7},
+    "stop": {"max_tokens": 40, "stop": ["e"]},
+}
+
+
+@pytest.fixture(scope="module")
+def stack():
+    tok = load_tokenizer(ensure_smollm2())
+    llt = ll_tokenizer(tok, tok.vocab_size)
+
+    def backend():
+        return SimulatedBackend(time_scale=0.05, num_slots=SLOTS, kv_groups=1, num_blocks=48, max_seq_len=2048,
+                                vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)), eos_rate=0.02)
+    s = Stack(tok, backend, grammar_tokenizer=lambda: llt, prefill_chunk=128, max_prefill_tokens=128,
+              max_waiting_requests=4, min_step_deadline_s=30.0, heartbeat_s=5.0)  # a failover would hide a leak
+    s.app = build_app(InProcessRouter(s.router), tok, "smollm2")
+    yield s
+    s.close()
+
+
+async def call(app, body: dict, gone: asyncio.Event, spec_version: str) -> None:
+    """Drive the app as an ASGI server does, whose client goes once `gone` is set: receive says so then, and under
+    spec 2.4 (nothing listens for it there) a send after it raises OSError, as a server's write to a closed socket."""
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if gone.is_set() and spec_version == "2.4":
+            raise OSError("the client is gone")
+
+    path = "/v1/chat/completions"
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+             "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
+             "client": ("test", 1234), "root_path": ""}
+    await app(scope, receive, send)
+
+
+def chat(kind: str, **fields) -> dict:
+    text = LONG if kind == "long" else "tell me a story"
+    return {"model": "smollm2", "messages": [{"role": "user", "content": text}], "temperature": 0.0,
+            **BODIES[kind], **fields}
+
+
+async def greedy(app) -> list[int]:
+    """A greedy answer's token ids, through the app."""
+    sent: list[bytes] = []
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(chat("plain", return_token_ids=True)).encode()}
+
+    async def send(message):
+        sent.append(message.get("body", b""))
+    path = "/v1/chat/completions"
+    await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
+               "raw_path": path.encode(), "query_string": b"", "headers": [(b"content-type", b"application/json")],
+               "scheme": "http", "server": ("test", 80), "client": ("test", 1234), "root_path": ""}, receive, send)
+    return json.loads(b"".join(sent))["choices"][0]["token_ids"]
+
+
+def held(router) -> list[str]:
+    """What the router still holds for requests, by name (empty once every request has left)."""
+    out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
+    out += [f"sink {name}" for name, sink in router.sinks.items() if sink.request_ids]
+    for mesh in router.meshes:
+        if mesh.failovers:  # a new scheduler: what the old one held is out of sight
+            out.append(f"{mesh.name} failed over")
+        s = mesh.scheduler.stats()
+        out += [f"{mesh.name} {key} {s[key]}" for key in ("running", "waiting", "blocks_used", "queued_tokens") if s[key]]
+        if s["free_slots"] != SLOTS:
+            out.append(f"{mesh.name} free_slots {s['free_slots']}")
+    return out
+
+
+async def settled(router) -> None:
+    for _ in range(1000):  # the mesh's works in flight end, and the cancels reach the scheduler
+        if not router.requests and all(not m.scheduler.inflight for m in router.meshes):
+            return
+        await asyncio.sleep(0.005)
+
+
+leaver = st.tuples(st.sampled_from(sorted(BODIES)), st.booleans(),  # body, stream
+                   st.sampled_from(["disconnect 2.3", "disconnect 2.4", "cancel"]),
+                   st.sampled_from([0.0, 0.001, 0.005, 0.02, 0.06, None]))  # when it leaves; None: it stays
+
+
+# no shrinking: a leak stays in the module's stack, where each shrunk example would wait for the slots it holds
+@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(clients=st.lists(leaver, min_size=1, max_size=8))
+def test_clients_that_leave_at_any_moment_leave_the_router_empty(stack, clients):
+    """More clients than slots and queue (some wait, some are refused), leaving at random moments of their requests."""
+    router, app = stack.router, stack.app
+
+    async def one(kind: str, stream: bool, how: str, after: float | None) -> None:
+        gone = asyncio.Event()
+        task = asyncio.create_task(call(app, chat(kind, stream=stream), gone, how.split()[-1]))
+        if after is not None:
+            await asyncio.sleep(after)
+            gone.set() if how != "cancel" else task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    async def run() -> tuple[list[int], list[str]]:
+        before = await greedy(app)
+        await asyncio.gather(*(one(*c) for c in clients))
+        await settled(router)
+        return before, held(router)
+    before, left = stack.run(asyncio.wait_for(run(), 60))  # bounded: leaked slots would keep requests waiting
+    assert left == []
+    assert stack.run(asyncio.wait_for(greedy(app), 60)) == before
