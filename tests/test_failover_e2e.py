@@ -13,8 +13,10 @@ from bench.saturation import distinct_prompts
 from deployments.config import AppConfig
 
 pytestmark = pytest.mark.slow
+# no_mesh_wait_s 120, not 30: the streams a redeploy holds wait that long for the new meshes, which took 68 s to
+# come up on this 2-core box with make test's other worker beside them.
 CONFIG = AppConfig(model="smollm2", backend="simulated", time_scale=0.5, num_meshes=2, mesh_num_cpus=0.1,
-                   num_blocks=512, max_seq_len=4096, prefill_chunk=512, decode_steps=4)
+                   num_blocks=512, max_seq_len=4096, prefill_chunk=512, decode_steps=4, no_mesh_wait_s=120)
 PROMPTS = distinct_prompts(12, 64)
 MAX_TOKENS = 96
 
