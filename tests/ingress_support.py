@@ -98,3 +98,11 @@ def on_event_loop() -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def asgi_scope(spec_version: str = "2.3", path: str = "/v1/chat/completions") -> dict:
+    """An HTTP POST of JSON to the app, as an ASGI server hands it over."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
+            "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
+            "client": ("test", 1234), "root_path": ""}

@@ -21,8 +21,8 @@ from deployments.streaming import EventStream, StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import MAX_LOGPROBS
-from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
-                                   make_client, router, sse, tokenizer)
+from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, asgi_scope, assert_error,  # noqa: F401
+                                   client, eos, make_client, router, sse, tokenizer)
 
 
 
@@ -770,14 +770,6 @@ def test_metrics_answer_while_no_router_can_be_reached(client, router, monkeypat
 
 # ---- disconnects --------------------------------------------------------------------------------
 
-def _asgi_scope(spec_version: str = "2.3", path: str = "/v1/chat/completions") -> dict:
-    """An HTTP POST of JSON to the app, as an ASGI server hands it over."""
-    return {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
-            "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
-            "client": ("test", 1234), "root_path": ""}
-
-
 async def _call_asgi(app, body: dict, spec_version: str, on_body, path: str = "/v1/chat/completions") -> None:
     """Drive the app as an ASGI server would; `on_body(chunk)` reacts to each body message sent."""
     raw = json.dumps(body).encode()
@@ -794,7 +786,7 @@ async def _call_asgi(app, body: dict, spec_version: str, on_body, path: str = "/
         if message["type"] == "http.response.body" and message.get("body"):
             on_body(message["body"], disconnected)
 
-    await app(_asgi_scope(spec_version, path), receive, send)
+    await app(asgi_scope(spec_version, path), receive, send)
 
 
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
@@ -843,7 +835,7 @@ def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(route
         if message["type"] == "http.response.body" and message.get("body"):
             cut.set()
 
-    asyncio.run(asyncio.wait_for(app(_asgi_scope(), receive, send), timeout=30))
+    asyncio.run(asyncio.wait_for(app(asgi_scope(), receive, send), timeout=30))
     (rid,) = router.requests
     assert router.cancelled == [(rid, "abort")]
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
@@ -852,7 +844,7 @@ def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(route
         reads.extend([await receive(), await receive()])  # the disconnect is said again, not waited for forever
 
     reads, raised[:] = [], []
-    asyncio.run(asyncio.wait_for(BodyLimit(reads_twice, 1024)(_asgi_scope(), receive, send), timeout=5))
+    asyncio.run(asyncio.wait_for(BodyLimit(reads_twice, 1024)(asgi_scope(), receive, send), timeout=5))
     assert [m["type"] for m in reads] == ["http.disconnect"] * 2
 
 
@@ -1791,7 +1783,7 @@ def _paused_stream(router, tokenizer, path: str, body: dict, pause_s: float, sen
 
     async def run():
         asyncio.get_running_loop().call_later(pause_s, router.resume.set)
-        await asyncio.wait_for(app(_asgi_scope("2.4", path), receive, send), timeout=30)
+        await asyncio.wait_for(app(asgi_scope("2.4", path), receive, send), timeout=30)
 
     asyncio.run(run())
     return b"".join(sent).decode(), most[0]
@@ -1896,7 +1888,7 @@ def test_no_keepalive_goes_out_beside_or_after_a_streams_last_send():
         sending[0] -= 1
 
     async def run():
-        await EventStream(body(), _Source(), 0.05)(_asgi_scope("2.4"), _never, send)
+        await EventStream(body(), _Source(), 0.05)(asgi_scope("2.4"), _never, send)
         await asyncio.sleep(0.2)  # a comment due meanwhile would be sent now
 
     asyncio.run(run())
@@ -1921,7 +1913,7 @@ def test_a_keepalive_the_client_refused_ends_a_paused_stream_at_once():
 
     async def run():
         stream = EventStream(body(), source, 0.05)
-        await asyncio.wait_for(stream(_asgi_scope("2.4"), _never, send), timeout=10)
+        await asyncio.wait_for(stream(asgi_scope("2.4"), _never, send), timeout=10)
 
     with pytest.raises(ClientDisconnect):
         asyncio.run(run())
@@ -2022,7 +2014,7 @@ def test_held_headers_go_out_at_their_cap_not_at_the_next_serving_check(router, 
 
         began = time.perf_counter()
         try:
-            await asyncio.wait_for(app(_asgi_scope(), receive, send), timeout=10)
+            await asyncio.wait_for(app(asgi_scope(), receive, send), timeout=10)
         except ClientDisconnect:
             pass
 
@@ -2110,7 +2102,7 @@ def test_a_cancelled_serving_read_does_not_cancel_the_streams_waiting_on_it(rout
             elif message.get("body"):
                 chunks.append(message["body"])
 
-        await app(_asgi_scope("2.4"), receive, send)
+        await app(asgi_scope("2.4"), receive, send)
         return status, b"".join(chunks)
 
     async def run():

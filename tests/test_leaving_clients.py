@@ -18,6 +18,7 @@ from model.grammar import ll_tokenizer
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
 from tests.in_process import InProcessRouter, Stack
+from tests.ingress_support import asgi_scope
 
 SLOTS = 4
 LONG = " ".join(f"w{i}" for i in range(300))  # ~1,100 tokens: 9 prefill chunks of 128
@@ -64,12 +65,7 @@ async def call(app, body: dict, gone: asyncio.Event, spec_version: str) -> None:
         if gone.is_set() and spec_version == "2.4":
             raise OSError("the client is gone")
 
-    path = "/v1/chat/completions"
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}, "http_version": "1.1",
-             "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
-             "client": ("test", 1234), "root_path": ""}
-    await app(scope, receive, send)
+    await app(asgi_scope(spec_version), receive, send)
 
 
 def chat(kind: str, **fields) -> dict:

@@ -36,25 +36,17 @@ def test_the_e2e_modules_share_one_worker_and_go_first(pytester):
     assert on_it[:6] == ["test_x_e2e"] * 3 + ["test_y_e2e"] * 3
 
 
-def test_a_test_that_starts_ray_outside_an_e2e_module_errors(pytester):
+@pytest.mark.parametrize("module, errors", [("test_quick", 1), ("test_quick_e2e", 0)])
+def test_only_an_e2e_module_may_start_ray(pytester, module, errors):
     pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_quick=STARTS_RAY)
+    pytester.makepyfile(**{module: STARTS_RAY})
     try:
         result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
     finally:
         os.rmdir(f"/tmp/ray/session_fake_for_a_test_{os.getpid()}")
-    result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*test_quick.py::test_starts_ray started Ray*move it into a test_*_e2e.py*"])
-
-
-def test_an_e2e_module_may_start_ray(pytester):
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(test_quick_e2e=STARTS_RAY)
-    try:
-        result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
-    finally:
-        os.rmdir(f"/tmp/ray/session_fake_for_a_test_{os.getpid()}")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=1, errors=errors)
+    if errors:
+        result.stdout.fnmatch_lines(["*test_quick.py::test_starts_ray started Ray*move it into a test_*_e2e.py*"])
 
 
 def test_two_tests_with_one_node_id_stop_the_run(pytester):
