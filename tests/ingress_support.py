@@ -106,3 +106,16 @@ def asgi_scope(spec_version: str = "2.3", path: str = "/v1/chat/completions") ->
             "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
             "headers": [(b"content-type", b"application/json")], "scheme": "http", "server": ("test", 80),
             "client": ("test", 1234), "root_path": ""}
+
+
+def asgi_receive(body: dict, gone: asyncio.Event):
+    """An ASGI server's receive for a POST of `body`: the body, then nothing until `gone` is set (the client left),
+    then the disconnect."""
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+    return receive

@@ -21,8 +21,8 @@ from deployments.streaming import EventStream, StopStrings
 from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import MAX_LOGPROBS
-from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, asgi_scope, assert_error,  # noqa: F401
-                                   client, eos, make_client, router, sse, tokenizer)
+from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, asgi_receive, asgi_scope,  # noqa: F401
+                                   assert_error, client, eos, make_client, router, sse, tokenizer)
 
 
 
@@ -772,21 +772,13 @@ def test_metrics_answer_while_no_router_can_be_reached(client, router, monkeypat
 
 async def _call_asgi(app, body: dict, spec_version: str, on_body, path: str = "/v1/chat/completions") -> None:
     """Drive the app as an ASGI server would; `on_body(chunk)` reacts to each body message sent."""
-    raw = json.dumps(body).encode()
     disconnected = asyncio.Event()
-    messages = [{"type": "http.request", "body": raw, "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop()
-        await disconnected.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message):
         if message["type"] == "http.response.body" and message.get("body"):
             on_body(message["body"], disconnected)
 
-    await app(asgi_scope(spec_version, path), receive, send)
+    await app(asgi_scope(spec_version, path), asgi_receive(body, disconnected), send)
 
 
 @pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
@@ -1998,14 +1990,8 @@ def test_held_headers_go_out_at_their_cap_not_at_the_next_serving_check(router, 
     started = []
 
     async def run():
-        messages = [{"type": "http.request", "body": json.dumps({**CHAT, "stream": True}).encode()}]
         gone = asyncio.Event()
-
-        async def receive():
-            if messages:
-                return messages.pop()
-            await gone.wait()
-            return {"type": "http.disconnect"}
+        receive = asgi_receive({**CHAT, "stream": True}, gone)
 
         async def send(message):
             if message["type"] == "http.response.start":

@@ -18,7 +18,7 @@ from model.grammar import ll_tokenizer
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
 from tests.in_process import InProcessRouter, Stack
-from tests.ingress_support import asgi_scope
+from tests.ingress_support import asgi_receive, asgi_scope
 
 SLOTS = 4
 LONG = " ".join(f"w{i}" for i in range(300))  # ~1,100 tokens: 9 prefill chunks of 128
@@ -53,19 +53,12 @@ def stack():
 async def call(app, body: dict, gone: asyncio.Event, spec_version: str) -> None:
     """Drive the app as an ASGI server does, whose client goes once `gone` is set: receive says so then, and under
     spec 2.4 (nothing listens for it there) a send after it raises OSError, as a server's write to a closed socket."""
-    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-
-    async def receive():
-        if messages:
-            return messages.pop()
-        await gone.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message):
         if gone.is_set() and spec_version == "2.4":
             raise OSError("the client is gone")
 
-    await app(asgi_scope(spec_version), receive, send)
+    await app(asgi_scope(spec_version), asgi_receive(body, gone), send)
 
 
 def chat(kind: str, **fields) -> dict:
@@ -83,10 +76,8 @@ async def greedy(app) -> list[int]:
 
     async def send(message):
         sent.append(message.get("body", b""))
-    path = "/v1/chat/completions"
-    await app({"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
-               "raw_path": path.encode(), "query_string": b"", "headers": [(b"content-type", b"application/json")],
-               "scheme": "http", "server": ("test", 80), "client": ("test", 1234), "root_path": ""}, receive, send)
+
+    await app(asgi_scope(), receive, send)
     return json.loads(b"".join(sent))["choices"][0]["token_ids"]
 
 
