@@ -2047,9 +2047,8 @@ def test_a_client_gone_in_a_pause_mid_answer_cancels_its_request_at_its_keepaliv
             disconnected.set()
             raise OSError("connection reset")
 
-    async def run():
-        with pytest.raises(ClientDisconnect):
-            await asyncio.wait_for(_call_asgi(app, {**body, "stream": True}, "2.4", on_body, path), timeout=10)
+    async def run():  # the app returns: the client that left is no error of its (Deferred ends it quietly)
+        await asyncio.wait_for(_call_asgi(app, {**body, "stream": True}, "2.4", on_body, path), timeout=10)
         (rid,) = router.requests
         assert router.cancelled == [(rid, "abort")]
         assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # nothing left waiting
