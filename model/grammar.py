@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 # ~20 times what a 100-property schema costs.
 MAX_GRAMMAR_BYTES = 64 * 1024
 MAX_COMPILE_CPU_S = 0.1
+# A compile's CPU time swings with the host's load (a 3,000-rule chain: 20-40 ms quiet, 103 ms loaded), so a refusal
+# within this factor of the budget is not kept: the grammar is compiled again at its next request.
+LASTING_REFUSAL_FACTOR = 3.0
 MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB grammar of 40 tools takes < 1 ms
 # A slot's masks and steps together, over its last COST_WINDOW tokens (or fewer, from its first token on), take
 # at most COST_WINDOW x MAX_MEAN_STEP_CPU_S. Each constrained slot adds its cost to every decode step of the mesh:
@@ -205,7 +208,8 @@ def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None
     cut at grammar_check.MAX_COMPILE_WALL_S; then here, the matcher a mesh builds and its first mask, which
     llguidance's lexer fuel bounds). Call it on a deep_stack_executor thread. The verdicts on the last
     VERDICTS_KEPT grammars are kept (a client with tools sends the same ones at every turn), except those that
-    depend on the moment: a compile cut at the wall-clock budget, or a child that died twice."""
+    depend on the moment: a compile cut at the wall-clock budget, a child that died twice, or a refusal within
+    LASTING_REFUSAL_FACTOR of the CPU budget."""
     key = (hashlib.sha256(grammar.encode("utf-8", "surrogatepass")).digest(), tokenizer)
     with _VERDICTS_LOCK:
         if key in _VERDICTS:
@@ -240,7 +244,8 @@ def _grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[str
             return None, True
     spent = f"more than {grammar_check.MAX_COMPILE_WALL_S:g} s" if cpu_s is None else f"{cpu_s * 1000:.0f} ms of CPU"
     return f"the constraint takes {spent} to compile; this server takes at most {MAX_COMPILE_CPU_S * 1000:.0f} " \
-           f"ms of CPU (fewer properties, alternatives or repetitions make it cheaper)", cpu_s is not None
+           f"ms of CPU (fewer properties, alternatives or repetitions make it cheaper)", \
+        cpu_s is not None and cpu_s > LASTING_REFUSAL_FACTOR * MAX_COMPILE_CPU_S
 
 
 def compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> LLMatcher:
