@@ -47,6 +47,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from bench.host import REFERENCE, reference_loop_us
 from bench.local_serve import plain_proxy_requested, proc_stats, read_proc, serve_app
 from bench.saturation import distinct_prompts, drive
 from deployments.config import AppConfig
@@ -177,9 +178,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="Serve's plain Python proxy instead of throughput mode + HAProxy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    host_before = reference_loop_us()
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints its shutdown notices there: keep --json clean
         report = measure(args.streams, args.output_tokens, args.prompt_tokens, args.time_scale, args.plain_proxy,
                          stream_interval_ms=args.stream_interval_ms, idle_s=args.idle_s)
+    report["host_reference_us"] = [host_before, reference_loop_us()]
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"above idle ({report['tokens_per_s']:.0f} tok/s delivered):  " + "  ".join(f"{r} {m[r]:.1f}" for r in ROLES)
               + f"  | proxy+ingress+router {report['marginal_proxy_ingress_router_us_per_token']:.1f}")
         print("idle CPU per second:  " + "  ".join(f"{r} {v * 1e3:.1f} ms" for r, v in report["idle_cpu_per_s"].items()))
+        print(f"host: {REFERENCE} took {report['host_reference_us'][0]:.0f} us of CPU before the run, "
+              f"{report['host_reference_us'][1]:.0f} after (lower is faster; bench/host.py)")
         if report["gone"]:
             print(f"processes that ended during the run (their CPU is not counted): {report['gone']}")
     return report

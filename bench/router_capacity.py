@@ -63,6 +63,7 @@ from functools import partial
 
 import numpy as np
 
+from bench.host import REFERENCE, reference_loop_us
 from deployments.config import MAX_TIME_SCALE
 from deployments.router import Router, RouterConfig
 from model.runner import MeshRunner
@@ -558,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict:
                            ("--ingresses", args.ingresses >= 1, "at least 1")]:
         if not ok:
             p.error(f"{flag}: {rule}")
-    results = []
+    results, host_before = [], reference_loop_us()
     for n in ns:
         r = asyncio.run(measure(n, args.seconds, args.warmup_s, args.prompt_tokens, args.max_tokens,
                                 args.extra_per_mesh, args.time_scale, not args.no_serialize,
@@ -572,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "max_tokens": args.max_tokens, "decode_steps": args.decode_steps,
                          "mesh_mode": args.mesh_mode, "ingresses": args.ingresses, "serialize": not args.no_serialize, "busy_bar": BUSY_BAR},
               "runs": results, "largest_kept_busy": largest_kept_busy(results),
-              "largest_kept_fed": largest_kept_busy(results, "kept_fed")}
+              "largest_kept_fed": largest_kept_busy(results, "kept_fed"),
+              "host_reference_us": [host_before, reference_loop_us()]}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
@@ -585,6 +587,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['messages_per_s']:>6.0f}  {r['limit']}")
         print(f"largest N with every mesh >= {BUSY_BAR:.0%} busy: {report['largest_kept_busy']}; "
               f"with no mesh starved by the router more than {1 - BUSY_BAR:.0%} of the time: {report['largest_kept_fed']}")
+        print(f"host: {REFERENCE} took {report['host_reference_us'][0]:.0f} us of CPU before the runs, "
+              f"{report['host_reference_us'][1]:.0f} after (lower is faster; bench/host.py)")
     return report
 
 

@@ -68,3 +68,11 @@ def test_idle_cpu_is_per_wall_second_by_role():
     idle = cpu.idle_cpu_per_s(before, after, seconds=2.0)
     assert idle["router"] == pytest.approx(20 * tick / 2, abs=1e-4) and idle["mesh"] == pytest.approx(5 * tick / 2, abs=1e-4)
     assert idle["proxy"] == 0 and idle["ingress"] == 0
+
+
+def test_the_host_reference_is_the_least_of_its_runs_in_this_threads_cpu(monkeypatch):
+    """The least, not the mean: a run the host interrupted says nothing of its speed."""
+    from bench import host
+    clock = iter([0.0, 0.0005, 1.0, 1.0003, 2.0, 2.0009])  # runs of 500, 300 and 900 us
+    monkeypatch.setattr(host.time, "thread_time", lambda: next(clock))
+    assert host.reference_loop_us(3) == 300.0

@@ -59,6 +59,7 @@ def test_command_line_prints_one_json_object(capsys):
     assert out["largest_kept_fed"] in (0, 1)
     assert [r["meshes"] for r in out["runs"]] == [1]
     assert out["config"]["mesh_mode"] == "processes" and out["runs"][0]["limit"]
+    assert len(out["host_reference_us"]) == 2 and all(us > 0 for us in out["host_reference_us"])
 
 
 async def _drain(stream) -> list:
