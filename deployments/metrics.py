@@ -173,7 +173,8 @@ class Metrics:
         failovers = family(CounterMetricFamily, "meshserve_mesh_failovers",
                            "Times the mesh failed and its requests were moved.")
         migrated = family(CounterMetricFamily, "meshserve_requests_migrated",
-                          "Requests moved off the mesh when it failed.")
+                          "Requests moved off the mesh when it failed, counted once placed on a mesh again (not those "
+                          "that ended instead: held past no_mesh_wait_s, their client gone, failed on too many meshes).")
         groups = family(GaugeMetricFamily, "meshserve_kv_groups", "Independent KV caches of the mesh (mesh columns).")
         group_used = GaugeMetricFamily("meshserve_kv_group_blocks_used", "KV blocks held by requests, per KV group.",
                                        labels=["mesh", "group"])

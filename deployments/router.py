@@ -157,6 +157,9 @@ class _Request:
     prefill_sampled: int = 0  # Sequence.num_prefill_sampled of the meshes it left
     isolated: bool = False  # its next decode step runs alone (Sequence.isolated), wherever it goes
     failed_alone: tuple[Mesh, int] | None = None  # the last mesh that failed computing it alone, and its works_done
+    # the failed mesh it left, until it is placed on a mesh again: that mesh's requests_migrated counts it then, not when
+    # it left (one held until no_mesh_wait_s ran out, or whose client left meanwhile, or that no mesh took, never moved)
+    moved_from: Mesh | None = None
 
     def shuns(self, mesh: Mesh) -> bool:
         """Whether queue moves (`_rebalance`) keep it off `mesh`: the last mesh that failed computing it alone, until
@@ -618,6 +621,7 @@ class Router:
             return
         req.mesh = mesh
         self._unhold(request_id, req)
+        _count_move(req)
 
     async def _expire_held(self) -> None:
         """Held requests past no_mesh_wait_s fail with NoMeshAvailable (HTTP 503, Retry-After), but one held for
@@ -638,6 +642,7 @@ class Router:
                         try:
                             req.mesh = self._submit_to_best(*placed, rid, req, req.held_output, migrated=True)
                             ending = None
+                            _count_move(req)
                         except RoomFilled:  # cut to the room there, it has its tokens already
                             ending = TokenEvent(rid, [], finish_reason="length")
                         except (PromptTooLong, QueueFull, ValueError):
@@ -793,7 +798,7 @@ class Router:
                 # A repeated failure of a decode round: the requests in it were together each time, so none can be told
                 # from the others. Each decodes its next step alone: the cause fails there, alone; the others go on.
                 req.isolated = req.mesh_failures >= limit
-            mesh.requests_migrated += 1
+            req.moved_from = mesh
             req.counted = req.counted or seq.counted
             self._replace(seq.request_id, req, seq.output_ids)
             if self.config.log_requests:
@@ -928,6 +933,13 @@ def _digests(token_ids: list[int], salt: str | None, meshes: list[Mesh],
             digests[size] = []
             extend_block_hashes(digests[size], token_ids, size, salt)
     return digests
+
+
+def _count_move(req: _Request) -> None:
+    """A request moved off a failed mesh is on another now: requests_migrated counts moves, not requests that left."""
+    if req.moved_from is not None:
+        req.moved_from.requests_migrated += 1
+        req.moved_from = None
 
 
 def _down_stats(caps: Capabilities | None) -> dict:

@@ -299,6 +299,20 @@ def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
     asyncio.run(main())
 
 
+def test_a_request_held_off_a_failed_mesh_until_it_ends_is_not_counted_as_migrated():
+    """meshserve_requests_migrated_total counts requests moved off a failed mesh. It counted each request the failure
+    drained, so one held for a live mesh until no_mesh_wait_s ran out (503), never moved, counted too."""
+    async def main():
+        router, (m0,) = await make_router(num_meshes=1, no_mesh_wait_s=0.3)
+        m0.vanish()  # its first work fails: the request is held, and no mesh comes back
+        with pytest.raises(NoMeshAvailable):
+            await collect(router, "x", [3] * 40, LONG)
+        (mesh0,) = router.stats()["meshes"]
+        assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] == 0
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_request_that_crashes_each_mesh_in_decode_ends_after_max_mesh_failures():
     """A move's recompute samples one token in its prefill: counted as progress, it cleared a request whose decode
     crashed each mesh it reached, which then went on crashing meshes, one per token."""
