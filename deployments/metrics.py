@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from scheduler.work import TokenEvent
@@ -108,12 +108,16 @@ class Metrics:
         self.rejected = Counter("meshserve_requests_rejected", "API requests refused before they ran, once each "
                                 "whatever their choices: queue_full (429), unavailable (503: no live mesh or "
                                 "router).", ["ingress", "reason"], registry=None)
+        # vLLM counts all n children of a request as waiting at once; the later choices of a long prompt wait here, in
+        # no router queue, for the first's first token (OpenAIServer.deltas): num_requests_waiting counts them too
+        deferred = Gauge("meshserve_num_requests_deferred", "Later choices (n > 1) of a long prompt held in the "
+                         "ingress until their first choice's first token.", ["ingress"], registry=None)
         per_request = (prefill, decode, inference, tpot, request_prompt, request_generation, max_generation)
-        self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, *per_request, self.requests,
-                     self.rejected)
+        self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, *per_request, deferred,
+                     self.requests, self.rejected)
         (self.ttft, self.inter_token, self.e2e, self.queue, self.prompt_tokens, self.generation_tokens, self.prefill,
          self.decode, self.inference, self.tpot, self.request_prompt, self.request_generation,
-         self.max_generation) = (family.labels(ingress) for family in self._own[:-2])
+         self.max_generation, self.deferred) = (family.labels(ingress) for family in self._own[:-2])
         for reason in FINISH_REASONS:
             self.requests.labels(ingress, reason)
         for reason in REJECT_REASONS:
@@ -154,7 +158,8 @@ class Metrics:
 
         running = family(GaugeMetricFamily, "meshserve_num_requests_running", "Requests holding a decode slot.")
         waiting = family(GaugeMetricFamily, "meshserve_num_requests_waiting",
-                         "Requests queued for a slot; mesh=\"\": held by the router while no live mesh can take them.")
+                         "Requests queued for a slot; mesh=\"\": held by the router while no live mesh can take them, "
+                         "or (with an ingress label) later choices held in that ingress replica (num_requests_deferred).")
         used = family(GaugeMetricFamily, "meshserve_kv_blocks_used", "KV blocks held by requests.")
         total = family(GaugeMetricFamily, "meshserve_kv_blocks_total", "KV blocks of the mesh.")
         usage = family(GaugeMetricFamily, "meshserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
@@ -207,7 +212,6 @@ class Metrics:
             waiting.add_metric([""], self._held)
         families = (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, stalled, failovers,
                     migrated, groups, group_used, group_total, group_running)
-        yield from families
         own = [family for collector in self._own for family in collector.collect()]
         by_name = {family.name: family for family in own}
         for name, reported in self._others.items():
@@ -217,6 +221,9 @@ class Metrics:
                 if (family := by_name.get(family_name)) is not None:
                     for sample in samples:
                         family.add_sample(*sample)
+        for sample in by_name["meshserve_num_requests_deferred"].samples:  # every replica's, as of its last scrape
+            waiting.add_sample(waiting.name, {"mesh": "", **sample.labels}, sample.value)
+        yield from families
         yield from own
         yield from (self._as_vllm(family) for family in (*own, *families) if family.name in VLLM_NAMES)
 

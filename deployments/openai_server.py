@@ -764,8 +764,13 @@ class OpenAIServer:
             try:
                 if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching:
                     # its first choice's first token: the prompt is cached, and the request admitted, whose queue
-                    # limits do not refuse the rest of it (shielded: a waiter cancelled must not cancel it for all)
-                    sibling = await asyncio.shield(first_token)
+                    # limits do not refuse the rest of it (shielded: a waiter cancelled must not cancel it for all).
+                    # Waiting here it is in no router queue: num_requests_waiting counts it (Metrics), as vLLM would.
+                    self.metrics.deferred.inc()
+                    try:
+                        sibling = await asyncio.shield(first_token)
+                    finally:
+                        self.metrics.deferred.dec()
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices,
                                                sibling):
                     if not first_token.done():

@@ -2,6 +2,8 @@
 the counters and gauges read after requests that end abnormally, against what vLLM would show."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -67,3 +69,41 @@ def test_a_scrape_of_one_ingress_replica_shows_the_others_families(stack):
     assert samples[("vllm:generation_tokens_total", (*b, ("model_name", "smollm2")))] == 5
     assert samples[("meshserve_generation_tokens_total", (("ingress", "local"),))] == 0
     assert samples[("meshserve_requests_total", (("finish_reason", "length"), *b))] == 1
+
+
+def test_later_choices_held_in_the_ingress_count_as_waiting(tok, stack):
+    """vLLM counts all n children of a request in vllm:num_requests_waiting at once. The later choices of a long prompt
+    wait in the ingress for the first's first token (its prefill cached), in no router queue: the gauge missed them,
+    and an autoscaler on it (KEDA) saw n times less backlog. They count while they wait there, not once submitted, and
+    not after their client left."""
+    run, client = stack.run, stack.client
+    body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=5), "max_tokens": 4, "temperature": 0, "n": 3}
+    generate = stack.router.generate
+    held, gate = asyncio.Event(), asyncio.Event()
+
+    async def first_token_held(request_id, *args, **kwargs):  # the first choice's first token reaches the ingress late
+        async for event in generate(request_id, *args, **kwargs):
+            if request_id.endswith("-0") and event.token_ids:
+                held.set()
+                await gate.wait()
+            yield event
+    stack.router.generate = first_token_held
+
+    def waiting() -> float:
+        return sum(v for (name, _), v in scrape(run, client).items() if name == "vllm:num_requests_waiting")
+
+    post = stack.loop.create_task(client.post("/v1/completions", json=body))
+    run(held.wait())
+    assert waiting() == 2  # choices 1 and 2; choice 0 runs in the router
+    gate.set()
+    assert run(post).status_code == 200
+    assert waiting() == 0
+    held.clear(), gate.clear()
+    post = stack.loop.create_task(client.post("/v1/completions", json={**body, "seed": 1}))
+    run(held.wait())
+    assert waiting() == 2
+    post.cancel()  # the client leaves while they wait
+    with pytest.raises(asyncio.CancelledError):
+        run(post)
+    assert waiting() == 0
+    gate.set()
