@@ -268,7 +268,11 @@ class RequestTimer:
 
     def on_event(self, event: TokenEvent, n: int) -> None:
         """`n`: the event's tokens the answer took: those after an end the ingress found (a stop string, a
-        repetition) are dropped, and usage does not count them."""
+        repetition) are dropped, and usage does not count them.
+
+        The first event gives no inter-token gap, however many tokens it carries, as vLLM records none for a request's
+        prefill output (IterationStats.update_from_output): tokens coalesced behind the first reach here with it, their
+        steps' time is in the time to first token, and a gap of 0 for each would pull the ITL histogram down."""
         now = time.perf_counter()
         m = self.metrics
         if event.queue_time_s is not None:
