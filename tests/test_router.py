@@ -313,6 +313,20 @@ def test_a_request_held_off_a_failed_mesh_until_it_ends_is_not_counted_as_migrat
     asyncio.run(main())
 
 
+def test_a_request_held_off_a_failed_mesh_counts_as_migrated_once_placed_again():
+    """The other side of the case above: held while its only mesh is down, then placed on it once it is back, it moved
+    (recomputed there with its tokens so far), and counts once."""
+    async def main():
+        alone = await solo_outputs([PROMPTS[0]], LONG)
+        router, (m0,) = await make_router(num_meshes=1)
+        m0.inject("raise", after=6)  # mid-decode; the replica answers its probe, and the mesh rejoins
+        assert [await collect(router, "x", PROMPTS[0], LONG)] == alone
+        (mesh0,) = router.stats()["meshes"]
+        assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] == 1
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_request_that_crashes_each_mesh_in_decode_ends_after_max_mesh_failures():
     """A move's recompute samples one token in its prefill: counted as progress, it cleared a request whose decode
     crashed each mesh it reached, which then went on crashing meshes, one per token."""
