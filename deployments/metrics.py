@@ -159,7 +159,8 @@ class Metrics:
         running = family(GaugeMetricFamily, "meshserve_num_requests_running", "Requests holding a decode slot.")
         waiting = family(GaugeMetricFamily, "meshserve_num_requests_waiting",
                          "Requests queued for a slot; mesh=\"\": held by the router while no live mesh can take them, "
-                         "or (with an ingress label) later choices held in that ingress replica (num_requests_deferred).")
+                         "or (with an ingress label) later choices held in that ingress replica "
+                         "(num_requests_deferred).")
         used = family(GaugeMetricFamily, "meshserve_kv_blocks_used", "KV blocks held by requests.")
         total = family(GaugeMetricFamily, "meshserve_kv_blocks_total", "KV blocks of the mesh.")
         usage = family(GaugeMetricFamily, "meshserve_kv_cache_usage_ratio", "Fraction of KV blocks in use.")
@@ -178,8 +179,9 @@ class Metrics:
         failovers = family(CounterMetricFamily, "meshserve_mesh_failovers",
                            "Times the mesh failed and its requests were moved.")
         migrated = family(CounterMetricFamily, "meshserve_requests_migrated",
-                          "Requests moved off the mesh when it failed, counted once placed on a mesh again (not those "
-                          "that ended instead: held past no_mesh_wait_s, their client gone, failed on too many meshes).")
+                          "Requests moved off the mesh when it failed, counted once placed on a mesh again (not "
+                          "those that ended instead: held past no_mesh_wait_s, their client gone, failed on too many "
+                          "meshes).")
         groups = family(GaugeMetricFamily, "meshserve_kv_groups", "Independent KV caches of the mesh (mesh columns).")
         group_used = GaugeMetricFamily("meshserve_kv_group_blocks_used", "KV blocks held by requests, per KV group.",
                                        labels=["mesh", "group"])

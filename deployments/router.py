@@ -157,8 +157,8 @@ class _Request:
     prefill_sampled: int = 0  # Sequence.num_prefill_sampled of the meshes it left
     isolated: bool = False  # its next decode step runs alone (Sequence.isolated), wherever it goes
     failed_alone: tuple[Mesh, int] | None = None  # the last mesh that failed computing it alone, and its works_done
-    # the failed mesh it left, until it is placed on a mesh again: that mesh's requests_migrated counts it then, not when
-    # it left (one held until no_mesh_wait_s ran out, or whose client left meanwhile, or that no mesh took, never moved)
+    # the failed mesh it left, until it is placed on a mesh again: that mesh's requests_migrated counts it then, not
+    # when it left (one held until no_mesh_wait_s ran out, or whose client left meanwhile, or no mesh took, never moved)
     moved_from: Mesh | None = None
 
     def shuns(self, mesh: Mesh) -> bool:
