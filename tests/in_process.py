@@ -11,7 +11,54 @@ from deployments.ingress import build_app
 from deployments.router import Router, RouterConfig
 from model.backend import Backend
 from tests.local_mesh import LocalMesh
-from tests.test_router import FAST, until
+
+# RouterConfig fields for in-process tests: small chunks, quick probes and heartbeats. The step deadline is generous: on
+# a busy box a step can miss a short one, and the failover that follows gives the mesh a new scheduler, which hides
+# what the old one held (a leak). A test of a hung mesh sets its own short deadline.
+FAST = dict(prefill_chunk=256, max_prefill_tokens=256, stream_interval_ms=0, probe_interval_s=0.02,
+            probe_timeout_s=0.5, heartbeat_s=0.2, min_step_deadline_s=30.0, step_deadline_factor=5)
+
+
+async def until(condition, timeout_s=10.0):
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never held")
+
+
+def held(router: Router, failovers: int | dict[str, int] = 0) -> list[str]:
+    """What `router` still holds for requests, by name: empty once every request has left and freed its slot and KV
+    blocks (the prefix cache may keep them). Also each mesh that is down, or failed over other than `failovers` times
+    (one count for every mesh, or by mesh name; others 0): a failover gives the mesh a new scheduler, and what the old
+    one held (a leak) is out of sight, so a check that passed through one would pass for the wrong reason."""
+    expected = failovers if isinstance(failovers, dict) else {m.name: failovers for m in router.meshes}
+    out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
+    out += [f"sink {name} {sorted(sink.request_ids)}" for name, sink in router.sinks.items() if sink.request_ids]
+    for mesh in router.meshes:
+        if mesh.failovers != expected.get(mesh.name, 0):
+            out.append(f"{mesh.name} failed over {mesh.failovers} times, not {expected.get(mesh.name, 0)}: its new "
+                       f"scheduler hides what the old one held (a step past min_step_deadline_s?)")
+        if not mesh.up:  # down since its failover, with no scheduler to look into; else never up
+            if not mesh.failovers:
+                out.append(f"{mesh.name} down: {mesh.down_reason}")
+            continue
+        s = mesh.scheduler.stats()
+        out += [f"{mesh.name} {key} {s[key]}" for key in ("running", "waiting", "blocks_used", "queued_tokens") if s[key]]
+        out += [f"{mesh.name} scheduler request {rid}" for rid in mesh.scheduler.requests]
+        if s["free_slots"] != mesh.scheduler.num_slots:
+            out.append(f"{mesh.name} free_slots {s['free_slots']} of {mesh.scheduler.num_slots}")
+    return out
+
+
+async def nothing_held(router: Router, failovers: int | dict[str, int] = 0, timeout_s: float = 10.0) -> None:
+    """Wait for `router` to hold nothing (`held`, with the failovers the test expects), else fail saying what it holds:
+    a request's cancel or end reaches the scheduler a moment after its client has its answer."""
+    for _ in range(int(timeout_s / 0.01)):
+        if not held(router, failovers):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the router still holds: {held(router, failovers)}")
 
 
 class InProcessRouter:

@@ -10,12 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deployments.router import Router
 from model.embedded import ensure_smollm2
 from model.grammar import ll_tokenizer
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
-from tests.in_process import Stack
+from tests.in_process import Stack, nothing_held
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -160,13 +159,6 @@ def without_ids(value):
     return [without_ids(v) for v in value] if isinstance(value, list) else value
 
 
-def assert_nothing_held(router: Router) -> None:
-    assert router.requests == {}
-    for mesh in router.meshes:
-        stats = mesh.scheduler.stats()
-        assert (stats["running"], stats["waiting"], stats["blocks_used"]) == (0, 0, 0), mesh.name
-
-
 async def whole_and_streamed(client, path: str, body: dict):
     whole = await client.post(path, json=body)
     options = {} if path == "/v1/responses" else {
@@ -216,7 +208,7 @@ def test_a_greedy_or_seeded_request_streams_what_it_answers_whole(stack, request
             assert len(c["token_ids"]) <= body["max_tokens"]
             if c["finish_reason"] == "length":
                 assert len(c["token_ids"]) == body["max_tokens"]
-    assert_nothing_held(router)
+    run(nothing_held(router))
 
 
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -242,4 +234,4 @@ def test_greedy_and_seeded_answers_are_the_same_alone_and_among_others(stack, ba
             return await asyncio.gather(*calls)
         return [await call for call in calls]
     assert run(answers(together=True)) == run(answers(together=False))
-    assert_nothing_held(router)
+    run(nothing_held(router))

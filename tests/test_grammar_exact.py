@@ -13,7 +13,7 @@ from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
 from scheduler.sampling import SamplingParams
 from tests.local_mesh import LocalMesh
-from tests.test_router import FAST, until
+from tests.in_process import FAST, nothing_held, until
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags", "n"],
           "properties": {"name": {"type": "string", "maxLength": 30}, "n": {"type": "integer"},
@@ -102,12 +102,13 @@ def test_constrained_answers_equal_their_solo_runs_through_preemption_failover_a
         together = await asyncio.gather(*[answer(router, f"r{i}", p, params) for i, (p, params) in enumerate(todo)])
         stats = router.stats()["meshes"]
         assert together == alone
-        assert stats[0]["failovers"] == 1 and stats[0]["requests_migrated"] >= 1 and sum(m["preemptions"] for m in stats) >= 1
+        assert stats[0]["requests_migrated"] >= 1 and sum(m["preemptions"] for m in stats) >= 1
 
         # a router restart: the ingress resubmits what it delivered; only the rest comes, as it came alone
         for i in (0, 1, 4):
             prompt, params = todo[i]
             rest = await answer(router, f"c{i}", prompt, params, alone[i][0][:9])
             assert rest == (alone[i][0][9:], alone[i][1][9:], alone[i][2])
+        await nothing_held(router, {"mesh-0": 1})
         await router.close()
     asyncio.run(main())

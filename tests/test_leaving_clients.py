@@ -18,7 +18,7 @@ from model.embedded import ensure_smollm2
 from model.grammar import ll_tokenizer
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
-from tests.in_process import InProcessRouter, Stack
+from tests.in_process import InProcessRouter, Stack, held
 from tests.ingress_support import asgi_receive, asgi_scope
 
 SLOTS = 4
@@ -45,7 +45,7 @@ def stack():
         return SimulatedBackend(time_scale=0.05, num_slots=SLOTS, kv_groups=1, num_blocks=48, max_seq_len=2048,
                                 vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)), eos_rate=0.02)
     s = Stack(tok, backend, grammar_tokenizer=lambda: llt, prefill_chunk=128, max_prefill_tokens=128,
-              max_waiting_requests=4, min_step_deadline_s=30.0, heartbeat_s=5.0)  # a failover would hide a leak
+              max_waiting_requests=4, heartbeat_s=5.0)
     s.app = build_app(InProcessRouter(s.router), tok, "smollm2")
     yield s
     s.close()
@@ -80,20 +80,6 @@ async def greedy(app) -> list[int]:
 
     await app(asgi_scope(), receive, send)
     return json.loads(b"".join(sent))["choices"][0]["token_ids"]
-
-
-def held(router) -> list[str]:
-    """What the router still holds for requests, by name (empty once every request has left)."""
-    out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
-    out += [f"sink {name}" for name, sink in router.sinks.items() if sink.request_ids]
-    for mesh in router.meshes:
-        if mesh.failovers:  # a new scheduler: what the old one held is out of sight
-            out.append(f"{mesh.name} failed over")
-        s = mesh.scheduler.stats()
-        out += [f"{mesh.name} {key} {s[key]}" for key in ("running", "waiting", "blocks_used", "queued_tokens") if s[key]]
-        if s["free_slots"] != SLOTS:
-            out.append(f"{mesh.name} free_slots {s['free_slots']}")
-    return out
 
 
 async def settled(router) -> None:

@@ -18,8 +18,7 @@ from model.verify import META_EXPRESSIBLE_ROPE, save_tiny_hf_model
 from scheduler.errors import Unsupported
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from tests.in_process import Stack
-from tests.test_router import until
+from tests.in_process import Stack, nothing_held
 
 CHUNKS = dict(prefill_chunk=32, max_prefill_tokens=32)  # the router's prefill chunks, shorter than PROMPTS
 # Token-id prompts of the tiny model's 256-token vocabulary, longer than a prefill chunk (32 here) and a block (16):
@@ -246,7 +245,7 @@ def test_cached_prefix_and_preemption_do_not_change_values(tok, model_dir, refer
             check_echoed(choice, prompt, reference(prompt), tok, generated=40)
         after = s.stats()["meshes"][0]
         assert after["preemptions"] > before
-        assert after["running"] == after["waiting"] == 0 and not s.router.requests  # nothing left behind
+        s.run(nothing_held(s.router))
     finally:
         s.close()
 
@@ -260,7 +259,7 @@ def test_failover_mid_prefill_gives_each_position_once(tok, model_dir, reference
         s.meshes[0].inject("vanish", 1)  # the first of equal meshes takes it; it dies after one chunk's result
         r = s.post("/v1/completions", {**LM_EVAL, "prompt": prompt})
         assert r.status_code == 200, r.text
-        assert sum(m["failovers"] for m in s.stats()["meshes"]) == 1
+        s.run(nothing_held(s.router, {"mesh-0": 1}))
         check_echoed(r.json()["choices"][0], prompt, reference(prompt), tok)
     finally:
         s.close()
@@ -341,10 +340,8 @@ def test_cancel_mid_prefill_leaves_nothing(tok, model_dir):
                 assert event.prompt_logprobs and not event.token_ids  # the first chunk's, before any token
                 s.router.cancel("c")
                 break
-            await until(lambda: not s.router.requests)
-            return s.router.stats()["meshes"][0]
-        stats = s.run(main())
-        assert (stats["running"], stats["waiting"], stats["blocks_used"]) == (0, 0, 0)
+            await nothing_held(s.router)
+        s.run(main())
     finally:
         s.close()
 

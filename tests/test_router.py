@@ -17,11 +17,11 @@ from scheduler.errors import MeshFailures, NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.work import pack_events, unpack_events
 from tests.counting import counting
+from tests.in_process import FAST, held, nothing_held, until
 from tests.local_mesh import Gone, LocalMesh
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
-FAST = dict(prefill_chunk=256, max_prefill_tokens=256, stream_interval_ms=0, probe_interval_s=0.02,
-            probe_timeout_s=0.5, heartbeat_s=0.2, min_step_deadline_s=0.5, step_deadline_factor=5)
+HUNG = dict(min_step_deadline_s=0.5)  # a test whose mesh hangs waits for the deadline that fails it: a short one
 
 
 def backend():
@@ -33,14 +33,6 @@ async def make_router(num_meshes=2, **config) -> tuple[Router, list[LocalMesh]]:
     router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**{**FAST, **config}))
     await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
     return router, meshes
-
-
-async def until(condition, timeout_s=10.0):
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 async def collect(router, rid, prompt, params=GREEDY):
@@ -60,10 +52,11 @@ def submit_lasting(router, n: int) -> None:
         router.submit(f"r{i:03d}", [i + 2] * 40, LASTING, None, [], "c")
 
 
-async def cancel_all_and_close(router) -> None:
+async def cancel_all_and_close(router, failovers: int | dict[str, int] = 0) -> None:
+    """Cancel every request; they leave nothing held (`held`: with the failovers the test caused); close."""
     for rid in list(router.requests):
         router.cancel(rid)
-    await until(lambda: idle(router))
+    await nothing_held(router, failovers)
     await router.close()
 
 
@@ -78,10 +71,6 @@ async def solo_outputs(prompts, params):
     return out
 
 
-def idle(router) -> bool:
-    return all(m["blocks_used"] == 0 and m["running"] == 0 and m["waiting"] == 0 for m in router.stats()["meshes"])
-
-
 def test_concurrent_requests_equal_their_solo_runs():
     async def main():
         alone = await solo_outputs(PROMPTS, GREEDY)
@@ -91,7 +80,7 @@ def test_concurrent_requests_equal_their_solo_runs():
         assert all(m["rounds"] > 0 for m in router.stats()["meshes"])  # both meshes served
         assert router.stats()["max_model_len"] == 256 * 64  # what one KV group's pool holds (< max_seq_len)
         assert router.stats()["vocab_size"] == 1000  # the ids the meshes embed: the ingress bounds requests by it
-        assert idle(router)
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -122,7 +111,7 @@ async def _end(router: Router, streams) -> None:
     """Close the streams; everything they held is freed; close the router."""
     for s in streams:
         await s.aclose()
-    await until(lambda: idle(router))
+    await nothing_held(router)
     await router.close()
 
 
@@ -215,7 +204,7 @@ def test_closing_a_stream_frees_everything():
             if got >= 3:
                 break
         await stream.aclose()
-        await until(lambda: idle(router))
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -232,7 +221,7 @@ def test_a_final_chunk_the_mesh_retired_unrun_leaves_no_prefix_in_the_cache():
         constrained = GREEDY.model_copy(update={"grammar": '{"grammars": []}'})
         assert (await collect(router, "g", prompt, constrained)) == ([], "error")
         assert await collect(router, "b", prompt) == alone
-        assert idle(router)
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -243,7 +232,7 @@ def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
     the tokens of its unfaulted run, and mesh-0 serves again once it is back."""
     async def main():
         alone = await solo_outputs(PROMPTS, LONG)
-        router, (m0, _) = await make_router(num_meshes=2)
+        router, (m0, _) = await make_router(num_meshes=2, **(HUNG if fault == "hang" else {}))
         m0.inject(fault, after=12)  # prefills done, decoding
         assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
         mesh0 = router.stats()["meshes"][0]
@@ -258,13 +247,13 @@ def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
             m0.restart()
             await until(lambda: router.stats()["meshes"][0]["incarnation"] == m0.incarnation != old)
         await until(lambda: router.stats()["meshes"][0]["up"])
-        assert idle(router)
+        await nothing_held(router, {"mesh-0": 1})
         works = m0.works
         assert router.stats()["meshes"][0]["prefix_query_tokens"] == queried  # the fresh scheduler's 0 added
         again = await asyncio.gather(*[collect(router, f"again{i}", p, LONG) for i, p in enumerate(PROMPTS)])
         assert again == alone and m0.works > works  # mesh-0 is placed on again
         assert router.stats()["meshes"][0]["prefix_query_tokens"] > queried
-        assert idle(router)
+        await nothing_held(router, {"mesh-0": 1})
         await router.close()
     asyncio.run(main())
 
@@ -353,7 +342,7 @@ def test_streams_that_make_tokens_between_two_failures_are_not_blamed_for_them()
         m1.inject("raise", after=30)  # the moved streams made tokens there before this (~60 messages in all)
         tasks = [asyncio.create_task(collect(router, f"r{i}", p, LONG)) for i, p in enumerate(prompts)]
         assert await within(asyncio.gather(*tasks), 20) == alone
-        assert [m["failovers"] for m in router.stats()["meshes"]] == [1, 1]
+        await nothing_held(router, 1)
         assert 1 not in m0.round_steps + m1.round_steps  # none was suspected twice: no step run alone to clear it
         await router.close()
     asyncio.run(main())
@@ -510,7 +499,8 @@ class PoisonMesh(LocalMesh):
 
 async def poison_router(num_meshes=2, **kwargs) -> tuple[Router, list[PoisonMesh]]:
     meshes = [PoisonMesh(backend, **kwargs) for _ in range(num_meshes)]
-    router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=5))
+    config = {**FAST, "no_mesh_wait_s": 5, **(HUNG if kwargs.get("how") == "hang" else {})}
+    router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**config))
     await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
     return router, meshes
 
@@ -530,7 +520,8 @@ def test_a_request_that_crashes_each_mesh_it_reaches_ends_after_max_mesh_failure
             await within(collect(router, "poison", [5] * 350, LONG), 10)
         assert sum(m.deaths for m in meshes) == 2
         assert await within(asyncio.gather(*others), 20) == alone
-        await until(lambda: idle(router) and all(m["up"] for m in router.stats()["meshes"]))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        await nothing_held(router, {f"mesh-{i}": m.deaths for i, m in enumerate(meshes)})
         await router.close()
     asyncio.run(main())
 
@@ -558,8 +549,8 @@ def test_a_request_that_crashes_its_decode_rounds_fails_alone(num_meshes, poison
         faults = [fault for m in meshes for fault in m.faults]
         for rid in poison:  # the crash that ends it, it caused alone
             assert sum(rid in fault for fault in faults) <= 3 and [rid] in faults
-        await until(lambda: idle(router) and all(m["up"] for m in router.stats()["meshes"]))
-        assert not router.requests
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        await nothing_held(router, {f"mesh-{i}": m.deaths for i, m in enumerate(meshes)})
         await router.close()
     asyncio.run(main())
 
@@ -627,8 +618,8 @@ def test_a_mesh_that_fails_decode_rounds_for_no_requests_reason_ends_none_of_the
         assert await within(asyncio.gather(*[collect(router, f"r{i}", p, params) for i, p in enumerate(prompts)]),
                             20) == alone
         assert mesh.deaths == 2 and all(len(fault) == 4 for fault in mesh.faults)
-        await until(lambda: idle(router) and router.stats()["meshes"][0]["up"])
-        assert not router.requests
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        await nothing_held(router, {"mesh-0": mesh.deaths})
         await router.close()
     asyncio.run(main())
 
@@ -656,7 +647,7 @@ def test_a_request_no_mesh_ran_is_not_blamed_for_the_replicas_that_refused_it():
         for mesh in meshes:
             mesh.restart()
         assert await within(collect(router, "r", PROMPTS[0], LONG), 10) == expected
-        assert [m["failovers"] for m in router.stats()["meshes"]] == [1, 1]
+        await nothing_held(router, 1)
         await router.close()
     asyncio.run(main())
 
@@ -667,7 +658,7 @@ def test_a_cancel_that_overtakes_its_request_is_not_lost():
         router.cancel("early")
         tokens, reason = await collect(router, "early", [4] * 30, LONG)
         assert tokens == [] and reason == "abort"
-        assert idle(router)
+        await nothing_held(router)
         assert await collect(router, "other", [4] * 30, GREEDY) != ([], "abort")
         await router.close()
     asyncio.run(main())
@@ -699,6 +690,7 @@ def test_a_burst_is_split_evenly_across_meshes():
         await asyncio.gather(*rest)
         for s in streams:
             await s.aclose()
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -727,7 +719,7 @@ def test_one_stream_carries_every_request_of_its_consumer():
                     break
         assert [(outputs[f"r{i}"], "length") for i in range(6)] == alone
         assert shared > 0 and batches < sum(len(t) for t, _ in alone) / 4  # tokens ride together
-        assert idle(router)
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -740,7 +732,7 @@ def test_closing_a_consumers_stream_cancels_its_requests():
         stream = router.events("gone")
         await anext(stream)
         await stream.aclose()  # the ingress replica went away
-        await until(lambda: idle(router) and not router.requests)
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -821,7 +813,7 @@ def test_a_refused_duplicate_generate_leaves_the_running_one_alone():
             await anext(router.generate("x", [3] * 50, params))
         reasons = await asyncio.wait_for(_finish_reasons(first), 30)
         assert reasons[-1] == "length"
-        await until(lambda: idle(router))
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -856,7 +848,7 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
         assert router.stats()["held"] == 14
         for mesh in meshes:
             mesh.restart()
-        await until(lambda: idle(router))
+        await nothing_held(router, 1)  # each failed on its first work
         await router.close()
     asyncio.run(main())
 
@@ -878,7 +870,7 @@ def test_with_no_live_mesh_the_token_limit_refuses_every_prompt_at_it_and_none_b
         with pytest.raises(QueueFull, match="tokens"):
             router.submit("behind", [3], params, None, [], "c")
         mesh.restart()
-        await until(lambda: idle(router))
+        await nothing_held(router, 1)
         await router.close()
     asyncio.run(main())
 
@@ -934,7 +926,7 @@ def test_a_mesh_that_comes_back_takes_the_queue_its_failure_left_on_the_others()
         m0.restart()
         await until(lambda: router.stats()["meshes"][0]["running"] == 32)
         assert router.stats()["meshes"][1]["waiting"] == 0
-        await cancel_all_and_close(router)
+        await cancel_all_and_close(router, {"mesh-0": 1})
     asyncio.run(main())
 
 
@@ -949,7 +941,7 @@ def test_a_resubmission_before_the_first_token_reports_its_cache_hit():
             async with contextlib.aclosing(router.generate(rid, prompt, GREEDY, continuation=continuation)) as s:
                 first[rid] = (await anext(s)).num_cached_tokens
         assert first["fresh"] > 0 and first["continued"] == first["fresh"]
-        await until(lambda: idle(router))
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -965,7 +957,7 @@ def test_a_mesh_that_comes_up_seats_the_oldest_waiting_requests_first():
         await until(lambda: router.stats()["meshes"][2]["running"] == 32)
         waiting = sorted(seq.request_id for m in router.meshes for seq in m.scheduler.waiting)
         assert waiting == [f"r{i:03d}" for i in range(96, 104)]
-        await cancel_all_and_close(router)
+        await cancel_all_and_close(router, {"mesh-2": 1})
     asyncio.run(main())
 
 
@@ -999,7 +991,7 @@ def test_requests_waiting_for_kv_blocks_move_to_a_mesh_with_room():
         await until(lambda: router.stats()["meshes"][0]["waiting"] >= 4)  # slots free, blocks not
         meshes[1].restart()
         await until(lambda: router.stats()["meshes"][1]["running"] >= 3)
-        await cancel_all_and_close(router)
+        await cancel_all_and_close(router, {"mesh-1": 1})
     asyncio.run(main())
 
 
@@ -1009,13 +1001,13 @@ def test_a_router_that_stood_still_does_not_fail_the_meshes_that_answered():
     import time
 
     async def main():
-        router, _ = await make_router(num_meshes=2)
+        router, _ = await make_router(num_meshes=2, **HUNG)
         tasks = [asyncio.create_task(collect(router, f"r{i}", [i + 2] * 40, LONG)) for i in range(4)]
         await until(lambda: sum(m["running"] for m in router.stats()["meshes"]) == 4)
-        time.sleep(3 * FAST["min_step_deadline_s"] + 1)  # the loop stands still past every work's deadline
+        time.sleep(3 * HUNG["min_step_deadline_s"] + 1)  # the loop stands still past every work's deadline
         outs = await asyncio.gather(*tasks)
         assert [reason for _, reason in outs] == ["length"] * 4
-        assert [m["failovers"] for m in router.stats()["meshes"]] == [0, 0]
+        await nothing_held(router)  # and no failover
         await router.close()
     asyncio.run(main())
 
@@ -1125,7 +1117,7 @@ def test_a_request_only_a_longer_mesh_holds_waits_for_it_through_its_failure(fau
         await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
         long.inject("raise", after=fault_after)  # results; decode works carry 8 tokens each
         assert await collect(router, "x", [7] * 600, params) == expected
-        assert [m["failovers"] for m in router.stats()["meshes"]] == [1, 0]
+        await nothing_held(router, {"mesh-0": 1})
         assert router.stats()["meshes"][1]["rounds"] == 0  # no decode there (works alone: its heartbeats too)
         await router.close()
     asyncio.run(main())
@@ -1187,7 +1179,7 @@ def test_a_stream_whose_tokens_fill_every_mesh_up_ends_with_length():
         await until(lambda: not router.stats()["meshes"][0]["up"])
         params = SamplingParams(temperature=0.0, max_tokens=520)
         assert await _events(router, "y", [7] * 600, params, [3] * 500) == ([], "length")
-        assert idle(router) and not router.requests
+        await nothing_held(router, {"mesh-0": 1})
         await router.close()
     asyncio.run(main())
 
@@ -1266,7 +1258,7 @@ def test_prefix_caching_off_reaches_every_meshs_scheduler():
         async with contextlib.aclosing(router.generate("again", prompt, GREEDY)) as s:
             assert (await anext(s)).num_cached_tokens == 0
         assert all(m.scheduler.enable_prefix_caching is False for m in router.meshes)
-        await until(lambda: idle(router))
+        await nothing_held(router)
         await router.close()
     asyncio.run(main())
 
@@ -1323,7 +1315,8 @@ def test_queue_time_ends_where_the_request_was_first_scheduled_not_where_it_move
                 return results()
             mesh.execute = failing_late
         router.submit("r", PROMPTS[0], GREEDY, None, [], "c")
-        router.requests["r"].mesh.client.inject("raise", after=0)  # before its first work runs: its prefill fails
+        failed = router.requests["r"].mesh
+        failed.client.inject("raise", after=0)  # before its first work runs: its prefill fails
         events = []
         async with contextlib.aclosing(router.events("c")) as stream:
             async for batch in stream:
@@ -1334,7 +1327,7 @@ def test_queue_time_ends_where_the_request_was_first_scheduled_not_where_it_move
         assert sum(m["requests_migrated"] for m in router.stats()["meshes"]) == 1
         (first,) = [e for e in events if e.queue_time_s is not None]
         assert first.queue_time_s == 0.0  # scheduled at once on the mesh that failed, 100 s before the one after
-        await until(lambda: idle(router))
+        await nothing_held(router, {failed.name: 1})
         await router.close()
     asyncio.run(main())
 
