@@ -29,6 +29,7 @@ from deployments import tokenization
 from deployments.aio import within
 from deployments.auth import ApiKeys, KeyCheck, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
+from deployments.client_gone import ClientGone
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.gc_heap import freeze_gc_heap
@@ -89,8 +90,9 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     if api_keys:  # added last, so it runs first: a request without a key is refused before its body is read
         app.add_middleware(KeyCheck, keys=ApiKeys(api_keys),
                            open_paths=frozenset({"/health", "/version", *(["/metrics"] if metrics_open else [])}))
-    if allowed_origins:  # outermost: a browser's preflight carries no key
+    if allowed_origins:  # outside the key check: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(ClientGone)  # outermost: any response's send may find its client gone
 
     def salt(request: Request, cache_salt: str | None) -> str | None:
         return tenant_salt(request.state.api_key, cache_salt) if api_keys else cache_salt

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from fastapi.responses import Response, StreamingResponse
-from starlette.requests import ClientDisconnect
 
 from model.tokenizer import IncrementalDetokenizer, Tokenizer
 from scheduler.sampling import MIN_LOGPROB, PackedLogprobs, PromptLogprobs, TokenLogprobs
@@ -326,10 +325,7 @@ class Deferred(Response):
     go of its request while the answer is awaited (streamed or not: seconds, or minutes in a queue): FastAPI keeps the
     body's bytes, its parse and the request model until the endpoint returns, its whole size for a request the router
     counts in tokens. An error raised before the answer's response starts reaches the app's exception handlers as
-    the endpoint's own would (fastapi/routing.py's request_response, like Starlette's, handles both). A client that
-    left is not an error: under ASGI spec 2.4 a send to it raises OSError (Starlette's streams: ClientDisconnect),
-    which would reach the app's handler of errors as a failed request, an ERROR with a traceback per client that
-    went; the response ends quietly instead, as under 2.3 (where the server drops the sends)."""
+    the endpoint's own would (fastapi/routing.py's request_response, like Starlette's, handles both)."""
 
     def __init__(self, answer: Awaitable[Response]):
         super().__init__()
@@ -337,10 +333,7 @@ class Deferred(Response):
 
     async def __call__(self, scope, receive, send) -> None:
         response = await self.answer
-        try:
-            await response(scope, receive, send)
-        except (OSError, ClientDisconnect):
-            pass
+        await response(scope, receive, send)
 
 
 class EventStream(StreamingResponse):

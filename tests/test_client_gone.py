@@ -1,0 +1,84 @@
+"""A client that leaves is no failure of the ingress: under ASGI spec 2.4 a send to it raises OSError, and whatever
+the answer was (a stream's chunk, a whole answer, a 429, a 401), the app ends quietly, logging no ERROR, and its
+router request is cancelled. An OSError that no send raised is still the app's own failure."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from deployments.client_gone import ClientGone
+from deployments.ingress import build_app
+from scheduler.errors import QueueFull
+from tests.ingress_support import CHAT, COMPLETION, asgi_receive, asgi_scope, eos, router, tokenizer  # noqa: F401
+
+
+def drive(app, body: dict, path: str = "/v1/chat/completions", headers: list | None = None) -> list[dict]:
+    """Call the app as a 2.4 server whose client left before the response: every send raises OSError."""
+    tried: list[dict] = []
+
+    async def send(message):
+        tried.append(message)
+        raise OSError("the client is gone")
+
+    scope = asgi_scope("2.4", path)
+    if headers:
+        scope["headers"] = scope["headers"] + headers
+    asyncio.run(asyncio.wait_for(app(scope, asgi_receive(body, asyncio.Event()), send), timeout=30))
+    return tried
+
+
+def errors_logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", {**CHAT, "stream": True}),
+                                        ("/v1/chat/completions", CHAT),
+                                        ("/v1/completions", {**COMPLETION, "stream": True}),
+                                        ("/v1/responses", {"model": CHAT["model"], "input": "hi", "stream": True}),
+                                        ("/v1/responses", {"model": CHAT["model"], "input": "hi"})])
+def test_an_answer_to_a_client_gone_ends_quietly_and_a_stream_cancels_its_request(router, tokenizer, caplog, path, body):
+    app = build_app(router, tokenizer, CHAT["model"])
+    tried = drive(app, body, path)
+    assert tried and tried[0]["type"] == "http.response.start" and tried[0]["status"] == 200
+    assert errors_logged(caplog) == []
+    # a stream's request is cut at its first chunk; a whole answer was done before its send
+    assert [reason for _, reason in router.cancelled] == ["abort"] * len(router.requests) * body.get("stream", False)
+
+
+def test_a_refusal_to_a_client_gone_ends_quietly(router, tokenizer, caplog):
+    router.refuse = QueueFull("4 requests are waiting for a slot (limit 4)")
+    tried = drive(build_app(router, tokenizer, CHAT["model"]), CHAT)
+    assert [m.get("status") for m in tried] == [429]
+    assert errors_logged(caplog) == []
+
+
+def test_a_key_refusal_to_a_client_gone_ends_quietly(router, tokenizer, caplog):
+    tried = drive(build_app(router, tokenizer, CHAT["model"], api_keys=["k"]), CHAT)
+    assert [m.get("status") for m in tried] == [401]
+    assert errors_logged(caplog) == []
+
+
+def test_an_oserror_no_send_raised_is_still_the_apps_failure():
+    async def app(scope, receive, send):
+        raise OSError("a file the app could not read")
+
+    with pytest.raises(OSError):
+        asyncio.run(ClientGone(app)(asgi_scope("2.4"), asgi_receive(CHAT, asyncio.Event()), _ignore))
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.0"])
+def test_before_spec_2_4_the_app_gets_the_servers_own_send(spec_version):
+    """Nothing is added to a chunk's send where servers drop sends to a client gone (uvicorn, Serve: 2.3)."""
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(send)
+
+    asyncio.run(ClientGone(app)(asgi_scope(spec_version), asgi_receive(CHAT, asyncio.Event()), _ignore))
+    assert seen == [_ignore]
+
+
+async def _ignore(message) -> None:
+    pass
