@@ -867,7 +867,7 @@ class Router:
         try:
             await within(answered(), self.config.min_step_deadline_s)
         except asyncio.TimeoutError:
-            raise MeshFailed(f"an empty work went unanswered for {self.config.min_step_deadline_s:.0f} s") from None
+            raise MeshFailed(f"an empty work went unanswered for {self.config.min_step_deadline_s:g} s") from None
         finally:
             mesh.heartbeat_out = False
 

@@ -419,6 +419,21 @@ def test_new_requests_go_around_an_idle_mesh_whose_host_froze():
     asyncio.run(main())
 
 
+def test_an_idle_mesh_that_leaves_its_heartbeat_unanswered_is_failed_saying_for_how_long():
+    """Its reason read "went unanswered for 0 s" for a min_step_deadline_s under a second."""
+    async def main():
+        router, (m0,) = await make_router(num_meshes=1, min_step_deadline_s=0.3, probe_interval_s=60)
+
+        async def silent(work, incarnation):  # the host froze while the mesh was idle
+            await asyncio.Event().wait()
+            yield  # pragma: no cover
+        m0.execute = silent
+        await until(lambda: not router.stats()["meshes"][0]["up"], timeout_s=5)
+        assert "went unanswered for 0.3 s" in router.stats()["meshes"][0]["failed"]
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_queue_is_not_offered_to_a_stalled_mesh_round_after_round():
     """_movable counted a stalled mesh's free slots as room that _rebalance then would not use: nearly every
     round of the busy mesh ran a rebalance that moved nothing, for as long as the stall lasted (minutes)."""
