@@ -46,6 +46,10 @@ BODIES = {
     "chat-tool": (CHAT, {"messages": [{"role": "user", "content": "weather?"}], "max_tokens": 30, "tools": [TOOL],
                          "tool_choice": "required", "return_token_ids": True}),
     "comp": (COMP, {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "return_token_ids": True}),
+    "chat-stop": (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 40, "stop": ["e"],
+                         "ignore_eos": True, "logprobs": True, "top_logprobs": 1, "return_token_ids": True}),
+    "comp-lp": (COMP, {"prompt": "Once upon a time", "max_tokens": 30, "ignore_eos": True, "logprobs": 2,
+                       "prompt_logprobs": 1, "return_token_ids": True}),
     "comp-n2": (COMP, {"prompt": ["a b", "c d e"], "max_tokens": 25, "n": 2, "temperature": 1.0, "seed": 3,
                        "return_token_ids": True}),
     "resp": (RESP, {"input": "tell me a story", "max_output_tokens": 40}),
@@ -85,7 +89,8 @@ def sse(raw: bytes) -> list[dict | None]:
 
 
 def answer(path: str, stream: bool, status: int | None, raw: bytes) -> dict:
-    """What a client got, as a comparable dict: per choice index its tokens, text and finish_reason; or the error."""
+    """What a client got, as a comparable dict: per choice index its tokens, text, logprobs, prompt_logprobs and
+    finish_reason; or the error."""
     if status != 200:
         return {"error": status, "body": raw.decode(errors="replace")}
     if path == RESP:
@@ -93,7 +98,8 @@ def answer(path: str, stream: bool, status: int | None, raw: bytes) -> dict:
     if not stream:
         choices = json.loads(raw)["choices"]
         return {c["index"]: {"token_ids": c["token_ids"], "finish_reason": c["finish_reason"],
-                             "text": _text(c["message"]) if path == CHAT else c["text"]} for c in choices}
+                             "text": _text(c["message"]) if path == CHAT else c["text"],
+                             "logprobs": _logprobs(c), "prompt_logprobs": c.get("prompt_logprobs")} for c in choices}
     chunks = sse(raw)
     if chunks[-1] is not None:  # no [DONE]: the stream broke
         return {"error": "no [DONE]", "body": raw.decode(errors="replace")}
@@ -102,12 +108,22 @@ def answer(path: str, stream: bool, status: int | None, raw: bytes) -> dict:
         if "error" in chunk:
             return {"error": "in stream", "body": json.dumps(chunk)}
         for c in chunk["choices"]:
-            s = out.setdefault(c["index"], {"token_ids": [], "finish_reason": None, "text": ""})
+            s = out.setdefault(c["index"], {"token_ids": [], "finish_reason": None, "text": "", "logprobs": [],
+                                            "prompt_logprobs": c.get("prompt_logprobs")})  # its first chunk's
             assert s["finish_reason"] is None, f"choice {c['index']} went on after its finish: {chunk}"
             s["token_ids"] += c.get("token_ids") or []
             s["text"] += _text(c["delta"]) if path == CHAT else c["text"]
+            s["logprobs"] += _logprobs(c)
             s["finish_reason"] = c.get("finish_reason")
     return out
+
+
+def _logprobs(choice: dict) -> list:
+    """A chat or completion choice's (token, logprob) pairs."""
+    lps = choice.get("logprobs") or {}
+    if "content" in lps:
+        return [(e["token"], e["logprob"]) for e in lps["content"] or []]
+    return list(zip(lps.get("tokens", []), lps.get("token_logprobs", [])))
 
 
 def _text(message: dict) -> str:
@@ -135,15 +151,15 @@ def _response(stream: bool, raw: bytes) -> dict:
 
 
 class Watched(InProcessRouter):
-    """The router as the ingress reaches it, noting each request its client (or its failure) let go of."""
+    """The router as the ingress reaches it, noting each request the ingress let go of: its client left, it failed,
+    or a stop string ended it here."""
 
-    def __init__(self, router: Router, aborted: set[str]):
+    def __init__(self, router: Router, let_go: set[str]):
         super().__init__(router)
-        self.aborted = aborted
+        self.let_go = let_go
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
-        if reason == "abort":
-            self.aborted.add(request_id)
+        self.let_go.add(request_id)
         await super().cancel(request_id, reason)
 
 
@@ -167,18 +183,18 @@ def stack():
                                 vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)), eos_rate=0.02)
     s = Stack(tok, backend, num_meshes=MESHES, grammar_tokenizer=lambda: llt, prefill_chunk=128,
               max_prefill_tokens=128, min_step_deadline_s=FAULT_S, probe_timeout_s=0.5, no_mesh_wait_s=10.0)
-    s.aborted, s.placed_for_no_one, s.schedulers = set(), [], []
-    s.app = build_app(Watched(s.router, s.aborted), tok, "smollm2")
+    s.let_go, s.placed_for_no_one, s.schedulers = set(), [], []
+    s.app = build_app(Watched(s.router, s.let_go), tok, "smollm2")
     router = s.router
     submit_to_best, hold, scheduler_for = router._submit_to_best, router._hold, router._scheduler_for
 
     def placed(meshes, digests, request_id, *args, **kwargs):
-        if request_id in s.aborted:
+        if request_id in s.let_go:
             s.placed_for_no_one.append(request_id)
         return submit_to_best(meshes, digests, request_id, *args, **kwargs)
 
     def holding(request_id, *args):
-        if request_id in s.aborted:
+        if request_id in s.let_go:
             s.placed_for_no_one.append(f"{request_id} (held)")
         return hold(request_id, *args)
 
