@@ -10,7 +10,7 @@ import pytest
 
 from deployments.client_gone import ClientGone
 from deployments.ingress import build_app
-from scheduler.errors import QueueFull
+from scheduler.errors import MeshFailures, QueueFull
 from tests.ingress_support import CHAT, COMPLETION, asgi_receive, asgi_scope, eos, router, tokenizer  # noqa: F401
 
 
@@ -47,10 +47,12 @@ def test_an_answer_to_a_client_gone_ends_quietly_and_a_stream_cancels_its_reques
     assert [reason for _, reason in router.cancelled] == ["abort"] * len(router.requests) * body.get("stream", False)
 
 
-def test_a_refusal_to_a_client_gone_ends_quietly(router, tokenizer, caplog):
-    router.refuse = QueueFull("4 requests are waiting for a slot (limit 4)")
+@pytest.mark.parametrize("refusal, status", [(QueueFull("4 requests are waiting for a slot (limit 4)"), 429),
+                                             (MeshFailures("2 model replicas in a row failed computing it"), 500)])
+def test_a_refusal_to_a_client_gone_ends_quietly(router, tokenizer, caplog, refusal, status):
+    router.refuse = refusal
     tried = drive(build_app(router, tokenizer, CHAT["model"]), CHAT)
-    assert [m.get("status") for m in tried] == [429]
+    assert [m.get("status") for m in tried] == [status]
     assert errors_logged(caplog) == []
 
 
