@@ -12,9 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class ClientGone:
-    """ASGI middleware, outermost: under spec 2.4, once a send has raised OSError, the OSError or ClientDisconnect
-    that ends the app is the client's going, and the response ends quietly there. Anything else still raises.
-    Under 2.3 the app is called as it is: nothing is added to a chunk's send."""
+    """ASGI middleware, outermost: under spec 2.4, the OSError a send raised, or the ClientDisconnect Starlette
+    raises for it, ends the response quietly. Anything else still raises, an OSError after the client left too (a
+    timeout is one). Under 2.3 the app is called as it is: nothing is added to a chunk's send."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -23,20 +23,20 @@ class ClientGone:
         if scope["type"] != "http" or _spec_version(scope) < (2, 4):
             await self.app(scope, receive, send)
             return
-        gone = False
+        gone: OSError | None = None  # what a send raised
 
         async def noted_send(message: Message) -> None:
             nonlocal gone
             try:
                 await send(message)
-            except OSError:
-                gone = True
+            except OSError as exc:
+                gone = exc
                 raise
 
         try:
             await self.app(scope, receive, noted_send)
-        except (OSError, ClientDisconnect):
-            if not gone:
+        except (OSError, ClientDisconnect) as exc:
+            if gone is None or (exc is not gone and exc.__context__ is not gone):
                 raise
 
 

@@ -70,6 +70,22 @@ def test_an_oserror_no_send_raised_is_still_the_apps_failure():
         asyncio.run(ClientGone(app)(asgi_scope("2.4"), asgi_receive(CHAT, asyncio.Event()), _ignore))
 
 
+def test_an_oserror_of_the_apps_own_after_the_client_left_is_still_its_failure():
+    """A timeout is an OSError too (TimeoutError): one raised after a send failed is not the client's going."""
+    async def app(scope, receive, send):
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        except OSError:
+            pass
+        raise TimeoutError("the router did not answer")
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(ClientGone(app)(asgi_scope("2.4"), asgi_receive(CHAT, asyncio.Event()), send))
+
+
 @pytest.mark.parametrize("spec_version", ["2.3", "2.0"])
 def test_before_spec_2_4_the_app_gets_the_servers_own_send(spec_version):
     """Nothing is added to a chunk's send where servers drop sends to a client gone (uvicorn, Serve: 2.3)."""

@@ -2047,7 +2047,7 @@ def test_a_client_gone_in_a_pause_mid_answer_cancels_its_request_at_its_keepaliv
             disconnected.set()
             raise OSError("connection reset")
 
-    async def run():  # the app returns: the client that left is no error of its (Deferred ends it quietly)
+    async def run():  # the app returns: the client that left is no error of its (ClientGone ends it quietly)
         await asyncio.wait_for(_call_asgi(app, {**body, "stream": True}, "2.4", on_body, path), timeout=10)
         (rid,) = router.requests
         assert router.cancelled == [(rid, "abort")]
