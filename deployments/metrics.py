@@ -15,6 +15,7 @@ vllm:num_requests_waiting) read meshserve unchanged. The copy is made at scrape 
 """
 from __future__ import annotations
 
+import math
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -61,6 +62,13 @@ VLLM_NAMES = {
     "meshserve_num_preemptions": "vllm:num_preemptions",
 }
 _VLLM_LABELS = {"finish_reason": "finished_reason"}  # vLLM's request_success label
+
+
+DEFERRED = "meshserve_num_requests_deferred"
+# Another replica's count of deferred choices is shown only this long after its last scrape: the other families it
+# reports are counts and histograms, right however old, but this gauge, added to num_requests_waiting, which
+# autoscalers read, would show a replica gone (or not scraped lately) holding a backlog long over.
+DEFERRED_REPORT_TTL_S = 60.0
 
 
 class Metrics:
@@ -110,7 +118,7 @@ class Metrics:
                                 "router).", ["ingress", "reason"], registry=None)
         # vLLM counts all n children of a request as waiting at once; the later choices of a long prompt wait here, in
         # no router queue, for the first's first token (OpenAIServer.deltas): num_requests_waiting counts them too
-        deferred = Gauge("meshserve_num_requests_deferred", "Later choices (n > 1) of a long prompt held in the "
+        deferred = Gauge(DEFERRED, "Later choices (n > 1) of a long prompt held in the "
                          "ingress until their first choice's first token.", ["ingress"], registry=None)
         per_request = (prefill, decode, inference, tpot, request_prompt, request_generation, max_generation)
         self._own = (ttft, inter_token, e2e, queue, prompt_tokens, generation_tokens, *per_request, deferred,
@@ -126,6 +134,7 @@ class Metrics:
         self._router_up = False
         self._held = 0
         self._others: dict[str, list] = {}  # the other ingress replicas' report(), by name, from the router
+        self._other_ages: dict[str, float] = {}  # how old each is, in seconds
         self.registry.register(self)
 
     def start(self, num_prompt_tokens: int, arrival: float, choices: Choices | None = None) -> RequestTimer:
@@ -146,6 +155,7 @@ class Metrics:
         self._meshes = router_stats["meshes"] if router_stats else []
         self._held = router_stats.get("held", 0) if router_stats else 0
         self._others = router_stats.get("ingress_families", {}) if router_stats else {}
+        self._other_ages = router_stats.get("ingress_report_age_s", {}) if router_stats else {}
         return generate_latest(self.registry)
 
     def collect(self):
@@ -220,10 +230,12 @@ class Metrics:
             if name == self.ingress:
                 continue
             for family_name, samples in reported:
+                if family_name == DEFERRED and self._other_ages.get(name, math.inf) > DEFERRED_REPORT_TTL_S:
+                    continue  # a gauge: a replica gone, or not scraped lately, would show a backlog long over
                 if (family := by_name.get(family_name)) is not None:
                     for sample in samples:
                         family.add_sample(*sample)
-        for sample in by_name["meshserve_num_requests_deferred"].samples:  # every replica's, as of its last scrape
+        for sample in by_name[DEFERRED].samples:  # this replica's now, the others' as of their last scrape
             waiting.add_sample(waiting.name, {"mesh": "", **sample.labels}, sample.value)
         yield from families
         yield from own

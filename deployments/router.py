@@ -655,7 +655,8 @@ class Router:
         """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers. `stalled`: a live
         mesh silent past its stall time with work out, which placement goes around until it answers or its deadline
         fails it (a frozen host: up to min_step_deadline_s). `report`: a scraped ingress replica's name and own
-        metric families (Metrics.report), kept; then `ingress_families` holds every replica's last ones."""
+        metric families (Metrics.report), kept; then `ingress_families` holds every replica's last ones, and
+        `ingress_report_age_s` how old each is (seconds)."""
         meshes, now = [], asyncio.get_running_loop().time()
         for m in self.meshes:
             sched = m.scheduler.stats() if m.up else _down_stats(m.caps)
@@ -679,6 +680,7 @@ class Router:
             self.ingress_reports = {name: kept for name, kept in self.ingress_reports.items()
                                     if at - kept[0] <= INGRESS_REPORT_TTL_S}
             stats["ingress_families"] = {name: families for name, (_, families) in self.ingress_reports.items()}
+            stats["ingress_report_age_s"] = {name: at - when for name, (when, _) in self.ingress_reports.items()}
         return stats
 
     def _max_model_len(self, caps: Capabilities) -> int:

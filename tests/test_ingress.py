@@ -947,6 +947,26 @@ def test_prompt_tokens_count_at_the_first_token_and_long_latencies_have_buckets(
     assert (buckets["80.0"], buckets["160.0"]) == (0, 1)
 
 
+def test_another_replicas_deferred_choices_count_as_waiting_only_while_its_report_is_recent():
+    """Other replicas' own families come as of their last scrape, kept 15 minutes. Counts and histograms are right
+    however old; the deferred gauge is added to num_requests_waiting, which autoscalers read: a replica gone (or not
+    scraped lately) with choices deferred at its last scrape would show a backlog long over."""
+    from deployments.metrics import DEFERRED_REPORT_TTL_S, Metrics
+    other, this = Metrics("other"), Metrics("this")
+    for _ in range(3):
+        other.deferred.inc()
+    this.deferred.inc()
+
+    def waiting(age_s: float) -> dict[str, float]:
+        text = this.render({"meshes": [], "held": 0, "ingress_families": dict([other.report()]),
+                            "ingress_report_age_s": {"other": age_s}}).decode()
+        return {s.labels["ingress"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "vllm:num_requests_waiting" and "ingress" in s.labels}
+
+    assert waiting(DEFERRED_REPORT_TTL_S / 2) == {"this": 1, "other": 3}
+    assert waiting(DEFERRED_REPORT_TTL_S * 2) == {"this": 1}
+
+
 def test_metrics_fill_vllms_dashboard_request_panels(client, router, tokenizer):
     """vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json) reads per-request
     histograms: prompt and generation lengths, TPOT, prefill and decode time, the most tokens of a request's n
