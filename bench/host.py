@@ -7,16 +7,17 @@ from __future__ import annotations
 import math
 import time
 
-REFERENCE = "sum(range(10_000))"
+N = 10_000
+REFERENCE = f"sum(range({N:_}))"
 
 
 def reference_loop_us(repeats: int = 50) -> float:
-    """CPU microseconds of one sum(range(10_000)), the least of `repeats` runs (the least: the host's speed, not its
+    """CPU microseconds of one sum(range(N)), the least of `repeats` runs (the least: the host's speed, not its
     interruptions). CPU time of this thread (CLOCK_THREAD_CPUTIME_ID), so other processes' load shows only as far as
     it slows this one's instructions (caches, a throttled or shared core)."""
     best = math.inf
     for _ in range(repeats):
         start = time.thread_time()
-        sum(range(10_000))
+        sum(range(N))
         best = min(best, time.thread_time() - start)
     return round(best * 1e6, 1)

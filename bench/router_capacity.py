@@ -559,7 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
                            ("--ingresses", args.ingresses >= 1, "at least 1")]:
         if not ok:
             p.error(f"{flag}: {rule}")
-    results, host_before = [], reference_loop_us()
+    host_before = reference_loop_us()
+    results = []
     for n in ns:
         r = asyncio.run(measure(n, args.seconds, args.warmup_s, args.prompt_tokens, args.max_tokens,
                                 args.extra_per_mesh, args.time_scale, not args.no_serialize,

@@ -1170,6 +1170,24 @@ def test_a_request_waits_for_the_longer_mesh_no_longer_than_no_mesh_wait_s():
     asyncio.run(main())
 
 
+def test_a_request_moved_to_a_shorter_mesh_after_no_mesh_wait_s_counts_as_migrated_once():
+    """Its longer mesh fails mid-answer and is gone for good: held for it, then placed on the shorter mesh once
+    no_mesh_wait_s ran out (Router._expire_held), it was moved, once."""
+    async def main():
+        long, _ = meshes = sized_meshes(4096, 1024)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=0.5))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        task = asyncio.create_task(collect(router, "x", [7] * 600, SamplingParams(temperature=0.0, max_tokens=520)))
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)
+        long.vanish()
+        tokens, reason = await task
+        assert (len(tokens), reason) == (1024 - 600, "length")
+        assert [m["requests_migrated"] for m in router.stats()["meshes"]] == [1, 0]
+        await nothing_held(router, {"mesh-0": 1})
+        await router.close()
+    asyncio.run(main())
+
+
 async def _events(router, rid, prompt, params, output_ids) -> tuple[list[int], str | None]:
     tokens, reason = [], None
     async for event in router.generate(rid, prompt, params, output_ids=output_ids, continuation=True):
