@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 MAX_GRAMMAR_BYTES = 64 * 1024
 MAX_COMPILE_CPU_S = 0.1
 # A compile's CPU time swings with the host's load (a 3,000-rule chain: 20-40 ms quiet, 103 ms loaded), so a refusal
-# within this factor of the budget is not kept: the grammar is compiled again at its next request.
+# within this factor of the budget is kept only NEAR_REFUSAL_KEPT_S: then the grammar is compiled again (and a client
+# that resends it at once does not make a grammar checker compile it each time, up to 0.3 s of CPU).
 LASTING_REFUSAL_FACTOR = 3.0
+NEAR_REFUSAL_KEPT_S = 30.0
 MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB grammar of 40 tools takes < 1 ms
 # A slot's masks and steps together, over its last COST_WINDOW tokens (or fewer, from its first token on), take
 # at most COST_WINDOW x MAX_MEAN_STEP_CPU_S. Each constrained slot adds its cost to every decode step of the mesh:
@@ -197,7 +199,8 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguida
 
 # Keyed by the grammar's digest, not its text: a refused grammar is kept too, and a 64 KB source can make one of
 # ~380 KB (a schema of control characters, escaped 6 to 1), so 256 texts held ~100 MB per ingress replica.
-_VERDICTS: OrderedDict[tuple[bytes, llguidance.LLTokenizer], str | None] = OrderedDict()
+# Each verdict with the time.monotonic() it is kept until (None: as long as it is among the last VERDICTS_KEPT).
+_VERDICTS: OrderedDict[tuple[bytes, llguidance.LLTokenizer], tuple[str | None, float | None]] = OrderedDict()
 _VERDICTS_LOCK = threading.Lock()
 VERDICTS_KEPT = 256
 
@@ -208,44 +211,49 @@ def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None
     cut at grammar_check.MAX_COMPILE_WALL_S; then here, the matcher a mesh builds and its first mask, which
     llguidance's lexer fuel bounds). Call it on a deep_stack_executor thread. The verdicts on the last
     VERDICTS_KEPT grammars are kept (a client with tools sends the same ones at every turn), except those that
-    depend on the moment: a compile cut at the wall-clock budget, a child that died twice, or a refusal within
-    LASTING_REFUSAL_FACTOR of the CPU budget."""
+    depend on the moment: a compile cut at the wall-clock budget or a child that died twice, not kept; a refusal
+    within LASTING_REFUSAL_FACTOR of the CPU budget, kept NEAR_REFUSAL_KEPT_S."""
     key = (hashlib.sha256(grammar.encode("utf-8", "surrogatepass")).digest(), tokenizer)
+    now = time.monotonic()
     with _VERDICTS_LOCK:
-        if key in _VERDICTS:
+        kept = _VERDICTS.get(key)
+        if kept is not None and (kept[1] is None or now < kept[1]):
             _VERDICTS.move_to_end(key)
-            return _VERDICTS[key]
-    error, lasting = _grammar_error(grammar, tokenizer)
-    if lasting:
+            return kept[0]
+    error, lasting, near = _grammar_error(grammar, tokenizer)
+    if lasting or near:
         with _VERDICTS_LOCK:
-            _VERDICTS[key] = error
+            _VERDICTS[key] = error, None if lasting else now + NEAR_REFUSAL_KEPT_S
+            _VERDICTS.move_to_end(key)
             while len(_VERDICTS) > VERDICTS_KEPT:
                 _VERDICTS.popitem(last=False)
     return error
 
 
-def _grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[str | None, bool]:
-    """grammar_error's verdict, and whether it would be the same at another moment."""
+def _grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[str | None, bool, bool]:
+    """grammar_error's verdict, whether it would be the same at another moment, and whether it is a refusal within
+    LASTING_REFUSAL_FACTOR of the CPU budget."""
     if len(grammar) > MAX_GRAMMAR_BYTES:
         return f"the constraint compiles to {len(grammar)} bytes of grammar; this server takes at most " \
-               f"{MAX_GRAMMAR_BYTES}", True
+               f"{MAX_GRAMMAR_BYTES}", True, False
     verdict = _in_child(lambda c: c.check(grammar))  # where a compile that would take minutes is cut
     if verdict.error:
-        return verdict.error, not verdict.crashed
+        return verdict.error, not verdict.crashed, False
     cpu_s = verdict.cpu_s
     if cpu_s is not None and cpu_s <= MAX_COMPILE_CPU_S:
         start = time.thread_time()
         try:
             compiled(tokenizer, grammar)
         except ValueError as exc:
-            return str(exc), True
+            return str(exc), True, False
         cpu_s = time.thread_time() - start
         if cpu_s <= MAX_COMPILE_CPU_S:
-            return None, True
+            return None, True, False
     spent = f"more than {grammar_check.MAX_COMPILE_WALL_S:g} s" if cpu_s is None else f"{cpu_s * 1000:.0f} ms of CPU"
+    lasting = cpu_s is not None and cpu_s > LASTING_REFUSAL_FACTOR * MAX_COMPILE_CPU_S
     return f"the constraint takes {spent} to compile; this server takes at most {MAX_COMPILE_CPU_S * 1000:.0f} " \
-           f"ms of CPU (fewer properties, alternatives or repetitions make it cheaper)", \
-        cpu_s is not None and cpu_s > LASTING_REFUSAL_FACTOR * MAX_COMPILE_CPU_S
+           f"ms of CPU (fewer properties, alternatives or repetitions make it cheaper)", lasting, \
+        cpu_s is not None and not lasting
 
 
 def compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> LLMatcher:

@@ -105,11 +105,12 @@ def test_a_verdict_that_depends_on_the_moment_is_not_kept(monkeypatch):
     assert grammar.grammar_error(text, llt) is None  # a lasting verdict is kept: not compiled again
 
 
-def test_a_refusal_near_the_cpu_budget_is_not_kept(monkeypatch):
+def test_a_refusal_near_the_cpu_budget_is_kept_only_a_while(monkeypatch):
     """A compile's CPU time swings with the host's load: a 3,000-rule chain took 20-40 ms quiet and 103 ms loaded,
     against the 100 ms budget. A refusal within LASTING_REFUSAL_FACTOR of the budget was kept like any other, so a
-    grammar refused once in a busy moment stayed refused for as long as it was among the last 256. It is compiled
-    again at the next request now; one far past the budget stays refused without being compiled again."""
+    grammar refused once in a busy moment stayed refused for as long as it was among the last 256. It is kept
+    NEAR_REFUSAL_KEPT_S now (a client resending it at once makes no checker compile it again), then compiled again;
+    one far past the budget stays refused without being compiled again."""
     import model.grammar as grammar
     from model.embedded import ensure_smollm2
     from model.tokenizer import load_tokenizer
@@ -117,13 +118,19 @@ def test_a_refusal_near_the_cpu_budget_is_not_kept(monkeypatch):
     llt = grammar.ll_tokenizer(tok, tok.vocab_size)
     real_check = GrammarChecker.check
     budget = grammar.MAX_COMPILE_CPU_S
+    clock = [1000.0]
+    monkeypatch.setattr(grammar.time, "monotonic", lambda: clock[0])
     answers = [Verdict(None, 1.5 * budget)]
     monkeypatch.setattr(GrammarChecker, "check", lambda self, g: answers.pop(0) if answers else real_check(self, g))
     near, far = regex_grammar("[a-f]{3}-near"), regex_grammar("[a-f]{3}-far")
     assert "150 ms of CPU" in grammar.grammar_error(near, llt)
+    clock[0] += grammar.NEAR_REFUSAL_KEPT_S / 2
+    assert "150 ms of CPU" in grammar.grammar_error(near, llt)  # kept: not compiled again
+    clock[0] += grammar.NEAR_REFUSAL_KEPT_S
     assert grammar.grammar_error(near, llt) is None  # compiled again, within its budget this time
     answers.append(Verdict(None, 1.1 * grammar.LASTING_REFUSAL_FACTOR * budget))
     assert "of CPU" in grammar.grammar_error(far, llt)
+    clock[0] += 100 * grammar.NEAR_REFUSAL_KEPT_S
     assert "of CPU" in grammar.grammar_error(far, llt) and answers == []  # kept: not compiled again
 
 
