@@ -10,6 +10,10 @@ import httpx
 from deployments.ingress import build_app
 from deployments.router import Router, RouterConfig
 from model.backend import Backend
+from model.embedded import ensure_smollm2
+from model.grammar import ll_tokenizer
+from model.simulated import SimulatedBackend
+from model.tokenizer import load_tokenizer
 from tests.local_mesh import LocalMesh
 
 # RouterConfig fields for in-process tests: small chunks, quick probes and heartbeats. The step deadline is generous: on
@@ -121,3 +125,17 @@ class Stack:
     def close(self) -> None:
         self.run(self.router.close())
         self.loop.close()
+
+
+def simulated_stack(num_slots: int, num_blocks: int, num_meshes: int = 1, **config) -> Stack:
+    """A Stack of `num_meshes` fast simulated meshes (time_scale 0.05, an EOS now and then) with SmolLM2's tokenizer
+    and llguidance's view of it (structured outputs), prefilled 128 tokens a chunk; `config`: RouterConfig fields."""
+    tok = load_tokenizer(ensure_smollm2())
+    llt = ll_tokenizer(tok, tok.vocab_size)
+
+    def backend() -> SimulatedBackend:
+        return SimulatedBackend(time_scale=0.05, num_slots=num_slots, kv_groups=1, num_blocks=num_blocks,
+                                max_seq_len=2048, vocab_size=tok.vocab_size,
+                                eos_token_ids=tuple(sorted(tok.stop_ids)), eos_rate=0.02)
+    return Stack(tok, backend, num_meshes, grammar_tokenizer=lambda: llt,
+                 **{"prefill_chunk": 128, "max_prefill_tokens": 128, **config})

@@ -19,11 +19,7 @@ from hypothesis import strategies as st
 
 from deployments.ingress import build_app
 from deployments.router import Router
-from model.embedded import ensure_smollm2
-from model.grammar import ll_tokenizer
-from model.simulated import SimulatedBackend
-from model.tokenizer import load_tokenizer
-from tests.in_process import InProcessRouter, Stack
+from tests.in_process import InProcessRouter, simulated_stack
 from tests.ingress_support import asgi_receive, asgi_scope
 
 SLOTS = 4
@@ -175,16 +171,9 @@ class Errors(logging.Handler):
 
 @pytest.fixture(scope="module")
 def stack():
-    tok = load_tokenizer(ensure_smollm2())
-    llt = ll_tokenizer(tok, tok.vocab_size)
-
-    def backend():
-        return SimulatedBackend(time_scale=0.05, num_slots=SLOTS, kv_groups=1, num_blocks=64, max_seq_len=2048,
-                                vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)), eos_rate=0.02)
-    s = Stack(tok, backend, num_meshes=MESHES, grammar_tokenizer=lambda: llt, prefill_chunk=128,
-              max_prefill_tokens=128, min_step_deadline_s=FAULT_S, probe_timeout_s=0.5, no_mesh_wait_s=10.0)
+    s = simulated_stack(SLOTS, 64, MESHES, min_step_deadline_s=FAULT_S, probe_timeout_s=0.5, no_mesh_wait_s=10.0)
     s.let_go, s.placed_for_no_one, s.schedulers = set(), [], []
-    s.app = build_app(Watched(s.router, s.let_go), tok, "smollm2")
+    s.app = build_app(Watched(s.router, s.let_go), s.tok, "smollm2")
     router = s.router
     submit_to_best, hold, scheduler_for = router._submit_to_best, router._hold, router._scheduler_for
 

@@ -14,11 +14,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from deployments.ingress import build_app
-from model.embedded import ensure_smollm2
-from model.grammar import ll_tokenizer
-from model.simulated import SimulatedBackend
-from model.tokenizer import load_tokenizer
-from tests.in_process import InProcessRouter, Stack, held
+from tests.in_process import InProcessRouter, held, simulated_stack
 from tests.ingress_support import asgi_receive, asgi_scope
 
 SLOTS = 4
@@ -38,15 +34,8 @@ BODIES = {
 
 @pytest.fixture(scope="module")
 def stack():
-    tok = load_tokenizer(ensure_smollm2())
-    llt = ll_tokenizer(tok, tok.vocab_size)
-
-    def backend():
-        return SimulatedBackend(time_scale=0.05, num_slots=SLOTS, kv_groups=1, num_blocks=48, max_seq_len=2048,
-                                vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)), eos_rate=0.02)
-    s = Stack(tok, backend, grammar_tokenizer=lambda: llt, prefill_chunk=128, max_prefill_tokens=128,
-              max_waiting_requests=4, heartbeat_s=5.0)
-    s.app = build_app(InProcessRouter(s.router), tok, "smollm2")
+    s = simulated_stack(SLOTS, 48, max_waiting_requests=4, heartbeat_s=5.0)
+    s.app = build_app(InProcessRouter(s.router), s.tok, "smollm2")
     yield s
     s.close()
 
