@@ -14,6 +14,7 @@ import collections
 import functools
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -199,8 +200,8 @@ def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int | None = None) -> llguida
 
 # Keyed by the grammar's digest, not its text: a refused grammar is kept too, and a 64 KB source can make one of
 # ~380 KB (a schema of control characters, escaped 6 to 1), so 256 texts held ~100 MB per ingress replica.
-# Each verdict with the time.monotonic() it is kept until (None: as long as it is among the last VERDICTS_KEPT).
-_VERDICTS: OrderedDict[tuple[bytes, llguidance.LLTokenizer], tuple[str | None, float | None]] = OrderedDict()
+# Each verdict with the time.monotonic() it is kept until (inf: as long as it is among the last VERDICTS_KEPT).
+_VERDICTS: OrderedDict[tuple[bytes, llguidance.LLTokenizer], tuple[str | None, float]] = OrderedDict()
 _VERDICTS_LOCK = threading.Lock()
 VERDICTS_KEPT = 256
 
@@ -217,43 +218,44 @@ def grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> str | None
     now = time.monotonic()
     with _VERDICTS_LOCK:
         kept = _VERDICTS.get(key)
-        if kept is not None and (kept[1] is None or now < kept[1]):
+        if kept is not None and now < kept[1]:
             _VERDICTS.move_to_end(key)
             return kept[0]
-    error, lasting, near = _grammar_error(grammar, tokenizer)
-    if lasting or near:
+    error, kept_s = _grammar_error(grammar, tokenizer)
+    if kept_s:
         with _VERDICTS_LOCK:
-            _VERDICTS[key] = error, None if lasting else now + NEAR_REFUSAL_KEPT_S
+            _VERDICTS[key] = error, now + kept_s
             _VERDICTS.move_to_end(key)
             while len(_VERDICTS) > VERDICTS_KEPT:
                 _VERDICTS.popitem(last=False)
     return error
 
 
-def _grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[str | None, bool, bool]:
-    """grammar_error's verdict, whether it would be the same at another moment, and whether it is a refusal within
-    LASTING_REFUSAL_FACTOR of the CPU budget."""
+def _grammar_error(grammar: str, tokenizer: llguidance.LLTokenizer) -> tuple[str | None, float]:
+    """grammar_error's verdict, and how long to keep it (seconds): inf for one that would be the same at another
+    moment, NEAR_REFUSAL_KEPT_S for a refusal within LASTING_REFUSAL_FACTOR of the CPU budget, 0 for one of the
+    moment."""
     if len(grammar) > MAX_GRAMMAR_BYTES:
         return f"the constraint compiles to {len(grammar)} bytes of grammar; this server takes at most " \
-               f"{MAX_GRAMMAR_BYTES}", True, False
+               f"{MAX_GRAMMAR_BYTES}", math.inf
     verdict = _in_child(lambda c: c.check(grammar))  # where a compile that would take minutes is cut
     if verdict.error:
-        return verdict.error, not verdict.crashed, False
+        return verdict.error, 0.0 if verdict.crashed else math.inf
     cpu_s = verdict.cpu_s
     if cpu_s is not None and cpu_s <= MAX_COMPILE_CPU_S:
         start = time.thread_time()
         try:
             compiled(tokenizer, grammar)
         except ValueError as exc:
-            return str(exc), True, False
+            return str(exc), math.inf
         cpu_s = time.thread_time() - start
         if cpu_s <= MAX_COMPILE_CPU_S:
-            return None, True, False
+            return None, math.inf
     spent = f"more than {grammar_check.MAX_COMPILE_WALL_S:g} s" if cpu_s is None else f"{cpu_s * 1000:.0f} ms of CPU"
-    lasting = cpu_s is not None and cpu_s > LASTING_REFUSAL_FACTOR * MAX_COMPILE_CPU_S
+    kept_s = 0.0 if cpu_s is None else math.inf if cpu_s > LASTING_REFUSAL_FACTOR * MAX_COMPILE_CPU_S \
+        else NEAR_REFUSAL_KEPT_S
     return f"the constraint takes {spent} to compile; this server takes at most {MAX_COMPILE_CPU_S * 1000:.0f} " \
-           f"ms of CPU (fewer properties, alternatives or repetitions make it cheaper)", lasting, \
-        cpu_s is not None and not lasting
+           f"ms of CPU (fewer properties, alternatives or repetitions make it cheaper)", kept_s
 
 
 def compiled(tokenizer: llguidance.LLTokenizer, grammar: str) -> LLMatcher:

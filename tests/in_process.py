@@ -31,14 +31,31 @@ async def until(condition, timeout_s=10.0):
     raise AssertionError("condition never held")
 
 
+HELD_KEYS = ("running", "waiting", "blocks_used", "queued_tokens")  # a scheduler's stats that are 0 once all left
+
+
+def router_held(router: Router) -> list[str]:
+    """What the router itself still holds for requests, by name: its requests, those held, sinks' ids."""
+    out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
+    return out + [f"sink {name} {sorted(sink.request_ids)}" for name, sink in router.sinks.items() if sink.request_ids]
+
+
+def scheduler_held(name: str, scheduler, keys: tuple[str, ...] = HELD_KEYS) -> list[str]:
+    """What one mesh scheduler still holds, by name: its `keys` stats that are not 0, and slots not free."""
+    s = scheduler.stats()
+    out = [f"{name} {key} {s[key]}" for key in keys if s[key]]
+    if s["free_slots"] != scheduler.num_slots:
+        out.append(f"{name} free_slots {s['free_slots']} of {scheduler.num_slots}")
+    return out
+
+
 def held(router: Router, failovers: int | dict[str, int] = 0) -> list[str]:
     """What `router` still holds for requests, by name: empty once every request has left and freed its slot and KV
     blocks (the prefix cache may keep them). Also each mesh that is down, or failed over other than `failovers` times
     (one count for every mesh, or by mesh name; others 0): a failover gives the mesh a new scheduler, and what the old
     one held (a leak) is out of sight, so a check that passed through one would pass for the wrong reason."""
     expected = failovers if isinstance(failovers, dict) else {m.name: failovers for m in router.meshes}
-    out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
-    out += [f"sink {name} {sorted(sink.request_ids)}" for name, sink in router.sinks.items() if sink.request_ids]
+    out = router_held(router)
     for mesh in router.meshes:
         if mesh.failovers != expected.get(mesh.name, 0):
             out.append(f"{mesh.name} failed over {mesh.failovers} times, not {expected.get(mesh.name, 0)}: its new "
@@ -47,11 +64,8 @@ def held(router: Router, failovers: int | dict[str, int] = 0) -> list[str]:
             if not mesh.failovers:
                 out.append(f"{mesh.name} down: {mesh.down_reason}")
             continue
-        s = mesh.scheduler.stats()
-        out += [f"{mesh.name} {key} {s[key]}" for key in ("running", "waiting", "blocks_used", "queued_tokens") if s[key]]
+        out += scheduler_held(mesh.name, mesh.scheduler)
         out += [f"{mesh.name} scheduler request {rid}" for rid in mesh.scheduler.requests]
-        if s["free_slots"] != mesh.scheduler.num_slots:
-            out.append(f"{mesh.name} free_slots {s['free_slots']} of {mesh.scheduler.num_slots}")
     return out
 
 

@@ -119,3 +119,23 @@ def asgi_receive(body: dict, gone: asyncio.Event):
         await gone.wait()
         return {"type": "http.disconnect"}
     return receive
+
+
+async def asgi_call(app, body: dict, gone: asyncio.Event, spec_version: str = "2.3",
+                    path: str = "/v1/chat/completions") -> tuple[int | None, bytes]:
+    """Drive the app as an ASGI server does, whose client goes once `gone` is set: receive says so then, and under
+    spec 2.4 (nothing listens for it there) a send after it raises OSError, as a write to a closed socket. Returns
+    the status and the body sent."""
+    status, sent = None, []
+
+    async def send(message):
+        nonlocal status
+        if gone.is_set() and spec_version == "2.4":
+            raise OSError("the client is gone")
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            sent.append(message.get("body", b""))
+
+    await app(asgi_scope(spec_version, path), asgi_receive(body, gone), send)
+    return status, b"".join(sent)

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from deployments.ingress import build_app
 from deployments.router import Router
-from tests.in_process import InProcessRouter, simulated_stack
-from tests.ingress_support import asgi_receive, asgi_scope
+from tests.in_process import HELD_KEYS, InProcessRouter, router_held, scheduler_held, simulated_stack
+from tests.ingress_support import asgi_call
 
 SLOTS = 4
 MESHES = 2
@@ -57,24 +57,6 @@ ALLOWED_ERRORS = ("mesh %s failed", "%d meshes in a row failed")  # the router's
 def body(kind: str, stream: bool) -> tuple[str, dict]:
     path, fields = BODIES[kind]
     return path, {"model": "smollm2", "temperature": 0.0, **fields, "stream": stream}
-
-
-async def call(app, path: str, request: dict, gone: asyncio.Event, spec_version: str) -> tuple[int | None, bytes]:
-    """Drive the app as an ASGI server does, whose client goes once `gone` is set (under spec 2.4 a send after it
-    raises OSError, as a write to a closed socket). Returns the status and the body sent."""
-    status, sent = None, []
-
-    async def send(message):
-        nonlocal status
-        if gone.is_set() and spec_version == "2.4":
-            raise OSError("the client is gone")
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            sent.append(message.get("body", b""))
-
-    await app(asgi_scope(spec_version, path), asgi_receive(request, gone), send)
-    return status, b"".join(sent)
 
 
 def sse(raw: bytes) -> list[dict | None]:
@@ -199,7 +181,7 @@ def stack():
         for kind in BODIES:
             for stream in (False, True):
                 path, request = body(kind, stream)
-                out[kind, stream] = answer(path, stream, *await call(s.app, path, request, asyncio.Event(), "2.3"))
+                out[kind, stream] = answer(path, stream, *await asgi_call(s.app, request, asyncio.Event(), "2.3", path))
                 assert "error" not in out[kind, stream], out[kind, stream]
         return out
     s.expected = s.run(unfaulted())
@@ -209,19 +191,11 @@ def stack():
 
 def held(router: Router, schedulers) -> list[str]:
     """What the router, and each scheduler it made, still hold for requests."""
-    out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
-    out += [f"sink {name} {sink.request_ids}" for name, sink in router.sinks.items() if sink.request_ids]
-    for mesh in router.meshes:
-        if not mesh.up:
-            out.append(f"{mesh.name} down: {mesh.down_reason}")
+    out = router_held(router) + [f"{mesh.name} down: {mesh.down_reason}" for mesh in router.meshes if not mesh.up]
     current = {id(m.scheduler) for m in router.meshes}
     for i, sched in enumerate(schedulers):
-        s = sched.stats()
         name = f"scheduler {i}" + ("" if id(sched) in current else " (failed over)")
-        out += [f"{name} {key} {s[key]}" for key in ("running", "waiting", "blocks_used", "queued_tokens",
-                                                      "inflight_works") if s[key]]
-        if s["free_slots"] != SLOTS:
-            out.append(f"{name} free_slots {s['free_slots']}")
+        out += scheduler_held(name, sched, (*HELD_KEYS, "inflight_works"))
     return out
 
 
@@ -309,7 +283,7 @@ def test_clients_that_stay_get_their_whole_answer_and_those_that_leave_leave_not
         await asyncio.sleep(arrives)
         gone = asyncio.Event()
         path, request = body(kind, stream)
-        task = asyncio.create_task(call(stack.app, path, request, gone, how.split()[-1] if how != "cancel" else "2.3"))
+        task = asyncio.create_task(asgi_call(stack.app, request, gone, how.split()[-1] if how != "cancel" else "2.3", path))
         if leaves is None:
             return kind, stream, answer(path, stream, *await task)
         waited = asyncio.create_task(fired.wait() if leaves == "fault" else asyncio.sleep(leaves))
@@ -348,7 +322,7 @@ def test_with_every_mesh_gone_past_no_mesh_wait_s_clients_that_stay_get_503_and_
 
     async def one(kind: str, stream: bool, leaves: float | None) -> dict | None:
         path, request = body(kind, stream)
-        task = asyncio.create_task(call(stack.app, path, request, asyncio.Event(), "2.3"))
+        task = asyncio.create_task(asgi_call(stack.app, request, asyncio.Event(), "2.3", path))
         if leaves is None:
             return answer(path, stream, *await task)
         await asyncio.sleep(leaves)
@@ -372,5 +346,5 @@ def test_with_every_mesh_gone_past_no_mesh_wait_s_clients_that_stay_get_503_and_
         error = error.get("error", error)  # a chunk's {"error": {...}}, a Responses stream's event, or the JSON body
         assert error["code"] == "service_unavailable" or error.get("type") == "service_unavailable", error
     path, request = body("chat", False)
-    assert answer(path, False, *stack.run(call(stack.app, path, request, asyncio.Event(), "2.3"))) == \
+    assert answer(path, False, *stack.run(asgi_call(stack.app, request, asyncio.Event(), "2.3", path))) == \
         stack.expected["chat", False]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from deployments.ingress import build_app
 from tests.in_process import InProcessRouter, held, simulated_stack
-from tests.ingress_support import asgi_receive, asgi_scope
+from tests.ingress_support import asgi_call, asgi_scope
 
 SLOTS = 4
 LONG = " ".join(f"w{i}" for i in range(300))  # ~1,100 tokens: 9 prefill chunks of 128
@@ -38,17 +38,6 @@ def stack():
     s.app = build_app(InProcessRouter(s.router), s.tok, "smollm2")
     yield s
     s.close()
-
-
-async def call(app, body: dict, gone: asyncio.Event, spec_version: str) -> None:
-    """Drive the app as an ASGI server does, whose client goes once `gone` is set: receive says so then, and under
-    spec 2.4 (nothing listens for it there) a send after it raises OSError, as a server's write to a closed socket."""
-
-    async def send(message):
-        if gone.is_set() and spec_version == "2.4":
-            raise OSError("the client is gone")
-
-    await app(asgi_scope(spec_version), asgi_receive(body, gone), send)
 
 
 def chat(kind: str, **fields) -> dict:
@@ -96,7 +85,7 @@ def test_clients_that_leave_at_any_moment_leave_the_router_empty(stack, clients,
     async def one(kind: str, stream: bool, how: str, after: float | None) -> None:
         gone = asyncio.Event()
         spec_version = "2.4" if how == "disconnect 2.4" else "2.3"  # a cancel comes from the server, whatever its spec
-        task = asyncio.create_task(call(app, chat(kind, stream=stream), gone, spec_version))
+        task = asyncio.create_task(asgi_call(app, chat(kind, stream=stream), gone, spec_version))
         if after is not None:
             await asyncio.sleep(after)
             gone.set() if how != "cancel" else task.cancel()
