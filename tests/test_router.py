@@ -21,7 +21,7 @@ from tests.in_process import FAST, held, nothing_held, until
 from tests.local_mesh import Gone, LocalMesh
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
-HUNG = dict(min_step_deadline_s=0.5)  # a test whose mesh hangs waits for the deadline that fails it: a short one
+HUNG = dict(min_step_deadline_s=1.0)  # a test whose mesh hangs waits for the deadline that fails it: a short one
 
 
 def backend():
