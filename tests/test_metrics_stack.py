@@ -11,6 +11,7 @@ from model.embedded import ensure_smollm2
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
 from tests.in_process import Stack
+from tests.ingress_support import sse
 from tests.test_long_prompts import text_of
 
 
@@ -50,6 +51,33 @@ def test_the_later_choices_of_a_long_prompt_count_their_prefix_cache_hits(tok, s
     mesh = (("mesh", "mesh-0"),)
     assert samples[("meshserve_prefix_cache_queries_tokens_total", mesh)] == 3 * prompt
     assert samples[("meshserve_prefix_cache_hits_tokens_total", mesh)] >= 2 * (prompt - 128)
+
+
+def test_an_n_choice_request_reports_its_prompt_and_its_prompts_cache_hit_once(tok, stack):
+    """usage counts the prompt of n choices once, and so its prefix-cache hit: the first choice's, streamed or not.
+    The later choices of a long prompt reuse the first's prefill, hits for the counters (vLLM's per child) but no
+    cache hit of the prompt the client is billed for once, which was computed. vLLM reports one child's hit too: the
+    first to answer when streamed, the last to finish when not (so there the two differ for the same request)."""
+    run, client = stack.run, stack.client
+
+    def usage(prompt: str, n: int, stream: bool) -> dict:
+        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 4, "temperature": 0, "n": n}
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        answer = run(client.post("/v1/completions", json=body))
+        assert answer.status_code == 200, answer.text
+        return sse(answer)[-1]["usage"] if stream else answer.json()["usage"]
+
+    mesh = (("mesh", "mesh-0"),)
+    for seed, stream in ((11, False), (12, True)):
+        prompt = text_of(tok, 2000, seed=seed)
+        hits = scrape(run, client).get(("meshserve_prefix_cache_hits_tokens_total", mesh), 0)
+        first = usage(prompt, 3, stream)
+        assert (first["prompt_tokens"], first["prompt_tokens_details"]["cached_tokens"]) == (2000, 0)
+        assert scrape(run, client)[("meshserve_prefix_cache_hits_tokens_total", mesh)] - hits >= 2 * (2000 - 128)
+        again = usage(prompt, 3, stream)  # cached now: the hit of the prompt, once, as a single request's
+        assert again["prompt_tokens_details"] == usage(prompt, 1, stream)["prompt_tokens_details"]
+        assert 2000 - 128 <= again["prompt_tokens_details"]["cached_tokens"] < 2000
 
 
 def test_a_scrape_of_one_ingress_replica_shows_the_others_families(stack):
