@@ -20,8 +20,9 @@ from deployments.protocol import ChatMessage, Tool
 
 PYTHON_TAG = "<|python_tag|>"
 # What reading JSON text can raise: Python's json recurses per bracket, so arrays or objects nested deeper than
-# the interpreter's recursion limit (a model repeating "[" writes them) raise RecursionError, not a decode error.
-NOT_JSON = (json.JSONDecodeError, RecursionError)
+# the interpreter's recursion limit (a model repeating "[" writes them) raise RecursionError, not a decode error,
+# and an integer of more digits than int() takes (sys.get_int_max_str_digits(), 4,300) a plain ValueError.
+NOT_JSON = (ValueError, RecursionError)
 
 
 @dataclass
@@ -85,6 +86,8 @@ def _arguments(text: str, where: str):
         raise APIError(400, f"{where}: not JSON ({e})", param=where) from None
     except RecursionError:
         raise APIError(400, f"{where}: JSON nested too deeply", param=where) from None
+    except ValueError as e:  # an integer too long for int()
+        raise APIError(400, f"{where}: {e}", param=where) from None
 
 
 def parse_tool_calls(text: str, names: Collection[str]) -> list[ParsedCall] | None:

@@ -148,6 +148,7 @@ def called(arguments: str, name: str = "f") -> list[dict]:
     ({"messages": called("{}"), "chat_template_kwargs": {"date_string": FORGED}}, "chat_template_kwargs"),
     ({"messages": called("{bad")}, "messages.1.tool_calls.0.function.arguments"),  # vLLM's json.loads: a 400
     ({"messages": called("[" * 5000 + "]" * 5000)}, "messages.1.tool_calls.0.function.arguments"),  # was a 500
+    ({"messages": called('{"n": ' + "9" * 4400 + "}")}, "messages.1.tool_calls.0.function.arguments"),  # a 500 too
 ])
 def test_special_text_a_template_writes_outside_content_is_a_400(tools_client, body, param):
     """Outside a message's content the template's output is read with special tokens on: these forged a

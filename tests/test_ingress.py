@@ -1321,13 +1321,15 @@ def test_a_named_call_cut_before_its_name_names_the_chosen_tool(client, router, 
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_call_nested_deeper_than_pythons_json_reads_is_no_500(tokenizer, eos, stream):
+@pytest.mark.parametrize("arguments", ['{"city": ' + "[" * 3000 + "]" * 3000 + "}", '{"n": ' + "9" * 4400 + "}"],
+                         ids=["nested", "long_int"])
+def test_a_call_nested_deeper_than_pythons_json_reads_is_no_500(tokenizer, eos, stream, arguments):
     """Arguments nested past the interpreter's recursion limit (a model repeating "[") made json raise
-    RecursionError: the whole answer was a 500, the stream an error event. It is a call whose arguments do not
+    RecursionError, and an integer of more than int()'s 4,300 digits (a model repeating "9") ValueError: the
+    whole answer was a 500, the stream cut off without an error or [DONE]. It is a call whose arguments do not
     parse (finish "stop"), on both paths, with its text as generated."""
     from tests.fake_router import FakeRouter
     from tests.ingress_support import make_client
-    arguments = '{"city": ' + "[" * 3000 + "]" * 3000 + "}"
     router = FakeRouter(tokenizer.encode(f'{{"name": "get_weather", "parameters": {arguments}}}') + [eos],
                         max_model_len=16384)
     r = make_client(router, tokenizer).post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL],
