@@ -1326,7 +1326,7 @@ def test_a_named_call_cut_before_its_name_names_the_chosen_tool(client, router, 
 def test_a_call_nested_deeper_than_pythons_json_reads_is_no_500(tokenizer, eos, stream, arguments):
     """Arguments nested past the interpreter's recursion limit (a model repeating "[") made json raise
     RecursionError, and an integer of more than int()'s 4,300 digits (a model repeating "9") ValueError: the
-    whole answer was a 500, the stream cut off without an error or [DONE]. It is a call whose arguments do not
+    whole answer was a 500, the stream an error event. It is a call whose arguments do not
     parse (finish "stop"), on both paths, with its text as generated."""
     from tests.fake_router import FakeRouter
     from tests.ingress_support import make_client
