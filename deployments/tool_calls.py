@@ -50,13 +50,15 @@ def tools_system_message(tools: list[Tool]) -> dict:
 def render_messages(messages: list[ChatMessage], tools: list[Tool] | None, template_takes_tools: bool) -> list[dict]:
     """Chat messages as the tokenizer's template takes them: tool calls in the history as Llama 3 JSON text
     (or as structured `tool_calls` for a template that renders them), tool results as `tool` turns. A message's
-    `name`, `tool_call_id` and its calls' ids go through, as vLLM passes them: Llama 3's templates read none, but
-    others (Mistral's, Qwen's) pair a result with its call by them."""
+    `name`, a tool turn's `tool_call_id` and an assistant turn's calls' ids go through, as vLLM passes them: Llama
+    3's templates read none, but others (Mistral's, Qwen's) pair a result with its call by them. Calls on another
+    turn, and the id on another turn, are ignored, as vLLM ignores them (a user turn's text was replaced by them)."""
     out = []
     for i, m in enumerate(messages):
         message: dict = {"role": m.role, "content": m.text}
-        message.update((k, v) for k, v in (("name", m.name), ("tool_call_id", m.tool_call_id)) if v is not None)
-        if m.tool_calls:
+        tool_call_id = m.tool_call_id if m.role == "tool" else None
+        message.update((k, v) for k, v in (("name", m.name), ("tool_call_id", tool_call_id)) if v is not None)
+        if m.tool_calls and m.role == "assistant":
             calls = [{"name": c.function.name,
                       "parameters": _arguments(c.function.arguments, f"messages.{i}.tool_calls.{j}.function.arguments")}
                      for j, c in enumerate(m.tool_calls)]

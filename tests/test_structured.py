@@ -293,6 +293,20 @@ def test_a_template_that_renders_tools_gets_the_ids_that_pair_results_with_calls
     assert rendered[2] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
 
 
+@pytest.mark.parametrize("takes_tools", [False, True])
+def test_only_an_assistant_turn_calls_and_only_a_tool_turn_answers_a_call(takes_tools):
+    """A user turn carrying `tool_calls` had its text replaced by the calls' JSON (or, for a template that renders
+    tools, became a turn of calls: Llama 3's templates write any message with tool_calls as the assistant's), and
+    `tool_call_id` went through on any turn. vLLM takes calls from an assistant turn only, and the id from a tool
+    turn only (chat_utils._parse_chat_message_content); elsewhere both are ignored."""
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "Weather in Oslo?", "tool_calls": [call], "tool_call_id": "c0"},
+        {"role": "system", "content": "Be brief.", "tool_calls": [call]}]}).messages
+    assert render_messages(messages, None, takes_tools) == [{"role": "user", "content": "Weather in Oslo?"},
+                                                             {"role": "system", "content": "Be brief."}]
+
+
 @pytest.mark.parametrize("strict", [None, False, True])
 def test_a_json_schema_takes_no_property_it_does_not_list_strict_or_not(tok, llt, strict):
     """As vLLM's default backend compiles it (xgrammar's strict_mode, on by default): Instructor's and
