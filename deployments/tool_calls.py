@@ -121,10 +121,10 @@ def _parse(text: str, names: Collection[str]) -> tuple[list[ParsedCall], ParsedC
             # "}" missing, no JSON (e.g. {"city": Oslo}), or cut off
             end, _ = _Brackets().scan(body, head.end())
             return calls, ParsedCall(_head_name(head), body[head.end():end])
-        if not isinstance(obj, dict) or obj.get("name") not in names or not {"parameters", "arguments"} & obj.keys():
-            break  # (an object that only names a tool, e.g. a tool's description, is no call: vLLM's llama3_json)
-        arguments = obj.get("parameters", obj.get("arguments"))
-        calls.append(ParsedCall(obj["name"], _as_generated(body, position, arguments)))
+        call = _call(body, position, obj, names)
+        if call is None:
+            break
+        calls.append(call)
         position = _next_call(body, end)
     return calls, None
 
@@ -142,19 +142,20 @@ def _json_string(text: str) -> str | None:
         return None
 
 
-def _as_generated(body: str, position: int, arguments) -> str:
-    """The arguments' JSON text: as the model wrote it when the call has the usual form (name first), which
-    is what a stream sends piece by piece, so a streamed and a whole answer carry the same text; else
-    re-serialized (a stream sends such a call whole, from this same function)."""
+def _call(body: str, position: int, obj, names: Collection[str]) -> ParsedCall | None:
+    """The call the JSON value `obj` (read from body[position:]) makes, or None. In the usual form (name first)
+    it is the name and the arguments as the model wrote them first, which is what a stream sends piece by piece,
+    so a streamed and a whole answer carry the same call even when a key comes again later in the object (json
+    keeps the last). Else its name and arguments re-serialized (a stream sends such a call whole, from this same
+    function). An object that only names a tool (e.g. a tool's description) is no call, as in vLLM's
+    llama3_json."""
     head = _CALL_HEAD.match(body, position)
-    if head:
-        try:
-            value, end = json.JSONDecoder().raw_decode(body, head.end())
-        except NOT_JSON:
-            value, end = None, 0
-        if end and value == arguments:
-            return body[head.end():end]
-    return json.dumps(arguments, ensure_ascii=False)
+    if head and _head_name(head) in names:
+        _, end = json.JSONDecoder().raw_decode(body, head.end())  # (a part of the object just read)
+        return ParsedCall(_head_name(head), body[head.end():end])
+    if not isinstance(obj, dict) or obj.get("name") not in names or not {"parameters", "arguments"} & obj.keys():
+        return None
+    return ParsedCall(obj["name"], json.dumps(obj.get("parameters", obj.get("arguments")), ensure_ascii=False))
 
 
 _SEPARATORS = re.compile(r"[ \n\t;]*")  # what may separate two calls before a python tag

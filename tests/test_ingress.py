@@ -1352,12 +1352,19 @@ TWO_CALLS = CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")
 @pytest.mark.parametrize("parallel", [True, False])
 @pytest.mark.parametrize("cut", [{"stop": ["Rome"]}, {"stop": ['"}}']}, {"stop": ['"}}; ']}, {"max_tokens": 5},
                                  {"max_tokens": 20}, {"max_tokens": 100}, {"answer": CALL_TEXT[:-1] + " and so on"},
-                                 {"answer": CALL_TEXT.replace('"Oslo"', "Oslo") + "; " + CALL_TEXT}])
+                                 {"answer": CALL_TEXT.replace('"Oslo"', "Oslo") + "; " + CALL_TEXT},
+                                 # a key again later in a call's object (json keeps the last; a stream sent the first)
+                                 {"answer": CALL_TEXT[:-1] + ', "parameters": {"city": "Rome"}}; ' + CALL_TEXT},
+                                 {"answer": CALL_TEXT[:-1] + ', "name": "nope"}'},
+                                 {"answer": CALL_TEXT.replace("parameters", "arguments")[:-1]
+                                  + ', "parameters": {"city": "Rome"}}'}])
 def test_a_stream_and_a_whole_answer_report_the_same_calls_and_finish(client, router, tokenizer, eos, tool_choice,
                                                                      parallel, cut):
     """A second call cut by a stop string was streamed (its name and the arguments so far) and then finished
     as "tool_calls", while the whole answer dropped it and kept "tool_calls": a cut call is a call in both,
-    and the finish is the cut's ("stop", "length") unless every call the answer keeps is whole."""
+    and the finish is the cut's ("stop", "length") unless every call the answer keeps is whole. A call whose
+    object had a key again (a second "parameters", or a "name" of no tool) was the stream's first name and
+    arguments but the whole answer's last (or content)."""
     cut = dict(cut)  # (one dict serves every combination of the other parameters)
     router.answer = tokenizer.encode(cut.pop("answer", TWO_CALLS)) + [eos]
     body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": tool_choice, "parallel_tool_calls": parallel, **cut}
