@@ -112,7 +112,7 @@ async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None,
     try:
         prep = await server.prepare(chat, "resp")
     except APIError as exc:
-        raise renamed(exc) from None
+        raise req.renamed(exc) from None
     return Deferred(_answer(_Answer(server, req, prep), salt, req.stream))
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, validation_error
 from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, NoModeration, RefusalPart,
@@ -169,6 +169,9 @@ class ResponsesRequest(RequestModel):
     priority: int | None = None
     request_id: Text | None = None  # the response's id, as vLLM answers it
     vllm_xargs: Unsupported | None = None
+    # the chat history's paths -> the fields they came from ("messages.2.tool_calls.0.function" -> "input.1"), for
+    # the errors that name one; filled by chat()
+    _paths: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("input")
     @classmethod
@@ -234,37 +237,62 @@ class ResponsesRequest(RequestModel):
         try:
             return ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
-            raise renamed(validation_error(exc.errors(), skip_body=False)) from None
+            raise self.renamed(validation_error(exc.errors(), skip_body=False)) from None
+
+    def renamed(self, error: APIError) -> APIError:
+        """A chat completion's error, naming the field of this request it came from (the input item, once chat()
+        made the history)."""
+        return renamed(error, self._paths)
 
     def _messages(self) -> list[dict]:
         messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        paths = self._paths
+        if messages:
+            paths["messages.0"] = paths["messages.0.content"] = "instructions"
         if isinstance(self.input, str):
+            paths[f"messages.{len(messages)}"] = paths[f"messages.{len(messages)}.content"] = "input"
             return [*messages, {"role": "user", "content": self.input}]
         calls: set[str] = set()
         for i, item in enumerate(self.input):
             if isinstance(item, InputMessage):
                 content = item.content if isinstance(item.content, str) else [
                     {"type": "text", "text": part.text} for part in item.content]
+                paths[f"messages.{len(messages)}"] = f"input.{i}"
                 messages.append({"role": item.role, "content": content})
             elif isinstance(item, FunctionCallItem):  # calls after the assistant's text or calls: the same turn
                 calls.add(item.call_id)
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
-                if messages and messages[-1]["role"] == "assistant":
-                    messages[-1].setdefault("tool_calls", []).append(call)
-                else:
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if not messages or messages[-1]["role"] != "assistant":
+                    paths[f"messages.{len(messages)}"] = f"input.{i}"
+                    messages.append({"role": "assistant", "content": None})
+                turn = messages[-1].setdefault("tool_calls", [])
+                at = f"messages.{len(messages) - 1}.tool_calls.{len(turn)}"
+                paths[at] = paths[at + ".function"] = f"input.{i}"
+                paths[at + ".id"] = f"input.{i}.call_id"
+                turn.append(call)
             elif item.call_id not in calls:  # a result answering no call: OpenAI's 400 (a history cut wrong)
                 raise APIError(400, f"input.{i}.call_id: No tool call found for function call output with call_id "
                                     f"{item.call_id}.", param=f"input.{i}.call_id")
             else:
+                at = f"messages.{len(messages)}"
+                paths[at], paths[at + ".content"] = f"input.{i}", f"input.{i}.output"
+                paths[at + ".tool_call_id"] = f"input.{i}.call_id"
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
         return messages
 
 
-def renamed(error: APIError) -> APIError:
-    """A chat completion's error, naming the Responses field it came from."""
+def renamed(error: APIError, paths: dict[str, str] | None = None) -> APIError:
+    """A chat completion's error, naming the Responses field it came from: `paths` (ResponsesRequest._paths) names
+    a message's or call's input item; other paths in the history name the input as a whole."""
     param = error.info.param
+    chat = param
+    while paths and chat and chat not in paths:  # the longest path of the history that names an item
+        chat = chat.rpartition(".")[0] or None
+    if chat:
+        error.info.param = paths[chat] + param[len(chat):]
+        error.info.message = error.info.message.replace(param, error.info.param, 1)
+        return error
     if param is not None and (tool := re.match(r"tools\.\d+\.function(?=\.|$)", param)):  # tools are flat here
         error.info.param = param[:tool.end() - len(".function")] + param[tool.end():]
         error.info.message = error.info.message.replace(param, error.info.param, 1)

@@ -183,6 +183,12 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     ({"text": {"format": {"type": "json_schema", "name": "answer"}}}, "text.format.schema"),  # chat's may omit it
     ({"tools": [{**TOOLS[0], "parameters": {"type": "object", "properties": 5}}], "tool_choice": "required"},
      "tools.0.parameters"),  # the tools are flat here: no "function" in the name
+    # an item's own field, not the whole input (the chat history's path, messages.2.tool_calls.1.function...)
+    ({"instructions": "Be brief.", "input": [
+        {"role": "user", "content": "Weather?"},
+        {"type": "function_call", "call_id": "a", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call", "call_id": "b", "name": "get_weather", "arguments": "not json"},
+        {"type": "function_call_output", "call_id": "a", "output": "1"}]}, "input.2.arguments"),
 ])
 def test_bad_requests_are_400_naming_the_responses_field(client, router, patch, param):
     assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
