@@ -286,8 +286,8 @@ def renamed(error: APIError, paths: dict[str, str] | None = None) -> APIError:
     """A chat completion's error, naming the Responses field it came from: `paths` (ResponsesRequest._paths) names
     a message's or call's input item; other paths in the history name the input as a whole."""
     param = error.info.param
-    chat = param
-    while paths and chat and chat not in paths:  # the longest path of the history that names an item
+    chat = param if paths else None
+    while chat and chat not in paths:  # the longest path of the history that names an item
         chat = chat.rpartition(".")[0] or None
     if chat:
         error.info.param = paths[chat] + param[len(chat):]

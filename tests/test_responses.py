@@ -448,3 +448,15 @@ def test_a_request_id_names_the_response(client):
 def test_vllms_extras_are_checked_as_chats_are(client, router, patch, param):
     assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
     assert router.requests == {}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_the_mesh_gives_up_on_names_text_format(tokenizer, eos, stream):
+    """llguidance giving up mid-answer is the client's 400 (or a stream's error event) naming the Responses field
+    of the grammar, not the chat's response_format."""
+    router = FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=4096, fail_with_error_after=2,
+                        fail_reason="grammar_error")
+    fmt = {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}
+    r = make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "text": {"format": fmt}, "stream": stream})
+    error = events(r)[-1] if stream else assert_error(r, 400)
+    assert error["param"] == "text.format.schema" and error["message"].startswith("text.format.schema: ")
