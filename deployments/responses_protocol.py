@@ -71,6 +71,8 @@ class FunctionTool(RequestModel):
     strict: bool | None = None  # None: strict, as OpenAI's Responses API takes it (Chat Completions: not strict)
     # a deferred tool stays out of the prompt until OpenAI's hosted tool search loads it: it was offered at once
     defer_loading: only(False, "a deferred tool is loaded by tool search, a hosted tool not served here") = False
+    # who may call it: the model ("direct"), or OpenAI's hosted Programmatic Tool Calling program
+    allowed_callers: Items[Literal["direct", "programmatic"]] | None = None
 
     @field_validator("type")
     @classmethod
@@ -79,10 +81,19 @@ class FunctionTool(RequestModel):
             raise ValueError(f"only function tools are served here; {v!r} is one of OpenAI's hosted tools")
         return v
 
+    @field_validator("allowed_callers")
+    @classmethod
+    def _called_directly(cls, v):
+        """Every tool here is offered to the model: one the model may not call would be called anyway."""
+        if "direct" not in v:
+            raise ValueError("must include \"direct\": the model calls every tool here; Programmatic Tool Calling "
+                             "is a hosted tool not served here")
+        return v
+
     def as_chat_tool(self) -> dict:
         """The chat completion's tool. A tool that does not say whether it is strict is, as in OpenAI's Responses
         API (its function-calling guide): objects take only the properties they list, and all of them."""
-        function = self.model_dump(exclude={"type", "defer_loading"}, exclude_none=True)
+        function = self.model_dump(exclude={"type", "defer_loading", "allowed_callers"}, exclude_none=True)
         if self.strict is None:
             function["strict"] = True
             function["parameters"] = closed(self.parameters or {"type": "object", "properties": {}},

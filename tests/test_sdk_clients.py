@@ -134,6 +134,9 @@ def responses(**fields):
     # a deferred tool stays out of the prompt until hosted tool search loads it: it was offered at once
     (responses(tools=[openai.pydantic_responses_function_tool(GetWeather, defer_loading=True)]),
      "tools.0.defer_loading"),
+    # a tool only a hosted Programmatic Tool Calling program may call: it was offered to the model directly
+    (responses(tools=[{**openai.pydantic_responses_function_tool(GetWeather), "allowed_callers": ["programmatic"]}]),
+     "tools.0.allowed_callers"),
 ])
 def test_an_sdk_field_that_changes_the_answer_is_refused_naming_it(router, tokenizer, call, param):
     with pytest.raises(openai.BadRequestError) as refused:
@@ -154,6 +157,13 @@ def test_cache_and_safety_hints_leave_the_answer_as_it_is(router, tokenizer, eos
     result = sdk_call(router, tokenizer, call)
     text = result.output_text if hasattr(result, "output_text") else result.choices[0].message.content
     assert text == "Sunny."
+
+
+def test_a_tool_the_model_may_call_directly_is_offered(router, tokenizer, eos):
+    answer(router, tokenizer, eos, '{"name": "GetWeather", "parameters": {"city": "Oslo"}}')
+    tool = {**openai.pydantic_responses_function_tool(GetWeather), "allowed_callers": ["direct", "programmatic"]}
+    response = sdk_call(router, tokenizer, responses(tools=[tool]))
+    assert [item.name for item in response.output] == ["GetWeather"]
 
 
 def test_a_pasted_back_refusal_is_the_assistant_turns_text(router, tokenizer, eos):
