@@ -6,6 +6,7 @@ Responses fields. Shapes: OpenAI's API reference for /v1/responses, as openai-py
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator
@@ -17,6 +18,8 @@ from deployments.structured import closed
 from scheduler.sampling import MAX_LOGPROBS
 
 # The chat request's fields as a Responses client knows them, for the errors that name one.
+# a message of the chat history, or one of its calls: (message, call, ".function" or ".id")
+_HISTORY_PATH = re.compile(r"messages\.(\d+)(?:\.tool_calls\.(\d+)(\.function|\.id)?)?")
 _CHAT_TO_RESPONSES = (("messages", "input"), ("max_completion_tokens", "max_output_tokens"),
                       ("response_format.json_schema", "text.format"), ("response_format", "text.format"))
 
@@ -180,9 +183,9 @@ class ResponsesRequest(RequestModel):
     priority: int | None = None
     request_id: Text | None = None  # the response's id, as vLLM answers it
     vllm_xargs: Unsupported | None = None
-    # the chat history's paths -> the fields they came from ("messages.2.tool_calls.0.function" -> "input.1"), for
-    # the errors that name one; filled by chat()
-    _paths: dict[str, str] = PrivateAttr(default_factory=dict)
+    # per message of the chat history, the input item it starts at (-1: the instructions), for the errors that
+    # name one (_input_path); filled by chat()
+    _sources: list[int] = PrivateAttr(default_factory=list)
 
     @field_validator("input")
     @classmethod
@@ -253,56 +256,63 @@ class ResponsesRequest(RequestModel):
     def renamed(self, error: APIError) -> APIError:
         """A chat completion's error, naming the field of this request it came from (the input item, once chat()
         made the history)."""
-        return renamed(error, self._paths)
+        return renamed(error, self._input_path)
+
+    def _input_path(self, param: str) -> str | None:
+        """The field of this request that a path in its chat history names; None when it names no one message."""
+        m = _HISTORY_PATH.match(param)
+        rest = param[m.end():] if m else ""
+        if m is None or int(m[1]) >= len(self._sources) or rest and not rest.startswith("."):
+            return None
+        source = self._sources[int(m[1])]
+        if source < 0 or isinstance(self.input, str):
+            return "instructions" if source < 0 else "input"
+        item = self.input[source]
+        if m[2] is not None:  # a call: a function_call item, after the assistant's message if the turn has one
+            return f"input.{source + int(m[2]) + isinstance(item, InputMessage)}" + (".call_id" if m[3] == ".id"
+                                                                                     else rest)
+        if isinstance(item, FunctionCallOutput):
+            rest = {".content": ".output", ".tool_call_id": ".call_id"}.get(rest, rest)
+        return f"input.{source}{rest}"
 
     def _messages(self) -> list[dict]:
         messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        paths = self._paths
-        if messages:
-            paths["messages.0"] = paths["messages.0.content"] = "instructions"
+        self._sources = sources = [-1] * len(messages)
         if isinstance(self.input, str):
-            paths[f"messages.{len(messages)}"] = paths[f"messages.{len(messages)}.content"] = "input"
+            sources.append(0)
             return [*messages, {"role": "user", "content": self.input}]
         calls: set[str] = set()
         for i, item in enumerate(self.input):
             if isinstance(item, InputMessage):
                 content = item.content if isinstance(item.content, str) else [
                     {"type": "text", "text": part.text} for part in item.content]
-                paths[f"messages.{len(messages)}"] = f"input.{i}"
                 messages.append({"role": item.role, "content": content})
+                sources.append(i)
             elif isinstance(item, FunctionCallItem):  # calls after the assistant's text or calls: the same turn
                 calls.add(item.call_id)
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
-                if not messages or messages[-1]["role"] != "assistant":
-                    paths[f"messages.{len(messages)}"] = f"input.{i}"
-                    messages.append({"role": "assistant", "content": None})
-                turn = messages[-1].setdefault("tool_calls", [])
-                at = f"messages.{len(messages) - 1}.tool_calls.{len(turn)}"
-                paths[at] = paths[at + ".function"] = f"input.{i}"
-                paths[at + ".id"] = f"input.{i}.call_id"
-                turn.append(call)
+                if messages and messages[-1]["role"] == "assistant":
+                    messages[-1].setdefault("tool_calls", []).append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                    sources.append(i)
             elif item.call_id not in calls:  # a result answering no call: OpenAI's 400 (a history cut wrong)
                 raise APIError(400, f"input.{i}.call_id: No tool call found for function call output with call_id "
                                     f"{item.call_id}.", param=f"input.{i}.call_id")
             else:
-                at = f"messages.{len(messages)}"
-                paths[at], paths[at + ".content"] = f"input.{i}", f"input.{i}.output"
-                paths[at + ".tool_call_id"] = f"input.{i}.call_id"
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
+                sources.append(i)
         return messages
 
 
-def renamed(error: APIError, paths: dict[str, str] | None = None) -> APIError:
-    """A chat completion's error, naming the Responses field it came from: `paths` (ResponsesRequest._paths) names
-    a message's or call's input item; other paths in the history name the input as a whole."""
+def renamed(error: APIError, input_path: Callable[[str], str | None] | None = None) -> APIError:
+    """A chat completion's error, naming the Responses field it came from: `input_path` (ResponsesRequest's) names
+    the input item of a path in the chat history; other paths there name the input as a whole."""
     param = error.info.param
-    chat = param if paths else None
-    while chat and chat not in paths:  # the longest path of the history that names an item
-        chat = chat.rpartition(".")[0] or None
-    if chat:
-        error.info.param = paths[chat] + param[len(chat):]
-        error.info.message = error.info.message.replace(param, error.info.param, 1)
+    if param is not None and input_path is not None and (named := input_path(param)) is not None:
+        error.info.param = named
+        error.info.message = error.info.message.replace(param, named, 1)
         return error
     if param is not None and (tool := re.match(r"tools\.\d+\.function(?=\.|$)", param)):  # tools are flat here
         error.info.param = param[:tool.end() - len(".function")] + param[tool.end():]

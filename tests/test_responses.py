@@ -189,6 +189,10 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
         {"type": "function_call", "call_id": "a", "name": "get_weather", "arguments": "{}"},
         {"type": "function_call", "call_id": "b", "name": "get_weather", "arguments": "not json"},
         {"type": "function_call_output", "call_id": "a", "output": "1"}]}, "input.2.arguments"),
+    ({"input": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me look."},
+                {"type": "function_call", "call_id": "a", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call", "call_id": "b", "name": "get_weather", "arguments": "{"}]},
+     "input.3.arguments"),  # the calls join the assistant's message: one turn of the history
 ])
 def test_bad_requests_are_400_naming_the_responses_field(client, router, patch, param):
     assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
