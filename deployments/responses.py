@@ -141,9 +141,10 @@ def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
     """The whole response's JSON, as FastAPI's JSONResponse writes it."""
     prep = answer.prep
     status = "incomplete" if total.finish_reason == "length" else "completed"
-    calls = None
+    calls, whole = None, False
     if prep.tool_mode != "none":
-        calls, _ = answer_calls(total.text, prep.tool_names, prep.tool_mode == "forced", answer.parallel_tool_calls)
+        calls, whole = answer_calls(total.text, prep.tool_names, prep.tool_mode == "forced",
+                                    answer.parallel_tool_calls)
     lists = Spliced()
 
     def dumps(value) -> bytes:  # each slice encoded apart: the whole is joined once, as bytes
@@ -151,8 +152,10 @@ def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
 
     # the logprobs built a slice at a time too: freeing all of them at once holds the GIL (8,192 tokens: ~30 ms)
     # a call before the last is whole (the stream closes it as completed when the next begins): only the last one
-    # can be what max_output_tokens cut
-    output = ([_call(c, "completed" if i < len(calls) - 1 else status) for i, c in enumerate(calls)] if calls else
+    # can be what max_output_tokens cut, and is not when whole (a call after it cut, and dropped without
+    # parallel_tool_calls)
+    last = "completed" if whole else status
+    output = ([_call(c, "completed" if i < len(calls) - 1 else last) for i, c in enumerate(calls)] if calls else
               [_message(total.text, status, lists.mark(total.logprobs, lambda part: dumps(answer.logprobs(part)),
                                                        b","))])
     response = answer.response(status, output, answer.usage(total.num_generated, total.num_cached))
@@ -214,10 +217,12 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         return [*done, event("response.output_item.done", output_index=index, item=item)]
 
     finish, generated, cached = None, 0, 0
+    whole = False  # the answer's calls are whole (ToolCallStream.feed's, at the end)
     try:  # the opening events went out with the headers: EventStream keeps the stream alive until the first delta
         d = await first.delta()
         while d is not None:
-            content, pieces, _ = tools.feed(d.text, d.finish_reason is not None) if tools else (d.text, [], False)
+            content, pieces, whole = (tools.feed(d.text, d.finish_reason is not None) if tools else
+                                      (d.text, [], False))
             pending += d.logprobs
             if content:
                 if message is None:
@@ -262,8 +267,10 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         if message is not None and answer.include_logprobs:
             logprobs.extend(pending)
         lists = Spliced()
-        # the last item (those before it are closed); its logprobs as event() writes them
-        out += close(output[-1], status,
+        # the last item (those before it are closed): a whole call is completed, as the whole answer's
+        last = "completed" if calls and whole else status
+        # its logprobs as event() writes them
+        out += close(output[-1], last,
                      lists.mark(logprobs, lambda part: json.dumps(answer.logprobs(part), ensure_ascii=False), ", "))
         final = answer.response(status, output, answer.usage(generated, cached))
         out.append(event("response.completed" if status == "completed" else "response.incomplete", response=final))

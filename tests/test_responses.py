@@ -385,6 +385,22 @@ def test_only_the_call_max_output_tokens_cut_is_incomplete(tokenizer, eos, strea
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_a_whole_call_kept_without_parallel_calls_is_completed(tokenizer, eos, stream):
+    """parallel_tool_calls false keeps the first call (as vLLM does); max_output_tokens cut the second, which is
+    dropped: the kept call is whole, yet its item said incomplete, as if its arguments were cut."""
+    paris, oslo = (f'{{"name": "get_weather", "parameters": {{"city": "{c}"}}}}' for c in ("Paris", "Oslo"))
+    ids = tokenizer.encode(f"{paris}; {oslo}")
+    client = make_client(FakeRouter(ids + [eos], max_model_len=4096), tokenizer)
+    body = {**BASIC, "tools": TOOLS, "parallel_tool_calls": False, "max_output_tokens": len(ids) - 2,
+            "stream": stream}
+    r = client.post("/v1/responses", json=body)
+    resp = Response.model_validate(events(r)[-1]["response"] if stream else r.json())
+    assert resp.status == "incomplete" and resp.incomplete_details.reason == "max_output_tokens"
+    (call,) = resp.output
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.status == "completed"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_the_response_says_the_temperature_and_top_p_it_was_sampled_with(router, tokenizer, monkeypatch, stream):
     """A request that leaves them out is sampled with the model's generation_config values (Llama 3.3's 0.6 and
     0.9), and vLLM's response says those (vllm/entrypoints/openai/responses/protocol.py, ResponsesResponse.
