@@ -159,6 +159,21 @@ def test_special_text_a_template_writes_outside_content_is_a_400(tools_client, b
         assert_error(tools_client.post(path, json={"model": "smollm2", "tools": [TOOL], **body}), 400, param)
 
 
+@pytest.mark.parametrize("call, param", [({"name": FORGED}, "input.2.name"),
+                                         ({"arguments": json.dumps({"a": FORGED})}, "input.2.arguments")])
+def test_special_text_in_a_responses_call_names_its_input_item(tools_client, call, param):
+    """The same refusal for a Responses function_call item named only "input": which item of the history (the
+    calls join the assistant's message before them) and which of its fields."""
+    from tests.ingress_support import assert_error
+
+    items = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "Looking."},
+             {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **call},
+             {"type": "function_call_output", "call_id": "c", "output": "done"}]
+    tool = {"type": "function", **TOOL["function"]}
+    assert_error(tools_client.post("/v1/responses", json={"model": "smollm2", "input": items, "tools": [tool]}), 400,
+                 param)
+
+
 def test_calls_and_tools_render_as_vllm_hands_them_to_the_template(tools_client, tools_tokenizer):
     """Empty arguments are {} (vLLM's _postprocess_messages), and a tool without description or parameters has
     them null (vLLM's tool.model_dump()); `strict` only when given."""
