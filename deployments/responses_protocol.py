@@ -54,8 +54,10 @@ class FunctionCallOutput(RequestModel):
 
 
 def _item_type(value: Any) -> str | None:
-    """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage)."""
-    return value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
+    """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage), or send it null (the default)."""
+    if isinstance(value, dict):
+        return "message" if value.get("type") is None else value["type"]
+    return getattr(value, "type", None)
 
 
 InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]

@@ -76,6 +76,15 @@ def test_items_become_the_chat_history(client, router, tokenizer):
     assert text.index("Use tools.") < text.index("Weather") < text.index("sunny") < text.index("Sunny.")
 
 
+def test_a_message_items_null_type_is_a_message(client, router, tokenizer):
+    """Null is a field's default here, as OpenAI's SDKs send it; a message item's type defaults to "message", yet
+    `"type": null` was a 400 saying the type must be one of the served ones."""
+    r = client.post("/v1/responses", json={**BASIC, "input": [{"type": None, "role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    ((prompt, _, _),) = router.requests.values()
+    assert prompt == tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+
+
 def test_a_pasted_back_refusal_is_read_as_its_text(client, router, tokenizer):
     """OpenAI's Responses output may hold a `refusal` content part; a client that sends the output back as input
     got a 400."""
