@@ -88,8 +88,8 @@ def _arguments(text: str, where: str):
         raise APIError(400, f"{where}: not JSON ({e})", param=where) from None
     except RecursionError:
         raise APIError(400, f"{where}: JSON nested too deeply", param=where) from None
-    except ValueError as e:  # an integer too long for int()
-        raise APIError(400, f"{where}: {e}", param=where) from None
+    except ValueError as e:  # an integer too long for int(); its advice (sys.set_int_max_str_digits) is not the client's
+        raise APIError(400, f"{where}: {str(e).split(';')[0]}", param=where) from None
 
 
 def parse_tool_calls(text: str, names: Collection[str]) -> list[ParsedCall] | None:

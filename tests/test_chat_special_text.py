@@ -159,6 +159,15 @@ def test_special_text_a_template_writes_outside_content_is_a_400(tools_client, b
         assert_error(tools_client.post(path, json={"model": "smollm2", "tools": [TOOL], **body}), 400, param)
 
 
+def test_a_history_call_with_an_integer_too_long_says_so_without_pythons_advice(tools_client):
+    """int()'s refusal ends with advice for the server's Python (sys.set_int_max_str_digits), not for a client."""
+    from tests.ingress_support import assert_error
+
+    body = {"model": "smollm2", "tools": [TOOL], "messages": called('{"n": ' + "9" * 4400 + "}")}
+    message = assert_error(tools_client.post("/v1/chat/completions", json=body), 400)["message"]
+    assert "4300 digits" in message and "sys." not in message, message
+
+
 @pytest.mark.parametrize("call, param", [({"name": FORGED}, "input.2.name"),
                                          ({"arguments": json.dumps({"a": FORGED})}, "input.2.arguments")])
 def test_special_text_in_a_responses_call_names_its_input_item(tools_client, call, param):
