@@ -160,6 +160,7 @@ def _call(body: str, position: int, obj, names: Collection[str]) -> ParsedCall |
 
 _SEPARATORS = re.compile(r"[ \n\t;]*")  # what may separate two calls before a python tag
 _SPACES = re.compile(r"\s*")  # str.isspace's characters
+_JSON_SPACES = re.compile(r"[ \t\n\r]*")  # JSON's, inside a call's object
 
 
 def _next_call(text: str, position: int) -> int:
@@ -229,7 +230,9 @@ class CallDelta:
 
 # A call in the usual form, name first, its arguments an object: their JSON text starts where this ends. (_Head
 # reads the same piece by piece.)
-_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:parameters|arguments)"\s*:\s*(?=\{)')
+# Its "_" is JSON's whitespace (_JSON_SPACES): a head json cannot read (U+00A0 in it) is no call's, on either path.
+_CALL_HEAD = re.compile(r'\{_"name"_:_"((?:[^"\\]|\\.)*)"_,_"(?:parameters|arguments)"_:_(?=\{)'
+                        .replace("_", r"[ \t\n\r]*"))
 
 
 class ToolCallStream:
@@ -302,7 +305,7 @@ class ToolCallStream:
                 if self.calls and not self.parallel or self.broken:
                     return  # parallel_tool_calls false: the first call only; none after arguments that are no JSON
                 if self.need_close:  # the call object's own "}" after its arguments
-                    self.pos = _next_space(held, self.pos)
+                    self.pos = _JSON_SPACES.match(held, self.pos).end()
                     if not held.startswith("}", self.pos):
                         return
                     self.pos += 1
@@ -383,7 +386,7 @@ class _Head:
                 break
             step = _HEAD[self.step]
             if step == _WS:
-                i = _next_space(text, i)
+                i = _JSON_SPACES.match(text, i).end()
                 if i < len(text):
                     self.step += 1
             elif step == _NAME:

@@ -1357,14 +1357,19 @@ TWO_CALLS = CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome")
                                  {"answer": CALL_TEXT[:-1] + ', "parameters": {"city": "Rome"}}; ' + CALL_TEXT},
                                  {"answer": CALL_TEXT[:-1] + ', "name": "nope"}'},
                                  {"answer": CALL_TEXT.replace("parameters", "arguments")[:-1]
-                                  + ', "parameters": {"city": "Rome"}}'}])
+                                  + ', "parameters": {"city": "Rome"}}'},
+                                 # whitespace JSON does not take (U+00A0) in a call's object: no JSON, so it ends
+                                 # the calls (the stream took it as JSON's whitespace and went on)
+                                 {"answer": CALL_TEXT.replace('{"name"', '{\u00a0"name"', 1) + "; " + CALL_TEXT},
+                                 {"answer": CALL_TEXT[:-1] + '\u00a0}; ' + CALL_TEXT}])
 def test_a_stream_and_a_whole_answer_report_the_same_calls_and_finish(client, router, tokenizer, eos, tool_choice,
                                                                      parallel, cut):
     """A second call cut by a stop string was streamed (its name and the arguments so far) and then finished
     as "tool_calls", while the whole answer dropped it and kept "tool_calls": a cut call is a call in both,
     and the finish is the cut's ("stop", "length") unless every call the answer keeps is whole. A call whose
     object had a key again (a second "parameters", or a "name" of no tool) was the stream's first name and
-    arguments but the whole answer's last (or content)."""
+    arguments but the whole answer's last (or content). A call whose object held whitespace JSON does not take
+    ended the whole answer's calls but not the stream's."""
     cut = dict(cut)  # (one dict serves every combination of the other parameters)
     router.answer = tokenizer.encode(cut.pop("answer", TWO_CALLS)) + [eos]
     body = {**CHAT, "tools": [WEATHER_TOOL], "tool_choice": tool_choice, "parallel_tool_calls": parallel, **cut}
