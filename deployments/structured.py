@@ -340,13 +340,24 @@ def _check_size(source) -> None:
         raise ValueError(f"the constraint is over {MAX_GRAMMAR_BYTES} bytes, the most this server takes")
 
 
+def _json_text(text: str):
+    """A schema sent as JSON text. int()'s refusal of an integer too long ends with advice for the server's Python
+    (sys.set_int_max_str_digits), not for the client: cut, as a call's arguments' (tool_calls._arguments)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:
+        raise ValueError(str(e).split(";")[0]) from None
+
+
 def _builder(kind: str, value, whitespace: dict, strict: bool = False) -> Callable[[], str]:
     """The grammar's maker (run by _check, off the event loop), its source's size checked first. A JSON schema is
     closed (`closed`, strictly when `strict`)."""
     def build() -> str:
         _check_size(value)
         if kind == "json":
-            schema = json.loads(value) if isinstance(value, str) else value
+            schema = _json_text(value) if isinstance(value, str) else value
             return json_schema_grammar(closed(schema, strict=strict), whitespace)
         if kind == "json_object":
             return json_schema_grammar(True, whitespace)

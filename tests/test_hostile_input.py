@@ -365,6 +365,18 @@ def test_an_oversized_tool_schema_is_refused_before_it_is_converted(client, rout
     assert "bytes" in error["message"] and converted == []
 
 
+@pytest.mark.parametrize("field", ["structured_outputs", "guided_json"])
+def test_a_schema_text_with_an_integer_too_long_says_so_without_pythons_advice(client, router, field):
+    """A schema sent as JSON text is read by json.loads, whose int() refuses an integer of more than 4,300 digits
+    with advice for the server's Python (sys.set_int_max_str_digits), not for a client (as a call's arguments)."""
+    text = '{"type": "integer", "maximum": ' + "9" * 4400 + "}"
+    patch, param = ({field: {"json": text}}, "structured_outputs.json") if field == "structured_outputs" else (
+        {field: text}, field)
+    message = assert_error(client.post("/v1/chat/completions", json={**CHAT, **patch}), 400, param=param)["message"]
+    assert "4300 digits" in message and "sys." not in message, message
+    assert router.requests == {}
+
+
 def test_a_grammar_that_would_compile_for_minutes_is_400_within_a_second(client, router):
     """llguidance compiles 400 patternProperties (15 KB) in 5.5 s; its compile is cut at MAX_COMPILE_WALL_S."""
     from model.grammar_check import MAX_COMPILE_WALL_S
