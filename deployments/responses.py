@@ -152,9 +152,10 @@ def _whole(answer: _Answer, total: ChoiceTotal) -> bytes:
 
     # the logprobs built a slice at a time too: freeing all of them at once holds the GIL (8,192 tokens: ~30 ms)
     # a call before the last is whole (the stream closes it as completed when the next begins): only the last one
-    # can be what max_output_tokens cut, and is not when whole (a call after it cut, and dropped without
-    # parallel_tool_calls)
-    last = "completed" if whole else status
+    # can be cut, and is incomplete when not whole, whatever cut it (max_output_tokens, a stop string, an EOS), as
+    # chat keeps such a call without finish_reason "tool_calls"; a whole one is completed (a call after it cut, and
+    # dropped without parallel_tool_calls)
+    last = "completed" if whole else "incomplete"
     output = ([_call(c, "completed" if i < len(calls) - 1 else last) for i, c in enumerate(calls)] if calls else
               [_message(total.text, status, lists.mark(total.logprobs, lambda part: dumps(answer.logprobs(part)),
                                                        b","))])
@@ -267,8 +268,9 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         if message is not None and answer.include_logprobs:
             logprobs.extend(pending)
         lists = Spliced()
-        # the last item (those before it are closed): a whole call is completed, as the whole answer's
-        last = "completed" if calls and whole else status
+        # the last item (those before it are closed): a call is completed when whole, else incomplete, as the
+        # whole answer's (_whole)
+        last = ("completed" if whole else "incomplete") if calls else status
         # its logprobs as event() writes them
         out += close(output[-1], last,
                      lists.mark(logprobs, lambda part: json.dumps(answer.logprobs(part), ensure_ascii=False), ", "))

@@ -409,6 +409,39 @@ def test_a_whole_call_kept_without_parallel_calls_is_completed(tokenizer, eos, s
     assert json.loads(call.arguments) == {"city": "Paris"} and call.status == "completed"
 
 
+def _same_but_ids(response: dict) -> dict:
+    """A response less what is drawn anew per answer (ids, created_at)."""
+    return {**response, "id": None, "created_at": None,
+            "output": [{k: v for k, v in item.items() if k not in ("id", "call_id")} for item in response["output"]]}
+
+
+# What cut a call mid-arguments: a stop string, an EOS (a stop token), max_output_tokens; and what the response's
+# status then is (only max_output_tokens makes the response incomplete, as chat's finish_reason stays "stop" else)
+CUTS = [("stop string", "completed"), ("eos", "completed"), ("max_output_tokens", "incomplete")]
+
+
+@pytest.mark.parametrize("cut,response_status", CUTS)
+def test_a_cut_call_is_an_incomplete_item_whatever_cut_it(tokenizer, eos, cut, response_status):
+    """A call the answer did not finish (its arguments no JSON to run) is an incomplete function_call item, as
+    chat keeps it a tool call with finish_reason "stop" / "length", not "tool_calls". A stop string or an EOS cut
+    it into a completed item with non-JSON arguments; the whole answer and the stream's final response agree."""
+    head = '{"name": "get_weather", "parameters": {"city": "Par'
+    ids = tokenizer.encode(head)
+    answer = {"stop string": tokenizer.encode(CALL) + [eos], "eos": ids + [eos],
+              "max_output_tokens": tokenizer.encode(CALL) + [eos]}[cut]
+    body = {**BASIC, "tools": TOOLS, **({"stop": ["is\"}"]} if cut == "stop string" else {}),
+            **({"max_output_tokens": len(ids)} if cut == "max_output_tokens" else {})}
+    client = make_client(FakeRouter(answer, max_model_len=4096), tokenizer)
+    whole = client.post("/v1/responses", json=body).json()
+    final = events(client.post("/v1/responses", json={**body, "stream": True}))[-1]["response"]
+    assert _same_but_ids(whole) == _same_but_ids(final)
+    resp = Response.model_validate(whole)
+    (call,) = resp.output
+    assert call.type == "function_call" and call.status == "incomplete" and resp.status == response_status
+    with pytest.raises(ValueError):
+        json.loads(call.arguments)
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_response_says_the_temperature_and_top_p_it_was_sampled_with(router, tokenizer, monkeypatch, stream):
     """A request that leaves them out is sampled with the model's generation_config values (Llama 3.3's 0.6 and
