@@ -54,9 +54,13 @@ class FunctionCallOutput(RequestModel):
 
 
 def _item_type(value: Any) -> str | None:
-    """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage), or send it null (the default)."""
+    """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage), or send it null (the default). An
+    item with a call_id is no message (a call or its output): without its type, the type is what it lacks, not the
+    message's role the 400 named."""
     if isinstance(value, dict):
-        return "message" if value.get("type") is None else value["type"]
+        if value.get("type") is None:
+            return None if "call_id" in value else "message"
+        return value["type"]
     return getattr(value, "type", None)
 
 
