@@ -469,7 +469,8 @@ class ToolCall(RequestModel):
 
 
 class TextPart(RequestModel):
-    type: Literal["text"]
+    # "input_text" and "output_text": the Responses API's names, which vLLM's chat reads as text too
+    type: Literal["text", "input_text", "output_text"]
     text: Text
 
 
@@ -483,7 +484,8 @@ class RefusalPart(RequestModel):
         return self.refusal
 
 
-_PART_TEXT = ("text", "refusal")  # the content parts served, each named after its text's own field
+# the content parts served, each with the field holding its text
+_PART_TEXT = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
 
 
 class ChatMessage(RequestModel):
@@ -502,14 +504,16 @@ class ChatMessage(RequestModel):
     @field_validator("content", mode="before")
     @classmethod
     def _text_parts_only(cls, v):
-        """Say so for an image or audio part (the union's own error would be "Input should be a valid string")."""
+        """Say so for an image or audio part (the union's own error would be "Input should be a valid string").
+        A plain string in the list is a text part, as vLLM's chat_utils reads it."""
         if isinstance(v, list):
+            v = [{"type": "text", "text": part} if isinstance(part, str) else part for part in v]
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if isinstance(kind, str) and kind not in _PART_TEXT:
                     raise ValueError(f"content parts of type {kind!r} are not supported (text and refusal parts only)")
-                if kind in _PART_TEXT and isinstance(part.get(kind), str):  # else the union's own message
-                    _check_unicode(part[kind])
+                if isinstance(kind, str) and isinstance(part.get(_PART_TEXT[kind]), str):  # else the union's error
+                    _check_unicode(part[_PART_TEXT[kind]])
         return v
 
     @property

@@ -381,6 +381,25 @@ def test_an_assistant_refusal_part_is_read_as_its_text(client, router, tokenizer
     assert "lone surrogate" in error["message"]
 
 
+@pytest.mark.parametrize("parts", [
+    ["Say", "hi"],  # vLLM's content part union takes a plain string as a text part
+    [{"type": "input_text", "text": "Say"}, {"type": "output_text", "text": "hi"}],  # Responses' names, as vLLM's
+    ["Say", {"type": "input_text", "text": "hi"}],
+])
+def test_string_and_responses_text_parts_are_read_as_text(client, router, tokenizer, parts):
+    """vLLM's chat_utils reads a plain string in a content list, and an `input_text` or `output_text` part (what
+    a client that speaks the Responses API sends), as a text part. They were 400s."""
+    for path in ("/v1/chat/completions", "/tokenize"):
+        r = post(client, path, {**CHAT, "messages": [{"role": "user", "content": parts}]})
+        assert r.status_code == 200, r.text
+    (sent_prompt, _, _), = router.requests.values()
+    assert sent_prompt == tokenizer.encode_chat([{"role": "user", "content": "Say\nhi"}])
+    assert r.json()["tokens"] == sent_prompt
+    error = assert_error(post(client, "/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": ["hi", "\udfff"]}]}), 400)
+    assert error["param"].startswith("messages.0.content") and "lone surrogate" in error["message"]
+
+
 def test_lone_surrogate_in_a_text_part_is_400(client, router):
     parts = [{"type": "text", "text": "hi"}, {"type": "text", "text": "\udfff"}]
     body = {**CHAT, "messages": [{"role": "user", "content": parts}]}
