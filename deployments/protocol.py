@@ -138,6 +138,9 @@ def refused(why: str) -> Any:
 Unsupported = refused("this server does not support this field")
 # OpenAI's `moderation` (chat and Responses): a moderation model's scores, or its block of the input or answer
 NoModeration = refused("this server runs no moderation model: nothing would be scored or blocked")
+# vLLM's request chat template, which it too refuses unless started with --trust-request-chat-template
+RequestTemplate = refused("a request's own chat template is not taken (vLLM takes one only with "
+                          "--trust-request-chat-template): the model's template renders the messages")
 
 
 def only(value: bool | int, why: str) -> Any:
@@ -543,7 +546,7 @@ class ChatCompletionRequest(_GenerationRequest):
     store: only(False, "this server stores no answers") = False
     # OpenAI's (for stored answers; none are): its limits, as /v1/responses checks them
     metadata: dict[short_text(64), short_text(512)] | None = Field(None, max_length=16)
-    chat_template: Unsupported | None = None  # vLLM too refuses it unless started with --trust-request-chat-template
+    chat_template: RequestTemplate | None = None
     echo: bool = False  # vLLM's: the final message's text first in each answer, when the answer continues it
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
     documents: Unsupported | None = None  # vLLM's RAG documents for templates that take them
@@ -658,6 +661,9 @@ class TokenizeRequest(RequestModel):
     return_token_strs: bool = False
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)  # chat form: offered to the model, as in a chat
     chat_template_kwargs: JsonObject | None = None  # chat form
+    # refused as a chat refuses them (ignored, the ids counted were not those of the prompt asked for)
+    chat_template: RequestTemplate | None = None
+    documents: Unsupported | None = None
 
     _template_variables = field_validator("chat_template_kwargs")(_template_variables_only)
     _continue_alone = field_validator("continue_final_message")(_continue_alone)

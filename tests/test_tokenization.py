@@ -137,6 +137,9 @@ def test_detokenize(client, tokenizer):
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/tokenize", {"messages": []}, 400, "messages"),
     ("/tokenize", {"messages": CHAT["messages"], "continue_final_message": True}, 400, "continue_final_message"),
+    # refused as a chat refuses them: a /tokenize that ignored them counted the model's own template's prompt
+    ("/tokenize", {"messages": CHAT["messages"], "chat_template": "{{ messages[0].content }}"}, 400, "chat_template"),
+    ("/tokenize", {"messages": CHAT["messages"], "documents": [{"title": "t", "text": "x"}]}, 400, "documents"),
     ("/tokenize", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
     ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
