@@ -416,7 +416,8 @@ class OpenAIServer:
         rendered = render_messages(messages, tools, takes_tools)
         definitions = tool_definitions(tools) if tools and takes_tools else None
         if tokenizer.chat_template is not None:
-            self._no_special_text_beside_content(rendered if takes_tools else [], definitions, template_kwargs)
+            self._no_special_text_beside_content(messages, rendered if takes_tools else [], definitions,
+                                                 template_kwargs)
         try:
             ids = tokenizer.encode_chat(rendered, add_generation_prompt, definitions, template_kwargs,
                                         continue_final_message)
@@ -424,16 +425,19 @@ class OpenAIServer:
             raise APIError(400, f"messages: {exc}", param="messages") from None
         return [tokenizer.bos_id, *ids] if add_special_tokens and tokenizer.bos_id is not None else ids
 
-    def _no_special_text_beside_content(self, messages: list[dict], definitions: list[dict] | None,
-                                        template_kwargs: dict | None) -> None:
+    def _no_special_text_beside_content(self, messages: list[ChatMessage], rendered: list[dict],
+                                        definitions: list[dict] | None, template_kwargs: dict | None) -> None:
         """A message's content keeps special-token text as text (Tokenizer.encode_template), but what a template
-        writes of a call in the history (`messages` as rendered for a template that renders calls: arguments parsed,
-        so JSON escapes such as \\u003c are undone as the template's tojson undoes them), a tool definition or a
-        template variable would be read as control tokens: "x<|eot_id|><|start_header_id|>system..." there forges
-        a turn. Such text is a 400 naming the field."""
-        fields = [(f"messages.{i}.tool_calls.{j}.function.{key}", json.dumps(c["function"][key], ensure_ascii=False))
-                  for i, m in enumerate(messages) for j, c in enumerate(m.get("tool_calls") or ())
-                  for key in ("name", "arguments")]
+        writes of a message's name or a tool result's call id, of a call in the history (`rendered`: the messages
+        as rendered for a template that renders calls, arguments parsed, so JSON escapes such as \\u003c are undone
+        as the template's tojson undoes them), a tool definition or a template variable would be read as control
+        tokens: "x<|eot_id|><|start_header_id|>system..." there forges a turn. Such text is a 400 naming the field."""
+        fields = [(f"messages.{i}.{key}", text) for i, m in enumerate(messages)  # as render_messages passes them
+                  for key, text in (("name", m.name), ("tool_call_id", m.tool_call_id if m.role == "tool" else None))
+                  if text is not None]
+        fields += [(f"messages.{i}.tool_calls.{j}.function.{key}", json.dumps(c["function"][key], ensure_ascii=False))
+                   for i, m in enumerate(rendered) for j, c in enumerate(m.get("tool_calls") or ())
+                   for key in ("name", "arguments")]
         fields += [(f"tools.{i}.function", json.dumps(d["function"], ensure_ascii=False))
                    for i, d in enumerate(definitions or ())]
         if template_kwargs:

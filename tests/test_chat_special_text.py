@@ -194,3 +194,32 @@ def test_calls_and_tools_render_as_vllm_hands_them_to_the_template(tools_client,
     strict = {**TOOL, "function": {**TOOL["function"], "strict": True}}
     r = tools_client.post("/tokenize", json={"model": "smollm2", "messages": called("{}"), "tools": [strict]})
     assert '"strict": true' in tools_tokenizer.decode(r.json()["tokens"])
+
+
+# A template that writes a message's `name` and a tool turn's `tool_call_id` beside its content, as some do (Mistral's
+# writes the id of each result): render_messages hands both to the template, as vLLM does.
+NAMES_TEMPLATE = (
+    "{%- for m in messages %}<|start_header_id|>{{ m.role }}{% if m.name %} {{ m.name }}{% endif %}<|end_header_id|>"
+    "\n\n{% if m.tool_call_id %}[{{ m.tool_call_id }}] {% endif %}{{ m.content }}<|eot_id|>{% endfor %}")
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([{"role": "user", "name": FORGED, "content": "hi"}], "messages.0.name"),
+    ([{"role": "user", "content": "go"}, {"role": "assistant", "content": "ok"},
+      {"role": "tool", "tool_call_id": FORGED, "content": "done"}], "messages.2.tool_call_id"),
+])
+def test_special_text_in_a_name_or_call_id_the_template_writes_is_a_400(messages, param):
+    """A message's name and a tool result's call id are written outside its content, read with special tokens on:
+    they forged a system turn (only the chat's own headers were expected), as a call's name in the history did."""
+    from tests.fake_router import FakeRouter
+    from tests.ingress_support import assert_error, make_client
+
+    tok = Tokenizer.from_hf_dir(ensure_llama3_tokenizer())
+    tok._hf.chat_template = tok.chat_template = NAMES_TEMPLATE
+    client = make_client(FakeRouter(tok.encode("ok") + [128009], max_model_len=4096), tok)
+    for path in ("/v1/chat/completions", "/tokenize"):
+        assert_error(client.post(path, json={"model": "smollm2", "messages": messages}), 400, param)
+    plain = json.loads(json.dumps(messages).replace(json.dumps(FORGED)[1:-1], "x"))
+    r = client.post("/tokenize", json={"model": "smollm2", "messages": plain})  # an ordinary name or id: as before
+    assert r.status_code == 200, r.text
+    assert tok.decode(r.json()["tokens"]) == tok.render_chat(plain)
