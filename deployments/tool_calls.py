@@ -232,7 +232,7 @@ class CallDelta:
 # reads the same piece by piece.)
 # Its "_" is JSON's whitespace (_JSON_SPACES): a head json cannot read (U+00A0 in it) is no call's, on either path.
 _CALL_HEAD = re.compile(r'\{_"name"_:_"((?:[^"\\]|\\.)*)"_,_"(?:parameters|arguments)"_:_(?=\{)'
-                        .replace("_", r"[ \t\n\r]*"))
+                        .replace("_", _JSON_SPACES.pattern))
 
 
 class ToolCallStream:
