@@ -53,13 +53,16 @@ class FunctionCallOutput(RequestModel):
         return self.output if isinstance(self.output, str) else "\n".join(part.text for part in self.output)
 
 
+_CALL_FIELDS = {"call_id", "arguments", "output"}  # a function_call's or function_call_output's, no message's
+
+
 def _item_type(value: Any) -> str | None:
     """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage), or send it null (the default). An
-    item with a call_id is no message (a call or its output): without its type, the type is what it lacks, not the
-    message's role the 400 named."""
+    item with a call's or an output's own field is no message: without its type, the type is what it lacks, not
+    the message's role the 400 named."""
     if isinstance(value, dict):
         if value.get("type") is None:
-            return None if "call_id" in value else "message"
+            return None if _CALL_FIELDS & value.keys() else "message"
         return value["type"]
     return getattr(value, "type", None)
 

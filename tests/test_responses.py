@@ -86,11 +86,13 @@ def test_a_message_items_null_type_is_a_message(client, router, tokenizer):
 
 
 @pytest.mark.parametrize("item", [{"call_id": "a", "name": "get_weather", "arguments": "{}"},
-                                  {"call_id": "a", "output": "sunny"}])
+                                  {"call_id": "a", "output": "sunny"},
+                                  {"output": "sunny"}, {"name": "get_weather", "arguments": "{}"}])  # no call_id
 @pytest.mark.parametrize("typed", [{"type": None}, {}])
 def test_a_call_item_without_its_type_is_told_its_type(client, router, item, typed):
     """A function_call (or its output) whose type was null or left out was read as a message, and the 400 said
-    "input.1.role: Field required": a field no call has. A call_id is no message's: the type is what is missing."""
+    "input.1.role: Field required": a field no call has. A call_id, an output or arguments are no message's: the
+    type is what is missing (a call without its call_id too)."""
     body = {**BASIC, "input": [{"role": "user", "content": "Weather?"}, {**typed, **item}]}
     error = assert_error(client.post("/v1/responses", json=body), 400, param="input.1")
     assert "type must be" in error["message"] and "role" not in error["message"]
