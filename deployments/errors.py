@@ -5,6 +5,7 @@ field at fault, never a stack trace.
 """
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi.responses import JSONResponse
@@ -29,6 +30,18 @@ class APIError(Exception):
     def response(self) -> JSONResponse:
         return JSONResponse(ErrorResponse(error=self.info).model_dump(), status_code=self.status,
                             headers=self.headers)
+
+
+def client_json(text: str):
+    """json.loads of JSON text a client sent inside a request. Raises json.JSONDecodeError, RecursionError (nested
+    deeper than the interpreter's recursion limit), or ValueError for an integer of more digits than int() takes
+    (sys.get_int_max_str_digits(), 4,300), without int()'s advice for the server's Python that follows ";"."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:
+        raise ValueError(str(e).split(";")[0]) from None
 
 
 def unavailable(message: str) -> APIError:

@@ -13,13 +13,12 @@ deep_stack_executor thread.
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from deployments.errors import APIError
+from deployments.errors import APIError, client_json
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from model.grammar import (MAX_GRAMMAR_BYTES, cfg_grammar, choice_grammar, grammar_error, json_schema_grammar,
                            json_sequence_grammar, regex_grammar)
@@ -340,24 +339,13 @@ def _check_size(source) -> None:
         raise ValueError(f"the constraint is over {MAX_GRAMMAR_BYTES} bytes, the most this server takes")
 
 
-def _json_text(text: str):
-    """A schema sent as JSON text. int()'s refusal of an integer too long ends with advice for the server's Python
-    (sys.set_int_max_str_digits), not for the client: cut, as a call's arguments' (tool_calls._arguments)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise
-    except ValueError as e:
-        raise ValueError(str(e).split(";")[0]) from None
-
-
 def _builder(kind: str, value, whitespace: dict, strict: bool = False) -> Callable[[], str]:
     """The grammar's maker (run by _check, off the event loop), its source's size checked first. A JSON schema is
     closed (`closed`, strictly when `strict`)."""
     def build() -> str:
         _check_size(value)
         if kind == "json":
-            schema = _json_text(value) if isinstance(value, str) else value
+            schema = client_json(value) if isinstance(value, str) else value
             return json_schema_grammar(closed(schema, strict=strict), whitespace)
         if kind == "json_object":
             return json_schema_grammar(True, whitespace)

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from deployments.errors import APIError
+from deployments.errors import APIError, client_json
 from deployments.protocol import ChatMessage, Tool
 
 PYTHON_TAG = "<|python_tag|>"
@@ -83,13 +83,13 @@ def _arguments(text: str, where: str):
     if not text:
         return {}
     try:
-        return json.loads(text)
+        return client_json(text)
     except json.JSONDecodeError as e:
         raise APIError(400, f"{where}: not JSON ({e})", param=where) from None
     except RecursionError:
         raise APIError(400, f"{where}: JSON nested too deeply", param=where) from None
-    except ValueError as e:  # an integer too long for int(); its advice (sys.set_int_max_str_digits) is not the client's
-        raise APIError(400, f"{where}: {str(e).split(';')[0]}", param=where) from None
+    except ValueError as e:  # an integer too long for int()
+        raise APIError(400, f"{where}: {e}", param=where) from None
 
 
 def parse_tool_calls(text: str, names: Collection[str]) -> list[ParsedCall] | None:
