@@ -186,8 +186,10 @@ def logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int) 
     """OpenAI's logit_bias (token id text -> bias) as ids, each in the vocabulary, each bias in [-100, 100]."""
     bias = {}
     for key, value in (req.logit_bias or {}).items():
-        # past 20 digits (leading zeros aside) a key is no token id, and int() refuses past 4,300 digits
-        token = int(key) if key.isascii() and key.isdigit() and len(key.lstrip("0")) <= 20 else vocab_size
+        # past 20 digits (leading zeros aside) a key is no token id; int() refuses past 4,300 digits, leading zeros
+        # counted, so it reads the digits without them ("0" * 5000 + "7" is token 7, as int() reads a short one)
+        digits = key.lstrip("0")
+        token = int(digits or "0") if key.isascii() and key.isdigit() and len(digits) <= 20 else vocab_size
         if token >= vocab_size or not -100 <= value <= 100:
             shown = key if len(key) <= 40 else key[:40] + "..."
             raise APIError(400, f"logit_bias: keys must be token ids in [0, {vocab_size}) and biases in "

@@ -18,7 +18,8 @@ from deployments import ingress, openai_server
 from deployments.body_limit import BodyLimit
 from deployments.ingress import build_app
 from deployments.streaming import EventStream, StopStrings
-from deployments.protocol import MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from deployments.protocol import (MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS,
+                                  CompletionRequest)
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
 from scheduler.sampling import MAX_LOGPROBS
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, asgi_receive, asgi_scope,  # noqa: F401
@@ -1530,6 +1531,26 @@ def test_structured_outputs_and_logit_bias_reach_the_sampler(client, router):
     assert client.post("/v1/chat/completions", json=body).status_code == 200
     (_, params, _), = list(router.requests.values())
     assert params.grammar and "json_schema" in params.grammar and params.logit_bias == {42: 100.0, 7: -100.0}
+
+
+def test_a_logit_bias_key_with_thousands_of_leading_zeros_is_its_token_id(client, router):
+    """int() counts leading zeros against its 4,300 digits: "0" * 5000 + "7" was a 500, not token 7."""
+    body = {**CHAT, "logit_bias": {"0" * 5000 + "7": -100}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    (_, params, _), = list(router.requests.values())
+    assert params.logit_bias == {7: -100.0}
+
+
+@given(zeros=st.integers(0, 6000), digits=st.text(alphabet="0123456789", min_size=1, max_size=30))
+def test_a_logit_bias_key_of_digits_is_the_id_they_spell_or_a_400(zeros, digits):
+    vocab = 49152
+    req = CompletionRequest(prompt="x", logit_bias={"0" * zeros + digits: 1.5})
+    if int(digits) < vocab:
+        assert openai_server.logit_bias(req, vocab) == {int(digits): 1.5}
+    else:
+        with pytest.raises(openai_server.APIError) as refused:
+            openai_server.logit_bias(req, vocab)
+        assert refused.value.status == 400 and refused.value.info.param == "logit_bias"
 
 
 @pytest.mark.parametrize("extra, param", [
