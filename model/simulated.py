@@ -130,8 +130,10 @@ class SimulatedBackend(Backend):
     those take the logits path,
     which returns one-hot-like logits [*, vocab] (the chosen token at 0, the rest at -1e4 and below, lower for
     higher ids; ~16 MB per decode step at the Llama 3 vocab, a few ms), so host sampling picks the same token
-    whatever its parameters, unless a bias or a grammar rules it out (then the best token left, the lowest
-    allowed id).
+    whatever its parameters, unless a mask rules it out (allowed_token_ids, a bad word, a grammar: then the best
+    token left, the lowest allowed id). A logit_bias, at most 100 either way, never bridges the 1e4 below the
+    chosen token: on this backend -100 bans nothing and +100 forces nothing (the real backends' logits are spread
+    over tens, not thousands).
     """
 
     def __init__(self, *, time_scale: float = 1.0, num_slots: int = NUM_SLOTS, block_size: int = BLOCK_SIZE,
