@@ -508,7 +508,11 @@ class OpenAIServer:
             # -1: what leaves room for max_tokens (vLLM's max_input_tokens); the whole context left room for none
             keep = (max(1, limit - (req.requested_max_tokens or 0)) if req.truncate_prompt_tokens == -1
                     else req.truncate_prompt_tokens)
+            cut = len(prompt_ids)
             prompt_ids = truncated(prompt_ids, keep, req.truncation_side, int(text_bos))
+            cut -= len(prompt_ids)
+        else:
+            cut = 0
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
@@ -538,9 +542,13 @@ class OpenAIServer:
         else:
             params = await self.sampling_params(req, max(max_tokens, 1), bias, constraint)
         echo = ""
+        echo_bos = text_bos and prompt_ids[:1] == [self.tokenizer.bos_id]
         if isinstance(req, CompletionRequest) and req.echo:
-            echo = (req.prompt if isinstance(req.prompt, str)  # ids: decoded as /detokenize decodes them
-                    else await self.sized(len(prompt_ids) * 4, self.tokenizer.decode, prompt_ids))
+            # ids, or a text truncate_prompt_tokens cut: the tokens the model read, decoded as /detokenize decodes
+            # them (the answer continues them and logprobs list them; vLLM echoes the whole text, where they are not)
+            read = prompt_ids[int(echo_bos):]
+            echo = (req.prompt if isinstance(req.prompt, str) and not cut
+                    else await self.sized(len(read) * 4, self.tokenizer.decode, read))
         elif isinstance(req, ChatCompletionRequest) and req.echo and (
                 req.messages[-1].role == "assistant" or not req.add_generation_prompt):
             echo = req.messages[-1].text  # vLLM's: the final message, when the answer continues it (same role)
@@ -551,7 +559,7 @@ class OpenAIServer:
         called = tuple(t.function.name for t in constraint.called)
         return Prepared(response_id, router_id, prompt_ids, params,
                         prompt_field, arrival, created, echo, constraint.tool_mode, called, constraint.param,
-                        repetition, echo_only, text_bos and prompt_ids[:1] == [self.tokenizer.bos_id])
+                        repetition, echo_only, echo_bos)
 
     async def sampling_params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
                               bias: dict[int, float], constraint: Constraint) -> SamplingParams:

@@ -149,3 +149,30 @@ def test_packed_logprobs_give_back_what_was_packed():
     assert packed[-1] == lps[-1] and list(packed) == lps
     with pytest.raises(IndexError):
         packed[len(lps)]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echoed_prompt_cut_by_truncate_prompt_tokens_is_the_part_the_model_read(client, router, tokenizer, side,
+                                                                                   stream):
+    """echo with truncate_prompt_tokens: the text echoed is the prompt's kept tokens, which the answer continues and
+    logprobs list, each at its text_offset in it (the whole prompt echoed put ' delta' at 0, where 'alpha' is)."""
+    prompt = "alpha beta gamma delta epsilon"
+    kept = tokenizer.encode(prompt)
+    kept = kept[-2:] if side == "left" else kept[:2]
+    body = {**COMPLETION, "prompt": prompt, "truncate_prompt_tokens": 2, "truncation_side": side, "echo": True,
+            "logprobs": 0, "max_tokens": 3, "stream": stream}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    if stream:
+        choices = [c["choices"][0] for c in sse(r) if c["choices"]]
+        text = "".join(c["text"] for c in choices)
+        lp = {k: [x for c in choices if c["logprobs"] for x in c["logprobs"][k]] for k in ("tokens", "text_offset")}
+    else:
+        choice = r.json()["choices"][0]
+        text, lp = choice["text"], choice["logprobs"]
+    echoed = tokenizer.decode(kept)
+    assert text == echoed + tokenizer.decode(router.answer[:3])
+    assert lp["tokens"][:2] == [tokenizer.decode([t]) for t in kept]
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        assert text[offset:offset + len(token)] == token
