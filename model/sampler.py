@@ -29,7 +29,8 @@ def score_prompt(logits: Callable[[int, int], torch.Tensor], targets: torch.Tens
                          np.empty((n, num_logprobs), np.int32), np.empty((n, num_logprobs), np.float32))
     for i in range(0, n, PROMPT_ROWS_PER_SLICE):
         j = min(i + PROMPT_ROWS_PER_SLICE, n)
-        lp = torch.log_softmax(logits(i, j).float(), dim=-1)
+        # raw, -inf and values past the floor kept (the ingress floors what it sends), but for a NaN logit's row
+        lp = torch.log_softmax(logits(i, j).float(), dim=-1).nan_to_num(nan=MIN_LOGPROB, neginf=float("-inf"))
         chosen = lp.gather(1, targets[i:j, None].long())
         out.logprobs[i:j] = chosen[:, 0].numpy()
         out.ranks[i:j] = (lp >= chosen).sum(dim=1).numpy()
@@ -38,6 +39,12 @@ def score_prompt(logits: Callable[[int, int], torch.Tensor], targets: torch.Tens
             out.top_ids[i:j] = top.indices.numpy()
             out.top_logprobs[i:j] = top.values.numpy()
     return out
+
+
+def finite_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, floored at vLLM's -9999: JSON carries neither the -inf of a -inf logit
+    nor the NaN a NaN logit (a backend's overflow) spreads over its whole row."""
+    return torch.nan_to_num(logits.log_softmax(-1), nan=MIN_LOGPROB).clamp(min=MIN_LOGPROB)
 
 
 def _noise(n: int, seed: int | None, position: int) -> torch.Tensor:
@@ -198,8 +205,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, pena
             token = int(ids[torch.argmax(vals.softmax(-1) / (noise[ids] if params.seed is not None else noise))])
     lp = None
     if params.logprobs is not None:
-        # A backend's -inf logit has logprob -inf, which JSON cannot carry: vLLM's floor.
-        logp = raw.float().log_softmax(-1).clamp(min=MIN_LOGPROB)
+        logp = finite_logprobs(raw.float())
         top = torch.topk(logp, params.logprobs) if params.logprobs else None
         lp = TokenLogprobs(token, float(logp[token]),
                            [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))

@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_LOGPROBS = 20
-MIN_LOGPROB = -9999.0  # what -inf is sent as: JSON has no infinity (vLLM clamps to the same floor)
+MIN_LOGPROB = -9999.0  # what -inf (and a NaN logit's logprobs) is sent as: JSON has neither (vLLM floors at the same)
 # Temperatures in (0, MIN_TEMPERATURE) are raised to it, as vLLM does (vllm/sampling_params.py, __post_init__:
 # smaller ones overflow logits / temperature); only 0 samples greedily.
 MIN_TEMPERATURE = 0.01

@@ -283,6 +283,21 @@ def test_logprobs_of_a_backends_minus_infinity_are_finite():
     assert all(-10_000 < value <= 0 for _, value in lp.top)
 
 
+def test_logprobs_of_a_nan_logit_are_finite():
+    """A NaN logit (a backend's overflow) makes every logprob of its row NaN, which JSON cannot carry either:
+    /v1/responses answered 500, chat sent "logprob": null and completions the null of an echoed prompt's first
+    token. Floored as -inf is, sampled or scored."""
+    from model.sampler import score_prompt
+    from scheduler.sampling import MIN_LOGPROB
+    broken = LOGITS.clone()
+    broken[3] = float("nan")
+    _, lp = sample_row(broken, SamplingParams(temperature=0.0, logprobs=3), 0)
+    assert [lp.logprob] + [v for _, v in lp.top] == [MIN_LOGPROB] * 4
+    scored = score_prompt(lambda i, j: torch.stack([LOGITS, broken])[i:j], torch.tensor([1, 2]), 1, 2)
+    assert np.isfinite(scored.logprobs).all() and np.isfinite(scored.top_logprobs).all()
+    assert scored.logprobs[1] == MIN_LOGPROB and scored.ranks[1] == len(LOGITS)
+
+
 def test_min_p_drops_tokens_less_likely_than_min_p_times_the_top_one():
     """vLLM's min_p, on the temperature-scaled distribution: at min_p 0.3 only tokens with probability >= 0.3 x
     the likeliest's are ever drawn; without it, less likely ones are drawn too."""
