@@ -71,10 +71,25 @@ class TokenOffsets:
     def add(self, token_ids: Sequence[int]) -> list[int]:
         offsets = []
         for token_id in token_ids:
-            offsets.append(self.chars)
-            if token_id not in self.special_ids:
-                self.chars += len(self._utf8.decode(self.tokenizer.token_bytes(token_id)))
+            if token_id in self.special_ids:
+                offsets.append(self.chars)
+                continue
+            data = self.tokenizer.token_bytes(token_id)
+            pending = self._utf8.getstate()[0]  # a character's first bytes, not yet written
+            # a token that does not go on with them starts after the U+FFFD they become (written with its text)
+            offsets.append(self.chars + (len(pending.decode("utf-8", "replace"))
+                                         if pending and data and not _continues(pending, data[0]) else 0))
+            self.chars += len(self._utf8.decode(data))
         return offsets
+
+
+def _continues(pending: bytes, byte: int) -> bool:
+    """Whether `byte` can follow `pending`, the first bytes of a UTF-8 character."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(pending + bytes([byte]))
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class PromptScores:

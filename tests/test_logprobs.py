@@ -176,3 +176,33 @@ def test_an_echoed_prompt_cut_by_truncate_prompt_tokens_is_the_part_the_model_re
     assert lp["tokens"][:2] == [tokenizer.decode([t]) for t in kept]
     for token, offset in zip(lp["tokens"], lp["text_offset"]):
         assert text[offset:offset + len(token)] == token
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("echo", [False, True])
+def test_a_token_after_a_character_left_unfinished_starts_after_its_replacement(tokenizer, eos, stream, echo):
+    """A token holding the first bytes of a character ('東' is 3 bytes: this one has 2) followed by one that does
+    not finish it: the text has U+FFFD there, and the next token starts after it, not on it (its text_offset
+    was the U+FFFD's, as if it continued the character). The same in an echoed prompt of these ids."""
+    from tests.fake_router import FakeRouter
+    from tests.ingress_support import make_client
+    part = tokenizer.encode("東")[:1]
+    assert len(tokenizer.token_bytes(part[0])) == 2
+    words = tokenizer.encode("din ok")
+    answer = part + words + part + part + tokenizer.encode("!")
+    c = make_client(FakeRouter(answer + [eos]), tokenizer)
+    r = c.post("/v1/completions", json={**COMPLETION, "prompt": answer if echo else "x", "logprobs": 0, "echo": echo,
+                                        "max_tokens": len(answer), "stream": stream})
+    if stream:
+        choices = [ch["choices"][0] for ch in sse(r) if ch["choices"]]
+        text = "".join(ch["text"] for ch in choices)
+        offsets = [o for ch in choices if ch["logprobs"] for o in ch["logprobs"]["text_offset"]]
+    else:
+        text, offsets = r.json()["choices"][0]["text"], r.json()["choices"][0]["logprobs"]["text_offset"]
+    written = "\ufffddin ok\ufffd\ufffd!"
+    # each token of "din ok" after the first U+FFFD; the second and third U+FFFD and "!" at 7, 8 and 9
+    mine = [0] + [1 + len(tokenizer.decode(words[:j])) for j in range(len(words))] + [7, 8, 9]
+    if echo:
+        assert text == written + written and offsets == mine + [len(written) + o for o in mine]
+    else:
+        assert text == written and offsets == mine
