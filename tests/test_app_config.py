@@ -44,6 +44,8 @@ def test_blocks_and_chunks_the_mesh_scheduler_cannot_align_fail_at_deploy(args, 
     ({"max_seq_len": 131_072, "num_blocks": 1024}, "num_blocks"),
     ({"num_slots": 16}, "num_slots"),  # tt-metal's decode trace and sampler are fixed at 32 users
     ({"prefill_chunk": 16384}, "prefill_chunk"),  # recomputed from position 0 after a cached prefix
+    ({"block_size": 32}, "block_size"),  # the model's paged KV cache is 64 tokens a block: was accepted, failed in ttnn
+    ({"block_size": 128}, "block_size"),
 ])
 def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     """Checked by the same rule as the backend's (model.galaxy.galaxy_sizes), before any replica starts."""
