@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import args as arg_types
 from deployments.ingress import build_app
 from model.embedded import ensure_smollm2
 from model.tokenizer import load_tokenizer
@@ -103,11 +104,11 @@ async def measure(repeat: int) -> dict[str, dict]:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=arg_types.count(), default=3)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     results = asyncio.run(measure(args.repeat))
     if args.json:
         print(json.dumps(results, indent=1))

@@ -25,6 +25,7 @@ import sys
 
 import numpy as np
 
+from bench import args as arg_types
 from bench.local_serve import serve_app
 from bench.saturation import Marks, distinct_prompts, drive, steady_window, users_per_mesh
 from deployments.config import AppConfig
@@ -72,11 +73,11 @@ def _summary(gaps_ms: np.ndarray) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--meshes", type=int, default=8)
-    p.add_argument("--streams", type=int, default=256)
-    p.add_argument("--output-tokens", type=int, default=384)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--time-scale", type=float, default=8.0, help="simulated mesh slowdown (8: 1/8 of a Galaxy)")
+    p.add_argument("--meshes", type=arg_types.count(), default=8)
+    p.add_argument("--streams", type=arg_types.count(), default=256)
+    p.add_argument("--output-tokens", type=arg_types.count(), default=384)
+    p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
+    p.add_argument("--time-scale", type=arg_types.time_scale, default=8.0, help="simulated mesh slowdown (8: 1/8 of a Galaxy)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints its shutdown notices there: keep --json clean

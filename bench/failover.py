@@ -24,6 +24,7 @@ import httpx
 import ray
 from ray import serve
 
+from bench import args as arg_types
 from bench.local_serve import router_stats, serve_app
 from bench.saturation import distinct_prompts
 from deployments.app import build
@@ -117,11 +118,11 @@ def longest_pause(results: list[dict]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--meshes", type=int, default=2)
-    p.add_argument("--streams", type=int, default=32)
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--time-scale", type=float, default=1.0, help="simulated Galaxy speed (1.0: real time)")
+    p.add_argument("--meshes", type=arg_types.count(), default=2)
+    p.add_argument("--streams", type=arg_types.count(), default=32)
+    p.add_argument("--max-tokens", type=arg_types.count(), default=256)
+    p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
+    p.add_argument("--time-scale", type=arg_types.time_scale, default=1.0, help="simulated Galaxy speed (1.0: real time)")
     p.add_argument("--kill", choices=["mesh", "router", "redeploy"], default="mesh")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

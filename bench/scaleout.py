@@ -33,9 +33,11 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from bench import args as arg_types
 from bench.local_serve import fake_galaxy_cluster, serve_app
 from bench.saturation import capacity_tokens_per_s, distinct_prompts, drive, steady_window, ttfts
 from deployments.config import AppConfig
+from model.galaxy import MAX_TIME_SCALE
 
 
 def measure(config: AppConfig, prompt_tokens: int, output_tokens: int) -> dict:
@@ -103,15 +105,18 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--meshes", type=mesh_counts, default="1,2,4,8",
                    help="comma-separated mesh counts, one cluster each")
-    p.add_argument("--time-scale-per-mesh", type=float, default=6.0,
+    p.add_argument("--time-scale-per-mesh", type=arg_types.time_scale, default=6.0,
                    help="time_scale = N x this; the HTTP token rate is one Galaxy's divided by it")
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--output-tokens", type=int, default=256)
-    p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--stream-interval-ms", type=float, default=10.0)
-    p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
+    p.add_argument("--output-tokens", type=arg_types.count(), default=256)
+    p.add_argument("--decode-steps", type=arg_types.count(1, 128), default=8)
+    p.add_argument("--stream-interval-ms", type=arg_types.interval_ms, default=10.0)
+    p.add_argument("--ingress-replicas", type=arg_types.count(), default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if max(args.meshes) * args.time_scale_per_mesh > MAX_TIME_SCALE:  # each cluster's time_scale is N x this
+        p.error(f"argument --time-scale-per-mesh: {max(args.meshes)} meshes x {args.time_scale_per_mesh:g} is past "
+                f"the simulated backend's time_scale ceiling, {MAX_TIME_SCALE:g}")
     report = {"config": {"time_scale_per_mesh": args.time_scale_per_mesh, "prompt_tokens": args.prompt_tokens,
                          "output_tokens": args.output_tokens, "decode_steps": args.decode_steps,
                          "stream_interval_ms": args.stream_interval_ms, "ingress_replicas": args.ingress_replicas},

@@ -19,6 +19,7 @@ import sys
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import args as arg_types
 from bench.local_serve import serve_app
 from deployments.config import AppConfig
 
@@ -63,10 +64,10 @@ def run(config: AppConfig, batch: list[list[int]], max_tokens: int, together: bo
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--prefix-tokens", type=int, default=512)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--time-scale", type=float, default=0.2)
+    p.add_argument("--requests", type=arg_types.count(), default=32)
+    p.add_argument("--prefix-tokens", type=arg_types.count(), default=512)
+    p.add_argument("--max-tokens", type=arg_types.count(), default=64)
+    p.add_argument("--time-scale", type=arg_types.time_scale, default=0.2)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, mesh_num_cpus=0.5,

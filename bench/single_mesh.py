@@ -22,6 +22,7 @@ import sys
 import httpx
 import numpy as np
 
+from bench import args as arg_types
 from bench.local_serve import serve_app
 from bench.saturation import capacity_tokens_per_s, distinct_prompts, drive, steady_window, stream
 from deployments.config import AppConfig
@@ -54,13 +55,13 @@ async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float)
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--time-scale", type=float, default=1.0)
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--output-tokens", type=int, default=128)
-    p.add_argument("--ttft-requests", type=int, default=20)
-    p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--stream-interval-ms", type=float, default=10.0)
+    p.add_argument("--time-scale", type=arg_types.time_scale, default=1.0)
+    p.add_argument("--clients", type=arg_types.count(), default=32)
+    p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
+    p.add_argument("--output-tokens", type=arg_types.count(), default=128)
+    p.add_argument("--ttft-requests", type=arg_types.count(), default=20)
+    p.add_argument("--decode-steps", type=arg_types.count(1, 128), default=8)
+    p.add_argument("--stream-interval-ms", type=arg_types.interval_ms, default=10.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, mesh_num_cpus=0.5,

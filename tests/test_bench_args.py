@@ -1,0 +1,40 @@
+"""The Ray-starting benchmarks' CLIs: a number out of range is argparse's usage error naming the flag (exit 2),
+before anything starts; it was a pydantic traceback from AppConfig, an IndexError after the run, or a run begun."""
+import importlib
+
+import pytest
+
+CASES = [
+    ("body_stall", ["--repeat", "0"], "--repeat"),  # IndexError after the measurement
+    ("chunk_gap", ["--meshes", "0"], "--meshes"),
+    ("chunk_gap", ["--time-scale", "0"], "--time-scale"),
+    ("cpu", ["--streams", "0"], "--streams"),
+    ("cpu", ["--idle-s", "0"], "--idle-s"),
+    ("cpu", ["--stream-interval-ms", "5000"], "--stream-interval-ms"),
+    ("failover", ["--meshes", "0"], "--meshes"),  # AppConfig's ValidationError
+    ("failover", ["--time-scale", "2000"], "--time-scale"),
+    ("failover", ["--streams", "0"], "--streams"),
+    ("shared_prefix", ["--time-scale", "-1"], "--time-scale"),
+    ("shared_prefix", ["--requests", "0"], "--requests"),
+    ("single_mesh", ["--time-scale", "0"], "--time-scale"),
+    ("single_mesh", ["--decode-steps", "500"], "--decode-steps"),
+    ("single_mesh", ["--clients", "0"], "--clients"),
+    ("scaleout", ["--time-scale-per-mesh", "0"], "--time-scale-per-mesh"),
+    ("scaleout", ["--meshes", "8", "--time-scale-per-mesh", "200"], "--time-scale-per-mesh"),  # 8 x 200 > 1000
+    ("scaleout", ["--ingress-replicas", "0"], "--ingress-replicas"),
+]
+
+
+@pytest.mark.parametrize("name, argv, flag", CASES)
+def test_a_number_out_of_range_is_a_usage_error_naming_its_flag(name, argv, flag, monkeypatch, capsys):
+    module = importlib.import_module(f"bench.{name}")
+
+    def started(*args, **kwargs):
+        raise AssertionError(f"bench.{name} {' '.join(argv)} started a run")
+    for attr in ("measure", "serve_app", "run"):  # whatever would start Ray or a Serve app
+        if hasattr(module, attr):
+            monkeypatch.setattr(module, attr, started)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
