@@ -21,6 +21,14 @@ def count(least: int = 1, most: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def finite(text: str) -> float:
+    """A float that is a number: NaN passes a bound's comparison as false, and "nan" parses."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
+    return value
+
+
 def seconds(text: str) -> float:
     """A finite float above 0."""
     value = float(text)

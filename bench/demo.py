@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pydantic import ValidationError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from bench import args as arg_types  # noqa: E402
 from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_prompt_file  # noqa: E402
 from model.backend import Backend  # noqa: E402
 from model.checkpoint import checkpoint_dir  # noqa: E402
@@ -148,8 +149,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     demo.add_argument("--max-generated-tokens", type=int)
     demo.add_argument("--block-size", type=int, help="page_params: tokens per KV block")
     demo.add_argument("--max-blocks", type=int, help="KV blocks per KV group (default: the backend's own pool)")
-    demo.add_argument("--temperature", type=float)
-    demo.add_argument("--top-p", type=float)
+    demo.add_argument("--temperature", type=arg_types.finite)
+    demo.add_argument("--top-p", type=arg_types.finite)
     demo.add_argument("--top-k", type=int)
     demo.add_argument("--seed", type=int)
     demo.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None)

@@ -140,6 +140,14 @@ def test_bad_options_are_usage_errors_not_tracebacks(option, message):
         demo.main(["--time-scale", "0.001", "--max-generated-tokens", "2", *option])
 
 
+@pytest.mark.parametrize("flag", ["--temperature", "--top-p"])
+def test_a_number_that_is_not_finite_is_named_so(flag, capsys):
+    """NaN passed every bound's comparison but one, so SamplingParams said "less than or equal to 100"."""
+    with pytest.raises(SystemExit) as exit_:
+        demo.parse_args([flag, "nan"])
+    assert exit_.value.code == 2 and f"argument {flag}: must be a finite number, not nan" in capsys.readouterr().err
+
+
 def test_a_model_folder_without_a_tokenizer_says_so(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(SystemExit, match="cannot open the simulated backend"):
