@@ -47,7 +47,16 @@ def wait_ready(url: str, pid: int, poll_s: float = POLL_S, wait_s: float = WAIT_
     return False
 
 
+USAGE = "usage: python -m deployments.ready URL PID  (URL: the app's /health; PID: the server it announces)"
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    if len(argv) != 2 or not argv[1].isdigit():  # was an IndexError or ValueError traceback
+        print(USAGE, file=sys.stderr)
+        return 2
     url, pid = argv[0], int(argv[1])
     if wait_ready(url, pid):
         base = url.rsplit("/health", 1)[0]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from deployments.ready import main, wait_ready
 
 
@@ -70,3 +72,10 @@ def test_a_garbled_answer_is_not_yet_ready():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("argv", [[], ["http://localhost:8000/health"], ["http://localhost:8000/health", "x"]])
+def test_wrong_arguments_give_the_usage_not_a_traceback(argv, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("usage: python -m deployments.ready URL PID")
+    assert main(["--help"]) == 0 and "URL PID" in capsys.readouterr().out
