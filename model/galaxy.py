@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Strict
+from pydantic import Field, Strict
 
 NUM_SLOTS = 32  # tt-metal's sampler and decode trace are fixed at 32 users
 MESH_SHAPE = (8, 4)
@@ -127,8 +127,8 @@ class TTMeshConfig:
     fabric_config: Literal["DISABLED", "FABRIC_1D", "FABRIC_1D_RING", "FABRIC_2D"] = "FABRIC_1D_RING"
     # Strict when deployments.config validates them, as the app's other numbers and booleans: "off" or
     # "1344544" in YAML is a typo, not the value meant
-    worker_l1_size: Annotated[int, Strict()] = 1_344_544
-    trace_region_size: Annotated[int, Strict()] = 215_000_000
+    worker_l1_size: Annotated[int, Strict(), Field(gt=0)] = 1_344_544  # bytes; 0 or less only ttnn refused
+    trace_region_size: Annotated[int, Strict(), Field(gt=0)] = 215_000_000
     # "all": prefill and decode sample on the device; "decode_only": prefill returns logits and the first
     # token is sampled here; None: the device never samples. Device top-k is at most 32 (0 means 32).
     sample_on_device_mode: Literal["all", "decode_only"] | None = "all"

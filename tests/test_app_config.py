@@ -88,6 +88,9 @@ GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
     ({**GALAXY, "override_tt_config": {"worker_l1_size": "1344544"}}, "override_tt_config.worker_l1_size"),
     ({**GALAXY, "override_tt_config": {"trace_region_size": 2.0e8}}, "override_tt_config.trace_region_size"),
     ({**GALAXY, "override_tt_config": {"line_rs": 1}}, "override_tt_config.line_rs"),
+    # were taken, for ttnn to refuse in each mesh replica once its weights had loaded
+    ({**GALAXY, "override_tt_config": {"worker_l1_size": -1}}, "(?s)override_tt_config.worker_l1_size.*greater than 0"),
+    ({**GALAXY, "override_tt_config": {"trace_region_size": 0}}, "(?s)override_tt_config.trace_region_size.*greater"),
 ])
 def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(args, match):
     """Each passed the check and the build, then failed in every mesh replica (kv_groups, resources), stopped
