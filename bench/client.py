@@ -19,6 +19,7 @@ from itertools import cycle, islice
 import httpx
 from tqdm import tqdm
 
+from bench import args as arg_types
 from bench.metrics import RequestResult
 from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts
 
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--url", default=DEFAULT_URL, help="server root (default: %(default)s)")
     parser.add_argument("--model", help="model name (default: the first one the server lists)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s, greedy)")
+    parser.add_argument("--temperature", type=arg_types.finite, default=0.0, help="(default: %(default)s, greedy)")
     parser.add_argument(
         "--ignore-eos", action="store_true", help="generate --max-tokens every time, like the demo without stop_at_eos"
     )

@@ -23,6 +23,7 @@ from itertools import cycle, islice
 import numpy as np
 from tqdm import tqdm
 
+from bench import args as arg_types
 from bench.chart import save_chart
 from bench.client import (DEFAULT_URL, ENDPOINTS, add_api_key_argument, check_output_folder, check_url, first_model,
                           new_http_client, request_body, stream_request, write_json)
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="random words, or token ids (completions endpoint only) (default: %(default)s)",
     )
     parser.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos with random prompts")
-    parser.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=arg_types.finite, default=0.0, help="(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="for random prompts and arrivals (default: %(default)s)")
     parser.add_argument("--goodput", nargs="+", default=[], metavar="NAME:MS", help="SLOs: ttft:MS tpot:MS e2el:MS")
     parser.add_argument("--json", metavar="FILE", help="write every metric as JSON to FILE ('-': stdout)")

@@ -1,4 +1,4 @@
-"""The Ray-starting benchmarks' CLIs: a number out of range is argparse's usage error naming the flag (exit 2),
+"""The benchmarks' CLIs: a number out of range is argparse's usage error naming the flag (exit 2),
 before anything starts; it was a pydantic traceback from AppConfig, an IndexError after the run, or a run begun."""
 import importlib
 
@@ -22,6 +22,8 @@ CASES = [
     ("scaleout", ["--time-scale-per-mesh", "0"], "--time-scale-per-mesh"),
     ("scaleout", ["--meshes", "8", "--time-scale-per-mesh", "200"], "--time-scale-per-mesh"),  # 8 x 200 > 1000
     ("scaleout", ["--ingress-replicas", "0"], "--ingress-replicas"),
+    ("serving", ["--temperature", "nan"], "--temperature"),  # each request's JSON encoding raised ValueError
+    ("client", ["--temperature", "inf"], "--temperature"),
 ]
 
 
