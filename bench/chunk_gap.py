@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--streams", type=arg_types.count(), default=256)
     p.add_argument("--output-tokens", type=arg_types.count(), default=384)
     p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
-    p.add_argument("--time-scale", type=arg_types.time_scale, default=8.0, help="simulated mesh slowdown (8: 1/8 of a Galaxy)")
+    p.add_argument("--time-scale", type=arg_types.time_scale, default=8.0,
+                   help="simulated mesh slowdown (8: 1/8 of a Galaxy)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints its shutdown notices there: keep --json clean

@@ -172,9 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--streams", type=arg_types.count(), default=32)
     p.add_argument("--output-tokens", type=arg_types.count(), default=256)
     p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
-    p.add_argument("--time-scale", type=arg_types.time_scale, default=1.0, help="simulated mesh slowdown (1.0: a real-time Galaxy)")
-    p.add_argument("--stream-interval-ms", type=arg_types.interval_ms, default=10.0, help="the router's flush interval per ingress")
-    p.add_argument("--idle-s", type=arg_types.seconds, default=5.0, help="seconds the idle app is measured for, before the load")
+    p.add_argument("--time-scale", type=arg_types.time_scale, default=1.0,
+                   help="simulated mesh slowdown (1.0: a real-time Galaxy)")
+    p.add_argument("--stream-interval-ms", type=arg_types.interval_ms, default=10.0,
+                   help="the router's flush interval per ingress")
+    p.add_argument("--idle-s", type=arg_types.seconds, default=5.0,
+                   help="seconds the idle app is measured for, before the load")
     p.add_argument("--plain-proxy", action="store_true", default=None,
                    help="Serve's plain Python proxy instead of throughput mode + HAProxy")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--streams", type=arg_types.count(), default=32)
     p.add_argument("--max-tokens", type=arg_types.count(), default=256)
     p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
-    p.add_argument("--time-scale", type=arg_types.time_scale, default=1.0, help="simulated Galaxy speed (1.0: real time)")
+    p.add_argument("--time-scale", type=arg_types.time_scale, default=1.0,
+                   help="simulated Galaxy speed (1.0: real time)")
     p.add_argument("--kill", choices=["mesh", "router", "redeploy"], default="mesh")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

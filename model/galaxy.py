@@ -51,10 +51,10 @@ DEVICE_MAX_TOP_K = 32  # tt-metal's on-device sampler keeps the top 32 (models/c
 
 def galaxy_sizes(mesh_shape, max_seq_len: int | None, num_blocks: int | None, block_size: int) -> tuple[int, int]:
     """(max_seq_len, num_blocks per KV group) a Galaxy serves, or ValueError naming the field. The mesh is 8x4
-    (slot s on column s // 8), a block 64 tokens. The generator pads a prefill to the next power of two, and its warm-up prefills
-    max_seq_len tokens after a PREFIX_ALIGN-token cached prefix (generator.py @00b0fa3f), so max_seq_len is a
-    power of two >= 1024 and a column's cache (num_blocks + the spare block 0) holds max_seq_len + PREFIX_ALIGN
-    tokens. Unset, num_blocks is blocks_per_group at max_seq_len, and max_seq_len 128k or the
+    (slot s on column s // 8), a block 64 tokens. The generator pads a prefill to the next power of two, and its
+    warm-up prefills max_seq_len tokens after a PREFIX_ALIGN-token cached prefix (generator.py @00b0fa3f), so
+    max_seq_len is a power of two >= 1024 and a column's cache (num_blocks + the spare block 0) holds max_seq_len +
+    PREFIX_ALIGN tokens. Unset, num_blocks is blocks_per_group at max_seq_len, and max_seq_len 128k or the
     largest that num_blocks holds."""
     if tuple(mesh_shape) != MESH_SHAPE:
         raise ValueError(f"mesh_shape: the Galaxy model runs on an {MESH_SHAPE[0]}x{MESH_SHAPE[1]} mesh, "
