@@ -834,6 +834,9 @@ class Router:
                         mesh, sched, work, stream, deadline, inflight[-1] if inflight else None)))
                 mesh.wake.clear()
                 if not inflight:
+                    if sched.pending_release:  # slots freed with no work to carry it (a cancel on an idle mesh)
+                        await self._heartbeat(mesh)
+                        continue
                     if not closed.done():  # a close seen while works were out woke the loop: that wake is cleared
                         with contextlib.suppress(asyncio.TimeoutError):
                             await within(mesh.wake.wait(), self.config.heartbeat_s)
@@ -857,10 +860,13 @@ class Router:
 
     async def _heartbeat(self, mesh: Mesh) -> None:
         """An idle mesh sends no results, so nothing else would notice its replica was replaced: an empty
-        work checks that the incarnation we plan for is still the one running."""
+        work checks that the incarnation we plan for is still the one running. It carries the slots freed since the
+        last work: else the mesh keeps a gone request's state (its grammar matcher, penalty counts, token history)
+        until the next real work comes."""
         sched = mesh.scheduler
-        work = MeshWork(sched.next_work_id)
+        work = MeshWork(sched.next_work_id, release=sched.pending_release)
         sched.next_work_id += 1
+        sched.pending_release = []
 
         async def answered() -> None:
             async for _ in mesh.client.execute(work, mesh.incarnation):

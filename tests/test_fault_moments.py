@@ -137,6 +137,14 @@ MORE |= {
                                         "repetition_detection": {"max_pattern_size": 2, "min_count": 6},
                                         "logprobs": 0, "return_token_ids": True}),
 }
+MORE |= {  # a long shared prefix sent together: the later ones wait for the first's chunks (a shared prefill)
+    "comp-huge-a": ("/v1/completions", {"prompt": HUGE + " a", "max_tokens": 12, "ignore_eos": True, "logprobs": 1,
+                                        "return_token_ids": True}),
+    "comp-huge-b": ("/v1/completions", {"prompt": HUGE + " b c", "max_tokens": 12, "ignore_eos": True,
+                                        "return_token_ids": True}),
+    "comp-huge-plp": ("/v1/completions", {"prompt": HUGE + " d", "max_tokens": 6, "ignore_eos": True,
+                                          "prompt_logprobs": 1, "n": 2, "return_token_ids": True}),
+}
 ALL = {**BODIES, **MORE}
 
 
@@ -246,6 +254,10 @@ CASES = {
                                     [("raise", lambda: first_decode)]),
     "sampling-state-mid-decode": (["chat-penalties", "comp-echo", "comp-repeat", "chat-stop"],
                                   [("vanish", lambda: mid_decode(1)), ("hang", lambda: mid_decode(0))]),
+    "shared-prefill-mid-prefill": (["comp-huge-a", "comp-huge-b", "comp-huge-plp"], [("raise", lambda: mid_prefill)]),
+    "shared-prefill-hang": (["comp-huge-a", "comp-huge-b", "comp-huge-plp"], [("hang", lambda: mid_prefill)]),
+    "shared-prefill-twice": (["comp-huge-a", "comp-huge-b", "comp-huge-plp"],
+                             [("vanish", lambda: mid_prefill), ("raise", lambda: mid_prefill)]),
     "one-then-the-other": (["chat", "chat-long", "chat-json", "comp-n2", "comp-lp"],
                            [("raise", lambda: first_decode), ("vanish", lambda: mid_decode(0))]),
     "last-healthy-mid-prefill": (["chat-long", "comp-long-lp", "chat-tool"],
@@ -279,6 +291,7 @@ def test_a_fault_at_a_chosen_moment_loses_nothing_and_changes_no_answer(stack, c
         disarm(stack)
     assert len(fired) == len(faults), f"not every fault fired: {case}: {fired}"
     assert left == []
+    stack.run(in_process.until(lambda: not any(m.runner.slots for m in stack.meshes)))  # no slot state on a mesh
     for kind, got_answer, want_answer in zip(kinds, got, want):
         if "error" in got_answer and len(faults) >= router.config.max_mesh_failures:  # laid on it at each fault
             assert "in a row" in got_answer["body"], got_answer

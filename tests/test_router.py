@@ -209,6 +209,23 @@ def test_closing_a_stream_frees_everything():
     asyncio.run(main())
 
 
+def test_a_request_cancelled_on_an_idle_mesh_leaves_nothing_on_the_mesh():
+    """A cancel frees the slot in the router's scheduler at once, and the mesh learns it from the next work's release
+    list: on a mesh left idle, none came (not even its heartbeat), and the runner kept the slot's state (its grammar
+    matcher, penalty counts and token history) for a request long gone."""
+    async def main():
+        router, (mesh,) = await make_router(num_meshes=1)
+        stream = router.generate("x", [5] * 100, SamplingParams(temperature=0.0, max_tokens=500, presence_penalty=1.0))
+        async for event in stream:
+            if event.token_ids:
+                break
+        await stream.aclose()
+        await nothing_held(router)
+        await until(lambda: not mesh.runner.slots, timeout_s=5 * router.config.heartbeat_s)
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_final_chunk_the_mesh_retired_unrun_leaves_no_prefix_in_the_cache():
     """A mesh that cannot set up a request's grammar (here: it has no grammar tokenizer; elsewhere: llguidance refuses
     it, or a recompute's tokens) retires the slot before its final prefill chunk runs. The router took that chunk as
