@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -62,11 +63,17 @@ class TokenOffsets:
     while a stop string holds text back; the tokens of one emoji all start where it does. Special tokens
     add no text (the answer's text skips them)."""
 
-    def __init__(self, tokenizer: Tokenizer, special_ids: frozenset[int]):
+    def __init__(self, tokenizer: Tokenizer, special_ids: frozenset[int], prompt_ids: Sequence[int] = ()):
+        """`prompt_ids`: the prompt's, whose last bytes may start a character that the answer's first tokens
+        complete (IncrementalDetokenizer reads it as the answer's): they go through the decoder first."""
         self.tokenizer = tokenizer
         self.special_ids = special_ids
         self.chars = 0
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        for token_id in prompt_ids[-4:]:
+            if token_id not in special_ids:
+                with contextlib.suppress(ValueError):  # an id past the vocabulary adds no text
+                    self._utf8.decode(tokenizer.token_bytes(token_id))
 
     def add(self, token_ids: Sequence[int]) -> list[int]:
         offsets = []

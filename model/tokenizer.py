@@ -522,8 +522,13 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special = skip_special
         self._skipped = tokenizer.special_id_set if skip_special else frozenset()
-        self._window = list(prompt_ids[-4:])  # a little prompt context for the first delta
-        self._read = len(self._window)  # window[:_read] is already emitted (or prompt)
+        # a little prompt context for the first delta (skipped special tokens add no text there either)
+        self._window = [t for t in prompt_ids[-4:] if t not in self._skipped]
+        self._read = 0  # window[:_read] is already emitted (or prompt)
+        # A prompt of token ids may end inside a character (a client continuing an answer that max_tokens cut
+        # mid-emoji): its bytes stay unread, so the character is the answer's once its bytes complete it, as vLLM's
+        # detokenizer primed with the prompt gives it. Read as emitted, they were lost.
+        self._read = self._final_end()
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Append tokens; return the text they complete ("" while a character is still partial)."""

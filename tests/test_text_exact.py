@@ -178,3 +178,22 @@ def test_text_is_vllms_streamed_or_whole(setup, tokenizer, path, data):
             else:
                 assert (c["finish"], c["stop_reason"]) == (finish, reason)
                 assert c["tokens"] == tokens * body["n"]
+
+
+@pytest.mark.parametrize("char", CHARS)
+def test_a_character_the_prompt_ends_inside_is_the_answers_once_completed(setup, tokenizer, pool, char):
+    """A prompt of token ids may end inside a character (a client continuing an answer that max_tokens cut
+    mid-emoji: the cut dropped it, so its bytes must come back in the continuation). The answer's text holds the
+    character its own bytes complete, as vLLM's detokenizer (primed with the prompt's tokens) gives it, streamed and
+    whole alike; logprobs' text_offset puts each of its tokens where the character starts."""
+    router, client, _ = setup
+    raw = [pool["bytes"][b] for b in char.encode()]
+    eos, fly = sorted(tokenizer.stop_ids)[0], tokenizer.encode(" fly")
+    for k in range(1, len(raw)):
+        prompt, router.answer, router.merge = tokenizer.encode("Go ") + raw[:k], raw[k:] + fly + [eos], 1
+        body = {"model": "smollm2", "prompt": prompt, "max_tokens": 16, "logprobs": 0}
+        whole = client.post("/v1/completions", json=body).json()["choices"][0]
+        assert whole["text"] == char + " fly", (k, whole["text"])
+        assert whole["logprobs"]["text_offset"] == [0] * (len(raw) - k) + [1] * len(fly) + [1 + len(" fly")]
+        chunks = sse(client.post("/v1/completions", json={**body, "stream": True}))
+        assert "".join(c["choices"][0]["text"] for c in chunks) == char + " fly"
