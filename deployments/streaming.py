@@ -18,14 +18,17 @@ from scheduler.sampling import MIN_LOGPROB, PackedLogprobs, PromptLogprobs, Toke
 
 class StopStrings:
     """Finds stop strings in streamed text. Until the answer ends, the last (longest stop - 1)
-    characters are held back: they might be the start of a stop string that the next token completes.
-    Only that tail is kept (`text`, at most `hold` characters between feeds), so a token's work does not
-    grow with the answer: appending to the whole text copied it at every token, quadratic in its length."""
+    characters are held back: they might be the start of a stop string that the next token completes. Not with
+    include_stop: the stop is then sent with the text before it, so nothing sent could be taken back (vLLM's
+    stop_buffer_length is 0 then). Only the tail a stop may start in is kept (`text`, at most `keep` characters
+    between feeds), so a token's work does not grow with the answer: appending to the whole text copied it at
+    every token, quadratic in its length."""
 
     def __init__(self, stops: tuple[str, ...], include_stop: bool = False):
         self.stops = stops
         self.include_stop = include_stop
-        self.hold = max(map(len, stops), default=1) - 1
+        self.keep = max(map(len, stops), default=1) - 1
+        self.hold = 0 if include_stop else self.keep  # characters not sent until the next feed
         self.text = ""  # the answer's last characters: those held back, and those a stop may start in
         self.emitted = 0  # of `text`, the leading characters already sent
         self.matched: str | None = None  # the stop string that ended the answer
@@ -52,7 +55,7 @@ class StopStrings:
     def _take(self, end: int) -> str:
         end = max(end, self.emitted)
         out = self.text[self.emitted:end]
-        cut = min(end, max(0, len(self.text) - self.hold))  # sent, and too far back for a stop to start in
+        cut = min(end, max(0, len(self.text) - self.keep))  # sent, and too far back for a stop to start in
         self.text, self.emitted = self.text[cut:], end - cut
         return out
 

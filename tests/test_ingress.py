@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from deployments import ingress, openai_server
 from deployments.body_limit import BodyLimit
 from deployments.ingress import build_app
-from deployments.streaming import EventStream, StopStrings
+from deployments.streaming import ChoiceText, EventStream, StopStrings
 from deployments.protocol import (MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS,
                                   CompletionRequest)
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
@@ -1119,7 +1119,7 @@ def test_stop_strings_stream_exactly_the_text_before_the_first_stop(text, stop_l
     for i, piece in enumerate(pieces):
         out, stopped = stops.feed(piece, final=i == len(pieces) - 1)
         sent += out
-        assert len(stops.text) <= stops.hold  # only the tail a stop may start in is kept, however long the text
+        assert len(stops.text) <= stops.keep  # only the tail a stop may start in is kept, however long the text
         if stopped:
             break
     expected, first = _first_stop(pieces, stop_list, include_stop)
@@ -1163,6 +1163,18 @@ def test_of_two_stops_one_token_completes_the_first_listed_ends_the_answer(clien
     choices = [c["choices"][0] for c in sse(r)] if stream else r.json()["choices"]
     assert "".join(c["text"] for c in choices) == ("Say the" if include_stop else "Say t")
     assert choices[-1]["stop_reason"] == "he"
+
+
+def test_with_include_stop_str_in_output_no_text_is_held_back(tokenizer):
+    """A stop string that is sent with the answer needs no text held back for it: the text before it is sent either
+    way, and the stop ends in the new text, so all text before that is the answer's. vLLM holds back nothing then
+    (its detokenizer's stop_buffer_length is 0 with include_stop_str_in_output); a stream here held back the longest
+    stop's length - 1 characters at every token, up to 255 of them, for nothing."""
+    stops = StopStrings(("a long stop",), include_stop=True)
+    assert stops.feed("Say", False) == ("Say", False) and stops.feed(" a long", False) == (" a long", False)
+    assert stops.feed(" stop!", False) == (" stop", True)
+    answer = ChoiceText(tokenizer, [], ("x" * 200,), 0, None, include_stop=True)
+    assert [answer.feed([t], False)[0] for t in tokenizer.encode("Say the word")] == ["Say", " the", " word"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
