@@ -333,12 +333,13 @@ class Router:
             enable_prefix_caching=c.enable_prefix_caching, prompt_logprobs=caps.prompt_logprobs)
 
     # ---- requests -------------------------------------------------------------------------------
-    def place(self, token_ids: list[int], salt: str | None, need: int
+    def place(self, token_ids: list[int], salt: str | None, need: int, scores: bool = False
               ) -> tuple[list[Mesh], dict[int, list[bytes]]] | None:
         """The live meshes that take `need` tokens (`_need`), best first by MeshScheduler.placement_key (a mesh
         that seats the request now, then the longest prefix it caches), and the digests of token_ids' full blocks
         by block size (`_digests`: hashed once per request, the mesh's scheduler reuses them); None when no such
-        mesh is live."""
+        mesh is live. `scores`: the request computes its whole prompt (MeshScheduler.scores_prompt), so no cached
+        prefix counts for it."""
         live = [m for m in self.meshes if m.up and m.max_len >= need]
         if not live:
             return None
@@ -346,7 +347,7 @@ class Router:
         num_tokens = len(token_ids)
         now = asyncio.get_running_loop().time()
         return sorted(live, key=lambda m: (not m.stalled(now), m.scheduler.placement_key(
-            digests[m.caps.block_size], num_tokens)), reverse=True), digests
+            [] if scores else digests[m.caps.block_size], num_tokens)), reverse=True), digests
 
     def _need(self, req: _Request) -> int:
         """The sequence length a mesh must take for the request's whole answer (prompt + max_tokens), or the
@@ -400,7 +401,8 @@ class Router:
         # A continuation with tokens is a recompute, whose lookup was counted where it began (vLLM counts a preempted
         # one's apart); one without is seated for the first time (a later choice of a long prompt) and counted here.
         req = _Request(list(prompt_ids), params, salt, time.monotonic(), sink, counted=bool(output_ids))
-        placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt, self._need(req))
+        placed = None if self.starting else self.place([*prompt_ids, *output_ids], salt, self._need(req),
+                                                       _scores(req, output_ids))
         if placed is not None:  # refusals (too long, queue full) raise here, before anything is held
             try:
                 req.mesh = self._submit_to_best(*placed, request_id, req, output_ids, migrated=continuation)
@@ -573,7 +575,9 @@ class Router:
                 continue
             n = len(seq.token_ids)
             digests = _digests(seq.token_ids, req.salt, targets, {origin.caps.block_size: seq.block_hashes})
-            target = max(targets, key=lambda m: m.scheduler.placement_key(digests[m.caps.block_size], n))
+            scores = MeshScheduler.scores_prompt(seq)
+            target = max(targets, key=lambda m: m.scheduler.placement_key(
+                [] if scores else digests[m.caps.block_size], n))
             counted = req.counted
             req.counted, req.isolated = counted or seq.counted, seq.isolated
             req.scheduled_time = seq.scheduled_time  # the first mesh's, carried to each next one (submit)
@@ -607,7 +611,7 @@ class Router:
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
-        placed = self.place(req.prompt_ids + output_ids, req.salt, self._need(req))
+        placed = self.place(req.prompt_ids + output_ids, req.salt, self._need(req), _scores(req, output_ids))
         if placed is None:
             self._hold(request_id, req, output_ids)
             return
@@ -635,7 +639,8 @@ class Router:
                 continue
             for rid, req in list(self.held.items()):
                 if now - req.held_since > self.config.no_mesh_wait_s:
-                    placed = self.place(req.prompt_ids + req.held_output, req.salt, 0)
+                    placed = self.place(req.prompt_ids + req.held_output, req.salt, 0,
+                                        _scores(req, req.held_output))
                     ending: TokenEvent | RequestFailed | None = RequestFailed(rid, NoMeshAvailable(
                         f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:g} s"))
                     if placed is not None:
@@ -941,6 +946,11 @@ def _digests(token_ids: list[int], salt: str | None, meshes: list[Mesh],
             digests[size] = []
             extend_block_hashes(digests[size], token_ids, size, salt)
     return digests
+
+
+def _scores(req: _Request, output_ids: list[int]) -> bool:
+    """Whether the request, with output_ids so far, computes its whole prompt (MeshScheduler.scores_prompt)."""
+    return req.params.prompt_logprobs is not None and not output_ids
 
 
 def _count_move(req: _Request) -> None:

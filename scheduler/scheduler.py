@@ -256,12 +256,14 @@ class MeshScheduler:
         """Whether the next schedule here would seat `seq` (another mesh's) after this mesh's own queue: room
         for its tokens (max_seq_len, the pool) and, once that schedule has reserved the running users' lookahead
         and seated the queue (_room_after_queue; a request moved here in the same pass is in it), a KV group
-        with a free slot and the blocks for its uncached tokens, other than one reserved for a waiting request."""
+        with a free slot and the blocks for its uncached tokens (all of them for one that scores its prompt), other
+        than one reserved for a waiting request."""
         n = len(seq.token_ids)
         if self.num_queued >= 0 or n >= self.max_tokens_per_seq:
             return False
         forecast = self._room_after_queue()
-        return forecast is not None and self._choose_group(seq.block_hashes, n, forecast, forecast.reserved) is not None
+        hashes = [] if self.scores_prompt(seq) else seq.block_hashes  # as _seat_hashes, without hashing here
+        return forecast is not None and self._choose_group(hashes, n, forecast, forecast.reserved) is not None
 
     @property
     def num_queued(self) -> int:

@@ -134,6 +134,30 @@ def test_a_shared_prefix_does_not_pile_onto_a_full_mesh():
     asyncio.run(main())
 
 
+def test_a_prompt_scored_goes_to_the_mesh_that_seats_it_not_to_one_that_caches_it():
+    """A request that asks for its prompt's logprobs computes every position (no prefix-cache hit), so a mesh whose
+    cache holds its prefix but whose pool lacks the blocks for the whole prompt does not seat it now: it was ranked
+    as one that did (placement_key counted the hit), over a mesh with the room, and waited there."""
+    async def main():
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=16, time_scale=0.01,
+                                                      vocab_size=1000)) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        prefix = list(range(1, 600))
+        stream = router.generate("run", prefix + [7], SamplingParams(temperature=0.0, max_tokens=300))
+        await anext(stream)  # 10 of its mesh's 16 blocks, its prompt's cached
+        busy = router.requests["run"].mesh
+        for rid, scored in (("hit", None), ("scored", 0)):
+            router.submit(rid, prefix + [9], SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=scored),
+                          None, [], "c")
+            chosen = router.requests[rid].mesh
+            router.cancel(rid)
+            assert (chosen is busy) == (scored is None), rid  # 8 cached blocks: 2 more fit there, not 10
+        router.detach("c")
+        await _end(router, [stream])
+    asyncio.run(main())
+
+
 def test_a_full_queue_sends_a_request_to_the_next_mesh():
     """Not back to the client as a 429 while another mesh has room in its queue."""
     async def main():

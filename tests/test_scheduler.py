@@ -703,6 +703,23 @@ def test_seats_counts_a_cached_prefix_block_the_lookahead_evicts():
     assert _moved_here(sched, x + [90, 91, 92, 93, 94], params(2)) == (False, False)
 
 
+def test_seats_counts_no_hit_for_a_request_that_scores_its_prompt():
+    """A request that asks for its prompt's logprobs is seated with no prefix-cache hit (it computes every position):
+    seats() counted the blocks another running request holds for its prompt as a hit, and said yes to a request the
+    next schedule left waiting (the router moved it there, to wait)."""
+    prompt = list(range(20, 40))  # 5 blocks
+    for scored, expected in ((None, (True, True)), (0, (False, False))):
+        sched = MeshScheduler(num_blocks=8, block_size=BS, num_slots=4, max_seq_len=32, prefill_chunk=32,
+                              max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+        mesh = FakeMesh(4, 8, BS)
+        sched.submit("s", prompt, params(10, ignore_eos=True))  # owns its prompt's blocks, cached, and runs on
+        for _ in range(3):
+            _run(sched, mesh)
+        assert sched.kv.groups[0].pool.num_available == 2
+        # 14 tokens: 4 blocks, 3 of them s's (cached) for a request that takes a hit
+        assert _moved_here(sched, prompt[:13] + [90], params(2, prompt_logprobs=scored)) == expected
+
+
 def test_a_mesh_whose_queue_takes_the_blocks_does_not_rank_as_seating_a_request_now():
     """placement_key's first tier is for a mesh that seats the request now: not one whose own burst, not yet
     scheduled, takes the blocks, while another mesh has a free slot and the blocks."""

@@ -177,15 +177,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.sched.inflight) < self.sched.max_inflight)
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
           tail=st.lists(st.integers(0, VOCAB - 1), max_size=14), max_tokens=st.integers(1, 24),
-          salt=st.sampled_from([None, "tenant"]))
-    def move_here(self, prefix, prefix_len, tail, max_tokens, salt):
+          salt=st.sampled_from([None, "tenant"]), scored=st.booleans())
+    def move_here(self, prefix, prefix_len, tail, max_tokens, salt, scored=False):
         """The router moves another mesh's request here on seats()'s word: the next schedule must seat it."""
         prompt = PREFIXES[prefix][:prefix_len] + tail
         if not prompt or len(prompt) >= MAX_SEQ_LEN:
             return
         rid = f"r{self.submitted}"
         self.submitted += 1
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        # one that scores its prompt looks nothing up: seats() must not count on a hit it will not take
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                                prompt_logprobs=0 if scored else None)
         hashes: list[bytes] = []
         extend_block_hashes(hashes, prompt, self.sched.block_size, salt)
         candidate = MeshScheduler(num_blocks=64, block_size=self.sched.block_size, num_slots=1,
