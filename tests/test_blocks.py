@@ -1,4 +1,7 @@
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
 from tests.counting import counting
@@ -175,3 +178,90 @@ def test_a_lookup_that_misses_costs_the_same_for_a_long_prompt():
     digests = Digests(os.urandom(16) for _ in range(2_048))  # none cached
     assert pool.lookup(digests, 2_048 * BS, BS) == []
     assert Digests.reads == 1
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """BlockPool against a plain model: owners per block, the name each block holds, and the unowned named blocks in
+    the order they were freed. An allocation takes never-named blocks first, then evicts the least recently freed;
+    it never takes an owned block, and a lookup finds exactly the named blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = BlockPool(8, BS)
+        self.owners = [0] * 8
+        self.names: dict[int, bytes] = {}
+        self.lru: list[int] = []  # unowned named blocks, least recently freed first
+        self.tables: list[list[int]] = []
+
+    @rule(n=st.integers(1, 8))
+    def allocate(self, n):
+        if n > len([b for b in range(8) if not self.owners[b]]):
+            with pytest.raises(MemoryError):
+                self.pool.allocate(n)
+            return
+        fresh = len([b for b in range(8) if not self.owners[b] and b not in self.names])
+        blocks = self.pool.allocate(n)
+        evicted = blocks[fresh:] if n > fresh else []
+        assert not any(self.owners[b] for b in blocks), "an owned block was allocated"
+        assert all(b not in self.names for b in blocks[:min(n, fresh)]), "a named block went before an empty one"
+        assert evicted == self.lru[:len(evicted)], "eviction is not least recently freed first"
+        del self.lru[:len(evicted)]
+        for b in evicted:
+            del self.names[b]
+        for b in blocks:
+            self.owners[b] = 1
+        self.tables.append(blocks)
+
+    @precondition(lambda self: self.tables)
+    @rule(data=st.data())
+    def free(self, data):
+        table = self.tables.pop(data.draw(st.integers(0, len(self.tables) - 1)))
+        self.pool.free(table)
+        for b in reversed(table):  # tail first
+            self.owners[b] -= 1
+            if not self.owners[b] and b in self.names:
+                self.lru.append(b)
+
+    @precondition(lambda self: any(self.tables))
+    @rule(data=st.data(), name=st.integers(0, 5))
+    def cache(self, data, name):
+        block = data.draw(st.sampled_from(sorted({b for t in self.tables for b in t})))
+        digest = bytes([name]) * 16
+        self.pool.cache(block, digest)
+        if block not in self.names and digest not in self.names.values():
+            self.names[block] = digest
+
+    @precondition(lambda self: self.names)
+    @rule(data=st.data())
+    def share(self, data):
+        blocks = data.draw(st.lists(st.sampled_from(sorted(self.names)), min_size=1, max_size=3, unique=True))
+        self.pool.share(blocks)
+        for b in blocks:
+            if not self.owners[b]:
+                self.lru.remove(b)
+            self.owners[b] += 1
+        self.tables.append(blocks)
+
+    @invariant()
+    def the_pool_is_the_model(self):
+        pool = self.pool
+        assert pool.ref_counts == self.owners
+        assert {b: h for b, h in enumerate(pool.block_hash) if h is not None} == self.names
+        assert list(pool.eviction_order()) == self.lru
+        assert pool.num_used == sum(1 for o in self.owners if o) and pool.num_cached == len(self.lru)
+        assert pool.num_free == 8 - pool.num_used - pool.num_cached
+        for b, h in self.names.items():
+            assert pool.caches(h) and pool.lookup([h], BS + 1, BS) == [b]
+
+    def teardown(self):
+        """Everyone gone, then the whole pool allocated: every cached prefix evicted, the pool empty of names."""
+        for table in self.tables:
+            self.pool.free(table)
+        assert self.pool.num_used == 0
+        self.pool.free(self.pool.allocate(8))
+        assert self.pool.num_free == 8 and not any(self.pool.block_hash)
+        assert all(not self.pool.caches(h) for h in self.names.values())
+
+
+TestPool = PoolMachine.TestCase
+TestPool.settings = settings(max_examples=300, deadline=None, stateful_step_count=30)
