@@ -776,7 +776,8 @@ class OpenAIServer:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             sibling = False
             try:
-                if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching:
+                if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching \
+                        and params.prompt_logprobs is None:  # a scored prompt reuses nothing: each computes it all
                     # its first choice's first token: the prompt is cached, and the request admitted, whose queue
                     # limits do not refuse the rest of it (shielded: a waiter cancelled must not cancel it for all).
                     # Waiting here it is in no router queue: num_requests_waiting counts it (Metrics), as vLLM would.

@@ -3,6 +3,7 @@ process: the ingress app over a real Router and torch meshes serving a tiny rand
 against a direct forward of the whole prompt, as lm-eval-harness's loglikelihood tasks read them."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 
@@ -17,8 +18,8 @@ from model.torch_llama import TorchBackend
 from model.verify import META_EXPRESSIBLE_ROPE, save_tiny_hf_model
 from scheduler.errors import Unsupported
 from scheduler.sampling import SamplingParams
-from scheduler.scheduler import MeshScheduler
-from tests.in_process import Stack, nothing_held
+from scheduler.scheduler import SHARED_PREFILL_TOKENS, MeshScheduler
+from tests.in_process import Stack, nothing_held, until
 
 CHUNKS = dict(prefill_chunk=32, max_prefill_tokens=32)  # the router's prefill chunks, shorter than PROMPTS
 # Token-id prompts of the tiny model's 256-token vocabulary, longer than a prefill chunk (32 here) and a block (16):
@@ -422,3 +423,28 @@ def test_scored_prompt_preempted_mid_prefill_is_scored_again_from_position_0():
     again = b_chunks[preempted_at:]
     assert again[0] == (0, 1) and all(k == 1 for _, k in again)
     assert [start for start, _ in again] == [0, 16, 32, 48]
+
+
+def test_choices_of_a_long_scored_prompt_do_not_wait_for_the_first(tok):
+    """The choices of a prompt of SHARED_PREFILL_TOKENS or more wait for the first one's first token, to reuse its
+    cached prompt; a prompt that is scored reuses nothing (each choice computes every position), so its choices waited
+    for nothing: computed one after the other. Shown with the mesh held busy: every choice reaches the router."""
+    def make():
+        return SimulatedBackend(time_scale=0.001, num_slots=4, kv_groups=1, num_blocks=64, max_seq_len=2048,
+                                vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
+    s = Stack(tok, make, prefill_chunk=128, max_prefill_tokens=128)
+    prompt = [(7 * i + 3) % 94 + 17 for i in range(SHARED_PREFILL_TOKENS + 40)]
+
+    async def main():
+        async with s.meshes[0].lock:  # no work runs: no choice has a token yet
+            answer = asyncio.ensure_future(s.client.post("/v1/completions", json={
+                "model": "smollm2", "prompt": prompt, "n": 2, "max_tokens": 2, "prompt_logprobs": 0}))
+            await until(lambda: len(s.router.requests) == 2)
+        return await answer
+    try:
+        r = s.run(main())
+        assert r.status_code == 200, r.text
+        scored = [c["prompt_logprobs"] for c in r.json()["choices"]]
+        assert len(scored[0]) == len(prompt) and scored[0] == scored[1]
+    finally:
+        s.close()
