@@ -620,7 +620,7 @@ class OpenAIServer:
         prompt_ids = prep.prompt_ids
         timer = self.metrics.start(len(prompt_ids), prep.arrival, choices)
         skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()
-        offsets = TokenOffsets(self.tokenizer, skipped, prompt_ids) if params.logprobs is not None else None
+        offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
         if offsets is not None:
             offsets.chars = len(prep.echo)  # completions' echo: the answer's text follows the prompt's
         # the prompt's logprobs, kept across recomputes and router restarts until the first delta carries them

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -66,17 +65,11 @@ class TokenOffsets:
     while a stop string holds text back; the tokens of one emoji all start where it does. Special tokens
     add no text (the answer's text skips them)."""
 
-    def __init__(self, tokenizer: Tokenizer, special_ids: frozenset[int], prompt_ids: Sequence[int] = ()):
-        """`prompt_ids`: the prompt's, whose last bytes may start a character that the answer's first tokens
-        complete (IncrementalDetokenizer reads it as the answer's): they go through the decoder first."""
+    def __init__(self, tokenizer: Tokenizer, special_ids: frozenset[int]):
         self.tokenizer = tokenizer
         self.special_ids = special_ids
         self.chars = 0
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
-        for token_id in prompt_ids[-4:]:
-            if token_id not in special_ids:
-                with contextlib.suppress(ValueError):  # an id past the vocabulary adds no text
-                    self._utf8.decode(tokenizer.token_bytes(token_id))
 
     def add(self, token_ids: Sequence[int]) -> list[int]:
         offsets = []
@@ -84,7 +77,10 @@ class TokenOffsets:
             if token_id in self.special_ids:
                 offsets.append(self.chars)
                 continue
-            data = self.tokenizer.token_bytes(token_id)
+            try:
+                data = self.tokenizer.token_bytes(token_id)
+            except ValueError:  # an id past the tokenizer's vocabulary (a padded logits row) adds no text
+                data = b""
             pending = self._utf8.getstate()[0]  # a character's first bytes, not yet written
             # a token that does not go on with them starts after the U+FFFD they become (written with its text)
             offsets.append(self.chars + (len(pending.decode("utf-8", "replace"))
@@ -180,6 +176,8 @@ class ChoiceText:
                  offsets: TokenOffsets | None, include_stop: bool = False, stop_token_ids: tuple[int, ...] = (),
                  skip_special: bool = True, detokenize: bool = True, repetition: RepetitionCheck | None = None):
         self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special) if detokenize else None
+        if offsets is not None and self.detokenizer is not None:  # the prompt's tokens whose text is the answer's
+            offsets.add(self.detokenizer.carried)
         self.stops = StopStrings(stop, include_stop)
         self.min_tokens = min_tokens
         self.offsets = offsets

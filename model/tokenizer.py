@@ -529,6 +529,7 @@ class IncrementalDetokenizer:
         # mid-emoji): its bytes stay unread, so the character is the answer's once its bytes complete it, as vLLM's
         # detokenizer primed with the prompt gives it. Read as emitted, they were lost.
         self._read = self._final_end()
+        self.carried = self._window[self._read:]  # the prompt's tokens whose text is the answer's (ids)
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Append tokens; return the text they complete ("" while a character is still partial)."""

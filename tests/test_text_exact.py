@@ -197,3 +197,23 @@ def test_a_character_the_prompt_ends_inside_is_the_answers_once_completed(setup,
         assert whole["logprobs"]["text_offset"] == [0] * (len(raw) - k) + [1] * len(fly) + [1 + len(" fly")]
         chunks = sse(client.post("/v1/completions", json={**body, "stream": True}))
         assert "".join(c["choices"][0]["text"] for c in chunks) == char + " fly"
+
+
+def test_a_prompt_token_that_ends_inside_a_character_gives_the_answer_its_whole_text(setup, tokenizer):
+    """The prompt's last token may hold whole characters before a character's first bytes (SmolLM2 writes " 🚀" as
+    " \\xf0\\x9f", then the emoji's other bytes): the answer carries that token's text, the space too, so its
+    text_offset counts the space: each token's text is where its offset says, the emoji's tokens at the emoji."""
+    router, client, _ = setup
+    ids, eos, fly = tokenizer.encode("Go 🚀"), sorted(tokenizer.stop_ids)[0], tokenizer.encode(" fly")
+    cut = next(k for k in range(1, len(ids)) if tokenizer.decode(ids[:k]).endswith("\ufffd")
+               and tokenizer.decode(ids[k - 1:k]) != "\ufffd")  # a token of a whole character and a partial one
+    router.answer, router.merge = ids[cut:] + fly + [eos], 1
+    body = {"model": "smollm2", "prompt": ids[:cut], "max_tokens": 16, "logprobs": 0}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    text, offsets, emoji = whole["text"], whole["logprobs"]["text_offset"], len(ids) - cut
+    assert text == " 🚀 fly", text
+    assert offsets[:emoji] == [1] * emoji, offsets
+    for token_id, offset in zip(fly, offsets[emoji:]):
+        assert text[offset:].startswith(tokenizer.decode([token_id])), (offsets, text)
+    chunks = sse(client.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
