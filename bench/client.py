@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--prompt-json-path", default=str(SAMPLES_DIR / "batch32.json"), help="prompt file (default: %(default)s)"
     )
-    parser.add_argument("--url", default=DEFAULT_URL, help="server root (default: %(default)s)")
+    parser.add_argument("--url", default=DEFAULT_URL, help="server root or its /v1 root (default: %(default)s)")
     parser.add_argument("--model", help="model name (default: the first one the server lists)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default: %(default)s)")
     parser.add_argument("--temperature", type=arg_types.finite, default=0.0, help="(default: %(default)s, greedy)")

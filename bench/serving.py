@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         "python -m bench.serving", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", default=DEFAULT_URL, help="server root (default: %(default)s)")
+    parser.add_argument("--url", default=DEFAULT_URL, help="server root or its /v1 root (default: %(default)s)")
     parser.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="completions", help="(default: %(default)s)")
     parser.add_argument("--model", help="model name (default: the first one the server lists)")
     parser.add_argument("--num-prompts", type=int, help="requests to time (default: 100, or the file's prompts)")
