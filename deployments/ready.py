@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -54,7 +55,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
-    if len(argv) != 2 or not argv[1].isdigit():  # was an IndexError or ValueError traceback
+    # a PID: ASCII digits (isdigit() takes "²", which int() refuses), not 0 (os.kill's own process group, alive while
+    # the server is not) and within a C int (os.kill's OverflowError); was an IndexError or ValueError traceback
+    if len(argv) != 2 or not re.fullmatch(r"[1-9][0-9]{0,8}", argv[1]):
         print(USAGE, file=sys.stderr)
         return 2
     url, pid = argv[0], int(argv[1])

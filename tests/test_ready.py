@@ -74,8 +74,13 @@ def test_a_garbled_answer_is_not_yet_ready():
         server.server_close()
 
 
-@pytest.mark.parametrize("argv", [[], ["http://localhost:8000/health"], ["http://localhost:8000/health", "x"]])
-def test_wrong_arguments_give_the_usage_not_a_traceback(argv, capsys):
+@pytest.mark.parametrize("argv", [[], ["http://localhost:8000/health"], ["http://localhost:8000/health", "x"],
+                                  # isdigit() takes "²" (int() does not); os.kill no PID past a C int; PID 0 is
+                                  # this process's group, alive while the server is not: each a wait or a traceback
+                                  ["http://localhost:8000/health", "\u00b2"], ["http://localhost:8000/health", "9" * 30],
+                                  ["http://localhost:8000/health", "0"]])
+def test_wrong_arguments_give_the_usage_not_a_traceback(argv, capsys, monkeypatch):
+    monkeypatch.setattr("deployments.ready.wait_ready", lambda url, pid: False)  # PID 0 waited an hour
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("usage: python -m deployments.ready URL PID")
     assert main(["--help"]) == 0 and "URL PID" in capsys.readouterr().out
