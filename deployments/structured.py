@@ -346,6 +346,8 @@ def _builder(kind: str, value, whitespace: dict, strict: bool = False) -> Callab
         _check_size(value)
         if kind == "json":
             schema = client_json(value) if isinstance(value, str) else value
+            if schema is True:  # JSON Schema's `true` admits any value; json_schema_grammar's True is an object
+                schema = {}
             return json_schema_grammar(closed(schema, strict=strict), whitespace)
         if kind == "json_object":
             return json_schema_grammar(True, whitespace)

@@ -200,6 +200,14 @@ def test_vllm_json_options_shape_the_grammar(tok, llt, fields, admitted):
     assert [accepts(llt, tok, grammar, text) for text in texts] == admitted
 
 
+@pytest.mark.parametrize("fields", [{"structured_outputs": {"json": True}}, {"guided_json": True},
+                                    {"guided_json": "true"}])
+def test_the_schema_true_admits_any_json_value_not_only_objects(tok, llt, fields):
+    grammar = constraint_for(chat(**fields), lambda: llt).grammar
+    assert [accepts(llt, tok, grammar, text) for text in ['{"a": 1}', "1", '"x"', "[null]", "x"]] \
+        == [True, True, True, True, False]
+
+
 @pytest.mark.parametrize("fields", [
     {"structured_outputs": {"disable_any_whitespace": True}},
     {"structured_outputs": {"json": SCHEMA, "regex": "a"}},
