@@ -146,7 +146,13 @@ def engine_error(message: str) -> str:
     first = message.split("\n", 1)[0].strip()
     if first.isidentifier():
         return f"{_STOPS.get(first, 'the grammar engine cannot use the constraint')} (llguidance: {first})"
+    if message.startswith(_ONE_OF):  # its hint names a compile option of llguidance's, which no request can set
+        return ("oneOf whose branches may overlap cannot be enforced (one whose branches differ in a const or type "
+                "can, as can anyOf)")
     return message
+
+
+_ONE_OF = "oneOf constraints are not supported."
 
 
 def _answer(op: str, text: str) -> dict:
