@@ -160,7 +160,8 @@ def cfg_grammar(text: str) -> str:
     convert; Lark goes on unchecked, its errors found when it is compiled (grammar_error)."""
     if "::=" in text:
         return _gbnf_to_lark(_GBNF_ESCAPE.sub(_gbnf_code_point, text))
-    return llguidance.grammar_from("grammar", text)  # Lark: passed on as it is
+    # Lark, passed on as it is; named so, since llguidance's own guess ("grammar") takes `?start:` for GBNF
+    return llguidance.grammar_from("lark", text)
 
 
 @functools.lru_cache(maxsize=64)

@@ -53,6 +53,8 @@ def accepts(llt, tok, grammar, text) -> bool:
     ({"guided_choice": ["red", "green"]}, "green", "blue"),
     ({"guided_json": {"type": "array", "items": {"type": "boolean"}}}, "[true, false]", "[1]"),
     ({"structured_outputs": {"grammar": 'start: "a" ("b")*'}}, "abbb", "ba"),
+    # Lark's inlined rules (`?start`), which llguidance's own guess between Lark and GBNF took for GBNF
+    ({"structured_outputs": {"grammar": '?start: x\nx: /[a-z]+/i'}}, "aBc", "a1"),
     # the EBNF of vLLM's docs (llama.cpp's GBNF), as vLLM's own example writes it
     ({"guided_grammar": 'root ::= select\nselect ::= "SELECT " column " from " table\n'
                         'column ::= "col_1" | "col_2"\ntable ::= "t1" | "t2"\n'},
