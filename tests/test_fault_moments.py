@@ -23,7 +23,7 @@ from deployments.ingress import build_app
 from scheduler.work import MeshWork
 from tests.ingress_support import asgi_call
 from tests.local_mesh import LocalMesh
-from tests.test_faults_and_leaving import BODIES, CHAT, FAULT_S, Watched, answer, body, held, mend, watched
+from tests.test_faults_and_leaving import BODIES, CHAT, FAULT_S, Watched, answer, held, watched
 
 # a predicate on a work: the index of the result the fault takes the place of, or None (not this work)
 When = Callable[[MeshWork], "int | None"]
