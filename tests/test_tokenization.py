@@ -166,3 +166,20 @@ def test_a_legacy_function_message_goes_to_the_template_as_its_own_turn(client, 
     assert body["tokens"] == tokenizer.encode_chat(messages)
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("kwargs", [{"date_string": "7 " * 100_000}, {"custom_tools": [{"name": "x" * 200_000}]}])
+def test_a_chat_with_large_template_kwargs_is_templated_off_the_event_loop(client, monkeypatch, kwargs):
+    """chat_template_kwargs are not in the chat's measured size (they may be unused: no refusal counts them), yet a
+    template may write them whole (Llama 3.x's date_string, custom_tools): a short chat carrying 2 MB of date_string
+    was templated and tokenized on the loop, holding every stream of the replica ~6 s."""
+    encode_chat, seen = Tokenizer.encode_chat, []
+
+    def spy(self, *args, **kw):
+        seen.append(on_event_loop())
+        return encode_chat(self, *args, **kw)
+
+    monkeypatch.setattr(Tokenizer, "encode_chat", spy)
+    response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1, "chat_template_kwargs": kwargs})
+    assert response.status_code == 200, response.text
+    assert seen == [False]
