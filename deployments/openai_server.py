@@ -68,9 +68,9 @@ MODEL_LEN_REFRESH_S = 5.0
 # before its first mesh came up.
 MODEL_LEN_WAIT_S = 30.0
 MODEL_LEN_POLL_S = 0.25
-# A prompt with more characters than this per token of the context cannot fit, and is refused before it is
-# tokenized (~1 s per MB). Generous: English averages ~4 characters per token, code and runs of whitespace
-# more, and no text that fits the context averages 32.
+# A prompt with more characters per token of the context than its tokenizer's longest token holds cannot fit,
+# and is refused before it is tokenized (~1 s per MB); English averages ~4 characters per token. A chat counts
+# this many characters for each token a message's template text takes at least (chat_chars).
 MAX_CHARS_PER_TOKEN = 32
 MIN_TOKENS_PER_MESSAGE = 3  # a role header and an end-of-turn marker, at least, in every chat template
 # Tokenizing and chat templating run here, off the event loop, so a 2 MB prompt does not stall every other
@@ -150,9 +150,10 @@ def request_ids(prefix: str, client_id: str | None) -> tuple[str, str]:
     return response_id, "".join(c if c.isprintable() else "?" for c in response_id) + f"-{token[:12]}"
 
 
-def check_prompt_chars(chars: int, limit: int, param: str) -> None:
-    """`param`: "prompt", "messages", or "tools" (a chat whose tools' definitions are most of it)."""
-    if chars > limit * MAX_CHARS_PER_TOKEN:
+def check_prompt_chars(chars: int, limit: int, param: str, per_token: int) -> None:
+    """`param`: "prompt", "messages", or "tools" (a chat whose tools' definitions are most of it); `per_token`: the
+    most characters one of the model's tokens holds (Tokenizer.max_token_chars)."""
+    if chars > limit * max(per_token, MAX_CHARS_PER_TOKEN):
         what = {"prompt": "prompt has", "messages": "messages have", "tools": "messages and tools have"}[param]
         raise APIError(400, f"This model's maximum context length is {limit} tokens; the {what} {chars} "
                             f"characters, more than that many tokens can hold.", param=param,
@@ -459,7 +460,7 @@ class OpenAIServer:
         if isinstance(req, ChatCompletionRequest):
             chars, field = await self.chat_chars(req)
             if not truncated:
-                check_prompt_chars(chars, limit, field)
+                check_prompt_chars(chars, limit, field, self.tokenizer.max_token_chars)
             tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do
             args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
                     req.add_special_tokens, req.continue_final_message)
@@ -470,7 +471,7 @@ class OpenAIServer:
             return ids, "messages"  # the text a later error (a token without embedding) may be in
         if isinstance(req.prompt, str):
             if not truncated:
-                check_prompt_chars(len(req.prompt), limit, "prompt")
+                check_prompt_chars(len(req.prompt), limit, "prompt", self.tokenizer.max_token_chars)
             ids = await self.sized(len(req.prompt), self.tokenizer.encode, req.prompt, req.add_special_tokens)
             return ids, "prompt"
         return req.prompt, "prompt"  # token ids: the length is checked first, then the vocabulary

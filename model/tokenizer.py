@@ -169,6 +169,14 @@ class Tokenizer:
         alternatives = "|".join(map(re.escape, sorted(self.special_ids, key=len, reverse=True)))
         self._special_text = re.compile(f"({alternatives or '(?!)'})")  # (?!): a tokenizer with none
 
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token holds (SmolLM2's: a newline and 80 spaces; Llama 3's: 128 spaces): text
+        with more characters than this per token of a context cannot fit it."""
+        if self._tiktoken is not None:
+            return max(map(len, self._tiktoken.token_byte_values()))
+        return max(map(len, self._hf.get_vocab()))  # a byte-level token's text: a character per byte
+
     @property
     def tiktoken_encoding(self) -> tiktoken.Encoding | None:
         """The Meta-format encoding (None for a Hugging Face tokenizer); grammar engines build on it."""
@@ -407,7 +415,9 @@ class Tokenizer:
 
     def warm(self) -> None:
         """Builds now what the first message holding special-token text would build on a request's thread with
-        the GIL held, stalling every stream of the replica: Llama 3's plain copy (`_hf_plain`) takes ~0.9 s."""
+        the GIL held, stalling every stream of the replica: Llama 3's plain copy (`_hf_plain`) takes ~0.9 s;
+        its longest token (`max_token_chars`, a walk of the vocabulary) is asked by every request's length check."""
+        self.max_token_chars  # noqa: B018 (a cached property: built here, once)
         if self._hf is not None:
             self._hf_plain  # noqa: B018 (a cached property: built here, once)
 

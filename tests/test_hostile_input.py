@@ -21,6 +21,8 @@ from tests.fake_router import FakeRouter
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
                                    gbnf_chain, lark_chain, make_client, post, router, tokenizer)
 
+LONGEST = 81  # the most characters a SmolLM2 token holds (a newline and 80 spaces): Tokenizer.max_token_chars
+
 
 class SpyTokenizer:
     """The real tokenizer, counting encodes; `delay_s` makes each one block its thread that long."""
@@ -149,11 +151,11 @@ def test_allowed_token_ids_longer_than_any_vocabulary_are_400(client, router, to
 # ---- length before tokenizing -------------------------------------------------------------------
 
 @pytest.mark.parametrize("path, patch, param", [
-    ("/v1/completions", {"prompt": "ab" * (MAX_LEN * MAX_CHARS_PER_TOKEN // 2 + 1)}, "prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "a" * (MAX_LEN * MAX_CHARS_PER_TOKEN // 2)},
-                                           {"role": "user", "content": "b" * (MAX_LEN * MAX_CHARS_PER_TOKEN // 2 + 1)}]},
+    ("/v1/completions", {"prompt": "ab" * (MAX_LEN * LONGEST // 2 + 1)}, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "a" * (MAX_LEN * LONGEST // 2)},
+                                           {"role": "user", "content": "b" * (MAX_LEN * LONGEST // 2 + 1)}]},
      "messages"),
-    ("/tokenize", {"prompt": "ab" * (MAX_LEN * MAX_CHARS_PER_TOKEN // 2 + 1)}, "prompt"),
+    ("/tokenize", {"prompt": "ab" * (MAX_LEN * LONGEST // 2 + 1)}, "prompt"),
 ])
 def test_text_far_longer_than_the_context_is_refused_without_tokenizing(router, tokenizer, path, patch, param):
     spy = SpyTokenizer(tokenizer)
@@ -166,7 +168,7 @@ def test_text_far_longer_than_the_context_is_refused_without_tokenizing(router, 
 def test_a_prompt_just_under_the_character_bound_is_tokenized(router, tokenizer):
     spy = SpyTokenizer(tokenizer)
     client = make_client(router, spy)
-    error = assert_error(client.post("/v1/completions", json={"prompt": "a" * (MAX_LEN * MAX_CHARS_PER_TOKEN)}), 400,
+    error = assert_error(client.post("/v1/completions", json={"prompt": "a" * (MAX_LEN * LONGEST)}), 400,
                          param="prompt")
     assert spy.encodes == 1 and "tokens" in error["message"]  # refused by its token count
 
@@ -417,3 +419,18 @@ def test_naming_the_tool_at_fault_stops_at_the_compile_budget(client, router, mo
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": [bad], "tool_choice": "required"}),
                          400, param="tool_choice")
     assert "nope" in error["message"]
+
+
+@pytest.mark.parametrize("path, field", [("/v1/chat/completions", "messages"), ("/v1/completions", "prompt"),
+                                         ("/tokenize", "messages")])
+def test_text_of_long_tokens_that_fits_the_context_is_not_refused_by_its_length(client, tokenizer, path, field):
+    """The length check before tokenizing took 32 characters as the most a token holds, but SmolLM2 has a token of
+    a newline and 80 spaces (Llama 3: 128 spaces): a system prompt of indented blank lines that fits the context
+    was refused as longer than it could be."""
+    assert tokenizer.max_token_chars == LONGEST
+    text = ("\n" + " " * 80) * 150
+    assert len(tokenizer.encode(text)) < MAX_LEN - 20 and len(text) > MAX_LEN * MAX_CHARS_PER_TOKEN
+    body = {"messages": [{"role": "system", "content": text}, {"role": "user", "content": "hi"}]}
+    body = {"prompt": text} if field == "prompt" else body
+    response = client.post(path, json={"model": MODEL, "max_tokens": 1, **body})
+    assert response.status_code == 200, response.text
