@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 
 from deployments.config import AppConfig
 from deployments.ingress import build_app
+from tests import in_process
 from tests.fake_router import FakeRouter
 from tests.ingress_support import CHAT, MODEL, assert_error, client, eos, make_client, router, tokenizer  # noqa: F401
 
@@ -133,3 +134,70 @@ def test_two_authorization_headers_are_401_whichever_holds_the_key(router, token
         headers = [("authorization", value) for value in pair]
         error = assert_error(client.get("/v1/models", headers=headers), 401)
         assert error["code"] == "invalid_api_key"
+
+
+class SaltLog(FakeRouter):
+    """A router that notes the salt of every submission, continuations too (`requests` keeps only the last)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.salts: list[tuple[str, str | None, bool]] = []
+
+    async def generate(self, request_id, prompt_ids, params, salt, output_ids=(), continuation=False):
+        self.salts.append((request_id, salt, continuation))
+        async for event in super().generate(request_id, prompt_ids, params, salt, output_ids, continuation):
+            yield event
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses"])
+def test_a_resubmission_after_a_router_loss_keeps_its_tenants_salt(tokenizer, eos, path):
+    """Every choice of an n>1 request, and each continuation sent after the router died mid-answer, carries the
+    salt of the key that sent it: the resubmitted prompt reuses only that tenant's cache."""
+    router = SaltLog(tokenizer.encode("Hi there, how are you") + [eos])
+    client = make_client(router, tokenizer, api_keys=KEYS)
+    body = {"model": MODEL, "input": "Hello"} if path == "/v1/responses" else {
+        **(CHAT if path.endswith("chat/completions") else {"model": MODEL, "prompt": "Once upon a time"}), "n": 2}
+    for key in KEYS:
+        router.salts.clear()
+        router.die_after = [2, 3]
+        assert client.post(path, json=body, headers=auth(key)).status_code == 200
+        assert any(continuation for _, _, continuation in router.salts)  # the router did die mid-answer
+        assert len({salt for _, salt, _ in router.salts}) == 1
+        if key == KEYS[0]:
+            first = router.salts[0][1]
+    assert router.salts[0][1] != first
+
+
+LONG = " ".join(f"line {i} of a long shared system prompt." for i in range(120))  # ~1,200 tokens: 9 blocks
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}),
+                                        ("/v1/completions", {"prompt": LONG}), ("/v1/responses", {"input": LONG})])
+def test_the_real_routers_prefix_cache_is_split_by_tenant(path, body):
+    """Over the real router and meshes: another key's long prompt, n=2 included (the second choice reuses the first's
+    prompt), gives no hit, in usage or in the meshes' prefix counters; the same key (and cache_salt) does."""
+    stack = in_process.simulated_stack(4, 256, 2)
+    try:
+        client = stack.ingress(api_keys=KEYS)
+
+        def cached(key: str, **extra) -> int:
+            request = {"model": "smollm2", "max_tokens": 2, **body, **extra}
+            r = stack.run(client.post(path, json=request, headers=auth(key)))
+            assert r.status_code == 200, r.text
+            usage = r.json()["usage"]
+            return (usage.get("prompt_tokens_details") or usage["input_tokens_details"])["cached_tokens"]
+
+        def hits() -> int:
+            return sum(mesh["prefix_hit_tokens"] for mesh in stack.stats()["meshes"])
+
+        assert cached(KEYS[0]) == 0
+        before = hits()
+        assert cached(KEYS[1], **({} if path == "/v1/responses" else {"n": 2})) == 0
+        assert hits() - before < 1300  # at most the second choice's reuse of its first's prompt (~1,240 tokens)
+        before = hits()
+        assert cached(KEYS[1], cache_salt="x") == 0
+        assert cached(KEYS[0], cache_salt="x") == 0
+        assert hits() == before
+        assert cached(KEYS[0]) > 1000 and cached(KEYS[1], cache_salt="x") > 1000
+    finally:
+        stack.close()
