@@ -4,7 +4,7 @@ it can refuse, pause, or die mid-stream (a router replica that crashed)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +33,8 @@ class FakeRouter:
     fail_reason: str = "error"  # or "grammar_error": llguidance gave up on the request's grammar
     queue_time_s: float = 0.002
     down_s: float = 0.0  # how long the ingress's link to the router has been down
+    on_death: Callable[[str], Awaitable[None]] | None = None  # awaited as a stream dies, in its place
+    finish_apart: bool = False  # the finish in an event of its own, after the last token's (a death may part them)
     merge: int = 1  # tokens per event: the router merges a request's events until its next flush
     requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
@@ -73,11 +75,16 @@ class FakeRouter:
                 1, np.full(n, -1.0, np.float32), np.ones(n, np.int32), np.tile(np.arange(k, dtype=np.int32), (n, 1)),
                 np.full((n, k), -1.0, np.float32))])
         die_at = self.die_after.pop(0) if self.die_after else None
+        if len(output_ids) >= params.max_tokens:  # as Router.submit: every token was delivered, only the finish lost
+            yield TokenEvent(request_id, [], finish_reason="length")
+            return
         for i, token in enumerate(self.answer[:params.max_tokens]):
             if i < len(output_ids):
                 assert token == output_ids[i], "a continuation must carry the tokens already sent"
                 continue
             if i == die_at:
+                if self.on_death is not None:
+                    await self.on_death(request_id)
                 raise ConnectionError("the router died")
             if i == self.fail_with_error_after:
                 yield TokenEvent(request_id, [], finish_reason=self.fail_reason, error="it failed")
@@ -90,11 +97,15 @@ class FakeRouter:
             alternatives = [(token, -0.25), *((t, -3.0) for t in range(1, params.logprobs or 0))]
             logprobs = [] if params.logprobs is None else [
                 TokenLogprobs(token, -0.25, alternatives[:params.logprobs])]
-            yield TokenEvent(request_id, [token], logprobs, finish, num_prompt_tokens=len(prompt_ids),
-                             num_cached_tokens=3 if i == 0 else 0,
+            yield TokenEvent(request_id, [token], logprobs, None if self.finish_apart else finish,
+                             num_prompt_tokens=len(prompt_ids), num_cached_tokens=3 if i == 0 else 0,
                              queue_time_s=self.queue_time_s if i == 0 else None)
             await asyncio.sleep(0)
             if finish:
+                if self.finish_apart:
+                    if i + 1 == die_at:
+                        raise ConnectionError("the router died")
+                    yield TokenEvent(request_id, [], finish_reason=finish)
                 return
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:

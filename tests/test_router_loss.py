@@ -1,0 +1,132 @@
+"""The router lost at chosen moments of an answer, from the ingress's side (a FakeRouter whose streams die): before
+the first token, mid-stream, inside a stop string, between the last token and its finish, k times, with n choices,
+with the client leaving at that moment. The client's answer equals the unfailed one (text, token ids, logprobs,
+finish, usage, prompt logprobs once), /metrics counts the request once, and nothing is left open."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from deployments.ingress import build_app
+from tests.ingress_support import CHAT, COMPLETION, MODEL, asgi_call, make_client, sse
+from tests.ingress_support import router, tokenizer, eos  # noqa: F401
+
+
+def _counts(client) -> dict:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(client.get("/metrics").text) for s in f.samples
+            if s.name.startswith("vllm:") and not s.name.endswith(("_bucket", "_created"))}
+
+
+def _families(app) -> list:
+    return [s for f in text_string_to_metric_families(TestClient(app).get("/metrics").text) for s in f.samples]
+
+
+def _answer(client, path, body, stream):
+    r = client.post(path, json={**body, "stream": stream})
+    assert r.status_code == 200, r.text
+    if not stream:
+        out = r.json()
+        out.pop("id"), out.pop("created")
+        return out
+    chunks = sse(r)
+    text, ids, lps, finish, usage, plp = {}, {}, {}, {}, None, {}
+    for c in chunks:
+        if c.get("usage"):
+            usage = c["usage"]
+        for ch in c.get("choices", []):
+            i = ch["index"]
+            text[i] = text.get(i, "") + (ch.get("text") or (ch.get("delta") or {}).get("content") or "")
+            ids.setdefault(i, []).extend(ch.get("token_ids") or [])
+            lp = ch.get("logprobs")
+            if lp:
+                lps.setdefault(i, []).extend(lp.get("content") or lp.get("tokens") or [])
+            if ch.get("finish_reason"):
+                finish[i] = (ch["finish_reason"], ch.get("stop_reason"))
+            if ch.get("prompt_logprobs") is not None:
+                assert i not in plp, "prompt_logprobs sent twice"
+                plp[i] = ch["prompt_logprobs"]
+    return text, ids, lps, finish, usage, plp
+
+
+CASES = [
+    ("/v1/completions", {**COMPLETION, "max_tokens": 12, "logprobs": 2, "return_token_ids": True}),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 20, "stop": [" answer is"]}),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 20, "stop": [" answer is"], "include_stop_str_in_output": True}),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 12, "prompt_logprobs": 1, "n": 2, "seed": 3}),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 14, "logprobs": True, "top_logprobs": 2, "n": 3}),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 12, "echo": True, "logprobs": 1}),
+]
+
+
+DEATHS = [[0], [5], [5, 5, 7], [0, 4, 4]]  # each stream in turn dies before that token (a list: k losses)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case, dies", [(c, d) for c in range(len(CASES)) for d in DEATHS
+                                        if CASES[c][1].get("n", 1) == 1 or len(d) == 1])  # n: each choice dies once
+def test_router_losses_change_neither_the_answer_nor_the_counts(router, tokenizer, case, dies, stream):
+    """Before the first token (the prompt's logprobs sent again), mid-stream, inside a stop string, k times with and
+    without tokens between: the answer equals the unfailed one, prompt_logprobs come once per choice, and the request,
+    its prompt and its tokens count once in /metrics."""
+    path, body = CASES[case]
+    if stream:
+        body = {**body, "stream_options": {"include_usage": True}}
+    client = make_client(router, tokenizer)
+    want = _answer(client, path, body, stream)
+    once = _counts(client)
+    router.die_after = list(dies) * body.get("n", 1)
+    assert _answer(client, path, body, stream) == want
+    twice = _counts(client)
+    for key, value in once.items():
+        if key[0] in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total"):
+            assert twice[key] == 2 * value, key
+    assert router.continuations  # the losses happened (a stop may end the answer before the later ones)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path, body", [CASES[0], CASES[4]])
+def test_a_router_lost_between_the_last_token_and_its_finish_ends_the_answer_as_before(router, tokenizer, path, body,
+                                                                                       stream):
+    """Every token delivered, the finish lost with the router: the continuation carries max_tokens tokens, which the
+    new router answers with the finish alone ("length"); nothing is generated again or twice."""
+    router.finish_apart = True
+    client = make_client(router, tokenizer)
+    want = _answer(client, path, body, stream)
+    router.die_after = [body["max_tokens"]] * body.get("n", 1)
+    assert _answer(client, path, body, stream) == want
+    assert sorted(len(ids) for rid, ids in router.continued.items() if "retry" in rid) == (
+        [body["max_tokens"]] * body.get("n", 1))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_client_gone_as_the_router_is_lost_leaves_nothing_behind(router, tokenizer, stream, n):
+    """The client leaves at the moment of the loss (a stream's disconnect; a whole answer's handler cancelled, as
+    Serve's proxy does), while its choices wait to be resubmitted: the wait ends, nothing stays open in the router,
+    no task of it is left, and it counts as an abort."""
+    gone, handler = asyncio.Event(), []
+
+    async def died(request_id: str) -> None:
+        gone.set() if stream else handler[0].cancel()  # then the stream dies
+
+    router.die_after = [3] * n
+    router.on_death = died
+    app = build_app(router, tokenizer, MODEL)
+    app.state.server.retry_backoff_s = (3600.0,)  # only the client's leaving ends this wait
+
+    async def run() -> set:
+        before = asyncio.all_tasks()
+        handler.append(asyncio.create_task(asgi_call(app, {**COMPLETION, "max_tokens": 8, "n": n, "stream": stream},
+                                                     gone, path="/v1/completions")))
+        await asyncio.wait_for(asyncio.gather(handler[0], return_exceptions=True), 60)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return asyncio.all_tasks() - before - {asyncio.current_task()}
+    assert asyncio.run(run()) == set()
+    assert set(router.requests) <= {rid for rid, _ in router.cancelled}
+    counts = {s.labels["finished_reason"]: s.value for s in _families(app) if s.name == "vllm:request_success_total"}
+    assert counts["abort"] == n and sum(counts.values()) == n
