@@ -201,7 +201,7 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
     ({"truncation": "auto"}, "truncation"),
     ({"temperature": -1}, "temperature"),
     ({"max_output_tokens": 10_000}, "max_output_tokens"),  # past the context
-    ({"input": "x" * (MAX_LEN * 40)}, "input"),  # far too long for the context
+    ({"input": "x" * (MAX_LEN * 82)}, "input"),  # past 81 characters a token (max_token_chars)
     ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),
     ({"text": {"format": {"type": "json_schema", "name": "answer"}}}, "text.format.schema"),  # chat's may omit it
     ({"tools": [{**TOOLS[0], "parameters": {"type": "object", "properties": 5}}], "tool_choice": "required"},
