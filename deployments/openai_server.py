@@ -507,15 +507,12 @@ class OpenAIServer:
         prompt_ids, prompt_field = await self.prompt_ids(req, limit, constraint)
         text_bos = (isinstance(req, CompletionRequest) and isinstance(req.prompt, str) and bool(req.add_special_tokens)
                     and self.tokenizer.bos_id is not None)  # the tokenizer's, before a text
+        whole = len(prompt_ids)
         if req.truncate_prompt_tokens is not None:  # vLLM's: the prompt's last k tokens, or its first ("right")
             # -1: what leaves room for max_tokens (vLLM's max_input_tokens); the whole context left room for none
             keep = (max(1, limit - (req.requested_max_tokens or 0)) if req.truncate_prompt_tokens == -1
                     else req.truncate_prompt_tokens)
-            cut = len(prompt_ids)
             prompt_ids = truncated(prompt_ids, keep, req.truncation_side, int(text_bos))
-            cut -= len(prompt_ids)
-        else:
-            cut = 0
         n = len(prompt_ids)
         if n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
@@ -550,7 +547,7 @@ class OpenAIServer:
             # ids, or a text truncate_prompt_tokens cut: the tokens the model read, decoded as /detokenize decodes
             # them (the answer continues them and logprobs list them; vLLM echoes the whole text, where they are not)
             read = prompt_ids[int(echo_bos):]
-            echo = (req.prompt if isinstance(req.prompt, str) and not cut
+            echo = (req.prompt if isinstance(req.prompt, str) and len(prompt_ids) == whole
                     else await self.sized(len(read) * 4, self.tokenizer.decode, read))
         elif isinstance(req, ChatCompletionRequest) and req.echo and (
                 req.messages[-1].role == "assistant" or not req.add_generation_prompt):
