@@ -368,9 +368,12 @@ class EventStream(StreamingResponse):
     timer per stream, re-armed per `keepalive_s`: a chunk costs a store, not a timer."""
 
     media_type = "text/event-stream"
+    # For what stands in front: nginx buffers a proxied answer unless told not to (the chunks then came all at once,
+    # at the end), and an event stream is not to be cached.
+    HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
     def __init__(self, content: AsyncIterator[str], source: AsyncIterator | FirstDelta, keepalive_s: float):
-        super().__init__(content)
+        super().__init__(content, headers=self.HEADERS)
         self.source, self.keepalive_s = source, keepalive_s
         self._sent_at = 0.0  # loop time the last bytes were sent (or began to be)
         self._sending = False  # a chunk's send is under way (a slow reader: flow control holds it)

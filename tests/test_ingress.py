@@ -761,6 +761,15 @@ def test_allowed_origins_answer_a_browsers_preflight_before_the_key_check(router
         "/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"}).headers  # off by default
 
 
+@pytest.mark.parametrize("path,body", [*ENDPOINTS, ("/v1/responses", {"model": MODEL, "input": "hi"})])
+def test_streams_tell_proxies_and_caches_to_pass_them_on_at_once(client, path, body):
+    """nginx buffers a proxied answer unless it says `X-Accel-Buffering: no` (its SSE chunks then came all at once,
+    at the end); an SSE stream is not to be cached or replayed (Cache-Control: no-cache)."""
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache" and r.headers["x-accel-buffering"] == "no"
+
+
 def test_health_answers_within_its_timeout_while_the_router_does_not(client, router, monkeypatch):
     """During a router restart the stats call waits for the new replica; probes time out after 1-5 s."""
     async def stuck() -> dict:
