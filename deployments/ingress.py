@@ -88,8 +88,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     app.state.server = server
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     if api_keys:  # added last, so it runs first: a request without a key is refused before its body is read
-        app.add_middleware(KeyCheck, keys=ApiKeys(api_keys),
-                           open_paths=frozenset({"/health", "/version", *(["/metrics"] if metrics_open else [])}))
+        open_paths = frozenset({"/health", "/ping", "/version", *(["/metrics"] if metrics_open else [])})
+        app.add_middleware(KeyCheck, keys=ApiKeys(api_keys), open_paths=open_paths)
     if allowed_origins:  # outside the key check: a browser's preflight carries no key
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     app.add_middleware(ClientGone)  # outermost: any response's send may find its client gone
@@ -159,7 +159,10 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     async def version():
         return {"version": importlib.metadata.version("meshserve")}
 
+    # HEAD too: load balancers probe with it (Azure Front Door's default; RFC 9110 9.1), and FastAPI's GET route
+    # alone answered it 405. /ping is vLLM's (SageMaker's probe), GET and POST, as /health.
     @app.get("/health")
+    @app.head("/health")
     async def health():
         """200 while a mesh is live and this replica's link to the router is up (or down less than
         LINK_DOWN_UNHEALTHY_S); 503 otherwise, within HEALTH_TIMEOUT_S even while the router restarts (its stats
@@ -174,6 +177,12 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         if down > LINK_DOWN_UNHEALTHY_S:
             raise unavailable(f"This replica's link to the router has been down for {down:.0f} s.")
         return Response(status_code=200)
+
+    @app.get("/ping")
+    @app.post("/ping")
+    @app.head("/ping")
+    async def ping():
+        return await health()
 
     @app.get("/metrics")
     async def metrics():

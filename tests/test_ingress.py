@@ -761,6 +761,23 @@ def test_allowed_origins_answer_a_browsers_preflight_before_the_key_check(router
         "/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"}).headers  # off by default
 
 
+def test_gateway_probes_answer_head_and_vllms_ping(router, tokenizer, monkeypatch):
+    """Load balancers probe with HEAD (Azure Front Door's default; RFC 9110 9.1: a server supports GET and HEAD) and
+    SageMaker with GET /ping; vLLM serves /ping (GET and POST) as /health. Both stay open without a key, and say
+    503 as /health does."""
+    client = make_client(router, tokenizer, api_keys=["k1"])
+    for method, path in [("HEAD", "/health"), ("GET", "/ping"), ("POST", "/ping"), ("HEAD", "/ping")]:
+        r = client.request(method, path)
+        assert r.status_code == 200 and r.content == b"", (method, path, r.status_code)
+
+    async def not_ready() -> dict:
+        return {"ready": False}
+    monkeypatch.setattr(router, "stats", not_ready)
+    for method in ("GET", "HEAD"):
+        assert client.request(method, "/ping").status_code == 503
+        assert client.request(method, "/health").status_code == 503
+
+
 @pytest.mark.parametrize("path,body", [*ENDPOINTS, ("/v1/responses", {"model": MODEL, "input": "hi"})])
 def test_streams_tell_proxies_and_caches_to_pass_them_on_at_once(client, path, body):
     """nginx buffers a proxied answer unless it says `X-Accel-Buffering: no` (its SSE chunks then came all at once,
