@@ -525,6 +525,9 @@ class OpenAIServer:
                                 f"which this model has no embedding for (its vocabulary is {self.vocab_size} tokens)",
                            param=prompt_field)
         max_tokens, param = req.requested_max_tokens, req.max_tokens_param
+        if isinstance(req, CompletionRequest) and req.max_completion_tokens not in (None, max_tokens):
+            raise APIError(400, f"max_completion_tokens ({req.max_completion_tokens}) differs from max_tokens "
+                                f"({max_tokens}): /v1/completions takes max_tokens", param="max_completion_tokens")
         echo_only = max_tokens == 0
         if echo_only and not req.echo:  # OpenAI's legacy API and vLLM (echo_without_generation) take 0 with echo only
             raise APIError(400, "max_tokens: must be at least 1 (0 only with echo: the prompt alone)", param=param)

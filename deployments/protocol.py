@@ -589,8 +589,9 @@ class CompletionRequest(_GenerationRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
     suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
-    # chat's name for max_tokens: ignored, a completion was cut at the default 16 tokens
-    max_completion_tokens: refused("chat's name: /v1/completions takes max_tokens") | None = None
+    # chat's name for max_tokens, which load generators send to both endpoints (guidellm: with max_tokens, equal):
+    # taken when max_tokens is not given or agrees (vLLM ignores it: a completion was cut at the default 16 tokens)
+    max_completion_tokens: int | None = Field(None, ge=1)
     add_special_tokens: bool = True  # vLLM's: the model's BOS before a text prompt (false: the text alone)
 
     @field_validator("prompt", mode="before")
@@ -627,6 +628,15 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
             return [self.prompt]
         return list(self.prompt)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens_param == "max_tokens" else self.max_completion_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        given = "max_tokens" in self.model_fields_set  # null is the default, so not given
+        return "max_tokens" if given or self.max_completion_tokens is None else "max_completion_tokens"
 
     @property
     def num_logprobs(self) -> int | None:

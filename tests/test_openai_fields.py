@@ -68,8 +68,6 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"best_of": 3}, "best_of"),  # vLLM's chat field too: it was ignored
     ("/v1/chat/completions", CHAT, {"n": 2, "best_of": 1}, "best_of"),
     ("/v1/chat/completions", CHAT, {"structural_tag": '{"type": "structural_tag"}'}, "structural_tag"),  # vLLM's
-    # chat's name for max_tokens: ignored, it left a completion at the default 16 tokens
-    ("/v1/completions", COMPLETION, {"max_completion_tokens": 64}, "max_completion_tokens"),
     ("/v1/completions", COMPLETION, {"structural_tag": '{"type": "structural_tag"}'}, "structural_tag"),
     ("/v1/chat/completions", CHAT, {"stream_options": {"include_usage": True}}, "stream_options"),
     ("/v1/completions", COMPLETION, {"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
@@ -103,7 +101,6 @@ def test_a_known_field_the_server_does_not_implement_is_400_naming_it(client, ro
 @pytest.mark.parametrize("path, base, patch, why", [
     ("/v1/chat/completions", CHAT, {"store": True}, "stores no answers"),
     ("/v1/completions", COMPLETION, {"best_of": 2}, "ranking several samples"),
-    ("/v1/completions", COMPLETION, {"max_completion_tokens": 64}, "takes max_tokens"),
     ("/v1/chat/completions", CHAT, {"best_of": 2}, "ranking several samples"),
     ("/v1/completions", COMPLETION, {"use_beam_search": True}, "beam search"),
     ("/v1/chat/completions", CHAT, {"priority": 1}, "order of arrival"),

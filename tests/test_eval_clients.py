@@ -1,0 +1,49 @@
+"""Evaluation and load-generation clients' request shapes and reading habits, against the in-process app over a
+FakeRouter: guidellm (sends max_tokens and max_completion_tokens to both endpoints) and `vllm bench serve` (reads
+a stream line by line, json.loads every non-blank line but [DONE] after removing "data: ", and takes the first
+chunk with choices as the first token). Each reader below is written from that client's documented behaviour."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from deployments.ingress import build_app
+from tests.ingress_support import (CHAT, COMPLETION, MODEL, assert_error, client, eos, router,  # noqa: F401
+                                   tokenizer)
+from tests.test_ingress import _call_asgi
+
+
+def guidellm_body(base: dict, max_output_tokens: int) -> dict:
+    """guidellm's OpenAI backend body with a request-level output length (same for both endpoints)."""
+    return {**base, "max_tokens": max_output_tokens, "max_completion_tokens": max_output_tokens,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+
+def vllm_bench_read(body: str) -> list[dict]:
+    """`vllm bench serve`'s openai (completions) backend reading a stream: each line stripped, blank ones skipped,
+    "data: " removed, every other line but [DONE] parsed as JSON (it skips no SSE comment)."""
+    return [json.loads(chunk) for line in body.split("\n") if (chunk := line.strip().removeprefix("data: "))
+            and chunk != "[DONE]"]
+
+
+@pytest.mark.parametrize("base", [CHAT, COMPLETION])
+def test_guidellms_body_is_served_with_its_output_length(client, router, base):
+    """guidellm sends max_tokens and max_completion_tokens, equal, to /v1/completions too (its default request
+    type): it was a 400 there."""
+    r = client.post("/v1/completions" if "prompt" in base else "/v1/chat/completions", json=guidellm_body(base, 3))
+    assert r.status_code == 200, r.text
+    chunks = vllm_bench_read(r.text)
+    assert chunks[-1]["usage"]["completion_tokens"] == 3
+    ((_, params, _),) = router.requests.values()
+    assert params.max_tokens == 3 and params.ignore_eos
+
+
+def test_completions_max_completion_tokens_alone_is_the_length_and_a_different_max_tokens_is_400(client, router):
+    r = client.post("/v1/completions", json={**COMPLETION, "max_completion_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    assert_error(client.post("/v1/completions", json={**COMPLETION, "max_tokens": 5, "max_completion_tokens": 2}),
+                 400, param="max_completion_tokens")
+    too_long = {**COMPLETION, "max_completion_tokens": 300}  # the context is 256 tokens
+    assert_error(client.post("/v1/completions", json=too_long), 400, param="max_completion_tokens")
