@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", metavar="FILE", help="write the answers and figures as JSON to FILE ('-': stdout)")
     parser.add_argument(
         "--read-timeout", type=float, default=600.0, metavar="S",
-        help="a request whose stream stays silent this long fails, the others go on (meshserve sends an SSE comment "
+        help="a request whose stream stays silent this long fails, the others go on (meshserve sends a keep-alive "
         "every sse_keep_alive_interval, 300 s at most, and its headers within 45 s; default: %(default)s)",
     )
     add_api_key_argument(parser)

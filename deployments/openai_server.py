@@ -46,7 +46,7 @@ from scheduler.work import TokenEvent
 
 log = logging.getLogger("ray.serve")
 
-# A stream's headers wait this long for its first token, then go out with an SSE comment every keepalive_s
+# A stream's headers wait this long for its first token, then go out with a keep-alive every keepalive_s
 # (AppConfig's sse_keep_alive_interval, SSE_KEEPALIVE_S by default) until it comes (streaming.FirstDelta): a refusal
 # is a status code in most cases (429 and too-long prompts come in milliseconds), and the bytes keep proxies' read
 # timeouts (nginx, ALB: 60 s) from cutting a long prefill.

@@ -299,7 +299,10 @@ class ChoiceTotal:
         self.num_cached = d.num_cached
 
 
-KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it (WHATWG HTML, "Server-sent events", 9.2.6)
+# Blank lines: an empty event, which SSE parsers dispatch as nothing (WHATWG HTML, "Server-sent events", 9.2.6),
+# and which line readers skip as blank. Not an SSE comment (": keep-alive"): `vllm bench serve`'s completions
+# reader (and llmperf's) takes every non-blank line for "data: " + JSON, and failed the request.
+KEEPALIVE = "\n\n"
 KEEPALIVE_BYTES = KEEPALIVE.encode()
 
 
@@ -307,7 +310,7 @@ class FirstDelta:
     """A stream's first delta, awaited apart from the stream's response. A stream's headers wait for it, so that a
     refusal is still a status code (429, 503), but only for a while: a long prompt's first token comes after a
     long prefill (a Galaxy's, of 128k tokens, after ~90-100 s), past a proxy's read timeout (nginx: 60 s). Then
-    the headers go out, and EventStream's SSE comments every `keepalive_s` until the delta comes; a refusal after
+    the headers go out, and EventStream's keep-alives every `keepalive_s` until the delta comes; a refusal after
     that is an error event, as in vLLM's streams (whose headers go out at once)."""
 
     def __init__(self, stream: AsyncIterator):
@@ -361,8 +364,8 @@ class Deferred(Response):
 
 class EventStream(StreamingResponse):
     """SSE that closes its source however the response ends (Starlette leaves the body iterator open when the
-    client goes away; closing the source at once cancels the router requests behind it), and that sends an SSE
-    comment whenever it has sent nothing for `keepalive_s`: a long prefill before the first token (a Galaxy's 128k
+    client goes away; closing the source at once cancels the router requests behind it), and that sends a
+    keep-alive whenever it has sent nothing for `keepalive_s`: a long prefill before the first token (a Galaxy's 128k
     prompt: ~90-100 s), or a pause mid-answer (its mesh failed: the answer is prefilled again on another; its router
     restarted: ~41-46 s), is longer than a proxy's read timeout (nginx, ALB: 60 s), which would cut the stream. One
     timer per stream, re-armed per `keepalive_s`: a chunk costs a store, not a timer."""

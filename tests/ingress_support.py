@@ -49,7 +49,7 @@ def client(router, tokenizer) -> TestClient:
 
 
 def sse(response) -> list:
-    """The data payloads of an SSE body (comments, the keep-alives, skipped); the last must be [DONE]."""
+    """The data payloads of an SSE body (comments and the keep-alives' blank lines skipped); the last must be [DONE]."""
     assert response.headers["content-type"].startswith("text/event-stream")
     payloads = [line[len("data: "):] for line in response.text.split("\n\n") if line and not line.startswith(":")]
     assert payloads[-1] == "[DONE]"

@@ -23,7 +23,7 @@ def guidellm_body(base: dict, max_output_tokens: int) -> dict:
 
 def vllm_bench_read(body: str) -> list[dict]:
     """`vllm bench serve`'s openai (completions) backend reading a stream: each line stripped, blank ones skipped,
-    "data: " removed, every other line but [DONE] parsed as JSON (it skips no SSE comment)."""
+    "data: " removed, every other line but [DONE] parsed as JSON (it skips no SSE comment; llmperf reads alike)."""
     return [json.loads(chunk) for line in body.split("\n") if (chunk := line.strip().removeprefix("data: "))
             and chunk != "[DONE]"]
 
@@ -47,3 +47,15 @@ def test_completions_max_completion_tokens_alone_is_the_length_and_a_different_m
                  400, param="max_completion_tokens")
     too_long = {**COMPLETION, "max_completion_tokens": 300}  # the context is 256 tokens
     assert_error(client.post("/v1/completions", json=too_long), 400, param="max_completion_tokens")
+
+
+@pytest.mark.parametrize("path, base", [("/v1/completions", COMPLETION), ("/v1/chat/completions", CHAT)])
+def test_vllm_bench_reads_a_stream_whose_first_token_is_slow(client, router, path, base):
+    """A first token past the headers' wait (5 s: a benchmark's queue) and keep-alives after it: vllm bench's
+    completions reader json.loads every non-blank line, so an SSE comment failed the request."""
+    client.app.state.server.headers_wait_s, client.app.state.server.keepalive_s = 0.05, 0.1
+    router.queued_s = 0.5
+    r = client.post(path, json={**base, "stream": True, "stream_options": {"include_usage": True}, "max_tokens": 3})
+    assert r.status_code == 200
+    chunks = vllm_bench_read(r.text)
+    assert chunks[0]["choices"] and chunks[-1]["usage"]["completion_tokens"] == 3

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from deployments import ingress, openai_server
 from deployments.body_limit import BodyLimit
 from deployments.ingress import build_app
-from deployments.streaming import ChoiceText, EventStream, StopStrings
+from deployments.streaming import KEEPALIVE_BYTES, ChoiceText, EventStream, StopStrings
 from deployments.protocol import (MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS,
                                   CompletionRequest)
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
@@ -1815,6 +1815,12 @@ def test_a_prompt_of_the_wrong_shape_gets_a_message_that_says_what_it_may_be(cli
 
 # ---- a slow first token -------------------------------------------------------------------------
 
+def _keepalives(text: str) -> list[int]:
+    """Where an SSE body's keep-alives are among its blocks (split at blank lines): each is a block of its own,
+    empty (blank lines: an empty event), but for the body's end."""
+    return [i for i, b in enumerate(text.split("\n\n")[:-1]) if not b]
+
+
 def _slow_first_token(client, router, wait_s: float = 0.05, keepalive_s: float = 0.1, queued_s: float = 0.35):
     """The first token comes after `queued_s` (a long prefill); headers wait `wait_s` for it."""
     client.app.state.server.headers_wait_s, client.app.state.server.keepalive_s = wait_s, keepalive_s
@@ -1826,21 +1832,19 @@ def _slow_first_token(client, router, wait_s: float = 0.05, keepalive_s: float =
 def test_a_slow_first_token_sends_headers_then_keepalives_then_the_same_answer(client, router, path, body):
     """Headers and SSE comments go out while a long prefill runs, so a proxy's read timeout does not cut it."""
     whole = client.post(path, json={**body, "stream": True}).text
-    assert ": keep-alive" not in whole  # a first token within the wait: nothing changes
+    assert not _keepalives(whole)  # a first token within the wait: nothing changes
     _slow_first_token(client, router, queued_s=0.8)
     r = client.post(path, json={**body, "stream": True})
     assert r.status_code == 200
-    blocks = r.text.split("\n\n")
-    comments = [i for i, b in enumerate(blocks) if b.startswith(":")]
+    comments = _keepalives(r.text)
     assert len(comments) >= 3  # one each keepalive_s of the 0.75 s after the headers (~7; 3 leaves a loaded box room)
-    assert all(b == ": keep-alive" for b in map(blocks.__getitem__, comments))
     assert comments == list(range(comments[0], comments[-1] + 1))  # together, before the first token
     assert _same_answer(whole, r.text)
 
 
 @pytest.mark.parametrize("path, body, opening", [
     ("/v1/chat/completions", CHAT, "data: "),  # its role chunk
-    ("/v1/completions", COMPLETION, ": keep-alive"),  # nothing else to send at once
+    ("/v1/completions", COMPLETION, ""),  # nothing else to send at once: a keep-alive
     ("/v1/responses", {"model": MODEL, "input": "hi"}, "event: response.created")])
 def test_a_slow_first_tokens_stream_opens_with_bytes_at_once_and_no_comment_beside_them(client, router, path, body,
                                                                                           opening):
@@ -1851,7 +1855,7 @@ def test_a_slow_first_tokens_stream_opens_with_bytes_at_once_and_no_comment_besi
     r = client.post(path, json={**body, "stream": True})
     blocks = r.text.split("\n\n")
     assert r.status_code == 200 and blocks[0].startswith(opening), r.text
-    assert [b for b in blocks if b.startswith(":")] == ([": keep-alive"] if opening.startswith(":") else []), r.text
+    assert _keepalives(r.text) == ([] if opening else [0]), r.text
 
 
 STREAMS = [("/v1/chat/completions", CHAT), ("/v1/completions", COMPLETION), ("/v1/responses", {"model": MODEL,
@@ -1901,8 +1905,8 @@ def test_a_pause_mid_answer_sends_keepalives_then_the_same_answer(client, router
     whole = client.post(path, json={**body, "stream": True}).text
     text, _ = _paused_stream(router, tokenizer, path, body, pause_s=0.4)
     blocks = text.split("\n\n")
-    comments = [i for i, b in enumerate(blocks) if b.startswith(":")]
-    assert len(comments) >= 3 and all(blocks[i] == ": keep-alive" for i in comments), text
+    comments = _keepalives(text)
+    assert len(comments) >= 3, text
     assert comments == list(range(comments[0], comments[-1] + 1))  # together, in the pause
     assert any(b.startswith(("data:", "event:")) for b in blocks[:comments[0]])  # after tokens, not before them
     assert _same_answer(whole, text)
@@ -1916,9 +1920,9 @@ def test_a_pause_longer_than_the_configured_keepalive_interval_gets_comments_at_
     interval, stamps = 0.1, []
     text, _ = _paused_stream(router, tokenizer, path, body, pause_s=6 * interval, stamps=stamps,
                              sse_keep_alive_interval=interval)
-    times = [t for t, b in stamps if b.startswith(b":")]
+    times = [t for t, b in stamps if b == KEEPALIVE_BYTES]
     assert len(times) >= 2, text  # none with the constant: the pause is far shorter than 15 s
-    last_data = max(t for t, b in stamps if b and not b.startswith(b":") and t < times[0])
+    last_data = max(t for t, b in stamps if b and b != KEEPALIVE_BYTES and t < times[0])
     gaps = [b - a for a, b in zip([last_data, *times], times)]
     assert min(gaps) >= 0.8 * interval, gaps  # at that interval, not more often (a comment is sent a task later)
 
@@ -1934,7 +1938,7 @@ class _Pause:
 
 
 def test_openais_sdk_reads_a_paused_stream_as_the_same_answer(client, router):
-    """The comments a pause mid-answer gets are skipped by openai-python's SSE decoder, for the three streams."""
+    """The keep-alives a pause mid-answer gets are skipped by openai-python's SSE decoder, for the three streams."""
     import openai
     sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=client, max_retries=0)
 
@@ -1949,7 +1953,7 @@ def test_openais_sdk_reads_a_paused_stream_as_the_same_answer(client, router):
     whole = answers()
     client.app.state.server.keepalive_s = 0.05
     router.pause_after, router.resume = 3, _Pause(0.2)
-    assert ": keep-alive" in client.post("/v1/completions", json={**COMPLETION, "stream": True}).text
+    assert _keepalives(client.post("/v1/completions", json={**COMPLETION, "stream": True}).text)
     assert answers() == whole and whole[0] and whole[1]
 
 
@@ -1958,7 +1962,7 @@ def test_a_keepalive_never_goes_out_beside_a_chunk_a_slow_reader_holds(router, t
     way at once, which an ASGI server does not allow. A held send is bytes on the way: no comment is due."""
     text, most = _paused_stream(router, tokenizer, "/v1/chat/completions", CHAT, pause_s=0.0, send_wait_s=0.15)
     assert most == 1
-    assert ": keep-alive" not in text  # each held send counts as sent; the answer never paused
+    assert not _keepalives(text)  # each held send counts as sent; the answer never paused
 
 
 class _Source:
@@ -2012,7 +2016,7 @@ def test_a_keepalive_the_client_refused_ends_a_paused_stream_at_once():
         await asyncio.Event().wait()  # paused: no next chunk comes
 
     async def send(message):
-        if message.get("body", b"").startswith(b":"):
+        if message.get("body", b"") == KEEPALIVE_BYTES:
             raise OSError("the client went away")
 
     async def run():
@@ -2086,7 +2090,7 @@ def test_held_headers_go_out_at_their_cap_however_long_the_hold(client, router, 
     router.ready = False
     router.refuse, router.refuse_after_s = NoMeshAvailable("no live mesh for 0.6 s"), 0.6
     r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
-    assert r.status_code == 200 and ": keep-alive" in r.text
+    assert r.status_code == 200 and _keepalives(r.text)
     (error,) = [e["error"] for e in sse(r) if "error" in e]
     assert "no live mesh" in error["message"]
 
@@ -2128,7 +2132,7 @@ def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tok
 
     def on_body(chunk: bytes, disconnected: asyncio.Event):
         bodies.append(chunk)
-        if chunk.startswith(b": keep-alive"):
+        if chunk == KEEPALIVE_BYTES:
             disconnected.set()
             raise OSError("connection reset")
 
@@ -2142,7 +2146,7 @@ def test_a_client_gone_before_a_slow_first_token_cancels_its_request(router, tok
         assert not [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # nothing left waiting
 
     asyncio.run(run())
-    assert bodies[-1] == b": keep-alive\n\n"
+    assert bodies[-1] == KEEPALIVE_BYTES
 
 
 @pytest.mark.parametrize("path, body", STREAMS)
@@ -2155,7 +2159,7 @@ def test_a_client_gone_in_a_pause_mid_answer_cancels_its_request_at_its_keepaliv
     app.state.server.keepalive_s = 0.05
 
     def on_body(chunk: bytes, disconnected: asyncio.Event):
-        if chunk.startswith(b": keep-alive"):
+        if chunk == KEEPALIVE_BYTES:
             disconnected.set()
             raise OSError("connection reset")
 

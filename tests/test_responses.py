@@ -30,7 +30,7 @@ def events(response) -> list[dict]:
     assert response.headers["content-type"].startswith("text/event-stream")
     out = []
     for block in response.text.split("\n\n"):
-        if not block or block.startswith(":"):  # a comment: the keep-alives of a slow first token
+        if not block:  # the keep-alives of a slow first token (blank lines), or the body's end
             continue
         kind, data = block.split("\n")
         payload = json.loads(data.removeprefix("data: "))
