@@ -1041,6 +1041,12 @@ class OpenAIServer:
             return len(preps[d.index // reply.n].prompt_ids), d.num_generated, d.num_cached
 
         try:
+            if not first.task.done():  # the headers go out with bytes; EventStream keeps the stream alive until
+                yield KEEPALIVE  # the first delta
+            d = await first.delta()
+            # A chat's role chunks come with its first token, as vLLM's do: `vllm bench serve` (as most benchmarks)
+            # takes the first chunk with choices for the first token, and sent at the headers' wait (5 s) they cut
+            # its time to first token there.
             if chat:  # one choice a chunk, as vLLM and OpenAI send them (a client may read choices[0] alone)
                 opening = self._usage(prompt_tokens, 0, 0) if reply.continuous_usage else None
                 for i in range(reply.n):
@@ -1048,9 +1054,6 @@ class OpenAIServer:
                                 prep.prompt_ids if ids else None)
                 for i in range(reply.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)
-            if not chat and not first.task.done():  # the headers go out with bytes (a chat's role chunks are);
-                yield KEEPALIVE  # EventStream keeps the stream alive until the first delta
-            d = await first.delta()
             while d is not None:
                 generated[d.index] = d.num_generated
                 if d.num_cached and d.index % reply.n == 0:  # a prompt's cache hit, counted once

@@ -59,3 +59,25 @@ def test_vllm_bench_reads_a_stream_whose_first_token_is_slow(client, router, pat
     assert r.status_code == 200
     chunks = vllm_bench_read(r.text)
     assert chunks[0]["choices"] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_chat_streams_first_chunk_with_choices_waits_for_its_first_token(router, tokenizer):
+    """vllm bench serve's openai-chat backend takes its first chunk with choices (the role chunk) for the first
+    token. vLLM sends the role chunk with the first token; here it went out with the headers, at the headers' wait
+    (5 s), so a benchmark's queued requests had their time to first token cut to ~5 s."""
+    router.pause_after = 0  # the first token waits for `resume`, set once the stream's headers are out
+    app = build_app(router, tokenizer, MODEL)
+    app.state.server.headers_wait_s, app.state.server.keepalive_s = 0.0, 30.0
+    before_first_token: list[bytes] = []
+
+    def on_body(chunk: bytes, disconnected: asyncio.Event):
+        if not router.resume.is_set():
+            before_first_token.append(chunk)
+            asyncio.get_running_loop().call_later(0.1, router.resume.set)
+
+    async def run():
+        body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        await asyncio.wait_for(_call_asgi(app, body, "2.4", on_body), timeout=10)
+
+    asyncio.run(run())
+    assert before_first_token and all(b'"choices"' not in b for b in before_first_token), before_first_token

@@ -1843,14 +1843,14 @@ def test_a_slow_first_token_sends_headers_then_keepalives_then_the_same_answer(c
 
 
 @pytest.mark.parametrize("path, body, opening", [
-    ("/v1/chat/completions", CHAT, "data: "),  # its role chunk
+    ("/v1/chat/completions", CHAT, ""),  # a keep-alive: its role chunk comes with its first token, as vLLM's
     ("/v1/completions", COMPLETION, ""),  # nothing else to send at once: a keep-alive
     ("/v1/responses", {"model": MODEL, "input": "hi"}, "event: response.created")])
 def test_a_slow_first_tokens_stream_opens_with_bytes_at_once_and_no_comment_beside_them(client, router, path, body,
                                                                                           opening):
-    """Once its headers go out, a stream must send bytes at once (a proxy or client waits for them): a chat stream's
-    role chunk and the Responses stream's opening events are bytes already, and a comment after them was redundant.
-    A completion's stream has no such event: its comment is its first bytes."""
+    """Once its headers go out, a stream must send bytes at once (a proxy or client waits for them): the Responses
+    stream's opening events are bytes already, and a keep-alive after them was redundant. A completion's or a chat's
+    stream has no such event before its first token: a keep-alive is its first bytes."""
     _slow_first_token(client, router, keepalive_s=30.0)  # no keep-alive falls due within the test
     r = client.post(path, json={**body, "stream": True})
     blocks = r.text.split("\n\n")
