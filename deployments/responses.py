@@ -72,8 +72,8 @@ class _Answer:
                                               include=None if fmt.type == "json_schema" else {"type"})},
             "tool_choice": choice if isinstance(choice, str) else choice.model_dump(),
             # a tool that did not say is strict (FunctionTool.as_chat_tool), and echoed so, as OpenAI echoes it
-            "tools": [{**t.model_dump(exclude={"defer_loading"}, exclude_none=True), "strict": t.strict is not False}
-                      for t in req.tools or ()],
+            "tools": [{**t.model_dump(exclude={"defer_loading", "async_"}, exclude_none=True),
+                       "strict": t.strict is not False} for t in req.tools or ()],
             "top_p": self.prep.params.top_p, "truncation": "disabled", "usage": None,
             "top_logprobs": req.top_logprobs or 0,  # 0 by default, as OpenAI's and vLLM's ResponsesRequest have it
             "user": req.user, "metadata": req.metadata or {}}

@@ -83,6 +83,9 @@ class FunctionTool(RequestModel):
     strict: bool | None = None  # None: strict, as OpenAI's Responses API takes it (Chat Completions: not strict)
     # a deferred tool stays out of the prompt until OpenAI's hosted tool search loads it: it was offered at once
     defer_loading: only(False, "a deferred tool is loaded by tool search, a hosted tool not served here") = False
+    # OpenAI's asynchronous call: it was offered as an ordinary one, whose output the response ends to wait for
+    async_: only(False, "asynchronous calls are not served here: a call ends the response, and its output comes "
+                        "back as a function_call_output item of the next request") = Field(False, alias="async")
     # who may call it: the model ("direct"), or OpenAI's hosted Programmatic Tool Calling program
     allowed_callers: Items[Literal["direct", "programmatic"]] | None = None
 
@@ -105,7 +108,7 @@ class FunctionTool(RequestModel):
     def as_chat_tool(self) -> dict:
         """The chat completion's tool. A tool that does not say whether it is strict is, as in OpenAI's Responses
         API (its function-calling guide): objects take only the properties they list, and all of them."""
-        function = self.model_dump(exclude={"type", "defer_loading", "allowed_callers"}, exclude_none=True)
+        function = self.model_dump(exclude={"type", "defer_loading", "async_", "allowed_callers"}, exclude_none=True)
         if self.strict is None:
             function["strict"] = True
             function["parameters"] = closed(self.parameters or {"type": "object", "properties": {}},

@@ -137,6 +137,9 @@ def responses(**fields):
     # a tool only a hosted Programmatic Tool Calling program may call: it was offered to the model directly
     (responses(tools=[{**openai.pydantic_responses_function_tool(GetWeather), "allowed_callers": ["programmatic"]}]),
      "tools.0.allowed_callers"),
+    # a call that runs asynchronously (openai-python 3.x's FunctionToolParam `async`): it was offered as an ordinary
+    # call, which ends the response to wait for its output
+    (responses(tools=[{**openai.pydantic_responses_function_tool(GetWeather), "async": True}]), "tools.0.async"),
 ])
 def test_an_sdk_field_that_changes_the_answer_is_refused_naming_it(router, tokenizer, call, param):
     with pytest.raises(openai.BadRequestError) as refused:
