@@ -75,6 +75,11 @@ InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[Functi
                                                          "\"reasoning\" and \"item_reference\", are not served here)")]
 
 
+# tools of the client's own that are not function tools: what their 400 says instead of "hosted"
+_OWN_TOOLS = {"namespace": "a namespace groups tools: send its tools as function tools",
+              "custom": "a custom tool's free-form input (text or a grammar) is not served"}
+
+
 class FunctionTool(RequestModel):
     type: Text
     name: Text  # any text, as the chat tool's
@@ -93,7 +98,8 @@ class FunctionTool(RequestModel):
     @classmethod
     def _functions_only(cls, v):
         if v != "function":
-            raise ValueError(f"only function tools are served here; {v!r} is one of OpenAI's hosted tools")
+            why = _OWN_TOOLS.get(v, f"{v!r} is one of OpenAI's hosted tools")
+            raise ValueError(f"only function tools are served here; {why}")
         return v
 
     @field_validator("allowed_callers")

@@ -325,6 +325,10 @@ def test_a_large_answers_logprobs_are_serialized_in_slices(client, stream, monke
 @pytest.mark.parametrize("patch, words", [
     ({"input": ""}, "must not be empty"), ({"input": []}, "must not be empty"),
     ({"tools": [{"type": "web_search", "name": "search"}]}, "hosted tools"),
+    # the client's own tools, not OpenAI's hosted ones (the 400 called them hosted)
+    ({"tools": [{"type": "namespace", "name": "crm", "description": "CRM", "tools": [TOOLS[0]]}]},
+     "send its tools as function tools"),
+    ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "free-form input"),
     ({"include": ["reasoning.encrypted_content"]}, "only \"message.output_text.logprobs\""),
     ({"background": True}, "nothing is stored"), ({"truncation": "auto"}, "never cut"),
     ({"input": [{"type": "reasoning", "summary": []}, {"role": "user", "content": "hi"}]}, "\"reasoning\""),
