@@ -53,6 +53,26 @@ class FunctionCallOutput(RequestModel):
         return self.output if isinstance(self.output, str) else "\n".join(part.text for part in self.output)
 
 
+class ReasoningText(RequestModel):
+    type: Literal["summary_text", "reasoning_text"]  # a summary's part, or the content's
+    text: Text
+
+
+class ReasoningItem(RequestModel):
+    """A reasoning model's reasoning, in a history a client hands over (the Agents SDK's handoffs, a pasted-back
+    `response.output`, a history replayed from another provider). It is taken and left out of the prompt: this
+    model never produced it, Llama 3.3's chat template has no place for it (vLLM's assistant message holding only
+    `reasoning` renders there as an empty assistant turn at best), and the history reads as it would without it.
+    Its encrypted content is OpenAI's, which nothing here can read: a 400, as in vLLM (and OpenAI's own
+    non-reasoning models, which refuse reasoning items altogether)."""
+    type: Literal["reasoning"]
+    id: Text | None = None
+    summary: Items[ReasoningText] = []
+    content: Items[ReasoningText] | None = None
+    encrypted_content: refused("another model's encrypted reasoning cannot be read here: send the item without "
+                               "it (or leave the item out)") | None = None
+
+
 _CALL_FIELDS = {"call_id", "arguments", "output"}  # a function_call's or function_call_output's, no message's
 
 
@@ -68,11 +88,13 @@ def _item_type(value: Any) -> str | None:
 
 
 InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-                      | Annotated[FunctionCallOutput, Tag("function_call_output")],
+                      | Annotated[FunctionCallOutput, Tag("function_call_output")]
+                      | Annotated[ReasoningItem, Tag("reasoning")],
                       Discriminator(_item_type, custom_error_type="input_item_type",
-                                    custom_error_message="an input item's type must be \"message\", \"function_call\" "
-                                                         "or \"function_call_output\" (other items, such as "
-                                                         "\"reasoning\" and \"item_reference\", are not served here)")]
+                                    custom_error_message="an input item's type must be \"message\", \"function_call\", "
+                                                         "\"function_call_output\" or \"reasoning\" (other items are "
+                                                         "not served here: an \"item_reference\" names a stored item, "
+                                                         "and nothing is stored)")]
 
 
 # tools of the client's own that are not function tools: what their 400 says instead of "hosted"
@@ -201,9 +223,10 @@ class ResponsesRequest(RequestModel):
     priority: int | None = None
     request_id: Text | None = None  # the response's id, as vLLM answers it
     vllm_xargs: Unsupported | None = None
-    # per message of the chat history, the input item it starts at (-1: the instructions), for the errors that
-    # name one (_input_path); filled by chat()
+    # per message of the chat history, the input item it starts at (-1: the instructions), and per call of it the
+    # function_call item, for the errors that name one (_input_path); filled by chat()
     _sources: list[int] = PrivateAttr(default_factory=list)
+    _call_items: dict[int, list[int]] = PrivateAttr(default_factory=dict)
 
     @field_validator("input")
     @classmethod
@@ -286,9 +309,11 @@ class ResponsesRequest(RequestModel):
         if source < 0 or isinstance(self.input, str):
             return "instructions" if source < 0 else "input"
         item = self.input[source]
-        if m[2] is not None:  # a call: a function_call item, after the assistant's message if the turn has one
-            return f"input.{source + int(m[2]) + isinstance(item, InputMessage)}" + (".call_id" if m[3] == ".id"
-                                                                                     else rest)
+        if m[2] is not None:  # a call: its function_call item (reasoning items may come between a turn's items)
+            calls = self._call_items.get(int(m[1]), [])
+            if int(m[2]) >= len(calls):
+                return None
+            return f"input.{calls[int(m[2])]}" + (".call_id" if m[3] == ".id" else rest)
         if isinstance(item, FunctionCallOutput):
             rest = {".content": ".output", ".tool_call_id": ".call_id"}.get(rest, rest)
         return f"input.{source}{rest}"
@@ -296,9 +321,13 @@ class ResponsesRequest(RequestModel):
     def _messages(self) -> list[dict]:
         messages: list[dict] = [{"role": "system", "content": self.instructions}] if self.instructions else []
         self._sources = sources = [-1] * len(messages)
+        self._call_items = call_items = {}
         if isinstance(self.input, str):
             sources.append(0)
             return [*messages, {"role": "user", "content": self.input}]
+        if all(isinstance(item, ReasoningItem) for item in self.input):  # nothing left for the model to answer
+            raise APIError(400, "input: holds only reasoning items, which are left out of the prompt here: send a "
+                                "message", param="input")
         calls: set[str] = set()
         for i, item in enumerate(self.input):
             if isinstance(item, InputMessage):
@@ -310,11 +339,13 @@ class ResponsesRequest(RequestModel):
                 calls.add(item.call_id)
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
-                if messages and messages[-1]["role"] == "assistant":
-                    messages[-1].setdefault("tool_calls", []).append(call)
-                else:
-                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                if not (messages and messages[-1]["role"] == "assistant"):
+                    messages.append({"role": "assistant", "content": None})
                     sources.append(i)
+                messages[-1].setdefault("tool_calls", []).append(call)
+                call_items.setdefault(len(messages) - 1, []).append(i)
+            elif isinstance(item, ReasoningItem):  # left out: see ReasoningItem
+                continue
             elif item.call_id not in calls:  # a result answering no call: OpenAI's 400 (a history cut wrong)
                 raise APIError(400, f"input.{i}.call_id: No tool call found for function call output with call_id "
                                     f"{item.call_id}.", param=f"input.{i}.call_id")

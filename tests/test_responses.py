@@ -22,6 +22,14 @@ BASIC = {"model": "smollm2", "input": "hi"}
 TOOLS = [{"type": "function", "name": "get_weather", "description": "the weather in a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
 CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+# A reasoning model's turn as OpenAI returns it: its reasoning, then its text or its calls.
+REASONING = {"type": "reasoning", "id": "rs_1", "status": "completed",
+             "summary": [{"type": "summary_text", "text": "The user wants the weather."}],
+             "content": [{"type": "reasoning_text", "text": "Call get_weather for Paris."}]}
+CALLS = [{"type": "function_call", "call_id": "a", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+         {"type": "function_call", "call_id": "b", "name": "get_weather", "arguments": '{"city": "Lyon"}'}]
+OUTPUTS = [{"type": "function_call_output", "call_id": "a", "output": "sunny"},
+           {"type": "function_call_output", "call_id": "b", "output": "rain"}]
 
 
 def events(response) -> list[dict]:
@@ -216,6 +224,14 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
                 {"type": "function_call", "call_id": "a", "name": "get_weather", "arguments": "{}"},
                 {"type": "function_call", "call_id": "b", "name": "get_weather", "arguments": "{"}]},
      "input.3.arguments"),  # the calls join the assistant's message: one turn of the history
+    ({"input": [{"role": "user", "content": "Weather?"}, {"type": "reasoning"}, CALLS[0], {"type": "reasoning"},
+                {**CALLS[1], "arguments": "{"}, OUTPUTS[0]]}, "input.4.arguments"),  # reasoning between a turn's calls
+    ({"input": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me look."},
+                {"type": "reasoning"}, {**CALLS[0], "arguments": "{"}]}, "input.3.arguments"),
+    ({"input": [{"role": "user", "content": "hi"}, {"type": "reasoning", "encrypted_content": "gAAA"}]},
+     "input.1.encrypted_content"),
+    ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text"}]}]}, "input.0.summary.0.text"),
+    ({"input": [{"type": "reasoning"}]}, "input"),
 ])
 def test_bad_requests_are_400_naming_the_responses_field(client, router, patch, param):
     assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
@@ -331,8 +347,12 @@ def test_a_large_answers_logprobs_are_serialized_in_slices(client, stream, monke
     ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "free-form input"),
     ({"include": ["reasoning.encrypted_content"]}, "only \"message.output_text.logprobs\""),
     ({"background": True}, "nothing is stored"), ({"truncation": "auto"}, "never cut"),
-    ({"input": [{"type": "reasoning", "summary": []}, {"role": "user", "content": "hi"}]}, "\"reasoning\""),
-    ({"input": [{"type": "item_reference", "id": "x"}]}, "must be \"message\", \"function_call\" or"),
+    # a reasoning item is taken (test_reasoning_items_...), not one that only OpenAI can read
+    ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}, {"role": "user", "content": "hi"}]},
+     "encrypted reasoning cannot be read here"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "only reasoning items"),
+    ({"input": [{"type": "item_reference", "id": "x"}]}, "names a stored item, and nothing is stored"),
+    ({"input": [{"type": "compaction", "encrypted_content": "gAAA"}]}, "must be \"message\", \"function_call\","),
 ])
 def test_refusals_say_why(client, patch, words):
     r = client.post("/v1/responses", json={**BASIC, **patch})
@@ -540,3 +560,44 @@ def test_a_grammar_the_mesh_gives_up_on_names_text_format(tokenizer, eos, stream
     r = make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "text": {"format": fmt}, "stream": stream})
     error = events(r)[-1] if stream else assert_error(r, 400)
     assert error["param"] == "text.format.schema" and error["message"].startswith("text.format.schema: ")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("with_reasoning", [
+    # a reasoning item before a turn, between its text and its calls, between two calls, between a call and its output
+    [{"role": "user", "content": "Weather?"}, REASONING, {"role": "assistant", "content": "Let me look."}, REASONING,
+     CALLS[0], REASONING, CALLS[1], REASONING, *OUTPUTS, {**REASONING, "content": None}],
+    # the bare minimum (no id, no summary), and one with its summary alone
+    [{"type": "reasoning"}, {"role": "user", "content": "Weather?"}, {**REASONING, "content": []}, *CALLS, *OUTPUTS],
+])
+def test_reasoning_items_are_taken_and_left_out_of_the_prompt(client, router, with_reasoning, stream):
+    """A history handed over from a reasoning model (the Agents SDK's handoffs, a pasted-back response.output, a
+    replay from another provider) holds its reasoning items: they were a 400, "not served here". They are left out:
+    the prompt, the response and its stream are those of the same history without them."""
+    answers = []
+    for items in (with_reasoning, [item for item in with_reasoning if item.get("type") != "reasoning"]):
+        r = client.post("/v1/responses", json={**BASIC, "input": items, "tools": TOOLS, "stream": stream})
+        final = events(r)[-1]["response"] if stream else r.json()
+        answers.append((list(router.requests.values())[-1][0], Response.model_validate(final).output_text,
+                        [(e["type"], e.get("delta")) for e in events(r)] if stream else None))
+    assert answers[0] == answers[1] and answers[0][1] == ANSWER
+
+
+def test_a_reasoning_models_output_as_the_sdk_dumps_it_is_taken(client, router, tokenizer):
+    """Clients send a reasoning model's output back as openai-python dumps it (model_dump of a ParsedResponse's
+    items: ids, status, a reasoning item's summary and content parts, null encrypted_content)."""
+    from openai.types.responses import ParsedResponse
+    output = [{**REASONING, "encrypted_content": None},
+              {"type": "message", "id": "msg_1", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": "Let me look.", "annotations": [], "logprobs": []}]},
+              {**CALLS[0], "id": "fc_1", "status": "completed"}]
+    previous = ParsedResponse[None].model_validate({
+        "id": "resp_1", "object": "response", "created_at": 0, "model": "o4-mini", "output": output,
+        "parallel_tool_calls": True, "tool_choice": "auto", "tools": []})
+    items = [{"role": "user", "content": "Weather?"}, *(item.model_dump() for item in previous.output), OUTPUTS[0]]
+    for history in (items, [item for item in items if item.get("type") != "reasoning"]):
+        r = client.post("/v1/responses", json={**BASIC, "input": history, "tools": TOOLS})
+        assert r.status_code == 200, r.text
+    first, second = (prompt for prompt, _, _ in router.requests.values())
+    assert first == second and "sunny" in tokenizer.decode(first)  # the history, all of it but the reasoning
+    assert "user wants" not in tokenizer.decode(first) and "Call get_weather" not in tokenizer.decode(first)
