@@ -79,10 +79,11 @@ _CALL_FIELDS = {"call_id", "arguments", "output"}  # a function_call's or functi
 def _item_type(value: Any) -> str | None:
     """An item's `type`; a message may leave it out (OpenAI's EasyInputMessage), or send it null (the default). An
     item with a call's or an output's own field is no message: without its type, the type is what it lacks, not
-    the message's role the 400 named."""
+    the message's role the 400 named. Nor is an id alone: openai-python's ItemReference, whose type may be left out
+    too."""
     if isinstance(value, dict):
         if value.get("type") is None:
-            return None if _CALL_FIELDS & value.keys() else "message"
+            return None if _CALL_FIELDS & value.keys() or value.keys() - {"type"} == {"id"} else "message"
         return value["type"]
     return getattr(value, "type", None)
 
