@@ -1,6 +1,7 @@
 """The TT Galaxy backend against a double of ttnn and of tt-metal's Galaxy generator (tests/tt_double)."""
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,17 @@ def hf_dir(tmp_path, monkeypatch):
     _forget_double()
     yield tmp_path
     _forget_double()
+
+
+@pytest.fixture
+def vllm_installed(monkeypatch):
+    """A stand-in for vLLM, which generator_vllm imports (vllm.envs) at its top: with it, the checkout's
+    LlamaForCausalLM and its KV allocator build the model. meshserve's environment has no vLLM."""
+    vllm, envs = types.ModuleType("vllm"), types.ModuleType("vllm.envs")
+    envs.VLLM_USE_V1 = True
+    vllm.envs = envs
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.envs", envs)
 
 
 @pytest.fixture
@@ -116,8 +128,9 @@ def test_mesh_settings_come_from_the_config(ttnn, hf_dir):
     assert "set_fabric_config" not in dict(ttnn.calls)
 
 
-def test_model_is_built_as_generator_vllm_builds_it(backend, ttnn):
+def test_model_is_built_as_generator_vllm_builds_it(vllm_installed, ttnn, hf_dir):
     from models.demos.llama3_70b_galaxy.tt.generator_vllm import LlamaForCausalLM
+    backend = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
     assert isinstance(backend.generator, LlamaForCausalLM)
     args = backend.generator.model_args
     assert (args.max_batch_size, args.max_seq_len, args.instruct, args.optimizations.bfp4_mlp) == \
@@ -125,6 +138,7 @@ def test_model_is_built_as_generator_vllm_builds_it(backend, ttnn):
     built = backend.generator.model.built_with
     assert built["use_paged_kv_cache"] and built["mode"] == "prefill" and built["dtype"] == ttnn.bfloat8_b
     assert built["enable_prefetcher_performance_mode"] and built["paged_attention_config"] is None
+    backend.close()
 
 
 def test_the_hugging_face_model_is_not_kept_in_host_memory(backend):
@@ -167,7 +181,8 @@ def test_a_greedy_request_samples_on_the_device_whatever_seed_top_k_or_top_p_it_
     assert greedy == SamplingParams(temperature=0.0) and backend.can_sample(greedy)
 
 
-def test_kv_cache_comes_from_the_checkouts_allocator(backend, ttnn):
+def test_with_vllm_the_kv_cache_comes_from_the_checkouts_allocator(vllm_installed, ttnn, hf_dir):
+    backend = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
     assert backend.kv_cache_api == "checkout"
     [asked] = [kw for name, kw in ttnn.calls if name == "allocate_vllm_kv_cache"]
     assert asked == {"kv_cache_shape": (2057, 1, 64, 128), "dtype": torch.bfloat16, "num_layers": 80}
@@ -177,10 +192,12 @@ def test_kv_cache_comes_from_the_checkouts_allocator(backend, ttnn):
     assert {(kw["dtype"], kw["layout"], kw["memory_config"]) for kw in allocs} == \
         {(ttnn.bfloat8_b, ttnn.TILE_LAYOUT, ttnn.DRAM_MEMORY_CONFIG)}
     assert all(isinstance(kw["mesh_mapper"], ttnn.ReplicateTensorToMesh) for kw in allocs)
+    backend.close()
 
 
-def test_without_generator_vllm_the_backend_allocates_the_same_cache(ttnn, hf_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, GENERATOR_VLLM, None)  # e.g. a version that imports vllm, not installed
+def test_without_vllm_the_backend_allocates_the_same_cache(ttnn, hf_dir):
+    """generator_vllm imports vllm.envs at its top (@0be6ffc8): without vLLM, as here and on a meshserve host,
+    the plain Generator serves and the backend allocates the cache."""
     b = TTGalaxyBackend(hf_dir)
     from models.demos.llama3_70b_galaxy.tt.generator import Generator
     assert type(b.generator) is Generator and b.kv_cache_api == "backend"

@@ -3,14 +3,16 @@ the Generator subclass tenstorrent/vllm's model runner drives, whose allocate_kv
 num_layers) is how the checkout allocates the paged KV cache the way its model reads it (allocate_vllm_kv_cache:
 one [k, v] pair per layer, bfloat8_b, tile layout, DRAM, replicated over the mesh).
 
-The real module imports `vllm.envs` in some versions; without vLLM installed its import then fails, and the
-backend falls back to allocating the same tensors itself.
+Like the real module (@0be6ffc8 and @08b93c9f alike), it imports `vllm.envs` at the top: without vLLM installed,
+as in meshserve's environment, its import fails and the backend allocates the same tensors itself. Tests that want
+this module install a stand-in `vllm` package.
 """
 from pathlib import Path
 
 import torch
 
 import ttnn
+import vllm.envs as envs  # noqa: F401  (the real module reads envs.VLLM_USE_V1 when vLLM builds the model)
 from models.demos.llama3_70b_galaxy.tt.generator import Generator
 
 
