@@ -347,7 +347,7 @@ def _open_mesh(ttnn, config: TTMeshConfig, mesh_shape: tuple[int, int]):
 def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
     """TtModelArgs -> state dict -> TtTransformer (paged KV supplied by us) -> generator, as generator_vllm.py's
     initialize_vllm_text_transformer. The generator is its LlamaForCausalLM where that module imports (it
-    brings the checkout's KV allocator); some versions import vLLM there, and then the plain Generator.
+    brings the checkout's KV allocator); it imports vllm.envs (@0be6ffc8), so without vLLM the plain Generator.
     Returns (generator, its decode method, args). Decode is the plain Generator's own `decode_forward`
     (`decode_forward_text` before tt-metal renamed it), bound to the generator: LlamaForCausalLM's override only
     forwards to its parent under one of the two names (`super().decode_forward_text` @0be6ffc8), which a
