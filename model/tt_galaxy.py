@@ -294,8 +294,9 @@ def _import_ttnn():
 
 
 def _export_weights_dir(model_dir: str | os.PathLike | None) -> None:
-    """tt-metal's TtModelArgs reads the checkpoint from HF_MODEL (config.json) or LLAMA_DIR (params.json)
-    and refuses both at once (models/demos/llama3_70b_galaxy/tt/model_config.py, TtModelArgs.__init__). Which one
+    """tt-metal's TtModelArgs reads the checkpoint from HF_MODEL (config.json) or, before tt-metal issue #42139,
+    LLAMA_DIR (params.json), and refuses both at once (models/demos/llama3_70b_galaxy/tt/model_config.py,
+    TtModelArgs.__init__; @019d812b reads HF_MODEL only, and _build_generator names a Meta folder it refuses). Which one
     the folder's weights decide (checkpoint_format): an HF folder may hold a params.json too (Mistral's repos)."""
     if model_dir:
         from model.checkpoint import checkpoint_format
@@ -371,8 +372,16 @@ def _build_generator(ttnn, mesh, max_seq_len: int, num_layers: int | None):
     # cache_hf=False where it exists (model_config.py @019d812b defaults it to True: load_state_dict then keeps the
     # whole Hugging Face model in host memory for the process's life; its demos and vLLM pass False)
     cache_hf = {"cache_hf": False} if "cache_hf" in inspect.signature(TtModelArgs).parameters else {}
-    args = TtModelArgs(mesh, instruct=True, max_batch_size=NUM_SLOTS, optimizations=LlamaOptimizations.performance,
-                       max_seq_len=max_seq_len, **cache_hf)
+    try:
+        args = TtModelArgs(mesh, instruct=True, max_batch_size=NUM_SLOTS,
+                           optimizations=LlamaOptimizations.performance, max_seq_len=max_seq_len, **cache_hf)
+    except AssertionError as e:  # model_config.py @019d812b: `assert HF_MODEL, "Please set HF_MODEL ..."`
+        meta = os.environ.get("LLAMA_DIR")
+        if meta and not os.environ.get("HF_MODEL") and "HF_MODEL" in str(e):
+            raise ValueError(f"{meta} is a Meta checkpoint (params.json), and this tt-metal checkout's Galaxy model "
+                             "reads Hugging Face weights only (HF_MODEL; tt-metal issue #42139, model_config.py "
+                             "@019d812b): point `model` at a Hugging Face folder of the same weights") from e
+        raise
     if num_layers is not None:
         args.n_layers = num_layers
     model = TtTransformer(args=args, mesh_device=mesh, dtype=ttnn.bfloat8_b, state_dict=args.load_state_dict(),

@@ -318,13 +318,25 @@ def test_a_failed_warmup_releases_everything(ttnn, hf_dir, monkeypatch):
     assert names[-2:] == ["close_mesh_device", "set_fabric_config"]
 
 
-def test_weights_folder_is_exported_where_tt_metal_reads_it(ttnn, hf_dir, tmp_path_factory):
+def test_weights_folder_is_exported_where_tt_metal_reads_it(ttnn, hf_dir, tmp_path_factory, monkeypatch):
     TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False}).close()
     assert os.environ["HF_MODEL"] == str(hf_dir) and "LLAMA_DIR" not in os.environ
+    from models.demos.llama3_70b_galaxy.tt import model_config
+    monkeypatch.setattr(model_config, "READS_LLAMA_DIR", True)  # a checkout from before tt-metal issue #42139
     meta = tmp_path_factory.mktemp("meta")
     (meta / "params.json").write_text("{}")
     TTGalaxyBackend(meta, tt_config={"enable_model_warmup": False}).close()  # tt-metal refuses both variables
     assert os.environ["LLAMA_DIR"] == str(meta) and "HF_MODEL" not in os.environ
+
+
+def test_a_meta_folder_on_a_checkout_that_reads_hugging_face_only_is_refused_by_name(ttnn, tmp_path_factory):
+    """model_config.py @019d812b asserts HF_MODEL ("Please set HF_MODEL to a HuggingFace model name"): for a
+    deployment whose `model` is a Meta folder that message names neither the folder nor the cause."""
+    meta = tmp_path_factory.mktemp("meta")
+    (meta / "params.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"{meta}.*Meta.*Hugging Face weights only"):
+        TTGalaxyBackend(meta)
+    assert [name for name, _ in ttnn.calls][-2:] == ["close_mesh_device", "set_fabric_config"]
 
 
 def test_an_hf_folder_with_a_params_json_is_exported_as_hf_model(ttnn, hf_dir, tmp_path):

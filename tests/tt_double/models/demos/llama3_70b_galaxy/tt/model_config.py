@@ -1,10 +1,14 @@
-"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/model_config.py: TtModelArgs' constructor, the
+"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/model_config.py (@019d812b): TtModelArgs' constructor, the
 weights environment it reads, and the attributes the backend and generator use (Llama-3.3-70B values)."""
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 SDPA_CHUNK_ALIGN = 128
+# @019d812b reads Hugging Face checkpoints only: "Galaxy Llama 3.3-70B is HuggingFace-only (Meta / LLAMA_DIR support
+# was removed, Issue #42139)", an assert on HF_MODEL. Older checkouts also read LLAMA_DIR (one of the two); tests set
+# this to True to stand for one of those.
+READS_LLAMA_DIR = False
 
 
 @dataclass
@@ -28,8 +32,12 @@ class TtModelArgs:
             raise ValueError(f"Unsupported number of devices: {self.num_devices}. "
                              "Only 32 devices (Galaxy) are supported.")
         llama_dir, hf_model = os.getenv("LLAMA_DIR"), os.getenv("HF_MODEL")
-        assert not (llama_dir and hf_model), "Only one of LLAMA_DIR or HF_MODEL should be set"
-        assert llama_dir or hf_model, "Please set HF_MODEL (or LLAMA_DIR)"
+        if READS_LLAMA_DIR:
+            assert not (llama_dir and hf_model), "Only one of LLAMA_DIR or HF_MODEL should be set"
+            assert llama_dir or hf_model, "Please set HF_MODEL (or LLAMA_DIR)"
+        else:
+            assert hf_model, "Please set HF_MODEL to a HuggingFace model name, e.g. meta-llama/Llama-3.3-70B-Instruct"
+            llama_dir = None
         self.CKPT_DIR = llama_dir or hf_model
         self.mesh_device = mesh_device
         self.instruct = instruct
