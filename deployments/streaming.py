@@ -391,8 +391,8 @@ class EventStream(StreamingResponse):
             await self.source.aclose()
 
     async def stream_response(self, send) -> None:
-        """Starlette's, with the keep-alive: its comment goes out from a timer, so a chunk waits for it to be sent
-        (two sends never overlap). A comment's send that raises ends the stream at once, with its error."""
+        """Starlette's, with the keep-alive: it goes out from a timer, so a chunk waits for it to be sent (two sends
+        never overlap). A keep-alive's send that raises ends the stream at once, with its error."""
         loop = asyncio.get_running_loop()
         self._streamer = asyncio.current_task()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -425,7 +425,7 @@ class EventStream(StreamingResponse):
                 comment.exception()  # retrieved: the stream's own error says why it ended
 
     def _tick(self, loop: asyncio.AbstractEventLoop, send) -> None:
-        """Send a comment if nothing went out for keepalive_s (bytes on their way count as sent), and come back when
+        """Send a keep-alive if nothing went out for keepalive_s (bytes on their way count as sent), and come back when
         the next one is due."""
         now, due = loop.time(), self._sent_at + self.keepalive_s
         if now >= due:
@@ -438,14 +438,14 @@ class EventStream(StreamingResponse):
         self._timer = loop.call_at(due, self._tick, loop, send)
 
     def _refusal(self) -> BaseException | None:
-        """What a comment's failed send raised (a failed comment stays in _comment, and no other follows it)."""
+        """What a keep-alive's failed send raised (a failed one stays in _comment, and no other follows it)."""
         comment = self._comment
         return comment.exception() if comment is not None and comment.done() and not comment.cancelled() else None
 
     def _cancelled_here(self) -> bool:
         """Whether _sent_comment alone cancelled the stream (its cancel taken back). Task.uncancel is 3.11+; a Galaxy
         host may run 3.10, where a cancel from outside in the same instant is taken for ours: the stream ends with
-        the comment's error rather than a cancel, ended either way."""
+        the keep-alive's error rather than a cancel, ended either way."""
         uncancel = getattr(self._streamer, "uncancel", None)
         return uncancel() == 0 if uncancel is not None else True
 
