@@ -84,8 +84,12 @@ class MeshReplica:
     def __init__(self, config: dict):
         # Serve marks the replica ready only once this returns: a loading mesh takes no traffic.
         app = AppConfig(**config)
-        model_dir = str(resolve_model_dir(app.model))
-        backend = build_backend(app, model_dir)
+        try:
+            model_dir = str(resolve_model_dir(app.model))
+            backend = build_backend(app, model_dir)
+        except Exception:  # Serve tells only its controller why a constructor failed: the replica's log said nothing
+            log.exception("the mesh did not start: its model or device failed to load")
+            raise
         self.runner = MeshRunner(backend, grammar_tokenizer=partial(grammar_tokenizer, model_dir, backend.caps.vocab_size))
         try:  # now: at the first constrained request it would hold every slot (~1 s for a 128k vocabulary)
             self.runner.grammars()

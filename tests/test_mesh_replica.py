@@ -1,5 +1,6 @@
 """The mesh replica's ordering and incarnation rules, without Ray (the class under Serve's decorator)."""
 import asyncio
+import logging
 import time
 
 import pytest
@@ -251,3 +252,18 @@ def test_a_replica_finds_the_model_on_its_own_node(monkeypatch, tmp_path):
     monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda model_dir, vocab_size: seen.append(model_dir))
     Replica({"backend": "simulated", "model": ""}).shutdown()
     assert seen == [str(tmp_path), str(tmp_path)]
+
+
+def test_a_device_that_fails_to_open_is_named_in_the_replicas_own_log(monkeypatch, caplog):
+    """Serve hands a constructor's error to its controller only (its log, `serve status`): under Ray, a mesh
+    replica whose backend raised at start logged "Started initializing replica." and then its shutdown, no
+    reason, in every one of its restarts."""
+    def broken(config, model_dir):
+        raise RuntimeError("no device at /dev/tenstorrent/0")
+
+    monkeypatch.setattr(mesh_replica, "build_backend", broken)
+    caplog.set_level(logging.ERROR, logger="ray.serve")
+    with pytest.raises(RuntimeError, match="no device"):
+        Replica({"backend": "simulated"})
+    [record] = [r for r in caplog.records if r.name == "ray.serve" and r.levelno >= logging.ERROR]
+    assert "did not start" in record.getMessage() and "no device" in str(record.exc_info[1])
