@@ -14,6 +14,10 @@ from model.backend import Capabilities
 from scheduler.work import MeshWork, StaleWork, StepResult
 
 
+class DeviceDown(RuntimeError):
+    """The replica's device failed (its reset said so): the mesh stays down until Serve replaces the replica."""
+
+
 class LinkMeshClient:
     """MeshClient (deployments/router.py) over a Serve handle to one single-replica `mesh-i` deployment."""
 
@@ -27,6 +31,8 @@ class LinkMeshClient:
     async def reset(self) -> tuple[str, Capabilities]:
         self._close(ConnectionError("the mesh was reset"))  # first: no frame of the old link runs after the reset
         incarnation, caps = await self._handle.reset.remote()
+        if caps is None:
+            raise DeviceDown(f"the device of mesh replica {incarnation} failed: it waits for Serve to restart it")
         address = await self._handle.link_address.remote()
         self._link, self._closed = await connect(address), asyncio.Event()
         self._reader = asyncio.create_task(self._read(self._link))

@@ -109,19 +109,21 @@ class MeshReplica:
         self.link_server = LinkServer(self._serve_link)
         freeze_gc_heap()  # the model, the backend and the modules stay: full collections need not walk them
 
-    async def reset(self) -> tuple[str, Capabilities]:
+    async def reset(self) -> tuple[str, Capabilities | None]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
         Works still waiting for their turn, or queued and not started, are refused. Returns (incarnation id,
-        capabilities). Raises DeviceFailed after a device error: the mesh stays down until Serve restarts it."""
-        self._check_device()
+        capabilities); capabilities None after a device error: the mesh stays down until Serve restarts it.
+        Answered, not raised: Serve logs a raised error's traceback at ERROR, once per probe (every second)."""
+        if self.error is not None:
+            return self.incarnation, None
         async with self.turn:
             self.generation += 1
             self.next_work_id = 0
             self.turn.notify_all()
             done = self.worker.submit(self.runner.reset)  # queued behind any running work
         await asyncio.wrap_future(done)
-        self._check_device()  # again: the work it waited for may have failed on the device meanwhile
-        return self.incarnation, self.caps
+        # again: the work it waited for may have failed on the device meanwhile
+        return self.incarnation, (self.caps if self.error is None else None)
 
     async def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
         """Run one work after every lower work id (queued in id order on the one worker thread); stream one

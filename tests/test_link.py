@@ -11,6 +11,7 @@ import pytest
 
 import deployments.ingress as ingress_module
 import deployments.link as link_module
+import deployments.mesh_client as mesh_client
 import deployments.mesh_replica as mesh_replica
 import deployments.router_client as router_client
 from deployments.link import Link, LinkAddress, LinkServer, connect
@@ -215,6 +216,27 @@ def test_a_works_last_result_and_its_end_leave_the_mesh_in_one_write(replica, mo
     asyncio.run(main())
     from_mesh = [[type(item).__name__ for _, item in objs] for objs in writes if not isinstance(objs[0][0], MeshWork)]
     assert from_mesh == [["StepResult"], ["StepResult", "NoneType"]]
+
+
+def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_replica(replica, monkeypatch):
+    """Serve logs every exception a handle call raises, at ERROR with its traceback: the router's probe of a replica
+    whose device failed (every second, until Serve's third failed health check replaces it) put 19-28 of them in
+    that replica's log per failure under real Serve, around the one that said why. The replica answers that its
+    device failed; the router's client refuses the mesh."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("device fell over")
+    monkeypatch.setattr(replica.runner.backend, "prefill", broken)
+
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await client.reset()
+        with pytest.raises(RuntimeError, match="device fell over"):
+            [r async for r in client.execute(prefill(0, slot=0), incarnation)]
+        assert await replica.reset() == (incarnation, None)
+        with pytest.raises(mesh_client.DeviceDown, match="waits for Serve to restart it"):
+            await client.reset()
+        client.close()
+    asyncio.run(main())
 
 
 def test_send_writes_several_frames_at_once_and_they_arrive_in_order():
