@@ -218,11 +218,16 @@ def test_a_works_last_result_and_its_end_leave_the_mesh_in_one_write(replica, mo
     assert from_mesh == [["StepResult"], ["StepResult", "NoneType"]]
 
 
-def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_replica(replica, monkeypatch):
+def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_replica(monkeypatch):
     """Serve logs every exception a handle call raises, at ERROR with its traceback: the router's probe of a replica
     whose device failed (every second, until Serve's third failed health check replaces it) put 19-28 of them in
     that replica's log per failure under real Serve, around the one that said why. The replica answers that its
     device failed; the router's client refuses the mesh."""
+    monkeypatch.setattr(mesh_replica, "build_backend",
+                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.2, vocab_size=1000))
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda *_: None)  # no grammars here: nothing to load
+    replica = mesh_replica.MeshReplica.func_or_class({"backend": "simulated"})
+
     def broken(*args, **kwargs):
         raise RuntimeError("device fell over")
     monkeypatch.setattr(replica.runner.backend, "prefill", broken)
@@ -237,6 +242,7 @@ def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_
             await client.reset()
         client.close()
     asyncio.run(main())
+    replica.shutdown()
 
 
 def test_send_writes_several_frames_at_once_and_they_arrive_in_order():
