@@ -514,9 +514,11 @@ class OpenAIServer:
                     else req.truncate_prompt_tokens)
             prompt_ids = truncated(prompt_ids, keep, req.truncation_side, int(text_bos))
         n = len(prompt_ids)
-        if n >= limit:
+        if n >= limit:  # also to score it (max_tokens 0, echo): vLLM's v1 _validate_prompt_len refuses it as well
+            room = (f"at most {limit - 1} tokens can be scored (max_tokens 0 with echo), as in vLLM"
+                    if req.requested_max_tokens == 0 else "leaving no room for an answer")
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
-                                f"leaving no room for an answer.", param=prompt_field, code="context_length_exceeded")
+                                f"{room}.", param=prompt_field, code="context_length_exceeded")
         if isinstance(req, CompletionRequest) and not isinstance(req.prompt, str):
             check_token_ids(prompt_ids, self.vocab_size, "prompt")
         elif prompt_ids and max(prompt_ids) >= self.vocab_size:  # text the tokenizer knows and the model does not

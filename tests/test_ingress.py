@@ -1805,6 +1805,22 @@ def test_one_prompt_of_a_batch_too_long_for_the_context_refuses_the_batch(client
     assert not router.requests
 
 
+
+def test_scoring_a_prompt_that_fills_the_context_is_400_saying_how_long_one_may_be(client, router):
+    """lm-eval's loglikelihood (max_tokens 0, echo, logprobs) of a prompt of max_model_len tokens: vLLM refuses it too
+    (v1 input_processor._validate_prompt_len: a generate model's prompt needs one token of room, even for max_tokens
+    0, as its echo makes one token internally). The 400 said "no room for an answer" to a client that asked for none;
+    it now says the longest prompt that can be scored. One token shorter is scored."""
+    body = {**COMPLETION, "prompt": [1] * MAX_LEN, "max_tokens": 0, "echo": True, "logprobs": 1}
+    error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt")
+    assert error["code"] == "context_length_exceeded"
+    assert f"at most {MAX_LEN - 1} tokens can be scored" in error["message"], error["message"]
+    assert not router.requests
+    r = client.post("/v1/completions", json={**body, "prompt": [1] * (MAX_LEN - 1)})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (MAX_LEN - 1, 0)
+
 @pytest.mark.parametrize("prompt", [["a", [1]], [[1, 2], "hi"], [1, "a"], [["a"]], 5, [1.5], [True], {"a": 1},
                                     ["ok", "x\ud800"]])
 def test_a_prompt_of_the_wrong_shape_gets_a_message_that_says_what_it_may_be(client, router, prompt):
