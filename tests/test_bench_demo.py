@@ -246,3 +246,16 @@ def test_users_of_one_batch_share_no_prefix_cache(monkeypatch):
     demo.main(["--preset", "performance-long-4k-b1", "--batch-size", "8", "--time-scale", "0.001",
                "--max-generated-tokens", "2", "--json"])
     assert cached == [0] * 8
+
+
+def test_the_summary_is_the_first_batchs_as_in_the_demo():
+    """The demo's summary lines ("Average Time to First Token", "Average speed") are batch 0's figures (its
+    profiler's steps at iteration 0); repeat batches only print their outputs. An average over batches was
+    another figure under the demo's label."""
+    args = demo.parse_args(["--preset", "performance-repeat2"])
+    settings = demo.resolve(args)
+    users = [demo.UserResult(10, 4, "length")]
+    batches = [demo.BatchResult(0, 0.05, 50.0, 60.0, 60.0, users), demo.BatchResult(1, 0.09, 90.0, 20.0, 20.0, users)]
+    rep = demo.report(args, settings, batches, wall_s=1.0, device_busy=None, prompts=None)
+    assert (rep["ttft_ms"], rep["decode_tokens_per_s_per_user"], rep["decode_tokens_per_s"]) == (50.0, 60.0, 60.0)
+    assert rep["output_tokens"] == 8  # the total is still every batch's
