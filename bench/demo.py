@@ -65,7 +65,10 @@ class Settings:
     repeat_batches: int = 1
     max_seq_len: int = 128 * 1024
     max_generated_tokens: int = 128
-    block_size: int = 64  # page_params
+    block_size: int = 64  # page_params' page_block_size
+    # page_params' page_max_num_blocks, when given: the demo's page table for the whole batch, of which each user
+    # may fill block_size x page_max_num_blocks / 32 tokens at batch 32 (one user per row), all of it otherwise.
+    page_max_num_blocks: int | None = None
     # KV blocks per KV group; None: the backend's own pool. The demo's page_params max_num_blocks (2,048) is one
     # page table for the whole batch (text_demo.py reshapes it to max_num_blocks // batch per user), which a
     # Galaxy column's pool of 2,056 blocks holds for any batch: passed per group it would be a smaller pool
@@ -134,6 +137,25 @@ class BatchResult:
     users: list[UserResult]
 
 
+def _flag(text: str) -> bool:
+    """The demo's 0/1 (its --instruct and --stop_at_eos take an int), or true/false."""
+    value = {"0": False, "1": True, "false": False, "true": True}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected 0, 1, true or false, not {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    """The demo's dict options (sampling_params, page_params), as JSON."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -142,23 +164,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="model folder (HF or Meta) or a hub id in the local HF cache; default: "
                                    "embedded SmolLM2 for torch, Llama 3's tokenizer for simulated, $HF_MODEL "
                                    "or $LLAMA_DIR for tt_galaxy")
+    # Each of the demo's options also under its own spelling (--max_seq_len, --instruct 0, --sampling_params '{..}'),
+    # so its command lines work here.
     demo = p.add_argument_group("demo parameters (default: the preset's)")
-    demo.add_argument("--input-prompts", type=Path, help="prompt file (JSON list of prompt/context/max_length)")
-    demo.add_argument("--instruct", action=argparse.BooleanOptionalAction, default=None,
-                      help="chat template and context in a code block (instruct weights)")
-    demo.add_argument("--repeat-batches", type=int)
-    demo.add_argument("--max-seq-len", type=int)
-    demo.add_argument("--batch-size", type=int)
-    demo.add_argument("--max-generated-tokens", type=int)
+    demo.add_argument("--input-prompts", "--input_prompts", type=Path,
+                      help="prompt file (JSON list of prompt/context/max_length)")
+    demo.add_argument("--instruct", nargs="?", const=True, type=_flag, default=None,
+                      help="chat template and context in a code block (instruct weights); --instruct 0: base")
+    demo.add_argument("--no-instruct", dest="instruct", action="store_false", default=None)
+    demo.add_argument("--repeat-batches", "--repeat_batches", type=int)
+    demo.add_argument("--max-seq-len", "--max_seq_len", type=int)
+    demo.add_argument("--batch-size", "--batch_size", type=int)
+    demo.add_argument("--max-generated-tokens", "--max_generated_tokens", type=int)
+    demo.add_argument("--page-params", "--page_params", type=_json_object,
+                      help='the demo\'s {"page_block_size": 64, "page_max_num_blocks": 2048}: block size, and each '
+                           "user's share of the page table as a limit on its length (the KV pool is --max-blocks)")
+    demo.add_argument("--sampling-params", "--sampling_params", type=_json_object,
+                      help='the demo\'s {"temperature": 0.0, "top_p": 0.08, ...}: replaces the preset\'s; a list '
+                           "gives user u its entry u mod the list's length")
     demo.add_argument("--block-size", type=int, help="page_params: tokens per KV block")
     demo.add_argument("--max-blocks", type=int, help="KV blocks per KV group (default: the backend's own pool)")
     demo.add_argument("--temperature", type=arg_types.finite)
     demo.add_argument("--top-p", type=arg_types.finite)
     demo.add_argument("--top-k", type=int)
     demo.add_argument("--seed", type=int)
-    demo.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--num-layers", type=int, help="tt_galaxy only: a truncated model for bring-up")
-    p.add_argument("--print-outputs", action="store_true", help="print each user's prompt and answer")
+    demo.add_argument("--stop-at-eos", "--stop_at_eos", nargs="?", const=True, type=_flag, default=None)
+    demo.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false", default=None)
+    p.add_argument("--num-layers", "--num_layers", type=int, help="tt_galaxy only: a truncated model for bring-up")
+    p.add_argument("--print-outputs", "--print_outputs", nargs="?", const=True, type=_flag, default=False,
+                   help="print each user's prompt and answer")
     p.add_argument("--time-scale", type=float, default=1.0, help="simulated only: 0.1 runs 10x faster")
     p.add_argument("--decode-steps", type=int, default=8, help="decode steps per scheduler round")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
@@ -175,13 +209,32 @@ def resolve(args: argparse.Namespace) -> Settings:
     preset = PRESETS[args.preset]
     names = {f.name for f in dataclasses.fields(Settings)} - {"published_input_tokens", "per_user"}
     given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    given["per_user"] = {name: values for name, values in preset.per_user.items() if name not in given}
+    per_user = dict(preset.per_user)
+    if args.page_params is not None:
+        unknown = set(args.page_params) - {"page_block_size", "page_max_num_blocks"}
+        if unknown:
+            raise SystemExit(f"--page-params: unknown keys {sorted(unknown)} (page_block_size, page_max_num_blocks)")
+        given.setdefault("block_size", args.page_params.get("page_block_size", preset.block_size))
+        given["page_max_num_blocks"] = args.page_params.get("page_max_num_blocks")
+    if args.sampling_params is not None:  # the demo's dict replaces the preset's whole sampling_params
+        per_user = {}
+        for name, value in args.sampling_params.items():
+            if isinstance(value, list):
+                if not value:
+                    raise SystemExit(f"--sampling-params: {name} is an empty list")
+                per_user[name] = tuple(value)
+            elif name in ("temperature", "top_p", "top_k", "seed"):
+                given.setdefault(name, value)  # an option of its own (--top-p) still wins
+            else:
+                per_user[name] = (value,)
+    given["per_user"] = {name: values for name, values in per_user.items() if name not in given}
     if args.input_prompts is not None or given.get("batch_size", preset.batch_size) != preset.batch_size \
             or args.backend == "torch":
         given["published_input_tokens"] = None  # other prompts, another batch, a CPU model: not the published run
     settings = dataclasses.replace(preset, **given)
     # max_seq_len 0 fell to the backend's default (`or`) while the report said 0; max_blocks < 0 failed in numpy
-    counts = ("batch_size", "repeat_batches", "max_generated_tokens", "block_size", "max_seq_len", "max_blocks")
+    counts = ("batch_size", "repeat_batches", "max_generated_tokens", "block_size", "max_seq_len", "max_blocks",
+              "page_max_num_blocks")
     low = [f"--{name.replace('_', '-')} must be at least 1" for name in counts
            if getattr(settings, name) is not None and getattr(settings, name) < 1]
     if low:
@@ -280,6 +333,12 @@ def check_fits(batches: list[list[list[int]]], settings: Settings, backend: Back
     caps = backend.caps
     for batch in batches:
         longest = max(len(ids) for ids in batch)
+        if settings.page_max_num_blocks is not None:
+            share = settings.block_size * settings.page_max_num_blocks // (GALAXY_SLOTS if settings.batch_size ==
+                                                                             GALAXY_SLOTS else 1)
+            if longest + settings.max_generated_tokens > share:
+                raise SystemExit(f"a prompt of {longest} tokens + {settings.max_generated_tokens} generated exceeds a "
+                                 f"user's share of the page table, {share} tokens (page_params)")
         if longest + settings.max_generated_tokens > caps.max_seq_len:
             raise SystemExit(f"a prompt of {longest} tokens + {settings.max_generated_tokens} generated exceeds "
                              f"max_seq_len {caps.max_seq_len}")

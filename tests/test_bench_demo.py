@@ -259,3 +259,31 @@ def test_the_summary_is_the_first_batchs_as_in_the_demo():
     rep = demo.report(args, settings, batches, wall_s=1.0, device_busy=None, prompts=None)
     assert (rep["ttft_ms"], rep["decode_tokens_per_s_per_user"], rep["decode_tokens_per_s"]) == (50.0, 60.0, 60.0)
     assert rep["output_tokens"] == 8  # the total is still every batch's
+
+
+def test_the_demos_own_option_spellings_are_taken(prompt_file):
+    """A demo user passes its pytest options: underscores, 0/1 for instruct and stop_at_eos, and sampling_params
+    and page_params as dicts (sampling_params replaces the preset's whole dict; a list gives each user its own)."""
+    args = demo.parse_args([
+        "--preset", "performance-batch-32-non-uniform-sampling", "--input_prompts", str(prompt_file),
+        "--batch_size", "2", "--repeat_batches", "3", "--max_seq_len", "4096", "--max_generated_tokens", "7",
+        "--instruct", "0", "--stop_at_eos", "1", "--print_outputs", "True",
+        "--sampling_params", '{"temperature": [0.0, 0.7], "top_p": 0.9, "seed": 5}',
+        "--page_params", '{"page_block_size": 32, "page_max_num_blocks": 1024}'])
+    settings = demo.resolve(args)
+    assert (settings.input_prompts, settings.batch_size, settings.repeat_batches, settings.max_seq_len,
+            settings.max_generated_tokens, settings.instruct, settings.stop_at_eos, args.print_outputs) == (
+        prompt_file, 2, 3, 4096, 7, False, True, True)
+    assert (settings.block_size, settings.page_max_num_blocks) == (32, 1024)
+    users = demo.sampling(settings)
+    assert [(u.temperature, u.top_p, u.top_k, u.seed, u.presence_penalty) for u in users] == [
+        (0.0, 1.0, 0, None, 0.0), (0.7, 0.9, 32, 5, 0.0)]  # user 0 greedy (top_p/top_k/seed unused)
+
+
+def test_the_demos_page_table_limits_each_user(prompt_file):
+    """The demo refuses a user longer than its page table's share: page_block_size x page_max_num_blocks,
+    divided among 32 users at batch 32."""
+    with pytest.raises(SystemExit, match="page_params"):
+        demo.main(["--time-scale", "0.001", "--input-prompts", str(prompt_file), "--batch-size", "1",
+                   "--max-generated-tokens", "40", "--page_params",
+                   '{"page_block_size": 32, "page_max_num_blocks": 1}'])
