@@ -219,6 +219,9 @@ def resolve(args: argparse.Namespace) -> Settings:
     if args.sampling_params is not None:  # the demo's dict replaces the preset's whole sampling_params
         per_user = {}
         for name, value in args.sampling_params.items():
+            if name == "log_probs":  # the demo's flag: each token's log-probability, which logprobs 0 asks for
+                name = "logprobs"
+                value = [0 if v else None for v in value] if isinstance(value, list) else (0 if value else None)
             if isinstance(value, list):
                 if not value:
                     raise SystemExit(f"--sampling-params: {name} is an empty list")

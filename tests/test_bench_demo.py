@@ -287,3 +287,11 @@ def test_the_demos_page_table_limits_each_user(prompt_file):
         demo.main(["--time-scale", "0.001", "--input-prompts", str(prompt_file), "--batch-size", "1",
                    "--max-generated-tokens", "40", "--page_params",
                    '{"page_block_size": 32, "page_max_num_blocks": 1}'])
+
+
+def test_the_demos_log_probs_key_asks_each_tokens_log_probability():
+    """The demo's batch-32-log-probs preset writes "log_probs": [true] * 32 in its sampling_params; passed as the
+    demo writes it, it was refused as an unknown field."""
+    settings = demo.resolve(demo.parse_args(["--batch_size", "2", "--sampling_params",
+                                             '{"temperature": 0.5, "log_probs": [true, false]}']))
+    assert [u.logprobs for u in demo.sampling(settings)] == [0, None]
