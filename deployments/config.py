@@ -24,7 +24,7 @@ MODEL_KEYS = ("model", "backend", "dtype", "num_layers")
 # cache) and the router counts a mesh silent for 1 s (STALL_S) as stalled, not failed: below 1 s a mesh would be
 # failed before it could be stalled, and a slip of units (0.01 for 10 s) fails idle meshes on and off.
 MIN_STEP_DEADLINE_S = 1.0
-# sse_keep_alive_interval's bounds: below 1 s a unit slip (0.015 for 15 s) sends a comment per stream every few ms;
+# sse_keep_alive_interval's bounds: below 1 s a unit slip (0.015 for 15 s) sends a keep-alive per stream every few ms;
 # past 300 s it outlasts any proxy's read timeout it is there for (nginx, ALB: 60 s by default).
 SSE_KEEP_ALIVE_BOUNDS = (1.0, 300.0)
 # Keys that only one backend reads: set for another, they would be silently ignored.
