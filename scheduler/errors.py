@@ -22,7 +22,8 @@ class MeshFailures(RuntimeError):
 
 class RoomFilled(ValueError):
     """A continuation's tokens so far already fill what the mesh has room for (its max_tokens, cut to the mesh's
-    max_seq_len after the prompt): its answer ends there, finish_reason "length", as vLLM's ends at max_model_len."""
+    max_seq_len after the prompt), or its prompt alone does (a redeploy's shorter meshes): its answer ends there,
+    finish_reason "length", as vLLM's ends at max_model_len."""
 
 
 class Unsupported(ValueError):

@@ -144,7 +144,7 @@ class MeshScheduler:
         `isolated`: its next decode step runs alone (Sequence.isolated). `scheduled_time`: when a mesh it left was
         first handed a prefill chunk of it (its queue time ends there, not at its recompute here).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
-        tokens (after the cut to this mesh's room); ValueError for an id already here or an empty prompt."""
+        tokens (after the cut to this mesh's room), or whose prompt alone fills it; ValueError for an id already here or an empty prompt."""
         self._forecast_valid = False
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
@@ -156,6 +156,9 @@ class MeshScheduler:
                                                  "the prompt's logprobs are not available")
         if n >= self.max_tokens_per_seq:
             limit = "max_seq_len" if self.max_tokens_per_seq == self.max_seq_len else "the KV pool's capacity"
+            if output_ids:  # an answer under way, its prompt alone past a shorter mesh's room (a redeploy): over
+                raise RoomFilled(f"request {request_id!r}'s prompt ({n} tokens) fills {limit} here "
+                                 f"({self.max_tokens_per_seq})")
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
                                 f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
         queued = len(self.waiting) - self._free_slots_for_queue()  # a burst into free slots is no queue

@@ -1258,6 +1258,28 @@ def test_a_stream_whose_tokens_fill_every_mesh_up_ends_with_length():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("held", [False, True])
+def test_a_stream_whose_prompt_alone_no_longer_fits_ends_with_length_and_an_unstarted_one_is_refused(held):
+    """A redeploy (or a restarted router) whose meshes are shorter than a running answer's prompt: the ingress
+    resubmits prompt + the tokens it sent. The answer ends there ("length"), as one whose tokens fill the room
+    does and as vLLM's at max_model_len; it was a 400 context_length_exceeded, an error event mid-stream that
+    the client cannot act on. One with no token sent yet is refused as a new request would be (PromptTooLong,
+    400). `held`: sent before the mesh is up (held through the router's start, then Router._replace), or after."""
+    from scheduler.errors import PromptTooLong
+
+    async def main():
+        router = Router([("short", *sized_meshes(1024))], RouterConfig(**FAST))
+        if not held:
+            await until(lambda: router.stats()["meshes"][0]["up"])
+        params = SamplingParams(temperature=0.0, max_tokens=1000)
+        assert await _events(router, "x", [7] * 1100, params, [5] * 3) == ([], "length")
+        with pytest.raises(PromptTooLong):
+            await _events(router, "y", [7] * 1100, params, [])
+        await nothing_held(router)
+        await router.close()
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_a_mesh_the_stream_fills_says_it_is_over_whatever_the_others_say(order):
     """A stream goes to the first live mesh that takes it: a shorter one refuses its prompt (PromptTooLong), the
