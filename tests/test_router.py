@@ -1152,9 +1152,9 @@ def test_a_stream_another_mesh_cannot_hold_stays_where_it_can():
     asyncio.run(main())
 
 
-def sized_meshes(*max_seq_lens: int) -> list[LocalMesh]:
+def sized_meshes(*max_seq_lens: int, time_scale: float = 0.3) -> list[LocalMesh]:
     """One-slot simulated meshes of these max_seq_len."""
-    return [LocalMesh(lambda n=n: SimulatedBackend(num_slots=1, kv_groups=1, max_seq_len=n, time_scale=0.3,
+    return [LocalMesh(lambda n=n: SimulatedBackend(num_slots=1, kv_groups=1, max_seq_len=n, time_scale=time_scale,
                                                    vocab_size=1000)) for n in max_seq_lens]
 
 
@@ -1255,6 +1255,35 @@ def test_a_stream_whose_tokens_fill_every_mesh_up_ends_with_length():
         assert await _events(router, "y", [7] * 600, params, [3] * 500) == ([], "length")
         await nothing_held(router, {"mesh-0": 1})
         await router.close()
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("short", [1, 2, 64])
+def test_an_answer_to_the_context_end_is_unchanged_by_a_failover_or_a_router_restart_short_of_it(short):
+    """Prompt 100, max_tokens 156 (what the ingress gives a request without max_tokens on 256-token meshes): the
+    mesh fails, or the router is lost (a continuation to a new router), when the answer is 1, 2 or a block short of
+    the end. The recompute fills the context to 256 - short; the answer ends "length" with the unfaulted tokens."""
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=156, ignore_eos=True)
+        config = RouterConfig(**{**FAST, "decode_steps": 1})  # a result per token: the fault's moment is exact
+        alone = Router([("alone", *sized_meshes(256, time_scale=0.02))], config)
+        expected = await collect(alone, "x", [7] * 100, params)
+        await alone.close()
+        assert expected[1] == "length" and len(expected[0]) == 156
+        done = 156 - short
+        meshes = sized_meshes(256, 256, time_scale=0.02)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], config)
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        task = asyncio.create_task(collect(router, "x", [7] * 100, params))
+        await asyncio.sleep(0)  # submitted (placed), no work sent yet
+        first = router.meshes.index(router.requests["x"].mesh)
+        meshes[first].inject("raise", after=done)
+        assert await task == expected
+        assert [m["failovers"] for m in router.stats()["meshes"]] == [int(i == first) for i in range(2)]
+        await router.close()
+        again = Router([(f"mesh-{i}", m) for i, m in enumerate(sized_meshes(256, 256, time_scale=0.02))], config)
+        assert await _events(again, "y", [7] * 100, params, expected[0][:done]) == (expected[0][done:], "length")
+        await again.close()
     asyncio.run(main())
 
 
