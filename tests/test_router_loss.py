@@ -5,12 +5,19 @@ finish, usage, prompt logprobs once), /metrics counts the request once, and noth
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+import httpx
+
+import tests.in_process as in_process
 from deployments.ingress import build_app
+from model.simulated import SimulatedBackend
+from scheduler.work import TokenEvent
+from tests.in_process import InProcessRouter
 from tests.ingress_support import CHAT, COMPLETION, MODEL, asgi_call, make_client, sse
 from tests.ingress_support import router, tokenizer, eos  # noqa: F401
 
@@ -130,3 +137,73 @@ def test_a_client_gone_as_the_router_is_lost_leaves_nothing_behind(router, token
     assert set(router.requests) <= {rid for rid, _ in router.cancelled}
     counts = {s.labels["finished_reason"]: s.value for s in _families(app) if s.name == "vllm:request_success_total"}
     assert counts["abort"] == n and sum(counts.values()) == n
+
+
+class _LosingRouter:
+    """A real Router (in_process.InProcessRouter) whose link is lost once per choice, when its answer is `short`
+    tokens short of its max_tokens: the ingress resubmits prompt + those tokens as a continuation."""
+
+    def __init__(self, router, short: int):
+        self.inner, self.short, self.lost = InProcessRouter(router), short, set()
+
+    async def generate(self, request_id, prompt_ids, params, salt=None, output_ids=(), continuation=False):
+        have, base, at = len(output_ids), request_id.split("-retry")[0], params.max_tokens - self.short
+        async for event in self.inner.generate(request_id, prompt_ids, params, salt, output_ids, continuation):
+            if base not in self.lost and have + len(event.token_ids) >= at:
+                self.lost.add(base)
+                yield TokenEvent(request_id, event.token_ids[:at - have])
+                raise ConnectionError("the router's link closed")
+            have += len(event.token_ids)
+            yield event
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_router_lost_short_of_the_context_end_changes_no_answer(tokenizer):
+    """Through the ingress over a real Router of two 128-token simulated meshes, n 2, streamed and whole: a
+    completion of a 40-token prompt with max_tokens 88 (to the context end) and a chat without max_tokens (the
+    ingress gives it the room left); the router is lost when each choice is 1, 2 or a block short of the end. Text,
+    token ids, finish ("length") and usage equal the unfaulted answer's."""
+    tok = tokenizer  # the module's (loading it takes seconds)
+    stack = in_process.Stack(tok, lambda: SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16,
+                                                           max_seq_len=128, vocab_size=tok.vocab_size), 2)
+    try:
+        cases = [("/v1/completions", {"prompt": [7] * 40, "max_tokens": 88}),
+                 ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 30}]})]
+        for short, (path, case) in itertools.product((1, 2, 64), cases):
+            losing = build_app(_LosingRouter(stack.router, short), tok, MODEL)
+            losing.state.server.retry_backoff_s = (0.0, 0.0)
+            lossy = httpx.AsyncClient(transport=httpx.ASGITransport(app=losing), base_url="http://x", timeout=60)
+            for stream in (False, True):
+                body = {"model": MODEL, "n": 2, "temperature": 0.0, "ignore_eos": True, "return_token_ids": True,
+                        "stream": stream, **case, **({"stream_options": {"include_usage": True}} if stream else {})}
+                answers = []
+                for client in (stack.client, lossy):
+                    r = stack.run(client.post(path, json=body))
+                    assert r.status_code == 200, r.text
+                    answers.append(_merged(r, stream))
+                want, got = answers
+                usage = want["usage"]
+                assert want["finish"] == {0: "length", 1: "length"} and usage["total_tokens"] == 2 * 128 - usage[
+                    "prompt_tokens"]
+                assert got == want
+            assert len(losing.state.server.router.lost) == 4 and stack.router.requests == {}
+    finally:
+        stack.close()
+
+
+def _merged(r, stream: bool) -> dict:
+    """A completion's or chat's choices (text, token ids, finish) and usage, from a whole answer or a stream."""
+    chunks = sse(r) if stream else [r.json()]
+    out = {"text": {}, "ids": {}, "finish": {}, "usage": None}
+    for c in chunks:
+        out["usage"] = c.get("usage") or out["usage"]
+        for ch in c.get("choices", []):
+            i = ch["index"]
+            text = ch.get("text") or (ch.get("delta") or ch.get("message") or {}).get("content") or ""
+            out["text"][i] = out["text"].get(i, "") + text
+            out["ids"].setdefault(i, []).extend(ch.get("token_ids") or [])
+            if ch.get("finish_reason"):
+                out["finish"][i] = ch["finish_reason"]
+    return out
