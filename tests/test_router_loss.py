@@ -15,9 +15,11 @@ import httpx
 
 import tests.in_process as in_process
 from deployments.ingress import build_app
+from deployments.router import Router, RouterConfig
 from model.simulated import SimulatedBackend
 from scheduler.work import TokenEvent
 from tests.in_process import InProcessRouter
+from tests.local_mesh import LocalMesh
 from tests.ingress_support import CHAT, COMPLETION, MODEL, asgi_call, make_client, sse
 from tests.ingress_support import router, tokenizer, eos  # noqa: F401
 
@@ -207,3 +209,52 @@ def _merged(r, stream: bool) -> dict:
             if ch.get("finish_reason"):
                 out["finish"][i] = ch["finish_reason"]
     return out
+
+
+class _Redeployed(_LosingRouter):
+    """As _LosingRouter, but the continuation goes to `later`: a redeploy's router, whose meshes are shorter."""
+
+    def __init__(self, router, later, short: int):
+        super().__init__(router, short)
+        self.later = InProcessRouter(later)
+
+    async def generate(self, request_id, prompt_ids, params, salt=None, output_ids=(), continuation=False):
+        if continuation:
+            async for event in self.later.generate(request_id, prompt_ids, params, salt, output_ids, continuation):
+                yield event
+            return
+        async for event in super().generate(request_id, prompt_ids, params, salt, output_ids, continuation):
+            yield event
+
+
+def test_a_redeploy_shorter_than_an_answers_prompt_ends_it_with_length(tokenizer):
+    """128-token meshes, then (the router lost mid-answer) a redeploy of 64-token ones: a 80-token prompt no
+    longer fits. Streamed, whole, n 2 and as a Response, the answer ends with the tokens made so far and "length"
+    (Responses: incomplete); it was a 400 context_length_exceeded (in a stream: an error event after the tokens)."""
+    def backend(n):
+        return lambda: SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=n // 16,
+                                        max_seq_len=n, vocab_size=tokenizer.vocab_size)
+    stack = in_process.Stack(tokenizer, backend(128), 1)
+    try:
+        async def start():
+            later = Router([("short", LocalMesh(backend(64)))], RouterConfig(**in_process.FAST))
+            await in_process.until(lambda: later.stats()["meshes"][0]["up"])
+            return later
+        later = stack.run(start())
+        app = build_app(_Redeployed(stack.router, later, 40), tokenizer, MODEL)  # lost after 8 tokens
+        app.state.server.retry_backoff_s = (0.0, 0.0)
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=60)
+        body = {"model": MODEL, "prompt": [7] * 80, "max_tokens": 48, "n": 2, "ignore_eos": True}
+        for stream in (False, True):
+            extra = {"stream": True, "stream_options": {"include_usage": True}} if stream else {}
+            r = stack.run(client.post("/v1/completions", json={**body, **extra}))
+            assert r.status_code == 200, r.text
+            got = _merged(r, stream)
+            assert got["finish"] == {0: "length", 1: "length"} and got["usage"]["completion_tokens"] == 16, got
+        r = stack.run(client.post("/v1/responses", json={"model": MODEL, "input": "hi " * 40,
+                                                         "max_output_tokens": 48}))
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "incomplete" and r.json()["usage"]["output_tokens"] > 0
+        stack.run(later.close())
+    finally:
+        stack.close()
