@@ -1287,6 +1287,29 @@ def test_an_answer_to_the_context_end_is_unchanged_by_a_failover_or_a_router_res
     asyncio.run(main())
 
 
+def test_an_answer_whose_prompt_only_the_failed_longer_mesh_holds_ends_with_length_after_no_mesh_wait_s():
+    """Meshes of 4096 and 1024 tokens (a rolling upgrade): a 1,100-token prompt's answer runs on the longer one,
+    which is gone for good. It waits no_mesh_wait_s for it, then ends with its tokens so far and "length", as one
+    whose tokens fill the shorter mesh does; it was a 503 (NoMeshAvailable) mid-answer."""
+    async def main():
+        long, _ = meshes = sized_meshes(4096, 1024, time_scale=0.05)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST, no_mesh_wait_s=0.3))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        got = []
+
+        async def run():
+            async for event in router.generate("x", [7] * 1100, SamplingParams(temperature=0.0, max_tokens=2000)):
+                got.append(event)
+        task = asyncio.create_task(run())
+        await until(lambda: sum(len(e.token_ids) for e in got) >= 8)
+        long.vanish()
+        await task
+        assert got[-1].finish_reason == "length" and sum(len(e.token_ids) for e in got) >= 8
+        await nothing_held(router, {"mesh-0": 1})
+        await router.close()
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("held", [False, True])
 def test_a_stream_whose_prompt_alone_no_longer_fits_ends_with_length_and_an_unstarted_one_is_refused(held):
     """A redeploy (or a restarted router) whose meshes are shorter than a running answer's prompt: the ingress
