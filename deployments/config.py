@@ -93,8 +93,8 @@ class AppConfig(BaseModel):
     sse_keep_alive_interval: Float = Field(15.0, description="vLLM's name: a stream whose headers went out and that "
                                            "has sent nothing for this many seconds since (a long prefill, a "
                                            "failover's re-prefill) gets a keep-alive (blank lines), so a proxy's "
-                                           "read timeout does not cut it; 1 to 300 (vLLM's 0, off, is refused: such a stream "
-                                           "would be cut). Headers wait up to 5 s for the first token (45 s while "
+                                           "read timeout does not cut it; 1 to 300 (vLLM's 0, off, is refused: "
+                                           "such a stream would be cut). Headers wait up to 5 s for the first token (45 s while "
                                            "the request is held)")
     allowed_origins: list[str] = Field(default_factory=list, description="web origins a browser may call the API "
                                        "from (CORS), e.g. ['*'] as vLLM allows by default; empty: none")

@@ -72,8 +72,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
               replica_name: str = "local", root: str | None = None, enable_log_requests: bool = False,
               sse_keep_alive_interval: float = SSE_KEEPALIVE_S, no_mesh_wait_s: float = MODEL_LEN_WAIT_S) -> FastAPI:
     """The OpenAI app over `router`. With `api_keys`, every route but /health, /ping and /version needs one of them
-    (/metrics too, unless `metrics_open`), and each key is a tenant with its own prefix cache. `replica_name` labels this
-    replica's own metrics (`ingress`). A request may name the model by any of `served_model_name`'s names; the
+    (/metrics too, unless `metrics_open`), and each key is a tenant with its own prefix cache. `replica_name` labels
+    this replica's own metrics (`ingress`). A request may name the model by any of `served_model_name`'s names; the
     first is the one listed and answered. `root`: the model as given (config.model_root), which /v1/models reports
     as vLLM does (default: the last name). `enable_log_requests`, `sse_keep_alive_interval`: AppConfig's;
     `no_mesh_wait_s` too: before any mesh is up a request waits this long for one, as the router holds its own."""

@@ -144,7 +144,8 @@ class MeshScheduler:
         `isolated`: its next decode step runs alone (Sequence.isolated). `scheduled_time`: when a mesh it left was
         first handed a prefill chunk of it (its queue time ends there, not at its recompute here).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
-        tokens (after the cut to this mesh's room), or whose prompt alone fills it; ValueError for an id already here or an empty prompt."""
+        tokens (after the cut to this mesh's room), or whose prompt alone fills it; ValueError for an id already here
+        or an empty prompt."""
         self._forecast_valid = False
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
