@@ -1,7 +1,8 @@
 """The OpenAI wire format the ingress speaks (the subset vLLM's server accepts for text models).
 
 Requests are strict: a wrong JSON type is a 400 naming the field, never a silent coercion ("10" is not
-an int, "yes" is not a bool). An explicit `null` means the field's default (many SDKs send nulls). Unknown
+an int, "yes" is not a bool). An explicit `null` means the field's default (many SDKs send nulls), but for a
+completion's max_tokens, whose null vLLM reads as the context left. Unknown
 fields are ignored, as OpenAI clients send vendor extras; a known OpenAI field this server does not
 implement is refused naming it, never silently ignored.
 """
@@ -584,7 +585,8 @@ class CompletionRequest(_GenerationRequest):
     # One prompt (text or token ids), or a batch of them (a list of texts or of token-id lists), as OpenAI's and
     # vLLM's /v1/completions take; the ingress checks the ids. A batch's choices are numbered prompt by prompt.
     prompt: Text | list[int] | list[Text] | list[list[int]] = Field(min_length=1)
-    # OpenAI's default for completions, and vLLM's (chat: the context left); 0 only with echo: the prompt alone
+    # OpenAI's default for completions, and vLLM's (chat: the context left); 0 only with echo: the prompt alone;
+    # an explicit null: the context left, as in vLLM (_null_is_default)
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
@@ -593,6 +595,15 @@ class CompletionRequest(_GenerationRequest):
     # taken when max_tokens is not given or agrees (vLLM ignores it: a completion was cut at the default 16 tokens)
     max_completion_tokens: int | None = Field(None, ge=1)
     add_special_tokens: bool = True  # vLLM's: the model's BOS before a text prompt (false: the text alone)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """RequestModel's, but for max_tokens: vLLM's null is no limit but the context (get_max_tokens gives it
+        the room the prompt leaves), where leaving it out is OpenAI's and vLLM's 16."""
+        room = isinstance(data, dict) and "max_tokens" in data and data["max_tokens"] is None
+        data = super()._null_is_default(data)
+        return {**data, "max_tokens": None} if room else data
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -635,7 +646,7 @@ class CompletionRequest(_GenerationRequest):
 
     @property
     def max_tokens_param(self) -> str:
-        given = "max_tokens" in self.model_fields_set  # null is the default, so not given
+        given = self.max_tokens is not None and "max_tokens" in self.model_fields_set  # a null sets no limit
         return "max_tokens" if given or self.max_completion_tokens is None else "max_completion_tokens"
 
     @property

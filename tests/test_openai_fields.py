@@ -14,7 +14,7 @@ from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MAX_LEN,
                                    client, eos, make_client, post, router, sse, tokenizer)
 
 # Every optional request field, sent as null: each must mean that field's default.
-SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+SHARED_NULLS = ["model", "stream", "stream_options", "temperature", "top_p", "top_k", "seed", "stop",
                 "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens",
                 "ignore_eos", "n", "user", "cache_salt", "include_stop_str_in_output", "min_p", "skip_special_tokens",
                 "truncate_prompt_tokens", "prompt_logprobs", "use_beam_search", "length_penalty", "allowed_token_ids",
@@ -22,7 +22,7 @@ SHARED_NULLS = ["model", "stream", "stream_options", "max_tokens", "temperature"
                 "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern",
                 "vllm_xargs", "kv_transfer_params", "request_id", "truncation_side",
                 "logprob_token_ids", "best_of", "structural_tag"]
-CHAT_NULLS = ["max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
+CHAT_NULLS = ["max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
               "chat_template_kwargs", "documents", "add_special_tokens", "metadata"]
@@ -274,10 +274,27 @@ def test_a_stop_token_ends_the_answer_without_its_text_unless_asked(client, toke
 def test_a_completion_without_max_tokens_gets_16_and_a_chat_the_context_left(client, router):
     """OpenAI's completions default (and vLLM's) is 16 tokens; chat has no such default."""
     router.answer = list(range(100, 140))
-    for path, base, expected in [("/v1/completions", COMPLETION, 16), ("/v1/chat/completions", CHAT, 40)]:
-        for body in (base, {**base, "max_tokens": None}):
-            usage = client.post(path, json=body).json()["usage"]
-            assert usage["completion_tokens"] == expected, (path, body)
+    for path, base, expected in [("/v1/completions", COMPLETION, 16), ("/v1/chat/completions", CHAT, 40),
+                                 ("/v1/chat/completions", {**CHAT, "max_tokens": None}, 40)]:
+        usage = client.post(path, json=base).json()["usage"]
+        assert usage["completion_tokens"] == expected, (path, base)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_completions_explicit_null_max_tokens_is_the_context_left_as_in_vllm(client, router, stream):
+    """vLLM's CompletionRequest defaults max_tokens to 16, but its null reaches get_max_tokens as no limit: the room
+    the prompt leaves in the context (vllm/entrypoints/openai/completion/serving.py). It was 16 here, as if left
+    out. A max_completion_tokens beside the null still sets the limit (the null says nothing)."""
+    router.answer = list(range(100, 140))
+    for extra, expected in [({}, 40), ({"max_completion_tokens": 5}, 5)]:
+        router.requests.clear()
+        body = {**COMPLETION, "max_tokens": None, "stream": stream, **extra,
+                "stream_options": {"include_usage": True} if stream else None}
+        r = client.post("/v1/completions", json=body)
+        usage = sse(r)[-1]["usage"] if stream else r.json()["usage"]
+        assert usage["completion_tokens"] == expected, (body, r.text[-300:])
+        ((_, params, _),) = router.requests.values()
+        assert params.max_tokens == (MAX_LEN - usage["prompt_tokens"] if not extra else 5)
 
 
 def test_nan_or_infinite_numbers_are_refused_as_such(client):
@@ -325,7 +342,8 @@ def test_truncate_prompt_tokens_minus_one_leaves_room_for_max_tokens(client, rou
     is answered. Cut to the whole context, it left no room for any answer, a 400 whatever max_tokens was."""
     text = "word " * 2_000
     body = {**base, "prompt": text} if "prompt" in base else {**base, "messages": [{"role": "user", "content": text}]}
-    r = client.post(path, json={**body, "truncate_prompt_tokens": -1, "max_tokens": max_tokens})
+    sized = {} if max_tokens is None else {"max_tokens": max_tokens}  # left out: the default (null sets no limit)
+    r = client.post(path, json={**body, "truncate_prompt_tokens": -1, **sized})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] == MAX_LEN - (max_tokens or 16)
 
