@@ -224,6 +224,8 @@ class ResponsesRequest(RequestModel):
     priority: int | None = None
     request_id: Text | None = None  # the response's id, as vLLM answers it
     vllm_xargs: Unsupported | None = None
+    # vLLM's: the response would also carry the prompt's and the answer's messages (input_messages, output_messages)
+    enable_response_messages: only(False, "the response carries no input_messages or output_messages here") = False
     # per message of the chat history, the input item it starts at (-1: the instructions), and per call of it the
     # function_call item, for the errors that name one (_input_path); filled by chat()
     _sources: list[int] = PrivateAttr(default_factory=list)

@@ -232,6 +232,8 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
      "input.1.encrypted_content"),
     ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text"}]}]}, "input.0.summary.0.text"),
     ({"input": [{"type": "reasoning"}]}, "input"),
+    # vLLM's: the response would carry the prompt's and the answer's messages; it was ignored, none came
+    ({"enable_response_messages": True}, "enable_response_messages"),
 ])
 def test_bad_requests_are_400_naming_the_responses_field(client, router, patch, param):
     assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
