@@ -500,6 +500,24 @@ def test_logit_bias_forces_and_bans_on_the_host_path():
     assert result[0].tokens[0] == 11 and result[1].tokens[1] not in (natural, NO_TOKEN)
 
 
+class TwoTokenBackend(CountingBackend):
+    """Logits 4 for token 5, 0 for token 6, -50 for every other token, whatever came before."""
+
+    def _logits(self, token: int, position: int) -> torch.Tensor:
+        row = torch.full((VOCAB,), -50.0)
+        row[5], row[6] = 4.0, 0.0
+        return row
+
+
+def test_logit_bias_is_added_before_the_penalties_as_in_vllm():
+    """vLLM v1 adds logit_bias (a logits processor) before apply_penalties (vllm/v1/sample/sampler.py): token 5,
+    biased to 4 - 3 = 1 and then halved by repetition_penalty 2 (it is in the prompt), still beats token 6's 0;
+    penalised first (4 / 2 - 3 = -1) it would lose."""
+    params = SamplingParams(temperature=0.0, max_tokens=1, logit_bias={5: -3.0}, repetition_penalty=2.0)
+    result = run(MeshRunner(TwoTokenBackend()), MeshWork(0, [PrefillChunk("r", 0, [5], 0, [0], params, 1)]))
+    assert result[0].tokens[0] == 5
+
+
 def test_a_narrow_page_table_reaches_the_backend_at_its_full_width_padded_with_zeros():
     class TableBackend(CountingBackend):
         def decode(self, tokens, positions, page_table, active, sampling=None):
