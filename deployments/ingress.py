@@ -189,11 +189,12 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         """The ingress's own families always; the meshes' when the router answers within METRICS_TIMEOUT_S, and
         meshserve_router_up says which (while the router restarts, a scrape waited ~7 s, near Prometheus's
         default 10 s scrape timeout)."""
+        report = server.metrics.report()  # shown as handed over: what other replicas' scrapes show of this one
         try:
-            stats = await within(server.stats(server.metrics.report()), METRICS_TIMEOUT_S)
+            stats = await within(server.stats(report), METRICS_TIMEOUT_S)
         except (asyncio.TimeoutError, APIError):  # no answer yet, or no router to answer
             stats = None
-        return Response(server.metrics.render(stats), media_type=CONTENT_TYPE_LATEST)
+        return Response(server.metrics.render(stats, report), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError):

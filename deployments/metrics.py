@@ -135,6 +135,7 @@ class Metrics:
         self._held = 0
         self._others: dict[str, list] = {}  # the other ingress replicas' report(), by name, from the router
         self._other_ages: dict[str, float] = {}  # how old each is, in seconds
+        self._shown: dict[str, list] | None = None  # this replica's own samples as this scrape reported them
         self.registry.register(self)
 
     def start(self, num_prompt_tokens: int, arrival: float, choices: Choices | None = None) -> RequestTimer:
@@ -147,10 +148,14 @@ class Metrics:
         return self.ingress, [(family.name, [(s.name, s.labels, s.value) for s in family.samples])
                               for collector in self._own for family in collector.collect()]
 
-    def render(self, router_stats: dict | None) -> bytes:
+    def render(self, router_stats: dict | None, report: tuple[str, list] | None = None) -> bytes:
         """The exposition text, with the per-mesh families taken from `router_stats` (None: the router did not
         answer; meshserve_router_up 0 and no mesh families, as their state is unknown), and the other ingress
-        replicas' own families its `ingress_families` holds."""
+        replicas' own families its `ingress_families` holds. `report`: the report() handed to the router with this
+        scrape's stats call, whose values this replica's own families show: counted live, they took in what came
+        while the call was out, and the next scrape, of another replica, showed them lower (from the router):
+        Prometheus takes any decrease of a counter for a restart."""
+        self._shown = dict(report[1]) if report is not None else None
         self._router_up = router_stats is not None
         self._meshes = router_stats["meshes"] if router_stats else []
         self._held = router_stats.get("held", 0) if router_stats else 0
@@ -225,6 +230,11 @@ class Metrics:
         families = (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, stalled, failovers,
                     migrated, groups, group_used, group_total, group_running)
         own = [family for collector in self._own for family in collector.collect()]
+        if self._shown is not None:  # as reported (render)
+            for family in own:
+                family.samples = []
+                for sample in self._shown.get(family.name, ()):
+                    family.add_sample(*sample)
         by_name = {family.name: family for family in own}
         for name, reported in self._others.items():
             if name == self.ingress:

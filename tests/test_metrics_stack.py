@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deployments.ingress import build_app
 from model.embedded import ensure_smollm2
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
-from tests.in_process import Stack
+from tests.in_process import InProcessRouter, Stack
 from tests.ingress_support import sse
 from tests.test_long_prompts import text_of
 
@@ -135,3 +137,33 @@ def test_later_choices_held_in_the_ingress_count_as_waiting(tok, stack):
         run(post)
     assert waiting() == 0
     gate.set()
+
+
+def test_another_replicas_counters_never_go_back_between_scrapes_of_two_replicas(stack):
+    """A replica's scrape handed the router its families, then waited for the router's stats, and showed them live:
+    tokens that came meanwhile were in what it showed but not in what the router kept. The next scrape, reaching
+    another replica through the load balancer, showed that replica's counters lower than the one before:
+    Prometheus takes any decrease for a restart, so rate() and increase() read the whole count again (a spike of
+    every token served so far on vLLM's throughput panel). A scrape shows its own families as it reported them."""
+    run, client = stack.run, stack.client
+    body = {"model": "smollm2", "prompt": "hello there", "max_tokens": 5, "ignore_eos": True}
+    finished_meanwhile = []
+
+    class StatsAfterARequest(InProcessRouter):  # a request of this replica ends while its scrape waits on the router
+        async def stats(self, report=None):
+            if report is not None and not finished_meanwhile:
+                finished_meanwhile.append((await other.post("/v1/completions", json=body)).status_code)
+            return self.router.stats(report)
+
+    app = build_app(StatsAfterARequest(stack.router), stack.tok, "smollm2", replica_name="ingress-b")
+    other = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=60)
+    b = (("ingress", "ingress-b"),)
+    shown_by_b = scrape(run, other)
+    assert finished_meanwhile == [200]
+    shown_by_a = scrape(run, client)  # the next scrape reaches the other replica
+    for name in ("meshserve_generation_tokens_total", "meshserve_prompt_tokens_total",
+                 "meshserve_e2e_request_latency_seconds_count"):
+        assert shown_by_a[(name, b)] >= shown_by_b[(name, b)], name
+    assert shown_by_a[("meshserve_requests_total", (("finish_reason", "length"), *b))] >= \
+        shown_by_b[("meshserve_requests_total", (("finish_reason", "length"), *b))]
+    assert scrape(run, other)[("meshserve_generation_tokens_total", b)] == 5  # its next scrape: the request's tokens
