@@ -789,6 +789,10 @@ class OpenAIServer:
                     self.metrics.deferred.inc()
                     try:
                         sibling = await asyncio.shield(first_token)
+                    except asyncio.CancelledError:  # its client left (or another choice failed): aborted, as vLLM
+                        if not refusal.refused:  # counts each child; not when the request was refused (choice())
+                            self.metrics.start(len(prep.prompt_ids), prep.arrival, choices).finish("abort")
+                        raise
                     finally:
                         self.metrics.deferred.dec()
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices,

@@ -9,9 +9,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployments.ingress import build_app
+from deployments.metrics import FINISH_REASONS
 from model.embedded import ensure_smollm2
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
+from scheduler.errors import QueueFull
 from tests.in_process import InProcessRouter, Stack
 from tests.ingress_support import sse
 from tests.test_long_prompts import text_of
@@ -167,3 +169,60 @@ def test_another_replicas_counters_never_go_back_between_scrapes_of_two_replicas
     assert shown_by_a[("meshserve_requests_total", (("finish_reason", "length"), *b))] >= \
         shown_by_b[("meshserve_requests_total", (("finish_reason", "length"), *b))]
     assert scrape(run, other)[("meshserve_generation_tokens_total", b)] == 5  # its next scrape: the request's tokens
+
+
+def test_later_choices_whose_client_left_while_they_waited_in_the_ingress_count_as_aborted(tok, stack):
+    """The later choices of a long prompt wait in the ingress for the first's first token, counted in
+    num_requests_waiting as vLLM counts its n children. When the client left then, the first choice counted as
+    finished 'abort' but they did not count at all: vLLM's finish-reason panel showed one request where the waiting
+    gauge had shown three, and e2e latency's count missed them too. Each choice counts once, as the first does."""
+    run, client = stack.run, stack.client
+    body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=6), "max_tokens": 4, "temperature": 0, "n": 3}
+    generate = stack.router.generate
+    held = asyncio.Event()
+
+    async def first_token_never_comes(request_id, *args, **kwargs):
+        async for event in generate(request_id, *args, **kwargs):
+            if request_id.endswith("-0") and event.token_ids:
+                held.set()
+                await asyncio.Event().wait()
+            yield event
+    stack.router.generate = first_token_never_comes
+    before = scrape(run, client)
+    post = stack.loop.create_task(client.post("/v1/completions", json=body))
+    run(held.wait())
+    post.cancel()  # the client leaves while choices 1 and 2 wait for choice 0's first token
+    with pytest.raises(asyncio.CancelledError):
+        run(post)
+    after = scrape(run, client)
+    local = (("ingress", "local"),)
+    for name in ("meshserve_requests_total", "meshserve_e2e_request_latency_seconds_count"):
+        labels = (("finish_reason", "abort"), *local) if name == "meshserve_requests_total" else local
+        assert after[(name, labels)] - before[(name, labels)] == 3, name
+    assert after[("meshserve_request_max_num_generation_tokens_count", local)] - \
+        before[("meshserve_request_max_num_generation_tokens_count", local)] == 1  # the prompt's n choices, once
+    assert after[("meshserve_prompt_tokens_total", local)] == before[("meshserve_prompt_tokens_total", local)]
+
+
+def test_later_choices_of_a_long_prompt_refused_with_their_first_count_as_no_finished_request(tok, stack):
+    """A request refused before it ran (429 here) is no finished request, as in vLLM, however many choices it has:
+    the later choices waiting in the ingress for the first's first token are cut when the first is refused, and count
+    as rejected once (the API request), not as aborted."""
+    run, client = stack.run, stack.client
+    body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=7), "max_tokens": 4, "temperature": 0, "n": 3}
+
+    async def queue_full(request_id, *args, **kwargs):
+        raise QueueFull("waiting queue is full")
+        yield
+    stack.router.generate = queue_full
+    before = scrape(run, client)
+    assert run(client.post("/v1/completions", json=body)).status_code == 429
+    after = scrape(run, client)
+    local = (("ingress", "local"),)
+    rejected = ("meshserve_requests_rejected_total", (*local, ("reason", "queue_full")))
+    assert after[rejected] - before[rejected] == 1
+    for reason in FINISH_REASONS:
+        key = ("meshserve_requests_total", (("finish_reason", reason), *local))
+        assert after[key] == before[key], reason
+    assert after[("meshserve_e2e_request_latency_seconds_count", local)] == \
+        before[("meshserve_e2e_request_latency_seconds_count", local)]
