@@ -277,7 +277,12 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
     if not isinstance(apps, list) or not all(isinstance(app, dict) for app in apps):
         return [f"{path}: not a Serve config: `applications` must be a list of applications, each a mapping "
                 "(name, import_path, args)"]
+    from ray.serve.schema import HTTPOptionsSchema, ServeApplicationSchema, ServeDeploySchema
+
     options = doc.get("http_options") or {}
+    # Serve's schemas ignore a key they do not know: `http_option: {port: 8080}` served on 8000, without a word
+    unknown = unknown_keys(doc, ServeDeploySchema, f"{path}: ", "key of a Serve config")
+    unknown += unknown_keys(options, HTTPOptionsSchema, f"{path}: http_options.", "HTTP option of Serve")
     port = options.get("port", 8000) if isinstance(options, dict) else 8000
     if isinstance(port, str) and port.strip().isdigit() or isinstance(port, float) and port.is_integer():
         port = int(port)  # as Serve's HTTPOptions (pydantic, lax) reads it
@@ -285,6 +290,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         errors = [f"{path}: http_options.port: a TCP port, 1 to 65535, not {port!r}"]
     else:
         errors = [taken] if port_free and (taken := _http_port_taken(path, options)) else []
+    errors += unknown
     for app in apps:
         if app.get("import_path") not in ("deployments.app:build", "deployments.app.build"):  # Ray takes both forms
             if notes is not None:  # another application, or meshserve's misspelt
@@ -292,6 +298,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                              "meshserve's (deployments.app:build): not checked")
             continue
         where = f"{path}: application {app.get('name')!r}"
+        errors += unknown_keys(app, ServeApplicationSchema, f"{where}, ", "key of a Serve application")
         try:
             config = AppConfig.model_validate(app.get("args") or {})
         except ValidationError as e:
@@ -358,7 +365,7 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
         return []
     if not isinstance(deployments, list) or not all(isinstance(d, dict) for d in deployments):
         return ["deployments: a list of mappings, each with a `name`"]
-    from ray.serve.schema import DeploymentSchema
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
 
     names, problems = deployment_names(config), []
     for i, options in enumerate(deployments):
@@ -367,6 +374,8 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
         problems += [f"deployments[{i}] ({name}).{key}: no option of a Serve deployment (it takes "
                      f"{', '.join(DeploymentSchema.model_fields)})" for key in options
                      if key not in DeploymentSchema.model_fields]
+        problems += unknown_keys(options.get("ray_actor_options"), RayActorOptionsSchema,
+                                 f"deployments[{i}] ({name}).ray_actor_options.", "Ray actor option of Serve")
         try:  # what `serve deploy` would refuse only once the application is built
             DeploymentSchema.model_validate(options)
         except ValidationError as exc:
@@ -405,6 +414,15 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
                                     "Serve reserves 1 CPU (ray/serve/_private/config.py), and the torch backend runs "
                                     "on one thread")
     return problems
+
+
+def unknown_keys(options: object, schema, where: str, what: str) -> list[str]:
+    """A problem for each key of the mapping `options` that Serve's pydantic `schema` lacks, which Serve would
+    drop without a word (its config schemas ignore extra keys); none for what is not a mapping (Serve names that)."""
+    if not isinstance(options, dict):
+        return []
+    return [f"{where}{key}: no {what} (Serve would ignore it; it takes {', '.join(schema.model_fields)})"
+            for key in options if key not in schema.model_fields]
 
 
 _ONE_REPLICA = ("the router owns every mesh's scheduling state (a second one would reset the meshes under it)",

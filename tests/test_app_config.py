@@ -545,6 +545,31 @@ def test_deployment_options_that_break_one_router_or_one_replica_per_mesh_are_re
     assert check_serve_config(str(path)) == []
 
 
+def test_a_misspelt_serve_key_is_named_not_ignored(tmp_path):
+    """Serve's config schema ignores a key it does not know: `http_option: {port: 8080}` served on 8000, a misspelt
+    `runtime_env` dropped its variables, and README's `resources: {frontend: 0.01}` for the router, misspelt, left it
+    free to land on a Galaxy host, each without a word from `serve deploy` or the config check."""
+    app = {"name": "m", "import_path": "deployments.app:build", "args": {"backend": "simulated"},
+           "runtim_env": {"env_vars": {"A": "1"}},
+           "deployments": [{"name": "RouterDeployment", "ray_actor_options": {"num_cpus": 0.2,
+                                                                              "resource": {"frontend": 0.01}}}]}
+    doc = {"proxy_locaton": "EveryNode", "http_options": {"host": "127.0.0.1", "prot": 8080}, "applications": [app]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    errors = check_serve_config(str(path))
+    assert [e.split(": no ")[0] for e in errors] == [
+        f"{path}: proxy_locaton", f"{path}: http_options.prot", f"{path}: application 'm', runtim_env",
+        f"{path}: application 'm', deployments[0] (RouterDeployment).ray_actor_options.resource"], errors
+    assert "proxy_location" in errors[0] and "port" in errors[1] and "runtime_env" in errors[2] and \
+        "resources" in errors[3]
+    doc = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": 8080}, "applications": [
+        {**{k: v for k, v in app.items() if k != "runtim_env"}, "runtime_env": {"env_vars": {"A": "1"}},
+         "deployments": [{"name": "RouterDeployment", "ray_actor_options": {"num_cpus": 0.2,
+                                                                           "resources": {"frontend": 0.01}}}]}]}
+    path.write_text(yaml.safe_dump(doc))
+    assert check_serve_config(str(path)) == []
+
+
 def test_mesh_actor_options_that_drop_its_galaxy_resource_are_refused(tmp_path):
     """Serve puts a config's ray_actor_options in place of the build's whole: a mesh given some (an env var for its
     host) lost `galaxy: 1` (mesh_resources) and could start on a host with no Galaxy, or beside another mesh."""
