@@ -433,12 +433,18 @@ def check_model_files(config: AppConfig, model_dir) -> None:
     """Raise FileNotFoundError / ValueError naming the file when the checkpoint in `model_dir` cannot be served:
     no tokenizer, or one it cannot read (every ingress replica loads one), and for the torch backend weights that do
     not match the config (model.weights.check_weights: missing, extra, misshapen or non-float tensors, an incomplete
-    shard set, a broken index, both formats in one folder). At deploy, not when every replica fails to start.
-    (tt-metal reads a Galaxy's weights its own way; the simulated backend has none.)"""
+    shard set, a broken index, both formats in one folder), for tt_galaxy a checkpoint of another shape than Llama 3
+    70B's. At deploy, not when every replica fails to start. (tt-metal reads a Galaxy's weights its own way; the
+    simulated backend has none.)"""
     from model.config import LlamaConfig
     from model.tokenizer import check_tokenizer
 
-    llama = LlamaConfig.from_dir(model_dir) if config.backend == "torch" else None  # its errors first
+    llama = LlamaConfig.from_dir(model_dir) if config.backend != "simulated" else None  # its errors first
+    if config.backend == "tt_galaxy":
+        from model.galaxy import check_galaxy_model
+
+        check_galaxy_model(llama)
+        llama = None  # tt-metal reads its weights its own way
     check_tokenizer(model_dir)  # read, not only found: a broken one failed every ingress replica
     if llama is not None:
         from model.weights import check_weights

@@ -40,6 +40,22 @@ def blocks_per_group(max_seq_len: int, block_size: int, slots_per_group: int = N
 BLOCKS_PER_GROUP = blocks_per_group(MAX_SEQ_LEN, BLOCK_SIZE)  # 2056
 LLAMA3_VOCAB = 128_256
 LLAMA3_EOS = (128_001, 128_008, 128_009)  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+# The model tt-metal's llama3_70b_galaxy builds, whatever checkpoint it is given (its TtModelArgs and prefetcher are
+# written for these): LlamaConfig's names, config.json's in check_galaxy_model's message
+LLAMA3_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": LLAMA3_VOCAB}
+
+
+def check_galaxy_model(llama) -> None:
+    """Raise ValueError naming the field when a checkpoint's model.config.LlamaConfig is not Llama 3 70B's shape (3.3,
+    3.1 and their fine-tunes share it): the Galaxy model would fail on it in every mesh replica, once its mesh is
+    open, or serve a wrong model."""
+    from model.config import _HF_NAMES
+
+    for name, expected in LLAMA3_70B.items():
+        if (value := getattr(llama, name)) != expected:
+            spelled = f"{name} ({_HF_NAMES[name]})" if name in _HF_NAMES else name
+            raise ValueError(f"{spelled} is {value}, not {expected}: the tt_galaxy backend runs tt-metal's Llama 3 70B "
+                             "Galaxy model, which serves Llama 3 70B checkpoints only (e.g. Llama-3.3-70B-Instruct)")
 # What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
 # A seed stays on the host too: tt-metal reseeds a slot's generator at each prefill and draws once per decode
 # step (models/common/sampling SeedManager), so a seeded answer recomputed after a preemption or a failover, or

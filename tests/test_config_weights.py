@@ -403,3 +403,30 @@ def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it(ti
         theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.num_key_value_heads, theirs.tie_word_embeddings,
         theirs.head_dim)
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
+
+
+@pytest.mark.parametrize("params, field", [(LLAMA_31_8B, "dim (hidden_size) is 4096"),
+                                           ({**LLAMA_33_70B, "vocab_size": 32000}, "vocab_size is 32000")])
+def test_a_galaxy_deploy_of_another_models_checkpoint_fails_the_check(tmp_path, params, field):
+    """tt-metal's Galaxy model is Llama 3 70B's, fixed in its code (80 layers, 8192 wide, 64 heads, 8 KV heads, Llama
+    3's vocabulary): a tt_galaxy config naming an 8B folder (or its tokenizer beside other weights) passed the check
+    and the build, which read only the tokenizer, and failed in every mesh replica, after the mesh opened, in tt-metal."""
+    import yaml
+
+    from deployments.app import build
+    from deployments.config import AppConfig, check_serve_config
+    from model.verify import save_byte_tokenizer
+
+    model = tmp_path / "model"
+    save_byte_tokenizer(model)
+    (model / "params.json").write_text(json.dumps(params))
+    args = {"model": str(model), "backend": "tt_galaxy", "mesh_resources": {"galaxy": 1}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [{"name": "m", "import_path": "deployments.app:build",
+                                                      "args": args}]}))
+    (error,) = check_serve_config(str(path))
+    assert error.startswith(f"{path}: application 'm', args.model: ") and field in error and "70B" in error, error
+    with pytest.raises(ValueError, match="70B"):
+        build(AppConfig(**args))
+    (model / "params.json").write_text(json.dumps(LLAMA_33_70B))
+    assert check_serve_config(str(path)) == []
