@@ -430,3 +430,5 @@ def test_a_galaxy_deploy_of_another_models_checkpoint_fails_the_check(tmp_path, 
         build(AppConfig(**args))
     (model / "params.json").write_text(json.dumps(LLAMA_33_70B))
     assert check_serve_config(str(path)) == []
+    (model / "params.json").unlink()  # the tokenizer alone, for the ingress replicas of a head without the weights
+    assert check_serve_config(str(path)) == []
