@@ -9,8 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
 
 from model.backend import MAX_NUM_SLOTS
-from model.galaxy import (KV_GROUPS, MAX_PREFILL_CHUNK, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig,
-                          galaxy_sizes, simulated_sizes)
+from model.galaxy import (KV_GROUPS, LLAMA3_70B, MAX_PREFILL_CHUNK, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN,
+                          TTMeshConfig, galaxy_sizes, simulated_sizes)
 
 # Numbers and booleans are strict, as the API's are: YAML types them, so "32" or true for num_slots is a mistake
 # (a float key still takes an int).
@@ -205,6 +205,9 @@ class AppConfig(BaseModel):
                 raise ValueError("model: the tt_galaxy backend runs tt-metal's Llama-3 70B Galaxy model, not the "
                                  "embedded SmolLM2: name its weights, or leave model empty for $HF_MODEL / $LLAMA_DIR")
             galaxy_sizes(self.mesh_shape, self.max_seq_len, self.num_blocks, self.block_size)
+            if self.num_layers is not None and self.num_layers > LLAMA3_70B["n_layers"]:
+                raise ValueError(f"num_layers: at most {LLAMA3_70B['n_layers']} (Llama 3 70B's layers; fewer, for "
+                                 f"bring-up), not {self.num_layers}")
             # A mesh replica opens every chip of its host, and Ray places it by resources alone: only a whole unit of
             # one that each Galaxy host advertises once keeps a second mesh, or a replica Serve restarts while the one
             # it replaces still holds the chips, off that host.

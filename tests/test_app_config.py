@@ -91,6 +91,7 @@ GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
     # were taken, for ttnn to refuse in each mesh replica once its weights had loaded
     ({**GALAXY, "override_tt_config": {"worker_l1_size": -1}}, "(?s)override_tt_config.worker_l1_size.*greater than 0"),
     ({**GALAXY, "override_tt_config": {"trace_region_size": 0}}, "(?s)override_tt_config.trace_region_size.*greater"),
+    ({**GALAXY, "num_layers": 81}, "num_layers: at most 80"),  # past the checkpoint's: tt-metal's model failed to load
 ])
 def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(args, match):
     """Each passed the check and the build, then failed in every mesh replica (kv_groups, resources), stopped
