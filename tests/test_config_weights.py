@@ -410,7 +410,7 @@ def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it(ti
 def test_a_galaxy_deploy_of_another_models_checkpoint_fails_the_check(tmp_path, params, field):
     """tt-metal's Galaxy model is Llama 3 70B's, fixed in its code (80 layers, 8192 wide, 64 heads, 8 KV heads, Llama
     3's vocabulary): a tt_galaxy config naming an 8B folder (or its tokenizer beside other weights) passed the check
-    and the build, which read only the tokenizer, and failed in every mesh replica, after the mesh opened, in tt-metal."""
+    and the build, which read only the tokenizer, to fail in every mesh replica, after its mesh opened, in tt-metal."""
     import yaml
 
     from deployments.app import build
