@@ -334,8 +334,13 @@ def _export_line_env(config: TTMeshConfig) -> None:
 
 
 def _open_mesh(ttnn, config: TTMeshConfig, mesh_shape: tuple[int, int]):
-    """As tt_worker.py's open_mesh_device: fabric first, then the mesh with the dispatch axis and the
-    trace-region and worker-L1 sizes."""
+    """As tt_worker.py's open_mesh_device: the host's chips counted (its get_mesh_grid), fabric first, then the mesh
+    with the dispatch axis and the trace-region and worker-L1 sizes."""
+    chips, needed = len(ttnn.get_device_ids()), mesh_shape[0] * mesh_shape[1]
+    if chips < needed:  # a host that advertises `galaxy` but is none: tt-metal would fail opening the mesh
+        raise RuntimeError(f"this host has {chips} Tenstorrent chips, and an {mesh_shape[0]}x{mesh_shape[1]} Galaxy "
+                           f"mesh needs {needed}: only Galaxy hosts may advertise the mesh's resource (`ray start "
+                           "--resources='{\"galaxy\": 1}'`, mesh_resources)")
     if config.fabric_config != "DISABLED":
         ttnn.set_fabric_config(getattr(ttnn.FabricConfig, config.fabric_config))
     axis = ttnn.DispatchCoreAxis.COL if config.dispatch_core_axis == "col" else ttnn.DispatchCoreAxis.ROW

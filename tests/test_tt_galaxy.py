@@ -404,6 +404,15 @@ def test_only_an_8x4_mesh(ttnn, hf_dir, shape):
     assert "open_mesh_device" not in dict(ttnn.calls)
 
 
+def test_a_host_with_fewer_chips_than_the_mesh_is_named_before_it_opens(ttnn, hf_dir, monkeypatch):
+    """A host that advertises `galaxy: 1` but is no Galaxy (a T3000's 8 chips): the mesh open failed inside tt-metal.
+    tenstorrent/vllm's worker counts the chips first (tt_worker.py get_mesh_grid: ttnn.get_device_ids())."""
+    monkeypatch.setattr(ttnn, "num_devices", 8)
+    with pytest.raises(RuntimeError, match="(?s)8 Tenstorrent chips.*needs 32.*galaxy"):
+        TTGalaxyBackend(hf_dir)
+    assert ttnn.calls == []  # no fabric set, no mesh opened
+
+
 # --- warm-up -----------------------------------------------------------------------------------------
 
 def test_warmup_at_load_covers_every_bucket_prefix_and_sampling_variant(backend):

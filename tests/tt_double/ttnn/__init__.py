@@ -6,7 +6,7 @@ Signatures follow ttnn's Python API as tt-metal and the tt vLLM worker call it:
 - open_mesh_device / close_mesh_device / MeshShape / DispatchCoreConfig(axis=) / DispatchCoreAxis, and the
   close order submeshes -> mesh -> fabric: tenstorrent/vllm vllm/worker/tt_worker.py @987d7bd2
   (open_mesh_device, close_mesh_device, set_fabric, reset_fabric)
-- set_fabric_config / FabricConfig: same file, get_fabric_config / set_fabric
+- set_fabric_config / FabricConfig: same file, get_fabric_config / set_fabric; get_device_ids: its get_mesh_grid
 - MeshDevice.create_submeshes: models/tt_transformers/tt/generator.py create_submeshes (tt-metal)
 - as_tensor / ReplicateTensorToMesh / TILE_LAYOUT / DRAM_MEMORY_CONFIG / bfloat8_b: ttnn/ttnn/operations/core.py,
   as used by tt-metal models/demos/llama3_70b_galaxy/tt/generator_vllm.py @0be6ffc8 allocate_vllm_kv_cache
@@ -24,6 +24,7 @@ calls: list[tuple[str, dict]] = []  # (function name, its arguments), in call or
 errors: list[str] = []  # misuse real ttnn would fail on (tests assert it stays empty)
 _open_meshes: list[MeshDevice] = []
 _trace_ids = itertools.count(1)
+num_devices = 32  # the chips this host has (a Galaxy's); tests set fewer
 
 
 def reset() -> None:
@@ -132,6 +133,12 @@ def set_fabric_config(fabric_config: FabricConfig, reliability_mode=None) -> Non
     if fabric_config == FabricConfig.DISABLED and _open_meshes:
         errors.append("fabric disabled while a mesh is open")
     calls.append(("set_fabric_config", {"fabric_config": fabric_config, "reliability_mode": reliability_mode}))
+
+
+def get_device_ids() -> list[int]:
+    """ttnn.distributed's: one id per chip the host has (as tenstorrent/vllm's tt_worker.py get_mesh_grid counts
+    them before it opens a mesh)."""
+    return list(range(num_devices))
 
 
 def open_mesh_device(mesh_shape: MeshShape, l1_small_size: int = DEFAULT_L1_SMALL_SIZE,
