@@ -524,8 +524,8 @@ class IncrementalDetokenizer:
     small window: the tokens of the last emitted delta (context, so tokenizers that drop a leading space at
     the start of a decode stay right) plus the tokens not yet emitted, and holds back those that a character
     still being written crosses. The work per step is therefore bounded by the window, not the whole output.
-    (Bytes that can never form a character are U+FFFD once the next byte shows it; `flush` drops the bytes of
-    a character the stream ended in the middle of, as vLLM's detokenizer does, rather than send U+FFFD.)
+    (Bytes that can never form a character are U+FFFD once the next byte shows it; `flush` drops the tokens a
+    character the stream ended in the middle of crosses, as vLLM's detokenizer does, rather than send U+FFFD.)
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special: bool = True):
@@ -549,16 +549,13 @@ class IncrementalDetokenizer:
         return self._emit(hold_partial=True)
 
     def flush(self) -> str:
-        """At the end of a stream, whatever was held back, less a character the model never finished (e.g. a
-        max_tokens cut inside an emoji). A U+FFFD the model did write (bytes EF BF BD) is text, and stays."""
-        held = self._window[self._read:]
-        text = self._emit(hold_partial=False)
-        if text.endswith("\ufffd"):
-            partial = _partial_tail(b"".join(self._bytes(t) for t in held))
-            # Byte-level BPE decodes a partial character to one U+FFFD, SentencePiece byte fallback to one per byte.
-            replaced = len(text) - len(text.rstrip("\ufffd"))
-            text = text[:len(text) - min(partial, replaced)]
-        return text
+        """At the end of a stream, whatever was held back, less the tokens that a character the model never finished
+        crosses (e.g. a max_tokens cut inside an emoji), whole: SmolLM2's " \\xf0\\x9f" is a space and an emoji's
+        first bytes, and its space is not sent either, as vLLM's detokenizer never sends the text of the tokens it
+        holds back. A continuation whose prompt ends with those tokens carries their text (`carried`): sent here
+        too, the client that joined the two answers had the space twice. A U+FFFD the model did write (bytes EF BF
+        BD) is text, and stays."""
+        return self._emit(hold_partial=True)
 
     def _bytes(self, token_id: int) -> bytes:
         try:
@@ -594,13 +591,6 @@ class IncrementalDetokenizer:
                 end = i
             decoder.decode(data)
         return end if decoder.getstate()[0] else len(self._window)
-
-
-def _partial_tail(data: bytes) -> int:
-    """How many bytes (0-3) at the end of `data` start a UTF-8 character whose other bytes never came."""
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")
-    decoder.decode(data, final=False)
-    return len(decoder.getstate()[0])  # the bytes it holds, waiting for the rest of a character
 
 
 # Code, emoji (multi-codepoint ZWJ sequences too), CJK, numbers, odd whitespace and contractions.

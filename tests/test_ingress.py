@@ -91,11 +91,12 @@ def test_completion_stream_without_usage(client, router, tokenizer):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_cut_inside_a_character_ends_before_it(client, router, tokenizer, stream):
-    """max_tokens ending between two tokens of one emoji: the partial bytes are dropped (vLLM), no U+FFFD."""
+    """max_tokens ending between two tokens of one emoji: the tokens the emoji's bytes are in are dropped whole (vLLM's
+    detokenizer holds them back), the space in SmolLM2's " \\xf0\\x9f" too; no U+FFFD."""
     cut = next(n for n in range(1, len(router.answer)) if tokenizer.decode(router.answer[:n]).endswith("\ufffd"))
     r = client.post("/v1/completions", json={**COMPLETION, "stream": stream, "max_tokens": cut})
     choices = [c["choices"][0] for c in sse(r)] if stream else r.json()["choices"]
-    assert "".join(c["text"] for c in choices) == tokenizer.decode(router.answer[:cut]).rstrip("\ufffd")
+    assert "".join(c["text"] for c in choices) == "Hello world, the answer is 42. Emoji"
     assert choices[-1]["finish_reason"] == "length"
 
 

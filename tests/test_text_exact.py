@@ -217,3 +217,26 @@ def test_a_prompt_token_that_ends_inside_a_character_gives_the_answer_its_whole_
         assert text[offset:].startswith(tokenizer.decode([token_id])), (offsets, text)
     chunks = sse(client.post("/v1/completions", json={**body, "stream": True}))
     assert "".join(c["choices"][0]["text"] for c in chunks) == text
+
+
+def test_an_answer_cut_inside_a_character_and_continued_joins_into_the_whole_text(setup, tokenizer):
+    """SmolLM2 writes " 🚀" as " \\xf0\\x9f" and the emoji's other bytes. An answer that max_tokens cut after that
+    token ends before it, as vLLM's detokenizer holds back the tokens a character still being written crosses (their
+    text never comes): the continuation whose prompt ends with those tokens carries their text, the space too (the
+    test above). The cut answer kept the space, and the client that joined the two had it twice ("moon  🚀")."""
+    router, client, _ = setup
+    prompt, eos = tokenizer.encode("Go"), sorted(tokenizer.stop_ids)[0]
+    answer = tokenizer.encode(" to the moon 🚀 fly")
+    cuts = [k for k in range(1, len(answer)) if tokenizer.decode(answer[:k]).endswith("\ufffd")]
+    assert tokenizer.decode(answer[cuts[0] - 1:cuts[0]]) == " \ufffd"  # a token of a space and an emoji's first bytes
+    for cut in cuts:
+        for stream in (False, True):
+            router.answer, router.merge = answer + [eos], 1
+            body = {"model": "smollm2", "prompt": prompt, "max_tokens": cut, "stream": stream}
+            first = client.post("/v1/completions", json=body)
+            router.answer = answer[cut:] + [eos]
+            rest = client.post("/v1/completions", json={**body, "prompt": prompt + answer[:cut], "max_tokens": 16})
+            texts = [("".join(c["choices"][0]["text"] for c in sse(r)) if stream else r.json()["choices"][0]["text"])
+                     for r in (first, rest)]
+            assert texts[0] == tokenizer.decode(answer[:cuts[0] - 1]), (cut, stream, texts)  # " to the moon"
+            assert "".join(texts) == " to the moon 🚀 fly", (cut, stream, texts)
