@@ -33,7 +33,7 @@ from deployments.client_gone import ClientGone
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.gc_heap import freeze_gc_heap
-from deployments.large_body import OffLoopBody
+from deployments.large_body import OFF_LOOP_BYTES, OffLoopBody, load, off_loop, validate
 from deployments.openai_server import GRAMMAR_THREADS, MODEL_LEN_WAIT_S, SSE_KEEPALIVE_S, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, ModelPermission, TokenizeRequest,
@@ -130,6 +130,16 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         return (await card(model)).model_dump()
 
     app.include_router(v1)
+
+    @app.post("/invocations")
+    async def invocations(request: Request):
+        """SageMaker's inference route, as vLLM serves it: a body with `messages` is a chat completion, any other
+        a completion (vLLM's api_server: ChatCompletionRequest tried first); a bad one is that route's 400."""
+        body = await request.body()
+        req = await off_loop(invocation, body) if len(body) > OFF_LOOP_BYTES else invocation(body)
+        if isinstance(req, ChatCompletionRequest):
+            return await chat_completions(req, request)
+        return await completions(req, request)
     # vLLM's tokenizer endpoints (outside /v1, as vLLM serves them); GET takes the same fields as a query
     tok = APIRouter(route_class=OffLoopBody)
 
@@ -239,6 +249,12 @@ def _check_query_utf8(request: Request) -> None:
             value.encode("latin-1").decode("utf-8")
         except UnicodeDecodeError:
             raise APIError(400, f"{name}: must be valid UTF-8 text once %-decoded", param=name) from None
+
+
+def invocation(body: bytes) -> ChatCompletionRequest | CompletionRequest:
+    """/invocations' body as the request it is: a chat completion where it has `messages`, else a completion."""
+    data = load(body)
+    return validate(ChatCompletionRequest if isinstance(data, dict) and "messages" in data else CompletionRequest, data)
 
 
 def _validated(cls: type[M], **fields) -> M:

@@ -54,13 +54,22 @@ def _float(text: str) -> float:
 def parse(cls: type[BaseModel], body: bytes) -> BaseModel:
     """`body` as FastAPI reads it into `cls`: Starlette's json.loads (here with hooks that give the same values),
     then pydantic. Raises the APIError, or the HTTPException, that FastAPI's path would have answered."""
+    return validate(cls, load(body))
+
+
+def load(body: bytes) -> Any:
+    """`body`'s JSON as FastAPI reads it. Raises the APIError, or the HTTPException, that FastAPI answers."""
     try:
-        data = json.loads(body, object_pairs_hook=_object, parse_int=_int, parse_float=_float)
+        return json.loads(body, object_pairs_hook=_object, parse_int=_int, parse_float=_float)
     except json.JSONDecodeError as exc:  # fastapi/routing.py, get_request_handler: its RequestValidationError
         raise validation_error([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
                                  "ctx": {"error": exc.msg}}], skip_body=True) from None
     except (ValueError, RecursionError):  # bytes that are not UTF-8, an int of more than 4,300 digits, arrays
         raise HTTPException(400, PARSE_ERROR) from None  # nested past the recursion limit: FastAPI's own 400
+
+
+def validate(cls: type[BaseModel], data: Any) -> BaseModel:
+    """A body's JSON `data` as `cls`, with FastAPI's 400 naming the field."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:  # FastAPI's locations start with "body"

@@ -779,6 +779,32 @@ def test_gateway_probes_answer_head_and_vllms_ping(router, tokenizer, monkeypatc
         assert client.request(method, "/health").status_code == 503
 
 
+def test_sagemakers_invocations_route_a_chat_or_a_completion_by_the_body_as_vllm(client, router, tokenizer):
+    """SageMaker sends every inference to POST /invocations (its probe is /ping); vLLM answers a body with
+    `messages` as a chat completion and any other as a completion, each with its own errors."""
+    chat = client.post("/invocations", json=CHAT).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"] == ANSWER
+    assert router.requests.popitem()[1][0] == tokenizer.encode_chat(CHAT["messages"])
+    completion = client.post("/invocations", json={**COMPLETION, "max_tokens": 4}).json()
+    assert completion["object"] == "text_completion"
+    assert completion["choices"][0]["text"] == tokenizer.decode(router.answer[:4])
+    stream = client.post("/invocations", json={**CHAT, "stream": True})
+    assert stream.headers["content-type"].startswith("text/event-stream") and "[DONE]" in stream.text
+    assert_error(client.post("/invocations", json={**CHAT, "temperature": -1}), 400, param="temperature")
+    assert_error(client.post("/invocations", json={**COMPLETION, "prompt": None}), 400, param="prompt")
+    assert_error(client.post("/invocations", json={"model": MODEL}), 400, param="prompt")
+    assert_error(client.post("/invocations", content=b"{"), 400)
+    assert client.post("/invocations", json=CHAT, headers={"x-request-id": "sm-1"}).json()["id"].endswith("sm-1")
+    big = client.post("/invocations", json={**CHAT, "user": "u" * 70_000})  # parsed on the large bodies' thread
+    assert big.json()["object"] == "chat.completion"
+
+
+def test_invocations_needs_the_key_as_every_inference_route(router, tokenizer):
+    client = make_client(router, tokenizer, api_keys=["k1"])
+    assert_error(client.post("/invocations", json=CHAT), 401)
+    assert client.post("/invocations", json=CHAT, headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
 @pytest.mark.parametrize("path,body", [*ENDPOINTS, ("/v1/responses", {"model": MODEL, "input": "hi"})])
 def test_streams_tell_proxies_and_caches_to_pass_them_on_at_once(client, path, body):
     """nginx buffers a proxied answer unless it says `X-Accel-Buffering: no` (its SSE chunks then came all at once,
