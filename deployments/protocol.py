@@ -494,8 +494,9 @@ _PART_TEXT = {"text": "text", "input_text": "text", "output_text": "text", "refu
 
 class ChatMessage(RequestModel):
     # "function": the legacy function-calling result turn (OpenAI's ChatCompletionFunctionMessageParam), which vLLM
-    # hands to the chat template as it is, as here
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    # hands to the chat template as it is, as here; "ipython": Llama 3.1+'s tool-result turn (Meta's prompt docs), which
+    # Llama 3.3's template reads as a tool turn and vLLM takes (any role)
+    role: Literal["system", "developer", "user", "assistant", "tool", "function", "ipython"]
     content: Text | Items[Annotated[TextPart | RefusalPart, Field(discriminator="type")]] | None = None
     name: Text | None = None
     tool_calls: Items[ToolCall] | None = None  # an assistant turn that called tools

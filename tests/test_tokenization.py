@@ -183,3 +183,20 @@ def test_a_chat_with_large_template_kwargs_is_templated_off_the_event_loop(clien
     response = client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 1, "chat_template_kwargs": kwargs})
     assert response.status_code == 200, response.text
     assert seen == [False]
+
+
+def test_a_tool_result_in_llamas_ipython_role_is_its_tool_turn(router):
+    """Meta's Llama 3.1+ prompt docs send a tool's output as role "ipython"; Llama 3.3's template reads it as a
+    tool turn and vLLM takes any role. It was a 400 naming messages.2.role. (Meta's format renders both as the
+    ipython turn.)"""
+    llama3 = Tokenizer.from_tiktoken_file(ensure_llama3_tokenizer() / "tokenizer.model")
+    client = make_client(router, llama3)
+    call = {"id": "call0", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    history = [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "tool_calls": [call]}]
+    messages = [*history, {"role": "ipython", "content": "sunny, 3 C"}]
+    as_tool = [*history, {"role": "tool", "tool_call_id": "call0", "content": "sunny, 3 C"}]
+    body = client.post("/tokenize", json={"messages": messages})
+    assert body.status_code == 200, body.text
+    assert body.json()["tokens"] == client.post("/tokenize", json={"messages": as_tool}).json()["tokens"]
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
