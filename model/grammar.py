@@ -107,6 +107,9 @@ def ascii_perl_classes(pattern: str) -> str:
             if e.lower() in _ASCII_CLASSES:
                 ranges = _ASCII_CLASSES[e.lower()]
                 out.append(ranges if depth and e.islower() else f"[{'^' if e.isupper() else ''}{ranges}]")
+                if depth and pattern.startswith("-", i) and not pattern.startswith("-]", i):
+                    out.append("\\-")  # a dash after a class is literal ("[\\w-.]"), not a range from its last end
+                    i += 1
             else:
                 out.append(c + e)
             continue

@@ -67,6 +67,9 @@ def accepts(llt, tok, grammar, text) -> bool:
     ({"guided_regex": r"\d{3}"}, "123", "\uff11\uff12\uff13"),
     ({"structured_outputs": {"regex": r"[\d.]+\w"}}, "1.5x", "1.5\u00e9"),
     ({"guided_regex": r"[^\W_]+"}, "abc1", "\uff11"),
+    # a dash right after a class escape in brackets is a literal dash, as ECMAScript reads it (as llguidance reads a
+    # JSON schema's pattern): \w's ranges made "_-." a range, a 400
+    ({"guided_regex": r"[\w-.]+@[\w-]+"}, "a-b.c@d-e", "a,b@d"),
     ({"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
      '{"name": "get_weather", "parameters": {"city": "Oslo"}}', '{"name": "get_time", "parameters": {}}'),
     ({"tools": [WEATHER, TIME], "tool_choice": "required"},
@@ -540,6 +543,7 @@ def test_a_json_answer_that_is_no_call_stays_content_in_auto_mode():
 @pytest.mark.parametrize("pattern, ascii_only", [
     (r"\d{3}", "[0-9]{3}"), (r"[\d.]+", "[0-9.]+"), (r"[^\d]", "[^0-9]"), (r"\D\W", "[^0-9][^0-9A-Za-z_]"),
     (r"\\d", r"\\d"), (r"[]\w]", "[]0-9A-Za-z_]"), (r"a\.b\s", r"a\.b\s"), (r"[^\W_]", "[^[^0-9A-Za-z_]_]"),
+    (r"[\w-.]", r"[0-9A-Za-z_\-.]"),
 ])
 def test_perl_classes_become_ascii_and_escapes_stay(pattern, ascii_only):
     assert ascii_perl_classes(pattern) == ascii_only
