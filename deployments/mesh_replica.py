@@ -203,7 +203,7 @@ class MeshReplica:
                 link.send((work.work_id, portable_error(exc)))
 
     def _deadline(self, work: MeshWork) -> float:
-        tokens = sum(len(c.token_ids) - c.start for c in work.prefills)
+        tokens = sum(c.end - c.start for c in work.prefills)
         expected = self.caps.expected_seconds(tokens, work.decode.num_steps if work.decode else 0)
         return self.min_deadline_s + self.deadline_factor * expected
 

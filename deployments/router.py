@@ -885,7 +885,7 @@ class Router:
             mesh.heartbeat_out = False
 
     def _deadline(self, caps: Capabilities, work: MeshWork) -> float:
-        tokens = sum(len(c.token_ids) - c.start for c in work.prefills)
+        tokens = sum(c.end - c.start for c in work.prefills)
         expected = caps.expected_seconds(tokens, work.decode.num_steps if work.decode else 0)
         return self.config.min_step_deadline_s + self.config.step_deadline_factor * expected
 

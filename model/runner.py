@@ -22,7 +22,7 @@ from model.backend import Backend
 from model.grammar import GrammarCache, GrammarState
 from model.sampler import PenaltyState, sample_batch, take_rows
 from scheduler.sampling import SamplingParams, TokenLogprobs
-from scheduler.work import GRAMMARS_KEPT, NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
+from scheduler.work import GRAMMARS_KEPT, NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, PrefillHistory, StepResult
 
 log = logging.getLogger("ray.serve")
 
@@ -83,6 +83,7 @@ class MeshRunner:
         self.backend = backend
         self.caps = backend.caps
         self.slots: dict[int, SlotState] = {}
+        self._prefilled = PrefillHistory()  # the ids of slots whose prefill is under way
         self._page_table = torch.zeros(self.caps.num_slots, self.caps.max_blocks_per_seq, dtype=torch.int32)
         self._page_width = 0  # columns of _page_table that may be non-zero
         self._grammar_tokenizer_factory = grammar_tokenizer
@@ -91,11 +92,13 @@ class MeshRunner:
     def reset(self) -> None:
         """Forget every slot (a new router, or a router that re-joined this mesh, starts from scratch)."""
         self.slots.clear()
+        self._prefilled.clear()
 
     def execute(self, work: MeshWork) -> Iterator[StepResult]:
         """Yields work.num_messages results: one per prefill chunk, then one per decode step."""
         for slot in work.release:
             self.slots.pop(slot, None)
+            self._prefilled.drop(slot)
         for i, chunk in enumerate(work.prefills):
             yield self._prefill(work.work_id, chunk, last=work.decode is None and i == len(work.prefills) - 1)
         if work.decode:
@@ -104,31 +107,32 @@ class MeshRunner:
     def _prefill(self, work_id: int, chunk: PrefillChunk, last: bool) -> StepResult:
         result = StepResult(work_id, [NO_TOKEN] * self.caps.num_slots, last=last)
         self.slots.pop(chunk.slot, None)
+        token_ids = self._prefilled.take(chunk)
         params = chunk.params
         scored = chunk.prompt_logprobs is not None  # the router asks only a backend that declares it
         last_logits = None  # the final position's, when scored: its token is then sampled on the host
         if scored:
-            targets = chunk.token_ids[chunk.start + 1:chunk.num_prompt_tokens]
+            targets = token_ids[chunk.start + 1:chunk.num_prompt_tokens]
             if chunk.next_prompt_token >= 0:
                 targets.append(chunk.next_prompt_token)
             logprobs, last_logits = self.backend.prefill_prompt_logprobs(
-                chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot, chunk.prompt_logprobs, targets)
+                token_ids, chunk.start, chunk.block_ids, chunk.slot, chunk.prompt_logprobs, targets)
             if logprobs is not None:  # None: the chunk held no position with a target
                 result.prompt_logprobs[chunk.slot] = logprobs
         if params is None:  # not the final chunk: no token yet
             if not scored:
-                self.backend.prefill(chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot)
+                self.backend.prefill(token_ids, chunk.start, chunk.block_ids, chunk.slot)
             return result
         vocab = self.caps.vocab_size
         samplable = self.backend.can_sample(params)
-        state = SlotState(chunk.request_id, params, list(chunk.token_ids), chunk.num_prompt_tokens,
+        state = SlotState(chunk.request_id, params, list(token_ids), chunk.num_prompt_tokens,
                           frozenset(chunk.stop_token_ids), samplable,
                           self.backend.as_device_samples(params) if samplable else params,
                           torch.tensor(sorted(t for t in {*chunk.stop_token_ids, *self.caps.eos_token_ids}
                                               if 0 <= t < vocab), dtype=torch.long))
         if params.needs_penalties:
             n = chunk.num_prompt_tokens
-            state.penalties = PenaltyState(vocab, chunk.token_ids[:n], chunk.token_ids[n:])
+            state.penalties = PenaltyState(vocab, token_ids[:n], token_ids[n:])
         if params.grammar is not None:
             try:
                 grammars = self.grammars()
@@ -137,14 +141,14 @@ class MeshRunner:
                 self._retire(chunk.slot, result, "error")
                 return result
             try:  # resumes after the tokens a recomputed answer already has
-                state.grammar = grammars.new_state(params.grammar, chunk.token_ids[chunk.num_prompt_tokens:])
+                state.grammar = grammars.new_state(params.grammar, token_ids[chunk.num_prompt_tokens:])
             except Exception as exc:  # ValueError: llguidance refused the grammar or those tokens
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
                 return result
         on_device = state.sample_on_device and not scored
         out = last_logits if scored else self.backend.prefill(
-            chunk.token_ids, chunk.start, chunk.block_ids, chunk.slot, sampling=params if on_device else None)
+            token_ids, chunk.start, chunk.block_ids, chunk.slot, sampling=params if on_device else None)
         if on_device:
             self._advance(chunk.slot, state, int(out), None, result)
         else:

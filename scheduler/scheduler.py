@@ -636,12 +636,14 @@ class MeshScheduler:
                     if len(self.grammars_sent) > GRAMMARS_KEPT:
                         self.grammars_sent.popitem(last=False)
                 chunks.append(PrefillChunk(
-                    seq.request_id, seq.slot, seq.token_ids[:end], start,
+                    seq.request_id, seq.slot, seq.token_ids[seq.num_prefill_sent:end], start,
                     seq.block_table[:blocks_for(end, self.block_size)],
                     params=seq.params if final else None, num_prompt_tokens=seq.num_prompt_tokens,
                     stop_token_ids=seq.stop_token_ids if final else (),
                     prompt_logprobs=seq.params.prompt_logprobs if scores else None,
-                    next_prompt_token=seq.token_ids[end] if scores and end < seq.num_prompt_tokens else -1))
+                    next_prompt_token=seq.token_ids[end] if scores and end < seq.num_prompt_tokens else -1,
+                    offset=seq.num_prefill_sent))
+                seq.num_prefill_sent = end
                 planned.append((seq, seq.epoch, end, final))
                 budget -= end - start
                 seq.num_prefill_planned = end
@@ -795,7 +797,7 @@ class MeshScheduler:
         seq.block_table = []
         seq.slot = -1
         seq.live = False
-        seq.num_computed = seq.num_prefill_planned = seq.num_cached_blocks = 0
+        seq.num_computed = seq.num_prefill_planned = seq.num_cached_blocks = seq.num_prefill_sent = 0
         seq.num_planned = len(seq.token_ids)
 
     def _preempt_newest(self, group: KVGroup) -> Sequence:

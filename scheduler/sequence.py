@@ -39,6 +39,7 @@ class Sequence:
     num_prefill_sampled: int = 0  # output tokens its final prefill chunks sampled here (one per recompute): no decode
     # Planning, ahead of the mesh by up to max_inflight works:
     num_prefill_planned: int = 0  # prefill handed out up to here
+    num_prefill_sent: int = 0  # token ids its chunks carried to the mesh since it took its slot (PrefillChunk.offset)
     num_planned: int = 0  # upper bound on len(token_ids) once every handed-out work is answered
     live: bool = False  # final prefill chunk handed out: the mesh decodes the slot from then on
     # Timestamps (time.monotonic) for metrics:

@@ -26,10 +26,12 @@ MAX_NEW_GRAMMARS_PER_WORK = 2
 
 @dataclass
 class PrefillChunk:
-    """Compute positions [start, len(token_ids)) of one sequence into its blocks.
+    """Compute positions [start, end) of one sequence into its blocks.
 
-    token_ids holds the whole sequence up to the chunk's end (prompt, plus output so far when a
-    preempted sequence is recomputed), so the mesh has the history that penalties need.
+    token_ids holds the sequence's positions [offset, end) (prompt, plus output so far when a preempted sequence is
+    recomputed): those the mesh has not had since the sequence took its slot, so each id crosses once (the whole
+    sequence up to each chunk's end made a 128k prompt's 32 chunks 6.6 MB to pickle, quadratic in its length). The
+    mesh joins them (PrefillHistory) into the history its backend's prefill and penalties need.
     On the final chunk (`params` set) the mesh samples the next token and the slot goes live:
     it then decodes it until the router stops including it or it retires by itself.
     """
@@ -46,10 +48,38 @@ class PrefillChunk:
     # alternatives (StepResult.prompt_logprobs); None: none asked
     prompt_logprobs: int | None = None
     next_prompt_token: int = -1  # with prompt_logprobs: the prompt token after the chunk (its last position's target)
+    offset: int = 0  # the position of token_ids[0]: 0 on a seat's first chunk, else the previous chunk's end
 
     @property
     def is_final(self) -> bool:
         return self.params is not None
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.token_ids)
+
+
+class PrefillHistory:
+    """A mesh's side of PrefillChunk.offset: the ids each slot's chunks carried so far, joined."""
+
+    def __init__(self) -> None:
+        self._ids: dict[int, list[int]] = {}
+
+    def take(self, chunk: PrefillChunk) -> list[int]:
+        """The sequence up to the chunk's end. Raises ValueError for a chunk that does not follow the slot's last."""
+        ids = self._ids.pop(chunk.slot, []) if chunk.offset else []
+        if len(ids) != chunk.offset:
+            raise ValueError(f"a prefill chunk of slot {chunk.slot} at {chunk.offset}, after {len(ids)} ids")
+        ids += chunk.token_ids  # in place: a copy per chunk would be quadratic again
+        if not chunk.is_final:
+            self._ids[chunk.slot] = ids
+        return ids
+
+    def drop(self, slot: int) -> None:
+        self._ids.pop(slot, None)
+
+    def clear(self) -> None:
+        self._ids.clear()
 
 
 @dataclass

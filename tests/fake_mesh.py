@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scheduler.sampling import SamplingParams, TokenLogprobs
-from scheduler.work import NO_TOKEN, MeshWork, StepResult
+from scheduler.work import NO_TOKEN, MeshWork, PrefillHistory, StepResult
 
 VOCAB = 16  # small, so stop ids end answers at random-looking points
 # A grammar the mesh cannot set up: like MeshRunner, it retires the slot at the final chunk ("grammar_error") before
@@ -70,24 +70,27 @@ class FakeMesh:
         self.slots_per_group = num_slots // kv_groups
         self.kv = np.full((kv_groups, num_blocks, block_size), -1, dtype=np.int64)
         self.slots: dict[int, _Slot] = {}
+        self.prefilled = PrefillHistory()
         self.works: list[MeshWork] = []  # everything executed, in order
 
     def execute(self, work: MeshWork) -> list[StepResult]:
         self.works.append(work)
         for slot in work.release:
             self.slots.pop(slot, None)
+            self.prefilled.drop(slot)
         results = []
         for chunk in work.prefills:  # one result per chunk
             result = StepResult(work.work_id, [NO_TOKEN] * self.num_slots)
             self.slots.pop(chunk.slot, None)
+            token_ids = self.prefilled.take(chunk)
             if chunk.is_final and chunk.params.grammar == REFUSED_GRAMMAR:  # as MeshRunner: retired before computing
                 result.finished[chunk.slot] = "grammar_error"
                 results.append(result)
                 continue
-            for pos in range(chunk.start, len(chunk.token_ids)):
-                self._write(chunk.slot, chunk.block_ids, pos, chunk.token_ids[pos])
+            for pos in range(chunk.start, len(token_ids)):
+                self._write(chunk.slot, chunk.block_ids, pos, token_ids[pos])
             if chunk.is_final:
-                state = _Slot(list(chunk.token_ids), chunk.num_prompt_tokens, chunk.params, chunk.stop_token_ids)
+                state = _Slot(token_ids, chunk.num_prompt_tokens, chunk.params, chunk.stop_token_ids)
                 self._sample(chunk.slot, state, chunk.block_ids, result)
             results.append(result)
         if work.decode:

@@ -307,7 +307,7 @@ def test_scheduler_takes_no_cached_block_for_a_scored_prompt():
     sched.submit("scored", prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))
     chunks = _drain(sched)
     assert chunks[0].start == 0 and all(c.prompt_logprobs == 0 for c in chunks)
-    assert sum(len(c.token_ids) - c.start for c in chunks) == len(prompt)
+    assert sum(c.end - c.start for c in chunks) == len(prompt)
     assert sched.prefix_query_tokens == queried  # no lookup, so no query in the hit rate (as vLLM counts none)
     sched.submit("after", prompt, SamplingParams(max_tokens=1))
     assert _drain(sched)[0].start == 64  # a hit on the blocks computed before

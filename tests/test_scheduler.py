@@ -142,6 +142,28 @@ def test_sequence_records_timestamps():
     assert len(seq.output_ids) == 5
 
 
+def test_each_prompt_id_crosses_to_the_mesh_once():
+    """A chunk carries the ids the mesh has not had since the sequence took its slot (from 0 on a seat's first chunk,
+    a cached prefix too), not the whole sequence up to its end: that made the 32 chunks of a 128k prompt 6.6 MB to
+    pickle, quadratic in the prompt. A later seat (a preemption, a recompute) starts again from 0."""
+    sched, mesh = make(prefill_chunk=8, max_prefill_tokens=8, prefix_align=2 * BS)
+    prompt = list(range(1, 42))
+    events = defaultdict(list)
+    for request_id, ids, cached in (("a", prompt, 0), ("b", prompt[:32] + [50, 51, 52], 32)):
+        seq = sched.submit(request_id, ids, params(max_tokens=2, ignore_eos=True))
+        chunks = []
+        while not seq.output_ids:
+            chunks += step(sched, mesh, events).prefills
+        assert sum(len(c.token_ids) for c in chunks) == len(ids)
+        assert [c.token_ids for c in chunks] == [ids[c.offset:c.end] for c in chunks]
+        assert chunks[0].offset == 0 and chunks[0].start == cached
+        assert all(c.offset == before.end for before, c in zip(chunks, chunks[1:]))
+        while sched.requests:
+            step(sched, mesh, events)
+    answer = [t for e in events["b"] for t in e.token_ids]
+    assert answer == reference_output(prompt[:32] + [50, 51, 52], params(max_tokens=2, ignore_eos=True), ())[0]
+
+
 def test_long_prompt_is_chunked_without_holding_back_running_users():
     sched, mesh = make(prefill_chunk=8, max_prefill_tokens=12, prefix_align=2 * BS, decode_steps=2)
     sched.submit("short", [1, 2, 3], params(max_tokens=40, ignore_eos=True))
@@ -153,11 +175,11 @@ def test_long_prompt_is_chunked_without_holding_back_running_users():
     while not long_seq.output_ids:
         work = step(sched, mesh, events)
         assert work.decode is not None and sched.requests["short"].slot in work.decode.slots
-        assert sum(len(c.token_ids) - c.start for c in work.prefills) <= 12
+        assert sum(c.end - c.start for c in work.prefills) <= 12
         chunks += work.prefills
-    assert [(c.start, len(c.token_ids)) for c in chunks] == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40),
+    assert [(c.start, c.end) for c in chunks] == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 40),
                                                              (40, 42)]
-    assert all(c.token_ids == long_prompt[:len(c.token_ids)] for c in chunks)
+    assert all(c.token_ids == long_prompt[c.offset:c.end] for c in chunks)
     assert all(not c.is_final and c.stop_token_ids == () for c in chunks[:-1])
     final = chunks[-1]
     assert final.is_final and final.params.max_tokens == 3 and final.num_prompt_tokens == 42
@@ -875,7 +897,7 @@ def test_the_head_of_a_long_queue_costs_what_it_returns_not_the_queue():
 
 def _prefilled(mesh, rid):
     """Prompt tokens the mesh computed for request rid, over every work it ran."""
-    return sum(len(c.token_ids) - c.start for w in mesh.works for c in w.prefills if c.request_id == rid)
+    return sum(c.end - c.start for w in mesh.works for c in w.prefills if c.request_id == rid)
 
 
 def test_prompts_sent_together_compute_a_long_shared_prefix_once():

@@ -309,10 +309,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         for chunk in work.prefills:
             seq = self.sched.running[chunk.request_id]
             key = chunk.request_id, seq.epoch
-            self.computed[key] += len(chunk.token_ids) - chunk.start
+            self.computed[key] += chunk.end - chunk.start
             if MeshScheduler.scores_prompt(seq):
                 assert chunk.prompt_logprobs == 0 and chunk.start == self.scored_ends.get(key, 0), "a position skipped"
-                self.scored_ends[key] = len(chunk.token_ids)
+                self.scored_ends[key] = chunk.end
             else:
                 assert chunk.prompt_logprobs is None
 
