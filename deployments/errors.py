@@ -131,7 +131,8 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     if err.get("type") == "json_invalid":
         return APIError(400, f"The body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
     name = ".".join(loc) or None
-    if name is None and err.get("type") in ("missing", "model_attributes_type", "dict_type"):  # no JSON object at all
+    no_object = ("missing", "model_attributes_type", "dict_type", "model_type")  # model_validate's: large_body
+    if name is None and err.get("type") in no_object:  # no JSON object at all
         return APIError(400, "The body must be a JSON object (Content-Type: application/json).")
     message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
     return APIError(400, f"{name}: {message}" if name else message, param=name)

@@ -77,7 +77,7 @@ def validate(cls: type[BaseModel], data: Any) -> BaseModel:
         raise validation_error(errors, skip_body=True) from None
 
 
-def _is_json(request: Request) -> bool:
+def is_json(request: Request) -> bool:
     """Whether FastAPI would parse this body as JSON (fastapi/routing.py, get_request_handler)."""
     content_type = request.headers.get("content-type")
     if not content_type:
@@ -108,7 +108,7 @@ class OffLoopBody(APIRoute):
                 raise
             except Exception:  # a client gone mid-body (ClientDisconnect): FastAPI's handler, which read the body
                 raise HTTPException(400, PARSE_ERROR) from None  # before, answers its 400, logging nothing
-            if len(body) > OFF_LOOP_BYTES and _is_json(request):
+            if len(body) > OFF_LOOP_BYTES and is_json(request):
                 request._json = await off_loop(parse, model, body)
             response = await handler(request)
             vars(request).pop("_body", None)

@@ -799,6 +799,20 @@ def test_sagemakers_invocations_route_a_chat_or_a_completion_by_the_body_as_vllm
     assert big.json()["object"] == "chat.completion"
 
 
+def test_invocations_takes_a_body_as_the_v1_routes_do(client):
+    """A body not sent as JSON, or JSON that is no object, is the /v1 routes' 400 on /invocations too (vLLM's
+    /invocations refuses another Content-Type as its /v1 routes do); it was read as JSON whatever its type."""
+    text = json.dumps(CHAT).encode()
+    for headers in ({"content-type": "text/plain"}, {}):
+        v1 = client.post("/v1/chat/completions", content=text, headers=headers)
+        assert_error(v1, 400)
+        assert client.post("/invocations", content=text, headers=headers).json() == v1.json()
+    not_object = client.post("/v1/completions", json=[CHAT]).json()
+    assert client.post("/invocations", json=[CHAT]).json() == not_object
+    big = [{**CHAT, "user": "u" * 70_000}]  # parsed on the large bodies' thread, by the same model_validate
+    assert client.post("/invocations", json=big).json() == client.post("/v1/completions", json=big).json() == not_object
+
+
 def test_invocations_needs_the_key_as_every_inference_route(router, tokenizer):
     client = make_client(router, tokenizer, api_keys=["k1"])
     assert_error(client.post("/invocations", json=CHAT), 401)
