@@ -546,7 +546,7 @@ class IncrementalDetokenizer:
         # Skipped special tokens add no text: kept, a run of them (EOS after EOS under ignore_eos) stayed in the
         # window, and every step decoded all of it again.
         self._window.extend(t for t in new_ids if t not in self._skipped)
-        return self._emit(hold_partial=True)
+        return self._emit()
 
     def flush(self) -> str:
         """At the end of a stream, whatever was held back, less the tokens that a character the model never finished
@@ -555,7 +555,7 @@ class IncrementalDetokenizer:
         holds back. A continuation whose prompt ends with those tokens carries their text (`carried`): sent here
         too, the client that joined the two answers had the space twice. A U+FFFD the model did write (bytes EF BF
         BD) is text, and stays."""
-        return self._emit(hold_partial=True)
+        return self._emit()
 
     def _bytes(self, token_id: int) -> bytes:
         try:
@@ -563,10 +563,10 @@ class IncrementalDetokenizer:
         except ValueError:  # an id past the tokenizer's vocabulary (a padded logits row): decode skips it too
             return b""
 
-    def _emit(self, hold_partial: bool) -> str:
+    def _emit(self) -> str:
         end = len(self._window)
         text = self.tokenizer.decode(self._window, self.skip_special)
-        if hold_partial and text.endswith("\ufffd") and (end := self._final_end()) < len(self._window):
+        if text.endswith("\ufffd") and (end := self._final_end()) < len(self._window):
             if end == self._read:  # a character still being written, nothing final yet: the usual case, one decode
                 return ""
             text = self.tokenizer.decode(self._window[:end], self.skip_special)
