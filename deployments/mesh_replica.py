@@ -228,6 +228,9 @@ class MeshReplica:
                 loop.call_soon_threadsafe(results.put_nowait, StaleWork(
                     f"work {work.work_id} stopped after {sent} of {work.num_messages} messages: the replica is "
                     f"shutting down"))
+        except StaleWork as e:  # a chunk after one this mesh never ran: the router resets it, the device is fine
+            log.warning("mesh work %d refused: %s", work.work_id, e)
+            loop.call_soon_threadsafe(results.put_nowait, e)
         except BaseException as e:  # a device error: the router moves this mesh's requests, Serve restarts us
             log.exception("mesh work %d failed", work.work_id)
             self.error = e

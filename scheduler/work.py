@@ -66,10 +66,12 @@ class PrefillHistory:
         self._ids: dict[int, list[int]] = {}
 
     def take(self, chunk: PrefillChunk) -> list[int]:
-        """The sequence up to the chunk's end. Raises ValueError for a chunk that does not follow the slot's last."""
+        """The sequence up to the chunk's end. Raises StaleWork for a chunk that does not follow the slot's last: one
+        this mesh never ran came before it (dropped as its router gave up on the mesh), a slip the router's reset
+        mends, not a device's failure."""
         ids = self._ids.pop(chunk.slot, []) if chunk.offset else []
         if len(ids) != chunk.offset:
-            raise ValueError(f"a prefill chunk of slot {chunk.slot} at {chunk.offset}, after {len(ids)} ids")
+            raise StaleWork(f"a prefill chunk of slot {chunk.slot} at {chunk.offset}, after {len(ids)} ids")
         ids += chunk.token_ids  # in place: a copy per chunk would be quadratic again
         if not chunk.is_final:
             self._ids[chunk.slot] = ids
@@ -109,8 +111,8 @@ class MeshWork:
 class StaleWork(RuntimeError):
     """A work the mesh refused without running any of it: planned for another incarnation of the replica (Serve
     restarted it) or before its last reset, or never sent (no link to it); or the rest of a work a replica shutting
-    down stopped. The router fails the mesh for it, but lays the failure on none of the work's requests: none of
-    them made the mesh fail."""
+    down stopped, or whose prefill chunk follows one the mesh never ran (PrefillHistory.take). The router fails the
+    mesh for it, but lays the failure on none of the work's requests: none of them made the mesh fail."""
 
 
 @dataclass

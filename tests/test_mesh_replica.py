@@ -1,6 +1,7 @@
 """The mesh replica's ordering and incarnation rules, without Ray (the class under Serve's decorator)."""
 import asyncio
 import logging
+import threading
 import time
 
 import pytest
@@ -265,3 +266,39 @@ def test_a_device_that_fails_to_open_is_named_in_the_replicas_own_log(monkeypatc
         Replica({"backend": "simulated"})
     [record] = [r for r in caplog.records if r.name == "ray.serve" and r.levelno >= logging.ERROR]
     assert "did not start" in record.getMessage() and "no device" in str(record.exc_info[1])
+
+
+def test_a_chunk_after_one_the_router_gave_up_on_is_stale_work_and_the_device_stays_up(replica, monkeypatch):
+    """A closed link (the router gave up on the mesh) drops its works still queued on the worker one task at a time
+    (_serve_link cancels them), so the worker may start a later one between two drops. Its prefill chunk then follows
+    one this mesh never ran (PrefillChunk.offset): that is StaleWork, which the router's reset mends. It was the
+    device's error, which kept the mesh down until Serve restarted the replica."""
+    gate = threading.Event()
+    prefill_ = replica.runner.backend.prefill
+
+    def gated(*args, **kwargs):
+        gate.wait(5)
+        return prefill_(*args, **kwargs)
+
+    monkeypatch.setattr(replica.runner.backend, "prefill", gated)
+    params = SamplingParams(temperature=0.0, max_tokens=50)
+    first = MeshWork(1, [PrefillChunk("long", 1, [7] * 128, 0, [5, 6])])
+    rest = MeshWork(2, [PrefillChunk("long", 1, [7] * 172, 128, [5, 6, 7, 8, 9], params, 300, offset=128)])
+
+    async def main():
+        await replica.reset()
+        running = asyncio.create_task(drain(replica, prefill(0)))
+        dropped = asyncio.create_task(drain(replica, first))
+        later = asyncio.create_task(drain(replica, rest))
+        await asyncio.sleep(0.05)  # work 0 holds the worker thread; works 1 and 2 are queued behind it
+        dropped.cancel()
+        await asyncio.wait([dropped])
+        gate.set()
+        assert len(await running) == 1
+        with pytest.raises(mesh_replica.StaleWork, match="slot 1 at 128"):
+            await later
+        assert replica.error is None
+        incarnation, caps = await replica.reset()
+        assert caps is not None  # up again: the router moves its requests back onto it
+        assert len(await drain(replica, prefill(0, slot=1))) == 1
+    asyncio.run(main())
