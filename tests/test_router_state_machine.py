@@ -222,7 +222,7 @@ class _Tracked:
 class RouterMachine(RuleBasedStateMachine):
     @initialize(num_meshes=st.integers(2, 3), kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 2),
                 num_blocks=st.sampled_from([20, 24, 40]), time_scale=st.sampled_from([0.01, 0.05]),
-                pipeline_depth=st.integers(1, 2), interval_ms=st.sampled_from([0, 5]), started=st.booleans(),
+                pipeline_depth=st.integers(1, 4), interval_ms=st.sampled_from([0, 5]), started=st.booleans(),
                 mixed=st.booleans(), link=st.booleans(), token_limit=st.sampled_from([4 * 131072, 600]),
                 first=st.lists(REQUEST, min_size=3, max_size=10))
     def setup(self, num_meshes, kv_groups, slots_per_group, num_blocks, time_scale, pipeline_depth, interval_ms=0,
