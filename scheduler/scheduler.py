@@ -162,7 +162,8 @@ class MeshScheduler:
                                  f"({self.max_tokens_per_seq})")
             raise PromptTooLong(f"the prompt has {n} tokens; {limit} allows at most "
                                 f"{self.max_tokens_per_seq - 1} (one token is left for the answer)")
-        queued = len(self.waiting) - self._free_slots_for_queue()  # a burst into free slots is no queue
+        # A burst into free slots is no queue, but while the head waits for KV blocks they seat nobody (num_queued).
+        queued = len(self.waiting) - (0 if self.head_blocked else self._free_slots_for_queue())
         if not migrated and self.max_waiting_requests is not None and queued >= self.max_waiting_requests:
             raise QueueFull(f"{queued} requests are waiting for a slot (limit {self.max_waiting_requests})")
         # At the limit every prompt is refused, below it every one is taken (the queue passes it by one prompt at

@@ -880,6 +880,21 @@ def test_a_reserved_kv_groups_free_slots_take_no_burst_past_max_waiting_requests
         sched.submit("late", [7, 8, 9], params(4))
 
 
+def test_free_slots_behind_a_head_waiting_for_kv_blocks_take_no_burst_past_max_waiting_requests():
+    """With the queue's head waiting for KV blocks, the free slots seat nobody (num_queued counts the whole queue),
+    yet max_waiting_requests subtracted them as a burst they would seat: requests came in past the limit, up to
+    one per free slot (a Galaxy column's long contexts hold its blocks with 7 of its 8 slots free)."""
+    sched, mesh = make(num_blocks=4, max_waiting_requests=1)
+    for i in range(3):  # 6 tokens each: two 4-token blocks; four blocks seat two of them
+        sched.submit(f"r{i}", [i + 1] * 6, params(20, ignore_eos=True))
+    step(sched, mesh, defaultdict(list))
+    assert (len(sched.running), sched.kv.num_free_slots, sched.num_queued) == (2, 2, 1)
+    with pytest.raises(QueueFull, match="1 requests are waiting"):  # r2 waits for blocks: the queue is full
+        sched.submit("late", [7, 8, 9], params(4))
+    sched.cancel("r0")  # its blocks free: what waits may be seated now, and the free slots take a burst again
+    sched.submit("late", [7, 8, 9], params(4))
+
+
 def test_the_head_of_a_long_queue_costs_what_it_returns_not_the_queue():
     """The router asks each mesh for the first few of its queue (queued(MOVE_SCAN)) on every round while one mesh
     has room and another a queue; they were taken from a list of the whole queue, O(queue) per round per mesh.
