@@ -113,7 +113,7 @@ def _trimmed(fn: Callable[..., T], *args) -> T:
 
 class RouterClient(Protocol):
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
-                 output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]: ...
+                 output_ids: list[int] = (), continuation: bool | str = False) -> AsyncIterator[TokenEvent]: ...
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None: ...
 
@@ -608,7 +608,7 @@ class OpenAIServer:
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None, refusal: _Refusal | None = None,
-                     choices: Choices | None = None, sibling: bool = False) -> AsyncIterator[ChoiceDelta]:
+                     choices: Choices | None = None, sibling: bool | str = False) -> AsyncIterator[ChoiceDelta]:
         """One router request, as text. Cancels it in the router unless it finished.
 
         When the router fails mid-request (its replica died), the request is resubmitted, to the router
@@ -643,7 +643,8 @@ class OpenAIServer:
         refusal = refusal or _Refusal()
         started = False
         # sent to a router once: a resubmission is a continuation, which no queue limit refuses; so is a later choice
-        # sent once its first had a token (`sibling`, OpenAIServer.deltas): its request was admitted then
+        # sent once its first had a token (`sibling`, OpenAIServer.deltas): its request was admitted then; one sent
+        # with it names it (a str), and passes the limits if the router admitted it
         submitted = sibling
         rid, attempt, retries = request_id, 0, 0  # attempt: the next wait of retry_backoff_s
         if self.log_requests:  # vLLM's "Received request" line (vllm/entrypoints/logger.py), without the prompt
@@ -710,7 +711,8 @@ class OpenAIServer:
                         raise
                     refused = isinstance(exc, APIError) or as_api_error(exc, prep.prompt_field) is not None
                     lost = not refused and isinstance(unwrap(exc), ConnectionError)  # else this request's own fault
-                    submitted |= lost and not isinstance(unwrap(exc), RouterUnreachable)
+                    if lost and not isinstance(unwrap(exc), RouterUnreachable):
+                        submitted = True
                     if lost and len(answer.output) > at_submit:  # it went on before this loss: a new outage
                         attempt = 0
                     if not lost or attempt == len(self.retry_backoff_s):
@@ -779,7 +781,7 @@ class OpenAIServer:
             most = merged_tokens_max(params)
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
-            sibling = False
+            sibling: bool | str = first_id if index else False  # passes the limits where the first choice did
             try:
                 if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching \
                         and params.prompt_logprobs is None:  # a scored prompt reuses nothing: each computes it all
@@ -816,6 +818,7 @@ class OpenAIServer:
                     first_token.set_result(False)
                 queue.put_nowait(_CHOICES_DONE)
 
+        first_id = f"{preps[0].router_id}-0"  # the request's first choice, sent first: the others follow its lead
         groups = [Choices(n) for _ in preps]  # per prompt, as vLLM takes each prompt of a batch as a request
         # per prompt: whether its first choice had a token, once it has or ended (SHARED_PREFILL_TOKENS)
         first_tokens = [asyncio.get_running_loop().create_future() for _ in preps]

@@ -377,12 +377,15 @@ class Router:
         raise refusal
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
-               output_ids: list[int], consumer: str, continuation: bool = False) -> None:
+               output_ids: list[int], consumer: str, continuation: bool | str = False) -> None:
         """Accept a request; its events go to `consumer`'s stream (see `events`).
 
         `continuation`: it was sent to a router that died (the ingress resubmits its streams this way when the
         router restarted), with `output_ids` already delivered; only the tokens after them come. It is no new
         load: the queue limits do not refuse it, as they do not refuse a request moved off a failed mesh.
+        A str names the first choice of the API request this one is a later choice of (n > 1, a batch): while
+        that one is here (admitted), the limits do not refuse this one either; they refuse API requests, not
+        choices (else an n-choice request got 429 near the limit where single ones got in).
         A mesh failure does not end a request: it moves to another mesh and its events go on. Raises
         PromptTooLong / QueueFull when refused now, ValueError for an id already running (or an empty prompt); a
         later refusal (no mesh came back within no_mesh_wait_s: NoMeshAvailable) comes on the stream as a
@@ -397,6 +400,8 @@ class Router:
         if len(output_ids) >= params.max_tokens:  # every token was delivered; only the finish was lost
             sink.put(TokenEvent(request_id, [], finish_reason="length"))
             return
+        if isinstance(continuation, str):  # a later choice: its request was admitted if its first choice is here
+            continuation = continuation in self.requests
         continuation = continuation or bool(output_ids)
         # A continuation with tokens is a recompute, whose lookup was counted where it began (vLLM counts a preempted
         # one's apart); one without is seated for the first time (a later choice of a long prompt) and counted here.
@@ -466,7 +471,7 @@ class Router:
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                        salt: str | None = None, output_ids: list[int] = (),
-                       continuation: bool = False) -> AsyncIterator[TokenEvent]:
+                       continuation: bool | str = False) -> AsyncIterator[TokenEvent]:
         """One request in this process (tests, benchmarks): its events until one carries a finish_reason.
         Raises what `submit` raises, and a RequestFailed's error. Closing it early cancels the request."""
         consumer = f"local-{uuid.uuid4().hex}"  # its own: a refused duplicate id must not detach the running one
@@ -1027,7 +1032,8 @@ class RouterDeployment:
                 # an ingress of the release before (a rolling update) sends no `continuation`
                 _, request_id, prompt_ids, params, salt, output_ids, *continuation = message
                 try:
-                    router.submit(request_id, prompt_ids, params, salt, output_ids, consumer, any(continuation))
+                    router.submit(request_id, prompt_ids, params, salt, output_ids, consumer,
+                                  continuation[0] if continuation else False)
                 except Exception as exc:  # refused now (too long, queue full): the ingress raises it
                     router.refuse(request_id, consumer, exc)
             else:

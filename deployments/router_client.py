@@ -128,9 +128,10 @@ class RouterLink:
         self._pump: asyncio.Task | None = None
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
-                       output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
+                       output_ids: list[int] = (), continuation: bool | str = False) -> AsyncIterator[TokenEvent]:
         """Submit the request, then yield its events until one carries a finish_reason. `continuation`: it was
-        sent to a router that died (Router.submit). Raises the router's refusal, a RequestFailed's error,
+        sent to a router that died, or (a str) the first choice of the API request it is a later choice of
+        (Router.submit). Raises the router's refusal, a RequestFailed's error,
         RouterUnreachable (not sent), RouterLost, RouterGone (not sent: Serve says the router's deployment is gone),
         or ModelChanged (not sent: the router serves another model)."""
         self._open()
@@ -158,8 +159,9 @@ class RouterLink:
                     # the identities name the server's folders: they go to the log, not to the client
                     log.warning("refusing %s: the router serves %s, this ingress replica %s", request_id,
                                 self._router_model, self._model)
+                    began = continuation is True  # a resubmission (a str names a later choice's first: Router.submit)
                     raise ModelChanged("the model was redeployed, and this "
-                                       f"{'answer began' if continuation else 'replica serves'} on the one before")
+                                       f"{'answer began' if began else 'replica serves'} on the one before")
                 self._queues[request_id] = queue  # on this link: its break fails the request
                 link.send(("submit", request_id, prompt_ids, params, salt, list(output_ids), continuation))
             except (asyncio.TimeoutError, ConnectionError) as exc:

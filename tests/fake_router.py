@@ -43,12 +43,12 @@ class FakeRouter:
     resume: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
-                       output_ids: list[int] = (), continuation: bool = False) -> AsyncIterator[TokenEvent]:
+                       output_ids: list[int] = (), continuation: bool | str = False) -> AsyncIterator[TokenEvent]:
         pending: TokenEvent | None = None
         if self.unreachable:
             self.unreachable -= 1
             raise RouterUnreachable("the router cannot be reached")
-        if continuation:
+        if continuation is True:  # not a later choice, which names its first (Router.submit)
             self.continuations.add(request_id)
         async for event in self._events(request_id, prompt_ids, params, salt, output_ids):
             if pending is None:

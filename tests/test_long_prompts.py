@@ -146,3 +146,36 @@ def test_the_later_choices_of_an_admitted_long_prompt_are_not_refused_by_the_que
     finished = [c for line in lines[:-1] for c in json.loads(line[6:])["choices"] if c["finish_reason"]]
     assert sorted(c["index"] for c in finished) == [0, 1]
     assert others[:2] == [200, 200] and others[2] in (200, 429)
+
+
+def test_the_later_choices_of_an_admitted_request_pass_the_queue_limits_whatever_its_prompt(tok):
+    """The limits refuse requests, not choices: a short prompt's n choices go to the router at once, and the later
+    ones were refused where the first was taken, so near the limit an n > 1 request got 429 at each retry while single
+    ones took every place freed (and a batch of more choices than the limits let through never got in). They pass
+    them as a long prompt's do once the first was admitted; refused, the first still refuses them all."""
+    def backend():
+        return SimulatedBackend(time_scale=0.2, num_slots=1, kv_groups=1, num_blocks=256, max_seq_len=4096,
+                                vocab_size=tok.vocab_size, eos_token_ids=())
+    s = Stack(tok, backend, max_waiting_requests=2)
+    router, client = s.router, s.client
+
+    async def main():
+        short = {"model": "smollm2", "prompt": "hi", "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        waiting = lambda: router.stats()["meshes"][0]["waiting"]  # noqa: E731
+        busy = asyncio.create_task(client.post("/v1/completions", json={**short, "max_tokens": 100}))
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)  # it holds the one slot
+        queued = asyncio.create_task(client.post("/v1/completions", json=short))
+        await until(lambda: waiting() == 1)  # one place left in the queue
+        batch = asyncio.create_task(client.post("/v1/completions", json={**short, "prompt": ["a", "b"], "n": 2}))
+        await until(lambda: waiting() == 5)
+        late = await client.post("/v1/completions", json={**short, "n": 2})  # the queue is full: refused, whole
+        assert late.status_code == 429 and late.json()["error"]["code"] == "queue_full", late.text
+        assert waiting() == 5
+        answer = await batch
+        assert answer.status_code == 200, answer.text
+        assert sorted(c["index"] for c in answer.json()["choices"]) == [0, 1, 2, 3]
+        assert [(await t).status_code for t in (busy, queued)] == [200, 200]
+    try:
+        s.run(main())
+    finally:
+        s.close()

@@ -219,7 +219,7 @@ class _Redeployed(_LosingRouter):
         self.later = InProcessRouter(later)
 
     async def generate(self, request_id, prompt_ids, params, salt=None, output_ids=(), continuation=False):
-        if continuation:
+        if continuation is True:  # a resubmission (a later choice names its first: Router.submit)
             async for event in self.later.generate(request_id, prompt_ids, params, salt, output_ids, continuation):
                 yield event
             return
