@@ -319,10 +319,13 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         except ValueError as e:
             errors.append(f"{where}, {e}")
         model_dir = None  # where the checkpoint is, when its context must be read (check_model_len)
+        env = {**os.environ, **env_vars}
+        # what named the folder, for its files' errors: an empty model is LLAMA_DIR's, else HF_MODEL's (as the demo)
+        source = "args.model" if config.model else "LLAMA_DIR" if env.get("LLAMA_DIR") else "HF_MODEL"
         if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars
             try:
-                model_dir = checkpoint_dir(config.model, env={**os.environ, **env_vars})
+                model_dir = checkpoint_dir(config.model, env=env)
             except ValueError as e:
                 message = str(e)  # the model field's, or the demo's variables' (no field of args)
                 field = "" if message.startswith(("LLAMA_DIR", "HF_MODEL", "set only")) else "args."
@@ -345,7 +348,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                 check_model_files(config, model_dir)
             too_long = check_model_len(config, model_dir) if model_dir is not None else None
         except (OSError, ValueError) as e:  # no Llama config, tokenizer or weights it reads: the build's error
-            errors.append(f"{where}, args.model: {e}")
+            errors.append(f"{where}, {source}: {e}")
             continue
         if too_long is not None:
             errors.append(f"{where}, args.max_seq_len: {too_long}")

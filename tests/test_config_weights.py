@@ -432,3 +432,34 @@ def test_a_galaxy_deploy_of_another_models_checkpoint_fails_the_check(tmp_path, 
     assert check_serve_config(str(path)) == []
     (model / "params.json").unlink()  # the tokenizer alone, for the ingress replicas of a head without the weights
     assert check_serve_config(str(path)) == []
+
+
+def _check(tmp_path, args, env_vars=None):
+    """check_serve_config of one meshserve application with these args (and runtime_env.env_vars): errors, notes."""
+    import yaml
+
+    from deployments.config import check_serve_config
+
+    app = {"name": "m", "import_path": "deployments.app:build", "args": args}
+    if env_vars:
+        app["runtime_env"] = {"env_vars": env_vars}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"applications": [app]}))
+    notes = []
+    return check_serve_config(str(path), notes), notes
+
+
+@pytest.mark.parametrize("variable", ["HF_MODEL", "LLAMA_DIR"])
+def test_a_broken_folder_the_demos_variable_names_is_refused_naming_the_variable(tiny_hf, tmp_path, monkeypatch,
+                                                                                 variable):
+    """`model:` empty and HF_MODEL naming a folder without weights: the check said `args.model: no model.safetensors
+    ...`, a key the user had left empty, not the variable that named the folder."""
+    for name in ("HF_MODEL", "LLAMA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    model = tmp_path / "model"
+    model.mkdir()
+    _hf_variant(tiny_hf[0], model)
+    (model / "model.safetensors").unlink()
+    (error,), _ = _check(tmp_path, {"model": ""}, {variable: str(model)})
+    assert f"application 'm', {variable}: no model.safetensors or model.safetensors.index.json in {model}" in error, error
+
