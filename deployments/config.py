@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
@@ -331,6 +332,13 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                 field = "" if message.startswith(("LLAMA_DIR", "HF_MODEL", "set only")) else "args."
                 errors.append(f"{where}, {field}{message}")
                 continue
+            given = config.model or env.get("LLAMA_DIR") or env["HF_MODEL"]
+            folder = Path(given).expanduser()
+            if not folder.is_absolute() and folder.is_dir() and notes is not None:  # a folder here, not a hub id
+                notes.append(f"{path}: application {app.get('name')!r}: {source} {given!r} is a relative path, "
+                             f"found in {os.getcwd()}: Serve's build and each replica look for it in Ray's working "
+                             "directory on their node (where `ray start` ran, or `make serve` when it starts Ray), "
+                             "which may be another: give it as an absolute path")
             shell_only = [v for v in ("HF_MODEL", "LLAMA_DIR") if os.environ.get(v) and v not in env_vars]
             if not config.model and shell_only and notes is not None:
                 notes.append(f"{path}: application {app.get('name')!r} takes its model from {shell_only[0]} in this "

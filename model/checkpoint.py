@@ -21,7 +21,7 @@ def model_dir_from_env(env: Mapping[str, str] | None = None) -> Path | None:
     if llama_dir:
         path = Path(llama_dir).expanduser()
         if not path.is_dir():
-            raise ValueError(f"LLAMA_DIR: {llama_dir!r} is not a directory")
+            raise ValueError(f"LLAMA_DIR: {llama_dir!r} is not a directory{looked_in(path)}")
         return path
     if not hf_model:
         return None
@@ -51,8 +51,14 @@ def find_checkpoint(name: str, field: str = "model", cache_dir: str | None = Non
         return Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # not an id, or not in the cache: the library's errors differ by case and version
         raise ValueError(f"{field}: {name!r} is neither a directory nor a Hugging Face model in the local cache "
-                         "(nothing is downloaded at run time: fetch it first, e.g. `hf download`)"
+                         f"(nothing is downloaded at run time: fetch it first, e.g. `hf download`){looked_in(path)}"
                          ) from None
+
+
+def looked_in(path: Path) -> str:
+    """Where a relative path was looked for, for an error: Serve's build and replicas resolve one in Ray's working
+    directory on their node (where `ray start` ran), which need not be the deploying shell's."""
+    return "" if path.is_absolute() else f" (a relative path: looked for in {Path.cwd()}, the working directory here)"
 
 
 def resolve_model_dir(model: str | None) -> Path:

@@ -463,3 +463,35 @@ def test_a_broken_folder_the_demos_variable_names_is_refused_naming_the_variable
     (error,), _ = _check(tmp_path, {"model": ""}, {variable: str(model)})
     assert f"application 'm', {variable}: no model.safetensors or model.safetensors.index.json in {model}" in error, error
 
+
+def test_a_relative_model_path_is_noted_and_its_error_says_where_it_was_looked_for(tiny_hf, tmp_path, monkeypatch):
+    """Serve's build and each replica resolve a relative `model` (or HF_MODEL / LLAMA_DIR) in the working directory
+    of Ray on their node (where `ray start` ran), not the shell's that checked the config: the check passed
+    `model: ./model` without a word, and the build then failed saying only that './model' was no directory."""
+    from model.checkpoint import checkpoint_dir
+
+    for name in ("HF_MODEL", "LLAMA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    _hf_variant(tiny_hf[0], tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    errors, notes = _check(tmp_path, {"model": "./model"})
+    assert errors == [] and any("'./model' is a relative path" in n and str(tmp_path) in n for n in notes), notes
+    errors, notes = _check(tmp_path, {"model": ""}, {"HF_MODEL": "model"})
+    assert errors == [] and any("HF_MODEL 'model' is a relative path" in n for n in notes), notes
+    errors, notes = _check(tmp_path, {"model": str(tmp_path / "model")})
+    assert errors == [] and notes == []
+    repo = tmp_path / "hub" / "models--org--tiny"  # a cached hub id is no relative path
+    (repo / "snapshots").mkdir(parents=True)
+    _hf_variant(tiny_hf[0], repo / "snapshots" / ("c" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    errors, notes = _check(tmp_path, {"model": "org/tiny"}, {"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert errors == [] and notes == []
+    elsewhere = tmp_path / "ray"  # a Ray started in another directory
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(ValueError, match=f"model: './model' is neither .* looked for in {elsewhere}"):
+        checkpoint_dir("./model")
+    with pytest.raises(ValueError, match=f"LLAMA_DIR: './model' is not a directory .*looked for in {elsewhere}"):
+        checkpoint_dir(None, env={"LLAMA_DIR": "./model"})
+
