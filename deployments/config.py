@@ -323,6 +323,10 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         env = {**os.environ, **env_vars}
         # what named the folder, for its files' errors: an empty model is LLAMA_DIR's, else HF_MODEL's (as the demo)
         source = "args.model" if config.model else "LLAMA_DIR" if env.get("LLAMA_DIR") else "HF_MODEL"
+        ignored = [v for v in ("HF_MODEL", "LLAMA_DIR") if config.model and env.get(v)]
+        if ignored and notes is not None:  # `HF_MODEL=... make serve` with the shipped config served SmolLM2
+            notes.append(f"{path}: application {app.get('name')!r} serves args.model {config.model!r}: {ignored[0]} "
+                         f"({env[ignored[0]]!r}) is not used (it is read only when model is empty: `model:`)")
         if config.model != "smollm2":  # the checkpoint must be there (a folder, a cached hub id, the demo's variables)
             # Serve builds the application in a Ray task: it sees `ray start`'s environment and the app's env_vars
             try:

@@ -495,3 +495,15 @@ def test_a_relative_model_path_is_noted_and_its_error_says_where_it_was_looked_f
     with pytest.raises(ValueError, match=f"LLAMA_DIR: './model' is not a directory .*looked for in {elsewhere}"):
         checkpoint_dir(None, env={"LLAMA_DIR": "./model"})
 
+
+def test_the_demos_variables_set_beside_a_model_are_noted_as_not_used(tiny_hf, tmp_path, monkeypatch):
+    """`HF_MODEL=/my/model make serve` with the shipped config (`model: smollm2`, or no `model` key) served SmolLM2
+    without a word: the variables are read only when `model` is empty."""
+    _hf_variant(tiny_hf[0], tmp_path / "model")
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    monkeypatch.setenv("HF_MODEL", str(tmp_path / "model"))
+    for args in ({"model": "smollm2"}, {}):
+        errors, notes = _check(tmp_path, args)
+        assert errors == [] and any(f"HF_MODEL ('{tmp_path / 'model'}') is not used" in n for n in notes), notes
+    errors, notes = _check(tmp_path, {"model": ""})
+    assert errors == [] and not any("not used" in n for n in notes), notes
