@@ -31,8 +31,8 @@ LLAMA3_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config
 
 
 def cache_root() -> Path:
-    """`$MESHSERVE_CACHE`, else ~/.cache/meshserve."""
-    return Path(os.environ.get("MESHSERVE_CACHE") or Path.home() / ".cache" / "meshserve")
+    """`$MESHSERVE_CACHE` (`~` expanded, as huggingface_hub expands HF_HOME), else ~/.cache/meshserve."""
+    return Path(os.environ.get("MESHSERVE_CACHE") or Path.home() / ".cache" / "meshserve").expanduser()
 
 
 def ensure_smollm2() -> Path:

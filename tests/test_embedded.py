@@ -60,3 +60,12 @@ def test_ensure_is_atomic(tmp_path, monkeypatch):
     assert embedded._ensure("thing", ("a.txt", "b.txt"), build) == tmp_path / "thing"
     assert embedded._ensure("thing", ("a.txt", "b.txt"), failing_build) == tmp_path / "thing"  # no rebuild
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]
+
+
+def test_a_cache_under_home_given_with_a_tilde_is_under_home(tmp_path, monkeypatch):
+    """`MESHSERVE_CACHE: ~/fast/cache` in a config's runtime_env.env_vars (or a systemd Environment=) reaches Python
+    unexpanded, as HF_HOME does, which is read expanded: the model was fetched into a folder named `~` in Ray's
+    working directory of each node."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("MESHSERVE_CACHE", "~/fast/cache")
+    assert embedded.cache_root() == tmp_path / "fast" / "cache"
