@@ -100,4 +100,7 @@ def checkpoint_format(path: str | Path) -> str:
     for name, fmt in (("params.json", "meta"), ("config.json", "hf")):
         if (path / name).is_file():
             return fmt
-    raise FileNotFoundError(f"{path} has neither config.json nor params.json")
+    gguf = sorted(p.name for p in path.glob("*.gguf"))  # llama.cpp's download: config and tokenizer inside the file
+    raise FileNotFoundError(f"{path} has neither config.json nor params.json" + (
+        f" ({gguf[0]} is not read: a GGUF file needs converting into a Hugging Face folder first, e.g. by "
+        "transformers' from_pretrained(folder, gguf_file=...) and save_pretrained)" if gguf else ""))

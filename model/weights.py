@@ -113,7 +113,8 @@ def _hf_files(path: Path) -> list[str]:
     index = path / "model.safetensors.index.json"
     if not index.exists():
         if not (path / "model.safetensors").exists():
-            others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pth"))
+            others = [*sorted(p.name for p in path.glob("*.bin")), *sorted(p.name for p in path.glob("*.pth")),
+                      *sorted(p.name for p in path.glob("*.gguf"))]
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}"
                                     + (f" (only safetensors are read, not {others[0]})" if others else ""))
         return ["model.safetensors"]

@@ -251,6 +251,11 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                                 "model-00002-of-", "not a safetensors file"),
     "pytorch_model.bin only": (lambda h, p: _hf_variant(h, p) or (p / "model.safetensors").rename(
         p / "pytorch_model.bin"), "", "only safetensors are read, not pytorch_model.bin"),
+    # llama.cpp's download: the GGUF file alone (its config and tokenizer inside it), or beside an HF config
+    "a GGUF file alone": (lambda h, p: (p / "tiny.Q4_1.gguf").write_bytes(b"GGUF\x03\x00\x00\x00"), "",
+                          "tiny.Q4_1.gguf is not read"),
+    "GGUF beside a config": (lambda h, p: _hf_variant(h, p) or (p / "model.safetensors").rename(
+        p / "tiny.Q4_1.gguf"), "", "only safetensors are read, not tiny.Q4_1.gguf"),
     "both formats": (lambda h, p: _hf_variant(h, p) or _meta(h, p), "", "holds both Meta weights"),
     "meta: last shard missing": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth").unlink()),
                                  "consolidated.00.pth", "weight' has shape [128, 64], but"),
