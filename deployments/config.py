@@ -227,7 +227,10 @@ class AppConfig(BaseModel):
         if self.served_model_name:
             return list(self.served_model_name)
         given = model_root(self.model)
-        return list(dict.fromkeys([given.rstrip("/").split("/")[-1] or given, given]))
+        parts = given.rstrip("/").split("/")
+        if len(parts) > 2 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):  # a hub cache's folder,
+            parts = parts[-3].split("--", 2)  # named by a commit hash: its repository's name (`hf download` prints it)
+        return list(dict.fromkeys([parts[-1] or given, given]))
 
     @property
     def name(self) -> str:

@@ -169,6 +169,9 @@ def test_the_served_names_are_vllms_and_the_short_one(monkeypatch):
     assert AppConfig(model="/models/Llama-3.3-70B-Instruct/").names == [
         "Llama-3.3-70B-Instruct", "/models/Llama-3.3-70B-Instruct/"]
     assert AppConfig().names == ["SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    # the folder `hf download` prints: a snapshot of the local hub cache, whose last part is a commit hash
+    snapshot = f"~/.cache/huggingface/hub/models--meta-llama--Llama-3.3-70B-Instruct/snapshots/{'6f' * 20}/"
+    assert AppConfig(model=snapshot).names == ["Llama-3.3-70B-Instruct", snapshot]
     assert AppConfig(served_model_name="llama").names == ["llama"]
     assert AppConfig(served_model_name=["llama", "gpt-4o", "llama"]).name == "llama"
     assert AppConfig(served_model_name=["llama", "gpt-4o", "llama"]).names == ["llama", "gpt-4o"]
