@@ -47,12 +47,13 @@ def find_checkpoint(name: str, field: str = "model", cache_dir: str | None = Non
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
     try:
         return Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
-    except Exception:  # not an id, or not in the cache: the library's errors differ by case and version
+    except Exception as e:  # not an id, or not in the cache: the library's errors differ by case and version
+        where = looked_in(path) if isinstance(e, HFValidationError) else ""  # no hub id's form: a path meant
         raise ValueError(f"{field}: {name!r} is neither a directory nor a Hugging Face model in the local cache "
-                         f"(nothing is downloaded at run time: fetch it first, e.g. `hf download`){looked_in(path)}"
-                         ) from None
+                         f"(nothing is downloaded at run time: fetch it first, e.g. `hf download`){where}") from None
 
 
 def looked_in(path: Path) -> str:

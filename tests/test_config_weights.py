@@ -499,6 +499,8 @@ def test_a_relative_model_path_is_noted_and_its_error_says_where_it_was_looked_f
         checkpoint_dir("./model")
     with pytest.raises(ValueError, match=f"LLAMA_DIR: './model' is not a directory .*looked for in {elsewhere}"):
         checkpoint_dir(None, env={"LLAMA_DIR": "./model"})
+    with pytest.raises(ValueError, match=r"'org/absent' is neither .* `hf download`\)$"):  # a hub id's form: no path
+        checkpoint_dir("org/absent")
 
 
 def test_the_demos_variables_set_beside_a_model_are_noted_as_not_used(tiny_hf, tmp_path, monkeypatch):
