@@ -466,7 +466,8 @@ def test_a_broken_folder_the_demos_variable_names_is_refused_naming_the_variable
     _hf_variant(tiny_hf[0], model)
     (model / "model.safetensors").unlink()
     (error,), _ = _check(tmp_path, {"model": ""}, {variable: str(model)})
-    assert f"application 'm', {variable}: no model.safetensors or model.safetensors.index.json in {model}" in error, error
+    assert f"application 'm', {variable}: no model.safetensors or model.safetensors.index.json in {model}" in error, (
+        error)
 
 
 def test_a_relative_model_path_is_noted_and_its_error_says_where_it_was_looked_for(tiny_hf, tmp_path, monkeypatch):
