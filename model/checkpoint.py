@@ -17,7 +17,7 @@ def model_dir_from_env(env: Mapping[str, str] | None = None) -> Path | None:
     env = os.environ if env is None else env
     llama_dir, hf_model = env.get("LLAMA_DIR"), env.get("HF_MODEL")
     if llama_dir and hf_model:
-        raise ValueError("set only one of LLAMA_DIR and HF_MODEL")
+        raise ValueError(f"set only one of LLAMA_DIR ({llama_dir!r}) and HF_MODEL ({hf_model!r})")
     if llama_dir:
         path = Path(llama_dir).expanduser()
         if not path.is_dir():

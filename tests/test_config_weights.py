@@ -122,9 +122,11 @@ def test_model_dir_from_env(monkeypatch, tmp_path):
     assert model_dir_from_env() is None
     monkeypatch.setenv("HF_MODEL", str(tmp_path))
     assert model_dir_from_env() == tmp_path
-    monkeypatch.setenv("LLAMA_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match="only one"):
+    monkeypatch.setenv("LLAMA_DIR", str(tmp_path / "meta"))  # one of them left set from the demo, say: both named
+    both = f"set only one of LLAMA_DIR \\('{tmp_path}/meta'\\) and HF_MODEL \\('{tmp_path}'\\)"
+    with pytest.raises(ValueError, match=both):
         model_dir_from_env()
+    monkeypatch.setenv("LLAMA_DIR", str(tmp_path))
     monkeypatch.delenv("HF_MODEL")
     assert model_dir_from_env() == tmp_path
     monkeypatch.setenv("LLAMA_DIR", str(tmp_path / "missing"))
