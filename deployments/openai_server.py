@@ -150,13 +150,20 @@ def request_ids(prefix: str, client_id: str | None) -> tuple[str, str]:
     return response_id, "".join(c if c.isprintable() else "?" for c in response_id) + f"-{token[:12]}"
 
 
-def check_prompt_chars(chars: int, limit: int, param: str, per_token: int) -> None:
+def check_prompt_chars(chars: int, limit: int, param: str, per_token: int, messages: int = 0) -> None:
     """`param`: "prompt", "messages", or "tools" (a chat whose tools' definitions are most of it); `per_token`: the
-    most characters one of the model's tokens holds (Tokenizer.max_token_chars)."""
-    if chars > limit * max(per_token, MAX_CHARS_PER_TOKEN):
-        what = {"prompt": "prompt has", "messages": "messages have", "tools": "messages and tools have"}[param]
-        raise APIError(400, f"This model's maximum context length is {limit} tokens; the {what} {chars} "
-                            f"characters, more than that many tokens can hold.", param=param,
+    most characters one of the model's tokens holds (Tokenizer.max_token_chars); `messages`: a chat's count. A chat's
+    `chars` (chat_chars) count the template's tokens around each message too, so its refusal says the tokens they
+    take at least, not characters: 3,000 messages of "x" were said to have 291,000 characters."""
+    per = max(per_token, MAX_CHARS_PER_TOKEN)
+    if chars > limit * per:
+        if param == "prompt":
+            why = f"the prompt has {chars} characters, more than that many tokens can hold"
+        else:
+            what = "messages and tools" if param == "tools" else "messages"
+            count = f"{messages} message" + "s" * (messages != 1)
+            why = f"the {what} take at least {chars // per} tokens ({count}, the template's tokens too)"
+        raise APIError(400, f"This model's maximum context length is {limit} tokens; {why}.", param=param,
                        code="context_length_exceeded")
 
 
@@ -460,7 +467,7 @@ class OpenAIServer:
         if isinstance(req, ChatCompletionRequest):
             chars, field = await self.chat_chars(req)
             if not truncated:
-                check_prompt_chars(chars, limit, field, self.tokenizer.max_token_chars)
+                check_prompt_chars(chars, limit, field, self.tokenizer.max_token_chars, len(req.messages))
             tools = constraint.tools or None  # offered with tool_choice "none" too, as OpenAI and vLLM do
             args = (self.encode_messages, req.messages, req.add_generation_prompt, tools, req.chat_template_kwargs,
                     req.add_special_tokens, req.continue_final_message)

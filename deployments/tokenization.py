@@ -23,7 +23,7 @@ async def tokenize(server: OpenAIServer, req: TokenizeRequest) -> Response:
     server.check_model(req.model)
     limit = await server.model_len()
     chars, field = await server.chat_chars(req) if req.messages is not None else (len(req.prompt), "prompt")
-    check_prompt_chars(chars, limit, field, server.tokenizer.max_token_chars)
+    check_prompt_chars(chars, limit, field, server.tokenizer.max_token_chars, len(req.messages or ()))
     return Response(await server.off_loop(_tokenize, server, req, limit, chars=chars), media_type="application/json")
 
 

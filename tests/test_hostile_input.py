@@ -165,6 +165,19 @@ def test_text_far_longer_than_the_context_is_refused_without_tokenizing(router, 
     assert spy.encodes == 0 and router.requests == {}
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_chat_of_many_tiny_messages_is_refused_with_numbers_that_are_true(router, tokenizer, path):
+    """Counted before templating, a message is its text and the template's tokens around it: the refusal of 1,000
+    one-character messages said they "have 97000 characters". It says how many tokens they take at least, which
+    they do (the template gives them more)."""
+    messages = [{"role": "user", "content": "x"}] * 1000
+    error = assert_error(post(make_client(router, tokenizer), path, {"model": MODEL, "messages": messages}), 400,
+                         param="messages")
+    assert "characters" not in error["message"] and "(1000 messages" in error["message"], error
+    least = int(error["message"].split("take at least ")[1].split(" tokens")[0])
+    assert MAX_LEN <= least <= len(tokenizer.encode_chat(messages)), error
+
+
 def test_a_prompt_just_under_the_character_bound_is_tokenized(router, tokenizer):
     spy = SpyTokenizer(tokenizer)
     client = make_client(router, spy)
