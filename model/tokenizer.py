@@ -305,11 +305,24 @@ class Tokenizer:
         on from there (transformers' rule, which vLLM uses). Raises ValueError where the template refuses the
         messages, or the final message has no text to continue."""
         if self.chat_template is not None:
-            return self._hf.apply_chat_template([dict(m) for m in messages], tokenize=False,
-                                                add_generation_prompt=add_generation_prompt,
-                                                continue_final_message=continue_final_message,
-                                                tools=tools if self.template_takes_tools else None,
-                                                **(template_kwargs or {}))
+            def render(msgs: Sequence[ChatMessage]) -> str:
+                return self._hf.apply_chat_template([dict(m) for m in msgs], tokenize=False,
+                                                    add_generation_prompt=add_generation_prompt,
+                                                    continue_final_message=continue_final_message,
+                                                    tools=tools if self.template_takes_tools else None,
+                                                    **(template_kwargs or {}))
+            rendered = render(messages)
+            final = messages[-1].get("content") if continue_final_message and messages else None
+            if isinstance(final, str) and not final.strip():
+                # transformers cuts at a tag after the final text and, where the template trimmed the tag's space,
+                # strips the whitespace before it: for a blank final message, the template's own ("\n\n" after
+                # Llama's header). Text in its place shows where the message starts.
+                marker = f"\ue000{secrets.token_hex(8)}\ue001"
+                marked = render([*messages[:-1], {**messages[-1], "content": marker}])
+                head = marked.removesuffix(marker)
+                if len(head) < len(marked) and len(head) > len(rendered) and head.startswith(rendered):
+                    return head
+            return rendered
         if "<|start_header_id|>" not in self.special_ids:
             raise ValueError("tokenizer has no chat template and no Llama 3 header tokens")
         if continue_final_message and not isinstance(messages[-1].get("content"), str):

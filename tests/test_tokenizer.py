@@ -182,6 +182,21 @@ def test_header_format_equals_metas_hf_template(meta, hf, llama3_dir_with):
     assert ids.count(meta.special_ids["<|eot_id|>"]) == len(CHAT)
 
 
+@pytest.mark.parametrize("final", ["", "  ", "\n", "Sure  ", "  Sure"])
+def test_an_empty_final_message_is_continued_after_its_header_whole(meta, smol, llama3_dir_with, final):
+    """continue_final_message ends the prompt where the final message's text ends. transformers cuts a trimming
+    template's render at its tag and strips the whitespace before it, which for an empty (or blank) final message was
+    the template's own: Meta's format and Llama's template gave "...<|end_header_id|>\\n\\n", the template alone
+    "...<|end_header_id|>", whose answer then began with the blank line the prompt lacked."""
+    templated = Tokenizer.from_hf_dir(llama3_dir_with({"chat_template": LLAMA3_HF_TEMPLATE}))
+    chat = [*CHAT, {"role": "assistant", "content": final}]
+    expected = meta.render_chat(chat, False, continue_final_message=True)
+    assert expected.endswith("<|end_header_id|>\n\n" + final.strip())
+    assert templated.render_chat(chat, False, continue_final_message=True) == expected
+    # a template that does not trim keeps the blank text itself, as written
+    assert smol.render_chat(chat, False, continue_final_message=True).endswith("<|im_start|>assistant\n" + final)
+
+
 def test_model_template_is_used_when_present(smol):
     template = json.loads((ensure_smollm2() / "tokenizer_config.json").read_text())["chat_template"]
     expected = jinja2.Template(template).render(messages=CHAT, add_generation_prompt=True)
