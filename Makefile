@@ -39,14 +39,10 @@ test: $(STAMP) model
 
 serve: $(STAMP) model
 	$(BIN)/python -m deployments.config --port-free serve_config.yaml
-	@echo "meshserve: starting Ray Serve with serve_config.yaml; once http://localhost:8000/health answers 200, the OpenAI endpoint is"
-	@echo "  http://localhost:8000/v1   e.g.:"
-	@echo "  curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\"
-	@$(if $(VLLM_API_KEY),echo "    -H \"Authorization: Bearer \$$VLLM_API_KEY\" \\",true)
-	@echo "    -d '{\"model\": \"SmolLM2-135M-Instruct\", \"temperature\": 0, \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
 	@# exec: make forwards a SIGTERM to its child, which is then Serve itself (a shell in between would die alone);
-	@# deployments.ready says when /health is 200 and ends with it ($$$$: this shell, which exec makes Serve)
-	$(BIN)/python -m deployments.ready http://localhost:8000/health $$$$ & exec env $(SERVE_ENV) $(BIN)/serve run serve_config.yaml
+	@# deployments.ready says where it will answer, then when /health is 200, and ends with it ($$$$: this shell, which
+	@# exec makes Serve)
+	$(BIN)/python -m deployments.ready serve_config.yaml $$$$ & exec env $(SERVE_ENV) $(BIN)/serve run serve_config.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,16 +1,20 @@
 """Says once that the served endpoint is up: `make serve` runs it beside `serve run`, whose own last line
 ("Submitted deploy config successfully") comes a minute before the model answers, and which prints nothing then.
 
-    python -m deployments.ready URL PID
+    python -m deployments.ready SERVE_CONFIG PID
 
-Polls URL (the app's /health) every POLL_S until it answers 200, then prints one line and exits; exits quietly
-when process PID (the server it announces) is gone, or after WAIT_S.
+Says at once where the config's first meshserve application will answer and how to call it (its port, route
+prefix and served model name: a fixed example in the Makefile named SmolLM2 and port 8000 whatever the config
+said, a 404 for a client that copied it). Then polls its /health every POLL_S until it answers 200, prints one
+line and exits; exits quietly when process PID (the server it announces) is gone, or after WAIT_S.
 """
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
+import shlex
 import sys
 import time
 import urllib.error
@@ -48,7 +52,40 @@ def wait_ready(url: str, pid: int, poll_s: float = POLL_S, wait_s: float = WAIT_
     return False
 
 
-USAGE = "usage: python -m deployments.ready URL PID  (URL: the app's /health; PID: the server it announces)"
+USAGE = ("usage: python -m deployments.ready SERVE_CONFIG PID  (SERVE_CONFIG: what `serve run` serves; PID: the "
+         "server it announces)")
+
+
+def endpoint(path: str) -> tuple[str, str, str]:
+    """The base URL ("http://localhost:8000", with the route prefix, no trailing slash), the model name a request
+    gives and the bearer key to show ("" for none: the config's keys win over $VLLM_API_KEY, as the build reads
+    them), for the first meshserve application of Serve config `path`.
+    Raises OSError, ValueError (yaml's errors are ValueErrors) or pydantic's ValidationError for a config
+    `python -m deployments.config` refuses."""
+    import yaml
+
+    from deployments.config import AppConfig
+
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    app = next(a for a in doc["applications"] if a.get("import_path") in ("deployments.app:build",
+                                                                       "deployments.app.build"))
+    options = doc.get("http_options") or {}
+    host = str(options.get("host") or "localhost")
+    host = "localhost" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    config = AppConfig.model_validate(app.get("args") or {})
+    key = "<a key of args.api_keys>" if config.api_keys else "$VLLM_API_KEY" if os.environ.get("VLLM_API_KEY") else ""
+    prefix = str(app.get("route_prefix") or "/").rstrip("/")
+    return f"http://{host}:{int(options.get('port', 8000))}{prefix}", config.name, key
+
+
+def announce(base: str, model: str, key: str) -> str:
+    """What `make serve` says before Serve starts: the endpoint and a request it answers."""
+    body = json.dumps({"model": model, "temperature": 0, "messages": [{"role": "user", "content": "Hello!"}]})
+    auth = f" -H \"Authorization: Bearer {key}\"" if key else ""
+    return (f"meshserve: starting Ray Serve; once {base}/health answers 200, the OpenAI endpoint is {base}/v1, e.g.:\n"
+            f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\\n"
+            f"    -d {shlex.quote(body)}")
 
 
 def main(argv: list[str]) -> int:
@@ -60,9 +97,14 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or not re.fullmatch(r"[1-9][0-9]{0,8}", argv[1]):
         print(USAGE, file=sys.stderr)
         return 2
-    url, pid = argv[0], int(argv[1])
+    try:
+        base, model, key = endpoint(argv[0])
+    except Exception as e:  # the config check before it names what is wrong; Serve will not start either
+        print(f"{USAGE}\n{argv[0]}: {e}", file=sys.stderr)
+        return 2
+    print(announce(base, model, key), flush=True)
+    url, pid = f"{base}/health", int(argv[1])
     if wait_ready(url, pid):
-        base = url.rsplit("/health", 1)[0]
         print(f"meshserve: ready: {base}/v1 answers (GET {url} is 200)", flush=True)
     return 0
 

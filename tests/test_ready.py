@@ -1,4 +1,5 @@
-"""deployments.ready: `make serve`'s one line once the endpoint answers, and its quiet end with the server."""
+"""deployments.ready: what `make serve` says at once (where it answers, a request to send), its one line once
+the endpoint answers, and its quiet end with the server."""
 from __future__ import annotations
 
 import http.server
@@ -9,7 +10,7 @@ import threading
 
 import pytest
 
-from deployments.ready import main, wait_ready
+from deployments.ready import endpoint, main, wait_ready
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -30,15 +31,47 @@ def _serve(answers: list[int]) -> tuple[http.server.HTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_port}/health"
 
 
-def test_it_says_ready_once_health_is_200_and_not_before(capsys):
+def _config(tmp_path, port: int, args: str = "model: smollm2", more: str = "") -> str:
+    path = tmp_path / "serve.yaml"
+    path.write_text(f"http_options:\n  host: 127.0.0.1\n  port: {port}\napplications:\n  - name: other\n"
+                    f"    import_path: other.app:build\n  - name: meshserve\n{more}"
+                    f"    import_path: deployments.app:build\n    args:\n      {args}\n")
+    return str(path)
+
+
+def test_it_says_where_it_answers_then_ready_once_health_is_200_and_not_before(tmp_path, capsys):
     server, url = _serve([503, 503, 503])
     try:
-        assert main([url, str(os.getpid())]) == 0
-        out = capsys.readouterr().out
-        assert out == f"meshserve: ready: http://127.0.0.1:{server.server_port}/v1 answers (GET {url} is 200)\n"
+        assert main([_config(tmp_path, server.server_port), str(os.getpid())]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[-1] == f"meshserve: ready: http://127.0.0.1:{server.server_port}/v1 answers (GET {url} is 200)"
+        assert f"curl http://127.0.0.1:{server.server_port}/v1/chat/completions" in out[1]
         assert _Health.answers == []  # it asked through the three 503s
     finally:
         server.shutdown()
+
+
+def test_the_example_request_names_the_configs_model_port_prefix_and_key(tmp_path, monkeypatch):
+    """`make serve` printed a fixed curl (SmolLM2 on port 8000): with another model or port in serve_config.yaml,
+    a client that copied it got a 404 naming the served model, or no answer."""
+    import json
+    import shlex
+
+    from deployments.ready import announce
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    folder = tmp_path / "models--meta-llama--Llama-3.3-70B-Instruct" / "snapshots" / ("0" * 40)
+    path = _config(tmp_path, 8080, f"model: {folder}", more="    route_prefix: /llm/\n")
+    base, model, key = endpoint(path)
+    assert (base, model, key) == ("http://127.0.0.1:8080/llm", "Llama-3.3-70B-Instruct", "")
+    words = shlex.split(announce(base, model, key).split("\n", 1)[1].replace("\\\n", " "))
+    assert words[1] == "http://127.0.0.1:8080/llm/v1/chat/completions" and "Authorization" not in " ".join(words)
+    assert json.loads(words[words.index("-d") + 1])["model"] == "Llama-3.3-70B-Instruct"
+    monkeypatch.setenv("VLLM_API_KEY", "sk-1")
+    assert endpoint(path)[2] == "$VLLM_API_KEY"
+    assert endpoint(_config(tmp_path, 8080, "api_keys: [sk-2]"))[2] == "<a key of args.api_keys>"
+    assert "Bearer $VLLM_API_KEY" in announce(base, model, "$VLLM_API_KEY")
+    assert endpoint(_config(tmp_path, 8000, "model: smollm2"))[:2] == ("http://127.0.0.1:8000", "SmolLM2-135M-Instruct")
 
 
 def test_it_ends_quietly_with_the_server_it_announces():
@@ -74,13 +107,13 @@ def test_a_garbled_answer_is_not_yet_ready():
         server.server_close()
 
 
-@pytest.mark.parametrize("argv", [[], ["http://localhost:8000/health"], ["http://localhost:8000/health", "x"],
+@pytest.mark.parametrize("argv", [[], ["serve_config.yaml"], ["serve_config.yaml", "x"],
                                   # isdigit() takes "²" (int() does not); os.kill no PID past a C int; PID 0 is
                                   # this process's group, alive while the server is not: each a wait or a traceback
-                                  ["http://localhost:8000/health", "\u00b2"], ["http://localhost:8000/health", "9" * 30],
-                                  ["http://localhost:8000/health", "0"]])
+                                  ["serve_config.yaml", "\u00b2"], ["serve_config.yaml", "9" * 30],
+                                  ["serve_config.yaml", "0"], ["no-such.yaml", "1"], ["README.md", "1"]])
 def test_wrong_arguments_give_the_usage_not_a_traceback(argv, capsys, monkeypatch):
     monkeypatch.setattr("deployments.ready.wait_ready", lambda url, pid: False)  # PID 0 waited an hour
     assert main(argv) == 2
-    assert capsys.readouterr().err.startswith("usage: python -m deployments.ready URL PID")
-    assert main(["--help"]) == 0 and "URL PID" in capsys.readouterr().out
+    assert capsys.readouterr().err.startswith("usage: python -m deployments.ready SERVE_CONFIG PID")
+    assert main(["--help"]) == 0 and "SERVE_CONFIG PID" in capsys.readouterr().out
