@@ -231,9 +231,12 @@ def resolve(args: argparse.Namespace) -> Settings:
             else:
                 per_user[name] = (value,)
     given["per_user"] = {name: values for name, values in per_user.items() if name not in given}
+    # Other prompts, another batch, another length (a row's tokens/s/user is the mean over the demo's 128 generated
+    # tokens: longer runs decode at longer contexts), a CPU model: not the published run.
     if args.input_prompts is not None or given.get("batch_size", preset.batch_size) != preset.batch_size \
+            or given.get("max_generated_tokens", preset.max_generated_tokens) != preset.max_generated_tokens \
             or args.backend == "torch":
-        given["published_input_tokens"] = None  # other prompts, another batch, a CPU model: not the published run
+        given["published_input_tokens"] = None
     settings = dataclasses.replace(preset, **given)
     # max_seq_len 0 fell to the backend's default (`or`) while the report said 0; max_blocks < 0 failed in numpy
     counts = ("batch_size", "repeat_batches", "max_generated_tokens", "block_size", "max_seq_len", "max_blocks",
