@@ -2,8 +2,11 @@
 
     python -m bench.client --num-concurrent 32 --prompt-json-path bench/prompts/batch32.json
 
-Each answer is printed with its time to first token and decode tokens/s (the Galaxy demo's tokens/s/user),
-then a summary. A file with fewer prompts than --num-concurrent is cycled to fill the batch, as the demo
+Each answer is printed with its time to first token and decode tokens/s (1 / TPOT: tokens after the first over
+the time after the first, as a client sees them), then a summary. Not the Galaxy demo's tokens/s/user, which
+leaves out each user's first decode step, where at batch 32 the users prefilled before the last one wait for the
+prefills after them: a client sees chunk times only, and with tokens coalesced cannot tell that step apart.
+`python -m bench.demo` measures the demo's figure. A file with fewer prompts than --num-concurrent is cycled to fill the batch, as the demo
 fills its batch. This module also holds the one streaming request both this client and bench.serving make.
 """
 from __future__ import annotations

@@ -53,7 +53,8 @@ class RequestResult:
 
     @property
     def decode_tokens_per_s(self) -> float | None:
-        """The demo's tokens/s/user: tokens after the first over the time after the first."""
+        """1 / TPOT: tokens after the first over the time after the first, in tokens/s. Lower than the Galaxy
+        demo's tokens/s/user for a batch's early users (bench/client.py says why)."""
         tpot = self.tpot
         return 1.0 / tpot if tpot else None
 
