@@ -74,7 +74,14 @@ def endpoint(path: str) -> tuple[str, str, str]:
     host = str(options.get("host") or "localhost")
     host = "localhost" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
     config = AppConfig.model_validate(app.get("args") or {})
-    key = "<a key of args.api_keys>" if config.api_keys else "$VLLM_API_KEY" if os.environ.get("VLLM_API_KEY") else ""
+    # the build sees the app's env_vars over `ray start`'s environment: they may name the model and hold the key
+    env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}
+    env = {**os.environ, **env_vars}
+    if not config.model:
+        config = config.model_copy(update={"model": env.get("HF_MODEL") or env.get("LLAMA_DIR") or ""})
+    key = ("<a key of args.api_keys>" if config.api_keys else
+           "<the VLLM_API_KEY of runtime_env.env_vars>" if env_vars.get("VLLM_API_KEY") else
+           "$VLLM_API_KEY" if env.get("VLLM_API_KEY") else "")
     prefix = str(app.get("route_prefix") or "/").rstrip("/")
     return f"http://{host}:{int(options.get('port', 8000))}{prefix}", config.name, key
 

@@ -117,3 +117,16 @@ def test_wrong_arguments_give_the_usage_not_a_traceback(argv, capsys, monkeypatc
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("usage: python -m deployments.ready SERVE_CONFIG PID")
     assert main(["--help"]) == 0 and "SERVE_CONFIG PID" in capsys.readouterr().out
+
+
+def test_the_example_request_names_the_model_and_key_the_apps_env_vars_give(tmp_path, monkeypatch):
+    """Serve builds the app with its runtime_env.env_vars: `model: ""` with HF_MODEL there serves that folder's name,
+    and a VLLM_API_KEY there is the key. The example named the model "" and sent no key (401), reading only the
+    shell's environment."""
+    for name in ("HF_MODEL", "LLAMA_DIR", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    env = "    runtime_env:\n      env_vars: {HF_MODEL: /models/Llama-3.3-70B-Instruct, VLLM_API_KEY: sk-1}\n"
+    _, model, key = endpoint(_config(tmp_path, 8000, 'model: ""', more=env))
+    assert model == "Llama-3.3-70B-Instruct" and key and "sk-1" not in key
+    monkeypatch.setenv("HF_MODEL", "/elsewhere/Other")  # the app's env_vars win, as in the build
+    assert endpoint(_config(tmp_path, 8000, 'model: ""', more=env))[1] == "Llama-3.3-70B-Instruct"
