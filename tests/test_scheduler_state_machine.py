@@ -80,6 +80,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         free = self.sched.kv.num_free_slots  # a reserved KV group's free slots seat nobody but its holder
         if self.sched.reserved is not None:
             free -= len(self.sched.kv.groups[self.sched.reserved_group].free_slots)
+        if self.sched.head_blocked:  # nor do any while the queue's head waits for KV blocks (num_queued)
+            free = 0
         queue_full = (limit is not None and len(self.sched.waiting) - free >= limit
                       or token_limit is not None and self.sched.waiting_tokens >= token_limit)
         try:
