@@ -68,8 +68,10 @@ def endpoint(path: str) -> tuple[str, str, str]:
 
     with open(path) as f:
         doc = yaml.safe_load(f)
-    app = next(a for a in doc["applications"] if a.get("import_path") in ("deployments.app:build",
-                                                                       "deployments.app.build"))
+    app = next((a for a in doc["applications"] if a.get("import_path") in ("deployments.app:build",
+                                                                        "deployments.app.build")), None)
+    if app is None:  # the config check passes one (each app "not checked"); StopIteration said nothing
+        raise ValueError("no meshserve application (import_path deployments.app:build) in it")
     options = doc.get("http_options") or {}
     host = str(options.get("host") or "localhost")
     host = "localhost" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host

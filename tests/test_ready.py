@@ -130,3 +130,13 @@ def test_the_example_request_names_the_model_and_key_the_apps_env_vars_give(tmp_
     assert model == "Llama-3.3-70B-Instruct" and key and "sk-1" not in key
     monkeypatch.setenv("HF_MODEL", "/elsewhere/Other")  # the app's env_vars win, as in the build
     assert endpoint(_config(tmp_path, 8000, 'model: ""', more=env))[1] == "Llama-3.3-70B-Instruct"
+
+
+def test_a_config_without_meshserves_app_is_said_so(tmp_path, capsys):
+    """The config check passes a config whose apps are all others' (noting each as not checked): the announcement
+    then said the usage and the file's name followed by nothing (StopIteration's empty message)."""
+    path = tmp_path / "serve.yaml"
+    path.write_text("applications:\n  - name: other\n    import_path: other.app:build\n")
+    assert main([str(path), "1"]) == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"{path}: no meshserve application (import_path "
+                                                     "deployments.app:build) in it")
