@@ -41,6 +41,7 @@ class FakeRouter:
     continued: dict[str, list[int]] = field(default_factory=dict)  # request id -> output_ids it came with
     continuations: set[str] = field(default_factory=set)  # request ids submitted as continuations
     resume: asyncio.Event = field(default_factory=asyncio.Event)
+    paused: asyncio.Event = field(default_factory=asyncio.Event)  # set once a stream waits at pause_after
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams, salt: str | None,
                        output_ids: list[int] = (), continuation: bool | str = False) -> AsyncIterator[TokenEvent]:
@@ -90,6 +91,7 @@ class FakeRouter:
                 yield TokenEvent(request_id, [], finish_reason=self.fail_reason, error="it failed")
                 return
             if i == self.pause_after:
+                self.paused.set()
                 await self.resume.wait()
             # Like a real router, every stream ends with a finish: at the end of the script ("length") at the latest.
             finish = ("stop" if token in params.stop_token_ids and i >= params.min_tokens  # as the runner masks

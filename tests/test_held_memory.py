@@ -156,11 +156,12 @@ async def _tracked_while_open(app, router: FakeRouter, path: str, body: dict) ->
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1), "server": ("x", 80)}
-    router.resume = asyncio.Event()
+    router.resume, router.paused = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(app(scope, receive, send))
-    while not router.requests:
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.2)  # the tokens before the pause are in (one event a loop turn)
+    # every token before the pause was taken from the router (one event a loop turn: a fixed 0.2 s was too short for
+    # 1,100 on a loaded box, and the events still on their way counted as held), then handled on the loop's turns
+    await asyncio.wait_for(router.paused.wait(), 30)
+    await asyncio.sleep(0.05)
     gc.collect()
     tracked = len(gc.get_objects())
     router.resume.set()
