@@ -142,11 +142,13 @@ def request_ids(prefix: str, client_id: str | None) -> tuple[str, str]:
     """The response's id and the router's (its choices are "<router id>-<i>" in the router and on the mesh). The
     router's begins with the response's, so that one grep of the id a client reports (the response's `id`, vLLM's
     `request_id` or X-Request-Id) finds the request in the logs of every process; a random part keeps it unique
-    when clients reuse an id, and a character that could forge a log line (a newline) is "?" there."""
+    when clients reuse an id, and a character that could forge a log line (a newline) is "?" there. A prefix that
+    ends in "_" (the Responses API's "resp_", as OpenAI's ids read) is followed by no "-"."""
     token = uuid.uuid4().hex
+    prefix += "" if prefix.endswith("_") else "-"
     if client_id is None:
-        return f"{prefix}-{token}", f"{prefix}-{token}"
-    response_id = f"{prefix}-{client_id}"
+        return f"{prefix}{token}", f"{prefix}{token}"
+    response_id = f"{prefix}{client_id}"
     return response_id, "".join(c if c.isprintable() else "?" for c in response_id) + f"-{token[:12]}"
 
 

@@ -246,4 +246,4 @@ def test_a_responses_stream_that_fails_unexpectedly_is_logged(failing, tokenizer
     operator, as the same one in a chat stream does."""
     body = {"model": CHAT["model"], "input": "hi"}
     record = _failed_stream(make_client(failing, tokenizer), "/v1/responses", body, serve_log)
-    assert record.getMessage().startswith("stream resp-")
+    assert record.getMessage().startswith("stream resp_")

@@ -606,3 +606,14 @@ def test_a_reasoning_models_output_as_the_sdk_dumps_it_is_taken(client, router, 
     first, second = (prompt for prompt, _, _ in router.requests.values())
     assert first == second and "sunny" in tokenizer.decode(first)  # the history, all of it but the reasoning
     assert "user wants" not in tokenizer.decode(first) and "Call get_weather" not in tokenizer.decode(first)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_routers_id_begins_with_the_responses_id(client, router, stream):
+    """One grep of the id a client reports finds its request in every process's log (README, enable_log_requests):
+    the router's id, which those lines name, began resp-<hex> while the response's id was resp_<hex>, so a grep of
+    the response's id found none of them."""
+    r = client.post("/v1/responses", json={**BASIC, "stream": stream})
+    resp = Response.model_validate(events(r)[-1]["response"] if stream else r.json())
+    (router_id,) = router.requests
+    assert resp.id.startswith("resp_") and router_id.startswith(resp.id + "-"), (resp.id, router_id)
