@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -244,12 +245,13 @@ class AppConfig(BaseModel):
                           sort_keys=True)
 
 
-def model_root(model: str | None) -> str:
+def model_root(model: str | None, env: Mapping[str, str] | None = None) -> str:
     """The model as given (vLLM's ModelCard.root: its --model): a folder or hub id, the embedded model's hub id, or
-    what $HF_MODEL or $LLAMA_DIR names."""
+    what $HF_MODEL or $LLAMA_DIR names in `env` (default: this process's environment)."""
     if model == "smollm2":
         return "HuggingFaceTB/SmolLM2-135M-Instruct"
-    return model or os.environ.get("HF_MODEL") or os.environ.get("LLAMA_DIR") or ""
+    env = os.environ if env is None else env
+    return model or env.get("HF_MODEL") or env.get("LLAMA_DIR") or ""
 
 
 def api_keys(config: AppConfig, env: dict[str, str] | None = None) -> list[str]:

@@ -64,7 +64,7 @@ def endpoint(path: str) -> tuple[str, str, str]:
     `python -m deployments.config` refuses."""
     import yaml
 
-    from deployments.config import AppConfig
+    from deployments.config import AppConfig, model_root
 
     with open(path) as f:
         doc = yaml.safe_load(f)
@@ -80,7 +80,7 @@ def endpoint(path: str) -> tuple[str, str, str]:
     env_vars = (app.get("runtime_env") or {}).get("env_vars") or {}
     env = {**os.environ, **env_vars}
     if not config.model:
-        config = config.model_copy(update={"model": env.get("HF_MODEL") or env.get("LLAMA_DIR") or ""})
+        config = config.model_copy(update={"model": model_root(config.model, env)})
     key = ("<a key of args.api_keys>" if config.api_keys else
            "<the VLLM_API_KEY of runtime_env.env_vars>" if env_vars.get("VLLM_API_KEY") else
            "$VLLM_API_KEY" if env.get("VLLM_API_KEY") else "")
