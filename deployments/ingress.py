@@ -33,7 +33,7 @@ from deployments.client_gone import ClientGone
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.gc_heap import freeze_gc_heap
-from deployments.large_body import OFF_LOOP_BYTES, OffLoopBody, is_json, load, off_loop, validate
+from deployments.large_body import OFF_LOOP_BYTES, OffLoopBody, is_json, load, off_loop, read_body, validate
 from deployments.openai_server import GRAMMAR_THREADS, MODEL_LEN_WAIT_S, SSE_KEEPALIVE_S, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, ModelPermission, TokenizeRequest,
@@ -135,7 +135,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     async def invocations(request: Request):
         """SageMaker's inference route, as vLLM serves it: a body with `messages` is a chat completion, any other
         a completion (vLLM's api_server: ChatCompletionRequest tried first); a bad one is that route's 400."""
-        body = await request.body()
+        body = await read_body(request)  # a client gone mid-body: the /v1 routes' 400, not a logged 500
         if not is_json(request):  # FastAPI reads no other body as JSON: the /v1 routes' 400 (vLLM's: a 415)
             raise validation_error([{"type": "missing", "loc": ("body",)}], skip_body=True)
         req = await off_loop(invocation, body) if len(body) > OFF_LOOP_BYTES else invocation(body)

@@ -77,6 +77,18 @@ def validate(cls: type[BaseModel], data: Any) -> BaseModel:
         raise validation_error(errors, skip_body=True) from None
 
 
+async def read_body(request: Request) -> bytes:
+    """The request's body. Raises BodyLimit's 413, or FastAPI's 400 for a client gone mid-body (ClientDisconnect), as
+    FastAPI's handler answers it when it reads the body itself, logging nothing: raised on, it was a 500 with a
+    logged traceback per client that left mid-upload."""
+    try:
+        return await request.body()
+    except HTTPException:  # BodyLimit's 413
+        raise
+    except Exception:
+        raise HTTPException(400, PARSE_ERROR) from None
+
+
 def is_json(request: Request) -> bool:
     """Whether FastAPI would parse this body as JSON (fastapi/routing.py, get_request_handler)."""
     content_type = request.headers.get("content-type")
@@ -102,12 +114,7 @@ class OffLoopBody(APIRoute):
         model = self.body_field.field_info.annotation
 
         async def route(request: Request) -> Response:
-            try:
-                body = await request.body()
-            except HTTPException:  # BodyLimit's 413
-                raise
-            except Exception:  # a client gone mid-body (ClientDisconnect): FastAPI's handler, which read the body
-                raise HTTPException(400, PARSE_ERROR) from None  # before, answers its 400, logging nothing
+            body = await read_body(request)
             if len(body) > OFF_LOOP_BYTES and is_json(request):
                 request._json = await off_loop(parse, model, body)
             response = await handler(request)

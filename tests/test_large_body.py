@@ -85,10 +85,11 @@ def test_a_deeply_nested_large_body_gets_fastapis_400(client):
     assert large.status_code == 400 and large.json() == small.json(), large.text
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize", "/invocations", "/v1/responses"])
 def test_a_client_gone_mid_body_gets_fastapis_400_not_an_error(client, path):
     """A body is read before FastAPI's handler now, outside the try that turns a ClientDisconnect into its 400: every
-    client that left mid-upload was a 500, its traceback logged (and raised on to Serve's replica)."""
+    client that left mid-upload was a 500, its traceback logged (and raised on to Serve's replica). /invocations reads
+    its body itself, and was that 500 still."""
     messages = [{"type": "http.request", "body": b'{"model": "smollm2", "mess', "more_body": True},
                 {"type": "http.disconnect"}]
     sent: list[dict] = []
