@@ -114,6 +114,12 @@ def _tags(loc: tuple) -> set[int]:
 MAX_LOC_CHARS = 200  # a field's name, or a key of the client's, in an error's param and message
 
 
+def quoted(text: str) -> str:
+    """A client's text (a model's, a tool's name) as an error quotes it: its first MAX_LOC_CHARS characters. Quoted
+    whole, an 8 MiB `model` made an 8 MiB 404."""
+    return text if len(text) <= MAX_LOC_CHARS else text[:MAX_LOC_CHARS] + "..."
+
+
 def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     """400 naming the first offending field, as `param` and in the message (without FastAPI's "body" or
     "query" in front when `skip_body`)."""
@@ -127,7 +133,7 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     if skip_body and loc[:1] in (["body"], ["query"]):
         loc = loc[1:]
     # a client's own dict key may be any length: a 100,000-character one made a 200 KB error, twice over
-    loc = [p if len(p) <= MAX_LOC_CHARS else p[:MAX_LOC_CHARS] + "..." for p in loc]
+    loc = [quoted(p) for p in loc]
     if err.get("type") == "json_invalid":
         return APIError(400, f"The body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}")
     name = ".".join(loc) or None

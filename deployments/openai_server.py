@@ -22,7 +22,7 @@ import numpy as np
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
+from deployments.errors import APIError, as_api_error, quoted, unavailable, unwrap, validation_error
 from deployments.json_slices import Spliced, field_dump
 from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
@@ -414,7 +414,7 @@ class OpenAIServer:
     def check_model(self, model: str | None) -> None:
         """404 for another model's name; none or "" means the served one (as vLLM takes it)."""
         if model and model not in self.model_names:
-            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model}`.",
+            raise APIError(404, f"The model `{quoted(model)}` does not exist; this server serves `{self.model}`.",
                            param="model", code="model_not_found")
 
     def encode_messages(self, messages: list[ChatMessage], add_generation_prompt: bool = True,

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator
 
-from deployments.errors import APIError, validation_error
+from deployments.errors import APIError, quoted, validation_error
 from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, NoModeration, RefusalPart,
                                   RequestModel, Text, Unsupported, only, refused, short_text)
 from deployments.structured import closed
@@ -351,7 +351,7 @@ class ResponsesRequest(RequestModel):
                 continue
             elif item.call_id not in calls:  # a result answering no call: OpenAI's 400 (a history cut wrong)
                 raise APIError(400, f"input.{i}.call_id: No tool call found for function call output with call_id "
-                                    f"{item.call_id}.", param=f"input.{i}.call_id")
+                                    f"{quoted(item.call_id)}.", param=f"input.{i}.call_id")
             else:
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
                 sources.append(i)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from deployments.errors import APIError, client_json
+from deployments.errors import APIError, client_json, quoted
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from model.grammar import (MAX_GRAMMAR_BYTES, cfg_grammar, choice_grammar, grammar_error, json_schema_grammar,
                            json_sequence_grammar, regex_grammar)
@@ -111,7 +111,7 @@ def _tools(req) -> tuple[list[Tool], ToolMode]:
     if choice == "auto":
         return tools, "auto"
     if choice != "required" and choice.function.name not in {t.function.name for t in tools}:
-        raise APIError(400, f"tool_choice: no tool is named {choice.function.name!r}", param="tool_choice")
+        raise APIError(400, f"tool_choice: no tool is named {quoted(choice.function.name)!r}", param="tool_choice")
     return tools, "forced"
 
 

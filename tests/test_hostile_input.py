@@ -447,3 +447,23 @@ def test_text_of_long_tokens_that_fits_the_context_is_not_refused_by_its_length(
     body = {"prompt": text} if field == "prompt" else body
     response = client.post(path, json={"model": MODEL, "max_tokens": 1, **body})
     assert response.status_code == 200, response.text
+
+
+LONG_NAME = "m" * 100_000
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/v1/chat/completions", {**CHAT, "model": LONG_NAME}, 404, "model"),
+    ("/v1/responses", {"model": LONG_NAME, "input": "hi"}, 404, "model"),
+    ("/tokenize", {"model": LONG_NAME, "prompt": "hi"}, 404, "model"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": LONG_NAME}}}, 400, "tool_choice"),
+    ("/v1/responses", {"model": MODEL, "input": [{"type": "function_call_output", "call_id": LONG_NAME, "output": "x"}]},
+     400, "input.0.call_id"),
+])
+def test_an_error_quotes_a_clients_long_name_cut_short(client, router, path, body, status, param):
+    """An error quoting a name the client sent (a model's, a tool's, a call's id) quoted all of it: an 8 MiB `model`
+    was an 8 MiB 404. It quotes the first MAX_LOC_CHARS characters, as a field's name (errors.validation_error)."""
+    error = assert_error(client.post(path, json=body), status, param)
+    assert LONG_NAME[:200] + "..." in error["message"] and len(error["message"]) < 500, len(error["message"])
+    assert not router.requests
