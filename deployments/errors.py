@@ -10,7 +10,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
-from deployments.protocol import ErrorInfo, ErrorResponse
+from deployments.protocol import ErrorInfo, ErrorResponse, quoted
 from deployments.router_client import ModelChanged, RouterGone
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull, Unsupported
 
@@ -111,13 +111,6 @@ def _tags(loc: tuple) -> set[int]:
             if isinstance(part, str) and "tagged-union[" in part}
 
 
-MAX_LOC_CHARS = 200  # a field's name, or a key of the client's, in an error's param and message
-
-
-def quoted(text: str) -> str:
-    """A client's text (a model's, a tool's name) as an error quotes it: its first MAX_LOC_CHARS characters. Quoted
-    whole, an 8 MiB `model` made an 8 MiB 404."""
-    return text if len(text) <= MAX_LOC_CHARS else text[:MAX_LOC_CHARS] + "..."
 
 
 def validation_error(errors: list[dict], skip_body: bool) -> APIError:
@@ -141,4 +134,7 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     if name is None and err.get("type") in no_object:  # no JSON object at all
         return APIError(400, "The body must be a JSON object (Content-Type: application/json).")
     message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    if err.get("type") == "union_tag_invalid":  # pydantic's message quotes the client's tag whole
+        found = str(err.get("ctx", {}).get("tag", ""))
+        message = message.replace(found, quoted(found), 1) if found else message
     return APIError(400, f"{name}: {message}" if name else message, param=name)

@@ -34,6 +34,7 @@ MAX_ALLOWED_TOKEN_IDS = 131_072
 MAX_BAD_WORDS = 128  # the mesh host matches each against the answer's end at every step
 MAX_SALT_CHARS = 256  # kept with the request in the router and hashed into its prefix blocks
 MAX_TOOLS = 128  # OpenAI's limit on `tools`
+MAX_LOC_CHARS = 200  # a field's name, a key or other text of the client's, as an error's param and message quote it
 MAX_CHOICES = 256  # vLLM's guided `choice` strings
 # repetition_detection's longest pattern: its check costs the ingress O(max_pattern_size) numpy work per token
 MAX_PATTERN_SIZE = 4096
@@ -90,6 +91,12 @@ def short_text(max_length: int, min_length: int | None = None) -> Any:
     (_check_unicode_first)."""
     return Annotated[str, StringConstraints(min_length=min_length, max_length=max_length),
                      BeforeValidator(_check_unicode_first)]
+
+
+def quoted(text: str) -> str:
+    """A client's text (a model's or tool's name, a type) as an error quotes it: its first MAX_LOC_CHARS characters.
+    Quoted whole, an 8 MiB `model` made an 8 MiB 404."""
+    return text if len(text) <= MAX_LOC_CHARS else text[:MAX_LOC_CHARS] + "..."
 
 
 Salt = short_text(MAX_SALT_CHARS, min_length=1)  # vLLM refuses an empty salt too
@@ -516,7 +523,8 @@ class ChatMessage(RequestModel):
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None
                 if isinstance(kind, str) and kind not in _PART_TEXT:
-                    raise ValueError(f"content parts of type {kind!r} are not supported (text and refusal parts only)")
+                    raise ValueError(f"content parts of type {quoted(kind)!r} are not supported (text and refusal "
+                                     "parts only)")
                 if isinstance(kind, str) and isinstance(part.get(_PART_TEXT[kind]), str):  # else the union's error
                     _check_unicode(part[_PART_TEXT[kind]])
         return v

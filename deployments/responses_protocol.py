@@ -121,7 +121,7 @@ class FunctionTool(RequestModel):
     @classmethod
     def _functions_only(cls, v):
         if v != "function":
-            why = _OWN_TOOLS.get(v, f"{v!r} is one of OpenAI's hosted tools")
+            why = _OWN_TOOLS.get(v, f"{quoted(v)!r} is one of OpenAI's hosted tools")
             raise ValueError(f"only function tools are served here; {why}")
         return v
 
@@ -257,7 +257,7 @@ class ResponsesRequest(RequestModel):
     def _only_logprobs(cls, v):
         for item in v or ():
             if item != "message.output_text.logprobs":
-                raise ValueError(f"{item!r} cannot be included; only \"message.output_text.logprobs\" can")
+                raise ValueError(f"{quoted(item)!r} cannot be included; only \"message.output_text.logprobs\" can")
         return v
 
     @property

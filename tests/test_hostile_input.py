@@ -460,10 +460,17 @@ LONG_NAME = "m" * 100_000
                               "tool_choice": {"type": "function", "function": {"name": LONG_NAME}}}, 400, "tool_choice"),
     ("/v1/responses", {"model": MODEL, "input": [{"type": "function_call_output", "call_id": LONG_NAME, "output": "x"}]},
      400, "input.0.call_id"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": LONG_NAME, "text": "x"}]}]},
+     400, "messages.0.content"),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "include": [LONG_NAME]}, 400, "include"),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "tools": [{"type": LONG_NAME}]}, 400, "tools.0.type"),
+    ("/v1/responses", {"model": MODEL, "input": [{"role": "user", "content": [{"type": LONG_NAME, "text": "x"}]}]},
+     400, "input.0.content.0.type"),
 ])
 def test_an_error_quotes_a_clients_long_name_cut_short(client, router, path, body, status, param):
-    """An error quoting a name the client sent (a model's, a tool's, a call's id) quoted all of it: an 8 MiB `model`
-    was an 8 MiB 404. It quotes the first MAX_LOC_CHARS characters, as a field's name (errors.validation_error)."""
+    """An error quoting a name the client sent (a model's, a tool's, a call's id, a part's or tool's type) quoted all
+    of it: an 8 MiB `model` was an 8 MiB 404. It quotes the first MAX_LOC_CHARS characters, as a field's name
+    (errors.validation_error)."""
     error = assert_error(client.post(path, json=body), status, param)
     assert LONG_NAME[:200] + "..." in error["message"] and len(error["message"]) < 500, len(error["message"])
     assert not router.requests
