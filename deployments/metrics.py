@@ -3,7 +3,8 @@
 Latencies are measured here, where the client's clock is: from a request's arrival at the ingress to
 the token events the router streams back. Events are coalesced (several tokens each), so the
 inter-token latency spreads an event's gap evenly over its tokens. Queue time is the router's own
-measure (arrival at the router to its first prefill chunk), carried on the first event.
+measure (arrival at the router to its first prefill chunk), carried on the first event, plus a later choice's wait
+in the ingress for its first choice's first token.
 Per-mesh state (slots, KV blocks per mesh and per KV group, prefix cache, preemptions, up/down) is read
 from the router at scrape time, so every ingress replica reports the same, current, values for it. A scrape through
 the load balancer reaches one ingress replica: it hands its own families to the router with that stats call and
@@ -91,10 +92,11 @@ class Metrics:
         e2e = histogram("meshserve_e2e_request_latency_seconds", "Arrival at the ingress to the last token.",
                         _LATENCY_BUCKETS)
         queue = histogram("meshserve_request_queue_time_seconds",
-                          "Arrival at the router to the first scheduled prefill chunk.", _LATENCY_BUCKETS)
+                          "Arrival at the router to the first scheduled prefill chunk (a later choice held in "
+                          "the ingress: from its arrival there).", _LATENCY_BUCKETS)
         # Per finished request, as vLLM's dashboard reads them (its prefill, decode, TPOT and length panels)
         prefill = histogram("meshserve_request_prefill_time_seconds", "First prefill chunk scheduled to the first "
-                            "token (time to first token less the router's queue time).", _LATENCY_BUCKETS)
+                            "token (time to first token less the queue time).", _LATENCY_BUCKETS)
         decode = histogram("meshserve_request_decode_time_seconds", "First token to the last.", _LATENCY_BUCKETS)
         inference = histogram("meshserve_request_inference_time_seconds",
                               "First prefill chunk scheduled to the last token (prefill + decode).", _LATENCY_BUCKETS)
@@ -138,9 +140,11 @@ class Metrics:
         self._shown: dict[str, list] | None = None  # this replica's own samples as this scrape reported them
         self.registry.register(self)
 
-    def start(self, num_prompt_tokens: int, arrival: float, choices: Choices | None = None) -> RequestTimer:
-        """The timer of one router request; `choices`: the group of the API request's n choices it is one of."""
-        return RequestTimer(self, num_prompt_tokens, arrival, choices or Choices(1))
+    def start(self, num_prompt_tokens: int, arrival: float, choices: Choices | None = None,
+              held_s: float = 0.0) -> RequestTimer:
+        """The timer of one router request; `choices`: the group of the API request's n choices it is one of;
+        `held_s`: how long it waited in the ingress before it went to the router (a later choice, RequestTimer)."""
+        return RequestTimer(self, num_prompt_tokens, arrival, choices or Choices(1), held_s)
 
     def report(self) -> tuple[str, list]:
         """This replica's name and own families as plain data (name, samples), for the router to hand to the
@@ -280,12 +284,16 @@ class Choices:
 class RequestTimer:
     """The latency marks of one router request, fed with its token events as they arrive."""
 
-    def __init__(self, metrics: Metrics, num_prompt_tokens: int, arrival: float, choices: Choices) -> None:
+    def __init__(self, metrics: Metrics, num_prompt_tokens: int, arrival: float, choices: Choices,
+                 held_s: float = 0.0) -> None:
         self.metrics = metrics
         self.num_prompt_tokens = num_prompt_tokens
         self.arrival = arrival  # time.perf_counter() at the ingress
         self.choices = choices
-        self.queue_time = 0.0  # the router's, from its first event
+        # A later choice's wait in the ingress for the first's first token is queue time, as vLLM queues n children at
+        # once (num_requests_waiting counts it): not prefill time, which is what is left of the time to first token
+        self.held_s = held_s
+        self.queue_time = 0.0  # held_s + the router's, from its first event
         self.first_token: float | None = None
         self.last_token: float | None = None  # None: no token yet, so its prompt is not counted yet
         self.generated = 0
@@ -300,8 +308,8 @@ class RequestTimer:
         now = time.perf_counter()
         m = self.metrics
         if event.queue_time_s is not None:
-            m.queue.observe(event.queue_time_s)
-            self.queue_time = event.queue_time_s
+            self.queue_time = self.held_s + event.queue_time_s
+            m.queue.observe(self.queue_time)
         if n == 0:
             return
         if self.last_token is None:

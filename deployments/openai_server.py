@@ -617,7 +617,8 @@ class OpenAIServer:
 
     async def choice(self, index: int, request_id: str, prep: Prepared, params: SamplingParams,
                      salt: str | None, refusal: _Refusal | None = None,
-                     choices: Choices | None = None, sibling: bool | str = False) -> AsyncIterator[ChoiceDelta]:
+                     choices: Choices | None = None, sibling: bool | str = False,
+                     held_s: float = 0.0) -> AsyncIterator[ChoiceDelta]:
         """One router request, as text. Cancels it in the router unless it finished.
 
         When the router fails mid-request (its replica died), the request is resubmitted, to the router
@@ -632,7 +633,7 @@ class OpenAIServer:
             yield ChoiceDelta(index, "", [], [], "length", 0, 0)
             return
         prompt_ids = prep.prompt_ids
-        timer = self.metrics.start(len(prompt_ids), prep.arrival, choices)
+        timer = self.metrics.start(len(prompt_ids), prep.arrival, choices, held_s)
         skipped = self.tokenizer.special_id_set if params.skip_special_tokens else frozenset()
         offsets = TokenOffsets(self.tokenizer, skipped) if params.logprobs is not None else None
         if offsets is not None:
@@ -791,6 +792,7 @@ class OpenAIServer:
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             sibling: bool | str = first_id if index else False  # passes the limits where the first choice did
+            held_s = 0.0  # its wait here for the first choice's first token: queue time, as it counts as waiting
             try:
                 if i and len(prep.prompt_ids) >= SHARED_PREFILL_TOKENS and self.prefix_caching \
                         and params.prompt_logprobs is None:  # a scored prompt reuses nothing: each computes it all
@@ -798,6 +800,7 @@ class OpenAIServer:
                     # limits do not refuse the rest of it (shielded: a waiter cancelled must not cancel it for all).
                     # Waiting here it is in no router queue: num_requests_waiting counts it (Metrics), as vLLM would.
                     self.metrics.deferred.inc()
+                    held_since = time.perf_counter()
                     try:
                         sibling = await asyncio.shield(first_token)
                     except asyncio.CancelledError:  # its client left (or another choice failed): aborted, as vLLM
@@ -806,8 +809,9 @@ class OpenAIServer:
                         raise
                     finally:
                         self.metrics.deferred.dec()
+                        held_s = time.perf_counter() - held_since
                 async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices,
-                                               sibling):
+                                               sibling, held_s):
                     if not first_token.done():
                         first_token.set_result(True)
                     last = unread.get(index)

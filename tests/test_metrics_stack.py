@@ -226,3 +226,33 @@ def test_later_choices_of_a_long_prompt_refused_with_their_first_count_as_no_fin
         assert after[key] == before[key], reason
     assert after[("meshserve_e2e_request_latency_seconds_count", local)] == \
         before[("meshserve_e2e_request_latency_seconds_count", local)]
+
+
+def test_the_wait_of_later_choices_held_in_the_ingress_is_queue_time_not_prefill_time(tok, stack):
+    """The later choices of a long prompt wait in the ingress for the first's first token, counted as waiting in
+    num_requests_waiting, as vLLM counts its n children queued at once. Their queue time was only the router's, from
+    when they reached it: the wait in the ingress (the first choice's own queue and prefill) went into their prefill
+    time, so vLLM's prefill panel showed the queue under load. It is queue time now, as the waiting gauge says."""
+    run, client = stack.run, stack.client
+    body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=8), "max_tokens": 4, "temperature": 0, "n": 3}
+    generate = stack.router.generate
+    held, gate = asyncio.Event(), asyncio.Event()
+
+    async def first_token_held(request_id, *args, **kwargs):
+        async for event in generate(request_id, *args, **kwargs):
+            if request_id.endswith("-0") and event.token_ids:
+                held.set()
+                await gate.wait()
+            yield event
+    stack.router.generate = first_token_held
+    local = (("ingress", "local"),)
+    before = scrape(run, client)
+    post = stack.loop.create_task(client.post("/v1/completions", json=body))
+    run(held.wait())
+    run(asyncio.sleep(0.2))  # choices 1 and 2 wait in the ingress at least this long
+    gate.set()
+    assert run(post).status_code == 200
+    after = scrape(run, client)
+    name = "meshserve_request_queue_time_seconds"
+    assert after[(f"{name}_count", local)] - before[(f"{name}_count", local)] == 3
+    assert after[(f"{name}_sum", local)] - before[(f"{name}_sum", local)] >= 2 * 0.2
