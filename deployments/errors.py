@@ -111,8 +111,6 @@ def _tags(loc: tuple) -> set[int]:
             if isinstance(part, str) and "tagged-union[" in part}
 
 
-
-
 def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     """400 naming the first offending field, as `param` and in the message (without FastAPI's "body" or
     "query" in front when `skip_body`)."""

@@ -22,14 +22,15 @@ import numpy as np
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from deployments.errors import APIError, as_api_error, quoted, unavailable, unwrap, validation_error
+from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
 from deployments.json_slices import Spliced, field_dump
 from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                   ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
                                   CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptLogprobs, PromptTokensDetails,
-                                  RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage)
+                                  RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage,
+                                  quoted)
 from deployments.router_client import RouterUnreachable, merged_tokens_max
 from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
                                    ChunkTemplate, Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck,

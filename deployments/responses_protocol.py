@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator
 
-from deployments.errors import APIError, quoted, validation_error
+from deployments.errors import APIError, validation_error
 from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, NoModeration, RefusalPart,
-                                  RequestModel, Text, Unsupported, only, refused, short_text)
+                                  RequestModel, Text, Unsupported, only, quoted, refused, short_text)
 from deployments.structured import closed
 from scheduler.sampling import MAX_LOGPROBS
 

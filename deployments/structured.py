@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from deployments.errors import APIError, client_json, quoted
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
+from deployments.errors import APIError, client_json
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool, quoted
 from model.grammar import (MAX_GRAMMAR_BYTES, cfg_grammar, choice_grammar, grammar_error, json_schema_grammar,
                            json_sequence_grammar, regex_grammar)
 from model.grammar_check import MAX_COMPILE_WALL_S, engine_error
