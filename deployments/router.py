@@ -111,7 +111,7 @@ class Mesh:
     incarnation: str | None = None
     down_reason: str | None = "starting"
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    max_len: int | None = None  # the longest sequence its scheduler takes (max_tokens_per_seq); None: not known yet
+    max_len: int | None = None  # the longest sequence its scheduler takes (max_tokens_per_seq); None: unknown; 0: never
     rounds: int = 0
     works_done: int = 0  # works it answered in full, over all its incarnations
     works_at_up: int = 0  # works_done when it last came up
@@ -675,7 +675,8 @@ class Router:
                            "incarnation": m.incarnation,
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, **sched})
-        caps = [m.caps for m in self.meshes if m.caps is not None]
+        # a mesh that cannot be scheduled (max_len 0) never serves: its limits are not the service's
+        caps = [m.caps for m in self.meshes if m.caps is not None and m.max_len != 0]
         stats = {"ready": any(m.up for m in self.meshes),
                  "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
                  "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed

@@ -218,6 +218,21 @@ def test_a_mesh_whose_capabilities_the_config_cannot_schedule_says_why():
     asyncio.run(main())
 
 
+def test_a_mesh_the_config_cannot_schedule_does_not_narrow_the_served_limits():
+    """It will never serve, so its smaller vocabulary and length must not become the ingress's limits (stats'
+    vocab_size and max_model_len, from which its 400s count): they were the minimum over it too."""
+    async def main():
+        good = LocalMesh(lambda: SimulatedBackend(num_blocks=64, time_scale=0.01, vocab_size=1000))
+        bad = LocalMesh(lambda: SimulatedBackend(block_size=48, num_blocks=8, time_scale=0.01, vocab_size=500))
+        router = Router([("mesh-0", good), ("mesh-1", bad)], RouterConfig(**FAST))
+        await until(lambda: router.stats()["meshes"][0]["up"]
+                    and "cannot be scheduled" in (router.stats()["meshes"][1]["failed"] or ""))
+        stats = router.stats()
+        assert (stats["vocab_size"], stats["max_model_len"]) == (1000, 64 * 64)
+        await router.close()
+    asyncio.run(main())
+
+
 def test_closing_a_stream_frees_everything():
     async def main():
         router, _ = await make_router(num_meshes=1)
