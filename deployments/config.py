@@ -500,7 +500,8 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
         host, port = (options or {}).get("host", "0.0.0.0"), int((options or {}).get("port", 8000))
     except (AttributeError, TypeError, ValueError):
         return None  # not a mapping: Serve names it itself (a bad port was named before this)
-    with socket.socket() as s:
+    ipv6 = isinstance(host, str) and ":" in host  # "::", "::1": Serve binds them; an IPv4 socket cannot
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed one's TIME_WAIT is free
         try:
             s.bind((host, port))

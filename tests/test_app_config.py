@@ -442,6 +442,33 @@ def test_make_serve_names_a_taken_http_port_before_starting_ray(tmp_path):
     assert free.returncode == 0
 
 
+def test_make_serve_checks_an_ipv6_http_host_on_ipv6(tmp_path):
+    """`http_options.host: "::"` (or "::1"), which Serve binds, was checked on an IPv4 socket: `make serve` refused
+    every such config, free port or not, as "cannot be bound (Address family for hostname not supported): stop what
+    holds it (another `make serve`?)"."""
+    import socket
+
+    try:
+        holder = socket.socket(socket.AF_INET6)
+        holder.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with holder:
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+        config["http_options"] = {"host": "::1", "port": port}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert check_serve_config(str(path), port_free=True) == [
+            f"{path}: http_options: ::1:{port} cannot be bound (Address already in use): stop what holds it (another "
+            "`make serve`?) or set another http_options.port"]
+    assert check_serve_config(str(path), port_free=True) == []
+    config["http_options"]["host"] = "::"
+    path.write_text(yaml.safe_dump(config))
+    assert check_serve_config(str(path), port_free=True) == []
+
+
 def test_the_app_hands_the_router_every_router_key_it_has():
     """A key the config takes but the app does not pass on is silently the router's default."""
     from dataclasses import fields
