@@ -6,7 +6,7 @@ decoded, as no bound on what it would inflate to could be kept here.
 """
 from __future__ import annotations
 
-from ray.exceptions import TaskCancelledError
+from ray.exceptions import ActorDiedError, TaskCancelledError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,8 +56,10 @@ class BodyLimit:
             nonlocal received, gone
             try:
                 message = {"type": "http.disconnect"} if gone else await receive()
-            except TaskCancelledError:  # Serve's plain proxy, when the client went away: ASGI says http.disconnect
-                gone = True  # (raised, it was an ERROR with a traceback per cut stream), and says it again if asked
+            except (TaskCancelledError, ActorDiedError):  # Serve's plain proxy: the client went away, or the proxy
+                # died with it (a shutdown kills it). ASGI says http.disconnect (raised, it was an ERROR with a
+                # traceback per cut stream), and says it again if asked
+                gone = True
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from ray.exceptions import RayTaskError, TaskCancelledError
+from ray.exceptions import ActorDiedError, RayTaskError, TaskCancelledError
 from starlette.requests import ClientDisconnect
 
 from deployments import ingress, openai_server
@@ -890,9 +890,12 @@ def test_disconnect_mid_stream_cancels(router, tokenizer, spec_version):
     asyncio.run(run())
 
 
-def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(router, tokenizer, caplog):
+@pytest.mark.parametrize("error", [TaskCancelledError, ActorDiedError])
+def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(router, tokenizer, caplog, error):
     """Serve's plain proxy cancels the replica's read of a request whose client went away (TaskCancelledError from
-    receive): each cut stream logged an ERROR with a traceback. It is the ASGI disconnect it stands for."""
+    receive): each cut stream logged an ERROR with a traceback. It is the ASGI disconnect it stands for. So is the
+    proxy's death (ActorDiedError: Ctrl-C of `make serve MESHSERVE_PLAIN_PROXY=1` kills it with its clients' streams
+    open), which logged "POST /v1/responses failed" and "Request failed." with a traceback per stream."""
     router.pause_after = 3
     app = build_app(router, tokenizer, MODEL)
     raw = json.dumps({**CHAT, "stream": True}).encode()
@@ -908,7 +911,7 @@ def test_a_disconnect_serve_reports_by_cancelling_the_read_is_a_disconnect(route
         if raised:  # as Serve's: once the read raised, nothing more comes
             await asyncio.Event().wait()
         raised.append(True)
-        raise TaskCancelledError()
+        raise error()
 
     async def send(message):
         if message["type"] == "http.response.body" and message.get("body"):
