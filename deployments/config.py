@@ -299,6 +299,10 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         errors = [f"{path}: http_options.port: a TCP port, 1 to 65535, not {port!r}"]
     else:
         errors = [taken] if port_free and (taken := _http_port_taken(path, options)) else []
+    if port_free and notes is not None and (ray := _ray_to_join()):
+        notes.append(f"`serve run` will join the Ray cluster at {ray}, not start a Ray of its own: Serve's settings "
+                     "there (the HAProxy ingress, throughput mode) are those that cluster was started with, not "
+                     "`make serve`'s, and Ctrl-C leaves it running (`ray stop` first for a Ray of make serve's own)")
     errors += unknown
     for app in apps:
         if app.get("import_path") not in ("deployments.app:build", "deployments.app.build"):  # Ray takes both forms
@@ -511,6 +515,22 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
             return (f"{path}: http_options: {host}:{port} cannot be bound ({e.strerror}): stop what holds it (another "
                     "`make serve`?) or set another http_options.port")
     return None
+
+
+def _ray_to_join() -> str | None:
+    """The Ray cluster `serve run` connects to instead of starting its own (ray.init with no address:
+    ray/_private/services.py, get_ray_address_from_environment, Ray 2.60): RAY_ADDRESS, else the last `ray start`
+    on this machine (ray/ray_current_cluster in RAY_TMPDIR, else TMPDIR, else /tmp). None: it starts its own."""
+    from ray._common.utils import get_ray_address_file
+
+    if (env := os.environ.get("RAY_ADDRESS")) and env != "local":
+        return f"{env} (RAY_ADDRESS)"
+    try:
+        with open(get_ray_address_file(None)) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    return f"{address} (recorded by `ray start` on this machine)" if address else None
 
 
 if __name__ == "__main__":

@@ -469,6 +469,38 @@ def test_make_serve_checks_an_ipv6_http_host_on_ipv6(tmp_path):
     assert check_serve_config(str(path), port_free=True) == []
 
 
+def test_make_serve_notes_a_ray_it_would_join_rather_than_start(tmp_path, monkeypatch):
+    """`serve run` with no address joins RAY_ADDRESS's cluster, else the last `ray start`'s on this machine: then
+    make serve's Serve settings (HAProxy, throughput mode) are not the ones that cluster runs, and Ctrl-C leaves it
+    running, though the README speaks of the local Ray make serve starts. It said nothing of it."""
+    import socket
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    with socket.socket() as s:  # a port free here
+        s.bind(("127.0.0.1", 0))
+        config["http_options"] = {"host": "127.0.0.1", "port": s.getsockname()[1]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    def joined(port_free: bool = True) -> list[str]:
+        notes: list[str] = []
+        assert check_serve_config(str(path), notes, port_free=port_free) == []
+        return [n for n in notes if "will join the Ray cluster" in n]
+
+    assert joined() == []  # nothing recorded: serve run starts its own
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379")
+    assert len(notes := joined()) == 1 and "10.0.0.5:6379 (recorded by `ray start` on this machine)" in notes[0]
+    assert joined(port_free=False) == []  # `serve deploy` to a running cluster: joining it is the point
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert "ray://head:10001 (RAY_ADDRESS)" in joined()[0]
+    monkeypatch.setenv("RAY_ADDRESS", "local")  # ray.init's own word for a Ray of its own
+    (tmp_path / "ray" / "ray_current_cluster").unlink()
+    assert joined() == []
+
+
 def test_the_app_hands_the_router_every_router_key_it_has():
     """A key the config takes but the app does not pass on is silently the router's default."""
     from dataclasses import fields
