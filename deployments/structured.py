@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from deployments.errors import APIError, client_json
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool, quoted
+from deployments.protocol import MAX_LOC_CHARS, ChatCompletionRequest, CompletionRequest, Tool, quoted
 from model.grammar import (MAX_GRAMMAR_BYTES, cfg_grammar, choice_grammar, grammar_error, json_schema_grammar,
                            json_sequence_grammar, regex_grammar)
 from model.grammar_check import MAX_COMPILE_WALL_S, engine_error
@@ -76,11 +76,18 @@ def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], obje
     try:
         grammar = build()
     except Exception as exc:  # e.g. a schema llguidance cannot even translate
-        raise APIError(400, f"{param}: {engine_error(str(exc))}", param=param) from None
+        raise APIError(400, f"{param}: {_cut(engine_error(str(exc)))}", param=param) from None
     error = grammar_error(grammar, ll_tokenizer())
     if error:
-        raise APIError(400, f"{param}: {_one_line(error)}", param=param)
+        raise APIError(400, f"{param}: {_cut(_one_line(error))}", param=param)
     return grammar
+
+
+def _cut(message: str) -> str:
+    """A constraint's error without most of the client's text it quotes (a name, a regex, a grammar: up to
+    MAX_GRAMMAR_BYTES back, as a long `model` once was): its first and last MAX_LOC_CHARS characters, where
+    llguidance says where and what is wrong."""
+    return message if len(message) <= 2 * MAX_LOC_CHARS else f"{message[:MAX_LOC_CHARS]}...{message[-MAX_LOC_CHARS:]}"
 
 
 def _one_line(error: str) -> str:
