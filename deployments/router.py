@@ -723,11 +723,19 @@ class Router:
                 mesh.scheduler = self._scheduler_for(mesh.name, mesh.caps)
             except ValueError as exc:  # the mesh's capabilities do not fit this config: a redeploy, not a retry
                 mesh.down_reason, mesh.max_len = f"cannot be scheduled with this config: {exc}", 0
-                self._measure()  # it will not come back: requests do not wait for it
+                unfit = mesh.incarnation
+                self._measure()  # it will not come back as it is: requests do not wait for it
                 log.error("mesh %s is not served: %s", mesh.name, mesh.down_reason)
                 if first:
+                    first = False
                     self._probed()
-                return
+                # A redeploy of the mesh alone (new capabilities, the router's config unchanged: Serve keeps the
+                # router) is a new incarnation, asked seldom: the same one answers the same capabilities
+                while mesh.incarnation == unfit:
+                    await asyncio.sleep(self.config.probe_interval_s * 2 ** PROBE_DOUBLINGS)
+                    with contextlib.suppress(Exception):
+                        mesh.incarnation, mesh.caps = await within(mesh.client.reset(), self.config.probe_timeout_s)
+                continue
             mesh.down_reason, mesh.max_len = None, mesh.scheduler.max_tokens_per_seq
             mesh.works_at_up = mesh.works_done
             mesh.stall_s = STALL_S + 3 * mesh.caps.expected_seconds(self.config.max_prefill_tokens, 1)

@@ -488,8 +488,9 @@ def _schema(schema: dict) -> dict:
 
 
 @pytest.mark.parametrize("body, param, cause", [
-    ({**CHAT, "tool_choice": "required", "tools": [_fn("a", {"type": "object", "$defs": {LONG_TEXT: {"type": "string"}}}),
-                                                   _fn("b", {"type": "object", "$defs": {LONG_TEXT: {"type": "integer"}}})]},
+    ({**CHAT, "tool_choice": "required",
+      "tools": [_fn("a", {"type": "object", "$defs": {LONG_TEXT: {"type": "string"}}}),
+                _fn("b", {"type": "object", "$defs": {LONG_TEXT: {"type": "integer"}}})]},
      "tool_choice", "differently; rename one"),
     (_schema({"$ref": "#/$defs/" + LONG_TEXT}), "response_format.json_schema.schema", "does not exist"),
     (_schema({"type": LONG_TEXT}), "response_format.json_schema.schema", "Invalid type"),
@@ -498,8 +499,9 @@ def _schema(schema: dict) -> dict:
     ({**CHAT, "structured_outputs": {"grammar": "start: " + LONG_TEXT}}, "structured_outputs.grammar", "unknown name"),
 ])
 def test_a_grammar_error_quotes_the_clients_text_cut_short(client, router, body, param, cause):
-    """A constraint's error (llguidance's, or two tools' clashing $defs) quoted the client's name, regex or grammar
-    whole: up to MAX_GRAMMAR_BYTES back for a bad one, as a long `model` once was (quoted). It is cut, its cause kept."""
+    """A constraint's error (llguidance's, or two tools' clashing $defs) quoted the client's name, regex or
+    grammar whole: up to MAX_GRAMMAR_BYTES back for a bad one, as a long `model` once was (quoted). It is cut,
+    its cause kept."""
     error = assert_error(client.post("/v1/chat/completions", json=body), 400, param)
     assert cause in error["message"] and len(error["message"]) < 1000, len(error["message"])
     assert not router.requests

@@ -233,6 +233,23 @@ def test_a_mesh_the_config_cannot_schedule_does_not_narrow_the_served_limits():
     asyncio.run(main())
 
 
+def test_a_mesh_redeployed_with_capabilities_the_config_can_schedule_is_served():
+    """A mesh that could not be scheduled was never asked again: redeployed alone with capabilities that fit (the
+    router's config unchanged, so Serve keeps the router), it stayed down, its max_len 0, until the router restarted."""
+    async def main():
+        mesh = LocalMesh(lambda: SimulatedBackend(block_size=48, num_blocks=256, time_scale=0.01, vocab_size=1000))
+        router = Router([("mesh-0", mesh)], RouterConfig(**FAST))
+        await until(lambda: "cannot be scheduled" in (router.stats()["meshes"][0]["failed"] or ""))
+        mesh.make_backend = lambda: SimulatedBackend(num_blocks=64, time_scale=0.01, vocab_size=1000)
+        mesh.restart()  # Serve's redeploy of the mesh replica: a new incarnation
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        assert router.stats()["max_model_len"] == 64 * 64
+        got = [e async for e in router.generate("r", [5] * 10, SamplingParams(temperature=0.0, max_tokens=3))]
+        assert got[-1].finish_reason == "length"
+        await router.close()
+    asyncio.run(main())
+
+
 def test_closing_a_stream_frees_everything():
     async def main():
         router, _ = await make_router(num_meshes=1)
