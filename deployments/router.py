@@ -428,8 +428,10 @@ class Router:
         length, as by a mesh's queue (MeshScheduler.submit). Held requests are placed past
         the limits once a mesh comes up, as moved requests are."""
         held, tokens = len(self.held), self.held_tokens
-        n = len(self.meshes)
-        max_requests = self.config.max_waiting_requests * n + sum(m.caps.num_slots for m in self.meshes if m.caps)
+        # one that cannot be scheduled never seats them (none can: held as before, a 503 once no_mesh_wait_s is out)
+        meshes = [m for m in self.meshes if m.max_len != 0] or self.meshes
+        n = len(meshes)
+        max_requests = self.config.max_waiting_requests * n + sum(m.caps.num_slots for m in meshes if m.caps)
         max_tokens = self.config.max_waiting_tokens * n
         if held >= max_requests:
             raise QueueFull(f"requests waiting for a mesh to come up: {held} (limit {max_requests})")

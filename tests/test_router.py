@@ -250,6 +250,30 @@ def test_a_mesh_redeployed_with_capabilities_the_config_can_schedule_is_served()
     asyncio.run(main())
 
 
+def test_with_no_live_mesh_a_mesh_the_config_cannot_schedule_adds_no_room_to_hold():
+    """The held requests' limit (max_waiting_requests per mesh plus the slots of those that were up) counted a mesh
+    that can never be scheduled, its slots too: requests no mesh would seat were held, not refused."""
+    async def main():
+        good = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=64, time_scale=0.01,
+                                                  vocab_size=1000))
+        bad = LocalMesh(lambda: SimulatedBackend(num_slots=8, kv_groups=1, block_size=48, num_blocks=8,
+                                                 time_scale=0.01, vocab_size=1000))
+        router = Router([("mesh-0", good), ("mesh-1", bad)],
+                        RouterConfig(**{**FAST, "max_waiting_requests": 1, "no_mesh_wait_s": 30}))
+        await until(lambda: router.stats()["ready"]
+                    and "cannot be scheduled" in (router.stats()["meshes"][1]["failed"] or ""))
+        params = SamplingParams(temperature=0.0, max_tokens=4)
+        good.vanish()
+        router.submit("probe", [1] * 20, params, None, [], "c")  # its first work finds the replica gone
+        await until(lambda: not router.stats()["ready"] and router.stats()["held"] == 1)
+        for i in range(4):  # mesh-0's max_waiting_requests and its 4 slots: 5 in all
+            router.submit(f"r{i}", [2] * 20, params, None, [], "c")
+        with pytest.raises(QueueFull):
+            router.submit("more", [3] * 20, params, None, [], "c")
+        await router.close()
+    asyncio.run(main())
+
+
 def test_closing_a_stream_frees_everything():
     async def main():
         router, _ = await make_router(num_meshes=1)
