@@ -41,6 +41,22 @@ def scrape(run, client) -> dict:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def hold_first_token(stack) -> tuple[asyncio.Event, asyncio.Event]:
+    """The first choice's (id ending "-0") first token reaches the ingress only once `gate` is set; `held` is set
+    when it is being held."""
+    generate = stack.router.generate
+    held, gate = asyncio.Event(), asyncio.Event()
+
+    async def first_token_held(request_id, *args, **kwargs):
+        async for event in generate(request_id, *args, **kwargs):
+            if request_id.endswith("-0") and event.token_ids:
+                held.set()
+                await gate.wait()
+            yield event
+    stack.router.generate = first_token_held
+    return held, gate
+
+
 def test_the_later_choices_of_a_long_prompt_count_their_prefix_cache_hits(tok, stack):
     """n choices of a long prompt: vLLM looks each child request up in the prefix cache, and the later ones hit the
     blocks the first computed. The later choices go to the router as continuations (after the first's first token),
@@ -110,16 +126,7 @@ def test_later_choices_held_in_the_ingress_count_as_waiting(tok, stack):
     not after their client left."""
     run, client = stack.run, stack.client
     body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=5), "max_tokens": 4, "temperature": 0, "n": 3}
-    generate = stack.router.generate
-    held, gate = asyncio.Event(), asyncio.Event()
-
-    async def first_token_held(request_id, *args, **kwargs):  # the first choice's first token reaches the ingress late
-        async for event in generate(request_id, *args, **kwargs):
-            if request_id.endswith("-0") and event.token_ids:
-                held.set()
-                await gate.wait()
-            yield event
-    stack.router.generate = first_token_held
+    held, gate = hold_first_token(stack)
 
     def waiting() -> float:
         return sum(v for (name, _), v in scrape(run, client).items() if name == "vllm:num_requests_waiting")
@@ -235,16 +242,7 @@ def test_the_wait_of_later_choices_held_in_the_ingress_is_queue_time_not_prefill
     time, so vLLM's prefill panel showed the queue under load. It is queue time now, as the waiting gauge says."""
     run, client = stack.run, stack.client
     body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=8), "max_tokens": 4, "temperature": 0, "n": 3}
-    generate = stack.router.generate
-    held, gate = asyncio.Event(), asyncio.Event()
-
-    async def first_token_held(request_id, *args, **kwargs):
-        async for event in generate(request_id, *args, **kwargs):
-            if request_id.endswith("-0") and event.token_ids:
-                held.set()
-                await gate.wait()
-            yield event
-    stack.router.generate = first_token_held
+    held, gate = hold_first_token(stack)
     local = (("ingress", "local"),)
     before = scrape(run, client)
     post = stack.loop.create_task(client.post("/v1/completions", json=body))
