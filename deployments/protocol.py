@@ -696,7 +696,12 @@ class TokenizeRequest(RequestModel):
     documents: Unsupported | None = None
 
     _template_variables = field_validator("chat_template_kwargs")(_template_variables_only)
-    _continue_alone = field_validator("continue_final_message")(_continue_alone)
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _continue_alone_in_chat(cls, v: bool, info: ValidationInfo) -> bool:
+        """The chat form's rule; a `prompt` ignores it, as vLLM's TokenizeCompletionRequest does."""
+        return _continue_alone(cls, v, info) if info.data.get("messages") is not None else v
 
     @field_validator("messages")
     @classmethod

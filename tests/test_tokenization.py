@@ -200,3 +200,13 @@ def test_a_tool_result_in_llamas_ipython_role_is_its_tool_turn(router):
     assert body.json()["tokens"] == client.post("/tokenize", json={"messages": as_tool}).json()["tokens"]
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2})
     assert r.status_code == 200, r.text
+
+
+def test_a_prompt_is_tokenized_whatever_the_chat_fields_say(client, tokenizer):
+    """The chat form's fields are ignored for a `prompt`, as vLLM's TokenizeCompletionRequest ignores them:
+    continue_final_message (with add_generation_prompt's default true) was a 400 telling the client to turn off
+    add_generation_prompt "to continue the final message" of a request that has none."""
+    for fields in ({"continue_final_message": True}, {"continue_final_message": True, "add_generation_prompt": True}):
+        response = client.post("/tokenize", json={"prompt": TEXT, **fields})
+        assert response.status_code == 200, response.text
+        assert response.json()["tokens"] == tokenizer.encode(TEXT, add_bos=True)
