@@ -267,6 +267,9 @@ def api_keys(config: AppConfig, env: dict[str, str] | None = None) -> list[str]:
         raise ValueError(f"VLLM_API_KEY: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
+IMPORT_PATHS = ("deployments.app:build", "deployments.app.build")  # meshserve's application; Ray takes both forms
+
+
 def check_serve_config(path: str, notes: list[str] | None = None, port_free: bool = False) -> list[str]:
     """Each meshserve application's `args` in a Serve config file, validated: the errors, each naming its
     application and field. `serve run` retries a build that fails and then waits on, without exiting, so
@@ -305,7 +308,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                      "`make serve`'s, and Ctrl-C leaves it running (`ray stop` first for a Ray of make serve's own)")
     errors += unknown
     for app in apps:
-        if app.get("import_path") not in ("deployments.app:build", "deployments.app.build"):  # Ray takes both forms
+        if app.get("import_path") not in IMPORT_PATHS:
             if notes is not None:  # another application, or meshserve's misspelt
                 notes.append(f"{path}: application {app.get('name')!r}: import_path {app.get('import_path')!r} is not "
                              "meshserve's (deployments.app:build): not checked")

@@ -64,12 +64,11 @@ def endpoint(path: str) -> tuple[str, str, str]:
     `python -m deployments.config` refuses."""
     import yaml
 
-    from deployments.config import AppConfig, model_root
+    from deployments.config import IMPORT_PATHS, AppConfig, model_root
 
     with open(path) as f:
         doc = yaml.safe_load(f)
-    app = next((a for a in doc["applications"] if a.get("import_path") in ("deployments.app:build",
-                                                                        "deployments.app.build")), None)
+    app = next((a for a in doc["applications"] if a.get("import_path") in IMPORT_PATHS), None)
     if app is None:  # the config check passes one (each app "not checked"); StopIteration said nothing
         raise ValueError("no meshserve application (import_path deployments.app:build) in it")
     options = doc.get("http_options") or {}

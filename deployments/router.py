@@ -130,6 +130,12 @@ class Mesh:
     def up(self) -> bool:
         return self.scheduler is not None
 
+    @property
+    def schedulable(self) -> bool:
+        """False for one whose capabilities this config cannot schedule: it never serves, so its limits and slots
+        are not the service's."""
+        return self.max_len != 0
+
 
 # A scheduler's counters: the mesh's own go on across its failures (Prometheus counters do not go back).
 COUNTERS = ("prefix_query_tokens", "prefix_hit_tokens", "preemptions")
@@ -428,8 +434,8 @@ class Router:
         length, as by a mesh's queue (MeshScheduler.submit). Held requests are placed past
         the limits once a mesh comes up, as moved requests are."""
         held, tokens = len(self.held), self.held_tokens
-        # one that cannot be scheduled never seats them (none can: held as before, a 503 once no_mesh_wait_s is out)
-        meshes = [m for m in self.meshes if m.max_len != 0] or self.meshes
+        # none schedulable: held as before, a 503 once no_mesh_wait_s is out
+        meshes = [m for m in self.meshes if m.schedulable] or self.meshes
         n = len(meshes)
         max_requests = self.config.max_waiting_requests * n + sum(m.caps.num_slots for m in meshes if m.caps)
         max_tokens = self.config.max_waiting_tokens * n
@@ -677,8 +683,7 @@ class Router:
                            "incarnation": m.incarnation,
                            "failovers": m.failovers, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, **sched})
-        # a mesh that cannot be scheduled (max_len 0) never serves: its limits are not the service's
-        caps = [m.caps for m in self.meshes if m.caps is not None and m.max_len != 0]
+        caps = [m.caps for m in self.meshes if m.caps is not None and m.schedulable]
         stats = {"ready": any(m.up for m in self.meshes),
                  "max_model_len": min(map(self._max_model_len, caps)) if caps else None,
                  "vocab_size": min(c.vocab_size for c in caps) if caps else None,  # the ids a mesh can embed

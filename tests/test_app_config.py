@@ -416,6 +416,15 @@ def test_a_model_variable_from_this_shell_only_passes_with_a_note(monkeypatch, t
     assert check_serve_config(str(path), notes) == [] and notes == []
 
 
+def shipped_config_serving_at(tmp_path, host: str, port: int) -> tuple[dict, Path]:
+    """serve_config.yaml with http_options on `host`:`port`, written to tmp_path/c.yaml."""
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    config["http_options"] = {"host": host, "port": port}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return config, path
+
+
 def test_make_serve_names_a_taken_http_port_before_starting_ray(tmp_path):
     """`serve run` with port 8000 taken started Ray and Serve and failed a minute later, the cause deep in a
     traceback."""
@@ -427,10 +436,7 @@ def test_make_serve_names_a_taken_http_port_before_starting_ray(tmp_path):
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-        config["http_options"] = {"host": "127.0.0.1", "port": port}
-        path = tmp_path / "c.yaml"
-        path.write_text(yaml.safe_dump(config))
+        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", port)
         taken = subprocess.run([sys.executable, "-m", "deployments.config", "--port-free", str(path)], cwd=ROOT,
                                capture_output=True, text=True)
         plain = subprocess.run([sys.executable, "-m", "deployments.config", str(path)], cwd=ROOT,
@@ -456,10 +462,7 @@ def test_make_serve_checks_an_ipv6_http_host_on_ipv6(tmp_path):
     with holder:
         holder.listen()
         port = holder.getsockname()[1]
-        config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-        config["http_options"] = {"host": "::1", "port": port}
-        path = tmp_path / "c.yaml"
-        path.write_text(yaml.safe_dump(config))
+        config, path = shipped_config_serving_at(tmp_path, "::1", port)
         assert check_serve_config(str(path), port_free=True) == [
             f"{path}: http_options: ::1:{port} cannot be bound (Address already in use): stop what holds it (another "
             "`make serve`?) or set another http_options.port"]
@@ -477,12 +480,9 @@ def test_make_serve_notes_a_ray_it_would_join_rather_than_start(tmp_path, monkey
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     with socket.socket() as s:  # a port free here
         s.bind(("127.0.0.1", 0))
-        config["http_options"] = {"host": "127.0.0.1", "port": s.getsockname()[1]}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
+        _, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
 
     def joined(port_free: bool = True) -> list[str]:
         notes: list[str] = []
