@@ -6,8 +6,8 @@ Each answer is printed with its time to first token and decode tokens/s (1 / TPO
 the time after the first, as a client sees them), then a summary. Not the Galaxy demo's tokens/s/user, which
 leaves out each user's first decode step, where at batch 32 the users prefilled before the last one wait for the
 prefills after them: a client sees chunk times only, and with tokens coalesced cannot tell that step apart.
-`python -m bench.demo` measures the demo's figure. A file with fewer prompts than --num-concurrent is cycled to fill the batch, as the demo
-fills its batch. This module also holds the one streaming request both this client and bench.serving make.
+`python -m bench.demo` measures the demo's figure. A file with fewer prompts than --num-concurrent is cycled to
+fill the batch, as the demo fills its batch. This module also holds the one streaming request both this client and bench.serving make.
 """
 from __future__ import annotations
 
