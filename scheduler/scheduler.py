@@ -126,8 +126,11 @@ class MeshScheduler:
         self.grammars_sent: OrderedDict[str, None] = OrderedDict()  # the mesh's GrammarCache, as far as known
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
-        self._forecast: _Forecast | None = None  # _room_after_queue's, while _forecast_valid (no change since)
+        # What placement reads of this state (placement_key, seats), kept until it changes (_state_changed): the
+        # router asks every mesh at every placement, and most meshes have only decoded since it last asked.
+        self._forecast: _Forecast | None = None  # _room_after_queue's, while _forecast_valid
         self._forecast_valid = False
+        self._placement_room: tuple[int, tuple[int, int, int]] | None = None  # -num_queued, the best group's room
 
     # ---- requests in -----------------------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -146,7 +149,7 @@ class MeshScheduler:
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
         tokens (after the cut to this mesh's room), or whose prompt alone fills it; ValueError for an id already here
         or an empty prompt."""
-        self._forecast_valid = False
+        self._state_changed()
         if request_id in self.requests:
             raise ValueError(f"request {request_id!r} is already queued or running")
         n = len(prompt_ids)
@@ -196,7 +199,7 @@ class MeshScheduler:
 
     def cancel(self, request_id: str, reason: str = "abort") -> TokenEvent | None:
         """End a request in any state, freeing all it holds. Returns its final event (None if unknown)."""
-        self._forecast_valid = False
+        self._state_changed()
         seq = self.requests.get(request_id)
         if seq is None:
             return None
@@ -300,21 +303,28 @@ class MeshScheduler:
         frees. Among meshes that seat it, the longest prefix cached in a group that seats it wins, then the
         most slots left; among the others, the shortest queue, then the longest prefix. The best group's
         room (KVGroup.room) breaks the remaining ties."""
-        free_after_queue = -self.num_queued
-        group = max(g.room for g in self.kv.groups)
+        if self._placement_room is None:
+            self._placement_room = -self.num_queued, max(g.room for g in self.kv.groups)
+        free_after_queue, group = self._placement_room
         if free_after_queue > 0 and (forecast := self._room_after_queue()) is not None \
                 and (choice := self._choose_group(block_hashes, num_tokens, forecast, forecast.reserved)) is not None:
             return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
+
+    def _state_changed(self) -> None:
+        """Drop what placement kept (placement_key, _room_after_queue): slots, blocks, the queue or a queued prompt's
+        prefix hit may have changed."""
+        self._forecast_valid = False
+        self._placement_room = None
 
     # ---- planning --------------------------------------------------------------------------------
     def schedule(self) -> MeshWork | None:
         """The next work for the mesh, or None when there is nothing to do or max_inflight works are
         unanswered. Order: reserve the running users' lookahead (preempting if blocks run out), admit
         from the queue, cut prefill chunks within the budget, then one decode round over live slots."""
-        self._forecast_valid = False
         if len(self.inflight) >= self.max_inflight:
             return None
+        self._state_changed()
         preemptions = self.num_preemptions
         decode = self._reserve_lookahead()
         if self.num_preemptions == preemptions:  # do not admit into the room a preemption just made
@@ -491,10 +501,12 @@ class MeshScheduler:
         else:
             (slots, _, available), revived = forecast.room[group.index], forecast.revived[group.index]
         pool = group.pool
+        watermark = self.watermark_blocks if slots < group.num_slots else 0
+        if not block_hashes or not pool.caches(block_hashes[0]):  # no hit: placement asks every group of every mesh
+            return [], blocks_for(n, self.block_size) + watermark - available
         hit = self._lookup(pool, block_hashes, n)
         if forecast is not None and forecast.evicted[group.index]:
             hit = self._unevicted(hit, forecast.evicted[group.index])
-        watermark = self.watermark_blocks if slots < group.num_slots else 0
         need = pool.blocks_needed(hit, n) - (sum(1 for b in hit if b in revived) if revived else 0)
         return hit, need + watermark - available
 
@@ -694,8 +706,9 @@ class MeshScheduler:
     # ---- results in ------------------------------------------------------------------------------
     def process(self, result: StepResult) -> StepEvents:
         """Take in one message of the oldest unanswered work (they arrive in order). Raises ValueError for a
-        message of another work."""
-        self._forecast_valid = False
+        message of another work. A decode round's plain tokens keep what placement kept (_state_changed): it reads
+        no token, only slots, blocks and the queue's prefix hits, which only a block filled while a request waits
+        changes."""
         if not self.inflight or self.inflight[0].work_id != result.work_id:
             expected = self.inflight[0].work_id if self.inflight else None
             raise ValueError(f"result for work {result.work_id}, expected work {expected}")
@@ -703,6 +716,7 @@ class MeshScheduler:
         now = time.monotonic()
         out = StepEvents()
         if plan.next_prefill < len(plan.prefills):
+            self._state_changed()
             seq, epoch, end, final = plan.prefills[plan.next_prefill]
             plan.next_prefill += 1
             if seq.epoch == epoch and seq.status is Status.RUNNING:
@@ -730,6 +744,8 @@ class MeshScheduler:
                 seq.num_computed = computed = len(seq.token_ids) - 1
                 if computed % block_size == 0:
                     self._cache_full_blocks(seq)
+                    if self.waiting:  # a queued prompt may now hit it
+                        self._state_changed()
                 plain.append((seq.request_id, token))
             if plan.solo:
                 slot, seq, epoch = plan.decode[0]
@@ -746,6 +762,7 @@ class MeshScheduler:
         reason = result.finished.get(slot) if result.finished else None
         if token == NO_TOKEN and reason is None:
             return
+        self._state_changed()
         event = TokenEvent(seq.request_id, [])
         if token != NO_TOKEN:
             seq.token_ids.append(token)

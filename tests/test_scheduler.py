@@ -973,3 +973,26 @@ def test_a_moved_prompt_reports_its_late_hit_as_its_seat_hit():
     events = drain(sched, mesh)
     assert _prefilled(mesh, "b") == 2 and events["b"][0].num_cached_tokens == 16
     assert sched.prefix_hit_tokens == 0  # the mesh it left counted its query
+
+
+def test_the_placement_forecast_follows_a_block_that_decode_fills_for_a_queued_prompt():
+    """A decode round's plain tokens keep the placement forecast (rebuilt at each, placement's cost grew with the
+    fleet's steps), except a token that fills a block while a request waits: that block may be the waiting prompt's
+    prefix hit, so the forecast must see it."""
+    sched, mesh = make(num_slots=2, decode_steps=8)
+    p = params(10, ignore_eos=True)
+    prompt = [1, 2, 3, 4, 5, 6]
+    sched.submit("a", prompt, p)
+    work = sched.schedule()  # a's prefill and its first decode round
+    out, _ = expected(prompt, p)
+    sched.submit("b", prompt + out[:4], params(4, ignore_eos=True))  # waits: a's block 1 (tokens 4-7) is its hit
+    available = []
+    for result in mesh.execute(work):
+        sched._room_after_queue()  # kept, as placement keeps it
+        sched.process(result)
+        kept = sched._room_after_queue()
+        sched._forecast_valid = False  # computed afresh
+        assert sched._room_after_queue() == kept
+        available.append(kept.room[0][2])
+    # a's second decode token fills block 1: b's hit is 2 blocks from then on, so b would take one block fewer
+    assert available[0] == available[1] == available[2] - 1 == available[-1] - 1, available

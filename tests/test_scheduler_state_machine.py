@@ -408,12 +408,18 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @invariant()
     def the_kept_placement_forecast_is_the_current_one(self):
-        """seats() and placement_key() reuse the forecast of the next schedule until the state changes: every
-        change must drop it."""
+        """seats() and placement_key() reuse the forecast of the next schedule and the mesh's room until the state
+        changes: every change that matters to them must drop them."""
         sched = self.sched
         kept = sched._room_after_queue()
-        sched._forecast_valid = False
+        probes = [PREFIXES[0][:n] + [0] for n in (3, 12, 27)]  # a miss, and hits on what the prefixes cached
+        hashes = [[] for _ in probes]
+        for prompt, digests in zip(probes, hashes):
+            extend_block_hashes(digests, prompt, sched.block_size)
+        keys = [sched.placement_key(digests, len(prompt)) for prompt, digests in zip(probes, hashes)]
+        sched._forecast_valid, sched._placement_room = False, None  # computed afresh (not by _state_changed, tested)
         assert sched._room_after_queue() == kept
+        assert [sched.placement_key(digests, len(prompt)) for prompt, digests in zip(probes, hashes)] == keys
 
 
 TestScheduler = SchedulerMachine.TestCase
