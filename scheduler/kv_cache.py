@@ -47,16 +47,14 @@ class KVCache:
         self.slots_per_group = per_group
         self.groups = [KVGroup(g, BlockPool(num_blocks, block_size), list(range(g * per_group, (g + 1) * per_group)),
                                per_group) for g in range(num_groups)]
+        # The free slots of all groups: kept by seat and release, for the router reads it of every mesh per round.
+        self.num_free_slots = num_slots
         # Row s: the block ids of slot s's sequence in its group's pool, padded with 0 (fixed width for traces).
         self.page_table = np.zeros((num_slots, blocks_for(max_seq_len, block_size)), dtype=np.int32)
 
     @property
     def blocks_per_group(self) -> int:
         return self.groups[0].pool.num_blocks
-
-    @property
-    def num_free_slots(self) -> int:
-        return sum(len(g.free_slots) for g in self.groups)
 
     def group_of(self, slot: int) -> KVGroup:
         return self.groups[slot // self.slots_per_group]
@@ -67,6 +65,7 @@ class KVCache:
         group.pool.share(hit)  # before allocating, so the allocation cannot evict the hit
         table = hit + group.pool.allocate(blocks_for(num_tokens, self.block_size) - len(hit))
         slot = heapq.heappop(group.free_slots)
+        self.num_free_slots -= 1
         self.page_table[slot, :len(table)] = table
         return slot, table
 
@@ -100,6 +99,7 @@ class KVCache:
         group.pool.free(table)
         self.page_table[slot, :len(table)] = 0
         heapq.heappush(group.free_slots, slot)
+        self.num_free_slots += 1
 
     def stats(self) -> dict:
         """Totals over the groups, and each group's own numbers (blocks_used + cached + free == total)."""

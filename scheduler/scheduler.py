@@ -370,13 +370,15 @@ class MeshScheduler:
     def _reserve_lookahead(self) -> list[tuple[Sequence, int]]:
         """Blocks for the next decode_steps tokens of every live sequence, oldest first; when its group's
         pool runs dry, the newest running sequence of that group is preempted (possibly the one asking)."""
-        decode = []
+        decode, block_size = [], self.block_size
         for seq in list(self.running.values()):
-            if seq.status is not Status.RUNNING or not seq.live or seq.num_planned >= seq.max_tokens_total:
+            total = seq.max_tokens_total
+            if seq.status is not Status.RUNNING or not seq.live or seq.num_planned >= total:
                 continue
-            target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
-            # The last sampled token's KV is written by the step after it, hence target - 1.
-            while not self._reserve(seq, target - 1):
+            target = min(seq.num_planned + self.decode_steps, total)
+            # The last sampled token's KV is written by the step after it, hence target - 1. Most rounds need no
+            # new block (one in block_size / decode_steps does): checked here, it costs no call per slot.
+            while blocks_for(target - 1, block_size) > len(seq.block_table) and not self._reserve(seq, target - 1):
                 if self._preempt_newest(self.kv.group_of(seq.slot)) is seq:
                     break
             if seq.status is Status.RUNNING:

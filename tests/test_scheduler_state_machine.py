@@ -398,6 +398,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert all(sched.kv.group_of(slot) is group for slot in group.free_slots)
         free = [slot for group in sched.kv.groups for slot in group.free_slots]
         assert sorted(slots + free) == list(range(sched.num_slots))
+        assert sched.kv.num_free_slots == len(free)  # kept by seat and release
         for slot in free:
             assert not sched.kv.page_table[slot].any()
         for seq in sched.waiting:
