@@ -29,6 +29,8 @@ MIN_STEP_DEADLINE_S = 1.0
 # sse_keep_alive_interval's bounds: below 1 s a unit slip (0.015 for 15 s) sends a keep-alive per stream every few ms;
 # past 300 s it outlasts any proxy's read timeout it is there for (nginx, ALB: 60 s by default).
 SSE_KEEP_ALIVE_BOUNDS = (1.0, 300.0)
+# Ray counts resources in 1/10,000ths (ray._raylet.RESOURCE_UNIT_SCALING): it refuses a smaller nonzero amount
+RAY_RESOURCE_SCALE = 10_000
 # Keys that only one backend reads: set for another, they would be silently ignored.
 BACKEND_KEYS = {"dtype": "torch", "time_scale": "simulated", "kv_groups": "simulated", "mesh_shape": "tt_galaxy",
                 "num_layers": "tt_galaxy", "override_tt_config": "tt_galaxy"}
@@ -146,9 +148,17 @@ class AppConfig(BaseModel):
         for name, amount in value.items():
             if name in ("CPU", "GPU"):
                 raise ValueError(f"{name} is not a custom resource: set mesh_num_cpus for CPUs (a mesh uses no GPU)")
+            if name in ("memory", "object_store_memory"):
+                raise ValueError(f"{name} is not a custom resource: Ray refuses it among an actor's resources")
             if amount < 0:
                 raise ValueError(f"{name}: a resource amount must be >= 0, not {amount}")
+            _ray_quantity(amount, name)
         return value
+
+    @field_validator("mesh_num_cpus", "ingress_num_cpus")
+    @classmethod
+    def _cpus(cls, value: float) -> float:
+        return _ray_quantity(value, "CPUs")
 
     @field_validator("api_keys")
     @classmethod
@@ -243,6 +253,13 @@ class AppConfig(BaseModel):
         one gives every replica another (deployments/router_client.py refuses to mix them)."""
         return json.dumps({**self.model_dump(include=set(MODEL_KEYS)), "model": model_root(self.model)},
                           sort_keys=True)
+
+
+def _ray_quantity(amount: float, what: str) -> float:
+    """`amount` unless Ray would refuse it in the build, after Ray has started, naming its option, not the key."""
+    if amount and int(amount * RAY_RESOURCE_SCALE) == 0:  # Ray's own test (ray/_common/ray_option_utils.py)
+        raise ValueError(f"{what}: 0 or at least {1 / RAY_RESOURCE_SCALE:g} (Ray's resource unit), not {amount:g}")
+    return amount
 
 
 def model_root(model: str | None, env: Mapping[str, str] | None = None) -> str:

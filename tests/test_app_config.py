@@ -92,6 +92,11 @@ GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
     ({**GALAXY, "override_tt_config": {"worker_l1_size": -1}}, "(?s)override_tt_config.worker_l1_size.*greater than 0"),
     ({**GALAXY, "override_tt_config": {"trace_region_size": 0}}, "(?s)override_tt_config.trace_region_size.*greater"),
     ({**GALAXY, "num_layers": 81}, "num_layers: at most 80"),  # past the checkpoint's: tt-metal's model failed to load
+    # passed the check, then Ray refused them in the build, after Ray had started, naming num_cpus or the resource
+    ({"mesh_num_cpus": 0.00001}, "(?s)mesh_num_cpus.*0.0001"),
+    ({"ingress_num_cpus": 0.00005}, "(?s)ingress_num_cpus.*0.0001"),
+    ({"mesh_resources": {"galaxy": 0.00001}}, "(?s)mesh_resources.*galaxy.*0.0001"),
+    ({"mesh_resources": {"memory": 2**30}}, "(?s)mesh_resources.*memory is not a custom resource"),
 ])
 def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(args, match):
     """Each passed the check and the build, then failed in every mesh replica (kv_groups, resources), stopped
