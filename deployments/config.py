@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
@@ -168,6 +169,17 @@ class AppConfig(BaseModel):
         if any(key != key.strip() or any(ord(c) < 32 and c != "\t" or c == "\x7f" for c in key) for key in value):
             raise ValueError("a key must not begin or end with whitespace, nor hold a control character such as a "
                              "newline")
+        return value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        # CORS compares a browser's Origin header whole, and a browser sends scheme://host[:port] in lower case, no
+        # path: 'https://app.example/' or 'app.example' never matched one, and every browser call was refused
+        for origin in value:
+            if origin not in ("*", "null") and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+", origin):
+                raise ValueError(f"{origin!r} is no origin a browser sends: scheme://host[:port] in lower case, no "
+                                 "path or trailing slash (e.g. 'https://app.example'), or '*'")
         return value
 
     @field_validator("served_model_name")

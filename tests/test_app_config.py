@@ -97,6 +97,10 @@ GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
     ({"ingress_num_cpus": 0.00005}, "(?s)ingress_num_cpus.*0.0001"),
     ({"mesh_resources": {"galaxy": 0.00001}}, "(?s)mesh_resources.*galaxy.*0.0001"),
     ({"mesh_resources": {"memory": 2**30}}, "(?s)mesh_resources.*memory is not a custom resource"),
+    # a browser's Origin is scheme://host[:port], lower-case: CORS compares it whole, so these never matched one
+    ({"allowed_origins": ["https://app.example/"]}, "(?s)allowed_origins.*'https://app.example/'"),
+    ({"allowed_origins": ["app.example"]}, "(?s)allowed_origins.*'app.example'"),
+    ({"allowed_origins": ["https://App.example"]}, "(?s)allowed_origins.*'https://App.example'"),
 ])
 def test_a_config_that_would_fail_every_replica_or_be_ignored_fails_at_deploy(args, match):
     """Each passed the check and the build, then failed in every mesh replica (kv_groups, resources), stopped
@@ -113,6 +117,11 @@ def test_a_galaxy_config_that_could_open_one_mesh_twice_is_refused(resources):
     with pytest.raises(ValidationError, match="(?s)mesh_resources.*each Galaxy host advertises once"):
         AppConfig(backend="tt_galaxy", model="", num_meshes=2, mesh_resources=resources)
     AppConfig(backend="tt_galaxy", model="", num_meshes=2, mesh_resources={**resources, "galaxy": 1})
+
+
+def test_allowed_origins_take_what_a_browser_sends():
+    origins = ["*", "https://app.example", "http://localhost:3000", "http://[::1]:8080", "null"]
+    assert AppConfig(allowed_origins=origins).allowed_origins == origins
 
 
 def test_a_float_key_takes_an_int_and_a_pair_a_list():
