@@ -331,7 +331,8 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
         errors = [f"{path}: http_options.port: a TCP port, 1 to 65535, not {port!r}"]
     else:
         errors = [taken] if port_free and (taken := _http_port_taken(path, options)) else []
-    if port_free and notes is not None and (ray := _ray_to_join()):
+    ray = _ray_to_join() if port_free else None
+    if ray and notes is not None:
         notes.append(f"`serve run` will join the Ray cluster at {ray}, not start a Ray of its own: Serve's settings "
                      "there (the HAProxy ingress, throughput mode) are those that cluster was started with, not "
                      "`make serve`'s, and Ctrl-C leaves it running (`ray stop` first for a Ray of make serve's own)")
@@ -351,6 +352,8 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
                        f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
             continue
         errors += [f"{where}, {problem}" for problem in check_deployments(config, app.get("deployments"))]
+        if port_free and not ray:  # `make serve`: `serve run` starts a Ray of its own here
+            errors += [f"{where}, {problem}" for problem in _unplaceable_meshes(config)]
         runtime_env = app.get("runtime_env") or {}
         env_vars = runtime_env.get("env_vars") or {} if isinstance(runtime_env, dict) else None
         if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
@@ -547,6 +550,24 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
             return (f"{path}: http_options: {host}:{port} cannot be bound ({e.strerror}): stop what holds it (another "
                     "`make serve`?) or set another http_options.port")
     return None
+
+
+def _unplaceable_meshes(config: AppConfig) -> list[str]:
+    """Why the Ray that `serve run` starts on this machine (its CPUs, no custom resource) could never place every
+    mesh: Serve would wait for resources without end, /health 503, the cause only in its logs."""
+    from ray._private.utils import get_num_cpus  # what ray.init gives a Ray of its own
+
+    problems = [f"args.mesh_resources: {name} {amount:g}: `make serve` starts a Ray of its own here, which advertises "
+                "no custom resource, so no mesh could ever be placed: start one that does first, e.g. `ray start "
+                f"--head --resources='{{\"{name}\": {amount * config.num_meshes:g}}}'`, which `serve run` then joins"
+                for name, amount in config.mesh_resources.items() if amount > 0]
+    cpus = get_num_cpus()
+    needed = config.num_meshes * config.mesh_num_cpus + config.ingress_replicas * config.ingress_num_cpus
+    if needed > cpus:
+        problems.append(f"args.mesh_num_cpus: {config.num_meshes} meshes of {config.mesh_num_cpus:g} CPUs and "
+                        f"{config.ingress_replicas} ingress replicas of {config.ingress_num_cpus:g} need {needed:g} "
+                        f"CPUs; the Ray `make serve` starts here has {cpus}, so a mesh would never be placed")
+    return problems
 
 
 def _ray_to_join() -> str | None:

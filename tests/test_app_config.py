@@ -515,6 +515,35 @@ def test_make_serve_notes_a_ray_it_would_join_rather_than_start(tmp_path, monkey
     assert joined() == []
 
 
+def test_make_serve_names_meshes_its_own_ray_could_never_place(tmp_path, monkeypatch):
+    """`make serve` with no Ray to join starts one on this machine, with its CPUs and no custom resource: a mesh that
+    asks for `galaxy: 1` (serve_config.simulated.yaml's) or more CPUs than the machine has passed the check, and Serve
+    then waited for resources without end, /health 503, the cause only in Serve's logs."""
+    import socket
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:  # a port free here
+        s.bind(("127.0.0.1", 0))
+        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
+    args = config["applications"][0]["args"]
+
+    def check(**changed) -> list[str]:
+        path.write_text(yaml.safe_dump({**config, "applications": [{**config["applications"][0],
+                                                                     "args": {**args, **changed}}]}))
+        return check_serve_config(str(path), [], port_free=True)
+
+    assert check() == []
+    (problem,) = check(mesh_resources={"galaxy": 1})
+    assert "args.mesh_resources: galaxy" in problem and "ray start --head --resources" in problem
+    (problem,) = check(num_meshes=2, mesh_num_cpus=100_000)
+    assert "args.mesh_num_cpus: 2 meshes of 100000 CPUs" in problem
+    assert check(mesh_resources={"galaxy": 0}) == []
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379")  # a cluster to join: its resources
+    assert check(mesh_resources={"galaxy": 1}, mesh_num_cpus=100_000) == []
+
+
 def test_the_app_hands_the_router_every_router_key_it_has():
     """A key the config takes but the app does not pass on is silently the router's default."""
     from dataclasses import fields
