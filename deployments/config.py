@@ -533,6 +533,7 @@ def check_model_len(config: AppConfig, model_dir) -> str | None:
 def _http_port_taken(path: str, options: dict | None) -> str | None:
     """What to say when the config's HTTP port (`http_options`, Serve's default 0.0.0.0:8000) cannot be bound here:
     `serve run` otherwise starts Ray and Serve and fails a minute later with the cause deep in a traceback."""
+    import errno
     import socket
 
     try:
@@ -547,6 +548,9 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
         except (TypeError, OverflowError):  # no host: Serve names it itself
             return None
         except OSError as e:
+            if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # no port helps: the host is wrong
+                return (f"{path}: http_options.host: {host} is no address of this machine ({e.strerror}): give one "
+                        "of its addresses, or 0.0.0.0 for all of them")
             return (f"{path}: http_options: {host}:{port} cannot be bound ({e.strerror}): stop what holds it (another "
                     "`make serve`?) or set another http_options.port")
     return None

@@ -462,6 +462,15 @@ def test_make_serve_names_a_taken_http_port_before_starting_ray(tmp_path):
     assert free.returncode == 0
 
 
+def test_make_serve_names_an_http_host_that_is_not_this_machines(tmp_path):
+    """A host no interface here has was said to be a port "cannot be bound (Cannot assign requested address): stop
+    what holds it (another `make serve`?) or set another http_options.port": nothing held it, and no port helps."""
+    _, path = shipped_config_serving_at(tmp_path, "192.0.2.1", 8000)  # TEST-NET-1: never this machine's
+    (problem,) = check_serve_config(str(path), port_free=True)
+    assert problem.startswith(f"{path}: http_options.host: 192.0.2.1 is no address of this machine")
+    assert "another `make serve`" not in problem
+
+
 def test_make_serve_checks_an_ipv6_http_host_on_ipv6(tmp_path):
     """`http_options.host: "::"` (or "::1"), which Serve binds, was checked on an IPv4 socket: `make serve` refused
     every such config, free port or not, as "cannot be bound (Address family for hostname not supported): stop what
