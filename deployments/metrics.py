@@ -304,8 +304,11 @@ class RequestTimer:
 
         The first event gives no inter-token gap, however many tokens it carries, as vLLM records none for a request's
         prefill output (IterationStats.update_from_output): tokens coalesced behind the first reach here with it, their
-        steps' time is in the time to first token, and a gap of 0 for each would pull the ITL histogram down."""
-        now = time.perf_counter()
+        steps' time is in the time to first token, and a gap of 0 for each would pull the ITL histogram down.
+
+        Timed when the event reached the replica (`received`), not when it was read: a client that stopped reading
+        holds its events unread (EventQueue), and vLLM times tokens as its engine makes them, whoever reads."""
+        now = time.perf_counter() if event.received is None else event.received
         m = self.metrics
         if event.queue_time_s is not None:
             self.queue_time = self.held_s + event.queue_time_s
@@ -324,9 +327,10 @@ class RequestTimer:
         self.generated += n
         m.generation_tokens.inc(n)
 
-    def finish(self, finish_reason: str) -> None:
+    def finish(self, finish_reason: str, at: float | None = None) -> None:
+        """`at`: when the last event reached the replica (TokenEvent.received; None: now)."""
         m = self.metrics
-        m.e2e.observe(time.perf_counter() - self.arrival)
+        m.e2e.observe((time.perf_counter() if at is None else at) - self.arrival)
         if self.last_token is None and finish_reason != "abort":  # ended without a token, having run
             m.prompt_tokens.inc(self.num_prompt_tokens)
         m.requests.labels(m.ingress, finish_reason).inc()

@@ -685,11 +685,13 @@ class OpenAIServer:
                         stopped = cut is not None  # here, not by the mesh: the router still runs it
                         reason = cut or (None if failed else event.finish_reason)
                         if reason is not None:
-                            timer.finish(reason)  # before any await: a client gone meanwhile is still counted
+                            # before any await: a client gone meanwhile is still counted
+                            timer.finish(reason, event.received)
                             if self.log_requests:
                                 log.info("Finished request %s: finish_reason %s, prompt_tokens %d, completion_tokens "
                                          "%d, cached_tokens %d, %.3f s.", rid, reason, len(prompt_ids),
-                                         len(answer.output), cached, time.perf_counter() - prep.arrival)
+                                         len(answer.output), cached,
+                                         (event.received or time.perf_counter()) - prep.arrival)
                         if stopped and event.finish_reason is None:  # the router lets go of it with its last event
                             await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 
@@ -232,8 +233,11 @@ class RouterLink:
             await asyncio.sleep(RECONNECT_S)
 
     def _fan_out(self, batch: list) -> None:
-        """In the link's read callback: each event of a batch to its request's queue."""
+        """In the link's read callback: each event of a batch to its request's queue, stamped with its arrival."""
+        now = time.perf_counter()
         for item in unpack_events(batch):
             queue = self._queues.get(item.request_id)
             if queue is not None:
+                if type(item) is TokenEvent:
+                    item.received = now
                 queue.put_nowait(item)

@@ -144,13 +144,16 @@ class TokenEvent:
     # vLLM's prompt_logprobs, a prefill chunk's arrays each, passed on as they came (a recompute may send again
     # positions sent before: the ingress keeps each position once)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # the ingress's perf_counter() when its last tokens reached the replica (RouterLink; None: when read), so that a
+    # client that reads late does not count as the server's latency (RequestTimer); the router never sets it
+    received: float | None = None
 
     def merge(self, later: TokenEvent) -> None:
         """Append a later event of the same request (coalescing until the next flush)."""
         self.token_ids += later.token_ids
         self.logprobs += later.logprobs
         self.prompt_logprobs += later.prompt_logprobs
-        self.finish_reason, self.error = later.finish_reason, later.error
+        self.finish_reason, self.error, self.received = later.finish_reason, later.error, later.received
         if not self.num_prompt_tokens:  # the first event's fields come with whichever event is first
             self.num_prompt_tokens, self.num_cached_tokens = later.num_prompt_tokens, later.num_cached_tokens
             self.queue_time_s = later.queue_time_s
@@ -158,9 +161,9 @@ class TokenEvent:
     def split(self, n: int) -> tuple[TokenEvent, TokenEvent]:
         """Its first n tokens (with their logprobs and the first event's fields), and the rest (with the finish)."""
         head = TokenEvent(self.request_id, self.token_ids[:n], self.logprobs[:n], None, self.num_prompt_tokens,
-                          self.num_cached_tokens, None, self.queue_time_s, self.prompt_logprobs)
+                          self.num_cached_tokens, None, self.queue_time_s, self.prompt_logprobs, self.received)
         return head, TokenEvent(self.request_id, self.token_ids[n:], self.logprobs[n:], self.finish_reason,
-                                error=self.error)
+                                error=self.error, received=self.received)
 
     @property
     def plain(self) -> bool:

@@ -740,6 +740,36 @@ def test_a_stalled_stream_of_several_choices_keeps_their_tokens_merged(tokenizer
     asyncio.run(main())
 
 
+def test_a_stalled_readers_wait_is_not_the_servers_latency(tokenizer, monkeypatch):
+    """A stream read only as its client reads (n = 1, no stop string) fed the latency histograms as its reader took
+    the events: a client that read 1,000 s after the answer was made put those 1,000 s in e2e, decode, TPOT and
+    inter-token latency, and an operator's latency alerts fired for one slow client. vLLM measures them as its
+    engine makes the tokens (the output processor's stats, before the request's collector), whoever reads; so
+    does the ingress now: an event's time is when its tokens reached the replica, not when they were read."""
+    real, late = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + late[0])
+
+    async def main():
+        router = ScriptedRouter(50, first=1000)
+        link = RouterLink(router)
+        app = build_app(link, tokenizer, MODEL)
+        body = json.dumps({**COMPLETION, "max_tokens": 51, "stream": True}).encode()
+        call, reading, sent = stalled_client(app, body)
+        await until(lambda: any(type(e) is TokenEvent and e.finish_reason
+                                for q in link._queues.values() for e in q._items))  # all here, none read
+        late[0] = 1000.0  # the client reads again 1,000 s later
+        reading.set()
+        await asyncio.wait_for(call, 10)
+        samples = {name: value for _, data in app.state.server.metrics.report()[1] for name, _, value in data}
+        for histogram in ("e2e_request_latency", "request_decode_time", "request_time_per_output_token",
+                          "inter_token_latency"):
+            total = samples[f"meshserve_{histogram}_seconds_sum"]
+            assert 0 <= total < 100, (histogram, total)  # was 1,000 or more
+        link._pump.cancel()
+        router.server.close()
+    asyncio.run(main())
+
+
 class StoppableRouter(ScriptedRouter):
     """A ScriptedRouter whose answers run on until cancelled (a step every `step_s`), as a mesh's do: it records
     each cancel's reason, and how many tokens each request had made by then."""
