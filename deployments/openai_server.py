@@ -1100,8 +1100,17 @@ class OpenAIServer:
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
                             and c.logprobs is None and c.token_ids is None and scored is None):  # a tool call's text
                         # is held back: no empty chunk per token, unless it carries the tokens asked for
-                        yield chunk([c], self._usage(*running(d)) if reply.continuous_usage else None,
-                                    prompt_logprobs=scored)
+                        usage = self._usage(*running(d)) if reply.continuous_usage else None
+                        if chat and c.finish_reason is not None and c.delta.tool_calls:
+                            # the finish in a chunk of its own, as OpenAI's: openai-python's stream helper says a
+                            # call is done at the finish only if its deltas came before (a call in the finish chunk
+                            # had no `tool_calls.function.arguments.done`)
+                            finish = ChatChunkChoice(index=c.index, delta=DeltaMessage(content=""),
+                                                     finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                            c.finish_reason = c.stop_reason = None
+                            yield chunk([c], usage, prompt_logprobs=scored)
+                            c, scored = finish, None
+                        yield chunk([c], usage, prompt_logprobs=scored)
                 d = await anext(stream, None)
             if reply.include_usage:
                 yield chunk([], self._usage(prompt_tokens, sum(generated), sum(cached)))

@@ -84,6 +84,29 @@ def test_chat_stream_helper_parses_a_streamed_calls_arguments(router, tokenizer,
     assert call.function.parsed_arguments == GetWeather(city="Oslo")
 
 
+class GetTime(BaseModel):
+    """The time in a zone."""
+    zone: str
+
+
+def test_chat_stream_helper_says_each_streamed_call_is_done(router, tokenizer, eos):
+    """openai-python's `tool_calls.function.arguments.done` fires for a call when the next begins or, for the last,
+    at a finish chunk after its deltas, as OpenAI's is: a call that came in the finish chunk (a second call, or
+    the whole answer merged in one event) had no done event, and an app that acts on it never ran it."""
+    answer(router, tokenizer, eos, '{"name": "GetWeather", "parameters": {"city": "Oslo"}}; '
+                                   '{"name": "GetTime", "parameters": {"zone": "CET"}}')
+    router.merge, router.max_model_len = 100, 2048  # the whole answer in one event (the router merges them)
+
+    async def streamed(sdk):
+        async with sdk.chat.completions.stream(model=MODEL, messages=MESSAGES, tools=[
+                openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(GetTime)]) as stream:
+            done = [e.parsed_arguments async for e in stream if e.type == "tool_calls.function.arguments.done"]
+            return done, await stream.get_final_completion()
+    done, completion = sdk_call(router, tokenizer, streamed)
+    assert done == [GetWeather(city="Oslo"), GetTime(zone="CET")]
+    assert completion.choices[0].finish_reason == "tool_calls"
+
+
 def test_responses_stream_helper_parses_the_streamed_answer(router, tokenizer, eos):
     answer(router, tokenizer, eos, '{"city": "Oslo", "celsius": 21}')
 
