@@ -137,6 +137,8 @@ class Tokenizer:
         assert (tiktoken_encoding is None) != (hf_tokenizer is None), "exactly one format"
         self._tiktoken = tiktoken_encoding
         self._hf = hf_tokenizer
+        # bound once: the incremental detokenizer decodes at every token, and the property costs ~0.3 us a call
+        self._hf_decode = hf_tokenizer.backend_tokenizer.decode if hf_tokenizer is not None else None
         if tiktoken_encoding is not None:
             self.special_ids: dict[str, int] = {t: tiktoken_encoding.encode_single_token(t)
                                                 for t in tiktoken_encoding.special_tokens_set}
@@ -282,7 +284,7 @@ class Tokenizer:
                 return self._tiktoken.decode(list(ids))
             except KeyError:
                 return self._tiktoken.decode([i for i in ids if 0 <= i < self.vocab_size])
-        return self._hf.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+        return self._hf_decode(list(ids), skip_special_tokens=skip_special)
 
     def special_text(self, text: str) -> str | None:
         """The first special-token text ("<|eot_id|>") in `text`, or None."""
@@ -558,7 +560,11 @@ class IncrementalDetokenizer:
         """Append tokens; return the text they complete ("" while a character is still partial)."""
         # Skipped special tokens add no text: kept, a run of them (EOS after EOS under ignore_eos) stayed in the
         # window, and every step decoded all of it again.
-        self._window.extend(t for t in new_ids if t not in self._skipped)
+        if len(new_ids) == 1:  # nearly every step: a generator per token cost more than its one test
+            if new_ids[0] not in self._skipped:
+                self._window.append(new_ids[0])
+        else:
+            self._window.extend(t for t in new_ids if t not in self._skipped)
         return self._emit()
 
     def flush(self) -> str:
