@@ -75,12 +75,16 @@ class EventQueue:
 
     def __init__(self, max_tokens: int = MERGED_TOKENS_MAX):
         self._items: deque = deque()
-        self._ready = asyncio.Event()
+        # the reader's wait, while it waits: a future of its own per wait costs ~1 us less a token than an Event's
+        # (whose wait makes one anyway, and keeps it in a deque of waiters)
+        self._waiter: asyncio.Future | None = None
         self._max_tokens = max_tokens
 
     def put_nowait(self, item: TokenEvent | RequestFailed | BaseException) -> None:
         """Tokens past the bound start the next event (split off: slices), so that no event holds more."""
-        self._ready.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():  # woken now, it runs after this call: the item is in by then
+            waiter.set_result(None)
         if type(item) is not TokenEvent:
             self._items.append(item)
             return
@@ -108,8 +112,11 @@ class EventQueue:
         if self._items:  # a reader catching up: the replica's other streams run between two of its events
             await asyncio.sleep(0)
         while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
         return self._items.popleft()
 
 
