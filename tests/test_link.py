@@ -354,7 +354,8 @@ def test_a_decode_rounds_table_crosses_as_raw_bytes_and_comes_back_whole():
     """A work per round crosses the mesh's link: numpy's own array pickle cost the router ~28 us per work to dump, the
     table's raw bytes ~11 (2-core box). The mesh gets the same table, writable (it goes to torch.from_numpy)."""
     table = np.arange(6 * 4, dtype=np.int32).reshape(4, 6).T  # not C-contiguous: rows come back as they were
-    blob = pickle.dumps(MeshWork(3, decode=DecodeRound(8, [0, 2], table), release=[5]), protocol=pickle.HIGHEST_PROTOCOL)
+    work = MeshWork(3, decode=DecodeRound(8, [0, 2], table), release=[5])
+    blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
     assert b"_reconstruct" not in blob and b"_frombuffer" not in blob  # not numpy's array pickle
     work = pickle.loads(blob)
     assert (work.work_id, work.decode.num_steps, work.decode.slots, work.release) == (3, 8, [0, 2], [5])
