@@ -565,12 +565,19 @@ def _unplaceable_meshes(config: AppConfig) -> list[str]:
                 "no custom resource, so no mesh could ever be placed: start one that does first, e.g. `ray start "
                 f"--head --resources='{{\"{name}\": {amount * config.num_meshes:g}}}'`, which `serve run` then joins"
                 for name, amount in config.mesh_resources.items() if amount > 0]
-    cpus = get_num_cpus()
-    needed = config.num_meshes * config.mesh_num_cpus + config.ingress_replicas * config.ingress_num_cpus
+    from deployments.router import RouterDeployment
+
+    def units(cpus: float) -> int:  # as Ray counts them: 3 x 0.4 + 0.6 + 0.2 CPUs is 2.0000000000000004 in floats
+        return round(cpus * RAY_RESOURCE_SCALE)
+
+    cpus, router = get_num_cpus(), RouterDeployment.ray_actor_options["num_cpus"]
+    needed = (config.num_meshes * units(config.mesh_num_cpus) + config.ingress_replicas
+              * units(config.ingress_num_cpus) + units(router)) / RAY_RESOURCE_SCALE
     if needed > cpus:
-        problems.append(f"args.mesh_num_cpus: {config.num_meshes} meshes of {config.mesh_num_cpus:g} CPUs and "
-                        f"{config.ingress_replicas} ingress replicas of {config.ingress_num_cpus:g} need {needed:g} "
-                        f"CPUs; the Ray `make serve` starts here has {cpus}, so a mesh would never be placed")
+        problems.append(f"args.mesh_num_cpus: {config.num_meshes} meshes of {config.mesh_num_cpus:g} CPUs, "
+                        f"{config.ingress_replicas} ingress replicas of {config.ingress_num_cpus:g} and the router's "
+                        f"{router:g} need {needed:g} CPUs; the Ray `make serve` starts here has {cpus}, so a mesh or "
+                        "the router would never be placed")
     return problems
 
 

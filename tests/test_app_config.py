@@ -553,6 +553,33 @@ def test_make_serve_names_meshes_its_own_ray_could_never_place(tmp_path, monkeyp
     assert check(mesh_resources={"galaxy": 1}, mesh_num_cpus=100_000) == []
 
 
+def test_make_serve_counts_the_routers_cpus(tmp_path, monkeypatch):
+    """The router replica takes CPUs of that Ray too (RouterDeployment's num_cpus 0.2): meshes and ingress replicas
+    that fill the machine's CPUs passed the check, and the router (or a mesh) was never placed, /health 503."""
+    import socket
+
+    import ray._private.utils
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:  # a port free here
+        s.bind(("127.0.0.1", 0))
+        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
+    args = config["applications"][0]["args"]
+
+    def check(cpus: int, **changed) -> list[str]:
+        monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: cpus)
+        path.write_text(yaml.safe_dump({**config, "applications": [{**config["applications"][0],
+                                                                     "args": {**args, **changed}}]}))
+        return check_serve_config(str(path), [], port_free=True)
+
+    (problem,) = check(2, mesh_num_cpus=1.8, ingress_num_cpus=0.2)  # 2.2 with the router's
+    assert "args.mesh_num_cpus" in problem and "router" in problem and "need 2.2 CPUs" in problem
+    assert check(2, mesh_num_cpus=1.6, ingress_num_cpus=0.2) == []
+    # counted as Ray counts (1/10,000ths), not in floats: 3 x 0.4 + 0.6 + 0.2 is 2.0000000000000004 in floats
+    assert check(2, num_meshes=3, mesh_num_cpus=0.4, ingress_num_cpus=0.6) == []
+
+
 def test_the_app_hands_the_router_every_router_key_it_has():
     """A key the config takes but the app does not pass on is silently the router's default."""
     from dataclasses import fields
