@@ -175,11 +175,15 @@ class AppConfig(BaseModel):
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
         # CORS compares a browser's Origin header whole, and a browser sends scheme://host[:port] in lower case, no
-        # path: 'https://app.example/' or 'app.example' never matched one, and every browser call was refused
+        # path, no default port: 'https://app.example/', 'app.example', 'https://*.app.example' (Starlette takes '*'
+        # alone) or 'https://app.example:443' never matched one, and every browser call was refused
         for origin in value:
-            if origin not in ("*", "null") and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+", origin):
+            default_port = {"http": ":80", "https": ":443"}.get(origin.partition("://")[0])
+            if origin not in ("*", "null") and (not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s*A-Z]+", origin)
+                                                or default_port and origin.endswith(default_port)):
                 raise ValueError(f"{origin!r} is no origin a browser sends: scheme://host[:port] in lower case, no "
-                                 "path or trailing slash (e.g. 'https://app.example'), or '*'")
+                                 "path or trailing slash, no wildcard, no default port (e.g. 'https://app.example'), "
+                                 "or '*'")
         return value
 
     @field_validator("served_model_name")

@@ -124,6 +124,14 @@ def test_allowed_origins_take_what_a_browser_sends():
     assert AppConfig(allowed_origins=origins).allowed_origins == origins
 
 
+@pytest.mark.parametrize("origin", ["https://*.app.example", "https://app.example:443", "http://localhost:80"])
+def test_allowed_origins_refuse_a_wildcard_or_a_default_port(origin):
+    """CORS takes `*` alone, not in a host (Starlette compares the rest whole), and a browser leaves out the
+    scheme's default port: each passed the check and every browser call from the site was refused."""
+    with pytest.raises(ValidationError, match="no origin a browser sends"):
+        AppConfig(allowed_origins=[origin])
+
+
 def test_a_float_key_takes_an_int_and_a_pair_a_list():
     config = AppConfig(backend="simulated", time_scale=1, stream_interval_ms=5, mesh_num_cpus=2)
     assert (config.time_scale, config.stream_interval_ms, config.mesh_num_cpus) == (1.0, 5.0, 2.0)
