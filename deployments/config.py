@@ -355,9 +355,11 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
             errors += [f"{where}, {'.'.join(['args', *map(str, err['loc'])])}: "
                        f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
             continue
-        errors += [f"{where}, {problem}" for problem in check_deployments(config, app.get("deployments"))]
+        wrong = check_deployments(config, app.get("deployments"))
+        errors += [f"{where}, {problem}" for problem in wrong]
         if port_free and not ray:  # `make serve`: `serve run` starts a Ray of its own here
-            errors += [f"{where}, {problem}" for problem in _unplaceable_meshes(config)]
+            errors += [f"{where}, {problem}"
+                       for problem in _unplaceable_meshes(config, None if wrong else app.get("deployments"))]
         runtime_env = app.get("runtime_env") or {}
         env_vars = runtime_env.get("env_vars") or {} if isinstance(runtime_env, dict) else None
         if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
@@ -560,28 +562,52 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
     return None
 
 
-def _unplaceable_meshes(config: AppConfig) -> list[str]:
+def _unplaceable_meshes(config: AppConfig, deployments: list[dict] | None = None) -> list[str]:
     """Why the Ray that `serve run` starts on this machine (its CPUs, no custom resource) could never place every
-    mesh: Serve would wait for resources without end, /health 503, the cause only in its logs."""
+    replica: Serve would wait for resources without end, /health 503, the cause only in its logs. `deployments`: the
+    application's checked `deployments:` entries, whose num_replicas and ray_actor_options Serve puts in place of the
+    build's (ray_actor_options whole: without num_cpus a replica takes 1 CPU)."""
     from ray._private.utils import get_num_cpus  # what ray.init gives a Ray of its own
 
-    problems = [f"args.mesh_resources: {name} {amount:g}: `make serve` starts a Ray of its own here, which advertises "
-                "no custom resource, so no mesh could ever be placed: start one that does first, e.g. `ray start "
-                f"--head --resources='{{\"{name}\": {amount * config.num_meshes:g}}}'`, which `serve run` then joins"
-                for name, amount in config.mesh_resources.items() if amount > 0]
     from deployments.router import RouterDeployment
+
+    # per deployment: where its resources are set, its replicas, its Ray actor options
+    mesh = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}
+    placed = {"Ingress": ["args", config.ingress_replicas, {"num_cpus": config.ingress_num_cpus}],
+              "RouterDeployment": ["args", 1, RouterDeployment.ray_actor_options],
+              **{f"mesh-{i}": ["args.mesh_resources", 1, mesh] for i in range(config.num_meshes)}}
+    for i, options in enumerate(deployments or []):
+        entry = placed[options["name"]]
+        if isinstance(options.get("num_replicas"), int):  # not "auto" (autoscaled from its min_replicas)
+            entry[1] = options["num_replicas"]
+        if options.get("ray_actor_options") is not None:
+            entry[0] = f"deployments[{i}] ({options['name']}).ray_actor_options.resources"
+            entry[2] = {"num_cpus": 1, **{k: v for k, v in options["ray_actor_options"].items() if v is not None}}
 
     def units(cpus: float) -> int:  # as Ray counts them: 3 x 0.4 + 0.6 + 0.2 CPUs is 2.0000000000000004 in floats
         return round(cpus * RAY_RESOURCE_SCALE)
 
-    cpus, router = get_num_cpus(), RouterDeployment.ray_actor_options["num_cpus"]
-    needed = (config.num_meshes * units(config.mesh_num_cpus) + config.ingress_replicas
-              * units(config.ingress_num_cpus) + units(router)) / RAY_RESOURCE_SCALE
-    if needed > cpus:
-        problems.append(f"args.mesh_num_cpus: {config.num_meshes} meshes of {config.mesh_num_cpus:g} CPUs, "
-                        f"{config.ingress_replicas} ingress replicas of {config.ingress_num_cpus:g} and the router's "
-                        f"{router:g} need {needed:g} CPUs; the Ray `make serve` starts here has {cpus}, so a mesh or "
-                        "the router would never be placed")
+    asked: dict[tuple[str, str], tuple[str, float]] = {}  # (where, resource): (a deployment asking, its amount)
+    totals: dict[str, int] = {}
+    cpus_of = {"meshes": 0, "ingress replicas": 0, "router": 0}
+    for deployment, (where, replicas, actor) in placed.items():
+        kind = ("meshes" if deployment.startswith("mesh-") else "ingress replicas" if deployment == "Ingress"
+                else "router")
+        cpus_of[kind] += replicas * units(actor["num_cpus"])
+        for name, amount in (actor.get("resources") or {}).items():
+            if amount > 0:
+                asked[where, name] = "a mesh" if where == "args.mesh_resources" else deployment, amount
+                totals[name] = totals.get(name, 0) + replicas * units(amount)
+    problems = [f"{where}: {name} {amount:g}: `make serve` starts a Ray of its own here, which advertises no custom "
+                f"resource, so {who} could never be placed: start one that does first, e.g. `ray start --head "
+                f"--resources='{{\"{name}\": {totals[name] / RAY_RESOURCE_SCALE:g}}}'`, which `serve run` then joins"
+                for (where, name), (who, amount) in asked.items()]
+    cpus, needed = get_num_cpus(), sum(cpus_of.values())
+    if needed > cpus * RAY_RESOURCE_SCALE:
+        of = ", ".join(f"{kind} {amount / RAY_RESOURCE_SCALE:g}" for kind, amount in cpus_of.items())
+        problems.append(f"args.mesh_num_cpus: {config.num_meshes} meshes of {config.mesh_num_cpus:g} CPUs: the "
+                        f"application needs {needed / RAY_RESOURCE_SCALE:g} CPUs ({of}); the Ray `make serve` starts "
+                        f"here has {cpus}, so a mesh or the router would never be placed")
     return problems
 
 

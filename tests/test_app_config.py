@@ -582,10 +582,42 @@ def test_make_serve_counts_the_routers_cpus(tmp_path, monkeypatch):
         return check_serve_config(str(path), [], port_free=True)
 
     (problem,) = check(2, mesh_num_cpus=1.8, ingress_num_cpus=0.2)  # 2.2 with the router's
-    assert "args.mesh_num_cpus" in problem and "router" in problem and "need 2.2 CPUs" in problem
+    assert "args.mesh_num_cpus" in problem and "needs 2.2 CPUs (meshes 1.8, ingress replicas 0.2, router 0.2)" in problem
     assert check(2, mesh_num_cpus=1.6, ingress_num_cpus=0.2) == []
     # counted as Ray counts (1/10,000ths), not in floats: 3 x 0.4 + 0.6 + 0.2 is 2.0000000000000004 in floats
     assert check(2, num_meshes=3, mesh_num_cpus=0.4, ingress_num_cpus=0.6) == []
+
+
+def test_make_serve_places_what_the_deployments_entries_ask(tmp_path, monkeypatch):
+    """A `deployments:` entry's num_replicas and ray_actor_options take the build's place (README: `- {name:
+    Ingress, num_replicas: 3}`; the router on a `frontend` resource): the check counted the args alone, so ingress
+    replicas past the machine's CPUs or a router asking for a resource the Ray `make serve` starts lacks passed,
+    and were never placed."""
+    import socket
+
+    import ray._private.utils
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: 2)
+    with socket.socket() as s:  # a port free here
+        s.bind(("127.0.0.1", 0))
+        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
+
+    def check(*deployments: dict) -> list[str]:
+        path.write_text(yaml.safe_dump({**config, "applications": [{**config["applications"][0],
+                                                                     "deployments": list(deployments)}]}))
+        return check_serve_config(str(path), [], port_free=True)
+
+    assert check({"name": "Ingress", "num_replicas": 4}) == []  # 1 + 4 x 0.2 + 0.2
+    (problem,) = check({"name": "Ingress", "num_replicas": 5})
+    assert "needs 2.2 CPUs (meshes 1, ingress replicas 1, router 0.2)" in problem
+    (problem,) = check({"name": "RouterDeployment", "ray_actor_options": {"num_cpus": 0.2,
+                                                                        "resources": {"frontend": 0.01}}})
+    assert "deployments[0] (RouterDeployment).ray_actor_options.resources: frontend 0.01" in problem
+    assert "RouterDeployment could never be placed" in problem and """--resources='{"frontend": 0.01}'""" in problem
+    (problem,) = check({"name": "Ingress", "ray_actor_options": {}})  # Serve's 1 CPU then
+    assert "needs 2.2 CPUs (meshes 1, ingress replicas 1, router 0.2)" in problem
 
 
 def test_the_app_hands_the_router_every_router_key_it_has():
