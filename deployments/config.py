@@ -175,15 +175,17 @@ class AppConfig(BaseModel):
     @classmethod
     def _origins(cls, value: list[str]) -> list[str]:
         # CORS compares a browser's Origin header whole, and a browser sends scheme://host[:port] in lower case, no
-        # path, no default port: 'https://app.example/', 'app.example', 'https://*.app.example' (Starlette takes '*'
-        # alone) or 'https://app.example:443' never matched one, and every browser call was refused
+        # path, no default port, the host in ASCII: 'https://app.example/', 'app.example', 'https://*.app.example'
+        # (Starlette takes '*' alone), 'https://app.example:443' or 'https://bücher.example' (a browser sends
+        # https://xn--bcher-kva.example) never matched one, and every browser call was refused
         for origin in value:
             default_port = {"http": ":80", "https": ":443"}.get(origin.partition("://")[0])
             if origin not in ("*", "null") and (not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/?#\s*A-Z]+", origin)
-                                                or default_port and origin.endswith(default_port)):
+                                                or default_port and origin.endswith(default_port)
+                                                or not origin.isascii()):
                 raise ValueError(f"{origin!r} is no origin a browser sends: scheme://host[:port] in lower case, no "
-                                 "path or trailing slash, no wildcard, no default port (e.g. 'https://app.example'), "
-                                 "or '*'")
+                                 "path or trailing slash, no wildcard, no default port, a host in ASCII (punycode: "
+                                 "xn--...) (e.g. 'https://app.example'), or '*'")
         return value
 
     @field_validator("served_model_name")

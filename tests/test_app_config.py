@@ -124,10 +124,12 @@ def test_allowed_origins_take_what_a_browser_sends():
     assert AppConfig(allowed_origins=origins).allowed_origins == origins
 
 
-@pytest.mark.parametrize("origin", ["https://*.app.example", "https://app.example:443", "http://localhost:80"])
+@pytest.mark.parametrize("origin", ["https://*.app.example", "https://app.example:443", "http://localhost:80",
+                                    "https://bücher.example"])
 def test_allowed_origins_refuse_a_wildcard_or_a_default_port(origin):
     """CORS takes `*` alone, not in a host (Starlette compares the rest whole), and a browser leaves out the
-    scheme's default port: each passed the check and every browser call from the site was refused."""
+    scheme's default port and sends a host in its ASCII form (https://xn--bcher-kva.example): each passed the check
+    and every browser call from the site was refused."""
     with pytest.raises(ValidationError, match="no origin a browser sends"):
         AppConfig(allowed_origins=[origin])
 
