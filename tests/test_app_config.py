@@ -534,24 +534,35 @@ def test_make_serve_notes_a_ray_it_would_join_rather_than_start(tmp_path, monkey
     assert joined() == []
 
 
+def own_ray_check(tmp_path, monkeypatch, cpus: int | None = None):
+    """check_serve_config as `make serve` runs it with no Ray to join (it starts one here, of `cpus` CPUs; None: this
+    machine's), on the shipped config at a free port: check(*deployments entries, **args changed) -> problems."""
+    import socket
+
+    import ray._private.utils
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if cpus is not None:
+        monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: cpus)
+    with socket.socket() as s:  # a port free here
+        s.bind(("127.0.0.1", 0))
+        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
+    app = config["applications"][0]
+
+    def check(*deployments: dict, **changed) -> list[str]:
+        entries = {"deployments": list(deployments)} if deployments else {}
+        path.write_text(yaml.safe_dump({**config, "applications": [{**app, "args": {**app["args"], **changed},
+                                                                     **entries}]}))
+        return check_serve_config(str(path), [], port_free=True)
+    return check
+
+
 def test_make_serve_names_meshes_its_own_ray_could_never_place(tmp_path, monkeypatch):
     """`make serve` with no Ray to join starts one on this machine, with its CPUs and no custom resource: a mesh that
     asks for `galaxy: 1` (serve_config.simulated.yaml's) or more CPUs than the machine has passed the check, and Serve
     then waited for resources without end, /health 503, the cause only in Serve's logs."""
-    import socket
-
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with socket.socket() as s:  # a port free here
-        s.bind(("127.0.0.1", 0))
-        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
-    args = config["applications"][0]["args"]
-
-    def check(**changed) -> list[str]:
-        path.write_text(yaml.safe_dump({**config, "applications": [{**config["applications"][0],
-                                                                     "args": {**args, **changed}}]}))
-        return check_serve_config(str(path), [], port_free=True)
-
+    check = own_ray_check(tmp_path, monkeypatch)
     assert check() == []
     (problem,) = check(mesh_resources={"galaxy": 1})
     assert "args.mesh_resources: galaxy" in problem and "ray start --head --resources" in problem
@@ -566,28 +577,13 @@ def test_make_serve_names_meshes_its_own_ray_could_never_place(tmp_path, monkeyp
 def test_make_serve_counts_the_routers_cpus(tmp_path, monkeypatch):
     """The router replica takes CPUs of that Ray too (RouterDeployment's num_cpus 0.2): meshes and ingress replicas
     that fill the machine's CPUs passed the check, and the router (or a mesh) was never placed, /health 503."""
-    import socket
-
-    import ray._private.utils
-
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with socket.socket() as s:  # a port free here
-        s.bind(("127.0.0.1", 0))
-        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
-    args = config["applications"][0]["args"]
-
-    def check(cpus: int, **changed) -> list[str]:
-        monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: cpus)
-        path.write_text(yaml.safe_dump({**config, "applications": [{**config["applications"][0],
-                                                                     "args": {**args, **changed}}]}))
-        return check_serve_config(str(path), [], port_free=True)
-
-    (problem,) = check(2, mesh_num_cpus=1.8, ingress_num_cpus=0.2)  # 2.2 with the router's
-    assert "args.mesh_num_cpus" in problem and "needs 2.2 CPUs (meshes 1.8, ingress replicas 0.2, router 0.2)" in problem
-    assert check(2, mesh_num_cpus=1.6, ingress_num_cpus=0.2) == []
+    check = own_ray_check(tmp_path, monkeypatch, cpus=2)
+    (problem,) = check(mesh_num_cpus=1.8, ingress_num_cpus=0.2)  # 2.2 with the router's
+    assert "args.mesh_num_cpus" in problem
+    assert "needs 2.2 CPUs (meshes 1.8, ingress replicas 0.2, router 0.2)" in problem
+    assert check(mesh_num_cpus=1.6, ingress_num_cpus=0.2) == []
     # counted as Ray counts (1/10,000ths), not in floats: 3 x 0.4 + 0.6 + 0.2 is 2.0000000000000004 in floats
-    assert check(2, num_meshes=3, mesh_num_cpus=0.4, ingress_num_cpus=0.6) == []
+    assert check(num_meshes=3, mesh_num_cpus=0.4, ingress_num_cpus=0.6) == []
 
 
 def test_make_serve_places_what_the_deployments_entries_ask(tmp_path, monkeypatch):
@@ -595,22 +591,7 @@ def test_make_serve_places_what_the_deployments_entries_ask(tmp_path, monkeypatc
     Ingress, num_replicas: 3}`; the router on a `frontend` resource): the check counted the args alone, so ingress
     replicas past the machine's CPUs or a router asking for a resource the Ray `make serve` starts lacks passed,
     and were never placed."""
-    import socket
-
-    import ray._private.utils
-
-    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda: 2)
-    with socket.socket() as s:  # a port free here
-        s.bind(("127.0.0.1", 0))
-        config, path = shipped_config_serving_at(tmp_path, "127.0.0.1", s.getsockname()[1])
-
-    def check(*deployments: dict) -> list[str]:
-        path.write_text(yaml.safe_dump({**config, "applications": [{**config["applications"][0],
-                                                                     "deployments": list(deployments)}]}))
-        return check_serve_config(str(path), [], port_free=True)
-
+    check = own_ray_check(tmp_path, monkeypatch, cpus=2)
     assert check({"name": "Ingress", "num_replicas": 4}) == []  # 1 + 4 x 0.2 + 0.2
     (problem,) = check({"name": "Ingress", "num_replicas": 5})
     assert "needs 2.2 CPUs (meshes 1, ingress replicas 1, router 0.2)" in problem
