@@ -573,18 +573,20 @@ def _unplaceable_meshes(config: AppConfig, deployments: list[dict] | None = None
 
     from deployments.router import RouterDeployment
 
-    # per deployment: where its resources are set, its replicas, its Ray actor options
+    # per deployment (deployment_names' order): its kind, where its resources are set, its replicas, its Ray actor
+    # options
+    ingress, router, *meshes = deployment_names(config)
     mesh = {"num_cpus": config.mesh_num_cpus, "resources": config.mesh_resources}
-    placed = {"Ingress": ["args", config.ingress_replicas, {"num_cpus": config.ingress_num_cpus}],
-              "RouterDeployment": ["args", 1, RouterDeployment.ray_actor_options],
-              **{f"mesh-{i}": ["args.mesh_resources", 1, mesh] for i in range(config.num_meshes)}}
+    placed = {ingress: ["ingress replicas", "args", config.ingress_replicas, {"num_cpus": config.ingress_num_cpus}],
+              router: ["router", "args", 1, RouterDeployment.ray_actor_options],
+              **{name: ["meshes", "args.mesh_resources", 1, mesh] for name in meshes}}
     for i, options in enumerate(deployments or []):
         entry = placed[options["name"]]
         if isinstance(options.get("num_replicas"), int):  # not "auto" (autoscaled from its min_replicas)
-            entry[1] = options["num_replicas"]
+            entry[2] = options["num_replicas"]
         if options.get("ray_actor_options") is not None:
-            entry[0] = f"deployments[{i}] ({options['name']}).ray_actor_options.resources"
-            entry[2] = {"num_cpus": 1, **{k: v for k, v in options["ray_actor_options"].items() if v is not None}}
+            entry[1] = f"deployments[{i}] ({options['name']}).ray_actor_options.resources"
+            entry[3] = {"num_cpus": 1, **{k: v for k, v in options["ray_actor_options"].items() if v is not None}}
 
     def units(cpus: float) -> int:  # as Ray counts them: 3 x 0.4 + 0.6 + 0.2 CPUs is 2.0000000000000004 in floats
         return round(cpus * RAY_RESOURCE_SCALE)
@@ -592,9 +594,7 @@ def _unplaceable_meshes(config: AppConfig, deployments: list[dict] | None = None
     asked: dict[tuple[str, str], tuple[str, float]] = {}  # (where, resource): (a deployment asking, its amount)
     totals: dict[str, int] = {}
     cpus_of = {"meshes": 0, "ingress replicas": 0, "router": 0}
-    for deployment, (where, replicas, actor) in placed.items():
-        kind = ("meshes" if deployment.startswith("mesh-") else "ingress replicas" if deployment == "Ingress"
-                else "router")
+    for deployment, (kind, where, replicas, actor) in placed.items():
         cpus_of[kind] += replicas * units(actor["num_cpus"])
         for name, amount in (actor.get("resources") or {}).items():
             if amount > 0:

@@ -685,13 +685,13 @@ class OpenAIServer:
                         stopped = cut is not None  # here, not by the mesh: the router still runs it
                         reason = cut or (None if failed else event.finish_reason)
                         if reason is not None:
-                            # before any await: a client gone meanwhile is still counted
-                            timer.finish(reason, event.received)
+                            # when it reached the replica (TokenEvent.received), not when a slow client read it
+                            at = time.perf_counter() if event.received is None else event.received
+                            timer.finish(reason, at)  # before any await: a client gone meanwhile is still counted
                             if self.log_requests:
                                 log.info("Finished request %s: finish_reason %s, prompt_tokens %d, completion_tokens "
                                          "%d, cached_tokens %d, %.3f s.", rid, reason, len(prompt_ids),
-                                         len(answer.output), cached,
-                                         (event.received or time.perf_counter()) - prep.arrival)
+                                         len(answer.output), cached, at - prep.arrival)
                         if stopped and event.finish_reason is None:  # the router lets go of it with its last event
                             await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:
