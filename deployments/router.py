@@ -871,11 +871,8 @@ class Router:
                     if not mesh.wake.is_set():
                         await self._heartbeat(mesh)
                     continue
-                waker = asyncio.create_task(mesh.wake.wait())
-                try:
-                    await asyncio.wait([inflight[0], waker], return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waker.cancel()
+                if not inflight[0].done():  # an ending work sets the wake too (_consume): one future per wait, no task
+                    await mesh.wake.wait()
                 while inflight and inflight[0].done():
                     inflight.popleft().result()  # re-raises the stream's failure
         finally:
@@ -935,8 +932,11 @@ class Router:
                 raise MeshFailed(f"work {work.work_id} ended after {received} of {work.num_messages} results")
             mesh.works_done += 1
         finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
+            try:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+            finally:
+                mesh.wake.set()  # _run waits on the wake alone: this work's end, or its failure, is one
 
     def _deliver(self, out: StepEvents) -> None:
         requests = self.requests
