@@ -549,7 +549,14 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
     except (AttributeError, TypeError, ValueError):
         return None  # not a mapping: Serve names it itself (a bad port was named before this)
     ipv6 = isinstance(host, str) and ":" in host  # "::", "::1": Serve binds them; an IPv4 socket cannot
-    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET) as s:
+    try:
+        sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET)
+    except OSError as e:  # a kernel with IPv6 off (ipv6.disable=1): no IPv6 host can be bound here
+        if not ipv6:
+            raise
+        return (f"{path}: http_options.host: {host} is an IPv6 address and this machine has no IPv6 ({e.strerror}): "
+                "give 0.0.0.0, or one of its IPv4 addresses")
+    with sock as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closed one's TIME_WAIT is free
         try:
             s.bind((host, port))

@@ -505,6 +505,26 @@ def test_make_serve_checks_an_ipv6_http_host_on_ipv6(tmp_path):
     assert check_serve_config(str(path), port_free=True) == []
 
 
+def test_make_serve_names_an_ipv6_http_host_on_a_kernel_without_ipv6(tmp_path, monkeypatch):
+    """With IPv6 off in the kernel (ipv6.disable=1), the check's own socket(AF_INET6) raised, outside its try:
+    `make serve` with `http_options.host: "::"` ended in a traceback."""
+    import errno
+    import socket
+
+    real = socket.socket
+
+    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    _, path = shipped_config_serving_at(tmp_path, "::", 8000)
+    (problem,) = check_serve_config(str(path), port_free=True)
+    assert problem == (f"{path}: http_options.host: :: is an IPv6 address and this machine has no IPv6 (Address "
+                       "family not supported by protocol): give 0.0.0.0, or one of its IPv4 addresses")
+
+
 def test_make_serve_notes_a_ray_it_would_join_rather_than_start(tmp_path, monkeypatch):
     """`serve run` with no address joins RAY_ADDRESS's cluster, else the last `ray start`'s on this machine: then
     make serve's Serve settings (HAProxy, throughput mode) are not the ones that cluster runs, and Ctrl-C leaves it
