@@ -566,6 +566,9 @@ def _http_port_taken(path: str, options: dict | None) -> str | None:
             if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:  # no port helps: the host is wrong
                 return (f"{path}: http_options.host: {host} is no address of this machine ({e.strerror}): give one "
                         "of its addresses, or 0.0.0.0 for all of them")
+            if e.errno == errno.EACCES:  # a port below 1024 without root: nothing holds it
+                return (f"{path}: http_options.port: {port} needs root here ({e.strerror}): set a port of 1024 or "
+                        "more, or give the server the right to bind it (CAP_NET_BIND_SERVICE)")
             return (f"{path}: http_options: {host}:{port} cannot be bound ({e.strerror}): stop what holds it (another "
                     "`make serve`?) or set another http_options.port")
     return None

@@ -525,6 +525,25 @@ def test_make_serve_names_an_ipv6_http_host_on_a_kernel_without_ipv6(tmp_path, m
                        "family not supported by protocol): give 0.0.0.0, or one of its IPv4 addresses")
 
 
+def test_make_serve_names_a_privileged_http_port(tmp_path, monkeypatch):
+    """A port below 1024 that a user without root may not bind was "cannot be bound (Permission denied): stop what
+    holds it (another `make serve`?)": nothing holds it."""
+    import errno
+    import socket
+
+    class Unprivileged(socket.socket):
+        def bind(self, address):
+            if address[1] < 1024:
+                raise PermissionError(errno.EACCES, "Permission denied")
+            return super().bind(address)
+
+    monkeypatch.setattr(socket, "socket", Unprivileged)
+    _, path = shipped_config_serving_at(tmp_path, "127.0.0.1", 80)
+    (problem,) = check_serve_config(str(path), port_free=True)
+    assert problem == (f"{path}: http_options.port: 80 needs root here (Permission denied): set a port of 1024 or "
+                       "more, or give the server the right to bind it (CAP_NET_BIND_SERVICE)")
+
+
 def test_make_serve_notes_a_ray_it_would_join_rather_than_start(tmp_path, monkeypatch):
     """`serve run` with no address joins RAY_ADDRESS's cluster, else the last `ray start`'s on this machine: then
     make serve's Serve settings (HAProxy, throughput mode) are not the ones that cluster runs, and Ctrl-C leaves it
