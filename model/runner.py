@@ -61,7 +61,8 @@ class SlotState:
     def stops_masked(self) -> bool:
         """This step masks the stop ids (banned_early): min_tokens are not generated yet. min_tokens first: it is
         nearly always 0, and a tensor's len() is a Python call (~2 us, per slot per step: sample_on_device)."""
-        return self.params.min_tokens > self.num_generated and len(self.banned_early) > 0
+        min_tokens = self.params.min_tokens
+        return min_tokens > 0 and min_tokens > self.num_generated and len(self.banned_early) > 0
 
     @property
     def sample_on_device(self) -> bool:
@@ -70,9 +71,10 @@ class SlotState:
         return self.on_device and not self.stops_masked
 
     def finish_reason(self, token: int) -> str | None:
-        if token in self.stop_ids and self.num_generated >= self.params.min_tokens:
+        generated, params = len(self.token_ids) - self.num_prompt_tokens, self.params  # every slot, every step
+        if token in self.stop_ids and generated >= params.min_tokens:
             return "stop"
-        if self.num_generated >= self.params.max_tokens:
+        if generated >= params.max_tokens:
             return "length"
         return None
 
