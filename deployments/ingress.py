@@ -33,7 +33,8 @@ from deployments.client_gone import ClientGone
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
 from deployments.errors import APIError, unavailable, validation_error
 from deployments.gc_heap import freeze_gc_heap
-from deployments.large_body import OFF_LOOP_BYTES, OffLoopBody, is_json, load, off_loop, read_body, validate
+from deployments.large_body import (OFF_LOOP_BYTES, OffLoopBody, is_json, load, not_utf8, off_loop, read_body,
+                                   validate)
 from deployments.openai_server import GRAMMAR_THREADS, MODEL_LEN_WAIT_S, SSE_KEEPALIVE_S, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, ModelPermission, TokenizeRequest,
@@ -250,6 +251,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's parse of a body that is not UTF-8: its bare 400
+            return not_utf8().response()
         headers = exc.headers
         if exc.status_code == 405:  # Starlette's Allow names the first route at the path only (GET+POST /tokenize)
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}

@@ -314,6 +314,21 @@ def test_a_body_that_is_no_json_object_is_told_so(client, path, content, headers
     assert "JSON object" in error["message"] or "not valid JSON" in error["message"], error
 
 
+@pytest.mark.parametrize("pad", [0, 70_000])  # FastAPI's parse, and large_body's past OFF_LOOP_BYTES
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations",
+                                  "/tokenize"])
+def test_a_body_that_is_not_utf8_is_told_so(client, router, path, pad):
+    """JSON is UTF-8 (RFC 8259 8.1: no charset parameter is defined for it, and none is read here, as none is in
+    FastAPI or vLLM). A body in Latin-1, as a client that names `charset=iso-8859-1` sends it, was FastAPI's bare
+    "There was an error parsing the body", which says nothing of what to send instead."""
+    latin1 = {"content-type": "application/json; charset=iso-8859-1"}
+    body = b'{"model": "smollm2", "prompt": "caf\xe9", "user": "' + b"u" * pad + b'"}'
+    error = assert_error(client.post(path, content=body, headers=latin1), 400)
+    assert "UTF-8" in error["message"], error
+    assert router.requests == {}
+    assert client.post("/v1/completions", content=json.dumps(COMPLETION).encode(), headers=latin1).status_code == 200
+
+
 def test_vllm_sampling_extras_reach_the_sampler(client, router):
     client.post("/v1/completions", json={**COMPLETION, "min_p": 0.25, "skip_special_tokens": False})
     client.post("/v1/completions", json={**COMPLETION, "min_p": 0.25, "temperature": 0})
