@@ -33,7 +33,7 @@ PREFIXES = [[_rng.randrange(VOCAB) for _ in range(28)] for _ in range(3)]  # sha
 
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([2, 4]), align_blocks=st.sampled_from([1, 2]),
-                kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 3), extra_blocks=st.integers(0, 12), chunk_aligns=st.integers(1, 3),
+                kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 3), extra_blocks=st.integers(-8, 12), chunk_aligns=st.integers(1, 3),
                 budget_aligns=st.integers(1, 4), decode_steps=st.integers(1, 4), max_inflight=st.integers(1, 3),
                 watermark=st.integers(0, 2), queue_limit=st.sampled_from([None, 3]),
                 token_limit=st.sampled_from([None, 30]), shared_aligns=st.integers(1, 4))
@@ -41,7 +41,8 @@ class SchedulerMachine(RuleBasedStateMachine):
               decode_steps, max_inflight, watermark, queue_limit, token_limit, shared_aligns):
         align = block_size * align_blocks
         num_slots = kv_groups * slots_per_group
-        num_blocks = blocks_for(MAX_SEQ_LEN, block_size) + extra_blocks
+        # below 0: a pool smaller than max_seq_len (a Galaxy column's, sized by num_blocks): its limit rules
+        num_blocks = max(blocks_for(MAX_SEQ_LEN, block_size) + extra_blocks, 2)
         def make_mesh() -> tuple[MeshScheduler, FakeMesh]:
             sched = MeshScheduler(
                 num_blocks=num_blocks, block_size=block_size, kv_groups=kv_groups, num_slots=num_slots,
@@ -87,16 +88,16 @@ class SchedulerMachine(RuleBasedStateMachine):
         try:
             seq = self.sched.submit(rid, prompt, params, salt)
         except PromptTooLong:
-            assert len(prompt) >= MAX_SEQ_LEN
+            assert len(prompt) >= self.sched.max_tokens_per_seq
             return
         except QueueFull:
-            assert queue_full and len(prompt) < MAX_SEQ_LEN
+            assert queue_full and len(prompt) < self.sched.max_tokens_per_seq
             return
         except ValueError:
             assert not prompt
             return
-        assert prompt and len(prompt) < MAX_SEQ_LEN and not queue_full
-        assert len(prompt) + seq.params.max_tokens <= MAX_SEQ_LEN
+        assert prompt and len(prompt) < self.sched.max_tokens_per_seq and not queue_full
+        assert len(prompt) + seq.params.max_tokens <= self.sched.max_tokens_per_seq
         self.expected[rid] = reference_output(prompt, seq.params, seq.stop_token_ids)
         self.outputs[rid] = []
         self.seqs[rid] = seq
@@ -183,7 +184,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def move_here(self, prefix, prefix_len, tail, max_tokens, salt, scored=False):
         """The router moves another mesh's request here on seats()'s word: the next schedule must seat it."""
         prompt = PREFIXES[prefix][:prefix_len] + tail
-        if not prompt or len(prompt) >= MAX_SEQ_LEN:
+        if not prompt or len(prompt) >= self.sched.max_tokens_per_seq:
             return
         rid = f"r{self.submitted}"
         self.submitted += 1
