@@ -1053,6 +1053,7 @@ class OpenAIServer:
         # Most chunks carry text alone: they come from a template per choice (see ChunkTemplate).
         templated = tool_streams is None and not logprobs and not ids and reply.prompt_logprobs is None
         templates: dict[int, ChunkTemplate] = {}
+        scored_sent = False  # chat: the prompt's logprobs went out (with the first content chunk to carry them)
 
         def text_chunk(d: ChoiceDelta) -> str:
             template = templates.get(d.index)
@@ -1081,6 +1082,8 @@ class OpenAIServer:
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)
             while d is not None:
                 generated[d.index] = d.num_generated
+                if chat and scored_sent and d.prompt_logprobs is not None:  # the response's, not a choice's: once,
+                    d.prompt_logprobs = None  # as a whole answer has them (each choice scored the prompt)
                 if d.num_cached and d.index % reply.n == 0:  # a prompt's cache hit, counted once
                     cached[d.index // reply.n] = d.num_cached
                 if templated and d.text and d.finish_reason is None and not echo[d.index]:
@@ -1097,6 +1100,7 @@ class OpenAIServer:
                         if chat and reply.prompt_logprobs is not None:
                             scored = await self.sized(size, self.prompt_logprobs_of, d.prompt_logprobs,
                                                       reply.prompt_logprobs, as_ids, bulk=False)
+                            scored_sent = True
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
                             and c.logprobs is None and c.token_ids is None and scored is None):  # a tool call's text
                         # is held back: no empty chunk per token, unless it carries the tokens asked for

@@ -853,7 +853,7 @@ class ChatCompletionChunk(_TokenIds):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = None  # vLLM's return_token_ids: in each choice's first (role) chunk only
-    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked: with the first choice's first content chunk
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked: once, with the first content chunk
 
 
 class CompletionChoice(_TokenIds):

@@ -206,3 +206,14 @@ def test_a_token_after_a_character_left_unfinished_starts_after_its_replacement(
         assert text == written + written and offsets == mine + [len(written) + o for o in mine]
     else:
         assert text == written and offsets == mine
+
+
+def test_a_chat_stream_of_n_choices_carries_its_prompts_logprobs_once(client):
+    """Chat's prompt_logprobs belong to the response, not a choice: a whole answer carries them once, and so must a
+    stream of n choices (each choice's first content chunk carried them: n copies of the prompt's, a 128k-token
+    prompt's millions of entries each)."""
+    body = {**CHAT, "n": 3, "max_tokens": 2, "prompt_logprobs": 1}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert [c["prompt_logprobs"] for c in chunks if "prompt_logprobs" in c] == [whole["prompt_logprobs"]]
+    assert {ch["index"] for c in chunks for ch in c["choices"] if ch["delta"].get("content")} == {0, 1, 2}
