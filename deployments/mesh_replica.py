@@ -155,14 +155,16 @@ class MeshReplica:
             done = self.worker.submit(self._run, work, deadline, loop, results, generation)
             self.next_work_id = work.work_id + 1
             self.turn.notify_all()
+        answered = False
         try:
             for _ in range(work.num_messages):
                 item = await results.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
+            answered = True  # a work of no message (a heartbeat) too: its release must run before its end is sent
         finally:
-            if not done.cancel():  # one that has not started is dropped (the router gave up on it)
+            if answered or not done.cancel():  # one that has not started is dropped (the router gave up on it)
                 await asyncio.wrap_future(done)
 
     async def link_address(self) -> LinkAddress:

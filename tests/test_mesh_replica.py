@@ -93,6 +93,24 @@ def test_a_work_whose_turn_has_come_goes_to_the_worker_thread_in_the_loop_pass_t
     asyncio.run(main())
 
 
+def test_a_heartbeat_drops_the_slots_it_releases_before_it_is_answered(replica):
+    """A heartbeat is a work of no message that carries the slots a cancel freed on an idle mesh (Router._heartbeat).
+    With no message to wait for, its loop ended at once, and the work, not started yet on the worker thread, was
+    dropped as one the router gave up on: the slot kept a gone request's state (its grammar matcher, penalty counts,
+    token history) until a prefill took the slot."""
+    async def main():
+        await replica.reset()
+        assert len(await drain(replica, prefill(0, slot=3))) == 1 and 3 in replica.runner.slots
+        gate = threading.Event()
+        replica.worker.submit(gate.wait)  # the worker thread is still busy when the heartbeat comes
+        heartbeat = asyncio.create_task(drain(replica, MeshWork(1, release=[3])))
+        await asyncio.sleep(0)  # the heartbeat's execute runs up to its first wait
+        gate.set()
+        assert await heartbeat == []
+        assert replica.runner.slots == {}  # answered: its release has been applied
+    asyncio.run(main())
+
+
 def test_after_a_device_error_the_replica_runs_nothing_and_stays_down(replica, monkeypatch):
     """A failed device takes no more work, not even a reset, until Serve restarts the replica (the router
     keeps the mesh down meanwhile): it would only fail the requests moved onto it."""
