@@ -10,8 +10,10 @@ request's solo run (`solo`). After every rule: each request has at most one end 
 so far are its solo run's (a logprob each), a 429 comes only at a queue limit, a 503 only after no_mesh_wait_s, a
 500 (MeshFailures) only after two faults that could have failed a mesh computing it, and the router's maps, its held
 queue and every mesh's scheduler agree (no request lost between them, no slot or block leaked, streams under way
-queued first). At the end, with every mesh back: every request ended, the router holds none, every block is free or
-a cached prefix whose KV the mesh really holds, and nothing raised in the router's tasks or callbacks.
+queued first), and a mesh with no work out keeps slot state only for the requests seated there (each release reached
+it). At the end, with every mesh back: every request ended, the router holds none, every block is free or a cached
+prefix whose KV the mesh really holds, no mesh keeps a slot's state, and nothing raised in the router's tasks or
+callbacks.
 
 ROUTER_FSM_EXAMPLES=n searches n random examples instead of CI's fixed ones; ROUTER_FSM_STATS=1 prints what each did.
 """
@@ -489,7 +491,7 @@ class RouterMachine(RuleBasedStateMachine):
                 assert rid not in router.held
         assert set(router.held) <= set(router.requests)
         assert router.held_tokens == sum(len(r.prompt_ids) + len(r.held_output) for r in router.held.values())
-        for mesh in router.meshes:
+        for mesh, local in zip(router.meshes, self.meshes):
             if not mesh.up:
                 continue
             sched = mesh.scheduler
@@ -497,6 +499,9 @@ class RouterMachine(RuleBasedStateMachine):
                 req = router.requests.get(rid)
                 assert req is not None and req.mesh is mesh, f"{mesh.name} schedules {rid}, the router does not"
             _check_pools(sched)
+            if mesh.incarnation == local.incarnation and not (sched.inflight or sched.pending_release
+                                                              or mesh.heartbeat_out):
+                _check_mesh_slots(mesh.name, sched, local.runner)
         for rid, req in self.tracked.items():  # one the router let go has its end, or has it on the way
             if not req.ends and rid not in router.requests:
                 sink = router.sinks.get(req.consumer)
@@ -515,6 +520,7 @@ class RouterMachine(RuleBasedStateMachine):
         for _ in range(1500):
             if all(r.ends for r in self.tracked.values()) and not router.requests and all(
                     m.up and not m.scheduler.inflight and m.incarnation == local.incarnation  # a replaced idle one seen
+                    and not local.runner.slots and not local.runner._prefilled._ids  # the last releases reached it
                     for m, local in zip(router.meshes, self.meshes)):
                 break
             self.run_for(0.01)
@@ -530,6 +536,7 @@ class RouterMachine(RuleBasedStateMachine):
             assert sched.kv.num_free_slots == sched.num_slots
             for group in sched.kv.groups:
                 assert group.pool.num_used == 0, f"{mesh.name} group {group.index} leaks blocks"
+            assert not local.runner.slots and not local.runner._prefilled._ids, f"{mesh.name} keeps slot state"
             self._check_cached_kv(sched, local.runner.backend)
         for task in router.tasks:
             assert not task.done(), f"a router task ended: {task}"
@@ -551,6 +558,18 @@ class RouterMachine(RuleBasedStateMachine):
                 h = pool.block_hash[block]
                 assert h in blocks, f"cached block {block} is named by a digest of no request's tokens"
                 assert backend.kv[group.index, block].tolist() == blocks[h], f"cached block {block} holds other KV"
+
+
+def _check_mesh_slots(name: str, sched: MeshScheduler, runner: MeshRunner) -> None:
+    """With no work out and no release pending, the mesh keeps a slot's state (its sampling, grammar and penalty state,
+    its prefill's history) only for the request the scheduler seats there: every cancel's release reached it."""
+    seated = {seq.slot: seq for seq in sched.running.values()}
+    for slot, state in runner.slots.items():
+        seq = seated.get(slot)
+        assert seq is not None and seq.request_id == state.request_id, \
+            f"{name} keeps slot {slot}'s state for {state.request_id}; the router seats {seq and seq.request_id} there"
+    for slot in runner._prefilled._ids:
+        assert slot in seated and not seated[slot].live, f"{name} keeps slot {slot}'s prefill history"
 
 
 def _check_pools(sched: MeshScheduler) -> None:
