@@ -1105,6 +1105,14 @@ class OpenAIServer:
                             and c.logprobs is None and c.token_ids is None and scored is None):  # a tool call's text
                         # is held back: no empty chunk per token, unless it carries the tokens asked for
                         usage = self._usage(*running(d)) if reply.continuous_usage else None
+                        if chat and c.delta.tool_calls and len(c.delta.tool_calls) > 1:
+                            # one call a chunk, as OpenAI and vLLM stream them: LlamaIndex reads a delta's first
+                            # call only, and lost the others' ids and names (calls that came in one router event)
+                            *before, last = c.delta.tool_calls
+                            for call in before:
+                                yield chunk([ChatChunkChoice(index=c.index, delta=DeltaMessage(tool_calls=[call]))],
+                                            usage)
+                            c.delta.tool_calls = [last]
                         if chat and c.finish_reason is not None and c.delta.tool_calls:
                             # the finish in a chunk of its own, as OpenAI's: openai-python's stream helper says a
                             # call is done at the finish only if its deltas came before (a call in the finish chunk

@@ -1398,6 +1398,26 @@ def test_openai_sdks_stream_helper_pieces_streamed_calls_together(client, router
         ("function", "get_weather", {"city": "Oslo"}), ("function", "get_weather", {"city": "Rome"})]
 
 
+@pytest.mark.parametrize("answer", [CALL_TEXT + "; " + CALL_TEXT.replace("Oslo", "Rome"),
+                                    # "parameters" first: not streamed, both calls come at the end
+                                    '{"parameters": {"city": "Oslo"}, "name": "get_weather"}; '
+                                    '{"parameters": {"city": "Rome"}, "name": "get_weather"}'])
+def test_a_chunk_carries_one_call_as_openai_and_vllm_stream_them(client, router, tokenizer, eos, answer):
+    """Two calls whose pieces came in one router event (merged to its flush) went out in one chunk's `tool_calls`:
+    LlamaIndex's OpenAI and OpenAILike read a delta's first call only ("openai provides chunks consisting of
+    tool_call deltas one tool at a time", llama_index.llms.openai.utils.update_tool_calls), so its agents lost
+    the second call's id and name."""
+    router.answer = tokenizer.encode(answer) + [eos]
+    router.merge = len(router.answer)  # the whole answer in one event
+    chunks = sse(client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL], "stream": True}))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert all(len(d.get("tool_calls") or ()) <= 1 for d in deltas), deltas
+    firsts = [d["tool_calls"][0] for d in deltas if d.get("tool_calls")]  # what LlamaIndex reads
+    assert [(tc["index"], tc["function"]["name"], json.loads(tc["function"]["arguments"])) for tc in firsts] == [
+        (0, "get_weather", {"city": "Oslo"}), (1, "get_weather", {"city": "Rome"})]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_call_cut_by_a_stop_string_does_not_finish_as_tool_calls(client, router, tokenizer, eos, stream):
     """Its arguments are no JSON to run: the finish stays "stop" (with the stop string), as a max_tokens cut
