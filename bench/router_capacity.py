@@ -488,6 +488,8 @@ async def measure(num_meshes: int, seconds: float = 10.0, warmup_s: float = 3.0,
         per_mesh.append({"name": m.name, "busy": device / wall, "starved": starved / wall,
                          "overrun": max(working - device, 0.0) / wall, "cpu": cpu / wall})
     busy = [p["busy"] for p in per_mesh]
+    # a failed request is no load: a mesh process given no work never reports the time it waited for one
+    errors = ([m.failure for m in meshes if isinstance(m, ProcessMesh) and m.failure] + consumers.errors)[:5]
     window_lags = sorted(lags[lag0:]) or [0.0]
     return {
         "meshes": num_meshes, "seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
@@ -502,8 +504,9 @@ async def measure(num_meshes: int, seconds: float = 10.0, warmup_s: float = 3.0,
         "starved_mean": sum(p["starved"] for p in per_mesh) / len(per_mesh),
         "starved_max": max(p["starved"] for p in per_mesh),
         "overrun_mean": sum(p["overrun"] for p in per_mesh) / len(per_mesh),
-        "kept_busy": min(busy) >= BUSY_BAR, "kept_fed": max(p["starved"] for p in per_mesh) <= 1 - BUSY_BAR,
-        "errors": ([m.failure for m in meshes if isinstance(m, ProcessMesh) and m.failure] + consumers.errors)[:5],
+        "kept_busy": not errors and min(busy) >= BUSY_BAR,
+        "kept_fed": not errors and max(p["starved"] for p in per_mesh) <= 1 - BUSY_BAR,
+        "errors": errors,
         "per_mesh": per_mesh,
     }
 
@@ -520,6 +523,8 @@ def largest_kept_busy(results: list[dict], key: str = "kept_busy") -> int:
 
 def limit(r: dict) -> str:
     """What held the meshes back in one run, in words."""
+    if r["errors"]:
+        return f"requests failed: {r['errors'][0]}"
     if r["kept_busy"]:
         return "-"
     if r["starved_mean"] >= r["overrun_mean"]:

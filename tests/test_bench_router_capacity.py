@@ -127,3 +127,15 @@ def test_a_mesh_process_that_cannot_start_ends_the_run_at_once_naming_it():
     that the meshes never came up."""
     with pytest.raises(RuntimeError, match="mesh-0"):
         asyncio.run(asyncio.wait_for(rc.measure(1, mesh_mode="processes", **{**TINY, "num_slots": 3}), 30))
+
+
+def test_a_run_whose_requests_failed_is_neither_busy_nor_fed_and_says_why():
+    """Every request refused (a prompt past max_seq_len): a mesh process given no work reports no starved time, so
+    the run counted as kept fed (`largest_kept_fed` 1) and its limit read "router: late (needs 28742217.21 cores
+    ...)"; the errors were only in --json."""
+    r = asyncio.run(rc.measure(1, **{**TINY, "seconds": 0.3, "warmup_s": 0.2, "prompt_tokens": 5000}))
+    assert "PromptTooLong" in r["errors"][0]
+    assert not r["kept_busy"] and not r["kept_fed"]
+    r["limit"] = rc.limit(r)
+    assert r["limit"].startswith("requests failed") and "PromptTooLong" in r["limit"]
+    assert rc.largest_kept_busy([r], "kept_fed") == 0
