@@ -551,7 +551,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="threads: do not pickle StepResults; either: do not pickle messages to consumers")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    ns = sorted({int(n) for n in args.meshes.split(",")})
+    try:
+        ns = sorted({int(n) for n in args.meshes.split(",")})
+    except ValueError:
+        p.error(f"--meshes: comma-separated whole numbers, not {args.meshes!r}")
     # a value out of these failed deep in a run (division by zero, an empty mesh list, a mesh that cannot start)
     for flag, ok, rule in [("--meshes", ns[0] >= 1, "each at least 1"),
                            ("--seconds", 0 < args.seconds < math.inf, "more than 0"),

@@ -129,6 +129,14 @@ def test_a_mesh_process_that_cannot_start_ends_the_run_at_once_naming_it():
         asyncio.run(asyncio.wait_for(rc.measure(1, mesh_mode="processes", **{**TINY, "num_slots": 3}), 30))
 
 
+@pytest.mark.parametrize("meshes", ["abc", "1,,2", ""])
+def test_a_mesh_list_that_is_not_numbers_is_a_usage_error(meshes, capsys):
+    """It was int()'s ValueError traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        rc.main(["--meshes", meshes])
+    assert exit_.value.code == 2 and "--meshes" in capsys.readouterr().err
+
+
 def test_a_run_whose_requests_failed_is_neither_busy_nor_fed_and_says_why():
     """Every request refused (a prompt past max_seq_len): a mesh process given no work reports no starved time, so
     the run counted as kept fed (`largest_kept_fed` 1) and its limit read "router: late (needs 28742217.21 cores
