@@ -29,6 +29,7 @@ from bench import args as arg_types
 from bench.local_serve import serve_app
 from bench.saturation import Marks, distinct_prompts, drive, steady_window, users_per_mesh
 from deployments.config import AppConfig
+from model.galaxy import NUM_SLOTS
 from model.simulated import GalaxyTiming
 
 SLACK_S = 0.050  # what a flush may add to a step (the bar's 50 ms)
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="simulated mesh slowdown (8: 1/8 of a Galaxy)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    if args.streams > args.meshes * NUM_SLOTS:  # a stream past every slot waits for another to end
+        p.error(f"argument --streams: at most {NUM_SLOTS} per mesh ({args.meshes * NUM_SLOTS} for {args.meshes}), "
+                f"not {args.streams}: past the slots no moment has every stream decoding")
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints its shutdown notices there: keep --json clean
         report = measure(args.meshes, args.streams, args.output_tokens, args.prompt_tokens, args.time_scale)
     if args.json:

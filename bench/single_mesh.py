@@ -26,6 +26,7 @@ from bench import args as arg_types
 from bench.local_serve import serve_app
 from bench.saturation import capacity_tokens_per_s, distinct_prompts, drive, steady_window, stream
 from deployments.config import AppConfig
+from model.galaxy import NUM_SLOTS
 from model.simulated import GalaxyTiming
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -56,7 +57,9 @@ async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float)
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--time-scale", type=arg_types.time_scale, default=1.0)
-    p.add_argument("--clients", type=arg_types.count(), default=32)
+    p.add_argument("--clients", type=arg_types.count(1, NUM_SLOTS), default=32,
+                   help=f"at most the mesh's {NUM_SLOTS} slots: past them a client waits for another to end, so "
+                        "no moment has every client decoding")
     p.add_argument("--prompt-tokens", type=arg_types.count(), default=128)
     p.add_argument("--output-tokens", type=arg_types.count(), default=128)
     p.add_argument("--ttft-requests", type=arg_types.count(), default=20)

@@ -19,6 +19,10 @@ CASES = [
     ("single_mesh", ["--time-scale", "0"], "--time-scale"),
     ("single_mesh", ["--decode-steps", "500"], "--decode-steps"),
     ("single_mesh", ["--clients", "0"], "--clients"),
+    # past a mesh's 32 slots no moment has every stream decoding: "no steady window ... ask for more output tokens"
+    # (a traceback after the whole run, and more output tokens never help)
+    ("single_mesh", ["--clients", "33"], "--clients"),
+    ("chunk_gap", ["--meshes", "2", "--streams", "65"], "--streams"),
     ("scaleout", ["--time-scale-per-mesh", "0"], "--time-scale-per-mesh"),
     ("scaleout", ["--meshes", "8", "--time-scale-per-mesh", "200"], "--time-scale-per-mesh"),  # 8 x 200 > 1000
     ("scaleout", ["--ingress-replicas", "0"], "--ingress-replicas"),
