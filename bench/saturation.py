@@ -45,9 +45,14 @@ async def stream(http: httpx.AsyncClient, url: str, model: str, prompt: list[int
     return marks
 
 
+PROMPT_IDS = range(1000, 49152)  # below SmolLM2's vocabulary size, the model the benchmarks serve: past it, a 400
+
+
 def distinct_prompts(count: int, length: int, first_id: int = 1000) -> list[list[int]]:
-    """Token-id prompts whose first tokens differ, so no two share a cached prefix block."""
-    return [[first_id + 97 * c + i for i in range(length)] for c in range(count)]
+    """Token-id prompts whose first tokens differ, so no two share a cached prefix block. Ids wrap around
+    within PROMPT_IDS (97 and its length are coprime: first tokens differ up to 48,152 prompts)."""
+    low, span = PROMPT_IDS.start, len(PROMPT_IDS)
+    return [[low + (first_id - low + 97 * c + i) % span for i in range(length)] for c in range(count)]
 
 
 async def drive(url: str, model: str, prompts: list[list[int]], max_tokens: int,

@@ -67,6 +67,21 @@ def test_distinct_prompts_share_no_first_token():
     assert len({p[0] for p in prompts}) == 256
 
 
+@pytest.mark.parametrize("count, length, first_id", [(512, 128, 1000), (2, 50_000, 1000), (100, 128, 40000)])
+def test_distinct_prompts_stay_in_the_served_vocabulary(count, length, first_id):
+    """Ids ran on past SmolLM2's 49,152 (1000 + 97 x 511 + 127 for 512 prompts; a 50,000-token prompt; chunk_gap's
+    warm-up of 100 meshes), and the server answers such a prompt with a 400: bench.cpu --streams 497, chunk_gap
+    --meshes 16 --streams 512, --prompt-tokens 50000 ended in an HTTPStatusError traceback once Ray had started."""
+    prompts = distinct_prompts(count, length, first_id)
+    assert all(0 <= t < 49152 for p in prompts for t in p)
+    assert len({p[0] for p in prompts}) == count and all(len(p) == length for p in prompts)
+
+
+def test_distinct_prompts_are_those_of_earlier_runs_where_they_fit():
+    assert distinct_prompts(2, 3) == [[1000, 1001, 1002], [1097, 1098, 1099]]
+    assert distinct_prompts(1, 2, first_id=30000) == [[30000, 30001]]
+
+
 def test_a_stream_that_ends_in_an_error_fails_the_run():
     """Its marks came back as a short stream: the steady window ended at the failure and every figure (tok/s,
     efficiency, gaps, CPU per token) was taken over it with no word of a failed request."""
