@@ -46,7 +46,7 @@ async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float)
     ttfts = []
     async with httpx.AsyncClient(timeout=600) as http:
         for i in range(requests):
-            marks = await stream(http, url, MODEL, [2000 + 13 * i + j for j in range(prompt_len)], 4)
+            marks = await stream(http, url, MODEL, distinct_prompts(1, prompt_len, first_id=2000 + 13 * i)[0], 4)
             ttfts.append(marks[1][0] - marks[0][0])
     prefill = GalaxyTiming.published().prefill_seconds(0, prompt_len) * time_scale
     median = statistics.median(ttfts)

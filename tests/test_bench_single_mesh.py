@@ -41,3 +41,20 @@ def test_json_is_all_that_goes_to_stdout(monkeypatch, capsys):
     monkeypatch.setattr(single_mesh, "idle_ttft", figures)
     single_mesh.main(["--json"])
     assert json.loads(capsys.readouterr().out)["idle_ttft"] == {"figure": 1.0}
+
+
+def test_idle_ttft_prompts_stay_in_the_served_vocabulary(monkeypatch):
+    """Its prompts were 2000 + 13 x request + position: past SmolLM2's 49,152 ids from --prompt-tokens ~47,000 on,
+    a 400 and an HTTPStatusError traceback in the warm-up, once Ray had started. Where they fit they are as before."""
+    sent = []
+
+    async def stream(http, url, model, prompt, max_tokens):
+        sent.append(prompt)
+        return [(0.0, 0), (0.1, 1)]
+
+    monkeypatch.setattr(single_mesh, "stream", stream)
+    asyncio.run(single_mesh.idle_ttft("http://unused", 2, 50_000, 1.0))
+    assert all(0 <= t < 49152 for p in sent for t in p) and len({p[0] for p in sent}) == 2
+    sent.clear()
+    asyncio.run(single_mesh.idle_ttft("http://unused", 2, 3, 1.0))
+    assert sent == [[2000, 2001, 2002], [2013, 2014, 2015]]
