@@ -42,11 +42,14 @@ async def saturation(url: str, clients: int, prompt_len: int, output_len: int, t
             "efficiency": window.tokens_per_s / capacity, "whole_run_tokens_per_s": total / wall, "whole_run_s": wall}
 
 
-async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float) -> dict:
+async def idle_ttft(url: str, requests: int, prompt_len: int, time_scale: float, first_id: int = 1048) -> dict:
+    """`first_id`: the prompts are distinct_prompts' from it. Those from 1048 (timed) and 1024 (the warm-up) lie
+    between the saturation run's first tokens (1000 + 97 x client) and each other's, so no request finds its prompt
+    cached, which would time a shorter prefill than the one it is compared with."""
     ttfts = []
     async with httpx.AsyncClient(timeout=600) as http:
-        for i in range(requests):
-            marks = await stream(http, url, MODEL, distinct_prompts(1, prompt_len, first_id=2000 + 13 * i)[0], 4)
+        for prompt in distinct_prompts(requests, prompt_len, first_id):
+            marks = await stream(http, url, MODEL, prompt, 4)
             ttfts.append(marks[1][0] - marks[0][0])
     prefill = GalaxyTiming.published().prefill_seconds(0, prompt_len) * time_scale
     median = statistics.median(ttfts)
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                        max_seq_len=131072)
     # Ray prints its shutdown notices on stdout: keep --json clean
     with contextlib.redirect_stdout(sys.stderr), serve_app(config) as url:
-        asyncio.run(idle_ttft(url, 3, args.prompt_tokens, args.time_scale))  # warm-up
+        asyncio.run(idle_ttft(url, 3, args.prompt_tokens, args.time_scale, first_id=1024))  # warm-up
         report = {"config": {"time_scale": args.time_scale, "decode_steps": args.decode_steps,
                              "stream_interval_ms": args.stream_interval_ms},
                   "saturation": asyncio.run(saturation(url, args.clients, args.prompt_tokens, args.output_tokens,

@@ -33,7 +33,7 @@ def test_json_is_all_that_goes_to_stdout(monkeypatch, capsys):
         print("(raylet) Task ServeController.graceful_shutdown failed.")  # as Ray's log monitor prints
         yield "http://unused"
 
-    async def figures(*args):
+    async def figures(*args, **kwargs):
         return {"figure": 1.0}
 
     monkeypatch.setattr(single_mesh, "serve_app", serve_app)
@@ -45,7 +45,7 @@ def test_json_is_all_that_goes_to_stdout(monkeypatch, capsys):
 
 def test_idle_ttft_prompts_stay_in_the_served_vocabulary(monkeypatch):
     """Its prompts were 2000 + 13 x request + position: past SmolLM2's 49,152 ids from --prompt-tokens ~47,000 on,
-    a 400 and an HTTPStatusError traceback in the warm-up, once Ray had started. Where they fit they are as before."""
+    a 400 and an HTTPStatusError traceback in the warm-up, once Ray had started."""
     sent = []
 
     async def stream(http, url, model, prompt, max_tokens):
@@ -55,6 +55,31 @@ def test_idle_ttft_prompts_stay_in_the_served_vocabulary(monkeypatch):
     monkeypatch.setattr(single_mesh, "stream", stream)
     asyncio.run(single_mesh.idle_ttft("http://unused", 2, 50_000, 1.0))
     assert all(0 <= t < 49152 for p in sent for t in p) and len({p[0] for p in sent}) == 2
-    sent.clear()
-    asyncio.run(single_mesh.idle_ttft("http://unused", 2, 3, 1.0))
-    assert sent == [[2000, 2001, 2002], [2013, 2014, 2015]]
+
+
+def test_timed_ttft_prompts_share_no_prefix_with_the_warm_up_or_the_saturation_run(monkeypatch, capsys):
+    """The warm-up's 3 prompts were the timed requests' first 3, and timed request 35 was saturation client 15's
+    prompt (2000 + 13 x 35 = 1000 + 97 x 15): prefix-cache hits, whose prefill at --prompt-tokens 1024 is the 128
+    new tokens' (59.6 ms against 161.3), timed as if fresh."""
+    streamed, driven = [], []
+
+    @contextlib.contextmanager
+    def serve_app(config):
+        yield "http://unused"
+
+    async def stream(http, url, model, prompt, max_tokens):
+        streamed.append(prompt)
+        return [(0.0, 0), (0.1, 1)]
+
+    async def drive(url, model, prompts, max_tokens):
+        driven.extend(prompts)
+        return [[(0.0, 0), (1.0, 1), (2.0, 10)] for _ in prompts], 2.0
+
+    monkeypatch.setattr(single_mesh, "serve_app", serve_app)
+    monkeypatch.setattr(single_mesh, "stream", stream)
+    monkeypatch.setattr(single_mesh, "drive", drive)
+    single_mesh.main(["--ttft-requests", "40", "--prompt-tokens", "1024", "--json"])
+    warm_up, timed = streamed[:3], streamed[3:]
+    assert len(timed) == 40 and len(driven) == 32
+    earlier = {p[0] for p in warm_up + driven}
+    assert not [p[0] for p in timed if p[0] in earlier]
