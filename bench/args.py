@@ -6,7 +6,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-from model.galaxy import MAX_TIME_SCALE
+from model.galaxy import MAX_SEQ_LEN, MAX_TIME_SCALE
 
 
 def count(least: int = 1, most: int | None = None) -> Callable[[str], int]:
@@ -51,3 +51,10 @@ def interval_ms(text: str) -> float:
     if not 0 <= value <= 1000:
         raise argparse.ArgumentTypeError(f"must be in [0, 1000], not {text}")
     return value
+
+
+def check_context(p: argparse.ArgumentParser, prompt_tokens: int, output_tokens: int) -> None:
+    """The benchmarks serve max_seq_len MAX_SEQ_LEN: a request past it is a 400, after Ray and the app have started."""
+    if prompt_tokens + output_tokens > MAX_SEQ_LEN:
+        p.error(f"argument --output-tokens: --prompt-tokens + --output-tokens is {prompt_tokens + output_tokens}, "
+                f"past the served max_seq_len {MAX_SEQ_LEN}")

@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="simulated mesh slowdown (8: 1/8 of a Galaxy)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    arg_types.check_context(p, args.prompt_tokens, args.output_tokens)
     if args.streams > args.meshes * NUM_SLOTS:  # a stream past every slot waits for another to end
         p.error(f"argument --streams: at most {NUM_SLOTS} per mesh ({args.meshes * NUM_SLOTS} for {args.meshes}), "
                 f"not {args.streams}: past the slots no moment has every stream decoding")

@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="Serve's plain Python proxy instead of throughput mode + HAProxy")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    arg_types.check_context(p, args.prompt_tokens, args.output_tokens)
     host_before = reference_loop_us()
     with contextlib.redirect_stdout(sys.stderr):  # Ray prints its shutdown notices there: keep --json clean
         report = measure(args.streams, args.output_tokens, args.prompt_tokens, args.time_scale, args.plain_proxy,

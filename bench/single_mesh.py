@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stream-interval-ms", type=arg_types.interval_ms, default=10.0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
+    arg_types.check_context(p, args.prompt_tokens, max(args.output_tokens, 4))  # idle TTFT asks for 4
     config = AppConfig(model="smollm2", backend="simulated", time_scale=args.time_scale, mesh_num_cpus=0.5,
                        decode_steps=args.decode_steps, stream_interval_ms=args.stream_interval_ms,
                        max_seq_len=131072)

@@ -23,6 +23,10 @@ CASES = [
     # (a traceback after the whole run, and more output tokens never help)
     ("single_mesh", ["--clients", "33"], "--clients"),
     ("chunk_gap", ["--meshes", "2", "--streams", "65"], "--streams"),
+    # past the served max_seq_len (131072) every request is a 400: an HTTPStatusError traceback once Ray had started
+    ("cpu", ["--output-tokens", "131000"], "--output-tokens"),
+    ("single_mesh", ["--prompt-tokens", "131070"], "--output-tokens"),
+    ("chunk_gap", ["--prompt-tokens", "100000", "--output-tokens", "40000"], "--output-tokens"),
     ("scaleout", ["--time-scale-per-mesh", "0"], "--time-scale-per-mesh"),
     ("scaleout", ["--meshes", "8", "--time-scale-per-mesh", "200"], "--time-scale-per-mesh"),  # 8 x 200 > 1000
     ("scaleout", ["--ingress-replicas", "0"], "--ingress-replicas"),
