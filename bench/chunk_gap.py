@@ -53,6 +53,8 @@ def measure(meshes: int, streams: int, output_tokens: int, prompt_tokens: int, t
         runs, wall = asyncio.run(drive(url, config.name, distinct_prompts(streams, prompt_tokens), output_tokens))
     window = steady_window(runs)
     steady = np.asarray(chunk_gaps(runs, window.start, window.end)) * 1e3
+    if not steady.size:
+        raise ValueError("no stream has two chunks inside the steady window; ask for more output tokens")
     whole = np.asarray(chunk_gaps(runs)) * 1e3
     users = users_per_mesh(streams, meshes)  # all at about the same context
     step_s = GalaxyTiming.published().batch_step_seconds(prompt_tokens + window.last_context_tokens, users)
