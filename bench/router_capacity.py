@@ -39,7 +39,8 @@ After `--warmup-s` (the first prefills) it measures over `--seconds`:
 Ray's transport itself (gRPC, the object store) is not modelled. `largest_kept_busy` is the largest N of the
 list up to which every mesh of every run stayed >= 97% busy; `largest_kept_fed` the same for the router's
 part alone (no mesh starved more than 3% of the time: what the mesh loses to its own host work and to this
-box is left out); `limit` names what held a run back.
+box is left out); `limit` names what held a run back. A run in which requests failed (`errors`) is neither: its
+meshes were not given the load.
 """
 from __future__ import annotations
 
