@@ -1,4 +1,6 @@
 """A wrong serve_config.yaml fails at deploy time with a message naming the key."""
+import errno
+import socket
 from pathlib import Path
 
 import pytest
@@ -505,43 +507,40 @@ def test_make_serve_checks_an_ipv6_http_host_on_ipv6(tmp_path):
     assert check_serve_config(str(path), port_free=True) == []
 
 
-def test_make_serve_names_an_ipv6_http_host_on_a_kernel_without_ipv6(tmp_path, monkeypatch):
-    """With IPv6 off in the kernel (ipv6.disable=1), the check's own socket(AF_INET6) raised, outside its try:
-    `make serve` with `http_options.host: "::"` ended in a traceback."""
-    import errno
-    import socket
+_SOCKET = socket.socket
 
-    real = socket.socket
 
-    def no_ipv6(family=socket.AF_INET, *args, **kwargs):
+class _NoIPv6:
+    """socket.socket on a kernel with IPv6 off (ipv6.disable=1): an AF_INET6 socket cannot even be made."""
+
+    def __new__(cls, family=socket.AF_INET, *args, **kwargs):
         if family == socket.AF_INET6:
             raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
-        return real(family, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "socket", no_ipv6)
-    _, path = shipped_config_serving_at(tmp_path, "::", 8000)
-    (problem,) = check_serve_config(str(path), port_free=True)
-    assert problem == (f"{path}: http_options.host: :: is an IPv6 address and this machine has no IPv6 (Address "
-                       "family not supported by protocol): give 0.0.0.0, or one of its IPv4 addresses")
+        return _SOCKET(family, *args, **kwargs)
 
 
-def test_make_serve_names_a_privileged_http_port(tmp_path, monkeypatch):
-    """A port below 1024 that a user without root may not bind was "cannot be bound (Permission denied): stop what
-    holds it (another `make serve`?)": nothing holds it."""
-    import errno
-    import socket
+class _Unprivileged(socket.socket):
+    """socket.socket for a user without root: ports below 1024 are refused."""
 
-    class Unprivileged(socket.socket):
-        def bind(self, address):
-            if address[1] < 1024:
-                raise PermissionError(errno.EACCES, "Permission denied")
-            return super().bind(address)
+    def bind(self, address):
+        if address[1] < 1024:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return super().bind(address)
 
-    monkeypatch.setattr(socket, "socket", Unprivileged)
-    _, path = shipped_config_serving_at(tmp_path, "127.0.0.1", 80)
-    (problem,) = check_serve_config(str(path), port_free=True)
-    assert problem == (f"{path}: http_options.port: 80 needs root here (Permission denied): set a port of 1024 or "
-                       "more, or give the server the right to bind it (CAP_NET_BIND_SERVICE)")
+
+@pytest.mark.parametrize("host, port, fake, expected", [
+    # the check's own socket(AF_INET6) raised outside its try: a traceback
+    ("::", 8000, _NoIPv6, "http_options.host: :: is an IPv6 address and this machine has no IPv6 (Address family not "
+                          "supported by protocol): give 0.0.0.0, or one of its IPv4 addresses"),
+    # was "cannot be bound (Permission denied): stop what holds it (another `make serve`?)": nothing holds it
+    ("127.0.0.1", 80, _Unprivileged, "http_options.port: 80 needs root here (Permission denied): set a port of 1024 "
+                                     "or more, or give the server the right to bind it (CAP_NET_BIND_SERVICE)")])
+def test_make_serve_names_an_http_address_this_machine_cannot_bind_for_any_holder(tmp_path, monkeypatch, host, port,
+                                                                                  fake, expected):
+    """An IPv6 host on a kernel without IPv6, a port below 1024 without root: said as what they are."""
+    _, path = shipped_config_serving_at(tmp_path, host, port)
+    monkeypatch.setattr(socket, "socket", fake)
+    assert check_serve_config(str(path), port_free=True) == [f"{path}: {expected}"]
 
 
 def test_make_serve_notes_a_ray_it_would_join_rather_than_start(tmp_path, monkeypatch):
