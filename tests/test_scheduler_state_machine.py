@@ -33,7 +33,8 @@ PREFIXES = [[_rng.randrange(VOCAB) for _ in range(28)] for _ in range(3)]  # sha
 
 class SchedulerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([2, 4]), align_blocks=st.sampled_from([1, 2]),
-                kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 3), extra_blocks=st.integers(-8, 12), chunk_aligns=st.integers(1, 3),
+                kv_groups=st.sampled_from([1, 2]), slots_per_group=st.integers(1, 3), extra_blocks=st.integers(-8, 12),
+                chunk_aligns=st.integers(1, 3),
                 budget_aligns=st.integers(1, 4), decode_steps=st.integers(1, 4), max_inflight=st.integers(1, 3),
                 watermark=st.integers(0, 2), queue_limit=st.sampled_from([None, 3]),
                 token_limit=st.sampled_from([None, 30]), shared_aligns=st.integers(1, 4))
