@@ -7,6 +7,7 @@ every open work then sees as a ConnectionError: the router's failure path, at on
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 from deployments.link import Link, connect
@@ -27,10 +28,14 @@ class LinkMeshClient:
         self._reader: asyncio.Task | None = None
         self._works: dict[int, asyncio.Queue] = {}
         self._closed = asyncio.Event()  # set when the current link closes (a fresh one per link)
+        self._lease: str | None = None  # drawn at each reset; the mesh runs only the works that carry its last
 
     async def reset(self) -> tuple[str, Capabilities]:
         self._close(ConnectionError("the mesh was reset"))  # first: no frame of the old link runs after the reset
-        incarnation, caps = await self._handle.reset.remote()
+        # a fresh lease: another router's later reset (two alive at a router replacement) makes ours refused, never
+        # interleaved with its works on the same slots and blocks
+        self._lease = uuid.uuid4().hex
+        incarnation, caps = await self._handle.reset.remote(self._lease)
         if caps is None:
             raise DeviceDown(f"the device of mesh replica {incarnation} failed: it waits for Serve to restart it")
         address = await self._handle.link_address.remote()
@@ -47,7 +52,7 @@ class LinkMeshClient:
         try:
             if self._link is None:
                 raise ConnectionError("no link to the mesh")
-            self._link.send((work, incarnation))  # sent now: queued on the mesh before the results are awaited
+            self._link.send((work, incarnation, self._lease))  # sent now: queued on the mesh before the results are awaited
         except ConnectionError as exc:  # the replica went (its link closed) while the router had no work out
             queue.put_nowait(StaleWork(f"work {work.work_id} was not sent: {exc}"))
         return self._results(work.work_id, queue)

@@ -8,6 +8,8 @@ Each replica start draws an incarnation id. The router's `reset()` (at its own s
 brings this mesh back after a failure) drops every slot and restarts work ids at 0, after the work on the
 worker thread ends; works planned for an older incarnation or before the reset are refused at once, and
 none waits for its turn longer than a deadline, so a replica never hangs on a work id that will not come.
+A reset names a lease its router's works then carry: two routers live at once (Serve replaced the router, the
+old one still runs) would otherwise interleave their works, each from work id 0, on the same slots and blocks.
 
 Works and their results travel on a direct link (deployments/link.py) whose address the router asks for
 (`link_address`): one message per step through a Serve stream cost the router more than the step's tokens
@@ -103,15 +105,17 @@ class MeshReplica:
         self.turn = asyncio.Condition()
         self.next_work_id = 0
         self.generation = 0  # +1 at each reset: works of an older generation are refused
+        self.lease: str | None = None  # the last reset's: only its router's works run
         self.running: tuple[float, float] | None = None  # (start of the current step, its deadline in s)
         self.error: BaseException | None = None
         self.closed = False
         self.link_server = LinkServer(self._serve_link)
         freeze_gc_heap()  # the model, the backend and the modules stay: full collections need not walk them
 
-    async def reset(self) -> tuple[str, Capabilities | None]:
+    async def reset(self, lease: str | None = None) -> tuple[str, Capabilities | None]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
-        Works still waiting for their turn, or queued and not started, are refused. Returns (incarnation id,
+        Works still waiting for their turn, or queued and not started, are refused, as is any work that does not
+        carry `lease` (another router's, whose work ids and slots are its own). Returns (incarnation id,
         capabilities); capabilities None after a device error: the mesh stays down until Serve restarts it.
         Answered, not raised: Serve logs a raised error's traceback at ERROR, once per probe (every second)."""
         if self.error is not None:
@@ -119,22 +123,26 @@ class MeshReplica:
         async with self.turn:
             self.generation += 1
             self.next_work_id = 0
+            self.lease = lease
             self.turn.notify_all()
             done = self.worker.submit(self.runner.reset)  # queued behind any running work
         await asyncio.wrap_future(done)
         # again: the work it waited for may have failed on the device meanwhile
         return self.incarnation, (self.caps if self.error is None else None)
 
-    async def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
+    async def execute(self, work: MeshWork, incarnation: str, lease: str | None = None
+                      ) -> AsyncIterator[StepResult]:
         """Run one work after every lower work id (queued in id order on the one worker thread); stream one
         StepResult per message, in order.
-        Raises StaleWork for a work planned for another incarnation or generation, or whose turn does not
+        Raises StaleWork for a work planned for another incarnation, generation or lease, or whose turn does not
         come within the deadline (its predecessor never arrived); the device's error when the work fails on it,
         and DeviceFailed once an earlier work has."""
         self._check_device()
         if incarnation != self.incarnation:
             raise StaleWork(f"work {work.work_id} was planned for incarnation {incarnation}, "
                             f"this replica is {self.incarnation}")
+        if lease != self.lease:
+            raise StaleWork(f"work {work.work_id} was planned before a reset (another router's, or its own)")
         deadline = self._deadline(work)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()
@@ -172,24 +180,24 @@ class MeshReplica:
         return await self.link_server.start(node_ip())
 
     async def _serve_link(self, link: Link) -> None:
-        """Frames in: (MeshWork, incarnation). Frames out, per work in order: (work_id, StepResult) per
+        """Frames in: (MeshWork, incarnation, lease). Frames out, per work in order: (work_id, StepResult) per
         message, then (work_id, None) at its end, or (work_id, exception) if it fails. When the router
         closes the link (it gave up on this mesh), works still waiting for their turn are dropped."""
         tasks: set[asyncio.Task] = set()
         try:
             while True:
-                work, incarnation = await link.recv()
-                task = asyncio.create_task(self._send_results(link, work, incarnation))
+                work, incarnation, *lease = await link.recv()  # a router of the release before sends no lease
+                task = asyncio.create_task(self._send_results(link, work, incarnation, *lease))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
             for task in tasks:
                 task.cancel()
 
-    async def _send_results(self, link: Link, work: MeshWork, incarnation: str) -> None:
+    async def _send_results(self, link: Link, work: MeshWork, incarnation: str, lease: str | None = None) -> None:
         try:
             ended = False
-            async with contextlib.aclosing(self.execute(work, incarnation)) as results:  # its cleanup runs now
+            async with contextlib.aclosing(self.execute(work, incarnation, lease)) as results:  # its cleanup runs now
                 async for result in results:
                     if result.last:  # the end goes with it: one wake-up of the router, not two (~1 ms apart)
                         link.send((work.work_id, result), (work.work_id, None))

@@ -198,6 +198,28 @@ def test_works_pipelined_on_the_link_answer_in_order(replica):
     asyncio.run(main())
 
 
+def test_a_router_whose_reset_another_router_followed_has_its_works_refused(replica):
+    """Two routers on one mesh (Serve replaced the router replica; the old one lives on for its graceful shutdown, or
+    on a partitioned node): the new one's reset restarted work ids at 0, and the old one's next works, sent after it,
+    were taken in the new one's order, on the slots and KV blocks the new one had planned (a scratch run of two
+    routers: wrong tokens from position 17 on for one, a stream cut short with "length"). A work is the reset's that
+    its router made: any other router's is refused, and the new one's go on."""
+    async def main():
+        old, new = LinkMeshClient(FakeHandle(replica)), LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await old.reset()
+        assert len([r async for r in old.execute(prefill(0, slot=0), incarnation)]) == 1
+        await new.reset()  # the old router's slot 0 is dropped
+        assert len([r async for r in new.execute(prefill(0, slot=2), incarnation)]) == 1
+        with pytest.raises(mesh_replica.StaleWork, match="reset"):  # its work 1: the new router's turn now
+            [r async for r in old.execute(prefill(1, slot=1), incarnation)]
+        (result,) = [r async for r in new.execute(prefill(1, slot=3), incarnation)]
+        assert result.tokens[3] >= 0 and result.tokens[1] < 0
+        assert set(replica.runner.slots) == {2, 3}  # nothing of the old router's was seated
+        old.close()
+        new.close()
+    asyncio.run(main())
+
+
 def test_a_works_last_result_and_its_end_leave_the_mesh_in_one_write(replica, monkeypatch):
     """The router wakes once for a work's last step, not again ~1 ms later for the end marker."""
     writes = []

@@ -182,11 +182,11 @@ class ReplicaMesh:
         self.hung.set()
         self.hung = threading.Event()
 
-    async def _reset(self):
+    async def _reset(self, *lease):
         self.loop = asyncio.get_running_loop()
         if not self.alive:
             raise ConnectionError("the replica is gone")
-        return await self.replica.reset()
+        return await self.replica.reset(*lease)
 
     async def _link_address(self):
         if not self.alive:
