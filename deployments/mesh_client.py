@@ -7,6 +7,7 @@ every open work then sees as a ConnectionError: the router's failure path, at on
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -29,13 +30,14 @@ class LinkMeshClient:
         self._works: dict[int, asyncio.Queue] = {}
         self._closed = asyncio.Event()  # set when the current link closes (a fresh one per link)
         self._lease: str | None = None  # drawn at each reset; the mesh runs only the works that carry its last
+        self._started = time.time()  # the router's start: a mesh refuses the reset of one older than its lease's
 
     async def reset(self) -> tuple[str, Capabilities]:
         self._close(ConnectionError("the mesh was reset"))  # first: no frame of the old link runs after the reset
         # a fresh lease: another router's later reset (two alive at a router replacement) makes ours refused, never
         # interleaved with its works on the same slots and blocks
         self._lease = uuid.uuid4().hex
-        incarnation, caps = await self._handle.reset.remote(self._lease)
+        incarnation, caps = await self._handle.reset.remote(self._lease, self._started)
         if caps is None:
             raise DeviceDown(f"the device of mesh replica {incarnation} failed: it waits for Serve to restart it")
         address = await self._handle.link_address.remote()

@@ -10,6 +10,8 @@ worker thread ends; works planned for an older incarnation or before the reset a
 none waits for its turn longer than a deadline, so a replica never hangs on a work id that will not come.
 A reset names a lease its router's works then carry: two routers live at once (Serve replaced the router, the
 old one still runs) would otherwise interleave their works, each from work id 0, on the same slots and blocks.
+And a router that started before the one holding the lease may not reset it while that one is heard from: the old
+one's probe, its works refused, would take the mesh back, and each router would refuse the other's in turn.
 
 Works and their results travel on a direct link (deployments/link.py) whose address the router asks for
 (`link_address`): one message per step through a Serve stream cost the router more than the step's tokens
@@ -51,6 +53,9 @@ class DeviceFailed(RuntimeError):
     """The device failed in an earlier work: the replica runs nothing more until Serve restarts it."""
 
 
+# A router silent this long (an idle one's heartbeat comes every heartbeat_s, 5 s) no longer holds its lease against
+# a router that started before it: it is gone, or its clock ran behind the other's.
+LEASE_HOLD_S = 30.0
 CLOSE_TIMEOUT_S = 30.0  # shutdown waits this long for the worker thread to close the device (a step ends first)
 
 
@@ -106,20 +111,27 @@ class MeshReplica:
         self.next_work_id = 0
         self.generation = 0  # +1 at each reset: works of an older generation are refused
         self.lease: str | None = None  # the last reset's: only its router's works run
+        self.lease_started = 0.0  # when the lease's router started (its wall clock)
+        self.lease_heard = 0.0  # time.monotonic() of its last reset or work
         self.running: tuple[float, float] | None = None  # (start of the current step, its deadline in s)
         self.error: BaseException | None = None
         self.closed = False
         self.link_server = LinkServer(self._serve_link)
         freeze_gc_heap()  # the model, the backend and the modules stay: full collections need not walk them
 
-    async def reset(self, lease: str | None = None) -> tuple[str, Capabilities | None]:
+    async def reset(self, lease: str | None = None, started: float = 0.0) -> tuple[str, Capabilities | None]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
         Works still waiting for their turn, or queued and not started, are refused, as is any work that does not
-        carry `lease` (another router's, whose work ids and slots are its own). Returns (incarnation id,
+        carry `lease` (another router's, whose work ids and slots are its own). Raises, touching nothing, for a
+        router `started` before the lease's while that one is heard from (LEASE_HOLD_S). Returns (incarnation id,
         capabilities); capabilities None after a device error: the mesh stays down until Serve restarts it.
-        Answered, not raised: Serve logs a raised error's traceback at ERROR, once per probe (every second)."""
+        Answered, not raised: Serve logs a raised error's traceback at ERROR, once per probe (every second); only a
+        replaced router's, for the little it lives on, is raised."""
         if self.error is not None:
             return self.incarnation, None
+        if started < self.lease_started and time.monotonic() - self.lease_heard < LEASE_HOLD_S:
+            raise RuntimeError("a newer router holds this mesh: this one was replaced")
+        self.lease_started, self.lease_heard = started, time.monotonic()
         async with self.turn:
             self.generation += 1
             self.next_work_id = 0
@@ -143,6 +155,7 @@ class MeshReplica:
                             f"this replica is {self.incarnation}")
         if lease != self.lease:
             raise StaleWork(f"work {work.work_id} was planned before a reset (another router's, or its own)")
+        self.lease_heard = time.monotonic()
         deadline = self._deadline(work)
         loop = asyncio.get_running_loop()
         results: asyncio.Queue = asyncio.Queue()

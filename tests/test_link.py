@@ -220,6 +220,29 @@ def test_a_router_whose_reset_another_router_followed_has_its_works_refused(repl
     asyncio.run(main())
 
 
+def test_an_older_routers_reset_does_not_take_the_mesh_from_the_newer_one(replica, monkeypatch):
+    """The old router, its works refused, failed the mesh over and probed it: its reset took the mesh back, which
+    refused the new router's works, whose probe took it again, and so on while both lived (a scratch run of two
+    routers: neither answer finished in 60 s). A reset from a router that started before the one holding the mesh is
+    refused while that one is heard from; once it is silent for LEASE_HOLD_S (it is gone), any router's goes."""
+    async def main():
+        old = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await old.reset()
+        new = LinkMeshClient(FakeHandle(replica))  # Serve's replacement: started after the old one
+        await new.reset()
+        assert len([r async for r in new.execute(prefill(0, slot=2), incarnation)]) == 1
+        with pytest.raises(RuntimeError, match="newer router"):
+            await old.reset()
+        assert len([r async for r in new.execute(prefill(1, slot=3), incarnation)]) == 1  # not disturbed
+        assert set(replica.runner.slots) == {2, 3}
+        monkeypatch.setattr(mesh_replica, "LEASE_HOLD_S", 0.0)  # the new router went silent: gone
+        await old.reset()
+        assert replica.runner.slots == {}
+        old.close()
+        new.close()
+    asyncio.run(main())
+
+
 def test_a_works_last_result_and_its_end_leave_the_mesh_in_one_write(replica, monkeypatch):
     """The router wakes once for a work's last step, not again ~1 ms later for the end marker."""
     writes = []
