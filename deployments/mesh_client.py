@@ -54,7 +54,8 @@ class LinkMeshClient:
         try:
             if self._link is None:
                 raise ConnectionError("no link to the mesh")
-            self._link.send((work, incarnation, self._lease))  # sent now: queued on the mesh before the results are awaited
+            # sent now: queued on the mesh before the results are awaited
+            self._link.send((work, incarnation, self._lease))
         except ConnectionError as exc:  # the replica went (its link closed) while the router had no work out
             queue.put_nowait(StaleWork(f"work {work.work_id} was not sent: {exc}"))
         return self._results(work.work_id, queue)
