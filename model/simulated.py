@@ -13,6 +13,7 @@ The parameters never change the token: it is what any sampler would pick from a 
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import math
 import time
@@ -74,7 +75,7 @@ class GalaxyTiming:
                                         for (m, b), s in step.items() if m == n) for n in lengths]
         return cls(tuple(lengths), tuple(ttft), tuple(lone), others)
 
-    @property
+    @functools.cached_property  # every simulated step reads it
     def step_contexts(self) -> tuple[int, ...]:
         return tuple(n + DEMO_MEAN_GENERATED for n in self.lengths)
 
@@ -254,7 +255,7 @@ class SimulatedBackend(Backend):
         """Hash of the tokens at the flat KV indices `at` of each row (_window_at; -1 before position 0) and of
         its position `last`."""
         seen = np.where(last[:, None] >= _BACK, self._kv_flat[at], -1).astype(np.uint64)
-        h = (seen * _MIXERS[:-1]).sum(axis=1, dtype=np.uint64) + last.astype(np.uint64) * _MIXERS[-1]
+        h = seen @ _MIXERS[:-1] + last.astype(np.uint64) * _MIXERS[-1]  # wraps mod 2**64 as the sum of products
         h = _splitmix(h)
         tokens = self._ordinary_ids[h % np.uint64(len(self._ordinary_ids))]
         if self.eos_rate and self.caps.eos_token_ids:
@@ -279,13 +280,17 @@ class SimulatedBackend(Backend):
         self._late = min(max(now - deadline, 0.0), _MAX_CATCH_UP_S)
 
 
+_SPLITMIX = tuple(np.uint64(c) for c in (30, 0xBF58476D1CE4E5B9, 27, 0x94D049BB133111EB, 31))
+
+
 def _splitmix(h: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: spreads every input bit over the output."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * np.uint64(0xBF58476D1CE4E5B9)
-    h = h ^ (h >> np.uint64(27))
-    h = h * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
+    s1, m1, s2, m2, s3 = _SPLITMIX
+    h = h ^ (h >> s1)
+    h *= m1
+    h ^= h >> s2
+    h *= m2
+    return h ^ (h >> s3)
 
 
 def calibration_max_rel_err(reps: int = 2, decode_steps: int = 8, max_call_s: float = 0.7) -> float:
