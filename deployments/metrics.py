@@ -308,7 +308,7 @@ class RequestTimer:
 
         Timed when the event reached the replica (`received`), not when it was read: a client that stopped reading
         holds its events unread (EventQueue), and vLLM times tokens as its engine makes them, whoever reads."""
-        now = time.perf_counter() if event.received is None else event.received
+        now = event.arrived
         m = self.metrics
         if event.queue_time_s is not None:
             self.queue_time = self.held_s + event.queue_time_s

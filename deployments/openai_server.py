@@ -685,8 +685,7 @@ class OpenAIServer:
                         stopped = cut is not None  # here, not by the mesh: the router still runs it
                         reason = cut or (None if failed else event.finish_reason)
                         if reason is not None:
-                            # when it reached the replica (TokenEvent.received), not when a slow client read it
-                            at = time.perf_counter() if event.received is None else event.received
+                            at = event.arrived  # when it reached the replica, not when a slow client read it
                             timer.finish(reason, at)  # before any await: a client gone meanwhile is still counted
                             if self.log_requests:
                                 log.info("Finished request %s: finish_reason %s, prompt_tokens %d, completion_tokens "

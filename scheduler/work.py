@@ -9,6 +9,7 @@ its own prefill ends) and one per decode step.
 from __future__ import annotations
 
 import pickle
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,6 +164,11 @@ class TokenEvent:
     # the ingress's perf_counter() when its last tokens reached the replica (RouterLink; None: when read), so that a
     # client that reads late does not count as the server's latency (RequestTimer); the router never sets it
     received: float | None = None
+
+    @property
+    def arrived(self) -> float:
+        """When its last tokens reached the ingress replica (`received`), or now where none was stamped."""
+        return time.perf_counter() if self.received is None else self.received
 
     def merge(self, later: TokenEvent) -> None:
         """Append a later event of the same request (coalescing until the next flush)."""
