@@ -50,6 +50,9 @@ class Capabilities:
     # Its prefill can give the logits of every position, not only the last (prefill_prompt_logprobs): vLLM's
     # prompt_logprobs and completions' echo with logprobs. False: such requests are refused (a 400 naming the field).
     prompt_logprobs: bool = False
+    # decode_async returns before its step ends, so the host works while the device runs (the runner starts step k + 1
+    # before it reads step k's tokens). False: the host and the device take turns, and each step waits for the host.
+    async_decode: bool = False
 
     def expected_seconds(self, num_prefill_tokens: int, num_decode_steps: int) -> float:
         """How long a work of that size should take at worst (seconds)."""
@@ -67,6 +70,15 @@ class Capabilities:
     @property
     def max_blocks_per_seq(self) -> int:
         return -(-self.max_seq_len // self.block_size)
+
+
+class DecodeOutput(ABC):
+    """A step decode_async started: its sampled tokens, read when the host needs them."""
+
+    @abstractmethod
+    def tokens(self) -> torch.Tensor:
+        """The step's token ids, int64 [num_slots] (inactive rows are padding), once the device has made them
+        (blocks until then)."""
 
 
 class Backend(ABC):
@@ -105,6 +117,15 @@ class Backend(ABC):
         (tt-metal's generator does), returns logits of every row [num_slots, vocab] and None: the runner
         then samples every row on the host, exactly."""
         return None, self.decode(tokens, positions, page_table, active)
+
+    def decode_async(self, tokens: torch.Tensor | DecodeOutput, positions: torch.Tensor, page_table: torch.Tensor,
+                     active: torch.Tensor, sampling: list[SamplingParams | None]) -> DecodeOutput:
+        """Start one step sampled on the device for every active row (decode's arguments, `sampling[s]` set for each)
+        and return without waiting for it. `tokens` may be the previous step's output, whose tokens stay on the
+        device: the host starts step k + 1 before it reads step k, as tenstorrent/vllm's TT runner does with
+        tt-metal's `decode_forward(read_from_device=False)` and `read_decode_output(async_read=True)`
+        (models/tt_transformers/tt/generator.py). Only where caps.async_decode."""
+        raise NotImplementedError("this backend decodes one step at a time (caps.async_decode is False)")
 
     def can_sample(self, params: SamplingParams) -> bool:
         """True when the backend samples `params` by itself (no host logits needed): every non-default field

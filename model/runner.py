@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from model.backend import Backend
+from model.backend import Backend, DecodeOutput
 from model.grammar import GrammarCache, GrammarState
 from model.sampler import PenaltyState, sample_batch, take_rows
 from scheduler.sampling import SamplingParams, TokenLogprobs
@@ -164,20 +164,59 @@ class MeshRunner:
         page_table = self._full_width(round_.page_table)
         listed = [s for s in round_.slots if s in self.slots]
         previous: StepResult | None = None
+        started: tuple[list[int], DecodeOutput] | None = None  # this step's rows and output, when already started
         for step in range(round_.num_steps):
             result = StepResult(work_id, [NO_TOKEN] * n, last=step == round_.num_steps - 1)
-            live = [s for s in listed if s in self.slots]
-            inputs = self._decode_inputs(live, page_table) if live else None
+            more = step + 1 < round_.num_steps
+            if started is None:
+                live = [s for s in listed if s in self.slots]
+                inputs = self._decode_inputs(live, page_table) if live else None
+                if inputs is not None and more and self.caps.async_decode and self._on_device(live):
+                    started = live, self._start(live, *inputs)
+                else:
+                    if previous is not None:
+                        # The previous step's result leaves now, with this step's inputs ready and the device about
+                        # to run: whoever takes it (the mesh replica's event loop, which needs the GIL for ~0.1-0.3
+                        # ms) then works while this thread waits on the device, not while it prepares the next step.
+                        yield previous
+                    if inputs is not None:
+                        self._decode_step(live, inputs, result)
+                    previous = result
+                    continue
+            live, output = started
+            # The next step starts before this one's tokens are read, so the device never waits for the host's work
+            # on them. Its rows: the slots still live that this step cannot end by their budget. One that this step
+            # ends with a stop id runs once more; that step writes only the KV of its last token, at its own
+            # position in its own blocks, and its token is dropped.
+            following = [s for s in live if s in self.slots
+                         and self.slots[s].num_generated + 1 < self.slots[s].params.max_tokens]
+            started = None
+            if following and more and self._on_device(following):
+                _, positions, _, active = self._decode_inputs(following, page_table, ahead=1)
+                started = following, self._start(following, output, positions, page_table, active)
             if previous is not None:
-                # The previous step's result leaves now, with this step's inputs ready and the device about to
-                # run: whoever takes it (the mesh replica's event loop, which needs the GIL for ~0.1-0.3 ms)
-                # then works while this thread waits on the device, not while it prepares the next step.
                 yield previous
-            if inputs is not None:
-                self._decode_step(live, inputs, result)
+            tokens = output.tokens().tolist()
+            for s in live:
+                state = self.slots.get(s)
+                if state is not None:  # not retired by the step before
+                    self._advance(s, state, tokens[s], None, result)
             previous = result
         if previous is not None:
             yield previous
+
+    def _start(self, live: list[int], tokens: torch.Tensor | DecodeOutput, positions: torch.Tensor,
+               page_table: torch.Tensor, active: torch.Tensor) -> DecodeOutput:
+        return self.backend.decode_async(tokens, positions, page_table, active, sampling=self._sampling(live))
+
+    def _on_device(self, live: list[int]) -> bool:
+        return all(self.slots[s].sample_on_device for s in live)
+
+    def _sampling(self, live: list[int]) -> list[SamplingParams | None]:
+        sampling: list[SamplingParams | None] = [None] * self.caps.num_slots
+        for s in live:
+            sampling[s] = self.slots[s].params
+        return sampling
 
     def _full_width(self, rows: np.ndarray) -> torch.Tensor:
         """The round's page table [num_slots, width] as the backend's [num_slots, max_blocks_per_seq]."""
@@ -188,26 +227,23 @@ class MeshRunner:
         self._page_width = width
         return self._page_table
 
-    def _decode_inputs(self, live: list[int], page_table: torch.Tensor) -> tuple:
-        """The backend's decode arguments for the live slots: (tokens, positions, page_table, active)."""
+    def _decode_inputs(self, live: list[int], page_table: torch.Tensor, ahead: int = 0) -> tuple:
+        """The backend's decode arguments for the live slots: (tokens, positions, page_table, active); `ahead`
+        steps later (the positions only: those steps' tokens are still on the device)."""
         n = self.caps.num_slots
         tokens, positions, active = [0] * n, [0] * n, [False] * n
         for s in live:
             st = self.slots[s]
-            tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1, True
+            tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1 + ahead, True
         # via numpy: torch.tensor from a list costs ~12-15 us each on the 2-core box, this ~3, every step
         return (torch.from_numpy(np.array(tokens, dtype=np.int64)),
                 torch.from_numpy(np.array(positions, dtype=np.int64)), page_table,
                 torch.from_numpy(np.array(active, dtype=bool)))
 
     def _decode_step(self, live: list[int], args: tuple, result: StepResult) -> None:
-        n = self.caps.num_slots
         states = [self.slots[s] for s in live]
         device = [st.sample_on_device for st in states]
-        sampling: list[SamplingParams | None] = [None] * n
-        for s, st, on_device in zip(live, states, device):
-            if on_device:
-                sampling[s] = st.params
+        sampling = self._sampling([s for s, on_device in zip(live, device) if on_device])
         sampled: list[int | None]
         logprobs: list[TokenLogprobs | None]
         if all(device):

@@ -23,7 +23,7 @@ from importlib.resources import files
 import numpy as np
 import torch
 
-from model.backend import SAMPLING_FIELDS, Backend, Capabilities, check_num_slots
+from model.backend import SAMPLING_FIELDS, Backend, Capabilities, DecodeOutput, check_num_slots
 from model.galaxy import (BLOCK_SIZE, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB, MAX_TIME_SCALE, NUM_SLOTS, PREFIX_ALIGN,
                           padded_prefill_len, simulated_sizes)
 from scheduler.sampling import PromptLogprobs, SamplingParams
@@ -160,7 +160,7 @@ class SimulatedBackend(Backend):
                                  decode_step_s=timing.slowest_step_seconds(
                                      max_seq_len, kv_groups * num_blocks * block_size, num_slots) * time_scale,
                                  prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale,
-                                 prompt_logprobs=True)
+                                 prompt_logprobs=True, async_decode=True)
         self.time_scale = time_scale
         self.timing = timing
         self.eos_rate = eos_rate
@@ -172,6 +172,7 @@ class SimulatedBackend(Backend):
         self._ordinary_ids = np.setdiff1d(np.arange(vocab_size), eos_token_ids)
         self._floor = _LOGIT_FLOOR - _LOGIT_STEP * torch.arange(vocab_size, dtype=torch.float32)  # _one_hot's row
         self._late = 0.0
+        self._free_at = 0.0  # when the device ends the last step decode_async started (perf_counter seconds)
 
     def prefill(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
                 sampling: SamplingParams | None = None) -> torch.Tensor:
@@ -227,22 +228,40 @@ class SimulatedBackend(Backend):
         next_tokens = self._step(tokens, positions, page_table, active)
         return torch.from_numpy(next_tokens), self._one_hot(next_tokens[host_rows])
 
+    def decode_async(self, tokens: torch.Tensor | DecodeOutput, positions: torch.Tensor, page_table: torch.Tensor,
+                     active: torch.Tensor, sampling: list[SamplingParams | None]) -> DecodeOutput:
+        """As decode with sampling, on the device's timeline: the step starts when the one before it ends (now, if
+        the device is idle), and its tokens are ready the step's time later. Only reading them holds the host."""
+        entered = max(time.perf_counter(), self._free_at)
+        chained = isinstance(tokens, _SimulatedOutput)
+        next_tokens, seconds = self._compute(tokens.on_device if chained else tokens.numpy(), positions, page_table,
+                                             active)
+        scaled = seconds * self.time_scale
+        self.device_seconds += scaled
+        self._free_at = entered + scaled
+        return _SimulatedOutput(next_tokens, self._free_at)
+
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
               active: torch.Tensor) -> np.ndarray:
-        """Write the active rows' tokens at their positions; the next token of every row [num_slots].
-        The rows' blocks are gathered from the full-width page table in place: a copy of its rows is 256 KiB
-        at 128k tokens (~130 us a step on the 2-core box)."""
         entered = time.perf_counter()
+        next_tokens, seconds = self._compute(tokens.numpy(), positions, page_table, active)
+        self._occupy(entered, seconds)
+        return next_tokens
+
+    def _compute(self, tokens: np.ndarray, positions: torch.Tensor, page_table: torch.Tensor, active: torch.Tensor
+                 ) -> tuple[np.ndarray, float]:
+        """Write the active rows' tokens at their positions: (the next token of every row [num_slots], the step's
+        unscaled seconds). The rows' blocks are gathered from the full-width page table in place: a copy of its
+        rows is 256 KiB at 128k tokens (~130 us a step on the 2-core box)."""
         rows = np.flatnonzero(active.numpy())
         pos = positions.numpy()[rows]
         at = self._window_at(page_table.numpy(), rows, pos, self._group_of_slot[rows])
-        self._kv_flat[at[:, -1]] = tokens.numpy()[rows]  # distance 0: the token at its position
+        self._kv_flat[at[:, -1]] = tokens[rows]  # distance 0: the token at its position
         next_tokens = np.zeros(self.caps.num_slots, dtype=np.int64)
         next_tokens[rows] = self._next_tokens(at, pos)
         context = pos.tolist()  # plain Python: numpy's reductions cost more than 32 additions
         longest = max(context, default=-1) + 1
-        self._occupy(entered, self.timing.decode_step_seconds(longest, sum(context) + len(context) - longest))
-        return next_tokens
+        return next_tokens, self.timing.decode_step_seconds(longest, sum(context) + len(context) - longest)
 
     def _window_at(self, table: np.ndarray, rows: np.ndarray, last: np.ndarray, groups: np.ndarray) -> np.ndarray:
         """Indices into the flat KV cache [len(rows), len(_BACK)] of the positions `last - _BACK` of each row
@@ -269,7 +288,9 @@ class SimulatedBackend(Backend):
         return logits
 
     def _occupy(self, entered: float, seconds: float) -> None:
-        """Hold the caller until `seconds` (scaled) after it entered, sleeping rather than spinning."""
+        """Hold the caller until `seconds` (scaled) after it entered, or after the device ends a step decode_async
+        started, sleeping rather than spinning."""
+        entered = max(entered, self._free_at)
         scaled = seconds * self.time_scale
         self.device_seconds += scaled
         deadline = entered + scaled - self._late
@@ -278,6 +299,18 @@ class SimulatedBackend(Backend):
             time.sleep(deadline - now)
             now = time.perf_counter()
         self._late = min(max(now - deadline, 0.0), _MAX_CATCH_UP_S)
+
+
+class _SimulatedOutput(DecodeOutput):
+    def __init__(self, on_device: np.ndarray, ready_at: float):
+        self.on_device = on_device  # what a chained step reads without the host: int64 [num_slots]
+        self.ready_at = ready_at  # perf_counter seconds
+
+    def tokens(self) -> torch.Tensor:
+        wait = self.ready_at - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        return torch.from_numpy(self.on_device)
 
 
 _SPLITMIX = tuple(np.uint64(c) for c in (30, 0xBF58476D1CE4E5B9, 27, 0x94D049BB133111EB, 31))

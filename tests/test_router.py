@@ -572,11 +572,18 @@ class PoisonedRunner(MeshRunner):
         return super()._prefill(work_id, chunk, last)
 
     def _decode_step(self, live, args, result):
+        self._fault(live)
+        super()._decode_step(live, args, result)
+
+    def _start(self, live, *args):  # a step the simulated backend overlaps with the host's work
+        self._fault(live)
+        return super()._start(live, *args)
+
+    def _fault(self, live):
         flaky = self.mesh.flaky > 0  # a fault of its own, whoever is in the round
         if flaky or self.mesh.at == "decode" and any(self.slots[s].request_id in self.mesh.poison for s in live):
             self.mesh.flaky -= flaky
             raise DeviceFault([self.slots[s].request_id for s in live])
-        super()._decode_step(live, args, result)
 
 
 class PoisonMesh(LocalMesh):

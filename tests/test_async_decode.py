@@ -1,0 +1,154 @@
+"""MeshRunner over a backend whose decode overlaps the host (caps.async_decode): step k + 1 starts before step k's
+tokens are read, and the answers, finish reasons and KV are those of one step at a time."""
+import dataclasses
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.backend import Backend, Capabilities, DecodeOutput
+from model.runner import MeshRunner
+from model.simulated import SimulatedBackend
+from scheduler.sampling import SamplingParams
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk
+
+SLOTS, GROUPS, BLOCK, BLOCKS, VOCAB, EOS = 8, 2, 4, 24, 64, 1
+
+
+def simulated(async_decode: bool) -> SimulatedBackend:
+    backend = SimulatedBackend(time_scale=1e-6, num_slots=SLOTS, kv_groups=GROUPS, block_size=BLOCK,
+                               num_blocks=BLOCKS, max_seq_len=48, vocab_size=VOCAB, eos_token_ids=(EOS,),
+                               eos_rate=0.12)
+    backend.caps = dataclasses.replace(backend.caps, async_decode=async_decode)
+    return backend
+
+
+requests = st.lists(st.fixed_dictionaries({
+    "prompt": st.lists(st.integers(2, VOCAB - 1), min_size=1, max_size=9),
+    "max_tokens": st.integers(1, 14),
+    "min_tokens": st.sampled_from([0, 0, 0, 2]),
+    "logprobs": st.sampled_from([None, None, None, 1]),  # sampled on the host: that step cannot be chained
+}), min_size=1, max_size=SLOTS)
+
+
+def serve(backend: SimulatedBackend, reqs: list[dict], rounds: list[int]) -> tuple[list[tuple], np.ndarray]:
+    """Prefill every request in its own slot, then decode `rounds` (steps each): (each message's tokens, finish
+    reasons and logprob rows; the KV). Each slot's blocks are its own, and its page-table row is padded with
+    block 0 of its group, which the group's first slot holds: a step written past a slot's blocks would land in
+    a live neighbour's KV."""
+    runner = MeshRunner(backend)
+    per_slot = BLOCKS // (SLOTS // GROUPS)
+    table = np.zeros((SLOTS, per_slot), dtype=np.int32)
+    prefills = []
+    for slot, r in enumerate(reqs):
+        needed = -(-(len(r["prompt"]) + r["max_tokens"]) // BLOCK)
+        blocks = [(slot % (SLOTS // GROUPS)) * per_slot + b for b in range(needed)]
+        table[slot, :needed] = blocks
+        params = SamplingParams(temperature=0.0, max_tokens=r["max_tokens"],
+                                min_tokens=min(r["min_tokens"], r["max_tokens"]), logprobs=r["logprobs"])
+        prefills.append(PrefillChunk(f"r{slot}", slot, r["prompt"], 0, blocks, params, len(r["prompt"]),
+                                     stop_token_ids=(EOS,)))
+    messages = []
+    for work_id, steps in enumerate(rounds):
+        live = sorted(runner.slots) if work_id else list(range(len(reqs)))
+        work = MeshWork(work_id, prefills if work_id == 0 else [], DecodeRound(steps, live, table.copy()))
+        for result in runner.execute(work):
+            messages.append((list(result.tokens), dict(result.finished), sorted(result.logprobs)))
+    return messages, backend.kv.copy()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(reqs=requests, rounds=st.lists(st.integers(1, 9), min_size=1, max_size=3))
+def test_overlapped_steps_give_the_answers_and_kv_of_one_step_at_a_time(reqs, rounds):
+    expected, expected_kv = serve(simulated(False), reqs, rounds)
+    got, kv = serve(simulated(True), reqs, rounds)
+    assert got == expected
+    # The KV differs only where a slot that ended with a stop id ran once more: its last token, at its own position
+    ends = {}
+    for tokens, finished, _ in expected:
+        for slot, reason in finished.items():
+            if reason == "stop":
+                ends[slot] = tokens[slot]
+    answers = {slot: [m[0][slot] for m in expected if m[0][slot] != NO_TOKEN] for slot in ends}
+    allowed = set()
+    for slot, last in ends.items():
+        position = len(reqs[slot]["prompt"]) + len(answers[slot]) - 1
+        block = (slot % (SLOTS // GROUPS)) * (BLOCKS // (SLOTS // GROUPS)) + position // BLOCK
+        allowed.add((slot // (SLOTS // GROUPS), block, position % BLOCK, last))
+    for group, block, offset in zip(*np.nonzero(kv != expected_kv)):
+        assert (group, block, offset, kv[group, block, offset]) in allowed
+
+
+class Output(DecodeOutput):
+    def __init__(self, log: list, step: int, made: torch.Tensor):
+        self.log, self.step, self.made = log, step, made
+
+    def tokens(self) -> torch.Tensor:
+        self.log.append(("read", self.step))
+        return self.made
+
+
+class OverlappingBackend(Backend):
+    """Tokens count up from the input; every start and read is logged, with the rows a start decodes."""
+
+    def __init__(self):
+        self.caps = Capabilities(num_slots=4, block_size=4, num_blocks=16, max_seq_len=64, prefix_align=4,
+                                 vocab_size=VOCAB, eos_token_ids=(EOS,), device_sampling=frozenset({"temperature"}),
+                                 async_decode=True)
+        self.log: list = []
+        self.steps = 0
+
+    def prefill(self, token_ids, start, block_ids, slot, sampling=None):
+        if sampling is None:
+            row = torch.zeros(VOCAB)
+            row[2] = 1.0
+            return row
+        return torch.tensor(2)
+
+    def decode(self, tokens, positions, page_table, active, sampling=None):
+        self.log.append(("decode", active.nonzero().flatten().tolist()))
+        if sampling is None:
+            return torch.nn.functional.one_hot((tokens + 1) % VOCAB, VOCAB).float()
+        return (tokens + 1) % VOCAB
+
+    def decode_async(self, tokens, positions, page_table, active, sampling):
+        made = ((tokens.made if isinstance(tokens, Output) else tokens) + 1) % VOCAB
+        self.log.append(("start", self.steps, active.nonzero().flatten().tolist(), positions.tolist()))
+        self.steps += 1
+        return Output(self.log, self.steps - 1, made)
+
+
+def start(runner: MeshRunner, slot: int, prompt: list[int], **params):
+    work = MeshWork(0, [PrefillChunk(f"r{slot}", slot, prompt, 0, [slot], SamplingParams(**params), len(prompt))])
+    list(runner.execute(work))
+
+
+def test_each_step_starts_before_the_one_before_is_read_and_a_spent_budget_runs_no_further():
+    backend = OverlappingBackend()
+    runner = MeshRunner(backend)
+    start(runner, 0, [5, 6], temperature=0.0, max_tokens=4)  # 1 token from its prefill, 3 more in the round
+    start(runner, 1, [7], temperature=0.0, max_tokens=100)
+    results = list(runner.execute(MeshWork(1, [], DecodeRound(4, [0, 1], np.arange(4, dtype=np.int32)[:, None]))))
+    assert [r.tokens[:2] for r in results] == [[3, 3], [4, 4], [5, 5], [NO_TOKEN, 6]]
+    assert results[2].finished == {0: "length"}
+    assert backend.log == [
+        ("start", 0, [0, 1], [2, 1, 0, 0]),
+        ("start", 1, [0, 1], [3, 2, 0, 0]),  # before step 0 is read: positions one ahead
+        ("read", 0),
+        ("start", 2, [0, 1], [4, 3, 0, 0]),
+        ("read", 1),
+        ("start", 3, [1], [0, 4, 0, 0]),  # slot 0's step 2 is its budget's last: it is not in step 3
+        ("read", 2),
+        ("read", 3),  # the round's last step starts nothing
+    ]
+
+
+def test_a_slot_sampled_on_the_host_takes_its_steps_one_at_a_time():
+    backend = OverlappingBackend()
+    runner = MeshRunner(backend)
+    start(runner, 0, [5], temperature=0.0, max_tokens=100)
+    start(runner, 1, [7], temperature=0.0, max_tokens=100, logprobs=0)  # needs the step's logits on the host
+    results = list(runner.execute(MeshWork(1, [], DecodeRound(2, [0, 1], np.zeros((4, 1), dtype=np.int32)))))
+    assert [r.tokens[:2] for r in results] == [[3, 3], [4, 4]]
+    assert backend.log == [("decode", [0, 1]), ("decode", [0, 1])]
