@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.backend import Backend, Capabilities
+from model.backend import Backend, Capabilities, DecodeOutput
 from model.embedded import cache_root
 from model.galaxy import (BLOCK_SIZE, DEVICE_MAX_TOP_K, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
                           MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes, padded_prefill_len)
@@ -75,6 +75,7 @@ class TTGalaxyBackend(Backend):
         max_seq_len, num_blocks = galaxy_sizes(mesh_shape, max_seq_len, num_blocks, block_size)
         self._device_tokens = (num_blocks + 1) * block_size  # a column's cache, the spare block 0 included
         self._device_argmax: bool | None = None  # the device sampler's mode after the last parameters it took
+        self._last_step: _TTDecodeOutput | None = None  # the device's decode inputs are this step's next ones
         _export_weights_dir(model_dir)
         _export_cache_dir()
         _export_line_env(config)
@@ -94,6 +95,8 @@ class TTGalaxyBackend(Backend):
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
                                      device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
                                      max_device_top_k=DEVICE_MAX_TOP_K,
+                                     async_decode=config.sample_on_device_mode is not None and _reads_async(
+                                         self.generator),
                                      **_expected_times(config, max_seq_len, num_blocks * block_size))
             if config.enable_model_warmup:
                 self.warmup()
@@ -127,12 +130,36 @@ class TTGalaxyBackend(Backend):
                            None if sampling is None else [p or _GREEDY for p in sampling])
         return out.to(torch.long) if sampling is not None else out[:, -1].float()
 
+    def decode_async(self, tokens: torch.Tensor | DecodeOutput, positions: torch.Tensor, page_table: torch.Tensor,
+                     active: torch.Tensor, sampling: list[SamplingParams | None]) -> DecodeOutput:
+        """decode_forward(read_from_device=False), its read enqueued at once (read_decode_output(async_read=True),
+        generator.py @00b0fa3f): the step's tokens are the decode trace's own token input, which the next step
+        reads and overwrites, so the copy must be in the queue before that step. A step chained on the last one
+        (same device page table, so the same rows; positions one further; same parameters; nothing run between)
+        goes with reset_inputs=False: the trace replays on the device's tokens and positions + 1, as tenstorrent/
+        vllm's runner chains its steps (vllm/worker/tt_model_runner.py @00d852e2). Any other step makes the
+        generator load the host's inputs, so it takes the previous step's tokens from the host."""
+        device_table = torch.where(active[:, None], page_table + 1, 0).to(torch.int32)
+        positions = torch.where(active, positions, -1)
+        params = [p or _GREEDY for p in sampling]
+        last = self._last_step
+        chained = tokens is last and last is not None and torch.equal(last.device_table, device_table) \
+            and torch.equal(last.positions + (last.positions >= 0), positions) and last.params == params
+        if isinstance(tokens, DecodeOutput) and not chained:
+            tokens = tokens.tokens()
+        out = self._decode(torch.zeros(NUM_SLOTS, dtype=torch.long) if chained else tokens, positions, device_table,
+                           params, read_from_device=False, reset_inputs=not chained)
+        host, events = self.generator.read_decode_output(out, async_read=True)
+        self._last_step = _TTDecodeOutput(self, host, events, device_table, positions, params)
+        return self._last_step
+
     def _prefill(self, token_ids: list[int], start: int, device_row: torch.Tensor, slot: int,
                  sampling: SamplingParams | None):
         """One user's prefill on device block ids (serving and warm-up take this same call). Returns tokens
         [1] or logits [1, 1, vocab]. With `sampling`, the device samples for the request's slot and every
         other slot is set to argmax (prefill_forward_text's _scatter_params_to_slots fills them with
         format_sampling_params' padding), so the device sampler's mode becomes the request's."""
+        self._last_step = None  # the model leaves decode mode: the next decode loads the host's inputs
         if sampling is not None:
             self._device_argmax = _argmax(sampling)
         out = self.generator.prefill_forward_text(
@@ -148,13 +175,14 @@ class TTGalaxyBackend(Backend):
         return out[0] if isinstance(out, tuple) else out  # @00b0fa3f adds device log-probs when it has them
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, device_table: torch.Tensor,
-                sampling: list[SamplingParams] | None):
+                sampling: list[SamplingParams] | None, read_from_device: bool = True, reset_inputs: bool = True):
         """One step of all 32 slots on device block ids; returns tokens [32] or logits [32, 1, vocab].
         reset_inputs=True every step: decode_forward (generator.py @00b0fa3f) otherwise loads tokens, positions
         and sampling parameters only when the page table changed, and replays its trace on the device's own
         (the tokens it sampled, positions + 1). tenstorrent/vllm's runner (tt_model_runner.py @007ec40d) passes
         no reset_inputs and relies on that; here a slot retires at EOS with its page-table row unchanged, and
-        host-sampled rows feed tokens the device did not pick."""
+        host-sampled rows feed tokens the device did not pick. (decode_async chains steps where that holds.)"""
+        self._last_step = None
         if sampling is not None:
             self._device_argmax = all(_argmax(p) for p in sampling)
         out = self._decode_forward(
@@ -163,10 +191,12 @@ class TTGalaxyBackend(Backend):
             page_table=device_table,
             kv_cache=self.kv_cache,
             enable_trace=True,
-            read_from_device=True,
+            read_from_device=read_from_device,
             sampling_params=None if sampling is None else _tt_sampling(sampling),
-            reset_inputs=True,  # the host owns tokens and positions (slots join, leave and move between steps)
+            reset_inputs=reset_inputs,  # the host owns tokens and positions (slots join, leave and move between steps)
         )
+        if not read_from_device:
+            return out  # (tokens, log-probs) on the device, as read_decode_output takes them
         return out[0] if isinstance(out, tuple) else out  # newer generators also return log-probs
 
     def warmup(self) -> None:
@@ -231,6 +261,35 @@ class TTGalaxyBackend(Backend):
         if self.config.fabric_config != "DISABLED":
             self.ttnn.set_fabric_config(self.ttnn.FabricConfig.DISABLED)
         self.mesh = None
+
+
+class _TTDecodeOutput(DecodeOutput):
+    """A step decode_async started, its read enqueued: what the next step must match to chain on it."""
+
+    def __init__(self, backend: TTGalaxyBackend, host, events: list, device_table: torch.Tensor,
+                 positions: torch.Tensor, params: list[SamplingParams]):
+        self._backend, self._host, self._events = backend, host, events
+        self.device_table, self.positions, self.params = device_table, positions, params
+        self._tokens: torch.Tensor | None = None
+
+    def tokens(self) -> torch.Tensor:
+        if self._tokens is None:  # as tenstorrent/vllm's runner reads (tt_model_runner.py @00d852e2)
+            for event in self._events:
+                self._backend.ttnn.event_synchronize(event)
+            tokens, _ = self._backend.generator.process_decode_output_host(self._host, is_tokens=True)
+            self._tokens = tokens.view(-1)[:NUM_SLOTS].to(torch.long)
+            self._host = self._events = None
+        return self._tokens
+
+
+def _reads_async(generator) -> bool:
+    """Whether the generator splits a decode from its read as generator.py @00b0fa3f does: read_decode_output(tt_out,
+    async_read) enqueues the copy and returns its events, process_decode_output_host makes torch tensors of it.
+    Older ones take read_decode_output(tt_out, unpadded_batch_size, is_tokens) (what tenstorrent/vllm's runner
+    @00d852e2 calls), which this backend does not drive."""
+    read = getattr(generator, "read_decode_output", None)
+    return read is not None and "async_read" in inspect.signature(read).parameters and \
+        hasattr(generator, "process_decode_output_host")
 
 
 def _expected_times(config: TTMeshConfig, max_seq_len: int, column_tokens: int) -> dict:

@@ -757,6 +757,126 @@ def test_decode_continues_a_prefilled_sequence(backend):
     assert int(out[12]) == expected_next(prompt + [first])
 
 
+# --- overlapped decode (decode_async) -----------------------------------------------------------------
+
+def two_prefilled_slots(backend):
+    """Slots 12 and 13 (mesh column 1) after their prefills: (prompts with first tokens, decode inputs, table)."""
+    a, b = list(range(500, 700)), list(range(900, 1000))
+    a.append(int(backend.prefill(a, 0, [4, 5, 6, 7], slot=12, sampling=GREEDY)))
+    b.append(int(backend.prefill(b, 0, [8, 9], slot=13, sampling=GREEDY)))
+    tokens, positions, active = decode_inputs([12, 13], [len(a) - 1, len(b) - 1])
+    tokens[12], tokens[13] = a[-1], b[-1]
+    table = empty_table(backend)
+    table[12, :4], table[13, :2] = torch.tensor([4, 5, 6, 7]), torch.tensor([8, 9])
+    return (a, b), (tokens, positions, active), table
+
+
+def test_overlapped_steps_only_where_the_generator_reads_asynchronously(ttnn, hf_dir, monkeypatch):
+    """read_decode_output(async_read=True) and process_decode_output_host: generator.py @00b0fa3f. Without device
+    sampling there is no token on the device to feed the next step."""
+    for mode, expected in (("all", True), ("decode_only", True), (None, False)):
+        b = TTGalaxyBackend(hf_dir, tt_config={"sample_on_device_mode": mode, "enable_model_warmup": False})
+        assert b.caps.async_decode is expected
+        b.close()
+    from models.demos.llama3_70b_galaxy.tt.generator import Generator
+    monkeypatch.setattr(Generator, "read_decode_output", lambda self, tt_out, unpadded_batch_size, is_tokens: None)
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    assert not b.caps.async_decode  # an older signature (vllm/worker/tt_model_runner.py @00d852e2 calls this one)
+    b.close()
+
+
+def test_an_overlapped_step_runs_on_the_devices_own_tokens_and_reads_each_step(backend, ttnn):
+    """The runner starts step k + 1 before it reads step k. tt-metal's decode_forward(read_from_device=False)
+    returns the step's tokens on the device: the decode trace's own token input, which the sampler writes
+    (tt_out_tok) and the next replay reads and overwrites. With reset_inputs=False, the same page table and
+    device sampling, no prefill between, the next step loads nothing from the host: it runs on those tokens at
+    the positions + 1 (generator.py @00b0fa3f, as tenstorrent/vllm's runner @00d852e2 chains its steps). Each
+    step's read is enqueued (read_decode_output(async_read=True)) before the next step runs."""
+    (a, b), (tokens, positions, active), table = two_prefilled_slots(backend)
+    sampling = [GREEDY if s in (12, 13) else None for s in range(32)]
+    first = backend.decode_async(tokens, positions, table, active, sampling)
+    second = backend.decode_async(first, positions + active, table, active, sampling)
+    calls = gen_calls(backend, "decode_forward")[-2:]
+    assert [c["read_from_device"] for c in calls] == [False, False]
+    assert [(c["reset_inputs"], c["inputs_loaded"]) for c in calls] == [(True, True), (False, False)]
+    assert list(calls[1]["written"]) == [12, 13]
+    read = first.tokens()
+    assert read.shape == (32,) and read.dtype == torch.long
+    a.append(expected_next(a)), b.append(expected_next(b))
+    assert read[[12, 13]].tolist() == [a[-1], b[-1]]
+    assert second.tokens()[[12, 13]].tolist() == [expected_next(a), expected_next(b)]
+    assert first.tokens()[[12, 13]].tolist() == [a[-1], b[-1]]  # read once, kept
+
+
+@pytest.mark.parametrize("between", ["a slot leaves", "a prefill", "a step one at a time"])
+def test_a_step_the_device_cannot_chain_loads_the_previous_tokens_from_the_host(backend, ttnn, between):
+    """A slot that leaves goes to the device at position -1 with the spare block's row: another page table, so
+    decode_forward loads every input from the host (generator.py @00b0fa3f), tokens included, as it does after a
+    prefill (the model switched mode) or after another decode; tokens the host has not read would be lost. So
+    the previous step is read first and the step takes its tokens from the host."""
+    (a, b), (tokens, positions, active), table = two_prefilled_slots(backend)
+    sampling = [GREEDY if s in (12, 13) else None for s in range(32)]
+    first = backend.decode_async(tokens, positions, table, active, sampling)
+    following = active.clone()
+    if between == "a slot leaves":
+        following[13] = False
+    elif between == "a prefill":
+        backend.prefill(list(range(300)), 0, [20, 21, 22, 23, 24], slot=0, sampling=GREEDY)
+    else:
+        backend.decode(torch.zeros(32, dtype=torch.long), torch.full((32,), -1), table,
+                       torch.zeros(32, dtype=torch.bool), [None] * 32)
+    second = backend.decode_async(first, positions + following, table, following,
+                                  [p if following[s] else None for s, p in enumerate(sampling)])
+    call = last_call(backend, "decode_forward")
+    assert (call["reset_inputs"], call["inputs_loaded"]) == (True, True)
+    a.append(expected_next(a)), b.append(expected_next(b))
+    assert call["tokens"][[12, 13], 0].tolist() == [a[-1], b[-1]]
+    assert list(call["written"]) == ([12] if between == "a slot leaves" else [12, 13])
+    assert first.tokens()[[12, 13]].tolist() == [a[-1], b[-1]]
+    assert int(second.tokens()[12]) == expected_next(a)
+
+
+def serve_on_the_galaxy(hf_dir, async_decode: bool) -> tuple[list, int, torch.Tensor]:
+    """MeshRunner over the backend: three slots on two mesh columns, each with its own budget, over two works of
+    five steps. Returns (each step's tokens and finish reasons, how many steps ran on the device's own inputs,
+    the KV the columns hold)."""
+    import dataclasses
+
+    import numpy as np
+
+    from model.runner import MeshRunner
+    from scheduler.work import DecodeRound, MeshWork, PrefillChunk
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    b.caps = dataclasses.replace(b.caps, async_decode=async_decode)
+    runner = MeshRunner(b)
+    table = np.zeros((32, 4), dtype=np.int32)
+    prefills = []
+    for slot, prompt, max_tokens in ((0, list(range(1, 70)), 3), (9, list(range(80, 200)), 20), (10, [7], 7)):
+        blocks = [slot * 4 + i for i in range(4)]
+        table[slot] = blocks
+        prefills.append(PrefillChunk(f"r{slot}", slot, prompt, 0, blocks, SamplingParams(temperature=0.0,
+                                     max_tokens=max_tokens), len(prompt), stop_token_ids=(128009,)))
+    messages = []
+    for work_id in range(2):
+        listed = [0, 9, 10] if work_id == 0 else sorted(runner.slots)
+        work = MeshWork(work_id, prefills if work_id == 0 else [], DecodeRound(5, listed, table))
+        messages += [(list(r.tokens), dict(r.finished)) for r in runner.execute(work)]
+    chained = sum(not c["inputs_loaded"] for c in gen_calls(b, "decode_forward"))
+    kv = b.kv_cache[0][0][0].columns.clone()
+    b.close()
+    return messages, chained, kv
+
+
+def test_the_runners_overlapped_steps_give_the_answers_and_kv_of_one_step_at_a_time(ttnn, hf_dir):
+    """The runner leaves a slot whose budget a step spends out of the next step (model/runner.py): on the Galaxy
+    that step loads the host's inputs; the others run on the device's own."""
+    expected, none_chained, expected_kv = serve_on_the_galaxy(hf_dir, async_decode=False)
+    got, chained, kv = serve_on_the_galaxy(hf_dir, async_decode=True)
+    assert got == expected and torch.equal(kv, expected_kv)
+    # In each work: step 0 loads, 1 chains, 2 loads (the first work's slot 0, the second's slot 10 left), 3 and 4 chain
+    assert none_chained == 0 and chained == 6
+
+
 def test_older_generators_decode_through_decode_forward_text(ttnn, hf_dir, monkeypatch):
     from models.demos.llama3_70b_galaxy.tt.generator import Generator
     monkeypatch.setitem(sys.modules, GENERATOR_VLLM, None)

@@ -11,6 +11,8 @@ Signatures follow ttnn's Python API as tt-metal and the tt vLLM worker call it:
 - as_tensor / ReplicateTensorToMesh / TILE_LAYOUT / DRAM_MEMORY_CONFIG / bfloat8_b: ttnn/ttnn/operations/core.py,
   as used by tt-metal models/demos/llama3_70b_galaxy/tt/generator_vllm.py @0be6ffc8 allocate_vllm_kv_cache
 - begin/end_trace_capture, release_trace, deallocate: as called by the Galaxy generator.py @00b0fa3f
+- record_event / event_synchronize / to_torch, and a tensor's cpu(blocking=False): its read_decode_output(async_read)
+  and process_decode_output_host, and tenstorrent/vllm vllm/worker/tt_model_runner.py @00d852e2's read of them
 """
 from __future__ import annotations
 
@@ -127,6 +129,47 @@ class Tensor:
     # Double-only: a replicated KV tensor has its own memory on every chip, and only a mesh column's users
     # touch that column's copy; the generator double keeps the token id each column's copy holds here.
     columns: torch.Tensor | None = field(default=None, repr=False)
+
+
+class Event:
+    """A recorded point in a command queue (ttnn.record_event); event_synchronize waits for it."""
+
+    def __init__(self):
+        self.synchronized = False
+
+
+def record_event(mesh_device: MeshDevice, cq_id: int = 0) -> Event:
+    calls.append(("record_event", {"cq_id": cq_id}))
+    return Event()
+
+
+def event_synchronize(event: Event) -> None:
+    event.synchronized = True
+    calls.append(("event_synchronize", {}))
+
+
+class DeviceBuffer:
+    """Double-only: a device tensor the generator double writes in place (a trace's persistent input or output).
+    cpu(blocking=False) is the copy a command queue makes when it reaches it: the values as they are then, which
+    the host may read once the event recorded after it is synchronised."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+    def cpu(self, blocking: bool = True, cq_id: int = 0, event: Event | None = None) -> HostTensor:
+        return HostTensor(self.value.clone(), None if blocking else event)
+
+
+@dataclass
+class HostTensor:
+    value: torch.Tensor
+    event: Event | None = None  # the read's event, when it was enqueued without blocking
+
+
+def to_torch(tensor: HostTensor) -> torch.Tensor:
+    if tensor.event is not None and not tensor.event.synchronized:
+        errors.append("a non-blocking read used before its event was synchronised")
+    return tensor.value.clone()
 
 
 def set_fabric_config(fabric_config: FabricConfig, reliability_mode=None) -> None:

@@ -1,6 +1,7 @@
 """Double of tt-metal models/demos/llama3_70b_galaxy/tt/generator.py, as read at commit 00b0fa3f57bf8c13 (the
 newest version the index holds; tt-inference-server pins e867533, which the index could not resolve): the
-Generator constructor, prefill_forward_text and decode_forward with the real signatures, the input checks,
+Generator constructor, prefill_forward_text and decode_forward with the real signatures (decode_forward's
+read_from_device=False split from read_decode_output(async_read=True) and process_decode_output_host), the input checks,
 page-table padding, the heuristic that recomputes a cached prefix when reusing it would not pay, sampling-
 parameter placement, the lazy built-in prefill warm-up and the finaliser.
 
@@ -119,6 +120,7 @@ class Generator:
         self.prev_page_table: torch.Tensor | None = None
         self.prev_sampling_on_device: bool | None = None
         self.decode_setup = False  # model.is_decode_setup: a prefill switches the model to prefill mode
+        self.token_buffer = ttnn.DeviceBuffer(torch.zeros(MAX_BATCH, dtype=torch.int32))  # the trace's token input
 
     def _reset_sampling(self, params: SamplingParams) -> bool:
         """SamplingGenerator.reset_sampling_params (models/common/sampling/generator.py @00b0fa3f): a change of
@@ -235,7 +237,11 @@ class Generator:
         # The real decode_forward loads the host's tokens, positions and sampling parameters only when it must:
         # reset_inputs, logits wanted, a switch between device and host sampling, another page table, or a
         # prefill since the last decode. Otherwise the trace replays on what its device inputs hold: the tokens
-        # it sampled last step, the positions one further (the double leaves a skipped user, -1, skipped).
+        # it sampled last step, the positions one further. A skipped user, -1, stays skipped: the Galaxy model's
+        # decode ends with ttnn.plus_one(current_pos, skip_negative_entries=True) (llama_model.py,
+        # _increment_decode_positions_device, in the versions whose decode returns log-probs as @00b0fa3f's
+        # generator expects; the older llama_model.py @2c4674af passes no skip_negative_entries, so there -1
+        # becomes 0 and the row writes its page-table row's first block: the spare device block 0 here).
         if self.prev_page_table is not None and self.prev_page_table.shape != page_table.shape:
             # the real one's `torch.any(self.prev_page_table != page_table)` cannot broadcast another width
             raise RuntimeError(f"The size of tensor a ({self.prev_page_table.shape[1]}) must match the size of "
@@ -284,11 +290,35 @@ class Generator:
             "written": written, "slot_params": placed, "sampling_mode_changed": mode_changed,
             "sampling_trace_captured": captured, "compiled": self._compile(*keys)}))
         self.device_inputs = next_tokens.view(-1, 1), torch.where(start_pos >= 0, start_pos + 1, start_pos)
+        if not read_from_device:
+            # (tt_tok, tt_log_probs) on the device. tt_tok is the decode trace's own token input
+            # (sampling.sample(..., tt_out_tok=self.trace_inputs_decode[return_logits][0])): the next step reads it
+            # and writes its own tokens over it, so a read must be enqueued before that step runs.
+            self.token_buffer.value = next_tokens.to(torch.int32)
+            return self.token_buffer, None
         if return_logits:  # process_decode_output_host: logits [32, 1, vocab]
             logits = torch.zeros(MAX_BATCH, 1, self.model.vocab_size)
             logits[torch.arange(MAX_BATCH), 0, next_tokens] = 1.0
             return logits, torch.ones(MAX_BATCH, 1)
         return next_tokens.to(torch.int32), torch.ones(MAX_BATCH)  # (tokens [32], log-probs [32])
+
+    def read_decode_output(self, tt_out, async_read=True):
+        """generator.py @00b0fa3f: async_read enqueues a non-blocking copy of the tokens (and log-probs) to the
+        host on command queue 0 (model.process_output_decode: .cpu(blocking=False, cq_id=0)) and records an event
+        after it: ((tokens, log_probs), [event]). The copy holds the buffer as it is when the queue reaches it,
+        so what a later step writes into it is not in it."""
+        tt_tok, tt_log_probs = tt_out if isinstance(tt_out, tuple) else (tt_out, None)
+        if not async_read:
+            return tt_tok.cpu(), None if tt_log_probs is None else tt_log_probs.cpu()
+        event = ttnn.record_event(self.mesh_device, 0)
+        return (tt_tok.cpu(blocking=False, event=event), None), [event]
+
+    def process_decode_output_host(self, tt_out, is_tokens=True):
+        """generator.py @00b0fa3f: host tensors to torch: (tokens [32], log-probs [32]; ones when the device gave
+        none). The host copy is complete only once its read's event is synchronised."""
+        tt_tok, tt_log_probs = tt_out if isinstance(tt_out, tuple) else (tt_out, None)
+        tokens = ttnn.to_torch(tt_tok)
+        return tokens, torch.ones(tokens.shape) if tt_log_probs is None else ttnn.to_torch(tt_log_probs)
 
     def __del__(self):
         """The real finaliser releases every captured trace, then closes the model's CCL."""
