@@ -195,7 +195,13 @@ class MeshRunner:
                 _, positions, _, active = self._decode_inputs(following, page_table, ahead=1)
                 started = following, self._start(following, output, positions, page_table, active)
             if previous is not None:
-                yield previous
+                try:
+                    yield previous
+                except GeneratorExit:  # its consumer let go (the replica's shutdown, which then closes the device):
+                    output.tokens()  # no step is left running beside that
+                    if started is not None:
+                        started[1].tokens()
+                    raise
             tokens = output.tokens().tolist()
             for s in live:
                 state = self.slots.get(s)

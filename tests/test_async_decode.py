@@ -152,3 +152,18 @@ def test_a_slot_sampled_on_the_host_takes_its_steps_one_at_a_time():
     results = list(runner.execute(MeshWork(1, [], DecodeRound(2, [0, 1], np.zeros((4, 1), dtype=np.int32)))))
     assert [r.tokens[:2] for r in results] == [[3, 3], [4, 4]]
     assert backend.log == [("decode", [0, 1]), ("decode", [0, 1])]
+
+
+def test_a_work_let_go_of_mid_round_reads_every_step_it_started():
+    """The replica's shutdown stops a work at its next result (mesh_replica._run) and then closes the device, which
+    must not happen beside a running step (ttnn is not thread-safe): the steps started ahead of that result were left
+    running. Each is now read (waited for) before the work's results end."""
+    backend = OverlappingBackend()
+    runner = MeshRunner(backend)
+    start(runner, 0, [5], temperature=0.0, max_tokens=100)
+    results = runner.execute(MeshWork(1, [], DecodeRound(6, [0], np.zeros((4, 1), dtype=np.int32))))
+    assert [next(results).tokens[0], next(results).tokens[0]] == [3, 4]
+    results.close()  # as `break` does in mesh_replica._run
+    started = [entry[1] for entry in backend.log if entry[0] == "start"]
+    assert started == [0, 1, 2, 3]
+    assert sorted(entry[1] for entry in backend.log if entry[0] == "read") == started
