@@ -171,37 +171,35 @@ class MeshRunner:
             if started is None:
                 live = [s for s in listed if s in self.slots]
                 inputs = self._decode_inputs(live, page_table) if live else None
-                if inputs is not None and more and self.caps.async_decode and self._on_device(live):
-                    started = live, self._start(live, *inputs)
-                else:
-                    if previous is not None:
-                        # The previous step's result leaves now, with this step's inputs ready and the device about
-                        # to run: whoever takes it (the mesh replica's event loop, which needs the GIL for ~0.1-0.3
-                        # ms) then works while this thread waits on the device, not while it prepares the next step.
-                        yield previous
+                if previous is not None:
+                    # The previous step's result leaves now, with this step's inputs ready and the device about to
+                    # run: whoever takes it (the mesh replica's event loop, which needs the GIL for ~0.1-0.3 ms)
+                    # then works while this thread waits on the device, not while it prepares the next step.
+                    yield previous
+                    previous = None
+                if inputs is None or not (more and self.caps.async_decode and self._on_device(live)):
                     if inputs is not None:
                         self._decode_step(live, inputs, result)
                     previous = result
                     continue
+                started = live, self._start(live, *inputs)
             live, output = started
+            started = None
+            if previous is not None:  # before the next step starts: a fault there loses no result already read
+                try:
+                    yield previous
+                except GeneratorExit:  # its consumer let go (the replica's shutdown, which then closes the device):
+                    output.tokens()  # no step is left running beside that
+                    raise
             # The next step starts before this one's tokens are read, so the device never waits for the host's work
             # on them. Its rows: the slots still live that this step cannot end by their budget. One that this step
             # ends with a stop id runs once more; that step writes only the KV of its last token, at its own
             # position in its own blocks, and its token is dropped.
             following = [s for s in live if s in self.slots
                          and self.slots[s].num_generated + 1 < self.slots[s].params.max_tokens]
-            started = None
             if following and more and self._on_device(following):
                 _, positions, _, active = self._decode_inputs(following, page_table, ahead=1)
                 started = following, self._start(following, output, positions, page_table, active)
-            if previous is not None:
-                try:
-                    yield previous
-                except GeneratorExit:  # its consumer let go (the replica's shutdown, which then closes the device):
-                    output.tokens()  # no step is left running beside that
-                    if started is not None:
-                        started[1].tokens()
-                    raise
             tokens = output.tokens().tolist()
             for s in live:
                 state = self.slots.get(s)
