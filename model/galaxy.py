@@ -137,7 +137,10 @@ class TTMeshConfig:
     `enable_model_warmup` (tt_worker.py's key of that name) compiles and captures every prefill length, decode
     and sampling variant at load, before the replica takes traffic; off only for bring-up.
     `line_rs` / `line_ag` set LINE_RS / LINE_AG for tt-metal's CCLs (read when its llama_ccl module is
-    imported); None leaves the environment as it is."""
+    imported); None leaves the environment as it is.
+    `overlap_decode` (meshserve's own) starts decode step k + 1 on the device's tokens before step k is read
+    (docs/DESIGN.md, overlapped steps); checked against the double of tt-metal's generator, not on a Galaxy, so
+    false takes one step at a time, reading each, for a checkout whose on-device token feedback misbehaves."""
 
     dispatch_core_axis: Literal["row", "col"] = "col"
     fabric_config: Literal["DISABLED", "FABRIC_1D", "FABRIC_1D_RING", "FABRIC_2D"] = "FABRIC_1D_RING"
@@ -151,3 +154,4 @@ class TTMeshConfig:
     enable_model_warmup: Annotated[bool, Strict()] = True
     line_rs: Annotated[bool, Strict()] | None = None
     line_ag: Annotated[bool, Strict()] | None = None
+    overlap_decode: Annotated[bool, Strict()] = True

@@ -95,8 +95,8 @@ class TTGalaxyBackend(Backend):
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
                                      device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
                                      max_device_top_k=DEVICE_MAX_TOP_K,
-                                     async_decode=config.sample_on_device_mode is not None and _reads_async(
-                                         self.generator),
+                                     async_decode=config.overlap_decode and config.sample_on_device_mode is not None
+                                     and _reads_async(self.generator),
                                      **_expected_times(config, max_seq_len, num_blocks * block_size))
             if config.enable_model_warmup:
                 self.warmup()

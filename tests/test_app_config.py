@@ -87,6 +87,7 @@ GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
     ({**GALAXY, "mesh_shape": ["8", 4]}, "mesh_shape"),
     ({**GALAXY, "mesh_shape": [8.0, 4.0]}, "mesh_shape"),
     ({**GALAXY, "override_tt_config": {"enable_model_warmup": "off"}}, "override_tt_config.enable_model_warmup"),
+    ({**GALAXY, "override_tt_config": {"overlap_decode": "no"}}, "override_tt_config.overlap_decode"),
     ({**GALAXY, "override_tt_config": {"worker_l1_size": "1344544"}}, "override_tt_config.worker_l1_size"),
     ({**GALAXY, "override_tt_config": {"trace_region_size": 2.0e8}}, "override_tt_config.trace_region_size"),
     ({**GALAXY, "override_tt_config": {"line_rs": 1}}, "override_tt_config.line_rs"),

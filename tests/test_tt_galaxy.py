@@ -785,6 +785,13 @@ def test_overlapped_steps_only_where_the_generator_reads_asynchronously(ttnn, hf
     b.close()
 
 
+def test_overlapped_steps_can_be_turned_off(ttnn, hf_dir):
+    """The operator's switch (override_tt_config.overlap_decode): overlap is checked against the double only."""
+    b = TTGalaxyBackend(hf_dir, tt_config={"overlap_decode": False, "enable_model_warmup": False})
+    assert not b.caps.async_decode
+    b.close()
+
+
 def test_an_overlapped_step_runs_on_the_devices_own_tokens_and_reads_each_step(backend, ttnn):
     """The runner starts step k + 1 before it reads step k. tt-metal's decode_forward(read_from_device=False)
     returns the step's tokens on the device: the decode trace's own token input, which the sampler writes
