@@ -23,13 +23,16 @@ After `--warmup-s` (the first prefills) it measures over `--seconds`:
   router_cpu_us_per_token  CPU of the event-loop thread (time.thread_time: the router's scheduling, result
                            intake, flushing, (un)pickling and its share of the async plumbing, plus the
                            consumers' counting, which is trivial) per token the consumers received;
-  busy                     per mesh, simulated device seconds / wall seconds (the prefill and decode time
-                           the backend slept for); every mesh >= 0.97 is `kept_busy`;
+  busy                     per mesh, simulated device seconds / wall seconds (the published prefill and
+                           decode times of the steps the device ran; an overlapped step starts when the one
+                           before it ends, or when the host starts it if later); every mesh >= 0.97 is
+                           `kept_busy`;
   starved                  per mesh, the fraction of the time it waited for a work: the router was late
                            (what a slow router costs; threads: no work queued on the mesh);
   overrun                  per mesh, time inside works beyond the device time, per wall second: its own host
-                           work (MeshRunner), waiting for a core (or the GIL), late wake-ups (what this box
-                           costs, not the router);
+                           work (MeshRunner) where no step overlaps it (a step that needs host logits, a
+                           work's last), waiting for a core (or the GIL), late wake-ups (what this box costs,
+                           not the router);
   loop_busy, lag p99       the loop thread's CPU / wall (1.0: the router is out of CPU) and how late a 5 ms
                            timer on it fires (99th percentile); `router_cores_at_full_speed` = loop_busy /
                            mean busy: the cores the router would need to keep every mesh 100% busy;
