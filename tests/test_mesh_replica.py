@@ -93,6 +93,38 @@ def test_a_work_whose_turn_has_come_goes_to_the_worker_thread_in_the_loop_pass_t
     asyncio.run(main())
 
 
+def test_a_prefills_first_token_is_taken_by_the_loop_before_the_worker_goes_on_to_the_decode(replica, monkeypatch):
+    """Starting a decode step holds the GIL: had the worker thread gone on to it, the loop woken for the first token
+    would have waited for that host work before it could send the token on. Under uvloop, as Serve runs a replica:
+    its wake-up from another thread leaves the GIL with that thread, which asyncio's (a socket write) lets go."""
+    import numpy as np
+    import uvloop
+
+    from scheduler.work import DecodeRound
+    monkeypatch.setattr(mesh_replica, "HANDOFF_WAIT_S", 30.0, raising=False)  # the order is tested, not the bound
+    taken: list = []
+    taken_when_resumed: list[int] = []  # results the loop had taken each time the worker asked the runner for more
+    execute = replica.runner.execute
+
+    def runner_execute(work):
+        for result in execute(work):
+            yield result
+            taken_when_resumed.append(len(taken))
+    monkeypatch.setattr(replica.runner, "execute", runner_execute)
+    table = np.zeros((32, 16), dtype=np.int32)
+    table[0] = range(16)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    work = MeshWork(0, [PrefillChunk("r0", 0, [7] * 300, 0, list(range(5)), params, 300)], DecodeRound(3, [0], table))
+
+    async def main():
+        await replica.reset()
+        async for result in replica.execute(work, replica.incarnation):
+            taken.append(result)
+    uvloop.run(main())
+    assert len(taken) == 4 and taken[0].tokens[0] >= 0
+    assert taken_when_resumed[0] == 1  # the first token was taken before the runner went on to the decode
+
+
 def test_a_heartbeat_drops_the_slots_it_releases_before_it_is_answered(replica):
     """A heartbeat is a work of no message that carries the slots a cancel freed on an idle mesh (Router._heartbeat).
     With no message to wait for, its loop ended at once, and the work, not started yet on the worker thread, was
