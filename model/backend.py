@@ -122,9 +122,10 @@ class Backend(ABC):
                      active: torch.Tensor, sampling: list[SamplingParams | None]) -> DecodeOutput:
         """Start one step sampled on the device for every active row (decode's arguments, `sampling[s]` set for each)
         and return without waiting for it. `tokens` may be the previous step's output, whose tokens stay on the
-        device: the host starts step k + 1 before it reads step k, as tenstorrent/vllm's TT runner does with
-        tt-metal's `decode_forward(read_from_device=False)` and `read_decode_output(async_read=True)`
-        (models/tt_transformers/tt/generator.py). Only where caps.async_decode."""
+        device: the host starts step k + 1 before it reads step k, as tenstorrent/vllm's TT runner does
+        (vllm/worker/tt_model_runner.py @00d852e2) with tt-metal's `decode_forward(read_from_device=False)` and
+        `read_decode_output(async_read=True)` (models/demos/llama3_70b_galaxy/tt/generator.py @00b0fa3f). Only where
+        caps.async_decode."""
         raise NotImplementedError("this backend decodes one step at a time (caps.async_decode is False)")
 
     def can_sample(self, params: SamplingParams) -> bool:
