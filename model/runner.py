@@ -195,9 +195,11 @@ class MeshRunner:
             # on them. Its rows: the slots still live that this step cannot end by their budget. One that this step
             # ends with a stop id runs once more; that step writes only the KV of its last token, at its own
             # position in its own blocks, and its token is dropped.
-            following = [s for s in live if s in self.slots
-                         and self.slots[s].num_generated + 1 < self.slots[s].params.max_tokens]
-            if following and more and self._on_device(following):
+            # Every slot of a started step samples on the device, and stays so (min_tokens only ever stops masking).
+            slots = self.slots
+            following = [s for s in live if (st := slots.get(s)) is not None
+                         and len(st.token_ids) - st.num_prompt_tokens + 1 < st.params.max_tokens]
+            if following and more:
                 _, positions, _, active = self._decode_inputs(following, page_table, ahead=1)
                 started = following, self._start(following, output, positions, page_table, active)
             tokens = output.tokens().tolist()
@@ -234,11 +236,11 @@ class MeshRunner:
     def _decode_inputs(self, live: list[int], page_table: torch.Tensor, ahead: int = 0) -> tuple:
         """The backend's decode arguments for the live slots: (tokens, positions, page_table, active); `ahead`
         steps later (the positions only: those steps' tokens are still on the device)."""
-        n = self.caps.num_slots
+        n, slots = self.caps.num_slots, self.slots
         tokens, positions, active = [0] * n, [0] * n, [False] * n
         for s in live:
-            st = self.slots[s]
-            tokens[s], positions[s], active[s] = st.token_ids[-1], len(st.token_ids) - 1 + ahead, True
+            ids = slots[s].token_ids
+            tokens[s], positions[s], active[s] = ids[-1], len(ids) - 1 + ahead, True
         # via numpy: torch.tensor from a list costs ~12-15 us each on the 2-core box, this ~3, every step
         return (torch.from_numpy(np.array(tokens, dtype=np.int64)),
                 torch.from_numpy(np.array(positions, dtype=np.int64)), page_table,
