@@ -122,11 +122,8 @@ class TTGalaxyBackend(Backend):
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
-        # position -1: the slot is skipped, its cache untouched. Its row goes as the spare block 0, as vLLM pads idle
-        # rows with its null block (tt_model_runner.py @007ec40d): a retired slot's row names blocks the router may
-        # have given to another slot of its column since.
-        device_table = torch.where(active[:, None], page_table + 1, 0).to(torch.int32)
-        out = self._decode(tokens, torch.where(active, positions, -1), device_table,
+        device_table, positions = _device_rows(page_table, positions, active)
+        out = self._decode(tokens, positions, device_table,
                            None if sampling is None else [p or _GREEDY for p in sampling])
         return out.to(torch.long) if sampling is not None else out[:, -1].float()
 
@@ -139,8 +136,7 @@ class TTGalaxyBackend(Backend):
         goes with reset_inputs=False: the trace replays on the device's tokens and positions + 1, as tenstorrent/
         vllm's runner chains its steps (vllm/worker/tt_model_runner.py @00d852e2). Any other step makes the
         generator load the host's inputs, so it takes the previous step's tokens from the host."""
-        device_table = torch.where(active[:, None], page_table + 1, 0).to(torch.int32)
-        positions = torch.where(active, positions, -1)
+        device_table, positions = _device_rows(page_table, positions, active)
         params = [p or _GREEDY for p in sampling]
         last = self._last_step
         chained = tokens is last and last is not None and torch.equal(last.device_table, device_table) \
@@ -280,6 +276,15 @@ class _TTDecodeOutput(DecodeOutput):
             self._tokens = tokens.view(-1)[:NUM_SLOTS].to(torch.long)
             self._host = self._events = None
         return self._tokens
+
+
+def _device_rows(page_table: torch.Tensor, positions: torch.Tensor, active: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's (device page table int32 [32, width], positions [32]): caller block ids + 1 (the spare device
+    block 0 is none of the router's), and for an inactive row position -1 (skipped, its cache untouched) and the
+    spare block 0, as vLLM pads idle rows with its null block (tt_model_runner.py @007ec40d): a retired slot's row
+    names blocks the router may have given to another slot of its column since."""
+    return torch.where(active[:, None], page_table + 1, 0).to(torch.int32), torch.where(active, positions, -1)
 
 
 def _reads_async(generator) -> bool:
