@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import tokenization
 from deployments.aio import within
@@ -71,6 +72,45 @@ def named(req: ChatCompletionRequest | CompletionRequest, request: Request):
     return req.model_copy(update={"request_id": header})
 
 
+# The response headers openai-node reads besides the body (client.mjs: shouldRetry's `x-should-retry`, retryRequest's
+# `retry-after`; `x-request-id`, which Serve's proxies put on every answer, as its request_id). A page's script sees
+# only the CORS-safelisted ones unless the answer names the rest (Fetch standard, CORS-filtered response): hidden,
+# a 500 the meshes failed on was sent twice more from a browser, and a 429 retried after the SDK's own backoff.
+EXPOSED_HEADERS = ["x-should-retry", "retry-after", "x-request-id"]
+
+
+def internal(method: str, path: str, exc: BaseException) -> APIError:
+    """The 500 for a failure no handler took, logged with its traceback; the client learns nothing of it."""
+    log.exception("%s %s failed", method, path, exc_info=exc)
+    return APIError(500, "Internal server error.", "internal_error")
+
+
+class InternalErrors:
+    """ASGI middleware: a failure no handler took, before the answer started, is `internal`'s 500 sent from here.
+    Starlette sends that 500 from ServerErrorMiddleware, outside every middleware the app adds (applications.py
+    build_middleware_stack), so it passed CORS by: a browser made it a network error, which openai-node retries
+    twice as a connection failure (client.mjs makeRequest) and then reports as "Connection error."."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:  # too late for another answer: Starlette's own handling, as before
+                raise
+            await internal(scope["method"], scope["path"], exc).response()(scope, receive, send)
+
+
 def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str | list[str],
               api_keys: list[str] | None = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
               metrics_open: bool = False, allowed_origins: list[str] | None = None,
@@ -96,7 +136,9 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         open_paths = frozenset({"/health", "/ping", "/version", *(["/metrics"] if metrics_open else [])})
         app.add_middleware(KeyCheck, keys=ApiKeys(api_keys), open_paths=open_paths)
     if allowed_origins:  # outside the key check: a browser's preflight carries no key
-        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(InternalErrors)  # inside CORS: its 500 carries Access-Control-Allow-Origin
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=EXPOSED_HEADERS)
     app.add_middleware(ClientGone)  # outermost: any response's send may find its client gone
 
     def salt(request: Request, cache_salt: str | None) -> str | None:
@@ -260,8 +302,7 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
-        log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return APIError(500, "Internal server error.", "internal_error").response()
+        return internal(request.method, request.url.path, exc).response()
 
     return app
 

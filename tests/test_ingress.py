@@ -763,6 +763,55 @@ def test_allowed_origins_answer_a_browsers_preflight_before_the_key_check(router
         "/v1/chat/completions", json=CHAT, headers={"Origin": "https://app.example"}).headers  # off by default
 
 
+# What openai-node in a browser (dangerouslyAllowBrowser) sends: its own headers besides the body's (client.mjs
+# buildHeaders), so the browser asks first (Fetch: a CORS-preflight request).
+BROWSER_SDK = {"Origin": "https://app.example", "Accept": "application/json", "Authorization": "Bearer k1",
+               "X-Stainless-Retry-Count": "0", "X-Stainless-Lang": "js", "X-Stainless-Runtime": "browser:chrome"}
+
+
+def browser_sees(response, name: str) -> str | None:
+    """A response header as a page's script reads it: the Fetch standard's CORS-filtered response holds the
+    CORS-safelisted response-header names and those in Access-Control-Expose-Headers, nothing else; and a
+    response without Access-Control-Allow-Origin is a network error altogether (None for every header)."""
+    if "access-control-allow-origin" not in response.headers:
+        return None
+    exposed = {h.strip().lower() for h in response.headers.get("access-control-expose-headers", "").split(",")}
+    safelisted = {"cache-control", "content-language", "content-length", "content-type", "expires", "last-modified",
+                  "pragma"}
+    return response.headers.get(name) if name.lower() in safelisted | exposed else None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_browsers_sdk_reads_the_headers_that_steer_its_retries(router, tokenizer, stream):
+    """openai-node reads `x-should-retry` (shouldRetry) and `retry-after` (retryRequest) from a refusal, and
+    `x-request-id` (its request_id): hidden from a page's script, a 500 the meshes failed on was sent twice more
+    (each taking meshes down again) and a 429 came back after its own backoff, not the server's."""
+    client = make_client(router, tokenizer, api_keys=["k1"], allowed_origins=["https://app.example"])
+    preflight = client.options("/v1/chat/completions", headers={
+        "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": ", ".join(sorted({*BROWSER_SDK, "content-type"} - {"Origin"})).lower()})
+    assert preflight.status_code == 200
+    router.refuse = MeshFailures("2 model replicas in a row failed while computing it")
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream}, headers=BROWSER_SDK)
+    assert r.status_code == 500 and browser_sees(r, "x-should-retry") == "false"
+    router.refuse = QueueFull("waiting queue is full")
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream}, headers=BROWSER_SDK)
+    assert r.status_code == 429 and browser_sees(r, "retry-after") == r.headers["retry-after"]
+
+
+def test_a_failure_no_handler_took_is_a_500_a_browser_can_read(router, tokenizer):
+    """Starlette answers an exception no handler took from ServerErrorMiddleware, outside every middleware the app
+    adds (starlette/applications.py build_middleware_stack), CORS's too: without Access-Control-Allow-Origin the
+    browser made the 500 a network error, which openai-node retries twice as a connection failure (client.mjs
+    makeRequest) and then reports as "Connection error."."""
+    client = make_client(router, tokenizer, api_keys=["k1"], allowed_origins=["https://app.example"])
+    router.refuse = ValueError("secret internals")
+    r = client.post("/v1/chat/completions", json=CHAT, headers=BROWSER_SDK)
+    assert r.status_code == 500 and browser_sees(r, "content-type") == "application/json"
+    assert r.json()["error"]["type"] == "internal_error" and "secret" not in r.text
+    assert len(router.requests) == 1
+
+
 def test_gateway_probes_answer_head_and_vllms_ping(router, tokenizer, monkeypatch):
     """Load balancers probe with HEAD (Azure Front Door's default; RFC 9110 9.1: a server supports GET and HEAD) and
     SageMaker with GET /ping; vLLM serves /ping (GET and POST) as /health. Both stay open without a key, and say
