@@ -167,8 +167,8 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     """The Responses stream: created, in_progress; per output item, its opening, its deltas and its end (a call
     ends when the next one starts, as OpenAI's stream closes one item before it adds the next); then completed
     (or incomplete, at max_output_tokens). A delta carries the logprobs of the tokens taken since the one
-    before; tokens after the last text (an EOS) are in output_text.done only. An `error` event ends a stream
-    whose answer failed on the way."""
+    before; tokens after the last text (an EOS) are in output_text.done only. A stream whose answer failed on
+    the way ends with response.failed, then an `error` event (its param too) that the SDKs raise."""
     numbers = itertools.count()
     prep = answer.prep
 
@@ -217,6 +217,20 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         item["status"] = status
         return [*done, event("response.output_item.done", output_index=index, item=item)]
 
+    def failed(error: APIError) -> str:
+        """response.failed, the event OpenAI ends a failed response with: the output so far, its open items
+        incomplete, and the error as Response.error, whose code is one of OpenAI's (openai-python's ResponseError).
+        A reader of lifecycle events (openai-node's accumulateResponse) saw the response in_progress without it."""
+        def ended(item: dict) -> dict:
+            if item["status"] != "in_progress":
+                return item
+            return {**item, "status": "incomplete", **({"content": [_text_part("".join(texts))]} if item is message
+                                                       else {"arguments": "".join(arguments[item["id"]])})}
+        response = answer.response("failed", [ended(item) for item in output], answer.usage(generated, cached))
+        code = ("rate_limit_exceeded" if error.status == 429 else "invalid_prompt" if error.status < 500 else
+                "server_error")
+        return event("response.failed", response={**response, "error": {"code": code, "message": error.info.message}})
+
     finish, generated, cached = None, 0, 0
     whole = False  # the answer's calls are whole (ToolCallStream.feed's, at the end)
     try:  # the opening events went out with the headers: EventStream keeps the stream alive until the first delta
@@ -258,8 +272,12 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
             log.exception("stream %s failed", prep.router_id)  # as a chat stream's
             error = APIError(500, "Internal server error.", "internal_error")
         renamed(error)
+        yield failed(error)
+        # `error` beside OpenAI's fields: both SDKs raise their APIError on a stream's data with an `error` key
+        # (openai-node core/streaming.ts, openai-python _streaming.py), as on a chat stream's error; without it they
+        # handed this event on as an answer's, and openai-node's stream helper rejected with the bare event object
         yield event("error", code=error.info.code or error.info.type, message=error.info.message,
-                    param=error.info.param)
+                    param=error.info.param, error=error.info.model_dump())
         return
 
     def ending() -> list[str]:

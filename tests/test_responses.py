@@ -260,6 +260,59 @@ def test_a_failure_mid_stream_is_an_error_event(tokenizer, eos):
         tokenizer.encode(ANSWER)[:3])
 
 
+# The events whose `response` openai-node's accumulator takes whole as its snapshot (ResponseAccumulator.mjs
+# accumulateResponse); it passes an `error` event over ("do not contain state represented by the Response object").
+LIFECYCLE = ("response.created", "response.queued", "response.in_progress", "response.completed", "response.failed",
+             "response.incomplete")
+
+
+@pytest.mark.parametrize("fail_reason, code", [("error", "server_error"), ("grammar_error", "invalid_prompt")])
+def test_a_failure_mid_stream_ends_the_response_failed_and_the_sdks_raise(tokenizer, eos, fail_reason, code):
+    """OpenAI ends a failed response with response.failed, its `error` set: without it the last lifecycle event said
+    in_progress. The `error` event after it carries an `error` object, the key on which openai-node and openai-python
+    raise their APIError mid-stream (with its code and param): without it both handed the event on as an answer's,
+    and openai-node's `stream.finalResponse()` rejected with the bare event, no Error at all."""
+    router = FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=4096, fail_with_error_after=3,
+                        fail_reason=fail_reason)
+    fmt = {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}
+    es = events(make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "stream": True,
+                                                                            "text": {"format": fmt}}))
+    final = [e for e in es if e["type"] in LIFECYCLE][-1]
+    assert final["type"] == "response.failed", [e["type"] for e in es]
+    resp = Response.model_validate(final["response"])
+    assert resp.status == "failed" and resp.error.code == code and resp.error.message == es[-1]["message"]
+    assert resp.output_text == tokenizer.decode(tokenizer.encode(ANSWER)[:3])
+    assert [item.status for item in resp.output] == ["incomplete"]
+    error = es[-1]["error"]  # a chat stream's error object
+    assert (error["message"], error["param"], error["type"]) == (es[-1]["message"], es[-1]["param"],
+                                                                 "invalid_request_error" if fail_reason != "error"
+                                                                 else "internal_error")
+
+
+def test_openais_sdk_raises_a_responses_stream_failure(tokenizer, eos):
+    """What openai-python's (and openai-node's) stream reader does with it: an APIError naming the field."""
+    import asyncio
+
+    import httpx
+    import openai
+
+    from deployments.ingress import build_app
+    router = FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=4096, fail_with_error_after=3,
+                        fail_reason="grammar_error")
+    fmt = {"type": "json_schema", "name": "answer", "schema": {"type": "object"}}
+
+    async def run():
+        app = build_app(router, tokenizer, "smollm2")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as http:
+            sdk = openai.AsyncOpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+            async for _ in await sdk.responses.create(model="smollm2", input="hi", stream=True,
+                                                      text={"format": fmt}):
+                pass
+    with pytest.raises(openai.APIError) as raised:
+        asyncio.run(run())
+    assert raised.value.param == "text.format.schema" and raised.value.message.startswith("text.format.schema: ")
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_included_logprobs_come_with_the_text(client, tokenizer, eos, stream):
     body = {**BASIC, "include": ["message.output_text.logprobs"], "top_logprobs": 2, "stream": stream}
