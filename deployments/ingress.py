@@ -39,7 +39,7 @@ from deployments.large_body import (OFF_LOOP_BYTES, OffLoopBody, is_json, load, 
 from deployments.openai_server import GRAMMAR_THREADS, MODEL_LEN_WAIT_S, SSE_KEEPALIVE_S, OpenAIServer, RouterClient
 from deployments.protocol import (MAX_SALT_CHARS, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                   DetokenizeResponse, ModelCard, ModelList, ModelPermission, TokenizeRequest,
-                                  TokenizeResponse)
+                                  TokenizeResponse, quoted)
 from deployments.responses import respond
 from deployments.responses_protocol import ResponsesRequest
 from deployments.router_client import RouterLink
@@ -160,6 +160,15 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     @v1.post("/responses")
     async def responses(req: ResponsesRequest, request: Request):
         return await respond(server, req, salt(request, req.cache_salt), len(await request.body()))
+
+    # openai-node's and openai-python's responses.retrieve, .delete, .cancel and .inputItems.list: without these routes
+    # a bare 404 "Not Found", which read as a wrong id or base URL
+    @v1.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+    @v1.post("/responses/{response_id}/cancel")
+    @v1.get("/responses/{response_id}/input_items")
+    async def stored_response(response_id: str):
+        raise APIError(404, f"response_id: no response {quoted(response_id)!r} here: this server stores no responses "
+                            "(`store` is taken, nothing is kept)", param="response_id")
 
     async def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=created, root=root, max_model_len=await server.model_len(),

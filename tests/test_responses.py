@@ -248,6 +248,17 @@ def test_tool_choice_auto_without_tools_is_the_default(client, patch):
     assert body["output"][0]["content"] == plain["output"][0]["content"] and body["tool_choice"] == "auto"
 
 
+@pytest.mark.parametrize("method, path", [("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
+                                          ("POST", "/v1/responses/resp_1/cancel"),
+                                          ("GET", "/v1/responses/resp_1/input_items")])
+def test_the_sdks_calls_on_a_stored_response_say_none_is_stored(client, method, path):
+    """openai-node's responses.retrieve/delete/cancel and inputItems.list (and openai-python's): a `store: true`
+    request is answered, nothing kept, and asking for it again was a bare 404 "Not Found" that read as a wrong id or
+    a wrong base URL."""
+    error = assert_error(client.request(method, path), 404, param="response_id")
+    assert "'resp_1'" in error["message"] and "stores no responses" in error["message"]
+
+
 def test_an_unknown_model_is_404(client):
     assert_error(client.post("/v1/responses", json={**BASIC, "model": "gpt-9"}), 404, param="model")
 
