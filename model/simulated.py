@@ -32,7 +32,9 @@ from scheduler.sampling import PromptLogprobs, SamplingParams
 WINDOW = 8  # the last tokens the next token depends on
 DEMO_MEAN_GENERATED = 64  # the demo's decode rates average 128 generated tokens: mean context is input + 64
 _BACK = np.concatenate([2 ** np.arange(16, 3, -1), np.arange(WINDOW - 1, -1, -1)])  # distances back, oldest first
+_BACK_COLUMN = _BACK[:, None]  # _window_at's rows: one per distance
 _MIXERS = np.random.default_rng(0x6A1A).integers(1, 2**63, size=len(_BACK) + 1, dtype=np.uint64) | np.uint64(1)
+_MIXERS_I64 = _MIXERS.view(np.int64)  # the same bits
 _LOGIT_FLOOR = -1e4  # far enough below the chosen token that no temperature or penalty can flip it
 # The other tokens fall by this much per id below the floor: no two tie (distinct in float32 down to -11,283), as in
 # a real model's logits. Tied, the whole vocabulary tied with top-k's k-th logit, and sampling sorted all of it
@@ -165,10 +167,13 @@ class SimulatedBackend(Backend):
         self.timing = timing
         self.eos_rate = eos_rate
         self.device_seconds = 0.0
-        # The token id written at each position, per KV group: [kv_groups, num_blocks, block_size].
-        self.kv = np.full((kv_groups, num_blocks, block_size), -1, dtype=np.int32)
-        self._kv_flat = self.kv.reshape(-1)  # a view: [group, block, offset] flattened
+        # The token id written at each position, per KV group: [kv_groups, num_blocks, block_size], a view of
+        # _kv_flat: [group, block, offset] flattened, and after them one -1 that no position names, which _window_at's
+        # index -1 reads for a position before 0.
+        self._kv_flat = np.full(kv_groups * num_blocks * block_size + 1, -1, dtype=np.int32)
+        self.kv = self._kv_flat[:-1].reshape(kv_groups, num_blocks, block_size)
         self._group_of_slot = np.arange(num_slots) // (num_slots // kv_groups)
+        self._group_base = self._group_of_slot * num_blocks  # each slot's group's first block in _kv_flat
         self._ordinary_ids = np.setdiff1d(np.arange(vocab_size), eos_token_ids)
         self._floor = _LOGIT_FLOOR - _LOGIT_STEP * torch.arange(vocab_size, dtype=torch.float32)  # _one_hot's row
         self._late = 0.0
@@ -185,7 +190,8 @@ class SimulatedBackend(Backend):
         group = self._group_of_slot[slot]
         self.kv[group, table[0, positions // bs], positions % bs] = token_ids[start:]
         last = np.array([end - 1])
-        token = self._next_tokens(self._window_at(table, np.zeros(1, dtype=np.int64), last, np.array([group])), last)
+        token = self._next_tokens(self._window_at(table, np.zeros(1, dtype=np.int64), last,
+                                                  self._group_base[slot:slot + 1]), last)
         self._occupy(entered, self.timing.prefill_seconds(start, end))
         return torch.tensor(int(token[0])) if sampling is not None else self._one_hot(token)[0]
 
@@ -201,8 +207,7 @@ class SimulatedBackend(Backend):
             return None, last
         positions = np.arange(start, start + rows)
         table = np.asarray(block_ids, dtype=np.int64)[None]
-        at = self._window_at(table, np.zeros(rows, dtype=np.int64), positions,
-                             np.full(rows, self._group_of_slot[slot]))
+        at = self._window_at(table, np.zeros(rows, dtype=np.int64), positions, np.full(rows, self._group_base[slot]))
         made = self._next_tokens(at, positions)
         target = np.asarray(targets, dtype=np.int64)
         floor = self._floor.numpy()
@@ -255,27 +260,47 @@ class SimulatedBackend(Backend):
         rows is 256 KiB at 128k tokens (~130 us a step on the 2-core box)."""
         rows = np.flatnonzero(active.numpy())
         pos = positions.numpy()[rows]
-        at = self._window_at(page_table.numpy(), rows, pos, self._group_of_slot[rows])
-        self._kv_flat[at[:, -1]] = tokens[rows]  # distance 0: the token at its position
+        at = self._window_at(page_table.numpy(), rows, pos, self._group_base[rows])
+        self._kv_flat[at[-1]] = tokens[rows]  # distance 0: the token at its position
         next_tokens = np.zeros(self.caps.num_slots, dtype=np.int64)
         next_tokens[rows] = self._next_tokens(at, pos)
         context = pos.tolist()  # plain Python: numpy's reductions cost more than 32 additions
         longest = max(context, default=-1) + 1
         return next_tokens, self.timing.decode_step_seconds(longest, sum(context) + len(context) - longest)
 
-    def _window_at(self, table: np.ndarray, rows: np.ndarray, last: np.ndarray, groups: np.ndarray) -> np.ndarray:
-        """Indices into the flat KV cache [len(rows), len(_BACK)] of the positions `last - _BACK` of each row
-        (clamped at 0), read through its page table row `table[row]` in its KV group's cache."""
-        window = np.maximum(last[:, None] - _BACK, 0)
+    def _window_at(self, table: np.ndarray, rows: np.ndarray, last: np.ndarray, bases: np.ndarray) -> np.ndarray:
+        """Indices into the flat KV cache [len(_BACK), len(rows)] of the positions `last - _BACK` of each row, read
+        through its page table row `table[row]` in its KV group's cache (block `bases[i]` of the flat cache on:
+        _group_base), and -1 (the -1 after the cache) for a position before 0.
+
+        Every numpy pass here costs ~1 us on the 2-core box however little it computes (32 rows of 21), and one that
+        broadcasts a row's value along the other axis a little more, so this makes few: the block's column is found
+        in the flattened table (a view, the runner's table being contiguous; rows * width on from each row's start),
+        and block * bs + window % bs is (block - column) * bs + window. A row's values lie along the last axis,
+        where numpy's inner loop broadcasts the distances most cheaply."""
         bs = self.caps.block_size
-        return (groups[:, None] * self.caps.num_blocks + table[rows[:, None], window // bs]) * bs + window % bs
+        starts = rows * table.shape[1]
+        window = last - _BACK_COLUMN
+        before = window < 0
+        np.maximum(window, 0, out=window)
+        column = window // bs
+        column += starts
+        at = table.reshape(-1)[column] + (bases + starts)  # int64, as bases are
+        at -= column
+        at *= bs
+        at += window
+        np.putmask(at, before, -1)
+        return at
 
     def _next_tokens(self, at: np.ndarray, last: np.ndarray) -> np.ndarray:
         """Hash of the tokens at the flat KV indices `at` of each row (_window_at; -1 before position 0) and of
         its position `last`."""
-        seen = np.where(last[:, None] >= _BACK, self._kv_flat[at], -1).astype(np.uint64)
-        h = seen @ _MIXERS[:-1] + last.astype(np.uint64) * _MIXERS[-1]  # wraps mod 2**64 as the sum of products
-        h = _splitmix(h)
+        # int64 arrays wrap mod 2**64 as uint64 ones do (numpy's user guide, "Data types: overflow errors": array
+        # arithmetic does not check), and the int32 tokens widen inside the matmul: the uint64 sum of products the
+        # rule is, without a cast pass
+        h = _MIXERS_I64[:-1] @ self._kv_flat[at]
+        h += last * _MIXERS_I64[-1]
+        h = _splitmix(h.view(np.uint64))
         tokens = self._ordinary_ids[h % np.uint64(len(self._ordinary_ids))]
         if self.eos_rate and self.caps.eos_token_ids:
             uniform = (h >> np.uint64(11)).astype(np.float64) / 2.0**53
@@ -317,13 +342,14 @@ _SPLITMIX = tuple(np.uint64(c) for c in (30, 0xBF58476D1CE4E5B9, 27, 0x94D049BB1
 
 
 def _splitmix(h: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: spreads every input bit over the output."""
+    """splitmix64's finaliser: spreads every input bit over the output. In place."""
     s1, m1, s2, m2, s3 = _SPLITMIX
-    h = h ^ (h >> s1)
+    h ^= h >> s1
     h *= m1
     h ^= h >> s2
     h *= m2
-    return h ^ (h >> s3)
+    h ^= h >> s3
+    return h
 
 
 def calibration_max_rel_err(reps: int = 2, decode_steps: int = 8, max_call_s: float = 0.7) -> float:

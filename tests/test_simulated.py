@@ -3,6 +3,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from model.simulated import DEMO_MEAN_GENERATED, GalaxyTiming, SimulatedBackend, published_figures
 from model.galaxy import LLAMA3_EOS
@@ -269,3 +271,106 @@ def test_the_simulated_ceilings_hold_what_the_config_checks_and_the_tests_need()
         with pytest.raises(ValidationError, match=f"{field}: "):
             AppConfig(backend="simulated", **args)
     AppConfig(backend="simulated", max_seq_len=MAX_SIMULATED_SEQ_LEN)
+
+
+# --- the token rule, against a plain reading of it ------------------------------------------------------------------
+
+# The module docstring's rule, read position by position through the page table, in Python integers. Only the mixers
+# are the module's own constants (no reading of the rule gives them); the distances and splitmix64's finaliser
+# (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014) are written out here.
+DISTANCES = [2**k for k in range(16, 3, -1)] + list(range(7, -1, -1))  # 65536 ... 16, then the last 8, oldest first
+MASK64 = 2**64 - 1
+
+
+def reference_token(kv: np.ndarray, group: int, blocks, position: int, ordinary: list[int], eos_rate: float,
+                    eos: tuple[int, ...]) -> int:
+    from model.simulated import _MIXERS
+    bs = kv.shape[2]
+    h = 0
+    for distance, mixer in zip(DISTANCES, _MIXERS[:-1].tolist()):
+        p = position - distance
+        h += (int(kv[group, blocks[p // bs], p % bs]) if p >= 0 else -1) * mixer
+    h = (h + position * int(_MIXERS[-1])) & MASK64
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & MASK64
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & MASK64
+    h ^= h >> 31
+    if eos_rate and eos and (h >> 11) / 2.0**53 < eos_rate:
+        return eos[0]
+    return ordinary[h % len(ordinary)]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.sampled_from([(1, 1), (4, 2), (8, 1), (32, 4)]), block_size=st.sampled_from([1, 3, 16, 64]),
+       max_seq_len=st.sampled_from([40, 700, 70_000]), num_blocks=st.integers(3, 12),
+       vocab=st.sampled_from([6, 300, 128_256]), eos_rate=st.sampled_from([0.0, 0.0, 0.2, 1.0]),
+       calls=st.lists(st.sampled_from(["decode", "async", "chained", "prefill", "scored"]), min_size=1, max_size=5),
+       seed=st.integers(0, 2**32 - 1))
+def test_tokens_and_kv_are_the_documented_rule_read_through_the_page_table(shape, block_size, max_seq_len, num_blocks,
+                                                                           vocab, eos_rate, calls, seed):
+    """Every token decode, decode_async (chained or not), prefill and the prompt scores' made tokens give is the
+    module docstring's hash of the window read through the page table in the slot's KV group, and every write lands
+    at its position: over random caches, page tables (any block anywhere, repeats), positions (before the longest
+    distances too), active rows and EOS rates. The backend's vectorised indexing is where a paging bug would hide."""
+    num_slots, groups = shape
+    rng = np.random.default_rng(seed)
+    eos = (1,)
+    backend = SimulatedBackend(time_scale=FAST, num_slots=num_slots, kv_groups=groups, block_size=block_size,
+                               num_blocks=num_blocks, max_seq_len=max_seq_len, vocab_size=vocab, eos_token_ids=eos,
+                               eos_rate=eos_rate)
+    caps = backend.caps
+    per_group = num_slots // groups
+    ordinary = [t for t in range(vocab) if t not in eos]
+    kv = rng.integers(-1, vocab, size=backend.kv.shape).astype(np.int32)  # written before: every read means something
+    backend.kv[:] = kv
+
+    def near() -> int:  # positions that cross the distances' edges as often as not
+        return int(min(max_seq_len - 1, rng.choice([rng.integers(0, 20), rng.integers(0, max_seq_len),
+                                                    2 ** rng.integers(3, 17) + rng.integers(-2, 3)])))
+
+    previous = None
+    for call in calls:
+        if call in ("prefill", "scored"):
+            slot = int(rng.integers(num_slots))
+            group = slot // per_group
+            blocks = rng.permutation(num_blocks)[:caps.max_blocks_per_seq].tolist()  # distinct: no write collides
+            end = int(rng.integers(1, min(len(blocks) * block_size, max_seq_len) + 1))
+            start = int(rng.integers(0, end))
+            ids = rng.integers(0, vocab, size=end).tolist()
+            for p in range(start, end):
+                kv[group, blocks[p // block_size], p % block_size] = ids[p]
+            if call == "prefill":
+                assert int(backend.prefill(ids, start, blocks, slot, GREEDY)) == reference_token(
+                    kv, group, blocks, end - 1, ordinary, eos_rate, eos)
+            else:
+                scores, _ = backend.prefill_prompt_logprobs(ids, start, blocks, slot, 1, [0] * (end - start))
+                assert scores.top_ids[:, 0].tolist() == [reference_token(kv, group, blocks, p, ordinary, eos_rate, eos)
+                                                         for p in range(start, end)]
+            previous = None
+            continue
+        table = rng.integers(0, num_blocks, size=(num_slots, caps.max_blocks_per_seq)).astype(np.int32)
+        positions = np.array([near() for _ in range(num_slots)], dtype=np.int64)
+        active = rng.random(num_slots) < 0.8
+        tokens = rng.integers(0, vocab, size=num_slots)
+        written = set()
+        for s in np.flatnonzero(active):  # two rows writing one place would leave either token: numpy's order
+            where = (s // per_group, table[s, positions[s] // block_size], positions[s] % block_size)
+            active[s] = where not in written
+            written.add(where)
+        args = (torch.from_numpy(positions), torch.from_numpy(table), torch.from_numpy(active))
+        chained = call == "chained" and previous is not None
+        if chained:
+            tokens = previous.tokens().numpy()
+        for s in np.flatnonzero(active):
+            kv[s // per_group, table[s, positions[s] // block_size], positions[s] % block_size] = tokens[s]
+        if call == "decode":
+            got = backend.decode(torch.from_numpy(tokens), *args, [GREEDY] * num_slots)
+        else:
+            previous = backend.decode_async(previous if chained else torch.from_numpy(tokens), *args,
+                                            [GREEDY] * num_slots)
+            got = previous.tokens()
+        want = [reference_token(kv, s // per_group, table[s], int(positions[s]), ordinary, eos_rate, eos)
+                if active[s] else 0 for s in range(num_slots)]
+        assert got.tolist() == want
+    np.testing.assert_array_equal(backend.kv, kv)
