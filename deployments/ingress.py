@@ -170,6 +170,13 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
         raise APIError(404, f"response_id: no response {quoted(response_id)!r} here: this server stores no responses "
                             "(`store` is taken, nothing is kept)", param="response_id")
 
+    # The SDKs' responses.input_tokens.count and .compact (openai-python resources/responses): OpenAI routes one level
+    # under /v1/responses, which the route above would take for an id and answer with a 405 allowing GET and DELETE
+    @v1.post("/responses/input_tokens", include_in_schema=False)
+    @v1.post("/responses/compact", include_in_schema=False)
+    async def unserved_response_route(request: Request):
+        raise APIError(404, f"{request.url.path} is not served here")
+
     async def card(name: str) -> ModelCard:
         return ModelCard(id=name, created=created, root=root, max_model_len=await server.model_len(),
                          permission=[ModelPermission(id=f"modelperm-{uuid.uuid4().hex}", created=created)])

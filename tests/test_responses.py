@@ -259,6 +259,16 @@ def test_the_sdks_calls_on_a_stored_response_say_none_is_stored(client, method, 
     assert "'resp_1'" in error["message"] and "stores no responses" in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/responses/input_tokens", "/v1/responses/compact"])
+def test_the_sdks_other_responses_routes_are_not_found(client, path):
+    """openai-python's responses.input_tokens.count and responses.compact (openai-node's inputTokens.count and
+    compact) POST one level under /v1/responses, which the stored-response route takes for an id: they got a 405 naming
+    GET and DELETE as allowed (the SDKs' bare APIStatusError, not their NotFoundError), as if the route were served."""
+    r = client.post(path, json={"model": "smollm2", "input": "hi"})
+    error = assert_error(r, 404)
+    assert "allow" not in r.headers and path in error["message"] and "not served" in error["message"]
+
+
 def test_an_unknown_model_is_404(client):
     assert_error(client.post("/v1/responses", json={**BASIC, "model": "gpt-9"}), 404, param="model")
 
