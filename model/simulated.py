@@ -34,7 +34,6 @@ DEMO_MEAN_GENERATED = 64  # the demo's decode rates average 128 generated tokens
 _BACK = np.concatenate([2 ** np.arange(16, 3, -1), np.arange(WINDOW - 1, -1, -1)])  # distances back, oldest first
 _BACK_COLUMN = _BACK[:, None]  # _window_at's rows: one per distance
 _MIXERS = np.random.default_rng(0x6A1A).integers(1, 2**63, size=len(_BACK) + 1, dtype=np.uint64) | np.uint64(1)
-_MIXERS_I64 = _MIXERS.view(np.int64)  # the same bits
 _LOGIT_FLOOR = -1e4  # far enough below the chosen token that no temperature or penalty can flip it
 # The other tokens fall by this much per id below the floor: no two tie (distinct in float32 down to -11,283), as in
 # a real model's logits. Tied, the whole vocabulary tied with top-k's k-th logit, and sampling sorted all of it
@@ -295,12 +294,14 @@ class SimulatedBackend(Backend):
     def _next_tokens(self, at: np.ndarray, last: np.ndarray) -> np.ndarray:
         """Hash of the tokens at the flat KV indices `at` of each row (_window_at; -1 before position 0) and of
         its position `last`."""
-        # int64 arrays wrap mod 2**64 as uint64 ones do (numpy's user guide, "Data types: overflow errors": array
-        # arithmetic does not check), and the int32 tokens widen inside the matmul: the uint64 sum of products the
-        # rule is, without a cast pass
-        h = _MIXERS_I64[:-1] @ self._kv_flat[at]
-        h += last * _MIXERS_I64[-1]
-        h = _splitmix(h.view(np.uint64))
+        # The uint64 sum of products the rule is, the int32 tokens cast inside the ufuncs (no pass of their own).
+        # In uint64, not int64: C defines unsigned arithmetic mod 2**64 and a negative int's conversion to unsigned
+        # (C11 6.3.1.3, 6.2.5p9), but a signed overflow is undefined, and numpy's int64 loops are plain C arithmetic
+        # (numpy's data types guide only calls an overflow's result incorrect; its UBSan runs report signed overflow in
+        # its integer loops: numpy#24209).
+        h = np.matmul(_MIXERS[:-1], self._kv_flat[at], dtype=np.uint64, casting="unsafe")
+        h += np.multiply(last, _MIXERS[-1], dtype=np.uint64, casting="unsafe")
+        h = _splitmix(h)
         tokens = self._ordinary_ids[h % np.uint64(len(self._ordinary_ids))]
         if self.eos_rate and self.caps.eos_token_ids:
             uniform = (h >> np.uint64(11)).astype(np.float64) / 2.0**53
