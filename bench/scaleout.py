@@ -7,7 +7,9 @@ on its own "Galaxy", as on real hosts), the app with N simulated meshes, then N*
 clients (distinct 128-token prompts, 256 output tokens, ignore_eos) through the Serve HTTP proxy. Per N it
 reports the delivered output tokens/s over the steady window (every stream decoding; see bench/saturation.py),
 the simulated capacity (N*32 tokens per decode step at the window's contexts), their ratio (efficiency),
-TTFT p50/p99 under that load (wall, and divided by time_scale: in Galaxy time), the router's CPU time per
+TTFT p50/p99 under that load (wall, and divided by time_scale: in Galaxy time; from each request's first bytes
+on the wire, bench/saturation.py's stream, since 2026-12-06: before, from when its coroutine began, which also
+counted this client's own setup of the N*32 connections opened at once), the router's CPU time per
 decode round (planning plus taking results in, from its stats), and the box's 1-minute load average at the
 end of the run (the box is shared: a load above its 2 cores starves the stack). The cluster is shut down
 between N values.
