@@ -163,7 +163,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
 
     # openai-node's and openai-python's responses.retrieve, .delete, .cancel and .inputItems.list: without these routes
     # a bare 404 "Not Found", which read as a wrong id or base URL
-    @v1.api_route("/responses/{response_id}", methods=["GET", "DELETE"])
+    @v1.get("/responses/{response_id}")
+    @v1.delete("/responses/{response_id}")  # a route of its own: its own operationId
     @v1.post("/responses/{response_id}/cancel")
     @v1.get("/responses/{response_id}/input_items")
     async def stored_response(response_id: str):

@@ -59,3 +59,11 @@ def test_the_schema_documents_every_route_and_nullable_fields():
             "/health", "/metrics"} <= set(paths)
     chat = schema.raw_schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"type": "null"} in chat["temperature"]["anyOf"]  # null means the default, and the schema says so
+
+
+def test_every_operation_has_its_own_id():
+    """OpenAPI: an operationId is unique among all operations (its generators name a client's methods by it). One
+    route for GET and DELETE /v1/responses/{response_id} gave both the GET's id, and FastAPI warned at each build."""
+    ids = [op["operationId"] for item in schema.raw_schema["paths"].values() for op in item.values()
+           if isinstance(op, dict) and "operationId" in op]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
