@@ -53,9 +53,19 @@ async def answer(router: Router, request_id: str, prompt: list[int], params: Sam
     tokens, logprobs, reason = [], [], None
     async for event in router.generate(request_id, prompt, params, None, [], continuation=False):
         tokens += event.token_ids
-        logprobs += [(lp.token_id, round(lp.logprob, 4)) for lp in event.logprobs]
+        logprobs += [(lp.token_id, lp.logprob) for lp in event.logprobs]
         reason = event.finish_reason or reason
     return tokens, logprobs, reason
+
+
+def assert_same(runs: list, solo: list, what: str) -> None:
+    """Each answer's tokens, finish reason and logprob ids exactly as alone, its logprobs to 1e-4: float32 sums
+    in another order (a batch of another shape, a recomputed position) move a logprob in its last bits, and
+    compared rounded to 4 decimals one such move across a rounding boundary failed a run in ~20 under load
+    (-5.5922 against -5.5921, the tokens the same)."""
+    for i, ((tokens, logprobs, reason), (tokens1, logprobs1, reason1)) in enumerate(zip(runs, solo, strict=True)):
+        assert (tokens, reason, [t for t, _ in logprobs]) == (tokens1, reason1, [t for t, _ in logprobs1]), (what, i)
+        assert [lp for _, lp in logprobs] == pytest.approx([lp for _, lp in logprobs1], abs=1e-4), (what, i)
 
 
 async def solo_runs(model_dir):
@@ -78,7 +88,7 @@ def test_seeded_answers_survive_prefix_hits_preemption_and_failover(model_dir):
         cached = [await answer(router, f"hit-{i}", p, s) for i, (p, s) in enumerate(REQUESTS)]
         assert router.stats()["meshes"][0]["prefix_hit_tokens"] > 0
         await router.close()
-        assert cached == solo
+        assert_same(cached, solo, "prefix hits")
 
         # All at once on two meshes short of blocks, prefilled in chunks, one mesh failing part way. How many
         # preemptions a run makes depends on the moment of the fault: after the vanish, 0-2 on a loaded box (CI).
@@ -91,7 +101,7 @@ def test_seeded_answers_survive_prefix_hits_preemption_and_failover(model_dir):
             preempted[fault] = sum(m["preemptions"] for m in router.stats()["meshes"])
             await nothing_held(router, {"mesh-0": 1})
             await router.close()
-            assert together == solo, fault
+            assert_same(together, solo, fault)
         assert sum(preempted.values()) > 0, preempted  # the answers went through a preemption too
 
     asyncio.run(main())
