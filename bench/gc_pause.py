@@ -72,7 +72,7 @@ def measure(role: str, repeat: int) -> dict:
         tracked, last = len(gc.get_objects()), tracked
         if tracked == last:
             break
-    before = {"tracked": len(gc.get_objects()), "full_collection_ms": full_pass_ms()}
+    before = {"tracked": tracked, "full_collection_ms": full_pass_ms()}
     frozen = freeze_gc_heap()
     after = {"tracked": len(gc.get_objects()), "full_collection_ms": full_pass_ms(), "frozen": frozen}
     del held
