@@ -92,13 +92,6 @@ def _arguments(text: str, where: str):
         raise APIError(400, f"{where}: {e}", param=where) from None
 
 
-def parse_tool_calls(text: str, names: Collection[str]) -> list[ParsedCall] | None:
-    """The calls an answer makes, or None when it is plain content. A call must name a tool of `names`. An answer
-    that begins with a call is calls: what follows the last call that parses (text, a malformed or unknown
-    call) is dropped, as a stream that sent the calls already must (vLLM's llama3_json drops it too)."""
-    return _parse(text, names)[0] or None
-
-
 def _parse(text: str, names: Collection[str]) -> tuple[list[ParsedCall], ParsedCall | None]:
     """The whole calls, and the call the answer was still writing when it ended (max_tokens or a stop string
     cut it), or whose arguments are no JSON: a known tool's head in the usual form, name first, whose object
@@ -200,10 +193,12 @@ def _written_name(text: str) -> tuple[str, bool] | None:
 
 def answer_calls(text: str, names: Sequence[str], forced: bool, parallel: bool = True
                  ) -> tuple[list[ParsedCall] | None, bool]:
-    """The calls a whole answer makes (None when it is content), and whether they are whole. A call that
-    max_tokens or a stop string cut off is still a call (not whole: its arguments are no JSON to run), as is
-    a forced answer cut anywhere. `parallel` False (OpenAI's parallel_tool_calls) keeps the first call only,
-    as vLLM does (vllm-project/vllm#26233): the model is not stopped after it."""
+    """The calls a whole answer makes (None when it is content), and whether they are whole. A call must name a
+    tool of `names`. An answer that begins with a call is calls: what follows the last call that parses (text, a
+    malformed or unknown call) is dropped, as a stream that sent the calls already must (vLLM's llama3_json drops
+    it too). A call that max_tokens or a stop string cut off is still a call (not whole: its arguments are no JSON
+    to run), as is a forced answer cut anywhere. `parallel` False (OpenAI's parallel_tool_calls) keeps the first
+    call only, as vLLM does (vllm-project/vllm#26233): the model is not stopped after it."""
     calls, cut = _parse(text, names)
     kept = len(calls) if parallel else min(len(calls), 1)
     if cut is not None:

@@ -7,7 +7,7 @@ import pytest
 from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from deployments.structured import closed, constraint_for
-from deployments.tool_calls import parse_tool_calls, render_messages
+from deployments.tool_calls import answer_calls, render_messages
 from model.embedded import ensure_smollm2
 from model.grammar import GrammarCache, ascii_perl_classes, ll_tokenizer
 from model.tokenizer import load_tokenizer
@@ -265,20 +265,24 @@ def test_tool_modes(llt):
 
 def test_llama3_json_calls_are_parsed_and_anything_else_is_content():
     names = ["get_weather", "get_time"]
-    (call,) = parse_tool_calls(' {"name": "get_weather", "parameters": {"city": "Oslo"}}', names)
+
+    def calls_in(answer: str):  # the server's path for a whole answer
+        return answer_calls(answer, names, forced=False)[0]
+
+    (call,) = calls_in(' {"name": "get_weather", "parameters": {"city": "Oslo"}}')
     assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Oslo"})
-    two = parse_tool_calls('<|python_tag|>{"name": "get_time", "arguments": {}}; '
-                           '{"name": "get_weather", "parameters": {"city": "Rome", "days": 2}}', names)
+    two = calls_in('<|python_tag|>{"name": "get_time", "arguments": {}}; '
+                   '{"name": "get_weather", "parameters": {"city": "Rome", "days": 2}}')
     assert [c.name for c in two] == ["get_time", "get_weather"]
-    assert parse_tool_calls("The weather is fine.", names) is None
-    assert parse_tool_calls('{"name": "unknown_tool", "parameters": {}}', names) is None
-    assert parse_tool_calls('{"answer": 42}', names) is None
-    assert parse_tool_calls('{"name": "get_time", "description": "the time"}', names) is None  # names, calls not
+    assert calls_in("The weather is fine.") is None
+    assert calls_in('{"name": "unknown_tool", "parameters": {}}') is None
+    assert calls_in('{"answer": 42}') is None
+    assert calls_in('{"name": "get_time", "description": "the time"}') is None  # names, calls not
     # an answer that begins with calls is calls: what follows the last one that parses is dropped, as a stream must
-    (first,) = parse_tool_calls('{"name": "get_time", "parameters": {}} and then text', names)
+    (first,) = calls_in('{"name": "get_time", "parameters": {}} and then text')
     assert first.name == "get_time"
-    assert [c.name for c in parse_tool_calls('{"name": "get_time", "parameters": {}}; <|python_tag|>'
-                                             '{"name": "get_time", "parameters": {}}; {"name": "nope"}', names)] == [
+    assert [c.name for c in calls_in('{"name": "get_time", "parameters": {}}; <|python_tag|>'
+                                     '{"name": "get_time", "parameters": {}}; {"name": "nope"}')] == [
         "get_time", "get_time"]
 
 
