@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from model.backend import Backend, Capabilities, DecodeOutput
 from model.embedded import cache_root
-from model.galaxy import (BLOCK_SIZE, DEVICE_MAX_TOP_K, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, LLAMA3_VOCAB,  # noqa: F401
-                          MESH_SHAPE, NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes, padded_prefill_len)
+from model.galaxy import (BLOCK_SIZE, DEVICE_MAX_TOP_K, DEVICE_SAMPLING, KV_GROUPS, LLAMA3_EOS, MESH_SHAPE,
+                          NUM_SLOTS, PREFIX_ALIGN, TTMeshConfig, galaxy_sizes, padded_prefill_len)
 from model.sampler import sample_row
 from model.simulated import GalaxyTiming
 from scheduler.sampling import SamplingParams
