@@ -50,7 +50,6 @@ class LocalMesh:
         self.unhang = asyncio.Event()
         self.works = 0
         self.round_steps: list[int] = []  # each decode round's num_steps, as it came
-        self.resets = 0
         self.restart()
 
     # ---- faults ------------------------------------------------------------------------------------
@@ -73,7 +72,6 @@ class LocalMesh:
             raise Gone("the replica is gone")
         async with self.lock:
             self.runner.reset()
-        self.resets += 1
         return self.incarnation, self.runner.caps
 
     async def wait_closed(self):
