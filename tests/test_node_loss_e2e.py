@@ -8,7 +8,7 @@ import httpx
 import pytest
 from ray.util.state import list_actors
 
-from bench.failover import MODEL, one_stream
+from bench.failover import one_stream
 from bench.local_serve import fake_galaxy_cluster, ray_environment, router_stats, serve_app
 from bench.saturation import distinct_prompts
 from deployments.config import AppConfig

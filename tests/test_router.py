@@ -17,7 +17,7 @@ from scheduler.errors import MeshFailures, NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
 from scheduler.work import pack_events, unpack_events
 from tests.counting import counting
-from tests.in_process import FAST, held, nothing_held, until
+from tests.in_process import FAST, nothing_held, until
 from tests.local_mesh import Gone, LocalMesh
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)

@@ -348,7 +348,6 @@ def test_cancel_in_every_state_frees_everything():
     assert [c.request_id for c in work.prefills] == ["prefilling"]
     event = sched.cancel("prefilling", reason="stop")
     assert (event.finish_reason, event.num_prompt_tokens) == ("stop", 29)
-    events = defaultdict(list)
     for result in mesh.execute(work):
         assert list(sched.process(result)) == []
     work = sched.schedule()
