@@ -157,7 +157,7 @@ def _json_object(text: str) -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m bench.demo", description=(__doc__ or "").split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=PRESETS, default="performance-batch-32")
     p.add_argument("--backend", choices=("torch", "simulated", "tt_galaxy"), default="simulated")

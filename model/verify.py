@@ -234,7 +234,7 @@ def failed_bars(results: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object (the default is indented)")
     args = parser.parse_args()
     from transformers.utils import logging

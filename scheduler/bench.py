@@ -136,7 +136,7 @@ def prefix_lookup_us_128k(num_tokens: int = 131_072, repeats: int = 10) -> list[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").partition("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     alloc, decode, lookup = block_alloc_free_ns(), decode_step_us(), prefix_lookup_us_128k()

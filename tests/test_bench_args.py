@@ -1,8 +1,13 @@
 """The benchmarks' CLIs: a number out of range is argparse's usage error naming the flag (exit 2),
 before anything starts; it was a pydantic traceback from AppConfig, an IndexError after the run, or a run begun."""
 import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [
     ("body_stall", ["--repeat", "0"], "--repeat"),  # IndexError after the measurement
@@ -48,3 +53,13 @@ def test_a_number_out_of_range_is_a_usage_error_naming_its_flag(name, argv, flag
         module.main(argv)
     assert exit_.value.code == 2
     assert f"argument {flag}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["bench.demo", "model.bench", "model.verify", "scheduler.bench"])
+def test_the_help_shows_with_docstrings_stripped(module):
+    """python -OO (or PYTHONOPTIMIZE=2) sets every __doc__ to None (Python's command-line docs, -OO): these CLIs cut
+    their description out of the module's docstring and raised AttributeError before reading an argument."""
+    run = subprocess.run([sys.executable, "-OO", "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("usage:")
