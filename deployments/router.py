@@ -29,7 +29,7 @@ import logging
 import math
 import time
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -790,8 +790,6 @@ class Router:
     def _fail(self, mesh: Mesh, error: BaseException) -> None:
         """Mark the mesh down and re-place every request it had, with its tokens so far."""
         sched, mesh.scheduler, mesh.incarnation = mesh.scheduler, None, None
-        log.error("mesh %s failed: %r; moving its %d requests to the other meshes and probing it until its replica "
-                  "answers again", mesh.name, error, len(sched.requests))
         counts = sched.stats()
         mesh.past_counts = {k: mesh.past_counts.get(k, 0) + counts[k] for k in COUNTERS}
         mesh.down_reason = repr(error)
@@ -803,9 +801,12 @@ class Router:
         # the prefill chunk or decode round it was computing: the possible cause (none, for a work it did not run)
         suspects, alone = ([], False) if isinstance(error, StaleWork) else sched.executing()
         limit = self.config.max_mesh_failures
+        had = len(sched.requests)
+        outcomes: Counter[str] = Counter()  # where each of its requests went: a mesh's name, "held", "ended", "left"
         for seq in sched.drain():
             req = self.requests.get(seq.request_id)
             if req is None or req.mesh is not mesh:
+                outcomes["left"] += 1
                 continue
             req.prefill_sampled += seq.num_prefill_sampled
             req.isolated = seq.isolated  # its step alone is still to come
@@ -822,6 +823,7 @@ class Router:
                     req.mesh = None
                     self._finish(seq.request_id, RequestFailed(seq.request_id, MeshFailures(
                         f"{req.mesh_failures} model replicas in a row failed while computing it")))
+                    outcomes["ended"] += 1
                     continue
                 # A repeated failure of a decode round: the requests in it were together each time, so none can be told
                 # from the others. Each decodes its next step alone: the cause fails there, alone; the others go on.
@@ -829,10 +831,15 @@ class Router:
             req.moved_from = mesh
             req.counted = req.counted or seq.counted
             self._replace(seq.request_id, req, seq.output_ids)
+            went = req.mesh.name if req.mesh else "held" if req.held_since is not None else "ended"
+            outcomes[went] += 1
             if self.config.log_requests:
                 log.info("Request %s moved off failed mesh %s with %d tokens: %s.", seq.request_id, mesh.name,
-                         len(seq.output_ids), f"to {req.mesh.name}" if req.mesh else
-                         "held for a live mesh" if req.held_since is not None else "ended (no mesh takes it)")
+                         len(seq.output_ids), f"to {went}" if req.mesh else
+                         "held for a live mesh" if went == "held" else "ended (no mesh takes it)")
+        # one line says what became of them all (per request only with log_requests): the operator's count of moves
+        log.error("mesh %s failed (failover %d): %r; its %d requests: %s; probing it until its replica answers again",
+                  mesh.name, mesh.failovers, error, had, _outcomes(outcomes))
 
     async def _run(self, mesh: Mesh) -> None:
         """Keep up to pipeline_depth works on the mesh. Returns never; raises MeshFailed (or the stream's
@@ -972,6 +979,16 @@ def _digests(token_ids: list[int], salt: str | None, meshes: list[Mesh],
 def _scores(req: _Request, output_ids: list[int]) -> bool:
     """Whether the request, with output_ids so far, computes its whole prompt (MeshScheduler.scores_prompt)."""
     return req.params.prompt_logprobs is not None and not output_ids
+
+
+def _outcomes(outcomes: Counter[str]) -> str:
+    """What a failed mesh's requests became, for its log line: "5 moved (mesh-1: 3, mesh-2: 2), 1 held for a live
+    mesh, 1 ended, 1 already left"."""
+    special = {"held": "held for a live mesh", "ended": "ended", "left": "already left"}
+    moved = {name: n for name, n in sorted(outcomes.items()) if name not in special}
+    parts = [f"{sum(moved.values())} moved ({', '.join(f'{name}: {n}' for name, n in moved.items())})"] if moved else []
+    parts += [f"{outcomes[key]} {text}" for key, text in special.items() if outcomes[key]]
+    return ", ".join(parts) or "none"
 
 
 def _count_move(req: _Request) -> None:

@@ -78,8 +78,9 @@ def test_nothing_is_logged_per_request_by_default(router, tokenizer, serve_log):
     assert lines(serve_log) == []
 
 
-def _router_events(log_requests: bool) -> None:
-    """Four long answers on two meshes of 8 KV blocks (preemptions); mesh-0 fails mid-answer (moves)."""
+def _router_events(log_requests: bool) -> list[dict]:
+    """Four long answers on two meshes of 8 KV blocks (preemptions); mesh-0 fails mid-answer (moves). Returns the
+    meshes' stats at the end."""
     async def main():
         meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=8, time_scale=0.01,
                                                      vocab_size=1000)) for _ in range(2)]
@@ -91,8 +92,10 @@ def _router_events(log_requests: bool) -> None:
         await asyncio.gather(*[collect(router, f"chatcmpl-ops-{i}-0", [i + 1] * 100, params) for i in range(6)])
         assert router.stats()["meshes"][0]["failovers"] == 1
         assert sum(m["preemptions"] for m in router.stats()["meshes"]) > 0
+        stats = router.stats()["meshes"]
         await router.close()
-    asyncio.run(main())
+        return stats
+    return asyncio.run(main())
 
 
 def test_the_router_logs_a_preemption_and_a_move_under_the_requests_id(serve_log):
@@ -104,10 +107,33 @@ def test_the_router_logs_a_preemption_and_a_move_under_the_requests_id(serve_log
 
 
 def test_the_router_logs_no_request_by_default(serve_log):
-    _router_events(log_requests=False)
+    """Without request lines, the mesh's failure line alone says where its requests went (/metrics'
+    requests_migrated counts the same moves), and which failover of the mesh it was."""
+    stats = _router_events(log_requests=False)
     assert lines(serve_log) == []
-    failed = "mesh mesh-0 failed: RuntimeError('device lost'); moving its "
-    assert any(r.getMessage().startswith(failed) for r in serve_log.records)
+    (failed,) = [m for r in serve_log.records if (m := r.getMessage()).startswith("mesh mesh-0 failed")]
+    moved = stats[0]["requests_migrated"]
+    assert moved > 0 and failed == (f"mesh mesh-0 failed (failover 1): RuntimeError('device lost'); its {moved} "
+                                    f"requests: {moved} moved (mesh-1: {moved}); probing it until its replica answers "
+                                    f"again")
+
+
+def test_a_lone_meshs_failure_line_says_its_requests_are_held(serve_log):
+    """With no other mesh up, the failure line says they wait (held), not that they moved."""
+    async def main():
+        mesh = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=64, time_scale=0.01,
+                                                  vocab_size=1000))
+        router = Router([("mesh-0", mesh)], RouterConfig(**FAST))
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        mesh.inject("raise", after=2)
+        params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+        answers = await asyncio.gather(*[collect(router, f"r{i}", [i + 1] * 20, params) for i in range(3)])
+        await router.close()
+        return answers
+    assert [reason for _, reason in asyncio.run(main())] == ["length"] * 3
+    (failed,) = [m for r in serve_log.records if (m := r.getMessage()).startswith("mesh mesh-0 failed")]
+    assert failed.startswith("mesh mesh-0 failed (failover 1): RuntimeError('device lost'); its 3 requests: 3 held "
+                             "for a live mesh; ")
 
 
 def test_the_config_turns_it_on_in_the_ingress_and_the_router():
