@@ -132,6 +132,7 @@ class RouterLink:
         self._gone: RouterGone | None = None  # Serve said the router's deployment is gone (the last try)
         self._gone_event = asyncio.Event()  # set while _gone is
         self._down_since = 0.0  # loop time the link went down (or the first try to open it began)
+        self._broke = False  # a link broke since the last one opened: the next one's opening is logged
         self._queues: dict[str, EventQueue] = {}
         self._pump: asyncio.Task | None = None
 
@@ -218,6 +219,10 @@ class RouterLink:
                 if self._model is not None:  # once per router replica: a redeploy may have changed its model
                     self._router_model = (await self._handle.stats.remote()).get("model_identity")
                 self._link = await connect(address)
+                if self._broke:  # the other end of the break's warning: the operator reads the outage from the two
+                    self._broke = False
+                    log.info("the router's link is up again, %.1f s after it broke",
+                             asyncio.get_running_loop().time() - self._down_since)
                 self._gone = None
                 self._gone_event.clear()
                 self._connected.set()
@@ -234,6 +239,7 @@ class RouterLink:
                 self._connected.clear()
                 self._down_since = asyncio.get_running_loop().time()
                 link.close()
+                self._broke = True
                 log.warning("%s; failing %d open requests (they are resubmitted)", error, len(self._queues))
                 for queue in self._queues.values():  # one error each: a shared one would pile up tracebacks
                     queue.put_nowait(RouterLost(*error.args))
