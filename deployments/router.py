@@ -117,6 +117,7 @@ class Mesh:
     works_at_up: int = 0  # works_done when it last came up
     failed_unproven: int = 0  # failures in a row with work out and no work answered since it came up (a crash loop)
     failovers: int = 0
+    failed_at: tuple[float, str | None] | None = None  # (monotonic time, incarnation) of its last failure
     requests_migrated: int = 0
     past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
     heard_at: float = 0.0  # loop time of its last result, or of a work sent while it had none out
@@ -747,7 +748,13 @@ class Router:
             mesh.works_at_up = mesh.works_done
             mesh.stall_s = STALL_S + 3 * mesh.caps.expected_seconds(self.config.max_prefill_tokens, 1)
             self._measure()
-            log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
+            if mesh.failed_at is None:
+                log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
+            else:  # the outage's end: how long, and whether Serve restarted the replica or its device came back
+                at, before = mesh.failed_at
+                log.info("mesh %s is up again (incarnation %s: %s), %.1f s after failover %d", mesh.name,
+                         mesh.incarnation, "the same replica" if mesh.incarnation == before else "a new replica",
+                         time.monotonic() - at, mesh.failovers)
             self.mesh_up.set()
             if first:
                 first = False
@@ -789,6 +796,7 @@ class Router:
 
     def _fail(self, mesh: Mesh, error: BaseException) -> None:
         """Mark the mesh down and re-place every request it had, with its tokens so far."""
+        mesh.failed_at = time.monotonic(), mesh.incarnation
         sched, mesh.scheduler, mesh.incarnation = mesh.scheduler, None, None
         counts = sched.stats()
         mesh.past_counts = {k: mesh.past_counts.get(k, 0) + counts[k] for k in COUNTERS}

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,8 @@ def test_the_router_logs_no_request_by_default(serve_log):
 
 
 def test_a_lone_meshs_failure_line_says_its_requests_are_held(serve_log):
-    """With no other mesh up, the failure line says they wait (held), not that they moved."""
+    """With no other mesh up, the failure line says they wait (held), not that they moved; its return says how
+    long it was out, and that the same replica came back (its device reset), not one Serve restarted."""
     async def main():
         mesh = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=64, time_scale=0.01,
                                                   vocab_size=1000))
@@ -134,6 +136,29 @@ def test_a_lone_meshs_failure_line_says_its_requests_are_held(serve_log):
     (failed,) = [m for r in serve_log.records if (m := r.getMessage()).startswith("mesh mesh-0 failed")]
     assert failed.startswith("mesh mesh-0 failed (failover 1): RuntimeError('device lost'); its 3 requests: 3 held "
                              "for a live mesh; ")
+    up = [m for r in serve_log.records if (m := r.getMessage()).startswith("mesh mesh-0 is up")]
+    assert len(up) == 2 and re.fullmatch(r"mesh mesh-0 is up \(incarnation (\w+)\)", up[0])
+    incarnation = up[0].split()[-1][:-1]
+    assert re.fullmatch(rf"mesh mesh-0 is up again \(incarnation {incarnation}: the same replica\), \d+\.\d s after "
+                        rf"failover 1", up[1]), up
+
+
+def test_a_mesh_back_as_a_new_replica_is_logged_as_one(serve_log):
+    async def main():
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=64, time_scale=0.01,
+                                                     vocab_size=1000)) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        meshes[0].inject("vanish", after=2)
+        params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+        await asyncio.gather(*[collect(router, f"r{i}", [i + 1] * 20, params) for i in range(4)])
+        meshes[0].restart()  # Serve's new replica
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        await router.close()
+    asyncio.run(main())
+    up = [m for r in serve_log.records if (m := r.getMessage()).startswith("mesh mesh-0 is up again")]
+    assert len(up) == 1 and re.fullmatch(r"mesh mesh-0 is up again \(incarnation \w+: a new replica\), \d+\.\d s "
+                                         r"after failover 1", up[0]), up
 
 
 def test_the_config_turns_it_on_in_the_ingress_and_the_router():
