@@ -31,7 +31,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   DeltaMessage, DeltaToolCall, ErrorResponse, PromptLogprobs, PromptTokensDetails,
                                   RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage,
                                   quoted)
-from deployments.router_client import RouterUnreachable, merged_tokens_max
+from deployments.router_client import RouterLost, RouterUnreachable, merged_tokens_max
 from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
                                    ChunkTemplate, Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck,
                                    TokenOffsets)
@@ -734,8 +734,11 @@ class OpenAIServer:
                         if lost:
                             raise unavailable("The router is unavailable; retry.") from exc
                         raise
-                    log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
-                                len(answer.output))
+                    # a broken link's one line says how many it fails and resubmits (RouterLink._run): a line each
+                    # here as well, at every router restart, only with log_requests (a router of 32 meshes holds ~1,000)
+                    if self.log_requests or not isinstance(unwrap(exc), RouterLost):
+                        log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
+                                    len(answer.output))
                     with contextlib.suppress(Exception):  # in case it still runs there
                         await asyncio.shield(self.router.cancel(rid, "abort"))
                     await asyncio.sleep(self.retry_backoff_s[attempt])
