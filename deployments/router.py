@@ -651,6 +651,7 @@ class Router:
             self._forget_old_cancels(now)  # an idle router hears no new cancel to drop them
             if self.starting and self.mesh_up.is_set():  # held for the start's spread, not for want of a mesh
                 continue
+            failed = moved = 0  # those ended here, and of them those a failed mesh's line said were held
             for rid, req in list(self.held.items()):
                 if now - req.held_since > self.config.no_mesh_wait_s:
                     placed = self.place(req.prompt_ids + req.held_output, req.salt, 0,
@@ -668,7 +669,12 @@ class Router:
                             pass
                     self._unhold(rid, req)
                     if ending is not None:
+                        if isinstance(ending, RequestFailed):
+                            failed, moved = failed + 1, moved + (req.moved_from is not None)
                         self._finish(rid, ending)
+            if failed:  # the end of what a failure line called held: a streamed answer's 200 is in the access log
+                log.error("%d held requests failed (503): no mesh that takes them came within no_mesh_wait_s (%g s); "
+                          "%d of them had been on a failed mesh", failed, self.config.no_mesh_wait_s, moved)
 
     def stats(self, report: tuple[str, list] | None = None) -> dict:
         """`ready` while at least one mesh is live; per mesh its state and its scheduler's numbers. `stalled`: a live

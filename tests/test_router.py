@@ -2,6 +2,7 @@
 that raise, hang, vanish and come back."""
 import asyncio
 import contextlib
+import logging
 import pickle
 from types import SimpleNamespace
 
@@ -385,9 +386,11 @@ def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
     asyncio.run(main())
 
 
-def test_a_request_held_off_a_failed_mesh_until_it_ends_is_not_counted_as_migrated():
+def test_a_request_held_off_a_failed_mesh_until_it_ends_is_not_counted_as_migrated(caplog):
     """meshserve_requests_migrated_total counts requests moved off a failed mesh. It counted each request the failure
-    drained, so one held for a live mesh until no_mesh_wait_s ran out (503), never moved, counted too."""
+    drained, so one held for a live mesh until no_mesh_wait_s ran out (503), never moved, counted too. The log says it
+    failed: the mesh's failure line said it was held, and a streamed answer's access line says 200."""
+    caplog.set_level(logging.INFO, logger="ray.serve")
     async def main():
         router, (m0,) = await make_router(num_meshes=1, no_mesh_wait_s=0.3)
         m0.vanish()  # its first work fails: the request is held, and no mesh comes back
@@ -397,6 +400,11 @@ def test_a_request_held_off_a_failed_mesh_until_it_ends_is_not_counted_as_migrat
         assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] == 0
         await router.close()
     asyncio.run(main())
+    said = [r.getMessage() for r in caplog.records if r.name == "ray.serve"]
+    assert [m for m in said if m.startswith("mesh mesh-0 failed")][0].endswith(": 1 held for a live mesh; probing it "
+                                                                               "until its replica answers again")
+    assert said[-1] == ("1 held requests failed (503): no mesh that takes them came within no_mesh_wait_s (0.3 s); 1 "
+                        "of them had been on a failed mesh")
 
 
 def test_a_request_held_off_a_failed_mesh_counts_as_migrated_once_placed_again():
