@@ -257,6 +257,39 @@ STALL_S = 1.0
 PROBE_DOUBLINGS = 6
 
 
+# Serve's request router logs "Failed to get queue length from Replica(...) within 1.0s. If this happens repeatedly
+# ..." (WARNING, ray/serve/_private/request_router/request_router.py, _probe_queue_lens) at each probe of a replica
+# that does not answer: a mesh replica whose host froze (SIGSTOP in a local Serve run) made one every 1.5 s in the
+# router's log, 17 while it was frozen 28 s, for as long as it stays frozen. One a replica passes this often.
+QUEUE_PROBE_LOG_S = 60.0
+
+
+class QueueProbeWarnings(logging.Filter):
+    """On the "ray.serve" logger: Serve's queue-length probe warning once per replica per QUEUE_PROBE_LOG_S, the
+    next one saying how many were left out meanwhile."""
+
+    PREFIX = "Failed to get queue length from "
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, tuple[float, int]] = {}  # replica -> (monotonic time of the line passed, lines left out)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        replica = message[len(self.PREFIX):].split(" within ")[0]
+        now = time.monotonic()
+        at, left_out = self.last.get(replica, (-math.inf, 0))
+        if now - at < QUEUE_PROBE_LOG_S:
+            self.last[replica] = at, left_out + 1
+            return False
+        self.last[replica] = now, 0
+        if left_out:
+            record.msg, record.args = f"{message} ({left_out} more such lines in the last {now - at:.0f} s)", None
+        return True
+
+
 class _Silence:
     """Cancels the current task once `heard()` has not been called for `seconds`. One timer for a whole
     work, moved on only when it fires: an `asyncio.timeout` per message costs the router ~60 us of CPU per
@@ -1043,6 +1076,8 @@ class RouterDeployment:
         self._config = RouterConfig(**config)
         self._router: Router | None = None
         self._link_server = LinkServer(self._serve_consumer)
+        if not any(isinstance(f, QueueProbeWarnings) for f in log.filters):  # its calls to a frozen mesh's replica
+            log.addFilter(QueueProbeWarnings())
         freeze_gc_heap()  # the modules stay: the router's full collections need not walk them
 
     def _ready(self) -> Router:

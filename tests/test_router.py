@@ -1594,3 +1594,37 @@ def test_meshes_of_different_block_sizes_reuse_only_blocks_of_the_same_prefix():
         assert stats[0]["prefix_query_tokens"] == 0 and stats[1]["prefix_query_tokens"] == len(first) + len(second)
 
     asyncio.run(main())
+
+
+def test_serves_queue_probe_warning_for_an_unanswering_mesh_replica_is_logged_once_a_minute(caplog, monkeypatch):
+    """Serve's request router warns at each queue-length probe a replica leaves unanswered: while a mesh's host was
+    frozen, the router's probes of it logged one every 1.5 s. The router's replica lets one through per replica per
+    QUEUE_PROBE_LOG_S, the next saying how many it left out."""
+    serve_log = logging.getLogger("ray.serve")
+    before = list(serve_log.filters)
+    try:
+        router_module.RouterDeployment.func_or_class([], FAST)
+        router_module.RouterDeployment.func_or_class([], FAST)  # a second replica in this process adds no second filter
+        clock = [1000.0]
+        monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+        caplog.set_level(logging.INFO, logger="ray.serve")
+
+        def probe(replica: str) -> None:  # as request_router.py words it
+            serve_log.warning(f"Failed to get queue length from Replica(id='{replica}', deployment='mesh-0', "
+                              f"app='meshserve') within 1.0s. If this happens repeatedly it's likely caused by high "
+                              f"network latency in the cluster.")
+        for _ in range(17):  # 28 s frozen
+            probe("a1")
+            clock[0] += 1.5
+        probe("b2")  # another replica's own
+        serve_log.info("mesh mesh-0 failed ...")  # the router's own lines pass
+        clock[0] += 60
+        probe("a1")
+        said = [r.getMessage() for r in caplog.records]
+        a1, b2 = "Failed to get queue length from Replica(id='a1'", "Failed to get queue length from Replica(id='b2'"
+        assert len(said) == 4 and said[2] == "mesh mesh-0 failed ..."
+        assert said[0].startswith(a1) and said[0].endswith("in the cluster.")
+        assert said[1].startswith(b2) and said[1].endswith("in the cluster.")
+        assert said[3].startswith(a1) and said[3].endswith("in the cluster. (16 more such lines in the last 86 s)")
+    finally:
+        serve_log.filters[:] = before
