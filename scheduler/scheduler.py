@@ -120,7 +120,8 @@ class MeshScheduler:
         self.waiting_tokens = 0
         self.num_preemptions = 0
         self.head_blocked = False  # the last admission stopped at a request that fit no group it may enter, or
-        # a preemption skipped it: the next schedule seats nobody more until something is freed
+        # a dry pool skipped it (a preemption, or a sequence waiting for blocks): the next schedule seats nobody more
+        # until something is freed
         self.reserved: Sequence | None = None  # a waiting request that fit no KV group (_admit) ...
         self.reserved_group = -1  # ... and the group held for it
         self.grammars_sent: OrderedDict[str, None] = OrderedDict()  # the mesh's GrammarCache, as far as known
@@ -325,9 +326,8 @@ class MeshScheduler:
         if len(self.inflight) >= self.max_inflight:
             return None
         self._state_changed()
-        preemptions = self.num_preemptions
-        decode = self._reserve_lookahead()
-        if self.num_preemptions == preemptions:  # do not admit into the room a preemption just made
+        decode, dry = self._reserve_lookahead()
+        if not dry:  # do not admit into the room a preemption just made, nor into a pool a sequence waits on
             self._admit()
         else:
             self.head_blocked = True
@@ -367,10 +367,12 @@ class MeshScheduler:
         decode[:] = [(seq, target) for seq, target in decode if not seq.isolated]
         return False
 
-    def _reserve_lookahead(self) -> list[tuple[Sequence, int]]:
+    def _reserve_lookahead(self) -> tuple[list[tuple[Sequence, int]], bool]:
         """Blocks for the next decode_steps tokens of every live sequence, oldest first; when its group's
-        pool runs dry, the newest running sequence of that group is preempted (possibly the one asking)."""
-        decode, block_size = [], self.block_size
+        pool runs dry, the newest running sequence of that group is preempted (possibly the one asking), or, where
+        only sequences not to preempt yet are newer (_victim), the one asking sits this round out. Returns the
+        decode round's (sequence, target length) and whether a pool ran dry (a preemption, or one sat out)."""
+        decode, block_size, dry = [], self.block_size, False
         for seq in list(self.running.values()):
             total = seq.max_tokens_total
             if seq.status is not Status.RUNNING or not seq.live or seq.num_planned >= total:
@@ -379,11 +381,40 @@ class MeshScheduler:
             # The last sampled token's KV is written by the step after it, hence target - 1. Most rounds need no
             # new block (one in block_size / decode_steps does): checked here, it costs no call per slot.
             while blocks_for(target - 1, block_size) > len(seq.block_table) and not self._reserve(seq, target - 1):
-                if self._preempt_newest(self.kv.group_of(seq.slot)) is seq:
+                dry = True
+                victim = self._victim(seq)
+                if victim is None:
                     break
-            if seq.status is Status.RUNNING:
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
                 decode.append((seq, target))
-        return decode
+        return decode, dry
+
+    def _victim(self, seq: Sequence) -> Sequence | None:
+        """Whom seq, out of blocks, preempts: the newest running sequence of its group (vLLM V1's FCFS policy pops
+        the last of `running`: vllm/v1/core/sched/scheduler.py, schedule), seq itself when it is the newest, except
+        one re-seated after a preemption that has made no token since (num_tokens_preempted); None where only such
+        are newer than seq, or seq is one: seq then waits for their tokens. vLLM needs no such rule, as its engine
+        takes a resumed request's first token in before the next schedule; here max_inflight works are planned
+        ahead of their results, and the next round's lookahead of an older sequence preempted a re-seated one
+        before its recompute (a Galaxy prefill of its prompt and output) gave a token: the same request preempted
+        at the same length again and again (in process, long answers on two simulated meshes of 8 blocks: one 5
+        times at 185 tokens). A sequence
+        protected so needs no block to get its token (its seat holds its tokens): it waits at most for its own
+        prefill, and every preemption of a sequence follows a token of it."""
+        group, waited = self.kv.group_of(seq.slot), False
+        for other in reversed(self.running.values()):  # newest first, down to seq
+            if self.kv.group_of(other.slot) is not group:
+                continue
+            protected = len(other.token_ids) == other.num_tokens_preempted
+            if other is seq:
+                return None if protected or waited else seq
+            if not protected:
+                return other
+            waited = True
+        raise AssertionError("seq is not running")
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens of KV, if its group's pool can."""
@@ -553,7 +584,7 @@ class MeshScheduler:
         """Each KV group's room as the next schedule() would leave it once it has reserved the running users'
         lookahead (_reserve_lookahead) and seated the waiting queue as _admit does (a reserved group's holder first,
         then the others in order, outside its group); None when it would seat nobody more: the lookahead
-        preempts, or a queued request fits no group it may enter (nobody overtakes it). A forecast
+        runs a pool dry (_reserve_lookahead), or a queued request fits no group it may enter (nobody overtakes it). A forecast
         for placement, kept until the scheduler's state changes. Allocations past the free blocks evict cached
         ones, least recently freed first (BlockPool.allocate): a later request's hit on them is gone."""
         if self._forecast_valid:
@@ -820,9 +851,10 @@ class MeshScheduler:
         seq.num_computed = seq.num_prefill_planned = seq.num_cached_blocks = seq.num_prefill_sent = 0
         seq.num_planned = len(seq.token_ids)
 
-    def _preempt_newest(self, group: KVGroup) -> Sequence:
-        """Send the newest running sequence of `group` back to the queue (its blocks are that pool's)."""
-        seq = next(s for s in reversed(self.running.values()) if self.kv.group_of(s.slot) is group)
+    def _preempt(self, seq: Sequence) -> None:
+        """Send a running sequence (_victim) back to the queue."""
+        group = self.kv.group_of(seq.slot)
+        seq.num_tokens_preempted = len(seq.token_ids)
         self.pending_release.append(seq.slot)
         self._release(seq)
         seq.status = Status.PREEMPTED
@@ -832,7 +864,6 @@ class MeshScheduler:
         if self.log_name is not None:
             log.info("Request %s preempted on %s: KV group %d is out of blocks; its %d tokens are recomputed when it "
                      "is admitted again.", seq.request_id, self.log_name, group.index, len(seq.token_ids))
-        return seq
 
     def _mark_finished(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED

@@ -36,6 +36,9 @@ class Sequence:
     # A mesh failure is laid on every request of the decode round it was computing: an isolated one decodes its next
     # step in a round of its own, so that the failure of that round is its own alone.
     isolated: bool = False
+    # len(token_ids) at its last preemption here: until it has made a token since (its recompute's final chunk
+    # samples one), it is no victim (MeshScheduler._victim), so each preemption follows progress.
+    num_tokens_preempted: int = -1
     num_prefill_sampled: int = 0  # output tokens its final prefill chunks sampled here (one per recompute): no decode
     # Planning, ahead of the mesh by up to max_inflight works:
     num_prefill_planned: int = 0  # prefill handed out up to here

@@ -468,6 +468,39 @@ def test_constructor_checks_alignment():
         MeshScheduler(num_blocks=16, block_size=4, prefix_align=8, prefill_chunk=16, max_prefill_tokens=4)
 
 
+def test_a_preempted_sequence_is_preempted_again_only_after_a_token():
+    """The router plans max_inflight works ahead of their results, so a re-seated sequence's recompute gives its token
+    a work or more after its seat. c, preempted, was re-seated in the room a's end left (one block to spare), and the
+    next round's lookahead of b, older, took that block by preempting c again before its recompute's token came: c
+    preempted at 2 tokens twice (in an on-call run, one request 3 times at 183, each a Galaxy prefill of them). Now
+    b waits a round for c's token: every preemption of a sequence comes after a token of it."""
+    sched, mesh = make(num_blocks=6, num_slots=3, decode_steps=4, max_inflight=2)
+    answers = {"a": ([1, 1], 4), "b": ([2, 2], 20), "c": ([3, 3], 4)}
+    for rid, (prompt, max_tokens) in answers.items():
+        sched.submit(rid, prompt, params(max_tokens=max_tokens, ignore_eos=True))
+    seqs = dict(sched.requests)
+    events, pending, preempted_at = defaultdict(list), deque(), defaultdict(list)
+    for _ in range(300):
+        running = [seq for seq in seqs.values() if seq.status is Status.RUNNING]
+        work = sched.schedule()
+        for seq in running:
+            if seq.status is Status.PREEMPTED:
+                preempted_at[seq.request_id].append(len(seq.token_ids))
+        if work is not None:
+            pending.append(mesh.execute(work))
+        elif pending:  # the oldest work's results, once max_inflight works are out (or nothing else is planned)
+            for result in pending.popleft():
+                for event in sched.process(result):
+                    events[event.request_id].append(event)
+        else:
+            break
+    assert not sched.requests and preempted_at["c"]
+    for rid, lengths in preempted_at.items():
+        assert lengths == sorted(set(lengths)), f"{rid} preempted with no token in between: {lengths}"
+    for rid, (prompt, max_tokens) in answers.items():
+        assert output_of(events[rid]) == expected(prompt, params(max_tokens=max_tokens, ignore_eos=True))[0]
+
+
 def test_results_planned_for_an_earlier_placement_are_dropped():
     # three works in flight and a pool for one growing sequence: b is preempted and placed again while
     # a work planned for its first placement is still unanswered

@@ -63,6 +63,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.seqs: dict[str, Sequence] = {}  # each request's Sequence on the current mesh
         self.computed: Counter = Counter()  # (request, seat epoch) -> prompt tokens its chunks had the mesh compute
         self.submitted = 0
+        self.preempted_at: dict[str, tuple[Sequence, int]] = {}  # a request's last preemption: (its Sequence, length)
 
     # ---- rules -----------------------------------------------------------------------------------
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
@@ -112,8 +113,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         holder = (sched.reserved, sched.reserved_group) if sched.reserved is not None else None
         preemptions, admits = sched.num_preemptions, len(sched.inflight) < sched.max_inflight
         queue = list(sched.waiting)
+        running = list(sched.running.values())
         work = sched.schedule()
         self._check_admissions(epochs)
+        self._check_preemptions(running)
         # FCFS: apart from the reserved group's holder (before or after), those seated are the head of the queue
         line = [seq for seq in queue if seq is not sched.reserved and (holder is None or seq is not holder[0])]
         seated = [seq.status is Status.RUNNING for seq in line]
@@ -203,8 +206,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.outputs[rid] = []
         self.seqs[rid] = seq
         epochs = {r: s.epoch for r, s in self.sched.running.items()}
+        running = list(self.sched.running.values())
         work = self.sched.schedule()
         self._check_admissions(epochs)
+        self._check_preemptions(running)
         assert seq.status is Status.RUNNING, "seats() said yes to a request the next schedule leaves waiting"
         if work is None:  # seated, it waits for an earlier prompt's chunk that is out
             assert self.sched.inflight and self._trails(seq), "a prefill was left unplanned"
@@ -306,6 +311,18 @@ class SchedulerMachine(RuleBasedStateMachine):
                 reusable = min(m * bs, n - 1) // sched.prefix_align * sched.prefix_align
                 assert seq.num_computed >= reusable
                 assert seq.block_table[:reusable // bs] == other.block_table[:reusable // bs]
+
+    def _check_preemptions(self, running):
+        """A sequence preempted again has made a token since its last preemption (the recompute's first token at
+        least), so a request is preempted at most once per token it makes, plus once, on one mesh: its recomputes
+        add up to at most (max_tokens + 1) x its length. A Sequence moved to a mesh (take_queued, fail_mesh) is a new
+        one, whose preemptions count afresh: the scheduler that preempted it is another."""
+        for seq in running:
+            if seq.status is Status.PREEMPTED:
+                last = self.preempted_at.get(seq.request_id)
+                if last is not None and last[0] is seq:
+                    assert len(seq.token_ids) > last[1], f"{seq.request_id} preempted again at {last[1]} tokens"
+                self.preempted_at[seq.request_id] = seq, len(seq.token_ids)
 
     def _check_scored_chunks(self, work):
         """A prompt that asks for its logprobs, until its first token, computes every position in order from 0 in
@@ -461,4 +478,28 @@ def test_a_moved_prompt_may_wait_for_an_earlier_ones_chunk():
     machine.schedule()
     machine.move_here(max_tokens=1, prefix=0, prefix_len=3, salt=None, tail=[])
     assert not machine.sched.running["r1"].live
+    machine.teardown()
+
+
+def test_a_reseated_sequence_is_not_preempted_before_its_token():
+    """The machine's rules, driven as the router drives a mesh (max_inflight works out, then the oldest one's results):
+    r2, preempted mid-prefill, is re-seated when r0 ends, one block to spare, and r1's lookahead of the round after
+    needs that block before r2's recompute has given its token (its work is still out). The old schedule preempted r2
+    again at the same 2 tokens (_check_preemptions); now r1 waits a round for it."""
+    machine = SchedulerMachine()
+    machine.setup(block_size=4, align_blocks=1, kv_groups=1, slots_per_group=3, extra_blocks=-4, chunk_aligns=2,
+                  budget_aligns=2, decode_steps=4, max_inflight=2, watermark=0, queue_limit=None, token_limit=None,
+                  shared_aligns=4)
+    for token, max_tokens in ((1, 4), (2, 20), (3, 4)):
+        machine.submit(0, 0, [token] * 2, max_tokens, 0, [], True, None, False)
+    sched = machine.sched
+    assert sched.kv.blocks_per_group == 6
+    for _ in range(100):
+        if not sched.requests:
+            break
+        out = len(sched.inflight)
+        machine.schedule()
+        if len(sched.inflight) == out and sched.inflight:
+            machine.take_results(sched.inflight[0].messages_left)
+    assert sched.num_preemptions and not sched.requests
     machine.teardown()
