@@ -422,17 +422,18 @@ class MeshScheduler:
 
     def _admit(self) -> None:
         """Seat waiting requests in free slots, each in the KV group that caches most of its prefix (then the
-        emptiest) once that group's pool holds the uncached part of its tokens plus the watermark. FCFS, except
-        that the first request that fits no group reserves one (`_reservation`) and lets the queue behind it go on
-        into the other groups: the reserved group admits nobody else, so it only drains, and its holder, tried
-        first at every admission, is seated at the latest once the answers running there when it reserved have
-        ended (each bounded by its max_tokens; with the group empty, any prompt the pool holds fits). A second
-        request that fits none of the other groups stops the queue (nobody overtakes it). With one KV group
-        (torch) nothing is reserved: plain FCFS."""
+        emptiest) once that group's pool holds the uncached part of its tokens plus the watermark (and a preempted
+        one's _headroom). FCFS, except that the first request that fits no group reserves one (`_reservation`) and
+        lets the queue behind it go on into the other groups: the reserved group admits nobody else, so it only
+        drains, and its holder, tried first at every admission, is seated at the latest once the answers running
+        there when it reserved have ended (each bounded by its max_tokens; with the group empty, any prompt the pool
+        holds fits). A second request that fits none of the other groups stops the queue (nobody overtakes it). With
+        one KV group (torch) nothing is reserved: plain FCFS."""
         self.head_blocked = False
         holder = self.reserved
         if holder is not None and self.kv.num_free_slots:
-            choice = self._choose_group(self._seat_hashes(holder), len(holder.token_ids))
+            choice = self._choose_group(self._seat_hashes(holder), len(holder.token_ids),
+                                        headroom=self._headroom(holder))
             if choice is not None:
                 self.waiting.remove(holder)
                 self.reserved = None
@@ -444,7 +445,7 @@ class MeshScheduler:
             seq = self.waiting[index]
             n = len(seq.token_ids)
             exclude = self.reserved_group if self.reserved is not None else None
-            choice = self._choose_group(self._seat_hashes(seq), n, exclude=exclude)
+            choice = self._choose_group(self._seat_hashes(seq), n, exclude=exclude, headroom=self._headroom(seq))
             if choice is None:
                 if exclude is None and len(self.kv.groups) > 1:
                     self.reserved, self.reserved_group = seq, self._reservation(seq.block_hashes, n)
@@ -453,6 +454,17 @@ class MeshScheduler:
                 return
             del self.waiting[index]
             self._seat(seq, *choice)
+
+    def _headroom(self, seq: Sequence) -> int:
+        """The blocks a preempted sequence's seat leaves free per sequence of its group (_fit), itself counted: their
+        growth over max_inflight + 1 decode rounds, from its seat through its recompute's token (its works, planned
+        ahead of their results) and a decode round after it. Re-seated as soon as it fit, it was preempted again by the
+        next older sequence to need a block, after one token (a recompute of all its tokens for one): in process, 17
+        preemptions for 8 answers on two meshes of 8 blocks, 7 with this. None for a sequence not preempted here (the
+        path of every request while none is), nor in an empty group (_fit), where it fits as it always did."""
+        if seq.num_tokens_preempted < 0:
+            return 0
+        return blocks_for(self.decode_steps * (self.max_inflight + 1), self.block_size)
 
     def _hashes(self, seq: Sequence) -> list[bytes]:
         """seq's full blocks' digests, hashed once (its tokens grow)."""
@@ -507,17 +519,17 @@ class MeshScheduler:
         return pool.lookup(block_hashes, n, self.prefix_align) if self.enable_prefix_caching else []
 
     def _choose_group(self, block_hashes: list[bytes], n: int, forecast: _Forecast | None = None,
-                      exclude: int | None = None) -> tuple[KVGroup, list[int]] | None:
+                      exclude: int | None = None, headroom: int = 0) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room whose prefix cache holds most of the sequence, then the one with
         most room (KVGroup.room); with its prefix hit. None if none has room. `forecast`: each group judged by
         its state after the next schedule (_room_after_queue) instead of its own. `exclude`: a group reserved
-        for another request."""
+        for another request. `headroom`: _headroom's."""
         best, best_key = None, None
         for group in self.kv.groups:
             room = group.room if forecast is None else forecast.room[group.index]
             if not room[0] or group.index == exclude:
                 continue
-            hit, lacking = self._fit(group, block_hashes, n, forecast)
+            hit, lacking = self._fit(group, block_hashes, n, forecast, headroom)
             if lacking > 0:
                 continue
             key = (len(hit), *room)
@@ -526,15 +538,17 @@ class MeshScheduler:
         return best
 
     def _fit(self, group: KVGroup, block_hashes: list[bytes], n: int,
-             forecast: _Forecast | None) -> tuple[list[int], int]:
-        """A sequence's prefix hit in `group`, and the blocks the group lacks to seat it (the watermark counted;
-        zero or less: it fits), as it is now or after the next schedule (`forecast`)."""
+             forecast: _Forecast | None, headroom: int = 0) -> tuple[list[int], int]:
+        """A sequence's prefix hit in `group`, and the blocks the group lacks to seat it (the watermark and `headroom`
+        blocks per sequence there, its own seat counted, but none in an empty group; zero or less: it fits), as it is
+        now or after the next schedule (`forecast`)."""
         if forecast is None:
             (slots, _, available), revived = group.room, ()
         else:
             (slots, _, available), revived = forecast.room[group.index], forecast.revived[group.index]
         pool = group.pool
-        watermark = self.watermark_blocks if slots < group.num_slots else 0
+        running = group.num_slots - slots
+        watermark = self.watermark_blocks + (running + 1) * headroom if running else 0
         if not block_hashes or not pool.caches(block_hashes[0]):  # no hit: placement asks every group of every mesh
             return [], blocks_for(n, self.block_size) + watermark - available
         hit = self._lookup(pool, block_hashes, n)
@@ -621,7 +635,8 @@ class MeshScheduler:
             if not any(r[0] for r in room):
                 break
             n = len(seq.token_ids)
-            choice = self._choose_group(self._seat_hashes(seq), n, forecast, None if seq is holder else reserved)
+            choice = self._choose_group(self._seat_hashes(seq), n, forecast, None if seq is holder else reserved,
+                                        self._headroom(seq))
             if choice is None:
                 if seq is holder:
                     continue

@@ -468,17 +468,11 @@ def test_constructor_checks_alignment():
         MeshScheduler(num_blocks=16, block_size=4, prefix_align=8, prefill_chunk=16, max_prefill_tokens=4)
 
 
-def test_a_preempted_sequence_is_preempted_again_only_after_a_token():
-    """The router plans max_inflight works ahead of their results, so a re-seated sequence's recompute gives its token
-    a work or more after its seat. c, preempted, was re-seated in the room a's end left (one block to spare), and the
-    next round's lookahead of b, older, took that block by preempting c again before its recompute's token came: c
-    preempted at 2 tokens twice (in an on-call run, one request 3 times at 183, each a Galaxy prefill of them). Now
-    b waits a round for c's token: every preemption of a sequence comes after a token of it."""
-    sched, mesh = make(num_blocks=6, num_slots=3, decode_steps=4, max_inflight=2)
-    answers = {"a": ([1, 1], 4), "b": ([2, 2], 20), "c": ([3, 3], 4)}
-    for rid, (prompt, max_tokens) in answers.items():
-        sched.submit(rid, prompt, params(max_tokens=max_tokens, ignore_eos=True))
-    seqs = dict(sched.requests)
+def _pipelined(sched, mesh, answers):
+    """Run `answers` ({id: (prompt, max_tokens)}, ignore_eos) as the router drives a mesh: works planned until
+    max_inflight are out, then the oldest one's results. Returns each one's length at each of its preemptions."""
+    seqs = {rid: sched.submit(rid, prompt, params(max_tokens=max_tokens, ignore_eos=True))
+            for rid, (prompt, max_tokens) in answers.items()}
     events, pending, preempted_at = defaultdict(list), deque(), defaultdict(list)
     for _ in range(300):
         running = [seq for seq in seqs.values() if seq.status is Status.RUNNING]
@@ -488,24 +482,49 @@ def test_a_preempted_sequence_is_preempted_again_only_after_a_token():
                 preempted_at[seq.request_id].append(len(seq.token_ids))
         if work is not None:
             pending.append(mesh.execute(work))
-        elif pending:  # the oldest work's results, once max_inflight works are out (or nothing else is planned)
+        elif pending:
             for result in pending.popleft():
                 for event in sched.process(result):
                     events[event.request_id].append(event)
         else:
             break
-    assert not sched.requests and preempted_at["c"]
-    for rid, lengths in preempted_at.items():
-        assert lengths == sorted(set(lengths)), f"{rid} preempted with no token in between: {lengths}"
+    assert not sched.requests
     for rid, (prompt, max_tokens) in answers.items():
         assert output_of(events[rid]) == expected(prompt, params(max_tokens=max_tokens, ignore_eos=True))[0]
+    return preempted_at
+
+
+def test_a_preempted_sequence_is_preempted_again_only_after_a_token():
+    """The router plans max_inflight works ahead of their results, so a re-seated sequence's recompute gives its token
+    a work or more after its seat. c, preempted, was re-seated in the room a's end left (one block to spare), and the
+    next round's lookahead of b, older, took that block by preempting c again before its recompute's token came: c
+    preempted at 2 tokens twice (in an on-call run, one request 3 times at 183, each a Galaxy prefill of them). Now
+    b waits a round for c's token: every preemption of a sequence comes after a token of it."""
+    sched, mesh = make(num_blocks=6, num_slots=3, decode_steps=4, max_inflight=2)
+    preempted_at = _pipelined(sched, mesh, {"a": ([1, 1], 4), "b": ([2, 2], 20), "c": ([3, 3], 4)})
+    assert preempted_at["c"]
+    for rid, lengths in preempted_at.items():
+        assert lengths == sorted(set(lengths)), f"{rid} preempted with no token in between: {lengths}"
+
+
+def test_a_preempted_sequence_is_re_seated_with_room_to_decode():
+    """c, preempted at 6 tokens, was re-seated as soon as a's end left its 2 blocks, none to spare: b's growth
+    preempted it again right after its recompute's one token (at 7), a recompute of 7 tokens for 1. Now it is
+    re-seated with room for its group to grow (max_inflight + 1) decode rounds, so it makes its recompute's token
+    and a decode round at least before any next preemption: here it has none."""
+    sched, mesh = make(num_blocks=6, num_slots=3, decode_steps=4, max_inflight=2)
+    preempted_at = _pipelined(sched, mesh, {"a": ([1, 1], 4), "b": ([2, 2], 20), "c": ([3] * 6, 4)})
+    assert preempted_at["c"]
+    for rid, lengths in preempted_at.items():
+        assert all(b - a > sched.decode_steps for a, b in zip(lengths, lengths[1:])), (rid, lengths)
 
 
 def test_results_planned_for_an_earlier_placement_are_dropped():
-    # three works in flight and a pool for one growing sequence: b is preempted and placed again while
-    # a work planned for its first placement is still unanswered
-    sched, mesh = make(num_blocks=8, num_slots=2, decode_steps=4, max_inflight=3, max_seq_len=32)
+    # three works in flight and a pool for one growing sequence: b is preempted, and placed again when the short c
+    # ends, while a work planned for its first placement is still unanswered
+    sched, mesh = make(num_blocks=8, num_slots=3, decode_steps=1, max_inflight=3, max_seq_len=32)
     p = params(max_tokens=20, ignore_eos=True)
+    sched.submit("c", [3] * 6, params(max_tokens=4, ignore_eos=True))
     sched.submit("a", [1] * 6, p)
     b = sched.submit("b", [2] * 6, p)
     events, pending, stale_seen = defaultdict(list), [], False
@@ -524,6 +543,7 @@ def test_results_planned_for_an_earlier_placement_are_dropped():
     assert stale_seen and b.epoch >= 2
     for rid, prompt in (("a", [1] * 6), ("b", [2] * 6)):
         assert output_of(events[rid]) == expected(prompt, p)[0]
+    assert output_of(events["c"]) == expected([3] * 6, params(max_tokens=4, ignore_eos=True))[0]
 
 
 def test_bench_drives_the_work_protocol_end_to_end():
