@@ -163,6 +163,7 @@ class _Request:
     decoded_at_failure: int = -1  # its tokens of decode steps at the last of them
     prefill_sampled: int = 0  # Sequence.num_prefill_sampled of the meshes it left
     isolated: bool = False  # its next decode step runs alone (Sequence.isolated), wherever it goes
+    num_tokens_preempted: int = -1  # Sequence.num_tokens_preempted of the mesh it left: a token is still due first
     failed_alone: tuple[Mesh, int] | None = None  # the last mesh that failed computing it alone, and its works_done
     # the failed mesh it left, until it is placed on a mesh again: that mesh's requests_migrated counts it then, not
     # when it left (one held until no_mesh_wait_s ran out, or whose client left meanwhile, or no mesh took, never moved)
@@ -408,7 +409,7 @@ class Router:
                 mesh.scheduler.submit(request_id, req.prompt_ids, req.params, req.salt, list(output_ids),
                                       migrated=migrated, counted=req.counted, arrival_time=req.arrival_time,
                                       scheduled_time=req.scheduled_time, block_hashes=digests.get(mesh.caps.block_size),
-                                      isolated=req.isolated)
+                                      isolated=req.isolated, num_tokens_preempted=req.num_tokens_preempted)
             except (PromptTooLong, QueueFull, ValueError) as exc:
                 refusal = exc if refusal is None or isinstance(exc, RoomFilled) else refusal
                 continue
@@ -627,6 +628,7 @@ class Router:
                 [] if scores else digests[m.caps.block_size], n))
             counted = req.counted
             req.counted, req.isolated = counted or seq.counted, seq.isolated
+            req.num_tokens_preempted = seq.num_tokens_preempted
             req.scheduled_time = seq.scheduled_time  # the first mesh's, carried to each next one (submit)
             try:  # submitted there first: taken from here only once it is
                 self._submit_to_best([target], digests, seq.request_id, req, seq.output_ids, migrated=True)
@@ -857,6 +859,7 @@ class Router:
                 continue
             req.prefill_sampled += seq.num_prefill_sampled
             req.isolated = seq.isolated  # its step alone is still to come
+            req.num_tokens_preempted = seq.num_tokens_preempted
             req.scheduled_time = seq.scheduled_time  # its queue time ended there (or on a mesh before)
             if seq.request_id in suspects:  # in a row: a decode step done since its last one clears it of that one
                 decoded = len(seq.output_ids) - req.prefill_sampled  # (a recompute samples a token: no decode step)

@@ -137,7 +137,8 @@ class MeshScheduler:
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                salt: str | None = None, output_ids: list[int] = (), *, migrated: bool = False,
                counted: bool = False, arrival_time: float | None = None, scheduled_time: float | None = None,
-               block_hashes: list[bytes] | None = None, isolated: bool = False) -> Sequence:
+               block_hashes: list[bytes] | None = None, isolated: bool = False,
+               num_tokens_preempted: int = -1) -> Sequence:
         """Queue a request. `output_ids` continues one that already produced those tokens elsewhere (a
         failed mesh, a restarted router): it is recomputed from prompt + output and goes on from there.
         `migrated` skips the queue limits (the request was admitted once already). One with output goes
@@ -145,7 +146,9 @@ class MeshScheduler:
         `arrival_time` (served in order of arrival, a request moved off a failed mesh too). `counted`: its first
         admission was counted already (prefix_query_tokens, prefix_hit_tokens). `block_hashes`: the
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
-        `isolated`: its next decode step runs alone (Sequence.isolated). `scheduled_time`: when a mesh it left was
+        `isolated`: its next decode step runs alone (Sequence.isolated). `num_tokens_preempted`: its length at its last
+        preemption on a mesh it left (Sequence.num_tokens_preempted): here too it is seated with _headroom and is no
+        victim until it makes a token. `scheduled_time`: when a mesh it left was
         first handed a prefill chunk of it (its queue time ends there, not at its recompute here).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
         tokens (after the cut to this mesh's room), or whose prompt alone fills it; ValueError for an id already here
@@ -185,7 +188,7 @@ class MeshScheduler:
         seq = Sequence(request_id, token_ids, n, params, tuple(dict.fromkeys(stop_ids)), salt,
                        num_planned=len(token_ids), block_hashes=list(block_hashes or ()), counted=counted,
                        arrival_time=time.monotonic() if arrival_time is None else arrival_time,
-                       scheduled_time=scheduled_time, isolated=isolated)
+                       scheduled_time=scheduled_time, isolated=isolated, num_tokens_preempted=num_tokens_preempted)
         self.requests[request_id] = seq
         if output_ids:  # a stream under way (moved here, or continued) goes before every one not started yet
             first_new = next((i for i, s in enumerate(self.waiting) if not s.started), len(self.waiting))
@@ -265,14 +268,15 @@ class MeshScheduler:
         """Whether the next schedule here would seat `seq` (another mesh's) after this mesh's own queue: room
         for its tokens (max_seq_len, the pool) and, once that schedule has reserved the running users' lookahead
         and seated the queue (_room_after_queue; a request moved here in the same pass is in it), a KV group
-        with a free slot and the blocks for its uncached tokens (all of them for one that scores its prompt), other
-        than one reserved for a waiting request."""
+        with a free slot and the blocks for its uncached tokens (all of them for one that scores its prompt; a
+        preempted one's _headroom too), other than one reserved for a waiting request."""
         n = len(seq.token_ids)
         if self.num_queued >= 0 or n >= self.max_tokens_per_seq:
             return False
         forecast = self._room_after_queue()
         hashes = [] if self.scores_prompt(seq) else seq.block_hashes  # as _seat_hashes, without hashing here
-        return forecast is not None and self._choose_group(hashes, n, forecast, forecast.reserved) is not None
+        return forecast is not None and self._choose_group(hashes, n, forecast, forecast.reserved,
+                                                           self._headroom(seq)) is not None
 
     @property
     def num_queued(self) -> int:

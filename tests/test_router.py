@@ -1468,6 +1468,36 @@ def test_a_small_request_behind_a_head_no_mesh_seats_moves_to_the_room():
     asyncio.run(main())
 
 
+def test_a_preempted_request_moved_to_another_mesh_is_not_preempted_there_before_a_token():
+    """A preempted request that its mesh cannot re-seat (Sequence.num_tokens_preempted: its _headroom) moves to a mesh
+    that empties (_rebalance), as a new Sequence there: it carries its last preemption, so that mesh too re-seats it
+    with room and preempts it again only after a token. In process (8 answers on two meshes of 8 blocks) one was
+    preempted at 249 tokens on mesh-1, moved, and preempted at 249 on mesh-0."""
+    async def main():
+        def small():  # 2 slots, 8 blocks of 64 tokens
+            return SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
+        meshes = [LocalMesh(small) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router.submit("p", [5] * 300, LASTING, None, [], "c")  # 5 blocks
+        for rid in ("s1", "s2", "s3"):  # 2 blocks each: every slot taken
+            router.submit(rid, [ord(rid[1])] * 100, LASTING, None, [], "c")
+        await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [2, 2])
+        home = router.requests["p"].mesh
+        other = next(m for m in router.meshes if m is not home)
+        seq = home.scheduler.running["p"]
+        await until(lambda: seq.live)
+        home.scheduler._preempt(seq)  # as its neighbour's growth would: 5 blocks and room for 2 to grow lack
+        home.wake.set()
+        preempted_at = len(seq.token_ids)
+        for rid in list(other.scheduler.running):  # the other mesh empties: p moves there
+            router.cancel(rid)
+        await until(lambda: router.requests["p"].mesh is other, timeout_s=1.0)
+        assert other.scheduler.requests["p"].num_tokens_preempted == preempted_at
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
 def test_prefix_caching_off_reaches_every_meshs_scheduler():
     """The app's `enable_prefix_caching: false` (RouterConfig): a repeated prompt reuses nothing, on every mesh."""
     async def main():

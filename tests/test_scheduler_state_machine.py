@@ -179,7 +179,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
             self.seqs[seq.request_id] = sched.submit(seq.request_id, seq.prompt_ids, seq.params, seq.salt,
                                                      seq.output_ids, migrated=True, counted=seq.counted,
-                                                     isolated=seq.isolated)
+                                                     isolated=seq.isolated,
+                                                     num_tokens_preempted=seq.num_tokens_preempted)
+            self._moved(seq, self.seqs[seq.request_id])
 
     @precondition(lambda self: len(self.sched.inflight) < self.sched.max_inflight)
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
@@ -236,7 +238,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert seq.output_ids == self.outputs[seq.request_id], "a confirmed token was not delivered"
             self.seqs[seq.request_id] = self.sched.submit(
                 seq.request_id, seq.prompt_ids, seq.params, seq.salt, seq.output_ids, migrated=True,
-                isolated=seq.isolated or data.draw(st.booleans()))
+                isolated=seq.isolated or data.draw(st.booleans()), num_tokens_preempted=seq.num_tokens_preempted)
+            self._moved(seq, self.seqs[seq.request_id])
 
     def teardown(self):
         """Run everything to its end: nothing may hang, and every block must come back."""
@@ -314,15 +317,19 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     def _check_preemptions(self, running):
         """A sequence preempted again has made a token since its last preemption (the recompute's first token at
-        least), so a request is preempted at most once per token it makes, plus once, on one mesh: its recomputes
-        add up to at most (max_tokens + 1) x its length. A Sequence moved to a mesh (take_queued, fail_mesh) is a new
-        one, whose preemptions count afresh: the scheduler that preempted it is another."""
+        least), so a request is preempted at most once per token it makes, plus once: its recomputes add up to at
+        most (max_tokens + 1) x its length. Across moves too (take_queued, fail_mesh carry it as the router does)."""
         for seq in running:
             if seq.status is Status.PREEMPTED:
                 last = self.preempted_at.get(seq.request_id)
                 if last is not None and last[0] is seq:
                     assert len(seq.token_ids) > last[1], f"{seq.request_id} preempted again at {last[1]} tokens"
                 self.preempted_at[seq.request_id] = seq, len(seq.token_ids)
+
+    def _moved(self, old, new):
+        """`old`'s request goes on as `new` (a move): its last preemption goes with it."""
+        if self.preempted_at.get(old.request_id, (None,))[0] is old:
+            self.preempted_at[old.request_id] = new, self.preempted_at[old.request_id][1]
 
     def _check_scored_chunks(self, work):
         """A prompt that asks for its logprobs, until its first token, computes every position in order from 0 in
