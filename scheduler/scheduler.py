@@ -148,8 +148,8 @@ class MeshScheduler:
         digests of leading full blocks of prompt + output, if the caller has them (hashed once per request).
         `isolated`: its next decode step runs alone (Sequence.isolated). `num_tokens_preempted`: its length at its last
         preemption on a mesh it left (Sequence.num_tokens_preempted): here too it is seated with _headroom and is no
-        victim until it makes a token. `scheduled_time`: when a mesh it left was
-        first handed a prefill chunk of it (its queue time ends there, not at its recompute here).
+        victim until it makes a token. `scheduled_time`: when a mesh it left was first handed a prefill chunk of it
+        (its queue time ends there, not at its recompute here).
         Raises PromptTooLong (HTTP 400) or QueueFull (HTTP 429); RoomFilled for output that already has max_tokens
         tokens (after the cut to this mesh's room), or whose prompt alone fills it; ValueError for an id already here
         or an empty prompt."""
@@ -405,9 +405,8 @@ class MeshScheduler:
         ahead of their results, and the next round's lookahead of an older sequence preempted a re-seated one
         before its recompute (a Galaxy prefill of its prompt and output) gave a token: the same request preempted
         at the same length again and again (in process, long answers on two simulated meshes of 8 blocks: one 5
-        times at 185 tokens). A sequence
-        protected so needs no block to get its token (its seat holds its tokens): it waits at most for its own
-        prefill, and every preemption of a sequence follows a token of it."""
+        times at 185 tokens). A sequence protected so needs no block to get its token (its seat holds its
+        tokens): it waits at most for its own prefill, and every preemption of a sequence follows a token of it."""
         group, waited = self.kv.group_of(seq.slot), False
         for other in reversed(self.running.values()):  # newest first, down to seq
             if self.kv.group_of(other.slot) is not group:
@@ -602,9 +601,9 @@ class MeshScheduler:
         """Each KV group's room as the next schedule() would leave it once it has reserved the running users'
         lookahead (_reserve_lookahead) and seated the waiting queue as _admit does (a reserved group's holder first,
         then the others in order, outside its group); None when it would seat nobody more: the lookahead
-        runs a pool dry (_reserve_lookahead), or a queued request fits no group it may enter (nobody overtakes it). A forecast
-        for placement, kept until the scheduler's state changes. Allocations past the free blocks evict cached
-        ones, least recently freed first (BlockPool.allocate): a later request's hit on them is gone."""
+        runs a pool dry (_reserve_lookahead), or a queued request fits no group it may enter (nobody overtakes
+        it). A forecast for placement, kept until the scheduler's state changes. Allocations past the free blocks
+        evict cached ones, least recently freed first (BlockPool.allocate): a later request's hit on them is gone."""
         if self._forecast_valid:
             return self._forecast
         groups = self.kv.groups
