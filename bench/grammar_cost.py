@@ -1,0 +1,233 @@
+"""What structured outputs cost a mesh's host per decode step: MeshRunner over the simulated Galaxy at real time.
+
+    python -m bench.grammar_cost [--rounds 12] [--steps 8] [--json]
+
+Four batches of 32 slots, each on its own runner and backend, run one decode round (`--steps` steps) each in
+turn, so all four meet the same load from the rest of the box (an A/B in one run):
+
+- free: 32 unconstrained greedy users (sampled on the device, steps overlapped: async decode);
+- host: 32 unconstrained users sampled on the host (a logit_bias of 0: the host-logits path without a grammar);
+- json: 32 users under a `response_format` json_schema (nested objects, enums, arrays, a number range);
+- tools: 32 users under `tool_choice: required` over 8 tools.
+
+The grammars are made as the ingress makes them (deployments.structured.constraint_for) for Llama 3's
+tokenizer (128,256 ids, the Galaxy's vocabulary). A slot whose answer ends (its grammar complete) is
+prefilled again with a new prompt between rounds, outside the timed rounds. Per step it prints the wall
+time, the host thread's CPU (time.thread_time: the backend sleeps out the device's time), the part of that
+CPU inside llguidance's masks and steps (GrammarState.disallowed / accept), and the device's busy fraction
+(simulated device seconds over wall seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+from model import grammar as grammar_mod
+from model.embedded import ensure_llama3_tokenizer
+from model.grammar import ll_tokenizer
+from model.runner import MeshRunner
+from model.simulated import SimulatedBackend
+from model.tokenizer import Tokenizer
+from scheduler.sampling import SamplingParams
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk
+
+SLOTS = 32
+PROMPT = 128
+MAX_SEQ = 4096
+BLOCK = 64
+
+# An extraction schema of the kind agents send: nested objects, enums, arrays of objects, a bounded number.
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "invoice_id": {"type": "string"},
+        "status": {"type": "string", "enum": ["draft", "sent", "paid", "overdue", "void"]},
+        "customer": {"type": "object", "properties": {
+            "name": {"type": "string"}, "email": {"type": "string"},
+            "address": {"type": "object", "properties": {
+                "street": {"type": "string"}, "city": {"type": "string"}, "zip": {"type": "string"},
+                "country": {"type": "string", "enum": ["US", "CA", "GB", "DE", "FR", "JP", "IN", "BR"]}},
+                "required": ["street", "city", "country"]}},
+            "required": ["name", "address"]},
+        "lines": {"type": "array", "items": {"type": "object", "properties": {
+            "sku": {"type": "string"}, "description": {"type": "string"},
+            "quantity": {"type": "integer", "minimum": 1}, "unit_price": {"type": "number", "minimum": 0},
+            "tax": {"type": "string", "enum": ["none", "reduced", "standard"]}},
+            "required": ["sku", "quantity", "unit_price"]}, "minItems": 1},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "total": {"type": "number"},
+        "notes": {"type": ["string", "null"]},
+    },
+    "required": ["invoice_id", "status", "customer", "lines", "total"],
+}
+
+
+def _tool(name: str, props: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {"name": name, "description": f"{name} tool",
+                                             "parameters": {"type": "object", "properties": props,
+                                                            "required": required}}}
+
+
+TOOLS = [
+    _tool("get_weather", {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, ["city"]),
+    _tool("search_web", {"query": {"type": "string"}, "max_results": {"type": "integer"}}, ["query"]),
+    _tool("send_email", {"to": {"type": "array", "items": {"type": "string"}}, "subject": {"type": "string"},
+                         "body": {"type": "string"}}, ["to", "subject", "body"]),
+    _tool("create_event", {"title": {"type": "string"}, "start": {"type": "string"}, "end": {"type": "string"},
+                           "attendees": {"type": "array", "items": {"type": "object", "properties": {
+                               "name": {"type": "string"}, "email": {"type": "string"}}}}}, ["title", "start"]),
+    _tool("lookup_order", {"order_id": {"type": "string"}, "include_items": {"type": "boolean"}}, ["order_id"]),
+    _tool("convert_currency", {"amount": {"type": "number"}, "from": {"type": "string"}, "to": {"type": "string"}},
+          ["amount", "from", "to"]),
+    _tool("run_sql", {"query": {"type": "string"}, "database": {"type": "string", "enum": ["prod", "analytics"]}},
+          ["query"]),
+    _tool("set_reminder", {"text": {"type": "string"}, "at": {"type": "string"},
+                           "repeat": {"type": "string", "enum": ["none", "daily", "weekly"]}}, ["text", "at"]),
+]
+
+
+def grammars(llt) -> dict[str, str]:
+    """The two grammars as the ingress builds and checks them for these requests."""
+    from deployments.protocol import ChatCompletionRequest
+    from deployments.structured import constraint_for
+
+    messages = [{"role": "user", "content": "hi"}]
+    json_req = ChatCompletionRequest.model_validate({"model": "m", "messages": messages, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "invoice", "schema": JSON_SCHEMA}}})
+    tools_req = ChatCompletionRequest.model_validate({"model": "m", "messages": messages, "tools": TOOLS,
+                                                      "tool_choice": "required"})
+    return {"json": constraint_for(json_req, lambda: llt).grammar, "tools": constraint_for(tools_req, lambda: llt).grammar}
+
+
+class Batch:
+    """One runner over its own simulated Galaxy, its 32 slots kept full."""
+
+    def __init__(self, name: str, params: SamplingParams, tok: Tokenizer, llt, time_scale: float):
+        self.name, self.params, self.stop = name, params, tuple(sorted(tok.stop_ids))
+        self.backend = SimulatedBackend(time_scale=time_scale, num_slots=SLOTS, kv_groups=1, block_size=BLOCK,
+                                        num_blocks=SLOTS * (MAX_SEQ // BLOCK), max_seq_len=MAX_SEQ,
+                                        vocab_size=tok.vocab_size, eos_token_ids=self.stop)
+        self.runner = MeshRunner(self.backend, grammar_tokenizer=lambda: llt)
+        per = MAX_SEQ // BLOCK
+        self.table = np.arange(SLOTS * per, dtype=np.int32).reshape(SLOTS, per)
+        self.work_id, self.seed, self.live = 0, 0, set()
+        self.steps = self.wall = self.cpu = self.grammar_cpu = self.device = 0.0
+        self.tokens = 0
+        self.ended = 0
+
+    def refill(self) -> None:
+        """Prefill every free slot with a fresh prompt (not timed)."""
+        chunks = []
+        for s in sorted(set(range(SLOTS)) - self.live):
+            self.seed += 1
+            prompt = [int(t) for t in np.random.default_rng(self.seed).integers(1000, 100000, PROMPT)]
+            chunks.append(PrefillChunk(f"{self.name}-{self.seed}", s, prompt, 0, self.table[s].tolist(), self.params,
+                                       PROMPT, self.stop))
+        if chunks:
+            self._run(MeshWork(self._next_id(), chunks))
+
+    def round(self, steps: int) -> None:
+        global _grammar_cpu
+        width = self.table.shape[1]
+        work = MeshWork(self._next_id(), decode=DecodeRound(steps, sorted(self.live), self.table[:, :width]))
+        device, _grammar_cpu = self.backend.device_seconds, 0.0
+        wall, cpu = time.perf_counter(), time.thread_time()
+        self._run(work)
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.thread_time() - cpu
+        self.grammar_cpu += _grammar_cpu
+        self.device += self.backend.device_seconds - device
+        self.steps += steps
+
+    def _run(self, work: MeshWork) -> None:
+        for result in self.runner.execute(work):
+            for s, t in enumerate(result.tokens):
+                if t != NO_TOKEN:
+                    self.live.add(s)
+                    if work.decode:
+                        self.tokens += 1
+            for s in result.finished:
+                self.live.discard(s)
+                self.ended += 1
+
+    def _next_id(self) -> int:
+        self.work_id += 1
+        return self.work_id
+
+    def report(self) -> dict:
+        return {"steps": int(self.steps), "tokens_per_step": self.tokens / self.steps,
+                "wall_ms_per_step": self.wall / self.steps * 1e3,
+                "host_cpu_us_per_step": self.cpu / self.steps * 1e6,
+                "grammar_cpu_us_per_step": self.grammar_cpu / self.steps * 1e6,
+                "device_busy": self.device / self.wall, "tokens_per_s": self.tokens / self.wall,
+                "answers_ended": self.ended}
+
+
+_grammar_cpu = 0.0
+
+
+def _count_grammar_cpu() -> None:
+    """Add llguidance's time in each slot's mask and step to _grammar_cpu (the runner's thread only runs them)."""
+    for name in ("disallowed", "accept"):
+        inner = getattr(grammar_mod.GrammarState, name)
+
+        def timed(self, *args, _inner=inner):
+            global _grammar_cpu
+            start = time.thread_time()
+            try:
+                return _inner(self, *args)
+            finally:
+                _grammar_cpu += time.thread_time() - start
+        setattr(grammar_mod.GrammarState, name, timed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8, help="decode steps per round (the router's decode_steps)")
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--batches", default="free,host,json,tools")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    tok = Tokenizer.from_hf_dir(ensure_llama3_tokenizer())
+    llt = ll_tokenizer(tok, tok.vocab_size)
+    made = grammars(llt)
+    base = dict(temperature=0.0, max_tokens=args.max_tokens)
+    kinds = {"free": SamplingParams(**base, ignore_eos=True),
+             "host": SamplingParams(**base, ignore_eos=True, logit_bias={0: 0.0}),
+             "json": SamplingParams(**base, grammar=made["json"]),
+             "tools": SamplingParams(**base, grammar=made["tools"])}
+    _count_grammar_cpu()
+    batches = [Batch(k, kinds[k], tok, llt, args.time_scale) for k in args.batches.split(",")]
+    for b in batches:
+        b.refill()
+        b.round(args.steps)  # warm: the grammar's lexer states, torch's first calls
+        b.steps = b.wall = b.cpu = b.grammar_cpu = b.device = 0.0
+        b.tokens = b.ended = 0
+    for _ in range(args.rounds):
+        for b in batches:
+            b.refill()
+            b.round(args.steps)
+    report = {"config": {"rounds": args.rounds, "steps": args.steps, "time_scale": args.time_scale,
+                         "vocab": tok.vocab_size, "grammar_bytes": {k: len(v) for k, v in made.items()}},
+              **{b.name: b.report() for b in batches}}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{'batch':6} {'wall ms/step':>12} {'host CPU us/step':>16} {'of it grammar':>13} {'device busy':>11} "
+              f"{'tok/s':>7} {'ended':>5}")
+        for b in batches:
+            r = b.report()
+            print(f"{b.name:6} {r['wall_ms_per_step']:12.2f} {r['host_cpu_us_per_step']:16.0f} "
+                  f"{r['grammar_cpu_us_per_step']:13.0f} {r['device_busy']:11.3f} {r['tokens_per_s']:7.0f} "
+                  f"{r['answers_ended']:5d}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
