@@ -8,27 +8,39 @@ turn, so all four meet the same load from the rest of the box (an A/B in one run
 - free: 32 unconstrained greedy users (sampled on the device, steps overlapped: async decode);
 - host: 32 unconstrained users sampled on the host (a logit_bias of 0: the host-logits path without a grammar);
 - json: 32 users under a `response_format` json_schema (nested objects, enums, arrays, a number range);
-- tools: 32 users under `tool_choice: required` over 8 tools.
+- tools: 32 users under `tool_choice: required` over 8 tools;
+- json1: one json user beside 31 free ones, on this backend (the 31 sampled on the device: decode_mixed);
+- json1-tt: the same on a backend that yields either tokens or logits per step, as tt-metal's generator does
+  (Backend.decode_mixed's default): one constrained row makes the host sample all 32;
+- ambig1, ambig1-tt: as json1 and json1-tt with, in place of the schema, an ambiguous grammar (Lark
+  `s: s s | "a"`, which the ingress takes: its masks cost more at every token, until its slot's CPU budget
+  ends it with a grammar_error, ~170 tokens in; the slot then takes the same grammar again).
+
+`--temperature`/`--top-p` set every user's sampling (default greedy; Llama 3.3's defaults are 0.6 / 0.9).
 
 The grammars are made as the ingress makes them (deployments.structured.constraint_for) for Llama 3's
 tokenizer (128,256 ids, the Galaxy's vocabulary). A slot whose answer ends (its grammar complete) is
 prefilled again with a new prompt between rounds, outside the timed rounds. Per step it prints the wall
-time, the host thread's CPU (time.thread_time: the backend sleeps out the device's time), the part of that
-CPU inside llguidance's masks and steps (GrammarState.disallowed / accept), and the device's busy fraction
-(simulated device seconds over wall seconds).
+time, the CPU of the thread that runs the steps (time.thread_time: the backend sleeps out the device's time),
+that of all the process's threads (time.process_time: the mask thread's too), the part of it inside
+llguidance's masks and steps (GrammarState's mask and accept), the device's busy fraction (simulated device
+seconds over wall seconds) and the tokens made per second. Its torch runs on one thread, as in a mesh
+replica.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 
 import numpy as np
+import torch
 
 from model import grammar as grammar_mod
 from model.embedded import ensure_llama3_tokenizer
-from model.grammar import ll_tokenizer
+from model.grammar import cfg_grammar, ll_tokenizer
 from model.runner import MeshRunner
 from model.simulated import SimulatedBackend
 from model.tokenizer import Tokenizer
@@ -90,32 +102,46 @@ TOOLS = [
 ]
 
 
-def grammars(llt) -> dict[str, str]:
-    """The two grammars as the ingress builds and checks them for these requests."""
+def grammars(llt, schema: dict = JSON_SCHEMA) -> dict[str, str]:
+    """The two grammars as the ingress builds and checks them for these requests. Raises the ingress's APIError
+    (a 400 naming the field) for a schema it refuses."""
     from deployments.protocol import ChatCompletionRequest
     from deployments.structured import constraint_for
 
     messages = [{"role": "user", "content": "hi"}]
     json_req = ChatCompletionRequest.model_validate({"model": "m", "messages": messages, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "invoice", "schema": JSON_SCHEMA}}})
+        "type": "json_schema", "json_schema": {"name": "invoice", "schema": schema}}})
     tools_req = ChatCompletionRequest.model_validate({"model": "m", "messages": messages, "tools": TOOLS,
                                                       "tool_choice": "required"})
     return {"json": constraint_for(json_req, lambda: llt).grammar, "tools": constraint_for(tools_req, lambda: llt).grammar}
 
 
-class Batch:
-    """One runner over its own simulated Galaxy, its 32 slots kept full."""
+class _AllLogits(SimulatedBackend):
+    """A step gives every row's tokens or every row's logits (Backend.decode_mixed), and top_k off samples the top 32
+    tokens, as tt-metal's generator and device sampler do (model.tt_galaxy)."""
 
-    def __init__(self, name: str, params: SamplingParams, tok: Tokenizer, llt, time_scale: float):
-        self.name, self.params, self.stop = name, params, tuple(sorted(tok.stop_ids))
-        self.backend = SimulatedBackend(time_scale=time_scale, num_slots=SLOTS, kv_groups=1, block_size=BLOCK,
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.caps = dataclasses.replace(self.caps, max_device_top_k=32)
+
+    def decode_mixed(self, tokens, positions, page_table, active, sampling, host_rows):
+        return None, self.decode(tokens, positions, page_table, active)
+
+
+class Batch:
+    """One runner over its own simulated Galaxy, its 32 slots kept full; slot 0 takes `first`'s params if given."""
+
+    def __init__(self, name: str, params: SamplingParams, tok: Tokenizer, llt, time_scale: float,
+                 first: SamplingParams | None = None, all_logits: bool = False):
+        self.name, self.params, self.first, self.stop = name, params, first, tuple(sorted(tok.stop_ids))
+        self.backend = (_AllLogits if all_logits else SimulatedBackend)(time_scale=time_scale, num_slots=SLOTS, kv_groups=1, block_size=BLOCK,
                                         num_blocks=SLOTS * (MAX_SEQ // BLOCK), max_seq_len=MAX_SEQ,
                                         vocab_size=tok.vocab_size, eos_token_ids=self.stop)
         self.runner = MeshRunner(self.backend, grammar_tokenizer=lambda: llt)
         per = MAX_SEQ // BLOCK
         self.table = np.arange(SLOTS * per, dtype=np.int32).reshape(SLOTS, per)
         self.work_id, self.seed, self.live = 0, 0, set()
-        self.steps = self.wall = self.cpu = self.grammar_cpu = self.device = 0.0
+        self.steps = self.wall = self.cpu = self.process_cpu = self.grammar_cpu = self.device = 0.0
         self.tokens = 0
         self.ended = 0
 
@@ -125,7 +151,8 @@ class Batch:
         for s in sorted(set(range(SLOTS)) - self.live):
             self.seed += 1
             prompt = [int(t) for t in np.random.default_rng(self.seed).integers(1000, 100000, PROMPT)]
-            chunks.append(PrefillChunk(f"{self.name}-{self.seed}", s, prompt, 0, self.table[s].tolist(), self.params,
+            params = self.first if s == 0 and self.first else self.params
+            chunks.append(PrefillChunk(f"{self.name}-{self.seed}", s, prompt, 0, self.table[s].tolist(), params,
                                        PROMPT, self.stop))
         if chunks:
             self._run(MeshWork(self._next_id(), chunks))
@@ -135,10 +162,11 @@ class Batch:
         width = self.table.shape[1]
         work = MeshWork(self._next_id(), decode=DecodeRound(steps, sorted(self.live), self.table[:, :width]))
         device, _grammar_cpu = self.backend.device_seconds, 0.0
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
         self._run(work)
         self.wall += time.perf_counter() - wall
         self.cpu += time.thread_time() - cpu
+        self.process_cpu += time.process_time() - process
         self.grammar_cpu += _grammar_cpu
         self.device += self.backend.device_seconds - device
         self.steps += steps
@@ -162,6 +190,7 @@ class Batch:
         return {"steps": int(self.steps), "tokens_per_step": self.tokens / self.steps,
                 "wall_ms_per_step": self.wall / self.steps * 1e3,
                 "host_cpu_us_per_step": self.cpu / self.steps * 1e6,
+                "process_cpu_us_per_step": self.process_cpu / self.steps * 1e6,
                 "grammar_cpu_us_per_step": self.grammar_cpu / self.steps * 1e6,
                 "device_busy": self.device / self.wall, "tokens_per_s": self.tokens / self.wall,
                 "answers_ended": self.ended}
@@ -171,8 +200,10 @@ _grammar_cpu = 0.0
 
 
 def _count_grammar_cpu() -> None:
-    """Add llguidance's time in each slot's mask and step to _grammar_cpu (the runner's thread only runs them)."""
-    for name in ("disallowed", "accept"):
+    """Add llguidance's time in each slot's mask and step to _grammar_cpu (the runner's thread and its mask thread
+    run them one after the other, never together)."""
+    # the mask itself (_mask: on the mask thread, beside the device's step) where it has one
+    for name in ("_mask" if hasattr(grammar_mod.GrammarState, "_mask") else "disallowed", "accept"):
         inner = getattr(grammar_mod.GrammarState, name)
 
         def timed(self, *args, _inner=inner):
@@ -191,40 +222,60 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8, help="decode steps per round (the router's decode_steps)")
     p.add_argument("--time-scale", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--batches", default="free,host,json,tools")
+    p.add_argument("--batches", default="free,host,json,tools,json1,json1-tt,ambig1,ambig1-tt")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--schema", type=argparse.FileType(), help="a JSON schema file for the json batches in place of "
+                                                                "the invoice schema (a pathological one, say)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    # A mesh replica's torch has one thread (Ray sets OMP_NUM_THREADS from its num_cpus); with two, on this box's two
+    # busy cores, copying a 128k row waited ms for the other thread (tests/conftest.py sets one for the same reason)
+    torch.set_num_threads(1)
     tok = Tokenizer.from_hf_dir(ensure_llama3_tokenizer())
     llt = ll_tokenizer(tok, tok.vocab_size)
-    made = grammars(llt)
-    base = dict(temperature=0.0, max_tokens=args.max_tokens)
-    kinds = {"free": SamplingParams(**base, ignore_eos=True),
-             "host": SamplingParams(**base, ignore_eos=True, logit_bias={0: 0.0}),
-             "json": SamplingParams(**base, grammar=made["json"]),
-             "tools": SamplingParams(**base, grammar=made["tools"])}
+    started = time.perf_counter()
+    made = grammars(llt, json.load(args.schema) if args.schema else JSON_SCHEMA)
+    print(f"the ingress built and checked both grammars in {time.perf_counter() - started:.2f} s")
+    base = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    free = SamplingParams(**base, ignore_eos=True)
+    json_params = SamplingParams(**base, grammar=made["json"])
+    ambiguous = SamplingParams(**base, grammar=cfg_grammar('start: s\ns: s s | "a"'))
+    kinds = {"free": (free, None, False),
+             "host": (SamplingParams(**base, ignore_eos=True, logit_bias={0: 0.0}), None, False),
+             "json": (json_params, None, False),
+             "tools": (SamplingParams(**base, grammar=made["tools"]), None, False),
+             "json1": (free, json_params, False),
+             "json1-tt": (free, json_params, True),
+             "ambig1": (free, ambiguous, False),
+             "ambig1-tt": (free, ambiguous, True)}
     _count_grammar_cpu()
-    batches = [Batch(k, kinds[k], tok, llt, args.time_scale) for k in args.batches.split(",")]
+    batches = [Batch(k, kinds[k][0], tok, llt, args.time_scale, kinds[k][1], kinds[k][2])
+               for k in args.batches.split(",")]
     for b in batches:
         b.refill()
         b.round(args.steps)  # warm: the grammar's lexer states, torch's first calls
-        b.steps = b.wall = b.cpu = b.grammar_cpu = b.device = 0.0
+        b.steps = b.wall = b.cpu = b.process_cpu = b.grammar_cpu = b.device = 0.0
         b.tokens = b.ended = 0
     for _ in range(args.rounds):
         for b in batches:
             b.refill()
             b.round(args.steps)
     report = {"config": {"rounds": args.rounds, "steps": args.steps, "time_scale": args.time_scale,
+                         "temperature": args.temperature, "top_p": args.top_p,
                          "vocab": tok.vocab_size, "grammar_bytes": {k: len(v) for k, v in made.items()}},
               **{b.name: b.report() for b in batches}}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{'batch':6} {'wall ms/step':>12} {'host CPU us/step':>16} {'of it grammar':>13} {'device busy':>11} "
+        print(f"{'batch':9} {'wall ms/step':>12} {'step thread CPU us':>18} {'all threads':>11} {'grammar':>7} "
+              f"{'device busy':>11} "
               f"{'tok/s':>7} {'ended':>5}")
         for b in batches:
             r = b.report()
-            print(f"{b.name:6} {r['wall_ms_per_step']:12.2f} {r['host_cpu_us_per_step']:16.0f} "
-                  f"{r['grammar_cpu_us_per_step']:13.0f} {r['device_busy']:11.3f} {r['tokens_per_s']:7.0f} "
+            print(f"{b.name:9} {r['wall_ms_per_step']:12.2f} {r['host_cpu_us_per_step']:18.0f} "
+                  f"{r['process_cpu_us_per_step']:11.0f} {r['grammar_cpu_us_per_step']:7.0f} {r['device_busy']:11.3f} "
+                  f"{r['tokens_per_s']:7.0f} "
                   f"{r['answers_ended']:5d}")
     return report
 

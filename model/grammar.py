@@ -312,13 +312,28 @@ class GrammarState:
         self.too_costly: str | None = None  # why the grammar was given up on, past its CPU budget
         self._costs = collections.deque(maxlen=COST_WINDOW)  # CPU seconds of each of the last tokens (mask + step)
         self._cost = 0.0  # this token's so far
+        self._ahead: np.ndarray | Exception | None = None  # the next mask (or why it failed), prefetched
         for token in generated:
             self.accept(token)
 
+    def prefetch(self) -> None:
+        """Compute the next mask now, for disallowed() to return (or raise) later: the mesh computes it on another
+        thread while the device runs the step whose logits it masks."""
+        try:
+            self._ahead = self._mask()
+        except Exception as exc:
+            self._ahead = exc
+
     def disallowed(self) -> np.ndarray:
-        """bool [vocab_size]: the tokens the grammar forbids next (only stop ids once it is complete). Raises
-        ValueError when it took more than MAX_STEP_CPU_S."""
-        start = time.thread_time()
+        """bool [vocab_size]: the tokens the grammar forbids next (only stop ids once it is complete), prefetched or
+        computed now. Raises ValueError when it took more than MAX_STEP_CPU_S."""
+        ahead, self._ahead = self._ahead, None
+        if isinstance(ahead, Exception):
+            raise ahead
+        return self._mask() if ahead is None else ahead
+
+    def _mask(self) -> np.ndarray:
+        start = time.thread_time()  # of the thread it runs on: prefetch's is busy with it alone meanwhile
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         self._check_cost("mask", start)
         return np.unpackbits(bits, bitorder="little")[:self.vocab_size] == 0
@@ -332,6 +347,7 @@ class GrammarState:
         """Advance past `token`. Raises ValueError if the grammar does not allow it, when that took more than
         MAX_STEP_CPU_S, or when the masks and steps of the last COST_WINDOW tokens took more than COST_WINDOW x
         MAX_MEAN_STEP_CPU_S."""
+        self._ahead = None  # a mask prefetched before the token is no longer the next one
         start = time.thread_time()
         if not self.matcher.consume_token(token):
             raise ValueError(f"token {token} breaks the grammar: {self.matcher.get_error()}")

@@ -13,18 +13,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from model.backend import Backend, DecodeOutput
-from model.grammar import GrammarCache, GrammarState
+from model.grammar import GrammarCache, GrammarState, deep_stack_executor
 from model.sampler import PenaltyState, sample_batch, take_rows
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import GRAMMARS_KEPT, NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, PrefillHistory, StepResult
 
 log = logging.getLogger("ray.serve")
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -91,6 +94,7 @@ class MeshRunner:
         self._page_width = 0  # columns of _page_table that may be non-zero
         self._grammar_tokenizer_factory = grammar_tokenizer
         self._grammars: GrammarCache | None = None
+        self._masks: ThreadPoolExecutor | None = None  # the thread that computes masks beside a device step
 
     def reset(self) -> None:
         """Forget every slot (a new router, or a router that re-joined this mesh, starts from scratch)."""
@@ -256,11 +260,12 @@ class MeshRunner:
             every_slot = self.backend.decode(*args, sampling=sampling).tolist()
             sampled, logprobs = [every_slot[s] for s in live], [None] * len(live)
         elif not any(device):
-            sampled, logprobs = self._host_sample(take_rows(self.backend.decode(*args), live), states)
+            logits = self._beside_masks(states, lambda: self.backend.decode(*args))
+            sampled, logprobs = self._host_sample(take_rows(logits, live), states)
         else:  # some slots need host logits (penalties, logprobs, min_tokens...): the others stay on the device
             host = [i for i, on_device in enumerate(device) if not on_device]
-            device_tokens, logits = self.backend.decode_mixed(*args, sampling=sampling,
-                                                              host_rows=[live[i] for i in host])
+            device_tokens, logits = self._beside_masks(
+                states, lambda: self.backend.decode_mixed(*args, sampling=sampling, host_rows=[live[i] for i in host]))
             if device_tokens is None:  # this backend gave logits for every row: all are sampled here
                 sampled, logprobs = self._host_sample(take_rows(logits, live), states)
             else:
@@ -271,6 +276,25 @@ class MeshRunner:
                     sampled[i], logprobs[i] = token, lp
         for s, st, token, lp in zip(live, states, sampled, logprobs):
             self._advance(s, st, token, lp, result)
+
+    def _beside_masks(self, states: list[SlotState], step: Callable[[], _T]) -> _T:
+        """`step()` (the device's step), while the mask thread computes the grammars' masks for its logits: they
+        depend only on the tokens before it (vLLM's scheduler likewise fills the next bitmask while the model runs),
+        so a grammar's cost per token, up to the step's own time, no longer adds to every user's step. The matchers
+        are touched by that thread alone until it ends, which this waits for even when the device fails."""
+        grammars = [st.grammar for st in states if st.grammar is not None]
+        if not grammars:
+            return step()
+        masks = self._mask_thread().submit(_prefetch, grammars)
+        try:
+            return step()
+        finally:
+            masks.result()
+
+    def _mask_thread(self) -> ThreadPoolExecutor:
+        if self._masks is None:  # with a grammar's deep stack: llguidance builds a lexer's states lazily, in a mask
+            self._masks = deep_stack_executor(1, "grammar-masks")
+        return self._masks
 
     def grammars(self) -> GrammarCache:
         """The compiled grammars, built with llguidance's tokenizer at the first call. Raises what building
@@ -438,3 +462,8 @@ def _bad_word_index(words: tuple[tuple[int, ...], ...], width: int
         else:
             by_next_to_last.setdefault(word[-2], []).append(word)
     return torch.tensor(always, dtype=torch.long), by_next_to_last
+
+
+def _prefetch(grammars: list[GrammarState]) -> None:
+    for grammar in grammars:
+        grammar.prefetch()

@@ -427,6 +427,53 @@ def test_a_grammar_llguidance_gives_up_on_mid_answer_retires_its_slot_alone_as_g
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
 
+def test_a_grammars_mask_is_computed_while_the_device_runs_the_step(monkeypatch):
+    """A step's mask depends only on the tokens before it: the mesh computes it beside the device's step, not after
+    it, so a grammar's cost per token does not add to every user's step (an ambiguous one's ~5 ms a token, ~1/3 of
+    a Galaxy's step, until its budget ends it: bench.grammar_cost). Here the device's step waits up to 1 s for a
+    mask to be computed meanwhile; before, each waited in vain. The answer follows the grammar all the same."""
+    import threading
+    import time
+
+    from model.embedded import ensure_smollm2
+    from model.grammar import GrammarState, choice_grammar
+    from model.simulated import SimulatedBackend
+    from model.tokenizer import load_tokenizer
+
+    masks: list[int] = []  # the thread of each mask computed
+
+    class Watched:
+        def __init__(self, matcher):
+            self._matcher = matcher
+
+        def compute_bitmask(self):
+            masks.append(threading.get_ident())
+            return self._matcher.compute_bitmask()
+
+        def __getattr__(self, name):
+            return getattr(self._matcher, name)
+
+    built = GrammarState.__init__
+    monkeypatch.setattr(GrammarState, "__init__", lambda self, matcher, *rest: built(self, Watched(matcher), *rest))
+    beside: list[bool] = []  # per device step: a mask was computed while it ran
+
+    class Watching(SimulatedBackend):
+        def decode_mixed(self, *args, **kwargs):
+            before, deadline = len(masks), time.monotonic() + 1.0
+            while len(masks) == before and time.monotonic() < deadline:
+                time.sleep(0.001)
+            beside.append(len(masks) > before)
+            return super().decode_mixed(*args, **kwargs)
+
+    results = grammar_run(choice_grammar(["yes indeed", "no way at all"]), backend_class=Watching)
+    assert beside and all(beside)
+    assert threading.get_ident() not in masks[-len(beside):]  # on another thread than the step's
+    answer = [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN]
+    text = load_tokenizer(ensure_smollm2()).decode(answer)  # 4 of its tokens: the prefill's and 3 steps'
+    assert len(answer) == 4 and any(c.startswith(text) for c in ("yes indeed", "no way at all")), text
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+
+
 def test_a_grammar_mask_that_raises_fails_its_request_not_the_step(monkeypatch):
     from model.grammar import GrammarState, regex_grammar
 
