@@ -16,7 +16,8 @@ turn, so all four meet the same load from the rest of the box (an A/B in one run
   `s: s s | "a"`, which the ingress takes: its masks cost more at every token, until its slot's CPU budget
   ends it with a grammar_error, ~170 tokens in; the slot then takes the same grammar again).
 
-`--temperature`/`--top-p` set every user's sampling (default greedy; Llama 3.3's defaults are 0.6 / 0.9).
+`--temperature`/`--top-p` set every user's sampling (default greedy; Llama 3.3's defaults are 0.6 / 0.9), and
+`--spread-logits` gives the host logits spread as a model's in place of the simulated Galaxy's one-hot rows.
 
 The grammars are made as the ingress makes them (deployments.structured.constraint_for) for Llama 3's
 tokenizer (128,256 ids, the Galaxy's vocabulary). A slot whose answer ends (its grammar complete) is
@@ -128,13 +129,35 @@ class _AllLogits(SimulatedBackend):
         return None, self.decode(tokens, positions, page_table, active)
 
 
+class _SpreadLogits:
+    """Logits spread as a model's (N(0, 3), from a bank of rows made once), the simulated token's 2 above the row's
+    best, in place of SimulatedBackend's one-hot rows (the rest at -1e4 and below): sampling from those costs what
+    no model's logits cost (torch.logsumexp over them ~1.4 ms a row here, ~60 us over a model's)."""
+
+    _bank: torch.Tensor | None = None
+    _turn = 0
+
+    def _one_hot(self, tokens: np.ndarray) -> torch.Tensor:
+        if _SpreadLogits._bank is None:
+            _SpreadLogits._bank = torch.randn(64, self.caps.vocab_size, generator=torch.Generator().manual_seed(0)) * 3
+        bank = _SpreadLogits._bank
+        self._turn += 1
+        rows = bank[torch.from_numpy((self._turn * 7 + np.arange(len(tokens))) % len(bank))]  # a copy
+        at = torch.arange(len(tokens)), torch.from_numpy(tokens)
+        rows[at] = rows.max(-1).values + 2.0
+        return rows
+
+
 class Batch:
     """One runner over its own simulated Galaxy, its 32 slots kept full; slot 0 takes `first`'s params if given."""
 
     def __init__(self, name: str, params: SamplingParams, tok: Tokenizer, llt, time_scale: float,
-                 first: SamplingParams | None = None, all_logits: bool = False):
+                 first: SamplingParams | None = None, all_logits: bool = False, spread: bool = False):
         self.name, self.params, self.first, self.stop = name, params, first, tuple(sorted(tok.stop_ids))
-        self.backend = (_AllLogits if all_logits else SimulatedBackend)(time_scale=time_scale, num_slots=SLOTS, kv_groups=1, block_size=BLOCK,
+        backend = _AllLogits if all_logits else SimulatedBackend
+        if spread:
+            backend = type(f"Spread{backend.__name__}", (_SpreadLogits, backend), {})
+        self.backend = backend(time_scale=time_scale, num_slots=SLOTS, kv_groups=1, block_size=BLOCK,
                                         num_blocks=SLOTS * (MAX_SEQ // BLOCK), max_seq_len=MAX_SEQ,
                                         vocab_size=tok.vocab_size, eos_token_ids=self.stop)
         self.runner = MeshRunner(self.backend, grammar_tokenizer=lambda: llt)
@@ -225,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batches", default="free,host,json,tools,json1,json1-tt,ambig1,ambig1-tt")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--spread-logits", action="store_true", help="host logits spread as a model's (_SpreadLogits), "
+                                                                 "not the simulated Galaxy's one-hot rows")
     p.add_argument("--schema", type=argparse.FileType(), help="a JSON schema file for the json batches in place of "
                                                                 "the invoice schema (a pathological one, say)")
     p.add_argument("--json", action="store_true")
@@ -250,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
              "ambig1": (free, ambiguous, False),
              "ambig1-tt": (free, ambiguous, True)}
     _count_grammar_cpu()
-    batches = [Batch(k, kinds[k][0], tok, llt, args.time_scale, kinds[k][1], kinds[k][2])
+    batches = [Batch(k, kinds[k][0], tok, llt, args.time_scale, kinds[k][1], kinds[k][2], args.spread_logits)
                for k in args.batches.split(",")]
     for b in batches:
         b.refill()
@@ -263,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
             b.round(args.steps)
     report = {"config": {"rounds": args.rounds, "steps": args.steps, "time_scale": args.time_scale,
                          "temperature": args.temperature, "top_p": args.top_p,
+                         "spread_logits": args.spread_logits,
                          "vocab": tok.vocab_size, "grammar_bytes": {k: len(v) for k, v in made.items()}},
               **{b.name: b.report() for b in batches}}
     if args.json:

@@ -155,14 +155,17 @@ def _kept(scaled: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor,
     if not top_k and top_p >= 1.0:
         return None
     kth = torch.topk(scaled, top_k or min(NUCLEUS_SEARCH, vocab)).values[-1]
-    ids = torch.nonzero((scaled >= kth) & (scaled > float("-inf"))).squeeze(1)  # the ties with the k-th too
+    # the ties with the k-th too, none at -inf: a pass over the row less when the k-th is finite (~0.15 ms at 128k)
+    ids = torch.nonzero(scaled >= kth if kth > float("-inf") else scaled > kth).squeeze(1)
     # likeliest first and, among equal logits, lowest id first: a tie at top-p's cut goes the same way on every device
     vals, order = torch.sort(scaled[ids], descending=True, stable=True)
     ids = ids[order]
     if top_k:
         probs = vals.softmax(-1)
     else:
-        probs = (vals - torch.logsumexp(scaled, -1)).exp()
+        # softmax over the row, not exp(vals - logsumexp(row)): torch 2.13's CPU logsumexp takes 0.5-0.8 ms for a 128k
+        # row that a grammar masked to -inf in part (~60 us unmasked), its softmax ~75 us either way (2-core box)
+        probs = scaled.softmax(-1)[ids]
         if float(probs.sum()) < top_p:  # a wider nucleus than the search
             vals, ids = torch.sort(scaled, descending=True, stable=True)
             probs = vals.softmax(-1)
