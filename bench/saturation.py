@@ -24,7 +24,7 @@ SENT_EVENT = "send_request_headers.started"  # httpcore's trace event (http11. o
 
 
 async def stream(http: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
-                 on_tokens: Callable[[int], object] | None = None) -> Marks:
+                 on_tokens: Callable[[int], object] | None = None, extra: dict | None = None) -> Marks:
     """One streaming completion (greedy, ignore_eos, so it runs to max_tokens); a mark for every chunk
     that brought new tokens. `on_tokens(n)` hears of every n new tokens (a progress bar). A stream that ends
     in an error event raises, as an HTTP error does: its marks would end the steady window early.
@@ -33,9 +33,9 @@ async def stream(http: httpx.AsyncClient, url: str, model: str, prompt: list[int
     send_request_headers event), not when this was called: httpx's own work before that (the body's JSON, the
     request, the connection pool: ~0.5 ms of CPU on the 2-core box) is the client's, and it was half of what
     bench.single_mesh then called the stack's TTFT overhead. A transport that does not trace (a mock) leaves the
-    call's time."""
+    call's time. `extra`: more fields of the request's body (a constraint, say)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}, **(extra or {})}
     sent = time.perf_counter()
 
     async def trace(event: str, info: dict) -> None:
@@ -70,11 +70,12 @@ def distinct_prompts(count: int, length: int, first_id: int = 1000) -> list[list
 
 
 async def drive(url: str, model: str, prompts: list[list[int]], max_tokens: int,
-                on_tokens: Callable[[int], object] | None = None) -> tuple[list[Marks], float]:
+                on_tokens: Callable[[int], object] | None = None, extra: dict | None = None
+                ) -> tuple[list[Marks], float]:
     """All prompts at once, each on its own connection; the marks of every stream and the wall time."""
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts) + 4)) as http:
         t0 = time.perf_counter()
-        runs = await asyncio.gather(*[stream(http, url, model, p, max_tokens, on_tokens) for p in prompts])
+        runs = await asyncio.gather(*[stream(http, url, model, p, max_tokens, on_tokens, extra) for p in prompts])
         return list(runs), time.perf_counter() - t0
 
 

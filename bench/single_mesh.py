@@ -1,6 +1,6 @@
 """One simulated Galaxy behind the whole Serve stack: does HTTP deliver what the mesh makes?
 
-    python -m bench.single_mesh [--time-scale 1.0] [--clients 32] [--json]
+    python -m bench.single_mesh [--time-scale 1.0] [--clients 32] [--structured json] [--json]
 
 1. Saturation: `--clients` concurrent streaming requests (128 prompt tokens, 128 output tokens,
    ignore_eos). The mesh's ceiling is clients / decode step time (at the contexts the window covers).
@@ -35,8 +35,15 @@ from model.simulated import GalaxyTiming
 MODEL = "SmolLM2-135M-Instruct"
 
 
-async def saturation(url: str, clients: int, prompt_len: int, output_len: int, time_scale: float) -> dict:
-    runs, wall = await drive(url, MODEL, distinct_prompts(clients, prompt_len), output_len)
+# --structured json: every saturation request constrained by this schema, vLLM's structured_outputs (an array of
+# strings with no end: the simulated tokens seldom close it, so nearly every stream runs to its output tokens)
+STRUCTURED = {"json": {"structured_outputs": {"json": {"type": "object", "properties": {"items": {
+    "type": "array", "items": {"type": "string"}}}, "required": ["items"]}}}}
+
+
+async def saturation(url: str, clients: int, prompt_len: int, output_len: int, time_scale: float,
+                     extra: dict | None = None) -> dict:
+    runs, wall = await drive(url, MODEL, distinct_prompts(clients, prompt_len), output_len, extra=extra)
     window = steady_window(runs)
     capacity = capacity_tokens_per_s(clients, prompt_len, window, time_scale)
     total = sum(m[-1][1] for m in runs)
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ttft-requests", type=arg_types.count(), default=20)
     p.add_argument("--decode-steps", type=arg_types.count(1, 128), default=8)
     p.add_argument("--stream-interval-ms", type=arg_types.interval_ms, default=10.0)
+    p.add_argument("--structured", choices=["none", *STRUCTURED], default="none",
+                   help="constrain every saturation request (json: a JSON schema, STRUCTURED)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     arg_types.check_context(p, args.prompt_tokens, max(args.output_tokens, 4))  # idle TTFT asks for 4
@@ -84,9 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     with contextlib.redirect_stdout(sys.stderr), serve_app(config) as url:
         asyncio.run(idle_ttft(url, 3, args.prompt_tokens, args.time_scale, first_id=1024))  # warm-up
         report = {"config": {"time_scale": args.time_scale, "decode_steps": args.decode_steps,
-                             "stream_interval_ms": args.stream_interval_ms},
+                             "stream_interval_ms": args.stream_interval_ms, "structured": args.structured},
                   "saturation": asyncio.run(saturation(url, args.clients, args.prompt_tokens, args.output_tokens,
-                                                       args.time_scale)),
+                                                       args.time_scale, STRUCTURED.get(args.structured))),
                   "idle_ttft": asyncio.run(idle_ttft(url, args.ttft_requests, args.prompt_tokens, args.time_scale))}
     if args.json:
         print(json.dumps(report, indent=1))

@@ -3,6 +3,7 @@ import asyncio
 import contextlib
 import json
 
+import httpx
 import numpy as np
 import pytest
 
@@ -71,7 +72,7 @@ def test_timed_ttft_prompts_share_no_prefix_with_the_warm_up_or_the_saturation_r
         streamed.append(prompt)
         return [(0.0, 0), (0.1, 1)]
 
-    async def drive(url, model, prompts, max_tokens):
+    async def drive(url, model, prompts, max_tokens, extra=None):
         driven.extend(prompts)
         return [[(0.0, 0), (1.0, 1), (2.0, 10)] for _ in prompts], 2.0
 
@@ -83,3 +84,51 @@ def test_timed_ttft_prompts_share_no_prefix_with_the_warm_up_or_the_saturation_r
     assert len(timed) == 40 and len(driven) == 32
     earlier = {p[0] for p in warm_up + driven}
     assert not [p[0] for p in timed if p[0] in earlier]
+
+
+def test_structured_json_constrains_every_saturation_request_and_no_ttft_one(monkeypatch, capsys):
+    """--structured json: the saturation run's requests carry the JSON schema (structured_outputs), so its
+    efficiency is a constrained batch's; the idle TTFT requests stay plain."""
+    bodies = []
+
+    @contextlib.contextmanager
+    def serve_app(config):
+        yield "http://unused"
+
+    class Client:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        def stream(self, method, url, json=None, extensions=None):
+            bodies.append(json)
+            return Response()
+
+    class Response:
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        def raise_for_status(self):
+            pass
+
+        async def aiter_lines(self):
+            for n in (1, 2):
+                await asyncio.sleep(0.01)  # every stream has begun before one ends: a steady window
+                yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": n}})
+
+    monkeypatch.setattr(single_mesh, "serve_app", serve_app)
+    monkeypatch.setattr(httpx, "AsyncClient", Client)
+    single_mesh.main(["--structured", "json", "--clients", "4", "--ttft-requests", "2", "--json"])
+    constrained = [b for b in bodies if "structured_outputs" in b]
+    assert len(constrained) == 4 and all(b["structured_outputs"] == single_mesh.STRUCTURED["json"]["structured_outputs"]
+                                         for b in constrained)
+    assert len(bodies) == 4 + 3 + 2  # the warm-up's 3 and the timed 2, plain
+    assert json.loads(capsys.readouterr().out)["config"]["structured"] == "json"
