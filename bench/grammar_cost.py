@@ -23,8 +23,10 @@ The grammars are made as the ingress makes them (deployments.structured.constrai
 tokenizer (128,256 ids, the Galaxy's vocabulary). A slot whose answer ends (its grammar complete) is
 prefilled again with a new prompt between rounds, outside the timed rounds. Per step it prints the wall
 time, the CPU of the thread that runs the steps (time.thread_time: the backend sleeps out the device's time),
-that of all the process's threads (time.process_time: the mask thread's too), the part of it inside
-llguidance's masks and steps (GrammarState's mask and accept), the device's busy fraction (simulated device
+that of all the process's threads (time.process_time: the mask thread's too), the step thread's part in the
+runner's host sampling (MeshRunner._host_sample: the masks laid on the rows and the draw; the rest is mostly
+the simulated backend making the logits, which a Galaxy reads back instead, not measured), the part of all
+threads' CPU inside llguidance's masks and steps (GrammarState's mask and accept), the device's busy fraction (simulated device
 seconds over wall seconds) and the tokens made per second. Its torch runs on one thread, as in a mesh
 replica.
 """
@@ -164,7 +166,7 @@ class Batch:
         per = MAX_SEQ // BLOCK
         self.table = np.arange(SLOTS * per, dtype=np.int32).reshape(SLOTS, per)
         self.work_id, self.seed, self.live = 0, 0, set()
-        self.steps = self.wall = self.cpu = self.process_cpu = self.grammar_cpu = self.device = 0.0
+        self.steps = self.wall = self.cpu = self.process_cpu = self.grammar_cpu = self.sample_cpu = self.device = 0.0
         self.tokens = 0
         self.ended = 0
 
@@ -181,16 +183,17 @@ class Batch:
             self._run(MeshWork(self._next_id(), chunks))
 
     def round(self, steps: int) -> None:
-        global _grammar_cpu
+        global _grammar_cpu, _sample_cpu
         width = self.table.shape[1]
         work = MeshWork(self._next_id(), decode=DecodeRound(steps, sorted(self.live), self.table[:, :width]))
-        device, _grammar_cpu = self.backend.device_seconds, 0.0
+        device, _grammar_cpu, _sample_cpu = self.backend.device_seconds, 0.0, 0.0
         wall, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
         self._run(work)
         self.wall += time.perf_counter() - wall
         self.cpu += time.thread_time() - cpu
         self.process_cpu += time.process_time() - process
         self.grammar_cpu += _grammar_cpu
+        self.sample_cpu += _sample_cpu
         self.device += self.backend.device_seconds - device
         self.steps += steps
 
@@ -215,11 +218,30 @@ class Batch:
                 "host_cpu_us_per_step": self.cpu / self.steps * 1e6,
                 "process_cpu_us_per_step": self.process_cpu / self.steps * 1e6,
                 "grammar_cpu_us_per_step": self.grammar_cpu / self.steps * 1e6,
+                "host_sample_cpu_us_per_step": self.sample_cpu / self.steps * 1e6,
                 "device_busy": self.device / self.wall, "tokens_per_s": self.tokens / self.wall,
                 "answers_ended": self.ended}
 
 
 _grammar_cpu = 0.0
+
+
+_sample_cpu = 0.0
+
+
+def _count_sample_cpu() -> None:
+    """Add the runner's host sampling (MeshRunner._host_sample: masks laid on the rows, sampling) to _sample_cpu: the
+    step thread's CPU less the backend's (which makes the simulated logits; a Galaxy reads them back instead)."""
+    inner = MeshRunner._host_sample
+
+    def timed(self, *args):
+        global _sample_cpu
+        start = time.thread_time()
+        try:
+            return inner(self, *args)
+        finally:
+            _sample_cpu += time.thread_time() - start
+    MeshRunner._host_sample = timed
 
 
 def _count_grammar_cpu() -> None:
@@ -275,12 +297,13 @@ def main(argv: list[str] | None = None) -> dict:
              "ambig1": (free, ambiguous, False),
              "ambig1-tt": (free, ambiguous, True)}
     _count_grammar_cpu()
+    _count_sample_cpu()
     batches = [Batch(k, kinds[k][0], tok, llt, args.time_scale, kinds[k][1], kinds[k][2], args.spread_logits)
                for k in args.batches.split(",")]
     for b in batches:
         b.refill()
         b.round(args.steps)  # warm: the grammar's lexer states, torch's first calls
-        b.steps = b.wall = b.cpu = b.process_cpu = b.grammar_cpu = b.device = 0.0
+        b.steps = b.wall = b.cpu = b.process_cpu = b.grammar_cpu = b.sample_cpu = b.device = 0.0
         b.tokens = b.ended = 0
     for _ in range(args.rounds):
         for b in batches:
@@ -294,13 +317,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{'batch':9} {'wall ms/step':>12} {'step thread CPU us':>18} {'all threads':>11} {'grammar':>7} "
-              f"{'device busy':>11} "
+        print(f"{'batch':9} {'wall ms/step':>12} {'step thread CPU us':>18} {'all threads':>11} {'sampling':>8} "
+              f"{'grammar':>7} {'device busy':>11} "
               f"{'tok/s':>7} {'ended':>5}")
         for b in batches:
             r = b.report()
             print(f"{b.name:9} {r['wall_ms_per_step']:12.2f} {r['host_cpu_us_per_step']:18.0f} "
-                  f"{r['process_cpu_us_per_step']:11.0f} {r['grammar_cpu_us_per_step']:7.0f} {r['device_busy']:11.3f} "
+                  f"{r['process_cpu_us_per_step']:11.0f} {r['host_sample_cpu_us_per_step']:8.0f} "
+                  f"{r['grammar_cpu_us_per_step']:7.0f} {r['device_busy']:11.3f} "
                   f"{r['tokens_per_s']:7.0f} "
                   f"{r['answers_ended']:5d}")
     return report
