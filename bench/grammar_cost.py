@@ -2,8 +2,8 @@
 
     python -m bench.grammar_cost [--rounds 12] [--steps 8] [--json]
 
-Four batches of 32 slots, each on its own runner and backend, run one decode round (`--steps` steps) each in
-turn, so all four meet the same load from the rest of the box (an A/B in one run):
+Batches of 32 slots (`--batches`), each on its own runner and backend, run one decode round (`--steps` steps)
+each in turn, so all meet the same load from the rest of the box (an A/B in one run):
 
 - free: 32 unconstrained greedy users (sampled on the device, steps overlapped: async decode);
 - host: 32 unconstrained users sampled on the host (a logit_bias of 0: the host-logits path without a grammar);
@@ -26,16 +26,15 @@ time, the CPU of the thread that runs the steps (time.thread_time: the backend s
 that of all the process's threads (time.process_time: the mask thread's too), the step thread's part in the
 runner's host sampling (MeshRunner._host_sample: the masks laid on the rows and the draw; the rest is mostly
 the simulated backend making the logits, which a Galaxy reads back instead, not measured), the part of all
-threads' CPU inside llguidance's masks and steps (GrammarState's mask and accept), the device's busy fraction (simulated device
-seconds over wall seconds) and the tokens made per second. Its torch runs on one thread, as in a mesh
-replica.
+threads' CPU inside llguidance's masks and steps (GrammarState's mask and accept), the device's busy fraction
+(simulated device seconds over wall seconds) and the tokens made per second. Its torch runs on one thread, as
+in a mesh replica.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 
 import numpy as np
@@ -116,7 +115,8 @@ def grammars(llt, schema: dict = JSON_SCHEMA) -> dict[str, str]:
         "type": "json_schema", "json_schema": {"name": "invoice", "schema": schema}}})
     tools_req = ChatCompletionRequest.model_validate({"model": "m", "messages": messages, "tools": TOOLS,
                                                       "tool_choice": "required"})
-    return {"json": constraint_for(json_req, lambda: llt).grammar, "tools": constraint_for(tools_req, lambda: llt).grammar}
+    return {"json": constraint_for(json_req, lambda: llt).grammar,
+            "tools": constraint_for(tools_req, lambda: llt).grammar}
 
 
 class _AllLogits(SimulatedBackend):
