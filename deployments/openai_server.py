@@ -735,8 +735,9 @@ class OpenAIServer:
                             raise unavailable("The router is unavailable; retry.") from exc
                         raise
                     # a broken link's one line says how many it fails and resubmits (RouterLink._run): a line each
-                    # here as well, at every router restart, only with log_requests (a router of 32 meshes holds ~1,000)
-                    if self.log_requests or not isinstance(unwrap(exc), RouterLost):
+                    # here as well, at every router restart, only with log_requests (a router of 32 meshes holds
+                    # ~1,000); its subclass RouterUnreachable (no link to send on) is in no such line: logged here
+                    if self.log_requests or type(unwrap(exc)) is not RouterLost:
                         log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
                                     len(answer.output))
                     with contextlib.suppress(Exception):  # in case it still runs there

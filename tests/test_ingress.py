@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -668,6 +669,18 @@ def test_a_request_never_sent_to_a_router_is_resubmitted_as_new(client, router):
     assert client.post("/v1/completions", json={**COMPLETION, "max_tokens": 8}).status_code == 200
     assert [len(ids) for ids in router.continued.values()] == [0, 2]
     assert {rid.rsplit("-", 1)[-1] for rid in router.continuations} == {"retry2"}
+
+
+def test_a_resubmission_no_link_break_line_counted_is_logged_per_request(client, router, caplog):
+    """A request resubmitted after a loss the link's break line counts ("failing N open requests": RouterLost) logs
+    no line of its own without log_requests; any other loss does, RouterUnreachable (RouterLost's subclass: no link
+    to send it on for CONNECT_WAIT_S, counted in no line) included. It was silenced with the broken link's losses."""
+    caplog.set_level(logging.WARNING, logger="ray.serve")
+    router.unreachable = 1
+    router.die_after = [2]  # a stream ending early: a ConnectionError, not RouterLost
+    assert client.post("/v1/completions", json={**COMPLETION, "max_tokens": 8}).status_code == 200
+    said = [m for r in caplog.records if (m := r.getMessage()).startswith("router failed during")]
+    assert len(said) == 2 and "RouterUnreachable(" in said[0] and "the router died" in said[1], said
 
 
 def test_a_request_no_router_ever_ran_is_a_503_and_no_finished_request(client, router):
