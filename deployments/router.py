@@ -374,13 +374,14 @@ class Router:
             enable_prefix_caching=c.enable_prefix_caching, prompt_logprobs=caps.prompt_logprobs)
 
     # ---- requests -------------------------------------------------------------------------------
-    def place(self, token_ids: list[int], salt: str | None, need: int, scores: bool = False
-              ) -> tuple[list[Mesh], dict[int, list[bytes]]] | None:
+    def place(self, token_ids: list[int], salt: str | None, need: int, scores: bool = False,
+              num_tokens_preempted: int = -1) -> tuple[list[Mesh], dict[int, list[bytes]]] | None:
         """The live meshes that take `need` tokens (`_need`), best first by MeshScheduler.placement_key (a mesh
         that seats the request now, then the longest prefix it caches), and the digests of token_ids' full blocks
         by block size (`_digests`: hashed once per request, the mesh's scheduler reuses them); None when no such
         mesh is live. `scores`: the request computes its whole prompt (MeshScheduler.scores_prompt), so no cached
-        prefix counts for it."""
+        prefix counts for it. `num_tokens_preempted`: a preempted request's (_Request's), whose seat needs more room
+        (MeshScheduler._headroom): a mesh that seats only a new request of its length does not seat it now."""
         live = [m for m in self.meshes if m.up and m.max_len >= need]
         if not live:
             return None
@@ -388,7 +389,7 @@ class Router:
         num_tokens = len(token_ids)
         now = asyncio.get_running_loop().time()
         return sorted(live, key=lambda m: (not m.stalled(now), m.scheduler.placement_key(
-            [] if scores else digests[m.caps.block_size], num_tokens)), reverse=True), digests
+            [] if scores else digests[m.caps.block_size], num_tokens, num_tokens_preempted)), reverse=True), digests
 
     def _need(self, req: _Request) -> int:
         """The sequence length a mesh must take for the request's whole answer (prompt + max_tokens), or the
@@ -625,7 +626,7 @@ class Router:
             digests = _digests(seq.token_ids, req.salt, targets, {origin.caps.block_size: seq.block_hashes})
             scores = MeshScheduler.scores_prompt(seq)
             target = max(targets, key=lambda m: m.scheduler.placement_key(
-                [] if scores else digests[m.caps.block_size], n))
+                [] if scores else digests[m.caps.block_size], n, seq.num_tokens_preempted))
             counted = req.counted
             req.counted, req.isolated = counted or seq.counted, seq.isolated
             req.num_tokens_preempted = seq.num_tokens_preempted
@@ -660,7 +661,8 @@ class Router:
 
     def _replace(self, request_id: str, req: _Request, output_ids: list[int]) -> None:
         """Submit a request that already ran elsewhere to the best live mesh (or hold it)."""
-        placed = self.place(req.prompt_ids + output_ids, req.salt, self._need(req), _scores(req, output_ids))
+        placed = self.place(req.prompt_ids + output_ids, req.salt, self._need(req), _scores(req, output_ids),
+                            req.num_tokens_preempted)
         if placed is None:
             self._hold(request_id, req, output_ids)
             return
@@ -690,7 +692,7 @@ class Router:
             for rid, req in list(self.held.items()):
                 if now - req.held_since > self.config.no_mesh_wait_s:
                     placed = self.place(req.prompt_ids + req.held_output, req.salt, 0,
-                                        _scores(req, req.held_output))
+                                        _scores(req, req.held_output), req.num_tokens_preempted)
                     ending: TokenEvent | RequestFailed | None = RequestFailed(rid, NoMeshAvailable(
                         f"no mesh that can take it has been available for {self.config.no_mesh_wait_s:g} s"))
                     if placed is not None:

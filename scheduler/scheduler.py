@@ -276,7 +276,7 @@ class MeshScheduler:
         forecast = self._room_after_queue()
         hashes = [] if self.scores_prompt(seq) else seq.block_hashes  # as _seat_hashes, without hashing here
         return forecast is not None and self._choose_group(hashes, n, forecast, forecast.reserved,
-                                                           self._headroom(seq)) is not None
+                                                           self._headroom(seq.num_tokens_preempted)) is not None
 
     @property
     def num_queued(self) -> int:
@@ -301,9 +301,11 @@ class MeshScheduler:
         group's prefix cache holds."""
         return max(len(self._lookup(g.pool, block_hashes, num_tokens)) for g in self.kv.groups) * self.block_size
 
-    def placement_key(self, block_hashes: list[bytes], num_tokens: int) -> tuple[int, ...]:
+    def placement_key(self, block_hashes: list[bytes], num_tokens: int,
+                      num_tokens_preempted: int = -1) -> tuple[int, ...]:
         """How well a request fits this mesh; larger is better. A mesh that seats it now (a slot left once
-        its queue is seated, in a group with the blocks it needs) beats one that does not, whatever their
+        its queue is seated, in a group with the blocks it needs: a preempted one's _headroom too, as seats() and
+        _admit count them, given its `num_tokens_preempted`) beats one that does not, whatever their
         prefix caches hold: a cache hit saves one prefill, a queue costs the request every step until a slot
         frees. Among meshes that seat it, the longest prefix cached in a group that seats it wins, then the
         most slots left; among the others, the shortest queue, then the longest prefix. The best group's
@@ -312,7 +314,8 @@ class MeshScheduler:
             self._placement_room = -self.num_queued, max(g.room for g in self.kv.groups)
         free_after_queue, group = self._placement_room
         if free_after_queue > 0 and (forecast := self._room_after_queue()) is not None \
-                and (choice := self._choose_group(block_hashes, num_tokens, forecast, forecast.reserved)) is not None:
+                and (choice := self._choose_group(block_hashes, num_tokens, forecast, forecast.reserved,
+                                                  self._headroom(num_tokens_preempted))) is not None:
             return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
@@ -436,7 +439,7 @@ class MeshScheduler:
         holder = self.reserved
         if holder is not None and self.kv.num_free_slots:
             choice = self._choose_group(self._seat_hashes(holder), len(holder.token_ids),
-                                        headroom=self._headroom(holder))
+                                        headroom=self._headroom(holder.num_tokens_preempted))
             if choice is not None:
                 self.waiting.remove(holder)
                 self.reserved = None
@@ -448,7 +451,8 @@ class MeshScheduler:
             seq = self.waiting[index]
             n = len(seq.token_ids)
             exclude = self.reserved_group if self.reserved is not None else None
-            choice = self._choose_group(self._seat_hashes(seq), n, exclude=exclude, headroom=self._headroom(seq))
+            choice = self._choose_group(self._seat_hashes(seq), n, exclude=exclude,
+                                        headroom=self._headroom(seq.num_tokens_preempted))
             if choice is None:
                 if exclude is None and len(self.kv.groups) > 1:
                     self.reserved, self.reserved_group = seq, self._reservation(seq.block_hashes, n)
@@ -458,14 +462,14 @@ class MeshScheduler:
             del self.waiting[index]
             self._seat(seq, *choice)
 
-    def _headroom(self, seq: Sequence) -> int:
+    def _headroom(self, num_tokens_preempted: int) -> int:
         """The blocks a preempted sequence's seat leaves free per sequence of its group (_fit), itself counted: their
         growth over max_inflight + 1 decode rounds, from its seat through its recompute's token (its works, planned
         ahead of their results) and a decode round after it. Re-seated as soon as it fit, it was preempted again by the
         next older sequence to need a block, after one token (a recompute of all its tokens for one): in process, 17
         preemptions for 8 answers on two meshes of 8 blocks, 7 with this. None for a sequence not preempted here (the
         path of every request while none is), nor in an empty group (_fit), where it fits as it always did."""
-        if seq.num_tokens_preempted < 0:
+        if num_tokens_preempted < 0:  # Sequence.num_tokens_preempted: never preempted
             return 0
         return blocks_for(self.decode_steps * (self.max_inflight + 1), self.block_size)
 
@@ -639,7 +643,7 @@ class MeshScheduler:
                 break
             n = len(seq.token_ids)
             choice = self._choose_group(self._seat_hashes(seq), n, forecast, None if seq is holder else reserved,
-                                        self._headroom(seq))
+                                        self._headroom(seq.num_tokens_preempted))
             if choice is None:
                 if seq is holder:
                     continue

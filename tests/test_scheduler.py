@@ -777,6 +777,27 @@ def test_seats_counts_a_cached_prefix_block_the_lookahead_evicts():
     assert _moved_here(sched, x + [90, 91, 92, 93, 94], params(2)) == (False, False)
 
 
+def test_placement_key_counts_a_preempted_requests_headroom_as_seats_does():
+    """A failed mesh's preempted request is placed by placement_key (Router.place), and the next schedule seats it
+    only with its _headroom (seats(), _admit): placement_key left that out, so it ranked first, as seating it now, a
+    mesh that then left it waiting at the head of its queue (holding back the queue behind it) until _rebalance moved
+    it on, over a mesh that seated it."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, num_slots=2, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=4, max_inflight=1)  # _headroom: 2 blocks a sequence
+    sched.submit("a", [1, 2, 3], params(20, ignore_eos=True))
+    _run(sched, FakeMesh(2, 8, BS))
+    tokens = list(range(50, 58))  # 2 blocks, and (1 + 1) x 2 of room: 6 of the 6 blocks left after a's lookahead
+    other = MeshScheduler(num_blocks=64, block_size=BS, num_slots=4, max_seq_len=64)
+    seq = other.submit("moved", tokens, params(2), num_tokens_preempted=len(tokens))
+    extend_block_hashes(seq.block_hashes, tokens, BS)
+    assert sched.placement_key(seq.block_hashes, len(tokens))[0] == 1  # a new request of its length: seated now
+    assert sched.placement_key(seq.block_hashes, len(tokens), seq.num_tokens_preempted)[0] == 0
+    assert not sched.seats(seq)
+    sched.submit("moved", tokens, params(2), migrated=True, num_tokens_preempted=len(tokens))
+    sched.schedule()
+    assert "moved" not in sched.running
+
+
 def test_seats_counts_no_hit_for_a_request_that_scores_its_prompt():
     """A request that asks for its prompt's logprobs is seated with no prefix-cache hit (it computes every position):
     seats() counted the blocks another running request holds for its prompt as a hit, and said yes to a request the
