@@ -186,9 +186,11 @@ class SchedulerMachine(RuleBasedStateMachine):
     @precondition(lambda self: len(self.sched.inflight) < self.sched.max_inflight)
     @rule(prefix=st.integers(0, len(PREFIXES) - 1), prefix_len=st.integers(0, 28),
           tail=st.lists(st.integers(0, VOCAB - 1), max_size=14), max_tokens=st.integers(1, 24),
-          salt=st.sampled_from([None, "tenant"]), scored=st.booleans())
-    def move_here(self, prefix, prefix_len, tail, max_tokens, salt, scored=False):
-        """The router moves another mesh's request here on seats()'s word: the next schedule must seat it."""
+          salt=st.sampled_from([None, "tenant"]), scored=st.booleans(), preempted=st.booleans())
+    def move_here(self, prefix, prefix_len, tail, max_tokens, salt, scored=False, preempted=False):
+        """The router moves another mesh's request here on seats()'s word: the next schedule must seat it. At a
+        failover it places one by placement_key, whose "seats it now" must say what seats() says. `preempted`: it
+        was preempted there (num_tokens_preempted, which the router carries)."""
         prompt = PREFIXES[prefix][:prefix_len] + tail
         if not prompt or len(prompt) >= self.sched.max_tokens_per_seq:
             return
@@ -199,11 +201,17 @@ class SchedulerMachine(RuleBasedStateMachine):
                                 prompt_logprobs=0 if scored else None)
         hashes: list[bytes] = []
         extend_block_hashes(hashes, prompt, self.sched.block_size, salt)
+        preempted_at = len(prompt) if preempted else -1
         candidate = MeshScheduler(num_blocks=64, block_size=self.sched.block_size, num_slots=1,
-                                  max_seq_len=MAX_SEQ_LEN).submit(rid, prompt, params, salt, block_hashes=hashes)
-        if not self.sched.seats(candidate):
+                                  max_seq_len=MAX_SEQ_LEN).submit(rid, prompt, params, salt, block_hashes=hashes,
+                                                                  num_tokens_preempted=preempted_at)
+        seats = self.sched.seats(candidate)
+        key = self.sched.placement_key([] if scored else hashes, len(prompt), preempted_at)
+        assert (key[0] == 1) == seats, (key, seats)
+        if not seats:
             return
-        seq = self.sched.submit(rid, prompt, params, salt, migrated=True, block_hashes=hashes)
+        seq = self.sched.submit(rid, prompt, params, salt, migrated=True, block_hashes=hashes,
+                                num_tokens_preempted=preempted_at)
         self.expected[rid] = reference_output(prompt, seq.params, seq.stop_token_ids)
         self.outputs[rid] = []
         self.seqs[rid] = seq
