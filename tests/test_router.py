@@ -7,6 +7,7 @@ import pickle
 from types import SimpleNamespace
 
 import pytest
+from ray.serve._private.request_router import request_router
 
 from deployments import router as router_module
 from deployments.aio import within
@@ -1639,10 +1640,11 @@ def test_serves_queue_probe_warning_for_an_unanswering_mesh_replica_is_logged_on
         monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
         caplog.set_level(logging.INFO, logger="ray.serve")
 
-        def probe(replica: str) -> None:  # as request_router.py words it
-            serve_log.warning(f"Failed to get queue length from Replica(id='{replica}', deployment='mesh-0', "
-                              f"app='meshserve') within 1.0s. If this happens repeatedly it's likely caused by high "
-                              f"network latency in the cluster.")
+        def probe(replica: str) -> None:  # as request_router.py words it, on its own logger: the filter is on
+            # "ray.serve" and a logger's filters never see a child logger's records (Python's logging docs, Filter)
+            request_router.logger.warning(f"Failed to get queue length from Replica(id='{replica}', "
+                                          f"deployment='mesh-0', app='meshserve') within 1.0s. If this happens "
+                                          f"repeatedly it's likely caused by high network latency in the cluster.")
         for _ in range(17):  # 28 s frozen
             probe("a1")
             clock[0] += 1.5
