@@ -52,6 +52,7 @@ MAX_STEP_CPU_S = 0.02  # one slot's mask, or its step past a token; a 22 KB gram
 # llguidance 1.9). 5 ms leaves that room; 31 slots at the limit add ~155 ms to each step.
 MAX_MEAN_STEP_CPU_S = 0.005
 COST_WINDOW = 32
+SPARSE_IDS = 8192  # a mask with at most this many ids allowed (or forbidden) is laid on a row by its ids
 # llguidance's compiler recurses once per link of a chain (a Lark rule naming the next, a $ref to the next of
 # $defs), ~3.5 KB of stack a link: 3,000 links (36 KB of Lark) overflow a thread's default 8 MB stack, which
 # kills the whole process with SIGSEGV, past any except. The densest chain MAX_GRAMMAR_BYTES holds needs
@@ -312,7 +313,7 @@ class GrammarState:
         self.too_costly: str | None = None  # why the grammar was given up on, past its CPU budget
         self._costs = collections.deque(maxlen=COST_WINDOW)  # CPU seconds of each of the last tokens (mask + step)
         self._cost = 0.0  # this token's so far
-        self._ahead: np.ndarray | Exception | None = None  # the next mask (or why it failed), prefetched
+        self._ahead: tuple[np.ndarray | None, np.ndarray] | Exception | None = None  # the next mask (or its error), prefetched
         for token in generated:
             self.accept(token)
 
@@ -324,19 +325,28 @@ class GrammarState:
         except Exception as exc:
             self._ahead = exc
 
-    def disallowed(self) -> np.ndarray:
-        """bool [vocab_size]: the tokens the grammar forbids next (only stop ids once it is complete), prefetched or
-        computed now. Raises ValueError when it took more than MAX_STEP_CPU_S."""
+    def disallowed(self) -> tuple[np.ndarray | None, np.ndarray]:
+        """The tokens the grammar forbids next (only stop ids once it is complete), prefetched or computed now, as
+        (allowed, forbidden): the allowed ids when at most SPARSE_IDS are (the rest forbidden); else None and the
+        forbidden ids when at most SPARSE_IDS are; else None and bool [vocab_size], True where forbidden. Ids when
+        few: laying a mask on a row is memory-bound, and a 128k bool mask cost 70-500 us a row on the 2-core box
+        (masked_fill_, by how its pattern defeats the branches), a few thousand ids a fill or copy of the row
+        (~11 us) and a scatter. Raises ValueError when it took more than MAX_STEP_CPU_S."""
         ahead, self._ahead = self._ahead, None
         if isinstance(ahead, Exception):
             raise ahead
         return self._mask() if ahead is None else ahead
 
-    def _mask(self) -> np.ndarray:
+    def _mask(self) -> tuple[np.ndarray | None, np.ndarray]:
         start = time.thread_time()  # of the thread it runs on: prefetch's is busy with it alone meanwhile
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         self._check_cost("mask", start)
-        return np.unpackbits(bits, bitorder="little")[:self.vocab_size] == 0
+        allowed = np.unpackbits(bits, bitorder="little")[:self.vocab_size].view(bool)
+        num_allowed = int(np.count_nonzero(allowed))
+        if num_allowed <= SPARSE_IDS:
+            return np.flatnonzero(allowed), np.empty(0, np.intp)
+        forbidden = ~allowed
+        return None, np.flatnonzero(forbidden) if self.vocab_size - num_allowed <= SPARSE_IDS else forbidden
 
     def failed(self) -> bool:
         """llguidance gave up on the grammar (a lexer or parser limit hit while matching, e.g. a regex with

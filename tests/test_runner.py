@@ -851,3 +851,40 @@ def test_stop_ids_masked_before_min_tokens_are_not_made_a_tensor_at_every_step()
     assert [r.tokens[0] for r in results] == [natural[1]] * 8  # the one id neither a stop id nor EOS
     assert results[-1].finished == {0: "length"}
     assert ListIndexed.entries == 0
+
+
+def test_each_row_gets_its_own_grammars_mask_for_this_step_as_the_rows_change():
+    """Masks are laid on host rows in a buffer kept from step to step, in the order of the rows that change: two
+    grammars whose masks change at every token (a digit, then a letter, ...) and a biased free row between them,
+    which ends first (the rows that change then move up the buffer). A mask on the wrong row, or a stale one (the
+    step before's), breaks a grammar (grammar_error) or changes the free row's tokens."""
+    import re
+
+    from model.embedded import ensure_smollm2
+    from model.grammar import ll_tokenizer, regex_grammar
+    from model.simulated import SimulatedBackend
+    from model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_smollm2())
+    stop = tuple(sorted(tok.stop_ids))
+    params = [SamplingParams(temperature=0.0, max_tokens=12, grammar=regex_grammar("([0-9][a-z]){4}")),
+              SamplingParams(temperature=0.0, max_tokens=4, logit_bias={5: 0.0}, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=12, grammar=regex_grammar("([A-Z][0-9]){4}"))]
+
+    def outputs(params):
+        backend = SimulatedBackend(time_scale=0.001, num_slots=3, kv_groups=1, num_blocks=16, max_seq_len=1024,
+                                   vocab_size=tok.vocab_size, eos_token_ids=stop)
+        runner = MeshRunner(backend, grammar_tokenizer=lambda: ll_tokenizer(tok, tok.vocab_size))
+        table = np.zeros((3, 16), dtype=np.int32)
+        table[:, 0] = [0, 1, 2]
+        chunks = [PrefillChunk(f"r{s}", s, [7 + s] * 10, 0, [s], p, 10, stop) for s, p in enumerate(params)]
+        results = list(runner.execute(MeshWork(0, chunks, DecodeRound(12, [0, 1, 2], table))))
+        finished = {s: reason for r in results for s, reason in r.finished.items()}
+        return [[r.tokens[s] for r in results if r.tokens[s] != NO_TOKEN] for s in range(3)], finished
+
+    (digits, free, letters), finished = outputs(params)
+    assert finished == {0: "stop", 1: "length", 2: "stop"}, finished
+    assert re.fullmatch("([0-9][a-z]){4}", tok.decode([t for t in digits if t not in stop]))
+    assert re.fullmatch("([A-Z][0-9]){4}", tok.decode([t for t in letters if t not in stop]))
+    alone, _ = outputs([params[1]] * 3)  # the free row's own tokens, no grammar beside it
+    assert free == alone[1]
