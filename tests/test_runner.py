@@ -888,3 +888,28 @@ def test_each_row_gets_its_own_grammars_mask_for_this_step_as_the_rows_change():
     assert re.fullmatch("([A-Z][0-9]){4}", tok.decode([t for t in letters if t not in stop]))
     alone, _ = outputs([params[1]] * 3)  # the free row's own tokens, no grammar beside it
     assert free == alone[1]
+
+
+@pytest.mark.parametrize("pattern", ["[0-9]", '[^"]*', "[a-z ]*"])  # few allowed, few forbidden, neither
+def test_a_grammars_mask_leaves_every_allowed_logit_as_it_was_and_forbids_the_rest(pattern):
+    """A mask comes as the allowed ids, the forbidden ids or a bool mask, by how many each are: each way, the row
+    is the logits with exactly the tokens llguidance's bitmask forbids at -inf (a NaN or an inf allowed stays), the
+    padding past the vocabulary too, and the backend's row is not written."""
+    from model.embedded import ensure_smollm2
+    from model.grammar import GrammarCache, ll_tokenizer, regex_grammar
+    from model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_smollm2())
+    grammar = GrammarCache(ll_tokenizer(tok, tok.vocab_size)).new_state(regex_grammar(pattern), [])
+    bits = np.frombuffer(grammar.matcher.deep_copy().compute_bitmask(), dtype=np.uint8)
+    allowed = torch.from_numpy(np.unpackbits(bits, bitorder="little")[:tok.vocab_size].astype(bool))
+    source = torch.randn(tok.vocab_size + 64, generator=torch.Generator().manual_seed(0))
+    special = torch.nonzero(allowed).squeeze(1)[:3]
+    source[special] = torch.tensor([float("nan"), float("inf"), float("-inf")])[:len(special)]
+    kept = source.clone()
+    out = torch.full_like(source, 7.0)
+    MeshRunner._constrain(source, out, type("Slot", (), {"grammar": grammar}))
+    expected = torch.full_like(source, float("-inf"))
+    expected[:tok.vocab_size][allowed] = source[:tok.vocab_size][allowed]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(source, kept, rtol=0, atol=0, equal_nan=True)
