@@ -313,7 +313,7 @@ class GrammarState:
         self.too_costly: str | None = None  # why the grammar was given up on, past its CPU budget
         self._costs = collections.deque(maxlen=COST_WINDOW)  # CPU seconds of each of the last tokens (mask + step)
         self._cost = 0.0  # this token's so far
-        self._ahead: tuple[np.ndarray | None, np.ndarray] | Exception | None = None  # the next mask (or its error), prefetched
+        self._ahead: tuple[np.ndarray | None, np.ndarray] | Exception | None = None  # the next mask or its error
         for token in generated:
             self.accept(token)
 

@@ -227,16 +227,18 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, pena
 
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
                  penalties: list[PenaltyState | None] | None = None, changed: dict[int, torch.Tensor] | None = None,
-                 raw: dict[int, torch.Tensor] | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+                 raw: dict[int, torch.Tensor] | None = None, known: dict[int, int] | None = None
+                 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """Sample each row of logits [rows, vocab] with its own parameters. Greedy rows without extras take one
     batched argmax. `changed`: rows [vocab] that replace logits' (masked or biased copies: the whole matrix is
     not copied for them), and `raw` their logits before bias and the min_tokens mask, for logprobs
-    (sample_row); by default a row's own."""
-    changed, raw = changed or {}, raw or {}
-    tokens: list[int | None] = [None] * len(params)
+    (sample_row); by default a row's own. `known`: the tokens of rows already sampled (greedy rows whose
+    grammar's mask the caller applied by its ids), which are taken as they are."""
+    changed, raw, known = changed or {}, raw or {}, known or {}
+    tokens: list[int | None] = [known.get(i) for i in range(len(params))]
     logprobs: list[TokenLogprobs | None] = [None] * len(params)
     simple = [i for i, p in enumerate(params) if p.greedy and not p.needs_penalties and p.logprobs is None]
-    batched = [i for i in simple if i not in changed]
+    batched = [i for i in simple if i not in changed and i not in known]
     if batched:
         for i, t in zip(batched, argmax(take_rows(logits, batched)).tolist()):
             tokens[i] = t

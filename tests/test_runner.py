@@ -908,8 +908,52 @@ def test_a_grammars_mask_leaves_every_allowed_logit_as_it_was_and_forbids_the_re
     source[special] = torch.tensor([float("nan"), float("inf"), float("-inf")])[:len(special)]
     kept = source.clone()
     out = torch.full_like(source, 7.0)
-    MeshRunner._constrain(source, out, type("Slot", (), {"grammar": grammar}))
+    MeshRunner._constrain(source, out, grammar.disallowed(), grammar.vocab_size)
     expected = torch.full_like(source, float("-inf"))
     expected[:tok.vocab_size][allowed] = source[:tok.vocab_size][allowed]
     torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(source, kept, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("pattern", ["[0-9]", '[^"]*', "[a-z ]*"])  # few allowed, few forbidden, neither
+def test_a_greedy_token_taken_from_a_masks_ids_is_the_masked_rows_argmax(pattern):
+    """A greedy row under a grammar alone takes its token from the mask's ids without the mask laid on it: the
+    same token as the argmax of the masked row (the first of a tie, not a forbidden best), or none (the row is
+    then laid whole) where that pick is not a finite logit: a NaN, an inf, no logit left."""
+    from model.embedded import ensure_smollm2
+    from model.grammar import GrammarCache, ll_tokenizer, regex_grammar
+    from model.runner import _greedy
+    from model.sampler import argmax
+    from model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(ensure_smollm2())
+    grammar = GrammarCache(ll_tokenizer(tok, tok.vocab_size)).new_state(regex_grammar(pattern), [])
+    mask = grammar.disallowed()
+    allowed_ids = np.flatnonzero(np.unpackbits(np.frombuffer(grammar.matcher.deep_copy().compute_bitmask(),
+                                                             dtype=np.uint8), bitorder="little")[:tok.vocab_size])
+    forbidden_id = int(np.setdiff1d(np.arange(tok.vocab_size), allowed_ids)[0])
+    rows = []
+    for case in ("plain", "tie", "forbidden best", "nan", "inf", "none left", "padding best"):
+        row = torch.randn(tok.vocab_size + 64, generator=torch.Generator().manual_seed(len(rows)))
+        row[tok.vocab_size:] = -10.0
+        if case == "tie":
+            row[allowed_ids[-2:]] = row[allowed_ids[:1]] = 9.0
+        elif case == "forbidden best":
+            row[forbidden_id] = 9.0
+        elif case in ("nan", "inf"):
+            row[allowed_ids[1]] = float(case)
+        elif case == "none left":
+            row[allowed_ids] = float("-inf")
+        elif case == "padding best":
+            row[tok.vocab_size:] = 9.0
+        out = torch.empty_like(row)
+        MeshRunner._constrain(row, out, mask, grammar.vocab_size)
+        token = _greedy(row, mask, grammar.vocab_size)
+        rows.append(case)
+        expected = int(argmax(out))
+        if mask[1].dtype == bool or case in ("nan", "inf", "none left"):
+            assert token is None, case
+        elif case == "forbidden best" and mask[0] is None:
+            assert token is None, case
+        else:
+            assert token == expected and torch.isfinite(row[token]), case
