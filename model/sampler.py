@@ -243,9 +243,11 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, position: int, pena
         if kept is None:
             noise = _noise(scaled.shape[-1], params.seed, position).to(scaled.device)
             token = int(argmax(scaled.softmax(-1) / noise))  # Gumbel-style race: an exact draw from probs
-        else:  # the same race among the kept tokens (the others' probability is 0); unseeded, only theirs is drawn
+        else:  # the same race among the kept tokens (the others' probability is 0); unseeded, only theirs is drawn;
+            # seeded, the stream up to the last kept id: numpy fills an array a draw at a time, in order
+            # (random_standard_exponential_fill_f), so a shorter draw is the longer one's prefix
             ids, vals = kept
-            noise = _noise(scaled.shape[-1] if params.seed is not None else len(ids), params.seed, position)
+            noise = _noise(int(ids.max()) + 1 if params.seed is not None else len(ids), params.seed, position)
             noise = noise.to(scaled.device)
             token = int(ids[torch.argmax(vals.softmax(-1) / (noise[ids] if params.seed is not None else noise))])
     lp = None

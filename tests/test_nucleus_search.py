@@ -96,3 +96,11 @@ def test_a_row_masked_but_for_a_few_or_short_keeps_every_finite_logit():
     row[[3, 900, 16000]] = torch.tensor([1.0, 2.0, 1.0])
     assert torch.equal(_nucleus_search(row), torch.tensor([3, 900, 16000]))
     assert _nucleus_search(torch.zeros(1000)) is None  # short: topk's
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**64 - 1), st.integers(0, 2**40), st.integers(1, 5000))
+def test_a_seeded_draw_is_the_prefix_of_a_longer_one(seed, position, n):
+    """sample_row draws a seeded row's noise only up to its last kept id."""
+    from model.sampler import _noise
+    assert torch.equal(_noise(n, seed, position), _noise(n + 3000, seed, position)[:n])
