@@ -188,25 +188,32 @@ def _nucleus_search(scaled: torch.Tensor) -> torch.Tensor | None:
     logit at or above it is above the threshold, as at least NUCLEUS_SEARCH are). A row with fewer above (ties,
     a grammar's -inf) is narrowed to its finite logits. None off the CPU, for a short row or a NaN (the caller's
     topk then), as numpy's comparisons and topk's order differ there."""
-    vocab = scaled.shape[-1]
-    if scaled.device.type != "cpu" or scaled.dtype != torch.float32 or vocab < NUCLEUS_STRIDE * NUCLEUS_SEARCH:
+    if scaled.device.type != "cpu" or scaled.dtype != torch.float32:
         return None
-    row = scaled.detach().numpy()
+    ids = _at_or_above_kth(scaled.detach().numpy(), NUCLEUS_SEARCH)
+    return None if ids is None else torch.from_numpy(ids)
+
+
+def _at_or_above_kth(row: np.ndarray, k: int) -> np.ndarray | None:
+    """The ids (ascending) of row's [vocab] float32 logits at or above its k-th largest, none at -inf
+    (_nucleus_search); None for a row shorter than NUCLEUS_STRIDE x k or with a NaN in what it reads."""
+    if len(row) < NUCLEUS_STRIDE * k:
+        return None
     sample = row[::NUCLEUS_STRIDE]
-    rank = 2 * NUCLEUS_SEARCH // NUCLEUS_STRIDE
+    rank = max(2 * k // NUCLEUS_STRIDE, 8)
     threshold = np.partition(sample, len(sample) - rank)[len(sample) - rank]
     if np.isnan(threshold):
         return None
     ids = np.flatnonzero(row >= threshold) if threshold > -np.inf else np.empty(0, np.int64)
-    if len(ids) < NUCLEUS_SEARCH:
+    if len(ids) < k:
         ids = np.flatnonzero(row > -np.inf)  # NaN > -inf is False: the NaN check below is on these
-        if len(ids) <= NUCLEUS_SEARCH:
-            return None if np.isnan(row).any() else torch.from_numpy(ids)
+        if len(ids) <= k:
+            return None if np.isnan(row).any() else ids
     vals = row[ids]
-    kth = np.partition(vals, len(vals) - NUCLEUS_SEARCH)[len(vals) - NUCLEUS_SEARCH]
+    kth = np.partition(vals, len(vals) - k)[len(vals) - k]
     if np.isnan(kth):
         return None
-    return torch.from_numpy(ids[vals >= kth])
+    return ids[vals >= kth]
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor | np.ndarray:
@@ -317,9 +324,7 @@ def _sample_top_k_rows(logits: torch.Tensor, params: list[SamplingParams]) -> li
     its k-th logit than top_k keeps, which sample_row takes (it keeps them all)."""
     scaled = logits.float() / torch.tensor([p.temperature for p in params]).unsqueeze(1)
     k = torch.tensor([p.top_k for p in params])
-    vals, ids = torch.topk(scaled, int(k.max()))  # [n, max k], the likeliest first
-    kth = vals.gather(1, (k - 1).unsqueeze(1))
-    exact = ((scaled >= kth).sum(1) == k) & (kth.squeeze(1) > float("-inf"))
+    vals, ids, exact = _top_k(scaled, [p.top_k for p in params])
     probs = vals.masked_fill(torch.arange(vals.shape[1]) >= k.unsqueeze(1), float("-inf")).softmax(-1)
     top_p = torch.tensor([p.top_p for p in params]).unsqueeze(1)
     cut = probs.cumsum(-1) - probs >= top_p
@@ -327,4 +332,36 @@ def _sample_top_k_rows(logits: torch.Tensor, params: list[SamplingParams]) -> li
     noise = torch.from_numpy(_UNSEEDED.standard_exponential(tuple(vals.shape), np.float32))
     race = probs.masked_fill(cut, 0.0) / noise.clamp_min_(torch.finfo(torch.float32).tiny)
     tokens = ids.gather(1, race.argmax(-1, keepdim=True)).squeeze(1).tolist()
-    return [t if ok else None for t, ok in zip(tokens, exact.tolist())]
+    return [t if ok else None for t, ok in zip(tokens, exact)]
+
+
+def _top_k(scaled: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """Each row's [n, vocab] ks[i] largest logits and their ids [n, max k], likeliest first and the lower id first
+    on a tie, and whether exactly ks[i] are at or above its k-th (none at -inf). By _at_or_above_kth on the CPU:
+    torch.topk over 32 rows of 128k and a pass counting the k-th's ties cost ~11 ms on the 2-core box."""
+    width = max(ks)
+    if scaled.device.type != "cpu" or scaled.dtype != torch.float32:
+        return _top_k_by_topk(scaled, ks, width)
+    rows = scaled.detach().numpy()
+    vals, ids = np.full((len(ks), width), -np.inf, np.float32), np.zeros((len(ks), width), np.int64)
+    exact = []
+    for r, k in enumerate(ks):
+        at = _at_or_above_kth(rows[r], k)
+        if at is None:  # a short row or a NaN: topk's
+            v, i, ok = _top_k_by_topk(scaled[r:r + 1], [k], width)
+            vals[r], ids[r] = v[0].numpy(), i[0].numpy()
+            exact.append(ok[0])
+            continue
+        exact.append(len(at) == k)
+        if exact[-1]:
+            order = np.argsort(-rows[r][at], kind="stable")
+            ids[r, :k] = at[order]
+            vals[r, :k] = rows[r][ids[r, :k]]
+    return torch.from_numpy(vals), torch.from_numpy(ids), exact
+
+
+def _top_k_by_topk(scaled: torch.Tensor, ks: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    vals, ids = torch.topk(scaled, width)
+    kth = vals.gather(1, (torch.tensor(ks) - 1).unsqueeze(1))
+    exact = ((scaled >= kth).sum(1) == torch.tensor(ks)) & (kth.squeeze(1) > float("-inf"))
+    return vals, ids, exact.tolist()

@@ -104,3 +104,23 @@ def test_a_seeded_draw_is_the_prefix_of_a_longer_one(seed, position, n):
     """sample_row draws a seeded row's noise only up to its last kept id."""
     from model.sampler import _noise
     assert torch.equal(_noise(n, seed, position), _noise(n + 3000, seed, position)[:n])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(rows, st.sampled_from([1, 2, 5, 32, 64])), min_size=1, max_size=3))
+def test_batched_top_k_keeps_what_topk_kept(cases):
+    """_sample_top_k_rows' kept logits (_top_k) against torch.topk and its ties' count over the whole row: the same
+    k likeliest, the lower id first on a tie, and the same rows left to sample_row (more ties than k, or -inf)."""
+    from model.sampler import _top_k
+    width = min(len(r) for r, _ in cases)
+    scaled = torch.stack([r[:width] for r, _ in cases])
+    ks = [k for _, k in cases]
+    vals, ids, exact = _top_k(scaled, ks)
+    for r, k in enumerate(ks):
+        top, top_ids = torch.topk(scaled[r], k)
+        kth = top[-1]
+        assert exact[r] == bool(int((scaled[r] >= kth).sum()) == k and kth > float("-inf"))
+        if exact[r]:
+            want = sorted(zip((-top).tolist(), top_ids.tolist()))
+            assert ids[r, :k].tolist() == [i for _, i in want]
+            assert torch.equal(vals[r, :k], scaled[r][ids[r, :k]])
