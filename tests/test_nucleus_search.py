@@ -1,5 +1,7 @@
-"""_kept's top-p-alone search (_nucleus_search) against the topk it replaced: the same kept ids and logits, so
-every seeded token stays the same (a migrated request continues identically on another mesh)."""
+"""The host sampler's searches against the torch.topk they replaced: _kept's top-p alone (_nucleus_search) keeps the
+same ids and logits, so every seeded token stays the same (a migrated request continues identically on another
+mesh); a seeded row's shorter noise draw is the full draw's prefix; the batched top-k rows (_top_k) keep the same
+logits, so their unseeded draws keep the same distribution."""
 import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
