@@ -183,17 +183,17 @@ class Batch:
             self._run(MeshWork(self._next_id(), chunks))
 
     def round(self, steps: int) -> None:
-        global _grammar_cpu, _sample_cpu
         width = self.table.shape[1]
         work = MeshWork(self._next_id(), decode=DecodeRound(steps, sorted(self.live), self.table[:, :width]))
-        device, _grammar_cpu, _sample_cpu = self.backend.device_seconds, 0.0, 0.0
+        device = self.backend.device_seconds
+        THREAD_CPU.update(grammar=0.0, sample=0.0)
         wall, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
         self._run(work)
         self.wall += time.perf_counter() - wall
         self.cpu += time.thread_time() - cpu
         self.process_cpu += time.process_time() - process
-        self.grammar_cpu += _grammar_cpu
-        self.sample_cpu += _sample_cpu
+        self.grammar_cpu += THREAD_CPU["grammar"]
+        self.sample_cpu += THREAD_CPU["sample"]
         self.device += self.backend.device_seconds - device
         self.steps += steps
 
@@ -223,42 +223,24 @@ class Batch:
                 "answers_ended": self.ended}
 
 
-_grammar_cpu = 0.0
+THREAD_CPU = {"grammar": 0.0, "sample": 0.0}  # CPU seconds counted by _count_thread_cpu since the round began
 
 
-_sample_cpu = 0.0
-
-
-def _count_sample_cpu() -> None:
-    """Add the runner's host sampling (MeshRunner._host_sample: masks laid on the rows, sampling) to _sample_cpu: the
-    step thread's CPU less the backend's (which makes the simulated logits; a Galaxy reads them back instead)."""
-    inner = MeshRunner._host_sample
+def _count_thread_cpu(cls: type, name: str, key: str) -> None:
+    """Add the thread CPU of every call of cls.name to THREAD_CPU[key]. Counted so: "grammar", llguidance's time in
+    each slot's mask (GrammarState._mask, on the mask thread beside the device's step) and step (accept), which
+    never run together; "sample", the runner's host sampling (MeshRunner._host_sample: masks laid on the rows,
+    sampling), the step thread's CPU less the backend's (which makes the simulated logits; a Galaxy reads them back
+    instead)."""
+    inner = getattr(cls, name)
 
     def timed(self, *args):
-        global _sample_cpu
         start = time.thread_time()
         try:
             return inner(self, *args)
         finally:
-            _sample_cpu += time.thread_time() - start
-    MeshRunner._host_sample = timed
-
-
-def _count_grammar_cpu() -> None:
-    """Add llguidance's time in each slot's mask and step to _grammar_cpu (the runner's thread and its mask thread
-    run them one after the other, never together)."""
-    # the mask itself (_mask: on the mask thread, beside the device's step) where it has one
-    for name in ("_mask" if hasattr(grammar_mod.GrammarState, "_mask") else "disallowed", "accept"):
-        inner = getattr(grammar_mod.GrammarState, name)
-
-        def timed(self, *args, _inner=inner):
-            global _grammar_cpu
-            start = time.thread_time()
-            try:
-                return _inner(self, *args)
-            finally:
-                _grammar_cpu += time.thread_time() - start
-        setattr(grammar_mod.GrammarState, name, timed)
+            THREAD_CPU[key] += time.thread_time() - start
+    setattr(cls, name, timed)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,8 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
              "json1-tt": (free, json_params, True),
              "ambig1": (free, ambiguous, False),
              "ambig1-tt": (free, ambiguous, True)}
-    _count_grammar_cpu()
-    _count_sample_cpu()
+    _count_thread_cpu(grammar_mod.GrammarState, "_mask", "grammar")
+    _count_thread_cpu(grammar_mod.GrammarState, "accept", "grammar")
+    _count_thread_cpu(MeshRunner, "_host_sample", "sample")
     batches = [Batch(k, kinds[k][0], tok, llt, args.time_scale, kinds[k][1], kinds[k][2], args.spread_logits)
                for k in args.batches.split(",")]
     for b in batches:

@@ -30,8 +30,9 @@ def backend():
     return SimulatedBackend(num_blocks=256, time_scale=0.01, vocab_size=1000)
 
 
-async def make_router(num_meshes=2, **config) -> tuple[Router, list[LocalMesh]]:
-    meshes = [LocalMesh(backend) for _ in range(num_meshes)]
+async def make_router(num_meshes=2, make=backend, **config) -> tuple[Router, list[LocalMesh]]:
+    """`num_meshes` in-process meshes, each on a backend from `make`, and a router over them once all are up."""
+    meshes = [LocalMesh(make) for _ in range(num_meshes)]
     router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**{**FAST, **config}))
     await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
     return router, meshes
@@ -1109,9 +1110,7 @@ def test_requests_waiting_for_kv_blocks_move_to_a_mesh_with_room():
     async def main():
         def small():  # 8 blocks of 64 tokens: four 100-token prompts fill a mesh
             return SimulatedBackend(num_blocks=8, time_scale=0.01, vocab_size=1000)
-        meshes = [LocalMesh(small) for _ in range(2)]
-        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router, meshes = await make_router(make=small)
         meshes[1].vanish()
         await until(lambda: not router.stats()["meshes"][1]["up"])
         for i in range(8):
@@ -1168,9 +1167,7 @@ def test_a_request_no_mesh_has_room_for_keeps_its_place():
     async def main():
         def small():  # 8 blocks of 64 tokens: one running request and a 400-token prompt (7 blocks) do not fit
             return SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
-        meshes = [LocalMesh(small) for _ in range(2)]
-        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router, _ = await make_router(make=small)
         for i in range(2):
             router.submit(f"long{i}", [i + 2] * 100, LASTING, None, [], "c")
         await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [1, 1])
@@ -1447,9 +1444,7 @@ def test_a_small_request_behind_a_head_no_mesh_seats_moves_to_the_room():
     async def main():
         def small():  # 2 slots, 8 blocks of 64 tokens
             return SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
-        meshes = [LocalMesh(small) for _ in range(2)]
-        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router, _ = await make_router(make=small)
         for rid in ("a0", "a1", "b0", "b1"):  # two 100-token streams on each mesh: every slot taken
             router.submit(rid, [len(rid) + ord(rid[0]) + int(rid[1])] * 100, LASTING, None, [], "c")
         await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [2, 2])
@@ -1477,9 +1472,7 @@ def test_a_preempted_request_moved_to_another_mesh_is_not_preempted_there_before
     async def main():
         def small():  # 2 slots, 8 blocks of 64 tokens
             return SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
-        meshes = [LocalMesh(small) for _ in range(2)]
-        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router, _ = await make_router(make=small)
         router.submit("p", [5] * 300, LASTING, None, [], "c")  # 5 blocks
         for rid in ("s1", "s2", "s3"):  # 2 blocks each: every slot taken
             router.submit(rid, [ord(rid[1])] * 100, LASTING, None, [], "c")
@@ -1520,9 +1513,7 @@ def test_a_mesh_whose_long_prompt_holds_a_kv_group_takes_other_queues_and_lets_i
     async def main():
         def small():  # 2 KV groups of 2 slots, 8 blocks of 64 tokens each
             return SimulatedBackend(num_slots=4, kv_groups=2, num_blocks=8, time_scale=1.0, vocab_size=1000)
-        meshes = [LocalMesh(small) for _ in range(2)]
-        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
-        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router, _ = await make_router(make=small)
         for i in range(8):  # 100-token streams (2 blocks): every slot of both meshes
             router.submit(f"s{i}", [i + 2] * 100, LASTING, None, [], "c")
         await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [4, 4])
