@@ -196,24 +196,22 @@ def _nucleus_search(scaled: torch.Tensor) -> torch.Tensor | None:
 
 def _at_or_above_kth(row: np.ndarray, k: int) -> np.ndarray | None:
     """The ids (ascending) of row's [vocab] float32 logits at or above its k-th largest, none at -inf
-    (_nucleus_search); None for a row shorter than NUCLEUS_STRIDE x k or with a NaN in what it reads."""
-    if len(row) < NUCLEUS_STRIDE * k:
+    (_nucleus_search); None for a row shorter than NUCLEUS_STRIDE x k or with a NaN anywhere: topk counts a NaN
+    as the largest, which the comparisons here leave out (a NaN the stride did not read made a top-k row's kept
+    set the k best finite logits, where topk's left sample_row the k - 1 best). A row's max is NaN exactly when
+    it holds one (numpy's max propagates NaN): ~6 us a 128k row on the 2-core box."""
+    if len(row) < NUCLEUS_STRIDE * k or np.isnan(row.max()):
         return None
     sample = row[::NUCLEUS_STRIDE]
     rank = max(2 * k // NUCLEUS_STRIDE, 8)
     threshold = np.partition(sample, len(sample) - rank)[len(sample) - rank]
-    if np.isnan(threshold):
-        return None
     ids = np.flatnonzero(row >= threshold) if threshold > -np.inf else np.empty(0, np.int64)
     if len(ids) < k:
-        ids = np.flatnonzero(row > -np.inf)  # NaN > -inf is False: the NaN check below is on these
+        ids = np.flatnonzero(row > -np.inf)
         if len(ids) <= k:
-            return None if np.isnan(row).any() else ids
+            return ids
     vals = row[ids]
-    kth = np.partition(vals, len(vals) - k)[len(vals) - k]
-    if np.isnan(kth):
-        return None
-    return ids[vals >= kth]
+    return ids[vals >= np.partition(vals, len(vals) - k)[len(vals) - k]]
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor | np.ndarray:

@@ -35,9 +35,11 @@ def _kept_before(scaled: torch.Tensor, top_k: int, top_p: float):
     return ids, vals
 
 
-def _row(seed: int, vocab: int, scale: float, levels: int, masked: float, infs: int, best: float) -> torch.Tensor:
+def _row(seed: int, vocab: int, scale: float, levels: int, masked: float, infs: int, best: float,
+         nans: int = 0) -> torch.Tensor:
     """A row [vocab]: N(0, scale), rounded to `levels` steps (ties) when levels, a `masked` share at -inf (a
-    grammar's mask), `infs` +inf logits, and the last id `best` above the rest (a simulated token)."""
+    grammar's mask), `infs` +inf logits, the last id `best` above the rest (a simulated token), and `nans` NaN
+    logits (a backend's overflow) elsewhere."""
     rng = np.random.default_rng(seed)
     row = rng.standard_normal(vocab).astype(np.float32) * scale
     if levels:
@@ -46,13 +48,14 @@ def _row(seed: int, vocab: int, scale: float, levels: int, masked: float, infs: 
     row[rng.integers(0, vocab, infs)] = np.inf
     if best:
         row[-1] = np.float32(np.nanmax(np.where(np.isfinite(row), row, -np.inf)) + best) if np.isfinite(row).any() else 0
+    row[rng.integers(0, vocab - 1, nans)] = np.nan
     return torch.from_numpy(row)
 
 
 rows = st.builds(_row, st.integers(0, 2**32 - 1), st.sampled_from([NUCLEUS_STRIDE * NUCLEUS_SEARCH, 20_000, 50_000]),
                  st.sampled_from([0.0, 0.01, 1.0, 3.0, 20.0]), st.sampled_from([0, 0, 1, 4, 50]),
                  st.sampled_from([0.0, 0.0, 0.5, 0.9, 0.97, 0.99, 0.999, 1.0]), st.sampled_from([0, 0, 0, 1, 3]),
-                 st.sampled_from([0.0, 2.0, 30.0]))
+                 st.sampled_from([0.0, 2.0, 30.0]), st.sampled_from([0, 0, 0, 0, 1, 2]))
 
 
 @settings(max_examples=300, deadline=None)
@@ -66,8 +69,9 @@ def test_kept_by_top_p_alone_is_what_topk_kept(row, temperature, top_p):
         assert torch.equal(ids, want)
     got, before = _kept(scaled, 0, top_p), _kept_before(scaled, 0, top_p)
     assert (got is None) == (before is None)
-    if got is not None:
-        assert torch.equal(got[0], before[0]) and torch.equal(got[1], before[1])
+    if got is not None:  # a NaN row's (topk's, as before) kept logit may be the NaN
+        assert torch.equal(got[0], before[0])
+        torch.testing.assert_close(got[1], before[1], rtol=0, atol=0, equal_nan=True)
 
 
 @settings(max_examples=60, deadline=None)
@@ -100,6 +104,19 @@ def test_a_row_masked_but_for_a_few_or_short_keeps_every_finite_logit():
     assert _nucleus_search(torch.zeros(1000)) is None  # short: topk's
 
 
+def test_a_nan_off_the_stride_leaves_the_row_to_topk():
+    """torch.topk counts a NaN as the largest logit, so its k-th is the (k-1)-th finite one, and a top-k row with a
+    NaN never has exactly k at or above its k-th (sample_row takes it). A NaN where the stride's sample does not
+    read it must do the same: _nucleus_search gives None, _top_k's row is not exact."""
+    from model.sampler import _top_k
+    row = torch.from_numpy(np.random.default_rng(0).standard_normal(NUCLEUS_STRIDE * NUCLEUS_SEARCH * 2)
+                           .astype(np.float32) * 3)
+    row[NUCLEUS_STRIDE * 7 + 5] = float("nan")
+    assert _nucleus_search(row) is None
+    _, _, exact = _top_k(torch.stack([row, row]), [1, 32])
+    assert exact == [False, False]
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(0, 2**64 - 1), st.integers(0, 2**40), st.integers(1, 5000))
 def test_a_seeded_draw_is_the_prefix_of_a_longer_one(seed, position, n):
@@ -112,7 +129,8 @@ def test_a_seeded_draw_is_the_prefix_of_a_longer_one(seed, position, n):
 @given(st.lists(st.tuples(rows, st.sampled_from([1, 2, 5, 32, 64])), min_size=1, max_size=3))
 def test_batched_top_k_keeps_what_topk_kept(cases):
     """_sample_top_k_rows' kept logits (_top_k) against torch.topk and its ties' count over the whole row: the same
-    k likeliest, the lower id first on a tie, and the same rows left to sample_row (more ties than k, or -inf)."""
+    k likeliest, the lower id first on a tie, and the same rows left to sample_row (more ties than k, or -inf); a
+    row with a NaN takes topk itself."""
     from model.sampler import _top_k
     width = min(len(r) for r, _ in cases)
     scaled = torch.stack([r[:width] for r, _ in cases])
@@ -122,7 +140,9 @@ def test_batched_top_k_keeps_what_topk_kept(cases):
         top, top_ids = torch.topk(scaled[r], k)
         kth = top[-1]
         assert exact[r] == bool(int((scaled[r] >= kth).sum()) == k and kth > float("-inf"))
-        if exact[r]:
+        if exact[r] and scaled[r].isnan().any():  # topk's, as before: its order among ties unspecified
+            torch.testing.assert_close(vals[r, :k], scaled[r][ids[r, :k]], rtol=0, atol=0, equal_nan=True)
+        elif exact[r]:
             want = sorted(zip((-top).tolist(), top_ids.tolist()))
             assert ids[r, :k].tolist() == [i for _, i in want]
             assert torch.equal(vals[r, :k], scaled[r][ids[r, :k]])
