@@ -231,8 +231,10 @@ def _count_thread_cpu(cls: type, name: str, key: str) -> None:
     each slot's mask (GrammarState._mask, on the mask thread beside the device's step) and step (accept), which
     never run together; "sample", the runner's host sampling (MeshRunner._host_sample: masks laid on the rows,
     sampling), the step thread's CPU less the backend's (which makes the simulated logits; a Galaxy reads them back
-    instead)."""
+    instead). Once: a second main() in the process patches again, and would count each call twice."""
     inner = getattr(cls, name)
+    if getattr(inner, "counted", None) == key:
+        return
 
     def timed(self, *args):
         start = time.thread_time()
@@ -240,6 +242,7 @@ def _count_thread_cpu(cls: type, name: str, key: str) -> None:
             return inner(self, *args)
         finally:
             THREAD_CPU[key] += time.thread_time() - start
+    timed.counted = key
     setattr(cls, name, timed)
 
 
