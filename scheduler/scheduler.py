@@ -276,7 +276,7 @@ class MeshScheduler:
         forecast = self._room_after_queue()
         hashes = [] if self.scores_prompt(seq) else seq.block_hashes  # as _seat_hashes, without hashing here
         return forecast is not None and self._choose_group(hashes, n, forecast, forecast.reserved,
-                                                           self._headroom(seq.num_tokens_preempted)) is not None
+                                                           self._headroom(seq.num_tokens_preempted, n)) is not None
 
     @property
     def num_queued(self) -> int:
@@ -315,7 +315,7 @@ class MeshScheduler:
         free_after_queue, group = self._placement_room
         if free_after_queue > 0 and (forecast := self._room_after_queue()) is not None \
                 and (choice := self._choose_group(block_hashes, num_tokens, forecast, forecast.reserved,
-                                                  self._headroom(num_tokens_preempted))) is not None:
+                                                  self._headroom(num_tokens_preempted, num_tokens))) is not None:
             return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
@@ -439,7 +439,7 @@ class MeshScheduler:
         holder = self.reserved
         if holder is not None and self.kv.num_free_slots:
             choice = self._choose_group(self._seat_hashes(holder), len(holder.token_ids),
-                                        headroom=self._headroom(holder.num_tokens_preempted))
+                                        headroom=self._headroom(holder.num_tokens_preempted, len(holder.token_ids)))
             if choice is not None:
                 self.waiting.remove(holder)
                 self.reserved = None
@@ -452,7 +452,7 @@ class MeshScheduler:
             n = len(seq.token_ids)
             exclude = self.reserved_group if self.reserved is not None else None
             choice = self._choose_group(self._seat_hashes(seq), n, exclude=exclude,
-                                        headroom=self._headroom(seq.num_tokens_preempted))
+                                        headroom=self._headroom(seq.num_tokens_preempted, n))
             if choice is None:
                 if exclude is None and len(self.kv.groups) > 1:
                     self.reserved, self.reserved_group = seq, self._reservation(seq.block_hashes, n)
@@ -462,16 +462,21 @@ class MeshScheduler:
             del self.waiting[index]
             self._seat(seq, *choice)
 
-    def _headroom(self, num_tokens_preempted: int) -> int:
+    def _headroom(self, num_tokens_preempted: int, num_tokens: int) -> int:
         """The blocks a preempted sequence's seat leaves free per sequence of its group (_fit), itself counted: their
-        growth over max_inflight + 1 decode rounds, from its seat through its recompute's token (its works, planned
-        ahead of their results) and a decode round after it. Re-seated as soon as it fit, it was preempted again by the
-        next older sequence to need a block, after one token (a recompute of all its tokens for one): in process, 17
-        preemptions for 8 answers on two meshes of 8 blocks, 7 with this. None for a sequence not preempted here (the
-        path of every request while none is), nor in an empty group (_fit), where it fits as it always did."""
+        growth over its recompute's works (num_tokens in chunks of max_prefill_tokens, one a work) and max_inflight
+        decode rounds more, from its seat through its recompute's token (its works, planned ahead of their results)
+        and a decode round after it. Re-seated as soon as it fit, it was preempted again by the next older sequence
+        to need a block, after one token (a recompute of all its tokens for one): in process, 17 preemptions for 8
+        answers on two meshes of 8 blocks, 7 with this. With one chunk's recompute counted whatever its length, the
+        others grew into that room while a long one was still recomputing, then preempted it right after its token
+        (test_scheduler: a recompute of 8 chunks, preempted again after 1 token). Its own cached blocks may make its
+        recompute shorter: a wait to be seated longer than needed, not a stall. None for a sequence not preempted here
+        (the path of every request while none is), nor in an empty group (_fit), where it fits as it always did."""
         if num_tokens_preempted < 0:  # Sequence.num_tokens_preempted: never preempted
             return 0
-        return blocks_for(self.decode_steps * (self.max_inflight + 1), self.block_size)
+        works = self.max_inflight + blocks_for(num_tokens, self.max_prefill_tokens)
+        return blocks_for(self.decode_steps * works, self.block_size)
 
     def _hashes(self, seq: Sequence) -> list[bytes]:
         """seq's full blocks' digests, hashed once (its tokens grow)."""
@@ -643,7 +648,7 @@ class MeshScheduler:
                 break
             n = len(seq.token_ids)
             choice = self._choose_group(self._seat_hashes(seq), n, forecast, None if seq is holder else reserved,
-                                        self._headroom(seq.num_tokens_preempted))
+                                        self._headroom(seq.num_tokens_preempted, n))
             if choice is None:
                 if seq is holder:
                     continue

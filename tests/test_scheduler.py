@@ -519,6 +519,34 @@ def test_a_preempted_sequence_is_re_seated_with_room_to_decode():
         assert all(b - a > sched.decode_steps for a, b in zip(lengths, lengths[1:])), (rid, lengths)
 
 
+def test_a_long_recompute_is_re_seated_with_room_for_its_groups_growth_through_all_its_chunks():
+    """c, preempted at 64 tokens on a mesh it left, came with 8 chunks to recompute (8 tokens a work) and was seated
+    beside a with room for a's growth over max_inflight + 1 rounds, as for a one-chunk recompute: a grew into it
+    during the recompute, sat out the round of c's last chunk, and once c's token came preempted c (the newest): 64
+    tokens recomputed for 1, then again. Now the room counts every chunk of the recompute: c waits for it (here, for
+    a's end), a decodes in every round, and nobody is preempted."""
+    sched, mesh = make(num_blocks=25, num_slots=2, decode_steps=4, max_inflight=2, max_seq_len=256)
+    a = sched.submit("a", [1, 1], params(max_tokens=60, ignore_eos=True))
+    c_params = params(max_tokens=30, ignore_eos=True)
+    events, pending, c = defaultdict(list), deque(), None
+    for _ in range(400):
+        if c is None and a.live:
+            c = sched.submit("c", [3] * 60, c_params, output_ids=[4] * 4, migrated=True, num_tokens_preempted=64)
+        decodes_a = a.status is Status.RUNNING and a.num_planned < a.max_tokens_total
+        work = sched.schedule()
+        if work is not None:
+            assert not decodes_a or work.decode is not None and a.slot in work.decode.slots, "a sat a round out"
+            pending.append(mesh.execute(work))
+        elif pending:
+            for result in pending.popleft():
+                for event in sched.process(result):
+                    events[event.request_id].append(event)
+        else:
+            break
+    assert sched.num_preemptions == 0 and not sched.requests
+    assert output_of(events["c"]) == expected([3] * 60 + [4] * 4, params(max_tokens=26, ignore_eos=True))[0]
+
+
 def test_results_planned_for_an_earlier_placement_are_dropped():
     # three works in flight and a pool for one growing sequence: b is preempted, and placed again when the short c
     # ends, while a work planned for its first placement is still unanswered
