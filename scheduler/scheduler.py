@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler.blocks import BlockPool, blocks_for, extend_block_hashes
 from scheduler.errors import PromptTooLong, QueueFull, RoomFilled, Unsupported
@@ -38,14 +38,15 @@ class _Forecast:
     """The KV groups after the next schedule (MeshScheduler._room_after_queue): each one's [free slots, free
     blocks, available blocks], the cached blocks nobody owned that the queue will have taken by then, and
     those its allocations will have evicted, the (tokens left, blocks at full length) of each request the queue
-    seats there (MeshScheduler._reservation); and the group then reserved for a waiting request (none else
-    enters it)."""
+    seats there (MeshScheduler._reservation); the group then reserved for a waiting request (none else
+    enters it); and the groups whose pool the running users' lookahead runs dry (none enters them)."""
 
     room: list[list[int]]
     revived: list[set[int]]
     evicted: list[set[int]]
     seated: list[list[tuple[int, int]]]
     reserved: int | None = None
+    dry: set[int] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -119,9 +120,9 @@ class MeshScheduler:
         self.next_work_id = 0
         self.waiting_tokens = 0
         self.num_preemptions = 0
-        self.head_blocked = False  # the last admission stopped at a request that fit no group it may enter, or
-        # a dry pool skipped it (a preemption, or a sequence waiting for blocks): the next schedule seats nobody more
-        # until something is freed
+        self.head_blocked = False  # the last admission stopped at a request that fit no group it may enter (a group
+        # whose pool ran dry, by a preemption or a sequence waiting for blocks, admits nobody that schedule): the next
+        # schedule seats nobody more until something is freed
         self.reserved: Sequence | None = None  # a waiting request that fit no KV group (_admit) ...
         self.reserved_group = -1  # ... and the group held for it
         self.grammars_sent: OrderedDict[str, None] = OrderedDict()  # the mesh's GrammarCache, as far as known
@@ -276,14 +277,15 @@ class MeshScheduler:
         forecast = self._room_after_queue()
         hashes = [] if self.scores_prompt(seq) else seq.block_hashes  # as _seat_hashes, without hashing here
         return forecast is not None and self._choose_group(hashes, n, forecast, forecast.reserved,
-                                                           self._headroom(seq.num_tokens_preempted, n)) is not None
+                                                           self._headroom(seq.num_tokens_preempted, n),
+                                                           forecast.dry) is not None
 
     @property
     def num_queued(self) -> int:
         """Waiting requests, the reserved group's holder aside (`queued` lists it apart), that the next schedule
         does not seat (negative: the slots left outside the reserved group once they are seated): those beyond
-        those free slots, or all of them while a request fits no group it may enter (nobody overtakes it), as
-        after a preemption."""
+        those free slots, or all of them while a request fits no group it may enter (nobody overtakes it; a group
+        whose pool ran dry admits nobody: _admit)."""
         others = len(self.waiting) - (self.reserved is not None)
         if self.head_blocked:
             return others
@@ -315,7 +317,8 @@ class MeshScheduler:
         free_after_queue, group = self._placement_room
         if free_after_queue > 0 and (forecast := self._room_after_queue()) is not None \
                 and (choice := self._choose_group(block_hashes, num_tokens, forecast, forecast.reserved,
-                                                  self._headroom(num_tokens_preempted, num_tokens))) is not None:
+                                                  self._headroom(num_tokens_preempted, num_tokens),
+                                                  forecast.dry)) is not None:
             return 1, len(choice[1]) * self.block_size, free_after_queue, *group
         return 0, free_after_queue, self.cached_prefix_tokens(block_hashes, num_tokens), *group
 
@@ -334,10 +337,7 @@ class MeshScheduler:
             return None
         self._state_changed()
         decode, dry = self._reserve_lookahead()
-        if not dry:  # do not admit into the room a preemption just made, nor into a pool a sequence waits on
-            self._admit()
-        else:
-            self.head_blocked = True
+        self._admit(dry)
         chunks, planned_chunks = self._plan_prefills()
         for seq, _, _, final in planned_chunks:
             if final and seq.num_planned < seq.max_tokens_total:  # may join this work's decode round
@@ -378,8 +378,8 @@ class MeshScheduler:
         """Blocks for the next decode_steps tokens of every live sequence, oldest first; when its group's
         pool runs dry, the newest running sequence of that group is preempted (possibly the one asking), or, where
         only sequences not to preempt yet are newer (_victim), the one asking sits this round out. Returns the
-        decode round's (sequence, target length) and whether a pool ran dry (a preemption, or one sat out)."""
-        decode, block_size, dry = [], self.block_size, False
+        decode round's (sequence, target length) and the groups whose pool ran dry (a preemption, or one sat out)."""
+        decode, block_size, dry = [], self.block_size, set()
         for seq in list(self.running.values()):
             total = seq.max_tokens_total
             if seq.status is not Status.RUNNING or not seq.live or seq.num_planned >= total:
@@ -388,7 +388,7 @@ class MeshScheduler:
             # The last sampled token's KV is written by the step after it, hence target - 1. Most rounds need no
             # new block (one in block_size / decode_steps does): checked here, it costs no call per slot.
             while blocks_for(target - 1, block_size) > len(seq.block_table) and not self._reserve(seq, target - 1):
-                dry = True
+                dry.add(seq.slot // self.kv.slots_per_group)
                 victim = self._victim(seq)
                 if victim is None:
                     break
@@ -426,7 +426,7 @@ class MeshScheduler:
         """Grow seq's block table to hold num_tokens tokens of KV, if its group's pool can."""
         return self.kv.grow(seq.slot, seq.block_table, num_tokens)
 
-    def _admit(self) -> None:
+    def _admit(self, dry: set[int]) -> None:
         """Seat waiting requests in free slots, each in the KV group that caches most of its prefix (then the
         emptiest) once that group's pool holds the uncached part of its tokens plus the watermark (and a preempted
         one's _headroom). FCFS, except that the first request that fits no group reserves one (`_reservation`) and
@@ -434,12 +434,18 @@ class MeshScheduler:
         drains, and its holder, tried first at every admission, is seated at the latest once the answers running
         there when it reserved have ended (each bounded by its max_tokens; with the group empty, any prompt the pool
         holds fits). A second request that fits none of the other groups stops the queue (nobody overtakes it). With
-        one KV group (torch) nothing is reserved: plain FCFS."""
+        one KV group (torch) nothing is reserved: plain FCFS. A `dry` group (_reserve_lookahead) admits nobody: not
+        into the room a preemption just made, nor into blocks a sequence waits on; the others admit as ever, and a
+        request that fits none of them while a group is dry stops the queue (it may fit that group next time: it
+        reserves nothing). One group's dry pool stopped every group's admission: a request that came as it ran dry
+        waited with another group empty (test_scheduler), for as long as it stayed dry (each round an answer sat
+        out beside a re-seated one's recompute)."""
         self.head_blocked = False
         holder = self.reserved
         if holder is not None and self.kv.num_free_slots:
             choice = self._choose_group(self._seat_hashes(holder), len(holder.token_ids),
-                                        headroom=self._headroom(holder.num_tokens_preempted, len(holder.token_ids)))
+                                        headroom=self._headroom(holder.num_tokens_preempted, len(holder.token_ids)),
+                                        dry=dry)
             if choice is not None:
                 self.waiting.remove(holder)
                 self.reserved = None
@@ -452,9 +458,9 @@ class MeshScheduler:
             n = len(seq.token_ids)
             exclude = self.reserved_group if self.reserved is not None else None
             choice = self._choose_group(self._seat_hashes(seq), n, exclude=exclude,
-                                        headroom=self._headroom(seq.num_tokens_preempted, n))
+                                        headroom=self._headroom(seq.num_tokens_preempted, n), dry=dry)
             if choice is None:
-                if exclude is None and len(self.kv.groups) > 1:
+                if exclude is None and len(self.kv.groups) > 1 and not dry:
                     self.reserved, self.reserved_group = seq, self._reservation(seq.block_hashes, n)
                     continue
                 self.head_blocked = True
@@ -531,15 +537,16 @@ class MeshScheduler:
         return pool.lookup(block_hashes, n, self.prefix_align) if self.enable_prefix_caching else []
 
     def _choose_group(self, block_hashes: list[bytes], n: int, forecast: _Forecast | None = None,
-                      exclude: int | None = None, headroom: int = 0) -> tuple[KVGroup, list[int]] | None:
+                      exclude: int | None = None, headroom: int = 0,
+                      dry: set[int] | tuple = ()) -> tuple[KVGroup, list[int]] | None:
         """The group with a free slot and room whose prefix cache holds most of the sequence, then the one with
         most room (KVGroup.room); with its prefix hit. None if none has room. `forecast`: each group judged by
         its state after the next schedule (_room_after_queue) instead of its own. `exclude`: a group reserved
-        for another request. `headroom`: _headroom's."""
+        for another request. `headroom`: _headroom's. `dry`: groups whose pool the lookahead ran dry."""
         best, best_key = None, None
         for group in self.kv.groups:
             room = group.room if forecast is None else forecast.room[group.index]
-            if not room[0] or group.index == exclude:
+            if not room[0] or group.index == exclude or group.index in dry:
                 continue
             hit, lacking = self._fit(group, block_hashes, n, forecast, headroom)
             if lacking > 0:
@@ -609,10 +616,12 @@ class MeshScheduler:
     def _room_after_queue(self) -> _Forecast | None:
         """Each KV group's room as the next schedule() would leave it once it has reserved the running users'
         lookahead (_reserve_lookahead) and seated the waiting queue as _admit does (a reserved group's holder first,
-        then the others in order, outside its group); None when it would seat nobody more: the lookahead
-        runs a pool dry (_reserve_lookahead), or a queued request fits no group it may enter (nobody overtakes
-        it). A forecast for placement, kept until the scheduler's state changes. Allocations past the free blocks
-        evict cached ones, least recently freed first (BlockPool.allocate): a later request's hit on them is gone."""
+        then the others in order, outside its group, and outside a group whose pool the lookahead runs dry
+        (_reserve_lookahead: one sits the round out)); None when it cannot say or would seat nobody more: the
+        lookahead preempts (the victim goes to the queue's head), or a queued request fits no group it may enter
+        (nobody overtakes it). A forecast for placement, kept until the scheduler's state changes. Allocations past
+        the free blocks evict cached ones, least recently freed first (BlockPool.allocate): a later request's hit on
+        them is gone."""
         if self._forecast_valid:
             return self._forecast
         groups = self.kv.groups
@@ -636,23 +645,27 @@ class MeshScheduler:
             if seq.status is Status.RUNNING and seq.live and seq.num_planned < seq.max_tokens_total:
                 target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
                 missing = blocks_for(target - 1, self.block_size) - len(seq.block_table)
-                if missing > 0:
-                    take(seq.slot // self.kv.slots_per_group, missing)
-        if any(r[2] < 0 for r in room):
-            forecast = None
+                index = seq.slot // self.kv.slots_per_group
+                if 0 < missing <= room[index][2]:
+                    take(index, missing)
+                elif missing > 0:  # its group's pool runs dry: it sits the round out, or a preemption puts its
+                    if self._victim(seq) is not None:  # victim at the queue's head, ahead of whom it would seat
+                        self._forecast, self._forecast_valid = None, True
+                        return None
+                    forecast.dry.add(index)
         holder = self.reserved
         reserved = self.reserved_group if holder is not None else None
         order = itertools.chain((holder,) if holder is not None else (), (s for s in self.waiting if s is not holder))
-        for seq in order if forecast is not None else ():  # as _admit
+        for seq in order:  # as _admit
             if not any(r[0] for r in room):
                 break
             n = len(seq.token_ids)
             choice = self._choose_group(self._seat_hashes(seq), n, forecast, None if seq is holder else reserved,
-                                        self._headroom(seq.num_tokens_preempted, n))
+                                        self._headroom(seq.num_tokens_preempted, n), forecast.dry)
             if choice is None:
                 if seq is holder:
                     continue
-                if reserved is None and len(groups) > 1:
+                if reserved is None and len(groups) > 1 and not forecast.dry:
                     reserved = self._reservation(seq.block_hashes, n, forecast)
                     continue
                 forecast = None

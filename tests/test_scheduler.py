@@ -935,6 +935,56 @@ def test_a_head_that_fits_no_kv_group_reserves_one_and_the_queue_goes_on_in_the_
     assert not sched.requests and all(g.pool.num_used == 0 for g in sched.kv.groups)
 
 
+def test_a_kv_group_out_of_blocks_stops_admission_to_itself_only():
+    """a and b share a prefix, so both sit in group 0; their next round needs more blocks than it has, so b (the
+    newest) is preempted. A dry pool stopped admission to every group: n, come just then, waited with group 1 empty
+    (and so did b), as long as group 0 stayed dry: a round, or a whole recompute beside one re-seated there. Now
+    only group 0 admits nobody: n and b are seated in group 1 in that same schedule."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=8,
+                          max_prefill_tokens=8, decode_steps=4, max_inflight=1)
+    mesh, events, p = FakeMesh(4, 8, BS, 2), defaultdict(list), params(20, ignore_eos=True)
+    a = sched.submit("a", [1] * 8 + [2], p)
+    while not a.live:
+        step(sched, mesh, events)
+    b = sched.submit("b", [1] * 8 + [3], p)  # a's cached prefix draws it to group 0
+    step(sched, mesh, events)
+    assert sched.kv.group_of(a.slot).index == sched.kv.group_of(b.slot).index == 0
+    lookahead = sum(blocks_for(min(s.num_planned + sched.decode_steps, s.max_tokens_total) - 1, BS) - len(s.block_table)
+                    for s in (a, b))
+    assert lookahead > sched.kv.groups[0].pool.num_available  # the next schedule preempts b
+    n = sched.submit("n", [5, 6, 7], p)
+    step(sched, mesh, events)
+    assert sched.num_preemptions == 1 and sched.kv.group_of(a.slot).index == 0
+    assert n.status is b.status is Status.RUNNING, "admission waited for group 0's blocks"
+    assert sched.kv.group_of(n.slot).index == sched.kv.group_of(b.slot).index == 1
+    drain(sched, mesh, events)
+    for rid, prompt in (("a", [1] * 8 + [2]), ("b", [1] * 8 + [3]), ("n", [5, 6, 7])):
+        assert output_of(events[rid]) == expected(prompt, p)[0]
+    assert not sched.requests and all(g.pool.num_used == 0 for g in sched.kv.groups)
+
+
+def test_seats_says_no_while_the_lookahead_preempts_the_victim_goes_first():
+    """As above, b is about to be preempted in group 0, and group 1 has a free slot. seats() (the router's word to
+    move a request here) judged group 1 as the next schedule leaves it, but that schedule puts b at the queue's head,
+    ahead of the moved request: seats() said yes to a request left waiting. It now says no while the lookahead
+    preempts (a sequence that only sits the round out leaves the queue as it is)."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=8,
+                          max_prefill_tokens=8, decode_steps=4, max_inflight=1)
+    mesh, events, p = FakeMesh(4, 8, BS, 2), defaultdict(list), params(20, ignore_eos=True)
+    a = sched.submit("a", [1] * 8 + [2], p)
+    while not a.live:
+        step(sched, mesh, events)
+    d = sched.submit("d", [4, 4, 4], p)
+    b = sched.submit("b", [1] * 8 + [3], p)
+    step(sched, mesh, events)
+    assert [sched.kv.group_of(s.slot).index for s in (a, b, d)] == [0, 0, 1]
+    lookahead = sum(blocks_for(min(s.num_planned + sched.decode_steps, s.max_tokens_total) - 1, BS) - len(s.block_table)
+                    for s in (a, b))
+    assert lookahead > sched.kv.groups[0].pool.num_available  # the next schedule preempts b
+    said, runs = _moved_here(sched, [5, 6, 7], p)
+    assert sched.num_preemptions == 1 and said == runs
+
+
 def test_with_one_kv_group_a_head_that_fits_no_block_pool_holds_the_queue():
     """The torch backend's single pool: no group to reserve, plain FCFS (nobody overtakes the head)."""
     sched, mesh = make(num_blocks=8, max_seq_len=32, prefill_chunk=32, max_prefill_tokens=32, decode_steps=1)
