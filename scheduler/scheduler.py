@@ -478,8 +478,10 @@ class MeshScheduler:
         others grew into that room while a long one was still recomputing, then preempted it right after its token
         (test_scheduler: a recompute of 8 chunks, preempted again after 1 token). Its own cached blocks may make its
         recompute shorter: a wait to be seated longer than needed, not a stall. None for a sequence not preempted here
-        (the path of every request while none is), nor in an empty group (_fit), where it fits as it always did."""
-        if num_tokens_preempted < 0:  # Sequence.num_tokens_preempted: never preempted
+        (the path of every request while none is), nor in an empty group (_fit), where it fits as it always did; nor
+        for one that has made a token since its preemption (a request moved, at a failover, after its re-seat there
+        gave it tokens): no victim rule holds it (_victim), so it is seated as a new one would be."""
+        if num_tokens_preempted != num_tokens:  # Sequence.num_tokens_preempted: -1, never preempted, or tokens since
             return 0
         works = self.max_inflight + blocks_for(num_tokens, self.max_prefill_tokens)
         return blocks_for(self.decode_steps * works, self.block_size)

@@ -826,6 +826,26 @@ def test_placement_key_counts_a_preempted_requests_headroom_as_seats_does():
     assert "moved" not in sched.running
 
 
+def test_a_moved_request_with_tokens_since_its_preemption_is_seated_as_a_new_one():
+    """A failover moves a request preempted on the failed mesh, then re-seated there, that has made tokens since: it
+    carries its num_tokens_preempted (shorter than it now is), so _victim takes it like any other, yet its seat was
+    asked the _headroom of one still owed its recompute's token: placed and seated as if it were, it waited for room it
+    did not need. Now it is seated as a new request of its length."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, num_slots=2, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=4, max_inflight=1)  # _headroom: 2 blocks a sequence
+    sched.submit("a", [1, 2, 3], params(20, ignore_eos=True))
+    _run(sched, FakeMesh(2, 8, BS))
+    tokens = list(range(50, 58))  # as above: seated now, unless it needs the headroom
+    other = MeshScheduler(num_blocks=64, block_size=BS, num_slots=4, max_seq_len=64)
+    seq = other.submit("moved", tokens[:5], params(6), output_ids=tokens[5:], num_tokens_preempted=5)  # 3 since
+    extend_block_hashes(seq.block_hashes, tokens, BS)
+    assert sched.placement_key(seq.block_hashes, len(tokens), seq.num_tokens_preempted)[0] == 1
+    assert sched.seats(seq)
+    sched.submit("moved", tokens[:5], params(6), output_ids=tokens[5:], migrated=True, num_tokens_preempted=5)
+    sched.schedule()
+    assert "moved" in sched.running
+
+
 def test_seats_counts_no_hit_for_a_request_that_scores_its_prompt():
     """A request that asks for its prompt's logprobs is seated with no prefix-cache hit (it computes every position):
     seats() counted the blocks another running request holds for its prompt as a hit, and said yes to a request the
