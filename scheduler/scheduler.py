@@ -647,14 +647,15 @@ class MeshScheduler:
             if seq.status is Status.RUNNING and seq.live and seq.num_planned < seq.max_tokens_total:
                 target = min(seq.num_planned + self.decode_steps, seq.max_tokens_total)
                 missing = blocks_for(target - 1, self.block_size) - len(seq.block_table)
-                index = seq.slot // self.kv.slots_per_group
-                if 0 < missing <= room[index][2]:
-                    take(index, missing)
-                elif missing > 0:  # its group's pool runs dry: it sits the round out, or a preemption puts its
-                    if self._victim(seq) is not None:  # victim at the queue's head, ahead of whom it would seat
-                        self._forecast, self._forecast_valid = None, True
+                if missing > 0:
+                    index = seq.slot // self.kv.slots_per_group
+                    if missing <= room[index][2]:
+                        take(index, missing)
+                    elif self._victim(seq) is not None:  # a preemption: its victim goes to the queue's head, ahead
+                        self._forecast, self._forecast_valid = None, True  # of whom the forecast would seat
                         return None
-                    forecast.dry.add(index)
+                    else:  # its group's pool runs dry: it sits the round out
+                        forecast.dry.add(index)
         holder = self.reserved
         reserved = self.reserved_group if holder is not None else None
         order = itertools.chain((holder,) if holder is not None else (), (s for s in self.waiting if s is not holder))
