@@ -41,8 +41,9 @@ serve: $(STAMP) model
 	$(BIN)/python -m deployments.config --port-free serve_config.yaml
 	@# exec: make forwards a SIGTERM to its child, which is then Serve itself (a shell in between would die alone);
 	@# deployments.ready says where it will answer, then when /health is 200, and ends with it ($$$$: this shell, which
-	@# exec makes Serve)
-	$(BIN)/python -m deployments.ready serve_config.yaml $$$$ & exec env $(SERVE_ENV) $(BIN)/serve run serve_config.yaml
+	@# exec makes Serve; in the ( ) subshell too, as POSIX defines $$). Started from that subshell, which ends at once,
+	@# it is not Serve's child: `serve run` never waits for its children, and it stayed a zombie while Serve ran
+	($(BIN)/python -m deployments.ready serve_config.yaml $$$$ &); exec env $(SERVE_ENV) $(BIN)/serve run serve_config.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -140,3 +141,35 @@ def test_a_config_without_meshserves_app_is_said_so(tmp_path, capsys):
     assert main([str(path), "1"]) == 2
     assert capsys.readouterr().err.rstrip().endswith(f"{path}: no meshserve application (import_path "
                                                      "deployments.app:build) in it")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self") or not shutil.which("make"), reason="needs make and Linux's /proc")
+def test_make_serve_leaves_no_zombie_beside_the_server(tmp_path):
+    """`make serve` started deployments.ready in the shell that then execs `serve run`, so the announcer was the
+    server's child; `serve run` never waits for it, so once it had said ready it stayed a zombie (`[python]
+    <defunct>` in ps) for as long as the server ran. Here the recipe runs with a stand-in venv: its python says
+    nothing (as the announcer, it ends a moment after the exec), and its serve counts its own zombie children."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / ".installed").touch()  # newer than pyproject.toml: the venv is not set up again
+    python = venv / "bin" / "python"
+    python.write_text('#!/bin/sh\ncase "$*" in *deployments.ready*) sleep 0.3;; esac\n')  # ready outlives the exec
+    serve = venv / "bin" / "serve"
+    serve.write_text(f"#!{sys.executable}\n" + (
+        "import os, time\n"
+        "time.sleep(1.0)\n"
+        "zombies = 0\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        state, ppid = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[:2]\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    zombies += state == 'Z' and int(ppid) == os.getpid()\n"
+        "print('zombies', zombies)\n"))
+    python.chmod(0o755)
+    serve.chmod(0o755)
+    done = subprocess.run(["make", "-s", "-C", root, "serve", f"VENV={venv}"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "zombies 0"
