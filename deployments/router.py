@@ -163,7 +163,8 @@ class _Request:
     decoded_at_failure: int = -1  # its tokens of decode steps at the last of them
     prefill_sampled: int = 0  # Sequence.num_prefill_sampled of the meshes it left
     isolated: bool = False  # its next decode step runs alone (Sequence.isolated), wherever it goes
-    num_tokens_preempted: int = -1  # Sequence.num_tokens_preempted of the mesh it left: a token is still due first
+    num_tokens_preempted: int = -1  # Sequence.num_tokens_preempted of the mesh it left: while the request is that
+    # long, its recompute's token is still due (the scheduler protects it, and its seat needs _headroom's room)
     failed_alone: tuple[Mesh, int] | None = None  # the last mesh that failed computing it alone, and its works_done
     # the failed mesh it left, until it is placed on a mesh again: that mesh's requests_migrated counts it then, not
     # when it left (one held until no_mesh_wait_s ran out, or whose client left meanwhile, or no mesh took, never moved)
