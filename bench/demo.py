@@ -306,9 +306,16 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
     if settings.batch_size > GALAXY_SLOTS:
         raise SystemExit(f"a Galaxy decodes at most {GALAXY_SLOTS} users; --batch-size {settings.batch_size}")
     if args.backend == "simulated":
+        import torch
+
         from model.embedded import ensure_llama3_tokenizer
         from model.simulated import SimulatedBackend
 
+        # A Serve mesh of it has one torch thread for its host sampling (serve_config.simulated.yaml mesh_num_cpus 0.2:
+        # Ray sets OMP_NUM_THREADS to max(floor(num_cpus), 1), ray/_private/utils.py set_omp_num_threads_if_unset).
+        # With torch's default two on the 2-core box, every op over a 128k row waited for a thread the box's other
+        # work held: the log-probs preset stepped at 45-683 ms as the load went from 3 to 5.6, against ~30 on one.
+        torch.set_num_threads(1)
         tokenizer = load_tokenizer(model_dir or ensure_llama3_tokenizer())
         backend = SimulatedBackend(time_scale=args.time_scale, block_size=settings.block_size,
                                    num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len,

@@ -304,3 +304,18 @@ def test_the_demos_log_probs_key_asks_each_tokens_log_probability():
     settings = demo.resolve(demo.parse_args(["--batch_size", "2", "--sampling_params",
                                              '{"temperature": 0.5, "log_probs": [true, false]}']))
     assert [u.logprobs for u in demo.sampling(settings)] == [0, None]
+
+
+def test_the_simulated_mesh_samples_on_one_torch_thread_as_under_serve():
+    """A Serve mesh of the simulated backend gets OMP_NUM_THREADS=1 from Ray (mesh_num_cpus 0.2); the demo's host
+    sampling runs as it would there, not on torch's default of a thread per core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = demo.parse_args(["--backend", "simulated"])
+        demo.open_backend(args, demo.resolve(args))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
