@@ -33,6 +33,7 @@ from models.demos.llama3_70b_galaxy.tt.model_config import SDPA_CHUNK_ALIGN
 SUPPORT_SEQLENS = (4096, 2048, 1024, 128)
 
 MAX_BATCH = 32
+ROWS = 8  # the mesh rows, over which each column's chips split the vocabulary (LogProbsCalculator's TP axis)
 COLUMNS = 4  # prepare_prefill_inputs_host: `devices = 4`; user u lives on column u // 8
 USERS_PER_COLUMN = MAX_BATCH // COLUMNS
 
@@ -94,6 +95,21 @@ def _sampling_kind(params: SamplingParams) -> str:
     return "greedy" if argmax else "sampled"
 
 
+def device_log_probs(logits: torch.Tensor, tokens: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
+    """Each row's log-prob of its token as tt-metal's LogProbsCalculator computes it on the device (models/common/
+    sampling/tt_log_probs.py @023b5d02, calculate_log_probs): the logits in bfloat16, each of the 8 mesh rows' share
+    of the vocabulary reduced apart (its max, then its sum of exp(logit - global max)), the 8 combined, then
+    logit - global max - log(global sum), every op's result a bfloat16. bfloat16 [rows]. (The device's padding
+    columns past the vocabulary are left out: the double has no LM-head padding.)"""
+    x = logits.to(torch.bfloat16)
+    shards = x.split(padded_vocab_size // ROWS, dim=-1)
+    global_max = torch.stack([shard.max(-1).values for shard in shards]).max(0).values
+    sums = [(shard - global_max[:, None]).exp().float().sum(-1).to(torch.bfloat16) for shard in shards]
+    global_sum = torch.stack(sums).float().sum(0).to(torch.bfloat16)
+    picked = x.gather(1, tokens.view(-1, 1).long())[:, 0]
+    return (picked - global_max) - global_sum.log()
+
+
 def _column_store(kv_cache) -> torch.Tensor:
     """What each column's copy of the cache holds: token ids [columns, blocks, block_size] (0: never written)."""
     k = kv_cache[0][0]
@@ -113,7 +129,8 @@ class Generator:
         self.calls: list[tuple[str, dict]] = []
         self.compiled: set[tuple] = set()
         self.sampling_mode: str | None = None  # the sampling module's: "greedy" (argmax) or "sampled"
-        self.sampling_traces: set[str] = set()  # its captured traces, by mode
+        self.sampling_traces: set[str] = set()  # its captured traces: by mode, and whether log-probs are on
+        self.log_probs_enabled = [False] * MAX_BATCH  # LogProbsCalculator.logprobs_enabled: per user
         # decode_forward's input state (generator.py @00b0fa3f): what the decode trace's device inputs hold
         # after the last step (the sampled tokens, the positions one further), and what decides a reload
         self.device_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -121,10 +138,16 @@ class Generator:
         self.prev_sampling_on_device: bool | None = None
         self.decode_setup = False  # model.is_decode_setup: a prefill switches the model to prefill mode
         self.token_buffer = ttnn.DeviceBuffer(torch.zeros(MAX_BATCH, dtype=torch.int32))  # the trace's token input
+        # the LogProbsCalculator's output_tensor
+        self.log_probs_buffer = ttnn.DeviceBuffer(torch.ones(MAX_BATCH, dtype=torch.bfloat16))
 
-    def _reset_sampling(self, params: SamplingParams) -> bool:
+    def _reset_sampling(self, params: SamplingParams, slots: list[int] | None = None) -> bool:
         """SamplingGenerator.reset_sampling_params (models/common/sampling/generator.py @00b0fa3f): a change of
-        mode releases every captured sampling trace (reset_trace). Returns whether the mode changed."""
+        mode releases every captured sampling trace (reset_trace). The users' log-probs flags go to the
+        LogProbsCalculator (set_log_probs_mode, tt_log_probs.py @023b5d02): with `slots` (a prefill's empty_slots)
+        only theirs change. Returns whether the mode changed."""
+        for slot in range(MAX_BATCH) if slots is None else slots:
+            self.log_probs_enabled[slot] = bool(params.enable_log_probs[slot])
         mode = _sampling_kind(params)
         changed = self.sampling_mode is not None and mode != self.sampling_mode
         if changed:
@@ -209,7 +232,7 @@ class Generator:
         if sampling_params is not None:  # sampled untraced, after reset_sampling_params on the scattered rows
             scattered = _scatter_to_slots(format_sampling_params(sampling_params, MAX_BATCH), empty_slots)
             placed = _per_slot(scattered)
-            mode_changed = self._reset_sampling(scattered)
+            mode_changed = self._reset_sampling(scattered, empty_slots)
             compiled += self._compile(("prefill_out", "tokens"), ("sampling", _sampling_kind(scattered)))
         else:
             compiled += self._compile(("prefill_out", "logits"))
@@ -274,15 +297,22 @@ class Generator:
         if enable_trace:
             self._trace(self.trace_ids_decode, return_logits)
         keys = [("decode", "logits" if return_logits else "tokens")]
-        placed, mode_changed, captured = None, False, None
+        placed, mode_changed, captured, log_probs = None, False, None, None
         if sampling_params is not None:
             formatted = format_sampling_params(sampling_params, MAX_BATCH)
             placed = _per_slot(formatted) if loaded else None  # else the device keeps the parameters it had
             if loaded:
                 mode_changed = self._reset_sampling(formatted)
-            keys.append(("sampling", _sampling_kind(formatted)))
-            if enable_trace and self.sampling_mode not in self.sampling_traces:  # sample(): capture on first use
-                self.sampling_traces.add(captured := self.sampling_mode)
+            keys.append(("sampling", self.sampling_mode))
+            log_probs_on = any(self.log_probs_enabled)  # SamplingGenerator._log_probs_active: one trace per value
+            if log_probs_on and self.sampling_mode == "sampled":  # the argmax program computes none (tt_sampling.py)
+                keys.append(("log_probs",))
+                logits = torch.zeros(MAX_BATCH, self.model.vocab_size)
+                logits[torch.arange(MAX_BATCH), next_tokens] = 1.0
+                log_probs = device_log_probs(logits, next_tokens, self.model.args.padded_vocab_size)
+            trace = f"{self.sampling_mode} with log-probs" if log_probs_on else self.sampling_mode
+            if enable_trace and trace not in self.sampling_traces:  # sample(): capture on first use
+                self.sampling_traces.add(captured := trace)
         self.calls.append(("decode_forward", {
             "tokens": tokens, "start_pos": start_pos, "page_table": page_table, "enable_trace": enable_trace,
             "read_from_device": read_from_device, "reset_inputs": reset_inputs, "inputs_loaded": loaded,
@@ -294,13 +324,18 @@ class Generator:
             # (tt_tok, tt_log_probs) on the device. tt_tok is the decode trace's own token input
             # (sampling.sample(..., tt_out_tok=self.trace_inputs_decode[return_logits][0])): the next step reads it
             # and writes its own tokens over it, so a read must be enqueued before that step runs.
+            # tt_log_probs is the LogProbsCalculator's own output_tensor, likewise written over by the next step.
             self.token_buffer.value = next_tokens.to(torch.int32)
-            return self.token_buffer, None
+            if log_probs is None:
+                return self.token_buffer, None
+            self.log_probs_buffer.value = log_probs
+            return self.token_buffer, self.log_probs_buffer
         if return_logits:  # process_decode_output_host: logits [32, 1, vocab]
             logits = torch.zeros(MAX_BATCH, 1, self.model.vocab_size)
             logits[torch.arange(MAX_BATCH), 0, next_tokens] = 1.0
             return logits, torch.ones(MAX_BATCH, 1)
-        return next_tokens.to(torch.int32), torch.ones(MAX_BATCH)  # (tokens [32], log-probs [32])
+        # (tokens [32], log-probs [32]: bfloat16 as the device computed them, or ones where it computed none)
+        return next_tokens.to(torch.int32), torch.ones(MAX_BATCH) if log_probs is None else log_probs
 
     def read_decode_output(self, tt_out, async_read=True):
         """generator.py @00b0fa3f: async_read enqueues a non-blocking copy of the tokens (and log-probs) to the
@@ -310,8 +345,9 @@ class Generator:
         tt_tok, tt_log_probs = tt_out if isinstance(tt_out, tuple) else (tt_out, None)
         if not async_read:
             return tt_tok.cpu(), None if tt_log_probs is None else tt_log_probs.cpu()
-        event = ttnn.record_event(self.mesh_device, 0)
-        return (tt_tok.cpu(blocking=False, event=event), None), [event]
+        event = ttnn.record_event(self.mesh_device, 0)  # llama_model.py process_output_decode: both reads, one event
+        return (tt_tok.cpu(blocking=False, event=event),
+                None if tt_log_probs is None else tt_log_probs.cpu(blocking=False, event=event)), [event]
 
     def process_decode_output_host(self, tt_out, is_tokens=True):
         """generator.py @00b0fa3f: host tensors to torch: (tokens [32], log-probs [32]; ones when the device gave
