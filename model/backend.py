@@ -80,6 +80,11 @@ class DecodeOutput(ABC):
         """The step's token ids, int64 [num_slots] (inactive rows are padding), once the device has made them
         (blocks until then)."""
 
+    def logprobs(self) -> torch.Tensor:
+        """The step's sampled tokens' logprobs, float32 [num_slots], for the rows whose params ask logprobs 0 (others
+        are padding), once tokens() has returned. Only where caps.device_sampling has "logprobs"."""
+        raise NotImplementedError("this backend's device gives no logprobs")
+
 
 class Backend(ABC):
     """One mesh's model. Not thread-safe: the mesh replica drives it from one thread."""
@@ -100,6 +105,14 @@ class Backend(ABC):
         [num_slots, max_blocks_per_seq]; active: bool [num_slots] (inactive rows are padding and
         must not write the cache). Returns logits [num_slots, vocab], or (with `sampling`) token ids
         [num_slots]."""
+
+    def decode_logprobs(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+                        active: torch.Tensor, sampling: list[SamplingParams | None]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode with `sampling`, which also gives the sampled tokens' logprobs: (token ids [num_slots], float32
+        [num_slots], set for the rows whose params ask logprobs 0, padding elsewhere). Only where caps.device_sampling
+        has "logprobs"."""
+        raise NotImplementedError("this backend's device gives no logprobs")
 
     def prefill_prompt_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
                                 num_logprobs: int, targets: list[int]) -> tuple[PromptLogprobs | None, torch.Tensor]:
@@ -135,8 +148,10 @@ class Backend(ABC):
         does (format_sampling_params turns k < 1 into 32); sending the commonest request's 128k logits per
         slot to the host would cost more than the decode step (README, "Running on a Galaxy"). A backend that
         declares no device sampling never samples, not even with default parameters. (min_tokens is the
-        runner's: it masks stop ids on the host until they are generated.)"""
-        if not self.caps.device_sampling:
+        runner's: it masks stop ids on the host until they are generated.) A device that declares "logprobs" gives
+        the sampled token's alone (logprobs 0), as tt-metal's LogProbsCalculator (models/common/sampling/
+        tt_log_probs.py @023b5d02, calculate_log_probs: one value per user): top_logprobs need the host."""
+        if not self.caps.device_sampling or params.logprobs:
             return False
         limit = self.caps.max_device_top_k
         if limit is not None and params.top_k > limit:

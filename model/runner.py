@@ -153,7 +153,8 @@ class MeshRunner:
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
                 return result
-        on_device = state.sample_on_device and not scored
+        # A first token with its logprob is the host's: a backend's prefill gives the token alone (one row, once)
+        on_device = state.sample_on_device and not scored and params.logprobs is None
         out = last_logits if scored else self.backend.prefill(
             token_ids, chunk.start, chunk.block_ids, chunk.slot, sampling=params if on_device else None)
         if on_device:
@@ -207,10 +208,14 @@ class MeshRunner:
                 _, positions, _, active = self._decode_inputs(following, page_table, ahead=1)
                 started = following, self._start(following, output, positions, page_table, active)
             tokens = output.tokens().tolist()
+            values = output.logprobs().tolist() \
+                if any((st := self.slots.get(s)) is not None and st.params.logprobs is not None for s in live) else None
             for s in live:
                 state = self.slots.get(s)
                 if state is not None:  # not retired by the step before
-                    self._advance(s, state, tokens[s], None, result)
+                    lp = None if values is None or state.params.logprobs is None else \
+                        TokenLogprobs(tokens[s], values[s], [])
+                    self._advance(s, state, tokens[s], lp, result)
             previous = result
         if previous is not None:
             yield previous
@@ -257,13 +262,21 @@ class MeshRunner:
         sampled: list[int | None]
         logprobs: list[TokenLogprobs | None]
         if all(device):
-            every_slot = self.backend.decode(*args, sampling=sampling).tolist()
-            sampled, logprobs = [every_slot[s] for s in live], [None] * len(live)
+            if any(st.params.logprobs is not None for st in states):  # logprobs 0 (can_sample): the device's own
+                device_tokens, device_logprobs = self.backend.decode_logprobs(*args, sampling=sampling)
+                every_slot = device_tokens.tolist()
+                sampled = [every_slot[s] for s in live]
+                logprobs = _device_logprobs(live, states, sampled, device_logprobs)
+            else:
+                every_slot = self.backend.decode(*args, sampling=sampling).tolist()
+                sampled, logprobs = [every_slot[s] for s in live], [None] * len(live)
         elif not any(device):
             logits = self._beside_masks(states, lambda: self.backend.decode(*args))
             sampled, logprobs = self._host_sample(take_rows(logits, live), states)
         else:  # some slots need host logits (penalties, logprobs, min_tokens...): the others stay on the device
-            host = [i for i, on_device in enumerate(device) if not on_device]
+            # (decode_mixed gives tokens alone: a row asking logprobs 0 is sampled on the host from its logits too)
+            host = [i for i, (on_device, st) in enumerate(zip(device, states))
+                    if not on_device or st.params.logprobs is not None]
             device_tokens, logits = self._beside_masks(
                 states, lambda: self.backend.decode_mixed(*args, sampling=sampling, host_rows=[live[i] for i in host]))
             if device_tokens is None:  # this backend gave logits for every row: all are sampled here
@@ -477,6 +490,14 @@ class MeshRunner:
             self.slots.pop(slot, None)
         else:
             self.slots[slot] = state
+
+
+def _device_logprobs(live: list[int], states: list[SlotState], tokens: list[int], values: torch.Tensor
+                     ) -> list[TokenLogprobs | None]:
+    """The logprob the device gave with each row's token (values [num_slots]), for the rows that ask logprobs 0."""
+    row = values.float().tolist()
+    return [None if st.params.logprobs is None else TokenLogprobs(token, row[s], [])
+            for s, st, token in zip(live, states, tokens)]
 
 
 def _bad_word_index(words: tuple[tuple[int, ...], ...], width: int

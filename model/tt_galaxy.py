@@ -24,6 +24,7 @@ the cache, so block ids mean a different memory in each group and page-table row
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import inspect
@@ -51,6 +52,9 @@ _GREEDY = SamplingParams(temperature=0.0)  # for rows without a request
 # A non-greedy row: the device runs another sampling program for it than for an all-argmax batch
 # (warmup_utils.py warms temperature 1.0, top-k 10, top-p 0.9 likewise).
 _SAMPLED = SamplingParams(temperature=1.0, top_k=10, top_p=0.9)
+# A row asking its token's logprob: the sampler runs the LogProbsCalculator too, in a trace of its own
+# (SamplingGenerator's trace key has log_probs_on, models/common/sampling/generator.py @00b0fa3f)
+_LOG_PROBS = SamplingParams(temperature=1.0, top_k=10, top_p=0.9, logprobs=0)
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 # The ttnn of the checkout whose models/ run here, not a PyPI wheel of another commit (README, Running on a Galaxy)
 _TTNN_HINT = ("the TT Galaxy backend needs the ttnn built from the tt-metal checkout it runs: pip install -e '.[tt]' "
@@ -93,7 +97,7 @@ class TTGalaxyBackend(Backend):
             self.caps = Capabilities(num_slots=NUM_SLOTS, block_size=block_size, num_blocks=num_blocks,
                                      max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=args.vocab_size,
                                      eos_token_ids=LLAMA3_EOS, kv_groups=KV_GROUPS,
-                                     device_sampling=DEVICE_SAMPLING if config.sample_on_device_mode else frozenset(),
+                                     device_sampling=_device_sampling(config),
                                      max_device_top_k=DEVICE_MAX_TOP_K,
                                      async_decode=config.overlap_decode and config.sample_on_device_mode is not None
                                      and _reads_async(self.generator),
@@ -123,9 +127,23 @@ class TTGalaxyBackend(Backend):
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
         device_table, positions = _device_rows(page_table, positions, active)
-        out = self._decode(tokens, positions, device_table,
-                           None if sampling is None else [p or _GREEDY for p in sampling])
+        out, _ = self._decode(tokens, positions, device_table,
+                              None if sampling is None else [p or _GREEDY for p in sampling])
         return out.to(torch.long) if sampling is not None else out[:, -1].float()
+
+    def decode_logprobs(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+                        active: torch.Tensor, sampling: list[SamplingParams | None]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode, and the log-probs the device computed beside the tokens: decode_forward returns
+        process_decode_output_host's (tokens, log-probs) (generator.py @00b0fa3f), the log-probs those of tt-metal's
+        LogProbsCalculator (models/common/sampling/tt_log_probs.py @023b5d02): log_softmax of the raw logits at the
+        sampled token, computed in bfloat16 (logit - global max - log(sum of exp)), so bfloat16-precise, as
+        text_demo.py's batch-32-log-probs reports them."""
+        device_table, positions = _device_rows(page_table, positions, active)
+        out, log_probs = self._decode(tokens, positions, device_table, [p or _GREEDY for p in sampling])
+        if log_probs is None:
+            raise RuntimeError("this tt-metal checkout's decode_forward returned no log-probs")
+        return out.to(torch.long), log_probs.view(-1)[:NUM_SLOTS].float()
 
     def decode_async(self, tokens: torch.Tensor | DecodeOutput, positions: torch.Tensor, page_table: torch.Tensor,
                      active: torch.Tensor, sampling: list[SamplingParams | None]) -> DecodeOutput:
@@ -172,12 +190,13 @@ class TTGalaxyBackend(Backend):
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, device_table: torch.Tensor,
                 sampling: list[SamplingParams] | None, read_from_device: bool = True, reset_inputs: bool = True):
-        """One step of all 32 slots on device block ids; returns tokens [32] or logits [32, 1, vocab].
+        """One step of all 32 slots on device block ids.
         reset_inputs=True every step: decode_forward (generator.py @00b0fa3f) otherwise loads tokens, positions
         and sampling parameters only when the page table changed, and replays its trace on the device's own
         (the tokens it sampled, positions + 1). tenstorrent/vllm's runner (tt_model_runner.py @007ec40d) passes
         no reset_inputs and relies on that; here a slot retires at EOS with its page-table row unchanged, and
-        host-sampled rows feed tokens the device did not pick. (decode_async chains steps where that holds.)"""
+        host-sampled rows feed tokens the device did not pick. (decode_async chains steps where that holds.)
+        Read from the device: (tokens [32] or logits [32, 1, vocab], the device's log-probs [32] or None)."""
         self._last_step = None
         if sampling is not None:
             self._device_argmax = all(_argmax(p) for p in sampling)
@@ -193,7 +212,7 @@ class TTGalaxyBackend(Backend):
         )
         if not read_from_device:
             return out  # (tokens, log-probs) on the device, as read_decode_output takes them
-        return out[0] if isinstance(out, tuple) else out  # newer generators also return log-probs
+        return out if isinstance(out, tuple) else (out, None)  # older generators return no log-probs
 
     def warmup(self) -> None:
         """Compile and capture, before any request, every program serving will run: each prefill length
@@ -211,7 +230,8 @@ class TTGalaxyBackend(Backend):
     def _warmup_plan(self) -> list[tuple[str, Callable[[], object]]]:
         caps, mode = self.caps, self.config.sample_on_device_mode
         prefill_outputs = [None] + ([_GREEDY, _SAMPLED] if mode == "all" else [])
-        decode_outputs = [None] + ([_GREEDY, _SAMPLED] if mode else [])
+        decode_outputs = [None] + ([_GREEDY, _SAMPLED] if mode else []) + \
+            ([_LOG_PROBS] if "logprobs" in caps.device_sampling else [])
 
         def prefill(new: int, start: int, sampling: SamplingParams | None):
             blocks = -(-(start + new) // caps.block_size)
@@ -267,15 +287,25 @@ class _TTDecodeOutput(DecodeOutput):
         self._backend, self._host, self._events = backend, host, events
         self.device_table, self.positions, self.params = device_table, positions, params
         self._tokens: torch.Tensor | None = None
+        self._log_probs: torch.Tensor | None = None
 
     def tokens(self) -> torch.Tensor:
         if self._tokens is None:  # as tenstorrent/vllm's runner reads (tt_model_runner.py @00d852e2)
             for event in self._events:
                 self._backend.ttnn.event_synchronize(event)
-            tokens, _ = self._backend.generator.process_decode_output_host(self._host, is_tokens=True)
+            read_log_probs = self._host[1] is not None  # else process_decode_output_host fills in ones
+            tokens, log_probs = self._backend.generator.process_decode_output_host(self._host, is_tokens=True)
             self._tokens = tokens.view(-1)[:NUM_SLOTS].to(torch.long)
+            self._log_probs = log_probs.view(-1)[:NUM_SLOTS].float() if read_log_probs else None
             self._host = self._events = None
         return self._tokens
+
+    def logprobs(self) -> torch.Tensor:
+        """The log-probs read with the tokens (process_decode_output_host; TTGalaxyBackend.decode_logprobs)."""
+        self.tokens()
+        if self._log_probs is None:
+            raise RuntimeError("this tt-metal checkout's decode_forward returned no log-probs")
+        return self._log_probs
 
 
 def _device_rows(page_table: torch.Tensor, positions: torch.Tensor, active: torch.Tensor
@@ -321,6 +351,19 @@ def prefill_start(start: int, end: int, device_tokens: int) -> int:
     return begin
 
 
+def _device_sampling(config: TTMeshConfig) -> frozenset[str]:
+    """The SamplingParams fields the device applies. "logprobs" (the sampled token's alone: Backend.can_sample)
+    where the checkout's sampler computes them: its SamplingParams has enable_log_probs, which decode_forward hands
+    to TTSampling.reset_params and its LogProbsCalculator (models/common/sampling/generator.py @00b0fa3f
+    reset_sampling_params), and decode_forward returns them beside the tokens."""
+    if not config.sample_on_device_mode:
+        return frozenset()
+    from models.demos.llama3_70b_galaxy.tt.generator import SamplingParams as TTSamplingParams
+
+    logprobs = "enable_log_probs" in {f.name for f in dataclasses.fields(TTSamplingParams)}
+    return DEVICE_SAMPLING | {"logprobs"} if logprobs else DEVICE_SAMPLING
+
+
 def _argmax(p: SamplingParams) -> bool:
     """Whether tt-metal samples this row by argmax: TTSampling._is_force_argmax_sampling (models/common/sampling/
     tt_sampling.py @00b0fa3f) takes a batch whose rows all have top-k 1, top-p 0 or 1 and temperature 1 (greedy
@@ -329,8 +372,10 @@ def _argmax(p: SamplingParams) -> bool:
     prefill the device samples sets the mode for its own request (the other rows are padding, argmax). So a
     greedy request's first token is the host's argmax when the running batch is sampled: sampled on the device,
     it would cost two mode changes and a capture. (A sampled request joining an argmax batch changes the mode
-    once wherever its first token is taken.)"""
-    return p.greedy or (p.top_k == 1 and p.temperature == 1.0 and p.top_p in (0.0, 1.0))
+    once wherever its first token is taken.) A row asking its logprob is not: the argmax program computes no
+    log-probs (TTSampling.forward: "Argmax fast-path does not compute logprobs", tt_sampling.py @0365bf78), so
+    such a row keeps the batch on the sampling program, where top-k 1 draws the same top token (_tt_sampling)."""
+    return (p.greedy or (p.top_k == 1 and p.temperature == 1.0 and p.top_p in (0.0, 1.0))) and p.logprobs is None
 
 
 def _tt_sampling(rows: list[SamplingParams]):
@@ -343,10 +388,15 @@ def _tt_sampling(rows: list[SamplingParams]):
     # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means. A greedy row
     # goes with top_p 1.0: older format_sampling_params keep a greedy row's top_p (newer ones set 0.0), and
     # _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1 (see _argmax).
+    # A greedy row asking its logprob goes with top_p float32's smallest normal, off the argmax program (see _argmax):
+    # top-k 1 keeps its top token alone. enable_log_probs only where the checkout has it (_device_sampling).
+    log_probs = {"enable_log_probs": [p.logprobs is not None for p in rows]} \
+        if any(p.logprobs is not None for p in rows) else {}
     return TTSamplingParams(temperature=[p.temperature for p in rows],  # 0.0 (greedy): the device's argmax
                             top_k=[p.top_k for p in rows],
-                            top_p=[1.0 if p.greedy else max(p.top_p, _TINY) for p in rows],
-                            seed=[p.seed for p in rows])
+                            top_p=[_TINY if p.greedy and p.logprobs is not None else 1.0 if p.greedy
+                                   else max(p.top_p, _TINY) for p in rows],
+                            seed=[p.seed for p in rows], **log_probs)
 
 
 def _import_ttnn():

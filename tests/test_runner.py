@@ -284,6 +284,41 @@ def test_a_request_the_device_cannot_sample_takes_host_logits_for_its_own_slot_o
     assert all(1 in r.logprobs for r in results[1:2] + results[3:])
 
 
+class LogprobsBackend(MixedBackend):
+    """MixedBackend whose device also gives each sampled token's logprob (DEVICE_LOGPROB), as tt-metal's does."""
+
+    DEVICE_LOGPROB = -0.25
+
+    def __init__(self):
+        super().__init__()
+        self.caps = Capabilities(**{**self.caps.__dict__, "device_sampling": self.caps.device_sampling | {"logprobs"}})
+
+    def decode_logprobs(self, tokens, positions, page_table, active, sampling):
+        return self.decode(tokens, positions, page_table, active, sampling), torch.full((4,), self.DEVICE_LOGPROB)
+
+
+def test_the_device_gives_a_logprobs_0_rows_logprob_and_the_host_where_it_samples_the_row():
+    """The first token (the prefill gives a token alone) and a step where a neighbour needs logits (decode_mixed gives
+    tokens alone) are the host's, from the row's logits; a step the device samples whole reports the device's."""
+    backend = LogprobsBackend()
+    assert backend.can_sample(greedy(logprobs=0)) and not backend.can_sample(greedy(logprobs=1))
+    runner = MeshRunner(backend)
+    host = float(CountingBackend()._logits(0, 0).log_softmax(-1).max())
+    chunk = PrefillChunk("lp", 0, [3], 0, [0], greedy(max_tokens=3, logprobs=0), 1)
+    results = run(runner, MeshWork(0, [chunk], decode_round([0], steps=2)))
+    assert backend.sampled_on_device == [[], [0], [0]]
+    assert [(r.logprobs[0].logprob, r.logprobs[0].top) for r in results] == \
+        [(pytest.approx(host), []), (LogprobsBackend.DEVICE_LOGPROB, []), (LogprobsBackend.DEVICE_LOGPROB, [])]
+    assert [r.logprobs[0].token_id for r in results] == [r.tokens[0] for r in results] == expected_tokens([3], 3)
+
+    backend = LogprobsBackend()
+    runner = MeshRunner(backend)
+    chunks = [chunk, PrefillChunk("penalised", 1, [5], 0, [1], greedy(presence_penalty=0.5, max_tokens=3), 1)]
+    results = run(runner, MeshWork(0, chunks, decode_round([0, 1], steps=2)))
+    assert [r.logprobs[0].logprob for r in results if 0 in r.logprobs] == [pytest.approx(host)] * 3
+    assert [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN] == expected_tokens([3], 3)
+
+
 def test_min_tokens_is_sampled_on_the_host_until_met_then_on_the_device():
     backend = MixedBackend()
     runner = MeshRunner(backend)

@@ -425,7 +425,8 @@ def test_warmup_at_load_covers_every_bucket_prefix_and_sampling_variant(backend)
     assert [(p.temperature, p.top_k, p.top_p) for p in sampled] == [([0.0], [0], [1.0]), ([1.0], [10], [0.9])]
     decodes = gen_calls(backend, "decode_forward")
     assert [None if c["sampling_params"] is None else c["sampling_params"].temperature[0] for c in decodes] == \
-        [None, 0.0, 1.0]
+        [None, 0.0, 1.0, 1.0]
+    assert decodes[3]["sampling_params"].enable_log_probs == [True] * 32  # the sampler's log-probs trace
     assert all(c["enable_trace"] for c in prefills + decodes)
     # Warm-up writes only device block 0, which no caller owns.
     assert {b for c in prefills for _, row in c["written_blocks"] for b in row} == {0}
@@ -460,11 +461,11 @@ def test_without_warmup_the_first_requests_compile(ttnn, hf_dir):
 def test_warmup_shows_a_progress_bar(ttnn, hf_dir, capfd):
     TTGalaxyBackend(hf_dir, max_seq_len=4096).close()
     err = capfd.readouterr().err
-    assert "TT warm-up" in err and "100%" in err and "12/12" in err  # 4 + 3 after a prefix + 2 prefill + 3 decode
+    assert "TT warm-up" in err and "100%" in err and "13/13" in err  # 4 + 3 after a prefix + 2 prefill + 4 decode
 
 
 @pytest.mark.parametrize("mode, prefill_sampling, decode_sampling", [
-    ("all", 2, 2), ("decode_only", 0, 2), (None, 0, 0)])
+    ("all", 2, 3), ("decode_only", 0, 3), (None, 0, 0)])
 def test_warmup_variants_follow_sample_on_device_mode(ttnn, hf_dir, mode, prefill_sampling, decode_sampling):
     b = TTGalaxyBackend(hf_dir, max_seq_len=4096, tt_config={"sample_on_device_mode": mode})
     assert sum(c["sampling_params"] is not None for c in gen_calls(b, "prefill_forward_text")) == prefill_sampling
@@ -1008,3 +1009,136 @@ def test_the_demo_runs_a_preset_on_the_galaxy_backend(ttnn, hf_dir, tmp_path_fac
     rep = json.loads(capsys.readouterr().out)
     assert rep["settings"]["max_seq_len"] == 131072 and rep["output_tokens"] == 6
     assert [u["finish_reason"] for u in rep["batches"][0]["users"]] == ["length", "length"]
+
+
+# --- log-probs on the device ----------------------------------------------------------------------------
+
+LOGPROBS = SamplingParams(temperature=0.6, top_k=20, top_p=0.9, logprobs=0)
+
+
+def host_logprob(vocab: int = 128256) -> float:
+    """The double's logits row (1.0 at the next token, 0 elsewhere): the host's float32 log_softmax at its token."""
+    row = torch.zeros(vocab)
+    row[5] = 1.0
+    return float(row.log_softmax(-1)[5])
+
+
+def test_the_device_gives_the_sampled_tokens_logprob_not_top_logprobs(backend):
+    """tt-metal's LogProbsCalculator computes the sampled token's log-prob on the device (one value per user,
+    tt_log_probs.py @023b5d02): logprobs 0 stays on the device; top_logprobs need the host's rows."""
+    assert "logprobs" in backend.caps.device_sampling
+    assert backend.can_sample(LOGPROBS) and backend.can_sample(SamplingParams(temperature=0.0, logprobs=0))
+    assert not backend.can_sample(SamplingParams(temperature=0.6, logprobs=1))
+    assert not backend.can_sample(SamplingParams(temperature=0.6, logprobs=0, seed=1))
+
+
+def test_a_checkout_whose_sampler_has_no_log_probs_sends_them_to_the_host(ttnn, hf_dir, monkeypatch):
+    import dataclasses
+
+    from models.demos.llama3_70b_galaxy.tt import generator
+
+    older = dataclasses.make_dataclass("SamplingParams", ["temperature", "top_k", "top_p", ("seed", object, None)],
+                                       frozen=True)
+    monkeypatch.setattr(generator, "SamplingParams", older)
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    assert "logprobs" not in b.caps.device_sampling and not b.can_sample(LOGPROBS) and b.can_sample(GREEDY)
+    b.close()
+
+
+def test_decode_returns_the_devices_bfloat16_log_probs_beside_its_tokens(backend):
+    from models.demos.llama3_70b_galaxy.tt.generator import device_log_probs
+    a, b = list(range(5, 40)), list(range(100, 180))
+    tokens, positions, active = decode_inputs([3, 17], [len(a) - 1, len(b) - 1])
+    tokens[3], tokens[17] = a[-1], b[-1]
+    table = empty_table(backend)
+    table[3, 0], table[17, 0], table[17, 1] = 4, 6, 7
+    backend.prefill(a, 0, [4], slot=3)
+    backend.prefill(b, 0, [6, 7], slot=17)
+    sampling = [None] * 32
+    sampling[3], sampling[17] = LOGPROBS, SamplingParams(temperature=0.8)
+    got, log_probs = backend.decode_logprobs(tokens, positions, table, active, sampling)
+    call = last_call(backend, "decode_forward")
+    assert call["sampling_params"].enable_log_probs[:18] == [False] * 3 + [True] + [False] * 14
+    assert got[[3, 17]].tolist() == [expected_next(a), expected_next(b)]
+    logits = torch.zeros(32, 128256)
+    logits[torch.arange(32), got] = 1.0
+    assert log_probs.dtype == torch.float32
+    assert torch.equal(log_probs, device_log_probs(logits, got, 128 * 1024).float())
+    assert log_probs[3] != 1.0 and abs(float(log_probs[3]) - host_logprob()) <= 2 ** -8 * abs(host_logprob())
+
+
+def test_a_greedy_request_asking_its_logprob_keeps_the_device_off_its_argmax_program(backend):
+    """tt-metal's argmax program computes no log-probs (the generator then returns ones): such a row goes with
+    top-k 1 and the smallest top_p, the sampling program's argmax, which computes them."""
+    tokens, positions, active = decode_inputs([1], [40])
+    greedy = SamplingParams(temperature=0.0, logprobs=0)
+    got, log_probs = backend.decode_logprobs(tokens, positions, empty_table(backend), active, [greedy] * 32)
+    call = last_call(backend, "decode_forward")
+    assert call["slot_params"][1]["top_k"] == 1 and backend.generator.sampling_mode == "sampled"
+    assert abs(float(log_probs[1]) - host_logprob()) <= 2 ** -8 * abs(host_logprob())
+    assert int(got[1]) == expected_next([0] * 40 + [int(tokens[1])])
+
+
+def test_after_warmup_a_logprobs_request_compiles_nothing(backend):
+    n = len(backend.generator.calls)
+    tokens, positions, active = decode_inputs([1, 2], [40, 60])
+    for rows in ([LOGPROBS] * 32, [SamplingParams(temperature=0.0, logprobs=0)] + [GREEDY] * 31):
+        backend.decode_logprobs(tokens, positions, empty_table(backend), active, rows)
+    assert [c["compiled"] for _, c in backend.generator.calls[n:]] == [[]] * 2
+
+
+def serve_logprobs(hf_dir, async_decode: bool) -> tuple[list, list, int]:
+    """MeshRunner over the backend: two slots asking logprobs 0 (one greedy) beside one that does not, over one
+    work of four steps. Returns (each step's tokens, each step's logprobs by slot, decode steps that brought
+    logits to the host)."""
+    import dataclasses
+
+    import numpy as np
+
+    from model.runner import MeshRunner
+    from scheduler.work import DecodeRound, MeshWork, PrefillChunk
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    b.caps = dataclasses.replace(b.caps, async_decode=async_decode)
+    runner = MeshRunner(b)
+    table = np.zeros((32, 4), dtype=np.int32)
+    prefills = []
+    for slot, params in ((0, SamplingParams(temperature=0.0, logprobs=0, max_tokens=8)),
+                         (9, SamplingParams(temperature=0.6, top_p=0.9, logprobs=0, max_tokens=8)),
+                         (20, SamplingParams(temperature=0.6, max_tokens=8))):
+        blocks = [slot * 4 + i for i in range(4)]
+        table[slot] = blocks
+        prompt = list(range(slot + 1, slot + 50))
+        prefills.append(PrefillChunk(f"r{slot}", slot, prompt, 0, blocks, params, len(prompt)))
+    results = list(runner.execute(MeshWork(0, prefills, DecodeRound(4, [0, 9, 20], table))))
+    logits = sum(c["sampling_params"] is None for c in gen_calls(b, "decode_forward"))
+    b.close()
+    return ([list(r.tokens) for r in results],
+            [{s: (lp.token_id, lp.logprob, lp.top) for s, lp in r.logprobs.items()} for r in results], logits)
+
+
+@pytest.mark.parametrize("async_decode", [False, True])
+def test_a_logprobs_user_decodes_on_the_device_and_gets_the_devices_logprob(ttnn, hf_dir, async_decode):
+    """The demo's batch-32-log-probs on the Galaxy: before, a user asking logprobs brought every row's 128k logits
+    to the host each step. Now every decode step samples on the device and the logprob is the device's
+    (bfloat16-precise); the first token, from the prefill, is the host's."""
+    tokens, logprobs, host_steps = serve_logprobs(hf_dir, async_decode)
+    assert host_steps == 0
+    assert [sorted(step) for step in logprobs] == [[0], [9], []] + [[0, 9]] * 4  # 3 prefills, then 4 decode steps
+    host = host_logprob()
+    first = logprobs[0][0]
+    assert first[1] == pytest.approx(host, rel=1e-6) and first[2] == []  # the prefill's: float32, on the host
+    for i, step in enumerate(logprobs[3:], 3):
+        for slot, (token, lp, top) in step.items():
+            assert token == tokens[i][slot] and top == []
+            assert lp != host and lp == pytest.approx(host, rel=2 ** -8)
+
+
+def test_the_doubles_log_probs_are_log_softmax_to_bfloat16_precision(ttnn):
+    """The double's device_log_probs (LogProbsCalculator's steps in bfloat16) against float64 log_softmax."""
+    from models.demos.llama3_70b_galaxy.tt.generator import device_log_probs
+    logits = torch.randn(32, 128256, generator=torch.Generator().manual_seed(0)) * 3
+    tokens = logits.topk(32, dim=-1).indices[torch.arange(32), torch.arange(32)]  # each row's (r+1)-th likeliest
+    got = device_log_probs(logits, tokens, 128 * 1024)
+    exact = logits.double().log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    assert got.dtype == torch.bfloat16 and not torch.equal(got.double(), exact)
+    assert torch.allclose(got.double(), exact, rtol=2 ** -6, atol=0.05)
