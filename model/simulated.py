@@ -128,14 +128,16 @@ class SimulatedBackend(Backend):
     """`time_scale` multiplies every sleep (0.1 runs ten times faster than the Galaxy). `device_seconds`
     totals the simulated device time. `eos_rate` makes that fraction of tokens an EOS (default: never).
 
-    It samples every field itself except `logprobs`, `logit_bias`, `allowed_token_ids`, bad words and `grammar`:
+    It samples every field itself except `top_logprobs`, `logit_bias`, `allowed_token_ids`, bad words and `grammar`:
     those take the logits path,
     which returns one-hot-like logits [*, vocab] (the chosen token at 0, the rest at -1e4 and below, lower for
     higher ids; ~16 MB per decode step at the Llama 3 vocab, a few ms), so host sampling picks the same token
     whatever its parameters, unless a mask rules it out (allowed_token_ids, a bad word, a grammar: then the best
     token left, the lowest allowed id). A logit_bias, at most 100 either way, never bridges the 1e4 below the
     chosen token: on this backend -100 bans nothing and +100 forces nothing (the real backends' logits are spread
-    over tens, not thousands).
+    over tens, not thousands). A request asking its sampled token's logprob alone (logprobs 0) stays on the
+    device, as on tt-metal's Galaxy (TTGalaxyBackend.decode_logprobs): 0.0, its one-hot row's log_softmax at the
+    token (exp of -1e4 is 0 in float32), the value the host computes from that row.
     """
 
     def __init__(self, *, time_scale: float = 1.0, num_slots: int = NUM_SLOTS, block_size: int = BLOCK_SIZE,
@@ -156,8 +158,8 @@ class SimulatedBackend(Backend):
         self.caps = Capabilities(num_slots=num_slots, block_size=block_size, num_blocks=num_blocks,
                                  max_seq_len=max_seq_len, prefix_align=PREFIX_ALIGN, vocab_size=vocab_size,
                                  eos_token_ids=tuple(eos_token_ids), kv_groups=kv_groups,
-                                 device_sampling=SAMPLING_FIELDS - {"logprobs", "logit_bias", "grammar",
-                                                                    "allowed_token_ids", "bad_words_token_ids"},
+                                 device_sampling=SAMPLING_FIELDS - {"logit_bias", "grammar", "allowed_token_ids",
+                                                                    "bad_words_token_ids"},
                                  decode_step_s=timing.slowest_step_seconds(
                                      max_seq_len, kv_groups * num_blocks * block_size, num_slots) * time_scale,
                                  prefill_token_s=timing.ttft(max_seq_len) / max_seq_len * time_scale,
@@ -224,6 +226,13 @@ class SimulatedBackend(Backend):
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
         next_tokens = self._step(tokens, positions, page_table, active)
         return torch.from_numpy(next_tokens) if sampling is not None else self._one_hot(next_tokens)
+
+    def decode_logprobs(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
+                        active: torch.Tensor, sampling: list[SamplingParams | None]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode with sampling, and each token's logprob: 0.0 (the class docstring)."""
+        next_tokens = self.decode(tokens, positions, page_table, active, sampling)
+        return next_tokens, torch.zeros(len(next_tokens), dtype=torch.float32)
 
     def decode_mixed(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                      active: torch.Tensor, sampling: list[SamplingParams | None], host_rows: list[int]
@@ -337,6 +346,10 @@ class _SimulatedOutput(DecodeOutput):
         if wait > 0:
             time.sleep(wait)
         return torch.from_numpy(self.on_device)
+
+    def logprobs(self) -> torch.Tensor:
+        """Each token's logprob: 0.0 (SimulatedBackend's docstring)."""
+        return torch.zeros(len(self.tokens()), dtype=torch.float32)
 
 
 _SPLITMIX = tuple(np.uint64(c) for c in (30, 0xBF58476D1CE4E5B9, 27, 0x94D049BB133111EB, 31))

@@ -221,6 +221,38 @@ def test_logprobs_need_host_logits_everything_else_samples_on_device():
     assert not backend.can_sample(SamplingParams(allowed_token_ids=[5, 6]))  # the device sampler cannot mask
 
 
+def test_a_logprobs_0_request_stays_on_the_device_with_the_value_the_host_gives():
+    """The sampled token's own logprob (logprobs 0: tt-metal's batch-32-log-probs preset) is the device's, as on a
+    Galaxy (TTGalaxyBackend.decode_logprobs): 0.0, what the host computes from the step's one-hot row. Before, each
+    decode step of its batch came back as every row's 128k logits and was sampled on the host (~30 ms a step)."""
+    from model.runner import MeshRunner
+    from model.sampler import finite_logprobs
+    from scheduler.work import DecodeRound, MeshWork, PrefillChunk
+
+    class Watching(SimulatedBackend):
+        logits_rows = 0
+
+        def _one_hot(self, tokens):
+            Watching.logits_rows += len(np.atleast_1d(tokens))
+            return super()._one_hot(tokens)
+
+    backend = Watching(time_scale=FAST, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024)
+    assert backend.can_sample(SamplingParams(logprobs=0)) and not backend.can_sample(SamplingParams(logprobs=1))
+    params = [SamplingParams(temperature=0.7, seed=1, max_tokens=6, logprobs=0, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
+    table = np.zeros((2, 16), dtype=np.int32)
+    table[1, 0] = 1
+    runner = MeshRunner(backend)
+    chunks = [PrefillChunk(f"r{slot}", slot, [7] * 10, 0, [slot], params[slot], 10) for slot in (0, 1)]
+    results = list(runner.execute(MeshWork(0, chunks, DecodeRound(5, [0, 1], table))))
+    first = Watching.logits_rows  # the prefill's row: a prefill gives a token alone, so the first logprob is the host's
+    decoded = [r.logprobs[0] for r in results[1:] if 0 in r.logprobs]
+    assert len(decoded) == 5 and Watching.logits_rows == first <= 2
+    rows = backend._one_hot(np.array([lp.token_id for lp in decoded]))
+    assert [lp.logprob for lp in decoded] == [float(finite_logprobs(row)[lp.token_id]) for row, lp in zip(rows, decoded)]
+    assert all(lp.top == [] for lp in decoded)
+
+
 def test_no_eos_unless_configured():
     prompt = list(range(20))
     plain = generate(SimulatedBackend(time_scale=FAST), prompt, [0, 1], slot=0, steps=100)
