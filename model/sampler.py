@@ -208,7 +208,9 @@ def _at_or_above_kth(row: np.ndarray, k: int) -> np.ndarray | None:
     if len(row) < NUCLEUS_STRIDE * k or np.isnan(row.max()):
         return None
     sample = row[::NUCLEUS_STRIDE]
-    rank = max(2 * k // NUCLEUS_STRIDE, 8)
+    # at most the sample's length: a row of 16-48 logits at k <= 3 samples 1-3 (np.partition's kth out of bounds,
+    # where 4-7 wrapped round as a negative kth); any rank finds the same ids, a lower one only narrows less
+    rank = min(max(2 * k // NUCLEUS_STRIDE, 8), len(sample))
     threshold = np.partition(sample, len(sample) - rank)[len(sample) - rank]
     ids = np.flatnonzero(row >= threshold) if threshold > -np.inf else np.empty(0, np.int64)
     if len(ids) < k:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from hypothesis import given, settings, strategies as st
 
-from model.sampler import NUCLEUS_STRIDE, _kept, finite_logprobs, sample_row
+from model.sampler import NUCLEUS_STRIDE, _kept, finite_logprobs, sample_batch, sample_row
 from scheduler.sampling import SamplingParams
 from tests.test_nucleus_search import _kept_before, rows
 
@@ -83,3 +83,15 @@ def test_logprobs_0_floors_the_tokens_logprob_alone(monkeypatch):
     token, lp = sample_row(_one_hot(4321), SamplingParams(temperature=0.5, top_k=8, logprobs=0), 3)
     assert token == 4321 and lp.logprob == 0.0 and lp.top == []
     assert floored == [1]
+
+
+def test_a_tiny_vocabularys_top_k_row_is_sampled():
+    """A row of 16-48 logits at top_k 1-3 samples 1-3 logits for _at_or_above_kth's threshold, fewer than its rank
+    of 8: np.partition raised (kth out of bounds), where topk had kept the k likeliest."""
+    for vocab, top_k in ((16, 1), (40, 2), (48, 3)):
+        row = torch.arange(vocab, dtype=torch.float32)
+        assert torch.equal(_kept(row, top_k, 1.0)[0], _kept_before(row, top_k, 1.0)[0])
+        token, lp = sample_row(row, SamplingParams(temperature=0.01, top_k=top_k, logprobs=0, seed=1), 0)
+        assert token >= vocab - top_k and lp.token_id == token
+        tokens, _ = sample_batch(row[None].repeat(2, 1), [SamplingParams(temperature=0.01, top_k=top_k)] * 2, [0, 1])
+        assert all(t >= vocab - top_k for t in tokens)
