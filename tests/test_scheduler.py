@@ -468,6 +468,20 @@ def test_constructor_checks_alignment():
         MeshScheduler(num_blocks=16, block_size=4, prefix_align=8, prefill_chunk=16, max_prefill_tokens=4)
 
 
+def _turn(sched, mesh, work, pending: deque, events) -> bool:
+    """One turn of the router's loop with works in flight: send `work`, or else take the oldest work's results
+    (their events into `events`). False once neither is left."""
+    if work is not None:
+        pending.append(mesh.execute(work))
+    elif pending:
+        for result in pending.popleft():
+            for event in sched.process(result):
+                events[event.request_id].append(event)
+    else:
+        return False
+    return True
+
+
 def _pipelined(sched, mesh, answers):
     """Run `answers` ({id: (prompt, max_tokens)}, ignore_eos) as the router drives a mesh: works planned until
     max_inflight are out, then the oldest one's results. Returns each one's length at each of its preemptions."""
@@ -480,13 +494,7 @@ def _pipelined(sched, mesh, answers):
         for seq in running:
             if seq.status is Status.PREEMPTED:
                 preempted_at[seq.request_id].append(len(seq.token_ids))
-        if work is not None:
-            pending.append(mesh.execute(work))
-        elif pending:
-            for result in pending.popleft():
-                for event in sched.process(result):
-                    events[event.request_id].append(event)
-        else:
+        if not _turn(sched, mesh, work, pending, events):
             break
     assert not sched.requests
     for rid, (prompt, max_tokens) in answers.items():
@@ -536,12 +544,7 @@ def test_a_long_recompute_is_re_seated_with_room_for_its_groups_growth_through_a
         work = sched.schedule()
         if work is not None:
             assert not decodes_a or work.decode is not None and a.slot in work.decode.slots, "a sat a round out"
-            pending.append(mesh.execute(work))
-        elif pending:
-            for result in pending.popleft():
-                for event in sched.process(result):
-                    events[event.request_id].append(event)
-        else:
+        if not _turn(sched, mesh, work, pending, events):
             break
     assert sched.num_preemptions == 0 and not sched.requests
     assert output_of(events["c"]) == expected([3] * 60 + [4] * 4, params(max_tokens=26, ignore_eos=True))[0]
@@ -555,19 +558,14 @@ def test_results_planned_for_an_earlier_placement_are_dropped():
     sched.submit("c", [3] * 6, params(max_tokens=4, ignore_eos=True))
     sched.submit("a", [1] * 6, p)
     b = sched.submit("b", [2] * 6, p)
-    events, pending, stale_seen = defaultdict(list), [], False
+    events, pending, stale_seen = defaultdict(list), deque(), False
     for _ in range(300):
         work = sched.schedule()
+        if not _turn(sched, mesh, work, pending, events):
+            break
         if work is not None:
-            pending.append(mesh.execute(work))
             stale_seen |= any(seq is b and epoch < b.epoch and b.status is Status.RUNNING
                               for planned in sched.inflight for _, seq, epoch in planned.decode)
-        elif pending:
-            for result in pending.pop(0):
-                for event in sched.process(result):
-                    events[event.request_id].append(event)
-        else:
-            break
     assert stale_seen and b.epoch >= 2
     for rid, prompt in (("a", [1] * 6), ("b", [2] * 6)):
         assert output_of(events[rid]) == expected(prompt, p)[0]
