@@ -388,14 +388,19 @@ def _tt_sampling(rows: list[SamplingParams]):
     # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means. A greedy row
     # goes with top_p 1.0: older format_sampling_params keep a greedy row's top_p (newer ones set 0.0), and
     # _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1 (see _argmax).
-    # A greedy row asking its logprob goes with top_p float32's smallest normal, off the argmax program (see _argmax):
-    # top-k 1 keeps its top token alone. enable_log_probs only where the checkout has it (_device_sampling).
+    # A greedy row asking its logprob goes as temperature 1, top-k 1 and top_p float32's smallest normal, off the
+    # argmax program (see _argmax): top-k 1 keeps its top token alone. Not as temperature 0: format_sampling_params
+    # in the versions that have enable_log_probs make that top-k 1 and top-p 0.0 (generator.py @5e75671c, "the
+    # compact argmax representation for greedy rows"), so an all-greedy batch went to the argmax program and
+    # reported the generator's ones. enable_log_probs only where the checkout has it (_device_sampling).
+    logprob_greedy = [p.greedy and p.logprobs is not None for p in rows]
     log_probs = {"enable_log_probs": [p.logprobs is not None for p in rows]} \
         if any(p.logprobs is not None for p in rows) else {}
-    return TTSamplingParams(temperature=[p.temperature for p in rows],  # 0.0 (greedy): the device's argmax
-                            top_k=[p.top_k for p in rows],
-                            top_p=[_TINY if p.greedy and p.logprobs is not None else 1.0 if p.greedy
-                                   else max(p.top_p, _TINY) for p in rows],
+    return TTSamplingParams(temperature=[1.0 if lg else p.temperature  # 0.0 (greedy): the device's argmax
+                                         for p, lg in zip(rows, logprob_greedy)],
+                            top_k=[1 if lg else p.top_k for p, lg in zip(rows, logprob_greedy)],
+                            top_p=[_TINY if lg else 1.0 if p.greedy else max(p.top_p, _TINY)
+                                   for p, lg in zip(rows, logprob_greedy)],
                             seed=[p.seed for p in rows], **log_probs)
 
 

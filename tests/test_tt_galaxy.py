@@ -1079,6 +1079,30 @@ def test_a_greedy_request_asking_its_logprob_keeps_the_device_off_its_argmax_pro
     assert int(got[1]) == expected_next([0] * 40 + [int(tokens[1])])
 
 
+def test_a_greedy_request_asking_its_logprob_stays_off_the_argmax_program_of_newer_checkouts(backend, monkeypatch):
+    """format_sampling_params in the versions that have enable_log_probs turns a temperature-0 row into top-k 1 and
+    top-p 0.0 whatever top_p it came with (models/common/sampling/generator.py @5e75671c: "the compact argmax
+    representation for greedy rows"), so a greedy row asking its logprob, sent as temperature 0, made an all-greedy
+    batch the argmax program's, which computes no log-probs: the generator's ones were reported as its logprob."""
+    import dataclasses
+
+    from models.demos.llama3_70b_galaxy.tt import generator
+    older = generator.format_sampling_params
+
+    def newer(params, max_batch_size):
+        formatted = older(params, max_batch_size)
+        return dataclasses.replace(formatted, top_p=[0.0 if t == 0 else p for t, p in
+                                                     zip(formatted.temperature, formatted.top_p)])
+
+    monkeypatch.setattr(generator, "format_sampling_params", newer)
+    tokens, positions, active = decode_inputs([1], [40])
+    rows = [SamplingParams(temperature=0.0, logprobs=0)] + [GREEDY] * 31
+    got, log_probs = backend.decode_logprobs(tokens, positions, empty_table(backend), active, rows)
+    assert abs(float(log_probs[1]) - host_logprob()) <= 2 ** -8 * abs(host_logprob())  # was 1.0
+    assert backend.generator.sampling_mode == "sampled" and last_call(backend, "decode_forward")["compiled"] == []
+    assert int(got[1]) == expected_next([0] * 40 + [int(tokens[1])])
+
+
 def test_after_warmup_a_logprobs_request_compiles_nothing(backend):
     n = len(backend.generator.calls)
     tokens, positions, active = decode_inputs([1, 2], [40, 60])
