@@ -388,12 +388,13 @@ def _tt_sampling(rows: list[SamplingParams]):
     # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means. A greedy row
     # goes with top_p 1.0: older format_sampling_params keep a greedy row's top_p (newer ones set 0.0), and
     # _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1 (see _argmax).
-    # A greedy row asking its logprob goes as temperature 1, top-k 1 and top_p float32's smallest normal, off the
-    # argmax program (see _argmax): top-k 1 keeps its top token alone. Not as temperature 0: format_sampling_params
-    # in the versions that have enable_log_probs make that top-k 1 and top-p 0.0 (generator.py @5e75671c, "the
-    # compact argmax representation for greedy rows"), so an all-greedy batch went to the argmax program and
-    # reported the generator's ones. enable_log_probs only where the checkout has it (_device_sampling).
-    logprob_greedy = [p.greedy and p.logprobs is not None for p in rows]
+    # A row asking its logprob that draws its top token (greedy, or top-k 1) goes as temperature 1, top-k 1 and top_p
+    # float32's smallest normal, off the argmax program (see _argmax): top-k 1 keeps its top token alone. Not as
+    # temperature 0: format_sampling_params in the versions that have enable_log_probs make that top-k 1 and top-p
+    # 0.0 (generator.py @5e75671c, "the compact argmax representation for greedy rows"); nor with top-p 1, the
+    # argmax program's too: a batch of such rows went there and reported the generator's ones.
+    # enable_log_probs only where the checkout has it (_device_sampling).
+    logprob_greedy = [p.logprobs is not None and (p.greedy or p.top_k == 1) for p in rows]
     log_probs = {"enable_log_probs": [p.logprobs is not None for p in rows]} \
         if any(p.logprobs is not None for p in rows) else {}
     return TTSamplingParams(temperature=[1.0 if lg else p.temperature  # 0.0 (greedy): the device's argmax

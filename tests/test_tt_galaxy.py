@@ -1103,6 +1103,18 @@ def test_a_greedy_request_asking_its_logprob_stays_off_the_argmax_program_of_new
     assert int(got[1]) == expected_next([0] * 40 + [int(tokens[1])])
 
 
+def test_a_top_k_1_request_asking_its_logprob_stays_off_the_argmax_program(backend):
+    """Temperature 1, top-k 1 and top-p 1 are the argmax program's row (_is_force_argmax_sampling, tt_sampling.py
+    @0365bf78) whatever the temperature a greedy row is sent with: such a request asking its logprob, alone among
+    idle rows, went there and was reported the generator's ones."""
+    tokens, positions, active = decode_inputs([1], [40])
+    rows = [SamplingParams(temperature=1.0, top_k=1, logprobs=0)] + [GREEDY] * 31
+    got, log_probs = backend.decode_logprobs(tokens, positions, empty_table(backend), active, rows)
+    assert abs(float(log_probs[1]) - host_logprob()) <= 2 ** -8 * abs(host_logprob())  # was 1.0
+    assert backend.generator.sampling_mode == "sampled" and last_call(backend, "decode_forward")["compiled"] == []
+    assert int(got[1]) == expected_next([0] * 40 + [int(tokens[1])])
+
+
 def test_after_warmup_a_logprobs_request_compiles_nothing(backend):
     n = len(backend.generator.calls)
     tokens, positions, active = decode_inputs([1, 2], [40, 60])
