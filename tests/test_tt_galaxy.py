@@ -1123,10 +1123,11 @@ def test_after_warmup_a_logprobs_request_compiles_nothing(backend):
     assert [c["compiled"] for _, c in backend.generator.calls[n:]] == [[]] * 2
 
 
-def serve_logprobs(hf_dir, async_decode: bool) -> tuple[list, list, int]:
+def serve_logprobs(hf_dir, async_decode: bool, monkeypatch) -> tuple[list, list, int]:
     """MeshRunner over the backend: two slots asking logprobs 0 (one greedy) beside one that does not, over one
-    work of four steps. Returns (each step's tokens, each step's logprobs by slot, decode steps that brought
-    logits to the host)."""
+    work of four steps. The device's log-prob of token t is made the double's less t / 2**14 (its one-hot rows give
+    every token the same), so a value delivered beside another step's token shows. Returns (each step's tokens,
+    each step's logprobs by slot, decode steps that brought logits to the host)."""
     import dataclasses
 
     import numpy as np
@@ -1134,6 +1135,10 @@ def serve_logprobs(hf_dir, async_decode: bool) -> tuple[list, list, int]:
     from model.runner import MeshRunner
     from scheduler.work import DecodeRound, MeshWork, PrefillChunk
     b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    from models.demos.llama3_70b_galaxy.tt import generator
+    same = generator.device_log_probs
+    monkeypatch.setattr(generator, "device_log_probs", lambda logits, tokens, padded:
+                        same(logits, tokens, padded) - (tokens / 2 ** 14).to(torch.bfloat16))
     b.caps = dataclasses.replace(b.caps, async_decode=async_decode)
     runner = MeshRunner(b)
     table = np.zeros((32, 4), dtype=np.int32)
@@ -1153,11 +1158,11 @@ def serve_logprobs(hf_dir, async_decode: bool) -> tuple[list, list, int]:
 
 
 @pytest.mark.parametrize("async_decode", [False, True])
-def test_a_logprobs_user_decodes_on_the_device_and_gets_the_devices_logprob(ttnn, hf_dir, async_decode):
+def test_a_logprobs_user_decodes_on_the_device_and_gets_the_devices_logprob(ttnn, hf_dir, async_decode, monkeypatch):
     """The demo's batch-32-log-probs on the Galaxy: before, a user asking logprobs brought every row's 128k logits
     to the host each step. Now every decode step samples on the device and the logprob is the device's
-    (bfloat16-precise); the first token, from the prefill, is the host's."""
-    tokens, logprobs, host_steps = serve_logprobs(hf_dir, async_decode)
+    (bfloat16-precise), its own token's; the first token, from the prefill, is the host's."""
+    tokens, logprobs, host_steps = serve_logprobs(hf_dir, async_decode, monkeypatch)
     assert host_steps == 0
     assert [sorted(step) for step in logprobs] == [[0], [9], []] + [[0, 9]] * 4  # 3 prefills, then 4 decode steps
     host = host_logprob()
@@ -1166,7 +1171,7 @@ def test_a_logprobs_user_decodes_on_the_device_and_gets_the_devices_logprob(ttnn
     for i, step in enumerate(logprobs[3:], 3):
         for slot, (token, lp, top) in step.items():
             assert token == tokens[i][slot] and top == []
-            assert lp != host and lp == pytest.approx(host, rel=2 ** -8)
+            assert lp != host - token / 2 ** 14 and lp == pytest.approx(host - token / 2 ** 14, rel=2 ** -8)
 
 
 def test_the_doubles_log_probs_are_log_softmax_to_bfloat16_precision(ttnn):
