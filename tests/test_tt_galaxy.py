@@ -1123,6 +1123,30 @@ def test_after_warmup_a_logprobs_request_compiles_nothing(backend):
     assert [c["compiled"] for _, c in backend.generator.calls[n:]] == [[]] * 2
 
 
+def test_the_doubles_prefill_returns_the_samplers_log_probs_as_the_generator_does(backend):
+    """generator.py @00b0fa3f prefill_forward_text: sampled on the device, it returns (output_toks, prefill_log_probs)
+    when the sampler computed log-probs (TTSampling: a user's enable_log_probs on, not the argmax program), else the
+    tokens alone; reset_sampling_params gets no empty_slots there, so every user's flag is the scattered one."""
+    from models.common.sampling import SamplingParams as TTSamplingParams
+    from models.demos.llama3_70b_galaxy.tt.generator import device_log_probs
+    prompt = list(range(10))
+
+    def prefill(**params):
+        return backend.generator.prefill_forward_text(
+            torch.tensor([prompt]), page_table=torch.tensor([[1]], dtype=torch.int32), kv_cache=backend.kv_cache,
+            prompt_lens=[10], sampling_params=TTSamplingParams(**params), empty_slots=[3])
+
+    tokens, log_probs = prefill(temperature=[0.6], top_k=[20], top_p=[0.9], enable_log_probs=[True])
+    assert tokens.tolist() == [expected_next(prompt)] and tokens.dtype == torch.int32
+    row = torch.zeros(1, VOCAB)
+    row[0, expected_next(prompt)] = 1.0
+    assert log_probs.dtype == torch.bfloat16 and torch.equal(log_probs, device_log_probs(row, tokens, 128 * 1024))
+    tokens_in, positions, active = decode_inputs([1], [40])
+    backend.decode_logprobs(tokens_in, positions, empty_table(backend), active, [LOGPROBS] * 32)
+    assert isinstance(prefill(temperature=[0.6], top_k=[20], top_p=[0.9]), torch.Tensor)  # no flag left on
+    assert isinstance(prefill(temperature=[0.0], top_k=[1], top_p=[1.0], enable_log_probs=[True]), torch.Tensor)
+
+
 def serve_logprobs(hf_dir, async_decode: bool, monkeypatch) -> tuple[list, list, int]:
     """MeshRunner over the backend: two slots asking logprobs 0 (one greedy) beside one that does not, over one
     work of four steps. The device's log-prob of token t is made the double's less t / 2**13 (its one-hot rows give

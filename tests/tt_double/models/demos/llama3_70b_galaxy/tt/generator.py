@@ -141,13 +141,13 @@ class Generator:
         # the LogProbsCalculator's output_tensor
         self.log_probs_buffer = ttnn.DeviceBuffer(torch.ones(MAX_BATCH, dtype=torch.bfloat16))
 
-    def _reset_sampling(self, params: SamplingParams, slots: list[int] | None = None) -> bool:
+    def _reset_sampling(self, params: SamplingParams) -> bool:
         """SamplingGenerator.reset_sampling_params (models/common/sampling/generator.py @00b0fa3f): a change of
         mode releases every captured sampling trace (reset_trace). The users' log-probs flags go to the
-        LogProbsCalculator (set_log_probs_mode, tt_log_probs.py @023b5d02): with `slots` (a prefill's empty_slots)
-        only theirs change. Returns whether the mode changed."""
-        for slot in range(MAX_BATCH) if slots is None else slots:
-            self.log_probs_enabled[slot] = bool(params.enable_log_probs[slot])
+        LogProbsCalculator (set_log_probs_mode, tt_log_probs.py @023b5d02), all 32 of them: the Galaxy generator's
+        prefill and decode pass no empty_slots (apply_prefill_state's partial update is other models').
+        Returns whether the mode changed."""
+        self.log_probs_enabled = [bool(flag) for flag in params.enable_log_probs]
         mode = _sampling_kind(params)
         changed = self.sampling_mode is not None and mode != self.sampling_mode
         if changed:
@@ -228,12 +228,20 @@ class Generator:
             if enable_trace and padded_len in SUPPORT_SEQLENS:  # longer prefills run untraced
                 self._trace(self.trace_id_prefill, key)
             compiled += self._compile(key)
-        placed, mode_changed = None, False
+        placed, mode_changed, log_probs = None, False, None
         if sampling_params is not None:  # sampled untraced, after reset_sampling_params on the scattered rows
             scattered = _scatter_to_slots(format_sampling_params(sampling_params, MAX_BATCH), empty_slots)
             placed = _per_slot(scattered)
-            mode_changed = self._reset_sampling(scattered, empty_slots)
+            # reset_sampling_params(sampling_params), no empty_slots: every user's log-probs flag is the scattered
+            # one (the request's, its filler the broadcast value), not only the prefilled slots'
+            mode_changed = self._reset_sampling(scattered)
             compiled += self._compile(("prefill_out", "tokens"), ("sampling", _sampling_kind(scattered)))
+            if any(self.log_probs_enabled) and self.sampling_mode == "sampled":  # TTSampling computed them
+                compiled += self._compile(("log_probs",))
+                picked = torch.tensor(next_tokens)
+                logits = torch.zeros(batch, self.model.vocab_size)
+                logits[torch.arange(batch), picked] = 1.0
+                log_probs = device_log_probs(logits, picked, self.model.args.padded_vocab_size)
         else:
             compiled += self._compile(("prefill_out", "logits"))
         self.calls.append(("prefill_forward_text", {
@@ -245,7 +253,9 @@ class Generator:
             logits = torch.zeros(batch, 1, self.model.vocab_size)
             logits[torch.arange(batch), 0, torch.tensor(next_tokens)] = 1.0
             return logits
-        return torch.tensor(next_tokens, dtype=torch.int32)
+        tokens_out = torch.tensor(next_tokens, dtype=torch.int32)  # sampled_tensor[empty_slots]: request order
+        # (output_toks, prefill_log_probs) when the sampler computed log-probs (bfloat16 [batch], request order)
+        return tokens_out if log_probs is None else (tokens_out, log_probs)
 
     def decode_forward(self, tokens, start_pos, page_table=None, kv_cache=None, enable_trace=True,
                        read_from_device=True, async_read=False, sampling_params: SamplingParams = None,
