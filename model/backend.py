@@ -114,6 +114,14 @@ class Backend(ABC):
         has "logprobs"."""
         raise NotImplementedError("this backend's device gives no logprobs")
 
+    def prefill_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                         sampling: SamplingParams) -> tuple[int, float] | None:
+        """prefill with `sampling` (a row asking logprobs 0 that can_sample takes), whose device also gives the first
+        token's logprob: (token id, float32 logprob), or None where this backend's prefill gives the token alone (the
+        runner then samples that token on the host from prefill's logits; a backend may have run the prefill to find
+        out, and running it again writes the same KV)."""
+        return None
+
     def prefill_prompt_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
                                 num_logprobs: int, targets: list[int]) -> tuple[PromptLogprobs | None, torch.Tensor]:
         """prefill without sampling, which also scores `targets`, the prompt tokens that positions start,

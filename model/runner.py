@@ -153,8 +153,13 @@ class MeshRunner:
                 log.exception("request %s: its grammar cannot be matched here; its slot is retired", chunk.request_id)
                 self._retire(chunk.slot, result, "grammar_error" if isinstance(exc, ValueError) else "error")
                 return result
-        # A first token with its logprob is the host's: a backend's prefill gives the token alone (one row, once)
-        on_device = state.sample_on_device and not scored and params.logprobs is None
+        on_device = state.sample_on_device and not scored
+        if on_device and params.logprobs is not None:  # the device's logprob where its prefill gives one
+            first = self.backend.prefill_logprobs(token_ids, chunk.start, chunk.block_ids, chunk.slot, params)
+            if first is not None:
+                self._advance(chunk.slot, state, first[0], TokenLogprobs(first[0], first[1], []), result)
+                return result
+            on_device = False  # else the host's, from the logits (one row, once)
         out = last_logits if scored else self.backend.prefill(
             token_ids, chunk.start, chunk.block_ids, chunk.slot, sampling=params if on_device else None)
         if on_device:

@@ -80,6 +80,7 @@ class TTGalaxyBackend(Backend):
         self._device_tokens = (num_blocks + 1) * block_size  # a column's cache, the spare block 0 included
         self._device_argmax: bool | None = None  # the device sampler's mode after the last parameters it took
         self._last_step: _TTDecodeOutput | None = None  # the device's decode inputs are this step's next ones
+        self._prefill_log_probs: bool | None = None  # whether the checkout's prefill returned log-probs asked of it
         _export_weights_dir(model_dir)
         _export_cache_dir()
         _export_line_env(config)
@@ -113,8 +114,8 @@ class TTGalaxyBackend(Backend):
                 sampling: SamplingParams | None = None) -> torch.Tensor:
         on_device = sampling is not None and self.config.sample_on_device_mode == "all" and \
             (not _argmax(sampling) or self._device_argmax is not False)
-        out = self._prefill(token_ids, start, torch.tensor([block_ids], dtype=torch.int32) + 1, slot,
-                            sampling if on_device else None)
+        out, _ = self._prefill(token_ids, start, torch.tensor([block_ids], dtype=torch.int32) + 1, slot,
+                               sampling if on_device else None)
         if on_device:
             return out[0].to(torch.long)
         logits = out[0, -1].float()
@@ -123,6 +124,23 @@ class TTGalaxyBackend(Backend):
         # "decode_only", or a greedy request among sampled decodes: its first token is taken here, as the device
         # would sample it (its top 32 for top_k off), as every later one is
         return torch.tensor(sample_row(logits, self.as_device_samples(sampling), len(token_ids))[0])
+
+    def prefill_logprobs(self, token_ids: list[int], start: int, block_ids: list[int], slot: int,
+                         sampling: SamplingParams) -> tuple[int, float] | None:
+        """The first token sampled on the device with its log-prob, as tenstorrent/vllm's runner takes a prefill's
+        (vllm/v1/worker/tt_model_runner.py @007ec40d execute_sync_with_model_input: (tokens, log-probs) whenever a
+        device-sampled request asks them): prefill_forward_text returns (output_toks, prefill_log_probs) where its
+        sampler computed log-probs (generator.py @00b0fa3f), the LogProbsCalculator's bfloat16 value, as
+        decode_logprobs'. None without device prefill sampling ("decode_only") or where the checkout's prefill
+        returned no log-probs: the warm-up's logprobs prefill finds that out, else the first request's."""
+        if self.config.sample_on_device_mode != "all" or "logprobs" not in self.caps.device_sampling \
+                or self._prefill_log_probs is False:
+            return None
+        tokens, log_probs = self._prefill(token_ids, start, torch.tensor([block_ids], dtype=torch.int32) + 1, slot,
+                                          sampling)
+        if log_probs is None:
+            return None
+        return int(tokens[0]), float(log_probs.view(-1)[0])
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, page_table: torch.Tensor,
                active: torch.Tensor, sampling: list[SamplingParams | None] | None = None) -> torch.Tensor:
@@ -169,10 +187,10 @@ class TTGalaxyBackend(Backend):
 
     def _prefill(self, token_ids: list[int], start: int, device_row: torch.Tensor, slot: int,
                  sampling: SamplingParams | None):
-        """One user's prefill on device block ids (serving and warm-up take this same call). Returns tokens
-        [1] or logits [1, 1, vocab]. With `sampling`, the device samples for the request's slot and every
-        other slot is set to argmax (prefill_forward_text's _scatter_params_to_slots fills them with
-        format_sampling_params' padding), so the device sampler's mode becomes the request's."""
+        """One user's prefill on device block ids (serving and warm-up take this same call). Returns (tokens
+        [1] or logits [1, 1, vocab], the device's log-probs [1] or None). With `sampling`, the device samples for
+        the request's slot and every other slot is set to argmax (prefill_forward_text's _scatter_params_to_slots
+        fills them with format_sampling_params' padding), so the device sampler's mode becomes the request's."""
         self._last_step = None  # the model leaves decode mode: the next decode loads the host's inputs
         if sampling is not None:
             self._device_argmax = _argmax(sampling)
@@ -186,7 +204,13 @@ class TTGalaxyBackend(Backend):
             empty_slots=[slot],
             start_pos=[prefill_start(start, len(token_ids), self._device_tokens)],
         )
-        return out[0] if isinstance(out, tuple) else out  # @00b0fa3f adds device log-probs when it has them
+        out, log_probs = out if isinstance(out, tuple) else (out, None)  # @00b0fa3f's when its sampler computed them
+        if sampling is not None and sampling.logprobs is not None and self._prefill_log_probs is None:
+            self._prefill_log_probs = log_probs is not None
+            if log_probs is None:
+                log.warning("this tt-metal checkout's prefill_forward_text returns no log-probs: a first token's "
+                            "logprob is sampled on the host")
+        return out, log_probs
 
     def _decode(self, tokens: torch.Tensor, positions: torch.Tensor, device_table: torch.Tensor,
                 sampling: list[SamplingParams] | None, read_from_device: bool = True, reset_inputs: bool = True):
@@ -229,9 +253,10 @@ class TTGalaxyBackend(Backend):
 
     def _warmup_plan(self) -> list[tuple[str, Callable[[], object]]]:
         caps, mode = self.caps, self.config.sample_on_device_mode
-        prefill_outputs = [None] + ([_GREEDY, _SAMPLED] if mode == "all" else [])
-        decode_outputs = [None] + ([_GREEDY, _SAMPLED] if mode else []) + \
-            ([_LOG_PROBS] if "logprobs" in caps.device_sampling else [])
+        # A logprobs prefill also tells prefill_logprobs, before any request, whether the checkout's prefill gives them
+        log_probs = [_LOG_PROBS] if "logprobs" in caps.device_sampling else []
+        prefill_outputs = [None] + ([_GREEDY, _SAMPLED, *log_probs] if mode == "all" else [])
+        decode_outputs = [None] + ([_GREEDY, _SAMPLED] if mode else []) + log_probs
 
         def prefill(new: int, start: int, sampling: SamplingParams | None):
             blocks = -(-(start + new) // caps.block_size)

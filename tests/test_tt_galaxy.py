@@ -422,7 +422,8 @@ def test_warmup_at_load_covers_every_bucket_prefix_and_sampling_variant(backend)
     cached = [c for c in prefills if c["start_pos"] == [128]]
     assert [c["prompt_lens"][0] - 128 for c in cached] == BUCKETS[:-1]  # 128 + 131,072 is past max_seq_len
     sampled = [c["sampling_params"] for c in prefills if c["sampling_params"] is not None]
-    assert [(p.temperature, p.top_k, p.top_p) for p in sampled] == [([0.0], [0], [1.0]), ([1.0], [10], [0.9])]
+    assert [(p.temperature, p.top_k, p.top_p) for p in sampled] == [([0.0], [0], [1.0])] + [([1.0], [10], [0.9])] * 2
+    assert [p.enable_log_probs for p in sampled] == [False, False, [True]]  # prefill_logprobs' too
     decodes = gen_calls(backend, "decode_forward")
     assert [None if c["sampling_params"] is None else c["sampling_params"].temperature[0] for c in decodes] == \
         [None, 0.0, 1.0, 1.0]
@@ -461,11 +462,11 @@ def test_without_warmup_the_first_requests_compile(ttnn, hf_dir):
 def test_warmup_shows_a_progress_bar(ttnn, hf_dir, capfd):
     TTGalaxyBackend(hf_dir, max_seq_len=4096).close()
     err = capfd.readouterr().err
-    assert "TT warm-up" in err and "100%" in err and "13/13" in err  # 4 + 3 after a prefix + 2 prefill + 4 decode
+    assert "TT warm-up" in err and "100%" in err and "14/14" in err  # 4 + 3 after a prefix + 3 prefill + 4 decode
 
 
 @pytest.mark.parametrize("mode, prefill_sampling, decode_sampling", [
-    ("all", 2, 3), ("decode_only", 0, 3), (None, 0, 0)])
+    ("all", 3, 3), ("decode_only", 0, 3), (None, 0, 0)])
 def test_warmup_variants_follow_sample_on_device_mode(ttnn, hf_dir, mode, prefill_sampling, decode_sampling):
     b = TTGalaxyBackend(hf_dir, max_seq_len=4096, tt_config={"sample_on_device_mode": mode})
     assert sum(c["sampling_params"] is not None for c in gen_calls(b, "prefill_forward_text")) == prefill_sampling
@@ -1175,28 +1176,82 @@ def serve_logprobs(hf_dir, async_decode: bool, monkeypatch) -> tuple[list, list,
         prompt = list(range(slot + 1, slot + 50))
         prefills.append(PrefillChunk(f"r{slot}", slot, prompt, 0, blocks, params, len(prompt)))
     results = list(runner.execute(MeshWork(0, prefills, DecodeRound(4, [0, 9, 20], table))))
-    logits = sum(c["sampling_params"] is None for c in gen_calls(b, "decode_forward"))
+    logits = sum(c["sampling_params"] is None for name in ("prefill_forward_text", "decode_forward")
+                 for c in gen_calls(b, name))
     b.close()
     return ([list(r.tokens) for r in results],
             [{s: (lp.token_id, lp.logprob, lp.top) for s, lp in r.logprobs.items()} for r in results], logits)
 
 
 @pytest.mark.parametrize("async_decode", [False, True])
-def test_a_logprobs_user_decodes_on_the_device_and_gets_the_devices_logprob(ttnn, hf_dir, async_decode, monkeypatch):
+def test_a_logprobs_user_is_sampled_on_the_device_from_its_first_token(ttnn, hf_dir, async_decode, monkeypatch):
     """The demo's batch-32-log-probs on the Galaxy: before, a user asking logprobs brought every row's 128k logits
-    to the host each step. Now every decode step samples on the device and the logprob is the device's
-    (bfloat16-precise), its own token's; the first token, from the prefill, is the host's."""
+    to the host each step, then (479222e) only its prefill's. Now the prefill and every decode step sample on the
+    device, and each logprob is the device's (bfloat16-precise), its own token's, as tenstorrent/vllm's runner
+    takes them."""
     tokens, logprobs, host_steps = serve_logprobs(hf_dir, async_decode, monkeypatch)
     assert host_steps == 0
     assert [sorted(step) for step in logprobs] == [[0], [9], []] + [[0, 9]] * 4  # 3 prefills, then 4 decode steps
     host = host_logprob()
-    first = logprobs[0][0]
-    assert first[1] == pytest.approx(host, rel=1e-6) and first[2] == []  # the prefill's: float32, on the host
-    for i, step in enumerate(logprobs[3:], 3):
+    for i, step in enumerate(logprobs):
         for slot, (token, lp, top) in step.items():
             assert token == tokens[i][slot] and top == []
             # bfloat16: the double's value, the offset and their difference (to -26.5) each rounded
             assert lp != host - token / 2 ** 13 and lp == pytest.approx(host - token / 2 ** 13, abs=2 ** -3)
+
+
+def test_prefill_logprobs_gives_the_devices_first_token_and_logprob(backend):
+    from models.demos.llama3_70b_galaxy.tt.generator import device_log_probs
+    prompt = list(range(10))
+    token, value = backend.prefill_logprobs(prompt, 0, [0], slot=3, sampling=LOGPROBS)
+    call = last_call(backend, "prefill_forward_text")
+    assert call["sampling_params"].enable_log_probs == [True] and call["slot_params"][3]["top_k"] == 20
+    row = torch.zeros(1, VOCAB)
+    row[0, expected_next(prompt)] = 1.0
+    assert token == expected_next(prompt)
+    assert value == float(device_log_probs(row, torch.tensor([token]), 128 * 1024)[0])
+    greedy = SamplingParams(temperature=0.0, logprobs=0)  # off the argmax program, which computes none
+    assert backend.prefill_logprobs(prompt, 0, [0], slot=3, sampling=greedy) == (token, value)
+
+
+def without_prefill_log_probs(monkeypatch):
+    """A checkout whose prefill_forward_text returns the device's tokens alone."""
+    import functools
+
+    from models.demos.llama3_70b_galaxy.tt import generator
+    plain = generator.Generator.prefill_forward_text
+
+    @functools.wraps(plain)  # its signature too: the backend looks for start_pos
+    def tokens_alone(self, *args, **kwargs):
+        out = plain(self, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+    monkeypatch.setattr(generator.Generator, "prefill_forward_text", tokens_alone)
+
+
+def test_the_warmup_finds_a_prefill_without_log_probs_before_any_request(ttnn, hf_dir, monkeypatch):
+    without_prefill_log_probs(monkeypatch)
+    b = TTGalaxyBackend(hf_dir)
+    n = len(b.generator.calls)
+    assert b.prefill_logprobs(list(range(10)), 0, [0], slot=3, sampling=LOGPROBS) is None
+    assert len(b.generator.calls) == n  # nothing ran: the runner prefills once, for host logits
+    b.close()
+
+
+def test_without_warmup_the_first_request_finds_it_and_gets_the_hosts_logprob(ttnn, hf_dir, monkeypatch):
+    """The runner then prefills again for the logits (the same KV written again): that request alone."""
+    from model.runner import MeshRunner
+    from scheduler.work import MeshWork, PrefillChunk
+    without_prefill_log_probs(monkeypatch)
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    runner = MeshRunner(b)
+    for slot in (0, 1):
+        params = SamplingParams(temperature=0.0, logprobs=0, max_tokens=8)  # the host's argmax: the double's token
+        chunk = PrefillChunk(f"r{slot}", slot, list(range(10)), 0, [slot], params, 10)
+        result, = runner.execute(MeshWork(slot, [chunk], None))
+        assert result.tokens[slot] == expected_next(range(10))
+        assert result.logprobs[slot].logprob == pytest.approx(host_logprob(), rel=1e-6)
+    assert [c["sampling_params"] is None for c in gen_calls(b, "prefill_forward_text")] == [False, True, True]
+    b.close()
 
 
 def test_the_doubles_log_probs_are_log_softmax_to_bfloat16_precision(ttnn):
