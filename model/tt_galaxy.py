@@ -191,7 +191,9 @@ class TTGalaxyBackend(Backend):
         [1] or logits [1, 1, vocab], the device's log-probs [1] or None). With `sampling`, the device samples for
         the request's slot and every other slot is set to argmax (prefill_forward_text's _scatter_params_to_slots
         fills them with format_sampling_params' padding), so the device sampler's mode becomes the request's."""
-        self._last_step = None  # the model leaves decode mode: the next decode loads the host's inputs
+        # the next decode loads the host's inputs (reset_inputs): a prefill sampled on the device leaves the model in
+        # decode mode (prefill_forward_text's switch_mode("decode"), generator.py @00b0fa3f), so no mode change would
+        self._last_step = None
         if sampling is not None:
             self._device_argmax = _argmax(sampling)
         out = self.generator.prefill_forward_text(

@@ -692,6 +692,35 @@ def test_decode_loads_the_hosts_inputs_every_step(backend):
     assert backend.generator.device_inputs[1][9] == 72
 
 
+def test_the_doubles_decode_after_a_device_sampled_prefill_needs_reset_inputs(backend):
+    """generator.py @00b0fa3f prefill_forward_text switches the model back to decode mode to sample on the device
+    (switch_mode("decode"), which sets is_decode_setup: llama_model.py @00ab7c95), so decode_forward after it, with
+    reset_inputs=False, the same page table and device sampling, loads nothing: it replays on the last decode's
+    tokens and positions + 1. A prefill that returned logits leaves the model in prefill mode, and the decode
+    after it loads the host's inputs."""
+    from models.common.sampling import SamplingParams as TTSamplingParams
+    gen = backend.generator
+    tokens, positions, active = decode_inputs([1], [40])
+    table = torch.where(active[:, None], empty_table(backend) + 1, 0).to(torch.int32)
+    rows = TTSamplingParams(temperature=[0.6] * 32, top_k=[20] * 32, top_p=[0.9] * 32)
+
+    def decode_loads() -> bool:
+        gen.decode_forward(tokens, torch.where(active, positions, -1), page_table=table, kv_cache=backend.kv_cache,
+                           sampling_params=rows)
+        return gen.calls[-1][1]["inputs_loaded"]
+
+    def prefill(sampling):
+        gen.prefill_forward_text(torch.tensor([list(range(10))]), page_table=torch.tensor([[2]], dtype=torch.int32),
+                                 kv_cache=backend.kv_cache, prompt_lens=[10], sampling_params=sampling,
+                                 empty_slots=[3])
+
+    assert decode_loads()
+    prefill(TTSamplingParams(temperature=[0.6], top_k=[20], top_p=[0.9]))
+    assert not decode_loads()
+    prefill(None)
+    assert decode_loads()
+
+
 def test_every_decode_takes_a_page_table_of_one_width(backend):
     """tt-metal's decode_forward (generator.py @00b0fa3f) compares each page table with the last one by `!=`,
     which fails on another width (and its traces hold the width they were captured with); vLLM's runner pads
@@ -820,9 +849,10 @@ def test_an_overlapped_step_runs_on_the_devices_own_tokens_and_reads_each_step(b
 @pytest.mark.parametrize("between", ["a slot leaves", "a prefill", "a step one at a time"])
 def test_a_step_the_device_cannot_chain_loads_the_previous_tokens_from_the_host(backend, ttnn, between):
     """A slot that leaves goes to the device at position -1 with the spare block's row: another page table, so
-    decode_forward loads every input from the host (generator.py @00b0fa3f), tokens included, as it does after a
-    prefill (the model switched mode) or after another decode; tokens the host has not read would be lost. So
-    the previous step is read first and the step takes its tokens from the host."""
+    decode_forward loads every input from the host (generator.py @00b0fa3f), tokens included, as it must after a
+    prefill (one sampled on the device leaves the model in decode mode, so only reset_inputs makes it load) or
+    after another decode; tokens the host has not read would be lost. So the previous step is read first and the
+    step takes its tokens from the host."""
     (a, b), (tokens, positions, active), table = two_prefilled_slots(backend)
     sampling = [GREEDY if s in (12, 13) else None for s in range(32)]
     first = backend.decode_async(tokens, positions, table, active, sampling)

@@ -136,7 +136,10 @@ class Generator:
         self.device_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prev_page_table: torch.Tensor | None = None
         self.prev_sampling_on_device: bool | None = None
-        self.decode_setup = False  # model.is_decode_setup: a prefill switches the model to prefill mode
+        # model.is_decode_setup: a prefill switches the model to prefill mode, and one sampled on the device back to
+        # decode mode for its sampling (prefill_forward_text's switch_mode("decode"); switch_mode sets the flag,
+        # llama_model.py @00ab7c95), after which a decode loads no inputs for the mode's sake
+        self.decode_setup = False
         self.token_buffer = ttnn.DeviceBuffer(torch.zeros(MAX_BATCH, dtype=torch.int32))  # the trace's token input
         # the LogProbsCalculator's output_tensor
         self.log_probs_buffer = ttnn.DeviceBuffer(torch.ones(MAX_BATCH, dtype=torch.bfloat16))
@@ -244,6 +247,7 @@ class Generator:
                 log_probs = device_log_probs(logits, picked, self.model.args.padded_vocab_size)
         else:
             compiled += self._compile(("prefill_out", "logits"))
+        self.decode_setup = sampling_params is not None
         self.calls.append(("prefill_forward_text", {
             "tokens": tokens, "page_table": page_table, "prompt_lens": prompt_lens, "enable_trace": enable_trace,
             "empty_slots": empty_slots, "start_pos": start_pos, "sampling_params": sampling_params,
@@ -269,7 +273,8 @@ class Generator:
         assert page_table.shape[0] == MAX_BATCH
         # The real decode_forward loads the host's tokens, positions and sampling parameters only when it must:
         # reset_inputs, logits wanted, a switch between device and host sampling, another page table, or a
-        # prefill since the last decode. Otherwise the trace replays on what its device inputs hold: the tokens
+        # prefill that returned logits since the last decode (one sampled on the device leaves the model in decode
+        # mode). Otherwise the trace replays on what its device inputs hold: the tokens
         # it sampled last step, the positions one further. A skipped user, -1, stays skipped: the Galaxy model's
         # decode ends with ttnn.plus_one(current_pos, skip_negative_entries=True) (llama_model.py,
         # _increment_decode_positions_device, in the versions whose decode returns log-probs as @00b0fa3f's
