@@ -411,8 +411,8 @@ def _tt_sampling(rows: list[SamplingParams]):
     (@b69a64e6, @00b0fa3f) or from models.tt_transformers.tt.generator (@08b93c9f)."""
     from models.demos.llama3_70b_galaxy.tt.generator import SamplingParams as TTSamplingParams
 
-    # A top_p too small for float32 (1e-50) would be 0
-    # there: it goes as float32's smallest normal, which keeps the top token alone, as 1e-50 means. A greedy row
+    # A top_p too small for float32 (1e-50) would be 0 there: it goes as float32's smallest normal, which keeps the
+    # top token alone, as 1e-50 means. A greedy row
     # goes with top_p 1.0: older format_sampling_params keep a greedy row's top_p (newer ones set 0.0), and
     # _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1 (see _argmax).
     # A row asking its logprob that draws its top token (greedy, or top-k 1) goes as temperature 1, top-k 1 and top_p
