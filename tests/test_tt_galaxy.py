@@ -1110,11 +1110,10 @@ def test_a_greedy_request_asking_its_logprob_keeps_the_device_off_its_argmax_pro
     assert int(got[1]) == expected_next([0] * 40 + [int(tokens[1])])
 
 
-def test_a_greedy_request_asking_its_logprob_stays_off_the_argmax_program_of_newer_checkouts(backend, monkeypatch):
-    """format_sampling_params in the versions that have enable_log_probs turns a temperature-0 row into top-k 1 and
+def newer_format_sampling_params(monkeypatch):
+    """format_sampling_params as in the versions that have enable_log_probs: a temperature-0 row becomes top-k 1 and
     top-p 0.0 whatever top_p it came with (models/common/sampling/generator.py @5e75671c: "the compact argmax
-    representation for greedy rows"), so a greedy row asking its logprob, sent as temperature 0, made an all-greedy
-    batch the argmax program's, which computes no log-probs: the generator's ones were reported as its logprob."""
+    representation for greedy rows")."""
     import dataclasses
 
     from models.demos.llama3_70b_galaxy.tt import generator
@@ -1126,6 +1125,12 @@ def test_a_greedy_request_asking_its_logprob_stays_off_the_argmax_program_of_new
                                                      zip(formatted.temperature, formatted.top_p)])
 
     monkeypatch.setattr(generator, "format_sampling_params", newer)
+
+
+def test_a_greedy_request_asking_its_logprob_stays_off_the_argmax_program_of_newer_checkouts(backend, monkeypatch):
+    """With newer_format_sampling_params, a greedy row asking its logprob, sent as temperature 0, made an all-greedy
+    batch the argmax program's, which computes no log-probs: the generator's ones were reported as its logprob."""
+    newer_format_sampling_params(monkeypatch)
     tokens, positions, active = decode_inputs([1], [40])
     rows = [SamplingParams(temperature=0.0, logprobs=0)] + [GREEDY] * 31
     got, log_probs = backend.decode_logprobs(tokens, positions, empty_table(backend), active, rows)
@@ -1281,6 +1286,31 @@ def test_without_warmup_the_first_request_finds_it_and_gets_the_hosts_logprob(tt
         assert result.tokens[slot] == expected_next(range(10))
         assert result.logprobs[slot].logprob == pytest.approx(host_logprob(), rel=1e-6)
     assert [c["sampling_params"] is None for c in gen_calls(b, "prefill_forward_text")] == [False, True, True]
+    b.close()
+
+
+def test_without_warmup_a_greedy_first_request_finds_a_prefill_with_log_probs_on_newer_checkouts(ttnn, hf_dir,
+                                                                                                  monkeypatch):
+    """Without warm-up the first prefill asking log-probs decides, for the backend's life, whether prefills give
+    them. With newer_format_sampling_params, a greedy row sent as temperature 0 would be the argmax program's, which
+    computes none, so a greedy first request would have sent every later one's first token to the host: the prefill
+    too sends it as temperature 1, top-k 1 (_tt_sampling)."""
+    from model.runner import MeshRunner
+    from models.demos.llama3_70b_galaxy.tt.generator import device_log_probs
+    from scheduler.work import MeshWork, PrefillChunk
+    newer_format_sampling_params(monkeypatch)
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    runner = MeshRunner(b)
+    row = torch.zeros(1, VOCAB)
+    row[0, expected_next(range(10))] = 1.0
+    device = float(device_log_probs(row, torch.tensor([expected_next(range(10))]), 128 * 1024)[0])
+    for slot, params in enumerate([SamplingParams(temperature=0.0, logprobs=0), LOGPROBS]):
+        chunk = PrefillChunk(f"r{slot}", slot, list(range(10)), 0, [slot], params, 10)
+        result, = runner.execute(MeshWork(slot, [chunk], None))
+        assert result.tokens[slot] == expected_next(range(10))
+        assert result.logprobs[slot].logprob == device != host_logprob()
+        assert last_call(b, "prefill_forward_text")["sampling_params"] is not None  # one prefill, on the device
+    assert len(gen_calls(b, "prefill_forward_text")) == 2 and b.generator.sampling_mode == "sampled"
     b.close()
 
 
