@@ -412,14 +412,13 @@ def _tt_sampling(rows: list[SamplingParams]):
     from models.demos.llama3_70b_galaxy.tt.generator import SamplingParams as TTSamplingParams
 
     # A top_p too small for float32 (1e-50) would be 0 there: it goes as float32's smallest normal, which keeps the
-    # top token alone, as 1e-50 means. A greedy row
-    # goes with top_p 1.0: older format_sampling_params keep a greedy row's top_p (newer ones set 0.0), and
-    # _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1 (see _argmax).
-    # A row asking its logprob that draws its top token (greedy, or top-k 1) goes as temperature 1, top-k 1 and top_p
-    # float32's smallest normal, off the argmax program (see _argmax): top-k 1 keeps its top token alone. Not as
-    # temperature 0: format_sampling_params in the versions that have enable_log_probs make that top-k 1 and top-p
-    # 0.0 (generator.py @5e75671c, "the compact argmax representation for greedy rows"); nor with top-p 1, the
-    # argmax program's too: a batch of such rows went there and reported the generator's ones.
+    # top token alone, as 1e-50 means. A greedy row goes with top_p 1.0: older format_sampling_params keep a greedy
+    # row's top_p (newer ones set 0.0), and _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1
+    # (see _argmax). A row asking its logprob that draws its top token (greedy, or top-k 1) goes as temperature 1,
+    # top-k 1 and top_p float32's smallest normal, off the argmax program (see _argmax): top-k 1 keeps its top token
+    # alone. Not as temperature 0: format_sampling_params in the versions that have enable_log_probs make that top-k
+    # 1 and top-p 0.0 (generator.py @5e75671c, "the compact argmax representation for greedy rows"); nor with top-p
+    # 1, the argmax program's too: a batch of such rows went there and reported the generator's ones.
     # enable_log_probs only where the checkout has it (_device_sampling).
     logprob_greedy = [p.logprobs is not None and (p.greedy or p.top_k == 1) for p in rows]
     log_probs = {"enable_log_probs": [p.logprobs is not None for p in rows]} \
