@@ -321,8 +321,14 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
                                    num_blocks=settings.max_blocks, max_seq_len=settings.max_seq_len,
                                    vocab_size=tokenizer.vocab_size, eos_token_ids=tuple(sorted(tokenizer.stop_ids)))
         return backend, tokenizer
+    from model.config import LlamaConfig
+    from model.galaxy import check_galaxy_model
     from model.tt_galaxy import TTGalaxyBackend
 
+    try:  # as the serve app refuses it at deploy (check_model_files): tt-metal's 70B model would fail on the open mesh
+        check_galaxy_model(LlamaConfig.from_dir(model_dir))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{model_dir}: {e}") from None  # given by --model, HF_MODEL or LLAMA_DIR
     tokenizer = load_tokenizer(model_dir)  # tt_galaxy: checkpoint_dir found it, or said what to set
     try:
         backend = TTGalaxyBackend(model_dir, block_size=settings.block_size, num_blocks=settings.max_blocks,

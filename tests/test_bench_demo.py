@@ -210,16 +210,29 @@ def test_a_cpu_model_is_not_compared_with_the_galaxys_figures(capsys, tiny_model
     assert rep["published"] == {} and rep["output_tokens"] == 64
 
 
-def test_the_galaxy_backend_without_ttnn_says_what_to_install(monkeypatch):
+@pytest.fixture
+def llama_70b_config(tmp_path):
+    """A folder with Llama 3 70B's config.json and a tokenizer, no weights: what the Galaxy backend checks before
+    tt-metal reads the weights itself."""
+    from transformers import LlamaConfig
+
+    from model.embedded import ensure_llama3_tokenizer
+
+    LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_llama3_tokenizer() / name, tmp_path / name)
+    return tmp_path
+
+
+def test_the_galaxy_backend_without_ttnn_says_what_to_install(monkeypatch, llama_70b_config):
     """One line, not an ImportError's traceback: the ttnn built from the tt-metal checkout, in its python_env (it
     named a `tt` extra, whose PyPI ttnn is built from another commit than the checkout's models)."""
     import sys
 
-    from model.embedded import ensure_smollm2
-
     monkeypatch.setitem(sys.modules, "ttnn", None)  # not importable, as on every host without a Galaxy
     with pytest.raises(SystemExit) as exited:
-        demo.main(["--backend", "tt_galaxy", "--model", str(ensure_smollm2())])
+        demo.main(["--backend", "tt_galaxy", "--model", str(llama_70b_config)])
     said = str(exited.value.code)
     assert "built from the tt-metal checkout" in said and "python_env" in said and "3.10 or 3.12" in said
     assert "meshserve[tt]" not in said
@@ -319,3 +332,17 @@ def test_the_simulated_mesh_samples_on_one_torch_thread_as_under_serve():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_galaxy_backend_refuses_a_checkpoint_not_shaped_as_llama_3_70b(monkeypatch, tiny_model):
+    """The serve app refuses such a folder at deploy (check_model_files); the demo, which a Galaxy operator runs
+    first, opened the mesh on it and ran (over tests/tt_double: a 2-layer, 64-wide Llama took its tokens), where
+    tt-metal's 70B Galaxy model would fail on it once its mesh is open, or serve a wrong model. Now refused before
+    ttnn is needed, as at deploy."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ttnn", None)  # refused before: no ttnn, no mesh
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--backend", "tt_galaxy", "--model", str(tiny_model), "--max-generated-tokens", "2"])
+    said = str(exited.value.code)
+    assert said.startswith(f"{tiny_model}: dim (hidden_size) is 64, not 8192") and "Llama 3 70B" in said
