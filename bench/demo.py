@@ -41,7 +41,7 @@ from bench import args as arg_types  # noqa: E402
 from bench.prompts import SAMPLES_DIR, PromptFileError, load_prompts, read_prompt_file  # noqa: E402
 from model.backend import Backend  # noqa: E402
 from model.checkpoint import checkpoint_dir  # noqa: E402
-from model.galaxy import MAX_TIME_SCALE  # noqa: E402
+from model.galaxy import LLAMA3_70B, MAX_TIME_SCALE  # noqa: E402
 from model.runner import MeshRunner  # noqa: E402
 from model.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from scheduler.blocks import blocks_for  # noqa: E402
@@ -199,6 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_layers is not None and args.backend != "tt_galaxy":
         p.error("--num-layers is supported by the tt_galaxy backend only")
+    if args.num_layers is not None and not 1 <= args.num_layers <= LLAMA3_70B["n_layers"]:  # as AppConfig refuses it
+        p.error(f"--num-layers: 1 to {LLAMA3_70B['n_layers']} (Llama 3 70B's layers), not {args.num_layers}")
     if not 0 < args.time_scale <= MAX_TIME_SCALE or args.decode_steps < 1:
         p.error(f"--time-scale must be in (0, {MAX_TIME_SCALE:g}] and --decode-steps at least 1")
     return args

@@ -84,6 +84,18 @@ def test_backends_size_their_own_pools_unless_told_and_num_layers_needs_tt_galax
         demo.parse_args(["--backend", "simulated", "--num-layers", "1"])
 
 
+@pytest.mark.parametrize("layers", ["0", "81"])
+def test_num_layers_is_held_to_llama_3_70bs_80_as_at_deploy(layers, capsys):
+    """The serve app refuses num_layers past 80 (Llama 3 70B's) and below 1 (AppConfig); the demo took --num-layers 81
+    and 0 to the backend, which opened the mesh and ran them over the double, where tt-metal would build a model the
+    checkpoint has no weights for."""
+    with pytest.raises(SystemExit) as exited:
+        demo.parse_args(["--backend", "tt_galaxy", "--num-layers", layers])
+    assert exited.value.code == 2 and f"--num-layers: 1 to 80 (Llama 3 70B's layers), not {layers}" in \
+        capsys.readouterr().err
+    assert demo.parse_args(["--backend", "tt_galaxy", "--num-layers", "80"]).num_layers == 80
+
+
 def test_batch_32_cuts_each_users_context_like_the_demo(tmp_path):
     (tmp_path / "book.txt").write_text("x" * 20_000)
     path = tmp_path / "long.json"
