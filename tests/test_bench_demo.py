@@ -240,8 +240,10 @@ def llama_70b_config(tmp_path):
 def test_the_galaxy_backend_without_ttnn_says_what_to_install(monkeypatch, llama_70b_config):
     """One line, not an ImportError's traceback: the ttnn built from the tt-metal checkout, in its python_env (it
     named a `tt` extra, whose PyPI ttnn is built from another commit than the checkout's models)."""
+    import os
     import sys
 
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the backend exports the folder as HF_MODEL
     monkeypatch.setitem(sys.modules, "ttnn", None)  # not importable, as on every host without a Galaxy
     with pytest.raises(SystemExit) as exited:
         demo.main(["--backend", "tt_galaxy", "--model", str(llama_70b_config)])
