@@ -1,0 +1,524 @@
+"""A request moved to another mesh mid-answer keeps every feature exactly as it is without the move: through the whole
+stack in one process (the ingress app over a real Router and two torch meshes of a tiny random Llama with SmolLM2's
+vocabulary, in float32, whose recompute gives the decode step's logits: test_seeded_recompute), a mesh raises, hangs
+past its deadline, or vanishes and comes back, part way through answers that use structured outputs, tools, logprobs,
+n > 1, seeds, stop strings, min/max_tokens, penalties, logit_bias and streamed usage. Real logits (the simulated mesh's
+are one-hot) make penalties, bias and seeds change the tokens, so a sampling state rebuilt wrongly shows.
+
+The promises (DESIGN "Failure: contained, then recovered without loss"): each answer equals the unfaulted one (text,
+token ids, calls, logprobs to float32's last bits, finish, usage); a structured one still parses; a request cancelled
+while it is moved leaves no slot, block or slot state on either mesh."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+import uuid
+
+import jsonschema
+import pytest
+import torch
+
+from model.embedded import ensure_smollm2
+from model.grammar import json_schema_grammar, ll_tokenizer
+from model.tokenizer import load_tokenizer
+from model.torch_llama import TorchBackend
+from model.verify import META_EXPRESSIBLE_ROPE
+import tests.in_process as in_process
+from scheduler.sampling import SamplingParams
+from scheduler.work import MeshWork, StaleWork
+from tests.in_process import Stack, nothing_held, until
+from tests.local_mesh import Gone, LocalMesh, _next_step
+
+CHAT, COMP = "/v1/chat/completions", "/v1/completions"
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+          "properties": {"a": {"type": "integer"}, "b": {"type": "string", "maxLength": 12}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "add", "parameters": {
+             "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+             "required": ["a", "b"]}}}]
+HI = [{"role": "user", "content": "hi there, tell me about it"}]
+SEEDED = {"temperature": 1.0, "seed": 5}
+# a few tokens far likelier than the rest, so an answer repeats them and penalties change what it draws (the random
+# model alone seldom repeats a token in 30)
+FEW = {str(t): 12 for t in range(300, 306)}
+BODIES = {
+    "json-schema": (CHAT, {"messages": HI, "max_tokens": 40, **SEEDED, "logprobs": True, "top_logprobs": 2,
+                           "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
+    "json-object": (CHAT, {"messages": HI, "max_tokens": 40, "temperature": 0.0,
+                           "response_format": {"type": "json_object"}}),
+    "tool-required": (CHAT, {"messages": HI, "max_tokens": 40, **SEEDED, "tools": TOOLS, "tool_choice": "required"}),
+    "tool-named": (CHAT, {"messages": HI, "max_tokens": 40, "temperature": 0.0, "tools": TOOLS,
+                          "tool_choice": {"type": "function", "function": {"name": "add"}}}),
+    "logprobs": (COMP, {"prompt": "Once upon a time", "max_tokens": 24, **SEEDED, "logprobs": 3, "ignore_eos": True}),
+    "n3": (CHAT, {"messages": HI, "max_tokens": 20, "n": 3, **SEEDED, "logprobs": True, "top_logprobs": 1,
+                  "ignore_eos": True}),
+    "n2-comp": (COMP, {"prompt": ["a b", "c d e"], "max_tokens": 16, "n": 2, **SEEDED, "logprobs": 1,
+                       "ignore_eos": True}),
+    "penalties": (COMP, {"prompt": "the the the the", "max_tokens": 30, **SEEDED, "presence_penalty": 0.5,
+                         "frequency_penalty": 1.0, "ignore_eos": True, "logprobs": 1, "logit_bias": FEW}),
+    "greedy-penalties": (COMP, {"prompt": "abc abc abc", "max_tokens": 30, "temperature": 0.0,
+                                "presence_penalty": 0.3, "frequency_penalty": 0.7, "ignore_eos": True,
+                                "logit_bias": FEW}),
+    "repetition-penalty": (COMP, {"prompt": "abc abc abc", "max_tokens": 30, **SEEDED, "repetition_penalty": 1.3,
+                                  "ignore_eos": True, "logprobs": 2, "logit_bias": FEW}),
+    "logit-bias": (COMP, {"prompt": "Once upon", "max_tokens": 24, **SEEDED, "ignore_eos": True, "logprobs": 2,
+                          "logit_bias": {"260": 4, "300": 4, "1000": -100}}),
+    # stop ids the bias makes likeliest: masked until min_tokens, it stops just after them
+    "min-tokens": (COMP, {"prompt": "Once upon", "max_tokens": 30, "min_tokens": 20, **SEEDED, "logprobs": 0,
+                          "stop_token_ids": [300, 301], "logit_bias": {"300": 12, "301": 12}}),
+    "ignore-eos": (CHAT, {"messages": HI, "max_tokens": 27, "temperature": 0.0, "ignore_eos": True,
+                          "logit_bias": {"2": 5}}),  # EOS (2) now and then, greedy: no stop
+    "stop-strings": (COMP, {"prompt": "Once upon a time", "max_tokens": 40, **SEEDED, "stop": ["sch", "zzz"],
+                            "logprobs": 0}),
+    "seeded-top": (COMP, {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.8, "top_p": 0.7,
+                          "top_k": 40, "min_p": 0.02, "seed": 123, "logprobs": 1, "ignore_eos": True}),
+    "n6-mixed": (CHAT, {"messages": HI, "max_tokens": 24, "n": 6, **SEEDED, "logprobs": True, "top_logprobs": 2,
+                        "presence_penalty": 0.8, "logit_bias": {"300": 3},
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
+    "echo-prompt-logprobs": (COMP, {"prompt": "Once upon a time there was a", "max_tokens": 16, **SEEDED, "echo": True,
+                                    "logprobs": 2, "prompt_logprobs": 1, "ignore_eos": True}),
+    "regex": (COMP, {"prompt": "Name:", "max_tokens": 30, **SEEDED, "logprobs": 1,
+                     "structured_outputs": {"regex": "[a-z]{3,8}( [a-z]{2,9}){2,6}"}}),
+    "bad-words-allowed": (COMP, {"prompt": "Once upon", "max_tokens": 20, **SEEDED, "ignore_eos": True,
+                                 "allowed_token_ids": list(range(250, 330)), "bad_words": ["ab"], "logprobs": 1}),
+    "include-stop": (COMP, {"prompt": "Once upon a time", "max_tokens": 40, **SEEDED, "stop": ["sch"],
+                            "include_stop_str_in_output": True}),
+}
+# where a kind's move comes (decode results before the fault), else half way: "stop-strings" stops on "sch" of
+# " attorneys" + "changing", its 26th and 27th tokens (the "s" of one, "ch" of the other): the mesh fails with the
+# first of them delivered
+AFTER = {"stop-strings": 25, "include-stop": 25}
+
+
+class DecodeFaultMesh(LocalMesh):
+    """A LocalMesh whose armed fault counts decode steps only (so it fires mid-answer, whatever the prompt's chunks)
+    or the final prefill chunks' results only (`moment`),
+    and disarms every mesh of `family` as it fires: the answer moves once, then finishes where it went (a second
+    failure before its next decode step would end it: max_mesh_failures)."""
+
+    family: list[DecodeFaultMesh] = []
+    armed = False  # a fault was armed, and the mesh was not mended since
+    fired: list[str] = []  # the faults that fired, in turn
+    moment = "decode"  # what results count: "decode" steps, or "first-token" (a final prefill chunk's)
+    failovers_at_arm = 0
+
+    async def execute(self, work: MeshWork, incarnation: str):
+        if not self.alive:
+            raise Gone("the replica is gone")
+        if incarnation != self.incarnation:
+            raise StaleWork("work for another incarnation")
+        async with self.lock:
+            self.works += 1
+            steps, index = self.runner.execute(work), 0
+            while (step := await _next_step(steps)) is not None:
+                fault = None
+                counted = index >= len(work.prefills) if self.moment == "decode" else \
+                    index < len(work.prefills) and work.prefills[index].params is not None
+                if counted and self.fault is not None:
+                    self.fault_after -= 1
+                    if self.fault_after < 0:
+                        fault = self.fault
+                        self.fired.append(fault)
+                        for mesh in self.family:
+                            mesh.fault = None
+                index += 1
+                if fault == "raise":
+                    raise RuntimeError("device lost")
+                if fault == "vanish":
+                    self.vanish()
+                elif fault == "hang":
+                    await self.unhang.wait()
+                if not self.alive:
+                    raise Gone("the replica died mid-work")
+                yield step
+
+
+def tiny_model(path) -> None:
+    """A random 2-layer Llama with SmolLM2's vocabulary (its tokenizer, grammars and chat template apply)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=4096,
+                         rope_parameters=META_EXPRESSIBLE_ROPE, initializer_range=0.3, eos_token_id=2,
+                         bos_token_id=1)
+    torch.manual_seed(11)
+    LlamaForCausalLM(config).eval().save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-smol")
+    tiny_model(path)
+    tok = load_tokenizer(ensure_smollm2())
+    llt = ll_tokenizer(tok, tok.vocab_size)
+
+    def backend():
+        return TorchBackend(path, num_slots=4, block_size=16, num_blocks=64, max_seq_len=512, dtype=torch.float32,
+                            device="cpu")
+    real, in_process.LocalMesh = in_process.LocalMesh, DecodeFaultMesh
+    try:
+        s = Stack(tok, backend, num_meshes=2, grammar_tokenizer=lambda: llt, min_step_deadline_s=2.0,
+                  step_deadline_factor=0, prefill_chunk=32, max_prefill_tokens=32, decode_steps=2)
+    finally:
+        in_process.LocalMesh = real
+    DecodeFaultMesh.family = s.meshes
+    s.expected = {}
+    yield s
+    s.close()
+
+
+def sse(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.split("\n") if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def completion_logprobs(lp: dict | None) -> list:
+    """A completion's logprobs as (token, logprob, [(alternative, logprob)]) per token."""
+    if not lp:
+        return []
+    tops = lp["top_logprobs"] or [None] * len(lp["tokens"])
+    return [(t, p, sorted((top or {}).items())) for t, p, top in zip(lp["tokens"], lp["token_logprobs"], tops)]
+
+
+def collect(path: str, stream: bool, response) -> dict:
+    """An answer as comparable data: per choice its text, calls, token ids, logprobs, finish; and its usage (less
+    cached-token details: the recompute may hit another cache)."""
+    assert response.status_code == 200, response.text
+    chat = path == CHAT
+    choices: dict[int, dict] = {}
+    if stream:
+        chunks = sse(response.text)
+        assert not [c for c in chunks if "error" in c], chunks
+        for chunk in chunks:
+            for c in chunk["choices"]:
+                s = choices.setdefault(c["index"], {"text": "", "calls": {}, "ids": [], "lps": [], "finish": None})
+                s["ids"] += c.get("token_ids") or []
+                if chunk.get("usage"):  # continuous_usage_stats: the choice's tokens so far
+                    assert chunk["usage"]["completion_tokens"] == len(s["ids"]), (chunk, len(s["ids"]))
+                s["finish"] = c.get("finish_reason") or s["finish"]
+                if chat:
+                    s["text"] += c["delta"].get("content") or ""
+                    for call in c["delta"].get("tool_calls") or []:
+                        whole = s["calls"].setdefault(call["index"], ["", ""])
+                        whole[0] += call.get("function", {}).get("name") or ""
+                        whole[1] += call.get("function", {}).get("arguments") or ""
+                    s["lps"] += [(t["token"], t["logprob"], [(x["token"], x["logprob"]) for x in t["top_logprobs"]])
+                                 for t in (c.get("logprobs") or {}).get("content") or []]
+                else:
+                    s["text"] += c["text"]
+                    s["lps"] += completion_logprobs(c["logprobs"])
+        usage = chunks[-1]["usage"]
+    else:
+        body = response.json()
+        for c in body["choices"]:
+            s = {"ids": c.get("token_ids") or [], "finish": c["finish_reason"], "calls": {}, "lps": []}
+            if chat:
+                m = c["message"]
+                s["text"] = m["content"] or ""
+                s["calls"] = {i: [t["function"]["name"], t["function"]["arguments"]]
+                              for i, t in enumerate(m.get("tool_calls") or [])}
+                s["lps"] = [(t["token"], t["logprob"], [(x["token"], x["logprob"]) for x in t["top_logprobs"]])
+                            for t in (c["logprobs"] or {}).get("content") or []]
+            else:
+                s["text"] = c["text"]
+                s["lps"] = completion_logprobs(c["logprobs"])
+            choices[c["index"]] = s
+        usage = body["usage"]
+    usage = {k: v for k, v in usage.items() if not k.endswith("_details")}
+    return {"choices": choices, "usage": usage}
+
+
+def assert_same(got: dict, want: dict, what) -> None:
+    """Equal but for logprob values, which may move in float32's last bits (a recomputed position)."""
+    assert got["usage"] == want["usage"], what
+    assert sorted(got["choices"]) == sorted(want["choices"]), what
+    for i, w in want["choices"].items():
+        g = got["choices"][i]
+        assert {k: v for k, v in g.items() if k != "lps"} == {k: v for k, v in w.items() if k != "lps"}, (what, i)
+        assert [(t, [x for x, _ in top]) for t, _, top in g["lps"]] == \
+            [(t, [x for x, _ in top]) for t, _, top in w["lps"]], (what, i)
+        flat = lambda lps: [p for _, p, top in lps for p in [p, *(q for _, q in top)]]  # noqa: E731
+        assert flat(g["lps"]) == pytest.approx(flat(w["lps"]), abs=1e-3), (what, i)
+
+
+@functools.cache
+def no_space() -> dict[str, int]:
+    """logit_bias banning SmolLM2's whitespace-only tokens: the random model's JSON is mostly whitespace without it,
+    and never ends within max_tokens, so its validity could not be checked."""
+    tok = load_tokenizer(ensure_smollm2())
+    return {str(t): -100 for t in range(tok.vocab_size) if not tok.decode([t]).strip()}
+
+
+def check_structured(kind: str, answer: dict) -> None:
+    """A finished structured answer parses (and fits SCHEMA where it has one); a named tool is the one called."""
+    fields = BODIES[kind][1]
+    for c in answer["choices"].values():
+        if c["finish"] not in ("stop", "tool_calls"):
+            continue
+        if "response_format" in fields:
+            value = json.loads(c["text"])
+            if fields["response_format"]["type"] == "json_schema":
+                jsonschema.validate(value, SCHEMA)
+        if "tools" in fields:
+            assert c["calls"], c
+            for name, arguments in c["calls"].values():
+                json.loads(arguments)
+                if isinstance(fields["tool_choice"], dict):
+                    assert name == fields["tool_choice"]["function"]["name"]
+
+
+def request(kind: str, stream: bool) -> tuple[str, dict]:
+    path, fields = BODIES[kind]
+    if {"response_format", "tools", "structured_outputs"} & fields.keys():
+        fields = {**fields, "logit_bias": {**no_space(), **fields.get("logit_bias", {})}}
+    body = {"model": "smollm2", **fields, "return_token_ids": True, "stream": stream,
+            "cache_salt": uuid.uuid4().hex}
+    if stream:
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    return path, body
+
+
+def post(s, path: str, body: dict):
+    return s.run(s.client.post(path, json=body))
+
+
+def expected(s, kind: str, stream: bool) -> dict:
+    if (kind, stream) not in s.expected:
+        path, body = request(kind, stream)
+        s.expected[kind, stream] = collect(path, stream, post(s, path, body))
+        s.run(nothing_held(s.router, failovers=failovers(s)))
+    return s.expected[kind, stream]
+
+
+def failovers(s) -> dict[str, int]:
+    return {m.name: m.failovers for m in s.router.meshes}
+
+
+async def mend(s, fault: str) -> None:
+    """Bring a mesh back once its fault fired (a hang ends once the router has failed it over), as Serve would."""
+    while True:
+        await asyncio.sleep(0.02)
+        for mesh, local in zip(s.router.meshes, s.meshes):
+            if local.fault is None and local.armed:
+                if fault == "hang" and mesh.up and mesh.failovers == local.failovers_at_arm:
+                    continue
+                local.armed = False
+                local.unhang.set()
+                if not local.alive:
+                    await asyncio.sleep(0.1)
+                    local.restart()
+
+
+def with_fault(s, path: str, body: dict, fault: str, after: int):
+    """`body` answered while both meshes are armed with `fault` after `after` results: the one the answer is on fires
+    mid-answer (the other, if it runs as many results later, too)."""
+    before = sum(failovers(s).values())
+    for mesh, local in zip(s.router.meshes, s.meshes):
+        local.unhang = asyncio.Event()
+        local.inject(fault, after)
+        local.armed, local.failovers_at_arm = True, mesh.failovers
+
+    async def go():
+        mender = asyncio.ensure_future(mend(s, fault))
+        try:
+            return await s.client.post(path, json=body)
+        finally:
+            for local in s.meshes:
+                local.fault = None
+                local.unhang.set()
+                if not local.alive:
+                    local.restart()
+            mender.cancel()
+    response = s.run(go())
+    moved = sum(failovers(s).values()) - before
+    s.run(until(lambda: all(m.up for m in s.router.meshes), 20))
+    s.run(nothing_held(s.router, failovers=failovers(s)))
+    s.run(until(lambda: not any(local.runner.slots for local in s.meshes)))
+    return response, moved
+
+
+@pytest.mark.parametrize("fault", ["raise", "hang", "vanish"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", sorted(BODIES))
+def test_an_answer_moved_mid_way_is_the_answer_unmoved(stack, kind, stream, fault):
+    want = expected(stack, kind, stream)
+    path, body = request(kind, stream)
+    shortest = min(len(c["ids"]) for c in want["choices"].values())
+    assert shortest >= 4, want  # room for a move mid-answer
+    if kind == "stop-strings":
+        assert [(c["text"][-9:], c["finish"]) for c in want["choices"].values()] == [(" attorney", "stop")], want
+    response, moved = with_fault(stack, path, body, fault, after=AFTER.get(kind, shortest // 2 - 1))
+    assert moved >= 1, "no mesh failed under the answer"
+    got = collect(path, stream, response)
+    assert_same(got, want, (kind, stream, fault))
+    check_structured(kind, got)
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+@pytest.mark.parametrize("kind", sorted(BODIES))
+def test_an_answer_moved_at_its_first_decode_steps_is_the_answer_unmoved(stack, kind, after):
+    """The move right at the first decode results (the first token came from the prefill; a decode round of
+    decode_steps 2 pipelined behind it), streamed: the boundaries where a token is counted twice or not at all."""
+    want = expected(stack, kind, True)
+    path, body = request(kind, True)
+    response, moved = with_fault(stack, path, body, "raise", after=after)
+    assert moved >= 1, "no mesh failed under the answer"
+    assert_same(collect(path, True, response), want, (kind, after))
+
+
+def slow(local: LocalMesh) -> None:
+    """Each prefill chunk of `local` takes 30 ms more (until `del local.runner.backend.prefill`)."""
+    prefill = local.runner.backend.prefill
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.03)
+        return prefill(*args, **kwargs)
+    local.runner.backend.prefill = slowed
+
+
+@pytest.mark.parametrize("moment", ["hung", "moved", "recomputing", "held"])
+def test_a_request_cancelled_while_it_is_moved_leaves_nothing_on_either_mesh(stack, moment):
+    """A constrained, penalised answer with logprobs (slot state on the mesh: a grammar matcher, penalty counts) is
+    cancelled while its mesh hangs and before the router fails it over ("hung"), once it is re-placed on the other
+    mesh before its recompute ran there ("moved"), part way through that recompute's chunks ("recomputing"), or
+    while no mesh is up to take it ("held"): no request, slot, KV block or slot state (a prefill's history
+    included) is left on the router, either mesh's scheduler or either runner."""
+    s = stack
+    tok = s.tok
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=60, grammar=json_schema_grammar(SCHEMA), logprobs=2,
+                            presence_penalty=0.5, repetition_penalty=1.2)
+    prompt = tok.encode("Give me some JSON please, " * 40)  # ~280 tokens: 9 chunks of 32
+    router = s.router
+    rid = f"cancel-{moment}-{uuid.uuid4().hex}"
+
+    async def main():
+        answer = router.generate(rid, prompt, params, None, [], continuation=False)
+        tokens = []
+        async for event in answer:
+            tokens += event.token_ids
+            if len(tokens) >= 3:
+                break
+        (home,) = [m for m in router.meshes if router.requests[rid].mesh is m]
+        other = next(m for m in router.meshes if m is not home)
+        local_home = s.meshes[router.meshes.index(home)]
+        local_other = s.meshes[router.meshes.index(other)]
+        if moment == "held":
+            local_other.vanish()
+            await until(lambda: not other.up, 5)
+        fired = len(DecodeFaultMesh.fired)
+        local_home.unhang = asyncio.Event()
+        local_home.inject("hang" if moment == "hung" else "raise", 0)
+        if moment == "recomputing":  # its chunks go one a work there, behind a slowed mesh, so a test sees between
+            slow(local_other)
+        await until(lambda: len(DecodeFaultMesh.fired) > fired)
+        if moment == "moved":
+            await until(lambda: router.requests[rid].mesh is other, 5)
+        elif moment == "recomputing":  # a chunk of its recompute done there, its final chunk not yet
+            def recomputing() -> bool:
+                seq = other.scheduler.requests.get(rid) if other.up else None
+                return seq is not None and 0 < seq.num_computed < len(seq.token_ids) - 40
+            await until(recomputing, 5)
+        elif moment == "held":
+            await until(lambda: rid in router.held, 5)
+        else:
+            assert home.up and router.requests[rid].mesh is home
+        await answer.aclose()  # the client leaves: the request is cancelled
+        if moment == "recomputing":
+            del local_other.runner.backend.prefill
+        assert rid not in router.requests
+        await until(lambda: not home.up or home.failovers, 20)  # the hang fails over past its deadline
+        local_home.unhang.set()
+        if not local_other.alive:
+            local_other.restart()
+        await until(lambda: all(m.up for m in router.meshes), 20)
+        await nothing_held(router, failovers=failovers(s))
+        await until(lambda: not any(local.runner.slots or local.runner._prefilled._ids for local in s.meshes))
+    s.run(main())
+
+
+@pytest.mark.parametrize("after", [3, 11, 25])
+@pytest.mark.parametrize("fault", ["raise", "hang", "vanish"])
+def test_answers_sent_together_through_a_move_are_each_the_answer_alone(stack, fault, after):
+    """Every kind at once, streamed, on two meshes of 4 slots (queues, rebalancing, constrained and penalised rows
+    beside free ones and device-sampled ones on the mesh they move to): one mesh fails after `after` decode results."""
+    s = stack
+    kinds = sorted(BODIES)
+    want = [expected(s, kind, True) for kind in kinds]
+    requests = [request(kind, True) for kind in kinds]
+    for mesh, local in zip(s.router.meshes, s.meshes):
+        local.unhang = asyncio.Event()
+        local.inject(fault, after)
+        local.armed, local.failovers_at_arm = True, mesh.failovers
+    before = sum(failovers(s).values())
+
+    async def go():
+        mender = asyncio.ensure_future(mend(s, fault))
+        try:
+            return await asyncio.gather(*(s.client.post(path, json=body) for path, body in requests))
+        finally:
+            mender.cancel()
+            for local in s.meshes:
+                local.fault = None
+                local.unhang.set()
+                if not local.alive:
+                    local.restart()
+    responses = s.run(go())
+    assert sum(failovers(s).values()) - before >= 1, "no mesh failed"
+    s.run(until(lambda: all(m.up for m in s.router.meshes), 20))
+    s.run(nothing_held(s.router, failovers=failovers(s)))
+    s.run(until(lambda: not any(local.runner.slots for local in s.meshes)))
+    for kind, (path, _), response, w in zip(kinds, requests, responses, want):
+        assert_same(collect(path, True, response), w, kind)
+
+
+@pytest.mark.parametrize("kind", ["json-schema", "tool-required", "penalties", "n3", "n6-mixed", "stop-strings",
+                                  "min-tokens", "echo-prompt-logprobs"])
+def test_an_answer_held_while_no_mesh_is_up_goes_on_as_it_would_have(stack, kind):
+    """Both meshes gone mid-answer (mesh-1 before it came, mesh-0 half way through it): the request is held with its
+    tokens so far, and goes on where it was once the meshes come back."""
+    s = stack
+    want = expected(s, kind, True)
+    path, body = request(kind, True)
+    router = s.router
+
+    async def go():
+        s.meshes[1].vanish()
+        await until(lambda: not router.meshes[1].up)
+        s.meshes[0].inject("vanish", min(len(c["ids"]) for c in want["choices"].values()) // 2)
+        post = asyncio.ensure_future(s.client.post(path, json=body))
+        try:
+            await until(lambda: not any(m.up for m in router.meshes))
+            assert router.held
+            await asyncio.sleep(0.3)
+        finally:
+            for local in s.meshes:
+                local.fault = None
+                local.restart()
+        return await post
+    before = sum(failovers(s).values())
+    response = s.run(go())
+    assert sum(failovers(s).values()) - before == 2
+    s.run(until(lambda: all(m.up for m in s.router.meshes), 20))
+    s.run(nothing_held(s.router, failovers=failovers(s)))
+    assert_same(collect(path, True, response), want, kind)
+
+
+@pytest.mark.parametrize("kind", sorted(BODIES))
+def test_an_answer_that_loses_its_last_token_or_its_first_is_the_answer_unmoved(stack, kind):
+    """The mesh fails on the answer's last decode result (its last token computed, never delivered: the recompute's
+    prefill samples it), then, on another run, on the final prefill chunk's result (the first token: a later choice
+    of n, or the recompute of the whole prompt)."""
+    want = expected(stack, kind, True)
+    shortest = min(len(c["ids"]) for c in want["choices"].values())
+    for moment, after in (("decode", shortest - 2), ("first-token", 0)):
+        DecodeFaultMesh.moment = moment
+        try:
+            path, body = request(kind, True)
+            response, moved = with_fault(stack, path, body, "raise", after=after)
+        finally:
+            DecodeFaultMesh.moment = "decode"
+        assert moved >= 1, ("no mesh failed under the answer", moment)
+        got = collect(path, True, response)
+        assert_same(got, want, (kind, moment))
+        check_structured(kind, got)
