@@ -2,8 +2,9 @@
 stack in one process (the ingress app over a real Router and two torch meshes of a tiny random Llama with SmolLM2's
 vocabulary, in float32, whose recompute gives the decode step's logits: test_seeded_recompute), a mesh raises, hangs
 past its deadline, or vanishes and comes back, part way through answers that use structured outputs, tools, logprobs,
-n > 1, seeds, stop strings, min/max_tokens, penalties, logit_bias and streamed usage. Real logits (the simulated mesh's
-are one-hot) make penalties, bias and seeds change the tokens, so a sampling state rebuilt wrongly shows.
+n > 1, seeds, stop strings, min/max_tokens, penalties, logit_bias and streamed usage (chat, completions and
+Responses). Real logits (the simulated mesh's are one-hot) make penalties, bias and seeds change the tokens, so a
+sampling state rebuilt wrongly shows.
 
 The promises (DESIGN "Failure: contained, then recovered without loss"): each answer equals the unfaulted one (text,
 token ids, calls, logprobs to float32's last bits, finish, usage); a structured one still parses; a request cancelled
@@ -522,3 +523,65 @@ def test_an_answer_that_loses_its_last_token_or_its_first_is_the_answer_unmoved(
         got = collect(path, True, response)
         assert_same(got, want, (kind, moment))
         check_structured(kind, got)
+
+
+RESPONSES = {
+    "resp-json": {"input": "hi there", "max_output_tokens": 40, **SEEDED, "include": ["message.output_text.logprobs"],
+                  "top_logprobs": 2, "text": {"format": {"type": "json_schema", "name": "x", "schema": SCHEMA}}},
+    "resp-tool": {"input": "weather?", "max_output_tokens": 40, "temperature": 0.0, "tool_choice": "required",
+                  "tools": [{"type": "function", "name": "add",
+                             "parameters": TOOLS[1]["function"]["parameters"]}]},
+    "resp-penalties": {"input": "tell me a story", "max_output_tokens": 30, **SEEDED, "logit_bias": FEW,
+                       "presence_penalty": 0.5, "frequency_penalty": 1.0},
+}
+
+
+def without_ids(value):
+    """An answer less what differs between two runs of one request (ids, times, cached-token details)."""
+    if isinstance(value, dict):
+        return {k: without_ids(v) for k, v in value.items()
+                if k not in ("id", "call_id", "created_at", "item_id", "input_tokens_details")}
+    return [without_ids(v) for v in value] if isinstance(value, list) else value
+
+
+def split_logprobs(value, values: list[float]):
+    """`value` with each "logprob" number taken out into `values`, in order."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in sorted(value.items()):
+            if k == "logprob":
+                values.append(v)
+            else:
+                out[k] = split_logprobs(v, values)
+        return out
+    return [split_logprobs(v, values) for v in value] if isinstance(value, list) else value
+
+
+def response_answer(stream: bool, response) -> dict:
+    """A Responses answer less what differs between runs (ids, times, cached-token details)."""
+    assert response.status_code == 200, response.text
+    if stream:
+        events = sse(response.text)
+        assert not [e for e in events if e.get("type") in ("error", "response.failed")], events
+        (final,) = [e["response"] for e in events if e.get("type") in ("response.completed", "response.incomplete")]
+    else:
+        final = response.json()
+    return without_ids({"output": final["output"], "usage": final["usage"], "status": final["status"]})
+
+
+@pytest.mark.parametrize("fault", ["raise", "vanish"])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("kind", sorted(RESPONSES))
+def test_a_responses_answer_moved_mid_way_is_the_answer_unmoved(stack, kind, stream, fault):
+    """/v1/responses (its own writer of text, calls, logprobs and usage): output, usage and status as unmoved."""
+    body = {"model": "smollm2", **RESPONSES[kind], "stream": stream}
+    if "text" in body or "tools" in body:
+        body["logit_bias"] = no_space()
+    want = response_answer(stream, post(stack, "/v1/responses", {**body, "cache_salt": uuid.uuid4().hex}))
+    stack.run(nothing_held(stack.router, failovers=failovers(stack)))
+    response, moved = with_fault(stack, "/v1/responses", {**body, "cache_salt": uuid.uuid4().hex}, fault, after=5)
+    assert moved >= 1, "no mesh failed under the answer"
+    got = response_answer(stream, response)
+    got_values, want_values = [], []
+    assert split_logprobs(got, got_values) == split_logprobs(want, want_values), (kind, stream, fault)
+    assert got_values == pytest.approx(want_values, abs=1e-3)
