@@ -141,9 +141,9 @@ def tiny_model(path) -> None:
     """A random 2-layer Llama with SmolLM2's vocabulary (its tokenizer, grammars and chat template apply)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=4096,
-                         rope_parameters=META_EXPRESSIBLE_ROPE, initializer_range=0.3, eos_token_id=2,
-                         bos_token_id=1)
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, rope_parameters=META_EXPRESSIBLE_ROPE, initializer_range=0.3,
+                         eos_token_id=2, bos_token_id=1)
     torch.manual_seed(11)
     LlamaForCausalLM(config).eval().save_pretrained(path)
 
