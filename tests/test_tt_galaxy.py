@@ -1028,11 +1028,16 @@ def test_the_demo_runs_a_preset_on_the_galaxy_backend(ttnn, hf_dir, tmp_path_fac
     import json
     import shutil
 
+    from transformers import LlamaConfig
+
     from bench import demo
     from model.embedded import ensure_llama3_tokenizer
 
     for f in ensure_llama3_tokenizer().iterdir():
         shutil.copy(f, hf_dir / f.name)
+    # Llama 3 70B's shape, which bench.demo checks as the serve app does (the double reads no weights)
+    LlamaConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8).save_pretrained(hf_dir)
     prompts = tmp_path_factory.mktemp("prompts") / "p.json"
     prompts.write_text(json.dumps([{"prompt": "Hi."}, {"prompt": "Name a bird."}]))
     demo.main(["--backend", "tt_galaxy", "--model", str(hf_dir), "--input-prompts", str(prompts),
