@@ -228,13 +228,30 @@ def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: fl
     """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do.
     Every node starts in the same Serve mode (throughput + HAProxy unless the plain proxy is asked for),
     as every `ray start` of a real cluster must."""
+    for attempt in (1, 2):
+        try:
+            return _galaxy_cluster(num_galaxies, head_cpus, cpus_per_node, plain_proxy)
+        except Exception as e:
+            # Ray gives a node 30 s to register with the GCS (ray/_private/node.py, Node.__init__:
+            # raylet_start_wait_time_s, fixed); on this 2-core box beside the other test worker one raylet once
+            # wrote not even its first log line in that time. A fresh cluster, not another node: the late raylet
+            # may still join the first one's GCS, which is shut down.
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+
+
+def _galaxy_cluster(num_galaxies: int, head_cpus: int, cpus_per_node: float, plain_proxy: bool | None):
     from ray.cluster_utils import Cluster
     with ray_environment(plain_proxy):
         # A port of its own for the dashboard (the state API goes through it): another Ray on this box may hold 8265.
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_port": free_port()})
-        for _ in range(num_galaxies):
-            cluster.add_node(num_cpus=cpus_per_node, resources={"galaxy": 1})
-        cluster.wait_for_nodes()
+        try:
+            for _ in range(num_galaxies):
+                cluster.add_node(num_cpus=cpus_per_node, resources={"galaxy": 1})
+            cluster.wait_for_nodes()
+        except BaseException:
+            cluster.shutdown()  # else its head outlives the caller, beside the next Ray on this box
+            raise
     return cluster
 
 

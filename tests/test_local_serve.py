@@ -4,6 +4,8 @@ ports), or a Ray process may bind it first (seen once in CI)."""
 import socket
 from pathlib import Path
 
+import pytest
+
 from bench.local_serve import free_port
 
 
@@ -38,3 +40,45 @@ def test_a_local_ray_that_fails_to_start_is_started_once_more_and_its_processes_
     import pytest
     with pytest.raises(RuntimeError):
         local_serve.init_local_ray(num_cpus=1)
+
+
+def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_once_more(monkeypatch):
+    """Ray's fixed 30 s for a node to register once ran out on the 2-core box (CI, test_node_loss_e2e): the cluster
+    is shut down, not left beside the next Ray, and one fresh cluster is tried; any other error is raised at once."""
+    import ray.cluster_utils
+
+    from bench import local_serve
+
+    made = []
+
+    class FakeCluster:
+        def __init__(self, initialize_head, head_node_args):
+            self.down, self.nodes = False, 0
+            made.append(self)
+
+        def add_node(self, **kwargs):
+            if failures:
+                raise failures.pop(0)
+            self.nodes += 1
+
+        def wait_for_nodes(self):
+            pass
+
+        def shutdown(self):
+            self.down = True
+
+    monkeypatch.setattr(ray.cluster_utils, "Cluster", FakeCluster)
+    late = Exception("The current node timed out during startup. This could happen because ...")
+    failures = [late]
+    cluster = local_serve.fake_galaxy_cluster(2)
+    assert cluster is made[1] and cluster.nodes == 2 and not cluster.down and made[0].down
+    made.clear()
+    failures = [late, late]
+    with pytest.raises(Exception, match="timed out during startup"):
+        local_serve.fake_galaxy_cluster(2)
+    assert len(made) == 2 and all(c.down for c in made)
+    made.clear()
+    failures = [OSError("no such port")]
+    with pytest.raises(OSError):
+        local_serve.fake_galaxy_cluster(2)
+    assert len(made) == 1 and made[0].down
