@@ -875,6 +875,70 @@ def test_a_step_the_device_cannot_chain_loads_the_previous_tokens_from_the_host(
     assert int(second.tokens()[12]) == expected_next(a)
 
 
+RUNNING = SamplingParams(temperature=0.6, top_k=10, top_p=0.9)
+JOINING = SamplingParams(temperature=0.9, top_k=5, top_p=0.8)
+
+
+@pytest.fixture(params=["00b0fa3f", "scatter_sampling_params_to_slots"])
+def prefill_scatter(request, hf_dir, monkeypatch):
+    """The double as generator.py @00b0fa3f (a device-sampled prefill's other rows get format_sampling_params'
+    argmax padding, and all 32 log-probs flags the request's) and as a checkout that takes models/common/sampling's
+    scatter_sampling_params_to_slots and passes empty_slots on (the other rows get the request's own values, and
+    only the prefilled slot's log-probs flag changes)."""
+    from models.demos.llama3_70b_galaxy.tt import generator
+    monkeypatch.setattr(generator, "SCATTER_SAMPLING_PARAMS_TO_SLOTS", request.param != "00b0fa3f")
+    return request.param
+
+
+def test_a_device_sampled_prefill_leaves_the_sampler_in_the_requests_mode(prefill_scatter, backend):
+    """Whichever fills the other rows, the sampler's mode after a prefill is the request's (all 32 rows argmax only
+    where the request's is): a greedy request joining right after a sampled one takes its first token on the host,
+    and nothing switches the mode again."""
+    tokens, positions, active = decode_inputs([1], [40])
+    backend.decode(tokens, positions, empty_table(backend), active, [GREEDY] * 32)
+    n = len(backend.generator.calls)
+    backend.prefill(list(range(40)), 0, [3], slot=2, sampling=JOINING)
+    others = {backend.generator.device_params[s]["top_k"] for s in range(32) if s != 2}
+    assert others == ({1} if prefill_scatter == "00b0fa3f" else {5})
+    backend.prefill(list(range(60)), 0, [4], slot=3, sampling=GREEDY)
+    assert last_call(backend, "prefill_forward_text")["sampling_params"] is None
+    backend.decode(tokens, positions, empty_table(backend), active, [GREEDY, GREEDY, JOINING, GREEDY] + [None] * 28)
+    assert sampling_events(backend, n) == [("prefill_forward_text", True, None), ("decode_forward", False, "sampled")]
+
+
+def test_the_decode_after_a_device_sampled_prefill_samples_each_user_with_its_own_parameters(prefill_scatter,
+                                                                                              backend):
+    """A device-sampled prefill replaces every row's parameters, the running users' with argmax padding (@00b0fa3f)
+    or with the joining request's temperature, top-k and top-p (scatter_sampling_params_to_slots), and leaves the
+    model in decode mode: only reset_inputs makes the next decode load the users' own. A step chained over the
+    prefill would sample them so."""
+    _, (tokens, positions, active), table = two_prefilled_slots(backend)
+    sampling = [RUNNING if s in (12, 13) else None for s in range(32)]
+    first = backend.decode_async(tokens, positions, table, active, sampling)
+    backend.prefill(list(range(300)), 0, [20, 21, 22, 23, 24], slot=0, sampling=JOINING)
+    assert backend.generator.device_params[12]["top_k"] == (1 if prefill_scatter == "00b0fa3f" else 5)
+    backend.decode_async(first, positions + active, table, active, sampling)
+    assert last_call(backend, "decode_forward")["inputs_loaded"]
+    assert [{k: backend.generator.device_params[s][k] for k in ("temperature", "top_k", "top_p")}
+            for s in (12, 13)] == [{"temperature": 0.6, "top_k": 10, "top_p": 0.9}] * 2
+
+
+def test_a_prefill_returning_log_probs_it_did_not_ask_still_gives_its_token(prefill_scatter, ttnn, hf_dir):
+    """After a decode asking log-probs, @00b0fa3f's prefill of a request not asking them sets every flag off and
+    returns its tokens alone; a checkout passing empty_slots on keeps the running users' flags, and its sampler
+    returns log-probs beside the token. Either way the token is taken, and (without warm-up) whether prefills give
+    log-probs is decided by the first that asks them, which gets the device's value."""
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    tokens, positions, active = decode_inputs([1], [40])
+    b.decode_logprobs(tokens, positions, empty_table(b), active, [None, LOGPROBS] + [None] * 30)
+    prompt = list(range(300, 340))
+    assert int(b.prefill(prompt, 0, [3], slot=2, sampling=JOINING)) == expected_next(prompt)
+    assert b.generator.log_probs_enabled[1] is (prefill_scatter != "00b0fa3f")
+    token, value = b.prefill_logprobs(prompt, 0, [5], slot=4, sampling=LOGPROBS)
+    assert token == expected_next(prompt) and abs(value - host_logprob()) <= 2 ** -8 * abs(host_logprob())
+    b.close()
+
+
 def serve_on_the_galaxy(hf_dir, async_decode: bool) -> tuple[list, int, torch.Tensor]:
     """MeshRunner over the backend: three slots on two mesh columns, each with its own budget, over two works of
     five steps. Returns (each step's tokens and finish reasons, how many steps ran on the device's own inputs,

@@ -32,6 +32,15 @@ from models.demos.llama3_70b_galaxy.tt.model_config import SDPA_CHUNK_ALIGN
 # The prefill lengths the generator traces (tt_ccl.support_seqlens, llama_ccl.py @00ab7c95); others run untraced.
 SUPPORT_SEQLENS = (4096, 2048, 1024, 128)
 
+# How a device-sampled prefill places its parameters. False: as generator.py @00b0fa3f (and every Galaxy generator.py
+# the index holds that samples a prefill on the device): its own _scatter_params_to_slots leaves every other row
+# format_sampling_params' padding (argmax), and reset_sampling_params gets no empty_slots, so all 32 log-probs flags
+# are replaced. True: as a generator that takes models/common/sampling's scatter_sampling_params_to_slots (newer
+# than @00b0fa3f; no Galaxy generator.py the index holds calls it) and passes empty_slots on, as its
+# apply_prefill_state does: every other row takes the request's own values, and only the prefilled slots' log-probs
+# flags change (set_log_probs_mode's partial update). Tests set this to True to stand for such a checkout.
+SCATTER_SAMPLING_PARAMS_TO_SLOTS = False
+
 MAX_BATCH = 32
 ROWS = 8  # the mesh rows, over which each column's chips split the vocabulary (LogProbsCalculator's TP axis)
 COLUMNS = 4  # prepare_prefill_inputs_host: `devices = 4`; user u lives on column u // 8
@@ -131,6 +140,7 @@ class Generator:
         self.sampling_mode: str | None = None  # the sampling module's: "greedy" (argmax) or "sampled"
         self.sampling_traces: set[str] = set()  # its captured traces: by mode, and whether log-probs are on
         self.log_probs_enabled = [False] * MAX_BATCH  # LogProbsCalculator.logprobs_enabled: per user
+        self.device_params: list[dict] | None = None  # each slot's sampling parameters as the sampler holds them
         # decode_forward's input state (generator.py @00b0fa3f): what the decode trace's device inputs hold
         # after the last step (the sampled tokens, the positions one further), and what decides a reload
         self.device_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -144,13 +154,21 @@ class Generator:
         # the LogProbsCalculator's output_tensor
         self.log_probs_buffer = ttnn.DeviceBuffer(torch.ones(MAX_BATCH, dtype=torch.bfloat16))
 
-    def _reset_sampling(self, params: SamplingParams) -> bool:
-        """SamplingGenerator.reset_sampling_params (models/common/sampling/generator.py @00b0fa3f): a change of
-        mode releases every captured sampling trace (reset_trace). The users' log-probs flags go to the
-        LogProbsCalculator (set_log_probs_mode, tt_log_probs.py @023b5d02), all 32 of them: the Galaxy generator's
-        prefill and decode pass no empty_slots (apply_prefill_state's partial update is other models').
-        Returns whether the mode changed."""
-        self.log_probs_enabled = [bool(flag) for flag in params.enable_log_probs]
+    def _reset_sampling(self, params: SamplingParams, empty_slots: list[int] | None = None) -> bool:
+        """SamplingGenerator.reset_sampling_params (models/common/sampling/generator.py @00b0fa3f): TTSampling takes
+        all 32 rows' k, p and temperature whatever empty_slots is (reset_params hands them to set_log_probs_mode
+        alone, tt_sampling.py @0365bf78), and a change of mode releases every captured sampling trace (reset_trace).
+        The users' log-probs flags go to the LogProbsCalculator (set_log_probs_mode, tt_log_probs.py @023b5d02), all
+        32 of them, as the Galaxy generator's prefill and decode pass no empty_slots; with empty_slots
+        (SCATTER_SAMPLING_PARAMS_TO_SLOTS's prefill) only those slots' flags change, the rest keep theirs
+        (set_log_probs_mode's partial update). Returns whether the mode changed."""
+        flags = [bool(flag) for flag in params.enable_log_probs]
+        if empty_slots is None:
+            self.log_probs_enabled = flags
+        else:
+            for slot in empty_slots:
+                self.log_probs_enabled[slot] = flags[slot]
+        self.device_params = _per_slot(params)
         mode = _sampling_kind(params)
         changed = self.sampling_mode is not None and mode != self.sampling_mode
         if changed:
@@ -235,9 +253,9 @@ class Generator:
         if sampling_params is not None:  # sampled untraced, after reset_sampling_params on the scattered rows
             scattered = _scatter_to_slots(format_sampling_params(sampling_params, MAX_BATCH), empty_slots)
             placed = _per_slot(scattered)
-            # reset_sampling_params(sampling_params), no empty_slots: every user's log-probs flag is the scattered
-            # one (the request's, its filler the broadcast value), not only the prefilled slots'
-            mode_changed = self._reset_sampling(scattered)
+            # @00b0fa3f: reset_sampling_params(sampling_params), no empty_slots: every user's log-probs flag is the
+            # scattered one (the request's, its filler the broadcast value), not only the prefilled slots'
+            mode_changed = self._reset_sampling(scattered, empty_slots if SCATTER_SAMPLING_PARAMS_TO_SLOTS else None)
             compiled += self._compile(("prefill_out", "tokens"), ("sampling", _sampling_kind(scattered)))
             if any(self.log_probs_enabled) and self.sampling_mode == "sampled":  # TTSampling computed them
                 compiled += self._compile(("log_probs",))
@@ -380,8 +398,12 @@ class Generator:
 
 
 def _scatter_to_slots(params: SamplingParams, slots: list[int]) -> SamplingParams:
-    """prefill_forward_text's _scatter_params_to_slots: values arrive in request order and move to the
-    requests' slots; the rest get the value after the last request's (a padding default). Seeds stay."""
+    """prefill_forward_text's _scatter_params_to_slots (generator.py @00b0fa3f): values arrive in request order, padded
+    to 32 by format_sampling_params, and move to the requests' slots; the rest get the value after the last request's
+    (the padding: temperature 0, so argmax; enable_log_probs of one request broadcast, so its flag). With
+    SCATTER_SAMPLING_PARAMS_TO_SLOTS, models/common/sampling's scatter_sampling_params_to_slots: the rest get the last
+    request's own values ("Rows no request occupies inherit the last real request's values"). Seeds stay (in request
+    order, for the seed manager) in both."""
     updates = {}
     for f in fields(params):
         values = getattr(params, f.name)
@@ -390,7 +412,8 @@ def _scatter_to_slots(params: SamplingParams, slots: list[int]) -> SamplingParam
             continue
         if len(values) == 1 and len(slots) > 1:
             values = values * len(slots)
-        filler = values[len(slots)] if len(values) > len(slots) else values[-1]
+        filler = values[len(slots) - 1] if SCATTER_SAMPLING_PARAMS_TO_SLOTS else \
+            values[len(slots)] if len(values) > len(slots) else values[-1]
         scattered = [filler] * MAX_BATCH
         for value, slot in zip(values[:len(slots)], slots):
             scattered[slot] = value
