@@ -56,7 +56,10 @@ def check_galaxy_model(llama) -> None:
             spelled = f"{name} ({_HF_NAMES[name]})" if name in _HF_NAMES else name
             raise ValueError(f"{spelled} is {value}, not {expected}: the tt_galaxy backend runs tt-metal's Llama 3 70B "
                              "Galaxy model, which serves Llama 3 70B checkpoints only (e.g. Llama-3.3-70B-Instruct)")
-# What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history.
+# What tt-metal's sampler draws with. Penalties stay on the host: this contract carries no token history, and a
+# prefill sampled on the device resets every user's penalty history there (prefill_forward_text's
+# reset_prompt_tokens and reset_output_state take no slots, generator.py @00b0fa3f), which it does only while a row
+# carries a penalty (SamplingGenerator._penalties_active).
 # A seed stays on the host too: tt-metal reseeds a slot's generator at each prefill and draws once per decode
 # step (models/common/sampling SeedManager), so a seeded answer recomputed after a preemption or a failover, or
 # decoded beside a host-sampled neighbour, would draw other tokens; the host sampler keys each draw on

@@ -189,8 +189,21 @@ class TTGalaxyBackend(Backend):
                  sampling: SamplingParams | None):
         """One user's prefill on device block ids (serving and warm-up take this same call). Returns (tokens
         [1] or logits [1, 1, vocab], the device's log-probs [1] or None). With `sampling`, the device samples for
-        the request's slot and every other slot is set to argmax (prefill_forward_text's _scatter_params_to_slots
-        fills them with format_sampling_params' padding), so the device sampler's mode becomes the request's."""
+        the request's slot, and all 32 rows' top-k, top-p and temperature are replaced: every other row with
+        format_sampling_params' padding, argmax (prefill_forward_text's own _scatter_params_to_slots, generator.py
+        @00b0fa3f and every Galaxy generator.py the index holds that samples a prefill), or with the request's own
+        values (models/common/sampling's scatter_sampling_params_to_slots, newer: "Rows no request occupies inherit the
+        last real request's values"). Either way the sampler's mode becomes the request's (TTSampling.reset_params
+        decides it from all 32 rows' k, p and temperature, tt_sampling.py @0365bf78), and the running users' rows are
+        not theirs until a decode loads the host's parameters: the next decode goes with reset_inputs (below). Log-probs
+        flags: @00b0fa3f passes no empty_slots, so all 32 become the request's (its one flag broadcast); a checkout
+        passing them on (SamplingGenerator.apply_prefill_state; reset_params @0365bf78 hands them to set_log_probs_mode
+        alone) changes the prefilled slot's alone, and a prefill not asking log-probs after a decode that did returns
+        them too (taken apart below). Seeds: the prefilled slot's alone (seed_manager.reset_seed(seed, empty_slots)),
+        and no device row carries one (DEVICE_SAMPLING). Penalty history: reset_prompt_tokens(prefill_ids) and
+        reset_output_state() take no slots in both, so a penalised prefill would reset every user's (tt_penalties.py
+        @7025f870 zeroes the whole batch's output counts); they act only while the parameters carry a penalty
+        (SamplingGenerator._penalties_active), and no device row does."""
         # the next decode loads the host's inputs (reset_inputs): a prefill sampled on the device leaves the model in
         # decode mode (prefill_forward_text's switch_mode("decode"), generator.py @00b0fa3f), so no mode change would
         self._last_step = None
@@ -396,7 +409,8 @@ def _argmax(p: SamplingParams) -> bool:
     tt_sampling.py @00b0fa3f) takes a batch whose rows all have top-k 1, top-p 0 or 1 and temperature 1 (greedy
     rows become that) down a faster path. SamplingGenerator.reset_sampling_params (its generator.py) releases
     every captured sampling trace when that mode changes, and the next traced decode captures again; each
-    prefill the device samples sets the mode for its own request (the other rows are padding, argmax). So a
+    prefill the device samples sets the mode for its own request (the other rows are argmax padding, or the
+    request's own values in newer checkouts: _prefill). So a
     greedy request's first token is the host's argmax when the running batch is sampled: sampled on the device,
     it would cost two mode changes and a capture. (A sampled request joining an argmax batch changes the mode
     once wherever its first token is taken.) A row asking its logprob is not: the argmax program computes no
