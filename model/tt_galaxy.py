@@ -187,22 +187,24 @@ class TTGalaxyBackend(Backend):
 
     def _prefill(self, token_ids: list[int], start: int, device_row: torch.Tensor, slot: int,
                  sampling: SamplingParams | None):
-        """One user's prefill on device block ids (serving and warm-up take this same call). Returns (tokens
-        [1] or logits [1, 1, vocab], the device's log-probs [1] or None). With `sampling`, the device samples for
-        the request's slot, and all 32 rows' top-k, top-p and temperature are replaced: every other row with
-        format_sampling_params' padding, argmax (prefill_forward_text's own _scatter_params_to_slots, generator.py
-        @00b0fa3f and every Galaxy generator.py the index holds that samples a prefill), or with the request's own
-        values (models/common/sampling's scatter_sampling_params_to_slots, newer: "Rows no request occupies inherit the
-        last real request's values"). Either way the sampler's mode becomes the request's (TTSampling.reset_params
-        decides it from all 32 rows' k, p and temperature, tt_sampling.py @0365bf78), and the running users' rows are
-        not theirs until a decode loads the host's parameters: the next decode goes with reset_inputs (below). Log-probs
-        flags: @00b0fa3f passes no empty_slots, so all 32 become the request's (its one flag broadcast); a checkout
-        passing them on (SamplingGenerator.apply_prefill_state; reset_params @0365bf78 hands them to set_log_probs_mode
-        alone) changes the prefilled slot's alone, and a prefill not asking log-probs after a decode that did returns
-        them too (taken apart below). Seeds: the prefilled slot's alone (seed_manager.reset_seed(seed, empty_slots)),
-        and no device row carries one (DEVICE_SAMPLING). Penalty history: reset_prompt_tokens(prefill_ids) and
-        reset_output_state() take no slots in both, so a penalised prefill would reset every user's (tt_penalties.py
-        @7025f870 zeroes the whole batch's output counts); they act only while the parameters carry a penalty
+        """One user's prefill on device block ids (serving and warm-up take this same call). Returns (tokens [1] or
+        logits [1, 1, vocab], the device's log-probs [1] or None). With `sampling`, the device samples for the request's
+        slot, and all 32 rows' top-k, top-p and temperature are replaced: every other row with format_sampling_params'
+        padding, argmax (prefill_forward_text's own _scatter_params_to_slots, generator.py @00b0fa3f and every Galaxy
+        generator.py the index holds that samples a prefill), or with the request's own values (models/common/sampling's
+        scatter_sampling_params_to_slots, newer: "Rows no request occupies inherit the last real request's values").
+        Either way the sampler's mode becomes the request's (TTSampling.reset_params decides it from all 32 rows' k, p
+        and temperature, tt_sampling.py @0365bf78), and the running users' rows are not theirs until a decode loads the
+        host's parameters: the next decode goes with reset_inputs (below). Log-probs flags: @00b0fa3f passes no
+        empty_slots, so all 32 become the request's (its one flag broadcast); a checkout passing them on
+        (SamplingGenerator.apply_prefill_state; reset_params @0365bf78 hands them to set_log_probs_mode alone) changes
+        the prefilled slot's alone, and a prefill not asking log-probs after a decode that did returns them too (taken
+        apart below). Seeds: reset_seed(seed, empty_slots) re-seeds the prefilled slot alone, but with no seeded slot
+        the next get_new_values pushes fresh random values to all 32 (SeedManager @00b0fa3f, its "State 1"), so every
+        unseeded user's device generator restarts at each prefill, which changes no distribution; no device row carries
+        a seed (DEVICE_SAMPLING). Penalty history: reset_prompt_tokens(prefill_ids) and reset_output_state() take no
+        slots in both, so a penalised prefill would reset every user's (tt_penalties.py @7025f870 zeroes the whole
+        batch's output counts); they act only while the parameters carry a penalty
         (SamplingGenerator._penalties_active), and no device row does."""
         # the next decode loads the host's inputs (reset_inputs): a prefill sampled on the device leaves the model in
         # decode mode (prefill_forward_text's switch_mode("decode"), generator.py @00b0fa3f), so no mode change would
