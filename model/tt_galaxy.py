@@ -432,9 +432,10 @@ def _tt_sampling(rows: list[SamplingParams]):
     # row's top_p (newer ones set 0.0), and _is_force_argmax_sampling takes the argmax path only for top_p 0 or 1
     # (see _argmax). A row asking its logprob that draws its top token (greedy, or top-k 1) goes as temperature 1,
     # top-k 1 and top_p float32's smallest normal, off the argmax program (see _argmax): top-k 1 keeps its top token
-    # alone. Not as temperature 0: format_sampling_params in the versions that have enable_log_probs make that top-k
-    # 1 and top-p 0.0 (generator.py @5e75671c, "the compact argmax representation for greedy rows"); nor with top-p
-    # 1, the argmax program's too: a batch of such rows went there and reported the generator's ones.
+    # alone. Not as temperature 0: newer format_sampling_params make that top-k 1 and top-p 0.0 ("the compact argmax
+    # representation for greedy rows": models/common/sampling/generator.py in the stored version with num_logprobs,
+    # whose commit the index does not name; @5e75671c still kept its top_p); nor with top-p 1, the argmax program's
+    # too: a batch of such rows went there and reported the generator's ones.
     # enable_log_probs only where the checkout has it (_device_sampling).
     logprob_greedy = [p.logprobs is not None and (p.greedy or p.top_k == 1) for p in rows]
     log_probs = {"enable_log_probs": [p.logprobs is not None for p in rows]} \

@@ -1180,9 +1180,9 @@ def test_a_greedy_request_asking_its_logprob_keeps_the_device_off_its_argmax_pro
 
 
 def newer_format_sampling_params(monkeypatch):
-    """format_sampling_params as in the versions that have enable_log_probs: a temperature-0 row becomes top-k 1 and
-    top-p 0.0 whatever top_p it came with (models/common/sampling/generator.py @5e75671c: "the compact argmax
-    representation for greedy rows")."""
+    """format_sampling_params as in newer versions: a temperature-0 row becomes top-k 1 and top-p 0.0 whatever top_p
+    it came with ("the compact argmax representation for greedy rows": models/common/sampling/generator.py in the
+    stored version with num_logprobs, whose commit the index does not name; @5e75671c kept the row's top_p)."""
     import dataclasses
 
     from models.demos.llama3_70b_galaxy.tt import generator
