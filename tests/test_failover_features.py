@@ -339,9 +339,17 @@ def with_fault(s, path: str, body: dict, fault: str, after: int):
     return response, moved
 
 
-@pytest.mark.parametrize("fault", ["raise", "hang", "vanish"])
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("kind", sorted(BODIES))
+# A hang differs from a raise only in how the router learns of it (min_step_deadline_s, 2 s here, then _fail as for
+# a raise; the hung mesh's late results go nowhere): what the move rebuilds is the same for every kind, so a hang
+# runs with one kind of each state a move rebuilds (a grammar, penalty counts, n choices with everything, the
+# ingress's stop-string buffer), not with all 20 (each waits out the deadline: 40 of them were 104 s of the
+# file's 161)
+HANG_KINDS = ("json-schema", "n6-mixed", "penalties", "stop-strings")
+
+
+@pytest.mark.parametrize("kind,stream,fault", [
+    (kind, stream, fault) for kind in sorted(BODIES) for stream in (False, True)
+    for fault in ("raise", "vanish", *(("hang",) if kind in HANG_KINDS else ()))])
 def test_an_answer_moved_mid_way_is_the_answer_unmoved(stack, kind, stream, fault):
     want = expected(stack, kind, stream)
     path, body = request(kind, stream)
