@@ -327,9 +327,13 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
     from model.galaxy import check_galaxy_model
     from model.tt_galaxy import TTGalaxyBackend
 
-    try:  # as the serve app refuses it at deploy (check_model_files): tt-metal's 70B model would fail on the open mesh
-        check_galaxy_model(LlamaConfig.from_dir(model_dir))
+    try:  # its errors name the folder or the file already
+        llama = LlamaConfig.from_dir(model_dir)
     except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    try:  # as the serve app refuses it at deploy (check_model_files): tt-metal's 70B model would fail on the open mesh
+        check_galaxy_model(llama)
+    except ValueError as e:
         raise SystemExit(f"{model_dir}: {e}") from None  # given by --model, HF_MODEL or LLAMA_DIR
     tokenizer = load_tokenizer(model_dir)  # tt_galaxy: checkpoint_dir found it, or said what to set
     try:

@@ -360,3 +360,18 @@ def test_the_galaxy_backend_refuses_a_checkpoint_not_shaped_as_llama_3_70b(monke
         demo.main(["--backend", "tt_galaxy", "--model", str(tiny_model), "--max-generated-tokens", "2"])
     said = str(exited.value.code)
     assert said.startswith(f"{tiny_model}: dim (hidden_size) is 64, not 8192") and "Llama 3 70B" in said
+
+
+def test_a_galaxy_checkpoint_the_demo_cannot_read_is_named_once(monkeypatch, tmp_path):
+    """LlamaConfig.from_dir's errors name the folder or the file themselves: the demo prefixed the folder again
+    ('/x: /x has neither config.json nor params.json')."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ttnn", None)
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--backend", "tt_galaxy", "--model", str(tmp_path)])
+    assert str(exited.value.code) == f"{tmp_path} has neither config.json nor params.json"
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exited:
+        demo.main(["--backend", "tt_galaxy", "--model", str(tmp_path)])
+    assert str(exited.value.code).startswith(f"{tmp_path / 'config.json'}: not a Llama config meshserve reads")
