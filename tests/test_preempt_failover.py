@@ -314,18 +314,22 @@ def test_requests_preempted_and_moved_end_as_their_solo_runs_and_leave_nothing(t
     s.loop.set_exception_handler(lambda loop, context: errors.append(context))
     counts: Counter = Counter()
     solos: dict = {}
+
+    def together() -> bool:  # a mesh failed with a request preempted on it
+        return bool(counts["queued preempted on a mesh that failed"] +
+                    counts["re-seated after a preemption on a mesh that failed"])
     try:
-        for n in range(TRIALS):
+        n = 0
+        while n < TRIALS or not together() and n < TRIALS + 2:  # timing decides where faults land: a few more
             trial = Trial(s, random.Random(seed * 10_000 + n), counts)
             specs = trial.specs()
             bad = s.run(trial.run(specs, [solo.run(solo_run(solo, sp, solos)) for sp in specs]))
             assert not bad, (n, bad)
             assert not errors, errors
+            n += 1
     finally:
         s.close()
         solo.close()
     if os.environ.get("PREEMPT_FAILOVER_TRIALS"):
         print(kind, seed, dict(counts))
-    assert counts["preemptions"] and counts["failovers"], counts  # the two together, not one alone
-    assert counts["queued preempted on a mesh that failed"] + counts["re-seated after a preemption on a mesh "
-                                                                     "that failed"], counts
+    assert counts["preemptions"] and counts["failovers"] and together(), counts  # the two together
