@@ -30,7 +30,7 @@ import tests.in_process as in_process
 from scheduler.sampling import SamplingParams
 from scheduler.work import MeshWork, StaleWork
 from tests.in_process import Stack, nothing_held, until
-from tests.local_mesh import Gone, LocalMesh, _next_step
+from tests.local_mesh import Gone, LocalMesh, _next_step, suffer
 
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
@@ -127,14 +127,7 @@ class DecodeFaultMesh(LocalMesh):
                         for mesh in self.family:
                             mesh.fault = None
                 index += 1
-                if fault == "raise":
-                    raise RuntimeError("device lost")
-                if fault == "vanish":
-                    self.vanish()
-                elif fault == "hang":
-                    await self.unhang.wait()
-                if not self.alive:
-                    raise Gone("the replica died mid-work")
+                await suffer(self, fault)
                 yield step
 
 
