@@ -213,13 +213,11 @@ class MeshRunner:
                 _, positions, _, active = self._decode_inputs(following, page_table, ahead=1)
                 started = following, self._start(following, output, positions, page_table, active)
             tokens = output.tokens().tolist()
-            values = output.logprobs().tolist() \
-                if any((st := self.slots.get(s)) is not None and st.params.logprobs is not None for s in live) else None
-            for s in live:
-                state = self.slots.get(s)
-                if state is not None:  # not retired by the step before
-                    lp = None if values is None or state.params.logprobs is None else \
-                        TokenLogprobs(tokens[s], values[s], [])
+            states = [slots.get(s) for s in live]  # None: retired by the step before (_advance retires its own alone)
+            logprobs = _device_logprobs(live, states, [tokens[s] for s in live], output.logprobs()) \
+                if any(st is not None and st.params.logprobs is not None for st in states) else [None] * len(live)
+            for s, state, lp in zip(live, states, logprobs):
+                if state is not None:
                     self._advance(s, state, tokens[s], lp, result)
             previous = result
         if previous is not None:
@@ -497,11 +495,12 @@ class MeshRunner:
             self.slots[slot] = state
 
 
-def _device_logprobs(live: list[int], states: list[SlotState], tokens: list[int], values: torch.Tensor
-                     ) -> list[TokenLogprobs | None]:
-    """The logprob the device gave with each row's token (values [num_slots]), for the rows that ask logprobs 0."""
+def _device_logprobs(live: list[int], states: list[SlotState | None], tokens: list[int],
+                     values: torch.Tensor) -> list[TokenLogprobs | None]:
+    """The logprob the device gave with each row's token (values [num_slots]), for the rows that ask logprobs 0
+    (a None state, a slot retired meanwhile, gets none)."""
     row = values.float().tolist()
-    return [None if st.params.logprobs is None else TokenLogprobs(token, row[s], [])
+    return [None if st is None or st.params.logprobs is None else TokenLogprobs(token, row[s], [])
             for s, st, token in zip(live, states, tokens)]
 
 

@@ -199,13 +199,8 @@ class TTGalaxyBackend(Backend):
         empty_slots, so all 32 become the request's (its one flag broadcast); a checkout passing them on
         (SamplingGenerator.apply_prefill_state; reset_params @0365bf78 hands them to set_log_probs_mode alone) changes
         the prefilled slot's alone, and a prefill not asking log-probs after a decode that did returns them too (taken
-        apart below). Seeds: reset_seed(seed, empty_slots) re-seeds the prefilled slot alone, but with no seeded slot
-        the next get_new_values pushes fresh random values to all 32 (SeedManager @00b0fa3f, its "State 1"), so every
-        unseeded user's device generator restarts at each prefill, which changes no distribution; no device row carries
-        a seed (DEVICE_SAMPLING). Penalty history: reset_prompt_tokens(prefill_ids) and reset_output_state() take no
-        slots in both, so a penalised prefill would reset every user's (tt_penalties.py @7025f870 zeroes the whole
-        batch's output counts); they act only while the parameters carry a penalty
-        (SamplingGenerator._penalties_active), and no device row does."""
+        apart below). What a prefill does to the other users' seeds and penalty history does not matter here: no device
+        row carries either (DEVICE_SAMPLING's comment, model/galaxy.py)."""
         # the next decode loads the host's inputs (reset_inputs): a prefill sampled on the device leaves the model in
         # decode mode (prefill_forward_text's switch_mode("decode"), generator.py @00b0fa3f), so no mode change would
         self._last_step = None
