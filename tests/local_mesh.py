@@ -27,19 +27,6 @@ def fault_due(mesh) -> str | None:
     return fault
 
 
-async def suffer(mesh, fault: str | None) -> None:
-    """What `fault` does to `mesh` at a result: "raise" raises, "vanish" ends the replica, "hang" waits until
-    mended; a replica no longer alive then raises Gone, as its caller would see."""
-    if fault == "raise":
-        raise RuntimeError("device lost")
-    if fault == "vanish":
-        mesh.vanish()
-    elif fault == "hang":
-        await mesh.unhang.wait()
-    if not mesh.alive:
-        raise Gone("the replica died mid-work")
-
-
 async def _next_step(steps):
     """next(steps, None) on a thread. A caller cancelled meanwhile still waits for the step to end, as the replica's
     work does (mesh_replica.execute): else it lets go of the mesh's lock at once, and a reset or the next work runs on
@@ -99,7 +86,20 @@ class LocalMesh:
             self.works += 1
             if work.decode is not None:
                 self.round_steps.append(work.decode.num_steps)
-            steps = self.runner.execute(work)
+            steps, index = self.runner.execute(work), 0
             while (step := await _next_step(steps)) is not None:
-                await suffer(self, fault_due(self))
+                fault = self.fault_at(work, index)
+                index += 1
+                if fault == "raise":
+                    raise RuntimeError("device lost")
+                if fault == "vanish":
+                    self.vanish()
+                elif fault == "hang":
+                    await self.unhang.wait()
+                if not self.alive:
+                    raise Gone("the replica died mid-work")
                 yield step
+
+    def fault_at(self, work: MeshWork, index: int) -> str | None:
+        """The fault due at the work's `index`-th result (prefill chunks' first, then decode steps): fault_due."""
+        return fault_due(self)

@@ -28,9 +28,9 @@ from model.torch_llama import TorchBackend
 from model.verify import META_EXPRESSIBLE_ROPE
 import tests.in_process as in_process
 from scheduler.sampling import SamplingParams
-from scheduler.work import MeshWork, StaleWork
+from scheduler.work import MeshWork
 from tests.in_process import Stack, nothing_held, until
-from tests.local_mesh import Gone, LocalMesh, _next_step, suffer
+from tests.local_mesh import LocalMesh
 
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["a", "b"],
@@ -107,28 +107,19 @@ class DecodeFaultMesh(LocalMesh):
     moment = "decode"  # what results count: "decode" steps, or "first-token" (a final prefill chunk's)
     failovers_at_arm = 0
 
-    async def execute(self, work: MeshWork, incarnation: str):
-        if not self.alive:
-            raise Gone("the replica is gone")
-        if incarnation != self.incarnation:
-            raise StaleWork("work for another incarnation")
-        async with self.lock:
-            self.works += 1
-            steps, index = self.runner.execute(work), 0
-            while (step := await _next_step(steps)) is not None:
-                fault = None
-                counted = index >= len(work.prefills) if self.moment == "decode" else \
-                    index < len(work.prefills) and work.prefills[index].params is not None
-                if counted and self.fault is not None:
-                    self.fault_after -= 1
-                    if self.fault_after < 0:
-                        fault = self.fault
-                        self.fired.append(fault)
-                        for mesh in self.family:
-                            mesh.fault = None
-                index += 1
-                await suffer(self, fault)
-                yield step
+    def fault_at(self, work: MeshWork, index: int) -> str | None:
+        counted = index >= len(work.prefills) if self.moment == "decode" else \
+            index < len(work.prefills) and work.prefills[index].params is not None
+        if not counted or self.fault is None:
+            return None
+        self.fault_after -= 1
+        if self.fault_after >= 0:
+            return None
+        self.fired.append(self.fault)
+        fault = self.fault
+        for mesh in self.family:
+            mesh.fault = None
+        return fault
 
 
 def tiny_model(path) -> None:
