@@ -299,7 +299,7 @@ class MeshReplica:
             return
         self.closed = True
         self.generation += 1  # queued works return without touching the device
-        closed = self.worker.submit(self.runner.backend.close)
+        closed = self.worker.submit(self.runner.close)
         self.worker.shutdown(wait=False)
         try:
             closed.result(timeout=CLOSE_TIMEOUT_S)

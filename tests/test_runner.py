@@ -403,10 +403,9 @@ def test_a_grammar_constrains_its_own_slot_and_survives_a_recompute():
     assert resumed[0] == answer[3:]
 
 
-def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, grammar_tokenizer=None,
-                logprobs: int | None = None, backend_class=None) -> list[StepResult]:
-    """Slot 0 constrained by `grammar`, slot 1 free, through a prefill and 3 decode steps (simulated, or
-    `backend_class`, a SimulatedBackend)."""
+def grammar_runner(grammar_tokenizer=None, backend_class=None) -> MeshRunner:
+    """A runner of 2 slots over a simulated backend (or `backend_class`, a SimulatedBackend) on SmolLM2's
+    vocabulary, with llguidance's view of its tokenizer unless `grammar_tokenizer` is given."""
     from model.embedded import ensure_smollm2
     from model.grammar import ll_tokenizer
     from model.simulated import SimulatedBackend
@@ -416,7 +415,15 @@ def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, gramma
     backend = (backend_class or SimulatedBackend)(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16,
                                                   max_seq_len=1024, vocab_size=tok.vocab_size,
                                                   eos_token_ids=tuple(sorted(tok.stop_ids)))
-    runner = MeshRunner(backend, grammar_tokenizer=grammar_tokenizer or (lambda: ll_tokenizer(tok, tok.vocab_size)))
+    return MeshRunner(backend, grammar_tokenizer=grammar_tokenizer or (lambda: ll_tokenizer(tok, tok.vocab_size)))
+
+
+def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, grammar_tokenizer=None,
+                logprobs: int | None = None, backend_class=None, runner: MeshRunner | None = None
+                ) -> list[StepResult]:
+    """Slot 0 constrained by `grammar`, slot 1 free, through a prefill and 3 decode steps on `runner` (by
+    default grammar_runner's)."""
+    runner = runner or grammar_runner(grammar_tokenizer, backend_class)
     constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=grammar, logit_bias=logit_bias or {},
                                  logprobs=logprobs)
     free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
@@ -425,6 +432,27 @@ def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, gramma
     return list(runner.execute(MeshWork(0, [PrefillChunk("c", 0, [7] * 10, 0, [0], constrained, 10),
                                             PrefillChunk("f", 1, [7] * 10, 0, [1], free, 10)],
                                         DecodeRound(3, [0, 1], table))))
+
+
+def test_close_closes_the_device_and_ends_the_mask_thread():
+    """A grammar's masks are computed on a thread of the runner's own beside each device step: closing the
+    runner (the mesh replica's shutdown) ends it too, where it outlived the device before."""
+    import threading
+    from model.grammar import choice_grammar
+
+    def mask_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("grammar-masks")]
+
+    before = set(mask_threads())
+    runner = grammar_runner()
+    closed = []
+    runner.backend.close = lambda: closed.append(True)
+    grammar_run(choice_grammar(["yes", "no"]), runner=runner)
+    started = [t for t in mask_threads() if t not in before]
+    assert len(started) == 1
+    runner.close()
+    started[0].join(timeout=5)
+    assert closed == [True] and not started[0].is_alive()
 
 
 def test_a_grammar_holds_on_rows_wider_than_the_vocabulary():
