@@ -7,8 +7,9 @@ Responses). Real logits (the simulated mesh's are one-hot) make penalties, bias 
 sampling state rebuilt wrongly shows.
 
 The promises (DESIGN "Failure: contained, then recovered without loss"): each answer equals the unfaulted one (text,
-token ids, calls, logprobs to float32's last bits, finish, usage); a structured one still parses; a request cancelled
-while it is moved leaves no slot, block or slot state on either mesh."""
+token ids, calls, logprobs to float32's last bits, finish, usage), and is what its request asks (check_contract: the
+unmoved one could be wrong the same way), a structured one JSON of its schema, or where cut short a prefix of some; a
+request cancelled while it is moved leaves no slot, block or slot state on either mesh."""
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +20,9 @@ import uuid
 
 import jsonschema
 import pytest
+import regex  # a dependency of transformers: a match, or the prefix of one (partial=True)
 import torch
+from llguidance import LLMatcher
 
 from model.embedded import ensure_smollm2
 from model.grammar import json_schema_grammar, ll_tokenizer
@@ -50,7 +53,7 @@ BODIES = {
                            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}}),
     "json-object": (CHAT, {"messages": HI, "max_tokens": 40, "temperature": 0.0,
                            "response_format": {"type": "json_object"}}),
-    # 64: its two calls end at its 50th token (at 40 it ended on "length", and check_structured checked nothing)
+    # 64: its two calls end at its 50th token (at 40 it ended on "length", its second call's arguments cut short)
     "tool-required": (CHAT, {"messages": HI, "max_tokens": 64, **SEEDED, "tools": TOOLS, "tool_choice": "required"}),
     "tool-named": (CHAT, {"messages": HI, "max_tokens": 40, "temperature": 0.0, "tools": TOOLS,
                           "tool_choice": {"type": "function", "function": {"name": "add"}}}),
@@ -66,13 +69,17 @@ BODIES = {
                                 "logit_bias": FEW}),
     "repetition-penalty": (COMP, {"prompt": "abc abc abc", "max_tokens": 30, **SEEDED, "repetition_penalty": 1.3,
                                   "ignore_eos": True, "logprobs": 2, "logit_bias": FEW}),
+    # +4 drew neither 260 nor 300, and 1000 was never likely: at +9, 300 is drawn 8 times in 24, and 11395 (its
+    # first token unbiased) never
     "logit-bias": (COMP, {"prompt": "Once upon", "max_tokens": 24, **SEEDED, "ignore_eos": True, "logprobs": 2,
-                          "logit_bias": {"260": 4, "300": 4, "1000": -100}}),
+                          "logit_bias": {"260": 9, "300": 9, "11395": -100}}),
     # stop ids the bias makes likeliest: masked until min_tokens, it stops just after them
     "min-tokens": (COMP, {"prompt": "Once upon", "max_tokens": 30, "min_tokens": 20, **SEEDED, "logprobs": 0,
                           "stop_token_ids": [300, 301], "logit_bias": {"300": 12, "301": 12}}),
+    # EOS (2) the greedy choice now and then (its 11th and 17th tokens), no stop: at +5 it never was, and the
+    # answer was the same with ignore_eos or without
     "ignore-eos": (CHAT, {"messages": HI, "max_tokens": 27, "temperature": 0.0, "ignore_eos": True,
-                          "logit_bias": {"2": 5}}),  # EOS (2) now and then, greedy: no stop
+                          "logit_bias": {"2": 8}}),
     "stop-strings": (COMP, {"prompt": "Once upon a time", "max_tokens": 40, **SEEDED, "stop": ["sch", "zzz"],
                             "logprobs": 0}),
     "seeded-top": (COMP, {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.8, "top_p": 0.7,
@@ -85,7 +92,10 @@ BODIES = {
     "regex": (COMP, {"prompt": "Name:", "max_tokens": 30, **SEEDED, "logprobs": 1,
                      "structured_outputs": {"regex": "[a-z]{3,8}( [a-z]{2,9}){2,6}"}}),
     "bad-words-allowed": (COMP, {"prompt": "Once upon", "max_tokens": 20, **SEEDED, "ignore_eos": True,
-                                 "allowed_token_ids": list(range(250, 330)), "bad_words": ["ab"], "logprobs": 1}),
+                                 "allowed_token_ids": list(range(250, 330)), "logprobs": 1,
+                                 # "ot" (320) is its 5th token unbanned, " in for" (281, 327) its 8th-9th with "ot"
+                                 # banned ("ab" was no allowed token: banned or not, the answer was the same)
+                                 "bad_words": ["ot", "in for"]}),
     "include-stop": (COMP, {"prompt": "Once upon a time", "max_tokens": 40, **SEEDED, "stop": ["sch"],
                             "include_stop_str_in_output": True}),
 }
@@ -150,7 +160,7 @@ def stack(tmp_path_factory):
     finally:
         in_process.LocalMesh = real
     DecodeFaultMesh.family = s.meshes
-    s.expected = {}
+    s.expected, s.llt = {}, llt
     yield s
     s.close()
 
@@ -195,6 +205,7 @@ def collect(path: str, stream: bool, response) -> dict:
                     s["text"] += c["text"]
                     s["lps"] += completion_logprobs(c["logprobs"])
         usage = chunks[-1]["usage"]
+        indexes = sorted(choices)
     else:
         body = response.json()
         for c in body["choices"]:
@@ -211,8 +222,9 @@ def collect(path: str, stream: bool, response) -> dict:
                 s["lps"] = completion_logprobs(c["logprobs"])
             choices[c["index"]] = s
         usage = body["usage"]
+        indexes = [c["index"] for c in body["choices"]]  # as they came: two of one index are one in `choices`
     usage = {k: v for k, v in usage.items() if not k.endswith("_details")}
-    return {"choices": choices, "usage": usage}
+    return {"choices": choices, "usage": usage, "indexes": indexes}
 
 
 def assert_same(got: dict, want: dict, what) -> None:
@@ -236,22 +248,93 @@ def no_space() -> dict[str, int]:
     return {str(t): -100 for t in range(tok.vocab_size) if not tok.decode([t]).strip()}
 
 
-def check_structured(kind: str, answer: dict) -> None:
-    """A finished structured answer parses (and fits SCHEMA where it has one); a named tool is the one called."""
+def json_prefix(s, schema: dict, text: str) -> bool:
+    """Whether `text` begins some JSON text valid against `schema`: llguidance (the product's engine, under a grammar
+    built here from the schema) takes its tokens without an error."""
+    matcher = LLMatcher(s.llt, LLMatcher.grammar_from_json_schema(schema))
+    return matcher.consume_tokens(s.tok.encode(text)) and not matcher.is_error()
+
+
+def runs_in(word: tuple[int, ...], ids: list[int]) -> bool:
+    return any(tuple(ids[i:i + len(word)]) == word for i in range(len(ids) - len(word) + 1))
+
+
+def check_contract(s, kind: str, answer: dict) -> None:
+    """What the request asks of its answer, whatever the unmoved run gave (the two could be wrong alike): one choice
+    an index (n per prompt), seeded choices distinct, usage the sum of its tokens; per choice max_tokens, ignore_eos,
+    min_tokens before a stop id, stop strings out of the text (or ending it), allowed_token_ids only, no bad word,
+    no token biased -100 and one biased +8 or more drawn, one logprob a token, an echoed prompt, the regex matched
+    (a prefix of a match where cut short), JSON of the schema or the named tool's parameters (a prefix of some where
+    cut short: the random model's JSON seldom ends)."""
     fields = BODIES[kind][1]
-    for c in answer["choices"].values():
-        if c["finish"] not in ("stop", "tool_calls"):
-            continue
+    tok, choices = s.tok, answer["choices"]
+    prompts = fields.get("prompt", [])
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    n = fields.get("n", 1)
+    assert answer["indexes"] == list(range(n * max(1, len(prompts)))), answer["indexes"]
+    assert len({tuple(c["ids"]) for c in choices.values()}) == len(choices), "seeded choices alike"
+    usage = answer["usage"]
+    assert usage["completion_tokens"] == sum(len(c["ids"]) for c in choices.values()), usage
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"], usage
+    if prompts:
+        assert usage["prompt_tokens"] == sum(len(tok.encode(p)) for p in prompts), usage
+    bias = {int(t): b for t, b in request(kind, False)[1].get("logit_bias", {}).items()}
+    stops = fields.get("stop", [])
+    tools = {t["function"]["name"]: t["function"]["parameters"] for t in fields.get("tools", [])}
+    for c in choices.values():
+        ids, text, finish = c["ids"], c["text"], c["finish"]
+        assert len(ids) <= fields["max_tokens"] and (finish != "length" or len(ids) == fields["max_tokens"]), c
+        if fields.get("ignore_eos"):
+            assert finish == "length", c
+        if kind == "ignore-eos":
+            assert 2 in ids, c  # its bias had an effect, ignore_eos too
+        if "min_tokens" in fields:
+            stop_ids = set(fields["stop_token_ids"])
+            assert finish == "stop" and ids[-1] in stop_ids and len(ids) > fields["min_tokens"], c
+            assert not stop_ids & set(ids[:-1]), c
+        if stops:
+            assert finish == "stop", c
+            if fields.get("include_stop_str_in_output"):
+                ending = [x for x in stops if text.endswith(x)]
+                assert ending, c
+                text = text[:-len(ending[0])]
+            else:
+                assert any(tok.decode(ids)[len(text):].startswith(x) for x in stops), c  # cut right before one
+            assert not any(x in text for x in stops), c
+        if "allowed_token_ids" in fields:
+            assert set(ids) <= set(fields["allowed_token_ids"]), c
+        for word in fields.get("bad_words", []):
+            for variant in (word, " " + word):
+                assert not runs_in(tuple(tok.encode(variant)), ids), (word, c)
+        assert not {t for t, b in bias.items() if b == -100} & set(ids), c
+        if favoured := {t for t, b in bias.items() if b >= 8}:
+            assert favoured & set(ids), c
+        if fields.get("logprobs") is not None and fields.get("logprobs") is not False:
+            echoed = len(tok.encode(prompts[0])) if fields.get("echo") else 0  # the prompt's own come first
+            assert len(c["lps"]) == echoed + len(ids), c
+            if "top_logprobs" in fields:
+                assert all(len(top) == fields["top_logprobs"] for _, _, top in c["lps"]), c
+        if fields.get("echo"):
+            assert text.startswith(prompts[0]), c
+        if "structured_outputs" in fields:
+            pattern = fields["structured_outputs"]["regex"]
+            assert regex.fullmatch(pattern, text, partial=finish != "stop"), c
         if "response_format" in fields:
-            value = json.loads(c["text"])
-            if fields["response_format"]["type"] == "json_schema":
-                jsonschema.validate(value, SCHEMA)
-        if "tools" in fields:
+            fmt = fields["response_format"]
+            schema = SCHEMA if fmt["type"] == "json_schema" else {"type": "object"}
+            if finish == "stop":
+                jsonschema.validate(json.loads(text), schema)
+            else:
+                assert json_prefix(s, schema, text), c
+        if tools:
             assert c["calls"], c
-            for name, arguments in c["calls"].values():
-                json.loads(arguments)
-                if isinstance(fields["tool_choice"], dict):
-                    assert name == fields["tool_choice"]["function"]["name"]
+            named = fields["tool_choice"]["function"]["name"] if isinstance(fields["tool_choice"], dict) else None
+            for i, (name, arguments) in sorted(c["calls"].items()):
+                assert name in tools and name == (named or name), c
+                if finish in ("stop", "tool_calls") or i < len(c["calls"]) - 1:
+                    jsonschema.validate(json.loads(arguments), tools[name])
+                else:
+                    assert json_prefix(s, tools[name], arguments), c
 
 
 def request(kind: str, stream: bool) -> tuple[str, dict]:
@@ -274,6 +357,7 @@ def expected(s, kind: str, stream: bool) -> dict:
         path, body = request(kind, stream)
         s.expected[kind, stream] = collect(path, stream, post(s, path, body))
         s.run(nothing_held(s.router, failovers=failovers(s)))
+        check_contract(s, kind, s.expected[kind, stream])
     return s.expected[kind, stream]
 
 
@@ -346,7 +430,7 @@ def test_an_answer_moved_mid_way_is_the_answer_unmoved(stack, kind, stream, faul
     assert moved >= 1, "no mesh failed under the answer"
     got = collect(path, stream, response)
     assert_same(got, want, (kind, stream, fault))
-    check_structured(kind, got)
+    check_contract(stack, kind, got)
 
 
 @pytest.mark.parametrize("after", [0, 1, 2])
@@ -517,7 +601,7 @@ def test_an_answer_that_loses_its_last_token_or_its_first_is_the_answer_unmoved(
         assert moved >= 1, ("no mesh failed under the answer", moment)
         got = collect(path, True, response)
         assert_same(got, want, (kind, moment))
-        check_structured(kind, got)
+        check_contract(stack, kind, got)
 
 
 RESPONSES = {
@@ -564,6 +648,36 @@ def response_answer(stream: bool, response) -> dict:
     return without_ids({"output": final["output"], "usage": final["usage"], "status": final["status"]})
 
 
+def check_response_contract(s, kind: str, answer: dict) -> None:
+    """What a Responses request asks of its answer, whatever the unmoved run gave: usage its sum, max_output_tokens
+    (and "incomplete" only there), top_logprobs per token, JSON of SCHEMA, a call of the required tool with JSON of
+    its parameters (a prefix of some where cut short)."""
+    fields, usage = RESPONSES[kind], answer["usage"]
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"], usage
+    assert usage["output_tokens"] <= fields["max_output_tokens"], usage
+    assert answer["status"] == "completed" or usage["output_tokens"] == fields["max_output_tokens"], answer
+    tools = {t["name"]: t["parameters"] for t in fields.get("tools", [])}
+    if tools:
+        assert answer["output"] and all(item["type"] == "function_call" for item in answer["output"]), answer
+    for item in answer["output"]:
+        if item["type"] == "function_call":
+            assert item["name"] in tools, item
+            if item["status"] == "completed":
+                jsonschema.validate(json.loads(item["arguments"]), tools[item["name"]])
+            else:
+                assert json_prefix(s, tools[item["name"]], item["arguments"]), item
+            continue
+        (content,) = item["content"]
+        if "top_logprobs" in fields:
+            assert content["logprobs"] and all(len(lp["top_logprobs"]) == fields["top_logprobs"]
+                                               for lp in content["logprobs"]), content
+        if "text" in fields:
+            if item["status"] == "completed":
+                jsonschema.validate(json.loads(content["text"]), SCHEMA)
+            else:
+                assert json_prefix(s, SCHEMA, content["text"]), item
+
+
 @pytest.mark.parametrize("fault", ["raise", "vanish"])
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("kind", sorted(RESPONSES))
@@ -573,6 +687,7 @@ def test_a_responses_answer_moved_mid_way_is_the_answer_unmoved(stack, kind, str
     if "text" in body or "tools" in body:
         body["logit_bias"] = no_space()
     want = response_answer(stream, post(stack, "/v1/responses", {**body, "cache_salt": uuid.uuid4().hex}))
+    check_response_contract(stack, kind, want)
     stack.run(nothing_held(stack.router, failovers=failovers(stack)))
     response, moved = with_fault(stack, "/v1/responses", {**body, "cache_salt": uuid.uuid4().hex}, fault, after=5)
     assert moved >= 1, "no mesh failed under the answer"
