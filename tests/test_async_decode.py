@@ -1,5 +1,5 @@
 """MeshRunner over a backend whose decode overlaps the host (caps.async_decode): step k + 1 starts before step k's
-tokens are read, and the answers, finish reasons and KV are those of one step at a time."""
+tokens are read, and the answers, finish reasons, logprobs and KV are those of one step at a time."""
 import dataclasses
 
 import numpy as np
@@ -10,17 +10,40 @@ from hypothesis import strategies as st
 
 from model.backend import Backend, Capabilities, DecodeOutput
 from model.runner import MeshRunner
-from model.simulated import SimulatedBackend
+from model.simulated import SimulatedBackend, _SimulatedOutput
 from scheduler.sampling import SamplingParams
 from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk
 
 SLOTS, GROUPS, BLOCK, BLOCKS, VOCAB, EOS = 8, 2, 4, 24, 64, 1
 
 
+def device_logprob(tokens: torch.Tensor) -> torch.Tensor:
+    """The logprob the device gives with each token: one of 13 values in [-1.625, -0.125], by token. The simulated
+    device's own is 0.0 for every row, so a row given another row's value, or another step's, showed nothing."""
+    return -(1 + tokens % 13).float() / 8
+
+
+class LogprobsOutput(_SimulatedOutput):
+    def logprobs(self) -> torch.Tensor:
+        return device_logprob(self.tokens())
+
+
+class LogprobsSimulated(SimulatedBackend):
+    """The simulated Galaxy, its device's logprobs device_logprob of each row's token, on both paths."""
+
+    def decode_logprobs(self, tokens, positions, page_table, active, sampling):
+        next_tokens = self.decode(tokens, positions, page_table, active, sampling)
+        return next_tokens, device_logprob(next_tokens)
+
+    def decode_async(self, tokens, positions, page_table, active, sampling):
+        out = super().decode_async(tokens, positions, page_table, active, sampling)
+        return LogprobsOutput(out.on_device, out.ready_at)
+
+
 def simulated(async_decode: bool) -> SimulatedBackend:
-    backend = SimulatedBackend(time_scale=1e-6, num_slots=SLOTS, kv_groups=GROUPS, block_size=BLOCK,
-                               num_blocks=BLOCKS, max_seq_len=48, vocab_size=VOCAB, eos_token_ids=(EOS,),
-                               eos_rate=0.12)
+    backend = LogprobsSimulated(time_scale=1e-6, num_slots=SLOTS, kv_groups=GROUPS, block_size=BLOCK,
+                                num_blocks=BLOCKS, max_seq_len=48, vocab_size=VOCAB, eos_token_ids=(EOS,),
+                                eos_rate=0.12)
     backend.caps = dataclasses.replace(backend.caps, async_decode=async_decode)
     return backend
 
@@ -29,15 +52,19 @@ requests = st.lists(st.fixed_dictionaries({
     "prompt": st.lists(st.integers(2, VOCAB - 1), min_size=1, max_size=9),
     "max_tokens": st.integers(1, 14),
     "min_tokens": st.sampled_from([0, 0, 0, 2]),
-    "logprobs": st.sampled_from([None, None, None, 1]),  # sampled on the host: that step cannot be chained
+    # 0: the device's own logprob (a chained step's, beside rows asking none); 1: sampled on the host, so that step
+    # cannot be chained
+    "logprobs": st.sampled_from([None, None, None, 0, 0, 1]),
 }), min_size=1, max_size=SLOTS)
 
 
 def serve(backend: SimulatedBackend, reqs: list[dict], rounds: list[int]) -> tuple[list[tuple], np.ndarray]:
     """Prefill every request in its own slot, then decode `rounds` (steps each): (each message's tokens, finish
-    reasons and logprob rows; the KV). Each slot's blocks are its own, and its page-table row is padded with
-    block 0 of its group, which the group's first slot holds: a step written past a slot's blocks would land in
-    a live neighbour's KV."""
+    reasons and logprobs by slot; the KV). Each logprob is its row's token's, the device's (device_logprob) or the
+    host's (from the one-hot logits: 0.0, or far below where min_tokens masked the chosen stop id), and only rows
+    asking logprobs have one. Each slot's blocks are its own, and its page-table row is padded with block 0 of its
+    group, which the group's first slot holds: a step written past a slot's blocks would land in a live neighbour's
+    KV."""
     runner = MeshRunner(backend)
     per_slot = BLOCKS // (SLOTS // GROUPS)
     table = np.zeros((SLOTS, per_slot), dtype=np.int32)
@@ -55,7 +82,11 @@ def serve(backend: SimulatedBackend, reqs: list[dict], rounds: list[int]) -> tup
         live = sorted(runner.slots) if work_id else list(range(len(reqs)))
         work = MeshWork(work_id, prefills if work_id == 0 else [], DecodeRound(steps, live, table.copy()))
         for result in runner.execute(work):
-            messages.append((list(result.tokens), dict(result.finished), sorted(result.logprobs)))
+            for slot, lp in result.logprobs.items():
+                assert reqs[slot]["logprobs"] is not None and lp.token_id == result.tokens[slot]
+                host = lp.logprob == 0.0 or lp.logprob < -1000  # the one-hot row's chosen token, or another
+                assert host or lp.logprob == float(device_logprob(torch.tensor(lp.token_id)))
+            messages.append((list(result.tokens), dict(result.finished), sorted(result.logprobs.items())))
     return messages, backend.kv.copy()
 
 
