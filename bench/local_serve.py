@@ -160,12 +160,18 @@ def init_local_ray(num_cpus: int, attempts: int = 2) -> None:
             return
         except Exception:
             ray.shutdown()  # reaches nothing when Node() itself failed: its processes are stopped below
-            for pid in _children() - before:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            _stop_children_since(before)
             if attempt == attempts:
                 raise
             logging.getLogger(__name__).warning("local Ray did not start; starting it again", exc_info=True)
+
+
+def _stop_children_since(before: set[int]) -> None:
+    """SIGKILL this process's children that are not in `before`: what a Ray Node() started before it raised, which
+    nothing else holds (ray.shutdown and Cluster.shutdown know only nodes that started)."""
+    for pid in _children() - before:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _children() -> set[int]:
@@ -235,22 +241,30 @@ def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: fl
             # Ray gives a node 30 s to register with the GCS (ray/_private/node.py, Node.__init__:
             # raylet_start_wait_time_s, fixed); on this 2-core box beside the other test worker one raylet once
             # wrote not even its first log line in that time. A fresh cluster, not another node: the late raylet
-            # may still join the first one's GCS, which is shut down.
+            # may still join the first one's GCS, which is shut down, and the late node's processes stopped.
             if attempt == 2 or "timed out during startup" not in str(e):
                 raise
 
 
 def _galaxy_cluster(num_galaxies: int, head_cpus: int, cpus_per_node: float, plain_proxy: bool | None):
     from ray.cluster_utils import Cluster
+    before, cluster = _children(), None
     with ray_environment(plain_proxy):
-        # A port of its own for the dashboard (the state API goes through it): another Ray on this box may hold 8265.
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_port": free_port()})
         try:
+            # A port of its own for the dashboard (the state API goes through it): another Ray on this box may hold
+            # 8265.
+            cluster = Cluster(initialize_head=True,
+                              head_node_args={"num_cpus": head_cpus, "dashboard_port": free_port()})
             for _ in range(num_galaxies):
                 cluster.add_node(num_cpus=cpus_per_node, resources={"galaxy": 1})
             cluster.wait_for_nodes()
         except BaseException:
-            cluster.shutdown()  # else its head outlives the caller, beside the next Ray on this box
+            if cluster is not None:
+                cluster.shutdown()  # else its head outlives the caller, beside the next Ray on this box
+            # A Node() that raised (the head's, inside Cluster(), or a worker's) is in none of the cluster's lists
+            # (Cluster.add_node keeps a node once Node() returns, ray/cluster_utils.py), so shutdown misses its GCS
+            # or raylet, which its atexit hook (ray/_private/node.py) stops only when this process exits
+            _stop_children_since(before)
             raise
     return cluster
 

@@ -82,3 +82,42 @@ def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_o
     with pytest.raises(OSError):
         local_serve.fake_galaxy_cluster(2)
     assert len(made) == 1 and made[0].down
+
+
+@pytest.mark.parametrize("late", ["head", "worker"])
+def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
+    """A Node() that timed out had started its processes (GCS, raylet) and is in no list of the cluster's, so
+    Cluster.shutdown does not reach them: they are stopped, as init_local_ray stops a failed start's."""
+    import subprocess
+
+    import ray.cluster_utils
+
+    from bench import local_serve
+
+    started = []
+
+    def start_then_time_out():
+        started.append(subprocess.Popen(["sleep", "60"]))
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    class FakeCluster:
+        def __init__(self, initialize_head, head_node_args):
+            if late == "head" and not started:
+                start_then_time_out()
+
+        def add_node(self, **kwargs):
+            if late == "worker" and not started:
+                start_then_time_out()
+
+        def wait_for_nodes(self):
+            pass
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(ray.cluster_utils, "Cluster", FakeCluster)
+    assert isinstance(local_serve.fake_galaxy_cluster(2), FakeCluster)  # the fresh one
+    try:
+        assert started[0].wait(timeout=5) == -9
+    finally:
+        started[0].kill()
