@@ -1165,3 +1165,62 @@ def test_the_placement_forecast_follows_a_block_that_decode_fills_for_a_queued_p
         available.append(kept.room[0][2])
     # a's second decode token fills block 1: b's hit is 2 blocks from then on, so b would take one block fewer
     assert available[0] == available[1] == available[2] - 1 == available[-1] - 1, available
+
+
+def test_a_prompt_that_fits_the_prefill_budget_left_is_one_final_chunk():
+    """A prompt whose tokens equal what is left of the work's prefill budget goes out whole (its first token in this
+    work): only a prompt longer than the room is cut, at prefix_align. a's 3 tokens leave 5 of the 8; b has 5."""
+    sched, mesh = make()
+    sched.submit("a", [1, 2, 3], params())
+    sched.submit("b", [4, 5, 6, 7, 8], params())
+    work = sched.schedule()
+    assert [(c.request_id, c.start, c.end, c.params is not None) for c in work.prefills] == \
+        [("a", 0, 3, True), ("b", 0, 5, True)]
+
+
+def test_a_seat_takes_its_groups_lowest_free_slot():
+    """KVCache.seat takes the lowest free slot of the group (its free slots are a heap), in admission order, and then
+    the lowest of those freed between higher ones."""
+    sched, mesh = make(num_slots=4)
+    for rid in "abc":
+        sched.submit(rid, [1, 2, 3], params())
+    sched.schedule()
+    assert [sched.running[rid].slot for rid in "abc"] == [0, 1, 2]
+    sched.cancel("c")
+    sched.cancel("a")
+    sched.submit("d", [1, 2, 3], params())
+    sched.schedule()
+    assert sched.running["d"].slot == 0
+
+
+def test_drain_hands_requests_back_oldest_arrival_first():
+    """The router re-places a failed mesh's requests in the order drain() returns them: by arrival, not by when they
+    reached this mesh (b, moved here after a, came first)."""
+    sched, mesh = make()
+    sched.submit("a", [1, 2], params(), arrival_time=2.0)
+    sched.submit("b", [3, 4], params(), arrival_time=1.0, migrated=True)
+    sched.submit("c", [5, 6], params(), arrival_time=3.0)
+    sched.schedule()
+    assert [seq.request_id for seq in sched.drain()] == ["b", "a", "c"]
+
+
+def _seat_after_a_prefix(watermark_blocks):
+    """b shares a's cached 2-block prefix (a still running, so those blocks cost b nothing) and needs 1 new block;
+    a's group has 5 blocks available when b is admitted."""
+    sched, mesh = make(num_blocks=8, watermark_blocks=watermark_blocks)
+    prompt = list(range(1, 10))
+    sched.submit("a", prompt, params(max_tokens=40, ignore_eos=True))
+    step(sched, mesh, defaultdict(list))
+    b = sched.submit("b", prompt[:8] + [99], params())
+    sched.schedule()
+    return sched, b
+
+
+def test_the_watermark_holds_back_a_prompt_with_a_prefix_hit_too():
+    """Admission leaves watermark_blocks for the running sequences to grow into, whatever part of the prompt the
+    prefix cache holds: b's 1 new block plus a watermark of 4 fits the 5 available, plus one of 5 does not."""
+    sched, b = _seat_after_a_prefix(watermark_blocks=4)
+    assert b.status is Status.RUNNING and b.num_computed == 8
+    assert sched.kv.groups[0].pool.num_available == 4
+    sched, b = _seat_after_a_prefix(watermark_blocks=5)
+    assert b.status is Status.WAITING and sched.kv.groups[0].pool.num_available == 5
