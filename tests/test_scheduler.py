@@ -1224,3 +1224,27 @@ def test_the_watermark_holds_back_a_prompt_with_a_prefix_hit_too():
     assert sched.kv.groups[0].pool.num_available == 4
     sched, b = _seat_after_a_prefix(watermark_blocks=5)
     assert b.status is Status.WAITING and sched.kv.groups[0].pool.num_available == 5
+
+
+def test_cancelling_the_reserved_groups_holder_opens_the_group_to_the_queue():
+    """The long prompt reserves group 0 (as in the test above) and is then cancelled while it waits (its client
+    left, or the router moved it): the group must admit the queue again, so late, waiting for group 0's free slot,
+    is seated at the next schedule, not held behind a request that is gone, and is no queue meanwhile."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=4, num_slots=8, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+    mesh, events = FakeMesh(8, 8, BS, 4), defaultdict(list)
+    for i in range(4):
+        sched.submit(f"run{i}", [i + 1] * 5, params(10, ignore_eos=True))
+    step(sched, mesh, events)
+    sched.submit("long", list(range(100, 126)), params(2, ignore_eos=True))
+    for i in range(3):
+        sched.submit(f"short{i}", [7, 8, 9], params(4, ignore_eos=True))
+    step(sched, mesh, events)
+    assert sched.reserved is sched.requests["long"] and sched.reserved_group == 0
+    sched.submit("late", [7, 8, 9], params(4, ignore_eos=True))
+    step(sched, mesh, events)
+    assert "late" not in sched.running  # group 0's free slot is the holder's
+    assert sched.cancel("long").finish_reason == "abort"
+    assert sched.num_queued == 0  # late takes group 0's free slot (placement and the queue limit read this)
+    step(sched, mesh, events)
+    assert sched.reserved is None and sched.kv.group_of(sched.running["late"].slot).index == 0
