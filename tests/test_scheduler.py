@@ -572,6 +572,47 @@ def test_results_planned_for_an_earlier_placement_are_dropped():
     assert output_of(events["c"]) == expected([3] * 6, params(max_tokens=4, ignore_eos=True))[0]
 
 
+def test_a_prefill_chunk_answered_after_its_sequence_moved_to_another_kv_group_is_not_credited():
+    """b, seated in group 0 on c's cached prefix, has its chunk [8, 16) out when the next schedule's lookahead of c
+    (older) runs group 0 dry: b is preempted and, in the same schedule, re-seated in group 1 (max_inflight 2, the
+    router's default pipeline_depth), its recompute's chunk [0, 8) out. The old chunk's answer computed group 0's
+    memory (a Galaxy column's). Credited to b's new seat, it named b's group 1 blocks for [8, 16), which nothing had
+    computed, as b's prefix, and b was cancelled before its recompute got there: a later prompt with b's tokens took
+    them from the cache and was answered from KV nobody wrote (the fake mesh's KVCorruption)."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=64, prefill_chunk=8,
+                          max_prefill_tokens=8, decode_steps=3, eos_token_ids=(EOS,))
+    mesh, events = FakeMesh(4, 8, BS, kv_groups=2), defaultdict(list)
+
+    def take(results):
+        for result in results:
+            for event in sched.process(result):
+                events[event.request_id].append(event)
+
+    prefix = [3, 1, 4, 1, 5, 9, 2, 6]
+    c_params, b_params = params(max_tokens=40, ignore_eos=True), params(max_tokens=4, ignore_eos=True)
+    c = sched.submit("c", prefix + [7, 7], c_params)
+    drain(sched, mesh, events, max_works=2)
+    b_prompt = prefix + list(range(16))
+    b = sched.submit("b", b_prompt, b_params)
+    old = sched.schedule()
+    assert [(ch.request_id, ch.start, ch.end) for ch in old.prefills] == [("b", 8, 16)]
+    assert sched.kv.group_of(b.slot).index == 0 and c.live  # group 0 caches c's prefix: empty group 1 ranks below
+    old_results = mesh.execute(old)
+    new = sched.schedule()
+    assert b.epoch == 2 and sched.kv.group_of(b.slot).index == 1 and sched.num_preemptions == 1
+    assert [(ch.request_id, ch.start, ch.end) for ch in new.prefills] == [("b", 0, 8)]
+    new_results = mesh.execute(new)
+    take(old_results)
+    assert b.num_computed == 0  # none of the new seat's chunks is answered yet
+    assert all(sched.kv.groups[1].pool.block_hash[block] is None for block in b.block_table)
+    take(new_results)
+    sched.cancel("b")
+    sched.submit("f", b_prompt, b_params)
+    drain(sched, mesh, events)
+    assert output_of(events["f"]) == expected(b_prompt, b_params)[0]
+    assert output_of(events["c"]) == expected(c.prompt_ids, c.params)[0]
+
+
 def test_bench_drives_the_work_protocol_end_to_end():
     """scheduler.bench speaks the same message protocol as a mesh; a drift there breaks the benchmark."""
     from scheduler.bench import decode_step_us
