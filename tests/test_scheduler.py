@@ -613,6 +613,38 @@ def test_a_prefill_chunk_answered_after_its_sequence_moved_to_another_kv_group_i
     assert output_of(events["c"]) == expected(c.prompt_ids, c.params)[0]
 
 
+def test_a_final_chunk_answered_after_its_sequence_was_re_seated_in_the_same_slot_gives_no_token():
+    """With pipeline_depth 3 (AppConfig allows up to 4) a work is planned while two are out. b, in slot 0 (w's, freed),
+    has its final chunk out when the next schedule's lookahead of x (older) runs the pool dry: b is preempted. x's
+    client leaves, and the third schedule re-seats b in slot 0, the lowest free, with its recompute's final chunk. The
+    first chunk's answer carries b's first token at slot 0: credited to the new seat, b took it twice, once from each
+    chunk (14, 14, 2, 3: one past max_tokens 3)."""
+    sched, mesh = make(num_blocks=4, num_slots=2, decode_steps=2, max_inflight=3)
+    events = defaultdict(list)
+    sched.submit("w", [9], params(max_tokens=1))
+    x = sched.submit("x", [5, 5, 5], params(max_tokens=30, ignore_eos=True))
+    step(sched, mesh, events)  # w ends at its chunk's token; x decodes
+    assert x.live and "w" not in sched.requests
+    b_params = params(max_tokens=3, ignore_eos=True)
+    b = sched.submit("b", [1, 2, 3, 4, 5, 6], b_params)
+    first = sched.schedule()
+    assert b.slot == 0 and [(ch.request_id, ch.is_final) for ch in first.prefills] == [("b", True)]
+    first_results = mesh.execute(first)
+    second = sched.schedule()
+    assert b.status is Status.PREEMPTED and first.prefills[0].slot in second.release
+    second_results = mesh.execute(second)
+    sched.cancel("x")
+    third = sched.schedule()
+    assert b.epoch == 2 and b.slot == 0 and [(ch.request_id, ch.start) for ch in third.prefills] == [("b", 0)]
+    for results in (first_results, second_results, mesh.execute(third)):
+        for result in results:
+            for event in sched.process(result):
+                events[event.request_id].append(event)
+    drain(sched, mesh, events)
+    assert output_of(events["b"]) == expected([1, 2, 3, 4, 5, 6], b_params)[0]
+    assert sum(e.num_prompt_tokens for e in events["b"]) == 6  # one first event
+
+
 def test_bench_drives_the_work_protocol_end_to_end():
     """scheduler.bench speaks the same message protocol as a mesh; a drift there breaks the benchmark."""
     from scheduler.bench import decode_step_us
