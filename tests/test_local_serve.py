@@ -87,7 +87,8 @@ def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_o
 @pytest.mark.parametrize("late", ["head", "worker"])
 def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
     """A Node() that timed out had started its processes (GCS, raylet) and is in no list of the cluster's, so
-    Cluster.shutdown does not reach them: they are stopped, as init_local_ray stops a failed start's."""
+    Cluster.shutdown does not reach them: they are stopped, as init_local_ray stops a failed start's. A child this
+    process had before the attempt (another fixture's server in the same pytest worker) is not Ray's: it runs on."""
     import subprocess
 
     import ray.cluster_utils
@@ -116,8 +117,11 @@ def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
             pass
 
     monkeypatch.setattr(ray.cluster_utils, "Cluster", FakeCluster)
-    assert isinstance(local_serve.fake_galaxy_cluster(2), FakeCluster)  # the fresh one
+    bystander = subprocess.Popen(["sleep", "60"])
     try:
+        assert isinstance(local_serve.fake_galaxy_cluster(2), FakeCluster)  # the fresh one
         assert started[0].wait(timeout=5) == -9
+        assert bystander.poll() is None
     finally:
-        started[0].kill()
+        for process in started + [bystander]:
+            process.kill()
