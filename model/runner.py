@@ -97,11 +97,14 @@ class MeshRunner:
         self._masks: ThreadPoolExecutor | None = None  # the thread that computes masks beside a device step
 
     def close(self) -> None:
-        """Close the device, then end the mask thread: it computes only beside a step, which the caller's
-        thread (the one that steps the device) is not running now."""
-        self.backend.close()
-        if self._masks is not None:
-            self._masks.shutdown(wait=False)
+        """Close the device, then end the mask thread, also when the device's close raises (the replica's
+        shutdown logs that and goes on): it computes only beside a step, which the caller's thread (the one that
+        steps the device) is not running now."""
+        try:
+            self.backend.close()
+        finally:
+            if self._masks is not None:
+                self._masks.shutdown(wait=False)
 
     def reset(self) -> None:
         """Forget every slot (a new router, or a router that re-joined this mesh, starts from scratch)."""

@@ -1,4 +1,6 @@
 """MeshRunner: the mesh side of the work protocol, on a tiny deterministic logits backend."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -434,9 +436,11 @@ def grammar_run(grammar: str, logit_bias: dict[int, float] | None = None, gramma
                                         DecodeRound(3, [0, 1], table))))
 
 
-def test_close_closes_the_device_and_ends_the_mask_thread():
+@pytest.mark.parametrize("device_close_fails", [False, True])
+def test_close_closes_the_device_and_ends_the_mask_thread(device_close_fails):
     """A grammar's masks are computed on a thread of the runner's own beside each device step: closing the
-    runner (the mesh replica's shutdown) ends it too, where it outlived the device before."""
+    runner (the mesh replica's shutdown) ends it too, where it outlived the device before; also when the device's
+    close raises (the replica logs that and goes on)."""
     import threading
     from model.grammar import choice_grammar
 
@@ -446,11 +450,17 @@ def test_close_closes_the_device_and_ends_the_mask_thread():
     before = set(mask_threads())
     runner = grammar_runner()
     closed = []
-    runner.backend.close = lambda: closed.append(True)
+
+    def close():
+        closed.append(True)
+        if device_close_fails:
+            raise RuntimeError("device close failed")
+    runner.backend.close = close
     grammar_run(choice_grammar(["yes", "no"]), runner=runner)
     started = [t for t in mask_threads() if t not in before]
     assert len(started) == 1
-    runner.close()
+    with pytest.raises(RuntimeError) if device_close_fails else contextlib.nullcontext():
+        runner.close()
     started[0].join(timeout=5)
     assert closed == [True] and not started[0].is_alive()
 
