@@ -4,17 +4,14 @@ import pytest
 from model import verify
 
 
-meets = verify.meets
-
-
 def test_torch_backend_matches_transformers_logits():
     result = verify.check_hf_pcc()
-    assert meets("hf_pcc_prefill", result["hf_pcc_prefill"]), result
-    assert meets("hf_pcc_decode", result["hf_pcc_decode"]), result
+    assert verify.meets("hf_pcc_prefill", result["hf_pcc_prefill"]), result
+    assert verify.meets("hf_pcc_decode", result["hf_pcc_decode"]), result
 
 
 def test_meta_shards_and_safetensors_give_the_same_logits():
-    assert meets("meta_vs_hf_max_abs_diff", verify.check_meta_vs_hf())
+    assert verify.meets("meta_vs_hf_max_abs_diff", verify.check_meta_vs_hf())
 
 
 def test_smollm2_greedy_matches_transformers_generate():
@@ -33,7 +30,7 @@ def test_simulated_galaxy_reproduces_published_timing():
     """Timed by the wall clock: the best of up to three runs, as the CLI takes it (one full-suite run on the
     loaded 2-core box missed the bar)."""
     error = verify.sim_calibration_max_rel_err()
-    assert meets("sim_calibration_max_rel_err", error), error
+    assert verify.meets("sim_calibration_max_rel_err", error), error
 
 
 @pytest.mark.parametrize("name, value", [("hf_pcc_decode", 0.999), ("meta_vs_hf_max_abs_diff", 1e-3),
