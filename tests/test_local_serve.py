@@ -3,6 +3,7 @@ while they start, so a port handed to HAProxy or Serve must come from outside it
 ports), or a Ray process may bind it first (seen once in CI)."""
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -43,17 +44,19 @@ def test_a_local_ray_that_fails_to_start_is_started_once_more_and_its_processes_
 
 
 def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_once_more(monkeypatch):
-    """Ray's fixed 30 s for a node to register once ran out on the 2-core box (CI, test_node_loss_e2e): the cluster
-    is shut down, not left beside the next Ray, and one fresh cluster is tried; any other error is raised at once."""
+    """Ray's fixed 30 s for a node to register once ran out on the 2-core box (CI, test_node_loss_e2e), and once the
+    head's dashboard died as it started (then list_actors failed): the cluster is shut down, not left beside the next
+    Ray, and one fresh cluster is tried; any other error is raised at once."""
     import ray.cluster_utils
 
     from bench import local_serve
 
-    made = []
+    made, dashboards = [], []
 
     class FakeCluster:
         def __init__(self, initialize_head, head_node_args):
             self.down, self.nodes = False, 0
+            self.head_node = SimpleNamespace(webui_url=dashboards.pop(0) if dashboards else "127.0.0.1:8265")
             made.append(self)
 
         def add_node(self, **kwargs):
@@ -82,6 +85,10 @@ def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_o
     with pytest.raises(OSError):
         local_serve.fake_galaxy_cluster(2)
     assert len(made) == 1 and made[0].down
+    made.clear()
+    dashboards = [None]  # the head's dashboard died as it started (Ray logs that and goes on): the state API is down
+    cluster = local_serve.fake_galaxy_cluster(2)
+    assert cluster is made[1] and cluster.nodes == 2 and made[0].down and made[0].nodes == 0
 
 
 @pytest.mark.parametrize("late", ["head", "worker"])
@@ -103,6 +110,7 @@ def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
 
     class FakeCluster:
         def __init__(self, initialize_head, head_node_args):
+            self.head_node = SimpleNamespace(webui_url="127.0.0.1:8265")
             if late == "head" and not started:
                 start_then_time_out()
 
