@@ -18,6 +18,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from model.embedded import ensure_smollm2  # noqa: E402
 from model.torch_llama import TorchBackend  # noqa: E402
@@ -61,14 +62,16 @@ def main() -> None:
     class Alternate(StoppingCriteria):
         """Called by generate after each token: times generate's step, then runs one backend step."""
 
-        def __init__(self, ours: BackendDecoder):
+        def __init__(self, ours: BackendDecoder, progress: tqdm):
             self.ours, self.first, self.last, self.decode_s = ours, 0.0, 0.0, 0.0
+            self.progress = progress
 
         def __call__(self, input_ids, scores, **kwargs):
             now = time.perf_counter()
             if self.last:
                 self.decode_s += now - self.last
                 self.ours.step()
+                self.progress.update()  # outside both sides' timed spans
             else:
                 self.first = now  # after prefill and the first token
             self.last = time.perf_counter()
@@ -85,9 +88,11 @@ def main() -> None:
                             generator=torch.Generator().manual_seed(0))
 
     ours = BackendDecoder(backend, prompts)
-    alternate = Alternate(ours)
+    # minutes on a loaded 2-core box, where nothing else is printed before the result (on stderr, a terminal only)
+    progress = tqdm(total=args.new_tokens - 1, desc="decode steps, each side", unit="step", disable=None)
+    alternate = Alternate(ours, progress)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), progress:
         hf_tokens = hf.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                 max_new_tokens=args.new_tokens, stopping_criteria=[alternate])[:, args.prompt_tokens:]
     decode_tokens = args.batch * (args.new_tokens - 1)
