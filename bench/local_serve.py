@@ -234,10 +234,97 @@ CLUSTER_START_FLAKES = ("timed out during startup", "dashboard did not start")
 
 
 def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1,
-                        plain_proxy: bool | None = None):
+                        plain_proxy: bool | None = None) -> GalaxyCluster:
     """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do.
     Every node starts in the same Serve mode (throughput + HAProxy unless the plain proxy is asked for),
-    as every `ray start` of a real cluster must."""
+    as every `ray start` of a real cluster must. Started and held by a process of its own: GalaxyCluster."""
+    return GalaxyCluster(num_galaxies, head_cpus, cpus_per_node, plain_proxy)
+
+
+class GalaxyCluster:
+    """start_galaxy_cluster's cluster, run by a spawned process (a fresh interpreter) and driven over a pipe. Ray
+    starts each node process through a preexec_fn (services.start_ray_process), which Python does not make safe in
+    a process with threads running: started from a test process that had been a Ray driver ("Other threads are
+    currently calling into gRPC, skipping fork() handlers"), a head's raylet wrote not even its first log line, twice
+    in a row, and once the head's dashboard died as it started (return code -6), on CI's fresh clone."""
+
+    def __init__(self, num_galaxies: int, head_cpus: int, cpus_per_node: float, plain_proxy: bool | None):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, theirs = context.Pipe()
+        self._process = context.Process(target=_hold_cluster, daemon=True, name="fake-galaxy-cluster",
+                                        args=(theirs, num_galaxies, head_cpus, cpus_per_node, plain_proxy))
+        self._process.start()
+        theirs.close()
+        self.address: str = self._answer()
+
+    def _answer(self):
+        ok, value = self._conn.recv()
+        if not ok:
+            self.shutdown()
+            raise RuntimeError(f"the fake Galaxy cluster: {value}")
+        return value
+
+    def _call(self, *command):
+        self._conn.send(command)
+        return self._answer()
+
+    def worker_node_ids(self) -> list[str]:
+        return self._call("worker_node_ids")
+
+    def remove_node(self, node_id: str) -> None:
+        """Stop a worker node's processes at once, as a Galaxy host that died."""
+        self._call("remove_node", node_id)
+
+    def add_node(self, **node_args) -> None:
+        self._call("add_node", node_args)
+
+    def shutdown(self) -> None:
+        if self._process.is_alive():
+            with contextlib.suppress(OSError, EOFError):
+                self._conn.send(("shutdown",))
+                self._conn.recv()
+        self._process.join(timeout=60)
+        if self._process.is_alive():
+            self._process.kill()
+        self._conn.close()
+
+
+def _hold_cluster(conn, num_galaxies: int, head_cpus: int, cpus_per_node: float, plain_proxy: bool | None) -> None:
+    """GalaxyCluster's process: start the cluster, answer commands until "shutdown" (or the test process's end,
+    EOFError), then shut it down. Each answer is (True, value) or (False, what was raised, as text)."""
+    try:
+        cluster = start_galaxy_cluster(num_galaxies, head_cpus, cpus_per_node, plain_proxy)
+    except BaseException as e:
+        conn.send((False, f"{type(e).__name__}: {e}"))
+        return
+    conn.send((True, cluster.address))
+    try:
+        with ray_environment(plain_proxy):  # a node added later starts in the same Serve mode
+            while (command := conn.recv())[0] != "shutdown":
+                try:
+                    value = None
+                    if command[0] == "worker_node_ids":
+                        value = [node.node_id for node in cluster.worker_nodes]
+                    elif command[0] == "remove_node":
+                        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == command[1]))
+                    else:
+                        cluster.add_node(**command[1])
+                    conn.send((True, value))
+                except Exception as e:
+                    conn.send((False, f"{type(e).__name__}: {e}"))
+    except EOFError:
+        pass
+    finally:
+        cluster.shutdown()
+        with contextlib.suppress(OSError):
+            conn.send((True, None))
+
+
+def start_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1,
+                         plain_proxy: bool | None = None):
+    """fake_galaxy_cluster's ray.cluster_utils.Cluster, started in this process."""
     for attempt in (1, 2):
         try:
             return _galaxy_cluster(num_galaxies, head_cpus, cpus_per_node, plain_proxy)

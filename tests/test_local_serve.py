@@ -73,21 +73,21 @@ def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_o
     monkeypatch.setattr(ray.cluster_utils, "Cluster", FakeCluster)
     late = Exception("The current node timed out during startup. This could happen because ...")
     failures = [late]
-    cluster = local_serve.fake_galaxy_cluster(2)
+    cluster = local_serve.start_galaxy_cluster(2)
     assert cluster is made[1] and cluster.nodes == 2 and not cluster.down and made[0].down
     made.clear()
     failures = [late, late]
     with pytest.raises(Exception, match="timed out during startup"):
-        local_serve.fake_galaxy_cluster(2)
+        local_serve.start_galaxy_cluster(2)
     assert len(made) == 2 and all(c.down for c in made)
     made.clear()
     failures = [OSError("no such port")]
     with pytest.raises(OSError):
-        local_serve.fake_galaxy_cluster(2)
+        local_serve.start_galaxy_cluster(2)
     assert len(made) == 1 and made[0].down
     made.clear()
     dashboards = [None]  # the head's dashboard died as it started (Ray logs that and goes on): the state API is down
-    cluster = local_serve.fake_galaxy_cluster(2)
+    cluster = local_serve.start_galaxy_cluster(2)
     assert cluster is made[1] and cluster.nodes == 2 and made[0].down and made[0].nodes == 0
 
 
@@ -127,7 +127,7 @@ def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
     monkeypatch.setattr(ray.cluster_utils, "Cluster", FakeCluster)
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        assert isinstance(local_serve.fake_galaxy_cluster(2), FakeCluster)  # the fresh one
+        assert isinstance(local_serve.start_galaxy_cluster(2), FakeCluster)  # the fresh one
         assert started[0].wait(timeout=5) == -9
         assert bystander.poll() is None
     finally:

@@ -9,7 +9,7 @@ import pytest
 from ray.util.state import list_actors
 
 from bench.failover import one_stream
-from bench.local_serve import fake_galaxy_cluster, ray_environment, router_stats, serve_app
+from bench.local_serve import fake_galaxy_cluster, router_stats, serve_app
 from bench.saturation import distinct_prompts
 from deployments.config import AppConfig
 
@@ -36,15 +36,13 @@ def test_a_lost_galaxy_host_loses_no_stream_and_its_mesh_returns_on_a_new_host()
         with serve_app(SIM, cluster_address=cluster.address) as url:
             reference = [r["text"] for r in asyncio.run(streams(url))]
             node = next(a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")]) if ":mesh-0" in a.class_name)
-            results = asyncio.run(streams(url, lambda: cluster.remove_node(
-                next(n for n in cluster.worker_nodes if n.node_id == node))))
+            results = asyncio.run(streams(url, lambda: cluster.remove_node(node)))
             assert [r["error"] for r in results] == [None] * len(PROMPTS)
             assert [r["text"] for r in results] == reference
             mesh0 = router_stats(url)["meshes"][0]
             assert not mesh0["up"] and mesh0["requests_migrated"] >= 1
             assert httpx.get(f"{url}/health", timeout=10).status_code == 200
-            with ray_environment():  # in Serve's mode, as every node's `ray start` (README, Running on a cluster)
-                cluster.add_node(num_cpus=0, resources={"galaxy": 1})
+            cluster.add_node(num_cpus=0, resources={"galaxy": 1})  # in Serve's mode, as every node's `ray start`
             deadline = time.monotonic() + 60
             while not router_stats(url)["meshes"][0]["up"]:
                 assert time.monotonic() < deadline, "mesh-0 never came back on the new node"
