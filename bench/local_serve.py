@@ -270,9 +270,6 @@ class GalaxyCluster:
         self._conn.send(command)
         return self._answer()
 
-    def worker_node_ids(self) -> list[str]:
-        return self._call("worker_node_ids")
-
     def remove_node(self, node_id: str) -> None:
         """Stop a worker node's processes at once, as a Galaxy host that died."""
         self._call("remove_node", node_id)
@@ -293,7 +290,7 @@ class GalaxyCluster:
 
 def _hold_cluster(conn, num_galaxies: int, head_cpus: int, cpus_per_node: float, plain_proxy: bool | None) -> None:
     """GalaxyCluster's process: start the cluster, answer commands until "shutdown" (or the test process's end,
-    EOFError), then shut it down. Each answer is (True, value) or (False, what was raised, as text)."""
+    EOFError), then shut it down. Each answer is (True, the address or None) or (False, what was raised, as text)."""
     try:
         cluster = start_galaxy_cluster(num_galaxies, head_cpus, cpus_per_node, plain_proxy)
     except BaseException as e:
@@ -304,14 +301,11 @@ def _hold_cluster(conn, num_galaxies: int, head_cpus: int, cpus_per_node: float,
         with ray_environment(plain_proxy):  # a node added later starts in the same Serve mode
             while (command := conn.recv())[0] != "shutdown":
                 try:
-                    value = None
-                    if command[0] == "worker_node_ids":
-                        value = [node.node_id for node in cluster.worker_nodes]
-                    elif command[0] == "remove_node":
+                    if command[0] == "remove_node":
                         cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == command[1]))
                     else:
                         cluster.add_node(**command[1])
-                    conn.send((True, value))
+                    conn.send((True, None))
                 except Exception as e:
                     conn.send((False, f"{type(e).__name__}: {e}"))
     except EOFError:
