@@ -264,6 +264,7 @@ PROBE_DOUBLINGS = 6
 # that does not answer: a mesh replica whose host froze (SIGSTOP in a local Serve run) made one every 1.5 s in the
 # router's log, 17 while it was frozen 28 s, for as long as it stays frozen. One a replica passes this often.
 QUEUE_PROBE_LOG_S = 60.0
+QUEUE_PROBE_FORGET_S = 3600.0
 
 
 class QueueProbeWarnings(logging.Filter):
@@ -287,6 +288,10 @@ class QueueProbeWarnings(logging.Filter):
             self.last[replica] = at, left_out + 1
             return False
         self.last[replica] = now, 0
+        # A replica Serve replaced is never probed again: its entry goes once it could pass a line with nothing to
+        # add, or after QUEUE_PROBE_FORGET_S with its count, which then says little (a restarted replica left ~211 B).
+        self.last = {r: (t, n) for r, (t, n) in self.last.items()
+                     if now - t < (QUEUE_PROBE_FORGET_S if n else QUEUE_PROBE_LOG_S) or r == replica}
         if left_out:
             record.msg, record.args = f"{message} ({left_out} more such lines in the last {now - at:.0f} s)", None
         return True

@@ -1651,3 +1651,27 @@ def test_serves_queue_probe_warning_for_an_unanswering_mesh_replica_is_logged_on
         assert said[3].startswith(a1) and said[3].endswith("in the cluster. (16 more such lines in the last 86 s)")
     finally:
         serve_log.filters[:] = before
+
+
+def test_queue_probe_warnings_forget_replicas_serve_replaced(monkeypatch):
+    """A mesh replica Serve restarts comes back under a new id and the old one is never probed again: its entry in
+    the filter's table goes, and an old replica's left-out count goes after QUEUE_PROBE_FORGET_S. Before, the table
+    kept every replica that was ever slow to answer a probe."""
+    clock = [0.0]
+    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    warnings = router_module.QueueProbeWarnings()
+
+    def probe(replica: str) -> bool:
+        record = logging.LogRecord("ray.serve", logging.WARNING, __file__, 0,
+                                   f"Failed to get queue length from {replica} within 1.0s.", None, None)
+        return warnings.filter(record)
+
+    assert probe("frozen") and not probe("frozen")  # one line left out: kept with its count
+    for restart in range(100):  # each restarted replica missed one probe, then was replaced
+        assert probe(f"replica-{restart}")
+        clock[0] += 10.0
+    assert len(warnings.last) <= 1 + router_module.QUEUE_PROBE_LOG_S / 10.0 + 1
+    assert "frozen" in warnings.last  # 1,000 s: its count is still worth saying
+    clock[0] += router_module.QUEUE_PROBE_FORGET_S
+    assert probe("another")
+    assert set(warnings.last) == {"another"}
