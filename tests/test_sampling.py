@@ -358,3 +358,59 @@ def test_greedy_rows_take_the_first_best_id_and_a_nan_as_torch_argmax_does(dtype
     wide = torch.full((2, 128256), -5.0, dtype=dtype)
     wide[0, [70000, 70001]], wide[1, [9, 100000]] = 2.0, nan
     assert sample_batch(wide, greedy[:2], [0, 0])[0] == [70000, 9]
+
+
+REFERENCE_CASES = 400
+
+
+def test_each_parameter_draws_what_an_independent_reference_sampler_draws():
+    """sample_row (and sample_batch, rows beside each other) against tests/reference_sampler.py, written from vLLM's
+    and OpenAI's definitions: random rows of positive and negative logits, prompt and output tokens that overlap and
+    repeat, each of temperature, top_k, top_p, min_p and the three penalties on or off, in turn at their edges. A
+    seeded row's token is the reference's race over the same noise; every drawn token one the filters keep."""
+    from tests import reference_sampler as reference
+
+    rng = np.random.default_rng(2024)
+    vocab = 40
+    cases = []
+    for case in range(REFERENCE_CASES):
+        logits = torch.from_numpy((rng.standard_normal(vocab) * rng.choice([0.5, 2.0, 5.0])).astype(np.float32))
+        prompt = rng.integers(0, vocab, int(rng.integers(0, 12))).tolist()
+        output = rng.integers(0, vocab, int(rng.integers(0, 16))).tolist()
+        knobs = {"temperature": float(rng.choice([0.0, 0.5, 1.0, 1.7])), "top_k": int(rng.choice([0, 0, 1, 3, 12])),
+                 "top_p": float(rng.choice([1.0, 1.0, 0.3, 0.8, 0.95])),
+                 "min_p": float(rng.choice([0.0, 0.0, 0.05, 0.3])),
+                 "repetition_penalty": float(rng.choice([1.0, 1.0, 0.7, 1.3, 3.0])),
+                 "presence_penalty": float(rng.choice([0.0, 0.0, -1.0, 0.8, 2.0])),
+                 "frequency_penalty": float(rng.choice([0.0, 0.0, -0.5, 0.6, 2.0]))}
+        seed = int(rng.integers(0, 2**63))
+        params = SamplingParams(**knobs, seed=seed)
+        token, _ = sample_row(logits, params, len(prompt) + len(output), PenaltyState(vocab, prompt, output))
+        knobs = {k: getattr(params, k) for k in knobs}  # a greedy request's filters reset (SamplingParams)
+        reference.check_draw(token, logits, prompt, output, **knobs, seed=seed, what=(case, knobs))
+        cases.append((logits, params, prompt, output))
+    for start in range(0, len(cases), 8):  # a batch of rows, each with its penalties' state advanced token by token
+        batch = cases[start:start + 8]
+        states = []
+        for _, _, prompt, output in batch:
+            states.append(PenaltyState(vocab, prompt, output[:2]))
+            for t in output[2:]:
+                states[-1].add(t)
+        tokens, _ = sample_batch(torch.stack([c[0] for c in batch]), [c[1] for c in batch],
+                                 [len(c[2]) + len(c[3]) for c in batch], states)
+        for token, (logits, params, prompt, output) in zip(tokens, batch):
+            reference.check_draw(token, logits, prompt, output, temperature=params.temperature, top_k=params.top_k,
+                                 top_p=params.top_p, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                                 presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                                 seed=params.seed)
+    # unseeded, without penalties or min_p: most rows take the batched top-k path (_sample_top_k_rows), whose draw
+    # is unpredictable but must be one of the tokens its row keeps
+    plain = [(logits, params.model_copy(update={"seed": None, "min_p": 0.0, "repetition_penalty": 1.0,
+                                                "presence_penalty": 0.0, "frequency_penalty": 0.0}))
+             for logits, params, _, _ in cases]
+    for start in range(0, len(plain), 8):
+        batch = plain[start:start + 8]
+        tokens, _ = sample_batch(torch.stack([c[0] for c in batch]), [c[1] for c in batch], [0] * len(batch))
+        for token, (logits, params) in zip(tokens, batch):
+            reference.check_draw(token, logits, [], [], temperature=params.temperature, top_k=params.top_k,
+                                 top_p=params.top_p)
