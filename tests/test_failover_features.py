@@ -8,7 +8,8 @@ sampling state rebuilt wrongly shows.
 
 The promises (DESIGN "Failure: contained, then recovered without loss"): each answer equals the unfaulted one (text,
 token ids, calls, logprobs to float32's last bits, finish, usage), and is what its request asks (check_contract: the
-unmoved one could be wrong the same way), a structured one JSON of its schema, or where cut short a prefix of some; a
+unmoved one could be wrong the same way), a structured one JSON of its schema, or where cut short a prefix of some, and
+each completion's token the one an independent sampler draws from the model's own logits (check_sampling); a
 request cancelled while it is moved leaves no slot, block or slot state on either mesh."""
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from model.tokenizer import load_tokenizer
 from model.torch_llama import TorchBackend
 from model.verify import META_EXPRESSIBLE_ROPE
 import tests.in_process as in_process
+import tests.reference_sampler as reference
 from scheduler.sampling import SamplingParams
 from scheduler.work import MeshWork
 from tests.in_process import Stack, nothing_held, until
@@ -162,6 +164,8 @@ def stack(tmp_path_factory):
         in_process.LocalMesh = real
     DecodeFaultMesh.family = s.meshes
     s.expected, s.llt = {}, llt
+    from transformers import LlamaForCausalLM
+    s.reference, s.reference_logits = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), {}
     yield s
     s.close()
 
@@ -338,6 +342,108 @@ def check_contract(s, kind: str, answer: dict) -> None:
                     assert json_prefix(s, tools[name], arguments), c
 
 
+EOS = 2  # the tiny model's eos_token_id: min_tokens masks it with the stop ids, as vLLM's MinTokensLogitsProcessor
+
+
+def reference_logits(s, ids: list[int]) -> torch.Tensor:
+    """The model's logits [len(ids), vocab] at each of `ids`' positions, by transformers' LlamaForCausalLM over the
+    same weights (not the product's backend), float64."""
+    key = tuple(ids)
+    if key not in s.reference_logits:
+        with torch.no_grad():
+            s.reference_logits[key] = s.reference(torch.tensor([ids])).logits[0].double()
+    return s.reference_logits[key]
+
+
+def check_sampling(s, path: str, fields: dict, answer: dict) -> None:
+    """Each token of a completion is what an independent sampler draws from the model's own logits (reference_logits)
+    under the request's parameters, in vLLM v1's order (its Sampler: allowed_token_ids, bad words, min_tokens and
+    logit_bias, then penalties, then temperature, min_p, top-k and top-p): greedy the argmax; seeded the product's
+    promised draw (README: keyed on seed and position, so a recompute on any mesh draws alike), the exponential race
+    over Philox noise keyed on (seed + choice, position); and every drawn token one the filters keep. Logprobs are
+    the raw distribution's (vLLM's raw_logprobs: before bias, penalties and temperature), an echoed prompt's too.
+    Completions without a grammar: their prompt ids are the tokenizer's, and nothing else masks the row."""
+    if path != COMP or "structured_outputs" in fields:
+        return
+    prompts = fields["prompt"]
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    n = fields.get("n", 1)
+    bias = {int(t): b for t, b in fields.get("logit_bias", {}).items()}
+    stop_ids = {EOS, *fields.get("stop_token_ids", [])}
+    bad_words = [tuple(s.tok.encode(v)) for w in fields.get("bad_words", []) for v in (w, " " + w)]
+    top_n = fields.get("logprobs")
+    knobs = {name: fields[name] for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                             "frequency_penalty") if name in fields}
+    knobs = {"temperature": 1.0, **knobs, "top_k": max(fields.get("top_k", 0), 0)}
+    not_allowed = torch.ones(s.tok.vocab_size, dtype=torch.bool)
+    not_allowed[fields.get("allowed_token_ids", list(range(s.tok.vocab_size)))] = False
+    for index, c in answer["choices"].items():
+        prompt, ids = s.tok.encode(prompts[index // n]), c["ids"]
+        seed = None if fields.get("seed") is None else (fields["seed"] + index % n) % 2**64
+        logits = reference_logits(s, prompt + ids)
+        raw = logits.log_softmax(-1)
+        if top_n is not None:
+            echoed = raw[:len(prompt) - 1] if fields.get("echo") else raw[:0]
+            lps = c["lps"][1:] if fields.get("echo") else c["lps"]  # an echoed prompt's first token has none
+            want = []  # the token's, and the top_n likeliest with the token's beside them if it is not one (vLLM's)
+            for r, t in zip([*echoed, *raw[len(prompt) - 1:-1]], [*prompt[1:len(echoed) + 1], *ids]):
+                top = r.topk(top_n)
+                want.append((float(r[t]), sorted(top.values.tolist() + ([] if t in top.indices else [float(r[t])]),
+                                                 reverse=True)))
+            assert [(lp, sorted((v for _, v in top), reverse=True)) for _, lp, top in lps] == \
+                [(pytest.approx(lp, abs=1e-3), pytest.approx(top, abs=1e-3)) for lp, top in want], index
+        for i, token in enumerate(ids):
+            row, output = logits[len(prompt) - 1 + i].clone(), ids[:i]
+            row[not_allowed] = float("-inf")
+            for word in bad_words:  # vLLM's: a word's last token, where the output ends with the rest of it
+                if tuple(output[len(output) - len(word) + 1:]) == word[:-1] and len(word) - 1 <= len(output):
+                    row[word[-1]] = float("-inf")
+            if i < fields.get("min_tokens", 0):
+                row[sorted(stop_ids)] = float("-inf")
+            row[list(bias)] += torch.tensor(list(bias.values()), dtype=row.dtype)
+            reference.check_draw(token, row, prompt, output, **knobs, seed=seed, what=(index, i))
+
+
+# Each sampling parameter where it decides draws, checked against the reference sampler (check_sampling) unmoved. In
+# BODIES few do: the random model is flat (its likeliest token has 1-6% of the mass), so "seeded-top"'s top_p 0.7 and
+# min_p leave 8-21 of top_k 40's tokens (its 41st is never in play), and the penalised answers draw the +12-biased few.
+# Here top_k 3, and top_p 0.05 (3-7 tokens), bind at every token; min_p 0.3 at temperature 0.7 keeps 1-21; the
+# penalised answers may draw only the prompt's ids and 16 others (about half of their logits negative, which the
+# repetition penalty multiplies), so their tokens repeat and the prompt's are among them (a penalty's reach shows)
+PARAMETER_PROMPT = "Once upon a time there was a"
+PARAMETER_BODIES = {
+    "top-k": {"temperature": 1.0, "top_k": 3},
+    "top-k-unseeded": {"temperature": 1.5, "top_k": 3, "seed": None},  # the batched top-k rows' path
+    "top-p": {"temperature": 1.0, "top_p": 0.05},
+    "top-k-top-p": {"temperature": 1.0, "top_k": 10, "top_p": 0.4},
+    "min-p": {"temperature": 0.7, "min_p": 0.3},
+    "repetition": {"temperature": 1.0, "repetition_penalty": 2.0, "allowed": True},
+    "greedy-repetition": {"temperature": 0.0, "repetition_penalty": 1.5, "allowed": True},
+    "presence": {"temperature": 1.0, "presence_penalty": 2.0, "allowed": True},
+    "frequency": {"temperature": 1.0, "frequency_penalty": 1.0, "allowed": True},
+    "all-penalties": {"temperature": 0.8, "repetition_penalty": 1.3, "presence_penalty": -0.5,
+                      "frequency_penalty": 0.7, "top_k": 12, "min_p": 0.05, "allowed": True},
+}
+
+
+def parameter_body(s, name: str) -> dict:
+    fields = {"prompt": PARAMETER_PROMPT, "max_tokens": 24, "ignore_eos": True, "seed": 11, **PARAMETER_BODIES[name]}
+    if fields.pop("allowed", False):
+        fields["allowed_token_ids"] = sorted({*s.tok.encode(PARAMETER_PROMPT), *range(300, 316)})
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+@pytest.mark.parametrize("name", sorted(PARAMETER_BODIES))
+def test_each_sampling_parameter_draws_as_its_definition(stack, name):
+    """top_k, top_p, min_p and the three penalties, each where it decides draws, served: every token is the one the
+    reference sampler draws (check_sampling), whatever the answer is compared with elsewhere."""
+    fields = parameter_body(stack, name)
+    body = {"model": "smollm2", **fields, "return_token_ids": True, "cache_salt": uuid.uuid4().hex}
+    answer = collect(COMP, False, post(stack, COMP, body))
+    assert [(len(c["ids"]), c["finish"]) for c in answer["choices"].values()] == [(24, "length")], answer
+    check_sampling(stack, COMP, fields, answer)
+
+
 def request(kind: str, stream: bool) -> tuple[str, dict]:
     path, fields = BODIES[kind]
     if {"response_format", "tools", "structured_outputs"} & fields.keys():
@@ -359,6 +465,7 @@ def expected(s, kind: str, stream: bool) -> dict:
         s.expected[kind, stream] = collect(path, stream, post(s, path, body))
         s.run(nothing_held(s.router, failovers=failovers(s)))
         check_contract(s, kind, s.expected[kind, stream])
+        check_sampling(s, *BODIES[kind], s.expected[kind, stream])
     return s.expected[kind, stream]
 
 
