@@ -366,8 +366,9 @@ REFERENCE_CASES = 400
 def test_each_parameter_draws_what_an_independent_reference_sampler_draws():
     """sample_row (and sample_batch, rows beside each other) against tests/reference_sampler.py, written from vLLM's
     and OpenAI's definitions: random rows of positive and negative logits, prompt and output tokens that overlap and
-    repeat, each of temperature, top_k, top_p, min_p and the three penalties on or off, in turn at their edges. A
-    seeded row's token is the reference's race over the same noise; every drawn token one the filters keep."""
+    repeat, each of temperature, top_k, top_p, min_p and the three penalties off or at one of a few values (top_k 1,
+    greedy, a repetition penalty under 1, negative presence and frequency among them). A seeded row's token is the
+    reference's race over the same noise; every drawn token one the filters keep."""
     from tests import reference_sampler as reference
 
     rng = np.random.default_rng(2024)
