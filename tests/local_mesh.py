@@ -50,11 +50,16 @@ class LocalMesh:
         self.unhang = asyncio.Event()
         self.works = 0
         self.round_steps: list[int] = []  # each decode round's num_steps, as it came
+        self.runner: MeshRunner | None = None
         self.restart()
 
     # ---- faults ------------------------------------------------------------------------------------
     def restart(self) -> None:
-        """A fresh replica: a new incarnation with an empty KV cache (what Serve's restart gives)."""
+        """A fresh replica: a new incarnation with an empty KV cache (what Serve's restart gives). The old runner is
+        closed, as the old replica's shutdown closes it (ending its grammar-mask thread): now if no work holds it,
+        else by that work as it ends (a hung one steps it once unhung; MeshRunner.close is for when no step runs)."""
+        if self.runner is not None and not self.lock.locked():
+            self.runner.close()
         self.runner = MeshRunner(self.make_backend(), self.grammar_tokenizer)
         self.incarnation = uuid.uuid4().hex
         self.alive = True
@@ -86,19 +91,24 @@ class LocalMesh:
             self.works += 1
             if work.decode is not None:
                 self.round_steps.append(work.decode.num_steps)
-            steps, index = self.runner.execute(work), 0
-            while (step := await _next_step(steps)) is not None:
-                fault = self.fault_at(work, index)
-                index += 1
-                if fault == "raise":
-                    raise RuntimeError("device lost")
-                if fault == "vanish":
-                    self.vanish()
-                elif fault == "hang":
-                    await self.unhang.wait()
-                if not self.alive:
-                    raise Gone("the replica died mid-work")
-                yield step
+            runner = self.runner
+            steps, index = runner.execute(work), 0
+            try:
+                while (step := await _next_step(steps)) is not None:
+                    fault = self.fault_at(work, index)
+                    index += 1
+                    if fault == "raise":
+                        raise RuntimeError("device lost")
+                    if fault == "vanish":
+                        self.vanish()
+                    elif fault == "hang":
+                        await self.unhang.wait()
+                    if not self.alive:
+                        raise Gone("the replica died mid-work")
+                    yield step
+            finally:
+                if runner is not self.runner:  # restarted under this work (see restart); a later one runs on the new
+                    runner.close()
 
     def fault_at(self, work: MeshWork, index: int) -> str | None:
         """The fault due at the work's `index`-th result (prefill chunks' first, then decode steps): fault_due."""

@@ -48,3 +48,68 @@ def test_a_reset_after_a_cancelled_work_waits_for_its_running_step():
         return list(mesh.runner.slots)
 
     assert asyncio.run(scenario()) == []
+
+
+def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
+    """Serve's restart ends the old replica, whose shutdown closes its runner (and so its grammar-mask thread):
+    LocalMesh.restart dropped the old runner unclosed, and each restart of a mesh that had run a grammar left a mask
+    thread running while anything still held that runner (here the test; in test_fault_moments TriggerMesh's wrapped
+    execute, a reference cycle, until the collector came by). A work hung mid-way may still step the old runner after the restart (the runner's close is for
+    when no step runs): the restart does not wait for it, and the runner is closed when that work ends."""
+    import numpy as np
+
+    from model.embedded import ensure_smollm2
+    from model.grammar import choice_grammar, ll_tokenizer
+    from model.tokenizer import load_tokenizer
+    from scheduler.work import DecodeRound
+
+    tok = load_tokenizer(ensure_smollm2())
+    llt = ll_tokenizer(tok, tok.vocab_size)
+
+    def backend() -> SimulatedBackend:
+        return SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024,
+                                vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
+
+    def mask_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("grammar-masks")}
+
+    def ended(threads: set[threading.Thread]) -> bool:
+        for thread in threads:
+            thread.join(timeout=5)
+        return not any(thread.is_alive() for thread in threads)
+
+    constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=choice_grammar(["yes", "no"]))
+    table = np.zeros((2, 16), dtype=np.int32)
+    table[1, 0] = 1
+    work = MeshWork(0, [PrefillChunk("c", 0, [7] * 10, 0, [0], constrained, 10),
+                        PrefillChunk("f", 1, [7] * 10, 0, [1], SamplingParams(max_tokens=8, ignore_eos=True), 10)],
+                    DecodeRound(3, [0, 1], table))
+
+    async def scenario() -> None:
+        before = mask_threads()
+        mesh = LocalMesh(backend, lambda: llt)
+
+        async def run(incarnation: str) -> int:
+            await mesh.reset()
+            return len([step async for step in mesh.execute(work, incarnation)])
+        assert await run(mesh.incarnation) == work.num_messages
+        first = mask_threads() - before
+        assert len(first) == 1
+        held = [mesh.runner]  # the old runners, kept from the collector (whose ThreadPoolExecutor ends its thread)
+        mesh.restart()  # no work holds the runner: closed now
+        assert ended(first)
+
+        await mesh.reset()
+        mesh.inject("hang", after=3)  # the second decode step's result hangs, the mask thread started
+        hung = asyncio.create_task(run(mesh.incarnation))
+        while mesh.fault is not None:
+            await asyncio.sleep(0.01)
+        second = mask_threads() - before - first
+        assert len(second) == 1
+        held.append(mesh.runner)
+        mesh.restart()
+        mesh.unhang.set()
+        assert await hung == work.num_messages  # its last step ran on the old runner, with its masks
+        assert ended(second)
+
+    asyncio.run(scenario())
