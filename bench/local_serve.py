@@ -211,7 +211,7 @@ def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None 
 
     Without cluster_address it starts a local Ray in throughput mode with the HAProxy ingress, or with the
     plain proxy (plain_proxy=True, or MESHSERVE_PLAIN_PROXY=1); a cluster brings its own mode (see
-    fake_galaxy_cluster)."""
+    GalaxyCluster)."""
     if cluster_address is None:
         with ray_environment(plain_proxy):
             init_local_ray(num_cpus)
@@ -229,26 +229,29 @@ def serve_app(config: AppConfig, num_cpus: int = 4, cluster_address: str | None 
         ray.shutdown()
 
 
-# What fake_galaxy_cluster starts afresh once: a node past Ray's registration wait, a head without its dashboard
+# What start_galaxy_cluster starts afresh once: a node past Ray's registration wait, a head without its dashboard
 CLUSTER_START_FLAKES = ("timed out during startup", "dashboard did not start")
 
 
-def fake_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1,
-                        plain_proxy: bool | None = None) -> GalaxyCluster:
-    """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do.
-    Every node starts in the same Serve mode (throughput + HAProxy unless the plain proxy is asked for),
-    as every `ray start` of a real cluster must. Started and held by a process of its own: GalaxyCluster."""
-    return GalaxyCluster(num_galaxies, head_cpus, cpus_per_node, plain_proxy)
-
-
 class GalaxyCluster:
-    """start_galaxy_cluster's cluster, run by a spawned process (a fresh interpreter) and driven over a pipe. Ray
-    starts each node process through a preexec_fn (services.start_ray_process), which Python does not make safe in
-    a process with threads running: started from a test process that had been a Ray driver ("Other threads are
-    currently calling into gRPC, skipping fork() handlers"), a head's raylet wrote not even its first log line, twice
-    in a row, and once the head's dashboard died as it started (return code -6), on CI's fresh clone."""
+    """A Ray cluster on this box whose worker nodes each advertise one `galaxy`, like Galaxy hosts do. Every node
+    starts in the same Serve mode (throughput + HAProxy unless the plain proxy is asked for), as every `ray start`
+    of a real cluster must.
 
-    def __init__(self, num_galaxies: int, head_cpus: int, cpus_per_node: float, plain_proxy: bool | None):
+    Started and held by a spawned process (a fresh interpreter), driven over a pipe: Ray starts each node process
+    through a preexec_fn (services.start_ray_process), which Python does not make safe in a process with threads
+    running: started from a test process that had been a Ray driver ("Other threads are currently calling into gRPC,
+    skipping fork() handlers"), a head's raylet wrote not even its first log line, twice in a row, and once the
+    head's dashboard died as it started (return code -6), on CI's fresh clone. That process shuts the cluster down on
+    shutdown() or when this one goes (the pipe's end); killed, when it answers nothing in time, it takes the node
+    processes Ray started there with it (Node.kernel_fate_share: PR_SET_PDEATHSIG, ray/_private/utils.py)."""
+
+    START_S = 300.0  # two starts (start_galaxy_cluster), each node given 30 s by Ray to register, on a loaded box
+    COMMAND_S = 120.0  # add_node: a Node() and its 30 s to register
+    SHUTDOWN_S = 60.0
+
+    def __init__(self, num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1,
+                 plain_proxy: bool | None = None):
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")
@@ -257,18 +260,31 @@ class GalaxyCluster:
                                         args=(theirs, num_galaxies, head_cpus, cpus_per_node, plain_proxy))
         self._process.start()
         theirs.close()
-        self.address: str = self._answer()
-
-    def _answer(self):
-        ok, value = self._conn.recv()
-        if not ok:
+        try:
+            self.address: str = self._answer("the start", self.START_S)
+        except BaseException:
             self.shutdown()
-            raise RuntimeError(f"the fake Galaxy cluster: {value}")
+            raise
+
+    def _answer(self, what: str, timeout_s: float):
+        """The process's answer, or what it raised, as RuntimeError; TimeoutError (the process killed) when none
+        comes in `timeout_s`, RuntimeError when the process ended without one."""
+        if not self._conn.poll(timeout_s):  # also True at the pipe's end: recv then raises EOFError
+            self._process.kill()
+            raise TimeoutError(f"the fake Galaxy cluster's process gave no answer to {what} in {timeout_s:.0f} s")
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            self._process.join(timeout=5)
+            raise RuntimeError(f"the fake Galaxy cluster's process ended (exit code {self._process.exitcode}) "
+                               f"without answering {what}") from None
+        if not ok:
+            raise RuntimeError(f"the fake Galaxy cluster, {what}: {value}")
         return value
 
     def _call(self, *command):
         self._conn.send(command)
-        return self._answer()
+        return self._answer(command[0], self.COMMAND_S)
 
     def remove_node(self, node_id: str) -> None:
         """Stop a worker node's processes at once, as a Galaxy host that died."""
@@ -278,13 +294,13 @@ class GalaxyCluster:
         self._call("add_node", node_args)
 
     def shutdown(self) -> None:
-        if self._process.is_alive():
-            with contextlib.suppress(OSError, EOFError):
-                self._conn.send(("shutdown",))
-                self._conn.recv()
-        self._process.join(timeout=60)
+        """Shut the cluster down; its process is killed if it has not ended SHUTDOWN_S later."""
+        with contextlib.suppress(OSError):  # the process ended already
+            self._conn.send(("shutdown",))
+        self._process.join(timeout=self.SHUTDOWN_S)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join()
         self._conn.close()
 
 
@@ -296,29 +312,34 @@ def _hold_cluster(conn, num_galaxies: int, head_cpus: int, cpus_per_node: float,
     except BaseException as e:
         conn.send((False, f"{type(e).__name__}: {e}"))
         return
-    conn.send((True, cluster.address))
     try:
+        conn.send((True, cluster.address))
         with ray_environment(plain_proxy):  # a node added later starts in the same Serve mode
             while (command := conn.recv())[0] != "shutdown":
                 try:
                     if command[0] == "remove_node":
-                        cluster.remove_node(next(n for n in cluster.worker_nodes if n.node_id == command[1]))
+                        cluster.remove_node(_worker_node(cluster, command[1]))
                     else:
                         cluster.add_node(**command[1])
                     conn.send((True, None))
                 except Exception as e:
                     conn.send((False, f"{type(e).__name__}: {e}"))
-    except EOFError:
+    except (EOFError, OSError):  # the test process went
         pass
     finally:
         cluster.shutdown()
-        with contextlib.suppress(OSError):
-            conn.send((True, None))
+
+
+def _worker_node(cluster, node_id: str):
+    for node in cluster.worker_nodes:
+        if node.node_id == node_id:
+            return node
+    raise LookupError(f"no worker node {node_id} (the head's cannot be removed)")
 
 
 def start_galaxy_cluster(num_galaxies: int, head_cpus: int = 2, cpus_per_node: float = 1,
                          plain_proxy: bool | None = None):
-    """fake_galaxy_cluster's ray.cluster_utils.Cluster, started in this process."""
+    """GalaxyCluster's ray.cluster_utils.Cluster, started in this process."""
     for attempt in (1, 2):
         try:
             return _galaxy_cluster(num_galaxies, head_cpus, cpus_per_node, plain_proxy)

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bench import args as arg_types
-from bench.local_serve import fake_galaxy_cluster, serve_app
+from bench.local_serve import GalaxyCluster, serve_app
 from bench.saturation import capacity_tokens_per_s, distinct_prompts, drive, steady_window, ttfts
 from deployments.config import AppConfig
 from model.galaxy import MAX_TIME_SCALE
@@ -45,7 +45,7 @@ from model.galaxy import MAX_TIME_SCALE
 def measure(config: AppConfig, prompt_tokens: int, output_tokens: int) -> dict:
     n = config.num_meshes
     clients = n * config.num_slots
-    cluster = fake_galaxy_cluster(n)
+    cluster = GalaxyCluster(n)
     try:
         with serve_app(config, cluster_address=cluster.address) as url:
             asyncio.run(drive(url, config.name, distinct_prompts(2 * n, prompt_tokens, first_id=30000), 4))  # warm-up

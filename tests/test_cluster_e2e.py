@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from deployments.config import AppConfig
-from bench.local_serve import fake_galaxy_cluster, free_port, router_stats, serve_app, wait_healthy
+from bench.local_serve import GalaxyCluster, free_port, router_stats, serve_app, wait_healthy
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ SIM = dict(model="smollm2", backend="simulated", time_scale=0.05, num_meshes=2, 
 
 @pytest.fixture(scope="module")
 def two_galaxies():
-    cluster = fake_galaxy_cluster(2)
+    cluster = GalaxyCluster(2)
     try:
         with serve_app(AppConfig(**SIM), cluster_address=cluster.address) as url:
             yield url

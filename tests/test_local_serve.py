@@ -1,7 +1,13 @@
 """bench.local_serve's port picking: Ray's own processes take random ports from the kernel's ephemeral range
 while they start, so a port handed to HAProxy or Serve must come from outside it (and outside Ray's worker
 ports), or a Ray process may bind it first (seen once in CI)."""
+import contextlib
+import multiprocessing
+import os
+import re
 import socket
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -133,3 +139,109 @@ def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
     finally:
         for process in started + [bystander]:
             process.kill()
+
+
+def _holder_that_never_answers(conn, *args) -> None:
+    """A cluster's process stuck in its start (a Ray call that never returns)."""
+    time.sleep(600)
+
+
+def _holder_that_dies(conn, *args) -> None:
+    os._exit(3)
+
+
+def _holder_that_answers_the_start_only(conn, *args) -> None:
+    """A cluster's process that started, then is stuck in every command, shutdown too."""
+    conn.send((True, "127.0.0.1:6379"))
+    with contextlib.suppress(EOFError):
+        while True:
+            conn.recv()
+
+
+def _outcome_within(seconds: float, call) -> BaseException | None:
+    """What call() raised (None if nothing), on a thread; fails if it has not returned in `seconds`."""
+    outcome = []
+
+    def run():
+        try:
+            call()
+        except BaseException as e:
+            outcome.append(e)
+        else:
+            outcome.append(None)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"no return in {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("holder, at, error", [
+    (_holder_that_never_answers, "start", "TimeoutError: .* no answer to the start in 1 s"),
+    (_holder_that_dies, "start", r"RuntimeError: .* ended \(exit code 3\) without answering the start"),
+    (_holder_that_answers_the_start_only, "add_node", "TimeoutError: .* no answer to add_node in 1 s"),
+    (_holder_that_answers_the_start_only, "shutdown", None)], ids=["start", "died", "add_node", "shutdown"])
+def test_a_cluster_process_that_does_not_answer_fails_the_call_in_time_and_is_gone(monkeypatch, holder, at, error):
+    """Each read of GalaxyCluster's pipe waited for ever: a process stuck in a Ray call (or in its cluster's shutdown)
+    hung the test, and one that died gave a bare EOFError. Now the call fails, saying which, and the process is gone."""
+    from bench import local_serve
+
+    monkeypatch.setattr(local_serve, "_hold_cluster", holder)  # a spawned process takes its target by name
+    # the process imports this module first (seconds on the busy box): only a start that never answers is given 1 s
+    monkeypatch.setattr(local_serve.GalaxyCluster, "START_S", 1 if holder is _holder_that_never_answers else 60)
+    monkeypatch.setattr(local_serve.GalaxyCluster, "COMMAND_S", 1)
+    monkeypatch.setattr(local_serve.GalaxyCluster, "SHUTDOWN_S", 1)
+    clusters = []
+
+    def steps():
+        clusters.append(local_serve.GalaxyCluster(2, 2, 1, None))
+        if at == "add_node":
+            clusters[0].add_node(num_cpus=0)
+        clusters[0].shutdown()
+    raised = _outcome_within(90, steps)
+    assert (raised is None if error is None else re.fullmatch(error, f"{type(raised).__name__}: {raised}")), raised
+    if clusters:
+        clusters[0].shutdown()
+    assert not [p for p in multiprocessing.active_children() if p.name == "fake-galaxy-cluster"]
+
+
+def test_the_cluster_process_reports_a_failed_command_and_shuts_its_cluster_down_however_it_ends(monkeypatch):
+    """A node id the cluster has no worker for was answered "StopIteration: "; the test process gone before the
+    start's answer raised BrokenPipeError past the cluster's shutdown (its node processes then died with the process,
+    not through Cluster.shutdown)."""
+    from bench import local_serve
+
+    class FakeCluster:
+        address = "127.0.0.1:6379"
+
+        def __init__(self):
+            self.worker_nodes = [SimpleNamespace(node_id="abc")]
+            self.removed, self.down = [], False
+
+        def remove_node(self, node):
+            self.removed.append(node.node_id)
+
+        def add_node(self, **node_args):
+            raise RuntimeError("The current node timed out during startup.")
+
+        def shutdown(self):
+            self.down = True
+
+    made = []
+    monkeypatch.setattr(local_serve, "start_galaxy_cluster", lambda *args: made.append(FakeCluster()) or made[-1])
+    ours, theirs = multiprocessing.Pipe()
+    for command in [("remove_node", "xyz"), ("remove_node", "abc"), ("add_node", {"num_cpus": 0}), ("shutdown",)]:
+        ours.send(command)
+    local_serve._hold_cluster(theirs, 2, 2, 1, None)
+    answers = [ours.recv() for _ in range(4)]
+    assert answers[0] == (True, FakeCluster.address)
+    assert not answers[1][0] and "no worker node xyz" in answers[1][1]
+    assert answers[2:] == [(True, None), (False, "RuntimeError: The current node timed out during startup.")]
+    assert made[0].removed == ["abc"] and made[0].down
+    for gone_at in (0, 1):  # the test process gone: before the start's answer, or with a command unanswered
+        ours, theirs = multiprocessing.Pipe()
+        if gone_at:
+            ours.send(("remove_node", "abc"))
+        ours.close()
+        local_serve._hold_cluster(theirs, 2, 2, 1, None)
+        assert made[-1].down

@@ -9,7 +9,7 @@ import pytest
 from ray.util.state import list_actors
 
 from bench.failover import one_stream
-from bench.local_serve import fake_galaxy_cluster, router_stats, serve_app
+from bench.local_serve import GalaxyCluster, router_stats, serve_app
 from bench.saturation import distinct_prompts
 from deployments.config import AppConfig
 
@@ -31,7 +31,7 @@ async def streams(url: str, on_started=None) -> list[dict]:
 
 
 def test_a_lost_galaxy_host_loses_no_stream_and_its_mesh_returns_on_a_new_host():
-    cluster = fake_galaxy_cluster(2, cpus_per_node=0)  # no CPU there: the ingress and router stay on the head
+    cluster = GalaxyCluster(2, cpus_per_node=0)  # no CPU there: the ingress and router stay on the head
     try:
         with serve_app(SIM, cluster_address=cluster.address) as url:
             reference = [r["text"] for r in asyncio.run(streams(url))]
