@@ -11,6 +11,7 @@ proxy instead.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -243,8 +244,8 @@ class GalaxyCluster:
     running: started from a test process that had been a Ray driver ("Other threads are currently calling into gRPC,
     skipping fork() handlers"), a head's raylet wrote not even its first log line, twice in a row, and once the
     head's dashboard died as it started (return code -6), on CI's fresh clone. That process shuts the cluster down on
-    shutdown() or when this one goes (the pipe's end); killed, when it answers nothing in time, it takes the node
-    processes Ray started there with it (Node.kernel_fate_share: PR_SET_PDEATHSIG, ray/_private/utils.py)."""
+    shutdown(), at this process's exit, or when this process goes (the pipe's end); one that answers nothing in time
+    is killed with every process below it."""
 
     START_S = 300.0  # two starts (start_galaxy_cluster), each node given 30 s by Ray to register, on a loaded box
     COMMAND_S = 120.0  # add_node: a Node() and its 30 s to register
@@ -260,6 +261,10 @@ class GalaxyCluster:
                                         args=(theirs, num_galaxies, head_cpus, cpus_per_node, plain_proxy))
         self._process.start()
         theirs.close()
+        # Before multiprocessing's own exit hook (registered earlier, so run later), which SIGTERMs a daemonic process:
+        # Ray's SIGTERM handler (Node._register_shutdown_hooks) then ran inside the cluster's shutdown that the pipe's
+        # end had begun, and deadlocked in a re-entered Popen.wait, and this process's exit waited on it for ever.
+        atexit.register(self.shutdown)
         try:
             self.address: str = self._answer("the start", self.START_S)
         except BaseException:
@@ -270,7 +275,7 @@ class GalaxyCluster:
         """The process's answer, or what it raised, as RuntimeError; TimeoutError (the process killed) when none
         comes in `timeout_s`, RuntimeError when the process ended without one."""
         if not self._conn.poll(timeout_s):  # also True at the pipe's end: recv then raises EOFError
-            self._process.kill()
+            _kill_tree(self._process.pid)
             raise TimeoutError(f"the fake Galaxy cluster's process gave no answer to {what} in {timeout_s:.0f} s")
         try:
             ok, value = self._conn.recv()
@@ -294,14 +299,35 @@ class GalaxyCluster:
         self._call("add_node", node_args)
 
     def shutdown(self) -> None:
-        """Shut the cluster down; its process is killed if it has not ended SHUTDOWN_S later."""
+        """Shut the cluster down; its process and every process below it are killed if it has not ended SHUTDOWN_S
+        later. Once shut down, does nothing."""
+        atexit.unregister(self.shutdown)
+        if self._conn.closed:
+            return
         with contextlib.suppress(OSError):  # the process ended already
             self._conn.send(("shutdown",))
         self._process.join(timeout=self.SHUTDOWN_S)
         if self._process.is_alive():
-            self._process.kill()
+            _kill_tree(self._process.pid)
             self._process.join()
         self._conn.close()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every process below it: a killed cluster process takes its direct children with it
+    (Node.kernel_fate_share: PR_SET_PDEATHSIG, ray/_private/utils.py), but their own children did not all follow (a
+    raylet's dashboard and runtime-env agents were still there 35 s later, the latter past logging "Raylet is dead!
+    Exiting")."""
+    children: dict[int, list[int]] = {}
+    for child, (ppid, _) in proc_stats().items():
+        children.setdefault(ppid, []).append(child)
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    for member in tree:  # the top first: it starts no more
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(member, signal.SIGKILL)
 
 
 def _hold_cluster(conn, num_galaxies: int, head_cpus: int, cpus_per_node: float, plain_proxy: bool | None) -> None:

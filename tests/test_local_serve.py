@@ -5,6 +5,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import threading
 import time
@@ -151,8 +152,10 @@ def _holder_that_dies(conn, *args) -> None:
 
 
 def _holder_that_answers_the_start_only(conn, *args) -> None:
-    """A cluster's process that started, then is stuck in every command, shutdown too."""
-    conn.send((True, "127.0.0.1:6379"))
+    """A cluster's process that started (a child of its own, as a raylet, whose pid is its "address"), then is stuck
+    in every command, shutdown too."""
+    import subprocess
+    conn.send((True, str(subprocess.Popen(["sleep", "600"], start_new_session=True).pid)))
     with contextlib.suppress(EOFError):
         while True:
             conn.recv()
@@ -202,7 +205,48 @@ def test_a_cluster_process_that_does_not_answer_fails_the_call_in_time_and_is_go
     assert (raised is None if error is None else re.fullmatch(error, f"{type(raised).__name__}: {raised}")), raised
     if clusters:
         clusters[0].shutdown()
+        # the process's child too (a raylet's agents outlived the raylet killed by the process's end)
+        assert _gone(int(clusters[0].address))
     assert not [p for p in multiprocessing.active_children() if p.name == "fake-galaxy-cluster"]
+
+
+def _gone(pid: int) -> bool:
+    """The process ended (or is a zombie that its new parent has not reaped yet), within 5 s."""
+    from bench.local_serve import read_proc
+    for _ in range(50):
+        stat = read_proc(f"/proc/{pid}/stat")
+        if stat is None or stat[stat.rindex(")") + 2] == "Z":
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _holder_that_tells_how_it_was_asked_to_end(conn, *args) -> None:
+    """Writes to the file $SAID "shutdown" when asked to, "SIGTERM" on that signal (Ray's own handler of it deadlocked when it
+    came during the cluster's shutdown)."""
+    said = Path(os.environ["SAID"])
+    signal.signal(signal.SIGTERM, lambda *_: (said.write_text("SIGTERM"), os._exit(1)))
+    conn.send((True, "127.0.0.1:6379"))
+    with contextlib.suppress(EOFError):
+        while conn.recv() != ("shutdown",):
+            pass
+        said.write_text("shutdown")
+
+
+def test_a_cluster_not_shut_down_is_shut_down_at_the_test_process_exit(tmp_path):
+    """multiprocessing's exit hook SIGTERMs a daemonic process, and a cluster left running (no shutdown() called) got
+    it while shutting down at its pipe's end: Ray's SIGTERM handler re-entered the node's kill (Popen.wait's lock) and
+    hung, and so did the exit of the process that held the cluster."""
+    import subprocess
+    import sys
+
+    script = ("import bench.local_serve as ls, tests.test_local_serve as t\n"
+              "ls._hold_cluster = t._holder_that_tells_how_it_was_asked_to_end\n"
+              "cluster = ls.GalaxyCluster(2, 2, 1, None)\n")
+    said = tmp_path / "said"
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=Path(__file__).parents[1],
+                   env={**os.environ, "SAID": str(said)})
+    assert said.read_text() == "shutdown"
 
 
 def test_the_cluster_process_reports_a_failed_command_and_shuts_its_cluster_down_however_it_ends(monkeypatch):
