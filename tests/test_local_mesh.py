@@ -78,7 +78,7 @@ def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
             thread.join(timeout=5)
         return not any(thread.is_alive() for thread in threads)
 
-    constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=choice_grammar(["yes", "no"]))
+    constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=choice_grammar([" a long answer of several tokens"]))
     table = np.zeros((2, 16), dtype=np.int32)
     table[1, 0] = 1
     work = MeshWork(0, [PrefillChunk("c", 0, [7] * 10, 0, [0], constrained, 10),
@@ -100,7 +100,7 @@ def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
         assert ended(first)
 
         await mesh.reset()
-        mesh.inject("hang", after=3)  # the second decode step's result hangs, the mask thread started
+        mesh.inject("hang", after=2)  # the first decode step's result hangs: two more steps need the grammar's masks
         hung = asyncio.create_task(run(mesh.incarnation))
         while mesh.fault is not None:
             await asyncio.sleep(0.01)
