@@ -168,11 +168,11 @@ def init_local_ray(num_cpus: int, attempts: int = 2) -> None:
 
 
 def _stop_children_since(before: set[int]) -> None:
-    """SIGKILL this process's children that are not in `before`: what a Ray Node() started before it raised, which
-    nothing else holds (ray.shutdown and Cluster.shutdown know only nodes that started)."""
+    """SIGKILL this process's children that are not in `before`, each with every process below it: what a Ray Node()
+    started before it raised, which nothing else holds (ray.shutdown and Cluster.shutdown know only nodes that
+    started), and the raylet's agents, which outlive it killed (_kill_tree)."""
     for pid in _children() - before:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        _kill_tree(pid)
 
 
 def _children() -> set[int]:

@@ -101,18 +101,20 @@ def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_o
 @pytest.mark.parametrize("late", ["head", "worker"])
 def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
     """A Node() that timed out had started its processes (GCS, raylet) and is in no list of the cluster's, so
-    Cluster.shutdown does not reach them: they are stopped, as init_local_ray stops a failed start's. A child this
-    process had before the attempt (another fixture's server in the same pytest worker) is not Ray's: it runs on."""
+    Cluster.shutdown does not reach them: they are stopped, as init_local_ray stops a failed start's, with the
+    processes they started (a raylet's agents outlived it killed). A child this process had before the attempt
+    (another fixture's server in the same pytest worker) is not Ray's: it runs on."""
     import subprocess
 
     import ray.cluster_utils
 
     from bench import local_serve
 
-    started = []
+    started, below = [], []
 
-    def start_then_time_out():
-        started.append(subprocess.Popen(["sleep", "60"]))
+    def start_then_time_out():  # a process with one of its own, as a raylet and its agent
+        started.append(subprocess.Popen(["sh", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, text=True))
+        below.append(int(started[-1].stdout.readline()))
         raise Exception("The current node timed out during startup. This could happen because ...")
 
     class FakeCluster:
@@ -136,10 +138,14 @@ def test_a_fake_galaxy_node_that_timed_out_leaves_no_process(monkeypatch, late):
     try:
         assert isinstance(local_serve.start_galaxy_cluster(2), FakeCluster)  # the fresh one
         assert started[0].wait(timeout=5) == -9
+        assert _gone(below[0])
         assert bystander.poll() is None
     finally:
         for process in started + [bystander]:
             process.kill()
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _holder_that_never_answers(conn, *args) -> None:
