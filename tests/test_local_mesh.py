@@ -54,8 +54,9 @@ def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
     """Serve's restart ends the old replica, whose shutdown closes its runner (and so its grammar-mask thread):
     LocalMesh.restart dropped the old runner unclosed, and each restart of a mesh that had run a grammar left a mask
     thread running while anything still held that runner (here the test; in test_fault_moments TriggerMesh's wrapped
-    execute, a reference cycle, until the collector came by). A work hung mid-way may still step the old runner after the restart (the runner's close is for
-    when no step runs): the restart does not wait for it, and the runner is closed when that work ends."""
+    execute, a reference cycle, until the collector came by). A work hung mid-way may still step the old runner after
+    the restart (the runner's close is for when no step runs): the restart does not wait for it, and the runner is
+    closed when that work ends."""
     import numpy as np
 
     from model.embedded import ensure_smollm2
@@ -78,7 +79,8 @@ def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
             thread.join(timeout=5)
         return not any(thread.is_alive() for thread in threads)
 
-    constrained = SamplingParams(temperature=0.0, max_tokens=8, grammar=choice_grammar([" a long answer of several tokens"]))
+    constrained = SamplingParams(temperature=0.0, max_tokens=8,
+                                 grammar=choice_grammar([" a long answer of several tokens"]))
     table = np.zeros((2, 16), dtype=np.int32)
     table[1, 0] = 1
     work = MeshWork(0, [PrefillChunk("c", 0, [7] * 10, 0, [0], constrained, 10),

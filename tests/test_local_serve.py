@@ -228,8 +228,8 @@ def _gone(pid: int) -> bool:
 
 
 def _holder_that_tells_how_it_was_asked_to_end(conn, *args) -> None:
-    """Writes to the file $SAID "shutdown" when asked to, "SIGTERM" on that signal (Ray's own handler of it deadlocked when it
-    came during the cluster's shutdown)."""
+    """Writes to the file $SAID "shutdown" when asked to, "SIGTERM" on that signal (Ray's own handler of it
+    deadlocked when it came during the cluster's shutdown)."""
     said = Path(os.environ["SAID"])
     signal.signal(signal.SIGTERM, lambda *_: (said.write_text("SIGTERM"), os._exit(1)))
     conn.send((True, "127.0.0.1:6379"))
