@@ -49,9 +49,11 @@ def test_a_huge_min_count_never_fires(count):
     assert not any(check.add(5) for _ in range(100))
 
 
-def test_choice_text_cuts_the_answer_at_the_token_that_completes_the_pattern(tokenizer):
+@pytest.mark.parametrize("stop", [(), ("never",)])
+def test_choice_text_cuts_the_answer_at_the_token_that_completes_the_pattern(tokenizer, stop):
+    """The text up to the cut is all sent, that held back for a stop string that might have begun in it too."""
     word, other = tokenizer.encode(" echo"), tokenizer.encode(" x")
-    answer = ChoiceText(tokenizer, [], (), 0, None, repetition=RepetitionCheck(4, 0, 3))
+    answer = ChoiceText(tokenizer, [], stop, 0, None, repetition=RepetitionCheck(4, 0, 3))
     text, _, taken, ended = answer.feed(other + word * 5, final=False)
     assert (ended, taken, answer.output) == ("repetition", len(other) + 3 * len(word), other + word * 3)
     assert text == " x echo echo echo"
