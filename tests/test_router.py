@@ -2,6 +2,7 @@
 that raise, hang, vanish and come back."""
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import pickle
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ from model.simulated import SimulatedBackend
 from scheduler import scheduler as scheduler_module
 from scheduler.errors import MeshFailures, NoMeshAvailable, QueueFull
 from scheduler.sampling import SamplingParams
-from scheduler.work import pack_events, unpack_events
+from scheduler.work import RequestFailed, TokenEvent, pack_events, unpack_events
 from tests.counting import counting
 from tests.in_process import FAST, nothing_held, until
 from tests.local_mesh import Gone, LocalMesh
@@ -295,16 +296,17 @@ def test_closing_a_stream_frees_everything():
 def test_a_request_cancelled_on_an_idle_mesh_leaves_nothing_on_the_mesh():
     """A cancel frees the slot in the router's scheduler at once, and the mesh learns it from the next work's release
     list: on a mesh left idle, none came (not even its heartbeat), and the runner kept the slot's state (its grammar
-    matcher, penalty counts and token history) for a request long gone."""
+    matcher, penalty counts and token history) for a request long gone. It goes at once, in a work of its own, not
+    with the next heartbeat (heartbeat_s: 5 s by default, here longer than the test waits)."""
     async def main():
-        router, (mesh,) = await make_router(num_meshes=1)
+        router, (mesh,) = await make_router(num_meshes=1, heartbeat_s=60.0)
         stream = router.generate("x", [5] * 100, SamplingParams(temperature=0.0, max_tokens=500, presence_penalty=1.0))
         async for event in stream:
             if event.token_ids:
                 break
         await stream.aclose()
         await nothing_held(router)
-        await until(lambda: not mesh.runner.slots, timeout_s=5 * router.config.heartbeat_s)
+        await until(lambda: not mesh.runner.slots, timeout_s=5.0)
         await router.close()
     asyncio.run(main())
 
@@ -371,6 +373,28 @@ def test_with_no_live_mesh_requests_wait_for_one_to_come_back():
         m0.restart()
         assert await asyncio.gather(*tasks) == alone
         assert await late == alone[0]
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_request_that_ran_longer_than_no_mesh_wait_s_still_waits_that_long_once_held():
+    """no_mesh_wait_s counts from when a request began to wait for a mesh, not from its arrival: a stream that had run
+    past it when its mesh failed was failed (503) at the next tick of the held check, with no wait at all."""
+    async def main():
+        slow = lambda: SimulatedBackend(num_blocks=256, time_scale=1.0, vocab_size=1000)  # noqa: E731
+        router, (mesh,) = await make_router(num_meshes=1, make=slow, no_mesh_wait_s=1.0)
+        stream = router.generate("a", [5] * 10, LASTING)
+        await anext(stream)
+        await asyncio.sleep(1.2)  # it has run past no_mesh_wait_s
+        mesh.vanish()
+        await until(lambda: "a" in router.held)
+        await asyncio.sleep(0.6)  # two ticks of the held check (every no_mesh_wait_s / 4), inside the wait
+        assert "a" in router.held
+        mesh.restart()
+        await until(lambda: "a" not in router.held)
+        assert router.requests["a"].mesh is router.meshes[0]
+        await stream.aclose()
+        await nothing_held(router, failovers=1)
         await router.close()
     asyncio.run(main())
 
@@ -473,6 +497,22 @@ def test_new_requests_go_around_a_mesh_that_stopped_answering_before_its_deadlin
                             10) == alone
         assert m1.works > works
         m0.unhang.set()
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
+def test_a_mesh_idle_for_long_is_not_stalled_by_the_work_it_was_just_sent():
+    """A mesh's silence counts from the work it was sent when it had none out, not from its last answer: one idle past
+    STALL_S (no heartbeat since it came up, heartbeat_s being long) was stalled as soon as its next work went out, and
+    placement went around it until that work's first result."""
+    async def main():
+        router, (mesh,) = await make_router(num_meshes=1, heartbeat_s=60.0)
+        await asyncio.sleep(router.meshes[0].stall_s + 0.2)  # idle, unheard, past its stall time
+        mesh.inject("hang", after=0)  # the work's first result waits
+        router.submit("a", [5] * 10, GREEDY, None, [], "c")
+        await until(lambda: router.meshes[0].scheduler.inflight)
+        assert not router.stats()["meshes"][0]["stalled"]
+        mesh.unhang.set()
         await cancel_all_and_close(router)
     asyncio.run(main())
 
@@ -805,6 +845,20 @@ def test_a_continuation_yields_only_the_tokens_after_those_delivered():
     asyncio.run(main())
 
 
+def test_a_continuation_with_every_token_delivered_ends_at_once_with_no_mesh_up():
+    """A stream resubmitted (a router restart) with its max_tokens all delivered lost only its finish: it ends
+    ("length") at once, not held for a mesh to come up, then failed (NoMeshAvailable) if none did in no_mesh_wait_s."""
+    async def main():
+        router, (mesh,) = await make_router(num_meshes=1)
+        mesh.vanish()
+        await until(lambda: not router.stats()["ready"])
+        params = SamplingParams(temperature=0.0, max_tokens=3)
+        assert await within(_events(router, "c", [5] * 10, params, [7, 8, 9]), 2) == ([], "length")
+        assert not router.requests and not router.held
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_burst_is_split_evenly_across_meshes():
     """Queued requests count as load: a mesh that already admitted some must not get the whole rest."""
     async def main():
@@ -861,6 +915,7 @@ def test_closing_a_consumers_stream_cancels_its_requests():
         stream = router.events("gone")
         await anext(stream)
         await stream.aclose()  # the ingress replica went away
+        assert not router.requests  # ended now, not once their answers had run out
         await nothing_held(router)
         await router.close()
     asyncio.run(main())
@@ -1255,7 +1310,8 @@ def test_a_new_request_queues_on_the_mesh_that_holds_it_rather_than_be_cut_on_a_
         await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
         router.submit("a", [5] * 40, LASTING, None, [], "c")
         await until(lambda: router.stats()["meshes"][0]["running"] == 1)  # the longer mesh is busy
-        router.submit("x", [7] * 600, SamplingParams(temperature=0.0, max_tokens=520), None, [], "c")
+        # its whole answer is one token longer than the shorter mesh holds (600 + 425 = 1025)
+        router.submit("x", [7] * 600, SamplingParams(temperature=0.0, max_tokens=425), None, [], "c")
         await asyncio.sleep(0.3)
         assert router.requests["x"].mesh is router.meshes[0] and router.stats()["meshes"][1]["rounds"] == 0
         router.submit("y", [7] * 600, SamplingParams(temperature=0.0, max_tokens=8), None, [], "c")
@@ -1675,3 +1731,68 @@ def test_queue_probe_warnings_forget_replicas_serve_replaced(monkeypatch):
     clock[0] += router_module.QUEUE_PROBE_FORGET_S
     assert probe("another")
     assert set(warnings.last) == {"another"}
+
+
+def test_a_failure_reaches_the_ingress_after_the_tokens_made_before_it():
+    """A request's RequestFailed is its last item: tokens it made since the last flush go out ahead of it in the
+    same message (generate, like the ingress, stops reading the request at its failure, so tokens after it are lost)."""
+    async def main():
+        router, _ = await make_router(num_meshes=1, stream_interval_ms=50)
+        sent: list[list] = []
+        router.attach("c", sent.append)
+        sink = router.sinks["c"]
+        sink.put_token("a", 5)  # a flush goes out at once (the stream was quiet), then none for 50 ms
+        await until(lambda: sent)
+        sink.put_token("a", 6)
+        sink.put(TokenEvent("a", [7], logprobs=[]))
+        sink.put_token("a", 8)
+        sink.put(RequestFailed("a", NoMeshAvailable("no mesh")))
+        await until(lambda: len(sent) == 2)
+        first, second = (unpack_events(batch) for batch in sent)
+        assert [e.token_ids for e in first] == [[5]]
+        assert [type(e).__name__ for e in second] == ["TokenEvent", "RequestFailed"]
+        assert second[0].token_ids == [6, 7, 8]
+        await router.close()
+    asyncio.run(main())
+
+
+class SlowDecodeMesh(LocalMesh):
+    """A mesh whose every decode step takes `step_s`, and whose capabilities say one takes a quarter of that."""
+
+    def __init__(self, make_backend, step_s: float):
+        super().__init__(make_backend)
+        self.step_s = step_s
+
+    async def reset(self):
+        incarnation, caps = await super().reset()
+        return incarnation, dataclasses.replace(caps, decode_step_s=self.step_s / 4)
+
+    async def execute(self, work, incarnation):
+        index = 0
+        async for step in super().execute(work, incarnation):
+            if index >= len(work.prefills):  # a decode step's message
+                await asyncio.sleep(self.step_s)
+            index += 1
+            yield step
+
+
+@pytest.mark.parametrize("step_s, decode_steps, factor", [(0.8, 1, 20), (0.3, 8, 1)])
+def test_a_work_may_take_its_expected_time_times_step_deadline_factor(step_s, decode_steps, factor):
+    """A work's results may each come up to min_step_deadline_s + step_deadline_factor x the work's expected time
+    (Capabilities.expected_seconds of its prefill tokens and decode steps) after the one before: a mesh whose decode
+    steps take 4x what it expects is slow, not failed, under a factor of 20 and a floor (0.05 s, + GRACE_S 0.5 s) the
+    step alone outlasts; and a round of 8 steps whose whole takes longer than its deadline is not failed either, each
+    step being within it."""
+    async def main():
+        mesh = SlowDecodeMesh(backend, step_s)
+        router = Router([("mesh-0", mesh)], RouterConfig(**{**FAST, "min_step_deadline_s": 0.05,
+                                                             "step_deadline_factor": factor,
+                                                             "decode_steps": decode_steps}))
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1)  # one round
+        tokens, reason = await collect(router, "a", [5] * 10, params)
+        assert (len(tokens), reason) == (params.max_tokens, "length")
+        assert router.meshes[0].failovers == 0, router.meshes[0].down_reason
+        await nothing_held(router)
+        await router.close()
+    asyncio.run(main())
