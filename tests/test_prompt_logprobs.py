@@ -362,8 +362,12 @@ def test_prompt_scores_keep_each_position_once_and_refuse_a_gap():
     scores.add(part(1, 5, -1.0))
     assert not scores.complete
     scores.add(part(1, 5, -2.0))  # recomputed
-    scores.add(part(5, 10, -3.0))
+    scores.add(part(5, 9, -3.0))
+    assert not scores.complete  # the last position is still to come
+    scores.add(part(9, 10, -3.0))
     assert scores.complete and scores.logprobs[1:].tolist() == [-2.0] * 4 + [-3.0] * 5
+    scores.add(part(1, 5, -2.0))  # sent again after the whole prompt: nothing after it is lost
+    assert scores.complete and scores.scored == 10
     packed = scores.packed(1)
     assert len(packed) == 10 and packed[0].logprob != packed[0].logprob and packed[0].top == []
     assert packed[9].token_id == 9 and packed[9].top == [(0, 0.0)]
