@@ -9,7 +9,7 @@ import pytest
 import deployments.mesh_replica as mesh_replica
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
-from scheduler.work import MeshWork, PrefillChunk
+from scheduler.work import MeshWork, PrefillChunk, PrefillHistory, StaleWork
 
 Replica = mesh_replica.MeshReplica.func_or_class
 
@@ -352,3 +352,13 @@ def test_a_chunk_after_one_the_router_gave_up_on_is_stale_work_and_the_device_st
         assert caps is not None  # up again: the router moves its requests back onto it
         assert len(await drain(replica, prefill(0, slot=1))) == 1
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("offset", [64, 192])
+def test_a_chunk_that_does_not_start_where_the_slots_last_ended_is_stale_work(offset):
+    """A slot's chunks must follow each other exactly (PrefillChunk.offset): one that starts before the last one's end
+    would join its tokens onto the history twice, one after it would leave a gap; either is StaleWork."""
+    history = PrefillHistory()
+    assert history.take(PrefillChunk("a", 1, [7] * 128, 0, [5, 6])) == [7] * 128
+    with pytest.raises(StaleWork, match=f"slot 1 at {offset}, after 128 ids"):
+        history.take(PrefillChunk("a", 1, [8] * 64, 0, [5, 6, 7], offset=offset))
