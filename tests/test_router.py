@@ -382,13 +382,13 @@ def test_a_request_that_ran_longer_than_no_mesh_wait_s_still_waits_that_long_onc
     past it when its mesh failed was failed (503) at the next tick of the held check, with no wait at all."""
     async def main():
         slow = lambda: SimulatedBackend(num_blocks=256, time_scale=1.0, vocab_size=1000)  # noqa: E731
-        router, (mesh,) = await make_router(num_meshes=1, make=slow, no_mesh_wait_s=1.0)
+        router, (mesh,) = await make_router(num_meshes=1, make=slow, no_mesh_wait_s=2.0)
         stream = router.generate("a", [5] * 10, LASTING)
         await anext(stream)
-        await asyncio.sleep(1.2)  # it has run past no_mesh_wait_s
+        await asyncio.sleep(2.2)  # it has run past no_mesh_wait_s
         mesh.vanish()
         await until(lambda: "a" in router.held)
-        await asyncio.sleep(0.6)  # two ticks of the held check (every no_mesh_wait_s / 4), inside the wait
+        await asyncio.sleep(1.0)  # two ticks of the held check (every no_mesh_wait_s / 4), 1 s inside the wait
         assert "a" in router.held
         mesh.restart()
         await until(lambda: "a" not in router.held)
