@@ -364,8 +364,8 @@ class Router:
         self._unprobed = len(self.meshes)  # meshes not asked once yet
         self.longest = math.inf  # the longest sequence a mesh takes (Mesh.max_len); inf while one is not known
         self._start_timer: asyncio.TimerHandle | None = None
-        self.tasks = [asyncio.create_task(self._supervise(m)) for m in self.meshes]
-        self.tasks.append(asyncio.create_task(self._expire_held()))
+        self.tasks = [asyncio.create_task(self._supervise(m), name=f"supervisor of {m.name}") for m in self.meshes]
+        self.tasks.append(asyncio.create_task(self._expire_held(), name="held-request expiry"))
 
     def _scheduler_for(self, name: str, caps: Capabilities) -> MeshScheduler:
         c = self.config
@@ -755,6 +755,15 @@ class Router:
         """The longest sequence a mesh takes: its max_seq_len (capped by the config), and what one KV group holds."""
         return min(self.config.max_seq_len or caps.max_seq_len, caps.max_seq_len, caps.num_blocks * caps.block_size)
 
+    def check(self) -> None:
+        """Raises RuntimeError (from the error) when one of the router's own loops ended with an error: a mesh's
+        supervisor (that mesh never fed again) or the held-request expiry (held requests never ended). They catch what
+        a mesh or a request may cause; one ending so is a router bug, which the replica's health check turns into
+        Serve restarting the router, whose requests the ingress resubmits (DESIGN: "Router restart")."""
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+                raise RuntimeError(f"the router's {task.get_name()} ended: {error!r}") from error
+
     async def close(self) -> None:
         if self._start_timer is not None:
             self._start_timer.cancel()
@@ -1102,8 +1111,9 @@ class RouterDeployment:
         """Answered on the loop the router runs on (Serve's own loop without its throughput mode has another
         thread answer health checks): a hung router fails it. Serve calls it every health_check_period_s from the
         replica's start, so it also starts the router there: started by its first call alone, a router deployed
-        with no traffic probed no mesh until a request or an ingress's /health came, which then waited for them."""
-        self._ready()
+        with no traffic probed no mesh until a request or an ingress's /health came, which then waited for them.
+        A router whose own loop ended with an error fails it too (Router.check)."""
+        self._ready().check()
 
     async def link_address(self) -> LinkAddress:
         self._ready()

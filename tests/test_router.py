@@ -1796,3 +1796,28 @@ def test_a_work_may_take_its_expected_time_times_step_deadline_factor(step_s, de
         await nothing_held(router)
         await router.close()
     asyncio.run(main())
+
+
+def test_a_router_whose_own_loop_ended_with_an_error_fails_its_health_check(monkeypatch):
+    """The router's own loops (a mesh's supervisor, the held-request expiry) catch what a mesh or a request may cause;
+    one that ended with an error anyway (a router bug) ended silently: here held requests were never ended or placed
+    again while the replica answered its health checks. Now the health check fails (Serve restarts the router, and
+    the ingress resubmits its requests)."""
+    async def main():
+        router, (mesh,) = await make_router(num_meshes=1, no_mesh_wait_s=0.2)
+        deployment = router_module.RouterDeployment.func_or_class([], FAST)
+        deployment._router = router
+        await deployment.check_health()  # healthy
+        mesh.vanish()
+        await until(lambda: not router.stats()["ready"])
+
+        def bug(*args):
+            raise KeyError("a router bug")
+        monkeypatch.setattr(router, "_unhold", bug)  # called as a held request's wait ends, no mesh being up
+        stream = asyncio.create_task(collect(router, "a", [5] * 10))
+        await until(lambda: router.tasks[-1].done())
+        with pytest.raises(RuntimeError, match="held-request expiry ended: KeyError"):
+            await deployment.check_health()
+        stream.cancel()
+        await router.close()
+    asyncio.run(main())
