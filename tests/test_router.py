@@ -279,6 +279,8 @@ def test_with_no_live_mesh_a_mesh_the_config_cannot_schedule_adds_no_room_to_hol
 
 
 def test_closing_a_stream_frees_everything():
+    """Closing a request's stream cancels it on its mesh's scheduler at once: nothing_held alone waits up to 10 s, in
+    which the 500 tokens of a request whose cancel never reached the scheduler were made anyway."""
     async def main():
         router, _ = await make_router(num_meshes=1)
         stream = router.generate("x", [5] * 100, SamplingParams(temperature=0.0, max_tokens=500))
@@ -288,6 +290,7 @@ def test_closing_a_stream_frees_everything():
             if got >= 3:
                 break
         await stream.aclose()
+        assert "x" not in router.requests and "x" not in router.meshes[0].scheduler.requests
         await nothing_held(router)
         await router.close()
     asyncio.run(main())
