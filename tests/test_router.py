@@ -727,6 +727,68 @@ def test_a_request_that_crashes_its_decode_rounds_fails_alone(num_meshes, poison
     asyncio.run(main())
 
 
+class HeldDownPoisonMesh(PoisonMesh):
+    """A PoisonMesh that Serve brings back only once the test says (`back`), not 0.1 s after it died."""
+
+    def __init__(self, make_backend, **kwargs):
+        self.back = asyncio.Event()
+        super().__init__(make_backend, **kwargs)
+
+    def restart(self) -> None:
+        if hasattr(self, "runner") and not self.alive:  # a death's restart: held until the test sets `back`
+            asyncio.ensure_future(self._restart_when_back())
+            return
+        super().restart()
+
+    async def _restart_when_back(self) -> None:
+        await self.back.wait()
+        self.back.clear()
+        super().restart()
+
+
+def test_a_poison_request_preempted_after_its_recompute_and_moved_still_ends_after_max_mesh_failures():
+    """A request whose decode crashes each mesh it reaches, moved (_rebalance) off the queue of a mesh that preempted
+    it after its recompute's prefill sampled a token, before any decode step: were that token left out of the tokens
+    prefills sampled (_Request.prefill_sampled; checked by dropping the line in _rebalance), it read at the next crash
+    as a decode step made since the first, the count of failures in a row went back to 1, and the request crashed a
+    third mesh. It ends at its second crash (max_mesh_failures 2).
+    Two meshes of 2 slots and 8 blocks of 64 tokens. On A a stream (prompt 321, 63 tokens) holds 6 blocks, never a
+    7th; the poison (prompt 124) crashes B in its first decode step and moves to A with 125 tokens: the 2 blocks left
+    seat it, not the 3rd its first decode round needs, so once its recompute's token is in it is preempted (_victim:
+    the newest), and A lacks the room its re-seat needs (_headroom) while the stream runs. B comes back, answers a
+    work (until then the poison shuns it: _Request.shuns), and the poison moves off A's queue to B and crashes it."""
+    async def main():
+        small = lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
+        meshes = [HeldDownPoisonMesh(small) for _ in range(2)]
+        # one work out at a time: the next plan (whose lookahead preempts it) sees its recompute's token
+        config = RouterConfig(**{**FAST, "no_mesh_wait_s": 5, "pipeline_depth": 1})
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], config)
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        stream = asyncio.create_task(collect(router, "s", [7] * 321, SamplingParams(temperature=0.0, max_tokens=63)))
+        await until(lambda: "s" in router.requests)
+        a = router.requests["s"].mesh
+        b = next(m for m in router.meshes if m is not a)
+        poison = asyncio.create_task(collect(router, "poison", [5] * 124, LONG))
+        await until(lambda: "poison" in router.requests)
+        assert router.requests["poison"].mesh is b
+        await until(lambda: router.requests["poison"].mesh is a and a.scheduler.num_preemptions == 1)
+        seq = a.scheduler.requests["poison"]
+        assert seq.num_prefill_sampled == 1 and len(seq.output_ids) == 2  # its prefill's token on B, its recompute's
+        assert not stream.done()  # s still holds its 2 blocks: the poison waits in A's queue
+        b.client.back.set()  # B comes back; the poison shuns it (Request.shuns) until it answers a work: w's
+        await until(lambda: b.up)
+        await within(collect(router, "w", [9] * 10, SamplingParams(temperature=0.0, max_tokens=1)), 10)
+        with pytest.raises(MeshFailures):  # the poison moved off A's queue to B (_rebalance), and crashed it
+            await within(poison, 10)
+        assert b.client.deaths == 2 and a.client.deaths == 0  # it ended at its second crash, not at a third on A
+        await within(stream, 10)
+        b.client.back.set()
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        await nothing_held(router, {b.name: 2})
+        await router.close()
+    asyncio.run(main())
+
+
 class CrashLoopMesh(LocalMesh):
     """A replica that resets fine but fails every work with something to compute, at its first result (a device
     that comes up broken, or a crash loop); the empty works of the router's heartbeat pass."""
