@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 from bench import args as arg_types
 from bench.host import REFERENCE, reference_loop_us
-from bench.local_serve import plain_proxy_requested, proc_stats, read_proc, serve_app
+from bench.local_serve import descendants, plain_proxy_requested, proc_stats, read_proc, serve_app
 from bench.saturation import distinct_prompts, drive
 from deployments.config import AppConfig
 
@@ -91,13 +91,8 @@ def snapshot(root: int | None = None) -> dict[int, Proc]:
     """Every descendant of `root` (default: this process) with its role and CPU ticks so far."""
     root = os.getpid() if root is None else root
     stats = proc_stats()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = {}, list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, []))
+    out = {}
+    for pid in descendants(root, stats):
         cmdline = read_proc(f"/proc/{pid}/cmdline")
         if cmdline is None:
             continue

@@ -190,6 +190,18 @@ def proc_stats() -> dict[int, tuple[int, int]]:
     return stats
 
 
+def descendants(root: int, stats: dict[int, tuple[int, int]] | None = None) -> list[int]:
+    """Every process below `root`, each after its parent, from `stats` (default: proc_stats() now)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in (proc_stats() if stats is None else stats).items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
 def parse_stat(text: str) -> tuple[int, int]:
     """(ppid, utime + stime in ticks) from /proc/<pid>/stat; the command name may hold spaces and ')'."""
     fields = text[text.rindex(")") + 2:].split()
@@ -318,14 +330,7 @@ def _kill_tree(pid: int) -> None:
     (Node.kernel_fate_share: PR_SET_PDEATHSIG, ray/_private/utils.py), but their own children did not all follow (a
     raylet's dashboard and runtime-env agents were still there 35 s later, the latter past logging "Raylet is dead!
     Exiting")."""
-    children: dict[int, list[int]] = {}
-    for child, (ppid, _) in proc_stats().items():
-        children.setdefault(ppid, []).append(child)
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    for member in tree:  # the top first: it starts no more
+    for member in [pid, *descendants(pid)]:  # the top first: it starts no more
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
 

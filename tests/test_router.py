@@ -641,11 +641,12 @@ class PoisonedRunner(MeshRunner):
 
 class PoisonMesh(LocalMesh):
     """A mesh that fails computing the poison requests (PoisonedRunner): it dies, as the replica does after a device
-    error, and Serve brings it back 0.1 s later as a new incarnation; or it hangs (how="hang") until the router
-    gives up on the work."""
+    error, and Serve brings it back 0.1 s later as a new incarnation (or once the test sets `back`); or it hangs
+    (how="hang") until the router gives up on the work."""
 
-    def __init__(self, make_backend, poison=("poison",), at="decode", how="raise", flaky=0):
-        self.poison, self.at, self.how = set(poison), at, how
+    def __init__(self, make_backend, poison=("poison",), at="decode", how="raise", flaky=0,
+                 back: asyncio.Event | None = None):
+        self.poison, self.at, self.how, self.back = set(poison), at, how, back
         self.flaky = flaky  # its next `flaky` decode steps fail, whatever they compute
         self.deaths = 0
         self.faults: list = []  # what each fault was computing
@@ -665,8 +666,16 @@ class PoisonMesh(LocalMesh):
             if self.how == "hang":
                 await asyncio.Event().wait()  # until the router's deadline closes this stream
             self.vanish()
-            asyncio.get_running_loop().call_later(0.1, self.restart)
+            self.coming_back = asyncio.ensure_future(self._come_back())
             raise Gone("device error") from None
+
+    async def _come_back(self) -> None:
+        if self.back is None:
+            await asyncio.sleep(0.1)
+        else:
+            await self.back.wait()
+            self.back.clear()
+        self.restart()
 
 
 async def poison_router(num_meshes=2, **kwargs) -> tuple[Router, list[PoisonMesh]]:
@@ -727,25 +736,6 @@ def test_a_request_that_crashes_its_decode_rounds_fails_alone(num_meshes, poison
     asyncio.run(main())
 
 
-class HeldDownPoisonMesh(PoisonMesh):
-    """A PoisonMesh that Serve brings back only once the test says (`back`), not 0.1 s after it died."""
-
-    def __init__(self, make_backend, **kwargs):
-        self.back = asyncio.Event()
-        super().__init__(make_backend, **kwargs)
-
-    def restart(self) -> None:
-        if hasattr(self, "runner") and not self.alive:  # a death's restart: held until the test sets `back`
-            asyncio.ensure_future(self._restart_when_back())
-            return
-        super().restart()
-
-    async def _restart_when_back(self) -> None:
-        await self.back.wait()
-        self.back.clear()
-        super().restart()
-
-
 def test_a_poison_request_preempted_after_its_recompute_and_moved_still_ends_after_max_mesh_failures():
     """A request whose decode crashes each mesh it reaches, moved (_rebalance) off the queue of a mesh that preempted
     it after its recompute's prefill sampled a token, before any decode step: were that token left out of the tokens
@@ -759,7 +749,7 @@ def test_a_poison_request_preempted_after_its_recompute_and_moved_still_ends_aft
     work (until then the poison shuns it: _Request.shuns), and the poison moves off A's queue to B and crashes it."""
     async def main():
         small = lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
-        meshes = [HeldDownPoisonMesh(small) for _ in range(2)]
+        meshes = [PoisonMesh(small, back=asyncio.Event()) for _ in range(2)]  # each back when the test says
         # one work out at a time: the next plan (whose lookahead preempts it) sees its recompute's token
         config = RouterConfig(**{**FAST, "no_mesh_wait_s": 5, "pipeline_depth": 1})
         router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], config)
