@@ -88,6 +88,8 @@ class LocalMesh:
         if incarnation != self.incarnation:
             raise StaleWork("work for another incarnation")
         async with self.lock:
+            if incarnation != self.incarnation:  # queued behind a work the restart left (under the old lock)
+                raise StaleWork("work queued before a restart")
             self.works += 1
             if work.decode is not None:
                 self.round_steps.append(work.decode.num_steps)

@@ -115,3 +115,42 @@ def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
         assert ended(second)
 
     asyncio.run(scenario())
+
+
+def test_a_work_queued_before_a_restart_is_stale_once_its_turn_comes():
+    """A work planned for the old incarnation and queued behind a hung one (the router's pipeline) took its turn after
+    the restart on the new replica's runner: it wrote its slot into the new incarnation's state, past that
+    incarnation's reset, and could run beside the new incarnation's works (their lock is another). The replica refuses
+    it (StaleWork: planned before a reset); so does the double now."""
+    from scheduler.work import StaleWork
+
+    def backend() -> SimulatedBackend:
+        return SimulatedBackend(time_scale=0.001, num_slots=2, num_blocks=16, kv_groups=1)
+
+    def prefill(work_id: int, slot: int) -> MeshWork:
+        return MeshWork(work_id, [PrefillChunk(f"r{slot}", slot, [7] * 10, 0, [slot], SamplingParams(max_tokens=4),
+                                               10)])
+
+    async def scenario() -> tuple[list, list[int]]:
+        mesh = LocalMesh(backend)
+        await mesh.reset()
+        old = mesh.incarnation
+
+        async def run(work: MeshWork) -> list:
+            return [step async for step in mesh.execute(work, old)]
+        mesh.inject("hang", after=0)
+        hung = asyncio.create_task(run(prefill(0, 0)))
+        while mesh.fault is not None:
+            await asyncio.sleep(0.01)
+        queued = asyncio.create_task(run(prefill(1, 1)))
+        await asyncio.sleep(0.01)  # waiting for the mesh's lock
+        mesh.restart()
+        await mesh.reset()
+        mesh.unhang.set()
+        await hung
+        results = await asyncio.gather(queued, return_exceptions=True)
+        return results, list(mesh.runner.slots)
+
+    results, slots = asyncio.run(scenario())
+    assert isinstance(results[0], StaleWork)
+    assert slots == []
