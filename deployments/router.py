@@ -364,6 +364,7 @@ class Router:
         self._unprobed = len(self.meshes)  # meshes not asked once yet
         self.longest = math.inf  # the longest sequence a mesh takes (Mesh.max_len); inf while one is not known
         self._start_timer: asyncio.TimerHandle | None = None
+        self._closing = False  # close() cancels the loops below: then their end is no bug (check)
         self.tasks = [asyncio.create_task(self._supervise(m), name=f"supervisor of {m.name}") for m in self.meshes]
         self.tasks.append(asyncio.create_task(self._expire_held(), name="held-request expiry"))
 
@@ -759,12 +760,18 @@ class Router:
         """Raises RuntimeError (from the error) when one of the router's own loops ended with an error: a mesh's
         supervisor (that mesh never fed again) or the held-request expiry (held requests never ended). They catch what
         a mesh or a request may cause; one ending so is a router bug, which the replica's health check turns into
-        Serve restarting the router, whose requests the ingress resubmits (DESIGN: "Router restart")."""
+        Serve restarting the router, whose requests the ingress resubmits (DESIGN: "Router restart"). The loops never
+        end by themselves, so one cancelled before close() (a CancelledError that reached it from elsewhere: they catch
+        Exception only) fails the check too."""
         for task in self.tasks:
-            if task.done() and not task.cancelled() and (error := task.exception()) is not None:
-                raise RuntimeError(f"the router's {task.get_name()} ended: {error!r}") from error
+            if not task.done() or self._closing:
+                continue
+            error = None if task.cancelled() else task.exception()
+            how = "cancelled" if task.cancelled() else repr(error) if error is not None else "returned"
+            raise RuntimeError(f"the router's {task.get_name()} ended: {how}") from error
 
     async def close(self) -> None:
+        self._closing = True
         if self._start_timer is not None:
             self._start_timer.cancel()
         for task in self.tasks:

@@ -1853,6 +1853,23 @@ def test_a_work_may_take_its_expected_time_times_step_deadline_factor(step_s, de
     asyncio.run(main())
 
 
+def test_a_router_whose_own_loop_was_cancelled_fails_its_health_check():
+    """The router's loops catch Exception, not a CancelledError that reaches one from elsewhere: a supervisor ended so
+    never feeds its mesh again. Before close() that is a router bug like an error (Router.check); after it, no bug."""
+    async def main():
+        router, _ = await make_router(num_meshes=2)
+        deployment = router_module.RouterDeployment.func_or_class([], FAST)
+        deployment._router = router
+        await deployment.check_health()  # healthy
+        router.tasks[1].cancel()
+        await until(lambda: router.tasks[1].done())
+        with pytest.raises(RuntimeError, match="supervisor of mesh-1 ended: cancelled"):
+            await deployment.check_health()
+        await router.close()
+        await deployment.check_health()  # a closed router's loops ended as they should
+    asyncio.run(main())
+
+
 def test_a_router_whose_own_loop_ended_with_an_error_fails_its_health_check(monkeypatch):
     """The router's own loops (a mesh's supervisor, the held-request expiry) catch what a mesh or a request may cause;
     one that ended with an error anyway (a router bug) ended silently: here held requests were never ended or placed
