@@ -3,6 +3,7 @@ loop of its own, with an httpx client, so a test sends what a client sends and c
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 
 import httpx
@@ -14,6 +15,7 @@ from model.embedded import ensure_smollm2
 from model.grammar import ll_tokenizer
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
+from scheduler.work import StepEvents
 from tests.local_mesh import LocalMesh
 
 # RouterConfig fields for in-process tests: small chunks, quick probes and heartbeats. The step deadline is generous: on
@@ -34,10 +36,42 @@ async def until(condition, timeout_s=10.0):
 HELD_KEYS = ("running", "waiting", "blocks_used", "queued_tokens")  # a scheduler's stats that are 0 once all left
 
 
+_STRAYS: weakref.WeakKeyDictionary[Router, list[str]] = weakref.WeakKeyDictionary()
+
+
+def strays(router: Router) -> list[str]:
+    """The requests `router` was seen running for no one (`watch_deliveries`), by name. A check at the
+    end alone misses such a leak once the request ended by itself (its EOS, its max_tokens) while the check waited."""
+    return _STRAYS.setdefault(router, [])
+
+
+def _note(router: Router, found: list[str]) -> None:
+    noted = strays(router)
+    noted += [s for s in found if s not in noted][:10 - len(noted)]  # the first few say enough
+
+
+def unplaced(router: Router) -> list[str]:
+    """The requests a live mesh's scheduler holds that the router has not placed there: ended or moved in the router,
+    never cancelled on that mesh (Router._end's scheduler.cancel). Never so once a step's events are delivered."""
+    return [f"{mesh.name} runs {rid}, which the router has not placed there" for mesh in router.meshes if mesh.up
+            for rid in mesh.scheduler.requests if (req := router.requests.get(rid)) is None or req.mesh is not mesh]
+
+
+def watch_deliveries(deliver: Callable[[Router, StepEvents], None]) -> Callable[[Router, StepEvents], None]:
+    """Router._deliver, noting `unplaced` requests after each mesh step (conftest puts it on every Router)."""
+    def watched(router: Router, out: StepEvents) -> None:
+        deliver(router, out)
+        if found := unplaced(router):
+            _note(router, found)
+    return watched
+
+
 def router_held(router: Router) -> list[str]:
-    """What the router itself still holds for requests, by name: its requests, those held, sinks' ids."""
+    """What the router itself still holds for requests, by name: its requests, those held, sinks' ids, and the
+    requests it was seen running for no one (`strays`), even if they have ended since."""
     out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
-    return out + [f"sink {name} {sorted(sink.request_ids)}" for name, sink in router.sinks.items() if sink.request_ids]
+    out += [f"sink {name} {sorted(sink.request_ids)}" for name, sink in router.sinks.items() if sink.request_ids]
+    return out + [f"stray: {s}" for s in strays(router)]
 
 
 def scheduler_held(name: str, scheduler, keys: tuple[str, ...] = HELD_KEYS) -> list[str]:
@@ -71,10 +105,13 @@ def held(router: Router, failovers: int | dict[str, int] = 0) -> list[str]:
 
 async def nothing_held(router: Router, failovers: int | dict[str, int] = 0, timeout_s: float = 10.0) -> None:
     """Wait for `router` to hold nothing (`held`, with the failovers the test expects), else fail saying what it holds:
-    a request's cancel or end reaches the scheduler a moment after its client has its answer."""
+    a request's cancel or end reaches the scheduler a moment after its client has its answer. A stray fails it at once:
+    it never leaves `held`."""
     for _ in range(int(timeout_s / 0.01)):
         if not held(router, failovers):
             return
+        if strays(router):
+            break
         await asyncio.sleep(0.01)
     raise AssertionError(f"the router still holds: {held(router, failovers)}")
 
