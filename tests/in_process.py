@@ -3,8 +3,9 @@ loop of its own, with an httpx client, so a test sends what a client sends and c
 from __future__ import annotations
 
 import asyncio
+import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import httpx
 
@@ -15,7 +16,7 @@ from model.embedded import ensure_smollm2
 from model.grammar import ll_tokenizer
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
-from scheduler.work import StepEvents
+from scheduler.work import RequestFailed, StepEvents, TokenEvent, unpack_events
 from tests.local_mesh import LocalMesh
 
 # RouterConfig fields for in-process tests: small chunks, quick probes and heartbeats. The step deadline is generous: on
@@ -40,7 +41,7 @@ _STRAYS: weakref.WeakKeyDictionary[Router, list[str]] = weakref.WeakKeyDictionar
 
 
 def strays(router: Router) -> list[str]:
-    """The requests `router` was seen running for no one (`watch_deliveries`), by name. A check at the
+    """The requests `router` was seen running for no one (`watch_deliveries`, InProcessRouter), by name. A check at the
     end alone misses such a leak once the request ended by itself (its EOS, its max_tokens) while the check waited."""
     return _STRAYS.setdefault(router, [])
 
@@ -117,13 +118,48 @@ async def nothing_held(router: Router, failovers: int | dict[str, int] = 0, time
 
 
 class InProcessRouter:
-    """The Router behind the RouterClient interface the ingress uses (its cancel and stats are awaited there)."""
+    """The Router behind the RouterClient interface the ingress uses, as RouterLink puts it there: one consumer for all
+    the ingress's requests, and a generate whose close cancels nothing, so the ingress's own cancel is what ends a
+    request its client left (Router.generate's close would cancel it, and hide that cancel's loss). A request the router
+    still runs once its reader is gone and the ingress's cancel was due is noted as a stray (`strays`)."""
 
     def __init__(self, router: Router):
         self.router = router
+        self.consumer = f"ingress-{uuid.uuid4().hex}"
+        self.queues: dict[str, asyncio.Queue] = {}  # the requests being read, as RouterLink's
+        self.attached = False
 
-    def generate(self, *args, **kwargs):
-        return self.router.generate(*args, **kwargs)
+    async def generate(self, request_id: str, prompt_ids: list[int], params, salt: str | None = None,
+                       output_ids: list[int] = (), continuation: bool | str = False) -> AsyncIterator[TokenEvent]:
+        if not self.attached:  # on the loop, where the router makes its sinks
+            self.router.attach(self.consumer, self._take)
+            self.attached = True
+        self.router.submit(request_id, prompt_ids, params, salt, list(output_ids), self.consumer, continuation)
+        queue = self.queues[request_id] = asyncio.Queue()  # before any flush: events come from a timer
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, RequestFailed):
+                    raise item.error
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if self.queues.get(request_id) is queue:
+                del self.queues[request_id]
+
+    def _take(self, packed: list) -> None:
+        for item in unpack_events(packed):
+            queue = self.queues.get(item.request_id)
+            if queue is not None:
+                queue.put_nowait(item)
+            elif isinstance(item, TokenEvent) and item.finish_reason is None:  # read by no one
+                # The ingress calls cancel (a task, by asyncio.shield) before or as its read ends: due before this.
+                asyncio.get_running_loop().call_soon(self._check_cancelled, item.request_id)
+
+    def _check_cancelled(self, request_id: str) -> None:
+        if request_id in self.router.requests and request_id not in self.queues:
+            _note(self.router, [f"{request_id} runs on after its reader left, never cancelled by the ingress"])
 
     async def cancel(self, request_id: str, reason: str = "abort") -> None:
         self.router.cancel(request_id, reason)
@@ -150,11 +186,13 @@ class Stack:
             await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
             return router
         self.router = self.run(start())
-        self.client = self.ingress()
+        self.router_client = InProcessRouter(self.router)  # `client`'s, whose generate a test may wrap
+        self.client = self.ingress(self.router_client)
 
-    def ingress(self, **app_kwargs) -> httpx.AsyncClient:
-        """A client of a new ingress app (replica) over the same router; `app_kwargs` go to build_app."""
-        app = build_app(InProcessRouter(self.router), self.tok, "smollm2", **app_kwargs)
+    def ingress(self, router_client: InProcessRouter | None = None, **app_kwargs) -> httpx.AsyncClient:
+        """A client of a new ingress app (replica) over the same router, through `router_client` (else a new
+        InProcessRouter); `app_kwargs` go to build_app."""
+        app = build_app(router_client or InProcessRouter(self.router), self.tok, "smollm2", **app_kwargs)
         return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x", timeout=60)
 
     def run(self, coro):

@@ -44,7 +44,7 @@ def scrape(run, client) -> dict:
 def hold_first_token(stack) -> tuple[asyncio.Event, asyncio.Event]:
     """The first choice's (id ending "-0") first token reaches the ingress only once `gate` is set; `held` is set
     when it is being held."""
-    generate = stack.router.generate
+    generate = stack.router_client.generate
     held, gate = asyncio.Event(), asyncio.Event()
 
     async def first_token_held(request_id, *args, **kwargs):
@@ -53,7 +53,7 @@ def hold_first_token(stack) -> tuple[asyncio.Event, asyncio.Event]:
                 held.set()
                 await gate.wait()
             yield event
-    stack.router.generate = first_token_held
+    stack.router_client.generate = first_token_held
     return held, gate
 
 
@@ -185,7 +185,7 @@ def test_later_choices_whose_client_left_while_they_waited_in_the_ingress_count_
     gauge had shown three, and e2e latency's count missed them too. Each choice counts once, as the first does."""
     run, client = stack.run, stack.client
     body = {"model": "smollm2", "prompt": text_of(tok, 2000, seed=6), "max_tokens": 4, "temperature": 0, "n": 3}
-    generate = stack.router.generate
+    generate = stack.router_client.generate
     held = asyncio.Event()
 
     async def first_token_never_comes(request_id, *args, **kwargs):
@@ -194,7 +194,7 @@ def test_later_choices_whose_client_left_while_they_waited_in_the_ingress_count_
                 held.set()
                 await asyncio.Event().wait()
             yield event
-    stack.router.generate = first_token_never_comes
+    stack.router_client.generate = first_token_never_comes
     before = scrape(run, client)
     post = stack.loop.create_task(client.post("/v1/completions", json=body))
     run(held.wait())
@@ -221,7 +221,7 @@ def test_later_choices_of_a_long_prompt_refused_with_their_first_count_as_no_fin
     async def queue_full(request_id, *args, **kwargs):
         raise QueueFull("waiting queue is full")
         yield
-    stack.router.generate = queue_full
+    stack.router_client.generate = queue_full
     before = scrape(run, client)
     assert run(client.post("/v1/completions", json=body)).status_code == 429
     after = scrape(run, client)
