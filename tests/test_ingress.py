@@ -1492,6 +1492,24 @@ def test_a_call_cut_by_a_stop_string_does_not_finish_as_tool_calls(client, route
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_whole_calls_that_reach_max_tokens_finish_as_length(client, router, tokenizer, eos, stream):
+    """OpenAI's finish_reason is "length" when the request's max_tokens was reached: the answer stopped for the
+    budget, not because the model ended its turn (another parallel call may have followed). Calls that parse at
+    the cut are returned, but the finish stays the cut's, as "stop" stays for a stop string."""
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    body = {**CHAT, "tools": [WEATHER_TOOL], "max_tokens": len(tokenizer.encode(CALL_TEXT)), "stream": stream}
+    r = client.post("/v1/chat/completions", json=body)
+    if stream:
+        chunks = sse(r)
+        calls, finish = streamed_calls(chunks), [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    else:
+        choice = r.json()["choices"][0]
+        calls, finish = [c["function"] for c in choice["message"]["tool_calls"]], choice["finish_reason"]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    assert finish == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("max_tokens", [1, 3])
 def test_a_named_call_cut_before_its_name_names_the_chosen_tool(client, router, tokenizer, eos, stream, max_tokens):
     """Cut by max_tokens before its name was written (or while "get" could begin either tool's), a forced call
