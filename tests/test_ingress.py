@@ -1491,6 +1491,16 @@ def test_a_call_cut_by_a_stop_string_does_not_finish_as_tool_calls(client, route
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "Oslo")
 
 
+@pytest.mark.parametrize("tool_choice", ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_without_tools_is_a_400_saying_so(client, router, tool_choice):
+    """vLLM's rule ("When using `tool_choice`, `tools` must be set.") and OpenAI's: a choice among no tools is the
+    client's mistake, not a plain answer ("auto") or a grammar of no calls that cannot compile ("required")."""
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tool_choice": tool_choice}), 400,
+                         param="tool_choice")
+    assert "`tools`" in error["message"]
+    assert router.requests == {}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_whole_calls_that_reach_max_tokens_finish_as_length(client, router, tokenizer, eos, stream):
     """OpenAI's finish_reason is "length" when the request's max_tokens was reached: the answer stopped for the
