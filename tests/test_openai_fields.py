@@ -314,6 +314,16 @@ def test_a_body_that_is_no_json_object_is_told_so(client, path, content, headers
     assert "JSON object" in error["message"] or "not valid JSON" in error["message"], error
 
 
+@pytest.mark.parametrize("content", [b'{"model": "smollm2", "prompt": "hi",}', b'{"prompt": "hi"'])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations"])
+def test_a_body_that_is_not_json_is_400_as_openai_and_vllm_answer(client, router, path, content):
+    """A trailing comma or a cut body is the client's malformed request: OpenAI answers 400 ("We could not parse
+    the JSON body of your request") and vLLM turns FastAPI's 422 into a 400 (a 422 says a field failed validation)."""
+    error = assert_error(client.post(path, content=content, headers={"content-type": "application/json"}), 400)
+    assert error["message"].startswith("The body is not valid JSON") and error["param"] is None
+    assert router.requests == {}
+
+
 @pytest.mark.parametrize("pad", [0, 70_000])  # FastAPI's parse, and large_body's past OFF_LOOP_BYTES
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/invocations",
                                   "/tokenize"])
