@@ -1755,6 +1755,9 @@ def test_a_logit_bias_key_of_digits_is_the_id_they_spell_or_a_400(zeros, digits)
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "bogus"}}}},
      "response_format.json_schema.schema"),
+    # a schema under another type would be dropped without a word: the answer any JSON object, or free text
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "s", "schema": {"type": "object"}}}},
+     "response_format.json_schema"),
     ({"logit_bias": {"9" * 5000: 5}}, "logit_bias"),  # past int()'s 4300 digits
     ({"tools": []}, "tools"),  # OpenAI and vLLM refuse an empty array: omit it
     ({"tools": [], "tool_choice": "none"}, "tools"),
