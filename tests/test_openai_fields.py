@@ -40,6 +40,16 @@ def test_null_means_the_default(client, router, path, base, fields):
     assert params_nulls == params_plain and salt_nulls == salt_plain
 
 
+def test_a_developer_message_is_served_as_openai_sends_it(client, router, tokenizer):
+    """OpenAI's chat API takes "developer" for the system's instructions (its SDKs send it for o-series models and
+    agents pass it on), and vLLM hands any role to the template: it is a turn of the prompt, not a 400."""
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    r = client.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+    assert r.status_code == 200, r.text
+    ((prompt, _, _),) = router.requests.values()
+    assert prompt == tokenizer.encode_chat(messages)  # the template's own rendering of the role
+
+
 def test_null_inside_nested_objects_means_the_default(client, router):
     r = client.post("/v1/chat/completions", json={
         **CHAT, "stream": True, "stream_options": {"include_usage": None, "continuous_usage_stats": None},
