@@ -23,7 +23,7 @@ from deployments.streaming import KEEPALIVE_BYTES, ChoiceText, EventStream, Stop
 from deployments.protocol import (MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS,
                                   CompletionRequest)
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
-from scheduler.sampling import MAX_LOGPROBS
+from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, asgi_receive, asgi_scope,  # noqa: F401
                                    assert_error, client, eos, make_client, router, sse, tokenizer)
 
@@ -1752,6 +1752,8 @@ def test_a_logit_bias_key_of_digits_is_the_id_they_spell_or_a_400(zeros, digits)
     ({"logit_bias": {"abc": 5}}, "logit_bias"),
     ({"logit_bias": {"²": 5}}, "logit_bias"),  # str.isdigit() takes it; int() does not
     ({"logit_bias": {"5": 101}}, "logit_bias"),
+    # each entry costs every sampled token of the host sampler: a bound, not the whole vocabulary's worth
+    ({"logit_bias": dict.fromkeys(map(str, range(MAX_LOGIT_BIAS_ENTRIES + 1)), 1)}, "logit_bias"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "bogus"}}}},
      "response_format.json_schema.schema"),
