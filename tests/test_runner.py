@@ -8,7 +8,7 @@ import torch
 from model.backend import Backend, Capabilities
 from model.runner import MeshRunner
 from scheduler.sampling import SamplingParams
-from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StepResult
+from scheduler.work import NO_TOKEN, DecodeRound, MeshWork, PrefillChunk, StaleWork, StepResult
 
 VOCAB = 50
 
@@ -1030,3 +1030,43 @@ def test_a_greedy_token_taken_from_a_masks_ids_is_the_masked_rows_argmax(pattern
             assert token is None, case
         else:
             assert token == expected and torch.isfinite(row[token]), case
+
+
+@pytest.mark.parametrize("forget", ["reset", "release", "final"])
+def test_a_chunk_continuing_a_prefill_the_mesh_forgot_is_stale_work(forget):
+    """After a reset (a new router), a release (the request cancelled mid-prefill) or its final chunk, the slot's
+    prefilled ids are gone: a later chunk that claims to continue them, e.g. after one of its works was dropped,
+    is StaleWork, not a prefill of another request's prompt with this one's tail."""
+    runner = MeshRunner(CountingBackend())
+    final = greedy(max_tokens=1) if forget == "final" else None
+    run(runner, MeshWork(0, [PrefillChunk("a", 1, [5, 6, 7, 8], 0, [0], final, 4)]))
+    if forget == "reset":
+        runner.reset()
+    elif forget == "release":
+        run(runner, MeshWork(1, decode=decode_round([], steps=1), release=[1]))
+    with pytest.raises(StaleWork):
+        list(runner.execute(MeshWork(2, [PrefillChunk("b", 1, [9], 0, [0, 1], greedy(), 5, offset=4)])))
+
+
+def test_a_chunk_that_does_not_follow_the_slots_last_is_stale_work():
+    runner = MeshRunner(CountingBackend())
+    run(runner, MeshWork(0, [PrefillChunk("a", 1, [5, 6, 7, 8], 0, [0])]))
+    with pytest.raises(StaleWork):
+        list(runner.execute(MeshWork(1, [PrefillChunk("a", 1, [9], 4, [0, 1], greedy(), 6, offset=5)])))
+    run(runner, MeshWork(0, [PrefillChunk("a", 1, [5, 6, 7, 8], 0, [0])]))
+    [result] = run(runner, MeshWork(1, [PrefillChunk("a", 1, [9], 4, [0, 1], greedy(), 5, offset=4)]))
+    assert result.tokens[1] == expected_tokens([5, 6, 7, 8, 9], 1)[0]
+
+
+def test_a_live_slot_the_round_does_not_list_sits_the_round_out():
+    """The router leaves a live slot out of a round when its KV group ran out of blocks (it waits for them) or
+    another slot's step must run alone: decoded anyway, it would write KV past the blocks it was given and
+    make tokens the router never planned."""
+    backend = CountingBackend()
+    runner = MeshRunner(backend)
+    run(runner, MeshWork(0, [PrefillChunk("a", 1, [3], 0, [0], greedy(), 1),
+                             PrefillChunk("b", 2, [4], 0, [1], greedy(), 1)]))
+    results = run(runner, MeshWork(1, decode=decode_round([1], steps=2)))
+    assert [r.tokens[2] for r in results] == [NO_TOKEN] * 2 and backend.calls[-2:] == [("decode", [1])] * 2
+    [result] = run(runner, MeshWork(2, decode=decode_round([1, 2], steps=1)))
+    assert (result.tokens[1], result.tokens[2]) == (expected_tokens([3], 4)[3], expected_tokens([4], 2)[1])
