@@ -1070,3 +1070,110 @@ def test_a_live_slot_the_round_does_not_list_sits_the_round_out():
     assert [r.tokens[2] for r in results] == [NO_TOKEN] * 2 and backend.calls[-2:] == [("decode", [1])] * 2
     [result] = run(runner, MeshWork(2, decode=decode_round([1, 2], steps=1)))
     assert (result.tokens[1], result.tokens[2]) == (expected_tokens([3], 4)[3], expected_tokens([4], 2)[1])
+
+
+def test_presence_and_frequency_penalties_count_the_answer_not_the_prompt():
+    """vLLM's presence and frequency penalties read the output alone: the prompt's last token is no output, fresh or
+    in a recompute's prefill (where the chunk carries prompt + answer so far and num_prompt_tokens splits them)."""
+    prompt, params = [3, 4, 5, 4], greedy(max_tokens=6, presence_penalty=2.0, frequency_penalty=0.5)
+    expected = penalised_reference(CloseCallsBackend(), prompt, 6, 1.0, 0.5, 2.0)
+    assert expected[1] == prompt[-1]  # the prompt's last token comes again, unpenalised
+    results = run(MeshRunner(CloseCallsBackend()),
+                  MeshWork(0, [PrefillChunk("a", 0, prompt, 0, [0], params, len(prompt))], decode_round([0], steps=5)))
+    assert [r.tokens[0] for r in results] == expected
+    chunk = PrefillChunk("a", 0, prompt + expected[:2], 0, [0, 1], params, len(prompt))
+    results = run(MeshRunner(CloseCallsBackend()), MeshWork(0, [chunk], decode_round([0], steps=3)))
+    assert [r.tokens[0] for r in results] == expected[2:]
+
+
+def test_a_neighbour_sampled_again_after_a_failed_row_keeps_its_own_masks(monkeypatch):
+    """When one row's sampling raises, the others are sampled again one by one: each with its own masked or
+    biased row, not the backend's raw one."""
+    import model.sampler as sampling
+    real = sampling.sample_row
+
+    def flaky(logits, params, position, *a, **kw):
+        if params.seed == 13:
+            raise RuntimeError("host sampling broke")
+        return real(logits, params, position, *a, **kw)
+
+    monkeypatch.setattr(sampling, "sample_row", flaky)
+    runner = MeshRunner(CountingBackend())
+    forced = SamplingParams(temperature=0.5, seed=1, max_tokens=10, logit_bias={11: 100.0})
+    run(runner, MeshWork(0, [PrefillChunk("ok", 0, [2], 0, [0], forced, 1),
+                             PrefillChunk("bad", 1, [3], 0, [1], greedy(), 1)]))
+    runner.slots[1].params = runner.slots[1].host_params = SamplingParams(temperature=0.5, seed=13)
+    results = run(runner, MeshWork(1, decode=decode_round([0, 1], steps=2)))
+    assert results[0].finished == {1: "error"} and [r.tokens[0] for r in results] == [11, 11]
+
+
+def test_allowed_token_ids_hold_when_decode_rows_are_wider_than_the_prefills():
+    """A backend may pad its decode logits (tt-metal pads to a tile) but not its prefill's last row: the masks built
+    at the prefill's width are built again at the decode's."""
+    class WiderDecode(CountingBackend):
+        def decode(self, tokens, positions, page_table, active, sampling=None):
+            logits = super().decode(tokens, positions, page_table, active, sampling)
+            return torch.cat([logits, torch.full((len(logits), 3), 50.0)], dim=1)
+
+    runner = MeshRunner(WiderDecode())
+    work = MeshWork(0, [PrefillChunk("a", 0, [3, 4], 0, [0], greedy(max_tokens=3, allowed_token_ids=[7, 9]), 2)],
+                    decode_round([0], steps=2))
+    results = run(runner, work)
+    assert {r.tokens[0] for r in results} <= {7, 9} and results[-1].finished == {0: "length"}
+
+
+def test_a_greedy_guided_row_takes_its_logit_bias_too():
+    """A greedy row under a grammar alone takes its token from the mask's ids (_greedy); one with a logit_bias too
+    is biased first, within what the grammar allows."""
+    from model.grammar import choice_grammar
+
+    def answer(logit_bias=None) -> list[int]:
+        results = grammar_run(choice_grammar(["yes", "no"]), logit_bias=logit_bias)
+        assert all(r.finished.get(0) in (None, "stop") for r in results)
+        return [r.tokens[0] for r in results if r.tokens[0] != NO_TOKEN]
+
+    plain = answer()
+    biased = answer({plain[0]: -100.0})
+    assert biased and biased[0] != plain[0]
+
+
+def test_prompt_logprobs_score_each_chunks_next_prompt_tokens_and_the_first_token_comes_from_its_logits():
+    """Each chunk's positions predict the prompt tokens after them (the next chunk's first one included, even id 0),
+    its scores are its own slot's, and the final chunk's first token is sampled from the logits the scoring gave,
+    also for params the device could sample (its prefill gives no token there)."""
+    class Scoring(CountingBackend):
+        def __init__(self):
+            super().__init__(device_sampling=frozenset({"temperature"}))
+            self.caps = Capabilities(**{**self.caps.__dict__, "prompt_logprobs": True})
+            self.targets = []
+
+        def prefill_prompt_logprobs(self, token_ids, start, block_ids, slot, num_logprobs, targets):
+            self.targets.append(list(targets))
+            return ("scored", start), super().prefill(token_ids, start, block_ids, slot)
+
+    backend = Scoring()
+    runner = MeshRunner(backend)
+    prompt = [5, 6, 7, 8, 0, 10]
+    first = run(runner, MeshWork(0, [PrefillChunk("a", 2, prompt[:4], 0, [0], None, len(prompt), prompt_logprobs=1,
+                                                  next_prompt_token=prompt[4])]))
+    final = run(runner, MeshWork(1, [PrefillChunk("a", 2, prompt[4:], 4, [0, 1], greedy(), len(prompt),
+                                                  prompt_logprobs=1, offset=4)]))
+    assert backend.targets == [prompt[1:5], prompt[5:]]
+    assert (first[0].prompt_logprobs, final[0].prompt_logprobs) == ({2: ("scored", 0)}, {2: ("scored", 4)})
+    assert final[0].tokens[2] == expected_tokens(prompt, 1)[0]
+    assert final[0].tokens[2] == expected_tokens(prompt, 1)[0]
+
+
+def test_a_bad_word_of_three_tokens_needs_both_tokens_before_its_last():
+    """Its last token is masked only where the answer ends with its first two, not with its second alone."""
+    prompt = [3, 4, 5]
+    natural = expected_tokens(prompt, 4)
+
+    def answer(word) -> list[int]:
+        params = greedy(max_tokens=4, bad_words_token_ids=(word,))
+        work = MeshWork(0, [PrefillChunk("a", 0, prompt, 0, [0], params, len(prompt))], decode_round([0], steps=3))
+        return [r.tokens[0] for r in run(MeshRunner(CountingBackend()), work)]
+
+    banned = answer(tuple(natural[:3]))
+    assert banned[:2] == natural[:2] and banned[2] != natural[2]
+    assert answer(((natural[0] + 1) % VOCAB, natural[1], natural[2])) == natural
