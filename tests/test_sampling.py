@@ -178,6 +178,24 @@ def test_batch_applies_each_rows_parameters():
     assert logprobs[0] is None and logprobs[2].token_id == 1
 
 
+def test_greedy_rows_after_a_row_sampled_apart_take_their_own_argmax():
+    """Most rows greedy: one argmax over every row, of which each greedy row reads its own, wherever it is."""
+    batch = torch.stack([LOGITS, LOGITS.flip(0), LOGITS])
+    params = [SamplingParams(temperature=0.0, logprobs=1), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.0)]
+    assert sample_batch(batch, params, [0, 0, 0])[0] == [1, 4, 1]
+
+
+def test_a_top_k_row_with_a_masked_copy_is_drawn_from_that_copy():
+    """A row whose masks or bias the runner applied (`changed`) is drawn from that copy, not from the batch's top-k
+    of its raw logits: id 0 is outside LOGITS' top 3, and the only one the copy allows."""
+    masked = torch.full_like(LOGITS, float("-inf"))
+    masked[0] = 1.0
+    tokens, _ = sample_batch(LOGITS.repeat(50, 1), [SamplingParams(top_k=3)] * 50, [0] * 50,
+                             changed={i: masked for i in range(50)})
+    assert tokens == [0] * 50
+
+
 def test_repetition_penalty_covers_prompt_and_output():
     params = SamplingParams(repetition_penalty=2.0)
     out = apply_penalties(LOGITS, params, PenaltyState(6, prompt_ids=[1], output_ids=[3, 3]))
