@@ -846,26 +846,34 @@ def test_an_overlapped_step_runs_on_the_devices_own_tokens_and_reads_each_step(b
     assert first.tokens()[[12, 13]].tolist() == [a[-1], b[-1]]  # read once, kept
 
 
-@pytest.mark.parametrize("between", ["a slot leaves", "a prefill", "a step one at a time"])
+@pytest.mark.parametrize("between", ["a slot leaves", "a prefill", "a step one at a time", "a block joins",
+                                     "the parameters change"])
 def test_a_step_the_device_cannot_chain_loads_the_previous_tokens_from_the_host(backend, ttnn, between):
     """A slot that leaves goes to the device at position -1 with the spare block's row: another page table, so
     decode_forward loads every input from the host (generator.py @00b0fa3f), tokens included, as it must after a
     prefill (one sampled on the device leaves the model in decode mode, so only reset_inputs makes it load) or
     after another decode; tokens the host has not read would be lost. So the previous step is read first and the
-    step takes its tokens from the host."""
+    step takes its tokens from the host. Likewise when a block joins a row (decode_forward loads the host's inputs
+    for any other page table) and when the parameters change (under the same table and no reset_inputs it loads
+    none, and the device would sample with the old ones)."""
     (a, b), (tokens, positions, active), table = two_prefilled_slots(backend)
     sampling = [GREEDY if s in (12, 13) else None for s in range(32)]
     first = backend.decode_async(tokens, positions, table, active, sampling)
-    following = active.clone()
+    following, next_table, next_sampling = active.clone(), table, list(sampling)
     if between == "a slot leaves":
         following[13] = False
+        next_sampling[13] = None
     elif between == "a prefill":
         backend.prefill(list(range(300)), 0, [20, 21, 22, 23, 24], slot=0, sampling=GREEDY)
-    else:
+    elif between == "a step one at a time":
         backend.decode(torch.zeros(32, dtype=torch.long), torch.full((32,), -1), table,
                        torch.zeros(32, dtype=torch.bool), [None] * 32)
-    second = backend.decode_async(first, positions + following, table, following,
-                                  [p if following[s] else None for s, p in enumerate(sampling)])
+    elif between == "a block joins":
+        next_table = table.clone()
+        next_table[13, 2] = 10
+    else:
+        next_sampling[12] = RUNNING
+    second = backend.decode_async(first, positions + following, next_table, following, next_sampling)
     call = last_call(backend, "decode_forward")
     assert (call["reset_inputs"], call["inputs_loaded"]) == (True, True)
     a.append(expected_next(a)), b.append(expected_next(b))
@@ -873,6 +881,16 @@ def test_a_step_the_device_cannot_chain_loads_the_previous_tokens_from_the_host(
     assert list(call["written"]) == ([12] if between == "a slot leaves" else [12, 13])
     assert first.tokens()[[12, 13]].tolist() == [a[-1], b[-1]]
     assert int(second.tokens()[12]) == expected_next(a)
+
+
+def test_an_overlapped_step_without_the_devices_log_probs_gives_none(backend):
+    """An argmax batch computes no log-probs (TTSampling's fast path), and process_decode_output_host then fills in
+    ones: read as log-probs, every token would get logprob 0.0 (probability 1)."""
+    (a, b), (tokens, positions, active), table = two_prefilled_slots(backend)
+    step = backend.decode_async(tokens, positions, table, active, [GREEDY if s in (12, 13) else None for s in range(32)])
+    assert int(step.tokens()[12]) == expected_next(a)
+    with pytest.raises(RuntimeError, match="no log-probs"):
+        step.logprobs()
 
 
 RUNNING = SamplingParams(temperature=0.6, top_k=10, top_p=0.9)
