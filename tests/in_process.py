@@ -212,7 +212,11 @@ class Stack:
         return self.run(read())
 
     def close(self) -> None:
+        """Close the router, then each mesh's runner, as the replicas' shutdown does (ending its grammar-mask thread):
+        the router's close cancelled every work, and a work's cancel waits for its step to end (local_mesh)."""
         self.run(self.router.close())
+        for mesh in self.meshes:
+            mesh.runner.close()
         self.loop.close()
 
 

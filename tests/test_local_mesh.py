@@ -154,3 +154,23 @@ def test_a_work_queued_before_a_restart_is_stale_once_its_turn_comes():
     results, slots = asyncio.run(scenario())
     assert isinstance(results[0], StaleWork)
     assert slots == []
+
+
+def test_a_closed_stack_leaves_no_grammar_mask_thread():
+    """A Stack's close ends what its replicas' shutdown ends: each runner's grammar-mask thread (started by a
+    constrained request). Before, every closed in-process stack left one per mesh running until the process ended."""
+    from tests.in_process import simulated_stack
+
+    def mask_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name.startswith("grammar-masks")}
+
+    before = mask_threads()
+    stack = simulated_stack(num_slots=4, num_blocks=64, num_meshes=2)
+    bodies = [{"model": "smollm2", "prompt": "hi", "max_tokens": 8, "response_format": {"type": "json_object"}}] * 4
+    assert all(r.status_code == 200 for r in stack.posts("/v1/completions", bodies))
+    started = mask_threads() - before
+    assert started
+    stack.close()
+    for thread in started:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in started)

@@ -1161,7 +1161,6 @@ def test_prompt_logprobs_score_each_chunks_next_prompt_tokens_and_the_first_toke
     assert backend.targets == [prompt[1:5], prompt[5:]]
     assert (first[0].prompt_logprobs, final[0].prompt_logprobs) == ({2: ("scored", 0)}, {2: ("scored", 4)})
     assert final[0].tokens[2] == expected_tokens(prompt, 1)[0]
-    assert final[0].tokens[2] == expected_tokens(prompt, 1)[0]
 
 
 def test_a_bad_word_of_three_tokens_needs_both_tokens_before_its_last():
