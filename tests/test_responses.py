@@ -8,6 +8,7 @@ import pytest
 from openai.types.responses import Response
 from pydantic import TypeAdapter
 
+from scheduler.errors import QueueFull
 from tests.fake_router import FakeRouter
 from tests.ingress_support import (ANSWER, MAX_LEN, assert_error, client, eos, make_client, router,  # noqa: F401
                                    tokenizer)
@@ -691,3 +692,63 @@ def test_the_routers_id_begins_with_the_responses_id(client, router, stream):
     resp = Response.model_validate(events(r)[-1]["response"] if stream else r.json())
     (router_id,) = router.requests
     assert resp.id.startswith("resp_") and router_id.startswith(resp.id + "-"), (resp.id, router_id)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_says_the_prompt_tokens_the_prefix_cache_held(client, stream):
+    """input_tokens_details.cached_tokens is what the prefix cache saved (the router's first event says it: 3 here,
+    later ones 0), as chat's prompt_tokens_details says it; a stream's final response must not take a later 0."""
+    r = client.post("/v1/responses", json={**BASIC, "stream": stream})
+    resp = Response.model_validate(events(r)[-1]["response"] if stream else r.json())
+    assert resp.usage.input_tokens_details.cached_tokens == 3
+
+
+def test_the_streamed_text_is_the_one_part_of_the_message(client):
+    """Every text event names the message's only content part (content_index 0) and item, as OpenAI's stream does;
+    output_text.done and content_part.done carry the whole text the deltas spelled, which a client that reads only
+    the done events (openai-python's stream helper keeps the part it is given) takes as the answer."""
+    es = events(client.post("/v1/responses", json={**BASIC, "stream": True}))
+    (added,) = [e for e in es if e["type"] == "response.output_item.added"]
+    texts = [e for e in es if e["type"].startswith(("response.content_part", "response.output_text"))]
+    assert {(e["item_id"], e["output_index"], e["content_index"]) for e in texts} == {(added["item"]["id"], 0, 0)}
+    (done,) = [e for e in es if e["type"] == "response.output_text.done"]
+    (part,) = [e for e in es if e["type"] == "response.content_part.done"]
+    assert done["text"] == part["part"]["text"] == ANSWER
+    assert "".join(e["delta"] for e in es if e["type"] == "response.output_text.delta") == ANSWER
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_empty_answer_is_an_empty_message(tokenizer, eos, stream):
+    """An answer of only an EOS is still one message item with empty text, completed, whole or streamed (vLLM's
+    Responses answer has its message however short); the stream has no item to close otherwise."""
+    client = make_client(FakeRouter([eos], max_model_len=4096), tokenizer)
+    r = client.post("/v1/responses", json={**BASIC, "stream": stream})
+    resp = Response.model_validate(events(r)[-1]["response"] if stream else r.json())
+    (message,) = resp.output
+    assert message.type == "message" and message.status == "completed" and resp.status == "completed"
+    assert resp.output_text == ""
+
+
+def test_a_stream_max_output_tokens_cut_ends_with_response_incomplete(client):
+    """OpenAI ends a response that max_output_tokens cut with a response.incomplete event, not response.completed:
+    a client that waits for the event its status names (openai-node's stream helper, the Agents SDK) sees the end."""
+    es = events(client.post("/v1/responses", json={**BASIC, "max_output_tokens": 3, "stream": True}))
+    assert es[-1]["type"] == "response.incomplete"
+    assert es[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def test_a_stream_refused_for_capacity_after_its_headers_fails_as_a_rate_limit(client, router):
+    """A refusal for capacity (the router's queue full: a 429 before the headers) that comes after the headers went
+    out (a slow first token) ends the stream response.failed with OpenAI's code for it, rate_limit_exceeded, which
+    tells a client to retry later, not server_error."""
+    client.app.state.server.headers_wait_s, client.app.state.server.keepalive_s = 0.05, 0.1
+    router.refuse, router.refuse_after_s = QueueFull("waiting queue is full"), 0.35
+    es = events(client.post("/v1/responses", json={**BASIC, "stream": True}))
+    (failed,) = [e for e in es if e["type"] == "response.failed"]
+    assert Response.model_validate(failed["response"]).error.code == "rate_limit_exceeded"
+    assert es[-1]["type"] == "error" and es[-1]["error"]["code"] == "queue_full"
+
+
+def test_top_logprobs_left_out_is_echoed_as_0(client):
+    """A request without top_logprobs is answered with top_logprobs 0, as OpenAI's and vLLM's responses say it."""
+    assert client.post("/v1/responses", json=BASIC).json()["top_logprobs"] == 0
