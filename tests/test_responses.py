@@ -752,3 +752,10 @@ def test_a_stream_refused_for_capacity_after_its_headers_fails_as_a_rate_limit(c
 def test_top_logprobs_left_out_is_echoed_as_0(client):
     """A request without top_logprobs is answered with top_logprobs 0, as OpenAI's and vLLM's responses say it."""
     assert client.post("/v1/responses", json=BASIC).json()["top_logprobs"] == 0
+
+
+def test_parallel_tool_calls_false_is_echoed(client):
+    """The response says the parallel_tool_calls it was answered with, as OpenAI's does: false when the request
+    said false (one call is kept), not the default true."""
+    r = client.post("/v1/responses", json={**BASIC, "tools": TOOLS, "parallel_tool_calls": False})
+    assert Response.model_validate(r.json()).parallel_tool_calls is False
