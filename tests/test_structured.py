@@ -7,7 +7,7 @@ import pytest
 from deployments.errors import APIError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, Tool
 from deployments.structured import closed, constraint_for
-from deployments.tool_calls import answer_calls, render_messages
+from deployments.tool_calls import ToolCallStream, answer_calls, render_messages
 from model.embedded import ensure_smollm2
 from model.grammar import GrammarCache, ascii_perl_classes, ll_tokenizer
 from model.tokenizer import load_tokenizer
@@ -685,3 +685,15 @@ def test_the_grammar_tokenizer_is_built_once_when_two_threads_ask_at_once(monkey
     other.join(10)
     assert len(built) == 1 and got == [built[0]] * 2
     assert server.grammar_tokenizer() is built[0]
+
+
+def test_a_call_that_names_its_tool_after_its_arguments_key_is_a_call():
+    """A call whose keys come in another order (arguments first) is read by json whole, and "arguments" is taken
+    for "parameters" there too, as vLLM's llama3_json takes either key: whole and streamed, it is a call."""
+    text = '{"arguments": {"city": "Oslo"}, "name": "get_weather"}'
+    (call,), whole = answer_calls(text, ["get_weather"], forced=False)
+    assert (call.name, json.loads(call.arguments), whole) == ("get_weather", {"city": "Oslo"}, True)
+    stream = ToolCallStream(["get_weather"], forced=False)
+    content, pieces, whole = stream.feed(text, final=True)
+    assert content == "" and whole and [(p.name, json.loads(p.arguments)) for p in pieces] == [
+        ("get_weather", {"city": "Oslo"})]
