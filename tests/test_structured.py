@@ -410,6 +410,8 @@ def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     # cut inside its name: the tool whose name it began, not simply the first tool
     names = ["get_time", "get_weather"]
     assert cut_call('{"name": "get_wea', names).name == "get_weather"
+    # cut before any name was written (tool_choice "required"): the first tool, as the stream names it too
+    assert cut_call('{"na', names).name == "get_time"
 
 
 def test_a_call_cut_in_its_head_names_the_tool_it_wrote():
