@@ -518,6 +518,8 @@ C = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
     '{"name": "get\\_weather", "parameters": {}}',  # an invalid escape in the name: content, not a 500
     # a call cut by max_tokens after one in another key order (held, not streamed): reported on both paths
     C + '; {"parameters": {}, "name": "get_time"}; {"name": "get_weather", "parameters": {"city": "Os',
+    # a call whose object's "}" never came before the next: the calls end at it (no JSON), on both paths
+    C[:-1] + "; " + C,
 ])
 def test_a_stream_makes_the_calls_the_whole_answer_makes(text):
     """Split anywhere, the pieces assemble to what the non-streamed answer returns (names and argument values)."""
