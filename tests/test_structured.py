@@ -701,3 +701,11 @@ def test_a_call_that_names_its_tool_after_its_arguments_key_is_a_call():
     content, pieces, whole = stream.feed(text, final=True)
     assert content == "" and whole and [(p.name, json.loads(p.arguments)) for p in pieces] == [
         ("get_weather", {"city": "Oslo"})]
+
+
+def test_a_call_with_an_arguments_key_streams_as_it_is_written():
+    """vLLM's llama3_json takes "arguments" for "parameters"; a call written so streams its name and arguments as
+    they come too, not held back to be sent whole at the end of the answer."""
+    stream = ToolCallStream(["get_weather"], forced=False)
+    content, pieces, _ = stream.feed('{"name": "get_weather", "arguments": {"city": "Os', final=False)
+    assert content == "" and [(p.name, p.arguments) for p in pieces] == [("get_weather", '{"city": "Os')]
