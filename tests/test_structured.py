@@ -709,3 +709,17 @@ def test_a_call_with_an_arguments_key_streams_as_it_is_written():
     stream = ToolCallStream(["get_weather"], forced=False)
     content, pieces, _ = stream.feed('{"name": "get_weather", "arguments": {"city": "Os', final=False)
     assert content == "" and [(p.name, p.arguments) for p in pieces] == [("get_weather", '{"city": "Os')]
+
+
+def test_calls_in_the_history_are_rendered_back_as_the_model_writes_them(tok):
+    """A template that cannot render tool_calls gets an assistant turn's calls as the Llama 3 JSON the model itself
+    writes: "; " between calls, and empty arguments as {} (an object, as vLLM reads them), so it sees its own
+    convention."""
+    messages = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "Weather and time?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+            {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": ""}}]}]}).messages
+    rendered = render_messages(messages, None, template_takes_tools=False)
+    assert rendered[1]["content"] == ('{"name": "get_weather", "parameters": {"city": "Oslo"}}; '
+                                      '{"name": "get_time", "parameters": {}}')
