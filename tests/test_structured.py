@@ -74,6 +74,11 @@ def accepts(llt, tok, grammar, text) -> bool:
      '{"name": "get_weather", "parameters": {"city": "Oslo"}}', '{"name": "get_time", "parameters": {}}'),
     ({"tools": [WEATHER, TIME], "tool_choice": "required"},
      '{"name": "get_time", "parameters": {}}', "It is noon."),
+    # a forced call is a whole call the parser takes: its arguments are there, and nothing beside name and them
+    ({"tools": [WEATHER, TIME], "tool_choice": "required"},
+     '{"name": "get_time", "parameters": {}}', '{"name": "get_time"}'),
+    ({"tools": [WEATHER, TIME], "tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     '{"name": "get_time", "parameters": {}}', '{"name": "get_time", "parameters": {}, "id": 1}'),
 ])
 def test_each_source_becomes_a_grammar_that_admits_exactly_its_answers(tok, llt, fields, good, bad):
     constraint = constraint_for(chat(**fields), lambda: llt)
