@@ -74,6 +74,14 @@ def accepts(llt, tok, grammar, text) -> bool:
      '{"name": "get_weather", "parameters": {"city": "Oslo"}}', '{"name": "get_time", "parameters": {}}'),
     ({"tools": [WEATHER, TIME], "tool_choice": "required"},
      '{"name": "get_time", "parameters": {}}', "It is noon."),
+    # strict (OpenAI's strict mode): every object is closed, one that lists no properties too; without strict such
+    # an object is a free-form map (below)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": {
+        "type": "object", "properties": {"meta": {"type": "object"}}, "required": ["meta"]}}}},
+     '{"meta": {}}', '{"meta": {"k": 1}}'),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+        "type": "object", "properties": {"meta": {"type": "object"}}, "required": ["meta"]}}}},
+     '{"meta": {"k": 1}}', '{"meta": 1}'),
     # a forced call is a whole call the parser takes: its arguments are there, and nothing beside name and them
     ({"tools": [WEATHER, TIME], "tool_choice": "required"},
      '{"name": "get_time", "parameters": {}}', '{"name": "get_time"}'),
