@@ -757,18 +757,20 @@ class Router:
         return min(self.config.max_seq_len or caps.max_seq_len, caps.max_seq_len, caps.num_blocks * caps.block_size)
 
     def check(self) -> None:
-        """Raises RuntimeError (from the error) when one of the router's own loops ended with an error: a mesh's
-        supervisor (that mesh never fed again) or the held-request expiry (held requests never ended). They catch what
-        a mesh or a request may cause; one ending so is a router bug, which the replica's health check turns into
-        Serve restarting the router, whose requests the ingress resubmits (DESIGN: "Router restart"). The loops never
-        end by themselves, so one cancelled before close() (a CancelledError that reached it from elsewhere: they catch
-        Exception only) fails the check too."""
+        """Raises RuntimeError (from the loop's error, if any) when one of the router's own loops ended before close():
+        a mesh's supervisor (that mesh never fed again) or the held-request expiry (held requests never ended). They
+        never end by themselves and catch what a mesh or a request may cause (Exception: a CancelledError from elsewhere
+        still ends one); one that ended is a router bug, which the replica's health check turns into Serve restarting
+        the router, whose requests the ingress resubmits (DESIGN: "Router restart")."""
+        if self._closing:
+            return
         for task in self.tasks:
-            if not task.done() or self._closing:
+            if not task.done():
                 continue
-            error = None if task.cancelled() else task.exception()
-            how = "cancelled" if task.cancelled() else repr(error) if error is not None else "returned"
-            raise RuntimeError(f"the router's {task.get_name()} ended: {how}") from error
+            if task.cancelled():
+                raise RuntimeError(f"the router's {task.get_name()} ended: cancelled")
+            error = task.exception()
+            raise RuntimeError(f"the router's {task.get_name()} ended: {error!r}") from error
 
     async def close(self) -> None:
         self._closing = True
@@ -1119,7 +1121,7 @@ class RouterDeployment:
         thread answer health checks): a hung router fails it. Serve calls it every health_check_period_s from the
         replica's start, so it also starts the router there: started by its first call alone, a router deployed
         with no traffic probed no mesh until a request or an ingress's /health came, which then waited for them.
-        A router whose own loop ended with an error fails it too (Router.check)."""
+        A router whose own loop ended fails it too (Router.check)."""
         self._ready().check()
 
     async def link_address(self) -> LinkAddress:

@@ -50,6 +50,18 @@ def test_a_reset_after_a_cancelled_work_waits_for_its_running_step():
     assert asyncio.run(scenario()) == []
 
 
+def mask_threads() -> set[threading.Thread]:
+    """The runners' grammar-mask threads (model/runner.py) alive now."""
+    return {t for t in threading.enumerate() if t.name.startswith("grammar-masks")}
+
+
+def ended(threads: set[threading.Thread]) -> bool:
+    """Whether each of `threads` ends within 5 s of the last."""
+    for thread in threads:
+        thread.join(timeout=5)
+    return not any(thread.is_alive() for thread in threads)
+
+
 def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
     """Serve's restart ends the old replica, whose shutdown closes its runner (and so its grammar-mask thread):
     LocalMesh.restart dropped the old runner unclosed, and each restart of a mesh that had run a grammar left a mask
@@ -70,14 +82,6 @@ def test_a_restart_closes_the_old_runner_once_no_work_steps_it():
     def backend() -> SimulatedBackend:
         return SimulatedBackend(time_scale=0.001, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024,
                                 vocab_size=tok.vocab_size, eos_token_ids=tuple(sorted(tok.stop_ids)))
-
-    def mask_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith("grammar-masks")}
-
-    def ended(threads: set[threading.Thread]) -> bool:
-        for thread in threads:
-            thread.join(timeout=5)
-        return not any(thread.is_alive() for thread in threads)
 
     constrained = SamplingParams(temperature=0.0, max_tokens=8,
                                  grammar=choice_grammar([" a long answer of several tokens"]))
@@ -161,9 +165,6 @@ def test_a_closed_stack_leaves_no_grammar_mask_thread():
     constrained request). Before, every closed in-process stack left one per mesh running until the process ended."""
     from tests.in_process import simulated_stack
 
-    def mask_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith("grammar-masks")}
-
     before = mask_threads()
     stack = simulated_stack(num_slots=4, num_blocks=64, num_meshes=2)
     bodies = [{"model": "smollm2", "prompt": "hi", "max_tokens": 8, "response_format": {"type": "json_object"}}] * 4
@@ -171,6 +172,4 @@ def test_a_closed_stack_leaves_no_grammar_mask_thread():
     started = mask_threads() - before
     assert started
     stack.close()
-    for thread in started:
-        thread.join(timeout=10)
-    assert not any(t.is_alive() for t in started)
+    assert ended(started)
