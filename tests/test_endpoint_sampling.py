@@ -20,7 +20,7 @@ from model.embedded import ensure_smollm2
 from model.tokenizer import load_tokenizer
 from model.torch_llama import TorchBackend
 from tests.in_process import InProcessRouter, Stack, nothing_held
-from tests.test_failover_features import EOS, collect, reference_logits, sse, tiny_model
+from tests.test_failover_features import EOS, collect, reference_knobs, reference_logits, sse, tiny_model
 
 CHAT, COMP, RESP = "/v1/chat/completions", "/v1/completions", "/v1/responses"
 QUESTION = "hi there, tell me about it"
@@ -152,9 +152,7 @@ def check_draws(s, fields: dict, answer: dict) -> None:
     max_tokens = fields.get("max_completion_tokens") or fields.get("max_tokens", MAX_TOKENS)
     bias = {int(t): b for t, b in fields.get("logit_bias", {}).items()}
     stop_ids = {*([] if fields.get("ignore_eos") else [EOS]), *fields.get("stop_token_ids", [])}
-    knobs = {name: fields[name] for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                                             "frequency_penalty") if name in fields}
-    knobs = {"temperature": 1.0, **knobs, "top_k": max(fields.get("top_k", 0), 0)}
+    knobs = reference_knobs(fields)
     top_n = fields.get("top_logprobs", 0)
     assert sorted(answer["choices"]) == list(range(n)), answer
     for index, c in answer["choices"].items():

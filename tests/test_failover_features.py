@@ -355,6 +355,13 @@ def reference_logits(s, ids: list[int]) -> torch.Tensor:
     return s.reference_logits[key]
 
 
+def reference_knobs(fields: dict) -> dict:
+    """reference.check_draw's sampling fields of a request's: temperature 1 unless given, top_k 0 when off (-1)."""
+    knobs = {name: fields[name] for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                                             "frequency_penalty") if name in fields}
+    return {"temperature": 1.0, **knobs, "top_k": max(fields.get("top_k", 0), 0)}
+
+
 def check_sampling(s, path: str, fields: dict, answer: dict) -> None:
     """Each token of a completion is what an independent sampler draws from the model's own logits (reference_logits)
     under the request's parameters, in vLLM v1's order (its Sampler: allowed_token_ids, bad words, min_tokens and
@@ -372,9 +379,7 @@ def check_sampling(s, path: str, fields: dict, answer: dict) -> None:
     stop_ids = {EOS, *fields.get("stop_token_ids", [])}
     bad_words = [tuple(s.tok.encode(v)) for w in fields.get("bad_words", []) for v in (w, " " + w)]
     top_n = fields.get("logprobs")
-    knobs = {name: fields[name] for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                                             "frequency_penalty") if name in fields}
-    knobs = {"temperature": 1.0, **knobs, "top_k": max(fields.get("top_k", 0), 0)}
+    knobs = reference_knobs(fields)
     not_allowed = torch.ones(s.tok.vocab_size, dtype=torch.bool)
     not_allowed[fields.get("allowed_token_ids", list(range(s.tok.vocab_size)))] = False
     for index, c in answer["choices"].items():
