@@ -3,6 +3,7 @@ loop of its own, with an httpx client, so a test sends what a client sends and c
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -60,6 +61,7 @@ def unplaced(router: Router) -> list[str]:
 
 def watch_deliveries(deliver: Callable[[Router, StepEvents], None]) -> Callable[[Router, StepEvents], None]:
     """Router._deliver, noting `unplaced` requests after each mesh step (conftest puts it on every Router)."""
+    @functools.wraps(deliver)
     def watched(router: Router, out: StepEvents) -> None:
         deliver(router, out)
         if found := unplaced(router):
@@ -69,7 +71,12 @@ def watch_deliveries(deliver: Callable[[Router, StepEvents], None]) -> Callable[
 
 def router_held(router: Router) -> list[str]:
     """What the router itself still holds for requests, by name: its requests, those held, sinks' ids, and the
-    requests it was seen running for no one (`strays`), even if they have ended since."""
+    requests it was seen running for no one (`strays`), even if they have ended since. Raises where nothing watches
+    for strays: conftest watches only where a collected module imported the router, and without it a leak check passed
+    on a request that ended by itself while it waited."""
+    if not hasattr(type(router)._deliver, "__wrapped__"):
+        raise RuntimeError("Router._deliver is not watched for strays (conftest's stray_requests_watched): import "
+                           "tests.in_process at the top of the test module")
     out = [f"request {rid}" for rid in router.requests] + [f"held {rid}" for rid in router.held]
     out += [f"sink {name} {sorted(sink.request_ids)}" for name, sink in router.sinks.items() if sink.request_ids]
     return out + [f"stray: {s}" for s in strays(router)]

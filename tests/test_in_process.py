@@ -10,7 +10,7 @@ from deployments.router import Router, RouterConfig
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
 from scheduler.work import TokenEvent, pack_events
-from tests.in_process import FAST, InProcessRouter, nothing_held, strays, until
+from tests.in_process import FAST, InProcessRouter, held, nothing_held, strays, until
 from tests.local_mesh import LocalMesh
 
 LASTING = SamplingParams(temperature=0.0, max_tokens=2000)  # runs until the test ends it
@@ -64,5 +64,20 @@ def test_a_request_whose_reader_left_is_a_stray_until_the_ingress_cancels_it():
         await asyncio.sleep(0.05)
         assert strays(router) == ["left runs on after its reader left, never cancelled by the ingress"]
         router.cancel("left")
+        await router.close()
+    asyncio.run(main())
+
+
+def test_held_says_when_nothing_watches_for_strays(monkeypatch):
+    """conftest puts the watch on Router only where a collected module imported the router: a module that imports the
+    harness inside a test ran its leak checks without it, and passed one on a request that ended by itself while
+    nothing_held waited. held refuses to answer then, naming the cause."""
+    async def main():
+        router = await one_mesh_router()
+        assert held(router) == []
+        monkeypatch.setattr(Router, "_deliver", Router._deliver.__wrapped__)  # as where conftest did not watch
+        with pytest.raises(RuntimeError, match="not watched for strays"):
+            held(router)
+        monkeypatch.undo()
         await router.close()
     asyncio.run(main())
