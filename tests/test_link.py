@@ -158,6 +158,109 @@ def test_a_peer_that_stops_sending_ends_the_link_at_once():
     asyncio.run(main())
 
 
+def test_a_secret_that_arrives_in_pieces_opens_the_link():
+    """TCP may cut the secret's 16 bytes across segments: the listener waits for all of them before it compares."""
+    async def main():
+        server, address = await echo_server()
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(address.secret[:15])
+        await writer.drain()
+        await asyncio.sleep(0.05)  # read by the listener alone
+        writer.write(address.secret[15:])
+        frame = pickle.dumps("hello")
+        writer.write(len(frame).to_bytes(4, "big") + frame)
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 5), "big")
+        assert pickle.loads(await reader.readexactly(size)) == "hello"
+        writer.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_link_that_presented_its_secret_outlives_the_secrets_deadline(monkeypatch):
+    """AUTH_TIMEOUT_S bounds only the wait for the secret: a link open longer than that is not dropped for it."""
+    monkeypatch.setattr(link_module, "AUTH_TIMEOUT_S", 0.1)
+    async def main():
+        server, address = await echo_server()
+        link = await connect(address)
+        link.send("first")
+        assert await link.recv() == "first"
+        await asyncio.sleep(0.3)
+        link.send("later")
+        assert await link.recv() == "later"
+        link.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_frames_that_came_with_the_peers_close_are_still_received():
+    """A peer that sends and then closes at once (a mesh's last result, then its exit): the frames and the end may
+    reach the protocol in one pass of the loop, while a reader waits. recv hands over every frame before it raises
+    the end (here the transport's two callbacks are driven by hand, in one pass)."""
+    async def main():
+        server, address = await echo_server()
+        link = await connect(address)
+        first = asyncio.create_task(link.recv())
+        await asyncio.sleep(0.05)  # the reader waits
+        frames = b"".join(len(f).to_bytes(4, "big") + f for f in map(pickle.dumps, ["a", "b"]))
+        link.data_received(frames)
+        link.eof_received()
+        assert [await first, await link.recv()] == ["a", "b"]
+        with pytest.raises(ConnectionError):
+            await link.recv()
+        link.close()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_link_that_times_out_raises_connection_error():
+    """A peer gone without a FIN ends the link by keepalive or TCP_USER_TIMEOUT: the transport reports an ETIMEDOUT
+    (TimeoutError, not a ConnectionError). Its reader gets a ConnectionError, what every caller catches as the peer's
+    end (LinkServer's handlers, the router's mesh client), not an unexpected error."""
+    async def main():
+        server, address = await echo_server()
+        link = await connect(address)
+        link._transport.abort()
+        link.connection_lost(TimeoutError(110, "Connection timed out"))
+        with pytest.raises(ConnectionError, match="timed out"):
+            await link.recv()
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_frame_that_does_not_load_is_the_reason_the_reader_hears():
+    """The link's first reason for ending is kept: a reader that comes to it after the connection closed hears of
+    the frame that did not load (LinkServer logs it), not of a peer that closed."""
+    async def main():
+        heard = asyncio.Future()
+
+        async def late_reader(link: Link) -> None:
+            await asyncio.sleep(0.1)  # the bad frame, then the connection's close, come before the first recv
+            try:
+                await link.recv()
+            except BaseException as exc:
+                heard.set_result(exc)
+        server = LinkServer(late_reader)
+        link = await connect(await server.start("127.0.0.1"))
+        link._transport.write(len(b"not a pickle").to_bytes(4, "big") + b"not a pickle")
+        assert isinstance(await heard, pickle.UnpicklingError)
+        server.close()
+    asyncio.run(main())
+
+
+def test_a_handler_that_returns_closes_its_link():
+    """A handler ends (it raised on a frame it could not take, or was done): the peer hears the link's end at once,
+    rather than waiting on a link no one reads (a router's works until their deadline)."""
+    async def main():
+        async def refuse(link: Link) -> None:
+            raise ValueError("not a frame this handler takes")
+        server = LinkServer(refuse)
+        link = await connect(await server.start("127.0.0.1"))
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(link.recv(), 5)
+        server.close()
+    asyncio.run(main())
+
+
 class Remote:
     """`handle.method.remote(...)` awaitable, as a Serve handle's call is."""
 
