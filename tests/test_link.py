@@ -481,6 +481,56 @@ def test_a_replica_that_goes_while_idle_is_failed_over_when_its_link_closes(monk
         replica.shutdown()
 
 
+def test_a_work_sent_as_the_meshs_link_ends_is_stale_work(replica):
+    """The replica's end of the link closed, and the router sends a work before the link's reader has heard of it:
+    the work never reached the mesh, so it is refused as StaleWork (no request blamed), not lost in the closed socket
+    and then failed as if the mesh had broken while computing it."""
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await client.reset()
+        client._link.eof_received()  # the replica's close reaches this end, in this pass of the loop
+        with pytest.raises(StaleWork, match="not sent"):
+            [r async for r in client.execute(prefill(0, slot=0), incarnation)]
+        client.close()
+    asyncio.run(main())
+
+
+def test_a_work_of_the_link_before_a_reset_closed_late_leaves_the_new_link_alone(replica):
+    """The router's streams of works sent before a reset may be closed after it (a failover's tasks torn down late):
+    work ids start again at 0 on the new link, and closing an old stream must not take the new link, or its works,
+    down with it."""
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await client.reset()
+        old = [client.execute(prefill(i, slot=i), incarnation) for i in range(2)]
+        for stream in old:
+            await anext(stream)  # read, but not to its end: its cleanup runs at its close
+        incarnation, _ = await client.reset()
+        new = client.execute(prefill(0, slot=3), incarnation)
+        for stream in old:
+            await stream.aclose()
+        assert len([r async for r in new]) == 1
+        assert not client._closed.is_set()
+        client.close()
+    asyncio.run(main())
+
+
+def test_a_work_the_router_gave_up_on_closes_the_link_and_the_mesh_drops_the_rest(replica):
+    """The router stops reading a work (its deadline passed: the mesh is failing over): the link closes, so the
+    replica drops what it still holds of that router's works, and the router's idle wait on the link ends."""
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await client.reset()
+        two = prefill(0, slot=0).prefills + prefill(1, slot=1).prefills
+        stream = client.execute(MeshWork(0, two), incarnation)
+        await anext(stream)
+        await stream.aclose()
+        await asyncio.wait_for(client.wait_closed(), 5)
+        await until(lambda: all(link.closed for link in replica.link_server._links))
+        client.close()
+    asyncio.run(main())
+
+
 def test_listeners_started_at_once_share_one_address_and_secret():
     async def main():
         server = LinkServer(lambda link: asyncio.sleep(0))
