@@ -21,7 +21,7 @@ from deployments.link import Link, LinkAddress, LinkServer, connect
 from deployments.mesh_client import LinkMeshClient
 from deployments.ingress import build_app
 from deployments.router import Router, RouterConfig, RouterDeployment
-from deployments.router_client import RouterLink
+from deployments.router_client import RouterGone, RouterLink, RouterLost
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import (DecodeRound, MeshWork, PrefillChunk, RequestFailed, StaleWork, StepResult, TokenEvent,
@@ -1053,5 +1053,123 @@ def test_a_stalled_stream_still_ends_each_choice_at_its_stop_string(tokenizer, n
         texts = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(n)]
         assert texts == [tokenizer.decode(list(range(1000, 1011))).split(stop)[0]] * n
         assert {c["choices"][0]["finish_reason"] for c in chunks} == {None, "stop"}
+        router.server.close()
+    asyncio.run(main())
+
+
+class HeldRouter:
+    """A Serve handle to a router whose link the test drives (`link`: the last one opened to it). `down`: its Serve
+    calls raise that (the replica gone: refused; the deployment deleted: DeploymentUnavailableError)."""
+
+    def __init__(self):
+        self.link: Link | None = None
+        self.down: BaseException | None = None
+        self.server = LinkServer(self._serve)
+        self.link_address = Remote(self._address)
+
+    async def _address(self) -> LinkAddress:
+        if self.down is not None:
+            raise self.down
+        return await self.server.start("127.0.0.1")
+
+    async def _serve(self, link: Link) -> None:
+        self.link = link
+        await asyncio.Event().wait()  # open until the server closes
+
+    async def answer(self, link: RouterLink, request_id: str) -> list[int]:
+        """Submit a request on `link`, answer it with one token, and return the tokens the ingress got."""
+        events = link.generate(request_id, [1, 2], SamplingParams(max_tokens=1), None)
+        first = asyncio.ensure_future(anext(events))
+        await until(lambda: first.done() or (self.link is not None and not self.link.closed))
+        if first.done():
+            return first.result()  # raises the refusal
+        assert (await self.link.recv())[:2] == ("submit", request_id)
+        self.link.send(pack_events([TokenEvent(request_id, [5], finish_reason="length")]))
+        return (await first).token_ids
+
+
+def test_a_router_deployed_again_after_a_delete_is_waited_for_at_its_next_restart(monkeypatch):
+    """Serve said the router's deployment was gone (requests refused at once), then it was deployed again: once its
+    link is up, a later break of it is a router restart again, which a request waits for, not refused as gone."""
+    monkeypatch.setattr(router_client, "RECONNECT_S", 0.01)
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    async def main():
+        router = HeldRouter()
+        router.down = DeploymentUnavailableError(DeploymentID(name="RouterDeployment", app_name="meshserve"))
+        link = RouterLink(router)
+        with pytest.raises(RouterGone):
+            await router.answer(link, "a")
+        router.down = None  # deployed again
+        await until(lambda: link.link_down_s() == 0)
+        assert await router.answer(link, "b") == [5]
+        router.down = ConnectionRefusedError("no router replica")  # it restarts: no replica for a while
+        router.server.close()
+        await until(lambda: link.link_down_s() > 0)
+        later = asyncio.ensure_future(router.answer(link, "c"))
+        await asyncio.sleep(0.1)
+        router.down = None
+        assert await later == [5]
+        link._pump.cancel()
+        router.server.close()
+    asyncio.run(main())
+
+
+def test_a_router_link_that_broke_after_the_connect_wait_is_waited_for(monkeypatch):
+    """CONNECT_WAIT_S counts from the link's break, not from when it was first opened: a request sent while a
+    router that served for longer restarts waits for it."""
+    monkeypatch.setattr(router_client, "RECONNECT_S", 0.01)
+    monkeypatch.setattr(router_client, "CONNECT_WAIT_S", 0.5)
+
+    async def main():
+        router = HeldRouter()
+        link = RouterLink(router)
+        assert await router.answer(link, "a") == [5]
+        await asyncio.sleep(0.6)  # up longer than the wait
+        router.down = ConnectionRefusedError("no router replica")
+        router.server.close()
+        await until(lambda: link.link_down_s() > 0)
+        later = asyncio.ensure_future(router.answer(link, "b"))
+        await asyncio.sleep(0.1)
+        router.down = None
+        assert await later == [5]
+        link._pump.cancel()
+        router.server.close()
+    asyncio.run(main())
+
+
+def test_a_cancel_as_the_router_link_breaks_does_not_raise():
+    """A client that leaves as the router's link breaks: its cancel finds the link closing, before the link's reader
+    has heard of it. There is nothing to cancel (the router that had the request is gone): it must not raise."""
+    async def main():
+        router = HeldRouter()
+        link = RouterLink(router)
+        events = link.generate("a", [1, 2], SamplingParams(max_tokens=5), None)
+        first = asyncio.ensure_future(anext(events))
+        await until(lambda: router.link is not None)
+        link._link.abort()  # the break, in this pass of the loop
+        await link.cancel("a")
+        with pytest.raises(RouterLost):
+            await first
+        link._pump.cancel()
+        router.server.close()
+    asyncio.run(main())
+
+
+def test_a_request_the_router_refused_raises_the_routers_error():
+    """A submit the router refuses (too long, its queue full) comes back on the link as a RequestFailed: the request
+    raises the router's error itself, which the ingress turns into its status (a 400, a 503), not a 500."""
+    async def main():
+        router = HeldRouter()
+        link = RouterLink(router)
+        events = link.generate("a", [1, 2], SamplingParams(max_tokens=5), None)
+        first = asyncio.ensure_future(anext(events))
+        await until(lambda: router.link is not None)
+        assert (await router.link.recv())[:2] == ("submit", "a")
+        router.link.send(pack_events([RequestFailed("a", ValueError("prompt too long"))]))
+        with pytest.raises(ValueError, match="prompt too long"):
+            await first
+        link._pump.cancel()
         router.server.close()
     asyncio.run(main())
