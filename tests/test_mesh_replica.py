@@ -362,3 +362,32 @@ def test_a_chunk_that_does_not_start_where_the_slots_last_ended_is_stale_work(of
     assert history.take(PrefillChunk("a", 1, [7] * 128, 0, [5, 6])) == [7] * 128
     with pytest.raises(StaleWork, match=f"slot 1 at {offset}, after 128 ids"):
         history.take(PrefillChunk("a", 1, [8] * 64, 0, [5, 6, 7], offset=offset))
+
+
+def test_a_work_waiting_for_its_turn_at_a_reset_is_refused_at_once_and_the_resets_works_run(replica):
+    """A work whose predecessor had not come when the router reset the mesh: it is refused at the reset, not at its
+    deadline, and leaves the work ids to the reset's works (from 0)."""
+    async def main():
+        await replica.reset()
+        waiting = asyncio.create_task(drain(replica, prefill(5)))  # works 0-4 never come
+        await asyncio.sleep(0.05)
+        await replica.reset()
+        with pytest.raises(mesh_replica.StaleWork, match="planned before a reset"):
+            await waiting
+        assert len(await drain(replica, prefill(0, slot=1))) == 1
+    asyncio.run(main())
+
+
+def test_a_router_whose_works_go_on_holds_its_lease_against_an_older_routers_reset(replica, monkeypatch):
+    """LEASE_HOLD_S counts from the lease holder's last word, its works as much as its reset: a router busy with
+    works for longer than that still holds the mesh against the old router's probe."""
+    monkeypatch.setattr(mesh_replica, "LEASE_HOLD_S", 0.3)
+    async def main():
+        await replica.reset("new", started=2.0)
+        for work_id in range(4):  # its works go on past LEASE_HOLD_S
+            await asyncio.sleep(0.1)
+            results = [r async for r in replica.execute(prefill(work_id, slot=work_id), replica.incarnation, "new")]
+            assert len(results) == 1
+        with pytest.raises(RuntimeError, match="newer router"):
+            await replica.reset("old", started=1.0)
+    asyncio.run(main())
