@@ -396,6 +396,32 @@ def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_
     replica.shutdown()
 
 
+def test_a_device_error_that_does_not_pickle_still_fails_its_work(monkeypatch):
+    """A backend's exception may not survive pickling (a device library's own type): it reaches the router as a
+    RuntimeError naming it, so the router fails the mesh now, not when the work's deadline passes."""
+    monkeypatch.setattr(mesh_replica, "build_backend",
+                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.2, vocab_size=1000))
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda *_: None)
+    replica = mesh_replica.MeshReplica.func_or_class({"backend": "simulated"})
+
+    class DeviceError(Exception):
+        def __reduce__(self):
+            raise TypeError("not picklable")
+
+    def broken(*args, **kwargs):
+        raise DeviceError("device fell over")
+    monkeypatch.setattr(replica.runner.backend, "prefill", broken)
+
+    async def main():
+        client = LinkMeshClient(FakeHandle(replica))
+        incarnation, _ = await client.reset()
+        with pytest.raises(RuntimeError, match="device fell over"):
+            await asyncio.wait_for(anext(client.execute(prefill(0, slot=0), incarnation)), 10)
+        client.close()
+    asyncio.run(main())
+    replica.shutdown()
+
+
 def test_send_writes_several_frames_at_once_and_they_arrive_in_order():
     async def main():
         server, address = await echo_server()
