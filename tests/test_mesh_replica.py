@@ -391,3 +391,68 @@ def test_a_router_whose_works_go_on_holds_its_lease_against_an_older_routers_res
         with pytest.raises(RuntimeError, match="newer router"):
             await replica.reset("old", started=1.0)
     asyncio.run(main())
+
+
+def slow_prefills(replica, monkeypatch, seconds: float = 0.3) -> list[str]:
+    """Each prefill takes `seconds` on the worker thread; returns a list growing by one entry per prefill run."""
+    ran: list[str] = []
+    backend = replica.runner.backend
+    step = backend.prefill
+
+    def slow(*args, **kwargs):
+        ran.append(threading.current_thread().name)
+        time.sleep(seconds)
+        return step(*args, **kwargs)
+    monkeypatch.setattr(backend, "prefill", slow)
+    return ran
+
+
+def test_shutdown_refuses_the_works_queued_behind_the_running_one_without_the_device(replica, monkeypatch):
+    """A work already handed to the worker thread, behind the running one, when the replica shuts down: it ends as
+    StaleWork without touching the device, which closes right after the running step (a Galaxy's work is seconds)."""
+    ran = slow_prefills(replica, monkeypatch)
+
+    async def main():
+        await replica.reset()
+        running = asyncio.create_task(drain(replica, prefill(0, slot=0)))
+        queued = asyncio.create_task(drain(replica, prefill(1, slot=1)))
+        await asyncio.sleep(0.05)  # work 0 on the device, work 1 queued on the worker behind it
+        replica.shutdown()
+        assert len(await running) == 1
+        with pytest.raises(mesh_replica.StaleWork, match="reset"):
+            await queued
+    asyncio.run(main())
+    assert len(ran) == 1
+
+
+class ClosingLink:
+    """A router's link that brings `works` and then closes (the router gave up on this mesh)."""
+
+    def __init__(self, works: list) -> None:
+        self.works = works
+        self.sent: list = []
+
+    async def recv(self):
+        if self.works:
+            return self.works.pop(0)
+        await asyncio.sleep(0.05)
+        raise ConnectionError("link closed by the peer")
+
+    def send(self, *frames) -> None:
+        self.sent.extend(frames)
+
+
+def test_a_closed_routers_works_still_queued_do_not_run_on_the_device(replica, monkeypatch):
+    """When the router's link closes, its works not yet started are dropped: a gone router waits for none of them,
+    and each would hold the device (a Galaxy's prefill is seconds) before the next router's reset refused the rest."""
+    ran = slow_prefills(replica, monkeypatch)
+
+    async def main():
+        await replica.reset()
+        link = ClosingLink([(prefill(0, slot=0), replica.incarnation, None),
+                            (prefill(1, slot=1), replica.incarnation, None)])
+        with pytest.raises(ConnectionError):
+            await replica._serve_link(link)
+        await asyncio.sleep(0.6)  # work 0 ends on the device; work 1 would have run by now
+    asyncio.run(main())
+    assert len(ran) == 1
