@@ -2100,8 +2100,9 @@ def test_a_pause_longer_than_the_configured_keepalive_interval_gets_comments_at_
     times = [t for t, b in stamps if b == KEEPALIVE_BYTES]
     assert len(times) >= 2, text  # none with the constant: the pause is far shorter than 15 s
     last_data = max(t for t, b in stamps if b and b != KEEPALIVE_BYTES and t < times[0])
-    gaps = [b - a for a, b in zip([last_data, *times], times)]
-    assert min(gaps) >= 0.8 * interval, gaps  # at that interval, not more often (a comment is sent a task later)
+    # At that interval, not more often: counted over the pause, as a loaded box delays single comments (one sent
+    # late makes the gap after it short, though the timer keeps the interval)
+    assert len(times) <= 7 and (times[-1] - last_data) / len(times) >= 0.8 * interval, (last_data, times)
 
 
 class _Pause:
