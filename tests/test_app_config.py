@@ -899,3 +899,30 @@ def test_readme_configuration_table_lists_every_key():
     table = table[:table.index("\n\n")]
     documented = {key for row in table.splitlines()[2:] for key in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert documented == set(AppConfig.model_fields)
+
+
+def test_readme_configuration_table_gives_each_keys_default():
+    """The table's defaults are what an operator sizes a deployment by: one the code does not have (a default changed
+    in one place) deploys settings nobody chose. A word ("backend's", "one chunk") stands for a default left to
+    someone else: None, or tt-inference-server's override_tt_config."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| key | default | meaning |"):]
+    table = table[:table.index("\n\n")]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        keys, defaults = row.split("|")[1:3]
+        documented.update(zip(re.findall(r"`(\w+)`", keys), re.findall(r"`[^`]*`|[^,\s][^,]*[^,\s]|[^,\s]", defaults),
+                            strict=True))
+    literals = {"true": True, "false": False, "`[]`": [], "`{}`": {}, "`[8, 4]`": (8, 4), "8 MiB": 8 * 2**20}
+    for key, field in AppConfig.model_fields.items():
+        default, text = field.get_default(call_default_factory=True), documented[key]
+        if text in literals:
+            assert literals[text] == default and type(literals[text]) is type(default), (key, text, default)
+        elif re.fullmatch(r"\d[\d.]*", text):
+            assert float(text) == default and type(default) in (int, float), (key, text, default)
+        elif re.fullmatch(r"`\w+`", text):
+            assert text.strip("`") == default, (key, text, default)
+        else:
+            assert default is None or key == "override_tt_config", (key, text, default)
