@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from deployments.config import AppConfig, check_serve_config
 
 ROOT = Path(__file__).resolve().parents[1]
+GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
 
 
 @pytest.mark.parametrize("args,key", [
@@ -24,6 +25,26 @@ def test_wrong_config_names_the_key(args, key):
     with pytest.raises(ValidationError) as err:
         AppConfig(**args)
     assert key in str(err.value)
+
+
+@pytest.mark.parametrize("key, refused, taken, args", [
+    ("num_meshes", 0, 1, {}),  # an application with no mesh: every request a 503
+    ("ingress_replicas", 0, 1, {}),  # no HTTP front at all
+    ("max_seq_len", 1, 2, {}),  # no room for a prompt token and an answer token
+    ("max_prefill_tokens", 127, 128, {}),
+    ("decode_steps", 129, 128, {}),
+    ("pipeline_depth", 5, 4, {}),
+    ("no_mesh_wait_s", -1.0, 0.0, {}),
+    ("max_request_bytes", 1023, 1024, {}),
+    ("time_scale", 0.0, 0.001, {"backend": "simulated"}),
+    ("num_layers", 0, 1, GALAXY),
+])
+def test_each_bounded_key_is_refused_just_past_its_bound_and_taken_at_it(key, refused, taken, args):
+    """The bounds README's table and the key descriptions give: one step past is a typo, refused at deploy naming the
+    key; the bound itself is a config someone may need."""
+    with pytest.raises(ValidationError, match=key):
+        AppConfig(**args, **{key: refused})
+    assert getattr(AppConfig(**args, **{key: taken}), key) == taken
 
 
 @pytest.mark.parametrize("args, key", [
@@ -54,9 +75,6 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     AppConfig(backend="simulated", **{k: v for k, v in args.items() if k != "mesh_shape"})  # a Galaxy's limits
     with pytest.raises(ValidationError, match=key):
         AppConfig(backend="tt_galaxy", model="", **args)
-
-
-GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
 
 
 @pytest.mark.parametrize("args, match", [
