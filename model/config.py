@@ -51,8 +51,9 @@ class LlamaConfig:
                 _check_number(f"rope_scaling.{name}", value, (int, float))
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.n_heads % self.n_kv_heads:  # both spellings: the error comes from params.json or config.json
+            raise ValueError(f"n_heads (num_attention_heads) {self.n_heads} is not a multiple of n_kv_heads "
+                             f"(num_key_value_heads) {self.n_kv_heads}")
 
     @classmethod
     def from_meta(cls, params: dict) -> LlamaConfig:

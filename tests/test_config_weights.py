@@ -412,6 +412,16 @@ def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it(ti
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
 
 
+def test_query_heads_that_do_not_group_over_the_kv_heads_are_named_in_the_files_spelling(tiny_hf, tmp_path):
+    """Grouped-query attention shares each KV head among n_heads / n_kv_heads query heads: a config.json whose
+    num_key_value_heads does not divide num_attention_heads was refused naming n_heads and n_kv_heads, names that
+    file does not have."""
+    cfg = json.loads((tiny_hf[0] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": cfg["num_attention_heads"] + 1}))
+    with pytest.raises(ValueError, match=r"config.json: .*\(num_attention_heads\).*\(num_key_value_heads\)"):
+        LlamaConfig.from_dir(tmp_path)
+
+
 @pytest.mark.parametrize("params, field", [(LLAMA_31_8B, "dim (hidden_size) is 4096"),
                                            ({**LLAMA_33_70B, "vocab_size": 32000}, "vocab_size is 32000")])
 def test_a_galaxy_deploy_of_another_models_checkpoint_fails_the_check(tmp_path, params, field):
