@@ -38,6 +38,7 @@ def test_wrong_config_names_the_key(args, key):
     ("max_request_bytes", 1023, 1024, {}),
     ("time_scale", 0.0, 0.001, {"backend": "simulated"}),
     ("num_layers", 0, 1, GALAXY),
+    ("min_step_deadline_s", 0.99, 1.0, {}),
 ])
 def test_each_bounded_key_is_refused_just_past_its_bound_and_taken_at_it(key, refused, taken, args):
     """The bounds README's table and the key descriptions give: one step past is a typo, refused at deploy naming the
@@ -84,6 +85,7 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     ({"backend": "torch", "num_slots": 100_000}, "(?s)num_slots.*less than or equal to 256"),
     ({"backend": "simulated", "num_slots": 256, "kv_groups": 512}, "must split evenly over kv_groups \\(512"),
     ({"mesh_resources": {"CPU": 1}}, "(?s)mesh_resources.*set mesh_num_cpus"),
+    ({"mesh_resources": {"GPU": 1}}, "(?s)mesh_resources.*a mesh uses no GPU"),
     ({"mesh_resources": {"galaxy": -1}}, "(?s)mesh_resources.*>= 0"),
     ({"stream_interval_ms": float("inf")}, "stream_interval_ms"),  # its flush timer never fired: streams stopped
     ({"stream_interval_ms": 5000}, "stream_interval_ms"),
@@ -118,6 +120,7 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     ({"ingress_num_cpus": 0.00005}, "(?s)ingress_num_cpus.*0.0001"),
     ({"mesh_resources": {"galaxy": 0.00001}}, "(?s)mesh_resources.*galaxy.*0.0001"),
     ({"mesh_resources": {"memory": 2**30}}, "(?s)mesh_resources.*memory is not a custom resource"),
+    ({"mesh_resources": {"object_store_memory": 2**30}}, "(?s)mesh_resources.*object_store_memory is not a custom"),
     # a browser's Origin is scheme://host[:port], lower-case: CORS compares it whole, so these never matched one
     ({"allowed_origins": ["https://app.example/"]}, "(?s)allowed_origins.*'https://app.example/'"),
     ({"allowed_origins": ["app.example"]}, "(?s)allowed_origins.*'app.example'"),
