@@ -36,6 +36,7 @@ class FakeRouter:
     on_death: Callable[[str], Awaitable[None]] | None = None  # awaited as a stream dies, in its place
     finish_apart: bool = False  # the finish in an event of its own, after the last token's (a death may part them)
     merge: int = 1  # tokens per event: the router merges a request's events until its next flush
+    cached_by_choice: tuple[int, ...] = ()  # choice i's cached prompt tokens (request ids ending "-i"); else 3
     requests: dict[str, tuple[list[int], SamplingParams, str | None]] = field(default_factory=dict)
     cancelled: list[tuple[str, str]] = field(default_factory=list)
     continued: dict[str, list[int]] = field(default_factory=dict)  # request id -> output_ids it came with
@@ -61,6 +62,11 @@ class FakeRouter:
                 pending = None
         if pending is not None:
             yield pending
+
+    def _cached(self, request_id: str) -> int:
+        if not self.cached_by_choice:
+            return 3
+        return self.cached_by_choice[int(request_id.rsplit("-", 1)[1])]
 
     async def _events(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       salt: str | None, output_ids: list[int] = ()) -> AsyncIterator[TokenEvent]:
@@ -100,7 +106,7 @@ class FakeRouter:
             logprobs = [] if params.logprobs is None else [
                 TokenLogprobs(token, -0.25, alternatives[:params.logprobs])]
             yield TokenEvent(request_id, [token], logprobs, None if self.finish_apart else finish,
-                             num_prompt_tokens=len(prompt_ids), num_cached_tokens=3 if i == 0 else 0,
+                             num_prompt_tokens=len(prompt_ids), num_cached_tokens=self._cached(request_id) if i == 0 else 0,
                              queue_time_s=self.queue_time_s if i == 0 else None)
             await asyncio.sleep(0)
             if finish:

@@ -1902,6 +1902,21 @@ def test_a_batch_of_prompts_answers_each_prompt_with_its_own_choices(client, rou
     assert usage["prompt_tokens"] == len(ids[0]) + len(ids[1]) and usage["completion_tokens"] == 12
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_tokens_count_each_prompts_cache_hit_once_from_its_first_choice(client, router, stream):
+    """n choices of one prompt are n requests; a later choice may find the prompt in the cache its sibling just filled.
+    The response's cached_tokens is what the cache held for each prompt when it came: its first choice's, once per
+    prompt (here 4 + 4 over two prompts, not 9 from the later choices, nor one per choice)."""
+    router.cached_by_choice = (4, 9)
+    body = {**COMPLETION, "prompt": ["Once upon", "a time there was"], "n": 2, "max_tokens": 3, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    usage = sse(r)[-1]["usage"] if stream else r.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 8
+
+
 @pytest.mark.parametrize("batch", [["Once upon a time"], [[5, 6, 7]]])
 def test_a_batch_of_one_prompt_is_that_prompt(client, router, tokenizer, batch):
     r = client.post("/v1/completions", json={**COMPLETION, "prompt": batch, "max_tokens": 2, "echo": True})
