@@ -369,15 +369,11 @@ def test_a_works_last_result_and_its_end_leave_the_mesh_in_one_write(replica, mo
     assert from_mesh == [["StepResult"], ["StepResult", "NoneType"]]
 
 
-def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_replica(monkeypatch):
+def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_replica(replica, monkeypatch):
     """Serve logs every exception a handle call raises, at ERROR with its traceback: the router's probe of a replica
     whose device failed (every second, until Serve's third failed health check replaces it) put 19-28 of them in
     that replica's log per failure under real Serve, around the one that said why. The replica answers that its
     device failed; the router's client refuses the mesh."""
-    monkeypatch.setattr(mesh_replica, "build_backend",
-                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.2, vocab_size=1000))
-    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda *_: None)  # no grammars here: nothing to load
-    replica = mesh_replica.MeshReplica.func_or_class({"backend": "simulated"})
 
     def broken(*args, **kwargs):
         raise RuntimeError("device fell over")
@@ -393,16 +389,11 @@ def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_
             await client.reset()
         client.close()
     asyncio.run(main())
-    replica.shutdown()
 
 
-def test_a_device_error_that_does_not_pickle_still_fails_its_work(monkeypatch):
+def test_a_device_error_that_does_not_pickle_still_fails_its_work(replica, monkeypatch):
     """A backend's exception may not survive pickling (a device library's own type): it reaches the router as a
     RuntimeError naming it, so the router fails the mesh now, not when the work's deadline passes."""
-    monkeypatch.setattr(mesh_replica, "build_backend",
-                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.2, vocab_size=1000))
-    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda *_: None)
-    replica = mesh_replica.MeshReplica.func_or_class({"backend": "simulated"})
 
     class DeviceError(Exception):
         def __reduce__(self):
@@ -419,7 +410,6 @@ def test_a_device_error_that_does_not_pickle_still_fails_its_work(monkeypatch):
             await asyncio.wait_for(anext(client.execute(prefill(0, slot=0), incarnation)), 10)
         client.close()
     asyncio.run(main())
-    replica.shutdown()
 
 
 def test_send_writes_several_frames_at_once_and_they_arrive_in_order():
@@ -1130,16 +1120,21 @@ def test_a_router_deployed_again_after_a_delete_is_waited_for_at_its_next_restar
         router.down = None  # deployed again
         await until(lambda: link.link_down_s() == 0)
         assert await router.answer(link, "b") == [5]
-        router.down = ConnectionRefusedError("no router replica")  # it restarts: no replica for a while
-        router.server.close()
-        await until(lambda: link.link_down_s() > 0)
-        later = asyncio.ensure_future(router.answer(link, "c"))
-        await asyncio.sleep(0.1)
-        router.down = None
-        assert await later == [5]
-        link._pump.cancel()
-        router.server.close()
+        await answers_after_a_restart(router, link, "c")
     asyncio.run(main())
+
+
+async def answers_after_a_restart(router, link, request_id: str) -> None:
+    """The router restarts (no replica for a while): a request sent meanwhile waits for it and is answered."""
+    router.down = ConnectionRefusedError("no router replica")
+    router.server.close()
+    await until(lambda: link.link_down_s() > 0)
+    later = asyncio.ensure_future(router.answer(link, request_id))
+    await asyncio.sleep(0.1)
+    router.down = None
+    assert await later == [5]
+    link._pump.cancel()
+    router.server.close()
 
 
 def test_a_router_link_that_broke_after_the_connect_wait_is_waited_for(monkeypatch):
@@ -1153,15 +1148,7 @@ def test_a_router_link_that_broke_after_the_connect_wait_is_waited_for(monkeypat
         link = RouterLink(router)
         assert await router.answer(link, "a") == [5]
         await asyncio.sleep(0.6)  # up longer than the wait
-        router.down = ConnectionRefusedError("no router replica")
-        router.server.close()
-        await until(lambda: link.link_down_s() > 0)
-        later = asyncio.ensure_future(router.answer(link, "b"))
-        await asyncio.sleep(0.1)
-        router.down = None
-        assert await later == [5]
-        link._pump.cancel()
-        router.server.close()
+        await answers_after_a_restart(router, link, "b")
     asyncio.run(main())
 
 
