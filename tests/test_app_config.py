@@ -17,6 +17,7 @@ GALAXY = {"backend": "tt_galaxy", "model": "", "mesh_resources": {"galaxy": 1}}
     ({"num_mesh": 2}, "num_mesh"),
     ({"backend": "gpu"}, "backend"),
     ({"prefill_chunk": 100}, "prefill_chunk"),
+    ({"backend": "torch", "prefill_chunk": 192}, "prefill_chunk"),  # a multiple of torch's 64-token block, not of 128
     ({"override_tt_config": {"fabric": "FABRIC_1D"}}, "override_tt_config.fabric"),
     ({"override_tt_config": {"fabric_config": "RING"}}, "override_tt_config.fabric_config"),
     ({"decode_steps": 0}, "decode_steps"),
@@ -93,6 +94,7 @@ def test_a_galaxy_config_the_model_cannot_run_fails_at_deploy(args, key):
     ({"api_keys": ["sk-1\n"]}, "(?s)api_keys.*whitespace"),  # a YAML | block: HTTP strips it, no request matched
     ({"api_keys": ["sk-1 "]}, "(?s)api_keys.*whitespace"),
     ({"api_keys": ["sk-1\nsk-2"]}, "(?s)api_keys.*control character"),  # a YAML |- block of two lines
+    ({"api_keys": ["sk-1\x7f2"]}, "(?s)api_keys.*control character"),  # DEL: a header cannot carry it either
     ({"backend": "torch", "time_scale": 0.5}, "time_scale applies to the simulated backend only"),
     ({"backend": "torch", "num_layers": 2}, "num_layers applies to the tt_galaxy backend only"),
     ({"backend": "torch", "mesh_shape": [2, 2]}, "mesh_shape applies to the tt_galaxy backend only"),
@@ -220,6 +222,8 @@ def test_the_served_names_are_vllms_and_the_short_one(monkeypatch):
     # the folder `hf download` prints: a snapshot of the local hub cache, whose last part is a commit hash
     snapshot = f"~/.cache/huggingface/hub/models--meta-llama--Llama-3.3-70B-Instruct/snapshots/{'6f' * 20}/"
     assert AppConfig(model=snapshot).names == ["Llama-3.3-70B-Instruct", snapshot]
+    relative = f"models--meta-llama--Llama-3.3-70B-Instruct/snapshots/{'6f' * 20}"  # given from inside the hub cache
+    assert AppConfig(model=relative).names == ["Llama-3.3-70B-Instruct", relative]
     assert AppConfig(served_model_name="llama").names == ["llama"]
     assert AppConfig(served_model_name=["llama", "gpt-4o", "llama"]).name == "llama"
     assert AppConfig(served_model_name=["llama", "gpt-4o", "llama"]).names == ["llama", "gpt-4o"]
@@ -846,6 +850,29 @@ def test_ingress_and_router_get_one_model_identity_which_only_the_model_keys_cha
              AppConfig(backend="torch", dtype="bfloat16")]
     assert {c.model_identity for c in same} == {config.model_identity}
     assert config.model_identity not in {c.model_identity for c in other} and len({c.model_identity for c in other}) == 3
+
+
+def test_an_empty_models_identity_is_the_model_the_demos_variables_name(monkeypatch):
+    """An empty `model` serves $HF_MODEL's or $LLAMA_DIR's checkpoint: a redeploy with the variable changed serves
+    another model, so its identity must change (open answers end rather than go on with the other model's tokens)."""
+    monkeypatch.delenv("LLAMA_DIR", raising=False)
+    monkeypatch.setenv("HF_MODEL", "org/a")
+    first = AppConfig(model="").model_identity
+    assert first == AppConfig(model="org/a").model_identity
+    monkeypatch.setenv("HF_MODEL", "org/b")
+    assert AppConfig(model="").model_identity != first
+    monkeypatch.delenv("HF_MODEL")
+    monkeypatch.setenv("LLAMA_DIR", "/models/llama")
+    assert AppConfig(model="").model_identity == AppConfig(model="/models/llama").model_identity
+
+
+@pytest.mark.parametrize("port, refused", [(65536, True), (65535, False), (1, False)])
+def test_an_http_port_past_65535_is_refused_before_ray_starts(tmp_path, port, refused):
+    """Serve refuses a port it cannot bind only once Ray is up; the check names it first, and takes the last port."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"http_options": {"port": port}, "applications": []}))
+    assert check_serve_config(str(path)) == (
+        [f"{path}: http_options.port: a TCP port, 1 to 65535, not {port}"] if refused else [])
 
 
 @pytest.mark.parametrize("args, key", [
