@@ -36,6 +36,14 @@ def test_unscaled_meta_rope_has_no_scaling():
     assert cfg.rope_scaling is None and cfg.max_position_embeddings == 8192
 
 
+def test_meta_params_without_optional_fields_take_metas_defaults():
+    """A params.json may leave out what Meta's ModelArgs defaults (llama-models' llama3/args.py: multiple_of 256,
+    norm_eps 1e-5, rope_theta 500000, n_kv_heads = n_heads): Meta's code then builds that model, so must this."""
+    cfg = LlamaConfig.from_meta({"dim": 128, "n_layers": 2, "n_heads": 4, "vocab_size": 256})
+    # int(2 * 512 / 3) = 341: 512 rounded up to 256's multiple (384 to 128's)
+    assert (cfg.ffn_dim, cfg.norm_eps, cfg.rope_theta, cfg.n_kv_heads) == (512, 1e-5, 500000.0, 4)
+
+
 def test_both_hf_rope_spellings_parse_alike():
     base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
             "vocab_size": 256, "intermediate_size": 256, "rms_norm_eps": 1e-5, "eos_token_id": [1, 2]}
@@ -410,6 +418,17 @@ def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it(ti
         theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.num_key_value_heads, theirs.tie_word_embeddings,
         theirs.head_dim)
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_scaling is None
+
+
+def test_a_rope_theta_both_in_rope_parameters_and_top_level_reads_as_transformers_reads_it(tiny_hf, tmp_path):
+    """A config.json of transformers 5 (rope_parameters) that also keeps 4.x's top-level rope_theta, say converted by
+    hand: transformers (and vLLM through it) take rope_parameters' value, so the rotary frequencies must be those."""
+    from transformers import AutoConfig
+
+    cfg = json.loads((tiny_hf[0] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rope_theta": 10000.0}))
+    ours, theirs = LlamaConfig.from_dir(tmp_path), AutoConfig.from_pretrained(tmp_path)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == cfg["rope_parameters"]["rope_theta"] != 10000.0
 
 
 def test_query_heads_that_do_not_group_over_the_kv_heads_are_named_in_the_files_spelling(tiny_hf, tmp_path):
