@@ -1,6 +1,7 @@
 """Config parsing (Meta and HF spellings) and checkpoint loading (Meta shards, HF safetensors)."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -438,6 +439,22 @@ def test_query_heads_that_do_not_group_over_the_kv_heads_are_named_in_the_files_
     cfg = json.loads((tiny_hf[0] / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": cfg["num_attention_heads"] + 1}))
     with pytest.raises(ValueError, match=r"config.json: .*\(num_attention_heads\).*\(num_key_value_heads\)"):
+        LlamaConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("num_hidden_layers", True, "n_layers (num_hidden_layers) is True"),  # Python's 1: a model of one layer
+    ("rms_norm_eps", True, "norm_eps (rms_norm_eps) is True"),
+    ("intermediate_size", 0, "ffn_dim (intermediate_size) is 0"),
+    ("vocab_size", -1, "vocab_size is -1"),
+])
+def test_a_size_given_as_a_boolean_or_not_positive_is_named_in_the_files_spelling(tiny_hf, tmp_path, field, value,
+                                                                                  named):
+    """A bool is an int to Python, and a size of 0 or less is no model: taken, either built a model that failed
+    later, on weights it had too many of or of another shape, or in a division by zero, naming no field."""
+    cfg = json.loads((tiny_hf[0] / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ValueError, match=rf"config.json: not a Llama config meshserve reads: {re.escape(named)}, not a"):
         LlamaConfig.from_dir(tmp_path)
 
 
