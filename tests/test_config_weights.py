@@ -55,10 +55,12 @@ def test_both_hf_rope_spellings_parse_alike():
     assert v5.rope_theta == 500000.0 and v5.rope_scaling.factor == 8.0 and v5.eos_token_ids == (1, 2)
 
 
-def test_unknown_rope_type_is_refused():
-    with pytest.raises(ValueError, match="yarn"):
-        LlamaConfig.from_hf({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                             "vocab_size": 8, "intermediate_size": 8, "rope_parameters": {"rope_type": "yarn"}})
+@pytest.mark.parametrize("rope_type", ["yarn", "linear", "dynamic"])
+def test_unknown_rope_type_is_refused(rope_type):
+    """Only Llama 3's scaling is computed here: a model of another rope type would be served plain rope, wrongly."""
+    with pytest.raises(ValueError, match=f"unsupported rope type '{rope_type}'"):
+        LlamaConfig.from_hf({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
+                             "intermediate_size": 8, "rope_parameters": {"rope_type": rope_type, "factor": 2.0}})
 
 
 def test_permutation_is_what_rotate_half_needs():
