@@ -60,13 +60,20 @@ class LlamaConfig:
         """Meta params.json. `use_scaled_rope` turns on Llama 3.1+ scaling with Meta's fixed constants
         (only the factor is ever given, as `rope_scaling_factor`), and those models run 128k context."""
         scaled = bool(params.get("use_scaled_rope"))
+        # the FFN width is computed from these before the fields are checked: a string failed inside the arithmetic
+        # naming no field, a negative multiple_of gave a wrong width
+        dim, multiple_of, multiplier = params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")
+        _check_number("dim", dim, int)
+        _check_number("multiple_of", multiple_of, int)
+        if multiplier is not None:
+            _check_number("ffn_dim_multiplier", multiplier, (int, float))
         return cls(
-            dim=params["dim"],
+            dim=dim,
             n_layers=params["n_layers"],
             n_heads=params["n_heads"],
             n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
             vocab_size=params["vocab_size"],
-            ffn_dim=meta_ffn_dim(params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+            ffn_dim=meta_ffn_dim(dim, multiple_of, multiplier),
             norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 500000.0),
             rope_scaling=RopeScaling(factor=params.get("rope_scaling_factor", 8.0)) if scaled else None,
@@ -78,6 +85,16 @@ class LlamaConfig:
         """HF config.json. transformers < 5 writes `rope_theta` + `rope_scaling`; 5.x nests both in
         `rope_parameters`. A field left out takes transformers' LlamaConfig default, as vLLM reads it through that."""
         check_llama_architecture(cfg)
+        # transformers refuses these types; taken, a string "false" tied the embeddings, and a string token id failed
+        # each request's stop-token set in a replica
+        for key in ("rope_parameters", "rope_scaling"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise ValueError(f"{key} is {cfg[key]!r}, not an object of rope fields")
+        if not isinstance(cfg.get("tie_word_embeddings", False), bool):
+            raise ValueError(f"tie_word_embeddings is {cfg['tie_word_embeddings']!r}, not true or false")
+        eos = cfg.get("eos_token_id")
+        if not all(type(t) is int for t in ([] if eos is None else eos if isinstance(eos, list) else [eos])):
+            raise ValueError(f"eos_token_id is {eos!r}, not a token id (an integer) or a list of them")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -87,7 +104,6 @@ class LlamaConfig:
             scaling = RopeScaling(factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
                                   high_freq_factor=rope["high_freq_factor"],
                                   original_max_position_embeddings=rope["original_max_position_embeddings"])
-        eos = cfg.get("eos_token_id")
         return cls(
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
@@ -118,10 +134,13 @@ class LlamaConfig:
             weights = "Meta weights (consolidated.*.pth)" if name == "params.json" else "Hugging Face weights"
             raise FileNotFoundError(f"{path} holds {weights} but no {name}")
         try:
-            return parse(json.loads(file.read_text()))
+            fields = json.loads(file.read_text())
+            if not isinstance(fields, dict):
+                raise ValueError(f"a JSON object of the model's fields is needed, not {type(fields).__name__} "
+                                 f"{fields!r:.40}")
+            return parse(fields)
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
-            # (JSONDecodeError is a ValueError; a list for the whole config or its rope an AttributeError;
-            # 0 heads a ZeroDivisionError)
+            # (JSONDecodeError is a ValueError; 0 heads a ZeroDivisionError)
             reason = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"{file}: not a Llama config meshserve reads: {reason}") from e
 

@@ -460,6 +460,37 @@ def test_a_size_given_as_a_boolean_or_not_positive_is_named_in_the_files_spellin
         LlamaConfig.from_dir(tmp_path)
 
 
+@pytest.mark.parametrize("file, change, named", [
+    # transformers refuses each of these types (a strict dataclass field): here "false" tied the embeddings, serving
+    # the input embedding as lm_head, and "2" failed every request's stop-token set in the replica
+    ("config.json", {"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', not true or false"),
+    ("config.json", {"eos_token_id": "2"}, "eos_token_id is '2', not a token id"),
+    ("config.json", {"eos_token_id": [1, 2.0]}, "eos_token_id is [1, 2.0], not a token id"),
+    ("config.json", {"rope_parameters": [1]}, "rope_parameters is [1], not an object"),
+    # params.json's fields the FFN width is computed from: an error inside the arithmetic, or a wrong width
+    ("params.json", {"multiple_of": "256"}, "multiple_of is '256', not a positive integer"),
+    ("params.json", {"multiple_of": -64}, "multiple_of is -64, not a positive integer"),
+    ("params.json", {"multiple_of": 0}, "multiple_of is 0, not a positive integer"),
+    ("params.json", {"ffn_dim_multiplier": "1.3"}, "ffn_dim_multiplier is '1.3', not a positive number"),
+    ("params.json", {"dim": "64"}, "dim (hidden_size) is '64', not a positive integer"),
+])
+def test_a_field_of_the_wrong_type_is_named_not_misread(tiny_hf, tmp_path, file, change, named):
+    """Each was taken with a wrong value, or failed with an error that named no field."""
+    cfg = META_PARAMS if file == "params.json" else json.loads((tiny_hf[0] / "config.json").read_text())
+    (tmp_path / file).write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=f"{file}: not a Llama config meshserve reads: {re.escape(named)}"):
+        LlamaConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("file", ["config.json", "params.json"])
+def test_a_config_file_that_is_no_json_object_is_said_to_be_so(tmp_path, file):
+    """A list there failed with "'list' object has no attribute 'get'", naming no field nor what was wrong."""
+    (tmp_path / file).write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{file}: not a Llama config meshserve reads: a JSON object of the model's "
+                                         "fields is needed, not list \[1, 2\]"):
+        LlamaConfig.from_dir(tmp_path)
+
+
 @pytest.mark.parametrize("params, field", [(LLAMA_31_8B, "dim (hidden_size) is 4096"),
                                            ({**LLAMA_33_70B, "vocab_size": 32000}, "vocab_size is 32000")])
 def test_a_galaxy_deploy_of_another_models_checkpoint_fails_the_check(tmp_path, params, field):
