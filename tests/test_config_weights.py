@@ -434,6 +434,53 @@ def test_a_rope_theta_both_in_rope_parameters_and_top_level_reads_as_transformer
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == cfg["rope_parameters"]["rope_theta"] != 10000.0
 
 
+def _logits_of_both(path, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch backend's and transformers' logits of `tokens` for the HF folder at `path`."""
+    from transformers import LlamaForCausalLM
+
+    from model.torch_llama import TorchBackend
+
+    backend = TorchBackend(path, num_slots=1, block_size=16, num_blocks=2, max_seq_len=32, device="cpu")
+    with torch.no_grad():
+        expected = LlamaForCausalLM.from_pretrained(path).eval()(torch.tensor([tokens])).logits[0]
+    return backend.prompt_logits(tokens, 0, [1]), expected
+
+
+def test_a_head_dim_other_than_the_width_over_the_heads_is_computed_as_transformers_does(tmp_path):
+    """config.json's head_dim need not be hidden_size / num_attention_heads (transformers takes it as given): read
+    as that quotient, q, k, v and o would have other shapes than the checkpoint's."""
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(6)
+    LlamaForCausalLM(HFLlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   initializer_range=0.1)).save_pretrained(tmp_path)
+    assert LlamaConfig.from_dir(tmp_path).head_dim == 32
+    ours, theirs = _logits_of_both(tmp_path, [1, 2, 3, 4])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_tied_checkpoint_that_stores_its_lm_head_too_loads(tiny_hf, tmp_path):
+    """Some tied checkpoints store the lm_head copy anyway: it is no stray tensor (transformers ties it and loads)."""
+    from model.weights import check_weights
+
+    _hf_variant(tiny_hf[0], tmp_path, state=lambda s: {**s, "lm_head.weight": s["model.embed_tokens.weight"].clone()},
+                config=lambda c: {**c, "tie_word_embeddings": True})
+    check_weights(tmp_path, LlamaConfig.from_dir(tmp_path))
+    ours, theirs = _logits_of_both(tmp_path, [1, 2, 3, 4])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_a_meta_tensor_larger_than_params_json_says_is_not_blamed_on_a_missing_shard(tiny_hf, tmp_path):
+    """A missing shard only makes a split tensor smaller: for a larger one the hint sent people looking for a file."""
+    from model.weights import check_weights
+
+    _meta(tiny_hf[0], tmp_path, params={"n_kv_heads": 1})  # the weights have 2 KV heads
+    with pytest.raises(ValueError, match=r"'layers.0.attention.wk.weight' has shape \[32, 64\], but .*params.json "
+                                         r"needs \[16, 64\]$"):
+        check_weights(tmp_path, LlamaConfig.from_dir(tmp_path))
+
+
 def test_query_heads_that_do_not_group_over_the_kv_heads_are_named_in_the_files_spelling(tiny_hf, tmp_path):
     """Grouped-query attention shares each KV head among n_heads / n_kv_heads query heads: a config.json whose
     num_key_value_heads does not divide num_attention_heads was refused naming n_heads and n_kv_heads, names that
@@ -467,6 +514,8 @@ def test_a_size_given_as_a_boolean_or_not_positive_is_named_in_the_files_spellin
     ("config.json", {"eos_token_id": "2"}, "eos_token_id is '2', not a token id"),
     ("config.json", {"eos_token_id": [1, 2.0]}, "eos_token_id is [1, 2.0], not a token id"),
     ("config.json", {"rope_parameters": [1]}, "rope_parameters is [1], not an object"),
+    # null is no Llama's type: only a config.json without the field is taken for one
+    ("config.json", {"model_type": None}, "model_type None: meshserve computes Llama models only"),
     # params.json's fields the FFN width is computed from: an error inside the arithmetic, or a wrong width
     ("params.json", {"multiple_of": "256"}, "multiple_of is '256', not a positive integer"),
     ("params.json", {"multiple_of": -64}, "multiple_of is -64, not a positive integer"),
