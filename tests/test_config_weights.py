@@ -230,6 +230,13 @@ def _widen_in_second_shard(folder):
     torch.save(shard, folder / "consolidated.01.pth")
 
 
+def _add_to_second_shard(folder):
+    """A tensor consolidated.00.pth lacks, in consolidated.01.pth: read by the first shard's names, it went unseen."""
+    shard = torch.load(folder / "consolidated.01.pth")
+    shard["layers.0.attention.bias"] = torch.zeros(16)
+    torch.save(shard, folder / "consolidated.01.pth")
+
+
 def _drop_item(mapping: dict, key: str) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
@@ -281,6 +288,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
          for k, v in torch.load(d / "consolidated.01.pth").items()}, d / "consolidated.01.pth")), "consolidated.01.pth", "'layers.0.attention.wo.weight' has dtype int8"),
     "meta: shards of two models": (lambda h, p: _meta(h, p, change=_widen_in_second_shard), "consolidated.01.pth",
                                    "'layers.0.attention.wq.weight' has shape [32, 48] there"),
+    "meta: a tensor in one shard only": (lambda h, p: _meta(h, p, change=_add_to_second_shard), "consolidated.01.pth",
+                                         "hold different tensors, e.g. ['layers.0.attention.bias']"),
     "meta: shard not a checkpoint": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth")
                                                         .write_text("x")), "consolidated.01.pth", "not a PyTorch"),
     "meta: no params.json": (lambda h, p: _meta(h, p, change=lambda d: (d / "params.json").unlink()), "",
