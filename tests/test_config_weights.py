@@ -480,6 +480,18 @@ def test_a_tied_checkpoint_that_stores_its_lm_head_too_loads(tiny_hf, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_an_older_checkpoints_saved_rope_tables_are_skipped(tiny_hf, tmp_path):
+    """Older transformers saved each layer's rotary_emb.inv_freq buffer with the weights (TinyLlama's checkpoints
+    hold them): no weight, and computed from config.json here, so neither refused nor loaded."""
+    from model.weights import check_weights
+
+    inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(2)}
+    _hf_variant(tiny_hf[0], tmp_path, state=lambda s: {**s, **inv_freq})
+    cfg = LlamaConfig.from_dir(tmp_path)
+    check_weights(tmp_path, cfg)
+    assert dict(load_weights(tmp_path, cfg)).keys() == tiny_hf[1].keys()
+
+
 def test_a_meta_tensor_larger_than_params_json_says_is_not_blamed_on_a_missing_shard(tiny_hf, tmp_path):
     """A missing shard only makes a split tensor smaller: for a larger one the hint sent people looking for a file."""
     from model.weights import check_weights
