@@ -145,6 +145,16 @@ def test_model_dir_from_env(monkeypatch, tmp_path):
         model_dir_from_env()
 
 
+def test_a_llama_dir_under_home_is_found_as_a_shell_would(monkeypatch, tmp_path):
+    """`LLAMA_DIR: ~/llama` in a runtime_env's env_vars reaches Python unexpanded (no shell reads it): it must name
+    the folder under $HOME, as the shell's `LLAMA_DIR=~/llama` does, not a folder named '~'."""
+    (tmp_path / "llama").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("HF_MODEL", raising=False)
+    monkeypatch.setenv("LLAMA_DIR", "~/llama")
+    assert model_dir_from_env() == tmp_path / "llama"
+
+
 def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache_only(monkeypatch, tmp_path):
     """The Galaxy README's `HF_MODEL=meta-llama/Llama-3.3-70B-Instruct`: the cached snapshot, nothing fetched."""
     from huggingface_hub import constants

@@ -406,3 +406,12 @@ def test_tokens_and_kv_are_the_documented_rule_read_through_the_page_table(shape
                 if active[s] else 0 for s in range(num_slots)]
         assert got.tolist() == want
     np.testing.assert_array_equal(backend.kv, kv)
+
+
+@pytest.mark.parametrize("num_slots", [0, 257])
+def test_a_mesh_of_no_slots_or_past_the_ceiling_is_refused_naming_num_slots(num_slots):
+    """Built directly, not through the config (bench/demo.py sizes a torch mesh by its --batch-size): a mesh of no
+    slots decodes nothing, and past 256 the per-step buffers are memory, not a batch. 256 itself is taken."""
+    with pytest.raises(ValueError, match=f"num_slots: 1 to 256 decode slots a mesh .*, not {num_slots}"):
+        SimulatedBackend(num_slots=num_slots, kv_groups=1)
+    assert SimulatedBackend(num_slots=256, kv_groups=1).caps.num_slots == 256
