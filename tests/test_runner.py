@@ -1176,3 +1176,14 @@ def test_a_bad_word_of_three_tokens_needs_both_tokens_before_its_last():
     banned = answer(tuple(natural[:3]))
     assert banned[:2] == natural[:2] and banned[2] != natural[2]
     assert answer(((natural[0] + 1) % VOCAB, natural[1], natural[2])) == natural
+
+
+@pytest.mark.parametrize("kv_groups", [0, -1, 3])
+def test_capabilities_whose_slots_do_not_split_over_the_kv_groups_are_refused(kv_groups):
+    """A backend's KV groups each take num_slots / kv_groups slots: by the remainder alone, 0 groups would divide by
+    zero, naming nothing, and -1 would split 4 slots "evenly" into -4 a group, for the scheduler to index by."""
+    with pytest.raises(ValueError, match=f"4 slots cannot be split evenly over {kv_groups} KV groups"):
+        Capabilities(num_slots=4, block_size=4, num_blocks=64, max_seq_len=64, prefix_align=4, vocab_size=8,
+                     kv_groups=kv_groups)
+    assert Capabilities(num_slots=4, block_size=4, num_blocks=64, max_seq_len=64, prefix_align=4, vocab_size=8,
+                        kv_groups=2).slots_per_group == 2
