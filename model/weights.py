@@ -120,6 +120,8 @@ def _hf_files(path: Path) -> list[str]:
         return ["model.safetensors"]
     try:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if not all(isinstance(f, str) for f in files):  # a number was joined to the folder's path: a TypeError
+            raise ValueError(f"file names are strings, not {next(f for f in files if not isinstance(f, str))!r}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, no weight_map, not a mapping
         raise ValueError(f"{index}: not a safetensors index (a JSON object whose weight_map maps each tensor to its "
                          f"file): {e!r}") from None

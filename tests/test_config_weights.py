@@ -277,6 +277,9 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                                "is also in"),
     "index not JSON": (lambda h, p: _sharded(h, p, lambda d: (d / "model.safetensors.index.json").write_text("{x")),
                        "model.safetensors.index.json", "not a safetensors index"),
+    "index naming a file by a number": (lambda h, p: _sharded(h, p, lambda d: (d / "model.safetensors.index.json")
+                                                               .write_text('{"weight_map": {"model.norm.weight": 1}}')),
+                                         "model.safetensors.index.json", "file names are strings, not 1"),
     "a shard not safetensors": (lambda h, p: _sharded(h, p, lambda d: _second_shard(d).write_bytes(b"\x00" * 9)),
                                 "model-00002-of-", "not a safetensors file"),
     "pytorch_model.bin only": (lambda h, p: _hf_variant(h, p) or (p / "model.safetensors").rename(
