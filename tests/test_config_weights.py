@@ -55,12 +55,13 @@ def test_both_hf_rope_spellings_parse_alike():
     assert v5.rope_theta == 500000.0 and v5.rope_scaling.factor == 8.0 and v5.eos_token_ids == (1, 2)
 
 
+@pytest.mark.parametrize("key", ["rope_type", "type"])  # "type": transformers' older spelling, in older configs
 @pytest.mark.parametrize("rope_type", ["yarn", "linear", "dynamic"])
-def test_unknown_rope_type_is_refused(rope_type):
+def test_unknown_rope_type_is_refused(rope_type, key):
     """Only Llama 3's scaling is computed here: a model of another rope type would be served plain rope, wrongly."""
     with pytest.raises(ValueError, match=f"unsupported rope type '{rope_type}'"):
         LlamaConfig.from_hf({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 8,
-                             "intermediate_size": 8, "rope_parameters": {"rope_type": rope_type, "factor": 2.0}})
+                             "intermediate_size": 8, "rope_scaling": {key: rope_type, "factor": 2.0}})
 
 
 def test_permutation_is_what_rotate_half_needs():
@@ -145,14 +146,18 @@ def test_model_dir_from_env(monkeypatch, tmp_path):
         model_dir_from_env()
 
 
-def test_a_llama_dir_under_home_is_found_as_a_shell_would(monkeypatch, tmp_path):
-    """`LLAMA_DIR: ~/llama` in a runtime_env's env_vars reaches Python unexpanded (no shell reads it): it must name
-    the folder under $HOME, as the shell's `LLAMA_DIR=~/llama` does, not a folder named '~'."""
+def test_paths_under_home_are_found_as_a_shell_would(monkeypatch, tmp_path):
+    """`LLAMA_DIR: ~/llama` in a runtime_env's env_vars, or `model: ~/llama` in the config, reaches Python unexpanded
+    (no shell reads it): each must name the folder under $HOME, as the shell's `LLAMA_DIR=~/llama` does, not a
+    folder named '~'; so must a hub cache named so."""
+    from model.checkpoint import hub_cache
+
     (tmp_path / "llama").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("HF_MODEL", raising=False)
     monkeypatch.setenv("LLAMA_DIR", "~/llama")
-    assert model_dir_from_env() == tmp_path / "llama"
+    assert model_dir_from_env() == find_checkpoint("~/llama") == tmp_path / "llama"
+    assert hub_cache({"HF_HUB_CACHE": "~/hub"}) == hub_cache({"HF_HOME": "~"}) == str(tmp_path / "hub")
 
 
 def test_a_hub_id_resolves_to_its_snapshot_in_the_local_cache_only(monkeypatch, tmp_path):
@@ -245,6 +250,12 @@ def _add_to_second_shard(folder):
     shard = torch.load(folder / "consolidated.01.pth")
     shard["layers.0.attention.bias"] = torch.zeros(16)
     torch.save(shard, folder / "consolidated.01.pth")
+
+
+def _add_rope_table(folder):
+    """Llama 2's consolidated.NN.pth hold its rope table, rope.freqs, in every shard beside the weights."""
+    for shard in folder.glob("consolidated.*.pth"):
+        torch.save({**torch.load(shard), "rope.freqs": torch.ones(8)}, shard)
 
 
 def _drop_item(mapping: dict, key: str) -> dict:
@@ -505,6 +516,17 @@ def test_an_older_checkpoints_saved_rope_tables_are_skipped(tiny_hf, tmp_path):
     assert dict(load_weights(tmp_path, cfg)).keys() == tiny_hf[1].keys()
 
 
+def test_metas_saved_rope_table_is_neither_refused_nor_loaded(tiny_hf, tmp_path):
+    """rope.freqs is no weight (computed from params.json here): refused, a Llama 2 style folder would fail the
+    check; loaded, it would be yielded under no weight's name."""
+    from model.weights import check_weights
+
+    _meta(tiny_hf[0], tmp_path, change=_add_rope_table)
+    cfg = LlamaConfig.from_dir(tmp_path)
+    check_weights(tmp_path, cfg)
+    assert dict(load_weights(tmp_path, cfg)).keys() == tiny_hf[1].keys()
+
+
 def test_a_meta_tensor_larger_than_params_json_says_is_not_blamed_on_a_missing_shard(tiny_hf, tmp_path):
     """A missing shard only makes a split tensor smaller: for a larger one the hint sent people looking for a file."""
     from model.weights import check_weights
@@ -547,6 +569,9 @@ def test_a_size_given_as_a_boolean_or_not_positive_is_named_in_the_files_spellin
     ("config.json", {"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', not true or false"),
     ("config.json", {"eos_token_id": "2"}, "eos_token_id is '2', not a token id"),
     ("config.json", {"eos_token_id": [1, 2.0]}, "eos_token_id is [1, 2.0], not a token id"),
+    ("config.json", {"eos_token_id": True}, "eos_token_id is True, not a token id"),
+    ("config.json", {"head_dim": "16"}, "head_dim is '16', not a positive integer"),
+    ("config.json", {"head_dim": -16}, "head_dim is -16, not a positive integer"),
     ("config.json", {"rope_parameters": [1]}, "rope_parameters is [1], not an object"),
     # null is no Llama's type: only a config.json without the field is taken for one
     ("config.json", {"model_type": None}, "model_type None: meshserve computes Llama models only"),
