@@ -3,6 +3,7 @@ import asyncio
 import logging
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -10,6 +11,7 @@ import deployments.mesh_replica as mesh_replica
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
 from scheduler.work import MeshWork, PrefillChunk, PrefillHistory, StaleWork
+from tests.in_process import until
 
 Replica = mesh_replica.MeshReplica.func_or_class
 
@@ -381,13 +383,15 @@ def test_a_work_waiting_for_its_turn_at_a_reset_is_refused_at_once_and_the_reset
 def test_a_router_whose_works_go_on_holds_its_lease_against_an_older_routers_reset(replica, monkeypatch):
     """LEASE_HOLD_S counts from the lease holder's last word, its works as much as its reset: a router busy with
     works for longer than that still holds the mesh against the old router's probe."""
-    monkeypatch.setattr(mesh_replica, "LEASE_HOLD_S", 0.3)
+    now = [0.0]  # the replica's clock, moved by hand: a loaded box's pauses do not stretch a gap past the hold
+    monkeypatch.setattr(mesh_replica, "time", SimpleNamespace(monotonic=lambda: now[0]))
     async def main():
         await replica.reset("new", started=2.0)
-        for work_id in range(4):  # its works go on past LEASE_HOLD_S
-            await asyncio.sleep(0.1)
+        for work_id in range(4):  # its works go on past LEASE_HOLD_S, each within it of the last word
+            now[0] += 0.4 * mesh_replica.LEASE_HOLD_S
             results = [r async for r in replica.execute(prefill(work_id, slot=work_id), replica.incarnation, "new")]
             assert len(results) == 1
+        now[0] += 0.4 * mesh_replica.LEASE_HOLD_S
         with pytest.raises(RuntimeError, match="newer router"):
             await replica.reset("old", started=1.0)
     asyncio.run(main())
@@ -416,7 +420,7 @@ def test_shutdown_refuses_the_works_queued_behind_the_running_one_without_the_de
         await replica.reset()
         running = asyncio.create_task(drain(replica, prefill(0, slot=0)))
         queued = asyncio.create_task(drain(replica, prefill(1, slot=1)))
-        await asyncio.sleep(0.05)  # work 0 on the device, work 1 queued on the worker behind it
+        await until(lambda: ran)  # work 0 on the device, work 1 queued on the worker behind it
         replica.shutdown()
         assert len(await running) == 1
         with pytest.raises(mesh_replica.StaleWork, match="reset"):
@@ -426,16 +430,17 @@ def test_shutdown_refuses_the_works_queued_behind_the_running_one_without_the_de
 
 
 class ClosingLink:
-    """A router's link that brings `works` and then closes (the router gave up on this mesh)."""
+    """A router's link that brings `works` and then closes (the router gave up on this mesh) once `closes()`."""
 
-    def __init__(self, works: list) -> None:
+    def __init__(self, works: list, closes) -> None:
         self.works = works
+        self.closes = closes
         self.sent: list = []
 
     async def recv(self):
         if self.works:
             return self.works.pop(0)
-        await asyncio.sleep(0.05)
+        await until(self.closes)
         raise ConnectionError("link closed by the peer")
 
     def send(self, *frames) -> None:
@@ -450,9 +455,9 @@ def test_a_closed_routers_works_still_queued_do_not_run_on_the_device(replica, m
     async def main():
         await replica.reset()
         link = ClosingLink([(prefill(0, slot=0), replica.incarnation, None),
-                            (prefill(1, slot=1), replica.incarnation, None)])
+                            (prefill(1, slot=1), replica.incarnation, None)], closes=lambda: ran)  # work 0 running
         with pytest.raises(ConnectionError):
             await replica._serve_link(link)
-        await asyncio.sleep(0.6)  # work 0 ends on the device; work 1 would have run by now
+        await asyncio.wrap_future(replica.worker.submit(lambda: None))  # after work 0, and work 1 had it stayed
     asyncio.run(main())
     assert len(ran) == 1
