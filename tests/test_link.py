@@ -369,15 +369,19 @@ def test_a_works_last_result_and_its_end_leave_the_mesh_in_one_write(replica, mo
     assert from_mesh == [["StepResult"], ["StepResult", "NoneType"]]
 
 
+def break_prefills(replica, monkeypatch, error: Exception) -> None:
+    """Every prefill on `replica`'s device raises `error` (the device failed)."""
+    def broken(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(replica.runner.backend, "prefill", broken)
+
+
 def test_a_failed_device_is_refused_by_the_routers_probe_without_raising_in_the_replica(replica, monkeypatch):
     """Serve logs every exception a handle call raises, at ERROR with its traceback: the router's probe of a replica
     whose device failed (every second, until Serve's third failed health check replaces it) put 19-28 of them in
     that replica's log per failure under real Serve, around the one that said why. The replica answers that its
     device failed; the router's client refuses the mesh."""
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("device fell over")
-    monkeypatch.setattr(replica.runner.backend, "prefill", broken)
+    break_prefills(replica, monkeypatch, RuntimeError("device fell over"))
 
     async def main():
         client = LinkMeshClient(FakeHandle(replica))
@@ -398,10 +402,7 @@ def test_a_device_error_that_does_not_pickle_still_fails_its_work(replica, monke
     class DeviceError(Exception):
         def __reduce__(self):
             raise TypeError("not picklable")
-
-    def broken(*args, **kwargs):
-        raise DeviceError("device fell over")
-    monkeypatch.setattr(replica.runner.backend, "prefill", broken)
+    break_prefills(replica, monkeypatch, DeviceError("device fell over"))
 
     async def main():
         client = LinkMeshClient(FakeHandle(replica))
@@ -1092,6 +1093,12 @@ class HeldRouter:
         self.link = link
         await asyncio.Event().wait()  # open until the server closes
 
+    async def submitted(self, link: RouterLink, request_id: str) -> asyncio.Future:
+        """Submit a request on `link` once this router's link is open; return the future of its first event."""
+        first = asyncio.ensure_future(anext(link.generate(request_id, [1, 2], SamplingParams(max_tokens=5), None)))
+        await until(lambda: self.link is not None)
+        return first
+
     async def answer(self, link: RouterLink, request_id: str) -> list[int]:
         """Submit a request on `link`, answer it with one token, and return the tokens the ingress got."""
         events = link.generate(request_id, [1, 2], SamplingParams(max_tokens=1), None)
@@ -1158,9 +1165,7 @@ def test_a_cancel_as_the_router_link_breaks_does_not_raise():
     async def main():
         router = HeldRouter()
         link = RouterLink(router)
-        events = link.generate("a", [1, 2], SamplingParams(max_tokens=5), None)
-        first = asyncio.ensure_future(anext(events))
-        await until(lambda: router.link is not None)
+        first = await router.submitted(link, "a")
         link._link.abort()  # the break, in this pass of the loop
         await link.cancel("a")
         with pytest.raises(RouterLost):
@@ -1176,9 +1181,7 @@ def test_a_request_the_router_refused_raises_the_routers_error():
     async def main():
         router = HeldRouter()
         link = RouterLink(router)
-        events = link.generate("a", [1, 2], SamplingParams(max_tokens=5), None)
-        first = asyncio.ensure_future(anext(events))
-        await until(lambda: router.link is not None)
+        first = await router.submitted(link, "a")
         assert (await router.link.recv())[:2] == ("submit", "a")
         router.link.send(pack_events([RequestFailed("a", ValueError("prompt too long"))]))
         with pytest.raises(ValueError, match="prompt too long"):
