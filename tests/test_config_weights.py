@@ -590,6 +590,21 @@ def test_a_field_of_the_wrong_type_is_named_not_misread(tiny_hf, tmp_path, file,
         LlamaConfig.from_dir(tmp_path)
 
 
+def test_fields_written_as_null_take_their_defaults_not_a_type_error(tiny_hf, tmp_path):
+    """The type checks refuse a wrong value, not a null: transformers 4.x writes `"rope_scaling": null` for a model
+    without scaling (Llama 2, TinyLlama), a config may give `"eos_token_id": null`, and a params.json written from
+    Meta's ModelArgs `"ffn_dim_multiplier": null`."""
+    cfg = json.loads((tiny_hf[0] / "config.json").read_text())
+    cfg = {**cfg, "rope_parameters": None, "rope_scaling": None, "rope_theta": 10000.0, "eos_token_id": None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = LlamaConfig.from_dir(tmp_path)
+    assert (hf.rope_scaling, hf.rope_theta, hf.eos_token_ids) == (None, 10000.0, ())
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "params.json").write_text(json.dumps({**META_PARAMS, "ffn_dim_multiplier": None}))
+    meta = LlamaConfig.from_dir(tmp_path)
+    assert meta.ffn_dim == meta_ffn_dim(META_PARAMS["dim"], META_PARAMS.get("multiple_of", 256), None)
+
+
 @pytest.mark.parametrize("file", ["config.json", "params.json"])
 def test_a_config_file_that_is_no_json_object_is_said_to_be_so(tmp_path, file):
     """A list there failed with "'list' object has no attribute 'get'", naming no field nor what was wrong."""
