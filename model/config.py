@@ -59,7 +59,11 @@ class LlamaConfig:
     def from_meta(cls, params: dict) -> LlamaConfig:
         """Meta params.json. `use_scaled_rope` turns on Llama 3.1+ scaling with Meta's fixed constants
         (only the factor is ever given, as `rope_scaling_factor`), and those models run 128k context."""
-        scaled = bool(params.get("use_scaled_rope"))
+        scaled = params.get("use_scaled_rope")
+        if scaled is None:  # left out (Llama 3), or null
+            scaled = False
+        elif not isinstance(scaled, bool):  # bool("false") is True: a string turned on Llama 3.1's rope scaling
+            raise ValueError(f"use_scaled_rope is {scaled!r}, not true or false")
         # the FFN width is computed from these before the fields are checked: a string failed inside the arithmetic
         # naming no field, a negative multiple_of gave a wrong width
         dim, multiple_of, multiplier = params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")

@@ -581,6 +581,8 @@ def test_a_size_given_as_a_boolean_or_not_positive_is_named_in_the_files_spellin
     ("params.json", {"multiple_of": 0}, "multiple_of is 0, not a positive integer"),
     ("params.json", {"ffn_dim_multiplier": "1.3"}, "ffn_dim_multiplier is '1.3', not a positive number"),
     ("params.json", {"dim": "64"}, "dim (hidden_size) is '64', not a positive integer"),
+    # bool("false") is True: Llama 3.1's rope scaling turned on for a model trained without it
+    ("params.json", {"use_scaled_rope": "false"}, "use_scaled_rope is 'false', not true or false"),
 ])
 def test_a_field_of_the_wrong_type_is_named_not_misread(tiny_hf, tmp_path, file, change, named):
     """Each was taken with a wrong value, or failed with an error that named no field."""
@@ -600,9 +602,11 @@ def test_fields_written_as_null_take_their_defaults_not_a_type_error(tiny_hf, tm
     hf = LlamaConfig.from_dir(tmp_path)
     assert (hf.rope_scaling, hf.rope_theta, hf.eos_token_ids) == (None, 10000.0, ())
     (tmp_path / "config.json").unlink()
-    (tmp_path / "params.json").write_text(json.dumps({**META_PARAMS, "ffn_dim_multiplier": None}))
+    (tmp_path / "params.json").write_text(json.dumps({**META_PARAMS, "ffn_dim_multiplier": None,
+                                                      "use_scaled_rope": None}))
     meta = LlamaConfig.from_dir(tmp_path)
     assert meta.ffn_dim == meta_ffn_dim(META_PARAMS["dim"], META_PARAMS.get("multiple_of", 256), None)
+    assert meta.rope_scaling is None
 
 
 @pytest.mark.parametrize("file", ["config.json", "params.json"])
