@@ -600,6 +600,9 @@ def test_a_router_that_keeps_failing_is_a_503_without_internals(client, router):
     error = assert_error(client.post("/v1/chat/completions", json=CHAT), 503)
     assert "secret" not in error["message"]
     assert len(router.requests) == 3  # the first try and two resubmissions
+    samples = _samples(client)  # it never ran: refused as unavailable, not a finished request that failed
+    assert samples[("meshserve_requests_rejected_total", (("ingress", "local"), ("reason", "unavailable")))] == 1
+    assert samples[("meshserve_requests_total", (("finish_reason", "error"), ("ingress", "local")))] == 0
 
 
 def test_a_failure_that_is_not_the_router_lost_is_a_500_at_once(client, router):
@@ -917,6 +920,7 @@ def test_metrics_answer_while_no_router_can_be_reached(client, router, monkeypat
     monkeypatch.setattr(router, "stats", gone)
     scraped = client.get("/metrics")
     assert scraped.status_code == 200 and "meshserve_router_up 0.0" in scraped.text
+    assert 'meshserve_num_requests_waiting{mesh=""}' not in scraped.text  # the router's backlog is unknown, not 0
 
 
 # ---- disconnects --------------------------------------------------------------------------------
@@ -1053,6 +1057,7 @@ def test_metrics_exposition(client, router, tokenizer):
         for group in ("0", "1"):
             assert value("meshserve_kv_group_blocks_used", mesh=mesh, group=group) == 15
             assert value("meshserve_kv_group_blocks_total", mesh=mesh, group=group) == 60
+            assert value("meshserve_kv_group_num_requests_running", mesh=mesh, group=group) == int(group)
     assert value("meshserve_num_requests_waiting", mesh="") == 3  # vLLM's waiting counts every one not running
     assert value("meshserve_router_up") == 1
 
@@ -1207,6 +1212,93 @@ def test_request_phases_are_measured_as_vllm_does(monkeypatch):
     assert observed(metrics.tpot) == (0.5, 2)  # a one-token answer adds 0
     metrics.start(7, arrival=clock[0]).finish("abort")  # never ran: no phases, but a finished request's lengths
     assert observed(metrics.prefill)[1] == 2 and observed(metrics.request_prompt) == (21, 3)
+
+
+def test_token_latencies_are_timed_as_vllm_times_them():
+    """TTFT runs from the arrival to the first token, the router's queue time in it, as vLLM's runs from its
+    frontend's arrival. A coalesced event of n tokens is n inter-token samples of its gap over n (vLLM: one per token
+    step); the tokens that came with the first add none (vLLM records no gap for a prefill's output), nor does an
+    event whose tokens the answer did not take (a prompt's logprobs alone)."""
+    from deployments.metrics import Metrics
+    from scheduler.work import TokenEvent
+    metrics = Metrics()
+
+    def observed(histogram) -> tuple[float, float]:
+        (family,) = histogram.collect()
+        values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+        return values["sum"], values["count"]
+
+    timer = metrics.start(7, arrival=10.0)
+    timer.on_event(TokenEvent("r", [], received=10.5), 0)
+    timer.on_event(TokenEvent("r", [1, 2, 3], queue_time_s=0.5, received=11.0), 3)  # 0.5 s queued, 0.5 s prefill
+    timer.on_event(TokenEvent("r", [4, 5, 6, 7], received=13.0), 4)
+    timer.finish("length", 13.0)
+    assert observed(metrics.ttft) == (1.0, 1)
+    assert observed(metrics.inter_token) == (2.0, 4)
+    assert observed(metrics.e2e) == (3.0, 1)
+
+
+def test_a_requests_tpot_and_its_choices_most_tokens_are_vllms():
+    """vLLM's request_time_per_output_token is the decode time over the tokens after the first, from two tokens on;
+    request_max_num_generation_tokens is the most any of a prompt's n choices generated, whichever finished last."""
+    from deployments.metrics import Choices, Metrics
+    from scheduler.work import TokenEvent
+    metrics = Metrics()
+
+    def observed(histogram) -> tuple[float, float]:
+        (family,) = histogram.collect()
+        values = {s.name.rsplit("_", 1)[1]: s.value for s in family.samples}
+        return values["sum"], values["count"]
+
+    choices = Choices(2)
+    longer, shorter = metrics.start(7, 10.0, choices), metrics.start(7, 10.0, choices)
+    longer.on_event(TokenEvent("r-0", [1], queue_time_s=0.0, received=11.0), 1)
+    longer.on_event(TokenEvent("r-0", [2], received=11.5), 1)
+    longer.finish("length", 11.5)
+    shorter.on_event(TokenEvent("r-1", [1], queue_time_s=0.0, received=11.0), 1)
+    shorter.finish("stop", 11.0)
+    assert observed(metrics.tpot) == (0.5, 2)  # two tokens: 0.5 s of decode over one; one token: 0
+    assert observed(metrics.max_generation) == (2, 1)
+
+
+def test_every_bucket_bound_of_vllms_histograms_is_exposed():
+    """Dashboards and SLO alerts written for vLLM read its bucket bounds (le="0.075", le="7680.0"): meshserve's
+    buckets are finer in places, but each of vLLM's (vllm/v1/metrics/loggers.py) must be one of them."""
+    from deployments.metrics import Metrics
+    request_latency = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                       240.0, 480.0, 960.0, 1920.0, 7680.0)
+    token_gap = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                 80.0)
+    vllm = {"time_to_first_token_seconds": (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                                            2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0),
+            "inter_token_latency_seconds": token_gap, "request_time_per_output_token_seconds": token_gap,
+            **{name: request_latency for name in ("e2e_request_latency_seconds", "request_queue_time_seconds",
+                                                  "request_prefill_time_seconds", "request_decode_time_seconds",
+                                                  "request_inference_time_seconds")}}
+    text = Metrics().render({"meshes": [], "held": 0}).decode()
+    bounds: dict[str, set[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("vllm:") and s.name.endswith("_bucket"):
+                name = s.name.removeprefix("vllm:").removesuffix("_bucket")
+                bounds.setdefault(name, set()).add(float(s.labels["le"]))
+    for name, theirs in vllm.items():
+        assert set(theirs) <= bounds[name], (name, sorted(set(theirs) - bounds[name]))
+
+
+def test_a_down_meshs_state_and_its_failover_counts_are_shown():
+    """A down mesh shows mesh_up 0 (its alert's only signal) and nothing running or held, and its failovers and the
+    requests moved off it go on counting (they are the mesh's, not its incarnation's)."""
+    from deployments.metrics import Metrics
+    down = {"name": "mesh-1", "up": False, "stalled": False, "failovers": 2, "requests_migrated": 5, "running": 0,
+            "waiting": 0, "blocks_used": 0, "blocks_total": 120, "prefix_query_tokens": 400, "prefix_hit_tokens": 100,
+            "preemptions": 3, "kv_groups": 2, "groups": []}
+    text = Metrics().render({"meshes": [down], "held": 0}).decode()
+    samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.labels.get("mesh") == "mesh-1" and "model_name" not in s.labels}
+    assert samples["meshserve_mesh_up"] == 0
+    assert (samples["meshserve_mesh_failovers_total"], samples["meshserve_requests_migrated_total"]) == (2, 5)
+    assert (samples["meshserve_num_requests_running"], samples["meshserve_kv_cache_usage_ratio"]) == (0, 0)
 
 
 def test_metrics_also_go_out_under_vllms_names(client, router):

@@ -14,7 +14,7 @@ from model.embedded import ensure_smollm2
 from model.simulated import SimulatedBackend
 from model.tokenizer import load_tokenizer
 from scheduler.errors import QueueFull
-from tests.in_process import InProcessRouter, Stack
+from tests.in_process import InProcessRouter, Stack, nothing_held
 from tests.ingress_support import sse
 from tests.test_long_prompts import text_of
 
@@ -254,3 +254,31 @@ def test_the_wait_of_later_choices_held_in_the_ingress_is_queue_time_not_prefill
     name = "meshserve_request_queue_time_seconds"
     assert after[(f"{name}_count", local)] - before[(f"{name}_count", local)] == 3
     assert after[(f"{name}_sum", local)] - before[(f"{name}_sum", local)] >= 2 * 0.2
+
+
+def test_kv_cache_usage_is_0_once_every_request_ended_though_the_prefix_cache_holds_their_blocks(tok, stack):
+    """vLLM's kv_cache_usage_perc counts the blocks requests hold: blocks kept only for the prefix cache are free to
+    take (its free queue holds them). Counted as used, a server idle after a burst would read as full."""
+    run, client = stack.run, stack.client
+    body = {"model": "smollm2", "prompt": text_of(tok, 1000, seed=9), "max_tokens": 4, "temperature": 0}
+    assert run(client.post("/v1/completions", json=body)).status_code == 200
+    run(nothing_held(stack.router))
+    assert stack.stats()["meshes"][0]["blocks_cached"] > 0  # the prompt's blocks, kept for a later hit
+    samples = scrape(run, client)
+    mesh = (("mesh", "mesh-0"),)
+    assert samples[("meshserve_kv_blocks_used", mesh)] == 0
+    assert samples[("vllm:kv_cache_usage_perc", (*mesh, ("model_name", "smollm2")))] == 0
+
+
+def test_a_scrape_shows_each_series_once(stack):
+    """The router hands a scraped replica every replica's last families, its own among them, which it shows as it
+    reported them: shown again, each of its series would come twice, and Prometheus drops a scrape's duplicate
+    samples."""
+    run, client = stack.run, stack.client
+    body = {"model": "smollm2", "prompt": "hello there", "max_tokens": 5, "ignore_eos": True}
+    assert run(client.post("/v1/completions", json=body)).status_code == 200
+    run(client.get("/metrics"))  # this replica's families, kept by the router, come back with the next scrape
+    text = run(client.get("/metrics")).text
+    series = [(s.name, tuple(sorted(s.labels.items())))
+              for family in text_string_to_metric_families(text) for s in family.samples]
+    assert series and len(series) == len(set(series))
