@@ -63,9 +63,6 @@ VLLM_NAMES = {
     "meshserve_num_preemptions": "vllm:num_preemptions",
 }
 _VLLM_LABELS = {"finish_reason": "finished_reason"}  # vLLM's request_success label
-# vLLM's older name for the inter-token latency (@005a810b it had no other; later versions export it beside
-# inter_token_latency_seconds, deprecated): its Grafana dashboard's "Time Per Output Token Latency" panel reads it
-VLLM_ALSO = {"meshserve_inter_token_latency_seconds": "vllm:time_per_output_token_seconds"}
 
 
 DEFERRED = "meshserve_num_requests_deferred"
@@ -257,11 +254,10 @@ class Metrics:
         yield from families
         yield from own
         yield from (self._as_vllm(family) for family in (*own, *families) if family.name in VLLM_NAMES)
-        yield from (self._as_vllm(family, VLLM_ALSO[family.name]) for family in own if family.name in VLLM_ALSO)
 
-    def _as_vllm(self, family: Metric, name: str | None = None) -> Metric:
-        """`family` under vLLM's name (`name`, else VLLM_NAMES's), its labels as vLLM names them, plus `model_name`."""
-        name = name or VLLM_NAMES[family.name]
+    def _as_vllm(self, family: Metric) -> Metric:
+        """`family` under vLLM's name, its labels as vLLM names them, plus `model_name`."""
+        name = VLLM_NAMES[family.name]
         copy = Metric(name, family.documentation, family.type)
         for sample in family.samples:
             labels = {_VLLM_LABELS.get(k, k): v for k, v in sample.labels.items()}

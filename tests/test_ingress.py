@@ -1333,21 +1333,6 @@ def test_metrics_also_go_out_under_vllms_names(client, router):
     same("meshserve_num_requests_waiting", "vllm:num_requests_waiting", mesh="")
 
 
-
-def test_the_inter_token_latency_also_goes_out_under_the_name_vllms_dashboard_reads(client, router):
-    """vLLM's Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json) draws its "Time Per Output
-    Token Latency" panel from vllm:time_per_output_token_seconds, vLLM's older name for the inter-token latency: only
-    the newer one went out, and the panel stayed empty."""
-    client.post("/v1/chat/completions", json=CHAT)
-    samples = _samples(client)
-
-    def value(name: str, **labels) -> float:
-        return samples[(name, tuple(sorted({"ingress": "local", "model_name": MODEL, **labels}.items())))]
-    assert value("vllm:time_per_output_token_seconds_count") == len(router.answer) - 1
-    for suffix, labels in (("count", {}), ("sum", {}), ("bucket", {"le": "0.075"}), ("bucket", {"le": "+Inf"})):
-        assert value(f"vllm:time_per_output_token_seconds_{suffix}", **labels) == \
-            value(f"vllm:inter_token_latency_seconds_{suffix}", **labels)
-
 # ---- stop strings -------------------------------------------------------------------------------
 
 @given(text=st.text(alphabet="abc ", max_size=40), stop_list=st.lists(st.text(alphabet="abc", min_size=1, max_size=4),
