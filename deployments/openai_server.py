@@ -692,7 +692,10 @@ class OpenAIServer:
                                          "%d, cached_tokens %d, %.3f s.", rid, reason, len(prompt_ids),
                                          len(answer.output), cached, at - prep.arrival)
                         if stopped and event.finish_reason is None:  # the router lets go of it with its last event
-                            await asyncio.shield(self.router.cancel(rid, "stop"))
+                            # a cancel that fails (the link broke just then: the router that had it is gone with it)
+                            # must not reach the resubmission below: this answer has ended
+                            with contextlib.suppress(Exception):
+                                await asyncio.shield(self.router.cancel(rid, "stop"))
                         if not failed or text:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id
                             stop_reason = (answer.stop_reason(eos) if reason == "stop" else

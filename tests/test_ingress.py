@@ -120,6 +120,31 @@ def test_stop_string_spanning_tokens(client, router, tokenizer, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_a_stop_string_ended_is_not_resubmitted_when_its_cancel_fails(client, router, stream, monkeypatch):
+    """The stop string ends the answer, then the router is told to let the request go: a cancel that raises (the link
+    to the router broke just then) must not be taken for a lost request and send it again, to be counted twice and
+    computed for no client."""
+    async def broken_cancel(request_id: str, reason: str = "abort") -> None:
+        router.cancelled.append((request_id, reason))
+        raise ConnectionError("link closed by the peer")
+    monkeypatch.setattr(router, "cancel", broken_cancel)
+    stop = "answer is 4"
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream, "stop": [stop]})
+    assert r.status_code == 200, r.text
+    if stream:
+        choices = [c["choices"][0] for c in sse(r)]
+        text, finish = "".join(ch["delta"]["content"] or "" for ch in choices), choices[-1]["finish_reason"]
+    else:
+        text, finish = r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    assert (text, finish) == (ANSWER[:ANSWER.index(stop)], "stop")
+    (rid,) = router.requests  # sent once
+    assert router.cancelled == [(rid, "stop")]
+    reasons = {dict(labels)["finished_reason"]: v for (name, labels), v in _samples(client).items()
+               if name == "vllm:request_success_total"}
+    assert reasons == {**dict.fromkeys(("length", "abort", "error", "repetition"), 0), "stop": 1}  # counted once
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_string_in_the_last_event_cancels_nothing(client, router, stream):
     """The router's last event of a request (one with a finish_reason) means the router let it go: a stop string
     found in it needs no cancel, which the router would only keep as one for an unknown request (a soak left them
