@@ -98,5 +98,19 @@ def test_before_spec_2_4_the_app_gets_the_servers_own_send(spec_version):
     assert seen == [_ignore]
 
 
+
+@pytest.mark.parametrize("asgi", [{"version": "3.0"}, {"version": "3.0", "spec_version": "2.x"}])
+def test_a_scope_without_a_numeric_spec_version_is_read_as_2_0(asgi):
+    """ASGI's spec_version defaults to "2.0" where a server names none, and one that is not numbers is read as that
+    too: such a server's own send goes to the app, nothing added."""
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(send)
+
+    asyncio.run(ClientGone(app)({**asgi_scope(), "asgi": asgi}, asgi_receive(CHAT, asyncio.Event()), _ignore))
+    assert seen == [_ignore]
+
+
 async def _ignore(message) -> None:
     pass
