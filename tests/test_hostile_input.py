@@ -18,8 +18,8 @@ from deployments.ingress import build_app
 from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN, chat_chars
 from deployments.protocol import MAX_ALLOWED_TOKEN_IDS
 from tests.fake_router import FakeRouter
-from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error, client, eos,  # noqa: F401
-                                   gbnf_chain, lark_chain, make_client, post, router, tokenizer)
+from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, asgi_scope, assert_error,  # noqa: F401
+                                   client, eos, gbnf_chain, lark_chain, make_client, post, router, tokenizer)
 
 LONGEST = 81  # the most characters a SmolLM2 token holds (a newline and 80 spaces): Tokenizer.max_token_chars
 
@@ -77,6 +77,37 @@ def test_a_body_over_the_limit_is_413(router, tokenizer):
     assert client.post("/v1/completions", json={**COMPLETION, "max_tokens": 2}).status_code == 200
 
 
+def test_a_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(router, tokenizer):
+    """The limit is the most a body may hold, by Content-Length and as a body without one is counted."""
+    raw = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
+    client = make_client(router, tokenizer, max_request_bytes=len(raw))
+    headers = {"content-type": "application/json"}
+    assert client.post("/v1/completions", content=raw, headers=headers).status_code == 200
+    assert client.post("/v1/completions", content=iter([raw]), headers=headers).status_code == 200
+    over = raw[:-1] + b" }"
+    assert_error(client.post("/v1/completions", content=over, headers=headers), 413)
+    assert_error(client.post("/v1/completions", content=iter([over]), headers=headers), 413)
+
+
+@pytest.mark.parametrize("limit, status", [(0, 200), (-1, 413)])
+def test_a_body_sent_in_pieces_is_held_to_the_limit_on_their_sum(router, tokenizer, limit, status):
+    """A server hands a chunked body over as several http.request messages, here each well under the limit."""
+    raw = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
+    pieces = [raw[:10], raw[10:20], raw[20:]]
+    messages = [{"type": "http.request", "body": piece, "more_body": i < 2} for i, piece in enumerate(pieces)]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    app = make_client(router, tokenizer, max_request_bytes=len(raw) + limit).app
+    asyncio.run(app(asgi_scope(path="/v1/completions"), receive, send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [status]
+
+
 def test_a_content_length_of_thousands_of_digits_is_read_not_a_500(client, router):
     """HTTP servers pass on a Content-Length with any number of leading zeros (uvicorn's httptools does), and
     int() refuses more than 4,300 digits."""
@@ -103,6 +134,17 @@ def test_a_compressed_body_is_415_naming_the_content_encoding(client, router, co
     assert_error(client.post("/v1/completions", content=gzip.compress(raw), headers=twice), 415)
     identity = {"content-type": "application/json", "content-encoding": "identity"}
     assert client.post("/v1/completions", content=raw, headers=identity).status_code == 200
+
+
+@pytest.mark.parametrize("coding", ["", "Identity", " IDENTITY ", "identity, "])
+def test_a_content_encoding_that_names_no_coding_is_read(client, coding):
+    """Content-codings are case-insensitive (RFC 9110 8.4.1) and an empty list element is none (5.6.1): the body is
+    as sent, not a 415."""
+    raw = json.dumps({**COMPLETION, "max_tokens": 2}).encode()
+    response = client.post("/v1/completions", content=raw,
+                           headers={"content-type": "application/json", "content-encoding": coding})
+    assert response.status_code == 200, response.text
+
 
 MANY = 1000
 WRONG_LISTS = [
