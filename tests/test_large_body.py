@@ -60,6 +60,7 @@ def _small_and_large(body: dict | bytes) -> list[bytes]:
      "application/json"),
     ("/v1/chat/completions", b'{"model": "smollm2", "n": ' + b"1" * 5000 + b'}', "application/json"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [HI]}, "text/plain"),
+    ("/v1/completions", b"not JSON at all", "text/plain"),  # not parsed, large or small: no JSON error
     ("/v1/chat/completions", {"model": MODEL, "messages": [HI], "max_tokens": 1}, "application/vnd.api+json"),
     ("/v1/completions", {"model": MODEL, "prompt": [1, "a"]}, "application/json"),
     ("/v1/responses", {"model": MODEL, "input": [{"type": "reasoning"}]}, "application/json"),
