@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments import openai_server
+from deployments.protocol import MAX_SALT_CHARS
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error,  # noqa: F401
                                    client, eos, make_client, post, router, sse, tokenizer)
 
@@ -516,6 +517,16 @@ def test_an_x_request_id_header_names_the_response_unless_the_body_does(client, 
     assert r.json()["id"] == f"{prefix}-job-7"
 
 
+def test_an_x_request_id_longer_than_a_request_id_may_be_does_not_name_the_response(client):
+    """The header stands in for the body's request_id, which holds at most MAX_SALT_CHARS: a longer one names no
+    response (as the body's would be refused), and the response gets an id of its own."""
+    for length in (MAX_SALT_CHARS, MAX_SALT_CHARS + 1):
+        header = "r" * length
+        r = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 2}, headers={"X-Request-Id": header})
+        assert r.status_code == 200, r.text
+        assert (r.json()["id"] == f"cmpl-{header}") == (length == MAX_SALT_CHARS)
+
+
 def test_text_parts_of_a_message_are_joined_by_newlines_as_vllm_does(client, router, tokenizer):
     parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "World"}]
     body = {**CHAT, "messages": [{"role": "user", "content": parts}]}
@@ -531,6 +542,14 @@ def test_a_wrong_method_is_405_with_the_allowed_ones(client):
     r = client.delete("/tokenize")  # served by two routes, GET and POST: the 405 names both
     assert_error(r, 405)
     assert r.headers["allow"] == "GET, POST"
+
+
+@pytest.mark.parametrize("path, allowed", [("/health", "GET, HEAD"), ("/ping", "GET, HEAD, POST")])
+def test_a_probes_wrong_method_is_405_naming_head_too(client, path, allowed):
+    """RFC 9110 15.5.6: Allow lists every method the path serves, and the probes serve HEAD besides GET."""
+    r = client.put(path)
+    assert_error(r, 405)
+    assert r.headers["allow"] == allowed
 
 
 def test_stream_deltas_carry_only_what_they_hold(client):
