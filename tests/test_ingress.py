@@ -838,6 +838,7 @@ def test_a_browsers_sdk_reads_the_headers_that_steer_its_retries(router, tokeniz
     router.refuse = QueueFull("waiting queue is full")
     r = client.post("/v1/chat/completions", json={**CHAT, "stream": stream}, headers=BROWSER_SDK)
     assert r.status_code == 429 and browser_sees(r, "retry-after") == r.headers["retry-after"]
+    assert "x-request-id" in {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
 
 
 def test_a_failure_no_handler_took_is_a_500_a_browser_can_read(router, tokenizer):
@@ -851,6 +852,23 @@ def test_a_failure_no_handler_took_is_a_500_a_browser_can_read(router, tokenizer
     assert r.status_code == 500 and browser_sees(r, "content-type") == "application/json"
     assert r.json()["error"]["type"] == "internal_error" and "secret" not in r.text
     assert len(router.requests) == 1
+
+
+def test_a_failure_after_the_answer_started_is_raised_not_answered_again():
+    """Once the response has started, a second start would be a protocol error in the server: the failure goes to
+    Starlette's own handling, as before InternalErrors."""
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise ValueError("mid-answer")
+
+    async def send(message):
+        sent.append(message)
+
+    with pytest.raises(ValueError, match="mid-answer"):
+        asyncio.run(ingress.InternalErrors(app)(asgi_scope(), asgi_receive(CHAT, asyncio.Event()), send))
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [200]
 
 
 def test_gateway_probes_answer_head_and_vllms_ping(router, tokenizer, monkeypatch):
