@@ -913,10 +913,12 @@ def test_invocations_takes_a_body_as_the_v1_routes_do(client):
     """A body not sent as JSON, or JSON that is no object, is the /v1 routes' 400 on /invocations too (vLLM's
     /invocations refuses another Content-Type as its /v1 routes do); it was read as JSON whatever its type."""
     text = json.dumps(CHAT).encode()
-    for headers in ({"content-type": "text/plain"}, {}):
+    for headers in ({"content-type": "text/plain"}, {"content-type": "text/json"}, {}):
         v1 = client.post("/v1/chat/completions", content=text, headers=headers)
         assert_error(v1, 400)
         assert client.post("/invocations", content=text, headers=headers).json() == v1.json()
+    plus_json = {"content-type": "application/vnd.api+json"}  # application/*+json is JSON to FastAPI (RFC 6839)
+    assert client.post("/invocations", content=text, headers=plus_json).status_code == 200
     not_object = client.post("/v1/completions", json=[CHAT]).json()
     assert client.post("/invocations", json=[CHAT]).json() == not_object
     big = [{**CHAT, "user": "u" * 70_000}]  # parsed on the large bodies' thread, by the same model_validate
