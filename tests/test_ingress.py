@@ -22,7 +22,7 @@ from deployments.ingress import build_app
 from deployments.streaming import KEEPALIVE_BYTES, ChoiceText, EventStream, StopStrings
 from deployments.protocol import (MAX_N, MAX_SALT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS,
                                   CompletionRequest)
-from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull
+from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull, Unsupported
 from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, MAX_LEN, MODEL, asgi_receive, asgi_scope,  # noqa: F401
                                    assert_error, client, eos, make_client, router, sse, tokenizer)
@@ -581,6 +581,16 @@ def test_a_prompt_the_router_finds_too_long_is_400_naming_the_prompt(client, rou
     for path, body, field in (("/v1/chat/completions", CHAT, "messages"), ("/v1/completions", COMPLETION, "prompt")):
         error = assert_error(client.post(path, json={**body, "stream": stream}), 400)
         assert (error["param"], error["code"]) == (field, "context_length_exceeded"), error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_field_the_meshes_cannot_serve_is_400_naming_it(client, router, stream):
+    """The router refuses a request its meshes' backend cannot do (scheduler.errors.Unsupported: prompt_logprobs on
+    a backend that computes only the last position's logits); the client's 400 names that field."""
+    router.refuse = Unsupported("prompt_logprobs", "this mesh's backend cannot compute them")
+    body = {**COMPLETION, "prompt_logprobs": 1, "stream": stream}
+    error = assert_error(client.post("/v1/completions", json=body), 400, param="prompt_logprobs")
+    assert error["type"] == "invalid_request_error"
 
 
 def test_refused_requests_are_counted_once_each_by_reason(client, router):
