@@ -692,10 +692,7 @@ class OpenAIServer:
                                          "%d, cached_tokens %d, %.3f s.", rid, reason, len(prompt_ids),
                                          len(answer.output), cached, at - prep.arrival)
                         if stopped and event.finish_reason is None:  # the router lets go of it with its last event
-                            # a cancel that fails (the link broke just then: the router that had it is gone with it)
-                            # must not reach the resubmission below: this answer has ended
-                            with contextlib.suppress(Exception):
-                                await asyncio.shield(self.router.cancel(rid, "stop"))
+                            await self._cancel(rid, "stop")  # never raises: the answer has ended, not to be resent
                         if not failed or text:
                             eos = None if params.ignore_eos else self.tokenizer.eos_id
                             stop_reason = (answer.stop_reason(eos) if reason == "stop" else
@@ -743,8 +740,7 @@ class OpenAIServer:
                     if self.log_requests or type(unwrap(exc)) is not RouterLost:
                         log.warning("router failed during %s (%r); resubmitting with %d tokens", rid, unwrap(exc),
                                     len(answer.output))
-                    with contextlib.suppress(Exception):  # in case it still runs there
-                        await asyncio.shield(self.router.cancel(rid, "abort"))
+                    await self._cancel(rid, "abort")  # in case it still runs there
                     await asyncio.sleep(self.retry_backoff_s[attempt])
                     attempt, retries = attempt + 1, retries + 1
                     rid = f"{request_id}-retry{retries}"
@@ -763,8 +759,13 @@ class OpenAIServer:
             if reason is None:  # the client went away, or the request failed: free the slot now
                 if started or not refusal.refused:
                     timer.finish(ended)
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.router.cancel(rid, "abort"))
+                await self._cancel(rid, "abort")
+
+    async def _cancel(self, request_id: str, reason: str) -> None:
+        """Cancel `request_id` in the router, even if the caller is cancelled meanwhile. A cancel that fails is dropped:
+        the router's link broke, and the router that had the request is gone with it."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self.router.cancel(request_id, reason))
 
     def _count_rejected(self, exc: BaseException, lost: bool, prompt_field: str) -> None:
         """A refusal for want of capacity (queue full, no live mesh or router) counts in /metrics; a request

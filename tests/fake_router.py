@@ -106,7 +106,8 @@ class FakeRouter:
             logprobs = [] if params.logprobs is None else [
                 TokenLogprobs(token, -0.25, alternatives[:params.logprobs])]
             yield TokenEvent(request_id, [token], logprobs, None if self.finish_apart else finish,
-                             num_prompt_tokens=len(prompt_ids), num_cached_tokens=self._cached(request_id) if i == 0 else 0,
+                             num_prompt_tokens=len(prompt_ids),
+                             num_cached_tokens=self._cached(request_id) if i == 0 else 0,
                              queue_time_s=self.queue_time_s if i == 0 else None)
             await asyncio.sleep(0)
             if finish:
