@@ -1893,3 +1893,26 @@ def test_a_router_whose_own_loop_ended_with_an_error_fails_its_health_check(monk
         stream.cancel()
         await router.close()
     asyncio.run(main())
+
+
+def test_an_ingress_replicas_metric_report_is_kept_until_it_is_older_than_the_ttl(monkeypatch):
+    """Every ingress replica serves the router's copy of the others' metric families on /metrics, so a scrape of any
+    replica sees them all. A replica that is gone (scaled down, restarted under a new name) stops reporting: its last
+    families are served, with their age, until INGRESS_REPORT_TTL_S, then dropped, not summed in forever."""
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        clock = [1000.0]
+        monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+        ttl = router_module.INGRESS_REPORT_TTL_S
+        router.stats(("ingress-a", ["families of a"]))
+        clock[0] += ttl - 1
+        stats = router.stats(("ingress-b", ["families of b"]))
+        assert stats["ingress_families"] == {"ingress-a": ["families of a"], "ingress-b": ["families of b"]}
+        assert stats["ingress_report_age_s"] == {"ingress-a": ttl - 1, "ingress-b": 0.0}
+        clock[0] += 2  # a is ttl + 1 s old, b 2 s
+        stats = router.stats(("ingress-b", ["b again"]))
+        assert stats["ingress_families"] == {"ingress-b": ["b again"]}
+        assert stats["ingress_report_age_s"] == {"ingress-b": 0.0}
+        assert "ingress_families" not in router.stats()  # a stats call with no report (the ingress's own) gets none
+        await router.close()
+    asyncio.run(main())
