@@ -1321,3 +1321,27 @@ def test_cancelling_the_reserved_groups_holder_opens_the_group_to_the_queue():
     assert sched.num_queued == 0  # late takes group 0's free slot (placement and the queue limit read this)
     step(sched, mesh, events)
     assert sched.reserved is None and sched.kv.group_of(sched.running["late"].slot).index == 0
+
+
+def test_a_kv_group_out_of_blocks_preempts_only_its_own_sequences():
+    """A group's pool running dry preempts the newest sequence of that group: another group's, newer, gives back
+    blocks of a pool the asking one cannot use. Here c, seated in group 1 after b, must keep running while group 0's
+    lookahead preempts b (the victim from any group preempted c, then b: a recompute for nothing)."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=8,
+                          max_prefill_tokens=8, decode_steps=4, max_inflight=1)
+    mesh, events, p = FakeMesh(4, 8, BS, 2), defaultdict(list), params(20, ignore_eos=True)
+    a = sched.submit("a", [1] * 8 + [2], p)
+    while not a.live:
+        step(sched, mesh, events)
+    b = sched.submit("b", [1] * 8 + [3], p)  # a's cached prefix draws it to group 0
+    c = sched.submit("c", [5, 6, 7], p)  # the emptiest group: 1
+    step(sched, mesh, events)
+    assert [sched.kv.group_of(s.slot).index for s in (a, b, c)] == [0, 0, 1]
+    step(sched, mesh, events)  # a and b's next round needs more blocks than group 0 has
+    assert sched.num_preemptions == 1 and b.status is Status.PREEMPTED
+    assert c.status is Status.RUNNING and c.epoch == 1
+    drain(sched, mesh, events)
+    for rid, prompt in (("a", [1] * 8 + [2]), ("b", [1] * 8 + [3]), ("c", [5, 6, 7])):
+        assert output_of(events[rid]) == expected(prompt, p)[0]
+    assert not sched.requests and all(g.pool.num_used == 0 for g in sched.kv.groups)
+
