@@ -12,7 +12,7 @@ from scheduler.scheduler import MeshScheduler
 from scheduler.sequence import Status
 from scheduler.work import NO_TOKEN, StepResult
 from tests.counting import counting
-from tests.fake_mesh import FakeMesh, reference_output
+from tests.fake_mesh import REFUSED_GRAMMAR, FakeMesh, reference_output
 
 BS = 4
 EOS = 15
@@ -1344,4 +1344,35 @@ def test_a_kv_group_out_of_blocks_preempts_only_its_own_sequences():
     for rid, prompt in (("a", [1] * 8 + [2]), ("b", [1] * 8 + [3]), ("c", [5, 6, 7])):
         assert output_of(events[rid]) == expected(prompt, p)[0]
     assert not sched.requests and all(g.pool.num_used == 0 for g in sched.kv.groups)
+
+
+def test_a_salted_answers_blocks_serve_only_its_salt():
+    """The blocks a salted request computed are cached under its salt's chain: a later prompt of the same tokens
+    with another salt, or none, computes its own, and one with the same salt hits them. The first asks for its
+    prompt's logprobs, so its seat hashes nothing: its blocks are first hashed as they are cached."""
+    sched, mesh = make()
+    prompt, p = list(range(1, 14)), params(max_tokens=4, ignore_eos=True)
+    sched.submit("a", prompt, params(max_tokens=4, ignore_eos=True, prompt_logprobs=0), salt="t1")
+    events = drain(sched, mesh)
+    for rid, salt in (("none", None), ("t2", "t2"), ("t1", "t1")):
+        sched.submit(rid, prompt, p, salt=salt)
+        drain(sched, mesh, events)
+        assert output_of(events[rid]) == expected(prompt, p)[0]
+    assert [events[rid][0].num_cached_tokens for rid in ("none", "t2", "t1")] == [0, 0, 12]
+
+
+def test_a_final_chunk_the_mesh_refused_to_run_leaves_no_prefix():
+    """A mesh retires a slot whose grammar it cannot set up before computing its final chunk (grammar_error, no
+    token): that chunk's blocks hold no KV, so they must not be offered to the prefix cache, or the next prompt
+    of the same tokens would read memory nobody wrote. Here the whole prompt is one final chunk."""
+    sched, mesh = make()
+    prompt = list(range(1, 9))  # two full blocks, one chunk
+    sched.submit("refused", prompt, params(grammar=REFUSED_GRAMMAR))
+    events = drain(sched, mesh)
+    assert events["refused"][-1].finish_reason == "grammar_error"
+    assert sched.kv.groups[0].pool.num_cached == 0
+    sched.submit("next", prompt + [9], params(max_tokens=3, ignore_eos=True))
+    drain(sched, mesh, events)
+    assert events["next"][0].num_cached_tokens == 0
+    assert output_of(events["next"]) == expected(prompt + [9], params(max_tokens=3, ignore_eos=True))[0]
 
