@@ -1376,3 +1376,30 @@ def test_a_final_chunk_the_mesh_refused_to_run_leaves_no_prefix():
     assert events["next"][0].num_cached_tokens == 0
     assert output_of(events["next"]) == expected(prompt + [9], params(max_tokens=3, ignore_eos=True))[0]
 
+
+def test_a_late_hit_waits_for_the_prompts_own_chunk_in_flight():
+    """A seated prompt takes another's newly cached blocks in place of its own only while none of its chunks is out:
+    a chunk in flight writes into the blocks a late hit would free, and the hit would count as cached the tokens that
+    chunk has the mesh compute. b's first chunks are out when a's first two are cached: b computes on, and every prompt
+    token is either computed or reported cached, once."""
+    sched, mesh = make(prefill_chunk=8, max_prefill_tokens=16, max_inflight=2, shared_prefill_tokens=1024)
+    p = params(max_tokens=2, ignore_eos=True)
+    prompts = {"a": list(range(1, 18)), "b": list(range(1, 18)) + [9]}
+    for rid, prompt in prompts.items():
+        sched.submit(rid, prompt, p)
+    events, pending = defaultdict(list), deque()
+    first, second = sched.schedule(), sched.schedule()  # a's 16 tokens, then a's last and b's first 12
+    assert [(c.request_id, c.end) for c in second.prefills] == [("a", 17), ("b", 8), ("b", 12)]
+    pending.extend(mesh.execute(first) + mesh.execute(second))
+    for _ in range(first.num_messages):  # a's blocks 0-3 are cached, b's chunks still out
+        sched.process(pending.popleft())
+    third = sched.schedule()
+    assert sched.requests["b"].num_computed == 0  # no late hit while b's chunks are out
+    pending.extend(mesh.execute(third) if third is not None else [])
+    while pending:
+        for event in sched.process(pending.popleft()):
+            events[event.request_id].append(event)
+    drain(sched, mesh, events)
+    for rid, prompt in prompts.items():
+        assert output_of(events[rid]) == expected(prompt, p)[0]
+        assert _prefilled(mesh, rid) + events[rid][0].num_cached_tokens == len(prompt)
