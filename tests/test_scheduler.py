@@ -1403,3 +1403,44 @@ def test_a_late_hit_waits_for_the_prompts_own_chunk_in_flight():
     for rid, prompt in prompts.items():
         assert output_of(events[rid]) == expected(prompt, p)[0]
         assert _prefilled(mesh, rid) + events[rid][0].num_cached_tokens == len(prompt)
+
+
+def _pools_whole(sched) -> None:
+    """Every block of every KV group is back exactly once: no owner left, none negative, each on one list."""
+    for group in sched.kv.groups:
+        pool = group.pool
+        assert pool.ref_counts == [0] * pool.num_blocks
+        assert sorted([*pool._free, *pool.eviction_order()]) == list(range(pool.num_blocks))
+    assert sched.kv.num_free_slots == sched.num_slots
+
+
+def test_drain_frees_the_blocks_and_slots_of_running_and_waiting_requests_alike():
+    """A failed mesh's requests move elsewhere and its pools must be whole for when it comes back: a drain that
+    aborted only the waiting ones would leave the running ones' blocks owned forever (that mesh short of KV)."""
+    sched = MeshScheduler(num_blocks=16, block_size=BS, kv_groups=2, num_slots=2, max_seq_len=64, prefill_chunk=8,
+                          max_prefill_tokens=8, decode_steps=3, eos_token_ids=(EOS,))
+    mesh, events = FakeMesh(2, 16, BS, kv_groups=2), defaultdict(list)
+    for rid in "abc":
+        sched.submit(rid, [ord(rid) % 13 + 1] * 9, params(max_tokens=30, ignore_eos=True))
+    while len(sched.running) < 2 or any(s.num_computed < 9 for s in sched.running.values()):
+        step(sched, mesh, events)
+    assert sched.waiting  # c waits for a slot
+    assert sorted(seq.request_id for seq in sched.drain()) == ["a", "b", "c"]
+    _pools_whole(sched)
+
+
+def test_a_finished_or_cancelled_request_gives_each_block_back_once():
+    """A block freed twice drops its owner count below the truth: a block another request still holds (a shared
+    prefix) would go back to the free list and be overwritten under it."""
+    sched, mesh = make(num_blocks=16)
+    prompt = list(range(1, 10))
+    sched.submit("a", prompt, params(max_tokens=5, ignore_eos=True))
+    events = drain(sched, mesh)
+    assert len(output_of(events["a"])) == 5
+    _pools_whole(sched)
+    sched.submit("b", prompt + [11], params(max_tokens=40, ignore_eos=True))  # shares a's cached prefix
+    step(sched, mesh, events)
+    step(sched, mesh, events)
+    sched.cancel("b")
+    drain(sched, mesh, events)
+    _pools_whole(sched)
