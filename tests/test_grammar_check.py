@@ -134,6 +134,29 @@ def test_a_refusal_near_the_cpu_budget_is_kept_only_a_while(monkeypatch):
     assert "of CPU" in grammar.grammar_error(far, llt) and answers == []  # kept: not compiled again
 
 
+def test_a_grammar_whose_matcher_costs_past_the_cpu_budget_is_refused(monkeypatch):
+    """The child compiles without the model's tokenizer: the matcher a mesh builds with it, and its first mask, are
+    timed here too, and refused past MAX_COMPILE_CPU_S (a mesh would spend that on its worker thread, every slot
+    waiting), however cheap the child's part was."""
+    import time
+
+    import model.grammar as grammar
+    from model.embedded import ensure_smollm2
+    from model.tokenizer import load_tokenizer
+    tok = load_tokenizer(ensure_smollm2())
+    llt = grammar.ll_tokenizer(tok, tok.vocab_size)
+    real_compiled = grammar.compiled
+
+    def costly(tokenizer, text):
+        matcher = real_compiled(tokenizer, text)
+        end = time.thread_time() + 1.5 * grammar.MAX_COMPILE_CPU_S
+        while time.thread_time() < end:  # as a lexer built for a large vocabulary would
+            pass
+        return matcher
+    monkeypatch.setattr(grammar, "compiled", costly)
+    assert "ms of CPU to compile" in grammar.grammar_error(regex_grammar("[a-f]{3}-matcher"), llt)
+
+
 def test_a_child_killed_from_outside_is_replaced_and_the_grammar_compiled_again():
     import model.grammar as grammar
     calls = []

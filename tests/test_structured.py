@@ -45,12 +45,16 @@ def accepts(llt, tok, grammar, text) -> bool:
 
 @pytest.mark.parametrize("fields, good, bad", [
     ({"response_format": {"type": "json_object"}}, '{"a": [1, 2]}', "plain text"),
+    # JSON mode's answer is an object (OpenAI's, and vLLM's guidance backend), never another JSON value
+    ({"response_format": {"type": "json_object"}}, '{"a": 1}', "[1, 2]"),
+    ({"structured_outputs": {"json_object": True}}, '{"a": 1}', '"text"'),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
         "type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
         "additionalProperties": False}}}}, '{"n": 3}', '{"n": "three"}'),
     ({"structured_outputs": {"regex": "[0-9]{3}-[a-z]+"}}, "123-abc", "12-abc"),
     ({"structured_outputs": {"choice": ["yes", "no"]}}, "no", "maybe"),
     ({"guided_choice": ["red", "green"]}, "green", "blue"),
+    ({"guided_choice": ["a.b", "(x)"]}, "(x)", "axb"),  # a choice is literal text, not a regex
     ({"guided_json": {"type": "array", "items": {"type": "boolean"}}}, "[true, false]", "[1]"),
     ({"structured_outputs": {"grammar": 'start: "a" ("b")*'}}, "abbb", "ba"),
     # Lark's inlined rules (`?start`), which llguidance's own guess between Lark and GBNF took for GBNF
@@ -109,6 +113,7 @@ def test_a_required_call_may_be_several_unless_parallel_calls_are_off(tok, llt, 
     assert not accepts(llt, tok, grammar, one + "; ")
     if several:
         assert accepts(llt, tok, grammar, one + '; {"name": "get_time", "parameters": {}}')
+        assert accepts(llt, tok, grammar, two + '; {"name": "get_time", "parameters": {}}')  # any number of them
         assert not accepts(llt, tok, grammar, one + '; {"name": "nope", "parameters": {}}')
 
 
@@ -165,6 +170,39 @@ def test_a_grammar_seen_before_is_not_compiled_again(llt, monkeypatch):
         with pytest.raises(APIError, match="unclosed group"):
             constraint_for(chat(**bad), lambda: llt)
     assert len(compiled) == 2  # a refusal is remembered too
+
+
+def test_the_verdicts_kept_are_the_most_recently_used(llt, monkeypatch):
+    """Past VERDICTS_KEPT the least recently used verdict goes, not the one just made: else, once full, no new
+    grammar's verdict would be kept and an agent's tools would be compiled again at every turn."""
+    import model.grammar as grammar
+    from model.grammar import regex_grammar
+    from model.grammar_check import GrammarChecker
+    compiled, real_check = [], GrammarChecker.check
+
+    def counting_check(self, text):
+        compiled.append(text)
+        return real_check(self, text)
+    monkeypatch.setattr(GrammarChecker, "check", counting_check)
+    monkeypatch.setattr(grammar, "VERDICTS_KEPT", 2)
+    monkeypatch.setattr(grammar, "_VERDICTS", type(grammar._VERDICTS)())
+    first, second, third = (regex_grammar(f"[a-f]{{3}}-kept-{i}") for i in range(3))
+    for text in (first, second, first, third, first, third):
+        assert grammar.grammar_error(text, llt) is None
+    assert compiled == [first, second, third]  # `second`, the least recently used, went for `third`
+    assert grammar.grammar_error(second, llt) is None and compiled[-1] == second
+
+
+def test_a_token_the_grammar_forbids_is_refused_not_taken(tok, llt):
+    """A slot resumed after tokens its grammar refuses (a recompute, a continuation) fails as grammar_error rather
+    than go on from a matcher that took them: the mesh retires it on this ValueError."""
+    from model.grammar import regex_grammar
+    grammar = regex_grammar("[0-9]+")
+    with pytest.raises(ValueError, match="breaks the grammar"):
+        GrammarCache(llt).new_state(grammar, tok.encode("12x"))
+    state = GrammarCache(llt).new_state(grammar, tok.encode("12"))
+    with pytest.raises(ValueError, match="breaks the grammar"):
+        state.accept(tok.encode("x")[0])
 
 
 def _nested_tool(name: str, city_type: str = "string") -> dict:
