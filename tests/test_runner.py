@@ -500,6 +500,70 @@ def test_a_grammar_llguidance_gives_up_on_mid_answer_retires_its_slot_alone_as_g
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
 
+def test_a_grammar_the_mesh_cannot_compile_retires_its_slot_alone_as_grammar_error():
+    """A grammar llguidance refuses on the mesh (one the ingress let through) is the client's: "grammar_error", which
+    the ingress answers with a 400 naming the field, not "error" (a 500); its neighbour decodes on."""
+    from model.grammar import cfg_grammar
+
+    results = grammar_run(cfg_grammar("start: ("))
+    assert results[0].finished == {0: "grammar_error"} and results[0].tokens[0] == NO_TOKEN
+    assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
+
+
+def test_a_mesh_keeps_only_its_most_recently_used_grammars_compiled(monkeypatch):
+    """A compiled matcher holds its lexer's states: GrammarCache keeps `size` of them, a grammar used since stays,
+    and the least recently used one is compiled again when it comes back."""
+    import model.grammar as grammar_module
+    from model.grammar import GrammarCache, regex_grammar
+
+    compiled, real_compiled = [], grammar_module.compiled
+
+    def counting(tokenizer, grammar):
+        compiled.append(grammar)
+        return real_compiled(tokenizer, grammar)
+    monkeypatch.setattr(grammar_module, "compiled", counting)
+    cache = GrammarCache(grammar_runner().grammars().tokenizer, size=2)
+    one, two, three = (regex_grammar(f"[0-9]{{{n}}}") for n in (1, 2, 3))
+    for grammar in (one, two, one, three, one, two):
+        cache.new_state(grammar, [])
+    assert compiled == [one, two, three, two]
+
+
+@pytest.mark.parametrize("budget", ["step", "mean"])
+def test_a_grammars_cpu_budgets_hold_at_their_limits(monkeypatch, budget):
+    """Just past MAX_STEP_CPU_S for one mask, or past MAX_MEAN_STEP_CPU_S a token over COST_WINDOW tokens, a
+    grammar fails; just under, its answer goes on (a fake CPU clock: every mask and step costs the same)."""
+    from types import SimpleNamespace
+
+    import model.grammar as grammar_module
+    from model.embedded import ensure_smollm2
+    from model.grammar import COST_WINDOW, MAX_MEAN_STEP_CPU_S, MAX_STEP_CPU_S, GrammarCache, regex_grammar
+    from model.tokenizer import load_tokenizer
+
+    a = load_tokenizer(ensure_smollm2()).encode("a")[0]
+    cache = GrammarCache(grammar_runner().grammars().tokenizer)
+    if budget == "step":
+        monkeypatch.setattr(grammar_module, "MAX_MEAN_STEP_CPU_S", 1.0)  # the other budget out of the way
+    ticks = {"step": MAX_STEP_CPU_S, "mean": MAX_MEAN_STEP_CPU_S / 2}[budget]  # a token is a mask and a step
+    clock = [0.0, 0.0]  # now, and each tick's length
+
+    def thread_time() -> float:
+        clock[0] += clock[1]
+        return clock[0]
+    monkeypatch.setattr(grammar_module, "time", SimpleNamespace(thread_time=thread_time))
+    for factor, fails in ((0.9, False), (1.1, True)):
+        clock[1] = factor * ticks
+        state = cache.new_state(regex_grammar("a*"), [])
+        try:
+            for _ in range(2 * COST_WINDOW):
+                state.disallowed()
+                state.accept(a)
+        except ValueError as exc:
+            assert fails and state.failed() and "ms of CPU" in str(exc)
+        else:
+            assert not fails and not state.failed()
+
+
 def test_a_grammars_mask_is_computed_while_the_device_runs_the_step(monkeypatch):
     """A step's mask depends only on the tokens before it: the mesh computes it beside the device's step, not after
     it, so a grammar's cost per token does not add to every user's step (an ambiguous one's ~5 ms a token, ~1/3 of
