@@ -53,6 +53,7 @@ def accepts(llt, tok, grammar, text) -> bool:
         "additionalProperties": False}}}}, '{"n": 3}', '{"n": "three"}'),
     ({"structured_outputs": {"regex": "[0-9]{3}-[a-z]+"}}, "123-abc", "12-abc"),
     ({"structured_outputs": {"choice": ["yes", "no"]}}, "no", "maybe"),
+    ({"structured_outputs": {"regex": "[0-9]+", "json_object": False}}, "12", "ab"),  # false is not a second one
     ({"guided_choice": ["red", "green"]}, "green", "blue"),
     ({"guided_choice": ["a.b", "(x)"]}, "(x)", "axb"),  # a choice is literal text, not a regex
     ({"guided_json": {"type": "array", "items": {"type": "boolean"}}}, "[true, false]", "[1]"),
@@ -145,6 +146,15 @@ def test_a_bad_whitespace_pattern_is_named_not_the_schema(llt, fields, param):
         "type": "object", "properties": {"a": {"type": "nope"}}}}}],
         "tool_choice": choice}, "tools.1.function.parameters")  # a forced call: the tool at fault is named
       for choice in ("required", {"type": "function", "function": {"name": "f"}})],
+    # a named call: the chosen tool is named, not another one at fault that it does not call
+    ({"tools": [{"type": "function", "function": {"name": "g", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nope"}}}}}, {"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}}}],
+      "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools.1.function.parameters"),
+    # a JSON whitespace pattern shapes a content reply, not a forced call: the tool at fault is named, not it
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "nope"}}}}}], "tool_choice": "required",
+      "guided_whitespace_pattern": "("}, "tools.0.function.parameters"),
 ])
 def test_an_invalid_or_contradictory_constraint_is_a_400_naming_its_field(llt, fields, param):
     with pytest.raises(APIError) as caught:
@@ -692,6 +702,9 @@ _TWICE = {"type": "object", "required": ["from", "to"], "properties": {
     (_LIST, '{"v": 1, "next": {"v": 2, "next": null}}',
      '{"v": 1, "next": {"name": "f", "parameters": {"v": 2, "next": null}}}'),
     (_TWICE, '{"from": {"city": "a"}, "to": {"city": "b"}}', '{"from": {"city": "a"}, "to": {"city": 5}}'),
+    # a value that looks like a pointer is data, left as it is
+    ({"type": "object", "properties": {"p": {"const": {"$ref": "#"}}}, "required": ["p"]},
+     '{"p": {"$ref": "#"}}', '{"p": {"$ref": "#/properties/parameters"}}'),
 ])
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "f"}}])
 def test_a_tools_pointers_into_its_own_schema_resolve_in_a_forced_call(tok, llt, schema, admitted, refused,
