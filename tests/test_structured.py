@@ -360,6 +360,19 @@ def test_tools_and_tool_history_reach_a_template_that_cannot_render_them(tok):
     assert "sunny" in tok.render_chat(rendered)
 
 
+def test_tools_join_the_clients_own_system_message_for_a_template_that_cannot_render_them():
+    """One system turn, the tools' description first and the client's instructions last, so a template that writes a
+    system turn of its own where the first message is none (SmolLM2's) keeps one; each tool is described by the fields
+    it gives only, no `"description": null`."""
+    messages = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What time is it?"}]}).messages
+    rendered = render_messages(messages, [Tool.model_validate(TIME)], template_takes_tools=False)
+    assert [m["role"] for m in rendered] == ["system", "user"]
+    described, own = rendered[0]["content"].rsplit("\n\n", 1)
+    assert own == "Be brief."
+    assert described.endswith("\n\n" + json.dumps(TIME["function"]))
+
+
 def test_a_template_that_renders_tools_gets_the_ids_that_pair_results_with_calls():
     """vLLM hands the template each message's name, tool_call_id and its calls' ids: Llama 3's templates read none,
     but Mistral's and Qwen's pair a result with its call by them. They were dropped."""
@@ -475,6 +488,16 @@ def test_a_forced_call_cut_off_by_max_tokens_is_still_a_call():
     assert cut_call('{"na', names).name == "get_time"
 
 
+def test_a_forced_call_cut_before_its_arguments_has_none_on_both_paths():
+    """Cut before its arguments' key, a call has no arguments written: "" (no JSON to run, as the "length" finish
+    says), not an empty object the client would take for a whole call's, whole or streamed."""
+    from deployments.tool_calls import cut_call
+    text = '{"name": "get_weather", '
+    assert cut_call(text, ["get_weather"]).arguments == ""
+    _, pieces, whole = ToolCallStream(["get_weather"], forced=True).feed(text, final=True)
+    assert [(p.name, p.arguments) for p in pieces] == [("get_weather", "")] and not whole
+
+
 def test_a_call_cut_in_its_head_names_the_tool_it_wrote():
     """The name was read as raw text up to its first quote: a name written whole that begins another tool's name,
     or one holding a JSON escape (a quote, a backslash: a name is any text), was reported as another tool."""
@@ -574,6 +597,7 @@ C = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
     '{"name": "get_weather", "parameters": {"city": "Oslo"}, "id": 1}; {"name": "get_time", "parameters": {}}',
     C + '; {"name": "nope", "parameters": {}}',  # an unknown tool after a call: dropped
     C + "; <|python_tag|>" + C,
+    "\n <|python_tag|>" + C,  # whitespace before the python tag: a call (vLLM's llama3_json), whole as streamed
     C + "}}}" + C,  # stray braces: the calls stop there, on both paths
     '{"name": "get_weather", "parameters": null}; ' + C,  # arguments that are no object: whole, at the end
     '{"name": "get\\_weather", "parameters": {}}',  # an invalid escape in the name: content, not a 500
@@ -765,6 +789,13 @@ def test_a_call_that_names_its_tool_after_its_arguments_key_is_a_call():
     content, pieces, whole = stream.feed(text, final=True)
     assert content == "" and whole and [(p.name, json.loads(p.arguments)) for p in pieces] == [
         ("get_weather", {"city": "Oslo"})]
+
+
+def test_a_call_in_another_key_order_keeps_its_non_ascii_arguments_as_text():
+    """Re-serialized, its arguments keep "Zürich" as written (vLLM's llama3_json dumps with ensure_ascii=False), not
+    as \\u escapes that a client comparing or showing the text sees."""
+    (call,), _ = answer_calls('{"parameters": {"city": "Zürich"}, "name": "get_weather"}', ["get_weather"], False)
+    assert call.arguments == '{"city": "Zürich"}'
 
 
 def test_a_call_with_an_arguments_key_streams_as_it_is_written():
