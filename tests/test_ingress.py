@@ -1590,6 +1590,19 @@ def test_an_answer_that_calls_a_tool_comes_back_as_tool_calls(client, router, to
     assert all(d["delta"] != {"content": ""} or d["finish_reason"] for d in deltas)  # none that carries nothing
 
 
+def test_a_streamed_calls_deltas_carry_what_openai_sends_and_no_more(client, router, tokenizer, eos):
+    """OpenAI's call deltas: the first with index, id, type and the name, later ones with index and more arguments
+    alone, and no content beside them (the held text is the call's, not an empty message a client would append)."""
+    router.answer = tokenizer.encode(CALL_TEXT) + [eos]
+    chunks = sse(client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER_TOOL], "stream": True}))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"] and c["choices"][0]["delta"].get("tool_calls")]
+    first, *later = [d["tool_calls"] for d in deltas]
+    assert set(first[0]) == {"index", "id", "type", "function"} and first[0]["function"]["name"] == "get_weather"
+    assert later and all(set(call) == {"index", "function"} and set(call["function"]) == {"arguments"}
+                         for (call,) in later)
+    assert all(set(d) == {"tool_calls"} for d in deltas)
+
+
 @pytest.mark.parametrize("tool_choice", [None, "required"])
 def test_openai_sdks_stream_helper_pieces_streamed_calls_together(client, router, tokenizer, eos, tool_choice):
     """The official SDK's ChatCompletionStreamState (behind `client.chat.completions.stream`) accumulates the

@@ -598,6 +598,7 @@ C = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
     C + '; {"name": "nope", "parameters": {}}',  # an unknown tool after a call: dropped
     C + "; <|python_tag|>" + C,
     "\n <|python_tag|>" + C,  # whitespace before the python tag: a call (vLLM's llama3_json), whole as streamed
+    ' {"answer": 42}\n',  # held as it might have been a call, then content: its whitespace too, as generated
     C + "}}}" + C,  # stray braces: the calls stop there, on both paths
     '{"name": "get_weather", "parameters": null}; ' + C,  # arguments that are no object: whole, at the end
     '{"name": "get\\_weather", "parameters": {}}',  # an invalid escape in the name: content, not a 500
@@ -804,6 +805,17 @@ def test_a_call_with_an_arguments_key_streams_as_it_is_written():
     stream = ToolCallStream(["get_weather"], forced=False)
     content, pieces, _ = stream.feed('{"name": "get_weather", "arguments": {"city": "Os', final=False)
     assert content == "" and [(p.name, p.arguments) for p in pieces] == [("get_weather", '{"city": "Os')]
+
+
+@pytest.mark.parametrize("name, written", [('say "hi"', 'say \\"hi\\"'), ("get", "\\u0067\\u0065\\u0074")])
+def test_a_call_whose_name_holds_json_escapes_streams_as_it_is_written(name, written):
+    """A name is any text, and JSON may escape any of it: such a call streams its name and arguments token by token
+    too, not held back to be sent whole at the end of the answer."""
+    stream = ToolCallStream([name], forced=False)
+    pieces = [p for c in '{"name": "' + written + '", "parameters": {"city": "Os'
+              for p in stream.feed(c, final=False)[1]]
+    assert [(p.index, p.name) for p in pieces[:1]] == [(0, name)]
+    assert "".join(p.arguments for p in pieces) == '{"city": "Os'
 
 
 def test_calls_in_the_history_are_rendered_back_as_the_model_writes_them(tok):
