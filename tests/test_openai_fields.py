@@ -535,6 +535,16 @@ def test_text_parts_of_a_message_are_joined_by_newlines_as_vllm_does(client, rou
     assert prompt == tokenizer.encode_chat([{"role": "user", "content": "Hello\nWorld"}])
 
 
+def test_an_assistant_turns_refusal_pasted_back_is_its_text(client, router, tokenizer):
+    """OpenAI answers a refusal with null content and `refusal` set; a client pasting the turn back keeps it, and
+    the model must read what it said as the turn's text, not an empty turn."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "refusal": "I can't."},
+                {"role": "user", "content": "why?"}]
+    assert client.post("/v1/chat/completions", json={**CHAT, "messages": messages}).status_code == 200
+    (prompt, _, _), = router.requests.values()
+    assert prompt == tokenizer.encode_chat([*messages[:1], {"role": "assistant", "content": "I can't."}, messages[2]])
+
+
 def test_a_wrong_method_is_405_with_the_allowed_ones(client):
     r = client.get("/v1/completions")
     assert_error(r, 405)
