@@ -404,11 +404,13 @@ def test_only_an_8x4_mesh(ttnn, hf_dir, shape):
     assert "open_mesh_device" not in dict(ttnn.calls)
 
 
-def test_a_host_with_fewer_chips_than_the_mesh_is_named_before_it_opens(ttnn, hf_dir, monkeypatch):
-    """A host that advertises `galaxy: 1` but is no Galaxy (a T3000's 8 chips): the mesh open failed inside tt-metal.
-    tenstorrent/vllm's worker counts the chips first (tt_worker.py get_mesh_grid: ttnn.get_device_ids())."""
-    monkeypatch.setattr(ttnn, "num_devices", 8)
-    with pytest.raises(RuntimeError, match="(?s)8 Tenstorrent chips.*needs 32.*galaxy"):
+@pytest.mark.parametrize("chips", [8, 31])
+def test_a_host_with_fewer_chips_than_the_mesh_is_named_before_it_opens(ttnn, hf_dir, monkeypatch, chips):
+    """A host that advertises `galaxy: 1` but is no Galaxy (a T3000's 8 chips), or a Galaxy with a chip missing: the
+    mesh open failed inside tt-metal. tenstorrent/vllm's worker counts the chips first (tt_worker.py get_mesh_grid:
+    ttnn.get_device_ids())."""
+    monkeypatch.setattr(ttnn, "num_devices", chips)
+    with pytest.raises(RuntimeError, match=f"(?s){chips} Tenstorrent chips.*needs 32.*galaxy"):
         TTGalaxyBackend(hf_dir)
     assert ttnn.calls == []  # no fabric set, no mesh opened
 
@@ -517,6 +519,22 @@ def test_a_prefill_starts_early_enough_that_its_padding_fits_the_cache(start, en
     assert got == expected and got + padded_prefill_len(end - got) <= DEFAULT_DEVICE_TOKENS
 
 
+def test_a_prefill_whose_padding_ends_at_the_caches_last_block_starts_at_its_prefix(ttnn, hf_dir):
+    """A column of 71 blocks and the spare holds 4,608 tokens: 416 new tokens after 3,584 cached pad to 1,024 and end
+    exactly there, so nothing before the prefix is recomputed (the spare block 0 counts: the generator pads a
+    prefill's page table with it)."""
+    b = TTGalaxyBackend(hf_dir, max_seq_len=4096, num_blocks=71, tt_config={"enable_model_warmup": False})
+    try:
+        prompt = [i % 5000 + 7 for i in range(4000)]
+        blocks = list(range(63))
+        b.prefill(prompt[:3584], 0, blocks[:56], slot=0, sampling=GREEDY)
+        token = b.prefill(prompt, 3584, blocks, slot=1, sampling=GREEDY)
+        assert last_call(b, "prefill_forward_text")["start_pos"] == [3584]
+        assert int(token) == expected_next(prompt)
+    finally:
+        b.close()
+
+
 def test_a_tail_after_a_long_cached_prefix_is_recomputed_within_the_cache(ttnn, hf_dir):
     b = TTGalaxyBackend(hf_dir, max_seq_len=4096)  # 72 blocks + the spare: 4,672 tokens a column
     try:
@@ -570,6 +588,16 @@ def test_prefill_takes_tokens_with_log_probs_too(backend, monkeypatch):
     token = backend.prefill(list(range(10)), 0, [0], slot=0, sampling=SamplingParams(temperature=0.7, seed=1))
     assert last_call(backend, "prefill_forward_text")["sampling_params"] is not None
     assert token.dim() == 0 and int(token) == expected_next(range(10))
+
+
+def test_without_warmup_a_greedy_first_request_is_sampled_on_the_device(ttnn, hf_dir):
+    """Before any step the device sampler's mode is unknown, so taking a greedy first token on the host saves no mode
+    change: it is the device's, and the 128k logits stay there."""
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    token = b.prefill(list(range(10)), 0, [0], slot=0, sampling=GREEDY)
+    assert last_call(b, "prefill_forward_text")["sampling_params"] is not None
+    assert int(token) == expected_next(range(10))
+    b.close()
 
 
 def test_decode_only_mode_samples_the_first_token_on_the_host(ttnn, hf_dir):
@@ -845,6 +873,32 @@ def test_an_overlapped_step_runs_on_the_devices_own_tokens_and_reads_each_step(b
     assert second.tokens()[[12, 13]].tolist() == [expected_next(a), expected_next(b)]
     assert first.tokens()[[12, 13]].tolist() == [a[-1], b[-1]]  # read once, kept
 
+
+def test_a_chained_step_starts_before_the_last_one_is_read(backend, ttnn):
+    """The overlap itself: step k + 1 is enqueued on the device's own tokens while step k's read is still in flight,
+    so the host's work between steps costs the device nothing. Reading step k first (its event synchronised) before
+    starting k + 1 gives the same tokens and loses the overlap."""
+    (a, b), (tokens, positions, active), table = two_prefilled_slots(backend)
+    sampling = [GREEDY if s in (12, 13) else None for s in range(32)]
+    n = len(ttnn.calls)
+    first = backend.decode_async(tokens, positions, table, active, sampling)
+    second = backend.decode_async(first, positions + active, table, active, sampling)
+    assert [name for name, _ in ttnn.calls[n:]] == ["record_event", "record_event"]  # two reads enqueued, none waited
+    assert last_call(backend, "decode_forward")["inputs_loaded"] is False
+    a.append(expected_next(a))
+    assert [int(first.tokens()[12]), int(second.tokens()[12])] == [a[-1], expected_next(a)]
+
+
+def test_an_overlapped_step_of_greedy_users_keeps_the_device_on_argmax(backend):
+    """Idle rows go as greedy ones, as in decode: an idle row sent as a sampled one took an all-greedy batch off the
+    argmax program (releasing the sampler's traces when the mode changed) and sent the next greedy first token to
+    the host."""
+    (a, b), (tokens, positions, active), table = two_prefilled_slots(backend)
+    sampling = [GREEDY if s in (12, 13) else None for s in range(32)]
+    step = backend.decode_async(tokens, positions, table, active, sampling)
+    assert backend.generator.sampling_mode == "greedy"
+    assert {slot["top_k"] for slot in last_call(backend, "decode_forward")["slot_params"]} == {1}
+    assert int(step.tokens()[13]) == expected_next(b)
 
 @pytest.mark.parametrize("between", ["a slot leaves", "a prefill", "a step one at a time", "a block joins",
                                      "the parameters change"])
