@@ -556,6 +556,25 @@ def test_a_galaxy_context_is_a_power_of_two_that_the_cache_holds(ttnn, hf_dir, s
         TTGalaxyBackend(hf_dir, **sizes)
 
 
+def test_the_smallest_cache_that_holds_the_context_and_a_prefix_is_enough(ttnn, hf_dir):
+    """65 blocks and the spare are 4,224 tokens: 4,096 and the warm-up's 128-token prefix, exactly."""
+    b = TTGalaxyBackend(hf_dir, max_seq_len=4096, num_blocks=65)
+    assert (b.caps.max_seq_len, b.caps.num_blocks) == (4096, 65)
+    b.close()
+
+
+def test_prefill_lengths_are_padded_as_the_generator_pads_them(hf_dir):
+    """The backend plans where a prefill starts (prefill_start) by the generator's padding (get_padded_prefill_len,
+    generator.py @00b0fa3f); a length one off at a bucket's edge would plan pages the device does not use, or miss
+    some it does."""
+    from models.demos.llama3_70b_galaxy.tt.generator import get_padded_prefill_len
+
+    from model.galaxy import padded_prefill_len
+    lengths = [1, 127, 128, 129, 1023, 1024, 1025, 2048, 2049, 4096, 4097, 131_072]
+    assert [padded_prefill_len(n) for n in lengths] == [get_padded_prefill_len(n) for n in lengths]
+    assert [padded_prefill_len(n) for n in (128, 129, 1024, 1025)] == [128, 1024, 1024, 2048]
+
+
 def test_sampling_params_come_from_the_generators_module(backend, monkeypatch):
     """Older checkouts' models.common.sampling has no SamplingParams (@110b5382); the generator imports one
     in every version."""
