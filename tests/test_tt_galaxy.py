@@ -270,9 +270,10 @@ def test_step_deadlines_assume_the_published_times_once_warmed_up(ttnn, hf_dir):
     cold.close()
 
 
-def test_fewer_blocks_serve_the_longest_context_they_hold(ttnn, hf_dir):
-    b = TTGalaxyBackend(hf_dir, num_blocks=1024, tt_config={"enable_model_warmup": False})
-    assert (b.caps.max_seq_len, b.caps.num_blocks) == (32_768, 1024)
+@pytest.mark.parametrize("num_blocks, max_seq_len", [(1024, 32_768), (18, 1024)])  # 19 x 64 holds 1,024 + 128
+def test_fewer_blocks_serve_the_longest_context_they_hold(ttnn, hf_dir, num_blocks, max_seq_len):
+    b = TTGalaxyBackend(hf_dir, num_blocks=num_blocks, tt_config={"enable_model_warmup": False})
+    assert (b.caps.max_seq_len, b.caps.num_blocks) == (max_seq_len, num_blocks)
     b.close()
 
 
