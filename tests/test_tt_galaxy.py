@@ -162,6 +162,7 @@ def test_caps_declare_a_kv_group_per_mesh_column_of_2056_blocks(backend):
     caps = backend.caps
     assert (caps.num_slots, caps.kv_groups, caps.slots_per_group, caps.num_blocks) == (32, 4, 8, 2056)
     assert (caps.block_size, caps.max_seq_len, caps.prefix_align, caps.vocab_size) == (64, 131072, 128, 128256)
+    assert set(caps.eos_token_ids) == {128_001, 128_008, 128_009}  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 
 
 def test_what_the_device_cannot_sample_exactly_goes_to_the_host(backend):
