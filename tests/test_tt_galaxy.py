@@ -667,6 +667,20 @@ def test_a_greedy_request_joining_sampled_decodes_costs_no_sampling_trace(backen
     assert sampling_events(backend, n) == []
 
 
+def test_a_greedy_request_joining_a_greedy_logprobs_batch_costs_no_sampling_trace(backend):
+    """A greedy row asking its logprob keeps the device on its sampling program (the argmax one computes no
+    log-probs), so a greedy request joining it takes its first token on the host, as among sampled users."""
+    tokens, positions, active = decode_inputs([1], [40])
+    table, rows = empty_table(backend), [GREEDY, SamplingParams(temperature=0.0, logprobs=0)] + [GREEDY] * 30
+    backend.decode_logprobs(tokens, positions, table, active, rows)
+    n = len(backend.generator.calls)
+    prompt = list(range(300, 340))
+    assert int(backend.prefill(prompt, 0, [3], slot=2, sampling=GREEDY)) == expected_next(prompt)
+    assert last_call(backend, "prefill_forward_text")["sampling_params"] is None
+    backend.decode_logprobs(tokens, positions, table, active, rows)
+    assert sampling_events(backend, n) == []
+
+
 def test_a_greedy_request_joining_argmax_decodes_is_sampled_on_the_device(backend):
     tokens, positions, active = decode_inputs([1], [40])
     backend.decode(tokens, positions, empty_table(backend), active, [GREEDY] * 32)
