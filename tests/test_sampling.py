@@ -253,7 +253,7 @@ def test_logprobs_report_the_token_and_the_top_n():
     ("temperature", -0.1), ("temperature", 101), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
     ("seed", -1), ("max_tokens", 0), ("min_tokens", -1), ("presence_penalty", 2.5),
     ("frequency_penalty", -3), ("repetition_penalty", 0.0), ("logprobs", 21), ("min_tokens", 300),
-    ("best_of", 2), ("allowed_token_ids", [3, -1]), ("bad_words_token_ids", [[4, -1]]),
+    ("best_of", 2), ("allowed_token_ids", [3, -1]), ("bad_words_token_ids", [[4, -1]]), ("logit_bias", {5: 100.5}),
 ])
 def test_invalid_values_name_their_field(field, value):
     with pytest.raises(ValidationError) as info:
