@@ -433,3 +433,11 @@ def test_each_parameter_draws_what_an_independent_reference_sampler_draws():
         for token, (logits, params) in zip(tokens, batch):
             reference.check_draw(token, logits, [], [], temperature=params.temperature, top_k=params.top_k,
                                  top_p=params.top_p)
+
+
+
+def test_min_p_of_1_keeps_every_token_tied_with_the_likeliest():
+    """vLLM's min_p drops a token only when it is less likely than min_p x the likeliest: at min_p 1 the tokens
+    tied with the likeliest all stay and are drawn (dropped at equality, no token at all would be left)."""
+    tied = torch.tensor([2.0, 0.0, 2.0, 1.0])
+    assert {sample_row(tied, SamplingParams(min_p=1.0, seed=s), 0)[0] for s in range(200)} == {0, 2}
