@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from model import sampler
 from model.sampler import PenaltyState, apply_penalties, sample_batch, sample_row
 from scheduler.sampling import SamplingParams
 
@@ -435,9 +436,26 @@ def test_each_parameter_draws_what_an_independent_reference_sampler_draws():
                                  top_p=params.top_p)
 
 
-
 def test_min_p_of_1_keeps_every_token_tied_with_the_likeliest():
     """vLLM's min_p drops a token only when it is less likely than min_p x the likeliest: at min_p 1 the tokens
     tied with the likeliest all stay and are drawn (dropped at equality, no token at all would be left)."""
     tied = torch.tensor([2.0, 0.0, 2.0, 1.0])
     assert {sample_row(tied, SamplingParams(min_p=1.0, seed=s), 0)[0] for s in range(200)} == {0, 2}
+
+
+@pytest.mark.parametrize("params, kept", [
+    ({"top_k": 2, "repetition_penalty": 10.0}, {2, 5}),  # token 1, LOGITS' best (3.0), falls to 0.3
+    ({"top_k": 3, "min_p": 0.5}, {1, 2}),  # of the top 3 (1, 2, 5), token 5 has e^-1 of token 1's probability
+])
+def test_an_unseeded_top_k_row_beside_plain_ones_keeps_its_penalty_and_min_p(monkeypatch, params, kept):
+    """sample_batch draws unseeded rows of temperature, top-k and top-p alone together; a row that also has a
+    penalty or min_p is drawn as they say, beside such rows. Each token a row keeps has 19-62% of its draws, so
+    100 draws on a fixed stream bring them all (as on any stream, but once in ~1e20)."""
+    monkeypatch.setattr(sampler, "_UNSEEDED", np.random.default_rng(0))
+    rows = [SamplingParams(**params), SamplingParams(top_k=3)]
+    drawn: list[set[int]] = [set(), set()]
+    for _ in range(100):
+        tokens, _ = sample_batch(LOGITS.repeat(2, 1), rows, [0, 0], [PenaltyState(6, prompt_ids=[1]), None])
+        for seen, token in zip(drawn, tokens):
+            seen.add(token)
+    assert drawn == [kept, {1, 2, 5}]
