@@ -443,6 +443,15 @@ def test_min_p_of_1_keeps_every_token_tied_with_the_likeliest():
     assert {sample_row(tied, SamplingParams(min_p=1.0, seed=s), 0)[0] for s in range(200)} == {0, 2}
 
 
+def test_min_p_drops_a_token_just_under_its_bound_and_keeps_one_just_over():
+    """min_p's bound is min_p x the likeliest's probability itself, not a rounded one: token 1 has e^-0.69 =
+    0.50158 of token 0's probability, so min_p 0.5019 (0.06% above) drops it and 0.5012 (0.07% below) keeps it,
+    where it is a third of the draws (float32 is exact to ~1e-7 here)."""
+    row = torch.tensor([0.0, -0.69])
+    assert {sample_row(row, SamplingParams(min_p=0.5019, seed=s), 0)[0] for s in range(100)} == {0}
+    assert {sample_row(row, SamplingParams(min_p=0.5012, seed=s), 0)[0] for s in range(100)} == {0, 1}
+
+
 @pytest.mark.parametrize("params, kept", [
     ({"top_k": 2, "repetition_penalty": 10.0}, {2, 5}),  # token 1, LOGITS' best (3.0), falls to 0.3
     ({"top_k": 3, "min_p": 0.5}, {1, 2}),  # of the top 3 (1, 2, 5), token 5 has e^-1 of token 1's probability
