@@ -1916,3 +1916,37 @@ def test_an_ingress_replicas_metric_report_is_kept_until_it_is_older_than_the_tt
         assert "ingress_families" not in router.stats()  # a stats call with no report (the ingress's own) gets none
         await router.close()
     asyncio.run(main())
+
+
+def test_a_failed_meshs_streams_queue_on_a_full_mesh_oldest_first():
+    """A failed mesh's streams that another mesh cannot seat yet wait there in the order they arrived: the one that
+    has waited longest resumes at the first free slot, not the newest."""
+    async def main():
+        router, (m0, m1) = await make_router(num_meshes=2)
+        submit_lasting(router, 64)
+        await until(lambda: all(m.up and len(m.scheduler.running) == 32 and all(
+            s.output_ids for s in m.scheduler.requests.values()) for m in router.meshes))
+        moved = sorted(rid for rid, r in router.requests.items() if r.mesh is router.meshes[0])
+        m0.vanish()
+        await until(lambda: router.stats()["meshes"][1]["waiting"] == 32)
+        assert [seq.request_id for seq in router.meshes[1].scheduler.waiting] == moved
+        await cancel_all_and_close(router, {"mesh-0": 1})
+    asyncio.run(main())
+
+
+def test_a_mesh_that_comes_back_resumes_the_streams_held_longest_first():
+    """Streams held while no mesh was up resume oldest first on the one that comes back: with more of them than it
+    seats, the newest wait in its queue."""
+    async def main():
+        router, meshes = await make_router(num_meshes=2)
+        submit_lasting(router, 64)
+        await until(lambda: all(m.up and len(m.scheduler.running) == 32 and all(
+            s.output_ids for s in m.scheduler.requests.values()) for m in router.meshes))
+        for mesh in meshes:
+            mesh.vanish()
+        await until(lambda: router.stats()["held"] == 64)
+        meshes[0].restart()
+        await until(lambda: router.stats()["meshes"][0]["running"] == 32)
+        assert [seq.request_id for seq in router.meshes[0].scheduler.waiting] == [f"r{i:03d}" for i in range(32, 64)]
+        await cancel_all_and_close(router, {"mesh-0": 1, "mesh-1": 1})
+    asyncio.run(main())
