@@ -1950,3 +1950,26 @@ def test_a_mesh_that_comes_back_resumes_the_streams_held_longest_first():
         assert [seq.request_id for seq in router.meshes[0].scheduler.waiting] == [f"r{i:03d}" for i in range(32, 64)]
         await cancel_all_and_close(router, {"mesh-0": 1, "mesh-1": 1})
     asyncio.run(main())
+
+
+def test_a_queue_moved_when_a_mesh_comes_up_goes_around_a_stalled_mesh():
+    """The queues a mesh that comes up takes go to it, not to a mesh silent with work out: moved there, they would
+    wait for that mesh's deadline to fail it."""
+    async def main():
+        router, (m0, m1, m2) = await make_router(num_meshes=3, min_step_deadline_s=60)
+        m2.vanish()
+        await until(lambda: not router.stats()["meshes"][2]["up"])
+        router.submit("first", [2] * 40, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)
+        m0.inject("hang", after=0)
+        await until(lambda: router.stats()["meshes"][0]["stalled"])
+        for i in range(40):  # around the stalled mesh-0: 32 seated on mesh-1, 8 queued there
+            router.submit(f"r{i:03d}", [i + 3] * 40, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][1]["waiting"] == 8)
+        m2.restart()
+        await until(lambda: router.stats()["meshes"][1]["waiting"] == 0)
+        on = {m.name: sum(r.mesh is m for r in router.requests.values()) for m in router.meshes}
+        assert on == {"mesh-0": 1, "mesh-1": 32, "mesh-2": 8}
+        m0.unhang.set()
+        await cancel_all_and_close(router, {"mesh-2": 1})
+    asyncio.run(main())
