@@ -1973,3 +1973,26 @@ def test_a_queue_moved_when_a_mesh_comes_up_goes_around_a_stalled_mesh():
         m0.unhang.set()
         await cancel_all_and_close(router, {"mesh-2": 1})
     asyncio.run(main())
+
+
+def test_a_probe_the_replica_never_answers_is_given_up_and_tried_again():
+    """A reset that never returns (a call to a replica that went without a word) is dropped after probe_timeout_s
+    and the probe goes on: else the mesh stayed down for good once its replica came back."""
+    async def main():
+        router, (mesh,) = await make_router(num_meshes=1)
+        real, lost = mesh.reset, []
+
+        async def reset():
+            if not lost:  # the first probe after the failure is lost on the way
+                lost.append(True)
+                await asyncio.Event().wait()
+            return await real()
+        mesh.reset = reset
+        mesh.vanish()
+        await until(lambda: not router.stats()["ready"])
+        mesh.restart()
+        await until(lambda: router.stats()["ready"])
+        assert lost and (await collect(router, "a", [5] * 10))[1] == "length"
+        await nothing_held(router, failovers=1)
+        await router.close()
+    asyncio.run(main())
