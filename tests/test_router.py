@@ -1996,3 +1996,27 @@ def test_a_probe_the_replica_never_answers_is_given_up_and_tried_again():
         await nothing_held(router, failovers=1)
         await router.close()
     asyncio.run(main())
+
+
+def test_a_work_whose_results_end_early_fails_its_mesh_and_loses_no_token():
+    """A mesh that ends a work's stream short of its results, with no error, has failed: its requests move on with
+    their tokens so far. Taken for done, the missing steps were never made and the stream waited for good."""
+    async def main():
+        alone = await solo_outputs(PROMPTS[:1], LONG)
+        # one work out at a time: no next work's results to be taken for the missing ones
+        router, (m0, _) = await make_router(num_meshes=2, pipeline_depth=1)
+        real, cut = m0.execute, []
+
+        async def execute(work, incarnation):
+            async with contextlib.aclosing(real(work, incarnation)) as steps:
+                async for step in steps:
+                    yield step
+                    if work.decode is not None and not cut:  # the first decode round ends after its first step
+                        cut.append(work.work_id)
+                        return
+        m0.execute = execute
+        assert await within(collect(router, "a", PROMPTS[0], LONG), 10) == alone[0]
+        assert cut and router.stats()["meshes"][0]["failovers"] == 1
+        await nothing_held(router, {"mesh-0": 1})
+        await router.close()
+    asyncio.run(main())
