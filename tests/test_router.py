@@ -2020,3 +2020,29 @@ def test_a_work_whose_results_end_early_fails_its_mesh_and_loses_no_token():
         await nothing_held(router, {"mesh-0": 1})
         await router.close()
     asyncio.run(main())
+
+
+def test_a_preempted_request_moved_off_a_failed_mesh_carries_its_preemption():
+    """A request preempted on a mesh that then fails moves as one a rebalance moves: with its last preemption
+    (Sequence.num_tokens_preempted), so the mesh it goes to re-seats it with room for its recompute's token and does
+    not preempt it again before one. Forgotten at the failover, it was a new request there."""
+    async def main():
+        def small():  # 2 slots, 8 blocks of 64 tokens
+            return SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
+        router, meshes = await make_router(make=small)
+        router.submit("p", [5] * 300, LASTING, None, [], "c")  # 5 blocks
+        for rid in ("s1", "s2", "s3"):  # 2 blocks each: every slot taken
+            router.submit(rid, [ord(rid[1])] * 100, LASTING, None, [], "c")
+        await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [2, 2])
+        home = router.requests["p"].mesh
+        other = next(m for m in router.meshes if m is not home)
+        seq = home.scheduler.running["p"]
+        await until(lambda: seq.live)
+        home.scheduler._preempt(seq)  # as its neighbour's growth would: it waits there, unseated
+        home.wake.set()
+        preempted_at = len(seq.token_ids)
+        meshes[router.meshes.index(home)].vanish()
+        await until(lambda: router.requests["p"].mesh is other)
+        assert other.scheduler.requests["p"].num_tokens_preempted == preempted_at
+        await cancel_all_and_close(router, {home.name: 1})
+    asyncio.run(main())
