@@ -2046,3 +2046,21 @@ def test_a_preempted_request_moved_off_a_failed_mesh_carries_its_preemption():
         assert other.scheduler.requests["p"].num_tokens_preempted == preempted_at
         await cancel_all_and_close(router, {home.name: 1})
     asyncio.run(main())
+
+
+def test_requests_held_for_the_start_spread_go_to_every_mesh_that_answers_in_it():
+    """Held past no_mesh_wait_s while a router start waits for its meshes' first answers, requests stay held for
+    them, then spread over every mesh up: not sent to the first mesh up at the expiry's next tick."""
+    async def main():
+        meshes = [LocalMesh(backend) for _ in range(2)]
+        await meshes[1].lock.acquire()  # its first reset waits
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)],
+                        RouterConfig(**{**FAST, "no_mesh_wait_s": 0.0, "start_wait_s": 5.0}))
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        submit_lasting(router, 4)
+        await asyncio.sleep(0.1)  # a few ticks of the held-request expiry (every 0.01 s)
+        meshes[1].lock.release()
+        await until(lambda: not router.held)
+        assert sorted(sum(r.mesh is m for r in router.requests.values()) for m in router.meshes) == [2, 2]
+        await cancel_all_and_close(router)
+    asyncio.run(main())
