@@ -2064,3 +2064,27 @@ def test_requests_held_for_the_start_spread_go_to_every_mesh_that_answers_in_it(
         assert sorted(sum(r.mesh is m for r in router.requests.values()) for m in router.meshes) == [2, 2]
         await cancel_all_and_close(router)
     asyncio.run(main())
+
+
+def test_a_request_held_again_at_a_meshs_rejoin_counts_its_tokens_once():
+    """A held request no mesh up can take stays held when another mesh rejoins (_place_held holds it again): its
+    tokens count once against the room to hold, else each rejoin added them again and refused new requests (429)
+    with nothing more held."""
+    async def main():
+        long, short = meshes = sized_meshes(4096, 1024)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)],
+                        RouterConfig(**{**FAST, "max_waiting_tokens": 600}))  # 1,200 held tokens for the two
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        long.vanish()
+        await until(lambda: not router.stats()["meshes"][0]["up"])
+        params = SamplingParams(temperature=0.0, max_tokens=520)  # only mesh-0 holds it: held
+        router.submit("x", [7] * 600, params, None, [], "c")
+        short.vanish()
+        await until(lambda: not router.stats()["meshes"][1]["up"])
+        short.restart()
+        await until(lambda: router.stats()["meshes"][1]["up"])  # it rejoined: x is held again
+        router.submit("y", [8] * 510, params, None, [], "c")  # 1,110 tokens held: within the room
+        assert sorted(router.held) == ["x", "y"]
+        long.restart()
+        await cancel_all_and_close(router, 1)
+    asyncio.run(main())
