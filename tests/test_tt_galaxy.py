@@ -935,6 +935,7 @@ def test_an_overlapped_step_of_greedy_users_keeps_the_device_on_argmax(backend):
     assert {slot["top_k"] for slot in last_call(backend, "decode_forward")["slot_params"]} == {1}
     assert int(step.tokens()[13]) == expected_next(b)
 
+
 @pytest.mark.parametrize("between", ["a slot leaves", "a prefill", "a step one at a time", "a block joins",
                                      "the parameters change"])
 def test_a_step_the_device_cannot_chain_loads_the_previous_tokens_from_the_host(backend, ttnn, between):
