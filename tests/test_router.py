@@ -1575,15 +1575,17 @@ def test_a_small_request_behind_a_head_no_mesh_seats_moves_to_the_room():
     asyncio.run(main())
 
 
-def test_a_preempted_request_moved_to_another_mesh_is_not_preempted_there_before_a_token():
+@pytest.mark.parametrize("moved_by", ["a rebalance", "a failover"])
+def test_a_preempted_request_moved_to_another_mesh_is_not_preempted_there_before_a_token(moved_by):
     """A preempted request that its mesh cannot re-seat (Sequence.num_tokens_preempted: its _headroom) moves to a mesh
-    that empties (_rebalance), as a new Sequence there: it carries its last preemption, so that mesh too re-seats it
-    with room and preempts it again only after a token. In process (8 answers on two meshes of 8 blocks) one was
-    preempted at 249 tokens on mesh-1, moved, and preempted at 249 on mesh-0."""
+    that empties (_rebalance), or off its mesh when that one fails, as a new Sequence there: it carries its last
+    preemption, so that mesh too re-seats it with room and preempts it again only after a token. In process (8
+    answers on two meshes of 8 blocks) one was preempted at 249 tokens on mesh-1, moved, and preempted at 249 on
+    mesh-0; forgotten at a failover, it was a new request there."""
     async def main():
         def small():  # 2 slots, 8 blocks of 64 tokens
             return SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
-        router, _ = await make_router(make=small)
+        router, meshes = await make_router(make=small)
         router.submit("p", [5] * 300, LASTING, None, [], "c")  # 5 blocks
         for rid in ("s1", "s2", "s3"):  # 2 blocks each: every slot taken
             router.submit(rid, [ord(rid[1])] * 100, LASTING, None, [], "c")
@@ -1595,11 +1597,14 @@ def test_a_preempted_request_moved_to_another_mesh_is_not_preempted_there_before
         home.scheduler._preempt(seq)  # as its neighbour's growth would: 5 blocks and room for 2 to grow lack
         home.wake.set()
         preempted_at = len(seq.token_ids)
-        for rid in list(other.scheduler.running):  # the other mesh empties: p moves there
-            router.cancel(rid)
-        await until(lambda: router.requests["p"].mesh is other, timeout_s=1.0)
+        if moved_by == "a rebalance":
+            for rid in list(other.scheduler.running):  # the other mesh empties: p moves there
+                router.cancel(rid)
+        else:
+            meshes[router.meshes.index(home)].vanish()
+        await until(lambda: router.requests["p"].mesh is other, timeout_s=1.0 if moved_by == "a rebalance" else 10.0)
         assert other.scheduler.requests["p"].num_tokens_preempted == preempted_at
-        await cancel_all_and_close(router)
+        await cancel_all_and_close(router, {home.name: 1} if moved_by == "a failover" else 0)
     asyncio.run(main())
 
 
@@ -2019,32 +2024,6 @@ def test_a_work_whose_results_end_early_fails_its_mesh_and_loses_no_token():
         assert cut and router.stats()["meshes"][0]["failovers"] == 1
         await nothing_held(router, {"mesh-0": 1})
         await router.close()
-    asyncio.run(main())
-
-
-def test_a_preempted_request_moved_off_a_failed_mesh_carries_its_preemption():
-    """A request preempted on a mesh that then fails moves as one a rebalance moves: with its last preemption
-    (Sequence.num_tokens_preempted), so the mesh it goes to re-seats it with room for its recompute's token and does
-    not preempt it again before one. Forgotten at the failover, it was a new request there."""
-    async def main():
-        def small():  # 2 slots, 8 blocks of 64 tokens
-            return SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=1.0, vocab_size=1000)
-        router, meshes = await make_router(make=small)
-        router.submit("p", [5] * 300, LASTING, None, [], "c")  # 5 blocks
-        for rid in ("s1", "s2", "s3"):  # 2 blocks each: every slot taken
-            router.submit(rid, [ord(rid[1])] * 100, LASTING, None, [], "c")
-        await until(lambda: [m["running"] for m in router.stats()["meshes"]] == [2, 2])
-        home = router.requests["p"].mesh
-        other = next(m for m in router.meshes if m is not home)
-        seq = home.scheduler.running["p"]
-        await until(lambda: seq.live)
-        home.scheduler._preempt(seq)  # as its neighbour's growth would: it waits there, unseated
-        home.wake.set()
-        preempted_at = len(seq.token_ids)
-        meshes[router.meshes.index(home)].vanish()
-        await until(lambda: router.requests["p"].mesh is other)
-        assert other.scheduler.requests["p"].num_tokens_preempted == preempted_at
-        await cancel_all_and_close(router, {home.name: 1})
     asyncio.run(main())
 
 
