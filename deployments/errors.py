@@ -33,13 +33,16 @@ class APIError(Exception):
 
 
 def client_json(text: str):
-    """json.loads of JSON text a client sent inside a request. Raises json.JSONDecodeError, RecursionError (nested
-    deeper than the interpreter's recursion limit), or ValueError for an integer of more digits than int() takes
-    (sys.get_int_max_str_digits(), 4,300), without int()'s advice for the server's Python that follows ";"."""
+    """json.loads of JSON text a client sent inside a request. Raises json.JSONDecodeError, or ValueError: "JSON
+    nested too deeply" past the interpreter's recursion limit (json's own RecursionError names the interpreter, not
+    the text), or an integer of more digits than int() takes (sys.get_int_max_str_digits(), 4,300), without int()'s
+    advice for the server's Python that follows ";"."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         raise
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     except ValueError as e:
         raise ValueError(str(e).split(";")[0]) from None
 

@@ -86,9 +86,7 @@ def _arguments(text: str, where: str):
         return client_json(text)
     except json.JSONDecodeError as e:
         raise APIError(400, f"{where}: not JSON ({e})", param=where) from None
-    except RecursionError:
-        raise APIError(400, f"{where}: JSON nested too deeply", param=where) from None
-    except ValueError as e:  # an integer too long for int()
+    except ValueError as e:  # nested too deeply, or an integer too long for int()
         raise APIError(400, f"{where}: {e}", param=where) from None
 
 

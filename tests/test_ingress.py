@@ -1930,6 +1930,21 @@ def test_bad_constraints_are_400s_naming_the_field(client, router, extra, param)
     assert not router.requests
 
 
+@pytest.mark.parametrize("field", ["guided_json", "structured_outputs", "messages"])
+def test_json_text_a_client_sends_nested_too_deeply_is_named_so(client, router, field):
+    """A schema, or a tool call's arguments pasted back, in JSON text nested past the interpreter's recursion limit is
+    a 400 naming the field that says what is wrong with the text, not Python's "maximum recursion depth exceeded"."""
+    deep = "[" * 3000 + "]" * 3000
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": deep}}
+    extra = {"guided_json": {"guided_json": deep}, "structured_outputs": {"structured_outputs": {"json": deep}},
+             "messages": {"messages": [*CHAT["messages"], {"role": "assistant", "tool_calls": [call]},
+                                       {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}}[field]
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, **extra}), 400)
+    assert error["param"].startswith(field) and "JSON nested too deeply" in error["message"], error
+    assert "recursion" not in error["message"]
+    assert not router.requests
+
+
 def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, router):
     """100k empty messages, or huge tool definitions, cannot fit: refused without running the template."""
     many = {**CHAT, "messages": [{"role": "user", "content": ""}] * 100_000}
