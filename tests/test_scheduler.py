@@ -1026,17 +1026,24 @@ def test_a_head_that_fits_no_kv_group_reserves_one_and_the_queue_goes_on_in_the_
     assert not sched.requests and all(g.pool.num_used == 0 for g in sched.kv.groups)
 
 
-def test_a_kv_group_out_of_blocks_stops_admission_to_itself_only():
-    """a and b share a prefix, so both sit in group 0; their next round needs more blocks than it has, so b (the
-    newest) is preempted. A dry pool stopped admission to every group: n, come just then, waited with group 1 empty
-    (and so did b), as long as group 0 stayed dry: a round, or a whole recompute beside one re-seated there. Now
-    only group 0 admits nobody: n and b are seated in group 1 in that same schedule."""
+def _two_groups_of_8_blocks_with_a_seated():
+    """Two KV groups of 8 4-token blocks and 2 slots each, one work out at a time; a (a 9-token prompt, 20 tokens
+    to make) seated and live in group 0. Returns (sched, mesh, events, params, a)."""
     sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=8,
                           max_prefill_tokens=8, decode_steps=4, max_inflight=1)
     mesh, events, p = FakeMesh(4, 8, BS, 2), defaultdict(list), params(20, ignore_eos=True)
     a = sched.submit("a", [1] * 8 + [2], p)
     while not a.live:
         step(sched, mesh, events)
+    return sched, mesh, events, p, a
+
+
+def test_a_kv_group_out_of_blocks_stops_admission_to_itself_only():
+    """a and b share a prefix, so both sit in group 0; their next round needs more blocks than it has, so b (the
+    newest) is preempted. A dry pool stopped admission to every group: n, come just then, waited with group 1 empty
+    (and so did b), as long as group 0 stayed dry: a round, or a whole recompute beside one re-seated there. Now
+    only group 0 admits nobody: n and b are seated in group 1 in that same schedule."""
+    sched, mesh, events, p, a = _two_groups_of_8_blocks_with_a_seated()
     b = sched.submit("b", [1] * 8 + [3], p)  # a's cached prefix draws it to group 0
     step(sched, mesh, events)
     assert sched.kv.group_of(a.slot).index == sched.kv.group_of(b.slot).index == 0
@@ -1059,12 +1066,7 @@ def test_seats_says_no_while_the_lookahead_preempts_the_victim_goes_first():
     move a request here) judged group 1 as the next schedule leaves it, but that schedule puts b at the queue's head,
     ahead of the moved request: seats() said yes to a request left waiting. It now says no while the lookahead
     preempts (a sequence that only sits the round out leaves the queue as it is)."""
-    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=8,
-                          max_prefill_tokens=8, decode_steps=4, max_inflight=1)
-    mesh, events, p = FakeMesh(4, 8, BS, 2), defaultdict(list), params(20, ignore_eos=True)
-    a = sched.submit("a", [1] * 8 + [2], p)
-    while not a.live:
-        step(sched, mesh, events)
+    sched, mesh, events, p, a = _two_groups_of_8_blocks_with_a_seated()
     d = sched.submit("d", [4, 4, 4], p)
     b = sched.submit("b", [1] * 8 + [3], p)
     step(sched, mesh, events)
@@ -1327,12 +1329,7 @@ def test_a_kv_group_out_of_blocks_preempts_only_its_own_sequences():
     """A group's pool running dry preempts the newest sequence of that group: another group's, newer, gives back
     blocks of a pool the asking one cannot use. Here c, seated in group 1 after b, must keep running while group 0's
     lookahead preempts b (the victim from any group preempted c, then b: a recompute for nothing)."""
-    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=8,
-                          max_prefill_tokens=8, decode_steps=4, max_inflight=1)
-    mesh, events, p = FakeMesh(4, 8, BS, 2), defaultdict(list), params(20, ignore_eos=True)
-    a = sched.submit("a", [1] * 8 + [2], p)
-    while not a.live:
-        step(sched, mesh, events)
+    sched, mesh, events, p, a = _two_groups_of_8_blocks_with_a_seated()
     b = sched.submit("b", [1] * 8 + [3], p)  # a's cached prefix draws it to group 0
     c = sched.submit("c", [5, 6, 7], p)  # the emptiest group: 1
     step(sched, mesh, events)
