@@ -119,6 +119,9 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     "query" in front when `skip_body`)."""
     err = _deepest_branch(errors)
     loc = tuple(err.get("loc", ()))
+    too_deep = err.get("type") == "recursion_depth_exceeded"
+    if too_deep:  # a client's JSON value nested past pydantic's depth: its path inside the value alone was 1.7 KB
+        loc = loc[:next((i for i, part in enumerate(loc) if _is_union_branch(part)), len(loc))]
     hidden = _tags(loc) | {err.get("branch")}
     loc = [str(p) for i, p in enumerate(loc) if not _is_union_branch(p) and i not in hidden]
     tag = re.fullmatch(r"'(\w+)'", str(err.get("ctx", {}).get("discriminator", "")))  # a field's name, quoted
@@ -135,6 +138,8 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     if name is None and err.get("type") in no_object:  # no JSON object at all
         return APIError(400, "The body must be a JSON object (Content-Type: application/json).")
     message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    if too_deep:
+        message = "JSON nested too deeply"  # as client_json says of such text
     if err.get("type") == "union_tag_invalid":  # pydantic's message quotes the client's tag whole
         found = str(err.get("ctx", {}).get("tag", ""))
         message = message.replace(found, quoted(found), 1) if found else message

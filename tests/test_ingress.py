@@ -1945,6 +1945,32 @@ def test_json_text_a_client_sends_nested_too_deeply_is_named_so(client, router, 
     assert not router.requests
 
 
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(("path", "extra", "field"), [
+    ("/v1/chat/completions", {"guided_json": None}, "guided_json"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": None}}},
+     "response_format.json_schema.schema.properties"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": None}}]},
+     "tools.0.function.parameters.properties"),
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": None}}},
+     "text.format.schema.properties")])
+def test_a_json_value_a_client_sends_nested_too_deeply_is_named_so(client, router, path, extra, field):
+    """A schema object nested past pydantic's validation depth is a short 400 saying so, at the value's path: the error
+    named every level (`guided_json.properties.a.properties.a...`, 1.7 KB as `param` and again in the message) and
+    said "Recursion error - maximum validation depth exceeded"."""
+    body = json.loads(json.dumps(extra).replace("null", json.dumps(_nested_schema(300))))
+    base = CHAT if path == "/v1/chat/completions" else {"model": MODEL, "input": "hi"}
+    error = assert_error(post(client, path, {**base, **body}), 400, field)
+    assert error["message"] == f"{field}: JSON nested too deeply", error
+    assert not router.requests
+
+
 def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, router):
     """100k empty messages, or huge tool definitions, cannot fit: refused without running the template."""
     many = {**CHAT, "messages": [{"role": "user", "content": ""}] * 100_000}
