@@ -51,3 +51,14 @@ def test_the_first_mark_is_when_the_request_went_out_not_when_the_client_began_b
     marks, read_at = asyncio.run(served(answer, httpx.AsyncClient(event_hooks={"request": [hook]})))
     assert [n for _, n in marks] == [0, 1, 2]
     assert hooked[0] < marks[0][0] < read_at < marks[1][0]
+
+
+def test_a_chunk_that_brings_no_new_tokens_is_no_mark():
+    """The stream's last chunk carries only the usage (include_usage) with the completion tokens of the one before it:
+    marked, it would end the stream, and the steady window, later than its last token, and add a gap no token had."""
+    usage = {"prompt_tokens": 3, "total_tokens": 4, "completion_tokens": 1}
+    done = {**usage, "total_tokens": 5, "completion_tokens": 2}
+    answer = sse({"choices": [{"text": "a"}], "usage": usage}, {"choices": [{"text": "b"}], "usage": done},
+                 {"choices": [], "usage": done})
+    marks, _ = asyncio.run(served(answer, httpx.AsyncClient()))
+    assert [n for _, n in marks] == [0, 1, 2]

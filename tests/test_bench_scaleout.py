@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from bench.saturation import (SteadyWindow, capacity_tokens_per_s, distinct_prompts, steady_window, stream,
-                              tokens_until, ttfts)
+                              tokens_until, ttfts, users_per_mesh)
 
 # Two streams sent at t=0: (arrival time, completion tokens so far).
 EARLY = [(0.0, 0), (1.0, 1), (2.0, 3), (3.0, 5), (4.0, 6)]
@@ -39,6 +39,28 @@ def test_steady_window_runs_from_last_first_token_to_first_end():
 def test_no_steady_window_when_a_stream_ends_before_another_starts():
     with pytest.raises(ValueError, match="no steady window"):
         steady_window([[(0.0, 0), (1.0, 1), (2.0, 2)], [(0.0, 0), (3.0, 1), (4.0, 2)]])
+
+
+def test_a_window_of_no_length_is_no_steady_window():
+    """The last first token and the first end at one instant: a rate over 0 s (a ZeroDivisionError in tokens_per_s)."""
+    with pytest.raises(ValueError, match="no steady window"):
+        steady_window([[(0.0, 0), (1.0, 1), (2.0, 2)], [(0.0, 0), (2.0, 1), (3.0, 2)]])
+
+
+def test_the_window_covers_steps_from_the_longest_streams_context_at_its_start():
+    """The first context the capacity averages over is the longest stream's at the window's start, as the last is at
+    its end: the shortest's would average in steps at contexts no stream was at by then."""
+    ahead = [(0.0, 0), (1.0, 1), (2.0, 3), (3.0, 5), (4.0, 6)]
+    behind = [(0.0, 0), (2.0, 1), (3.0, 2), (5.0, 4)]
+    w = steady_window([ahead, behind])
+    assert (w.start, w.end) == (2.0, 4.0)
+    assert (w.first_context_tokens, w.last_context_tokens) == (3, 6)
+
+
+@pytest.mark.parametrize("streams, meshes, users", [(33, 2, 17), (256, 8, 32), (300, 8, 32), (5, 8, 1)])
+def test_users_per_mesh_rounds_up_and_stops_at_the_slots(streams, meshes, users):
+    """33 streams on 2 meshes put 17 on one: its steps, the slower, pace the run (bench.chunk_gap's bar)."""
+    assert users_per_mesh(streams, meshes) == users
 
 
 def test_ttfts_are_first_token_minus_send():

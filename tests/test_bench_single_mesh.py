@@ -2,12 +2,14 @@
 import asyncio
 import contextlib
 import json
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 
 from bench import single_mesh
+from model.simulated import GalaxyTiming
 
 TTFTS = [0.010 * (i + 1) for i in range(20)]  # 10, 20, ..., 200 ms
 
@@ -24,6 +26,40 @@ def test_idle_ttft_percentiles_are_numpys(monkeypatch):
     report = asyncio.run(single_mesh.idle_ttft("http://unused", len(TTFTS), 128, 1.0))
     assert report["median_ttft_ms"] == pytest.approx(105.0)
     assert report["p90_ttft_ms"] == pytest.approx(float(np.percentile(TTFTS, 90)) * 1e3)  # 181 ms
+
+
+def test_idle_ttft_overhead_is_the_median_less_the_scaled_simulated_prefill(monkeypatch):
+    """The mesh runs `time_scale` times slower, its prefill too: the overhead (the <= 5 ms bar) is what the stack adds
+    to that. `overhead_with_client_ms` counts from the call, 1 ms before the request was on the wire here."""
+    prefill_s = GalaxyTiming.published().prefill_seconds(0, 128) * 2.0
+    clock = SimpleNamespace(perf_counter=lambda: 10.0)
+
+    async def stream(http, url, model, prompt, max_tokens):
+        return [(10.001, 0), (10.001 + prefill_s + 0.004, 1)]
+
+    monkeypatch.setattr(single_mesh, "stream", stream)
+    monkeypatch.setattr(single_mesh, "time", clock)
+    report = asyncio.run(single_mesh.idle_ttft("http://unused", 3, 128, 2.0))
+    assert report["simulated_prefill_ms"] == pytest.approx(prefill_s * 1e3)
+    assert report["overhead_ms"] == pytest.approx(4.0)
+    assert report["overhead_with_client_ms"] == pytest.approx(5.0)
+
+
+def test_saturation_efficiency_is_the_steady_rate_over_the_capacity_at_the_time_scale(monkeypatch):
+    """Efficiency (the >= 0.97 bar) is the steady window's delivered rate over what the mesh can make at that time
+    scale (half as much at 2.0); the whole-run rate counts every token over the whole run, prefills included."""
+    runs = [[(0.0, 0), (1.0, 1), (2.0, 3), (3.0, 5), (4.0, 6)], [(0.0, 0), (1.5, 1), (2.5, 2), (3.5, 4), (5.0, 6)]]
+
+    async def drive(url, model, prompts, max_tokens, extra=None):
+        return runs, 6.0
+
+    monkeypatch.setattr(single_mesh, "drive", drive)
+    real, slow = (asyncio.run(single_mesh.saturation("http://unused", 2, 128, 6, scale)) for scale in (1.0, 2.0))
+    assert real["window_tokens"] == 8 and real["window_s"] == 2.5 and real["delivered_tokens_per_s"] == 3.2
+    assert real["efficiency"] == pytest.approx(3.2 / real["mesh_capacity_tokens_per_s"])
+    assert slow["mesh_capacity_tokens_per_s"] == pytest.approx(real["mesh_capacity_tokens_per_s"] / 2)
+    assert slow["efficiency"] == pytest.approx(2 * real["efficiency"])
+    assert real["whole_run_tokens_per_s"] == 2.0 and real["whole_run_s"] == 6.0
 
 
 def test_json_is_all_that_goes_to_stdout(monkeypatch, capsys):
