@@ -437,6 +437,44 @@ async def _lag_probe(lags: list[float], period_s: float = 0.005) -> None:
         lags.append(time.perf_counter() - t - period_s)
 
 
+# (wall clock, loop thread CPU, process CPU, tokens, events and messages the consumers received, each mesh's counters)
+Sample = tuple[float, float, float, int, int, int, list[dict]]
+
+
+def figures(names: list[str], first: Sample, last: Sample, lags: list[float], errors: list[str], mesh_mode: str,
+            multiplexed: bool) -> dict:
+    """A run's figures from two samples, the loop's lags between them and the run's errors (the first five)."""
+    (t0, loop0, proc0, tok0, ev0, msg0, c0), (t1, loop1, proc1, tok1, ev1, msg1, c1) = first, last
+    wall, tokens = t1 - t0, tok1 - tok0
+    per_mesh = []
+    for name, a, b in zip(names, c0, c1):
+        device, starved = b["device_s"] - a["device_s"], b["starved_s"] - a["starved_s"]
+        working, cpu = b["working_s"] - a["working_s"], b["cpu_s"] - a["cpu_s"]
+        per_mesh.append({"name": name, "busy": device / wall, "starved": starved / wall,
+                         "overrun": max(working - device, 0.0) / wall, "cpu": cpu / wall})
+    busy = [p["busy"] for p in per_mesh]
+    window_lags = sorted(lags) or [0.0]
+    return {
+        "meshes": len(names), "seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+        "events_per_s": (ev1 - ev0) / wall, "tokens_per_event": tokens / max(ev1 - ev0, 1),
+        "messages_per_s": (msg1 - msg0) / wall, "multiplexed": multiplexed,
+        "router_cpu_us_per_token": (loop1 - loop0) / tokens * 1e6 if tokens else float("nan"),
+        "loop_busy": (loop1 - loop0) / wall,
+        "router_cores_at_full_speed": (loop1 - loop0) / wall / max(sum(busy) / len(busy), 1e-9),
+        "loop_lag_p99_ms": window_lags[int(0.99 * (len(window_lags) - 1))] * 1e3,
+        "process_cpu": (proc1 - proc0) / wall,
+        "mesh_cpu": sum(p["cpu"] for p in per_mesh), "mesh_mode": mesh_mode,
+        "busy_min": min(busy), "busy_mean": sum(busy) / len(busy),
+        "starved_mean": sum(p["starved"] for p in per_mesh) / len(per_mesh),
+        "starved_max": max(p["starved"] for p in per_mesh),
+        "overrun_mean": sum(p["overrun"] for p in per_mesh) / len(per_mesh),
+        "kept_busy": not errors and min(busy) >= BUSY_BAR,
+        "kept_fed": not errors and max(p["starved"] for p in per_mesh) <= 1 - BUSY_BAR,
+        "errors": errors,
+        "per_mesh": per_mesh,
+    }
+
+
 async def measure(num_meshes: int, seconds: float = 10.0, warmup_s: float = 3.0, prompt_tokens: int = 128,
                   max_tokens: int = 1024, extra_per_mesh: int = 2, time_scale: float = 1.0, serialize: bool = True,
                   router_config: RouterConfig | None = None, ingresses: int = 1, mesh_mode: str = "processes",
@@ -470,12 +508,12 @@ async def measure(num_meshes: int, seconds: float = 10.0, warmup_s: float = 3.0,
                               ingresses)
         await asyncio.sleep(warmup_s)
 
-        def sample():
+        def sample() -> Sample:
             return (time.perf_counter(), time.thread_time(), time.process_time(), consumers.tokens, consumers.events,
-                    consumers.messages, [m.counters() for m in meshes], len(lags))
-        t0, loop0, proc0, tok0, ev0, msg0, c0, lag0 = sample()
+                    consumers.messages, [m.counters() for m in meshes])
+        first, lag0 = sample(), len(lags)
         await asyncio.sleep(seconds)
-        t1, loop1, proc1, tok1, ev1, msg1, c1, _ = sample()
+        last = sample()
     finally:
         probe.cancel()
         if consumers is not None:
@@ -484,35 +522,9 @@ async def measure(num_meshes: int, seconds: float = 10.0, warmup_s: float = 3.0,
         for m in meshes:
             m.close()
         gc.unfreeze()
-    wall, tokens = t1 - t0, tok1 - tok0
-    per_mesh = []
-    for m, a, b in zip(meshes, c0, c1):
-        device, starved = b["device_s"] - a["device_s"], b["starved_s"] - a["starved_s"]
-        working, cpu = b["working_s"] - a["working_s"], b["cpu_s"] - a["cpu_s"]
-        per_mesh.append({"name": m.name, "busy": device / wall, "starved": starved / wall,
-                         "overrun": max(working - device, 0.0) / wall, "cpu": cpu / wall})
-    busy = [p["busy"] for p in per_mesh]
     # a failed request is no load: a mesh process given no work never reports the time it waited for one
     errors = ([m.failure for m in meshes if isinstance(m, ProcessMesh) and m.failure] + consumers.errors)[:5]
-    window_lags = sorted(lags[lag0:]) or [0.0]
-    return {
-        "meshes": num_meshes, "seconds": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-        "events_per_s": (ev1 - ev0) / wall, "tokens_per_event": tokens / max(ev1 - ev0, 1),
-        "messages_per_s": (msg1 - msg0) / wall, "multiplexed": consumers.multiplexed,
-        "router_cpu_us_per_token": (loop1 - loop0) / tokens * 1e6 if tokens else float("nan"),
-        "loop_busy": (loop1 - loop0) / wall,
-        "router_cores_at_full_speed": (loop1 - loop0) / wall / max(sum(busy) / len(busy), 1e-9), "loop_lag_p99_ms": window_lags[int(0.99 * (len(window_lags) - 1))] * 1e3,
-        "process_cpu": (proc1 - proc0) / wall,
-        "mesh_cpu": sum(p["cpu"] for p in per_mesh), "mesh_mode": mesh_mode,
-        "busy_min": min(busy), "busy_mean": sum(busy) / len(busy),
-        "starved_mean": sum(p["starved"] for p in per_mesh) / len(per_mesh),
-        "starved_max": max(p["starved"] for p in per_mesh),
-        "overrun_mean": sum(p["overrun"] for p in per_mesh) / len(per_mesh),
-        "kept_busy": not errors and min(busy) >= BUSY_BAR,
-        "kept_fed": not errors and max(p["starved"] for p in per_mesh) <= 1 - BUSY_BAR,
-        "errors": errors,
-        "per_mesh": per_mesh,
-    }
+    return figures([m.name for m in meshes], first, last, lags[lag0:], errors, mesh_mode, consumers.multiplexed)
 
 
 def largest_kept_busy(results: list[dict], key: str = "kept_busy") -> int:

@@ -147,3 +147,63 @@ def test_a_run_whose_requests_failed_is_neither_busy_nor_fed_and_says_why():
     r["limit"] = rc.limit(r)
     assert r["limit"].startswith("requests failed") and "PromptTooLong" in r["limit"]
     assert rc.largest_kept_busy([r], "kept_fed") == 0
+
+
+def _counters(device_s: float = 0.0, starved_s: float = 0.0, working_s: float = 0.0, cpu_s: float = 0.0) -> dict:
+    return {"device_s": device_s, "starved_s": starved_s, "working_s": working_s, "cpu_s": cpu_s}
+
+
+def test_figures_take_each_mesh_over_the_window_and_the_bars_from_the_worst_mesh():
+    """Every mesh must be >= 97% busy (the mean of 0.99 and 0.96 passes, the worst does not), and none starved more
+    than 3% of the time; the router's CPU per token is the loop thread's, not the whole process's."""
+    first = (100.0, 5.0, 6.0, 1000, 100, 50, [_counters(1.0, 1.0, 1.0, 1.0), _counters()])
+    last = (110.0, 7.0, 9.0, 21000, 1100, 550,
+            [_counters(10.9, 1.05, 10.95, 2.0), _counters(9.6, 0.5, 9.9, 2.0)])
+    r = rc.figures(["mesh-0", "mesh-1"], first, last, [i / 1000 for i in range(101)], [], "processes", True)
+    assert r["meshes"] == 2 and r["seconds"] == 10.0 and r["tokens"] == 20000 and r["tokens_per_s"] == 2000.0
+    assert r["router_cpu_us_per_token"] == pytest.approx(100.0) and r["loop_busy"] == pytest.approx(0.2)
+    assert r["process_cpu"] == pytest.approx(0.3) and r["mesh_cpu"] == pytest.approx(0.3)
+    assert [m["busy"] for m in r["per_mesh"]] == pytest.approx([0.99, 0.96])
+    assert [m["starved"] for m in r["per_mesh"]] == pytest.approx([0.005, 0.05])
+    assert [m["overrun"] for m in r["per_mesh"]] == pytest.approx([0.005, 0.03])
+    assert (r["busy_min"], r["busy_mean"], r["starved_max"]) == pytest.approx((0.96, 0.975, 0.05))
+    assert r["router_cores_at_full_speed"] == pytest.approx(0.2 / 0.975)
+    assert r["loop_lag_p99_ms"] == pytest.approx(99.0)
+    assert r["kept_busy"] is False and r["kept_fed"] is False
+
+
+def test_figures_of_a_run_with_errors_keep_no_bar_however_busy():
+    first = (0.0, 0.0, 0.0, 0, 0, 0, [_counters()])
+    last = (1.0, 0.1, 0.1, 100, 10, 10, [_counters(1.0, 0.0, 1.0, 0.1)])
+    assert rc.figures(["mesh-0"], first, last, [], [], "threads", False)["kept_busy"] is True
+    r = rc.figures(["mesh-0"], first, last, [], ["PromptTooLong"], "threads", False)
+    assert not r["kept_busy"] and not r["kept_fed"] and r["loop_lag_p99_ms"] == 0.0
+
+
+RUN = {"errors": [], "kept_busy": False, "starved_mean": 0.01, "overrun_mean": 0.05, "mesh_mode": "processes",
+       "process_cpu": 0.5, "router_cores_at_full_speed": 1.2, "loop_busy": 0.9, "loop_lag_p99_ms": 12.0}
+
+
+@pytest.mark.parametrize("changes, said", [
+    ({"kept_busy": True}, "-"),
+    ({"starved_mean": 0.06}, "router: late (needs 1.20 cores, got 0.90, loop lag p99 12 ms)"),
+    ({}, "meshes: CPU (box)"),
+    ({"mesh_mode": "threads", "process_cpu": 0.95}, "mesh threads: GIL"),
+    ({"mesh_mode": "threads"}, "mesh threads"),
+])
+def test_limit_names_the_side_that_lost_the_most_time(changes, said):
+    """A mesh starved waited for the router; one overrunning its device time lost it to its own host work or the
+    box. A run that kept every mesh busy has no limit."""
+    assert rc.limit({**RUN, **changes}) == said
+
+
+def test_command_line_reports_each_bars_largest_n_from_its_own_verdicts(monkeypatch, capsys):
+    """largest_kept_fed reads kept_fed, not kept_busy: 2 meshes fed by the router yet not kept busy (the box's CPU)."""
+    async def measure(n, *args):
+        return {**RUN, "meshes": n, "kept_busy": n == 1, "kept_fed": True}
+
+    monkeypatch.setattr(rc, "measure", measure)
+    rc.main(["--meshes", "1,2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["largest_kept_busy"], out["largest_kept_fed"]) == (1, 2)
+    assert [r["limit"] for r in out["runs"]] == ["-", "meshes: CPU (box)"]
