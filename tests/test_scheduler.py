@@ -1061,6 +1061,24 @@ def test_a_kv_group_out_of_blocks_stops_admission_to_itself_only():
     assert not sched.requests and all(g.pool.num_used == 0 for g in sched.kv.groups)
 
 
+def test_a_dry_kv_group_admits_nobody_even_a_prompt_its_cache_draws():
+    """The other half of the test above, which held with group 0 admitting too (n had no prefix there, and b's
+    headroom kept it out): n shares a's cached prefix, which draws it to group 0, but that group just preempted b for
+    its lookahead. Seated there, n would take the room that preemption just made (MeshScheduler._admit); it goes to
+    group 1."""
+    sched, mesh, events, p, a = _two_groups_of_8_blocks_with_a_seated()
+    b = sched.submit("b", [1] * 8 + [3], p)
+    step(sched, mesh, events)
+    assert sched.kv.group_of(a.slot).index == sched.kv.group_of(b.slot).index == 0
+    n = sched.submit("n", [1] * 8 + [4], p)
+    assert sched.cached_prefix_tokens(sched._hashes(n), len(n.token_ids)) == 8  # a's blocks: group 1 is empty
+    step(sched, mesh, events)
+    assert sched.num_preemptions == 1 and n.status is Status.RUNNING
+    assert sched.kv.group_of(n.slot).index == 1, "seated in the group whose pool its lookahead ran dry"
+    drain(sched, mesh, events)
+    assert output_of(events["n"]) == expected([1] * 8 + [4], p)[0]
+
+
 def test_seats_says_no_while_the_lookahead_preempts_the_victim_goes_first():
     """As above, b is about to be preempted in group 0, and group 1 has a free slot. seats() (the router's word to
     move a request here) judged group 1 as the next schedule leaves it, but that schedule puts b at the queue's head,
