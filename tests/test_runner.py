@@ -612,6 +612,52 @@ def test_a_grammars_mask_is_computed_while_the_device_runs_the_step(monkeypatch)
     assert all(r.tokens[1] != NO_TOKEN for r in results[1:])
 
 
+@pytest.mark.parametrize("device_fails", [False, True])
+def test_a_step_ending_before_its_masks_waits_for_them(monkeypatch, device_fails):
+    """The test above has the device wait for the mask; here the mask thread is the slower. A matcher is touched by
+    that thread alone until its mask is done (llguidance's matcher is no thread's to share): the step's host work
+    takes the mask it computed, not one of its own beside it, and a device that fails leaves no mask running."""
+    import threading
+    import time
+
+    from model.grammar import GrammarState, choice_grammar
+    from model.simulated import SimulatedBackend
+
+    main, masks, running = threading.get_ident(), [], []
+
+    class Slow:
+        def __init__(self, matcher):
+            self._matcher = matcher
+
+        def compute_bitmask(self):
+            if threading.get_ident() != main:  # the mask thread: still at it when the device's step returns
+                running.append(True)
+                time.sleep(0.2)
+            masks.append(threading.get_ident())
+            bits = self._matcher.compute_bitmask()
+            running.clear()
+            return bits
+
+        def __getattr__(self, name):
+            return getattr(self._matcher, name)
+
+    built = GrammarState.__init__
+    monkeypatch.setattr(GrammarState, "__init__", lambda self, matcher, *rest: built(self, Slow(matcher), *rest))
+
+    class Failing(SimulatedBackend):
+        def decode_mixed(self, *args, **kwargs):
+            raise RuntimeError("device fault")
+
+    if device_fails:
+        with pytest.raises(RuntimeError, match="device fault"):
+            grammar_run(choice_grammar(["yes indeed", "no way at all"]), backend_class=Failing)
+        assert masks[1:] and not running  # the step's mask was done before the fault reached the caller
+    else:
+        results = grammar_run(choice_grammar(["yes indeed", "no way at all"]))
+        assert len([r for r in results if r.tokens[0] != NO_TOKEN]) == 4
+    assert masks.count(main) == 1  # the prefill's (no step beside it); every step's came from the mask thread
+
+
 def test_a_grammar_mask_that_raises_fails_its_request_not_the_step(monkeypatch):
     from model.grammar import GrammarState, regex_grammar
 
