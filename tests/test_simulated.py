@@ -221,10 +221,14 @@ def test_logprobs_need_host_logits_everything_else_samples_on_device():
     assert not backend.can_sample(SamplingParams(allowed_token_ids=[5, 6]))  # the device sampler cannot mask
 
 
-def test_a_logprobs_0_request_stays_on_the_device_with_the_value_the_host_gives():
+@pytest.mark.parametrize("async_decode", [True, False])
+def test_a_logprobs_0_request_stays_on_the_device_with_the_value_the_host_gives(async_decode):
     """The sampled token's own logprob (logprobs 0: tt-metal's batch-32-log-probs preset) is the device's, as on a
     Galaxy (TTGalaxyBackend.decode_logprobs): 0.0, what the host computes from the step's one-hot row. Before, each
-    decode step of its batch came back as every row's 128k logits and was sampled on the host (~30 ms a step)."""
+    decode step of its batch came back as every row's 128k logits and was sampled on the host (~30 ms a step).
+    Overlapped steps give it (DecodeOutput.logprobs), and so do steps one at a time (decode_logprobs)."""
+    import dataclasses
+
     from model.runner import MeshRunner
     from model.sampler import finite_logprobs
     from scheduler.work import DecodeRound, MeshWork, PrefillChunk
@@ -237,6 +241,7 @@ def test_a_logprobs_0_request_stays_on_the_device_with_the_value_the_host_gives(
             return super()._one_hot(tokens)
 
     backend = Watching(time_scale=FAST, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024)
+    backend.caps = dataclasses.replace(backend.caps, async_decode=async_decode)
     assert backend.can_sample(SamplingParams(logprobs=0)) and not backend.can_sample(SamplingParams(logprobs=1))
     params = [SamplingParams(temperature=0.7, seed=1, max_tokens=6, logprobs=0, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
