@@ -397,6 +397,46 @@ def test_a_router_whose_works_go_on_holds_its_lease_against_an_older_routers_res
     asyncio.run(main())
 
 
+def test_a_router_silent_for_lease_hold_s_no_longer_holds_its_lease(replica, monkeypatch):
+    """The other side of the hold: once the lease's router has not been heard from for LEASE_HOLD_S (gone, or its
+    clock ahead of the other's), a router that started before it takes the mesh; refused for ever, a router whose
+    clock runs behind could not use the mesh once the other was gone. The silent one's works are then refused."""
+    now = [0.0]
+    monkeypatch.setattr(mesh_replica, "time", SimpleNamespace(monotonic=lambda: now[0]))
+
+    async def main():
+        await replica.reset("new", started=2.0)
+        now[0] += 0.5 * mesh_replica.LEASE_HOLD_S
+        with pytest.raises(RuntimeError, match="newer router"):
+            await replica.reset("old", started=1.0)
+        now[0] += mesh_replica.LEASE_HOLD_S
+        incarnation, caps = await replica.reset("old", started=1.0)
+        assert caps is not None
+        assert len([r async for r in replica.execute(prefill(0), incarnation, "old")]) == 1
+        with pytest.raises(mesh_replica.StaleWork, match="before a reset"):
+            [r async for r in replica.execute(prefill(1, slot=1), incarnation, "new")]
+    asyncio.run(main())
+
+
+def test_a_chunks_deadline_counts_the_positions_it_computes_not_the_ids_it_carries(replica):
+    """A chunk after a slot's first carries only its own ids (PrefillChunk.offset): its deadline is that of the same
+    chunk carrying the whole sequence, not one for len(token_ids) - start (here negative) tokens."""
+    params = SamplingParams(temperature=0.0, max_tokens=50)
+    blocks = list(range(40))
+    whole = PrefillChunk("long", 1, [7] * 2560, 2048, blocks, params, 2560)
+    tail = PrefillChunk("long", 1, [7] * 512, 2048, blocks, params, 2560, offset=2048)
+    assert replica._deadline(MeshWork(0, [tail])) == replica._deadline(MeshWork(0, [whole])) > replica.min_deadline_s
+
+
+def test_shutdown_closes_the_runner_on_the_worker_thread(replica, monkeypatch):
+    """The runner, not the backend alone: MeshRunner.close also ends its grammar-mask thread, which outlived a
+    replica's shutdown when the backend alone was closed."""
+    closed = []
+    monkeypatch.setattr(replica.runner, "close", lambda: closed.append(threading.current_thread().name))
+    replica.shutdown()
+    assert len(closed) == 1 and closed[0].startswith("mesh")
+
+
 def slow_prefills(replica, monkeypatch, seconds: float = 0.3) -> list[str]:
     """Each prefill takes `seconds` on the worker thread; returns a list growing by one entry per prefill run."""
     ran: list[str] = []
