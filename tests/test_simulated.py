@@ -258,6 +258,35 @@ def test_a_logprobs_0_request_stays_on_the_device_with_the_value_the_host_gives(
     assert all(lp.top == [] for lp in decoded)
 
 
+def test_an_overlapped_step_holds_the_device_for_the_steps_and_calls_after_it(monkeypatch):
+    """decode_async starts a step when the one before it ends, and a call that waits (a prefill, a decode) starts
+    once the device ends the steps already started: the simulated device runs one thing at a time, as a Galaxy does,
+    so a prefill after overlapped steps is not timed as if it ran beside them. On a clock moved by the sleeps alone."""
+    from types import SimpleNamespace
+
+    import model.simulated as simulated
+
+    now = [100.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    monkeypatch.setattr(simulated, "time", SimpleNamespace(perf_counter=lambda: now[0], sleep=sleep))
+    backend = SimulatedBackend(time_scale=1.0, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024)
+    caps = backend.caps
+    token = int(backend.prefill([7] * 10, 0, [0], 0, GREEDY))
+    table = torch.zeros(caps.num_slots, caps.max_blocks_per_seq, dtype=torch.int32)
+    active = torch.tensor([True, False])
+    started, before = now[0], backend.device_seconds
+    first = backend.decode_async(torch.tensor([token, 0]), torch.tensor([10, 0]), table, active, [GREEDY, None])
+    second = backend.decode_async(first, torch.tensor([11, 0]), table, active, [GREEDY, None])
+    busy = backend.device_seconds
+    assert now[0] == started < first.ready_at  # the host went on
+    assert second.ready_at == pytest.approx(started + busy - before)  # the second step began as the first ended
+    backend.prefill([8] * 10, 0, [1], 1, GREEDY)
+    assert now[0] == pytest.approx(second.ready_at + backend.device_seconds - busy)
+
+
 def test_no_eos_unless_configured():
     prompt = list(range(20))
     plain = generate(SimulatedBackend(time_scale=FAST), prompt, [0, 1], slot=0, steps=100)
