@@ -1185,6 +1185,19 @@ def test_a_resubmission_before_the_first_token_reports_its_cache_hit():
     asyncio.run(main())
 
 
+def test_a_continuation_with_tokens_is_not_counted_as_a_prefix_lookup_again():
+    """A stream resubmitted with tokens delivered is a recompute: its lookup was counted on the router where it began
+    (vLLM counts a preempted one's apart). Counted again, every router restart inflated the prefix-cache queries."""
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        whole, _ = await collect(router, "a", PROMPTS[2], LONG)
+        queried = router.stats()["meshes"][0]["prefix_query_tokens"]
+        assert await _drain(router.generate("b", PROMPTS[2], LONG, None, whole[:5])) == whole[5:]
+        assert router.stats()["meshes"][0]["prefix_query_tokens"] == queried
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_mesh_that_comes_up_seats_the_oldest_waiting_requests_first():
     async def main():
         router, (_, _, m2) = await make_router(num_meshes=3)
