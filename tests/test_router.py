@@ -192,6 +192,23 @@ def test_a_continuation_is_not_refused_by_queue_limits():
     asyncio.run(main())
 
 
+def test_a_later_choice_is_not_refused_by_queue_limits_while_its_first_choice_is_here():
+    """The limits refuse API requests, not choices: an n-choice request whose first choice got in near the limit must
+    not get 429 for its second. A later choice whose first is not here (refused, or ended) is new load."""
+    async def main():
+        router = await _two_small_meshes(max_waiting_requests=1)
+        for i in range(6):  # 2 slots on each mesh, then a queue of 1 on each: both full
+            router.submit(f"r{i}", [i + 2] * 40, LASTING, None, [], "c")
+        with pytest.raises(QueueFull):
+            router.submit("new", [9] * 40, LASTING, None, [], "c")
+        router.submit("r0-choice-1", [2] * 40, LASTING, None, [], "c", continuation="r0")
+        with pytest.raises(QueueFull):
+            router.submit("new-choice-1", [9] * 40, LASTING, None, [], "c", continuation="new")
+        assert "r0-choice-1" in router.requests and "new-choice-1" not in router.requests
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
 async def _drain(stream) -> list[int]:
     tokens = []
     async for event in stream:
