@@ -1131,6 +1131,27 @@ def test_with_no_live_mesh_the_token_limit_refuses_every_prompt_at_it_and_none_b
     asyncio.run(main())
 
 
+def test_with_no_live_mesh_held_tokens_exactly_at_the_limit_refuse_the_next_prompt():
+    """The limit is reached, not only passed, when the held prompts' tokens equal max_waiting_tokens: as a mesh's own
+    queue (MeshScheduler.submit), the next prompt is refused (429) there, not held."""
+    async def main():
+        mesh = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=256, time_scale=0.01,
+                                                  vocab_size=1000))
+        router = Router([("mesh-0", mesh)], RouterConfig(**{**FAST, "max_waiting_tokens": 60, "no_mesh_wait_s": 30}))
+        await until(lambda: router.stats()["ready"])
+        params = SamplingParams(temperature=0.0, max_tokens=4)
+        mesh.vanish()
+        router.submit("probe", [1] * 20, params, None, [], "c")  # its first work finds the replica gone
+        await until(lambda: not router.stats()["ready"] and router.stats()["held"] == 1)
+        router.submit("fill", [2] * 40, params, None, [], "c")  # 20 + 40 = 60 tokens held: the limit
+        with pytest.raises(QueueFull, match="60 prompt tokens"):
+            router.submit("behind", [3], params, None, [], "c")
+        mesh.restart()
+        await nothing_held(router, 1)
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_submit_while_no_mesh_is_live_costs_the_same_however_many_requests_are_held():
     """The held-queue limits are checked at each submit: counted over every request the router had, a submit cost
     O(held), so a burst into an outage (or a router's start) was quadratic: ~0.8 ms of the loop per submit with
