@@ -784,6 +784,7 @@ def test_a_poison_request_preempted_after_its_recompute_and_moved_still_ends_aft
         assert not stream.done()  # s still holds its 2 blocks: the poison waits in A's queue
         b.client.back.set()  # B comes back; the poison shuns it (Request.shuns) until it answers a work: w's
         await until(lambda: b.up)
+        assert router.requests["poison"].mesh.name == a.name  # not moved at B's rejoin (_rebalance): B failed computing it alone
         await within(collect(router, "w", [9] * 10, SamplingParams(temperature=0.0, max_tokens=1)), 10)
         with pytest.raises(MeshFailures):  # the poison moved off A's queue to B (_rebalance), and crashed it
             await within(poison, 10)
