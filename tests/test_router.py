@@ -1428,6 +1428,26 @@ def test_a_new_request_queues_on_the_mesh_that_holds_it_rather_than_be_cut_on_a_
     asyncio.run(main())
 
 
+def test_a_shorter_mesh_that_rejoins_does_not_take_a_queued_request_it_would_cut():
+    """A mesh that comes up takes the others' queues (_rebalance), but only what it holds whole: a request queued on
+    the longer mesh whose answer passes the shorter one's max_seq_len stays in line there, not cut to the room."""
+    async def main():
+        long, short = meshes = sized_meshes(4096, 1024)
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router.submit("a", [5] * 40, LASTING, None, [], "c")
+        await until(lambda: router.stats()["meshes"][0]["running"] == 1)  # the longer mesh is busy
+        router.submit("x", [7] * 600, SamplingParams(temperature=0.0, max_tokens=425), None, [], "c")  # 1,025 tokens
+        assert router.requests["x"].mesh is router.meshes[0]
+        short.vanish()
+        await until(lambda: not router.stats()["meshes"][1]["up"])
+        short.restart()
+        await until(lambda: router.stats()["meshes"][1]["up"])
+        assert router.requests["x"].mesh.name == "mesh-0" and router.stats()["meshes"][0]["waiting"] == 1
+        await cancel_all_and_close(router, {"mesh-1": 1})
+    asyncio.run(main())
+
+
 def test_a_request_waits_for_the_longer_mesh_no_longer_than_no_mesh_wait_s():
     """The longer mesh is gone for good (a Galaxy's restart takes minutes): after no_mesh_wait_s a request only
     it holds goes on on the shorter one, cut to the room there, rather than fail with a 503."""
