@@ -1252,6 +1252,53 @@ def test_a_mesh_that_comes_up_seats_the_oldest_waiting_requests_first():
     asyncio.run(main())
 
 
+async def _three_full_small_meshes(n: int) -> Router:
+    """Three meshes of 2 slots, their 6 slots taken by r000..r005, then r006.. submitted: queued, spread by load."""
+    meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=256, time_scale=0.01,
+                                                  vocab_size=1000)) for _ in range(3)]
+    router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**FAST))
+    await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+    submit_lasting(router, n)
+    return router
+
+
+def _on(router: Router, mesh) -> list[str]:
+    return [rid for rid, r in router.requests.items() if r.mesh is mesh]
+
+
+def test_a_queued_request_moves_to_the_best_of_the_meshes_with_room():
+    """A queue moves to the mesh placement ranks best (placement_key), not to any mesh with room: with one slot free
+    on one mesh and two on another, the request goes where more are left."""
+    async def main():
+        router = await _three_full_small_meshes(7)
+        queue = router.requests["r006"].mesh
+        one, two = [m for m in router.meshes if m is not queue]
+        router.cancel(_on(router, one)[0])
+        for rid in _on(router, two):
+            router.cancel(rid)
+        await until(lambda: router.requests["r006"].mesh is not queue)
+        assert router.requests["r006"].mesh.name == two.name
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
+def test_a_stream_under_way_moves_before_an_older_request_that_has_not_started():
+    """A queue move takes streams under way first (their clients are mid-answer), then the oldest: with room for one,
+    a resubmitted stream queued on one mesh goes before a new request that came earlier to another."""
+    async def main():
+        router = await _three_full_small_meshes(6)
+        await until(lambda: sum(m["running"] for m in router.stats()["meshes"]) == 6)
+        router.submit("new", [50] * 40, LASTING, None, [], "c")
+        router.submit("cont", [51] * 40, LASTING, None, [3] * 5, "c")  # tokens delivered: a stream under way
+        queues = {router.requests["new"].mesh.name, router.requests["cont"].mesh.name}
+        (room,) = [m for m in router.meshes if m.name not in queues]
+        router.cancel(_on(router, room)[0])
+        await until(lambda: len(_on(router, room)) == 2)
+        assert router.requests["cont"].mesh.name == room.name and router.requests["new"].mesh.name != room.name
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
 def test_a_mesh_with_free_slots_takes_the_queue_of_another():
     async def main():
         router, _ = await make_router(num_meshes=2)
