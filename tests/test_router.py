@@ -1299,6 +1299,27 @@ def test_a_stream_under_way_moves_before_an_older_request_that_has_not_started()
     asyncio.run(main())
 
 
+def test_a_request_preempted_on_a_busy_mesh_moves_to_an_idle_one_at_once():
+    """A queue that forms on a mesh with no room (a preemption) is offered to the others by that mesh's own round
+    (_movable, the queue's side): an idle mesh plans nothing, and would take it only at its next heartbeat."""
+    async def main():
+        small = lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=8, time_scale=0.01, vocab_size=1000)
+        meshes = [LocalMesh(small) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)], RouterConfig(**{**FAST, "heartbeat_s": 60}))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        router.submit("r0", [2] * 100, LASTING, None, [], "c")
+        router.submit("b", [3] * 300, LASTING, None, [], "c")  # on the other mesh, fewer blocks left there
+        router.submit("r1", [4] * 100, LASTING, None, [], "c")  # with r0: 8 blocks hold both to 256 tokens
+        busy, idle = router.requests["r0"].mesh, router.requests["b"].mesh
+        assert busy is not idle and router.requests["r1"].mesh is busy
+        await until(lambda: "b" in idle.scheduler.running)
+        router.cancel("b")
+        await until(lambda: getattr(router.requests.get("r1"), "mesh", None) is idle)  # preempted there, then moved
+        assert busy.scheduler.num_preemptions >= 1
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
 def test_a_mesh_with_free_slots_takes_the_queue_of_another():
     async def main():
         router, _ = await make_router(num_meshes=2)
