@@ -1556,6 +1556,17 @@ async def _events(router, rid, prompt, params, output_ids) -> tuple[list[int], s
     return tokens, reason
 
 
+def test_meshes_of_mixed_lengths_report_the_shortest_as_max_model_len():
+    """The ingress counts its 400s from max_model_len (DESIGN, "Failure"): the longest mesh's would let in a request
+    that only it holds, cut short or held whenever it is down."""
+    async def main():
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(sized_meshes(4096, 1024))], RouterConfig(**FAST))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        assert router.stats()["max_model_len"] == 1024
+        await router.close()
+    asyncio.run(main())
+
+
 def test_a_stream_whose_tokens_fill_every_mesh_up_ends_with_length():
     """A stream under way (a continuation after a router restart, or held while the longer mesh is gone) whose
     tokens so far fill the room of the mesh that can take it ends there with "length", as vLLM's at
