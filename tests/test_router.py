@@ -138,6 +138,25 @@ def test_a_shared_prefix_does_not_pile_onto_a_full_mesh():
     asyncio.run(main())
 
 
+def test_with_no_mesh_seating_it_a_request_queues_where_the_queue_is_shortest_not_where_its_prefix_is():
+    """Among meshes that do not seat a request now, the shortest queue wins over a cached prefix (placement_key): each
+    request queued ahead costs it a whole answer's wait, a cache hit one prefill."""
+    async def main():
+        router = await _two_small_meshes()
+        prefix = list(range(1, 600))
+        await collect(router, "warm", prefix + [7])
+        cached = next(m for m in router.meshes if m.scheduler.stats()["blocks_cached"])
+        for rid, prompt in (("p0", prefix + [10]), ("p1", prefix + [11]), ("d0", [2] * 40), ("d1", [3] * 40),
+                            ("p2", prefix + [12])):  # p2 queues on the mesh that caches the prefix: both are full
+            router.submit(rid, prompt, LASTING, None, [], "c")
+        assert [router.requests[r].mesh is cached for r in ("p0", "p1", "d0", "d1", "p2")] == [True, True, False,
+                                                                                               False, True]
+        router.submit("x", prefix + [13], LASTING, None, [], "c")
+        assert router.requests["x"].mesh.name != cached.name
+        await cancel_all_and_close(router)
+    asyncio.run(main())
+
+
 def test_a_prompt_scored_goes_to_the_mesh_that_seats_it_not_to_one_that_caches_it():
     """A request that asks for its prompt's logprobs computes every position (no prefix-cache hit), so a mesh whose
     cache holds its prefix but whose pool lacks the blocks for the whole prompt does not seat it now: it was ranked
