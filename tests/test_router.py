@@ -1129,6 +1129,36 @@ def test_with_no_live_mesh_the_queue_limits_hold_for_the_meshes_together():
     asyncio.run(main())
 
 
+def test_requests_held_up_to_the_limits_all_run_on_the_first_mesh_back_past_its_queue_limit():
+    """The held requests were admitted: placed when a mesh comes back, its queue limit does not refuse them (migrated,
+    as requests moved off a failed mesh), though two meshes' room is held and one is back. Refused there, those past
+    it ended with a 429 after waiting for the mesh."""
+    async def main():
+        meshes = [LocalMesh(lambda: SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=256, time_scale=0.01,
+                                                     vocab_size=1000)) for _ in range(2)]
+        router = Router([(f"mesh-{i}", m) for i, m in enumerate(meshes)],
+                        RouterConfig(**{**FAST, "max_waiting_requests": 1, "no_mesh_wait_s": 30}))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        events = []
+        router.attach("c", lambda batch: events.extend(unpack_events(batch)))
+        params = SamplingParams(temperature=0.0, max_tokens=4)
+        for i, mesh in enumerate(meshes):
+            mesh.vanish()
+            router.submit(f"probe{i}", [1] * 40, params, None, [], "c")  # its first work finds the replica gone
+        await until(lambda: not router.stats()["ready"])
+        for i in range(4):  # with the probes: the room to hold, 2 meshes x (1 waiting + 2 slots)
+            router.submit(f"r{i}", [i + 2] * 40, params, None, [], "c")
+        assert router.stats()["held"] == 6
+        meshes[0].restart()
+        await until(lambda: not router.requests)
+        meshes[1].restart()
+        await nothing_held(router, 1)
+        ended = sorted(e.request_id for e in events if isinstance(e, TokenEvent) and e.finish_reason == "length")
+        assert ended == ["probe0", "probe1", "r0", "r1", "r2", "r3"], [e for e in events if isinstance(e, RequestFailed)]
+        await router.close()
+    asyncio.run(main())
+
+
 def test_with_no_live_mesh_the_token_limit_refuses_every_prompt_at_it_and_none_below_it():
     """As a mesh's queue: a prompt that passes max_waiting_tokens is held while fewer tokens wait, whatever its length
     (a long one refused where short ones are taken gets 429 for good under load); at the limit, any is refused."""
