@@ -1159,13 +1159,15 @@ def test_requests_held_up_to_the_limits_all_run_on_the_first_mesh_back_past_its_
     asyncio.run(main())
 
 
-def test_with_no_live_mesh_the_token_limit_refuses_every_prompt_at_it_and_none_below_it():
+@pytest.mark.parametrize("limit", [30, 60])
+def test_with_no_live_mesh_the_token_limit_refuses_every_prompt_at_it_and_none_below_it(limit):
     """As a mesh's queue: a prompt that passes max_waiting_tokens is held while fewer tokens wait, whatever its length
-    (a long one refused where short ones are taken gets 429 for good under load); at the limit, any is refused."""
+    (a long one refused where short ones are taken gets 429 for good under load); at the limit, any is refused. The
+    limit is reached, not only passed, when the held prompts' tokens equal it (MeshScheduler.submit): 60 of 60."""
     async def main():
         mesh = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=256, time_scale=0.01,
                                                   vocab_size=1000))
-        router = Router([("mesh-0", mesh)], RouterConfig(**{**FAST, "max_waiting_tokens": 30, "no_mesh_wait_s": 30}))
+        router = Router([("mesh-0", mesh)], RouterConfig(**{**FAST, "max_waiting_tokens": limit, "no_mesh_wait_s": 30}))
         await until(lambda: router.stats()["ready"])
         params = SamplingParams(temperature=0.0, max_tokens=4)
         mesh.vanish()
@@ -1173,27 +1175,6 @@ def test_with_no_live_mesh_the_token_limit_refuses_every_prompt_at_it_and_none_b
         await until(lambda: not router.stats()["ready"] and router.stats()["held"] == 1)
         router.submit("long", [2] * 40, params, None, [], "c")  # 20 tokens wait: below the limit, held
         assert router.stats()["held"] == 2
-        with pytest.raises(QueueFull, match="tokens"):
-            router.submit("behind", [3], params, None, [], "c")
-        mesh.restart()
-        await nothing_held(router, 1)
-        await router.close()
-    asyncio.run(main())
-
-
-def test_with_no_live_mesh_held_tokens_exactly_at_the_limit_refuse_the_next_prompt():
-    """The limit is reached, not only passed, when the held prompts' tokens equal max_waiting_tokens: as a mesh's own
-    queue (MeshScheduler.submit), the next prompt is refused (429) there, not held."""
-    async def main():
-        mesh = LocalMesh(lambda: SimulatedBackend(num_slots=4, kv_groups=1, num_blocks=256, time_scale=0.01,
-                                                  vocab_size=1000))
-        router = Router([("mesh-0", mesh)], RouterConfig(**{**FAST, "max_waiting_tokens": 60, "no_mesh_wait_s": 30}))
-        await until(lambda: router.stats()["ready"])
-        params = SamplingParams(temperature=0.0, max_tokens=4)
-        mesh.vanish()
-        router.submit("probe", [1] * 20, params, None, [], "c")  # its first work finds the replica gone
-        await until(lambda: not router.stats()["ready"] and router.stats()["held"] == 1)
-        router.submit("fill", [2] * 40, params, None, [], "c")  # 20 + 40 = 60 tokens held: the limit
         with pytest.raises(QueueFull, match="60 prompt tokens"):
             router.submit("behind", [3], params, None, [], "c")
         mesh.restart()
