@@ -270,6 +270,9 @@ class Reply:
     named_tool: bool = False  # tool_choice names a function
     prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: alternatives per prompt token
     echo_logprobs: bool = False  # completions' echo with logprobs: the logprobs cover the prompt's tokens first
+    # a chat answer's role: without add_generation_prompt it continues the final message, and is that message's
+    # role, as vLLM's (serving_chat.py, get_chat_request_role)
+    role: str = "assistant"
 
     @classmethod
     def of(cls, req: ChatCompletionRequest | CompletionRequest) -> Reply:
@@ -277,7 +280,8 @@ class Reply:
         return cls(chat, req.stream, req.n, req.num_logprobs, req.return_token_ids, req.return_tokens_as_token_ids,
                    req.include_usage, req.continuous_usage, req.parallel_tool_calls if chat else True,
                    chat and req.tool_choice is not None and not isinstance(req.tool_choice, str),
-                   req.prompt_logprobs, not chat and req.echo_logprobs)
+                   req.prompt_logprobs, not chat and req.echo_logprobs,
+                   req.messages[-1].role if chat and not req.add_generation_prompt else "assistant")
 
 
 _CHOICES_DONE = object()
@@ -907,8 +911,9 @@ class OpenAIServer:
         for i, t in enumerate(totals):
             calls, whole = (answer_calls(t.text, prep.tool_names, prep.tool_mode == "forced", reply.parallel_tool_calls)
                             if prep.tool_mode != "none" else (None, False))
-            message = (AssistantMessage(content=prep.echo or None, tool_calls=[_tool_call(c) for c in calls])
-                       if calls else AssistantMessage(content=prep.echo + t.text))
+            message = (AssistantMessage(role=reply.role, content=prep.echo or None,
+                                        tool_calls=[_tool_call(c) for c in calls])
+                       if calls else AssistantMessage(role=reply.role, content=prep.echo + t.text))
             reason = _finish_reason(t.finish_reason, whole, reply)
             choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
                                       logprobs=self._spliced_chat_logprobs(t.logprobs, as_ids, lists)
@@ -1083,7 +1088,7 @@ class OpenAIServer:
             if chat:  # one choice a chunk, as vLLM and OpenAI send them (a client may read choices[0] alone)
                 opening = self._usage(prompt_tokens, 0, 0) if reply.continuous_usage else None
                 for i in range(reply.n):
-                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))], opening,
+                    yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role=reply.role, content=""))], opening,
                                 prep.prompt_ids if ids else None)
                 for i in range(reply.n if prep.echo else 0):  # in chunks of their own, as vLLM sends it
                     yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(content=prep.echo))], opening)

@@ -775,7 +775,7 @@ class ResponseToolCall(BaseModel):
 
 
 class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
+    role: str = "assistant"  # the final message's without add_generation_prompt, as vLLM's (Reply.role)
     content: str | None
     tool_calls: list[ResponseToolCall] = []
 
@@ -831,7 +831,7 @@ class DeltaToolCall(_Sparse):
 
 
 class DeltaMessage(_Sparse):
-    role: Literal["assistant"] | None = None
+    role: str | None = None  # AssistantMessage's
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
