@@ -41,10 +41,19 @@ def client_json(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         raise
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    except ValueError as e:
-        raise ValueError(str(e).split(";")[0]) from None
+    except (RecursionError, ValueError) as e:
+        raise ValueError(json_limit(e)) from None
+
+
+def json_limit(exc: RecursionError | ValueError) -> str:
+    """What json.loads's RecursionError (nesting) or ValueError (int()'s digit limit) says of the text."""
+    return "JSON nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+
+
+def unreadable_body(exc: RecursionError | ValueError) -> APIError:
+    """400 for a body of JSON that Python's json cannot read: FastAPI's own answer, "There was an error parsing the
+    body", said nothing of what was wrong."""
+    return APIError(400, f"The body cannot be read: {json_limit(exc)}.")
 
 
 def unavailable(message: str) -> APIError:

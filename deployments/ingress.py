@@ -32,7 +32,7 @@ from deployments.auth import ApiKeys, KeyCheck, tenant_salt
 from deployments.body_limit import BodyLimit, BodyTooLarge, too_large
 from deployments.client_gone import ClientGone
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, model_root
-from deployments.errors import APIError, unavailable, validation_error
+from deployments.errors import APIError, unavailable, unreadable_body, validation_error
 from deployments.gc_heap import freeze_gc_heap
 from deployments.large_body import (OFF_LOOP_BYTES, OffLoopBody, is_json, load, not_utf8, off_loop, read_body,
                                    validate)
@@ -312,6 +312,8 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
     async def http_error(request: Request, exc: HTTPException):
         if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's parse of a body that is not UTF-8: its bare 400
             return not_utf8().response()
+        if isinstance(exc.__cause__, (RecursionError, ValueError)):  # its parse of JSON that Python cannot read
+            return unreadable_body(exc.__cause__).response()
         headers = exc.headers
         if exc.status_code == 405:  # Starlette's Allow names the first route at the path only (GET+POST /tokenize)
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}

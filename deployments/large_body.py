@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from deployments.errors import APIError, validation_error
+from deployments.errors import APIError, unreadable_body, validation_error
 
 OFF_LOOP_BYTES = 65_536  # a body this size validates on the loop in a few ms at most
 PARSE_ERROR = "There was an error parsing the body"  # FastAPI's 400 for a body it cannot read or decode
@@ -60,12 +60,12 @@ def _float(text: str) -> float:
 
 def parse(cls: type[BaseModel], body: bytes) -> BaseModel:
     """`body` as FastAPI reads it into `cls`: Starlette's json.loads (here with hooks that give the same values),
-    then pydantic. Raises the APIError, or the HTTPException, that FastAPI's path would have answered."""
+    then pydantic. Raises the APIError the ingress answers on FastAPI's path."""
     return validate(cls, load(body))
 
 
 def load(body: bytes) -> Any:
-    """`body`'s JSON as FastAPI reads it. Raises the APIError, or the HTTPException, that FastAPI answers."""
+    """`body`'s JSON as FastAPI reads it. Raises the APIError the ingress answers on FastAPI's path."""
     try:
         return json.loads(body, object_pairs_hook=_object, parse_int=_int, parse_float=_float)
     except json.JSONDecodeError as exc:  # fastapi/routing.py, get_request_handler: its RequestValidationError
@@ -73,8 +73,8 @@ def load(body: bytes) -> Any:
                                  "ctx": {"error": exc.msg}}], skip_body=True) from None
     except UnicodeDecodeError:  # a ValueError: FastAPI's bare 400 said nothing of what to send instead
         raise not_utf8() from None
-    except (ValueError, RecursionError):  # an int of more than 4,300 digits, arrays
-        raise HTTPException(400, PARSE_ERROR) from None  # nested past the recursion limit: FastAPI's own 400
+    except (ValueError, RecursionError) as exc:  # an int of more than 4,300 digits, arrays nested past the limit
+        raise unreadable_body(exc) from None  # as the ingress answers FastAPI's own 400 for them
 
 
 def validate(cls: type[BaseModel], data: Any) -> BaseModel:
