@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from model.torch_llama import TorchBackend  # noqa: E402
-from model.weights import META_TO_HF, half_split_to_interleaved  # noqa: E402
+from model.weights import half_split_to_interleaved  # noqa: E402
 
 BARS = {  # name -> (comparison, bar)
     "hf_pcc_prefill": (">=", 0.9999),
@@ -43,6 +43,16 @@ SMOLLM2_PROMPTS = (
 # The tiny model of save_tiny_hf_model as Meta's params.json: Meta's FFN rule gives its width 256.
 META_PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256, "multiple_of": 64,
                "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+# transformers' module names -> Meta's (llama-models' llama3 model.py: Attention's wq/wk/wv/wo, FeedForward's
+# w2(silu(w1(x)) * w3(x)), TransformerBlock's attention_norm before attention and ffn_norm before the MLP), spelled out
+# here rather than inverted from model.weights.META_TO_HF: written with the loader's own table, a Meta checkpoint read
+# back through it hid any mistake in that table (w1 and w3 swapped, or the two norms, loaded "correctly").
+HF_TO_META = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+    "embed_tokens": "tok_embeddings", "norm": "norm", "lm_head": "output",
+}
 # Meta's fixed Llama 3.1 rope constants (use_scaled_rope), so a tiny model with them fits params.json.
 META_EXPRESSIBLE_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -82,15 +92,14 @@ def save_byte_tokenizer(path: Path) -> None:
 
 def save_meta_checkpoint(hf_state: dict[str, torch.Tensor], params: dict, path: Path, num_shards: int) -> None:
     """Write HF-layout weights as Meta's tensor-parallel `consolidated.NN.pth` shards + params.json."""
-    hf_to_meta = {hf: meta for meta, hf in META_TO_HF.items()}
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
     for name, tensor in hf_state.items():
         module = name.removeprefix("model.").removesuffix(".weight")
         if module.startswith("layers."):
             _, layer, rest = module.split(".", 2)
-            meta = f"layers.{layer}.{hf_to_meta[rest]}"
+            meta = f"layers.{layer}.{HF_TO_META[rest]}"
         else:
-            meta = hf_to_meta[module]
+            meta = HF_TO_META[module]
         kind = meta.rsplit(".", 1)[-1]
         if kind == "wq":
             tensor = half_split_to_interleaved(tensor, params["n_heads"])
