@@ -16,6 +16,9 @@ LLAMA_33_70B = {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vo
                 "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "norm_eps": 1e-05, "rope_theta": 500000.0,
                 "use_scaled_rope": True}
 LLAMA_31_8B = {**LLAMA_33_70B, "dim": 4096, "n_layers": 32, "n_heads": 32, "ffn_dim_multiplier": 1.3}
+# Llama 3.2 3B's: its FFN width before rounding, int(1.0 * 8192), is already a multiple of 256.
+LLAMA_32_3B = {**LLAMA_33_70B, "dim": 3072, "n_layers": 28, "n_heads": 24, "ffn_dim_multiplier": 1.0,
+               "multiple_of": 256}
 
 
 def test_meta_params_give_the_published_hf_shapes():
@@ -25,6 +28,7 @@ def test_meta_params_give_the_published_hf_shapes():
                                            original_max_position_embeddings=8192)
     assert big.max_position_embeddings == 131072
     assert LlamaConfig.from_meta(LLAMA_31_8B).ffn_dim == 14336  # HF intermediate_size of 8B
+    assert LlamaConfig.from_meta(LLAMA_32_3B).ffn_dim == 8192  # HF intermediate_size of 3B: no rounding up
 
 
 def test_meta_ffn_rule_without_multiplier_rounds_up():
@@ -107,6 +111,18 @@ def test_meta_and_hf_configs_of_the_same_model_agree(tiny_hf, tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(META_PARAMS))
     meta, hf = LlamaConfig.from_dir(tmp_path), LlamaConfig.from_dir(hf_dir)
     assert meta == LlamaConfig(**{**hf.__dict__, "eos_token_ids": ()})  # Meta leaves stop ids to the tokenizer
+
+
+def test_a_params_json_unlike_metas_defaults_reads_as_the_same_models_config_json(tiny_hf, tmp_path):
+    """norm_eps, rope_theta and rope_scaling_factor equal Meta's defaults in META_PARAMS and the released 70B's
+    params.json: a reader that ignored one, or looked it up under config.json's name, passed every test, and would
+    serve a checkpoint that sets it (Llama 3.2 1B/3B's factor 32, Code Llama's theta 1e6) with another model's rope."""
+    cfg = json.loads((tiny_hf[0] / "config.json").read_text())
+    rope = {**cfg["rope_parameters"], "rope_theta": 1e6, "factor": 32.0}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": 1e-6, "rope_parameters": rope}))
+    hf = LlamaConfig.from_dir(tmp_path)
+    meta = LlamaConfig.from_meta({**META_PARAMS, "norm_eps": 1e-6, "rope_theta": 1e6, "rope_scaling_factor": 32.0})
+    assert meta == LlamaConfig(**{**hf.__dict__, "eos_token_ids": ()})
 
 
 def test_sharded_safetensors_load_like_one_file(tiny_hf, tmp_path):
@@ -258,6 +274,12 @@ def _add_rope_table(folder):
         torch.save({**torch.load(shard), "rope.freqs": torch.ones(8)}, shard)
 
 
+def _add_bias(folder):
+    """A bias beside wq in each shard: Meta's Llamas have none, and named like wq's weight it must not be read as it."""
+    for shard in folder.glob("consolidated.*.pth"):
+        torch.save({**torch.load(shard), "layers.0.attention.wq.bias": torch.zeros(32)}, shard)
+
+
 def _drop_item(mapping: dict, key: str) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
@@ -314,6 +336,8 @@ BROKEN_CHECKPOINTS = {  # name -> (make(hf_dir, path), the file the error names,
                                    "'layers.0.attention.wq.weight' has shape [32, 48] there"),
     "meta: a tensor in one shard only": (lambda h, p: _meta(h, p, change=_add_to_second_shard), "consolidated.01.pth",
                                          "hold different tensors, e.g. ['layers.0.attention.bias']"),
+    "meta: a bias": (lambda h, p: _meta(h, p, change=_add_bias), "consolidated.00-01.pth",
+                     "'layers.0.attention.wq.bias' is no weight"),
     "meta: shard not a checkpoint": (lambda h, p: _meta(h, p, change=lambda d: (d / "consolidated.01.pth")
                                                         .write_text("x")), "consolidated.01.pth", "not a PyTorch"),
     "meta: no params.json": (lambda h, p: _meta(h, p, change=lambda d: (d / "params.json").unlink()), "",
