@@ -407,6 +407,34 @@ def test_a_misshapen_weight_fails_the_build_and_the_replica(tiny_hf, tmp_path):
         TorchBackend(tmp_path, num_slots=1, block_size=16, num_blocks=2, max_seq_len=32, device="cpu")
 
 
+def test_a_misshapen_meta_weight_fails_the_replica_too(tiny_hf, tmp_path):
+    """A replica loads Meta shards through the same shape check as safetensors: without it, a norm of shape [1] in
+    every shard was broadcast into the model's [64] by copy_, and the replica served a wrong model."""
+    from model.torch_llama import TorchBackend
+
+    def shrink_norm(folder):
+        for shard in folder.glob("consolidated.*.pth"):
+            torch.save({**torch.load(shard), "norm.weight": torch.ones(1)}, shard)
+
+    _meta(tiny_hf[0], tmp_path, change=shrink_norm)
+    with pytest.raises(ValueError, match=r"consolidated.00-01.pth: tensor 'norm.weight' has shape \[1\]"):
+        TorchBackend(tmp_path, num_slots=1, block_size=16, num_blocks=2, max_seq_len=32, device="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_load_in_both_layouts(tiny_hf, tmp_path, dtype):
+    """Llama's releases are bfloat16, Meta's shards and HF's safetensors alike (some conversions float16), while the
+    tiny test models are float32: a dtype check that refused either half type passed every other test."""
+    hf_dir, state = tiny_hf
+    half = {name: tensor.to(dtype) for name, tensor in state.items()}
+    _hf_variant(hf_dir, tmp_path / "hf", state=lambda s: {name: tensor.to(dtype) for name, tensor in s.items()})
+    save_meta_checkpoint({f"model.{k}": v for k, v in half.items()}, META_PARAMS, tmp_path / "meta", num_shards=2)
+    for folder in (tmp_path / "hf", tmp_path / "meta"):
+        loaded = dict(load_weights(folder, LlamaConfig.from_dir(folder)))
+        assert loaded.keys() == half.keys()
+        assert all(torch.equal(loaded[k], half[k]) for k in half), folder
+
+
 def test_an_hf_folder_with_a_stray_params_json_serves_its_safetensors(tmp_path):
     """A params.json beside config.json and safetensors (no consolidated.*.pth) made the loader take the folder for
     Meta's and fail ('params.json but no consolidated.*.pth'); the weights there decide the format."""
@@ -461,6 +489,16 @@ def test_a_hub_id_is_looked_up_in_the_cache_the_apps_env_vars_name(tiny_hf, tmp_
     path.write_text(yaml.safe_dump({"applications": [app]}))
     (error,) = check_serve_config(str(path))
     assert "HF_MODEL: 'org/absent' is neither a directory nor a Hugging Face model in the local cache" in error
+
+
+def test_hf_hub_cache_is_looked_in_before_hf_home(tmp_path):
+    """huggingface_hub takes $HF_HUB_CACHE over $HF_HOME/hub when an environment sets both: the other order looked
+    for an app's hub id in a cache its replicas never read."""
+    from model.checkpoint import hub_cache
+
+    both = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
+    assert hub_cache(both) == str(tmp_path / "hub")
+    assert hub_cache({"HF_HOME": str(tmp_path / "home")}) == str(tmp_path / "home" / "hub")
 
 
 def test_a_config_json_without_optional_fields_reads_as_transformers_reads_it(tiny_hf, tmp_path):
