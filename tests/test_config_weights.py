@@ -566,6 +566,15 @@ def test_a_tied_checkpoint_that_stores_its_lm_head_too_loads(tiny_hf, tmp_path):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_a_tied_checkpoint_without_an_lm_head_serves_its_embedding_as_the_head(tiny_hf, tmp_path):
+    """The usual tied checkpoint (SmolLM2's) stores no lm_head: read as untied, it lacks a tensor; needing one anyway,
+    the check refuses it. Only the embedded SmolLM2's greedy test, which fetches the model, held either before."""
+    _hf_variant(tiny_hf[0], tmp_path, state=lambda s: _drop_item(s, "lm_head.weight"),
+                config=lambda c: {**c, "tie_word_embeddings": True})
+    ours, theirs = _logits_of_both(tmp_path, [1, 2, 3, 4])
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 def test_an_older_checkpoints_saved_rope_tables_are_skipped(tiny_hf, tmp_path):
     """Older transformers saved each layer's rotary_emb.inv_freq buffer with the weights (TinyLlama's checkpoints
     hold them): no weight, and computed from config.json here, so neither refused nor loaded."""
