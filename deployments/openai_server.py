@@ -177,7 +177,10 @@ def chat_chars(req: ChatCompletionRequest | TokenizeRequest) -> tuple[int, str]:
     field most of them come from ("messages" or "tools"), which a refusal names."""
     per_message = MIN_TOKENS_PER_MESSAGE * MAX_CHARS_PER_TOKEN
     chars = sum(len(m.text) + per_message + sum(_call_chars(c) for c in m.tool_calls or ()) for m in req.messages)
-    tools = sum(len(t.function.model_dump_json()) for t in req.tools or ())
+    # json's dump of the definition, as the template gets it (tool_calls.py): pydantic's own JSON serializer stops a
+    # level short of the depth its validation takes, a 500 for a schema nested 127 deep
+    tools = sum(len(json.dumps(t.function.model_dump(), ensure_ascii=False, separators=(",", ":")))
+                for t in req.tools or ())
     return chars + tools, "tools" if tools > chars else "messages"
 
 

@@ -1971,6 +1971,23 @@ def test_a_json_value_a_client_sends_nested_too_deeply_is_named_so(client, route
     assert not router.requests
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": None}}]}),
+    ("/v1/responses", {"model": MODEL, "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": None}],
+                       "tool_choice": "none"})])
+def test_a_tool_nested_as_deeply_as_validation_takes_is_answered(tokenizer, eos, path, body):
+    """pydantic serializes a JSON value one level less deep than it validates: the tools' size, measured as
+    model_dump_json before templating, raised "Maximum serialization depth exceeded", a 500, for a schema 127
+    levels deep without a grammar (tool_choice "auto" or "none")."""
+    from tests.fake_router import FakeRouter
+    from tests.ingress_support import make_client
+    client = make_client(FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=16384), tokenizer)
+    deepest = json.loads(json.dumps(body).replace("null", json.dumps(_nested_schema(127))))
+    assert post(client, path, deepest).status_code == 200
+    too_deep = json.loads(json.dumps(body).replace("null", json.dumps(_nested_schema(128))))
+    assert_error(post(client, path, too_deep), 400)
+
+
 def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, router):
     """100k empty messages, or huge tool definitions, cannot fit: refused without running the template."""
     many = {**CHAT, "messages": [{"role": "user", "content": ""}] * 100_000}
