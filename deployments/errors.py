@@ -130,7 +130,8 @@ def validation_error(errors: list[dict], skip_body: bool) -> APIError:
     loc = tuple(err.get("loc", ()))
     too_deep = err.get("type") == "recursion_depth_exceeded"
     if too_deep:  # a client's JSON value nested past pydantic's depth: its path inside the value alone was 1.7 KB
-        loc = loc[:next((i for i, part in enumerate(loc) if _is_union_branch(part)), len(loc))]
+        # cut at JsonValue's first branch ("dict", "list"), not a union's before the value (`input`'s list of items)
+        loc = loc[:next((i for i, part in enumerate(loc) if part in _TYPE_LABELS), len(loc))]
     hidden = _tags(loc) | {err.get("branch")}
     loc = [str(p) for i, p in enumerate(loc) if not _is_union_branch(p) and i not in hidden]
     tag = re.fullmatch(r"'(\w+)'", str(err.get("ctx", {}).get("discriminator", "")))  # a field's name, quoted

@@ -1959,7 +1959,10 @@ def _nested_schema(depth: int) -> dict:
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": None}}]},
      "tools.0.function.parameters.properties"),
     ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": None}}},
-     "text.format.schema.properties")])
+     "text.format.schema.properties"),
+    # under a union (text or a list of tagged items): the path goes on past the union's label to the value
+    ("/v1/responses", {"input": [{"type": "reasoning", "summary": [], "encrypted_content": None}]},
+     "input.0.encrypted_content")])
 def test_a_json_value_a_client_sends_nested_too_deeply_is_named_so(client, router, path, extra, field):
     """A schema object nested past pydantic's validation depth is a short 400 saying so, at the value's path: the error
     named every level (`guided_json.properties.a.properties.a...`, 1.7 KB as `param` and again in the message) and
