@@ -761,13 +761,16 @@ def test_chat_echo_without_a_generation_prompt_continues_the_final_message(clien
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_answer_without_a_generation_prompt_has_the_final_messages_role(client, stream):
     """vLLM's get_chat_request_role: without the assistant's header the answer continues the final message, so it
-    is that message's role (a user's text continued is the user's); every answer was "assistant"."""
-    r = client.post("/v1/chat/completions", json={**CHAT, "add_generation_prompt": False, "n": 2, "stream": stream})
+    is that message's role, whatever it is (a system turn's text continued is the system's); every answer was
+    "assistant"."""
+    messages = [*CHAT["messages"], {"role": "system", "content": "Answer tersely."}]
+    r = client.post("/v1/chat/completions", json={**CHAT, "messages": messages, "add_generation_prompt": False, "n": 2,
+                                                  "stream": stream})
     if stream:
         roles = [c["choices"][0]["delta"]["role"] for c in sse(r) if "role" in c["choices"][0]["delta"]]
     else:
         roles = [c["message"]["role"] for c in r.json()["choices"]]
-    assert roles == ["user", "user"]
+    assert roles == ["system", "system"]
     r = client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": stream})  # with the header: assistant
     roles = ([c["choices"][0]["delta"]["role"] for c in sse(r) if "role" in c["choices"][0]["delta"]] if stream
              else [c["message"]["role"] for c in r.json()["choices"]])
