@@ -1096,18 +1096,18 @@ def test_seats_says_no_while_the_lookahead_preempts_the_victim_goes_first():
     assert sched.num_preemptions == 1 and said == runs
 
 
-def _a_group_waiting_for_a_reseated_ones_token(l_blocks: int):
+def _a_group_waiting_for_a_reseated_ones_token(l_tokens: int, l_max_tokens: int = 1):
     """Two KV groups of 21 4-token blocks and 3 slots each, one work out at a time, 4 prompt tokens a work. a decodes 8
-    tokens a round in group 0; p, preempted on another mesh, is re-seated beside it with its _headroom; l (l_blocks
-    blocks of prompt) takes group 1 and, older, takes every work's prefill budget, so p's recompute waits while a grows
-    past that headroom. Returns (sched, mesh, events, params, a, p) at the round whose lookahead a sits out: p is newer
-    and protected (_victim: None), so group 0 runs dry with a slot and a block free, and nobody is preempted."""
+    tokens a round in group 0; p, preempted on another mesh, is re-seated beside it with its _headroom; l (an l_tokens
+    prompt) takes group 1 and, older, takes every work's prefill budget, so p's recompute waits while a grows past that
+    headroom. Returns (sched, a) at the round whose lookahead a sits out: p is newer and protected (_victim: None), so
+    group 0 runs dry with a slot and a block free, and nobody is preempted."""
     sched = MeshScheduler(num_blocks=21, block_size=BS, kv_groups=2, num_slots=6, max_seq_len=84, prefill_chunk=4,
                           max_prefill_tokens=4, decode_steps=8, max_inflight=1)
     mesh, events = FakeMesh(6, 21, BS, 2), defaultdict(list)
     a = sched.submit("a", [1, 2, 3, 4, 5, 6], params(77, ignore_eos=True))
     step(sched, mesh, events)
-    sched.submit("l", list(range(100, 100 + l_blocks * BS - 1)), params(1, ignore_eos=True))
+    sched.submit("l", list(range(100, 100 + l_tokens)), params(l_max_tokens, ignore_eos=True))
     p = sched.submit("p", list(range(50, 58)), params(4, ignore_eos=True), num_tokens_preempted=8)
     for _ in range(8):
         step(sched, mesh, events)
@@ -1122,7 +1122,7 @@ def test_seats_keeps_a_request_out_of_a_kv_group_whose_lookahead_sits_out():
     """Group 0 sits a out (its pool is dry, nobody to preempt): the next schedule admits nobody there, though its free
     slot and block would hold a 3-token request, and group 1 (l's) has no block left. seats() must say no, as must
     placement_key: judging group 0 by its room alone, they would send the router's request to wait here."""
-    sched, a = _a_group_waiting_for_a_reseated_ones_token(21)
+    sched, a = _a_group_waiting_for_a_reseated_ones_token(83)
     planned = a.num_planned
     assert sched.placement_key(_hashes([7, 7, 7]), 3)[0] == 0
     assert _moved_here(sched, [7, 7, 7], params(2, ignore_eos=True)) == (False, False)
@@ -1133,12 +1133,43 @@ def test_seats_counts_the_other_kv_groups_while_one_sits_a_round_out():
     """As above, with a block left in group 1: a sitting out preempts nobody, so the queue stays as it is and the next
     schedule seats a 3-token request in group 1. seats() and placement_key must say so (taken for a preemption, whose
     victim would go first, it said no to a mesh that seats it now)."""
-    sched, a = _a_group_waiting_for_a_reseated_ones_token(20)
+    sched, a = _a_group_waiting_for_a_reseated_ones_token(79)
     planned = a.num_planned
     assert sched.placement_key(_hashes([7, 7, 7]), 3)[0] == 1
     assert _moved_here(sched, [7, 7, 7], params(2, ignore_eos=True)) == (True, True)
     assert a.num_planned == planned
     assert sched.num_preemptions == 0 and sched.kv.group_of(sched.running["moved"].slot).index == 1
+
+
+def test_seats_says_no_behind_a_request_that_fits_no_group_while_one_sits_out():
+    """As above, l with 40 tokens to make and 11 blocks left in group 1, and a 48-token request queued here: it fits
+    neither group 1 nor dry group 0, and a dry group reserves nothing (it may fit that group next round), so the next
+    schedule stops the queue at it. A forecast that reserved group 0 for it and went on said a 3-token request moved
+    here would be seated in group 1: it waited behind the queue's head."""
+    sched, _ = _a_group_waiting_for_a_reseated_ones_token(40, 40)
+    big = sched.submit("big", list(range(200, 248)), params(2, ignore_eos=True))
+    assert sched.num_queued < 0 and sched.placement_key(_hashes([7, 7, 7]), 3)[0] == 0
+    assert _moved_here(sched, [7, 7, 7], params(2, ignore_eos=True)) == (False, False)
+    assert big.status is Status.WAITING and sched.reserved is None and sched.head_blocked
+
+
+def test_seats_says_no_behind_a_second_request_that_fits_no_group_but_the_reserved_one():
+    """h fits no group and holds group 1 (reserved); then big, queued here, fits only group 1 too: the next schedule
+    stops the queue at it (one reservation at a time), so a 3-token request moved here waits, though group 0 has a
+    slot and the block for it. A forecast that reserved a group for big as well went on and said it seats."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=6, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+    mesh, events = FakeMesh(6, 8, BS, 2), defaultdict(list)
+    sched.submit("r0", list(range(20, 40)), params(8, ignore_eos=True))  # group 0: 6 of its 8 blocks
+    sched.submit("r1", list(range(40, 52)), params(8, ignore_eos=True))  # group 1: 4
+    step(sched, mesh, events)
+    h = sched.submit("h", list(range(60, 88)), params(2, ignore_eos=True))  # 7 blocks
+    step(sched, mesh, events)
+    assert sched.reserved is h and sched.reserved_group == 1
+    big = sched.submit("big", list(range(100, 120)), params(2, ignore_eos=True))  # 5 blocks
+    assert sched.num_queued < 0 and sched.placement_key(_hashes([7, 7, 7]), 3)[0] == 0
+    assert _moved_here(sched, [7, 7, 7], params(2, ignore_eos=True)) == (False, False)
+    assert big.status is Status.WAITING and sched.head_blocked
 
 
 def test_with_one_kv_group_a_head_that_fits_no_block_pool_holds_the_queue():
