@@ -949,6 +949,28 @@ def test_a_mesh_whose_queue_takes_the_blocks_does_not_rank_as_seating_a_request_
     assert b.placement_key(hashes, len(prompt)) > a.placement_key(hashes, len(prompt))
 
 
+def test_meshes_that_tie_on_slots_and_prefix_rank_by_their_best_kv_groups_room():
+    """placement_key's last tie-break is the room of the mesh's best KV group, not its first group's nor the groups'
+    sum: two meshes of two groups, two answers running on each, seat a 3-token request now with the same (no) hit and
+    slots left. On a they share group 0 (the second takes the first one's cached prefix) and leave group 1 empty; on b,
+    shorter, one sits in each, with more blocks free in all. a ranks first: the request gets a group to itself there."""
+    meshes = []
+    for first, second in (([1] * 8 + [2] * 15, [1] * 8 + [3]), ([1] * 8 + [2], [5] * 8 + [3])):
+        sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=32,
+                              max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+        mesh, events = FakeMesh(4, 8, BS, 2), defaultdict(list)
+        for rid, prompt in (("first", first), ("second", second)):
+            sched.submit(rid, prompt, params(8, ignore_eos=True))
+            step(sched, mesh, events)
+        meshes.append(sched)
+    a, b = meshes
+    assert [[s.kv.group_of(q.slot).index for q in s.running.values()] for s in (a, b)] == [[0, 0], [0, 1]]
+    assert sum(g.pool.num_free for g in a.kv.groups) < sum(g.pool.num_free for g in b.kv.groups)
+    hashes = _hashes([7, 7, 7])
+    assert a.placement_key(hashes, 3)[:3] == b.placement_key(hashes, 3)[:3] == (1, 0, 2)
+    assert a.placement_key(hashes, 3) > b.placement_key(hashes, 3)
+
+
 def test_executing_names_what_the_mesh_owes_first():
     """What a mesh failure is laid on (the router's max_mesh_failures): the request of the prefill chunk the mesh
     was computing, else every request of the decode round; one cancelled since is not named, but its slot still
