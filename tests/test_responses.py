@@ -10,7 +10,7 @@ from pydantic import TypeAdapter
 
 from scheduler.errors import QueueFull
 from tests.fake_router import FakeRouter
-from tests.ingress_support import (ANSWER, MAX_LEN, assert_error, client, eos, make_client, router,  # noqa: F401
+from tests.ingress_support import (ANSWER, CHAT, MAX_LEN, assert_error, client, eos, make_client, router,  # noqa: F401
                                    tokenizer)
 
 try:
@@ -759,3 +759,75 @@ def test_parallel_tool_calls_false_is_echoed(client):
     said false (one call is kept), not the default true."""
     r = client.post("/v1/responses", json={**BASIC, "tools": TOOLS, "parallel_tool_calls": False})
     assert Response.model_validate(r.json()).parallel_tool_calls is False
+
+
+# A second tool, and a schema that strict mode changes: strict, an object that lists no properties takes none
+CLOCK = {"type": "function", "name": "get_time", "parameters": {"type": "object", "properties": {
+    "zone": {"type": "string"}}}, "strict": False}
+LOOSE = [{**TOOLS[0], "strict": False}, CLOCK]
+OPEN = {"type": "object", "properties": {"x": {"type": "object"}}}
+
+
+def _chat_tool(tool: dict) -> dict:
+    return {"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+
+
+@pytest.mark.parametrize("patch, chat", [
+    ({"tools": LOOSE, "tool_choice": "required"}, {"tools": [_chat_tool(t) for t in LOOSE], "tool_choice": "required"}),
+    ({"tools": LOOSE, "tool_choice": "required", "parallel_tool_calls": False},
+     {"tools": [_chat_tool(t) for t in LOOSE], "tool_choice": "required", "parallel_tool_calls": False}),
+    *(({"text": {"format": {"type": "json_schema", "name": "a", "schema": OPEN, "strict": strict}}},
+       {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": OPEN, "strict": strict}}})
+      for strict in (True, False)),
+])
+def test_the_constraint_is_the_chat_completions_it_describes(client, router, patch, chat):
+    """Every tool, tool_choice "required" with parallel_tool_calls and a json_schema's `strict` shape the answer's
+    grammar, as in the chat completion with the same fields (OpenAI and vLLM honour each of them)."""
+    for path, body in (("/v1/chat/completions", {**CHAT, **chat}), ("/v1/responses", {**BASIC, **patch})):
+        assert client.post(path, json=body).status_code == 200
+    chat_params, responses_params = (params for _, params, _ in router.requests.values())
+    assert responses_params.grammar is not None and responses_params.grammar == chat_params.grammar
+
+
+def test_a_call_to_any_offered_tool_is_a_function_call_item(tokenizer, eos):
+    """Every tool is offered, not the first alone: a call to the second is its function_call item."""
+    router = FakeRouter(tokenizer.encode('{"name": "get_time", "parameters": {"zone": "UTC"}}') + [eos],
+                        max_model_len=4096)
+    resp = Response.model_validate(make_client(router, tokenizer).post(
+        "/v1/responses", json={**BASIC, "tools": LOOSE}).json())
+    (call,) = resp.output
+    assert call.type == "function_call" and call.name == "get_time" and json.loads(call.arguments) == {"zone": "UTC"}
+
+
+def test_a_turns_calls_are_one_assistant_message(client, router, tokenizer):
+    """The function_call items after an assistant's text are that turn's calls, as chat's one message with its
+    tool_calls, not one assistant turn per call."""
+    items = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Let me look."}, *CALLS,
+             *OUTPUTS]
+    calls = [{"id": c["call_id"], "type": "function",
+              "function": {"name": c["name"], "arguments": c["arguments"]}} for c in CALLS]
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Let me look.", "tool_calls": calls},
+                *({"role": "tool", "tool_call_id": o["call_id"], "content": o["output"]} for o in OUTPUTS)]
+    assert client.post("/v1/chat/completions", json={**CHAT, "messages": messages}).status_code == 200
+    assert client.post("/v1/responses", json={**BASIC, "input": items}).status_code == 200
+    chat, responses = (prompt for prompt, _, _ in router.requests.values())
+    assert responses == chat
+
+
+@pytest.mark.parametrize("patch, param", [
+    ({"tool_choice": "required"}, "tool_choice"),  # no tools to call: OpenAI's 400, as chat's
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),  # OpenAI's limit: 16 pairs
+    ({"tools": [{**TOOLS[0], "allowed_callers": ["programmatic"]}]}, "tools.0.allowed_callers"),
+])
+def test_what_cannot_be_honoured_is_a_400(client, router, patch, param):
+    assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
+    assert router.requests == {}
+
+
+def test_a_request_id_is_in_the_routers_id_too(client, router):
+    """The router's id, which the logs name, holds a client's request_id, as it holds the response's own id: one
+    grep of the id the client has finds its request in every process's log (README, enable_log_requests)."""
+    assert client.post("/v1/responses", json={**BASIC, "request_id": "resp_mine"}).json()["id"] == "resp_mine"
+    (router_id,) = router.requests
+    assert "resp_mine-" in router_id, router_id
