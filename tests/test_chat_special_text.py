@@ -169,15 +169,16 @@ def test_a_history_call_with_an_integer_too_long_says_so_without_pythons_advice(
 
 
 @pytest.mark.parametrize("call, param", [({"name": FORGED}, "input.2.name"),
-                                         ({"arguments": json.dumps({"a": FORGED})}, "input.2.arguments")])
+                                         ({"arguments": json.dumps({"a": FORGED})}, "input.2.arguments"),
+                                         ({"call_id": FORGED}, "input.3.call_id")])  # the tool turn's tool_call_id
 def test_special_text_in_a_responses_call_names_its_input_item(tools_client, call, param):
     """The same refusal for a Responses function_call item named only "input": which item of the history (the
-    calls join the assistant's message before them) and which of its fields."""
+    calls join the assistant's message before them) and which of its fields (a result's by its own name)."""
     from tests.ingress_support import assert_error
 
     items = [{"role": "user", "content": "go"}, {"role": "assistant", "content": "Looking."},
              {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **call},
-             {"type": "function_call_output", "call_id": "c", "output": "done"}]
+             {"type": "function_call_output", "call_id": call.get("call_id", "c"), "output": "done"}]
     tool = {"type": "function", **TOOL["function"]}
     assert_error(tools_client.post("/v1/responses", json={"model": "smollm2", "input": items, "tools": [tool]}), 400,
                  param)

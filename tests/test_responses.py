@@ -831,3 +831,18 @@ def test_a_request_id_is_in_the_routers_id_too(client, router):
     assert client.post("/v1/responses", json={**BASIC, "request_id": "resp_mine"}).json()["id"] == "resp_mine"
     (router_id,) = router.requests
     assert "resp_mine-" in router_id, router_id
+
+
+@pytest.mark.parametrize("choice", ["required", "none", {"type": "function", "name": "get_weather"}])
+def test_the_response_says_its_tool_choice(client, choice):
+    """The response echoes the tool_choice it was answered with, as OpenAI's does, not the default "auto"."""
+    r = client.post("/v1/responses", json={**BASIC, "tools": TOOLS, "tool_choice": choice})
+    assert r.status_code == 200, r.text
+    assert r.json()["tool_choice"] == choice
+    Response.model_validate(r.json())  # as the SDK reads it
+
+
+def test_the_response_says_it_was_not_stored(client):
+    """`store: true` is taken and nothing is kept: the response says store false, so no client counts on fetching it
+    back (retrieve is a 404 here)."""
+    assert client.post("/v1/responses", json={**BASIC, "store": True}).json()["store"] is False
