@@ -846,3 +846,10 @@ def test_the_response_says_it_was_not_stored(client):
     """`store: true` is taken and nothing is kept: the response says store false, so no client counts on fetching it
     back (retrieve is a 404 here)."""
     assert client.post("/v1/responses", json={**BASIC, "store": True}).json()["store"] is False
+
+
+def test_the_response_names_its_model_and_user(client):
+    """The response says the model that answered, as a chat completion does, and echoes `user`, as OpenAI's does."""
+    chat = client.post("/v1/chat/completions", json=CHAT).json()
+    resp = Response.model_validate(client.post("/v1/responses", json={**BASIC, "user": "u-1"}).json())
+    assert resp.model == chat["model"] and resp.user == "u-1"
