@@ -853,3 +853,15 @@ def test_the_response_names_its_model_and_user(client):
     chat = client.post("/v1/chat/completions", json=CHAT).json()
     resp = Response.model_validate(client.post("/v1/responses", json={**BASIC, "user": "u-1"}).json())
     assert resp.model == chat["model"] and resp.user == "u-1"
+
+
+def test_a_forced_call_cut_before_its_arguments_is_still_a_call(tokenizer, eos):
+    """tool_choice "required" makes the answer a call however early max_output_tokens cut it (its name not yet
+    whole): an incomplete function_call item, whole or streamed, not a message of the call's first characters."""
+    client = make_client(FakeRouter(tokenizer.encode(CALL) + [eos], max_model_len=4096), tokenizer)
+    body = {**BASIC, "tools": TOOLS, "tool_choice": "required", "max_output_tokens": 2}
+    whole = client.post("/v1/responses", json=body).json()
+    final = events(client.post("/v1/responses", json={**body, "stream": True}))[-1]["response"]
+    assert _same_but_ids(whole) == _same_but_ids(final)
+    (call,) = Response.model_validate(whole).output
+    assert call.type == "function_call" and call.status == "incomplete"
