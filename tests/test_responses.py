@@ -865,3 +865,22 @@ def test_a_forced_call_cut_before_its_arguments_is_still_a_call(tokenizer, eos):
     assert _same_but_ids(whole) == _same_but_ids(final)
     (call,) = Response.model_validate(whole).output
     assert call.type == "function_call" and call.status == "incomplete"
+
+
+def test_a_streamed_message_max_output_tokens_cut_is_incomplete(client):
+    """The message item that max_output_tokens cut is incomplete in the stream (its output_item.done and the final
+    response), as in the whole answer: only its response's status said so."""
+    es = events(client.post("/v1/responses", json={**BASIC, "max_output_tokens": 3, "stream": True}))
+    (done,) = [e for e in es if e["type"] == "response.output_item.done"]
+    (message,) = Response.model_validate(es[-1]["response"]).output
+    assert done["item"]["status"] == message.status == "incomplete"
+
+
+def test_a_failed_stream_counts_the_tokens_it_took(tokenizer, eos):
+    """A stream that failed after 3 tokens says so in response.failed's usage, as a finished one says its own: the
+    prompt and the tokens generated were spent."""
+    router = FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=4096, fail_with_error_after=3)
+    es = events(make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "stream": True}))
+    (failed,) = [e for e in es if e["type"] == "response.failed"]
+    usage = Response.model_validate(failed["response"]).usage
+    assert usage.output_tokens == 3 and usage.input_tokens > 0
