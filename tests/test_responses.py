@@ -884,3 +884,14 @@ def test_a_failed_stream_counts_the_tokens_it_took(tokenizer, eos):
     (failed,) = [e for e in es if e["type"] == "response.failed"]
     usage = Response.model_validate(failed["response"]).usage
     assert usage.output_tokens == 3 and usage.input_tokens > 0
+
+
+@pytest.mark.parametrize("answer", [ANSWER, CALL])
+def test_a_streamed_item_is_added_in_progress_and_done_completed(tokenizer, eos, answer):
+    """A message or call is in_progress as output_item.added opens it, and completed as output_item.done closes it,
+    as OpenAI's stream says them: one added completed read as closed before any of its deltas."""
+    client = make_client(FakeRouter(tokenizer.encode(answer) + [eos], max_model_len=4096), tokenizer)
+    es = events(client.post("/v1/responses", json={**BASIC, "tools": TOOLS, "stream": True}))
+    (added,) = [e["item"] for e in es if e["type"] == "response.output_item.added"]
+    (done,) = [e["item"] for e in es if e["type"] == "response.output_item.done"]
+    assert (added["id"], added["status"], done["status"]) == (done["id"], "in_progress", "completed")
