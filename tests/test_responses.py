@@ -895,3 +895,15 @@ def test_a_streamed_item_is_added_in_progress_and_done_completed(tokenizer, eos,
     (added,) = [e["item"] for e in es if e["type"] == "response.output_item.added"]
     (done,) = [e["item"] for e in es if e["type"] == "response.output_item.done"]
     assert (added["id"], added["status"], done["status"]) == (done["id"], "in_progress", "completed")
+
+
+def test_a_stream_failed_mid_call_keeps_the_arguments_it_sent(tokenizer, eos):
+    """response.failed holds the call the answer was making, incomplete, with the arguments its deltas sent, as it
+    holds a cut message's text."""
+    head = tokenizer.encode('{"name": "get_weather", "parameters": {"city": "Pa')
+    router = FakeRouter(tokenizer.encode(CALL) + [eos], max_model_len=4096, fail_with_error_after=len(head))
+    es = events(make_client(router, tokenizer).post("/v1/responses", json={**BASIC, "tools": TOOLS, "stream": True}))
+    (failed,) = [e for e in es if e["type"] == "response.failed"]
+    (call,) = Response.model_validate(failed["response"]).output
+    sent = "".join(e["delta"] for e in es if e["type"] == "response.function_call_arguments.delta")
+    assert call.status == "incomplete" and call.arguments == sent and sent.startswith('{"city"')
