@@ -144,9 +144,10 @@ def request_ids(prefix: str, client_id: str | None) -> tuple[str, str]:
     router's begins with the response's, so that one grep of the id a client reports (the response's `id`, vLLM's
     `request_id` or X-Request-Id) finds the request in the logs of every process; a random part keeps it unique
     when clients reuse an id, and a character that could forge a log line (a newline) is "?" there. A prefix that
-    ends in "_" (the Responses API's "resp_", as OpenAI's ids read) is followed by no "-"."""
+    ends in "_" (the Responses API's "resp_", as OpenAI's ids read) is followed by no "-"; an empty one (a Responses
+    request_id, which is the response's id whole, as vLLM's) by nothing."""
     token = uuid.uuid4().hex
-    prefix += "" if prefix.endswith("_") else "-"
+    prefix += "" if not prefix or prefix.endswith("_") else "-"
     if client_id is None:
         return f"{prefix}{token}", f"{prefix}{token}"
     response_id = f"{prefix}{client_id}"

@@ -58,7 +58,7 @@ class _Answer:
         fmt = req.text.format if req.text and req.text.format else TextFormat(type="text")
         choice = req.tool_choice or "auto"
         self._response = {
-            "id": req.request_id or prep.id, "object": "response",
+            "id": prep.id, "object": "response",
             "created_at": prep.created,
             "status": None, "error": None, "incomplete_details": None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens, "model": self.server.model,
@@ -110,7 +110,8 @@ async def respond(server: OpenAIServer, req: ResponsesRequest, salt: str | None,
     of more than OFF_LOOP_BYTES is made off the loop (50,000 input items: ~0.2 s of validation)."""
     chat = req.chat() if body_bytes <= OFF_LOOP_BYTES else await off_loop(req.chat)
     try:
-        prep = await server.prepare(chat, "resp_")  # the router's id begins with the response's
+        # the router's id begins with the response's: a client's request_id is that id whole
+        prep = await server.prepare(chat, "" if req.request_id is not None else "resp_")
     except APIError as exc:
         raise req.renamed(exc) from None
     return Deferred(_answer(_Answer(server, req, prep), salt, req.stream))

@@ -826,11 +826,12 @@ def test_what_cannot_be_honoured_is_a_400(client, router, patch, param):
 
 
 def test_a_request_id_is_in_the_routers_id_too(client, router):
-    """The router's id, which the logs name, holds a client's request_id, as it holds the response's own id: one
-    grep of the id the client has finds its request in every process's log (README, enable_log_requests)."""
+    """The router's id, which the logs name, begins with a client's request_id, as it begins with the response's own
+    id: one grep of the id the client has finds its request in every process's log (README, enable_log_requests). It
+    began "resp_resp_mine-"."""
     assert client.post("/v1/responses", json={**BASIC, "request_id": "resp_mine"}).json()["id"] == "resp_mine"
     (router_id,) = router.requests
-    assert "resp_mine-" in router_id, router_id
+    assert router_id.startswith("resp_mine-"), router_id
 
 
 @pytest.mark.parametrize("choice", ["required", "none", {"type": "function", "name": "get_weather"}])
