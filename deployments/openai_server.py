@@ -178,8 +178,8 @@ def chat_chars(req: ChatCompletionRequest | TokenizeRequest) -> tuple[int, str]:
     field most of them come from ("messages" or "tools"), which a refusal names."""
     per_message = MIN_TOKENS_PER_MESSAGE * MAX_CHARS_PER_TOKEN
     chars = sum(len(m.text) + per_message + sum(_call_chars(c) for c in m.tool_calls or ()) for m in req.messages)
-    # json's dump of the definition, as the template gets it (tool_calls.py): pydantic's own JSON serializer stops a
-    # level short of the depth its validation takes, a 500 for a schema nested 127 deep
+    # the definition's JSON as json writes it (templates render it with tojson, tools_system_message with json.dumps),
+    # not pydantic's serializer: that stops a level short of the depth its validation takes (a 500 at 127 levels)
     tools = sum(len(json.dumps(t.function.model_dump(), ensure_ascii=False, separators=(",", ":")))
                 for t in req.tools or ())
     return chars + tools, "tools" if tools > chars else "messages"
