@@ -134,8 +134,8 @@ class TTMeshConfig:
     """How the mesh is opened, sampled and warmed up. The defaults, and the names, are tt-inference-server's
     `override_tt_config` for Llama-3.3-70B on GALAXY (prod/llm.yaml @cb954e42, tt-metal e867533, vLLM 8f36910):
     the trace region holds the prefill traces (the generator traces the lengths of llama_ccl.py's
-    support_seqlens, 128 to 4096 @00ab7c95, and runs longer prefills untraced), the decode and the sampling
-    traces. The mesh shape is not here: it is AppConfig.mesh_shape, one knob.
+    support_seqlens, 128 to 4096 @bd428598, and 8192 too @00ab7c95, and runs longer prefills untraced), the
+    decode and the sampling traces. The mesh shape is not here: it is AppConfig.mesh_shape, one knob.
 
     `enable_model_warmup` (tt_worker.py's key of that name) compiles and captures every prefill length, decode
     and sampling variant at load, before the replica takes traffic; off only for bring-up.

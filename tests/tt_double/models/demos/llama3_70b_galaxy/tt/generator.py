@@ -29,7 +29,8 @@ import ttnn
 from models.common.sampling import SamplingParams, format_sampling_params
 from models.demos.llama3_70b_galaxy.tt.model_config import SDPA_CHUNK_ALIGN
 
-# The prefill lengths the generator traces (tt_ccl.support_seqlens, llama_ccl.py @00ab7c95); others run untraced.
+# The prefill lengths the generator traces (tt_ccl.support_seqlens, llama_ccl.py @bd428598, the newest the index
+# holds; the older @00ab7c95 traced 8192 too); others run untraced.
 SUPPORT_SEQLENS = (4096, 2048, 1024, 128)
 
 # How a device-sampled prefill places its parameters. False: as generator.py @00b0fa3f (and every Galaxy generator.py
