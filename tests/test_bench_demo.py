@@ -280,8 +280,8 @@ def test_users_of_one_batch_share_no_prefix_cache(monkeypatch):
 
     monkeypatch.setattr(demo, "batch_result", spy)
     demo.main(["--preset", "performance-long-4k-b1", "--batch-size", "8", "--time-scale", "0.001",
-               "--max-generated-tokens", "2", "--json"])
-    assert cached == [0] * 8
+               "--max-generated-tokens", "2", "--repeat-batches", "2", "--json"])
+    assert cached == [0] * 16  # nor the users of the batch before (the demo zeroes its KV cache between batches)
 
 
 def test_the_summary_is_the_first_batchs_as_in_the_demo():
@@ -375,3 +375,73 @@ def test_a_galaxy_checkpoint_the_demo_cannot_read_is_named_once(monkeypatch, tmp
     with pytest.raises(SystemExit) as exited:
         demo.main(["--backend", "tt_galaxy", "--model", str(tmp_path)])
     assert str(exited.value.code).startswith(f"{tmp_path / 'config.json'}: not a Llama config meshserve reads")
+
+
+def test_the_figures_follow_the_demos_definitions():
+    """Prefill time runs from the batch start to the last user's first token; TTFT (avg) is it per user; tokens/s/user
+    is (tokens - 2) over the time after each user's first decode step (the demo drops its first iteration), averaged
+    over the users that decoded 3+ tokens; tokens/s is it times the users. All in Galaxy time (/ time_scale)."""
+    from types import SimpleNamespace
+
+    def user(name: str, times: list[float]) -> SimpleNamespace:
+        return SimpleNamespace(request_id=name, first_token_time=times[0], num_prompt_tokens=3,
+                               output_ids=[1] * len(times), finish_reason="length")
+
+    times = {"a": [0.25, 0.5, 0.75, 1.0, 1.25], "b": [0.5, 1.0, 1.5, 2.0], "c": [0.25, 0.5]}
+    result = demo.batch_result(0, 0.0, [user(name, t) for name, t in times.items()], times, 0.5, None)
+    assert result.prefill_s == pytest.approx(1.0)
+    assert result.ttft_ms == pytest.approx(1000 / 3)
+    # a: 3 tokens in 0.75 s, b: 2 in 1 s, at time_scale 0.5: 2 and 1 tokens/s; c decoded too few to count
+    assert result.decode_tokens_per_s_per_user == pytest.approx(1.5)
+    assert result.decode_tokens_per_s == pytest.approx(4.5)
+
+
+def test_each_preset_is_compared_with_its_own_published_row():
+    """A preset's published row is that of its prompt file's length and its batch: galaxy_perf.json has 4,096-token
+    rows for batch 1 and 32, and the batch-1 run was compared with the batch-32 one."""
+    for name, preset in demo.PRESETS.items():
+        if preset.published_input_tokens is None:
+            continue
+        stem = preset.input_prompts.stem
+        assert preset.published_input_tokens == (128 if stem == "batch32" else int(stem.split("_")[1][:-1]) * 1024)
+    rows = demo.published_rows(demo.PRESETS["performance-long-4k-b1"])
+    assert rows == {"by_input_length[4096]": {"ttft_ms": 625.08, "decode_tokens_per_s_per_user": 54.07}}
+
+
+def test_the_report_prints_the_demos_summary_and_the_gap_to_the_published_figures():
+    args = demo.parse_args(["--preset", "performance-long-4k-b1"])
+    users = [demo.UserResult(4000, 128, "length")]
+    batches = [demo.BatchResult(0, 0.5, 500.0, 50.0, 50.0, users)]
+    rep = demo.report(args, demo.resolve(args), batches, wall_s=3.0, device_busy=None, prompts=None)
+    row = rep["published"]["by_input_length[4096]"]
+    assert row["ttft_rel_diff"] == pytest.approx(500 / 625.08 - 1)
+    assert row["tokens_per_s_per_user_rel_diff"] == pytest.approx(50 / 54.07 - 1)
+    text = demo.format_report(rep)
+    assert "Average Time to First Token (TTFT): 500.00 ms" in text
+    assert "Average speed: 20.00 ms @ 50.00 tok/s/user (50.00 tok/s throughput)" in text
+    assert "TTFT 625.08 ms (-20.0%), 54.07 tok/s/user (-7.5%)" in text
+
+
+def test_the_presets_generate_their_whole_length_unless_told_to_stop_at_eos():
+    """The demo's performance runs decode max_generated_tokens whatever the model says (stop_at_eos False)."""
+    assert all(u.ignore_eos for u in demo.sampling(demo.resolve(demo.parse_args(["--batch-size", "2"]))))
+    stop = demo.resolve(demo.parse_args(["--batch-size", "2", "--stop-at-eos", "1"]))
+    assert not any(u.ignore_eos for u in demo.sampling(stop))
+
+
+def test_a_cpu_model_run_is_never_the_published_run():
+    assert demo.resolve(demo.parse_args(["--backend", "torch"])).published_input_tokens is None
+    assert demo.resolve(demo.parse_args(["--backend", "simulated"])).published_input_tokens == 128
+
+
+def test_only_batch_32_cuts_contexts_and_users_take_the_files_entries_in_turn(tmp_path):
+    """text_demo.py's load_inputs cuts to its per-user lengths only at batch 32 (any other batch reads the file's
+    max_length), and user u takes entry u mod the file's entries."""
+    (tmp_path / "book.txt").write_text("x" * 20_000)
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps([{"prompt": "A?", "context": "book.txt", "max_length": 15_000},
+                                {"prompt": "B?", "context": "book.txt", "max_length": 15_000}]))
+    at_8 = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "8"]))
+    assert [len(p) for p in demo.demo_prompts(at_8)] == [15_000 + len("``````\n\nA?")] * 2
+    at_32 = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
+    assert [p[-2] for p in demo.demo_prompts(at_32)] == ["A", "B"] * 16
