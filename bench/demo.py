@@ -271,7 +271,7 @@ def demo_prompts(settings: Settings) -> list[str]:
     entries = read_prompt_file(path)
     if settings.batch_size != 32 or all(e.context is None or e.max_length is None for e in entries):
         return joined
-    contexts = load_prompts(path, instruct=False)  # an entry with a context: that context, cut to max_length
+    contexts = load_prompts(path, instruct=False, cut=False)  # an entry with a context: that context, whole
     prompts = []
     for user in range(32):
         i = user % len(entries)

@@ -65,8 +65,9 @@ def read_prompt_file(path: str | Path) -> list[PromptEntry]:
         raise PromptFileError(f"{path}: entry {index}: {'; '.join(problems)}") from e
 
 
-def load_prompts(path: str | Path, instruct: bool = True) -> list[str]:
-    """The prompt texts of a file, each with its context read, cut to max_length and joined."""
+def load_prompts(path: str | Path, instruct: bool = True, cut: bool = True) -> list[str]:
+    """The prompt texts of a file, each with its context read, cut to max_length (unless `cut` is False: the demo at
+    batch 32 cuts to lengths of its own instead) and joined."""
     path = Path(path)
     prompts = []
     for i, entry in enumerate(read_prompt_file(path)):
@@ -74,7 +75,7 @@ def load_prompts(path: str | Path, instruct: bool = True) -> list[str]:
             prompts.append(entry.prompt)
             continue
         try:
-            context = _read_source(entry.context, path.parent)[: entry.max_length]
+            context = _read_source(entry.context, path.parent)[: entry.max_length if cut else None]
         except (OSError, httpx.HTTPError, UnicodeDecodeError) as e:
             raise PromptFileError(f"{path}: entry {i}: cannot read context {entry.context!r}: {e}") from e
         prompts.append(f"```{context}```\n\n{entry.prompt}" if instruct else context)

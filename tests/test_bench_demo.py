@@ -445,3 +445,15 @@ def test_only_batch_32_cuts_contexts_and_users_take_the_files_entries_in_turn(tm
     assert [len(p) for p in demo.demo_prompts(at_8)] == [15_000 + len("``````\n\nA?")] * 2
     at_32 = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
     assert [p[-2] for p in demo.demo_prompts(at_32)] == ["A", "B"] * 16
+
+
+def test_batch_32_cuts_to_the_demos_lengths_not_the_files_max_length(tmp_path):
+    """text_demo.py's load_inputs clips each context to its per-user length at batch 32 in place of the entry's
+    max_length (`max_length if batch == 1 else len_per_batch[i]`): a file's max_length of 1,000 capped users 2 and 3
+    at 1,000 characters here, where the demo gives them 4,444 and 13,332."""
+    (tmp_path / "book.txt").write_text("x" * 20_000)
+    path = tmp_path / "short.json"
+    path.write_text(json.dumps([{"prompt": "Q?", "context": "book.txt", "max_length": 1_000}]))
+    settings = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
+    contexts = [len(p) - len("``````\n\nQ?") for p in demo.demo_prompts(settings)]
+    assert contexts == [534, 1008, 4444, 13332] * 8
