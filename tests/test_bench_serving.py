@@ -364,3 +364,72 @@ def test_a_malformed_model_list_is_a_clear_exit(models):
 
     with pytest.raises(SystemExit, match="cannot list the models"):
         asyncio.run(list_models())
+
+
+def test_an_error_event_fails_its_request_though_the_stream_ends_with_done():
+    """The ingress ends a stream with [DONE] even after an error event: the answer is cut short, not complete."""
+    error = 'data: {"error": {"message": "mesh lost", "type": "server_error"}}\n\n'
+    result = streamed(TEXT_CHUNK + error + "data: [DONE]\n\n")
+    assert not result.ok and "mesh lost" in result.error and result.text == "hi"
+
+
+def test_a_refusal_or_an_empty_answer_is_a_failed_request_that_says_why():
+    refused = httpx.MockTransport(lambda request: httpx.Response(429, json={"error": {"message": "queue full"}}))
+
+    async def one():
+        async with httpx.AsyncClient(transport=refused) as http:
+            return await client.stream_request(http, "http://server", "chat", {})
+
+    result = asyncio.run(one())
+    assert not result.ok and result.error.startswith("HTTP 429") and "queue full" in result.error
+    empty = streamed("data: [DONE]\n\n")
+    assert not empty.ok and "without any text" in empty.error
+
+
+def test_the_clients_summary_is_over_the_answers_that_came_back(fake_server, tmp_path, capsys):
+    """A failed request's TTFT, rate and tokens stay out of the means and totals the client prints."""
+    url, state = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "fine"}, {"prompt": "stall"}, {"prompt": "also fine"}]))
+    out = tmp_path / "client.json"
+    summary = client.main(["--num-concurrent", "3", "--prompt-json-path", str(prompts), "--url", url,
+                           "--max-tokens", "6", "--read-timeout", "0.5", "--json", str(out)])
+    answers = [a for a in json.loads(out.read_text())["requests"] if a["ok"]]
+    assert (summary["failed"], len(answers), summary["output_tokens"]) == (1, 2, 2 * EOS_AFTER)
+    assert summary["mean_ttft_ms"] == pytest.approx(sum(a["ttft_ms"] for a in answers) / 2)
+    assert summary["mean_decode_tokens_per_s_per_user"] == pytest.approx(
+        sum(a["decode_tokens_per_s"] for a in answers) / 2)
+    capsys.readouterr()
+
+
+def test_the_client_asks_for_the_demos_run_by_default(fake_server, tmp_path):
+    """Greedy, 128 tokens, usage in the stream; --ignore-eos holds every answer to its length, as the demo does."""
+    url, state = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "q"}]))
+    client.main(["--num-concurrent", "1", "--prompt-json-path", str(prompts), "--url", url])
+    body = state.bodies[-1]
+    assert (body["max_tokens"], body["temperature"], body["stream_options"]) == (128, 0.0, {"include_usage": True})
+    assert "ignore_eos" not in body
+    client.main(["--num-concurrent", "1", "--prompt-json-path", str(prompts), "--url", url, "--ignore-eos",
+                 "--max-tokens", "2"])
+    assert state.bodies[-1]["ignore_eos"] is True
+
+
+def test_random_lengths_spread_both_ways_by_the_range_ratio():
+    """vLLM's random dataset: lengths uniform in [len * (1 - ratio), len * (1 + ratio)], not only upwards."""
+    requests = serving.random_requests(200, 100, 20, 0.5, "tokens", seed=3)
+    prompt_lens = [len(r.prompt) for r in requests]
+    assert min(prompt_lens) < 100 < max(prompt_lens) and 50 <= min(prompt_lens) and max(prompt_lens) <= 150
+    assert all(r.prompt_tokens == len(r.prompt) for r in requests)
+    assert min(r.max_tokens for r in requests) < 20 < max(r.max_tokens for r in requests)
+
+
+def test_the_client_keeps_at_most_num_concurrent_requests_in_flight(fake_server, tmp_path):
+    url, state = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": f"question {i}"} for i in range(6)]))
+    state.max_in_flight = 0
+    summary = client.main(["--num-concurrent", "2", "--prompt-json-path", str(prompts), "--url", url,
+                           "--max-tokens", "8"])
+    assert summary["requests"] == 6 and summary["failed"] == 0 and state.max_in_flight <= 2
