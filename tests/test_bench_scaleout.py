@@ -132,3 +132,46 @@ def test_a_bad_mesh_list_is_a_usage_error_before_any_cluster(meshes, monkeypatch
         scaleout.main(["--meshes", meshes])
     assert exit_.value.code == 2 and "--meshes" in capsys.readouterr().err
     assert measured == []
+
+
+def test_each_mesh_counts_figures_come_from_its_own_saturated_run(monkeypatch, capsys):
+    """measure's arithmetic without a cluster: N*32 streams, time_scale N x per-mesh, capacity for N meshes,
+    TTFT percentiles in wall and Galaxy ms, chunks/s; the cluster is shut down after its run."""
+    import contextlib
+
+    from bench import scaleout
+
+    calls, shut = [], []
+
+    class FakeCluster:
+        def __init__(self, n: int):
+            self.address = f"cluster-{n}"
+
+        def shutdown(self):
+            shut.append(self.address)
+
+    @contextlib.contextmanager
+    def fake_serve_app(config, cluster_address=None):
+        yield f"http://{cluster_address}"
+
+    async def fake_drive(url, model, prompts, max_tokens, on_tokens=None):
+        calls.append((url, len(prompts), {len(p) for p in prompts}, max_tokens))
+        # stream c: its first token at 1 + c/100 s, then 4 more tokens by 3 s and 4 more by 5 s
+        return [[(0.0, 0), (1.0 + c / 100, 1), (3.0, 5), (5.0, 9)] for c in range(len(prompts))], 8.0
+
+    monkeypatch.setattr(scaleout, "GalaxyCluster", FakeCluster)
+    monkeypatch.setattr(scaleout, "serve_app", fake_serve_app)
+    monkeypatch.setattr(scaleout, "drive", fake_drive)
+    (r,) = scaleout.main(["--meshes", "2", "--time-scale-per-mesh", "6", "--json"])["results"]
+    assert calls == [("http://cluster-2", 4, {128}, 4), ("http://cluster-2", 64, {128}, 256)] and shut == ["cluster-2"]
+    assert (r["meshes"], r["time_scale"], r["clients"]) == (2, 12.0, 64)
+    window = steady_window([[(0.0, 0), (1.0 + c / 100, 1), (3.0, 5), (5.0, 9)] for c in range(64)])
+    assert r["delivered_tokens_per_s"] == pytest.approx(64 * 8 / (5.0 - 1.63))
+    assert r["capacity_tokens_per_s"] == pytest.approx(capacity_tokens_per_s(64, 128, window, 12.0, meshes=2))
+    assert r["efficiency"] == pytest.approx(r["delivered_tokens_per_s"] / r["capacity_tokens_per_s"])
+    assert (r["ttft_p50_ms"], r["ttft_p99_ms"]) == (pytest.approx(1315.0), pytest.approx(1623.7))
+    assert r["ttft_p99_galaxy_ms"] == pytest.approx(1623.7 / 12)
+    assert r["ttft_p50_galaxy_ms"] == pytest.approx(1315.0 / 12)
+    assert r["galaxy_equivalent_tokens_per_s"] == pytest.approx(r["delivered_tokens_per_s"] * 12)
+    assert r["chunks_per_s"] == pytest.approx(64 * 3 / 8.0)
+    capsys.readouterr()
