@@ -175,3 +175,14 @@ def test_each_mesh_counts_figures_come_from_its_own_saturated_run(monkeypatch, c
     assert r["galaxy_equivalent_tokens_per_s"] == pytest.approx(r["delivered_tokens_per_s"] * 12)
     assert r["chunks_per_s"] == pytest.approx(64 * 3 / 8.0)
     capsys.readouterr()
+
+
+def test_the_time_scale_ceiling_is_checked_at_the_largest_mesh_count(monkeypatch, capsys):
+    """Each cluster's time_scale is N x --time-scale-per-mesh: `1,8` at 200 is 1,600 at N = 8, past the ceiling."""
+    from bench import scaleout
+
+    measured = []
+    monkeypatch.setattr(scaleout, "measure", lambda config, *a: measured.append(config.num_meshes) or {})
+    with pytest.raises(SystemExit) as exit_:
+        scaleout.main(["--meshes", "1,8", "--time-scale-per-mesh", "200"])
+    assert exit_.value.code == 2 and "8 meshes x 200" in capsys.readouterr().err and measured == []
