@@ -105,3 +105,10 @@ def test_textgen_refuses_a_bad_output_before_writing(flags, tmp_path, capsys):
         textgen.main([*out, *flags])
     assert exit_.value.code == 2 and flags[0] in capsys.readouterr().err
     assert not (tmp_path / "logbook.txt").exists()
+
+
+def test_every_entry_of_a_long_file_is_read(tmp_path):
+    """bench.serving times a file's prompts in order, however many: the demo's 32 is a batch, not a file limit."""
+    path = tmp_path / "many.json"
+    path.write_text(json.dumps([{"prompt": f"question {i}"} for i in range(40)]))
+    assert load_prompts(path) == [f"question {i}" for i in range(40)]

@@ -433,3 +433,21 @@ def test_the_client_keeps_at_most_num_concurrent_requests_in_flight(fake_server,
     summary = client.main(["--num-concurrent", "2", "--prompt-json-path", str(prompts), "--url", url,
                            "--max-tokens", "8"])
     assert summary["requests"] == 6 and summary["failed"] == 0 and state.max_in_flight <= 2
+
+
+def test_serving_options_reach_the_requests_and_the_report(fake_server, tmp_path, capsys):
+    """File prompts: 128 tokens by default, warm-up requests sent first from the file; --no-ignore-eos drops
+    ignore_eos from random prompts; per-request TTFTs in the JSON are the milliseconds the summary averages."""
+    url, state = fake_server
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps([{"prompt": "one"}, {"prompt": "two"}]))
+    sent = len(state.bodies)
+    report = serving.main(["--url", url, "--prompt-json-path", str(prompts), "--warmup", "1", "--json", "-"])
+    assert [b["max_tokens"] for b in state.bodies[sent:]] == [128] * 3 and report["completed"] == 2
+    assert report["ttft_ms"]["mean"] == pytest.approx(sum(r["ttft_ms"] for r in report["requests"]) / 2)
+    serving.main(["--url", url, "--num-prompts", "1", "--warmup", "0", "--random-input-len", "4",
+                  "--random-output-len", "2", "--no-ignore-eos"])
+    assert "ignore_eos" not in state.bodies[-1]
+    capsys.readouterr()
+    serving.main(["--url", url, "--model", "broken", "--num-prompts", "2", "--warmup", "0"])
+    assert ["Failed", "requests", "2"] in [line.split() for line in capsys.readouterr().out.splitlines()]
