@@ -457,3 +457,13 @@ def test_batch_32_cuts_to_the_demos_lengths_not_the_files_max_length(tmp_path):
     settings = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
     contexts = [len(p) - len("``````\n\nQ?") for p in demo.demo_prompts(settings)]
     assert contexts == [534, 1008, 4444, 13332] * 8
+
+
+def test_below_batch_32_each_user_may_fill_the_whole_page_table(capsys, prompt_file):
+    """text_demo.py divides the page table among users at batch 32 only (batch_size_per_device_group 32 if
+    batch_size == 32 else 1): 2 users of ~20 tokens + 100 generated fit a table of 128 tokens."""
+    rep = run_json(capsys, "--time-scale", "0.001", "--input-prompts", str(prompt_file), "--batch-size", "2",
+                   "--max-generated-tokens", "100", "--page_params",
+                   '{"page_block_size": 32, "page_max_num_blocks": 4}')
+    assert 128 // 2 < max(u["prompt_tokens"] for u in rep["batches"][0]["users"]) + 100 <= 128
+    assert rep["output_tokens"] == 200
