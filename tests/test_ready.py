@@ -3,15 +3,18 @@ the endpoint answers, and its quiet end with the server."""
 from __future__ import annotations
 
 import http.server
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
-from deployments.ready import endpoint, main, wait_ready
+from deployments.ready import endpoint, main, serve_failure, wait_ready
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -114,7 +117,7 @@ def test_a_garbled_answer_is_not_yet_ready():
                                   ["serve_config.yaml", "\u00b2"], ["serve_config.yaml", "9" * 30],
                                   ["serve_config.yaml", "0"], ["no-such.yaml", "1"], ["README.md", "1"]])
 def test_wrong_arguments_give_the_usage_not_a_traceback(argv, capsys, monkeypatch):
-    monkeypatch.setattr("deployments.ready.wait_ready", lambda url, pid: False)  # PID 0 waited an hour
+    monkeypatch.setattr("deployments.ready.wait_ready", lambda url, pid, **_: False)  # PID 0 waited an hour
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("usage: python -m deployments.ready SERVE_CONFIG PID")
     assert main(["--help"]) == 0 and "SERVE_CONFIG PID" in capsys.readouterr().out
@@ -141,6 +144,78 @@ def test_a_config_without_meshserves_app_is_said_so(tmp_path, capsys):
     assert main([str(path), "1"]) == 2
     assert capsys.readouterr().err.rstrip().endswith(f"{path}: no meshserve application (import_path "
                                                      "deployments.app:build) in it")
+
+
+_CAUSE = ("ImportError: the TT Galaxy backend needs the ttnn built from the tt-metal checkout it runs: pip install -e "
+          "'.[tt]' (meshserve) into that checkout's python_env (Python 3.10 or 3.12) and start Ray from it")
+
+
+class _Dashboard(http.server.BaseHTTPRequestHandler):
+    """/health 503 for good (an application Serve gave up), and Ray's dashboard Serve API behind Ray's token."""
+    status, deployed_at = "DEPLOY_FAILED", 0.0  # 0: now, at each answer (a deploy newer than the poller)
+
+    def do_GET(self):
+        if self.path != "/api/serve/applications/" or self.headers.get("Authorization") != "Bearer tok-1":
+            self.send_response(503 if self.path == "/health" else 401)
+            self.end_headers()
+            return
+        failed = {"status": "DEPLOY_FAILED", "message": "The deployment failed to start 3 times in a row. Error:\n"
+                  "Traceback (most recent call last):\n  File \"model/tt_galaxy.py\", line 448\n"
+                  f"ModuleNotFoundError: No module named 'ttnn'\n\n{_CAUSE}\n"}
+        apps = {"meshserve": {"status": self.status, "message": "Failed to update the deployments ['mesh-0'].",
+                              "last_deployed_time_s": self.deployed_at or time.time(),
+                              "deployments": {"mesh-0": failed, "Ingress": {"status": "HEALTHY", "message": ""}}},
+                "other": {"status": "DEPLOY_FAILED", "message": "its own", "last_deployed_time_s": time.time()}}
+        body = json.dumps({"applications": apps}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_application_serve_gave_up_is_said_so_and_the_server_stopped(tmp_path, capsys, monkeypatch):
+    """A mesh that fails to load (tt_galaxy without ttnn, weights missing on its node) passes the config check; Serve
+    then marks the application DEPLOY_FAILED after three tries and `serve run` went on for good: /health 503, no line
+    from make serve, the cause in a traceback wall in the log. Now the cause is said and the server stopped."""
+    _Dashboard.status, _Dashboard.deployed_at = "DEPLOY_FAILED", 0.0
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("RAY_DASHBOARD_ADDRESS", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-1")
+    serve_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(20)"])
+    monkeypatch.setattr("deployments.ready.alive", lambda pid: serve_run.poll() is None)  # reaped: no zombie lives on
+    try:
+        assert main([_config(tmp_path, server.server_port), str(serve_run.pid)]) == 1
+        assert serve_run.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        serve_run.kill()
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert "meshserve: not serving: Serve gave application 'meshserve' up (mesh-0: " + _CAUSE + ")" in err
+
+
+def test_only_a_failure_of_this_deploy_counts(monkeypatch):
+    """A joined Ray may still hold the application's earlier deploy, failed: `serve run` is about to replace it. Nor
+    does a deploy under way, a healthy one or another application's failure say anything."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dashboard, now = f"http://127.0.0.1:{server.server_port}", time.time()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-1")
+    try:
+        _Dashboard.status, _Dashboard.deployed_at = "DEPLOY_FAILED", now - 60
+        assert serve_failure("meshserve", now, dashboard) is None
+        _Dashboard.deployed_at = 0.0
+        assert serve_failure("meshserve", now, dashboard) == f"mesh-0: {_CAUSE}"
+        for status in ("DEPLOYING", "RUNNING"):
+            _Dashboard.status = status
+            assert serve_failure("meshserve", now, dashboard) is None
+        assert serve_failure("no-such-app", now, dashboard) is None
+        assert serve_failure("meshserve", now, "http://127.0.0.1:9") is None  # no dashboard: nothing known
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self") or not shutil.which("make"), reason="needs make and Linux's /proc")
