@@ -114,6 +114,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         preemptions, admits = sched.num_preemptions, len(sched.inflight) < sched.max_inflight
         queue = list(sched.waiting)
         running = list(sched.running.values())
+        planned = {(rid, seq.epoch): seq.num_planned for rid, seq in sched.running.items() if seq.live}
         work = sched.schedule()
         self._check_admissions(epochs)
         self._check_preemptions(running)
@@ -142,6 +143,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             listed = [seq for seq in self.sched.running.values() if seq.slot in work.decode.slots]
             if any(seq.isolated for seq in listed):
                 assert len(work.decode.slots) == 1 and work.decode.num_steps == 1, "an isolated step was not alone"
+            for seq in listed:  # a slot with no token left costs the mesh a round of decode_steps steps for nothing
+                before = planned.get((seq.request_id, seq.epoch), len(seq.token_ids) + 1)  # else: its final chunk's
+                assert before < seq.max_tokens_total, f"{seq.request_id}: a decode round for a sequence at full length"
         self._check_scored_chunks(work)
         self.pending.extend(self.mesh.execute(work))
 
