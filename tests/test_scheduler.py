@@ -1441,6 +1441,26 @@ def test_cancelling_the_reserved_groups_holder_opens_the_group_to_the_queue():
     assert sched.reserved is None and sched.kv.group_of(sched.running["late"].slot).index == 0
 
 
+def test_cancelling_the_request_that_blocks_the_queue_behind_the_holder_unblocks_it():
+    """Behind the holder of the reserved group 0, a second long prompt fits no other group and stops the queue
+    (head_blocked). Cancelled while it waits, the queue must be free again at once: group 1's free slot is room
+    that placement and the queue limit read before the next schedule (a stale block said "no room" there)."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+    mesh, events = FakeMesh(4, 8, BS, 2), defaultdict(list)
+    for i in range(2):
+        sched.submit(f"run{i}", [i + 1] * 5, params(10, ignore_eos=True))
+    step(sched, mesh, events)
+    sched.submit("long", list(range(100, 126)), params(2, ignore_eos=True))  # 7 of a group's 8 blocks
+    sched.submit("long2", list(range(200, 226)), params(2, ignore_eos=True))
+    step(sched, mesh, events)
+    assert sched.reserved is sched.requests["long"] and sched.head_blocked and sched.num_queued == 1
+    sched.cancel("long2")
+    assert sched.num_queued == -1  # group 1's free slot takes the next request
+    short = MeshScheduler(num_blocks=8, block_size=BS, num_slots=1, max_seq_len=32).submit("s", [7, 8, 9], params(2))
+    assert sched.seats(short)
+
+
 def test_a_kv_group_out_of_blocks_preempts_only_its_own_sequences():
     """A group's pool running dry preempts the newest sequence of that group: another group's, newer, gives back
     blocks of a pool the asking one cannot use. Here c, seated in group 1 after b, must keep running while group 0's
