@@ -1358,6 +1358,27 @@ def test_the_placement_forecast_follows_a_block_that_decode_fills_for_a_queued_p
     assert available[0] == available[1] == available[2] - 1 == available[-1] - 1, available
 
 
+def test_an_isolated_sequence_decodes_one_step_alone_then_with_the_others():
+    """A request the router could not lay a mesh failure on alone (isolated) decodes its next step in a round of its
+    own; while that step is out, the others' rounds go on without it (not another lone step, which stalls them), and
+    once its result is in it decodes with them again (not one step a round for good)."""
+    sched, mesh = make(max_inflight=2)
+    events = defaultdict(list)
+    a = sched.submit("a", [1, 2, 3], params(10, ignore_eos=True), isolated=True)
+    b = sched.submit("b", [4, 5, 6], params(10, ignore_eos=True))
+    first = sched.schedule()  # both final chunks; the round is a's step alone
+    assert first.decode.slots == [a.slot] and first.decode.num_steps == 1
+    second = sched.schedule()  # a's step is out: b decodes without it
+    assert second.decode.slots == [b.slot] and second.decode.num_steps == sched.decode_steps
+    run(sched, mesh, first, events)
+    run(sched, mesh, second, events)
+    third = sched.schedule()
+    assert not a.isolated and third.decode.slots == sorted([a.slot, b.slot])
+    assert third.decode.num_steps == sched.decode_steps
+    run(sched, mesh, third, events)
+    drain(sched, mesh, events)
+    assert output_of(events["a"]) == expected([1, 2, 3], params(10, ignore_eos=True))[0]
+
 def test_a_prompt_that_fits_the_prefill_budget_left_is_one_final_chunk():
     """A prompt whose tokens equal what is left of the work's prefill budget goes out whole (its first token in this
     work): only a prompt longer than the room is cut, at prefix_align. a's 3 tokens leave 5 of the 8; b has 5."""
