@@ -1224,6 +1224,26 @@ def test_a_long_prompt_reserves_the_kv_group_whose_running_answers_end_soonest()
     assert sched.kv.group_of(chunk.slot).index == 1 and "slow" in sched.running
 
 
+def test_a_kv_group_whose_shortest_answer_frees_exactly_the_blocks_needed_is_reserved_by_that_answer():
+    """Group 0's room once a (1 token left) ends is exactly the 5 blocks the long prompt needs; group 1's comes when
+    c (3 left) ends. The group seats it once a has ended: reserved. Counting a's end as not enough (room > need)
+    waited for b's (5 left) there too, and so reserved group 1, seating it later."""
+    sched = MeshScheduler(num_blocks=8, block_size=BS, kv_groups=2, num_slots=4, max_seq_len=32, prefill_chunk=32,
+                          max_prefill_tokens=32, decode_steps=1, max_inflight=1)
+    mesh, events = FakeMesh(4, 8, BS, 2), defaultdict(list)
+    sched.submit("a", [1] * 5, params(3, ignore_eos=True))  # group 0: 2 blocks at its full length
+    sched.submit("c", [3] * 13, params(5, ignore_eos=True))  # group 1: 5
+    sched.submit("b", [2] * 5, params(7, ignore_eos=True))  # group 0: 3
+    step(sched, mesh, events)
+    assert [sched.kv.group_of(sched.running[r].slot).index for r in "acb"] == [0, 1, 0]
+    long = sched.submit("long", list(range(100, 120)), params(2, ignore_eos=True))  # 5 blocks: fits neither now
+    step(sched, mesh, events)
+    assert sched.reserved is long and sched.reserved_group == 0
+    work = step(sched, mesh, events)  # a has ended: group 0 holds b's 3 blocks and the long prompt's 5
+    (chunk,) = [c for c in work.prefills if c.request_id == "long"]
+    assert sched.kv.group_of(chunk.slot).index == 0 and {"b", "c"} <= set(sched.running)
+
+
 def test_a_reserved_kv_groups_free_slots_take_no_burst_past_max_waiting_requests():
     """max_waiting_requests counts the requests that wait for a slot, a burst the free slots seat aside; a reserved
     group's free slots seat nobody but its holder, yet they counted as free: a request came in past the limit."""
