@@ -1016,6 +1016,24 @@ def test_a_work_brings_at_most_two_grammars_the_mesh_has_not_used_lately():
     assert all(output_of(events[f"r{i}"]) == expected([1, 2, 3], params())[0] for i in range(len(grammars)))
 
 
+def test_a_grammar_the_meshs_cache_has_dropped_counts_as_new_again():
+    """The mesh keeps the compiled matchers of the GRAMMARS_KEPT grammars it used last (GrammarCache). A router copy
+    that kept one more still took the grammar the mesh had dropped for one it has: a work brought it beside
+    MAX_NEW_GRAMMARS_PER_WORK new ones, one compile past the bound, every slot waiting."""
+    from scheduler.work import GRAMMARS_KEPT
+
+    sched, mesh = make(max_prefill_tokens=64)
+    events = defaultdict(list)
+    for i in range(GRAMMARS_KEPT + 1):  # g0 goes first: the GRAMMARS_KEPT after it push it out of the mesh's cache
+        sched.submit(f"r{i}", [1, 2, 3], params(1, grammar=f"g{i}"))
+    drain(sched, mesh, events)
+    assert not sched.requests
+    for rid, g in (("old", "g0"), ("new0", "h0"), ("new1", "h1")):
+        sched.submit(rid, [1, 2, 3], params(1, grammar=g))
+    work = step(sched, mesh, events)
+    assert [c.request_id for c in work.prefills if c.is_final] == ["old", "new0"]
+
+
 def test_a_head_that_fits_no_kv_group_reserves_one_and_the_queue_goes_on_in_the_others():
     """A prompt that needs nearly a whole KV group, behind one user per group: FCFS left the queue behind it
     waiting while three groups had room (each drains fully before it is seated). It reserves one group, which
