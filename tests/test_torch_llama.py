@@ -214,3 +214,20 @@ def test_incomplete_checkpoint_is_refused(model_dir, tmp_path):
     (tmp_path / "config.json").write_bytes((model_dir / "config.json").read_bytes())
     with pytest.raises(ValueError, match="lacks 1"):
         make_backend(tmp_path)
+
+
+def test_logits_equal_transformers_with_the_checkpoints_norm_eps(tmp_path):
+    """RMSNorm takes the checkpoint's rms_norm_eps: against activations of a 0.02-scale init, an eps of 1e-3 moves
+    every logit, which the verify bar's correlation of 0.9999 let pass when it was ignored."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+    config = HFConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-3)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path)
+    backend = make_backend(tmp_path, num_slots=1, num_blocks=3)
+    tokens = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        expected = hf(torch.tensor([tokens])).logits[0]
+    torch.testing.assert_close(backend.prompt_logits(tokens, 0, [2, 0, 1]), expected, rtol=1e-4, atol=1e-5)
