@@ -152,6 +152,14 @@ def test_stop_ids(meta, hf, smol, llama3_dir_with):
     assert with_generation_config.stop_ids == turn_ends | {pad_id}
 
 
+def test_one_eos_id_written_as_an_int_in_generation_config_stops_too(hf, llama3_dir_with):
+    """generation_config.json may name its eos_token_id as one int, not a list (transformers' GenerationConfig
+    takes both): read as no ids, a model whose turns end with it would run on to max_tokens."""
+    pad_id = hf.special_ids["<|finetune_right_pad_id|>"]
+    tok = Tokenizer.from_hf_dir(llama3_dir_with(generation_config={"eos_token_id": pad_id}))
+    assert tok.stop_ids == hf.stop_ids | {pad_id}
+
+
 def test_generation_config_sampling_values_are_the_request_defaults(hf, llama3_dir_with):
     """vLLM takes repetition_penalty, temperature, top_k, top_p and min_p from generation_config.json as a
     request's defaults (Llama 3.3 Instruct's file sets temperature 0.6 and top_p 0.9); one no request could take
