@@ -266,8 +266,8 @@ def test_detokenizer_holds_back_split_characters(tokenizers, name):
     assert text == tok.decode(ids[:first_cut])[:-1]
 
 
-def test_a_cut_character_is_dropped_whole_with_sentencepiece_byte_fallback(tmp_path):
-    """Byte fallback decodes each byte of a partial character to its own U+FFFD: all of them go."""
+def save_byte_fallback_tokenizer(path) -> None:
+    """A SentencePiece-style BPE (spaces as U+2581, byte fallback) that knows only "h", "i" and "▁" as text."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, normalizers
     from transformers import PreTrainedTokenizerFast
@@ -278,12 +278,25 @@ def test_a_cut_character_is_dropped_whole_with_sentencepiece_byte_fallback(tmp_p
     hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
-    PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+def test_a_cut_character_is_dropped_whole_with_sentencepiece_byte_fallback(tmp_path):
+    """Byte fallback decodes each byte of a partial character to its own U+FFFD: all of them go."""
+    save_byte_fallback_tokenizer(tmp_path)
     tok = load_tokenizer(tmp_path)
     ids = tok.encode("hi 😀")
     assert tok.decode(ids[:-1]) == "hi \ufffd\ufffd\ufffd"  # three bytes of four, one U+FFFD each
     detok = IncrementalDetokenizer(tok)
     assert "".join(detok.step([i]) for i in ids[:-1]) + detok.flush() == "hi "
+
+
+def test_sentencepiece_token_bytes_have_their_spaces(tmp_path):
+    """A SentencePiece token writes a space as U+2581: its bytes (logprobs' `bytes`) hold the space itself, so the
+    bytes of a text's tokens spell the text (after the space the normalizer prepends)."""
+    save_byte_fallback_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert b"".join(map(tok.token_bytes, tok.encode("hi hi 😀"))) == " hi hi 😀".encode()
 
 
 @pytest.mark.parametrize("name", ["meta", "hf", "smol"])
