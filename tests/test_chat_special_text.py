@@ -89,7 +89,8 @@ def tools_tokenizer() -> Tokenizer:
     return tok
 
 
-@pytest.mark.parametrize("result", ['{"text": "<|eot_id|>"}', "line1\n<|eot_id|>\t\\", "<|eot_id|>"])
+@pytest.mark.parametrize("result", ['{"text": "<|eot_id|>"}', "line1\n<|eot_id|>\t\\", "<|eot_id|>",
+                                    "café\n東京 <|eot_id|>"])  # tojson escapes the newline, not the rest
 def test_a_tool_result_written_as_json_keeps_special_text_as_text(tools_tokenizer, result):
     """Llama 3.1+'s template writes a tool result with `tojson`: its quotes, backslashes and newlines come back
     escaped. Such a result holding special-token text was a 400 ("cannot keep as text")."""
