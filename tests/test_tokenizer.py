@@ -422,3 +422,16 @@ def test_one_ids_text_kept_for_the_detokenizer_follows_skip_special(llama3_dir, 
             assert tok.decode([eos], skip) == ("" if skip else tok.decode([word, eos])[len(" hello"):])
             assert tok.decode([word], skip) == " hello"
         assert tok.decode([tok.vocab_size + 7]) == ""  # past the vocabulary: adds nothing, as before
+
+
+def test_an_added_token_that_is_not_special_is_streamed_as_text(tmp_path):
+    """Only added tokens marked special are skipped: a plain added token ("<x>" here; some models add their
+    reasoning tags so) is text, as transformers' decode with skip_special_tokens keeps it."""
+    save_byte_fallback_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    hf.add_tokens(["<x>"])
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = [*tok.encode("hi"), hf.convert_tokens_to_ids("<x>"), tok.eos_id]
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.step([i]) for i in ids) + detok.flush() == hf.decode(ids, skip_special_tokens=True)
