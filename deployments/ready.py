@@ -86,9 +86,9 @@ def ray_token() -> str:
         return os.environ["RAY_AUTH_TOKEN"].strip()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return f.read().strip()
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # unreadable, or not text: no token (an uncaught one ended the poller)
         return ""
 
 

@@ -248,3 +248,19 @@ def test_make_serve_leaves_no_zombie_beside_the_server(tmp_path):
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "zombies 0"
+
+
+def test_a_token_file_that_is_not_text_is_no_token_not_the_pollers_end(tmp_path, capsys, monkeypatch):
+    """A token file it cannot decode (binary, another encoding) raised UnicodeDecodeError out of the poll: the
+    announcer died with a traceback, and make serve never said ready. It is no token, as an unreadable file is."""
+    token = tmp_path / "auth_token"
+    token.write_bytes(b"\xff\xfetok\n")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    monkeypatch.setenv("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:9")
+    server, url = _serve([503])
+    try:
+        assert main([_config(tmp_path, server.server_port), str(os.getpid())]) == 0
+    finally:
+        server.shutdown()
+    assert capsys.readouterr().out.splitlines()[-1].startswith("meshserve: ready: ")
