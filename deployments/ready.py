@@ -68,9 +68,14 @@ def serve_failure(app: str, since: float, dashboard: str | None = None) -> str |
         return None
     if status.get("status") != "DEPLOY_FAILED" or not (status.get("last_deployed_time_s") or 0) >= since:
         return None
+    failed = {name: d for name, d in (status.get("deployments") or {}).items() if d.get("status") == "DEPLOY_FAILED"}
+    # A replica that fails a health check while its deployment is UPDATING makes it DEPLOY_FAILED too
+    # (HEALTH_CHECK_FAILED), but Serve replaces that replica and the deployment turns HEALTHY once it runs: not given up.
+    given_up = {name: d for name, d in failed.items() if d.get("status_trigger") != "HEALTH_CHECK_FAILED"}
+    if failed and not given_up:
+        return None
     # a deployment's message ends in its replica's traceback: its last line is the cause (the constructor's error)
-    causes = [f"{name}: {_last_line(d.get('message'))}" for name, d in (status.get("deployments") or {}).items()
-              if d.get("status") == "DEPLOY_FAILED"]
+    causes = [f"{name}: {_last_line(d.get('message'))}" for name, d in given_up.items()]
     return "; ".join(causes) or _last_line(status.get("message")) or "DEPLOY_FAILED"
 
 

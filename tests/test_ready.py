@@ -153,15 +153,16 @@ _CAUSE = ("ImportError: the TT Galaxy backend needs the ttnn built from the tt-m
 class _Dashboard(http.server.BaseHTTPRequestHandler):
     """/health 503 for good (an application Serve gave up), and Ray's dashboard Serve API behind Ray's token."""
     status, deployed_at = "DEPLOY_FAILED", 0.0  # 0: now, at each answer (a deploy newer than the poller)
+    trigger, message = "REPLICA_STARTUP_FAILED", ("The deployment failed to start 3 times in a row. Error:\n"
+                                                  "Traceback (most recent call last):\n  File \"model/tt_galaxy.py\", "
+                                                  f"line 448\nModuleNotFoundError: No module named 'ttnn'\n\n{_CAUSE}\n")
 
     def do_GET(self):
         if self.path != "/api/serve/applications/" or self.headers.get("Authorization") != "Bearer tok-1":
             self.send_response(503 if self.path == "/health" else 401)
             self.end_headers()
             return
-        failed = {"status": "DEPLOY_FAILED", "message": "The deployment failed to start 3 times in a row. Error:\n"
-                  "Traceback (most recent call last):\n  File \"model/tt_galaxy.py\", line 448\n"
-                  f"ModuleNotFoundError: No module named 'ttnn'\n\n{_CAUSE}\n"}
+        failed = {"status": "DEPLOY_FAILED", "status_trigger": self.trigger, "message": self.message}
         apps = {"meshserve": {"status": self.status, "message": "Failed to update the deployments ['mesh-0'].",
                               "last_deployed_time_s": self.deployed_at or time.time(),
                               "deployments": {"mesh-0": failed, "Ingress": {"status": "HEALTHY", "message": ""}}},
@@ -264,3 +265,23 @@ def test_a_token_file_that_is_not_text_is_no_token_not_the_pollers_end(tmp_path,
     finally:
         server.shutdown()
     assert capsys.readouterr().out.splitlines()[-1].startswith("meshserve: ready: ")
+
+
+def test_a_replica_that_failed_a_health_check_while_deploying_is_not_given_up(monkeypatch):
+    """Serve marks a deployment DEPLOY_FAILED when a replica fails a health check while it is UPDATING (Ray Serve
+    2.60's DeploymentStatusInfo.handle_transition), then replaces the replica and turns it HEALTHY once that one
+    runs: a start it recovers from. It was taken as given up, and the healthy start was stopped."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Dashboard)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    dashboard, now = f"http://127.0.0.1:{server.server_port}", time.time()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-1")
+    _Dashboard.status, _Dashboard.deployed_at = "DEPLOY_FAILED", 0.0
+    monkeypatch.setattr(_Dashboard, "trigger", "HEALTH_CHECK_FAILED")
+    monkeypatch.setattr(_Dashboard, "message", "A replica's health check failed. This deployment will be UNHEALTHY "
+                                               "until the replica recovers or a new deploy happens.")
+    try:
+        assert serve_failure("meshserve", now, dashboard) is None
+        _Dashboard.trigger = "REPLICA_STARTUP_FAILED"  # its replacement failed to start three times: given up
+        assert serve_failure("meshserve", now, dashboard) == "mesh-0: " + _Dashboard.message
+    finally:
+        server.shutdown()
