@@ -6,7 +6,6 @@ import asyncio
 import gzip
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -25,11 +24,13 @@ LONGEST = 81  # the most characters a SmolLM2 token holds (a newline and 80 spac
 
 
 class SpyTokenizer:
-    """The real tokenizer, counting encodes; `delay_s` makes each one block its thread that long."""
+    """The real tokenizer, counting encodes. With `gate`, each encode blocks its thread until the gate opens (at most
+    10 s), and `gated` says whether every one was let go by the gate rather than by the 10 s."""
 
-    def __init__(self, tokenizer, delay_s: float = 0.0):
+    def __init__(self, tokenizer, gate: threading.Event | None = None):
         self._tokenizer = tokenizer
-        self.delay_s = delay_s
+        self.gate = gate
+        self.gated = True
         self.encodes = 0
         self.threads: set[str] = set()
 
@@ -39,7 +40,8 @@ class SpyTokenizer:
     def _spy(self):
         self.encodes += 1
         self.threads.add(threading.current_thread().name)
-        time.sleep(self.delay_s)
+        if self.gate is not None:
+            self.gated &= self.gate.wait(10.0)
 
     def encode(self, *args, **kwargs):
         self._spy()
@@ -235,8 +237,9 @@ def test_a_long_token_prompt_is_refused_by_its_length(client, router):
 # ---- the event loop -----------------------------------------------------------------------------
 
 def test_tokenizing_runs_off_the_event_loop(router, tokenizer):
-    """While one request's tokenization takes a second, another request on the same replica is answered."""
-    spy = SpyTokenizer(tokenizer, delay_s=1.0)
+    """While one request's tokenization is held up, another request on the same replica is answered: the
+    tokenization waits for a gate the test opens only once that answer came (on the loop, the loop waited too)."""
+    spy = SpyTokenizer(tokenizer, gate=threading.Event())
     app = build_app(router, spy, MODEL)
     long_chat = {**CHAT, "messages": [{"role": "user", "content": "-" * (INLINE_CHARS + 1)}], "max_tokens": 2}  # ~33 tokens
 
@@ -244,15 +247,14 @@ def test_tokenizing_runs_off_the_event_loop(router, tokenizer):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             slow = asyncio.create_task(client.post("/v1/chat/completions", json=long_chat))
-            await asyncio.sleep(0.2)  # the slow request is tokenizing now
-            start = time.perf_counter()
+            while not spy.encodes:  # the slow request is tokenizing now (on the loop, this loop never looks again)
+                await asyncio.sleep(0.01)
             models = await client.get("/v1/models")
-            fast_s = time.perf_counter() - start
-            assert (await slow).status_code == 200
-            return models.status_code, fast_s, slow.done()
+            spy.gate.set()
+            return models.status_code, (await slow).status_code
 
-    status, fast_s, _ = asyncio.run(run())
-    assert status == 200 and fast_s < 0.5, fast_s
+    assert asyncio.run(run()) == (200, 200)
+    assert spy.gated, "the tokenization held the event loop: /v1/models waited for it"
     assert spy.threads and all(name.startswith("meshserve-tokenize") for name in spy.threads)
 
 
