@@ -96,15 +96,19 @@ def test_num_layers_is_held_to_llama_3_70bs_80_as_at_deploy(layers, capsys):
     assert demo.parse_args(["--backend", "tt_galaxy", "--num-layers", "80"]).num_layers == 80
 
 
-def test_batch_32_cuts_each_users_context_like_the_demo(tmp_path):
+@pytest.mark.parametrize("max_length", [15_000, 1_000])
+def test_batch_32_cuts_each_users_context_like_the_demo(tmp_path, max_length):
+    """text_demo.py's load_inputs clips each context to its per-user length at batch 32 in place of the entry's
+    max_length (`max_length if batch == 1 else len_per_batch[i]`): a file's max_length of 1,000 capped users 2 and 3
+    at 1,000 characters here, where the demo gives them 4,444 and 13,332. At batch 1 the file's max_length holds."""
     (tmp_path / "book.txt").write_text("x" * 20_000)
-    path = tmp_path / "long.json"
-    path.write_text(json.dumps([{"prompt": "Q?", "context": "book.txt", "max_length": 15_000}]))
+    path = tmp_path / "book.json"
+    path.write_text(json.dumps([{"prompt": "Q?", "context": "book.txt", "max_length": max_length}]))
     settings = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
     contexts = [len(p) - len("``````\n\nQ?") for p in demo.demo_prompts(settings)]
     assert contexts == [534, 1008, 4444, 13332] * 8
     single = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "1"]))
-    assert [len(p) for p in demo.demo_prompts(single)] == [15_000 + len("``````\n\nQ?")]
+    assert [len(p) for p in demo.demo_prompts(single)] == [max_length + len("``````\n\nQ?")]
 
 
 def test_simulated_run_reports_every_batch_and_rotates_prompts(capsys, prompt_file):
@@ -445,18 +449,6 @@ def test_only_batch_32_cuts_contexts_and_users_take_the_files_entries_in_turn(tm
     assert [len(p) for p in demo.demo_prompts(at_8)] == [15_000 + len("``````\n\nA?")] * 2
     at_32 = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
     assert [p[-2] for p in demo.demo_prompts(at_32)] == ["A", "B"] * 16
-
-
-def test_batch_32_cuts_to_the_demos_lengths_not_the_files_max_length(tmp_path):
-    """text_demo.py's load_inputs clips each context to its per-user length at batch 32 in place of the entry's
-    max_length (`max_length if batch == 1 else len_per_batch[i]`): a file's max_length of 1,000 capped users 2 and 3
-    at 1,000 characters here, where the demo gives them 4,444 and 13,332."""
-    (tmp_path / "book.txt").write_text("x" * 20_000)
-    path = tmp_path / "short.json"
-    path.write_text(json.dumps([{"prompt": "Q?", "context": "book.txt", "max_length": 1_000}]))
-    settings = demo.resolve(demo.parse_args(["--input-prompts", str(path), "--batch-size", "32"]))
-    contexts = [len(p) - len("``````\n\nQ?") for p in demo.demo_prompts(settings)]
-    assert contexts == [534, 1008, 4444, 13332] * 8
 
 
 def test_below_batch_32_each_user_may_fill_the_whole_page_table(capsys, prompt_file):
