@@ -858,6 +858,10 @@ class OpenAIServer:
         try:
             running = len(tasks)
             while running:
+                if not queue.empty():  # a reader catching up, or a client gone (its sends return at once under
+                    # spec 2.3): the loop runs between two deltas, as EventQueue.get lets it, so the replica's
+                    # other streams go on and the client's going ends this one, not the whole backlog rendered first
+                    await asyncio.sleep(0)
                 item = await queue.get()
                 if item is _CHOICES_DONE:
                     running -= 1

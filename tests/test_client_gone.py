@@ -11,7 +11,9 @@ import pytest
 from deployments.client_gone import ClientGone
 from deployments.ingress import build_app
 from scheduler.errors import MeshFailures, QueueFull
-from tests.ingress_support import CHAT, COMPLETION, asgi_receive, asgi_scope, eos, router, tokenizer  # noqa: F401
+from tests.fake_router import FakeRouter
+from tests.ingress_support import (CHAT, COMPLETION, MODEL, asgi_receive, asgi_scope, eos, router,  # noqa: F401
+                                     tokenizer)
 
 
 def drive(app, body: dict, path: str = "/v1/chat/completions", headers: list | None = None) -> list[dict]:
@@ -45,6 +47,44 @@ def test_an_answer_to_a_client_gone_ends_quietly_and_a_stream_cancels_its_reques
     assert errors_logged(caplog) == []
     # a stream's request is cut at its first chunk; a whole answer was done before its send
     assert [reason for _, reason in router.cancelled] == ["abort"] * len(router.requests) * body.get("stream", False)
+
+
+def test_a_stalled_stream_of_several_choices_ends_when_its_client_goes_not_after_its_backlog(tokenizer, eos):
+    """With n > 1 each choice is read on while the client stalls, its deltas waiting for it. Under spec 2.3 (uvicorn)
+    a send to a client gone returns at once, so the response took every waiting delta without the loop ever turning:
+    the whole backlog was rendered for nobody (40 such streams with logprobs, 150 s stalled, then closed together,
+    held the replica's /health 27 s; held longer, Serve killed the replica, every other stream on it with it)."""
+    word = tokenizer.encode(" word")[-1]
+    finished = []
+
+    class Router(FakeRouter):
+        async def generate(self, *args, **kwargs):
+            async for event in super().generate(*args, **kwargs):
+                finished.append(event.finish_reason is not None)
+                yield event
+
+    app = build_app(Router([word] * 600 + [eos], max_model_len=2048), tokenizer, MODEL)
+    body = {**COMPLETION, "prompt": "hi", "max_tokens": 600, "n": 2, "logprobs": 20, "stream": True}
+    gone = asyncio.Event()
+    after: list[bytes] = []  # what went out once the client had gone
+
+    async def send(message):
+        if message["type"] != "http.response.body" or not message.get("body"):
+            return
+        if gone.is_set():
+            after.append(message["body"])  # uvicorn: dropped at once
+        else:
+            await gone.wait()  # flow control holds the write while the client reads nothing
+
+    async def main():
+        task = asyncio.create_task(app(asgi_scope("2.3", "/v1/completions"), asgi_receive(body, gone), send))
+        while sum(finished) < 2:  # both answers are whole, waiting for the client
+            await asyncio.sleep(0.01)
+        gone.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(main())
+    assert len(after) <= 1, f"{len(after)} chunks rendered after the client left"  # was 100, every waiting delta
 
 
 @pytest.mark.parametrize("refusal, status", [(QueueFull("4 requests are waiting for a slot (limit 4)"), 429),
