@@ -2157,6 +2157,17 @@ def test_a_batch_of_token_id_prompts_reaches_the_router_as_given(client, router)
     assert r.json()["usage"]["prompt_tokens"] == 4
 
 
+def test_a_batch_without_max_tokens_gives_each_prompt_the_context_it_leaves(client, router):
+    """A batch's prompts share their sampling params but for max_tokens: with a null max_tokens each gets the room its
+    own prompt leaves, as if it came alone (the first prompt's room would let a longer one's answer overrun the
+    context)."""
+    body = {**COMPLETION, "prompt": [[5] * 10, [6] * 200], "max_tokens": None}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    limits = {len(prompt): params.max_tokens for prompt, params, _ in router.requests.values()}
+    assert limits == {10: MAX_LEN - 10, 200: MAX_LEN - 200}
+
+
 @pytest.mark.parametrize("prompt", [[], [""], [[]], ["a", [1, 2]], [["a"]], ["a"] * 129, [[1, 2], [10**9]]])
 def test_a_bad_batch_of_prompts_is_400_naming_prompt(client, router, prompt):
     body = {**COMPLETION, "prompt": prompt, "max_tokens": 2, "n": 2}
