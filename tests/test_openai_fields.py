@@ -308,6 +308,36 @@ def test_a_completions_explicit_null_max_tokens_is_the_context_left_as_in_vllm(c
         assert params.max_tokens == (MAX_LEN - usage["prompt_tokens"] if not extra else 5)
 
 
+def test_a_completions_max_completion_tokens_is_taken_only_where_it_agrees_with_max_tokens(client, router):
+    """Load generators send chat's max_completion_tokens to /v1/completions too: alone or equal to max_tokens it is the
+    limit; a different one is a 400 naming it, not one of the two picked silently."""
+    for extra, expected in [({"max_completion_tokens": 5}, 5), ({"max_tokens": 7, "max_completion_tokens": 7}, 7)]:
+        router.requests.clear()
+        assert client.post("/v1/completions", json={**COMPLETION, **extra}).status_code == 200
+        ((_, params, _),) = router.requests.values()
+        assert params.max_tokens == expected
+    router.requests.clear()
+    r = client.post("/v1/completions", json={**COMPLETION, "max_tokens": 7, "max_completion_tokens": 5})
+    assert_error(r, 400, param="max_completion_tokens")
+    assert not router.requests
+
+
+@pytest.mark.parametrize("logprobs, prompt_logprobs", [(1, 3), (3, 1)])
+def test_echo_logprobs_beside_prompt_logprobs_score_the_prompt_with_the_larger_count(client, router, logprobs,
+                                                                                      prompt_logprobs):
+    """Completions' echo with logprobs lists the prompt's tokens with `logprobs` alternatives, vLLM's prompt_logprobs
+    with its own count: the mesh scores the prompt once, so with the larger of the two, and each field gets its own."""
+    body = {**COMPLETION, "echo": True, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs, "max_tokens": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    ((_, params, _),) = router.requests.values()
+    assert params.prompt_logprobs == 3
+    choice = r.json()["choices"][0]
+    ranks = {entry["rank"] for entry in choice["prompt_logprobs"][1].values()}
+    assert set(range(1, prompt_logprobs + 1)) <= ranks
+    assert len(choice["logprobs"]["top_logprobs"][1]) >= logprobs
+
+
 def test_nan_or_infinite_numbers_are_refused_as_such(client):
     r = client.post("/v1/completions", content='{"model": "%s", "prompt": "x", "temperature": NaN}' % COMPLETION["model"],
                     headers={"content-type": "application/json"})
