@@ -217,3 +217,26 @@ def test_a_chat_stream_of_n_choices_carries_its_prompts_logprobs_once(client):
     chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}))
     assert [c["prompt_logprobs"] for c in chunks if "prompt_logprobs" in c] == [whole["prompt_logprobs"]]
     assert {ch["index"] for c in chunks for ch in c["choices"] if ch["delta"].get("content")} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echoed_prompt_after_a_bos_is_offset_from_its_own_text(client, router, tokenizer, monkeypatch, stream):
+    """echo with logprobs on a tokenizer that puts a BOS before a text (Llama 3's <|begin_of_text|>): the echoed text is
+    the prompt as given, without the BOS's, so the BOS is listed at offset 0 and every later token at its own text's
+    start (counting the BOS's text put each after where it is)."""
+    monkeypatch.setattr(tokenizer, "bos_id", 1)  # a tokenizer that prepends a BOS (SmolLM2's does not)
+    prompt = "alpha beta gamma"
+    body = {**COMPLETION, "prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 3, "stream": stream}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        choices = [c["choices"][0] for c in sse(r) if c["choices"]]
+        text = "".join(c["text"] for c in choices)
+        lp = {k: [x for c in choices if c["logprobs"] for x in c["logprobs"][k]] for k in ("tokens", "text_offset")}
+    else:
+        choice = r.json()["choices"][0]
+        text, lp = choice["text"], choice["logprobs"]
+    assert text == prompt + tokenizer.decode(router.answer[:3])
+    assert lp["tokens"][0] == tokenizer.decode([1]) and lp["text_offset"][0] == 0
+    for token, offset in zip(lp["tokens"][1:], lp["text_offset"][1:]):
+        assert text[offset:offset + len(token)] == token
