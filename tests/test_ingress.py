@@ -2168,6 +2168,19 @@ def test_a_batch_without_max_tokens_gives_each_prompt_the_context_it_leaves(clie
     assert limits == {10: MAX_LEN - 10, 200: MAX_LEN - 200}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batchs_choices_carry_their_own_prompts_token_ids(client, router, stream):
+    """return_token_ids with a batch: each choice's prompt_token_ids are its own prompt's (streamed: in its first
+    chunk), as vLLM gives each prompt's choices theirs."""
+    body = {**COMPLETION, "prompt": [[5, 6, 7], [8]], "n": 2, "max_tokens": 2, "return_token_ids": True,
+            "stream": stream}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = [ch for c in sse(r) for ch in c["choices"]] if stream else r.json()["choices"]
+    prompts = {ch["index"]: ch["prompt_token_ids"] for ch in choices if ch.get("prompt_token_ids") is not None}
+    assert prompts == {0: [5, 6, 7], 1: [5, 6, 7], 2: [8], 3: [8]}
+
+
 @pytest.mark.parametrize("prompt", [[], [""], [[]], ["a", [1, 2]], [["a"]], ["a"] * 129, [[1, 2], [10**9]]])
 def test_a_bad_batch_of_prompts_is_400_naming_prompt(client, router, prompt):
     body = {**COMPLETION, "prompt": prompt, "max_tokens": 2, "n": 2}
