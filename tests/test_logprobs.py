@@ -151,6 +151,18 @@ def test_packed_logprobs_give_back_what_was_packed():
         packed[len(lps)]
 
 
+def _echoed_answer(client, body: dict) -> tuple[str, dict]:
+    """The completion's text and its logprobs' tokens and text_offset, streamed (`body["stream"]`) or whole."""
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    if body["stream"]:
+        choices = [c["choices"][0] for c in sse(r) if c["choices"]]
+        lp = {k: [x for c in choices if c["logprobs"] for x in c["logprobs"][k]] for k in ("tokens", "text_offset")}
+        return "".join(c["text"] for c in choices), lp
+    choice = r.json()["choices"][0]
+    return choice["text"], choice["logprobs"]
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_echoed_prompt_cut_by_truncate_prompt_tokens_is_the_part_the_model_read(client, router, tokenizer, side,
@@ -162,15 +174,7 @@ def test_an_echoed_prompt_cut_by_truncate_prompt_tokens_is_the_part_the_model_re
     kept = kept[-2:] if side == "left" else kept[:2]
     body = {**COMPLETION, "prompt": prompt, "truncate_prompt_tokens": 2, "truncation_side": side, "echo": True,
             "logprobs": 0, "max_tokens": 3, "stream": stream}
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 200
-    if stream:
-        choices = [c["choices"][0] for c in sse(r) if c["choices"]]
-        text = "".join(c["text"] for c in choices)
-        lp = {k: [x for c in choices if c["logprobs"] for x in c["logprobs"][k]] for k in ("tokens", "text_offset")}
-    else:
-        choice = r.json()["choices"][0]
-        text, lp = choice["text"], choice["logprobs"]
+    text, lp = _echoed_answer(client, body)
     echoed = tokenizer.decode(kept)
     assert text == echoed + tokenizer.decode(router.answer[:3])
     assert lp["tokens"][:2] == [tokenizer.decode([t]) for t in kept]
@@ -227,15 +231,7 @@ def test_an_echoed_prompt_after_a_bos_is_offset_from_its_own_text(client, router
     monkeypatch.setattr(tokenizer, "bos_id", 1)  # a tokenizer that prepends a BOS (SmolLM2's does not)
     prompt = "alpha beta gamma"
     body = {**COMPLETION, "prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 3, "stream": stream}
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    if stream:
-        choices = [c["choices"][0] for c in sse(r) if c["choices"]]
-        text = "".join(c["text"] for c in choices)
-        lp = {k: [x for c in choices if c["logprobs"] for x in c["logprobs"][k]] for k in ("tokens", "text_offset")}
-    else:
-        choice = r.json()["choices"][0]
-        text, lp = choice["text"], choice["logprobs"]
+    text, lp = _echoed_answer(client, body)
     assert text == prompt + tokenizer.decode(router.answer[:3])
     assert lp["tokens"][0] == tokenizer.decode([1]) and lp["text_offset"][0] == 0
     for token, offset in zip(lp["tokens"][1:], lp["text_offset"][1:]):
