@@ -10,6 +10,7 @@ from model.simulated import DEMO_MEAN_GENERATED, GalaxyTiming, SimulatedBackend,
 from model.galaxy import LLAMA3_EOS
 from model.sampler import PenaltyState, sample_batch
 from scheduler.sampling import SamplingParams
+from tests.sleep_clock import sleep_clock
 
 GREEDY = SamplingParams(temperature=0.0)
 FAST = 1e-6  # time_scale that makes every sleep negligible
@@ -262,29 +263,20 @@ def test_an_overlapped_step_holds_the_device_for_the_steps_and_calls_after_it(mo
     """decode_async starts a step when the one before it ends, and a call that waits (a prefill, a decode) starts
     once the device ends the steps already started: the simulated device runs one thing at a time, as a Galaxy does,
     so a prefill after overlapped steps is not timed as if it ran beside them. On a clock moved by the sleeps alone."""
-    from types import SimpleNamespace
-
-    import model.simulated as simulated
-
-    now = [100.0]
-
-    def sleep(seconds: float) -> None:
-        now[0] += seconds
-
-    monkeypatch.setattr(simulated, "time", SimpleNamespace(perf_counter=lambda: now[0], sleep=sleep))
+    clock = sleep_clock(monkeypatch, now=100.0)
     backend = SimulatedBackend(time_scale=1.0, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024)
     caps = backend.caps
     token = int(backend.prefill([7] * 10, 0, [0], 0, GREEDY))
     table = torch.zeros(caps.num_slots, caps.max_blocks_per_seq, dtype=torch.int32)
     active = torch.tensor([True, False])
-    started, before = now[0], backend.device_seconds
+    started, before = clock.now, backend.device_seconds
     first = backend.decode_async(torch.tensor([token, 0]), torch.tensor([10, 0]), table, active, [GREEDY, None])
     second = backend.decode_async(first, torch.tensor([11, 0]), table, active, [GREEDY, None])
     busy = backend.device_seconds
-    assert now[0] == started < first.ready_at  # the host went on
+    assert clock.now == started < first.ready_at  # the host went on
     assert second.ready_at == pytest.approx(started + busy - before)  # the second step began as the first ended
     backend.prefill([8] * 10, 0, [1], 1, GREEDY)
-    assert now[0] == pytest.approx(second.ready_at + backend.device_seconds - busy)
+    assert clock.now == pytest.approx(second.ready_at + backend.device_seconds - busy)
 
 
 def test_no_eos_unless_configured():

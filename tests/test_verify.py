@@ -2,6 +2,7 @@
 import pytest
 
 from model import verify
+from tests.sleep_clock import sleep_clock
 
 
 def test_torch_backend_matches_transformers_logits():
@@ -26,31 +27,14 @@ def test_llama3_tokenizers_agree():
     assert report["match"], report
 
 
-class _Clock:
-    """model.simulated's clock in a test: only a sleep moves it on, by exactly what was asked."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-
-
 def test_simulated_galaxy_reproduces_published_timing(monkeypatch):
     """The simulator's calls take the published TTFT and decode step of every row, timed on a clock only its sleeps
     move: the wall clock added the loaded 2-core box's late wake-ups (a full-suite run missed the bar even as the best
     of three). The wall clock's figure is `python -m model.verify`'s (the CLI's own bar)."""
-    import types
+    from model.simulated import calibration_max_rel_err
 
-    import model.simulated
-
-    clock = _Clock()
-    monkeypatch.setattr(model.simulated, "time", types.SimpleNamespace(perf_counter=clock.perf_counter,
-                                                                       sleep=clock.sleep))
-    error = model.simulated.calibration_max_rel_err()
+    clock = sleep_clock(monkeypatch)
+    error = calibration_max_rel_err()
     assert clock.now > 0 and verify.meets("sim_calibration_max_rel_err", error), (clock.now, error)
 
 
