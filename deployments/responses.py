@@ -22,6 +22,7 @@ from deployments.json_slices import Spliced
 from deployments.large_body import OFF_LOOP_BYTES, off_loop
 from deployments.openai_server import ANSWER_CHARS_PER_LOGPROB, OpenAIServer, Prepared
 from deployments.responses_protocol import ResponsesRequest, TextFormat, renamed
+from deployments.router_client import merged_tokens_max
 from deployments.streaming import ChoiceDelta, ChoiceTotal, Deferred, EventStream, FirstDelta
 from deployments.tool_calls import ParsedCall, ToolCallStream, answer_calls
 from scheduler.sampling import PackedLogprobs, TokenLogprobs
@@ -232,6 +233,17 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                 "server_error")
         return event("response.failed", response={**response, "error": {"code": code, "message": error.info.message}})
 
+    most = merged_tokens_max(prep.params)  # the tokens of a router event, whose logprobs a delta is built with
+
+    def held_delta(content: str, lps: list[TokenLogprobs]) -> str:
+        """The output_text.delta of text held while it could be a tool call, with its logprobs: those of every token
+        held (the whole answer's, for one that opened as a call would), written a slice per call."""
+        lists = Spliced()
+        return lists.fill(event("response.output_text.delta", item_id=message["id"],
+                                output_index=output.index(message), content_index=0, delta=content,
+                                logprobs=lists.mark(lps, lambda part: json.dumps(answer.logprobs(part),
+                                                                                 ensure_ascii=False), ", ")))
+
     finish, generated, cached = None, 0, 0
     whole = False  # the answer's calls are whole (ToolCallStream.feed's, at the end)
     try:  # the opening events went out with the headers: EventStream keeps the stream alive until the first delta
@@ -245,12 +257,16 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                     for e in open_message():
                         yield e
                 texts.append(content)
-                lps = answer.logprobs(pending)
                 if answer.include_logprobs:
                     logprobs.extend(pending)
-                pending = []
-                yield event("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
-                            content_index=0, delta=content, logprobs=lps)
+                taken, pending = pending, []
+                if answer.include_logprobs and len(taken) > most:  # held text (a tool call's start?) sent at last
+                    yield await answer.server.sized(answer.logprobs_chars(len(taken)), held_delta, content, taken,
+                                                    bulk=False)
+                else:
+                    yield event("response.output_text.delta", item_id=message["id"],
+                                output_index=output.index(message), content_index=0, delta=content,
+                                logprobs=answer.logprobs(taken))
             for piece in pieces:
                 if piece.name is not None:
                     if calls:  # the call before it is whole

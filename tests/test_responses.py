@@ -381,6 +381,34 @@ def test_a_large_answer_is_built_off_the_event_loop(client, stream, monkeypatch)
     assert plain.status_code == 200 and not built[1].startswith("meshserve-"), built  # small: a hop costs more
 
 
+def test_a_held_answers_logprobs_are_built_off_the_event_loop(tokenizer, eos, monkeypatch):
+    """Text that may be a tool call is held, its tokens' logprobs with it, until the answer shows it is none: with
+    `include` logprobs the output_text.delta that then sends it carried the logprobs of every token so far, built and
+    dumped on the loop in one go (a whole answer's, every other stream of the replica standing still meanwhile)."""
+    import threading
+
+    from deployments.responses import _Answer
+    from deployments.router_client import MERGED_TOKENS_MAX
+
+    text = '{"note": "' + " word" * 100 + '"}'  # an object, but no call: content once whole
+    client = make_client(FakeRouter(tokenizer.encode(text) + [eos], max_model_len=4096), tokenizer)
+    built, real = [], _Answer.logprobs
+
+    def recorded(self, lps):
+        built.append((threading.current_thread().name, len(lps)))
+        return real(self, lps)
+
+    monkeypatch.setattr(_Answer, "logprobs", recorded)
+    body = {**BASIC, "tools": TOOLS, "include": ["message.output_text.logprobs"], "top_logprobs": 20, "stream": True}
+    es = events(client.post("/v1/responses", json=body))
+    sent = [e for e in es if e["type"] == "response.output_text.delta"]
+    (done,) = [e for e in es if e["type"] == "response.output_text.done"]
+    assert "".join(e["delta"] for e in sent) == done["text"] == text
+    assert [lp for e in sent for lp in e["logprobs"]] == done["logprobs"]  # its EOS too: it came with the text
+    large = [thread for thread, n in built if n > MERGED_TOKENS_MAX // (1 + 20)]  # past a router event's tokens
+    assert large and all(thread.startswith("meshserve-") for thread in large), built
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_large_answers_logprobs_are_serialized_in_slices(client, stream, monkeypatch):
     """One json.dumps or model_dump over a whole answer's logprobs holds the GIL until it returns, so on a thread too
