@@ -183,7 +183,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
     texts: list[str] = []
     logprobs = PackedLogprobs()  # the message's, when included: written as dicts only at the end (each a GC-tracked
     # container, ~16 per token with 20 top_logprobs, that every full collection walked while the answer lasted)
-    pending: list[TokenLogprobs] = []  # of the tokens since the last delta
+    pending: list[TokenLogprobs] | PackedLogprobs = []  # of the tokens since the last delta
     calls: dict[int, dict] = {}  # a streamed call's index -> its item
     # a call's item id -> its arguments' pieces, joined as it closes: item["arguments"] += piece copied all of them
     # at each delta, quadratic in their length
@@ -235,7 +235,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
 
     most = merged_tokens_max(prep.params)  # the tokens of a router event, whose logprobs a delta is built with
 
-    def held_delta(content: str, lps: list[TokenLogprobs]) -> str:
+    def held_delta(content: str, lps: PackedLogprobs | list[TokenLogprobs]) -> str:
         """The output_text.delta of text held while it could be a tool call, with its logprobs: those of every token
         held (the whole answer's, for one that opened as a call would), written a slice per call."""
         lists = Spliced()
@@ -252,6 +252,8 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
             content, pieces, whole = (tools.feed(d.text, d.finish_reason is not None) if tools else
                                       (d.text, [], False))
             pending += d.logprobs
+            if not content and pending and type(pending) is list:  # held: text that may be a tool call, for as long
+                pending = PackedLogprobs(pending)  # as the answer may last (its logprobs packed, as `logprobs`)
             if content:
                 if message is None:
                     for e in open_message():

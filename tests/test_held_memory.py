@@ -171,10 +171,16 @@ async def _tracked_while_open(app, router: FakeRouter, path: str, body: dict) ->
     return tracked
 
 
-LOGPROBS_CASES = {
-    "chat": ("/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 20}),
-    "completion": ("/v1/completions", {"prompt": "hi", "logprobs": 20}),
-    "responses": ("/v1/responses", {"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 20}),
+LOGPROBS_CASES = {  # each: the path, the body, and how the answer opens
+    "chat": ("/v1/chat/completions", {"messages": HI, "logprobs": True, "top_logprobs": 20}, ""),
+    "completion": ("/v1/completions", {"prompt": "hi", "logprobs": 20}, ""),
+    "responses": ("/v1/responses", {"input": "hi", "include": ["message.output_text.logprobs"], "top_logprobs": 20},
+                  ""),
+    # text that may be a tool call is held, its logprobs with it, until the answer ends
+    "responses, held as a call's": ("/v1/responses", {"input": "hi", "include": ["message.output_text.logprobs"],
+                                                      "top_logprobs": 20, "tools": [
+                                        {"type": "function", "name": "get", "parameters": {"type": "object"}}]},
+                                    '{"note": "'),
 }
 
 
@@ -185,13 +191,13 @@ def test_an_open_answer_holds_no_tracked_objects_per_token(tokenizer, eos, case,
     per token; a Responses stream's as dicts, ~43 per token), all tracked by the cyclic GC, whose full collections
     walk every tracked object the replica holds: 8,192 tokens with 20 top_logprobs, served, made collections of up to
     50 ms that stalled every stream of the replica. Now the ingress holds a bounded number, however long the answer."""
-    path, body = LOGPROBS_CASES[case]
+    path, body, opening = LOGPROBS_CASES[case]
     word = tokenizer.encode(" word")[-1]
     counts = []
     gc.collect()
     gc.freeze()  # what was alive before is not this request's
     try:
-        router = _LinkedRouter([word] * 2000 + [eos], max_model_len=4096)
+        router = _LinkedRouter(tokenizer.encode(opening) + [word] * 2000 + [eos], max_model_len=4096)
         app = build_app(router, tokenizer, MODEL)
         app.state.server.headers_wait_s = 0.05
         for tokens in (100, 100, 1100):  # the first once before: what the first such request leaves (caches)
