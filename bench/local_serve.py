@@ -153,18 +153,45 @@ def wait_healthy(base_url: str, timeout_s: float = 300) -> None:
 def init_local_ray(num_cpus: int, attempts: int = 2) -> None:
     """ray.init of a fresh local instance, tried again once: Ray gives its raylet 30 s to register with the
     GCS, and on this loaded 2-core box a start once never got that far (CI: "The current node timed out
-    during startup", no raylet log at all), which failed a whole test module."""
+    during startup", no raylet log at all), which failed a whole test module.
+
+    A failed try's error names the processes it had started, as they were when it failed (_described). Once in CI
+    both tries failed, in test_serve_e2e's fixture 2 s after test_node_loss_e2e's cluster had stopped: the first
+    try's GCS and the second's raylet wrote not a line in 30 s, while the second's GCS, dashboard and monitors
+    started in 2 s. Leftovers of that cluster explain neither: its last process (a dashboard module) logged its
+    exit at 18:48:03.5, before the first try began (03.8), and the second began 30 s later. Nor does a leftover
+    /tmp/ray/ray_current_cluster: address="local" never reads it (services.canonicalize_bootstrap_address).
+    What both tries shared is this test process, a driver of four Rays before (its driver log in the last one's
+    session got failed metrics exports every 10 s until 18:52; here its threads grew 12 -> 21 over four), from which
+    Ray forks every process it starts: GalaxyCluster starts its nodes from a fresh interpreter for that reason.
+    The same silence (a GCS, or a raylet, without a line) came twice more on that box that day (13:37:46, 19:00:51;
+    each time the retry started), each time too in the first local start after a GalaxyCluster this process drove."""
     for attempt in range(1, attempts + 1):
         before = _children()
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
-        except Exception:
+        except Exception as e:
+            e.add_note(f"the processes this start had started, when it failed: {_described(_children() - before)}")
             ray.shutdown()  # reaches nothing when Node() itself failed: its processes are stopped below
             _stop_children_since(before)
             if attempt == attempts:
                 raise
             logging.getLogger(__name__).warning("local Ray did not start; starting it again", exc_info=True)
+
+
+def _described(pids: set[int]) -> str:
+    """Each process as "NAME pid PID (STATE, T CPU ticks)": its /proc name, its state (R running, S sleeping, D
+    waiting on IO, Z ended, not reaped) and the CPU it has used, which tell a program that hangs from one that died
+    or is slow."""
+    out = []
+    for pid in sorted(pids):
+        if (stat := read_proc(f"/proc/{pid}/stat")) is None:
+            out.append(f"pid {pid} (gone)")
+            continue
+        name, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+        out.append(f"{name} pid {pid} ({state}, {parse_stat(stat)[1]} CPU ticks)")
+    return ", ".join(out) or "none"
 
 
 def _stop_children_since(before: set[int]) -> None:

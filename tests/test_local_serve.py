@@ -50,6 +50,28 @@ def test_a_local_ray_that_fails_to_start_is_started_once_more_and_its_processes_
         local_serve.init_local_ray(num_cpus=1)
 
 
+def test_a_local_ray_that_fails_to_start_says_what_its_processes_were_doing(monkeypatch):
+    """Both tries of a start once failed in CI, one's GCS and the other's raylet without a line of log: the error
+    names each process the failed try had started and its state then (a hung one from one that died), which
+    nothing else keeps: they are stopped right after."""
+    import subprocess
+
+    import bench.local_serve as local_serve
+    started = []
+
+    def init(**kwargs):
+        started.append(subprocess.Popen(["sleep", "60"]))
+        raise Exception("The current node timed out during startup.")
+    monkeypatch.setattr(local_serve.ray, "init", init)
+    monkeypatch.setattr(local_serve.ray, "shutdown", lambda: None)
+    with pytest.raises(Exception, match="timed out during startup") as failed:
+        local_serve.init_local_ray(num_cpus=1)
+    assert len(started) == 2 and [p.wait(timeout=5) for p in started] == [-9, -9]
+    note = failed.value.__notes__[-1]
+    assert re.search(rf"sleep pid {started[1].pid} \([RS], \d+ CPU ticks\)", note), note
+    assert f"pid {started[0].pid} " not in note  # the first try's process is not the second's
+
+
 def test_a_fake_galaxy_cluster_whose_node_does_not_register_in_time_is_started_once_more(monkeypatch):
     """Ray's fixed 30 s for a node to register once ran out on the 2-core box (CI, test_node_loss_e2e), and once the
     head's dashboard died as it started (then list_actors failed): the cluster is shut down, not left beside the next
