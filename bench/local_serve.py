@@ -155,17 +155,11 @@ def init_local_ray(num_cpus: int, attempts: int = 2) -> None:
     GCS, and on this loaded 2-core box a start once never got that far (CI: "The current node timed out
     during startup", no raylet log at all), which failed a whole test module.
 
-    A failed try's error names the processes it had started, as they were when it failed (_described). Once in CI
-    both tries failed, in test_serve_e2e's fixture 2 s after test_node_loss_e2e's cluster had stopped: the first
-    try's GCS and the second's raylet wrote not a line in 30 s, while the second's GCS, dashboard and monitors
-    started in 2 s. Leftovers of that cluster explain neither: its last process (a dashboard module) logged its
-    exit at 18:48:03.5, before the first try began (03.8), and the second began 30 s later. Nor does a leftover
-    /tmp/ray/ray_current_cluster: address="local" never reads it (services.canonicalize_bootstrap_address).
-    What both tries shared is this test process, a driver of four Rays before (its driver log in the last one's
-    session got failed metrics exports every 10 s until 18:52; here its threads grew 12 -> 21 over four), from which
-    Ray forks every process it starts: GalaxyCluster starts its nodes from a fresh interpreter for that reason.
-    The same silence (a GCS, or a raylet, without a line) came twice more on that box that day (13:37:46, 19:00:51;
-    each time the retry started), each time too in the first local start after a GalaxyCluster this process drove."""
+    A failed try's error names the processes it had started and their states (_described), which tell a start that
+    hangs from one that died or starved. Once in CI both tries failed, in the first local start after a
+    GalaxyCluster this test process had driven; no process of that cluster was left, and the silent one was a
+    different one each try (a GCS, then a raylet). Cause not found: this process, from which Ray forks what it
+    starts, is the one thing the tries shared (GalaxyCluster starts its nodes from a fresh interpreter for that)."""
     for attempt in range(1, attempts + 1):
         before = _children()
         try:
