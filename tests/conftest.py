@@ -41,13 +41,16 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The e2e modules first (see pytest_xdist_make_scheduler); the rest keep their order. Two items with one node id
-    are an error: xdist hands out tests by id, and of 12 schemathesis items sharing one (pytest 9.2 drops the
-    "[POST /v1/...]" part of the ids schemathesis gives) it ran one and reported 11 fewer tests, not a failure."""
+    """The e2e modules first (see pytest_xdist_make_scheduler), those marked galaxy_cluster last among them; the
+    rest keep their order. Each local Ray start that stayed silent here (one failed CI, its retry too:
+    bench.local_serve.init_local_ray) was the first after a GalaxyCluster this process had driven; none comes after
+    one now. Two items with one node id are an error: xdist hands out tests by id, and of 12 schemathesis items
+    sharing one (pytest 9.2 drops the "[POST /v1/...]" part of the ids schemathesis gives) it ran one and reported
+    11 fewer tests, not a failure."""
     counts = collections.Counter(item.nodeid for item in items)
     if shared := sorted(nodeid for nodeid, count in counts.items() if count > 1):
         raise pytest.UsageError(f"tests with the same node id (xdist would run one of each): {shared}")
-    items.sort(key=lambda item: not item.path.name.endswith(E2E))
+    items.sort(key=lambda item: (not item.path.name.endswith(E2E), bool(item.get_closest_marker("galaxy_cluster"))))
 
 
 @pytest.hookimpl(tryfirst=True)

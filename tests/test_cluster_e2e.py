@@ -14,7 +14,7 @@ import yaml
 from deployments.config import AppConfig
 from bench.local_serve import GalaxyCluster, free_port, router_stats, serve_app, wait_healthy
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.galaxy_cluster]
 ROOT = Path(__file__).resolve().parents[1]
 SIM = dict(model="smollm2", backend="simulated", time_scale=0.05, num_meshes=2, mesh_resources={"galaxy": 1},
            mesh_num_cpus=0.1, num_blocks=512, max_seq_len=8192, prefill_chunk=512, decode_steps=4)

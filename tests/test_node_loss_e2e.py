@@ -13,7 +13,7 @@ from bench.local_serve import GalaxyCluster, router_stats, serve_app
 from bench.saturation import distinct_prompts
 from deployments.config import AppConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.galaxy_cluster]
 SIM = AppConfig(model="smollm2", backend="simulated", time_scale=0.5, num_meshes=2, mesh_resources={"galaxy": 1},
                 mesh_num_cpus=0, num_blocks=512, max_seq_len=4096, prefill_chunk=512, decode_steps=4)
 PROMPTS = distinct_prompts(6, 64)

@@ -36,6 +36,18 @@ def test_the_e2e_modules_share_one_worker_and_go_first(pytester):
     assert on_it[:6] == ["test_x_e2e"] * 3 + ["test_y_e2e"] * 3
 
 
+def test_the_e2e_modules_that_drive_a_galaxy_cluster_go_last_among_them(pytester):
+    pytester.makeconftest(CONFTEST)
+    pytester.makeini('[pytest]\nmarkers =\n    galaxy_cluster: drives a GalaxyCluster\n')
+    body = "def test_0():\n    pass\n"
+    cluster = "import pytest\npytestmark = pytest.mark.galaxy_cluster\n" + body
+    pytester.makepyfile(test_a_e2e=cluster, test_b_e2e=body, test_c=body, test_d_e2e=body)
+    result = pytester.runpytest_subprocess("-n", "2", "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4)
+    ran = re.findall(r"\[gw\d\].*?PASSED (test_\w+_e2e)\.py", result.stdout.str())
+    assert ran == ["test_b_e2e", "test_d_e2e", "test_a_e2e"]
+
+
 @pytest.mark.parametrize("module, errors", [("test_quick", 1), ("test_quick_e2e", 0)])
 def test_only_an_e2e_module_may_start_ray(pytester, module, errors):
     pytester.makeconftest(CONFTEST)
