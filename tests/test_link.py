@@ -17,12 +17,14 @@ import deployments.link as link_module
 import deployments.mesh_client as mesh_client
 import deployments.mesh_replica as mesh_replica
 import deployments.router_client as router_client
+from deployments.aio import within
 from deployments.link import Link, LinkAddress, LinkServer, connect
 from deployments.mesh_client import LinkMeshClient
 from deployments.ingress import build_app
 from deployments.router import Router, RouterConfig, RouterDeployment
 from deployments.router_client import RouterGone, RouterLink, RouterLost
 from model.simulated import SimulatedBackend
+from scheduler.errors import PromptTooLong
 from scheduler.sampling import SamplingParams, TokenLogprobs
 from scheduler.work import (DecodeRound, MeshWork, PrefillChunk, RequestFailed, StaleWork, StepResult, TokenEvent,
                             pack_events, unpack_events)
@@ -1209,4 +1211,47 @@ def test_a_request_the_router_refused_raises_the_routers_error():
             await first
         link._pump.cancel()
         router.server.close()
+    asyncio.run(main())
+
+
+def test_a_submit_the_router_replica_refuses_ends_its_request_over_the_link_with_the_refusal():
+    """A submit the router refuses (here a prompt longer than any mesh holds) must come back on the ingress's link: the
+    request raises it (the ingress's 400), rather than wait on a link that carries nothing more for it; the router
+    keeps nothing of it."""
+    async def main():
+        routers = RouterReplicas([LocalMesh(lambda: SimulatedBackend(num_blocks=64, time_scale=0.01,
+                                                                     vocab_size=1000))], FAST)
+        link = RouterLink(routers)
+        await until(lambda: not routers.router.starting and routers.router.stats()["ready"])
+
+        async def answer() -> None:
+            async for _ in link.generate("long", [3] * 5000, SamplingParams(max_tokens=5), None):
+                pass
+        with pytest.raises(PromptTooLong):
+            await within(answer(), 10)
+        assert not routers.router.requests and link._queues == {}
+        link._pump.cancel()
+        await routers.kill()
+    asyncio.run(main())
+
+
+def test_a_continuation_sent_over_the_link_is_not_refused_by_a_full_queue():
+    """A stream the ingress resubmits at a router restart says so on the link: it is no new load, so a queue the
+    restart's other streams filled does not refuse it (Router.submit), as it would a new request (429)."""
+    async def main():
+        routers = RouterReplicas([LocalMesh(lambda: SimulatedBackend(num_slots=4, num_blocks=64, time_scale=0.01,
+                                                                     vocab_size=1000))],
+                                 {**FAST, "max_waiting_requests": 1})
+        link = RouterLink(routers)
+        await until(lambda: not routers.router.starting and routers.router.stats()["ready"])
+        lasting = SamplingParams(temperature=0.0, max_tokens=2000)
+        for i in range(5):  # four slots and a queue of one: full
+            routers.router.submit(f"r{i}", [i + 2] * 40, lasting, None, [], "other")
+        events = link.generate("c", [9] * 40, SamplingParams(temperature=0.0, max_tokens=3), None, continuation=True)
+        assert (await within(anext(events), 10)).request_id == "c"
+        await events.aclose()
+        for rid in list(routers.router.requests):
+            routers.router.cancel(rid)
+        link._pump.cancel()
+        await routers.kill()
     asyncio.run(main())

@@ -2267,3 +2267,76 @@ def test_a_request_held_again_at_a_meshs_rejoin_counts_its_tokens_once():
         long.restart()
         await cancel_all_and_close(router, 1)
     asyncio.run(main())
+
+
+def test_a_consumer_that_left_is_sent_nothing_more():
+    """Its requests end as it leaves (detach cancels them), but their ends go nowhere: the ingress replica is gone, and
+    a flush to its link would only fail in the flush's timer."""
+    async def main():
+        router, _ = await make_router(num_meshes=1)
+        sent: list[list] = []
+        router.attach("c", sent.append)
+        router.submit("a", [3] * 40, LASTING, None, [], "c")
+        await until(lambda: sent)
+        router.detach("c")
+        before = len(sent)
+        for _ in range(10):  # the passes of the loop in which a flush of the abort would have gone
+            await asyncio.sleep(0)
+        assert len(sent) == before and "a" not in router.requests
+        await nothing_held(router)
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_down_mesh_reports_no_load_its_whole_kv_capacity_and_the_requests_held_for_it():
+    """What /metrics shows through an outage: the down mesh runs nothing, its blocks_total counts every KV group (a
+    Galaxy's four), and the requests waiting for a mesh are counted as held."""
+    async def main():
+        router, (mesh,) = await make_router(num_meshes=1)
+        caps = mesh.runner.caps
+        mesh.vanish()
+        await until(lambda: not router.stats()["ready"])
+        router.submit("a", [3] * 40, GREEDY, None, [], "c")
+        stats = router.stats()
+        (down,) = stats["meshes"]
+        assert caps.kv_groups > 1 and down["blocks_total"] == caps.kv_groups * caps.num_blocks
+        assert (down["running"], down["waiting"], down["blocks_used"], stats["held"]) == (0, 0, 0, 1)
+        mesh.restart()
+        await cancel_all_and_close(router, 1)
+    asyncio.run(main())
+
+
+def test_a_cancel_older_than_cancel_memory_s_does_not_end_the_request_it_names(monkeypatch):
+    """A cancel that came before its request is kept cancel_memory_s; a submit of that id after it is a request of its
+    own, run, even before the idle loop's next tick has forgotten the old cancel."""
+    async def main():
+        router, _ = await make_router(num_meshes=1, cancel_memory_s=60.0)
+        clock = [1000.0]
+        monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+        router.cancel("x")
+        clock[0] += 61.0  # no await between this and the submit: the idle loop has not looked
+        tokens, reason = await collect(router, "x", [4] * 30, GREEDY)
+        assert reason == "length" and len(tokens) == GREEDY.max_tokens
+        await nothing_held(router)
+        await router.close()
+    asyncio.run(main())
+
+
+def test_a_cancel_on_an_idle_mesh_sends_its_release_once():
+    """The freed slot goes to the mesh in one work of its own; then the mesh is idle again until its heartbeat (here
+    longer than the test), not sent the same release over and over."""
+    async def main():
+        router, (mesh,) = await make_router(num_meshes=1, heartbeat_s=60.0)
+        stream = router.generate("x", [5] * 100, SamplingParams(temperature=0.0, max_tokens=500))
+        async for event in stream:
+            if event.token_ids:
+                break
+        await stream.aclose()
+        await until(lambda: not mesh.runner.slots and not router.meshes[0].scheduler.inflight)
+        works = mesh.works
+        for _ in range(50):  # passes of the loop in which a release sent again would reach the mesh
+            await asyncio.sleep(0)
+        assert mesh.works == works and not router.meshes[0].scheduler.pending_release
+        await nothing_held(router)
+        await router.close()
+    asyncio.run(main())
