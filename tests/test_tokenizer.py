@@ -337,6 +337,22 @@ def test_detokenizer_work_per_step_does_not_grow_with_output(meta):
     assert max(spy.sizes) <= 8
 
 
+@pytest.mark.parametrize("name", ["meta", "hf", "smol"])
+def test_a_token_of_whole_characters_decodes_alone(tokenizers, name):
+    """With nothing held back, a byte-level tokenizer's token whose text is whole characters adds that text after
+    any context: the step decodes it alone (kept once found), not its context with it, the stream's every token."""
+    tok = tokenizers[name]
+    text = "The quick brown fox jumps over the lazy dog, 42 times. Café 🚀 " * 10
+    ids = tok.encode(text)
+    spy = DecodeSpy(tok)
+    detok = IncrementalDetokenizer(spy)
+    deltas = [detok.step([i]) for i in ids]
+    assert "".join(deltas) + detok.flush() == text
+    partial = sum("\ufffd" in tok.decode([i]) for i in ids)  # a character's first bytes: held back, and the next
+    windows = sum(size > 1 for size in spy.sizes)  # token's step decodes the window
+    assert windows <= 2 * partial + 1 < len(ids) // 2
+
+
 @pytest.mark.parametrize("name", ["meta", "smol"])
 def test_a_run_of_skipped_special_tokens_does_not_grow_the_work(tokenizers, name):
     """Under ignore_eos a model may write EOS after EOS; skipped, they add no text. They stayed in the window,
