@@ -238,13 +238,16 @@ class Tokenizer:
                 return self._tiktoken.decode_single_token_bytes(token_id)
             except KeyError:  # tiktoken's word for it
                 raise ValueError(f"token id {token_id} is not in the vocabulary") from None
-        if token_id in self._added_bytes:  # added and special tokens are stored as their text
-            return self._added_bytes[token_id]
-        token = self._hf.backend_tokenizer.id_to_token(token_id)
+        token = self._hf.backend_tokenizer.id_to_token(token_id)  # an added token's: its text
         if token is None:
             raise ValueError(f"token id {token_id} is not in the vocabulary")
+        # The byte-level decoder reads an added token's text as the vocabulary's: "ĠfooĠ" is " foo ", and "aðŁĺ" is
+        # "a" and an emoji's first bytes. As its text's UTF-8, its bytes (logprobs', the detokenizer's) were not what
+        # decode made of it: "aðŁĺ" read as whole characters, the emoji it began came out as U+FFFD.
         if self._byte_level and all(c in _BYTE_OF_CHAR for c in token):
             return bytes(_BYTE_OF_CHAR[c] for c in token)
+        if token_id in self._added_bytes:  # added and special tokens are stored as their text
+            return self._added_bytes[token_id]
         if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
             return bytes([int(token[3:5], 16)])
         return token.replace("\u2581", " ").encode()  # SentencePiece marks a space with U+2581

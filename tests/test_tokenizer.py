@@ -440,6 +440,22 @@ def test_one_ids_text_kept_for_the_detokenizer_follows_skip_special(llama3_dir, 
         assert tok.decode([tok.vocab_size + 7]) == ""  # past the vocabulary: adds nothing, as before
 
 
+def test_a_byte_level_added_tokens_bytes_are_what_decode_reads(tmp_path):
+    """The byte-level decoder reads an added token's text in its byte alphabet, as a vocabulary token's: "ĠfooĠ" is
+    " foo ", "aðŁĺ" an "a" and an emoji's first bytes. Taken as its text's UTF-8, its bytes (logprobs', and the
+    detokenizer's, which holds a character's first bytes back) said otherwise, and the emoji it began streamed as
+    U+FFFD."""
+    hf = AutoTokenizer.from_pretrained(ensure_smollm2())
+    hf.add_tokens(["ĠfooĠ", "aðŁĺ"])
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = hf.convert_tokens_to_ids(["ĠfooĠ", "aðŁĺ", "Ģ"])  # "Ģ": the byte 0x80, the emoji's last
+    assert tok.decode(ids) == " foo a😀"
+    assert b"".join(map(tok.token_bytes, ids)) == " foo a😀".encode()
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.step([i]) for i in ids) + detok.flush() == " foo a😀"
+
+
 def test_an_added_token_that_is_not_special_is_streamed_as_text(tmp_path):
     """Only added tokens marked special are skipped: a plain added token ("<x>" here; some models add their
     reasoning tags so) is text, as transformers' decode with skip_special_tokens keeps it."""
