@@ -16,6 +16,7 @@ import deployments.ingress as ingress_module
 import deployments.link as link_module
 import deployments.mesh_client as mesh_client
 import deployments.mesh_replica as mesh_replica
+import deployments.router as router_module
 import deployments.router_client as router_client
 from deployments.aio import within
 from deployments.link import Link, LinkAddress, LinkServer, connect
@@ -1253,5 +1254,59 @@ def test_a_continuation_sent_over_the_link_is_not_refused_by_a_full_queue():
         for rid in list(routers.router.requests):
             routers.router.cancel(rid)
         link._pump.cancel()
+        await routers.kill()
+    asyncio.run(main())
+
+
+def test_an_event_for_an_ingress_whose_link_just_closed_is_dropped_without_an_error():
+    """An ingress replica gone (or dropped for its backlog) closes its link a pass of the loop before the router's reader
+    hears of it and detaches its stream; an event flushed in between has nowhere to go and is dropped. Sent, it raised
+    ConnectionError in the flush's timer callback: a traceback in the router's log at each ingress that left."""
+    async def main():
+        errors: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+        routers = RouterReplicas([LocalMesh(lambda: SimulatedBackend(num_blocks=64, time_scale=0.01,
+                                                                     vocab_size=1000))], FAST)
+        link = RouterLink(routers)
+        await until(lambda: not routers.router.starting and routers.router.stats()["ready"])
+        events = link.generate("a", [5] * 40, SamplingParams(temperature=0.0, max_tokens=2000), None)
+        await within(anext(events), 10)
+        (served,) = routers.replica._link_server._links
+        served.abort()  # the ingress's end, in this pass of the loop
+        routers.router.cancel("a")  # its last event, flushed before the reader has heard of the end
+        await until(lambda: not routers.router.sinks)
+        assert errors == [] and not routers.router.requests
+        with pytest.raises(RouterLost):
+            await within(anext(events), 10)
+        link._pump.cancel()
+        await routers.kill()
+    asyncio.run(main())
+
+
+def test_an_ingress_that_stopped_reading_is_dropped_past_the_backlog_limit_and_its_requests_end(monkeypatch):
+    """An ingress replica whose loop hangs (or whose host froze) reads no more events; the router's buffer for its link
+    would grow with every token of its requests, which run on for nobody. Past MAX_CONSUMER_BACKLOG (here 16 KiB) the
+    router drops the link, and the link's end cancels each request it carried."""
+    monkeypatch.setattr(router_module, "MAX_CONSUMER_BACKLOG", 16 << 10)
+
+    async def main():
+        routers = RouterReplicas([LocalMesh(lambda: SimulatedBackend(num_blocks=256, time_scale=0.01,
+                                                                     vocab_size=1000))], FAST)
+        await until(lambda: not routers.router.starting and routers.router.stats()["ready"])
+        ingress = await link_module.connect(await routers.link_address.remote())
+        await until(lambda: len(routers.replica._link_server._links) == 1)
+        (served,) = routers.replica._link_server._links
+        for side, size in ((ingress, socket.SO_RCVBUF), (served, socket.SO_SNDBUF)):  # small: a backlog soon
+            side._transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, size, 4096)
+        # the kernel's own end of a peer that takes nothing for 15 s (link._no_delay) off: the limit alone ends it
+        served._transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 0)
+        ingress._transport.pause_reading()  # it reads nothing more
+        lasting = SamplingParams(temperature=0.0, max_tokens=8000)
+        for i in range(8):
+            ingress.send(("submit", f"r{i}", [i + 2] * 40, lasting, None, [], False))
+        await until(lambda: routers.router.requests)
+        await until(lambda: not routers.router.sinks)  # the link dropped
+        assert not routers.router.requests  # and its requests with it, far from their max_tokens
+        ingress.abort()
         await routers.kill()
     asyncio.run(main())
