@@ -451,6 +451,21 @@ def test_with_no_mesh_for_too_long_requests_get_no_mesh_available():
     asyncio.run(main())
 
 
+def test_a_failed_meshs_requests_each_move_once_among_the_meshes_left():
+    """With two live meshes left, each request of the failed one is placed again on one of them, once: placed on both,
+    its tokens came twice (or a refused second placement failed it) and the first copy held its slot and blocks."""
+    async def main():
+        alone = await solo_outputs(PROMPTS, LONG)
+        router, (m0, _, _) = await make_router(num_meshes=3)
+        m0.inject("raise", after=12)  # prefills done, decoding
+        assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
+        mesh0 = router.stats()["meshes"][0]
+        assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] > 0
+        await until(lambda: router.stats()["meshes"][0]["up"])
+        await nothing_held(router, {"mesh-0": 1})
+        await router.close()
+    asyncio.run(main())
+
 def test_a_request_held_off_a_failed_mesh_until_it_ends_is_not_counted_as_migrated(caplog):
     """meshserve_requests_migrated_total counts requests moved off a failed mesh. It counted each request the failure
     drained, so one held for a live mesh until no_mesh_wait_s ran out (503), never moved, counted too. The log says it
