@@ -467,3 +467,50 @@ def test_an_added_token_that_is_not_special_is_streamed_as_text(tmp_path):
     ids = [*tok.encode("hi"), hf.convert_tokens_to_ids("<x>"), tok.eos_id]
     detok = IncrementalDetokenizer(tok)
     assert "".join(detok.step([i]) for i in ids) + detok.flush() == hf.decode(ids, skip_special_tokens=True)
+
+
+def test_a_step_of_several_tokens_ending_inside_a_character_sends_what_comes_before(meta):
+    """A token may start with a stray continuation byte and end with a lead byte (Llama 3's b"\\xa4\\xed"): nothing is
+    pending before it, so the text before it is final. A step of "a" and that token sends "a"; the flush drops only
+    the token that the unfinished character crosses."""
+    (a,) = meta.encode("a")
+    stray = next(t for t in range(meta.vocab_size) if meta.token_bytes(t) == b"\xa4\xed")
+    detok = IncrementalDetokenizer(meta)
+    assert detok.step([a, stray]) == "a"
+    assert detok.flush() == ""
+
+
+@pytest.mark.parametrize("name", ["meta", "smol"])
+def test_a_run_of_skipped_special_tokens_in_steps_of_several_does_not_grow_the_work(tokenizers, name):
+    """A step of several ids (a message of overlapped decode steps) drops skipped special tokens too: kept, a run of
+    EOS stayed in the window, and each step decoded all of it again."""
+    tok = tokenizers[name]
+    ids = [*tok.encode("Hi 🚀"), *[tok.eos_id] * 500, *tok.encode(" ok 東京")]
+    spy = DecodeSpy(tok)
+    detok = IncrementalDetokenizer(spy)
+    text = "".join(detok.step(ids[i:i + 2]) for i in range(0, len(ids), 2)) + detok.flush()
+    assert text == "Hi 🚀 ok 東京"
+    assert max(spy.sizes) <= 8
+
+
+def test_an_id_past_the_vocabulary_keeps_the_context_that_a_leading_space_needs(tmp_path):
+    """An id that adds no text (past the vocabulary: a padded logits row) leaves the window's context alone: with a
+    SentencePiece decoder, which strips a decode's leading space, the next word's space needs the word before."""
+    save_byte_fallback_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("hi hi")
+    ids = [*ids[:3], tok.vocab_size + 5, *ids[3:]]
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.step([i]) for i in ids) + detok.flush() == tok.decode(ids) == "hi hi"
+
+
+def test_a_byte_level_added_token_outside_the_byte_alphabet_is_its_text(tmp_path):
+    """The byte-level decoder reads an added token with a character outside its byte alphabet ("Ġ東京") as its text
+    as written, so its bytes are that text's UTF-8, not a byte per alphabet character it holds."""
+    hf = AutoTokenizer.from_pretrained(ensure_smollm2())
+    hf.add_tokens(["Ġ東京"])
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("x Ġ東京 y")
+    assert hf.convert_tokens_to_ids("Ġ東京") in ids
+    assert b"".join(map(tok.token_bytes, ids)) == tok.decode(ids).encode() == "x Ġ東京 y".encode()
