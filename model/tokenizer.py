@@ -157,8 +157,6 @@ class Tokenizer:
             self.bos_id = prepended[0] if prepended[:1] == [hf_tokenizer.bos_token_id] else None
             eos_id = hf_tokenizer.eos_token_id
             self.chat_template = hf_tokenizer.chat_template
-            added = backend.get_added_tokens_decoder()
-            self._added_bytes = {i: t.content.encode() for i, t in added.items()}
             self._byte_level = isinstance(backend.decoder, ByteLevelDecoder)
             self._cuts_are_exact = cuts_are_exact(backend)
         # decode is the ids' bytes joined, read as UTF-8 with U+FFFD for bytes that form no character (tiktoken's, and
@@ -238,16 +236,18 @@ class Tokenizer:
                 return self._tiktoken.decode_single_token_bytes(token_id)
             except KeyError:  # tiktoken's word for it
                 raise ValueError(f"token id {token_id} is not in the vocabulary") from None
-        token = self._hf.backend_tokenizer.id_to_token(token_id)  # an added token's: its text
+        token = self._hf.backend_tokenizer.id_to_token(token_id)  # an added token's: as stored, which decode reads
         if token is None:
             raise ValueError(f"token id {token_id} is not in the vocabulary")
         # The byte-level decoder reads an added token's text as the vocabulary's: "ĠfooĠ" is " foo ", and "aðŁĺ" is
         # "a" and an emoji's first bytes. As its text's UTF-8, its bytes (logprobs', the detokenizer's) were not what
         # decode made of it: "aðŁĺ" read as whole characters, the emoji it began came out as U+FFFD.
-        if self._byte_level and all(c in _BYTE_OF_CHAR for c in token):
-            return bytes(_BYTE_OF_CHAR[c] for c in token)
-        if token_id in self._added_bytes:  # added and special tokens are stored as their text
-            return self._added_bytes[token_id]
+        # An added token's string is what decode reads too: a SentencePiece normalizer's "▁<x>" for "<x>", whose
+        # space its text's UTF-8 lacked.
+        if self._byte_level:
+            if all(c in _BYTE_OF_CHAR for c in token):
+                return bytes(_BYTE_OF_CHAR[c] for c in token)
+            return token.encode()  # an added token outside the byte alphabet: the decoder keeps its text
         if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):  # SentencePiece byte fallback
             return bytes([int(token[3:5], 16)])
         return token.replace("\u2581", " ").encode()  # SentencePiece marks a space with U+2581

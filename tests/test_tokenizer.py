@@ -514,3 +514,17 @@ def test_a_byte_level_added_token_outside_the_byte_alphabet_is_its_text(tmp_path
     ids = tok.encode("x Ġ東京 y")
     assert hf.convert_tokens_to_ids("Ġ東京") in ids
     assert b"".join(map(tok.token_bytes, ids)) == tok.decode(ids).encode() == "x Ġ東京 y".encode()
+
+
+@pytest.mark.parametrize("text", ["hi <x> 東京 hi", "<x>hi東京"])
+def test_sentencepiece_added_tokens_bytes_are_what_decode_reads(tmp_path, text):
+    """An added token of a SentencePiece tokenizer is kept as its normalizer writes it ("<x>" as "▁<x>"), and decode
+    reads that, space and all: taken as its text, its bytes (logprobs') lacked the space decode gives it."""
+    save_byte_fallback_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    hf.add_tokens(["<x>", "東京"])
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode(text)
+    assert hf.convert_tokens_to_ids("<x>") in ids
+    assert b"".join(map(tok.token_bytes, ids)) == (" " + tok.decode(ids)).encode()  # the decoder strips one space
