@@ -235,14 +235,18 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
 
     most = merged_tokens_max(prep.params)  # the tokens of a router event, whose logprobs a delta is built with
 
+    def logprobs_json(part: PackedLogprobs | list[TokenLogprobs]) -> str:  # a slice's, as event() writes them
+        return json.dumps(answer.logprobs(part), ensure_ascii=False)
+
+    def text_delta(content: str, lps: object) -> str:
+        return event("response.output_text.delta", item_id=message["id"], output_index=output.index(message),
+                     content_index=0, delta=content, logprobs=lps)
+
     def held_delta(content: str, lps: PackedLogprobs | list[TokenLogprobs]) -> str:
         """The output_text.delta of text held while it could be a tool call, with its logprobs: those of every token
         held (the whole answer's, for one that opened as a call would), written a slice per call."""
         lists = Spliced()
-        return lists.fill(event("response.output_text.delta", item_id=message["id"],
-                                output_index=output.index(message), content_index=0, delta=content,
-                                logprobs=lists.mark(lps, lambda part: json.dumps(answer.logprobs(part),
-                                                                                 ensure_ascii=False), ", ")))
+        return lists.fill(text_delta(content, lists.mark(lps, logprobs_json, ", ")))
 
     finish, generated, cached = None, 0, 0
     whole = False  # the answer's calls are whole (ToolCallStream.feed's, at the end)
@@ -266,9 +270,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
                     yield await answer.server.sized(answer.logprobs_chars(len(taken)), held_delta, content, taken,
                                                     bulk=False)
                 else:
-                    yield event("response.output_text.delta", item_id=message["id"],
-                                output_index=output.index(message), content_index=0, delta=content,
-                                logprobs=answer.logprobs(taken))
+                    yield text_delta(content, answer.logprobs(taken))
             for piece in pieces:
                 if piece.name is not None:
                     if calls:  # the call before it is whole
@@ -308,9 +310,7 @@ async def _events(answer: _Answer, first: FirstDelta, stream: AsyncIterator[Choi
         # the last item (those before it are closed): a call is completed when whole, else incomplete, as the
         # whole answer's (_whole)
         last = ("completed" if whole else "incomplete") if calls else status
-        # its logprobs as event() writes them
-        out += close(output[-1], last,
-                     lists.mark(logprobs, lambda part: json.dumps(answer.logprobs(part), ensure_ascii=False), ", "))
+        out += close(output[-1], last, lists.mark(logprobs, logprobs_json, ", "))
         final = answer.response(status, output, answer.usage(generated, cached))
         out.append(event("response.completed" if status == "completed" else "response.incomplete", response=final))
         return [lists.fill(e) for e in out]

@@ -236,14 +236,12 @@ class Tokenizer:
                 return self._tiktoken.decode_single_token_bytes(token_id)
             except KeyError:  # tiktoken's word for it
                 raise ValueError(f"token id {token_id} is not in the vocabulary") from None
-        token = self._hf.backend_tokenizer.id_to_token(token_id)  # an added token's: as stored, which decode reads
+        # An added token's string too, as stored, is what decode reads, not its text's UTF-8 (which the bytes of
+        # logprobs and the detokenizer were): the byte-level decoder reads it through the byte alphabet ("ĠfooĠ" is
+        # " foo ", "aðŁĺ" an "a" and an emoji's first bytes), and a SentencePiece normalizer stores "<x>" as "▁<x>".
+        token = self._hf.backend_tokenizer.id_to_token(token_id)
         if token is None:
             raise ValueError(f"token id {token_id} is not in the vocabulary")
-        # The byte-level decoder reads an added token's text as the vocabulary's: "ĠfooĠ" is " foo ", and "aðŁĺ" is
-        # "a" and an emoji's first bytes. As its text's UTF-8, its bytes (logprobs', the detokenizer's) were not what
-        # decode made of it: "aðŁĺ" read as whole characters, the emoji it began came out as U+FFFD.
-        # An added token's string is what decode reads too: a SentencePiece normalizer's "▁<x>" for "<x>", whose
-        # space its text's UTF-8 lacked.
         if self._byte_level:
             if all(c in _BYTE_OF_CHAR for c in token):
                 return bytes(_BYTE_OF_CHAR[c] for c in token)
