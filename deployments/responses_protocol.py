@@ -223,6 +223,7 @@ class ResponsesRequest(RequestModel):
     structured_outputs: JsonObject | None = None
     priority: int | None = None
     request_id: Text | None = None  # the response's id, as vLLM answers it
+    chat_template_kwargs: JsonObject | None = None  # more variables for the model's template, as the chat's
     vllm_xargs: Unsupported | None = None
     # vLLM's: the response would also carry the prompt's and the answer's messages (input_messages, output_messages)
     enable_response_messages: only(False, "the response carries no input_messages or output_messages here") = False
@@ -271,7 +272,8 @@ class ResponsesRequest(RequestModel):
                                 "parallel_tool_calls": self.parallel_tool_calls, "user": self.user}
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "cache_salt", "stop", "include_stop_str_in_output", "ignore_eos",
-                     "skip_special_tokens", "logit_bias", "structured_outputs", "priority", "request_id"):
+                     "skip_special_tokens", "logit_bias", "structured_outputs", "priority", "request_id",
+                     "chat_template_kwargs"):
             body[name] = getattr(self, name)
         if self.logprobs:
             body["logprobs"], body["top_logprobs"] = True, self.top_logprobs or 0

@@ -2,6 +2,7 @@
 openai-python's own types, the input against the chat request it becomes."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -642,14 +643,29 @@ def test_vllms_sampling_extras_reach_the_mesh(client, router, tokenizer):
     assert not params.skip_special_tokens and params.logit_bias == {5: 10} and params.grammar is not None
 
 
+def test_chat_template_kwargs_reach_the_template(router, tokenizer):
+    """vLLM's Responses request takes chat_template_kwargs, as its chat does: the prompt is the chat completion's with
+    the same variables. They were ignored here (the template rendered its defaults)."""
+    templated = copy.deepcopy(tokenizer)
+    templated._hf.chat_template = templated.chat_template = (
+        "{% for m in messages %}{{ greeting | default('hello') }} {{ m['content'] }}{% endfor %}")
+    client = make_client(router, templated)
+    kwargs = {"greeting": "good evening"}
+    for path, body in (("/v1/chat/completions", {**CHAT, "chat_template_kwargs": kwargs}),
+                       ("/v1/responses", {**BASIC, "chat_template_kwargs": kwargs}), ("/v1/responses", BASIC)):
+        assert client.post(path, json=body).status_code == 200
+    chat, responses, plain = (prompt for prompt, _, _ in router.requests.values())
+    assert responses == chat == templated.encode("good evening hi", add_bos=False) and plain != chat
+
+
 def test_a_request_id_names_the_response(client):
     assert client.post("/v1/responses", json={**BASIC, "request_id": "resp_mine"}).json()["id"] == "resp_mine"
 
 
 @pytest.mark.parametrize("patch, param", [
     ({"stop": [""]}, "stop"), ({"logit_bias": {"x": 1}}, "logit_bias"), ({"priority": 1}, "priority"),
-    ({"vllm_xargs": {"k": 1}}, "vllm_xargs"), ({"structured_outputs": {"regex": "a", "choice": ["a"]}},
-                                               "structured_outputs"),
+    ({"vllm_xargs": {"k": 1}}, "vllm_xargs"), ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
     ({"structured_outputs": {"regex": "a"}, "text": {"format": {"type": "json_object"}}},
      "structured_outputs.regex"),  # one constraint per request
 ])
