@@ -251,6 +251,9 @@ class _GenerationRequest(RequestModel):
     guided_whitespace_pattern: Text | None = None  # vLLM's: the whitespace a JSON constraint allows (a regex)
     vllm_xargs: Unsupported | None = None  # vLLM's: arguments for custom logits processors, which are not loaded
     kv_transfer_params: Unsupported | None = None  # vLLM's disaggregated prefill: not implemented
+    ec_transfer_params: Unsupported | None = None  # vLLM's disaggregated encoder cache: not implemented either
+    # vLLM's cap on a reasoning model's thinking; vLLM too refuses it without a reasoning config (-1: unset)
+    thinking_token_budget: int | None = None
     # vLLM's: the response's id is "<chatcmpl|cmpl>-<request_id>" (the router's own id stays unique)
     request_id: Salt | None = None
     use_beam_search: only(False, "beam search is not implemented") = False  # vLLM's
@@ -309,6 +312,13 @@ class _GenerationRequest(RequestModel):
     def _stop_strings_need_text(cls, v, info: ValidationInfo):
         if not v and info.data.get("stop"):  # vLLM's rule (SamplingParams._verify_args)
             raise ValueError("stop strings need the answer's text: they cannot be used with detokenize false")
+        return v
+
+    @field_validator("thinking_token_budget")
+    @classmethod
+    def _no_thinking(cls, v):
+        if v != -1:
+            raise ValueError("this model does not reason: it has no thinking to budget (-1, unlimited, is taken)")
         return v
 
     @field_validator("length_penalty")
@@ -558,6 +568,9 @@ class ChatCompletionRequest(_GenerationRequest):
     metadata: dict[short_text(64), short_text(512)] | None = Field(None, max_length=16)
     chat_template: RequestTemplate | None = None
     echo: bool = False  # vLLM's: the final message's text first in each answer, when the answer continues it
+    # vLLM's: the templated prompt's text in the answer (`prompt_text`); prompt_token_ids come with return_token_ids
+    return_prompt_text: only(False, "the answer carries no prompt_text here: return_token_ids gives the prompt's "
+                                    "token ids, /tokenize the same for the messages") = False
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
     documents: Unsupported | None = None  # vLLM's RAG documents for templates that take them
     add_special_tokens: bool = False  # vLLM's: true puts a BOS before the template's own tokens

@@ -22,11 +22,11 @@ SHARED_NULLS = ["model", "stream", "stream_options", "temperature", "top_p", "to
                 "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens", "return_token_ids",
                 "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern",
                 "vllm_xargs", "kv_transfer_params", "request_id", "truncation_side",
-                "logprob_token_ids", "best_of", "structural_tag"]
+                "logprob_token_ids", "best_of", "structural_tag", "ec_transfer_params", "thinking_token_budget"]
 CHAT_NULLS = ["max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
-              "chat_template_kwargs", "documents", "add_special_tokens", "metadata"]
+              "chat_template_kwargs", "documents", "add_special_tokens", "metadata", "return_prompt_text"]
 COMPLETION_NULLS = ["logprobs", "echo", "suffix", "add_special_tokens", "max_completion_tokens"]
 
 
@@ -101,6 +101,12 @@ def test_a_required_field_sent_as_null_is_400(client, path, base, field):
     ("/v1/chat/completions", CHAT, {"documents": [{"title": "t", "text": "x"}]}, "documents"),
     ("/v1/completions", COMPLETION, {"vllm_xargs": {"k": 1}}, "vllm_xargs"),
     ("/v1/chat/completions", CHAT, {"kv_transfer_params": {"do_remote_prefill": True}}, "kv_transfer_params"),
+    # vLLM's, which were ignored: an encoder cache to transfer, a thinking budget (vLLM too refuses one for a model
+    # without a reasoning config), the templated prompt's text in the answer
+    ("/v1/completions", COMPLETION, {"ec_transfer_params": {"do_remote_encode": True}}, "ec_transfer_params"),
+    ("/v1/chat/completions", CHAT, {"thinking_token_budget": 100}, "thinking_token_budget"),
+    ("/v1/completions", COMPLETION, {"thinking_token_budget": 0}, "thinking_token_budget"),
+    ("/v1/chat/completions", CHAT, {"return_prompt_text": True}, "return_prompt_text"),
     ("/v1/chat/completions", CHAT, {"structured_outputs": {"json": {}, "structural_tag": "{}"}},
      "structured_outputs.structural_tag"),
 ])
@@ -133,6 +139,7 @@ def test_best_of_equal_to_n_is_n_samples(client, path, base):
 @pytest.mark.parametrize("patch", [
     {"service_tier": "auto"}, {"service_tier": "default"}, {"modalities": ["text"]}, {"user": "user-1234"},
     {"some_vendor_extra": {"x": 1}}, {"metadata": {"k": "v"}}, {"store": False},
+    {"thinking_token_budget": -1}, {"return_prompt_text": False},  # vLLM's unset budget, its default
 ])
 def test_harmless_and_unknown_fields_are_accepted(client, patch):
     r = client.post("/v1/chat/completions", json={**CHAT, **patch})
