@@ -225,6 +225,11 @@ class ResponsesRequest(RequestModel):
     request_id: Text | None = None  # the response's id, as vLLM answers it
     chat_template_kwargs: JsonObject | None = None  # more variables for the model's template, as the chat's
     vllm_xargs: Unsupported | None = None
+    kv_transfer_params: Unsupported | None = None  # vLLM's disaggregated prefill, as chat's
+    ec_transfer_params: Unsupported | None = None
+    # vLLM's gpt-oss (Harmony) messages of an earlier turn
+    previous_input_messages: refused("Harmony messages are not read here: send the history as input "
+                                     "items") | None = None
     # vLLM's: the response would also carry the prompt's and the answer's messages (input_messages, output_messages)
     enable_response_messages: only(False, "the response carries no input_messages or output_messages here") = False
     # per message of the chat history, the input item it starts at (-1: the instructions), and per call of it the

@@ -863,6 +863,10 @@ def test_a_turns_calls_are_one_assistant_message(client, router, tokenizer):
     ({"tool_choice": "required"}, "tool_choice"),  # no tools to call: OpenAI's 400, as chat's
     ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),  # OpenAI's limit: 16 pairs
     ({"tools": [{**TOOLS[0], "allowed_callers": ["programmatic"]}]}, "tools.0.allowed_callers"),
+    # vLLM's Responses extras, which were ignored: disaggregated serving's, a gpt-oss history
+    ({"kv_transfer_params": {"do_remote_prefill": True}}, "kv_transfer_params"),
+    ({"ec_transfer_params": {"do_remote_encode": True}}, "ec_transfer_params"),
+    ({"previous_input_messages": [{"role": "user", "content": "hi"}]}, "previous_input_messages"),
 ])
 def test_what_cannot_be_honoured_is_a_400(client, router, patch, param):
     assert_error(client.post("/v1/responses", json={**BASIC, **patch}), 400, param=param)
