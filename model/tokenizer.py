@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
-from tokenizers.decoders import ByteLevel as ByteLevelDecoder
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer as HFTokenizer
@@ -157,12 +156,17 @@ class Tokenizer:
             self.bos_id = prepended[0] if prepended[:1] == [hf_tokenizer.bos_token_id] else None
             eos_id = hf_tokenizer.eos_token_id
             self.chat_template = hf_tokenizer.chat_template
-            self._byte_level = isinstance(backend.decoder, ByteLevelDecoder)
+            # The decoder's steps: a Sequence's, else itself. Some training scripts (the tokenizers library)
+            # write ByteLevel inside a Sequence; taken for SentencePiece, a token's bytes were its alphabet's
+            # characters' UTF-8 ("Ġhi" as C4 A0 68 69), none partial, and an emoji streamed as U+FFFD.
+            decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
+            steps = [d.get("type") for d in decoder.get("decoders", [decoder])]
+            self._byte_level = steps[:1] == ["ByteLevel"]  # the bytes the steps after it (if any) read
             self._cuts_are_exact = cuts_are_exact(backend)
         # decode is the ids' bytes joined, read as UTF-8 with U+FFFD for bytes that form no character (tiktoken's, and
         # Hugging Face's byte-level decoder): then text that starts at a character's first byte decodes alike alone
         # or after any tokens, which the incremental detokenizer's usual step relies on
-        self.decodes_bytes = tiktoken_encoding is not None or self._byte_level
+        self.decodes_bytes = tiktoken_encoding is not None or steps == ["ByteLevel"]  # (steps: HF's only)
         self.eos_id: int | None = eos_id
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)

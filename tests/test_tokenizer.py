@@ -528,3 +528,23 @@ def test_sentencepiece_added_tokens_bytes_are_what_decode_reads(tmp_path, text):
     ids = tok.encode(text)
     assert hf.convert_tokens_to_ids("<x>") in ids
     assert b"".join(map(tok.token_bytes, ids)) == (" " + tok.decode(ids)).encode()  # the decoder strips one space
+
+
+@pytest.mark.parametrize("then", [[], [" "]], ids=["alone", "then-replace"])
+def test_a_byte_level_decoder_inside_a_sequence_is_byte_level(tmp_path, then):
+    """Some training scripts write the ByteLevel decoder inside a Sequence, alone or before more steps; decode is the
+    same. Taken for SentencePiece, a token's bytes (logprobs', the detokenizer's) were its alphabet characters' UTF-8
+    ("Ġ" as C4 A0) and never part of a character, so an emoji streamed as U+FFFD."""
+    from tokenizers import decoders
+
+    hf = AutoTokenizer.from_pretrained(ensure_smollm2())
+    steps = [decoders.Replace("\u2581", " ")] if then else []
+    hf.backend_tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), *steps])
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    text = "Hi 😀 東京"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert b"".join(map(tok.token_bytes, ids)) == text.encode()
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.step([i]) for i in ids) + detok.flush() == text
