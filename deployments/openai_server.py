@@ -1166,7 +1166,8 @@ class OpenAIServer:
         token that every full collection of the replica walked, for good)."""
         info = self._tokens.get(token_id)
         if info is None:
-            info = self._tokens[token_id] = (self.tokenizer.decode([token_id]), self.tokenizer.token_bytes(token_id))
+            info = self._tokens[token_id] = (self.tokenizer.token_text(token_id),
+                                             self.tokenizer.token_bytes(token_id))
         return info
 
     def _token(self, token_id: int) -> str:

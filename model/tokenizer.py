@@ -254,6 +254,22 @@ class Tokenizer:
             return bytes([int(token[3:5], 16)])
         return token.replace("\u2581", " ").encode()  # SentencePiece marks a space with U+2581
 
+    def token_text(self, token_id: int) -> str:
+        """The token's text alone (logprobs' `token`): its decode, with the leading spaces back that a SentencePiece
+        decoder strips from a decode's start ("▁hi" decodes alone to "hi", " hi" after a word). Without them the
+        tokens of " hello hi" read "hello" and "hi": joined they lost the text's spaces, and a token's text no
+        longer sat at its text_offset or spelled its `bytes` (vLLM puts them back for a Metaspace pre-tokenizer).
+        Only spaces are put back: another decoder's work (WordPiece's "##", a suffix) stays as decode leaves it."""
+        text = self.decode([token_id])
+        if self._hf is None or self._byte_level:
+            return text  # decode of one id is its bytes' text already
+        try:
+            whole = self.token_bytes(token_id).decode("utf-8", "replace")
+        except ValueError:  # past the vocabulary
+            return text
+        lead = whole[:len(whole) - len(text)]
+        return whole if whole.endswith(text) and lead.strip(" ") == "" else text
+
     def token_strs(self, ids: Sequence[int]) -> list[str]:
         """Each id's vocabulary string, as `convert_ids_to_tokens` gives it (vLLM's /tokenize `token_strs`):
         byte-level BPE writes a token's bytes in its printable alphabet (" hello" is "Ġhello"), so a token

@@ -236,3 +236,30 @@ def test_an_echoed_prompt_after_a_bos_is_offset_from_its_own_text(client, router
     assert lp["tokens"][0] == tokenizer.decode([1]) and lp["text_offset"][0] == 0
     for token, offset in zip(lp["tokens"][1:], lp["text_offset"][1:]):
         assert text[offset:offset + len(token)] == token
+
+
+def test_sentencepiece_tokens_keep_their_leading_spaces(tmp_path):
+    """A SentencePiece decoder strips a decode's leading space, so "▁h" alone decoded to "h": the tokens of " hi hi"
+    read "", "h", "i", "", "h", "i", whose join lost the spaces, none at its text_offset, and chat's `token` was not
+    its `bytes` (vLLM puts the space back for a Metaspace pre-tokenizer)."""
+    from transformers import AutoTokenizer
+
+    from model.tokenizer import load_tokenizer
+    from tests.fake_router import FakeRouter
+    from tests.ingress_support import make_client
+    from tests.test_tokenizer import save_byte_fallback_tokenizer
+
+    save_byte_fallback_tokenizer(tmp_path)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    hf.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    c = make_client(FakeRouter([*tok.encode("hi hi"), tok.eos_id]), tok)
+    choice = c.post("/v1/completions", json={**COMPLETION, "logprobs": 0}).json()["choices"][0]
+    text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"][:-1], choice["logprobs"]["text_offset"]
+    assert text == " hi hi" == "".join(tokens)
+    assert all(text[o:o + len(t)] == t for t, o in zip(tokens, offsets))
+    chat = c.post("/v1/chat/completions", json={**CHAT, "logprobs": True}).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content[:-1]] == tokens
+    assert all(e["token"].encode() == bytes(e["bytes"]) for e in content)
