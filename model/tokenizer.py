@@ -147,6 +147,7 @@ class Tokenizer:
             self.chat_template: str | None = None  # Meta's format has none: Llama 3's header format applies
             self._cuts_are_exact = (tiktoken_encoding._pat_str == LLAMA3_SPLIT_PATTERN  # from_tiktoken_file's
                                     and not any(" " in t or "\n" in t for t in tiktoken_encoding.special_tokens_set))
+            self.decodes_bytes = True
         else:
             backend = hf_tokenizer.backend_tokenizer
             self.special_ids = {t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special}
@@ -162,11 +163,11 @@ class Tokenizer:
             decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {}
             steps = [d.get("type") for d in decoder.get("decoders", [decoder])]
             self._byte_level = steps[:1] == ["ByteLevel"]  # the bytes the steps after it (if any) read
+            self.decodes_bytes = steps == ["ByteLevel"]
             self._cuts_are_exact = cuts_are_exact(backend)
-        # decode is the ids' bytes joined, read as UTF-8 with U+FFFD for bytes that form no character (tiktoken's, and
-        # Hugging Face's byte-level decoder): then text that starts at a character's first byte decodes alike alone
-        # or after any tokens, which the incremental detokenizer's usual step relies on
-        self.decodes_bytes = tiktoken_encoding is not None or steps == ["ByteLevel"]  # (steps: HF's only)
+        # decodes_bytes: decode is the ids' bytes joined, read as UTF-8 with U+FFFD for bytes that form no character
+        # (tiktoken's, and Hugging Face's byte-level decoder alone): then text that starts at a character's first
+        # byte decodes alike alone or after any tokens, which the incremental detokenizer's usual step relies on
         self.eos_id: int | None = eos_id
         turn_ends = [self.special_ids[t] for t in TURN_END_TOKENS if t in self.special_ids]
         self.stop_ids = frozenset(i for i in (eos_id, *turn_ends, *extra_stop_ids) if i is not None)
