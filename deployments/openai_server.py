@@ -534,7 +534,8 @@ class OpenAIServer:
         n = len(prompt_ids)
         if n >= limit:  # also to score it (max_tokens 0, echo): vLLM's v1 _validate_prompt_len refuses it as well
             room = (f"at most {limit - 1} tokens can be scored (max_tokens 0 with echo), as in vLLM"
-                    if req.requested_max_tokens == 0 else "leaving no room for an answer")
+                    if req.requested_max_tokens == 0
+                    else f"leaving no room for an answer: shorten it to under {limit} tokens")
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n}, "
                                 f"{room}.", param=prompt_field, code="context_length_exceeded")
         if isinstance(req, CompletionRequest) and not isinstance(req.prompt, str):
@@ -555,7 +556,8 @@ class OpenAIServer:
             max_tokens = limit - n
         elif n + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has {n} and "
-                                f"{param} asks for {max_tokens} more.", param=param, code="context_length_exceeded")
+                                f"{param} asks for {max_tokens} more: ask for at most {limit - n}.", param=param,
+                           code="context_length_exceeded")
         if req.min_tokens > max_tokens:  # also when max_tokens is not given but the room left in the context
             room = (f"{param} ({max_tokens})" if req.requested_max_tokens is not None
                     else f"the {max_tokens} tokens the prompt leaves in the context")

@@ -550,6 +550,19 @@ def test_prompt_longer_than_context_is_400(client, router):
     assert router.requests == {}
 
 
+def test_a_context_length_refusal_says_how_much_fits(client, tokenizer):
+    """A user who sent too long a prompt, or too large a max_tokens, is told the size that would be taken, not only
+    the limit (the refusal said "the prompt has 31 and max_tokens asks for 100000 more", and stopped there)."""
+    prompt_len = len(tokenizer.encode(COMPLETION["prompt"]))
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "max_tokens": MAX_LEN}), 400,
+                         param="max_tokens")
+    assert error["message"].endswith(f"ask for at most {MAX_LEN - prompt_len}.")
+    assert client.post("/v1/completions", json={**COMPLETION, "max_tokens": MAX_LEN - prompt_len}).status_code == 200
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "prompt": "word " * MAX_LEN}), 400,
+                         param="prompt")
+    assert error["message"].endswith(f"shorten it to under {MAX_LEN} tokens.")
+
+
 def test_unknown_model_is_404(client):
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404, param="model")
     assert error["code"] == "model_not_found"
