@@ -314,10 +314,13 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
             return not_utf8().response()
         if isinstance(exc.__cause__, (RecursionError, ValueError)):  # its parse of JSON that Python cannot read
             return unreadable_body(exc.__cause__).response()
-        headers = exc.headers
+        headers, message = exc.headers, str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":  # no route: a mistyped path got a bare "Not Found"
+            message = (f"{request.method} {quoted(request.url.path)} is not served here: the API is under /v1 "
+                       "(/v1/chat/completions, /v1/completions, /v1/responses, /v1/models)")
         if exc.status_code == 405:  # Starlette's Allow names the first route at the path only (GET+POST /tokenize)
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(app, request.scope))}
-        return APIError(exc.status_code, str(exc.detail), "invalid_request_error", headers=headers).response()
+        return APIError(exc.status_code, message, "invalid_request_error", headers=headers).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):

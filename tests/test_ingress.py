@@ -798,6 +798,16 @@ def test_unknown_route_is_json_404(client):
     assert_error(client.get("/v1/nothing"), 404)
 
 
+def test_an_unknown_route_names_the_path_and_where_the_api_is(client):
+    """A user's typo (a singular "completion", a base URL without /v1) got a bare "Not Found", which named neither
+    the path that was wrong nor the ones served."""
+    error = assert_error(client.post("/v1/chat/completion", json=CHAT), 404)
+    assert error["message"].startswith("POST /v1/chat/completion is not served here")
+    assert "/v1/chat/completions" in error["message"]
+    error = assert_error(client.post("/chat/completions", json=CHAT), 404)
+    assert error["message"].startswith("POST /chat/completions is not served here: the API is under /v1")
+
+
 def test_api_keys(router, tokenizer):
     client = make_client(router, tokenizer, api_keys=["k1", "k2"])
     assert_error(client.post("/v1/chat/completions", json=CHAT), 401)
