@@ -84,6 +84,7 @@ def test_a_prefill_costs_its_padded_length_as_on_the_device(timing):
                                                            timing.ttft(1024))
 
 
+
 def test_time_scale_multiplies_every_sleep(timing):
     backend = SimulatedBackend(time_scale=0.001)
     prompt = list(range(1000))
@@ -117,6 +118,19 @@ def test_capabilities_match_the_galaxy():
     assert SimulatedBackend(num_blocks=100).caps.num_blocks == 100
     small = SimulatedBackend(num_slots=4, block_size=16, max_seq_len=1024).caps
     assert (small.num_slots, small.block_size, small.num_blocks, small.max_seq_len) == (4, 16, 65, 1024)  # 1024/16 + 1
+
+
+
+def test_the_step_deadlines_assume_the_slowest_scaled_step_and_prefill(timing):
+    """The router's deadlines (caps.decode_step_s, prefill_token_s) are the simulated times at time_scale: the
+    slowest step is one user at max_seq_len and the others holding the rest of the four groups' caches (at most
+    max_seq_len each), the prefill a max_seq_len prompt's per token."""
+    caps = SimulatedBackend(time_scale=0.5).caps
+    assert caps.decode_step_s == pytest.approx(timing.decode_step_seconds(131_072, 4 * 2056 * 64 - 131_072) * 0.5)
+    assert caps.prefill_token_s == pytest.approx(timing.ttft(131_072) / 131_072 * 0.5)
+    small = SimulatedBackend(time_scale=0.5, num_slots=4, kv_groups=1, num_blocks=1000, max_seq_len=1024).caps
+    assert small.decode_step_s == pytest.approx(timing.decode_step_seconds(1024, 3 * 1024) * 0.5)  # 3 full users
+
 
 
 @pytest.mark.parametrize("block_size", [64, 16])
@@ -277,6 +291,45 @@ def test_an_overlapped_step_holds_the_device_for_the_steps_and_calls_after_it(mo
     assert second.ready_at == pytest.approx(started + busy - before)  # the second step began as the first ended
     backend.prefill([8] * 10, 0, [1], 1, GREEDY)
     assert clock.now == pytest.approx(second.ready_at + backend.device_seconds - busy)
+
+
+
+def test_time_scale_multiplies_an_overlapped_step_as_it_does_a_step_taken_alone(monkeypatch):
+    """decode_async's step is on the device's timeline at time_scale too: at 0.01 a step taken alone and an
+    overlapped one both hold the device for a hundredth of the published step. On a clock moved by the sleeps alone."""
+    clock = sleep_clock(monkeypatch, now=100.0)
+    step = GalaxyTiming.published().decode_step_seconds(11) * 0.01
+    table = torch.zeros(2, 16, dtype=torch.int32)
+    args = (torch.tensor([10, 0]), table, torch.tensor([True, False]), [GREEDY, None])
+    alone = SimulatedBackend(time_scale=0.01, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024)
+    started = clock.now
+    alone.decode(torch.tensor([5, 0]), *args)
+    assert (clock.now - started, alone.device_seconds) == pytest.approx((step, step))
+    overlapped = SimulatedBackend(time_scale=0.01, num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024)
+    started = clock.now
+    out = overlapped.decode_async(torch.tensor([5, 0]), *args)
+    out.tokens()
+    assert (clock.now - started, overlapped.device_seconds) == pytest.approx((step, step))
+
+
+def test_a_late_wake_up_is_repaid_on_the_next_call_but_at_most_10_ms(monkeypatch):
+    """A loaded host wakes late: the next call sleeps that much less, so the published rate holds over calls, but
+    at most 10 ms less, so one long stall does not make the calls after it faster than a Galaxy."""
+    import model.simulated
+
+    clock = sleep_clock(monkeypatch)
+    late = [0.004, 0.050]  # the first two sleeps wake this late; the rest on time
+    sleep = clock.sleep
+    monkeypatch.setattr(model.simulated.time, "sleep", lambda s: sleep(s + (late.pop(0) if late else 0.0)))
+    backend = SimulatedBackend(num_slots=2, kv_groups=1, num_blocks=16, max_seq_len=1024)
+    prefill = backend.timing.prefill_seconds(0, 10)
+    took = []
+    for block in range(4):
+        before = clock.now
+        backend.prefill([7] * 10, 0, [block], 0, GREEDY)
+        took.append(clock.now - before)
+    assert took == pytest.approx([prefill + 0.004, prefill - 0.004 + 0.050, prefill - 0.010, prefill])
+
 
 
 def test_no_eos_unless_configured():
