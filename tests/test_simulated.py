@@ -85,6 +85,18 @@ def test_a_prefill_costs_its_padded_length_as_on_the_device(timing):
 
 
 
+def test_a_prefill_after_a_cached_prefix_is_charged_for_its_new_tokens(timing):
+    """The backend times positions [start, end), as the device computes them: 904 tokens after a 4,096-token prefix
+    cost their padded 1,024 over the prefix, not the 8,192-token prefill the whole prompt pads to."""
+    backend = SimulatedBackend(time_scale=FAST)
+    prompt, blocks = list(range(5000)), list(range(79))
+    backend.prefill(prompt[:4096], 0, blocks, 0, None)
+    before = backend.device_seconds
+    backend.prefill(prompt, 4096, blocks, 0, GREEDY)
+    assert backend.device_seconds - before == pytest.approx(timing.prefill_seconds(4096, 5000) * FAST)
+    assert timing.prefill_seconds(4096, 5000) < timing.prefill_seconds(0, 5000) / 2
+
+
 def test_time_scale_multiplies_every_sleep(timing):
     backend = SimulatedBackend(time_scale=0.001)
     prompt = list(range(1000))
@@ -131,6 +143,12 @@ def test_the_step_deadlines_assume_the_slowest_scaled_step_and_prefill(timing):
     small = SimulatedBackend(time_scale=0.5, num_slots=4, kv_groups=1, num_blocks=1000, max_seq_len=1024).caps
     assert small.decode_step_s == pytest.approx(timing.decode_step_seconds(1024, 3 * 1024) * 0.5)  # 3 full users
 
+
+
+def test_a_context_that_ends_mid_block_still_gets_its_last_block_in_the_pool():
+    """Unset, a group's pool is one max_seq_len user in whole blocks and a block for each slot of the group:
+    1,000 tokens take 16 blocks of 64, and 8 slots 8 more (1,512 / 64 rounded down, 23, is one short)."""
+    assert SimulatedBackend(time_scale=FAST, max_seq_len=1000).caps.num_blocks == 24
 
 
 @pytest.mark.parametrize("block_size", [64, 16])
@@ -330,6 +348,19 @@ def test_a_late_wake_up_is_repaid_on_the_next_call_but_at_most_10_ms(monkeypatch
         took.append(clock.now - before)
     assert took == pytest.approx([prefill + 0.004, prefill - 0.004 + 0.050, prefill - 0.010, prefill])
 
+
+
+def test_a_mixed_step_gives_each_host_row_the_logits_of_its_own_token():
+    """decode_mixed's logits come in host_rows' order, and the host samples each row from its own: another row's
+    logits would give it that row's token."""
+    backend = SimulatedBackend(time_scale=FAST, num_slots=4, kv_groups=1, num_blocks=16, max_seq_len=1024)
+    table = torch.zeros(4, backend.caps.max_blocks_per_seq, dtype=torch.int32)
+    table[:, 0] = torch.arange(4)
+    args = (torch.tensor([5, 6, 7, 8]), torch.tensor([3, 9, 20, 40]), table, torch.ones(4, dtype=torch.bool))
+    tokens = backend.decode(*args, [GREEDY] * 4).tolist()
+    assert len(set(tokens)) == 4
+    mixed, logits = backend.decode_mixed(*args, [GREEDY, None, GREEDY, None], host_rows=[3, 1])
+    assert mixed.tolist() == tokens and logits.argmax(dim=1).tolist() == [tokens[3], tokens[1]]
 
 
 def test_no_eos_unless_configured():
