@@ -142,8 +142,14 @@ def refused(why: str) -> Any:
     return Annotated[JsonValue, AfterValidator(refuse)]
 
 
-# A known OpenAI field the server does not implement: any value but null is a 400 naming it.
-Unsupported = refused("this server does not support this field")
+# Known fields the server does not implement, refused in more than one request: any value but null is a 400
+# naming the field and saying why.
+NoCustomCode = refused("it carries arguments for custom logits processors, which are not loaded here")
+NotDisaggregated = refused("disaggregated serving (prefill or encoder caches handed between servers) is not "
+                           "implemented here")
+NoStructuralTag = refused("structural tags are not implemented here: use a json schema, regex, choice or grammar")
+NotReasoning = refused("this model does not reason: there is no reasoning to configure")
+NoDocuments = refused("documents are not handed to the chat template here: put them in the messages")
 # OpenAI's `moderation` (chat and Responses): a moderation model's scores, or its block of the input or answer
 NoModeration = refused("this server runs no moderation model: nothing would be scored or blocked")
 # vLLM's request chat template, which it too refuses unless started with --trust-request-chat-template
@@ -234,7 +240,8 @@ class _GenerationRequest(RequestModel):
     truncation_side: Literal["left", "right"] = "left"  # vLLM's: "left" keeps the last k tokens, "right" the first
     # vLLM's: each prompt token's logprob, rank and this many likeliest tokens (a prefill of every position)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    logprob_token_ids: Unsupported | None = None  # vLLM's: logprobs of chosen ids, not computed by the meshes
+    logprob_token_ids: refused("the meshes compute no log-probs of chosen ids: ask for logprobs or top_logprobs"
+                               ) | None = None
     repetition_detection: RepetitionDetection | None = None  # vLLM's: end an answer that loops (the ingress sees it)
     # vLLM's: only these may be sampled
     allowed_token_ids: Items[int] | None = Field(None, min_length=1, max_length=MAX_ALLOWED_TOKEN_IDS)
@@ -246,12 +253,12 @@ class _GenerationRequest(RequestModel):
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids come with the text
     detokenize: bool = True  # vLLM's: false answers with token ids alone (return_token_ids), text left empty
     priority: only(0, "requests are served in order of arrival (no priority scheduling)") = 0  # vLLM's
-    prompt_embeds: Unsupported | None = None  # vLLM's; this server takes text and token ids
-    logits_processors: Unsupported | None = None  # vLLM's; custom code is not loaded
+    prompt_embeds: refused("this server takes text and token ids, not embeddings") | None = None
+    logits_processors: refused("custom logits processors are not loaded here") | None = None
     guided_whitespace_pattern: Text | None = None  # vLLM's: the whitespace a JSON constraint allows (a regex)
-    vllm_xargs: Unsupported | None = None  # vLLM's: arguments for custom logits processors, which are not loaded
-    kv_transfer_params: Unsupported | None = None  # vLLM's disaggregated prefill: not implemented
-    ec_transfer_params: Unsupported | None = None  # vLLM's disaggregated encoder cache: not implemented either
+    vllm_xargs: NoCustomCode | None = None
+    kv_transfer_params: NotDisaggregated | None = None
+    ec_transfer_params: NotDisaggregated | None = None
     # vLLM's cap on a reasoning model's thinking; vLLM too refuses it without a reasoning config (-1: unset)
     thinking_token_budget: int | None = None
     # vLLM's: the response's id is "<chatcmpl|cmpl>-<request_id>" (the router's own id stays unique)
@@ -273,7 +280,7 @@ class _GenerationRequest(RequestModel):
     guided_regex: Text | None = None
     guided_choice: list[Text] | None = Field(None, min_length=1, max_length=MAX_CHOICES)
     guided_grammar: Text | None = None
-    structural_tag: Unsupported | None = None  # vLLM's older chat field, as structured_outputs.structural_tag
+    structural_tag: NoStructuralTag | None = None  # vLLM's older chat field, as structured_outputs.structural_tag
 
     @field_validator("stop")
     @classmethod
@@ -441,7 +448,7 @@ class StructuredOutputs(RequestModel):
     whitespace_pattern: Text | None = None  # the whitespace a JSON constraint allows (a regex)
     disable_additional_properties: bool = False  # always so here: every JSON schema is closed (structured.closed)
     disable_fallback: bool = False  # no other grammar engine to fall back on: an error is always an error
-    structural_tag: Unsupported | None = None
+    structural_tag: NoStructuralTag | None = None
 
 
 class FunctionDefinition(RequestModel):
@@ -555,13 +562,13 @@ class ChatCompletionRequest(_GenerationRequest):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     service_tier: Literal["auto", "default"] | None = None  # one tier here; "flex", "priority" etc. are refused
     modalities: Items[Literal["text"]] | None = None  # text out only
-    audio: Unsupported | None = None
-    prediction: Unsupported | None = None
-    web_search_options: Unsupported | None = None
-    functions: Unsupported | None = None  # legacy function calling: tools replaced it
-    function_call: Unsupported | None = None
-    reasoning_effort: Unsupported | None = None  # for reasoning models (OpenAI refuses it for others too)
-    verbosity: Unsupported | None = None
+    audio: refused("this model writes text only") | None = None
+    prediction: refused("predicted outputs are not implemented here") | None = None
+    web_search_options: refused("no web search runs here") | None = None
+    functions: refused("legacy function calling is not taken: send tools") | None = None
+    function_call: refused("legacy function calling is not taken: send tool_choice") | None = None
+    reasoning_effort: NotReasoning | None = None  # OpenAI refuses it for other models too
+    verbosity: refused("this model has one verbosity (leave it out)") | None = None
     moderation: NoModeration | None = None
     store: only(False, "this server stores no answers") = False
     # OpenAI's (for stored answers; none are): its limits, as /v1/responses checks them
@@ -572,7 +579,7 @@ class ChatCompletionRequest(_GenerationRequest):
     return_prompt_text: only(False, "the answer carries no prompt_text here: return_token_ids gives the prompt's "
                                     "token ids, /tokenize the same for the messages") = False
     chat_template_kwargs: JsonObject | None = None  # vLLM's: more variables for the model's template
-    documents: Unsupported | None = None  # vLLM's RAG documents for templates that take them
+    documents: NoDocuments | None = None  # vLLM's RAG documents for templates that take them
     add_special_tokens: bool = False  # vLLM's: true puts a BOS before the template's own tokens
     tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS)  # [] refused, as OpenAI and vLLM do
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
@@ -612,7 +619,7 @@ class CompletionRequest(_GenerationRequest):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the prompt's text comes first in each choice
-    suffix: Unsupported | None = None  # insertion needs a fill-in-the-middle model
+    suffix: refused("insertion needs a fill-in-the-middle model, which this one is not") | None = None
     # chat's name for max_tokens, which load generators send to both endpoints (guidellm: with max_tokens, equal):
     # taken when max_tokens is not given or agrees (vLLM ignores it: a completion was cut at the default 16 tokens)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -706,7 +713,7 @@ class TokenizeRequest(RequestModel):
     chat_template_kwargs: JsonObject | None = None  # chat form
     # refused as a chat refuses them (ignored, the ids counted were not those of the prompt asked for)
     chat_template: RequestTemplate | None = None
-    documents: Unsupported | None = None
+    documents: NoDocuments | None = None
 
     _template_variables = field_validator("chat_template_kwargs")(_template_variables_only)
 

@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator
 
 from deployments.errors import APIError, validation_error
-from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, NoModeration, RefusalPart,
-                                  RequestModel, Text, Unsupported, only, quoted, refused, short_text)
+from deployments.protocol import (MAX_TOOLS, ChatCompletionRequest, Items, JsonObject, NoCustomCode, NoModeration,
+                                  NotDisaggregated, NotReasoning, RefusalPart, RequestModel, Text, only, quoted,
+                                  refused, short_text)
 from deployments.structured import closed
 from scheduler.sampling import MAX_LOGPROBS
 
@@ -197,11 +198,12 @@ class ResponsesRequest(RequestModel):
     background: bool = False
     include: Items[Text] | None = None  # the one extra output data here: message.output_text.logprobs
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with the logprobs included: alternatives
-    previous_response_id: Unsupported | None = None  # needs the store
-    conversation: Unsupported | None = None
-    prompt: Unsupported | None = None  # OpenAI's stored prompt templates
-    reasoning: Unsupported | None = None  # not a reasoning model
-    max_tool_calls: Unsupported | None = None
+    previous_response_id: refused("responses are not stored here: send the earlier turns as input items") | None = None
+    conversation: refused("conversations are not stored here: send the earlier turns as input items") | None = None
+    prompt: refused("OpenAI's stored prompt templates are not kept here: send instructions and input") | None = None
+    reasoning: NotReasoning | None = None
+    max_tool_calls: refused("it caps calls of hosted tools, and none is served here (function calls are the "
+                            "client's to run)") | None = None
     moderation: NoModeration | None = None
     # compaction: the input rewritten once it passes a token threshold
     context_management: refused("the input is never compacted here (a prompt too long is a 400)") | None = None
@@ -224,9 +226,9 @@ class ResponsesRequest(RequestModel):
     priority: int | None = None
     request_id: Text | None = None  # the response's id, as vLLM answers it
     chat_template_kwargs: JsonObject | None = None  # more variables for the model's template, as the chat's
-    vllm_xargs: Unsupported | None = None
-    kv_transfer_params: Unsupported | None = None  # vLLM's disaggregated prefill, as chat's
-    ec_transfer_params: Unsupported | None = None
+    vllm_xargs: NoCustomCode | None = None
+    kv_transfer_params: NotDisaggregated | None = None
+    ec_transfer_params: NotDisaggregated | None = None
     # vLLM's gpt-oss (Harmony) messages of an earlier turn
     previous_input_messages: refused("Harmony messages are not read here: send the history as input "
                                      "items") | None = None

@@ -128,6 +128,25 @@ def test_a_field_taken_at_one_value_only_says_why(client, path, base, patch, why
     assert why in error["message"] and "Input should be" not in error["message"]
 
 
+@pytest.mark.parametrize("path, base, patch, why", [
+    ("/v1/chat/completions", CHAT, {"audio": {"voice": "alloy", "format": "wav"}}, "text only"),
+    ("/v1/chat/completions", CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "send tools"),
+    ("/v1/chat/completions", CHAT, {"function_call": "auto"}, "send tool_choice"),
+    ("/v1/chat/completions", CHAT, {"reasoning_effort": "low"}, "does not reason"),
+    ("/v1/chat/completions", CHAT, {"documents": [{"title": "t", "text": "x"}]}, "put them in the messages"),
+    ("/v1/chat/completions", CHAT, {"kv_transfer_params": {"do_remote_prefill": True}}, "disaggregated"),
+    ("/v1/completions", COMPLETION, {"suffix": "the end"}, "fill-in-the-middle"),
+    ("/v1/completions", COMPLETION, {"vllm_xargs": {"k": 1}}, "logits processors"),
+    ("/v1/completions", COMPLETION, {"prompt_embeds": "AAAA"}, "not embeddings"),
+    ("/v1/completions", COMPLETION, {"structural_tag": '{"type": "structural_tag"}'}, "json schema, regex"),
+])
+def test_a_refused_field_says_why(client, path, base, patch, why):
+    """A refusal that said only "this server does not support this field" left the client guessing what to send."""
+    (param,) = patch
+    error = assert_error(client.post(path, json={**base, **patch}), 400, param=param)
+    assert why in error["message"], error
+
+
 @pytest.mark.parametrize("path, base", ENDPOINTS)
 def test_best_of_equal_to_n_is_n_samples(client, path, base):
     """As vLLM V1 takes it (it refuses only a best_of that would rank): it was refused as ranking."""

@@ -453,6 +453,10 @@ def test_a_large_answers_logprobs_are_serialized_in_slices(client, stream, monke
     ({"tools": [{"type": "custom", "name": "apply_patch"}]}, "free-form input"),
     ({"include": ["reasoning.encrypted_content"]}, "only \"message.output_text.logprobs\""),
     ({"background": True}, "nothing is stored"), ({"truncation": "auto"}, "never cut"),
+    ({"previous_response_id": "resp_1"}, "send the earlier turns as input items"),
+    ({"conversation": "conv_1"}, "send the earlier turns as input items"),
+    ({"prompt": {"id": "pmpt_1"}}, "stored prompt templates"), ({"reasoning": {"effort": "low"}}, "does not reason"),
+    ({"max_tool_calls": 2}, "hosted tools"), ({"ec_transfer_params": {"x": 1}}, "disaggregated"),
     # a reasoning item is taken (test_reasoning_items_...), not one that only OpenAI can read
     ({"input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}, {"role": "user", "content": "hi"}]},
      "encrypted reasoning cannot be read here"),
