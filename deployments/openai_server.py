@@ -34,7 +34,7 @@ from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
 from deployments.router_client import RouterLost, RouterUnreachable, merged_tokens_max
 from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
                                    ChunkTemplate, Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck,
-                                   TokenOffsets)
+                                   TokenOffsets, in_intervals)
 from deployments.structured import Constraint, ToolMode, constraint_for, unconstrained
 from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answer_calls, call_id, render_messages,
                                     tool_definitions)
@@ -277,6 +277,7 @@ class Reply:
     # a chat answer's role: without add_generation_prompt it continues the final message, and is that message's
     # role, as vLLM's (serving_chat.py, get_chat_request_role)
     role: str = "assistant"
+    stream_interval: int = 1  # vLLM's: a stream's chunk of a choice carries this many new tokens (in_intervals)
 
     @classmethod
     def of(cls, req: ChatCompletionRequest | CompletionRequest) -> Reply:
@@ -285,7 +286,8 @@ class Reply:
                    req.include_usage, req.continuous_usage, req.parallel_tool_calls if chat else True,
                    chat and req.tool_choice is not None and not isinstance(req.tool_choice, str),
                    req.prompt_logprobs, not chat and req.echo_logprobs,
-                   req.messages[-1].role if chat and not req.add_generation_prompt else "assistant")
+                   req.messages[-1].role if chat and not req.add_generation_prompt else "assistant",
+                   req.stream_interval)
 
 
 _CHOICES_DONE = object()
@@ -786,15 +788,23 @@ class OpenAIServer:
         if reason is not None:
             self.metrics.rejected.labels(self.metrics.ingress, reason).inc()
 
-    async def deltas(self, preps: list[Prepared], n: int, salt: str | None) -> AsyncIterator[ChoiceDelta]:
+    async def deltas(self, preps: list[Prepared], n: int, salt: str | None,
+                     interval: int = 1) -> AsyncIterator[ChoiceDelta]:
         """The n choices of each prompt (independent router requests) merged in arrival order; choice i of
         prompt p has index p * n + i. A seeded request gives choice i the seed + i, so the choices differ
-        and each is reproducible."""
+        and each is reproducible. `interval`: vLLM's stream_interval, each choice's deltas `interval` tokens at a
+        time (in_intervals), which the merging below for a lagging reader keeps apart: the client asked for them so."""
         prep = preps[0]
+
+        def choice_deltas(index: int, i: int, prep: Prepared, params: SamplingParams,
+                          *args) -> AsyncIterator[ChoiceDelta]:
+            deltas = self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, *args)
+            return in_intervals(deltas, interval) if interval > 1 else deltas
+
         # The common case: no merging task and queue per token event. An answer the ingress itself ends (a stop string,
         # repetition_detection) takes the task: read only as its client reads, it would run on past its end.
         if len(preps) == n == 1 and not (prep.params.stop or prep.repetition):
-            async with contextlib.aclosing(self.choice(0, f"{prep.router_id}-0", prep, prep.params, salt)) as only:
+            async with contextlib.aclosing(choice_deltas(0, 0, prep, prep.params)) as only:
                 async for delta in only:
                     yield delta
             return
@@ -808,7 +818,7 @@ class OpenAIServer:
 
         async def pump(prep: Prepared, index: int, i: int, choices: Choices, first_token: asyncio.Future) -> None:
             params = prep.params
-            most = merged_tokens_max(params)
+            most = min(merged_tokens_max(params), interval) if interval > 1 else merged_tokens_max(params)
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             sibling: bool | str = first_id if index else False  # passes the limits where the first choice did
@@ -830,8 +840,7 @@ class OpenAIServer:
                     finally:
                         self.metrics.deferred.dec()
                         held_s = time.perf_counter() - held_since
-                async for delta in self.choice(index, f"{prep.router_id}-{i}", prep, params, salt, refusal, choices,
-                                               sibling, held_s):
+                async for delta in choice_deltas(index, i, prep, params, refusal, choices, sibling, held_s):
                     if not first_token.done():
                         first_token.set_result(True)
                     last = unread.get(index)
@@ -890,7 +899,7 @@ class OpenAIServer:
     async def _answer(self, reply: Reply, preps: list[Prepared], salt: str | None) -> Response:
         chat = reply.chat
         prep = preps[0]  # the response's id, and the field errors name
-        stream = self.deltas(preps, reply.n, salt)
+        stream = self.deltas(preps, reply.n, salt, reply.stream_interval if reply.stream else 1)
         if reply.stream:
             first = await self.first_delta(stream, prep)
             return EventStream(self._sse(reply, preps, first, stream), first, self.keepalive_s)

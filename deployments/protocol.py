@@ -38,6 +38,9 @@ MAX_LOC_CHARS = 200  # a field's name, a key or other text of the client's, as a
 MAX_CHOICES = 256  # vLLM's guided `choice` strings
 # repetition_detection's longest pattern: its check costs the ingress O(max_pattern_size) numpy work per token
 MAX_PATTERN_SIZE = 4096
+# vLLM's stream_interval: no answer is longer than the longest context (128k tokens), past which any interval is the
+# same stream (its first and last chunks)
+MAX_STREAM_INTERVAL = 131_072
 # transformers' apply_chat_template arguments and what the request sets: not chat_template_kwargs
 TEMPLATE_ARGUMENTS = frozenset({"messages", "conversation", "tools", "documents", "add_generation_prompt",
                                 "continue_final_message", "tokenize", "chat_template", "return_dict", "padding",
@@ -221,6 +224,8 @@ class _GenerationRequest(RequestModel):
     model: Text | None = None  # None: the served model
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's: a stream's chunk of a choice waits for this many new tokens (its first and last go at once)
+    stream_interval: int = Field(1, ge=1, le=MAX_STREAM_INTERVAL)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -267,6 +268,36 @@ class ChoiceDelta:
         self.finish_reason, self.num_generated, self.num_cached = (later.finish_reason, later.num_generated,
                                                                    later.num_cached)
         self.stop_reason = later.stop_reason
+
+
+async def in_intervals(deltas: AsyncIterator[ChoiceDelta], interval: int) -> AsyncIterator[ChoiceDelta]:
+    """One choice's deltas as vLLM's stream_interval sends them (its output processor's rule): a delta goes out when
+    nothing has gone yet, when it finishes, or once `interval` tokens came since the last went, with all of them (more,
+    where one router event brought several, as a vLLM step that makes several tokens); until then they merge. A
+    failure sends what was held first, so that the text before it is the default stream's."""
+    held: ChoiceDelta | None = None
+    sent = 0  # the tokens gone out
+    async with contextlib.aclosing(deltas):
+        try:
+            async for d in deltas:
+                if held is not None:
+                    held.merge(d)
+                    d, held = held, None
+                if sent == 0 or d.finish_reason is not None or d.num_generated - sent >= interval:
+                    sent = d.num_generated
+                    if isinstance(d.logprobs, PackedLogprobs):
+                        d.logprobs = d.logprobs[:]
+                    yield d
+                else:
+                    if d.logprobs and not isinstance(d.logprobs, PackedLogprobs):  # held as a lagging reader's are
+                        d.logprobs = PackedLogprobs(d.logprobs)
+                    held = d
+        except Exception:
+            if held is not None:
+                if isinstance(held.logprobs, PackedLogprobs):
+                    held.logprobs = held.logprobs[:]
+                yield held
+            raise
 
 
 @dataclass

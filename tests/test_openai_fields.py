@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from deployments import openai_server
-from deployments.protocol import MAX_SALT_CHARS
+from deployments.protocol import MAX_SALT_CHARS, MAX_STREAM_INTERVAL
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error,  # noqa: F401
                                    client, eos, make_client, post, router, sse, tokenizer)
 
@@ -22,7 +22,8 @@ SHARED_NULLS = ["model", "stream", "stream_options", "temperature", "top_p", "to
                 "bad_words", "return_tokens_as_token_ids", "spaces_between_special_tokens", "return_token_ids",
                 "detokenize", "priority", "prompt_embeds", "logits_processors", "guided_whitespace_pattern",
                 "vllm_xargs", "kv_transfer_params", "request_id", "truncation_side",
-                "logprob_token_ids", "best_of", "structural_tag", "ec_transfer_params", "thinking_token_budget"]
+                "logprob_token_ids", "best_of", "structural_tag", "ec_transfer_params", "thinking_token_budget",
+                "stream_interval"]
 CHAT_NULLS = ["max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "service_tier", "modalities", "audio",
               "prediction", "web_search_options", "functions", "function_call", "add_generation_prompt",
               "continue_final_message", "reasoning_effort", "verbosity", "store", "chat_template", "echo",
@@ -508,6 +509,69 @@ def test_continuous_usage_stats_needs_include_usage_as_in_vllm(client):
         chunks = sse(client.post("/v1/completions", json={**COMPLETION, "stream": True, "stream_options": options}))
         token_chunks = [c for c in chunks if c["choices"]]
         assert all((c.get("usage") is not None) == usage for c in token_chunks), options
+
+
+def _choice_chunks(chunks: list, index: int) -> list[dict]:
+    """Choice `index`'s chunks that carry its tokens (a chat's role chunk carries none), in order."""
+    return [c for chunk in chunks for c in chunk.get("choices", ())  # an error event has none
+            if c["index"] == index and c.get("token_ids") is not None]
+
+
+def _text(c: dict) -> str:
+    return c["delta"].get("content") or "" if "delta" in c else c["text"]
+
+
+def _logprobs(c: dict) -> list:
+    if "delta" in c:
+        return c["logprobs"]["content"]
+    lps = c["logprobs"]
+    return list(zip(lps["tokens"], lps["token_logprobs"], lps["top_logprobs"], lps["text_offset"]))
+
+
+@pytest.mark.parametrize("stop", [None, "answer is"])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+def test_stream_interval_sends_a_choices_tokens_that_many_at_a_time_as_vllm(client, path, base, n, stop):
+    """vLLM's stream_interval (its output processor's rule): each choice's first token goes at once, then a chunk per
+    3 tokens, the rest with the finish; text, tokens, logprobs (with their tokens) and usage are the default stream's.
+    It was taken and ignored: a chunk per router event."""
+    logprobs = {"logprobs": True} if path == "/v1/chat/completions" else {"logprobs": 1}
+    body = {**base, "stream": True, "n": n, "stop": stop, "return_token_ids": True,
+            "stream_options": {"include_usage": True}, **logprobs}
+    plain = sse(client.post(path, json=body))
+    chunks = sse(client.post(path, json={**body, "stream_interval": 3}))
+    assert chunks[-1]["usage"] == plain[-1]["usage"] and chunks[-1]["choices"] == []
+    for i in range(n):
+        ours, theirs = _choice_chunks(chunks, i), _choice_chunks(plain, i)
+        sizes = [len(c["token_ids"]) for c in ours]
+        rest = (sum(sizes) - 1) % 3
+        assert sizes == [1] + [3] * ((sum(sizes) - 1) // 3) + ([rest] if rest else []), sizes
+        assert [c["finish_reason"] for c in ours] == [None] * (len(ours) - 1) + [theirs[-1]["finish_reason"]]
+        assert [t for c in ours for t in c["token_ids"]] == [t for c in theirs for t in c["token_ids"]]
+        assert "".join(map(_text, ours)) == "".join(map(_text, theirs))
+        assert [lp for c in ours for lp in _logprobs(c)] == [lp for c in theirs for lp in _logprobs(c)]
+        assert all(len(_logprobs(c)) == len(c["token_ids"]) for c in ours)  # each token's logprob comes with it
+    if stop:
+        assert "".join(map(_text, _choice_chunks(chunks, 0))) == ANSWER[:ANSWER.index(stop)]
+
+
+def test_a_stream_interval_sends_the_tokens_it_held_before_an_error(client, router):
+    """The tokens a chunk waited for are sent before the error event, as the default stream sent them."""
+    router.fail_with_error_after = 5  # the first token, a chunk of 3, then one held when the mesh fails the request
+    body = {**COMPLETION, "stream": True, "return_token_ids": True}
+    plain, chunks = sse(client.post("/v1/completions", json=body)), sse(client.post("/v1/completions", json={
+        **body, "stream_interval": 3}))
+    assert [len(c["token_ids"]) for c in _choice_chunks(chunks, 0)] == [1, 3, 1]
+    assert "".join(map(_text, _choice_chunks(chunks, 0))) == "".join(map(_text, _choice_chunks(plain, 0)))
+    assert chunks[-1]["error"] == plain[-1]["error"] and "failed on this request" in chunks[-1]["error"]["message"]
+
+
+@pytest.mark.parametrize("value", [0, -1, MAX_STREAM_INTERVAL + 1, 2.0])
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+def test_a_stream_interval_below_1_or_past_any_answer_is_400(client, router, path, base, value):
+    assert_error(client.post(path, json={**base, "stream": True, "stream_interval": value}), 400,
+                 param="stream_interval")
+    assert router.requests == {}
 
 
 def test_a_model_is_retrieved_by_its_id_and_the_version_is_served(client):
