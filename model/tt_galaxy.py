@@ -200,7 +200,15 @@ class TTGalaxyBackend(Backend):
         (SamplingGenerator.apply_prefill_state; reset_params @0365bf78 hands them to set_log_probs_mode alone) changes
         the prefilled slot's alone, and a prefill not asking log-probs after a decode that did returns them too (taken
         apart below). What a prefill does to the other users' seeds and penalty history does not matter here: no device
-        row carries either (DEVICE_SAMPLING's comment, model/galaxy.py)."""
+        row carries either (DEVICE_SAMPLING's comment, model/galaxy.py).
+        The row goes as wide as a decode's page table, padded with the spare block 0: generator.py @f9153b43 prepares
+        the decode traces, keyed by their page table's shape, in the first prefill's warm-up at that prefill's width,
+        and a traced decode of another width fails once its prefill traces are recorded ("preparation is closed";
+        its own warmup_model_prefill passes max_seq_len's blocks for that reason). The generator cuts the row to the
+        blocks it prefills, so the padding is never read."""
+        width = self.caps.max_blocks_per_seq
+        if device_row.shape[1] < width:
+            device_row = torch.nn.functional.pad(device_row, (0, width - device_row.shape[1]))
         # the next decode loads the host's inputs (reset_inputs): a prefill sampled on the device leaves the model in
         # decode mode (prefill_forward_text's switch_mode("decode"), generator.py @00b0fa3f), so no mode change would
         self._last_step = None

@@ -485,10 +485,27 @@ def test_prefill_maps_tokens_blocks_slot_and_trace(backend):
     token = backend.prefill(prompt, 0, [7, 3, 9, 1, 5], slot=5, sampling=GREEDY)
     call = last_call(backend, "prefill_forward_text")
     assert call["tokens"].shape == (1, 300) and call["tokens"].dtype == torch.long
-    assert call["page_table"].tolist() == [[8, 4, 10, 2, 6]] and call["page_table"].dtype == torch.int32
+    assert call["page_table"].shape == (1, 2048) and call["page_table"].dtype == torch.int32
+    assert call["page_table"][0, :5].tolist() == [8, 4, 10, 2, 6] and not call["page_table"][0, 5:].any()
     assert (call["prompt_lens"], call["empty_slots"], call["start_pos"], call["enable_trace"]) == \
         ([300], [5], [0], True)
     assert token.dim() == 0 and token.dtype == torch.long and int(token) == expected_next(prompt)
+
+
+def test_a_first_prefill_lets_every_decode_after_it_run_traced(ttnn, hf_dir):
+    """generator.py @f9153b43 prepares its decode traces in the first prefill's warm-up, at that prefill's page-table
+    width, and refuses a traced decode of another width once its prefill traces are recorded: a first request's
+    prefill row as wide as its 5 blocks would leave every decode (max_blocks_per_seq wide) failing."""
+    b = TTGalaxyBackend(hf_dir, tt_config={"enable_model_warmup": False})
+    prompt = list(range(1000, 1300))
+    first = int(b.prefill(prompt, 0, [7, 3, 9, 1, 5], slot=5, sampling=GREEDY))
+    tokens, positions, active = decode_inputs([5], [300])
+    tokens[5] = first
+    table = empty_table(b)
+    table[5, :5] = torch.tensor([7, 3, 9, 1, 5])
+    out = b.decode(tokens, positions, table, active, [GREEDY] * 32)
+    assert int(out[5]) == expected_next(prompt + [first])
+    b.close()
 
 
 def test_prefill_padding_writes_only_the_spare_device_block(backend):

@@ -1,5 +1,6 @@
-"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/generator.py, as read at commit 00b0fa3f57bf8c13 (the
-newest version the index holds; tt-inference-server pins e867533, which the index could not resolve): the
+"""Double of tt-metal models/demos/llama3_70b_galaxy/tt/generator.py, as read at commit 00b0fa3f57bf8c13
+(tt-inference-server pins e867533, which the index could not resolve; the newer @f9153b43 keeps this interface, and
+its decode-trace preparation is PREPARES_DECODE_AT_FIRST_PREFILL below): the
 Generator constructor, prefill_forward_text and decode_forward with the real signatures (decode_forward's
 read_from_device=False split from read_decode_output(async_read=True) and process_decode_output_host), the input checks,
 page-table padding, the heuristic that recomputes a cached prefix when reusing it would not pay, sampling-
@@ -41,6 +42,15 @@ SUPPORT_SEQLENS = (4096, 2048, 1024, 128)
 # apply_prefill_state does: every other row takes the request's own values, and only the prefilled slots' log-probs
 # flags change (set_log_probs_mode's partial update). Tests set this to True to stand for such a checkout.
 SCATTER_SAMPLING_PARAMS_TO_SLOTS = False
+
+# generator.py @f9153b43 (newer than @00b0fa3f: it has all of its interface and adds release_request and prepared
+# trace I/O) keys each decode trace by its page table's shape too, and prepares the decode traces' inputs and
+# outputs before any trace is captured: in the first prefill's warm-up, at that prefill's page-table width (rows
+# padded to 32: _prepare_decode_before_prefill, _decode_preparation_key). Recording the prefill traces closes
+# preparation (PreparedTraceIO.freeze), after which a traced decode of a shape not prepared fails ("preparation is
+# closed"). Its own warmup_model_prefill therefore passes a page table as wide as max_seq_len's blocks. False stands
+# for @00b0fa3f, whose decode trace is keyed by logits or tokens alone.
+PREPARES_DECODE_AT_FIRST_PREFILL = True
 
 MAX_BATCH = 32
 ROWS = 8  # the mesh rows, over which each column's chips split the vocabulary (LogProbsCalculator's TP axis)
@@ -151,6 +161,8 @@ class Generator:
         # decode mode for its sampling (prefill_forward_text's switch_mode("decode"); switch_mode sets the flag,
         # llama_model.py @00ab7c95), after which a decode loads no inputs for the mode's sake
         self.decode_setup = False
+        self.prepared_decode_shapes: set[tuple[int, int]] = set()  # PREPARES_DECODE_AT_FIRST_PREFILL's
+        self.trace_preparation_closed = False
         self.token_buffer = ttnn.DeviceBuffer(torch.zeros(MAX_BATCH, dtype=torch.int32))  # the trace's token input
         # the LogProbsCalculator's output_tensor
         self.log_probs_buffer = ttnn.DeviceBuffer(torch.ones(MAX_BATCH, dtype=torch.bfloat16))
@@ -192,6 +204,9 @@ class Generator:
         """The real one runs, on the first prefill, every warm-up length at batch 1 and 32 (32 below 4096),
         the sampling variants once, then one prefix-cached (128 tokens) trace per length."""
         self.already_warmed_up_prefill = True
+        if PREPARES_DECODE_AT_FIRST_PREFILL and enable_trace and page_table is not None:
+            self.prepared_decode_shapes.add((max(MAX_BATCH, page_table.shape[0]), page_table.shape[1]))
+            self.trace_preparation_closed = True  # its prefill traces are recorded at the end of the warm-up
         lengths = get_prefill_warmup_sequence_lengths(self.model.args.max_seq_len)
         keys = [("prefill", n, False, b) for n in lengths for b in (1, 32) if b == 1 or n < 4096]
         keys += [("prefill", n, True, 1) for n in lengths]
@@ -303,6 +318,12 @@ class Generator:
             # the real one's `torch.any(self.prev_page_table != page_table)` cannot broadcast another width
             raise RuntimeError(f"The size of tensor a ({self.prev_page_table.shape[1]}) must match the size of "
                                f"tensor b ({page_table.shape[1]}) at non-singleton dimension 1")
+        shape = tuple(page_table.shape)
+        if PREPARES_DECODE_AT_FIRST_PREFILL and enable_trace and shape not in self.prepared_decode_shapes:
+            if self.trace_preparation_closed:  # _capture_trace_text: _prepared_trace_io.require_preparation()
+                raise RuntimeError(f"trace I/O preparation is closed: no decode trace was prepared for a page table of "
+                                   f"shape {shape}")
+            self.prepared_decode_shapes.add(shape)
         sampling_on_device = sampling_params is not None
         loaded = (reset_inputs or not sampling_on_device or not self.decode_setup or self.device_inputs is None
                   or self.prev_sampling_on_device != sampling_on_device
