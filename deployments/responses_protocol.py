@@ -34,6 +34,8 @@ class InputMessage(RequestModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: Text | Items[Annotated[InputText | RefusalPart, Field(discriminator="type")]]  # a pasted-back refusal too
+    # a pasted-back item's: "in_progress" or "incomplete" on the input's last item asks for its text to be continued
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
 class FunctionCallItem(RequestModel):
@@ -272,11 +274,22 @@ class ResponsesRequest(RequestModel):
     def logprobs(self) -> bool:
         return "message.output_text.logprobs" in (self.include or ())
 
+    @property
+    def continues(self) -> bool:
+        """Whether the answer continues the input's last item, as vLLM's (should_continue_final_message): a message
+        left unfinished, its status "in_progress" or "incomplete" (a response cut at max_output_tokens, pasted
+        back). Its text then ends the prompt, as chat's continue_final_message, and the answer is what follows it.
+        A finished message (no status, or "completed") is an earlier turn, as OpenAI's API reads an assistant's:
+        a new turn answers it. Reasoning, left out of the prompt (ReasoningItem), leaves nothing to continue."""
+        last = None if isinstance(self.input, str) else self.input[-1]
+        return isinstance(last, InputMessage) and last.status in ("in_progress", "incomplete")
+
     def chat(self) -> ChatCompletionRequest:
         """The chat completion this request asks for. Raises APIError (400) naming this request's field."""
         body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream,
                                 "max_completion_tokens": self.max_output_tokens,
-                                "parallel_tool_calls": self.parallel_tool_calls, "user": self.user}
+                                "parallel_tool_calls": self.parallel_tool_calls, "user": self.user,
+                                "add_generation_prompt": not self.continues, "continue_final_message": self.continues}
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "cache_salt", "stop", "include_stop_str_in_output", "ignore_eos",
                      "skip_special_tokens", "logit_bias", "structured_outputs", "priority", "request_id",

@@ -234,6 +234,7 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
      "input.1.encrypted_content"),
     ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text"}]}]}, "input.0.summary.0.text"),
     ({"input": [{"type": "reasoning"}]}, "input"),
+    ({"input": [{"role": "assistant", "content": "The answer is", "status": "done"}]}, "input.0.status"),
     # vLLM's: the response would carry the prompt's and the answer's messages; it was ignored, none came
     ({"enable_response_messages": True}, "enable_response_messages"),
 ])
@@ -729,6 +730,56 @@ def test_a_reasoning_models_output_as_the_sdk_dumps_it_is_taken(client, router, 
     first, second = (prompt for prompt, _, _ in router.requests.values())
     assert first == second and "sunny" in tokenizer.decode(first)  # the history, all of it but the reasoning
     assert "user wants" not in tokenizer.decode(first) and "Call get_weather" not in tokenizer.decode(first)
+
+
+UNFINISHED = [{"role": "user", "content": "What is 6 x 7?"},
+              {"type": "message", "id": "msg_1", "role": "assistant", "status": "incomplete",
+               "content": [{"type": "output_text", "text": "The answer is", "annotations": [], "logprobs": []}]}]
+PREFILL = [UNFINISHED[0], {"role": "assistant", "content": "The answer is"}]  # its chat messages
+
+
+def chat_prompt(client, router, messages: list[dict], continued: bool) -> list[int]:
+    """The prompt the chat endpoint sends the router for `messages`, continuing the final one or after it."""
+    r = client.post("/v1/chat/completions", json={**CHAT, "messages": messages, "add_generation_prompt": not continued,
+                                                  "continue_final_message": continued})
+    assert r.status_code == 200, r.text
+    return list(router.requests.values())[-1][0]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("role, status", [("assistant", "incomplete"), ("assistant", "in_progress"),
+                                          ("user", "incomplete")])
+def test_an_unfinished_last_message_is_continued(client, router, stream, role, status):
+    """An input whose last message is unfinished (a response cut at max_output_tokens, pasted back) asks for the
+    rest of it, as vLLM reads such an input (any message's status "in_progress" or "incomplete"): it got a new
+    assistant turn after it. The prompt is chat's continue_final_message one; the answer, the continuation alone."""
+    items = [UNFINISHED[0], {**UNFINISHED[1], "role": role, "status": status}]
+    r = client.post("/v1/responses", json={**BASIC, "input": items, "stream": stream})
+    final = events(r)[-1]["response"] if stream else r.json()
+    prompt = list(router.requests.values())[-1][0]
+    assert prompt == chat_prompt(client, router, [PREFILL[0], {**PREFILL[1], "role": role}], continued=True)
+    assert Response.model_validate(final).output_text == ANSWER
+
+
+CHAT_CALL = {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
+@pytest.mark.parametrize("items, messages", [
+    # a finished message is an earlier turn, as OpenAI's API reads an assistant's
+    ([UNFINISHED[0], {**UNFINISHED[1], "status": "completed"}], PREFILL),
+    ([UNFINISHED[0], {**UNFINISHED[1], "status": None}], PREFILL),
+    ([*UNFINISHED, CALLS[0]], [PREFILL[0], {**PREFILL[1], "tool_calls": [CHAT_CALL]}]),  # the last item is a call
+    # reasoning is left out of the prompt: nothing of it to continue
+    ([*UNFINISHED, {**REASONING, "status": "in_progress"}], PREFILL),
+])
+def test_only_an_unfinished_last_message_is_continued(client, router, items, messages):
+    """The last item's being an unfinished message is what continues the input (vLLM's rule): the same message
+    finished, or followed by a call or by reasoning, is answered with a new turn, as chat's messages are."""
+    for history, continued in ((UNFINISHED, True), (items, False)):
+        r = client.post("/v1/responses", json={**BASIC, "input": history})
+        assert r.status_code == 200, r.text
+        prompt = list(router.requests.values())[-1][0]
+        assert prompt == chat_prompt(client, router, messages if not continued else PREFILL, continued)
 
 
 @pytest.mark.parametrize("stream", [False, True])
