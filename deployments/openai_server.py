@@ -793,7 +793,7 @@ class OpenAIServer:
         """The n choices of each prompt (independent router requests) merged in arrival order; choice i of
         prompt p has index p * n + i. A seeded request gives choice i the seed + i, so the choices differ
         and each is reproducible. `interval`: vLLM's stream_interval, each choice's deltas `interval` tokens at a
-        time (in_intervals), which the merging below for a lagging reader keeps apart: the client asked for them so."""
+        time (in_intervals), which the merging below for a lagging reader joins in whole intervals only."""
         prep = preps[0]
 
         def choice_deltas(index: int, i: int, prep: Prepared, params: SamplingParams,
@@ -818,7 +818,7 @@ class OpenAIServer:
 
         async def pump(prep: Prepared, index: int, i: int, choices: Choices, first_token: asyncio.Future) -> None:
             params = prep.params
-            most = min(merged_tokens_max(params), interval) if interval > 1 else merged_tokens_max(params)
+            most = merged_tokens_max(params)
             if i and params.seed is not None:
                 params = params.model_copy(update={"seed": (params.seed + i) % 2**64})
             sibling: bool | str = first_id if index else False  # passes the limits where the first choice did
@@ -844,7 +844,10 @@ class OpenAIServer:
                     if not first_token.done():
                         first_token.set_result(True)
                     last = unread.get(index)
-                    if last is not None and len(last.token_ids) + len(delta.token_ids) <= most:  # within the bound
+                    # within the bound; with a stream_interval, whole intervals alone (not into the choice's first
+                    # token, nor the finish's rest), so that a lagging reader's chunks are still N tokens at a time
+                    if last is not None and len(last.token_ids) + len(delta.token_ids) <= most and (interval == 1 or (
+                            last.num_generated > len(last.token_ids) and delta.finish_reason is None)):
                         if delta.logprobs and not isinstance(last.logprobs, PackedLogprobs):
                             last.logprobs = PackedLogprobs(last.logprobs)
                         last.merge(delta)

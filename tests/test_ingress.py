@@ -2100,6 +2100,32 @@ def test_the_deltas_a_lagging_reader_of_n_choices_gets_hold_at_most_the_merge_bo
         assert [t for d in deltas if d.index == index for t in d.token_ids] == router.answer
 
 
+def test_a_lagging_reader_of_a_stream_interval_gets_whole_intervals_merged_to_the_bound(router, tokenizer,
+                                                                                       monkeypatch):
+    """With stream_interval the unread deltas of a reader that lags still merge, in whole intervals, up to the bound:
+    kept apart, a stalled client's choices held a delta (~9 tracked objects) per N tokens, not per bound."""
+    from deployments import router_client
+    from deployments.protocol import CompletionRequest
+
+    monkeypatch.setattr(router_client, "MERGED_TOKENS_MAX", 12)
+    router.answer = list(range(1000, 1060))
+    server = make_client(router, tokenizer).app.state.server
+
+    async def run() -> list:
+        prep = await server.prepare(CompletionRequest(model=MODEL, prompt="hi", max_tokens=60, n=2), "cmpl")
+        stream = server.deltas([prep], 2, None, 2)
+        first = await anext(stream)
+        await asyncio.sleep(0.3)  # the reader lags while both choices run to their end
+        return [first, *[d async for d in stream]]
+
+    deltas = asyncio.run(run())
+    for index in (0, 1):
+        sizes = [len(d.token_ids) for d in deltas if d.index == index]
+        assert [t for d in deltas if d.index == index for t in d.token_ids] == router.answer
+        assert sizes[0] == 1 and all(s % 2 == 0 and s <= 12 for s in sizes[1:-1]) and sizes[-1] == 1, sizes
+        assert len(sizes) <= 2 + 60 // 12 + 1, sizes  # kept apart: 31, a delta per 2 tokens
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_string_counts_only_after_min_tokens(client, router, tokenizer, stream):
     """min_tokens tokens come first whatever they hold; a stop string completed by token min_tokens + 1
