@@ -262,8 +262,8 @@ class Tokenizer:
         longer sat at its text_offset or spelled its `bytes` (vLLM puts them back for a Metaspace pre-tokenizer).
         Only spaces are put back: another decoder's work (WordPiece's "##", a suffix) stays as decode leaves it."""
         text = self.decode([token_id])
-        if self._hf is None or self._byte_level:
-            return text  # decode of one id is its bytes' text already
+        if self.decodes_bytes:  # tiktoken, or ByteLevel alone: one id's decode is its bytes' text already (a step
+            return text  # after ByteLevel, as a Strip of the leading space, is undone below as SentencePiece's is)
         try:
             whole = self.token_bytes(token_id).decode("utf-8", "replace")
         except ValueError:  # past the vocabulary

@@ -530,6 +530,21 @@ def test_sentencepiece_added_tokens_bytes_are_what_decode_reads(tmp_path, text):
     assert b"".join(map(tok.token_bytes, ids)) == (" " + tok.decode(ids)).encode()  # the decoder strips one space
 
 
+def test_a_byte_level_decoder_before_a_strip_keeps_each_tokens_leading_space(tmp_path):
+    """A Strip after ByteLevel drops a decode's leading space, as SentencePiece's does: token_text took any
+    byte-level decode for the token's text, so the tokens of "Hi there" read "Hi", "there" (logprobs' `token`), neither
+    at its text_offset in context nor what its `bytes` spell."""
+    from tokenizers import decoders
+
+    hf = AutoTokenizer.from_pretrained(ensure_smollm2())
+    hf.backend_tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("Hi there world")
+    assert [tok.token_text(i) for i in ids] == ["Hi", " there", " world"]
+    assert all(tok.token_text(i).encode() == tok.token_bytes(i) for i in ids)
+
+
 @pytest.mark.parametrize("then", [[], [" "]], ids=["alone", "then-replace"])
 def test_a_byte_level_decoder_inside_a_sequence_is_byte_level(tmp_path, then):
     """Some training scripts write the ByteLevel decoder inside a Sequence, alone or before more steps; decode is the
