@@ -3,7 +3,12 @@ answer adds them all up (ChoiceTotal.add). What the joined one says must be what
 tokens and logprobs of all, and what only the first carried (the prompt's logprobs) kept."""
 from __future__ import annotations
 
-from deployments.streaming import ChoiceDelta, ChoiceTotal, PromptScores
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from deployments.streaming import ChoiceDelta, ChoiceTotal, PromptScores, in_intervals
 from scheduler.sampling import TokenLogprobs
 
 
@@ -36,3 +41,28 @@ def test_a_whole_choice_is_its_deltas_added_up():
     assert list(total.logprobs.token_ids) == [7, 8]
     assert (total.finish_reason, total.stop_reason, total.num_generated, total.num_cached) == ("stop", "\n", 2, 64)
     assert total.prompt_logprobs is scores
+
+
+def test_a_cancelled_stream_in_intervals_sends_nothing_more():
+    """stream_interval's held tokens go out before a failure (the default stream sent them), not when the reader is
+    cancelled (its client left): a delta yielded then went to no one, in a task asked to stop."""
+    async def router_events() -> AsyncIterator[ChoiceDelta]:
+        yield ChoiceDelta(0, "Hello", [], [0], None, 1, 0, token_ids=[7])  # the first token: sent at once
+        yield ChoiceDelta(0, " world", [], [5], None, 2, 0, token_ids=[8])  # held for a chunk of 3
+        await asyncio.Event().wait()  # the next token, which never comes
+
+    async def read(got: list[str]) -> None:
+        async for delta in in_intervals(router_events(), 3):
+            got.append(delta.text)
+
+    async def main() -> list[str]:
+        got: list[str] = []
+        task = asyncio.create_task(read(got))
+        for _ in range(3):  # the reader sends "Hello", then waits on the router with " world" held
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return got
+
+    assert asyncio.run(main()) == ["Hello"]
