@@ -528,24 +528,25 @@ def _logprobs(c: dict) -> list:
     return list(zip(lps["tokens"], lps["token_logprobs"], lps["top_logprobs"], lps["text_offset"]))
 
 
+@pytest.mark.parametrize("interval", [2, 3])  # 2: the least that changes a stream
 @pytest.mark.parametrize("stop", [None, "answer is"])
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("path, base", ENDPOINTS)
-def test_stream_interval_sends_a_choices_tokens_that_many_at_a_time_as_vllm(client, path, base, n, stop):
+def test_stream_interval_sends_a_choices_tokens_that_many_at_a_time_as_vllm(client, path, base, n, stop, interval):
     """vLLM's stream_interval (its output processor's rule): each choice's first token goes at once, then a chunk per
-    3 tokens (a lagging reader's join whole intervals), the rest with the finish; text, tokens, logprobs (with their
-    tokens) and usage are the default stream's. It was taken and ignored: a chunk per router event."""
+    `interval` tokens (a lagging reader's join whole intervals), the rest with the finish; text, tokens, logprobs
+    (with their tokens) and usage are the default stream's. It was taken and ignored: a chunk per router event."""
     logprobs = {"logprobs": True} if path == "/v1/chat/completions" else {"logprobs": 1}
     body = {**base, "stream": True, "n": n, "stop": stop, "return_token_ids": True,
             "stream_options": {"include_usage": True}, **logprobs}
     plain = sse(client.post(path, json=body))
-    chunks = sse(client.post(path, json={**body, "stream_interval": 3}))
+    chunks = sse(client.post(path, json={**body, "stream_interval": interval}))
     assert chunks[-1]["usage"] == plain[-1]["usage"] and chunks[-1]["choices"] == []
     for i in range(n):
         ours, theirs = _choice_chunks(chunks, i), _choice_chunks(plain, i)
         sizes = [len(c["token_ids"]) for c in ours]
-        rest = (sum(sizes) - 1) % 3
-        assert sizes[0] == 1 and all(s % 3 == 0 for s in sizes[1:-1]) and sizes[-1] == (rest or 3), sizes
+        rest = (sum(sizes) - 1) % interval
+        assert sizes[0] == 1 and all(s % interval == 0 for s in sizes[1:-1]) and sizes[-1] == (rest or interval), sizes
         assert [c["finish_reason"] for c in ours] == [None] * (len(ours) - 1) + [theirs[-1]["finish_reason"]]
         assert [t for c in ours for t in c["token_ids"]] == [t for c in theirs for t in c["token_ids"]]
         assert "".join(map(_text, ours)) == "".join(map(_text, theirs))
@@ -564,6 +565,17 @@ def test_a_stream_interval_sends_the_tokens_it_held_before_an_error(client, rout
     assert [len(c["token_ids"]) for c in _choice_chunks(chunks, 0)] == [1, 3, 1]
     assert "".join(map(_text, _choice_chunks(chunks, 0))) == "".join(map(_text, _choice_chunks(plain, 0)))
     assert chunks[-1]["error"] == plain[-1]["error"] and "failed on this request" in chunks[-1]["error"]["message"]
+
+
+def test_the_longest_stream_interval_sends_the_first_token_then_the_rest_with_the_finish(client):
+    """MAX_STREAM_INTERVAL, the bound itself, is taken: longer than any answer, its stream is two chunks."""
+    body = {**COMPLETION, "stream": True, "return_token_ids": True}
+    plain = _choice_chunks(sse(client.post("/v1/completions", json=body)), 0)
+    chunks = _choice_chunks(sse(client.post("/v1/completions", json={**body, "stream_interval": MAX_STREAM_INTERVAL})),
+                            0)
+    assert [len(c["token_ids"]) for c in chunks] == [1, sum(len(c["token_ids"]) for c in plain) - 1]
+    assert "".join(map(_text, chunks)) == "".join(map(_text, plain))
+    assert chunks[-1]["finish_reason"] == plain[-1]["finish_reason"] is not None
 
 
 @pytest.mark.parametrize("value", [0, -1, MAX_STREAM_INTERVAL + 1, 2.0])
