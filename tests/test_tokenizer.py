@@ -299,6 +299,39 @@ def test_sentencepiece_token_bytes_have_their_spaces(tmp_path):
     assert b"".join(map(tok.token_bytes, tok.encode("hi hi 😀"))) == " hi hi 😀".encode()
 
 
+def test_a_tokenizer_without_a_decoder_loads(tmp_path):
+    """A tokenizer.json's decoder may be null (decode then joins the tokens with spaces): it has no steps to read,
+    none of them byte-level, and it streams as it decodes."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+    from transformers import PreTrainedTokenizerFast
+
+    hf = HFTokenizer(models.BPE(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, "h": 3, "i": 4}, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["decoder"] is None
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("hi")
+    assert not tok.decodes_bytes and [tok.token_text(i) for i in ids] == ["h", "i"]
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.step([i]) for i in ids) + detok.flush() == tok.decode(ids) == "h i"
+
+def test_a_sentencepiece_tokens_text_is_its_pieces_with_the_space_its_decode_strips(tmp_path):
+    """logprobs' `token` of a piece that starts with "▁": its decode alone ("hi") with the space put back in front
+    (" hi"), as the piece spells it; a piece of one character ("▁" alone) never showed whether it went in front."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "h": 3, "i": 4, "▁": 5, "▁h": 6, "▁hi": 7}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[("▁", "h"), ("▁h", "i")], unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    PreTrainedTokenizerFast(tokenizer_object=hf, bos_token="<s>", eos_token="</s>").save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    assert tok.encode("hi hi") == [7, 7] and tok.decode([7]) == "hi"
+    assert [tok.token_text(i) for i in (7, 6, 3)] == [" hi", " h", "h"]
+
+
 @pytest.mark.parametrize("name", ["meta", "hf", "smol"])
 def test_a_replacement_character_the_model_wrote_is_kept(tokenizers, name):
     tok = tokenizers[name]
@@ -545,7 +578,7 @@ def test_a_byte_level_decoder_before_a_strip_keeps_each_tokens_leading_space(tmp
     assert all(tok.token_text(i).encode() == tok.token_bytes(i) for i in ids)
 
 
-@pytest.mark.parametrize("then", [[], [" "]], ids=["alone", "then-replace"])
+@pytest.mark.parametrize("then", ["", "replace", "strip"], ids=["alone", "then-replace", "then-strip"])
 def test_a_byte_level_decoder_inside_a_sequence_is_byte_level(tmp_path, then):
     """Some training scripts write the ByteLevel decoder inside a Sequence, alone or before more steps; decode is the
     same. Taken for SentencePiece, a token's bytes (logprobs', the detokenizer's) were its alphabet characters' UTF-8
@@ -553,11 +586,12 @@ def test_a_byte_level_decoder_inside_a_sequence_is_byte_level(tmp_path, then):
     from tokenizers import decoders
 
     hf = AutoTokenizer.from_pretrained(ensure_smollm2())
-    steps = [decoders.Replace("\u2581", " ")] if then else []
+    # a step after it that strips a decode's leading space: one token's decode alone is not its text after others
+    steps = {"": [], "replace": [decoders.Replace("\u2581", " ")], "strip": [decoders.Strip(" ", 1, 0)]}[then]
     hf.backend_tokenizer.decoder = decoders.Sequence([decoders.ByteLevel(), *steps])
     hf.save_pretrained(tmp_path)
     tok = load_tokenizer(tmp_path)
-    text = "Hi 😀 東京"
+    text = "Hi there 😀 東京"
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert b"".join(map(tok.token_bytes, ids)) == text.encode()
