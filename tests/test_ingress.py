@@ -806,6 +806,8 @@ def test_an_unknown_route_names_the_path_and_where_the_api_is(client):
     assert "/v1/chat/completions" in error["message"]
     error = assert_error(client.post("/chat/completions", json=CHAT), 404)
     assert error["message"].startswith("POST /chat/completions is not served here: the API is under /v1")
+    error = assert_error(client.get("/models"), 404)  # the method the client used, whichever it was
+    assert error["message"].startswith("GET /models is not served here: the API is under /v1")
 
 
 def test_api_keys(router, tokenizer):
