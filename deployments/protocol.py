@@ -265,7 +265,7 @@ class _GenerationRequest(RequestModel):
     kv_transfer_params: NotDisaggregated | None = None
     ec_transfer_params: NotDisaggregated | None = None
     # vLLM's cap on a reasoning model's thinking; vLLM too refuses it without a reasoning config (-1: unset)
-    thinking_token_budget: int | None = None
+    thinking_token_budget: only(-1, "this model does not reason: it has no thinking to budget") = -1
     # vLLM's: the response's id is "<chatcmpl|cmpl>-<request_id>" (the router's own id stays unique)
     request_id: Salt | None = None
     use_beam_search: only(False, "beam search is not implemented") = False  # vLLM's
@@ -324,13 +324,6 @@ class _GenerationRequest(RequestModel):
     def _stop_strings_need_text(cls, v, info: ValidationInfo):
         if not v and info.data.get("stop"):  # vLLM's rule (SamplingParams._verify_args)
             raise ValueError("stop strings need the answer's text: they cannot be used with detokenize false")
-        return v
-
-    @field_validator("thinking_token_budget")
-    @classmethod
-    def _no_thinking(cls, v):
-        if v != -1:
-            raise ValueError("this model does not reason: it has no thinking to budget (-1, unlimited, is taken)")
         return v
 
     @field_validator("length_penalty")

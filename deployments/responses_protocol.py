@@ -286,10 +286,11 @@ class ResponsesRequest(RequestModel):
 
     def chat(self) -> ChatCompletionRequest:
         """The chat completion this request asks for. Raises APIError (400) naming this request's field."""
+        continues = self.continues
         body: dict[str, Any] = {"model": self.model, "messages": self._messages(), "stream": self.stream,
                                 "max_completion_tokens": self.max_output_tokens,
                                 "parallel_tool_calls": self.parallel_tool_calls, "user": self.user,
-                                "add_generation_prompt": not self.continues, "continue_final_message": self.continues}
+                                "add_generation_prompt": not continues, "continue_final_message": continues}
         for name in ("temperature", "top_p", "seed", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "cache_salt", "stop", "include_stop_str_in_output", "ignore_eos",
                      "skip_special_tokens", "logit_bias", "structured_outputs", "priority", "request_id",
