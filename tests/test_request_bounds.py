@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.protocol import MAX_N, MAX_STOP_STRINGS
+from deployments.protocol import MAX_BATCH_CHOICES, MAX_CHOICES, MAX_N, MAX_PATTERN_SIZE, MAX_STOP_STRINGS, MAX_TOOLS
 from scheduler.sampling import MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS, MIN_REPETITION_PENALTY
-from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, assert_error, client, eos, post, router,  # noqa: F401
-                                   tokenizer)
+from tests.fake_router import FakeRouter
+from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, assert_error, client, eos,  # noqa: F401
+                                   make_client, post, router, tokenizer)
 
 # field: (values served, values refused)
 BOUNDS = {
@@ -66,3 +67,35 @@ def test_logit_bias_is_taken_for_every_token_id_of_the_vocabulary_with_a_bias_in
 def test_stream_options_without_stream_is_400(client, path, base):
     """vLLM's rule: usage options of a stream on a whole answer would be silently ignored."""
     assert_error(post(client, path, {**base, "stream_options": {"include_usage": True}}), 400, param="stream_options")
+
+
+def _tools(k: int) -> dict:
+    return {"tools": [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}}
+                      for i in range(k)]}
+
+
+# README's Limits: (path, base, the request's fields given k, field the 400 names, k at the bound)
+LIST_BOUNDS = [
+    ("/v1/chat/completions", CHAT, _tools, "tools", MAX_TOOLS),
+    ("/v1/chat/completions", CHAT, lambda k: {"guided_choice": [f"c{i}" for i in range(k)]}, "guided_choice",
+     MAX_CHOICES),
+    ("/v1/completions", COMPLETION, lambda k: {"structured_outputs": {"choice": [f"c{i}" for i in range(k)]}},
+     "structured_outputs.choice", MAX_CHOICES),
+    ("/v1/completions", COMPLETION, lambda k: {"repetition_detection": {"max_pattern_size": k, "min_count": 2}},
+     "repetition_detection.max_pattern_size", MAX_PATTERN_SIZE),
+    ("/v1/completions", COMPLETION, lambda k: {"prompt": ["a"] * (k // 2), "n": 2}, "prompt", MAX_BATCH_CHOICES),
+]
+
+
+@pytest.mark.parametrize("path, base, fields, param, bound", LIST_BOUNDS, ids=[b[3] for b in LIST_BOUNDS])
+def test_a_documented_size_limit_is_taken_at_its_bound_and_refused_past_it(tokenizer, eos, path, base, fields, param,
+                                                                           bound):
+    """README's Limits promise these sizes (128 tools, 256 choice strings, a 4,096-token pattern, 256 choices in a
+    batch): a bound that drifted down refuses requests users were told pass, one that drifted up lets a request cost
+    the ingress or the mesh more than was sized for."""
+    assert (MAX_TOOLS, MAX_CHOICES, MAX_PATTERN_SIZE, MAX_BATCH_CHOICES) == (128, 256, 4096, 256)
+    over = bound + 2 if param == "prompt" else bound + 1  # a batch grows by whole prompts of n choices
+    client = make_client(FakeRouter(tokenizer.encode(ANSWER) + [eos], max_model_len=8192), tokenizer)  # 128 tools' prompt
+    r = post(client, path, {**base, **fields(bound), "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert_error(post(client, path, {**base, **fields(over), "max_tokens": 2}), 400, param=param)
