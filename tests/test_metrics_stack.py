@@ -282,3 +282,24 @@ def test_a_scrape_shows_each_series_once(stack):
     series = [(s.name, tuple(sorted(s.labels.items())))
               for family in text_string_to_metric_families(text) for s in family.samples]
     assert series and len(series) == len(set(series))
+
+
+def test_every_family_the_readme_names_is_exported(stack):
+    """Dashboards and alerts are written from README's names (meshserve's own, and vLLM's for dashboards written for
+    vLLM): a family renamed or dropped in the code leaves them reading nothing, silently. The two deprecated vLLM names
+    README says are not served stay out."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    deprecated = {"vllm:time_per_output_token_seconds", "vllm:gpu_cache_usage_perc"}
+    documented = set(re.findall(r"`(meshserve_\w+|vllm:\w+)", readme))
+    assert deprecated < documented and len(documented - deprecated) > 20  # the README's list was read
+    run, client = stack.run, stack.client
+    assert run(client.post("/v1/completions", json={"model": "smollm2", "prompt": "hi", "max_tokens": 2})
+               ).status_code == 200
+    text = run(client.get("/metrics")).text
+    exported = {name for family in text_string_to_metric_families(text)
+                for name in (family.name, *(s.name for s in family.samples))}
+    assert documented - deprecated <= exported, sorted(documented - deprecated - exported)
+    assert not deprecated & exported
