@@ -40,6 +40,9 @@ def test_wrong_config_names_the_key(args, key):
     ("time_scale", 0.0, 0.001, {"backend": "simulated"}),
     ("num_layers", 0, 1, GALAXY),
     ("min_step_deadline_s", 0.99, 1.0, {}),
+    ("stream_interval_ms", 1000.5, 1000.0, {}),
+    ("prefill_chunk", 127, 128, {}),
+    ("num_slots", 257, 256, {"backend": "torch"}),
 ])
 def test_each_bounded_key_is_refused_just_past_its_bound_and_taken_at_it(key, refused, taken, args):
     """The bounds README's table and the key descriptions give: one step past is a typo, refused at deploy naming the
