@@ -99,3 +99,12 @@ def test_a_documented_size_limit_is_taken_at_its_bound_and_refused_past_it(token
     r = post(client, path, {**base, **fields(bound), "max_tokens": 2})
     assert r.status_code == 200, r.text
     assert_error(post(client, path, {**base, **fields(over), "max_tokens": 2}), 400, param=param)
+
+
+@pytest.mark.parametrize("path, base", ENDPOINTS)
+@pytest.mark.parametrize("field, value", [("max_tokens", "5"), ("n", 1.0), ("temperature", "0.5")])
+def test_a_number_of_the_wrong_json_type_is_400_naming_the_field(client, router, path, base, field, value):
+    """README: types are strict, as OpenAI's API is; vLLM's lax parsing takes these, and a client that sends them gets
+    something other than it asked of OpenAI."""
+    assert_error(post(client, path, {**base, field: value}), 400, param=field)
+    assert not router.requests
