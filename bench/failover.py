@@ -98,7 +98,7 @@ def mesh_back(url: str, killed_at: float, old_incarnation: str, timeout_s: float
     """Seconds from the kill until mesh-0 is live as a new incarnation, and until it has served a request."""
     deadline = time.monotonic() + timeout_s
     while True:
-        mesh = router_stats(url)["meshes"][0]
+        mesh = router_stats()["meshes"][0]
         if mesh["up"] and mesh["incarnation"] != old_incarnation:
             up_s = time.monotonic() - killed_at
             break
@@ -106,7 +106,7 @@ def mesh_back(url: str, killed_at: float, old_incarnation: str, timeout_s: float
             return {"mesh_up_again_s": None, "mesh_served_again_s": None}
         time.sleep(0.2)
     rounds = mesh["rounds"]
-    while router_stats(url)["meshes"][0]["rounds"] == rounds and time.monotonic() < deadline:
+    while router_stats()["meshes"][0]["rounds"] == rounds and time.monotonic() < deadline:
         httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "ping", "max_tokens": 4},
                    timeout=120).raise_for_status()  # idle meshes are preferred: this lands on mesh-0
     return {"mesh_up_again_s": up_s, "mesh_served_again_s": time.monotonic() - killed_at}
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Ray prints its shutdown and actor-death notices on stdout: keep --json clean
     with contextlib.redirect_stdout(sys.stderr), serve_app(config) as url:
         reference, _ = asyncio.run(run(url, prompts, args.max_tokens, None))
-        incarnation = router_stats(url)["meshes"][0]["incarnation"]
+        incarnation = router_stats()["meshes"][0]["incarnation"]
         faulted, killed_at = asyncio.run(run(url, prompts, args.max_tokens, args.kill, config))
         lost = [r for r in faulted if r["error"] or r["finish"] is None]
         report = {
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if args.kill == "mesh":
             report.update(mesh_back(url, killed_at, incarnation))
-            report["failovers"] = router_stats(url)["meshes"][0]["failovers"]
-            report["requests_migrated"] = router_stats(url)["meshes"][0]["requests_migrated"]
+            report["failovers"] = router_stats()["meshes"][0]["failovers"]
+            report["requests_migrated"] = router_stats()["meshes"][0]["requests_migrated"]
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -430,6 +430,6 @@ def _galaxy_cluster(num_galaxies: int, head_cpus: int, cpus_per_node: float, pla
     return cluster
 
 
-def router_stats(base_url: str = "") -> dict:
+def router_stats() -> dict:
     """The router's live stats, through the app's handle (the same numbers /metrics exports)."""
     return serve.get_deployment_handle("RouterDeployment", app_name="meshserve").stats.remote().result()

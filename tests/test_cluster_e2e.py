@@ -44,15 +44,15 @@ def test_meshes_on_different_galaxy_nodes_and_both_used(two_galaxies):
     import concurrent.futures as cf
     with cf.ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: complete(two_galaxies, f"request number {i} " * (i + 1)), range(8)))
-    assert all(m["rounds"] > 0 for m in router_stats(two_galaxies)["meshes"])
+    assert all(m["rounds"] > 0 for m in router_stats()["meshes"])
 
 
 def test_shared_long_prefix_lands_on_the_same_mesh(two_galaxies):
     prefix = "The lighthouse keeper wrote in the logbook every night. " * 60  # ~700 tokens
     complete(two_galaxies, prefix + "First question?")
-    before = [m["prefix_hit_tokens"] for m in router_stats(two_galaxies)["meshes"]]
+    before = [m["prefix_hit_tokens"] for m in router_stats()["meshes"]]
     complete(two_galaxies, prefix + "Second, different question?")
-    after = [m["prefix_hit_tokens"] for m in router_stats(two_galaxies)["meshes"]]
+    after = [m["prefix_hit_tokens"] for m in router_stats()["meshes"]]
     gained = sorted(a - b for a, b in zip(after, before))
     assert gained[0] == 0 and gained[1] >= 512, gained
 

@@ -31,14 +31,14 @@ def app():
 
 def test_killing_a_mesh_replica_mid_stream_loses_nothing_and_it_rejoins(app):
     url, reference = app
-    incarnation = router_stats(url)["meshes"][0]["incarnation"]
+    incarnation = router_stats()["meshes"][0]["incarnation"]
     results, killed_at = asyncio.run(run(url, PROMPTS, MAX_TOKENS, "mesh"))
     assert [r["error"] for r in results] == [None] * len(PROMPTS)
     assert [r["finish"] for r in results] == ["length"] * len(PROMPTS)
     assert [r["text"] for r in results] == reference
     back = mesh_back(url, killed_at, incarnation, timeout_s=120)
     assert back["mesh_served_again_s"] is not None and back["mesh_served_again_s"] < 120
-    mesh0 = router_stats(url)["meshes"][0]
+    mesh0 = router_stats()["meshes"][0]
     assert mesh0["failovers"] == 1 and mesh0["requests_migrated"] >= 1
     metrics = httpx.get(f"{url}/metrics").text
     assert 'meshserve_mesh_up{mesh="mesh-0"} 1.0' in metrics

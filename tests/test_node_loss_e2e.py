@@ -39,16 +39,16 @@ def test_a_lost_galaxy_host_loses_no_stream_and_its_mesh_returns_on_a_new_host()
             results = asyncio.run(streams(url, lambda: cluster.remove_node(node)))
             assert [r["error"] for r in results] == [None] * len(PROMPTS)
             assert [r["text"] for r in results] == reference
-            mesh0 = router_stats(url)["meshes"][0]
+            mesh0 = router_stats()["meshes"][0]
             assert not mesh0["up"] and mesh0["requests_migrated"] >= 1
             assert httpx.get(f"{url}/health", timeout=10).status_code == 200
             cluster.add_node(num_cpus=0, resources={"galaxy": 1})  # in Serve's mode, as every node's `ray start`
             deadline = time.monotonic() + 60
-            while not router_stats(url)["meshes"][0]["up"]:
+            while not router_stats()["meshes"][0]["up"]:
                 assert time.monotonic() < deadline, "mesh-0 never came back on the new node"
                 time.sleep(0.2)
-            rounds = router_stats(url)["meshes"][0]["rounds"]
+            rounds = router_stats()["meshes"][0]["rounds"]
             assert [r["error"] for r in asyncio.run(streams(url))] == [None] * len(PROMPTS)
-            assert router_stats(url)["meshes"][0]["rounds"] > rounds  # in service again: requests land on it
+            assert router_stats()["meshes"][0]["rounds"] > rounds  # in service again: requests land on it
     finally:
         cluster.shutdown()

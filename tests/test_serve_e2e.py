@@ -31,11 +31,11 @@ def chat(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def wait_idle(base_url: str, timeout_s: float = 30) -> dict:
+def wait_idle(timeout_s: float = 30) -> dict:
     """Until no request runs or waits and no KV block is held (prefix-cached free blocks are not held)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        mesh = router_stats(base_url)["meshes"][0]
+        mesh = router_stats()["meshes"][0]
         if mesh["running"] == 0 and mesh["waiting"] == 0 and mesh["blocks_used"] == 0:
             return mesh
         if time.monotonic() > deadline:
@@ -155,7 +155,7 @@ def test_queue_full_is_429_and_nothing_is_5xx(base_url):
     with cf.ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(one, range(16)))
     assert 429 in codes and 200 in codes and all(c in (200, 429) for c in codes), codes
-    wait_idle(base_url)
+    wait_idle()
 
 
 def test_client_disconnect_mid_stream_frees_slot_and_blocks(base_url):
@@ -165,8 +165,8 @@ def test_client_disconnect_mid_stream_frees_slot_and_blocks(base_url):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(4)]
         assert any(line.startswith("data: ") for line in got)
-        assert router_stats(base_url)["meshes"][0]["running"] == 1
-    mesh = wait_idle(base_url)
+        assert router_stats()["meshes"][0]["running"] == 1
+    mesh = wait_idle()
     assert mesh["free_slots"] == CONFIG.num_slots
 
 
@@ -281,5 +281,5 @@ def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(base_url):
     for _ in range(3):
         with pytest.raises(httpx.TimeoutException):
             httpx.post(f"{base_url}/v1/completions", json=body, timeout=1.0)
-    mesh = wait_idle(base_url, timeout_s=20)
+    mesh = wait_idle(timeout_s=20)
     assert mesh["free_slots"] == CONFIG.num_slots
