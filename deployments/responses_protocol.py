@@ -248,6 +248,13 @@ class ResponsesRequest(RequestModel):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("reasoning", mode="before")
+    @classmethod
+    def _nothing_configured(cls, v):
+        """Reasoning whose every setting is null (or none given) configures nothing, as `"reasoning": null`: it is
+        what a Response says here, and a client that carries a Response's settings over sends it back."""
+        return None if isinstance(v, dict) and all(setting is None for setting in v.values()) else v
+
     @field_validator("truncation")
     @classmethod
     def _no_truncation(cls, v):

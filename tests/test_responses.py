@@ -853,6 +853,27 @@ def test_top_logprobs_left_out_is_echoed_as_0(client):
     assert client.post("/v1/responses", json=BASIC).json()["top_logprobs"] == 0
 
 
+# the request fields a Response says back (openai-python's Response and ResponseCreateParams share them)
+ECHOED = ("model", "instructions", "max_output_tokens", "parallel_tool_calls", "previous_response_id", "reasoning",
+          "store", "temperature", "text", "tool_choice", "tools", "top_logprobs", "top_p", "truncation", "user",
+          "metadata")
+
+
+def test_a_responses_own_settings_sent_back_are_taken(client, router):
+    """A client that carries a conversation's settings over from the last Response to the next request (the
+    Response says the settings it was answered with, as OpenAI's does) sends back `"reasoning": {"effort": null,
+    "summary": null}`, this server's own answer for a model without reasoning: it was a 400, "this model does not
+    reason". Nothing is configured there, as in `"reasoning": null` or `{}`."""
+    first = client.post("/v1/responses", json=BASIC).json()
+    again = {**{k: first[k] for k in ECHOED}, "input": [{"role": "user", "content": "hi"}, *first["output"],
+                                                         {"role": "user", "content": "more"}]}
+    assert again["reasoning"] == {"effort": None, "summary": None}
+    for reasoning in (again["reasoning"], {}):
+        r = client.post("/v1/responses", json={**again, "reasoning": reasoning})
+        assert r.status_code == 200, r.text
+        assert Response.model_validate(r.json()).output_text == ANSWER
+
+
 def test_parallel_tool_calls_false_is_echoed(client):
     """The response says the parallel_tool_calls it was answered with, as OpenAI's does: false when the request
     said false (one call is kept), not the default true."""
