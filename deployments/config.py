@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, ValidationError, field_validator, model_validator
 
@@ -302,6 +302,32 @@ def api_keys(config: AppConfig, env: dict[str, str] | None = None) -> list[str]:
         raise ValueError(f"VLLM_API_KEY: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
+def load_yaml_unique_keys(stream: str | TextIO) -> object:
+    """`yaml.safe_load`, refusing a key given twice in one mapping. PyYAML (and so Serve) keeps the last one
+    without a word: `num_slots: 8` added above the shipped config's `num_slots: 32` would serve 32 slots."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if first is not key_node:
+                    lines = f"lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1}"
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice ({lines}): YAML and Serve would keep the last one "
+                        "without a word; give it once", key_node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(stream, Loader=UniqueKeyLoader)
+
+
 IMPORT_PATHS = ("deployments.app:build", "deployments.app.build")  # meshserve's application; Ray takes both forms
 
 
@@ -317,7 +343,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
 
     try:
         with open(path) as f:
-            doc = yaml.safe_load(f) or {}
+            doc = load_yaml_unique_keys(f) or {}
     except (OSError, yaml.YAMLError) as e:
         return [f"{path}: {e}"]
     apps = doc.get("applications") if isinstance(doc, dict) else None

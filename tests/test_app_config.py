@@ -777,6 +777,21 @@ def test_deployment_options_that_break_one_router_or_one_replica_per_mesh_are_re
     assert check_serve_config(str(path)) == []
 
 
+def test_a_key_given_twice_is_named_not_overridden(tmp_path):
+    """YAML (PyYAML, and so Serve) keeps the last of a key given twice without a word: a user's `num_slots: 8`
+    written above the shipped config's `num_slots: 32` would have served 32 slots. The check names the key and
+    both lines; a merge key's values overridden beside it are no duplicate."""
+    shipped = (ROOT / "serve_config.yaml").read_text()
+    path = tmp_path / "c.yaml"
+    path.write_text(shipped.replace("      num_slots: 32", "      num_slots: 8\n      num_slots: 32"))
+    (error,) = check_serve_config(str(path))
+    assert error.startswith(f"{path}: 'num_slots' is given twice (lines "), error
+    from deployments.config import load_yaml_unique_keys
+
+    assert load_yaml_unique_keys("a: &a {x: 1, y: 2}\nb: {<<: *a, x: 3}\n") == {"a": {"x": 1, "y": 2},
+                                                                          "b": {"x": 3, "y": 2}}
+
+
 def test_a_misspelt_serve_key_is_named_not_ignored(tmp_path):
     """Serve's config schema ignores a key it does not know: `http_option: {port: 8080}` served on 8000, a misspelt
     `runtime_env` dropped its variables, and README's `resources: {frontend: 0.01}` for the router, misspelt, left it
