@@ -218,6 +218,15 @@ class AppConfig(BaseModel):
             if backend != self.backend and getattr(self, key) != type(self).model_fields[key].get_default(
                     call_default_factory=True):
                 raise ValueError(f"{key} applies to the {backend} backend only, not {self.backend}")
+        # The router serves the smaller of max_seq_len and what one KV group holds: both given, a max_seq_len past
+        # the blocks was cut to them without a word (num_blocks 8 and max_seq_len 8192 served 512). A Galaxy refuses
+        # it below (galaxy_sizes), as vLLM refuses a max_model_len its KV cache cannot hold.
+        if self.backend != "tt_galaxy" and self.max_seq_len and self.num_blocks \
+                and self.num_blocks * self.block_size < self.max_seq_len:
+            raise ValueError(f"num_blocks: {self.num_blocks} blocks of {self.block_size} tokens hold "
+                             f"{self.num_blocks * self.block_size} tokens, fewer than max_seq_len ({self.max_seq_len}): "
+                             f"give at least {-(-self.max_seq_len // self.block_size)} (a KV group's), a smaller "
+                             "max_seq_len, or leave max_seq_len out for the longest that fits")
         # at deploy time, not when every mesh replica fails to start
         if self.backend == "simulated" and self.num_slots % (self.kv_groups or KV_GROUPS):
             raise ValueError(f"num_slots ({self.num_slots}) must split evenly over kv_groups "

@@ -65,11 +65,23 @@ def test_blocks_and_chunks_the_mesh_scheduler_cannot_align_fail_at_deploy(args, 
     AppConfig(**{**args, key: {"block_size": 64, "max_prefill_tokens": 256}[key]})
 
 
+@pytest.mark.parametrize("backend", ["torch", "simulated"])
+def test_a_max_seq_len_its_blocks_cannot_hold_fails_at_deploy(backend):
+    """`num_blocks: 8` beside the shipped `max_seq_len: 8192` served a 512-token context: the router serves what one
+    KV group holds and cut the length asked for to it without a word. Both given, it is refused, as on a Galaxy (and
+    as vLLM refuses a max_model_len its KV cache cannot hold); one alone is still the longest that fits."""
+    with pytest.raises(ValidationError, match="num_blocks: 8 blocks of 64 tokens hold 512 tokens, fewer than "
+                                              "max_seq_len \\(8192\\): give at least 128"):
+        AppConfig(backend=backend, num_blocks=8, max_seq_len=8192)
+    assert AppConfig(backend=backend, num_blocks=128, max_seq_len=8192).num_blocks == 128
+    assert AppConfig(backend=backend, num_blocks=8).max_seq_len is None
+
+
 @pytest.mark.parametrize("args,key", [
     ({"mesh_shape": [4, 8]}, "mesh_shape"),
     ({"max_seq_len": 100_000}, "max_seq_len"),
     ({"max_seq_len": 262_144, "num_blocks": 4200}, "max_seq_len"),  # past Llama-3.3-70B's 128k context
-    ({"max_seq_len": 131_072, "num_blocks": 1024}, "num_blocks"),
+    ({"max_seq_len": 131_072, "num_blocks": 2048}, "num_blocks"),  # 128k, but not the warm-up's 128 more
     ({"num_slots": 16}, "num_slots"),  # tt-metal's decode trace and sampler are fixed at 32 users
     ({"prefill_chunk": 16384}, "prefill_chunk"),  # recomputed from position 0 after a cached prefix
     ({"block_size": 32}, "block_size"),  # the model's paged KV cache is 64 tokens a block: was accepted, failed in ttnn
