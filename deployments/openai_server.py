@@ -18,19 +18,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-import numpy as np
 from fastapi.responses import Response
 from pydantic import ValidationError
 
 from deployments.errors import APIError, as_api_error, unavailable, unwrap, validation_error
-from deployments.json_slices import Spliced, field_dump
+from deployments.json_slices import Spliced
+from deployments.logprobs import LogprobsRenderer
 from deployments.metrics import Choices, Metrics
 from deployments.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                                  ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob,
-                                  CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                  DeltaMessage, DeltaToolCall, ErrorResponse, PromptLogprobs, PromptTokensDetails,
-                                  RepetitionDetection, ResponseToolCall, TokenizeRequest, Tool, TopLogprob, Usage,
-                                  quoted)
+                                  ChatCompletionRequest, ChatCompletionResponse, ChatMessage, CompletionChoice,
+                                  CompletionRequest, CompletionResponse, DeltaMessage, DeltaToolCall, ErrorResponse,
+                                  PromptLogprobs, PromptTokensDetails, RepetitionDetection, ResponseToolCall,
+                                  TokenizeRequest, Tool, Usage, quoted)
 from deployments.router_client import RouterLost, RouterUnreachable, merged_tokens_max
 from deployments.streaming import (KEEPALIVE, TEXT_SLOT, ChoiceDelta, ChoiceText, ChoiceTotal,
                                    ChunkTemplate, Deferred, EventStream, FirstDelta, PromptScores, RepetitionCheck,
@@ -41,7 +40,7 @@ from deployments.tool_calls import (CallDelta, ParsedCall, ToolCallStream, answe
 from model.grammar import deep_stack_executor
 from model.tokenizer import Tokenizer
 from scheduler.errors import MeshFailures
-from scheduler.sampling import MIN_LOGPROB, PackedLogprobs, SamplingParams, TokenLogprobs
+from scheduler.sampling import PackedLogprobs, SamplingParams, TokenLogprobs
 from scheduler.scheduler import SHARED_PREFILL_TOKENS
 from scheduler.work import TokenEvent
 
@@ -323,7 +322,7 @@ class OpenAIServer:
         self.prefix_caching = True  # the router's enable_prefix_caching, read with its stats
         self.prompt_logprobs: bool | None = None  # every mesh scores whole prompts (router stats); None: not known
         self._model_len_wait: asyncio.Future | None = None  # the one poll all requests waiting for a mesh share
-        self._tokens: dict[int, tuple[str, bytes]] = {}  # _token_info's
+        self.logprobs = LogprobsRenderer(tokenizer)
         self.metrics = Metrics(replica_name, self.model)
         self.retry_backoff_s = ROUTER_RETRY_BACKOFF_S
         self.headers_wait_s, self.keepalive_s = STREAM_HEADERS_WAIT_S, SSE_KEEPALIVE_S
@@ -938,13 +937,13 @@ class OpenAIServer:
                        if calls else AssistantMessage(role=reply.role, content=prep.echo + t.text))
             reason = _finish_reason(t.finish_reason, whole, reply)
             choices.append(ChatChoice(index=i, message=message, finish_reason=reason, stop_reason=t.stop_reason,
-                                      logprobs=self._spliced_chat_logprobs(t.logprobs, as_ids, lists)
+                                      logprobs=self.logprobs.spliced_chat(t.logprobs, as_ids, lists)
                                       if reply.num_logprobs is not None else None,
                                       token_ids=t.token_ids if ids else None))
         envelope = ChatCompletionResponse(id=prep.id, created=prep.created, model=self.model, choices=[], usage=usage,
                                           prompt_token_ids=prep.prompt_ids if ids else None)
         if reply.prompt_logprobs is not None and totals and totals[0].prompt_logprobs is not None:
-            envelope.prompt_logprobs = self._spliced_prompt_logprobs(totals[0].prompt_logprobs,
+            envelope.prompt_logprobs = self.logprobs.spliced_prompt(totals[0].prompt_logprobs,
                                                                      reply.prompt_logprobs, as_ids, lists)
         return lists.fill(_with_choices(envelope.model_dump_json(warnings=False).encode(),
                                         [c.model_dump_json(warnings=False).encode() for c in choices]))
@@ -961,12 +960,12 @@ class OpenAIServer:
             lps, offsets = self._echoed(reply, prep, t.prompt_logprobs, t.logprobs, t.token_offsets)
             choice = CompletionChoice(index=i, text=prep.echo + t.text, finish_reason=t.finish_reason,
                                       stop_reason=t.stop_reason,
-                                      logprobs=self._spliced_completion_logprobs(lps, offsets, as_ids, lists)
+                                      logprobs=self.logprobs.spliced_completion(lps, offsets, as_ids, lists)
                                       if reply.num_logprobs is not None else None,
                                       prompt_token_ids=prep.prompt_ids if ids else None,
                                       token_ids=t.token_ids if ids else None)
             if reply.prompt_logprobs is not None and t.prompt_logprobs is not None:  # set, not validated: ours
-                choice.prompt_logprobs = self._spliced_prompt_logprobs(t.prompt_logprobs, reply.prompt_logprobs, as_ids,
+                choice.prompt_logprobs = self.logprobs.spliced_prompt(t.prompt_logprobs, reply.prompt_logprobs, as_ids,
                                                                        lists)
             choices.append(choice)
         envelope = CompletionResponse(id=preps[0].id, created=preps[0].created, model=self.model, choices=[],
@@ -1071,17 +1070,17 @@ class OpenAIServer:
                 return ChatChunkChoice(index=d.index, delta=DeltaMessage(content=content or None if calls else content,
                                                                          tool_calls=calls),
                                        finish_reason=reason, stop_reason=d.stop_reason,
-                                       logprobs=self.chat_logprobs(d.logprobs, as_ids) if logprobs else None,
+                                       logprobs=self.logprobs.chat(d.logprobs, as_ids) if logprobs else None,
                                        token_ids=d.token_ids if ids else None)
             text, echo[d.index] = echo[d.index] + d.text, ""
             prompt, prompt_ids[d.index] = prompt_ids[d.index], None
             lps, offsets = self._echoed(reply, preps[d.index // reply.n], d.prompt_logprobs, d.logprobs,
                                         d.token_offsets)
             out = CompletionChoice(index=d.index, text=text, finish_reason=d.finish_reason, stop_reason=d.stop_reason,
-                                   logprobs=self._completion_logprobs(lps[:], offsets, as_ids) if logprobs else None,
+                                   logprobs=self.logprobs.completion(lps[:], offsets, as_ids) if logprobs else None,
                                    prompt_token_ids=prompt, token_ids=d.token_ids if ids else None)
             if reply.prompt_logprobs is not None and d.prompt_logprobs is not None:  # the choice's first chunk
-                out.prompt_logprobs = self.prompt_logprobs_of(d.prompt_logprobs, reply.prompt_logprobs, as_ids)
+                out.prompt_logprobs = self.logprobs.prompt(d.prompt_logprobs, reply.prompt_logprobs, as_ids)
             return out
 
         # Most chunks carry text alone: they come from a template per choice (see ChunkTemplate).
@@ -1132,7 +1131,7 @@ class OpenAIServer:
                             2 + (reply.num_logprobs or 0) + (reply.prompt_logprobs or 0))
                         c = await self.sized(size, choice, d, bulk=False)
                         if chat and reply.prompt_logprobs is not None:
-                            scored = await self.sized(size, self.prompt_logprobs_of, d.prompt_logprobs,
+                            scored = await self.sized(size, self.logprobs.prompt, d.prompt_logprobs,
                                                       reply.prompt_logprobs, as_ids, bulk=False)
                             scored_sent = True
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
@@ -1173,80 +1172,6 @@ class OpenAIServer:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
-    def _token_info(self, token_id: int) -> tuple[str, bytes]:
-        """A token's text alone and its bytes, kept once asked (at most the vocabulary's): an answer with 20
-        top_logprobs names 21 tokens per token it generates, and decoding one costs ~10 us. Kept as str and bytes,
-        the cyclic GC stops tracking each tuple (a list of the bytes kept it and the tuple tracked: two objects per
-        token that every full collection of the replica walked, for good)."""
-        info = self._tokens.get(token_id)
-        if info is None:
-            info = self._tokens[token_id] = (self.tokenizer.token_text(token_id),
-                                             self.tokenizer.token_bytes(token_id))
-        return info
-
-    def _token(self, token_id: int) -> str:
-        return self._token_info(token_id)[0]
-
-    def _top(self, token_id: int, logprob: float, as_id: bool = False, cls: type[TopLogprob] = TopLogprob,
-             **more) -> TopLogprob:
-        """`bytes` are the token's own, so they spell the text even where `token` is U+FFFD (part of an emoji);
-        `as_id` (vLLM's return_tokens_as_token_ids) names the token "token_id:<id>", and `bytes` spell that, as
-        vLLM's do. Built without validation: every value is ours."""
-        if as_id:
-            token = f"token_id:{token_id}"
-            return cls.model_construct(token=token, logprob=logprob, bytes=list(token.encode()), **more)
-        text, raw = self._token_info(token_id)
-        return cls.model_construct(token=text, logprob=logprob, bytes=list(raw), **more)
-
-    def chat_logprobs(self, lps: list[TokenLogprobs], as_ids: bool = False) -> ChatLogprobs:
-        return ChatLogprobs.model_construct(content=[
-            self._top(lp.token_id, lp.logprob, as_ids, ChatTokenLogprob,
-                      top_logprobs=[self._top(t, p, as_ids) for t, p in lp.top])
-            for lp in lps])
-
-    def _spliced_chat_logprobs(self, lps: Sequence[TokenLogprobs], as_ids: bool, lists: Spliced) -> ChatLogprobs:
-        """A whole answer's logprobs: their list's JSON, held in `lists`, a mark in its place (so the choice's own dump
-        leaves it out). Built and written a slice at a time: freeing all of them at once (8,192 tokens with 20
-        top_logprobs: 170,000 models) held the GIL ~30 ms."""
-        dump = field_dump(ChatLogprobs, "content")
-        return ChatLogprobs.model_construct(content=lists.mark(
-            lps, lambda part: dump(self.chat_logprobs(part, as_ids).content), b","))
-
-    def _completion_logprobs(self, lps: list[TokenLogprobs], offsets: list[int],
-                             as_ids: bool = False) -> CompletionLogprobs:
-        return CompletionLogprobs(**self._completion_lists(lps, offsets, as_ids))
-
-    def _spliced_completion_logprobs(self, lps: Sequence[TokenLogprobs], offsets: list[int], as_ids: bool,
-                                     lists: Spliced) -> CompletionLogprobs:
-        """A whole answer's logprobs, as _spliced_chat_logprobs holds them; each list made and validated a slice per
-        call (its lists of a whole answer were 8,192 dicts at once, each tracked by the GC), as
-        CompletionLogprobs(...) validates it whole."""
-        def written(name: str, column: Callable[[list[TokenLogprobs]], list]) -> Callable[[list[TokenLogprobs]], bytes]:
-            dump = field_dump(CompletionLogprobs, name, validate=True)
-            return lambda part: dump(column(part))
-
-        marks = {name: lists.mark(lps, written(name, column), b",")
-                 for name, column in self._completion_columns(as_ids).items()}
-        marks["text_offset"] = lists.mark(offsets, field_dump(CompletionLogprobs, "text_offset", validate=True), b",")
-        return CompletionLogprobs.model_construct(**marks)
-
-    def _completion_lists(self, lps: list[TokenLogprobs], offsets: list[int], as_ids: bool = False) -> dict[str, list]:
-        """CompletionLogprobs' fields."""
-        return {**{name: column(lps) for name, column in self._completion_columns(as_ids).items()},
-                "text_offset": offsets}
-
-    def _completion_columns(self, as_ids: bool) -> dict[str, Callable[[list[TokenLogprobs]], list]]:
-        """CompletionLogprobs' fields but text_offset, each made from its tokens' logprobs. Each position's
-        `top_logprobs` holds the chosen token too, whether or not it is among the most likely (OpenAI's legacy
-        completions: "the logprobs most likely tokens, as well the chosen tokens"; vLLM does the same)."""
-        name = (lambda t: f"token_id:{t}") if as_ids else self._completion_token
-        # NaN: the prompt's first token, echoed (PromptScores.packed): nothing comes before it, null as in vLLM
-        return {"tokens": lambda lps: [name(lp.token_id) for lp in lps],
-                "token_logprobs": lambda lps: [None if lp.logprob != lp.logprob else lp.logprob for lp in lps],
-                "top_logprobs": lambda lps: [None if lp.logprob != lp.logprob else
-                                             {**{name(t): p for t, p in lp.top}, name(lp.token_id): lp.logprob}
-                                             for lp in lps]}
-
     def _echoed(self, reply: Reply, prep: Prepared, scores: PromptScores | None, lps: Sequence[TokenLogprobs],
                 offsets: list[int]) -> tuple[Sequence[TokenLogprobs], list[int]]:
         """A choice's logprobs and text offsets, the prompt's first with completions' echo and logprobs (as vLLM's):
@@ -1260,50 +1185,6 @@ class OpenAIServer:
         # shapes the answer's text alone; a BOS the tokenizer added before a text holds none of it
         bos = [0] if prep.echo_bos else []
         return packed, bos + TokenOffsets(self.tokenizer, frozenset()).add(prep.prompt_ids[len(bos):]) + offsets
-
-    def prompt_logprobs_of(self, scores: PromptScores, k: int, as_ids: bool = False,
-                           positions: range | None = None) -> PromptLogprobs:
-        """vLLM's prompt_logprobs (of `positions`, default all): None for the first token, then per token {id: its
-        logprob, rank, decoded_token} and the k likeliest, ranked 1..k (the prompt token's entry is theirs when it is
-        among them, as in vLLM)."""
-        name = (lambda t: f"token_id:{t}") if as_ids else self._token
-        ids = scores.prompt_ids
-        at = positions if positions is not None else range(len(ids))
-        part = slice(at.start, at.stop)
-        lps = np.maximum(scores.logprobs[part], MIN_LOGPROB).tolist()
-        ranks = scores.ranks[part].tolist()
-        top_ids = scores.top_ids[part, :k].tolist()
-        top_lps = np.maximum(scores.top_logprobs[part, :k], MIN_LOGPROB).tolist()
-        out: PromptLogprobs = []
-        for j, i in enumerate(at):
-            if i == 0:
-                out.append(None)
-                continue
-            entry = {str(ids[i]): {"logprob": lps[j], "rank": ranks[j], "decoded_token": name(ids[i])}}
-            for rank, (t, p) in enumerate(zip(top_ids[j], top_lps[j]), 1):
-                entry[str(t)] = {"logprob": p, "rank": rank, "decoded_token": name(t)}
-            out.append(entry)
-        return out
-
-    def _spliced_prompt_logprobs(self, scores: PromptScores, k: int, as_ids: bool, lists: Spliced) -> str:
-        """A whole answer's prompt_logprobs, as _spliced_chat_logprobs holds its logprobs: a 128k-token prompt with
-        k = 20 is 2.7 million entries, made and written a slice of positions at a time."""
-        dump = field_dump(CompletionChoice, "prompt_logprobs")
-        return lists.mark(range(len(scores.prompt_ids)),
-                          lambda part: dump(self.prompt_logprobs_of(scores, k, as_ids, part)), b",")
-
-    def _completion_token(self, token_id: int) -> str:
-        """The token's text; for a token that is part of a character (an emoji is often 2-4 tokens) its bytes,
-        as OpenAI's legacy completions write them ("bytes:\\xf0\\x9f"): alone, each such token decodes to
-        U+FFFD, and `top_logprobs` is keyed by text, so the alternatives would overwrite one another."""
-        text = self._token(token_id)
-        if "\ufffd" not in text:
-            return text
-        raw = self.tokenizer.token_bytes(token_id)
-        try:
-            return raw.decode()  # a real U+FFFD
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def _with_choices(envelope: bytes, choices: list[bytes]) -> bytes:

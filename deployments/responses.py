@@ -95,7 +95,7 @@ class _Answer:
             return []
         size = json_slices.SLICE  # model_dump holds the GIL as a JSON dump does
         return [entry for at in range(0, len(lps), size)
-                for entry in self.server.chat_logprobs(lps[at:at + size]).model_dump()["content"]]
+                for entry in self.server.logprobs.chat(lps[at:at + size]).model_dump()["content"]]
 
     def usage(self, generated: int, cached: int) -> dict:
         prompt = len(self.prep.prompt_ids)

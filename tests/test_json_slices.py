@@ -59,10 +59,10 @@ def test_a_whole_answers_logprobs_are_what_one_pydantic_dump_writes(server, lps,
     with mock.patch.object(json_slices, "SLICE", size):
         lists = Spliced()
         chat = ChatChoice(index=0, message=AssistantMessage(content="hi"), finish_reason="stop",
-                          logprobs=server._spliced_chat_logprobs(lps, as_ids, lists))
+                          logprobs=server.logprobs.spliced_chat(lps, as_ids, lists))
         completion = CompletionChoice(index=0, text="hi",
-                                      logprobs=server._spliced_completion_logprobs(lps, offsets, as_ids, lists))
+                                      logprobs=server.logprobs.spliced_completion(lps, offsets, as_ids, lists))
         sliced = [lists.fill(c.model_dump_json(warnings=False).encode()) for c in (chat, completion)]
-    chat.logprobs = server.chat_logprobs(lps, as_ids)
-    completion.logprobs = server._completion_logprobs(lps, offsets, as_ids)
+    chat.logprobs = server.logprobs.chat(lps, as_ids)
+    completion.logprobs = server.logprobs.completion(lps, offsets, as_ids)
     assert sliced == [c.model_dump_json().encode() for c in (chat, completion)]
