@@ -13,6 +13,7 @@ deep_stack_executor thread.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
         return Constraint(None, tool_mode, tools, called)
     param, build = sources[0]
     try:
-        grammar = _check(param, build, ll_tokenizer)
+        grammar = _check(param, build, ll_tokenizer, _schema(req, param))
     except APIError:
         whitespace = _whitespace_pattern(req)
         if whitespace is not None and param != "tool_choice":  # a JSON constraint's whitespace regex, at fault?
@@ -66,21 +67,69 @@ def constraint_for(req: ChatCompletionRequest | CompletionRequest, ll_tokenizer:
             deadline = time.monotonic() + MAX_COMPILE_WALL_S  # each compile is cut at that, not all of them
             for i, tool in enumerate(tools):
                 if tool in chosen and time.monotonic() < deadline:
-                    _check(f"tools.{i}.function.parameters", _builder("json", _parameters(tool), {}), ll_tokenizer)
+                    parameters = _parameters(tool)
+                    _check(f"tools.{i}.function.parameters", _builder("json", parameters, {}), ll_tokenizer, parameters)
         raise
     return Constraint(grammar, tool_mode, tools, called, param)
 
 
-def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], object]) -> str:
-    """The grammar `build` makes, valid for the served model. Raises APIError 400 naming `param`."""
+def _check(param: str, build: Callable[[], str], ll_tokenizer: Callable[[], object], schema=None) -> str:
+    """The grammar `build` makes, valid for the served model. Raises APIError 400 naming `param`, and where in
+    `schema` (the JSON schema it is built from, if any) a keyword llguidance lacks sits."""
     try:
         grammar = build()
     except Exception as exc:  # e.g. a schema llguidance cannot even translate
         raise APIError(400, f"{param}: {_cut(engine_error(str(exc)))}", param=param) from None
     error = grammar_error(grammar, ll_tokenizer())
     if error:
-        raise APIError(400, f"{param}: {_cut(_one_line(error))}", param=param)
+        raise APIError(400, f"{param}: {_cut(_located(_one_line(error), schema))}", param=param)
     return grammar
+
+
+def _schema(req, param: str):
+    """The JSON schema (data, or JSON text) that the grammar of `param` is built from; None for another kind."""
+    if param == "response_format.json_schema.schema":
+        return req.response_format.json_schema.schema_
+    if param == "structured_outputs.json":
+        return req.structured_outputs.json_
+    return req.guided_json if param == "guided_json" else None
+
+
+_UNIMPLEMENTED = re.compile(r'Unimplemented keys: \["([^"]+)"')
+_UNKNOWN_FORMAT = re.compile(r"Unknown format: (.+)")
+
+
+def _located(error: str, schema) -> str:
+    """`error` with where in `schema` the keyword or format it names first sits ("at properties.tags"), when
+    llguidance refuses one it lacks without saying where: pydantic's set[...] (uniqueItems), bytes (format
+    "binary") or dict[Literal[...], ...] (propertyNames) in a model of many fields. vLLM's default "auto" backend
+    refuses these too (xgrammar declines them, then llguidance, run strict, refuses them: vllm/sampling_params.py
+    _validate_structured_outputs, 00388f65)."""
+    keyword, fmt = _UNIMPLEMENTED.match(error), _UNKNOWN_FORMAT.fullmatch(error)
+    if schema is None or not (keyword or fmt):
+        return error
+    if isinstance(schema, str):
+        try:
+            schema = client_json(schema)
+        except ValueError:
+            return error
+    todo = [("", schema)]
+    while todo:
+        path, value = todo.pop()
+        if not isinstance(value, dict):
+            continue
+        if keyword and keyword.group(1) in value or fmt and value.get("format") == fmt.group(1):
+            return f"{error} (at {path or 'the top of the schema'})"
+        nested, at = [], f"{path}." if path else ""
+        for key, sub in value.items():
+            if key in _NESTED and isinstance(sub, dict):
+                nested.append((f"{at}{key}", sub))
+            elif key in _NESTED_LISTS and isinstance(sub, list):
+                nested += ((f"{at}{key}.{i}", v) for i, v in enumerate(sub))
+            elif key in _NESTED_MAPS and isinstance(sub, dict):
+                nested += ((f"{at}{key}.{name}", v) for name, v in sub.items())
+        todo += reversed(nested)  # depth first, in the schema's order
+    return error
 
 
 def _cut(message: str) -> str:
@@ -252,6 +301,10 @@ _SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "prefixItems", "items"})
 _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 _DATA = frozenset({"const", "enum", "default", "examples"})  # values, not schemas
 _DEFS = ("$defs", "definitions")
+# All of a schema's subschemas, combined and negated too (`_located` looks for a keyword in them).
+_NESTED = _SUBSCHEMA | {"not", "if", "then", "else"}
+_NESTED_LISTS = _SUBSCHEMA_LISTS | {"allOf"}
+_NESTED_MAPS = _SUBSCHEMA_MAPS | {"dependentSchemas"}
 # What leaves a non-strict object open: properties that other subschemas name (a `properties` level's anyOf /
 # allOf mixins, a $ref's target, if/then), or keys only patterns describe (vLLM sends those to its guidance
 # backend, which leaves them open).

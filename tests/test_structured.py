@@ -305,6 +305,40 @@ def test_a_grammar_error_says_what_is_wrong(llt, fields, message):
     assert caught.value.info.message == message
 
 
+# Fields of pydantic models (model_json_schema) that llguidance lacks a keyword or format for: set[str] (uniqueItems),
+# bytes (format "binary"), dict[Literal["x", "y"], int] (propertyNames); a property named like the keyword is not one.
+_PYDANTIC_REFUSED = {"type": "object", "required": ["uniqueItems", "tags"], "properties": {
+    "uniqueItems": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
+    "$defs": {"Scores": {"type": "object", "additionalProperties": {"type": "integer"},
+                         "propertyNames": {"enum": ["x", "y"]}}}}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": _PYDANTIC_REFUSED}}},
+     'response_format.json_schema.schema: Unimplemented keys: ["uniqueItems"] (at properties.tags)'),
+    ({"structured_outputs": {"json": json.dumps({**_PYDANTIC_REFUSED, "properties": {
+        "b": {"anyOf": [{"type": "null"}, {"type": "string", "format": "binary"}]}}})}},
+     "structured_outputs.json: Unknown format: binary (at properties.b.anyOf.1)"),
+    ({"guided_json": {"type": "object", "properties": {"s": {"$ref": "#/$defs/Scores"}},
+                      "$defs": _PYDANTIC_REFUSED["$defs"]}},
+     'guided_json: Unimplemented keys: ["propertyNames"] (at $defs.Scores)'),
+    ({"tools": [WEATHER, {"type": "function", "function": {"name": "f", "parameters": _PYDANTIC_REFUSED}}],
+      "tool_choice": "required"},
+     'tools.1.function.parameters: Unimplemented keys: ["uniqueItems"] (at properties.tags)'),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "uniqueItems": True}}}},
+     'response_format.json_schema.schema: Unimplemented keys: ["uniqueItems"] (at the top of the schema)'),
+])
+def test_a_keyword_the_engine_lacks_is_refused_where_it_sits(llt, fields, message):
+    """vLLM's default backend refuses these too (xgrammar declines them, then llguidance, strict, refuses them;
+    vllm/sampling_params.py _validate_structured_outputs), but llguidance's message names no place: in a model of
+    many fields, the 400 says which one to change."""
+    with pytest.raises(APIError) as caught:
+        constraint_for(chat(**fields), lambda: llt)
+    assert caught.value.info.message == message
+
+
 @pytest.mark.parametrize("tool_choice", [None, "auto", "none"])
 def test_a_tool_schema_that_constrains_nothing_is_not_compiled(llt, tool_choice):
     """Without a forced call, schemas only go into the prompt (as vLLM): keywords llguidance lacks (pydantic's
