@@ -210,7 +210,7 @@ def test_completion_logprobs_name_each_part_of_a_character_by_its_bytes(client, 
     smile, wink, kanji = (tokenizer.encode(text) for text in ("😊", "🙂", "日本"))
     chosen, other = smile[1], kanji[1]  # b"\x98" and b"\xa5": both U+FFFD alone
     assert tokenizer.decode([chosen]) == tokenizer.decode([other]) == "\ufffd"
-    lp = client.app.state.server._completion_logprobs(
+    lp = client.app.state.server.logprobs.completion(
         [TokenLogprobs(smile[0], -0.1, [(smile[0], -0.1)]),
          TokenLogprobs(chosen, -21.4, [(other, -0.6), (wink[1], -1.2)]),
          TokenLogprobs(kanji[2], -0.3, [(kanji[2], -0.3)])], [0, 0, 0])

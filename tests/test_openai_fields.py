@@ -272,7 +272,7 @@ def test_completion_top_logprobs_hold_the_chosen_token_even_when_it_is_not_among
     from scheduler.sampling import TokenLogprobs
     server = client.app.state.server
     chosen, likely = tokenizer.encode(" cat")[0], tokenizer.encode(" dog")[0]
-    lp = server._completion_logprobs([TokenLogprobs(chosen, -7.0, [(likely, -0.1)])], [0])
+    lp = server.logprobs.completion([TokenLogprobs(chosen, -7.0, [(likely, -0.1)])], [0])
     assert lp.top_logprobs == [{" cat": -7.0, " dog": -0.1}]
 
 
