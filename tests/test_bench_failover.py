@@ -18,6 +18,6 @@ def test_json_is_all_that_goes_to_stdout(monkeypatch, capsys):
 
     monkeypatch.setattr(failover, "serve_app", serve_app)
     monkeypatch.setattr(failover, "run", run)
-    monkeypatch.setattr(failover, "router_stats", lambda url: {"meshes": [{"incarnation": 0}]})
+    monkeypatch.setattr(failover, "router_stats", lambda: {"meshes": [{"incarnation": 0}]})
     failover.main(["--streams", "2", "--kill", "router", "--json"])
     assert json.loads(capsys.readouterr().out)["texts_identical"] == 2
