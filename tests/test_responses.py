@@ -201,6 +201,9 @@ def test_named_tool_choice_and_json_format_constrain_the_answer(client, router):
                 {"type": "function_call_output", "call_id": "a", "output": "5"}]}, "input.0.arguments"),  # int(): was a 500
     ({"previous_response_id": "resp_1"}, "previous_response_id"),
     ({"reasoning": {"effort": "low"}}, "reasoning"),
+    # only a reasoning of nulls configures nothing (089a481): not one setting given, falsy or not, nor another type
+    ({"reasoning": {"effort": None, "summary": "auto"}}, "reasoning"), ({"reasoning": {"effort": ""}}, "reasoning"),
+    ({"reasoning": "low"}, "reasoning"), ({"reasoning": []}, "reasoning"), ({"reasoning": False}, "reasoning"),
     ({"tools": [{"type": "web_search", "name": "search"}]}, "tools.0.type"),
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
     ({"include": ["reasoning.encrypted_content"]}, "include"),
