@@ -316,13 +316,16 @@ def load_yaml_unique_keys(stream: str | TextIO) -> object:
     without a word: `num_slots: 8` added above the shipped config's `num_slots: 32` would serve 32 slots."""
     import yaml
 
+    MERGE = object()
+
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen: dict = {}
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden here
-                    continue
-                key = self.construct_object(key_node, deep=deep)
+                # `<<: *anchor`: its keys may be overridden here. Of two `<<`, PyYAML 6.0.4 keeps the first's keys,
+                # older ones (a plain merge.extend) the second's: a list, whose first mapping's keys win in each
+                merge = key_node.tag == "tag:yaml.org,2002:merge"
+                key = MERGE if merge else self.construct_object(key_node, deep=deep)
                 try:
                     first = seen.setdefault(key, key_node)
                 except TypeError:  # an unhashable key: the base class names it
@@ -330,8 +333,10 @@ def load_yaml_unique_keys(stream: str | TextIO) -> object:
                 if first is not key_node:
                     lines = f"lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1}"
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"{key!r} is given twice ({lines}): YAML and Serve would keep the last one "
-                        "without a word; give it once", key_node.start_mark)
+                        None, None, f"{'<<' if merge else repr(key)} is given twice ({lines}): " + (
+                            "which one's keys win depends on the YAML library's version: merge several as "
+                            "`<<: [*a, *b]` (the first's keys win)" if merge else
+                            "YAML and Serve would keep the last one without a word; give it once"), key_node.start_mark)
             return super().construct_mapping(node, deep)
 
     return yaml.load(stream, Loader=UniqueKeyLoader)

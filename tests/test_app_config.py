@@ -797,11 +797,27 @@ def test_a_key_given_twice_is_named_not_overridden(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(shipped.replace("      num_slots: 32", "      num_slots: 8\n      num_slots: 32"))
     (error,) = check_serve_config(str(path))
-    assert error.startswith(f"{path}: 'num_slots' is given twice (lines "), error
+    assert error.startswith(f"{path}: 'num_slots' is given twice (lines 19 and 20)"), error
     from deployments.config import load_yaml_unique_keys
 
     assert load_yaml_unique_keys("a: &a {x: 1, y: 2}\nb: {<<: *a, x: 3}\n") == {"a": {"x": 1, "y": 2},
                                                                           "b": {"x": 3, "y": 2}}
+
+
+@pytest.mark.parametrize("text, error", [
+    # PyYAML 6.0.4 keeps the first's `x`, older ones the second's: a list says which wins
+    ("a: &a {x: 1}\nc: &c {x: 2}\nb:\n  <<: *a\n  <<: *c\n", "<< is given twice (lines 4 and 5): "),
+    ("? [1]\n: a\n", "found unhashable key"),  # a message, not a TypeError out of the check
+])
+def test_a_second_merge_or_an_unhashable_key_is_named(tmp_path, text, error):
+    """Two `<<` in one mapping are a key given twice too, and mean different configs to different PyYAML versions;
+    one `<<: [*a, *c]` is taken."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert error in check_serve_config(str(path))[0]
+    from deployments.config import load_yaml_unique_keys
+
+    assert load_yaml_unique_keys("a: &a {x: 1}\nc: &c {x: 2, z: 3}\nb:\n  <<: [*a, *c]\n")["b"] == {"x": 1, "z": 3}
 
 
 def test_a_misspelt_serve_key_is_named_not_ignored(tmp_path):
