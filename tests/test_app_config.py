@@ -74,6 +74,10 @@ def test_a_max_seq_len_its_blocks_cannot_hold_fails_at_deploy(backend):
                                               "max_seq_len \\(8192\\): give at least 128"):
         AppConfig(backend=backend, num_blocks=8, max_seq_len=8192)
     assert AppConfig(backend=backend, num_blocks=128, max_seq_len=8192).num_blocks == 128
+    # a length between blocks needs the block it starts: the least it names is taken, one fewer is not
+    with pytest.raises(ValidationError, match="hold 8064 tokens, fewer than max_seq_len \\(8100\\): give at least 127"):
+        AppConfig(backend=backend, num_blocks=126, max_seq_len=8100)
+    assert AppConfig(backend=backend, num_blocks=127, max_seq_len=8100).num_blocks == 127
     assert AppConfig(backend=backend, num_blocks=8).max_seq_len is None
 
 
