@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote
 
 from deployments.errors import APIError, client_json
 from deployments.protocol import MAX_LOC_CHARS, ChatCompletionRequest, CompletionRequest, Tool, quoted
@@ -113,23 +114,46 @@ def _located(error: str, schema) -> str:
             schema = client_json(schema)
         except ValueError:
             return error
-    todo = [("", schema)]
+    # $defs are looked in where a $ref reaches them: llguidance compiles no other (a def no $ref names, holding the
+    # keyword, was named in place of the property that did). Each subschema once: $refs may cycle.
+    todo, seen = [("", schema)], set()
     while todo:
         path, value = todo.pop()
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) or id(value) in seen:
             continue
+        seen.add(id(value))
         if keyword and keyword.group(1) in value or fmt and value.get("format") == fmt.group(1):
             return f"{error} (at {path or 'the top of the schema'})"
         nested, at = [], f"{path}." if path else ""
         for key, sub in value.items():
-            if key in _NESTED and isinstance(sub, dict):
+            if key == "$ref" and isinstance(sub, str):
+                nested += _pointed(schema, sub)
+            elif key in _NESTED and isinstance(sub, dict):
                 nested.append((f"{at}{key}", sub))
             elif key in _NESTED_LISTS and isinstance(sub, list):
                 nested += ((f"{at}{key}.{i}", v) for i, v in enumerate(sub))
-            elif key in _NESTED_MAPS and isinstance(sub, dict):
+            elif key in _NESTED_MAPS and key not in _DEFS and isinstance(sub, dict):
                 nested += ((f"{at}{key}.{name}", v) for name, v in sub.items())
         todo += reversed(nested)  # depth first, in the schema's order
     return error
+
+
+def _pointed(schema, ref: str) -> list[tuple[str, object]]:
+    """The subschema that local `ref` ("#/$defs/Name", a JSON pointer) names in `schema`, with its place as
+    `_located` says it ("$defs.Name"); none for another kind of $ref or one that names nothing."""
+    if ref != "#" and not ref.startswith("#/"):
+        return []
+    value, names = schema, []
+    for part in ref[2:].split("/") if ref != "#" else ():
+        name = unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(value, dict) and name in value:
+            value = value[name]
+        elif isinstance(value, list) and name.isdigit() and int(name) < len(value):
+            value = value[int(name)]
+        else:
+            return []
+        names.append(name)
+    return [(".".join(names), value)]
 
 
 def _cut(message: str) -> str:
@@ -301,7 +325,8 @@ _SUBSCHEMA_LISTS = frozenset({"anyOf", "oneOf", "prefixItems", "items"})
 _SUBSCHEMA_MAPS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 _DATA = frozenset({"const", "enum", "default", "examples"})  # values, not schemas
 _DEFS = ("$defs", "definitions")
-# All of a schema's subschemas, combined and negated too (`_located` looks for a keyword in them).
+# All of a schema's subschemas, combined and negated too (`_located` looks for a keyword in them; in $defs, where
+# a $ref leads).
 _NESTED = _SUBSCHEMA | {"not", "if", "then", "else"}
 _NESTED_LISTS = _SUBSCHEMA_LISTS | {"allOf"}
 _NESTED_MAPS = _SUBSCHEMA_MAPS | {"dependentSchemas"}

@@ -307,6 +307,7 @@ def test_a_grammar_error_says_what_is_wrong(llt, fields, message):
 
 # Fields of pydantic models (model_json_schema) that llguidance lacks a keyword or format for: set[str] (uniqueItems),
 # bytes (format "binary"), dict[Literal["x", "y"], int] (propertyNames); a property named like the keyword is not one.
+_UNIQUE = {"type": "array", "uniqueItems": True}
 _PYDANTIC_REFUSED = {"type": "object", "required": ["uniqueItems", "tags"], "properties": {
     "uniqueItems": {"type": "integer"},
     "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}},
@@ -329,6 +330,18 @@ _PYDANTIC_REFUSED = {"type": "object", "required": ["uniqueItems", "tags"], "pro
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "array", "uniqueItems": True}}}},
      'response_format.json_schema.schema: Unimplemented keys: ["uniqueItems"] (at the top of the schema)'),
+    # llguidance compiles a $def only where a $ref reaches it: an unused one, first, was named in place of `x`
+    ({"guided_json": {"$defs": {"Unused": _UNIQUE, "Used": {"$ref": "#/$defs/Tags"}, "Tags": _UNIQUE},
+                      "type": "object", "properties": {"s": {"type": "string"}, "x": {"$ref": "#/$defs/Used"}}}},
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.Tags)'),
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "string"}, "x": _UNIQUE}, "$defs": {"U": _UNIQUE}}},
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at properties.x)'),
+    ({"guided_json": {"$defs": {"a/b": _UNIQUE, "c d": _UNIQUE}, "type": "object", "properties": {
+        "x": {"$ref": "#/%24defs/c%20d"}}}},  # a $ref is a JSON pointer in a URI fragment
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.c d)'),
+    ({"guided_json": {"$defs": {"T": {"anyOf": [{"type": "string"}, _UNIQUE]}}, "type": "object",
+                      "properties": {"x": {"$ref": "#/$defs/T/anyOf/1"}}}},
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.T.anyOf.1)'),
 ])
 def test_a_keyword_the_engine_lacks_is_refused_where_it_sits(llt, fields, message):
     """vLLM's default backend refuses these too (xgrammar declines them, then llguidance, strict, refuses them;
@@ -337,6 +350,17 @@ def test_a_keyword_the_engine_lacks_is_refused_where_it_sits(llt, fields, messag
     with pytest.raises(APIError) as caught:
         constraint_for(chat(**fields), lambda: llt)
     assert caught.value.info.message == message
+
+
+def test_looking_for_where_a_keyword_sits_ends_on_ref_cycles():
+    """$refs may name the schema they sit in: each subschema is looked in once, and a keyword found nowhere (where
+    the look does not go: `dependencies`) leaves the message as llguidance gave it."""
+    from deployments.structured import _located
+
+    error = 'Unimplemented keys: ["uniqueItems"]'
+    schema = {"$ref": "#", "properties": {"a": {"$ref": "#/properties/a"}, "b": {"$ref": "#/$defs/B"}},
+              "$defs": {"B": {"items": {"$ref": "#/$defs/B"}}}, "dependencies": {"a": _UNIQUE}}
+    assert _located(error, schema) == error
 
 
 @pytest.mark.parametrize("tool_choice", [None, "auto", "none"])
