@@ -342,6 +342,17 @@ _PYDANTIC_REFUSED = {"type": "object", "required": ["uniqueItems", "tags"], "pro
     ({"guided_json": {"$defs": {"T": {"anyOf": [{"type": "string"}, _UNIQUE]}}, "type": "object",
                       "properties": {"x": {"$ref": "#/$defs/T/anyOf/1"}}}},
      'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.T.anyOf.1)'),
+    # the first place in the schema's order, in an allOf's branch and a draft-07 tuple's `items` too
+    ({"guided_json": {"type": "object", "properties": {"a": _UNIQUE, "b": _UNIQUE}}},
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at properties.a)'),
+    ({"guided_json": {"allOf": [{"type": "object"}, {"properties": {"t": _UNIQUE}}]}},
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at allOf.1.properties.t)'),
+    ({"guided_json": {"type": "array", "items": [{"type": "string"}, _UNIQUE]}},
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at items.1)'),
+    # the format refused, not the first format given
+    ({"guided_json": {"type": "object", "properties": {"d": {"type": "string", "format": "date-time"},
+                                                       "b": {"type": "string", "format": "binary"}}}},
+     "guided_json: Unknown format: binary (at properties.b)"),
 ])
 def test_a_keyword_the_engine_lacks_is_refused_where_it_sits(llt, fields, message):
     """vLLM's default backend refuses these too (xgrammar declines them, then llguidance, strict, refuses them;
@@ -361,6 +372,16 @@ def test_looking_for_where_a_keyword_sits_ends_on_ref_cycles():
     schema = {"$ref": "#", "properties": {"a": {"$ref": "#/properties/a"}, "b": {"$ref": "#/$defs/B"}},
               "$defs": {"B": {"items": {"$ref": "#/$defs/B"}}}, "dependencies": {"a": _UNIQUE}}
     assert _located(error, schema) == error
+
+
+def test_where_a_keyword_sits_is_cut_as_the_rest_of_the_message(llt):
+    """A place is the client's property names: a long one is cut to its ends as any text of theirs quoted back."""
+    name = "p" * 5000
+    with pytest.raises(APIError) as caught:
+        constraint_for(chat(guided_json={"type": "object", "properties": {name: _UNIQUE}}), lambda: llt)
+    message = caught.value.info.message
+    assert message.startswith('guided_json: Unimplemented keys: ["uniqueItems"] (at properties.ppp')
+    assert message.endswith("ppp)") and len(message) < 500, len(message)
 
 
 @pytest.mark.parametrize("tool_choice", [None, "auto", "none"])
