@@ -334,7 +334,8 @@ _PYDANTIC_REFUSED = {"type": "object", "required": ["uniqueItems", "tags"], "pro
     ({"guided_json": {"$defs": {"Unused": _UNIQUE, "Used": {"$ref": "#/$defs/Tags"}, "Tags": _UNIQUE},
                       "type": "object", "properties": {"s": {"type": "string"}, "x": {"$ref": "#/$defs/Used"}}}},
      'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.Tags)'),
-    ({"guided_json": {"type": "object", "properties": {"a": {"type": "string"}, "x": _UNIQUE}, "$defs": {"U": _UNIQUE}}},
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "string"}, "x": _UNIQUE},
+                      "$defs": {"U": _UNIQUE}}},
      'guided_json: Unimplemented keys: ["uniqueItems"] (at properties.x)'),
     ({"guided_json": {"$defs": {"a/b": _UNIQUE, "c d": _UNIQUE}, "type": "object", "properties": {
         "x": {"$ref": "#/%24defs/c%20d"}}}},  # a $ref is a JSON pointer in a URI fragment
