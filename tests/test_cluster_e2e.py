@@ -63,7 +63,8 @@ def test_serve_deploy_to_running_cluster_then_status_healthy(tmp_path):
     gcs_port, dash_port, http_port = free_port(), free_port(), free_port()
     config = yaml.safe_load((ROOT / "serve_config.simulated.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": http_port}
-    config["applications"][0]["args"].update(time_scale=0.05, mesh_num_cpus=0.1, num_blocks=256)
+    config["applications"][0]["args"].update(time_scale=0.05, mesh_num_cpus=0.1, num_blocks=256,
+                                              max_seq_len=16384)
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     subprocess.run([bin_dir / "ray", "start", "--head", f"--port={gcs_port}", "--num-cpus=2",
