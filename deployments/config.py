@@ -221,10 +221,10 @@ class AppConfig(BaseModel):
         # The router serves the smaller of max_seq_len and what one KV group holds: both given, a max_seq_len past
         # the blocks was cut to them without a word (num_blocks 8 and max_seq_len 8192 served 512). A Galaxy refuses
         # it below (galaxy_sizes), as vLLM refuses a max_model_len its KV cache cannot hold.
-        if self.backend != "tt_galaxy" and self.max_seq_len and self.num_blocks \
-                and self.num_blocks * self.block_size < self.max_seq_len:
+        held = (self.num_blocks or 0) * self.block_size
+        if self.backend != "tt_galaxy" and self.max_seq_len and 0 < held < self.max_seq_len:
             raise ValueError(f"num_blocks: {self.num_blocks} blocks of {self.block_size} tokens hold "
-                             f"{self.num_blocks * self.block_size} tokens, fewer than max_seq_len ({self.max_seq_len}): "
+                             f"{held} tokens, fewer than max_seq_len ({self.max_seq_len}): "
                              f"give at least {-(-self.max_seq_len // self.block_size)} (a KV group's), a smaller "
                              "max_seq_len, or leave max_seq_len out for the longest that fits")
         # at deploy time, not when every mesh replica fails to start

@@ -132,7 +132,7 @@ def _located(error: str, schema) -> str:
                 nested.append((f"{at}{key}", sub))
             elif key in _NESTED_LISTS and isinstance(sub, list):
                 nested += ((f"{at}{key}.{i}", v) for i, v in enumerate(sub))
-            elif key in _NESTED_MAPS and key not in _DEFS and isinstance(sub, dict):
+            elif key in _NESTED_MAPS and isinstance(sub, dict):
                 nested += ((f"{at}{key}.{name}", v) for name, v in sub.items())
         todo += reversed(nested)  # depth first, in the schema's order
     return error
@@ -329,7 +329,7 @@ _DEFS = ("$defs", "definitions")
 # a $ref leads).
 _NESTED = _SUBSCHEMA | {"not", "if", "then", "else"}
 _NESTED_LISTS = _SUBSCHEMA_LISTS | {"allOf"}
-_NESTED_MAPS = _SUBSCHEMA_MAPS | {"dependentSchemas"}
+_NESTED_MAPS = _SUBSCHEMA_MAPS - set(_DEFS) | {"dependentSchemas"}  # $defs: only where a $ref leads
 # What leaves a non-strict object open: properties that other subschemas name (a `properties` level's anyOf /
 # allOf mixins, a $ref's target, if/then), or keys only patterns describe (vLLM sends those to its guidance
 # backend, which leaves them open).
