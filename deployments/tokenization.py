@@ -8,7 +8,8 @@ from fastapi.responses import Response
 
 from deployments.errors import APIError
 from deployments.json_slices import Spliced
-from deployments.openai_server import OpenAIServer, check_prompt_chars, check_token_ids
+from deployments.openai_server import OpenAIServer
+from deployments.request_checks import check_prompt_chars, check_token_ids
 from deployments.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest
 
 

@@ -14,8 +14,9 @@ from deployments import ingress, openai_server
 from deployments.config import DEFAULT_MAX_REQUEST_BYTES, AppConfig
 from deployments.errors import validation_error
 from deployments.ingress import build_app
-from deployments.openai_server import INLINE_CHARS, MAX_CHARS_PER_TOKEN, chat_chars
+from deployments.openai_server import INLINE_CHARS
 from deployments.protocol import MAX_ALLOWED_TOKEN_IDS
+from deployments.request_checks import MAX_CHARS_PER_TOKEN, chat_chars
 from tests.fake_router import FakeRouter
 from tests.ingress_support import (CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, asgi_scope, assert_error,  # noqa: F401
                                    client, eos, gbnf_chain, lark_chain, make_client, post, router, tokenizer)

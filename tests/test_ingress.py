@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import ActorDiedError, RayTaskError, TaskCancelledError
 from starlette.requests import ClientDisconnect
 
-from deployments import ingress, openai_server
+from deployments import ingress, openai_server, request_checks
 from deployments.body_limit import BodyLimit
 from deployments.ingress import build_app
 from deployments.streaming import KEEPALIVE_BYTES, ChoiceText, EventStream, FirstDelta, StopStrings
@@ -1925,10 +1925,10 @@ def test_a_logit_bias_key_of_digits_is_the_id_they_spell_or_a_400(zeros, digits)
     vocab = 49152
     req = CompletionRequest(prompt="x", logit_bias={"0" * zeros + digits: 1.5})
     if int(digits) < vocab:
-        assert openai_server.logit_bias(req, vocab) == {int(digits): 1.5}
+        assert request_checks.logit_bias(req, vocab) == {int(digits): 1.5}
     else:
-        with pytest.raises(openai_server.APIError) as refused:
-            openai_server.logit_bias(req, vocab)
+        with pytest.raises(request_checks.APIError) as refused:
+            request_checks.logit_bias(req, vocab)
         assert refused.value.status == 400 and refused.value.info.param == "logit_bias"
 
 
