@@ -316,28 +316,39 @@ def load_yaml_unique_keys(stream: str | TextIO) -> object:
     without a word: `num_slots: 8` added above the shipped config's `num_slots: 32` would serve 32 slots."""
     import yaml
 
-    MERGE = object()
+    MERGE, checked = object(), set()
 
     class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
+        def flatten_mapping(self, node):
+            """Each mapping's own keys, checked before it takes a merge's (a merged mapping's are written into it,
+            and one merged is flattened first, even before it is constructed, or where it never is)."""
+            if id(node) not in checked:
+                checked.add(id(node))
+                self._refuse_duplicates(node)
+            super().flatten_mapping(node)
+
+        def _refuse_duplicates(self, node) -> None:
             seen: dict = {}
             for key_node, _ in node.value:
                 # `<<: *anchor`: its keys may be overridden here. Of two `<<`, PyYAML 6.0.4 keeps the first's keys,
                 # older ones (a plain merge.extend) the second's: a list, whose first mapping's keys win in each
                 merge = key_node.tag == "tag:yaml.org,2002:merge"
-                key = MERGE if merge else self.construct_object(key_node, deep=deep)
+                # `=`, YAML's value key: PyYAML makes it the string "=" as it merges, and has no constructor for it
+                key = (MERGE if merge else key_node.value if key_node.tag == "tag:yaml.org,2002:value"
+                       else self.construct_object(key_node))
                 try:
-                    first = seen.setdefault(key, key_node)
+                    if key not in seen:  # not a test of the nodes: an alias given twice is one node twice
+                        seen[key] = key_node
+                        continue
                 except TypeError:  # an unhashable key: the base class names it
                     continue
-                if first is not key_node:
-                    lines = f"lines {first.start_mark.line + 1} and {key_node.start_mark.line + 1}"
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"{'<<' if merge else repr(key)} is given twice ({lines}): " + (
-                            "which one's keys win depends on the YAML library's version: merge several as "
-                            "`<<: [*a, *b]` (the first's keys win)" if merge else
-                            "YAML and Serve would keep the last one without a word; give it once"), key_node.start_mark)
-            return super().construct_mapping(node, deep)
+                at = sorted({seen[key].start_mark.line + 1, key_node.start_mark.line + 1})
+                lines = f"lines {at[0]} and {at[1]}" if len(at) == 2 else f"line {at[0]}"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{'<<' if merge else repr(key)} is given twice ({lines}): " + (
+                        "which one's keys win depends on the YAML library's version: merge several as "
+                        "`<<: [*a, *b]` (the first's keys win)" if merge else
+                        "YAML and Serve would keep the last one without a word; give it once"), key_node.start_mark)
 
     return yaml.load(stream, Loader=UniqueKeyLoader)
 

@@ -1,5 +1,6 @@
 """A wrong serve_config.yaml fails at deploy time with a message naming the key."""
 import errno
+import re
 import socket
 from pathlib import Path
 
@@ -822,6 +823,41 @@ def test_a_second_merge_or_an_unhashable_key_is_named(tmp_path, text, error):
     from deployments.config import load_yaml_unique_keys
 
     assert load_yaml_unique_keys("a: &a {x: 1}\nc: &c {x: 2, z: 3}\nb:\n  <<: [*a, *c]\n")["b"] == {"x": 1, "z": 3}
+
+
+# A preset anchored inside a merge (`<<: &small {<<: *galaxy, max_seq_len: 8192}`) and used again whole: merging it
+# rewrote its keys (the preset's, then its own) before it was constructed, and its override read as a key given twice
+PRESET = ("applications:\n- name: a\n  args:\n    <<: &small\n      <<: &galaxy {num_slots: 32, max_seq_len: 131072}\n"
+          "      max_seq_len: 8192\n    num_meshes: 2\n- name: b\n  args: *small\n")
+
+
+def test_a_merged_mapping_used_again_whole_is_no_duplicate():
+    from deployments.config import load_yaml_unique_keys
+
+    assert load_yaml_unique_keys(PRESET) == yaml.safe_load(PRESET)
+    assert load_yaml_unique_keys(PRESET)["applications"][1]["args"] == {"num_slots": 32, "max_seq_len": 8192}
+
+
+@pytest.mark.parametrize("text, error", [
+    # a mapping only merged (never constructed on its own): its duplicate reached the merge as two keys, the last kept
+    ("args:\n  <<: &p\n    num_slots: 8\n    num_slots: 32\n", "'num_slots' is given twice (lines 3 and 4)"),
+    # the same alias twice is the same key node: taken as one key
+    ("&k num_slots: 8\n*k : 32\n", "'num_slots' is given twice (line 1)"),
+    ("a: {1: x, true: y}\n", "True is given twice (line 1)"),  # one key to a dict, as yes and true are
+])
+def test_a_duplicate_merged_or_aliased_is_named(text, error):
+    from deployments.config import load_yaml_unique_keys
+
+    with pytest.raises(yaml.YAMLError, match=re.escape(error)):
+        load_yaml_unique_keys(text)
+
+
+def test_yamls_value_key_is_a_string_key():
+    """`=` is YAML's value key, which PyYAML takes as the string "=" (the check constructed it as a tag it has no
+    constructor for)."""
+    from deployments.config import load_yaml_unique_keys
+
+    assert load_yaml_unique_keys("=: 1\nb: 2\n") == yaml.safe_load("=: 1\nb: 2\n") == {"=": 1, "b": 2}
 
 
 def test_a_misspelt_serve_key_is_named_not_ignored(tmp_path):
