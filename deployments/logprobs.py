@@ -61,12 +61,11 @@ class LogprobsRenderer:
         return ChatLogprobs.model_construct(content=lists.mark(
             lps, lambda part: dump(self.chat(part, as_ids).content), b","))
 
-    def completion(self, lps: list[TokenLogprobs], offsets: list[int],
-                             as_ids: bool = False) -> CompletionLogprobs:
+    def completion(self, lps: list[TokenLogprobs], offsets: list[int], as_ids: bool = False) -> CompletionLogprobs:
         return CompletionLogprobs(**self._completion_lists(lps, offsets, as_ids))
 
     def spliced_completion(self, lps: Sequence[TokenLogprobs], offsets: list[int], as_ids: bool,
-                                     lists: Spliced) -> CompletionLogprobs:
+                           lists: Spliced) -> CompletionLogprobs:
         """A whole answer's logprobs, as spliced_chat holds them; each list made and validated a slice per
         call (its lists of a whole answer were 8,192 dicts at once, each tracked by the GC), as
         CompletionLogprobs(...) validates it whole."""
@@ -97,7 +96,7 @@ class LogprobsRenderer:
                                              for lp in lps]}
 
     def prompt(self, scores: PromptScores, k: int, as_ids: bool = False,
-                           positions: range | None = None) -> PromptLogprobs:
+               positions: range | None = None) -> PromptLogprobs:
         """vLLM's prompt_logprobs (of `positions`, default all): None for the first token, then per token {id: its
         logprob, rank, decoded_token} and the k likeliest, ranked 1..k (the prompt token's entry is theirs when it is
         among them, as in vLLM)."""

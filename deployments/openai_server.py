@@ -852,7 +852,7 @@ class OpenAIServer:
                                           prompt_token_ids=prep.prompt_ids if ids else None)
         if reply.prompt_logprobs is not None and totals and totals[0].prompt_logprobs is not None:
             envelope.prompt_logprobs = self.logprobs.spliced_prompt(totals[0].prompt_logprobs,
-                                                                     reply.prompt_logprobs, as_ids, lists)
+                                                                    reply.prompt_logprobs, as_ids, lists)
         return lists.fill(_with_choices(envelope.model_dump_json(warnings=False).encode(),
                                         [c.model_dump_json(warnings=False).encode() for c in choices]))
 
@@ -873,8 +873,8 @@ class OpenAIServer:
                                       prompt_token_ids=prep.prompt_ids if ids else None,
                                       token_ids=t.token_ids if ids else None)
             if reply.prompt_logprobs is not None and t.prompt_logprobs is not None:  # set, not validated: ours
-                choice.prompt_logprobs = self.logprobs.spliced_prompt(t.prompt_logprobs, reply.prompt_logprobs, as_ids,
-                                                                       lists)
+                choice.prompt_logprobs = self.logprobs.spliced_prompt(t.prompt_logprobs, reply.prompt_logprobs,
+                                                                      as_ids, lists)
             choices.append(choice)
         envelope = CompletionResponse(id=preps[0].id, created=preps[0].created, model=self.model, choices=[],
                                       usage=usage)
