@@ -144,8 +144,8 @@ def _pointed(schema, ref: str) -> list[tuple[str, object]]:
     if ref != "#" and not ref.startswith("#/"):
         return []
     value, names = schema, []
-    for part in ref[2:].split("/") if ref != "#" else ():
-        name = unquote(part).replace("~1", "/").replace("~0", "~")
+    for part in unquote(ref[2:]).split("/") if ref != "#" else ():  # decoded, then split (RFC 6901 6., llguidance)
+        name = part.replace("~1", "/").replace("~0", "~")
         if isinstance(value, dict) and name in value:
             value = value[name]
         elif isinstance(value, list) and name.isdigit() and int(name) < len(value):

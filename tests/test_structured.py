@@ -340,6 +340,10 @@ _PYDANTIC_REFUSED = {"type": "object", "required": ["uniqueItems", "tags"], "pro
     ({"guided_json": {"$defs": {"a/b": _UNIQUE, "c d": _UNIQUE}, "type": "object", "properties": {
         "x": {"$ref": "#/%24defs/c%20d"}}}},  # a $ref is a JSON pointer in a URI fragment
      'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.c d)'),
+    # the fragment is decoded before it is split (RFC 6901 6., as llguidance reads it): %2F is a `/` between names
+    ({"guided_json": {"$defs": {"a/b": _UNIQUE, "a": {"b": _UNIQUE}}, "type": "object", "properties": {
+        "x": {"$ref": "#/$defs/a%2Fb"}}}},
+     'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.a.b)'),
     ({"guided_json": {"$defs": {"T": {"anyOf": [{"type": "string"}, _UNIQUE]}}, "type": "object",
                       "properties": {"x": {"$ref": "#/$defs/T/anyOf/1"}}}},
      'guided_json: Unimplemented keys: ["uniqueItems"] (at $defs.T.anyOf.1)'),
