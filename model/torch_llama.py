@@ -11,6 +11,7 @@ several times faster on CPU than multi-dimensional advanced indexing.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from model.config import LlamaConfig
 from model.sampler import score_prompt
 from model.weights import load_weights
 from scheduler.sampling import PromptLogprobs, SamplingParams
+
+log = logging.getLogger("ray.serve")
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -219,21 +222,33 @@ class TorchBackend(Backend):
                  num_blocks: int | None = None, max_seq_len: int | None = None,
                  dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                  kv_cache_gb: float = 1.0):
-        """num_blocks defaults to every slot at max_seq_len, capped at `kv_cache_gb` of cache. Raises ValueError
-        naming num_slots past MAX_NUM_SLOTS, or num_blocks whose cache would not fit the device's memory (a mistyped
-        size was the allocator's error naming nothing, or the mesh killed for memory and restarted, again)."""
+        """num_blocks defaults to every slot at max_seq_len, capped at `kv_cache_gb` of cache, but never below one
+        sequence of a max_seq_len given (as vLLM refuses a max_model_len its KV cache cannot hold, not serve a shorter
+        one): a larger model's 8,192 tokens were cut to what 1 GiB holds without a word. With max_seq_len left to the
+        model's max_position_embeddings, the cap stands and a warning says the context served. Raises ValueError
+        naming num_slots past MAX_NUM_SLOTS, or num_blocks (max_seq_len, when num_blocks is its default) whose cache
+        would not fit the device's memory (a mistyped size was the allocator's error naming nothing, or the mesh
+        killed for memory and restarted, again)."""
         check_num_slots(num_slots)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.cfg = cfg = LlamaConfig.from_dir(model_dir)
-        max_seq_len = max_seq_len or cfg.max_position_embeddings
+        asked, max_seq_len = max_seq_len is not None, max_seq_len or cfg.max_position_embeddings
         block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * block_size * cfg.head_dim * dtype.itemsize
+        field = "num_blocks: "
         if num_blocks is None:
-            every_slot_full = num_slots * -(-max_seq_len // block_size)
-            num_blocks = max(1, min(every_slot_full, int(kv_cache_gb * 2**30) // block_bytes))
+            one_sequence = -(-max_seq_len // block_size)
+            num_blocks = max(1, min(num_slots * one_sequence, int(kv_cache_gb * 2**30) // block_bytes))
+            if asked and num_blocks < one_sequence:
+                num_blocks, field = one_sequence, f"max_seq_len: {max_seq_len} tokens need "
+            elif num_blocks < one_sequence:
+                log.warning("KV cache: %d blocks (%.1f GiB, the default cap) hold %d tokens, fewer than the model's "
+                            "max_position_embeddings %d: a request's prompt and answer may take %d tokens in all; set "
+                            "max_seq_len (or num_blocks) for more", num_blocks, num_blocks * block_bytes / 2**30,
+                            num_blocks * block_size, max_seq_len, num_blocks * block_size)
         memory = _memory_bytes(self.device)
         if num_blocks * block_bytes > memory:
-            raise ValueError(f"num_blocks: {num_blocks} blocks of {block_bytes} B is {num_blocks * block_bytes / 2**30:.1f}"
+            raise ValueError(f"{field}{num_blocks} blocks of {block_bytes} B is {num_blocks * block_bytes / 2**30:.1f}"
                              f" GiB of KV cache, more than the {memory / 2**30:.1f} GiB of memory {self.device} has")
         self.model = load_transformer(model_dir, cfg, dtype, self.device)
         # Zeros, not empty: masked-out keys still meet the values in the matmul, and 0 * NaN is NaN.

@@ -1,4 +1,6 @@
 """The torch backend's paged-cache behaviour on a tiny random model: chunked prefill, decode, batching."""
+import logging
+
 import pytest
 import torch
 
@@ -156,10 +158,31 @@ def test_capabilities_and_default_pool(model_dir):
     block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * BLOCK * cfg.head_dim * 4
     roomy = make_backend(model_dir, num_blocks=None, kv_cache_gb=1.0)
     assert roomy.caps.num_blocks == 4 * (256 // BLOCK)  # every slot at max_seq_len fits
-    tight = make_backend(model_dir, num_blocks=None, kv_cache_gb=10 * block_bytes / 2**30)
-    assert tight.caps.num_blocks == 10 and tight.kv_cache.shape[2] == 10
+    capped = make_backend(model_dir, num_blocks=None, kv_cache_gb=20 * block_bytes / 2**30)
+    assert capped.caps.num_blocks == 20 and capped.kv_cache.shape[2] == 20  # more than one sequence, fewer than 4
     assert roomy.caps.device_sampling == frozenset() and roomy.caps.eos_token_ids == (2,)
     assert not roomy.can_sample(SamplingParams(temperature=0))
+
+
+def test_a_max_seq_len_asked_is_held_past_the_default_cap(model_dir):
+    """A larger model's max_seq_len (8,192 tokens) was cut to what the default 1 GiB of cache holds, without a word:
+    the cap now yields to one sequence of a max_seq_len given (vLLM refuses a max_model_len its cache cannot hold). Left
+    to the model's max_position_embeddings, the cap stands, and a warning says the context it holds."""
+    cfg = LlamaConfig.from_dir(model_dir)
+    block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * BLOCK * cfg.head_dim * 4
+    tight = make_backend(model_dir, num_blocks=None, kv_cache_gb=10 * block_bytes / 2**30)
+    assert tight.caps.num_blocks == 256 // BLOCK and tight.kv_cache.shape[2] == 256 // BLOCK
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("ray.serve").addHandler(handler)
+    try:
+        unasked = make_backend(model_dir, num_blocks=None, max_seq_len=None, kv_cache_gb=10 * block_bytes / 2**30)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    assert unasked.caps.num_blocks == 10 and unasked.caps.max_seq_len == cfg.max_position_embeddings
+    assert [r.getMessage() for r in records if "KV cache" in r.getMessage() and f"take {10 * BLOCK} tokens" in
+            r.getMessage() and "set max_seq_len" in r.getMessage()], [r.getMessage() for r in records]
 
 
 def test_sizes_past_the_slot_ceiling_or_the_memory_are_refused_naming_the_field(model_dir):
@@ -173,6 +196,8 @@ def test_sizes_past_the_slot_ceiling_or_the_memory_are_refused_naming_the_field(
         make_backend(model_dir, num_slots=1024)
     with pytest.raises(ValueError, match="^num_blocks: .* more than the .* GiB of memory cpu has"):
         make_backend(model_dir, num_blocks=2 * memory // block_bytes)
+    with pytest.raises(ValueError, match=r"^max_seq_len: \d+ tokens need \d+ blocks .* GiB of memory cpu has"):
+        make_backend(model_dir, num_blocks=None, max_seq_len=2 * memory // block_bytes * BLOCK)
     assert make_backend(model_dir, num_slots=256).caps.num_slots == 256
 
 
