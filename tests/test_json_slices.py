@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from unittest import mock
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 from deployments import json_slices
 from deployments.json_slices import Spliced
 from deployments.protocol import AssistantMessage, ChatChoice, CompletionChoice
-from scheduler.sampling import TokenLogprobs
+from deployments.streaming import PromptScores
+from scheduler.sampling import PromptLogprobs, TokenLogprobs
 from tests.fake_router import FakeRouter
 from tests.ingress_support import make_client, tokenizer  # noqa: F401
 
@@ -66,3 +68,38 @@ def test_a_whole_answers_logprobs_are_what_one_pydantic_dump_writes(server, lps,
     chat.logprobs = server.logprobs.chat(lps, as_ids)
     completion.logprobs = server.logprobs.completion(lps, offsets, as_ids)
     assert sliced == [c.model_dump_json().encode() for c in (chat, completion)]
+
+
+PROMPT_LOGPROB = st.floats(width=32) | st.integers(-5, 0)  # the mesh sends float32
+
+
+@st.composite
+def prompt_scores(draw) -> PromptScores:
+    """A prompt's scores as the meshes send them: its positions after the first, each with k alternatives."""
+    n, k = draw(st.integers(1, 20)), draw(st.integers(0, 4))
+    scores = PromptScores(draw(st.lists(st.integers(0, 49_151), min_size=n, max_size=n)), k)
+    if n > 1:
+        row = st.lists(PROMPT_LOGPROB, min_size=k, max_size=k)
+        def rows(of):  # a value per scored position (all but the first)
+            return draw(st.lists(of, min_size=n - 1, max_size=n - 1))
+        ids = st.lists(st.integers(0, 49_151), min_size=k, max_size=k)
+        scores.add(PromptLogprobs(1, np.array(rows(PROMPT_LOGPROB), np.float32),
+                                  np.array(rows(st.integers(1, 49_152)), np.int32),
+                                  np.array(rows(ids), np.int32).reshape(n - 1, k),
+                                  np.array(rows(row), np.float32).reshape(n - 1, k)))
+    return scores
+
+
+@settings(max_examples=100, deadline=None)
+@given(scores=prompt_scores(), data=st.data(), as_ids=st.booleans(), size=st.integers(1, 7))
+def test_a_whole_answers_prompt_logprobs_are_what_one_pydantic_dump_writes(server, scores, data, as_ids, size):
+    """A whole answer's prompt_logprobs, written a slice of positions at a time, are byte for byte those of one
+    dump (position 0's None once, at the start, whatever slice a position falls in)."""
+    k = data.draw(st.integers(0, scores.top_ids.shape[1]))
+    with mock.patch.object(json_slices, "SLICE", size):
+        lists = Spliced()
+        choice = CompletionChoice(index=0, text="hi", finish_reason="stop")
+        choice.prompt_logprobs = server.logprobs.spliced_prompt(scores, k, as_ids, lists)
+        sliced = lists.fill(choice.model_dump_json(warnings=False).encode())
+    choice.prompt_logprobs = server.logprobs.prompt(scores, k, as_ids)
+    assert sliced == choice.model_dump_json().encode()

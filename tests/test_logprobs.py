@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from pydantic import BaseModel
 
-from scheduler.sampling import PackedLogprobs, TokenLogprobs
+from deployments.streaming import PromptScores
+from scheduler.sampling import PackedLogprobs, PromptLogprobs, TokenLogprobs
 
 from tests.ingress_support import ANSWER, CHAT, COMPLETION, client, eos, router, sse, tokenizer  # noqa: F401
 
@@ -263,3 +265,43 @@ def test_sentencepiece_tokens_keep_their_leading_spaces(tmp_path):
     content = chat["choices"][0]["logprobs"]["content"]
     assert [e["token"] for e in content[:-1]] == tokens
     assert all(e["token"].encode() == bytes(e["bytes"]) for e in content)
+
+
+def scored(prompt: list[int], rows: list[tuple[float, int, list[tuple[int, float]]]]) -> PromptScores:
+    """The PromptScores of `prompt` whose positions after the first have these (logprob, rank, [(top id, its
+    logprob), ...]), as a mesh sends them."""
+    scores = PromptScores(prompt, len(rows[0][2]))
+    scores.add(PromptLogprobs(1, np.array([lp for lp, _, _ in rows], np.float32),
+                              np.array([rank for _, rank, _ in rows], np.int32),
+                              np.array([[t for t, _ in top] for _, _, top in rows], np.int32),
+                              np.array([[p for _, p in top] for _, _, top in rows], np.float32)))
+    return scores
+
+
+def test_prompt_logprobs_give_k_alternatives_each_ranked_by_its_place(client, tokenizer):
+    """vLLM's prompt_logprobs of a prompt scored with more alternatives than asked (echo's logprobs 3 beside
+    prompt_logprobs 2 score it once, with 3): k each, ranked 1..k; a prompt token among them has their entry, its rank
+    there even where it ties with one above it (vLLM's dict: the prompt token first, then the k likeliest over it);
+    -inf is -9999.0, as JSON has no infinity; return_tokens_as_token_ids names each token "token_id:<id>"."""
+    logprobs, name = client.app.state.server.logprobs, tokenizer.decode
+    scores = scored([40, 41, 42], [(-0.5, 2, [(41, -0.5), (43, -0.5), (44, -2.0)]),
+                                   (float("-inf"), 900, [(43, -1.0), (44, float("-inf")), (45, float("-inf"))])])
+    got = logprobs.prompt(scores, 2)
+    assert got == [None,
+                   {"41": {"logprob": -0.5, "rank": 1, "decoded_token": name([41])},
+                    "43": {"logprob": -0.5, "rank": 2, "decoded_token": name([43])}},
+                   {"42": {"logprob": -9999.0, "rank": 900, "decoded_token": name([42])},
+                    "43": {"logprob": -1.0, "rank": 1, "decoded_token": name([43])},
+                    "44": {"logprob": -9999.0, "rank": 2, "decoded_token": name([44])}}]
+    assert [list(entry) for entry in got[1:]] == [["41", "43"], ["42", "43", "44"]]
+    named = logprobs.prompt(scores, 2, as_ids=True)
+    assert [e["decoded_token"] for entry in named[1:] for e in entry.values()] == [
+        "token_id:41", "token_id:43", "token_id:42", "token_id:43", "token_id:44"]
+
+
+def test_a_token_that_is_u_fffd_itself_keeps_its_text(client, tokenizer):
+    """A token whose bytes are U+FFFD's own (SmolLM2 has one) is a whole character: completions name it by its text;
+    "bytes:..." names only a character's incomplete part."""
+    (fffd,) = tokenizer.encode("\ufffd")
+    lp = client.app.state.server.logprobs.completion([TokenLogprobs(fffd, -0.5, [(fffd, -0.5)])], [0])
+    assert lp.tokens == ["\ufffd"] and lp.top_logprobs == [{"\ufffd": -0.5}]
