@@ -40,6 +40,7 @@ def test_wrong_config_names_the_key(args, key):
     ("max_request_bytes", 1023, 1024, {}),
     ("time_scale", 0.0, 0.001, {"backend": "simulated"}),
     ("num_layers", 0, 1, GALAXY),
+    ("num_layers", 81, 80, GALAXY),  # Llama 3 70B's 80 layers
     ("min_step_deadline_s", 0.99, 1.0, {}),
     ("stream_interval_ms", 1000.5, 1000.0, {}),
     ("prefill_chunk", 127, 128, {}),
@@ -80,6 +81,17 @@ def test_a_max_seq_len_its_blocks_cannot_hold_fails_at_deploy(backend):
         AppConfig(backend=backend, num_blocks=126, max_seq_len=8100)
     assert AppConfig(backend=backend, num_blocks=127, max_seq_len=8100).num_blocks == 127
     assert AppConfig(backend=backend, num_blocks=8).max_seq_len is None
+
+
+def test_a_galaxys_blocks_too_few_for_max_seq_len_are_named_by_its_own_rule():
+    """A Galaxy column's cache holds max_seq_len + 128 tokens, block 0 spare: for 8192 it needs 129 blocks of 64, so
+    the torch and simulated rule's "give at least 128" would send a user to a second refusal."""
+    for blocks in (100, 128):
+        with pytest.raises(ValidationError, match=f"num_blocks {blocks} is too few for max_seq_len 8192: a column's "
+                                                  "cache must hold 8320 tokens") as err:
+            AppConfig(**GALAXY, num_blocks=blocks, max_seq_len=8192)
+        assert "give at least" not in str(err.value)
+    assert AppConfig(**GALAXY, num_blocks=129, max_seq_len=8192).num_blocks == 129
 
 
 @pytest.mark.parametrize("args,key", [
@@ -802,16 +814,21 @@ def test_a_key_given_twice_is_named_not_overridden(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(shipped.replace("      num_slots: 32", "      num_slots: 8\n      num_slots: 32"))
     (error,) = check_serve_config(str(path))
-    assert error.startswith(f"{path}: 'num_slots' is given twice (lines 19 and 20)"), error
+    assert error.startswith(f"{path}: 'num_slots' is given twice (lines 19 and 20): YAML and Serve would keep the "
+                            "last one without a word; give it once"), error
+    assert f'in "{path}", line 20, column 7' in error  # YAML's pointer: at the second
     from deployments.config import load_yaml_unique_keys
 
     assert load_yaml_unique_keys("a: &a {x: 1, y: 2}\nb: {<<: *a, x: 3}\n") == {"a": {"x": 1, "y": 2},
                                                                           "b": {"x": 3, "y": 2}}
+    # a quoted "<<" is a plain key, not a merge: beside one, neither is given twice
+    assert load_yaml_unique_keys('a: &a {x: 1}\nb: {"<<": 0, <<: *a}\n')["b"] == {"<<": 0, "x": 1}
 
 
 @pytest.mark.parametrize("text, error", [
     # PyYAML 6.0.4 keeps the first's `x`, older ones the second's: a list says which wins
-    ("a: &a {x: 1}\nc: &c {x: 2}\nb:\n  <<: *a\n  <<: *c\n", "<< is given twice (lines 4 and 5): "),
+    ("a: &a {x: 1}\nc: &c {x: 2}\nb:\n  <<: *a\n  <<: *c\n", "<< is given twice (lines 4 and 5): which one's keys win "
+     "depends on the YAML library's version: merge several as `<<: [*a, *b]` (the first's keys win)"),
     ("? [1]\n: a\n", "found unhashable key"),  # a message, not a TypeError out of the check
 ])
 def test_a_second_merge_or_an_unhashable_key_is_named(tmp_path, text, error):
