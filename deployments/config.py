@@ -406,7 +406,7 @@ def check_serve_config(path: str, notes: list[str] | None = None, port_free: boo
             config = AppConfig.model_validate(app.get("args") or {})
         except ValidationError as e:
             errors += [f"{where}, {'.'.join(['args', *map(str, err['loc'])])}: "
-                       f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
+                       f"{err['msg'].removeprefix('Value error, ')}{did_you_mean(err)}" for err in e.errors()]
             continue
         wrong = check_deployments(config, app.get("deployments"))
         errors += [f"{where}, {problem}" for problem in wrong]
@@ -535,6 +535,18 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
                                     "Serve reserves 1 CPU (ray/serve/_private/config.py), and the torch backend runs "
                                     "on one thread")
     return problems
+
+
+def did_you_mean(error: dict) -> str:
+    """For a misspelt key of `args` (pydantic's extra_forbidden), the key it likely meant: `decode_step: 4` got only
+    "Extra inputs are not permitted", which leaves the user to find the spelling in the README's table. "" for any
+    other error, or a key like none."""
+    import difflib
+
+    if error["type"] != "extra_forbidden" or len(error["loc"]) != 1:
+        return ""
+    close = difflib.get_close_matches(str(error["loc"][0]), AppConfig.model_fields, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def unknown_keys(options: object, schema, where: str, what: str) -> list[str]:
