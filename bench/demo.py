@@ -297,13 +297,14 @@ def open_backend(args: argparse.Namespace, settings: Settings) -> tuple[Backend,
 
         model_dir = model_dir or ensure_smollm2()
         # The presets' 128k is Llama 3.3's context: a CPU model runs at its own unless told, and is told no more
-        # (past max_position_embeddings its rope was never trained; the serve app and vLLM refuse it too).
+        # (past max_position_embeddings its rope was never trained; the serve app and vLLM refuse it too). Its own
+        # goes as None, not as a length asked: the backend holds a sequence of one asked past its default cache cap.
         context = LlamaConfig.from_dir(model_dir).max_position_embeddings
         if args.max_seq_len is not None and args.max_seq_len > context:
             raise SystemExit(f"--max-seq-len {args.max_seq_len} is beyond the model's context ({context} tokens, "
                              "max_position_embeddings)")
         backend = TorchBackend(model_dir, num_slots=settings.batch_size, block_size=settings.block_size,
-                               num_blocks=settings.max_blocks, max_seq_len=min(settings.max_seq_len, context))
+                               num_blocks=settings.max_blocks, max_seq_len=args.max_seq_len)
         return backend, load_tokenizer(model_dir)
     if settings.batch_size > GALAXY_SLOTS:
         raise SystemExit(f"a Galaxy decodes at most {GALAXY_SLOTS} users; --batch-size {settings.batch_size}")

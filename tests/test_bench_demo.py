@@ -270,6 +270,32 @@ def test_a_torch_model_is_held_to_its_own_context(tmp_path, tiny_model):
         demo.main([*run, "--max-seq-len", "8192"])
 
 
+def test_the_torch_demo_keeps_the_default_cache_unless_given_a_length(monkeypatch, capsys, prompt_file, tiny_model):
+    """The demo gave the torch backend the model's whole context as a max_seq_len asked (the presets' 128k, cut to
+    it), which the backend now holds past its 1 GiB default cap: a 128k-context model's cache, 8 GiB for a 1B in
+    fp32, taken without --max-seq-len, or a refusal naming a max_seq_len never given. Unless told a length, the cap
+    stands (the backend warns of the context it holds); told one, the cache holds a sequence of it."""
+    from model import torch_llama
+    from model.config import LlamaConfig
+
+    cfg = LlamaConfig.from_dir(tiny_model)
+    block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * 64 * cfg.head_dim * 4
+    built = []
+
+    class Capped(torch_llama.TorchBackend):  # a cap of 16 blocks (1,024 tokens), under the model's 4,096
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, kv_cache_gb=16 * block_bytes / 2**30, **kwargs)
+            built.append(self.caps)
+
+    monkeypatch.setattr(torch_llama, "TorchBackend", Capped)
+    run = ["--backend", "torch", "--model", str(tiny_model), "--input-prompts", str(prompt_file), "--batch-size", "1",
+           "--max-generated-tokens", "2"]
+    assert run_json(capsys, *run)["settings"]["max_seq_len"] == 4096
+    assert (built[-1].num_blocks, built[-1].max_seq_len) == (16, 4096)
+    run_json(capsys, *run, "--max-seq-len", "2048")
+    assert (built[-1].num_blocks, built[-1].max_seq_len) == (2048 // 64, 2048)
+
+
 def test_users_of_one_batch_share_no_prefix_cache(monkeypatch):
     """The Galaxy demo prefills every user in full (a page table each, no prefix cache). Users of one batch with the
     same prompt (performance-long-16k-b32: 8 users per context length; any file shorter than the batch) hit the
