@@ -539,14 +539,18 @@ def check_deployments(config: AppConfig, deployments: object) -> list[str]:
 
 def did_you_mean(error: dict) -> str:
     """For a misspelt key of `args` (pydantic's extra_forbidden), the key it likely meant: `decode_step: 4` got only
-    "Extra inputs are not permitted", which leaves the user to find the spelling in the README's table. "" for any
-    other error, or a key like none."""
+    "Extra inputs are not permitted", which leaves the user to find the spelling in the README's table. Every key
+    about as near as the nearest: `step_deadline` is min_step_deadline_s or step_deadline_factor, and naming one
+    alone would send a user who meant the other to set it. "" for any other error, or a key like none."""
     import difflib
 
     if error["type"] != "extra_forbidden" or len(error["loc"]) != 1:
         return ""
-    close = difflib.get_close_matches(str(error["loc"][0]), AppConfig.model_fields, n=1, cutoff=0.75)
-    return f" (did you mean {close[0]}?)" if close else ""
+    key = str(error["loc"][0])
+    near = sorted(((difflib.SequenceMatcher(None, key, name).ratio(), name) for name in AppConfig.model_fields),
+                  key=lambda scored: -scored[0])
+    close = [name for ratio, name in near if ratio >= max(0.75, near[0][0] - 0.1)]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def unknown_keys(options: object, schema, where: str, what: str) -> list[str]:

@@ -230,15 +230,18 @@ def test_a_malformed_runtime_env_is_named_not_a_traceback(tmp_path, runtime_env)
 
 def test_a_misspelt_key_names_the_key_it_likely_meant(tmp_path):
     """`decode_step: 4` (for decode_steps) was only "Extra inputs are not permitted": the check names the near key,
-    and leaves a key like none as it was."""
-    args = {"backend": "simulated", "decode_step": 4, "max_seq_length": 4096, "bogus_key": 1}
+    and leaves a key like none as it was. A key about as near two (`step_deadline`) names both: it named only
+    min_step_deadline_s, seconds, to a user who may have meant step_deadline_factor."""
+    args = {"backend": "simulated", "decode_step": 4, "max_seq_length": 4096, "bogus_key": 1, "step_deadline": 3}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"applications": [{"name": "m", "import_path": "deployments.app:build",
                                                       "args": args}]}))
     assert sorted(check_serve_config(str(path))) == [
         f"{path}: application 'm', args.bogus_key: Extra inputs are not permitted",
         f"{path}: application 'm', args.decode_step: Extra inputs are not permitted (did you mean decode_steps?)",
-        f"{path}: application 'm', args.max_seq_length: Extra inputs are not permitted (did you mean max_seq_len?)"]
+        f"{path}: application 'm', args.max_seq_length: Extra inputs are not permitted (did you mean max_seq_len?)",
+        f"{path}: application 'm', args.step_deadline: Extra inputs are not permitted (did you mean min_step_deadline_s "
+        "or step_deadline_factor?)"]
 
 
 def test_a_config_the_backend_would_ignore_or_misread_is_refused():
