@@ -316,9 +316,9 @@ def build_app(router: RouterClient, tokenizer: Tokenizer, served_model_name: str
             return unreadable_body(exc.__cause__).response()
         headers, message = exc.headers, str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":  # no route: a mistyped path got a bare "Not Found"
-            # a path under /v1 (/v1/embeddings) was told "the API is under /v1", which it is
+            # a path under /v1 (/v1/embeddings), or /v1 itself, was told "the API is under /v1", which it is
             paths = "/v1/chat/completions, /v1/completions, /v1/responses, /v1/models"
-            v1 = request.url.path.startswith("/v1/")
+            v1 = request.url.path == "/v1" or request.url.path.startswith("/v1/")
             where = f"the API's paths are {paths}" if v1 else f"the API is under /v1 ({paths})"
             message = f"{request.method} {quoted(request.url.path)} is not served here: {where}"
         if exc.status_code == 405:  # Starlette's Allow names the first route at the path only (GET+POST /tokenize)

@@ -806,6 +806,8 @@ def test_an_unknown_route_names_the_path_and_where_the_api_is(client):
     assert "/v1/chat/completions" in error["message"]
     error = assert_error(client.post("/v1/embeddings", json={"input": "hi"}), 404)  # not "the API is under /v1"
     assert error["message"].startswith("POST /v1/embeddings is not served here: the API's paths are /v1/chat/")
+    error = assert_error(client.get("/v1"), 404)  # a base URL probed: it is /v1, told "the API is under /v1"
+    assert error["message"].startswith("GET /v1 is not served here: the API's paths are /v1/chat/")
     error = assert_error(client.post("/chat/completions", json=CHAT), 404)
     assert error["message"].startswith("POST /chat/completions is not served here: the API is under /v1")
     error = assert_error(client.get("/models"), 404)  # the method the client used, whichever it was
