@@ -95,12 +95,11 @@ class LogprobsRenderer:
                                              {**{name(t): p for t, p in lp.top}, name(lp.token_id): lp.logprob}
                                              for lp in lps]}
 
-    def prompt(self, scores: PromptScores, k: int, as_ids: bool = False,
-               positions: range | None = None) -> PromptLogprobs:
+    def prompt(self, scores: PromptScores, k: int, positions: range | None = None) -> PromptLogprobs:
         """vLLM's prompt_logprobs (of `positions`, default all): None for the first token, then per token {id: its
         logprob, rank, decoded_token} and the k likeliest, ranked 1..k (the prompt token's entry is theirs when it is
-        among them, as in vLLM)."""
-        name = (lambda t: f"token_id:{t}") if as_ids else self._token
+        among them, as in vLLM). decoded_token is the text even with return_tokens_as_token_ids, as in vLLM (which
+        passes the engine's prompt_logprobs on as they are): the entry's key is its id already."""
         ids = scores.prompt_ids
         at = positions if positions is not None else range(len(ids))
         part = slice(at.start, at.stop)
@@ -113,18 +112,18 @@ class LogprobsRenderer:
             if i == 0:
                 out.append(None)
                 continue
-            entry = {str(ids[i]): {"logprob": lps[j], "rank": ranks[j], "decoded_token": name(ids[i])}}
+            entry = {str(ids[i]): {"logprob": lps[j], "rank": ranks[j], "decoded_token": self._token(ids[i])}}
             for rank, (t, p) in enumerate(zip(top_ids[j], top_lps[j]), 1):
-                entry[str(t)] = {"logprob": p, "rank": rank, "decoded_token": name(t)}
+                entry[str(t)] = {"logprob": p, "rank": rank, "decoded_token": self._token(t)}
             out.append(entry)
         return out
 
-    def spliced_prompt(self, scores: PromptScores, k: int, as_ids: bool, lists: Spliced) -> str:
+    def spliced_prompt(self, scores: PromptScores, k: int, lists: Spliced) -> str:
         """A whole answer's prompt_logprobs, as spliced_chat holds its logprobs: a 128k-token prompt with
         k = 20 is 2.7 million entries, made and written a slice of positions at a time."""
         dump = field_dump(CompletionChoice, "prompt_logprobs")
         return lists.mark(range(len(scores.prompt_ids)),
-                          lambda part: dump(self.prompt(scores, k, as_ids, part)), b",")
+                          lambda part: dump(self.prompt(scores, k, part)), b",")
 
     def _completion_token(self, token_id: int) -> str:
         """The token's text; for a token that is part of a character (an emoji is often 2-4 tokens) its bytes,

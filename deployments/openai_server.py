@@ -852,7 +852,7 @@ class OpenAIServer:
                                           prompt_token_ids=prep.prompt_ids if ids else None)
         if reply.prompt_logprobs is not None and totals and totals[0].prompt_logprobs is not None:
             envelope.prompt_logprobs = self.logprobs.spliced_prompt(totals[0].prompt_logprobs,
-                                                                    reply.prompt_logprobs, as_ids, lists)
+                                                                    reply.prompt_logprobs, lists)
         return lists.fill(_with_choices(envelope.model_dump_json(warnings=False).encode(),
                                         [c.model_dump_json(warnings=False).encode() for c in choices]))
 
@@ -874,7 +874,7 @@ class OpenAIServer:
                                       token_ids=t.token_ids if ids else None)
             if reply.prompt_logprobs is not None and t.prompt_logprobs is not None:  # set, not validated: ours
                 choice.prompt_logprobs = self.logprobs.spliced_prompt(t.prompt_logprobs, reply.prompt_logprobs,
-                                                                      as_ids, lists)
+                                                                      lists)
             choices.append(choice)
         envelope = CompletionResponse(id=preps[0].id, created=preps[0].created, model=self.model, choices=[],
                                       usage=usage)
@@ -988,7 +988,7 @@ class OpenAIServer:
                                    logprobs=self.logprobs.completion(lps[:], offsets, as_ids) if logprobs else None,
                                    prompt_token_ids=prompt, token_ids=d.token_ids if ids else None)
             if reply.prompt_logprobs is not None and d.prompt_logprobs is not None:  # the choice's first chunk
-                out.prompt_logprobs = self.logprobs.prompt(d.prompt_logprobs, reply.prompt_logprobs, as_ids)
+                out.prompt_logprobs = self.logprobs.prompt(d.prompt_logprobs, reply.prompt_logprobs)
             return out
 
         # Most chunks carry text alone: they come from a template per choice (see ChunkTemplate).
@@ -1040,7 +1040,7 @@ class OpenAIServer:
                         c = await self.sized(size, choice, d, bulk=False)
                         if chat and reply.prompt_logprobs is not None:
                             scored = await self.sized(size, self.logprobs.prompt, d.prompt_logprobs,
-                                                      reply.prompt_logprobs, as_ids, bulk=False)
+                                                      reply.prompt_logprobs, bulk=False)
                             scored_sent = True
                     if not (chat and c.delta.content == "" and not c.delta.tool_calls and c.finish_reason is None
                             and c.logprobs is None and c.token_ids is None and scored is None):  # a tool call's text

@@ -91,15 +91,15 @@ def prompt_scores(draw) -> PromptScores:
 
 
 @settings(max_examples=100, deadline=None)
-@given(scores=prompt_scores(), data=st.data(), as_ids=st.booleans(), size=st.integers(1, 7))
-def test_a_whole_answers_prompt_logprobs_are_what_one_pydantic_dump_writes(server, scores, data, as_ids, size):
+@given(scores=prompt_scores(), data=st.data(), size=st.integers(1, 7))
+def test_a_whole_answers_prompt_logprobs_are_what_one_pydantic_dump_writes(server, scores, data, size):
     """A whole answer's prompt_logprobs, written a slice of positions at a time, are byte for byte those of one
     dump (position 0's None once, at the start, whatever slice a position falls in)."""
     k = data.draw(st.integers(0, scores.top_ids.shape[1]))
     with mock.patch.object(json_slices, "SLICE", size):
         lists = Spliced()
         choice = CompletionChoice(index=0, text="hi", finish_reason="stop")
-        choice.prompt_logprobs = server.logprobs.spliced_prompt(scores, k, as_ids, lists)
+        choice.prompt_logprobs = server.logprobs.spliced_prompt(scores, k, lists)
         sliced = lists.fill(choice.model_dump_json(warnings=False).encode())
-    choice.prompt_logprobs = server.logprobs.prompt(scores, k, as_ids)
+    choice.prompt_logprobs = server.logprobs.prompt(scores, k)
     assert sliced == choice.model_dump_json().encode()

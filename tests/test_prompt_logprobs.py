@@ -178,6 +178,23 @@ def test_prompt_logprobs_field(stack, reference, tok):
             assert entry[str(t)]["rank"] == rank
 
 
+def test_return_tokens_as_token_ids_leaves_prompt_logprobs_decoded_token_the_text(stack, tok):
+    """vLLM's return_tokens_as_token_ids names the tokens of `logprobs` "token_id:<id>" (serving_completion.py's
+    _create_completion_logprobs), but passes prompt_logprobs as the engine made them, decoded_token the token's text
+    (request_output_to_completion_response: prompt_logprobs=final_res.prompt_logprobs). Here it was "token_id:<id>"
+    too: a vLLM client reading the prompt's text there got ids. Whole and streamed."""
+    prompt = PROMPTS[1]
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 2, "logprobs": 1, "prompt_logprobs": 1,
+            "return_tokens_as_token_ids": True, "temperature": 0}
+    whole = stack.post("/v1/completions", body)
+    assert whole.status_code == 200, whole.text
+    first = sse(stack.post("/v1/completions", {**body, "stream": True}))[0]["choices"][0]
+    for choice in (whole.json()["choices"][0], first):
+        assert all(t.startswith("token_id:") for t in choice["logprobs"]["tokens"])
+        assert [{t: e["decoded_token"] for t, e in entry.items()} for entry in choice["prompt_logprobs"][1:]] == [
+            {t: tok.decode([int(t)]) for t in entry} for entry in choice["prompt_logprobs"][1:]]
+
+
 def simulated(tok, prompt_logprobs: bool = True):
     """Simulated meshes of SmolLM2's whole vocabulary (chat templates' tokens), scoring prompts or not."""
     def make():
