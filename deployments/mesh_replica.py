@@ -38,7 +38,7 @@ from model.backend import Backend, Capabilities
 from model.checkpoint import resolve_model_dir
 from model.grammar import deep_stack_executor
 from model.runner import MeshRunner
-from scheduler.work import NO_TOKEN, MeshWork, StaleWork, StepResult, portable_error
+from scheduler.work import NO_TOKEN, MeshWork, ReplicaStopping, StaleWork, StepResult, portable_error
 
 log = logging.getLogger("ray.serve")
 
@@ -154,6 +154,8 @@ class MeshReplica:
         come within the deadline (its predecessor never arrived); the device's error when the work fails on it,
         and DeviceFailed once an earlier work has."""
         self._check_device()
+        if self.closed:  # a work sent as the replica stops: its worker thread takes no more
+            raise ReplicaStopping(f"work {work.work_id} came as the replica is shutting down")
         if incarnation != self.incarnation:
             raise StaleWork(f"work {work.work_id} was planned for incarnation {incarnation}, "
                             f"this replica is {self.incarnation}")
@@ -236,8 +238,10 @@ class MeshReplica:
 
     def _run(self, work: MeshWork, deadline: float, loop: asyncio.AbstractEventLoop, results: asyncio.Queue,
              generation: int) -> None:
-        if generation != self.generation:  # queued before a reset: the router no longer waits for it
-            loop.call_soon_threadsafe(results.put_nowait, StaleWork(f"work {work.work_id} was planned before a reset"))
+        if generation != self.generation:  # queued before a reset or a shutdown: the router no longer waits for it
+            loop.call_soon_threadsafe(results.put_nowait, ReplicaStopping(
+                f"work {work.work_id} was queued as the replica shut down") if self.closed
+                else StaleWork(f"work {work.work_id} was planned before a reset"))
             return
         if self.error is not None:  # queued before the device failed: it does not run on a failed device
             loop.call_soon_threadsafe(results.put_nowait, DeviceFailed(f"the device failed: {self.error!r}"))
@@ -254,7 +258,7 @@ class MeshReplica:
                 if self.closed:  # shutting down: the device closes after this step, not after the whole work
                     break
             if sent < work.num_messages:  # the rest is refused: none of its requests failed this mesh
-                loop.call_soon_threadsafe(results.put_nowait, StaleWork(
+                loop.call_soon_threadsafe(results.put_nowait, ReplicaStopping(
                     f"work {work.work_id} stopped after {sent} of {work.num_messages} messages: the replica is "
                     f"shutting down"))
         except StaleWork as e:  # a chunk after one this mesh never ran: the router resets it, the device is fine

@@ -196,7 +196,10 @@ class Metrics:
                          "1 while the live mesh has sent nothing past its stall time with work out: new requests go "
                          "around it until it answers, or fails at its deadline.")
         failovers = family(CounterMetricFamily, "meshserve_mesh_failovers",
-                           "Times the mesh failed and its requests were moved.")
+                           "Times the mesh failed and its requests were moved (not its replica's planned stops).")
+        stops = family(CounterMetricFamily, "meshserve_mesh_stops",
+                       "Times the mesh's replica stopped on purpose (a redeploy, a scale-down) and its requests were "
+                       "moved: not a failure.")
         migrated = family(CounterMetricFamily, "meshserve_requests_migrated",
                           "Requests moved off the mesh when it failed, counted once placed on a mesh again (not "
                           "those that ended instead: held past no_mesh_wait_s, their client gone, failed on too many "
@@ -219,6 +222,7 @@ class Metrics:
             up.add_metric(label, int(m.get("up", True)))
             stalled.add_metric(label, int(m.get("stalled", False)))
             failovers.add_metric(label, m.get("failovers", 0))
+            stops.add_metric(label, m.get("stops", 0))
             migrated.add_metric(label, m.get("requests_migrated", 0))
             running.add_metric(label, m["running"])
             waiting.add_metric(label, m["waiting"])
@@ -232,7 +236,7 @@ class Metrics:
         if self._router_up:  # a failover's or a router start's backlog, which dashboards and autoscalers must see
             waiting.add_metric([""], self._held)
         families = (running, waiting, used, total, usage, queried, hits, hit_rate, preempted, up, stalled, failovers,
-                    migrated, groups, group_used, group_total, group_running)
+                    stops, migrated, groups, group_used, group_total, group_running)
         own = [family for collector in self._own for family in collector.collect()]
         if self._shown is not None:  # as reported (render)
             for family in own:

@@ -45,8 +45,8 @@ from scheduler.blocks import extend_block_hashes
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull, RoomFilled
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from scheduler.work import (MeshWork, RequestFailed, StaleWork, StepEvents, StepResult, TokenEvent, pack_events,
-                            unpack_events)
+from scheduler.work import (MeshWork, ReplicaStopping, RequestFailed, StaleWork, StepEvents, StepResult, TokenEvent,
+                            pack_events, unpack_events)
 
 log = logging.getLogger("ray.serve")
 
@@ -117,7 +117,8 @@ class Mesh:
     works_at_up: int = 0  # works_done when it last came up
     failed_unproven: int = 0  # failures in a row with work out and no work answered since it came up (a crash loop)
     failovers: int = 0
-    failed_at: tuple[float, str | None] | None = None  # (monotonic time, incarnation) of its last failure
+    stops: int = 0  # planned stops of its replica (ReplicaStopping: a redeploy, a scale-down): not failovers
+    failed_at: tuple[float, str | None, bool] | None = None  # (monotonic time, incarnation, planned) of its last down
     requests_migrated: int = 0
     past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
     heard_at: float = 0.0  # loop time of its last result, or of a work sent while it had none out
@@ -732,7 +733,7 @@ class Router:
             sched.update({k: sched[k] + m.past_counts.get(k, 0) for k in COUNTERS})
             meshes.append({"name": m.name, "up": m.up, "stalled": m.up and m.stalled(now), "failed": m.down_reason,
                            "incarnation": m.incarnation,
-                           "failovers": m.failovers, "requests_migrated": m.requests_migrated,
+                           "failovers": m.failovers, "stops": m.stops, "requests_migrated": m.requests_migrated,
                            "rounds": m.rounds, **sched})
         caps = [m.caps for m in self.meshes if m.caps is not None and m.schedulable]
         stats = {"ready": any(m.up for m in self.meshes),
@@ -818,10 +819,11 @@ class Router:
             if mesh.failed_at is None:
                 log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             else:  # the outage's end: how long, and whether Serve restarted the replica or its device came back
-                at, before = mesh.failed_at
-                log.info("mesh %s is up again (incarnation %s: %s), %.1f s after failover %d", mesh.name,
+                at, before, planned = mesh.failed_at
+                log.info("mesh %s is up again (incarnation %s: %s), %.1f s after %s", mesh.name,
                          mesh.incarnation, "the same replica" if mesh.incarnation == before else "a new replica",
-                         time.monotonic() - at, mesh.failovers)
+                         time.monotonic() - at, f"its replica's planned stop {mesh.stops}" if planned
+                         else f"failover {mesh.failovers}")
             self.mesh_up.set()
             if first:
                 first = False
@@ -862,14 +864,19 @@ class Router:
                 self._rebalance()
 
     def _fail(self, mesh: Mesh, error: BaseException) -> None:
-        """Mark the mesh down and re-place every request it had, with its tokens so far."""
-        mesh.failed_at = time.monotonic(), mesh.incarnation
+        """Mark the mesh down and re-place every request it had, with its tokens so far. A planned stop of its replica
+        (ReplicaStopping) moves them the same way, but is counted and logged as a stop, not a failover."""
+        planned = isinstance(error, ReplicaStopping)
+        mesh.failed_at = time.monotonic(), mesh.incarnation, planned
         sched, mesh.scheduler, mesh.incarnation = mesh.scheduler, None, None
         counts = sched.stats()
         mesh.past_counts = {k: mesh.past_counts.get(k, 0) + counts[k] for k in COUNTERS}
         mesh.down_reason = repr(error)
-        mesh.failovers += 1
-        unproven = bool(sched.inflight) and mesh.works_done == mesh.works_at_up
+        if planned:
+            mesh.stops += 1
+        else:
+            mesh.failovers += 1
+        unproven = not planned and bool(sched.inflight) and mesh.works_done == mesh.works_at_up
         mesh.failed_unproven = mesh.failed_unproven + 1 if unproven else 0
         if not any(m.up for m in self.meshes):
             self.mesh_up.clear()
@@ -910,10 +917,15 @@ class Router:
             went = req.mesh.name if req.mesh else "held" if req.held_since is not None else "ended"
             outcomes[went] += 1
             if self.config.log_requests:
-                log.info("Request %s moved off failed mesh %s with %d tokens: %s.", seq.request_id, mesh.name,
+                log.info("Request %s moved off %s mesh %s with %d tokens: %s.", seq.request_id,
+                         "stopped" if planned else "failed", mesh.name,
                          len(seq.output_ids), f"to {went}" if req.mesh else
                          "held for a live mesh" if went == "held" else "ended (no mesh takes it)")
         # one line says what became of them all (per request only with log_requests): the operator's count of moves
+        if planned:  # routine (every redeploy of a mesh): a WARNING, so that alerts on failures stay quiet
+            log.warning("mesh %s stopped: its replica is being replaced or removed (%r); its %d requests: %s; probing "
+                        "it until a replica answers again", mesh.name, error, had, _outcomes(outcomes))
+            return
         log.error("mesh %s failed (failover %d): %r; its %d requests: %s; probing it until its replica answers again",
                   mesh.name, mesh.failovers, error, had, _outcomes(outcomes))
 

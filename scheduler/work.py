@@ -123,8 +123,15 @@ class MeshWork:
 class StaleWork(RuntimeError):
     """A work the mesh refused without running any of it: planned for another incarnation of the replica (Serve
     restarted it) or before its last reset, or never sent (no link to it); or the rest of a work a replica shutting
-    down stopped, or whose prefill chunk follows one the mesh never ran (PrefillHistory.take). The router fails the
-    mesh for it, but lays the failure on none of the work's requests: none of them made the mesh fail."""
+    down stopped (ReplicaStopping), or whose prefill chunk follows one the mesh never ran (PrefillHistory.take). The
+    router fails the mesh for it, but lays the failure on none of the work's requests: none of them made the mesh
+    fail."""
+
+
+class ReplicaStopping(StaleWork):
+    """The replica stops on purpose (Serve replaces or removes it: a redeploy, a scale-down, an app delete): its
+    works end as StaleWork does, and the router reports a planned stop, not a failover (an operator's alert on
+    failovers must not fire at each routine redeploy)."""
 
 
 @dataclass

@@ -93,17 +93,19 @@ def scheduler_held(name: str, scheduler, keys: tuple[str, ...] = HELD_KEYS) -> l
 
 def held(router: Router, failovers: int | dict[str, int] = 0) -> list[str]:
     """What `router` still holds for requests, by name: empty once every request has left and freed its slot and KV
-    blocks (the prefix cache may keep them). Also each mesh that is down, or failed over other than `failovers` times
-    (one count for every mesh, or by mesh name; others 0): a failover gives the mesh a new scheduler, and what the old
-    one held (a leak) is out of sight, so a check that passed through one would pass for the wrong reason."""
+    blocks (the prefix cache may keep them). Also each mesh that is down, or failed over (or stopped: a planned stop)
+    other than `failovers` times in all (one count for every mesh, or by mesh name; others 0): either gives the mesh a
+    new scheduler, and what the old one held (a leak) is out of sight, so a check that passed through one would pass
+    for the wrong reason."""
     expected = failovers if isinstance(failovers, dict) else {m.name: failovers for m in router.meshes}
     out = router_held(router)
     for mesh in router.meshes:
-        if mesh.failovers != expected.get(mesh.name, 0):
-            out.append(f"{mesh.name} failed over {mesh.failovers} times, not {expected.get(mesh.name, 0)}: its new "
-                       f"scheduler hides what the old one held (a step past min_step_deadline_s?)")
+        if mesh.failovers + mesh.stops != expected.get(mesh.name, 0):
+            out.append(f"{mesh.name} failed over {mesh.failovers} times and stopped {mesh.stops}, not "
+                       f"{expected.get(mesh.name, 0)} in all: its new scheduler hides what the old one held (a step "
+                       f"past min_step_deadline_s?)")
         if not mesh.up:  # down since its failover, with no scheduler to look into; else never up
-            if not mesh.failovers:
+            if not mesh.failovers + mesh.stops:
                 out.append(f"{mesh.name} down: {mesh.down_reason}")
             continue
         out += scheduler_held(mesh.name, mesh.scheduler)

@@ -1,5 +1,6 @@
 """An in-process MeshClient, like the Serve mesh replica (works run off the event loop, one at a time, in
-order), with faults to inject: a mesh that raises, hangs, vanishes, and comes back as a new incarnation."""
+order), with faults to inject: a mesh that raises, hangs, vanishes, stops on purpose (a redeploy replaces it), and
+comes back as a new incarnation."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ from collections.abc import Callable
 
 from model.backend import Backend
 from model.runner import MeshRunner
-from scheduler.work import MeshWork, StaleWork
+from scheduler.work import MeshWork, ReplicaStopping, StaleWork
 
 
 class Gone(ConnectionError):
@@ -45,7 +46,7 @@ class LocalMesh:
         self.make_backend = make_backend
         self.grammar_tokenizer = grammar_tokenizer
         self.alive = True
-        self.fault: str | None = None  # one-shot "raise" | "hang" | "vanish", after `fault_after` more results
+        self.fault: str | None = None  # one-shot "raise" | "hang" | "vanish" | "stop", after `fault_after` more results
         self.fault_after = 0
         self.unhang = asyncio.Event()
         self.works = 0
@@ -101,6 +102,9 @@ class LocalMesh:
                     index += 1
                     if fault == "raise":
                         raise RuntimeError("device lost")
+                    if fault == "stop":  # Serve replaces the replica: the rest of the work is refused, a new one starts
+                        self.restart()
+                        raise ReplicaStopping(f"work {work.work_id} stopped: the replica is shutting down")
                     if fault == "vanish":
                         self.vanish()
                     elif fault == "hang":

@@ -10,7 +10,7 @@ import pytest
 import deployments.mesh_replica as mesh_replica
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
-from scheduler.work import MeshWork, PrefillChunk, PrefillHistory, StaleWork
+from scheduler.work import MeshWork, PrefillChunk, PrefillHistory, ReplicaStopping, StaleWork
 from tests.in_process import until
 
 Replica = mesh_replica.MeshReplica.func_or_class
@@ -254,10 +254,11 @@ def test_shutdown_closes_after_the_running_step_not_the_whole_work(replica, monk
     assert closed == [len(after)] and len(after) <= 1, (closed, len(after))
 
 
-def test_a_work_that_shutdown_stops_ends_with_stale_work_for_the_rest(replica):
-    """Shutdown stops a work at its next step; the messages it will not send are refused as StaleWork, so the router
-    lays the mesh's failure on none of its requests. Its stream used to wait for them for good, and the router, seeing
-    the link close, blamed the request being computed: two such shutdowns in a row ended it with a 500."""
+def test_a_work_that_shutdown_stops_ends_with_replica_stopping_for_the_rest(replica):
+    """Shutdown stops a work at its next step; the messages it will not send are refused as ReplicaStopping (a
+    StaleWork), so the router lays the mesh's failure on none of its requests, and reports a planned stop. Its stream
+    used to wait for them for good, and the router, seeing the link close, blamed the request being computed: two
+    such shutdowns in a row ended it with a 500."""
     async def main():
         long = await seated_for_a_long_decode(replica)
         results = []
@@ -268,8 +269,10 @@ def test_a_work_that_shutdown_stops_ends_with_stale_work_for_the_rest(replica):
         running = asyncio.create_task(consume())
         await asyncio.sleep(0.2)
         replica.shutdown()
-        with pytest.raises(mesh_replica.StaleWork, match="shutting down"):
+        with pytest.raises(ReplicaStopping, match="shutting down"):
             await asyncio.wait_for(running, 5)
+        with pytest.raises(ReplicaStopping):  # a work that comes later: the worker thread takes no more
+            await drain(replica, MeshWork(long.work_id + 1))
         assert 0 < len(results) < 400
     asyncio.run(main())
 
@@ -461,7 +464,8 @@ def slow_prefills(replica, monkeypatch, seconds: float = 0.3) -> list[str]:
 
 def test_shutdown_refuses_the_works_queued_behind_the_running_one_without_the_device(replica, monkeypatch):
     """A work already handed to the worker thread, behind the running one, when the replica shuts down: it ends as
-    StaleWork without touching the device, which closes right after the running step (a Galaxy's work is seconds)."""
+    ReplicaStopping without touching the device, which closes right after the running step (a Galaxy's work is
+    seconds)."""
     ran = slow_prefills(replica, monkeypatch)
 
     async def main():
@@ -471,7 +475,7 @@ def test_shutdown_refuses_the_works_queued_behind_the_running_one_without_the_de
         await until(lambda: ran)  # work 0 on the device, work 1 queued on the worker behind it
         replica.shutdown()
         assert len(await running) == 1
-        with pytest.raises(mesh_replica.StaleWork, match="reset"):
+        with pytest.raises(ReplicaStopping):
             await queued
     asyncio.run(main())
     assert len(ran) == 1

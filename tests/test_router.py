@@ -399,6 +399,29 @@ def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
     asyncio.run(main())
 
 
+def test_a_planned_stop_moves_every_request_and_is_reported_as_a_stop_not_a_failover(caplog):
+    """Serve stops mesh-0's replica on purpose mid-stream (a redeploy of its options, a scale-down): its requests move
+    as at a failure and finish with the tokens of their unfaulted run, but it is no failover: an operator's alert on
+    failovers (or on ERROR lines) fired at every routine redeploy. It is counted as a stop and logged at WARNING."""
+    async def main():
+        alone = await solo_outputs(PROMPTS, LONG)
+        router, (m0, _) = await make_router(num_meshes=2)
+        m0.inject("stop", after=12)  # prefills done, decoding
+        with caplog.at_level(logging.INFO, logger="ray.serve"):
+            assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
+            await until(lambda: router.stats()["meshes"][0]["up"])  # the replica Serve started instead
+        mesh0 = router.stats()["meshes"][0]
+        assert (mesh0["failovers"], mesh0["stops"], mesh0["requests_migrated"]) == (0, 1, 5)
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if "mesh-0" in r.getMessage()]
+        assert not [m for level, m in lines if level >= logging.ERROR], lines
+        (stopped,) = [(level, m) for level, m in lines if "stopped" in m]
+        assert stopped[0] == logging.WARNING and "its 5 requests: 5 moved (mesh-1: 5)" in stopped[1], stopped
+        assert any("up again" in m and "after its replica's planned stop 1" in m for _, m in lines), lines
+        await nothing_held(router, {"mesh-0": 1})  # its new scheduler counts, as after a failover
+        await router.close()
+    asyncio.run(main())
+
+
 def test_with_no_live_mesh_requests_wait_for_one_to_come_back():
     async def main():
         alone = await solo_outputs(PROMPTS[:4], LONG)
