@@ -3,6 +3,7 @@
 One link per mesh incarnation, opened at `reset` (the router's probe, which every (re)join goes through) and
 closed when the router gives up on a work (the mesh is being failed over) or the replica goes away, which
 every open work then sees as a ConnectionError: the router's failure path, at once rather than at a deadline.
+A replica that stops on purpose says so first (a ReplicaStopping frame): the link closes with that error instead.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from deployments.link import Link, connect
 from model.backend import Capabilities
-from scheduler.work import MeshWork, StaleWork, StepResult
+from scheduler.work import MeshWork, ReplicaStopping, StaleWork, StepResult
 
 
 class DeviceDown(RuntimeError):
@@ -29,6 +30,7 @@ class LinkMeshClient:
         self._reader: asyncio.Task | None = None
         self._works: dict[int, asyncio.Queue] = {}
         self._closed = asyncio.Event()  # set when the current link closes (a fresh one per link)
+        self._stopping: ReplicaStopping | None = None  # the current link's replica said it stops on purpose
         self._lease: str | None = None  # drawn at each reset; the mesh runs only the works that carry its last
         self._started = time.time()  # the router's start: a mesh refuses the reset of one older than its lease's
 
@@ -41,12 +43,13 @@ class LinkMeshClient:
         if caps is None:
             raise DeviceDown(f"the device of mesh replica {incarnation} failed: it waits for Serve to restart it")
         address = await self._handle.link_address.remote()
-        self._link, self._closed = await connect(address), asyncio.Event()
+        self._link, self._closed, self._stopping = await connect(address), asyncio.Event(), None
         self._reader = asyncio.create_task(self._read(self._link))
         return incarnation, caps
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self) -> ReplicaStopping | None:
         await self._closed.wait()
+        return self._stopping
 
     def execute(self, work: MeshWork, incarnation: str) -> AsyncIterator[StepResult]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -88,8 +91,14 @@ class LinkMeshClient:
                 self._close(error)
 
     def _dispatch(self, frame: tuple[int, StepResult | BaseException | None]) -> None:
-        """In the link's read callback: a result to the queue of its work."""
+        """In the link's read callback: a result to the queue of its work, or the replica's planned stop (work id None),
+        which ends the link now: its works will not be answered, and its requests move at once."""
         work_id, item = frame
+        if work_id is None:
+            if isinstance(item, ReplicaStopping):
+                self._stopping = item
+                self._close(item)
+            return
         queue = self._works.get(work_id)
         if queue is not None:
             queue.put_nowait(item)

@@ -121,6 +121,7 @@ class MeshReplica:
         self.error: BaseException | None = None
         self.closed = False
         self.link_server = LinkServer(self._serve_link)
+        self.links: set[Link] = set()  # the routers' open links: shutdown tells each it stops on purpose
         freeze_gc_heap()  # the model, the backend and the modules stay: full collections need not walk them
 
     async def reset(self, lease: str | None = None, started: float = 0.0) -> tuple[str, Capabilities | None]:
@@ -201,8 +202,10 @@ class MeshReplica:
     async def _serve_link(self, link: Link) -> None:
         """Frames in: (MeshWork, incarnation, lease). Frames out, per work in order: (work_id, StepResult) per
         message, then (work_id, None) at its end, or (work_id, exception) if it fails. When the router
-        closes the link (it gave up on this mesh), works still waiting for their turn are dropped."""
+        closes the link (it gave up on this mesh), works still waiting for their turn are dropped. One more frame out,
+        at shutdown: (None, ReplicaStopping), so that a router with no work out tells a planned stop from a crash."""
         tasks: set[asyncio.Task] = set()
+        self.links.add(link)
         try:
             while True:
                 work, incarnation, *lease = await link.recv()  # a router of the release before sends no lease
@@ -210,6 +213,7 @@ class MeshReplica:
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         finally:
+            self.links.discard(link)
             for task in tasks:
                 task.cancel()
 
@@ -298,10 +302,16 @@ class MeshReplica:
     def shutdown(self) -> None:
         """Close the device once (idempotent), on the worker thread after the work in hand: a backend is not
         thread-safe (ttnn), so the device is never closed beside a running step. Works still queued end at
-        once. A worker stuck past CLOSE_TIMEOUT_S (a hung device) is left to the process's exit."""
+        once. A worker stuck past CLOSE_TIMEOUT_S (a hung device) is left to the process's exit. Each router's link
+        hears first that the stop is planned (Serve's graceful shutdown runs this on the replica's event loop, the
+        links' own): else an idle mesh's router sees only its link close, as at a crash."""
         if self.closed:
             return
         self.closed = True
+        stopping = ReplicaStopping("the replica is shutting down: Serve is replacing or removing it")
+        for link in list(self.links):
+            with contextlib.suppress(Exception):  # a link already gone, or a loop closed (tests): the device closes
+                link.send((None, stopping))
         self.generation += 1  # queued works return without touching the device
         closed = self.worker.submit(self.runner.close)
         self.worker.shutdown(wait=False)

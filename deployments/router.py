@@ -63,9 +63,9 @@ class MeshClient(Protocol):
         """Drop every slot and restart work ids at 0 (after any work still running). Returns the
         replica's incarnation id (new at each replica start) and its capabilities."""
 
-    async def wait_closed(self) -> None:
+    async def wait_closed(self) -> ReplicaStopping | None:
         """Returns once the replica reset last is known gone (its link closed), which an idle mesh has no work out
-        to see; never, for a client that cannot tell."""
+        to see: ReplicaStopping if it said it stops on purpose; never, for a client that cannot tell."""
 
 
 class MeshFailed(RuntimeError):
@@ -962,6 +962,9 @@ class Router:
                         with contextlib.suppress(asyncio.TimeoutError):
                             await within(mesh.wake.wait(), self.config.heartbeat_s)
                     if closed.done():
+                        stopping = closed.result()
+                        if isinstance(stopping, ReplicaStopping):  # it said so first: a planned stop, not a crash
+                            raise stopping
                         raise MeshFailed("its replica's link closed while it was idle")
                     if not mesh.wake.is_set():
                         await self._heartbeat(mesh)

@@ -501,6 +501,48 @@ def test_a_replica_that_goes_while_idle_is_failed_over_when_its_link_closes(monk
         replica.shutdown()
 
 
+@pytest.mark.parametrize("busy", [False, True])
+def test_a_replica_stopped_on_purpose_is_a_planned_stop_not_a_failover(monkeypatch, caplog, busy):
+    """Serve stops mesh-0's replica on purpose (a redeploy of its options, a scale-down) by its shutdown hook, then
+    ends its process. Idle, the router learnt of it only from its link closing, as at a crash: an ERROR line and a
+    failover at every routine redeploy. Its shutdown tells the router's link first: the mesh is down at once, counted
+    and logged (WARNING) as a stop. Busy, its requests move as at a failure and end as their undisturbed run."""
+    monkeypatch.setattr(mesh_replica, "build_backend",
+                        lambda config, model_dir: SimulatedBackend(num_blocks=64, time_scale=0.05, vocab_size=1000))
+    monkeypatch.setattr(mesh_replica, "grammar_tokenizer", lambda *_: None)
+    replicas = [mesh_replica.MeshReplica.func_or_class({"backend": "simulated"}) for _ in range(2)]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    prompts = [[i + 2] * 100 for i in range(4)]
+
+    async def main():
+        router = Router([(f"mesh-{i}", LinkMeshClient(FakeHandle(r))) for i, r in enumerate(replicas)],
+                        RouterConfig(**{**FAST, "heartbeat_s": 60, "probe_interval_s": 60}))
+        await until(lambda: all(m["up"] for m in router.stats()["meshes"]))
+        expected = await asyncio.gather(*[collect(router, f"a{i}", p, params) for i, p in enumerate(prompts)])
+        await until(lambda: not router.meshes[0].scheduler.inflight)
+        answers, mesh0 = [], router.meshes[0]
+        if busy:  # mesh-0 decoding some of them
+            answers = [asyncio.create_task(collect(router, f"b{i}", p, params)) for i, p in enumerate(prompts)]
+            await until(lambda: mesh0.up and any(len(q.output_ids) > 2 for q in mesh0.scheduler.running.values()))
+        with caplog.at_level(logging.INFO, logger="ray.serve"):
+            replicas[0].shutdown()  # Serve's graceful shutdown (its __del__ hook), on the replica's event loop
+            await until(lambda: not router.stats()["meshes"][0]["up"], timeout_s=2)
+            replicas[0].link_server.close()  # then its process goes
+            assert await asyncio.gather(*answers) == (expected if busy else [])
+        gone, kept = router.stats()["meshes"]
+        assert (gone["failovers"], gone["stops"]) == (0, 1) and "ReplicaStopping" in gone["failed"], gone
+        assert kept["up"] and (kept["failovers"], kept["stops"]) == (0, 0)
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records
+                 if "mesh mesh-0" in r.getMessage() and r.levelno >= logging.WARNING]
+        assert [level for level, _ in lines] == [logging.WARNING] and "mesh-0 stopped" in lines[0][1], lines
+        assert ("moved (mesh-1: " if busy else "its 0 requests") in lines[0][1], lines
+        assert (await collect(router, "c", prompts[0], params)) == expected[0]  # on the live one
+        await router.close()
+    asyncio.run(main())
+    for replica in replicas:
+        replica.shutdown()
+
+
 def test_a_work_sent_as_the_meshs_link_ends_is_stale_work(replica):
     """The replica's end of the link closed, and the router sends a work before the link's reader has heard of it:
     the work never reached the mesh, so it is refused as StaleWork (no request blamed), not lost in the closed socket
