@@ -119,6 +119,9 @@ def test_an_option_changed_under_load_loses_no_answer_and_leaves_nothing_held(ap
     assert [(r["error"], r["finish"]) for r in streams + wholes] == [(None, "length")] * 2 * len(PROMPTS)
     assert [r["text"] for r in streams] == reference and [r["text"] for r in wholes] == reference
     assert router_idle() == [(0, 0, 0)] * ARGS["num_meshes"]
+    if changed == "mesh-0":  # Serve's graceful stop of its replica is a planned stop: no failover, no alert
+        mesh0 = router_stats()["meshes"][0]
+        assert (mesh0["failovers"], mesh0["stops"]) == (0, 1), mesh0
     if changed == "Ingress scaled down":  # its stopping replica served its answers out, then went
         deadline = time.monotonic() + 60
         while len(replica_ids("Ingress")) > 1 and time.monotonic() < deadline:
