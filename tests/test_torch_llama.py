@@ -185,6 +185,23 @@ def test_a_max_seq_len_asked_is_held_past_the_default_cap(model_dir):
             r.getMessage() and "set max_seq_len" in r.getMessage()], [r.getMessage() for r in records]
 
 
+def test_a_max_seq_len_between_blocks_gets_the_block_its_last_tokens_need(model_dir):
+    """One sequence is max_seq_len rounded up to whole blocks: rounded down, a max_seq_len of 17 blocks' tokens
+    plus one was given 17 blocks, and a sequence that long found no block for its last token."""
+    cfg = LlamaConfig.from_dir(model_dir)
+    block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * BLOCK * cfg.head_dim * 4
+    tight = make_backend(model_dir, num_blocks=None, max_seq_len=17 * BLOCK + 1, kv_cache_gb=block_bytes / 2**30)
+    roomy = make_backend(model_dir, num_blocks=None, max_seq_len=17 * BLOCK + 1, kv_cache_gb=1.0)
+    assert (tight.caps.num_blocks, roomy.caps.num_blocks) == (18, 4 * 18)
+
+
+def test_a_cap_under_one_block_still_gives_the_cache_a_block(model_dir):
+    """kv_cache_gb under one block's bytes, with max_seq_len left to the model: a cache of no blocks could hold
+    no prompt at all; one block holds a short one."""
+    backend = make_backend(model_dir, num_blocks=None, max_seq_len=None, kv_cache_gb=0.0)
+    assert backend.caps.num_blocks == 1 and backend.kv_cache.shape[2] == 1
+
+
 def test_sizes_past_the_slot_ceiling_or_the_memory_are_refused_naming_the_field(model_dir):
     """A mistyped size was accepted: 1,024 slots (logits [1024, vocab] each step), or a cache larger than the host,
     which failed as the allocator's RuntimeError naming nothing (or, under the host's memory, got the mesh killed)."""
