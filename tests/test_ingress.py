@@ -2029,10 +2029,14 @@ def test_a_chat_too_big_for_the_context_is_refused_before_templating(client, rou
     assert "the messages and tools take" in error["message"]  # the tools are most of it: named, not the messages
     tokenize = {"model": MODEL, "messages": CHAT["messages"], "tools": tools}
     assert_error(client.post("/tokenize", json=tokenize), 400, "tools")
-    calls = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}] * 20_000
-    history = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "tool_calls": calls}]}
-    error = assert_error(client.post("/v1/chat/completions", json=history), 400, "messages")
-    assert "take at least" in error["message"]  # counted, not templated (220k tokens once templated)
+    # 2,000 calls with empty arguments (22k tokens once templated) count a token each of the template's text; one
+    # call's arguments count whole: each counted, not templated
+    empty = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}] * 2_000
+    long = [{"id": "c", "type": "function", "function": {"name": "f", "arguments": json.dumps({"a": "x " * 40_000})}}]
+    for calls in (empty, long):
+        history = {**CHAT, "messages": [*CHAT["messages"], {"role": "assistant", "tool_calls": calls}]}
+        error = assert_error(client.post("/v1/chat/completions", json=history), 400, "messages")
+        assert "take at least" in error["message"], error
     assert not router.requests
 
 
