@@ -223,6 +223,12 @@ def test_a_chat_of_many_tiny_messages_is_refused_with_numbers_that_are_true(rout
     assert MAX_LEN <= least <= len(tokenizer.encode_chat(messages)), error
 
 
+def test_a_chat_of_one_long_message_is_refused_naming_one_message(router, tokenizer):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "ab" * (MAX_LEN * LONGEST)}]}
+    error = assert_error(post(make_client(router, tokenizer), "/v1/chat/completions", body), 400, param="messages")
+    assert "(1 message, the template's tokens too)" in error["message"], error
+
+
 def test_a_prompt_just_under_the_character_bound_is_tokenized(router, tokenizer):
     spy = SpyTokenizer(tokenizer)
     client = make_client(router, spy)
