@@ -467,9 +467,11 @@ def test_truncate_prompt_tokens_keeps_the_bos_before_a_text_prompt(client, route
     client.post("/v1/completions", json={**COMPLETION, "prompt": text})
     client.post("/v1/completions", json={**COMPLETION, "prompt": text, "truncate_prompt_tokens": 3})
     client.post("/v1/completions", json={**COMPLETION, "prompt": [1, 5, 6, 7, 8], "truncate_prompt_tokens": 3})
-    full, cut, ids = (ids for ids, _, _ in router.requests.values())
+    client.post("/v1/completions", json={**COMPLETION, "prompt": text, "truncate_prompt_tokens": 50})  # all fit
+    full, cut, ids, whole = (ids for ids, _, _ in router.requests.values())
     assert full[0] == 1 and len(full) > 3 and cut == [1, *full[-2:]]
     assert ids == [6, 7, 8]
+    assert whole == full  # one BOS: a cut past the prompt's start left two
 
 
 @pytest.mark.parametrize("path, base", ENDPOINTS)
