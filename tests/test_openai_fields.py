@@ -11,6 +11,7 @@ import pytest
 
 from deployments import openai_server
 from deployments.protocol import MAX_SALT_CHARS, MAX_STREAM_INTERVAL
+from deployments.request_checks import bad_words_token_ids
 from tests.ingress_support import (ANSWER, CHAT, COMPLETION, ENDPOINTS, MAX_LEN, MODEL, assert_error,  # noqa: F401
                                    client, eos, make_client, post, router, sse, tokenizer)
 
@@ -924,10 +925,26 @@ def test_chat_echo_stays_when_the_answer_is_a_tool_call(tokenizer, eos):
 
 
 def test_allowed_token_ids_that_bad_words_all_ban_are_400(client, router, tokenizer):
-    (word,) = tokenizer.encode("Hello")
-    assert_error(client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": [word],
-                                                      "bad_words": ["Hello"]}), 400, param="allowed_token_ids")
+    (word,), (spaced,) = tokenizer.encode("Hello"), tokenizer.encode(" Hello")  # both banned, all that is allowed
+    error = assert_error(client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": [word, spaced],
+                                                              "bad_words": ["Hello"]}), 400, param="allowed_token_ids")
+    assert "(they are bad words)" in error["message"], error  # not min_tokens, which the request does not set
     assert router.requests == {}
+
+
+def test_allowed_token_ids_that_start_a_longer_bad_word_are_sampled(client, router, tokenizer):
+    """A bad word of two tokens bans its second after its first only: its first token alone is allowed."""
+    first, _ = tokenizer.encode("answer is")
+    r = client.post("/v1/completions", json={**COMPLETION, "allowed_token_ids": [first], "bad_words": ["answer is"]})
+    assert r.status_code == 200, r.text
+
+
+def test_a_bad_word_after_a_space_is_banned_again_only_when_it_starts_with_another_token():
+    """vLLM's rule (update_from_tokenizer): the spaced form is banned too when its first token differs and its
+    length is the same; a tokenizer that reads " ab" with the same first token as "ab" bans "ab" once."""
+    class Stub:
+        encode = {"ab": [1, 2], " ab": [1, 3], "cd": [4, 5], " cd": [6, 7], "ef": [8], " ef": [9, 10]}.__getitem__
+    assert bad_words_token_ids(Stub(), ["ab", " cd", "ef"]) == ((1, 2), (4, 5), (6, 7), (8,))
 
 
 GENERATION_DEFAULTS = {"temperature": 0.6, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1}
