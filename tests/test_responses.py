@@ -794,6 +794,7 @@ def test_the_routers_id_begins_with_the_responses_id(client, router, stream):
     resp = Response.model_validate(events(r)[-1]["response"] if stream else r.json())
     (router_id,) = router.requests
     assert resp.id.startswith("resp_") and router_id.startswith(resp.id + "-"), (resp.id, router_id)
+    assert resp.id.removeprefix("resp_").isalnum(), resp.id  # resp_<hex>, as OpenAI's: no "-" after the "_"
 
 
 @pytest.mark.parametrize("stream", [False, True])
