@@ -185,6 +185,24 @@ def test_a_max_seq_len_asked_is_held_past_the_default_cap(model_dir):
             r.getMessage() and "set max_seq_len" in r.getMessage()], [r.getMessage() for r in records]
 
 
+def test_a_cap_that_holds_the_models_context_exactly_is_not_warned_about(model_dir):
+    """The warning says the cache holds fewer tokens than max_position_embeddings: not when it holds them all."""
+    cfg = LlamaConfig.from_dir(model_dir)
+    block_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * BLOCK * cfg.head_dim * 4
+    one_sequence = -(-cfg.max_position_embeddings // BLOCK)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("ray.serve").addHandler(handler)
+    try:
+        exact = make_backend(model_dir, num_blocks=None, max_seq_len=None,
+                             kv_cache_gb=one_sequence * block_bytes / 2**30)
+    finally:
+        logging.getLogger("ray.serve").removeHandler(handler)
+    assert exact.caps.num_blocks == one_sequence
+    assert not [r.getMessage() for r in records if "KV cache" in r.getMessage()]
+
+
 def test_a_max_seq_len_between_blocks_gets_the_block_its_last_tokens_need(model_dir):
     """One sequence is max_seq_len rounded up to whole blocks: rounded down, a max_seq_len of 17 blocks' tokens
     plus one was given 17 blocks, and a sequence that long found no block for its last token."""
