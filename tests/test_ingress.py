@@ -1936,6 +1936,14 @@ def test_a_logit_bias_key_of_digits_is_the_id_they_spell_or_a_400(zeros, digits)
         assert refused.value.status == 400 and refused.value.info.param == "logit_bias"
 
 
+def test_a_logit_bias_refusal_quotes_a_key_of_up_to_40_characters_whole():
+    """A longer key is cut to its first 40 characters: a client's 100 KB key is not echoed whole."""
+    for key, shown in (("k" * 40, "k" * 40), ("k" * 41, "k" * 40 + "...")):
+        with pytest.raises(request_checks.APIError) as refused:
+            request_checks.logit_bias(CompletionRequest(prompt="x", logit_bias={key: 1.0}), 49152)
+        assert f"got {shown!r}: 1.0" in refused.value.info.message, refused.value.info.message
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"logit_bias": {"99999999": 5}}, "logit_bias"),
     ({"logit_bias": {"abc": 5}}, "logit_bias"),
