@@ -877,6 +877,8 @@ def test_allowed_token_ids_that_all_end_the_answer_cannot_meet_min_tokens(client
     assert router.requests == {}
     r = client.post("/v1/chat/completions", json={**CHAT, "allowed_token_ids": [eos, 5], "min_tokens": 2})
     assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={**CHAT, "allowed_token_ids": [eos]})  # no min_tokens: EOS at once
+    assert r.status_code == 200, r.text
 
 
 def test_detokenize_false_cannot_read_tool_calls(client, router):
