@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from deployments.link import Link, connect
 from model.backend import Capabilities
-from scheduler.work import MeshWork, ReplicaStopping, StaleWork, StepResult
+from scheduler.work import LeaseTaken, MeshWork, ReplicaStopping, StaleWork, StepResult
 
 
 class DeviceDown(RuntimeError):
@@ -42,6 +42,8 @@ class LinkMeshClient:
         incarnation, caps = await self._handle.reset.remote(self._lease, self._started)
         if caps is None:
             raise DeviceDown(f"the device of mesh replica {incarnation} failed: it waits for Serve to restart it")
+        if isinstance(caps, LeaseTaken):  # another router holds the mesh: this one is being replaced
+            raise caps
         address = await self._handle.link_address.remote()
         self._link, self._closed, self._stopping = await connect(address), asyncio.Event(), None
         self._reader = asyncio.create_task(self._read(self._link))

@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -38,7 +39,7 @@ from model.backend import Backend, Capabilities
 from model.checkpoint import resolve_model_dir
 from model.grammar import deep_stack_executor
 from model.runner import MeshRunner
-from scheduler.work import NO_TOKEN, MeshWork, ReplicaStopping, StaleWork, StepResult, portable_error
+from scheduler.work import NO_TOKEN, LeaseTaken, MeshWork, ReplicaStopping, StaleWork, StepResult, portable_error
 
 log = logging.getLogger("ray.serve")
 
@@ -117,6 +118,7 @@ class MeshReplica:
         self.lease: str | None = None  # the last reset's: only its router's works run
         self.lease_started = 0.0  # when the lease's router started (its wall clock)
         self.lease_heard = 0.0  # time.monotonic() of its last reset or work
+        self.taken: deque[str] = deque(maxlen=16)  # leases another router's reset took: their works get LeaseTaken
         self.running: tuple[float, float] | None = None  # (start of the current step, its deadline in s)
         self.error: BaseException | None = None
         self.closed = False
@@ -124,18 +126,21 @@ class MeshReplica:
         self.links: set[Link] = set()  # the routers' open links: shutdown tells each it stops on purpose
         freeze_gc_heap()  # the model, the backend and the modules stay: full collections need not walk them
 
-    async def reset(self, lease: str | None = None, started: float = 0.0) -> tuple[str, Capabilities | None]:
+    async def reset(self, lease: str | None = None, started: float = 0.0
+                    ) -> tuple[str, Capabilities | LeaseTaken | None]:
         """Drop every slot and restart work ids at 0, once the work on the worker thread has ended.
         Works still waiting for their turn, or queued and not started, are refused, as is any work that does not
-        carry `lease` (another router's, whose work ids and slots are its own). Raises, touching nothing, for a
-        router `started` before the lease's while that one is heard from (LEASE_HOLD_S). Returns (incarnation id,
-        capabilities); capabilities None after a device error: the mesh stays down until Serve restarts it.
-        Answered, not raised: Serve logs a raised error's traceback at ERROR, once per probe (every second); only a
-        replaced router's, for the little it lives on, is raised."""
+        carry `lease` (another router's, whose work ids and slots are its own: LeaseTaken once another router's reset
+        took the mesh). Returns (incarnation id, capabilities); capabilities None after a device error: the mesh stays
+        down until Serve restarts it; LeaseTaken, touching nothing, for a router `started` before the lease's while
+        that one is heard from (LEASE_HOLD_S): a replaced router, for the little it lives on. Answered, not raised:
+        Serve logs a raised error's traceback at ERROR, once per call (the old router probes every second)."""
         if self.error is not None:
             return self.incarnation, None
         if started < self.lease_started and time.monotonic() - self.lease_heard < LEASE_HOLD_S:
-            raise RuntimeError("a newer router holds this mesh: this one was replaced")
+            return self.incarnation, LeaseTaken("a newer router holds this mesh: this one is being replaced")
+        if self.lease is not None and started != self.lease_started:  # another router's reset takes the mesh
+            self.taken.append(self.lease)
         self.lease_started, self.lease_heard = started, time.monotonic()
         async with self.turn:
             self.generation += 1
@@ -161,7 +166,7 @@ class MeshReplica:
             raise StaleWork(f"work {work.work_id} was planned for incarnation {incarnation}, "
                             f"this replica is {self.incarnation}")
         if lease != self.lease:
-            raise StaleWork(f"work {work.work_id} was planned before a reset (another router's, or its own)")
+            raise self._refused(f"work {work.work_id} was planned before a reset (another router's, or its own)", lease)
         self.lease_heard = time.monotonic()
         deadline = self._deadline(work)
         loop = asyncio.get_running_loop()
@@ -176,11 +181,11 @@ class MeshReplica:
                     raise StaleWork(f"work {work.work_id} waited {deadline:.0f} s "
                                     f"for work {self.next_work_id}") from None
             if self.generation != generation:
-                raise StaleWork(f"work {work.work_id} was planned before a reset")
+                raise self._refused(f"work {work.work_id} was planned before a reset", lease)
             # Queued on the worker thread behind the work before it, not after it ends: the thread goes from one
             # work to the next without waiting for this loop (on the 2-core box that wait left the device idle
             # 0.5-0.9 ms on average between two decode works of ~117 ms: 0.5-0.7 points of steady efficiency).
-            done = self.worker.submit(self._run, work, deadline, loop, results, generation)
+            done = self.worker.submit(self._run, work, deadline, loop, results, generation, lease)
             self.next_work_id = work.work_id + 1
             self.turn.notify_all()
         answered = False
@@ -240,12 +245,17 @@ class MeshReplica:
         expected = self.caps.expected_seconds(tokens, work.decode.num_steps if work.decode else 0)
         return self.min_deadline_s + self.deadline_factor * expected
 
+    def _refused(self, message: str, lease: str | None) -> StaleWork:
+        """The error for a work of `lease` refused after a reset: LeaseTaken when another router's reset took the mesh
+        from it (its router is being replaced: routine, reported as such), else StaleWork."""
+        return (LeaseTaken if lease is not None and lease in self.taken else StaleWork)(message)
+
     def _run(self, work: MeshWork, deadline: float, loop: asyncio.AbstractEventLoop, results: asyncio.Queue,
-             generation: int) -> None:
+             generation: int, lease: str | None = None) -> None:
         if generation != self.generation:  # queued before a reset or a shutdown: the router no longer waits for it
             loop.call_soon_threadsafe(results.put_nowait, ReplicaStopping(
                 f"work {work.work_id} was queued as the replica shut down") if self.closed
-                else StaleWork(f"work {work.work_id} was planned before a reset"))
+                else self._refused(f"work {work.work_id} was planned before a reset", lease))
             return
         if self.error is not None:  # queued before the device failed: it does not run on a failed device
             loop.call_soon_threadsafe(results.put_nowait, DeviceFailed(f"the device failed: {self.error!r}"))

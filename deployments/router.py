@@ -45,8 +45,8 @@ from scheduler.blocks import extend_block_hashes
 from scheduler.errors import MeshFailures, NoMeshAvailable, PromptTooLong, QueueFull, RoomFilled
 from scheduler.sampling import SamplingParams
 from scheduler.scheduler import MeshScheduler
-from scheduler.work import (MeshWork, ReplicaStopping, RequestFailed, StaleWork, StepEvents, StepResult, TokenEvent,
-                            pack_events, unpack_events)
+from scheduler.work import (LeaseTaken, MeshWork, ReplicaStopping, RequestFailed, StaleWork, StepEvents, StepResult,
+                            TokenEvent, pack_events, unpack_events)
 
 log = logging.getLogger("ray.serve")
 
@@ -118,7 +118,7 @@ class Mesh:
     failed_unproven: int = 0  # failures in a row with work out and no work answered since it came up (a crash loop)
     failovers: int = 0
     stops: int = 0  # planned stops of its replica (ReplicaStopping: a redeploy, a scale-down): not failovers
-    failed_at: tuple[float, str | None, bool] | None = None  # (monotonic time, incarnation, planned) of its last down
+    failed_at: tuple[float, str | None, str] | None = None  # (monotonic time, incarnation, what) of its last down
     requests_migrated: int = 0
     past_counts: dict[str, int] = field(default_factory=dict)  # COUNTERS of the schedulers before this one
     heard_at: float = 0.0  # loop time of its last result, or of a work sent while it had none out
@@ -819,11 +819,10 @@ class Router:
             if mesh.failed_at is None:
                 log.info("mesh %s is up (incarnation %s)", mesh.name, mesh.incarnation)
             else:  # the outage's end: how long, and whether Serve restarted the replica or its device came back
-                at, before, planned = mesh.failed_at
+                at, before, what = mesh.failed_at
                 log.info("mesh %s is up again (incarnation %s: %s), %.1f s after %s", mesh.name,
                          mesh.incarnation, "the same replica" if mesh.incarnation == before else "a new replica",
-                         time.monotonic() - at, f"its replica's planned stop {mesh.stops}" if planned
-                         else f"failover {mesh.failovers}")
+                         time.monotonic() - at, what)
             self.mesh_up.set()
             if first:
                 first = False
@@ -865,18 +864,21 @@ class Router:
 
     def _fail(self, mesh: Mesh, error: BaseException) -> None:
         """Mark the mesh down and re-place every request it had, with its tokens so far. A planned stop of its replica
-        (ReplicaStopping) moves them the same way, but is counted and logged as a stop, not a failover."""
-        planned = isinstance(error, ReplicaStopping)
-        mesh.failed_at = time.monotonic(), mesh.incarnation, planned
-        sched, mesh.scheduler, mesh.incarnation = mesh.scheduler, None, None
+        (ReplicaStopping) moves them the same way, but is counted and logged as a stop, not a failover; the mesh taken
+        by another router (LeaseTaken: this one is being replaced) is neither, and logged as such."""
+        planned, taken = isinstance(error, ReplicaStopping), isinstance(error, LeaseTaken)
+        sched, mesh.scheduler, mesh.incarnation, before = mesh.scheduler, None, None, mesh.incarnation
         counts = sched.stats()
         mesh.past_counts = {k: mesh.past_counts.get(k, 0) + counts[k] for k in COUNTERS}
         mesh.down_reason = repr(error)
         if planned:
             mesh.stops += 1
-        else:
+        elif not taken:
             mesh.failovers += 1
-        unproven = not planned and bool(sched.inflight) and mesh.works_done == mesh.works_at_up
+        what = (f"its replica's planned stop {mesh.stops}" if planned else "another router took it" if taken
+                else f"failover {mesh.failovers}")
+        mesh.failed_at = time.monotonic(), before, what
+        unproven = not (planned or taken) and bool(sched.inflight) and mesh.works_done == mesh.works_at_up
         mesh.failed_unproven = mesh.failed_unproven + 1 if unproven else 0
         if not any(m.up for m in self.meshes):
             self.mesh_up.clear()
@@ -918,13 +920,17 @@ class Router:
             outcomes[went] += 1
             if self.config.log_requests:
                 log.info("Request %s moved off %s mesh %s with %d tokens: %s.", seq.request_id,
-                         "stopped" if planned else "failed", mesh.name,
+                         "stopped" if planned else "taken" if taken else "failed", mesh.name,
                          len(seq.output_ids), f"to {went}" if req.mesh else
                          "held for a live mesh" if went == "held" else "ended (no mesh takes it)")
         # one line says what became of them all (per request only with log_requests): the operator's count of moves
         if planned:  # routine (every redeploy of a mesh): a WARNING, so that alerts on failures stay quiet
             log.warning("mesh %s stopped: its replica is being replaced or removed (%r); its %d requests: %s; probing "
                         "it until a replica answers again", mesh.name, error, had, _outcomes(outcomes))
+            return
+        if taken:  # routine (every redeploy of the router): this router is on its way out
+            log.warning("mesh %s was taken by another router (%r): this router is being replaced, or was silent past "
+                        "the lease hold; its %d requests: %s", mesh.name, error, had, _outcomes(outcomes))
             return
         log.error("mesh %s failed (failover %d): %r; its %d requests: %s; probing it until its replica answers again",
                   mesh.name, mesh.failovers, error, had, _outcomes(outcomes))

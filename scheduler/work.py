@@ -134,6 +134,12 @@ class ReplicaStopping(StaleWork):
     failovers must not fire at each routine redeploy)."""
 
 
+class LeaseTaken(StaleWork):
+    """Another router took the mesh (its reset drew a new lease): a newer router, this one being replaced (a redeploy
+    of the router's options), or an older one once this one was silent past the lease hold. This router's works there
+    are refused, and its resets answered so, until it is gone: routine at a router's redeploy, not a mesh failure."""
+
+
 @dataclass
 class StepResult:
     """One step's outcome for all slots of a mesh (never one message per token)."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from model.backend import Backend
 from model.runner import MeshRunner
-from scheduler.work import MeshWork, ReplicaStopping, StaleWork
+from scheduler.work import LeaseTaken, MeshWork, ReplicaStopping, StaleWork
 
 
 class Gone(ConnectionError):
@@ -46,7 +46,7 @@ class LocalMesh:
         self.make_backend = make_backend
         self.grammar_tokenizer = grammar_tokenizer
         self.alive = True
-        self.fault: str | None = None  # one-shot "raise" | "hang" | "vanish" | "stop", after `fault_after` more results
+        self.fault: str | None = None  # one-shot "raise" | "hang" | "vanish" | "stop" | "taken", after `fault_after` more results
         self.fault_after = 0
         self.unhang = asyncio.Event()
         self.works = 0
@@ -105,6 +105,8 @@ class LocalMesh:
                     if fault == "stop":  # Serve replaces the replica: the rest of the work is refused, a new one starts
                         self.restart()
                         raise ReplicaStopping(f"work {work.work_id} stopped: the replica is shutting down")
+                    if fault == "taken":  # another router's reset took the mesh (this router is being replaced)
+                        raise LeaseTaken(f"work {work.work_id} was planned before a reset")
                     if fault == "vanish":
                         self.vanish()
                     elif fault == "hang":

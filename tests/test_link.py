@@ -27,8 +27,8 @@ from deployments.router_client import RouterGone, RouterLink, RouterLost
 from model.simulated import SimulatedBackend
 from scheduler.errors import PromptTooLong
 from scheduler.sampling import SamplingParams, TokenLogprobs
-from scheduler.work import (DecodeRound, MeshWork, PrefillChunk, RequestFailed, StaleWork, StepResult, TokenEvent,
-                            pack_events, unpack_events)
+from scheduler.work import (DecodeRound, LeaseTaken, MeshWork, PrefillChunk, RequestFailed, StaleWork, StepResult,
+                            TokenEvent, pack_events, unpack_events)
 from tests.ingress_support import MODEL, COMPLETION, assert_error, make_client, tokenizer  # noqa: F401 (fixture)
 from tests.local_mesh import LocalMesh
 from tests.test_router import FAST, GREEDY, collect, until
@@ -318,7 +318,7 @@ def test_a_router_whose_reset_another_router_followed_has_its_works_refused(repl
         assert len([r async for r in old.execute(prefill(0, slot=0), incarnation)]) == 1
         await new.reset()  # the old router's slot 0 is dropped
         assert len([r async for r in new.execute(prefill(0, slot=2), incarnation)]) == 1
-        with pytest.raises(mesh_replica.StaleWork, match="reset"):  # its work 1: the new router's turn now
+        with pytest.raises(LeaseTaken, match="reset"):  # its work 1: the new router's turn now (routine: no failover)
             [r async for r in old.execute(prefill(1, slot=1), incarnation)]
         (result,) = [r async for r in new.execute(prefill(1, slot=3), incarnation)]
         assert result.tokens[3] >= 0 and result.tokens[1] < 0
@@ -339,7 +339,7 @@ def test_an_older_routers_reset_does_not_take_the_mesh_from_the_newer_one(replic
         new = LinkMeshClient(FakeHandle(replica))  # Serve's replacement: started after the old one
         await new.reset()
         assert len([r async for r in new.execute(prefill(0, slot=2), incarnation)]) == 1
-        with pytest.raises(RuntimeError, match="newer router"):
+        with pytest.raises(LeaseTaken, match="newer router"):  # answered by the mesh (no traceback there), raised here
             await old.reset()
         assert len([r async for r in new.execute(prefill(1, slot=3), incarnation)]) == 1  # not disturbed
         assert set(replica.runner.slots) == {2, 3}

@@ -10,7 +10,7 @@ import pytest
 import deployments.mesh_replica as mesh_replica
 from model.simulated import SimulatedBackend
 from scheduler.sampling import SamplingParams
-from scheduler.work import MeshWork, PrefillChunk, PrefillHistory, ReplicaStopping, StaleWork
+from scheduler.work import LeaseTaken, MeshWork, PrefillChunk, PrefillHistory, ReplicaStopping, StaleWork
 from tests.in_process import until
 
 Replica = mesh_replica.MeshReplica.func_or_class
@@ -403,8 +403,8 @@ def test_a_router_whose_works_go_on_holds_its_lease_against_an_older_routers_res
             results = [r async for r in replica.execute(prefill(work_id, slot=work_id), replica.incarnation, "new")]
             assert len(results) == 1
         now[0] += 0.4 * mesh_replica.LEASE_HOLD_S
-        with pytest.raises(RuntimeError, match="newer router"):
-            await replica.reset("old", started=1.0)
+        incarnation, refused = await replica.reset("old", started=1.0)
+        assert isinstance(refused, LeaseTaken) and "newer router" in str(refused)
     asyncio.run(main())
 
 
@@ -418,15 +418,47 @@ def test_a_router_silent_for_lease_hold_s_no_longer_holds_its_lease(replica, mon
     async def main():
         await replica.reset("new", started=2.0)
         now[0] += 0.5 * mesh_replica.LEASE_HOLD_S
-        with pytest.raises(RuntimeError, match="newer router"):
-            await replica.reset("old", started=1.0)
+        _, refused = await replica.reset("old", started=1.0)
+        assert isinstance(refused, LeaseTaken)  # answered, not raised: Serve logged each probe's traceback at ERROR
         now[0] += mesh_replica.LEASE_HOLD_S
         incarnation, caps = await replica.reset("old", started=1.0)
-        assert caps is not None
+        assert isinstance(caps, mesh_replica.Capabilities)
         assert len([r async for r in replica.execute(prefill(0), incarnation, "old")]) == 1
-        with pytest.raises(mesh_replica.StaleWork, match="before a reset"):
+        with pytest.raises(LeaseTaken, match="before a reset"):  # another router took it: routine, not a failure
             [r async for r in replica.execute(prefill(1, slot=1), incarnation, "new")]
     asyncio.run(main())
+
+
+def test_a_routers_own_reset_refuses_its_old_works_as_stale_another_routers_as_lease_taken(replica, monkeypatch):
+    """A work queued behind a running one when a reset comes is refused either way; it is LeaseTaken (its router is
+    being replaced: the router logs a WARNING and counts no failover) only when another router's reset took the mesh,
+    and StaleWork when its own router reset it (its own failover's probe)."""
+    slow_prefills(replica, monkeypatch)
+
+    async def refused_at(lease: str, new_lease: str, started: float) -> BaseException:
+        works = [asyncio.ensure_future(collect(replica.execute(prefill(i, slot=i), replica.incarnation, lease)))
+                 for i in range(2)]
+        await asyncio.sleep(0.05)  # work 0 runs on the worker thread, work 1 is queued behind it
+        await replica.reset(new_lease, started=started)
+        first, second = await asyncio.gather(*works, return_exceptions=True)
+        assert len(first) == 1, first  # it ran to its end before the reset went through
+        return second
+
+    async def main():
+        await replica.reset("a1", started=1.0)
+        assert type(await refused_at("a1", "a2", 1.0)) is StaleWork  # its own router's reset
+        taken = await refused_at("a2", "b1", 2.0)  # a newer router's
+        assert isinstance(taken, LeaseTaken) and "before a reset" in str(taken), taken
+        with pytest.raises(LeaseTaken):  # and any work the old router sends after
+            await collect(replica.execute(prefill(0), replica.incarnation, "a2"))
+        with pytest.raises(StaleWork) as unknown:  # a lease no reset took from anyone: stale, as before
+            await collect(replica.execute(prefill(0), replica.incarnation, "zz"))
+        assert type(unknown.value) is StaleWork
+    asyncio.run(main())
+
+
+async def collect(results):
+    return [r async for r in results]
 
 
 def test_a_chunks_deadline_counts_the_positions_it_computes_not_the_ids_it_carries(replica):

@@ -422,6 +422,30 @@ def test_a_planned_stop_moves_every_request_and_is_reported_as_a_stop_not_a_fail
     asyncio.run(main())
 
 
+def test_a_mesh_taken_by_another_router_moves_its_requests_and_is_no_failover(caplog):
+    """At a redeploy of the router's options Serve starts the new router beside the old one, and its resets take every
+    mesh's lease: the old router's works there are refused (LeaseTaken). It logged an ERROR failover per mesh at every
+    routine router redeploy. Its requests still move as at a failure (they end with the ingress's resubmission to the
+    new router in a real replacement), but it is neither a failover nor a stop, and it is logged at WARNING."""
+    async def main():
+        alone = await solo_outputs(PROMPTS, LONG)
+        router, (m0, _) = await make_router(num_meshes=2)
+        m0.inject("taken", after=12)  # prefills done, decoding
+        with caplog.at_level(logging.INFO, logger="ray.serve"):
+            assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
+            await until(lambda: router.stats()["meshes"][0]["up"])  # here the lease comes back (the other went silent)
+        mesh0 = router.stats()["meshes"][0]
+        assert (mesh0["failovers"], mesh0["stops"], mesh0["requests_migrated"]) == (0, 0, 5)
+        lines = [(r.levelno, r.getMessage()) for r in caplog.records if "mesh-0" in r.getMessage()]
+        assert not [m for level, m in lines if level >= logging.ERROR], lines
+        (taken,) = [(level, m) for level, m in lines if "taken by another router" in m]
+        assert taken[0] == logging.WARNING and "its 5 requests: 5 moved (mesh-1: 5)" in taken[1], taken
+        assert any("up again" in m and "after another router took it" in m for _, m in lines), lines
+        await nothing_held(router)
+        await router.close()
+    asyncio.run(main())
+
+
 def test_with_no_live_mesh_requests_wait_for_one_to_come_back():
     async def main():
         alone = await solo_outputs(PROMPTS[:4], LONG)
