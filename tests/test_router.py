@@ -399,49 +399,36 @@ def test_a_failed_mesh_loses_no_request_and_rejoins(fault):
     asyncio.run(main())
 
 
-def test_a_planned_stop_moves_every_request_and_is_reported_as_a_stop_not_a_failover(caplog):
-    """Serve stops mesh-0's replica on purpose mid-stream (a redeploy of its options, a scale-down): its requests move
-    as at a failure and finish with the tokens of their unfaulted run, but it is no failover: an operator's alert on
-    failovers (or on ERROR lines) fired at every routine redeploy. It is counted as a stop and logged at WARNING."""
+# fault -> (stops counted, the WARNING's words, the "up again" line's end)
+ROUTINE = {"stop": (1, "stopped: its replica is being replaced", "after its replica's planned stop 1"),
+           "taken": (0, "taken by another router", "after another router took it")}
+
+
+@pytest.mark.parametrize("fault", list(ROUTINE))
+def test_a_routine_mesh_loss_moves_every_request_and_is_no_failover(caplog, fault):
+    """Fault "stop": Serve stops mesh-0's replica on purpose mid-stream (a redeploy of its options, a scale-down); "taken":
+    at a redeploy of the router's options the new router, started beside this one, takes the mesh's lease and this
+    router's works are refused (LeaseTaken). The requests move as at a failure and finish with the tokens of their
+    unfaulted run, but neither is a failover: an operator's alert on failovers (or on ERROR lines) fired at every
+    routine redeploy. A stop is counted as one; each is logged at WARNING, and the line when the mesh is back says
+    after what (here a taken lease comes back: the other router went silent)."""
+    stops, said, back = ROUTINE[fault]
+
     async def main():
         alone = await solo_outputs(PROMPTS, LONG)
         router, (m0, _) = await make_router(num_meshes=2)
-        m0.inject("stop", after=12)  # prefills done, decoding
+        m0.inject(fault, after=12)  # prefills done, decoding
         with caplog.at_level(logging.INFO, logger="ray.serve"):
             assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
-            await until(lambda: router.stats()["meshes"][0]["up"])  # the replica Serve started instead
+            await until(lambda: router.stats()["meshes"][0]["up"])
         mesh0 = router.stats()["meshes"][0]
-        assert (mesh0["failovers"], mesh0["stops"], mesh0["requests_migrated"]) == (0, 1, 5)
+        assert (mesh0["failovers"], mesh0["stops"], mesh0["requests_migrated"]) == (0, stops, 5)
         lines = [(r.levelno, r.getMessage()) for r in caplog.records if "mesh-0" in r.getMessage()]
         assert not [m for level, m in lines if level >= logging.ERROR], lines
-        (stopped,) = [(level, m) for level, m in lines if "stopped" in m]
-        assert stopped[0] == logging.WARNING and "its 5 requests: 5 moved (mesh-1: 5)" in stopped[1], stopped
-        assert any("up again" in m and "after its replica's planned stop 1" in m for _, m in lines), lines
-        await nothing_held(router, {"mesh-0": 1})  # its new scheduler counts, as after a failover
-        await router.close()
-    asyncio.run(main())
-
-
-def test_a_mesh_taken_by_another_router_moves_its_requests_and_is_no_failover(caplog):
-    """At a redeploy of the router's options Serve starts the new router beside the old one, and its resets take every
-    mesh's lease: the old router's works there are refused (LeaseTaken). It logged an ERROR failover per mesh at every
-    routine router redeploy. Its requests still move as at a failure (they end with the ingress's resubmission to the
-    new router in a real replacement), but it is neither a failover nor a stop, and it is logged at WARNING."""
-    async def main():
-        alone = await solo_outputs(PROMPTS, LONG)
-        router, (m0, _) = await make_router(num_meshes=2)
-        m0.inject("taken", after=12)  # prefills done, decoding
-        with caplog.at_level(logging.INFO, logger="ray.serve"):
-            assert await asyncio.gather(*[collect(router, f"r{i}", p, LONG) for i, p in enumerate(PROMPTS)]) == alone
-            await until(lambda: router.stats()["meshes"][0]["up"])  # here the lease comes back (the other went silent)
-        mesh0 = router.stats()["meshes"][0]
-        assert (mesh0["failovers"], mesh0["stops"], mesh0["requests_migrated"]) == (0, 0, 5)
-        lines = [(r.levelno, r.getMessage()) for r in caplog.records if "mesh-0" in r.getMessage()]
-        assert not [m for level, m in lines if level >= logging.ERROR], lines
-        (taken,) = [(level, m) for level, m in lines if "taken by another router" in m]
-        assert taken[0] == logging.WARNING and "its 5 requests: 5 moved (mesh-1: 5)" in taken[1], taken
-        assert any("up again" in m and "after another router took it" in m for _, m in lines), lines
-        await nothing_held(router)
+        (lost,) = [(level, m) for level, m in lines if said in m]
+        assert lost[0] == logging.WARNING and "its 5 requests: 5 moved (mesh-1: 5)" in lost[1], lost
+        assert any("up again" in m and m.endswith(back) for _, m in lines), lines
+        await nothing_held(router, {"mesh-0": stops})  # a stop's new scheduler counts, as after a failover
         await router.close()
     asyncio.run(main())
 
