@@ -161,12 +161,12 @@ class MeshReplica:
         and DeviceFailed once an earlier work has."""
         self._check_device()
         if self.closed:  # a work sent as the replica stops: its worker thread takes no more
-            raise ReplicaStopping(f"work {work.work_id} came as the replica is shutting down")
+            raise self._refused(work, lease)
         if incarnation != self.incarnation:
             raise StaleWork(f"work {work.work_id} was planned for incarnation {incarnation}, "
                             f"this replica is {self.incarnation}")
         if lease != self.lease:
-            raise self._refused(f"work {work.work_id} was planned before a reset (another router's, or its own)", lease)
+            raise self._refused(work, lease, "was planned before a reset (another router's, or its own)")
         self.lease_heard = time.monotonic()
         deadline = self._deadline(work)
         loop = asyncio.get_running_loop()
@@ -181,7 +181,7 @@ class MeshReplica:
                     raise StaleWork(f"work {work.work_id} waited {deadline:.0f} s "
                                     f"for work {self.next_work_id}") from None
             if self.generation != generation:
-                raise self._refused(f"work {work.work_id} was planned before a reset", lease)
+                raise self._refused(work, lease)
             # Queued on the worker thread behind the work before it, not after it ends: the thread goes from one
             # work to the next without waiting for this loop (on the 2-core box that wait left the device idle
             # 0.5-0.9 ms on average between two decode works of ~117 ms: 0.5-0.7 points of steady efficiency).
@@ -245,17 +245,18 @@ class MeshReplica:
         expected = self.caps.expected_seconds(tokens, work.decode.num_steps if work.decode else 0)
         return self.min_deadline_s + self.deadline_factor * expected
 
-    def _refused(self, message: str, lease: str | None) -> StaleWork:
-        """The error for a work of `lease` refused after a reset: LeaseTaken when another router's reset took the mesh
-        from it (its router is being replaced: routine, reported as such), else StaleWork."""
-        return (LeaseTaken if lease is not None and lease in self.taken else StaleWork)(message)
+    def _refused(self, work: MeshWork, lease: str | None, why: str = "was planned before a reset") -> StaleWork:
+        """Why a work of `lease` is refused unrun, after a reset or at a shutdown: ReplicaStopping while the replica
+        stops, LeaseTaken when another router's reset took the mesh from it (its router is being replaced), both
+        routine and reported as such; else StaleWork."""
+        if self.closed:
+            return ReplicaStopping(f"work {work.work_id} was refused: the replica is shutting down")
+        return (LeaseTaken if lease is not None and lease in self.taken else StaleWork)(f"work {work.work_id} {why}")
 
     def _run(self, work: MeshWork, deadline: float, loop: asyncio.AbstractEventLoop, results: asyncio.Queue,
              generation: int, lease: str | None = None) -> None:
         if generation != self.generation:  # queued before a reset or a shutdown: the router no longer waits for it
-            loop.call_soon_threadsafe(results.put_nowait, ReplicaStopping(
-                f"work {work.work_id} was queued as the replica shut down") if self.closed
-                else self._refused(f"work {work.work_id} was planned before a reset", lease))
+            loop.call_soon_threadsafe(results.put_nowait, self._refused(work, lease))
             return
         if self.error is not None:  # queued before the device failed: it does not run on a failed device
             loop.call_soon_threadsafe(results.put_nowait, DeviceFailed(f"the device failed: {self.error!r}"))
